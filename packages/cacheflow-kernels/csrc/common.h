@@ -1,0 +1,98 @@
+// Shared helpers of the cacheflow kernels: argument checks that raise ValueError in Python,
+// with messages of the form "<op>: argument '<name>' must be <expected>, got <actual>".
+#pragma once
+
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/dtype.h>
+#include <tvm/ffi/error.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace cacheflow {
+
+/*!
+ * \brief ABI version of the library; must equal cacheflow_kernels.ABI_VERSION. Bump it on any
+ * breaking change of an exported function's signature or of a tensor layout.
+ */
+constexpr int64_t kAbiVersion = 1;
+
+using tvm::ffi::TensorView;
+
+/*! \brief "[2, 3, 4]" for a tensor's shape. */
+inline std::string ShapeStr(const TensorView& t) {
+  std::ostringstream os;
+  os << '[';
+  for (int32_t i = 0; i < t.ndim(); ++i) os << (i ? ", " : "") << t.shape()[i];
+  os << ']';
+  return os.str();
+}
+
+/*! \brief "cuda:0", "cpu", or "device_type=<n>:<id>" for other DLPack device types. */
+inline std::string DeviceStr(DLDevice dev) {
+  std::ostringstream os;
+  switch (dev.device_type) {
+    case kDLCPU: os << "cpu"; break;
+    case kDLCUDA: os << "cuda:" << dev.device_id; break;
+    case kDLCUDAHost: os << "cuda_host"; break;
+    case kDLCUDAManaged: os << "cuda_managed:" << dev.device_id; break;
+    default: os << "device_type=" << static_cast<int>(dev.device_type) << ':' << dev.device_id;
+  }
+  return os.str();
+}
+
+/*! \brief float16, bfloat16 or float32 (one lane): the dtypes of activations and the KV cache. */
+inline bool IsFloatKvDtype(DLDataType dt) {
+  if (dt.lanes != 1) return false;
+  return (dt.code == kDLFloat && (dt.bits == 16 || dt.bits == 32)) ||
+         (dt.code == kDLBfloat && dt.bits == 16);
+}
+
+inline bool IsInt64(DLDataType dt) { return dt.code == kDLInt && dt.bits == 64 && dt.lanes == 1; }
+
+/*! \brief Bytes of one element of a (one-lane, byte-sized) dtype. */
+inline int64_t ElementBytes(DLDataType dt) { return (static_cast<int64_t>(dt.bits) * dt.lanes) / 8; }
+
+/*! \brief Address of the first element (data pointer plus DLPack byte offset). */
+inline char* DataPtr(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+#define CACHEFLOW_ARG_ERROR(op, name) \
+  "" << (op) << ": argument '" << (name) << "' must be "
+
+/*! \brief Require ndim == expected. */
+inline void CheckNdim(const char* op, const char* name, const TensorView& t, int32_t expected,
+                      const char* layout) {
+  TVM_FFI_CHECK(t.ndim() == expected, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << expected << "-D " << layout << ", got " << t.ndim()
+      << "-D tensor of shape " << ShapeStr(t);
+}
+
+/*! \brief Require a C-contiguous tensor. */
+inline void CheckContiguous(const char* op, const char* name, const TensorView& t) {
+  TVM_FFI_CHECK(t.IsContiguous(), ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "contiguous, got a strided tensor of shape "
+      << ShapeStr(t);
+}
+
+/*! \brief Require a tensor in CUDA device memory (kDLCUDA). */
+inline void CheckCuda(const char* op, const char* name, const TensorView& t) {
+  TVM_FFI_CHECK(t.device().device_type == kDLCUDA, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "a CUDA tensor, got a tensor on "
+      << DeviceStr(t.device());
+}
+
+/*! \brief Require the same device as the reference tensor `ref` (named `ref_name`). */
+inline void CheckSameDevice(const char* op, const char* name, const TensorView& t,
+                            const char* ref_name, const TensorView& ref) {
+  TVM_FFI_CHECK(t.device().device_type == ref.device().device_type &&
+                    t.device().device_id == ref.device().device_id,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "on the same device as '" << ref_name << "' ("
+      << DeviceStr(ref.device()) << "), got " << DeviceStr(t.device());
+}
+
+}  // namespace cacheflow

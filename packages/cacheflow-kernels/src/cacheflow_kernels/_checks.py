@@ -1,0 +1,176 @@
+"""Generic argument checks for the kernel wrappers, run before the library is loaded.
+
+They read only DLPack-style attributes (``__dlpack_device__`` or ``.device``, ``.dtype``,
+``.shape``, ``.is_contiguous()`` or ``.flags``), so they work for torch, CuPy, JAX and NumPy arrays
+without importing any of them, and on machines without CUDA or without the built library.
+
+Every failure is a ``ValueError`` of the form
+``"<op>: argument '<name>' must be <expected>, got <actual>"``.
+Wrappers check shapes, dtypes and contiguity first and the device last, so a structural mistake
+is reported the same way on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+#: Activation / KV-cache dtypes the kernels accept.
+FLOAT_KV_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+
+# DLPack DLDeviceType codes -> names.
+_DLPACK_DEVICE_NAMES = {
+    1: "cpu",
+    2: "cuda",
+    3: "cuda_host",
+    4: "opencl",
+    7: "vulkan",
+    8: "metal",
+    9: "vpi",
+    10: "rocm",
+    11: "rocm_host",
+    12: "ext_dev",
+    13: "cuda_managed",
+    14: "oneapi",
+    15: "webgpu",
+    16: "hexagon",
+    17: "maia",
+}
+
+
+def arg_error(op: str, name: str, expected: str, got: str) -> ValueError:
+    """The ``ValueError`` every check raises: names the op, the argument and what was expected."""
+    return ValueError(f"{op}: argument '{name}' must be {expected}, got {got}")
+
+
+def _require_tensor(op: str, name: str, x: Any) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(
+            f"{op}: argument '{name}' must be a tensor (torch.Tensor or another DLPack array), "
+            f"got {type(x).__name__}"
+        )
+
+
+def device_of(x: Any) -> tuple[str, int | None]:
+    """``(type, index)`` of a tensor's device, e.g. ``("cuda", 0)`` or ``("cpu", 0)``."""
+    dlpack_device = getattr(x, "__dlpack_device__", None)
+    if dlpack_device is not None:
+        try:
+            code, index = dlpack_device()
+            code = int(code)
+            return _DLPACK_DEVICE_NAMES.get(code, f"dlpack_device_type={code}"), int(index)
+        except Exception:  # noqa: BLE001 - e.g. torch "meta" tensors: fall back to .device
+            pass
+    device = getattr(x, "device", None)
+    dev_type = getattr(device, "type", None)
+    if isinstance(dev_type, str):
+        return dev_type, getattr(device, "index", None)
+    return str(device), None
+
+
+def device_str(x: Any) -> str:
+    """``"cuda:0"``, ``"cpu"``: a tensor's device for error messages."""
+    dev_type, index = device_of(x)
+    return dev_type if dev_type == "cpu" or index is None else f"{dev_type}:{index}"
+
+
+def dtype_name(x: Any) -> str:
+    """The dtype as a framework-neutral name: ``"float16"``, ``"bfloat16"``, ``"int64"``, ..."""
+    name = str(x.dtype)
+    return name[len("torch."):] if name.startswith("torch.") else name
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    """The shape as a tuple of ints."""
+    return tuple(int(s) for s in x.shape)
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def is_contiguous(x: Any) -> bool:
+    """True for a C-contiguous (row-major, dense) tensor; assumed True when it cannot be told."""
+    method = getattr(x, "is_contiguous", None)
+    if callable(method):
+        return bool(method())
+    flags = getattr(x, "flags", None)
+    if flags is not None:
+        c_contiguous = getattr(flags, "c_contiguous", None)
+        if c_contiguous is not None:
+            return bool(c_contiguous)
+    return True  # e.g. JAX arrays, which are always dense
+
+
+def check_ndim(op: str, name: str, x: Any, ndim: int, layout: str) -> None:
+    """Require an ``ndim``-D tensor; ``layout`` (e.g. ``"[num_tokens, head_size]"``) is quoted."""
+    _require_tensor(op, name, x)
+    shape = shape_of(x)
+    if len(shape) != ndim:
+        raise arg_error(
+            op, name, f"a {ndim}-D tensor {layout}",
+            f"a {len(shape)}-D tensor of shape {_shape_str(shape)}",
+        )
+
+
+def check_dtype(op: str, name: str, x: Any, allowed: Sequence[str]) -> None:
+    """Require one of the dtype names ``allowed`` (see :func:`dtype_name`)."""
+    _require_tensor(op, name, x)
+    got = dtype_name(x)
+    if got not in allowed:
+        expected = allowed[0] if len(allowed) == 1 else (
+            ", ".join(allowed[:-1]) + " or " + allowed[-1]
+        )
+        raise arg_error(op, name, f"of dtype {expected}", got)
+
+
+def check_same_dtype(op: str, name: str, x: Any, ref_name: str, ref: Any) -> None:
+    """Require the dtype of the argument ``ref_name``."""
+    _require_tensor(op, name, x)
+    got, want = dtype_name(x), dtype_name(ref)
+    if got != want:
+        raise arg_error(op, name, f"of dtype {want} like '{ref_name}'", got)
+
+
+def check_shape(
+    op: str, name: str, x: Any, dims: Sequence[str], sizes: Sequence[int | None]
+) -> None:
+    """Require ``len(dims)`` dimensions whose sizes equal ``sizes`` where not None.
+
+    ``dims`` names each dimension for the message, e.g. ``("num_blocks", "block_size")``.
+    """
+    layout = "[" + ", ".join(dims) + "]"
+    check_ndim(op, name, x, len(dims), layout)
+    shape = shape_of(x)
+    if any(want is not None and got != want for got, want in zip(shape, sizes)):
+        expected = ", ".join(
+            dim if want is None else f"{dim}={want}" for dim, want in zip(dims, sizes)
+        )
+        raise arg_error(op, name, f"of shape [{expected}]", _shape_str(shape))
+
+
+def check_contiguous(op: str, name: str, x: Any) -> None:
+    """Require a C-contiguous tensor."""
+    _require_tensor(op, name, x)
+    if not is_contiguous(x):
+        raise arg_error(
+            op, name, "contiguous", f"a strided tensor of shape {_shape_str(shape_of(x))} "
+            "(call .contiguous() first)",
+        )
+
+
+def check_cuda(op: str, name: str, x: Any) -> None:
+    """Require a tensor in CUDA device memory."""
+    _require_tensor(op, name, x)
+    dev_type, _ = device_of(x)
+    if dev_type != "cuda":
+        raise arg_error(op, name, "a CUDA tensor", f"a tensor on {device_str(x)}")
+
+
+def check_same_device(op: str, name: str, x: Any, ref_name: str, ref: Any) -> None:
+    """Require the device (type and index) of the argument ``ref_name``."""
+    _require_tensor(op, name, x)
+    if device_of(x) != device_of(ref):
+        raise arg_error(
+            op, name, f"on the same device as '{ref_name}' ({device_str(ref)})", device_str(x)
+        )

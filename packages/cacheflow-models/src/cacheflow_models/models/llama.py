@@ -1,0 +1,196 @@
+"""LLaMA and the models that share its layout (SmolLM2, GQA/MQA, tied embeddings, rope_theta).
+
+Written by the recipe in docs/adding_a_new_model.md; HF's modeling_llama.py is the reference for
+the math and the weight names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from cacheflow_models.hf_config import rope_settings
+from cacheflow_models.loading import StrictLoader, rename_gguf, unpermute_gguf_rotary
+from cacheflow_runtime.attention import InputMetadata
+from cacheflow_runtime.layers.activation import SiluAndMul
+from cacheflow_runtime.layers.attention import GPTNeoXCacheFlowAttention, KVCache
+from cacheflow_runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from cacheflow_runtime.layers.layernorm import RMSNorm
+from cacheflow_runtime.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel matrix."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention with rotary embeddings and grouped KV heads over the paged cache."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias)
+        theta, scaling = rope_settings(config)
+        self.attn = GPTNeoXCacheFlowAttention(
+            self.qkv_proj.num_heads, head_dim, head_dim ** -0.5, rotary_dim=head_dim,
+            max_position=config.max_position_embeddings, base=theta, is_neox_style=True,
+            num_kv_heads=self.qkv_proj.num_kv_heads, rope_scaling=scaling)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
+                input_metadata: InputMetadata,
+                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        qkv = self.qkv_proj(hidden_states)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        out = self.attn(positions, q, k, v, kv_cache, input_metadata, cache_event)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
+                            bool(getattr(config, "mlp_bias", False)))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
+                input_metadata: InputMetadata,
+                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+        """One block over the flattened batch."""
+        residual = hidden_states
+        hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache,
+                                       input_metadata, cache_event)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and the final norm."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], input_metadata: InputMetadata,
+                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] after the final norm."""
+        hidden_states = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            event = cache_events[i] if cache_events is not None else None
+            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata, event)
+        return self.norm(hidden_states)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The runtime's model protocol for LLaMA-layout checkpoints."""
+
+    # Checkpoint name fragment -> (fused parameter fragment, shard id).
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+    # Buffers some checkpoints carry that no parameter takes.
+    ignored_weights = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], input_metadata: InputMetadata,
+                cache_events: Optional[list[torch.cuda.Event]] = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] flattened over the batch -> hidden states."""
+        return self.model(input_ids, positions, kv_caches, input_metadata, cache_events)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [num_rows, vocab] for the given hidden states."""
+        return self.lm_head.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     weights_format: str = "safetensors") -> None:
+        """Loads (name, tensor) pairs with HF names (GGUF names when ``weights_format`` is gguf).
+
+        Raises WeightLoadError naming every missing, unexpected or misshapen tensor.
+        """
+        if weights_format == "gguf":
+            weights = rename_gguf(weights, _gguf_to_hf, self._unpermute)
+        optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional)
+        for name, tensor in weights:
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            loader.load_one(name, tensor)
+        loader.finish()
+
+    def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.endswith("q_proj.weight"):
+            return unpermute_gguf_rotary(tensor, self.config.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            heads = getattr(self.config, "num_key_value_heads", None)
+            return unpermute_gguf_rotary(tensor, heads or self.config.num_attention_heads)
+        return tensor
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                   "output": "lm_head"}
+
+
+def _gguf_to_hf(name: str) -> Optional[str]:
+    """HF name of a llama.cpp tensor name (None for rope_freqs, which HF recomputes)."""
+    stem, _, kind = name.rpartition(".")
+    if stem == "rope_freqs":
+        return None
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    return name

@@ -1,0 +1,1 @@
+"""Scheduling-side core: KV block management."""

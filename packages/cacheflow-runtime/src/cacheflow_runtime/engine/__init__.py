@@ -1,0 +1,1 @@
+"""The engine: scheduling, execution and output processing of requests."""

@@ -1,0 +1,61 @@
+"""Activation functions, including the gated ones of fused MLP projections."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """x = [gate; up] on the last dim -> silu(gate) * up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Halves the last dimension."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class GeluAndMul(nn.Module):
+    """x = [gate; up] on the last dim -> gelu(gate) * up (exact or tanh approximation)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Halves the last dimension."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU used by GPT-2 ("gelu_new")."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """The "gelu_fast" approximation of HF transformers."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": gelu_new,
+    "gelu_fast": gelu_fast,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def get_act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation named ``name`` in an HF config (ValueError listing the known ones)."""
+    key = name.lower()
+    if key not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[key]

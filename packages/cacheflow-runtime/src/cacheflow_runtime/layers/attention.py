@@ -1,0 +1,39 @@
+"""The two attention layers every model uses (the recipe of docs/adding_a_new_model.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from cacheflow_runtime.attention import InputMetadata, PagedAttention
+from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding
+
+KVCache = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+class GPTCacheFlowAttention(PagedAttention):
+    """Plain multi-head (or grouped-query) attention over the paged cache, no rotary embedding.
+
+    ``forward(query, key, value, kv_cache, input_metadata, cache_event)`` as PagedAttention.
+    """
+
+
+class GPTNeoXCacheFlowAttention(PagedAttention):
+    """Attention with rotary embeddings applied to query and key first (neox or gpt-j style)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, rotary_dim: int,
+                 max_position: int = 8192, base: float = 10000.0, is_neox_style: bool = True,
+                 num_kv_heads: Optional[int] = None,
+                 rope_scaling: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads)
+        self.rotary_emb = RotaryEmbedding(head_size, rotary_dim, max_position, base,
+                                          is_neox_style, rope_scaling)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor,  # type: ignore[override]
+                key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
+                input_metadata: InputMetadata,
+                cache_event: Optional[torch.cuda.Event] = None) -> torch.Tensor:
+        """Rotates query and key at ``positions`` [num_tokens], then attends."""
+        query, key = self.rotary_emb(positions, query, key)
+        return super().forward(query, key, value, kv_cache, input_metadata, cache_event)

@@ -1,0 +1,1 @@
+"""Model execution: checkpoint readers, model loading, the worker-side model runner."""

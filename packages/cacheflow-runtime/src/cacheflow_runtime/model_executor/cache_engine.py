@@ -1,0 +1,74 @@
+"""CacheEngine: the paged KV cache tensors of every layer, on the device and in host swap space."""
+
+from __future__ import annotations
+
+import torch
+
+from cacheflow_runtime.config import CacheConfig, ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def block_bytes(model_config: ModelConfig, block_size: int, tp_size: int = 1) -> int:
+    """Bytes one KV block takes over all layers (keys and values) on one rank."""
+    kv_heads = max(1, model_config.num_kv_heads // tp_size)
+    elem = torch.empty((), dtype=model_config.dtype).element_size()
+    return 2 * model_config.num_layers * block_size * kv_heads * model_config.head_size * elem
+
+
+class CacheEngine:
+    """Holds per-layer (key_cache, value_cache) of shape
+    [num_blocks, block_size, num_kv_heads, head_size] on the device and on the host, and moves
+    blocks between them (swap) and within the device (copy-on-write).
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 device: torch.device, num_device_blocks: int, num_cpu_blocks: int,
+                 tp_size: int = 1) -> None:
+        self.device = device
+        self.block_size = cache_config.block_size
+        self.num_device_blocks = num_device_blocks
+        self.num_cpu_blocks = num_cpu_blocks
+        kv_heads = max(1, model_config.num_kv_heads // tp_size)
+        shape = (self.block_size, kv_heads, model_config.head_size)
+        dtype = model_config.dtype
+        pin = device.type == "cuda"
+        self.device_cache: list[KVCache] = [
+            (torch.empty((num_device_blocks, *shape), dtype=dtype, device=device),
+             torch.empty((num_device_blocks, *shape), dtype=dtype, device=device))
+            for _ in range(model_config.num_layers)]
+        self.cpu_cache: list[KVCache] = [
+            (torch.empty((num_cpu_blocks, *shape), dtype=dtype, pin_memory=pin),
+             torch.empty((num_cpu_blocks, *shape), dtype=dtype, pin_memory=pin))
+            for _ in range(model_config.num_layers)]
+
+    def swap_in(self, src_to_dst: dict[int, int]) -> None:
+        """Copies host blocks into device blocks (cpu block number -> device block number)."""
+        self._move(self.cpu_cache, self.device_cache, src_to_dst)
+
+    def swap_out(self, src_to_dst: dict[int, int]) -> None:
+        """Copies device blocks out to host blocks (device block number -> cpu block number)."""
+        self._move(self.device_cache, self.cpu_cache, src_to_dst)
+
+    def copy(self, src_to_dsts: dict[int, list[int]]) -> None:
+        """Copies device blocks to other device blocks in every layer (copy-on-write)."""
+        if not src_to_dsts:
+            return
+        src = [s for s, dsts in src_to_dsts.items() for _ in dsts]
+        dst = [d for dsts in src_to_dsts.values() for d in dsts]
+        src_idx = torch.tensor(src, device=self.device)
+        dst_idx = torch.tensor(dst, device=self.device)
+        for key_cache, value_cache in self.device_cache:
+            key_cache[dst_idx] = key_cache[src_idx]
+            value_cache[dst_idx] = value_cache[src_idx]
+
+    @staticmethod
+    def _move(src_cache: list[KVCache], dst_cache: list[KVCache],
+              src_to_dst: dict[int, int]) -> None:
+        if not src_to_dst:
+            return
+        for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
+            src_idx = torch.tensor(list(src_to_dst.keys()), device=src_k.device)
+            dst_idx = torch.tensor(list(src_to_dst.values()), device=dst_k.device)
+            dst_k[dst_idx] = src_k[src_idx].to(dst_k.device, non_blocking=True)
+            dst_v[dst_idx] = src_v[src_idx].to(dst_v.device, non_blocking=True)

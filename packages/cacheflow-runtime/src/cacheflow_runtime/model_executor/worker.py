@@ -1,0 +1,131 @@
+"""Worker: owns the model, its KV cache and the model runner on one device."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+
+from cacheflow_runtime.config import CacheConfig, ModelConfig
+from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
+from cacheflow_runtime.model_executor.model_runner import ModelRunner
+from cacheflow_runtime.model_executor.registry import load_model_class
+from cacheflow_runtime.model_executor.weights import detect_format, iterate_weights
+from cacheflow_runtime.sampling_metadata import GroupSampleResult
+from cacheflow_runtime.sequence import SequenceGroup
+
+_GIB = 1 << 30
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> the first CUDA device if there is one, else CPU; otherwise validated as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return resolved
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> Any:
+    """Builds the registered model class on ``device`` in the config's dtype and loads weights."""
+    model_cls = load_model_class(model_config.architecture)
+    with _default_dtype(model_config.dtype), device:
+        model = model_cls(model_config.hf_config)
+    fmt = model_config.weights_format or detect_format(model_config.model_path)
+    model.load_weights(iterate_weights(model_config.model_path, fmt), fmt)
+    return model.eval()
+
+
+class Worker:
+    """One device's share of the engine: model, KV cache and the step that runs them."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 device: torch.device, seed: int = 0) -> None:
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.device = device
+        torch.manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.model = load_model(model_config, device)
+        self.cache_engine: Optional[CacheEngine] = None
+        self.runner = ModelRunner(self.model, device, cache_config.block_size,
+                                  model_config.eos_token_id, self.generator)
+
+    def num_available_blocks(self, max_num_batched_tokens: int) -> tuple[int, int]:
+        """(device blocks, cpu blocks) the cache can have, from the config or from memory."""
+        per_block = block_bytes(self.model_config, self.cache_config.block_size)
+        cpu_blocks = self.cache_config.num_cpu_blocks
+        if cpu_blocks is None:
+            cpu_blocks = int(self.cache_config.swap_space_gib * _GIB) // per_block
+        if self.cache_config.num_device_blocks is not None:
+            return self.cache_config.num_device_blocks, cpu_blocks
+        if self.device.type == "cpu":
+            budget = int(self.cache_config.cpu_kv_cache_gib * _GIB)
+        else:
+            budget = self._profile_free_memory(max_num_batched_tokens)
+        device_blocks = budget // per_block
+        if device_blocks < 1:
+            raise RuntimeError("no memory is left for the KV cache after loading the model; "
+                               "lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return device_blocks, cpu_blocks
+
+    def _profile_free_memory(self, max_num_batched_tokens: int) -> int:
+        """Bytes left for the KV cache under gpu_memory_utilization after a peak-sized forward."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        from cacheflow_runtime.attention import InputMetadata
+
+        num_tokens = max_num_batched_tokens
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        metadata = InputMetadata(
+            query_lens=[num_tokens], context_lens_host=[num_tokens],
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((1, 0), dtype=torch.int32, device=self.device),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            logit_indices=torch.tensor([num_tokens - 1], device=self.device), is_prompt=True)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(num_tokens, device=self.device),
+                                [None] * self.model_config.num_layers, metadata, None)
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.cache_config.gpu_memory_utilization) - peak
+
+    def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
+        """Allocates the KV cache."""
+        self.cache_engine = CacheEngine(self.model_config, self.cache_config, self.device,
+                                        num_device_blocks, num_cpu_blocks)
+
+    def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
+                blocks_to_swap_in: dict[int, int], blocks_to_swap_out: dict[int, int],
+                blocks_to_copy: dict[int, list[int]]) -> list[GroupSampleResult]:
+        """Applies the step's cache moves, then runs the model on ``groups``."""
+        assert self.cache_engine is not None, "init_cache() must run before execute()"
+        self.cache_engine.swap_in(blocks_to_swap_in)
+        self.cache_engine.swap_out(blocks_to_swap_out)
+        self.cache_engine.copy(blocks_to_copy)
+        if not groups:
+            return []
+        return self.runner.execute(groups, block_tables, self.cache_engine.device_cache)

@@ -1,0 +1,474 @@
+"""The sampler: from a batch's logits to the next token of every sequence.
+
+One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each with its own
+``SamplingParams``. The work per step, vectorized over the rows of the batch:
+
+1. penalties on each sequence's row: repetition (HF semantics, prompt and output tokens),
+   frequency and presence (OpenAI semantics, output tokens only), then ``min_tokens`` masking of
+   the EOS and stop token ids;
+2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
+   the log probabilities that are reported, before any truncation;
+3. greedy rows: argmax; random rows: top-k, top-p, min-p, then one draw per sample by the
+   exponential race (Gumbel-max) with noise from that sample's own generator, so a seeded request
+   draws the same tokens whatever else is in the batch; beam search groups: the ``2 * best_of``
+   best (beam, token) pairs by cumulative log probability, ranked as ``torch.topk`` over the
+   flattened ``[num_beams * vocab]`` scores, as HF transformers does;
+4. ``prompt_logprobs`` from the raw logits of the prompt rows.
+"""
+
+from __future__ import annotations
+
+import array
+from dataclasses import dataclass, field
+
+import torch
+
+from cacheflow_runtime.sampling_metadata import (
+    GroupSampleResult,
+    Logprobs,
+    SampleResult,
+    SamplingGroup,
+)
+
+_PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
+
+
+@dataclass
+class _RowParams:
+    """Per-row parameters of the batch, in the order of the gathered rows."""
+
+    rows: list[int] = field(default_factory=list)  # row of the input logits
+    group: list[int] = field(default_factory=list)  # index of the group the row belongs to
+    temperature: list[float] = field(default_factory=list)  # 1.0 for greedy and beam rows
+    top_k: list[int] = field(default_factory=list)  # -1: off
+    top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    frequency: list[float] = field(default_factory=list)
+    presence: list[float] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    output_ids: list[list[int]] = field(default_factory=list)
+    banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens masking
+
+
+@dataclass
+class _Sample:
+    """One sample to report: which gathered row it came from and which sequence it extends."""
+
+    group: int
+    row: int  # index into the gathered rows
+    parent_seq_id: int
+    parent_cumulative: float
+
+
+class Sampler(torch.nn.Module):
+    """Turns logits into ``GroupSampleResult``s, one per ``SamplingGroup``.
+
+    ``vocab_size``, when given, drops logit columns past it (a vocabulary padded for tensor
+    parallelism); otherwise every column is a token.
+    """
+
+    def __init__(self, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, logits: torch.Tensor, groups: list[SamplingGroup],
+                default_generator: torch.Generator | None = None) -> list[GroupSampleResult]:
+        """Samples the next token of every sequence of every group.
+
+        ``logits`` is ``[num_rows, vocab]`` in any float dtype (the work is done in float32);
+        each group names its rows. ``default_generator`` draws for the samples whose generator is
+        None (None: torch's global generator of the logits' device). Per-sample generators must
+        live on the logits' device or on the CPU (their noise is then copied over).
+        """
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        params = _collect_row_params(groups)
+        work = _gather_rows(logits, params.rows)
+        _apply_penalties(work, params)
+        _apply_banned_tokens(work, params.banned_ids)
+        temperature = torch.tensor(params.temperature, dtype=torch.float32, device=work.device)
+        work.div_(temperature.unsqueeze(1))
+        logprobs = torch.log_softmax(work, dim=-1)
+
+        samples, token_chunks = _choose_tokens(work, logprobs, groups, params, default_generator)
+        tokens = (torch.cat(token_chunks) if token_chunks
+                  else torch.empty(0, dtype=torch.long, device=work.device))
+        sample_rows = torch.tensor([s.row for s in samples], dtype=torch.long, device=work.device)
+        chosen = logprobs[sample_rows, tokens]
+        num_top = [_num_logprobs(groups[g].sampling_params.logprobs) for g in params.group]
+        top_values, top_ids = _top_logprobs(logprobs, max(num_top, default=0))
+
+        results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), num_top,
+                            top_values, top_ids)
+        for g, group in enumerate(groups):
+            if group.is_prompt and group.sampling_params.prompt_logprobs is not None:
+                results[g].prompt_logprobs = _prompt_logprobs(logits, group)
+        return results
+
+
+def _num_logprobs(k: int | None) -> int:
+    """The number of top tokens to report besides the chosen one."""
+    return 0 if k is None else k
+
+
+def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
+    """Gathers the per-row parameters of all groups, rows in group order."""
+    params = _RowParams()
+    for g, group in enumerate(groups):
+        sp = group.sampling_params
+        random = not sp.is_greedy and not sp.use_beam_search
+        for j, row in enumerate(group.logit_rows):
+            outputs = list(group.output_token_ids[j]) if j < len(group.output_token_ids) else []
+            params.rows.append(row)
+            params.group.append(g)
+            params.temperature.append(sp.temperature if random else 1.0)
+            params.top_k.append(sp.top_k if random else -1)
+            params.top_p.append(sp.top_p if random else 1.0)
+            params.min_p.append(sp.min_p if random else 0.0)
+            params.repetition.append(sp.repetition_penalty)
+            params.frequency.append(sp.frequency_penalty)
+            params.presence.append(sp.presence_penalty)
+            params.prompt_ids.append(group.prompt_token_ids)
+            params.output_ids.append(outputs)
+            params.banned_ids.append(_banned_ids(group, len(outputs)))
+    return params
+
+
+def _banned_ids(group: SamplingGroup, num_outputs: int) -> list[int]:
+    """Token ids masked while a sequence is shorter than ``min_tokens`` (EOS even with
+    ``ignore_eos``)."""
+    sp = group.sampling_params
+    if num_outputs >= sp.min_tokens:
+        return []
+    banned = list(sp.stop_token_ids or [])
+    if group.eos_token_id is not None:
+        banned.append(group.eos_token_id)
+    return banned
+
+
+def _gather_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """A float32 copy of the given rows of ``logits``."""
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    return logits.index_select(0, index).to(torch.float32)
+
+
+def _apply_penalties(work: torch.Tensor, params: _RowParams) -> None:
+    """Applies repetition, then frequency and presence penalties to ``work`` in place."""
+    rep = [i for i, p in enumerate(params.repetition) if p != 1.0]
+    if rep:
+        _apply_repetition_penalty(work, rep, params)
+    freq = [i for i, (f, p) in enumerate(zip(params.frequency, params.presence))
+            if f != 0.0 or p != 0.0]
+    if freq:
+        _apply_frequency_presence(work, freq, params)
+
+
+def _apply_repetition_penalty(work: torch.Tensor, rows: list[int], params: _RowParams) -> None:
+    """HF repetition penalty on ``rows``: every token seen in the prompt or the output has its
+    logit divided by the penalty when positive, multiplied by it otherwise."""
+    history = [params.prompt_ids[i] + params.output_ids[i] for i in rows]
+    seen = _token_counts(work, rows, history) > 0
+    index = torch.tensor(rows, dtype=torch.long, device=work.device)
+    penalty = torch.tensor([params.repetition[i] for i in rows], dtype=torch.float32,
+                           device=work.device).unsqueeze(1)
+    sub = work.index_select(0, index)
+    penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+    work.index_copy_(0, index, torch.where(seen, penalized, sub))
+
+
+def _apply_frequency_presence(work: torch.Tensor, rows: list[int], params: _RowParams) -> None:
+    """OpenAI penalties on ``rows``: ``logit -= frequency * count + presence * (count > 0)`` with
+    counts over the output tokens only."""
+    counts = _token_counts(work, rows, [params.output_ids[i] for i in rows])
+    index = torch.tensor(rows, dtype=torch.long, device=work.device)
+    frequency = torch.tensor([params.frequency[i] for i in rows], dtype=torch.float32,
+                             device=work.device).unsqueeze(1)
+    presence = torch.tensor([params.presence[i] for i in rows], dtype=torch.float32,
+                            device=work.device).unsqueeze(1)
+    penalty = frequency * counts + presence * (counts > 0).to(torch.float32)
+    work.index_copy_(0, index, work.index_select(0, index) - penalty)
+
+
+def _token_counts(work: torch.Tensor, rows: list[int], tokens: list[list[int]]) -> torch.Tensor:
+    """``[len(rows), vocab]`` float32 counts of each token id in ``tokens[i]`` (ids outside the
+    vocabulary are ignored)."""
+    counts = torch.zeros(len(rows), work.shape[1], dtype=torch.float32, device=work.device)
+    r, t = _flat_token_index(tokens, work.shape[1], work.device)
+    if t.numel():
+        counts.index_put_((r, t), torch.ones_like(t, dtype=torch.float32), accumulate=True)
+    return counts
+
+
+def _flat_token_index(tokens: list[list[int]], vocab: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, token id) pairs of ``tokens`` as two long tensors, ids outside
+    ``[0, vocab)`` dropped."""
+    lengths = torch.tensor([len(ids) for ids in tokens], dtype=torch.long)
+    if int(lengths.sum()) == 0:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    # array.fromlist reads Python lists about five times faster than torch.tensor does.
+    buffer = array.array("q")
+    for ids in tokens:
+        buffer.fromlist(ids if isinstance(ids, list) else list(ids))
+    flat = torch.frombuffer(buffer, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
+    keep = (flat >= 0) & (flat < vocab)
+    return rows[keep].to(device), flat[keep].to(device)
+
+
+def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:
+    """Sets ``work[i, t] = -inf`` for every ``t`` in ``banned[i]`` (``min_tokens``)."""
+    if any(banned):
+        r, t = _flat_token_index(banned, work.shape[1], work.device)
+        work[r, t] = float("-inf")
+
+
+def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[SamplingGroup],
+                   params: _RowParams, default_generator: torch.Generator | None,
+                   ) -> tuple[list[_Sample], list[torch.Tensor]]:
+    """Picks the tokens of all groups: greedy, then random, then beam search samples.
+
+    Returns the samples and their token ids (concatenated, in the order of the samples).
+    """
+    first_row = _first_rows(groups)
+    greedy: list[_Sample] = []
+    random: list[_Sample] = []
+    random_generators: list[torch.Generator | None] = []
+    beam_buckets: dict[tuple[int, int], list[int]] = {}
+    for g, group in enumerate(groups):
+        sp = group.sampling_params
+        if not group.logit_rows:
+            continue
+        if sp.use_beam_search:
+            shape = (len(group.logit_rows), 2 * (sp.best_of or 1))
+            beam_buckets.setdefault(shape, []).append(g)
+        elif sp.is_greedy:
+            greedy.extend(_decode_samples(group, g, first_row[g]))
+        else:
+            new = (_prompt_samples(group, g, first_row[g]) if group.is_prompt
+                   else _decode_samples(group, g, first_row[g]))
+            random.extend(new)
+            random_generators.extend(_generator_at(group, j) for j in range(len(new)))
+    chunks: list[torch.Tensor] = []
+    if greedy:
+        rows = torch.tensor([s.row for s in greedy], dtype=torch.long, device=work.device)
+        chunks.append(work.index_select(0, rows).argmax(dim=-1))
+    if random:
+        chunks.append(_sample_random(work, params, random, random_generators, default_generator))
+    beam: list[_Sample] = []
+    for bucket in beam_buckets.values():
+        candidates, tokens = _beam_candidates(logprobs, groups, bucket, first_row)
+        beam.extend(candidates)
+        chunks.append(tokens)
+    return greedy + random + beam, chunks
+
+
+def _first_rows(groups: list[SamplingGroup]) -> list[int]:
+    """The index of each group's first row among the gathered rows."""
+    starts, total = [], 0
+    for group in groups:
+        starts.append(total)
+        total += len(group.logit_rows)
+    return starts
+
+
+def _cumulative(group: SamplingGroup, j: int) -> float:
+    """The cumulative logprob of the group's j-th sequence (0 when not given)."""
+    return float(group.cumulative_logprobs[j]) if j < len(group.cumulative_logprobs) else 0.0
+
+
+def _generator_at(group: SamplingGroup, j: int) -> torch.Generator | None:
+    """The generator of the group's j-th sample (None when not given)."""
+    return group.generators[j] if j < len(group.generators) else None
+
+
+def _decode_samples(group: SamplingGroup, g: int, first: int) -> list[_Sample]:
+    """One sample per row, extending the row's own sequence."""
+    return [_Sample(g, first + j, seq_id, _cumulative(group, j))
+            for j, seq_id in enumerate(group.seq_ids)]
+
+
+def _prompt_samples(group: SamplingGroup, g: int, first: int) -> list[_Sample]:
+    """``best_of`` samples from the prompt's single row, all extending the prompt sequence."""
+    best_of = group.sampling_params.best_of or 1
+    return [_Sample(g, first, group.seq_ids[0], _cumulative(group, 0)) for _ in range(best_of)]
+
+
+def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[_Sample],
+                   generators: list[torch.Generator | None],
+                   default_generator: torch.Generator | None) -> torch.Tensor:
+    """Truncates the rows of the random samples (top-k, top-p, min-p) and draws one token per
+    sample by the exponential race ``argmax(logit - log(E))``, ``E ~ Exp(1)`` drawn per sample."""
+    rows = sorted({s.row for s in samples})
+    position = {r: i for i, r in enumerate(rows)}
+    truncated = _truncate(work.index_select(0, _long(rows, work.device)), params, rows)
+    source = _long([position[s.row] for s in samples], work.device)
+    noise = _exponential_noise(len(samples), work.shape[1], generators, default_generator,
+                               work.device)
+    noise.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (truncated.index_select(0, source) - noise.log()).argmax(dim=-1)
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor on ``device``."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _truncate(logits: torch.Tensor, params: _RowParams, rows: list[int]) -> torch.Tensor:
+    """Applies top-k, top-p and min-p (each only on the rows that set it) to temperature-scaled
+    ``logits`` (row i is gathered row ``rows[i]``); dropped tokens get -inf."""
+    top_k = [params.top_k[r] for r in rows]
+    top_p = [params.top_p[r] for r in rows]
+    min_p = [params.min_p[r] for r in rows]
+    vocab = logits.shape[1]
+    sort_rows = [i for i in range(len(rows)) if top_k[i] != -1 or top_p[i] < 1.0]
+    if sort_rows:
+        index = _long(sort_rows, logits.device)
+        k = [min(top_k[i], vocab) if top_k[i] != -1 else vocab for i in sort_rows]
+        p = [top_p[i] for i in sort_rows]
+        logits.index_copy_(0, index, _top_k_top_p(logits.index_select(0, index), k, p))
+    min_p_rows = [i for i in range(len(rows)) if min_p[i] > 0.0]
+    if min_p_rows:
+        index = _long(min_p_rows, logits.device)
+        m = [min_p[i] for i in min_p_rows]
+        logits.index_copy_(0, index, _min_p(logits.index_select(0, index), m))
+    return logits
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Keeps, per row, the tokens whose logit is at least the k-th largest (ties at the k-th
+    value are kept), then the smallest prefix of those, by descending probability, whose mass
+    reaches ``top_p`` (the top token always stays). The rest get -inf."""
+    device = logits.device
+    values, order = logits.sort(dim=-1, descending=True, stable=True)
+    k = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(1)
+    kth = values.gather(1, k - 1)
+    values = values.masked_fill(values < kth, float("-inf"))
+    probs = values.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1)
+    cut = mass_before >= p
+    cut[:, 0] = False
+    values = values.masked_fill(cut, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, values)
+
+
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Drops (-inf) the tokens whose probability is below ``min_p`` times the row's largest."""
+    probs = logits.softmax(dim=-1)
+    m = torch.tensor(min_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
+    threshold = m * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _exponential_noise(num: int, vocab: int, generators: list[torch.Generator | None],
+                       default_generator: torch.Generator | None,
+                       device: torch.device) -> torch.Tensor:
+    """``[num, vocab]`` Exp(1) noise: row i from ``generators[i]`` alone (``torch.empty(vocab)
+    .exponential_(generator=g)``), the rows without a generator from ``default_generator`` in one
+    draw."""
+    noise = torch.empty(num, vocab, dtype=torch.float32, device=device)
+    device = noise.device  # canonical form ("cuda" -> "cuda:0") to compare with generators
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if len(shared) == num and (default_generator is None or default_generator.device == device):
+        noise.exponential_(generator=default_generator)
+    elif shared:
+        noise[_long(shared, device)] = _draw_exponential((len(shared), vocab), default_generator,
+                                                         device)
+    for i, generator in enumerate(generators):
+        if generator is None:
+            continue
+        if generator.device == device:
+            noise[i].exponential_(generator=generator)  # the stream of a fresh [vocab] tensor
+        else:
+            noise[i] = _draw_exponential((vocab,), generator, device)
+    return noise
+
+
+def _draw_exponential(shape: tuple[int, ...], generator: torch.Generator | None,
+                      device: torch.device) -> torch.Tensor:
+    """Exp(1) noise of ``shape`` drawn on the generator's device, returned on ``device``."""
+    where = device if generator is None else generator.device
+    return torch.empty(shape, dtype=torch.float32, device=where).exponential_(
+        generator=generator).to(device)
+
+
+def _beam_candidates(logprobs: torch.Tensor, groups: list[SamplingGroup], bucket: list[int],
+                     first_row: list[int]) -> tuple[list[_Sample], torch.Tensor]:
+    """The ``2 * best_of`` best (beam, token) pairs of each beam search group in ``bucket`` (groups
+    with the same number of beams and width), best first, and their token ids.
+
+    The score of a pair is the beam's cumulative logprob plus the token's logprob; the ranking is
+    ``torch.topk`` over the beam-major ``[groups, num_beams * vocab]`` scores, as in HF
+    transformers. At the prompt step the only beam is the prompt.
+    """
+    num_beams = len(groups[bucket[0]].logit_rows)
+    width = 2 * (groups[bucket[0]].sampling_params.best_of or 1)
+    vocab = logprobs.shape[1]
+    rows = [first_row[g] + b for g in bucket for b in range(num_beams)]
+    cumulative = torch.tensor([_cumulative(groups[g], b) for g in bucket for b in range(num_beams)],
+                              dtype=torch.float32, device=logprobs.device)
+    scores = logprobs.index_select(0, _long(rows, logprobs.device)) + cumulative.unsqueeze(1)
+    flat = torch.topk(scores.view(len(bucket), num_beams * vocab),
+                      min(width, num_beams * vocab), dim=-1).indices
+    samples = [_Sample(g, first_row[g] + i // vocab, groups[g].seq_ids[i // vocab],
+                       _cumulative(groups[g], i // vocab))
+               for g, top in zip(bucket, flat.tolist()) for i in top]
+    return samples, (flat % vocab).reshape(-1)
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """The top ``k`` logprobs of every row and their token ids, as lists (empty when k is 0)."""
+    if k <= 0:
+        return [], []
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[1]), dim=-1)
+    return values.tolist(), ids.tolist()
+
+
+def _logprobs_dict(token: int, logprob: float, k: int, top_values: list[float],
+                   top_ids: list[int]) -> Logprobs:
+    """The chosen token's logprob plus the top k."""
+    result = {token: logprob}
+    for t, v in zip(top_ids[:k], top_values[:k]):
+        result[t] = v
+    return result
+
+
+def _assemble(groups: list[SamplingGroup], samples: list[_Sample], tokens: list[int],
+              chosen: list[float], num_top: list[int], top_values: list[list[float]],
+              top_ids: list[list[int]]) -> list[GroupSampleResult]:
+    """Builds one ``GroupSampleResult`` per group from the samples (kept in sample order)."""
+    results = [GroupSampleResult(samples=[]) for _ in groups]
+    for sample, token, logprob in zip(samples, tokens, chosen):
+        k = num_top[sample.row]
+        values = top_values[sample.row] if k else []
+        ids = top_ids[sample.row] if k else []
+        results[sample.group].samples.append(SampleResult(
+            parent_seq_id=sample.parent_seq_id,
+            token_id=token,
+            logprobs=_logprobs_dict(token, logprob, k, values, ids),
+            cumulative_logprob=sample.parent_cumulative + logprob,
+        ))
+    return results
+
+
+def _prompt_logprobs(logits: torch.Tensor, group: SamplingGroup) -> list[Logprobs | None]:
+    """``[None]`` then, for each prompt logit row i, the logprob of prompt token i + 1 and the
+    top ``prompt_logprobs`` tokens, from ``log_softmax`` of the raw logits (no penalties, no
+    temperature)."""
+    k = group.sampling_params.prompt_logprobs or 0
+    result: list[Logprobs | None] = [None]
+    rows = group.prompt_logit_rows
+    targets = group.prompt_token_ids[1: len(rows) + 1]
+    for start in range(0, len(targets), _PROMPT_LOGPROBS_CHUNK):
+        chunk_rows = _long(rows[start: start + _PROMPT_LOGPROBS_CHUNK], logits.device)
+        chunk_targets = targets[start: start + _PROMPT_LOGPROBS_CHUNK]
+        lp = torch.log_softmax(logits.index_select(0, chunk_rows).to(torch.float32), dim=-1)
+        chosen = lp.gather(1, _long(chunk_targets, logits.device).unsqueeze(1)).squeeze(1)
+        values, ids = _top_logprobs(lp, k)
+        for i, (token, logprob) in enumerate(zip(chunk_targets, chosen.tolist())):
+            result.append(_logprobs_dict(token, logprob, k, values[i] if k else [],
+                                         ids[i] if k else []))
+    return result

@@ -1,0 +1,67 @@
+"""What the sampler needs to know about each request in a batch, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cacheflow_runtime.sampling_params import SamplingParams
+
+Logprobs = dict[int, float]
+
+
+@dataclass
+class SamplingGroup:
+    """One request's share of a batch's logits.
+
+    ``logit_rows`` are the rows of the batch's logits that belong to this request, one per sequence
+    in ``seq_ids`` (at a prompt step: one row, the prompt's last position, and ``seq_ids`` holds the
+    single prompt sequence). ``prompt_logit_rows`` (prompt step with ``prompt_logprobs`` only) are
+    the rows for prompt positions 0..len-2, which predict prompt tokens 1..len-1.
+    ``generators[i]`` draws the i-th sample: at a prompt step there are ``best_of`` of them (the
+    children-to-be), at a decode step one per sequence; None means the sampler's default generator.
+    """
+
+    seq_ids: list[int]
+    sampling_params: SamplingParams
+    is_prompt: bool
+    logit_rows: list[int]
+    prompt_token_ids: list[int]
+    output_token_ids: list[list[int]]
+    cumulative_logprobs: list[float]
+    generators: list[Optional[torch.Generator]]
+    prompt_logit_rows: list[int] = field(default_factory=list)
+    eos_token_id: Optional[int] = None
+
+
+@dataclass
+class SampleResult:
+    """One new token for one sequence: ``parent_seq_id`` is the sequence it extends.
+
+    ``logprobs`` maps token id -> log probability (after temperature, before top-k/top-p) for the
+    chosen token plus the top ``SamplingParams.logprobs`` tokens.
+    For beam search, ``cumulative_logprob`` is the parent's cumulative plus this token's logprob.
+    """
+
+    parent_seq_id: int
+    token_id: int
+    logprobs: Logprobs
+    cumulative_logprob: float
+
+
+@dataclass
+class GroupSampleResult:
+    """What the sampler chose for one request in one step.
+
+    Random and greedy sampling: one ``SampleResult`` per sequence at a decode step (in ``seq_ids``
+    order), ``best_of`` of them at the prompt step (all with the prompt sequence as parent).
+    Beam search: the ``2 * best_of`` best candidates over all beams by cumulative logprob, best
+    first (the engine's beam search keeps ``best_of`` of them, as HF transformers does).
+    ``prompt_logprobs`` (prompt step with ``prompt_logprobs`` set): None for the first prompt token,
+    then a dict per prompt token holding that token and the top-k.
+    """
+
+    samples: list[SampleResult]
+    prompt_logprobs: Optional[list[Optional[Logprobs]]] = None

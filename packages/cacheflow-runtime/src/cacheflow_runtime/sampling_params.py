@@ -1,0 +1,121 @@
+"""Sampling parameters of one request, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+_GREEDY_EPS = 1e-5
+
+
+def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the tokens of one request (the names follow vLLM and the OpenAI API).
+
+    temperature 0 means greedy. ``best_of`` sequences are generated and the ``n`` with the highest
+    cumulative log probability are returned; with ``use_beam_search`` the ``best_of`` beams are
+    ranked by ``length_penalty`` like HF transformers' beam search. ``logprobs=k`` returns the
+    chosen token's log probability and the top k; ``prompt_logprobs=k`` does the same for every
+    prompt token after the first.
+    """
+
+    n: int = 1
+    best_of: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: Optional[Sequence[str] | str] = None
+    stop_token_ids: Optional[Sequence[int]] = None
+    ignore_eos: bool = False
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    _stop_list: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.best_of is None:
+            self.best_of = self.n
+        if isinstance(self.stop, str):
+            self._stop_list = [self.stop]
+        else:
+            self._stop_list = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self._validate()
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """The stop strings as a list."""
+        return self._stop_list
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when tokens are chosen by argmax (temperature 0, no beam search)."""
+        return self.temperature < _GREEDY_EPS and not self.use_beam_search
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
+               f"an integer >= n ({self.n})", self.best_of)
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+               "a finite number >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k",
+               "-1 (off) or an integer >= 1", self.top_k)
+        _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]",
+               self.presence_penalty)
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]",
+               self.frequency_penalty)
+        _check(0 < self.repetition_penalty <= 2, "repetition_penalty", "in (0, 2]",
+               self.repetition_penalty)
+        _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
+               self.seed)
+        _check(all(isinstance(s, str) and s for s in self._stop_list), "stop",
+               "a non-empty string or a list of non-empty strings", self.stop)
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "non-negative token ids", self.stop_token_ids)
+        _check(self.max_tokens is None
+               or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
+               "an integer >= 1 or None", self.max_tokens)
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0
+               and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+               "min_tokens", "an integer in [0, max_tokens]", self.min_tokens)
+        _check(self.logprobs is None
+               or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
+               "None or an integer in [0, 20]", self.logprobs)
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+               "prompt_logprobs", "None or an integer in [0, 20]", self.prompt_logprobs)
+        _check(math.isfinite(self.length_penalty), "length_penalty", "a finite number",
+               self.length_penalty)
+        if self.use_beam_search:
+            _check(self.best_of > 1, "best_of", "> 1 with use_beam_search", self.best_of)
+            _check(self.temperature < _GREEDY_EPS, "temperature", "0 with use_beam_search",
+                   self.temperature)
+            _check(self.top_p == 1.0 and self.top_k == -1 and self.min_p == 0.0,
+                   "top_p/top_k/min_p", "off (1.0 / -1 / 0.0) with use_beam_search",
+                   (self.top_p, self.top_k, self.min_p))
+        else:
+            _check(self.length_penalty == 1.0, "length_penalty", "1.0 unless use_beam_search",
+                   self.length_penalty)
+            if self.temperature < _GREEDY_EPS:
+                _check(self.best_of == 1, "best_of", "1 with greedy sampling (temperature 0)",
+                       self.best_of)

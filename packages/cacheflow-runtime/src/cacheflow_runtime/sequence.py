@@ -1,0 +1,187 @@
+"""Sequences, sequence groups (one request) and their statuses."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import time
+from typing import Optional
+
+import torch
+
+from cacheflow_runtime.sampling_params import SamplingParams
+
+Logprobs = dict[int, float]
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    SWAPPED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        """True for the three finished statuses."""
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """The OpenAI finish_reason of a finished status ("stop", "length", "abort"), else None."""
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
+             SequenceStatus.FINISHED_ABORTED}
+_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
+                  SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
+                  SequenceStatus.FINISHED_ABORTED: "abort"}
+
+
+class Sequence:
+    """One token sequence: the prompt plus what has been generated for it so far."""
+
+    def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int],
+                 block_size: int, generator: Optional[torch.Generator] = None) -> None:
+        self.seq_id = seq_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[Logprobs] = []
+        self.cumulative_logprob = 0.0
+        self.block_size = block_size
+        self.status = SequenceStatus.WAITING
+        self.generator = generator
+        # Tokens whose K/V are already in the cache; the next step computes the rest.
+        self.num_computed_tokens = 0
+        # Incremental detokenization state (see engine.detokenizer).
+        self.output_text = ""
+        self.tokens: Optional[list[str]] = None
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.stop_reason: Optional[int | str] = None
+
+    def append_token(self, token_id: int, logprobs: Logprobs) -> None:
+        """Appends a generated token; ``logprobs`` must contain ``token_id``."""
+        self.output_token_ids.append(token_id)
+        self.output_logprobs.append(logprobs)
+        self.cumulative_logprob += logprobs[token_id]
+
+    def get_len(self) -> int:
+        """Prompt plus output length in tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def get_output_len(self) -> int:
+        """Number of generated tokens."""
+        return len(self.output_token_ids)
+
+    def get_token_ids(self) -> list[int]:
+        """All token ids, prompt first."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def get_last_token_id(self) -> int:
+        """The newest token id."""
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def num_blocks_needed(self) -> int:
+        """How many KV blocks hold all of this sequence's tokens."""
+        return (self.get_len() + self.block_size - 1) // self.block_size
+
+    def is_finished(self) -> bool:
+        """True once the sequence has a finished status."""
+        return self.status.is_finished
+
+    def fork(self, new_seq_id: int, generator: Optional[torch.Generator] = None) -> Sequence:
+        """A copy of this sequence under a new id (the block manager must fork its blocks too)."""
+        child = copy.copy(self)
+        child.seq_id = new_seq_id
+        child.prompt_token_ids = self.prompt_token_ids  # shared, never mutated
+        child.output_token_ids = list(self.output_token_ids)
+        child.output_logprobs = list(self.output_logprobs)
+        child.tokens = None if self.tokens is None else list(self.tokens)
+        child.generator = generator
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence(seq_id={self.seq_id}, status={self.status.name}, "
+                f"num_tokens={self.get_len()})")
+
+
+class SequenceGroup:
+    """The sequences generated from one prompt: one request."""
+
+    def __init__(self, request_id: str, seqs: list[Sequence], sampling_params: SamplingParams,
+                 arrival_time: Optional[float] = None) -> None:
+        self.request_id = request_id
+        self.seqs = seqs
+        self.sampling_params = sampling_params
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.prompt_logprobs: Optional[list[Optional[Logprobs]]] = None
+        # Finished beams of a beam-search request (HF semantics), as (score, seq).
+        self.beam_hypotheses: list[tuple[float, Sequence]] = []
+        self.beam_search_done = False
+        # Pending generators for the children forked at the first decode step.
+        self.child_generators: list[Optional[torch.Generator]] = []
+        self.first_token_time: Optional[float] = None
+
+    @property
+    def prompt(self) -> Optional[str]:
+        """The prompt text, if one was given."""
+        return self.seqs[0].prompt
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.seqs[0].prompt_token_ids
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until the prompt has been run (no sequence has output yet)."""
+        return all(seq.get_output_len() == 0 for seq in self.seqs)
+
+    def get_seqs(self, status: Optional[SequenceStatus] = None) -> list[Sequence]:
+        """The sequences, all or those with ``status``."""
+        if status is None:
+            return list(self.seqs)
+        return [seq for seq in self.seqs if seq.status == status]
+
+    def get_unfinished_seqs(self) -> list[Sequence]:
+        """The sequences that are not finished."""
+        return [seq for seq in self.seqs if not seq.is_finished()]
+
+    def find(self, seq_id: int) -> Sequence:
+        """The sequence with ``seq_id``."""
+        for seq in self.seqs:
+            if seq.seq_id == seq_id:
+                return seq
+        raise KeyError(f"sequence {seq_id} is not in request {self.request_id}")
+
+    def add(self, seq: Sequence) -> None:
+        """Adds a forked sequence."""
+        self.seqs.append(seq)
+
+    def remove(self, seq_id: int) -> None:
+        """Removes a sequence (its blocks must already be freed)."""
+        self.seqs = [seq for seq in self.seqs if seq.seq_id != seq_id]
+
+    def max_num_running_seqs(self) -> int:
+        """The most sequences this group will run at once in its lifetime (its batch slots)."""
+        if self.is_prefill:
+            return self.sampling_params.best_of
+        return len(self.get_unfinished_seqs())
+
+    def num_seqs(self, status: Optional[SequenceStatus] = None) -> int:
+        """How many sequences have ``status`` (all when None)."""
+        return len(self.get_seqs(status))
+
+    def is_finished(self) -> bool:
+        """True when every sequence has finished."""
+        return all(seq.is_finished() for seq in self.seqs)
+
+    def __repr__(self) -> str:
+        return f"SequenceGroup(request_id={self.request_id}, num_seqs={len(self.seqs)})"

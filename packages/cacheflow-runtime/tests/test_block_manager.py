@@ -1,0 +1,597 @@
+"""Tests of the KV block allocator and the block space manager."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from cacheflow_runtime.core.block_manager import (
+    AllocStatus,
+    BlockAllocator,
+    BlockSpaceManager,
+    Device,
+    PhysicalBlock,
+)
+from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+
+RUNNING = SequenceStatus.RUNNING
+SWAPPED = SequenceStatus.SWAPPED
+
+
+def make_group(request_id: str, prompt_len: int, num_seqs: int, block_size: int,
+               first_seq_id: int = 0) -> SequenceGroup:
+    """A group of ``num_seqs`` WAITING sequences sharing a prompt of ``prompt_len`` tokens."""
+    prompt = list(range(100, 100 + prompt_len))
+    seqs = [Sequence(first_seq_id + i, None, prompt, block_size) for i in range(num_seqs)]
+    return SequenceGroup(request_id, seqs, SamplingParams(n=num_seqs))
+
+
+def set_status(group: SequenceGroup, status: SequenceStatus) -> None:
+    for seq in group.seqs:
+        seq.status = status
+
+
+def add_token(seq: Sequence, token_id: int = 7) -> None:
+    seq.append_token(token_id, {token_id: -0.5})
+
+
+def ref_counts(bm: BlockSpaceManager, seq: Sequence) -> list[int]:
+    return [block.ref_count for block in bm._block_tables[seq.seq_id]]
+
+
+# BlockAllocator
+
+
+def test_allocator_hands_out_blocks_in_order_and_reuses_the_last_freed():
+    alloc = BlockAllocator(Device.GPU, 16, 3)
+    blocks = [alloc.allocate() for _ in range(3)]
+    assert [b.block_number for b in blocks] == [0, 1, 2]
+    assert all(b.ref_count == 1 and b.device is Device.GPU for b in blocks)
+    assert alloc.get_num_free_blocks() == 0
+    alloc.free(blocks[1])
+    alloc.free(blocks[0])
+    assert alloc.get_num_free_blocks() == 2
+    assert alloc.allocate().block_number == 0
+    assert alloc.allocate().block_number == 1
+
+
+def test_allocator_out_of_blocks():
+    alloc = BlockAllocator(Device.CPU, 8, 1)
+    alloc.allocate()
+    with pytest.raises(RuntimeError, match="out of CPU KV cache blocks: all 1 are in use"):
+        alloc.allocate()
+
+
+def test_allocator_free_decrements_and_rejects_double_free():
+    alloc = BlockAllocator(Device.GPU, 8, 2)
+    block = alloc.allocate()
+    block.ref_count = 2
+    alloc.free(block)
+    assert block.ref_count == 1
+    assert alloc.get_num_free_blocks() == 1
+    alloc.free(block)
+    assert block.ref_count == 0
+    assert alloc.get_num_free_blocks() == 2
+    with pytest.raises(ValueError, match="double free: GPU block 0"):
+        alloc.free(block)
+    assert alloc.get_num_free_blocks() == 2
+
+
+def test_allocator_rejects_foreign_block():
+    gpu = BlockAllocator(Device.GPU, 8, 2)
+    cpu = BlockAllocator(Device.CPU, 8, 2)
+    with pytest.raises(ValueError, match="does not belong"):
+        gpu.free(cpu.allocate())
+    with pytest.raises(ValueError, match="does not belong"):
+        gpu.free(PhysicalBlock(Device.GPU, 0, ref_count=1))
+
+
+# BlockSpaceManager
+
+
+@pytest.mark.parametrize("block_size", [0, 4, 12, 64])
+def test_block_size_must_be_supported(block_size):
+    with pytest.raises(ValueError, match="block_size must be one of 8, 16, 32"):
+        BlockSpaceManager(block_size, 10, 10)
+
+
+def test_allocate_shares_prompt_blocks_between_waiting_seqs():
+    bm = BlockSpaceManager(8, num_gpu_blocks=10, num_cpu_blocks=4, watermark=0.0)
+    group = make_group("r", prompt_len=20, num_seqs=3, block_size=8)
+    assert bm.can_allocate(group) is AllocStatus.OK
+    bm.allocate(group)
+    for seq in group.seqs:
+        assert bm.get_block_table(seq) == [0, 1, 2]
+        assert ref_counts(bm, seq) == [3, 3, 3]
+    assert bm.get_num_free_gpu_blocks() == 7
+    assert bm.get_num_free_cpu_blocks() == 4
+    assert bm.gpu_usage() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="already has a block table"):
+        bm.allocate(group)
+
+
+def test_allocate_only_waiting_seqs_and_is_atomic_when_out_of_blocks():
+    bm = BlockSpaceManager(8, num_gpu_blocks=2, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("big", prompt_len=17, num_seqs=1, block_size=8)
+    assert bm.can_allocate(group) is AllocStatus.NEVER
+    with pytest.raises(RuntimeError, match="needs 3, 2 free"):
+        bm.allocate(group)
+    assert bm.get_num_free_gpu_blocks() == 2
+    assert not bm.has_block_table(group.seqs[0])
+    set_status(group, RUNNING)
+    with pytest.raises(ValueError, match="no WAITING sequence"):
+        bm.can_allocate(group)
+
+
+def test_watermark_gives_later_and_never():
+    bm = BlockSpaceManager(16, num_gpu_blocks=100, num_cpu_blocks=0, watermark=0.1)
+    assert bm.watermark_blocks == 10
+    assert bm.can_allocate(make_group("a", 91 * 16, 1, 16)) is AllocStatus.NEVER
+    assert bm.can_allocate(make_group("b", 90 * 16, 1, 16)) is AllocStatus.OK
+    first = make_group("c", 50 * 16, 1, 16)
+    bm.allocate(first)
+    assert bm.get_num_free_gpu_blocks() == 50
+    assert bm.can_allocate(make_group("d", 40 * 16, 1, 16, 1)) is AllocStatus.OK
+    # 41 blocks would leave 9 free, under the watermark of 10: wait, do not reject.
+    assert bm.can_allocate(make_group("e", 40 * 16 + 1, 1, 16, 1)) is AllocStatus.LATER
+    bm.free(first.seqs[0])
+    assert bm.can_allocate(make_group("e", 40 * 16 + 1, 1, 16, 1)) is AllocStatus.OK
+
+
+def test_append_slot_allocates_only_at_block_boundaries():
+    bm = BlockSpaceManager(8, num_gpu_blocks=4, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=16, num_seqs=1, block_size=8)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    seq = group.seqs[0]
+    assert bm.get_block_table(seq) == [0, 1]
+    assert bm.can_append_slots(group)
+    add_token(seq)  # token 17 starts the third block
+    assert bm.append_slot(seq) is None
+    assert bm.get_block_table(seq) == [0, 1, 2]
+    assert bm.get_num_free_gpu_blocks() == 1
+    for _ in range(7):  # tokens 18..24 fill it
+        add_token(seq)
+        assert bm.append_slot(seq) is None
+    assert bm.get_block_table(seq) == [0, 1, 2]
+    add_token(seq)
+    assert bm.append_slot(seq) is None
+    assert bm.get_block_table(seq) == [0, 1, 2, 3]
+    assert bm.get_num_free_gpu_blocks() == 0
+    assert not bm.can_append_slots(group)
+    for _ in range(8):
+        add_token(seq)
+    with pytest.raises(RuntimeError, match="out of GPU KV cache blocks"):
+        bm.append_slot(seq)
+    assert bm.get_block_table(seq) == [0, 1, 2, 3]
+
+
+def test_append_slot_covers_one_token_per_call():
+    bm = BlockSpaceManager(8, num_gpu_blocks=8, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=8, num_seqs=1, block_size=8)
+    bm.allocate(group)
+    seq = group.seqs[0]
+    for _ in range(9):
+        add_token(seq)
+    with pytest.raises(ValueError, match="needs 3 blocks but has 1"):
+        bm.append_slot(seq)
+
+
+def test_copy_on_write_of_shared_last_block():
+    bm = BlockSpaceManager(8, num_gpu_blocks=6, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=10, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    a, b = group.seqs
+    assert bm.get_block_table(a) == bm.get_block_table(b) == [0, 1]
+    add_token(a)
+    assert bm.append_slot(a) == (1, 2)
+    assert bm.get_block_table(a) == [0, 2]
+    assert bm.get_block_table(b) == [0, 1]
+    assert ref_counts(bm, a) == [2, 1]
+    assert ref_counts(bm, b) == [2, 1]
+    assert bm.get_num_free_gpu_blocks() == 3
+    # b now owns block 1 alone: it writes in place.
+    add_token(b)
+    assert bm.append_slot(b) is None
+    assert bm.get_block_table(b) == [0, 1]
+    assert bm.get_num_free_gpu_blocks() == 3
+
+
+def test_shared_full_last_block_needs_no_copy():
+    bm = BlockSpaceManager(8, num_gpu_blocks=6, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=8, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    a, b = group.seqs
+    add_token(a)
+    add_token(b)
+    assert bm.append_slot(a) is None
+    assert bm.append_slot(b) is None
+    assert bm.get_block_table(a) == [0, 1]
+    assert bm.get_block_table(b) == [0, 2]
+    assert ref_counts(bm, a) == [2, 1]
+
+
+def test_fork_shares_every_block_then_copy_on_write():
+    bm = BlockSpaceManager(16, num_gpu_blocks=8, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=20, num_seqs=1, block_size=16)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    parent = group.seqs[0]
+    child = parent.fork(1)
+    group.add(child)
+    bm.fork(parent, child)
+    assert bm.get_block_table(child) == [0, 1]
+    assert ref_counts(bm, parent) == [2, 2]
+    assert bm.get_num_free_gpu_blocks() == 6
+    with pytest.raises(ValueError, match="already has a block table"):
+        bm.fork(parent, child)
+    add_token(child)
+    assert bm.append_slot(child) == (1, 2)
+    assert bm.get_block_table(child) == [0, 2]
+    assert ref_counts(bm, parent) == [2, 1]
+    bm.free(parent)
+    assert ref_counts(bm, child) == [1, 1]
+    assert bm.get_num_free_gpu_blocks() == 6
+
+
+def test_swap_out_then_in_restores_tables_and_ref_counts():
+    bm = BlockSpaceManager(8, num_gpu_blocks=10, num_cpu_blocks=6, watermark=0.0)
+    group = make_group("r", prompt_len=20, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    a, b = group.seqs
+    add_token(a)
+    add_token(b)
+    assert bm.append_slot(a) == (2, 3)
+    assert bm.append_slot(b) is None
+    assert bm.get_block_table(a) == [0, 1, 3]
+    assert bm.get_block_table(b) == [0, 1, 2]
+    assert bm.get_num_free_gpu_blocks() == 6
+
+    assert bm.can_swap_out(group)
+    out = bm.swap_out(group)
+    assert out == {0: 0, 1: 1, 3: 2, 2: 3}
+    set_status(group, SWAPPED)
+    assert bm.get_block_table(a) == [0, 1, 2]
+    assert bm.get_block_table(b) == [0, 1, 3]
+    assert ref_counts(bm, a) == [2, 2, 1]
+    assert ref_counts(bm, b) == [2, 2, 1]
+    assert all(blk.device is Device.CPU for blk in bm._block_tables[a.seq_id])
+    assert bm.get_num_free_gpu_blocks() == 10
+    assert bm.get_num_free_cpu_blocks() == 2
+    with pytest.raises(ValueError, match="swapped out"):
+        bm.append_slot(a)
+
+    assert bm.can_swap_in(group)
+    back = bm.swap_in(group)
+    set_status(group, RUNNING)
+    assert sorted(back) == [0, 1, 2, 3]
+    assert sorted(back.values()) == [0, 1, 2, 3]
+    assert bm.get_block_table(a) == [back[0], back[1], back[2]]
+    assert bm.get_block_table(b) == [back[0], back[1], back[3]]
+    assert ref_counts(bm, a) == [2, 2, 1]
+    assert ref_counts(bm, b) == [2, 2, 1]
+    assert bm.get_num_free_gpu_blocks() == 6
+    assert bm.get_num_free_cpu_blocks() == 6
+
+
+def test_can_swap_out_needs_room_on_cpu():
+    bm = BlockSpaceManager(8, num_gpu_blocks=10, num_cpu_blocks=2, watermark=0.0)
+    group = make_group("r", prompt_len=17, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    assert not bm.can_swap_out(group)
+    with pytest.raises(RuntimeError, match="needs 3, 2 free"):
+        bm.swap_out(group)
+    assert bm.get_block_table(group.seqs[0]) == [0, 1, 2]
+    assert bm.get_num_free_cpu_blocks() == 2
+
+
+def test_can_swap_in_reserves_a_block_per_seq_and_the_watermark():
+    bm = BlockSpaceManager(8, num_gpu_blocks=10, num_cpu_blocks=10, watermark=0.1)
+    group = make_group("r", prompt_len=24, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    bm.swap_out(group)
+    set_status(group, SWAPPED)
+    # 3 blocks + 1 per seq + watermark 1 = 6 free needed.
+    filler = make_group("f", prompt_len=40, num_seqs=1, block_size=8, first_seq_id=10)
+    bm.allocate(filler)
+    assert bm.get_num_free_gpu_blocks() == 5
+    assert not bm.can_swap_in(group)
+    bm.free(filler.seqs[0])
+    filler = make_group("f", prompt_len=32, num_seqs=1, block_size=8, first_seq_id=10)
+    bm.allocate(filler)
+    assert bm.get_num_free_gpu_blocks() == 6
+    assert bm.can_swap_in(group)
+
+
+def test_free_releases_and_is_idempotent():
+    bm = BlockSpaceManager(8, num_gpu_blocks=4, num_cpu_blocks=0, watermark=0.0)
+    group = make_group("r", prompt_len=9, num_seqs=2, block_size=8)
+    bm.allocate(group)
+    a, b = group.seqs
+    bm.free(a)
+    assert bm.get_num_free_gpu_blocks() == 2
+    assert ref_counts(bm, b) == [1, 1]
+    bm.free(a)
+    assert bm.get_num_free_gpu_blocks() == 2
+    bm.free(b)
+    assert bm.get_num_free_gpu_blocks() == 4
+    assert bm.gpu_usage() == 0.0
+    with pytest.raises(KeyError, match="no block table"):
+        bm.get_block_table(a)
+
+
+def test_reset_frees_everything():
+    bm = BlockSpaceManager(32, num_gpu_blocks=4, num_cpu_blocks=3, watermark=0.0)
+    assert (bm.num_total_gpu_blocks, bm.num_total_cpu_blocks) == (4, 3)
+    group = make_group("r", prompt_len=40, num_seqs=1, block_size=32)
+    bm.allocate(group)
+    set_status(group, RUNNING)
+    bm.swap_out(group)
+    assert bm.get_num_free_cpu_blocks() == 1
+    bm.reset()
+    assert bm.get_num_free_gpu_blocks() == 4
+    assert bm.get_num_free_cpu_blocks() == 3
+    assert not bm.has_block_table(group.seqs[0])
+
+
+# Property-based: random schedules against a simulated KV cache.
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Drives the manager like a scheduler and cache engine would.
+
+    Besides the bookkeeping invariants, a fake KV cache (one token id per slot) is updated with
+    the copies the manager asks for, so every sequence must read back its own tokens: this
+    catches a shared block written without copy-on-write and a wrong swap mapping.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bm: BlockSpaceManager | None = None
+        self.groups: list[SequenceGroup] = []
+        self.ids = itertools.count()
+        self.cache: dict[tuple[Device, int], list[int | None]] = {}
+
+    @initialize(block_size=st.sampled_from([8, 16, 32]), num_gpu_blocks=st.integers(4, 32),
+                num_cpu_blocks=st.integers(0, 16),
+                watermark=st.sampled_from([0.0, 0.01, 0.1, 0.25]))
+    def init(self, block_size, num_gpu_blocks, num_cpu_blocks, watermark):
+        self.bm = BlockSpaceManager(block_size, num_gpu_blocks, num_cpu_blocks, watermark)
+        for n, dev in ((num_gpu_blocks, Device.GPU), (num_cpu_blocks, Device.CPU)):
+            for i in range(n):
+                self.cache[dev, i] = [None] * block_size
+
+    # Helpers.
+
+    def table(self, seq: Sequence) -> list[PhysicalBlock]:
+        return self.bm._block_tables[seq.seq_id]
+
+    def write(self, seq: Sequence, pos: int) -> None:
+        block = self.table(seq)[pos // self.bm.block_size]
+        self.cache[block.device, block.block_number][pos % self.bm.block_size] = \
+            seq.get_token_ids()[pos]
+
+    def copy(self, src_dev: Device, dst_dev: Device, mapping: dict[int, int]) -> None:
+        for src, dst in mapping.items():
+            self.cache[dst_dev, dst] = list(self.cache[src_dev, src])
+
+    @staticmethod
+    def pick(data: st.DataObject, groups: list[SequenceGroup]) -> SequenceGroup | None:
+        # Rules return early instead of using preconditions, which make Hypothesis discard
+        # many runs that start with no group.
+        return data.draw(st.sampled_from(groups), label="group") if groups else None
+
+    def groups_with(self, status: SequenceStatus) -> list[SequenceGroup]:
+        return [g for g in self.groups if g.num_seqs(status) == len(g.seqs)]
+
+    # Rules.
+
+    @rule(data=st.data(), num_seqs=st.integers(1, 3))
+    def add_request(self, data, num_seqs):
+        bs = self.bm.block_size
+        # Mostly prompts that fit; one in five may be too long to ever fit.
+        max_len = 40 * bs if data.draw(st.integers(0, 4), label="long") == 0 else 6 * bs
+        prompt_len = data.draw(st.integers(1, max_len), label="prompt_len")
+        group = make_group(f"r{next(self.ids)}", prompt_len, num_seqs, self.bm.block_size,
+                           first_seq_id=next(self.ids) * 10)
+        needed = group.seqs[0].num_blocks_needed
+        total, free, wm = (self.bm.num_total_gpu_blocks, self.bm.get_num_free_gpu_blocks(),
+                           self.bm.watermark_blocks)
+        expected = (AllocStatus.NEVER if needed > total - wm
+                    else AllocStatus.LATER if free - needed < wm else AllocStatus.OK)
+        status = self.bm.can_allocate(group)
+        assert status is expected
+        event(f"can_allocate {status.name}")
+        if status is not AllocStatus.OK:
+            return
+        self.bm.allocate(group)
+        for pos in range(group.seqs[0].get_len()):
+            self.write(group.seqs[0], pos)
+        set_status(group, RUNNING)
+        self.groups.append(group)
+
+    @rule(prompt_len=st.integers(1, 200))
+    def allocate_unchecked(self, prompt_len):
+        """allocate without can_allocate: succeeds if the blocks are free, else changes nothing."""
+        group = make_group(f"u{next(self.ids)}", prompt_len, 1, self.bm.block_size,
+                           first_seq_id=next(self.ids) * 10)
+        free = self.bm.get_num_free_gpu_blocks()
+        needed = group.seqs[0].num_blocks_needed
+        if needed > free:
+            event("allocate out of blocks")
+            with pytest.raises(RuntimeError):
+                self.bm.allocate(group)
+            assert self.bm.get_num_free_gpu_blocks() == free
+            assert not self.bm.has_block_table(group.seqs[0])
+            return
+        self.bm.allocate(group)
+        for pos in range(group.seqs[0].get_len()):
+            self.write(group.seqs[0], pos)
+        set_status(group, RUNNING)
+        self.groups.append(group)
+
+    @rule(data=st.data(), steps=st.integers(1, 10))
+    def decode(self, data, steps):
+        group = self.pick(data, self.groups_with(RUNNING))
+        if group is None:
+            return
+        for _ in range(steps):
+            if not self.bm.can_append_slots(group):
+                event("can_append_slots False")
+                return
+            free_before = self.bm.get_num_free_gpu_blocks()
+            # One source block can be copied to several sequences in one step.
+            copies: list[tuple[int, int]] = []
+            for seq in group.seqs:
+                add_token(seq, next(self.ids))
+                old_table = list(self.table(seq))
+                pair = self.bm.append_slot(seq)
+                table = self.table(seq)
+                assert len(table) == seq.num_blocks_needed
+                if pair is not None:
+                    src, dst = pair
+                    assert len(table) == len(old_table)
+                    assert old_table[-1].block_number == src and table[-1].block_number == dst
+                    assert old_table[-1].ref_count >= 1  # still held by another sequence
+                    assert table[-1].ref_count == 1
+                    assert table[:-1] == old_table[:-1]
+                    copies.append(pair)
+                    event("copy-on-write")
+                else:
+                    assert table[:len(old_table)] == old_table
+            assert self.bm.get_num_free_gpu_blocks() >= free_before - len(group.seqs)
+            # The engine copies first, then the step writes the new tokens.
+            for src, dst in copies:
+                self.cache[Device.GPU, dst] = list(self.cache[Device.GPU, src])
+            for seq in group.seqs:
+                self.write(seq, seq.get_len() - 1)
+
+    @rule(data=st.data())
+    def fork(self, data):
+        group = self.pick(data, self.groups_with(RUNNING))
+        if group is None:
+            return
+        if len(group.seqs) >= 5:
+            return
+        parent = data.draw(st.sampled_from(group.seqs), label="parent")
+        child = parent.fork(next(self.ids) * 10 + 1)
+        self.bm.fork(parent, child)
+        assert self.bm.get_block_table(child) == self.bm.get_block_table(parent)
+        group.add(child)
+
+    @rule(data=st.data())
+    def swap_out(self, data):
+        group = self.pick(data, self.groups_with(RUNNING))
+        if group is None:
+            return
+        if not self.bm.can_swap_out(group):
+            event("can_swap_out False")
+            return
+        event("swap out")
+        lens = {seq.seq_id: len(self.table(seq)) for seq in group.seqs}
+        mapping = self.bm.swap_out(group)
+        assert len(mapping) == len(set(mapping.values()))
+        self.copy(Device.GPU, Device.CPU, mapping)
+        set_status(group, SWAPPED)
+        assert lens == {seq.seq_id: len(self.table(seq)) for seq in group.seqs}
+
+    @rule(data=st.data(), checked=st.booleans())
+    def swap_in(self, data, checked):
+        group = self.pick(data, self.groups_with(SWAPPED))
+        if group is None:
+            return
+        if checked and not self.bm.can_swap_in(group):
+            event("can_swap_in False")
+            return
+        num_blocks = len({id(b) for seq in group.seqs for b in self.table(seq)})
+        free = self.bm.get_num_free_gpu_blocks()
+        if num_blocks > free:
+            event("swap_in out of blocks")
+            with pytest.raises(RuntimeError):
+                self.bm.swap_in(group)
+            assert self.bm.get_num_free_gpu_blocks() == free
+            return
+        mapping = self.bm.swap_in(group)
+        event("swap in")
+        assert len(mapping) == num_blocks
+        self.copy(Device.CPU, Device.GPU, mapping)
+        set_status(group, RUNNING)
+
+    @rule(data=st.data())
+    def free_seq(self, data):
+        group = self.pick(data, self.groups)
+        if group is None:
+            return
+        seq = data.draw(st.sampled_from(group.seqs), label="seq")
+        self.bm.free(seq)
+        self.bm.free(seq)  # a second free is a no-op
+        group.remove(seq.seq_id)
+        if not group.seqs:
+            self.groups.remove(group)
+
+    # Invariants.
+
+    def live_seqs(self) -> list[Sequence]:
+        return [seq for group in self.groups for seq in group.seqs]
+
+    @invariant()
+    def tables_match_live_seqs(self):
+        if self.bm is None:
+            return
+        assert set(self.bm._block_tables) == {seq.seq_id for seq in self.live_seqs()}
+
+    @invariant()
+    def blocks_are_conserved_and_ref_counted(self):
+        if self.bm is None:
+            return
+        holders: dict[int, int] = {}
+        for table in self.bm._block_tables.values():
+            assert len({id(b) for b in table}) == len(table)
+            for block in table:
+                holders[id(block)] = holders.get(id(block), 0) + 1
+        for alloc in (self.bm._gpu_allocator, self.bm._cpu_allocator):
+            free_ids = [id(b) for b in alloc._free]
+            assert len(set(free_ids)) == len(free_ids)  # nothing freed twice
+            in_use = [b for b in alloc._blocks if b.ref_count > 0]
+            assert len(free_ids) + len(in_use) == alloc.num_blocks
+            for block in alloc._blocks:
+                assert block.device is alloc.device
+                assert block.ref_count == holders.get(id(block), 0)
+                assert (block.ref_count == 0) == (id(block) in set(free_ids))
+
+    @invariant()
+    def tables_live_on_the_right_device_and_read_back(self):
+        if self.bm is None:
+            return
+        for seq in self.live_seqs():
+            table = self.table(seq)
+            device = Device.GPU if seq.status is RUNNING else Device.CPU
+            assert all(block.device is device for block in table)
+            assert len(table) == seq.num_blocks_needed
+            slots = [tok for block in table for tok in self.cache[device, block.block_number]]
+            assert slots[:seq.get_len()] == seq.get_token_ids()
+
+    def teardown(self):
+        if self.bm is None:
+            return
+        for seq in self.live_seqs():
+            self.bm.free(seq)
+        assert self.bm.get_num_free_gpu_blocks() == self.bm.num_total_gpu_blocks
+        assert self.bm.get_num_free_cpu_blocks() == self.bm.num_total_cpu_blocks
+        assert all(b.ref_count == 0 for b in self.bm._gpu_allocator._blocks)
+        assert all(b.ref_count == 0 for b in self.bm._cpu_allocator._blocks)
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestBlockManagerMachine = BlockManagerMachine.TestCase

@@ -1,0 +1,62 @@
+"""The ``cacheflow`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from cacheflow_runtime import SamplingParams
+from cacheflow_serve.llm import LLM
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cacheflow`` command and its subcommands."""
+    parser = argparse.ArgumentParser(prog="cacheflow", description="cacheflow LLM engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--model", default=None,
+                     help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user message in the model's chat template")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="auto")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Runs ``cacheflow generate``; prints each prompt's completion."""
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    prompts = args.prompts
+    if args.chat:
+        prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    for original, out in zip(args.prompts, outputs):
+        if len(outputs) > 1:
+            print(f"### {original}")
+        print(out.outputs[0].text)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``cacheflow`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cacheflow: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
