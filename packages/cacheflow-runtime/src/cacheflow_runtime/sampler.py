@@ -87,14 +87,14 @@ class Sampler(torch.nn.Module):
         work = _gather_rows(logits, params.rows)
         _apply_penalties(work, params)
         _apply_banned_tokens(work, params.banned_ids)
-        temperature = torch.tensor(params.temperature, dtype=torch.float32, device=work.device)
+        temperature = _float(params.temperature, work.device)
         work.div_(temperature.unsqueeze(1))
         logprobs = torch.log_softmax(work, dim=-1)
 
         samples, token_chunks = _choose_tokens(work, logprobs, groups, params, default_generator)
         tokens = (torch.cat(token_chunks) if token_chunks
                   else torch.empty(0, dtype=torch.long, device=work.device))
-        sample_rows = torch.tensor([s.row for s in samples], dtype=torch.long, device=work.device)
+        sample_rows = _long([s.row for s in samples], work.device)
         chosen = logprobs[sample_rows, tokens]
         num_top = [_num_logprobs(groups[g].sampling_params.logprobs) for g in params.group]
         top_values, top_ids = _top_logprobs(logprobs, max(num_top, default=0))
@@ -149,7 +149,7 @@ def _banned_ids(group: SamplingGroup, num_outputs: int) -> list[int]:
 
 def _gather_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """A float32 copy of the given rows of ``logits``."""
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    index = _long(rows, logits.device)
     return logits.index_select(0, index).to(torch.float32)
 
 
@@ -169,9 +169,8 @@ def _apply_repetition_penalty(work: torch.Tensor, rows: list[int], params: _RowP
     logit divided by the penalty when positive, multiplied by it otherwise."""
     history = [params.prompt_ids[i] + params.output_ids[i] for i in rows]
     seen = _token_counts(work, rows, history) > 0
-    index = torch.tensor(rows, dtype=torch.long, device=work.device)
-    penalty = torch.tensor([params.repetition[i] for i in rows], dtype=torch.float32,
-                           device=work.device).unsqueeze(1)
+    index = _long(rows, work.device)
+    penalty = _float([params.repetition[i] for i in rows], work.device).unsqueeze(1)
     sub = work.index_select(0, index)
     penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
     work.index_copy_(0, index, torch.where(seen, penalized, sub))
@@ -181,11 +180,9 @@ def _apply_frequency_presence(work: torch.Tensor, rows: list[int], params: _RowP
     """OpenAI penalties on ``rows``: ``logit -= frequency * count + presence * (count > 0)`` with
     counts over the output tokens only."""
     counts = _token_counts(work, rows, [params.output_ids[i] for i in rows])
-    index = torch.tensor(rows, dtype=torch.long, device=work.device)
-    frequency = torch.tensor([params.frequency[i] for i in rows], dtype=torch.float32,
-                             device=work.device).unsqueeze(1)
-    presence = torch.tensor([params.presence[i] for i in rows], dtype=torch.float32,
-                            device=work.device).unsqueeze(1)
+    index = _long(rows, work.device)
+    frequency = _float([params.frequency[i] for i in rows], work.device).unsqueeze(1)
+    presence = _float([params.presence[i] for i in rows], work.device).unsqueeze(1)
     penalty = frequency * counts + presence * (counts > 0).to(torch.float32)
     work.index_copy_(0, index, work.index_select(0, index) - penalty)
 
@@ -215,7 +212,7 @@ def _flat_token_index(tokens: list[list[int]], vocab: int,
     flat = torch.frombuffer(buffer, dtype=torch.long)
     rows = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
     keep = (flat >= 0) & (flat < vocab)
-    return rows[keep].to(device), flat[keep].to(device)
+    return _to(rows[keep], device), _to(flat[keep], device)
 
 
 def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:
@@ -253,7 +250,7 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
             random_generators.extend(_generator_at(group, j) for j in range(len(new)))
     chunks: list[torch.Tensor] = []
     if greedy:
-        rows = torch.tensor([s.row for s in greedy], dtype=torch.long, device=work.device)
+        rows = _long([s.row for s in greedy], work.device)
         chunks.append(work.index_select(0, rows).argmax(dim=-1))
     if random:
         chunks.append(_sample_random(work, params, random, random_generators, default_generator))
@@ -313,7 +310,18 @@ def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[_Sample
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
     """A long tensor on ``device``."""
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return _to(torch.tensor(values, dtype=torch.long), device)
+
+
+def _float(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float32 tensor on ``device``."""
+    return _to(torch.tensor(values, dtype=torch.float32), device)
+
+
+def _to(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a CPU tensor to ``device`` without waiting for the device's queued work (an
+    asynchronous copy from pageable memory stages the data before it returns)."""
+    return cpu.to(device, non_blocking=True)
 
 
 def _truncate(logits: torch.Tensor, params: _RowParams, rows: list[int]) -> torch.Tensor:
@@ -343,12 +351,12 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     reaches ``top_p`` (the top token always stays). The rest get -inf."""
     device = logits.device
     values, order = logits.sort(dim=-1, descending=True, stable=True)
-    k = torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(1)
+    k = _long(top_k, device).unsqueeze(1)
     kth = values.gather(1, k - 1)
     values = values.masked_fill(values < kth, float("-inf"))
     probs = values.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1)
+    p = _float(top_p, device).unsqueeze(1)
     cut = mass_before >= p
     cut[:, 0] = False
     values = values.masked_fill(cut, float("-inf"))
@@ -358,7 +366,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
 def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     """Drops (-inf) the tokens whose probability is below ``min_p`` times the row's largest."""
     probs = logits.softmax(dim=-1)
-    m = torch.tensor(min_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
+    m = _float(min_p, logits.device).unsqueeze(1)
     threshold = m * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
 
@@ -370,9 +378,9 @@ def _exponential_noise(num: int, vocab: int, generators: list[torch.Generator | 
     .exponential_(generator=g)``), the rows without a generator from ``default_generator`` in one
     draw."""
     noise = torch.empty(num, vocab, dtype=torch.float32, device=device)
-    device = noise.device  # canonical form ("cuda" -> "cuda:0") to compare with generators
+    device = noise.device  # with its index, to compare with the generators' devices
     shared = [i for i, g in enumerate(generators) if g is None]
-    if len(shared) == num and (default_generator is None or default_generator.device == device):
+    if len(shared) == num and (default_generator is None or _on(default_generator, device)):
         noise.exponential_(generator=default_generator)
     elif shared:
         noise[_long(shared, device)] = _draw_exponential((len(shared), vocab), default_generator,
@@ -380,11 +388,22 @@ def _exponential_noise(num: int, vocab: int, generators: list[torch.Generator | 
     for i, generator in enumerate(generators):
         if generator is None:
             continue
-        if generator.device == device:
+        if _on(generator, device):
             noise[i].exponential_(generator=generator)  # the stream of a fresh [vocab] tensor
         else:
             noise[i] = _draw_exponential((vocab,), generator, device)
     return noise
+
+
+def _on(generator: torch.Generator, device: torch.device) -> bool:
+    """True when ``generator`` draws on ``device`` (a CUDA generator made with plain "cuda" is on
+    the current CUDA device)."""
+    where = generator.device
+    if where.type != device.type:
+        return False
+    if where.index is None and where.type == "cuda":
+        return device.index == torch.cuda.current_device()
+    return where.index is None or where.index == device.index
 
 
 def _draw_exponential(shape: tuple[int, ...], generator: torch.Generator | None,
@@ -408,8 +427,8 @@ def _beam_candidates(logprobs: torch.Tensor, groups: list[SamplingGroup], bucket
     width = 2 * (groups[bucket[0]].sampling_params.best_of or 1)
     vocab = logprobs.shape[1]
     rows = [first_row[g] + b for g in bucket for b in range(num_beams)]
-    cumulative = torch.tensor([_cumulative(groups[g], b) for g in bucket for b in range(num_beams)],
-                              dtype=torch.float32, device=logprobs.device)
+    cumulative = _float([_cumulative(groups[g], b) for g in bucket for b in range(num_beams)],
+                        logprobs.device)
     scores = logprobs.index_select(0, _long(rows, logprobs.device)) + cumulative.unsqueeze(1)
     flat = torch.topk(scores.view(len(bucket), num_beams * vocab),
                       min(width, num_beams * vocab), dim=-1).indices

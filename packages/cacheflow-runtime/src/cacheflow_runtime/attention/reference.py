@@ -47,28 +47,47 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query: [num_tokens, num_heads, head_size] (flattened over sequences as in ``metadata``);
     returns the same shape. Query j of sequence i (j < query_lens[i]) sits at position
     context_lens[i] - query_lens[i] + j and sees every position up to and including its own.
-    Computed in float32 whatever the input dtype.
+    Computed in float32 whatever the input dtype; sequences are padded to the longest query and
+    context of the batch and masked.
     """
-    num_heads = query.shape[1]
+    num_seqs = metadata.num_seqs
+    if num_seqs == 0:
+        return torch.empty_like(query)
+    device = query.device
+    num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
+    block_size = key_cache.shape[1]
+    max_q, max_ctx = metadata.max_query_len, metadata.max_context_len
+    q_lens = torch.tensor(metadata.query_lens, device=device)
+    ctx_lens = torch.tensor(metadata.context_lens_host, device=device)
+
+    # Gather every sequence's context out of the paged cache: [num_seqs, max_ctx, kv_heads, d].
+    k_pos = torch.arange(max_ctx, device=device)
+    blocks = metadata.block_tables.long().gather(
+        1, (k_pos // block_size).clamp(max=metadata.block_tables.shape[1] - 1)
+        .expand(num_seqs, -1))
+    keys = key_cache[blocks, k_pos % block_size].float()
+    values = value_cache[blocks, k_pos % block_size].float()
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
-    start = 0
-    for i, (q_len, ctx_len) in enumerate(zip(metadata.query_lens, metadata.context_lens_host)):
-        q = query[start:start + q_len].float()
-        k = gather_context(key_cache, metadata.block_tables[i], ctx_len).float()
-        v = gather_context(value_cache, metadata.block_tables[i], ctx_len).float()
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
-        k_pos = torch.arange(ctx_len, device=query.device)
-        if alibi_slopes is not None:
-            distance = k_pos[None, :] - q_pos[:, None]
-            scores = scores + alibi_slopes.float()[:, None, None] * distance
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
-        start += q_len
-    return out
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=2)
+        values = values.repeat_interleave(group, dim=2)
+
+    # Scatter the flat queries into [num_seqs, max_q, heads, d].
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    starts = torch.cumsum(q_lens, 0) - q_lens
+    slot_in_seq = torch.arange(query.shape[0], device=device) - starts[seq_of_token]
+    padded_q = query.new_zeros((num_seqs, max_q, num_heads, head_size), dtype=torch.float32)
+    padded_q[seq_of_token, slot_in_seq] = query.float()
+
+    scores = torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale
+    q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    if alibi_slopes is not None:
+        distance = (k_pos[None, None, :] - q_pos[:, :, None]).float()
+        scores = scores + alibi_slopes.float()[None, :, None, None] * distance[:, None]
+    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & \
+        (k_pos[None, None, :] < ctx_lens[:, None, None])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("shqk,skhd->sqhd", probs, values)
+    return out[seq_of_token, slot_in_seq].to(query.dtype)
