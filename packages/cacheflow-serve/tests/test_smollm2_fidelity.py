@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct from its GGUF file: greedy tokens identical to HF transformers (float32)."""
+"""SmolLM2-135M-Instruct from its GGUF file: greedy tokens identical to HF transformers."""
 
 from __future__ import annotations
 

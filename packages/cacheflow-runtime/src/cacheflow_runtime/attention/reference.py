@@ -68,6 +68,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         .expand(num_seqs, -1))
     keys = key_cache[blocks, k_pos % block_size].float()
     values = value_cache[blocks, k_pos % block_size].float()
+    # Slots past a sequence's context hold whatever the cache had (NaN is possible): a zero
+    # attention weight times NaN is still NaN, so clear them.
+    in_context = (k_pos[None, :] < ctx_lens[:, None])[:, :, None, None]
+    keys = torch.where(in_context, keys, 0.0)
+    values = torch.where(in_context, values, 0.0)
     group = num_heads // num_kv_heads
     if group > 1:
         keys = keys.repeat_interleave(group, dim=2)
