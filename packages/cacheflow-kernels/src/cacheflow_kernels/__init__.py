@@ -5,14 +5,29 @@ DLPack framework (torch, JAX, CuPy). Importing this package imports neither torc
 ``tvm_ffi``: the library is loaded on the first kernel call.
 
 Public API: :data:`__version__`, :data:`ABI_VERSION`, :func:`cuda_available`,
-:func:`reshape_and_cache`.
+:func:`reshape_and_cache`, :func:`paged_attention` (decode; with
+:func:`paged_attention_workspace_size`), :func:`paged_prefill_attention`;
+:func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding`, :func:`silu_and_mul`,
+:func:`gelu_and_mul`, :func:`gelu_new`, :func:`gelu_fast`, :func:`copy_blocks`,
+:func:`swap_blocks`.
 """
 
 from __future__ import annotations
 
+from ._activation_ops import gelu_and_mul, gelu_fast, gelu_new, silu_and_mul
+from ._attention_ops import (
+    PAGED_ATTENTION_BLOCK_SIZES,
+    PAGED_ATTENTION_HEAD_SIZES,
+    paged_attention,
+    paged_attention_workspace_size,
+)
+from ._block_ops import copy_blocks, swap_blocks
 from ._cache_ops import reshape_and_cache
 from ._cuda import cuda_device_count
 from ._lib import library_path, load_library
+from ._norm_ops import fused_add_rms_norm, rms_norm
+from ._prefill_ops import paged_prefill_attention
+from ._rotary_ops import rotary_embedding
 from ._version import ABI_VERSION, __version__
 
 
@@ -34,8 +49,22 @@ def cuda_available() -> bool:
 
 __all__ = [
     "ABI_VERSION",
+    "PAGED_ATTENTION_BLOCK_SIZES",
+    "PAGED_ATTENTION_HEAD_SIZES",
     "__version__",
     "cuda_available",
     "library_path",
+    "paged_attention",
+    "paged_attention_workspace_size",
+    "paged_prefill_attention",
     "reshape_and_cache",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "gelu_new",
+    "gelu_fast",
+    "copy_blocks",
+    "swap_blocks",
 ]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from cacheflow_models.registry import resolve_architecture
 from cacheflow_runtime.config import ModelConfig, parse_dtype
+from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
 from cacheflow_runtime.model_executor.weights import detect_format
 
 
@@ -34,7 +36,22 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
     folder, gguf_file = split_gguf_path(path)
     if gguf_file is None and not (folder / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
+    model_type = _model_type(folder / "config.json") if gguf_file is None else None
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        # A model type transformers does not know: read it as a plain config, so that
+        # resolve_architecture can tell which architectures are supported instead of
+        # transformers asking for an upgrade.
+        return PretrainedConfig.from_json_file(str(folder / "config.json"))
     return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+
+
+def _model_type(config_file: Path) -> Optional[str]:
+    """The ``model_type`` of a config.json, None if it has none or cannot be read."""
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
 
 
 def rope_settings(config: PretrainedConfig) -> tuple[float, Optional[dict[str, Any]]]:
@@ -82,7 +99,9 @@ def build_model_config(path: str | Path, dtype: str | torch.dtype = "auto",
     hidden = int(_first(config, "hidden_size", "n_embd"))
     num_kv = int(getattr(config, "num_key_value_heads", None) or num_heads)
     head_size = int(getattr(config, "head_dim", None) or hidden // num_heads)
-    model_max = int(_first(config, "max_position_embeddings", "n_positions"))
+    # linear / dynamic rope_scaling stretch the trained length by their factor.
+    model_max = rope_max_positions(int(_first(config, "max_position_embeddings", "n_positions")),
+                                   rope_settings(config)[1])
     if max_model_len is None:
         max_model_len = model_max
     elif not isinstance(max_model_len, int) or not 1 <= max_model_len <= model_max:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -24,19 +24,38 @@ class StrictLoader:
     ``".q_proj." -> (".qkv_proj.", "q")``. ``ignore`` lists checkpoint name suffixes that no
     parameter takes on purpose (rotary inv_freq buffers, causal-mask buffers). ``optional`` lists
     parameter names that may stay unloaded (a tied LM head).
+
+    ``source`` is the iterator the runtime handed to ``load_weights`` (its ``CheckpointWeights``):
+    errors then name the checkpoint (``source.path``) and the file each tensor came from
+    (``source.current_file``). Pass it even when the model wraps the iterator (GGUF renaming):
+    the wrapper is consumed in step with it.
     """
 
     def __init__(self, model: nn.Module, stacked: Optional[dict[str, tuple[str, object]]] = None,
-                 ignore: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
+                 ignore: Iterable[str] = (), optional: Iterable[str] = (),
+                 source: Optional[Any] = None) -> None:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stacked = stacked or {}
         self.ignore = tuple(ignore)
         self.optional = set(optional)
+        self.source = source
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
+        self.unexpected_files: dict[str, Optional[str]] = {}
+
+    def _current_file(self) -> Optional[str]:
+        file = getattr(self.source, "current_file", None)
+        return None if file is None else str(file)
+
+    def _where(self) -> str:
+        """' (in FILE)' for the file the latest tensor came from, if the source tells."""
+        file = self._current_file()
+        return f" (in {file})" if file is not None else ""
 
     def load(self, weights: WeightIterator) -> None:
         """Loads every tensor, then raises WeightLoadError if anything did not match."""
+        if self.source is None:
+            self.source = weights
         for name, tensor in weights:
             self.load_one(name, tensor)
         self.finish()
@@ -53,6 +72,7 @@ class StrictLoader:
         param = self.params.get(target)
         if param is None:
             self.unexpected.append(name)
+            self.unexpected_files[name] = self._current_file()
             return
         loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
         try:
@@ -61,28 +81,57 @@ class StrictLoader:
             else:
                 loader(param, tensor, shard_id)
         except ValueError as exc:
-            raise WeightLoadError(f"checkpoint tensor {name!r}: {exc}") from exc
+            raise WeightLoadError(f"checkpoint tensor {name!r}{self._where()}: {exc}") from exc
         self.loaded.add(target if shard_id is None else f"{target}#{shard_id}")
 
     def finish(self) -> None:
         """Raises WeightLoadError naming unexpected tensors and parameters never loaded."""
         problems = []
         if self.unexpected:
-            problems.append(f"tensors in the checkpoint that no parameter takes: "
-                            f"{sorted(self.unexpected)[:10]}")
-        missing = [n for n in self.params if n not in self.optional and not self._is_loaded(n)]
+            names = sorted(self.unexpected)[:10]
+            problems.append(f"tensors in the checkpoint that no parameter takes: {names}"
+                            f"{_more(self.unexpected)}{self._files_of(names)}")
+        missing = sorted(n for n in self.params
+                         if n not in self.optional and self._missing_tensors(n))
         if missing:
-            problems.append(f"parameters not found in the checkpoint: {sorted(missing)[:10]}")
+            tensors = [t for n in missing[:10] for t in self._missing_tensors(n)]
+            details = [] if tensors == missing[:10] else [f"missing checkpoint tensors {tensors}"]
+            path = getattr(self.source, "path", None)
+            if path is not None:
+                details.append(f"checkpoint {path}")
+            suffix = f" ({'; '.join(details)})" if details else ""
+            problems.append(f"parameters not found in the checkpoint: {missing[:10]}"
+                            f"{_more(missing)}{suffix}")
         if problems:
             raise WeightLoadError("; ".join(problems))
 
-    def _is_loaded(self, name: str) -> bool:
+    def _files_of(self, names: list[str]) -> str:
+        """' (in FILE)' or ' (in FILE: a, b; in FILE2: c)' for unexpected tensors."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            file = self.unexpected_files.get(name)
+            if file is not None:
+                by_file.setdefault(file, []).append(repr(name))
+        if not by_file:
+            return ""
+        if len(by_file) == 1:
+            return f" (in {next(iter(by_file))})"
+        return " (" + "; ".join(f"in {f}: {', '.join(n)}" for f, n in by_file.items()) + ")"
+
+    def _missing_tensors(self, name: str) -> list[str]:
+        """Checkpoint names of the tensors parameter ``name`` still lacks (none if loaded)."""
         if name in self.loaded:
-            return True
-        shards = [sid for fragment, (fused, sid) in self.stacked.items()
-                  if fused in name and f"{name}#{sid}" in self.loaded]
-        wanted = [sid for fragment, (fused, sid) in self.stacked.items() if fused in name]
-        return bool(wanted) and len(shards) == len(wanted)
+            return []
+        parts = [(fragment, fused, sid) for fragment, (fused, sid) in self.stacked.items()
+                 if fused in name]
+        if not parts:
+            return [name]
+        return [name.replace(fused, fragment) for fragment, fused, sid in parts
+                if f"{name}#{sid}" not in self.loaded]
+
+
+def _more(items: list[str], shown: int = 10) -> str:
+    return f" and {len(items) - shown} more" if len(items) > shown else ""
 
 
 def unpermute_gguf_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

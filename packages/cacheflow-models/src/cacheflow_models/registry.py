@@ -14,11 +14,21 @@ from cacheflow_runtime.model_executor.registry import supported_architectures
 
 _MODEL_REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "cacheflow_models.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "cacheflow_models.models.llama:MistralForCausalLM",
+    "Qwen2ForCausalLM": "cacheflow_models.models.llama:Qwen2ForCausalLM",
+    "GPT2LMHeadModel": "cacheflow_models.models.gpt2:GPT2LMHeadModel",
+    "OPTForCausalLM": "cacheflow_models.models.opt:OPTForCausalLM",
+    "GPTNeoXForCausalLM": "cacheflow_models.models.gpt_neox:GPTNeoXForCausalLM",
 }
 
 # Configs read from GGUF files name no architecture; their model_type does.
 _MODEL_TYPE_DEFAULTS = {
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
 }
 
 

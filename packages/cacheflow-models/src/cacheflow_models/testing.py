@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
@@ -49,6 +58,105 @@ def tiny_llama_config(**overrides: Any) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
+# rope_scaling settings for tiny_llama_config(rope_scaling=...). The dynamic one comes with a
+# short max_position_embeddings (24) so that test prompts and generations run past it.
+LLAMA_ROPE_SCALING: dict[str, dict[str, Any]] = {
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+                    max_position_embeddings=24),
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 32},
+                   rope_theta=500000.0),
+}
+
+
+def tiny_mistral_config(**overrides: Any) -> MistralConfig:
+    """A 2-layer Mistral config (GQA, a 4096-token sliding window unless overridden)."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, rope_theta=10000.0, sliding_window=4096)
+    settings.update(overrides)
+    return MistralConfig(**settings)
+
+
+def tiny_qwen2_config(**overrides: Any) -> Qwen2Config:
+    """A 2-layer Qwen2 config (GQA, q/k/v biases, tied embeddings as in the small Qwen2s)."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, rope_theta=1000000.0)
+    settings.update(overrides)
+    return Qwen2Config(**settings)
+
+
+# Ids of <unk>, <s> and </s> in the byte vocabulary, for configs whose defaults lie outside it.
+_BYTE_SPECIAL_IDS: dict[str, int] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+GPT2_VARIANTS: dict[str, dict[str, Any]] = {
+    "h4_l2": dict(n_head=4, n_layer=2),
+    "h8_l3": dict(n_head=8, n_layer=3),
+    "inv_layer_idx_n_inner": dict(n_head=4, n_layer=3, scale_attn_by_inverse_layer_idx=True,
+                                  n_inner=96),
+    "untied": dict(n_head=2, n_layer=2, tie_word_embeddings=False),
+}
+
+
+def tiny_gpt2_config(**overrides: Any) -> GPT2Config:
+    """A 2-layer GPT-2 config of width 64 and 128 positions over the byte vocabulary."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        **_BYTE_SPECIAL_IDS)
+    settings.update(overrides)
+    return GPT2Config(**settings)
+
+
+OPT_VARIANTS: dict[str, dict[str, Any]] = {
+    "pre_ln": dict(),
+    "post_ln_350m": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
+    "project_in_out": dict(word_embed_proj_dim=32),
+    "no_bias_untied": dict(enable_bias=False, tie_word_embeddings=False, num_attention_heads=8),
+}
+
+
+def tiny_opt_config(**overrides: Any) -> OPTConfig:
+    """A 2-layer pre-LN OPT config of width 64 and 128 positions over the byte vocabulary."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, do_layer_norm_before=True,
+        activation_function="relu", enable_bias=True, tie_word_embeddings=True,
+        **_BYTE_SPECIAL_IDS)
+    settings.update(overrides)
+    return OPTConfig(**settings)
+
+
+GPT_NEOX_VARIANTS: dict[str, dict[str, Any]] = {
+    "rot25_parallel": dict(rotary_pct=0.25, use_parallel_residual=True),
+    "rot100_sequential": dict(rotary_pct=1.0, use_parallel_residual=False),
+    "rot50_tied_eps": dict(rotary_pct=0.5, rotary_emb_base=1000.0, tie_word_embeddings=True,
+                           layer_norm_eps=1e-6, num_attention_heads=8, hidden_act="gelu_new"),
+}
+
+
+def tiny_gpt_neox_config(**overrides: Any) -> GPTNeoXConfig:
+    """A 2-layer GPT-NeoX config (4 heads of 16, rotary on a quarter of each head, parallel
+    residual) of width 64 and 128 positions over the byte vocabulary.
+
+    ``rotary_pct`` and ``rotary_emb_base`` are accepted under their transformers 4 names.
+    """
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+        rotary_emb_base=10000.0, use_parallel_residual=True, layer_norm_eps=1e-5,
+        hidden_act="gelu", tie_word_embeddings=False, **_BYTE_SPECIAL_IDS)
+    settings.update(overrides)
+    return GPTNeoXConfig(**settings)
+
+
 def save_tiny_checkpoint(path: str | Path, config: Any, seed: int = 0,
                          safe_serialization: bool = True) -> Path:
     """Builds a random float32 model for ``config``, saves it and the byte tokenizer to ``path``.
@@ -61,8 +169,8 @@ def save_tiny_checkpoint(path: str | Path, config: Any, seed: int = 0,
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.8, 1.2)
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+                param.uniform_(0.8, 1.2)  # RMSNorm/LayerNorm gains (GPT-2 names them ln_*)
             else:
                 param.normal_(0.0, 0.1)
     model.save_pretrained(path, safe_serialization=safe_serialization)

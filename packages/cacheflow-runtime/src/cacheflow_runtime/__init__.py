@@ -2,11 +2,18 @@
 
 from cacheflow_runtime import kernels  # noqa: F401  (checks the kernels ABI at import)
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
+from cacheflow_runtime.engine.async_llm_engine import (
+    AsyncLLMEngine,
+    EngineClosedError,
+    EngineOverloadedError,
+    EngineStats,
+)
 from cacheflow_runtime.engine.llm_engine import LLMEngine
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheConfig", "CompletionOutput", "LLMEngine", "ModelConfig", "RequestOutput",
+__all__ = ["AsyncLLMEngine", "CacheConfig", "CompletionOutput", "EngineClosedError",
+           "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "RequestOutput",
            "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype"]

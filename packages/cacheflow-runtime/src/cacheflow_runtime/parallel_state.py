@@ -7,6 +7,8 @@ The collectives run through ``torch.distributed`` on the group set by
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -27,6 +29,25 @@ def initialize_tensor_parallel(world_size: int, rank: int,
         raise RuntimeError("tensor parallelism over several processes needs torch.distributed "
                            "to be initialized first")
     _TP_GROUP, _TP_SIZE, _TP_RANK = group, world_size, rank
+
+
+@contextlib.contextmanager
+def tensor_parallel_shard(world_size: int, rank: int) -> Iterator[None]:
+    """Within the block, layers are built (and load weights) as rank ``rank`` of ``world_size``.
+
+    For building and inspecting one rank's shard of a model in a single process, without a
+    process group (e.g. to check that the shards of every rank put together give the full
+    tensors); a collective run inside the block fails. The previous state is restored on exit.
+    """
+    global _TP_GROUP, _TP_SIZE, _TP_RANK
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"tensor parallel rank {rank} is not in a world of size {world_size}")
+    saved = (_TP_GROUP, _TP_SIZE, _TP_RANK)
+    _TP_GROUP, _TP_SIZE, _TP_RANK = None, world_size, rank
+    try:
+        yield
+    finally:
+        _TP_GROUP, _TP_SIZE, _TP_RANK = saved
 
 
 def get_tensor_parallel_world_size() -> int:

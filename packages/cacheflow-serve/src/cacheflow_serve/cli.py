@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from typing import Optional
 
 from cacheflow_runtime import SamplingParams
+from cacheflow_serve.bench import add_bench_arguments, run_bench
 from cacheflow_serve.llm import LLM
+from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap each prompt as a user message in the model's chat template")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
+    add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    add_bench_arguments(bench_sub.add_parser(
+        "serve", help="replay requests against a running server; report latency percentiles"))
     return parser
 
 
@@ -52,6 +59,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "bench":
+            return run_bench(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"cacheflow: error: {exc}", file=sys.stderr)
         return 2

@@ -64,7 +64,13 @@ class LLM:
         ``sampling_params``: one for all prompts or one per prompt (default: SamplingParams()).
         Invalid input raises ValueError before anything runs.
         """
-        items = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if isinstance(prompts, (str, dict)):
+            items = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            items = list(prompts)
+        else:
+            raise ValueError(f"prompts must be a string, a dict or a list of them, "
+                             f"got {type(prompts).__name__}")
         if not items:
             return []
         params = self._params_per_prompt(sampling_params, len(items))

@@ -1,4 +1,8 @@
-"""LLaMA and the models that share its layout (SmolLM2, GQA/MQA, tied embeddings, rope_theta).
+"""LLaMA and the models that share its layout: SmolLM2, Mistral, Qwen2.
+
+From the config: GQA/MQA, tied embeddings, rope_theta, rope_scaling (linear, dynamic, llama3),
+attention_bias / mlp_bias, head_dim other than hidden / heads, and sliding-window attention
+(Mistral's ``sliding_window``; Qwen2's ``layer_types`` choose which layers use it).
 
 Written by the recipe in docs/adding_a_new_model.md; HF's modeling_llama.py is the reference for
 the math and the weight names.
@@ -41,23 +45,45 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class LlamaAttention(nn.Module):
-    """Self-attention with rotary embeddings and grouped KV heads over the paged cache."""
+def sliding_window(config: PretrainedConfig, layer_idx: int) -> Optional[int]:
+    """The attention window of layer ``layer_idx`` (None: the whole context), as HF reads it.
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    Mistral applies ``sliding_window`` to every layer; configs with ``layer_types`` (Qwen2)
+    apply it to the layers marked "sliding_attention" only.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None
+                          and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention with rotary embeddings and grouped KV heads over the paged cache.
+
+    ``qkv_bias`` / ``o_bias``: None takes ``config.attention_bias`` (LLaMA); Qwen2 has biases on
+    q, k and v but not on the output projection.
+    """
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
+                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, bias)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        o_bias = bias if o_bias is None else o_bias
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, o_bias)
         theta, scaling = rope_settings(config)
         self.attn = GPTNeoXCacheFlowAttention(
             self.qkv_proj.num_heads, head_dim, head_dim ** -0.5, rotary_dim=head_dim,
             max_position=config.max_position_embeddings, base=theta, is_neox_style=True,
-            num_kv_heads=self.qkv_proj.num_kv_heads, rope_scaling=scaling)
+            num_kv_heads=self.qkv_proj.num_kv_heads, rope_scaling=scaling,
+            sliding_window=sliding_window(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata,
@@ -73,9 +99,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
+                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
                             bool(getattr(config, "mlp_bias", False)))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -97,11 +124,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm."""
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, qkv_bias: Optional[bool] = None,
+                 o_bias: Optional[bool] = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -128,11 +156,16 @@ class LlamaForCausalLM(nn.Module):
     }
     # Buffers some checkpoints carry that no parameter takes.
     ignored_weights = ("rotary_emb.inv_freq",)
+    # Attention biases (q/k/v, output); None: config.attention_bias decides.
+    qkv_bias: Optional[bool] = None
+    o_bias: Optional[bool] = None
+    # llama.cpp's converter permutes the q/k rows of LLaMA-family GGUF files (not of Qwen2's).
+    gguf_rotary_permuted = True
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -154,10 +187,12 @@ class LlamaForCausalLM(nn.Module):
 
         Raises WeightLoadError naming every missing, unexpected or misshapen tensor.
         """
+        source = weights
         if weights_format == "gguf":
             weights = rename_gguf(weights, _gguf_to_hf, self._unpermute)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional)
+        loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional,
+                              source=source)
         for name, tensor in weights:
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
@@ -165,12 +200,27 @@ class LlamaForCausalLM(nn.Module):
         loader.finish()
 
     def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.gguf_rotary_permuted:
+            return tensor
         if name.endswith("q_proj.weight"):
             return unpermute_gguf_rotary(tensor, self.config.num_attention_heads)
         if name.endswith("k_proj.weight"):
             heads = getattr(self.config, "num_key_value_heads", None)
             return unpermute_gguf_rotary(tensor, heads or self.config.num_attention_heads)
         return tensor
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the LLaMA layout with sliding-window attention (``config.sliding_window``)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: the LLaMA layout with biases on q, k and v (none on o_proj); per-layer sliding
+    windows from ``config.layer_types``; GGUF files without llama.cpp's q/k permutation."""
+
+    qkv_bias = True
+    o_bias = False
+    gguf_rotary_permuted = False
 
 
 _GGUF_LAYER_NAMES = {

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import nn
 
-from cacheflow_runtime.attention import reference
+from cacheflow_runtime.attention import cuda, reference
 from cacheflow_runtime.attention.metadata import InputMetadata
 
-BACKENDS = ("reference",)
+#: "auto": the cuda backend for CUDA tensors when cacheflow_kernels has CUDA (and the head size
+#: is one its kernels support), else the reference backend; "reference": plain torch, any
+#: device; "cuda": cacheflow_kernels (decode kernel; prefill still through the reference).
+BACKENDS = ("auto", "reference", "cuda")
 
 
 class PagedAttention(nn.Module):
@@ -20,11 +24,23 @@ class PagedAttention(nn.Module):
     [num_tokens, num_kv_heads * head_size]. ``kv_cache`` is (key_cache, value_cache), each
     [num_blocks, block_size, num_kv_heads, head_size], or None during a profiling run (then no
     cache is written and attention runs over the new tokens only).
+
+    ``sliding_window`` W (Mistral, Qwen2): each query sees only the last W positions, its own
+    included (HF's ``kv_idx > q_idx - W``); None attends to the whole context.
+
+    ``backend``: one of BACKENDS. "auto" (default) picks per call: the cuda backend when the
+    tensors are on a CUDA device and cacheflow_kernels.cuda_available(), else the reference
+    backend. "cuda" raises ValueError when cacheflow_kernels has no CUDA.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float,
-                 num_kv_heads: Optional[int] = None, backend: str = "reference") -> None:
+                 num_kv_heads: Optional[int] = None, backend: str = "auto",
+                 sliding_window: Optional[int] = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or None, "
+                             f"got {sliding_window!r}")
+        self.sliding_window = sliding_window
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
@@ -34,7 +50,28 @@ class PagedAttention(nn.Module):
                              f"({self.num_kv_heads})")
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuda" and not cuda.available():
+            raise ValueError("attention backend 'cuda' needs cacheflow_kernels with CUDA, but "
+                             "cacheflow_kernels.cuda_available() is False (no CUDA device, or "
+                             "the kernel library is missing); use backend='auto' or 'reference'")
+        if backend == "cuda" and not cuda.supports_head_size(head_size):
+            raise ValueError(f"attention backend 'cuda' supports head sizes "
+                             f"{cuda.head_sizes()}, got {head_size}; use "
+                             f"backend='auto' or 'reference'")
         self.backend = backend
+
+    def backend_for(self, query: torch.Tensor) -> ModuleType:
+        """The backend module (cuda or reference) that runs a step on ``query``'s device."""
+        if self.backend == "reference":
+            return reference
+        if self.backend == "cuda":
+            if not query.is_cuda:
+                raise ValueError(f"attention backend 'cuda' needs CUDA tensors, got a tensor on "
+                                 f"{query.device}")
+            return cuda
+        if query.is_cuda and cuda.available() and cuda.supports_head_size(self.head_size):
+            return cuda
+        return reference
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]],
@@ -49,16 +86,20 @@ class PagedAttention(nn.Module):
             # A swap into this layer's cache may still be in flight on another stream.
             cache_event.wait()
         if kv_cache is None:
-            out = _attend_without_cache(q, k, v, input_metadata, self.scale)
+            out = _attend_without_cache(q, k, v, input_metadata, self.scale,
+                                        self.sliding_window)
         else:
             key_cache, value_cache = kv_cache
-            reference.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping)
-            out = reference.paged_attention(q, key_cache, value_cache, input_metadata, self.scale)
+            backend = self.backend_for(q)
+            backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping)
+            out = backend.paged_attention(q, key_cache, value_cache, input_metadata, self.scale,
+                                          sliding_window=self.sliding_window)
         return out.view(num_tokens, self.num_heads * self.head_size)
 
 
 def _attend_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          metadata: InputMetadata, scale: float) -> torch.Tensor:
+                          metadata: InputMetadata, scale: float,
+                          sliding_window: Optional[int] = None) -> torch.Tensor:
     """Causal attention over only the new tokens of each sequence (profiling runs)."""
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -67,8 +108,15 @@ def _attend_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qs = q[start:start + q_len].transpose(0, 1)
         ks = k[start:start + q_len].repeat_interleave(group, dim=1).transpose(0, 1)
         vs = v[start:start + q_len].repeat_interleave(group, dim=1).transpose(0, 1)
-        res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
-                                                               scale=scale)
+        if sliding_window is None:
+            res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                                   scale=scale)
+        else:
+            pos = torch.arange(q_len, device=q.device)
+            diff = pos[:, None] - pos[None, :]
+            mask = (diff >= 0) & (diff < sliding_window)
+            res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
+                                                                   scale=scale)
         out[start:start + q_len] = res.transpose(0, 1)
         start += q_len
     return out

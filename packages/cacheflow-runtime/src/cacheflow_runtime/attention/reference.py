@@ -41,12 +41,14 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     metadata: InputMetadata, scale: float,
-                    alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                    alibi_slopes: torch.Tensor | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
     query: [num_tokens, num_heads, head_size] (flattened over sequences as in ``metadata``);
     returns the same shape. Query j of sequence i (j < query_lens[i]) sits at position
-    context_lens[i] - query_lens[i] + j and sees every position up to and including its own.
+    context_lens[i] - query_lens[i] + j and sees every position up to and including its own
+    (with ``sliding_window`` W, only the last W of them: key position > query position - W).
     Computed in float32 whatever the input dtype; sequences are padded to the longest query and
     context of the batch and masked.
     """
@@ -92,6 +94,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         scores = scores + alibi_slopes.float()[None, :, None, None] * distance[:, None]
     visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & \
         (k_pos[None, None, :] < ctx_lens[:, None, None])
+    if sliding_window is not None:
+        visible = visible & (k_pos[None, None, :] > q_pos[:, :, None] - sliding_window)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("shqk,skhd->sqhd", probs, values)

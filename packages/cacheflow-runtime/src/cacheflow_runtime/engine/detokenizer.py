@@ -54,6 +54,21 @@ def _append_token(tokenizer: Any, seq: Sequence, token_id: int, skip_special_tok
     return delta
 
 
+def flush_text(tokenizer: Any, seq: Sequence) -> str:
+    """Appends the text that ``decode_new_text`` still holds back (the bytes of a character the
+    sequence never finished) to ``seq.output_text`` and returns it; for a finished sequence, so
+    that its text is what decoding all its tokens at once gives."""
+    if seq.tokens is None or seq.read_offset >= len(seq.tokens):
+        return ""
+    prefix = tokenizer.convert_tokens_to_string(seq.tokens[seq.prefix_offset:seq.read_offset])
+    full = tokenizer.convert_tokens_to_string(seq.tokens[seq.prefix_offset:])
+    delta = full[len(prefix):]
+    seq.prefix_offset = seq.read_offset
+    seq.read_offset = len(seq.tokens)
+    seq.output_text += delta
+    return delta
+
+
 def check_stop(seq: Sequence, params: SamplingParams, new_text: str,
                eos_token_id: Optional[int], max_model_len: int) -> None:
     """Sets a finished status on ``seq`` if its newest token ends it (and cuts stop strings)."""
@@ -86,3 +101,16 @@ def _cut_stop_string(seq: Sequence, params: SamplingParams, new_len: int) -> boo
             seq.stop_reason = stop
             return True
     return False
+
+
+def stop_string_holdback(text: str, stop_strings: list[str]) -> int:
+    """How many characters at the end of a running sequence's ``text`` a stream must hold back:
+    the longest tail that is the start of a stop string, so that text a stop string will cut is
+    never streamed and then retracted."""
+    longest = 0
+    for stop in stop_strings:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest

@@ -14,7 +14,7 @@ from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.engine.beam_search import beam_step
-from cacheflow_runtime.engine.detokenizer import check_stop, decode_new_text
+from cacheflow_runtime.engine.detokenizer import check_stop, decode_new_text, flush_text
 from cacheflow_runtime.model_executor.worker import Worker, resolve_device
 from cacheflow_runtime.outputs import RequestOutput
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
@@ -107,16 +107,44 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len "
                              f"({max_len})")
         longest = min(len(token_ids) + (params.max_tokens or max_len), max_len)
-        block_size = self.cache_config.block_size
-        needed = -(-longest // block_size)
-        total = self.block_manager.num_total_gpu_blocks
-        if needed > total:
+        needed = self._blocks_needed(len(token_ids), longest, params.best_of)
+        usable = (self.block_manager.num_total_gpu_blocks
+                  - self.block_manager.watermark_blocks)
+        if needed > usable:
+            seqs = f" in each of {params.best_of} sequences" if params.best_of > 1 else ""
             raise ValueError(f"the request needs up to {needed} KV-cache blocks "
-                             f"({longest} tokens) but the cache has only {total}; lower "
-                             "max_tokens or give the cache more blocks")
+                             f"({longest} tokens{seqs}) but the cache has only {usable}; lower "
+                             "max_tokens or best_of, or give the cache more blocks")
         if params.best_of > self.scheduler_config.max_num_seqs:
             raise ValueError(f"best_of ({params.best_of}) is larger than max_num_seqs "
                              f"({self.scheduler_config.max_num_seqs})")
+        swappable = params.best_of > 1 or self.scheduler_config.preemption_mode == "swap"
+        swap_blocks = self.block_manager.num_total_cpu_blocks
+        if swappable and needed > swap_blocks:
+            raise ValueError(f"the request may be preempted by swapping up to {needed} KV-cache "
+                             f"blocks to CPU memory, but the swap space holds {swap_blocks}; "
+                             "raise swap_space_gib")
+
+    def _blocks_needed(self, prompt_len: int, longest: int, best_of: int) -> int:
+        """The most GPU blocks a request needs at once to make progress when it runs alone.
+
+        A single sequence preempted by recompute comes back as a prompt of its tokens. Anything
+        else may be swapped out, and a swap-in (like every decode step) wants one free block per
+        sequence on top of the group's blocks: at the last decode step each of the ``best_of``
+        sequences holds ``longest - 2`` tokens, sharing only the prompt's full blocks.
+        """
+        block_size = self.cache_config.block_size
+        needed = -(-longest // block_size)
+        recomputed = best_of == 1 and self.scheduler_config.preemption_mode == "recompute"
+        cached = longest - 2  # tokens in the cache before the last decode step
+        if recomputed or cached < prompt_len:
+            return needed
+        if cached == prompt_len:  # the first decode step: the prompt's blocks are all shared
+            held = -(-prompt_len // block_size)
+        else:
+            shared = prompt_len // block_size
+            held = shared + best_of * (-(-cached // block_size) - shared)
+        return max(needed, held + best_of)
 
     def _generator(self, seed: Optional[int], index: int) -> Optional[torch.Generator]:
         if seed is None:
@@ -193,6 +221,8 @@ class LLMEngine:
         check_stop(seq, params, new_text, self.model_config.eos_token_id,
                    self.scheduler_config.max_model_len)
         if seq.is_finished():
+            if not isinstance(seq.stop_reason, str):  # a stop string has cut the text already
+                flush_text(self.tokenizer, seq)
             self.block_manager.free(seq)
 
     def _process_beams(self, group: SequenceGroup, candidates: list[SampleResult]) -> None:

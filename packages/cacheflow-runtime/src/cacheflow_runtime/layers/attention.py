@@ -25,8 +25,10 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
     def __init__(self, num_heads: int, head_size: int, scale: float, rotary_dim: int,
                  max_position: int = 8192, base: float = 10000.0, is_neox_style: bool = True,
                  num_kv_heads: Optional[int] = None,
-                 rope_scaling: Optional[dict[str, Any]] = None) -> None:
-        super().__init__(num_heads, head_size, scale, num_kv_heads)
+                 rope_scaling: Optional[dict[str, Any]] = None,
+                 sliding_window: Optional[int] = None) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads,
+                         sliding_window=sliding_window)
         self.rotary_emb = RotaryEmbedding(head_size, rotary_dim, max_position, base,
                                           is_neox_style, rope_scaling)
 
@@ -35,5 +37,6 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
                 input_metadata: InputMetadata,
                 cache_event: Optional[torch.cuda.Event] = None) -> torch.Tensor:
         """Rotates query and key at ``positions`` [num_tokens], then attends."""
-        query, key = self.rotary_emb(positions, query, key)
+        query, key = self.rotary_emb(positions, query, key, input_metadata.query_lens,
+                                     input_metadata.context_lens_host)
         return super().forward(query, key, value, kv_cache, input_metadata, cache_event)

@@ -96,6 +96,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """Copies this rank's slice of part ``shard_id`` (or of the fused tensor when None)."""
         tp, rank = ps.get_tensor_parallel_world_size(), ps.get_tensor_parallel_rank()
         if shard_id is None:
+            if loaded.shape[0] != sum(self.output_sizes):
+                raise ValueError(f"fused checkpoint shape {tuple(loaded.shape)} does not have "
+                                 f"{sum(self.output_sizes)} rows ({self.output_sizes})")
             for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
                 self.weight_loader(param, part, i)
             return
@@ -150,6 +153,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id is None:
             q_total = self.total_num_heads * self.head_size
             kv_total = self.total_num_kv_heads * self.head_size
+            if loaded.shape[0] != q_total + 2 * kv_total:
+                raise ValueError(f"fused qkv checkpoint shape {tuple(loaded.shape)} does not have "
+                                 f"{q_total} + 2 * {kv_total} rows")
             q, k, v = loaded.split([q_total, kv_total, kv_total], dim=0)
             for sid, part in (("q", q), ("k", k), ("v", v)):
                 self.weight_loader(param, part, sid)

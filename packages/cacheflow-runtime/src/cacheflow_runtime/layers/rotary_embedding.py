@@ -1,14 +1,41 @@
-"""Rotary position embeddings (neox and gpt-j styles, partial rotary, rope_scaling)."""
+"""Rotary position embeddings (neox and gpt-j styles, partial rotary, rope_scaling).
+
+``rope_scaling`` types: ``linear`` (position interpolation), ``dynamic`` (dynamic NTK) and
+``llama3``, with HF transformers' math and config keys.
+
+Dynamic NTK, per sequence: HF transformers recomputes the inverse frequencies in every forward
+pass from the longest position of the batch, ``seq_len = max(position_ids) + 1``; with one
+sequence that is the sequence's length at that step (the whole prompt at prefill, prompt plus
+generated tokens at each decode step), and keys already in the cache keep the rotation they got
+when they were written. Our batches are flattened over many sequences, so each token is rotated
+with the frequencies of *its own sequence's* length at this step (``context_lens``): every
+sequence gets exactly what HF gives it when it runs alone, independently of what else is in the
+batch. A sequence recomputed from scratch after preemption gets the frequencies of its whole
+length for every token, as HF would for that text given as one prompt.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-ROPE_SCALING_TYPES = ("default", "linear", "llama3")
+ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_max_positions(max_position: int, rope_scaling: Optional[dict[str, Any]] = None) -> int:
+    """The longest sequence a model supports given its ``max_position_embeddings``.
+
+    ``linear`` and ``dynamic`` scaling stretch the trained length by ``factor``; ``llama3``
+    configs already state the stretched length in ``max_position_embeddings``.
+    """
+    if _scaling_type(rope_scaling) in ("linear", "dynamic"):
+        return int(max_position * float(rope_scaling["factor"]))
+    return max_position
 
 
 def rope_inv_freq(rotary_dim: int, base: float,
@@ -22,6 +49,23 @@ def rope_inv_freq(rotary_dim: int, base: float,
     elif kind == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
     return inv_freq
+
+
+@functools.lru_cache(maxsize=256)
+def dynamic_ntk_inv_freq(rotary_dim: int, base: float, factor: float, original_max_position: int,
+                         seq_len: int, device: str = "cpu") -> torch.Tensor:
+    """Dynamic NTK inverse frequencies [rotary_dim / 2] for a sequence of ``seq_len`` tokens.
+
+    The base grows as ``base * (factor * L / original - (factor - 1)) ** (d / (d - 2))`` with
+    ``L = max(seq_len, original)``, computed with the same tensor operations (float32, on
+    ``device``) as HF transformers so that the results agree bit for bit. The returned tensor is
+    shared (cached): do not modify it.
+    """
+    length = torch.tensor(max(seq_len, original_max_position), dtype=torch.int64, device=device)
+    scaled = base * ((factor * length / original_max_position) - (factor - 1)) \
+        ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
+    return 1.0 / (scaled ** (exponents / rotary_dim))
 
 
 def _scaling_type(rope_scaling: Optional[dict[str, Any]]) -> str:
@@ -54,6 +98,11 @@ class RotaryEmbedding(nn.Module):
 
     neox style rotates the two halves of those features against each other (LLaMA, GPT-NeoX);
     gpt-j style rotates interleaved pairs (GPT-J).
+
+    ``max_position`` is the model's ``max_position_embeddings``; with linear or dynamic scaling
+    positions up to ``rope_max_positions(max_position, rope_scaling)`` are accepted. Dynamic NTK
+    scaling needs to know which tokens belong to which sequence: pass ``query_lens`` and
+    ``context_lens`` (see the module docstring).
     """
 
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
@@ -66,21 +115,66 @@ class RotaryEmbedding(nn.Module):
         self.head_size = head_size
         self.rotary_dim = rotary_dim
         self.is_neox_style = is_neox_style
-        self.max_position = max_position
+        self.scaling_type = _scaling_type(rope_scaling)
+        self.base = base
+        self.original_max_position = max_position
+        self.max_position = rope_max_positions(max_position, rope_scaling)
+        self.dynamic_factor = (float(rope_scaling["factor"]) if self.scaling_type == "dynamic"
+                               else None)
         inv_freq = rope_inv_freq(rotary_dim, base, rope_scaling)
-        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        # Dynamic NTK: the table holds the unscaled frequencies, used while a sequence is no
+        # longer than max_position; longer sequences are rotated with frequencies computed for
+        # their length.
+        table_len = max_position if self.scaling_type == "dynamic" else self.max_position
+        freqs = torch.arange(table_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor,
-                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query [T, H*D] and key [T, Hkv*D] with rotary applied at ``positions`` [T]."""
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                query_lens: Optional[Sequence[int]] = None,
+                context_lens: Optional[Sequence[int]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, H*D] and key [T, Hkv*D] with rotary applied at ``positions`` [T].
+
+        ``query_lens`` / ``context_lens`` (host lists, one entry per sequence, as in
+        InputMetadata) are used by dynamic NTK scaling only; without them the whole batch is
+        taken as one sequence of length ``max(positions) + 1`` (HF's rule for a batch).
+        """
         if positions.numel() and int(positions.max()) >= self.max_position:
             raise ValueError(f"position {int(positions.max())} is past the rotary table "
                              f"({self.max_position} positions)")
-        cos = self.cos_cache[positions]
-        sin = self.sin_cache[positions]
+        if self.dynamic_factor is not None:
+            cos, sin = self._dynamic_cos_sin(positions, query_lens, context_lens)
+        else:
+            cos = self.cos_cache[positions]
+            sin = self.sin_cache[positions]
         return self._apply(query, cos, sin), self._apply(key, cos, sin)
+
+    def _dynamic_cos_sin(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
+                         context_lens: Optional[Sequence[int]]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rotary_dim / 2] with each sequence's dynamic NTK frequencies."""
+        if query_lens is None or context_lens is None:
+            total = positions.numel()
+            query_lens = [total]
+            context_lens = [int(positions.max()) + 1 if total else 0]
+        elif sum(query_lens) != positions.numel() or len(query_lens) != len(context_lens):
+            raise ValueError(f"query_lens {list(query_lens)} and context_lens "
+                             f"{list(context_lens)} do not describe {positions.numel()} tokens")
+        last = self.original_max_position - 1
+        cos = self.cos_cache[positions.clamp(max=last)]
+        sin = self.sin_cache[positions.clamp(max=last)]
+        start = 0
+        for q_len, ctx_len in zip(query_lens, context_lens):
+            if ctx_len > self.original_max_position:
+                inv_freq = dynamic_ntk_inv_freq(self.rotary_dim, self.base, self.dynamic_factor,
+                                                self.original_max_position, int(ctx_len),
+                                                str(positions.device))
+                freqs = positions[start:start + q_len].float()[:, None] * inv_freq[None, :]
+                cos[start:start + q_len] = freqs.cos()
+                sin[start:start + q_len] = freqs.sin()
+            start += q_len
+        return cos, sin
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]

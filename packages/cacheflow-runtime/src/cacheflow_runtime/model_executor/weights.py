@@ -1,7 +1,9 @@
 """Checkpoint readers: safetensors, PyTorch ``.bin`` and GGUF, one tensor at a time.
 
 ``iterate_weights(path)`` yields ``(name, tensor)`` pairs with the names exactly as stored in the
-file; mapping them to a model's parameter names (e.g. GGUF ``blk.0.attn_q.weight`` to HF
+file; the iterator it returns (``CheckpointWeights``) also tells which file the latest tensor came
+from (``current_file``), so that loaders can name it in their errors. Mapping the names to a
+model's parameter names (e.g. GGUF ``blk.0.attn_q.weight`` to HF
 ``model.layers.0.self_attn.q_proj.weight``) is the model's job.
 
 - safetensors: ``safetensors.safe_open`` memory-maps each file; tensors keep their stored dtype.
@@ -34,6 +36,7 @@ import torch
 
 __all__ = [
     "FORMATS",
+    "CheckpointWeights",
     "checkpoint_files",
     "detect_format",
     "gguf_torch_shape",
@@ -51,6 +54,9 @@ FORMATS = ("safetensors", "bin", "gguf")
 _NON_WEIGHT_BIN_FILES = frozenset({"training_args.bin", "optimizer.bin", "scheduler.bin"})
 
 _SINGLE_FILE = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}
+# Weight files of frameworks we do not read, to say what was found instead.
+_FOREIGN_SUFFIXES = {".msgpack": "a Flax checkpoint", ".h5": "a TensorFlow/Keras checkpoint",
+                     ".onnx": "an ONNX model"}
 _SUFFIX = {"safetensors": ".safetensors", "bin": ".bin", "gguf": ".gguf"}
 
 
@@ -140,9 +146,13 @@ def detect_format(path: PathLike) -> str:
     if len(ggufs) > 1:
         names = ", ".join(g.name for g in ggufs)
         raise ValueError(f"several GGUF files in {p} ({names}): pass the file to load")
+    foreign = [f"{f.name} is {_FOREIGN_SUFFIXES[f.suffix]}" for f in sorted(p.iterdir())
+               if f.suffix in _FOREIGN_SUFFIXES]
+    hint = f"; {', '.join(foreign)}, which cacheflow does not read: convert it to safetensors" \
+        if foreign else ""
     raise ValueError(
         f"no checkpoint found in {p}: expected *.safetensors, *.bin or *.gguf "
-        f"({_describe_contents(p)})"
+        f"({_describe_contents(p)}){hint}"
     )
 
 
@@ -324,7 +334,42 @@ _READERS: dict[str, Callable[[Path], WeightIterator]] = {
 }
 
 
-def iterate_weights(path: PathLike, fmt: str | None = None) -> WeightIterator:
+class CheckpointWeights(Iterator[tuple[str, torch.Tensor]]):
+    """The ``(name, tensor)`` iterator of one checkpoint, which knows where each tensor lies.
+
+    Attributes:
+        path: the checkpoint path given to ``iterate_weights`` (file, index or directory).
+        format: ``"safetensors"``, ``"bin"`` or ``"gguf"``.
+        files: the files read, in order.
+        current_file: the file the latest tensor came from (the file being read when a reader
+            error is raised); None before the first tensor.
+    """
+
+    def __init__(self, path: Path, fmt: str, files: list[Path],
+                 reader: Callable[[Path], WeightIterator]) -> None:
+        self.path = path
+        self.format = fmt
+        self.files = list(files)
+        self.current_file: Path | None = None
+        self._tensors = self._iterate(reader)
+
+    def _iterate(self, reader: Callable[[Path], WeightIterator]) -> WeightIterator:
+        for file in self.files:
+            self.current_file = file
+            yield from reader(file)
+
+    def __iter__(self) -> CheckpointWeights:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self._tensors)
+
+    def close(self) -> None:
+        """Stops early and releases the open file (memory map) at once."""
+        self._tensors.close()
+
+
+def iterate_weights(path: PathLike, fmt: str | None = None) -> CheckpointWeights:
     """Yield ``(name, tensor)`` for every tensor of the checkpoint at ``path``, one at a time.
 
     Args:
@@ -333,19 +378,15 @@ def iterate_weights(path: PathLike, fmt: str | None = None) -> WeightIterator:
 
     The path, format and shard list are checked when this is called (``FileNotFoundError`` /
     ``ValueError``); a corrupt file raises ``ValueError`` naming it when the iteration reaches
-    it. Tensors are on the CPU: safetensors and ``.bin`` tensors in their stored dtype (and may
+    it. The returned iterator's ``current_file`` names the file of the latest tensor. Tensors
+    are on the CPU: safetensors and ``.bin`` tensors in their stored dtype (and may
     be backed by a memory map: copy them into parameters, don't modify them), GGUF tensors as
     float32 in PyTorch dimension order.
     """
     p = _existing(path)
     fmt = detect_format(p) if fmt is None else _check_format(fmt)
     files = checkpoint_files(p, fmt)
-    return _iterate_files(files, _READERS[fmt])
-
-
-def _iterate_files(files: list[Path], reader: Callable[[Path], WeightIterator]) -> WeightIterator:
-    for file in files:
-        yield from reader(file)
+    return CheckpointWeights(p, fmt, files, _READERS[fmt])
 
 
 # --------------------------------------------------------------------------------------------

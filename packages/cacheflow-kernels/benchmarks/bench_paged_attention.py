@@ -1,0 +1,356 @@
+"""Benchmark of paged_attention (decode) against the card's copy bandwidth and torch SDPA.
+
+    python packages/cacheflow-kernels/benchmarks/bench_paged_attention.py --out decode.json
+    python .../bench_paged_attention.py --out d.json --cases mha_b64_ctx2k,gqa8_b64_ctx2k
+    python .../bench_paged_attention.py --out d.json --partitions 0,256,512,1024
+
+Decode attention is memory-bound: the floor is reading K and V of every context token once.
+For each case: the median time per call (CUDA events around batches of calls after a warm-up;
+calls rotate over enough cache sets that L2 cannot hold them), the bytes that must move (K/V of
+every context token read once + the query read + the output written), the achieved GB/s, and
+its share of the device-to-device copy bandwidth measured in the same run (a 1 GiB clone: 1 GiB
+read + 1 GiB written). Next to it: torch SDPA on the equivalent dense problem (K/V gathered to
+contiguous [batch, kv_heads, ctx, head_size] beforehand; only SDPA is timed), as a ratio. Each
+case first checks the kernel against a float64 reference on a few sequences. ``--partitions``
+also times fixed split-K partition sizes (0 = no split) next to the automatic plan, to tune it.
+A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1 << 30
+TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
+
+
+@dataclass
+class Case:
+    name: str
+    batch: int
+    ctx: int
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_size: int = 128
+    dtype: str = "float16"
+    block_size: int = 16
+    ragged: bool = False  # context lengths uniform in [1, ctx] instead of all ctx
+
+
+CASES = [
+    Case("mha_b64_ctx2k", 64, 2048),
+    Case("gqa8_b64_ctx2k", 64, 2048, num_kv_heads=4),
+    Case("mha_b1_ctx32k", 1, 32768),
+    Case("gqa8_b1_ctx32k", 1, 32768, num_kv_heads=4),
+    Case("mha_b64_ctx2k_bf16", 64, 2048, dtype="bfloat16"),
+    Case("gqa8_b64_ctx2k_bf16", 64, 2048, num_kv_heads=4, dtype="bfloat16"),
+    Case("mha_b256_ctx512", 256, 512),
+    Case("gqa8_b8_ctx8k", 8, 8192, num_kv_heads=4),
+    Case("mqa_b32_ctx4k", 32, 4096, num_kv_heads=1),
+    Case("gqa4_b16_ctx4k_d64", 16, 4096, num_heads=32, num_kv_heads=8, head_size=64),
+    Case("mha_b16_ctx4k_d256", 16, 4096, num_heads=16, num_kv_heads=16, head_size=256),
+    Case("mha_b64_ctx2k_bs8", 64, 2048, block_size=8),
+    Case("mha_b64_ctx2k_bs32", 64, 2048, block_size=32),
+    Case("gqa8_b64_ragged2k", 64, 2048, num_kv_heads=4, ragged=True),
+    Case("mha_b64_ctx2k_fp32", 64, 2048, dtype="float32"),
+]
+
+
+@dataclass
+class Result:
+    case: str
+    shape: str
+    bytes_moved: int = 0
+    partition_size: int = 0
+    num_partitions: int = 1
+    time_us: float | None = None
+    gbps: float | None = None
+    pct_of_copy: float | None = None
+    target_pct: float | None = None
+    sdpa_time_us: float | None = None
+    sdpa_note: str = ""
+    speedup_vs_sdpa: float | None = None
+    max_rel_err: float | None = None
+    cache_sets: int = 1
+    partitions: dict[str, float] = field(default_factory=dict)  # partition size -> time (us)
+    error: str | None = None
+    sdpa_error: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="path of the JSON report")
+    p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up calls per measurement")
+    p.add_argument("--batches", type=int, default=15, help="timed batches (median taken)")
+    p.add_argument("--batch-size", type=int, default=5, help="calls per timed batch")
+    p.add_argument("--partitions", default="0,256,512,1024,2048",
+                   help="fixed partition sizes also timed on the first four cases ('' = none)")
+    p.add_argument("--skip-sdpa", action="store_true")
+    return p.parse_args(argv)
+
+
+def _short_error(exc: BaseException) -> str:
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
+
+
+class Bench:
+    def __init__(self, torch: Any, args: argparse.Namespace) -> None:
+        self.torch = torch
+        self.args = args
+        props = torch.cuda.get_device_properties(0)
+        self.device_name = props.name
+        self.num_sms = props.multi_processor_count
+        self.l2_bytes = int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
+        self.copy_gbps: float | None = None
+
+    def time_calls(self, fns: list[Any]) -> float:
+        """Median microseconds per call; call i runs fns[i % len(fns)]."""
+        torch = self.torch
+        args = self.args
+        for i in range(args.warmup):
+            fns[i % len(fns)]()
+        torch.cuda.synchronize()
+        times = []
+        k = 0
+        for _ in range(args.batches):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.batch_size):
+                fns[k % len(fns)]()
+                k += 1
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000 / args.batch_size)
+        return statistics.median(times)
+
+    def _copy_us(self) -> float:
+        src = self.torch.empty(GIB // 2, dtype=self.torch.float16, device="cuda").normal_()
+        dst = self.torch.empty_like(src)
+        return self.time_calls([lambda: dst.copy_(src)])
+
+    def measure_copy(self) -> float:
+        us = self._copy_us()
+        self.torch.cuda.empty_cache()
+        self.copy_gbps = 2 * GIB / (us * 1e-6) / 1e9
+        return self.copy_gbps
+
+    def build(self, case: Case, seed: int, lens: list[int]) -> dict[str, Any]:
+        """Random caches (every slot filled), shuffled block tables, random query."""
+        torch = self.torch
+        dtype = getattr(torch, case.dtype)
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        blocks = [math.ceil(n / case.block_size) for n in lens]
+        max_blocks = max(blocks)
+        num_blocks = sum(blocks) + 1
+        perm = torch.randperm(num_blocks, generator=gen, device="cuda")
+        tables = torch.full((case.batch, max_blocks), int(perm[-1]), dtype=torch.int32)
+        owned = perm[:-1].cpu().to(torch.int32)
+        offset = 0
+        for s, n in enumerate(blocks):
+            tables[s, :n] = owned[offset:offset + n]
+            offset += n
+        shape = (num_blocks, case.block_size, case.num_kv_heads, case.head_size)
+        key_cache = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
+        value_cache = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
+        query = torch.randn((case.batch, case.num_heads, case.head_size), generator=gen,
+                            device="cuda", dtype=dtype)
+        return {
+            "out": torch.empty_like(query), "query": query, "key_cache": key_cache,
+            "value_cache": value_cache, "block_tables": tables.cuda(),
+            "context_lens": torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        }
+
+    def check(self, case: Case, s: dict[str, Any], lens: list[int]) -> float:
+        """Max relative error (norm) vs float64 over up to 3 sequences."""
+        torch = self.torch
+        import cacheflow_kernels as ck
+
+        ck.paged_attention(s["out"], s["query"], s["key_cache"], s["value_cache"],
+                           s["block_tables"], s["context_lens"], case.head_size ** -0.5,
+                           max_context_len=case.ctx)
+        group = case.num_heads // case.num_kv_heads
+        worst = 0.0
+        for i in range(min(3, case.batch)):
+            pos = torch.arange(lens[i], device="cuda")
+            blk = s["block_tables"][i].long()[pos // case.block_size]
+            k = s["key_cache"][blk, pos % case.block_size].double().repeat_interleave(group, 1)
+            v = s["value_cache"][blk, pos % case.block_size].double().repeat_interleave(group, 1)
+            p = (torch.einsum("hd,lhd->hl", s["query"][i].double(), k)
+                 * case.head_size ** -0.5).softmax(-1)
+            ref = torch.einsum("hl,lhd->hd", p, v)
+            err = float((s["out"][i].double() - ref).norm() / ref.norm())
+            worst = max(worst, err if math.isfinite(err) else math.inf)
+        return worst
+
+    def run_case(self, case: Case, sweep: list[int]) -> Result:
+        torch = self.torch
+        import cacheflow_kernels as ck
+        from cacheflow_kernels._attention_ops import plan_partitions
+
+        res = Result(case.name, f"b{case.batch} ctx{case.ctx} h{case.num_heads}/"
+                     f"kv{case.num_kv_heads} d{case.head_size} {case.dtype} bs{case.block_size}"
+                     f"{' ragged' if case.ragged else ''}", target_pct=TARGETS.get(case.name))
+        sets: list[dict[str, Any]] = []
+        dense: list[tuple[Any, Any, Any]] = []
+        try:
+            gen = torch.Generator().manual_seed(1)
+            lens = ([int(x) for x in torch.randint(1, case.ctx + 1, (case.batch,),
+                                                   generator=gen)]
+                    if case.ragged else [case.ctx] * case.batch)
+            elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+            kv_bytes = 2 * sum(lens) * case.num_kv_heads * case.head_size * elem
+            qo_bytes = 2 * case.batch * case.num_heads * case.head_size * elem
+            res.bytes_moved = kv_bytes + qo_bytes
+            # Enough cache sets that consecutive calls cannot hit L2 (at most ~24 GiB in all).
+            n_sets = max(1, min(8, math.ceil(3 * self.l2_bytes / kv_bytes),
+                                (24 * GIB) // max(kv_bytes, 1)))
+            res.cache_sets = n_sets
+            sets = [self.build(case, seed, lens) for seed in range(n_sets)]
+            res.max_rel_err = self.check(case, sets[0], lens)
+            size, parts = plan_partitions(case.batch, case.num_heads, case.num_kv_heads,
+                                          case.ctx, self.num_sms)
+            res.partition_size, res.num_partitions = size, parts
+            scale = case.head_size ** -0.5
+
+            def caller(s: dict[str, Any], partition: int | None) -> Any:
+                ws_n = ck.paged_attention_workspace_size(
+                    case.batch, case.num_heads, case.num_kv_heads, case.head_size, case.ctx,
+                    num_sms=self.num_sms, partition_size=partition)
+                ws = torch.empty(max(ws_n, 1), dtype=torch.float32, device="cuda")
+                return lambda: ck.paged_attention(
+                    s["out"], s["query"], s["key_cache"], s["value_cache"], s["block_tables"],
+                    s["context_lens"], scale, max_context_len=case.ctx, workspace=ws,
+                    partition_size=partition)
+
+            res.time_us = self.time_calls([caller(s, None) for s in sets])
+            res.gbps = res.bytes_moved / (res.time_us * 1e-6) / 1e9
+            if self.copy_gbps:
+                res.pct_of_copy = res.gbps / self.copy_gbps
+            for partition in sweep:
+                try:
+                    us = self.time_calls([caller(s, partition) for s in sets])
+                    res.partitions[str(partition)] = round(us, 2)
+                except Exception as exc:  # noqa: BLE001
+                    res.partitions[str(partition)] = float("nan")
+                    print(f"  {case.name} partition {partition}: {_short_error(exc)}",
+                          file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the run
+            res.error = _short_error(exc)
+            traceback.print_exc()
+        if res.error is None and not self.args.skip_sdpa and not case.ragged:
+            try:
+                res.sdpa_time_us, res.sdpa_note = self.time_sdpa(case, sets, dense)
+                if res.time_us:
+                    res.speedup_vs_sdpa = res.sdpa_time_us / res.time_us
+            except Exception as exc:  # noqa: BLE001
+                res.sdpa_error = _short_error(exc)
+        del sets, dense
+        torch.cuda.empty_cache()
+        return res
+
+    def time_sdpa(self, case: Case, sets: list[dict[str, Any]],
+                  dense: list[tuple[Any, Any, Any]]) -> tuple[float, str]:
+        """SDPA on contiguous K/V [batch, kv_heads, ctx, d] (gathered before timing)."""
+        torch = self.torch
+        F = torch.nn.functional
+        pos = torch.arange(case.ctx, device="cuda")
+        for s in sets:
+            blk = s["block_tables"].long()[:, pos // case.block_size]  # [batch, ctx]
+            k = s["key_cache"][blk, pos % case.block_size].permute(0, 2, 1, 3).contiguous()
+            v = s["value_cache"][blk, pos % case.block_size].permute(0, 2, 1, 3).contiguous()
+            dense.append((s["query"].unsqueeze(2), k, v))  # q: [batch, heads, 1, d]
+        scale = case.head_size ** -0.5
+        note = "enable_gqa" if case.num_heads != case.num_kv_heads else "mha"
+        try:
+            fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q, k, v, scale=scale, enable_gqa=case.num_heads != case.num_kv_heads)
+                for q, k, v in dense]
+            return self.time_calls(fns), note
+        except (TypeError, RuntimeError):
+            # Older torch or no GQA kernel: expand K/V to all heads first (not timed).
+            group = case.num_heads // case.num_kv_heads
+            expanded = [(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+                        for q, k, v in dense]
+            fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=scale)
+                   for q, k, v in expanded]
+            return self.time_calls(fns), "K/V expanded to all heads"
+
+
+def print_table(bench: Bench, results: list[Result]) -> None:
+    print(f"\ndevice: {bench.device_name} ({bench.num_sms} SMs), copy bandwidth "
+          f"{bench.copy_gbps:.0f} GB/s (read + write)")
+    head = (f"{'case':<22} {'shape':<44} {'split':>10} {'time us':>9} {'GB/s':>7} "
+            f"{'%copy':>6} {'target':>6} {'SDPA us':>9} {'x SDPA':>7} {'relerr':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if r.error:
+            print(f"{r.case:<22} {r.shape:<44} ERROR {r.error}")
+            continue
+        split = f"{r.num_partitions}x{r.partition_size}" if r.num_partitions > 1 else "none"
+        target = f"{r.target_pct:.0%}" if r.target_pct else ""
+        sdpa = f"{r.sdpa_time_us:9.1f}" if r.sdpa_time_us else f"{'-':>9}"
+        ratio = f"{r.speedup_vs_sdpa:7.2f}" if r.speedup_vs_sdpa else f"{'-':>7}"
+        pct = f"{r.pct_of_copy:6.1%}" if r.pct_of_copy is not None else f"{'-':>6}"
+        print(f"{r.case:<22} {r.shape:<44} {split:>10} {r.time_us:9.1f} {r.gbps:7.0f} "
+              f"{pct} {target:>6} {sdpa} {ratio} {r.max_rel_err:8.1e}")
+    sweeps = [r for r in results if r.partitions]
+    if sweeps:
+        print("\nfixed partition sizes (us per call; 0 = no split):")
+        for r in sweeps:
+            cells = "  ".join(f"{k}: {v}" for k, v in r.partitions.items())
+            print(f"  {r.case:<22} auto {r.time_us:.1f}  {cells}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: nothing measured", file=sys.stderr)
+        return 1
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing measured", file=sys.stderr)
+        return 1
+    import cacheflow_kernels as ck
+
+    bench = Bench(torch, args)
+    wanted = [c for c in args.cases.split(",") if c]
+    unknown = set(wanted) - {c.name for c in CASES}
+    if unknown:
+        print(f"unknown cases: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    cases = [c for c in CASES if not wanted or c.name in wanted]
+    sweep = [int(x) for x in args.partitions.split(",") if x.strip()]
+    bench.measure_copy()
+    results = []
+    for i, case in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+        results.append(bench.run_case(case, sweep if i < 4 or wanted else []))
+    print_table(bench, results)
+    report = {
+        "device": bench.device_name, "num_sms": bench.num_sms, "l2_bytes": bench.l2_bytes,
+        "copy_gbps": bench.copy_gbps, "torch": torch.__version__,
+        "cacheflow_kernels": ck.__version__, "python": platform.python_version(),
+        "timing": {"warmup": args.warmup, "batches": args.batches,
+                   "batch_size": args.batch_size, "statistic": "median of batch means"},
+        "results": [asdict(r) for r in results],
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Benchmark of paged_prefill_attention against torch SDPA (flash backend) and a bf16 matmul.
+
+For each case the paged problem (K/V already in a shuffled paged cache) and its dense equivalent
+are built from the same random data. Timed with CUDA events after a warm-up; the median of the
+repeats is reported. FLOPs count the causal problem only: 4 * head_size * num_heads * (sum over
+queries of the keys each one sees), i.e. QK^T and PV, 2 FLOPs per multiply-add. Next to it: the
+bf16 rate of an 8192^3 torch.matmul measured in the same run (the card's practical tensor-core
+ceiling) and torch SDPA with the flash backend on the dense problem (ratio ours / SDPA). Each
+case also reports the largest difference between our output and SDPA's.
+
+    python benchmarks/bench_paged_prefill.py --out prefill.json
+    python benchmarks/bench_paged_prefill.py --cases mha_fp16_d128,gqa_fp16_d128 --iters 50
+    python benchmarks/bench_paged_prefill.py --variants default,m64,w8   # tilings, fp16 d128
+
+A failing case is recorded with its error and the run goes on. ``--variants`` also times the
+alternative tilings of the fp16 head-size-128 kernel (environment variable
+CACHEFLOW_PREFILL_VARIANT, read at each call): m64 = 64 query rows per CTA (4 warps x 16),
+w8 = 128 rows with 8 warps x 16; default = 128 rows with 4 warps x 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import cacheflow_kernels
+
+
+@dataclass
+class Case:
+    name: str
+    q_lens: list[int]
+    ctx_lens: list[int]
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_size: int = 128
+    dtype: str = "float16"
+    block_size: int = 16
+
+
+def _uniform(n: int, q: int, ctx: int | None = None) -> tuple[list[int], list[int]]:
+    return [q] * n, [ctx or q] * n
+
+
+CASES = [
+    Case("mha_fp16_d128", *_uniform(8, 2048)),
+    Case("gqa_fp16_d128", *_uniform(8, 2048), num_kv_heads=8),
+    Case("prefix_fp16_d128", *_uniform(8, 1024, 2048)),  # 1024 cached + 1024 new
+    Case("mha_bf16_d128", *_uniform(8, 2048), dtype="bfloat16"),
+    Case("mha_fp16_d64", *_uniform(8, 2048), head_size=64),
+    Case("long_fp16_d128", *_uniform(2, 8192)),
+    Case("block32_fp16_d128", *_uniform(8, 2048), block_size=32),
+    Case("block8_fp16_d128", *_uniform(8, 2048), block_size=8),
+    Case("chunk_fp16_d128", *_uniform(8, 512, 8192)),  # chunked prefill deep into a context
+    Case("ragged_fp16_d128", [1800, 37, 1024, 513, 2048, 77, 1500, 900],
+         [1800, 37, 1024, 513, 2048, 77, 1500, 900]),
+    Case("mha_fp16_d256", *_uniform(8, 2048), num_heads=16, num_kv_heads=16, head_size=256),
+    Case("mha_fp16_d96", *_uniform(8, 2048), head_size=96),
+]
+
+
+VARIANT_ENV = "CACHEFLOW_PREFILL_VARIANT"
+
+
+@dataclass
+class Result:
+    case: dict[str, Any]
+    variant: str = "default"
+    flops: float = 0.0
+    ours_ms: float | None = None
+    ours_tflops: float | None = None
+    ours_spread_ms: float | None = None
+    sdpa_ms: float | None = None
+    sdpa_tflops: float | None = None
+    sdpa_variant: str | None = None
+    ratio_vs_sdpa: float | None = None
+    max_abs_diff_vs_sdpa: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def time_ms(fn: Any, warmup: int, iters: int) -> tuple[float, float]:
+    """Median and interquartile spread of `iters` timed calls (one event pair each)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [times[0], 0, times[-1]]
+    return statistics.median(times), q[2] - q[0]
+
+
+def causal_flops(case: Case) -> float:
+    visible = sum(q * (c - q) + q * (q + 1) // 2 for q, c in zip(case.q_lens, case.ctx_lens))
+    return 4.0 * case.head_size * case.num_heads * visible
+
+
+def matmul_tflops(warmup: int, iters: int) -> float:
+    n = 8192
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ms, _ = time_ms(lambda: torch.matmul(a, b), warmup, iters)
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def build(case: Case, seed: int) -> dict[str, Any]:
+    """The paged inputs and the dense [B, H, S, D] views of the same data (uniform batches)."""
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    bs, d = case.block_size, case.head_size
+    n = len(case.q_lens)
+    blocks_per_seq = [math.ceil(c / bs) for c in case.ctx_lens]
+    max_blocks = max(blocks_per_seq)
+    num_blocks = sum(blocks_per_seq)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    tables = torch.zeros(n, max_blocks, dtype=torch.int32, device="cuda")
+    key_cache = torch.empty(num_blocks, bs, case.num_kv_heads, d, dtype=dtype, device="cuda")
+    value_cache = torch.empty_like(key_cache)
+    keys, values = [], []
+    used = 0
+    for i, (nb, ctx) in enumerate(zip(blocks_per_seq, case.ctx_lens)):
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+        k = torch.randn(ctx, case.num_kv_heads, d, device="cuda", dtype=dtype, generator=gen)
+        v = torch.randn(ctx, case.num_kv_heads, d, device="cuda", dtype=dtype, generator=gen)
+        pos = torch.arange(ctx, device="cuda")
+        blk = tables[i].long()[pos // bs]
+        key_cache[blk, pos % bs] = k
+        value_cache[blk, pos % bs] = v
+        keys.append(k)
+        values.append(v)
+    num_tokens = sum(case.q_lens)
+    query = torch.randn(num_tokens, case.num_heads, d, device="cuda", dtype=dtype, generator=gen)
+    starts = torch.tensor([0] + list(_cumsum(case.q_lens)), dtype=torch.int32, device="cuda")
+    inputs = {
+        "out": torch.full_like(query, float("nan")),
+        "query": query,
+        "key_cache": key_cache,
+        "value_cache": value_cache,
+        "block_tables": tables,
+        "query_start_loc": starts,
+        "context_lens": torch.tensor(case.ctx_lens, dtype=torch.int32, device="cuda"),
+        "keys": keys,
+        "values": values,
+    }
+    return inputs
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    total, out = 0, []
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+def sdpa_runner(case: Case, inputs: dict[str, Any], scale: float) -> tuple[Any, str]:
+    """A closure running SDPA (flash backend) on the dense problem, and what it runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if len(set(case.q_lens)) != 1 or len(set(case.ctx_lens)) != 1:
+        raise RuntimeError("no dense equivalent for a ragged batch")
+    n, q_len, ctx = len(case.q_lens), case.q_lens[0], case.ctx_lens[0]
+    d = case.head_size
+    q = inputs["query"].view(n, q_len, case.num_heads, d).transpose(1, 2)
+    k = torch.stack(inputs["keys"]).transpose(1, 2)    # [B, Hkv, S, D]
+    v = torch.stack(inputs["values"]).transpose(1, 2)
+    kwargs: dict[str, Any] = {"scale": scale}
+    variant = "flash"
+    if q_len == ctx:
+        kwargs["is_causal"] = True
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        kwargs["attn_mask"] = causal_lower_right(q_len, ctx)
+        variant += " causal_lower_right"
+    if case.num_kv_heads != case.num_heads:
+        kwargs["enable_gqa"] = True
+        variant += " enable_gqa"
+
+    def run() -> Any:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - e.g. GQA not in this torch's flash path: expand K/V
+        if case.num_kv_heads == case.num_heads:
+            raise
+        group = case.num_heads // case.num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        kwargs.pop("enable_gqa")
+        variant = variant.replace(" enable_gqa", " K/V expanded to MHA")
+        run()
+    return run, variant
+
+
+def bench_case(case: Case, args: argparse.Namespace, seed: int, variant: str) -> Result:
+    result = Result(case=asdict(case), variant=variant, flops=causal_flops(case))
+    if variant == "default":
+        os.environ.pop(VARIANT_ENV, None)
+    else:
+        os.environ[VARIANT_ENV] = variant
+    inputs = None
+    try:
+        inputs = build(case, seed)
+        scale = case.head_size ** -0.5
+        tensors = [inputs[k] for k in ("out", "query", "key_cache", "value_cache", "block_tables",
+                                       "query_start_loc", "context_lens")]
+        max_q = max(case.q_lens)
+
+        def ours() -> None:
+            cacheflow_kernels.paged_prefill_attention(*tensors, scale, max_q)
+
+        ours()
+        torch.cuda.synchronize()
+        if torch.isnan(inputs["out"]).any():
+            result.errors.append("ours: NaN in the output")
+        ms, spread = time_ms(ours, args.warmup, args.iters)
+        result.ours_ms, result.ours_spread_ms = ms, spread
+        result.ours_tflops = result.flops / (ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - record and go on
+        result.errors.append(f"ours: {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+    if inputs is not None and not args.no_sdpa:
+        try:
+            run, variant = sdpa_runner(case, inputs, case.head_size ** -0.5)
+            result.sdpa_variant = variant
+            ref = run()
+            if result.ours_ms is not None:
+                n, q_len = len(case.q_lens), case.q_lens[0]
+                ours_dense = inputs["out"].view(n, q_len, case.num_heads, case.head_size)
+                diff = (ours_dense.float() - ref.transpose(1, 2).float()).abs().max()
+                result.max_abs_diff_vs_sdpa = float(diff)
+            ms, _ = time_ms(run, args.warmup, args.iters)
+            result.sdpa_ms = ms
+            result.sdpa_tflops = result.flops / (ms * 1e-3) / 1e12
+            if result.ours_ms is not None:
+                result.ratio_vs_sdpa = result.sdpa_ms / result.ours_ms
+        except Exception as e:  # noqa: BLE001
+            result.errors.append(f"sdpa: {type(e).__name__}: {e}")
+    del inputs
+    torch.cuda.empty_cache()
+    return result
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--no-sdpa", action="store_true", help="skip the SDPA comparison")
+    parser.add_argument("--variants", default="default",
+                        help="tilings to time for fp16 head size 128: default,m64,w8")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = parser.parse_args()
+    if args.list:
+        for c in CASES:
+            print(c.name, c)
+        return 0
+    wanted = [c for c in args.cases.split(",") if c]
+    unknown = set(wanted) - {c.name for c in CASES}
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; --list shows them")
+    cases = [c for c in CASES if not wanted or c.name in wanted]
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+
+    device = torch.cuda.get_device_name()
+    header: dict[str, Any] = {
+        "device": device, "torch": torch.__version__, "python": platform.python_version(),
+        "cacheflow_kernels": cacheflow_kernels.__version__,
+    }
+    try:
+        header["matmul_bf16_tflops"] = matmul_tflops(args.warmup, max(10, args.iters // 2))
+    except Exception as e:  # noqa: BLE001
+        header["matmul_bf16_tflops"] = None
+        header["matmul_error"] = f"{type(e).__name__}: {e}"
+    mm = header["matmul_bf16_tflops"]
+
+    variants = [v for v in args.variants.split(",") if v] or ["default"]
+    bad = set(variants) - {"default", "m64", "w8"}
+    if bad:
+        parser.error(f"unknown variants {sorted(bad)}")
+    results = []
+    for i, case in enumerate(cases):
+        tiled = case.dtype == "float16" and case.head_size == 128
+        for variant in variants if tiled else ["default"]:
+            r = bench_case(case, args, seed=i, variant=variant)
+            results.append(r)
+            print(f"[{i + 1}/{len(cases)}] {case.name} ({variant}): ours {_fmt(r.ours_ms, '.3f')}"
+                  f" ms, sdpa {_fmt(r.sdpa_ms, '.3f')} ms {'; '.join(r.errors)}",
+                  file=sys.stderr, flush=True)
+    os.environ.pop(VARIANT_ENV, None)
+
+    print(f"\npaged_prefill_attention on {device} (torch {torch.__version__}); "
+          f"bf16 matmul 8192^3: {_fmt(mm, '.0f')} TFLOP/s")
+    cols = ("case", "ours ms", "ours TF/s", "% matmul", "sdpa ms", "sdpa TF/s", "ours/sdpa",
+            "max|diff|", "notes")
+    rows = []
+    for r in results:
+        c = r.case
+        pct = None if (r.ours_tflops is None or not mm) else 100.0 * r.ours_tflops / mm
+        name = c["name"] if r.variant == "default" else f"{c['name']} [{r.variant}]"
+        rows.append((
+            name, _fmt(r.ours_ms, ".3f"), _fmt(r.ours_tflops, ".1f"), _fmt(pct, ".0f"),
+            _fmt(r.sdpa_ms, ".3f"), _fmt(r.sdpa_tflops, ".1f"), _fmt(r.ratio_vs_sdpa, ".2f"),
+            _fmt(r.max_abs_diff_vs_sdpa, ".1e"),
+            "; ".join(r.errors) or (r.sdpa_variant or ""),
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    for row in (cols, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"header": header, "results": [asdict(r) for r in results]}, f, indent=2)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

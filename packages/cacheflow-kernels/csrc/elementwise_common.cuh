@@ -1,0 +1,175 @@
+// Helpers of the element-wise kernels (norms, rotary embedding, activations, block copies):
+// vector types, float conversions, dtype dispatch, host-side argument checks.
+//
+// Host checks raise ValueError with messages of the form
+// "<op>: argument '<name>' must be <expected>, got <actual>", like those of common.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
+
+#include "common.h"
+
+namespace cacheflow {
+namespace elementwise {
+
+// ---------------------------------------------------------------------------------------------
+// Device side
+// ---------------------------------------------------------------------------------------------
+
+/*! \brief N elements of T, aligned to their total size: one 16/8/4/2-byte access. */
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/*! \brief float -> T, round to nearest even (what torch's `.to(dtype)` does). */
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+/*! \brief x rounded to T and back: the value a torch op with output dtype T would produce. */
+template <typename T>
+__device__ __forceinline__ float RoundTo(float x) {
+  return ToFloat(FromFloat<T>(x));
+}
+
+/*! \brief Load N elements at `p` with accesses of W elements (W divides N; p aligned to W). */
+template <typename T, int N, int W>
+__device__ __forceinline__ Vec<T, N> LoadVec(const T* p) {
+  static_assert(N % W == 0, "W must divide N");
+  Vec<T, N> out;
+#pragma unroll
+  for (int q = 0; q < N / W; ++q) {
+    reinterpret_cast<Vec<T, W>*>(out.v)[q] = reinterpret_cast<const Vec<T, W>*>(p)[q];
+  }
+  return out;
+}
+
+/*! \brief Store N elements at `p` with accesses of W elements. */
+template <typename T, int N, int W>
+__device__ __forceinline__ void StoreVec(T* p, const Vec<T, N>& x) {
+  static_assert(N % W == 0, "W must divide N");
+#pragma unroll
+  for (int q = 0; q < N / W; ++q) {
+    reinterpret_cast<Vec<T, W>*>(p)[q] = reinterpret_cast<const Vec<T, W>*>(x.v)[q];
+  }
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+/*!
+ * \brief Sum over the block, returned to every thread. blockDim.x must be a multiple of 32
+ * (at most 1024); call at most once per kernel (the shared scratch is not re-synchronised).
+ */
+__device__ __forceinline__ float BlockSum(float v) {
+  __shared__ float partial[32];
+  v = WarpSum(v);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  return WarpSum(lane < num_warps ? partial[lane] : 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+/*! \brief 16 / sizeof(T): elements in one 16-byte access. */
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+/*!
+ * \brief Call `f(T{})` with T = __half, __nv_bfloat16 or float for a float16 / bfloat16 /
+ * float32 dtype (checked by the caller with IsFloatKvDtype).
+ */
+template <typename F>
+void DispatchFloat(DLDataType dtype, F&& f) {
+  if (dtype.code == kDLBfloat) {
+    f(__nv_bfloat16{});
+  } else if (dtype.bits == 16) {
+    f(__half{});
+  } else {
+    f(float{});
+  }
+}
+
+/*! \brief True when `p` is a multiple of `bytes`. */
+inline bool IsAligned(const void* p, int64_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
+}
+
+/*! \brief True when every pointer is a multiple of `bytes`. */
+inline bool AllAligned(std::initializer_list<const void*> ptrs, int64_t bytes) {
+  for (const void* p : ptrs) {
+    if (!IsAligned(p, bytes)) return false;
+  }
+  return true;
+}
+
+/*! \brief Require float16, bfloat16 or float32. */
+inline void CheckFloatDtype(const char* op, const char* name, const TensorView& t) {
+  TVM_FFI_CHECK(IsFloatKvDtype(t.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "float16, bfloat16 or float32, got " << t.dtype();
+}
+
+/*! \brief Require the dtype of `ref` (named `ref_name`). */
+inline void CheckDtypeLike(const char* op, const char* name, const TensorView& t,
+                           const char* ref_name, const TensorView& ref) {
+  TVM_FFI_CHECK(t.dtype() == ref.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << ref.dtype() << " like '" << ref_name << "', got "
+      << t.dtype();
+}
+
+/*! \brief Require the shape of `ref` (named `ref_name`). */
+inline void CheckShapeLike(const char* op, const char* name, const TensorView& t,
+                           const char* ref_name, const TensorView& ref) {
+  bool same = t.ndim() == ref.ndim();
+  for (int32_t i = 0; same && i < t.ndim(); ++i) same = t.shape()[i] == ref.shape()[i];
+  TVM_FFI_CHECK(same, ValueError) << CACHEFLOW_ARG_ERROR(op, name) << "of shape "
+                                  << ShapeStr(ref) << " like '" << ref_name << "', got "
+                                  << ShapeStr(t);
+}
+
+/*! \brief Launch check: surfaces launch errors (bad configuration, no device) as exceptions. */
+inline void CheckLaunch() { TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError()); }
+
+/*! \brief Stream of the current TVM-FFI environment (torch's current stream) for `dev`. */
+inline cudaStream_t EnvStream(DLDevice dev) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
+}
+
+}  // namespace elementwise
+}  // namespace cacheflow

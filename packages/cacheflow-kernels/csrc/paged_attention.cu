@@ -1,0 +1,249 @@
+// paged_attention: argument checks, split-K parameters and the exported functions. The kernels
+// are in paged_attention.cuh (instantiated per dtype in paged_attention_{f16,bf16,f32}.cu).
+#include <cuda_runtime.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+#include <tvm/ffi/extra/cuda/device_guard.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/optional.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#include "paged_attention_launch.cuh"
+
+namespace cacheflow {
+namespace {
+
+using paged_attention::kMaxPartitions;
+using paged_attention::kPartitionAlign;
+using tvm::ffi::Optional;
+
+constexpr const char* kOp = "paged_attention";
+
+bool IsInt32Dtype(DLDataType dt) { return dt.code == kDLInt && dt.bits == 32 && dt.lanes == 1; }
+bool IsFloat32Dtype(DLDataType dt) {
+  return dt.code == kDLFloat && dt.bits == 32 && dt.lanes == 1;
+}
+bool SupportedHeadSize(int64_t d) {
+  return d == 64 || d == 80 || d == 96 || d == 112 || d == 128 || d == 256;
+}
+bool SupportedBlockSize(int64_t b) { return b == 8 || b == 16 || b == 32; }
+
+void CheckAligned(const char* name, const TensorView& t, int64_t bytes) {
+  TVM_FFI_CHECK(reinterpret_cast<std::uintptr_t>(DataPtr(t)) % bytes == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << bytes
+      << "-byte aligned (a fresh or .contiguous() tensor is), got an address offset by "
+      << reinterpret_cast<std::uintptr_t>(DataPtr(t)) % bytes << " bytes";
+}
+
+/*!
+ * \brief Decode attention over the paged KV cache; see paged_attention.cuh for the layouts.
+ *
+ * \param max_context_len an upper bound of context_lens (clamped to max_blocks_per_seq *
+ *        block_size); it sizes the split-K grid.
+ * \param partition_size tokens per split-K partition, a multiple of 64; 0 (or a size giving a
+ *        single partition) means no split. The Python wrapper chooses it.
+ * \param workspace float32, at least num_seqs * num_heads * num_partitions * (head_size + 2)
+ *        elements when split; ignored otherwise.
+ * \param sliding_window W > 0: the query sees only the last W context tokens (its own
+ *        included); 0: the whole context.
+ */
+void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
+                    TensorView value_cache, TensorView block_tables, TensorView context_lens,
+                    double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                    int64_t partition_size, Optional<TensorView> workspace,
+                    int64_t sliding_window) {
+  // -- Shapes and dtypes.
+  CheckNdim(kOp, "query", query, 3, "[num_seqs, num_heads, head_size]");
+  TVM_FFI_CHECK(IsFloatKvDtype(query.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "float16, bfloat16 or float32, got "
+      << query.dtype();
+  const int64_t num_seqs = query.shape()[0];
+  const int64_t num_heads = query.shape()[1];
+  const int64_t head_size = query.shape()[2];
+  TVM_FFI_CHECK(SupportedHeadSize(head_size), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query")
+      << "of head_size 64, 80, 96, 112, 128 or 256, got head_size " << head_size
+      << " (shape " << ShapeStr(query) << ")";
+
+  CheckNdim(kOp, "out", out, 3, "[num_seqs, num_heads, head_size]");
+  TVM_FFI_CHECK(out.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << query.dtype() << " like 'query', got "
+      << out.dtype();
+  TVM_FFI_CHECK(out.shape()[0] == num_seqs && out.shape()[1] == num_heads &&
+                    out.shape()[2] == head_size,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape " << ShapeStr(query)
+      << " like 'query', got " << ShapeStr(out);
+
+  CheckNdim(kOp, "key_cache", key_cache, 4,
+            "[num_blocks, block_size, num_kv_heads, head_size]");
+  TVM_FFI_CHECK(key_cache.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << query.dtype() << " like 'query', got "
+      << key_cache.dtype();
+  const int64_t num_blocks = key_cache.shape()[0];
+  const int64_t block_size = key_cache.shape()[1];
+  const int64_t num_kv_heads = key_cache.shape()[2];
+  TVM_FFI_CHECK(key_cache.shape()[3] == head_size, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
+      << "num_kv_heads, " << head_size << "] (head_size of 'query'), got "
+      << ShapeStr(key_cache);
+  TVM_FFI_CHECK(SupportedBlockSize(block_size), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of block_size 8, 16 or 32, got block_size "
+      << block_size << " (shape " << ShapeStr(key_cache) << ")";
+  TVM_FFI_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of num_kv_heads dividing num_heads="
+      << num_heads << ", got num_kv_heads " << num_kv_heads;
+
+  CheckNdim(kOp, "value_cache", value_cache, 4,
+            "[num_blocks, block_size, num_kv_heads, head_size]");
+  TVM_FFI_CHECK(value_cache.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << query.dtype() << " like 'query', got "
+      << value_cache.dtype();
+  TVM_FFI_CHECK(value_cache.shape()[0] == num_blocks && value_cache.shape()[1] == block_size &&
+                    value_cache.shape()[2] == num_kv_heads &&
+                    value_cache.shape()[3] == head_size,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << "of shape " << ShapeStr(key_cache)
+      << " like 'key_cache', got " << ShapeStr(value_cache);
+
+  CheckNdim(kOp, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]");
+  TVM_FFI_CHECK(IsInt32Dtype(block_tables.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "int32, got " << block_tables.dtype();
+  TVM_FFI_CHECK(block_tables.shape()[0] == num_seqs, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "of shape [" << num_seqs
+      << ", max_blocks_per_seq] (num_seqs of 'query'), got " << ShapeStr(block_tables);
+  const int64_t max_blocks_per_seq = block_tables.shape()[1];
+
+  CheckNdim(kOp, "context_lens", context_lens, 1, "[num_seqs]");
+  TVM_FFI_CHECK(IsInt32Dtype(context_lens.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "int32, got " << context_lens.dtype();
+  TVM_FFI_CHECK(context_lens.shape()[0] == num_seqs, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "of shape [" << num_seqs
+      << "] (num_seqs of 'query'), got " << ShapeStr(context_lens);
+
+  if (alibi_slopes.has_value()) {
+    const TensorView& a = *alibi_slopes;
+    CheckNdim(kOp, "alibi_slopes", a, 1, "[num_heads]");
+    TVM_FFI_CHECK(IsFloat32Dtype(a.dtype()), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "alibi_slopes") << "float32, got " << a.dtype();
+    TVM_FFI_CHECK(a.shape()[0] == num_heads, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "alibi_slopes") << "of shape [" << num_heads
+        << "] (num_heads of 'query'), got " << ShapeStr(a);
+  }
+  if (workspace.has_value()) {
+    CheckNdim(kOp, "workspace", *workspace, 1, "[num_elements]");
+    TVM_FFI_CHECK(IsFloat32Dtype((*workspace).dtype()), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "workspace") << "float32, got " << (*workspace).dtype();
+  }
+
+  // -- Scalars.
+  TVM_FFI_CHECK(std::isfinite(scale), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "scale") << "a finite number, got " << scale;
+  TVM_FFI_CHECK(max_context_len >= 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "max_context_len") << ">= 0, got " << max_context_len;
+  TVM_FFI_CHECK(partition_size >= 0 && partition_size % kPartitionAlign == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "partition_size") << "0 or a positive multiple of "
+      << kPartitionAlign << ", got " << partition_size;
+  TVM_FFI_CHECK(sliding_window >= 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "sliding_window") << ">= 0 (0: no window), got "
+      << sliding_window;
+
+  // -- Memory layout.
+  CheckContiguous(kOp, "out", out);
+  CheckContiguous(kOp, "query", query);
+  CheckContiguous(kOp, "key_cache", key_cache);
+  CheckContiguous(kOp, "value_cache", value_cache);
+  CheckContiguous(kOp, "block_tables", block_tables);
+  CheckContiguous(kOp, "context_lens", context_lens);
+  if (alibi_slopes.has_value()) CheckContiguous(kOp, "alibi_slopes", *alibi_slopes);
+  if (workspace.has_value()) CheckContiguous(kOp, "workspace", *workspace);
+
+  // -- Device.
+  CheckCuda(kOp, "query", query);
+  CheckSameDevice(kOp, "out", out, "query", query);
+  CheckSameDevice(kOp, "key_cache", key_cache, "query", query);
+  CheckSameDevice(kOp, "value_cache", value_cache, "query", query);
+  CheckSameDevice(kOp, "block_tables", block_tables, "query", query);
+  CheckSameDevice(kOp, "context_lens", context_lens, "query", query);
+  if (alibi_slopes.has_value()) {
+    CheckSameDevice(kOp, "alibi_slopes", *alibi_slopes, "query", query);
+  }
+  if (workspace.has_value()) CheckSameDevice(kOp, "workspace", *workspace, "query", query);
+
+  // -- Alignment (16-byte vector loads) and sizes the kernels index with 32-bit ints.
+  CheckAligned("query", query, 16);
+  CheckAligned("out", out, 16);
+  CheckAligned("key_cache", key_cache, 16);
+  CheckAligned("value_cache", value_cache, 16);
+  TVM_FFI_CHECK(num_seqs <= 65535, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "at most 65535 sequences, got " << num_seqs;
+  const int64_t max_tokens = max_blocks_per_seq * block_size;
+  TVM_FFI_CHECK(max_tokens <= (int64_t{1} << 30), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "block_tables")
+      << "at most 2^30 tokens per sequence (max_blocks_per_seq * block_size), got "
+      << max_tokens;
+
+  if (num_seqs == 0 || num_heads == 0) return;
+
+  // -- Partitions and workspace.
+  if (partition_size > 0) {
+    const int64_t max_ctx = max_context_len < max_tokens ? max_context_len : max_tokens;
+    const int64_t parts = (max_ctx + partition_size - 1) / partition_size;
+    TVM_FFI_CHECK(parts <= kMaxPartitions, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "partition_size") << "large enough for at most "
+        << kMaxPartitions << " partitions of max_context_len=" << max_ctx << ", got "
+        << partition_size;
+  }
+  paged_attention::Params p = paged_attention::MakeParams(
+      num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks_per_seq, scale,
+      max_context_len, partition_size, sliding_window);
+  const int64_t need = paged_attention::WorkspaceElements(p);
+  if (need > 0) {
+    TVM_FFI_CHECK(workspace.has_value(), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "workspace") << "a float32 tensor of at least " << need
+        << " elements for " << p.num_partitions << " partitions, got None";
+    TVM_FFI_CHECK((*workspace).shape()[0] >= need, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "workspace") << "at least " << need
+        << " float32 elements (num_seqs * num_heads * num_partitions * (head_size + 2) = "
+        << num_seqs << " * " << num_heads << " * " << p.num_partitions << " * "
+        << head_size + 2 << "), got " << (*workspace).shape()[0];
+    paged_attention::SetWorkspace(p, reinterpret_cast<float*>(DataPtr(*workspace)));
+  }
+  p.out = DataPtr(out);
+  p.query = DataPtr(query);
+  p.key_cache = DataPtr(key_cache);
+  p.value_cache = DataPtr(value_cache);
+  p.block_tables = reinterpret_cast<const int32_t*>(DataPtr(block_tables));
+  p.context_lens = reinterpret_cast<const int32_t*>(DataPtr(context_lens));
+  p.alibi_slopes =
+      alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
+
+  const DLDevice dev = query.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
+  const DLDataType dt = query.dtype();
+  if (dt.code == kDLFloat && dt.bits == 16) {
+    paged_attention::Launch<__half>(p, stream);
+  } else if (dt.code == kDLBfloat) {
+    paged_attention::Launch<__nv_bfloat16>(p, stream);
+  } else {
+    paged_attention::Launch<float>(p, stream);
+  }
+}
+
+/*! \brief Number of multiprocessors of CUDA device `device_id` (the split-K heuristic's input). */
+int64_t SmCount(int64_t device_id) {
+  int count = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount,
+                                                  static_cast<int>(device_id)));
+  return count;
+}
+
+}  // namespace
+}  // namespace cacheflow
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention, cacheflow::PagedAttention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_sm_count, cacheflow::SmCount);

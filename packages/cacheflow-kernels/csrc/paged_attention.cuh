@@ -1,0 +1,1005 @@
+// paged_attention: decode attention (one query token per sequence) over the paged KV cache.
+//
+// Layouts (C-contiguous; T = float16, bfloat16 or float32, the same for query, caches and out):
+//   query, out:               [num_seqs, num_heads, head_size]                       T
+//   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]      T
+//   block_tables:             [num_seqs, max_blocks_per_seq]                         int32
+//   context_lens:             [num_seqs]                                             int32
+//   alibi_slopes (optional):  [num_heads]                                            float32
+//   workspace (split-K only): num_seqs * num_heads * num_partitions * (head_size + 2) float32:
+//                             partial outputs [S, H, P, D], then maxima [S, H, P], then sums.
+//
+// Work decomposition. One CTA (4 warps) handles one (sequence, KV head, group of query heads,
+// partition of the context): all query heads that share the KV head are processed together
+// (up to 16 with tensor cores, 8 on the float32 path), so each K/V row is read from memory once.
+// The warps split the partition's tokens in tiles of 8 (warp w takes tiles w, w+4, w+8, ...),
+// each keeping its own online-softmax state (running max, running sum, fp32 output); the four
+// states are merged through shared memory at the end. With one partition per sequence the CTA
+// writes `out` directly; with several (split-K, for long contexts and few sequences) each CTA
+// writes its normalized partial output, max and sum to the workspace and a second kernel merges
+// the partitions. Grid: x = KV head * head groups (fastest, so CTAs sharing K/V run together),
+// y = sequence, z = partition.
+//
+// float16/bfloat16 use mma.sync (sm_80+) with the query heads as the 16 rows of the MMA (rows
+// past the group size are zero):
+//   S[16 heads x 8 tokens]  = Q[16 x D] * K^T        m16n8k16, fp32 accumulate, D/16 k-steps
+//   O[16 heads x D]        += P[16 x 8 tokens] * V   m16n8k8, one per 8 output columns
+// The score fragment of the first MMA is exactly the A fragment of the second (after rounding P
+// to T), so P never leaves registers. K and V are read with 16-byte loads straight into MMA
+// fragments: the order of the reduction dimension (head_size for QK) is free, and the output
+// columns of PV can be permuted too, so each thread loads 8 contiguous elements of a K or V row;
+// the permutation is undone when the output is written (see the index maps below).
+// float32 uses CUDA cores (a warp-wide dot product per token, butterfly-reduced).
+//
+// The kernels are written against a few primitives (below) so that they also compile for the
+// host under CACHEFLOW_PAGED_ATTENTION_EMULATE, where tests/emulation/paged_attention_emu.h
+// runs every CUDA thread as a fiber and emulates the warp-level instructions on a CPU.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#ifdef CACHEFLOW_PAGED_ATTENTION_EMULATE
+#include "paged_attention_emu.h"  // PA_* macros, Dtype<>, the primitives, for the host
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#define PA_DEVICE __device__ __forceinline__
+#define PA_GLOBAL __global__
+#define PA_LAUNCH_BOUNDS(threads, min_blocks) __launch_bounds__(threads, min_blocks)
+
+namespace cacheflow {
+namespace paged_attention {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+PA_DEVICE unsigned char* DynamicSmem() {
+  extern __shared__ __align__(16) unsigned char pa_dynamic_smem[];
+  return pa_dynamic_smem;
+}
+PA_DEVICE void SyncThreads() { __syncthreads(); }
+PA_DEVICE float ShflXor(float v, int mask) { return __shfl_xor_sync(kFullMask, v, mask); }
+PA_DEVICE int ShflIdx(int v, int src_lane) { return __shfl_sync(kFullMask, v, src_lane); }
+PA_DEVICE int LoadIndex(const int32_t* ptr) { return __ldg(ptr); }
+PA_DEVICE uint32_t BytePerm(uint32_t x, uint32_t y, uint32_t sel) { return __byte_perm(x, y, sel); }
+PA_DEVICE float AsFloat(uint32_t u) { return __uint_as_float(u); }
+template <typename U>
+PA_DEVICE void StoreGlobal(U* ptr, U value) {
+  *ptr = value;
+}
+// Plain (cached) loads of the query.
+PA_DEVICE uint4 LoadGlobal16(const void* ptr) { return *static_cast<const uint4*>(ptr); }
+PA_DEVICE uint2 LoadGlobal8(const void* ptr) { return *static_cast<const uint2*>(ptr); }
+
+PA_DEVICE float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Streaming loads of data read once (the cache is not written while the kernel runs).
+PA_DEVICE uint4 LoadStream16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+PA_DEVICE uint2 LoadStream8(const void* ptr) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+PA_DEVICE uint32_t LoadStream4(const void* ptr) {
+  uint32_t v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<__half> {
+  static PA_DEVICE uint32_t Pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static PA_DEVICE __half FromFloat(float x) { return __float2half_rn(x); }
+  // d += a * b, m16n8k16, row.col, fp32 accumulate.
+  static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                 uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  // d += a * b, m16n8k8, row.col, fp32 accumulate.
+  static PA_DEVICE void Mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5}, {%6}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  static PA_DEVICE uint32_t Pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static PA_DEVICE __nv_bfloat16 FromFloat(float x) { return __float2bfloat16_rn(x); }
+  static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                 uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static PA_DEVICE void Mma1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5}, {%6}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+template <>
+struct Dtype<float> {
+  static PA_DEVICE float FromFloat(float x) { return x; }
+};
+
+}  // namespace paged_attention
+}  // namespace cacheflow
+#endif  // CACHEFLOW_PAGED_ATTENTION_EMULATE
+
+namespace cacheflow {
+namespace paged_attention {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTile = 8;               // tokens per warp tile (one MMA n-tile); divides block_size
+constexpr int kPartitionAlign = 64;    // partition sizes are multiples of this
+constexpr int kMmaRows = 16;           // query heads per CTA on the tensor-core path
+constexpr int kSimtRows = 8;           // query heads per CTA on the float32 path (when group > 1)
+constexpr int kMaxPartitions = 8192;   // bound of num_partitions (combine kernel's shared memory)
+constexpr int kCombineThreads = 128;
+constexpr int kOutPad = 4;             // floats of padding per row of the merge buffer
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+/*! \brief Everything a launch needs (see MakeParams). */
+struct Params {
+  void* out;
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  const float* alibi_slopes;  // nullptr: no ALiBi
+  float* ws_o;                // [num_seqs, num_heads, num_partitions, head_size]; nullptr: no split
+  float* ws_m;                // [num_seqs, num_heads, num_partitions] running max (log2 units)
+  float* ws_l;                // [num_seqs, num_heads, num_partitions] sum of exp2(s - max)
+  float scale_log2;           // softmax scale * log2(e)
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int head_size;
+  int group;                  // num_heads / num_kv_heads
+  int block_size;
+  int log2_block_size;
+  int max_blocks_per_seq;
+  int max_tokens;             // max_blocks_per_seq * block_size: contexts are clamped to it
+  int64_t block_stride;       // elements between cache blocks: block_size * num_kv_heads * D
+  int64_t token_stride;       // elements between tokens of a block: num_kv_heads * D
+  int partition_size;         // tokens per partition (multiple of 64, >= max_tokens if unsplit)
+  int num_partitions;
+  int sliding_window;         // 0: attend to the whole context
+  // Set by the dispatch for the chosen kernel:
+  int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
+  int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
+};
+
+// ------------------------------------------------------------------------------------------
+// Host side: parameters and kernel configuration (shared by the CUDA build and the emulator).
+
+/*!
+ * \brief Params from validated shapes (pointers and workspace left null): clamps
+ * max_context_len to max_blocks_per_seq * block_size and derives the partitions. A
+ * partition_size of 0, or one giving a single partition, means no split.
+ */
+inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_size, int64_t block_size, int64_t max_blocks_per_seq,
+                         double scale, int64_t max_context_len, int64_t partition_size,
+                         int64_t sliding_window) {
+  Params p{};
+  const int64_t max_tokens = max_blocks_per_seq * block_size;
+  const int64_t max_ctx = std::min(max_context_len, max_tokens);
+  int64_t parts = partition_size > 0 ? (max_ctx + partition_size - 1) / partition_size : 1;
+  if (parts <= 1) {
+    parts = 1;
+    // One partition covering every token a block table can address.
+    partition_size = std::max<int64_t>(
+        (max_tokens + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign, kPartitionAlign);
+  }
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_size = static_cast<int>(head_size);
+  p.group = static_cast<int>(num_heads / num_kv_heads);
+  p.block_size = static_cast<int>(block_size);
+  p.log2_block_size = block_size == 8 ? 3 : block_size == 16 ? 4 : 5;
+  p.max_blocks_per_seq = static_cast<int>(max_blocks_per_seq);
+  p.max_tokens = static_cast<int>(max_tokens);
+  p.token_stride = num_kv_heads * head_size;
+  p.block_stride = block_size * num_kv_heads * head_size;
+  p.partition_size = static_cast<int>(partition_size);
+  p.num_partitions = static_cast<int>(parts);
+  // A window at least as long as any context is no window.
+  p.sliding_window = static_cast<int>(sliding_window < max_tokens ? sliding_window : 0);
+  return p;
+}
+
+/*! \brief float32 elements of workspace a launch with `p` needs (0 when not split). */
+inline int64_t WorkspaceElements(const Params& p) {
+  if (p.num_partitions <= 1) return 0;
+  return static_cast<int64_t>(p.num_seqs) * p.num_heads * p.num_partitions * (p.head_size + 2);
+}
+
+/*! \brief Points the split-K arrays into `ws` (WorkspaceElements(p) floats). */
+inline void SetWorkspace(Params& p, float* ws) {
+  if (p.num_partitions <= 1) return;
+  const int64_t partials = static_cast<int64_t>(p.num_seqs) * p.num_heads * p.num_partitions;
+  p.ws_o = ws;
+  p.ws_m = ws + partials * p.head_size;
+  p.ws_l = ws + partials * (p.head_size + 1);
+}
+
+/*! \brief Bytes of the per-warp softmax statistics at the start of dynamic shared memory. */
+constexpr size_t kStatsSmemBytes = 3 * kWarps * kMmaRows * sizeof(float);
+
+/*! \brief Bytes of the merge buffer: every warp's unnormalized output rows. */
+inline size_t MergeSmemBytes(int head_size, int rows) {
+  return static_cast<size_t>(kWarps) * rows * (head_size + kOutPad) * sizeof(float);
+}
+
+struct GridDims {
+  unsigned x, y, z;
+};
+
+// ------------------------------------------------------------------------------------------
+// Device helpers.
+
+PA_DEVICE int IMin(int a, int b) { return a < b ? a : b; }
+PA_DEVICE int IMax(int a, int b) { return a > b ? a : b; }
+
+PA_DEVICE uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant
+}
+
+/*! \brief The per-warp statistics in dynamic shared memory: m, l, f, each [kWarps][kMmaRows]. */
+struct Stats {
+  float (*m)[kMmaRows];
+  float (*l)[kMmaRows];
+  float (*f)[kMmaRows];
+};
+
+PA_DEVICE Stats GetStats(unsigned char* smem) {
+  float* base = reinterpret_cast<float*>(smem);
+  return Stats{reinterpret_cast<float(*)[kMmaRows]>(base),
+               reinterpret_cast<float(*)[kMmaRows]>(base + kWarps * kMmaRows),
+               reinterpret_cast<float(*)[kMmaRows]>(base + 2 * kWarps * kMmaRows)};
+}
+
+/*! \brief The token range of one (sequence, partition). */
+struct PartitionRange {
+  int ctx;        // context length (clamped to [0, max_tokens])
+  int begin;      // first token attended in this partition
+  int end;        // one past the last
+  int tile_base;  // begin rounded down to a multiple of kTile: tile t covers tile_base + 8t ...
+  int num_tiles;
+};
+
+PA_DEVICE int ClampedContext(const Params& p, int seq) {
+  return IMin(IMax(p.context_lens[seq], 0), p.max_tokens);
+}
+
+/*! \brief First token a query at the end of a context of `ctx` tokens sees. */
+PA_DEVICE int WindowStart(const Params& p, int ctx) {
+  return p.sliding_window > 0 ? IMax(ctx - p.sliding_window, 0) : 0;
+}
+
+PA_DEVICE PartitionRange GetRange(const Params& p, int seq, int part) {
+  PartitionRange r;
+  r.ctx = ClampedContext(p, seq);
+  const int part_start = part * p.partition_size;
+  r.begin = IMax(part_start, WindowStart(p, r.ctx));
+  // partition_size may exceed max_tokens (one partition per sequence): avoid int overflow.
+  r.end = (r.ctx - part_start <= p.partition_size) ? r.ctx : part_start + p.partition_size;
+  r.tile_base = r.begin & ~(kTile - 1);
+  r.num_tiles = r.begin < r.end ? (r.end - r.tile_base + kTile - 1) / kTile : 0;
+  return r;
+}
+
+/*!
+ * \brief Block numbers of 32 of a warp's tiles, one per lane: lane l gets the block of the warp's
+ * tile number (32 * chunk + l), i.e. CTA tile (warp + kWarps * (32 * chunk + l)); 0 past the end.
+ * A tile never straddles blocks (tile starts are multiples of 8, block sizes multiples of 8).
+ */
+PA_DEVICE int LoadTileBlocks(const Params& p, const int32_t* bt_row, const PartitionRange& r,
+                             int warp, int chunk, int lane) {
+  const int tile = warp + kWarps * (32 * chunk + lane);
+  if (tile >= r.num_tiles) return 0;
+  const int tok0 = r.tile_base + kTile * tile;
+  return LoadIndex(bt_row + (tok0 >> p.log2_block_size));
+}
+
+// ------------------------------------------------------------------------------------------
+// Merging the warps' states and writing the partition's result.
+//
+// On entry (after a barrier) each warp w has stored, for rows r < p.rows: its running max
+// st.m[w][r] (log2 units, -inf if it saw no token), its running sum st.l[w][r] and its
+// unnormalized output so[(w * p.rows + r) * (D + kOutPad) + d].
+
+template <typename T, int D>
+PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
+                               int head0, int seq, int part) {
+  const int tid = threadIdx.x;
+  const bool split = p.ws_o != nullptr;
+  if (tid < rows_valid) {
+    float m = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, st.m[w][tid]);
+    float f[kWarps];
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      f[w] = st.m[w][tid] == kNegInf ? 0.f : FastExp2(st.m[w][tid] - m);
+      total += f[w] * st.l[w][tid];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) st.f[w][tid] = f[w] * inv;
+    if (split) {
+      const int64_t idx =
+          (static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * p.num_partitions + part;
+      StoreGlobal(p.ws_m + idx, m);
+      StoreGlobal(p.ws_l + idx, total);
+    }
+  }
+  SyncThreads();
+  const int rows = p.rows;
+  for (int i = tid; i < rows_valid * D; i += kThreads) {
+    const int row = i / D;
+    const int d = i - row * D;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += st.f[w][row] * so[(w * rows + row) * (D + kOutPad) + d];
+    const int64_t head_row = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
+    if (split) {
+      StoreGlobal(p.ws_o + (head_row * p.num_partitions + part) * D + d, o);
+    } else {
+      StoreGlobal(static_cast<T*>(p.out) + head_row * D + d, Dtype<T>::FromFloat(o));
+    }
+  }
+}
+
+/*! \brief Zeros for the CTA's heads (a sequence with an empty context, unsplit launch). */
+template <typename T, int D>
+PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * D;
+  for (int i = threadIdx.x; i < rows_valid * D; i += kThreads) {
+    StoreGlobal(out + i, Dtype<T>::FromFloat(0.f));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Tensor-core kernel (float16 / bfloat16).
+//
+// Fragment maps (m16n8k16 / m16n8k8, row.col; g = lane / 4, t = lane % 4):
+//   A regs: a0 = (row g, k 2t..2t+1), a1 = (row g+8, k 2t..), a2 = (row g, k 2t+8..),
+//           a3 = (row g+8, k 2t+8..) (m16n8k8: a0, a1 only); B regs: b0 = (k 2t..2t+1, col g),
+//           b1 = (k 2t+8.., col g) (m16n8k8: b0 only);
+//   C: c0, c1 = (row g, col 2t, 2t+1), c2, c3 = (row g+8, col 2t, 2t+1).
+// QK (k = head dim, in spans of 32 = two k-steps of 16): logical k of step 2j (2j+1) maps to the
+//   physical dims 32j + 8t + {0..3} ({4..7}); so one 16-byte load at dim 32j + 8t of a Q row
+//   gives the A words of both steps and of a K row the B words of both steps. A trailing
+//   16-dim step (head_size 80, 112) maps to 32j + 4t + {0..3}: an 8-byte load.
+// PV (n = head dim in tiles of 8): column n of d-tile i = 8c + e (c < D / 64) is dim
+//   64c + 8n + e, so lane g loads 8 contiguous dims (64c + 8g ..) of a V row and takes element
+//   e for d-tile 8c + e. The D % 64 trailing dims: d-tile 8 * (D / 64) + e, column n is dim
+//   64 * (D / 64) + (D % 64 / 8) * n + e (4-byte loads).
+// Tokens: the 8 tokens of a tile are the n columns of S (token tile_start + n) and the k rows
+//   of PV (k = 2t, 2t+1 in this thread: tokens tile_start + 2t, + 2t + 1).
+
+template <int D>
+struct MmaShape {
+  static_assert(D % 16 == 0 && D >= 32 && D <= 256, "head_size: a multiple of 16 in [32, 256]");
+  static constexpr int kSpans = D / 32;                   // full 32-dim QK spans
+  static constexpr bool kHalfSpan = (D % 32) != 0;        // one more 16-dim k-step
+  static constexpr int kQSpans = kSpans + (kHalfSpan ? 1 : 0);
+  static constexpr int kChunks = D / 64;                  // full 64-dim PV chunks
+  static constexpr int kTailTiles = (D % 64) / 8;         // trailing d-tiles (0, 2, 4 or 6)
+  static constexpr int kTailWords = kTailTiles / 2;       // 32-bit words per V row and thread
+  static constexpr int kDTiles = D / 8;
+  static constexpr int kQSmemBytes = kQSpans * 2 * 32 * 16;
+};
+
+template <typename T, int D>
+PA_DEVICE void LoadKTile(const T* kc, const Params& p, const PartitionRange& r, int tok0, int blk,
+                         int gid, int tig, uint4 (&kr)[MmaShape<D>::kSpans], uint2& krh) {
+  using S = MmaShape<D>;
+  const int tok = tok0 + gid;
+  const bool valid = tok >= r.begin && tok < r.end;
+  const T* row = kc + static_cast<int64_t>(blk) * p.block_stride +
+                 static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
+#pragma unroll
+  for (int j = 0; j < S::kSpans; ++j) {
+    kr[j] = valid ? LoadStream16(row + 32 * j + 8 * tig) : make_uint4(0, 0, 0, 0);
+  }
+  if constexpr (S::kHalfSpan) {
+    krh = valid ? LoadStream8(row + 32 * S::kSpans + 4 * tig) : make_uint2(0, 0);
+  }
+}
+
+template <typename T, int D>
+PA_DEVICE void LoadVTile(const T* vc, const Params& p, const PartitionRange& r, int tok0, int blk,
+                         int gid, int tig, uint4 (&vr)[2][MmaShape<D>::kChunks],
+                         uint32_t (&vt)[2][MmaShape<D>::kTailWords > 0 ? MmaShape<D>::kTailWords
+                                                                       : 1]) {
+  using S = MmaShape<D>;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int tok = tok0 + 2 * tig + s;
+    const bool valid = tok >= r.begin && tok < r.end;
+    const T* row = vc + static_cast<int64_t>(blk) * p.block_stride +
+                   static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
+#pragma unroll
+    for (int c = 0; c < S::kChunks; ++c) {
+      // Invalid tokens must read as zeros: their slots may hold NaN, and 0 * NaN = NaN.
+      vr[s][c] = valid ? LoadStream16(row + 64 * c + 8 * gid) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int w = 0; w < S::kTailWords; ++w) {
+      vt[s][w] = valid ? LoadStream4(row + 64 * S::kChunks + S::kTailTiles * gid + 2 * w) : 0u;
+    }
+  }
+}
+
+// Resident CTAs per SM the register allocation must allow (checked with -Xptxas -v: no spills):
+// 4 (<= 128 registers/thread) up to head_size 96, 3 (<= 168) up to 128, else 2.
+template <int D>
+constexpr int MmaMinBlocks() {
+  return D <= 96 ? 4 : D <= 128 ? 3 : 2;
+}
+
+template <typename T, int D>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
+    PagedAttentionMmaKernel(const Params p) {
+  using S = MmaShape<D>;
+  using Ops = Dtype<T>;
+  unsigned char* smem = DynamicSmem();
+  const Stats st = GetStats(smem);
+  unsigned char* smem_main = smem + kStatsSmemBytes;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const int kvh = blockIdx.x / p.head_groups;
+  const int hg = blockIdx.x - kvh * p.head_groups;
+  const int seq = blockIdx.y;
+  const int part = blockIdx.z;
+  const int rows_valid = IMin(kMmaRows, p.group - hg * kMmaRows);
+  const int head0 = kvh * p.group + hg * kMmaRows;
+
+  const PartitionRange r = GetRange(p, seq, part);
+  if (r.num_tiles == 0) {
+    if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
+    return;
+  }
+
+  // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
+  uint4* qs = reinterpret_cast<uint4*>(smem_main);
+  {
+    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
+    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
+      const int j = i >> 6;
+      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
+      const int t4 = i & 3;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < rows_valid) {
+        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
+        if (j < S::kSpans) {
+          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
+        } else {
+          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
+          v.x = h.x;
+          v.y = h.y;
+        }
+      }
+      qs[i] = v;
+    }
+  }
+  // ALiBi slopes of this thread's two rows (g and g + 8), in log2 units.
+  float alibi[2] = {0.f, 0.f};
+  if (p.alibi_slopes != nullptr) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = gid + 8 * hh;
+      if (row < rows_valid) alibi[hh] = p.alibi_slopes[head0 + row] * kLog2e;
+    }
+  }
+  const float query_pos = static_cast<float>(r.ctx - 1);
+  SyncThreads();
+
+  const T* kc = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const T* vc = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  float acc[S::kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < S::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_run[2] = {kNegInf, kNegInf};
+  float l_run[2] = {0.f, 0.f};
+
+  uint4 kr[S::kSpans];
+  uint2 krh = make_uint2(0, 0);
+  uint4 vr[2][S::kChunks];
+  uint32_t vt[2][S::kTailWords > 0 ? S::kTailWords : 1];
+
+  int tile = warp;
+  int it = 0;  // this warp's tile counter: tile = warp + kWarps * it
+  int blk_cache = 0;
+  if (tile < r.num_tiles) {
+    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
+    const int blk = ShflIdx(blk_cache, 0);
+    const int tok0 = r.tile_base + kTile * tile;
+    LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
+    LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
+  }
+
+  while (tile < r.num_tiles) {  // warp-uniform
+    const int tok0 = r.tile_base + kTile * tile;
+
+    // ---- S = Q K^T for 16 rows x 8 tokens.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < S::kSpans; ++j) {
+      const uint4 q0 = qs[(2 * j) * 32 + lane];
+      const uint4 q1 = qs[(2 * j + 1) * 32 + lane];
+      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, kr[j].x, kr[j].y);
+      Ops::Mma16816(sc, q0.z, q1.z, q0.w, q1.w, kr[j].z, kr[j].w);
+    }
+    if constexpr (S::kHalfSpan) {
+      const uint4 q0 = qs[(2 * S::kSpans) * 32 + lane];
+      const uint4 q1 = qs[(2 * S::kSpans + 1) * 32 + lane];
+      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, krh.x, krh.y);
+    }
+
+    // ---- Prefetch the next tile's K (the registers are free now).
+    const int next = tile + kWarps;
+    ++it;
+    int blk_next = 0;
+    if (next < r.num_tiles) {
+      if ((it & 31) == 0) blk_cache = LoadTileBlocks(p, bt_row, r, warp, it >> 5, lane);
+      blk_next = ShflIdx(blk_cache, it & 31);
+      LoadKTile<T, D>(kc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, kr, krh);
+    }
+
+    // ---- Scale, ALiBi, mask; online softmax per row (this thread: tokens 2t, 2t+1).
+    const int ta = tok0 + 2 * tig;
+    const bool va = ta >= r.begin && ta < r.end;
+    const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
+    const float da = static_cast<float>(ta) - query_pos;
+    uint32_t pa[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float x0 = va ? fmaf(sc[2 * hh], p.scale_log2, alibi[hh] * da) : kNegInf;
+      float x1 = vb ? fmaf(sc[2 * hh + 1], p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
+      float mx = fmaxf(x0, x1);
+      mx = fmaxf(mx, ShflXor(mx, 1));
+      mx = fmaxf(mx, ShflXor(mx, 2));
+      const float m_new = fmaxf(m_run[hh], mx);
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      const float corr = FastExp2(m_run[hh] - m_use);
+      x0 = FastExp2(x0 - m_use);
+      x1 = FastExp2(x1 - m_use);
+      l_run[hh] = fmaf(l_run[hh], corr, x0 + x1);
+      m_run[hh] = m_new;
+#pragma unroll
+      for (int i = 0; i < S::kDTiles; ++i) {
+        acc[i][2 * hh] *= corr;
+        acc[i][2 * hh + 1] *= corr;
+      }
+      pa[hh] = Ops::Pack(x0, x1);
+    }
+
+    // ---- O += P V.
+#pragma unroll
+    for (int c = 0; c < S::kChunks; ++c) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
+        const uint32_t b = BytePerm(Word(vr[0][c], e >> 1), Word(vr[1][c], e >> 1), sel);
+        Ops::Mma1688(acc[8 * c + e], pa[0], pa[1], b);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < S::kTailTiles; ++e) {
+      const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
+      const uint32_t b = BytePerm(vt[0][e >> 1], vt[1][e >> 1], sel);
+      Ops::Mma1688(acc[8 * S::kChunks + e], pa[0], pa[1], b);
+    }
+
+    // ---- Prefetch the next tile's V.
+    if (next < r.num_tiles) {
+      LoadVTile<T, D>(vc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, vr, vt);
+    }
+    tile = next;
+  }
+
+  // ---- Per-warp state to shared memory (the Q fragments are dead: reuse their space).
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l_run[hh] += ShflXor(l_run[hh], 1);
+    l_run[hh] += ShflXor(l_run[hh], 2);
+  }
+  SyncThreads();
+  float* so = reinterpret_cast<float*>(smem_main);
+  const int rows = p.rows;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = gid + 8 * hh;
+    if (tig == 0) {
+      st.m[warp][row] = m_run[hh];
+      st.l[warp][row] = l_run[hh];
+    }
+    if (row < rows) {
+      float* o_row = so + (warp * rows + row) * (D + kOutPad);
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+#pragma unroll
+        for (int h4 = 0; h4 < 2; ++h4) {
+          const int i = 8 * c + 4 * h4;
+          // column 2t of d-tile 8c + e is dim 64c + 16t + e; column 2t + 1 is dim + 8.
+          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 4 * h4) =
+              make_float4(acc[i][2 * hh], acc[i + 1][2 * hh], acc[i + 2][2 * hh],
+                          acc[i + 3][2 * hh]);
+          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 8 + 4 * h4) =
+              make_float4(acc[i][2 * hh + 1], acc[i + 1][2 * hh + 1], acc[i + 2][2 * hh + 1],
+                          acc[i + 3][2 * hh + 1]);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < S::kTailTiles; ++e) {
+        const int i = 8 * S::kChunks + e;
+        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig) + e] = acc[i][2 * hh];
+        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig + 1) + e] = acc[i][2 * hh + 1];
+      }
+    }
+  }
+  SyncThreads();
+  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
+}
+
+// ------------------------------------------------------------------------------------------
+// CUDA-core kernel (float32). Each warp handles its tiles 4 tokens at a time: every lane
+// multiplies its float4 slices of the query rows (from shared memory) with the K rows, the
+// partial dot products are butterfly-reduced over the warp, and all lanes then hold the same
+// scores and softmax state; lane l owns output dims 4 * (l + 32 i) .. + 3.
+
+template <int D, int kRows>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Params p) {
+  constexpr int kVecs = D / 4;
+  constexpr int kPerLane = (kVecs + 31) / 32;
+  constexpr int kSub = 4;  // tokens per step
+  unsigned char* smem = DynamicSmem();
+  const Stats st = GetStats(smem);
+  unsigned char* smem_main = smem + kStatsSmemBytes;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int kvh = blockIdx.x / p.head_groups;
+  const int hg = blockIdx.x - kvh * p.head_groups;
+  const int seq = blockIdx.y;
+  const int part = blockIdx.z;
+  const int rows_valid = IMin(kRows, p.group - hg * kRows);
+  const int head0 = kvh * p.group + hg * kRows;
+
+  const PartitionRange r = GetRange(p, seq, part);
+  if (r.num_tiles == 0) {
+    if (p.ws_o == nullptr) WriteZeros<float, D>(p, rows_valid, head0, seq);
+    return;
+  }
+
+  // Query rows, pre-multiplied by scale * log2(e): qs[row * D + d].
+  float* qs = reinterpret_cast<float*>(smem_main);
+  {
+    const float* q_seq =
+        static_cast<const float*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
+    for (int i = tid; i < kRows * D; i += kThreads) {
+      const int row = i / D;
+      qs[i] = row < rows_valid ? q_seq[static_cast<int64_t>(head0) * D + i] * p.scale_log2 : 0.f;
+    }
+  }
+  float alibi[kRows];
+#pragma unroll
+  for (int row = 0; row < kRows; ++row) {
+    alibi[row] = (p.alibi_slopes != nullptr && row < rows_valid)
+                     ? p.alibi_slopes[head0 + row] * kLog2e
+                     : 0.f;
+  }
+  const float query_pos = static_cast<float>(r.ctx - 1);
+  SyncThreads();
+
+  const float* kc = static_cast<const float*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const float* vc = static_cast<const float*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  float4 acc[kRows][kPerLane];
+  float m_run[kRows];
+  float l_run[kRows];
+#pragma unroll
+  for (int row = 0; row < kRows; ++row) {
+    m_run[row] = kNegInf;
+    l_run[row] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[row][i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+
+  int blk_cache = 0;
+  for (int tile = warp, it = 0; tile < r.num_tiles; tile += kWarps, ++it) {
+    if ((it & 31) == 0) blk_cache = LoadTileBlocks(p, bt_row, r, warp, it >> 5, lane);
+    const int blk = ShflIdx(blk_cache, it & 31);
+    const int tile_tok0 = r.tile_base + kTile * tile;
+#pragma unroll 1
+    for (int sub = 0; sub < kTile / kSub; ++sub) {
+      const int tok0 = tile_tok0 + kSub * sub;
+      float4 kv[kSub][kPerLane];
+      float4 vv[kSub][kPerLane];
+      bool valid[kSub];
+#pragma unroll
+      for (int u = 0; u < kSub; ++u) {
+        const int tok = tok0 + u;
+        valid[u] = tok >= r.begin && tok < r.end;
+        const int64_t off = static_cast<int64_t>(blk) * p.block_stride +
+                            static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const int c = lane + 32 * i;
+          const bool ok = valid[u] && c < kVecs;
+          const uint4 kw = ok ? LoadStream16(kc + off + 4 * c) : make_uint4(0, 0, 0, 0);
+          const uint4 vw = ok ? LoadStream16(vc + off + 4 * c) : make_uint4(0, 0, 0, 0);
+          kv[u][i] = make_float4(AsFloat(kw.x), AsFloat(kw.y), AsFloat(kw.z), AsFloat(kw.w));
+          vv[u][i] = make_float4(AsFloat(vw.x), AsFloat(vw.y), AsFloat(vw.z), AsFloat(vw.w));
+        }
+      }
+      float s[kSub][kRows];
+#pragma unroll
+      for (int row = 0; row < kRows; ++row) {
+        float4 q[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const int c = lane + 32 * i;
+          q[i] = c < kVecs ? reinterpret_cast<const float4*>(qs + row * D)[c]
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            d = fmaf(q[i].x, kv[u][i].x, d);
+            d = fmaf(q[i].y, kv[u][i].y, d);
+            d = fmaf(q[i].z, kv[u][i].z, d);
+            d = fmaf(q[i].w, kv[u][i].w, d);
+          }
+          s[u][row] = d;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+#pragma unroll
+          for (int row = 0; row < kRows; ++row) s[u][row] += ShflXor(s[u][row], off);
+        }
+      }
+#pragma unroll
+      for (int row = 0; row < kRows; ++row) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+          const float dist = static_cast<float>(tok0 + u) - query_pos;
+          s[u][row] = valid[u] ? fmaf(alibi[row], dist, s[u][row]) : kNegInf;
+          mx = fmaxf(mx, s[u][row]);
+        }
+        const float m_new = fmaxf(m_run[row], mx);
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        const float corr = FastExp2(m_run[row] - m_use);
+        m_run[row] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          acc[row][i].x *= corr;
+          acc[row][i].y *= corr;
+          acc[row][i].z *= corr;
+          acc[row][i].w *= corr;
+        }
+#pragma unroll
+        for (int u = 0; u < kSub; ++u) {
+          const float pu = FastExp2(s[u][row] - m_use);
+          sum += pu;
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            acc[row][i].x = fmaf(pu, vv[u][i].x, acc[row][i].x);
+            acc[row][i].y = fmaf(pu, vv[u][i].y, acc[row][i].y);
+            acc[row][i].z = fmaf(pu, vv[u][i].z, acc[row][i].z);
+            acc[row][i].w = fmaf(pu, vv[u][i].w, acc[row][i].w);
+          }
+        }
+        l_run[row] = fmaf(l_run[row], corr, sum);
+      }
+    }
+  }
+
+  SyncThreads();  // the query rows are dead: reuse their space
+  float* so = reinterpret_cast<float*>(smem_main);
+  const int rows = p.rows;
+#pragma unroll
+  for (int row = 0; row < kRows; ++row) {
+    if (lane == 0) {
+      st.m[warp][row] = m_run[row];
+      st.l[warp][row] = l_run[row];
+    }
+    if (row < rows) {
+      float* o_row = so + (warp * rows + row) * (D + kOutPad);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int c = lane + 32 * i;
+        if (c < kVecs) reinterpret_cast<float4*>(o_row)[c] = acc[row][i];
+      }
+    }
+  }
+  SyncThreads();
+  FinishPartition<float, D>(p, so, st, rows_valid, head0, seq, part);
+}
+
+// ------------------------------------------------------------------------------------------
+// Split-K merge: one CTA per (head, sequence) combines the partitions that saw tokens.
+
+PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = ShflXor(v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  if (lane == 0) red[warp] = v;
+  SyncThreads();
+  v = red[0];
+#pragma unroll
+  for (int w = 1; w < kCombineThreads / 32; ++w) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+  SyncThreads();  // red may be reused
+  return v;
+}
+
+/*! \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part. */
+inline size_t CombineSmemBytes(int num_partitions) {
+  return (kCombineThreads / 32 + static_cast<size_t>(num_partitions)) * sizeof(float);
+}
+
+template <typename T>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
+    PagedAttentionCombineKernel(const Params p) {
+  float* red = reinterpret_cast<float*>(DynamicSmem());
+  float* weights = red + kCombineThreads / 32;  // [num_partitions]
+  const int head_size = p.head_size;
+  const int head = blockIdx.x;
+  const int seq = blockIdx.y;
+  const int64_t head_row = static_cast<int64_t>(seq) * p.num_heads + head;
+  T* out = static_cast<T*>(p.out) + head_row * head_size;
+
+  const int ctx = ClampedContext(p, seq);
+  const int first = WindowStart(p, ctx) / p.partition_size;
+  const int last = ctx > 0 ? IMin((ctx - 1) / p.partition_size, p.num_partitions - 1) : -1;
+  if (last < first) {
+    for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+      StoreGlobal(out + d, Dtype<T>::FromFloat(0.f));
+    }
+    return;
+  }
+  const int n = last - first + 1;
+  const int64_t base = head_row * p.num_partitions + first;
+
+  float m = kNegInf;
+  for (int i = threadIdx.x; i < n; i += kCombineThreads) m = fmaxf(m, p.ws_m[base + i]);
+  m = BlockReduce(m, red, true);
+  float total = 0.f;
+  for (int i = threadIdx.x; i < n; i += kCombineThreads) {
+    const float w = p.ws_l[base + i] * FastExp2(p.ws_m[base + i] - m);
+    weights[i] = w;
+    total += w;
+  }
+  total = BlockReduce(total, red, false);  // its barriers also publish `weights`
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float* o = p.ws_o + base * head_size;
+  for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+    float a0 = 0.f;
+    float a1 = 0.f;
+    int i = 0;
+    for (; i + 1 < n; i += 2) {
+      a0 = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a0);
+      a1 = fmaf(weights[i + 1], o[static_cast<int64_t>(i + 1) * head_size + d], a1);
+    }
+    if (i < n) a0 = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a0);
+    StoreGlobal(out + d, Dtype<T>::FromFloat((a0 + a1) * inv));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Dispatch: kernel choice, grid and shared memory for a dtype and head size, handed to a
+// launcher (`launch(kernel, grid, threads, smem_bytes, params)`): the CUDA one in
+// paged_attention_launch.cuh, or the emulator's.
+
+template <typename T, int D, typename Launcher>
+void RunHeadSize(Params p, Launcher& launch) {
+  if constexpr (std::is_same<T, float>::value) {
+    const int rows = p.group == 1 ? 1 : kSimtRows;
+    p.rows = std::min(p.group, rows);
+    p.head_groups = (p.group + rows - 1) / rows;
+    const size_t smem = kStatsSmemBytes + std::max<size_t>(static_cast<size_t>(rows) * D * 4,
+                                                           MergeSmemBytes(D, p.rows));
+    const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
+                        static_cast<unsigned>(p.num_seqs),
+                        static_cast<unsigned>(p.num_partitions)};
+    if (rows == 1) {
+      launch(PagedAttentionSimtKernel<D, 1>, grid, kThreads, smem, p);
+    } else {
+      launch(PagedAttentionSimtKernel<D, kSimtRows>, grid, kThreads, smem, p);
+    }
+  } else {
+    p.rows = std::min(p.group, kMmaRows);
+    p.head_groups = (p.group + kMmaRows - 1) / kMmaRows;
+    const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,
+                                                           MergeSmemBytes(D, p.rows));
+    const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
+                        static_cast<unsigned>(p.num_seqs),
+                        static_cast<unsigned>(p.num_partitions)};
+    launch(PagedAttentionMmaKernel<T, D>, grid, kThreads, smem, p);
+  }
+  if (p.num_partitions > 1) {
+    const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};
+    launch(PagedAttentionCombineKernel<T>, grid, kCombineThreads,
+           CombineSmemBytes(p.num_partitions), p);
+  }
+}
+
+/*! \brief Runs paged attention for `p` (head_size 64, 80, 96, 112, 128 or 256). */
+template <typename T, typename Launcher>
+void Run(const Params& p, Launcher& launch) {
+  switch (p.head_size) {
+    case 64: RunHeadSize<T, 64>(p, launch); break;
+    case 80: RunHeadSize<T, 80>(p, launch); break;
+    case 96: RunHeadSize<T, 96>(p, launch); break;
+    case 112: RunHeadSize<T, 112>(p, launch); break;
+    case 128: RunHeadSize<T, 128>(p, launch); break;
+    case 256: RunHeadSize<T, 256>(p, launch); break;
+    default: break;  // rejected by the argument checks
+  }
+}
+
+}  // namespace paged_attention
+}  // namespace cacheflow

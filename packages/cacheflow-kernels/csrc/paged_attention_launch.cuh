@@ -1,0 +1,46 @@
+// The CUDA launcher of paged_attention's dispatch (paged_attention.cuh); one translation unit
+// per dtype (paged_attention_{f16,bf16,f32}.cu) so the kernels of different dtypes compile in
+// parallel.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstddef>
+
+#include "paged_attention.cuh"
+
+namespace cacheflow {
+namespace paged_attention {
+
+/*! \brief Launches kernels on a stream; a launch error throws (RuntimeError in Python). */
+struct CudaLauncher {
+  cudaStream_t stream;
+
+  template <typename... Args>
+  void operator()(void (*kernel)(Args...), GridDims grid, int threads, size_t smem,
+                  const Params& p) const {
+    constexpr size_t kDefaultSmemLimit = 48 * 1024;
+    if (smem > kDefaultSmemLimit) {
+      TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<dim3(grid.x, grid.y, grid.z), threads, smem, stream>>>(p);
+    TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+  }
+};
+
+/*! \brief Runs paged attention for dtype T on `stream` (defined per dtype). */
+template <typename T>
+void Launch(const Params& p, cudaStream_t stream);
+
+template <>
+void Launch<__half>(const Params& p, cudaStream_t stream);
+template <>
+void Launch<__nv_bfloat16>(const Params& p, cudaStream_t stream);
+template <>
+void Launch<float>(const Params& p, cudaStream_t stream);
+
+}  // namespace paged_attention
+}  // namespace cacheflow

@@ -1,0 +1,225 @@
+// paged_prefill_attention: causal attention of a ragged batch of new tokens over each sequence's
+// paged KV cache (prefill, prefix-cached prefill and chunked prefill alike).
+//
+// Layouts (all C-contiguous, on one CUDA device):
+//   out, query:               [num_tokens, num_heads, head_size]      float16, bfloat16 or float32
+//   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]   dtype of query
+//   block_tables (int32):     [num_seqs, max_blocks_per_seq]
+//   query_start_loc (int32):  [num_seqs + 1]  cumulative query lengths (cu_seqlens)
+//   context_lens (int32):     [num_seqs]      cached + new tokens of each sequence
+//   scale:                    softmax scale (> 0)
+//   max_query_len:            an upper bound of the longest query, or -1 (then num_tokens)
+// Query j of sequence i sits at position context_lens[i] - q_len_i + j and attends to the keys
+// at positions 0..its own, all read from the cache (the new tokens' K/V already written there).
+//
+// The kernels are in paged_prefill_kernel.cuh: tensor cores for fp16/bf16 with head sizes 64, 80,
+// 96, 112, 128 and 256 (pointers 16-byte aligned); a CUDA-core kernel otherwise.
+#include <cuda_runtime.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+#include <tvm/ffi/extra/cuda/device_guard.h>
+#include <tvm/ffi/function.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+#include "common.h"
+#include "paged_prefill_launch.cuh"
+
+namespace cacheflow {
+namespace {
+
+constexpr const char* kOp = "paged_prefill_attention";
+using prefill::kMaxGridYZ;
+
+inline bool IsInt32(DLDataType dt) { return dt.code == kDLInt && dt.bits == 32 && dt.lanes == 1; }
+
+inline bool IsHalfOrBf16(DLDataType dt) {
+  return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
+}
+
+void CheckInt32(const char* name, const TensorView& t) {
+  TVM_FFI_CHECK(IsInt32(t.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "int32, got " << t.dtype();
+}
+
+/*!
+ * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
+ * head-size-128 tensor-core kernel (see prefill::TcVariant); unset or anything else: default.
+ */
+int TcVariantFromEnv() {
+  const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
+  if (v == nullptr) return prefill::kTcDefault;
+  if (std::strcmp(v, "m64") == 0) return prefill::kTcM64;
+  if (std::strcmp(v, "w8") == 0) return prefill::kTcW8;
+  return prefill::kTcDefault;
+}
+
+bool Aligned16(std::initializer_list<const char*> ptrs) {
+  for (const char* p : ptrs) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cache,
+                           TensorView value_cache, TensorView block_tables,
+                           TensorView query_start_loc, TensorView context_lens, double scale,
+                           int64_t max_query_len) {
+  // -- Shapes and dtypes first (reported the same on any device), then layout, then device. --
+  CheckNdim(kOp, "query", query, 3, "[num_tokens, num_heads, head_size]");
+  TVM_FFI_CHECK(IsFloatKvDtype(query.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "float16, bfloat16 or float32, got "
+      << query.dtype();
+  const int64_t num_tokens = query.shape()[0];
+  const int64_t num_heads = query.shape()[1];
+  const int64_t head_size = query.shape()[2];
+
+  CheckNdim(kOp, "out", out, 3, "[num_tokens, num_heads, head_size]");
+  TVM_FFI_CHECK(out.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << query.dtype() << " like 'query', got "
+      << out.dtype();
+  TVM_FFI_CHECK(out.shape()[0] == num_tokens && out.shape()[1] == num_heads &&
+                    out.shape()[2] == head_size,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape " << ShapeStr(query)
+      << " like 'query', got " << ShapeStr(out);
+
+  CheckNdim(kOp, "key_cache", key_cache, 4,
+            "[num_blocks, block_size, num_kv_heads, head_size]");
+  TVM_FFI_CHECK(key_cache.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << query.dtype() << " like 'query', got "
+      << key_cache.dtype();
+  const int64_t num_blocks = key_cache.shape()[0];
+  const int64_t block_size = key_cache.shape()[1];
+  const int64_t num_kv_heads = key_cache.shape()[2];
+  TVM_FFI_CHECK(key_cache.shape()[3] == head_size, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
+      << "num_kv_heads, " << head_size << "] (head_size of 'query'), got "
+      << ShapeStr(key_cache);
+  TVM_FFI_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
+      << "num_kv_heads, head_size] with num_kv_heads dividing num_heads=" << num_heads
+      << ", got " << ShapeStr(key_cache);
+  TVM_FFI_CHECK(block_size >= 1, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of block_size >= 1, got "
+      << ShapeStr(key_cache);
+
+  CheckNdim(kOp, "value_cache", value_cache, 4,
+            "[num_blocks, block_size, num_kv_heads, head_size]");
+  TVM_FFI_CHECK(value_cache.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << query.dtype() << " like 'query', got "
+      << value_cache.dtype();
+  TVM_FFI_CHECK(value_cache.shape()[0] == num_blocks && value_cache.shape()[1] == block_size &&
+                    value_cache.shape()[2] == num_kv_heads &&
+                    value_cache.shape()[3] == head_size,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << "of shape " << ShapeStr(key_cache)
+      << " like 'key_cache', got " << ShapeStr(value_cache);
+
+  CheckNdim(kOp, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]");
+  CheckInt32("block_tables", block_tables);
+  const int64_t num_seqs = block_tables.shape()[0];
+  const int64_t max_blocks_per_seq = block_tables.shape()[1];
+
+  CheckNdim(kOp, "query_start_loc", query_start_loc, 1, "[num_seqs + 1]");
+  CheckInt32("query_start_loc", query_start_loc);
+  TVM_FFI_CHECK(query_start_loc.shape()[0] == num_seqs + 1, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query_start_loc") << "of shape [" << num_seqs + 1
+      << "] (num_seqs + 1, num_seqs from 'block_tables'), got " << ShapeStr(query_start_loc);
+
+  CheckNdim(kOp, "context_lens", context_lens, 1, "[num_seqs]");
+  CheckInt32("context_lens", context_lens);
+  TVM_FFI_CHECK(context_lens.shape()[0] == num_seqs, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "of shape [" << num_seqs
+      << "] (num_seqs from 'block_tables'), got " << ShapeStr(context_lens);
+
+  // -- Sizes the kernels can index. --
+  TVM_FFI_CHECK(head_size >= 1 && head_size <= prefill::kSimpleMaxHeadSize, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "of head_size between 1 and "
+      << prefill::kSimpleMaxHeadSize << ", got " << ShapeStr(query);
+  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "at most 2^31-1 tokens, got " << num_tokens;
+  TVM_FFI_CHECK(num_blocks * block_size <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "at most 2^31-1 slots (num_blocks * "
+      << "block_size), got " << num_blocks * block_size;
+  TVM_FFI_CHECK(num_heads <= kMaxGridYZ, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "at most " << kMaxGridYZ << " heads, got "
+      << num_heads;
+  TVM_FFI_CHECK(num_seqs <= kMaxGridYZ, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "at most " << kMaxGridYZ
+      << " sequences, got " << num_seqs;
+  TVM_FFI_CHECK(max_blocks_per_seq <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "at most 2^31-1 blocks per sequence, got "
+      << max_blocks_per_seq;
+  TVM_FFI_CHECK(std::isfinite(scale) && scale > 0.0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "scale") << "a finite number > 0, got " << scale;
+  TVM_FFI_CHECK(max_query_len >= -1, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "max_query_len") << ">= 0 (or -1: unknown), got "
+      << max_query_len;
+
+  CheckContiguous(kOp, "out", out);
+  CheckContiguous(kOp, "query", query);
+  CheckContiguous(kOp, "key_cache", key_cache);
+  CheckContiguous(kOp, "value_cache", value_cache);
+  CheckContiguous(kOp, "block_tables", block_tables);
+  CheckContiguous(kOp, "query_start_loc", query_start_loc);
+  CheckContiguous(kOp, "context_lens", context_lens);
+
+  CheckCuda(kOp, "query", query);
+  CheckSameDevice(kOp, "out", out, "query", query);
+  CheckSameDevice(kOp, "key_cache", key_cache, "query", query);
+  CheckSameDevice(kOp, "value_cache", value_cache, "query", query);
+  CheckSameDevice(kOp, "block_tables", block_tables, "query", query);
+  CheckSameDevice(kOp, "query_start_loc", query_start_loc, "query", query);
+  CheckSameDevice(kOp, "context_lens", context_lens, "query", query);
+
+  // A query is never longer than the batch: -1 (unknown) and larger bounds become num_tokens.
+  const int64_t max_q =
+      (max_query_len < 0 || max_query_len > num_tokens) ? num_tokens : max_query_len;
+  if (num_seqs == 0 || max_q == 0 || num_heads == 0) return;
+
+  const prefill::PrefillParams p = prefill::MakePrefillParams(
+      DataPtr(out), DataPtr(query), DataPtr(key_cache), DataPtr(value_cache),
+      reinterpret_cast<const int32_t*>(DataPtr(block_tables)),
+      reinterpret_cast<const int32_t*>(DataPtr(query_start_loc)),
+      reinterpret_cast<const int32_t*>(DataPtr(context_lens)), num_heads, head_size, num_kv_heads,
+      num_blocks, block_size, max_blocks_per_seq, scale);
+
+  const bool tensor_cores = prefill::UseTensorCores(
+      IsHalfOrBf16(query.dtype()), head_size,
+      Aligned16({DataPtr(query), DataPtr(out), DataPtr(key_cache), DataPtr(value_cache)}));
+
+  const DLDevice dev = query.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
+  const int heads = static_cast<int>(num_heads);
+  const int seqs = static_cast<int>(num_seqs);
+  const bool bf16 = query.dtype().code == kDLBfloat;
+  const bool fp32 = query.dtype().bits == 32;
+
+  bool launched = false;
+  if (tensor_cores) {
+    const int variant = TcVariantFromEnv();
+    launched = bf16 ? prefill::LaunchTcBf16(head_size, variant, p, heads, seqs, max_q, stream)
+                    : prefill::LaunchTcFp16(head_size, variant, p, heads, seqs, max_q, stream);
+  }
+  if (!launched) {
+    const prefill::CudaLauncher launch{p, stream};
+    if (fp32) {
+      prefill::LaunchSimple<prefill::Fp32>(heads, seqs, max_q, launch);
+    } else if (bf16) {
+      prefill::LaunchSimple<prefill::Bf16>(heads, seqs, max_q, launch);
+    } else {
+      prefill::LaunchSimple<prefill::Fp16>(heads, seqs, max_q, launch);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cacheflow
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_prefill_attention, cacheflow::PagedPrefillAttention);

@@ -1,0 +1,585 @@
+// paged_prefill_attention: the kernels and the choice of kernel (device code; no TVM-FFI here).
+//
+// Causal attention of a ragged batch of new tokens over each sequence's paged KV cache. Query j
+// of sequence i (j < q_len_i = query_start_loc[i+1] - query_start_loc[i]) sits at position
+// context_lens[i] - q_len_i + j and sees the keys at positions 0..its own; every key and value,
+// the new tokens' included, is read from the cache through the sequence's block table.
+//
+// Tensor-core path (fp16/bf16, head sizes 64, 80, 96, 112, 128, 256), FlashAttention-2 style:
+//   * one CTA of NW warps per (query tile of BM = 16 * MT * NW rows, head, sequence); each warp
+//     owns 16 * MT query rows. Grid = (ceil(max_query_len / BM), num_heads, num_seqs): the tiles
+//     of one (head, sequence) are launched together, so its K/V is read from DRAM about once and
+//     then from L2 (heads sharing a KV head are neighbours too), longest (diagonal-most) tile
+//     first.
+//   * key tiles of BN tokens, gathered through the block table with 16-byte cp.async into shared
+//     memory (a 16-byte pad per row keeps ldmatrix conflict-free for every head size); slot
+//     numbers of upcoming tiles are looked up two tiles ahead into a small ring in shared memory.
+//     K is double-buffered (K of the next tile loads during the whole current step), V
+//     single-buffered (it loads during S = QK^T and the softmax).
+//   * S = Q K^T and O += P V with mma.sync.m16n8k16 (fp32 accumulation); Q and K fragments come
+//     from ldmatrix, V fragments from ldmatrix.trans, P stays in registers (the accumulator
+//     layout of S is the A-operand layout of P V).
+//   * online softmax in the log2 domain (ex2.approx); key tiles run from the diagonal down to 0,
+//     so only the first ceil(BM / BN) + 1 of them need the causal mask; key tiles wholly above
+//     the diagonal are never visited.
+//   * the output tile goes through shared memory (each warp reuses its own Q rows) and leaves in
+//     16-byte stores.
+// CUDA-core path (fp32, other head sizes up to 256, or pointers not 16-byte aligned): one warp per
+// query row, one key at a time, exact expf.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "paged_prefill_ptx.cuh"
+
+#ifndef CF_LAUNCH_BOUNDS
+#define CF_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+#endif
+
+namespace cacheflow {
+namespace prefill {
+
+/*! \brief Everything a prefill kernel reads; pointers are to the first element. */
+struct PrefillParams {
+  const unsigned char* query;        // [num_tokens, num_heads, head_size]
+  const unsigned char* key_cache;    // [num_blocks, block_size, num_kv_heads, head_size]
+  const unsigned char* value_cache;  // like key_cache
+  unsigned char* out;                // like query
+  const int32_t* block_tables;       // [num_seqs, max_blocks_per_seq]
+  const int32_t* query_start_loc;    // [num_seqs + 1]
+  const int32_t* context_lens;       // [num_seqs]
+  int64_t token_stride;              // elements between tokens of query/out: num_heads * head_size
+  int64_t slot_stride;               // elements between cache slots: num_kv_heads * head_size
+  int32_t head_size;
+  int32_t group;                     // num_heads / num_kv_heads
+  int32_t num_blocks;
+  int32_t block_size;
+  int32_t block_shift;               // log2(block_size) for a power of two, else -1
+  int32_t max_blocks_per_seq;
+  float scale;                       // softmax scale
+  float scale_log2;                  // scale * log2(e)
+};
+
+CF_DEVICE int IMin(int a, int b) { return a < b ? a : b; }
+
+/*!
+ * \brief Row and 16-byte chunk of the j-th chunk a thread copies when `kStep` threads copy rows
+ * of `kChunks` chunks, chunk index `idx + j * kStep` (idx = the thread's index among them).
+ */
+template <int kChunks, int kStep>
+CF_DEVICE void ChunkCoords(int idx, int j, int& r, int& c) {
+  const unsigned u = static_cast<unsigned>(idx);
+  if (kStep % kChunks == 0) {  // every thread keeps its chunk column
+    r = static_cast<int>(u / kChunks) + j * (kStep / kChunks);
+    c = static_cast<int>(u % kChunks);
+  } else {
+    const unsigned i = u + static_cast<unsigned>(j) * kStep;
+    r = static_cast<int>(i / kChunks);
+    c = static_cast<int>(i % kChunks);
+  }
+}
+
+/*!
+ * \brief Cache slot (block * block_size + offset) of token `t` of a sequence with `ctx` tokens,
+ * or -1 when t >= ctx or the block table entry is out of range (the token then reads as zeros).
+ */
+CF_DEVICE int SlotOf(const PrefillParams& p, const int32_t* table, int t, int ctx) {
+  if (t >= ctx) return -1;
+  int b, off;
+  if (p.block_shift >= 0) {
+    b = t >> p.block_shift;
+    off = t & (p.block_size - 1);
+  } else {
+    b = t / p.block_size;
+    off = t - b * p.block_size;
+  }
+  if (b >= p.max_blocks_per_seq) return -1;
+  const int blk = table[b];
+  if (blk < 0 || blk >= p.num_blocks) return -1;
+  return blk * p.block_size + off;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core path.
+// ------------------------------------------------------------------------------------------------
+
+/*! \brief Tile shapes and the shared-memory plan of one tensor-core configuration. */
+template <int D, int MT, int NW, int BN>
+struct TcTraits {
+  static constexpr int kThreads = NW * 32;
+  static constexpr int kBM = 16 * MT * NW;     // query rows per CTA
+  static constexpr int kBN = BN;               // keys per tile
+  static constexpr int kRowBytes = (D + 8) * 2;  // smem row pitch: 16-byte pad, no bank conflicts
+  static constexpr int kChunks = D / 8;        // 16-byte chunks per row
+  static constexpr int kQBytes = kBM * kRowBytes;
+  static constexpr int kKvBytes = kBN * kRowBytes;
+  static constexpr int kSlotRing = 4;          // slot lists of 4 tiles (indexed tile & 3)
+  // Q, K (2 buffers), V (1 buffer), slot ring.
+  static constexpr int kSmemBytes = kQBytes + 3 * kKvBytes + kSlotRing * kBN * 4;
+  static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
+  static_assert((kBM * kChunks) % kThreads == 0, "Q tile must split evenly over the threads");
+  static_assert((kBN * kChunks) % kThreads == 0, "KV tile must split evenly over the threads");
+  static_assert((16 * MT * kChunks) % 32 == 0, "output rows must split evenly over a warp");
+  static_assert(kBN <= kThreads, "one thread per key looks up the slots");
+};
+
+template <class T, int D, int MT, int NW, int BN>
+CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParams p) {
+  using Tr = TcTraits<D, MT, NW, BN>;
+  constexpr int kThreads = Tr::kThreads;
+  constexpr int kBM = Tr::kBM;
+  constexpr int kBN = Tr::kBN;
+  constexpr int kRowBytes = Tr::kRowBytes;
+  constexpr int kChunks = Tr::kChunks;
+  constexpr int kQBytes = Tr::kQBytes;
+  constexpr int kKvBytes = Tr::kKvBytes;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // longest tiles first
+  const int head = static_cast<int>(blockIdx.y);
+  const int seq = static_cast<int>(blockIdx.z);
+
+  const int q_begin = p.query_start_loc[seq];
+  const int q_len = p.query_start_loc[seq + 1] - q_begin;
+  const int m0 = m_block * kBM;
+  if (m0 >= q_len) return;  // (uniform over the CTA, before any barrier)
+  const int ctx = p.context_lens[seq];
+  const int rows = IMin(kBM, q_len - m0);   // valid query rows of this tile
+  const int pos0 = ctx - q_len + m0;        // position of the tile's row 0
+  const int last_pos = pos0 + rows - 1;
+  const int n_tiles = last_pos >= 0 ? last_pos / kBN + 1 : 0;  // key tiles up to the diagonal
+  const int kv_head = head / p.group;
+  const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  const int64_t token_bytes = p.token_stride * 2;
+  const int64_t slot_bytes = p.slot_stride * 2;
+  const int64_t tile_offset =
+      static_cast<int64_t>(q_begin + m0) * token_bytes + static_cast<int64_t>(head) * D * 2;
+  const unsigned char* q_ptr = p.query + tile_offset;
+  unsigned char* o_ptr = p.out + tile_offset;
+  const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * 2;
+  const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * 2;
+
+  unsigned char* smem = DynamicSmem();
+  int32_t* s_slot = reinterpret_cast<int32_t*>(smem + kQBytes + 3 * kKvBytes);
+  const uint32_t s_q = SmemU32(smem);
+  const uint32_t s_k = s_q + kQBytes;        // two buffers: tile n in buffer n & 1
+  const uint32_t s_v = s_k + 2 * kKvBytes;
+
+  if (n_tiles == 0) {
+    // No key visible at all (only when context_lens[seq] < q_len): the rows are zeros.
+    for (int i = tid; i < rows * kChunks; i += kThreads) {
+      Store16(o_ptr + (i / kChunks) * token_bytes + (i % kChunks) * 16, uint4{0, 0, 0, 0});
+    }
+    return;
+  }
+
+  // Issues the cp.async of one K or V tile whose slots are `slots[0..kBN)`; slot < 0 zero-fills.
+  auto load_kv = [&](uint32_t dst, const unsigned char* base, const int32_t* slots) {
+#pragma unroll
+    for (int j = 0; j < kBN * kChunks / kThreads; ++j) {
+      int r, c;
+      ChunkCoords<kChunks, kThreads>(tid, j, r, c);
+      const int slot = slots[r];
+      const bool valid = slot >= 0;
+      CpAsync16(dst + r * kRowBytes + c * 16, valid ? base + slot * slot_bytes + c * 16 : base,
+                valid);
+    }
+  };
+
+  // ---- Prologue: slots of the first two tiles, Q, K of the first tile. ----
+  if (tid < kBN) {
+    const int n = n_tiles - 1;
+    s_slot[(n & 3) * kBN + tid] = SlotOf(p, table, n * kBN + tid, ctx);
+    if (n >= 1) s_slot[((n - 1) & 3) * kBN + tid] = SlotOf(p, table, (n - 1) * kBN + tid, ctx);
+  }
+#pragma unroll
+  for (int j = 0; j < kBM * kChunks / kThreads; ++j) {
+    int r, c;
+    ChunkCoords<kChunks, kThreads>(tid, j, r, c);
+    const bool valid = r < rows;  // rows past the sequence are zero-filled
+    CpAsync16(s_q + r * kRowBytes + c * 16, valid ? q_ptr + r * token_bytes + c * 16 : p.query,
+              valid);
+  }
+  SyncCta();  // slots visible
+  load_kv(s_k + ((n_tiles - 1) & 1) * kKvBytes, k_base, s_slot + ((n_tiles - 1) & 3) * kBN);
+  CpAsyncCommit();
+
+  // ---- Per-thread fragment addresses. ----
+  const int wr0 = warp * 16 * MT;  // first query row of this warp in the tile
+  // A = Q (row-major 16x16 per m-tile): lanes 0-15 rows 0-15 at k 0, lanes 16-31 rows 0-15 at k 8.
+  const uint32_t q_frag = s_q + (wr0 + (lane & 15)) * kRowBytes + (lane >> 4) * 16;
+  // B = K^T: matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
+  const uint32_t k_frag = ((lane & 7) + (lane >> 4) * 8) * kRowBytes + ((lane >> 3) & 1) * 16;
+  // B = V (trans): matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15).
+  const uint32_t v_frag = s_v + ((lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes + (lane >> 4) * 16;
+  const int quad_row = lane >> 2;      // accumulator row within an m-tile (and +8)
+  const int quad_col = (lane & 3) * 2;  // accumulator column within an n-tile (and +1)
+
+  float acc_o[MT][D / 8][4];
+  float row_max[MT][2];  // running max of the scaled scores (log2 domain)
+  float row_sum[MT][2];  // this thread's part of the running softmax denominator
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_max[mt][h] = -INFINITY;
+      row_sum[mt][h] = 0.f;
+    }
+  }
+  const float scale_log2 = p.scale_log2;
+
+  // One key tile: kMask applies the causal mask (only tiles that reach past row 0's position).
+  auto step = [&](const int tile, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
+    CpAsyncWait<0>();
+    SyncCta();  // K[tile] (and Q) landed; everyone is past P V of the previous step (V is free)
+    load_kv(s_v, v_base, s_slot + (tile & 3) * kBN);
+    CpAsyncCommit();
+    if (tile >= 1) load_kv(s_k + ((tile - 1) & 1) * kKvBytes, k_base, s_slot + ((tile - 1) & 3) * kBN);
+    CpAsyncCommit();  // (possibly empty: keeps the group count uniform)
+    int next_slot = -1;
+    if (tile >= 2 && tid < kBN) next_slot = SlotOf(p, table, (tile - 2) * kBN + tid, ctx);
+
+    // S = Q K^T for this warp's rows and the tile's kBN keys.
+    float s[MT][kBN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+      }
+    }
+    const uint32_t k_tile = s_k + (tile & 1) * kKvBytes + k_frag;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) LdMatrixX4(a[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
+#pragma unroll
+      for (int nt2 = 0; nt2 < kBN / 16; ++nt2) {
+        uint32_t b[4];
+        LdMatrixX4(b, k_tile + nt2 * 16 * kRowBytes + kk * 32);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma16816<T>(s[mt][2 * nt2], a[mt], b[0], b[1]);
+          Mma16816<T>(s[mt][2 * nt2 + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+    if (tile >= 2 && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
+
+    if (kMask) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = wr0 + mt * 16 + quad_row + (e >> 1) * 8;
+            const int key = tile * kBN + nt * 8 + quad_col + (e & 1);
+            if (key > pos0 + row) s[mt][nt][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax: new running max, rescale O and the sums, P = 2^(S * scale_log2 - max).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        }
+        mx = fmaxf(mx, ShflXor(mx, 1));  // the 4 threads of a quad share a row
+        mx = fmaxf(mx, ShflXor(mx, 2));
+        const float m_new = fmaxf(row_max[mt][h], mx * scale_log2);
+        // A row with no visible key so far keeps max -inf: use 0 so that -inf - max stays -inf.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = Exp2(row_max[mt][h] - m_use);
+        row_max[mt][h] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float pr = Exp2(fmaf(s[mt][nt][e], scale_log2, -m_use));
+            s[mt][nt][e] = pr;
+            sum += pr;
+          }
+        }
+        row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc_o[mt][dt][2 * h] *= alpha;
+          acc_o[mt][dt][2 * h + 1] *= alpha;
+        }
+      }
+    }
+
+    CpAsyncWait<1>();
+    SyncCta();  // V[tile] landed (K[tile-1] may still be in flight)
+
+    // O += P V: the S accumulators of two adjacent tile-tiles form one 16x16 A fragment.
+#pragma unroll
+    for (int kk2 = 0; kk2 < kBN / 16; ++kk2) {
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = Pack2<T>(s[mt][2 * kk2][0], s[mt][2 * kk2][1]);
+        pa[mt][1] = Pack2<T>(s[mt][2 * kk2][2], s[mt][2 * kk2][3]);
+        pa[mt][2] = Pack2<T>(s[mt][2 * kk2 + 1][0], s[mt][2 * kk2 + 1][1]);
+        pa[mt][3] = Pack2<T>(s[mt][2 * kk2 + 1][2], s[mt][2 * kk2 + 1][3]);
+      }
+#pragma unroll
+      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, v_frag + kk2 * 16 * kRowBytes + dt2 * 32);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma16816<T>(acc_o[mt][2 * dt2], pa[mt], b[0], b[1]);
+          Mma16816<T>(acc_o[mt][2 * dt2 + 1], pa[mt], b[2], b[3]);
+        }
+      }
+    }
+  };
+
+  int n = n_tiles - 1;
+  for (; n >= 0 && n * kBN + kBN - 1 > pos0; --n) step(n, std::true_type{});
+  for (; n >= 0; --n) step(n, std::false_type{});
+  CpAsyncWait<0>();
+
+  // ---- Epilogue: O / sum, staged through this warp's own Q rows, 16-byte stores. ----
+  float inv[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = row_sum[mt][h];
+      l += ShflXor(l, 1);
+      l += ShflXor(l, 2);
+      inv[mt][h] = l > 0.f ? 1.f / l : 0.f;
+    }
+  }
+  SyncWarp();  // this warp's last ldmatrix of its Q rows is done
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = wr0 + mt * 16 + quad_row + h * 8;
+        *reinterpret_cast<uint32_t*>(smem + row * kRowBytes + (dt * 8 + quad_col) * 2) =
+            Pack2<T>(acc_o[mt][dt][2 * h] * inv[mt][h], acc_o[mt][dt][2 * h + 1] * inv[mt][h]);
+      }
+    }
+  }
+  SyncWarp();
+#pragma unroll
+  for (int j = 0; j < 16 * MT * kChunks / 32; ++j) {
+    int r, c;
+    ChunkCoords<kChunks, 32>(lane, j, r, c);
+    const int row = wr0 + r;
+    if (row < rows) Store16(o_ptr + row * token_bytes + c * 16, Load16(smem + row * kRowBytes + c * 16));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA-core path: one warp per query row, one key at a time (fp32; any head size <= 256).
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kSimpleWarps = 4;         // query rows per CTA
+constexpr int kSimpleMaxHeadSize = 256;  // 8 elements per lane
+
+template <class Tag>
+CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(const PrefillParams p) {
+  using S = typename StorageOf<Tag>::type;
+  constexpr int kPerLane = kSimpleMaxHeadSize / 32;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int row = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kSimpleWarps + warp;
+  const int head = static_cast<int>(blockIdx.y);
+  const int seq = static_cast<int>(blockIdx.z);
+  const int q_begin = p.query_start_loc[seq];
+  const int q_len = p.query_start_loc[seq + 1] - q_begin;
+  if (row >= q_len) return;  // (uniform over the warp; no CTA barriers in this kernel)
+  const int ctx = p.context_lens[seq];
+  const int pos = ctx - q_len + row;
+  const int n_keys = IMin(pos + 1, ctx);
+  const int d_size = p.head_size;
+  const int kv_head = head / p.group;
+  const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int64_t q_offset = static_cast<int64_t>(q_begin + row) * p.token_stride +
+                           static_cast<int64_t>(head) * d_size;
+  const S* q = reinterpret_cast<const S*>(p.query) + q_offset;
+  const S* k_cache = reinterpret_cast<const S*>(p.key_cache) + static_cast<int64_t>(kv_head) * d_size;
+  const S* v_cache = reinterpret_cast<const S*>(p.value_cache) + static_cast<int64_t>(kv_head) * d_size;
+
+  float qv[kPerLane];
+  float acc[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    qv[i] = d < d_size ? ToFloat(q[d]) * p.scale : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY;
+  float l = 0.f;
+  for (int t = 0; t < n_keys; ++t) {
+    const int slot = SlotOf(p, table, t, ctx);
+    if (slot < 0) continue;  // (uniform over the warp)
+    const S* kr = k_cache + static_cast<int64_t>(slot) * p.slot_stride;
+    const S* vr = v_cache + static_cast<int64_t>(slot) * p.slot_stride;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < d_size) dot += qv[i] * ToFloat(kr[d]);
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) dot += ShflXor(dot, off);
+    const float m_new = fmaxf(m, dot);
+    const float alpha = Exp(m - m_new);  // 0 for the first key (m = -inf)
+    const float pr = Exp(dot - m_new);
+    l = l * alpha + pr;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < d_size) acc[i] = acc[i] * alpha + pr * ToFloat(vr[d]);
+    }
+    m = m_new;
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  S* o = reinterpret_cast<S*>(p.out) + q_offset;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < d_size) o[d] = FromFloat<Tag>(acc[i] * inv);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Choosing and launching a kernel. The caller supplies `launch(kernel, num_heads, num_seqs,
+// max_query_len, rows_per_cta, threads, smem_bytes)`, which runs `kernel` on the grid
+// (ceil(max_query_len / rows_per_cta), num_heads, num_seqs): a CUDA launch on a stream, or the
+// host emulation of the tests.
+// ------------------------------------------------------------------------------------------------
+
+/*! \brief Head sizes with a tensor-core kernel (fp16/bf16). */
+constexpr bool IsTcHeadSize(int64_t d) {
+  return d == 64 || d == 80 || d == 96 || d == 112 || d == 128 || d == 256;
+}
+
+/*!
+ * \brief Whether a call takes the tensor-core path: fp16/bf16, a head size of IsTcHeadSize, and
+ * the four data pointers 16-byte aligned (cp.async and the 16-byte output stores need it).
+ */
+inline bool UseTensorCores(bool half_or_bf16, int64_t head_size, bool pointers_aligned16) {
+  return half_or_bf16 && IsTcHeadSize(head_size) && pointers_aligned16;
+}
+
+/*!
+ * \brief Alternative tile shapes of the fp16 head-size-128 kernel, for benchmarking only
+ * (environment variable CACHEFLOW_PREFILL_VARIANT=m64 or w8; see paged_prefill.cu).
+ */
+enum TcVariant : int {
+  kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64
+  kTcM64 = 1,      // BM 64 = 4 warps x 16 rows, BN 64
+  kTcW8 = 2,       // BM 128 = 8 warps x 16 rows, BN 64
+};
+/*! \brief Host side: the kernel parameters of a call whose arguments were checked. */
+inline PrefillParams MakePrefillParams(void* out, const void* query, const void* key_cache,
+                                       const void* value_cache, const int32_t* block_tables,
+                                       const int32_t* query_start_loc,
+                                       const int32_t* context_lens, int64_t num_heads,
+                                       int64_t head_size, int64_t num_kv_heads, int64_t num_blocks,
+                                       int64_t block_size, int64_t max_blocks_per_seq,
+                                       double scale) {
+  PrefillParams p{};
+  p.query = static_cast<const unsigned char*>(query);
+  p.key_cache = static_cast<const unsigned char*>(key_cache);
+  p.value_cache = static_cast<const unsigned char*>(value_cache);
+  p.out = static_cast<unsigned char*>(out);
+  p.block_tables = block_tables;
+  p.query_start_loc = query_start_loc;
+  p.context_lens = context_lens;
+  p.token_stride = num_heads * head_size;
+  p.slot_stride = num_kv_heads * head_size;
+  p.head_size = static_cast<int32_t>(head_size);
+  p.group = static_cast<int32_t>(num_heads / num_kv_heads);
+  p.num_blocks = static_cast<int32_t>(num_blocks);
+  p.block_size = static_cast<int32_t>(block_size);
+  p.block_shift = -1;
+  if ((block_size & (block_size - 1)) == 0) {
+    int shift = 0;
+    while ((int64_t{1} << shift) < block_size) ++shift;
+    p.block_shift = shift;
+  }
+  p.max_blocks_per_seq = static_cast<int32_t>(max_blocks_per_seq);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
+  return p;
+}
+
+template <class T, int D, int MT, int NW, int BN, class Launch>
+void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
+  using Tr = TcTraits<D, MT, NW, BN>;
+  launch(&PagedPrefillTcKernel<T, D, MT, NW, BN>, num_heads, num_seqs, max_query_len, Tr::kBM,
+         Tr::kThreads, Tr::kSmemBytes);
+}
+
+/*!
+ * \brief Launches the tensor-core kernel of element type T (Fp16 or Bf16) for head size `d`.
+ * Tiles: BM = 128 query rows (4 warps x 32 rows), BN = 64 keys; head size 256: BM = 64 (4 warps
+ * x 16 rows), BN = 32 (keeps shared memory under 99 KB for sm_86/89). `variant` (TcVariant)
+ * picks another tiling for fp16 with head size 128 only.
+ * \return false when `d` has no tensor-core kernel.
+ */
+template <class T, class Launch>
+bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max_query_len,
+                Launch&& launch) {
+  switch (d) {
+    case 64: LaunchTc<T, 64, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 80: LaunchTc<T, 80, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 96: LaunchTc<T, 96, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 112: LaunchTc<T, 112, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 128:
+      if constexpr (std::is_same<T, Fp16>::value) {
+        if (variant == kTcM64) {
+          LaunchTc<T, 128, 1, 4, 64>(num_heads, num_seqs, max_query_len, launch);
+          return true;
+        }
+        if (variant == kTcW8) {
+          LaunchTc<T, 128, 1, 8, 64>(num_heads, num_seqs, max_query_len, launch);
+          return true;
+        }
+      }
+      LaunchTc<T, 128, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch);
+      return true;
+    case 256: LaunchTc<T, 256, 1, 4, 32>(num_heads, num_seqs, max_query_len, launch); return true;
+    default: return false;
+  }
+}
+
+/*! \brief Launches the CUDA-core kernel of element type Tag (Fp32, Fp16 or Bf16). */
+template <class Tag, class Launch>
+void LaunchSimple(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
+  launch(&PagedPrefillSimpleKernel<Tag>, num_heads, num_seqs, max_query_len, kSimpleWarps,
+         kSimpleWarps * 32, 0);
+}
+
+}  // namespace prefill
+}  // namespace cacheflow

@@ -1,0 +1,72 @@
+// paged_prefill_attention: host-side launch helpers shared by the translation units of the op
+// (paged_prefill.cu with the checks and the CUDA-core kernels, paged_prefill_tc_{fp16,bf16}.cu
+// with the tensor-core kernels, split so that they compile in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <tuple>
+
+#include "paged_prefill_kernel.cuh"
+
+namespace cacheflow {
+namespace prefill {
+
+/*!
+ * \brief Raises the dynamic shared-memory limit of `kernel` on the current device to
+ * `smem_bytes`, once per (kernel, device, size) in the process.
+ */
+inline void EnsureSmemLimit(const void* kernel, int smem_bytes) {
+  if (smem_bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int device = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, smem_bytes);
+  if (done.count(key) != 0) return;
+  TVM_FFI_CHECK_CUDA_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  done.insert(key);
+}
+
+/*! \brief Largest grid y / z of a launch. */
+constexpr int64_t kMaxGridYZ = 65535;
+
+/*!
+ * \brief Launches a prefill kernel with `params` on `stream` over the grid
+ * (ceil(max_query_len / rows_per_cta), heads, seqs); CUDA errors become exceptions. The caller
+ * has checked heads and seqs against kMaxGridYZ.
+ */
+struct CudaLauncher {
+  const PrefillParams& params;
+  cudaStream_t stream;
+
+  template <class Kernel>
+  void operator()(Kernel kernel, int64_t num_heads, int64_t num_seqs, int64_t max_query_len,
+                  int64_t rows_per_cta, int threads, int smem_bytes) const {
+    const int64_t m_blocks = (max_query_len + rows_per_cta - 1) / rows_per_cta;
+    EnsureSmemLimit(reinterpret_cast<const void*>(kernel), smem_bytes);
+    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(num_heads),
+                    static_cast<unsigned>(num_seqs));
+    kernel<<<grid, static_cast<unsigned>(threads), static_cast<size_t>(smem_bytes), stream>>>(
+        params);
+    TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+  }
+};
+
+/*!
+ * \brief Tensor-core kernels (one translation unit per element type).
+ * \return false when `head_size` has no tensor-core kernel.
+ */
+bool LaunchTcFp16(int64_t head_size, int variant, const PrefillParams& p, int num_heads,
+                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchTcBf16(int64_t head_size, int variant, const PrefillParams& p, int num_heads,
+                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+
+}  // namespace prefill
+}  // namespace cacheflow

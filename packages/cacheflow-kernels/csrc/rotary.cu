@@ -1,0 +1,266 @@
+// rotary_embedding: rotary position embeddings applied in place to queries and keys.
+//
+// Layouts:
+//   positions (int64):        [num_tokens], contiguous
+//   query (float16/bfloat16/float32): [num_tokens, num_heads * head_size]; the last dimension is
+//                             contiguous, rows may be further apart (a slice of a fused qkv
+//                             tensor): the row stride comes from the tensor's strides
+//   key (dtype of query):     [num_tokens, num_kv_heads * head_size], same rule
+//   cos_sin_cache (float32):  [max_position, rot_dim], contiguous; row p is
+//                             [cos(p * inv_freq) (rot_dim/2) | sin(p * inv_freq) (rot_dim/2)]
+//
+// For each head the first rot_dim features rotate; features rot_dim..head_size stay untouched.
+//   neox style (is_neox):  x1 = x[:rot_dim/2], x2 = x[rot_dim/2:rot_dim]
+//   gpt-j style:           x1 = x[0:rot_dim:2], x2 = x[1:rot_dim:2]
+//   x1' = x1 * cos - x2 * sin,  x2' = x2 * cos + x1 * sin
+// computed like the runtime's torch implementation: cos and sin rounded to the activation dtype,
+// each product and the sum rounded to it (float32 math, no fused multiply-add), so results match
+// torch's eager ops. A position outside [0, max_position) leaves its token untouched.
+//
+// One CUDA block per token: each thread first loads its N elements of x1 and their N partners of
+// x2 (neox) or N interleaved elements (gpt-j) -- 16-byte accesses when the rotary width, head
+// size, row strides and pointers allow -- while the block stages the token's cos/sin row in
+// shared memory, then rotates and stores them.
+#include <cuda_runtime.h>
+#include <tvm/ffi/extra/cuda/device_guard.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+#include "elementwise_common.cuh"
+
+namespace cacheflow {
+namespace {
+
+using namespace elementwise;  // NOLINT(build/namespaces)
+
+constexpr const char* kOp = "rotary_embedding";
+constexpr int kMaxThreads = 512;
+constexpr int64_t kMaxRotDim = 8192;  // cos/sin row staged in shared memory (32 KB)
+
+/*! \brief a*c - b*s (kMinus) or a*c + b*s, each step rounded to T like torch's eager ops. */
+template <typename T, bool kMinus>
+__device__ __forceinline__ float Rotate(float a, float c, float b, float s) {
+  const float ac = RoundTo<T>(__fmul_rn(a, c));
+  const float bs = RoundTo<T>(__fmul_rn(b, s));
+  return kMinus ? __fsub_rn(ac, bs) : __fadd_rn(ac, bs);
+}
+
+/*!
+ * \tparam N elements rotated per thread and step: N of x1 and N of x2 (neox), or N/2 pairs
+ *   (gpt-j, N even).
+ * \tparam W elements per memory access (N, or 1 when alignment does not allow N).
+ */
+template <typename T, int N, int W, bool kNeox>
+__global__ void __launch_bounds__(kMaxThreads)
+    RotaryKernel(const int64_t* __restrict__ positions, T* query, T* key,
+                 const float* __restrict__ cos_sin_cache, int64_t query_stride,
+                 int64_t key_stride, int num_heads, int num_kv_heads, int head_size, int rot_dim,
+                 int64_t max_position) {
+  extern __shared__ float cos_sin[];  // [rot_dim]: cos | sin, rounded to T
+  const int64_t token = blockIdx.x;
+  const int64_t pos = positions[token];
+  const int half = rot_dim / 2;
+  const int units = kNeox ? half / N : rot_dim / N;  // per head
+  const int total = (num_heads + num_kv_heads) * units;
+  T* q_row = query + token * query_stride;
+  T* k_row = key + token * key_stride;
+  // Unit u: head u / units; its first element i0 within the head (x1 for neox, the run of
+  // interleaved pairs for gpt-j).
+  auto locate = [&](int u, int& i0) -> T* {
+    const int head = u / units;
+    i0 = (u - head * units) * N;
+    return head < num_heads ? q_row + static_cast<int64_t>(head) * head_size
+                            : k_row + static_cast<int64_t>(head - num_heads) * head_size;
+  };
+
+  // The first unit's loads do not depend on the position: issue them before the cos/sin row.
+  int u = threadIdx.x;
+  int i0 = 0;
+  T* base = nullptr;
+  Vec<T, N> x1{}, x2{};
+  if (u < total) {
+    base = locate(u, i0);
+    x1 = LoadVec<T, N, W>(base + i0);
+    if constexpr (kNeox) x2 = LoadVec<T, N, W>(base + half + i0);
+  }
+  if (pos < 0 || pos >= max_position) return;  // uniform over the block
+  const float* row = cos_sin_cache + pos * rot_dim;
+  for (int i = threadIdx.x; i < rot_dim; i += blockDim.x) cos_sin[i] = RoundTo<T>(row[i]);
+  __syncthreads();
+
+  while (u < total) {
+    if constexpr (kNeox) {
+      Vec<T, N> y1, y2;
+#pragma unroll
+      for (int m = 0; m < N; ++m) {
+        const float c = cos_sin[i0 + m];
+        const float s = cos_sin[half + i0 + m];
+        const float a = ToFloat(x1.v[m]);
+        const float b = ToFloat(x2.v[m]);
+        y1.v[m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));   // x1*cos - x2*sin
+        y2.v[m] = FromFloat<T>(Rotate<T, false>(b, c, a, s));  // x2*cos + x1*sin
+      }
+      StoreVec<T, N, W>(base + i0, y1);
+      StoreVec<T, N, W>(base + half + i0, y2);
+    } else {
+      Vec<T, N> y;
+#pragma unroll
+      for (int m = 0; m < N / 2; ++m) {
+        const int p = i0 / 2 + m;
+        const float c = cos_sin[p];
+        const float s = cos_sin[half + p];
+        const float a = ToFloat(x1.v[2 * m]);
+        const float b = ToFloat(x1.v[2 * m + 1]);
+        y.v[2 * m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));
+        y.v[2 * m + 1] = FromFloat<T>(Rotate<T, false>(b, c, a, s));
+      }
+      StoreVec<T, N, W>(base + i0, y);
+    }
+    u += blockDim.x;
+    if (u < total) {
+      base = locate(u, i0);
+      x1 = LoadVec<T, N, W>(base + i0);
+      if constexpr (kNeox) x2 = LoadVec<T, N, W>(base + half + i0);
+    }
+  }
+}
+
+struct RotaryArgs {
+  const int64_t* positions;
+  char* query;
+  char* key;
+  const float* cos_sin_cache;
+  int64_t query_stride, key_stride;  // elements
+  int64_t num_tokens, max_position;
+  int num_heads, num_kv_heads, head_size, rot_dim;
+};
+
+template <typename T, int N, int W, bool kNeox>
+void LaunchKernel(const RotaryArgs& a, cudaStream_t stream) {
+  const int units = kNeox ? a.rot_dim / 2 / N : a.rot_dim / N;
+  const int64_t total = static_cast<int64_t>(a.num_heads + a.num_kv_heads) * units;
+  const int64_t threads =
+      std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (total + 31) / 32 * 32));
+  const size_t smem = static_cast<size_t>(a.rot_dim) * sizeof(float);
+  RotaryKernel<T, N, W, kNeox>
+      <<<static_cast<unsigned>(a.num_tokens), static_cast<unsigned>(threads), smem, stream>>>(
+          a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key),
+          a.cos_sin_cache, a.query_stride, a.key_stride, a.num_heads, a.num_kv_heads,
+          a.head_size, a.rot_dim, a.max_position);
+}
+
+template <typename T, bool kNeox>
+void LaunchStyle(const RotaryArgs& a, cudaStream_t stream) {
+  constexpr int kN = kVec16<T>;
+  const int unit_span = kNeox ? a.rot_dim / 2 : a.rot_dim;
+  const bool wide = unit_span % kN == 0 && a.head_size % kN == 0 && a.query_stride % kN == 0 &&
+                    a.key_stride % kN == 0 && AllAligned({a.query, a.key}, 16);
+  if (wide) {
+    LaunchKernel<T, kN, kN, kNeox>(a, stream);
+  } else {
+    LaunchKernel<T, kNeox ? 1 : 2, 1, kNeox>(a, stream);
+  }
+}
+
+/*!
+ * \brief Checks a [num_tokens, heads * head_size] activation whose last dimension is contiguous;
+ * returns its row stride in elements.
+ */
+int64_t CheckActivation(const char* name, const TensorView& t, int64_t num_tokens,
+                        int64_t head_size, const char* heads) {
+  CheckNdim(kOp, name, t, 2, heads);
+  TVM_FFI_CHECK(t.shape()[0] == num_tokens, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "of shape [" << num_tokens
+      << ", ...] (num_tokens of 'positions'), got " << ShapeStr(t);
+  TVM_FFI_CHECK(t.shape()[1] % head_size == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "of shape " << heads << " with a last dimension "
+      << "divisible by head_size=" << head_size << ", got " << ShapeStr(t);
+  if (t.IsContiguous()) return t.shape()[1];
+  const int64_t col_stride = t.strides()[1];
+  const int64_t row_stride = t.strides()[0];
+  TVM_FFI_CHECK(col_stride == 1 || t.shape()[1] <= 1, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "contiguous in its last dimension (stride 1), got "
+      << "strides [" << row_stride << ", " << col_stride << "] for shape " << ShapeStr(t);
+  TVM_FFI_CHECK(t.shape()[0] <= 1 || row_stride >= t.shape()[1], ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "of non-overlapping rows (row stride >= "
+      << t.shape()[1] << "), got row stride " << row_stride;
+  return t.shape()[0] <= 1 ? t.shape()[1] : row_stride;
+}
+
+void RotaryEmbedding(TensorView positions, TensorView query, TensorView key,
+                     TensorView cos_sin_cache, int64_t head_size, bool is_neox) {
+  CheckNdim(kOp, "positions", positions, 1, "[num_tokens]");
+  TVM_FFI_CHECK(IsInt64(positions.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "positions") << "int64, got " << positions.dtype();
+  const int64_t num_tokens = positions.shape()[0];
+  TVM_FFI_CHECK(head_size > 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "head_size") << "a positive integer, got " << head_size;
+  CheckFloatDtype(kOp, "query", query);
+  const int64_t q_stride =
+      CheckActivation("query", query, num_tokens, head_size, "[num_tokens, num_heads * head_size]");
+  CheckDtypeLike(kOp, "key", key, "query", query);
+  const int64_t k_stride = CheckActivation("key", key, num_tokens, head_size,
+                                           "[num_tokens, num_kv_heads * head_size]");
+  CheckNdim(kOp, "cos_sin_cache", cos_sin_cache, 2, "[max_position, rot_dim]");
+  const DLDataType cs_dtype = cos_sin_cache.dtype();
+  TVM_FFI_CHECK(cs_dtype.code == kDLFloat && cs_dtype.bits == 32 && cs_dtype.lanes == 1,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "cos_sin_cache") << "float32, got " << cs_dtype;
+  const int64_t max_position = cos_sin_cache.shape()[0];
+  const int64_t rot_dim = cos_sin_cache.shape()[1];
+  TVM_FFI_CHECK(rot_dim >= 2 && rot_dim % 2 == 0 && rot_dim <= head_size && rot_dim <= kMaxRotDim,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "cos_sin_cache") << "of shape [max_position, rot_dim] with "
+      << "rot_dim even, >= 2 and <= head_size=" << head_size << " (and <= " << kMaxRotDim
+      << "), got " << ShapeStr(cos_sin_cache);
+  CheckContiguous(kOp, "positions", positions);
+  CheckContiguous(kOp, "cos_sin_cache", cos_sin_cache);
+  CheckCuda(kOp, "positions", positions);
+  CheckSameDevice(kOp, "query", query, "positions", positions);
+  CheckSameDevice(kOp, "key", key, "positions", positions);
+  CheckSameDevice(kOp, "cos_sin_cache", cos_sin_cache, "positions", positions);
+
+  const int64_t num_heads = query.shape()[1] / head_size;
+  const int64_t num_kv_heads = key.shape()[1] / head_size;
+  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "positions") << "at most 2^31-1 tokens, got " << num_tokens;
+  TVM_FFI_CHECK((num_heads + num_kv_heads) * head_size <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query") << "with (num_heads + num_kv_heads) * head_size "
+      << "< 2^31, got " << (num_heads + num_kv_heads) * head_size;
+  if (num_tokens == 0 || num_heads + num_kv_heads == 0) return;
+
+  RotaryArgs a;
+  a.positions = reinterpret_cast<const int64_t*>(DataPtr(positions));
+  a.query = DataPtr(query);
+  a.key = DataPtr(key);
+  a.cos_sin_cache = reinterpret_cast<const float*>(DataPtr(cos_sin_cache));
+  a.query_stride = q_stride;
+  a.key_stride = k_stride;
+  a.num_tokens = num_tokens;
+  a.max_position = max_position;
+  a.num_heads = static_cast<int>(num_heads);
+  a.num_kv_heads = static_cast<int>(num_kv_heads);
+  a.head_size = static_cast<int>(head_size);
+  a.rot_dim = static_cast<int>(rot_dim);
+
+  const DLDevice dev = positions.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  const cudaStream_t stream = EnvStream(dev);
+  DispatchFloat(query.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    if (is_neox) {
+      LaunchStyle<T, true>(a, stream);
+    } else {
+      LaunchStyle<T, false>(a, stream);
+    }
+  });
+  CheckLaunch();
+}
+
+}  // namespace
+}  // namespace cacheflow
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(rotary_embedding, cacheflow::RotaryEmbedding);

@@ -1,0 +1,295 @@
+"""Attention over the paged KV cache: decode (one query token per sequence)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from . import _checks as C
+from ._lib import get_function
+
+#: Head sizes paged_attention is compiled for.
+PAGED_ATTENTION_HEAD_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 256)
+#: Cache block sizes paged_attention supports.
+PAGED_ATTENTION_BLOCK_SIZES: tuple[int, ...] = (8, 16, 32)
+#: Split-K partition sizes are multiples of this many tokens.
+PARTITION_ALIGN = 64
+#: The automatic split never makes partitions shorter than this.
+MIN_AUTO_PARTITION = 256
+#: Upper bound of the number of partitions (the merge kernel keeps one weight per partition in
+#: shared memory).
+MAX_PARTITIONS = 8192
+#: The automatic split aims at this many CTAs per multiprocessor.
+_TARGET_CTAS_PER_SM = 8
+#: Query heads per CTA (the tensor-core kernel's rows; the float32 kernel uses 8).
+_HEADS_PER_CTA = 16
+
+_QUERY = ("num_seqs", "num_heads", "head_size")
+_CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
+
+_sm_counts: dict[int, int] = {}
+
+
+def _one_of(values: tuple[int, ...]) -> str:
+    return ", ".join(str(v) for v in values[:-1]) + f" or {values[-1]}"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _validate_paged_attention(
+    out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+    context_lens: Any, scale: Any, alibi_slopes: Any, max_context_len: Any, workspace: Any,
+    partition_size: Any, sliding_window: Any,
+) -> None:
+    op = "paged_attention"
+    # Shapes and dtypes.
+    C.check_shape(op, "query", query, _QUERY, (None, None, None))
+    C.check_dtype(op, "query", query, C.FLOAT_KV_DTYPES)
+    num_seqs, num_heads, head_size = C.shape_of(query)
+    if head_size not in PAGED_ATTENTION_HEAD_SIZES:
+        raise C.arg_error(
+            op, "query", f"of head_size {_one_of(PAGED_ATTENTION_HEAD_SIZES)}",
+            f"head_size {head_size} (shape {list(C.shape_of(query))})",
+        )
+    C.check_shape(op, "out", out, _QUERY, (num_seqs, num_heads, head_size))
+    C.check_same_dtype(op, "out", out, "query", query)
+    C.check_shape(op, "key_cache", key_cache, _CACHE, (None, None, None, head_size))
+    C.check_same_dtype(op, "key_cache", key_cache, "query", query)
+    num_blocks, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+    if block_size not in PAGED_ATTENTION_BLOCK_SIZES:
+        raise C.arg_error(
+            op, "key_cache", f"of block_size {_one_of(PAGED_ATTENTION_BLOCK_SIZES)}",
+            f"block_size {block_size} (shape {list(C.shape_of(key_cache))})",
+        )
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise C.arg_error(
+            op, "key_cache", f"of num_kv_heads dividing num_heads={num_heads}",
+            f"num_kv_heads {num_kv_heads}",
+        )
+    C.check_shape(
+        op, "value_cache", value_cache, _CACHE, (num_blocks, block_size, num_kv_heads, head_size)
+    )
+    C.check_same_dtype(op, "value_cache", value_cache, "query", query)
+    C.check_shape(
+        op, "block_tables", block_tables, ("num_seqs", "max_blocks_per_seq"), (num_seqs, None)
+    )
+    C.check_dtype(op, "block_tables", block_tables, ("int32",))
+    C.check_shape(op, "context_lens", context_lens, ("num_seqs",), (num_seqs,))
+    C.check_dtype(op, "context_lens", context_lens, ("int32",))
+    if alibi_slopes is not None:
+        C.check_shape(op, "alibi_slopes", alibi_slopes, ("num_heads",), (num_heads,))
+        C.check_dtype(op, "alibi_slopes", alibi_slopes, ("float32",))
+    if workspace is not None:
+        C.check_shape(op, "workspace", workspace, ("num_elements",), (None,))
+        C.check_dtype(op, "workspace", workspace, ("float32",))
+    # Scalars.
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) \
+            or not math.isfinite(float(scale)):
+        raise C.arg_error(op, "scale", "a finite real number", repr(scale))
+    if max_context_len is not None and (not _is_int(max_context_len) or max_context_len < 0):
+        raise C.arg_error(op, "max_context_len", "None or an int >= 0", repr(max_context_len))
+    if partition_size is not None and (
+        not _is_int(partition_size) or partition_size < 0 or partition_size % PARTITION_ALIGN
+    ):
+        raise C.arg_error(
+            op, "partition_size",
+            f"None (automatic), 0 (no split) or a positive multiple of {PARTITION_ALIGN}",
+            repr(partition_size),
+        )
+    if sliding_window is not None and (not _is_int(sliding_window) or sliding_window < 1):
+        raise C.arg_error(op, "sliding_window", "None or an int >= 1", repr(sliding_window))
+    # Memory layout.
+    tensors = {
+        "out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
+        "block_tables": block_tables, "context_lens": context_lens,
+        "alibi_slopes": alibi_slopes, "workspace": workspace,
+    }
+    tensors = {name: x for name, x in tensors.items() if x is not None}
+    for name, x in tensors.items():
+        C.check_contiguous(op, name, x)
+    # Device last.
+    C.check_cuda(op, "query", query)
+    for name, x in tensors.items():
+        if name != "query":
+            C.check_same_device(op, name, x, "query", query)
+
+
+def plan_partitions(
+    num_seqs: int, num_heads: int, num_kv_heads: int, max_context_len: int, num_sms: int,
+    partition_size: int | None = None,
+) -> tuple[int, int]:
+    """The split-K plan of :func:`paged_attention`: ``(partition_size, num_partitions)``.
+
+    ``(0, 1)`` means no split: one CTA per (sequence, KV head, group of up to 16 query heads)
+    covers the whole context and writes ``out`` directly. Otherwise the context is cut into
+    ``num_partitions = ceil(max_context_len / partition_size)`` partitions computed by separate
+    CTAs, merged by a second kernel through the workspace.
+
+    Automatic choice (``partition_size=None``): no split when there are already
+    ``>= 8 * num_sms`` CTAs; else as many partitions as it takes to reach that many CTAs, but
+    none shorter than 256 tokens; sizes are rounded up to a multiple of 64. A given
+    ``partition_size`` (a multiple of 64; 0 = no split) is used as is.
+    """
+    if partition_size is not None:
+        if partition_size == 0:
+            return 0, 1
+        parts = -(-max_context_len // partition_size)
+        return (partition_size, parts) if parts > 1 else (0, 1)
+    group = num_heads // max(num_kv_heads, 1)
+    ctas = num_seqs * num_kv_heads * -(-group // _HEADS_PER_CTA)
+    target = _TARGET_CTAS_PER_SM * max(num_sms, 1)
+    if ctas <= 0 or ctas >= target:
+        return 0, 1
+    parts = min(-(-target // ctas), max_context_len // MIN_AUTO_PARTITION, MAX_PARTITIONS)
+    if parts <= 1:
+        return 0, 1
+    size = -(-max_context_len // parts)
+    size = -(-size // PARTITION_ALIGN) * PARTITION_ALIGN
+    parts = -(-max_context_len // size)
+    return (size, parts) if parts > 1 else (0, 1)
+
+
+def _sm_count(device_index: int) -> int:
+    count = _sm_counts.get(device_index)
+    if count is None:
+        count = int(get_function("paged_attention_sm_count")(device_index))
+        _sm_counts[device_index] = count
+    return count
+
+
+def paged_attention_workspace_size(
+    num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int, max_context_len: int,
+    *, device: Any = None, num_sms: int | None = None, partition_size: int | None = None,
+) -> int:
+    """Number of float32 elements of the workspace :func:`paged_attention` needs; 0: none.
+
+    ``num_seqs * num_heads * num_partitions * (head_size + 2)`` with ``num_partitions`` from
+    :func:`plan_partitions`, which depends on the device's multiprocessor count: give
+    ``num_sms``, or ``device`` (a CUDA device index, ``torch.device`` or ``"cuda:N"``; default
+    0). Pass the same ``num_seqs``, ``max_context_len`` and ``partition_size`` as to
+    :func:`paged_attention`. Without a device query, ``ceil(max_context_len / 256)`` bounds
+    ``num_partitions`` for the automatic plan.
+    """
+    if num_sms is None:
+        num_sms = _sm_count(_device_index(device))
+    _, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_context_len, num_sms,
+                               partition_size)
+    return 0 if parts <= 1 else num_seqs * num_heads * parts * (head_size + 2)
+
+
+def _device_index(device: Any) -> int:
+    if device is None:
+        return 0
+    if _is_int(device):
+        return int(device)
+    index = getattr(device, "index", None)
+    if index is not None:
+        return int(index)
+    text = str(device)
+    if text.startswith("cuda:"):
+        return int(text.split(":", 1)[1])
+    return 0
+
+
+def paged_attention(
+    out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+    context_lens: Any, scale: float, alibi_slopes: Any = None,
+    max_context_len: int | None = None, workspace: Any = None, *,
+    partition_size: int | None = None, sliding_window: int | None = None,
+) -> None:
+    """Decode attention over the paged KV cache: one query token per sequence, into ``out``.
+
+    For each sequence ``s``, head ``h`` (KV head ``h // (num_heads // num_kv_heads)``) and the
+    ``n = context_lens[s]`` cached tokens at positions ``j`` (token ``j`` is at
+    ``key_cache[block_tables[s, j // block_size], j % block_size]``)::
+
+        score[j] = scale * dot(query[s, h], K[j]) + alibi_slopes[h] * (j - (n - 1))
+        out[s, h] = softmax(score) @ V
+
+    The query is the last context token (already written to the cache, e.g. by
+    :func:`reshape_and_cache`). A sequence with ``context_lens[s] == 0`` gets zeros. MHA, GQA
+    and MQA (``num_heads % num_kv_heads == 0``). Accumulation is in float32 (online softmax);
+    float16/bfloat16 use tensor cores, with the probabilities rounded to the input dtype before
+    they multiply V (as FlashAttention does).
+
+    Args:
+        out: ``[num_seqs, num_heads, head_size]``, dtype of ``query``; written.
+        query: ``[num_seqs, num_heads, head_size]``, float16, bfloat16 or float32; head_size
+            64, 80, 96, 112, 128 or 256.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``;
+            block_size 8, 16 or 32 (the layout of :func:`reshape_and_cache`).
+        value_cache: same shape and dtype as ``key_cache``.
+        block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's
+            context are never read; the others must be valid block numbers.
+        context_lens: int32 ``[num_seqs]``, each at most ``max_blocks_per_seq * block_size``
+            (larger values are clamped to it).
+        scale: the softmax scale, usually ``head_size ** -0.5``.
+        alibi_slopes: None or float32 ``[num_heads]``: ALiBi bias ``slope * (key_pos -
+            query_pos)``.
+        max_context_len: an upper bound of ``context_lens`` (host int). It sizes the split-K
+            grid, so every ``context_lens`` entry must be ``<=`` it (a longer context would be
+            cut off). Default: ``max_blocks_per_seq * block_size``, which is always safe but
+            may split more than needed. Pass it for speed; it never needs a device sync.
+        workspace: None or a float32 1-D tensor on the device with at least
+            :func:`paged_attention_workspace_size` elements, i.e. ``num_seqs * num_heads *
+            num_partitions * (head_size + 2)``; needed only when the context is split. None
+            allocates it with torch (inside this call). Pass one to capture the call in a CUDA
+            graph without allocating, with a fixed ``max_context_len``.
+        partition_size: split-K partition length in tokens: None chooses (see
+            :func:`plan_partitions`), 0 never splits, else a multiple of 64.
+        sliding_window: None, or W >= 1: the query sees only the last W context tokens (its
+            own included), as Mistral's sliding window.
+
+    All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
+    array); ``query``, ``out`` and the caches 16-byte aligned. The kernels run on the caller's
+    current stream, without host synchronization, and can be captured in CUDA graphs: the grid
+    depends only on the shapes, ``max_context_len`` and ``partition_size``; ``context_lens``,
+    ``block_tables`` and ``query`` may change between replays.
+
+    Raises:
+        ValueError: wrong device, dtype, shape, memory layout or value of an argument (checked
+            before the kernel library is loaded), or a workspace that is too small.
+        TypeError: a tensor argument is not a tensor.
+        RuntimeError: the kernel library is missing or a launch failed.
+    """
+    _validate_paged_attention(
+        out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
+        max_context_len, workspace, partition_size, sliding_window,
+    )
+    num_seqs, num_heads, head_size = C.shape_of(query)
+    _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+    max_tokens = C.shape_of(block_tables)[1] * block_size
+    max_ctx = max_tokens if max_context_len is None else min(int(max_context_len), max_tokens)
+    if num_seqs == 0 or num_heads == 0:
+        return
+    device_index = C.device_of(query)[1] or 0
+    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
+                                  _sm_count(device_index), partition_size)
+    if parts > MAX_PARTITIONS:
+        raise C.arg_error(
+            "paged_attention", "partition_size",
+            f"large enough for at most {MAX_PARTITIONS} partitions of "
+            f"max_context_len={max_ctx}", repr(partition_size),
+        )
+    if parts > 1:
+        need = num_seqs * num_heads * parts * (head_size + 2)
+        if workspace is None:
+            import torch  # deferred: only this path allocates
+
+            workspace = torch.empty(need, dtype=torch.float32, device=f"cuda:{device_index}")
+        elif C.shape_of(workspace)[0] < need:
+            raise C.arg_error(
+                "paged_attention", "workspace",
+                f"at least {need} float32 elements (num_seqs * num_heads * num_partitions * "
+                f"(head_size + 2) = {num_seqs} * {num_heads} * {parts} * {head_size + 2})",
+                f"{C.shape_of(workspace)[0]} elements",
+            )
+    else:
+        workspace = None
+    get_function("paged_attention")(
+        out, query, key_cache, value_cache, block_tables, context_lens, float(scale),
+        alibi_slopes, max_ctx, size, workspace, int(sliding_window or 0),
+    )

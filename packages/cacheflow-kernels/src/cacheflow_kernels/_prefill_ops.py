@@ -1,0 +1,162 @@
+"""Attention over the paged KV cache for prefill steps (whole prompts, prefix-cached prompts and
+prefill chunks alike)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from . import _checks as C
+from ._lib import get_function
+
+_OP = "paged_prefill_attention"
+_TOKENS = ("num_tokens", "num_heads", "head_size")
+_CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
+
+#: Largest head size the op accepts.
+MAX_HEAD_SIZE = 256
+
+#: Head sizes with a tensor-core kernel for float16 and bfloat16.
+TENSOR_CORE_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
+
+
+def _validate_paged_prefill_attention(
+    out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
+    query_start_loc: Any, context_lens: Any, scale: Any, max_query_len: Any,
+) -> tuple[float, int]:
+    op = _OP
+    args = {
+        "out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
+        "block_tables": block_tables, "query_start_loc": query_start_loc,
+        "context_lens": context_lens,
+    }
+    # Shapes and dtypes.
+    C.check_shape(op, "query", query, _TOKENS, (None, None, None))
+    C.check_dtype(op, "query", query, C.FLOAT_KV_DTYPES)
+    num_tokens, num_heads, head_size = C.shape_of(query)
+    C.check_shape(op, "out", out, _TOKENS, (num_tokens, num_heads, head_size))
+    C.check_same_dtype(op, "out", out, "query", query)
+    C.check_shape(op, "key_cache", key_cache, _CACHE, (None, None, None, head_size))
+    C.check_same_dtype(op, "key_cache", key_cache, "query", query)
+    num_blocks, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise C.arg_error(
+            op, "key_cache",
+            f"of shape [num_blocks, block_size, num_kv_heads, head_size] with num_kv_heads "
+            f"dividing num_heads={num_heads}",
+            f"[{num_blocks}, {block_size}, {num_kv_heads}, {head_size}]",
+        )
+    if block_size < 1:
+        raise C.arg_error(op, "key_cache", "of block_size >= 1",
+                          f"[{num_blocks}, {block_size}, {num_kv_heads}, {head_size}]")
+    C.check_shape(
+        op, "value_cache", value_cache, _CACHE, (num_blocks, block_size, num_kv_heads, head_size)
+    )
+    C.check_same_dtype(op, "value_cache", value_cache, "query", query)
+    C.check_shape(op, "block_tables", block_tables, ("num_seqs", "max_blocks_per_seq"),
+                  (None, None))
+    C.check_dtype(op, "block_tables", block_tables, ("int32",))
+    num_seqs = C.shape_of(block_tables)[0]
+    C.check_shape(op, "query_start_loc", query_start_loc, ("num_seqs + 1",), (num_seqs + 1,))
+    C.check_dtype(op, "query_start_loc", query_start_loc, ("int32",))
+    C.check_shape(op, "context_lens", context_lens, ("num_seqs",), (num_seqs,))
+    C.check_dtype(op, "context_lens", context_lens, ("int32",))
+    # Sizes the kernels index.
+    if not 1 <= head_size <= MAX_HEAD_SIZE:
+        raise C.arg_error(op, "query", f"of head_size between 1 and {MAX_HEAD_SIZE}",
+                          f"shape [{num_tokens}, {num_heads}, {head_size}]")
+    # Scalars.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise C.arg_error(op, "scale", "a real number", type(scale).__name__)
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise C.arg_error(op, "scale", "a finite number > 0", repr(scale))
+    if max_query_len is None:
+        max_query_len = -1
+    elif isinstance(max_query_len, bool) or not isinstance(max_query_len, numbers.Integral):
+        raise C.arg_error(op, "max_query_len", "an int or None", type(max_query_len).__name__)
+    elif max_query_len < 0:
+        raise C.arg_error(op, "max_query_len", ">= 0 (or None)", str(max_query_len))
+    # Memory layout.
+    for name, x in args.items():
+        C.check_contiguous(op, name, x)
+    # Device last.
+    C.check_cuda(op, "query", query)
+    for name, x in args.items():
+        if name != "query":
+            C.check_same_device(op, name, x, "query", query)
+    return scale, int(max_query_len)
+
+
+def paged_prefill_attention(
+    out: Any,
+    query: Any,
+    key_cache: Any,
+    value_cache: Any,
+    block_tables: Any,
+    query_start_loc: Any,
+    context_lens: Any,
+    scale: float,
+    max_query_len: int | None = None,
+) -> None:
+    """Causal attention of a ragged batch of new tokens over each sequence's paged KV cache.
+
+    Sequence ``i`` contributes ``q_len_i = query_start_loc[i+1] - query_start_loc[i]`` new
+    tokens, the rows ``query_start_loc[i]:query_start_loc[i+1]`` of ``query``, and has
+    ``context_lens[i]`` tokens in all (tokens cached before plus the new ones, so
+    ``context_lens[i] >= q_len_i``). New token ``j`` sits at position
+    ``context_lens[i] - q_len_i + j`` and attends to the keys at positions ``0`` up to and
+    including its own::
+
+        out[t, h] = softmax_k(scale * query[t, h] . K[k, h // group]) @ V[., h // group]
+
+    where ``group = num_heads // num_kv_heads`` (MHA, GQA and MQA) and the key/value of position
+    ``k`` is ``key_cache[block_tables[i, k // block_size], k % block_size]``. Every K/V is read
+    from the cache: write the new tokens' keys and values with :func:`reshape_and_cache` first.
+    Whole prompts (``context_lens == q_len``), prompts after a cached prefix and prefill chunks
+    (``context_lens > q_len``) all take this one call; so do decode rows (``q_len == 1``), though
+    the decode kernel suits those better.
+
+    Args:
+        out: ``[num_tokens, num_heads, head_size]``, dtype of ``query``; written in place (rows
+            of tokens of no sequence, past ``query_start_loc[-1]``, are left untouched).
+        query: ``[num_tokens, num_heads, head_size]``, float16, bfloat16 or float32;
+            ``head_size <= 256``.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``;
+            ``num_kv_heads`` divides ``num_heads``. Any ``block_size``.
+        value_cache: same shape and dtype as ``key_cache``.
+        block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's last
+            block are never read.
+        query_start_loc: int32 ``[num_seqs + 1]``, cumulative query lengths (cu_seqlens):
+            ``0, q_len_0, q_len_0 + q_len_1, ...``.
+        context_lens: int32 ``[num_seqs]``.
+        scale: softmax scale (usually ``head_size ** -0.5``); finite and > 0.
+        max_query_len: an upper bound of the longest ``q_len_i`` (host int), which sizes the
+            grid; ``None`` uses ``num_tokens`` (always safe, but launches idle tiles for every
+            sequence: pass it when known). Queries longer than it are not computed. For CUDA
+            graphs, capture with a bound that covers every replay.
+
+    Numerics: fp32 accumulation and an online (FlashAttention-2 style) softmax. float16 and
+    bfloat16 use tensor cores for head sizes 64, 80, 96, 112, 128 and 256 (the attention weights
+    are rounded to the input dtype before the P @ V product, as in FlashAttention); float32,
+    other head sizes, and data pointers that are not 16-byte aligned take a CUDA-core kernel.
+    A row that sees no key at all (only possible when ``context_lens[i] < q_len_i``) is zeros.
+
+    All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
+    array). The kernel runs on the caller's current stream and is CUDA-graph capturable.
+
+    Raises:
+        ValueError: an argument has the wrong device, dtype, shape, memory layout or value;
+            raised before the kernel library is loaded.
+        TypeError: an argument is not a tensor.
+        RuntimeError: the kernel library is missing or the launch failed.
+    """
+    scale, max_q = _validate_paged_prefill_attention(
+        out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
+        max_query_len,
+    )
+    get_function(_OP)(
+        out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
+        max_q,
+    )

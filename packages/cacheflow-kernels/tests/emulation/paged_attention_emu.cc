@@ -1,0 +1,84 @@
+// A C entry point that runs paged_attention's kernels (csrc/paged_attention.cuh, unchanged) under
+// the host emulation of paged_attention_emu.h, for tests/test_kernels_paged_attention_emulated.py.
+//
+// Build (from packages/cacheflow-kernels):
+//   g++ -std=c++17 -O2 -shared -fPIC -Wno-unknown-pragmas -DCACHEFLOW_PAGED_ATTENTION_EMULATE
+//       -Icsrc -Itests/emulation tests/emulation/paged_attention_emu.cc -o libpa_emu.so
+#include "paged_attention.cuh"  // includes paged_attention_emu.h (CACHEFLOW_PAGED_ATTENTION_EMULATE)
+
+#include <cstdint>
+
+namespace {
+
+namespace pa = cacheflow::paged_attention;
+
+struct EmuLauncher {
+  template <typename... Args>
+  void operator()(void (*kernel)(Args...), pa::GridDims grid, int threads, size_t smem,
+                  const pa::Params& p) const {
+    pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
+      kernel(p);
+    });
+  }
+};
+
+pa_emu::GlobalRange Range(const void* ptr, int64_t bytes, const char* name) {
+  const auto* b = static_cast<const unsigned char*>(ptr);
+  return pa_emu::GlobalRange{b, b + (ptr ? bytes : 0), name};
+}
+
+}  // namespace
+
+/*!
+ * \brief Runs paged_attention on host memory; arguments mean what they mean for the CUDA op
+ * (already validated by the caller). `partition_size` is the resolved one (0: no split).
+ * \param dtype 0 float16, 1 bfloat16, 2 float32.
+ * \return the number of partitions used, or -1 when `workspace` has fewer than the
+ * workspace_elements needed (reported through `workspace_needed` when not null). With `out`
+ * null nothing runs: the call only reports the partitions and the workspace size.
+ */
+extern "C" int cf_emu_paged_attention(
+    int dtype, void* out, const void* query, const void* key_cache, const void* value_cache,
+    const int32_t* block_tables, const int32_t* context_lens, const float* alibi_slopes,
+    float* workspace, int64_t workspace_elements, int64_t num_seqs, int64_t num_heads,
+    int64_t head_size, int64_t num_kv_heads, int64_t num_blocks, int64_t block_size,
+    int64_t max_blocks_per_seq, double scale, int64_t max_context_len, int64_t partition_size,
+    int64_t sliding_window, int64_t* workspace_needed) {
+  pa::Params p = pa::MakeParams(num_seqs, num_heads, num_kv_heads, head_size, block_size,
+                                max_blocks_per_seq, scale, max_context_len, partition_size,
+                                sliding_window);
+  const int64_t need = pa::WorkspaceElements(p);
+  if (workspace_needed != nullptr) *workspace_needed = need;
+  if (out == nullptr) return p.num_partitions;  // a query of the plan only
+  if (need > workspace_elements) return -1;
+  pa::SetWorkspace(p, workspace);
+  p.out = out;
+  p.query = query;
+  p.key_cache = key_cache;
+  p.value_cache = value_cache;
+  p.block_tables = block_tables;
+  p.context_lens = context_lens;
+  p.alibi_slopes = alibi_slopes;
+
+  const int64_t elem = dtype == 2 ? 4 : 2;
+  const int64_t q_bytes = num_seqs * num_heads * head_size * elem;
+  const int64_t c_bytes = num_blocks * block_size * num_kv_heads * head_size * elem;
+  pa_emu::g_ranges = {
+      Range(out, q_bytes, "out"),
+      Range(query, q_bytes, "query"),
+      Range(key_cache, c_bytes, "key_cache"),
+      Range(value_cache, c_bytes, "value_cache"),
+      Range(block_tables, num_seqs * max_blocks_per_seq * 4, "block_tables"),
+      Range(context_lens, num_seqs * 4, "context_lens"),
+      Range(alibi_slopes, num_heads * 4, "alibi_slopes"),
+      Range(workspace, need * 4, "workspace"),
+  };
+  if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
+  EmuLauncher launch;
+  switch (dtype) {
+    case 0: pa::Run<pa_emu::Half>(p, launch); break;
+    case 1: pa::Run<pa_emu::Bf16>(p, launch); break;
+    default: pa::Run<float>(p, launch); break;
+  }
+  return p.num_partitions;
+}

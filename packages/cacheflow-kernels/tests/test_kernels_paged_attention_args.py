@@ -1,0 +1,503 @@
+"""paged_attention's argument checks and split-K planning, on CPU tensors (runs in CI).
+
+The Python checks must fire before the kernel library is touched (``get_function`` is a tripwire
+unless a test replaces it); with the library built, the C++ checks are called directly too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import cacheflow_kernels
+from cacheflow_kernels import _attention_ops
+from cacheflow_kernels._attention_ops import (
+    MAX_PARTITIONS,
+    MIN_AUTO_PARTITION,
+    PARTITION_ALIGN,
+    plan_partitions,
+)
+from cacheflow_kernels._lib import library_path
+
+torch = pytest.importorskip("torch")
+
+OP = "paged_attention"
+ORDER = ("out", "query", "key_cache", "value_cache", "block_tables", "context_lens")
+
+
+def make_args(
+    dtype: Any = None, num_seqs: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
+    head_size: int = 64, num_blocks: int = 6, block_size: int = 16, max_blocks: int = 3,
+) -> dict[str, Any]:
+    """A valid float16 argument set on the CPU (valid except for the device)."""
+    dtype = dtype or torch.float16
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(num_seqs, num_heads, head_size, generator=gen).to(dtype)
+    cache = (num_blocks, block_size, num_kv_heads, head_size)
+    return {
+        "out": torch.empty_like(query),
+        "query": query,
+        "key_cache": torch.randn(cache, generator=gen).to(dtype),
+        "value_cache": torch.randn(cache, generator=gen).to(dtype),
+        "block_tables": torch.randint(0, num_blocks, (num_seqs, max_blocks), generator=gen,
+                                      dtype=torch.int32),
+        "context_lens": torch.randint(1, max_blocks * block_size, (num_seqs,), generator=gen,
+                                      dtype=torch.int32),
+    }
+
+
+class FakeCuda:
+    """A CPU tensor that reports a CUDA device through ``__dlpack_device__`` (kDLCUDA = 2)."""
+
+    def __init__(self, tensor: Any, index: int = 0) -> None:
+        self.tensor, self.index = tensor, index
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, self.index)
+
+    def is_contiguous(self) -> bool:
+        return bool(self.tensor.is_contiguous())
+
+
+@pytest.fixture(autouse=True)
+def _library_tripwire(monkeypatch: pytest.MonkeyPatch) -> None:
+    def tripwire(name: str) -> Any:
+        raise AssertionError(f"library touched ({name}) before arguments were validated")
+
+    monkeypatch.setattr(_attention_ops, "get_function", tripwire)
+    monkeypatch.setattr(_attention_ops, "_sm_counts", {})
+
+
+def _call(args: dict[str, Any], **kwargs: Any) -> None:
+    scale = kwargs.pop("scale", 0.125)
+    cacheflow_kernels.paged_attention(*(args[n] for n in ORDER), scale, **kwargs)
+
+
+def _expect(args: dict[str, Any], arg: str, *fragments: str, **kwargs: Any) -> str:
+    with pytest.raises(ValueError) as info:
+        _call(args, **kwargs)
+    msg = str(info.value)
+    assert msg.startswith(f"{OP}: argument '{arg}' must be "), msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+    return msg
+
+
+def _cuda(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: FakeCuda(v) for k, v in args.items()}
+
+
+# ---- device ---------------------------------------------------------------------------------
+
+
+def test_cpu_tensors_need_cuda() -> None:
+    _expect(make_args(), "query", "a CUDA tensor", "got a tensor on cpu")
+
+
+@pytest.mark.parametrize("arg", [n for n in ORDER if n != "query"])
+def test_cpu_argument_among_cuda_ones(arg: str) -> None:
+    args = {k: v if k == arg else FakeCuda(v) for k, v in make_args().items()}
+    _expect(args, arg, "on the same device as 'query' (cuda:0)", "got cpu")
+
+
+@pytest.mark.parametrize("arg", [n for n in ORDER if n != "query"])
+def test_other_cuda_device(arg: str) -> None:
+    args = {k: FakeCuda(v, 1 if k == arg else 0) for k, v in make_args().items()}
+    _expect(args, arg, "on the same device as 'query' (cuda:0)", "got cuda:1")
+
+
+def test_optional_tensors_checked_for_device() -> None:
+    args = _cuda(make_args())
+    _expect(args, "alibi_slopes", "same device", alibi_slopes=torch.ones(4))
+    _expect(args, "workspace", "same device", workspace=torch.empty(10))
+
+
+def test_meta_tensors_need_cuda() -> None:
+    args = {k: v.to("meta") for k, v in make_args().items()}
+    _expect(args, "query", "a CUDA tensor", "meta")
+
+
+# ---- dtypes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_valid_dtypes_reach_the_device_check(dtype: str) -> None:
+    _expect(make_args(getattr(torch, dtype)), "query", "a CUDA tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int8])
+def test_query_dtype(dtype: Any) -> None:
+    args = make_args()
+    args["query"] = args["query"].to(dtype)
+    _expect(args, "query", "float16, bfloat16 or float32", str(dtype).removeprefix("torch."))
+
+
+@pytest.mark.parametrize("arg", ["out", "key_cache", "value_cache"])
+def test_dtype_must_match_query(arg: str) -> None:
+    args = make_args(torch.float16)
+    args[arg] = args[arg].to(torch.bfloat16)
+    _expect(args, arg, "float16 like 'query'", "got bfloat16")
+
+
+@pytest.mark.parametrize("arg", ["block_tables", "context_lens"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_index_dtypes(arg: str, dtype: Any) -> None:
+    args = make_args()
+    args[arg] = args[arg].to(dtype)
+    _expect(args, arg, "of dtype int32", str(dtype).removeprefix("torch."))
+
+
+def test_alibi_and_workspace_dtypes() -> None:
+    _expect(make_args(), "alibi_slopes", "of dtype float32", "float16",
+            alibi_slopes=torch.ones(4, dtype=torch.float16))
+    _expect(make_args(), "workspace", "of dtype float32", "bfloat16",
+            workspace=torch.ones(4, dtype=torch.bfloat16))
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arg", "new_shape", "fragment"),
+    [
+        ("out", (2, 4, 64), "num_seqs=3"),
+        ("out", (3, 4, 32), "head_size=64"),
+        ("key_cache", (6, 16, 2, 80), "head_size=64"),
+        ("value_cache", (5, 16, 2, 64), "num_blocks=6"),
+        ("value_cache", (6, 16, 1, 64), "num_kv_heads=2"),
+        ("value_cache", (6, 8, 2, 64), "block_size=16"),
+        ("block_tables", (2, 3), "num_seqs=3"),
+        ("context_lens", (4,), "num_seqs=3"),
+    ],
+)
+def test_shapes(arg: str, new_shape: tuple[int, ...], fragment: str) -> None:
+    args = make_args()
+    args[arg] = torch.zeros(new_shape, dtype=args[arg].dtype)
+    _expect(args, arg, "of shape [", fragment, f"got [{', '.join(map(str, new_shape))}]")
+
+
+@pytest.mark.parametrize(
+    ("arg", "new_shape"),
+    [("query", (3, 256)), ("out", (3, 4, 64, 1)), ("key_cache", (6, 16, 128)),
+     ("value_cache", (96, 2, 64)), ("block_tables", (9,)), ("context_lens", (3, 1))],
+)
+def test_ndims(arg: str, new_shape: tuple[int, ...]) -> None:
+    args = make_args()
+    args[arg] = torch.zeros(new_shape, dtype=args[arg].dtype)
+    _expect(args, arg, "-D tensor [", f"got a {len(new_shape)}-D tensor")
+
+
+@pytest.mark.parametrize("head_size", [32, 48, 72, 100, 160, 512])
+def test_unsupported_head_size(head_size: int) -> None:
+    args = make_args(head_size=head_size)
+    _expect(args, "query", "of head_size 64, 80, 96, 112, 128 or 256",
+            f"got head_size {head_size}")
+
+
+@pytest.mark.parametrize("head_size", [64, 80, 96, 112, 128, 256])
+def test_supported_head_sizes(head_size: int) -> None:
+    _expect(make_args(head_size=head_size), "query", "a CUDA tensor")
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 12, 64])
+def test_unsupported_block_size(block_size: int) -> None:
+    args = make_args(block_size=block_size)
+    _expect(args, "key_cache", "of block_size 8, 16 or 32", f"got block_size {block_size}")
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_supported_block_sizes(block_size: int) -> None:
+    _expect(make_args(block_size=block_size), "query", "a CUDA tensor")
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 3), (6, 4), (2, 4)])
+def test_heads_must_be_a_multiple_of_kv_heads(num_heads: int, num_kv_heads: int) -> None:
+    args = make_args(num_heads=num_heads, num_kv_heads=num_kv_heads)
+    _expect(args, "key_cache", f"num_kv_heads dividing num_heads={num_heads}",
+            f"got num_kv_heads {num_kv_heads}")
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (32, 4), (8, 1)])
+def test_mha_gqa_mqa_accepted(num_heads: int, num_kv_heads: int) -> None:
+    _expect(make_args(num_heads=num_heads, num_kv_heads=num_kv_heads), "query", "a CUDA tensor")
+
+
+def test_alibi_and_workspace_shapes() -> None:
+    _expect(make_args(), "alibi_slopes", "of shape [num_heads=4]", "got [2]",
+            alibi_slopes=torch.ones(2))
+    _expect(make_args(), "workspace", "1-D tensor", "2-D",
+            workspace=torch.ones(2, 2))
+
+
+# ---- scalars --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", None, True])
+def test_scale(scale: Any) -> None:
+    _expect(make_args(), "scale", "a finite real number", scale=scale)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "8"])
+def test_max_context_len(value: Any) -> None:
+    _expect(make_args(), "max_context_len", "None or an int >= 0", max_context_len=value)
+
+
+@pytest.mark.parametrize("value", [-64, 32, 100, 64.0])
+def test_partition_size(value: Any) -> None:
+    _expect(make_args(), "partition_size", f"a positive multiple of {PARTITION_ALIGN}",
+            partition_size=value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5])
+def test_sliding_window(value: Any) -> None:
+    _expect(make_args(), "sliding_window", "None or an int >= 1", sliding_window=value)
+
+
+@pytest.mark.parametrize("value", [0, 64, 4096])
+def test_valid_partition_sizes_reach_the_device_check(value: int) -> None:
+    _expect(make_args(), "query", "a CUDA tensor", partition_size=value)
+
+
+# ---- memory layout --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arg", ORDER)
+def test_non_contiguous(arg: str) -> None:
+    args = make_args()
+    x = args[arg]
+    args[arg] = torch.stack([x, x], dim=-1)[..., 0]  # same shape, every other element
+    assert not args[arg].is_contiguous()
+    _expect(args, arg, "contiguous", "strided tensor")
+
+
+def test_non_contiguous_optional_tensors() -> None:
+    strided = torch.ones(8)[::2]
+    _expect(make_args(), "alibi_slopes", "contiguous", alibi_slopes=strided)
+    _expect(make_args(), "workspace", "contiguous", workspace=torch.ones(20)[::2])
+
+
+def test_not_a_tensor() -> None:
+    args = make_args()
+    args["context_lens"] = [1, 2, 3]
+    with pytest.raises(TypeError, match=f"{OP}: argument 'context_lens' must be a tensor"):
+        _call(args)
+
+
+def test_error_message_is_complete() -> None:
+    args = make_args()
+    args["key_cache"] = torch.zeros((6, 16, 2, 80), dtype=torch.float16)
+    with pytest.raises(ValueError) as info:
+        _call(args)
+    assert str(info.value) == (
+        "paged_attention: argument 'key_cache' must be of shape "
+        "[num_blocks, block_size, num_kv_heads, head_size=64], got [6, 16, 2, 80]"
+    )
+
+
+# ---- what reaches the library ---------------------------------------------------------------
+
+
+class Recorder:
+    """Replaces get_function: a fixed SM count and a record of the kernel call."""
+
+    def __init__(self, sms: int = 132) -> None:
+        self.sms, self.calls = sms, []
+
+    def __call__(self, name: str) -> Any:
+        if name == "paged_attention_sm_count":
+            return lambda index: self.sms
+        assert name == "paged_attention", name
+        return lambda *a: self.calls.append(a)
+
+
+def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    args = _cuda(make_args())
+    alibi = FakeCuda(torch.ones(4))
+    _call(args, scale=0.25, alibi_slopes=alibi)
+    (call,) = rec.calls
+    assert list(call[:6]) == [args[n] for n in ORDER]
+    # scale, alibi, max_context_len (default: 3 blocks * 16), partition (no split), workspace,
+    # sliding window (0: none)
+    assert call[6:] == (0.25, alibi, 48, 0, None, 0)
+
+
+def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    args = _cuda(make_args(num_seqs=1, max_blocks=64, num_blocks=70))  # 1024 tokens
+    need = 1 * 4 * 4 * (64 + 2)  # 4 partitions of 256
+    assert cacheflow_kernels.paged_attention_workspace_size(
+        1, 4, 2, 64, 1024, num_sms=132, partition_size=256) == need
+    with pytest.raises(ValueError, match=f"argument 'workspace' must be at least {need} float32"):
+        _call(args, partition_size=256, workspace=FakeCuda(torch.empty(need - 1)))
+    ws = FakeCuda(torch.empty(need))
+    _call(args, partition_size=256, workspace=ws, sliding_window=100)
+    (call,) = rec.calls
+    assert call[6:] == (0.125, None, 1024, 256, ws, 100)
+
+
+def test_unsplit_call_passes_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    _call(_cuda(make_args()), partition_size=0, workspace=FakeCuda(torch.empty(3)),
+          max_context_len=20)
+    assert rec.calls[0][8:11] == (20, 0, None)
+
+
+def test_max_context_len_clamped_to_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    _call(_cuda(make_args()), max_context_len=10_000)
+    assert rec.calls[0][8] == 48
+
+
+def test_too_many_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_attention_ops, "get_function", Recorder())
+    args = _cuda(make_args(num_seqs=1, block_size=32, max_blocks=20_000, num_blocks=1))
+    with pytest.raises(ValueError, match=f"at most {MAX_PARTITIONS} partitions"):
+        _call(args, partition_size=64)
+
+
+def test_empty_batch_is_checked_then_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    _expect(make_args(num_seqs=0), "query", "a CUDA tensor")
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    _call(_cuda(make_args(num_seqs=0)))
+    assert rec.calls == []
+
+
+# ---- the split-K plan -----------------------------------------------------------------------
+
+
+def test_plan_no_split_when_the_grid_is_full() -> None:
+    # batch 64, 32 KV heads: 2048 CTAs >= 8 * 132
+    assert plan_partitions(64, 32, 32, 2048, 132) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("num_seqs", "num_heads", "num_kv_heads", "max_ctx"),
+    [(1, 32, 32, 32768), (1, 32, 4, 32768), (64, 32, 4, 2048), (4, 8, 1, 5000),
+     (2, 64, 8, 700), (1, 1, 1, 1 << 30)],
+)
+def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int) -> None:
+    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx, 132)
+    assert parts > 1
+    assert size % PARTITION_ALIGN == 0 and size >= MIN_AUTO_PARTITION
+    assert (parts - 1) * size < max_ctx <= parts * size
+    assert parts <= MAX_PARTITIONS
+    ctas = num_seqs * num_kv_heads * -(-(num_heads // num_kv_heads) // 16) * parts
+    assert ctas <= 8 * 132 * 2 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+
+
+def test_plan_short_contexts_do_not_split() -> None:
+    assert plan_partitions(1, 8, 8, MIN_AUTO_PARTITION * 2 - 1, 132) == (0, 1)
+    assert plan_partitions(1, 8, 8, 0, 132) == (0, 1)
+
+
+def test_plan_explicit_partition_size() -> None:
+    assert plan_partitions(64, 32, 32, 2048, 132, partition_size=512) == (512, 4)
+    assert plan_partitions(64, 32, 32, 512, 132, partition_size=512) == (0, 1)
+    assert plan_partitions(1, 32, 32, 32768, 132, partition_size=0) == (0, 1)
+
+
+def test_workspace_size_formula() -> None:
+    size, parts = plan_partitions(2, 16, 2, 9000, 132)
+    assert parts > 1
+    assert cacheflow_kernels.paged_attention_workspace_size(
+        2, 16, 2, 128, 9000, num_sms=132) == 2 * 16 * parts * 130
+    assert cacheflow_kernels.paged_attention_workspace_size(
+        256, 32, 32, 128, 9000, num_sms=132) == 0
+
+
+def test_exports() -> None:
+    assert cacheflow_kernels.PAGED_ATTENTION_HEAD_SIZES == (64, 80, 96, 112, 128, 256)
+    assert cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES == (8, 16, 32)
+    for name in ("paged_attention", "paged_attention_workspace_size"):
+        assert name in cacheflow_kernels.__all__
+
+
+# ---- the C++ checks (library built; CPU tensors, called directly) ---------------------------
+
+needs_library = pytest.mark.skipif(
+    not library_path().is_file(), reason=f"kernel library not built ({library_path()})"
+)
+
+
+def _raw(args: dict[str, Any], scale: Any = 0.125, alibi: Any = None, max_ctx: int = 48,
+         partition: int = 0, workspace: Any = None, window: int = 0) -> str:
+    from cacheflow_kernels._lib import get_function
+
+    with pytest.raises(ValueError) as info:
+        get_function(OP)(*(args[n] for n in ORDER), scale, alibi, max_ctx, partition, workspace,
+                         window)
+    return str(info.value)
+
+
+@needs_library
+def test_cpp_rejects_cpu_tensors() -> None:
+    assert "paged_attention: argument 'query' must be a CUDA tensor, got a tensor on cpu" in \
+        _raw(make_args())
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda a: a.update(query=a["query"].double()),
+         "argument 'query' must be float16, bfloat16 or float32, got float64"),
+        (lambda a: a.update(query=torch.zeros(3, 4, 72, dtype=torch.float16)),
+         "argument 'query' must be of head_size 64, 80, 96, 112, 128 or 256, got head_size 72"),
+        (lambda a: a.update(out=a["out"].float()),
+         "argument 'out' must be float16 like 'query', got float32"),
+        (lambda a: a.update(key_cache=torch.zeros(6, 12, 2, 64, dtype=torch.float16),
+                            value_cache=torch.zeros(6, 12, 2, 64, dtype=torch.float16)),
+         "argument 'key_cache' must be of block_size 8, 16 or 32, got block_size 12"),
+        (lambda a: a.update(key_cache=torch.zeros(6, 16, 3, 64, dtype=torch.float16),
+                            value_cache=torch.zeros(6, 16, 3, 64, dtype=torch.float16)),
+         "argument 'key_cache' must be of num_kv_heads dividing num_heads=4, got num_kv_heads 3"),
+        (lambda a: a.update(value_cache=torch.zeros(6, 16, 2, 64, dtype=torch.float16)[:5]),
+         "argument 'value_cache' must be of shape [6, 16, 2, 64] like 'key_cache'"),
+        (lambda a: a.update(block_tables=a["block_tables"].long()),
+         "argument 'block_tables' must be int32, got int64"),
+        (lambda a: a.update(context_lens=a["context_lens"][:2]),
+         "argument 'context_lens' must be of shape [3]"),
+        (lambda a: a.update(query=torch.stack([a["query"]] * 2, -1)[..., 0]),
+         "argument 'query' must be contiguous"),
+    ],
+)
+def test_cpp_checks(mutate: Any, fragment: str) -> None:
+    args = make_args()
+    mutate(args)
+    assert fragment in _raw(args)
+
+
+@needs_library
+def test_cpp_checks_scalars_and_optionals() -> None:
+    assert "argument 'scale' must be a finite number" in _raw(make_args(), scale=float("nan"))
+    assert "argument 'partition_size' must be 0 or a positive multiple of 64" in \
+        _raw(make_args(), partition=100)
+    assert "argument 'max_context_len' must be >= 0" in _raw(make_args(), max_ctx=-1)
+    assert "argument 'sliding_window' must be >= 0" in _raw(make_args(), window=-2)
+    assert "argument 'alibi_slopes' must be float32, got float16" in \
+        _raw(make_args(), alibi=torch.ones(4, dtype=torch.float16))
+    assert "argument 'alibi_slopes' must be of shape [4]" in _raw(make_args(), alibi=torch.ones(3))
+    assert "argument 'workspace' must be float32" in \
+        _raw(make_args(), workspace=torch.ones(3, dtype=torch.int32))
+    # valid optionals pass the structural checks and stop at the device check
+    assert "must be a CUDA tensor" in _raw(make_args(), alibi=torch.ones(4),
+                                           workspace=torch.ones(3))
+
+
+@needs_library
+def test_sm_count_without_a_device_raises() -> None:
+    from cacheflow_kernels._lib import get_function
+
+    if cacheflow_kernels.cuda_available():
+        assert int(get_function("paged_attention_sm_count")(0)) > 0
+    else:
+        with pytest.raises(RuntimeError):
+            get_function("paged_attention_sm_count")(0)

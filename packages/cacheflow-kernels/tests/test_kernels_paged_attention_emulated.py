@@ -1,0 +1,198 @@
+"""paged_attention's kernels (csrc/paged_attention.cuh, unchanged) run on the CPU under the fiber
+emulation of tests/emulation/paged_attention_emu.h, against the float64 oracle.
+
+This checks, without a GPU, the index maps of the tensor-core fragments (head sizes with and
+without a 32/64 remainder), masking at context, partition and block boundaries, the warps'
+online-softmax merge, split-K and its merge kernel, GQA/MQA head groups, ALiBi and the sliding
+window; the emulator also aborts on an out-of-bounds or misaligned global access and on a
+collective in divergent code. Needs a C++17 compiler with _Float16 (g++ >= 12).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cacheflow_kernels._attention_ops import plan_partitions
+
+from paged_attention_testutil import assert_close, make_case, oracle
+
+torch = pytest.importorskip("torch")
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parent
+DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
+_c = ctypes
+_ARGTYPES = (
+    [_c.c_int] + [_c.c_void_p] * 8 + [_c.c_int64] * 8 + [_c.c_double] + [_c.c_int64] * 3
+    + [_c.c_void_p]
+)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path_factory.mktemp("pa_emu") / "libpa_emu.so"
+    cmd = [
+        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+        "-DCACHEFLOW_PAGED_ATTENTION_EMULATE", f"-I{PACKAGE / 'csrc'}", f"-I{HERE / 'emulation'}",
+        str(HERE / "emulation" / "paged_attention_emu.cc"), "-o", str(lib),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and "_Float16" in res.stderr:
+        pytest.skip("the C++ compiler lacks _Float16")
+    assert res.returncode == 0, res.stderr[-4000:]
+    fn = ctypes.CDLL(str(lib)).cf_emu_paged_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = _ARGTYPES
+    return fn
+
+
+def _ptr(x: Any) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def run_emulated(
+    emu: Any, case: dict[str, Any], *, partition_size: int = 0,
+    max_context_len: int | None = None, sliding_window: int = 0,
+) -> int:
+    """Runs the op on the case's CPU tensors (writes case['out']); returns num_partitions."""
+    q, kc = case["query"], case["key_cache"]
+    num_seqs, num_heads, head_size = q.shape
+    num_blocks, block_size, num_kv_heads, _ = kc.shape
+    max_blocks = case["block_tables"].shape[1]
+    max_ctx = max_blocks * block_size if max_context_len is None else max_context_len
+    need = ctypes.c_int64(0)
+    dtype = DTYPES[str(q.dtype).removeprefix("torch.")]
+    plan = (num_seqs, num_heads, head_size, num_kv_heads, num_blocks, block_size, max_blocks,
+            case["scale"], max_ctx, partition_size, sliding_window)
+    # First ask for the plan and the workspace size (nothing runs with out=None).
+    parts = emu(dtype, None, None, None, None, None, None, None, None, 0, *plan,
+                ctypes.byref(need))
+    ws = torch.full((max(need.value, 1),), float("nan"))
+    ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
+              _ptr(case["block_tables"]), _ptr(case["context_lens"]),
+              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None)
+    assert ran == parts
+    assert parts >= 1
+    return parts
+
+
+def check(emu: Any, case: dict[str, Any], *, sliding_window: int = 0, **kwargs: Any) -> int:
+    parts = run_emulated(emu, case, sliding_window=sliding_window, **kwargs)
+    ref = oracle(case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+                 case["context_lens"], case["scale"], case["alibi_slopes"],
+                 sliding_window or None)
+    dtype = str(case["query"].dtype).removeprefix("torch.")
+    assert_close(case["out"], ref, dtype, f"{kwargs} window={sliding_window}")
+    return parts
+
+
+# (dtype, head_size, block_size, (num_heads, num_kv_heads), ctx_lens, partition, alibi, window)
+SWEEP = [
+    ("float16", 64, 16, (4, 4), [1, 17, 40], 0, False, 0),
+    ("float16", 80, 8, (8, 2), [33, 9, 70], 64, True, 0),
+    ("float16", 96, 32, (6, 1), [65, 3], 0, False, 0),
+    ("float16", 112, 16, (8, 1), [100, 31], 64, False, 0),
+    ("float16", 128, 8, (32, 4), [129, 5, 64], 64, True, 0),
+    ("float16", 256, 16, (4, 2), [45, 90], 0, False, 20),
+    ("bfloat16", 64, 32, (16, 2), [200, 1], 128, False, 0),
+    ("bfloat16", 80, 16, (2, 2), [17, 8, 9], 0, True, 0),
+    ("bfloat16", 96, 8, (12, 4), [77, 128], 64, False, 50),
+    ("bfloat16", 112, 32, (4, 4), [1, 2, 63], 0, False, 0),
+    ("bfloat16", 128, 16, (20, 1), [150], 64, True, 0),
+    ("bfloat16", 256, 8, (8, 8), [23, 24], 64, False, 0),
+    ("float32", 64, 8, (4, 1), [30, 61], 0, True, 0),
+    ("float32", 80, 16, (4, 4), [65, 2], 64, False, 0),
+    ("float32", 96, 32, (9, 3), [100], 0, False, 33),
+    ("float32", 112, 8, (2, 2), [9, 16], 0, False, 0),
+    ("float32", 128, 16, (16, 2), [140, 7], 64, True, 0),
+    ("float32", 256, 32, (10, 1), [40], 0, False, 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_size", "block_size", "heads", "ctx_lens", "partition", "alibi", "window"),
+    SWEEP,
+    ids=[f"{c[0]}-d{c[1]}-bs{c[2]}-h{c[3][0]}kv{c[3][1]}-p{c[5]}" for c in SWEEP],
+)
+def test_matches_oracle(
+    emu: Any, dtype: str, head_size: int, block_size: int, heads: tuple[int, int],
+    ctx_lens: list[int], partition: int, alibi: bool, window: int,
+) -> None:
+    case = make_case(ctx_lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), alibi=alibi,
+                     seed=head_size + block_size, q_scale=2.0)
+    parts = check(emu, case, partition_size=partition, sliding_window=window)
+    capacity = case["block_tables"].shape[1] * block_size  # max_context_len's default
+    assert parts == (max(1, -(-capacity // partition)) if partition else 1)
+
+
+def test_split_matches_unsplit_and_uses_many_partitions(emu: Any) -> None:
+    """11 partitions (odd count for the merge loop); contexts ending on and off boundaries."""
+    base = make_case([700, 64, 129, 1], num_heads=8, num_kv_heads=2, head_size=64,
+                     dtype=torch.float32, alibi=True, seed=3)
+    unsplit = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+    assert run_emulated(emu, unsplit, partition_size=0) == 1
+    assert check(emu, base, partition_size=64, max_context_len=700) == 11
+    torch.testing.assert_close(base["out"], unsplit["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_contexts_give_zeros(emu: Any) -> None:
+    for partition in (0, 64):
+        case = make_case([0, 5, 0, 300], num_heads=4, num_kv_heads=2, head_size=64, seed=4)
+        check(emu, case, partition_size=partition)
+        assert (case["out"][0] == 0).all() and (case["out"][2] == 0).all()
+
+
+def test_all_contexts_empty(emu: Any) -> None:
+    case = make_case([0, 0], num_heads=4, head_size=128, seed=5)
+    check(emu, case, partition_size=0)
+    assert (case["out"] == 0).all()
+
+
+@pytest.mark.parametrize("partition", [0, 64, 128])
+def test_sliding_window(emu: Any, partition: int) -> None:
+    """Windows shorter than, equal to and longer than the contexts; window starts that are not
+    multiples of 8 and partitions entirely before the window."""
+    case = make_case([300, 31, 8, 129], num_heads=4, num_kv_heads=1, head_size=80,
+                     dtype=torch.bfloat16, seed=6, alibi=True)
+    for window in (1, 7, 31, 100, 1000):
+        case["out"].fill_(float("nan"))
+        check(emu, case, partition_size=partition, sliding_window=window)
+
+
+def test_long_context_block_table_chunks(emu: Any) -> None:
+    """More than 32 tiles per warp (the block-number cache reloads) in one partition."""
+    case = make_case([1100], num_heads=2, num_kv_heads=1, head_size=64, block_size=8, seed=7)
+    check(emu, case, partition_size=0)
+
+
+def test_contexts_clamped_to_block_table(emu: Any) -> None:
+    """context_lens past max_blocks_per_seq * block_size are clamped (never read past the
+    table); the oracle clamps the same way."""
+    case = make_case([48, 16], num_heads=4, head_size=64, block_size=16, seed=8,
+                     spare_table_cols=0)
+    case["context_lens"][0] = 1000  # the table has 3 columns: 48 tokens
+    check(emu, case, partition_size=0)
+
+
+def test_max_context_len_below_table_capacity(emu: Any) -> None:
+    case = make_case([90, 200, 3], num_heads=8, num_kv_heads=8, head_size=96, seed=9,
+                     spare_table_cols=20)
+    assert check(emu, case, partition_size=64, max_context_len=200) == 4
+
+
+def test_automatic_plan(emu: Any) -> None:
+    """The wrapper's automatic split for a small batch on a 132-SM device."""
+    case = make_case([1500, 700], num_heads=4, num_kv_heads=4, head_size=64, seed=10)
+    size, parts = plan_partitions(2, 4, 4, 1500, 132)
+    assert parts > 1 and size % 64 == 0
+    assert check(emu, case, partition_size=size, max_context_len=1500) == parts

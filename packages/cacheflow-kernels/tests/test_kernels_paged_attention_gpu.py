@@ -1,0 +1,293 @@
+"""paged_attention on a CUDA device against the float64 oracle (skipped without CUDA).
+
+Every call gets fresh random inputs, a NaN-poisoned output, NaN in every cache slot outside the
+contexts and shuffled block tables whose unused entries point at a NaN block. The sweep samples
+the cross product of dtypes, head sizes, block sizes, GQA ratios (1, 4, 8, MQA), batch sizes
+1..256 and context lengths 1..32k (not multiples of the block size), ALiBi on/off and the split
+modes; the whole file is meant to run in well under two minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+
+import cacheflow_kernels
+
+from paged_attention_testutil import ARG_ORDER, assert_close, errors, make_case, oracle
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float16", "bfloat16", "float32"]
+HEAD_SIZES = [64, 80, 96, 112, 128, 256]
+BLOCK_SIZES = [8, 16, 32]
+# (num_heads, num_kv_heads): MHA, GQA-4, GQA-8, MQA (16 and 32 query heads: 1 and 2 CTAs per
+# KV head on the tensor-core path), GQA-3 (group not a power of 2).
+HEADS = [(8, 8), (16, 4), (32, 4), (16, 1), (32, 1), (12, 4)]
+BATCHES = [1, 2, 7, 33, 64, 256]
+MAX_CTX = [1, 9, 100, 513, 2049, 5000]
+PARTITIONS: list[int | None] = [None, 0, 64, 256]
+
+
+def ctx_lens_for(batch: int, max_ctx: int, block_size: int, rng: random.Random) -> list[int]:
+    """Random lengths in [1, max_ctx] with the edge cases first: 1, max_ctx, a block multiple,
+    one past it, one short of it."""
+    special = [1, max_ctx, block_size, block_size + 1, 2 * block_size - 1]
+    lens = [min(max(s, 1), max_ctx) for s in special][:batch]
+    lens += [rng.randint(1, max_ctx) for _ in range(batch - len(lens))]
+    rng.shuffle(lens)
+    return lens
+
+
+def run(case: dict[str, Any], **kwargs: Any) -> Any:
+    case["out"].fill_(float("nan"))
+    cacheflow_kernels.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"],
+                                      case["alibi_slopes"], **kwargs)
+    torch.cuda.synchronize()
+    return case["out"]
+
+
+def reference(case: dict[str, Any], sliding_window: int | None = None) -> Any:
+    return oracle(case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+                  case["context_lens"], case["scale"], case["alibi_slopes"], sliding_window)
+
+
+def check(case: dict[str, Any], what: str, sliding_window: int | None = None,
+          **kwargs: Any) -> None:
+    out = run(case, sliding_window=sliding_window, **kwargs)
+    dtype = str(case["query"].dtype).removeprefix("torch.")
+    assert_close(out, reference(case, sliding_window), dtype, what)
+
+
+def test_cuda_available() -> None:
+    assert cacheflow_kernels.cuda_available() is True
+
+
+def _sweep() -> list[tuple[Any, ...]]:
+    """A sample of the cross product: every (dtype, head size) and every (block size, heads)
+    pair, the other axes rotated."""
+    cases = []
+    for i, (dtype, head_size) in enumerate(itertools.product(DTYPES, HEAD_SIZES)):
+        cases.append((dtype, head_size, BLOCK_SIZES[i % 3], HEADS[i % len(HEADS)],
+                      BATCHES[i % len(BATCHES)], MAX_CTX[(i + 2) % len(MAX_CTX)], i % 2 == 1,
+                      PARTITIONS[i % len(PARTITIONS)]))
+    for i, (block_size, heads) in enumerate(itertools.product(BLOCK_SIZES, HEADS)):
+        cases.append((DTYPES[i % 2], [128, 64, 96][i % 3], block_size, heads,
+                      BATCHES[(i + 3) % len(BATCHES)], MAX_CTX[i % len(MAX_CTX)], i % 3 == 0,
+                      PARTITIONS[(i + 1) % len(PARTITIONS)]))
+    return cases
+
+
+SWEEP = _sweep()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_size", "block_size", "heads", "batch", "max_ctx", "alibi", "partition"),
+    SWEEP,
+    ids=[f"{c[0]}-d{c[1]}-bs{c[2]}-h{c[3][0]}kv{c[3][1]}-b{c[4]}-ctx{c[5]}-"
+         f"{'alibi' if c[6] else 'noalibi'}-p{c[7]}" for c in SWEEP],
+)
+def test_sweep(dtype: str, head_size: int, block_size: int, heads: tuple[int, int], batch: int,
+               max_ctx: int, alibi: bool, partition: int | None) -> None:
+    rng = random.Random(f"{dtype}-{head_size}-{block_size}-{heads}-{batch}-{max_ctx}")
+    lens = ctx_lens_for(batch, max_ctx, block_size, rng)
+    if batch * max_ctx > 200_000:  # keep the big ones moderate: the oracle loops over sequences
+        lens = [min(n, 200_000 // batch) for n in lens]
+    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), device="cuda",
+                     alibi=alibi, seed=rng.randint(0, 1 << 30), q_scale=rng.choice([0.5, 1, 3]))
+    check(case, "sweep", partition_size=partition, max_context_len=max(lens))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "heads", "head_size", "alibi"),
+    [("float16", (32, 32), 128, False), ("bfloat16", (32, 4), 128, True),
+     ("float32", (16, 1), 64, False), ("float16", (8, 1), 256, True)],
+)
+def test_single_sequence_32k(dtype: str, heads: tuple[int, int], head_size: int,
+                             alibi: bool) -> None:
+    """batch 1 at 32k context: the automatic split spreads it over the GPU."""
+    n = 32768 - 5
+    case = make_case([n], num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=16, dtype=getattr(torch, dtype), device="cuda", alibi=alibi,
+                     seed=11, q_scale=3.0)
+    check(case, "32k", max_context_len=32768)
+    check(case, "32k default max_context_len")
+
+
+@pytest.mark.parametrize(("heads", "dtype"), [((32, 32), "float16"), ((32, 4), "float16"),
+                                               ((32, 4), "bfloat16")])
+def test_benchmark_shape_batch64_ctx2k(heads: tuple[int, int], dtype: str) -> None:
+    rng = random.Random(5)
+    lens = [2048] * 48 + [rng.randint(1, 2048) for _ in range(16)]
+    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=128,
+                     block_size=16, dtype=getattr(torch, dtype), device="cuda", seed=12)
+    check(case, "b64 ctx2k", max_context_len=2048)
+
+
+def test_split_modes_agree() -> None:
+    """The same inputs with no split, small and large partitions and the automatic plan."""
+    lens = [1, 63, 64, 65, 700, 4095, 4096, 2500]
+    case = make_case(lens, num_heads=16, num_kv_heads=2, head_size=128, block_size=8,
+                     dtype=torch.float16, device="cuda", seed=13, alibi=True)
+    ref = reference(case)
+    outs = {}
+    for partition in (0, 64, 128, 512, 4096, None):
+        outs[partition] = run(case, partition_size=partition, max_context_len=4096).clone()
+        assert_close(outs[partition], ref, "float16", f"partition {partition}")
+    for partition, out in outs.items():
+        rel, _ = errors(out, outs[0].double())
+        assert rel < 2e-3, (partition, rel)
+
+
+@pytest.mark.parametrize("partition", [0, 64, None])
+def test_sliding_window(partition: int | None) -> None:
+    lens = [5000, 17, 4096, 1, 300]
+    case = make_case(lens, num_heads=8, num_kv_heads=2, head_size=128, block_size=16,
+                     dtype=torch.bfloat16, device="cuda", seed=14, alibi=partition == 64)
+    for window in (1, 7, 256, 1000, 4096, 10_000):
+        check(case, f"window {window}", sliding_window=window, partition_size=partition)
+
+
+@pytest.mark.parametrize("partition", [0, 64])
+def test_empty_contexts_give_zeros(partition: int) -> None:
+    case = make_case([0, 100, 0, 3000], num_heads=8, num_kv_heads=8, head_size=64,
+                     device="cuda", seed=15)
+    check(case, "empty", partition_size=partition)
+    assert (case["out"][0] == 0).all() and (case["out"][2] == 0).all()
+
+
+def test_empty_batch() -> None:
+    case = make_case([], num_heads=4, head_size=64, device="cuda")
+    cacheflow_kernels.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"])
+    torch.cuda.synchronize()
+
+
+def test_misaligned_query_is_rejected() -> None:
+    case = make_case([10], num_heads=4, head_size=64, device="cuda")
+    buf = torch.empty(case["query"].numel() + 1, dtype=torch.float16, device="cuda")
+    case["query"] = buf[1:].view(case["query"].shape)
+    with pytest.raises(ValueError, match="argument 'query' must be 16-byte aligned"):
+        run(case)
+
+
+def test_runs_on_torch_current_stream() -> None:
+    """The query is rewritten on a busy side stream just before the call: a kernel launched on
+    any other stream would read the old query."""
+    case = make_case([3000, 200], num_heads=32, num_kv_heads=4, head_size=128, device="cuda",
+                     seed=16)
+    new_query = torch.randn_like(case["query"])
+    fresh = dict(case, query=new_query)
+    ref = reference(fresh)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        case["query"].copy_(new_query)
+        cacheflow_kernels.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"])
+    torch.cuda.synchronize()
+    assert_close(case["out"], ref, "float16", "side stream")
+
+
+@pytest.mark.parametrize(
+    ("num_seqs", "heads", "max_ctx", "caller_workspace"),
+    [(8, (16, 4), 4096, True), (8, (16, 4), 4096, False), (64, (32, 32), 1024, True)],
+)
+def test_cuda_graph_capture_and_replay(num_seqs: int, heads: tuple[int, int], max_ctx: int,
+                                       caller_workspace: bool) -> None:
+    """Capture once with max_context_len fixed, replay with a new query, new context_lens
+    (shorter and longer) and new block tables and cache contents."""
+    num_heads, num_kv_heads = heads
+    head_size, block_size = 128, 16
+    max_blocks = max_ctx // block_size
+    num_blocks = num_seqs * max_blocks + 1
+    shape_kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                    block_size=block_size, device="cuda", num_blocks=num_blocks,
+                    max_blocks_per_seq=max_blocks, alibi=True)
+    rng = random.Random(17)
+    static = make_case([rng.randint(1, max_ctx) for _ in range(num_seqs)], seed=0, **shape_kw)
+    size = cacheflow_kernels.paged_attention_workspace_size(
+        num_seqs, num_heads, num_kv_heads, head_size, max_ctx, device=static["query"].device)
+    if num_seqs == 8:
+        assert size > 0  # this shape splits
+    workspace = None
+    if caller_workspace and size:
+        workspace = torch.empty(size, dtype=torch.float32, device="cuda")
+
+    def call() -> None:
+        cacheflow_kernels.paged_attention(
+            *(static[n] for n in ARG_ORDER), static["scale"], static["alibi_slopes"],
+            max_context_len=max_ctx, workspace=workspace)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up: loads the library, caches the SM count
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (1, 2, 3):
+        lens = [rng.randint(1, max_ctx) for _ in range(num_seqs)]
+        lens[0] = max_ctx if seed == 1 else 1
+        fresh = make_case(lens, seed=seed, **shape_kw)
+        for name in ("query", "key_cache", "value_cache", "block_tables", "context_lens"):
+            static[name].copy_(fresh[name])
+        static["out"].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static["out"], reference(fresh), "float16", f"replay {seed}")
+
+
+def test_reads_only_its_blocks_large_batch() -> None:
+    """batch 256 with short random contexts: no split, every sequence through its own table."""
+    rng = random.Random(18)
+    lens = [rng.randint(1, 300) for _ in range(256)]
+    case = make_case(lens, num_heads=32, num_kv_heads=8, head_size=128, block_size=32,
+                     dtype=torch.bfloat16, device="cuda", seed=19)
+    check(case, "batch 256", max_context_len=300)
+
+
+def test_context_longer_than_table_is_clamped() -> None:
+    case = make_case([64, 30], num_heads=4, num_kv_heads=4, head_size=64, block_size=16,
+                     device="cuda", seed=20, spare_table_cols=0)
+    case["context_lens"][0] = 10_000  # 4 table columns: 64 tokens
+    check(case, "clamped")
+
+
+def test_matches_runtime_reference() -> None:
+    """The oracle is the runtime's reference backend for decode steps (when installed)."""
+    ref_mod = pytest.importorskip("cacheflow_runtime.attention.reference")
+    metadata_mod = pytest.importorskip("cacheflow_runtime.attention.metadata")
+    lens = [5, 300, 1000]
+    case = make_case(lens, num_heads=16, num_kv_heads=4, head_size=128, block_size=16,
+                     dtype=torch.float16, device="cuda", seed=21, alibi=True)
+    meta = metadata_mod.InputMetadata(
+        query_lens=[1] * len(lens), context_lens_host=lens,
+        query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda"),
+        context_lens=case["context_lens"], block_tables=case["block_tables"],
+        slot_mapping=torch.zeros(len(lens), dtype=torch.int64, device="cuda"),
+        logit_indices=torch.arange(len(lens), device="cuda"), is_prompt=False)
+    ref = ref_mod.paged_attention(case["query"], case["key_cache"], case["value_cache"], meta,
+                                  case["scale"], case["alibi_slopes"])
+    out = run(case)
+    rel, _ = errors(out, ref.double())
+    assert rel < 3e-3, rel
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+def test_second_device_while_first_is_current() -> None:
+    case = make_case([700, 20], num_heads=8, num_kv_heads=2, head_size=128, device="cuda:1",
+                     seed=22)
+    torch.cuda.set_device(0)
+    cacheflow_kernels.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"])
+    torch.cuda.synchronize(1)
+    assert_close(case["out"], reference(case), "float16", "cuda:1")
+

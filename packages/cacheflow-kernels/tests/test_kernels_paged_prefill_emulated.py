@@ -1,0 +1,143 @@
+"""paged_prefill_attention's kernels run on the CPU under a host emulation of their warp-level
+primitives (tests/emulation/prefill_emu.h), against the runtime's reference backend.
+
+The kernel source is compiled unchanged with g++ (``-DCACHEFLOW_PREFILL_EMULATE``): every CUDA
+thread is a fiber, ldmatrix / mma.sync / shuffles compute what the PTX ISA specifies per lane,
+cp.async copies land only when a wait lets them, and shared memory starts as NaN. This checks the
+fragment layouts, the block-table gather, masking, the online softmax and the pipeline's waits
+and barriers on machines without a GPU (CI); timing and the real hardware are the GPU tests' job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefill_testutil import call_args, check_close, make_case, reference
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("cacheflow_runtime")
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib_path = tmp_path_factory.mktemp("prefill_emu") / "libprefill_emu.so"
+    cmd = [
+        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+        "-DCACHEFLOW_PREFILL_EMULATE", f"-I{PACKAGE_DIR / 'csrc'}",
+        f"-I{PACKAGE_DIR / 'tests' / 'emulation'}",
+        str(PACKAGE_DIR / "tests" / "emulation" / "prefill_emu.cc"), "-o", str(lib_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    fn = lib.cf_emu_paged_prefill
+    fn.restype = ctypes.c_int
+    fn.argtypes = (
+        [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
+        + [ctypes.c_double, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    )
+    return fn
+
+
+def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
+                 max_query_len: int = -1, variant: int = 0) -> int:
+    """Runs the op on the case's CPU tensors; returns 1 (tensor-core kernel) or 0 (CUDA cores)."""
+    out, query, key_cache, value_cache, tables, starts, ctx = call_args(case)
+    collectives = ctypes.c_int64(0)
+    path = emu(
+        DTYPE_CODES[query.dtype], int(force_simple), variant, out.data_ptr(), query.data_ptr(),
+        key_cache.data_ptr(), value_cache.data_ptr(), tables.data_ptr(), starts.data_ptr(),
+        ctx.data_ptr(), query.shape[0], query.shape[1], query.shape[2], key_cache.shape[2],
+        key_cache.shape[0], key_cache.shape[1], tables.shape[0], tables.shape[1], case["scale"],
+        max_query_len, ctypes.byref(collectives),
+    )
+    return path
+
+
+# (q_lens, ctx_lens, heads, kv_heads, head_size, block_size, dtype): the tensor-core configs
+# (BM 128 / BN 64, head size 256: BM 64 / BN 32), ragged tiles, prefixes, GQA/MQA, block sizes.
+TC_CASES = [
+    ([130, 1, 77], [130, 9, 200], 2, 1, 64, 16, torch.float16),     # ragged, prefix, q_len 1
+    ([200], [333], 2, 2, 128, 8, torch.bfloat16),                    # prefix > tile, block 8
+    ([70, 129], [70, 300], 2, 2, 80, 32, torch.float16),             # head 80, block 32
+    ([65], [65], 1, 1, 96, 16, torch.bfloat16),                      # head 96, one row past a tile
+    ([100], [150], 4, 1, 112, 16, torch.float16),                    # head 112, MQA
+    ([70, 3], [100, 40], 2, 1, 256, 16, torch.float16),              # head 256 config
+    ([64, 33], [64, 96], 2, 1, 256, 8, torch.bfloat16),
+    ([129], [129], 1, 1, 128, 5, torch.float16),                     # block size not a power of 2
+    ([40, 40], [40, 1000], 1, 1, 64, 32, torch.bfloat16),            # long prefix, many key tiles
+]
+
+
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
+                          "dtype"), TC_CASES)
+def test_tensor_core_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
+                            kv_heads: int, head_size: int, block_size: int, dtype: Any) -> None:
+    case = make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
+                     head_size=head_size, block_size=block_size, dtype=dtype,
+                     seed=sum(q_lens) + head_size)
+    assert run_emulated(emu, case, max_query_len=max(q_lens)) == 1
+    check_close(case["out"], reference(case), dtype, f"emulated tensor-core {head_size}")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_benchmark_variants_of_head_128(emu: Any, variant: int) -> None:
+    """The alternative tilings of fp16 / head size 128 (CACHEFLOW_PREFILL_VARIANT m64, w8)."""
+    case = make_case([150, 20], [200, 90], num_heads=2, num_kv_heads=1, head_size=128,
+                     block_size=16, dtype=torch.float16, seed=variant)
+    assert run_emulated(emu, case, max_query_len=150, variant=variant) == 1
+    check_close(case["out"], reference(case), torch.float16, f"variant {variant}")
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "head_size", "dtype", "force_simple"),
+    [
+        ([9, 4], [20, 4], 40, torch.float16, False),     # head size without a tensor-core kernel
+        ([6], [11], 64, torch.float32, False),            # fp32
+        ([7, 2], [7, 9], 64, torch.bfloat16, True),       # the CUDA-core kernel for bf16 too
+    ],
+)
+def test_cuda_core_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], head_size: int,
+                          dtype: Any, force_simple: bool) -> None:
+    case = make_case(q_lens, ctx_lens, num_heads=2, num_kv_heads=1, head_size=head_size,
+                     block_size=4, dtype=dtype, seed=head_size)
+    assert run_emulated(emu, case, force_simple=force_simple) == 0
+    check_close(case["out"], reference(case), dtype, "emulated CUDA-core")
+
+
+def test_grid_bound_defaults_to_num_tokens(emu: Any) -> None:
+    """max_query_len unknown (-1): the grid covers num_tokens rows; idle tiles exit."""
+    case = make_case([5, 140], [5, 141], num_heads=1, head_size=64, dtype=torch.float16, seed=3)
+    assert run_emulated(emu, case, max_query_len=-1) == 1
+    check_close(case["out"], reference(case), torch.float16, "default grid")
+
+
+def test_misaligned_pointers_take_cuda_cores(emu: Any) -> None:
+    case = make_case([9], [12], num_heads=2, head_size=64, dtype=torch.float16, seed=4)
+    buf = torch.empty(case["query"].numel() + 1, dtype=torch.float16)
+    view = buf[1:].view(case["query"].shape)
+    view.copy_(case["query"])
+    case["query"] = view
+    assert run_emulated(emu, case) == 0
+    check_close(case["out"], reference(case), torch.float16, "misaligned")
+
+
+def test_rows_without_keys_are_zero(emu: Any) -> None:
+    """context_lens < q_len (invalid input): rows before position 0 see no key and are zeros."""
+    case = make_case([70], [70], num_heads=1, head_size=64, dtype=torch.float16, seed=5)
+    case["context_lens"][0] = 60  # positions of rows 0..9 are negative
+    assert run_emulated(emu, case) == 1
+    out = case["out"].float()
+    assert torch.equal(out[:10], torch.zeros_like(out[:10]))
+    assert not torch.isnan(out[10:]).any()

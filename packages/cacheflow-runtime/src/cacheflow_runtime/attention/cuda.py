@@ -1,0 +1,111 @@
+"""The cuda attention backend: the kernels of cacheflow_kernels on CUDA tensors.
+
+Same functions and layouts as the reference backend (reference.py), so PagedAttention can use
+either:
+
+- ``reshape_and_cache``: ``cacheflow_kernels.reshape_and_cache``.
+- ``paged_attention``: decode steps (every sequence has one new token) go to
+  ``cacheflow_kernels.paged_attention`` (:func:`decode`); every other step (prompts, chunked or
+  prefix-cached prefills, mixed batches) goes to :func:`prefill`.
+- :func:`prefill` is the seam for the paged prefill kernel: for now it runs the reference
+  backend.
+
+Shapes the decode kernel does not cover (head sizes other than 64, 80, 96, 112, 128, 256;
+block sizes other than 8, 16, 32) fall back to the reference backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+
+import cacheflow_kernels
+from cacheflow_runtime.attention import reference
+from cacheflow_runtime.attention.metadata import InputMetadata
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def available() -> bool:
+    """True when cacheflow_kernels has a CUDA device and its library loads (checked once)."""
+    return bool(cacheflow_kernels.cuda_available())
+
+
+def head_sizes() -> tuple[int, ...]:
+    """Head sizes the decode kernel is compiled for."""
+    return tuple(cacheflow_kernels.PAGED_ATTENTION_HEAD_SIZES)
+
+
+def supports_head_size(head_size: int) -> bool:
+    """Whether the decode kernel is compiled for this head size."""
+    return head_size in cacheflow_kernels.PAGED_ATTENTION_HEAD_SIZES
+
+
+def supports_decode(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether ``paged_attention`` can run a decode step with these tensors on the kernel."""
+    return (query.is_cuda and query.dtype in _DTYPES and key_cache.dtype == query.dtype
+            and supports_head_size(query.shape[-1])
+            and key_cache.shape[1] in cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES)
+
+
+def is_decode(metadata: InputMetadata) -> bool:
+    """Every sequence of the step has exactly one new token."""
+    return metadata.num_seqs > 0 and all(q == 1 for q in metadata.query_lens)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Writes key/value [num_tokens, num_kv_heads, head_size] into their cache slots (negative
+    slots skipped), through the kernel."""
+    cacheflow_kernels.reshape_and_cache(key.contiguous(), value.contiguous(), key_cache,
+                                        value_cache, slot_mapping.contiguous())
+
+
+def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
+           sliding_window: Optional[int] = None,
+           workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A decode step through ``cacheflow_kernels.paged_attention``.
+
+    query: [num_seqs, num_heads, head_size] (one token per sequence); returns the same shape.
+    ``metadata.max_context_len`` (a host int) sizes the kernel's split-K grid; ``workspace``
+    (float32, see ``cacheflow_kernels.paged_attention_workspace_size``) avoids an allocation,
+    e.g. under CUDA-graph capture.
+    """
+    out = torch.empty_like(query)
+    cacheflow_kernels.paged_attention(
+        out, query.contiguous(), key_cache, value_cache, metadata.block_tables.contiguous(),
+        metadata.context_lens.contiguous(), scale,
+        None if alibi_slopes is None else alibi_slopes.float().contiguous(),
+        max_context_len=metadata.max_context_len, workspace=workspace,
+        sliding_window=sliding_window)
+    return out
+
+
+def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
+            sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Any step that is not a pure decode (some sequence has more than one new token).
+
+    The seam for the paged prefill kernel; until it lands this is the reference backend.
+    """
+    kwargs: dict[str, Any] = {}
+    if sliding_window is not None:
+        kwargs["sliding_window"] = sliding_window
+    return reference.paged_attention(query, key_cache, value_cache, metadata, scale,
+                                     alibi_slopes, **kwargs)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    metadata: InputMetadata, scale: float,
+                    alibi_slopes: Optional[torch.Tensor] = None,
+                    sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Attention of each sequence's new tokens over its cached context (the reference
+    backend's contract): decode steps on the kernel, the others through :func:`prefill`."""
+    if is_decode(metadata) and supports_decode(query, key_cache):
+        return decode(query, key_cache, value_cache, metadata, scale, alibi_slopes,
+                      sliding_window)
+    return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes, sliding_window)

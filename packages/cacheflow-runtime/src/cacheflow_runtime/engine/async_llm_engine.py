@@ -1,0 +1,443 @@
+"""AsyncLLMEngine: an ``LLMEngine`` stepped by one background thread, for asyncio servers.
+
+The engine step is synchronous and CPU/GPU-bound, so it runs in a dedicated thread and the event
+loop stays free to serve. The loop never touches the ``LLMEngine`` itself: adds and aborts are
+queued as commands that the engine thread applies, under one lock, between steps. Outputs go
+back to per-request streams through ``loop.call_soon_threadsafe``.
+
+Life cycle of a request: ``await engine.add_request(...)`` validates it (ValueError for a bad
+request, :class:`EngineOverloadedError` when ``max_queued_requests`` are already waiting,
+:class:`EngineClosedError` while shutting down or after the engine died) and returns a
+:class:`RequestStream`; iterating the stream yields cumulative ``RequestOutput``s until the
+finished one. A consumer that stops iterating early (a break, a cancelled task, a closed
+connection) aborts the request, which frees its KV blocks at the next step.
+
+``shutdown(grace_period)`` stops accepting, lets in-flight requests run for up to
+``grace_period`` seconds, aborts the rest (their streams still get a final output whose
+finish_reason is "abort") and stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+
+from cacheflow_runtime.outputs import RequestOutput
+from cacheflow_runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting to start; the caller should retry later (HTTP 429)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down, stopped, or died of an error (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's queues, KV cache and token counters (taken after each step)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_swapped: int = 0
+    num_free_gpu_blocks: int = 0
+    num_total_gpu_blocks: int = 0
+    num_free_cpu_blocks: int = 0
+    num_total_cpu_blocks: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def gpu_cache_usage(self) -> float:
+        """Fraction of device KV blocks in use, in [0, 1]."""
+        total = self.num_total_gpu_blocks
+        return 1.0 - self.num_free_gpu_blocks / total if total else 0.0
+
+    @property
+    def cpu_cache_usage(self) -> float:
+        """Fraction of host (swap) KV blocks in use, in [0, 1]."""
+        total = self.num_total_cpu_blocks
+        return 1.0 - self.num_free_cpu_blocks / total if total else 0.0
+
+
+def collect_stats(engine: Any) -> EngineStats:
+    """Reads an ``EngineStats`` from an ``LLMEngine`` (call it where nothing steps the engine)."""
+    scheduler, blocks = engine.scheduler, engine.block_manager
+    return EngineStats(
+        num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+        num_swapped=len(scheduler.swapped),
+        num_free_gpu_blocks=blocks.get_num_free_gpu_blocks(),
+        num_total_gpu_blocks=blocks.num_total_gpu_blocks,
+        num_free_cpu_blocks=blocks.get_num_free_cpu_blocks(),
+        num_total_cpu_blocks=blocks.num_total_cpu_blocks,
+        num_prompt_tokens=engine.num_prompt_tokens,
+        num_generation_tokens=engine.num_generation_tokens,
+        num_preemptions=scheduler.num_preemptions)
+
+
+class RequestObserver(Protocol):
+    """Receives per-request latencies, measured in the engine thread when outputs are made."""
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        """Seconds from ``add_request`` to the first generated token."""
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        """Seconds between two successive tokens of one request."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; iterate it with ``async for``.
+
+    Outputs are cumulative (each holds all text and tokens so far), so when the consumer falls
+    behind, the intermediate ones are skipped and only the latest is yielded. Leaving the loop
+    before the finished output aborts the request.
+    """
+
+    def __init__(self, request_id: str, on_abandon: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._on_abandon = on_abandon
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Hands over an output or the error that ends the stream (loop thread only)."""
+        self._items.append(item)
+        self._ready.set()
+
+    def close(self) -> None:
+        """Ends the stream without a final output (the request was abandoned)."""
+        self.finished = True
+        self._ready.set()
+
+    async def _next(self) -> Optional[RequestOutput]:
+        while not self._items:
+            if self.finished:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        error = next((i for i in self._items if isinstance(i, BaseException)), None)
+        if error is not None:
+            self._items.clear()
+            self.finished = True
+            raise error
+        latest = self._items[-1]
+        self._items.clear()
+        assert isinstance(latest, RequestOutput)
+        if latest.finished:
+            self.finished = True
+        return latest
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                output = await self._next()
+                if output is None:
+                    return
+                yield output
+        finally:
+            if not self.finished:
+                self.abort()
+
+    def abort(self) -> None:
+        """Aborts the request (if it is still running) and drops its further outputs."""
+        if not self.finished:
+            self.finished = True
+            self._on_abandon(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Runs ``engine`` in a background thread and streams each request's outputs.
+
+    ``max_queued_requests`` bounds how many requests may wait for their first token at once
+    (None: no bound); past it ``add_request`` raises :class:`EngineOverloadedError`.
+    ``observer`` receives time-to-first-token and inter-token latencies. Only the engine
+    thread steps ``engine``; anything else that touches it must hold ``engine_lock``.
+    """
+
+    def __init__(self, engine: Any, *, max_queued_requests: Optional[int] = None,
+                 observer: Optional[RequestObserver] = None) -> None:
+        if max_queued_requests is not None and max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1 or None, "
+                             f"got {max_queued_requests!r}")
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.observer = observer
+        # Held by the engine thread around every LLMEngine access; hold it to touch the
+        # LLMEngine from any other thread.
+        self.engine_lock = threading.Lock()
+        self._wakeup = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._streams: dict[str, RequestStream] = {}
+        self._unstarted: set[str] = set()
+        self._drained = asyncio.Event()
+        self._accepting = True
+        self._error: Optional[BaseException] = None
+        self._shutdown_task: Optional[asyncio.Task[None]] = None
+        self._timing: dict[str, list[float]] = {}  # engine thread only
+        self.num_abandoned = 0  # requests aborted before they finished (consumer went away)
+        self._pending_adds: set[concurrent.futures.Future[None]] = set()
+        self._stats = collect_stats(engine)
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def is_accepting(self) -> bool:
+        """True while new requests are taken (not shutting down, not dead)."""
+        return self._accepting and self._error is None
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The exception that killed the engine thread, if any."""
+        return self._error
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not yet finished or abandoned."""
+        return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot of the engine's state (taken by the engine thread)."""
+        return self._stats
+
+    # ----------------------------------------------------------------------------- start
+    def start(self) -> None:
+        """Starts the engine thread, bound to the running event loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        if self._thread is not None:
+            if self._loop is not loop:
+                raise RuntimeError("the AsyncLLMEngine is already bound to another event loop")
+            return
+        self._loop = loop
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._thread = threading.Thread(target=self._run, name="cacheflow-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- requests
+    async def add_request(self, request_id: str, prompt: Optional[str],
+                          sampling_params: SamplingParams,
+                          prompt_token_ids: Optional[list[int]] = None) -> RequestStream:
+        """Adds a request and returns its output stream.
+
+        Raises ValueError if the engine rejects the request, :class:`EngineOverloadedError` when
+        ``max_queued_requests`` requests already wait, :class:`EngineClosedError` when the
+        engine does not accept requests.
+        """
+        self.start()
+        if not self.is_accepting:
+            raise EngineClosedError(self._closed_reason())
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        limit = self.max_queued_requests
+        if limit is not None and len(self._unstarted) >= limit:
+            raise EngineOverloadedError(f"{len(self._unstarted)} requests are already waiting "
+                                        f"(max_queued_requests={limit}); retry later")
+        stream = RequestStream(request_id, self.abort)
+        self._streams[request_id] = stream
+        self._unstarted.add(request_id)
+        self._drained.clear()
+        arrival = time.monotonic()
+        added: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def apply() -> None:
+            if not added.set_running_or_notify_cancel():
+                return
+            try:
+                self.engine.add_request(request_id, prompt, sampling_params, prompt_token_ids)
+            except BaseException as exc:  # handed to the caller
+                added.set_exception(exc)
+            else:
+                self._timing[request_id] = [arrival, arrival, 0]
+                added.set_result(None)
+
+        self._pending_adds.add(added)
+        added.add_done_callback(self._pending_adds.discard)
+        self._submit(apply)
+        if self._error is not None:  # the engine thread died before it could take the add
+            _fail_future(added, EngineClosedError(self._closed_reason()))
+        try:
+            await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._forget(request_id)
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt: Optional[str],
+                       sampling_params: SamplingParams,
+                       prompt_token_ids: Optional[list[int]] = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Adds a request and yields its outputs; closing the generator early aborts it."""
+        stream = await self.add_request(request_id, prompt, sampling_params, prompt_token_ids)
+        async for output in stream:
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request from the loop thread; its stream gets nothing more."""
+        if request_id in self._streams:
+            self.num_abandoned += 1
+        self._forget(request_id)
+        self._submit(lambda: self.engine.abort_request(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.close()
+        self._unstarted.discard(request_id)
+        if not self._streams:
+            self._drained.set()
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    # ----------------------------------------------------------------------------- shutdown
+    async def shutdown(self, grace_period: float = 0.0, abort_timeout: float = 5.0) -> None:
+        """Stops accepting requests, gives in-flight ones ``grace_period`` seconds to finish,
+        aborts the rest (their streams end with a finish_reason "abort" output) and stops the
+        engine thread. Safe to call more than once; later calls wait for the first."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(
+                self._shutdown(grace_period, abort_timeout))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, grace_period: float, abort_timeout: float) -> None:
+        self._accepting = False
+        if self._thread is None:
+            return
+        if self._streams and grace_period > 0:
+            await _wait_event(self._drained, grace_period)
+        if self._streams:
+            ids = list(self._streams)
+            logger.info("shutdown: aborting %d in-flight requests", len(ids))
+            self._submit(lambda: self.engine.abort_request(ids))
+            await _wait_event(self._drained, abort_timeout)
+        with self._wakeup:
+            self._stop = True
+            self._wakeup.notify()
+        thread = self._thread
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, abort_timeout)
+        for request_id in list(self._streams):  # only if the engine thread hung
+            self._streams[request_id].put(EngineClosedError("the engine was shut down"))
+            self._forget(request_id)
+
+    def _closed_reason(self) -> str:
+        if self._error is not None:
+            return f"the engine stopped after an error: {self._error!r}"
+        return "the engine is shutting down"
+
+    # ----------------------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._loop_steps()
+        except BaseException as exc:  # the engine is unusable now; tell every stream
+            logger.exception("the engine thread died")
+            self._error = exc
+            for future in list(self._pending_adds):  # adds it will never apply
+                _fail_future(future, EngineClosedError(self._closed_reason()))
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _loop_steps(self) -> None:
+        busy = False
+        while True:
+            with self._wakeup:
+                while not self._commands and not busy and not self._stop:
+                    self._wakeup.wait()
+                if self._stop and not self._commands:
+                    return
+                commands, self._commands = self._commands, []
+            with self.engine_lock:
+                for command in commands:
+                    command()
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                busy = self.engine.has_unfinished_requests()
+                self._stats = collect_stats(self.engine)
+            if outputs:
+                self._observe(outputs)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _observe(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            timing = self._timing.get(out.request_id)
+            if timing is None:
+                continue
+            num_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
+            arrival, last, seen = timing
+            if num_tokens > seen and self.observer is not None:
+                if seen == 0:
+                    self.observer.observe_time_to_first_token(now - arrival)
+                else:
+                    gap = (now - last) / (num_tokens - seen)
+                    for _ in range(int(num_tokens - seen)):
+                        self.observer.observe_inter_token_latency(gap)
+            if num_tokens > seen:
+                timing[1], timing[2] = now, num_tokens
+            if out.finished:
+                del self._timing[out.request_id]
+
+    # ----------------------------------------------------------------------------- loop thread
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._unstarted.discard(out.request_id)
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+        if not self._streams:
+            self._drained.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        error = EngineClosedError(f"the engine stopped after an error: {exc!r}")
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+        self._unstarted.clear()
+        self._drained.set()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def _fail_future(future: concurrent.futures.Future[None], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:  # already done or cancelled
+        pass

@@ -1,0 +1,207 @@
+"""The FastAPI app: OpenAI-compatible routes over an AsyncLLMEngine, plus the extras.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}``, ``POST /tokenize``, ``POST /detokenize`` (all of these need
+``Authorization: Bearer <api_key>`` when the app has an API key), and, always open,
+``GET /health`` (503 while shutting down or after an engine failure) and ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cacheflow_runtime import AsyncLLMEngine
+from cacheflow_serve.server.chat import create_chat_completion, render_chat
+from cacheflow_serve.server.completions import create_completion
+from cacheflow_serve.server.errors import APIError, error_response, install_error_handlers
+from cacheflow_serve.server.metrics import CONTENT_TYPE, ServerMetrics
+from cacheflow_serve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from cacheflow_serve.server.serving import ServingContext
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # No length declared (chunked): read the body here, up to the limit, then replay it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
+        response = error_response(413, f"the request body is larger than {self.limit} bytes",
+                                  code="request_too_large")
+        await response(scope, receive, send)
+
+
+_BEARER = HTTPBearer(auto_error=False, description="the server's API key")
+
+
+def _auth_dependency(api_key: Optional[str]) -> Any:
+    expected = api_key.encode("utf-8") if api_key else None
+
+    async def check(credentials: Annotated[Optional[HTTPAuthorizationCredentials],
+                                           Depends(_BEARER)]) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode("utf-8") if credentials else b""
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    return check
+
+
+def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
+              api_key: Optional[str] = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The server app over ``engine`` (an AsyncLLMEngine, not started yet or started on the
+    loop that will run the app). ``served_model_names``: the names clients may ask for (the
+    first is reported; default: the model path). The app's metrics are attached to the engine
+    as its observer, in a registry of the app's own."""
+    core = engine.engine
+    if isinstance(served_model_names, str):
+        served_model_names = [served_model_names]
+    names = list(served_model_names or [str(core.model_config.model_path)])
+    metrics = ServerMetrics(names[0])
+    metrics.watch_engine(engine)
+    engine.observer = metrics
+    ctx = ServingContext(engine=engine, tokenizer=core.tokenizer, model_names=names,
+                         max_model_len=core.scheduler_config.max_model_len, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(grace_period=0.0)
+
+    app = FastAPI(title="cacheflow", version="0.1.0", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)
+    app.include_router(_open_routes(ctx))
+    app.include_router(_api_routes(ctx), dependencies=[Depends(_auth_dependency(api_key))])
+    return app
+
+
+def _open_routes(ctx: ServingContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        """200 while the engine serves; 503 while shutting down or after a failure."""
+        if not ctx.engine.is_accepting:
+            return error_response(503, "the engine is not serving", code="service_unavailable")
+        return JSONResponse({})
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _model_card(ctx: ServingContext, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "cacheflow",
+            "max_model_len": ctx.max_model_len}
+
+
+def _api_routes(ctx: ServingContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        """The served model names."""
+        return {"object": "list", "data": [_model_card(ctx, n) for n in ctx.model_names]}
+
+    @router.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        """One served model (404 for another name)."""
+        ctx.check_model(model)
+        return _model_card(ctx, model)
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        """OpenAI completions."""
+        return await create_completion(ctx, body, raw)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        """OpenAI chat completions."""
+        return await create_chat_completion(ctx, body, raw)
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of a prompt, or of chat messages rendered by the chat template."""
+        ctx.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = render_chat(ctx, body.messages, body.add_generation_prompt is not False)
+        else:
+            text = body.prompt or ""
+        tokens = ctx.encode(text)
+        return {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens}
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """The text of token ids."""
+        ctx.check_model(body.model)
+        vocab = len(ctx.tokenizer)
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}",
+                           param="tokens")
+        return {"prompt": ctx.tokenizer.decode(body.tokens)}
+
+    return router

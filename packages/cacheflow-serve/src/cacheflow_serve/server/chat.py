@@ -1,0 +1,170 @@
+"""``POST /v1/chat/completions``: messages rendered by the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from cacheflow_runtime import RequestOutput
+from cacheflow_runtime.engine.async_llm_engine import RequestStream
+from cacheflow_serve.server.errors import APIError, error_body, stream_error
+from cacheflow_serve.server.protocol import ChatCompletionRequest, ChatMessage
+from cacheflow_serve.server.serving import (
+    ServingContext,
+    add_requests,
+    chat_logprobs,
+    check_length,
+    check_unsupported,
+    new_id,
+    now,
+    sampling_params,
+    usage,
+)
+from cacheflow_serve.server.streaming import (
+    DONE,
+    ClientDisconnected,
+    EventStreamResponse,
+    choice_events,
+    sse,
+    unless_disconnected,
+)
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage],
+                add_generation_prompt: bool = True) -> str:
+    """The prompt text of ``messages`` by the tokenizer's chat template (400 if it fails)."""
+    dicts = []
+    for message in messages:
+        entry = {"role": "system" if message.role == "developer" else message.role,
+                 "content": message.text()}
+        if message.name:
+            entry["name"] = message.name
+        dicts.append(entry)
+    if not getattr(ctx.tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use "
+                       "/v1/completions", param="messages")
+    try:
+        return ctx.tokenizer.apply_chat_template(dicts, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # the template rejected these messages (e.g. role order)
+        raise APIError(400, f"the chat template failed on these messages: {exc}",
+                       param="messages") from None
+
+
+def _check_chat_features(req: ChatCompletionRequest) -> None:
+    check_unsupported(req)
+    if req.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise APIError(400, "tool_choice is not supported", param="tool_choice")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
+                       param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    """Serves one chat completions call."""
+    ctx.check_model(req.model)
+    _check_chat_features(req)
+    prompt = render_chat(ctx, req.messages, req.add_generation_prompt is not False)
+    ids = ctx.encode(prompt)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = check_length(ctx, len(ids), asked, param)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, k)
+    request_id = new_id("chatcmpl")
+    streams = await add_requests(ctx, request_id, [ids], params=[params])
+    call = _ChatCall(ctx, req, request_id, streams, k)
+    if req.stream:
+        return EventStreamResponse(call.events())
+    try:
+        final = await unless_disconnected(raw, call.collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(call.body(final))
+
+
+class _ChatCall:
+    """One chat call after its request was added."""
+
+    def __init__(self, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
+                 streams: list[RequestStream], k: Optional[int]) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.id = request_id
+        self.created = now()
+        self.streams = streams
+        self.k = k
+        self.n = req.n or 1
+        self.stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    async def collect(self) -> RequestOutput:
+        """The finished output."""
+        finals: list[Optional[RequestOutput]] = [None]
+        try:
+            async for _ in choice_events(self.streams, self.n, [], finals, False):
+                pass
+        except Exception as exc:
+            raise stream_error(exc) from None
+        assert finals[0] is not None
+        return finals[0]
+
+    def body(self, final: RequestOutput) -> dict[str, Any]:
+        """The non-streaming response."""
+        choices = []
+        for comp in final.outputs:
+            logprobs = None
+            if self.k is not None and comp.logprobs is not None:
+                logprobs = chat_logprobs(self.ctx, comp.token_ids, comp.logprobs, self.k)
+            self.ctx.metrics.count_finished(comp.finish_reason)
+            choices.append({"index": comp.index,
+                            "message": {"role": "assistant", "content": comp.text},
+                            "logprobs": logprobs, "finish_reason": comp.finish_reason,
+                            "stop_reason": comp.stop_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
+                "usage": usage([final])}
+
+    def _chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> str:
+        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
+                                 "created": self.created, "model": self.ctx.model_name,
+                                 "choices": choices, "system_fingerprint": None}
+        if with_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE stream: a role chunk per choice, content chunks, usage if asked, [DONE]."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        finals: list[Optional[RequestOutput]] = [None]
+        for index in range(self.n):
+            yield self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None}], include_usage)
+        try:
+            async for ev in choice_events(self.streams, self.n, self.stops, finals,
+                                          self.k is not None):
+                logprobs = None
+                if self.k is not None and ev.logprobs is not None:
+                    logprobs = chat_logprobs(self.ctx, ev.token_ids, ev.logprobs, self.k)
+                if ev.finish_reason is not None:
+                    self.ctx.metrics.count_finished(ev.finish_reason)
+                delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
+                yield self._chunk([{"index": ev.index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": ev.finish_reason,
+                                    "stop_reason": ev.stop_reason}], include_usage)
+            if include_usage and finals[0] is not None:
+                chunk = {"id": self.id, "object": "chat.completion.chunk",
+                         "created": self.created, "model": self.ctx.model_name, "choices": [],
+                         "system_fingerprint": None, "usage": usage([finals[0]])}
+                yield sse(chunk)
+        except Exception as exc:  # the engine died or was shut down under us
+            err = stream_error(exc)
+            yield sse(error_body(err.status, err.message, code=err.code))
+        yield DONE

@@ -1,0 +1,162 @@
+"""``POST /v1/completions``: one engine request per prompt, answered whole or streamed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from cacheflow_runtime import RequestOutput
+from cacheflow_runtime.engine.async_llm_engine import RequestStream
+from cacheflow_serve.server.errors import APIError, error_body, stream_error
+from cacheflow_serve.server.protocol import CompletionRequest
+from cacheflow_serve.server.serving import (
+    ServingContext,
+    add_requests,
+    check_length,
+    check_unsupported,
+    completion_logprobs,
+    new_id,
+    now,
+    sampling_params,
+    usage,
+)
+from cacheflow_serve.server.streaming import (
+    DONE,
+    ClientDisconnected,
+    EventStreamResponse,
+    choice_events,
+    sse,
+    unless_disconnected,
+)
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of each prompt of the request."""
+    if isinstance(prompt, str):
+        return [(prompt, ctx.encode(prompt))]
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, ctx.encode(p)) for p in prompt]
+    if all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    return [(ctx.tokenizer.decode(ids), list(ids)) for ids in prompt]
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest,
+                            raw: Request) -> Response:
+    """Serves one completions call."""
+    ctx.check_model(req.model)
+    check_unsupported(req)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    n = req.n or 1
+    if req.stream and req.best_of not in (None, n):
+        raise APIError(400, "best_of must equal n when streaming", param="best_of")
+    prompts = _prompts(ctx, req.prompt)
+    params = []
+    for _, ids in prompts:
+        if req.max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, check_length(ctx, len(ids), None, "max_tokens"))
+        else:
+            max_tokens = check_length(ctx, len(ids), req.max_tokens, "max_tokens")
+        params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of))
+    request_id = new_id("cmpl")
+    streams = await add_requests(ctx, request_id, [ids for _, ids in prompts], params)
+    call = _Call(ctx, req, request_id, prompts, streams)
+    if req.stream:
+        return EventStreamResponse(call.events())
+    try:
+        finals = await unless_disconnected(raw, call.collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(call.body(finals))
+
+
+class _Call:
+    """One completions call after its requests were added."""
+
+    def __init__(self, ctx: ServingContext, req: CompletionRequest, request_id: str,
+                 prompts: list[tuple[str, list[int]]], streams: list[RequestStream]) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.id = request_id
+        self.created = now()
+        self.prompts = prompts
+        self.streams = streams
+        self.n = req.n or 1
+        self.stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    async def collect(self) -> list[Optional[RequestOutput]]:
+        """The finished output of each prompt."""
+        finals: list[Optional[RequestOutput]] = [None] * len(self.streams)
+        try:
+            async for _ in choice_events(self.streams, self.n, [], finals, False):
+                pass
+        except Exception as exc:
+            raise stream_error(exc) from None
+        return finals
+
+    def body(self, finals: list[Optional[RequestOutput]]) -> dict[str, Any]:
+        """The non-streaming response."""
+        choices = []
+        for p_index, out in enumerate(finals):
+            assert out is not None
+            prompt_text = self.prompts[p_index][0]
+            for comp in out.outputs:
+                text = prompt_text + comp.text if self.req.echo else comp.text
+                logprobs = None
+                if self.req.logprobs is not None and comp.logprobs is not None:
+                    offset = len(prompt_text) if self.req.echo else 0
+                    logprobs = completion_logprobs(self.ctx, comp.token_ids, comp.logprobs,
+                                                   self.req.logprobs, offset)
+                self.ctx.metrics.count_finished(comp.finish_reason)
+                choices.append({"index": p_index * self.n + comp.index, "text": text,
+                                "logprobs": logprobs, "finish_reason": comp.finish_reason,
+                                "stop_reason": comp.stop_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
+                "usage": usage([o for o in finals if o is not None])}
+
+    def _chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.id, "object": "text_completion",
+                                 "created": self.created, "model": self.ctx.model_name,
+                                 "choices": choices, "system_fingerprint": None}
+        if with_usage:
+            chunk["usage"] = None
+        return chunk
+
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE stream: one chunk per choice update, the usage chunk if asked, [DONE]."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        finals: list[Optional[RequestOutput]] = [None] * len(self.streams)
+        k = self.req.logprobs
+        offsets: dict[int, int] = {}
+        try:
+            async for ev in choice_events(self.streams, self.n, self.stops, finals,
+                                          k is not None):
+                text = ev.text
+                if ev.first and self.req.echo:
+                    text = self.prompts[ev.index // self.n][0] + text
+                logprobs = None
+                if k is not None and ev.logprobs is not None:
+                    offset = offsets.get(ev.index, 0)
+                    logprobs = completion_logprobs(self.ctx, ev.token_ids, ev.logprobs, k,
+                                                   offset)
+                    offsets[ev.index] = offset + sum(len(t) for t in logprobs["tokens"])
+                if ev.finish_reason is not None:
+                    self.ctx.metrics.count_finished(ev.finish_reason)
+                choice = {"index": ev.index, "text": text, "logprobs": logprobs,
+                          "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason}
+                yield sse(self._chunk([choice], include_usage))
+            if include_usage:
+                chunk = self._chunk([], include_usage)
+                chunk["usage"] = usage([o for o in finals if o is not None])
+                yield sse(chunk)
+        except Exception as exc:  # the engine died or was shut down under us
+            err = stream_error(exc)
+            yield sse(error_body(err.status, err.message, code=err.code))
+        yield DONE

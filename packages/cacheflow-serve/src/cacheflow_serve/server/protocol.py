@@ -1,0 +1,122 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), with cacheflow's few extensions.
+
+Fields that OpenAI marks nullable accept ``null`` and mean the default. Unknown fields are
+ignored, as the OpenAI API does for forward compatibility.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    """``stream_options``: with ``include_usage`` a last chunk carries the token usage."""
+
+    include_usage: Optional[bool] = False
+
+
+class SamplingFields(_Body):
+    """The fields that completions and chat share (OpenAI names, then cacheflow extensions)."""
+
+    model: str
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+    n: Optional[Annotated[int, Field(ge=1, le=128)]] = 1
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    presence_penalty: Optional[Penalty] = 0.0
+    frequency_penalty: Optional[Penalty] = 0.0
+    seed: Optional[Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)]] = None
+    user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # cacheflow extensions (as in vLLM)
+    top_k: Optional[Annotated[int, Field(ge=-1)]] = None
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
+    min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
+    ignore_eos: Optional[bool] = False
+    stop_token_ids: Optional[list[TokenId]] = None
+    include_stop_str_in_output: Optional[bool] = False
+    skip_special_tokens: Optional[bool] = True
+
+
+PromptType = Union[Annotated[str, Field()],
+                   Annotated[list[str], Field(min_length=1)],
+                   Annotated[list[TokenId], Field(min_length=1)],
+                   Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                             Field(min_length=1)]]
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``."""
+
+    prompt: PromptType
+    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
+    echo: Optional[bool] = False
+    logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    suffix: Optional[str] = None
+
+
+class TextPart(_Body):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    """One message; ``developer`` is taken as ``system``."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The message's text (parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    response_format: Optional[dict[str, Any]] = None
+    add_generation_prompt: Optional[bool] = True
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize``: a prompt, or chat messages rendered by the chat template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
+    add_generation_prompt: Optional[bool] = True
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize``."""
+
+    model: Optional[str] = None
+    tokens: list[TokenId]

@@ -1,0 +1,94 @@
+"""The ``cacheflow generate`` command prints what the LLM API generates for the same prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cacheflow_runtime import SamplingParams
+from cacheflow_serve import LLM
+from cacheflow_serve.cli import main
+
+ONE_TORCH_THREAD = True  # see conftest.py
+MAX_TOKENS = 8
+
+
+def _args(model: Path | str, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), "--max-tokens", str(MAX_TOKENS), "--device", "cpu",
+            "--dtype", "float32", *extra]
+
+
+def _expected(llm: LLM, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+
+
+def test_generate_prints_the_greedy_completion(llm: LLM, tiny_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_path, "Hello")) == 0
+    out = capsys.readouterr().out
+    text = _expected(llm, "Hello")
+    assert text  # the tiny model does produce something
+    assert out == text + "\n"
+
+
+def test_generate_two_prompts_prints_both_with_headers(
+        llm: LLM, tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_path, "Hello", "The quick brown fox")) == 0
+    out = capsys.readouterr().out
+    assert out == (f"### Hello\n{_expected(llm, 'Hello')}\n"
+                   f"### The quick brown fox\n{_expected(llm, 'The quick brown fox')}\n")
+
+
+def test_generate_with_sampling_options(llm: LLM, tiny_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args(tiny_path, "--temperature", "0.9", "--top-p", "0.8", "--seed", "7", "Hello")
+    assert main(args) == 0
+    params = SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=MAX_TOKENS)
+    want = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].text
+    assert capsys.readouterr().out == want + "\n"
+    assert want != _expected(llm, "Hello")  # the options were really used
+
+
+def test_chat_uses_the_models_chat_template(llm: LLM, chat_tiny_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(chat_tiny_path, "--chat", "Hello")) == 0
+    out = capsys.readouterr().out
+    # The fixture's template wraps the message; the weights are those of ``llm``.
+    templated = "<|user|>Hello\n<|assistant|>"
+    assert out == _expected(llm, templated) + "\n"
+    assert out != _expected(llm, "Hello") + "\n"
+
+
+def test_chat_without_a_chat_template_is_a_clear_error(tiny_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_path, "--chat", "Hello")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cacheflow: error: ")
+    assert "chat_template is not set" in captured.err
+
+
+def test_missing_model_path_exits_2_naming_it(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-model"
+    assert main(_args(missing, "Hello")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"cacheflow: error: model path {str(missing)!r} does not exist\n"
+
+
+def test_invalid_option_value_exits_2_naming_it(tiny_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(tiny_path), "--max-tokens", "0", "Hello"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "SamplingParams.max_tokens must be an integer >= 1" in captured.err
+
+
+def test_prompt_too_long_for_the_model_exits_2(tiny_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_path, "x" * 300)) == 2
+    assert "more than max_model_len (256)" in capsys.readouterr().err

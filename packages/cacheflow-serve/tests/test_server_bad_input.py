@@ -1,0 +1,245 @@
+"""Bad input to the server: OpenAI-shaped 4xx errors, never a 5xx, and the server keeps serving.
+
+Hand-written cases first, then schemathesis over the server's own OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from cacheflow_runtime import AsyncLLMEngine
+from cacheflow_serve import LLM
+from cacheflow_serve.server import ServerThread, make_server
+
+KEY = "sekret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_MODEL_LEN = 64
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(chat_tiny_path: Path) -> Iterator[ServerThread]:
+    llm = LLM(chat_tiny_path, device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN,
+              kv_cache_blocks=512, max_num_seqs=16)  # bounds what one fuzzed request costs
+    engine = AsyncLLMEngine(llm.engine, max_queued_requests=4)
+    thread = ServerThread(make_server(engine, port=0, api_key=KEY, served_model_names=["tiny"],
+                                      log_level="warning", max_request_bytes=MAX_BODY)).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as client:
+        yield client
+
+
+def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert {"type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+def _ok(http: httpx.Client) -> None:
+    resp = http.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 3})
+    assert resp.status_code == 200, resp.text
+
+
+COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"model": "tiny", "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": "x"}, "model"),
+    ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "temperature": -0.5}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, "n"),
+    ("/v1/completions", {**COMPLETION, "prompt": 42}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[]]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "stop": [1, 2]}, "stop"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "presence_penalty": 3}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]},
+     "messages"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 99}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes please"}, "stream"),
+])
+def test_wrong_or_missing_fields_are_400(http: httpx.Client, path: str, body: dict[str, Any],
+                                         param: str) -> None:
+    assert _error(http.post(path, json=body), 400)["param"] == param
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"", b"[1, 2, 3]", b"null", b'"a string"', b"\xff\xfe\x00",
+    b'{"model": "tiny", "prompt": "x", "temperature": NaN}',
+    b'{"model": "tiny", "prompt": "x", "max_tokens": Infinity}',
+])
+def test_malformed_bodies_are_400(http: httpx.Client, body: bytes) -> None:
+    resp = http.post("/v1/completions", content=body,
+                     headers={"Content-Type": "application/json"})
+    _error(resp, 400)
+
+
+@pytest.mark.parametrize("extra, code", [
+    ({"max_tokens": 10 ** 9}, "context_length_exceeded"),
+    ({"max_tokens": 10 ** 30}, "context_length_exceeded"),
+    ({"max_tokens": MAX_MODEL_LEN}, "context_length_exceeded"),
+    ({"prompt": "x" * (MAX_MODEL_LEN + 1)}, "context_length_exceeded"),
+    ({"prompt": [[5] * 200]}, "context_length_exceeded"),
+    ({"prompt": [300, 5]}, None),  # a token id outside the vocabulary
+    ({"prompt": ""}, None),
+    ({"stop": [""]}, None),
+    ({"n": 2, "temperature": 0}, None),  # greedy with n > 1
+    ({"n": 2, "best_of": 1}, None),
+    ({"logit_bias": {"5": 1.0}}, None),
+    ({"suffix": "tail"}, None),
+    ({"min_tokens": 10, "max_tokens": 4}, None),
+    ({"seed": 2 ** 70}, None),
+    ({"n": 17, "temperature": 1.0}, None),  # more sequences than max_num_seqs
+])
+def test_unservable_requests_are_400(http: httpx.Client, extra: dict[str, Any],
+                                     code: Any) -> None:
+    err = _error(http.post("/v1/completions", json={**COMPLETION, **extra}), 400)
+    assert err["type"] == "invalid_request_error"
+    if code is not None:
+        assert err["code"] == code
+    _ok(http)
+
+
+def test_chat_prompt_over_max_model_len_is_400(http: httpx.Client) -> None:
+    body = {**CHAT, "messages": [{"role": "user", "content": "y" * 100}]}
+    assert _error(http.post("/v1/chat/completions", json=body), 400)["code"] == \
+        "context_length_exceeded"
+    body = {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == "tools"
+
+
+def test_unknown_model_is_404(http: httpx.Client) -> None:
+    for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+        err = _error(http.post(path, json={**body, "model": "gpt-17"}), 404)
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+    _error(http.get("/v1/models/gpt-17"), 404)
+    _error(http.get("/v1/no-such-route"), 404)
+    _error(http.get("/v1/completions"), 405)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+    {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"},
+])
+def test_bad_api_key_is_401(server: ServerThread, headers: dict[str, str]) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for method, path, body in (("POST", "/v1/completions", COMPLETION),
+                                   ("POST", "/v1/chat/completions", CHAT),
+                                   ("GET", "/v1/models", None),
+                                   ("POST", "/tokenize", {"prompt": "x"})):
+            resp = client.request(method, path, json=body, headers=headers)
+            assert _error(resp, 401)["code"] == "invalid_api_key"
+        assert client.get("/health").status_code == 200  # open, for load balancers
+        assert client.get("/metrics").status_code == 200
+
+
+def test_body_over_the_limit_is_413(http: httpx.Client) -> None:
+    body = {**COMPLETION, "prompt": "z" * (MAX_BODY + 10)}
+    assert _error(http.post("/v1/completions", json=body), 413)["code"] == "request_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(MAX_BODY // 1024 + 1):
+            yield b"z" * 1024
+        yield b'"}'
+
+    resp = http.post("/v1/completions", content=chunked(),
+                     headers={"Content-Type": "application/json"})
+    _error(resp, 413)
+    _ok(http)
+
+
+def test_tokenize_and_detokenize_reject_bad_input(http: httpx.Client) -> None:
+    _error(http.post("/tokenize", json={}), 400)
+    _error(http.post("/tokenize", json={"prompt": "a", "messages": [
+        {"role": "user", "content": "b"}]}), 400)
+    _error(http.post("/detokenize", json={"tokens": [1, 99999]}), 400)
+    _error(http.post("/detokenize", json={"tokens": [-1]}), 400)
+    _error(http.post("/detokenize", json={"tokens": "abc"}), 400)
+
+
+def test_too_many_queued_requests_get_429(server: ServerThread) -> None:
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=60,
+                                     limits=httpx.Limits(max_connections=None)) as client:
+            body = {**COMPLETION, "max_tokens": 8}
+            responses = await asyncio.gather(*(client.post("/v1/completions", json=body)
+                                               for _ in range(100)))
+        for resp in responses:
+            if resp.status_code == 429:
+                assert _error(resp, 429)["code"] == "rate_limit_exceeded"
+        return [r.status_code for r in responses]
+
+    statuses = asyncio.run(burst())
+    assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+
+
+def test_fuzz_finds_no_server_error(server: ServerThread) -> None:
+    """schemathesis cases for every operation of the server's OpenAPI schema (with the right
+    API key, so that the bodies get past authentication)."""
+    schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 8
+    calls = []
+
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case: Any) -> None:
+            bodies = [case.body]
+            if isinstance(case.body, dict) and "model" in case.body:
+                bodies.append({**case.body, "model": "tiny"})  # past the model check too
+            for body in bodies:
+                case.body = body
+                response = case.call(base_url=server.base_url, headers=AUTH, timeout=60)
+                calls.append((case.path, response.status_code))
+                assert response.status_code < 500, (case.method, case.path, body,
+                                                    response.text)
+                if response.status_code >= 400:
+                    assert "error" in response.json()
+
+        check()
+    statuses = {status for _, status in calls}
+    assert len(calls) >= 8 * 10 and 200 in statuses
+    assert ("/v1/completions", 200) in calls and ("/v1/chat/completions", 200) in calls
+
+
+def test_server_still_serves_after_all_that(http: httpx.Client) -> None:
+    _ok(http)
+    assert http.get("/health").status_code == 200
+
+
+def test_shutting_down_engine_answers_503(server: ServerThread, http: httpx.Client) -> None:
+    """Last in this module: it shuts the engine down under the running server."""
+    engine = server.server.config.app.state.ctx.engine
+    loop = engine._loop
+    asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(30)
+    assert _error(http.post("/v1/completions", json=COMPLETION), 503)["code"] == \
+        "service_unavailable"
+    _error(http.get("/health"), 503)

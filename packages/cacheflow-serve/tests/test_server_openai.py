@@ -1,0 +1,229 @@
+"""The server through the official openai client: the same texts as the offline LLM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from cacheflow_runtime import AsyncLLMEngine, SamplingParams
+from cacheflow_serve import LLM
+from cacheflow_serve.server import ServerThread, make_server
+
+MODEL = "tiny"
+PROMPTS = ["Hello, my name is", "The capital of France", "a"]
+
+
+@pytest.fixture(scope="module")
+def server(chat_tiny_path: Path) -> Iterator[ServerThread]:
+    llm = LLM(chat_tiny_path, device="cpu", dtype="float32", kv_cache_blocks=2048)
+    engine = AsyncLLMEngine(llm.engine)
+    thread = ServerThread(make_server(engine, port=0, served_model_names=[MODEL, "alias"],
+                                      log_level="warning")).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(chat_tiny_path: Path) -> Any:
+    return AutoTokenizer.from_pretrained(str(chat_tiny_path), local_files_only=True)
+
+
+def offline(llm: LLM, prompt: str, **kwargs: Any) -> list[Any]:
+    return llm.generate([prompt], SamplingParams(**kwargs), use_tqdm=False)[0].outputs
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_models_lists_the_served_names(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL, "alias"]
+    assert client.models.retrieve("alias").id == "alias"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_matches_offline_greedy(client: openai.OpenAI, llm: LLM, prompt: str) -> None:
+    expected = offline(llm, prompt, temperature=0, max_tokens=24)[0]
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert resp.choices[0].text == expected.text
+    assert resp.choices[0].finish_reason == expected.finish_reason
+    assert resp.usage is not None and resp.usage.completion_tokens == len(expected.token_ids)
+
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                       stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_completion_with_a_batch_of_prompts(client: openai.OpenAI, llm: LLM) -> None:
+    resp = client.completions.create(model="alias", prompt=PROMPTS, max_tokens=8, temperature=0)
+    assert resp.model == MODEL
+    texts = [c.text for c in sorted(resp.choices, key=lambda c: c.index)]
+    assert texts == [offline(llm, p, temperature=0, max_tokens=8)[0].text for p in PROMPTS]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_matches_offline_greedy(client: openai.OpenAI, llm: LLM, chat_tokenizer: Any,
+                                     stream: bool) -> None:
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Count to three."}]
+    expected = offline(llm, chat_prompt(chat_tokenizer, messages), temperature=0,
+                       max_tokens=20)[0]
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=messages, temperature=0,
+                                  max_completion_tokens=20, user="someone")
+    if not stream:
+        resp = client.chat.completions.create(**kwargs)
+        assert resp.choices[0].message.role == "assistant"
+        assert resp.choices[0].message.content == expected.text
+        assert resp.choices[0].finish_reason == expected.finish_reason
+        return
+    chunks = list(client.chat.completions.create(**kwargs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        expected.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n2_seeded_sampling_matches_offline(client: openai.OpenAI, llm: LLM,
+                                            stream: bool) -> None:
+    prompt = PROMPTS[0]
+    expected = [c.text for c in offline(llm, prompt, n=2, temperature=0.8, top_p=0.9, seed=11,
+                                        max_tokens=12)]
+    kwargs: dict[str, Any] = dict(model=MODEL, prompt=prompt, n=2, temperature=0.8, top_p=0.9,
+                                  seed=11, max_tokens=12)
+    if stream:
+        texts = ["", ""]
+        for chunk in client.completions.create(**kwargs, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+    else:
+        resp = client.completions.create(**kwargs)
+        texts = [c.text for c in sorted(resp.choices, key=lambda c: c.index)]
+    assert texts == expected
+
+
+def test_penalties_match_offline(client: openai.OpenAI, llm: LLM) -> None:
+    kwargs = dict(temperature=0, max_tokens=16, presence_penalty=0.7, frequency_penalty=0.4)
+    expected = offline(llm, PROMPTS[1], **kwargs)[0].text
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], **kwargs)  # type: ignore
+    assert resp.choices[0].text == expected
+
+
+def test_completion_logprobs_match_offline(client: openai.OpenAI, llm: LLM) -> None:
+    expected = offline(llm, PROMPTS[0], temperature=0, max_tokens=10, logprobs=3)[0]
+    for stream in (False, True):
+        resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10,
+                                         temperature=0, logprobs=3, stream=stream)
+        chunks = list(resp) if stream else [resp]
+        token_logprobs = [lp for c in chunks if c.choices[0].logprobs
+                          for lp in c.choices[0].logprobs.token_logprobs]
+        assert len(token_logprobs) == len(expected.token_ids)
+        for value, token_id, position in zip(token_logprobs, expected.token_ids,
+                                             expected.logprobs):
+            assert value == pytest.approx(position[token_id], abs=1e-4)
+        top = [d for c in chunks if c.choices[0].logprobs
+               for d in c.choices[0].logprobs.top_logprobs]
+        assert all(1 <= len(d) <= 3 for d in top)
+
+
+def test_chat_logprobs_match_offline(client: openai.OpenAI, llm: LLM,
+                                     chat_tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "Say something"}]
+    expected = offline(llm, chat_prompt(chat_tokenizer, messages), temperature=0, max_tokens=8,
+                       logprobs=2)[0]
+    resp = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore
+                                          temperature=0, max_tokens=8, logprobs=True,
+                                          top_logprobs=2)
+    content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == len(expected.token_ids)
+    for entry, token_id, position in zip(content, expected.token_ids, expected.logprobs):
+        assert entry.logprob == pytest.approx(position[token_id], abs=1e-4)
+        assert len(entry.top_logprobs) == 2
+        best = max(position.values())
+        assert entry.top_logprobs[0].logprob == pytest.approx(best, abs=1e-4)
+
+
+def _stop_for(text: str) -> str:
+    """A 2-character ASCII stop string whose first occurrence is past the start of ``text``."""
+    for i in range(2, len(text) - 2):
+        candidate = text[i:i + 2]
+        if candidate.isascii() and candidate.isprintable() and text.find(candidate) == i:
+            return candidate
+    pytest.skip("no usable stop string in this output")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_stop_string_is_never_streamed_and_matches_offline(client: openai.OpenAI, llm: LLM,
+                                                           prompt: str) -> None:
+    full = offline(llm, prompt, temperature=0, max_tokens=40)[0].text
+    stop = _stop_for(full)
+    expected = offline(llm, prompt, temperature=0, max_tokens=40, stop=[stop])[0]
+    assert expected.finish_reason == "stop"
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                     stop=[stop, "\x00never"])
+    assert resp.choices[0].text == expected.text
+    assert resp.choices[0].finish_reason == "stop"
+    streamed = ""
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=40,
+                                           temperature=0, stop=stop, stream=True):
+        streamed += chunk.choices[0].text
+        assert stop not in streamed
+    assert streamed == expected.text
+
+
+def test_tokenize_detokenize_and_health(server: ServerThread) -> None:
+    base = server.base_url
+    assert httpx.get(base + "/health").status_code == 200
+    tokens = httpx.post(base + "/tokenize", json={"prompt": "héllo"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == 6  # one token per byte
+    text = httpx.post(base + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "héllo"
+    chat = httpx.post(base + "/tokenize",
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert chat.status_code == 200 and chat.json()["count"] == len("<|user|>x\n<|assistant|>")
+
+
+def test_metrics_are_exported(server: ServerThread, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=4, temperature=0)
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("cacheflow_num_requests_running", "cacheflow_num_requests_waiting",
+                 "cacheflow_num_requests_swapped", "cacheflow_gpu_cache_usage_perc",
+                 "cacheflow_prompt_tokens_total", "cacheflow_generation_tokens_total",
+                 "cacheflow_time_to_first_token_seconds_bucket",
+                 "cacheflow_inter_token_latency_seconds_bucket"):
+        assert name in text
+    samples = _samples(text)
+    assert samples["cacheflow_time_to_first_token_seconds_count"] >= 1
+    assert samples["cacheflow_inter_token_latency_seconds_count"] >= 3
+    assert samples["cacheflow_generation_tokens_total"] >= 4
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out

@@ -1,0 +1,116 @@
+"""SIGTERM while streaming: `cacheflow serve` exits within 10 s and every stream ends properly.
+
+"Properly": no client stream hangs; every stream ends with a chunk carrying a finish_reason and
+then ``data: [DONE]``. Requests that finish within the grace period end normally ("length"); the
+rest are aborted ("abort").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+
+GRACE = 1.0
+LONG_TOKENS = 3000
+
+
+@pytest.fixture(scope="module")
+def long_context_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA with 4096 positions, so that a stream can outlast the grace period."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("long") / "llama",
+                                tiny_llama_config(max_position_embeddings=4096))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Event
+                  ) -> dict[str, Any]:
+    body = {"model": "tiny", "prompt": "shutdown test", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    chunks: list[dict[str, Any]] = []
+    done = False
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            assert not done, "data after [DONE]"
+            chunks.append(json.loads(line[6:]))
+            first.set()
+    return {"done": done, "chunks": chunks}
+
+
+async def _run_and_terminate(proc: subprocess.Popen[bytes], base_url: str
+                             ) -> tuple[list[dict[str, Any]], float]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        firsts = [asyncio.Event() for _ in range(8)]
+        tasks = [asyncio.ensure_future(_stream(client, LONG_TOKENS if i < 6 else 8, ev))
+                 for i, ev in enumerate(firsts)]
+        await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return list(results), sent
+
+
+def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cacheflow_serve", "serve", str(long_context_path),
+           "--port", str(port), "--served-model-name", "tiny", "--device", "cpu",
+           "--dtype", "float32", "--kv-cache-blocks", "2048",
+           "--shutdown-grace-period", str(GRACE), "--log-level", "warning"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            try:
+                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+
+        results, sent = asyncio.run(_run_and_terminate(proc, base_url))
+        proc.wait(timeout=max(0.1, 10 - (time.monotonic() - sent)))
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read().decode()  # type: ignore[union-attr]
+    assert elapsed < 10, output
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    reasons = []
+    for result in results:
+        assert result["done"], "a stream ended without [DONE]"
+        final = result["chunks"][-1]["choices"][0]
+        assert final["finish_reason"] in ("length", "abort")
+        reasons.append(final["finish_reason"])
+    assert reasons[6:] == ["length", "length"]  # short requests finished within the grace
+    assert reasons[:6] == ["abort"] * 6  # long ones were aborted after it
+    assert elapsed >= GRACE * 0.9
+    assert "Traceback" not in output, output

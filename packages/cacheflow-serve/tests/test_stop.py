@@ -1,0 +1,178 @@
+"""Stop strings, stop tokens, min_tokens and max_tokens end the text and tokens exactly where
+they should; the incremental detokenizer gives the same text as decoding everything at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cacheflow_runtime import SamplingParams
+from cacheflow_runtime.engine.detokenizer import decode_new_text
+from cacheflow_runtime.sequence import Sequence
+from cacheflow_serve import LLM
+
+from serve_testutil import assert_idle
+
+ONE_TORCH_THREAD = True  # see conftest.py
+PROMPT = "The quick brown fox"
+MAX_TOKENS = 40
+EOS = 2
+
+
+def _generate(llm: LLM, **kwargs: Any) -> Any:
+    params = dict(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params.update(kwargs)
+    out = llm.generate(PROMPT, SamplingParams(**params), use_tqdm=False)[0]
+    assert_idle(llm)
+    return out.outputs[0]
+
+
+@pytest.fixture(scope="module")
+def reference(llm: LLM) -> Any:
+    """The greedy continuation without any stop condition (top-5 logprobs per token)."""
+    ref = _generate(llm, logprobs=5)
+    assert len(ref.token_ids) == MAX_TOKENS
+    assert ref.finish_reason == "length" and ref.stop_reason is None
+    assert ref.text == llm.get_tokenizer().decode(ref.token_ids, skip_special_tokens=True)
+    return ref
+
+
+def _stop_string(text: str, length: int, skip: int = 0) -> tuple[int, str]:
+    """(i, s): a printable-ASCII substring s of ``text`` whose first occurrence is at i > 0."""
+    for i in range(1, len(text) - length + 1):
+        s = text[i:i + length]
+        if s.isascii() and s.isprintable() and text.find(s) == i:
+            if skip == 0:
+                return i, s
+            skip -= 1
+    pytest.fail(f"no usable stop string of {length} characters in {text!r}")
+
+
+def _first_new_token(ids: list[int], start: int) -> int:
+    """The first position k >= start whose token appears nowhere before it (and is not EOS)."""
+    for k in range(start, len(ids)):
+        if ids[k] not in ids[:k] and ids[k] != EOS:
+            return k
+    pytest.fail(f"every token from position {start} on repeats an earlier one: {ids}")
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_stop_string_cuts_the_text_before_it(llm: LLM, reference: Any, length: int) -> None:
+    i, s = _stop_string(reference.text, length)
+    out = _generate(llm, stop=[s])
+    assert out.text == reference.text[:i]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == s
+    # Generation ended on the token that completed the stop string.
+    tokenizer = llm.get_tokenizer()
+    assert out.token_ids == reference.token_ids[:len(out.token_ids)]
+    assert tokenizer.decode(out.token_ids, skip_special_tokens=True) == reference.text[:i + len(s)]
+    assert tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True) != \
+        reference.text[:i + len(s)]
+
+
+def test_stop_string_kept_with_include_stop_str_in_output(llm: LLM, reference: Any) -> None:
+    i, s = _stop_string(reference.text, 3)
+    out = _generate(llm, stop=[s], include_stop_str_in_output=True)
+    assert out.text == reference.text[:i + len(s)]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == s
+    assert out.token_ids == _generate(llm, stop=[s]).token_ids
+
+
+def test_earliest_of_several_stop_strings_wins(llm: LLM, reference: Any) -> None:
+    text = reference.text
+    i, s = _stop_string(text, 2)
+    later = next(text[j:j + 2] for j in range(i + 2, len(text) - 1)
+                 if text[j:j + 2].isascii() and text.find(text[j:j + 2]) == j)
+    absent = "\x07never\x07"
+    assert absent not in text
+    out = _generate(llm, stop=[absent, later, s])
+    assert out.text == text[:i]
+    assert out.stop_reason == s
+
+
+def test_stop_token_id_ends_generation_on_it(llm: LLM, reference: Any) -> None:
+    k = _first_new_token(reference.token_ids, 5)
+    token = reference.token_ids[k]
+    out = _generate(llm, stop_token_ids=[token])
+    assert out.token_ids == reference.token_ids[:k + 1]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == token
+    assert out.text == llm.get_tokenizer().decode(reference.token_ids[:k + 1],
+                                                  skip_special_tokens=True)
+
+
+def test_min_tokens_suppresses_an_early_stop_token(llm: LLM, reference: Any) -> None:
+    k = _first_new_token(reference.token_ids, 3)
+    token = reference.token_ids[k]
+    min_tokens = k + 4
+    out = _generate(llm, stop_token_ids=[token], min_tokens=min_tokens)
+    ids = out.token_ids
+    # Identical up to the stop token, which is masked while fewer than min_tokens exist: the
+    # greedy choice there is the best other token (EOS is masked too).
+    assert ids[:k] == reference.token_ids[:k]
+    runner_up = max((t for t in reference.logprobs[k] if t not in (token, EOS)),
+                    key=lambda t: reference.logprobs[k][t])
+    assert ids[k] == runner_up
+    assert len(ids) > k + 1
+    assert token not in ids[:min_tokens] and EOS not in ids[:min_tokens]
+    if out.finish_reason == "stop":
+        assert ids[-1] == token and token not in ids[:-1] and len(ids) >= min_tokens
+        assert out.stop_reason == token
+    else:
+        assert out.finish_reason == "length"
+        assert len(ids) == MAX_TOKENS and token not in ids
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, MAX_TOKENS])
+def test_max_tokens_gives_exactly_that_many(llm: LLM, reference: Any, max_tokens: int) -> None:
+    out = _generate(llm, max_tokens=max_tokens)
+    assert out.token_ids == reference.token_ids[:max_tokens]
+    assert out.finish_reason == "length"
+    assert out.stop_reason is None
+    assert out.text == llm.get_tokenizer().decode(out.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", ["café", "日本語 ok", "é日本\U0001F600x", "naïve — ünïcödé ✓"])
+def test_incremental_detokenizer_matches_full_decode(llm: LLM, text: str) -> None:
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode(text)
+    assert len(ids) == len(text.encode("utf-8"))  # one token per byte
+    prompt = tokenizer.encode("Hi ")
+    seq = Sequence(0, "Hi ", prompt, block_size=16)
+    deltas = []
+    for n, token in enumerate(ids, start=1):
+        seq.append_token(token, {token: 0.0})
+        deltas.append(decode_new_text(tokenizer, seq, skip_special_tokens=True))
+        # Only whole characters come out: the bytes so far, less an unfinished character.
+        assert seq.output_text == text.encode("utf-8")[:n].decode("utf-8", errors="ignore")
+        assert "\ufffd" not in seq.output_text
+    assert seq.output_text == "".join(deltas) == tokenizer.decode(ids) == text
+    assert sum(1 for d in deltas if d) == len(text)  # one delta per character
+
+
+def test_incremental_detokenizer_across_a_fork_and_a_special_token(llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    first, rest = tokenizer.encode("日本"), tokenizer.encode("語!")
+    seq = Sequence(0, None, tokenizer.encode("x"), block_size=16)
+    for token in first[:4]:  # stops inside the second character
+        seq.append_token(token, {token: 0.0})
+        decode_new_text(tokenizer, seq, skip_special_tokens=True)
+    assert seq.output_text == "日"
+    child = seq.fork(1)  # as parallel sampling forks a sequence
+    for token in first[4:] + [EOS] + rest:
+        for s in (seq, child):
+            s.append_token(token, {token: 0.0})
+            decode_new_text(tokenizer, s, skip_special_tokens=True)
+    assert seq.output_text == child.output_text == "日本語!"
+    assert seq.output_text == tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_final_text_is_the_decode_of_all_tokens(llm: LLM, seed: int) -> None:
+    """Random byte tokens end in the middle of a UTF-8 character now and then: the held-back
+    bytes still belong in the final text, as in decoding all tokens at once."""
+    out = _generate(llm, temperature=1.0, seed=seed, max_tokens=24)
+    assert out.text == llm.get_tokenizer().decode(out.token_ids, skip_special_tokens=True)
