@@ -47,6 +47,7 @@ class Case:
     head_size: int = 128
     dtype: str = "float16"
     block_size: int = 16
+    window: int | None = None  # sliding window (no SDPA flash equivalent: ours only)
 
 
 def _uniform(n: int, q: int, ctx: int | None = None) -> tuple[list[int], list[int]]:
@@ -67,6 +68,7 @@ CASES = [
          [1800, 37, 1024, 513, 2048, 77, 1500, 900]),
     Case("mha_fp16_d256", *_uniform(8, 2048), num_heads=16, num_kv_heads=16, head_size=256),
     Case("mha_fp16_d96", *_uniform(8, 2048), head_size=96),
+    Case("window1024_fp16_d128", *_uniform(4, 8192), window=1024),
 ]
 
 
@@ -107,7 +109,13 @@ def time_ms(fn: Any, warmup: int, iters: int) -> tuple[float, float]:
 
 
 def causal_flops(case: Case) -> float:
-    visible = sum(q * (c - q) + q * (q + 1) // 2 for q, c in zip(case.q_lens, case.ctx_lens))
+    """4 * head_size * heads * (keys seen, summed over queries): causal, window-limited."""
+    visible = 0
+    for q, c in zip(case.q_lens, case.ctx_lens):
+        if case.window is None:
+            visible += q * (c - q) + q * (q + 1) // 2
+        else:
+            visible += sum(min(p + 1, case.window) for p in range(c - q, c))
     return 4.0 * case.head_size * case.num_heads * visible
 
 
@@ -177,6 +185,8 @@ def sdpa_runner(case: Case, inputs: dict[str, Any], scale: float) -> tuple[Any, 
 
     if len(set(case.q_lens)) != 1 or len(set(case.ctx_lens)) != 1:
         raise RuntimeError("no dense equivalent for a ragged batch")
+    if case.window is not None:
+        raise RuntimeError("SDPA's flash backend has no sliding window")
     n, q_len, ctx = len(case.q_lens), case.q_lens[0], case.ctx_lens[0]
     d = case.head_size
     q = inputs["query"].view(n, q_len, case.num_heads, d).transpose(1, 2)
@@ -228,7 +238,8 @@ def bench_case(case: Case, args: argparse.Namespace, seed: int, variant: str) ->
         max_q = max(case.q_lens)
 
         def ours() -> None:
-            cacheflow_kernels.paged_prefill_attention(*tensors, scale, max_q)
+            cacheflow_kernels.paged_prefill_attention(*tensors, scale, max_q,
+                                                      sliding_window=case.window)
 
         ours()
         torch.cuda.synchronize()

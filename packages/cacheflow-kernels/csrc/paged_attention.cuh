@@ -508,6 +508,34 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     return;
   }
 
+  const T* kc = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const T* vc = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  float acc[S::kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < S::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_run[2] = {kNegInf, kNegInf};
+  float l_run[2] = {0.f, 0.f};
+
+  uint4 kr[S::kSpans];
+  uint2 krh = make_uint2(0, 0);
+  uint4 vr[2][S::kChunks];
+  uint32_t vt[2][S::kTailWords > 0 ? S::kTailWords : 1];
+
+  // The first tile's K and V do not depend on Q: issue them first, so their latency overlaps the
+  // Q fill below.
+  int tile = warp;
+  int it = 0;  // this warp's tile counter: tile = warp + kWarps * it
+  int blk_cache = 0;
+  if (tile < r.num_tiles) {
+    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
+    const int blk = ShflIdx(blk_cache, 0);
+    const int tok0 = r.tile_base + kTile * tile;
+    LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
+    LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
+  }
+
   // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
   uint4* qs = reinterpret_cast<uint4*>(smem_main);
   {
@@ -541,32 +569,6 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   }
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
-
-  const T* kc = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
-  const T* vc = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
-  const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-
-  float acc[S::kDTiles][4];
-#pragma unroll
-  for (int i = 0; i < S::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m_run[2] = {kNegInf, kNegInf};
-  float l_run[2] = {0.f, 0.f};
-
-  uint4 kr[S::kSpans];
-  uint2 krh = make_uint2(0, 0);
-  uint4 vr[2][S::kChunks];
-  uint32_t vt[2][S::kTailWords > 0 ? S::kTailWords : 1];
-
-  int tile = warp;
-  int it = 0;  // this warp's tile counter: tile = warp + kWarps * it
-  int blk_cache = 0;
-  if (tile < r.num_tiles) {
-    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
-    const int blk = ShflIdx(blk_cache, 0);
-    const int tok0 = r.tile_base + kTile * tile;
-    LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
-    LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
-  }
 
   while (tile < r.num_tiles) {  // warp-uniform
     const int tok0 = r.tile_base + kTile * tile;

@@ -9,6 +9,7 @@
 //   context_lens (int32):     [num_seqs]      cached + new tokens of each sequence
 //   scale:                    softmax scale (> 0)
 //   max_query_len:            an upper bound of the longest query, or -1 (then num_tokens)
+//   sliding_window:           W > 0: a query at position p sees only keys p - W + 1 .. p; 0: none
 // Query j of sequence i sits at position context_lens[i] - q_len_i + j and attends to the keys
 // at positions 0..its own, all read from the cache (the new tokens' K/V already written there).
 //
@@ -68,7 +69,7 @@ bool Aligned16(std::initializer_list<const char*> ptrs) {
 void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cache,
                            TensorView value_cache, TensorView block_tables,
                            TensorView query_start_loc, TensorView context_lens, double scale,
-                           int64_t max_query_len) {
+                           int64_t max_query_len, int64_t sliding_window) {
   // -- Shapes and dtypes first (reported the same on any device), then layout, then device. --
   CheckNdim(kOp, "query", query, 3, "[num_tokens, num_heads, head_size]");
   TVM_FFI_CHECK(IsFloatKvDtype(query.dtype()), ValueError)
@@ -157,6 +158,9 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       << max_blocks_per_seq;
   TVM_FFI_CHECK(std::isfinite(scale) && scale > 0.0, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "scale") << "a finite number > 0, got " << scale;
+  TVM_FFI_CHECK(sliding_window >= 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "sliding_window") << ">= 1 (or 0: none), got "
+      << sliding_window;
   TVM_FFI_CHECK(max_query_len >= -1, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "max_query_len") << ">= 0 (or -1: unknown), got "
       << max_query_len;
@@ -187,7 +191,7 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       reinterpret_cast<const int32_t*>(DataPtr(block_tables)),
       reinterpret_cast<const int32_t*>(DataPtr(query_start_loc)),
       reinterpret_cast<const int32_t*>(DataPtr(context_lens)), num_heads, head_size, num_kv_heads,
-      num_blocks, block_size, max_blocks_per_seq, scale);
+      num_blocks, block_size, max_blocks_per_seq, scale, sliding_window);
 
   const bool tensor_cores = prefill::UseTensorCores(
       IsHalfOrBf16(query.dtype()), head_size,

@@ -21,13 +21,16 @@
 //     layout of S is the A-operand layout of P V).
 //   * online softmax in the log2 domain (ex2.approx); key tiles run from the diagonal down to 0,
 //     so only the first ceil(BM / BN) + 1 of them need the causal mask; key tiles wholly above
-//     the diagonal are never visited.
+//     the diagonal are never visited. With a sliding window W (a row at position p sees keys
+//     p - W + 1 .. p) tiles wholly below the window are never visited either, and those that
+//     reach below some row's window are masked too.
 //   * the output tile goes through shared memory (each warp reuses its own Q rows) and leaves in
 //     16-byte stores.
 // CUDA-core path (fp32, other head sizes up to 256, or pointers not 16-byte aligned): one warp per
 // query row, one key at a time, exact expf.
 #pragma once
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -58,6 +61,7 @@ struct PrefillParams {
   int32_t block_size;
   int32_t block_shift;               // log2(block_size) for a power of two, else -1
   int32_t max_blocks_per_seq;
+  int32_t window;                    // sliding window W (keys > position - W), 0: none
   float scale;                       // softmax scale
   float scale_log2;                  // scale * log2(e)
 };
@@ -152,6 +156,12 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int pos0 = ctx - q_len + m0;        // position of the tile's row 0
   const int last_pos = pos0 + rows - 1;
   const int n_tiles = last_pos >= 0 ? last_pos / kBN + 1 : 0;  // key tiles up to the diagonal
+  // Sliding window W: row r sees keys > pos0 + r - W; tiles below the first row's window are
+  // never visited, tiles reaching below the last row's window need the mask.
+  const bool has_window = p.window > 0;
+  const int first_key = has_window ? pos0 - p.window + 1 : 0;
+  const int n_lo = first_key > 0 ? first_key / kBN : 0;  // lowest key tile visited
+  const int lower_edge = has_window ? last_pos - p.window + 1 : INT_MIN;
   const int kv_head = head / p.group;
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
@@ -195,7 +205,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   if (tid < kBN) {
     const int n = n_tiles - 1;
     s_slot[(n & 3) * kBN + tid] = SlotOf(p, table, n * kBN + tid, ctx);
-    if (n >= 1) s_slot[((n - 1) & 3) * kBN + tid] = SlotOf(p, table, (n - 1) * kBN + tid, ctx);
+    if (n - 1 >= n_lo) {
+      s_slot[((n - 1) & 3) * kBN + tid] = SlotOf(p, table, (n - 1) * kBN + tid, ctx);
+    }
   }
 #pragma unroll
   for (int j = 0; j < kBM * kChunks / kThreads; ++j) {
@@ -213,9 +225,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int wr0 = warp * 16 * MT;  // first query row of this warp in the tile
   // A = Q (row-major 16x16 per m-tile): lanes 0-15 rows 0-15 at k 0, lanes 16-31 rows 0-15 at k 8.
   const uint32_t q_frag = s_q + (wr0 + (lane & 15)) * kRowBytes + (lane >> 4) * 16;
-  // B = K^T: matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
+  // B = K^T: matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7),
+  // (keys 8-15, k 8-15).
   const uint32_t k_frag = ((lane & 7) + (lane >> 4) * 8) * kRowBytes + ((lane >> 3) & 1) * 16;
-  // B = V (trans): matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15).
+  // B = V (trans): matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15),
+  // (keys 8-15, d 8-15).
   const uint32_t v_frag = s_v + ((lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes + (lane >> 4) * 16;
   const int quad_row = lane >> 2;      // accumulator row within an m-tile (and +8)
   const int quad_col = (lane & 3) * 2;  // accumulator column within an n-tile (and +1)
@@ -245,10 +259,12 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     SyncCta();  // K[tile] (and Q) landed; everyone is past P V of the previous step (V is free)
     load_kv(s_v, v_base, s_slot + (tile & 3) * kBN);
     CpAsyncCommit();
-    if (tile >= 1) load_kv(s_k + ((tile - 1) & 1) * kKvBytes, k_base, s_slot + ((tile - 1) & 3) * kBN);
+    if (tile - 1 >= n_lo) {
+      load_kv(s_k + ((tile - 1) & 1) * kKvBytes, k_base, s_slot + ((tile - 1) & 3) * kBN);
+    }
     CpAsyncCommit();  // (possibly empty: keeps the group count uniform)
     int next_slot = -1;
-    if (tile >= 2 && tid < kBN) next_slot = SlotOf(p, table, (tile - 2) * kBN + tid, ctx);
+    if (tile - 2 >= n_lo && tid < kBN) next_slot = SlotOf(p, table, (tile - 2) * kBN + tid, ctx);
 
     // S = Q K^T for this warp's rows and the tile's kBN keys.
     float s[MT][kBN / 8][4];
@@ -277,7 +293,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
         }
       }
     }
-    if (tile >= 2 && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
+    if (tile - 2 >= n_lo && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
 
     if (kMask) {
 #pragma unroll
@@ -288,7 +304,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
           for (int e = 0; e < 4; ++e) {
             const int row = wr0 + mt * 16 + quad_row + (e >> 1) * 8;
             const int key = tile * kBN + nt * 8 + quad_col + (e & 1);
-            if (key > pos0 + row) s[mt][nt][e] = -INFINITY;
+            const int pos = pos0 + row;
+            if (key > pos || (has_window && key <= pos - p.window)) s[mt][nt][e] = -INFINITY;
           }
         }
       }
@@ -357,9 +374,15 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     }
   };
 
-  int n = n_tiles - 1;
-  for (; n >= 0 && n * kBN + kBN - 1 > pos0; --n) step(n, std::true_type{});
-  for (; n >= 0; --n) step(n, std::false_type{});
+  // Tiles reaching past row 0's position (the diagonal) or below the last row's window need
+  // the mask; the others (all of them, without a window, once the diagonal is passed) do not.
+  for (int n = n_tiles - 1; n >= n_lo; --n) {
+    if (n * kBN + kBN - 1 > pos0 || n * kBN < lower_edge) {
+      step(n, std::true_type{});
+    } else {
+      step(n, std::false_type{});
+    }
+  }
   CpAsyncWait<0>();
 
   // ---- Epilogue: O / sum, staged through this warp's own Q rows, 16-byte stores. ----
@@ -393,7 +416,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     int r, c;
     ChunkCoords<kChunks, 32>(lane, j, r, c);
     const int row = wr0 + r;
-    if (row < rows) Store16(o_ptr + row * token_bytes + c * 16, Load16(smem + row * kRowBytes + c * 16));
+    if (row < rows) {
+      Store16(o_ptr + row * token_bytes + c * 16, Load16(smem + row * kRowBytes + c * 16));
+    }
   }
 }
 
@@ -425,8 +450,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
   const int64_t q_offset = static_cast<int64_t>(q_begin + row) * p.token_stride +
                            static_cast<int64_t>(head) * d_size;
   const S* q = reinterpret_cast<const S*>(p.query) + q_offset;
-  const S* k_cache = reinterpret_cast<const S*>(p.key_cache) + static_cast<int64_t>(kv_head) * d_size;
-  const S* v_cache = reinterpret_cast<const S*>(p.value_cache) + static_cast<int64_t>(kv_head) * d_size;
+  const int64_t kv_offset = static_cast<int64_t>(kv_head) * d_size;
+  const S* k_cache = reinterpret_cast<const S*>(p.key_cache) + kv_offset;
+  const S* v_cache = reinterpret_cast<const S*>(p.value_cache) + kv_offset;
 
   float qv[kPerLane];
   float acc[kPerLane];
@@ -438,7 +464,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
   }
   float m = -INFINITY;
   float l = 0.f;
-  for (int t = 0; t < n_keys; ++t) {
+  const int t0 = p.window > 0 && pos - p.window + 1 > 0 ? pos - p.window + 1 : 0;
+  for (int t = t0; t < n_keys; ++t) {
     const int slot = SlotOf(p, table, t, ctx);
     if (slot < 0) continue;  // (uniform over the warp)
     const S* kr = k_cache + static_cast<int64_t>(slot) * p.slot_stride;
@@ -507,7 +534,7 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
                                        const int32_t* context_lens, int64_t num_heads,
                                        int64_t head_size, int64_t num_kv_heads, int64_t num_blocks,
                                        int64_t block_size, int64_t max_blocks_per_seq,
-                                       double scale) {
+                                       double scale, int64_t sliding_window) {
   PrefillParams p{};
   p.query = static_cast<const unsigned char*>(query);
   p.key_cache = static_cast<const unsigned char*>(key_cache);
@@ -529,6 +556,10 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
     p.block_shift = shift;
   }
   p.max_blocks_per_seq = static_cast<int32_t>(max_blocks_per_seq);
+  // A window of 2^30 or more covers any context the kernels can index: no window.
+  p.window = (sliding_window > 0 && sliding_window < (int64_t{1} << 30))
+                 ? static_cast<int32_t>(sliding_window)
+                 : 0;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
   return p;

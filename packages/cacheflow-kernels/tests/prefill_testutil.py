@@ -99,7 +99,11 @@ def call_args(case: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def reference(case: dict[str, Any]) -> Any:
-    """The runtime's reference backend (float32 math) on the case; [num_tokens, heads, d]."""
+    """The runtime's reference backend (float32 math) on the case; [num_tokens, heads, d].
+
+    ``case["sliding_window"]``, when present and not None, limits each query to its last W
+    positions.
+    """
     import torch
 
     from cacheflow_runtime.attention import reference as ref
@@ -120,8 +124,11 @@ def reference(case: dict[str, Any]) -> Any:
     )
     if not q_lens:
         return case["query"].float().clone()
+    kwargs = {}
+    if case.get("sliding_window") is not None:
+        kwargs["sliding_window"] = case["sliding_window"]
     out = ref.paged_attention(case["query"].float(), case["key_cache"].float(),
-                              case["value_cache"].float(), metadata, case["scale"])
+                              case["value_cache"].float(), metadata, case["scale"], **kwargs)
     return out.float()
 
 

@@ -30,9 +30,10 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_prefill_ops, "get_function", fail)
 
 
-def _call(args: dict[str, Any], scale: Any = SCALE, max_query_len: Any = None) -> None:
+def _call(args: dict[str, Any], scale: Any = SCALE, max_query_len: Any = None,
+          sliding_window: Any = None) -> None:
     cacheflow_kernels.paged_prefill_attention(
-        *(args[name] for name in ARG_ORDER), scale, max_query_len
+        *(args[name] for name in ARG_ORDER), scale, max_query_len, sliding_window=sliding_window
     )
 
 
@@ -156,6 +157,13 @@ def test_max_query_len(value: Any, fragment: str) -> None:
 
 
 @pytest.mark.usefixtures("tripwire")
+@pytest.mark.parametrize(("value", "fragment"), [(0, ">= 1 (or None)"), (-3, ">= 1"),
+                                                 (4.0, "an int or None"), (True, "an int")])
+def test_sliding_window(value: Any, fragment: str) -> None:
+    _expect(_fake_cuda(small_cpu_args()), "sliding_window", fragment, sliding_window=value)
+
+
+@pytest.mark.usefixtures("tripwire")
 @pytest.mark.parametrize("arg", ARG_ORDER)
 def test_non_contiguous(arg: str) -> None:
     args = small_cpu_args()
@@ -179,11 +187,11 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     )
     args = _fake_cuda(small_cpu_args())
     _call(args, scale=1, max_query_len=None)
-    _call(args, scale=np_float(0.25), max_query_len=7)
+    _call(args, scale=np_float(0.25), max_query_len=7, sliding_window=4096)
     assert [c[0] for c in calls] == [OP, OP]
     assert calls[0][1:8] == tuple(args[name] for name in ARG_ORDER)
-    assert calls[0][8:] == (1.0, -1) and isinstance(calls[0][8], float)
-    assert calls[1][8:] == (0.25, 7)
+    assert calls[0][8:] == (1.0, -1, 0) and isinstance(calls[0][8], float)
+    assert calls[1][8:] == (0.25, 7, 4096)
 
 
 def np_float(x: float) -> Any:
@@ -207,11 +215,13 @@ needs_library = pytest.mark.skipif(
 )
 
 
-def _raw(args: dict[str, Any], scale: float = SCALE, max_query_len: int = -1) -> str:
+def _raw(args: dict[str, Any], scale: float = SCALE, max_query_len: int = -1,
+         sliding_window: int = 0) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
-        get_function(OP)(*(args[name] for name in ARG_ORDER), scale, max_query_len)
+        get_function(OP)(*(args[name] for name in ARG_ORDER), scale, max_query_len,
+                         sliding_window)
     return str(info.value)
 
 
@@ -266,6 +276,22 @@ def test_cpp_rejects_scale(scale: float) -> None:
 @needs_library
 def test_cpp_rejects_max_query_len() -> None:
     assert "argument 'max_query_len' must be >= 0" in _raw(small_cpu_args(), max_query_len=-2)
+
+
+@needs_library
+def test_cpp_rejects_sliding_window() -> None:
+    assert "argument 'sliding_window' must be >= 1 (or 0: none)" in _raw(small_cpu_args(),
+                                                                          sliding_window=-1)
+
+
+@needs_library
+def test_cpp_rejects_head_size() -> None:
+    args = small_cpu_args()
+    for name in ("query", "out"):
+        args[name] = torch.zeros(args[name].shape[:2] + (264,), dtype=args[name].dtype)
+    for name in ("key_cache", "value_cache"):
+        args[name] = torch.zeros(args[name].shape[:3] + (264,), dtype=args[name].dtype)
+    assert "argument 'query' must be of head_size between 1 and 256" in _raw(args)
 
 
 @needs_library

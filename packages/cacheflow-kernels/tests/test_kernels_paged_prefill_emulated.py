@@ -45,7 +45,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.restype = ctypes.c_int
     fn.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
-        + [ctypes.c_double, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+        + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
     )
     return fn
 
@@ -60,7 +60,7 @@ def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
         key_cache.data_ptr(), value_cache.data_ptr(), tables.data_ptr(), starts.data_ptr(),
         ctx.data_ptr(), query.shape[0], query.shape[1], query.shape[2], key_cache.shape[2],
         key_cache.shape[0], key_cache.shape[1], tables.shape[0], tables.shape[1], case["scale"],
-        max_query_len, ctypes.byref(collectives),
+        max_query_len, case.get("sliding_window") or 0, ctypes.byref(collectives),
     )
     return path
 
@@ -89,6 +89,25 @@ def test_tensor_core_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], he
                      seed=sum(q_lens) + head_size)
     assert run_emulated(emu, case, max_query_len=max(q_lens)) == 1
     check_close(case["out"], reference(case), dtype, f"emulated tensor-core {head_size}")
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "window", "head_size", "dtype"),
+    [
+        ([200, 70], [200, 400], 37, 64, torch.float16),     # window < tile: both edges masked
+        ([300], [300], 100, 128, torch.bfloat16),           # tiles wholly outside skipped
+        ([150, 1], [700, 90], 260, 256, torch.float16),     # BN 32, prefix, a decode row
+        ([90], [130], 1, 80, torch.float16),                # W = 1: each row sees itself
+        ([20, 9], [50, 9], 6, 40, torch.float16),           # CUDA-core kernel
+    ],
+)
+def test_sliding_window(emu: Any, q_lens: list[int], ctx_lens: list[int], window: int,
+                        head_size: int, dtype: Any) -> None:
+    case = make_case(q_lens, ctx_lens, num_heads=2, num_kv_heads=1, head_size=head_size,
+                     block_size=16, dtype=dtype, seed=window)
+    case["sliding_window"] = window
+    run_emulated(emu, case, max_query_len=max(q_lens))
+    check_close(case["out"], reference(case), dtype, f"window {window}")
 
 
 @pytest.mark.parametrize("variant", [1, 2])

@@ -37,7 +37,8 @@ def _exact_fp32_reference() -> Iterator[None]:
 def run(case: dict[str, Any], max_query_len: Any = "exact") -> Any:
     if max_query_len == "exact":
         max_query_len = max(case["q_lens"], default=0)
-    cacheflow_kernels.paged_prefill_attention(*call_args(case), case["scale"], max_query_len)
+    cacheflow_kernels.paged_prefill_attention(*call_args(case), case["scale"], max_query_len,
+                                              sliding_window=case.get("sliding_window"))
     torch.cuda.synchronize()
     return case["out"]
 
@@ -106,6 +107,18 @@ def test_decode_rows(dtype: Any) -> None:
     case = gpu_case([1] * 9, [1, 2, 15, 16, 17, 64, 65, 500, 1031], num_heads=8, num_kv_heads=2,
                     head_size=128, block_size=16, dtype=dtype, seed=13)
     run_and_check(case, dtype, "decode rows")
+
+
+@pytest.mark.parametrize(("window", "head_size", "dtype"),
+                         [(1, 128, torch.float16), (37, 64, torch.bfloat16),
+                          (256, 128, torch.float16), (1000, 256, torch.bfloat16),
+                          (100, 128, torch.float32), (4096, 96, torch.float16)])
+def test_sliding_window(window: int, head_size: int, dtype: Any) -> None:
+    """Mistral-style windows: each query sees its last W positions (W = 1: itself only)."""
+    case = gpu_case(RAGGED_Q + [1500], RAGGED_CTX + [2500], num_heads=4, num_kv_heads=2,
+                    head_size=head_size, block_size=16, dtype=dtype, seed=window)
+    case["sliding_window"] = window
+    run_and_check(case, dtype, f"window {window}")
 
 
 @pytest.mark.parametrize("head_size", [32, 48, 200])

@@ -26,7 +26,11 @@ from ._cache_ops import reshape_and_cache
 from ._cuda import cuda_device_count
 from ._lib import library_path, load_library
 from ._norm_ops import fused_add_rms_norm, rms_norm
-from ._prefill_ops import paged_prefill_attention
+from ._prefill_ops import (
+    PAGED_PREFILL_MAX_HEAD_SIZE,
+    PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES,
+    paged_prefill_attention,
+)
 from ._rotary_ops import rotary_embedding
 from ._version import ABI_VERSION, __version__
 
@@ -51,6 +55,8 @@ __all__ = [
     "ABI_VERSION",
     "PAGED_ATTENTION_BLOCK_SIZES",
     "PAGED_ATTENTION_HEAD_SIZES",
+    "PAGED_PREFILL_MAX_HEAD_SIZE",
+    "PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES",
     "__version__",
     "cuda_available",
     "library_path",

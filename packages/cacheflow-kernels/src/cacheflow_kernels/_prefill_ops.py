@@ -14,17 +14,18 @@ _OP = "paged_prefill_attention"
 _TOKENS = ("num_tokens", "num_heads", "head_size")
 _CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
 
-#: Largest head size the op accepts.
-MAX_HEAD_SIZE = 256
+#: Largest head size paged_prefill_attention accepts (any head size from 1 up to it works).
+PAGED_PREFILL_MAX_HEAD_SIZE = 256
 
-#: Head sizes with a tensor-core kernel for float16 and bfloat16.
-TENSOR_CORE_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
+#: Head sizes with a tensor-core kernel for float16 and bfloat16 (others: CUDA cores).
+PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
 
 
 def _validate_paged_prefill_attention(
     out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
     query_start_loc: Any, context_lens: Any, scale: Any, max_query_len: Any,
-) -> tuple[float, int]:
+    sliding_window: Any,
+) -> tuple[float, int, int]:
     op = _OP
     args = {
         "out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
@@ -63,8 +64,9 @@ def _validate_paged_prefill_attention(
     C.check_shape(op, "context_lens", context_lens, ("num_seqs",), (num_seqs,))
     C.check_dtype(op, "context_lens", context_lens, ("int32",))
     # Sizes the kernels index.
-    if not 1 <= head_size <= MAX_HEAD_SIZE:
-        raise C.arg_error(op, "query", f"of head_size between 1 and {MAX_HEAD_SIZE}",
+    if not 1 <= head_size <= PAGED_PREFILL_MAX_HEAD_SIZE:
+        raise C.arg_error(op, "query",
+                          f"of head_size between 1 and {PAGED_PREFILL_MAX_HEAD_SIZE}",
                           f"shape [{num_tokens}, {num_heads}, {head_size}]")
     # Scalars.
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -78,6 +80,12 @@ def _validate_paged_prefill_attention(
         raise C.arg_error(op, "max_query_len", "an int or None", type(max_query_len).__name__)
     elif max_query_len < 0:
         raise C.arg_error(op, "max_query_len", ">= 0 (or None)", str(max_query_len))
+    if sliding_window is None:
+        sliding_window = 0
+    elif isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
+        raise C.arg_error(op, "sliding_window", "an int or None", type(sliding_window).__name__)
+    elif sliding_window < 1:
+        raise C.arg_error(op, "sliding_window", ">= 1 (or None)", str(sliding_window))
     # Memory layout.
     for name, x in args.items():
         C.check_contiguous(op, name, x)
@@ -86,7 +94,7 @@ def _validate_paged_prefill_attention(
     for name, x in args.items():
         if name != "query":
             C.check_same_device(op, name, x, "query", query)
-    return scale, int(max_query_len)
+    return scale, int(max_query_len), int(sliding_window)
 
 
 def paged_prefill_attention(
@@ -99,6 +107,7 @@ def paged_prefill_attention(
     context_lens: Any,
     scale: float,
     max_query_len: int | None = None,
+    sliding_window: int | None = None,
 ) -> None:
     """Causal attention of a ragged batch of new tokens over each sequence's paged KV cache.
 
@@ -107,7 +116,7 @@ def paged_prefill_attention(
     ``context_lens[i]`` tokens in all (tokens cached before plus the new ones, so
     ``context_lens[i] >= q_len_i``). New token ``j`` sits at position
     ``context_lens[i] - q_len_i + j`` and attends to the keys at positions ``0`` up to and
-    including its own::
+    including its own (only the last ``sliding_window`` of them when that is given)::
 
         out[t, h] = softmax_k(scale * query[t, h] . K[k, h // group]) @ V[., h // group]
 
@@ -136,6 +145,9 @@ def paged_prefill_attention(
             grid; ``None`` uses ``num_tokens`` (always safe, but launches idle tiles for every
             sequence: pass it when known). Queries longer than it are not computed. For CUDA
             graphs, capture with a bound that covers every replay.
+        sliding_window: ``W >= 1`` limits each query to the last ``W`` positions, its own
+            included (keys ``position - W + 1 .. position``; Mistral, Qwen2); ``None``: the
+            whole context. Key tiles wholly outside every row's window are skipped.
 
     Numerics: fp32 accumulation and an online (FlashAttention-2 style) softmax. float16 and
     bfloat16 use tensor cores for head sizes 64, 80, 96, 112, 128 and 256 (the attention weights
@@ -152,11 +164,11 @@ def paged_prefill_attention(
         TypeError: an argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    scale, max_q = _validate_paged_prefill_attention(
+    scale, max_q, window = _validate_paged_prefill_attention(
         out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
-        max_query_len,
+        max_query_len, sliding_window,
     )
     get_function(_OP)(
         out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
-        max_q,
+        max_q, window,
     )

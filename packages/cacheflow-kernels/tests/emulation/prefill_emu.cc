@@ -46,7 +46,8 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
                                     int64_t num_heads, int64_t head_size, int64_t num_kv_heads,
                                     int64_t num_blocks, int64_t block_size, int64_t num_seqs,
                                     int64_t max_blocks_per_seq, double scale,
-                                    int64_t max_query_len, int64_t* collectives) {
+                                    int64_t max_query_len, int64_t sliding_window,
+                                    int64_t* collectives) {
   namespace pf = cacheflow::prefill;
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_tokens * num_heads * head_size * elem;
@@ -65,7 +66,7 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   if (num_seqs == 0 || max_q == 0 || num_heads == 0) return -1;
   const PrefillParams p = pf::MakePrefillParams(
       out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, num_heads,
-      head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale);
+      head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale, sliding_window);
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool tc = !force_simple &&
                   pf::UseTensorCores(dtype != 2, head_size,

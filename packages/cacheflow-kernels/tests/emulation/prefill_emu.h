@@ -307,7 +307,9 @@ inline unsigned char* DynamicSmem() { return cfemu::g_cta->smem.data(); }
 inline uint32_t SmemU32(const void* p) {
   const auto* c = static_cast<const unsigned char*>(p);
   const unsigned char* base = cfemu::g_cta->smem.data();
-  if (c < base || c > base + cfemu::g_cta->smem.size()) cfemu::Fail("SmemU32 of a non-shared pointer");
+  if (c < base || c > base + cfemu::g_cta->smem.size()) {
+    cfemu::Fail("SmemU32 of a non-shared pointer");
+  }
   return static_cast<uint32_t>(c - base);
 }
 
@@ -403,7 +405,8 @@ inline void CpAsyncWait() {
 
 inline bool InSmem(const void* p) {
   const auto* c = static_cast<const unsigned char*>(p);
-  return c >= cfemu::g_cta->smem.data() && c < cfemu::g_cta->smem.data() + cfemu::g_cta->smem.size();
+  const unsigned char* base = cfemu::g_cta->smem.data();
+  return c >= base && c < base + cfemu::g_cta->smem.size();
 }
 inline uint4 Load16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) cfemu::Fail("Load16: not 16-byte aligned");

@@ -7,8 +7,9 @@ either:
 - ``paged_attention``: decode steps (every sequence has one new token) go to
   ``cacheflow_kernels.paged_attention`` (:func:`decode`); every other step (prompts, chunked or
   prefix-cached prefills, mixed batches) goes to :func:`prefill`.
-- :func:`prefill` is the seam for the paged prefill kernel: for now it runs the reference
-  backend.
+- :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
+  block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
+  reference backend.
 
 Shapes the decode kernel does not cover (head sizes other than 64, 80, 96, 112, 128, 256;
 block sizes other than 8, 16, 32) fall back to the reference backend.
@@ -85,13 +86,38 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
     return out
 
 
+def supports_prefill(query: torch.Tensor, key_cache: torch.Tensor,
+                     alibi_slopes: Optional[torch.Tensor] = None,
+                     sliding_window: Optional[int] = None) -> bool:
+    """Whether :func:`prefill` runs on ``cacheflow_kernels.paged_prefill_attention``: CUDA
+    tensors of one dtype, head size at most ``PAGED_PREFILL_MAX_HEAD_SIZE``, no ALiBi (a sliding
+    window is fine)."""
+    return (alibi_slopes is None and query.is_cuda
+            and query.dtype in _DTYPES and key_cache.dtype == query.dtype
+            and query.shape[-1] <= cacheflow_kernels.PAGED_PREFILL_MAX_HEAD_SIZE)
+
+
 def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
             sliding_window: Optional[int] = None) -> torch.Tensor:
     """Any step that is not a pure decode (some sequence has more than one new token).
 
-    The seam for the paged prefill kernel; until it lands this is the reference backend.
+    query: [num_tokens, num_heads, head_size]; returns the same shape. Runs
+    ``cacheflow_kernels.paged_prefill_attention`` (prompts, prefix-cached prompts, prefill
+    chunks and decode rows of a mixed batch in one launch; ``metadata.max_query_len``, a host
+    int, sizes its grid) where :func:`supports_prefill`, else the reference backend. Rows past
+    ``metadata.num_tokens`` (padding) come back as zeros.
     """
+    if supports_prefill(query, key_cache, alibi_slopes, sliding_window):
+        query = query.contiguous()
+        out = torch.empty_like(query)
+        if query.shape[0] > metadata.num_tokens:
+            out[metadata.num_tokens:].zero_()
+        cacheflow_kernels.paged_prefill_attention(
+            out, query, key_cache, value_cache, metadata.block_tables.contiguous(),
+            metadata.query_start_loc.contiguous(), metadata.context_lens.contiguous(), scale,
+            max_query_len=metadata.max_query_len, sliding_window=sliding_window)
+        return out
     kwargs: dict[str, Any] = {}
     if sliding_window is not None:
         kwargs["sliding_window"] = sliding_window

@@ -13,7 +13,7 @@ from cacheflow_runtime.attention.metadata import InputMetadata
 
 #: "auto": the cuda backend for CUDA tensors when cacheflow_kernels has CUDA (and the head size
 #: is one its kernels support), else the reference backend; "reference": plain torch, any
-#: device; "cuda": cacheflow_kernels (decode kernel; prefill still through the reference).
+#: device; "cuda": cacheflow_kernels (decode and prefill kernels).
 BACKENDS = ("auto", "reference", "cuda")
 
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device run: GPU tests of every package and the kernel benchmarks, logs under $OUT.
+#
+# Prepare here (CPU machine), then run on the device with carry [".whl"]:
+#   tools/build_wheels.sh                      # kernel wheel (sm_90) + pure-Python wheels in .whl/
+#   bash tools/gpu_check.sh [tests|bench|all]  # on the device
+set -uo pipefail
+what="${1:-all}"
+out="${OUT:-/tmp/gpu_check}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/card.txt"
+
+if [[ "$what" == tests || "$what" == all ]]; then
+  timeout 330 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE --maxfail=30 \
+    packages/cacheflow-kernels/tests packages/cacheflow-models/tests/test_gpu_engine.py \
+    -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | tail -25
+fi
+if [[ "$what" == bench || "$what" == all ]]; then
+  cd packages/cacheflow-kernels/benchmarks || exit 1
+  timeout 120 python3 bench_paged_attention.py --out "$out/bench_paged_attention.json" 2>&1 \
+    | tee "$out/bench_paged_attention.log" | tail -20
+  timeout 120 python3 bench_paged_prefill.py --out "$out/bench_paged_prefill.json" 2>&1 \
+    | tee "$out/bench_paged_prefill.log" | tail -20
+  timeout 90 python3 bench_elementwise.py --out "$out/bench_elementwise.json" 2>&1 \
+    | tee "$out/bench_elementwise.log" | tail -20
+fi
