@@ -31,10 +31,11 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 import cacheflow_kernels
+
+# torch is imported in main(): nothing under packages/cacheflow-kernels imports it at module level.
+torch: Any = None
+F: Any = None
 
 
 @dataclass
@@ -278,6 +279,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def main() -> int:
+    global torch, F
+    import torch
+    import torch.nn.functional as F
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--warmup", type=int, default=5)

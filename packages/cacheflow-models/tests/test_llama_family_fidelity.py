@@ -62,3 +62,20 @@ def test_qwen2_per_layer_sliding_window_matches_hf(tmp_path: Path,
     assert config.layer_types == ["full_attention", "sliding_attention"]
     path = save_tiny_checkpoint(tmp_path / "qwen2w", config)
     check_greedy_fidelity(path, prompt_batch, NEW_TOKENS)
+
+
+def test_mistral_mqa_with_own_head_dim_matches_hf(tmp_path: Path,
+                                                  prompt_batch: list[list[int]]) -> None:
+    # A third Mistral shape: one KV head, head_dim larger than hidden/heads, tied embeddings.
+    config = tiny_mistral_config(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                 tie_word_embeddings=True, sliding_window=None)
+    path = save_tiny_checkpoint(tmp_path / "mistral_mqa", config)
+    check_greedy_fidelity(path, prompt_batch, NEW_TOKENS)
+
+
+def test_qwen2_mha_untied_matches_hf(tmp_path: Path, prompt_batch: list[list[int]]) -> None:
+    # A third Qwen2 shape: as many KV heads as query heads, untied head, three layers.
+    config = tiny_qwen2_config(num_attention_heads=4, num_key_value_heads=4,
+                               num_hidden_layers=3, tie_word_embeddings=False)
+    path = save_tiny_checkpoint(tmp_path / "qwen2_mha", config)
+    check_greedy_fidelity(path, prompt_batch, NEW_TOKENS)
