@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from cacheflow_models.testing import LLAMA_VARIANTS, save_tiny_checkpoint, tiny_llama_config
+from cacheflow_models.testing import (
+    LLAMA_VARIANTS,
+    save_tiny_checkpoint,
+    tiny_llama_config,
+    tiny_mistral_config,
+    tiny_qwen2_config,
+)
 from cacheflow_runtime import SamplingParams
 
-from models_testutil import hf_greedy, run_engine
+from models_testutil import assert_tp_shards_roundtrip, hf_greedy, run_engine
 
 NEW_TOKENS = 32
 
@@ -35,3 +41,18 @@ def test_unequal_head_dim_and_bias(tmp_path: Path, prompt_batch: list[list[int]]
     outputs = run_engine(path, prompt_batch[:3], params)
     for prompt, out in zip(prompt_batch[:3], outputs):
         assert out.outputs[0].token_ids == hf_greedy(path, prompt, 16)[0]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_tensor_parallel_shards_concatenate_to_the_full_tensors(
+        variant: str, world_size: int, tmp_path: Path) -> None:
+    # gqa at world 4 and mqa at 2 and 4 replicate KV heads over ranks.
+    path = save_tiny_checkpoint(tmp_path / variant, tiny_llama_config(**LLAMA_VARIANTS[variant]))
+    assert assert_tp_shards_roundtrip(path, world_size) > 0
+
+
+@pytest.mark.parametrize("builder", [tiny_mistral_config, tiny_qwen2_config])
+def test_mistral_and_qwen2_shards_concatenate(builder: object, tmp_path: Path) -> None:
+    path = save_tiny_checkpoint(tmp_path / "tp", builder())  # type: ignore[operator]
+    assert assert_tp_shards_roundtrip(path, 2) > 0
