@@ -15,6 +15,7 @@
 //
 // Flat grid over all accesses of W elements (16 bytes when sizes and pointers allow, else the
 // widest of 8/4/2 bytes or single elements), a grid-stride loop when the grid would be too large.
+// gelu_new / gelu_fast give each thread kFlatUnroll accesses, all loads issued before first use.
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
@@ -39,6 +40,8 @@ enum class Act { kSilu, kGelu, kGeluTanh, kGeluNew, kGeluFast };
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // beyond: grid-stride loop
+constexpr int kFlatUnroll = 4;  // accesses per thread in flight (gelu_new / gelu_fast)
+constexpr int kFlatMinBlocks = 4;  // <= 64 registers: 1024 threads, 64 KB of loads in flight per SM
 
 template <Act A>
 __device__ __forceinline__ float Activate(float x) {
@@ -79,22 +82,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/*! \brief out = act(x) over n elements: W-element accesses, then the n % W tail singly. */
+/*!
+ * \brief out = act(x) over n elements: W-element accesses, then the n % W tail singly.
+ * Each block takes chunks of kThreads * kFlatUnroll accesses (grid-stride over chunks); a thread
+ * issues its kFlatUnroll loads (kThreads apart: coalesced) before the first use.
+ */
 template <typename T, int W, Act A>
-__global__ void __launch_bounds__(kThreads) ActKernel(T* out, const T* x, int64_t n) {
+__global__ void __launch_bounds__(kThreads, kFlatMinBlocks)
+    ActKernel(T* out, const T* x, int64_t n) {
   using V = Vec<T, W>;
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kFlatUnroll;
   const int64_t n_vecs = n / W;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t idx = first; idx < n_vecs; idx += step) {
-    const V v = reinterpret_cast<const V*>(x)[idx];
-    V o;
+  const V* xv = reinterpret_cast<const V*>(x);
+  V* ov = reinterpret_cast<V*>(out);
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x; base < n_vecs;
+       base += static_cast<int64_t>(gridDim.x) * kChunk) {
+    V v[kFlatUnroll];
+    // out may equal x: every element is loaded before it is stored, by the same thread.
 #pragma unroll
-    for (int j = 0; j < W; ++j) o.v[j] = FromFloat<T>(Activate<A>(ToFloat(v.v[j])));
-    reinterpret_cast<V*>(out)[idx] = o;
+    for (int u = 0; u < kFlatUnroll; ++u) {
+      const int64_t idx = base + static_cast<int64_t>(u) * kThreads;
+      if (idx < n_vecs) v[u] = xv[idx];
+    }
+#pragma unroll
+    for (int u = 0; u < kFlatUnroll; ++u) {
+      const int64_t idx = base + static_cast<int64_t>(u) * kThreads;
+      if (idx < n_vecs) {
+        V o;
+#pragma unroll
+        for (int j = 0; j < W; ++j) o.v[j] = FromFloat<T>(Activate<A>(ToFloat(v[u].v[j])));
+        ov[idx] = o;
+      }
+    }
   }
   if constexpr (W > 1) {
-    for (int64_t idx = n_vecs * W + first; idx < n; idx += step) {
+    const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t idx = n_vecs * W + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+         idx < n; idx += step) {
       out[idx] = FromFloat<T>(Activate<A>(ToFloat(x[idx])));
     }
   }
@@ -149,7 +173,8 @@ void LaunchFlat(char* out, const char* x, DLDataType dtype, int64_t n, cudaStrea
     const T* xi = reinterpret_cast<const T*>(x);
     // The tail is handled singly, so only the pointers limit the width.
     const int w = AccessWidth<T>(kVec16<T>, {out, x});
-    const unsigned grid = GridFor((n + w - 1) / w);
+    // One block per chunk of kThreads * kFlatUnroll accesses (the n % w tail: grid-stride).
+    const unsigned grid = GridFor((n / w + kFlatUnroll - 1) / kFlatUnroll);
     switch (w) {
       case 8:
         if constexpr (kVec16<T> >= 8) ActKernel<T, 8, A><<<grid, kThreads, 0, stream>>>(o, xi, n);

@@ -102,6 +102,12 @@ PA_DEVICE uint32_t LoadStream4(const void* ptr) {
   return v;
 }
 
+// Fetch the line holding `ptr` into L2 (no register result; callers pass only addresses inside
+// the caches). Deepens the K/V pipeline beyond the one tile held in registers.
+PA_DEVICE void PrefetchL2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
 template <typename T>
 struct Dtype;
 
@@ -474,6 +480,36 @@ PA_DEVICE void LoadVTile(const T* vc, const Params& p, const PartitionRange& r, 
   }
 }
 
+// Tiles (per warp) whose K and V rows are prefetched into L2 ahead of the one tile held in
+// registers: the register pipeline alone keeps ~1 tile (4 KB at d128 fp16) per warp in flight,
+// which leaves a CTA latency-bound (~16 GB/s); the prefetches add kL2PrefetchTiles tiles of
+// DRAM traffic in flight per warp at no register cost, and the register loads then hit L2.
+constexpr int kL2PrefetchTiles = 2;
+
+/*!
+ * \brief L2 prefetch of the K and V rows of one tile: lane (g, t) prefetches the 32-byte sectors
+ * t, t + 4, ... of the K and V rows of token tok0 + g (valid tokens only).
+ */
+template <typename T, int D>
+PA_DEVICE void PrefetchTileL2(const T* kc, const T* vc, const Params& p, const PartitionRange& r,
+                              int tok0, int blk, int gid, int tig) {
+  constexpr int kSectors = static_cast<int>((D * sizeof(T) + 31) / 32);
+  const int tok = tok0 + gid;
+  if (tok < r.begin || tok >= r.end) return;
+  const int64_t off = static_cast<int64_t>(blk) * p.block_stride +
+                      static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
+  const unsigned char* krow = reinterpret_cast<const unsigned char*>(kc + off);
+  const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vc + off);
+#pragma unroll
+  for (int i = 0; i < (kSectors + 3) / 4; ++i) {
+    const int sector = tig + 4 * i;
+    if (sector < kSectors) {
+      PrefetchL2(krow + 32 * sector);
+      PrefetchL2(vrow + 32 * sector);
+    }
+  }
+}
+
 // Resident CTAs per SM the register allocation must allow (checked with -Xptxas -v: no spills):
 // 4 (<= 128 registers/thread) up to head_size 96, 3 (<= 168) up to 128, else 2.
 template <int D>
@@ -534,6 +570,15 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     const int tok0 = r.tile_base + kTile * tile;
     LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
     LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
+    // Fill the L2 pipeline: this warp's tiles 1 .. kL2PrefetchTiles.
+#pragma unroll
+    for (int q = 1; q <= kL2PrefetchTiles; ++q) {
+      const int pf_blk = ShflIdx(blk_cache, q);
+      const int pf_tile = warp + kWarps * q;
+      if (pf_tile < r.num_tiles) {
+        PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
+      }
+    }
   }
 
   // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
@@ -645,6 +690,14 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 
     // ---- Prefetch the next tile's V.
     if (next < r.num_tiles) {
+      // Keep the L2 pipeline kL2PrefetchTiles tiles ahead of the registers (skipped where the
+      // tile's block number is in the next chunk of blk_cache: 2 tiles in 32).
+      const int q = it + kL2PrefetchTiles;
+      const int pf_blk = ShflIdx(blk_cache, q & 31);
+      const int pf_tile = warp + kWarps * q;
+      if ((q >> 5) == (it >> 5) && pf_tile < r.num_tiles) {
+        PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
+      }
       LoadVTile<T, D>(vc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, vr, vt);
     }
     tile = next;
@@ -938,16 +991,31 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
   total = BlockReduce(total, red, false);  // its barriers also publish `weights`
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const float* o = p.ws_o + base * head_size;
+  // kCombineUnroll independent loads in flight per thread: the partials come from L2, and a
+  // loop with one or two loads per iteration waits one L2 latency per 1-2 partitions (128
+  // partitions: ~64 round trips, ~10+ us for a call whose K/V take ~16 us).
+  constexpr int kCombineUnroll = 8;
   for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
-    float a0 = 0.f;
-    float a1 = 0.f;
+    float a[kCombineUnroll];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) a[u] = 0.f;
     int i = 0;
-    for (; i + 1 < n; i += 2) {
-      a0 = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a0);
-      a1 = fmaf(weights[i + 1], o[static_cast<int64_t>(i + 1) * head_size + d], a1);
+    for (; i + kCombineUnroll <= n; i += kCombineUnroll) {
+      float v[kCombineUnroll];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        v[u] = o[static_cast<int64_t>(i + u) * head_size + d];
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) a[u] = fmaf(weights[i + u], v[u], a[u]);
     }
-    if (i < n) a0 = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a0);
-    StoreGlobal(out + d, Dtype<T>::FromFloat((a0 + a1) * inv));
+    for (; i < n; ++i) a[0] = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a[0]);
+#pragma unroll
+    for (int w = kCombineUnroll / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int u = 0; u < w; ++u) a[u] += a[u + w];
+    }
+    StoreGlobal(out + d, Dtype<T>::FromFloat(a[0] * inv));
   }
 }
 

@@ -370,18 +370,41 @@ def test_empty_batch_is_checked_then_does_nothing(monkeypatch: pytest.MonkeyPatc
     assert rec.calls == []
 
 
+def test_validated_signature_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain torch tensors: a signature that passed the checks skips them on the next call, but
+    the scalars are still checked, and a tensor that differs (here: strided) is checked again."""
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    monkeypatch.setattr(_attention_ops, "_validated", {})
+    # CPU tensors stand in for CUDA ones: only the device check is disabled.
+    monkeypatch.setattr(_attention_ops.C, "check_cuda", lambda *a: None)
+    args = make_args()
+    _call(args)
+    _call(args, scale=0.5)
+    assert len(_attention_ops._validated) == 1
+    assert [c[6] for c in rec.calls] == [0.125, 0.5]
+    _expect(args, "scale", "a finite real number", scale=float("nan"))
+    _expect(args, "max_context_len", "None or an int >= 0", max_context_len=True)
+    _expect(args, "partition_size", "multiple of 64", partition_size=100)
+    strided_out = torch.empty_like(args["out"]).transpose(0, 1).contiguous().transpose(0, 1)
+    assert strided_out.shape == args["out"].shape and not strided_out.is_contiguous()
+    _expect(dict(args, out=strided_out), "out", "contiguous")
+    assert len(rec.calls) == 2
+
+
 # ---- the split-K plan -----------------------------------------------------------------------
 
 
 def test_plan_no_split_when_the_grid_is_full() -> None:
-    # batch 64, 32 KV heads: 2048 CTAs >= 8 * 132
+    # batch 64, 32 KV heads: 2048 CTAs; GQA-8 with 4 KV heads: 256 CTAs; both >= 132 SMs
     assert plan_partitions(64, 32, 32, 2048, 132) == (0, 1)
+    assert plan_partitions(64, 32, 4, 2048, 132) == (0, 1)
 
 
 @pytest.mark.parametrize(
     ("num_seqs", "num_heads", "num_kv_heads", "max_ctx"),
-    [(1, 32, 32, 32768), (1, 32, 4, 32768), (64, 32, 4, 2048), (4, 8, 1, 5000),
-     (2, 64, 8, 700), (1, 1, 1, 1 << 30)],
+    [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 2048), (4, 8, 1, 5000),
+     (2, 64, 8, 1400), (1, 1, 1, 1 << 30)],
 )
 def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int) -> None:
     size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx, 132)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 from . import _checks as C
@@ -15,8 +16,9 @@ PAGED_ATTENTION_HEAD_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 256)
 PAGED_ATTENTION_BLOCK_SIZES: tuple[int, ...] = (8, 16, 32)
 #: Split-K partition sizes are multiples of this many tokens.
 PARTITION_ALIGN = 64
-#: The automatic split never makes partitions shorter than this.
-MIN_AUTO_PARTITION = 256
+#: The automatic split never makes partitions shorter than this (on an H200, 512-token partitions
+#: beat 256 at batch 1 / 32k context with GQA-8: 33 against 42 us).
+MIN_AUTO_PARTITION = 512
 #: Upper bound of the number of partitions (the merge kernel keeps one weight per partition in
 #: shared memory).
 MAX_PARTITIONS = 8192
@@ -37,6 +39,26 @@ def _one_of(values: tuple[int, ...]) -> str:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_scalars(
+    op: str, scale: Any, max_context_len: Any, partition_size: Any, sliding_window: Any,
+) -> None:
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) \
+            or not math.isfinite(float(scale)):
+        raise C.arg_error(op, "scale", "a finite real number", repr(scale))
+    if max_context_len is not None and (not _is_int(max_context_len) or max_context_len < 0):
+        raise C.arg_error(op, "max_context_len", "None or an int >= 0", repr(max_context_len))
+    if partition_size is not None and (
+        not _is_int(partition_size) or partition_size < 0 or partition_size % PARTITION_ALIGN
+    ):
+        raise C.arg_error(
+            op, "partition_size",
+            f"None (automatic), 0 (no split) or a positive multiple of {PARTITION_ALIGN}",
+            repr(partition_size),
+        )
+    if sliding_window is not None and (not _is_int(sliding_window) or sliding_window < 1):
+        raise C.arg_error(op, "sliding_window", "None or an int >= 1", repr(sliding_window))
 
 
 def _validate_paged_attention(
@@ -86,21 +108,7 @@ def _validate_paged_attention(
         C.check_shape(op, "workspace", workspace, ("num_elements",), (None,))
         C.check_dtype(op, "workspace", workspace, ("float32",))
     # Scalars.
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) \
-            or not math.isfinite(float(scale)):
-        raise C.arg_error(op, "scale", "a finite real number", repr(scale))
-    if max_context_len is not None and (not _is_int(max_context_len) or max_context_len < 0):
-        raise C.arg_error(op, "max_context_len", "None or an int >= 0", repr(max_context_len))
-    if partition_size is not None and (
-        not _is_int(partition_size) or partition_size < 0 or partition_size % PARTITION_ALIGN
-    ):
-        raise C.arg_error(
-            op, "partition_size",
-            f"None (automatic), 0 (no split) or a positive multiple of {PARTITION_ALIGN}",
-            repr(partition_size),
-        )
-    if sliding_window is not None and (not _is_int(sliding_window) or sliding_window < 1):
-        raise C.arg_error(op, "sliding_window", "None or an int >= 1", repr(sliding_window))
+    _check_scalars(op, scale, max_context_len, partition_size, sliding_window)
     # Memory layout.
     tensors = {
         "out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
@@ -117,6 +125,38 @@ def _validate_paged_attention(
             C.check_same_device(op, name, x, "query", query)
 
 
+# Host overhead. The benchmark-sized calls take ~20-130 us on the GPU, and the generic checks
+# above (DLPack device queries, shape tuples, ...) cost tens of microseconds of Python per call,
+# which back-to-back calls see as time. For plain torch tensors the tensor checks depend only on
+# (shape, dtype, device, contiguity) of each argument, so a signature that passed them once is
+# remembered with the sizes derived from it; a hit re-checks only the scalars (in the order the
+# full check would: every tensor check it skips passed for the same signature). Other array
+# types, tensor subclasses and failing calls always take the full path.
+_MAX_SIGNATURES = 256
+_validated: dict[Any, tuple[int, ...]] = {}
+
+
+def _torch_tensor_type() -> Any:
+    torch = sys.modules.get("torch")  # never imported here: a torch tensor implies torch loaded
+    return getattr(torch, "Tensor", None) if torch is not None else None
+
+
+def _signature(tensors: tuple[Any, ...]) -> Any:
+    """Hashable (shape, dtype, device, contiguity) of plain torch tensors; None otherwise."""
+    tensor_type = _torch_tensor_type()
+    if tensor_type is None:
+        return None
+    key = []
+    for x in tensors:
+        if x is None:
+            key.append(None)
+        elif type(x) is tensor_type:
+            key.append((x.shape, x.dtype, x.device, x.is_contiguous()))
+        else:
+            return None
+    return tuple(key)
+
+
 def plan_partitions(
     num_seqs: int, num_heads: int, num_kv_heads: int, max_context_len: int, num_sms: int,
     partition_size: int | None = None,
@@ -128,9 +168,11 @@ def plan_partitions(
     ``num_partitions = ceil(max_context_len / partition_size)`` partitions computed by separate
     CTAs, merged by a second kernel through the workspace.
 
-    Automatic choice (``partition_size=None``): no split when there are already
-    ``>= 8 * num_sms`` CTAs; else as many partitions as it takes to reach that many CTAs, but
-    none shorter than 256 tokens; sizes are rounded up to a multiple of 64. A given
+    Automatic choice (``partition_size=None``): no split when there are already at least
+    ``num_sms`` CTAs (measured on an H200: batch 64 / 2k context / GQA-8, 256 CTAs, ran in 87 us
+    unsplit against 105 us in 5 partitions); else as many partitions as it takes to reach
+    ``8 * num_sms`` CTAs, none shorter than MIN_AUTO_PARTITION tokens; sizes are rounded up to a
+    multiple of 64. A given
     ``partition_size`` (a multiple of 64; 0 = no split) is used as is.
     """
     if partition_size is not None:
@@ -141,7 +183,7 @@ def plan_partitions(
     group = num_heads // max(num_kv_heads, 1)
     ctas = num_seqs * num_kv_heads * -(-group // _HEADS_PER_CTA)
     target = _TARGET_CTAS_PER_SM * max(num_sms, 1)
-    if ctas <= 0 or ctas >= target:
+    if ctas <= 0 or ctas >= num_sms:
         return 0, 1
     parts = min(-(-target // ctas), max_context_len // MIN_AUTO_PARTITION, MAX_PARTITIONS)
     if parts <= 1:
@@ -255,17 +297,35 @@ def paged_attention(
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or a launch failed.
     """
-    _validate_paged_attention(
-        out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
-        max_context_len, workspace, partition_size, sliding_window,
-    )
-    num_seqs, num_heads, head_size = C.shape_of(query)
-    _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
-    max_tokens = C.shape_of(block_tables)[1] * block_size
+    tensors = (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes,
+               workspace)
+    sig = _signature(tensors)
+    info = _validated.get(sig) if sig is not None else None
+    if info is None:
+        _validate_paged_attention(
+            out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
+            max_context_len, workspace, partition_size, sliding_window,
+        )
+        num_seqs, num_heads, head_size = C.shape_of(query)
+        _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+        max_blocks = C.shape_of(block_tables)[1]
+        ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
+        device_index = C.device_of(query)[1] or 0
+        info = (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
+                device_index)
+        if sig is not None:
+            if len(_validated) >= _MAX_SIGNATURES:
+                _validated.clear()
+            _validated[sig] = info
+    else:
+        _check_scalars("paged_attention", scale, max_context_len, partition_size,
+                       sliding_window)
+    (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
+     device_index) = info
+    max_tokens = max_blocks * block_size
     max_ctx = max_tokens if max_context_len is None else min(int(max_context_len), max_tokens)
     if num_seqs == 0 or num_heads == 0:
         return
-    device_index = C.device_of(query)[1] or 0
     size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
                                   _sm_count(device_index), partition_size)
     if parts > MAX_PARTITIONS:
@@ -279,13 +339,14 @@ def paged_attention(
         if workspace is None:
             import torch  # deferred: only this path allocates
 
-            workspace = torch.empty(need, dtype=torch.float32, device=f"cuda:{device_index}")
-        elif C.shape_of(workspace)[0] < need:
+            device = query.device if type(query) is torch.Tensor else f"cuda:{device_index}"
+            workspace = torch.empty(need, dtype=torch.float32, device=device)
+        elif ws_len < need:
             raise C.arg_error(
                 "paged_attention", "workspace",
                 f"at least {need} float32 elements (num_seqs * num_heads * num_partitions * "
                 f"(head_size + 2) = {num_seqs} * {num_heads} * {parts} * {head_size + 2})",
-                f"{C.shape_of(workspace)[0]} elements",
+                f"{ws_len} elements",
             )
     else:
         workspace = None

@@ -349,6 +349,8 @@ inline uint32_t LoadStream4(const void* ptr) {
   return v;
 }
 inline float FastExp2(float x) { return std::exp2(x); }
+// prefetch.global.L2: no effect on the results; the address must still lie in a buffer.
+inline void PrefetchL2(const void* ptr) { pa_emu::CheckGlobal(ptr, 1, "L2 prefetch"); }
 
 template <typename T>
 struct Dtype;
