@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from cacheflow_models.loading import StrictLoader
+from cacheflow_models.loading import StrictLoader, rename_gguf
 from cacheflow_runtime.attention import InputMetadata
 from cacheflow_runtime.layers.activation import get_act_fn
 from cacheflow_runtime.layers.attention import GPTCacheFlowAttention, KVCache
@@ -110,7 +110,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """The runtime's model protocol for GPT-2 checkpoints (HF ``GPT2LMHeadModel``)."""
+    """The runtime's model protocol for GPT-2 checkpoints (HF ``GPT2LMHeadModel``, or GGUF)."""
 
     # Conv1D weights, stored [in, out] in the checkpoint.
     conv1d_weights = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -140,15 +140,19 @@ class GPT2LMHeadModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
                      weights_format: str = "safetensors") -> None:
-        """Loads (name, tensor) pairs with HF names, with or without the ``transformer.`` prefix.
+        """Loads (name, tensor) pairs with HF names, with or without the ``transformer.`` prefix
+        (llama.cpp names when ``weights_format`` is gguf).
 
         Raises WeightLoadError naming every missing, unexpected or misshapen tensor.
         """
+        source = weights
         if weights_format == "gguf":
-            raise ValueError("GGUF checkpoints are not supported for GPT-2")
+            # llama.cpp stores the Conv1D weights already transposed to [out, in] (transformers'
+            # GPT2TensorProcessor transposes them back to Conv1D): map them to Conv1D layout.
+            weights = rename_gguf(weights, _gguf_to_hf, _gguf_to_conv1d)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
         loader = StrictLoader(self, ignore=self.ignored_weights, optional=optional,
-                              source=weights)
+                              source=source)
         for name, tensor in weights:
             if name == "lm_head.weight":
                 if self.tie_word_embeddings:
@@ -159,3 +163,27 @@ class GPT2LMHeadModel(nn.Module):
                 tensor = tensor.t()
             loader.load_one(name, tensor)
         loader.finish()
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                   "output_norm": "transformer.ln_f", "output": "lm_head"}
+
+
+def _gguf_to_hf(name: str) -> Optional[str]:
+    """HF name of a llama.cpp GPT-2 tensor name (unknown names pass through, to be reported)."""
+    stem, _, kind = name.rpartition(".")
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"transformer.h.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    return name
+
+
+def _gguf_to_conv1d(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """GGUF [out, in] projection weights to HF Conv1D's [in, out] (as transformers does)."""
+    return tensor.t() if name.endswith(GPT2LMHeadModel.conv1d_weights) else tensor
