@@ -15,16 +15,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/card.txt"
 
 if [[ "$what" == tests || "$what" == all ]]; then
-  timeout 330 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE --maxfail=30 \
+  timeout 270 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE --maxfail=30 \
     packages/cacheflow-kernels/tests packages/cacheflow-models/tests/test_gpu_engine.py \
+    packages/cacheflow-runtime/tests/test_attention_backends.py \
     -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | tail -25
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
   cd packages/cacheflow-kernels/benchmarks || exit 1
-  timeout 120 python3 bench_paged_attention.py --out "$out/bench_paged_attention.json" 2>&1 \
+  timeout 100 python3 bench_paged_attention.py --out "$out/bench_paged_attention.json" 2>&1 \
     | tee "$out/bench_paged_attention.log" | tail -20
-  timeout 120 python3 bench_paged_prefill.py --out "$out/bench_paged_prefill.json" 2>&1 \
+  timeout 90 python3 bench_paged_prefill.py --out "$out/bench_paged_prefill.json" 2>&1 \
     | tee "$out/bench_paged_prefill.log" | tail -20
-  timeout 90 python3 bench_elementwise.py --out "$out/bench_elementwise.json" 2>&1 \
+  timeout 80 python3 bench_elementwise.py --out "$out/bench_elementwise.json" 2>&1 \
     | tee "$out/bench_elementwise.log" | tail -20
 fi
