@@ -4,14 +4,15 @@ and against their plain-torch equivalents, measured in one process on one card.
     python packages/cacheflow-kernels/benchmarks/bench_elementwise.py --out bench.json
 
 For each op at --tokens tokens (default 8192; hidden 4096 for norms and activations, 32 query
-heads and 8 KV heads of 128 for rotary) it reports the median time per call (CUDA events around
-batches of calls, after warm-up, inputs rotated over enough buffer sets that L2 cannot hold them)
-and the achieved bandwidth: bytes that must be read plus bytes that must be written, each once,
-divided by the time. Next to it: the device-to-device copy bandwidth measured in the same run
-(torch clone of a 1 GiB tensor: 1 GiB read + 1 GiB written), the op's share of it, and the time
-of the torch equivalent (the runtime's torch code for the op). Each op is first checked against
-its torch equivalent (max abs difference reported). One op's failure is reported and the run goes
-on. Prints a table and writes JSON to --out.
+heads and 8 KV heads of 128 for rotary) it reports the median GPU time per call (a CUDA graph of
+calls replayed between CUDA events, see bench_timing.py; inputs rotated over enough buffer sets
+that L2 cannot hold them) and the achieved bandwidth: bytes that must be read plus bytes that
+must be written, each once, divided by that time. The eager time per call (back-to-back calls
+from Python, host included) is reported next to it. Also: the device-to-device copy bandwidth
+measured in the same run (torch clone of a 1 GiB tensor: 1 GiB read + 1 GiB written), the op's
+share of it, and the eager time of the torch equivalent (the runtime's torch code for the op).
+Each op is first checked against its torch equivalent (max abs difference reported). One op's
+failure is reported and the run goes on. Prints a table and writes JSON to --out.
 
 Without torch or a CUDA device the script prints why and exits with status 1 (nothing measured).
 """
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench_timing import time_graph_us
+
 TARGET_SHARE_OF_COPY = 0.80
 GIB = 1 << 30
 
@@ -37,7 +40,8 @@ class Result:
     op: str
     shape: str
     bytes_moved: int = 0
-    time_us: float | None = None
+    time_us: float | None = None  # GPU time (CUDA-graph replay)
+    eager_us: float | None = None  # back-to-back Python calls, host included
     gbps: float | None = None
     pct_of_copy: float | None = None
     torch_time_us: float | None = None
@@ -109,6 +113,11 @@ class Bench:
         per_call = [s.elapsed_time(e) * 1000.0 / size for s, e in zip(starts, ends)]
         return statistics.median(per_call)
 
+    def graph_us(self, calls: list[Callable[[], Any]]) -> float:
+        """Median GPU time per call (us), from CUDA-graph replays of the rotating calls."""
+        return time_graph_us(self.torch, calls, calls_per_graph=self.args.batch_size * 2,
+                             replays=self.args.batches)
+
     def measure_copy(self) -> dict[str, Any]:
         torch = self.torch
         held = [torch.empty(GIB, dtype=torch.uint8, device=self.device)]
@@ -127,15 +136,17 @@ class Bench:
 
     def run(self, result: Result, make: Callable[[int], tuple[list[Callable[[], Any]],
                                                            list[Callable[[], Any]] | None]],
-            check: Callable[[], float] | None, bytes_per_set: int) -> Result:
-        """`make(n)` -> (kernel calls, torch calls) over n buffer sets."""
+            check: Callable[[], float] | None, bytes_per_set: int, graph: bool = True) -> Result:
+        """`make(n)` -> (kernel calls, torch calls) over n buffer sets. ``graph``: the op's time
+        is its CUDA-graph time (else eager: host-link copies)."""
         torch = self.torch
         try:
             if check is not None:
                 result.max_abs_diff = float(check())
             ours, theirs = make(self.buffer_sets(bytes_per_set))
             result.buffer_sets = len(ours)
-            t = self.time_us(ours)
+            result.eager_us = self.time_us(ours)
+            t = self.graph_us(ours) if graph else result.eager_us
             result.time_us = t
             result.gbps = result.bytes_moved / (t * 1e-6) / 1e9
             if self.copy_gbps:
@@ -143,7 +154,8 @@ class Bench:
             if theirs is not None and not self.args.skip_torch:
                 try:
                     result.torch_time_us = self.time_us(theirs)
-                    result.speedup_vs_torch = result.torch_time_us / t
+                    # eager against eager: both include their host paths
+                    result.speedup_vs_torch = result.torch_time_us / result.eager_us
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     result.torch_error = _short_error(exc)
         except Exception as exc:  # noqa: BLE001 - report and go on
@@ -391,7 +403,7 @@ def bench_swap_blocks(b: Bench, ck: Any, to_cpu: bool) -> Result:
         return [lambda: ck.swap_blocks(src, dst, mapping)], [torch_op]
 
     res.note = "host link: % of device copy bandwidth does not apply"
-    out = b.run(res, make, check, moved)
+    out = b.run(res, make, check, moved, graph=False)
     out.pct_of_copy = None
     return out
 
@@ -420,7 +432,8 @@ def _fmt(v: float | None, width: int, spec: str, suffix: str = "") -> str:
 def print_table(results: list[Result], copy: dict[str, Any], device: str) -> None:
     print(f"\n{device}: device copy (torch clone of 1 GiB) {copy['gbps']:.0f} GB/s "
           f"({copy['time_us']:.0f} us for 2 GiB read+written)\n")
-    header = (f"{'op':<26} {'time us':>9} {'GB/s':>8} {'% copy':>7} {'torch us':>9} "
+    header = (f"{'op':<26} {'GPU us':>9} {'GB/s':>8} {'% copy':>7} {'eager us':>9} "
+              f"{'torch us':>9} "
               f"{'speedup':>8} {'max|diff|':>10}  shape")
     print(header)
     print("-" * len(header))
@@ -432,11 +445,14 @@ def print_table(results: list[Result], copy: dict[str, Any], device: str) -> Non
         flag = "  <80%" if r.pct_of_copy is not None and r.pct_of_copy < target else ""
         torch_note = f"  [torch failed: {r.torch_error}]" if r.torch_error else ""
         print(f"{r.op:<26} {_fmt(r.time_us, 9, '.1f')} {_fmt(r.gbps, 8, '.0f')} "
-              f"{_fmt(r.pct_of_copy, 7, '.1f', '%')} {_fmt(r.torch_time_us, 9, '.1f')} "
+              f"{_fmt(r.pct_of_copy, 7, '.1f', '%')} {_fmt(r.eager_us, 9, '.1f')} "
+              f"{_fmt(r.torch_time_us, 9, '.1f')} "
               f"{_fmt(r.speedup_vs_torch, 8, '.2f', 'x')} {_fmt(r.max_abs_diff, 10, '.3g')}  "
               f"{r.shape}{flag}{torch_note}")
     print(f"\ntarget: >= {target:.0f}% of the copy bandwidth at 8k tokens (ops marked <80% miss "
-          "it; swap_blocks crosses the host link and has no % of copy)")
+          "it; swap_blocks crosses the host link and has no % of copy). GPU us: CUDA-graph "
+          "replay (swap_blocks: eager); eager us: back-to-back Python calls, host included; "
+          "torch us: the torch equivalent, eager")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "hidden": args.hidden,
         "timing": {"warmup": args.warmup, "batches": args.batches,
-                   "batch_size": args.batch_size, "statistic": "median per-call time"},
+                   "batch_size": args.batch_size, "statistic": "median per-call time",
+                   "time_us": "CUDA-graph replay (swap_blocks: eager)"},
         "copy": copy,
         "target_share_of_copy": TARGET_SHARE_OF_COPY,
         "results": [asdict(r) for r in results],

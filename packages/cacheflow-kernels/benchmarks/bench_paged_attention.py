@@ -3,16 +3,19 @@
     python packages/cacheflow-kernels/benchmarks/bench_paged_attention.py --out decode.json
     python .../bench_paged_attention.py --out d.json --cases mha_b64_ctx2k,gqa8_b64_ctx2k
     python .../bench_paged_attention.py --out d.json --partitions 0,256,512,1024
+    python .../bench_paged_attention.py --out d.json --l2-prefetch 0,2,4,8
 
 Decode attention is memory-bound: the floor is reading K and V of every context token once.
-For each case: the median time per call (CUDA events around batches of calls after a warm-up;
-calls rotate over enough cache sets that L2 cannot hold them), the bytes that must move (K/V of
+For each case: the median GPU time per call (a CUDA graph of calls replayed between CUDA events,
+see bench_timing.py; calls rotate over enough cache sets that L2 cannot hold them) and the eager
+time (back-to-back Python calls, host included), the bytes that must move (K/V of
 every context token read once + the query read + the output written), the achieved GB/s, and
 its share of the device-to-device copy bandwidth measured in the same run (a 1 GiB clone: 1 GiB
 read + 1 GiB written). Next to it: torch SDPA on the equivalent dense problem (K/V gathered to
 contiguous [batch, kv_heads, ctx, head_size] beforehand; only SDPA is timed), as a ratio. Each
 case first checks the kernel against a float64 reference on a few sequences. ``--partitions``
-also times fixed split-K partition sizes (0 = no split) next to the automatic plan, to tune it.
+also times fixed split-K partition sizes (0 = no split) next to the automatic plan, to tune it;
+``--l2-prefetch`` times L2 prefetch distances (the kernel's CACHEFLOW_PA_L2_PREFETCH_TILES).
 A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -28,7 +32,10 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench_timing import time_graph_us
+
 GIB = 1 << 30
+PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
 TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
 
 
@@ -71,7 +78,8 @@ class Result:
     bytes_moved: int = 0
     partition_size: int = 0
     num_partitions: int = 1
-    time_us: float | None = None
+    time_us: float | None = None  # GPU time (CUDA-graph replay)
+    eager_us: float | None = None  # back-to-back Python calls, host included
     gbps: float | None = None
     pct_of_copy: float | None = None
     target_pct: float | None = None
@@ -81,6 +89,7 @@ class Result:
     max_rel_err: float | None = None
     cache_sets: int = 1
     partitions: dict[str, float] = field(default_factory=dict)  # partition size -> time (us)
+    l2_prefetch: dict[str, float] = field(default_factory=dict)  # prefetch tiles -> time (us)
     error: str | None = None
     sdpa_error: str | None = None
 
@@ -94,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=5, help="calls per timed batch")
     p.add_argument("--partitions", default="0,256,512,1024,2048",
                    help="fixed partition sizes also timed on the first four cases ('' = none)")
+    p.add_argument("--l2-prefetch", default="0,1,2,3,4,6,8,12",
+                   help="L2 prefetch distances (tiles) timed for the first four cases")
     p.add_argument("--skip-sdpa", action="store_true")
     return p.parse_args(argv)
 
@@ -132,6 +143,11 @@ class Bench:
             end.synchronize()
             times.append(start.elapsed_time(end) * 1000 / args.batch_size)
         return statistics.median(times)
+
+    def graph_us(self, fns: list[Any]) -> float:
+        """Median GPU microseconds per call, from CUDA-graph replays of the rotating calls."""
+        return time_graph_us(self.torch, fns, calls_per_graph=4 * self.args.batch_size,
+                             replays=self.args.batches)
 
     def _copy_us(self) -> float:
         src = self.torch.empty(GIB // 2, dtype=self.torch.float16, device="cuda").normal_()
@@ -192,7 +208,7 @@ class Bench:
             worst = max(worst, err if math.isfinite(err) else math.inf)
         return worst
 
-    def run_case(self, case: Case, sweep: list[int]) -> Result:
+    def run_case(self, case: Case, sweep: list[int], prefetch: list[int]) -> Result:
         torch = self.torch
         import cacheflow_kernels as ck
         from cacheflow_kernels._attention_ops import plan_partitions
@@ -232,18 +248,26 @@ class Bench:
                     s["context_lens"], scale, max_context_len=case.ctx, workspace=ws,
                     partition_size=partition)
 
-            res.time_us = self.time_calls([caller(s, None) for s in sets])
+            auto = [caller(s, None) for s in sets]
+            res.eager_us = self.time_calls(auto)
+            res.time_us = self.graph_us(auto)
             res.gbps = res.bytes_moved / (res.time_us * 1e-6) / 1e9
             if self.copy_gbps:
                 res.pct_of_copy = res.gbps / self.copy_gbps
             for partition in sweep:
                 try:
-                    us = self.time_calls([caller(s, partition) for s in sets])
+                    us = self.graph_us([caller(s, partition) for s in sets])
                     res.partitions[str(partition)] = round(us, 2)
                 except Exception as exc:  # noqa: BLE001
                     res.partitions[str(partition)] = float("nan")
                     print(f"  {case.name} partition {partition}: {_short_error(exc)}",
                           file=sys.stderr)
+            for tiles in prefetch:
+                os.environ[PREFETCH_ENV] = str(tiles)
+                try:
+                    res.l2_prefetch[str(tiles)] = round(self.graph_us(auto), 2)
+                finally:
+                    os.environ.pop(PREFETCH_ENV, None)
         except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the run
             res.error = _short_error(exc)
             traceback.print_exc()
@@ -275,7 +299,7 @@ class Bench:
             fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k, v, scale=scale, enable_gqa=case.num_heads != case.num_kv_heads)
                 for q, k, v in dense]
-            return self.time_calls(fns), note
+            return self.graph_us(fns), note
         except (TypeError, RuntimeError):
             # Older torch or no GQA kernel: expand K/V to all heads first (not timed).
             group = case.num_heads // case.num_kv_heads
@@ -283,13 +307,13 @@ class Bench:
                         for q, k, v in dense]
             fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=scale)
                    for q, k, v in expanded]
-            return self.time_calls(fns), "K/V expanded to all heads"
+            return self.graph_us(fns), "K/V expanded to all heads"
 
 
 def print_table(bench: Bench, results: list[Result]) -> None:
     print(f"\ndevice: {bench.device_name} ({bench.num_sms} SMs), copy bandwidth "
           f"{bench.copy_gbps:.0f} GB/s (read + write)")
-    head = (f"{'case':<22} {'shape':<44} {'split':>10} {'time us':>9} {'GB/s':>7} "
+    head = (f"{'case':<22} {'shape':<44} {'split':>10} {'GPU us':>9} {'eager':>7} {'GB/s':>7} "
             f"{'%copy':>6} {'target':>6} {'SDPA us':>9} {'x SDPA':>7} {'relerr':>8}")
     print(head)
     print("-" * len(head))
@@ -302,7 +326,8 @@ def print_table(bench: Bench, results: list[Result]) -> None:
         sdpa = f"{r.sdpa_time_us:9.1f}" if r.sdpa_time_us else f"{'-':>9}"
         ratio = f"{r.speedup_vs_sdpa:7.2f}" if r.speedup_vs_sdpa else f"{'-':>7}"
         pct = f"{r.pct_of_copy:6.1%}" if r.pct_of_copy is not None else f"{'-':>6}"
-        print(f"{r.case:<22} {r.shape:<44} {split:>10} {r.time_us:9.1f} {r.gbps:7.0f} "
+        print(f"{r.case:<22} {r.shape:<44} {split:>10} {r.time_us:9.1f} {r.eager_us:7.1f} "
+              f"{r.gbps:7.0f} "
               f"{pct} {target:>6} {sdpa} {ratio} {r.max_rel_err:8.1e}")
     sweeps = [r for r in results if r.partitions]
     if sweeps:
@@ -310,6 +335,12 @@ def print_table(bench: Bench, results: list[Result]) -> None:
         for r in sweeps:
             cells = "  ".join(f"{k}: {v}" for k, v in r.partitions.items())
             print(f"  {r.case:<22} auto {r.time_us:.1f}  {cells}")
+    prefetches = [r for r in results if r.l2_prefetch]
+    if prefetches:
+        print(f"\nL2 prefetch distance in tiles ({PREFETCH_ENV}; us per call, automatic split):")
+        for r in prefetches:
+            cells = "  ".join(f"{k}: {v}" for k, v in r.l2_prefetch.items())
+            print(f"  {r.case:<22} {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,18 +363,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cases = [c for c in CASES if not wanted or c.name in wanted]
     sweep = [int(x) for x in args.partitions.split(",") if x.strip()]
+    prefetch = [int(x) for x in args.l2_prefetch.split(",") if x.strip()]
     bench.measure_copy()
     results = []
     for i, case in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
-        results.append(bench.run_case(case, sweep if i < 4 or wanted else []))
+        first = i < 4 or bool(wanted)
+        results.append(bench.run_case(case, sweep if first else [], prefetch if first else []))
     print_table(bench, results)
     report = {
         "device": bench.device_name, "num_sms": bench.num_sms, "l2_bytes": bench.l2_bytes,
         "copy_gbps": bench.copy_gbps, "torch": torch.__version__,
         "cacheflow_kernels": ck.__version__, "python": platform.python_version(),
         "timing": {"warmup": args.warmup, "batches": args.batches,
-                   "batch_size": args.batch_size, "statistic": "median of batch means"},
+                   "batch_size": args.batch_size, "statistic": "median of batch means",
+                   "time_us": "CUDA-graph replay", "eager_us": "back-to-back Python calls"},
         "results": [asdict(r) for r in results],
     }
     with open(args.out, "w") as f:

@@ -7,8 +7,10 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/optional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common.h"
 #include "paged_attention_launch.cuh"
@@ -36,6 +38,17 @@ void CheckAligned(const char* name, const TensorView& t, int64_t bytes) {
       << CACHEFLOW_ARG_ERROR(kOp, name) << bytes
       << "-byte aligned (a fresh or .contiguous() tensor is), got an address offset by "
       << reinterpret_cast<std::uintptr_t>(DataPtr(t)) % bytes << " bytes";
+}
+
+/*!
+ * \brief The L2 prefetch distance: CACHEFLOW_PA_L2_PREFETCH_TILES (a tuning knob, read at every
+ * launch so a benchmark can sweep it in one process) or the default; out-of-range values clamp.
+ */
+int L2PrefetchTiles() {
+  const char* env = std::getenv("CACHEFLOW_PA_L2_PREFETCH_TILES");
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultL2PrefetchTiles;
+  const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
+  return static_cast<int>(std::clamp<long>(v, 0, paged_attention::kMaxL2PrefetchTiles));  // NOLINT
 }
 
 /*!
@@ -220,6 +233,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.context_lens = reinterpret_cast<const int32_t*>(DataPtr(context_lens));
   p.alibi_slopes =
       alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
+  p.l2_prefetch_tiles = L2PrefetchTiles();
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);

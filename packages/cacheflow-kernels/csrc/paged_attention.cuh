@@ -182,6 +182,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 /*! \brief Everything a launch needs (see MakeParams). */
+// Tiles (per warp) whose K and V rows are prefetched into L2 ahead of the one tile held in
+// registers (Params::l2_prefetch_tiles): the register pipeline alone keeps ~1 tile (4 KB at d128
+// fp16) per warp in flight, which leaves a CTA latency-bound (~16 GB/s); the prefetches add that
+// many tiles of DRAM traffic in flight per warp at no register cost, and the register loads then
+// hit L2. The tensor-core kernel reads it; tuning runs override the default through the
+// environment variable CACHEFLOW_PA_L2_PREFETCH_TILES (0 .. kMaxL2PrefetchTiles).
+constexpr int kDefaultL2PrefetchTiles = 2;
+constexpr int kMaxL2PrefetchTiles = 16;  // < 32: the prefetched tile's block number is in the
+                                         // current or the next chunk of 32 cached ones
+
 struct Params {
   void* out;
   const void* query;
@@ -208,6 +218,7 @@ struct Params {
   int partition_size;         // tokens per partition (multiple of 64, >= max_tokens if unsplit)
   int num_partitions;
   int sliding_window;         // 0: attend to the whole context
+  int l2_prefetch_tiles;      // tiles per warp prefetched into L2 ahead of the registers
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
@@ -251,6 +262,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.num_partitions = static_cast<int>(parts);
   // A window at least as long as any context is no window.
   p.sliding_window = static_cast<int>(sliding_window < max_tokens ? sliding_window : 0);
+  p.l2_prefetch_tiles = kDefaultL2PrefetchTiles;
   return p;
 }
 
@@ -480,12 +492,6 @@ PA_DEVICE void LoadVTile(const T* vc, const Params& p, const PartitionRange& r, 
   }
 }
 
-// Tiles (per warp) whose K and V rows are prefetched into L2 ahead of the one tile held in
-// registers: the register pipeline alone keeps ~1 tile (4 KB at d128 fp16) per warp in flight,
-// which leaves a CTA latency-bound (~16 GB/s); the prefetches add kL2PrefetchTiles tiles of
-// DRAM traffic in flight per warp at no register cost, and the register loads then hit L2.
-constexpr int kL2PrefetchTiles = 2;
-
 /*!
  * \brief L2 prefetch of the K and V rows of one tile: lane (g, t) prefetches the 32-byte sectors
  * t, t + 4, ... of the K and V rows of token tok0 + g (valid tokens only).
@@ -563,21 +569,25 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   // Q fill below.
   int tile = warp;
   int it = 0;  // this warp's tile counter: tile = warp + kWarps * it
+  // Block numbers of this warp's tiles, 32 per chunk, one per lane: the current chunk and the
+  // next one (loaded a chunk ahead, so neither the register loads nor the L2 prefetches that
+  // reach into the next chunk wait for the block table).
   int blk_cache = 0;
+  int blk_cache_next = 0;
   if (tile < r.num_tiles) {
     blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
+    blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, 1, lane);
     const int blk = ShflIdx(blk_cache, 0);
     const int tok0 = r.tile_base + kTile * tile;
     LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
     LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
-    // Fill the L2 pipeline: this warp's tiles 1 .. kL2PrefetchTiles.
-#pragma unroll
-    for (int q = 1; q <= kL2PrefetchTiles; ++q) {
-      const int pf_blk = ShflIdx(blk_cache, q);
+    // Fill the L2 pipeline: this warp's tiles 1 .. l2_prefetch_tiles.
+#pragma unroll 1
+    for (int q = 1; q <= p.l2_prefetch_tiles; ++q) {
       const int pf_tile = warp + kWarps * q;
-      if (pf_tile < r.num_tiles) {
-        PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
-      }
+      if (pf_tile >= r.num_tiles) break;
+      const int pf_blk = ShflIdx(q < 32 ? blk_cache : blk_cache_next, q & 31);
+      PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
     }
   }
 
@@ -638,7 +648,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     ++it;
     int blk_next = 0;
     if (next < r.num_tiles) {
-      if ((it & 31) == 0) blk_cache = LoadTileBlocks(p, bt_row, r, warp, it >> 5, lane);
+      if ((it & 31) == 0) {
+        blk_cache = blk_cache_next;
+        blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (it >> 5) + 1, lane);
+      }
       blk_next = ShflIdx(blk_cache, it & 31);
       LoadKTile<T, D>(kc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, kr, krh);
     }
@@ -690,12 +703,11 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 
     // ---- Prefetch the next tile's V.
     if (next < r.num_tiles) {
-      // Keep the L2 pipeline kL2PrefetchTiles tiles ahead of the registers (skipped where the
-      // tile's block number is in the next chunk of blk_cache: 2 tiles in 32).
-      const int q = it + kL2PrefetchTiles;
-      const int pf_blk = ShflIdx(blk_cache, q & 31);
+      // Keep the L2 pipeline l2_prefetch_tiles tiles ahead of the registers.
+      const int q = it + p.l2_prefetch_tiles;
       const int pf_tile = warp + kWarps * q;
-      if ((q >> 5) == (it >> 5) && pf_tile < r.num_tiles) {
+      if (p.l2_prefetch_tiles > 0 && pf_tile < r.num_tiles) {
+        const int pf_blk = ShflIdx((q >> 5) == (it >> 5) ? blk_cache : blk_cache_next, q & 31);
         PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
       }
       LoadVTile<T, D>(vc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, vr, vt);

@@ -375,13 +375,13 @@ def test_validated_signature_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     the scalars are still checked, and a tensor that differs (here: strided) is checked again."""
     rec = Recorder()
     monkeypatch.setattr(_attention_ops, "get_function", rec)
-    monkeypatch.setattr(_attention_ops, "_validated", {})
+    monkeypatch.setattr(_attention_ops, "_CHECKS", _attention_ops.C.CheckMemo())
     # CPU tensors stand in for CUDA ones: only the device check is disabled.
     monkeypatch.setattr(_attention_ops.C, "check_cuda", lambda *a: None)
     args = make_args()
     _call(args)
     _call(args, scale=0.5)
-    assert len(_attention_ops._validated) == 1
+    assert len(_attention_ops._CHECKS) == 1
     assert [c[6] for c in rec.calls] == [0.125, 0.5]
     _expect(args, "scale", "a finite real number", scale=float("nan"))
     _expect(args, "max_context_len", "None or an int >= 0", max_context_len=True)

@@ -8,6 +8,11 @@ from typing import Any
 from . import _checks as C
 from ._lib import get_function
 
+# One memo per op: the checks' messages name the op.
+_CHECKS: dict[str, C.CheckMemo] = {
+    op: C.CheckMemo() for op in ("silu_and_mul", "gelu_and_mul", "gelu_new", "gelu_fast")
+}
+
 
 def _shape_str(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
@@ -69,8 +74,9 @@ def silu_and_mul(out: Any, x: Any) -> None:
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate_and_mul("silu_and_mul", out, x)
-    get_function("silu_and_mul")(out, x)
+    op = "silu_and_mul"
+    _CHECKS[op].check((out, x), (), lambda: _validate_and_mul(op, out, x))
+    get_function(op)(out, x)
 
 
 def gelu_and_mul(out: Any, x: Any, approximate: str = "none") -> None:
@@ -99,7 +105,7 @@ def gelu_and_mul(out: Any, x: Any, approximate: str = "none") -> None:
     op = "gelu_and_mul"
     if approximate not in ("none", "tanh"):
         raise C.arg_error(op, "approximate", "'none' or 'tanh'", repr(approximate))
-    _validate_and_mul(op, out, x)
+    _CHECKS[op].check((out, x), (), lambda: _validate_and_mul(op, out, x))
     get_function(op)(out, x, str(approximate))
 
 
@@ -121,7 +127,7 @@ def gelu_new(out: Any, x: Any) -> None:
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate_flat("gelu_new", out, x)
+    _CHECKS["gelu_new"].check((out, x), (), lambda: _validate_flat("gelu_new", out, x))
     get_function("gelu_new")(out, x)
 
 
@@ -142,6 +148,6 @@ def gelu_fast(out: Any, x: Any) -> None:
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate_flat("gelu_fast", out, x)
+    _CHECKS["gelu_fast"].check((out, x), (), lambda: _validate_flat("gelu_fast", out, x))
     get_function("gelu_fast")(out, x)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from typing import Any
 
 from . import _checks as C
@@ -125,36 +124,10 @@ def _validate_paged_attention(
             C.check_same_device(op, name, x, "query", query)
 
 
-# Host overhead. The benchmark-sized calls take ~20-130 us on the GPU, and the generic checks
-# above (DLPack device queries, shape tuples, ...) cost tens of microseconds of Python per call,
-# which back-to-back calls see as time. For plain torch tensors the tensor checks depend only on
-# (shape, dtype, device, contiguity) of each argument, so a signature that passed them once is
-# remembered with the sizes derived from it; a hit re-checks only the scalars (in the order the
-# full check would: every tensor check it skips passed for the same signature). Other array
-# types, tensor subclasses and failing calls always take the full path.
-_MAX_SIGNATURES = 256
-_validated: dict[Any, tuple[int, ...]] = {}
-
-
-def _torch_tensor_type() -> Any:
-    torch = sys.modules.get("torch")  # never imported here: a torch tensor implies torch loaded
-    return getattr(torch, "Tensor", None) if torch is not None else None
-
-
-def _signature(tensors: tuple[Any, ...]) -> Any:
-    """Hashable (shape, dtype, device, contiguity) of plain torch tensors; None otherwise."""
-    tensor_type = _torch_tensor_type()
-    if tensor_type is None:
-        return None
-    key = []
-    for x in tensors:
-        if x is None:
-            key.append(None)
-        elif type(x) is tensor_type:
-            key.append((x.shape, x.dtype, x.device, x.is_contiguous()))
-        else:
-            return None
-    return tuple(key)
+# Tensor checks are remembered per signature (see _checks.CheckMemo) with the sizes derived
+# from them; the scalars, which change from step to step (max_context_len), are checked on
+# every call.
+_CHECKS = C.CheckMemo()
 
 
 def plan_partitions(
@@ -297,11 +270,7 @@ def paged_attention(
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or a launch failed.
     """
-    tensors = (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes,
-               workspace)
-    sig = _signature(tensors)
-    info = _validated.get(sig) if sig is not None else None
-    if info is None:
+    def validate() -> tuple[int, ...]:
         _validate_paged_attention(
             out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
             max_context_len, workspace, partition_size, sliding_window,
@@ -311,15 +280,14 @@ def paged_attention(
         max_blocks = C.shape_of(block_tables)[1]
         ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
         device_index = C.device_of(query)[1] or 0
-        info = (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
+        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
                 device_index)
-        if sig is not None:
-            if len(_validated) >= _MAX_SIGNATURES:
-                _validated.clear()
-            _validated[sig] = info
-    else:
-        _check_scalars("paged_attention", scale, max_context_len, partition_size,
-                       sliding_window)
+
+    info = _CHECKS.check(
+        (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes, workspace),
+        (), validate,
+    )
+    _check_scalars("paged_attention", scale, max_context_len, partition_size, sliding_window)
     (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
      device_index) = info
     max_tokens = max_blocks * block_size

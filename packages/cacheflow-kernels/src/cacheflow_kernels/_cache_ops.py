@@ -11,6 +11,9 @@ _TOKENS = ("num_tokens", "num_kv_heads", "head_size")
 _CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
 
 
+_CHECKS = C.CheckMemo()
+
+
 def _validate_reshape_and_cache(
     key: Any, value: Any, key_cache: Any, value_cache: Any, slot_mapping: Any
 ) -> None:
@@ -75,5 +78,8 @@ def reshape_and_cache(
         TypeError: an argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    _CHECKS.check(
+        (key, value, key_cache, value_cache, slot_mapping), (),
+        lambda: _validate_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping),
+    )
     get_function("reshape_and_cache")(key, value, key_cache, value_cache, slot_mapping)

@@ -12,8 +12,11 @@ is reported the same way on any device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+_R = TypeVar("_R")
 
 #: Activation / KV-cache dtypes the kernels accept.
 FLOAT_KV_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -174,3 +177,71 @@ def check_same_device(op: str, name: str, x: Any, ref_name: str, ref: Any) -> No
         raise arg_error(
             op, name, f"on the same device as '{ref_name}' ({device_str(ref)})", device_str(x)
         )
+
+
+# ---- remembered checks --------------------------------------------------------------------------
+#
+# The checks above cost tens of microseconds of Python per call (DLPack device queries, shape
+# tuples, ...), more than many kernels take on the GPU, so back-to-back eager calls would run at
+# host speed. For plain torch tensors every tensor check depends only on each tensor's shape,
+# dtype, device and strides, so a signature that passed an op's checks is remembered and a later
+# call with the same signature skips them. Other array types (CuPy, JAX), tensor subclasses and
+# calls that fail always take the full checks; so do swap_blocks' pinned-memory checks, which a
+# signature cannot see.
+
+
+def torch_signature(tensors: Sequence[Any], scalars: Sequence[Any] = ()) -> Hashable | None:
+    """Hashable ``(shape, dtype, device, strides)`` of each tensor (None entries kept) and
+    ``(type, value)`` of each scalar; None unless every tensor is a plain ``torch.Tensor``."""
+    torch = sys.modules.get("torch")  # never imported here: a torch tensor implies torch loaded
+    tensor_type = getattr(torch, "Tensor", None) if torch is not None else None
+    if tensor_type is None:
+        return None
+    key: list[Any] = []
+    for x in tensors:
+        if x is None:
+            key.append(None)
+        elif type(x) is tensor_type:
+            key.append((x.shape, x.dtype, x.device, x.stride()))
+        else:
+            return None
+    for s in scalars:
+        key.append((type(s), s))
+    signature = tuple(key)
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
+
+
+class CheckMemo:
+    """One op's checks, remembered per :func:`torch_signature` (at most ``maxsize`` of them)."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._maxsize = maxsize
+        self._results: dict[Hashable, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def clear(self) -> None:
+        """Forget every remembered signature."""
+        self._results.clear()
+
+    def check(self, tensors: Sequence[Any], scalars: Sequence[Any],
+              validate: Callable[[], _R]) -> _R:
+        """``validate()``'s result: remembered for this signature, or computed (and remembered
+        when it returns; a check that raises is never remembered)."""
+        key = torch_signature(tensors, scalars)
+        if key is not None:
+            try:
+                return self._results[key]
+            except KeyError:
+                pass
+        result = validate()
+        if key is not None:
+            if len(self._results) >= self._maxsize:
+                self._results.clear()
+            self._results[key] = result
+        return result

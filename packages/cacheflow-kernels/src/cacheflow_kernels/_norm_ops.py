@@ -9,6 +9,8 @@ from . import _checks as C
 from ._lib import get_function
 
 _ROWS = ("num_tokens", "hidden")
+_RMS_NORM_CHECKS = C.CheckMemo()
+_FUSED_ADD_RMS_NORM_CHECKS = C.CheckMemo()
 
 
 def _check_eps(op: str, eps: Any) -> None:
@@ -65,7 +67,9 @@ def rms_norm(out: Any, x: Any, weight: Any, eps: float) -> None:
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate("rms_norm", {"x": x, "out": out}, weight, eps)
+    _RMS_NORM_CHECKS.check(
+        (out, x, weight), (eps,), lambda: _validate("rms_norm", {"x": x, "out": out}, weight, eps)
+    )
     get_function("rms_norm")(out, x, weight, float(eps))
 
 
@@ -95,5 +99,8 @@ def fused_add_rms_norm(x: Any, residual: Any, weight: Any, eps: float) -> None:
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate("fused_add_rms_norm", {"x": x, "residual": residual}, weight, eps)
+    _FUSED_ADD_RMS_NORM_CHECKS.check(
+        (x, residual, weight), (eps,),
+        lambda: _validate("fused_add_rms_norm", {"x": x, "residual": residual}, weight, eps),
+    )
     get_function("fused_add_rms_norm")(x, residual, weight, float(eps))

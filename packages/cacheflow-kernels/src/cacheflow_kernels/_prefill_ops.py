@@ -13,12 +13,38 @@ from ._lib import get_function
 _OP = "paged_prefill_attention"
 _TOKENS = ("num_tokens", "num_heads", "head_size")
 _CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
+_CHECKS = C.CheckMemo()
 
 #: Largest head size paged_prefill_attention accepts (any head size from 1 up to it works).
 PAGED_PREFILL_MAX_HEAD_SIZE = 256
 
 #: Head sizes with a tensor-core kernel for float16 and bfloat16 (others: CUDA cores).
 PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
+
+
+def _check_scalars(
+    scale: Any, max_query_len: Any, sliding_window: Any
+) -> tuple[float, int, int]:
+    """``(scale, max_query_len or -1, sliding_window or 0)`` after checking each."""
+    op = _OP
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise C.arg_error(op, "scale", "a real number", type(scale).__name__)
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise C.arg_error(op, "scale", "a finite number > 0", repr(scale))
+    if max_query_len is None:
+        max_query_len = -1
+    elif isinstance(max_query_len, bool) or not isinstance(max_query_len, numbers.Integral):
+        raise C.arg_error(op, "max_query_len", "an int or None", type(max_query_len).__name__)
+    elif max_query_len < 0:
+        raise C.arg_error(op, "max_query_len", ">= 0 (or None)", str(max_query_len))
+    if sliding_window is None:
+        sliding_window = 0
+    elif isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
+        raise C.arg_error(op, "sliding_window", "an int or None", type(sliding_window).__name__)
+    elif sliding_window < 1:
+        raise C.arg_error(op, "sliding_window", ">= 1 (or None)", str(sliding_window))
+    return scale, int(max_query_len), int(sliding_window)
 
 
 def _validate_paged_prefill_attention(
@@ -68,24 +94,9 @@ def _validate_paged_prefill_attention(
         raise C.arg_error(op, "query",
                           f"of head_size between 1 and {PAGED_PREFILL_MAX_HEAD_SIZE}",
                           f"shape [{num_tokens}, {num_heads}, {head_size}]")
-    # Scalars.
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise C.arg_error(op, "scale", "a real number", type(scale).__name__)
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise C.arg_error(op, "scale", "a finite number > 0", repr(scale))
-    if max_query_len is None:
-        max_query_len = -1
-    elif isinstance(max_query_len, bool) or not isinstance(max_query_len, numbers.Integral):
-        raise C.arg_error(op, "max_query_len", "an int or None", type(max_query_len).__name__)
-    elif max_query_len < 0:
-        raise C.arg_error(op, "max_query_len", ">= 0 (or None)", str(max_query_len))
-    if sliding_window is None:
-        sliding_window = 0
-    elif isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
-        raise C.arg_error(op, "sliding_window", "an int or None", type(sliding_window).__name__)
-    elif sliding_window < 1:
-        raise C.arg_error(op, "sliding_window", ">= 1 (or None)", str(sliding_window))
+    scale, max_query_len, sliding_window = _check_scalars(
+        scale, max_query_len, sliding_window
+    )
     # Memory layout.
     for name, x in args.items():
         C.check_contiguous(op, name, x)
@@ -164,10 +175,16 @@ def paged_prefill_attention(
         TypeError: an argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    scale, max_q, window = _validate_paged_prefill_attention(
-        out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
-        max_query_len, sliding_window,
+    # Tensor checks are remembered per signature (see _checks.CheckMemo); the scalars, which
+    # change from step to step (max_query_len), are checked on every call.
+    _CHECKS.check(
+        (out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens), (),
+        lambda: _validate_paged_prefill_attention(
+            out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
+            scale, max_query_len, sliding_window,
+        ),
     )
+    scale, max_q, window = _check_scalars(scale, max_query_len, sliding_window)
     get_function(_OP)(
         out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
         max_q, window,

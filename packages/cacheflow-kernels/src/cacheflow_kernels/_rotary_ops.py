@@ -11,6 +11,9 @@ from ._lib import get_function
 _OP = "rotary_embedding"
 
 
+_CHECKS = C.CheckMemo()
+
+
 def _strides(x: Any) -> tuple[int, ...] | None:
     """Element strides of a tensor (torch ``.stride()``, NumPy/CuPy byte ``.strides``); None when
     the framework does not tell (e.g. JAX, whose arrays are dense)."""
@@ -122,6 +125,9 @@ def rotary_embedding(
         TypeError: a tensor argument is not a tensor.
         RuntimeError: the kernel library is missing or the launch failed.
     """
-    _validate(positions, query, key, cos_sin_cache, head_size, is_neox)
+    _CHECKS.check(
+        (positions, query, key, cos_sin_cache), (head_size, is_neox),
+        lambda: _validate(positions, query, key, cos_sin_cache, head_size, is_neox),
+    )
     get_function(_OP)(positions, query, key, cos_sin_cache, operator.index(head_size),
                       bool(is_neox))

@@ -1,0 +1,263 @@
+"""A small sweep over every kernel of cacheflow-kernels, sized to run under compute-sanitizer.
+
+    compute-sanitizer --tool memcheck --error-exitcode 99 \
+        python3 packages/cacheflow-kernels/tests/sanitizer_sweep.py
+    compute-sanitizer --tool racecheck ... --only paged_attention,paged_prefill,norm
+
+Each call's shapes are small but cover the kernels' edge paths: every dtype, head sizes with and
+without a partial span (80, 96), block sizes 8/16/32, MHA/GQA/MQA, contexts of 1 token, of
+lengths that are not multiples of the block size, and split-K partitions (forced partition
+sizes); padded and out-of-range slots; ragged prefill with cached prefixes; unaligned rows
+(element-wise paths) and strided rotary rows. Every output is checked against a torch reference
+(a wrong value exits non-zero on its own), so the sweep is also a correctness run; the
+sanitizer adds the memory checks. Run by tools/gpu_check.sh and by
+test_kernels_sanitizer_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+# paged_attention_testutil and prefill_testutil live beside this script (on sys.path).
+import prefill_testutil as pf
+import torch
+
+import cacheflow_kernels as ck
+
+import paged_attention_testutil as pa
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _close(got: Any, want: Any, dtype: Any, what: str) -> None:
+    tol = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}[dtype]
+    diff = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    if not diff <= tol * max(1.0, want.double().abs().max().item() if want.numel() else 1.0):
+        raise AssertionError(f"{what}: max |diff| {diff:.3g} over tolerance")
+
+
+def sweep_paged_attention() -> int:
+    calls = 0
+    shapes = [  # (ctx_lens, heads, kv_heads, head_size, block_size, partition_size)
+        ([1, 17, 64], 4, 4, 64, 16, None),
+        ([5, 300], 8, 2, 80, 8, None),
+        ([33, 1100], 8, 1, 96, 32, 256),      # MQA, split into 5 partitions
+        ([700, 1, 129], 16, 2, 128, 16, 64),  # GQA-8, many partitions, a 1-token context
+        ([250], 4, 4, 256, 16, 128),
+        ([40, 90], 2, 1, 112, 8, 0),
+    ]
+    for dtype in DTYPES:
+        for ctx, heads, kv, d, bs, part in shapes:
+            case = pa.make_case(ctx, num_heads=heads, num_kv_heads=kv, head_size=d,
+                                block_size=bs, dtype=dtype, device="cuda", seed=calls,
+                                alibi=calls % 3 == 0)
+            window = 37 if calls % 4 == 1 else None
+            ck.paged_attention(case["out"], case["query"], case["key_cache"],
+                               case["value_cache"], case["block_tables"], case["context_lens"],
+                               case["scale"], case["alibi_slopes"], max(ctx),
+                               partition_size=part, sliding_window=window)
+            want = pa.oracle(case["query"], case["key_cache"], case["value_cache"],
+                             case["block_tables"], case["context_lens"], case["scale"],
+                             case["alibi_slopes"], sliding_window=window)
+            _close(case["out"], want, dtype, f"paged_attention {dtype} ctx{ctx} d{d} bs{bs}")
+            calls += 1
+    return calls
+
+
+def sweep_paged_prefill() -> int:
+    calls = 0
+    shapes = [  # (q_lens, ctx_lens, heads, kv_heads, head_size, block_size)
+        ([1, 7, 40], [1, 7, 40], 4, 4, 64, 16),
+        ([16, 3], [50, 3], 8, 2, 128, 16),      # a cached prefix of 34 tokens
+        ([70], [70], 4, 1, 96, 8),
+        ([9, 33], [20, 100], 4, 2, 80, 32),
+        ([24], [24], 2, 2, 256, 16),
+        ([5, 6], [5, 6], 2, 1, 48, 16),         # a head size without tensor cores
+    ]
+    for dtype in DTYPES:
+        for q_lens, ctx_lens, heads, kv, d, bs in shapes:
+            case = pf.make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv,
+                                head_size=d, block_size=bs, dtype=dtype, device="cuda",
+                                seed=calls)
+            ck.paged_prefill_attention(*pf.call_args(case), case["scale"])
+            _close(case["out"], pf.reference(case), dtype,
+                   f"paged_prefill_attention {dtype} q{q_lens} ctx{ctx_lens} d{d}")
+            calls += 1
+    return calls
+
+
+def sweep_cache_ops() -> int:
+    calls = 0
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in DTYPES:
+        for bs, kv, d in ((8, 2, 64), (16, 3, 80), (32, 1, 128)):
+            num_blocks = 6
+            kc = torch.zeros(num_blocks, bs, kv, d, device="cuda", dtype=dtype)
+            vc = torch.zeros_like(kc)
+            n = 11
+            key = torch.randn(n, kv, d, device="cuda", generator=gen).to(dtype)
+            value = torch.randn(n, kv, d, device="cuda", generator=gen).to(dtype)
+            slots = torch.randperm(num_blocks * bs, device="cuda", generator=gen)[:n]
+            slots[3] = -1  # padding: skipped
+            ck.reshape_and_cache(key, value, kc, vc, slots)
+            keep = slots >= 0
+            _close(kc.view(-1, kv, d)[slots[keep]], key[keep], dtype, "reshape_and_cache K")
+            _close(vc.view(-1, kv, d)[slots[keep]], value[keep], dtype, "reshape_and_cache V")
+            calls += 1
+            keys = [torch.randn(num_blocks, bs, kv, d, device="cuda", generator=gen).to(dtype)
+                    for _ in range(3)]
+            values = [k.clone() + 1 for k in keys]
+            mapping = torch.tensor([[0, 4], [2, 5], [1, 3]], device="cuda")
+            want = [c.clone() for c in keys + values]
+            for c in want:
+                c[mapping[:, 1]] = c[mapping[:, 0]]
+            ck.copy_blocks(keys, values, mapping)
+            for got, ref in zip(keys + values, want):
+                _close(got, ref, dtype, "copy_blocks")
+            calls += 1
+            cpu = torch.zeros(num_blocks, bs, kv, d, dtype=dtype).pin_memory()
+            pairs = torch.tensor([[5, 0], [1, 2]])
+            ck.swap_blocks(keys[0], cpu, pairs)
+            torch.cuda.synchronize()
+            _close(cpu[pairs[:, 1]].cuda(), keys[0][pairs[:, 0].cuda()], dtype, "swap d2h")
+            back = torch.zeros_like(keys[0])
+            ck.swap_blocks(cpu, back, pairs[:, [1, 0]].contiguous())
+            torch.cuda.synchronize()
+            _close(back[pairs[:, 0].cuda()], keys[0][pairs[:, 0].cuda()], dtype, "swap h2d")
+            calls += 2
+    return calls
+
+
+def _rms(x: Any, w: Any, eps: float) -> Any:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def sweep_norm() -> int:
+    calls = 0
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for dtype in DTYPES:
+        # warp per token, block per token cached, uncached (long rows), and unaligned rows
+        for tokens, hidden in ((5, 64), (3, 4096), (2, 40000), (4, 1001)):
+            x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype)
+            w = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=gen)).to(dtype)
+            out = torch.full_like(x, float("nan"))
+            ck.rms_norm(out, x, w, 1e-6)
+            _close(out, _rms(x, w, 1e-6), dtype, f"rms_norm [{tokens},{hidden}]")
+            r = torch.randn_like(x)
+            want_r = (x + r).to(dtype)
+            want = _rms(want_r, w, 1e-6)
+            ck.fused_add_rms_norm(x, r, w, 1e-6)
+            _close(r, want_r, dtype, "fused_add_rms_norm residual")
+            _close(x, want, dtype, "fused_add_rms_norm")
+            calls += 2
+    return calls
+
+
+def _rotate(x: Any, cos: Any, sin: Any, head_size: int, rot_dim: int, neox: bool) -> Any:
+    x = x.view(x.shape[0], -1, head_size).clone()
+    rot = x[..., :rot_dim]
+    cos = cos.to(x.dtype)[:, None, :]
+    sin = sin.to(x.dtype)[:, None, :]
+    if neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x[..., :rot_dim] = rotated
+    return x.flatten(1)
+
+
+def sweep_rotary() -> int:
+    calls = 0
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for dtype in DTYPES:
+        for neox in (True, False):
+            for heads, kv, d, rot, stride_pad in ((4, 2, 64, 64, 0), (3, 1, 80, 32, 16),
+                                                  (2, 2, 128, 128, 8), (1, 1, 96, 96, 0)):
+                max_pos, n = 64, 9
+                inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
+                freqs = torch.arange(max_pos, device="cuda").float()[:, None] * inv[None]
+                cache = torch.cat((freqs.cos(), freqs.sin()), -1).contiguous()
+                pos = torch.randint(0, max_pos, (n,), device="cuda", generator=gen)
+                pos[0] = max_pos + 3  # out of range: left untouched
+                fused = torch.randn(n, (heads + kv) * d + stride_pad, device="cuda",
+                                    generator=gen).to(dtype)
+                q, k = fused[:, :heads * d], fused[:, heads * d:(heads + kv) * d]
+                valid = pos < max_pos
+                want_q, want_k = q.clone(), k.clone()
+                c, s = cache[pos[valid], :rot // 2], cache[pos[valid], rot // 2:]
+                want_q[valid] = _rotate(q[valid], c, s, d, rot, neox)
+                want_k[valid] = _rotate(k[valid], c, s, d, rot, neox)
+                ck.rotary_embedding(pos, q, k, cache, d, neox)
+                _close(q, want_q, dtype, f"rotary q neox={neox} d{d} rot{rot}")
+                _close(k, want_k, dtype, f"rotary k neox={neox} d{d} rot{rot}")
+                calls += 1
+    return calls
+
+
+def sweep_activation() -> int:
+    calls = 0
+    F = torch.nn.functional
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for dtype in DTYPES:
+        for tokens, d in ((3, 64), (5, 4096), (2, 1003)):
+            x = torch.randn(tokens, 2 * d, device="cuda", generator=gen).to(dtype)
+            out = torch.full((tokens, d), float("nan"), device="cuda", dtype=dtype)
+            gate, up = x.float().chunk(2, -1)
+            ck.silu_and_mul(out, x)
+            _close(out, (F.silu(gate) * up).to(dtype), dtype, "silu_and_mul")
+            for approx in ("none", "tanh"):
+                ck.gelu_and_mul(out, x, approx)
+                _close(out, (F.gelu(gate, approximate=approx) * up).to(dtype), dtype,
+                       f"gelu_and_mul {approx}")
+            flat = x[:, :d].contiguous()
+            y = torch.full_like(flat, float("nan"))
+            ck.gelu_new(y, flat)
+            _close(y, F.gelu(flat.float(), approximate="tanh").to(dtype), dtype, "gelu_new")
+            ck.gelu_fast(y, flat)
+            _close(y, F.gelu(flat.float(), approximate="tanh").to(dtype), dtype, "gelu_fast")
+            calls += 5
+    return calls
+
+
+SWEEPS: dict[str, Callable[[], int]] = {
+    "paged_attention": sweep_paged_attention,
+    "paged_prefill": sweep_paged_prefill,
+    "cache_ops": sweep_cache_ops,
+    "norm": sweep_norm,
+    "rotary": sweep_rotary,
+    "activation": sweep_activation,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the selected sweeps; prints one line per sweep; exit status 0 when all pass."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="comma-separated sweeps (default: all)")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(SWEEPS)
+    unknown = sorted(set(names) - set(SWEEPS))
+    if unknown:
+        print(f"unknown sweeps {unknown}; known: {list(SWEEPS)}", file=sys.stderr)
+        return 2
+    if not ck.cuda_available():
+        print("no CUDA device or kernel library: nothing run", file=sys.stderr)
+        return 1
+    for name in names:
+        start = time.perf_counter()
+        calls = SWEEPS[name]()
+        torch.cuda.synchronize()
+        print(f"{name}: {calls} calls checked in {time.perf_counter() - start:.1f} s",
+              flush=True)
+    print("sanitizer sweep: all outputs match their references")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
