@@ -1,5 +1,6 @@
 // Whole-block operations on the paged KV cache: copy_blocks (copy-on-write inside the GPU cache,
-// all layers in one launch) and swap_blocks (GPU <-> pinned CPU, cudaMemcpyAsync per run).
+// all layers in one launch) and swap_blocks (GPU <-> pinned CPU: a copy kernel over mapped
+// pinned memory, or cudaMemcpyAsync per run).
 //
 // copy_blocks layouts:
 //   key_caches, value_caches: lists of per-layer tensors, each
@@ -21,7 +22,8 @@
 //                             other is in pinned host memory (or both on one CUDA device)
 //   block_mapping (int64):    [num_pairs, 2] on the CPU: rows (src block, dst block)
 // Every index is validated on the host before the first copy (ValueError on any outside its
-// cache). Consecutive pairs that continue a run (src+1, dst+1) are merged into one copy.
+// cache). Consecutive pairs that continue a run (src+1, dst+1) are merged into one copy. Two or
+// more runs go through SwapBlocksKernel (see SwapKernelApplies for when it is not used).
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
@@ -56,20 +58,13 @@ struct LayerPointers {
   char* ptr[2][kMaxLayersPerLaunch];  // [0]: key caches, [1]: value caches
 };
 
+/*!
+ * \brief One CUDA block copies `block_words` words from `from` to `to`: kCopyUnroll loads in
+ * flight per thread before the stores (source and destination may share an allocation, so the
+ * compiler could not reorder them on its own).
+ */
 template <typename Word>
-__global__ void __launch_bounds__(kCopyThreads)
-    CopyBlocksKernel(const __grid_constant__ LayerPointers caches,
-                     const int64_t* __restrict__ block_mapping, int64_t num_blocks,
-                     int64_t block_words) {
-  const int64_t pair = blockIdx.x;
-  const int64_t src = block_mapping[2 * pair];
-  const int64_t dst = block_mapping[2 * pair + 1];
-  if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks || src == dst) return;
-  Word* base = reinterpret_cast<Word*>(caches.ptr[blockIdx.z][blockIdx.y]);
-  const Word* from = base + src * block_words;
-  Word* to = base + dst * block_words;
-  // kCopyUnroll loads in flight per thread before the stores (src and dst share an allocation,
-  // so the compiler could not reorder them on its own).
+__device__ __forceinline__ void CopyBlockWords(const Word* from, Word* to, int64_t block_words) {
   for (int64_t i0 = threadIdx.x; i0 < block_words;
        i0 += static_cast<int64_t>(blockDim.x) * kCopyUnroll) {
     Word w[kCopyUnroll];
@@ -84,6 +79,42 @@ __global__ void __launch_bounds__(kCopyThreads)
       if (i < block_words) to[i] = w[u];
     }
   }
+}
+
+/*!
+ * \brief Calls `f(Word{})` with the unsigned word type of `width` bytes (16, 8, 4, 2, else 1).
+ */
+template <typename F>
+void WithWord(int64_t width, F&& f) {
+  switch (width) {
+    case 16:
+      f(uint4{});
+      break;
+    case 8:
+      f(uint2{});
+      break;
+    case 4:
+      f(uint32_t{});
+      break;
+    case 2:
+      f(uint16_t{});
+      break;
+    default:
+      f(uint8_t{});
+  }
+}
+
+template <typename Word>
+__global__ void __launch_bounds__(kCopyThreads)
+    CopyBlocksKernel(const __grid_constant__ LayerPointers caches,
+                     const int64_t* __restrict__ block_mapping, int64_t num_blocks,
+                     int64_t block_words) {
+  const int64_t pair = blockIdx.x;
+  const int64_t src = block_mapping[2 * pair];
+  const int64_t dst = block_mapping[2 * pair + 1];
+  if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks || src == dst) return;
+  Word* base = reinterpret_cast<Word*>(caches.ptr[blockIdx.z][blockIdx.y]);
+  CopyBlockWords<Word>(base + src * block_words, base + dst * block_words, block_words);
 }
 
 template <typename Word>
@@ -195,22 +226,10 @@ void CopyBlocks(Array<Tensor> key_caches, Array<Tensor> value_caches, TensorView
       ptrs.ptr[0][i] = bases[first + i];
       ptrs.ptr[1][i] = bases[num_layers + first + i];
     }
-    switch (width) {
-      case 16:
-        LaunchCopyBlocks<uint4>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
-        break;
-      case 8:
-        LaunchCopyBlocks<uint2>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
-        break;
-      case 4:
-        LaunchCopyBlocks<uint32_t>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
-        break;
-      case 2:
-        LaunchCopyBlocks<uint16_t>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
-        break;
-      default:
-        LaunchCopyBlocks<uint8_t>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
-    }
+    WithWord(width, [&](auto word) {
+      using Word = decltype(word);
+      LaunchCopyBlocks<Word>(ptrs, n, mapping, num_pairs, num_blocks, block_bytes, stream);
+    });
     CheckLaunch();
   }
 }
@@ -222,13 +241,86 @@ void CopyBlocks(Array<Tensor> key_caches, Array<Tensor> value_caches, TensorView
 bool IsHost(DLDevice dev) { return dev.device_type == kDLCPU || dev.device_type == kDLCUDAHost; }
 
 /*! \brief Require `t` in page-locked host memory (cudaHostAlloc / cudaHostRegister). */
-void CheckPinned(const char* op, const char* name, const TensorView& t) {
+/*!
+ * \brief Requires pinned host memory; returns its address in the current device's address space
+ * (nullptr when the pages are not mapped for the device).
+ */
+char* CheckPinned(const char* op, const char* name, const TensorView& t) {
   cudaPointerAttributes attr{};
   const cudaError_t err = cudaPointerGetAttributes(&attr, DataPtr(t));
   if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error state
   TVM_FFI_CHECK(err == cudaSuccess && attr.type == cudaMemoryTypeHost, ValueError)
       << CACHEFLOW_ARG_ERROR(op, name) << "in pinned (page-locked) host memory, e.g. "
       << "torch.empty(..., pin_memory=True), got pageable host memory";
+  if (attr.devicePointer == nullptr) return nullptr;
+  // devicePointer is the allocation's device address: add the tensor's offset into it.
+  const auto offset = DataPtr(t) - static_cast<char*>(attr.hostPointer);
+  return static_cast<char*>(attr.devicePointer) + offset;
+}
+
+// swap_blocks of many scattered blocks: one kernel reads and writes both sides directly (pinned
+// host memory is mapped into the device's address space under unified addressing), instead of
+// one cudaMemcpyAsync per run, whose driver cost (~3-4 us each) dominates 32 KiB blocks. The
+// block numbers travel by value, kMaxSwapPairsPerLaunch per launch (3840 bytes of parameters).
+constexpr int kMaxSwapPairsPerLaunch = 240;
+constexpr int64_t kMinRunsForKernel = 2;  // a single run is one DMA copy: left to the copy engine
+
+struct SwapPairs {
+  int64_t src[kMaxSwapPairsPerLaunch];
+  int64_t dst[kMaxSwapPairsPerLaunch];
+};
+
+template <typename Word>
+__global__ void __launch_bounds__(kCopyThreads)
+    SwapBlocksKernel(const __grid_constant__ SwapPairs pairs, const Word* src, Word* dst,
+                     int64_t block_words) {
+  const int pair = blockIdx.x;
+  CopyBlockWords<Word>(src + pairs.src[pair] * block_words, dst + pairs.dst[pair] * block_words,
+                       block_words);
+}
+
+/*!
+ * \brief True when the copy kernel is the better way and gives the same result as copies in
+ * order: at least kMinRunsForKernel runs, no destination block twice, and src and dst do not
+ * overlap (CTAs run in any order).
+ */
+bool SwapKernelApplies(const char* from, int64_t src_blocks, const char* to, int64_t dst_blocks,
+                       const int64_t* mapping, int64_t num_pairs, int64_t block_bytes) {
+  int64_t runs = 1;
+  for (int64_t q = 1; q < num_pairs; ++q) {
+    const bool continues = mapping[2 * q] == mapping[2 * q - 2] + 1 &&
+                           mapping[2 * q + 1] == mapping[2 * q - 1] + 1;
+    runs += continues ? 0 : 1;
+  }
+  if (runs < kMinRunsForKernel) return false;
+  if (from < to + dst_blocks * block_bytes && to < from + src_blocks * block_bytes) return false;
+  std::vector<int64_t> dsts(static_cast<size_t>(num_pairs));
+  for (int64_t q = 0; q < num_pairs; ++q) dsts[static_cast<size_t>(q)] = mapping[2 * q + 1];
+  std::sort(dsts.begin(), dsts.end());
+  return std::adjacent_find(dsts.begin(), dsts.end()) == dsts.end();
+}
+
+void LaunchSwapKernel(const char* from, char* to, const int64_t* mapping, int64_t num_pairs,
+                      int64_t block_bytes, cudaStream_t stream) {
+  int64_t width = 16;
+  while (width > 1 && !(block_bytes % width == 0 && AllAligned({from, to}, width))) width /= 2;
+  WithWord(width, [&](auto word) {
+    using Word = decltype(word);
+    const int64_t block_words = block_bytes / static_cast<int64_t>(sizeof(Word));
+    const auto threads =
+        static_cast<unsigned>(std::min<int64_t>(kCopyThreads, (block_words + 31) / 32 * 32));
+    for (int64_t first = 0; first < num_pairs; first += kMaxSwapPairsPerLaunch) {
+      const int64_t n = std::min<int64_t>(kMaxSwapPairsPerLaunch, num_pairs - first);
+      SwapPairs pairs{};
+      for (int64_t i = 0; i < n; ++i) {
+        pairs.src[i] = mapping[2 * (first + i)];
+        pairs.dst[i] = mapping[2 * (first + i) + 1];
+      }
+      SwapBlocksKernel<Word><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+          pairs, reinterpret_cast<const Word*>(from), reinterpret_cast<Word*>(to), block_words);
+      CheckLaunch();
+    }
+  });
 }
 
 void SwapBlocks(TensorView src, TensorView dst, TensorView block_mapping) {
@@ -295,12 +387,19 @@ void SwapBlocks(TensorView src, TensorView dst, TensorView block_mapping) {
   if (num_pairs == 0 || block_bytes == 0) return;
 
   tvm::ffi::CUDADeviceGuard guard(cuda_dev.device_id);
-  if (IsHost(sd)) CheckPinned(kOp, "src", src);
-  if (IsHost(dd)) CheckPinned(kOp, "dst", dst);
+  // Device-side addresses of both tensors (nullptr: host pages not mapped for the device).
+  const char* from_dev = IsHost(sd) ? CheckPinned(kOp, "src", src) : DataPtr(src);
+  char* to_dev = IsHost(dd) ? CheckPinned(kOp, "dst", dst) : DataPtr(dst);
+  const cudaStream_t stream = EnvStream(cuda_dev);
+  if (from_dev != nullptr && to_dev != nullptr &&
+      SwapKernelApplies(from_dev, src_blocks, to_dev, dst_blocks, mapping, num_pairs,
+                        block_bytes)) {
+    LaunchSwapKernel(from_dev, to_dev, mapping, num_pairs, block_bytes, stream);
+    return;
+  }
   const cudaMemcpyKind kind = IsHost(sd)   ? cudaMemcpyHostToDevice
                               : IsHost(dd) ? cudaMemcpyDeviceToHost
                                            : cudaMemcpyDeviceToDevice;
-  const cudaStream_t stream = EnvStream(cuda_dev);
   const char* from = DataPtr(src);
   char* to = DataPtr(dst);
   int64_t p = 0;

@@ -277,3 +277,60 @@ def test_swap_blocks_runs_on_torch_current_stream(direction: str) -> None:
         torch.cuda.synchronize()
         want = _reference_swap(src, torch.ones(4, *block, dtype=torch.float16), mapping)
         torch.testing.assert_close(dst.cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("direction", ["gpu_to_cpu", "cpu_to_gpu", "gpu_to_gpu"])
+def test_swap_blocks_many_scattered_pairs(direction: str) -> None:
+    """300 scattered pairs: the copy kernel, in two launches (240 pairs per launch)."""
+    block = (16, 2, 64)
+    gen = torch.Generator().manual_seed(3)
+    mapping = torch.stack([torch.randperm(400, generator=gen)[:300],
+                           torch.randperm(500, generator=gen)[:300]], dim=1).contiguous()
+    data = torch.randn((400, *block), generator=gen).to(torch.bfloat16)
+    if direction == "gpu_to_cpu":
+        src, dst = data.cuda(), _pinned_like((500, *block), torch.bfloat16)
+    elif direction == "cpu_to_gpu":
+        src = data.pin_memory()
+        dst = torch.full((500, *block), float("nan"), dtype=torch.bfloat16, device="cuda")
+    else:
+        src = data.cuda()
+        dst = torch.full((500, *block), float("nan"), dtype=torch.bfloat16, device="cuda")
+    want = _reference_swap(src, dst, mapping)
+    ck.swap_blocks(src, dst, mapping)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(dst.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(dst.cpu()).any()  # blocks outside the mapping untouched
+
+
+@pytest.mark.parametrize("direction", ["gpu_to_cpu", "cpu_to_gpu"])
+def test_swap_blocks_repeated_dst_copies_in_order(direction: str) -> None:
+    """A dst named twice gets the later pair's block, as copies in mapping order would."""
+    block = (8, 1, 32)
+    data = torch.arange(6 * 256, dtype=torch.float32).view(6, *block)
+    mapping = torch.tensor([[0, 1], [2, 3], [4, 1], [5, 0]], dtype=torch.int64)
+    if direction == "gpu_to_cpu":
+        src, dst = data.cuda(), _pinned_like((4, *block), torch.float32)
+    else:
+        src = data.pin_memory()
+        dst = torch.full((4, *block), float("nan"), device="cuda")
+    ck.swap_blocks(src, dst, mapping)
+    torch.cuda.synchronize()
+    got = dst.cpu()
+    assert torch.equal(got[1], data[4]) and torch.equal(got[3], data[2])
+    assert torch.equal(got[0], data[5]) and torch.isnan(got[2]).all()
+
+
+def test_swap_blocks_offset_view_of_pinned_memory() -> None:
+    """A pinned view that starts inside its allocation: the kernel's device address of it must
+    carry the view's offset."""
+    block = (16, 1, 64)
+    base = torch.full((10, *block), float("nan"), dtype=torch.float16).pin_memory()
+    dst = base[3:]  # starts 3 blocks into the pinned allocation
+    src = torch.randn(5, *block, device="cuda", dtype=torch.float16)
+    mapping = torch.tensor([[4, 0], [1, 5], [0, 2]], dtype=torch.int64)
+    ck.swap_blocks(src, dst, mapping)
+    torch.cuda.synchronize()
+    host = src.cpu()
+    for s, d in mapping.tolist():
+        assert torch.equal(dst[d], host[s])
+    assert torch.isnan(base[:3]).all() and torch.isnan(base[4]).all()

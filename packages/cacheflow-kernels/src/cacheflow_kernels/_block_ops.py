@@ -167,9 +167,12 @@ def swap_blocks(src: Any, dst: Any, block_mapping: Any) -> None:
         for s, d in block_mapping:
             dst[d] = src[s]
 
-    One ``cudaMemcpyAsync`` per run of consecutive pairs (``(s, d), (s+1, d+1), ...`` merge) on
-    the caller's current stream of the CUDA side's device; the call returns once the copies are
-    queued (asynchronous with respect to the host, as the host memory is pinned).
+    Pairs continuing a run (``(s, d), (s+1, d+1), ...``) merge. Several runs are copied by one
+    kernel launch that reads and writes the pinned pages directly (mapped into the device's
+    address space); a single run, a mapping that names a ``dst`` block twice, or overlapping
+    ``src``/``dst`` take one ``cudaMemcpyAsync`` per run in order instead. Either way the work
+    runs on the caller's current stream of the CUDA side's device and the call returns once it
+    is queued (asynchronous with respect to the host, as the host memory is pinned).
 
     Args:
         src: ``[num_src_blocks, ...]`` (e.g. one layer's
