@@ -234,7 +234,7 @@ class Bench:
             sets = [self.build(case, seed, lens) for seed in range(n_sets)]
             res.max_rel_err = self.check(case, sets[0], lens)
             size, parts = plan_partitions(case.batch, case.num_heads, case.num_kv_heads,
-                                          case.ctx, self.num_sms)
+                                          case.ctx, self.num_sms, head_size=case.head_size)
             res.partition_size, res.num_partitions = size, parts
             scale = case.head_size ** -0.5
 

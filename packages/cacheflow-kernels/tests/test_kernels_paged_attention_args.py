@@ -395,10 +395,28 @@ def test_validated_signature_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- the split-K plan -----------------------------------------------------------------------
 
 
-def test_plan_no_split_when_the_grid_is_full() -> None:
-    # batch 64, 32 KV heads: 2048 CTAs; GQA-8 with 4 KV heads: 256 CTAs; both >= 132 SMs
+def test_plan_no_split_when_two_partitions_do_not_fit_one_wave() -> None:
+    # batch 64, 32 KV heads: 2048 CTAs; GQA-8 with 4 KV heads: 256 CTAs, more than half of the
+    # 3 x 132 resident CTAs at head size 128
     assert plan_partitions(64, 32, 32, 2048, 132) == (0, 1)
     assert plan_partitions(64, 32, 4, 2048, 132) == (0, 1)
+    # head size 256: 2 resident CTAs per SM, so 16 x 16 = 256 CTAs fill one wave
+    assert plan_partitions(16, 16, 16, 4096, 132, head_size=256) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "head_size", "expected"),
+    [
+        ((32, 32, 1, 4096), 128, (704, 6)),    # MQA: 64 CTAs x 6 = 384 <= 396
+        ((8, 32, 4, 8192), 128, (704, 12)),    # 32 CTAs x 12
+        ((16, 32, 8, 4096), 64, (1024, 4)),    # 128 CTAs x 4 = 512 <= 4 x 132
+        ((1, 32, 4, 32768), 128, (512, 64)),   # the 512-token minimum binds
+        ((1, 32, 32, 32768), 128, (2752, 12)),
+    ],
+)
+def test_plan_fills_one_wave(args: tuple[int, int, int, int], head_size: int,
+                             expected: tuple[int, int]) -> None:
+    assert plan_partitions(*args, 132, head_size=head_size) == expected
 
 
 @pytest.mark.parametrize(
@@ -413,7 +431,7 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
     assert (parts - 1) * size < max_ctx <= parts * size
     assert parts <= MAX_PARTITIONS
     ctas = num_seqs * num_kv_heads * -(-(num_heads // num_kv_heads) // 16) * parts
-    assert ctas <= 8 * 132 * 2 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+    assert ctas <= 3 * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
 
 
 def test_plan_short_contexts_do_not_split() -> None:

@@ -15,14 +15,12 @@ PAGED_ATTENTION_HEAD_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 256)
 PAGED_ATTENTION_BLOCK_SIZES: tuple[int, ...] = (8, 16, 32)
 #: Split-K partition sizes are multiples of this many tokens.
 PARTITION_ALIGN = 64
-#: The automatic split never makes partitions shorter than this (on an H200, 512-token partitions
-#: beat 256 at batch 1 / 32k context with GQA-8: 33 against 42 us).
+#: The automatic split never makes partitions shorter than this (on an H100, 512-token partitions
+#: beat 256 and 768 at batch 1 / 32k context with GQA-8: 36 against 43 us).
 MIN_AUTO_PARTITION = 512
 #: Upper bound of the number of partitions (the merge kernel keeps one weight per partition in
 #: shared memory).
 MAX_PARTITIONS = 8192
-#: The automatic split aims at this many CTAs per multiprocessor.
-_TARGET_CTAS_PER_SM = 8
 #: Query heads per CTA (the tensor-core kernel's rows; the float32 kernel uses 8).
 _HEADS_PER_CTA = 16
 
@@ -130,9 +128,15 @@ def _validate_paged_attention(
 _CHECKS = C.CheckMemo()
 
 
+def resident_ctas_per_sm(head_size: int) -> int:
+    """CTAs of the fp16/bf16 decode kernel one multiprocessor holds at once (its register budget,
+    ``MmaMinBlocks`` in paged_attention.cuh): 4 up to head size 96, 3 up to 128, else 2."""
+    return 4 if head_size <= 96 else 3 if head_size <= 128 else 2
+
+
 def plan_partitions(
     num_seqs: int, num_heads: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-    partition_size: int | None = None,
+    partition_size: int | None = None, *, head_size: int = 128,
 ) -> tuple[int, int]:
     """The split-K plan of :func:`paged_attention`: ``(partition_size, num_partitions)``.
 
@@ -141,11 +145,14 @@ def plan_partitions(
     ``num_partitions = ceil(max_context_len / partition_size)`` partitions computed by separate
     CTAs, merged by a second kernel through the workspace.
 
-    Automatic choice (``partition_size=None``): no split when there are already at least
-    ``num_sms`` CTAs (measured on an H200: batch 64 / 2k context / GQA-8, 256 CTAs, ran in 87 us
-    unsplit against 105 us in 5 partitions); else as many partitions as it takes to reach
-    ``8 * num_sms`` CTAs, none shorter than MIN_AUTO_PARTITION tokens; sizes are rounded up to a
-    multiple of 64. A given
+    Automatic choice (``partition_size=None``): as many partitions as still fit the whole grid
+    in one wave of resident CTAs (``resident_ctas_per_sm(head_size) * num_sms``), none shorter
+    than MIN_AUTO_PARTITION tokens, sizes rounded up to a multiple of 64; no split when even two
+    partitions would not fit. From the H100 partition sweeps (docs/benchmarks.md): a grid of
+    1.3-1.9 waves loses 15-30% to its tail and one under half a wave leaves bandwidth unused,
+    while 0.65-1 wave of longer partitions was the fastest or within 4% of it in every case
+    (e.g. batch 32 / 4k context / MQA: 6 partitions of 704 tokens, 51 us against 62 us for 8 of
+    512; batch 64 / 2k / GQA-8: no split, 103 us against 118 us for 4 of 512). A given
     ``partition_size`` (a multiple of 64; 0 = no split) is used as is.
     """
     if partition_size is not None:
@@ -155,10 +162,10 @@ def plan_partitions(
         return (partition_size, parts) if parts > 1 else (0, 1)
     group = num_heads // max(num_kv_heads, 1)
     ctas = num_seqs * num_kv_heads * -(-group // _HEADS_PER_CTA)
-    target = _TARGET_CTAS_PER_SM * max(num_sms, 1)
-    if ctas <= 0 or ctas >= num_sms:
+    wave = resident_ctas_per_sm(head_size) * max(num_sms, 1)
+    if ctas <= 0:
         return 0, 1
-    parts = min(-(-target // ctas), max_context_len // MIN_AUTO_PARTITION, MAX_PARTITIONS)
+    parts = min(wave // ctas, max_context_len // MIN_AUTO_PARTITION, MAX_PARTITIONS)
     if parts <= 1:
         return 0, 1
     size = -(-max_context_len // parts)
@@ -191,7 +198,7 @@ def paged_attention_workspace_size(
     if num_sms is None:
         num_sms = _sm_count(_device_index(device))
     _, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_context_len, num_sms,
-                               partition_size)
+                               partition_size, head_size=head_size)
     return 0 if parts <= 1 else num_seqs * num_heads * parts * (head_size + 2)
 
 
@@ -295,7 +302,7 @@ def paged_attention(
     if num_seqs == 0 or num_heads == 0:
         return
     size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
-                                  _sm_count(device_index), partition_size)
+                                  _sm_count(device_index), partition_size, head_size=head_size)
     if parts > MAX_PARTITIONS:
         raise C.arg_error(
             "paged_attention", "partition_size",
