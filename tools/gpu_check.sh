@@ -18,6 +18,8 @@ if [[ "$what" == tests || "$what" == all ]]; then
   timeout 270 python3 -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rfE --maxfail=30 \
     packages/cacheflow-kernels/tests packages/cacheflow-models/tests/test_gpu_engine.py \
     packages/cacheflow-runtime/tests/test_attention_backends.py \
+    packages/cacheflow-runtime/tests/test_fused_layers_gpu.py \
+    packages/cacheflow-serve/tests/test_preemption_gpu.py \
     -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | tail -25
 fi
 if [[ "$what" == sanitize || "$what" == all ]]; then

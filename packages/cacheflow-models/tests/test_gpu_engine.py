@@ -46,3 +46,28 @@ def test_bfloat16_agreement_on_cuda(tiny: Path, prompt_batch: list[list[int]]) -
         total += len(ref)
     print(f"bf16 greedy agreement before divergence: {agree}/{total}")
     assert agree / total >= 0.5
+
+
+def test_cache_sized_from_free_memory_on_cuda(tiny: Path, prompt_batch: list[list[int]]) -> None:
+    """No kv_cache_blocks given: the engine profiles a peak-sized step (prompts of at most
+    max_model_len tokens) and fills gpu_memory_utilization of the card with KV blocks."""
+    from cacheflow_models import build_model_config, load_tokenizer
+    from cacheflow_runtime import CacheConfig, LLMEngine, SchedulerConfig
+    from cacheflow_runtime.model_executor.cache_engine import block_bytes
+
+    model_config = build_model_config(tiny, "float32", None, "cuda")
+    cache_config = CacheConfig(gpu_memory_utilization=0.5)
+    engine = LLMEngine(model_config, cache_config,
+                       SchedulerConfig(max_model_len=model_config.max_model_len),
+                       load_tokenizer(tiny), "cuda")
+    blocks = engine.worker.cache_engine.num_device_blocks
+    total = torch.cuda.get_device_properties(0).total_memory
+    cache_bytes = blocks * block_bytes(model_config, cache_config.block_size)
+    assert 0.3 * total < cache_bytes < 0.5 * total
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("0", None, params, prompt_batch[0])
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    ref, _ = hf_greedy(tiny, prompt_batch[0], 8, torch.float32, "cuda")
+    assert outputs[0].outputs[0].token_ids == ref

@@ -595,3 +595,15 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+@pytest.mark.parametrize(("tokens", "max_len", "want"), [
+    (2048, 256, [256] * 8), (2048, 4096, [2048]), (1000, 300, [300, 300, 300, 100]),
+    (5, 1, [1] * 5)])
+def test_memory_profile_never_passes_max_model_len(tokens: int, max_len: int,
+                                                   want: list[int]) -> None:
+    """The profile step that sizes the GPU cache is made of sequences the model accepts
+    (a single 2048-token sequence overran a 256-position model's rotary table)."""
+    from cacheflow_runtime.model_executor.worker import profile_sequence_lengths
+
+    assert profile_sequence_lengths(tokens, max_len) == want

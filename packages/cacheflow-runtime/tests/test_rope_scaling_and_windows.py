@@ -14,7 +14,11 @@ from cacheflow_runtime import parallel_state as ps
 from cacheflow_runtime.attention import InputMetadata
 from cacheflow_runtime.attention.reference import paged_attention, reshape_and_cache
 from cacheflow_runtime.layers.linear import ColumnParallelLinear
-from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding, rope_max_positions
+from cacheflow_runtime.layers.rotary_embedding import (
+    RotaryEmbedding,
+    rope_inv_freq,
+    rope_max_positions,
+)
 from cacheflow_runtime.model_executor.registry import load_model_class
 from cacheflow_runtime.model_executor.weights import iterate_weights
 
@@ -144,3 +148,14 @@ def test_model_class_by_import_path() -> None:
     assert load_model_class("torch.nn:Linear") is torch.nn.Linear
     with pytest.raises(ValueError, match="cannot import model class 'torch.nn:Nope'"):
         load_model_class("torch.nn:Nope")
+
+
+def test_rotary_module_moves_like_any_module() -> None:
+    """``.to()`` walks every submodule's ``_apply``: the rotary layer must not shadow it, and
+    its cos/sin table moves with it (one buffer, cos | sin, as the CUDA kernel reads it)."""
+    rope = RotaryEmbedding(64, 32, 128, 10000.0, True)
+    model = torch.nn.Sequential(rope).to("cpu")
+    assert model[0] is rope
+    assert rope.cos_sin_cache.shape == (128, 32) and rope.cos_sin_cache.dtype == torch.float32
+    assert torch.equal(rope.cos_cache, rope.cos_sin_cache[:, :16])
+    assert torch.equal(rope.sin_cache[5], torch.sin(5 * rope_inv_freq(32, 10000.0)))

@@ -32,11 +32,16 @@ def _blocks(num_tokens: int) -> int:
     return -(-num_tokens // BLOCK_SIZE)
 
 
-@pytest.fixture(scope="module")
-def prompts() -> list[dict[str, list[int]]]:
+def preemption_prompts() -> list[dict[str, list[int]]]:
+    """The 16 prompts of PROMPT_LENS tokens (seeded)."""
     gen = torch.Generator().manual_seed(2024)
     return [{"prompt_token_ids": torch.randint(3, 259, (n,), generator=gen).tolist()}
             for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[dict[str, list[int]]]:
+    return preemption_prompts()
 
 
 def _greedy() -> list[SamplingParams]:
@@ -59,10 +64,10 @@ PARAMS: dict[str, Callable[[], list[SamplingParams]]] = {
     "greedy": _greedy, "seeded": _seeded, "parallel": _parallel}
 
 
-def _make_llm(tiny_path: Path, **kwargs: Any) -> LLM:
+def make_poisoned_llm(tiny_path: Path, device: str = "cpu", **kwargs: Any) -> LLM:
     """An LLM whose KV cache (device and swap space) is poisoned with NaN: a read of a slot
     that no step wrote (a lost swap, a missed copy-on-write) turns the output into NaN."""
-    llm = LLM(tiny_path, device="cpu", dtype="float32", block_size=BLOCK_SIZE,
+    llm = LLM(tiny_path, device=device, dtype="float32", block_size=BLOCK_SIZE,
               swap_space_gib=SWAP_GIB, **kwargs)
     cache = llm.engine.worker.cache_engine
     for key_cache, value_cache in cache.device_cache + cache.cpu_cache:
@@ -74,7 +79,7 @@ def _make_llm(tiny_path: Path, **kwargs: Any) -> LLM:
 @pytest.fixture(scope="module")
 def reference(tiny_path: Path, prompts: list[dict[str, list[int]]]) -> dict[str, Any]:
     """Outputs of every parameter set with a cache that holds all requests at once."""
-    llm = _make_llm(tiny_path, kv_cache_blocks=1024)
+    llm = make_poisoned_llm(tiny_path, kv_cache_blocks=1024)
     outputs = {name: llm.generate(prompts, make(), use_tqdm=False)
                for name, make in PARAMS.items()}
     assert llm.engine.scheduler.num_preemptions == 0
@@ -82,7 +87,7 @@ def reference(tiny_path: Path, prompts: list[dict[str, list[int]]]) -> dict[str,
     return outputs
 
 
-def _count_swap_outs(llm: LLM) -> list[str]:
+def count_swap_outs(llm: LLM) -> list[str]:
     """Records the request id of every group the block manager swaps out."""
     bm = llm.engine.block_manager
     calls: list[str] = []
@@ -96,7 +101,7 @@ def _count_swap_outs(llm: LLM) -> list[str]:
     return calls
 
 
-def _assert_same(got: list[Any], want: list[Any]) -> None:
+def assert_same_outputs(got: list[Any], want: list[Any]) -> None:
     assert completions(got) == completions(want)
     for g, w in zip(got, want):
         assert g.prompt_token_ids == w.prompt_token_ids
@@ -115,14 +120,14 @@ def test_the_cache_is_really_too_small(prompts: list[dict[str, list[int]]]) -> N
 def test_single_sequence_requests_survive_preemption(
         mode: str, kind: str, tiny_path: Path, prompts: list[dict[str, list[int]]],
         reference: dict[str, Any]) -> None:
-    llm = _make_llm(tiny_path, kv_cache_blocks=KV_BLOCKS, preemption_mode=mode)
-    swapped = _count_swap_outs(llm)
+    llm = make_poisoned_llm(tiny_path, kv_cache_blocks=KV_BLOCKS, preemption_mode=mode)
+    swapped = count_swap_outs(llm)
     outputs = llm.generate(prompts, PARAMS[kind](), use_tqdm=False)
 
     assert [len(o.outputs) for o in outputs] == [1] * len(PROMPT_LENS)
     assert all(o.finished for o in outputs)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_TOKENS] * len(PROMPT_LENS)
-    _assert_same(outputs, reference[kind])
+    assert_same_outputs(outputs, reference[kind])
     num_preemptions = llm.engine.scheduler.num_preemptions
     assert num_preemptions > 0
     if mode == "swap":
@@ -137,8 +142,8 @@ def test_parallel_sampling_groups_are_swapped_and_match(
         mode: str, tiny_path: Path, prompts: list[dict[str, list[int]]],
         reference: dict[str, Any]) -> None:
     # Groups of several sequences share blocks, so they are swapped even in recompute mode.
-    llm = _make_llm(tiny_path, kv_cache_blocks=KV_BLOCKS_GROUPS, preemption_mode=mode)
-    swapped = _count_swap_outs(llm)
+    llm = make_poisoned_llm(tiny_path, kv_cache_blocks=KV_BLOCKS_GROUPS, preemption_mode=mode)
+    swapped = count_swap_outs(llm)
     outputs = llm.generate(prompts, _parallel(), use_tqdm=False)
 
     assert [len(o.outputs) for o in outputs] == [2] * len(PROMPT_LENS)
@@ -147,7 +152,7 @@ def test_parallel_sampling_groups_are_swapped_and_match(
         assert first.cumulative_logprob >= second.cumulative_logprob
         assert first.cumulative_logprob == pytest.approx(sum(
             lp[t] for lp, t in zip(first.logprobs, first.token_ids)), abs=1e-4)
-    _assert_same(outputs, reference["parallel"])
+    assert_same_outputs(outputs, reference["parallel"])
     assert len(swapped) == llm.engine.scheduler.num_preemptions > 0
     assert_idle(llm)
 
@@ -155,9 +160,9 @@ def test_parallel_sampling_groups_are_swapped_and_match(
 def test_later_batches_after_preemption_are_unaffected(
         tiny_path: Path, prompts: list[dict[str, list[int]]], reference: dict[str, Any]) -> None:
     """The same LLM runs the pressured batch twice (greedy, then seeded) with no state left."""
-    llm = _make_llm(tiny_path, kv_cache_blocks=KV_BLOCKS, preemption_mode="swap")
+    llm = make_poisoned_llm(tiny_path, kv_cache_blocks=KV_BLOCKS, preemption_mode="swap")
     for kind in ("greedy", "seeded", "greedy"):
-        _assert_same(llm.generate(prompts, PARAMS[kind](), use_tqdm=False), reference[kind])
+        assert_same_outputs(llm.generate(prompts, PARAMS[kind](), use_tqdm=False), reference[kind])
         assert_idle(llm)
 
 
@@ -183,8 +188,8 @@ def test_an_accepted_request_always_finishes(mode: str, best_of: int, tiny_path:
     is swapped out; it must be refused up front instead.
     """
     kv_blocks = 4 if best_of == 1 else 6
-    llm = _make_llm(tiny_path, kv_cache_blocks=kv_blocks, preemption_mode=mode)
-    unconstrained = _make_llm(tiny_path, kv_cache_blocks=256)
+    llm = make_poisoned_llm(tiny_path, kv_cache_blocks=kv_blocks, preemption_mode=mode)
+    unconstrained = make_poisoned_llm(tiny_path, kv_cache_blocks=256)
     accepted, rejected = [], []
     for max_tokens in range(2, kv_blocks * BLOCK_SIZE, 3):
         prompt = list(range(3, 4 + max_tokens % 5))

@@ -1,8 +1,13 @@
-"""The runtime's link to cacheflow-kernels: which ABI it was written against, checked at import."""
+"""The runtime's link to cacheflow-kernels: which ABI it was written against (checked at
+import), and when layers may call its kernels instead of their torch code."""
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
+from typing import Optional
+
+import torch
 
 import cacheflow_kernels
 
@@ -21,6 +26,26 @@ def check_kernels(module: ModuleType = cacheflow_kernels) -> ModuleType:
             f"{getattr(module, '__version__', '?')} has ABI_VERSION {abi}; install a matching "
             f"version: pip install 'cacheflow-kernels{SUPPORTED_KERNELS_RANGE}'")
     return module
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def cuda_ready() -> bool:
+    """True when cacheflow_kernels has a CUDA device and its library loads (checked once)."""
+    return bool(cacheflow_kernels.cuda_available())
+
+
+def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
+    """cacheflow_kernels when every tensor is a CUDA tensor of the first one's float dtype and
+    the library has CUDA; else None, and the caller runs its torch code (CPU, other dtypes)."""
+    first = tensors[0]
+    if not first.is_cuda or first.dtype not in _FLOAT_DTYPES:
+        return None
+    if any(not t.is_cuda or t.dtype != first.dtype for t in tensors[1:]):
+        return None
+    return cacheflow_kernels if cuda_ready() else None
 
 
 check_kernels()

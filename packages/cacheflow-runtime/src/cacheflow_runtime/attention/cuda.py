@@ -17,7 +17,6 @@ block sizes other than 8, 16, 32) fall back to the reference backend.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import torch
@@ -25,14 +24,14 @@ import torch
 import cacheflow_kernels
 from cacheflow_runtime.attention import reference
 from cacheflow_runtime.attention.metadata import InputMetadata
+from cacheflow_runtime.kernels import cuda_ready
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
 def available() -> bool:
     """True when cacheflow_kernels has a CUDA device and its library loads (checked once)."""
-    return bool(cacheflow_kernels.cuda_available())
+    return cuda_ready()
 
 
 def head_sizes() -> tuple[int, ...]:

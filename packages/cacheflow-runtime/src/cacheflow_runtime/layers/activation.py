@@ -1,4 +1,5 @@
-"""Activation functions, including the gated ones of fused MLP projections."""
+"""Activation functions, including the gated ones of fused MLP projections (on CUDA by the
+kernels of cacheflow-kernels, which compute in float32 and round once like these torch ops)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cacheflow_runtime.kernels import kernels_for
+
+
+def _gated_out(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
+
 
 class SiluAndMul(nn.Module):
     """x = [gate; up] on the last dim -> silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halves the last dimension."""
+        ck = kernels_for(x) if x.is_contiguous() else None
+        if ck is not None and x.numel():
+            out = _gated_out(x)
+            ck.silu_and_mul(out, x)
+            return out
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -28,17 +40,32 @@ class GeluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halves the last dimension."""
+        ck = kernels_for(x) if x.is_contiguous() else None
+        if ck is not None and x.numel():
+            out = _gated_out(x)
+            ck.gelu_and_mul(out, x, self.approximate)
+            return out
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate=self.approximate) * up
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GELU used by GPT-2 ("gelu_new")."""
+    ck = kernels_for(x) if x.is_contiguous() else None
+    if ck is not None and x.numel():
+        out = torch.empty_like(x)
+        ck.gelu_new(out, x)
+        return out
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
 def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     """The "gelu_fast" approximation of HF transformers."""
+    ck = kernels_for(x) if x.is_contiguous() else None
+    if ck is not None and x.numel():
+        out = torch.empty_like(x)
+        ck.gelu_fast(out, x)
+        return out
     return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 

@@ -1,9 +1,12 @@
-"""Normalization layers computed the way HF transformers computes them."""
+"""Normalization layers computed the way HF transformers computes them (on CUDA by the fused
+kernels of cacheflow-kernels, which follow the same math)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from cacheflow_runtime.kernels import kernels_for
 
 
 class RMSNorm(nn.Module):
@@ -18,7 +21,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Normalizes ``x``; with ``residual``, first adds it and returns (normed, new residual)."""
+        """Normalizes ``x`` [..., hidden]; with ``residual``, first adds it and returns
+        (normed, new residual).
+
+        With ``residual`` the inputs are consumed: on CUDA the fused kernel writes the normed
+        values into ``x`` and the sum into ``residual`` and returns them.
+        """
+        ck = kernels_for(x, self.weight) if x.is_contiguous() else None
+        if ck is not None and x.numel():
+            rows = x.view(-1, x.shape[-1])
+            if residual is None:
+                out = torch.empty_like(rows)
+                ck.rms_norm(out, rows, self.weight, self.eps)
+                return out.view(x.shape)
+            if kernels_for(residual, x) is not None and residual.is_contiguous():
+                ck.fused_add_rms_norm(rows, residual.view(rows.shape), self.weight, self.eps)
+                return x, residual
         if residual is not None:
             x = x + residual
             residual = x

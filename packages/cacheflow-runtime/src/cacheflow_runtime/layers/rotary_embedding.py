@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cacheflow_runtime.kernels import kernels_for
+
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -127,8 +129,19 @@ class RotaryEmbedding(nn.Module):
         # their length.
         table_len = max_position if self.scaling_type == "dynamic" else self.max_position
         freqs = torch.arange(table_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        # [table_len, rotary_dim]: cos | sin, the layout of cacheflow_kernels.rotary_embedding.
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
+                             persistent=False)
+
+    @property
+    def cos_cache(self) -> torch.Tensor:
+        """cos(position * inv_freq) [table_len, rotary_dim / 2] (a view of cos_sin_cache)."""
+        return self.cos_sin_cache[:, :self.rotary_dim // 2]
+
+    @property
+    def sin_cache(self) -> torch.Tensor:
+        """sin(position * inv_freq) [table_len, rotary_dim / 2] (a view of cos_sin_cache)."""
+        return self.cos_sin_cache[:, self.rotary_dim // 2:]
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                 query_lens: Optional[Sequence[int]] = None,
@@ -139,16 +152,36 @@ class RotaryEmbedding(nn.Module):
         ``query_lens`` / ``context_lens`` (host lists, one entry per sequence, as in
         InputMetadata) are used by dynamic NTK scaling only; without them the whole batch is
         taken as one sequence of length ``max(positions) + 1`` (HF's rule for a batch).
+
+        On CUDA (without dynamic scaling) the kernel of cacheflow-kernels rotates ``query`` and
+        ``key`` in place and returns them; the result equals the torch code's bit for bit.
         """
         if positions.numel() and int(positions.max()) >= self.max_position:
             raise ValueError(f"position {int(positions.max())} is past the rotary table "
                              f"({self.max_position} positions)")
+        ck = self._kernels(positions, query, key)
+        if ck is not None:
+            ck.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
+                                self.is_neox_style)
+            return query, key
         if self.dynamic_factor is not None:
             cos, sin = self._dynamic_cos_sin(positions, query_lens, context_lens)
         else:
             cos = self.cos_cache[positions]
             sin = self.sin_cache[positions]
-        return self._apply(query, cos, sin), self._apply(key, cos, sin)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _kernels(self, positions: torch.Tensor, query: torch.Tensor,
+                 key: torch.Tensor) -> Any:
+        """cacheflow_kernels when its rotary kernel applies to these tensors, else None."""
+        if (self.dynamic_factor is not None or positions.numel() == 0
+                or positions.dtype != torch.int64 or not positions.is_contiguous()
+                or positions.device != query.device or query.dim() != 2 or key.dim() != 2
+                or query.stride(-1) != 1 or key.stride(-1) != 1
+                or self.cos_sin_cache.device != query.device
+                or self.cos_sin_cache.dtype != torch.float32):
+            return None
+        return kernels_for(query, key)
 
     def _dynamic_cos_sin(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
                          context_lens: Optional[Sequence[int]]
@@ -176,7 +209,7 @@ class RotaryEmbedding(nn.Module):
             start += q_len
         return cos, sin
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         x = x.view(num_tokens, -1, self.head_size)
         rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]

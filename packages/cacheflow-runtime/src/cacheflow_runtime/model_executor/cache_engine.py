@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cacheflow_runtime.config import CacheConfig, ModelConfig
+from cacheflow_runtime.kernels import kernels_for
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -20,6 +21,10 @@ class CacheEngine:
     """Holds per-layer (key_cache, value_cache) of shape
     [num_blocks, block_size, num_kv_heads, head_size] on the device and on the host, and moves
     blocks between them (swap) and within the device (copy-on-write).
+
+    On CUDA the moves are the kernels of cacheflow-kernels, queued on the current stream without
+    a host synchronization: ``copy_blocks`` (every layer in one launch) and ``swap_blocks``
+    (pinned host cache, one copy kernel per layer and direction); on the CPU, torch indexing.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
@@ -52,23 +57,37 @@ class CacheEngine:
 
     def copy(self, src_to_dsts: dict[int, list[int]]) -> None:
         """Copies device blocks to other device blocks in every layer (copy-on-write)."""
-        if not src_to_dsts:
+        if not src_to_dsts or not self.device_cache:
             return
         src = [s for s, dsts in src_to_dsts.items() for _ in dsts]
         dst = [d for dsts in src_to_dsts.values() for d in dsts]
+        ck = kernels_for(self.device_cache[0][0])
+        if ck is not None:
+            mapping = torch.tensor(list(zip(src, dst)), dtype=torch.int64, device=self.device)
+            ck.copy_blocks([k for k, _ in self.device_cache], [v for _, v in self.device_cache],
+                           mapping)
+            return
         src_idx = torch.tensor(src, device=self.device)
         dst_idx = torch.tensor(dst, device=self.device)
         for key_cache, value_cache in self.device_cache:
             key_cache[dst_idx] = key_cache[src_idx]
             value_cache[dst_idx] = value_cache[src_idx]
 
-    @staticmethod
-    def _move(src_cache: list[KVCache], dst_cache: list[KVCache],
+    def _move(self, src_cache: list[KVCache], dst_cache: list[KVCache],
               src_to_dst: dict[int, int]) -> None:
-        if not src_to_dst:
+        if not src_to_dst or not self.device_cache:
+            return
+        ck = kernels_for(self.device_cache[0][0])
+        if ck is not None and self.cpu_cache[0][0].is_pinned():
+            mapping = torch.tensor(list(src_to_dst.items()), dtype=torch.int64)
+            for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
+                ck.swap_blocks(src_k, dst_k, mapping)
+                ck.swap_blocks(src_v, dst_v, mapping)
             return
         for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
             src_idx = torch.tensor(list(src_to_dst.keys()), device=src_k.device)
             dst_idx = torch.tensor(list(src_to_dst.values()), device=dst_k.device)
-            dst_k[dst_idx] = src_k[src_idx].to(dst_k.device, non_blocking=True)
-            dst_v[dst_idx] = src_v[src_idx].to(dst_v.device, non_blocking=True)
+            # Asynchronous only towards a device: a copy to the host must have landed before
+            # the host-side indexing reads it.
+            dst_k[dst_idx] = src_k[src_idx].to(dst_k.device, non_blocking=dst_k.is_cuda)
+            dst_v[dst_idx] = src_v[src_idx].to(dst_v.device, non_blocking=dst_v.is_cuda)

@@ -56,6 +56,17 @@ def load_model(model_config: ModelConfig, device: torch.device) -> Any:
     return model.eval()
 
 
+def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
+    """Prompt lengths of the largest step the scheduler can form, for the memory profile:
+    ``max_num_batched_tokens`` tokens as sequences of at most ``max_model_len`` tokens (so that
+    every position stays within the model's range)."""
+    max_len = max(1, max_model_len)
+    lens = [max_len] * (max_num_batched_tokens // max_len)
+    if max_num_batched_tokens % max_len:
+        lens.append(max_num_batched_tokens % max_len)
+    return lens
+
+
 class Worker:
     """One device's share of the engine: model, KV cache and the step that runs them."""
 
@@ -95,23 +106,31 @@ class Worker:
         torch.cuda.reset_peak_memory_stats(self.device)
         from cacheflow_runtime.attention import InputMetadata
 
-        num_tokens = max_num_batched_tokens
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        lens = profile_sequence_lengths(max_num_batched_tokens, self.model_config.max_model_len)
+        num_tokens = sum(lens)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        dev = self.device
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         metadata = InputMetadata(
-            query_lens=[num_tokens], context_lens_host=[num_tokens],
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros((1, 0), dtype=torch.int32, device=self.device),
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            logit_indices=torch.tensor([num_tokens - 1], device=self.device), is_prompt=True)
+            query_lens=lens, context_lens_host=lens,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((len(lens), 0), dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
+            logit_indices=torch.tensor(starts[1:], device=dev) - 1, is_prompt=True)
         with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(num_tokens, device=self.device),
-                                [None] * self.model_config.num_layers, metadata, None)
-            self.model.compute_logits(hidden[-1:])
+            hidden = self.model(ids, positions, [None] * self.model_config.num_layers, metadata,
+                                None)
+            self.model.compute_logits(hidden[metadata.logit_indices])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return int(total * self.cache_config.gpu_memory_utilization) - peak
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Memory torch's allocator does not hold: the CUDA context, libraries, other processes.
+        outside_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))
+        return int(total * self.cache_config.gpu_memory_utilization) - peak - outside_torch
 
     def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
         """Allocates the KV cache."""
