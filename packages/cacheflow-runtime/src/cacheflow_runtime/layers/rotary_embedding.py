@@ -155,8 +155,14 @@ class RotaryEmbedding(nn.Module):
 
         On CUDA (without dynamic scaling) the kernel of cacheflow-kernels rotates ``query`` and
         ``key`` in place and returns them; the result equals the torch code's bit for bit.
+
+        Positions past the table raise ValueError for CPU tensors. CUDA positions are not
+        checked here: reading their maximum would synchronize the device in every layer of
+        every step. The engine never forms them (sequences end at ``max_model_len``, which
+        ``build_model_config`` keeps within the model's positions).
         """
-        if positions.numel() and int(positions.max()) >= self.max_position:
+        if (positions.numel() and not positions.is_cuda
+                and int(positions.max()) >= self.max_position):
             raise ValueError(f"position {int(positions.max())} is past the rotary table "
                              f"({self.max_position} positions)")
         ck = self._kernels(positions, query, key)
