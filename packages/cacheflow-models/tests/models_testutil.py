@@ -26,7 +26,8 @@ from cacheflow_runtime.model_executor.worker import load_model
 
 def run_engine(path: Path, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams],
-               dtype: str = "float32", device: str = "cpu",
+               dtype: str = "float32", device: str = "cpu", enforce_eager: bool = False,
+               engine_out: list[LLMEngine] | None = None,
                **cache: Any) -> list[RequestOutput]:
     """Runs all prompts as one batch through an engine (float32 on CPU by default).
 
@@ -36,7 +37,9 @@ def run_engine(path: Path, prompts: list[list[int]],
     model_config = build_model_config(path, dtype, None, device.split(":")[0])
     engine = LLMEngine(model_config, CacheConfig(num_device_blocks=cache.get("blocks", 256)),
                        SchedulerConfig(max_model_len=model_config.max_model_len),
-                       load_tokenizer(path), device)
+                       load_tokenizer(path), device, enforce_eager=enforce_eager)
+    if engine_out is not None:
+        engine_out.append(engine)
     for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
         engine.add_request(str(i), None, p, ids)
     done: dict[str, RequestOutput] = {}

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+from cacheflow_models.testing import (
+    save_tiny_checkpoint,
+    tiny_gpt2_config,
+    tiny_llama_config,
+    tiny_mistral_config,
+)
 from cacheflow_runtime import SamplingParams
 
 from models_testutil import hf_greedy, run_engine
@@ -19,9 +24,14 @@ pytestmark = [
 ]
 
 
+# Head size 64, which the decode kernel is built for (the CPU tests' tiny models have 16, which
+# runs the reference attention backend and no CUDA graphs).
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("gpu"), tiny_llama_config())
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("gpu"), tiny_llama_config(**WIDE))
 
 
 def test_float32_greedy_matches_hf_on_cuda(tiny: Path, prompt_batch: list[list[int]]) -> None:
@@ -29,6 +39,20 @@ def test_float32_greedy_matches_hf_on_cuda(tiny: Path, prompt_batch: list[list[i
     outputs = run_engine(tiny, prompt_batch, params, dtype="float32", device="cuda")
     for prompt, out in zip(prompt_batch, outputs):
         ref, _ = hf_greedy(tiny, prompt, 32, torch.float32, "cuda")
+        assert out.outputs[0].token_ids == ref
+
+
+def test_float32_greedy_matches_hf_with_reference_attention_on_cuda(
+        tmp_path: Path, prompt_batch: list[list[int]]) -> None:
+    """Head size 16 has no decode kernel: the reference attention backend on CUDA, eager steps."""
+    path = save_tiny_checkpoint(tmp_path / "narrow", tiny_llama_config())
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    engines: list = []
+    outputs = run_engine(path, prompt_batch, params, dtype="float32", device="cuda",
+                         engine_out=engines)
+    assert not engines[0].uses_cuda_graphs
+    for prompt, out in zip(prompt_batch, outputs):
+        ref, _ = hf_greedy(path, prompt, 16, torch.float32, "cuda")
         assert out.outputs[0].token_ids == ref
 
 
@@ -71,3 +95,66 @@ def test_cache_sized_from_free_memory_on_cuda(tiny: Path, prompt_batch: list[lis
         outputs += [o for o in engine.step() if o.finished]
     ref, _ = hf_greedy(tiny, prompt_batch[0], 8, torch.float32, "cuda")
     assert outputs[0].outputs[0].token_ids == ref
+
+
+GRAPH_CONFIGS = {
+    "llama": lambda: tiny_llama_config(**WIDE),
+    "mistral_window_16": lambda: tiny_mistral_config(sliding_window=16, **WIDE),
+    "gpt2": lambda: tiny_gpt2_config(n_embd=256, n_head=4),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(GRAPH_CONFIGS))
+def test_cuda_graphs_match_eager(name: str, dtype: str, prompt_batch: list[list[int]],
+                                 tmp_path: Path) -> None:
+    """Decode steps replayed from CUDA graphs (a batch of 5 padded into the graph of 8, then
+    smaller graphs as requests finish) give the tokens and logprobs of eager steps."""
+    path = save_tiny_checkpoint(tmp_path / name, GRAPH_CONFIGS[name]())
+    params = [SamplingParams(temperature=0, max_tokens=8 + 6 * i, ignore_eos=True, logprobs=2)
+              for i in range(len(prompt_batch))]
+    engines: list = []
+    graphed = run_engine(path, prompt_batch, params, dtype=dtype, device="cuda",
+                         engine_out=engines)
+    eager = run_engine(path, prompt_batch, params, dtype=dtype, device="cuda",
+                       enforce_eager=True)
+    engine = engines[0]
+    assert engine.uses_cuda_graphs
+    assert 8 in engine.worker.runner.decode_graphs.sizes
+    for got, want in zip(graphed, eager):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].cumulative_logprob == pytest.approx(
+            want.outputs[0].cumulative_logprob, abs=1e-4 if dtype == "float32" else 1e-2)
+
+
+def test_cuda_graph_replays_are_used(tiny: Path, prompt_batch: list[list[int]],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cacheflow_runtime.model_executor import cuda_graphs
+
+    replays: list[int] = []
+    original = torch.cuda.CUDAGraph.replay
+
+    def counted(self: torch.cuda.CUDAGraph) -> None:
+        replays.append(1)
+        original(self)
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    engines: list = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda.CUDAGraph, "replay", counted)
+        run_engine(tiny, prompt_batch, params, device="cuda", engine_out=engines)
+    # one prefill step (eager), then 9 decode steps from graphs
+    assert len(replays) == 9
+    assert cuda_graphs.graph_batch_size(len(prompt_batch), engines[0].worker.runner
+                                        .decode_graphs.sizes) == 8
+
+
+def test_dynamic_rope_models_run_eagerly(tmp_path: Path, prompt_batch: list[list[int]]) -> None:
+    path = save_tiny_checkpoint(tmp_path / "dyn", tiny_llama_config(
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **WIDE))
+    engines: list = []
+    outputs = run_engine(path, prompt_batch[:2], SamplingParams(temperature=0, max_tokens=4,
+                                                                ignore_eos=True),
+                         device="cuda", engine_out=engines)
+    assert not engines[0].uses_cuda_graphs
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]

@@ -9,10 +9,11 @@ a temporary folder; no download. ``--batch`` prompts of ``--prompt-len`` random 
 generate ``--max-tokens`` tokens (greedy, no early stop) through ``LLM.generate``, timed end to
 end after a warm-up batch: generated tokens per second and the mean time per engine step. Runs:
 
-- ``fused``: the engine as shipped (attention, norms, rotary, activations and cache moves on the
-  kernels of cacheflow-kernels);
-- ``torch-layers``: the same engine with the layers' torch code (norm, rotary, activations);
-  attention still on the kernels. The ratio shows what the fused layers are worth end to end;
+- ``engine``: the engine as shipped (attention, norms, rotary, activations and cache moves on the
+  kernels of cacheflow-kernels; decode steps replayed from CUDA graphs);
+- ``eager``: the same with ``enforce_eager=True`` (every step launched from Python);
+- ``torch-layers``: eager, and the layers' torch code (norm, rotary, activations); attention
+  still on the kernels. Against ``eager`` it shows what the fused layers are worth;
 - ``hf``: HF transformers ``generate`` on the same prompts as one left-padded batch (SDPA
   attention, static KV cache growth by concatenation), same dtype.
 
@@ -48,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed batches per run (median)")
-    p.add_argument("--runs", default="fused,torch-layers,hf",
-                   help="comma-separated: fused, torch-layers, hf")
+    p.add_argument("--runs", default="engine,eager,torch-layers,hf",
+                   help="comma-separated: engine, eager, torch-layers, hf")
     p.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script)")
     return p.parse_args(argv)
 
@@ -89,7 +90,8 @@ def make_prompts(args: argparse.Namespace, seed: int) -> list[list[int]]:
     return torch.randint(3, 259, (args.batch, args.prompt_len), generator=gen).tolist()
 
 
-def run_engine(args: argparse.Namespace, path: Path, torch_layers: bool) -> dict[str, Any]:
+def run_engine(args: argparse.Namespace, path: Path, torch_layers: bool,
+               enforce_eager: bool) -> dict[str, Any]:
     """Tokens per second of LLM.generate; ``torch_layers`` switches the layer kernels off."""
     import torch
 
@@ -102,7 +104,8 @@ def run_engine(args: argparse.Namespace, path: Path, torch_layers: bool) -> dict
             module.kernels_for = lambda *tensors: None
     try:
         llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=max(256, args.batch),
-                  max_model_len=args.prompt_len + args.max_tokens + 16)
+                  max_model_len=args.prompt_len + args.max_tokens + 16,
+                  enforce_eager=enforce_eager)
         stats = _timed_generate(args, llm)
         del llm  # the next run needs the KV cache's memory back
         gc.collect()
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_offline: no CUDA device; nothing measured", file=sys.stderr)
         return 1
     runs = [r for r in args.runs.split(",") if r]
-    unknown = sorted(set(runs) - {"fused", "torch-layers", "hf"})
+    unknown = sorted(set(runs) - {"engine", "eager", "torch-layers", "hf"})
     if unknown:
         print(f"bench_offline: unknown runs {unknown}", file=sys.stderr)
         return 2
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             if run == "hf":
                 results[run] = run_hf(args, path)
             else:
-                results[run] = run_engine(args, path, torch_layers=run == "torch-layers")
+                results[run] = run_engine(args, path, torch_layers=run == "torch-layers",
+                                          enforce_eager=run != "engine")
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"\n{device}, {args.dtype}: LLaMA {args.layers} layers, hidden {args.hidden}, "
           f"heads {args.heads}/{args.kv_heads}; {args.batch} prompts x {args.prompt_len} tokens "
@@ -214,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     for run, r in results.items():
         print(f"{run:<14} {r['seconds']:8.2f} {r['tokens_per_s']:10.0f} {r['steps']:6d} "
               f"{r['ms_per_step']:8.2f}")
-    if "fused" in results and "torch-layers" in results:
-        ratio = results["torch-layers"]["seconds"] / results["fused"]["seconds"]
-        print(f"fused layers: {ratio:.2f}x the speed of the torch layers")
-    if "fused" in results and "hf" in results:
-        print(f"engine: {results['hf']['seconds'] / results['fused']['seconds']:.2f}x the speed "
-              "of HF generate")
+    for faster, slower, what in (("eager", "torch-layers", "fused layers (eager)"),
+                                 ("engine", "eager", "CUDA graphs"),
+                                 ("engine", "hf", "engine against HF generate")):
+        if faster in results and slower in results:
+            ratio = results[slower]["seconds"] / results[faster]["seconds"]
+            print(f"{what}: {ratio:.2f}x the speed")
     report = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
               "args": vars(args), "results": results}
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap each prompt as a user message in the model's chat template")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--enforce-eager", action="store_true",
+                     help="run every step from Python (no CUDA graphs of decode steps)")
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -41,7 +43,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """Runs ``cacheflow generate``; prints each prompt's completion."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device,
+              enforce_eager=args.enforce_eager)
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

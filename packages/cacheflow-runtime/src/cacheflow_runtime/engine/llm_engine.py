@@ -34,11 +34,14 @@ class LLMEngine:
 
     ``tokenizer`` is any object with ``encode``, ``decode``, ``convert_ids_to_tokens`` and
     ``convert_tokens_to_string`` (an HF tokenizer); cacheflow_models provides one.
+    On CUDA, decode steps replay CUDA graphs captured at construction
+    (model_executor/cuda_graphs.py); ``enforce_eager=True`` runs every step from Python.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, tokenizer: Any,
-                 device: str | torch.device = "auto", seed: int = 0) -> None:
+                 device: str | torch.device = "auto", seed: int = 0,
+                 enforce_eager: bool = False) -> None:
         if scheduler_config.max_model_len > model_config.max_model_len:
             raise ValueError(f"max_model_len ({scheduler_config.max_model_len}) is larger than "
                              f"the model's limit ({model_config.max_model_len})")
@@ -51,6 +54,10 @@ class LLMEngine:
         num_device_blocks, num_cpu_blocks = self.worker.num_available_blocks(
             scheduler_config.max_num_batched_tokens)
         self.worker.init_cache(num_device_blocks, num_cpu_blocks)
+        # Decode steps replay CUDA graphs (on CUDA, for models that allow it) unless
+        # enforce_eager: every step then runs the model from Python.
+        self.uses_cuda_graphs = not enforce_eager and self.worker.capture_decode_graphs(
+            scheduler_config.max_num_seqs, scheduler_config.max_model_len)
         self.block_manager = BlockSpaceManager(cache_config.block_size, num_device_blocks,
                                                num_cpu_blocks)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)

@@ -9,6 +9,7 @@ import torch
 
 from cacheflow_runtime.attention import InputMetadata
 from cacheflow_runtime.model_executor.cache_engine import KVCache
+from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
 from cacheflow_runtime.sequence import SequenceGroup, SequenceStatus
@@ -106,6 +107,13 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler()
         self.default_generator = default_generator
+        self.decode_graphs: Optional[DecodeGraphs] = None
+
+    def capture_decode_graphs(self, kv_caches: list[KVCache], max_num_seqs: int,
+                              max_model_len: int) -> None:
+        """Captures CUDA graphs of decode steps over ``kv_caches`` (see cuda_graphs.py)."""
+        self.decode_graphs = DecodeGraphs(self.model, self.device, kv_caches, self.block_size,
+                                          max_num_seqs, max_model_len)
 
     @torch.inference_mode()
     def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
@@ -114,7 +122,11 @@ class ModelRunner:
         """Runs the model on ``groups`` and returns one sampling result per group."""
         batch = prepare_batch(groups, block_tables, self.block_size, self.device,
                               self.eos_token_id)
-        hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata,
-                            cache_events)
+        hidden = None
+        if self.decode_graphs is not None and cache_events is None:
+            hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata,
+                                cache_events)
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
         return self.sampler(logits, batch.sampling_groups, self.default_generator)

@@ -10,6 +10,7 @@ import torch
 
 from cacheflow_runtime.config import CacheConfig, ModelConfig
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
+from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
 from cacheflow_runtime.model_executor.model_runner import ModelRunner
 from cacheflow_runtime.model_executor.registry import load_model_class
 from cacheflow_runtime.model_executor.weights import detect_format, iterate_weights
@@ -136,6 +137,17 @@ class Worker:
         """Allocates the KV cache."""
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, self.device,
                                         num_device_blocks, num_cpu_blocks)
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> bool:
+        """Captures CUDA graphs of decode steps when the device and the model allow it;
+        returns whether it did."""
+        assert self.cache_engine is not None, "init_cache() must run before capturing"
+        if self.device.type != "cuda" or not supports_graphs(self.model,
+                                                             self.cache_config.block_size):
+            return False
+        self.runner.capture_decode_graphs(self.cache_engine.device_cache, max_num_seqs,
+                                          max_model_len)
+        return True
 
     def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
                 blocks_to_swap_in: dict[int, int], blocks_to_swap_out: dict[int, int],

@@ -1,0 +1,143 @@
+"""CUDA graphs of decode steps.
+
+A decode step of a small batch launches a few hundred kernels from Python (about a dozen per
+layer), which takes far longer on the host than the kernels take on the GPU. The model's forward
+for a decode step is therefore captured once per batch size of DECODE_GRAPH_BATCH_SIZES (up to
+the scheduler's ``max_num_seqs``) into a CUDA graph over static input buffers, and a decode step
+copies its inputs into those buffers and replays the graph of the smallest captured size that
+holds it. Padding rows have slot -1 (nothing written to the KV cache) and a context of 0 tokens
+(attention reads nothing and returns zeros); their outputs are dropped.
+
+The attention kernels see ``max_context_len = max_model_len`` in every graph, so the split-K
+plan is fixed at capture and the same graph serves every context length. Steps that are not
+pure decodes (prompts, chunks), larger batches, and models whose forward depends on per-step
+host values (dynamic NTK rotary scaling) run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+import cacheflow_kernels
+from cacheflow_runtime.attention import cuda
+from cacheflow_runtime.attention.metadata import InputMetadata
+from cacheflow_runtime.attention.paged_attention import PagedAttention
+
+logger = logging.getLogger(__name__)
+
+#: Batch sizes captured (those up to max_num_seqs, plus max_num_seqs itself when it is smaller
+#: than the largest); a decode step of n sequences replays the smallest one >= n.
+DECODE_GRAPH_BATCH_SIZES: tuple[int, ...] = (
+    1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes to capture for a scheduler of ``max_num_seqs`` sequences."""
+    sizes = [s for s in DECODE_GRAPH_BATCH_SIZES if s <= max_num_seqs]
+    if max_num_seqs < DECODE_GRAPH_BATCH_SIZES[-1] and max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def graph_batch_size(num_seqs: int, sizes: list[int]) -> Optional[int]:
+    """The smallest captured size that holds ``num_seqs`` sequences, or None."""
+    fitting = [s for s in sizes if s >= num_seqs]
+    return min(fitting) if fitting and num_seqs > 0 else None
+
+
+def supports_graphs(model: torch.nn.Module, block_size: int) -> bool:
+    """Whether a decode step of ``model`` can be captured: every attention layer decodes on the
+    CUDA kernel (the reference backend loops over host lists), and no layer reads per-step host
+    values (dynamic NTK rotary scaling)."""
+    for module in model.modules():
+        if getattr(module, "dynamic_factor", None) is not None:
+            return False
+        if isinstance(module, PagedAttention) and (
+                module.backend == "reference" or not cuda.available()
+                or not cuda.supports_head_size(module.head_size)
+                or block_size not in cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES):
+            return False
+    return True
+
+
+def is_decode_step(metadata: InputMetadata) -> bool:
+    """Every sequence has one new token and only its last hidden state is sampled."""
+    return (not metadata.is_prompt and metadata.num_seqs > 0
+            and all(q == 1 for q in metadata.query_lens)
+            and metadata.logit_indices.shape[0] == metadata.num_seqs)
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one model and KV cache, and their static inputs."""
+
+    def __init__(self, model: Any, device: torch.device, kv_caches: list[Any], block_size: int,
+                 max_num_seqs: int, max_model_len: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_num_seqs)
+        n = max(self.sizes)
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.logit_indices = torch.arange(n, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    def _metadata(self, size: int) -> InputMetadata:
+        return InputMetadata(
+            query_lens=[1] * size, context_lens_host=[self.max_model_len] * size,
+            query_start_loc=self.query_start_loc[:size + 1],
+            context_lens=self.context_lens[:size], block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size], logit_indices=self.logit_indices[:size],
+            is_prompt=False)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
+                          self._metadata(size), None)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = None
+        # Largest first: its memory pool then serves the smaller graphs.
+        for size in sorted(self.sizes, reverse=True):
+            self._forward(size)  # warm-up: lazy initialisation must not happen under capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            self.outputs[size] = out
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs of decode steps for batch sizes %s", self.sizes)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            metadata: InputMetadata) -> Optional[torch.Tensor]:
+        """Hidden states [num_seqs, hidden] of a decode step from a graph, or None when no
+        captured graph applies (the caller then runs the model eagerly)."""
+        if not is_decode_step(metadata):
+            return None
+        n = metadata.num_seqs
+        size = graph_batch_size(n, self.sizes)
+        cols = metadata.block_tables.shape[1]
+        if size is None or cols > self.block_tables.shape[1]:
+            return None
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping)
+        self.context_lens[:n].copy_(metadata.context_lens)
+        self.block_tables[:n, :cols].copy_(metadata.block_tables)
+        if size > n:
+            self.slot_mapping[n:size].fill_(-1)
+            self.context_lens[n:size].zero_()
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
