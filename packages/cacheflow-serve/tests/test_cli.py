@@ -92,3 +92,11 @@ def test_prompt_too_long_for_the_model_exits_2(tiny_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(_args(tiny_path, "x" * 300)) == 2
     assert "more than max_model_len (256)" in capsys.readouterr().err
+
+
+def test_enforce_eager_flag_is_accepted_and_changes_nothing_on_cpu(
+        llm: LLM, tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CUDA graphs exist only on CUDA: on the CPU both modes print the same completion."""
+    assert main(_args(tiny_path, "--enforce-eager", "Hello")) == 0
+    assert capsys.readouterr().out == _expected(llm, "Hello") + "\n"
+    assert not llm.engine.uses_cuda_graphs
