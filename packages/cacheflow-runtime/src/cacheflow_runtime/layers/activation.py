@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cacheflow_runtime.kernels import kernels_for
+
+
+def _kernels(x: torch.Tensor) -> Any:
+    """cacheflow_kernels for a non-empty contiguous CUDA ``x``, else None (the torch code)."""
+    return kernels_for(x) if x.numel() and x.is_contiguous() else None
 
 
 def _gated_out(x: torch.Tensor) -> torch.Tensor:
@@ -22,8 +28,8 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halves the last dimension."""
-        ck = kernels_for(x) if x.is_contiguous() else None
-        if ck is not None and x.numel():
+        ck = _kernels(x)
+        if ck is not None:
             out = _gated_out(x)
             ck.silu_and_mul(out, x)
             return out
@@ -40,8 +46,8 @@ class GeluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halves the last dimension."""
-        ck = kernels_for(x) if x.is_contiguous() else None
-        if ck is not None and x.numel():
+        ck = _kernels(x)
+        if ck is not None:
             out = _gated_out(x)
             ck.gelu_and_mul(out, x, self.approximate)
             return out
@@ -51,8 +57,8 @@ class GeluAndMul(nn.Module):
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GELU used by GPT-2 ("gelu_new")."""
-    ck = kernels_for(x) if x.is_contiguous() else None
-    if ck is not None and x.numel():
+    ck = _kernels(x)
+    if ck is not None:
         out = torch.empty_like(x)
         ck.gelu_new(out, x)
         return out
@@ -61,8 +67,8 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_fast(x: torch.Tensor) -> torch.Tensor:
     """The "gelu_fast" approximation of HF transformers."""
-    ck = kernels_for(x) if x.is_contiguous() else None
-    if ck is not None and x.numel():
+    ck = _kernels(x)
+    if ck is not None:
         out = torch.empty_like(x)
         ck.gelu_fast(out, x)
         return out
