@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from cacheflow_runtime import RequestOutput
 from cacheflow_runtime.engine.async_llm_engine import RequestStream
@@ -25,11 +25,9 @@ from cacheflow_serve.server.serving import (
 )
 from cacheflow_serve.server.streaming import (
     DONE,
-    ClientDisconnected,
-    EventStreamResponse,
     choice_events,
+    respond,
     sse,
-    unless_disconnected,
 )
 
 
@@ -81,14 +79,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = sampling_params(req, max_tokens, k)
     request_id = new_id("chatcmpl")
     streams = await add_requests(ctx, request_id, [ids], params=[params])
-    call = _ChatCall(ctx, req, request_id, streams, k)
-    if req.stream:
-        return EventStreamResponse(call.events())
-    try:
-        final = await unless_disconnected(raw, call.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(call.body(final))
+    return await respond(_ChatCall(ctx, req, request_id, streams, k), bool(req.stream), raw)
 
 
 class _ChatCall:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from cacheflow_runtime import RequestOutput
 from cacheflow_runtime.engine.async_llm_engine import RequestStream
@@ -25,11 +25,9 @@ from cacheflow_serve.server.serving import (
 )
 from cacheflow_serve.server.streaming import (
     DONE,
-    ClientDisconnected,
-    EventStreamResponse,
     choice_events,
+    respond,
     sse,
-    unless_disconnected,
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -66,14 +64,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
         params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of))
     request_id = new_id("cmpl")
     streams = await add_requests(ctx, request_id, [ids for _, ids in prompts], params)
-    call = _Call(ctx, req, request_id, prompts, streams)
-    if req.stream:
-        return EventStreamResponse(call.events())
-    try:
-        finals = await unless_disconnected(raw, call.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(call.body(finals))
+    return await respond(_Call(ctx, req, request_id, prompts, streams), bool(req.stream), raw)
 
 
 class _Call:

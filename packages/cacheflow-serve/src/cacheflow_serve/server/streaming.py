@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Protocol, TypeVar
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cacheflow_runtime import RequestOutput
@@ -118,6 +118,28 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled() or not task.done():
         raise ClientDisconnected()
     return task.result()
+
+
+class StreamingCall(Protocol):
+    """One API call after its requests were added: as SSE events, or collected into a body."""
+
+    def events(self) -> AsyncIterator[str]: ...
+
+    async def collect(self) -> Any: ...
+
+    def body(self, final: Any) -> dict[str, Any]: ...
+
+
+async def respond(call: StreamingCall, stream: bool, raw: Request) -> Response:
+    """The HTTP response of ``call``: an event stream, or the collected JSON body (499 when the
+    client leaves before it is ready)."""
+    if stream:
+        return EventStreamResponse(call.events())
+    try:
+        final = await unless_disconnected(raw, call.collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(call.body(final))
 
 
 class EventStreamResponse(StreamingResponse):
