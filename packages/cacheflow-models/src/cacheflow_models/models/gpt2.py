@@ -42,13 +42,12 @@ class GPT2Attention(nn.Module):
         self.attn = GPTCacheFlowAttention(self.c_attn.num_heads, head_size, scale)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.c_attn(hidden_states)
         q_size = self.c_attn.q_size
         q, k, v = qkv.split([q_size, q_size, q_size], dim=-1)
-        return self.c_proj(self.attn(q, k, v, kv_cache, input_metadata, cache_event))
+        return self.c_proj(self.attn(q, k, v, kv_cache, input_metadata))
 
 
 class GPT2MLP(nn.Module):
@@ -79,11 +78,10 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(hidden, inner, config.activation_function)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """One block over the flattened batch."""
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), kv_cache,
-                                                  input_metadata, cache_event)
+                                                  input_metadata)
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
@@ -99,13 +97,11 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after ln_f."""
         hidden_states = self.wte(input_ids) + self.wpe(positions)
         for i, block in enumerate(self.h):
-            event = cache_events[i] if cache_events is not None else None
-            hidden_states = block(hidden_states, kv_caches[i], input_metadata, event)
+            hidden_states = block(hidden_states, kv_caches[i], input_metadata)
         return self.ln_f(hidden_states)
 
 
@@ -129,10 +125,9 @@ class GPT2LMHeadModel(nn.Module):
             self.lm_head.tie_to(self.transformer.wte)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]] = None) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] flattened over the batch -> hidden states."""
-        return self.transformer(input_ids, positions, kv_caches, input_metadata, cache_events)
+        return self.transformer(input_ids, positions, kv_caches, input_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [num_rows, vocab] for the given hidden states."""

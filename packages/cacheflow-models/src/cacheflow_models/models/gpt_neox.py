@@ -69,13 +69,12 @@ class GPTNeoXAttention(nn.Module):
             rope_scaling=scaling)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.query_key_value(hidden_states)
         q_size = self.query_key_value.q_size
         q, k, v = qkv.split([q_size, q_size, q_size], dim=-1)
-        out = self.attn(positions, q, k, v, kv_cache, input_metadata, cache_event)
+        out = self.attn(positions, q, k, v, kv_cache, input_metadata)
         return self.dense(out)
 
 
@@ -106,11 +105,10 @@ class GPTNeoXLayer(nn.Module):
         self.mlp = GPTNeoXMLP(config)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """One block over the flattened batch."""
         attn_output = self.attention(positions, self.input_layernorm(hidden_states), kv_cache,
-                                     input_metadata, cache_event)
+                                     input_metadata)
         if self.use_parallel_residual:
             mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
             return mlp_output + attn_output + hidden_states
@@ -128,13 +126,11 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final LayerNorm."""
         hidden_states = self.embed_in(input_ids)
         for i, layer in enumerate(self.layers):
-            event = cache_events[i] if cache_events is not None else None
-            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata, event)
+            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
         return self.final_layer_norm(hidden_states)
 
 
@@ -154,10 +150,9 @@ class GPTNeoXForCausalLM(nn.Module):
             self.embed_out.tie_to(self.gpt_neox.embed_in)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]] = None) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] flattened over the batch -> hidden states."""
-        return self.gpt_neox(input_ids, positions, kv_caches, input_metadata, cache_events)
+        return self.gpt_neox(input_ids, positions, kv_caches, input_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [num_rows, vocab] for the given hidden states."""

@@ -86,13 +86,12 @@ class LlamaAttention(nn.Module):
             sliding_window=sliding_window(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.qkv_proj(hidden_states)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        out = self.attn(positions, q, k, v, kv_cache, input_metadata, cache_event)
+        out = self.attn(positions, q, k, v, kv_cache, input_metadata)
         return self.o_proj(out)
 
 
@@ -109,12 +108,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """One block over the flattened batch."""
         residual = hidden_states
         hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache,
-                                       input_metadata, cache_event)
+                                       input_metadata)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -133,13 +131,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         hidden_states = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            event = cache_events[i] if cache_events is not None else None
-            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata, event)
+            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
         return self.norm(hidden_states)
 
 
@@ -172,10 +168,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]] = None) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] flattened over the batch -> hidden states."""
-        return self.model(input_ids, positions, kv_caches, input_metadata, cache_events)
+        return self.model(input_ids, positions, kv_caches, input_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [num_rows, vocab] for the given hidden states."""

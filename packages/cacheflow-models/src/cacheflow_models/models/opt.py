@@ -51,13 +51,12 @@ class OPTAttention(nn.Module):
         self.attn = GPTCacheFlowAttention(self.qkv_proj.num_heads, head_size, 1.0)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.qkv_proj(hidden_states)
         q_size = self.qkv_proj.q_size
         q, k, v = qkv.split([q_size, q_size, q_size], dim=-1)
-        out = self.attn(q * self.scaling, k, v, kv_cache, input_metadata, cache_event)
+        out = self.attn(q * self.scaling, k, v, kv_cache, input_metadata)
         return self.out_proj(out)
 
 
@@ -77,15 +76,13 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = _layer_norm(config)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event]) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """One block over the flattened batch."""
         pre = self.do_layer_norm_before
         residual = hidden_states
         if pre:
             hidden_states = self.self_attn_layer_norm(hidden_states)
-        hidden_states = residual + self.self_attn(hidden_states, kv_cache, input_metadata,
-                                                  cache_event)
+        hidden_states = residual + self.self_attn(hidden_states, kv_cache, input_metadata)
         if not pre:
             hidden_states = self.self_attn_layer_norm(hidden_states)
         residual = hidden_states
@@ -124,16 +121,14 @@ class OPTDecoder(nn.Module):
                                     for _ in range(config.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, word_embed_proj_dim] ready for the LM head."""
         inputs_embeds = self.embed_tokens(input_ids)
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
         hidden_states = inputs_embeds + self.embed_positions(positions + POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
-            event = cache_events[i] if cache_events is not None else None
-            hidden_states = layer(hidden_states, kv_caches[i], input_metadata, event)
+            hidden_states = layer(hidden_states, kv_caches[i], input_metadata)
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if self.project_out is not None:
@@ -149,10 +144,9 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]]) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """See OPTDecoder.forward."""
-        return self.decoder(input_ids, positions, kv_caches, input_metadata, cache_events)
+        return self.decoder(input_ids, positions, kv_caches, input_metadata)
 
 
 class OPTForCausalLM(nn.Module):
@@ -178,10 +172,9 @@ class OPTForCausalLM(nn.Module):
             self.lm_head.tie_to(self.model.decoder.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], input_metadata: InputMetadata,
-                cache_events: Optional[list[torch.cuda.Event]] = None) -> torch.Tensor:
+                kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] flattened over the batch -> hidden states."""
-        return self.model(input_ids, positions, kv_caches, input_metadata, cache_events)
+        return self.model(input_ids, positions, kv_caches, input_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [num_rows, vocab] for the given hidden states."""

@@ -75,16 +75,12 @@ class PagedAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]],
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event] = None) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """Returns the attention output [num_tokens, num_heads * head_size]."""
         num_tokens = query.shape[0]
         q = query.view(num_tokens, self.num_heads, self.head_size)
         k = key.view(num_tokens, self.num_kv_heads, self.head_size)
         v = value.view(num_tokens, self.num_kv_heads, self.head_size)
-        if cache_event is not None:
-            # A swap into this layer's cache may still be in flight on another stream.
-            cache_event.wait()
         if kv_cache is None:
             out = _attend_without_cache(q, k, v, input_metadata, self.scale,
                                         self.sliding_window)

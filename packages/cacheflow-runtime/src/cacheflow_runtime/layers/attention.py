@@ -15,7 +15,7 @@ KVCache = Optional[tuple[torch.Tensor, torch.Tensor]]
 class GPTCacheFlowAttention(PagedAttention):
     """Plain multi-head (or grouped-query) attention over the paged cache, no rotary embedding.
 
-    ``forward(query, key, value, kv_cache, input_metadata, cache_event)`` as PagedAttention.
+    ``forward(query, key, value, kv_cache, input_metadata)`` as PagedAttention.
     """
 
 
@@ -34,9 +34,8 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor,  # type: ignore[override]
                 key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
-                input_metadata: InputMetadata,
-                cache_event: Optional[torch.cuda.Event] = None) -> torch.Tensor:
+                input_metadata: InputMetadata) -> torch.Tensor:
         """Rotates query and key at ``positions`` [num_tokens], then attends."""
         query, key = self.rotary_emb(positions, query, key, input_metadata.query_lens,
                                      input_metadata.context_lens_host)
-        return super().forward(query, key, value, kv_cache, input_metadata, cache_event)
+        return super().forward(query, key, value, kv_cache, input_metadata)

@@ -102,7 +102,7 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                          self._metadata(size), None)
+                          self._metadata(size))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

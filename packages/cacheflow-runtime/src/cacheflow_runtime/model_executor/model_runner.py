@@ -117,16 +117,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
-                kv_caches: list[KVCache],
-                cache_events: Optional[list[torch.cuda.Event]] = None) -> list[GroupSampleResult]:
+                kv_caches: list[KVCache]) -> list[GroupSampleResult]:
         """Runs the model on ``groups`` and returns one sampling result per group."""
         batch = prepare_batch(groups, block_tables, self.block_size, self.device,
                               self.eos_token_id)
         hidden = None
-        if self.decode_graphs is not None and cache_events is None:
+        if self.decode_graphs is not None:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         if hidden is None:
-            hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata,
-                                cache_events)
+            hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata)
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
         return self.sampler(logits, batch.sampling_groups, self.default_generator)

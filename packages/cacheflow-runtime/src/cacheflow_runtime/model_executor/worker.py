@@ -123,8 +123,7 @@ class Worker:
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
             logit_indices=torch.tensor(starts[1:], device=dev) - 1, is_prompt=True)
         with torch.inference_mode():
-            hidden = self.model(ids, positions, [None] * self.model_config.num_layers, metadata,
-                                None)
+            hidden = self.model(ids, positions, [None] * self.model_config.num_layers, metadata)
             self.model.compute_logits(hidden[metadata.logit_indices])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
