@@ -19,9 +19,9 @@ from cacheflow_runtime.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from cacheflow_runtime.model_executor.registry import load_model_class
-from cacheflow_runtime.model_executor.weights import iterate_weights
-from cacheflow_runtime.model_executor.worker import load_model
+from cacheflow_runtime.model_loader import load_model
+from cacheflow_runtime.registry import load_model_class
+from cacheflow_runtime.weights import iterate_weights
 
 
 def run_engine(path: Path, prompts: list[list[int]],

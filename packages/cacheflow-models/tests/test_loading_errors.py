@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from cacheflow_models import build_model_config
 from cacheflow_models.loading import WeightLoadError
 from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
-from cacheflow_runtime.model_executor.worker import load_model
+from cacheflow_runtime.model_loader import load_model
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 

@@ -29,7 +29,7 @@ import json, sys
 from pathlib import Path
 from cacheflow_models import build_model_config
 from cacheflow_runtime import SamplingParams
-from cacheflow_runtime.model_executor.registry import load_model_class
+from cacheflow_runtime.registry import load_model_class
 from models_testutil import run_engine
 
 path, prompts, max_tokens = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])

@@ -19,8 +19,8 @@ from cacheflow_runtime.layers.rotary_embedding import (
     rope_inv_freq,
     rope_max_positions,
 )
-from cacheflow_runtime.model_executor.registry import load_model_class
-from cacheflow_runtime.model_executor.weights import iterate_weights
+from cacheflow_runtime.registry import load_model_class
+from cacheflow_runtime.weights import iterate_weights
 
 HEAD, DIM, ORIG, FACTOR, BASE = 16, 16, 24, 4.0, 10000.0
 

@@ -1,4 +1,4 @@
-"""Tests for the checkpoint readers in cacheflow_runtime.model_executor.weights."""
+"""Tests for the checkpoint readers in cacheflow_runtime.weights."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cacheflow_runtime.model_executor.weights import (
+from cacheflow_runtime.weights import (
     checkpoint_files,
     detect_format,
     iterate_weights,

@@ -2,10 +2,10 @@
 
 from cacheflow_models.default_model import default_model_path
 from cacheflow_models.hf_config import build_model_config, load_hf_config
-from cacheflow_models.registry import _MODEL_REGISTRY, get_model_class
+from cacheflow_models.registry import resolve_architecture
 from cacheflow_models.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["_MODEL_REGISTRY", "__version__", "build_model_config", "default_model_path",
-           "get_model_class", "load_hf_config", "load_tokenizer"]
+__all__ = ["__version__", "build_model_config", "default_model_path", "load_hf_config",
+           "load_tokenizer", "resolve_architecture"]

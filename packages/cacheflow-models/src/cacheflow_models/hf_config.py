@@ -12,7 +12,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from cacheflow_models.registry import resolve_architecture
 from cacheflow_runtime.config import ModelConfig, parse_dtype
 from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
-from cacheflow_runtime.model_executor.weights import detect_format
+from cacheflow_runtime.weights import detect_format
 
 
 def split_gguf_path(path: str | Path) -> tuple[Path, Optional[str]]:

@@ -1,13 +1,21 @@
 """cacheflow-runtime: the paged-KV engine (scheduler, block manager, sampler, worker, engine)."""
 
 from cacheflow_runtime import kernels  # noqa: F401  (checks the kernels ABI at import)
-from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
+from cacheflow_runtime.config import (
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_dtype,
+    resolve_device,
+)
 from cacheflow_runtime.engine.async_llm_engine import (
     AsyncLLMEngine,
     EngineClosedError,
     EngineOverloadedError,
     EngineStats,
+    RequestStream,
 )
+from cacheflow_runtime.engine.detokenizer import stop_string_holdback
 from cacheflow_runtime.engine.llm_engine import LLMEngine
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
@@ -16,4 +24,5 @@ __version__ = "0.1.0"
 
 __all__ = ["AsyncLLMEngine", "CacheConfig", "CompletionOutput", "EngineClosedError",
            "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "RequestOutput",
-           "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype"]
+           "RequestStream", "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype",
+           "resolve_device", "stop_string_holdback"]

@@ -11,8 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from cacheflow_models import build_model_config, default_model_path, load_tokenizer
-from cacheflow_runtime import CacheConfig, LLMEngine, RequestOutput, SamplingParams, SchedulerConfig
-from cacheflow_runtime.model_executor.worker import resolve_device
+from cacheflow_runtime import (
+    CacheConfig,
+    LLMEngine,
+    RequestOutput,
+    SamplingParams,
+    SchedulerConfig,
+    resolve_device,
+)
 
 PromptInput = Union[str, dict[str, Any]]
 

@@ -22,9 +22,9 @@ from cacheflow_runtime.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from cacheflow_runtime.model_executor.registry import load_model_class
-from cacheflow_runtime.model_executor.weights import iterate_weights
 from cacheflow_runtime.parallel_state import tensor_parallel_shard
+from cacheflow_runtime.registry import load_model_class
+from cacheflow_runtime.weights import iterate_weights
 
 
 @contextlib.contextmanager

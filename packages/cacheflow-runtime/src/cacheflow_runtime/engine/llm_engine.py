@@ -10,12 +10,12 @@ from typing import Any, Optional
 
 import torch
 
-from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
+from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, resolve_device
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.engine.beam_search import beam_step
 from cacheflow_runtime.engine.detokenizer import check_stop, decode_new_text, flush_text
-from cacheflow_runtime.model_executor.worker import Worker, resolve_device
+from cacheflow_runtime.model_executor.worker import Worker
 from cacheflow_runtime.outputs import RequestOutput
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
 from cacheflow_runtime.sampling_params import SamplingParams

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -12,49 +10,13 @@ from cacheflow_runtime.config import CacheConfig, ModelConfig
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
 from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
 from cacheflow_runtime.model_executor.model_runner import ModelRunner
-from cacheflow_runtime.model_executor.registry import load_model_class
-from cacheflow_runtime.model_executor.weights import detect_format, iterate_weights
+from cacheflow_runtime.model_loader import load_model
 from cacheflow_runtime.sampling_metadata import GroupSampleResult
 from cacheflow_runtime.sequence import SequenceGroup
 
 _GIB = 1 << 30
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> the first CUDA device if there is one, else CPU; otherwise validated as given."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    return resolved
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def load_model(model_config: ModelConfig, device: torch.device) -> Any:
-    """Builds the registered model class on ``device`` in the config's dtype and loads weights."""
-    model_cls = load_model_class(model_config.architecture)
-    with _default_dtype(model_config.dtype), device:
-        model = model_cls(model_config.hf_config)
-    fmt = model_config.weights_format or detect_format(model_config.model_path)
-    model.load_weights(iterate_weights(model_config.model_path, fmt), fmt)
-    return model.eval()
 
 
 def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int) -> list[int]:

@@ -8,8 +8,7 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
-from cacheflow_runtime import RequestOutput
-from cacheflow_runtime.engine.async_llm_engine import RequestStream
+from cacheflow_runtime import RequestOutput, RequestStream
 from cacheflow_serve.server.errors import APIError, error_body, stream_error
 from cacheflow_serve.server.protocol import ChatCompletionRequest, ChatMessage
 from cacheflow_serve.server.serving import (

@@ -8,8 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from cacheflow_runtime import AsyncLLMEngine, RequestOutput, SamplingParams
-from cacheflow_runtime.engine.async_llm_engine import RequestStream
+from cacheflow_runtime import AsyncLLMEngine, RequestOutput, RequestStream, SamplingParams
 from cacheflow_serve.server.errors import APIError, bad_request, engine_error
 from cacheflow_serve.server.metrics import ServerMetrics
 from cacheflow_serve.server.protocol import SamplingFields

@@ -13,9 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cacheflow_runtime import RequestOutput
-from cacheflow_runtime.engine.async_llm_engine import RequestStream
-from cacheflow_runtime.engine.detokenizer import stop_string_holdback
+from cacheflow_runtime import RequestOutput, RequestStream, stop_string_holdback
 
 T = TypeVar("T")
 
