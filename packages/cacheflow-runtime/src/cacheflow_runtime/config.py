@@ -127,3 +127,24 @@ class SchedulerConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
                              f"got {self.preemption_mode!r}")
+
+
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split: ``tensor_parallel_size`` ranks, run by one process each ("mp",
+    on this host) or by Ray actors ("ray", across hosts); None picks "mp" when the size is > 1."""
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        size = self.tensor_parallel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{DISTRIBUTED_EXECUTOR_BACKENDS} or None, got {backend!r}")

@@ -102,7 +102,7 @@ class Sampler(torch.nn.Module):
         results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), num_top,
                             top_values, top_ids)
         for g, group in enumerate(groups):
-            if group.is_prompt and group.sampling_params.prompt_logprobs is not None:
+            if group.prompt_logit_rows:
                 results[g].prompt_logprobs = _prompt_logprobs(logits, group)
         return results
 
@@ -474,13 +474,14 @@ def _assemble(groups: list[SamplingGroup], samples: list[_Sample], tokens: list[
 
 
 def _prompt_logprobs(logits: torch.Tensor, group: SamplingGroup) -> list[Logprobs | None]:
-    """``[None]`` then, for each prompt logit row i, the logprob of prompt token i + 1 and the
-    top ``prompt_logprobs`` tokens, from ``log_softmax`` of the raw logits (no penalties, no
-    temperature)."""
+    """For each prompt logit row (prompt position p = ``prompt_logprobs_start`` + i), the logprob
+    of prompt token p + 1 and the top ``prompt_logprobs`` tokens, from ``log_softmax`` of the raw
+    logits (no penalties, no temperature)."""
     k = group.sampling_params.prompt_logprobs or 0
-    result: list[Logprobs | None] = [None]
+    result: list[Logprobs | None] = []
     rows = group.prompt_logit_rows
-    targets = group.prompt_token_ids[1: len(rows) + 1]
+    first = group.prompt_logprobs_start + 1
+    targets = group.prompt_token_ids[first: first + len(rows)]
     for start in range(0, len(targets), _PROMPT_LOGPROBS_CHUNK):
         chunk_rows = _long(rows[start: start + _PROMPT_LOGPROBS_CHUNK], logits.device)
         chunk_targets = targets[start: start + _PROMPT_LOGPROBS_CHUNK]

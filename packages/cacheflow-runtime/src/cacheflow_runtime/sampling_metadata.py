@@ -18,8 +18,9 @@ class SamplingGroup:
 
     ``logit_rows`` are the rows of the batch's logits that belong to this request, one per sequence
     in ``seq_ids`` (at a prompt step: one row, the prompt's last position, and ``seq_ids`` holds the
-    single prompt sequence). ``prompt_logit_rows`` (prompt step with ``prompt_logprobs`` only) are
-    the rows for prompt positions 0..len-2, which predict prompt tokens 1..len-1.
+    single prompt sequence). ``prompt_logit_rows`` (steps that compute prompt positions of a request
+    with ``prompt_logprobs``) are the rows for prompt positions ``prompt_logprobs_start``,
+    ``prompt_logprobs_start + 1``, ...; position p predicts prompt token p + 1.
     ``generators[i]`` draws the i-th sample: at a prompt step there are ``best_of`` of them (the
     children-to-be), at a decode step one per sequence; None means the sampler's default generator.
     """
@@ -33,6 +34,7 @@ class SamplingGroup:
     cumulative_logprobs: list[float]
     generators: list[Optional[torch.Generator]]
     prompt_logit_rows: list[int] = field(default_factory=list)
+    prompt_logprobs_start: int = 0
     eos_token_id: Optional[int] = None
 
 

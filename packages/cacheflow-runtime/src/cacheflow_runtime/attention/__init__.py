@@ -1,6 +1,6 @@
 """The attention front end over the paged KV cache."""
 
-from cacheflow_runtime.attention.metadata import InputMetadata
+from cacheflow_runtime.attention.metadata import InputMetadata, build_input_metadata
 from cacheflow_runtime.attention.paged_attention import PagedAttention
 
-__all__ = ["InputMetadata", "PagedAttention"]
+__all__ = ["InputMetadata", "PagedAttention", "build_input_metadata"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +56,41 @@ class InputMetadata:
     def max_context_len(self) -> int:
         """The longest context of one sequence."""
         return max(self.context_lens_host, default=0)
+
+
+def build_input_metadata(query_lens: list[int], context_lens: list[int],
+                         block_tables: Sequence[Sequence[int]] | torch.Tensor,
+                         slot_mapping: Sequence[int] | torch.Tensor,
+                         logit_indices: Sequence[int] | torch.Tensor,
+                         device: torch.device, *,
+                         query_start_loc: torch.Tensor | None = None,
+                         context_lens_tensor: torch.Tensor | None = None) -> InputMetadata:
+    """The one way to build an ``InputMetadata``: host lists (or tensors already on ``device``,
+    e.g. the static buffers of a CUDA graph) in, tensors on ``device`` out. Block tables given
+    as lists are padded with 0 to the longest."""
+    if query_start_loc is None:
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        query_start_loc = torch.tensor(cu, dtype=torch.int32)
+    if context_lens_tensor is None:
+        context_lens_tensor = torch.tensor(context_lens, dtype=torch.int32)
+    if not isinstance(block_tables, torch.Tensor):
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        block_tables = torch.tensor(padded, dtype=torch.int32).view(len(padded), width)
+    return InputMetadata(
+        query_lens=list(query_lens), context_lens_host=list(context_lens),
+        query_start_loc=_as_tensor(query_start_loc, torch.int32, device),
+        context_lens=_as_tensor(context_lens_tensor, torch.int32, device),
+        block_tables=_as_tensor(block_tables, torch.int32, device),
+        slot_mapping=_as_tensor(slot_mapping, torch.int64, device),
+        logit_indices=_as_tensor(logit_indices, torch.int64, device),
+        is_prompt=any(q > 1 for q in query_lens))
+
+
+def _as_tensor(values: Sequence[int] | torch.Tensor, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype, non_blocking=True)
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -47,46 +47,45 @@ class CacheEngine:
              torch.empty((num_cpu_blocks, *shape), dtype=dtype, pin_memory=pin))
             for _ in range(model_config.num_layers)]
 
-    def swap_in(self, src_to_dst: dict[int, int]) -> None:
-        """Copies host blocks into device blocks (cpu block number -> device block number)."""
-        self._move(self.cpu_cache, self.device_cache, src_to_dst)
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies host blocks into device blocks ((cpu block, device block) pairs)."""
+        self._move(self.cpu_cache, self.device_cache, pairs)
 
-    def swap_out(self, src_to_dst: dict[int, int]) -> None:
-        """Copies device blocks out to host blocks (device block number -> cpu block number)."""
-        self._move(self.device_cache, self.cpu_cache, src_to_dst)
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies device blocks out to host blocks ((device block, cpu block) pairs)."""
+        self._move(self.device_cache, self.cpu_cache, pairs)
 
-    def copy(self, src_to_dsts: dict[int, list[int]]) -> None:
-        """Copies device blocks to other device blocks in every layer (copy-on-write)."""
-        if not src_to_dsts or not self.device_cache:
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies device blocks to other device blocks in every layer ((source, destination)
+        pairs; copy-on-write)."""
+        if not pairs or not self.device_cache:
             return
-        src = [s for s, dsts in src_to_dsts.items() for _ in dsts]
-        dst = [d for dsts in src_to_dsts.values() for d in dsts]
         ck = kernels_for(self.device_cache[0][0])
         if ck is not None:
-            mapping = torch.tensor(list(zip(src, dst)), dtype=torch.int64, device=self.device)
+            mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
             ck.copy_blocks([k for k, _ in self.device_cache], [v for _, v in self.device_cache],
                            mapping)
             return
-        src_idx = torch.tensor(src, device=self.device)
-        dst_idx = torch.tensor(dst, device=self.device)
+        src_idx = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst_idx = torch.tensor([d for _, d in pairs], device=self.device)
         for key_cache, value_cache in self.device_cache:
             key_cache[dst_idx] = key_cache[src_idx]
             value_cache[dst_idx] = value_cache[src_idx]
 
     def _move(self, src_cache: list[KVCache], dst_cache: list[KVCache],
-              src_to_dst: dict[int, int]) -> None:
-        if not src_to_dst or not self.device_cache:
+              pairs: list[tuple[int, int]]) -> None:
+        if not pairs or not self.device_cache:
             return
         ck = kernels_for(self.device_cache[0][0])
         if ck is not None and self.cpu_cache[0][0].is_pinned():
-            mapping = torch.tensor(list(src_to_dst.items()), dtype=torch.int64)
+            mapping = torch.tensor(pairs, dtype=torch.int64)
             for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
                 ck.swap_blocks(src_k, dst_k, mapping)
                 ck.swap_blocks(src_v, dst_v, mapping)
             return
         for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
-            src_idx = torch.tensor(list(src_to_dst.keys()), device=src_k.device)
-            dst_idx = torch.tensor(list(src_to_dst.values()), device=dst_k.device)
+            src_idx = torch.tensor([s for s, _ in pairs], device=src_k.device)
+            dst_idx = torch.tensor([d for _, d in pairs], device=dst_k.device)
             # Asynchronous only towards a device: a copy to the host must have landed before
             # the host-side indexing reads it.
             dst_k[dst_idx] = src_k[src_idx].to(dst_k.device, non_blocking=dst_k.is_cuda)

@@ -23,7 +23,7 @@ import torch
 
 import cacheflow_kernels
 from cacheflow_runtime.attention import cuda
-from cacheflow_runtime.attention.metadata import InputMetadata
+from cacheflow_runtime.attention.metadata import InputMetadata, build_input_metadata
 from cacheflow_runtime.attention.paged_attention import PagedAttention
 
 logger = logging.getLogger(__name__)
@@ -93,12 +93,11 @@ class DecodeGraphs:
         self._capture_all()
 
     def _metadata(self, size: int) -> InputMetadata:
-        return InputMetadata(
-            query_lens=[1] * size, context_lens_host=[self.max_model_len] * size,
+        return build_input_metadata(
+            [1] * size, [self.max_model_len] * size, self.block_tables[:size],
+            self.slot_mapping[:size], self.logit_indices[:size], self.input_ids.device,
             query_start_loc=self.query_start_loc[:size + 1],
-            context_lens=self.context_lens[:size], block_tables=self.block_tables[:size],
-            slot_mapping=self.slot_mapping[:size], logit_indices=self.logit_indices[:size],
-            is_prompt=False)
+            context_lens_tensor=self.context_lens[:size])
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,

@@ -1,98 +1,126 @@
-"""Turns a scheduled batch into model inputs, runs the model and samples the next tokens."""
+"""Turns one step's scheduler output into model inputs, runs the model and samples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from cacheflow_runtime.attention import InputMetadata
+from cacheflow_runtime.attention import InputMetadata, build_input_metadata
+from cacheflow_runtime.core.step_data import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
+from cacheflow_runtime.model_executor.request_states import RequestState, RequestStates
 from cacheflow_runtime.sampler import Sampler
-from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
-from cacheflow_runtime.sequence import SequenceGroup, SequenceStatus
+from cacheflow_runtime.sampling_metadata import SamplingGroup
 
 
 @dataclass
 class PreparedBatch:
-    """Model inputs of one step plus the sampler's view of it."""
+    """Model inputs of one step plus the sampler's view of it (``req_ids[i]`` owns
+    ``sampling_groups[i]``; ``sampled[i]`` says whether it samples tokens this step)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     metadata: InputMetadata
-    sampling_groups: list[SamplingGroup]
+    sampling_groups: list[SamplingGroup] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
 
 
-def prepare_batch(groups: list[SequenceGroup], block_tables: dict[int, list[int]],
-                  block_size: int, device: torch.device,
-                  eos_token_id: Optional[int]) -> PreparedBatch:
-    """Flattens the RUNNING sequences of ``groups`` into one batch.
+class _BatchBuilder:
+    """Accumulates the flattened tokens, slots and logit rows of a step, request by request."""
 
-    Each sequence contributes its tokens from ``num_computed_tokens`` on (the whole prompt at
-    prefill, the newest token at decode); their K/V go to the slots its block table gives.
-    """
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    query_lens: list[int] = []
-    context_lens: list[int] = []
-    tables: list[list[int]] = []
-    logit_indices: list[int] = []
-    sampling_groups: list[SamplingGroup] = []
-    is_prompt = False
-    for group in groups:
-        seqs = group.get_seqs(SequenceStatus.RUNNING)
-        params = group.sampling_params
-        first_step = group.is_prefill
-        want_prompt_logprobs = first_step and params.prompt_logprobs is not None
-        rows: list[int] = []
-        prompt_rows: list[int] = []
-        for seq in seqs:
-            tokens = seq.get_token_ids()
-            start, end = seq.num_computed_tokens, len(tokens)
-            is_prompt = is_prompt or end - start > 1 or first_step
-            table = block_tables[seq.seq_id]
-            offset = len(input_ids)
-            input_ids.extend(tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size
-                         for p in range(start, end))
-            query_lens.append(end - start)
-            context_lens.append(end)
-            tables.append(table)
-            if want_prompt_logprobs:
-                prompt_rows = list(range(len(logit_indices), len(logit_indices) + end - 1))
-                logit_indices.extend(range(offset, offset + end - 1))
-            rows.append(len(logit_indices))
-            logit_indices.append(offset + end - start - 1)
-        generators = ([seq.generator for seq in seqs] if not first_step
-                      else list(group.child_generators))
-        sampling_groups.append(SamplingGroup(
-            seq_ids=[seq.seq_id for seq in seqs], sampling_params=params, is_prompt=first_step,
-            logit_rows=rows, prompt_token_ids=group.prompt_token_ids,
-            output_token_ids=[list(seq.output_token_ids) for seq in seqs],
-            cumulative_logprobs=[seq.cumulative_logprob for seq in seqs],
-            generators=generators, prompt_logit_rows=prompt_rows, eos_token_id=eos_token_id))
-    max_blocks = max((len(t) for t in tables), default=0)
-    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-    cu = [0]
-    for q in query_lens:
-        cu.append(cu[-1] + q)
-    metadata = InputMetadata(
-        query_lens=query_lens, context_lens_host=context_lens,
-        query_start_loc=torch.tensor(cu, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(len(tables),
-                                                                                max_blocks),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        logit_indices=torch.tensor(logit_indices, dtype=torch.int64, device=device),
-        is_prompt=is_prompt)
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.input_ids: list[int] = []
+        self.positions: list[int] = []
+        self.slots: list[int] = []
+        self.query_lens: list[int] = []
+        self.context_lens: list[int] = []
+        self.tables: list[list[int]] = []
+        self.logit_indices: list[int] = []
+
+    def add_sequence(self, token_ids: list[int], start: int, table: list[int]) -> int:
+        """Adds one sequence's tokens at positions ``start..``; returns its first flat index."""
+        offset = len(self.input_ids)
+        end = start + len(token_ids)
+        bs = self.block_size
+        self.input_ids.extend(token_ids)
+        self.positions.extend(range(start, end))
+        self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        self.query_lens.append(len(token_ids))
+        self.context_lens.append(end)
+        self.tables.append(table)
+        return offset
+
+    def add_logit_rows(self, flat_indices: range | list[int]) -> list[int]:
+        """Asks for the hidden states at ``flat_indices``; returns their logit row numbers."""
+        first = len(self.logit_indices)
+        self.logit_indices.extend(flat_indices)
+        return list(range(first, len(self.logit_indices)))
+
+
+def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
+                  device: torch.device, eos_token_id: Optional[int]) -> PreparedBatch:
+    """Flattens the scheduled sequences of ``out`` into one batch (``states`` already updated
+    with ``out``): each contributes ``token_ids`` from ``num_computed_tokens`` on, its K/V going
+    to the slots its block table gives."""
+    builder = _BatchBuilder(block_size)
+    groups: list[SamplingGroup] = []
+    req_ids: list[str] = []
+    sampled: list[bool] = []
+    for req in out.scheduled:
+        state = states.requests[req.req_id]
+        rows, prompt_rows, prompt_start = _add_request(builder, req, state, states)
+        if not rows and not prompt_rows:
+            continue
+        seqs = [states.seqs[s.seq_id] for s in req.seqs]
+        generators = (list(state.generators) if req.is_first_sample
+                      else [state.generators[seq.sample_index] for seq in seqs])
+        groups.append(SamplingGroup(
+            seq_ids=[s.seq_id for s in req.seqs], sampling_params=state.sampling_params,
+            is_prompt=req.is_first_sample, logit_rows=rows,
+            prompt_token_ids=state.prompt_token_ids,
+            output_token_ids=[seq.output_token_ids for seq in seqs],
+            cumulative_logprobs=[s.cumulative_logprob for s in req.seqs],
+            generators=generators, prompt_logit_rows=prompt_rows,
+            prompt_logprobs_start=prompt_start, eos_token_id=eos_token_id))
+        req_ids.append(req.req_id)
+        sampled.append(req.do_sample)
+    metadata = build_input_metadata(builder.query_lens, builder.context_lens, builder.tables,
+                                    builder.slots, builder.logit_indices, device)
     return PreparedBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        metadata=metadata, sampling_groups=sampling_groups)
+        input_ids=torch.tensor(builder.input_ids, dtype=torch.int64).to(device,
+                                                                       non_blocking=True),
+        positions=torch.tensor(builder.positions, dtype=torch.int64).to(device,
+                                                                       non_blocking=True),
+        metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled)
+
+
+def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestState,
+                 states: RequestStates) -> tuple[list[int], list[int], int]:
+    """Adds a request's sequences; returns its sampling rows, prompt-logprob rows and the prompt
+    position of the first prompt-logprob row."""
+    rows: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_start = state.num_prompt_logprobs
+    want_prompt = state.sampling_params.prompt_logprobs is not None
+    prompt_len = len(state.prompt_token_ids)
+    for s in req.seqs:
+        start = s.num_computed_tokens
+        offset = builder.add_sequence(s.token_ids, start, states.seqs[s.seq_id].block_ids)
+        end = start + len(s.token_ids)
+        # Positions p < prompt_len - 1 predict prompt token p + 1; each is computed once.
+        lo, hi = max(start, state.num_prompt_logprobs), min(end, prompt_len - 1)
+        if want_prompt and hi > lo:
+            prompt_start = lo
+            prompt_rows = builder.add_logit_rows(range(offset + lo - start, offset + hi - start))
+            state.num_prompt_logprobs = hi
+        if req.do_sample:
+            rows.extend(builder.add_logit_rows([offset + len(s.token_ids) - 1]))
+    return rows, prompt_rows, prompt_start
 
 
 class ModelRunner:
@@ -116,15 +144,33 @@ class ModelRunner:
                                           max_num_seqs, max_model_len)
 
     @torch.inference_mode()
-    def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
-                kv_caches: list[KVCache]) -> list[GroupSampleResult]:
-        """Runs the model on ``groups`` and returns one sampling result per group."""
-        batch = prepare_batch(groups, block_tables, self.block_size, self.device,
-                              self.eos_token_id)
+    def execute(self, out: SchedulerOutput, states: RequestStates,
+                kv_caches: list[KVCache]) -> ModelRunnerOutput:
+        """Runs the model on the step's scheduled sequences; returns the sampled tokens and the
+        prompt logprobs computed in this step."""
+        result = ModelRunnerOutput()
+        if not out.scheduled:
+            return result
+        batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id)
         hidden = None
         if self.decode_graphs is not None:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata)
+        if not batch.sampling_groups:
+            return result
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
-        return self.sampler(logits, batch.sampling_groups, self.default_generator)
+        sampled = self.sampler(logits, batch.sampling_groups, self.default_generator)
+        for i, req_id in enumerate(batch.req_ids):
+            group, res = batch.sampling_groups[i], sampled[i]
+            if batch.sampled[i]:
+                result.samples[req_id] = res
+            state = states.requests[req_id]
+            if group.sampling_params.prompt_logprobs is not None and (
+                    res.prompt_logprobs or not state.prompt_logprobs_sent):
+                share = list(res.prompt_logprobs or [])
+                if not state.prompt_logprobs_sent:
+                    share.insert(0, None)  # the first prompt token has no logprob
+                    state.prompt_logprobs_sent = True
+                result.prompt_logprobs[req_id] = share
+        return result

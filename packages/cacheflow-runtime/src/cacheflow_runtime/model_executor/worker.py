@@ -1,22 +1,26 @@
-"""Worker: owns the model, its KV cache and the model runner on one device."""
+"""Worker: owns the model, its KV cache and the model runner on one device.
+
+It is driven through the plain-data step interface only (``execute_model(SchedulerOutput) ->
+ModelRunnerOutput``), so it can live in the engine's process or in another one.
+"""
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
 
-from cacheflow_runtime.config import CacheConfig, ModelConfig
+from cacheflow_runtime.attention import build_input_metadata
+from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, resolve_device
+from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
 from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
 from cacheflow_runtime.model_executor.model_runner import ModelRunner
+from cacheflow_runtime.model_executor.request_states import RequestStates
 from cacheflow_runtime.model_loader import load_model
-from cacheflow_runtime.sampling_metadata import GroupSampleResult
-from cacheflow_runtime.sequence import SequenceGroup
 
 _GIB = 1 << 30
-
-
 
 
 def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
@@ -31,21 +35,28 @@ def profile_sequence_lengths(max_num_batched_tokens: int, max_model_len: int) ->
 
 
 class Worker:
-    """One device's share of the engine: model, KV cache and the step that runs them."""
+    """One device's share of the engine: model, KV cache, the requests it knows and the step that
+    runs them. ``rank`` is its tensor-parallel rank (0 for a single worker)."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 device: torch.device, seed: int = 0) -> None:
+                 scheduler_config: SchedulerConfig, device: str | torch.device = "auto",
+                 seed: int = 0, rank: int = 0, enforce_eager: bool = False) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
-        self.device = device
+        self.scheduler_config = scheduler_config
+        self.device = resolve_device(device)
+        self.rank = rank
+        self.enforce_eager = enforce_eager
         torch.manual_seed(seed)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.model = load_model(model_config, device)
+        self.model = load_model(model_config, self.device)
         self.cache_engine: Optional[CacheEngine] = None
-        self.runner = ModelRunner(self.model, device, cache_config.block_size,
+        self.states = RequestStates()
+        self.uses_cuda_graphs = False
+        self.runner = ModelRunner(self.model, self.device, cache_config.block_size,
                                   model_config.eos_token_id, self.generator)
 
-    def num_available_blocks(self, max_num_batched_tokens: int) -> tuple[int, int]:
+    def determine_num_available_blocks(self) -> tuple[int, int]:
         """(device blocks, cpu blocks) the cache can have, from the config or from memory."""
         per_block = block_bytes(self.model_config, self.cache_config.block_size)
         cpu_blocks = self.cache_config.num_cpu_blocks
@@ -56,7 +67,7 @@ class Worker:
         if self.device.type == "cpu":
             budget = int(self.cache_config.cpu_kv_cache_gib * _GIB)
         else:
-            budget = self._profile_free_memory(max_num_batched_tokens)
+            budget = self._profile_free_memory(self.scheduler_config.max_num_batched_tokens)
         device_blocks = budget // per_block
         if device_blocks < 1:
             raise RuntimeError("no memory is left for the KV cache after loading the model; "
@@ -67,23 +78,14 @@ class Worker:
         """Bytes left for the KV cache under gpu_memory_utilization after a peak-sized forward."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        from cacheflow_runtime.attention import InputMetadata
-
         lens = profile_sequence_lengths(max_num_batched_tokens, self.model_config.max_model_len)
         num_tokens = sum(lens)
-        starts = [0]
-        for n in lens:
-            starts.append(starts[-1] + n)
         dev = self.device
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        metadata = InputMetadata(
-            query_lens=lens, context_lens_host=lens,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((len(lens), 0), dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
-            logit_indices=torch.tensor(starts[1:], device=dev) - 1, is_prompt=True)
+        ends = list(itertools.accumulate(lens))
+        metadata = build_input_metadata(lens, lens, [[] for _ in lens], [-1] * num_tokens,
+                                        [e - 1 for e in ends], dev)
         with torch.inference_mode():
             hidden = self.model(ids, positions, [None] * self.model_config.num_layers, metadata)
             self.model.compute_logits(hidden[metadata.logit_indices])
@@ -94,30 +96,25 @@ class Worker:
         outside_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))
         return int(total * self.cache_config.gpu_memory_utilization) - peak - outside_torch
 
-    def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
-        """Allocates the KV cache."""
+    def initialize_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
+        """Allocates the KV cache, then captures CUDA graphs of decode steps when the device and
+        the model allow it (and ``enforce_eager`` is off)."""
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, self.device,
                                         num_device_blocks, num_cpu_blocks)
+        if (not self.enforce_eager and self.device.type == "cuda"
+                and supports_graphs(self.model, self.cache_config.block_size)):
+            self.runner.capture_decode_graphs(self.cache_engine.device_cache,
+                                              self.scheduler_config.max_num_seqs,
+                                              self.scheduler_config.max_model_len)
+            self.uses_cuda_graphs = True
 
-    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> bool:
-        """Captures CUDA graphs of decode steps when the device and the model allow it;
-        returns whether it did."""
-        assert self.cache_engine is not None, "init_cache() must run before capturing"
-        if self.device.type != "cuda" or not supports_graphs(self.model,
-                                                             self.cache_config.block_size):
-            return False
-        self.runner.capture_decode_graphs(self.cache_engine.device_cache, max_num_seqs,
-                                          max_model_len)
-        return True
-
-    def execute(self, groups: list[SequenceGroup], block_tables: dict[int, list[int]],
-                blocks_to_swap_in: dict[int, int], blocks_to_swap_out: dict[int, int],
-                blocks_to_copy: dict[int, list[int]]) -> list[GroupSampleResult]:
-        """Applies the step's cache moves, then runs the model on ``groups``."""
-        assert self.cache_engine is not None, "init_cache() must run before execute()"
-        self.cache_engine.swap_in(blocks_to_swap_in)
-        self.cache_engine.swap_out(blocks_to_swap_out)
-        self.cache_engine.copy(blocks_to_copy)
-        if not groups:
-            return []
-        return self.runner.execute(groups, block_tables, self.cache_engine.device_cache)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Applies the step to the worker's request state, moves KV blocks (swap-in, swap-out,
+        copy-on-write), runs the model and samples."""
+        assert self.cache_engine is not None, "initialize_cache() must run before a step"
+        self.states.apply(scheduler_output)
+        self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
+        self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
+        self.cache_engine.copy(scheduler_output.blocks_to_copy)
+        return self.runner.execute(scheduler_output, self.states,
+                                   self.cache_engine.device_cache)

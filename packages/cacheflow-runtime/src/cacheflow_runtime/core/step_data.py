@@ -1,0 +1,111 @@
+"""The one seam between the engine core and whoever runs the model: plain, picklable data.
+
+Each step the scheduler emits a :class:`SchedulerOutput`; a worker (in this process, in another
+process, or on another machine) applies it to the state it keeps per request and sequence, runs
+the model and returns a :class:`ModelRunnerOutput`. No live engine object crosses the seam:
+sampling parameters travel once, when a request is first scheduled, and afterwards only what
+changed (new tokens, new KV blocks) does. The worker forgets a request when it appears in
+``finished_req_ids`` and a sequence when it appears in ``freed_seq_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cacheflow_runtime.sampling_metadata import GroupSampleResult, Logprobs
+from cacheflow_runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """What a worker keeps for the whole life of a request, sent the first time it is scheduled.
+
+    ``seed`` is the request's sampling seed (None: the worker's default generator draws); the
+    worker derives one generator per sample (``best_of`` of them) from it.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of a step.
+
+    ``token_ids`` are the tokens whose K/V this step computes; the first sits at position
+    ``num_computed_tokens``. The worker's copy of the sequence's block table is replaced by
+    ``block_ids`` when that is not None (first sight, a swap-in, a preemption, copy-on-write) and
+    then extended by ``new_block_ids``. Its copy of the generated tokens (for penalties) is
+    replaced by ``output_token_ids`` when that is not None and then extended by
+    ``new_output_token_ids``. ``sample_index`` picks which of the request's per-sample generators
+    draws this sequence's tokens.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+    new_block_ids: list[int] = field(default_factory=list)
+    block_ids: Optional[list[int]] = None
+    new_output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: Optional[list[int]] = None
+    sample_index: int = 0
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's sequences in a step.
+
+    ``do_sample``: the step reaches the end of every sequence's tokens, so a token is sampled for
+    each (False for a prompt chunk that is not the last). ``is_first_sample``: this is the
+    request's first sampling step (the end of its prompt): ``best_of`` samples (or the beam search
+    candidates) come from the single prompt row.
+    """
+
+    req_id: str
+    seqs: list[ScheduledSequence]
+    do_sample: bool
+    is_first_sample: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything a worker needs for one step.
+
+    Block moves happen before the model runs, in this order: swap-in, swap-out, copy (each a list
+    of (source block, destination block) pairs; swap pairs are (cpu, device) for swap-in and
+    (device, cpu) for swap-out).
+    """
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+    freed_seq_ids: list[int] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed in this step (the step's share of the token budget)."""
+        return sum(len(seq.token_ids) for req in self.scheduled for seq in req.seqs)
+
+    def is_empty(self) -> bool:
+        """True when no model work and no block move is asked for."""
+        return not (self.scheduled or self.blocks_to_swap_in or self.blocks_to_swap_out
+                    or self.blocks_to_copy)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What a worker returns for one step.
+
+    ``samples`` maps each sampled request (``do_sample``) to its new tokens.
+    ``prompt_logprobs`` maps each request that asked for them to this step's share, in prompt
+    order: the request's first share starts with None (the first prompt token has no logprob).
+    """
+
+    samples: dict[str, GroupSampleResult] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[Optional[Logprobs]]] = field(default_factory=dict)

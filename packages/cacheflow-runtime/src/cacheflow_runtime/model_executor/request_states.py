@@ -1,0 +1,84 @@
+"""What a worker remembers between steps: per request its prompt, sampling parameters and
+generators, per sequence its block table and generated tokens, all kept up to date from each
+step's :class:`~cacheflow_runtime.core.step_data.SchedulerOutput`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cacheflow_runtime.core.step_data import NewRequestData, SchedulerOutput
+from cacheflow_runtime.sampling_params import SamplingParams
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible seed for the index-th sample of a seeded request."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+@dataclass
+class SequenceState:
+    """A worker's copy of one sequence."""
+
+    block_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    sample_index: int = 0
+
+
+@dataclass
+class RequestState:
+    """A worker's copy of one request; ``generators[i]`` draws the i-th sample (None: the
+    worker's default generator). ``num_prompt_logprobs`` counts the prompt positions whose
+    logprobs were computed (each once, even when the prompt is computed again after a
+    preemption); ``prompt_logprobs_sent`` whether the first share went out."""
+
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    generators: list[Optional[torch.Generator]]
+    num_prompt_logprobs: int = 0
+    prompt_logprobs_sent: bool = False
+
+
+class RequestStates:
+    """The requests and sequences a worker knows, updated from each step's scheduler output."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[int, SequenceState] = {}
+
+    def apply(self, out: SchedulerOutput) -> None:
+        """Forgets what the step finished, learns its new requests and applies its deltas."""
+        for req_id in out.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for seq_id in out.freed_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in out.new_requests:
+            self.requests[new.req_id] = _new_request(new)
+        for req in out.scheduled:
+            if req.req_id not in self.requests:
+                raise KeyError(f"request {req.req_id!r} was scheduled before the worker was "
+                               "told about it")
+            for s in req.seqs:
+                state = self.seqs.get(s.seq_id)
+                if state is None:
+                    if s.block_ids is None or s.output_token_ids is None:
+                        raise KeyError(f"sequence {s.seq_id} is new to the worker but its block "
+                                       "table or outputs were not sent")
+                    state = self.seqs[s.seq_id] = SequenceState(sample_index=s.sample_index)
+                if s.block_ids is not None:
+                    state.block_ids = list(s.block_ids)
+                state.block_ids.extend(s.new_block_ids)
+                if s.output_token_ids is not None:
+                    state.output_token_ids = list(s.output_token_ids)
+                state.output_token_ids.extend(s.new_output_token_ids)
+
+
+def _new_request(new: NewRequestData) -> RequestState:
+    params = new.sampling_params
+    seed = params.seed
+    generators: list[Optional[torch.Generator]] = [
+        None if seed is None else torch.Generator(device="cpu").manual_seed(sample_seed(seed, i))
+        for i in range(params.best_of or 1)]
+    return RequestState(list(new.prompt_token_ids), params, generators)
