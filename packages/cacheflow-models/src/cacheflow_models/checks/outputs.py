@@ -28,10 +28,13 @@ class Greedy:
 
 def build_engine(model_config: ModelConfig, tokenizer: Any, prompts: list[list[int]],
                  max_tokens: int, device: str) -> LLMEngine:
-    """An engine with just enough KV blocks for ``prompts`` and ``max_tokens`` more each."""
+    """An engine with just enough KV blocks for ``prompts`` and ``max_tokens`` more each.
+
+    Prefix caching is off: the per-layer comparison needs every prompt token computed again.
+    """
     blocks = sum(math.ceil((len(p) + max_tokens) / BLOCK_SIZE) for p in prompts) + 4
     return LLMEngine(model_config, CacheConfig(block_size=BLOCK_SIZE, num_device_blocks=blocks,
-                                               num_cpu_blocks=0),
+                                               num_cpu_blocks=0, enable_prefix_caching=False),
                      SchedulerConfig(max_model_len=model_config.max_model_len), tokenizer, device)
 
 

@@ -65,6 +65,10 @@ class _EngineCollector(Collector):
                       s.num_generation_tokens)
         yield counter("cacheflow_num_preemptions", "Preemptions of running requests.",
                       s.num_preemptions)
+        yield counter("cacheflow_prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("cacheflow_prefix_cache_hits",
+                      "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("cacheflow_num_requests_abandoned",
                       "Requests aborted because the client went away.",
                       self._engine.num_abandoned)

@@ -119,12 +119,15 @@ async def add_requests(ctx: ServingContext, request_id: str, prompts: list[list[
     return streams
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
-    """OpenAI ``usage`` of the final outputs of one API call."""
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI ``usage`` of the final outputs of one API call (``prompt_tokens_details.
+    cached_tokens``: prompt tokens served from the prefix cache)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens or 0 for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def top_entries(logprobs: dict[int, float], k: int) -> list[tuple[int, float]]:
