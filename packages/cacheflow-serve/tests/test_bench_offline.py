@@ -150,6 +150,9 @@ def test_length_spec_parsing_and_seeded_draws() -> None:
     (["throughput", "--random-weights", "--hf-config", "huge", "--device", "cpu"],
      "cacheflow: error: --hf-config 'huge' is neither a preset (llama-7b, llama-13b, "
      "tinyllama-1.1b, tiny), a config.json path nor a JSON object"),
+    (["throughput", *SMOKE, "--input-len", "500", "--output-len", "20"],
+     "cacheflow: error: the longest prompt plus output (520 tokens) is more than max_model_len "
+     "(512); lower --input-len / --output-len"),
     (["throughput", "--model", "/no/such/model", "--device", "cpu"],
      "cacheflow: error: model path '/no/such/model' does not exist"),
     (["latency", "--input-len", "8:16"],

@@ -286,6 +286,28 @@ def model_summary(path: Path, dtype: str, device: torch.device,
     }
 
 
+def check_fits(longest: int, max_model_len: int) -> None:
+    """ValueError unless the longest prompt plus its output fits the model's context."""
+    if longest > max_model_len:
+        raise ValueError(f"the longest prompt plus output ({longest} tokens) is more than "
+                         f"max_model_len ({max_model_len}); lower --input-len / --output-len")
+
+
+def report_header(benchmark: str, device: torch.device, model: ModelUnderTest,
+                  summary: dict[str, Any], workload: dict[str, Any], args: argparse.Namespace,
+                  max_num_seqs: int) -> dict[str, Any]:
+    """The part of a report that says what ran where: card, versions, date, model, workload
+    and engine options."""
+    return {"benchmark": benchmark, "environment": environment(device),
+            "model": {**model.description, **summary},
+            "workload": {**workload, "seed": args.seed, "sampling": "greedy, ignore_eos"},
+            "engine_args": {"max_num_seqs": max_num_seqs,
+                            "max_num_batched_tokens": args.max_num_batched_tokens,
+                            "max_model_len": args.max_model_len,
+                            "kv_cache_blocks": args.kv_cache_blocks,
+                            "enforce_eager": args.enforce_eager}}
+
+
 def describe_model(report: dict[str, Any]) -> str:
     """One line naming the card, dtype and model shape of a report."""
     model = report["model"]

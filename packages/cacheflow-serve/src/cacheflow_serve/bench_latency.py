@@ -27,7 +27,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from cacheflow_serve.bench_common import (
     LengthSpec,
@@ -274,48 +274,42 @@ def run_latency(args: argparse.Namespace) -> int:
     from cacheflow_models import load_tokenizer
     from cacheflow_runtime import resolve_device
     from cacheflow_serve.bench_common import (
-        environment,
+        check_fits,
         make_llm,
         model_summary,
         model_under_test,
         prompt_token_ids,
         release,
+        report_header,
         write_report,
     )
     from cacheflow_serve.bench_hf import HFGenerator
 
     device = resolve_device(args.device)
+    max_num_seqs = args.max_num_seqs or batch_sizes[-1]
     dev = {**measure_copy_bandwidth(device), **measure_matmul_rate(device)}
     release(device)
     results: dict[str, Any] = {}
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
+        check_fits(input_len + output_len, config.max_model_len)
         ids = prompt_token_ids(load_tokenizer(model.path), config.vocab_size)
         if args.baseline == "hf":
-            hf: Optional[HFGenerator] = HFGenerator(model.path, config.dtype, device)
+            hf = HFGenerator(model.path, config.dtype, device)
             runner = _Runner(_hf_generate(hf), ids, input_len, args.seed, device)
             results["hf"] = _sweep(runner, batch_sizes, output_len, args, "HF generate")
             hf.close()
-            hf = None
             release(device)
-        llm: Optional[Any] = make_llm(args, model.path, args.max_num_seqs or batch_sizes[-1])
+        llm = make_llm(args, model.path, max_num_seqs)
         runner = _Runner(_engine_generate(llm), ids, input_len, args.seed, device)
         results["engine"] = _sweep(runner, batch_sizes, output_len, args, "engine")
-        llm = None
+        del llm, runner  # the engine's memory goes back before the folder is removed
         release(device)
     for rows in results.values():
         _with_floors(rows, summary, input_len, output_len, dev)
-    report = {"benchmark": "latency", "environment": environment(device),
-              "model": {**model.description, **summary},
-              "workload": {"input_len": input_len, "output_len": output_len,
-                           "batch_sizes": batch_sizes, "num_iters": args.num_iters,
-                           "num_iters_warmup": args.num_iters_warmup, "seed": args.seed,
-                           "sampling": "greedy, ignore_eos"},
-              "engine_args": {"max_num_seqs": args.max_num_seqs or batch_sizes[-1],
-                              "max_num_batched_tokens": args.max_num_batched_tokens,
-                              "max_model_len": args.max_model_len,
-                              "kv_cache_blocks": args.kv_cache_blocks,
-                              "enforce_eager": args.enforce_eager},
+    workload = {"input_len": input_len, "output_len": output_len, "batch_sizes": batch_sizes,
+                "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup}
+    report = {**report_header("latency", device, model, summary, workload, args, max_num_seqs),
               "device_measurements": dev,
               "results": {"engine": results["engine"],
                           **({"hf": results["hf"]} if "hf" in results else {})}}

@@ -10,8 +10,9 @@ and output tokens/s, and with ``--baseline hf`` the same for HF ``generate`` on 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from cacheflow_serve.bench_common import (
     LengthSpec,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from cacheflow_serve.bench_common import ModelUnderTest
 
+DEFAULT_MAX_NUM_SEQS = 256  # LLM's default
 WARMUP_REQUESTS = 4
 WARMUP_TOKENS = 4
 
@@ -138,25 +140,26 @@ def run_throughput(args: argparse.Namespace) -> int:
     """Runs ``cacheflow bench throughput``: prints the table, writes JSON if asked; exit status
     1 when an output is not its requested length."""
     input_len, output_len = check_throughput_arguments(args)
-    import sys
-
     from cacheflow_models import load_tokenizer
     from cacheflow_runtime import resolve_device
     from cacheflow_serve.bench_common import (
-        environment,
+        check_fits,
         make_llm,
         model_summary,
         model_under_test,
         prompt_token_ids,
         release,
+        report_header,
         synthetic_requests,
         write_report,
     )
 
     device = resolve_device(args.device)
     progress = not args.disable_tqdm
+    max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
+        check_fits(input_len.high + output_len.high, config.max_model_len)
         ids = prompt_token_ids(load_tokenizer(model.path), config.vocab_size)
         requests = synthetic_requests(args.num_prompts, input_len, output_len, ids, args.seed)
         # Warm-up prompts of their own, so that no cache could serve the timed ones.
@@ -165,22 +168,16 @@ def run_throughput(args: argparse.Namespace) -> int:
         if args.baseline == "hf":
             results["hf"] = run_hf(model, requests, warmup, config.dtype, device,
                                    args.hf_max_batch_size, progress)
-        llm: Optional[Any] = make_llm(args, model.path, args.max_num_seqs or 256)
+        llm = make_llm(args, model.path, max_num_seqs)
         results["engine"] = run_engine(llm, requests, warmup, device, progress)
-        llm = None
+        del llm  # the engine's memory goes back before the folder is removed
         release(device)
     results = {"engine": results["engine"], **{k: v for k, v in results.items()
                                                if k != "engine"}}
-    report = {"benchmark": "throughput", "environment": environment(device),
-              "model": {**model.description, **summary},
-              "workload": {"num_prompts": args.num_prompts, "input_len": str(input_len),
-                           "output_len": str(output_len), "seed": args.seed,
-                           "sampling": "greedy, ignore_eos"},
-              "engine_args": {"max_num_seqs": args.max_num_seqs or 256,
-                              "max_num_batched_tokens": args.max_num_batched_tokens,
-                              "max_model_len": args.max_model_len,
-                              "kv_cache_blocks": args.kv_cache_blocks,
-                              "enforce_eager": args.enforce_eager},
+    workload = {"num_prompts": args.num_prompts, "input_len": str(input_len),
+                "output_len": str(output_len)}
+    report = {**report_header("throughput", device, model, summary, workload, args,
+                              max_num_seqs),
               "results": results}
     print(format_table(report))
     write_report(report, args.output_json)
