@@ -80,6 +80,18 @@ def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:
     assert report["results"]["engine"]["outputs_short_or_long"] == 0
 
 
+def test_throughput_on_a_model_path(tiny_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    assert main(["bench", "throughput", "--model", str(tiny_path), "--device", "cpu",
+                 "--kv-cache-blocks", "32", "--disable-tqdm", "--num-prompts", "3",
+                 "--input-len", "5", "--output-len", "3", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["path"] == str(tiny_path) and not report["model"]["random_weights"]
+    assert report["model"]["vocab_size"] == 259
+    engine = report["results"]["engine"]
+    assert (engine["prompt_tokens"], engine["output_tokens"]) == (15, 9)
+
+
 def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     report = _run(tmp_path, "bench", "latency", "--batch-sizes", "3,1", "--input-len", "8",
@@ -164,6 +176,8 @@ def test_length_spec_parsing_and_seeded_draws() -> None:
     (["latency", "--max-num-seqs", "8"],
      "cacheflow: error: --max-num-seqs (8) is below the largest batch size (256): that batch "
      "would not run as one"),
+    (["latency", "--output-json", "/no/such/folder/l.json"],
+     "cacheflow: error: --output-json: folder '/no/such/folder' does not exist"),
     (["latency", "--gpu-memory-utilization", "1.5"],
      "cacheflow: error: --gpu-memory-utilization must be in (0, 1], got 1.5"),
 ])

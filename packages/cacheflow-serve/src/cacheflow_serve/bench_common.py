@@ -153,6 +153,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--hf-config is only used with --random-weights")
     for flag in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_blocks"):
         positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.output_json is not None and not args.output_json.parent.is_dir():
+        raise ValueError(f"--output-json: folder {str(args.output_json.parent)!r} does not exist")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], "
                          f"got {args.gpu_memory_utilization}")
