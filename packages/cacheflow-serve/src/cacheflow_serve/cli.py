@@ -9,6 +9,9 @@ from typing import Optional
 
 from cacheflow_runtime import SamplingParams
 from cacheflow_serve.bench import add_bench_arguments, run_bench
+from cacheflow_serve.bench_common import OneLineErrorParser
+from cacheflow_serve.bench_latency import add_latency_arguments, run_latency
+from cacheflow_serve.bench_throughput import add_throughput_arguments, run_throughput
 from cacheflow_serve.llm import LLM
 from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
 
@@ -33,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every step from Python (no CUDA graphs of decode steps)")
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True,
+                                     parser_class=OneLineErrorParser)
     add_bench_arguments(bench_sub.add_parser(
         "serve", help="replay requests against a running server; report latency percentiles"))
+    add_throughput_arguments(bench_sub.add_parser(
+        "throughput", help="offline generation throughput of LLM.generate on synthetic prompts"))
+    add_latency_arguments(bench_sub.add_parser(
+        "latency", help="decode step and prefill time per batch size, next to the floors "
+                        "measured on the same device"))
     return parser
 
 
@@ -65,6 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "serve":
             return run_serve(args)
         if args.command == "bench":
+            if args.bench_command == "throughput":
+                return run_throughput(args)
+            if args.bench_command == "latency":
+                return run_latency(args)
             return run_bench(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"cacheflow: error: {exc}", file=sys.stderr)

@@ -1,0 +1,193 @@
+"""``cacheflow bench throughput`` and ``cacheflow bench latency`` in CPU smoke mode: the JSON
+reports exact counts and floors that follow from the measured bandwidth and matmul rate; bad
+options are one-line errors before anything loads."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cacheflow_serve import __version__
+from cacheflow_serve.bench_common import LengthSpec, synthetic_requests
+from cacheflow_serve.bench_latency import floors
+from cacheflow_serve.cli import main
+
+ONE_TORCH_THREAD = True  # see conftest.py
+SMOKE = ["--random-weights", "--hf-config", "tiny", "--device", "cpu", "--kv-cache-blocks", "64",
+         "--disable-tqdm"]
+TINY_PARAMETERS = 139_584  # see test_random_checkpoint.py
+TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, float32
+
+
+def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "report.json"
+    assert main([*args, *SMOKE, "--output-json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_environment(report: dict[str, Any]) -> None:
+    env = report["environment"]
+    assert env["card"].startswith("CPU") and env["device"] == "cpu"
+    assert env["torch"] == torch.__version__
+    assert env["versions"]["cacheflow-serve"] == __version__
+    date = datetime.datetime.fromisoformat(env["date"])
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - date) < datetime.timedelta(hours=1)
+    model = report["model"]
+    assert model["random_weights"] and model["hf_config"] == "tiny"
+    assert model["parameters"] == TINY_PARAMETERS
+    assert model["parameter_bytes"] == 4 * TINY_PARAMETERS  # float32 on the CPU
+    assert model["kv_bytes_per_token"] == TINY_KV_BYTES_PER_TOKEN
+
+
+def test_throughput_counts_are_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _run(tmp_path, "bench", "throughput", "--num-prompts", "4", "--input-len", "8",
+                  "--output-len", "4")
+    _check_environment(report)
+    engine = report["results"]["engine"]
+    assert (engine["num_requests"], engine["prompt_tokens"], engine["output_tokens"],
+            engine["total_tokens"], engine["outputs_short_or_long"]) == (4, 32, 16, 48, 0)
+    assert engine["output_tokens_per_s"] == pytest.approx(16 / engine["elapsed_s"])
+    assert engine["total_tokens_per_s"] == pytest.approx(48 / engine["elapsed_s"])
+    assert engine["requests_per_s"] == pytest.approx(4 / engine["elapsed_s"])
+    assert report["workload"] == {"num_prompts": 4, "input_len": "8", "output_len": "4",
+                                  "seed": 0, "sampling": "greedy, ignore_eos"}
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("CPU") and "0.14M parameters" in table[0]
+    assert table[2].split()[0] == "engine" and table[2].split()[-2:] == ["32", "16"]
+
+
+def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:
+    report = _run(tmp_path, "bench", "throughput", "--num-prompts", "5", "--input-len", "3:12",
+                  "--output-len", "2:6", "--seed", "7", "--baseline", "hf",
+                  "--hf-max-batch-size", "2")
+    # The same seed draws the same lengths (prompt ids: the 512-token vocabulary less 0-2).
+    want = synthetic_requests(5, LengthSpec(3, 12), LengthSpec(2, 6), list(range(3, 512)), 7)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in want)
+    output_tokens = sum(r.output_len for r in want)
+    assert len({r.output_len for r in want}) > 1  # the range really varies
+    for run in ("engine", "hf"):
+        got = report["results"][run]
+        assert (got["prompt_tokens"], got["output_tokens"]) == (prompt_tokens, output_tokens)
+    # HF rows run to their batch's longest output: batches of 2, 2 and 1.
+    assert report["results"]["hf"]["generated_tokens"] == sum(
+        len(batch) * max(r.output_len for r in batch) for batch in (want[:2], want[2:4], want[4:]))
+    assert report["results"]["engine"]["outputs_short_or_long"] == 0
+
+
+def test_throughput_on_a_model_path(tiny_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    assert main(["bench", "throughput", "--model", str(tiny_path), "--device", "cpu",
+                 "--kv-cache-blocks", "32", "--disable-tqdm", "--num-prompts", "3",
+                 "--input-len", "5", "--output-len", "3", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["path"] == str(tiny_path) and not report["model"]["random_weights"]
+    assert report["model"]["vocab_size"] == 259
+    engine = report["results"]["engine"]
+    assert (engine["prompt_tokens"], engine["output_tokens"]) == (15, 9)
+
+
+def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    report = _run(tmp_path, "bench", "latency", "--batch-sizes", "3,1", "--input-len", "8",
+                  "--output-len", "4", "--num-iters", "1", "--num-iters-warmup", "0")
+    _check_environment(report)
+    dev = report["device_measurements"]
+    assert dev["matmul_dtype"] == "float32" and dev["bytes_per_s"] > 0 and dev["flops_per_s"] > 0
+    rows = report["results"]["engine"]
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    for r in rows:
+        b = r["batch_size"]
+        assert r["output_tokens_per_run"] == 4 * b
+        assert r["kv_bytes"] == b * (8 + 4 / 2) * TINY_KV_BYTES_PER_TOKEN
+        assert r["memory_floor_s"] == pytest.approx(
+            (4 * TINY_PARAMETERS + r["kv_bytes"]) / dev["bytes_per_s"])
+        assert r["matmul_floor_s"] == pytest.approx(2 * TINY_PARAMETERS * b / dev["flops_per_s"])
+        assert r["decode_step_s"] == pytest.approx((r["generate_s"] - r["prefill_s"]) / 3)
+        assert r["step_over_memory_floor"] == pytest.approx(
+            r["decode_step_s"] / r["memory_floor_s"])
+        assert r["step_over_max_floor"] == pytest.approx(
+            r["decode_step_s"] / max(r["memory_floor_s"], r["matmul_floor_s"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split()[:3] == ["batch", "step", "ms"]
+    assert [line.split()[0] for line in lines[4:]] == ["1", "3"]
+
+
+def test_floors_of_the_7b_shape_match_the_issue_figures() -> None:
+    """LLaMA-2-7B in fp16 at 4150 GB/s, 128 + 128 tokens: the floors quoted in issue 10."""
+    summary = {"parameters": 6_738_415_616, "parameter_bytes": 2 * 6_738_415_616,
+               "kv_bytes_per_token": 2 * 32 * 4096 * 2}
+    got = {b: floors(summary, b, 128, 128, 4150e9, 800e12)["memory_floor_s"] * 1e3
+           for b in (1, 64, 256)}
+    assert got == pytest.approx({1: 3.28, 64: 4.81, 256: 9.46}, abs=0.02)
+    assert floors(summary, 256, 128, 128, 4150e9, 800e12)["matmul_floor_s"] == pytest.approx(
+        2 * 6_738_415_616 * 256 / 800e12)
+
+
+def test_length_spec_parsing_and_seeded_draws() -> None:
+    assert LengthSpec.parse("128", "--input-len") == LengthSpec(128, 128)
+    assert LengthSpec.parse("16:1024", "--input-len") == LengthSpec(16, 1024)
+    spec = LengthSpec(2, 5)
+    draws = [spec.sample(random.Random(s)) for s in range(50)]
+    assert set(draws) == {2, 3, 4, 5}
+    a = synthetic_requests(3, spec, spec, [7, 8, 9], seed=1)
+    assert a == synthetic_requests(3, spec, spec, [7, 8, 9], seed=1)
+    assert a != synthetic_requests(3, spec, spec, [7, 8, 9], seed=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["throughput", "--input-len", "0"],
+     "cacheflow: error: --input-len must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+    (["throughput", "--input-len", "9:3"],
+     "cacheflow: error: --input-len must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got '9:3'"),
+    (["throughput", "--output-len", "a:b"],
+     "cacheflow: error: --output-len must be N or MIN:MAX (integers), got 'a:b'"),
+    (["throughput", "--num-prompts", "0"],
+     "cacheflow: error: --num-prompts must be a positive integer, got 0"),
+    (["throughput", "--num-prompts", "many"],
+     "cacheflow bench throughput: error: argument --num-prompts: invalid int value: 'many'"),
+    (["throughput", "--baseline", "vllm"],
+     "cacheflow bench throughput: error: argument --baseline: invalid choice: 'vllm'"),
+    (["throughput", "--random-weights"],
+     "cacheflow: error: --random-weights needs --hf-config NAME_OR_JSON"),
+    (["throughput", "--hf-config", "tiny"],
+     "cacheflow: error: --hf-config is only used with --random-weights"),
+    (["throughput", "--random-weights", "--hf-config", "tiny", "--model", "m"],
+     "cacheflow: error: give either --model or --random-weights, not both"),
+    (["throughput", "--random-weights", "--hf-config", "huge", "--device", "cpu"],
+     "cacheflow: error: --hf-config 'huge' is neither a preset (llama-7b, llama-13b, "
+     "tinyllama-1.1b, tiny), a config.json path nor a JSON object"),
+    (["throughput", *SMOKE, "--input-len", "500", "--output-len", "20"],
+     "cacheflow: error: the longest prompt plus output (520 tokens) is more than max_model_len "
+     "(512); lower --input-len / --output-len"),
+    (["throughput", "--model", "/no/such/model", "--device", "cpu"],
+     "cacheflow: error: model path '/no/such/model' does not exist"),
+    (["latency", "--input-len", "8:16"],
+     "cacheflow: error: --input-len must be one fixed length for latency, got 8:16"),
+    (["latency", "--output-len", "1"],
+     "cacheflow: error: --output-len must be at least 2 to time decode steps, got 1"),
+    (["latency", "--batch-sizes", "1,0"],
+     "cacheflow: error: --batch-sizes must be comma-separated positive integers, got '1,0'"),
+    (["latency", "--max-num-seqs", "8"],
+     "cacheflow: error: --max-num-seqs (8) is below the largest batch size (256): that batch "
+     "would not run as one"),
+    (["latency", "--output-json", "/no/such/folder/l.json"],
+     "cacheflow: error: --output-json: folder '/no/such/folder' does not exist"),
+    (["latency", "--gpu-memory-utilization", "1.5"],
+     "cacheflow: error: --gpu-memory-utilization must be in (0, 1], got 1.5"),
+])
+def test_bad_options_are_one_line_errors(args: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        status = main(["bench", *args])
+    except SystemExit as exc:  # argparse's own errors (through OneLineErrorParser)
+        status = exc.code
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
