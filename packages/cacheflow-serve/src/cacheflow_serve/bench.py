@@ -30,7 +30,7 @@ _WORDS = ("the quick brown fox jumps over a lazy dog while seven tired engineers
 class BenchRequest:
     """One request to replay."""
 
-    prompt: str
+    prompt: str | list[int]
     max_tokens: int
 
 
@@ -55,8 +55,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=Path, default=None,
                         help="JSONL of {\"prompt\": ..., \"max_tokens\": ...} (default: synthetic)")
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=32, help="synthetic prompt words")
-    parser.add_argument("--output-len", type=int, default=32, help="max_tokens per request")
+    parser.add_argument("--input-len", default="32",
+                        help="synthetic prompt length: N, or MIN:MAX drawn uniformly per request "
+                             "(words; tokens with --random-prompt-tokens)")
+    parser.add_argument("--output-len", default="32",
+                        help="max_tokens per request: N, or MIN:MAX drawn uniformly")
+    parser.add_argument("--random-prompt-tokens", default=None, metavar="LO:HI",
+                        help="synthetic prompts as token ids drawn uniformly from [LO, HI) "
+                             "(completions endpoint only), so --input-len counts tokens")
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="requests per second, Poisson arrivals (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None)
@@ -68,23 +74,38 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", type=Path, default=None)
 
 
-def load_requests(dataset: Optional[Path], num_prompts: int, input_len: int, output_len: int,
-                  seed: int) -> list[BenchRequest]:
-    """The request set: the first ``num_prompts`` of a JSONL file, or synthetic prompts."""
+def load_requests(dataset: Optional[Path], num_prompts: int, input_len: str, output_len: str,
+                  seed: int, token_range: Optional[str] = None) -> list[BenchRequest]:
+    """The request set: the first ``num_prompts`` of a JSONL file, or synthetic prompts (words,
+    or token ids drawn from ``token_range`` "LO:HI") of the lengths the specs give."""
+    from cacheflow_serve.bench_common import LengthSpec
+
+    n_in = LengthSpec.parse(input_len, "--input-len")
+    n_out = LengthSpec.parse(output_len, "--output-len")
+    rng = random.Random(seed)
     if dataset is not None:
         requests = []
         with open(dataset, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     item = json.loads(line)
-                    requests.append(BenchRequest(str(item["prompt"]),
-                                                 int(item.get("max_tokens", output_len))))
+                    requests.append(BenchRequest(str(item["prompt"]), int(item.get(
+                        "max_tokens", n_out.sample(rng)))))
                 if len(requests) == num_prompts:
                     break
         return requests
-    rng = random.Random(seed)
-    return [BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(input_len)), output_len)
-            for _ in range(num_prompts)]
+    if token_range is not None:
+        lo, _, hi = token_range.partition(":")
+        try:
+            low, high = int(lo), int(hi)
+        except ValueError:
+            raise ValueError(f"--random-prompt-tokens must be LO:HI, got {token_range!r}") from None
+        if not 0 <= low < high:
+            raise ValueError(f"--random-prompt-tokens needs 0 <= LO < HI, got {token_range!r}")
+        return [BenchRequest([rng.randrange(low, high) for _ in range(n_in.sample(rng))],
+                             n_out.sample(rng)) for _ in range(num_prompts)]
+    return [BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(n_in.sample(rng))),
+                         n_out.sample(rng)) for _ in range(num_prompts)]
 
 
 def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
@@ -255,8 +276,10 @@ async def run_benchmark(base_url: str, model: Optional[str], requests: list[Benc
 
 def run_bench(args: argparse.Namespace) -> int:
     """Runs ``cacheflow bench serve``; prints the table, writes JSON if asked."""
+    if args.random_prompt_tokens is not None and args.endpoint != "completions":
+        raise ValueError("--random-prompt-tokens needs --endpoint completions")
     requests = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len,
-                             args.seed)
+                             args.seed, args.random_prompt_tokens)
     if not requests:
         raise ValueError("the request set is empty")
     summary = asyncio.run(run_benchmark(

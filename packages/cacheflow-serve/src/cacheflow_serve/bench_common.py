@@ -133,6 +133,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enforce-eager", action="store_true",
                         help="run every step from Python (no CUDA graphs of decode steps)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="share cached prompt prefixes (default: on)")
+    engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                        default=True, help="chunked prefill in one token budget (default: on)")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the synthetic lengths and prompts and of the random weights")
@@ -216,7 +220,9 @@ def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
                max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks,
                gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager)
+               enforce_eager=args.enforce_eager,
+               enable_prefix_caching=args.enable_prefix_caching,
+               enable_chunked_prefill=args.enable_chunked_prefill)
 
 
 def release(device: torch.device) -> None:

@@ -11,6 +11,7 @@ from cacheflow_runtime import SamplingParams
 from cacheflow_serve.bench import add_bench_arguments, run_bench
 from cacheflow_serve.bench_common import OneLineErrorParser
 from cacheflow_serve.bench_latency import add_latency_arguments, run_latency
+from cacheflow_serve.bench_prefix import add_prefix_arguments, run_prefix
 from cacheflow_serve.bench_throughput import add_throughput_arguments, run_throughput
 from cacheflow_serve.llm import LLM
 from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_latency_arguments(bench_sub.add_parser(
         "latency", help="decode step and prefill time per batch size, next to the floors "
                         "measured on the same device"))
+    add_prefix_arguments(bench_sub.add_parser(
+        "prefix-caching", help="a shared-prompt workload with the prefix cache off, then on"))
     return parser
 
 
@@ -78,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return run_throughput(args)
             if args.bench_command == "latency":
                 return run_latency(args)
+            if args.bench_command == "prefix-caching":
+                return run_prefix(args)
             return run_bench(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"cacheflow: error: {exc}", file=sys.stderr)

@@ -312,13 +312,21 @@ class BlockSpaceManager:
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hit_tokens
 
-    def cache_full_blocks(self, seq: Sequence, namespace: str = "") -> None:
-        """Puts the blocks of ``seq`` whose tokens are all computed (``num_computed_tokens``)
-        into the prefix cache (a no-op without prefix caching or for swapped-out sequences)."""
+    def cache_full_blocks(self, seq: Sequence, namespace: str = "",
+                          num_tokens: Optional[int] = None) -> None:
+        """Puts the blocks of ``seq`` that are full once its first ``num_tokens`` tokens
+        (default: ``num_computed_tokens``) are computed into the prefix cache (a no-op without
+        prefix caching or for swapped-out sequences).
+
+        The scheduler calls it for the tokens of the step it is building: a request admitted
+        later in the same step may then share those blocks, since every layer writes the whole
+        batch's K/V before any of it attends.
+        """
         if not self.enable_prefix_caching:
             return
         table = self._block_tables.get(seq.seq_id)
-        num_full = seq.num_computed_tokens // self.block_size
+        computed = seq.num_computed_tokens if num_tokens is None else num_tokens
+        num_full = computed // self.block_size
         done = self._num_registered.get(seq.seq_id, 0)
         if table is None or num_full <= done or table[0].device is not Device.GPU:
             return

@@ -226,9 +226,11 @@ class Scheduler:
     def _take(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int],
               plan: _Plan, budget: _Budget) -> None:
         for seq in seqs:
-            cow = self.block_manager.grow(seq, seq.num_computed_tokens + tokens[seq.seq_id])
+            end = seq.num_computed_tokens + tokens[seq.seq_id]
+            cow = self.block_manager.grow(seq, end)
             if cow is not None:
                 plan.copies.append(cow)
+            self.block_manager.cache_full_blocks(seq, group.cache_namespace, end)
         budget.tokens -= sum(tokens.values())
         plan.add(group, tokens)
 
@@ -276,6 +278,7 @@ class Scheduler:
                 raise RuntimeError(f"request {group.request_id} can never fit in the KV cache")
             self.waiting.popleft()
             bm.allocate(seq, cached, num_cached + n)
+            bm.cache_full_blocks(seq, group.cache_namespace, num_cached + n)
             if not skip_cache:
                 bm.record_prefix_query(seq.get_len(), num_cached)
             seq.num_computed_tokens = num_cached
