@@ -32,28 +32,28 @@ from cacheflow_serve.server.streaming import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
+async def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
     """(text, token ids) of each prompt of the request."""
     if isinstance(prompt, str):
-        return [(prompt, ctx.encode(prompt))]
+        prompt = [prompt]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, ctx.encode(p)) for p in prompt]
+        return [(p, await ctx.encode(p)) for p in prompt]
     if all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
-    return [(ctx.tokenizer.decode(ids), list(ids)) for ids in prompt]
+    return [(await ctx.decode(list(ids)), list(ids)) for ids in prompt]
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             raw: Request) -> Response:
     """Serves one completions call."""
     ctx.check_model(req.model)
-    check_unsupported(req)
+    check_unsupported(ctx, req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     n = req.n or 1
     if req.stream and req.best_of not in (None, n):
         raise APIError(400, "best_of must equal n when streaming", param="best_of")
-    prompts = _prompts(ctx, req.prompt)
+    prompts = await _prompts(ctx, req.prompt)
     params = []
     for _, ids in prompts:
         if req.max_tokens is None:
