@@ -61,6 +61,13 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
         # transformers asking for an upgrade.
         return PretrainedConfig.from_dict(raw)
     _check_required_keys(raw, config_file)
+    # transformers' own check of this raises a validation error that names neither the file
+    # nor the numbers; say it first.
+    hidden = next(raw[n] for n in _REQUIRED_KEYS["hidden size"] if raw.get(n) is not None)
+    heads = next(raw[n] for n in _REQUIRED_KEYS["number of attention heads"]
+                 if raw.get(n) is not None)
+    _check_heads(config_file, hidden, heads, raw.get("num_key_value_heads") or heads,
+                 raw.get("head_dim"))
     return _from_pretrained(folder, None, config_file)
 
 
@@ -165,7 +172,7 @@ def _check_heads(path: str | Path, hidden: int, num_heads: int, num_kv: Any,
         problem = (f"the hidden size ({hidden}) must be divisible by the number of attention "
                    f"heads ({num_heads})")
     if problem is not None:
-        raise CheckpointError(f"the model config of {path} is inconsistent: {problem}",
+        raise CheckpointError(f"the model config {path} is inconsistent: {problem}",
                               file=path)
 
 

@@ -179,7 +179,7 @@ class LLM:
                                        field="sampling_params")
         bad = [p for p in params if not isinstance(p, SamplingParams)]
         if bad:
-            raise InvalidArgumentError(f"sampling_params must be SamplingParams, got "
+            raise InvalidArgumentError(f"sampling_params must be a SamplingParams, got "
                                        f"{type(bad[0]).__name__}", field="sampling_params")
         if self.tokenizer is None and any(p.stop_strings for p in params):
             raise InvalidArgumentError("stop strings need a tokenizer, which was skipped "
