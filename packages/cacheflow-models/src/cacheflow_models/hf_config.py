@@ -105,8 +105,10 @@ def _from_pretrained(folder: Path, gguf_file: Optional[str], file: Path) -> Pret
         return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file,
                                           local_files_only=True)
     except Exception as exc:  # transformers / huggingface_hub / gguf raise many kinds
-        reason = str(exc).strip().splitlines()
-        text = f"{type(exc).__name__}: {reason[0]}" if reason else type(exc).__name__
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        if len(reason) > 500:
+            reason = reason[:500] + " ..."
+        text = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
         what = "GGUF file" if gguf_file else "model config"
         raise CheckpointError(f"cannot read the {what} {file}: {text}", file=file) from exc
 

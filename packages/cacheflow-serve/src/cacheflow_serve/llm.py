@@ -19,6 +19,7 @@ from cacheflow_models import (
 )
 from cacheflow_runtime import (
     CacheConfig,
+    CacheflowUserError,
     InvalidArgumentError,
     InvalidRequestError,
     LLMEngine,
@@ -160,10 +161,15 @@ class LLM:
                 request_id = str(next(self._counter))
                 self.engine.add_request(request_id, prompt, p, token_ids)
                 request_ids.append(request_id)
-        except ValueError:
+        except ValueError as exc:
             self.engine.abort_request(request_ids)
             self._drain_aborted()
-            raise
+            if isinstance(exc, CacheflowUserError):
+                raise
+            # The engine's refusals (too long for the context or the KV cache) are request
+            # errors too.
+            code = "context_length_exceeded" if "max_model_len" in str(exc) else None
+            raise InvalidRequestError(str(exc), param="prompt", code=code) from exc
         return self._run(request_ids, use_tqdm)
 
     def _params_per_prompt(
@@ -171,9 +177,8 @@ class LLM:
             count: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * count
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        params = list(sampling_params)
+        params = ([sampling_params] * count if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
         if len(params) != count:
             raise InvalidArgumentError(f"got {len(params)} sampling_params for {count} prompts",
                                        field="sampling_params")
