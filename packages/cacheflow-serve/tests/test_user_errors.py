@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cacheflow_models import TOKENIZER_FILES, default_model_path
+from cacheflow_models import default_model_path
 from cacheflow_runtime import (
     CheckpointError,
     InvalidArgumentError,
@@ -113,15 +113,6 @@ def test_a_prompt_far_beyond_the_context_is_refused_before_tokenizing(llm: LLM) 
 
 
 # ------------------------------------------------------------------ tokenizer options
-
-
-@pytest.fixture(scope="module")
-def no_tokenizer_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("no_tokenizer") / "llama"
-    shutil.copytree(tiny_path, path)
-    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
-        (path / name).unlink(missing_ok=True)
-    return path
 
 
 def test_checkpoint_without_tokenizer_says_how_to_proceed(no_tokenizer_path: Path) -> None:

@@ -116,10 +116,14 @@ class _ChatCall:
             if self.k is not None and comp.logprobs is not None:
                 logprobs = chat_logprobs(self.ctx, comp.token_ids, comp.logprobs, self.k)
             self.ctx.metrics.count_finished(comp.finish_reason)
-            choices.append({"index": comp.index,
-                            "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": logprobs, "finish_reason": comp.finish_reason,
-                            "stop_reason": comp.stop_reason})
+            choice = {"index": comp.index,
+                      "message": {"role": "assistant", "content": comp.text},
+                      "logprobs": logprobs, "finish_reason": comp.finish_reason,
+                      "stop_reason": comp.stop_reason}
+            if self.req.return_token_ids:
+                choice["prompt_token_ids"] = list(final.prompt_token_ids)
+                choice["token_ids"] = list(comp.token_ids)
+            choices.append(choice)
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
                 "usage": usage([final])}

@@ -83,6 +83,8 @@ class SamplingFields(_Body):
     stop_token_ids: Optional[list[TokenId]] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
+    # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).
+    return_token_ids: Optional[bool] = False
 
 
 PromptType = Union[Annotated[str, Field()],
