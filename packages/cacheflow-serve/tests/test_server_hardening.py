@@ -26,6 +26,7 @@ from cacheflow_runtime import AsyncLLMEngine, InvalidArgumentError, SamplingPara
 from cacheflow_serve import LLM
 from cacheflow_serve.server import ServerThread, make_server
 from cacheflow_serve.server.app import build_app
+from cacheflow_serve.server.tokenization import PROCESS_MIN_CHARS
 
 ONE_TORCH_THREAD = True  # see conftest.py
 KEY = "hardening-key"
@@ -265,6 +266,12 @@ def test_health_answers_while_a_4mb_text_is_tokenized(word_level_path: Path) -> 
                 return latencies, during, result.json()
 
         latencies, during, body = asyncio.run(scenario())
+        # The worker also serves completions' prompts (ids as packed integers): same ids.
+        ctx = thread.server.config.app.state.ctx
+        words = "w7 w200 w13 " * (PROCESS_MIN_CHARS // 10)
+        ids = asyncio.run_coroutine_threadsafe(ctx.tokenization.encode(words),
+                                               ctx.engine._loop).result(120)
+        assert ids == llm.get_tokenizer().encode(words) and len(ids) > PROCESS_MIN_CHARS // 4
     finally:
         thread.stop()
     assert body["count"] == expected and len(body["tokens"]) == expected
@@ -305,3 +312,4 @@ def test_server_without_tokenizer_takes_and_gives_token_ids(llm: LLM,
     want = llm.generate({"prompt_token_ids": prompt}, greedy, use_tqdm=False)
     assert choice["text"] == "" and choice["token_ids"] == want[0].outputs[0].token_ids
     assert choice["prompt_token_ids"] == prompt
+
