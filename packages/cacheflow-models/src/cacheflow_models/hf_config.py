@@ -10,7 +10,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from cacheflow_models.registry import resolve_architecture
-from cacheflow_runtime.config import ModelConfig, parse_dtype
+from cacheflow_runtime.config import ModelConfig, is_int, parse_dtype
 from cacheflow_runtime.errors import CheckpointError, InvalidArgumentError
 from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
 from cacheflow_runtime.weights import detect_format
@@ -94,7 +94,7 @@ def _check_required_keys(raw: dict[str, Any], config_file: Path) -> None:
             raise CheckpointError(f"{config_file} does not give the model's {what} (expected "
                                   f"{' or '.join(repr(n) for n in names)})", file=config_file)
         value = raw[present[0]]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise CheckpointError(f"{config_file}: {present[0]!r} must be a positive integer, "
                                   f"got {value!r}", file=config_file)
 
@@ -133,7 +133,7 @@ def _first(config: PretrainedConfig, *names: str) -> int:
         value = getattr(config, name, None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise CheckpointError(f"the model config's {name!r} must be a positive integer, "
                                   f"got {value!r}", file=_config_source(config))
         return value
@@ -162,13 +162,12 @@ def _check_heads(path: str | Path, hidden: int, num_heads: int, num_kv: Any,
                  head_dim: Any) -> None:
     """CheckpointError unless the attention heads fit the hidden size and each other."""
     problem = None
-    if isinstance(num_kv, bool) or not isinstance(num_kv, int) or num_kv < 1:
+    if not is_int(num_kv) or num_kv < 1:
         problem = f"num_key_value_heads must be a positive integer, got {num_kv!r}"
     elif num_heads % num_kv:
         problem = (f"num_attention_heads ({num_heads}) must be a multiple of "
                    f"num_key_value_heads ({num_kv})")
-    elif head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
-                                   or head_dim < 1):
+    elif head_dim is not None and (not is_int(head_dim) or head_dim < 1):
         problem = f"head_dim must be a positive integer, got {head_dim!r}"
     elif head_dim is None and hidden % num_heads:
         problem = (f"the hidden size ({hidden}) must be divisible by the number of attention "
@@ -182,9 +181,7 @@ def build_model_config(path: str | Path, dtype: str | torch.dtype = "auto",
                        max_model_len: Optional[int] = None,
                        device_type: str = "cpu") -> ModelConfig:
     """Reads the checkpoint's config and returns the runtime's ModelConfig for it."""
-    if max_model_len is not None and (isinstance(max_model_len, bool)
-                                      or not isinstance(max_model_len, int)
-                                      or max_model_len < 1):
+    if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 1):
         raise InvalidArgumentError(f"max_model_len must be a positive integer or None, "
                                    f"got {max_model_len!r}", field="max_model_len",
                                    value=max_model_len)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cacheflow_runtime.config import is_int
 from cacheflow_runtime.errors import InvalidRequestError, check_text
 
 # Margin on the longest token's length, for normalizers that drop characters (accents,
@@ -45,8 +46,7 @@ def check_token_ids(token_ids: Any, vocab_size: int, param: str = "prompt") -> l
     if not isinstance(token_ids, (list, tuple)):
         raise InvalidRequestError(f"prompt_token_ids must be a list of integers, got "
                                   f"{type(token_ids).__name__}", param=param)
-    bad = [t for t in token_ids
-           if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    bad = [t for t in token_ids if not is_int(t) or not 0 <= t < vocab_size]
     if bad:
         more = " ..." if len(bad) > 5 else ""
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size}); "

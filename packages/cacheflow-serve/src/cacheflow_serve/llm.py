@@ -29,6 +29,7 @@ from cacheflow_runtime import (
     parse_dtype,
     resolve_device,
 )
+from cacheflow_runtime.config import is_int
 from cacheflow_runtime.errors import check_text
 from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
@@ -39,10 +40,6 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise InvalidArgumentError(f"LLM({name}=...) must be {allowed}, got {value!r}",
                                    field=name, value=value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_path(value: Any) -> bool:
@@ -58,8 +55,8 @@ def _check_arguments(model: Any, tokenizer: Any, dtype: Any, seed: Any, max_mode
              "a tokenizer folder or .gguf file path, or None", tokenizer)
     if dtype != "auto":
         parse_dtype(dtype)
-    _require(_is_int(seed), "seed", "an integer", seed)
-    _require(max_model_len is None or (_is_int(max_model_len) and max_model_len >= 1),
+    _require(is_int(seed), "seed", "an integer", seed)
+    _require(max_model_len is None or (is_int(max_model_len) and max_model_len >= 1),
              "max_model_len", "a positive integer or None", max_model_len)
     _require(isinstance(enforce_eager, bool), "enforce_eager", "True or False", enforce_eager)
     _require(isinstance(skip_tokenizer_init, bool), "skip_tokenizer_init", "True or False",
