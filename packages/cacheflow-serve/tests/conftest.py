@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from cacheflow_models import TOKENIZER_FILES
 from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
 from cacheflow_serve import LLM
 
@@ -30,6 +31,16 @@ def chat_tiny_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def no_tokenizer_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint without its tokenizer files."""
+    path = tmp_path_factory.mktemp("no_tokenizer") / "llama"
+    shutil.copytree(tiny_path, path)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+        (path / name).unlink(missing_ok=True)
     return path
 
 

@@ -6,6 +6,7 @@ Hand-written cases first, then schemathesis over the server's own OpenAPI schema
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,13 +200,30 @@ def test_too_many_queued_requests_get_429(server: ServerThread) -> None:
     assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
 
 
+def _with_lone_surrogates(value: Any) -> tuple[Any, int]:
+    """``value`` with a lone surrogate put into every string (keys of free-form objects left
+    alone), and how many strings were changed."""
+    if isinstance(value, str):
+        return value[: len(value) // 2] + "\ud800" + value[len(value) // 2:], 1
+    if isinstance(value, list):
+        items = [_with_lone_surrogates(v) for v in value]
+        return [v for v, _ in items], sum(n for _, n in items)
+    if isinstance(value, dict):
+        items = {k: _with_lone_surrogates(v) for k, v in value.items()}
+        return {k: v for k, (v, _) in items.items()}, sum(n for _, n in items.values())
+    return value, 0
+
+
 def test_fuzz_finds_no_server_error(server: ServerThread) -> None:
     """schemathesis cases for every operation of the server's OpenAPI schema (with the right
-    API key, so that the bodies get past authentication)."""
+    API key, so that the bodies get past authentication), each also sent with a lone surrogate
+    in every string (JSON escapes as another client would send them): never a 5xx."""
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     calls = []
+    invalid_unicode: list[tuple[str, int]] = []
+    raw = httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60)
 
     for operation in operations:
         @given(case=operation.as_strategy())
@@ -223,11 +241,25 @@ def test_fuzz_finds_no_server_error(server: ServerThread) -> None:
                                                     response.text)
                 if response.status_code >= 400:
                     assert "error" in response.json()
+            if case.method != "POST":
+                return
+            broken, changed = _with_lone_surrogates(bodies[-1])
+            if not changed:
+                return
+            response = raw.post(case.path, content=json.dumps(broken).encode("ascii"),
+                                headers={"Content-Type": "application/json"})
+            invalid_unicode.append((case.path, response.status_code))
+            assert response.status_code < 500, (case.path, broken, response.text)
+            assert "error" in response.json()
 
         check()
+    raw.close()
     statuses = {status for _, status in calls}
     assert len(calls) >= 8 * 10 and 200 in statuses
     assert ("/v1/completions", 200) in calls and ("/v1/chat/completions", 200) in calls
+    # Every body with a lone surrogate was refused; most of them as invalid Unicode (400).
+    assert len(invalid_unicode) >= 20 and all(s >= 400 for _, s in invalid_unicode)
+    assert sum(s == 400 for _, s in invalid_unicode) >= len(invalid_unicode) // 2
 
 
 def test_server_still_serves_after_all_that(http: httpx.Client) -> None:

@@ -10,7 +10,8 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from cacheflow_models.registry import resolve_architecture
-from cacheflow_runtime.config import ModelConfig, parse_dtype
+from cacheflow_runtime.config import ModelConfig, is_int, parse_dtype
+from cacheflow_runtime.errors import CheckpointError, InvalidArgumentError
 from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
 from cacheflow_runtime.weights import detect_format
 
@@ -31,27 +32,85 @@ def split_gguf_path(path: str | Path) -> tuple[Path, Optional[str]]:
     return path, None
 
 
+# What build_model_config needs from a config.json, by the names architectures use for it.
+_REQUIRED_KEYS = {"hidden size": ("hidden_size", "n_embd", "d_model"),
+                  "number of attention heads": ("num_attention_heads", "n_head"),
+                  "number of layers": ("num_hidden_layers", "n_layer"),
+                  "vocabulary size": ("vocab_size",)}
+
+
 def load_hf_config(path: str | Path) -> PretrainedConfig:
-    """The HF config of a checkpoint folder or GGUF file (no network access)."""
+    """The HF config of a checkpoint folder or GGUF file (no network access).
+
+    Raises:
+        FileNotFoundError: the path or its config.json does not exist.
+        CheckpointError: config.json is not a JSON object, lacks a size the runtime needs, or
+            transformers cannot build a config from it (or from the GGUF file's metadata).
+    """
     folder, gguf_file = split_gguf_path(path)
-    if gguf_file is None and not (folder / "config.json").exists():
+    if gguf_file is not None:
+        return _from_pretrained(folder, gguf_file, folder / gguf_file)
+    config_file = folder / "config.json"
+    if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
-    model_type = _model_type(folder / "config.json") if gguf_file is None else None
-    if model_type is not None and model_type not in CONFIG_MAPPING:
+    raw = read_config_json(config_file)
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
         # A model type transformers does not know: read it as a plain config, so that
         # resolve_architecture can tell which architectures are supported instead of
         # transformers asking for an upgrade.
-        return PretrainedConfig.from_json_file(str(folder / "config.json"))
-    return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+        return PretrainedConfig.from_dict(raw)
+    _check_required_keys(raw, config_file)
+    # transformers' own check of this raises a validation error that names neither the file
+    # nor the numbers; say it first.
+    hidden = next(raw[n] for n in _REQUIRED_KEYS["hidden size"] if raw.get(n) is not None)
+    heads = next(raw[n] for n in _REQUIRED_KEYS["number of attention heads"]
+                 if raw.get(n) is not None)
+    _check_heads(config_file, hidden, heads, raw.get("num_key_value_heads") or heads,
+                 raw.get("head_dim"))
+    return _from_pretrained(folder, None, config_file)
 
 
-def _model_type(config_file: Path) -> Optional[str]:
-    """The ``model_type`` of a config.json, None if it has none or cannot be read."""
+def read_config_json(config_file: Path) -> dict[str, Any]:
+    """The object in a config.json (CheckpointError naming the file if it is not one)."""
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return model_type if isinstance(model_type, str) else None
+        raw = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not UTF-8 text: {exc}", file=config_file) \
+            from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}", file=config_file) \
+            from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, found "
+                              f"{type(raw).__name__}", file=config_file)
+    return raw
+
+
+def _check_required_keys(raw: dict[str, Any], config_file: Path) -> None:
+    for what, names in _REQUIRED_KEYS.items():
+        present = [n for n in names if raw.get(n) is not None]
+        if not present:
+            raise CheckpointError(f"{config_file} does not give the model's {what} (expected "
+                                  f"{' or '.join(repr(n) for n in names)})", file=config_file)
+        value = raw[present[0]]
+        if not is_int(value) or value < 1:
+            raise CheckpointError(f"{config_file}: {present[0]!r} must be a positive integer, "
+                                  f"got {value!r}", file=config_file)
+
+
+def _from_pretrained(folder: Path, gguf_file: Optional[str], file: Path) -> PretrainedConfig:
+    """AutoConfig.from_pretrained, any failure turned into a CheckpointError naming ``file``."""
+    try:
+        return AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file,
+                                          local_files_only=True)
+    except Exception as exc:  # transformers / huggingface_hub / gguf raise many kinds
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        if len(reason) > 500:
+            reason = reason[:500] + " ..."
+        text = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        what = "GGUF file" if gguf_file else "model config"
+        raise CheckpointError(f"cannot read the {what} {file}: {text}", file=file) from exc
 
 
 def rope_settings(config: PretrainedConfig) -> tuple[float, Optional[dict[str, Any]]]:
@@ -68,12 +127,22 @@ def rope_settings(config: PretrainedConfig) -> tuple[float, Optional[dict[str, A
     return theta, scaling
 
 
-def _first(config: PretrainedConfig, *names: str) -> Any:
+def _first(config: PretrainedConfig, *names: str) -> int:
+    """The first of ``names`` the config sets, as a positive int (CheckpointError if none)."""
     for name in names:
         value = getattr(config, name, None)
-        if value is not None:
-            return value
-    raise ValueError(f"the model config has none of {names}")
+        if value is None:
+            continue
+        if not is_int(value) or value < 1:
+            raise CheckpointError(f"the model config's {name!r} must be a positive integer, "
+                                  f"got {value!r}", file=_config_source(config))
+        return value
+    raise CheckpointError(f"the model config has none of {names}",
+                          file=_config_source(config))
+
+
+def _config_source(config: PretrainedConfig) -> Optional[str]:
+    return getattr(config, "_name_or_path", None) or None
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig,
@@ -89,31 +158,57 @@ def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig,
     return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def _check_heads(path: str | Path, hidden: int, num_heads: int, num_kv: Any,
+                 head_dim: Any) -> None:
+    """CheckpointError unless the attention heads fit the hidden size and each other."""
+    problem = None
+    if not is_int(num_kv) or num_kv < 1:
+        problem = f"num_key_value_heads must be a positive integer, got {num_kv!r}"
+    elif num_heads % num_kv:
+        problem = (f"num_attention_heads ({num_heads}) must be a multiple of "
+                   f"num_key_value_heads ({num_kv})")
+    elif head_dim is not None and (not is_int(head_dim) or head_dim < 1):
+        problem = f"head_dim must be a positive integer, got {head_dim!r}"
+    elif head_dim is None and hidden % num_heads:
+        problem = (f"the hidden size ({hidden}) must be divisible by the number of attention "
+                   f"heads ({num_heads})")
+    if problem is not None:
+        raise CheckpointError(f"the model config {path} is inconsistent: {problem}",
+                              file=path)
+
+
 def build_model_config(path: str | Path, dtype: str | torch.dtype = "auto",
                        max_model_len: Optional[int] = None,
                        device_type: str = "cpu") -> ModelConfig:
     """Reads the checkpoint's config and returns the runtime's ModelConfig for it."""
+    if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 1):
+        raise InvalidArgumentError(f"max_model_len must be a positive integer or None, "
+                                   f"got {max_model_len!r}", field="max_model_len",
+                                   value=max_model_len)
     config = load_hf_config(path)
     architecture = resolve_architecture(config)
-    num_heads = int(_first(config, "num_attention_heads", "n_head"))
-    hidden = int(_first(config, "hidden_size", "n_embd"))
-    num_kv = int(getattr(config, "num_key_value_heads", None) or num_heads)
-    head_size = int(getattr(config, "head_dim", None) or hidden // num_heads)
+    num_heads = _first(config, "num_attention_heads", "n_head")
+    hidden = _first(config, "hidden_size", "n_embd")
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None)
+    _check_heads(path, hidden, num_heads, num_kv, head_dim)
+    head_size = int(head_dim or hidden // num_heads)
     # linear / dynamic rope_scaling stretch the trained length by their factor.
-    model_max = rope_max_positions(int(_first(config, "max_position_embeddings", "n_positions")),
+    model_max = rope_max_positions(_first(config, "max_position_embeddings", "n_positions"),
                                    rope_settings(config)[1])
     if max_model_len is None:
         max_model_len = model_max
-    elif not isinstance(max_model_len, int) or not 1 <= max_model_len <= model_max:
-        raise ValueError(f"max_model_len must be an integer in [1, {model_max}] for this model, "
-                         f"got {max_model_len!r}")
+    elif max_model_len > model_max:
+        raise InvalidArgumentError(f"max_model_len must be an integer in [1, {model_max}] for "
+                                   f"this model, got {max_model_len!r}", field="max_model_len",
+                                   value=max_model_len)
     eos = getattr(config, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     return ModelConfig(
         model_path=str(path), architecture=architecture, hf_config=config,
-        num_layers=int(_first(config, "num_hidden_layers", "n_layer")),
+        num_layers=_first(config, "num_hidden_layers", "n_layer"),
         num_attention_heads=num_heads, num_kv_heads=num_kv, head_size=head_size,
-        hidden_size=hidden, vocab_size=int(config.vocab_size), max_model_len=max_model_len,
+        hidden_size=hidden, vocab_size=_first(config, "vocab_size"), max_model_len=max_model_len,
         dtype=resolve_dtype(dtype, config, device_type), eos_token_id=eos,
         weights_format=detect_format(path))

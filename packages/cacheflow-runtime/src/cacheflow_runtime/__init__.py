@@ -17,12 +17,20 @@ from cacheflow_runtime.engine.async_llm_engine import (
 )
 from cacheflow_runtime.engine.detokenizer import stop_string_holdback
 from cacheflow_runtime.engine.llm_engine import LLMEngine
+from cacheflow_runtime.errors import (
+    CacheflowUserError,
+    CheckpointError,
+    InvalidArgumentError,
+    InvalidRequestError,
+)
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncLLMEngine", "CacheConfig", "CompletionOutput", "EngineClosedError",
-           "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "RequestOutput",
+__all__ = ["AsyncLLMEngine", "CacheConfig", "CacheflowUserError", "CheckpointError",
+           "CompletionOutput", "EngineClosedError", "EngineOverloadedError", "EngineStats",
+           "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "ModelConfig",
+           "RequestOutput",
            "RequestStream", "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype",
            "resolve_device", "stop_string_holdback"]

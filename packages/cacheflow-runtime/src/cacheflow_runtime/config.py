@@ -7,19 +7,37 @@ from typing import Any, Optional
 
 import torch
 
+from cacheflow_runtime.errors import InvalidArgumentError
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
            "float": torch.float32, "half": torch.float16}
 
 
+def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
+    """InvalidArgumentError ``"<name> must be <allowed>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}", field=name,
+                                   value=value)
+
+
+def is_int(value: Any) -> bool:
+    """True for an integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Turns "float16", "bf16", torch.float32, ... into a torch dtype (ValueError if unknown)."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        _require(dtype in _DTYPES.values(), "dtype", "one of float32, float16, bfloat16", dtype)
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or 'auto', got {dtype!r}")
+    _require(isinstance(dtype, str) and dtype in _DTYPES, "dtype",
+             f"one of {sorted(set(_DTYPES))} or 'auto'", dtype)
     return _DTYPES[dtype]
 
 
@@ -27,16 +45,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> the first CUDA device if there is one, else CPU; otherwise validated as given."""
     if isinstance(device, torch.device):
         return device
+    allowed = "'auto', 'cpu' or 'cuda[:N]'"
+    _require(isinstance(device, str), "device", allowed, device)
     if device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    except RuntimeError:
+        resolved = None
+    _require(resolved is not None and resolved.type in ("cpu", "cuda"), "device", allowed,
+             device)
+    assert resolved is not None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise InvalidArgumentError(f"device {device!r} was asked for but CUDA is not available "
+                                   "here", field="device", value=device)
     return resolved
 
 
@@ -91,17 +113,23 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if self.block_size not in (8, 16, 32):
-            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size!r}")
-        if self.num_device_blocks is not None and (
-                not isinstance(self.num_device_blocks, int) or self.num_device_blocks < 1):
-            raise ValueError(f"kv_cache_blocks must be a positive integer or None, "
-                             f"got {self.num_device_blocks!r}")
-        if not self.swap_space_gib >= 0:
-            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
-                             f"got {self.gpu_memory_utilization!r}")
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                 "True or False", self.enable_prefix_caching)
+        _require(is_int(self.block_size) and self.block_size in (8, 16, 32), "block_size",
+                 "8, 16 or 32", self.block_size)
+        _require(self.num_device_blocks is None
+                 or (is_int(self.num_device_blocks) and self.num_device_blocks >= 1),
+                 "kv_cache_blocks", "a positive integer or None", self.num_device_blocks)
+        _require(is_number(self.swap_space_gib) and self.swap_space_gib >= 0,
+                 "swap_space_gib", "a number >= 0", self.swap_space_gib)
+        _require(is_number(self.gpu_memory_utilization)
+                 and 0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                 "a number in (0, 1]", self.gpu_memory_utilization)
+        _require(is_number(self.cpu_kv_cache_gib) and self.cpu_kv_cache_gib > 0,
+                 "cpu_kv_cache_gib", "a number > 0", self.cpu_kv_cache_gib)
+        _require(self.num_cpu_blocks is None
+                 or (is_int(self.num_cpu_blocks) and self.num_cpu_blocks >= 0),
+                 "num_cpu_blocks", "an integer >= 0 or None", self.num_cpu_blocks)
 
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -128,24 +156,28 @@ class SchedulerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        _require(is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
+                 "a positive integer", self.max_num_seqs)
+        _require(is_int(self.max_model_len) and self.max_model_len >= 1, "max_model_len",
+                 "a positive integer", self.max_model_len)
+        _require(self.max_num_batched_tokens is None or is_int(self.max_num_batched_tokens),
+                 "max_num_batched_tokens", "an integer or None", self.max_num_batched_tokens)
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (DEFAULT_CHUNKED_TOKEN_BUDGET
                                            if self.enable_chunked_prefill
                                            else max(self.max_model_len, 2048))
-        if (isinstance(self.max_num_batched_tokens, bool)
-                or not isinstance(self.max_num_batched_tokens, int)
-                or self.max_num_batched_tokens < 1):
-            raise ValueError(f"max_num_batched_tokens must be a positive integer, "
-                             f"got {self.max_num_batched_tokens!r}")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 "a positive integer or None", self.max_num_batched_tokens)
+        _require(isinstance(self.enable_chunked_prefill, bool), "enable_chunked_prefill",
+                 "True or False", self.enable_chunked_prefill)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_model_len ({self.max_model_len}) so that every prompt fits "
-                             "in one step when enable_chunked_prefill is False")
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
-                             f"got {self.preemption_mode!r}")
+            raise InvalidArgumentError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}) so that every prompt fits in one step "
+                "when enable_chunked_prefill is False",
+                field="max_num_batched_tokens", value=self.max_num_batched_tokens)
+        _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode",
+                 f"one of {PREEMPTION_MODES}", self.preemption_mode)
 
 
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
@@ -160,10 +192,9 @@ class ParallelConfig:
     distributed_executor_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
-        size = self.tensor_parallel_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
-        backend = self.distributed_executor_backend
-        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of "
-                             f"{DISTRIBUTED_EXECUTOR_BACKENDS} or None, got {backend!r}")
+        _require(is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+                 "tensor_parallel_size", "a positive integer", self.tensor_parallel_size)
+        _require(self.distributed_executor_backend in (None, *DISTRIBUTED_EXECUTOR_BACKENDS),
+                 "distributed_executor_backend",
+                 f"one of {DISTRIBUTED_EXECUTOR_BACKENDS} or None",
+                 self.distributed_executor_backend)

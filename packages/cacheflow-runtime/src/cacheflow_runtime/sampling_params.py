@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from cacheflow_runtime.errors import InvalidArgumentError
 
 _GREEDY_EPS = 1e-5
+
+# Fields by type, checked before any range (bool is not accepted as an int or a float).
+_INT_FIELDS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "length_penalty")
+_BOOL_FIELDS = ("ignore_eos", "use_beam_search", "early_stopping", "include_stop_str_in_output",
+                "skip_special_tokens")
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+        raise InvalidArgumentError(f"SamplingParams.{name} must be {allowed}, got {value!r}",
+                                   field=f"SamplingParams.{name}", value=value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _stop_list(stop: Any) -> list[str]:
+    """``stop`` as a list of non-empty, valid-Unicode strings (InvalidArgumentError if not)."""
+    allowed = "a non-empty string or a list of non-empty strings"
+    items = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+        return []
+    _check(isinstance(items, (list, tuple)) and all(isinstance(s, str) and s for s in items),
+           "stop", allowed, stop)
+    for s in items:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            _check(False, "stop", f"{allowed} of valid Unicode (no lone surrogates)", stop)
+    return list(items)
 
 
 @dataclass
@@ -51,14 +87,32 @@ class SamplingParams:
     _stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.best_of is None:
             self.best_of = self.n
-        if isinstance(self.stop, str):
-            self._stop_list = [self.stop]
-        else:
-            self._stop_list = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self._stop_list = _stop_list(self.stop)
         self._validate()
+
+    def _check_types(self) -> None:
+        """InvalidArgumentError naming the first field of the wrong type (numpy integers are
+        taken and become int)."""
+        for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INT_FIELDS:
+                continue
+            _check(_is_int(value), name, "an integer" + (" or None" if name in
+                                                         _OPTIONAL_INT_FIELDS else ""), value)
+            setattr(self, name, int(value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            _check(_is_real(value), name, "a number", value)
+        for name in _BOOL_FIELDS:
+            _check(isinstance(getattr(self, name), bool), name, "True or False",
+                   getattr(self, name))
+        ids = self.stop_token_ids
+        _check(ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)),
+               "stop_token_ids", "a list of integer token ids", ids)
+        self.stop_token_ids = [int(t) for t in ids or []]
 
     @property
     def stop_strings(self) -> list[str]:
@@ -88,8 +142,6 @@ class SamplingParams:
                self.repetition_penalty)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
                self.seed)
-        _check(all(isinstance(s, str) and s for s in self._stop_list), "stop",
-               "a non-empty string or a list of non-empty strings", self.stop)
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "non-negative token ids", self.stop_token_ids)
         _check(self.max_tokens is None

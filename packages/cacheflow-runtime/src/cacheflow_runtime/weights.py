@@ -17,8 +17,9 @@ model's parameter names (e.g. GGUF ``blk.0.attn_q.weight`` to HF
   applied: llama.cpp's converter permutes the rows of LLaMA ``attn_q`` / ``attn_k`` weights
   (rotary pairs interleaved instead of split in halves), and undoing that is the model's job too.
 
-Corrupt or truncated files raise ``ValueError("cannot read checkpoint file <file>: <reason>")``;
-a missing path or a missing shard raises ``FileNotFoundError`` naming it.
+Corrupt or truncated files raise ``CheckpointError("cannot read checkpoint file <file>: <reason>")``
+(a ``ValueError``, see ``cacheflow_runtime.errors``), as do malformed index files and folders
+without a checkpoint; a missing path or a missing shard raises ``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cacheflow_runtime.errors import CheckpointError
 
 __all__ = [
     "FORMATS",
@@ -150,9 +153,9 @@ def detect_format(path: PathLike) -> str:
                if f.suffix in _FOREIGN_SUFFIXES]
     hint = f"; {', '.join(foreign)}, which cacheflow does not read: convert it to safetensors" \
         if foreign else ""
-    raise ValueError(
+    raise CheckpointError(
         f"no checkpoint found in {p}: expected *.safetensors, *.bin or *.gguf "
-        f"({_describe_contents(p)}){hint}"
+        f"({_describe_contents(p)}){hint}", file=p
     )
 
 
@@ -161,15 +164,17 @@ def _shards_from_index(index: Path) -> list[Path]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read checkpoint index {index}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint index {index}: {exc}",
+                              file=index) from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read checkpoint index {index}: expected a 'weight_map' object mapping "
-            "tensor names to shard file names"
+            "tensor names to shard file names", file=index
         )
     if not weight_map:
-        raise ValueError(f"checkpoint index {index} names no shards (empty 'weight_map')")
+        raise CheckpointError(f"checkpoint index {index} names no shards (empty 'weight_map')",
+                              file=index)
     shards = []
     for shard in sorted(set(weight_map.values())):
         file = index.parent / shard
@@ -228,12 +233,14 @@ def checkpoint_files(path: PathLike, fmt: str) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def _unreadable(file: Path, reason: object) -> ValueError:
+def _unreadable(file: Path, reason: object) -> CheckpointError:
     """The error for a corrupt or truncated checkpoint file."""
     if isinstance(reason, BaseException):
         text = str(reason).strip()
         reason = f"{type(reason).__name__}: {text}" if text else type(reason).__name__
-    return ValueError(f"cannot read checkpoint file {file}: {reason}")
+    size = f" (the file has {file.stat().st_size} bytes: truncated or corrupt)" \
+        if file.is_file() else ""
+    return CheckpointError(f"cannot read checkpoint file {file}: {reason}{size}", file=file)
 
 
 def _iter_safetensors(file: Path) -> WeightIterator:

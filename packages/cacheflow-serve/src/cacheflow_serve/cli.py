@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--model", default=None,
                      help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="folder or .gguf file of the tokenizer (default: the model's)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -55,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """Runs ``cacheflow generate``; prints each prompt's completion."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device,
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
               enforce_eager=args.enforce_eager)
     prompts = args.prompts
     if args.chat:
@@ -84,10 +86,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.bench_command == "prefix-caching":
                 return run_prefix(args)
             return run_bench(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"cacheflow: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # user errors (cacheflow_runtime.errors), bad paths
+        print(f"cacheflow: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (the lines of a multi-line message joined by "; ")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -10,17 +11,58 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from cacheflow_models import build_model_config, default_model_path, load_tokenizer
+from cacheflow_models import (
+    TokenIdsOnly,
+    build_model_config,
+    default_model_path,
+    load_tokenizer,
+)
 from cacheflow_runtime import (
     CacheConfig,
+    CacheflowUserError,
+    InvalidArgumentError,
+    InvalidRequestError,
     LLMEngine,
     RequestOutput,
     SamplingParams,
     SchedulerConfig,
+    parse_dtype,
     resolve_device,
 )
+from cacheflow_runtime.config import is_int
+from cacheflow_runtime.errors import check_text
+from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
 PromptInput = Union[str, dict[str, Any]]
+
+
+def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise InvalidArgumentError(f"LLM({name}=...) must be {allowed}, got {value!r}",
+                                   field=name, value=value)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and str(value) != ""
+
+
+def _check_arguments(model: Any, tokenizer: Any, dtype: Any, seed: Any, max_model_len: Any,
+                     enforce_eager: Any, skip_tokenizer_init: Any) -> None:
+    """The type checks of LLM's own arguments (the configs check the rest), before any load."""
+    _require(model is None or _is_path(model), "model",
+             "a checkpoint folder or .gguf file path, or None", model)
+    _require(tokenizer is None or _is_path(tokenizer), "tokenizer",
+             "a tokenizer folder or .gguf file path, or None", tokenizer)
+    if dtype != "auto":
+        parse_dtype(dtype)
+    _require(is_int(seed), "seed", "an integer", seed)
+    _require(max_model_len is None or (is_int(max_model_len) and max_model_len >= 1),
+             "max_model_len", "a positive integer or None", max_model_len)
+    _require(isinstance(enforce_eager, bool), "enforce_eager", "True or False", enforce_eager)
+    _require(isinstance(skip_tokenizer_init, bool), "skip_tokenizer_init", "True or False",
+             skip_tokenizer_init)
+    _require(not (skip_tokenizer_init and tokenizer is not None), "tokenizer",
+             "None with skip_tokenizer_init=True", tokenizer)
 
 
 class LLM:
@@ -32,10 +74,20 @@ class LLM:
     of common prompt prefixes between requests (``RequestOutput.num_cached_tokens`` says how
     many prompt tokens came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt
     chunks in one token budget of ``max_num_batched_tokens`` per step.
+
+    ``tokenizer``: where the tokenizer is, when not with the model (a folder or a .gguf file).
+    ``skip_tokenizer_init=True`` loads none: prompts must be token ids
+    (``{"prompt_token_ids": [...]}``), outputs carry token ids and empty text, and stop strings
+    are refused.
+
+    Every argument is checked (types included) before anything is loaded; a bad one raises
+    ``InvalidArgumentError`` naming it, a broken checkpoint ``CheckpointError`` naming the file
+    (both ``ValueError``s, from ``cacheflow_runtime.errors``).
     """
 
-    def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
-                 device: str = "auto", seed: int = 0, block_size: int = 16,
+    def __init__(self, model: Optional[str | Path] = None, *,
+                 tokenizer: Optional[str | Path] = None, skip_tokenizer_init: bool = False,
+                 dtype: str = "auto", device: str = "auto", seed: int = 0, block_size: int = 16,
                  kv_cache_blocks: Optional[int] = None, swap_space_gib: float = 4,
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
@@ -43,21 +95,37 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True) -> None:
-        path = Path(model) if model is not None else default_model_path()
+        _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
+                         skip_tokenizer_init)
+        for name, flag in (("enable_prefix_caching", enable_prefix_caching),
+                           ("enable_chunked_prefill", enable_chunked_prefill)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(f"LLM({name}=...) must be True or False, got {flag!r}",
+                                           field=name, value=flag)
         resolved = resolve_device(device)
-        model_config = build_model_config(path, dtype, max_model_len, resolved.type)
-        self.tokenizer = load_tokenizer(path)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
                                    gpu_memory_utilization=gpu_memory_utilization,
                                    enable_prefix_caching=enable_prefix_caching)
+        # Checked now with the asked length; built again below with the model's.
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=max_model_len or 1, preemption_mode=preemption_mode,
+                        enable_chunked_prefill=enable_chunked_prefill)
+        path = Path(model) if model is not None else default_model_path()
+        model_config = build_model_config(path, dtype, max_model_len, resolved.type)
+        self.tokenizer: Any = None
+        if not skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(Path(tokenizer) if tokenizer is not None else path)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len,
                                            preemption_mode=preemption_mode,
                                            enable_chunked_prefill=enable_chunked_prefill)
-        self.engine = LLMEngine(model_config, cache_config, scheduler_config, self.tokenizer,
-                                resolved, seed, enforce_eager=enforce_eager)
+        self.engine = LLMEngine(model_config, cache_config, scheduler_config,
+                                self.tokenizer or TokenIdsOnly(), resolved, seed,
+                                enforce_eager=enforce_eager)
+        self._max_prompt_chars = (max_prompt_chars(self.tokenizer, model_config.max_model_len)
+                                  if self.tokenizer is not None else 0)
         self._counter = itertools.count()
 
     def reset_prefix_cache(self) -> None:
@@ -65,11 +133,18 @@ class LLM:
         self.engine.reset_prefix_cache()
 
     def get_tokenizer(self) -> Any:
-        """The model's tokenizer."""
+        """The model's tokenizer (None with ``skip_tokenizer_init``)."""
         return self.tokenizer
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of a chat ``[{"role": ..., "content": ...}]`` by the model's template."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("the tokenizer was skipped (skip_tokenizer_init): there is "
+                                      "no chat template", param="messages")
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                check_text(content, f"messages[{i}].content")
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
 
@@ -80,7 +155,8 @@ class LLM:
 
         ``prompts``: a string, a list of strings, or a list of ``{"prompt_token_ids": [...]}``.
         ``sampling_params``: one for all prompts or one per prompt (default: SamplingParams()).
-        Invalid input raises ValueError before anything runs.
+        Invalid input raises ValueError (``InvalidRequestError`` for a bad prompt) before
+        anything runs.
         """
         if isinstance(prompts, (str, dict)):
             items = [prompts]
@@ -92,17 +168,22 @@ class LLM:
         if not items:
             return []
         params = self._params_per_prompt(sampling_params, len(items))
+        inputs = [self._prompt(item) for item in items]
         request_ids = []
         try:
-            for item, p in zip(items, params):
+            for (prompt, token_ids), p in zip(inputs, params):
                 request_id = str(next(self._counter))
-                prompt, token_ids = _split_prompt(item)
                 self.engine.add_request(request_id, prompt, p, token_ids)
                 request_ids.append(request_id)
-        except ValueError:
+        except ValueError as exc:
             self.engine.abort_request(request_ids)
             self._drain_aborted()
-            raise
+            if isinstance(exc, CacheflowUserError):
+                raise
+            # The engine's refusals (too long for the context or the KV cache) are request
+            # errors too.
+            code = "context_length_exceeded" if "max_model_len" in str(exc) else None
+            raise InvalidRequestError(str(exc), param="prompt", code=code) from exc
         return self._run(request_ids, use_tqdm)
 
     def _params_per_prompt(
@@ -110,12 +191,32 @@ class LLM:
             count: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * count
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        params = list(sampling_params)
+        params = ([sampling_params] * count if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
         if len(params) != count:
-            raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+            raise InvalidArgumentError(f"got {len(params)} sampling_params for {count} prompts",
+                                       field="sampling_params")
+        bad = [p for p in params if not isinstance(p, SamplingParams)]
+        if bad:
+            raise InvalidArgumentError(f"sampling_params must be a SamplingParams, got "
+                                       f"{type(bad[0]).__name__}", field="sampling_params")
+        if self.tokenizer is None and any(p.stop_strings for p in params):
+            raise InvalidArgumentError("stop strings need a tokenizer, which was skipped "
+                                       "(skip_tokenizer_init); use stop_token_ids",
+                                       field="SamplingParams.stop")
         return params
+
+    def _prompt(self, item: PromptInput) -> tuple[Optional[str], list[int]]:
+        """(text or None, token ids) of one prompt, checked (and tokenized) here."""
+        prompt, token_ids = _split_prompt(item)
+        vocab = self.engine.model_config.vocab_size
+        if token_ids is not None:
+            return prompt, check_token_ids(token_ids, vocab)
+        if self.tokenizer is None:
+            raise InvalidRequestError("the tokenizer was skipped (skip_tokenizer_init): give "
+                                      "prompts as {'prompt_token_ids': [...]}", param="prompt")
+        text = check_prompt_text(prompt, self._max_prompt_chars)
+        return text, list(self.tokenizer.encode(text))
 
     def _drain_aborted(self) -> None:
         while self.engine.has_unfinished_requests():
@@ -133,16 +234,16 @@ class LLM:
         return [finished[rid] for rid in request_ids]
 
 
-def _split_prompt(item: PromptInput) -> tuple[Optional[str], Optional[list[int]]]:
+def _split_prompt(item: PromptInput) -> tuple[Any, Any]:
     if isinstance(item, str):
         return item, None
     if isinstance(item, dict):
         if "prompt_token_ids" in item:
-            ids = item["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            return item.get("prompt"), list(ids)
+            text = item.get("prompt")
+            if text is not None:
+                check_prompt_text(text, len(text))
+            return text, item["prompt_token_ids"]
         if "prompt" in item:
             return item["prompt"], None
-    raise ValueError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
-                     f"got {type(item).__name__}")
+    raise InvalidRequestError(f"a prompt must be a string or a dict with 'prompt' or "
+                              f"'prompt_token_ids', got {type(item).__name__}", param="prompt")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from typing import Optional
+
+API_KEY_ENV = "CACHEFLOW_API_KEY"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +18,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--tokenizer", default=None,
+                        help="folder or .gguf file of the tokenizer (default: the model's)")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="load no tokenizer: prompts must be token ids, outputs carry "
+                             "token ids (text is empty)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every /v1 route")
+                        help="require 'Authorization: Bearer KEY' on every /v1 route "
+                             f"(default: ${API_KEY_ENV} if set)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="model name(s) clients use (default: the model path)")
     parser.add_argument("--max-queued-requests", type=int, default=None,
@@ -51,15 +61,34 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
                              "else max(max_model_len, 2048))")
 
 
+def resolve_api_key(given: Optional[str]) -> Optional[str]:
+    """The API key to require: ``--api-key``, else ``$CACHEFLOW_API_KEY``, else None (no
+    authentication). A key that is empty or only whitespace (say, from an unset variable) is
+    refused rather than meaning "no authentication"."""
+    from cacheflow_runtime.errors import InvalidArgumentError
+
+    source, key = "--api-key", given
+    if key is None:
+        source, key = f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise InvalidArgumentError(f"{source} is empty or whitespace; give a real key, or leave "
+                                   "it out to serve without authentication", field="api_key",
+                                   value=key)
+    return key
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Runs ``cacheflow serve`` until a signal stops it."""
     from cacheflow_runtime import AsyncLLMEngine
     from cacheflow_serve.llm import LLM
     from cacheflow_serve.server.launcher import make_server
 
+    api_key = resolve_api_key(args.api_key)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    llm = LLM(args.model, tokenizer=args.tokenizer,
+              skip_tokenizer_init=args.skip_tokenizer_init, dtype=args.dtype,
+              device=args.device, seed=args.seed,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager,
               enable_prefix_caching=args.enable_prefix_caching,
@@ -67,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens)
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
-    server = make_server(engine, host=args.host, port=args.port, api_key=args.api_key,
+    server = make_server(engine, host=args.host, port=args.port, api_key=api_key,
                          served_model_names=names,
                          shutdown_grace_period=args.shutdown_grace_period,
                          log_level=args.log_level)

@@ -17,7 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cacheflow_runtime import AsyncLLMEngine
+from cacheflow_models import has_tokenizer
+from cacheflow_runtime import AsyncLLMEngine, InvalidArgumentError
 from cacheflow_serve.server.chat import create_chat_completion, render_chat
 from cacheflow_serve.server.completions import create_completion
 from cacheflow_serve.server.errors import APIError, error_response, install_error_handlers
@@ -85,6 +86,10 @@ _BEARER = HTTPBearer(auto_error=False, description="the server's API key")
 
 
 def _auth_dependency(api_key: Optional[str]) -> Any:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise InvalidArgumentError(f"api_key must be a non-blank string or None (no "
+                                   f"authentication), got {api_key!r}", field="api_key",
+                                   value=api_key)
     expected = api_key.encode("utf-8") if api_key else None
 
     async def check(credentials: Annotated[Optional[HTTPAuthorizationCredentials],
@@ -94,7 +99,7 @@ def _auth_dependency(api_key: Optional[str]) -> Any:
         given = credentials.credentials.encode("utf-8") if credentials else b""
         if not hmac.compare_digest(given, expected):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
@@ -104,8 +109,11 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The server app over ``engine`` (an AsyncLLMEngine, not started yet or started on the
     loop that will run the app). ``served_model_names``: the names clients may ask for (the
-    first is reported; default: the model path). The app's metrics are attached to the engine
-    as its observer, in a registry of the app's own."""
+    first is reported; default: the model path). ``api_key``: the key every /v1 route and the
+    tokenizer routes require as ``Authorization: Bearer KEY`` (None: no authentication; an
+    empty or blank key is refused with InvalidArgumentError). The app's metrics are attached to
+    the engine as its observer, in a registry of the app's own."""
+    auth = _auth_dependency(api_key)
     core = engine.engine
     if isinstance(served_model_names, str):
         served_model_names = [served_model_names]
@@ -113,8 +121,10 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
     metrics = ServerMetrics(names[0])
     metrics.watch_engine(engine)
     engine.observer = metrics
-    ctx = ServingContext(engine=engine, tokenizer=core.tokenizer, model_names=names,
-                         max_model_len=core.scheduler_config.max_model_len, metrics=metrics)
+    ctx = ServingContext(engine=engine,
+                         tokenizer=core.tokenizer if has_tokenizer(core.tokenizer) else None,
+                         model_names=names, max_model_len=core.scheduler_config.max_model_len,
+                         metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -123,13 +133,14 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
             yield
         finally:
             await engine.shutdown(grace_period=0.0)
+            ctx.tokenization.shutdown()
 
     app = FastAPI(title="cacheflow", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
     app.include_router(_open_routes(ctx))
-    app.include_router(_api_routes(ctx), dependencies=[Depends(_auth_dependency(api_key))])
+    app.include_router(_api_routes(ctx), dependencies=[Depends(auth)])
     return app
 
 
@@ -181,27 +192,31 @@ def _api_routes(ctx: ServingContext) -> APIRouter:
         return await create_chat_completion(ctx, body, raw)
 
     @router.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest) -> Response:
         """Token ids of a prompt, or of chat messages rendered by the chat template."""
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        # Not bounded by max_model_len: counting the tokens of a text that is too long is one
+        # use of this route (the request body limit bounds it).
         if body.messages is not None:
-            text = render_chat(ctx, body.messages, body.add_generation_prompt is not False)
+            text = await render_chat(ctx, body.messages, body.add_generation_prompt is not False)
+            count, tokens = await ctx.encode_json(text, param="messages")
         else:
-            text = body.prompt or ""
-        tokens = ctx.encode(text)
-        return {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens}
+            count, tokens = await ctx.encode_json(body.prompt or "")
+        # The ids come as JSON text, so that millions of them are not serialized on the loop.
+        content = f'{{"count":{count},"max_model_len":{ctx.max_model_len},"tokens":{tokens}}}'
+        return Response(content, media_type="application/json")
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         """The text of token ids."""
         ctx.check_model(body.model)
-        vocab = len(ctx.tokenizer)
+        vocab = len(ctx.require_tokenizer("tokens"))
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}",
                            param="tokens")
-        return {"prompt": ctx.tokenizer.decode(body.tokens)}
+        return {"prompt": await ctx.decode(body.tokens)}
 
     return router

@@ -30,9 +30,11 @@ from cacheflow_serve.server.streaming import (
 )
 
 
-def render_chat(ctx: ServingContext, messages: list[ChatMessage],
-                add_generation_prompt: bool = True) -> str:
-    """The prompt text of ``messages`` by the tokenizer's chat template (400 if it fails)."""
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
+                      add_generation_prompt: bool = True) -> str:
+    """The prompt text of ``messages`` by the tokenizer's chat template, rendered in the
+    tokenizer threads (400 if it fails)."""
+    tokenizer = ctx.require_tokenizer("messages")
     dicts = []
     for message in messages:
         entry = {"role": "system" if message.role == "developer" else message.role,
@@ -40,19 +42,19 @@ def render_chat(ctx: ServingContext, messages: list[ChatMessage],
         if message.name:
             entry["name"] = message.name
         dicts.append(entry)
-    if not getattr(ctx.tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use "
                        "/v1/completions", param="messages")
     try:
-        return ctx.tokenizer.apply_chat_template(dicts, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+        return await ctx.off_loop(tokenizer.apply_chat_template, dicts, tokenize=False,
+                                  add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # the template rejected these messages (e.g. role order)
         raise APIError(400, f"the chat template failed on these messages: {exc}",
                        param="messages") from None
 
 
-def _check_chat_features(req: ChatCompletionRequest) -> None:
-    check_unsupported(req)
+def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
+    check_unsupported(ctx, req)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.tool_choice not in (None, "none"):
@@ -68,9 +70,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                  raw: Request) -> Response:
     """Serves one chat completions call."""
     ctx.check_model(req.model)
-    _check_chat_features(req)
-    prompt = render_chat(ctx, req.messages, req.add_generation_prompt is not False)
-    ids = ctx.encode(prompt)
+    _check_chat_features(ctx, req)
+    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt is not False)
+    ids = await ctx.encode(prompt, param="messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param)
@@ -114,10 +116,14 @@ class _ChatCall:
             if self.k is not None and comp.logprobs is not None:
                 logprobs = chat_logprobs(self.ctx, comp.token_ids, comp.logprobs, self.k)
             self.ctx.metrics.count_finished(comp.finish_reason)
-            choices.append({"index": comp.index,
-                            "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": logprobs, "finish_reason": comp.finish_reason,
-                            "stop_reason": comp.stop_reason})
+            choice = {"index": comp.index,
+                      "message": {"role": "assistant", "content": comp.text},
+                      "logprobs": logprobs, "finish_reason": comp.finish_reason,
+                      "stop_reason": comp.stop_reason}
+            if self.req.return_token_ids:
+                choice["prompt_token_ids"] = list(final.prompt_token_ids)
+                choice["token_ids"] = list(comp.token_ids)
+            choices.append(choice)
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
                 "usage": usage([final])}

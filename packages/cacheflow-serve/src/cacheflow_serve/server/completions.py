@@ -32,28 +32,28 @@ from cacheflow_serve.server.streaming import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
+async def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
     """(text, token ids) of each prompt of the request."""
     if isinstance(prompt, str):
-        return [(prompt, ctx.encode(prompt))]
+        prompt = [prompt]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, ctx.encode(p)) for p in prompt]
+        return [(p, await ctx.encode(p)) for p in prompt]
     if all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
-    return [(ctx.tokenizer.decode(ids), list(ids)) for ids in prompt]
+    return [(await ctx.decode(list(ids)), list(ids)) for ids in prompt]
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             raw: Request) -> Response:
     """Serves one completions call."""
     ctx.check_model(req.model)
-    check_unsupported(req)
+    check_unsupported(ctx, req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     n = req.n or 1
     if req.stream and req.best_of not in (None, n):
         raise APIError(400, "best_of must equal n when streaming", param="best_of")
-    prompts = _prompts(ctx, req.prompt)
+    prompts = await _prompts(ctx, req.prompt)
     params = []
     for _, ids in prompts:
         if req.max_tokens is None:
@@ -104,9 +104,13 @@ class _Call:
                     logprobs = completion_logprobs(self.ctx, comp.token_ids, comp.logprobs,
                                                    self.req.logprobs, offset)
                 self.ctx.metrics.count_finished(comp.finish_reason)
-                choices.append({"index": p_index * self.n + comp.index, "text": text,
-                                "logprobs": logprobs, "finish_reason": comp.finish_reason,
-                                "stop_reason": comp.stop_reason})
+                choice = {"index": p_index * self.n + comp.index, "text": text,
+                          "logprobs": logprobs, "finish_reason": comp.finish_reason,
+                          "stop_reason": comp.stop_reason}
+                if self.req.return_token_ids:
+                    choice["prompt_token_ids"] = self.prompts[p_index][1]
+                    choice["token_ids"] = list(comp.token_ids)
+                choices.append(choice)
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
                 "usage": usage([o for o in finals if o is not None])}
@@ -126,8 +130,9 @@ class _Call:
         k = self.req.logprobs
         offsets: dict[int, int] = {}
         try:
-            async for ev in choice_events(self.streams, self.n, self.stops, finals,
-                                          k is not None):
+            # Every new token makes a chunk when logprobs or token ids are streamed.
+            per_token = k is not None or bool(self.req.return_token_ids)
+            async for ev in choice_events(self.streams, self.n, self.stops, finals, per_token):
                 text = ev.text
                 if ev.first and self.req.echo:
                     text = self.prompts[ev.index // self.n][0] + text
@@ -141,6 +146,10 @@ class _Call:
                     self.ctx.metrics.count_finished(ev.finish_reason)
                 choice = {"index": ev.index, "text": text, "logprobs": logprobs,
                           "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason}
+                if self.req.return_token_ids:
+                    choice["token_ids"] = ev.token_ids
+                    if ev.first:
+                        choice["prompt_token_ids"] = self.prompts[ev.index // self.n][1]
                 yield sse(self._chunk([choice], include_usage))
             if include_usage:
                 chunk = self._chunk([], include_usage)

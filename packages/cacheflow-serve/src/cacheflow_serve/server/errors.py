@@ -7,7 +7,6 @@ only comes from a bug, never from what a client sent.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -15,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cacheflow_runtime import EngineClosedError, EngineOverloadedError
+from cacheflow_runtime import (
+    CacheflowUserError,
+    EngineClosedError,
+    EngineOverloadedError,
+    InvalidArgumentError,
+    InvalidRequestError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +34,15 @@ class APIError(Exception):
     """An error answered to the client with ``status`` and the OpenAI error body."""
 
     def __init__(self, status: int, message: str, *, param: Optional[str] = None,
-                 code: Optional[str] = None, err_type: Optional[str] = None) -> None:
+                 code: Optional[str] = None, err_type: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.err_type = err_type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers
 
 
 def error_body(status: int, message: str, *, param: Optional[str] = None,
@@ -54,9 +61,13 @@ def error_response(status: int, message: str, **kwargs: Any) -> JSONResponse:
 def bad_request(exc: ValueError) -> APIError:
     """A 400 for a ValueError raised while checking a request (names the field if it can)."""
     message = str(exc)
-    match = re.search(r"SamplingParams\.(\w+)", message)
-    param = match.group(1) if match else None
-    code = "context_length_exceeded" if "max_model_len" in message else None
+    param = code = None
+    if isinstance(exc, InvalidRequestError):
+        param, code = exc.param, exc.code
+    elif isinstance(exc, InvalidArgumentError) and exc.field:
+        param = exc.field.rpartition(".")[2]  # "SamplingParams.top_p" -> "top_p"
+    if code is None and "max_model_len" in message:
+        code = "context_length_exceeded"
     return APIError(400, message, param=param, code=code)
 
 
@@ -86,8 +97,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code,
-                              err_type=exc.err_type)
+        response = error_response(exc.status, exc.message, param=exc.param, code=exc.code,
+                                  err_type=exc.err_type)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(CacheflowUserError)
+    async def _user_error(_: Request, exc: CacheflowUserError) -> JSONResponse:
+        err = bad_request(exc)
+        return error_response(err.status, err.message, param=err.param, code=err.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

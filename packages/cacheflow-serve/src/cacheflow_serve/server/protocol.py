@@ -1,23 +1,54 @@
 """Request bodies of the OpenAI-compatible API (pydantic), with cacheflow's few extensions.
 
 Fields that OpenAI marks nullable accept ``null`` and mean the default. Unknown fields are
-ignored, as the OpenAI API does for forward compatibility.
+ignored, as the OpenAI API does for forward compatibility. Every string, nested ones included,
+must be valid Unicode: JSON can carry a lone surrogate (``"\\ud800"``), which no tokenizer takes.
+Numbers are finite (no ``NaN`` / ``Infinity``) and token ids are integers (``true`` is not 1).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1, strict=True)]
+
+
+def lone_surrogate(value: Any) -> Optional[str]:
+    """A description of the first lone surrogate in ``value`` (a string, or strings nested in
+    lists and dicts, keys included), None if there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"lone surrogate {value[exc.start]!r} at index {exc.start}"
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    for item in items:
+        found = lone_surrogate(item)
+        if found is not None:
+            return found
+    return None
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        found = lone_surrogate(value)
+        if found is not None:
+            raise ValueError(f"text is not valid Unicode ({found})")
+        return value
 
 
 class StreamOptions(_Body):
@@ -31,8 +62,8 @@ class SamplingFields(_Body):
 
     model: str
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
-    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
-    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = 1
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -44,13 +75,16 @@ class SamplingFields(_Body):
     logit_bias: Optional[dict[str, float]] = None
     # cacheflow extensions (as in vLLM)
     top_k: Optional[Annotated[int, Field(ge=-1)]] = None
-    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0)]] = None
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0,
+                                                        allow_inf_nan=False)]] = None
     min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[TokenId]] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
+    # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).
+    return_token_ids: Optional[bool] = False
 
 
 PromptType = Union[Annotated[str, Field()],

@@ -1,28 +1,53 @@
 """What completions and chat share: the model context, request -> SamplingParams, adding the
-engine requests of one API call, token strings and usage."""
+engine requests of one API call, token strings and usage.
+
+Tokenization, detokenization and chat templating run off the event loop (tokenization.py), so
+that one big prompt does not hold up other requests (``/health`` included); a prompt text
+longer than any prompt of ``max_model_len`` tokens can be is refused before tokenizing.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
-from cacheflow_runtime import AsyncLLMEngine, RequestOutput, RequestStream, SamplingParams
+from cacheflow_runtime import (
+    AsyncLLMEngine,
+    InvalidRequestError,
+    RequestOutput,
+    RequestStream,
+    SamplingParams,
+)
+from cacheflow_serve.inputs import check_prompt_text, max_prompt_chars
 from cacheflow_serve.server.errors import APIError, bad_request, engine_error
 from cacheflow_serve.server.metrics import ServerMetrics
 from cacheflow_serve.server.protocol import SamplingFields
+from cacheflow_serve.server.tokenization import Tokenization
+
+T = TypeVar("T")
 
 
 @dataclass
 class ServingContext:
-    """The engine and everything the handlers need to know about the served model."""
+    """The engine and everything the handlers need to know about the served model.
+
+    ``tokenizer`` is None when the server runs without one (``--skip-tokenizer-init``): prompts
+    must then be token ids, and text comes back empty.
+    """
 
     engine: AsyncLLMEngine
-    tokenizer: Any
+    tokenizer: Optional[Any]
     model_names: list[str]
     max_model_len: int
     metrics: ServerMetrics
+
+    def __post_init__(self) -> None:
+        self.tokenization = Tokenization(self.tokenizer)
+        self.max_prompt_chars = (0 if self.tokenizer is None
+                                 else max_prompt_chars(self.tokenizer, self.max_model_len))
 
     @property
     def model_name(self) -> str:
@@ -35,13 +60,44 @@ class ServingContext:
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                            f"{self.model_names}", param="model", code="model_not_found")
 
-    def encode(self, text: str) -> list[int]:
-        """The token ids of ``text``, as the engine would encode it."""
-        return list(self.tokenizer.encode(text))
+    def require_tokenizer(self, param: str) -> Any:
+        """The tokenizer (400 naming ``param`` when the server runs without one)."""
+        if self.tokenizer is None:
+            raise APIError(400, f"this server runs without a tokenizer (--skip-tokenizer-init): "
+                           f"{param} needs one; send prompts as token ids", param=param)
+        return self.tokenizer
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` run in the tokenizer threads."""
+        return await self.tokenization.in_thread(fn, *args, **kwargs)
+
+    def _check_text(self, text: str, param: str, bounded: bool) -> None:
+        self.require_tokenizer(param)
+        try:
+            check_prompt_text(text, self.max_prompt_chars if bounded else len(text), param)
+        except InvalidRequestError as exc:
+            raise bad_request(exc) from None
+
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """The token ids of ``text``, as the engine would encode it (400 for text that is not
+        valid Unicode or longer than any prompt that fits the context)."""
+        self._check_text(text, param, bounded=True)
+        return await self.tokenization.encode(text)
+
+    async def encode_json(self, text: str, param: str = "prompt") -> tuple[int, str]:
+        """(number of tokens, JSON list of the token ids) of ``text`` of any length."""
+        self._check_text(text, param, bounded=False)
+        return await self.tokenization.encode_json(text)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` ("" without a tokenizer)."""
+        if self.tokenizer is None:
+            return ""
+        return await self.off_loop(self.tokenizer.decode, token_ids)
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token, as logprobs report it."""
-        return self.tokenizer.decode([token_id])
+        """The text of one token, as logprobs report it ("" without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode([token_id])
 
 
 def new_id(prefix: str) -> str:
@@ -54,10 +110,13 @@ def now() -> int:
     return int(time.time())
 
 
-def check_unsupported(req: SamplingFields) -> None:
-    """400 for OpenAI features cacheflow does not implement (rather than ignoring them)."""
+def check_unsupported(ctx: ServingContext, req: SamplingFields) -> None:
+    """400 for OpenAI features cacheflow does not implement (rather than ignoring them), and
+    for stop strings on a server without a tokenizer."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.stop and ctx.tokenizer is None:
+        ctx.require_tokenizer("stop")
 
 
 def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int],
