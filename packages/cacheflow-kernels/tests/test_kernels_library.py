@@ -41,7 +41,7 @@ def test_needs_no_torch_python_or_cudart() -> None:
 
 def _raw_call(args: dict[str, Any]) -> str:
     with pytest.raises(ValueError) as info:
-        get_function("reshape_and_cache")(*(args[name] for name in ORDER))
+        get_function("reshape_and_cache")(*(args[name] for name in ORDER), 1.0, 1.0)
     return str(info.value)
 
 
