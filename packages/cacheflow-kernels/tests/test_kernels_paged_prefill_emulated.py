@@ -191,7 +191,7 @@ def test_fp8_cache(emu: Any, q_lens: list[int], ctx_lens: list[int], head_size: 
                      block_size=16, dtype=dtype, seed=head_size + 7)
     _to_fp8(case, 0.03, 0.2)
     tc = run_emulated(emu, case, force_simple=force_simple, max_query_len=max(q_lens))
-    assert tc == int(not force_simple and head_size in (64, 112, 256))
+    assert tc == int(not force_simple and dtype != torch.float32 and head_size in (64, 112, 256))
     check_close(case["out"], reference(case), dtype, f"fp8 head {head_size}")
 
 

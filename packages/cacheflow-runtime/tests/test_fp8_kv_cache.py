@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from test_attention_backends import _run, _step
 from torch import nn
 
-from cacheflow_runtime.attention import PagedAttention, load_kv_scale
-from cacheflow_runtime.attention import cuda, reference
+from cacheflow_runtime.attention import PagedAttention, cuda, load_kv_scale, reference
 from cacheflow_runtime.config import CacheConfig, ModelConfig, kv_cache_torch_dtype
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
-
-from test_attention_backends import _run, _step
 
 FP8 = torch.float8_e4m3fn
 

@@ -252,7 +252,7 @@ class CheckMemo:
         return result
 
 
-# ---- FP8 caches and their scales ------------------------------------------------------------------
+# ---- FP8 caches and their scales ----------------------------------------------------------------
 
 
 def is_fp8_cache(x: Any) -> bool:
