@@ -113,9 +113,9 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
 
   CheckCacheScalesAndSoftCap(kOp, s.fp8_cache, k_scale, v_scale, logits_soft_cap);
 
+  CheckContiguous(kOp, "query_start_loc", query_start_loc);
   CheckPagedAttentionLayoutAndDevice(kOp, out, query, key_cache, value_cache, block_tables,
                                      context_lens);
-  CheckContiguous(kOp, "query_start_loc", query_start_loc);
   CheckSameDevice(kOp, "query_start_loc", query_start_loc, "query", query);
 
   // A query is never longer than the batch: -1 (unknown) and larger bounds become num_tokens.

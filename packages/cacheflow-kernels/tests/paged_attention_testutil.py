@@ -125,7 +125,10 @@ def quantize_fp8(cache: Any, scale: float) -> Any:
     what ``reshape_and_cache`` writes into an fp8 cache."""
     import torch
 
-    return (cache.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    # Divide by a float32 tensor: torch divides a CUDA tensor by a Python number through the
+    # reciprocal, which rounds differently from the kernel's division now and then.
+    divisor = torch.tensor(scale, dtype=torch.float32, device=cache.device)
+    return (cache.float() / divisor).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
 def dequantize_fp8(cache: Any, scale: float) -> Any:

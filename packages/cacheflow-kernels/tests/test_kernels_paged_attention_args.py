@@ -508,7 +508,10 @@ def test_cpp_rejects_cpu_tensors() -> None:
     [
         (lambda a: a.update(query=a["query"].double()),
          "argument 'query' must be float16, bfloat16 or float32, got float64"),
-        (lambda a: a.update(query=torch.zeros(3, 4, 72, dtype=torch.float16)),
+        (lambda a: a.update(query=torch.zeros(3, 4, 72, dtype=torch.float16),
+                            out=torch.zeros(3, 4, 72, dtype=torch.float16),
+                            key_cache=torch.zeros(6, 16, 2, 72, dtype=torch.float16),
+                            value_cache=torch.zeros(6, 16, 2, 72, dtype=torch.float16)),
          "argument 'query' must be of head_size 64, 80, 96, 112, 128 or 256, got head_size 72"),
         (lambda a: a.update(out=a["out"].float()),
          "argument 'out' must be float16 like 'query', got float32"),

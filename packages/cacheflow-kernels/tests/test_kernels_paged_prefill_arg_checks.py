@@ -238,7 +238,9 @@ def test_cpp_rejects_cpu_tensors() -> None:
 def test_cpp_rejects_dtype_mismatch(arg: str) -> None:
     args = small_cpu_args(torch.float16)
     args[arg] = args[arg].float()
-    assert f"argument '{arg}' must be float16 like 'query', got float32" in _raw(args)
+    like = "key_cache" if arg == "value_cache" else "query"
+    msg = _raw(args)
+    assert f"argument '{arg}' must be float16 like '{like}'" in msg and "got float32" in msg
 
 
 @needs_library

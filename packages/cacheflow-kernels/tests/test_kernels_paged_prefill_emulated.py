@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from prefill_testutil import call_args, check_close, make_case, reference
 
+from paged_attention_testutil import quantize_fp8
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("cacheflow_runtime")
 
@@ -167,8 +169,8 @@ def test_rows_without_keys_are_zero(emu: Any) -> None:
 
 def _to_fp8(case: dict[str, Any], k_scale: float, v_scale: float) -> None:
     """Quantizes the case's caches to FP8 E4M3 with the given scales (NaN poison kept)."""
-    case["key_cache"] = (case["key_cache"].float() / k_scale).to(torch.float8_e4m3fn)
-    case["value_cache"] = (case["value_cache"].float() / v_scale).to(torch.float8_e4m3fn)
+    case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+    case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
     case["k_scale"], case["v_scale"] = k_scale, v_scale
 
 

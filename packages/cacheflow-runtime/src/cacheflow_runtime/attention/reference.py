@@ -20,8 +20,13 @@ FP8_MAX = 448.0
 
 
 def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x / scale`` as FP8 E4M3, rounded to nearest and saturated at +-448 (as the kernel)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """``x / scale`` as FP8 E4M3, rounded to nearest and saturated at +-448 (as the kernel).
+
+    The division is float32 IEEE division by a tensor: torch divides a CUDA tensor by a Python
+    number as a multiplication by its reciprocal, which rounds differently now and then.
+    """
+    divisor = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return (x.float() / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
