@@ -43,14 +43,12 @@ void CheckAligned(const char* name, const TensorView& t, int64_t bytes) {
 /*!
  * \brief The L2 prefetch distance: CACHEFLOW_PA_L2_PREFETCH_TILES (a tuning knob, read at every
  * launch so a benchmark can sweep it in one process) or the default; out-of-range values clamp.
- * The default doubles for FP8 caches: a tile of one-byte elements carries half the bytes, and
- * the kernel needs the same bytes in flight to keep the memory busy.
+ * FP8 caches use the same default: on an H200 (2026-12-02) 4 tiles for them were 2-5% slower
+ * than 2 in three of four decode cases (docs/benchmarks.md).
  */
-int L2PrefetchTiles(bool fp8_cache) {
+int L2PrefetchTiles() {
   const char* env = std::getenv("CACHEFLOW_PA_L2_PREFETCH_TILES");
-  if (env == nullptr || *env == '\0') {
-    return paged_attention::kDefaultL2PrefetchTiles * (fp8_cache ? 2 : 1);
-  }
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultL2PrefetchTiles;
   const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
   return static_cast<int>(std::clamp<long>(v, 0, paged_attention::kMaxL2PrefetchTiles));  // NOLINT
 }
@@ -180,7 +178,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.context_lens = reinterpret_cast<const int32_t*>(DataPtr(context_lens));
   p.alibi_slopes =
       alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
-  p.l2_prefetch_tiles = L2PrefetchTiles(s.fp8_cache);
+  p.l2_prefetch_tiles = L2PrefetchTiles();
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
