@@ -16,6 +16,8 @@ contiguous [batch, kv_heads, ctx, head_size] beforehand; only SDPA is timed), as
 case first checks the kernel against a float64 reference on a few sequences. ``--partitions``
 also times fixed split-K partition sizes (0 = no split) next to the automatic plan, to tune it;
 ``--l2-prefetch`` times L2 prefetch distances (the kernel's CACHEFLOW_PA_L2_PREFETCH_TILES).
+Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
+speed-up over the same case with a 16-bit cache; SDPA is not run for them).
 A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
 """
 
@@ -50,6 +52,7 @@ class Case:
     dtype: str = "float16"
     block_size: int = 16
     ragged: bool = False  # context lengths uniform in [1, ctx] instead of all ctx
+    fp8: bool = False  # an FP8 E4M3 cache (k_scale = v_scale = 1)
 
 
 CASES = [
@@ -68,6 +71,11 @@ CASES = [
     Case("mha_b64_ctx2k_bs32", 64, 2048, block_size=32),
     Case("gqa8_b64_ragged2k", 64, 2048, num_kv_heads=4, ragged=True),
     Case("mha_b64_ctx2k_fp32", 64, 2048, dtype="float32"),
+    Case("mha_b16_ctx8k", 16, 8192),
+    Case("mha_b16_ctx8k_fp8", 16, 8192, fp8=True),
+    Case("gqa8_b8_ctx8k_fp8", 8, 8192, num_kv_heads=4, fp8=True),
+    Case("mha_b1_ctx32k_fp8", 1, 32768, fp8=True),
+    Case("gqa8_b1_ctx32k_fp8", 1, 32768, num_kv_heads=4, fp8=True),
 ]
 
 
@@ -178,6 +186,9 @@ class Bench:
         shape = (num_blocks, case.block_size, case.num_kv_heads, case.head_size)
         key_cache = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
         value_cache = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
+        if case.fp8:
+            key_cache = key_cache.to(torch.float8_e4m3fn)
+            value_cache = value_cache.to(torch.float8_e4m3fn)
         query = torch.randn((case.batch, case.num_heads, case.head_size), generator=gen,
                             device="cuda", dtype=dtype)
         return {
@@ -199,8 +210,15 @@ class Bench:
         for i in range(min(3, case.batch)):
             pos = torch.arange(lens[i], device="cuda")
             blk = s["block_tables"][i].long()[pos // case.block_size]
-            k = s["key_cache"][blk, pos % case.block_size].double().repeat_interleave(group, 1)
-            v = s["value_cache"][blk, pos % case.block_size].double().repeat_interleave(group, 1)
+            kc, vc = s["key_cache"], s["value_cache"]
+            if case.fp8:  # gather the bytes (float8 indexing is not everywhere), then widen
+                kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)
+            k = kc[blk, pos % case.block_size]
+            v = vc[blk, pos % case.block_size]
+            if case.fp8:
+                k, v = k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)
+            k = k.double().repeat_interleave(group, 1)
+            v = v.double().repeat_interleave(group, 1)
             p = (torch.einsum("hd,lhd->hl", s["query"][i].double(), k)
                  * case.head_size ** -0.5).softmax(-1)
             ref = torch.einsum("hl,lhd->hd", p, v)
@@ -224,7 +242,8 @@ class Bench:
                                                    generator=gen)]
                     if case.ragged else [case.ctx] * case.batch)
             elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
-            kv_bytes = 2 * sum(lens) * case.num_kv_heads * case.head_size * elem
+            kv_elem = 1 if case.fp8 else elem
+            kv_bytes = 2 * sum(lens) * case.num_kv_heads * case.head_size * kv_elem
             qo_bytes = 2 * case.batch * case.num_heads * case.head_size * elem
             res.bytes_moved = kv_bytes + qo_bytes
             # Enough cache sets that consecutive calls cannot hit L2 (at most ~24 GiB in all).
@@ -271,7 +290,7 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the run
             res.error = _short_error(exc)
             traceback.print_exc()
-        if res.error is None and not self.args.skip_sdpa and not case.ragged:
+        if res.error is None and not self.args.skip_sdpa and not case.ragged and not case.fp8:
             try:
                 res.sdpa_time_us, res.sdpa_note = self.time_sdpa(case, sets, dense)
                 if res.time_us:
@@ -329,6 +348,14 @@ def print_table(bench: Bench, results: list[Result]) -> None:
         print(f"{r.case:<22} {r.shape:<44} {split:>10} {r.time_us:9.1f} {r.eager_us:7.1f} "
               f"{r.gbps:7.0f} "
               f"{pct} {target:>6} {sdpa} {ratio} {r.max_rel_err:8.1e}")
+    times = {r.case: r.time_us for r in results if r.time_us}
+    fp8 = [r for r in results if r.case.endswith("_fp8") and r.time_us
+           and times.get(r.case[:-len("_fp8")])]
+    if fp8:
+        print("\nFP8 cache against the 16-bit cache of the same case (x faster):")
+        for r in fp8:
+            base = times[r.case[:-len("_fp8")]]
+            print(f"  {r.case:<22} {base:.1f} us -> {r.time_us:.1f} us: {base / r.time_us:.2f}x")
     sweeps = [r for r in results if r.partitions]
     if sweeps:
         print("\nfixed partition sizes (us per call; 0 = no split):")

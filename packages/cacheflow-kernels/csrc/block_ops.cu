@@ -5,7 +5,8 @@
 // copy_blocks layouts:
 //   key_caches, value_caches: lists of per-layer tensors, each
 //                             [num_blocks, block_size, num_kv_heads, head_size], C-contiguous,
-//                             one shape and one dtype (float16, bfloat16 or float32) for all,
+//                             one shape and one dtype (float16, bfloat16, float32, or FP8 E4M3
+//                             as float8_e4m3fn or uint8: the copies are bytewise) for all,
 //                             all on one CUDA device
 //   block_mapping (int64):    [num_pairs, 2] on that device: rows (src, dst)
 // The layers' data pointers travel by value inside the kernel's parameter block (a
@@ -160,13 +161,16 @@ void CopyBlocks(Array<Tensor> key_caches, Array<Tensor> value_caches, TensorView
         const Tensor tensor = caches[i];
         const TensorView t(tensor);
         // The common case passes without building the layer's name (host time per call).
-        bool ok = t.ndim() == 4 && IsFloatKvDtype(t.dtype()) && t.dtype() == ref.dtype() &&
+        bool ok = t.ndim() == 4 && IsKvCacheDtype(t.dtype()) && t.dtype() == ref.dtype() &&
                   t.IsContiguous();
         for (int32_t d = 0; ok && d < 4; ++d) ok = t.shape()[d] == ref.shape()[d];
         if (ok) continue;
         const std::string name = LayerName(list == 0 ? "key_caches" : "value_caches", i);
         CheckNdim(kOp, name.c_str(), t, 4, kLayout);
-        CheckFloatDtype(kOp, name.c_str(), t);
+        TVM_FFI_CHECK(IsKvCacheDtype(t.dtype()), ValueError)
+            << CACHEFLOW_ARG_ERROR(kOp, name.c_str())
+            << "float16, bfloat16, float32 or an FP8 E4M3 cache (float8_e4m3fn or uint8), got "
+            << t.dtype();
         CheckDtypeLike(kOp, name.c_str(), t, ref_name.c_str(), ref);
         CheckShapeLike(kOp, name.c_str(), t, ref_name.c_str(), ref);
         CheckContiguous(kOp, name.c_str(), t);

@@ -17,7 +17,7 @@ namespace cacheflow {
  * \brief ABI version of the library; must equal cacheflow_kernels.ABI_VERSION. Bump it on any
  * breaking change of an exported function's signature or of a tensor layout.
  */
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 using tvm::ffi::TensorView;
 
@@ -49,6 +49,14 @@ inline bool IsFloatKvDtype(DLDataType dt) {
   return (dt.code == kDLFloat && (dt.bits == 16 || dt.bits == 32)) ||
          (dt.code == kDLBfloat && dt.bits == 16);
 }
+
+/*! \brief An FP8 E4M3 KV cache: float8_e4m3fn, or uint8 holding its bytes (as vLLM passes it). */
+inline bool IsFp8CacheDtype(DLDataType dt) {
+  return dt.lanes == 1 && dt.bits == 8 && (dt.code == kDLFloat8_e4m3fn || dt.code == kDLUInt);
+}
+
+/*! \brief A KV cache dtype: float16, bfloat16, float32 or an FP8 E4M3 cache. */
+inline bool IsKvCacheDtype(DLDataType dt) { return IsFloatKvDtype(dt) || IsFp8CacheDtype(dt); }
 
 inline bool IsInt64(DLDataType dt) { return dt.code == kDLInt && dt.bits == 64 && dt.lanes == 1; }
 

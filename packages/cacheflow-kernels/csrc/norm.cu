@@ -270,8 +270,13 @@ void CheckEps(const char* op, double eps) {
       << CACHEFLOW_ARG_ERROR(op, "eps") << "a finite float >= 0, got " << eps;
 }
 
-/*! \brief Checks of x [num_tokens, hidden] and weight [hidden]; returns nothing, throws. */
-void CheckXAndWeight(const char* op, const TensorView& x, const TensorView& weight) {
+/*!
+ * \brief The checks both ops share: x [num_tokens, hidden] (float), `other` (out or residual)
+ * like x, weight [hidden] of x's dtype, eps, contiguity, one CUDA device, 32-bit token count.
+ * \return false when there is nothing to compute (no tokens or hidden == 0).
+ */
+bool CheckNormArgs(const char* op, const TensorView& x, const char* other_name,
+                   const TensorView& other, const TensorView& weight, double eps) {
   CheckNdim(op, "x", x, 2, "[num_tokens, hidden]");
   CheckFloatDtype(op, "x", x);
   CheckNdim(op, "weight", weight, 1, "[hidden]");
@@ -279,54 +284,36 @@ void CheckXAndWeight(const char* op, const TensorView& x, const TensorView& weig
   TVM_FFI_CHECK(weight.shape()[0] == x.shape()[1], ValueError)
       << CACHEFLOW_ARG_ERROR(op, "weight") << "of shape [" << x.shape()[1]
       << "] (hidden of 'x'), got " << ShapeStr(weight);
+  CheckNdim(op, other_name, other, 2, "[num_tokens, hidden]");
+  CheckDtypeLike(op, other_name, other, "x", x);
+  CheckShapeLike(op, other_name, other, "x", x);
+  CheckEps(op, eps);
+  CheckContiguous(op, "x", x);
+  CheckContiguous(op, other_name, other);
+  CheckContiguous(op, "weight", weight);
+  CheckCuda(op, "x", x);
+  CheckSameDevice(op, other_name, other, "x", x);
+  CheckSameDevice(op, "weight", weight, "x", x);
+  const int64_t num_tokens = x.shape()[0];
+  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "x") << "at most 2^31-1 tokens, got " << num_tokens;
+  return num_tokens != 0 && x.shape()[1] != 0;
 }
 
 void RmsNorm(TensorView out, TensorView x, TensorView weight, double eps) {
-  constexpr const char* kOp = "rms_norm";
-  CheckXAndWeight(kOp, x, weight);
-  CheckNdim(kOp, "out", out, 2, "[num_tokens, hidden]");
-  CheckDtypeLike(kOp, "out", out, "x", x);
-  CheckShapeLike(kOp, "out", out, "x", x);
-  CheckEps(kOp, eps);
-  CheckContiguous(kOp, "out", out);
-  CheckContiguous(kOp, "x", x);
-  CheckContiguous(kOp, "weight", weight);
-  CheckCuda(kOp, "x", x);
-  CheckSameDevice(kOp, "out", out, "x", x);
-  CheckSameDevice(kOp, "weight", weight, "x", x);
-  const int64_t num_tokens = x.shape()[0];
-  const int64_t hidden = x.shape()[1];
-  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "x") << "at most 2^31-1 tokens, got " << num_tokens;
-  if (num_tokens == 0 || hidden == 0) return;
+  if (!CheckNormArgs("rms_norm", x, "out", out, weight, eps)) return;
   const DLDevice dev = x.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
-  Launch<false>(DataPtr(out), DataPtr(x), nullptr, DataPtr(weight), x.dtype(), num_tokens, hidden,
-                static_cast<float>(eps), EnvStream(dev));
+  Launch<false>(DataPtr(out), DataPtr(x), nullptr, DataPtr(weight), x.dtype(), x.shape()[0],
+                x.shape()[1], static_cast<float>(eps), EnvStream(dev));
 }
 
 void FusedAddRmsNorm(TensorView x, TensorView residual, TensorView weight, double eps) {
-  constexpr const char* kOp = "fused_add_rms_norm";
-  CheckXAndWeight(kOp, x, weight);
-  CheckNdim(kOp, "residual", residual, 2, "[num_tokens, hidden]");
-  CheckDtypeLike(kOp, "residual", residual, "x", x);
-  CheckShapeLike(kOp, "residual", residual, "x", x);
-  CheckEps(kOp, eps);
-  CheckContiguous(kOp, "x", x);
-  CheckContiguous(kOp, "residual", residual);
-  CheckContiguous(kOp, "weight", weight);
-  CheckCuda(kOp, "x", x);
-  CheckSameDevice(kOp, "residual", residual, "x", x);
-  CheckSameDevice(kOp, "weight", weight, "x", x);
-  const int64_t num_tokens = x.shape()[0];
-  const int64_t hidden = x.shape()[1];
-  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "x") << "at most 2^31-1 tokens, got " << num_tokens;
-  if (num_tokens == 0 || hidden == 0) return;
+  if (!CheckNormArgs("fused_add_rms_norm", x, "residual", residual, weight, eps)) return;
   const DLDevice dev = x.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
-  Launch<true>(DataPtr(x), DataPtr(x), DataPtr(residual), DataPtr(weight), x.dtype(), num_tokens,
-               hidden, static_cast<float>(eps), EnvStream(dev));
+  Launch<true>(DataPtr(x), DataPtr(x), DataPtr(residual), DataPtr(weight), x.dtype(),
+               x.shape()[0], x.shape()[1], static_cast<float>(eps), EnvStream(dev));
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "attention_args.h"
 #include "common.h"
 #include "paged_attention_launch.cuh"
 
@@ -24,7 +25,6 @@ using tvm::ffi::Optional;
 
 constexpr const char* kOp = "paged_attention";
 
-bool IsInt32Dtype(DLDataType dt) { return dt.code == kDLInt && dt.bits == 32 && dt.lanes == 1; }
 bool IsFloat32Dtype(DLDataType dt) {
   return dt.code == kDLFloat && dt.bits == 32 && dt.lanes == 1;
 }
@@ -43,6 +43,8 @@ void CheckAligned(const char* name, const TensorView& t, int64_t bytes) {
 /*!
  * \brief The L2 prefetch distance: CACHEFLOW_PA_L2_PREFETCH_TILES (a tuning knob, read at every
  * launch so a benchmark can sweep it in one process) or the default; out-of-range values clamp.
+ * FP8 caches use the same default: on an H200 (2026-12-02) 4 tiles for them were 2-5% slower
+ * than 2 in three of four decode cases (docs/benchmarks.md).
  */
 int L2PrefetchTiles() {
   const char* env = std::getenv("CACHEFLOW_PA_L2_PREFETCH_TILES");
@@ -62,80 +64,32 @@ int L2PrefetchTiles() {
  *        elements when split; ignored otherwise.
  * \param sliding_window W > 0: the query sees only the last W context tokens (its own
  *        included); 0: the whole context.
+ * \param k_scale, v_scale dequantization scales of FP8 caches (1.0 otherwise).
+ * \param logits_soft_cap > 0: scores become cap * tanh(score / cap); 0: none.
  */
 void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
                     TensorView value_cache, TensorView block_tables, TensorView context_lens,
                     double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
                     int64_t partition_size, Optional<TensorView> workspace,
-                    int64_t sliding_window) {
-  // -- Shapes and dtypes.
-  CheckNdim(kOp, "query", query, 3, "[num_seqs, num_heads, head_size]");
-  TVM_FFI_CHECK(IsFloatKvDtype(query.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "query") << "float16, bfloat16 or float32, got "
-      << query.dtype();
-  const int64_t num_seqs = query.shape()[0];
-  const int64_t num_heads = query.shape()[1];
-  const int64_t head_size = query.shape()[2];
+                    int64_t sliding_window, double k_scale, double v_scale,
+                    double logits_soft_cap) {
+  // -- Shapes and dtypes of the tensors both attention ops take.
+  const PagedAttentionShapes s = CheckPagedAttentionArgs(
+      kOp, "num_seqs", true, out, query, key_cache, value_cache, block_tables, context_lens);
+  const int64_t num_seqs = s.num_seqs;
+  const int64_t num_heads = s.num_heads;
+  const int64_t head_size = s.head_size;
+  const int64_t block_size = s.block_size;
+  const int64_t num_kv_heads = s.num_kv_heads;
+  const int64_t max_blocks_per_seq = s.max_blocks_per_seq;
+  // -- This kernel's own limits.
   TVM_FFI_CHECK(SupportedHeadSize(head_size), ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "query")
       << "of head_size 64, 80, 96, 112, 128 or 256, got head_size " << head_size
       << " (shape " << ShapeStr(query) << ")";
-
-  CheckNdim(kOp, "out", out, 3, "[num_seqs, num_heads, head_size]");
-  TVM_FFI_CHECK(out.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "out") << query.dtype() << " like 'query', got "
-      << out.dtype();
-  TVM_FFI_CHECK(out.shape()[0] == num_seqs && out.shape()[1] == num_heads &&
-                    out.shape()[2] == head_size,
-                ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape " << ShapeStr(query)
-      << " like 'query', got " << ShapeStr(out);
-
-  CheckNdim(kOp, "key_cache", key_cache, 4,
-            "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(key_cache.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << query.dtype() << " like 'query', got "
-      << key_cache.dtype();
-  const int64_t num_blocks = key_cache.shape()[0];
-  const int64_t block_size = key_cache.shape()[1];
-  const int64_t num_kv_heads = key_cache.shape()[2];
-  TVM_FFI_CHECK(key_cache.shape()[3] == head_size, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
-      << "num_kv_heads, " << head_size << "] (head_size of 'query'), got "
-      << ShapeStr(key_cache);
   TVM_FFI_CHECK(SupportedBlockSize(block_size), ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of block_size 8, 16 or 32, got block_size "
       << block_size << " (shape " << ShapeStr(key_cache) << ")";
-  TVM_FFI_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of num_kv_heads dividing num_heads="
-      << num_heads << ", got num_kv_heads " << num_kv_heads;
-
-  CheckNdim(kOp, "value_cache", value_cache, 4,
-            "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(value_cache.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << query.dtype() << " like 'query', got "
-      << value_cache.dtype();
-  TVM_FFI_CHECK(value_cache.shape()[0] == num_blocks && value_cache.shape()[1] == block_size &&
-                    value_cache.shape()[2] == num_kv_heads &&
-                    value_cache.shape()[3] == head_size,
-                ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << "of shape " << ShapeStr(key_cache)
-      << " like 'key_cache', got " << ShapeStr(value_cache);
-
-  CheckNdim(kOp, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]");
-  TVM_FFI_CHECK(IsInt32Dtype(block_tables.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "int32, got " << block_tables.dtype();
-  TVM_FFI_CHECK(block_tables.shape()[0] == num_seqs, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "block_tables") << "of shape [" << num_seqs
-      << ", max_blocks_per_seq] (num_seqs of 'query'), got " << ShapeStr(block_tables);
-  const int64_t max_blocks_per_seq = block_tables.shape()[1];
-
-  CheckNdim(kOp, "context_lens", context_lens, 1, "[num_seqs]");
-  TVM_FFI_CHECK(IsInt32Dtype(context_lens.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "int32, got " << context_lens.dtype();
-  TVM_FFI_CHECK(context_lens.shape()[0] == num_seqs, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "of shape [" << num_seqs
-      << "] (num_seqs of 'query'), got " << ShapeStr(context_lens);
 
   if (alibi_slopes.has_value()) {
     const TensorView& a = *alibi_slopes;
@@ -164,23 +118,14 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
       << CACHEFLOW_ARG_ERROR(kOp, "sliding_window") << ">= 0 (0: no window), got "
       << sliding_window;
 
-  // -- Memory layout.
-  CheckContiguous(kOp, "out", out);
-  CheckContiguous(kOp, "query", query);
-  CheckContiguous(kOp, "key_cache", key_cache);
-  CheckContiguous(kOp, "value_cache", value_cache);
-  CheckContiguous(kOp, "block_tables", block_tables);
-  CheckContiguous(kOp, "context_lens", context_lens);
+  CheckCacheScalesAndSoftCap(kOp, s.fp8_cache, k_scale, v_scale, logits_soft_cap);
+
+  // -- Memory layout and device.
+  CheckPagedAttentionLayoutAndDevice(kOp, out, query, key_cache, value_cache, block_tables,
+                                     context_lens);
   if (alibi_slopes.has_value()) CheckContiguous(kOp, "alibi_slopes", *alibi_slopes);
   if (workspace.has_value()) CheckContiguous(kOp, "workspace", *workspace);
 
-  // -- Device.
-  CheckCuda(kOp, "query", query);
-  CheckSameDevice(kOp, "out", out, "query", query);
-  CheckSameDevice(kOp, "key_cache", key_cache, "query", query);
-  CheckSameDevice(kOp, "value_cache", value_cache, "query", query);
-  CheckSameDevice(kOp, "block_tables", block_tables, "query", query);
-  CheckSameDevice(kOp, "context_lens", context_lens, "query", query);
   if (alibi_slopes.has_value()) {
     CheckSameDevice(kOp, "alibi_slopes", *alibi_slopes, "query", query);
   }
@@ -212,7 +157,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   }
   paged_attention::Params p = paged_attention::MakeParams(
       num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks_per_seq, scale,
-      max_context_len, partition_size, sliding_window);
+      max_context_len, partition_size, sliding_window, k_scale, v_scale, logits_soft_cap);
   const int64_t need = paged_attention::WorkspaceElements(p);
   if (need > 0) {
     TVM_FFI_CHECK(workspace.has_value(), ValueError)
@@ -240,11 +185,11 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   const DLDataType dt = query.dtype();
   if (dt.code == kDLFloat && dt.bits == 16) {
-    paged_attention::Launch<__half>(p, stream);
+    paged_attention::Launch<__half>(p, s.fp8_cache, stream);
   } else if (dt.code == kDLBfloat) {
-    paged_attention::Launch<__nv_bfloat16>(p, stream);
+    paged_attention::Launch<__nv_bfloat16>(p, s.fp8_cache, stream);
   } else {
-    paged_attention::Launch<float>(p, stream);
+    paged_attention::Launch<float>(p, s.fp8_cache, stream);
   }
 }
 

@@ -1,8 +1,9 @@
 // paged_attention: decode attention (one query token per sequence) over the paged KV cache.
 //
-// Layouts (C-contiguous; T = float16, bfloat16 or float32, the same for query, caches and out):
+// Layouts (C-contiguous; T = float16, bfloat16 or float32, the same for query and out; the
+// caches hold T too, or FP8 E4M3 bytes (C = Fp8E4m3) dequantized on read with k_scale / v_scale):
 //   query, out:               [num_seqs, num_heads, head_size]                       T
-//   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]      T
+//   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]      C
 //   block_tables:             [num_seqs, max_blocks_per_seq]                         int32
 //   context_lens:             [num_seqs]                                             int32
 //   alibi_slopes (optional):  [num_heads]                                            float32
@@ -31,6 +32,12 @@
 // the permutation is undone when the output is written (see the index maps below).
 // float32 uses CUDA cores (a warp-wide dot product per token, butterfly-reduced).
 //
+// FP8 caches: each load brings half the bytes (8 fp8 elements where the 16-bit path loads 8
+// 16-bit ones), kept raw in registers and widened to T (exactly: every e4m3 value is a float16
+// and a bfloat16) just before the MMA that consumes it. The K scale is folded into the softmax
+// scale and the V scale into the final normalization, so neither costs a multiply per element.
+// Soft-capping (Gemma 2): scores become cap * tanh(score / cap) before ALiBi and the mask.
+//
 // The kernels are written against a few primitives (below) so that they also compile for the
 // host under CACHEFLOW_PAGED_ATTENTION_EMULATE, where tests/emulation/paged_attention_emu.h
 // runs every CUDA thread as a fiber and emulates the warp-level instructions on a CPU.
@@ -46,6 +53,7 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -83,6 +91,18 @@ PA_DEVICE float FastExp2(float x) {
   return y;
 }
 
+PA_DEVICE float FastTanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/*! \brief The FP8 E4M3 byte in the low 8 bits of `b` as a float (exact). */
+PA_DEVICE float Fp8ToFloat(uint32_t b) {
+  return __half2float(
+      __half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b & 0xffu), __NV_E4M3)));
+}
+
 // Streaming loads of data read once (the cache is not written while the kernel runs).
 PA_DEVICE uint4 LoadStream16(const void* ptr) {
   uint4 v;
@@ -99,6 +119,11 @@ PA_DEVICE uint2 LoadStream8(const void* ptr) {
 PA_DEVICE uint32_t LoadStream4(const void* ptr) {
   uint32_t v;
   asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+PA_DEVICE uint32_t LoadStream2(const void* ptr) {
+  unsigned short v;
+  asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(ptr));
   return v;
 }
 
@@ -118,6 +143,12 @@ struct Dtype<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static PA_DEVICE __half FromFloat(float x) { return __float2half_rn(x); }
+  // Two FP8 E4M3 bytes (low 16 bits; the lower byte is the lower element) as packed halves.
+  static PA_DEVICE uint32_t FromFp8x2(uint32_t b) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
+    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  }
   // d += a * b, m16n8k16, row.col, fp32 accumulate.
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -142,6 +173,11 @@ struct Dtype<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static PA_DEVICE __nv_bfloat16 FromFloat(float x) { return __float2bfloat16_rn(x); }
+  static PA_DEVICE uint32_t FromFp8x2(uint32_t b) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
+    return Pack(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
+  }
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
@@ -168,6 +204,11 @@ struct Dtype<float> {
 
 namespace cacheflow {
 namespace paged_attention {
+
+/*! \brief Element type of an FP8 E4M3 cache (one byte; the kernels widen it to T on read). */
+struct Fp8E4m3 {
+  uint8_t bits;
+};
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -203,7 +244,10 @@ struct Params {
   float* ws_o;                // [num_seqs, num_heads, num_partitions, head_size]; nullptr: no split
   float* ws_m;                // [num_seqs, num_heads, num_partitions] running max (log2 units)
   float* ws_l;                // [num_seqs, num_heads, num_partitions] sum of exp2(s - max)
-  float scale_log2;           // softmax scale * log2(e)
+  float scale_log2;           // softmax scale * k_scale * log2(e)
+  float v_scale;              // multiplies the output (the V dequantization scale; 1 unless fp8)
+  float soft_cap_log2;        // logits soft cap * log2(e); 0: no soft-capping
+  float inv_soft_cap_log2;    // 1 / soft_cap_log2 (0 without soft-capping)
   int num_seqs;
   int num_heads;
   int num_kv_heads;
@@ -235,7 +279,8 @@ struct Params {
 inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_size, int64_t block_size, int64_t max_blocks_per_seq,
                          double scale, int64_t max_context_len, int64_t partition_size,
-                         int64_t sliding_window) {
+                         int64_t sliding_window, double k_scale = 1.0, double v_scale = 1.0,
+                         double logits_soft_cap = 0.0) {
   Params p{};
   const int64_t max_tokens = max_blocks_per_seq * block_size;
   const int64_t max_ctx = std::min(max_context_len, max_tokens);
@@ -246,7 +291,11 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
     partition_size = std::max<int64_t>(
         (max_tokens + kPartitionAlign - 1) / kPartitionAlign * kPartitionAlign, kPartitionAlign);
   }
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.scale_log2 = static_cast<float>(scale * k_scale * 1.4426950408889634);
+  p.v_scale = static_cast<float>(v_scale);
+  p.soft_cap_log2 =
+      logits_soft_cap > 0.0 ? static_cast<float>(logits_soft_cap * 1.4426950408889634) : 0.f;
+  p.inv_soft_cap_log2 = logits_soft_cap > 0.0 ? 1.f / p.soft_cap_log2 : 0.f;
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
@@ -301,6 +350,66 @@ PA_DEVICE int IMax(int a, int b) { return a > b ? a : b; }
 
 PA_DEVICE uint32_t Word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant
+}
+
+/*!
+ * \brief The logit (log2 units) of a score `x` = q.k * scale * k_scale * log2(e), plus `bias`:
+ * soft-capped (cap * tanh(score / cap), in the same units) when the launch asks for it.
+ */
+PA_DEVICE float Logit(const Params& p, float x, float bias) {
+  if (p.soft_cap_log2 > 0.f) x = p.soft_cap_log2 * FastTanh(x * p.inv_soft_cap_log2);
+  return x + bias;
+}
+
+/*!
+ * \brief How the tensor-core kernel of element type T loads cache elements of type C: the raw
+ * register types of a 32-dim K span (8 elements per thread), a 16-dim half span (4) and a V
+ * tail word (2), their loads, and their widening to packed T pairs.
+ */
+template <typename T, typename C>
+struct CacheIo {
+  static_assert(std::is_same<T, C>::value, "the cache holds T or FP8 E4M3");
+  using Span = uint4;
+  using HalfSpan = uint2;
+  using Tail = uint32_t;
+  static PA_DEVICE Span LoadSpan(const C* p) { return LoadStream16(p); }
+  static PA_DEVICE HalfSpan LoadHalf(const C* p) { return LoadStream8(p); }
+  static PA_DEVICE Tail LoadTail(const C* p) { return LoadStream4(p); }
+  static PA_DEVICE Span ZeroSpan() { return make_uint4(0, 0, 0, 0); }
+  static PA_DEVICE HalfSpan ZeroHalf() { return make_uint2(0, 0); }
+  static PA_DEVICE uint4 Widen(const Span& v) { return v; }
+  static PA_DEVICE uint2 WidenHalf(const HalfSpan& v) { return v; }
+  static PA_DEVICE uint32_t WidenTail(Tail v) { return v; }
+};
+
+template <typename T>
+struct CacheIo<T, Fp8E4m3> {
+  using Span = uint2;
+  using HalfSpan = uint32_t;
+  using Tail = uint32_t;  // 16 bits used
+  static PA_DEVICE Span LoadSpan(const Fp8E4m3* p) { return LoadStream8(p); }
+  static PA_DEVICE HalfSpan LoadHalf(const Fp8E4m3* p) { return LoadStream4(p); }
+  static PA_DEVICE Tail LoadTail(const Fp8E4m3* p) { return LoadStream2(p); }
+  static PA_DEVICE Span ZeroSpan() { return make_uint2(0, 0); }
+  static PA_DEVICE HalfSpan ZeroHalf() { return 0u; }
+  static PA_DEVICE uint4 Widen(const Span& v) {
+    return make_uint4(Dtype<T>::FromFp8x2(v.x), Dtype<T>::FromFp8x2(v.x >> 16),
+                      Dtype<T>::FromFp8x2(v.y), Dtype<T>::FromFp8x2(v.y >> 16));
+  }
+  static PA_DEVICE uint2 WidenHalf(HalfSpan v) {
+    return make_uint2(Dtype<T>::FromFp8x2(v), Dtype<T>::FromFp8x2(v >> 16));
+  }
+  static PA_DEVICE uint32_t WidenTail(Tail v) { return Dtype<T>::FromFp8x2(v); }
+};
+
+/*! \brief Four consecutive cache elements as floats (the float32 kernel's load). */
+PA_DEVICE float4 Load4f(const float* p) {
+  const uint4 w = LoadStream16(p);
+  return make_float4(AsFloat(w.x), AsFloat(w.y), AsFloat(w.z), AsFloat(w.w));
+}
+PA_DEVICE float4 Load4f(const Fp8E4m3* p) {
+  const uint32_t w = LoadStream4(p);
+  return make_float4(Fp8ToFloat(w), Fp8ToFloat(w >> 8), Fp8ToFloat(w >> 16), Fp8ToFloat(w >> 24));
 }
 
 /*! \brief The per-warp statistics in dynamic shared memory: m, l, f, each [kWarps][kMmaRows]. */
@@ -383,7 +492,7 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
       f[w] = st.m[w][tid] == kNegInf ? 0.f : FastExp2(st.m[w][tid] - m);
       total += f[w] * st.l[w][tid];
     }
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = total > 0.f ? p.v_scale / total : 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) st.f[w][tid] = f[w] * inv;
     if (split) {
@@ -451,43 +560,46 @@ struct MmaShape {
   static constexpr int kQSmemBytes = kQSpans * 2 * 32 * 16;
 };
 
-template <typename T, int D>
-PA_DEVICE void LoadKTile(const T* kc, const Params& p, const PartitionRange& r, int tok0, int blk,
-                         int gid, int tig, uint4 (&kr)[MmaShape<D>::kSpans], uint2& krh) {
+template <typename T, typename C, int D>
+PA_DEVICE void LoadKTile(const C* kc, const Params& p, const PartitionRange& r, int tok0, int blk,
+                         int gid, int tig, typename CacheIo<T, C>::Span (&kr)[MmaShape<D>::kSpans],
+                         typename CacheIo<T, C>::HalfSpan& krh) {
   using S = MmaShape<D>;
+  using Io = CacheIo<T, C>;
   const int tok = tok0 + gid;
   const bool valid = tok >= r.begin && tok < r.end;
-  const T* row = kc + static_cast<int64_t>(blk) * p.block_stride +
+  const C* row = kc + static_cast<int64_t>(blk) * p.block_stride +
                  static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
 #pragma unroll
   for (int j = 0; j < S::kSpans; ++j) {
-    kr[j] = valid ? LoadStream16(row + 32 * j + 8 * tig) : make_uint4(0, 0, 0, 0);
+    kr[j] = valid ? Io::LoadSpan(row + 32 * j + 8 * tig) : Io::ZeroSpan();
   }
   if constexpr (S::kHalfSpan) {
-    krh = valid ? LoadStream8(row + 32 * S::kSpans + 4 * tig) : make_uint2(0, 0);
+    krh = valid ? Io::LoadHalf(row + 32 * S::kSpans + 4 * tig) : Io::ZeroHalf();
   }
 }
 
-template <typename T, int D>
-PA_DEVICE void LoadVTile(const T* vc, const Params& p, const PartitionRange& r, int tok0, int blk,
-                         int gid, int tig, uint4 (&vr)[2][MmaShape<D>::kChunks],
+template <typename T, typename C, int D>
+PA_DEVICE void LoadVTile(const C* vc, const Params& p, const PartitionRange& r, int tok0, int blk,
+                         int gid, int tig, typename CacheIo<T, C>::Span (&vr)[2][MmaShape<D>::kChunks],
                          uint32_t (&vt)[2][MmaShape<D>::kTailWords > 0 ? MmaShape<D>::kTailWords
                                                                        : 1]) {
   using S = MmaShape<D>;
+  using Io = CacheIo<T, C>;
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     const int tok = tok0 + 2 * tig + s;
     const bool valid = tok >= r.begin && tok < r.end;
-    const T* row = vc + static_cast<int64_t>(blk) * p.block_stride +
+    const C* row = vc + static_cast<int64_t>(blk) * p.block_stride +
                    static_cast<int64_t>(tok & (p.block_size - 1)) * p.token_stride;
 #pragma unroll
     for (int c = 0; c < S::kChunks; ++c) {
       // Invalid tokens must read as zeros: their slots may hold NaN, and 0 * NaN = NaN.
-      vr[s][c] = valid ? LoadStream16(row + 64 * c + 8 * gid) : make_uint4(0, 0, 0, 0);
+      vr[s][c] = valid ? Io::LoadSpan(row + 64 * c + 8 * gid) : Io::ZeroSpan();
     }
 #pragma unroll
     for (int w = 0; w < S::kTailWords; ++w) {
-      vt[s][w] = valid ? LoadStream4(row + 64 * S::kChunks + S::kTailTiles * gid + 2 * w) : 0u;
+      vt[s][w] = valid ? Io::LoadTail(row + 64 * S::kChunks + S::kTailTiles * gid + 2 * w) : 0u;
     }
   }
 }
@@ -496,10 +608,10 @@ PA_DEVICE void LoadVTile(const T* vc, const Params& p, const PartitionRange& r, 
  * \brief L2 prefetch of the K and V rows of one tile: lane (g, t) prefetches the 32-byte sectors
  * t, t + 4, ... of the K and V rows of token tok0 + g (valid tokens only).
  */
-template <typename T, int D>
-PA_DEVICE void PrefetchTileL2(const T* kc, const T* vc, const Params& p, const PartitionRange& r,
+template <typename C, int D>
+PA_DEVICE void PrefetchTileL2(const C* kc, const C* vc, const Params& p, const PartitionRange& r,
                               int tok0, int blk, int gid, int tig) {
-  constexpr int kSectors = static_cast<int>((D * sizeof(T) + 31) / 32);
+  constexpr int kSectors = static_cast<int>((D * sizeof(C) + 31) / 32);
   const int tok = tok0 + gid;
   if (tok < r.begin || tok >= r.end) return;
   const int64_t off = static_cast<int64_t>(blk) * p.block_stride +
@@ -523,11 +635,12 @@ constexpr int MmaMinBlocks() {
   return D <= 96 ? 4 : D <= 128 ? 3 : 2;
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     PagedAttentionMmaKernel(const Params p) {
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
+  using Io = CacheIo<T, C>;
   unsigned char* smem = DynamicSmem();
   const Stats st = GetStats(smem);
   unsigned char* smem_main = smem + kStatsSmemBytes;
@@ -550,8 +663,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     return;
   }
 
-  const T* kc = static_cast<const T*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
-  const T* vc = static_cast<const T*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const C* kc = static_cast<const C*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const C* vc = static_cast<const C*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
   const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
   float acc[S::kDTiles][4];
@@ -560,9 +673,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   float m_run[2] = {kNegInf, kNegInf};
   float l_run[2] = {0.f, 0.f};
 
-  uint4 kr[S::kSpans];
-  uint2 krh = make_uint2(0, 0);
-  uint4 vr[2][S::kChunks];
+  typename Io::Span kr[S::kSpans];
+  typename Io::HalfSpan krh = Io::ZeroHalf();
+  typename Io::Span vr[2][S::kChunks];
   uint32_t vt[2][S::kTailWords > 0 ? S::kTailWords : 1];
 
   // The first tile's K and V do not depend on Q: issue them first, so their latency overlaps the
@@ -579,15 +692,15 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, 1, lane);
     const int blk = ShflIdx(blk_cache, 0);
     const int tok0 = r.tile_base + kTile * tile;
-    LoadKTile<T, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
-    LoadVTile<T, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
+    LoadKTile<T, C, D>(kc, p, r, tok0, blk, gid, tig, kr, krh);
+    LoadVTile<T, C, D>(vc, p, r, tok0, blk, gid, tig, vr, vt);
     // Fill the L2 pipeline: this warp's tiles 1 .. l2_prefetch_tiles.
 #pragma unroll 1
     for (int q = 1; q <= p.l2_prefetch_tiles; ++q) {
       const int pf_tile = warp + kWarps * q;
       if (pf_tile >= r.num_tiles) break;
       const int pf_blk = ShflIdx(q < 32 ? blk_cache : blk_cache_next, q & 31);
-      PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
+      PrefetchTileL2<C, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
     }
   }
 
@@ -634,13 +747,15 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     for (int j = 0; j < S::kSpans; ++j) {
       const uint4 q0 = qs[(2 * j) * 32 + lane];
       const uint4 q1 = qs[(2 * j + 1) * 32 + lane];
-      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, kr[j].x, kr[j].y);
-      Ops::Mma16816(sc, q0.z, q1.z, q0.w, q1.w, kr[j].z, kr[j].w);
+      const uint4 k = Io::Widen(kr[j]);
+      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+      Ops::Mma16816(sc, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
     }
     if constexpr (S::kHalfSpan) {
       const uint4 q0 = qs[(2 * S::kSpans) * 32 + lane];
       const uint4 q1 = qs[(2 * S::kSpans + 1) * 32 + lane];
-      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, krh.x, krh.y);
+      const uint2 k = Io::WidenHalf(krh);
+      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
     }
 
     // ---- Prefetch the next tile's K (the registers are free now).
@@ -653,7 +768,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
         blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (it >> 5) + 1, lane);
       }
       blk_next = ShflIdx(blk_cache, it & 31);
-      LoadKTile<T, D>(kc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, kr, krh);
+      LoadKTile<T, C, D>(kc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, kr, krh);
     }
 
     // ---- Scale, ALiBi, mask; online softmax per row (this thread: tokens 2t, 2t+1).
@@ -664,8 +779,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     uint32_t pa[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      float x0 = va ? fmaf(sc[2 * hh], p.scale_log2, alibi[hh] * da) : kNegInf;
-      float x1 = vb ? fmaf(sc[2 * hh + 1], p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
+      float x0 = va ? Logit(p, sc[2 * hh] * p.scale_log2, alibi[hh] * da) : kNegInf;
+      float x1 = vb ? Logit(p, sc[2 * hh + 1] * p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
       float mx = fmaxf(x0, x1);
       mx = fmaxf(mx, ShflXor(mx, 1));
       mx = fmaxf(mx, ShflXor(mx, 2));
@@ -687,17 +802,19 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     // ---- O += P V.
 #pragma unroll
     for (int c = 0; c < S::kChunks; ++c) {
+      const uint4 v0 = Io::Widen(vr[0][c]);
+      const uint4 v1 = Io::Widen(vr[1][c]);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
-        const uint32_t b = BytePerm(Word(vr[0][c], e >> 1), Word(vr[1][c], e >> 1), sel);
+        const uint32_t b = BytePerm(Word(v0, e >> 1), Word(v1, e >> 1), sel);
         Ops::Mma1688(acc[8 * c + e], pa[0], pa[1], b);
       }
     }
 #pragma unroll
     for (int e = 0; e < S::kTailTiles; ++e) {
       const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
-      const uint32_t b = BytePerm(vt[0][e >> 1], vt[1][e >> 1], sel);
+      const uint32_t b = BytePerm(Io::WidenTail(vt[0][e >> 1]), Io::WidenTail(vt[1][e >> 1]), sel);
       Ops::Mma1688(acc[8 * S::kChunks + e], pa[0], pa[1], b);
     }
 
@@ -708,9 +825,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
       const int pf_tile = warp + kWarps * q;
       if (p.l2_prefetch_tiles > 0 && pf_tile < r.num_tiles) {
         const int pf_blk = ShflIdx((q >> 5) == (it >> 5) ? blk_cache : blk_cache_next, q & 31);
-        PrefetchTileL2<T, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
+        PrefetchTileL2<C, D>(kc, vc, p, r, r.tile_base + kTile * pf_tile, pf_blk, gid, tig);
       }
-      LoadVTile<T, D>(vc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, vr, vt);
+      LoadVTile<T, C, D>(vc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, vr, vt);
     }
     tile = next;
   }
@@ -765,7 +882,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 // partial dot products are butterfly-reduced over the warp, and all lanes then hold the same
 // scores and softmax state; lane l owns output dims 4 * (l + 32 i) .. + 3.
 
-template <int D, int kRows>
+template <typename C, int D, int kRows>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Params p) {
   constexpr int kVecs = D / 4;
   constexpr int kPerLane = (kVecs + 31) / 32;
@@ -810,8 +927,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
 
-  const float* kc = static_cast<const float*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
-  const float* vc = static_cast<const float*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const C* kc = static_cast<const C*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const C* vc = static_cast<const C*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
   const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
   float4 acc[kRows][kPerLane];
@@ -846,10 +963,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
         for (int i = 0; i < kPerLane; ++i) {
           const int c = lane + 32 * i;
           const bool ok = valid[u] && c < kVecs;
-          const uint4 kw = ok ? LoadStream16(kc + off + 4 * c) : make_uint4(0, 0, 0, 0);
-          const uint4 vw = ok ? LoadStream16(vc + off + 4 * c) : make_uint4(0, 0, 0, 0);
-          kv[u][i] = make_float4(AsFloat(kw.x), AsFloat(kw.y), AsFloat(kw.z), AsFloat(kw.w));
-          vv[u][i] = make_float4(AsFloat(vw.x), AsFloat(vw.y), AsFloat(vw.z), AsFloat(vw.w));
+          kv[u][i] = ok ? Load4f(kc + off + 4 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
+          vv[u][i] = ok ? Load4f(vc + off + 4 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
       }
       float s[kSub][kRows];
@@ -889,7 +1004,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
 #pragma unroll
         for (int u = 0; u < kSub; ++u) {
           const float dist = static_cast<float>(tok0 + u) - query_pos;
-          s[u][row] = valid[u] ? fmaf(alibi[row], dist, s[u][row]) : kNegInf;
+          s[u][row] = valid[u] ? Logit(p, s[u][row], alibi[row] * dist) : kNegInf;
           mx = fmaxf(mx, s[u][row]);
         }
         const float m_new = fmaxf(m_run[row], mx);
@@ -1036,7 +1151,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
 // launcher (`launch(kernel, grid, threads, smem_bytes, params)`): the CUDA one in
 // paged_attention_launch.cuh, or the emulator's.
 
-template <typename T, int D, typename Launcher>
+template <typename T, typename C, int D, typename Launcher>
 void RunHeadSize(Params p, Launcher& launch) {
   if constexpr (std::is_same<T, float>::value) {
     const int rows = p.group == 1 ? 1 : kSimtRows;
@@ -1048,9 +1163,9 @@ void RunHeadSize(Params p, Launcher& launch) {
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
     if (rows == 1) {
-      launch(PagedAttentionSimtKernel<D, 1>, grid, kThreads, smem, p);
+      launch(PagedAttentionSimtKernel<C, D, 1>, grid, kThreads, smem, p);
     } else {
-      launch(PagedAttentionSimtKernel<D, kSimtRows>, grid, kThreads, smem, p);
+      launch(PagedAttentionSimtKernel<C, D, kSimtRows>, grid, kThreads, smem, p);
     }
   } else {
     p.rows = std::min(p.group, kMmaRows);
@@ -1060,7 +1175,7 @@ void RunHeadSize(Params p, Launcher& launch) {
     const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
-    launch(PagedAttentionMmaKernel<T, D>, grid, kThreads, smem, p);
+    launch(PagedAttentionMmaKernel<T, C, D>, grid, kThreads, smem, p);
   }
   if (p.num_partitions > 1) {
     const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};
@@ -1069,16 +1184,19 @@ void RunHeadSize(Params p, Launcher& launch) {
   }
 }
 
-/*! \brief Runs paged attention for `p` (head_size 64, 80, 96, 112, 128 or 256). */
-template <typename T, typename Launcher>
+/*!
+ * \brief Runs paged attention for `p` (head_size 64, 80, 96, 112, 128 or 256): query/out of
+ * type T, caches of type C (T, or Fp8E4m3).
+ */
+template <typename T, typename C = T, typename Launcher>
 void Run(const Params& p, Launcher& launch) {
   switch (p.head_size) {
-    case 64: RunHeadSize<T, 64>(p, launch); break;
-    case 80: RunHeadSize<T, 80>(p, launch); break;
-    case 96: RunHeadSize<T, 96>(p, launch); break;
-    case 112: RunHeadSize<T, 112>(p, launch); break;
-    case 128: RunHeadSize<T, 128>(p, launch); break;
-    case 256: RunHeadSize<T, 256>(p, launch); break;
+    case 64: RunHeadSize<T, C, 64>(p, launch); break;
+    case 80: RunHeadSize<T, C, 80>(p, launch); break;
+    case 96: RunHeadSize<T, C, 96>(p, launch); break;
+    case 112: RunHeadSize<T, C, 112>(p, launch); break;
+    case 128: RunHeadSize<T, C, 128>(p, launch); break;
+    case 256: RunHeadSize<T, C, 256>(p, launch); break;
     default: break;  // rejected by the argument checks
   }
 }

@@ -5,9 +5,13 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<__nv_bfloat16>(const Params& p, cudaStream_t stream) {
+void Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
-  Run<__nv_bfloat16>(p, launch);
+  if (fp8_cache) {
+    Run<__nv_bfloat16, Fp8E4m3>(p, launch);
+  } else {
+    Run<__nv_bfloat16>(p, launch);
+  }
 }
 
 }  // namespace paged_attention

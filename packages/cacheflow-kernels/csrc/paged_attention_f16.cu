@@ -5,9 +5,13 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<__half>(const Params& p, cudaStream_t stream) {
+void Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
-  Run<__half>(p, launch);
+  if (fp8_cache) {
+    Run<__half, Fp8E4m3>(p, launch);
+  } else {
+    Run<__half>(p, launch);
+  }
 }
 
 }  // namespace paged_attention

@@ -5,9 +5,13 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<float>(const Params& p, cudaStream_t stream) {
+void Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
-  Run<float>(p, launch);
+  if (fp8_cache) {
+    Run<float, Fp8E4m3>(p, launch);
+  } else {
+    Run<float>(p, launch);
+  }
 }
 
 }  // namespace paged_attention

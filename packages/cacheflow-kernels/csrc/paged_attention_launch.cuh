@@ -31,16 +31,19 @@ struct CudaLauncher {
   }
 };
 
-/*! \brief Runs paged attention for dtype T on `stream` (defined per dtype). */
+/*!
+ * \brief Runs paged attention for query dtype T on `stream` (defined per dtype), over caches of
+ * T or (fp8_cache) of FP8 E4M3.
+ */
 template <typename T>
-void Launch(const Params& p, cudaStream_t stream);
+void Launch(const Params& p, bool fp8_cache, cudaStream_t stream);
 
 template <>
-void Launch<__half>(const Params& p, cudaStream_t stream);
+void Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream);
 template <>
-void Launch<__nv_bfloat16>(const Params& p, cudaStream_t stream);
+void Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream);
 template <>
-void Launch<float>(const Params& p, cudaStream_t stream);
+void Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream);
 
 }  // namespace paged_attention
 }  // namespace cacheflow

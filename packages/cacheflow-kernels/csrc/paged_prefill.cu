@@ -27,6 +27,7 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "attention_args.h"
 #include "common.h"
 #include "paged_prefill_launch.cuh"
 
@@ -36,15 +37,8 @@ namespace {
 constexpr const char* kOp = "paged_prefill_attention";
 using prefill::kMaxGridYZ;
 
-inline bool IsInt32(DLDataType dt) { return dt.code == kDLInt && dt.bits == 32 && dt.lanes == 1; }
-
 inline bool IsHalfOrBf16(DLDataType dt) {
   return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
-}
-
-void CheckInt32(const char* name, const TensorView& t) {
-  TVM_FFI_CHECK(IsInt32(t.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, name) << "int32, got " << t.dtype();
 }
 
 /*!
@@ -69,74 +63,26 @@ bool Aligned16(std::initializer_list<const char*> ptrs) {
 void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cache,
                            TensorView value_cache, TensorView block_tables,
                            TensorView query_start_loc, TensorView context_lens, double scale,
-                           int64_t max_query_len, int64_t sliding_window) {
+                           int64_t max_query_len, int64_t sliding_window, double k_scale,
+                           double v_scale, double logits_soft_cap) {
   // -- Shapes and dtypes first (reported the same on any device), then layout, then device. --
-  CheckNdim(kOp, "query", query, 3, "[num_tokens, num_heads, head_size]");
-  TVM_FFI_CHECK(IsFloatKvDtype(query.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "query") << "float16, bfloat16 or float32, got "
-      << query.dtype();
-  const int64_t num_tokens = query.shape()[0];
-  const int64_t num_heads = query.shape()[1];
-  const int64_t head_size = query.shape()[2];
-
-  CheckNdim(kOp, "out", out, 3, "[num_tokens, num_heads, head_size]");
-  TVM_FFI_CHECK(out.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "out") << query.dtype() << " like 'query', got "
-      << out.dtype();
-  TVM_FFI_CHECK(out.shape()[0] == num_tokens && out.shape()[1] == num_heads &&
-                    out.shape()[2] == head_size,
-                ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape " << ShapeStr(query)
-      << " like 'query', got " << ShapeStr(out);
-
-  CheckNdim(kOp, "key_cache", key_cache, 4,
-            "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(key_cache.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << query.dtype() << " like 'query', got "
-      << key_cache.dtype();
-  const int64_t num_blocks = key_cache.shape()[0];
-  const int64_t block_size = key_cache.shape()[1];
-  const int64_t num_kv_heads = key_cache.shape()[2];
-  TVM_FFI_CHECK(key_cache.shape()[3] == head_size, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
-      << "num_kv_heads, " << head_size << "] (head_size of 'query'), got "
-      << ShapeStr(key_cache);
-  TVM_FFI_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of shape [num_blocks, block_size, "
-      << "num_kv_heads, head_size] with num_kv_heads dividing num_heads=" << num_heads
-      << ", got " << ShapeStr(key_cache);
-  TVM_FFI_CHECK(block_size >= 1, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << "of block_size >= 1, got "
-      << ShapeStr(key_cache);
-
-  CheckNdim(kOp, "value_cache", value_cache, 4,
-            "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(value_cache.dtype() == query.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << query.dtype() << " like 'query', got "
-      << value_cache.dtype();
-  TVM_FFI_CHECK(value_cache.shape()[0] == num_blocks && value_cache.shape()[1] == block_size &&
-                    value_cache.shape()[2] == num_kv_heads &&
-                    value_cache.shape()[3] == head_size,
-                ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << "of shape " << ShapeStr(key_cache)
-      << " like 'key_cache', got " << ShapeStr(value_cache);
-
-  CheckNdim(kOp, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]");
-  CheckInt32("block_tables", block_tables);
-  const int64_t num_seqs = block_tables.shape()[0];
-  const int64_t max_blocks_per_seq = block_tables.shape()[1];
+  const PagedAttentionShapes s = CheckPagedAttentionArgs(
+      kOp, "num_tokens", false, out, query, key_cache, value_cache, block_tables, context_lens);
+  const int64_t num_tokens = s.num_rows;
+  const int64_t num_heads = s.num_heads;
+  const int64_t head_size = s.head_size;
+  const int64_t num_blocks = s.num_blocks;
+  const int64_t block_size = s.block_size;
+  const int64_t num_kv_heads = s.num_kv_heads;
+  const int64_t num_seqs = s.num_seqs;
+  const int64_t max_blocks_per_seq = s.max_blocks_per_seq;
 
   CheckNdim(kOp, "query_start_loc", query_start_loc, 1, "[num_seqs + 1]");
-  CheckInt32("query_start_loc", query_start_loc);
+  TVM_FFI_CHECK(IsInt32Dtype(query_start_loc.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query_start_loc") << "int32, got " << query_start_loc.dtype();
   TVM_FFI_CHECK(query_start_loc.shape()[0] == num_seqs + 1, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "query_start_loc") << "of shape [" << num_seqs + 1
       << "] (num_seqs + 1, num_seqs from 'block_tables'), got " << ShapeStr(query_start_loc);
-
-  CheckNdim(kOp, "context_lens", context_lens, 1, "[num_seqs]");
-  CheckInt32("context_lens", context_lens);
-  TVM_FFI_CHECK(context_lens.shape()[0] == num_seqs, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "context_lens") << "of shape [" << num_seqs
-      << "] (num_seqs from 'block_tables'), got " << ShapeStr(context_lens);
 
   // -- Sizes the kernels can index. --
   TVM_FFI_CHECK(head_size >= 1 && head_size <= prefill::kSimpleMaxHeadSize, ValueError)
@@ -165,21 +111,12 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       << CACHEFLOW_ARG_ERROR(kOp, "max_query_len") << ">= 0 (or -1: unknown), got "
       << max_query_len;
 
-  CheckContiguous(kOp, "out", out);
-  CheckContiguous(kOp, "query", query);
-  CheckContiguous(kOp, "key_cache", key_cache);
-  CheckContiguous(kOp, "value_cache", value_cache);
-  CheckContiguous(kOp, "block_tables", block_tables);
-  CheckContiguous(kOp, "query_start_loc", query_start_loc);
-  CheckContiguous(kOp, "context_lens", context_lens);
+  CheckCacheScalesAndSoftCap(kOp, s.fp8_cache, k_scale, v_scale, logits_soft_cap);
 
-  CheckCuda(kOp, "query", query);
-  CheckSameDevice(kOp, "out", out, "query", query);
-  CheckSameDevice(kOp, "key_cache", key_cache, "query", query);
-  CheckSameDevice(kOp, "value_cache", value_cache, "query", query);
-  CheckSameDevice(kOp, "block_tables", block_tables, "query", query);
+  CheckContiguous(kOp, "query_start_loc", query_start_loc);
+  CheckPagedAttentionLayoutAndDevice(kOp, out, query, key_cache, value_cache, block_tables,
+                                     context_lens);
   CheckSameDevice(kOp, "query_start_loc", query_start_loc, "query", query);
-  CheckSameDevice(kOp, "context_lens", context_lens, "query", query);
 
   // A query is never longer than the batch: -1 (unknown) and larger bounds become num_tokens.
   const int64_t max_q =
@@ -191,7 +128,8 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       reinterpret_cast<const int32_t*>(DataPtr(block_tables)),
       reinterpret_cast<const int32_t*>(DataPtr(query_start_loc)),
       reinterpret_cast<const int32_t*>(DataPtr(context_lens)), num_heads, head_size, num_kv_heads,
-      num_blocks, block_size, max_blocks_per_seq, scale, sliding_window);
+      num_blocks, block_size, max_blocks_per_seq, scale, sliding_window, k_scale, v_scale,
+      logits_soft_cap);
 
   const bool tensor_cores = prefill::UseTensorCores(
       IsHalfOrBf16(query.dtype()), head_size,
@@ -208,12 +146,22 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
   bool launched = false;
   if (tensor_cores) {
     const int variant = TcVariantFromEnv();
-    launched = bf16 ? prefill::LaunchTcBf16(head_size, variant, p, heads, seqs, max_q, stream)
-                    : prefill::LaunchTcFp16(head_size, variant, p, heads, seqs, max_q, stream);
+    const bool fp8 = s.fp8_cache;
+    launched =
+        bf16 ? prefill::LaunchTcBf16(head_size, variant, fp8, p, heads, seqs, max_q, stream)
+             : prefill::LaunchTcFp16(head_size, variant, fp8, p, heads, seqs, max_q, stream);
   }
   if (!launched) {
     const prefill::CudaLauncher launch{p, stream};
-    if (fp32) {
+    if (s.fp8_cache) {
+      if (fp32) {
+        prefill::LaunchSimple<prefill::Fp32, true>(heads, seqs, max_q, launch);
+      } else if (bf16) {
+        prefill::LaunchSimple<prefill::Bf16, true>(heads, seqs, max_q, launch);
+      } else {
+        prefill::LaunchSimple<prefill::Fp16, true>(heads, seqs, max_q, launch);
+      }
+    } else if (fp32) {
       prefill::LaunchSimple<prefill::Fp32>(heads, seqs, max_q, launch);
     } else if (bf16) {
       prefill::LaunchSimple<prefill::Bf16>(heads, seqs, max_q, launch);

@@ -28,6 +28,12 @@
 //     16-byte stores.
 // CUDA-core path (fp32, other head sizes up to 256, or pointers not 16-byte aligned): one warp per
 // query row, one key at a time, exact expf.
+//
+// FP8 E4M3 caches (kFp8): the K/V tiles are read with 8-byte loads, widened to the query's type
+// (exactly) and stored to shared memory by the threads themselves instead of cp.async; the rest
+// of the kernel is unchanged. The K scale is folded into the softmax scale, the V scale into the
+// final normalization. Soft-capping (Gemma 2): scores become cap * tanh(score / cap) before the
+// mask.
 #pragma once
 
 #include <climits>
@@ -62,9 +68,24 @@ struct PrefillParams {
   int32_t block_shift;               // log2(block_size) for a power of two, else -1
   int32_t max_blocks_per_seq;
   int32_t window;                    // sliding window W (keys > position - W), 0: none
-  float scale;                       // softmax scale
-  float scale_log2;                  // scale * log2(e)
+  float scale;                       // softmax scale * k_scale
+  float scale_log2;                  // scale * k_scale * log2(e)
+  float v_scale;                     // multiplies the output (FP8 V dequantization; else 1)
+  float soft_cap;                    // logits soft cap (0: none), in score units
+  float inv_soft_cap;                // 1 / soft_cap (0: none)
 };
+
+/*! \brief One byte of an FP8 E4M3 cache (the CUDA-core kernel's cache element type). */
+struct Fp8E4m3Byte {
+  uint8_t bits;
+};
+
+CF_DEVICE float ToFloat(Fp8E4m3Byte b) { return Fp8ByteToFloat(b.bits); }
+
+/*! \brief A score (q.k * scale, natural units) soft-capped when the launch asks for it. */
+CF_DEVICE float SoftCap(const PrefillParams& p, float score) {
+  return p.soft_cap > 0.f ? p.soft_cap * Tanh(score * p.inv_soft_cap) : score;
+}
 
 CF_DEVICE int IMin(int a, int b) { return a < b ? a : b; }
 
@@ -129,7 +150,7 @@ struct TcTraits {
   static_assert(kBN <= kThreads, "one thread per key looks up the slots");
 };
 
-template <class T, int D, int MT, int NW, int BN>
+template <class T, int D, int MT, int NW, int BN, bool kFp8>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParams p) {
   using Tr = TcTraits<D, MT, NW, BN>;
   constexpr int kThreads = Tr::kThreads;
@@ -166,13 +187,14 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
   const int64_t token_bytes = p.token_stride * 2;
-  const int64_t slot_bytes = p.slot_stride * 2;
+  constexpr int kCacheBytes = kFp8 ? 1 : 2;  // bytes of one cache element
+  const int64_t slot_bytes = p.slot_stride * kCacheBytes;
   const int64_t tile_offset =
       static_cast<int64_t>(q_begin + m0) * token_bytes + static_cast<int64_t>(head) * D * 2;
   const unsigned char* q_ptr = p.query + tile_offset;
   unsigned char* o_ptr = p.out + tile_offset;
-  const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * 2;
-  const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * 2;
+  const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
+  const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
 
   unsigned char* smem = DynamicSmem();
   int32_t* s_slot = reinterpret_cast<int32_t*>(smem + kQBytes + 3 * kKvBytes);
@@ -196,8 +218,12 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
       ChunkCoords<kChunks, kThreads>(tid, j, r, c);
       const int slot = slots[r];
       const bool valid = slot >= 0;
-      CpAsync16(dst + r * kRowBytes + c * 16, valid ? base + slot * slot_bytes + c * 16 : base,
-                valid);
+      if constexpr (kFp8) {
+        Fp8Io<T>::Fill16(dst + r * kRowBytes + c * 16, base + slot * slot_bytes + c * 8, valid);
+      } else {
+        CpAsync16(dst + r * kRowBytes + c * 16, valid ? base + slot * slot_bytes + c * 16 : base,
+                  valid);
+      }
     }
   };
 
@@ -251,6 +277,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     }
   }
   const float scale_log2 = p.scale_log2;
+  const float inv_scale = 1.f / p.scale;  // soft-capped scores go back to q.k units
 
   // One key tile: kMask applies the causal mask (only tiles that reach past row 0's position).
   auto step = [&](const int tile, auto mask_tag) {
@@ -294,6 +321,19 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
       }
     }
     if (tile - 2 >= n_lo && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
+
+    if (p.soft_cap > 0.f) {  // cap the scores in units of q.k: cap / scale * tanh(...)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][nt][e] = SoftCap(p, s[mt][nt][e] * p.scale) * inv_scale;
+          }
+        }
+      }
+    }
 
     if (kMask) {
 #pragma unroll
@@ -394,7 +434,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
       float l = row_sum[mt][h];
       l += ShflXor(l, 1);
       l += ShflXor(l, 2);
-      inv[mt][h] = l > 0.f ? 1.f / l : 0.f;
+      inv[mt][h] = l > 0.f ? p.v_scale / l : 0.f;
     }
   }
   SyncWarp();  // this warp's last ldmatrix of its Q rows is done
@@ -429,7 +469,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
 constexpr int kSimpleWarps = 4;         // query rows per CTA
 constexpr int kSimpleMaxHeadSize = 256;  // 8 elements per lane
 
-template <class Tag>
+template <class Tag, class CacheT>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(const PrefillParams p) {
   using S = typename StorageOf<Tag>::type;
   constexpr int kPerLane = kSimpleMaxHeadSize / 32;
@@ -451,8 +491,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
                            static_cast<int64_t>(head) * d_size;
   const S* q = reinterpret_cast<const S*>(p.query) + q_offset;
   const int64_t kv_offset = static_cast<int64_t>(kv_head) * d_size;
-  const S* k_cache = reinterpret_cast<const S*>(p.key_cache) + kv_offset;
-  const S* v_cache = reinterpret_cast<const S*>(p.value_cache) + kv_offset;
+  const CacheT* k_cache = reinterpret_cast<const CacheT*>(p.key_cache) + kv_offset;
+  const CacheT* v_cache = reinterpret_cast<const CacheT*>(p.value_cache) + kv_offset;
 
   float qv[kPerLane];
   float acc[kPerLane];
@@ -468,8 +508,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
   for (int t = t0; t < n_keys; ++t) {
     const int slot = SlotOf(p, table, t, ctx);
     if (slot < 0) continue;  // (uniform over the warp)
-    const S* kr = k_cache + static_cast<int64_t>(slot) * p.slot_stride;
-    const S* vr = v_cache + static_cast<int64_t>(slot) * p.slot_stride;
+    const CacheT* kr = k_cache + static_cast<int64_t>(slot) * p.slot_stride;
+    const CacheT* vr = v_cache + static_cast<int64_t>(slot) * p.slot_stride;
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -478,6 +518,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
     }
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) dot += ShflXor(dot, off);
+    dot = SoftCap(p, dot);
     const float m_new = fmaxf(m, dot);
     const float alpha = Exp(m - m_new);  // 0 for the first key (m = -inf)
     const float pr = Exp(dot - m_new);
@@ -489,7 +530,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
     }
     m = m_new;
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l > 0.f ? p.v_scale / l : 0.f;
   S* o = reinterpret_cast<S*>(p.out) + q_offset;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
@@ -534,7 +575,9 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
                                        const int32_t* context_lens, int64_t num_heads,
                                        int64_t head_size, int64_t num_kv_heads, int64_t num_blocks,
                                        int64_t block_size, int64_t max_blocks_per_seq,
-                                       double scale, int64_t sliding_window) {
+                                       double scale, int64_t sliding_window,
+                                       double k_scale = 1.0, double v_scale = 1.0,
+                                       double logits_soft_cap = 0.0) {
   PrefillParams p{};
   p.query = static_cast<const unsigned char*>(query);
   p.key_cache = static_cast<const unsigned char*>(key_cache);
@@ -560,16 +603,19 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
   p.window = (sliding_window > 0 && sliding_window < (int64_t{1} << 30))
                  ? static_cast<int32_t>(sliding_window)
                  : 0;
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
+  p.scale = static_cast<float>(scale * k_scale);
+  p.scale_log2 = static_cast<float>(scale * k_scale * 1.4426950408889634);  // log2(e)
+  p.v_scale = static_cast<float>(v_scale);
+  p.soft_cap = logits_soft_cap > 0.0 ? static_cast<float>(logits_soft_cap) : 0.f;
+  p.inv_soft_cap = logits_soft_cap > 0.0 ? static_cast<float>(1.0 / logits_soft_cap) : 0.f;
   return p;
 }
 
-template <class T, int D, int MT, int NW, int BN, class Launch>
+template <class T, int D, int MT, int NW, int BN, bool kFp8, class Launch>
 void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
   using Tr = TcTraits<D, MT, NW, BN>;
-  launch(&PagedPrefillTcKernel<T, D, MT, NW, BN>, num_heads, num_seqs, max_query_len, Tr::kBM,
-         Tr::kThreads, Tr::kSmemBytes);
+  launch(&PagedPrefillTcKernel<T, D, MT, NW, BN, kFp8>, num_heads, num_seqs, max_query_len,
+         Tr::kBM, Tr::kThreads, Tr::kSmemBytes);
 }
 
 /*!
@@ -579,37 +625,51 @@ void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launc
  * picks another tiling for fp16 with head size 128 only.
  * \return false when `d` has no tensor-core kernel.
  */
-template <class T, class Launch>
+template <class T, bool kFp8 = false, class Launch>
 bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max_query_len,
                 Launch&& launch) {
   switch (d) {
-    case 64: LaunchTc<T, 64, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 80: LaunchTc<T, 80, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 96: LaunchTc<T, 96, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 112: LaunchTc<T, 112, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 64:
+      LaunchTc<T, 64, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      return true;
+    case 80:
+      LaunchTc<T, 80, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      return true;
+    case 96:
+      LaunchTc<T, 96, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      return true;
+    case 112:
+      LaunchTc<T, 112, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      return true;
     case 128:
       if constexpr (std::is_same<T, Fp16>::value) {
         if (variant == kTcM64) {
-          LaunchTc<T, 128, 1, 4, 64>(num_heads, num_seqs, max_query_len, launch);
+          LaunchTc<T, 128, 1, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
           return true;
         }
         if (variant == kTcW8) {
-          LaunchTc<T, 128, 1, 8, 64>(num_heads, num_seqs, max_query_len, launch);
+          LaunchTc<T, 128, 1, 8, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
           return true;
         }
       }
-      LaunchTc<T, 128, 2, 4, 64>(num_heads, num_seqs, max_query_len, launch);
+      LaunchTc<T, 128, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
       return true;
-    case 256: LaunchTc<T, 256, 1, 4, 32>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 256:
+      LaunchTc<T, 256, 1, 4, 32, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      return true;
     default: return false;
   }
 }
 
-/*! \brief Launches the CUDA-core kernel of element type Tag (Fp32, Fp16 or Bf16). */
-template <class Tag, class Launch>
+/*!
+ * \brief Launches the CUDA-core kernel of element type Tag (Fp32, Fp16 or Bf16) over caches of
+ * that type, or (kFp8) of FP8 E4M3.
+ */
+template <class Tag, bool kFp8 = false, class Launch>
 void LaunchSimple(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
-  launch(&PagedPrefillSimpleKernel<Tag>, num_heads, num_seqs, max_query_len, kSimpleWarps,
-         kSimpleWarps * 32, 0);
+  using CacheT = std::conditional_t<kFp8, Fp8E4m3Byte, typename StorageOf<Tag>::type>;
+  launch(&PagedPrefillSimpleKernel<Tag, CacheT>, num_heads, num_seqs, max_query_len,
+         kSimpleWarps, kSimpleWarps * 32, 0);
 }
 
 }  // namespace prefill

@@ -60,13 +60,14 @@ struct CudaLauncher {
 };
 
 /*!
- * \brief Tensor-core kernels (one translation unit per element type).
+ * \brief Tensor-core kernels (one translation unit per element type), over caches of the
+ * query's type or (fp8_cache) of FP8 E4M3.
  * \return false when `head_size` has no tensor-core kernel.
  */
-bool LaunchTcFp16(int64_t head_size, int variant, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
-bool LaunchTcBf16(int64_t head_size, int variant, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchTcFp16(int64_t head_size, int variant, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchTcBf16(int64_t head_size, int variant, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream);
 
 }  // namespace prefill
 }  // namespace cacheflow

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(CACHEFLOW_PREFILL_EMULATE)
 #include "prefill_emu.h"
@@ -17,6 +18,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #define CF_DEVICE __device__ __forceinline__
@@ -152,6 +154,46 @@ CF_DEVICE __nv_bfloat16 FromFloat<Bf16>(float x) { return __float2bfloat16_rn(x)
 
 /*! \brief exp(x), accurate (CUDA-core path). */
 CF_DEVICE float Exp(float x) { return expf(x); }
+
+/*! \brief tanh(x) (MUFU.TANH, max relative error about 2^-11): the logits soft cap. */
+CF_DEVICE float Tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/*! \brief An FP8 E4M3 byte (low 8 bits) as a float (exact). */
+CF_DEVICE float Fp8ByteToFloat(uint32_t b) {
+  return __half2float(
+      __half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b & 0xffu), __NV_E4M3)));
+}
+
+/*!
+ * \brief FP8 E4M3 caches on the tensor-core path: 8 cache bytes widened (exactly) to 8 elements
+ * of T in one 16-byte shared-memory chunk; zeros when `valid` is false (nothing is read).
+ */
+template <class T>
+struct Fp8Io {
+  CF_DEVICE static uint32_t Widen2(uint32_t b) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
+    if constexpr (std::is_same<T, Fp16>::value) {
+      return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+    } else {
+      return Pack2<T>(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
+    }
+  }
+  CF_DEVICE static void Fill16(uint32_t dst, const unsigned char* src, bool valid) {
+    uint4 w = make_uint4(0, 0, 0, 0);
+    if (valid) {
+      const uint2 b = *reinterpret_cast<const uint2*>(src);
+      w = make_uint4(Widen2(b.x), Widen2(b.x >> 16), Widen2(b.y), Widen2(b.y >> 16));
+    }
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(w.x), "r"(w.y),
+                 "r"(w.z), "r"(w.w)
+                 : "memory");
+  }
+};
 
 }  // namespace prefill
 }  // namespace cacheflow

@@ -4,8 +4,12 @@
 namespace cacheflow {
 namespace prefill {
 
-bool LaunchTcBf16(int64_t head_size, int variant, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream) {
+bool LaunchTcBf16(int64_t head_size, int variant, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream) {
+  if (fp8_cache) {
+    return DispatchTc<Bf16, true>(head_size, variant, num_heads, num_seqs, max_query_len,
+                                 CudaLauncher{p, stream});
+  }
   return DispatchTc<Bf16>(head_size, variant, num_heads, num_seqs, max_query_len,
                           CudaLauncher{p, stream});
 }

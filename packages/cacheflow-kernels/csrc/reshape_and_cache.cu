@@ -1,6 +1,7 @@
 // reshape_and_cache: write the keys and values of new tokens into the paged KV cache.
 //
-// Layouts (all C-contiguous, same dtype: float16, bfloat16 or float32):
+// Layouts (all C-contiguous; key and value float16, bfloat16 or float32, the caches the same
+// dtype or FP8 E4M3 (float8_e4m3fn, or uint8 holding its bytes)):
 //   key, value:               [num_tokens, num_kv_heads, head_size]
 //   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]
 //   slot_mapping (int64):     [num_tokens]; slot = block_number * block_size + block_offset;
@@ -10,6 +11,12 @@
 // With these layouts the [num_kv_heads, head_size] row of token t is one contiguous run of bytes
 // both in `key` and at `slot` in `key_cache`, so the kernel is a row copy. It copies in the widest
 // of 16/8/4/2-byte words that divides the row and the alignment of all four pointers.
+// FP8 caches: each element is divided by its scale (k_scale for keys, v_scale for values) and
+// rounded to the nearest E4M3 value, saturating at +-448 (the checkpoint's scales are chosen so
+// that the values fit); four elements per thread step, one 4-byte store.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/extra/cuda/base.h>
@@ -17,6 +24,7 @@
 #include <tvm/ffi/function.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 
@@ -64,6 +72,73 @@ void Launch(char* key, char* value, char* key_cache, char* value_cache,
       row_words, num_slots);
 }
 
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/*! \brief x / scale as an E4M3 byte (round to nearest even, saturating at +-448). */
+__device__ __forceinline__ uint8_t QuantizeFp8(float x, float scale) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x / scale, __NV_SATFINITE, __NV_E4M3));
+}
+
+/*!
+ * \brief FP8 caches: one CUDA block per token; threads stride over the row in groups of 4
+ * elements (one 4-byte store) when `row % 4 == 0` and the pointers allow it, else one by one.
+ */
+template <typename T, bool kVec4>
+__global__ void ReshapeAndCacheFp8Kernel(const T* __restrict__ key, const T* __restrict__ value,
+                                         uint8_t* __restrict__ key_cache,
+                                         uint8_t* __restrict__ value_cache,
+                                         const int64_t* __restrict__ slot_mapping, int64_t row,
+                                         int64_t num_slots, float k_scale, float v_scale) {
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slot_mapping[token];
+  if (slot < 0 || slot >= num_slots) return;  // padding (or out of range): skip
+  const T* k_src = key + token * row;
+  const T* v_src = value + token * row;
+  uint8_t* k_dst = key_cache + slot * row;
+  uint8_t* v_dst = value_cache + slot * row;
+  if constexpr (kVec4) {
+    for (int64_t i = 4 * static_cast<int64_t>(threadIdx.x); i < row; i += 4 * blockDim.x) {
+      uint32_t kw = 0;
+      uint32_t vw = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        kw |= static_cast<uint32_t>(QuantizeFp8(ToFloat(k_src[i + e]), k_scale)) << (8 * e);
+        vw |= static_cast<uint32_t>(QuantizeFp8(ToFloat(v_src[i + e]), v_scale)) << (8 * e);
+      }
+      *reinterpret_cast<uint32_t*>(k_dst + i) = kw;
+      *reinterpret_cast<uint32_t*>(v_dst + i) = vw;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
+      k_dst[i] = QuantizeFp8(ToFloat(k_src[i]), k_scale);
+      v_dst[i] = QuantizeFp8(ToFloat(v_src[i]), v_scale);
+    }
+  }
+}
+
+template <typename T>
+void LaunchFp8(const char* key, const char* value, char* key_cache, char* value_cache,
+               const int64_t* slot_mapping, int64_t num_tokens, int64_t row, int64_t num_slots,
+               float k_scale, float v_scale, bool vec4, cudaStream_t stream) {
+  const int64_t per_thread = vec4 ? 4 : 1;
+  const int64_t steps = (row + per_thread - 1) / per_thread;
+  const int64_t warps = (std::min<int64_t>(steps, kMaxThreads) + 31) / 32;
+  const unsigned threads = static_cast<unsigned>(warps * 32);
+  const T* k = reinterpret_cast<const T*>(key);
+  const T* v = reinterpret_cast<const T*>(value);
+  uint8_t* kc = reinterpret_cast<uint8_t*>(key_cache);
+  uint8_t* vc = reinterpret_cast<uint8_t*>(value_cache);
+  if (vec4) {
+    ReshapeAndCacheFp8Kernel<T, true><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+        k, v, kc, vc, slot_mapping, row, num_slots, k_scale, v_scale);
+  } else {
+    ReshapeAndCacheFp8Kernel<T, false><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+        k, v, kc, vc, slot_mapping, row, num_slots, k_scale, v_scale);
+  }
+}
+
 /*! \brief Largest of 16, 8, 4, 2 dividing `row_bytes` and every pointer's address. */
 int64_t CopyWidth(int64_t row_bytes, std::initializer_list<const char*> ptrs) {
   for (int64_t width : {16, 8, 4, 2}) {
@@ -75,7 +150,8 @@ int64_t CopyWidth(int64_t row_bytes, std::initializer_list<const char*> ptrs) {
 }
 
 void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
-                     TensorView value_cache, TensorView slot_mapping) {
+                     TensorView value_cache, TensorView slot_mapping, double k_scale,
+                     double v_scale) {
   // -- Shapes and dtypes first (they are reported the same on any device), then the device. --
   CheckNdim(kOp, "key", key, 3, "[num_tokens, num_kv_heads, head_size]");
   TVM_FFI_CHECK(IsFloatKvDtype(key.dtype()), ValueError)
@@ -96,9 +172,10 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
 
   CheckNdim(kOp, "key_cache", key_cache, 4,
             "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(key_cache.dtype() == key.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << key.dtype() << " like 'key', got "
-      << key_cache.dtype();
+  const bool fp8 = IsFp8CacheDtype(key_cache.dtype());
+  TVM_FFI_CHECK(key_cache.dtype() == key.dtype() || fp8, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "key_cache") << key.dtype()
+      << " like 'key' (or an FP8 E4M3 cache: float8_e4m3fn or uint8), got " << key_cache.dtype();
   const int64_t num_blocks = key_cache.shape()[0];
   const int64_t block_size = key_cache.shape()[1];
   TVM_FFI_CHECK(key_cache.shape()[2] == num_heads && key_cache.shape()[3] == head_size,
@@ -109,8 +186,8 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
 
   CheckNdim(kOp, "value_cache", value_cache, 4,
             "[num_blocks, block_size, num_kv_heads, head_size]");
-  TVM_FFI_CHECK(value_cache.dtype() == key.dtype(), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << key.dtype() << " like 'key', got "
+  TVM_FFI_CHECK(value_cache.dtype() == key_cache.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "value_cache") << key_cache.dtype() << " like 'key_cache', got "
       << value_cache.dtype();
   TVM_FFI_CHECK(value_cache.shape()[0] == num_blocks && value_cache.shape()[1] == block_size &&
                     value_cache.shape()[2] == num_heads && value_cache.shape()[3] == head_size,
@@ -124,6 +201,16 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
   TVM_FFI_CHECK(slot_mapping.shape()[0] == num_tokens, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "slot_mapping") << "of shape [" << num_tokens
       << "] (num_tokens of 'key'), got " << ShapeStr(slot_mapping);
+
+  const char* scale_names[2] = {"k_scale", "v_scale"};
+  const double scales[2] = {k_scale, v_scale};
+  for (int i = 0; i < 2; ++i) {
+    TVM_FFI_CHECK(std::isfinite(scales[i]) && scales[i] > 0.0, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, scale_names[i]) << "a finite number > 0, got " << scales[i];
+    TVM_FFI_CHECK(fp8 || scales[i] == 1.0, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, scale_names[i])
+        << "1.0 unless the caches are FP8 (the scale quantizes them), got " << scales[i];
+  }
 
   CheckContiguous(kOp, "key", key);
   CheckContiguous(kOp, "value", value);
@@ -154,6 +241,23 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
 
+  if (fp8) {
+    const int64_t row = num_heads * head_size;
+    const bool vec4 = row % 4 == 0 && CopyWidth(4, {kc, vc}) >= 4;
+    const DLDataType dt = key.dtype();
+    const float ks = static_cast<float>(k_scale);
+    const float vs = static_cast<float>(v_scale);
+    if (dt.code == kDLFloat && dt.bits == 16) {
+      LaunchFp8<__half>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4, stream);
+    } else if (dt.code == kDLBfloat) {
+      LaunchFp8<__nv_bfloat16>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4,
+                               stream);
+    } else {
+      LaunchFp8<float>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4, stream);
+    }
+    TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+    return;
+  }
   switch (CopyWidth(row_bytes, {k, v, kc, vc})) {
     case 16: Launch<uint4>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;
     case 8: Launch<uint2>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;

@@ -120,14 +120,33 @@ def make_case(
     }
 
 
+def quantize_fp8(cache: Any, scale: float) -> Any:
+    """``cache / scale`` as FP8 E4M3 (torch.float8_e4m3fn, saturated to +-448; NaN stays NaN),
+    what ``reshape_and_cache`` writes into an fp8 cache."""
+    import torch
+
+    # Divide by a float32 tensor: torch divides a CUDA tensor by a Python number through the
+    # reciprocal, which rounds differently from the kernel's division now and then.
+    divisor = torch.tensor(scale, dtype=torch.float32, device=cache.device)
+    return (cache.float() / divisor).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(cache: Any, scale: float) -> Any:
+    """The float64 values an fp8 cache stands for: ``cache * scale``."""
+    return cache.double() * scale
+
+
 def oracle(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
     scale: float, alibi_slopes: Any = None, sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> Any:
     """float64 decode attention (query = the last context token), on the inputs' device.
 
     Returns ``[num_seqs, num_heads, head_size]`` float64; zeros for an empty context. Contexts
-    are clamped to ``max_blocks_per_seq * block_size`` like the kernel's.
+    are clamped to ``max_blocks_per_seq * block_size`` like the kernel's. ``logits_soft_cap``
+    caps the scaled scores (``cap * tanh(score / cap)``) before ALiBi. For an fp8 cache pass
+    its :func:`dequantize_fp8` values.
     """
     import torch
 
@@ -147,6 +166,8 @@ def oracle(
         k = key_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
         v = value_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", query[s].double(), k) * scale
+        if logits_soft_cap:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
         if alibi_slopes is not None:
             scores = scores + alibi_slopes.double()[:, None] * (pos - (n - 1)).double()[None, :]
         out[s] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)

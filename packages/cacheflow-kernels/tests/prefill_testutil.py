@@ -102,7 +102,8 @@ def reference(case: dict[str, Any]) -> Any:
     """The runtime's reference backend (float32 math) on the case; [num_tokens, heads, d].
 
     ``case["sliding_window"]``, when present and not None, limits each query to its last W
-    positions.
+    positions; ``case["logits_soft_cap"]`` soft-caps the scores; FP8 caches are dequantized
+    with ``case["k_scale"]`` / ``case["v_scale"]``.
     """
     import torch
 
@@ -124,11 +125,19 @@ def reference(case: dict[str, Any]) -> Any:
     )
     if not q_lens:
         return case["query"].float().clone()
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if case.get("sliding_window") is not None:
         kwargs["sliding_window"] = case["sliding_window"]
-    out = ref.paged_attention(case["query"].float(), case["key_cache"].float(),
-                              case["value_cache"].float(), metadata, case["scale"], **kwargs)
+    if case.get("logits_soft_cap") is not None:
+        kwargs["logits_soft_cap"] = case["logits_soft_cap"]
+    key_cache, value_cache = case["key_cache"], case["value_cache"]
+    if key_cache.dtype == torch.float8_e4m3fn:  # the reference dequantizes FP8 itself
+        kwargs["k_scale"] = case.get("k_scale", 1.0)
+        kwargs["v_scale"] = case.get("v_scale", 1.0)
+    else:
+        key_cache, value_cache = key_cache.float(), value_cache.float()
+    out = ref.paged_attention(case["query"].float(), key_cache, value_cache, metadata,
+                              case["scale"], **kwargs)
     return out.float()
 
 

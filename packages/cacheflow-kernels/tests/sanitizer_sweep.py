@@ -8,7 +8,9 @@ Each call's shapes are small but cover the kernels' edge paths: every dtype, hea
 without a partial span (80, 96), block sizes 8/16/32, MHA/GQA/MQA, contexts of 1 token, of
 lengths that are not multiples of the block size, and split-K partitions (forced partition
 sizes); padded and out-of-range slots; ragged prefill with cached prefixes; unaligned rows
-(element-wise paths) and strided rotary rows. Every output is checked against a torch reference
+(element-wise paths) and strided rotary rows; FP8 E4M3 caches with K/V scales through
+reshape_and_cache, both attention ops (soft-capped too), copy_blocks and swap_blocks (the "fp8"
+sweep). Every output is checked against a torch reference
 (a wrong value exits non-zero on its own), so the sweep is also a correctness run; the
 sanitizer adds the memory checks. Run by tools/gpu_check.sh and by
 test_kernels_sanitizer_gpu.py.
@@ -132,6 +134,89 @@ def sweep_cache_ops() -> int:
     return calls
 
 
+def sweep_fp8() -> int:
+    """FP8 caches: quantize on write (against torch's rounding), attention over them against the
+    float64 oracle of the dequantized values, soft-capped, and bytewise block moves."""
+    calls = 0
+    fp8 = torch.float8_e4m3fn
+    k_scale, v_scale = 0.04, 0.3
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    shapes = [  # (ctx_lens, heads, kv_heads, head_size, block_size, partition_size)
+        ([1, 17, 64], 4, 4, 64, 16, None),
+        ([5, 300], 8, 2, 80, 8, None),
+        ([700, 1, 129], 16, 2, 128, 16, 64),
+        ([250, 33], 4, 1, 256, 32, 128),
+    ]
+    for dtype in DTYPES:
+        for ctx, heads, kv, d, bs, part in shapes:
+            case = pa.make_case(ctx, num_heads=heads, num_kv_heads=kv, head_size=d,
+                                block_size=bs, dtype=dtype, device="cuda", seed=100 + calls)
+            kc = pa.quantize_fp8(case["key_cache"], k_scale)
+            vc = pa.quantize_fp8(case["value_cache"], v_scale)
+            cap = 20.0 if calls % 2 else None
+            ck.paged_attention(case["out"], case["query"], kc, vc, case["block_tables"],
+                               case["context_lens"], case["scale"], None, max(ctx),
+                               partition_size=part, k_scale=k_scale, v_scale=v_scale,
+                               logits_soft_cap=cap)
+            want = pa.oracle(case["query"], pa.dequantize_fp8(kc, k_scale),
+                             pa.dequantize_fp8(vc, v_scale), case["block_tables"],
+                             case["context_lens"], case["scale"], logits_soft_cap=cap)
+            _close(case["out"], want, dtype, f"paged_attention fp8 {dtype} d{d} cap {cap}")
+            calls += 1
+        for q_lens, ctx_lens, heads, kv, d, bs in (([16, 3], [50, 3], 8, 2, 128, 16),
+                                                   ([24], [24], 2, 2, 256, 16),
+                                                   ([9, 33], [20, 100], 4, 2, 80, 32),
+                                                   ([5, 6], [5, 6], 2, 1, 48, 16)):
+            case = pf.make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv,
+                                head_size=d, block_size=bs, dtype=dtype, device="cuda",
+                                seed=200 + calls)
+            case["key_cache"] = pa.quantize_fp8(case["key_cache"], k_scale)
+            case["value_cache"] = pa.quantize_fp8(case["value_cache"], v_scale)
+            case["k_scale"], case["v_scale"] = k_scale, v_scale
+            case["logits_soft_cap"] = 20.0 if calls % 2 else None
+            ck.paged_prefill_attention(*pf.call_args(case), case["scale"], k_scale=k_scale,
+                                       v_scale=v_scale, logits_soft_cap=case["logits_soft_cap"])
+            _close(case["out"], pf.reference(case), dtype,
+                   f"paged_prefill_attention fp8 {dtype} q{q_lens} d{d}")
+            calls += 1
+        for bs, kv, d in ((8, 2, 64), (16, 3, 80), (32, 1, 128)):
+            num_blocks, n = 6, 11
+            kc = torch.zeros(num_blocks, bs, kv, d, device="cuda", dtype=fp8)
+            vc = torch.zeros_like(kc)
+            key = (torch.randn(n, kv, d, device="cuda", generator=gen) * 8).to(dtype)
+            value = torch.randn(n, kv, d, device="cuda", generator=gen).to(dtype)
+            key[0, 0, :3] = torch.tensor([1e4, -1e4, 0.0])  # saturates at +-448
+            slots = torch.randperm(num_blocks * bs, device="cuda", generator=gen)[:n]
+            slots[3] = -1
+            ck.reshape_and_cache(key, value, kc, vc, slots, k_scale, v_scale)
+            keep = slots >= 0
+            for cache, src, scale, name in ((kc, key, k_scale, "K"), (vc, value, v_scale, "V")):
+                got = cache.view(-1, kv, d)[slots[keep]].view(torch.uint8)
+                want = pa.quantize_fp8(src[keep], scale).view(torch.uint8)
+                if not torch.equal(got, want):
+                    raise AssertionError(f"reshape_and_cache fp8 {name} {dtype}: bytes differ")
+            calls += 1
+            keys = [kc.clone(), kc.clone()]
+            values = [vc.clone(), vc.clone()]
+            mapping = torch.tensor([[0, 4], [2, 5]], device="cuda")
+            want = [c.view(torch.uint8).clone() for c in keys + values]
+            for c in want:
+                c[mapping[:, 1]] = c[mapping[:, 0]]
+            ck.copy_blocks(keys, values, mapping)
+            for got, ref in zip(keys + values, want):
+                if not torch.equal(got.view(torch.uint8), ref):
+                    raise AssertionError("copy_blocks fp8: bytes differ")
+            cpu = torch.zeros(num_blocks, bs, kv, d, dtype=fp8).pin_memory()
+            pairs = torch.tensor([[5, 0], [1, 2]])
+            ck.swap_blocks(keys[0], cpu, pairs)
+            torch.cuda.synchronize()
+            if not torch.equal(cpu.view(torch.uint8)[pairs[:, 1]],
+                               keys[0].view(torch.uint8)[pairs[:, 0].cuda()].cpu()):
+                raise AssertionError("swap_blocks fp8 d2h: bytes differ")
+            calls += 2
+    return calls
+
+
 def _rms(x: Any, w: Any, eps: float) -> Any:
     h = x.float()
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -230,6 +315,7 @@ SWEEPS: dict[str, Callable[[], int]] = {
     "paged_attention": sweep_paged_attention,
     "paged_prefill": sweep_paged_prefill,
     "cache_ops": sweep_cache_ops,
+    "fp8": sweep_fp8,
     "norm": sweep_norm,
     "rotary": sweep_rotary,
     "activation": sweep_activation,

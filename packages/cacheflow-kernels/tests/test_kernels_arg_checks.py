@@ -29,8 +29,8 @@ def _library_tripwire(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_cache_ops, "get_function", tripwire)
 
 
-def _call(args: dict[str, Any]) -> None:
-    cacheflow_kernels.reshape_and_cache(*(args[name] for name in ORDER))
+def _call(args: dict[str, Any], **scales: Any) -> None:
+    cacheflow_kernels.reshape_and_cache(*(args[name] for name in ORDER), **scales)
 
 
 def _expect(args: dict[str, Any], arg: str, *fragments: str) -> str:
@@ -81,7 +81,7 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     args = {k: FakeCuda(v) for k, v in make_args().items()}
     _call(args)
     assert len(calls) == 1 and calls[0][0] == "reshape_and_cache"
-    assert list(calls[0][1:]) == [args[name] for name in ORDER]
+    assert list(calls[0][1:]) == [args[name] for name in ORDER] + [1.0, 1.0]
 
 
 def test_meta_tensors_need_cuda() -> None:
@@ -105,7 +105,37 @@ def test_key_dtype(dtype: Any) -> None:
 def test_dtype_must_match_key(arg: str) -> None:
     args = make_args(torch.float16)
     args[arg] = args[arg].to(torch.bfloat16)
-    _expect(args, arg, "float16 like 'key'", "got bfloat16")
+    # The value cache follows the key cache (which may also be an FP8 cache).
+    like = "float16 like 'key_cache'" if arg == "value_cache" else "float16 like 'key'"
+    _expect(args, arg, like, "got bfloat16")
+
+
+def test_fp8_caches_need_matching_dtypes_and_positive_scales(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(
+        _cache_ops, "get_function", lambda name: lambda *a: calls.append((name, *a))
+    )
+    args = {k: FakeCuda(v) for k, v in make_args().items()}
+    for name in ("key_cache", "value_cache"):
+        args[name] = FakeCuda(torch.zeros(args[name].shape, dtype=torch.float8_e4m3fn))
+    _call(args, k_scale=0.5, v_scale=torch.tensor([0.25]))
+    assert calls[0][-2:] == (0.5, 0.25)
+    args["value_cache"] = FakeCuda(torch.zeros(args["value_cache"].shape, dtype=torch.float16))
+    _expect(args, "value_cache", "float8_e4m3fn like 'key_cache'", "got float16")
+    with pytest.raises(ValueError, match="argument 'k_scale' must be 1.0 unless the caches are"):
+        _call({k: FakeCuda(v) for k, v in make_args().items()}, k_scale=2.0)
+
+
+def test_float8_caches_go_to_the_library_as_their_bytes() -> None:
+    from cacheflow_kernels import _checks
+
+    cache = torch.tensor([1.0, -2.0, 448.0]).to(torch.float8_e4m3fn)
+    raw = _checks.as_kernel_cache(cache)
+    assert raw.dtype == torch.uint8 and raw.data_ptr() == cache.data_ptr()
+    assert raw.tolist() == [0x38, 0xC0, 0x7E]
+    half = torch.ones(3, dtype=torch.float16)
+    assert _checks.as_kernel_cache(half) is half
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.uint8])

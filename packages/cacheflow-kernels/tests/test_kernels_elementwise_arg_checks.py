@@ -429,7 +429,8 @@ def test_copy_blocks_layer_dtypes() -> None:
     args["value_caches"][2] = args["value_caches"][2].float()
     _expect("copy_blocks", args, "value_caches[2]", "float16 like 'key_caches[0]'", "float32")
     args = copy_blocks_args(torch.float64)
-    _expect("copy_blocks", args, "key_caches[0]", "float16, bfloat16 or float32")
+    _expect("copy_blocks", args, "key_caches[0]",
+            "float16, bfloat16, float32, float8_e4m3fn or uint8")
 
 
 def test_copy_blocks_layer_contiguity() -> None:

@@ -41,7 +41,7 @@ def test_needs_no_torch_python_or_cudart() -> None:
 
 def _raw_call(args: dict[str, Any]) -> str:
     with pytest.raises(ValueError) as info:
-        get_function("reshape_and_cache")(*(args[name] for name in ORDER))
+        get_function("reshape_and_cache")(*(args[name] for name in ORDER), 1.0, 1.0)
     return str(info.value)
 
 
@@ -60,7 +60,9 @@ def test_cpp_rejects_wrong_key_dtype() -> None:
 def test_cpp_rejects_dtype_mismatch(arg: str) -> None:
     args = make_args(torch.float16)
     args[arg] = args[arg].float()
-    assert f"argument '{arg}' must be float16 like 'key', got float32" in _raw_call(args)
+    like = "key_cache" if arg == "value_cache" else "key"
+    msg = _raw_call(args)
+    assert f"argument '{arg}' must be float16 like '{like}'" in msg and "got float32" in msg
 
 
 def test_cpp_rejects_slot_dtype() -> None:

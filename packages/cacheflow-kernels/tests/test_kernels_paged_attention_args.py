@@ -138,7 +138,8 @@ def test_query_dtype(dtype: Any) -> None:
 def test_dtype_must_match_query(arg: str) -> None:
     args = make_args(torch.float16)
     args[arg] = args[arg].to(torch.bfloat16)
-    _expect(args, arg, "float16 like 'query'", "got bfloat16")
+    like = "float16 like 'key_cache'" if arg == "value_cache" else "float16 like 'query'"
+    _expect(args, arg, like, "got bfloat16")
 
 
 @pytest.mark.parametrize("arg", ["block_tables", "context_lens"])
@@ -321,8 +322,24 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     (call,) = rec.calls
     assert list(call[:6]) == [args[n] for n in ORDER]
     # scale, alibi, max_context_len (default: 3 blocks * 16), partition (no split), workspace,
-    # sliding window (0: none)
-    assert call[6:] == (0.25, alibi, 48, 0, None, 0)
+    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none)
+    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0)
+
+
+def test_fp8_caches_scales_and_soft_cap_reach_the_library(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    monkeypatch.setattr(_attention_ops, "get_function", rec)
+    args = _cuda(make_args())
+    for name in ("key_cache", "value_cache"):
+        args[name] = FakeCuda(torch.zeros(args[name].shape, dtype=torch.float8_e4m3fn))
+    _call(args, k_scale=0.5, v_scale=0.125, logits_soft_cap=30.0)
+    (call,) = rec.calls
+    assert call[-3:] == (0.5, 0.125, 30.0)
+    with pytest.raises(ValueError, match="argument 'logits_soft_cap' must be None or a finite"):
+        _call(args, logits_soft_cap=-1.0)
+    with pytest.raises(ValueError, match="argument 'v_scale' must be a finite number > 0"):
+        _call(args, v_scale=0.0)
 
 
 def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,7 +354,7 @@ def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -
     ws = FakeCuda(torch.empty(need))
     _call(args, partition_size=256, workspace=ws, sliding_window=100)
     (call,) = rec.calls
-    assert call[6:] == (0.125, None, 1024, 256, ws, 100)
+    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0)
 
 
 def test_unsplit_call_passes_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -469,12 +486,13 @@ needs_library = pytest.mark.skipif(
 
 
 def _raw(args: dict[str, Any], scale: Any = 0.125, alibi: Any = None, max_ctx: int = 48,
-         partition: int = 0, workspace: Any = None, window: int = 0) -> str:
+         partition: int = 0, workspace: Any = None, window: int = 0, k_scale: float = 1.0,
+         v_scale: float = 1.0, soft_cap: float = 0.0) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
         get_function(OP)(*(args[n] for n in ORDER), scale, alibi, max_ctx, partition, workspace,
-                         window)
+                         window, k_scale, v_scale, soft_cap)
     return str(info.value)
 
 
@@ -490,7 +508,10 @@ def test_cpp_rejects_cpu_tensors() -> None:
     [
         (lambda a: a.update(query=a["query"].double()),
          "argument 'query' must be float16, bfloat16 or float32, got float64"),
-        (lambda a: a.update(query=torch.zeros(3, 4, 72, dtype=torch.float16)),
+        (lambda a: a.update(query=torch.zeros(3, 4, 72, dtype=torch.float16),
+                            out=torch.zeros(3, 4, 72, dtype=torch.float16),
+                            key_cache=torch.zeros(6, 16, 2, 72, dtype=torch.float16),
+                            value_cache=torch.zeros(6, 16, 2, 72, dtype=torch.float16)),
          "argument 'query' must be of head_size 64, 80, 96, 112, 128 or 256, got head_size 72"),
         (lambda a: a.update(out=a["out"].float()),
          "argument 'out' must be float16 like 'query', got float32"),

@@ -20,7 +20,13 @@ import pytest
 
 from cacheflow_kernels._attention_ops import plan_partitions
 
-from paged_attention_testutil import assert_close, make_case, oracle
+from paged_attention_testutil import (
+    assert_close,
+    dequantize_fp8,
+    make_case,
+    oracle,
+    quantize_fp8,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -30,7 +36,7 @@ DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
 _c = ctypes
 _ARGTYPES = (
     [_c.c_int] + [_c.c_void_p] * 8 + [_c.c_int64] * 8 + [_c.c_double] + [_c.c_int64] * 3
-    + [_c.c_void_p]
+    + [_c.c_void_p] + [_c.c_double] * 3
 )
 
 
@@ -62,8 +68,10 @@ def _ptr(x: Any) -> int | None:
 def run_emulated(
     emu: Any, case: dict[str, Any], *, partition_size: int = 0,
     max_context_len: int | None = None, sliding_window: int = 0,
+    k_scale: float = 1.0, v_scale: float = 1.0, logits_soft_cap: float = 0.0,
 ) -> int:
-    """Runs the op on the case's CPU tensors (writes case['out']); returns num_partitions."""
+    """Runs the op on the case's CPU tensors (writes case['out']); returns num_partitions.
+    float8_e4m3fn caches are dequantized with ``k_scale`` / ``v_scale``."""
     q, kc = case["query"], case["key_cache"]
     num_seqs, num_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, _ = kc.shape
@@ -71,15 +79,18 @@ def run_emulated(
     max_ctx = max_blocks * block_size if max_context_len is None else max_context_len
     need = ctypes.c_int64(0)
     dtype = DTYPES[str(q.dtype).removeprefix("torch.")]
+    if kc.dtype == torch.float8_e4m3fn:
+        dtype += 4
     plan = (num_seqs, num_heads, head_size, num_kv_heads, num_blocks, block_size, max_blocks,
             case["scale"], max_ctx, partition_size, sliding_window)
     # First ask for the plan and the workspace size (nothing runs with out=None).
+    scales = (k_scale, v_scale, logits_soft_cap)
     parts = emu(dtype, None, None, None, None, None, None, None, None, 0, *plan,
-                ctypes.byref(need))
+                ctypes.byref(need), *scales)
     ws = torch.full((max(need.value, 1),), float("nan"))
     ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
               _ptr(case["block_tables"]), _ptr(case["context_lens"]),
-              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None)
+              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales)
     assert ran == parts
     assert parts >= 1
     return parts
@@ -196,3 +207,53 @@ def test_automatic_plan(emu: Any) -> None:
     size, parts = plan_partitions(2, 4, 4, 1500, 132)
     assert parts > 1 and size % 64 == 0
     assert check(emu, case, partition_size=size, max_context_len=1500) == parts
+
+
+# (dtype, head_size, block_size, (num_heads, num_kv_heads), ctx_lens, partition)
+FP8_SWEEP = [
+    ("float16", 64, 16, (4, 4), [1, 17, 40], 0),
+    ("float16", 80, 8, (8, 2), [33, 70], 64),
+    ("bfloat16", 112, 16, (8, 1), [100, 31], 64),
+    ("bfloat16", 128, 8, (16, 4), [129, 5], 0),
+    ("float16", 256, 16, (4, 2), [45, 90], 64),
+    ("float32", 96, 32, (9, 3), [100], 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_size", "block_size", "heads", "ctx_lens", "partition"), FP8_SWEEP,
+    ids=[f"{c[0]}-d{c[1]}-bs{c[2]}-h{c[3][0]}kv{c[3][1]}-p{c[5]}" for c in FP8_SWEEP],
+)
+def test_fp8_cache_matches_oracle(
+    emu: Any, dtype: str, head_size: int, block_size: int, heads: tuple[int, int],
+    ctx_lens: list[int], partition: int,
+) -> None:
+    """FP8 E4M3 caches with K and V scales: the kernel dequantizes on read; the oracle sees the
+    same dequantized values, so only the kernel's own rounding is left."""
+    case = make_case(ctx_lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), seed=head_size + 1)
+    k_scale, v_scale = 0.02, 0.5
+    case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+    case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
+    run_emulated(emu, case, partition_size=partition, k_scale=k_scale, v_scale=v_scale)
+    ref = oracle(case["query"], dequantize_fp8(case["key_cache"], k_scale),
+                 dequantize_fp8(case["value_cache"], v_scale), case["block_tables"],
+                 case["context_lens"], case["scale"])
+    assert_close(case["out"], ref, dtype, f"fp8 d{head_size}")
+
+
+@pytest.mark.parametrize(("dtype", "partition"), [("float16", 0), ("bfloat16", 64),
+                                                  ("float32", 0)])
+def test_logits_soft_cap(emu: Any, dtype: str, partition: int) -> None:
+    """cap * tanh(score / cap) with scores well past the cap (q_scale 8): capped and uncapped
+    results differ, and the kernel matches the capped oracle."""
+    case = make_case([70, 129], num_heads=8, num_kv_heads=2, head_size=128,
+                     dtype=getattr(torch, dtype), seed=11, q_scale=8.0)
+    cap = 5.0
+    run_emulated(emu, case, partition_size=partition, logits_soft_cap=cap)
+    args = (case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+            case["context_lens"], case["scale"])
+    ref = oracle(*args, logits_soft_cap=cap)
+    assert_close(case["out"], ref, dtype, "soft cap")
+    uncapped = oracle(*args)
+    assert float((ref - uncapped).abs().max()) > 0.1

@@ -84,7 +84,8 @@ def test_query_dtype() -> None:
 def test_dtype_must_match_query(arg: str) -> None:
     args = small_cpu_args(torch.float16)
     args[arg] = args[arg].to(torch.bfloat16)
-    _expect(args, arg, "of dtype float16 like 'query'", "got bfloat16")
+    like = "float16 like 'key_cache'" if arg == "value_cache" else "float16 like 'query'"
+    _expect(args, arg, f"of dtype {like}", "got bfloat16")
 
 
 @pytest.mark.usefixtures("tripwire")
@@ -190,8 +191,8 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     _call(args, scale=np_float(0.25), max_query_len=7, sliding_window=4096)
     assert [c[0] for c in calls] == [OP, OP]
     assert calls[0][1:8] == tuple(args[name] for name in ARG_ORDER)
-    assert calls[0][8:] == (1.0, -1, 0) and isinstance(calls[0][8], float)
-    assert calls[1][8:] == (0.25, 7, 4096)
+    assert calls[0][8:] == (1.0, -1, 0, 1.0, 1.0, 0.0) and isinstance(calls[0][8], float)
+    assert calls[1][8:] == (0.25, 7, 4096, 1.0, 1.0, 0.0)
 
 
 def np_float(x: float) -> Any:
@@ -216,12 +217,13 @@ needs_library = pytest.mark.skipif(
 
 
 def _raw(args: dict[str, Any], scale: float = SCALE, max_query_len: int = -1,
-         sliding_window: int = 0) -> str:
+         sliding_window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0,
+         soft_cap: float = 0.0) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
         get_function(OP)(*(args[name] for name in ARG_ORDER), scale, max_query_len,
-                         sliding_window)
+                         sliding_window, k_scale, v_scale, soft_cap)
     return str(info.value)
 
 
@@ -236,7 +238,9 @@ def test_cpp_rejects_cpu_tensors() -> None:
 def test_cpp_rejects_dtype_mismatch(arg: str) -> None:
     args = small_cpu_args(torch.float16)
     args[arg] = args[arg].float()
-    assert f"argument '{arg}' must be float16 like 'query', got float32" in _raw(args)
+    like = "key_cache" if arg == "value_cache" else "query"
+    msg = _raw(args)
+    assert f"argument '{arg}' must be float16 like '{like}'" in msg and "got float32" in msg
 
 
 @needs_library

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from prefill_testutil import call_args, check_close, make_case, reference
 
+from paged_attention_testutil import quantize_fp8
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("cacheflow_runtime")
 
@@ -46,6 +48,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
         + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+        + [ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     )
     return fn
 
@@ -61,6 +64,8 @@ def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
         ctx.data_ptr(), query.shape[0], query.shape[1], query.shape[2], key_cache.shape[2],
         key_cache.shape[0], key_cache.shape[1], tables.shape[0], tables.shape[1], case["scale"],
         max_query_len, case.get("sliding_window") or 0, ctypes.byref(collectives),
+        int(key_cache.dtype == torch.float8_e4m3fn), case.get("k_scale", 1.0),
+        case.get("v_scale", 1.0), case.get("logits_soft_cap") or 0.0,
     )
     return path
 
@@ -160,3 +165,49 @@ def test_rows_without_keys_are_zero(emu: Any) -> None:
     out = case["out"].float()
     assert torch.equal(out[:10], torch.zeros_like(out[:10]))
     assert not torch.isnan(out[10:]).any()
+
+
+def _to_fp8(case: dict[str, Any], k_scale: float, v_scale: float) -> None:
+    """Quantizes the case's caches to FP8 E4M3 with the given scales (NaN poison kept)."""
+    case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+    case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
+    case["k_scale"], case["v_scale"] = k_scale, v_scale
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "head_size", "dtype", "force_simple"),
+    [
+        ([130, 1, 77], [130, 9, 200], 64, torch.float16, False),   # tensor cores
+        ([70, 3], [100, 40], 256, torch.bfloat16, False),          # tensor cores, BN 32
+        ([100], [150], 112, torch.float16, False),
+        ([9, 4], [20, 4], 40, torch.float16, False),               # CUDA cores
+        ([6], [11], 64, torch.float32, False),
+        ([7, 2], [7, 9], 128, torch.bfloat16, True),
+    ],
+)
+def test_fp8_cache(emu: Any, q_lens: list[int], ctx_lens: list[int], head_size: int,
+                   dtype: Any, force_simple: bool) -> None:
+    """FP8 E4M3 caches with K/V scales, dequantized on read by both kernels; the reference sees
+    the same FP8 values, so the tolerances are the dtype's."""
+    case = make_case(q_lens, ctx_lens, num_heads=4, num_kv_heads=2, head_size=head_size,
+                     block_size=16, dtype=dtype, seed=head_size + 7)
+    _to_fp8(case, 0.03, 0.2)
+    tc = run_emulated(emu, case, force_simple=force_simple, max_query_len=max(q_lens))
+    assert tc == int(not force_simple and dtype != torch.float32 and head_size in (64, 112, 256))
+    check_close(case["out"], reference(case), dtype, f"fp8 head {head_size}")
+
+
+@pytest.mark.parametrize(("head_size", "dtype", "force_simple"),
+                         [(128, torch.float16, False), (256, torch.bfloat16, False),
+                          (64, torch.float32, False)])
+def test_logits_soft_cap(emu: Any, head_size: int, dtype: Any, force_simple: bool) -> None:
+    """cap * tanh(score / cap) with scores well past the cap (the query scaled by 8)."""
+    case = make_case([70, 9], [100, 9], num_heads=2, num_kv_heads=1, head_size=head_size,
+                     block_size=16, dtype=dtype, seed=head_size)
+    case["query"] = (case["query"].float() * 8).to(dtype)
+    case["logits_soft_cap"] = 5.0
+    run_emulated(emu, case, force_simple=force_simple, max_query_len=70)
+    ref = reference(case)
+    check_close(case["out"], ref, dtype, f"soft cap head {head_size}")
+    uncapped = reference({**case, "logits_soft_cap": None})
+    assert float((ref - uncapped).abs().max()) > 0.1

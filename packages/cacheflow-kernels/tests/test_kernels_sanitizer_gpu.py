@@ -40,7 +40,7 @@ def test_sweep_is_memcheck_clean() -> None:
         pytest.skip("compute-sanitizer is not installed on this machine")
     proc = subprocess.run(
         [tool, "--tool", "memcheck", "--leak-check", "no", "--error-exitcode", "99",
-         sys.executable, str(SWEEP), "--only", "paged_attention,paged_prefill,cache_ops"],
+         sys.executable, str(SWEEP), "--only", "paged_attention,paged_prefill,cache_ops,fp8"],
         capture_output=True, text=True, timeout=900, check=False,
     )
     report = proc.stdout + proc.stderr

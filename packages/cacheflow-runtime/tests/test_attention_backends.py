@@ -142,18 +142,23 @@ class FakeKernels:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def reshape_and_cache(self, key: Any, value: Any, key_cache: Any, value_cache: Any,
-                          slot_mapping: Any) -> None:
-        self.calls.append(("reshape_and_cache", {"contiguous": key.is_contiguous()}))
-        reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+                          slot_mapping: Any, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        self.calls.append(("reshape_and_cache", {"contiguous": key.is_contiguous(),
+                                                 "scales": (k_scale, v_scale)}))
+        reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale,
+                                    v_scale)
 
     def paged_attention(self, out: Any, query: Any, key_cache: Any, value_cache: Any,
                         block_tables: Any, context_lens: Any, scale: float,
                         alibi_slopes: Any = None, *, max_context_len: Any = None,
-                        workspace: Any = None, sliding_window: Any = None) -> None:
+                        workspace: Any = None, sliding_window: Any = None,
+                        k_scale: float = 1.0, v_scale: float = 1.0,
+                        logits_soft_cap: Any = None) -> None:
         self.calls.append(("paged_attention", {
             "max_context_len": max_context_len, "block_tables": block_tables.dtype,
             "context_lens": context_lens.tolist(), "scale": scale, "window": sliding_window,
-            "contiguous": query.is_contiguous()}))
+            "contiguous": query.is_contiguous(), "scales": (k_scale, v_scale),
+            "soft_cap": logits_soft_cap}))
         n = query.shape[0]
         meta = InputMetadata(
             query_lens=[1] * n, context_lens_host=context_lens.tolist(),
@@ -162,18 +167,21 @@ class FakeKernels:
             logit_indices=torch.arange(n), is_prompt=False)
         kwargs = {} if sliding_window is None else {"sliding_window": sliding_window}
         out.copy_(reference.paged_attention(query, key_cache, value_cache, meta, scale,
-                                            alibi_slopes, **kwargs))
+                                            alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+                                            logits_soft_cap=logits_soft_cap, **kwargs))
 
 
     def paged_prefill_attention(self, out: Any, query: Any, key_cache: Any, value_cache: Any,
                                 block_tables: Any, query_start_loc: Any, context_lens: Any,
                                 scale: float, max_query_len: Any = None,
-                                sliding_window: Any = None) -> None:
+                                sliding_window: Any = None, *, k_scale: float = 1.0,
+                                v_scale: float = 1.0, logits_soft_cap: Any = None) -> None:
         starts = query_start_loc.tolist()
         self.calls.append(("paged_prefill_attention", {
             "max_query_len": max_query_len, "query_start_loc": starts, "window": sliding_window,
             "dtypes": (block_tables.dtype, query_start_loc.dtype, context_lens.dtype),
-            "scale": scale, "contiguous": query.is_contiguous() and out.is_contiguous()}))
+            "scale": scale, "contiguous": query.is_contiguous() and out.is_contiguous(),
+            "scales": (k_scale, v_scale), "soft_cap": logits_soft_cap}))
         q_lens = [b - a for a, b in zip(starts, starts[1:])]
         meta = InputMetadata(
             query_lens=q_lens, context_lens_host=context_lens.tolist(),
@@ -182,7 +190,8 @@ class FakeKernels:
             logit_indices=torch.zeros(0, dtype=torch.int64), is_prompt=True)
         kwargs = {} if sliding_window is None else {"sliding_window": sliding_window}
         out.copy_(reference.paged_attention(query, key_cache, value_cache, meta, scale,
-                                            **kwargs))
+                                            k_scale=k_scale, v_scale=v_scale,
+                                            logits_soft_cap=logits_soft_cap, **kwargs))
 
 
 @pytest.fixture
@@ -227,7 +236,8 @@ def test_cuda_backend_prefill_goes_to_the_seam(fake_kernels: FakeKernels,
     seen: list[list[int]] = []
 
     def prefill(query: Any, key_cache: Any, value_cache: Any, metadata: InputMetadata,
-                scale: float, alibi_slopes: Any = None, sliding_window: Any = None) -> Any:
+                scale: float, alibi_slopes: Any = None, sliding_window: Any = None,
+                **scales: Any) -> Any:
         seen.append(metadata.query_lens)
         return reference.paged_attention(query, key_cache, value_cache, metadata, scale)
 

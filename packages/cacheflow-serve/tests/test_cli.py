@@ -100,3 +100,18 @@ def test_enforce_eager_flag_is_accepted_and_changes_nothing_on_cpu(
     assert main(_args(tiny_path, "--enforce-eager", "Hello")) == 0
     assert capsys.readouterr().out == _expected(llm, "Hello") + "\n"
     assert not llm.engine.uses_cuda_graphs
+
+
+def test_generate_with_an_fp8_kv_cache(tiny_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    fp8 = LLM(tiny_path, device="cpu", dtype="float32", kv_cache_dtype="fp8")
+    assert fp8.engine.cache_config.cache_dtype == "fp8"
+    assert main(_args(tiny_path, "--kv-cache-dtype", "fp8_e4m3", "Hello")) == 0
+    assert capsys.readouterr().out == _expected(fp8, "Hello") + "\n"
+
+
+def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_path, "--kv-cache-dtype", "int4", "Hello")) == 2
+    assert "kv_cache_dtype must be one of ('auto', 'fp8', 'fp8_e4m3'), got 'int4'" in \
+        capsys.readouterr().err

@@ -76,7 +76,7 @@ def _validate_paged_attention(
     C.check_shape(op, "out", out, _QUERY, (num_seqs, num_heads, head_size))
     C.check_same_dtype(op, "out", out, "query", query)
     C.check_shape(op, "key_cache", key_cache, _CACHE, (None, None, None, head_size))
-    C.check_same_dtype(op, "key_cache", key_cache, "query", query)
+    C.check_cache_dtype(op, "key_cache", key_cache, "query", query)
     num_blocks, block_size, num_kv_heads, _ = C.shape_of(key_cache)
     if block_size not in PAGED_ATTENTION_BLOCK_SIZES:
         raise C.arg_error(
@@ -91,7 +91,7 @@ def _validate_paged_attention(
     C.check_shape(
         op, "value_cache", value_cache, _CACHE, (num_blocks, block_size, num_kv_heads, head_size)
     )
-    C.check_same_dtype(op, "value_cache", value_cache, "query", query)
+    C.check_same_dtype(op, "value_cache", value_cache, "key_cache", key_cache)
     C.check_shape(
         op, "block_tables", block_tables, ("num_seqs", "max_blocks_per_seq"), (num_seqs, None)
     )
@@ -221,6 +221,7 @@ def paged_attention(
     context_lens: Any, scale: float, alibi_slopes: Any = None,
     max_context_len: int | None = None, workspace: Any = None, *,
     partition_size: int | None = None, sliding_window: int | None = None,
+    k_scale: Any = 1.0, v_scale: Any = 1.0, logits_soft_cap: float | None = None,
 ) -> None:
     """Decode attention over the paged KV cache: one query token per sequence, into ``out``.
 
@@ -228,8 +229,12 @@ def paged_attention(
     ``n = context_lens[s]`` cached tokens at positions ``j`` (token ``j`` is at
     ``key_cache[block_tables[s, j // block_size], j % block_size]``)::
 
-        score[j] = scale * dot(query[s, h], K[j]) + alibi_slopes[h] * (j - (n - 1))
+        score[j] = scale * dot(query[s, h], K[j])
+        score[j] = cap * tanh(score[j] / cap)                 # only with logits_soft_cap=cap
+        score[j] += alibi_slopes[h] * (j - (n - 1))
         out[s, h] = softmax(score) @ V
+
+    where ``K = key_cache * k_scale`` and ``V = value_cache * v_scale`` for FP8 caches.
 
     The query is the last context token (already written to the cache, e.g. by
     :func:`reshape_and_cache`). A sequence with ``context_lens[s] == 0`` gets zeros. MHA, GQA
@@ -241,7 +246,8 @@ def paged_attention(
         out: ``[num_seqs, num_heads, head_size]``, dtype of ``query``; written.
         query: ``[num_seqs, num_heads, head_size]``, float16, bfloat16 or float32; head_size
             64, 80, 96, 112, 128 or 256.
-        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``;
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``
+            or an FP8 E4M3 cache (``torch.float8_e4m3fn``, or ``uint8`` holding its bytes);
             block_size 8, 16 or 32 (the layout of :func:`reshape_and_cache`).
         value_cache: same shape and dtype as ``key_cache``.
         block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's
@@ -264,6 +270,10 @@ def paged_attention(
             :func:`plan_partitions`), 0 never splits, else a multiple of 64.
         sliding_window: None, or W >= 1: the query sees only the last W context tokens (its
             own included), as Mistral's sliding window.
+        k_scale, v_scale: dequantization scales of FP8 caches (a float, or a 1-element tensor
+            read once with ``.item()``); 1.0 for caches of ``query``'s dtype.
+        logits_soft_cap: None, or ``cap > 0``: scores become ``cap * tanh(score / cap)``
+            before ALiBi and the softmax (Gemma 2).
 
     All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
     array); ``query``, ``out`` and the caches 16-byte aligned. The kernels run on the caller's
@@ -295,6 +305,10 @@ def paged_attention(
         (), validate,
     )
     _check_scalars("paged_attention", scale, max_context_len, partition_size, sliding_window)
+    fp8 = C.is_fp8_cache(key_cache)
+    ks = C.scale_value("paged_attention", "k_scale", k_scale, fp8)
+    vs = C.scale_value("paged_attention", "v_scale", v_scale, fp8)
+    cap = C.soft_cap_value("paged_attention", logits_soft_cap)
     (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
      device_index) = info
     max_tokens = max_blocks * block_size
@@ -326,6 +340,7 @@ def paged_attention(
     else:
         workspace = None
     get_function("paged_attention")(
-        out, query, key_cache, value_cache, block_tables, context_lens, float(scale),
-        alibi_slopes, max_ctx, size, workspace, int(sliding_window or 0),
+        out, query, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache), block_tables,
+        context_lens, float(scale), alibi_slopes, max_ctx, size, workspace,
+        int(sliding_window or 0), ks, vs, cap,
     )

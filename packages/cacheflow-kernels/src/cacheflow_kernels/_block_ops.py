@@ -62,16 +62,16 @@ def _validate_copy_blocks(key_caches: Any, value_caches: Any, block_mapping: Any
                           "like 'key_caches')", f"{len(values)} tensors")
     _check_pairs(op, block_mapping)
     if _layers_match_fast(keys, values, block_mapping):
-        # The first layer still gets the full checks: 4-D, a float dtype.
+        # The first layer still gets the full checks: 4-D, a KV-cache dtype.
         C.check_shape(op, "key_caches[0]", keys[0], _CACHE, (None, None, None, None))
-        C.check_dtype(op, "key_caches[0]", keys[0], C.FLOAT_KV_DTYPES)
+        C.check_dtype(op, "key_caches[0]", keys[0], C.KV_CACHE_DTYPES)
         return
     named = [(f"key_caches[{i}]", t) for i, t in enumerate(keys)]
     named += [(f"value_caches[{i}]", t) for i, t in enumerate(values)]
     if named:
         ref_name, ref = named[0]
         C.check_shape(op, ref_name, ref, _CACHE, (None, None, None, None))
-        C.check_dtype(op, ref_name, ref, C.FLOAT_KV_DTYPES)
+        C.check_dtype(op, ref_name, ref, C.KV_CACHE_DTYPES)
         ref_shape = C.shape_of(ref)
         for name, t in named:
             C.check_shape(op, name, t, _CACHE, ref_shape)
@@ -99,8 +99,10 @@ def copy_blocks(
 
     Args:
         key_caches: a list (or tuple) of per-layer tensors
-            ``[num_blocks, block_size, num_kv_heads, head_size]``, float16, bfloat16 or float32;
-            all with one shape and dtype, C-contiguous, on one CUDA device. Written in place.
+            ``[num_blocks, block_size, num_kv_heads, head_size]``, float16, bfloat16, float32
+            or an FP8 E4M3 cache (``torch.float8_e4m3fn`` or ``uint8``; blocks are copied
+            bytewise); all with one shape and dtype, C-contiguous, on one CUDA device. Written
+            in place.
         value_caches: a list of as many tensors, of the same shape and dtype.
         block_mapping: int64 ``[num_pairs, 2]`` on that CUDA device, contiguous: rows
             ``(src, dst)``. Pairs with ``src`` or ``dst`` outside ``[0, num_blocks)`` are
@@ -115,7 +117,11 @@ def copy_blocks(
         RuntimeError: the kernel library is missing or the launch failed.
     """
     _validate_copy_blocks(key_caches, value_caches, block_mapping)
-    get_function("copy_blocks")(list(key_caches), list(value_caches), block_mapping)
+    keys, values = list(key_caches), list(value_caches)
+    if keys and C.dtype_name(keys[0]) == "float8_e4m3fn":
+        keys = [C.as_kernel_cache(t) for t in keys]
+        values = [C.as_kernel_cache(t) for t in values]
+    get_function("copy_blocks")(keys, values, block_mapping)
 
 
 def _is_pinned(x: Any) -> bool | None:
@@ -193,4 +199,4 @@ def swap_blocks(src: Any, dst: Any, block_mapping: Any) -> None:
         RuntimeError: the kernel library is missing or a copy failed.
     """
     _validate_swap_blocks(src, dst, block_mapping)
-    get_function("swap_blocks")(src, dst, block_mapping)
+    get_function("swap_blocks")(C.as_kernel_cache(src), C.as_kernel_cache(dst), block_mapping)

@@ -12,6 +12,7 @@ is reported the same way on any device.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
@@ -20,6 +21,10 @@ _R = TypeVar("_R")
 
 #: Activation / KV-cache dtypes the kernels accept.
 FLOAT_KV_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+#: Dtypes of an FP8 E4M3 KV cache: torch's float8_e4m3fn, or uint8 holding its bytes.
+FP8_CACHE_DTYPES: tuple[str, ...] = ("float8_e4m3fn", "uint8")
+#: Every KV-cache dtype: the activation dtypes and the FP8 cache.
+KV_CACHE_DTYPES: tuple[str, ...] = FLOAT_KV_DTYPES + FP8_CACHE_DTYPES
 
 # DLPack DLDeviceType codes -> names.
 _DLPACK_DEVICE_NAMES = {
@@ -245,3 +250,67 @@ class CheckMemo:
                 self._results.clear()
             self._results[key] = result
         return result
+
+
+# ---- FP8 caches and their scales ----------------------------------------------------------------
+
+
+def is_fp8_cache(x: Any) -> bool:
+    """True for an FP8 E4M3 cache tensor (float8_e4m3fn or uint8)."""
+    return dtype_name(x) in FP8_CACHE_DTYPES
+
+
+def check_cache_dtype(op: str, name: str, x: Any, ref_name: str, ref: Any) -> None:
+    """Require the dtype of the activation ``ref`` or an FP8 E4M3 cache dtype."""
+    _require_tensor(op, name, x)
+    got, want = dtype_name(x), dtype_name(ref)
+    if got != want and got not in FP8_CACHE_DTYPES:
+        raise arg_error(
+            op, name, f"of dtype {want} like '{ref_name}' or an FP8 E4M3 cache "
+            "(float8_e4m3fn or uint8)", got,
+        )
+
+
+def as_kernel_cache(x: Any) -> Any:
+    """The tensor to hand the library for a cache: a torch float8_e4m3fn tensor goes as its
+    uint8 view (same bytes; DLPack exporters differ in their float8 support), others as is."""
+    if dtype_name(x) == "float8_e4m3fn" and hasattr(x, "view"):
+        torch = sys.modules["torch"]
+        return x.view(torch.uint8)
+    return x
+
+
+def scale_value(op: str, name: str, x: Any, fp8: bool) -> float:
+    """A K/V cache scale as a float: a real number or a 1-element tensor (read once with
+    ``.item()``, a device sync for a CUDA tensor: pass floats on hot paths). Finite and > 0, and
+    1.0 unless the cache is FP8 (``fp8``)."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        numel = 1
+        for d in x.shape:
+            numel *= int(d)
+        if numel != 1:
+            raise arg_error(op, name, "a float or a 1-element tensor",
+                            f"a tensor of shape {_shape_str(shape_of(x))}")
+        x = x.reshape(()).item() if hasattr(x, "reshape") else x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
+        raise arg_error(op, name, "a float or a 1-element tensor", type(x).__name__)
+    value = float(x)
+    if not (math.isfinite(value) and value > 0.0):
+        raise arg_error(op, name, "a finite number > 0", repr(value))
+    if not fp8 and value != 1.0:
+        raise arg_error(op, name, "1.0 unless the caches are FP8 (the scale dequantizes them)",
+                        repr(value))
+    return value
+
+
+def soft_cap_value(op: str, x: Any) -> float:
+    """The logits soft cap as the library takes it: None -> 0.0 (none), else a finite float
+    > 0."""
+    if x is None:
+        return 0.0
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise arg_error(op, "logits_soft_cap", "None or a float > 0", type(x).__name__)
+    value = float(x)
+    if not (math.isfinite(value) and value > 0.0):
+        raise arg_error(op, "logits_soft_cap", "None or a finite number > 0", repr(value))
+    return value

@@ -65,7 +65,7 @@ def _validate_paged_prefill_attention(
     C.check_shape(op, "out", out, _TOKENS, (num_tokens, num_heads, head_size))
     C.check_same_dtype(op, "out", out, "query", query)
     C.check_shape(op, "key_cache", key_cache, _CACHE, (None, None, None, head_size))
-    C.check_same_dtype(op, "key_cache", key_cache, "query", query)
+    C.check_cache_dtype(op, "key_cache", key_cache, "query", query)
     num_blocks, block_size, num_kv_heads, _ = C.shape_of(key_cache)
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise C.arg_error(
@@ -80,7 +80,7 @@ def _validate_paged_prefill_attention(
     C.check_shape(
         op, "value_cache", value_cache, _CACHE, (num_blocks, block_size, num_kv_heads, head_size)
     )
-    C.check_same_dtype(op, "value_cache", value_cache, "query", query)
+    C.check_same_dtype(op, "value_cache", value_cache, "key_cache", key_cache)
     C.check_shape(op, "block_tables", block_tables, ("num_seqs", "max_blocks_per_seq"),
                   (None, None))
     C.check_dtype(op, "block_tables", block_tables, ("int32",))
@@ -119,6 +119,10 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int | None = None,
     sliding_window: int | None = None,
+    *,
+    k_scale: Any = 1.0,
+    v_scale: Any = 1.0,
+    logits_soft_cap: float | None = None,
 ) -> None:
     """Causal attention of a ragged batch of new tokens over each sequence's paged KV cache.
 
@@ -130,6 +134,9 @@ def paged_prefill_attention(
     including its own (only the last ``sliding_window`` of them when that is given)::
 
         out[t, h] = softmax_k(scale * query[t, h] . K[k, h // group]) @ V[., h // group]
+
+    (with ``logits_soft_cap=cap`` each score ``x`` becomes ``cap * tanh(x / cap)`` first; FP8
+    caches stand for ``key_cache * k_scale`` and ``value_cache * v_scale``)
 
     where ``group = num_heads // num_kv_heads`` (MHA, GQA and MQA) and the key/value of position
     ``k`` is ``key_cache[block_tables[i, k // block_size], k % block_size]``. Every K/V is read
@@ -143,7 +150,8 @@ def paged_prefill_attention(
             of tokens of no sequence, past ``query_start_loc[-1]``, are left untouched).
         query: ``[num_tokens, num_heads, head_size]``, float16, bfloat16 or float32;
             ``head_size <= 256``.
-        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``;
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``
+            or an FP8 E4M3 cache (``torch.float8_e4m3fn``, or ``uint8`` holding its bytes);
             ``num_kv_heads`` divides ``num_heads``. Any ``block_size``.
         value_cache: same shape and dtype as ``key_cache``.
         block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's last
@@ -159,6 +167,9 @@ def paged_prefill_attention(
         sliding_window: ``W >= 1`` limits each query to the last ``W`` positions, its own
             included (keys ``position - W + 1 .. position``; Mistral, Qwen2); ``None``: the
             whole context. Key tiles wholly outside every row's window are skipped.
+        k_scale, v_scale: dequantization scales of FP8 caches (a float, or a 1-element tensor
+            read once with ``.item()``); 1.0 for caches of ``query``'s dtype.
+        logits_soft_cap: None, or ``cap > 0``: soft-capped scores (Gemma 2).
 
     Numerics: fp32 accumulation and an online (FlashAttention-2 style) softmax. float16 and
     bfloat16 use tensor cores for head sizes 64, 80, 96, 112, 128 and 256 (the attention weights
@@ -185,7 +196,11 @@ def paged_prefill_attention(
         ),
     )
     scale, max_q, window = _check_scalars(scale, max_query_len, sliding_window)
+    fp8 = C.is_fp8_cache(key_cache)
+    ks = C.scale_value(_OP, "k_scale", k_scale, fp8)
+    vs = C.scale_value(_OP, "v_scale", v_scale, fp8)
+    cap = C.soft_cap_value(_OP, logits_soft_cap)
     get_function(_OP)(
-        out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
-        max_q, window,
+        out, query, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache), block_tables,
+        query_start_loc, context_lens, scale, max_q, window, ks, vs, cap,
     )

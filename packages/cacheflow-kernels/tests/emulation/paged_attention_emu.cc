@@ -32,7 +32,9 @@ pa_emu::GlobalRange Range(const void* ptr, int64_t bytes, const char* name) {
 /*!
  * \brief Runs paged_attention on host memory; arguments mean what they mean for the CUDA op
  * (already validated by the caller). `partition_size` is the resolved one (0: no split).
- * \param dtype 0 float16, 1 bfloat16, 2 float32.
+ * \param dtype 0 float16, 1 bfloat16, 2 float32; plus 4 for FP8 E4M3 caches (k_scale and
+ *        v_scale dequantize them).
+ * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
  * \return the number of partitions used, or -1 when `workspace` has fewer than the
  * workspace_elements needed (reported through `workspace_needed` when not null). With `out`
  * null nothing runs: the call only reports the partitions and the workspace size.
@@ -43,10 +45,13 @@ extern "C" int cf_emu_paged_attention(
     float* workspace, int64_t workspace_elements, int64_t num_seqs, int64_t num_heads,
     int64_t head_size, int64_t num_kv_heads, int64_t num_blocks, int64_t block_size,
     int64_t max_blocks_per_seq, double scale, int64_t max_context_len, int64_t partition_size,
-    int64_t sliding_window, int64_t* workspace_needed) {
+    int64_t sliding_window, int64_t* workspace_needed, double k_scale, double v_scale,
+    double logits_soft_cap) {
   pa::Params p = pa::MakeParams(num_seqs, num_heads, num_kv_heads, head_size, block_size,
                                 max_blocks_per_seq, scale, max_context_len, partition_size,
-                                sliding_window);
+                                sliding_window, k_scale, v_scale, logits_soft_cap);
+  const bool fp8 = (dtype & 4) != 0;
+  dtype &= 3;
   const int64_t need = pa::WorkspaceElements(p);
   if (workspace_needed != nullptr) *workspace_needed = need;
   if (out == nullptr) return p.num_partitions;  // a query of the plan only
@@ -62,7 +67,7 @@ extern "C" int cf_emu_paged_attention(
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;
-  const int64_t c_bytes = num_blocks * block_size * num_kv_heads * head_size * elem;
+  const int64_t c_bytes = num_blocks * block_size * num_kv_heads * head_size * (fp8 ? 1 : elem);
   pa_emu::g_ranges = {
       Range(out, q_bytes, "out"),
       Range(query, q_bytes, "query"),
@@ -75,9 +80,12 @@ extern "C" int cf_emu_paged_attention(
   };
   if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
   EmuLauncher launch;
-  switch (dtype) {
+  switch (dtype + (fp8 ? 4 : 0)) {
     case 0: pa::Run<pa_emu::Half>(p, launch); break;
     case 1: pa::Run<pa_emu::Bf16>(p, launch); break;
+    case 4: pa::Run<pa_emu::Half, pa::Fp8E4m3>(p, launch); break;
+    case 5: pa::Run<pa_emu::Bf16, pa::Fp8E4m3>(p, launch); break;
+    case 6: pa::Run<float, pa::Fp8E4m3>(p, launch); break;
     default: pa::Run<float>(p, launch); break;
   }
   return p.num_partitions;

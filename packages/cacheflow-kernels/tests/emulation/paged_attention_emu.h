@@ -349,6 +349,28 @@ inline uint32_t LoadStream4(const void* ptr) {
   return v;
 }
 inline float FastExp2(float x) { return std::exp2(x); }
+inline float FastTanh(float x) { return std::tanh(x); }
+inline uint32_t LoadStream2(const void* ptr) {
+  pa_emu::CheckGlobal(ptr, 2, "cache load");
+  uint16_t v;
+  std::memcpy(&v, ptr, 2);
+  return v;
+}
+/*! \brief The FP8 E4M3 (fn: no infinities, 0x7f/0xff NaN) byte in the low 8 bits as a float. */
+inline float Fp8ToFloat(uint32_t b) {
+  b &= 0xffu;
+  const int e = static_cast<int>((b >> 3) & 0xfu);
+  const int m = static_cast<int>(b & 7u);
+  float v;
+  if (e == 15 && m == 7) {
+    v = NAN;
+  } else if (e == 0) {
+    v = std::ldexp(static_cast<float>(m) / 8.f, -6);
+  } else {
+    v = std::ldexp(1.f + static_cast<float>(m) / 8.f, e - 7);
+  }
+  return (b & 0x80u) ? -v : v;
+}
 // prefetch.global.L2: no effect on the results; the address must still lie in a buffer.
 inline void PrefetchL2(const void* ptr) { pa_emu::CheckGlobal(ptr, 1, "L2 prefetch"); }
 
@@ -422,10 +444,12 @@ struct Emu16 {
 template <>
 struct Dtype<pa_emu::Half> : Emu16<pa_emu::FloatToHalf, pa_emu::HalfToFloat> {
   static pa_emu::Half FromFloat(float x) { return pa_emu::Half{pa_emu::FloatToHalf(x)}; }
+  static uint32_t FromFp8x2(uint32_t b) { return Pack(Fp8ToFloat(b), Fp8ToFloat(b >> 8)); }
 };
 template <>
 struct Dtype<pa_emu::Bf16> : Emu16<pa_emu::FloatToBf16, pa_emu::Bf16ToFloat> {
   static pa_emu::Bf16 FromFloat(float x) { return pa_emu::Bf16{pa_emu::FloatToBf16(x)}; }
+  static uint32_t FromFp8x2(uint32_t b) { return Pack(Fp8ToFloat(b), Fp8ToFloat(b >> 8)); }
 };
 template <>
 struct Dtype<float> {

@@ -36,6 +36,8 @@ struct EmuLauncher {
  * \param force_simple 1 runs the CUDA-core kernel even where tensor cores apply.
  * \param variant tiling of the fp16 head-size-128 kernel (prefill::TcVariant).
  * \param collectives if not null, receives the number of warp barriers the run took.
+ * \param fp8_cache 1: the caches hold FP8 E4M3 bytes, dequantized with k_scale / v_scale.
+ * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
  * \return 1 when the tensor-core kernel ran, 0 for the CUDA-core kernel, -1 for nothing to do.
  */
 extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, void* out,
@@ -47,11 +49,13 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
                                     int64_t num_blocks, int64_t block_size, int64_t num_seqs,
                                     int64_t max_blocks_per_seq, double scale,
                                     int64_t max_query_len, int64_t sliding_window,
-                                    int64_t* collectives) {
+                                    int64_t* collectives, int fp8_cache, double k_scale,
+                                    double v_scale, double logits_soft_cap) {
   namespace pf = cacheflow::prefill;
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_tokens * num_heads * head_size * elem;
-  const int64_t c_bytes = num_blocks * block_size * num_kv_heads * head_size * elem;
+  const int64_t c_bytes =
+      num_blocks * block_size * num_kv_heads * head_size * (fp8_cache ? 1 : elem);
   auto range = [](const void* p, int64_t bytes, const char* name) {
     const auto* b = static_cast<const unsigned char*>(p);
     return cfemu::GlobalRange{b, b + bytes, name};
@@ -66,7 +70,8 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   if (num_seqs == 0 || max_q == 0 || num_heads == 0) return -1;
   const PrefillParams p = pf::MakePrefillParams(
       out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, num_heads,
-      head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale, sliding_window);
+      head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale, sliding_window,
+      k_scale, v_scale, logits_soft_cap);
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool tc = !force_simple &&
                   pf::UseTensorCores(dtype != 2, head_size,
@@ -75,11 +80,25 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   const EmuLauncher launch{p};
   const int heads = static_cast<int>(num_heads);
   const int seqs = static_cast<int>(num_seqs);
-  if (tc) {
+  if (tc && fp8_cache) {
+    if (dtype == 0) {
+      pf::DispatchTc<pf::Fp16, true>(head_size, variant, heads, seqs, max_q, launch);
+    } else {
+      pf::DispatchTc<pf::Bf16, true>(head_size, variant, heads, seqs, max_q, launch);
+    }
+  } else if (tc) {
     if (dtype == 0) {
       pf::DispatchTc<pf::Fp16>(head_size, variant, heads, seqs, max_q, launch);
     } else {
       pf::DispatchTc<pf::Bf16>(head_size, variant, heads, seqs, max_q, launch);
+    }
+  } else if (fp8_cache) {
+    if (dtype == 0) {
+      pf::LaunchSimple<pf::Fp16, true>(heads, seqs, max_q, launch);
+    } else if (dtype == 1) {
+      pf::LaunchSimple<pf::Bf16, true>(heads, seqs, max_q, launch);
+    } else {
+      pf::LaunchSimple<pf::Fp32, true>(heads, seqs, max_q, launch);
     }
   } else if (dtype == 0) {
     pf::LaunchSimple<pf::Fp16>(heads, seqs, max_q, launch);

@@ -302,6 +302,22 @@ inline float Elem<Bf16>(uint16_t bits) { return cfemu::Bf16ToFloat(bits); }
 
 inline float Exp(float x) { return std::exp(x); }
 inline float Exp2(float x) { return std::exp2(x); }
+inline float Tanh(float x) { return std::tanh(x); }
+/*! \brief An FP8 E4M3 (fn: no infinities, 0x7f/0xff NaN) byte in the low 8 bits as a float. */
+inline float Fp8ByteToFloat(uint32_t b) {
+  b &= 0xffu;
+  const int e = static_cast<int>((b >> 3) & 0xfu);
+  const int m = static_cast<int>(b & 7u);
+  float v;
+  if (e == 15 && m == 7) {
+    v = NAN;
+  } else if (e == 0) {
+    v = std::ldexp(static_cast<float>(m) / 8.f, -6);
+  } else {
+    v = std::ldexp(1.f + static_cast<float>(m) / 8.f, e - 7);
+  }
+  return (b & 0x80u) ? -v : v;
+}
 
 inline unsigned char* DynamicSmem() { return cfemu::g_cta->smem.data(); }
 inline uint32_t SmemU32(const void* p) {
@@ -402,6 +418,23 @@ template <int N>
 inline void CpAsyncWait() {
   cfemu::CompleteCopies(cfemu::g_fiber->committed - N);
 }
+
+/*! \brief FP8 E4M3 caches: 8 cache bytes widened to 8 elements of T into a 16-byte chunk. */
+template <class T>
+struct Fp8Io {
+  static void Fill16(uint32_t dst, const unsigned char* src, bool valid) {
+    unsigned char* d = cfemu::SmemAt(dst, 16, 16, "fp8 fill dst");
+    uint32_t w[4] = {0, 0, 0, 0};
+    if (valid) {
+      if (reinterpret_cast<uintptr_t>(src) % 8 != 0) cfemu::Fail("fp8 fill: source not 8-byte aligned");
+      cfemu::CheckGlobal(src, 8, "fp8 fill src");
+      for (int i = 0; i < 4; ++i) {
+        w[i] = Pack2<T>(Fp8ByteToFloat(src[2 * i]), Fp8ByteToFloat(src[2 * i + 1]));
+      }
+    }
+    std::memcpy(d, w, 16);
+  }
+};
 
 inline bool InSmem(const void* p) {
   const auto* c = static_cast<const unsigned char*>(p);

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cacheflow_runtime.attention import is_kv_scale_name, load_kv_scale
 from cacheflow_runtime.layers.linear import default_weight_loader
 
 WeightIterator = Iterable[tuple[str, torch.Tensor]]
@@ -34,6 +35,7 @@ class StrictLoader:
     def __init__(self, model: nn.Module, stacked: Optional[dict[str, tuple[str, object]]] = None,
                  ignore: Iterable[str] = (), optional: Iterable[str] = (),
                  source: Optional[Any] = None) -> None:
+        self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stacked = stacked or {}
         self.ignore = tuple(ignore)
@@ -70,6 +72,13 @@ class StrictLoader:
                 target, shard_id = name.replace(fragment, fused), sid
                 break
         param = self.params.get(target)
+        if param is None and is_kv_scale_name(name):
+            # FP8 KV-cache scales go to the runtime's attention layer (not a parameter).
+            try:
+                if load_kv_scale(self.model, name, tensor):
+                    return
+            except ValueError as exc:
+                raise WeightLoadError(f"checkpoint tensor {name!r}{self._where()}: {exc}") from exc
         if param is None:
             self.unexpected.append(name)
             self.unexpected_files[name] = self._current_file()

@@ -41,6 +41,23 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+#: KV-cache dtypes: "auto" (the model's dtype) or "fp8" (FP8 E4M3; "fp8_e4m3" is an alias).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def parse_kv_cache_dtype(cache_dtype: str) -> str:
+    """"auto" or "fp8" (with "fp8_e4m3" read as "fp8"); ValueError for anything else."""
+    if cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {cache_dtype!r}")
+    return "fp8" if cache_dtype.startswith("fp8") else "auto"
+
+
+def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element dtype of the KV cache tensors: the model's for "auto",
+    ``torch.float8_e4m3fn`` for "fp8"."""
+    return torch.float8_e4m3fn if parse_kv_cache_dtype(cache_dtype) == "fp8" else model_dtype
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> the first CUDA device if there is one, else CPU; otherwise validated as given."""
     if isinstance(device, torch.device):
@@ -102,6 +119,11 @@ class CacheConfig:
 
     ``num_device_blocks=None`` sizes the cache from memory: on CUDA ``gpu_memory_utilization`` of
     the card after a profiling run, on CPU ``cpu_kv_cache_gib``.
+
+    ``cache_dtype``: "auto" stores keys and values in the model's dtype; "fp8" (alias
+    "fp8_e4m3") in FP8 E4M3, quantized on write with each layer's K/V scales (1.0 unless the
+    checkpoint carries ``k_scale``/``v_scale``): half the bytes per block, so twice the tokens
+    in the same memory.
     """
 
     block_size: int = 16
@@ -111,8 +133,10 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 2.0
     num_cpu_blocks: Optional[int] = None
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self.cache_dtype = parse_kv_cache_dtype(self.cache_dtype)
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                  "True or False", self.enable_prefix_caching)
         _require(is_int(self.block_size) and self.block_size in (8, 16, 32), "block_size",

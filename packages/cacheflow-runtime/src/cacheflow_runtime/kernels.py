@@ -12,8 +12,8 @@ import torch
 import cacheflow_kernels
 
 # The ABI_VERSION of cacheflow_kernels this runtime calls (and the package range in pyproject).
-SUPPORTED_KERNELS_ABI = 1
-SUPPORTED_KERNELS_RANGE = ">=0.1.0,<0.2"
+SUPPORTED_KERNELS_ABI = 2
+SUPPORTED_KERNELS_RANGE = ">=0.2.0,<0.3"
 
 
 def check_kernels(module: ModuleType = cacheflow_kernels) -> ModuleType:
@@ -44,6 +44,14 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     if not first.is_cuda or first.dtype not in _FLOAT_DTYPES:
         return None
     if any(not t.is_cuda or t.dtype != first.dtype for t in tensors[1:]):
+        return None
+    return cacheflow_kernels if cuda_ready() else None
+
+
+def cache_kernels_for(cache: torch.Tensor) -> Optional[ModuleType]:
+    """cacheflow_kernels for a CUDA KV cache of any cache dtype (float or FP8: its block moves
+    are bytewise) when the library has CUDA; else None."""
+    if not cache.is_cuda or cache.dtype not in _FLOAT_DTYPES + (torch.float8_e4m3fn,):
         return None
     return cacheflow_kernels if cuda_ready() else None
 

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--enforce-eager", action="store_true",
                      help="run every step from Python (no CUDA graphs of decode steps)")
+    gen.add_argument("--kv-cache-dtype", default="auto",
+                     help="KV cache storage: auto (the model's dtype) or fp8 (FP8 E4M3, "
+                     "alias fp8_e4m3: twice the tokens in the same memory)")
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True,
@@ -58,7 +61,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

@@ -83,6 +83,8 @@ class LLM:
     Every argument is checked (types included) before anything is loaded; a bad one raises
     ``InvalidArgumentError`` naming it, a broken checkpoint ``CheckpointError`` naming the file
     (both ``ValueError``s, from ``cacheflow_runtime.errors``).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (alias "fp8_e4m3": an FP8 E4M3
+    cache, twice the tokens in the same memory).
     """
 
     def __init__(self, model: Optional[str | Path] = None, *,
@@ -94,7 +96,8 @@ class LLM:
                  max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True,
+                 kv_cache_dtype: str = "auto") -> None:
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
         for name, flag in (("enable_prefix_caching", enable_prefix_caching),
@@ -106,7 +109,8 @@ class LLM:
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
                                    gpu_memory_utilization=gpu_memory_utilization,
-                                   enable_prefix_caching=enable_prefix_caching)
+                                   enable_prefix_caching=enable_prefix_caching,
+                                   cache_dtype=kv_cache_dtype)
         # Checked now with the asked length; built again below with the model's.
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=max_model_len or 1, preemption_mode=preemption_mode,

@@ -36,6 +36,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-blocks", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="KV cache storage: auto (the model's dtype) or fp8 (FP8 E4M3, "
+                        "alias fp8_e4m3: twice the tokens in the same memory)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true",
@@ -93,7 +96,8 @@ def run_serve(args: argparse.Namespace) -> int:
               kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager,
               enable_prefix_caching=args.enable_prefix_caching,
               enable_chunked_prefill=args.enable_chunked_prefill,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
     server = make_server(engine, host=args.host, port=args.port, api_key=api_key,

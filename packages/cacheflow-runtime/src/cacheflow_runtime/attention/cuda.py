@@ -13,6 +13,9 @@ either:
 
 Shapes the decode kernel does not cover (head sizes other than 64, 80, 96, 112, 128, 256;
 block sizes other than 8, 16, 32) fall back to the reference backend.
+
+Caches in the query's dtype or FP8 E4M3 (``torch.float8_e4m3fn``, with per-layer ``k_scale`` /
+``v_scale``) take the same paths; ``logits_soft_cap`` goes to the kernels as is.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from cacheflow_runtime.attention.metadata import InputMetadata
 from cacheflow_runtime.kernels import cuda_ready
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cache_dtype_ok(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """The kernels read caches of the query's dtype or FP8 E4M3."""
+    return key_cache.dtype == query.dtype or key_cache.dtype == torch.float8_e4m3fn
 
 
 def available() -> bool:
@@ -46,7 +54,7 @@ def supports_head_size(head_size: int) -> bool:
 
 def supports_decode(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether ``paged_attention`` can run a decode step with these tensors on the kernel."""
-    return (query.is_cuda and query.dtype in _DTYPES and key_cache.dtype == query.dtype
+    return (query.is_cuda and query.dtype in _DTYPES and _cache_dtype_ok(query, key_cache)
             and supports_head_size(query.shape[-1])
             and key_cache.shape[1] in cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES)
 
@@ -57,17 +65,20 @@ def is_decode(metadata: InputMetadata) -> bool:
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Writes key/value [num_tokens, num_kv_heads, head_size] into their cache slots (negative
-    slots skipped), through the kernel."""
+    slots skipped), through the kernel; FP8 caches get ``key / k_scale`` and
+    ``value / v_scale``."""
     cacheflow_kernels.reshape_and_cache(key.contiguous(), value.contiguous(), key_cache,
-                                        value_cache, slot_mapping.contiguous())
+                                        value_cache, slot_mapping.contiguous(), k_scale, v_scale)
 
 
 def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
            metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
            sliding_window: Optional[int] = None,
-           workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+           workspace: Optional[torch.Tensor] = None, k_scale: float = 1.0,
+           v_scale: float = 1.0, logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """A decode step through ``cacheflow_kernels.paged_attention``.
 
     query: [num_seqs, num_heads, head_size] (one token per sequence); returns the same shape.
@@ -81,7 +92,8 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
         metadata.context_lens.contiguous(), scale,
         None if alibi_slopes is None else alibi_slopes.float().contiguous(),
         max_context_len=metadata.max_context_len, workspace=workspace,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+        logits_soft_cap=logits_soft_cap)
     return out
 
 
@@ -89,16 +101,17 @@ def supports_prefill(query: torch.Tensor, key_cache: torch.Tensor,
                      alibi_slopes: Optional[torch.Tensor] = None,
                      sliding_window: Optional[int] = None) -> bool:
     """Whether :func:`prefill` runs on ``cacheflow_kernels.paged_prefill_attention``: CUDA
-    tensors of one dtype, head size at most ``PAGED_PREFILL_MAX_HEAD_SIZE``, no ALiBi (a sliding
-    window is fine)."""
+    tensors (caches of the query's dtype or FP8), head size at most
+    ``PAGED_PREFILL_MAX_HEAD_SIZE``, no ALiBi (a sliding window is fine)."""
     return (alibi_slopes is None and query.is_cuda
-            and query.dtype in _DTYPES and key_cache.dtype == query.dtype
+            and query.dtype in _DTYPES and _cache_dtype_ok(query, key_cache)
             and query.shape[-1] <= cacheflow_kernels.PAGED_PREFILL_MAX_HEAD_SIZE)
 
 
 def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
-            sliding_window: Optional[int] = None) -> torch.Tensor:
+            sliding_window: Optional[int] = None, k_scale: float = 1.0, v_scale: float = 1.0,
+            logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Any step that is not a pure decode (some sequence has more than one new token).
 
     query: [num_tokens, num_heads, head_size]; returns the same shape. Runs
@@ -115,11 +128,14 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
         cacheflow_kernels.paged_prefill_attention(
             out, query, key_cache, value_cache, metadata.block_tables.contiguous(),
             metadata.query_start_loc.contiguous(), metadata.context_lens.contiguous(), scale,
-            max_query_len=metadata.max_query_len, sliding_window=sliding_window)
+            max_query_len=metadata.max_query_len, sliding_window=sliding_window,
+            k_scale=k_scale, v_scale=v_scale, logits_soft_cap=logits_soft_cap)
         return out
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"k_scale": k_scale, "v_scale": v_scale}
     if sliding_window is not None:
         kwargs["sliding_window"] = sliding_window
+    if logits_soft_cap is not None:
+        kwargs["logits_soft_cap"] = logits_soft_cap
     return reference.paged_attention(query, key_cache, value_cache, metadata, scale,
                                      alibi_slopes, **kwargs)
 
@@ -127,10 +143,14 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     metadata: InputMetadata, scale: float,
                     alibi_slopes: Optional[torch.Tensor] = None,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+                    sliding_window: Optional[int] = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0,
+                    logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached context (the reference
     backend's contract): decode steps on the kernel, the others through :func:`prefill`."""
     if is_decode(metadata) and supports_decode(query, key_cache):
         return decode(query, key_cache, value_cache, metadata, scale, alibi_slopes,
-                      sliding_window)
-    return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes, sliding_window)
+                      sliding_window, k_scale=k_scale, v_scale=v_scale,
+                      logits_soft_cap=logits_soft_cap)
+    return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes, sliding_window,
+                   k_scale=k_scale, v_scale=v_scale, logits_soft_cap=logits_soft_cap)

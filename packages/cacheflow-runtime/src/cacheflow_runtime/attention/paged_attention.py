@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Optional
 
@@ -31,6 +32,12 @@ class PagedAttention(nn.Module):
     ``backend``: one of BACKENDS. "auto" (default) picks per call: the cuda backend when the
     tensors are on a CUDA device and cacheflow_kernels.cuda_available(), else the reference
     backend. "cuda" raises ValueError when cacheflow_kernels has no CUDA.
+
+    ``k_scale`` / ``v_scale`` (floats, 1.0 by default) are this layer's FP8 KV-cache scales:
+    with a ``torch.float8_e4m3fn`` cache, keys are stored as ``key / k_scale`` and read back
+    multiplied by it (values likewise); caches of the model's dtype ignore them. FP8
+    checkpoints carry them as ``<attention module>.k_scale`` / ``.v_scale`` tensors, which
+    :func:`load_kv_scale` puts here while a model loads its weights.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float,
@@ -59,6 +66,21 @@ class PagedAttention(nn.Module):
                              f"{cuda.head_sizes()}, got {head_size}; use "
                              f"backend='auto' or 'reference'")
         self.backend = backend
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def set_kv_scale(self, which: str, value: float) -> None:
+        """Sets ``k_scale`` (``which="k"``), ``v_scale`` ("v") or both ("kv"); the value must
+        be a finite number > 0."""
+        if which not in ("k", "v", "kv"):
+            raise ValueError(f"which must be 'k', 'v' or 'kv', got {which!r}")
+        value = float(value)
+        if not (math.isfinite(value) and value > 0.0):
+            raise ValueError(f"a KV-cache scale must be a finite number > 0, got {value!r}")
+        if "k" in which:
+            self.k_scale = value
+        if "v" in which:
+            self.v_scale = value
 
     def backend_for(self, query: torch.Tensor) -> ModuleType:
         """The backend module (cuda or reference) that runs a step on ``query``'s device."""
@@ -87,10 +109,60 @@ class PagedAttention(nn.Module):
         else:
             key_cache, value_cache = kv_cache
             backend = self.backend_for(q)
-            backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping)
+            # The scales only mean something to an FP8 cache (the kernels insist on 1.0 else).
+            fp8 = key_cache.dtype == torch.float8_e4m3fn
+            k_scale = self.k_scale if fp8 else 1.0
+            v_scale = self.v_scale if fp8 else 1.0
+            backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping,
+                                      k_scale, v_scale)
             out = backend.paged_attention(q, key_cache, value_cache, input_metadata, self.scale,
-                                          sliding_window=self.sliding_window)
+                                          sliding_window=self.sliding_window, k_scale=k_scale,
+                                          v_scale=v_scale)
         return out.view(num_tokens, self.num_heads * self.head_size)
+
+
+#: Checkpoint name suffixes of KV-cache scales (vLLM / llm-compressor FP8 checkpoints) and which
+#: scale each sets; a module path ending in one of _PROJ_NAMES names the attention module above.
+_KV_SCALE_SUFFIXES = {".k_scale": "k", ".v_scale": "v", ".kv_scale": "kv"}
+_PROJ_NAMES = (".k_proj", ".v_proj", ".qkv_proj")
+
+
+def is_kv_scale_name(name: str) -> bool:
+    """Whether a checkpoint tensor name is a KV-cache scale (``...k_scale``, ``...v_scale``,
+    ``...kv_scale``)."""
+    return name.endswith(tuple(_KV_SCALE_SUFFIXES))
+
+
+def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Loads a checkpoint's KV-cache scale into the PagedAttention layer it belongs to.
+
+    ``name`` is the checkpoint name, e.g. ``model.layers.3.self_attn.k_scale`` (also
+    ``...self_attn.k_proj.k_scale`` and the older single ``...kv_scale``); the layer is the one
+    PagedAttention module under that attention module (``self_attn.attn`` in the models here),
+    so models need no name mapping of their own. ``tensor`` holds one number.
+
+    Returns False when ``name`` is not a KV-cache scale or names no module with exactly one
+    PagedAttention under it (the caller then reports it as unexpected); raises ValueError for a
+    tensor of more than one element or a value that is not finite and > 0.
+    """
+    suffix = next((s for s in _KV_SCALE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        return False
+    path = name[: -len(suffix)]
+    if path.endswith(_PROJ_NAMES):
+        path = path[: path.rindex(".")]
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    layers = [m for m in module.modules() if isinstance(m, PagedAttention)]
+    if len(layers) != 1:
+        return False
+    if tensor.numel() != 1:
+        raise ValueError(f"a KV-cache scale must hold one number, got a tensor of shape "
+                         f"{list(tensor.shape)}")
+    layers[0].set_kv_scale(_KV_SCALE_SUFFIXES[suffix], float(tensor.reshape(()).float()))
+    return True
 
 
 def _attend_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -2,7 +2,10 @@
 
 It is the oracle that the CUDA kernels are tested against, so it favours clarity over speed.
 Cache layout (shared with cacheflow_kernels): key_cache and value_cache are
-[num_blocks, block_size, num_kv_heads, head_size].
+[num_blocks, block_size, num_kv_heads, head_size], in the model's dtype or FP8 E4M3
+(``torch.float8_e4m3fn``): then it does what the kernels do, quantizing ``x / scale`` on write
+(round to nearest, saturating at +-448) and multiplying by the scale on read, so CPU runs test
+the FP8 path end to end.
 """
 
 from __future__ import annotations
@@ -11,20 +14,51 @@ import torch
 
 from cacheflow_runtime.attention.metadata import InputMetadata
 
+#: The FP8 KV-cache dtype and the largest magnitude it holds.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x / scale`` as FP8 E4M3, rounded to nearest and saturated at +-448 (as the kernel).
+
+    The division is float32 IEEE division by a tensor: torch divides a CUDA tensor by a Python
+    number as a multiplication by its reciprocal, which rounds differently now and then.
+    """
+    divisor = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return (x.float() / divisor).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _store(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
+    num_blocks, block_size, num_kv_heads, head_size = cache.shape
+    flat = cache.view(num_blocks * block_size, num_kv_heads, head_size)
+    if cache.dtype == FP8_DTYPE:
+        # index_copy_ has no float8 kernel: copy the bytes.
+        flat.view(torch.uint8).index_copy_(0, slots, quantize_fp8(rows, scale).view(torch.uint8))
+    else:
+        flat.index_copy_(0, slots, rows.to(cache.dtype))
+
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Writes key/value [num_tokens, num_kv_heads, head_size] into their cache slots.
 
-    Tokens whose slot is negative are skipped.
+    Tokens whose slot is negative are skipped. FP8 caches store ``key / k_scale`` and
+    ``value / v_scale``.
     """
-    num_blocks, block_size, num_kv_heads, head_size = key_cache.shape
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    flat_k = key_cache.view(num_blocks * block_size, num_kv_heads, head_size)
-    flat_v = value_cache.view(num_blocks * block_size, num_kv_heads, head_size)
-    flat_k.index_copy_(0, slots, key[keep].to(key_cache.dtype))
-    flat_v.index_copy_(0, slots, value[keep].to(value_cache.dtype))
+    _store(key_cache, slots, key[keep], k_scale)
+    _store(value_cache, slots, value[keep], v_scale)
+
+
+def _read(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+          scale: float) -> torch.Tensor:
+    """Cache rows at (blocks, offsets) in float32, dequantized for an FP8 cache."""
+    if cache.dtype == FP8_DTYPE:
+        return cache.view(torch.uint8)[blocks, offsets].view(FP8_DTYPE).float() * scale
+    return cache[blocks, offsets].float()
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
@@ -36,13 +70,17 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
     block_size = cache.shape[1]
     positions = torch.arange(context_len, device=cache.device)
     blocks = block_table.long()[positions // block_size]
+    if cache.dtype == FP8_DTYPE:
+        return cache.view(torch.uint8)[blocks, positions % block_size].view(FP8_DTYPE)
     return cache[blocks, positions % block_size]
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     metadata: InputMetadata, scale: float,
                     alibi_slopes: torch.Tensor | None = None,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0,
+                    logits_soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
     query: [num_tokens, num_heads, head_size] (flattened over sequences as in ``metadata``);
@@ -50,7 +88,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     context_lens[i] - query_lens[i] + j and sees every position up to and including its own
     (with ``sliding_window`` W, only the last W of them: key position > query position - W).
     Computed in float32 whatever the input dtype; sequences are padded to the longest query and
-    context of the batch and masked.
+    context of the batch and masked. FP8 caches are read as ``cache * k_scale`` (keys) and
+    ``cache * v_scale`` (values). ``logits_soft_cap`` (Gemma 2): the scaled scores become
+    ``cap * tanh(score / cap)`` before ALiBi and the mask.
     """
     num_seqs = metadata.num_seqs
     if num_seqs == 0:
@@ -68,8 +108,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     blocks = metadata.block_tables.long().gather(
         1, (k_pos // block_size).clamp(max=metadata.block_tables.shape[1] - 1)
         .expand(num_seqs, -1))
-    keys = key_cache[blocks, k_pos % block_size].float()
-    values = value_cache[blocks, k_pos % block_size].float()
+    keys = _read(key_cache, blocks, k_pos % block_size, k_scale)
+    values = _read(value_cache, blocks, k_pos % block_size, v_scale)
     # Slots past a sequence's context hold whatever the cache had (NaN is possible): a zero
     # attention weight times NaN is still NaN, so clear them.
     in_context = (k_pos[None, :] < ctx_lens[:, None])[:, :, None, None]
@@ -88,6 +128,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     padded_q[seq_of_token, slot_in_seq] = query.float()
 
     scores = torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
     if alibi_slopes is not None:
         distance = (k_pos[None, None, :] - q_pos[:, :, None]).float()

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from cacheflow_runtime.config import CacheConfig, ModelConfig
-from cacheflow_runtime.kernels import kernels_for
+from cacheflow_runtime.config import CacheConfig, ModelConfig, kv_cache_torch_dtype
+from cacheflow_runtime.kernels import cache_kernels_for
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-def block_bytes(model_config: ModelConfig, block_size: int, tp_size: int = 1) -> int:
-    """Bytes one KV block takes over all layers (keys and values) on one rank."""
+def block_bytes(model_config: ModelConfig, block_size: int, tp_size: int = 1,
+                cache_dtype: str = "auto") -> int:
+    """Bytes one KV block takes over all layers (keys and values) on one rank, with elements of
+    the KV-cache dtype (``cache_dtype`` "fp8": one byte each)."""
     kv_heads = max(1, model_config.num_kv_heads // tp_size)
-    elem = torch.empty((), dtype=model_config.dtype).element_size()
+    elem = torch.empty((), dtype=kv_cache_torch_dtype(cache_dtype, model_config.dtype)
+                       ).element_size()
     return 2 * model_config.num_layers * block_size * kv_heads * model_config.head_size * elem
 
 
 class CacheEngine:
     """Holds per-layer (key_cache, value_cache) of shape
     [num_blocks, block_size, num_kv_heads, head_size] on the device and on the host, and moves
-    blocks between them (swap) and within the device (copy-on-write).
+    blocks between them (swap) and within the device (copy-on-write). The element dtype is the
+    model's, or ``torch.float8_e4m3fn`` with ``cache_config.cache_dtype == "fp8"``.
 
     On CUDA the moves are the kernels of cacheflow-kernels, queued on the current stream without
     a host synchronization: ``copy_blocks`` (every layer in one launch) and ``swap_blocks``
@@ -36,7 +40,8 @@ class CacheEngine:
         self.num_cpu_blocks = num_cpu_blocks
         kv_heads = max(1, model_config.num_kv_heads // tp_size)
         shape = (self.block_size, kv_heads, model_config.head_size)
-        dtype = model_config.dtype
+        dtype = kv_cache_torch_dtype(cache_config.cache_dtype, model_config.dtype)
+        self.dtype = dtype
         pin = device.type == "cuda"
         self.device_cache: list[KVCache] = [
             (torch.empty((num_device_blocks, *shape), dtype=dtype, device=device),
@@ -60,7 +65,7 @@ class CacheEngine:
         pairs; copy-on-write)."""
         if not pairs or not self.device_cache:
             return
-        ck = kernels_for(self.device_cache[0][0])
+        ck = cache_kernels_for(self.device_cache[0][0])
         if ck is not None:
             mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
             ck.copy_blocks([k for k, _ in self.device_cache], [v for _, v in self.device_cache],
@@ -76,7 +81,7 @@ class CacheEngine:
               pairs: list[tuple[int, int]]) -> None:
         if not pairs or not self.device_cache:
             return
-        ck = kernels_for(self.device_cache[0][0])
+        ck = cache_kernels_for(self.device_cache[0][0])
         if ck is not None and self.cpu_cache[0][0].is_pinned():
             mapping = torch.tensor(pairs, dtype=torch.int64)
             for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):

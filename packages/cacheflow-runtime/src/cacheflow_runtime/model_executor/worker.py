@@ -58,7 +58,8 @@ class Worker:
 
     def determine_num_available_blocks(self) -> tuple[int, int]:
         """(device blocks, cpu blocks) the cache can have, from the config or from memory."""
-        per_block = block_bytes(self.model_config, self.cache_config.block_size)
+        per_block = block_bytes(self.model_config, self.cache_config.block_size,
+                                cache_dtype=self.cache_config.cache_dtype)
         cpu_blocks = self.cache_config.num_cpu_blocks
         if cpu_blocks is None:
             cpu_blocks = int(self.cache_config.swap_space_gib * _GIB) // per_block
