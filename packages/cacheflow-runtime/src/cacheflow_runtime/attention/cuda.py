@@ -10,6 +10,8 @@ either:
 - :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
   block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
   reference backend.
+- Attention with logit soft-capping (Gemma 2) runs the reference backend: the kernels do not
+  take a soft cap yet (:func:`supports_logits_soft_cap`).
 
 Shapes the decode kernel does not cover (head sizes other than 64, 80, 96, 112, 128, 256;
 block sizes other than 8, 16, 32) fall back to the reference backend.
@@ -49,6 +51,11 @@ def supports_decode(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     return (query.is_cuda and query.dtype in _DTYPES and key_cache.dtype == query.dtype
             and supports_head_size(query.shape[-1])
             and key_cache.shape[1] in cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES)
+
+
+def supports_logits_soft_cap(logits_soft_cap: Optional[float]) -> bool:
+    """Whether the kernels run attention with this soft cap (None: no capping, always)."""
+    return logits_soft_cap is None
 
 
 def is_decode(metadata: InputMetadata) -> bool:
@@ -127,9 +134,14 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     metadata: InputMetadata, scale: float,
                     alibi_slopes: Optional[torch.Tensor] = None,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+                    sliding_window: Optional[int] = None,
+                    logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached context (the reference
-    backend's contract): decode steps on the kernel, the others through :func:`prefill`."""
+    backend's contract): decode steps on the kernel, the others through :func:`prefill`;
+    soft-capped attention on the reference backend."""
+    if not supports_logits_soft_cap(logits_soft_cap):
+        return reference.paged_attention(query, key_cache, value_cache, metadata, scale,
+                                         alibi_slopes, sliding_window, logits_soft_cap)
     if is_decode(metadata) and supports_decode(query, key_cache):
         return decode(query, key_cache, value_cache, metadata, scale, alibi_slopes,
                       sliding_window)

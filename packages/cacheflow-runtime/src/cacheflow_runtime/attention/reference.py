@@ -27,6 +27,13 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     flat_v.index_copy_(0, slots, value[keep].to(value_cache.dtype))
 
 
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(scores / cap)`` (attention logit soft-capping); ``scores`` when cap is None."""
+    if cap is None:
+        return scores
+    return torch.tanh(scores / cap) * cap
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
                    context_len: int) -> torch.Tensor:
     """Reads the first ``context_len`` tokens of one sequence out of the paged cache.
@@ -42,13 +49,16 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     metadata: InputMetadata, scale: float,
                     alibi_slopes: torch.Tensor | None = None,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None,
+                    logits_soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole cached context.
 
     query: [num_tokens, num_heads, head_size] (flattened over sequences as in ``metadata``);
     returns the same shape. Query j of sequence i (j < query_lens[i]) sits at position
     context_lens[i] - query_lens[i] + j and sees every position up to and including its own
     (with ``sliding_window`` W, only the last W of them: key position > query position - W).
+    ``logits_soft_cap`` c (Gemma 2) squashes the scaled scores to ``c * tanh(scores / c)`` before
+    masking and softmax.
     Computed in float32 whatever the input dtype; sequences are padded to the longest query and
     context of the batch and masked.
     """
@@ -87,7 +97,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     padded_q = query.new_zeros((num_seqs, max_q, num_heads, head_size), dtype=torch.float32)
     padded_q[seq_of_token, slot_in_seq] = query.float()
 
-    scores = torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale
+    scores = soft_cap(torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale, logits_soft_cap)
     q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
     if alibi_slopes is not None:
         distance = (k_pos[None, None, :] - q_pos[:, :, None]).float()

@@ -57,6 +57,7 @@ def supports_graphs(model: torch.nn.Module, block_size: int) -> bool:
             return False
         if isinstance(module, PagedAttention) and (
                 module.backend == "reference" or not cuda.available()
+                or not cuda.supports_logits_soft_cap(module.logits_soft_cap)
                 or not cuda.supports_head_size(module.head_size)
                 or block_size not in cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES):
             return False

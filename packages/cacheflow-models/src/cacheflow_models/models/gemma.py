@@ -1,0 +1,142 @@
+"""Gemma 2 and Gemma 3 (text): the LLaMA layout with Gemma's changes.
+
+- embeddings multiplied by sqrt(hidden_size), rounded to the model dtype first;
+- RMSNorms that scale by (1 + weight), computed in float32;
+- four norms per layer: before and after attention, before and after the MLP;
+- GeGLU MLP (``hidden_activation``, gelu with the tanh approximation);
+- attention scale ``query_pre_attn_scalar ** -0.5``;
+- local (sliding-window) and global layers alternating by ``layer_types`` (older configs:
+  Gemma 2 every other layer from the first, Gemma 3 ``sliding_window_pattern``);
+- Gemma 2: attention logit soft-capping (``attn_logit_softcapping``);
+- Gemma 3: per-head RMSNorms of queries and keys, and a rotary base per layer type (local
+  ``rope_local_base_freq``, global ``rope_theta`` with its ``rope_scaling``);
+- both: final logit soft-capping (``final_logit_softcapping``).
+
+HF's modeling_gemma2.py and modeling_gemma3.py are the reference for the math and the weight
+names. HF's Gemma 3 does not soft-cap attention logits even if the config names a cap; neither
+do we. Bidirectional attention (``use_bidirectional_attention``, embedding models) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from cacheflow_models.hf_config import rope_settings
+from cacheflow_models.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from cacheflow_models.models.qwen3 import norm_heads
+from cacheflow_runtime.attention import InputMetadata
+from cacheflow_runtime.layers.attention import KVCache
+from cacheflow_runtime.layers.layernorm import GemmaRMSNorm
+
+
+def gemma_layer_type(config: PretrainedConfig, layer_idx: int) -> str:
+    """"sliding_attention" or "full_attention" for layer ``layer_idx``."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return str(layer_types[layer_idx])
+    pattern = int(getattr(config, "sliding_window_pattern", None)
+                  or (6 if config.model_type == "gemma3_text" else 2))
+    return "sliding_attention" if (layer_idx + 1) % pattern else "full_attention"
+
+
+class Gemma2Attention(LlamaAttention):
+    """Attention scaled by query_pre_attn_scalar, soft-capped, with a window on local layers."""
+
+    def attention_options(self, config: PretrainedConfig, layer_idx: int,
+                          head_dim: int) -> dict[str, Any]:
+        """Gemma's scale, window by layer type and rotary (per layer type for Gemma 3)."""
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError("Gemma configs with use_bidirectional_attention=True (embedding "
+                             "models) are not supported: cacheflow runs causal decoders")
+        layer_type = gemma_layer_type(config, layer_idx)
+        theta, scaling = rope_settings(config, layer_type)
+        window = getattr(config, "sliding_window", None)
+        return dict(scale=float(config.query_pre_attn_scalar) ** -0.5, rotary_dim=head_dim,
+                    base=theta, rope_scaling=scaling,
+                    sliding_window=(int(window) if window is not None
+                                    and layer_type == "sliding_attention" else None),
+                    logits_soft_cap=self.logits_soft_cap(config))
+
+    def logits_soft_cap(self, config: PretrainedConfig) -> Optional[float]:
+        """Gemma 2 caps attention logits at ``attn_logit_softcapping``."""
+        cap = getattr(config, "attn_logit_softcapping", None)
+        return None if cap is None else float(cap)
+
+
+class Gemma3Attention(Gemma2Attention):
+    """Gemma 2's attention without logit soft-capping, with per-head q/k norms."""
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
+                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
+        super().__init__(config, layer_idx, qkv_bias, o_bias)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def logits_soft_cap(self, config: PretrainedConfig) -> Optional[float]:
+        """None: HF's Gemma 3 never soft-caps attention logits."""
+        return None
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query head through q_norm, each key head through k_norm."""
+        return norm_heads(self.q_norm, q, self.head_dim), norm_heads(self.k_norm, k, self.head_dim)
+
+
+class GemmaDecoderLayer(nn.Module):
+    """x + post_attn_norm(attn(input_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x)))."""
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int,
+                 attention_cls: type[Gemma2Attention]) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = attention_cls(config, layer_idx)
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.mlp = LlamaMLP(hidden, config.intermediate_size, False, act)
+        self.input_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
+                input_metadata: InputMetadata) -> torch.Tensor:
+        """One block over the flattened batch."""
+        attn = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache,
+                              input_metadata)
+        hidden_states = hidden_states + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+        return hidden_states + self.post_feedforward_layernorm(mlp)
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Gemma 2 (see the module docstring); GGUF files as llama.cpp writes them (norm weights
+    stored as 1 + weight, q/k rows not permuted)."""
+
+    attention_cls: type[Gemma2Attention] = Gemma2Attention
+    gguf_rotary_permuted = False
+
+    def build_model(self, config: PretrainedConfig) -> nn.Module:
+        """Scaled embeddings, Gemma decoder layers, a (1 + weight) final norm."""
+        return LlamaModel(config, self.make_layer, GemmaRMSNorm,
+                          embed_scale=config.hidden_size ** 0.5)
+
+    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """Decoder layer ``layer_idx`` with four norms."""
+        return GemmaDecoderLayer(config, layer_idx, self.attention_cls)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits, soft-capped at ``final_logit_softcapping`` (in their dtype, as
+        HF)."""
+        logits = super().compute_logits(hidden_states)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 text models (see the module docstring)."""
+
+    attention_cls = Gemma3Attention

@@ -1,0 +1,40 @@
+"""Phi-3 (and Phi-3.5 / Phi-4-mini, which share its layout): the LLaMA block with the query, key
+and value projections stored fused (``self_attn.qkv_proj``, rows [q; k; v]) and the gate and up
+projections too (``mlp.gate_up_proj``, rows [gate; up]), rotary on the first
+``partial_rotary_factor`` of each head, ``longrope`` / ``su`` rope scaling (see
+cacheflow_runtime.layers.rotary_embedding) and an optional ``sliding_window`` on every layer.
+
+HF's modeling_phi3.py is the reference for the math and the weight names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from cacheflow_models.hf_config import partial_rotary_factor
+from cacheflow_models.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+
+
+class Phi3Attention(LlamaAttention):
+    """LLaMA attention with partial rotary."""
+
+    def attention_options(self, config: PretrainedConfig, layer_idx: int,
+                          head_dim: int) -> dict[str, Any]:
+        """LLaMA's options with ``rotary_dim = int(head_dim * partial_rotary_factor)``."""
+        options = super().attention_options(config, layer_idx, head_dim)
+        options["rotary_dim"] = int(head_dim * partial_rotary_factor(config))
+        return options
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: the checkpoint's fused qkv_proj and gate_up_proj are loaded whole (each rank
+    takes its heads and its rows of both halves)."""
+
+    stacked_params: dict[str, tuple[str, object]] = {}
+
+    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """A LLaMA decoder layer with Phi-3's attention."""
+        return LlamaDecoderLayer(config, layer_idx, False, False, attention_cls=Phi3Attention)
