@@ -116,6 +116,11 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     attention_cls: type[Gemma2Attention] = Gemma2Attention
     gguf_rotary_permuted = False
+    gguf_layer_names = {
+        "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    }
 
     def build_model(self, config: PretrainedConfig) -> nn.Module:
         """Scaled embeddings, Gemma decoder layers, a (1 + weight) final norm."""
@@ -125,6 +130,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
         """Decoder layer ``layer_idx`` with four norms."""
         return GemmaDecoderLayer(config, layer_idx, self.attention_cls)
+
+    def gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """llama.cpp stores Gemma's norm weights as 1 + weight: subtract it again (as HF)."""
+        return tensor - 1 if name.endswith("norm.weight") else tensor
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits, soft-capped at ``final_logit_softcapping`` (in their dtype, as

@@ -206,6 +206,8 @@ class LlamaForCausalLM(nn.Module):
     o_bias: Optional[bool] = None
     # llama.cpp's converter permutes the q/k rows of LLaMA-family GGUF files (not of Qwen2's).
     gguf_rotary_permuted = True
+    # llama.cpp per-layer tensor name -> HF name under model.layers.N (see _gguf_to_hf).
+    gguf_layer_names: dict[str, str] = {}
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -241,7 +243,7 @@ class LlamaForCausalLM(nn.Module):
         """
         source = weights
         if weights_format == "gguf":
-            weights = rename_gguf(weights, _gguf_to_hf, self._unpermute)
+            weights = rename_gguf(weights, self.gguf_name_to_hf, self.gguf_tensor)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
         loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional,
                               source=source)
@@ -251,7 +253,13 @@ class LlamaForCausalLM(nn.Module):
             loader.load_one(name, tensor)
         loader.finish()
 
-    def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def gguf_name_to_hf(self, name: str) -> Optional[str]:
+        """HF name of a llama.cpp tensor name (None: a tensor HF does not load either)."""
+        return _gguf_to_hf(name, {**_GGUF_LAYER_NAMES, **self.gguf_layer_names})
+
+    def gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A GGUF tensor (already under its HF ``name``) in HF's layout: q/k rows unpermuted
+        where llama.cpp permuted them."""
         if not self.gguf_rotary_permuted:
             return tensor
         if name.endswith("q_proj.weight"):
@@ -285,14 +293,20 @@ _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
                    "output": "lm_head"}
 
 
-def _gguf_to_hf(name: str) -> Optional[str]:
-    """HF name of a llama.cpp tensor name (None for rope_freqs, which HF recomputes)."""
+# Tensors llama.cpp writes that HF's GGUF loader does not load: rotary frequencies HF computes
+# from the config (rope_freqs; Phi-3's longrope factors, which HF reads from no GGUF key).
+_GGUF_SKIPPED = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+
+
+def _gguf_to_hf(name: str, layer_names: dict[str, str]) -> Optional[str]:
+    """HF name of a llama.cpp tensor name (None for tensors in _GGUF_SKIPPED); names it does
+    not know come back unchanged, for the strict loader to report."""
     stem, _, kind = name.rpartition(".")
-    if stem == "rope_freqs":
+    if stem in _GGUF_SKIPPED:
         return None
     if stem in _GGUF_TOP_NAMES:
         return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{kind}"
     return name

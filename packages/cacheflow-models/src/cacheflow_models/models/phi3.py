@@ -4,6 +4,10 @@ projections too (``mlp.gate_up_proj``, rows [gate; up]), rotary on the first
 ``partial_rotary_factor`` of each head, ``longrope`` / ``su`` rope scaling (see
 cacheflow_runtime.layers.rotary_embedding) and an optional ``sliding_window`` on every layer.
 
+GGUF files: llama.cpp stores longrope factors as tensors (``rope_factors_long`` / ``_short``)
+and HF transformers' GGUF loader reads neither them nor a rope scaling type, so both HF and this
+port run such a file with plain rotary (exact within the original context length only).
+
 HF's modeling_phi3.py is the reference for the math and the weight names.
 """
 
@@ -34,6 +38,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     takes its heads and its rows of both halves)."""
 
     stacked_params: dict[str, tuple[str, object]] = {}
+    # llama.cpp keeps the fusions (attn_qkv; ffn_up holds [gate; up]) and rotates in neox style.
+    gguf_rotary_permuted = False
+    gguf_layer_names = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 
     def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
         """A LLaMA decoder layer with Phi-3's attention."""

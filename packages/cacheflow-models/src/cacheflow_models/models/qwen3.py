@@ -41,6 +41,7 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     permutation (as Qwen2)."""
 
     gguf_rotary_permuted = False
+    gguf_layer_names = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
     def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
         """A LLaMA decoder layer with Qwen3's attention."""

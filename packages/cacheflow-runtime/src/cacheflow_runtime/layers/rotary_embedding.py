@@ -179,7 +179,7 @@ class RotaryEmbedding(nn.Module):
         self.longrope_original: Optional[int] = None
         if self.scaling_type == "longrope":
             self.longrope_original, short, long, attention = longrope_settings(
-                rotary_dim, max_position, {"rope_theta": base, **rope_scaling})
+                rotary_dim, max_position, {**rope_scaling, "rope_theta": base})
             cache = torch.cat((_cos_sin(short, self.longrope_original),
                                _cos_sin(long, self.max_position))) * attention
         else:
