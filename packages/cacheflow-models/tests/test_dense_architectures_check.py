@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-from dense_testutil import variant_config
 
 from cacheflow_models.check import main
 from cacheflow_models.testing import save_tiny_checkpoint
+
+from dense_testutil import variant_config
 
 # Prompts of 29 and 26 bytes (tokens): past Gemma's 8-token windows and Phi-3's 24-token
 # original length at prefill already.

@@ -12,18 +12,18 @@ from typing import Any
 import gguf
 import pytest
 import torch
-from dense_testutil import (
-    tiny_gemma2_config,
-    tiny_gemma3_config,
-    tiny_phi3_config,
-    tiny_qwen3_config,
-)
 from transformers import AutoModelForCausalLM
 
 from cacheflow_models import build_model_config
 from cacheflow_models.testing import byte_tokenizer, save_tiny_checkpoint
 from cacheflow_runtime import SamplingParams
 
+from dense_testutil import (
+    tiny_gemma2_config,
+    tiny_gemma3_config,
+    tiny_phi3_config,
+    tiny_qwen3_config,
+)
 from models_testutil import checkpoint_tensors, load_tiny_model, run_engine
 
 NEW_TOKENS = 16

@@ -15,6 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+from cacheflow_models.testing import save_tiny_checkpoint
+from cacheflow_runtime import SamplingParams
+from cacheflow_runtime.attention import cuda
+
 from dense_testutil import (
     PHI3_LONGROPE,
     longrope_scaling,
@@ -23,12 +29,6 @@ from dense_testutil import (
     tiny_phi3_config,
     tiny_qwen3_config,
 )
-from transformers import AutoModelForCausalLM
-
-from cacheflow_models.testing import save_tiny_checkpoint
-from cacheflow_runtime import SamplingParams
-from cacheflow_runtime.attention import cuda
-
 from models_testutil import run_engine
 
 pytestmark = [

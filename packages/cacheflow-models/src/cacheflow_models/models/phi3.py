@@ -9,6 +9,14 @@ and HF transformers' GGUF loader reads neither them nor a rope scaling type, so 
 port run such a file with plain rotary (exact within the original context length only).
 
 HF's modeling_phi3.py is the reference for the math and the weight names.
+
+longrope and the KV cache: each step's new tokens are rotated with the factors of their
+sequence's length at that step and cached keys keep theirs, as HF's model computes step by step
+with a cache. HF's ``generate`` for Phi-3 additionally drops its cache once, when a sequence
+first grows past ``original_max_position_embeddings``, and recomputes it with the long factors;
+the engine does not, so a sequence that crosses that length while generating continues from
+short-factor keys (prompts already longer than it, and sequences that stay within it, are
+exactly HF's).
 """
 
 from __future__ import annotations
