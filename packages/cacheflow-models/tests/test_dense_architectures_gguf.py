@@ -57,8 +57,9 @@ def write_gguf(checkpoint: Path, arch: gguf.MODEL_ARCH, config: Any) -> Path:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     theta = (config.rope_parameters.get("full_attention", config.rope_parameters)
              .get("rope_theta"))
