@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_reference_attention import _metadata as reference_metadata
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention, cuda, reference
 from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding, longrope_settings
@@ -15,24 +16,14 @@ from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding, longrope_
 def _metadata(query_lens: list[int], context_lens: list[int], block_size: int
               ) -> tuple[InputMetadata, list[list[int]]]:
     """One block table per sequence (consecutive blocks) and slots for the new tokens."""
-    tables, slots, cu, next_block = [], [], [0], 0
+    tables, slots, next_block = [], [], 0
     for q, c in zip(query_lens, context_lens):
         n = -(-c // block_size)
         tables.append(list(range(next_block, next_block + n)))
         next_block += n
         slots += [tables[-1][p // block_size] * block_size + p % block_size
                   for p in range(c - q, c)]
-        cu.append(cu[-1] + q)
-    width = max(len(t) for t in tables)
-    meta = InputMetadata(
-        query_lens=query_lens, context_lens_host=context_lens,
-        query_start_loc=torch.tensor(cu, dtype=torch.int32),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                  dtype=torch.int32),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        logit_indices=torch.tensor([c - 1 for c in cu[1:]]), is_prompt=True)
-    return meta, tables
+    return reference_metadata(query_lens, context_lens, tables, slots), tables
 
 
 def _capped_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float,

@@ -19,6 +19,7 @@ do we. Bidirectional attention (``use_bidirectional_attention``, embedding model
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -55,8 +56,13 @@ class Gemma2Attention(LlamaAttention):
         layer_type = gemma_layer_type(config, layer_idx)
         theta, scaling = rope_settings(config, layer_type)
         window = getattr(config, "sliding_window", None)
+        max_position = config.max_position_embeddings
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+            # Gemma 3's max_position_embeddings is already the stretched length (the model's
+            # max_model_len): the rotary table needs no factor more rows.
+            max_position = math.ceil(max_position / float(scaling["factor"]))
         return dict(scale=float(config.query_pre_attn_scalar) ** -0.5, rotary_dim=head_dim,
-                    base=theta, rope_scaling=scaling,
+                    max_position=max_position, base=theta, rope_scaling=scaling,
                     sliding_window=(int(window) if window is not None
                                     and layer_type == "sliding_attention" else None),
                     logits_soft_cap=self.logits_soft_cap(config))

@@ -99,16 +99,17 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, o_bias)
         self.attn = GPTNeoXCacheFlowAttention(
-            self.qkv_proj.num_heads, head_dim, max_position=config.max_position_embeddings,
-            is_neox_style=True, num_kv_heads=self.qkv_proj.num_kv_heads,
+            self.qkv_proj.num_heads, head_dim, is_neox_style=True,
+            num_kv_heads=self.qkv_proj.num_kv_heads,
             **self.attention_options(config, layer_idx, head_dim))
 
     def attention_options(self, config: PretrainedConfig, layer_idx: int,
                           head_dim: int) -> dict[str, Any]:
-        """Keyword arguments of the attention layer: scale, rotary_dim, base, rope_scaling,
-        sliding_window (and logits_soft_cap where a model has one)."""
+        """Keyword arguments of the attention layer: scale, rotary_dim, max_position, base,
+        rope_scaling, sliding_window (and logits_soft_cap where a model has one)."""
         theta, scaling = rope_settings(config)
-        return dict(scale=head_dim ** -0.5, rotary_dim=head_dim, base=theta,
+        return dict(scale=head_dim ** -0.5, rotary_dim=head_dim,
+                    max_position=config.max_position_embeddings, base=theta,
                     rope_scaling=scaling, sliding_window=sliding_window(config, layer_idx))
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
