@@ -10,7 +10,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from cacheflow_models import build_model_config, load_tokenizer
-from cacheflow_models.testing import byte_tokenizer
 from cacheflow_runtime import CacheConfig, LLMEngine, RequestOutput, SamplingParams, SchedulerConfig
 from cacheflow_runtime import parallel_state as ps
 from cacheflow_runtime.layers.embedding import VocabParallelEmbedding
@@ -54,12 +53,8 @@ def run_engine(path: Path, prompts: list[list[int]],
 def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int,
               dtype: torch.dtype = torch.float32,
               device: str = "cpu") -> tuple[list[int], list[float]]:
-    """HF transformers' greedy continuation of one prompt and the chosen tokens' logprobs
-    (``path``: a checkpoint folder or a .gguf file)."""
-    path = Path(path)
-    gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent if gguf else path, dtype=dtype,
-                                                 **gguf).to(device)
+    """HF transformers' greedy continuation of one prompt and the chosen tokens' logprobs."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.generation_config.eos_token_id = None
     out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens,
                          do_sample=False,
@@ -179,23 +174,3 @@ def check_greedy_fidelity(path: Path, prompts: list[list[int]], new_tokens: int)
         assert completion.finish_reason == "length"
         ours = [lp[t] for lp, t in zip(completion.logprobs, completion.token_ids)]
         assert max(abs(a - b) for a, b in zip(ours, ref_logprobs)) < 1e-4
-
-
-def add_byte_tokenizer_to_gguf(writer: Any, config: Any) -> None:
-    """Writes cacheflow_models.testing's byte tokenizer (as a "gpt2" BPE without merges) and the
-    config's special token ids into a ``gguf.GGUFWriter``."""
-    import gguf
-
-    vocab = byte_tokenizer().get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i < 3 else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    writer.add_token_merges([])
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_unk_token_id(0)
-    writer.add_pad_token_id(config.pad_token_id)

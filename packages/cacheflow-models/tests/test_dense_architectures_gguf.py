@@ -12,9 +12,11 @@ from typing import Any
 import gguf
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from cacheflow_models import build_model_config
-from cacheflow_models.testing import save_tiny_checkpoint
+from cacheflow_models.testing import byte_tokenizer, save_tiny_checkpoint
+from cacheflow_runtime import SamplingParams
 
 from dense_testutil import (
     tiny_gemma2_config,
@@ -22,12 +24,7 @@ from dense_testutil import (
     tiny_phi3_config,
     tiny_qwen3_config,
 )
-from models_testutil import (
-    add_byte_tokenizer_to_gguf,
-    check_greedy_fidelity,
-    checkpoint_tensors,
-    load_tiny_model,
-)
+from models_testutil import checkpoint_tensors, load_tiny_model, run_engine
 
 NEW_TOKENS = 16
 
@@ -71,7 +68,18 @@ def write_gguf(checkpoint: Path, arch: gguf.MODEL_ARCH, config: Any) -> Path:
         writer.add_sliding_window(config.sliding_window)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    add_byte_tokenizer_to_gguf(writer, config)
+    vocab = byte_tokenizer().get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i < 3 else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(config.pad_token_id)
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     gemma = arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
@@ -95,6 +103,18 @@ def tiny_gguf(request: pytest.FixtureRequest,
     config = make_config()
     checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), config)
     return request.param, write_gguf(checkpoint, arch, config)
+
+
+def _hf_greedy(gguf_path: Path, prompt: list[int]) -> tuple[list[int], list[float]]:
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
+                for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
 
 
 def test_gguf_config_resolves_to_the_port(tiny_gguf: tuple[str, Path]) -> None:
@@ -121,4 +141,12 @@ def test_same_parameters_as_safetensors(tiny_gguf: tuple[str, Path]) -> None:
 def test_greedy_matches_hf_gguf(tiny_gguf: tuple[str, Path],
                                 prompt_batch: list[list[int]]) -> None:
     _, path = tiny_gguf
-    check_greedy_fidelity(path, prompt_batch[1:], NEW_TOKENS)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    prompts = prompt_batch[1:]
+    outputs = run_engine(path, prompts, params)
+    for prompt, out in zip(prompts, outputs):
+        ref_tokens, ref_logprobs = _hf_greedy(path, prompt)
+        completion = out.outputs[0]
+        assert completion.token_ids == ref_tokens
+        ours = [lp[t] for lp, t in zip(completion.logprobs, completion.token_ids)]
+        assert max(abs(a - b) for a, b in zip(ours, ref_logprobs)) < 1e-4

@@ -10,19 +10,12 @@ from typing import Any
 import gguf
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cacheflow_models.testing import byte_tokenizer, save_tiny_checkpoint, tiny_gpt2_config
 from cacheflow_runtime import SamplingParams
 
-from models_testutil import (
-    add_byte_tokenizer_to_gguf,
-    assert_same_parameters,
-    checkpoint_tensors,
-    hf_greedy,
-    load_tiny_model,
-    run_engine,
-)
+from models_testutil import assert_same_parameters, checkpoint_tensors, load_tiny_model, run_engine
 
 NEW_TOKENS = 16
 GGUF_NAME = "tiny-gpt2-f32.gguf"
@@ -62,7 +55,19 @@ def write_gguf(checkpoint: Path, config: Any, with_output: bool = True) -> Path:
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    add_byte_tokenizer_to_gguf(writer, config)
+    vocab = byte_tokenizer().get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i < 3 else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges([])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(config.pad_token_id)
 
     for name, tensor in checkpoint_tensors(checkpoint):
         if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
@@ -86,6 +91,18 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the config keeps GPT2Config's default of 1024 positions.
     config = tiny_gpt2_config(n_positions=1024)
     return write_gguf(save_tiny_checkpoint(tmp_path_factory.mktemp("gpt2_gguf"), config), config)
+
+
+def _hf_greedy(gguf_path: Path, prompt: list[int]) -> tuple[list[int], list[float]]:
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
+                for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
 
 
 def test_same_parameters_as_safetensors(tmp_path: Path) -> None:
@@ -116,7 +133,7 @@ def test_greedy_matches_hf_gguf(tiny_gguf: Path, prompt_batch: list[list[int]]) 
     prompts = prompt_batch[:4]
     outputs = run_engine(tiny_gguf, prompts, params)
     for prompt, out in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = hf_greedy(tiny_gguf, prompt, NEW_TOKENS)
+        ref_tokens, ref_logprobs = _hf_greedy(tiny_gguf, prompt)
         completion = out.outputs[0]
         assert completion.token_ids == ref_tokens
         ours = [lp[t] for lp, t in zip(completion.logprobs, completion.token_ids)]
