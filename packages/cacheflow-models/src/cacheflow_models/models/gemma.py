@@ -27,7 +27,13 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from cacheflow_models.hf_config import rope_settings
-from cacheflow_models.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from cacheflow_models.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+)
 from cacheflow_models.models.qwen3 import norm_heads
 from cacheflow_runtime.attention import InputMetadata
 from cacheflow_runtime.layers.attention import KVCache
@@ -91,20 +97,23 @@ class Gemma3Attention(Gemma2Attention):
         return norm_heads(self.q_norm, q, self.head_dim), norm_heads(self.k_norm, k, self.head_dim)
 
 
-class GemmaDecoderLayer(nn.Module):
-    """x + post_attn_norm(attn(input_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x)))."""
+class Gemma2DecoderLayer(LlamaDecoderLayer):
+    """x + post_attn_norm(attn(input_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x))),
+    every norm a (1 + weight) RMSNorm."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int,
-                 attention_cls: type[Gemma2Attention]) -> None:
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = attention_cls(config, layer_idx)
+    attention_cls: type[Gemma2Attention] = Gemma2Attention
+    norm_cls = GemmaRMSNorm
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
+                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
+        super().__init__(config, layer_idx, qkv_bias, o_bias)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """GeGLU: the gated MLP with ``hidden_activation`` (gelu_pytorch_tanh), no biases."""
         act = getattr(config, "hidden_activation", None) or config.hidden_act
-        self.mlp = LlamaMLP(hidden, config.intermediate_size, False, act)
-        self.input_layernorm = GemmaRMSNorm(hidden, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        return LlamaMLP(config.hidden_size, config.intermediate_size, False, act)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
@@ -116,11 +125,17 @@ class GemmaDecoderLayer(nn.Module):
         return hidden_states + self.post_feedforward_layernorm(mlp)
 
 
+class Gemma3DecoderLayer(Gemma2DecoderLayer):
+    """Gemma 2's layer with Gemma 3's attention."""
+
+    attention_cls = Gemma3Attention
+
+
 class Gemma2ForCausalLM(LlamaForCausalLM):
     """Gemma 2 (see the module docstring); GGUF files as llama.cpp writes them (norm weights
     stored as 1 + weight, q/k rows not permuted)."""
 
-    attention_cls: type[Gemma2Attention] = Gemma2Attention
+    decoder_layer_cls: type[Gemma2DecoderLayer] = Gemma2DecoderLayer
     gguf_rotary_permuted = False
     gguf_layer_names = {
         "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
@@ -130,12 +145,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def build_model(self, config: PretrainedConfig) -> nn.Module:
         """Scaled embeddings, Gemma decoder layers, a (1 + weight) final norm."""
-        return LlamaModel(config, self.make_layer, GemmaRMSNorm,
-                          embed_scale=config.hidden_size ** 0.5)
-
-    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """Decoder layer ``layer_idx`` with four norms."""
-        return GemmaDecoderLayer(config, layer_idx, self.attention_cls)
+        return LlamaModel(config, self.qkv_bias, self.o_bias, self.decoder_layer_cls,
+                          GemmaRMSNorm, embed_scale=config.hidden_size ** 0.5)
 
     def gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """llama.cpp stores Gemma's norm weights as 1 + weight: subtract it again (as HF)."""
@@ -154,4 +165,4 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3 text models (see the module docstring)."""
 
-    attention_cls = Gemma3Attention
+    decoder_layer_cls = Gemma3DecoderLayer

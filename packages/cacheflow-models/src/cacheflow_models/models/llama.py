@@ -131,19 +131,28 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    ``attention_cls``: LlamaAttention or a subclass of it (Qwen3's q/k norms).
+    Subclasses set ``attention_cls`` (LlamaAttention or a subclass: Qwen3's q/k norms, Phi-3's
+    partial rotary) and ``norm_cls`` (Gemma's (1 + weight) RMSNorm), and may return another
+    feed-forward block from :meth:`build_mlp`.
     """
 
+    attention_cls: type[LlamaAttention] = LlamaAttention
+    norm_cls: Callable[[int, float], nn.Module] = RMSNorm
+
     def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
-                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None,
-                 attention_cls: type[LlamaAttention] = LlamaAttention) -> None:
+                 qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
         super().__init__()
-        self.self_attn = attention_cls(config, layer_idx, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            bool(getattr(config, "mlp_bias", False)),
-                            getattr(config, "hidden_act", "silu"))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.attention_cls(config, layer_idx, qkv_bias, o_bias)
+        self.mlp = self.build_mlp(config, layer_idx)
+        self.input_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer ``layer_idx`` ([num_tokens, hidden] -> same shape):
+        the gated MLP with the config's ``hidden_act``."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size,
+                        bool(getattr(config, "mlp_bias", False)),
+                        getattr(config, "hidden_act", "silu"))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
@@ -160,18 +169,21 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm.
 
-    ``make_layer(config, layer_idx)`` builds each decoder layer; ``norm_cls`` is the final norm
-    (Gemma's (1 + weight) RMSNorm); ``embed_scale`` multiplies the embeddings, rounded to their
-    dtype first as HF does (Gemma: sqrt(hidden_size)).
+    ``layer_cls(config, layer_idx, qkv_bias, o_bias)`` builds each decoder layer (default
+    LlamaDecoderLayer); ``norm_cls`` is the final norm (Gemma's (1 + weight) RMSNorm);
+    ``embed_scale`` multiplies the embeddings, rounded to their dtype first as HF does (Gemma:
+    sqrt(hidden_size)).
     """
 
-    def __init__(self, config: PretrainedConfig,
-                 make_layer: Callable[[PretrainedConfig, int], nn.Module],
+    def __init__(self, config: PretrainedConfig, qkv_bias: Optional[bool] = None,
+                 o_bias: Optional[bool] = None,
+                 layer_cls: Optional[Callable[..., nn.Module]] = None,
                  norm_cls: Callable[[int, float], nn.Module] = RMSNorm,
                  embed_scale: Optional[float] = None) -> None:
         super().__init__()
+        layer_cls = layer_cls or LlamaDecoderLayer
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(make_layer(config, i)
+        self.layers = nn.ModuleList(layer_cls(config, i, qkv_bias, o_bias)
                                     for i in range(config.num_hidden_layers))
         self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
         self.embed_scale: Optional[torch.Tensor]
@@ -209,6 +221,8 @@ class LlamaForCausalLM(nn.Module):
     gguf_rotary_permuted = True
     # llama.cpp per-layer tensor name -> HF name under model.layers.N (see _gguf_to_hf).
     gguf_layer_names: dict[str, str] = {}
+    # The decoder layer (subclasses swap its attention or feed-forward block).
+    decoder_layer_cls: Callable[..., nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -221,11 +235,7 @@ class LlamaForCausalLM(nn.Module):
 
     def build_model(self, config: PretrainedConfig) -> nn.Module:
         """The embedding, decoder layers and final norm (``self.model``)."""
-        return LlamaModel(config, self.make_layer)
-
-    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """Decoder layer ``layer_idx``."""
-        return LlamaDecoderLayer(config, layer_idx, self.qkv_bias, self.o_bias)
+        return LlamaModel(config, self.qkv_bias, self.o_bias, self.decoder_layer_cls)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
 from transformers import PretrainedConfig
 
 from cacheflow_models.hf_config import partial_rotary_factor
@@ -41,6 +40,12 @@ class Phi3Attention(LlamaAttention):
         return options
 
 
+class Phi3DecoderLayer(LlamaDecoderLayer):
+    """A LLaMA decoder layer with Phi-3's attention."""
+
+    attention_cls = Phi3Attention
+
+
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3: the checkpoint's fused qkv_proj and gate_up_proj are loaded whole (each rank
     takes its heads and its rows of both halves)."""
@@ -49,7 +54,6 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     # llama.cpp keeps the fusions (attn_qkv; ffn_up holds [gate; up]) and rotates in neox style.
     gguf_rotary_permuted = False
     gguf_layer_names = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-
-    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """A LLaMA decoder layer with Phi-3's attention."""
-        return LlamaDecoderLayer(config, layer_idx, False, False, attention_cls=Phi3Attention)
+    qkv_bias = False
+    o_bias = False
+    decoder_layer_cls = Phi3DecoderLayer

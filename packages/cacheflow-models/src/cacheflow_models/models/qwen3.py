@@ -36,14 +36,16 @@ class Qwen3Attention(LlamaAttention):
         return norm_heads(self.q_norm, q, self.head_dim), norm_heads(self.k_norm, k, self.head_dim)
 
 
+class Qwen3DecoderLayer(LlamaDecoderLayer):
+    """A LLaMA decoder layer with Qwen3's attention."""
+
+    attention_cls = Qwen3Attention
+
+
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3 (dense): LLaMA with q/k head norms; GGUF files without llama.cpp's q/k
     permutation (as Qwen2)."""
 
     gguf_rotary_permuted = False
     gguf_layer_names = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-
-    def make_layer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """A LLaMA decoder layer with Qwen3's attention."""
-        return LlamaDecoderLayer(config, layer_idx, self.qkv_bias, self.o_bias,
-                                 attention_cls=Qwen3Attention)
+    decoder_layer_cls = Qwen3DecoderLayer
