@@ -113,18 +113,48 @@ def _from_pretrained(folder: Path, gguf_file: Optional[str], file: Path) -> Pret
         raise CheckpointError(f"cannot read the {what} {file}: {text}", file=file) from exc
 
 
-def rope_settings(config: PretrainedConfig) -> tuple[float, Optional[dict[str, Any]]]:
-    """(rope_theta, rope_scaling or None) from either transformers 4 or 5 style configs."""
+def rope_settings(config: PretrainedConfig, layer_type: Optional[str] = None
+                  ) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, rope_scaling or None) from either transformers 4 or 5 style configs.
+
+    ``layer_type`` ("sliding_attention" / "full_attention") picks the settings of that kind of
+    layer where a config has one per kind (Gemma 3: transformers 5 nests ``rope_parameters`` by
+    layer type; transformers 4 gives local layers ``rope_local_base_freq`` and no scaling).
+    longrope / su settings get ``original_max_position_embeddings`` from the config's top level
+    when they lack it (Phi-3).
+    """
     params = getattr(config, "rope_parameters", None)
+    if params and layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     if params:
         theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
         kind = params.get("rope_type", params.get("type", "default"))
-        return theta, (None if kind == "default" else dict(params))
-    theta = float(getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = None
+        scaling = None if kind == "default" else dict(params)
+    else:
+        theta = float(getattr(config, "rope_theta", 10000.0))
+        scaling = getattr(config, "rope_scaling", None)
+        if layer_type == "sliding_attention" and hasattr(config, "rope_local_base_freq"):
+            theta, scaling = float(config.rope_local_base_freq), None
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+    if scaling and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su") \
+            and scaling.get("original_max_position_embeddings") is None:
+        scaling = {**scaling, "original_max_position_embeddings":
+                   getattr(config, "original_max_position_embeddings", None)}
     return theta, scaling
+
+
+def partial_rotary_factor(config: PretrainedConfig) -> float:
+    """The fraction of each head that the rotary embedding turns (1.0: all of it), from
+    ``partial_rotary_factor`` in the config or in its ``rope_parameters`` (transformers 5)."""
+    factor = getattr(config, "partial_rotary_factor", None)
+    params = getattr(config, "rope_parameters", None)
+    if factor is None and isinstance(params, dict):
+        factor = params.get("partial_rotary_factor")
+    factor = 1.0 if factor is None else float(factor)
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {factor}")
+    return factor
 
 
 def _first(config: PretrainedConfig, *names: str) -> int:

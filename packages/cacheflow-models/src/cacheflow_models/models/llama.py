@@ -10,8 +10,8 @@ the math and the weight names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 from cacheflow_models.hf_config import rope_settings
 from cacheflow_models.loading import StrictLoader, rename_gguf, unpermute_gguf_rotary
 from cacheflow_runtime.attention import InputMetadata
-from cacheflow_runtime.layers.activation import SiluAndMul
+from cacheflow_runtime.layers.activation import GeluAndMul, SiluAndMul
 from cacheflow_runtime.layers.attention import GPTNeoXCacheFlowAttention, KVCache
 from cacheflow_runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from cacheflow_runtime.layers.layernorm import RMSNorm
@@ -30,15 +30,31 @@ from cacheflow_runtime.layers.linear import (
     RowParallelLinear,
 )
 
+# HF activation names of gated MLPs -> the fused gate * up layer.
+_GATED_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": SiluAndMul,
+    "swish": SiluAndMul,
+    "gelu_pytorch_tanh": lambda: GeluAndMul("tanh"),
+    "gelu": lambda: GeluAndMul("none"),
+}
+
 
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one column-parallel matrix."""
+    """down(act(gate(x)) * up(x)), with gate and up fused into one column-parallel matrix.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    ``act`` is the config's activation name: silu (LLaMA, Phi-3), gelu_pytorch_tanh (Gemma's
+    GeGLU) or gelu.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
+                 act: str = "silu") -> None:
         super().__init__()
+        if act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"MLP activation {act!r} is not supported; supported: "
+                             f"{sorted(_GATED_ACTIVATIONS)}")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = _GATED_ACTIVATIONS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
@@ -64,6 +80,9 @@ class LlamaAttention(nn.Module):
 
     ``qkv_bias`` / ``o_bias``: None takes ``config.attention_bias`` (LLaMA); Qwen2 has biases on
     q, k and v but not on the output projection.
+
+    Subclasses change what the attention layer takes of the config (:meth:`attention_options`:
+    scale, rotary, window, soft cap) and may normalise q and k per head (:meth:`norm_qk`).
     """
 
     def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
@@ -76,14 +95,27 @@ class LlamaAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = bias if qkv_bias is None else qkv_bias
         o_bias = bias if o_bias is None else o_bias
+        self.head_dim = head_dim
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, o_bias)
-        theta, scaling = rope_settings(config)
         self.attn = GPTNeoXCacheFlowAttention(
-            self.qkv_proj.num_heads, head_dim, head_dim ** -0.5, rotary_dim=head_dim,
-            max_position=config.max_position_embeddings, base=theta, is_neox_style=True,
-            num_kv_heads=self.qkv_proj.num_kv_heads, rope_scaling=scaling,
-            sliding_window=sliding_window(config, layer_idx))
+            self.qkv_proj.num_heads, head_dim, is_neox_style=True,
+            num_kv_heads=self.qkv_proj.num_kv_heads,
+            **self.attention_options(config, layer_idx, head_dim))
+
+    def attention_options(self, config: PretrainedConfig, layer_idx: int,
+                          head_dim: int) -> dict[str, Any]:
+        """Keyword arguments of the attention layer: scale, rotary_dim, max_position, base,
+        rope_scaling, sliding_window (and logits_soft_cap where a model has one)."""
+        theta, scaling = rope_settings(config)
+        return dict(scale=head_dim ** -0.5, rotary_dim=head_dim,
+                    max_position=config.max_position_embeddings, base=theta,
+                    rope_scaling=scaling, sliding_window=sliding_window(config, layer_idx))
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k before the rotary embedding (unchanged here; Qwen3 and Gemma 3 normalise each
+        head)."""
+        return q, k
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
@@ -91,21 +123,36 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = self.norm_qk(q, k)
         out = self.attn(positions, q, k, v, kv_cache, input_metadata)
         return self.o_proj(out)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Subclasses set ``attention_cls`` (LlamaAttention or a subclass: Qwen3's q/k norms, Phi-3's
+    partial rotary) and ``norm_cls`` (Gemma's (1 + weight) RMSNorm), and may return another
+    feed-forward block from :meth:`build_mlp`.
+    """
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
+    norm_cls: Callable[[int, float], nn.Module] = RMSNorm
 
     def __init__(self, config: PretrainedConfig, layer_idx: int = 0,
                  qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            bool(getattr(config, "mlp_bias", False)))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.attention_cls(config, layer_idx, qkv_bias, o_bias)
+        self.mlp = self.build_mlp(config, layer_idx)
+        self.input_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer ``layer_idx`` ([num_tokens, hidden] -> same shape):
+        the gated MLP with the config's ``hidden_act``."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size,
+                        bool(getattr(config, "mlp_bias", False)),
+                        getattr(config, "hidden_act", "silu"))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
@@ -120,20 +167,35 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and the final norm."""
+    """Embedding, decoder layers and the final norm.
+
+    ``layer_cls(config, layer_idx, qkv_bias, o_bias)`` builds each decoder layer (default
+    LlamaDecoderLayer); ``norm_cls`` is the final norm (Gemma's (1 + weight) RMSNorm);
+    ``embed_scale`` multiplies the embeddings, rounded to their dtype first as HF does (Gemma:
+    sqrt(hidden_size)).
+    """
 
     def __init__(self, config: PretrainedConfig, qkv_bias: Optional[bool] = None,
-                 o_bias: Optional[bool] = None) -> None:
+                 o_bias: Optional[bool] = None,
+                 layer_cls: Optional[Callable[..., nn.Module]] = None,
+                 norm_cls: Callable[[int, float], nn.Module] = RMSNorm,
+                 embed_scale: Optional[float] = None) -> None:
         super().__init__()
+        layer_cls = layer_cls or LlamaDecoderLayer
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias)
+        self.layers = nn.ModuleList(layer_cls(config, i, qkv_bias, o_bias)
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.embed_scale: Optional[torch.Tensor]
+        self.register_buffer("embed_scale", None if embed_scale is None
+                             else torch.tensor(embed_scale), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         hidden_states = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden_states = hidden_states * self.embed_scale.to(hidden_states.dtype)
         for i, layer in enumerate(self.layers):
             hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
         return self.norm(hidden_states)
@@ -157,15 +219,23 @@ class LlamaForCausalLM(nn.Module):
     o_bias: Optional[bool] = None
     # llama.cpp's converter permutes the q/k rows of LLaMA-family GGUF files (not of Qwen2's).
     gguf_rotary_permuted = True
+    # llama.cpp per-layer tensor name -> HF name under model.layers.N (see _gguf_to_hf).
+    gguf_layer_names: dict[str, str] = {}
+    # The decoder layer (subclasses swap its attention or feed-forward block).
+    decoder_layer_cls: Callable[..., nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
+        self.model = self.build_model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_model(self, config: PretrainedConfig) -> nn.Module:
+        """The embedding, decoder layers and final norm (``self.model``)."""
+        return LlamaModel(config, self.qkv_bias, self.o_bias, self.decoder_layer_cls)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], input_metadata: InputMetadata) -> torch.Tensor:
@@ -184,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
         """
         source = weights
         if weights_format == "gguf":
-            weights = rename_gguf(weights, _gguf_to_hf, self._unpermute)
+            weights = rename_gguf(weights, self.gguf_name_to_hf, self.gguf_tensor)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
         loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional,
                               source=source)
@@ -194,7 +264,13 @@ class LlamaForCausalLM(nn.Module):
             loader.load_one(name, tensor)
         loader.finish()
 
-    def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def gguf_name_to_hf(self, name: str) -> Optional[str]:
+        """HF name of a llama.cpp tensor name (None: a tensor HF does not load either)."""
+        return _gguf_to_hf(name, {**_GGUF_LAYER_NAMES, **self.gguf_layer_names})
+
+    def gguf_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A GGUF tensor (already under its HF ``name``) in HF's layout: q/k rows unpermuted
+        where llama.cpp permuted them."""
         if not self.gguf_rotary_permuted:
             return tensor
         if name.endswith("q_proj.weight"):
@@ -228,14 +304,20 @@ _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
                    "output": "lm_head"}
 
 
-def _gguf_to_hf(name: str) -> Optional[str]:
-    """HF name of a llama.cpp tensor name (None for rope_freqs, which HF recomputes)."""
+# Tensors llama.cpp writes that HF's GGUF loader does not load: rotary frequencies HF computes
+# from the config (rope_freqs; Phi-3's longrope factors, which HF reads from no GGUF key).
+_GGUF_SKIPPED = ("rope_freqs", "rope_factors_long", "rope_factors_short")
+
+
+def _gguf_to_hf(name: str, layer_names: dict[str, str]) -> Optional[str]:
+    """HF name of a llama.cpp tensor name (None for tensors in _GGUF_SKIPPED); names it does
+    not know come back unchanged, for the strict loader to report."""
     stem, _, kind = name.rpartition(".")
-    if stem == "rope_freqs":
+    if stem in _GGUF_SKIPPED:
         return None
     if stem in _GGUF_TOP_NAMES:
         return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{kind}"
     return name

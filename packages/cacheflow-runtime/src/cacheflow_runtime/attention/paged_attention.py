@@ -26,8 +26,11 @@ class PagedAttention(nn.Module):
     [num_blocks, block_size, num_kv_heads, head_size], or None during a profiling run (then no
     cache is written and attention runs over the new tokens only).
 
-    ``sliding_window`` W (Mistral, Qwen2): each query sees only the last W positions, its own
-    included (HF's ``kv_idx > q_idx - W``); None attends to the whole context.
+    ``sliding_window`` W (Mistral, Qwen2, Gemma): each query sees only the last W positions, its
+    own included (HF's ``kv_idx > q_idx - W``); None attends to the whole context.
+
+    ``logits_soft_cap`` c (Gemma 2): the scaled scores become ``c * tanh(scores / c)`` before
+    masking and softmax; None leaves them as they are.
 
     ``backend``: one of BACKENDS. "auto" (default) picks per call: the cuda backend when the
     tensors are on a CUDA device and cacheflow_kernels.cuda_available(), else the reference
@@ -42,12 +45,17 @@ class PagedAttention(nn.Module):
 
     def __init__(self, num_heads: int, head_size: int, scale: float,
                  num_kv_heads: Optional[int] = None, backend: str = "auto",
-                 sliding_window: Optional[int] = None) -> None:
+                 sliding_window: Optional[int] = None,
+                 logits_soft_cap: Optional[float] = None) -> None:
         super().__init__()
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive integer or None, "
                              f"got {sliding_window!r}")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be a positive number or None, "
+                             f"got {logits_soft_cap!r}")
         self.sliding_window = sliding_window
+        self.logits_soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
@@ -105,7 +113,7 @@ class PagedAttention(nn.Module):
         v = value.view(num_tokens, self.num_kv_heads, self.head_size)
         if kv_cache is None:
             out = _attend_without_cache(q, k, v, input_metadata, self.scale,
-                                        self.sliding_window)
+                                        self.sliding_window, self.logits_soft_cap)
         else:
             key_cache, value_cache = kv_cache
             backend = self.backend_for(q)
@@ -117,7 +125,7 @@ class PagedAttention(nn.Module):
                                       k_scale, v_scale)
             out = backend.paged_attention(q, key_cache, value_cache, input_metadata, self.scale,
                                           sliding_window=self.sliding_window, k_scale=k_scale,
-                                          v_scale=v_scale)
+                                          v_scale=v_scale, logits_soft_cap=self.logits_soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_size)
 
 
@@ -167,7 +175,8 @@ def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
 
 def _attend_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           metadata: InputMetadata, scale: float,
-                          sliding_window: Optional[int] = None) -> torch.Tensor:
+                          sliding_window: Optional[int] = None,
+                          logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Causal attention over only the new tokens of each sequence (profiling runs)."""
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -176,13 +185,20 @@ def _attend_without_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qs = q[start:start + q_len].transpose(0, 1)
         ks = k[start:start + q_len].repeat_interleave(group, dim=1).transpose(0, 1)
         vs = v[start:start + q_len].repeat_interleave(group, dim=1).transpose(0, 1)
-        if sliding_window is None:
+        pos = torch.arange(q_len, device=q.device)
+        diff = pos[:, None] - pos[None, :]
+        mask = diff >= 0
+        if sliding_window is not None:
+            mask = mask & (diff < sliding_window)
+        if logits_soft_cap is not None:
+            # SDPA has no soft-capping: the scores are formed here.
+            scores = reference.soft_cap((qs.float() @ ks.float().transpose(-1, -2)) * scale,
+                                        logits_soft_cap).masked_fill(~mask, float("-inf"))
+            res = (torch.softmax(scores, dim=-1) @ vs.float()).to(q.dtype)
+        elif sliding_window is None:
             res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
                                                                    scale=scale)
         else:
-            pos = torch.arange(q_len, device=q.device)
-            diff = pos[:, None] - pos[None, :]
-            mask = (diff >= 0) & (diff < sliding_window)
             res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
                                                                    scale=scale)
         out[start:start + q_len] = res.transpose(0, 1)

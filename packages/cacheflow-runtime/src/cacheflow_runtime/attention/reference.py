@@ -61,6 +61,13 @@ def _read(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
     return cache[blocks, offsets].float()
 
 
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(scores / cap)`` (attention logit soft-capping); ``scores`` when cap is None."""
+    if cap is None:
+        return scores
+    return torch.tanh(scores / cap) * cap
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor,
                    context_len: int) -> torch.Tensor:
     """Reads the first ``context_len`` tokens of one sequence out of the paged cache.
@@ -87,6 +94,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     returns the same shape. Query j of sequence i (j < query_lens[i]) sits at position
     context_lens[i] - query_lens[i] + j and sees every position up to and including its own
     (with ``sliding_window`` W, only the last W of them: key position > query position - W).
+    ``logits_soft_cap`` c (Gemma 2) squashes the scaled scores to ``c * tanh(scores / c)`` before
+    masking and softmax.
     Computed in float32 whatever the input dtype; sequences are padded to the longest query and
     context of the batch and masked. FP8 caches are read as ``cache * k_scale`` (keys) and
     ``cache * v_scale`` (values). ``logits_soft_cap`` (Gemma 2): the scaled scores become
@@ -127,9 +136,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     padded_q = query.new_zeros((num_seqs, max_q, num_heads, head_size), dtype=torch.float32)
     padded_q[seq_of_token, slot_in_seq] = query.float()
 
-    scores = torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale
-    if logits_soft_cap is not None:
-        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    scores = soft_cap(torch.einsum("sqhd,skhd->shqk", padded_q, keys) * scale, logits_soft_cap)
     q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
     if alibi_slopes is not None:
         distance = (k_pos[None, None, :] - q_pos[:, :, None]).float()

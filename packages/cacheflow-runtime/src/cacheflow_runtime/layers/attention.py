@@ -26,9 +26,10 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
                  max_position: int = 8192, base: float = 10000.0, is_neox_style: bool = True,
                  num_kv_heads: Optional[int] = None,
                  rope_scaling: Optional[dict[str, Any]] = None,
-                 sliding_window: Optional[int] = None) -> None:
+                 sliding_window: Optional[int] = None,
+                 logits_soft_cap: Optional[float] = None) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads,
-                         sliding_window=sliding_window)
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
         self.rotary_emb = RotaryEmbedding(head_size, rotary_dim, max_position, base,
                                           is_neox_style, rope_scaling)
 

@@ -1,7 +1,11 @@
 """Rotary position embeddings (neox and gpt-j styles, partial rotary, rope_scaling).
 
-``rope_scaling`` types: ``linear`` (position interpolation), ``dynamic`` (dynamic NTK) and
-``llama3``, with HF transformers' math and config keys.
+``rope_scaling`` types: ``linear`` (position interpolation), ``dynamic`` (dynamic NTK),
+``llama3`` and ``longrope`` (Phi-3's long-context variants; ``su`` is its older name), with HF
+transformers' math and config keys.
+
+Partial rotary (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``): only the first
+``rotary_dim`` features of each head are rotated, the rest pass through unchanged.
 
 Dynamic NTK, per sequence: HF transformers recomputes the inverse frequencies in every forward
 pass from the longest position of the batch, ``seq_len = max(position_ids) + 1``; with one
@@ -12,6 +16,15 @@ with the frequencies of *its own sequence's* length at this step (``context_lens
 sequence gets exactly what HF gives it when it runs alone, independently of what else is in the
 batch. A sequence recomputed from scratch after preemption gets the frequencies of its whole
 length for every token, as HF would for that text given as one prompt.
+
+LongRoPE, per sequence likewise: HF rotates a step's tokens with the ``short_factor``
+frequencies while the sequence (``max(position_ids) + 1``) is at most
+``original_max_position_embeddings`` long and with the ``long_factor`` ones after that, keys in
+the cache keeping theirs; cos and sin are multiplied by the attention factor
+``sqrt(1 + log(factor) / log(original))`` (or the config's ``attention_factor``), where
+``factor`` defaults to ``max_position_embeddings / original_max_position_embeddings``. Both
+tables are precomputed, so the kernel and CUDA graphs serve it too: a decode token (its sequence
+is its position + 1 long) picks its table from its position alone, on the device.
 """
 
 from __future__ import annotations
@@ -26,14 +39,14 @@ from torch import nn
 
 from cacheflow_runtime.kernels import kernels_for
 
-ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "su")
 
 
 def rope_max_positions(max_position: int, rope_scaling: Optional[dict[str, Any]] = None) -> int:
     """The longest sequence a model supports given its ``max_position_embeddings``.
 
-    ``linear`` and ``dynamic`` scaling stretch the trained length by ``factor``; ``llama3``
-    configs already state the stretched length in ``max_position_embeddings``.
+    ``linear`` and ``dynamic`` scaling stretch the trained length by ``factor``; ``llama3`` and
+    ``longrope`` configs already state the stretched length in ``max_position_embeddings``.
     """
     if _scaling_type(rope_scaling) in ("linear", "dynamic"):
         return int(max_position * float(rope_scaling["factor"]))
@@ -77,7 +90,39 @@ def _scaling_type(rope_scaling: Optional[dict[str, Any]]) -> str:
     if kind not in ROPE_SCALING_TYPES:
         raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: "
                          f"{ROPE_SCALING_TYPES}")
-    return kind
+    return "longrope" if kind == "su" else kind
+
+
+def longrope_settings(rotary_dim: int, max_position: int,
+                      cfg: dict[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+    """(original length, short inverse frequencies, long inverse frequencies, attention factor)
+    of a ``longrope`` rope_scaling dict, as HF transformers computes them.
+
+    ``cfg`` needs ``short_factor`` and ``long_factor`` (``rotary_dim / 2`` numbers each) and
+    ``original_max_position_embeddings``; ``factor`` defaults to ``max_position`` over the
+    original length, ``attention_factor`` to ``sqrt(1 + log(factor) / log(original))`` (1 when
+    factor <= 1).
+    """
+    if cfg.get("original_max_position_embeddings") is None:
+        raise ValueError("longrope rope_scaling needs original_max_position_embeddings")
+    original = int(cfg["original_max_position_embeddings"])
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = cfg.get(key)
+        if not isinstance(values, (list, tuple)) or len(values) != rotary_dim // 2:
+            raise ValueError(f"longrope rope_scaling {key} must be a list of {rotary_dim // 2} "
+                             f"numbers (rotary_dim / 2), got {values!r}")
+        factors[key] = torch.tensor(values, dtype=torch.float32)
+    factor = cfg.get("factor")
+    factor = max_position / original if factor is None else float(factor)
+    attention = cfg.get("attention_factor")
+    if attention is None:
+        attention = (1.0 if factor <= 1.0
+                     else math.sqrt(1 + math.log(factor) / math.log(original)))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    base = float(cfg.get("rope_theta", 10000.0))
+    return (original, 1.0 / (factors["short_factor"] * base ** exponents),
+            1.0 / (factors["long_factor"] * base ** exponents), float(attention))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
@@ -93,6 +138,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tenso
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _cos_sin(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, rotary_dim]: cos | sin of position * inv_freq for positions 0..length-1."""
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -123,15 +174,23 @@ class RotaryEmbedding(nn.Module):
         self.max_position = rope_max_positions(max_position, rope_scaling)
         self.dynamic_factor = (float(rope_scaling["factor"]) if self.scaling_type == "dynamic"
                                else None)
-        inv_freq = rope_inv_freq(rotary_dim, base, rope_scaling)
-        # Dynamic NTK: the table holds the unscaled frequencies, used while a sequence is no
-        # longer than max_position; longer sequences are rotated with frequencies computed for
-        # their length.
-        table_len = max_position if self.scaling_type == "dynamic" else self.max_position
-        freqs = torch.arange(table_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        # LongRoPE: positions of sequences longer than the original length index the long
+        # table, which follows the short one in cos_sin_cache (see the module docstring).
+        self.longrope_original: Optional[int] = None
+        if self.scaling_type == "longrope":
+            self.longrope_original, short, long, attention = longrope_settings(
+                rotary_dim, max_position, {**rope_scaling, "rope_theta": base})
+            cache = torch.cat((_cos_sin(short, self.longrope_original),
+                               _cos_sin(long, self.max_position))) * attention
+        else:
+            inv_freq = rope_inv_freq(rotary_dim, base, rope_scaling)
+            # Dynamic NTK: the table holds the unscaled frequencies, used while a sequence is no
+            # longer than max_position; longer sequences are rotated with frequencies computed
+            # for their length.
+            table_len = max_position if self.scaling_type == "dynamic" else self.max_position
+            cache = _cos_sin(inv_freq, table_len)
         # [table_len, rotary_dim]: cos | sin, the layout of cacheflow_kernels.rotary_embedding.
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
-                             persistent=False)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     @property
     def cos_cache(self) -> torch.Tensor:
@@ -165,6 +224,8 @@ class RotaryEmbedding(nn.Module):
                 and int(positions.max()) >= self.max_position):
             raise ValueError(f"position {int(positions.max())} is past the rotary table "
                              f"({self.max_position} positions)")
+        if self.longrope_original is not None:
+            positions = self._longrope_rows(positions, query_lens, context_lens)
         ck = self._kernels(positions, query, key)
         if ck is not None:
             ck.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
@@ -188,6 +249,30 @@ class RotaryEmbedding(nn.Module):
                 or self.cos_sin_cache.dtype != torch.float32):
             return None
         return kernels_for(query, key)
+
+    def _longrope_rows(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
+                       context_lens: Optional[Sequence[int]]) -> torch.Tensor:
+        """Rows of cos_sin_cache for ``positions``: shifted past the short table for the tokens
+        of sequences longer than the original length."""
+        original = self.longrope_original
+        assert original is not None
+        if query_lens is None or context_lens is None:
+            # One sequence (HF's rule for a batch): its length is the largest position + 1.
+            long = (positions.max() >= original).expand(positions.shape) if positions.numel() \
+                else positions.bool()
+        elif all(q == 1 for q in query_lens):
+            # Decode: each sequence is its token's position + 1 long (device-only, so a CUDA
+            # graph can capture it).
+            long = positions >= original
+        else:
+            if sum(query_lens) != positions.numel() or len(query_lens) != len(context_lens):
+                raise ValueError(f"query_lens {list(query_lens)} and context_lens "
+                                 f"{list(context_lens)} do not describe {positions.numel()} "
+                                 "tokens")
+            per_seq = torch.tensor([c > original for c in context_lens], device=positions.device)
+            long = per_seq.repeat_interleave(torch.tensor(list(query_lens),
+                                                          device=positions.device))
+        return positions + long.to(positions.dtype) * original
 
     def _dynamic_cos_sin(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
                          context_lens: Optional[Sequence[int]]
