@@ -102,10 +102,15 @@ class LlamaDecoderLayer(nn.Module):
                  qkv_bias: Optional[bool] = None, o_bias: Optional[bool] = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            bool(getattr(config, "mlp_bias", False)))
+        self.mlp = self.build_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer ``layer_idx`` ([num_tokens, hidden] -> same shape);
+        mixture-of-experts subclasses return their sparse block here."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size,
+                        bool(getattr(config, "mlp_bias", False)))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
@@ -123,10 +128,12 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm."""
 
     def __init__(self, config: PretrainedConfig, qkv_bias: Optional[bool] = None,
-                 o_bias: Optional[bool] = None) -> None:
+                 o_bias: Optional[bool] = None,
+                 layer_cls: Optional[type[LlamaDecoderLayer]] = None) -> None:
         super().__init__()
+        layer_cls = layer_cls or LlamaDecoderLayer
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias)
+        self.layers = nn.ModuleList(layer_cls(config, i, qkv_bias, o_bias)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -157,11 +164,13 @@ class LlamaForCausalLM(nn.Module):
     o_bias: Optional[bool] = None
     # llama.cpp's converter permutes the q/k rows of LLaMA-family GGUF files (not of Qwen2's).
     gguf_rotary_permuted = True
+    # The decoder layer (subclasses swap the feed-forward block through its build_mlp).
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias, self.o_bias)
+        self.model = LlamaModel(config, self.qkv_bias, self.o_bias, self.decoder_layer_cls)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -186,13 +195,18 @@ class LlamaForCausalLM(nn.Module):
         if weights_format == "gguf":
             weights = rename_gguf(weights, _gguf_to_hf, self._unpermute)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional,
+        loader = StrictLoader(self, self.weight_name_map(), self.ignored_weights, optional,
                               source=source)
         for name, tensor in weights:
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             loader.load_one(name, tensor)
         loader.finish()
+
+    def weight_name_map(self) -> dict[str, tuple[str, object]]:
+        """The StrictLoader ``stacked`` entries: checkpoint fragment -> (parameter fragment,
+        shard id); subclasses with expert weights put theirs first."""
+        return dict(self.stacked_params)
 
     def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not self.gguf_rotary_permuted:
