@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+from cacheflow_models.testing import run_engine, save_tiny_checkpoint, tiny_llama_config
 from cacheflow_runtime import SamplingParams
-
-from models_testutil import run_engine
 
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS / "fixtures" / "plugin_pkg"
@@ -30,7 +28,7 @@ from pathlib import Path
 from cacheflow_models import build_model_config
 from cacheflow_runtime import SamplingParams
 from cacheflow_runtime.registry import load_model_class
-from models_testutil import run_engine
+from cacheflow_models.testing import run_engine
 
 path, prompts, max_tokens = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 config = build_model_config(path, "float32")

@@ -26,9 +26,11 @@ class StrictLoader:
     the first matching entry wins, and a parameter loaded in parts counts as loaded once every
     part with a shard id arrived. A shard id of None loads a tensor whole (e.g. a checkpoint
     that already fuses ``qkv_proj`` or ``gate_up_proj``: map it to itself, or leave it out,
-    since a name that matches no fragment loads whole into the parameter of that name). ``ignore`` lists checkpoint name suffixes that no
-    parameter takes on purpose (rotary inv_freq buffers, causal-mask buffers). ``optional`` lists
-    parameter names that may stay unloaded (a tied LM head).
+    since a name that matches no fragment loads whole into the parameter of that name).
+
+    ``ignore`` lists checkpoint name suffixes that no parameter takes on purpose (rotary
+    inv_freq buffers, causal-mask buffers). ``optional`` lists parameter names that may stay
+    unloaded (a tied LM head).
 
     ``source`` is the iterator the runtime handed to ``load_weights`` (its ``CheckpointWeights``):
     errors then name the checkpoint (``source.path``) and the file each tensor came from
@@ -132,8 +134,11 @@ class StrictLoader:
                  if sid is not None and replace_name_part(name, fused, fragment) is not None]
         if not parts:
             return [name]
-        return [str(replace_name_part(name, fused, fragment)) for fragment, fused, sid in parts
-                if f"{name}#{sid}" not in self.loaded]
+        missing: dict[str, str] = {}  # shard id -> the first fragment naming it
+        for fragment, fused, sid in parts:
+            if f"{name}#{sid}" not in self.loaded:
+                missing.setdefault(str(sid), str(replace_name_part(name, fused, fragment)))
+        return list(missing.values())
 
 
 def replace_name_part(name: str, fragment: str, replacement: str) -> Optional[str]:

@@ -55,9 +55,11 @@ class MixtralForCausalLM(LlamaForCausalLM):
         LLaMA's fused attention names."""
         experts = FusedMoE.checkpoint_names("experts", int(self.config.num_local_experts),
                                             gate="w1", up="w3", down="w2")
-        # Checkpoints name the block block_sparse_moe; transformers 5's own modules say mlp.
+        # Checkpoints name the block block_sparse_moe; transformers 5's own modules say mlp
+        # (and hold the fused gate_up_proj / down_proj, shard id None).
         entries = {f"{prefix}{fragment}": (f".mlp{fused}", sid)
-                   for prefix in (".block_sparse_moe", ".mlp")
-                   for fragment, (fused, sid) in experts.items()}
+                   for fragment, (fused, sid) in experts.items()
+                   for prefix in ((".block_sparse_moe", ".mlp") if sid is None
+                                  else (".block_sparse_moe",))}
         entries[".block_sparse_moe."] = (".mlp.", None)
         return {**entries, **super().weight_name_map()}

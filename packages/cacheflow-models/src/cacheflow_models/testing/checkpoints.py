@@ -24,6 +24,28 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "GPT2_VARIANTS",
+    "GPT_NEOX_VARIANTS",
+    "LLAMA_ROPE_SCALING",
+    "LLAMA_VARIANTS",
+    "MIXTRAL_VARIANTS",
+    "OPT_VARIANTS",
+    "QWEN2_MOE_VARIANTS",
+    "SPECIAL_TOKENS",
+    "byte_tokenizer",
+    "save_tiny_checkpoint",
+    "tiny_gpt2_config",
+    "tiny_gpt_neox_config",
+    "tiny_llama_config",
+    "tiny_mistral_config",
+    "tiny_mixtral_config",
+    "tiny_opt_config",
+    "tiny_qwen2_config",
+    "tiny_qwen2_moe_config",
+]
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
