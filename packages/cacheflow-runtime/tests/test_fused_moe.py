@@ -158,3 +158,18 @@ def test_checkpoint_names_map_per_expert_and_fused_names() -> None:
     assert names[".experts.0.w2.weight"] == (".experts.w2_weight", (0, "down"))
     assert names[".experts.gate_up_proj"] == (".experts.w13_weight", None)
     assert len(names) == 2 * 3 + 2
+
+
+def test_cuda_fallback_masking_matches_segments_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masked, sync-free formulation used on CUDA without the kernel, run on CPU tensors."""
+    from cacheflow_runtime.layers import fused_moe
+
+    g = _gen(5)
+    x, w = torch.randn(9, H, generator=g), torch.randn(E, 7, H, generator=g)
+    offsets = torch.tensor([0, 2, 2, 6, 9, 9])
+    segments = fused_moe.grouped_linear(x, w, offsets)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(fused_moe, "kernels_for", lambda *t: None)
+    masked = fused_moe.grouped_linear(x, w, offsets)
+    torch.testing.assert_close(masked, segments, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(masked[2:6], x[2:6] @ w[2].t(), atol=1e-5)

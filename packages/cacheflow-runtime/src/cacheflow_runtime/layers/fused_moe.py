@@ -71,13 +71,24 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     """``out[rows of e] = x[rows of e] @ w[e].T`` for the expert segments given by ``offsets``.
 
     x: [num_rows, in] sorted by expert; w: [num_experts, out, in]. One kernel launch on CUDA
-    in float16/bfloat16 (in features a multiple of 8); a loop over the segments otherwise.
+    in float16/bfloat16 (in features a multiple of 8); on the CPU a loop over the segments;
+    on CUDA otherwise a masked loop over the experts without host synchronisation.
     """
     out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
     ck = kernels_for(x, w)
     if (ck is not None and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] % 8 == 0
             and hasattr(ck, "moe_grouped_gemm")):
         ck.moe_grouped_gemm(out, x.contiguous(), w, offsets)
+        return out
+    if x.is_cuda:
+        # No host sync (CUDA-graph capturable): every expert over every row, rows masked in;
+        # E times the work, for the dtypes and sizes the kernel does not take (float32).
+        expert_of_row = torch.searchsorted(
+            offsets[1:], torch.arange(x.shape[0], device=x.device), right=True)
+        out.zero_()
+        for e in range(w.shape[0]):
+            mine = (expert_of_row == e).unsqueeze(1)
+            out = torch.where(mine, F.linear(x, w[e]), out)
         return out
     bounds = offsets.tolist()
     for e in range(w.shape[0]):
