@@ -40,7 +40,8 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     """LLaMA's block with the sparse MoE block as its feed-forward part."""
 
     def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
-        """Mixtral's feed-forward block (registered as ``block_sparse_moe``)."""
+        """Mixtral's sparse block (the layer's ``mlp``; checkpoints name it
+        ``block_sparse_moe``)."""
         return MixtralSparseMoeBlock(config)
 
 
