@@ -24,28 +24,6 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
-__all__ = [
-    "BYTE_VOCAB_SIZE",
-    "GPT2_VARIANTS",
-    "GPT_NEOX_VARIANTS",
-    "LLAMA_ROPE_SCALING",
-    "LLAMA_VARIANTS",
-    "MIXTRAL_VARIANTS",
-    "OPT_VARIANTS",
-    "QWEN2_MOE_VARIANTS",
-    "SPECIAL_TOKENS",
-    "byte_tokenizer",
-    "save_tiny_checkpoint",
-    "tiny_gpt2_config",
-    "tiny_gpt_neox_config",
-    "tiny_llama_config",
-    "tiny_mistral_config",
-    "tiny_mixtral_config",
-    "tiny_opt_config",
-    "tiny_qwen2_config",
-    "tiny_qwen2_moe_config",
-]
-
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
@@ -244,3 +222,10 @@ def save_tiny_checkpoint(path: str | Path, config: Any, seed: int = 0,
     model.save_pretrained(path, safe_serialization=safe_serialization)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+# Every public builder, variant table and constant defined here (new ones are exported by
+# cacheflow_models.testing without further edits).
+__all__ = sorted(name for name, value in list(globals().items())
+                 if not name.startswith("_")
+                 and (name.isupper() or getattr(value, "__module__", None) == __name__))
