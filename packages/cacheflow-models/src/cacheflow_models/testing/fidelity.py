@@ -71,7 +71,8 @@ def hf_greedy(path: str | Path, prompt: list[int], max_new_tokens: int,
     """HF transformers' greedy continuation of one prompt (EOS ignored, exactly
     ``max_new_tokens`` tokens) and the chosen tokens' logprobs from its raw logits.
 
-    ``model``: an already loaded HF model to reuse (else it is loaded from ``path``).
+    ``model``: an already loaded HF model to reuse (else it is loaded from ``path``); not for
+    models that keep state between calls (dynamic NTK rotary scaling does).
     """
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -95,10 +96,11 @@ def check_greedy_fidelity(path: str | Path, prompts: list[list[int]], new_tokens
     """
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
     outputs = run_engine(path, prompts, params)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     worst = 0.0
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        ref_tokens, ref_logprobs = hf_greedy(path, prompt, new_tokens, model=hf_model)
+        # A fresh HF model per prompt: some keep state across calls (dynamic NTK rotary
+        # keeps the frequencies of the longest sequence seen).
+        ref_tokens, ref_logprobs = hf_greedy(path, prompt, new_tokens)
         completion = out.outputs[0]
         if completion.token_ids != ref_tokens:
             first = next(j for j, (a, b) in enumerate(zip(completion.token_ids, ref_tokens))
