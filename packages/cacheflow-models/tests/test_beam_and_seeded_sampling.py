@@ -8,10 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+from cacheflow_models.testing import run_engine, save_tiny_checkpoint, tiny_llama_config
 from cacheflow_runtime import SamplingParams
-
-from models_testutil import run_engine
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,15 @@ import torch
 
 from cacheflow_models import build_model_config
 from cacheflow_models.checks.outputs import hf_greedy, load_hf_model
-from cacheflow_models.testing import save_tiny_checkpoint
+from cacheflow_models.testing import (
+    assert_tp_shards_roundtrip,
+    check_greedy_fidelity,
+    run_engine,
+    save_tiny_checkpoint,
+)
 from cacheflow_runtime import SamplingParams
 
 from dense_testutil import PHI3_LONGROPE, VARIANTS, variant_config
-from models_testutil import assert_tp_shards_roundtrip, check_greedy_fidelity, run_engine
 
 NEW_TOKENS = 32
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",

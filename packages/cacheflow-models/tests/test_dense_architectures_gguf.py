@@ -15,7 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cacheflow_models import build_model_config
-from cacheflow_models.testing import byte_tokenizer, save_tiny_checkpoint
+from cacheflow_models.testing import (
+    byte_tokenizer,
+    checkpoint_tensors,
+    load_tiny_model,
+    run_engine,
+    save_tiny_checkpoint,
+)
 from cacheflow_runtime import SamplingParams
 
 from dense_testutil import (
@@ -24,7 +30,6 @@ from dense_testutil import (
     tiny_phi3_config,
     tiny_qwen3_config,
 )
-from models_testutil import checkpoint_tensors, load_tiny_model, run_engine
 
 NEW_TOKENS = 16
 

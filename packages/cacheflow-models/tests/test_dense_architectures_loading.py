@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from cacheflow_models.loading import WeightLoadError
-from cacheflow_models.testing import save_tiny_checkpoint
+from cacheflow_models.testing import (
+    checkpoint_tensors,
+    load_tiny_model,
+    load_with_weights,
+    save_tiny_checkpoint,
+)
 
 from dense_testutil import tiny_gemma3_config, variant_config
-from models_testutil import checkpoint_tensors, load_tiny_model, load_with_weights
 
 # Per architecture: a tensor only that architecture has (the one removed), and the parameter
 # that then stays unloaded.

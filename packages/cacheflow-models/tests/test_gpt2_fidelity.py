@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from cacheflow_models.loading import WeightLoadError
-from cacheflow_models.testing import GPT2_VARIANTS, save_tiny_checkpoint, tiny_gpt2_config
-
-from models_testutil import (
+from cacheflow_models.testing import (
+    GPT2_VARIANTS,
     assert_same_parameters,
     assert_tp_shards_roundtrip,
     check_greedy_fidelity,
     checkpoint_tensors,
     load_tiny_model,
     load_with_weights,
+    save_tiny_checkpoint,
+    tiny_gpt2_config,
 )
 
 NEW_TOKENS = 32

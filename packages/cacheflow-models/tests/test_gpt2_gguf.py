@@ -12,10 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cacheflow_models.testing import byte_tokenizer, save_tiny_checkpoint, tiny_gpt2_config
+from cacheflow_models.testing import (
+    assert_same_parameters,
+    byte_tokenizer,
+    checkpoint_tensors,
+    load_tiny_model,
+    run_engine,
+    save_tiny_checkpoint,
+    tiny_gpt2_config,
+)
 from cacheflow_runtime import SamplingParams
-
-from models_testutil import assert_same_parameters, checkpoint_tensors, load_tiny_model, run_engine
 
 NEW_TOKENS = 16
 GGUF_NAME = "tiny-gpt2-f32.gguf"

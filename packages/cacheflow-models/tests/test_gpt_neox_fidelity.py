@@ -13,17 +13,14 @@ from cacheflow_models.loading import WeightLoadError
 from cacheflow_models.models.gpt_neox import neox_qkv_to_stacked
 from cacheflow_models.testing import (
     GPT_NEOX_VARIANTS,
-    save_tiny_checkpoint,
-    tiny_gpt_neox_config,
-)
-
-from models_testutil import (
     assert_same_parameters,
     assert_tp_shards_roundtrip,
     check_greedy_fidelity,
     checkpoint_tensors,
     load_tiny_model,
     load_with_weights,
+    save_tiny_checkpoint,
+    tiny_gpt_neox_config,
 )
 
 NEW_TOKENS = 32

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cacheflow_models.testing import save_tiny_checkpoint
+from cacheflow_models.testing import run_engine, save_tiny_checkpoint
 from cacheflow_runtime import SamplingParams
 
 from dense_testutil import (
@@ -28,7 +28,6 @@ from dense_testutil import (
     tiny_phi3_config,
     tiny_qwen3_config,
 )
-from models_testutil import run_engine
 
 pytestmark = [
     pytest.mark.gpu,

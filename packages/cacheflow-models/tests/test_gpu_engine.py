@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from cacheflow_models.testing import (
+    hf_greedy,
+    run_engine,
     save_tiny_checkpoint,
     tiny_gpt2_config,
     tiny_llama_config,
     tiny_mistral_config,
 )
 from cacheflow_runtime import SamplingParams
-
-from models_testutil import hf_greedy, run_engine
 
 pytestmark = [
     pytest.mark.gpu,

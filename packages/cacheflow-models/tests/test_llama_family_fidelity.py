@@ -11,13 +11,12 @@ import pytest
 from cacheflow_models import build_model_config
 from cacheflow_models.testing import (
     LLAMA_ROPE_SCALING,
+    check_greedy_fidelity,
     save_tiny_checkpoint,
     tiny_llama_config,
     tiny_mistral_config,
     tiny_qwen2_config,
 )
-
-from models_testutil import check_greedy_fidelity
 
 NEW_TOKENS = 32
 

@@ -8,14 +8,15 @@ import pytest
 
 from cacheflow_models.testing import (
     LLAMA_VARIANTS,
+    assert_tp_shards_roundtrip,
+    hf_greedy,
+    run_engine,
     save_tiny_checkpoint,
     tiny_llama_config,
     tiny_mistral_config,
     tiny_qwen2_config,
 )
 from cacheflow_runtime import SamplingParams
-
-from models_testutil import assert_tp_shards_roundtrip, hf_greedy, run_engine
 
 NEW_TOKENS = 32
 

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from cacheflow_models.loading import WeightLoadError
-from cacheflow_models.testing import OPT_VARIANTS, save_tiny_checkpoint, tiny_opt_config
-
-from models_testutil import (
+from cacheflow_models.testing import (
+    OPT_VARIANTS,
     assert_same_parameters,
     assert_tp_shards_roundtrip,
     check_greedy_fidelity,
     checkpoint_tensors,
     load_tiny_model,
     load_with_weights,
+    save_tiny_checkpoint,
+    tiny_opt_config,
 )
 
 NEW_TOKENS = 32

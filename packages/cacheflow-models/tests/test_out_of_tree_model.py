@@ -1,79 +1,108 @@
-"""A model package outside this repository registers its architecture in the cacheflow.models
-entry-point group, and the engine serves checkpoints of that architecture through the normal path
-(build_model_config + LLMEngine)."""
+"""The out-of-tree example package (examples/cacheflow-stablelm) installed offline into a fresh
+virtual environment: its entry points register StableLmForCausalLM and the "stablelm" GGUF model
+type, its own tests pass with only the helpers installed with cacheflow-models, ``LLM`` serves
+a tiny StableLM checkpoint with HF transformers' greedy tokens, and ``cacheflow-models check``
+passes on it."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import venv
 from pathlib import Path
 
 import pytest
+from transformers import StableLmConfig
 
-from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
-from cacheflow_runtime import SamplingParams
+from cacheflow_models.testing import (
+    BYTE_VOCAB_SIZE,
+    hf_greedy,
+    prompt_batch,
+    save_tiny_checkpoint,
+)
 
-from models_testutil import run_engine
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cacheflow-stablelm"
 
-TESTS = Path(__file__).resolve().parent
-PLUGIN = TESTS / "fixtures" / "plugin_pkg"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
+                                reason="building the example package needs setuptools")
 
-# Runs in a fresh interpreter that sees the plugin: prints the architecture the config resolved
-# to, the module of the class the runtime loaded for it, and the greedy tokens.
+# Run in the fresh environment: LLM over token-id prompts, greedy.
 _SERVE = """
 import json, sys
-from pathlib import Path
-from cacheflow_models import build_model_config
 from cacheflow_runtime import SamplingParams
+from cacheflow_serve import LLM
 from cacheflow_runtime.registry import load_model_class
-from models_testutil import run_engine
 
-path, prompts, max_tokens = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-config = build_model_config(path, "float32")
-params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-outputs = run_engine(path, prompts, params)
-print(json.dumps({"architecture": config.architecture,
-                  "module": load_model_class(config.architecture).__module__,
-                  "tokens": [out.outputs[0].token_ids for out in outputs]}))
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(path, dtype="float32", device="cpu")
+params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+print(json.dumps({"module": load_model_class("StableLmForCausalLM").__module__,
+                  "tokens": [o.outputs[0].token_ids for o in outs]}))
 """
 
 
-def _install_plugin(tmp_path: Path) -> Path:
-    """pip-installs the fixture package (built with setuptools, offline) into a target dir."""
-    source = shutil.copytree(PLUGIN, tmp_path / "plugin_src")  # the build writes next to it
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--no-index", "--disable-pip-version-check",
-                    "--target", str(target), str(source)], check=True)
-    return target
+def _fresh_env(tmp_path: Path) -> Path:
+    """A new venv (system site packages on) that also sees this environment's packages (torch,
+    cacheflow, transformers) through a .pth file, with the example installed into it offline.
+    Returns its python."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site_dir = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip())
+    ours = sysconfig.get_paths()["purelib"]
+    (site_dir / "_outer_env.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    source = shutil.copytree(EXAMPLE, tmp_path / "example",
+                             ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                    "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", str(source)], check=True)
+    return python
 
 
-@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
-                    reason="building the plugin fixture needs setuptools in the test env")
-def test_plugin_architecture_is_served(tmp_path: Path, prompt_batch: list[list[int]]) -> None:
-    site = _install_plugin(tmp_path)
-    assert list(site.glob("cacheflow_test_plugin-*.dist-info/entry_points.txt"))
+def test_example_package_installs_serves_and_checks(tmp_path: Path) -> None:
+    python = _fresh_env(tmp_path)
+    # Installed as a distribution with both entry-point groups (not seen from this process).
+    metadata = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import entry_points as e; import json; "
+         "print(json.dumps([[p.group, p.name] for g in ('cacheflow.models', "
+         "'cacheflow.gguf_model_types') for p in e(group=g) if 'stablelm' in p.value]))"],
+        check=True, capture_output=True, text=True).stdout
+    assert json.loads(metadata) == [["cacheflow.models", "StableLmForCausalLM"],
+                                    ["cacheflow.gguf_model_types", "stablelm"]]
 
-    llama = save_tiny_checkpoint(tmp_path / "llama", tiny_llama_config())
-    plugin = shutil.copytree(llama, tmp_path / "plugin_ckpt")
-    config = json.loads((plugin / "config.json").read_text())
-    config["architectures"] = ["TinyPluginForCausalLM"]
-    (plugin / "config.json").write_text(json.dumps(config))
+    # Its own tests, with the installed helpers only (one fidelity variant keeps this short).
+    tests = tmp_path / "example" / "tests"
+    done = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tests), "-k", "not greedy_matches_hf or mqa_full_rotary"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "5 passed, 2 deselected" in done.stdout
 
-    prompts, max_tokens = prompt_batch[1:4], 16
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(site), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _SERVE, str(plugin), json.dumps(prompts),
-                           str(max_tokens)], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["architecture"] == "TinyPluginForCausalLM"
-    assert result["module"] == "cacheflow_test_plugin"
+    # Served by LLM with HF's greedy tokens.
+    path = save_tiny_checkpoint(tmp_path / "ckpt", StableLmConfig(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        use_parallel_residual=True, use_qkv_bias=True, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2))
+    prompts = prompt_batch(lengths=(3, 17, 40))
+    served = subprocess.run([str(python), "-c", _SERVE, str(path), json.dumps(prompts)],
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    result = json.loads(served.stdout.strip().splitlines()[-1])
+    assert result["module"] == "cacheflow_stablelm.model"
+    assert result["tokens"] == [hf_greedy(path, p, 12)[0] for p in prompts]
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ours = [out.outputs[0].token_ids for out in run_engine(llama, prompts, params)]
-    assert result["tokens"] == ours
+    # The check tool: tokens, logprobs, per-layer states and TP shards all pass.
+    check = subprocess.run([str(python), "-m", "cacheflow_models.check", "check", str(path),
+                            "--max-tokens", "8", "--tp-sizes", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    assert "StableLmForCausalLM" in check.stdout
+    assert "verdict: PASS" in check.stdout

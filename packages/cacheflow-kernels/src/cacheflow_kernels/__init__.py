@@ -9,7 +9,7 @@ Public API: :data:`__version__`, :data:`ABI_VERSION`, :func:`cuda_available`,
 :func:`paged_attention_workspace_size`), :func:`paged_prefill_attention`;
 :func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding`, :func:`silu_and_mul`,
 :func:`gelu_and_mul`, :func:`gelu_new`, :func:`gelu_fast`, :func:`copy_blocks`,
-:func:`swap_blocks`.
+:func:`swap_blocks`, :func:`moe_grouped_gemm` (mixture-of-experts grouped GEMM).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ._block_ops import copy_blocks, swap_blocks
 from ._cache_ops import reshape_and_cache
 from ._cuda import cuda_device_count
 from ._lib import library_path, load_library
+from ._moe_ops import MOE_GROUPED_GEMM_DTYPES, moe_grouped_gemm
 from ._norm_ops import fused_add_rms_norm, rms_norm
 from ._prefill_ops import (
     PAGED_PREFILL_MAX_HEAD_SIZE,
@@ -53,6 +54,7 @@ def cuda_available() -> bool:
 
 __all__ = [
     "ABI_VERSION",
+    "MOE_GROUPED_GEMM_DTYPES",
     "PAGED_ATTENTION_BLOCK_SIZES",
     "PAGED_ATTENTION_HEAD_SIZES",
     "PAGED_PREFILL_MAX_HEAD_SIZE",
@@ -73,4 +75,5 @@ __all__ = [
     "gelu_fast",
     "copy_blocks",
     "swap_blocks",
+    "moe_grouped_gemm",
 ]

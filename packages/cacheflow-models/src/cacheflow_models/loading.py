@@ -22,9 +22,16 @@ class StrictLoader:
     """Loads named checkpoint tensors into a model's parameters and accounts for every one.
 
     ``stacked`` maps a checkpoint name fragment to (fused parameter fragment, shard id), e.g.
-    ``".q_proj." -> (".qkv_proj.", "q")``. ``ignore`` lists checkpoint name suffixes that no
-    parameter takes on purpose (rotary inv_freq buffers, causal-mask buffers). ``optional`` lists
-    parameter names that may stay unloaded (a tied LM head).
+    ``".q_proj." -> (".qkv_proj.", "q")``. Fragments match whole dot-separated name parts
+    (``.q_proj.`` never matches inside ``qkv_proj``; leading and trailing dots are optional),
+    the first matching entry wins, and a parameter loaded in parts counts as loaded once every
+    part with a shard id arrived. A shard id of None loads a tensor whole (e.g. a checkpoint
+    that already fuses ``qkv_proj`` or ``gate_up_proj``: map it to itself, or leave it out,
+    since a name that matches no fragment loads whole into the parameter of that name).
+
+    ``ignore`` lists checkpoint name suffixes that no parameter takes on purpose (rotary
+    inv_freq buffers, causal-mask buffers). ``optional`` lists parameter names that may stay
+    unloaded (a tied LM head).
 
     ``source`` is the iterator the runtime handed to ``load_weights`` (its ``CheckpointWeights``):
     errors then name the checkpoint (``source.path``) and the file each tensor came from
@@ -68,8 +75,9 @@ class StrictLoader:
             return
         target, shard_id = name, None
         for fragment, (fused, sid) in self.stacked.items():
-            if fragment in name:
-                target, shard_id = name.replace(fragment, fused), sid
+            renamed = replace_name_part(name, fragment, fused)
+            if renamed is not None:
+                target, shard_id = renamed, sid
                 break
         param = self.params.get(target)
         if param is None and is_kv_scale_name(name):
@@ -132,11 +140,34 @@ class StrictLoader:
         if name in self.loaded:
             return []
         parts = [(fragment, fused, sid) for fragment, (fused, sid) in self.stacked.items()
-                 if fused in name]
+                 if sid is not None and replace_name_part(name, fused, fragment) is not None]
         if not parts:
             return [name]
-        return [name.replace(fused, fragment) for fragment, fused, sid in parts
-                if f"{name}#{sid}" not in self.loaded]
+        missing: dict[str, str] = {}  # shard id -> the first fragment naming it
+        for fragment, fused, sid in parts:
+            if f"{name}#{sid}" not in self.loaded:
+                missing.setdefault(str(sid), str(replace_name_part(name, fused, fragment)))
+        return list(missing.values())
+
+
+def replace_name_part(name: str, fragment: str, replacement: str) -> Optional[str]:
+    """``name`` with its first occurrence of ``fragment`` replaced, where the fragment covers
+    whole dot-separated parts of the name; None when it does not occur that way.
+
+    ``replace_name_part("model.layers.0.self_attn.q_proj.weight", ".q_proj.", ".qkv_proj.")``
+    gives ``"model.layers.0.self_attn.qkv_proj.weight"``; the fragment ``".q_proj."`` (or
+    ``"q_proj"``, or ``"v_proj"``) does not match ``"...qkv_proj.weight"``.
+    """
+    core = fragment.strip(".")
+    if not core:
+        raise ValueError(f"empty name fragment {fragment!r}")
+    padded = f".{name}."
+    start = padded.find(f".{core}.")
+    if start < 0:
+        return None
+    new_core = replacement.strip(".")
+    renamed = padded[:start + 1] + new_core + padded[start + 1 + len(core):]
+    return renamed[1:-1]
 
 
 def _more(items: list[str], shown: int = 10) -> str:

@@ -2,38 +2,71 @@
 
 The one registry is the ``cacheflow.models`` entry-point group (this package publishes its
 built-in classes there in pyproject.toml; a third-party package registers its own the same way).
+
+Configs read from GGUF files name no ``architectures``, only a ``model_type``; the
+``cacheflow.gguf_model_types`` entry-point group maps a model type to the class that serves it::
+
+    [project.entry-points."cacheflow.gguf_model_types"]
+    stablelm = "my_package.model:StableLmForCausalLM"
+
+This package publishes its own model types there too. A plugin's entry for a model type takes
+precedence over the built-in one; two plugins claiming the same model type is an error.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import EntryPoint, entry_points
+
 from transformers import PretrainedConfig
 
-from cacheflow_runtime.registry import supported_architectures
+from cacheflow_runtime.registry import ENTRY_POINT_GROUP, supported_architectures
 
-# Configs read from GGUF files name no architecture; their model_type does.
-_MODEL_TYPE_DEFAULTS = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "opt": "OPTForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM",
-}
+GGUF_MODEL_TYPE_GROUP = "cacheflow.gguf_model_types"
+_BUILT_IN_DISTRIBUTION = "cacheflow-models"
+
+
+def _distribution(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) or getattr(dist, "metadata", {}).get("Name", "")
+    return str(name or "").replace("_", "-").lower()
+
+
+def gguf_model_types() -> dict[str, str]:
+    """``model_type`` -> architecture name for configs without ``architectures`` (GGUF files).
+
+    The architecture is the ``cacheflow.models`` name registered for the same class, else the
+    class's import path (which ``load_model_class`` imports directly). Raises ValueError when
+    two plugins claim one model type.
+    """
+    names_of = {ep.value: ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    built_in: dict[str, str] = {}
+    plugins: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=GGUF_MODEL_TYPE_GROUP):
+        if _distribution(ep) == _BUILT_IN_DISTRIBUTION:
+            built_in[ep.name] = ep.value
+        else:
+            plugins.setdefault(ep.name, []).append(ep)
+    table = dict(built_in)
+    for model_type, eps in plugins.items():
+        values = sorted({ep.value for ep in eps})
+        if len(values) > 1:
+            raise ValueError(f"model type {model_type!r} is claimed by several packages in the "
+                             f"{GGUF_MODEL_TYPE_GROUP!r} entry-point group: {', '.join(values)}"
+                             "; uninstall all but one")
+        table[model_type] = values[0]
+    return {model_type: names_of.get(value, value) for model_type, value in table.items()}
 
 
 def resolve_architecture(config: PretrainedConfig) -> str:
     """The registered architecture that serves ``config`` (ValueError listing supported ones)."""
     names = list(getattr(config, "architectures", None) or [])
-    default = _MODEL_TYPE_DEFAULTS.get(getattr(config, "model_type", ""))
+    default = gguf_model_types().get(getattr(config, "model_type", ""))
     if default:
         names.append(default)
     known = set(supported_architectures())
     for name in names:
-        if name in known:
+        # An import path comes only from the GGUF table, never from a checkpoint's config.
+        if name in known or (name == default and ":" in name):
             return name
     shown = names or [getattr(config, "model_type", "unknown")]
     raise ValueError(f"model architecture {shown[0]!r} is not supported; supported "

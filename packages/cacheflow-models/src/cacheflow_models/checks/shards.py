@@ -16,6 +16,7 @@ from torch import nn
 
 from cacheflow_runtime.config import ModelConfig
 from cacheflow_runtime.layers.embedding import VocabParallelEmbedding
+from cacheflow_runtime.layers.fused_moe import FusedMoE
 from cacheflow_runtime.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -62,7 +63,8 @@ def unshard(module: nn.Module, attr: str, shards: list[torch.Tensor],
     Returns (tensor, problem): problem names ranks whose copies of a replicated part differ.
     Column-parallel layers are split by rows (fused ones per part, KV heads replicated when
     there are fewer than ranks), row-parallel weights by columns, vocabulary-parallel
-    embeddings by rows with padding; anything else is replicated.
+    embeddings by rows with padding, MoE experts by their intermediate dimension (per part of
+    the fused gate/up weight); anything else is replicated.
     """
     world = len(shards)
     every = list(range(world))
@@ -79,6 +81,12 @@ def unshard(module: nn.Module, attr: str, shards: list[torch.Tensor],
             if not all(torch.equal(a, b) for a, b in zip(kv, ref)):
                 return shards[0], f"rank {r} holds a different copy of its KV heads"
         return torch.cat(_cat_parts(shards, sizes, [every, owners, owners]), dim=0), None
+    if isinstance(module, FusedMoE):
+        if attr == "w2_weight":  # [E, hidden, intermediate / tp]: split by columns
+            return torch.cat(shards, dim=2), None
+        # [E, 2 * intermediate / tp, hidden]: each rank's gate rows, then its up rows
+        halves = [s.chunk(2, dim=1) for s in shards]
+        return torch.cat([torch.cat([h[i] for h in halves], dim=1) for i in (0, 1)], dim=1), None
     if isinstance(module, MergedColumnParallelLinear):
         sizes = [s // world for s in module.output_sizes]
         return torch.cat(_cat_parts(shards, sizes, [every] * len(sizes)), dim=0), None

@@ -149,7 +149,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def build_mlp(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
         """The feed-forward block of layer ``layer_idx`` ([num_tokens, hidden] -> same shape):
-        the gated MLP with the config's ``hidden_act``."""
+        the gated MLP with the config's ``hidden_act`` (mixture-of-experts subclasses return
+        their sparse block here)."""
         return LlamaMLP(config.hidden_size, config.intermediate_size,
                         bool(getattr(config, "mlp_bias", False)),
                         getattr(config, "hidden_act", "silu"))
@@ -256,13 +257,18 @@ class LlamaForCausalLM(nn.Module):
         if weights_format == "gguf":
             weights = rename_gguf(weights, self.gguf_name_to_hf, self.gguf_tensor)
         optional = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        loader = StrictLoader(self, self.stacked_params, self.ignored_weights, optional,
+        loader = StrictLoader(self, self.weight_name_map(), self.ignored_weights, optional,
                               source=source)
         for name, tensor in weights:
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             loader.load_one(name, tensor)
         loader.finish()
+
+    def weight_name_map(self) -> dict[str, tuple[str, object]]:
+        """The StrictLoader ``stacked`` entries: checkpoint fragment -> (parameter fragment,
+        shard id); subclasses with expert weights put theirs first."""
+        return dict(self.stacked_params)
 
     def gguf_name_to_hf(self, name: str) -> Optional[str]:
         """HF name of a llama.cpp tensor name (None: a tensor HF does not load either)."""

@@ -17,9 +17,11 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -91,6 +93,50 @@ def tiny_qwen2_config(**overrides: Any) -> Qwen2Config:
         pad_token_id=0, rope_theta=1000000.0)
     settings.update(overrides)
     return Qwen2Config(**settings)
+
+
+MIXTRAL_VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa_top2": dict(),
+    "mqa_top1_tied": dict(num_key_value_heads=1, num_experts_per_tok=1,
+                          tie_word_embeddings=True),
+    "window8_top3_of_6": dict(sliding_window=8, num_local_experts=6, num_experts_per_tok=3),
+}
+
+
+def tiny_mixtral_config(**overrides: Any) -> MixtralConfig:
+    """A 2-layer Mixtral config: 4 experts of width 96, top-2, GQA, no sliding window."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0,
+        **_BYTE_SPECIAL_IDS)
+    settings.update(overrides)
+    return MixtralConfig(**settings)
+
+
+QWEN2_MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa_top2_shared": dict(),
+    "norm_topk_tied_mqa": dict(norm_topk_prob=True, tie_word_embeddings=True,
+                               num_key_value_heads=1),
+    "dense_layer_top1": dict(mlp_only_layers=[0], num_experts_per_tok=1, num_hidden_layers=3,
+                             decoder_sparse_step=1),
+    "sparse_step2_window": dict(decoder_sparse_step=2, use_sliding_window=True,
+                                sliding_window=8, max_window_layers=2, num_hidden_layers=3),
+}
+
+
+def tiny_qwen2_moe_config(**overrides: Any) -> Qwen2MoeConfig:
+    """A 2-layer Qwen2-MoE config: 4 routed experts of width 48, top-2 without renormalising,
+    a shared expert of width 80, q/k/v biases, GQA, untied embeddings."""
+    settings: dict[str, Any] = dict(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_theta=1000000.0, **_BYTE_SPECIAL_IDS)
+    settings.update(overrides)
+    return Qwen2MoeConfig(**settings)
 
 
 # Ids of <unk>, <s> and </s> in the byte vocabulary, for configs whose defaults lie outside it.
@@ -176,3 +222,10 @@ def save_tiny_checkpoint(path: str | Path, config: Any, seed: int = 0,
     model.save_pretrained(path, safe_serialization=safe_serialization)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+# Every public builder, variant table and constant defined here (new ones are exported by
+# cacheflow_models.testing without further edits).
+__all__ = sorted(name for name, value in list(globals().items())
+                 if not name.startswith("_")
+                 and (name.isupper() or getattr(value, "__module__", None) == __name__))

@@ -1,0 +1,221 @@
+"""Mixture-of-experts layer on the grouped expert kernel against a per-expert torch loop,
+measured in one process on one card.
+
+    python packages/cacheflow-kernels/benchmarks/bench_moe.py --out bench_moe.json
+
+For each shape (tokens T, experts E, top-k, hidden H, expert intermediate I) the same routing
+(random router logits, softmax top-k, renormalised) and the same bfloat16 weights feed:
+
+- ``loop``: the per-expert torch loop of HF transformers' MoE blocks: for every expert,
+  ``torch.where`` over the routing, gather its tokens, ``linear`` gate/up, SiLU-and-mul,
+  ``linear`` down, scale, ``index_add_``;
+- ``grouped``: the runtime's scheme: sort the (token, slot) pairs by expert, gather, one
+  ``moe_grouped_gemm`` launch for every expert's gate/up, ``silu_and_mul``, one launch for
+  every expert's down projection, scale, ``index_add_`` (no host synchronisation).
+
+Both are timed end to end from eager Python (CUDA events around ``--iters`` calls, median of
+``--repeats``), and checked against each other (max abs difference relative to the output's
+max). The GEMM rows compare the two grouped launches alone with cuBLAS ``torch.mm`` per expert
+on the same sorted rows (segment bounds known on the host), and report the grouped kernel's
+TFLOP/s. Prints a table and writes JSON to --out. Without torch or CUDA it prints why and
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# (name, tokens, experts, top_k, hidden, intermediate)
+SHAPES = [
+    ("mixtral-8x7b", 4096, 8, 2, 4096, 14336),
+    ("mixtral-8x7b decode", 64, 8, 2, 4096, 14336),
+    ("small 8 experts", 4096, 8, 2, 1024, 2048),
+    ("qwen2-moe-like 60 experts", 4096, 60, 4, 2048, 1408),
+]
+
+
+@dataclass
+class Result:
+    shape: str
+    tokens: int
+    experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    loop_ms: float | None = None
+    grouped_ms: float | None = None
+    speedup: float | None = None
+    rel_diff: float | None = None
+    gemm_cublas_ms: float | None = None
+    gemm_grouped_ms: float | None = None
+    gemm_speedup: float | None = None
+    grouped_tflops: float | None = None
+    error: str | None = None
+
+
+def _time_ms(torch: Any, fn: Any, iters: int, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def per_expert_loop(torch: Any, x: Any, w13: Any, w2: Any, weights: Any, ids: Any) -> Any:
+    """HF's loop: one pass per expert, synchronising on torch.where."""
+    F = torch.nn.functional
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(ids == e)
+        if token.numel() == 0:
+            continue
+        gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e])
+        out.index_add_(0, token, y.float() * weights[token, slot, None])
+    return out.to(x.dtype)
+
+
+def grouped(torch: Any, ck: Any, x: Any, w13: Any, w2: Any, weights: Any, ids: Any) -> Any:
+    """The runtime's grouped scheme on the kernels (as cacheflow_runtime.layers.fused_moe)."""
+    num_experts, top_k = w13.shape[0], ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    token_of_row = order // top_k
+    rows = x.index_select(0, token_of_row)
+    h = torch.empty(rows.shape[0], w13.shape[1], dtype=x.dtype, device=x.device)
+    ck.moe_grouped_gemm(h, rows, w13, offsets)
+    a = torch.empty(rows.shape[0], w13.shape[1] // 2, dtype=x.dtype, device=x.device)
+    ck.silu_and_mul(a, h)
+    y = torch.empty(rows.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+    ck.moe_grouped_gemm(y, a, w2, offsets)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of_row, y.float() * weights.reshape(-1)[order].unsqueeze(1))
+    return out.to(x.dtype)
+
+
+def run_shape(torch: Any, ck: Any, spec: tuple[str, int, int, int, int, int], iters: int,
+              repeats: int) -> Result:
+    name, tokens, experts, top_k, hidden, inter = spec
+    res = Result(name, tokens, experts, top_k, hidden, inter)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(tokens, hidden, generator=gen, device="cuda").to(dt)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen, device="cuda")
+           / hidden ** 0.5).to(dt)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen, device="cuda") / inter ** 0.5).to(dt)
+    logits = torch.randn(tokens, experts, generator=gen, device="cuda")
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+
+    ref = per_expert_loop(torch, x, w13, w2, weights, ids)
+    ours = grouped(torch, ck, x, w13, w2, weights, ids)
+    res.rel_diff = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    res.loop_ms = _time_ms(torch, lambda: per_expert_loop(torch, x, w13, w2, weights, ids),
+                           iters, repeats)
+    res.grouped_ms = _time_ms(torch, lambda: grouped(torch, ck, x, w13, w2, weights, ids),
+                              iters, repeats)
+    res.speedup = res.loop_ms / res.grouped_ms
+
+    # The GEMMs alone, on the same expert-sorted rows.
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts)
+    offsets = torch.zeros(experts + 1, dtype=torch.int64, device="cuda")
+    torch.cumsum(counts, 0, out=offsets[1:])
+    bounds = offsets.tolist()
+    rows = x.index_select(0, order // top_k)
+    h = torch.empty(rows.shape[0], 2 * inter, dtype=dt, device="cuda")
+    a = torch.randn(rows.shape[0], inter, generator=gen, device="cuda").to(dt)
+    y = torch.empty(rows.shape[0], hidden, dtype=dt, device="cuda")
+
+    def cublas() -> None:
+        for e in range(experts):
+            b, t = bounds[e], bounds[e + 1]
+            if t > b:
+                torch.mm(rows[b:t], w13[e].t(), out=h[b:t])
+                torch.mm(a[b:t], w2[e].t(), out=y[b:t])
+
+    def kernel() -> None:
+        ck.moe_grouped_gemm(h, rows, w13, offsets)
+        ck.moe_grouped_gemm(y, a, w2, offsets)
+
+    res.gemm_cublas_ms = _time_ms(torch, cublas, iters, repeats)
+    res.gemm_grouped_ms = _time_ms(torch, kernel, iters, repeats)
+    res.gemm_speedup = res.gemm_cublas_ms / res.gemm_grouped_ms
+    flops = 2.0 * rows.shape[0] * (2 * inter * hidden + hidden * inter)
+    res.grouped_tflops = flops / (res.gemm_grouped_ms * 1e-3) / 1e12
+    return res
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench_moe.json")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", default="", help="comma-separated shape indices (all)")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("bench_moe: torch is not installed; nothing measured")
+        return 1
+    if not torch.cuda.is_available():
+        print("bench_moe: no CUDA device; nothing measured")
+        return 1
+    import cacheflow_kernels as ck
+
+    picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    results = []
+    for spec in picked:
+        try:
+            results.append(run_shape(torch, ck, spec, args.iters, args.repeats))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next shape
+            traceback.print_exc()
+            results.append(Result(*spec, error=f"{type(exc).__name__}: {exc}"))
+        torch.cuda.empty_cache()
+
+    card = torch.cuda.get_device_name()
+    header = (f"{'shape':<28} {'T':>5} {'E':>3} {'k':>2} {'H':>5} {'I':>6} {'loop ms':>9} "
+              f"{'grouped ms':>10} {'speedup':>7} {'rel diff':>9} {'cuBLAS/exp ms':>13} "
+              f"{'kernel ms':>9} {'GEMM x':>6} {'TFLOP/s':>7}")
+    print(f"MoE layer, bfloat16, {card}, torch {torch.__version__}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if r.error:
+            print(f"{r.shape:<28} error: {r.error}")
+            continue
+        print(f"{r.shape:<28} {r.tokens:>5} {r.experts:>3} {r.top_k:>2} {r.hidden:>5} "
+              f"{r.intermediate:>6} {_fmt(r.loop_ms):>9} {_fmt(r.grouped_ms):>10} "
+              f"{_fmt(r.speedup, '.2f'):>7} {_fmt(r.rel_diff, '.1e'):>9} "
+              f"{_fmt(r.gemm_cublas_ms):>13} {_fmt(r.gemm_grouped_ms):>9} "
+              f"{_fmt(r.gemm_speedup, '.2f'):>6} {_fmt(r.grouped_tflops, '.0f'):>7}")
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"card": card, "torch": torch.__version__, "dtype": "bfloat16",
+                   "results": [asdict(r) for r in results]}, f, indent=2)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
