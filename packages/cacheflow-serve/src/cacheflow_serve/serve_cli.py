@@ -30,8 +30,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step from Python (no CUDA graphs of decode steps)")
+    add_parallel_arguments(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size and --distributed-executor-backend (serve and generate)."""
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many GPUs (or CPU processes)")
+    parser.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                        help="who runs the ranks: one process per GPU on this host (mp, the "
+                             "default) or Ray actors across the hosts of a Ray cluster")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -44,7 +54,9 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager)
+              kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
     server = make_server(engine, host=args.host, port=args.port, api_key=args.api_key,
