@@ -18,6 +18,7 @@ from cacheflow_runtime.engine.async_llm_engine import (
 )
 from cacheflow_runtime.engine.detokenizer import stop_string_holdback
 from cacheflow_runtime.engine.llm_engine import LLMEngine
+from cacheflow_runtime.executor.rank_worker import WorkerFailedError
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = ["AsyncLLMEngine", "CacheConfig", "CompletionOutput", "EngineClosedError",
            "EngineOverloadedError", "EngineStats", "LLMEngine", "ModelConfig", "ParallelConfig",
-           "RequestOutput",
-           "RequestStream", "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype",
-           "resolve_device", "stop_string_holdback"]
+           "RequestOutput", "RequestStream", "SamplingParams", "SchedulerConfig",
+           "WorkerFailedError", "__version__", "parse_dtype", "resolve_device",
+           "stop_string_holdback"]
