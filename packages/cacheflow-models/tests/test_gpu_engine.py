@@ -84,7 +84,7 @@ def test_cache_sized_from_free_memory_on_cuda(tiny: Path, prompt_batch: list[lis
     engine = LLMEngine(model_config, cache_config,
                        SchedulerConfig(max_model_len=model_config.max_model_len),
                        load_tokenizer(tiny), "cuda")
-    blocks = engine.worker.cache_engine.num_device_blocks
+    blocks = engine.executor.worker.cache_engine.num_device_blocks
     total = torch.cuda.get_device_properties(0).total_memory
     cache_bytes = blocks * block_bytes(model_config, cache_config.block_size)
     assert 0.3 * total < cache_bytes < 0.5 * total
@@ -120,7 +120,7 @@ def test_cuda_graphs_match_eager(name: str, dtype: str, prompt_batch: list[list[
                        enforce_eager=True)
     engine = engines[0]
     assert engine.uses_cuda_graphs
-    assert 8 in engine.worker.runner.decode_graphs.sizes
+    assert 8 in engine.executor.worker.runner.decode_graphs.sizes
     for got, want in zip(graphed, eager):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         assert got.outputs[0].cumulative_logprob == pytest.approx(
@@ -145,7 +145,7 @@ def test_cuda_graph_replays_are_used(tiny: Path, prompt_batch: list[list[int]],
         run_engine(tiny, prompt_batch, params, device="cuda", engine_out=engines)
     # one prefill step (eager), then 9 decode steps from graphs
     assert len(replays) == 9
-    assert cuda_graphs.graph_batch_size(len(prompt_batch), engines[0].worker.runner
+    assert cuda_graphs.graph_batch_size(len(prompt_batch), engines[0].executor.worker.runner
                                         .decode_graphs.sizes) == 8
 
 

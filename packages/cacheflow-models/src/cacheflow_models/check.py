@@ -170,7 +170,7 @@ def run_check(args: argparse.Namespace) -> Report:
     except ValueError as exc:  # WeightLoadError is a ValueError
         report.add("weight coverage", FAIL, str(exc))
         return report
-    full = engine.worker.model
+    full = engine.get_model()
     count = len(list(full.named_parameters()))
     report.add("weight coverage", PASS,
                f"all {count} parameters loaded from the checkpoint, no tensor left over")

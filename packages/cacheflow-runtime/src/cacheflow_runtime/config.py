@@ -75,7 +75,8 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    """The paged KV cache: block size, how many blocks on the device, swap space on the host.
+    """The paged KV cache: block size, how many blocks on the device, swap space on the host,
+    and whether full blocks are shared between requests with a common prefix (prefix caching).
 
     ``num_device_blocks=None`` sizes the cache from memory: on CUDA ``gpu_memory_utilization`` of
     the card after a profiling run, on CPU ``cpu_kv_cache_gib``.
@@ -87,6 +88,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0
     num_cpu_blocks: Optional[int] = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32):
@@ -103,27 +105,44 @@ class CacheConfig:
 
 
 PREEMPTION_MODES = ("recompute", "swap")
+#: The step token budget when chunked prefill is on and none is given.
+DEFAULT_CHUNKED_TOKEN_BUDGET = 2048
 
 
 @dataclass
 class SchedulerConfig:
-    """Batch limits of one step and how to preempt when the KV cache runs out."""
+    """Batch limits of one step and how to preempt when the KV cache runs out.
+
+    ``max_num_batched_tokens`` is the step's token budget. With ``enable_chunked_prefill``
+    (default) a step mixes the running requests' decode tokens with chunks of prompts, and a
+    prompt longer than what is left of the budget is split over steps (default budget 2048);
+    without it a step runs either whole prompts or decodes, and every prompt must fit one step
+    (default budget max(max_model_len, 2048)).
+    """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
     max_model_len: int = 2048
     preemption_mode: str = "recompute"
+    enable_chunked_prefill: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(self.max_model_len, 2048)
-        if self.max_num_batched_tokens < self.max_model_len:
+            self.max_num_batched_tokens = (DEFAULT_CHUNKED_TOKEN_BUDGET
+                                           if self.enable_chunked_prefill
+                                           else max(self.max_model_len, 2048))
+        if (isinstance(self.max_num_batched_tokens, bool)
+                or not isinstance(self.max_num_batched_tokens, int)
+                or self.max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, "
+                             f"got {self.max_num_batched_tokens!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_model_len ({self.max_model_len}) so that every prompt fits "
-                             "in one step")
+                             "in one step when enable_chunked_prefill is False")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
                              f"got {self.preemption_mode!r}")

@@ -32,7 +32,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """The state of one request after an engine step (final when ``finished``)."""
+    """The state of one request after an engine step (final when ``finished``).
+
+    ``num_cached_tokens``: prompt tokens served from the prefix cache (None before the request
+    was first scheduled).
+    """
 
     request_id: str
     prompt: Optional[str]
@@ -40,6 +44,7 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[Logprobs]]]
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: Optional[int] = None
 
     @classmethod
     def from_seq_group(cls, group: SequenceGroup) -> RequestOutput:
@@ -56,7 +61,8 @@ class RequestOutput:
         finished = group.is_finished() and (not params.use_beam_search or group.beam_search_done)
         return cls(request_id=group.request_id, prompt=group.prompt,
                    prompt_token_ids=group.prompt_token_ids,
-                   prompt_logprobs=group.prompt_logprobs, outputs=outputs, finished=finished)
+                   prompt_logprobs=group.prompt_logprobs, outputs=outputs, finished=finished,
+                   num_cached_tokens=group.num_cached_tokens)
 
 
 def _completion(index: int, seq: Sequence, with_logprobs: bool) -> CompletionOutput:

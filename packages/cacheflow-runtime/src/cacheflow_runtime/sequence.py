@@ -7,8 +7,6 @@ import enum
 import time
 from typing import Optional
 
-import torch
-
 from cacheflow_runtime.sampling_params import SamplingParams
 
 Logprobs = dict[int, float]
@@ -46,7 +44,7 @@ class Sequence:
     """One token sequence: the prompt plus what has been generated for it so far."""
 
     def __init__(self, seq_id: int, prompt: Optional[str], prompt_token_ids: list[int],
-                 block_size: int, generator: Optional[torch.Generator] = None) -> None:
+                 block_size: int, sample_index: int = 0) -> None:
         self.seq_id = seq_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -55,14 +53,19 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
-        self.generator = generator
+        # Which of the request's per-sample generators draws this sequence's tokens.
+        self.sample_index = sample_index
         # Tokens whose K/V are already in the cache; the next step computes the rest.
         self.num_computed_tokens = 0
+        # What the worker's copy of this sequence holds (see core/step_data.py).
+        self.known_to_worker = False
+        self.num_outputs_sent = 0
         # Incremental detokenization state (see engine.detokenizer).
         self.output_text = ""
         self.tokens: Optional[list[str]] = None
         self.prefix_offset = 0
         self.read_offset = 0
+        self.num_detokenized = 0
         self.stop_reason: Optional[int | str] = None
 
     def append_token(self, token_id: int, logprobs: Logprobs) -> None:
@@ -83,6 +86,15 @@ class Sequence:
         """All token ids, prompt first."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids ``start .. end - 1`` of the prompt-then-output sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
+
     def get_last_token_id(self) -> int:
         """The newest token id."""
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
@@ -96,7 +108,7 @@ class Sequence:
         """True once the sequence has a finished status."""
         return self.status.is_finished
 
-    def fork(self, new_seq_id: int, generator: Optional[torch.Generator] = None) -> Sequence:
+    def fork(self, new_seq_id: int, sample_index: int = 0) -> Sequence:
         """A copy of this sequence under a new id (the block manager must fork its blocks too)."""
         child = copy.copy(self)
         child.seq_id = new_seq_id
@@ -104,7 +116,9 @@ class Sequence:
         child.output_token_ids = list(self.output_token_ids)
         child.output_logprobs = list(self.output_logprobs)
         child.tokens = None if self.tokens is None else list(self.tokens)
-        child.generator = generator
+        child.sample_index = sample_index
+        child.known_to_worker = False
+        child.num_outputs_sent = 0
         return child
 
     def __repr__(self) -> str:
@@ -116,7 +130,7 @@ class SequenceGroup:
     """The sequences generated from one prompt: one request."""
 
     def __init__(self, request_id: str, seqs: list[Sequence], sampling_params: SamplingParams,
-                 arrival_time: Optional[float] = None) -> None:
+                 arrival_time: Optional[float] = None, cache_namespace: str = "") -> None:
         self.request_id = request_id
         self.seqs = seqs
         self.sampling_params = sampling_params
@@ -125,9 +139,13 @@ class SequenceGroup:
         # Finished beams of a beam-search request (HF semantics), as (score, seq).
         self.beam_hypotheses: list[tuple[float, Sequence]] = []
         self.beam_search_done = False
-        # Pending generators for the children forked at the first decode step.
-        self.child_generators: list[Optional[torch.Generator]] = []
         self.first_token_time: Optional[float] = None
+        # Prefix caching: the hash namespace of its blocks, and the prompt tokens found cached
+        # when it was first scheduled (None until then).
+        self.cache_namespace = cache_namespace
+        self.num_cached_tokens: Optional[int] = None
+        # Whether the worker was sent the request (prompt and sampling parameters) yet.
+        self.sent_to_worker = False
 
     @property
     def prompt(self) -> Optional[str]:

@@ -116,7 +116,7 @@ def engine_layer_states(engine: LLMEngine, prompt: list[int],
     last, then the model's output (the last layer followed by the final norm), as HF's
     ``hidden_states[1:]`` has them. Forward hooks, removed afterwards: the hot path is untouched.
     """
-    model = engine.worker.model
+    model = engine.get_model()
     captured: list[torch.Tensor] = []
     final: list[torch.Tensor] = []
 

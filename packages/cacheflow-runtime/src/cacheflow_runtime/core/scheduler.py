@@ -1,59 +1,109 @@
-"""FCFS continuous batching with preemption by recompute or by swap."""
+"""The scheduler: one token budget per step, chunked prefill, preemption, prefix caching.
+
+Each step (``schedule``) builds one batch within ``max_num_batched_tokens`` tokens and
+``max_num_seqs`` sequences, first come first served:
+
+1. the running requests' decode tokens (one per running sequence);
+2. chunks of prompts already partly computed;
+3. requests swapped out earlier (only if nothing was preempted in this step);
+4. new requests (only if nothing is swapped out and nothing was preempted), whose prompt starts
+   after its longest prefix found in the prefix cache.
+
+A prompt longer than what is left of the budget is split: it takes what is left, or half of it
+when other prompts wait behind it, so that none waits behind a long prompt for more than one
+step. With ``enable_chunked_prefill=False`` a step runs whole prompts only, or decodes only.
+
+When the KV cache cannot hold what a running request needs, the latest-arrived request that is
+not already in the batch is preempted: by recompute (its blocks are freed, the prefix cache
+keeps what it can, and it goes back to the front of the waiting queue) or by swap (its blocks
+move to host memory). Requests with several live sequences are always swapped, since their
+sequences share blocks that recompute would duplicate.
+
+``update_from_output`` applies a step's results: computed-token counts, prefix-cache blocks,
+sampled tokens (parallel sampling forks, beam search) and the token stop rules. Only this
+module changes request statuses and block tables.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Optional
 
 from cacheflow_runtime.config import SchedulerConfig
+from cacheflow_runtime.core.beam_search import beam_step
 from cacheflow_runtime.core.block_manager import AllocStatus, BlockSpaceManager
-from cacheflow_runtime.sequence import SequenceGroup, SequenceStatus
+from cacheflow_runtime.core.step_data import (
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRequest,
+    ScheduledSequence,
+    SchedulerOutput,
+)
+from cacheflow_runtime.core.stop import token_stop
+from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
+from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
-class SchedulerOutputs:
-    """What one engine step runs and which KV blocks move first.
+class _Budget:
+    """What is left of a step's token and sequence budgets."""
 
-    A step is either a prefill step (only new or recomputed prompts) or a decode step.
-    """
+    tokens: int
+    seqs: int
 
-    scheduled: list[SequenceGroup]
-    is_prefill: bool
-    num_batched_tokens: int
-    blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
-    blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
-    blocks_to_copy: dict[int, list[int]] = field(default_factory=dict)
-    preempted: int = 0
 
-    def is_empty(self) -> bool:
-        """True when nothing runs and no block moves."""
-        return not (self.scheduled or self.blocks_to_swap_in or self.blocks_to_swap_out
-                    or self.blocks_to_copy)
+@dataclass
+class _Plan:
+    """The batch being built: tokens per sequence, per group, in scheduling order."""
+
+    groups: list[tuple[SequenceGroup, dict[int, int]]] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    preempted: bool = False
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, group: SequenceGroup, tokens: dict[int, int]) -> None:
+        self.groups.append((group, tokens))
+        self.ids.add(group.request_id)
+
+
+def _is_decode(group: SequenceGroup) -> bool:
+    """Every RUNNING (or SWAPPED) sequence of ``group`` has exactly one token to compute."""
+    seqs = [s for s in group.seqs if not s.is_finished()]
+    return bool(seqs) and all(s.get_len() - s.num_computed_tokens == 1 for s in seqs)
 
 
 class Scheduler:
-    """Decides, each step, which requests run, within a token and a sequence budget.
+    """Decides, each step, which requests run and how many of their tokens."""
 
-    Requests are served first come, first served. When the KV cache cannot grow every running
-    sequence by one token, the latest-arrived running request is preempted: by recompute (its
-    blocks are freed and it goes back to the front of the waiting queue) or by swap (its blocks
-    move to host memory). Requests with several live sequences are always swapped, since their
-    sequences share blocks that recompute would duplicate. Swapped requests come back before any
-    new request is admitted.
-    """
-
-    def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager,
+                 eos_token_id: Optional[int] = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.eos_token_id = eos_token_id
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self._next_seq_id = 0
+        self._finished_req_ids: list[str] = []
+        self._freed_seq_ids: list[int] = []
 
+    # ---------------------------------------------------------------------------- requests
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
-        """Queues a new request."""
+        """Queues a new request (one WAITING sequence)."""
         self.waiting.append(seq_group)
+
+    def new_seq_id(self) -> int:
+        """A sequence id not used before."""
+        self._next_seq_id += 1
+        return self._next_seq_id - 1
 
     def abort(self, request_ids: Iterable[str]) -> list[SequenceGroup]:
         """Finishes the given requests as aborted, frees their blocks and returns them."""
@@ -65,7 +115,7 @@ class Scheduler:
                 for seq in group.get_seqs():
                     if not seq.is_finished():
                         seq.status = SequenceStatus.FINISHED_ABORTED
-                    self.block_manager.free(seq)
+                self._release(group)
                 aborted.append(group)
         return aborted
 
@@ -77,102 +127,173 @@ class Scheduler:
         """Number of requests waiting, running or swapped."""
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
+    def finish_seq(self, seq: Sequence, status: SequenceStatus,
+                   stop_reason: Optional[int | str] = None) -> None:
+        """Ends ``seq`` (a stop string found by the output processor) and frees its blocks."""
+        seq.status = status
+        seq.stop_reason = stop_reason
+        self.block_manager.forget(seq)
+
     def free_finished(self) -> list[SequenceGroup]:
         """Drops finished requests from the running queue and returns them."""
         done = [g for g in self.running if g.is_finished()]
-        self.running = [g for g in self.running if not g.is_finished()]
+        if done:
+            self.running = [g for g in self.running if not g.is_finished()]
+            for group in done:
+                self._release(group)
         return done
 
-    def schedule(self) -> SchedulerOutputs:
-        """Chooses this step's batch."""
-        if not self.swapped:
-            prefill = self._schedule_prefills()
-            if prefill.scheduled:
-                return prefill
-        return self._schedule_decodes()
+    def _release(self, group: SequenceGroup) -> None:
+        for seq in group.get_seqs():
+            self.block_manager.forget(seq)
+            if seq.known_to_worker:
+                self._freed_seq_ids.append(seq.seq_id)
+                seq.known_to_worker = False
+        if group.sent_to_worker:
+            self._finished_req_ids.append(group.request_id)
+            group.sent_to_worker = False
+
+    # ------------------------------------------------------------------------- scheduling
+    def schedule(self) -> SchedulerOutput:
+        """Chooses this step's batch and returns it as plain data for the worker."""
+        budget = _Budget(self.config.max_num_batched_tokens,
+                         self.config.max_num_seqs - self._num_running_seqs())
+        plan = _Plan()
+        if not self.config.enable_chunked_prefill:
+            if self.waiting and not self.swapped:
+                self._admit_waiting(plan, budget)
+            if not plan.groups:
+                self._schedule_running(plan, budget)
+                if not plan.preempted:
+                    self._swap_in(plan, budget)
+        else:
+            self._schedule_running(plan, budget)
+            if not plan.preempted:
+                self._swap_in(plan, budget)
+                if not self.swapped:
+                    self._admit_waiting(plan, budget)
+        return self._emit(plan)
 
     def _num_running_seqs(self) -> int:
         return sum(g.max_num_running_seqs() for g in self.running)
 
-    def _schedule_prefills(self) -> SchedulerOutputs:
-        scheduled: list[SequenceGroup] = []
-        num_tokens = 0
-        num_seqs = self._num_running_seqs()
-        while self.waiting:
+    def _chunk(self, remaining: int, budget: _Budget, others_wait: bool) -> int:
+        """Tokens of a prompt with ``remaining`` tokens to compute that this step takes."""
+        if remaining <= budget.tokens:
+            return remaining
+        if not self.config.enable_chunked_prefill:
+            return 0
+        return max(1, budget.tokens // 2) if others_wait else budget.tokens
+
+    def _schedule_running(self, plan: _Plan, budget: _Budget) -> None:
+        decodes = [g for g in self.running if _is_decode(g)]
+        prefills = [g for g in self.running if not _is_decode(g)]
+        for i, group in enumerate(decodes + prefills):
+            if group not in self.running:  # preempted as a victim earlier in this step
+                continue
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
+            if _is_decode(group):
+                if budget.tokens < len(seqs):
+                    continue
+                tokens = {seq.seq_id: 1 for seq in seqs}
+            else:
+                others = i + 1 < len(decodes) + len(prefills) or bool(self.waiting)
+                n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget, others)
+                if n == 0:
+                    continue
+                tokens = {seqs[0].seq_id: n}
+            if self._make_room(group, seqs, tokens, plan):
+                self._take(group, seqs, tokens, plan, budget)
+
+    def _make_room(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int],
+                   plan: _Plan) -> bool:
+        """Preempts the latest-arrived requests outside the batch until ``group``'s sequences
+        can grow by ``tokens``; returns False if ``group`` itself had to give way (preempted,
+        or a prompt chunk deferred while the batch already holds other work)."""
+        bm = self.block_manager
+        while sum(bm.num_blocks_to_grow(s, s.num_computed_tokens + tokens[s.seq_id])
+                  for s in seqs) > bm.get_num_free_gpu_blocks():
+            victims = [g for g in self.running if g is not group and g.request_id not in plan.ids]
+            if victims:
+                self._preempt(victims[-1], plan)
+            elif not _is_decode(group) and plan.groups:
+                return False
+            else:
+                self._preempt(group, plan)
+                return False
+        return True
+
+    def _take(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int],
+              plan: _Plan, budget: _Budget) -> None:
+        for seq in seqs:
+            cow = self.block_manager.grow(seq, seq.num_computed_tokens + tokens[seq.seq_id])
+            if cow is not None:
+                plan.copies.append(cow)
+        budget.tokens -= sum(tokens.values())
+        plan.add(group, tokens)
+
+    def _swap_in(self, plan: _Plan, budget: _Budget) -> None:
+        while self.swapped:
+            group = self.swapped[0]
+            if group.max_num_running_seqs() > budget.seqs:
+                break
+            if not self.block_manager.can_swap_in(group):
+                break
+            self.swapped.popleft()
+            plan.swap_in.extend(self.block_manager.swap_in(group))
+            seqs = group.get_seqs(SequenceStatus.SWAPPED)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget.seqs -= group.max_num_running_seqs()
+            if _is_decode(group):
+                tokens = {seq.seq_id: 1 for seq in seqs}
+            else:
+                n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget,
+                                len(self.swapped) > 0 or bool(self.waiting))
+                tokens = {seqs[0].seq_id: n} if n else {}
+            if tokens and sum(tokens.values()) <= budget.tokens:
+                self._take(group, seqs, tokens, plan, budget)
+
+    def _admit_waiting(self, plan: _Plan, budget: _Budget) -> None:
+        bm = self.block_manager
+        while self.waiting and budget.tokens > 0:
             group = self.waiting[0]
-            waiting_seqs = group.get_seqs(SequenceStatus.WAITING)
-            new_tokens = sum(s.get_len() - s.num_computed_tokens for s in waiting_seqs)
-            if num_tokens + new_tokens > self.config.max_num_batched_tokens:
+            if group.max_num_running_seqs() > budget.seqs:
                 break
-            if num_seqs + group.max_num_running_seqs() > self.config.max_num_seqs:
+            (seq,) = group.get_seqs(SequenceStatus.WAITING)
+            skip_cache = group.sampling_params.prompt_logprobs is not None
+            cached = [] if skip_cache else bm.find_cached_prefix(seq, group.cache_namespace)
+            num_cached = len(cached) * bm.block_size
+            n = self._chunk(seq.get_len() - num_cached, budget, len(self.waiting) > 1)
+            if n == 0:
                 break
-            status = self.block_manager.can_allocate(group)
+            status = bm.can_allocate(seq, cached, num_cached + n)
             if status == AllocStatus.LATER:
                 break
             if status == AllocStatus.NEVER:
                 # add_request rejects these; reaching here means the cache shrank under it.
                 raise RuntimeError(f"request {group.request_id} can never fit in the KV cache")
             self.waiting.popleft()
-            self.block_manager.allocate(group)
-            for seq in waiting_seqs:
-                seq.status = SequenceStatus.RUNNING
+            bm.allocate(seq, cached, num_cached + n)
+            if not skip_cache:
+                bm.record_prefix_query(seq.get_len(), num_cached)
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            if group.num_cached_tokens is None:
+                group.num_cached_tokens = num_cached
             self.running.append(group)
-            scheduled.append(group)
-            num_tokens += new_tokens
-            num_seqs += group.max_num_running_seqs()
-        return SchedulerOutputs(scheduled=scheduled, is_prefill=True, num_batched_tokens=num_tokens)
+            budget.seqs -= group.max_num_running_seqs()
+            budget.tokens -= n
+            plan.add(group, {seq.seq_id: n})
 
-    def _schedule_decodes(self) -> SchedulerOutputs:
-        out = SchedulerOutputs(scheduled=[], is_prefill=False, num_batched_tokens=0)
-        queue = list(self.running)
-        kept: list[SequenceGroup] = []
-        while queue:
-            group = queue.pop(0)
-            while not self.block_manager.can_append_slots(group):
-                if queue:
-                    self._preempt(queue.pop(), out)
-                else:
-                    self._preempt(group, out)
-                    break
-            else:
-                self._append_slots(group, out)
-                kept.append(group)
-        self.running = kept
-        if not out.preempted:
-            self._swap_in(out)
-        out.scheduled = list(self.running)
-        out.num_batched_tokens = sum(g.num_seqs(SequenceStatus.RUNNING) for g in self.running)
-        return out
-
-    def _swap_in(self, out: SchedulerOutputs) -> None:
-        num_seqs = self._num_running_seqs()
-        while self.swapped:
-            group = self.swapped[0]
-            if num_seqs + group.max_num_running_seqs() > self.config.max_num_seqs:
-                break
-            if not self.block_manager.can_swap_in(group):
-                break
-            self.swapped.popleft()
-            out.blocks_to_swap_in.update(self.block_manager.swap_in(group))
-            for seq in group.get_seqs(SequenceStatus.SWAPPED):
-                seq.status = SequenceStatus.RUNNING
-            self._append_slots(group, out)
-            self.running.append(group)
-            num_seqs += group.max_num_running_seqs()
-
-    def _append_slots(self, group: SequenceGroup, out: SchedulerOutputs) -> None:
-        for seq in group.get_seqs(SequenceStatus.RUNNING):
-            cow = self.block_manager.append_slot(seq)
-            if cow is not None:
-                src, dst = cow
-                out.blocks_to_copy.setdefault(src, []).append(dst)
-
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutputs) -> None:
-        out.preempted += 1
+    def _preempt(self, group: SequenceGroup, plan: _Plan) -> None:
+        plan.preempted = True
         self.num_preemptions += 1
-        single = group.num_seqs(SequenceStatus.RUNNING) == 1
-        if self.config.preemption_mode == "recompute" and single:
-            for seq in group.get_seqs(SequenceStatus.RUNNING):
+        self.running.remove(group)
+        seqs = group.get_seqs(SequenceStatus.RUNNING)
+        if self.config.preemption_mode == "recompute" and len(seqs) == 1:
+            for seq in seqs:
                 seq.status = SequenceStatus.WAITING
                 seq.num_computed_tokens = 0
                 self.block_manager.free(seq)
@@ -181,7 +302,155 @@ class Scheduler:
         if not self.block_manager.can_swap_out(group):
             raise RuntimeError(f"request {group.request_id} must be swapped out but the CPU swap "
                                "space is full; raise swap_space_gib")
-        out.blocks_to_swap_out.update(self.block_manager.swap_out(group))
-        for seq in group.get_seqs(SequenceStatus.RUNNING):
+        plan.swap_out.extend(self.block_manager.swap_out(group))
+        for seq in seqs:
             seq.status = SequenceStatus.SWAPPED
         self.swapped.append(group)
+
+    # ------------------------------------------------------------------------------ output
+    def _emit(self, plan: _Plan) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_req_ids,
+                              freed_seq_ids=self._freed_seq_ids, blocks_to_swap_in=plan.swap_in,
+                              blocks_to_swap_out=plan.swap_out, blocks_to_copy=plan.copies)
+        self._finished_req_ids, self._freed_seq_ids = [], []
+        for group, tokens in plan.groups:
+            if group not in self.running:  # preempted after it was taken (cannot happen today)
+                continue
+            if not group.sent_to_worker:
+                out.new_requests.append(NewRequestData(group.request_id, group.prompt_token_ids,
+                                                       group.sampling_params))
+                group.sent_to_worker = True
+            seqs = [group.find(seq_id) for seq_id in tokens]
+            out.scheduled.append(ScheduledRequest(
+                req_id=group.request_id, seqs=[self._scheduled_seq(s, tokens[s.seq_id])
+                                               for s in seqs],
+                do_sample=all(s.num_computed_tokens + tokens[s.seq_id] == s.get_len()
+                              for s in seqs),
+                is_first_sample=group.is_prefill))
+        return out
+
+    def _scheduled_seq(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        block_ids, new_block_ids = self.block_manager.take_table_update(seq)
+        scheduled = ScheduledSequence(
+            seq_id=seq.seq_id, token_ids=seq.token_slice(start, start + num_tokens),
+            num_computed_tokens=start, new_block_ids=new_block_ids, block_ids=block_ids,
+            sample_index=seq.sample_index, cumulative_logprob=seq.cumulative_logprob)
+        if not seq.known_to_worker:
+            scheduled.output_token_ids = list(seq.output_token_ids)
+            seq.known_to_worker = True
+        else:
+            scheduled.new_output_token_ids = seq.output_token_ids[seq.num_outputs_sent:]
+        seq.num_outputs_sent = len(seq.output_token_ids)
+        return scheduled
+
+    # ------------------------------------------------------------------ results of a step
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[SequenceGroup]:
+        """Applies a step's results and returns the requests that got new tokens or prompt
+        logprobs, in scheduling order. Token stop rules are applied here; stop strings are the
+        output processor's (it calls :meth:`finish_seq`)."""
+        now = time.monotonic()
+        touched: list[SequenceGroup] = []
+        running = {g.request_id: g for g in self.running}
+        for req in scheduler_output.scheduled:
+            group = running.get(req.req_id)
+            if group is None:
+                continue
+            for s in req.seqs:
+                seq = group.find(s.seq_id)
+                if len(s.token_ids) > 1 or group.is_prefill:
+                    self.num_prompt_tokens += len(s.token_ids)
+                seq.num_computed_tokens += len(s.token_ids)
+                self.block_manager.cache_full_blocks(seq, group.cache_namespace)
+            share = runner_output.prompt_logprobs.get(req.req_id)
+            if share is not None:
+                group.prompt_logprobs = (group.prompt_logprobs or []) + share
+            result = runner_output.samples.get(req.req_id)
+            if req.do_sample and result is not None:
+                self._apply_samples(group, result, req.is_first_sample, now)
+                touched.append(group)
+            elif share is not None:
+                touched.append(group)
+        return touched
+
+    def _apply_samples(self, group: SequenceGroup, result: GroupSampleResult, first: bool,
+                       now: float) -> None:
+        running = group.get_seqs(SequenceStatus.RUNNING)
+        self.num_generation_tokens += len(running)
+        if first:
+            group.first_token_time = now
+        if group.sampling_params.use_beam_search:
+            self._apply_beams(group, result.samples)
+            return
+        if first and len(result.samples) > 1:
+            parent = running[0]
+            for index in range(1, len(result.samples)):
+                child = parent.fork(self.new_seq_id(), sample_index=index)
+                self.block_manager.fork(parent, child)
+                group.add(child)
+            running = group.get_seqs(SequenceStatus.RUNNING)
+        for seq, sample in zip(running, result.samples):
+            seq.append_token(sample.token_id, sample.logprobs)
+            self._check_token_stop(group, seq)
+
+    def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:
+        stop = token_stop(group.sampling_params, seq.get_last_token_id(), seq.get_output_len(),
+                          seq.get_len(), self.eos_token_id, self.config.max_model_len)
+        if stop is not None:
+            status, reason = stop
+            self.finish_seq(seq, status, reason)
+
+    def _apply_beams(self, group: SequenceGroup, candidates: list[SampleResult]) -> None:
+        params = group.sampling_params
+        parents = {seq.seq_id: seq for seq in group.get_seqs(SequenceStatus.RUNNING)}
+
+        def ends(cand: SampleResult) -> Optional[tuple[SequenceStatus, Optional[int]]]:
+            parent = parents[cand.parent_seq_id]
+            return token_stop(params, cand.token_id, parent.get_output_len() + 1,
+                              parent.get_len() + 1, self.eos_token_id, self.config.max_model_len)
+
+        stops = [ends(c) for c in candidates]
+        step = beam_step(group, candidates, [s is not None for s in stops],
+                         {sid: seq.get_output_len() for sid, seq in parents.items()})
+        stop_of = {id(c): s for c, s in zip(candidates, stops)}
+        for score, cand in step.finished:
+            hyp = parents[cand.parent_seq_id].fork(-1)
+            hyp.append_token(cand.token_id, cand.logprobs)
+            status, reason = stop_of[id(cand)] or (SequenceStatus.FINISHED_LENGTH_CAPPED, None)
+            hyp.status, hyp.stop_reason = status, reason
+            group.beam_hypotheses.append((score, hyp))
+        group.beam_hypotheses.sort(key=lambda item: item[0], reverse=True)
+        del group.beam_hypotheses[params.best_of:]
+        if step.done:
+            group.beam_search_done = True
+            for seq in parents.values():
+                self.finish_seq(seq, SequenceStatus.FINISHED_LENGTH_CAPPED)
+            self._release(group)
+            group.seqs = [seq for _, seq in group.beam_hypotheses]
+            return
+        self._advance_beams(group, parents, step.running)
+
+    def _advance_beams(self, group: SequenceGroup, parents: dict[int, Sequence],
+                       running: list[SampleResult]) -> None:
+        chosen: dict[int, list[SampleResult]] = {}
+        for cand in running:
+            chosen.setdefault(cand.parent_seq_id, []).append(cand)
+        extended: list[tuple[Sequence, SampleResult]] = []
+        for parent_id, parent in parents.items():
+            picks = chosen.get(parent_id, [])
+            if not picks:
+                self.finish_seq(parent, SequenceStatus.FINISHED_ABORTED)
+                if parent.known_to_worker:
+                    self._freed_seq_ids.append(parent.seq_id)
+                group.remove(parent_id)
+                continue
+            for cand in picks[1:]:
+                child = parent.fork(self.new_seq_id())
+                self.block_manager.fork(parent, child)
+                group.add(child)
+                extended.append((child, cand))
+            extended.append((parent, picks[0]))
+        for seq, cand in extended:
+            seq.append_token(cand.token_id, cand.logprobs)
+            seq.cumulative_logprob = cand.cumulative_logprob

@@ -47,7 +47,11 @@ class EngineClosedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine's queues, KV cache and token counters (taken after each step)."""
+    """A snapshot of the engine's queues, KV cache and token counters (taken after each step).
+
+    ``prefix_cache_queries`` / ``prefix_cache_hits``: prompt tokens looked up in the prefix
+    cache, and those found there, since the engine started.
+    """
 
     num_running: int = 0
     num_waiting: int = 0
@@ -59,6 +63,8 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def gpu_cache_usage(self) -> float:
@@ -85,7 +91,9 @@ def collect_stats(engine: Any) -> EngineStats:
         num_total_cpu_blocks=blocks.num_total_cpu_blocks,
         num_prompt_tokens=engine.num_prompt_tokens,
         num_generation_tokens=engine.num_generation_tokens,
-        num_preemptions=scheduler.num_preemptions)
+        num_preemptions=scheduler.num_preemptions,
+        prefix_cache_queries=blocks.prefix_cache_queries,
+        prefix_cache_hits=blocks.prefix_cache_hits)
 
 
 class RequestObserver(Protocol):

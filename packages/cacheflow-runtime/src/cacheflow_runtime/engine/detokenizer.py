@@ -1,4 +1,4 @@
-"""Incremental detokenization and the stop checks that depend on the text.
+"""Incremental detokenization, and how much of a running text a stream must hold back.
 
 Tokens are decoded a few at a time with some context before them, so that multi-byte characters
 and tokenizers that merge spaces produce the same text as decoding everything at once.
@@ -6,10 +6,9 @@ and tokenizers that merge spaces produce the same text as decoding everything at
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-from cacheflow_runtime.sampling_params import SamplingParams
-from cacheflow_runtime.sequence import Sequence, SequenceStatus
+from cacheflow_runtime.sequence import Sequence
 
 # Tokens of context decoded before the new ones.
 _CONTEXT_TOKENS = 5
@@ -67,40 +66,6 @@ def flush_text(tokenizer: Any, seq: Sequence) -> str:
     seq.read_offset = len(seq.tokens)
     seq.output_text += delta
     return delta
-
-
-def check_stop(seq: Sequence, params: SamplingParams, new_text: str,
-               eos_token_id: Optional[int], max_model_len: int) -> None:
-    """Sets a finished status on ``seq`` if its newest token ends it (and cuts stop strings)."""
-    token = seq.get_last_token_id()
-    if seq.get_output_len() >= params.min_tokens:
-        if not params.ignore_eos and token == eos_token_id:
-            seq.status = SequenceStatus.FINISHED_STOPPED
-            return
-        if token in params.stop_token_ids:
-            seq.status = SequenceStatus.FINISHED_STOPPED
-            seq.stop_reason = token
-            return
-        if new_text and _cut_stop_string(seq, params, len(new_text)):
-            seq.status = SequenceStatus.FINISHED_STOPPED
-            return
-    if ((params.max_tokens is not None and seq.get_output_len() >= params.max_tokens)
-            or seq.get_len() >= max_model_len):
-        seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
-
-
-def _cut_stop_string(seq: Sequence, params: SamplingParams, new_len: int) -> bool:
-    text = seq.output_text
-    for stop in params.stop_strings:
-        # Only a match that ends inside the new text is new.
-        start = max(len(text) - new_len - len(stop) + 1, 0)
-        idx = text.find(stop, start)
-        if idx != -1:
-            end = idx + len(stop) if params.include_stop_str_in_output else idx
-            seq.output_text = text[:end]
-            seq.stop_reason = stop
-            return True
-    return False
 
 
 def stop_string_holdback(text: str, stop_strings: list[str]) -> int:

@@ -1,46 +1,43 @@
-"""LLMEngine: accepts requests, runs scheduler and worker step by step, returns outputs."""
+"""LLMEngine: accepts requests, runs scheduler and executor step by step, returns outputs.
+
+A step is: the scheduler emits a plain-data ``SchedulerOutput``; the executor runs it on the
+worker(s) and returns a ``ModelRunnerOutput``; the scheduler applies it (tokens, forks, beams,
+token stop rules); the output processor adds text and stop strings; finished requests are
+released and every request that got something new yields a ``RequestOutput``.
+"""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any, Optional
-
-import torch
 
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, resolve_device
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
-from cacheflow_runtime.engine.beam_search import beam_step
-from cacheflow_runtime.engine.detokenizer import check_stop, decode_new_text, flush_text
-from cacheflow_runtime.model_executor.worker import Worker
+from cacheflow_runtime.core.step_data import ModelRunnerOutput
+from cacheflow_runtime.engine.output_processor import OutputProcessor
+from cacheflow_runtime.executor import Executor, InProcessExecutor
 from cacheflow_runtime.outputs import RequestOutput
-from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
 from cacheflow_runtime.sampling_params import SamplingParams
-from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+from cacheflow_runtime.sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
-
-
-def _child_seed(seed: int, index: int) -> int:
-    """A distinct, reproducible seed for the index-th sequence of a seeded request."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
 
 
 class LLMEngine:
     """The synchronous engine: ``add_request``, ``abort_request``, ``step``.
 
     ``tokenizer`` is any object with ``encode``, ``decode``, ``convert_ids_to_tokens`` and
-    ``convert_tokens_to_string`` (an HF tokenizer); cacheflow_models provides one.
+    ``convert_tokens_to_string`` (an HF tokenizer; cacheflow_models provides one), or None: then
+    prompts must be token ids and outputs carry token ids only (no text, no stop strings).
     On CUDA, decode steps replay CUDA graphs captured at construction
     (model_executor/cuda_graphs.py); ``enforce_eager=True`` runs every step from Python.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, tokenizer: Any,
-                 device: str | torch.device = "auto", seed: int = 0,
+                 device: str | Any = "auto", seed: int = 0,
                  enforce_eager: bool = False) -> None:
         if scheduler_config.max_model_len > model_config.max_model_len:
             raise ValueError(f"max_model_len ({scheduler_config.max_model_len}) is larger than "
@@ -50,24 +47,41 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
-        self.worker = Worker(model_config, cache_config, self.device, seed)
-        num_device_blocks, num_cpu_blocks = self.worker.num_available_blocks(
-            scheduler_config.max_num_batched_tokens)
-        self.worker.init_cache(num_device_blocks, num_cpu_blocks)
-        # Decode steps replay CUDA graphs (on CUDA, for models that allow it) unless
-        # enforce_eager: every step then runs the model from Python.
-        self.uses_cuda_graphs = not enforce_eager and self.worker.capture_decode_graphs(
-            scheduler_config.max_num_seqs, scheduler_config.max_model_len)
-        self.block_manager = BlockSpaceManager(cache_config.block_size, num_device_blocks,
-                                               num_cpu_blocks)
-        self.scheduler = Scheduler(scheduler_config, self.block_manager)
-        self._seq_ids = itertools.count()
+        self.executor: Executor = InProcessExecutor(model_config, cache_config,
+                                                    scheduler_config, self.device, seed,
+                                                    enforce_eager=enforce_eager)
+        num_device_blocks, num_cpu_blocks = self.executor.determine_num_available_blocks()
+        self.executor.initialize_cache(num_device_blocks, num_cpu_blocks)
+        self.uses_cuda_graphs = self.executor.uses_cuda_graphs
+        self.block_manager = BlockSpaceManager(
+            cache_config.block_size, num_device_blocks, num_cpu_blocks,
+            enable_prefix_caching=cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager,
+                                   model_config.eos_token_id)
+        self.output_processor = OutputProcessor(tokenizer, self.scheduler)
         self._groups: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
-        logger.info("KV cache: %d device blocks, %d cpu blocks of %d tokens", num_device_blocks,
-                    num_cpu_blocks, cache_config.block_size)
+        logger.info("KV cache: %d device blocks, %d cpu blocks of %d tokens; prefix caching "
+                    "%s, chunked prefill %s (%d tokens per step)", num_device_blocks,
+                    num_cpu_blocks, cache_config.block_size,
+                    "on" if cache_config.enable_prefix_caching else "off",
+                    "on" if scheduler_config.enable_chunked_prefill else "off",
+                    scheduler_config.max_num_batched_tokens)
+
+    @property
+    def num_device_blocks(self) -> int:
+        """Number of KV cache blocks on the device."""
+        return self.block_manager.num_total_gpu_blocks
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens computed so far (recomputed ones included; cached ones not)."""
+        return self.scheduler.num_prompt_tokens
+
+    @property
+    def num_generation_tokens(self) -> int:
+        """Tokens generated so far."""
+        return self.scheduler.num_generation_tokens
 
     # ----------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: Optional[str],
@@ -82,12 +96,9 @@ class LLMEngine:
                              f"got {type(sampling_params).__name__}")
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
         self._check_fits(token_ids, sampling_params)
-        params = sampling_params
-        generators = [self._generator(params.seed, i) for i in range(params.best_of)]
-        seq = Sequence(next(self._seq_ids), prompt, token_ids, self.cache_config.block_size,
-                       generators[0])
-        group = SequenceGroup(request_id, [seq], params, arrival_time)
-        group.child_generators = generators
+        seq = Sequence(self.scheduler.new_seq_id(), prompt, token_ids,
+                       self.cache_config.block_size)
+        group = SequenceGroup(request_id, [seq], sampling_params, arrival_time)
         self._groups[request_id] = group
         self.scheduler.add_seq_group(group)
 
@@ -98,6 +109,9 @@ class LLMEngine:
                 raise ValueError("a request needs a prompt or prompt_token_ids")
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give prompt_token_ids instead "
+                                 "of a text prompt")
             prompt_token_ids = list(self.tokenizer.encode(prompt))
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
@@ -153,11 +167,6 @@ class LLMEngine:
             held = shared + best_of * (-(-cached // block_size) - shared)
         return max(needed, held + best_of)
 
-    def _generator(self, seed: Optional[int], index: int) -> Optional[torch.Generator]:
-        if seed is None:
-            return None
-        return torch.Generator(device="cpu").manual_seed(_child_seed(seed, index))
-
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stops the given requests; their final outputs come with the next ``step``."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -172,123 +181,44 @@ class LLMEngine:
         """Number of requests not finished yet."""
         return self.scheduler.num_unfinished()
 
+    def get_model(self) -> Any:
+        """The model object (for inspection tools such as the models' check tool); only for an
+        executor that runs the model in this process.
+
+        Raises:
+            ValueError: the model runs in other processes.
+        """
+        worker = getattr(self.executor, "worker", None)
+        if worker is None:
+            raise ValueError(f"the model runs outside this process "
+                             f"({type(self.executor).__name__}); get_model() needs "
+                             "tensor_parallel_size=1")
+        return worker.model
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix block (requests in flight keep their blocks)."""
+        self.block_manager.reset_prefix_cache()
+
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduling step and returns the outputs of every request it touched."""
+        """Runs one step and returns the outputs of every request that got new tokens, new
+        prompt logprobs, or was aborted."""
         plan = self.scheduler.schedule()
-        groups = plan.scheduled
-        results: list[GroupSampleResult] = []
-        if not plan.is_empty():
-            tables = {seq.seq_id: self.block_manager.get_block_table(seq)
-                      for group in groups for seq in group.get_seqs(SequenceStatus.RUNNING)}
-            results = self.worker.execute(groups, tables, plan.blocks_to_swap_in,
-                                          plan.blocks_to_swap_out, plan.blocks_to_copy)
-        now = time.monotonic()
-        for group, result in zip(groups, results):
-            self._process(group, result, now)
+        result = ModelRunnerOutput()
+        if not plan.is_empty() or plan.new_requests or plan.finished_req_ids \
+                or plan.freed_seq_ids:
+            result = self.executor.execute_model(plan)
+        touched = self.scheduler.update_from_output(plan, result)
+        self.output_processor.process(touched)
         self.scheduler.free_finished()
-        outputs = [RequestOutput.from_seq_group(g) for g in groups]
+        outputs = [RequestOutput.from_seq_group(g) for g in touched]
         outputs += [RequestOutput.from_seq_group(g) for g in self._aborted]
-        for group in itertools.chain(groups, self._aborted):
+        for group in touched + self._aborted:
             if group.is_finished():
                 self._groups.pop(group.request_id, None)
         self._aborted = []
         return outputs
 
-    def _process(self, group: SequenceGroup, result: GroupSampleResult, now: float) -> None:
-        running = group.get_seqs(SequenceStatus.RUNNING)
-        first = group.is_prefill
-        for seq in running:
-            if first or seq.num_computed_tokens == 0:
-                self.num_prompt_tokens += seq.get_len() - seq.num_computed_tokens
-            seq.num_computed_tokens = seq.get_len()
-        if first:
-            group.first_token_time = now
-            group.prompt_logprobs = result.prompt_logprobs
-        self.num_generation_tokens += len(running)
-        if group.sampling_params.use_beam_search:
-            self._process_beams(group, result.samples)
-            return
-        if first and len(result.samples) > 1:
-            self._fork_children(group, running[0], result.samples)
-        for seq, sample in zip(group.get_seqs(SequenceStatus.RUNNING), result.samples):
-            seq.append_token(sample.token_id, sample.logprobs)
-            self._finish_check(group, seq)
-
-    def _fork_children(self, group: SequenceGroup, parent: Sequence,
-                       samples: list[SampleResult]) -> None:
-        for index in range(1, len(samples)):
-            child = parent.fork(next(self._seq_ids), group.child_generators[index])
-            self.block_manager.fork(parent, child)
-            group.add(child)
-
-    def _finish_check(self, group: SequenceGroup, seq: Sequence) -> None:
-        params = group.sampling_params
-        new_text = decode_new_text(self.tokenizer, seq, params.skip_special_tokens)
-        check_stop(seq, params, new_text, self.model_config.eos_token_id,
-                   self.scheduler_config.max_model_len)
-        if seq.is_finished():
-            if not isinstance(seq.stop_reason, str):  # a stop string has cut the text already
-                flush_text(self.tokenizer, seq)
-            self.block_manager.free(seq)
-
-    def _process_beams(self, group: SequenceGroup, candidates: list[SampleResult]) -> None:
-        params = group.sampling_params
-        parents = {seq.seq_id: seq for seq in group.get_seqs(SequenceStatus.RUNNING)}
-        max_len = self.scheduler_config.max_model_len
-        eos = self.model_config.eos_token_id
-
-        def ends(cand: SampleResult) -> bool:
-            parent = parents[cand.parent_seq_id]
-            out_len = parent.get_output_len() + 1
-            stop_token = (not params.ignore_eos and cand.token_id == eos) or \
-                cand.token_id in params.stop_token_ids
-            return ((stop_token and out_len >= params.min_tokens)
-                    or (params.max_tokens is not None and out_len >= params.max_tokens)
-                    or parent.get_len() + 1 >= max_len)
-
-        flags = [ends(c) for c in candidates]
-        step = beam_step(group, candidates, flags,
-                         {sid: seq.get_output_len() for sid, seq in parents.items()})
-        for score, cand in step.finished:
-            hyp = parents[cand.parent_seq_id].fork(-1)
-            hyp.append_token(cand.token_id, cand.logprobs)
-            hyp.output_text = self.tokenizer.decode(
-                hyp.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-            stopped = cand.token_id == eos or cand.token_id in params.stop_token_ids
-            hyp.status = (SequenceStatus.FINISHED_STOPPED if stopped
-                          else SequenceStatus.FINISHED_LENGTH_CAPPED)
-            group.beam_hypotheses.append((score, hyp))
-        group.beam_hypotheses.sort(key=lambda item: item[0], reverse=True)
-        del group.beam_hypotheses[params.best_of:]
-        if step.done:
-            group.beam_search_done = True
-            for seq in parents.values():
-                seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
-                self.block_manager.free(seq)
-            group.seqs = [seq for _, seq in group.beam_hypotheses]
-            return
-        self._advance_beams(group, parents, step.running)
-
-    def _advance_beams(self, group: SequenceGroup, parents: dict[int, Sequence],
-                       running: list[SampleResult]) -> None:
-        chosen: dict[int, list[SampleResult]] = {}
-        for cand in running:
-            chosen.setdefault(cand.parent_seq_id, []).append(cand)
-        extended: list[tuple[Sequence, SampleResult]] = []
-        for parent_id, parent in parents.items():
-            picks = chosen.get(parent_id, [])
-            if not picks:
-                parent.status = SequenceStatus.FINISHED_ABORTED
-                self.block_manager.free(parent)
-                group.remove(parent_id)
-                continue
-            for cand in picks[1:]:
-                child = parent.fork(next(self._seq_ids))
-                self.block_manager.fork(parent, child)
-                group.add(child)
-                extended.append((child, cand))
-            extended.append((parent, picks[0]))
-        for seq, cand in extended:
-            seq.append_token(cand.token_id, cand.logprobs)
-            seq.cumulative_logprob = cand.cumulative_logprob
+    def shutdown(self) -> None:
+        """Releases the executor's workers."""
+        self.executor.shutdown()

@@ -1,0 +1,46 @@
+"""The stop rules, in one place: when a new token ends a sequence, and where a stop string cuts
+its text. Used by sampling, parallel sampling and beam search alike.
+
+Order of precedence for a new token (all but the length limits only once ``min_tokens`` tokens
+have been generated): the EOS token (unless ``ignore_eos``), a stop token id, a stop string in
+the new text, then ``max_tokens`` and the model's length limit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sequence import SequenceStatus
+
+
+def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len: int,
+               eos_token_id: Optional[int], max_model_len: int,
+               ) -> Optional[tuple[SequenceStatus, Optional[int]]]:
+    """Whether the token just generated ends its sequence, by its id or by a length limit.
+
+    ``output_len`` and ``total_len`` count the token. Returns the finished status and the stop
+    reason (the stop token id; None for EOS and length limits), or None if it goes on.
+    """
+    if output_len >= params.min_tokens:
+        if not params.ignore_eos and token_id == eos_token_id:
+            return SequenceStatus.FINISHED_STOPPED, None
+        if token_id in params.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED, token_id
+    if (params.max_tokens is not None and output_len >= params.max_tokens) \
+            or total_len >= max_model_len:
+        return SequenceStatus.FINISHED_LENGTH_CAPPED, None
+    return None
+
+
+def find_stop_string(text: str, new_len: int, params: SamplingParams,
+                     ) -> Optional[tuple[str, int]]:
+    """The first stop string that ends inside the last ``new_len`` characters of ``text``, and
+    where the text is cut for it (after the stop string with ``include_stop_str_in_output``,
+    else before it); None if there is none."""
+    for stop in params.stop_strings:
+        start = max(len(text) - new_len - len(stop) + 1, 0)
+        idx = text.find(stop, start)
+        if idx != -1:
+            return stop, idx + len(stop) if params.include_stop_str_in_output else idx
+    return None

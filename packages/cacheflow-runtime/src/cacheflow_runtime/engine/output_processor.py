@@ -1,0 +1,66 @@
+"""What the engine does with a step's new tokens before it hands outputs over: incremental
+detokenization, stop strings (the text half of core/stop.py's rules) and beam texts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cacheflow_runtime.core.scheduler import Scheduler
+from cacheflow_runtime.core.stop import find_stop_string
+from cacheflow_runtime.engine.detokenizer import decode_new_text, flush_text
+from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+class OutputProcessor:
+    """Turns the token ids of the requests a step touched into text, and ends the sequences
+    whose text reached a stop string (through the scheduler, which owns statuses).
+
+    ``tokenizer`` None (token ids in, token ids out) leaves every text empty and stop strings
+    unchecked.
+    """
+
+    def __init__(self, tokenizer: Any, scheduler: Scheduler) -> None:
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+
+    def process(self, groups: list[SequenceGroup]) -> None:
+        """Updates the texts of the sequences of ``groups`` that got a token since the last
+        call."""
+        for group in groups:
+            params = group.sampling_params
+            if params.use_beam_search:
+                if group.beam_search_done:
+                    self._beam_texts(group)
+                continue
+            for seq in group.get_seqs():
+                if seq.num_detokenized < seq.get_output_len():
+                    seq.num_detokenized = seq.get_output_len()
+                    self._append_text(group, seq)
+
+    def _append_text(self, group: SequenceGroup, seq: Sequence) -> None:
+        if self.tokenizer is None:
+            return
+        params = group.sampling_params
+        new_text = decode_new_text(self.tokenizer, seq, params.skip_special_tokens)
+        stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
+        if (new_text and not stopped_by_token and params.stop_strings
+                and seq.get_output_len() >= params.min_tokens):
+            found = find_stop_string(seq.output_text, len(new_text), params)
+            if found is not None:
+                stop, cut = found
+                seq.output_text = seq.output_text[:cut]
+                if seq.is_finished():  # length-capped by the same token: the stop string wins
+                    seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                else:
+                    self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
+                return
+        if seq.is_finished():
+            flush_text(self.tokenizer, seq)
+
+    def _beam_texts(self, group: SequenceGroup) -> None:
+        if self.tokenizer is None:
+            return
+        skip = group.sampling_params.skip_special_tokens
+        for _, hyp in group.beam_hypotheses:
+            hyp.output_text = self.tokenizer.decode(hyp.output_token_ids,
+                                                    skip_special_tokens=skip)
