@@ -211,7 +211,7 @@ def run_engine(model: str, dtype: str, device: str, out: Path, max_tokens: int) 
         outs = llm.generate(prompts, params, use_tqdm=False)
         timings[tp] = time.perf_counter() - start
         tokens[tp] = [o.outputs[0].token_ids for o in outs]
-        llm.shutdown()
+        llm.engine.shutdown()
     same = total = 0
     first_divergence = []
     for a, b in zip(tokens[1], tokens[2]):

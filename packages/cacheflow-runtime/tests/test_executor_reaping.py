@@ -12,20 +12,19 @@ from pathlib import Path
 
 import pytest
 from distributed_testutil import child_pids
-from tp_testmodel import save_tiny_tp_checkpoint, tiny_config
+from engine_testutil import write_checkpoint
 
 DRIVER = """
-import sys, time, torch
-from tp_testmodel import tiny_config, tiny_model_config
-from cacheflow_runtime.config import CacheConfig, ParallelConfig, SchedulerConfig
-from cacheflow_runtime.executor.factory import create_executor
+import sys, time
+from engine_testutil import CharTokenizer, model_config
+from cacheflow_runtime import CacheConfig, LLMEngine, ParallelConfig, SchedulerConfig
 
 if __name__ == "__main__":
-    executor = create_executor(tiny_model_config(sys.argv[1], tiny_config()),
-                               CacheConfig(block_size=8, num_device_blocks=8, num_cpu_blocks=2),
-                               SchedulerConfig(max_model_len=64), ParallelConfig(2, "mp"),
-                               torch.device("cpu"))
-    print(" ".join(str(p.pid) for p in executor.processes), flush=True)
+    engine = LLMEngine(model_config(sys.argv[1]),
+                       CacheConfig(block_size=8, num_device_blocks=8, num_cpu_blocks=2),
+                       SchedulerConfig(max_model_len=64), CharTokenizer(), "cpu",
+                       parallel_config=ParallelConfig(2, "mp"))
+    print(" ".join(str(p.pid) for p in engine.executor.processes), flush=True)
     while True:
         time.sleep(0.1)
 """
@@ -43,7 +42,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
-    path = save_tiny_tp_checkpoint(tmp_path / "ckpt", tiny_config())
+    path = write_checkpoint(tmp_path / "ckpt")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
                                                        os.environ.get("PYTHONPATH", "")]))
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(path)], env=env,

@@ -1,6 +1,8 @@
-"""The tensor-parallel executors on CPU (gloo): tp = 2 gives the tokens of tp = 1; failures of
-a worker end the engine with an error naming the rank and leave no process behind; sizes the
-model cannot take are refused before any process starts."""
+"""Tensor parallelism on CPU (gloo) through the engine: tp = 2 gives the tokens of tp = 1 with
+the multiprocess and the Ray executor; a worker that dies, hangs or raises ends the engine with
+an error naming its rank and leaves no process behind; sizes the model cannot take are refused
+before any process starts. The tiny decoder here has one KV head (fewer than the ranks: it is
+replicated) and a vocabulary of 43 (not divisible by 2)."""
 
 from __future__ import annotations
 
@@ -8,142 +10,171 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 from distributed_testutil import child_pids
-from executor_testutil import greedy_steps
-from tp_testmodel import save_tiny_tp_checkpoint, tiny_config, tiny_model_config
+from engine_testutil import CharTokenizer, TinyConfig, model_config, run_all, write_checkpoint
 
+from cacheflow_runtime import (
+    CacheConfig,
+    LLMEngine,
+    ParallelConfig,
+    SamplingParams,
+    SchedulerConfig,
+    WorkerFailedError,
+)
 from cacheflow_runtime import parallel_state as ps
-from cacheflow_runtime.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from cacheflow_runtime.core.step_data import ScheduledRequest, ScheduledSequence, SchedulerOutput
-from cacheflow_runtime.executor.base import Executor
-from cacheflow_runtime.executor.factory import check_tensor_parallel, create_executor
+from cacheflow_runtime.executor.factory import check_tensor_parallel
 from cacheflow_runtime.executor.in_process import InProcessExecutor
 from cacheflow_runtime.executor.multiproc import MultiprocExecutor
-from cacheflow_runtime.executor.rank_worker import WorkerFailedError
 from cacheflow_runtime.layers.linear import QKVParallelLinear
 
-PROMPTS = [[5, 1, 30, 7, 2, 36, 11, 4, 9], [3], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 0, 1]]
-MAX_TOKENS = 6
-# A failure must end the engine within 60 s (issue 11); the tests give CI 2x slack on the
-# heartbeat timeout they set, far below that.
+TP_CONFIG = TinyConfig(num_kv_heads=1, vocab_size=43)
+PROMPTS = [[5, 1, 30, 7, 2, 36, 11, 4, 9], [3], list(range(20, 40)) * 2]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+# A failure must end the engine within 60 s (issue 11); the hang test sets a 3 s heartbeat
+# timeout, the rest is slack for a busy CI machine.
 FAILURE_DEADLINE_S = 60.0
 
 
-def _executor(model_config: ModelConfig, tp: int, backend: str | None = None) -> Executor:
-    executor = create_executor(model_config, CacheConfig(block_size=8, num_device_blocks=32,
-                                                         num_cpu_blocks=4),
-                               SchedulerConfig(max_model_len=64), ParallelConfig(tp, backend),
-                               torch.device("cpu"))
-    blocks = executor.determine_num_available_blocks()
-    executor.initialize_cache(*blocks)
-    return executor
+def _engine(folder: Path, tp: int, backend: Optional[str] = None,
+            config: TinyConfig = TP_CONFIG) -> LLMEngine:
+    # a 16-token step budget splits the longest prompt into chunks (chunked prefill)
+    return LLMEngine(model_config(folder, config),
+                     CacheConfig(block_size=8, num_device_blocks=64, num_cpu_blocks=16),
+                     SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16,
+                                     max_model_len=512),
+                     CharTokenizer(), "cpu", parallel_config=ParallelConfig(tp, backend))
+
+
+def _tokens(engine: LLMEngine) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in run_all(engine, PROMPTS, GREEDY)]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
-    config = tiny_config()
-    return tiny_model_config(save_tiny_tp_checkpoint(tmp_path_factory.mktemp("tinytp"), config),
-                             config)
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tinytp"), config=TP_CONFIG)
 
 
 @pytest.fixture(scope="module")
-def reference_tokens(tiny: ModelConfig) -> list[list[int]]:
-    executor = _executor(tiny, 1)
-    assert isinstance(executor, InProcessExecutor)
-    return greedy_steps(executor, PROMPTS, MAX_TOKENS)
+def reference_tokens(tiny: Path) -> list[list[int]]:
+    engine = _engine(tiny, 1)
+    assert isinstance(engine.executor, InProcessExecutor)
+    return _tokens(engine)
 
 
-def test_mp_tp2_matches_tp1(tiny: ModelConfig, reference_tokens: list[list[int]]) -> None:
-    executor = _executor(tiny, 2, "mp")
+def test_mp_tp2_matches_tp1(tiny: Path, reference_tokens: list[list[int]]) -> None:
+    engine = _engine(tiny, 2, "mp")
+    executor = engine.executor
     try:
         assert isinstance(executor, MultiprocExecutor)
         assert executor.backend == "gloo (torch.distributed)"
-        assert executor.determine_num_available_blocks() == (32, 4)
-        assert greedy_steps(executor, PROMPTS, MAX_TOKENS) == reference_tokens
-        pids = [p.pid for p in executor.processes]
-        assert set(pids) <= child_pids()
+        assert engine.num_device_blocks == 64
+        assert _tokens(engine) == reference_tokens
+        pids = {p.pid for p in executor.processes}
+        assert pids <= child_pids()
+        with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+            engine.get_model()
     finally:
-        executor.shutdown()
-    assert not set(pids) & child_pids()
-    executor.shutdown()  # idempotent
+        engine.shutdown()
+    assert not pids & child_pids()
+    engine.shutdown()  # idempotent
 
 
-def test_killed_worker_fails_the_step_naming_its_rank(tiny: ModelConfig) -> None:
-    executor = _executor(tiny, 2, "mp")
+def test_default_backend_of_tp2_is_mp(tiny: Path) -> None:
+    engine = _engine(tiny, 2)
+    try:
+        assert isinstance(engine.executor, MultiprocExecutor)
+    finally:
+        engine.shutdown()
+
+
+def _run_until_failure(engine: LLMEngine, hurt: int, action: signal.Signals) -> float:
+    """Steps the engine; before step ``hurt`` sends ``action`` to rank 1. Returns the seconds
+    from then to the error."""
+    executor = engine.executor
     assert isinstance(executor, MultiprocExecutor)
-    pids = [p.pid for p in executor.processes]
-    assert pids[1] is not None
+    victim = executor.processes[1].pid
+    assert victim is not None
+    for i, ids in enumerate(PROMPTS):
+        engine.add_request(str(i), None, GREEDY, ids)
+    for step in range(1000):
+        if step == hurt:
+            start = time.monotonic()
+            os.kill(victim, action)
+        try:
+            engine.step()
+        except WorkerFailedError:
+            return time.monotonic() - start
+    raise AssertionError("the engine went on without rank 1")
 
-    def kill_rank_1(step: int) -> None:
-        if step == 1:
-            os.kill(pids[1], signal.SIGKILL)
 
-    start = time.monotonic()
-    with pytest.raises(WorkerFailedError) as info:
-        greedy_steps(executor, PROMPTS, MAX_TOKENS, after_step=kill_rank_1)
-    assert time.monotonic() - start < FAILURE_DEADLINE_S
+def test_killed_worker_fails_the_engine_naming_its_rank(tiny: Path) -> None:
+    engine = _engine(tiny, 2, "mp")
+    executor = engine.executor
+    assert isinstance(executor, MultiprocExecutor)
+    pids = {p.pid for p in executor.processes}
+    elapsed = _run_until_failure(engine, 2, signal.SIGKILL)
+    assert elapsed < FAILURE_DEADLINE_S
+    with pytest.raises(WorkerFailedError) as info:  # the engine stays failed
+        engine.step()
     assert info.value.rank == 1
     assert "rank 1" in str(info.value) and "SIGKILL" in str(info.value)
-    assert not set(pids) & child_pids()
-    # the executor stays failed: later calls raise the same error at once
-    with pytest.raises(WorkerFailedError, match="rank 1"):
-        executor.execute_model(SchedulerOutput())
+    assert not pids & child_pids()
 
 
-def test_hung_worker_fails_the_step_naming_its_rank(tiny: ModelConfig,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hung_worker_fails_the_engine_naming_its_rank(tiny: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHEFLOW_WORKER_TIMEOUT_S", "3")
-    executor = _executor(tiny, 2, "mp")
+    engine = _engine(tiny, 2, "mp")
+    executor = engine.executor
     assert isinstance(executor, MultiprocExecutor)
-    pids = [p.pid for p in executor.processes]
-    assert pids[1] is not None
-    start = time.monotonic()
-    os.kill(pids[1], signal.SIGSTOP)
+    pids = {p.pid for p in executor.processes}
+    elapsed = _run_until_failure(engine, 1, signal.SIGSTOP)
+    assert elapsed < FAILURE_DEADLINE_S
     with pytest.raises(WorkerFailedError) as info:
-        greedy_steps(executor, PROMPTS, MAX_TOKENS)
-    assert time.monotonic() - start < FAILURE_DEADLINE_S
+        engine.step()
     assert info.value.rank == 1
     assert "has not responded" in str(info.value)
-    assert not set(pids) & child_pids()
+    assert not pids & child_pids()
 
 
-def test_worker_exception_is_reported_with_its_traceback(tiny: ModelConfig) -> None:
-    executor = _executor(tiny, 2, "mp")
+def test_worker_exception_is_reported_with_its_traceback(tiny: Path) -> None:
+    engine = _engine(tiny, 2, "mp")
+    executor = engine.executor
+    assert isinstance(executor, MultiprocExecutor)
     try:
-        bad = SchedulerOutput(scheduled=[ScheduledRequest(
-            "never-added", [ScheduledSequence(0, [1], 0, block_ids=[0], output_token_ids=[])],
-            do_sample=True)])
         with pytest.raises(WorkerFailedError) as info:
-            executor.execute_model(bad)
+            executor._call_all("no_such_method")
         assert info.value.rank in (0, 1)
-        assert "KeyError" in str(info.value) and "never-added" in str(info.value)
+        assert "AttributeError" in str(info.value) and "no_such_method" in str(info.value)
+        assert not {p.pid for p in executor.processes} & child_pids()
     finally:
-        executor.shutdown()
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("overrides, tp, message", [
     (dict(), 3, "does not divide the model's 4 attention heads"),
     (dict(num_heads=6, num_kv_heads=3), 2, "3 KV heads do not divide"),
-    (dict(intermediate_size=47), 2, "output size (47) is not divisible"),
+    (dict(intermediate_size=47), 2, "fused projection (47) is not divisible"),
 ])
 def test_bad_tensor_parallel_size_is_refused_before_any_process(
         tmp_path: Path, overrides: dict[str, int], tp: int, message: str) -> None:
-    config = tiny_config(**overrides)
-    model_config = tiny_model_config(tmp_path, config)  # no checkpoint needed: nothing loads
+    config = TinyConfig(**{"num_kv_heads": 1, **overrides})
     before = child_pids()
     with pytest.raises(ValueError) as info:
-        _executor(model_config, tp, "mp")
+        _engine(tmp_path, tp, "mp", config)  # nothing is loaded: no checkpoint needed
     assert message in str(info.value)
     assert f"tensor_parallel_size={tp}" in str(info.value)
     assert child_pids() == before
 
 
-def test_fewer_kv_heads_than_ranks_are_replicated(tiny: ModelConfig) -> None:
+def test_fewer_kv_heads_than_ranks_are_replicated(tiny: Path) -> None:
     # 1 KV head over 4 ranks: accepted, and every rank holds the same copy of it
-    check_tensor_parallel(tiny, ParallelConfig(4, "mp"), torch.device("cpu"))
+    check_tensor_parallel(model_config(tiny, TP_CONFIG), ParallelConfig(4, "mp"),
+                          torch.device("cpu"))
     torch.manual_seed(0)
     fused = torch.randn((4 + 2 * 1) * 8, 32)
     shards = []
@@ -159,17 +190,17 @@ def test_fewer_kv_heads_than_ranks_are_replicated(tiny: ModelConfig) -> None:
 
 
 @pytest.mark.slow  # a local Ray cluster takes 10-20 s to start on a 2-core machine
-def test_ray_tp2_matches_tp1(tiny: ModelConfig, reference_tokens: list[list[int]]) -> None:
+def test_ray_tp2_matches_tp1(tiny: Path, reference_tokens: list[list[int]]) -> None:
     ray = pytest.importorskip("ray")
-    # the actors import the test model from this folder
+    # the actors import the tiny decoder from this folder
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     try:
-        executor = _executor(tiny, 2, "ray")
+        engine = _engine(tiny, 2, "ray")
         try:
-            assert executor.determine_num_available_blocks() == (32, 4)
-            assert greedy_steps(executor, PROMPTS, MAX_TOKENS) == reference_tokens
+            assert engine.num_device_blocks == 64
+            assert _tokens(engine) == reference_tokens
         finally:
-            executor.shutdown()
+            engine.shutdown()
     finally:
         ray.shutdown()

@@ -63,7 +63,10 @@ def run_serve(args: argparse.Namespace) -> int:
                          served_model_names=names,
                          shutdown_grace_period=args.shutdown_grace_period,
                          log_level=args.log_level)
-    server.run()
+    try:
+        server.run()
+    finally:  # releases tensor-parallel workers at once (they also exit when we are gone)
+        llm.engine.shutdown()
     return 0
 
 
