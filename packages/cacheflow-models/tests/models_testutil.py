@@ -10,7 +10,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from cacheflow_models import build_model_config, load_tokenizer
-from cacheflow_runtime import CacheConfig, LLMEngine, RequestOutput, SamplingParams, SchedulerConfig
+from cacheflow_runtime import (
+    CacheConfig,
+    LLMEngine,
+    ParallelConfig,
+    RequestOutput,
+    SamplingParams,
+    SchedulerConfig,
+)
 from cacheflow_runtime import parallel_state as ps
 from cacheflow_runtime.layers.embedding import VocabParallelEmbedding
 from cacheflow_runtime.layers.linear import (
@@ -27,26 +34,32 @@ from cacheflow_runtime.weights import iterate_weights
 def run_engine(path: Path, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams],
                dtype: str = "float32", device: str = "cpu", enforce_eager: bool = False,
-               engine_out: list[LLMEngine] | None = None,
+               engine_out: list[LLMEngine] | None = None, tensor_parallel_size: int = 1,
                **cache: Any) -> list[RequestOutput]:
     """Runs all prompts as one batch through an engine (float32 on CPU by default).
 
-    Outputs come back in prompt order.
+    Outputs come back in prompt order. With ``tensor_parallel_size`` > 1 the ranks are worker
+    processes (gloo on CPU), released before returning.
     """
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     model_config = build_model_config(path, dtype, None, device.split(":")[0])
     engine = LLMEngine(model_config, CacheConfig(num_device_blocks=cache.get("blocks", 256)),
                        SchedulerConfig(max_model_len=model_config.max_model_len),
-                       load_tokenizer(path), device, enforce_eager=enforce_eager)
+                       load_tokenizer(path), device, enforce_eager=enforce_eager,
+                       parallel_config=ParallelConfig(tensor_parallel_size))
     if engine_out is not None:
         engine_out.append(engine)
     for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
         engine.add_request(str(i), None, p, ids)
     done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+    finally:
+        if tensor_parallel_size > 1:
+            engine.shutdown()
     return [done[str(i)] for i in range(len(prompts))]
 
 
