@@ -103,7 +103,7 @@ def _bandwidth(rank: int, device: Any, torch: Any) -> dict[str, Any]:
     comm = ps.get_communicator()
     assert comm is not None
     nbytes = BANDWIDTH_BYTES[device.type]
-    x = torch.ones(nbytes // 2, dtype=torch.float16, device=device)
+    x = torch.zeros(nbytes // 2, dtype=torch.float16, device=device)
     torch_group = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo")
     iters = 20 if device.type == "cuda" else 3
 

@@ -206,11 +206,9 @@ class MultiprocExecutor(Executor):
         results: dict[int, Any] = {}
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self.processes)}
         conns = {id(conn): rank for rank, conn in enumerate(self._conns)}
-        first = True
-        while pending or first:
+        while pending:
             ready = multiprocessing.connection.wait(list(self._conns) + list(sentinels),
-                                                    timeout=_POLL_S if pending else 0)
-            first = False
+                                                    timeout=_POLL_S)
             for obj in ready:
                 if isinstance(obj, int):
                     rank = sentinels[obj]
@@ -281,12 +279,6 @@ class MultiprocExecutor(Executor):
         output = self._collect([0], "a step")[0]
         assert isinstance(output, ModelRunnerOutput)
         return output
-
-    def check_health(self) -> None:
-        """Raises WorkerFailedError when a worker has died, failed or stopped answering."""
-        if self._failure is not None:
-            raise self._failure
-        self._collect([], "a health check")
 
     def shutdown(self) -> None:
         """Stops and reaps every worker process; idempotent."""
