@@ -207,6 +207,7 @@ def run_engine(model: str, dtype: str, device: str, out: Path, max_tokens: int) 
     for tp in (1, 2):
         llm = LLM(model, dtype=dtype, device=device, tensor_parallel_size=tp,
                   distributed_executor_backend="mp" if tp > 1 else None)
+        llm.generate(prompts[:1], SamplingParams(max_tokens=1), use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         timings[tp] = time.perf_counter() - start
