@@ -204,3 +204,13 @@ def test_ray_tp2_matches_tp1(tiny: Path, reference_tokens: list[list[int]]) -> N
             engine.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_more_ranks_than_visible_gpus_is_refused(tiny: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = model_config(tiny, TP_CONFIG)
+    with pytest.raises(ValueError, match="needs 2 GPUs on this host but only 1 are visible"):
+        check_tensor_parallel(config, ParallelConfig(2, "mp"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        check_tensor_parallel(config, ParallelConfig(2, "mp"), torch.device("cuda:1"))
