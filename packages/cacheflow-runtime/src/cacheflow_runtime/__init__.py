@@ -4,6 +4,7 @@ from cacheflow_runtime import kernels  # noqa: F401  (checks the kernels ABI at 
 from cacheflow_runtime.config import (
     CacheConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     parse_dtype,
     resolve_device,
@@ -23,6 +24,7 @@ from cacheflow_runtime.errors import (
     InvalidArgumentError,
     InvalidRequestError,
 )
+from cacheflow_runtime.executor.rank_worker import WorkerFailedError
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 
@@ -31,6 +33,6 @@ __version__ = "0.1.0"
 __all__ = ["AsyncLLMEngine", "CacheConfig", "CacheflowUserError", "CheckpointError",
            "CompletionOutput", "EngineClosedError", "EngineOverloadedError", "EngineStats",
            "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "ModelConfig",
-           "RequestOutput",
-           "RequestStream", "SamplingParams", "SchedulerConfig", "__version__", "parse_dtype",
+           "ParallelConfig", "RequestOutput", "RequestStream", "SamplingParams",
+           "SchedulerConfig", "WorkerFailedError", "__version__", "parse_dtype",
            "resolve_device", "stop_string_holdback"]

@@ -14,7 +14,7 @@ from cacheflow_serve.bench_latency import add_latency_arguments, run_latency
 from cacheflow_serve.bench_prefix import add_prefix_arguments, run_prefix
 from cacheflow_serve.bench_throughput import add_throughput_arguments, run_throughput
 from cacheflow_serve.llm import LLM
-from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
+from cacheflow_serve.serve_cli import add_parallel_arguments, add_serve_arguments, run_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-cache-dtype", default="auto",
                      help="KV cache storage: auto (the model's dtype) or fp8 (FP8 E4M3, "
                      "alias fp8_e4m3: twice the tokens in the same memory)")
+    add_parallel_arguments(gen)
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True,
@@ -61,7 +62,9 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+              tensor_parallel_size=args.tensor_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

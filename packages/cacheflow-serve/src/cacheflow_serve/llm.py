@@ -23,6 +23,7 @@ from cacheflow_runtime import (
     InvalidArgumentError,
     InvalidRequestError,
     LLMEngine,
+    ParallelConfig,
     RequestOutput,
     SamplingParams,
     SchedulerConfig,
@@ -85,6 +86,9 @@ class LLM:
     (both ``ValueError``s, from ``cacheflow_runtime.errors``).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (alias "fp8_e4m3": an FP8 E4M3
     cache, twice the tokens in the same memory).
+    ``tensor_parallel_size`` N > 1 splits the model over N GPUs (or N CPU processes), run by
+    one worker process per rank on this host (``distributed_executor_backend="mp"``, the
+    default) or by Ray actors across hosts (``"ray"``).
     """
 
     def __init__(self, model: Optional[str | Path] = None, *,
@@ -97,7 +101,9 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True,
-                 kv_cache_dtype: str = "auto") -> None:
+                 kv_cache_dtype: str = "auto",
+                 tensor_parallel_size: int = 1,
+                 distributed_executor_backend: Optional[str] = None) -> None:
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
         for name, flag in (("enable_prefix_caching", enable_prefix_caching),
@@ -105,6 +111,7 @@ class LLM:
             if not isinstance(flag, bool):
                 raise InvalidArgumentError(f"LLM({name}=...) must be True or False, got {flag!r}",
                                            field=name, value=flag)
+        parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         resolved = resolve_device(device)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
@@ -127,7 +134,7 @@ class LLM:
                                            enable_chunked_prefill=enable_chunked_prefill)
         self.engine = LLMEngine(model_config, cache_config, scheduler_config,
                                 self.tokenizer or TokenIdsOnly(), resolved, seed,
-                                enforce_eager=enforce_eager)
+                                enforce_eager=enforce_eager, parallel_config=parallel_config)
         self._max_prompt_chars = (max_prompt_chars(self.tokenizer, model_config.max_model_len)
                                   if self.tokenizer is not None else 0)
         self._counter = itertools.count()

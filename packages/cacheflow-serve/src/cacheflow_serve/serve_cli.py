@@ -44,6 +44,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step from Python (no CUDA graphs of decode steps)")
     add_core_arguments(parser)
+    add_parallel_arguments(parser)
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
 
@@ -80,6 +81,15 @@ def resolve_api_key(given: Optional[str]) -> Optional[str]:
     return key
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size and --distributed-executor-backend (serve and generate)."""
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many GPUs (or CPU processes)")
+    parser.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                        help="who runs the ranks: one process per GPU on this host (mp, the "
+                             "default) or Ray actors across the hosts of a Ray cluster")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Runs ``cacheflow serve`` until a signal stops it."""
     from cacheflow_runtime import AsyncLLMEngine
@@ -97,14 +107,19 @@ def run_serve(args: argparse.Namespace) -> int:
               enable_prefix_caching=args.enable_prefix_caching,
               enable_chunked_prefill=args.enable_chunked_prefill,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype,
+              tensor_parallel_size=args.tensor_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
     server = make_server(engine, host=args.host, port=args.port, api_key=api_key,
                          served_model_names=names,
                          shutdown_grace_period=args.shutdown_grace_period,
                          log_level=args.log_level)
-    server.run()
+    try:
+        server.run()
+    finally:  # releases tensor-parallel workers at once (they also exit when we are gone)
+        llm.engine.shutdown()
     return 0
 
 

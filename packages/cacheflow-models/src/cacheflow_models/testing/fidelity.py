@@ -20,6 +20,7 @@ from cacheflow_models.tokenizer import load_tokenizer
 from cacheflow_runtime import (
     CacheConfig,
     LLMEngine,
+    ParallelConfig,
     RequestOutput,
     SamplingParams,
     SchedulerConfig,
@@ -41,27 +42,34 @@ def prompt_batch(lengths: tuple[int, ...] = (1, 7, 16, 17, 40), seed: int = 1234
 def run_engine(path: str | Path, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], dtype: str = "float32",
                device: str = "cpu", enforce_eager: bool = False,
-               engine_out: list[LLMEngine] | None = None, **cache: Any) -> list[RequestOutput]:
+               engine_out: list[LLMEngine] | None = None, tensor_parallel_size: int = 1,
+               **cache: Any) -> list[RequestOutput]:
     """Runs all prompts as one batch through an ``LLMEngine`` on the checkpoint at ``path``
     (float32 on CPU by default) and returns the finished outputs in prompt order.
 
     ``engine_out``: a list the engine is appended to (to inspect it afterwards);
-    ``blocks=N`` sets the number of KV-cache blocks (256).
+    ``blocks=N`` sets the number of KV-cache blocks (256). With ``tensor_parallel_size`` > 1
+    the ranks are worker processes (gloo on CPU), released before returning.
     """
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     model_config = build_model_config(path, dtype, None, device.split(":")[0])
     engine = LLMEngine(model_config, CacheConfig(num_device_blocks=cache.get("blocks", 256)),
                        SchedulerConfig(max_model_len=model_config.max_model_len),
-                       load_tokenizer(path), device, enforce_eager=enforce_eager)
+                       load_tokenizer(path), device, enforce_eager=enforce_eager,
+                       parallel_config=ParallelConfig(tensor_parallel_size))
     if engine_out is not None:
         engine_out.append(engine)
     for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
         engine.add_request(str(i), None, p, ids)
     done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+    finally:
+        if tensor_parallel_size > 1:
+            engine.shutdown()
     return [done[str(i)] for i in range(len(prompts))]
 
 

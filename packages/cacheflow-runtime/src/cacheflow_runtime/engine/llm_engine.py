@@ -12,12 +12,19 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, resolve_device
+from cacheflow_runtime.config import (
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_device,
+)
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.step_data import ModelRunnerOutput
 from cacheflow_runtime.engine.output_processor import OutputProcessor
-from cacheflow_runtime.executor import Executor, InProcessExecutor
+from cacheflow_runtime.executor import Executor
+from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.outputs import RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.sequence import Sequence, SequenceGroup
@@ -33,12 +40,15 @@ class LLMEngine:
     prompts must be token ids and outputs carry token ids only (no text, no stop strings).
     On CUDA, decode steps replay CUDA graphs captured at construction
     (model_executor/cuda_graphs.py); ``enforce_eager=True`` runs every step from Python.
+    ``parallel_config`` splits the model over ``tensor_parallel_size`` ranks (worker processes
+    or Ray actors, see executor/factory.py); ``shutdown()`` releases them.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, tokenizer: Any,
                  device: str | Any = "auto", seed: int = 0,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False,
+                 parallel_config: Optional[ParallelConfig] = None) -> None:
         if scheduler_config.max_model_len > model_config.max_model_len:
             raise ValueError(f"max_model_len ({scheduler_config.max_model_len}) is larger than "
                              f"the model's limit ({model_config.max_model_len})")
@@ -47,11 +57,16 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
-        self.executor: Executor = InProcessExecutor(model_config, cache_config,
-                                                    scheduler_config, self.device, seed,
-                                                    enforce_eager=enforce_eager)
-        num_device_blocks, num_cpu_blocks = self.executor.determine_num_available_blocks()
-        self.executor.initialize_cache(num_device_blocks, num_cpu_blocks)
+        self.parallel_config = parallel_config or ParallelConfig()
+        self.executor: Executor = create_executor(model_config, cache_config, scheduler_config,
+                                                  self.parallel_config, self.device, seed,
+                                                  enforce_eager)
+        try:
+            num_device_blocks, num_cpu_blocks = self.executor.determine_num_available_blocks()
+            self.executor.initialize_cache(num_device_blocks, num_cpu_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.uses_cuda_graphs = self.executor.uses_cuda_graphs
         self.block_manager = BlockSpaceManager(
             cache_config.block_size, num_device_blocks, num_cpu_blocks,

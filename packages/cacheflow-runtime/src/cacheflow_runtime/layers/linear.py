@@ -89,6 +89,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True,
                  params_dtype: Optional[torch.dtype] = None) -> None:
         self.output_sizes = list(output_sizes)
+        tp = ps.get_tensor_parallel_world_size()
+        for i, size in enumerate(self.output_sizes):  # each rank holds a slice of every part
+            divide(size, tp, f"part {i} of the fused projection")
         super().__init__(input_size, sum(output_sizes), bias, False, params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,

@@ -19,6 +19,7 @@ from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
 from cacheflow_runtime.model_executor.model_runner import ModelRunner
 from cacheflow_runtime.model_executor.request_states import RequestStates
 from cacheflow_runtime.model_loader import load_model
+from cacheflow_runtime.parallel_state import get_tensor_parallel_world_size
 
 _GIB = 1 << 30
 
@@ -59,6 +60,7 @@ class Worker:
     def determine_num_available_blocks(self) -> tuple[int, int]:
         """(device blocks, cpu blocks) the cache can have, from the config or from memory."""
         per_block = block_bytes(self.model_config, self.cache_config.block_size,
+                                get_tensor_parallel_world_size(),
                                 cache_dtype=self.cache_config.cache_dtype)
         cpu_blocks = self.cache_config.num_cpu_blocks
         if cpu_blocks is None:
@@ -101,7 +103,8 @@ class Worker:
         """Allocates the KV cache, then captures CUDA graphs of decode steps when the device and
         the model allow it (and ``enforce_eager`` is off)."""
         self.cache_engine = CacheEngine(self.model_config, self.cache_config, self.device,
-                                        num_device_blocks, num_cpu_blocks)
+                                        num_device_blocks, num_cpu_blocks,
+                                        get_tensor_parallel_world_size())
         if (not self.enforce_eager and self.device.type == "cuda"
                 and supports_graphs(self.model, self.cache_config.block_size)):
             self.runner.capture_decode_graphs(self.cache_engine.device_cache,

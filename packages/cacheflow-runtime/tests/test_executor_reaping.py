@@ -1,0 +1,69 @@
+"""No worker process outlives its driver: Ctrl-C of the terminal's process group (the driver's
+finalizer reaps), and SIGTERM / SIGKILL of the driver alone (the workers' watchdog exits)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed_testutil import child_pids
+from engine_testutil import write_checkpoint
+
+DRIVER = """
+import sys, time
+from engine_testutil import CharTokenizer, model_config
+from cacheflow_runtime import CacheConfig, LLMEngine, ParallelConfig, SchedulerConfig
+
+if __name__ == "__main__":
+    engine = LLMEngine(model_config(sys.argv[1]),
+                       CacheConfig(block_size=8, num_device_blocks=8, num_cpu_blocks=2),
+                       SchedulerConfig(max_model_len=64), CharTokenizer(), "cpu",
+                       parallel_config=ParallelConfig(2, "mp"))
+    print(" ".join(str(p.pid) for p in engine.executor.processes), flush=True)
+    while True:
+        time.sleep(0.1)
+"""
+# Reaping is prompt (the watchdog polls every 0.5 s); the bound leaves a busy CI machine slack.
+REAP_DEADLINE_S = 30.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
+    path = write_checkpoint(tmp_path / "ckpt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(path)], env=env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert driver.stdout is not None
+        workers = [int(p) for p in driver.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        # the workers, and multiprocessing's resource tracker
+        children = child_pids(driver.pid)
+        assert set(workers) <= children
+        if how == "ctrl-c":
+            os.killpg(driver.pid, signal.SIGINT)  # the whole group, as a terminal does
+        else:
+            driver.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        driver.wait(REAP_DEADLINE_S)
+        deadline = time.monotonic() + REAP_DEADLINE_S
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in children if _alive(p)]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
