@@ -1,4 +1,8 @@
-"""The ``cacheflow`` command."""
+"""The ``cacheflow`` command.
+
+Only argparse and the option tables are imported before the arguments are parsed: torch,
+transformers and the engine come in when a subcommand runs, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from cacheflow_runtime import SamplingParams
 from cacheflow_serve.bench import add_bench_arguments, run_bench
-from cacheflow_serve.llm import LLM
+from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
 from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
+
+# ``generate`` states its sampling options itself (its --seed is the request's seed).
+_GENERATE_SKIPS = ("seed", "generation_config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--enforce-eager", action="store_true",
-                     help="run every step from Python (no CUDA graphs of decode steps)")
+    # --seed above is the request's; the engine seed keeps LLM's default here.
+    add_engine_arguments(gen, skip=_GENERATE_SKIPS)
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -41,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Runs ``cacheflow generate``; prints each prompt's completion."""
+    from cacheflow_runtime import SamplingParams
+    from cacheflow_serve.llm import LLM
+
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device,
-              enforce_eager=args.enforce_eager)
+    llm = LLM(args.model, **llm_kwargs(args, skip=_GENERATE_SKIPS))
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

