@@ -49,6 +49,7 @@ def _llama_metadata_gguf(path: Path) -> Path:
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if i < 3 else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])
+    writer.add_token_scores([0.0] * len(tokens))
     writer.add_token_merges([])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)

@@ -88,6 +88,9 @@ def _config_from_gguf(parsed: GGUFFile) -> Optional[PretrainedConfig]:
         if isinstance(value, str) and arch in value:
             value = value.replace(arch, model_type)
         values[target] = value
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if "vocab_size" not in values and isinstance(tokens, list):
+        values["vocab_size"] = len(tokens)  # as transformers does when the file gives none
     values["model_type"] = model_type
     return CONFIG_MAPPING[model_type].from_dict(values)
 
