@@ -61,23 +61,24 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Eve
     return {"done": done, "chunks": chunks}
 
 
-async def _new_connection_during_grace(base_url: str) -> str:
-    """What a new client sees once the signal is in: the listener closes within a moment."""
+async def _new_connection_during_grace(base_url: str) -> list[str]:
+    """What new clients see once the signal is in: at most a moment of 503s (the engine stops
+    accepting at once), then refused connections (the listener closes on the next tick)."""
+    seen: list[str] = []
     deadline = time.monotonic() + 0.8 * GRACE
     while time.monotonic() < deadline:
         try:
             async with httpx.AsyncClient(base_url=base_url, timeout=2) as fresh:
-                status = (await fresh.get("/health")).status_code
+                seen.append(f"status {(await fresh.get('/health')).status_code}")
         except httpx.ConnectError:
-            return "refused"
-        if status != 200:
-            return f"status {status}"
+            seen.append("refused")
+            break
         await asyncio.sleep(0.02)
-    return "still accepted"
+    return seen
 
 
 async def _run_and_terminate(proc: subprocess.Popen[bytes], base_url: str
-                             ) -> tuple[list[dict[str, Any]], float, str]:
+                             ) -> tuple[list[dict[str, Any]], float, list[str]]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         firsts = [asyncio.Event() for _ in range(8)]
         tasks = [asyncio.ensure_future(_stream(client, LONG_TOKENS if i < 6 else 8, ev))
@@ -125,7 +126,9 @@ def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) ->
     output = proc.stdout.read().decode()  # type: ignore[union-attr]
     assert elapsed < 10, output
     assert proc.returncode == 0, output  # a completed graceful shutdown is a success
-    assert fresh == "refused", fresh  # as the serve README says: the listener closes at once
+    # As the serve README says: the listener closes at once (a 503 at most in the meantime).
+    assert fresh[-1] == "refused", fresh
+    assert set(fresh[:-1]) <= {"status 200", "status 503"}, fresh
     reasons = []
     for result in results:
         assert result["done"], "a stream ended without [DONE]"
