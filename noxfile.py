@@ -143,8 +143,8 @@ def kernel_wheel(session: nox.Session) -> str:
     partial = WHEELHOUSE / f"{key}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     build_env = {**env, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
-    session.run("python", "-m", "pip", "wheel", "--no-deps", str(package), "-w", str(partial),
-                env=build_env)
+    session.run_install("python", "-m", "pip", "wheel", "--no-deps", str(package), "-w",
+                        str(partial), env=build_env)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # only a finished build becomes visible
     entries = sorted((d for d in WHEELHOUSE.iterdir() if d.is_dir() and "." not in d.name),
