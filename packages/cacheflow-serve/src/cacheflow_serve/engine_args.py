@@ -59,11 +59,6 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def engine_keywords() -> list[str]:
-    """The ``LLM`` keywords that have a flag here (all but ``model``)."""
-    return list(_OPTIONS)
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """Adds one flag per ``LLM`` keyword (but those in ``skip``) in an "engine" group."""
     group = parser.add_argument_group("engine options (as LLM(...) takes them)")
