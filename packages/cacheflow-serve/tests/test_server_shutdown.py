@@ -1,4 +1,5 @@
-"""SIGTERM while streaming: `cacheflow serve` exits within 10 s and every stream ends properly.
+"""SIGTERM: `cacheflow serve` exits with status 0, every stream ends properly, new connections
+are refused during the grace period, and with nothing in flight it exits at once.
 
 "Properly": no client stream hangs; every stream ends with a chunk carrying a finish_reason and
 then ``data: [DONE]``. Requests that finish within the grace period end normally ("length"); the
@@ -60,8 +61,24 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Eve
     return {"done": done, "chunks": chunks}
 
 
+async def _new_connection_during_grace(base_url: str) -> list[str]:
+    """What new clients see once the signal is in: at most a moment of 503s (the engine stops
+    accepting at once), then refused connections (the listener closes on the next tick)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + 0.8 * GRACE
+    while time.monotonic() < deadline:
+        try:
+            async with httpx.AsyncClient(base_url=base_url, timeout=2) as fresh:
+                seen.append(f"status {(await fresh.get('/health')).status_code}")
+        except httpx.ConnectError:
+            seen.append("refused")
+            break
+        await asyncio.sleep(0.02)
+    return seen
+
+
 async def _run_and_terminate(proc: subprocess.Popen[bytes], base_url: str
-                             ) -> tuple[list[dict[str, Any]], float]:
+                             ) -> tuple[list[dict[str, Any]], float, list[str]]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         firsts = [asyncio.Event() for _ in range(8)]
         tasks = [asyncio.ensure_future(_stream(client, LONG_TOKENS if i < 6 else 8, ev))
@@ -69,32 +86,37 @@ async def _run_and_terminate(proc: subprocess.Popen[bytes], base_url: str
         await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        fresh = await _new_connection_during_grace(base_url)
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        return list(results), sent
+        return list(results), sent, fresh
 
 
-def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) -> None:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "cacheflow_serve", "serve", str(long_context_path),
+def _start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "cacheflow_serve", "serve", str(path),
            "--port", str(port), "--served-model-name", "tiny", "--device", "cpu",
-           "--dtype", "float32", "--kv-cache-blocks", "2048",
+           "--dtype", "float32", "--num-gpu-blocks-override", "2048",
            "--shutdown-grace-period", str(GRACE), "--log-level", "warning"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
-            try:
-                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+        try:
+            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
 
-        results, sent = asyncio.run(_run_and_terminate(proc, base_url))
+
+def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) -> None:
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    proc = _start_server(long_context_path, port)
+    try:
+        results, sent, fresh = asyncio.run(_run_and_terminate(proc, base_url))
         proc.wait(timeout=max(0.1, 10 - (time.monotonic() - sent)))
         elapsed = time.monotonic() - sent
     finally:
@@ -103,7 +125,10 @@ def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) ->
             proc.wait()
     output = proc.stdout.read().decode()  # type: ignore[union-attr]
     assert elapsed < 10, output
-    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert proc.returncode == 0, output  # a completed graceful shutdown is a success
+    # As the serve README says: the listener closes at once (a 503 at most in the meantime).
+    assert fresh[-1] == "refused", fresh
+    assert set(fresh[:-1]) <= {"status 200", "status 503"}, fresh
     reasons = []
     for result in results:
         assert result["done"], "a stream ended without [DONE]"
@@ -114,3 +139,24 @@ def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) ->
     assert reasons[:6] == ["abort"] * 6  # long ones were aborted after it
     assert elapsed >= GRACE * 0.9
     assert "Traceback" not in output, output
+
+
+def test_sigterm_with_nothing_in_flight_exits_within_a_second(long_context_path: Path) -> None:
+    """The issue asks for 1 s; the bound is 3 s to leave room for a busy CI machine."""
+    port = _free_port()
+    proc = _start_server(long_context_path, port)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0})
+        assert reply.status_code == 200
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read().decode()  # type: ignore[union-attr]
+    assert proc.returncode == 0, output
+    assert elapsed < 3.0, f"{elapsed:.2f} s\n{output}"

@@ -13,7 +13,7 @@ from cacheflow_models.registry import resolve_architecture
 from cacheflow_runtime.config import ModelConfig, is_int, parse_dtype
 from cacheflow_runtime.errors import CheckpointError, InvalidArgumentError
 from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
-from cacheflow_runtime.weights import detect_format
+from cacheflow_runtime.weights import GGUFFile, detect_format, gguf_file
 
 
 def split_gguf_path(path: str | Path) -> tuple[Path, Optional[str]]:
@@ -49,6 +49,15 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
     """
     folder, gguf_file = split_gguf_path(path)
     if gguf_file is not None:
+        try:
+            config = _config_from_gguf(gguf_file_of(folder / gguf_file))
+        except Exception as exc:  # the parser raises on truncated or corrupt files
+            raise CheckpointError(f"cannot read the GGUF file {folder / gguf_file}: "
+                                  f"{type(exc).__name__}: {exc}", file=folder / gguf_file) \
+                from exc
+        if config is not None:
+            config._name_or_path = str(folder)  # as from_pretrained(folder) sets it
+            return config
         return _from_pretrained(folder, gguf_file, folder / gguf_file)
     config_file = folder / "config.json"
     if not config_file.exists():
@@ -69,6 +78,51 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
     _check_heads(config_file, hidden, heads, raw.get("num_key_value_heads") or heads,
                  raw.get("head_dim"))
     return _from_pretrained(folder, None, config_file)
+
+
+def gguf_file_of(path: Path) -> GGUFFile:
+    """The runtime's parse of a GGUF file (shared with the weights: parsed once)."""
+    return gguf_file(path)
+
+
+# GGUF architectures whose HF config is the plain key mapping of transformers' GGUF tables
+# (the others need transformers' own special cases and are read by it).
+_PLAIN_GGUF_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def _config_from_gguf(parsed: GGUFFile) -> Optional[PretrainedConfig]:
+    """The HF config of a GGUF file from its already parsed metadata, the way transformers
+    derives it (its GGUF key tables, tied embeddings when there is no ``output.weight``).
+    None for an architecture outside ``_PLAIN_GGUF_ARCHS`` or an older transformers without
+    the tables: the caller then lets transformers read the file."""
+    try:
+        from transformers.integrations import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    except ImportError:
+        return None
+    meta = parsed.metadata
+    arch = str(meta.get("general.architecture", ""))
+    name = str(meta.get("general.name", ""))
+    # llama.cpp writes Mistral models as "llama"; transformers tells them apart by name.
+    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else arch
+    if model_type not in _PLAIN_GGUF_ARCHS or model_type not in GGUF_CONFIG_MAPPING:
+        return None
+    values: dict[str, Any] = {
+        "tie_word_embeddings": all(t.name != "output.weight" for t in parsed.tensors)}
+    values.update(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
+    for key, value in meta.items():
+        prefix, _, rest = key.partition(".")
+        prefix = model_type if prefix == arch else prefix
+        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if target is None or target == -1:
+            continue
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, model_type)
+        values[target] = value
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if "vocab_size" not in values and isinstance(tokens, list):
+        values["vocab_size"] = len(tokens)  # as transformers does when the file gives none
+    values["model_type"] = model_type
+    return CONFIG_MAPPING[model_type].from_dict(values)
 
 
 def read_config_json(config_file: Path) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from transformers import AutoTokenizer
 
-from cacheflow_models.hf_config import split_gguf_path
+from cacheflow_models.hf_config import gguf_file_of, split_gguf_path
 from cacheflow_runtime.errors import CheckpointError, InvalidRequestError
 
 #: Files that hold a Hugging Face tokenizer (any one of them is enough for transformers).
@@ -19,6 +19,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _HOW_TO_PROCEED = ("pass tokenizer=<folder or .gguf file with the tokenizer> (--tokenizer), or "
                    "skip_tokenizer_init=True (--skip-tokenizer-init) to send and receive token "
                    "ids only")
+
+# GGUF files whose tokenizer AutoTokenizer builds as a plain TokenizersBackend (byte-level BPE
+# vocabularies of these architectures). For them the backend is built directly: AutoTokenizer
+# would first derive the model config through transformers' slow GGUF reader just to pick that
+# class. Other GGUF files go through AutoTokenizer.
+_BACKEND_GGUF = {("llama", "gpt2"), ("qwen2", "gpt2")}
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -36,8 +42,7 @@ def load_tokenizer(path: str | Path) -> Any:
                               f"{', '.join(TOKENIZER_FILES)}; {_HOW_TO_PROCEED}", file=folder)
     where = folder / gguf_file if gguf_file else folder
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file,
-                                                  local_files_only=True)
+        tokenizer = _from_pretrained(folder, gguf_file)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, struct.error
         reason = str(exc).strip() or type(exc).__name__
         raise CheckpointError(f"cannot load the tokenizer from {where}: {reason}; "
@@ -74,3 +79,25 @@ class TokenIdsOnly:
 def has_tokenizer(tokenizer: Any) -> bool:
     """False for the ``TokenIdsOnly`` stand-in (or None), True for a real tokenizer."""
     return tokenizer is not None and not isinstance(tokenizer, TokenIdsOnly)
+
+
+def _from_pretrained(folder: Path, gguf_file: Optional[str]) -> Any:
+    """AutoTokenizer, or for the GGUF vocabularies of ``_BACKEND_GGUF`` the tokenizers backend
+    built directly from the already parsed file."""
+    if gguf_file is not None:
+        backend = _tokenizers_backend()
+        meta = gguf_file_of(folder / gguf_file).metadata
+        kind = (meta.get("general.architecture"), meta.get("tokenizer.ggml.model"))
+        if backend is not None and kind in _BACKEND_GGUF:
+            return backend.from_pretrained(str(folder), gguf_file=gguf_file,
+                                           local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+
+
+def _tokenizers_backend() -> Any:
+    """transformers 5's TokenizersBackend class, None with transformers 4."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    return TokenizersBackend

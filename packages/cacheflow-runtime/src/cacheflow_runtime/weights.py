@@ -9,8 +9,10 @@ model's parameter names (e.g. GGUF ``blk.0.attn_q.weight`` to HF
 - safetensors: ``safetensors.safe_open`` memory-maps each file; tensors keep their stored dtype.
 - ``.bin``: ``torch.load(..., weights_only=True, mmap=True)`` (zip format; legacy non-zip pickles
   are loaded without mmap); tensors keep their stored dtype.
-- GGUF: read through ``gguf.GGUFReader``; every floating-point or quantized tensor is dequantized
-  to float32 and returned in PyTorch dimension order. GGUF stores dimensions fastest-varying
+- GGUF: parsed once per file (``gguf_file``: header, metadata and tensor table, cached while the
+  file is unchanged) and memory-mapped; every floating-point or quantized tensor is returned as
+  float32 in PyTorch dimension order (F32 tensors are views of the copy-on-write map, other types
+  are dequantized by the ``gguf`` package). GGUF stores dimensions fastest-varying
   first, so ``torch shape == tuple(reversed(reader_tensor.shape))``: the token embedding of a
   model with vocabulary V and hidden size H is listed as ``[H, V]`` and returned as ``(V, H)``,
   a linear layer ``out x in`` as ``(out, in)`` like ``nn.Linear.weight``. No other transform is
@@ -25,9 +27,13 @@ without a checkpoint; a missing path or a missing shard raises ``FileNotFoundErr
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,8 +46,11 @@ from cacheflow_runtime.errors import CheckpointError
 __all__ = [
     "FORMATS",
     "CheckpointWeights",
+    "GGUFFile",
+    "GGUFTensorInfo",
     "checkpoint_files",
     "detect_format",
+    "gguf_file",
     "gguf_torch_shape",
     "iterate_weights",
     "read_gguf_metadata",
@@ -286,52 +295,265 @@ def _gguf_module() -> ModuleType:
     return gguf
 
 
-def _open_gguf(file: Path) -> Any:
-    """A ``gguf.GGUFReader`` over ``file`` (memory-mapped, read-only)."""
-    gguf = _gguf_module()
-    try:
-        return gguf.GGUFReader(file, "r")
-    except Exception as exc:
-        raise _unreadable(file, exc) from exc
-
-
 def gguf_torch_shape(gguf_shape: Any) -> tuple[int, ...]:
     """PyTorch shape of a GGUF tensor: GGUF lists dimensions fastest-varying first."""
     return tuple(int(d) for d in reversed(list(gguf_shape)))
 
 
-def _gguf_tensor_to_numpy(tensor: Any) -> np.ndarray:
-    """One ``gguf.ReaderTensor`` as a writable numpy array in PyTorch dimension order.
+# GGUF metadata value types (the spec's numbering): fixed-size scalars by struct format.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+                 12: "d"}
+_GGUF_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8",
+               11: "i8", 12: "f8"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_DEFAULT_ALIGNMENT = 32
 
-    Floating-point and quantized types become float32; integer types keep their dtype.
-    """
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor of a GGUF file lies: name, PyTorch shape, GGML type, byte range."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # absolute, from the start of the file
+    nbytes: int
+
+
+class _Cursor:
+    """Reads GGUF's little-endian values from a buffer, front to back."""
+
+    def __init__(self, buffer: Any) -> None:
+        self.buffer = buffer
+        self.pos = 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("Q")
+        end = self.pos + length
+        if end > len(self.buffer):
+            raise ValueError("a string runs past the end of the file")
+        text = bytes(self.buffer[self.pos:end]).decode("utf-8", errors="replace")
+        self.pos = end
+        return text
+
+    def value(self, value_type: int) -> object:
+        if value_type == _GGUF_STRING:
+            return self.string()
+        if value_type == _GGUF_ARRAY:
+            item_type, count = self.scalar("I"), self.scalar("Q")
+            if item_type in _GGUF_NUMPY:  # one numpy read for the whole array
+                dtype = np.dtype("<" + _GGUF_NUMPY[item_type])
+                if self.pos + count * dtype.itemsize > len(self.buffer):
+                    raise ValueError("an array runs past the end of the file")
+                items = np.frombuffer(self.buffer, dtype, count, self.pos).tolist()
+                self.pos += count * dtype.itemsize
+                return items
+            if item_type == _GGUF_ARRAY:  # arrays of arrays: flattened, like gguf's reader
+                return [x for _ in range(count) for x in self.value(_GGUF_ARRAY)]  # type: ignore
+            return [self.value(item_type) for _ in range(count)]
+        if value_type not in _GGUF_SCALARS:
+            raise ValueError(f"unknown metadata value type {value_type}")
+        return self.scalar(_GGUF_SCALARS[value_type])
+
+
+class GGUFFile:
+    """One GGUF file's header, parsed once: ``metadata`` (key -> value, in file order) and
+    ``tensors`` (names, shapes, byte ranges). Tensor data is read through ``open_tensors``."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        with open(file, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise ValueError("the file is empty")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    self._parse(_Cursor(view), len(mapped))
+                finally:
+                    view.release()
+
+    def _parse(self, cursor: _Cursor, size: int) -> None:
+        if bytes(cursor.buffer[:4]) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        cursor.pos = 4
+        version = cursor.scalar("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; a huge "
+                             "number means a big-endian file)")
+        tensor_count, kv_count = cursor.scalar("Q"), cursor.scalar("Q")
+        self.metadata: dict[str, object] = {}
+        for _ in range(kv_count):
+            key = cursor.string()
+            try:
+                self.metadata[key] = cursor.value(cursor.scalar("I"))
+            except (ValueError, struct.error) as exc:
+                raise ValueError(f"metadata field {key!r}: {exc}") from exc
+        infos = []
+        for _ in range(tensor_count):
+            name = cursor.string()
+            dims = [cursor.scalar("Q") for _ in range(cursor.scalar("I"))]
+            infos.append((name, gguf_torch_shape(dims), cursor.scalar("I"), cursor.scalar("Q")))
+        alignment = int(self.metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-cursor.pos // alignment) * alignment
+        self.size = size
+        self.tensors = [GGUFTensorInfo(name, shape, qtype, data_start + offset,
+                                       _gguf_nbytes(shape, qtype))
+                        for name, shape, qtype, offset in infos]
+
+    def open_tensors(self) -> Iterator[tuple[GGUFTensorInfo, torch.Tensor]]:
+        """Every tensor in file order, in PyTorch dimension order: float32 for floating-point
+        and quantized types, integer types as stored. The file is mapped copy-on-write for this
+        iteration only: F32 tensors are views of the map (no copy; writing to one changes this
+        iteration's private pages, never the file), other types are dequantized."""
+        with open(self.file, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        for info in self.tensors:
+            try:
+                tensor = _gguf_tensor(mapped, info)
+            except Exception as exc:
+                raise ValueError(f"tensor {info.name!r}: {exc}") from exc
+            yield info, tensor
+
+
+def _gguf_tensor(mapped: mmap.mmap, info: GGUFTensorInfo) -> torch.Tensor:
+    """One tensor of a mapped GGUF file (see ``GGUFFile.open_tensors``)."""
     gguf = _gguf_module()
-    qtype = tensor.tensor_type
-    shape = gguf_torch_shape(tensor.shape)
-    raw = tensor.data
+    if info.offset + info.nbytes > len(mapped):
+        raise ValueError(f"its data ({info.nbytes} bytes at {info.offset}) runs past the end of "
+                         f"the file ({len(mapped)} bytes): the file is truncated")
+    raw = np.frombuffer(mapped, np.uint8, info.nbytes, info.offset)
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+    raw = raw.reshape(rows, -1)
     types = gguf.GGMLQuantizationType
-    if qtype in (types.I8, types.I16, types.I32, types.I64):
-        array = raw
-    elif qtype == types.F64:
-        array = raw.astype(np.float32)
+    qtype = types(info.ggml_type)
+    integer = {types.I8: np.int8, types.I16: np.int16, types.I32: np.int32, types.I64: np.int64}
+    if qtype.name in _TORCH_DEQUANT:
+        # One thread: these element-wise passes over a few MB gain nothing from more, and on a
+        # busy machine torch's thread pool made them several times slower than numpy.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            tensor = _TORCH_DEQUANT[qtype.name](torch.from_numpy(raw))
+        finally:
+            torch.set_num_threads(threads)
     else:
-        array = gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(f"{array.size} values for shape {shape}")
-    if np.may_share_memory(array, raw) or not array.flags.writeable:
-        array = array.copy()  # detach from the read-only memory map
-    return array.reshape(shape)
+        if qtype in integer:
+            array = raw.view(integer[qtype])
+        elif qtype == types.F64:
+            array = raw.view(np.float64).astype(np.float32)
+        else:
+            array = gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+        tensor = torch.from_numpy(array)
+    if tensor.numel() != int(np.prod(info.shape, dtype=np.int64)):
+        raise ValueError(f"{tensor.numel()} values for shape {info.shape}")
+    return tensor.reshape(info.shape)
+
+
+# The common llama.cpp block types, dequantized with torch (several times faster than the gguf
+# package's numpy code, same float32 arithmetic): ``raw`` is uint8 [rows, row bytes].
+def _blocks(raw: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    return raw.reshape(-1, block_bytes)
+
+
+def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(raw, 34)  # f16 scale, 32 x int8
+    values = blocks[:, 2:].contiguous().view(torch.int8).float()
+    return (_half(blocks, 0) * values).reshape(raw.shape[0], -1)
+
+
+def _nibbles(quants: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 values: the low nibbles are elements 0-15, the high ones 16-31."""
+    return torch.cat([quants & 0x0F, quants >> 4], dim=1).float()
+
+
+def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(raw, 18)  # f16 scale, 16 bytes of nibbles (value - 8)
+    return (_half(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8.0)).reshape(raw.shape[0], -1)
+
+
+def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(raw, 20)  # f16 scale, f16 minimum, 16 bytes of nibbles
+    values = _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
+    return values.reshape(raw.shape[0], -1)
+
+
+def _view_f32(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.float32)  # no copy: a view of the mapped file
+
+
+def _f16_to_f32(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.float16).float()
+
+
+def _bf16_to_f32(raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(torch.bfloat16).float()
+
+
+_TORCH_DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F32": _view_f32, "F16": _f16_to_f32, "BF16": _bf16_to_f32,
+    "Q8_0": _dequant_q8_0, "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1,
+}
+
+
+def _gguf_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes a tensor of ``shape`` takes in GGML type ``ggml_type`` (blocks of the last dim)."""
+    gguf = _gguf_module()
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"unknown GGML tensor type {ggml_type}") from exc
+    elements = int(np.prod(shape, dtype=np.int64))
+    return elements // block * type_size
+
+
+_gguf_cache_lock = threading.Lock()
+_gguf_cache: dict[tuple[str, int, int], GGUFFile] = {}
+
+
+def gguf_file(path: PathLike) -> GGUFFile:
+    """The parsed GGUF file at ``path`` (a .gguf file, or a folder holding exactly one).
+
+    Parsed once: later calls for the same unchanged file (path, size and modification time)
+    return the same ``GGUFFile``, so the config, the tokenizer and the weights share one parse.
+    The header of the most recent file stays cached (no file stays open or mapped). Raises
+    ValueError("cannot read checkpoint file ...") for a corrupt file.
+    """
+    file = checkpoint_files(_existing(path), "gguf")[0].resolve()
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns)
+    with _gguf_cache_lock:
+        cached = _gguf_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            parsed = GGUFFile(file)
+        except (ValueError, OSError, struct.error) as exc:
+            raise _unreadable(file, exc) from exc
+        _gguf_cache.clear()
+        _gguf_cache[key] = parsed
+        return parsed
 
 
 def _iter_gguf(file: Path) -> WeightIterator:
-    """Tensors of one GGUF file, dequantized to float32, in file order."""
-    reader = _open_gguf(file)
-    for tensor in reader.tensors:
+    """Tensors of one GGUF file, as float32 in PyTorch dimension order, in file order."""
+    tensors = gguf_file(file).open_tensors()
+    while True:
         try:
-            array = _gguf_tensor_to_numpy(tensor)
+            info, tensor = next(tensors)
+        except StopIteration:
+            return
         except Exception as exc:
-            raise _unreadable(file, f"tensor {tensor.name!r}: {exc}") from exc
-        yield tensor.name, torch.from_numpy(array)
+            raise _unreadable(file, exc if isinstance(exc, OSError) else str(exc)) from exc
+        yield info.name, tensor
 
 
 _READERS: dict[str, Callable[[Path], WeightIterator]] = {
@@ -401,50 +623,12 @@ def iterate_weights(path: PathLike, fmt: str | None = None) -> CheckpointWeights
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_gguf_value(part: np.ndarray, value_type: Any) -> object:
-    """One GGUF scalar or string from its reader ``part`` (a small numpy array)."""
-    gguf = _gguf_module()
-    vt = gguf.GGUFValueType
-    if value_type == vt.STRING:
-        return part.tobytes().decode("utf-8")
-    if value_type == vt.BOOL:
-        return bool(part[0])
-    if value_type in (vt.FLOAT32, vt.FLOAT64):
-        return float(part[0])
-    return int(part[0])
-
-
-def _decode_gguf_field(field: Any) -> object:
-    """A ``gguf.ReaderField`` as a Python value: str, int, float, bool, or a list of those.
-
-    The reader flattens arrays of arrays; they come back as one flat list.
-    """
-    gguf = _gguf_module()
-    if not field.types:
-        return None
-    if field.types[0] == gguf.GGUFValueType.ARRAY:
-        item_type = field.types[-1]
-        return [_decode_gguf_value(field.parts[i], item_type) for i in field.data]
-    return _decode_gguf_value(field.parts[field.data[0]], field.types[0])
-
-
 def read_gguf_metadata(path: PathLike) -> dict[str, object]:
     """The key/value metadata of a GGUF file (or of the one GGUF file in a directory).
 
     Keys as in the file (``general.architecture``, ``llama.attention.head_count``,
-    ``tokenizer.ggml.tokens``, ...), in file order; strings decoded as UTF-8, arrays as lists,
-    scalars as int / float / bool. The reader's pseudo-fields for the file header
-    (``GGUF.version``, ``GGUF.tensor_count``, ``GGUF.kv_count``) are left out.
+    ``tokenizer.ggml.tokens``, ...), in file order; strings decoded as UTF-8, arrays as lists
+    (arrays of arrays flattened), scalars as int / float / bool. The file is parsed once and
+    shared with ``iterate_weights`` (see ``gguf_file``); the dict returned is a copy.
     """
-    p = _existing(path)
-    file = checkpoint_files(p, "gguf")[0]
-    reader = _open_gguf(file)
-    metadata: dict[str, object] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        try:
-            metadata[name] = _decode_gguf_field(field)
-        except Exception as exc:
-            raise _unreadable(file, f"metadata field {name!r}: {exc}") from exc
-    return metadata
+    return dict(gguf_file(path).metadata)

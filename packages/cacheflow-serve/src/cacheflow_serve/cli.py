@@ -1,4 +1,8 @@
-"""The ``cacheflow`` command."""
+"""The ``cacheflow`` command.
+
+Only argparse and the option tables are imported before the arguments are parsed: torch,
+transformers and the engine come in when a subcommand runs, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,16 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from cacheflow_runtime import SamplingParams
 from cacheflow_serve.bench import add_bench_arguments, run_bench
 from cacheflow_serve.bench_common import OneLineErrorParser
 from cacheflow_serve.bench_latency import add_latency_arguments, run_latency
 from cacheflow_serve.bench_prefix import add_prefix_arguments, run_prefix
 from cacheflow_serve.bench_throughput import add_throughput_arguments, run_throughput
-from cacheflow_serve.llm import LLM
-from cacheflow_serve.serve_cli import add_parallel_arguments, add_serve_arguments, run_serve
+from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
+from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
+
+# ``generate`` states its sampling options itself (its --seed is the request's seed).
+_GENERATE_SKIPS = ("seed", "generation_config", "skip_tokenizer_init")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,22 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--model", default=None,
                      help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--tokenizer", default=None,
-                     help="folder or .gguf file of the tokenizer (default: the model's)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--enforce-eager", action="store_true",
-                     help="run every step from Python (no CUDA graphs of decode steps)")
-    gen.add_argument("--kv-cache-dtype", default="auto",
-                     help="KV cache storage: auto (the model's dtype) or fp8 (FP8 E4M3, "
-                     "alias fp8_e4m3: twice the tokens in the same memory)")
-    add_parallel_arguments(gen)
+    # --seed above is the request's; the engine seed keeps LLM's default here.
+    add_engine_arguments(gen, skip=_GENERATE_SKIPS)
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True,
@@ -59,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Runs ``cacheflow generate``; prints each prompt's completion."""
+    from cacheflow_runtime import SamplingParams
+    from cacheflow_serve.llm import LLM
+
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
-              tensor_parallel_size=args.tensor_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend)
+    llm = LLM(args.model, **llm_kwargs(args, skip=_GENERATE_SKIPS))
     prompts = args.prompts
     if args.chat:
         prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

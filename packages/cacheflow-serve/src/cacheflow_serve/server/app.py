@@ -9,7 +9,7 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Optional
 
@@ -106,13 +106,15 @@ def _auth_dependency(api_key: Optional[str]) -> Any:
 
 def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
               api_key: Optional[str] = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              generation_defaults: Optional[Mapping[str, Any]] = None) -> FastAPI:
     """The server app over ``engine`` (an AsyncLLMEngine, not started yet or started on the
     loop that will run the app). ``served_model_names``: the names clients may ask for (the
     first is reported; default: the model path). ``api_key``: the key every /v1 route and the
     tokenizer routes require as ``Authorization: Bearer KEY`` (None: no authentication; an
-    empty or blank key is refused with InvalidArgumentError). The app's metrics are attached to
-    the engine as its observer, in a registry of the app's own."""
+    empty or blank key is refused with InvalidArgumentError). ``generation_defaults``: sampling
+    values for fields a request leaves unset (``LLM.generation_defaults``). The app's metrics
+    are attached to the engine as its observer, in a registry of the app's own."""
     auth = _auth_dependency(api_key)
     core = engine.engine
     if isinstance(served_model_names, str):
@@ -124,7 +126,7 @@ def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[s
     ctx = ServingContext(engine=engine,
                          tokenizer=core.tokenizer if has_tokenizer(core.tokenizer) else None,
                          model_names=names, max_model_len=core.scheduler_config.max_model_len,
-                         metrics=metrics)
+                         metrics=metrics, sampling_defaults=dict(generation_defaults or {}))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

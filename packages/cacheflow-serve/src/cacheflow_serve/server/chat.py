@@ -77,7 +77,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param)
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k)
+    params = sampling_params(req, max_tokens, k, defaults=ctx.sampling_defaults)
     request_id = new_id("chatcmpl")
     streams = await add_requests(ctx, request_id, [ids], params=[params])
     return await respond(_ChatCall(ctx, req, request_id, streams, k), bool(req.stream), raw)

@@ -60,7 +60,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
             max_tokens = min(DEFAULT_MAX_TOKENS, check_length(ctx, len(ids), None, "max_tokens"))
         else:
             max_tokens = check_length(ctx, len(ids), req.max_tokens, "max_tokens")
-        params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of))
+        params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of,
+                                      defaults=ctx.sampling_defaults))
     request_id = new_id("cmpl")
     streams = await add_requests(ctx, request_id, [ids for _, ids in prompts], params)
     return await respond(_Call(ctx, req, request_id, prompts, streams), bool(req.stream), raw)

@@ -1,23 +1,26 @@
 """Running the server: ``cacheflow serve`` and an in-process server thread.
 
-Shutdown (SIGTERM or SIGINT): the server stops accepting connections and new requests (503),
-lets in-flight requests run for ``shutdown_grace_period`` seconds, then aborts the rest. Every
-open stream still ends properly: aborted choices get a final chunk whose finish_reason is
-"abort", then ``data: [DONE]``, and the connection closes. uvicorn then runs the app's
-shutdown, the engine thread stops, and the process exits (uvicorn re-raises the signal, so the
-exit status is that of the signal).
+Shutdown (SIGTERM or SIGINT): the server closes its listening socket at once, so new
+connections are refused; idle keep-alive connections are closed, and a request that still
+reaches the app gets 503 (``service_unavailable``). In-flight requests run for up to
+``shutdown_grace_period`` seconds, then are aborted. Every open stream still ends properly:
+aborted choices get a final chunk whose finish_reason is "abort", then ``data: [DONE]``, and the
+connection closes. The engine thread stops and ``cacheflow serve`` exits with status 0 as soon
+as nothing is in flight (within a second when nothing was). A second SIGINT forces an
+immediate exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
 import uvicorn
 
@@ -42,6 +45,16 @@ class _Server(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's signal capture, without re-raising the signal once the server has shut
+        down: a completed graceful shutdown exits with status 0, not by the signal."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
     def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
         super().handle_exit(sig, frame)
         if self._loop is not None and self._drain is None:
@@ -58,10 +71,12 @@ def make_server(engine: AsyncLLMEngine, *, host: str = "127.0.0.1", port: int = 
                 api_key: Optional[str] = None,
                 served_model_names: Optional[Sequence[str]] = None,
                 shutdown_grace_period: float = 5.0, log_level: str = "info",
-                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> uvicorn.Server:
-    """A uvicorn server of the app over ``engine`` (run it with ``.run()``)."""
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                generation_defaults: Optional[Mapping[str, Any]] = None) -> uvicorn.Server:
+    """A uvicorn server of the app over ``engine`` (run it with ``.run()``);
+    ``generation_defaults`` as for ``build_app``."""
     app = build_app(engine, served_model_names=served_model_names, api_key=api_key,
-                    max_request_bytes=max_request_bytes)
+                    max_request_bytes=max_request_bytes, generation_defaults=generation_defaults)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(shutdown_grace_period) + 5,
                             timeout_keep_alive=5)

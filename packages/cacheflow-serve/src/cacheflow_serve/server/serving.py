@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from cacheflow_runtime import (
@@ -43,6 +43,8 @@ class ServingContext:
     model_names: list[str]
     max_model_len: int
     metrics: ServerMetrics
+    #: The model's sampling defaults (its generation config) for fields a request leaves unset.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokenization = Tokenization(self.tokenizer)
@@ -139,18 +141,25 @@ def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int]
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int],
-                    best_of: Optional[int] = None) -> SamplingParams:
-    """The engine's SamplingParams for a request (400 on a bad combination)."""
+                    best_of: Optional[int] = None,
+                    defaults: Optional[Mapping[str, Any]] = None) -> SamplingParams:
+    """The engine's SamplingParams for a request (400 on a bad combination). A field the
+    request leaves unset takes ``defaults`` (the model's generation config), else
+    SamplingParams' own default."""
+    model = dict(defaults or {})
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else model.get(name, default)
+
     try:
         return SamplingParams(
             n=req.n or 1, best_of=best_of,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
-            min_p=req.min_p or 0.0,
+            temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", -1), min_p=pick("min_p", 0.0),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=bool(req.ignore_eos), max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0, logprobs=logprobs,
