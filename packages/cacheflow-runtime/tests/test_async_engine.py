@@ -41,6 +41,8 @@ class _Scheduler:
 class _Blocks:
     num_total_gpu_blocks = 100
     num_total_cpu_blocks = 10
+    prefix_cache_queries = 40
+    prefix_cache_hits = 16
 
     def __init__(self, scheduler: _Scheduler) -> None:
         self.scheduler = scheduler
@@ -265,6 +267,7 @@ def test_observer_gets_ttft_once_per_request_and_itl_per_later_token() -> None:
         await engine.shutdown()
         stats = engine.stats()
         assert stats.num_generation_tokens == 10 and stats.num_prompt_tokens == 2
+        assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (40, 16)
         assert stats.gpu_cache_usage == 0.0
 
     run(main())

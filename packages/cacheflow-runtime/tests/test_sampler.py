@@ -443,11 +443,11 @@ def test_prompt_logprobs_values_and_shape() -> None:
     params = SamplingParams(temperature=0.0, prompt_logprobs=2, repetition_penalty=1.7)
     group = prompt_group(params, 5, prompt, prompt_rows=[1, 2, 3, 4])
     out = Sampler()(logits, [group])[0]
-    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
-    assert out.prompt_logprobs[0] is None
+    # One entry per prompt row: the model runner adds the leading None of the first token.
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt) - 1
     raw = torch.log_softmax(logits, dim=-1)  # no penalties, no temperature
     for position, row in zip(range(1, 5), [1, 2, 3, 4]):
-        entry = out.prompt_logprobs[position]
+        entry = out.prompt_logprobs[position - 1]
         assert entry is not None
         top = set(torch.topk(raw[row], 2).indices.tolist())
         assert set(entry) == top | {prompt[position]}
@@ -463,7 +463,7 @@ def test_prompt_logprobs_absent_unless_asked_and_at_prompt_step() -> None:
     decode = decode_group(SamplingParams(temperature=0.0, prompt_logprobs=1), [2])
     out = Sampler()(logits, [asked, not_asked, decode])
     assert out[0].prompt_logprobs is not None
-    assert [None if e is None else list(e) for e in out[0].prompt_logprobs] == [None, [2], [3]]
+    assert [None if e is None else list(e) for e in out[0].prompt_logprobs] == [[2], [3]]
     assert out[1].prompt_logprobs is None and out[2].prompt_logprobs is None
 
 
@@ -493,7 +493,7 @@ def test_mixed_batch_gives_each_group_what_it_gets_alone() -> None:
         alone = Sampler()(logits, [group])[0]
         assert batched[i] == alone
     assert len(batched[2].samples) == 4
-    assert batched[1].prompt_logprobs is not None and len(batched[1].prompt_logprobs) == 2
+    assert batched[1].prompt_logprobs is not None and len(batched[1].prompt_logprobs) == 1
 
 
 def test_empty_batch_and_padded_vocab() -> None:

@@ -102,7 +102,7 @@ class Sampler(torch.nn.Module):
         results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), num_top,
                             top_values, top_ids)
         for g, group in enumerate(groups):
-            if group.prompt_logit_rows:
+            if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None:
                 results[g].prompt_logprobs = _prompt_logprobs(logits, group)
         return results
 
