@@ -8,9 +8,12 @@ set -uo pipefail
 what="${1:-all}"
 out="${OUT:-/tmp/gpu_core}"
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+if [[ "$what" != serve-only ]]; then
+  site=$(mktemp -d /tmp/site.XXXX)  # fresh: pip --target does not replace older copies
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+fi
 cf() { python3 -m cacheflow_serve "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/card.txt"
@@ -53,13 +56,13 @@ serve_run() {  # $1 name, rest: server flags
   for _ in $(seq 1 180); do
     curl -sf http://127.0.0.1:8100/health > /dev/null && break; sleep 1
   done
-  timeout 200 python3 -m cacheflow_serve bench serve --base-url http://127.0.0.1:8100 \
+  timeout 150 python3 -m cacheflow_serve bench serve --base-url http://127.0.0.1:8100 \
     --random-prompt-tokens 10:250 --input-len 16:4096 --output-len 128 --ignore-eos \
     --num-prompts "${NUM_PROMPTS:-240}" --request-rate "${RATE:-6}" --seed 0 \
     --output-json "$out/serve_$name.json" 2>&1 | tee "$out/serve_$name.log" | tail -12
   kill -INT $pid; wait $pid
 }
-if [[ "$what" == serve || "$what" == all ]]; then
+if [[ "$what" == serve || "$what" == serve-only || "$what" == all ]]; then
   serve_run chunked --max-num-batched-tokens "${CHUNK_BUDGET:-1024}"
   serve_run whole --no-enable-chunked-prefill
 fi
