@@ -404,6 +404,10 @@ class GGUFFile:
         self.tensors = [GGUFTensorInfo(name, shape, qtype, data_start + offset,
                                        _gguf_nbytes(shape, qtype))
                         for name, shape, qtype, offset in infos]
+        for info in self.tensors:
+            if info.offset + info.nbytes > size:
+                raise ValueError(f"truncated: tensor {info.name!r} ({info.nbytes} bytes at "
+                                 f"{info.offset}) runs past the end of the file")
 
     def open_tensors(self) -> Iterator[tuple[GGUFTensorInfo, torch.Tensor]]:
         """Every tensor in file order, in PyTorch dimension order: float32 for floating-point

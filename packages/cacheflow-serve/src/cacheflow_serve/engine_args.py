@@ -42,7 +42,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "max_num_seqs": dict(type=int,
                          help="sequences in one batch at most (default: 256)"),
     "max_num_batched_tokens": dict(type=int,
-                                   help="token budget of one step (default: 2048 with chunked "
+                                   help="token budget of one step (2048 by default with chunked "
                                         "prefill, else max(max_model_len, 2048))"),
     "max_model_len": dict(type=int,
                           help="context length (default: the model's)"),
