@@ -65,9 +65,9 @@ def test_cache_engine_allocates_and_moves_fp8_blocks() -> None:
         v.view(torch.uint8).copy_(torch.arange(v.numel()).reshape(v.shape) % 241 + layer)
     before = [(k.view(torch.uint8).clone(), v.view(torch.uint8).clone())
               for k, v in engine.device_cache]
-    engine.copy({1: [4, 5]})
-    engine.swap_out({2: 0})
-    engine.swap_in({0: 3})
+    engine.copy([(1, 4), (1, 5)])
+    engine.swap_out([(2, 0)])
+    engine.swap_in([(0, 3)])
     for (k, v), (k0, v0) in zip(engine.device_cache, before):
         for cache, old in ((k, k0), (v, v0)):
             raw = cache.view(torch.uint8)

@@ -152,15 +152,15 @@ def test_cache_engine_swap_and_copy_on_cuda(dtype: torch.dtype, calls: dict[str,
         v.fill_(math.nan)
     before = [(k.clone(), v.clone()) for k, v in engine.device_cache]
 
-    engine.swap_out({3: 0, 7: 5, 8: 6})
+    engine.swap_out([(3, 0), (7, 5), (8, 6)])
     torch.cuda.synchronize()
     for (k, v), (dk, dv) in zip(engine.cpu_cache, before):
         assert torch.equal(k[[0, 5, 6]], dk[[3, 7, 8]].cpu())
         assert torch.equal(v[[0, 5, 6]], dv[[3, 7, 8]].cpu())
         assert torch.isnan(k[1]).all()
 
-    engine.copy({0: [1, 2], 4: [9]})
-    engine.swap_in({0: 10, 5: 11})
+    engine.copy([(0, 1), (0, 2), (4, 9)])
+    engine.swap_in([(0, 10), (5, 11)])
     torch.cuda.synchronize()
     for (k, v), (dk, dv) in zip(engine.device_cache, before):
         assert torch.equal(k[[1, 2, 9]], dk[[0, 0, 4]])
