@@ -20,11 +20,20 @@ from cacheflow_models.testing import (
     tiny_gpt_neox_config,
     tiny_llama_config,
     tiny_mistral_config,
+    tiny_mixtral_config,
     tiny_opt_config,
     tiny_qwen2_config,
+    tiny_qwen2_moe_config,
 )
 from cacheflow_runtime import SamplingParams
 from cacheflow_runtime.registry import supported_architectures
+
+from dense_testutil import (
+    tiny_gemma2_config,
+    tiny_gemma3_config,
+    tiny_phi3_config,
+    tiny_qwen3_config,
+)
 
 CONFIGS: dict[str, Callable[[], Any]] = {
     "LlamaForCausalLM": lambda: tiny_llama_config(num_attention_heads=4, num_key_value_heads=1),
@@ -33,6 +42,12 @@ CONFIGS: dict[str, Callable[[], Any]] = {
     "GPT2LMHeadModel": tiny_gpt2_config,
     "OPTForCausalLM": tiny_opt_config,
     "GPTNeoXForCausalLM": tiny_gpt_neox_config,
+    "Qwen3ForCausalLM": tiny_qwen3_config,
+    "Gemma2ForCausalLM": tiny_gemma2_config,
+    "Gemma3ForCausalLM": tiny_gemma3_config,
+    "Phi3ForCausalLM": tiny_phi3_config,
+    "MixtralForCausalLM": tiny_mixtral_config,
+    "Qwen2MoeForCausalLM": tiny_qwen2_moe_config,
 }
 NEW_TOKENS = 12
 
