@@ -53,7 +53,7 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
     (dict(max_num_seqs=True), "max_num_seqs must be a positive integer, got True"),
     (dict(preemption_mode="pause"), "preemption_mode must be one of ('recompute', 'swap'), "
                                     "got 'pause'"),
-    (dict(max_num_batched_tokens=8, max_model_len=64),
+    (dict(max_num_batched_tokens=8, max_model_len=64, enable_chunked_prefill=False),
      "max_num_batched_tokens (8) must be >= max_model_len (64)"),
 ]
 

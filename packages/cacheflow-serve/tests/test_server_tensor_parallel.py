@@ -18,6 +18,7 @@ import pytest
 from cacheflow_runtime import SamplingParams
 from cacheflow_serve import LLM
 from cacheflow_serve.cli import build_parser
+from cacheflow_serve.engine_args import llm_kwargs
 
 PROMPT = "Tensor parallel"
 # Startup spawns two workers that import torch and load the model: generous on a busy machine.
@@ -111,6 +112,7 @@ def test_cli_parallel_options() -> None:
                              "--distributed-executor-backend", "ray", "hi"])
     assert (gen.tensor_parallel_size, gen.distributed_executor_backend) == (2, "ray")
     serve = parser.parse_args(["serve", "m", "-tp", "4"])
-    assert (serve.tensor_parallel_size, serve.distributed_executor_backend) == (4, None)
+    # Left out, an engine option is not passed (LLM's default applies).
+    assert llm_kwargs(serve) == {"tensor_parallel_size": 4}
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--distributed-executor-backend", "slurm"])
