@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, Optional
 
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
+from cacheflow_runtime.executor.rank_worker import WorkerFailedError
+
+logger = logging.getLogger(__name__)
 
 
 class Executor(ABC):
@@ -32,3 +38,35 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Releases the workers; idempotent."""
+
+
+class RankExecutor(Executor):
+    """What the executors with one worker per tensor-parallel rank (multiprocess, Ray) share:
+    calls that every rank answers, the minimum cache over ranks, and failing for good.
+
+    Subclasses set ``_finalizer`` (reaps every worker) and implement ``_call_all``.
+    """
+
+    _failure: Optional[WorkerFailedError] = None
+    _finalizer: Callable[[], Any]
+
+    @abstractmethod
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        """Calls ``method`` on every rank's worker; their answers in rank order."""
+
+    def _fail(self, error: WorkerFailedError) -> None:
+        """Records the failure, reaps every worker and raises ``error``."""
+        self._failure = error
+        logger.error("%s", error)
+        self._finalizer()
+        raise error
+
+    def determine_num_available_blocks(self) -> tuple[int, int]:
+        """(device blocks, cpu blocks) that fit on every rank: the minimum over ranks."""
+        counts = self._call_all("determine_num_available_blocks")
+        return min(c[0] for c in counts), min(c[1] for c in counts)
+
+    def initialize_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
+        """Allocates the KV cache on every rank (and captures decode graphs where allowed)."""
+        graphs = self._call_all("initialize_cache", num_device_blocks, num_cpu_blocks)
+        self.uses_cuda_graphs = all(graphs)

@@ -34,7 +34,7 @@ import torch
 
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.distributed.environment import get_open_port
-from cacheflow_runtime.executor.base import Executor
+from cacheflow_runtime.executor.base import RankExecutor
 from cacheflow_runtime.executor.rank_worker import RankWorker, WorkerFailedError, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def local_init_method() -> str:
     return f"tcp://127.0.0.1:{get_open_port()}"
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RankExecutor):
     """``tensor_parallel_size`` worker processes on this host (rank r on ``cuda:r``, or on the
     CPU over gloo), started with the ``spawn`` method."""
 
@@ -255,24 +255,7 @@ class MultiprocExecutor(Executor):
                     f"{now - stamp:.0f} s during {what} (hung or stopped); the engine has "
                     f"stopped", rank))
 
-    def _fail(self, error: WorkerFailedError) -> None:
-        """Records the failure, reaps every worker and raises ``error``."""
-        self._failure = error
-        logger.error("%s", error)
-        self._finalizer()
-        raise error
-
     # ---------------------------------------------------------------------- Executor API
-    def determine_num_available_blocks(self) -> tuple[int, int]:
-        """(device blocks, cpu blocks) that fit on every rank: the minimum over ranks."""
-        counts = self._call_all("determine_num_available_blocks")
-        return min(c[0] for c in counts), min(c[1] for c in counts)
-
-    def initialize_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
-        """Allocates the KV cache on every rank (and captures decode graphs where allowed)."""
-        graphs = self._call_all("initialize_cache", num_device_blocks, num_cpu_blocks)
-        self.uses_cuda_graphs = all(graphs)
-
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Sends the step to every rank once; returns rank 0's output."""
         self._broadcast(("step", scheduler_output))

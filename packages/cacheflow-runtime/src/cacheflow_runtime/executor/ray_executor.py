@@ -26,7 +26,7 @@ import torch
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.distributed.environment import get_ip, get_open_port
-from cacheflow_runtime.executor.base import Executor
+from cacheflow_runtime.executor.base import RankExecutor
 from cacheflow_runtime.executor.multiproc import DEFAULT_HANG_TIMEOUT_S, ENV_WORKER_TIMEOUT
 from cacheflow_runtime.executor.rank_worker import RankWorker, WorkerFailedError, WorkerSpec
 
@@ -94,7 +94,7 @@ def _release(actors: list[Any], placement_group: Any, own_ray: bool) -> None:
         ray.shutdown()
 
 
-class RayExecutor(Executor):
+class RayExecutor(RankExecutor):
     """``world_size`` Ray actors, one per rank (a GPU each, or a CPU each for CPU models)."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
@@ -201,23 +201,7 @@ class RayExecutor(Executor):
         refs = [actor.call.remote(method, *args) for actor in self.actors]
         return self._wait(refs, list(range(self.world_size)), method)
 
-    def _fail(self, error: WorkerFailedError) -> None:
-        self._failure = error
-        logger.error("%s", error)
-        self._finalizer()
-        raise error
-
     # ---------------------------------------------------------------------- Executor API
-    def determine_num_available_blocks(self) -> tuple[int, int]:
-        """(device blocks, cpu blocks) that fit on every rank: the minimum over ranks."""
-        counts = self._call_all("determine_num_available_blocks")
-        return min(c[0] for c in counts), min(c[1] for c in counts)
-
-    def initialize_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
-        """Allocates the KV cache on every rank (and captures decode graphs where allowed)."""
-        graphs = self._call_all("initialize_cache", num_device_blocks, num_cpu_blocks)
-        self.uses_cuda_graphs = all(graphs)
-
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Puts the step in the object store once; every actor runs it; rank 0's output."""
         if self._failure is not None:
