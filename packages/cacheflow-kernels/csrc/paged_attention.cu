@@ -66,13 +66,15 @@ int L2PrefetchTiles() {
  *        included); 0: the whole context.
  * \param k_scale, v_scale dequantization scales of FP8 caches (1.0 otherwise).
  * \param logits_soft_cap > 0: scores become cap * tanh(score / cap); 0: none.
+ * \param lse optional float32 [num_seqs, num_heads]: the natural log-sum-exp of each row's
+ *        final scores (-inf for an empty context), for merging with attention over other keys.
  */
 void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
                     TensorView value_cache, TensorView block_tables, TensorView context_lens,
                     double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
                     int64_t partition_size, Optional<TensorView> workspace,
                     int64_t sliding_window, double k_scale, double v_scale,
-                    double logits_soft_cap) {
+                    double logits_soft_cap, Optional<TensorView> lse) {
   // -- Shapes and dtypes of the tensors both attention ops take.
   const PagedAttentionShapes s = CheckPagedAttentionArgs(
       kOp, "num_seqs", true, out, query, key_cache, value_cache, block_tables, context_lens);
@@ -100,6 +102,15 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
         << CACHEFLOW_ARG_ERROR(kOp, "alibi_slopes") << "of shape [" << num_heads
         << "] (num_heads of 'query'), got " << ShapeStr(a);
   }
+  if (lse.has_value()) {
+    const TensorView& l = *lse;
+    CheckNdim(kOp, "lse", l, 2, "[num_seqs, num_heads]");
+    TVM_FFI_CHECK(IsFloat32Dtype(l.dtype()), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "lse") << "float32, got " << l.dtype();
+    TVM_FFI_CHECK(l.shape()[0] == num_seqs && l.shape()[1] == num_heads, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "lse") << "of shape [" << num_seqs << ", " << num_heads
+        << "] (num_seqs, num_heads of 'query'), got " << ShapeStr(l);
+  }
   if (workspace.has_value()) {
     CheckNdim(kOp, "workspace", *workspace, 1, "[num_elements]");
     TVM_FFI_CHECK(IsFloat32Dtype((*workspace).dtype()), ValueError)
@@ -125,11 +136,13 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
                                      context_lens);
   if (alibi_slopes.has_value()) CheckContiguous(kOp, "alibi_slopes", *alibi_slopes);
   if (workspace.has_value()) CheckContiguous(kOp, "workspace", *workspace);
+  if (lse.has_value()) CheckContiguous(kOp, "lse", *lse);
 
   if (alibi_slopes.has_value()) {
     CheckSameDevice(kOp, "alibi_slopes", *alibi_slopes, "query", query);
   }
   if (workspace.has_value()) CheckSameDevice(kOp, "workspace", *workspace, "query", query);
+  if (lse.has_value()) CheckSameDevice(kOp, "lse", *lse, "query", query);
 
   // -- Alignment (16-byte vector loads) and sizes the kernels index with 32-bit ints.
   CheckAligned("query", query, 16);
@@ -178,6 +191,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.context_lens = reinterpret_cast<const int32_t*>(DataPtr(context_lens));
   p.alibi_slopes =
       alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
+  p.lse = lse.has_value() ? reinterpret_cast<float*>(DataPtr(*lse)) : nullptr;
   p.l2_prefetch_tiles = L2PrefetchTiles();
 
   const DLDevice dev = query.device();

@@ -9,6 +9,8 @@
 //   alibi_slopes (optional):  [num_heads]                                            float32
 //   workspace (split-K only): num_seqs * num_heads * num_partitions * (head_size + 2) float32:
 //                             partial outputs [S, H, P, D], then maxima [S, H, P], then sums.
+//   lse (optional):           [num_seqs, num_heads] float32, log-sum-exp of the final scores
+//                             (written by the CTA when unsplit, by the merge kernel when split).
 //
 // Work decomposition. One CTA (4 warps) handles one (sequence, KV head, group of query heads,
 // partition of the context): all query heads that share the KV head are processed together
@@ -220,6 +222,7 @@ constexpr int kMaxPartitions = 8192;   // bound of num_partitions (combine kerne
 constexpr int kCombineThreads = 128;
 constexpr int kOutPad = 4;             // floats of padding per row of the merge buffer
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 /*! \brief Everything a launch needs (see MakeParams). */
@@ -244,6 +247,8 @@ struct Params {
   float* ws_o;                // [num_seqs, num_heads, num_partitions, head_size]; nullptr: no split
   float* ws_m;                // [num_seqs, num_heads, num_partitions] running max (log2 units)
   float* ws_l;                // [num_seqs, num_heads, num_partitions] sum of exp2(s - max)
+  float* lse;                 // [num_seqs, num_heads] natural log-sum-exp of the final scores
+                              // (-inf for an empty context); nullptr: not written
   float scale_log2;           // softmax scale * k_scale * log2(e)
   float v_scale;              // multiplies the output (the V dequantization scale; 1 unless fp8)
   float soft_cap_log2;        // logits soft cap * log2(e); 0: no soft-capping
@@ -476,6 +481,12 @@ PA_DEVICE int LoadTileBlocks(const Params& p, const int32_t* bt_row, const Parti
 // st.m[w][r] (log2 units, -inf if it saw no token), its running sum st.l[w][r] and its
 // unnormalized output so[(w * p.rows + r) * (D + kOutPad) + d].
 
+/*! \brief Natural log of sum(exp2(s - m)) * exp2(m), the log-sum-exp of scores kept in log2
+ * units as a running max `m` and sum `total`; -inf when no token was seen. */
+PA_DEVICE float LogSumExp(float m, float total) {
+  return total > 0.f ? (m + log2f(total)) * kLn2 : kNegInf;
+}
+
 template <typename T, int D>
 PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
                                int head0, int seq, int part) {
@@ -500,6 +511,9 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
           (static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * p.num_partitions + part;
       StoreGlobal(p.ws_m + idx, m);
       StoreGlobal(p.ws_l + idx, total);
+    } else if (p.lse != nullptr) {
+      StoreGlobal(p.lse + static_cast<int64_t>(seq) * p.num_heads + head0 + tid,
+                  LogSumExp(m, total));
     }
   }
   SyncThreads();
@@ -525,6 +539,9 @@ PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * D;
   for (int i = threadIdx.x; i < rows_valid * D; i += kThreads) {
     StoreGlobal(out + i, Dtype<T>::FromFloat(0.f));
+  }
+  if (p.lse != nullptr && static_cast<int>(threadIdx.x) < rows_valid) {
+    StoreGlobal(p.lse + static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x, kNegInf);
   }
 }
 
@@ -1101,6 +1118,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
     for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
       StoreGlobal(out + d, Dtype<T>::FromFloat(0.f));
     }
+    if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, kNegInf);
     return;
   }
   const int n = last - first + 1;
@@ -1116,6 +1134,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
     total += w;
   }
   total = BlockReduce(total, red, false);  // its barriers also publish `weights`
+  if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, LogSumExp(m, total));
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const float* o = p.ws_o + base * head_size;
   // kCombineUnroll independent loads in flight per thread: the partials come from L2, and a

@@ -174,6 +174,38 @@ def oracle(
     return out
 
 
+def oracle_lse(
+    query: Any, key_cache: Any, block_tables: Any, context_lens: Any, scale: float,
+    alibi_slopes: Any = None, sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> Any:
+    """float64 ``log(sum(exp(score)))`` per (sequence, head) over the scores :func:`oracle`
+    forms; ``-inf`` for an empty context. ``[num_seqs, num_heads]``."""
+    import torch
+
+    num_seqs, num_heads, _ = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    lse = torch.full((num_seqs, num_heads), -math.inf, dtype=torch.float64, device=query.device)
+    limit = block_tables.shape[1] * block_size
+    tables = block_tables.long()
+    for s, n in enumerate(context_lens.tolist()):
+        n = min(max(int(n), 0), limit)
+        if n == 0:
+            continue
+        start = max(n - sliding_window, 0) if sliding_window else 0
+        pos = torch.arange(start, n, device=query.device)
+        blocks = tables[s, pos // block_size]
+        k = key_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[s].double(), k) * scale
+        if logits_soft_cap:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.double()[:, None] * (pos - (n - 1)).double()[None, :]
+        lse[s] = torch.logsumexp(scores, dim=-1)
+    return lse
+
+
 def errors(out: Any, ref: Any) -> tuple[float, float]:
     """(||out - ref|| / ||ref||, max |out - ref| / (1 + |ref|)) in float64; inf if out has NaN."""
     import torch

@@ -59,7 +59,7 @@ def test_validation_does_not_import_torch_or_tvm_ffi() -> None:
 
 
 def test_versions() -> None:
-    assert cacheflow_kernels.__version__ == "0.2.0"
+    assert cacheflow_kernels.__version__ == "0.3.0"
     assert isinstance(cacheflow_kernels.ABI_VERSION, int)
     assert cacheflow_kernels.ABI_VERSION >= 1
 

@@ -155,6 +155,8 @@ def test_alibi_and_workspace_dtypes() -> None:
             alibi_slopes=torch.ones(4, dtype=torch.float16))
     _expect(make_args(), "workspace", "of dtype float32", "bfloat16",
             workspace=torch.ones(4, dtype=torch.bfloat16))
+    _expect(make_args(), "lse", "of dtype float32", "float16",
+            lse=torch.ones(3, 4, dtype=torch.float16))
 
 
 # ---- shapes ---------------------------------------------------------------------------------
@@ -230,6 +232,9 @@ def test_alibi_and_workspace_shapes() -> None:
             alibi_slopes=torch.ones(2))
     _expect(make_args(), "workspace", "1-D tensor", "2-D",
             workspace=torch.ones(2, 2))
+    _expect(make_args(), "lse", "of shape [num_seqs=3, num_heads=4]", "got [3, 2]",
+            lse=torch.ones(3, 2))
+    _expect(make_args(), "lse", "2-D tensor", "1-D", lse=torch.ones(12))
 
 
 # ---- scalars --------------------------------------------------------------------------------
@@ -277,6 +282,7 @@ def test_non_contiguous_optional_tensors() -> None:
     strided = torch.ones(8)[::2]
     _expect(make_args(), "alibi_slopes", "contiguous", alibi_slopes=strided)
     _expect(make_args(), "workspace", "contiguous", workspace=torch.ones(20)[::2])
+    _expect(make_args(), "lse", "contiguous", lse=torch.ones(4, 3).t())
 
 
 def test_not_a_tensor() -> None:
@@ -322,8 +328,8 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     (call,) = rec.calls
     assert list(call[:6]) == [args[n] for n in ORDER]
     # scale, alibi, max_context_len (default: 3 blocks * 16), partition (no split), workspace,
-    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none)
-    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0)
+    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none), lse (None)
+    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0, None)
 
 
 def test_fp8_caches_scales_and_soft_cap_reach_the_library(
@@ -335,7 +341,7 @@ def test_fp8_caches_scales_and_soft_cap_reach_the_library(
         args[name] = FakeCuda(torch.zeros(args[name].shape, dtype=torch.float8_e4m3fn))
     _call(args, k_scale=0.5, v_scale=0.125, logits_soft_cap=30.0)
     (call,) = rec.calls
-    assert call[-3:] == (0.5, 0.125, 30.0)
+    assert call[-4:] == (0.5, 0.125, 30.0, None)
     with pytest.raises(ValueError, match="argument 'logits_soft_cap' must be None or a finite"):
         _call(args, logits_soft_cap=-1.0)
     with pytest.raises(ValueError, match="argument 'v_scale' must be a finite number > 0"):
@@ -354,7 +360,7 @@ def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -
     ws = FakeCuda(torch.empty(need))
     _call(args, partition_size=256, workspace=ws, sliding_window=100)
     (call,) = rec.calls
-    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0)
+    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0, None)
 
 
 def test_unsplit_call_passes_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -487,12 +493,12 @@ needs_library = pytest.mark.skipif(
 
 def _raw(args: dict[str, Any], scale: Any = 0.125, alibi: Any = None, max_ctx: int = 48,
          partition: int = 0, workspace: Any = None, window: int = 0, k_scale: float = 1.0,
-         v_scale: float = 1.0, soft_cap: float = 0.0) -> str:
+         v_scale: float = 1.0, soft_cap: float = 0.0, lse: Any = None) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
         get_function(OP)(*(args[n] for n in ORDER), scale, alibi, max_ctx, partition, workspace,
-                         window, k_scale, v_scale, soft_cap)
+                         window, k_scale, v_scale, soft_cap, lse)
     return str(info.value)
 
 
@@ -549,6 +555,9 @@ def test_cpp_checks_scalars_and_optionals() -> None:
     assert "argument 'alibi_slopes' must be of shape [4]" in _raw(make_args(), alibi=torch.ones(3))
     assert "argument 'workspace' must be float32" in \
         _raw(make_args(), workspace=torch.ones(3, dtype=torch.int32))
+    assert "argument 'lse' must be float32" in \
+        _raw(make_args(), lse=torch.ones(3, 4, dtype=torch.float16))
+    assert "argument 'lse' must be of shape [3, 4]" in _raw(make_args(), lse=torch.ones(4, 3))
     # valid optionals pass the structural checks and stop at the device check
     assert "must be a CUDA tensor" in _raw(make_args(), alibi=torch.ones(4),
                                            workspace=torch.ones(3))

@@ -25,6 +25,7 @@ from paged_attention_testutil import (
     dequantize_fp8,
     make_case,
     oracle,
+    oracle_lse,
     quantize_fp8,
 )
 
@@ -36,7 +37,7 @@ DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
 _c = ctypes
 _ARGTYPES = (
     [_c.c_int] + [_c.c_void_p] * 8 + [_c.c_int64] * 8 + [_c.c_double] + [_c.c_int64] * 3
-    + [_c.c_void_p] + [_c.c_double] * 3
+    + [_c.c_void_p] + [_c.c_double] * 3 + [_c.c_void_p]
 )
 
 
@@ -69,9 +70,11 @@ def run_emulated(
     emu: Any, case: dict[str, Any], *, partition_size: int = 0,
     max_context_len: int | None = None, sliding_window: int = 0,
     k_scale: float = 1.0, v_scale: float = 1.0, logits_soft_cap: float = 0.0,
+    lse: Any = None,
 ) -> int:
-    """Runs the op on the case's CPU tensors (writes case['out']); returns num_partitions.
-    float8_e4m3fn caches are dequantized with ``k_scale`` / ``v_scale``."""
+    """Runs the op on the case's CPU tensors (writes case['out'], and ``lse`` when given: float32
+    [num_seqs, num_heads]); returns num_partitions. float8_e4m3fn caches are dequantized with
+    ``k_scale`` / ``v_scale``."""
     q, kc = case["query"], case["key_cache"]
     num_seqs, num_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, _ = kc.shape
@@ -86,11 +89,11 @@ def run_emulated(
     # First ask for the plan and the workspace size (nothing runs with out=None).
     scales = (k_scale, v_scale, logits_soft_cap)
     parts = emu(dtype, None, None, None, None, None, None, None, None, 0, *plan,
-                ctypes.byref(need), *scales)
+                ctypes.byref(need), *scales, None)
     ws = torch.full((max(need.value, 1),), float("nan"))
     ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
               _ptr(case["block_tables"]), _ptr(case["context_lens"]),
-              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales)
+              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales, _ptr(lse))
     assert ran == parts
     assert parts >= 1
     return parts
@@ -257,3 +260,29 @@ def test_logits_soft_cap(emu: Any, dtype: str, partition: int) -> None:
     assert_close(case["out"], ref, dtype, "soft cap")
     uncapped = oracle(*args)
     assert float((ref - uncapped).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("partition", [0, 64])
+@pytest.mark.parametrize(("dtype", "extras"), [
+    ("float16", {}), ("bfloat16", {"alibi": True}), ("float32", {"window": 40}),
+    ("bfloat16", {"cap": 5.0}),
+])
+def test_log_sum_exp_output(emu: Any, partition: int, dtype: str, extras: dict[str, Any]) -> None:
+    """``lse`` holds each row's log-sum-exp of the final scores (split or not, ALiBi, window,
+    soft cap), -inf for empty contexts; the output is unchanged by asking for it."""
+    case = make_case([0, 150, 9, 64], num_heads=8, num_kv_heads=2, head_size=64,
+                     dtype=getattr(torch, dtype), alibi=extras.get("alibi", False), seed=21,
+                     q_scale=2.0)
+    window, cap = extras.get("window", 0), extras.get("cap", 0.0)
+    lse = torch.full(case["query"].shape[:2], float("nan"))
+    run_emulated(emu, case, partition_size=partition, sliding_window=window,
+                 logits_soft_cap=cap, lse=lse)
+    ref = oracle_lse(case["query"], case["key_cache"], case["block_tables"],
+                     case["context_lens"], case["scale"], case["alibi_slopes"], window or None,
+                     cap or None)
+    assert torch.isneginf(lse[0]).all()
+    torch.testing.assert_close(lse[1:].double(), ref[1:], rtol=1e-4, atol=2e-3)
+    out_ref = oracle(case["query"], case["key_cache"], case["value_cache"],
+                     case["block_tables"], case["context_lens"], case["scale"],
+                     case["alibi_slopes"], window or None, cap or None)
+    assert_close(case["out"], out_ref, dtype, "with lse")

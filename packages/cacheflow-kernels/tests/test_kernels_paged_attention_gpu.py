@@ -17,7 +17,14 @@ import pytest
 
 import cacheflow_kernels
 
-from paged_attention_testutil import ARG_ORDER, assert_close, errors, make_case, oracle
+from paged_attention_testutil import (
+    ARG_ORDER,
+    assert_close,
+    errors,
+    make_case,
+    oracle,
+    oracle_lse,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -292,3 +299,23 @@ def test_second_device_while_first_is_current() -> None:
     torch.cuda.synchronize(1)
     assert_close(case["out"], reference(case), "float16", "cuda:1")
 
+
+
+@pytest.mark.parametrize("partition", [0, 64, None])
+@pytest.mark.parametrize(("dtype", "head_size", "heads"), [
+    ("float16", 128, (32, 8)), ("bfloat16", 64, (16, 16)), ("bfloat16", 256, (8, 1)),
+    ("float32", 96, (12, 4)),
+])
+def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
+                            heads: tuple[int, int]) -> None:
+    """``lse`` (split and unsplit) is each row's log-sum-exp of the scores; -inf when empty."""
+    case = make_case([0, 1, 700, 3000, 64], num_heads=heads[0], num_kv_heads=heads[1],
+                     head_size=head_size, dtype=getattr(torch, dtype), device="cuda", seed=11,
+                     q_scale=2.0)
+    lse = torch.full(case["query"].shape[:2], float("nan"), device="cuda")
+    out = run(case, partition_size=partition, lse=lse)
+    ref = oracle_lse(case["query"], case["key_cache"], case["block_tables"],
+                     case["context_lens"], case["scale"])
+    assert torch.isneginf(lse[0]).all()
+    torch.testing.assert_close(lse[1:].double(), ref[1:], rtol=1e-4, atol=2e-3)
+    assert_close(out, reference(case), dtype, f"with lse {dtype} d{head_size}")

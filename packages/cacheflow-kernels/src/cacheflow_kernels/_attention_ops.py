@@ -61,7 +61,7 @@ def _check_scalars(
 def _validate_paged_attention(
     out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
     context_lens: Any, scale: Any, alibi_slopes: Any, max_context_len: Any, workspace: Any,
-    partition_size: Any, sliding_window: Any,
+    partition_size: Any, sliding_window: Any, lse: Any = None,
 ) -> None:
     op = "paged_attention"
     # Shapes and dtypes.
@@ -104,13 +104,16 @@ def _validate_paged_attention(
     if workspace is not None:
         C.check_shape(op, "workspace", workspace, ("num_elements",), (None,))
         C.check_dtype(op, "workspace", workspace, ("float32",))
+    if lse is not None:
+        C.check_shape(op, "lse", lse, ("num_seqs", "num_heads"), (num_seqs, num_heads))
+        C.check_dtype(op, "lse", lse, ("float32",))
     # Scalars.
     _check_scalars(op, scale, max_context_len, partition_size, sliding_window)
     # Memory layout.
     tensors = {
         "out": out, "query": query, "key_cache": key_cache, "value_cache": value_cache,
         "block_tables": block_tables, "context_lens": context_lens,
-        "alibi_slopes": alibi_slopes, "workspace": workspace,
+        "alibi_slopes": alibi_slopes, "workspace": workspace, "lse": lse,
     }
     tensors = {name: x for name, x in tensors.items() if x is not None}
     for name, x in tensors.items():
@@ -222,6 +225,7 @@ def paged_attention(
     max_context_len: int | None = None, workspace: Any = None, *,
     partition_size: int | None = None, sliding_window: int | None = None,
     k_scale: Any = 1.0, v_scale: Any = 1.0, logits_soft_cap: float | None = None,
+    lse: Any = None,
 ) -> None:
     """Decode attention over the paged KV cache: one query token per sequence, into ``out``.
 
@@ -274,6 +278,11 @@ def paged_attention(
             read once with ``.item()``); 1.0 for caches of ``query``'s dtype.
         logits_soft_cap: None, or ``cap > 0``: scores become ``cap * tanh(score / cap)``
             before ALiBi and the softmax (Gemma 2).
+        lse: None or float32 ``[num_seqs, num_heads]``; written with ``log(sum(exp(score)))``
+            over each row's final scores (``-inf`` for an empty context). With it, two
+            attentions of one query over disjoint parts of its context merge exactly (e.g. a
+            prefix shared by many sequences computed once, then each sequence's own tokens:
+            cascade attention).
 
     All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
     array); ``query``, ``out`` and the caches 16-byte aligned. The kernels run on the caller's
@@ -290,7 +299,7 @@ def paged_attention(
     def validate() -> tuple[int, ...]:
         _validate_paged_attention(
             out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
-            max_context_len, workspace, partition_size, sliding_window,
+            max_context_len, workspace, partition_size, sliding_window, lse,
         )
         num_seqs, num_heads, head_size = C.shape_of(query)
         _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
@@ -301,7 +310,8 @@ def paged_attention(
                 device_index)
 
     info = _CHECKS.check(
-        (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes, workspace),
+        (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes, workspace,
+         lse),
         (), validate,
     )
     _check_scalars("paged_attention", scale, max_context_len, partition_size, sliding_window)
@@ -342,5 +352,5 @@ def paged_attention(
     get_function("paged_attention")(
         out, query, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache), block_tables,
         context_lens, float(scale), alibi_slopes, max_ctx, size, workspace,
-        int(sliding_window or 0), ks, vs, cap,
+        int(sliding_window or 0), ks, vs, cap, lse,
     )

@@ -35,6 +35,7 @@ pa_emu::GlobalRange Range(const void* ptr, int64_t bytes, const char* name) {
  * \param dtype 0 float16, 1 bfloat16, 2 float32; plus 4 for FP8 E4M3 caches (k_scale and
  *        v_scale dequantize them).
  * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
+ * \param lse null, or float32 [num_seqs, num_heads] written with each row's log-sum-exp.
  * \return the number of partitions used, or -1 when `workspace` has fewer than the
  * workspace_elements needed (reported through `workspace_needed` when not null). With `out`
  * null nothing runs: the call only reports the partitions and the workspace size.
@@ -46,7 +47,7 @@ extern "C" int cf_emu_paged_attention(
     int64_t head_size, int64_t num_kv_heads, int64_t num_blocks, int64_t block_size,
     int64_t max_blocks_per_seq, double scale, int64_t max_context_len, int64_t partition_size,
     int64_t sliding_window, int64_t* workspace_needed, double k_scale, double v_scale,
-    double logits_soft_cap) {
+    double logits_soft_cap, float* lse) {
   pa::Params p = pa::MakeParams(num_seqs, num_heads, num_kv_heads, head_size, block_size,
                                 max_blocks_per_seq, scale, max_context_len, partition_size,
                                 sliding_window, k_scale, v_scale, logits_soft_cap);
@@ -64,6 +65,7 @@ extern "C" int cf_emu_paged_attention(
   p.block_tables = block_tables;
   p.context_lens = context_lens;
   p.alibi_slopes = alibi_slopes;
+  p.lse = lse;
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;
@@ -77,6 +79,7 @@ extern "C" int cf_emu_paged_attention(
       Range(context_lens, num_seqs * 4, "context_lens"),
       Range(alibi_slopes, num_heads * 4, "alibi_slopes"),
       Range(workspace, need * 4, "workspace"),
+      Range(lse, num_seqs * num_heads * 4, "lse"),
   };
   if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
   EmuLauncher launch;

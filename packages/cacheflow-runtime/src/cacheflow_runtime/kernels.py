@@ -12,8 +12,8 @@ import torch
 import cacheflow_kernels
 
 # The ABI_VERSION of cacheflow_kernels this runtime calls (and the package range in pyproject).
-SUPPORTED_KERNELS_ABI = 2
-SUPPORTED_KERNELS_RANGE = ">=0.2.0,<0.3"
+SUPPORTED_KERNELS_ABI = 3
+SUPPORTED_KERNELS_RANGE = ">=0.3.0,<0.4"
 
 
 def check_kernels(module: ModuleType = cacheflow_kernels) -> ModuleType:

@@ -97,6 +97,25 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
     return out
 
 
+def decode_with_lse(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    max_context_len: int, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention through ``cacheflow_kernels.paged_attention`` that also returns each
+    row's log-sum-exp (float32 [num_seqs, num_heads]); the reference backend's
+    ``decode_with_lse`` contract. Shapes the kernel does not take run the reference backend."""
+    if not supports_decode(query, key_cache):
+        return reference.decode_with_lse(query, key_cache, value_cache, block_tables,
+                                         context_lens, max_context_len, scale, k_scale, v_scale)
+    out = torch.empty_like(query)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    cacheflow_kernels.paged_attention(
+        out, query.contiguous(), key_cache, value_cache, block_tables.contiguous(),
+        context_lens.contiguous(), scale, None, max_context_len=max_context_len,
+        k_scale=k_scale, v_scale=v_scale, lse=lse)
+    return out, lse
+
+
 def supports_prefill(query: torch.Tensor, key_cache: torch.Tensor,
                      alibi_slopes: Optional[torch.Tensor] = None,
                      sliding_window: Optional[int] = None) -> bool:

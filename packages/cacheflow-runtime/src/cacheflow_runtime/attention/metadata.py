@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cacheflow_runtime.attention.cascade import CascadePrefix, plan_cascade
+
 
 @dataclass
 class InputMetadata:
@@ -26,6 +28,9 @@ class InputMetadata:
       logit_indices:   int64 [num_logit_rows], the token positions whose hidden states the
                        sampler needs (each sequence's last token, plus every prompt position when
                        prompt logprobs were asked for).
+
+    ``cascade``: for a decode step whose sequences share enough leading cache blocks, the shared
+    blocks and each sequence's remaining ones (see cascade.py); None otherwise.
     """
 
     query_lens: list[int]
@@ -36,6 +41,7 @@ class InputMetadata:
     slot_mapping: torch.Tensor
     logit_indices: torch.Tensor
     is_prompt: bool
+    cascade: CascadePrefix | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -64,10 +70,13 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
                          logit_indices: Sequence[int] | torch.Tensor,
                          device: torch.device, *,
                          query_start_loc: torch.Tensor | None = None,
-                         context_lens_tensor: torch.Tensor | None = None) -> InputMetadata:
+                         context_lens_tensor: torch.Tensor | None = None,
+                         cascade_block_size: int | None = None) -> InputMetadata:
     """The one way to build an ``InputMetadata``: host lists (or tensors already on ``device``,
     e.g. the static buffers of a CUDA graph) in, tensors on ``device`` out. Block tables given
-    as lists are padded with 0 to the longest."""
+    as lists are padded with 0 to the longest. With ``cascade_block_size`` (the cache's block
+    size) and block tables given as lists, a decode step is checked for a shared prefix
+    (``plan_cascade``)."""
     if query_start_loc is None:
         cu = [0]
         for q in query_lens:
@@ -75,10 +84,14 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         query_start_loc = torch.tensor(cu, dtype=torch.int32)
     if context_lens_tensor is None:
         context_lens_tensor = torch.tensor(context_lens, dtype=torch.int32)
+    cascade = None
     if not isinstance(block_tables, torch.Tensor):
         width = max((len(t) for t in block_tables), default=0)
         padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
         block_tables = torch.tensor(padded, dtype=torch.int32).view(len(padded), width)
+        if cascade_block_size is not None:
+            cascade = plan_cascade(list(query_lens), list(context_lens), block_tables,
+                                   cascade_block_size, device)
     return InputMetadata(
         query_lens=list(query_lens), context_lens_host=list(context_lens),
         query_start_loc=_as_tensor(query_start_loc, torch.int32, device),
@@ -86,7 +99,7 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         block_tables=_as_tensor(block_tables, torch.int32, device),
         slot_mapping=_as_tensor(slot_mapping, torch.int64, device),
         logit_indices=_as_tensor(logit_indices, torch.int64, device),
-        is_prompt=any(q > 1 for q in query_lens))
+        is_prompt=any(q > 1 for q in query_lens), cascade=cascade)
 
 
 def _as_tensor(values: Sequence[int] | torch.Tensor, dtype: torch.dtype,

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cacheflow_runtime.attention import cuda, reference
+from cacheflow_runtime.attention import cascade, cuda, reference
 from cacheflow_runtime.attention.metadata import InputMetadata
 
 #: "auto": the cuda backend for CUDA tensors when cacheflow_kernels has CUDA (and the head size
@@ -123,6 +123,12 @@ class PagedAttention(nn.Module):
             v_scale = self.v_scale if fp8 else 1.0
             backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping,
                                       k_scale, v_scale)
+            if (input_metadata.cascade is not None and self.sliding_window is None
+                    and self.logits_soft_cap is None):
+                out = cascade.cascade_decode(backend, q, key_cache, value_cache,
+                                             input_metadata.cascade, self.scale, k_scale,
+                                             v_scale)
+                return out.view(num_tokens, self.num_heads * self.head_size)
             out = backend.paged_attention(q, key_cache, value_cache, input_metadata, self.scale,
                                           sliding_window=self.sliding_window, k_scale=k_scale,
                                           v_scale=v_scale, logits_soft_cap=self.logits_soft_cap)

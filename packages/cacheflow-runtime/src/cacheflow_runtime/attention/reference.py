@@ -149,3 +149,36 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("shqk,skhd->sqhd", probs, values)
     return out[seq_of_token, slot_in_seq].to(query.dtype)
+
+
+def decode_with_lse(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    max_context_len: int, scale: float, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention (query [num_seqs, num_heads, head_size], one token per sequence, after
+    its whole context) that also returns each row's log-sum-exp.
+
+    Sequence s attends to its first ``context_lens[s]`` cached tokens through
+    ``block_tables[s]``. Returns (out in the query's dtype, lse [num_seqs, num_heads] float32,
+    ``-inf`` for an empty context, whose output is zeros).
+    """
+    num_seqs, num_heads, _ = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    device = query.device
+    k_pos = torch.arange(max_context_len, device=device)
+    blocks = block_tables.long().gather(
+        1, (k_pos // block_size).clamp(max=max(block_tables.shape[1] - 1, 0))
+        .expand(num_seqs, -1))
+    keys = _read(key_cache, blocks, k_pos % block_size, k_scale)
+    values = _read(value_cache, blocks, k_pos % block_size, v_scale)
+    in_context = k_pos[None, :] < context_lens.to(device)[:, None]  # [num_seqs, max_ctx]
+    group = num_heads // num_kv_heads
+    keys = torch.where(in_context[:, :, None, None], keys, 0.0).repeat_interleave(group, dim=2)
+    values = torch.where(in_context[:, :, None, None], values, 0.0)
+    values = values.repeat_interleave(group, dim=2)
+    scores = torch.einsum("shd,skhd->shk", query.float(), keys) * scale
+    scores = scores.masked_fill(~in_context[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
+    out = torch.einsum("shk,skhd->shd", probs, values)
+    return out.to(query.dtype), lse

@@ -64,8 +64,9 @@ def supports_graphs(model: torch.nn.Module, block_size: int) -> bool:
 
 
 def is_decode_step(metadata: InputMetadata) -> bool:
-    """Every sequence has one new token and only its last hidden state is sampled."""
-    return (not metadata.is_prompt and metadata.num_seqs > 0
+    """Every sequence has one new token and only its last hidden state is sampled (and no
+    cascade over a shared prefix, whose shapes change from step to step)."""
+    return (not metadata.is_prompt and metadata.num_seqs > 0 and metadata.cascade is None
             and all(q == 1 for q in metadata.query_lens)
             and metadata.logit_indices.shape[0] == metadata.num_seqs)
 

@@ -90,7 +90,8 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
         req_ids.append(req.req_id)
         sampled.append(req.do_sample)
     metadata = build_input_metadata(builder.query_lens, builder.context_lens, builder.tables,
-                                    builder.slots, builder.logit_indices, device)
+                                    builder.slots, builder.logit_indices, device,
+                                    cascade_block_size=block_size)
     return PreparedBatch(
         input_ids=torch.tensor(builder.input_ids, dtype=torch.int64).to(device,
                                                                        non_blocking=True),
