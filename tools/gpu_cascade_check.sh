@@ -18,10 +18,13 @@ python3 -c "import torch, cacheflow_kernels as k; print('torch', torch.__version
 date -u | tee -a "$out/card.txt"
 
 if [[ "$what" == tests || "$what" == all ]]; then
-  timeout 200 python3 -m pytest -p no:cacheprovider -q -rfE -s \
-    packages/cacheflow-kernels/tests/test_kernels_paged_attention_gpu.py -k "log_sum_exp or benchmark_shape or split_modes" \
+  timeout 100 python3 -m pytest -p no:cacheprovider -q -rfE \
+    packages/cacheflow-kernels/tests/test_kernels_paged_attention_gpu.py \
+    -k "log_sum_exp or benchmark_shape or split_modes" \
+    -o addopts="" 2>&1 | tee "$out/gpu_tests_lse.log" | grep -E "passed|failed|Error" | tail -4
+  timeout 100 python3 -m pytest -p no:cacheprovider -q -rfE -s \
     packages/cacheflow-runtime/tests/test_cascade_attention_gpu.py \
-    -o addopts="" 2>&1 | tee "$out/gpu_tests_cascade.log" | grep -E "passed|failed|plain decode|Error|error" | tail -8
+    -o addopts="" 2>&1 | tee "$out/gpu_tests_cascade.log" | grep -E "passed|failed|plain decode|Error" | tail -4
 fi
 
 ckpt=/tmp/llama7b

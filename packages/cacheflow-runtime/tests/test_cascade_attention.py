@@ -173,3 +173,19 @@ def test_engine_outputs_with_and_without_cascade(tiny: Path, monkeypatch: pytest
     monkeypatch.setattr(cascade, "cascade_decode", counting)
     assert run() == plain
     assert calls and max(calls) >= 24
+
+
+def test_only_models_with_a_plain_layer_plan_cascade() -> None:
+    """Cascade steps run eagerly, so a model whose every layer is windowed or soft-capped (it
+    could not use one) never plans them."""
+    from cacheflow_runtime.attention import PagedAttention
+    from cacheflow_runtime.model_executor.model_runner import ModelRunner
+
+    def runner(*layers: PagedAttention) -> ModelRunner:
+        return ModelRunner(torch.nn.ModuleList(layers), torch.device("cpu"), 8, None, None)
+
+    windowed = PagedAttention(4, 16, 0.25, sliding_window=64)
+    capped = PagedAttention(4, 16, 0.25, logits_soft_cap=30.0)
+    plain = PagedAttention(4, 16, 0.25)
+    assert runner(windowed, capped).plan_cascade is False
+    assert runner(windowed, plain).plan_cascade is True

@@ -77,6 +77,12 @@ class PagedAttention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
+    @property
+    def takes_cascade(self) -> bool:
+        """Whether decode steps with a shared prefix may run cascade attention in this layer (no
+        sliding window, no soft-capping: the prefix attention has neither)."""
+        return self.sliding_window is None and self.logits_soft_cap is None
+
     def set_kv_scale(self, which: str, value: float) -> None:
         """Sets ``k_scale`` (``which="k"``), ``v_scale`` ("v") or both ("kv"); the value must
         be a finite number > 0."""
@@ -123,8 +129,7 @@ class PagedAttention(nn.Module):
             v_scale = self.v_scale if fp8 else 1.0
             backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping,
                                       k_scale, v_scale)
-            if (input_metadata.cascade is not None and self.sliding_window is None
-                    and self.logits_soft_cap is None):
+            if input_metadata.cascade is not None and self.takes_cascade:
                 out = cascade.cascade_decode(backend, q, key_cache, value_cache,
                                              input_metadata.cascade, self.scale, k_scale,
                                              v_scale)

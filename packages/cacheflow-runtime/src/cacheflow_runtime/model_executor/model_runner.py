@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from cacheflow_runtime.attention import InputMetadata, build_input_metadata
+from cacheflow_runtime.attention import InputMetadata, PagedAttention, build_input_metadata
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
@@ -63,10 +63,12 @@ class _BatchBuilder:
 
 
 def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
-                  device: torch.device, eos_token_id: Optional[int]) -> PreparedBatch:
+                  device: torch.device, eos_token_id: Optional[int],
+                  plan_cascade: bool = True) -> PreparedBatch:
     """Flattens the scheduled sequences of ``out`` into one batch (``states`` already updated
     with ``out``): each contributes ``token_ids`` from ``num_computed_tokens`` on, its K/V going
-    to the slots its block table gives."""
+    to the slots its block table gives. ``plan_cascade``: look for a prefix shared by a whole
+    decode step (cascade attention)."""
     builder = _BatchBuilder(block_size)
     groups: list[SamplingGroup] = []
     req_ids: list[str] = []
@@ -91,7 +93,7 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
         sampled.append(req.do_sample)
     metadata = build_input_metadata(builder.query_lens, builder.context_lens, builder.tables,
                                     builder.slots, builder.logit_indices, device,
-                                    cascade_block_size=block_size)
+                                    cascade_block_size=block_size if plan_cascade else None)
     return PreparedBatch(
         input_ids=torch.tensor(builder.input_ids, dtype=torch.int64).to(device,
                                                                        non_blocking=True),
@@ -137,6 +139,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.default_generator = default_generator
         self.decode_graphs: Optional[DecodeGraphs] = None
+        # A cascade step runs eagerly, so plan one only if some layer would use it.
+        self.plan_cascade = any(m.takes_cascade for m in model.modules()
+                                if isinstance(m, PagedAttention))
 
     def capture_decode_graphs(self, kv_caches: list[KVCache], max_num_seqs: int,
                               max_model_len: int) -> None:
@@ -152,7 +157,8 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if not out.scheduled:
             return result
-        batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id)
+        batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id,
+                              self.plan_cascade)
         hidden = None
         if self.decode_graphs is not None:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
