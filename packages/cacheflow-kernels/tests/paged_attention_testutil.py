@@ -11,7 +11,7 @@ through the wrong block, returns NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 #: Positional order of the op's tensor arguments.
@@ -136,6 +136,40 @@ def dequantize_fp8(cache: Any, scale: float) -> Any:
     return cache.double() * scale
 
 
+def _oracle_rows(
+    query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
+    scale: float, alibi_slopes: Any, sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> Iterator[tuple[int, Any, Any]]:
+    """(sequence, float64 scores [num_heads, n], float64 values [n, num_heads, head_size]) of
+    every sequence with a non-empty context, as the kernel forms them (``value_cache`` may be
+    None: values then come back as None)."""
+    import torch
+
+    num_heads = query.shape[1]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    limit = block_tables.shape[1] * block_size
+    tables = block_tables.long()
+    for s, n in enumerate(context_lens.tolist()):
+        n = min(max(int(n), 0), limit)
+        if n == 0:
+            continue
+        start = max(n - sliding_window, 0) if sliding_window else 0
+        pos = torch.arange(start, n, device=query.device)
+        blocks = tables[s, pos // block_size]
+        k = key_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[s].double(), k) * scale
+        if logits_soft_cap:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.double()[:, None] * (pos - (n - 1)).double()[None, :]
+        v = None
+        if value_cache is not None:
+            v = value_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
+        yield s, scores, v
+
+
 def oracle(
     query: Any, key_cache: Any, value_cache: Any, block_tables: Any, context_lens: Any,
     scale: float, alibi_slopes: Any = None, sliding_window: int | None = None,
@@ -150,26 +184,9 @@ def oracle(
     """
     import torch
 
-    num_seqs, num_heads, head_size = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    out = torch.zeros(num_seqs, num_heads, head_size, dtype=torch.float64, device=query.device)
-    limit = block_tables.shape[1] * block_size
-    tables = block_tables.long()
-    for s, n in enumerate(context_lens.tolist()):
-        n = min(max(int(n), 0), limit)
-        if n == 0:
-            continue
-        start = max(n - sliding_window, 0) if sliding_window else 0
-        pos = torch.arange(start, n, device=query.device)
-        blocks = tables[s, pos // block_size]
-        k = key_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
-        v = value_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", query[s].double(), k) * scale
-        if logits_soft_cap:
-            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
-        if alibi_slopes is not None:
-            scores = scores + alibi_slopes.double()[:, None] * (pos - (n - 1)).double()[None, :]
+    out = torch.zeros(query.shape, dtype=torch.float64, device=query.device)
+    for s, scores, v in _oracle_rows(query, key_cache, value_cache, block_tables, context_lens,
+                                     scale, alibi_slopes, sliding_window, logits_soft_cap):
         out[s] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
     return out
 
@@ -183,25 +200,9 @@ def oracle_lse(
     forms; ``-inf`` for an empty context. ``[num_seqs, num_heads]``."""
     import torch
 
-    num_seqs, num_heads, _ = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    lse = torch.full((num_seqs, num_heads), -math.inf, dtype=torch.float64, device=query.device)
-    limit = block_tables.shape[1] * block_size
-    tables = block_tables.long()
-    for s, n in enumerate(context_lens.tolist()):
-        n = min(max(int(n), 0), limit)
-        if n == 0:
-            continue
-        start = max(n - sliding_window, 0) if sliding_window else 0
-        pos = torch.arange(start, n, device=query.device)
-        blocks = tables[s, pos // block_size]
-        k = key_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", query[s].double(), k) * scale
-        if logits_soft_cap:
-            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
-        if alibi_slopes is not None:
-            scores = scores + alibi_slopes.double()[:, None] * (pos - (n - 1)).double()[None, :]
+    lse = torch.full(query.shape[:2], -math.inf, dtype=torch.float64, device=query.device)
+    for s, scores, _ in _oracle_rows(query, key_cache, None, block_tables, context_lens, scale,
+                                     alibi_slopes, sliding_window, logits_soft_cap):
         lse[s] = torch.logsumexp(scores, dim=-1)
     return lse
 
