@@ -47,8 +47,9 @@ class _RowParams:
     frequency: list[float] = field(default_factory=list)
     presence: list[float] = field(default_factory=list)
     prompt_ids: list[list[int]] = field(default_factory=list)
-    output_ids: list[list[int]] = field(default_factory=list)
+    output_ids: list[list[int]] = field(default_factory=list)  # the groups' lists, not copies
     banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens masking
+    num_top: list[int] = field(default_factory=list)  # top logprobs to report
 
 
 @dataclass
@@ -96,10 +97,9 @@ class Sampler(torch.nn.Module):
                   else torch.empty(0, dtype=torch.long, device=work.device))
         sample_rows = _long([s.row for s in samples], work.device)
         chosen = logprobs[sample_rows, tokens]
-        num_top = [_num_logprobs(groups[g].sampling_params.logprobs) for g in params.group]
-        top_values, top_ids = _top_logprobs(logprobs, max(num_top, default=0))
+        top_values, top_ids = _top_logprobs(logprobs, max(params.num_top, default=0))
 
-        results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), num_top,
+        results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), params.num_top,
                             top_values, top_ids)
         for g, group in enumerate(groups):
             if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None:
@@ -118,8 +118,9 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
     for g, group in enumerate(groups):
         sp = group.sampling_params
         random = not sp.is_greedy and not sp.use_beam_search
+        num_top = _num_logprobs(sp.logprobs)
         for j, row in enumerate(group.logit_rows):
-            outputs = list(group.output_token_ids[j]) if j < len(group.output_token_ids) else []
+            outputs = group.output_token_ids[j] if j < len(group.output_token_ids) else []
             params.rows.append(row)
             params.group.append(g)
             params.temperature.append(sp.temperature if random else 1.0)
@@ -132,6 +133,7 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
             params.prompt_ids.append(group.prompt_token_ids)
             params.output_ids.append(outputs)
             params.banned_ids.append(_banned_ids(group, len(outputs)))
+            params.num_top.append(num_top)
     return params
 
 
@@ -167,7 +169,7 @@ def _apply_penalties(work: torch.Tensor, params: _RowParams) -> None:
 def _apply_repetition_penalty(work: torch.Tensor, rows: list[int], params: _RowParams) -> None:
     """HF repetition penalty on ``rows``: every token seen in the prompt or the output has its
     logit divided by the penalty when positive, multiplied by it otherwise."""
-    history = [params.prompt_ids[i] + params.output_ids[i] for i in rows]
+    history = [list(params.prompt_ids[i]) + list(params.output_ids[i]) for i in rows]
     seen = _token_counts(work, rows, history) > 0
     index = _long(rows, work.device)
     penalty = _float([params.repetition[i] for i in rows], work.device).unsqueeze(1)

@@ -33,8 +33,10 @@ class SequenceStatus(enum.Enum):
         return _FINISH_REASON.get(self)
 
 
-_FINISHED = {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
-             SequenceStatus.FINISHED_ABORTED}
+# A tuple, not a set: membership then compares identities in C, where a set would call the
+# enum's Python-level __hash__ (this test runs several times per sequence and step).
+_FINISHED = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
+             SequenceStatus.FINISHED_ABORTED)
 _FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
                   SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
                   SequenceStatus.FINISHED_ABORTED: "abort"}
@@ -106,7 +108,7 @@ class Sequence:
 
     def is_finished(self) -> bool:
         """True once the sequence has a finished status."""
-        return self.status.is_finished
+        return self.status in _FINISHED
 
     def fork(self, new_seq_id: int, sample_index: int = 0) -> Sequence:
         """A copy of this sequence under a new id (the block manager must fork its blocks too)."""
@@ -160,7 +162,10 @@ class SequenceGroup:
     @property
     def is_prefill(self) -> bool:
         """True until the prompt has been run (no sequence has output yet)."""
-        return all(seq.get_output_len() == 0 for seq in self.seqs)
+        for seq in self.seqs:
+            if seq.output_token_ids:
+                return False
+        return True
 
     def get_seqs(self, status: Optional[SequenceStatus] = None) -> list[Sequence]:
         """The sequences, all or those with ``status``."""
@@ -170,7 +175,7 @@ class SequenceGroup:
 
     def get_unfinished_seqs(self) -> list[Sequence]:
         """The sequences that are not finished."""
-        return [seq for seq in self.seqs if not seq.is_finished()]
+        return [seq for seq in self.seqs if seq.status not in _FINISHED]
 
     def find(self, seq_id: int) -> Sequence:
         """The sequence with ``seq_id``."""
@@ -199,7 +204,10 @@ class SequenceGroup:
 
     def is_finished(self) -> bool:
         """True when every sequence has finished."""
-        return all(seq.is_finished() for seq in self.seqs)
+        for seq in self.seqs:
+            if seq.status not in _FINISHED:
+                return False
+        return True
 
     def __repr__(self) -> str:
         return f"SequenceGroup(request_id={self.request_id}, num_seqs={len(self.seqs)})"

@@ -57,24 +57,38 @@ class _Budget:
 
 @dataclass
 class _Plan:
-    """The batch being built: tokens per sequence, per group, in scheduling order."""
+    """The batch being built, in scheduling order: per group its scheduled sequences and the
+    tokens of each (by sequence id). ``preempted_ids``: the requests preempted in this step."""
 
-    groups: list[tuple[SequenceGroup, dict[int, int]]] = field(default_factory=list)
+    groups: list[tuple[SequenceGroup, list[Sequence], dict[int, int]]] = field(
+        default_factory=list)
     ids: set[str] = field(default_factory=set)
-    preempted: bool = False
+    preempted_ids: set[str] = field(default_factory=set)
     copies: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
 
-    def add(self, group: SequenceGroup, tokens: dict[int, int]) -> None:
-        self.groups.append((group, tokens))
+    @property
+    def preempted(self) -> bool:
+        """True once a request was preempted in this step."""
+        return bool(self.preempted_ids)
+
+    def add(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int]) -> None:
+        """Adds ``group``'s ``seqs`` (the keys of ``tokens``, in that order) to the batch."""
+        self.groups.append((group, seqs, tokens))
         self.ids.add(group.request_id)
 
 
 def _is_decode(group: SequenceGroup) -> bool:
     """Every RUNNING (or SWAPPED) sequence of ``group`` has exactly one token to compute."""
-    seqs = [s for s in group.seqs if not s.is_finished()]
-    return bool(seqs) and all(s.get_len() - s.num_computed_tokens == 1 for s in seqs)
+    found = False
+    for seq in group.seqs:
+        if seq.is_finished():
+            continue
+        if seq.get_len() - seq.num_computed_tokens != 1:
+            return False
+        found = True
+    return found
 
 
 class Scheduler:
@@ -136,9 +150,12 @@ class Scheduler:
 
     def free_finished(self) -> list[SequenceGroup]:
         """Drops finished requests from the running queue and returns them."""
-        done = [g for g in self.running if g.is_finished()]
+        done: list[SequenceGroup] = []
+        keep: list[SequenceGroup] = []
+        for group in self.running:
+            (done if group.is_finished() else keep).append(group)
         if done:
-            self.running = [g for g in self.running if not g.is_finished()]
+            self.running = keep
             for group in done:
                 self._release(group)
         return done
@@ -156,8 +173,12 @@ class Scheduler:
     # ------------------------------------------------------------------------- scheduling
     def schedule(self) -> SchedulerOutput:
         """Chooses this step's batch and returns it as plain data for the worker."""
-        budget = _Budget(self.config.max_num_batched_tokens,
-                         self.config.max_num_seqs - self._num_running_seqs())
+        # The sequence budget limits only swapped and waiting requests. Those are scheduled
+        # only if they were queued when the step began (a preemption in this step stops both),
+        # so the running sequences are counted only then.
+        free_seqs = (self.config.max_num_seqs - self._num_running_seqs()
+                     if self.waiting or self.swapped else 0)
+        budget = _Budget(self.config.max_num_batched_tokens, free_seqs)
         plan = _Plan()
         if not self.config.enable_chunked_prefill:
             if self.waiting and not self.swapped:
@@ -186,18 +207,22 @@ class Scheduler:
         return max(1, budget.tokens // 2) if others_wait else budget.tokens
 
     def _schedule_running(self, plan: _Plan, budget: _Budget) -> None:
-        decodes = [g for g in self.running if _is_decode(g)]
-        prefills = [g for g in self.running if not _is_decode(g)]
-        for i, group in enumerate(decodes + prefills):
-            if group not in self.running:  # preempted as a victim earlier in this step
+        decodes: list[SequenceGroup] = []
+        prefills: list[SequenceGroup] = []
+        for group in self.running:
+            (decodes if _is_decode(group) else prefills).append(group)
+        num_decodes = len(decodes)
+        ordered = decodes + prefills
+        for i, group in enumerate(ordered):
+            if group.request_id in plan.preempted_ids:  # a victim earlier in this step
                 continue
             seqs = group.get_seqs(SequenceStatus.RUNNING)
-            if _is_decode(group):
+            if i < num_decodes:
                 if budget.tokens < len(seqs):
                     continue
                 tokens = {seq.seq_id: 1 for seq in seqs}
             else:
-                others = i + 1 < len(decodes) + len(prefills) or bool(self.waiting)
+                others = i + 1 < len(ordered) or bool(self.waiting)
                 n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget, others)
                 if n == 0:
                     continue
@@ -232,7 +257,7 @@ class Scheduler:
                 plan.copies.append(cow)
             self.block_manager.cache_full_blocks(seq, group.cache_namespace, end)
         budget.tokens -= sum(tokens.values())
-        plan.add(group, tokens)
+        plan.add(group, seqs, tokens)
 
     def _swap_in(self, plan: _Plan, budget: _Budget) -> None:
         while self.swapped:
@@ -288,10 +313,10 @@ class Scheduler:
             self.running.append(group)
             budget.seqs -= group.max_num_running_seqs()
             budget.tokens -= n
-            plan.add(group, {seq.seq_id: n})
+            plan.add(group, [seq], {seq.seq_id: n})
 
     def _preempt(self, group: SequenceGroup, plan: _Plan) -> None:
-        plan.preempted = True
+        plan.preempted_ids.add(group.request_id)
         self.num_preemptions += 1
         self.running.remove(group)
         seqs = group.get_seqs(SequenceStatus.RUNNING)
@@ -316,14 +341,13 @@ class Scheduler:
                               freed_seq_ids=self._freed_seq_ids, blocks_to_swap_in=plan.swap_in,
                               blocks_to_swap_out=plan.swap_out, blocks_to_copy=plan.copies)
         self._finished_req_ids, self._freed_seq_ids = [], []
-        for group, tokens in plan.groups:
-            if group not in self.running:  # preempted after it was taken (cannot happen today)
+        for group, seqs, tokens in plan.groups:
+            if group.request_id in plan.preempted_ids:  # after it was taken (cannot happen today)
                 continue
             if not group.sent_to_worker:
                 out.new_requests.append(NewRequestData(group.request_id, group.prompt_token_ids,
                                                        group.sampling_params))
                 group.sent_to_worker = True
-            seqs = [group.find(seq_id) for seq_id in tokens]
             out.scheduled.append(ScheduledRequest(
                 req_id=group.request_id, seqs=[self._scheduled_seq(s, tokens[s.seq_id])
                                                for s in seqs],
@@ -360,9 +384,10 @@ class Scheduler:
             group = running.get(req.req_id)
             if group is None:
                 continue
+            is_prefill = group.is_prefill
             for s in req.seqs:
                 seq = group.find(s.seq_id)
-                if len(s.token_ids) > 1 or group.is_prefill:
+                if len(s.token_ids) > 1 or is_prefill:
                     self.num_prompt_tokens += len(s.token_ids)
                 seq.num_computed_tokens += len(s.token_ids)
                 self.block_manager.cache_full_blocks(seq, group.cache_namespace)

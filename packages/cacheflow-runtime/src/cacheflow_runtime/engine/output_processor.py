@@ -3,11 +3,11 @@ detokenization, stop strings (the text half of core/stop.py's rules) and beam te
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.stop import find_stop_string
-from cacheflow_runtime.engine.detokenizer import decode_new_text, flush_text
+from cacheflow_runtime.engine.detokenizer import Detokenizer
 from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -22,6 +22,8 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any, scheduler: Scheduler) -> None:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
+        self.detokenizer: Optional[Detokenizer] = (None if tokenizer is None
+                                                   else Detokenizer(tokenizer))
 
     def process(self, groups: list[SequenceGroup]) -> None:
         """Updates the texts of the sequences of ``groups`` that got a token since the last
@@ -32,16 +34,16 @@ class OutputProcessor:
                 if group.beam_search_done:
                     self._beam_texts(group)
                 continue
-            for seq in group.get_seqs():
-                if seq.num_detokenized < seq.get_output_len():
-                    seq.num_detokenized = seq.get_output_len()
+            for seq in group.seqs:
+                if seq.num_detokenized < len(seq.output_token_ids):
+                    seq.num_detokenized = len(seq.output_token_ids)
                     self._append_text(group, seq)
 
     def _append_text(self, group: SequenceGroup, seq: Sequence) -> None:
-        if self.tokenizer is None:
+        if self.detokenizer is None:
             return
         params = group.sampling_params
-        new_text = decode_new_text(self.tokenizer, seq, params.skip_special_tokens)
+        new_text = self.detokenizer.decode_new_text(seq, params.skip_special_tokens)
         stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
         if (new_text and not stopped_by_token and params.stop_strings
                 and seq.get_output_len() >= params.min_tokens):
@@ -55,7 +57,7 @@ class OutputProcessor:
                     self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
                 return
         if seq.is_finished():
-            flush_text(self.tokenizer, seq)
+            self.detokenizer.flush_text(seq)
 
     def _beam_texts(self, group: SequenceGroup) -> None:
         if self.tokenizer is None:

@@ -11,7 +11,11 @@ from cacheflow_runtime.attention import InputMetadata, PagedAttention, build_inp
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
-from cacheflow_runtime.model_executor.request_states import RequestState, RequestStates
+from cacheflow_runtime.model_executor.request_states import (
+    RequestState,
+    RequestStates,
+    SequenceState,
+)
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampling_metadata import SamplingGroup
 
@@ -45,12 +49,18 @@ class _BatchBuilder:
     def add_sequence(self, token_ids: list[int], start: int, table: list[int]) -> int:
         """Adds one sequence's tokens at positions ``start..``; returns its first flat index."""
         offset = len(self.input_ids)
-        end = start + len(token_ids)
+        num_tokens = len(token_ids)
+        end = start + num_tokens
         bs = self.block_size
-        self.input_ids.extend(token_ids)
-        self.positions.extend(range(start, end))
-        self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-        self.query_lens.append(len(token_ids))
+        if num_tokens == 1:  # a decode token: most sequences of most steps
+            self.input_ids.append(token_ids[0])
+            self.positions.append(start)
+            self.slots.append(table[start // bs] * bs + start % bs)
+        else:
+            self.input_ids.extend(token_ids)
+            self.positions.extend(range(start, end))
+            self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        self.query_lens.append(num_tokens)
         self.context_lens.append(end)
         self.tables.append(table)
         return offset
@@ -60,6 +70,11 @@ class _BatchBuilder:
         first = len(self.logit_indices)
         self.logit_indices.extend(flat_indices)
         return list(range(first, len(self.logit_indices)))
+
+    def add_logit_row(self, flat_index: int) -> int:
+        """Asks for the hidden state at ``flat_index``; returns its logit row number."""
+        self.logit_indices.append(flat_index)
+        return len(self.logit_indices) - 1
 
 
 def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
@@ -75,10 +90,10 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
     sampled: list[bool] = []
     for req in out.scheduled:
         state = states.requests[req.req_id]
-        rows, prompt_rows, prompt_start = _add_request(builder, req, state, states)
+        seqs = [states.seqs[s.seq_id] for s in req.seqs]
+        rows, prompt_rows, prompt_start = _add_request(builder, req, state, seqs)
         if not rows and not prompt_rows:
             continue
-        seqs = [states.seqs[s.seq_id] for s in req.seqs]
         generators = (list(state.generators) if req.is_first_sample
                       else [state.generators[seq.sample_index] for seq in seqs])
         groups.append(SamplingGroup(
@@ -103,17 +118,18 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
 
 
 def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestState,
-                 states: RequestStates) -> tuple[list[int], list[int], int]:
-    """Adds a request's sequences; returns its sampling rows, prompt-logprob rows and the prompt
-    position of the first prompt-logprob row."""
+                 seqs: list[SequenceState]) -> tuple[list[int], list[int], int]:
+    """Adds a request's sequences (``seqs[i]`` is the worker's copy of ``req.seqs[i]``);
+    returns its sampling rows, prompt-logprob rows and the prompt position of the first
+    prompt-logprob row."""
     rows: list[int] = []
     prompt_rows: list[int] = []
     prompt_start = state.num_prompt_logprobs
     want_prompt = state.sampling_params.prompt_logprobs is not None
     prompt_len = len(state.prompt_token_ids)
-    for s in req.seqs:
+    for s, seq in zip(req.seqs, seqs):
         start = s.num_computed_tokens
-        offset = builder.add_sequence(s.token_ids, start, states.seqs[s.seq_id].block_ids)
+        offset = builder.add_sequence(s.token_ids, start, seq.block_ids)
         end = start + len(s.token_ids)
         # Positions p < prompt_len - 1 predict prompt token p + 1; each is computed once.
         lo, hi = max(start, state.num_prompt_logprobs), min(end, prompt_len - 1)
@@ -122,7 +138,7 @@ def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestSt
             prompt_rows = builder.add_logit_rows(range(offset + lo - start, offset + hi - start))
             state.num_prompt_logprobs = hi
         if req.do_sample:
-            rows.extend(builder.add_logit_rows([offset + len(s.token_ids) - 1]))
+            rows.append(builder.add_logit_row(offset + len(s.token_ids) - 1))
     return rows, prompt_rows, prompt_start
 
 
