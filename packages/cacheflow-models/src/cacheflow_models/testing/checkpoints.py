@@ -6,6 +6,7 @@ maps each byte to one token (ids 0-2 are the special tokens <unk>, <s>, </s>).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -204,24 +205,77 @@ def tiny_gpt_neox_config(**overrides: Any) -> GPTNeoXConfig:
 
 
 def save_tiny_checkpoint(path: str | Path, config: Any, seed: int = 0,
-                         safe_serialization: bool = True) -> Path:
+                         safe_serialization: bool = True, *, train_steps: int = 0,
+                         device: str = "cpu") -> Path:
     """Builds a random float32 model for ``config``, saves it and the byte tokenizer to ``path``.
 
     Weights are drawn with a larger spread than HF's init so that the greedy choices are not
     near-ties (which float32 rounding could flip).
+
+    ``train_steps`` > 0: instead, the model is trained from HF's init for that many steps (on
+    ``device``) on a synthetic rule (``_train_on_rule``), which gives it decisive next-token
+    logits, margins of several logits as a real checkpoint has. Random weights give nearly flat
+    logits: at a few percent of the positions the top two are within bfloat16's rounding, so
+    bfloat16 comparisons with HF (top-1 agreement) would measure rounding noise, not the port.
     """
     path = Path(path)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
-                param.uniform_(0.8, 1.2)  # RMSNorm/LayerNorm gains (GPT-2 names them ln_*)
-            else:
-                param.normal_(0.0, 0.1)
+    if train_steps > 0:
+        _train_on_rule(model, train_steps, seed, device)
+        model.to("cpu")
+    else:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+                    param.uniform_(0.8, 1.2)  # RMSNorm/LayerNorm gains (GPT-2 names them ln_*)
+                else:
+                    param.normal_(0.0, 0.1)
     model.save_pretrained(path, safe_serialization=safe_serialization)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def _train_on_rule(model: Any, steps: int, seed: int, device: str, lr: float = 3e-3,
+                   batch: int = 32, length: int = 96) -> float:
+    """Trains ``model`` (AdamW, warm-up then cosine decay) to continue any byte-token sequence
+    by the rule: next token = PERM[the token two back] (PERM[first token] after a one-token
+    sequence), PERM a random permutation of the 256 byte ids in one cycle, so greedy output
+    never settles into a short loop. The rule needs the whole network: attention to the
+    previous position through the rotary embeddings, and the MLP/experts for PERM. Each
+    training sequence starts with a random-token prefix (the loss skips it), as a test prompt
+    does. Returns the last step's loss.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    first = len(SPECIAL_TOKENS)
+    order = torch.randperm(BYTE_VOCAB_SIZE - first, generator=gen) + first
+    perm = torch.arange(BYTE_VOCAB_SIZE)
+    perm[order] = order.roll(-1)
+    limit = getattr(model.config, "max_position_embeddings", None) or length
+    length = min(length, limit)
+    positions = torch.arange(length)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = 20
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) * (
+        0.1 + 0.45 * (1.0 + math.cos(math.pi * step / steps))))
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        ids = torch.randint(first, BYTE_VOCAB_SIZE, (batch, length), generator=gen)
+        start = torch.randint(1, length // 2, (batch, 1), generator=gen)
+        # A quarter of the sequences follow the rule from their second token (one-token prompts).
+        start[torch.rand(batch, generator=gen) < 0.25] = 1
+        for t in range(1, length):
+            ids[:, t] = torch.where(positions[t] >= start[:, 0], perm[ids[:, max(t - 2, 0)]],
+                                    ids[:, t])
+        labels = torch.where(positions[None] >= start, ids, torch.full_like(ids, -100))
+        loss = model(ids.to(device), labels=labels.to(device)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
 
 
 # Every public builder, variant table and constant defined here (new ones are exported by
