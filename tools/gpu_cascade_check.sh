@@ -51,7 +51,7 @@ if [[ "$what" == tests || "$what" == all ]]; then
     models+=(packages/cacheflow-models/tests/test_gpu_dense_architectures.py
              packages/cacheflow-models/tests/test_moe_gpu.py)
   fi
-  timeout 240 python3 -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rfE -s \
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rfE -s \
     "${models[@]}" \
     packages/cacheflow-serve/tests/test_preemption_gpu.py \
     packages/cacheflow-runtime/tests/test_attention_backends.py \
