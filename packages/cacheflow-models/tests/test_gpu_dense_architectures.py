@@ -29,9 +29,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from cacheflow_models.testing import run_engine, save_tiny_checkpoint
+from cacheflow_models.testing import run_engine, save_tiny_checkpoint, top1_agreement
 from cacheflow_runtime import SamplingParams
 
 from dense_testutil import (
@@ -64,40 +63,6 @@ CONFIGS = {
         WIDE, **PHI3_LONGROPE, partial_rotary_factor=0.75,
         rope_scaling=longrope_scaling(48))),
 }
-
-
-def top1_agreement(path: Path, prompts: list[list[int]], outputs: list[Any]) -> float:
-    """Share of our generated tokens that are HF's bf16 top-1 choice given the same context.
-
-    Prints each prompt's first disagreement and HF's float32 top-1/top-2 margin at every
-    disagreement (near-ties that bfloat16 rounding decides have margins of hundredths of a logit).
-    """
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
-    agree = total = 0
-    margins: list[float] = []
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        ours = out.outputs[0].token_ids
-        ids = torch.tensor([prompt + ours], device="cuda")
-        with torch.inference_mode():
-            theirs = bf16(ids).logits[0, len(prompt) - 1:-1].float().argmax(-1).tolist()
-            top2 = fp32(ids).logits[0, len(prompt) - 1:-1].float().topk(2, -1)
-        margin = (top2.values[:, 0] - top2.values[:, 1]).tolist()
-        margins += margin
-        misses = [j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b]
-        agree += len(ours) - len(misses)
-        total += len(ours)
-        first = "none"
-        if misses:
-            j = misses[0]
-            first = (f"at {j}: ours {ours[j]}, HF bf16 {theirs[j]}, HF float32 top-2 "
-                     f"{top2.indices[j].tolist()}")
-        print(f"prompt {i} ({len(prompt)} tokens): {len(misses)} disagreements, first {first}; "
-              f"HF float32 margins there {[round(margin[j], 4) for j in misses]}")
-    print(f"HF float32 top-1/top-2 margins at the generated positions: min {min(margins):.4f}, "
-          f"median {sorted(margins)[len(margins) // 2]:.4f}")
-    print(f"bf16 top-1 agreement with HF: {agree}/{total}")
-    return agree / total
 
 
 def prompts_for(name: str, prompt_batch: list[list[int]]) -> list[list[int]]:

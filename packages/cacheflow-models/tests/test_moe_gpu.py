@@ -31,6 +31,7 @@ from cacheflow_models.testing import (
     save_tiny_checkpoint,
     tiny_mixtral_config,
     tiny_qwen2_moe_config,
+    top1_agreement,
 )
 from cacheflow_runtime import SamplingParams
 
@@ -73,29 +74,4 @@ def test_bfloat16_top1_agreement_on_cuda(name: str, tmp_path: Path) -> None:
     outputs = run_engine(path, prompts, params, dtype="bfloat16", device="cuda")
     distinct = [len(set(o.outputs[0].token_ids)) for o in outputs]
     assert min(distinct) >= MIN_DISTINCT, f"degenerate greedy output: {distinct} distinct tokens"
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda")
-    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda")
-    agree = total = 0
-    margins: list[float] = []
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        ours = out.outputs[0].token_ids
-        ids = torch.tensor([prompt + ours], device="cuda")
-        with torch.no_grad():
-            theirs = hf(ids).logits[0, len(prompt) - 1:-1].float().argmax(-1).tolist()
-            top2 = hf32(ids).logits[0, len(prompt) - 1:-1].float().topk(2, -1)
-        margin = (top2.values[:, 0] - top2.values[:, 1]).tolist()
-        margins += margin
-        misses = [j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b]
-        agree += len(ours) - len(misses)
-        total += len(ours)
-        first = "none"
-        if misses:
-            j = misses[0]
-            first = (f"at {j}: ours {ours[j]}, HF bf16 {theirs[j]}, HF float32 top-2 "
-                     f"{top2.indices[j].tolist()}")
-        print(f"{name} prompt {i} ({len(prompt)} tokens): {len(misses)} disagreements, first "
-              f"{first}; HF float32 margins there {[round(margin[j], 4) for j in misses]}")
-    print(f"{name}: HF float32 top-1/top-2 margins at the generated positions: min "
-          f"{min(margins):.4f}, median {sorted(margins)[len(margins) // 2]:.4f}")
-    print(f"{name}: bf16 top-1 agreement with HF {agree}/{total} = {agree / total:.4f}")
-    assert agree / total >= 0.99
+    assert top1_agreement(path, prompts, outputs, label=f"{name}: ") >= 0.99

@@ -2,11 +2,13 @@
 cacheflow-models, needing only pytest besides).
 
 - tiny checkpoints: ``save_tiny_checkpoint(path, config)`` (random float32 weights spread wide
-  enough to avoid near-ties, saved with ``save_pretrained`` plus a byte-level tokenizer),
-  ``byte_tokenizer()``, ``BYTE_VOCAB_SIZE`` and ``tiny_*_config`` builders with ``*_VARIANTS``
-  for the built-in architectures;
+  enough to avoid near-ties, or with ``train_steps`` trained briefly for decisive logits; saved
+  with ``save_pretrained`` plus a byte-level tokenizer), ``byte_tokenizer()``,
+  ``BYTE_VOCAB_SIZE`` and ``tiny_*_config`` builders with ``*_VARIANTS`` for the built-in
+  architectures;
 - fidelity: ``prompt_batch()``, ``check_greedy_fidelity(path, prompts, new_tokens)`` (greedy
-  ids identical to HF ``generate``, logprobs within 1e-4), ``run_engine``, ``hf_greedy``;
+  ids identical to HF ``generate``, logprobs within 1e-4), ``run_engine``, ``hf_greedy``,
+  ``top1_agreement`` (half-precision runs: HF's top-1 on our own sequence, per position);
 - loading: ``load_tiny_model``, ``load_with_weights`` (strict-loading error tests),
   ``checkpoint_tensors``, ``assert_same_parameters``, ``assert_tp_shards_roundtrip``.
 
@@ -21,6 +23,7 @@ from cacheflow_models.testing.fidelity import (
     hf_greedy,
     prompt_batch,
     run_engine,
+    top1_agreement,
 )
 from cacheflow_models.testing.loading import (
     assert_same_parameters,
@@ -42,4 +45,5 @@ __all__ = [
     "load_with_weights",
     "prompt_batch",
     "run_engine",
+    "top1_agreement",
 ]

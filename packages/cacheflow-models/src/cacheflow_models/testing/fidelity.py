@@ -123,3 +123,42 @@ def check_greedy_fidelity(path: str | Path, prompts: list[list[int]], new_tokens
                                   f"(tolerance {tolerance})")
         worst = max(worst, diff)
     return worst
+
+
+def top1_agreement(path: str | Path, prompts: list[list[int]], outputs: list[RequestOutput],
+                   dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+                   label: str = "") -> float:
+    """Share of our generated tokens (``outputs[i]``'s first completion, for ``prompts[i]``)
+    that HF, run in ``dtype`` on our own sequence, also ranks first given the same context.
+
+    Comparing on the same context measures each step instead of counting every token after a
+    first divergence as a miss. Prints each prompt's disagreements and HF's float32
+    top-1/top-2 logit margin there (a near-tie that ``dtype`` rounding decides shows as a
+    margin of hundredths of a logit), prefixed by ``label``.
+    """
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    agree = total = 0
+    margins: list[float] = []
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        ours = out.outputs[0].token_ids
+        ids = torch.tensor([prompt + ours], device=device)
+        with torch.inference_mode():
+            theirs = model(ids).logits[0, len(prompt) - 1:-1].float().argmax(-1).tolist()
+            top2 = reference(ids).logits[0, len(prompt) - 1:-1].float().topk(2, -1)
+        margin = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+        margins += margin
+        misses = [j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        agree += len(ours) - len(misses)
+        total += len(ours)
+        first = "none"
+        if misses:
+            j = misses[0]
+            first = (f"at {j}: ours {ours[j]}, HF {theirs[j]}, HF float32 top-2 "
+                     f"{top2.indices[j].tolist()}")
+        print(f"{label}prompt {i} ({len(prompt)} tokens): {len(misses)} disagreements, first "
+              f"{first}; HF float32 margins there {[round(margin[j], 4) for j in misses]}")
+    print(f"{label}HF float32 top-1/top-2 margins at the generated positions: min "
+          f"{min(margins):.4f}, median {sorted(margins)[len(margins) // 2]:.4f}")
+    print(f"{label}top-1 agreement with HF in {dtype}: {agree}/{total} = {agree / total:.4f}")
+    return agree / total
