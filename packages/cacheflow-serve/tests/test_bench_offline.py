@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from cacheflow_serve import __version__
+from cacheflow_serve import LLM, __version__
 from cacheflow_serve.bench_common import LengthSpec, synthetic_requests
+from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, union_seconds
 from cacheflow_serve.bench_latency import floors
 from cacheflow_serve.cli import main
+
+from serve_testutil import assert_idle
 
 ONE_TORCH_THREAD = True  # see conftest.py
 SMOKE = ["--random-weights", "--hf-config", "tiny", "--device", "cpu", "--kv-cache-blocks", "64",
@@ -113,9 +116,22 @@ def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
             r["decode_step_s"] / r["memory_floor_s"])
         assert r["step_over_max_floor"] == pytest.approx(
             r["decode_step_s"] / max(r["memory_floor_s"], r["matmul_floor_s"]))
+        assert "gpu_idle_fraction" not in r  # measured on CUDA only
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].split()[:3] == ["batch", "step", "ms"]
+    assert "GPU idle" in lines[3] and lines[4].split()[7] == "-"
     assert [line.split()[0] for line in lines[4:]] == ["1", "3"]
+
+
+@pytest.mark.parametrize(("intervals", "union"), [
+    ([], 0.0),
+    ([(0.0, 2.0), (5.0, 6.0)], 3.0),
+    ([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)], 4.0),  # overlap, out of order
+    ([(0.0, 10.0), (2.0, 3.0), (9.0, 12.0)], 12.0),  # nested, then extending
+])
+def test_gpu_busy_time_is_the_union_of_device_intervals(intervals: list[tuple[float, float]],
+                                                         union: float) -> None:
+    assert union_seconds(intervals) == union
 
 
 def test_floors_of_the_7b_shape_match_the_issue_figures() -> None:
@@ -178,6 +194,8 @@ def test_length_spec_parsing_and_seeded_draws() -> None:
      "would not run as one"),
     (["latency", "--output-json", "/no/such/folder/l.json"],
      "cacheflow: error: --output-json: folder '/no/such/folder' does not exist"),
+    (["latency", "--gpu-busy-steps", "-1"],
+     "cacheflow: error: --gpu-busy-steps must be >= 0, got -1"),
     (["latency", "--gpu-memory-utilization", "1.5"],
      "cacheflow: error: --gpu-memory-utilization must be in (0, 1], got 1.5"),
 ])
@@ -191,3 +209,12 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(message) and captured.err.count("\n") == 1
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_gpu_busy_without_cuda_is_a_clear_error(tiny_path: Path) -> None:
+    llm = LLM(str(tiny_path), device="cpu", kv_cache_blocks=128)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        measure_gpu_busy(llm.engine, [[5, 6, 7]], steps=4)
+    assert_idle(llm)

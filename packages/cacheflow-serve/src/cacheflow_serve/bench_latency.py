@@ -18,6 +18,10 @@ Floors, from two measurements taken first in the same process:
   on the CPU), and ``2 x parameters x B x input_len`` for the prefill.
 
 The step time is reported as a ratio to each floor and to the larger of the two.
+
+On a GPU, the share of a decode step the GPU sits idle (waiting for the host) is measured per
+batch size after the timed runs: ``--gpu-busy-steps`` pure decode steps under the profiler,
+device activity only (see bench_gpu_busy.py).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per batch size and length (median)")
     parser.add_argument("--num-iters-warmup", type=int, default=1,
                         help="untimed runs per batch size first")
+    parser.add_argument("--gpu-busy-steps", type=int, default=32,
+                        help="decode steps profiled per batch size for the GPU's idle share "
+                             "(CUDA only; 0: not measured)")
     add_model_arguments(parser)
 
 
@@ -87,6 +94,8 @@ def check_latency_arguments(args: argparse.Namespace) -> tuple[int, int, list[in
     positive_int("--num-iters", args.num_iters)
     if args.num_iters_warmup < 0:
         raise ValueError(f"--num-iters-warmup must be >= 0, got {args.num_iters_warmup}")
+    if args.gpu_busy_steps < 0:
+        raise ValueError(f"--gpu-busy-steps must be >= 0, got {args.gpu_busy_steps}")
     check_model_arguments(args)
     if args.max_num_seqs is not None and args.max_num_seqs < batch_sizes[-1]:
         raise ValueError(f"--max-num-seqs ({args.max_num_seqs}) is below the largest batch "
@@ -166,14 +175,15 @@ class _Runner:
         # runners make the same calls in the same order, so they see the same prompts.
         self.rng = random.Random(seed)
 
-    def _prompts(self, batch: int) -> list[list[int]]:
+    def prompts(self, batch: int) -> list[list[int]]:
+        """``batch`` fresh prompts of ``input_len`` tokens."""
         return [self.rng.choices(self.token_ids, k=self.input_len) for _ in range(batch)]
 
     def run(self, batch: int, max_tokens: int) -> float:
         """Seconds of one call on ``batch`` fresh prompts; checks every output's length."""
         from cacheflow_serve.bench_common import synchronize
 
-        prompts = self._prompts(batch)
+        prompts = self.prompts(batch)
         synchronize(self.device)
         start = time.perf_counter()
         lengths = self.generate(prompts, max_tokens)
@@ -230,7 +240,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"{dev['flops_per_s'] / 1e12:.3g} TFLOP/s (this run)",
              "ms per decode step and prefill; floors measured in this run"]
     header = ["batch", "step ms", "mem floor", "step/mem", "mm floor", "step/mm", "step/max",
-              "prefill ms", "prefill/mm"]
+              "GPU idle", "prefill ms", "prefill/mm"]
     hf = {r["batch_size"]: r for r in report["results"].get("hf", [])}
     if hf:
         header += ["HF step ms", "HF/engine"]
@@ -239,7 +249,9 @@ def format_table(report: dict[str, Any]) -> str:
         row = [str(r["batch_size"]), f"{r['decode_step_s'] * 1e3:.3f}",
                f"{r['memory_floor_s'] * 1e3:.3f}", f"{r['step_over_memory_floor']:.2f}",
                f"{r['matmul_floor_s'] * 1e3:.3f}", f"{r['step_over_matmul_floor']:.2f}",
-               f"{r['step_over_max_floor']:.2f}", f"{r['prefill_s'] * 1e3:.2f}",
+               f"{r['step_over_max_floor']:.2f}",
+               f"{r['gpu_idle_fraction']:.1%}" if "gpu_idle_fraction" in r else "-",
+               f"{r['prefill_s'] * 1e3:.2f}",
                f"{r['prefill_over_matmul_floor']:.2f}"]
         if hf:
             h = hf.get(r["batch_size"])
@@ -283,6 +295,7 @@ def run_latency(args: argparse.Namespace) -> int:
         report_header,
         write_report,
     )
+    from cacheflow_serve.bench_gpu_busy import measure_gpu_busy
     from cacheflow_serve.bench_hf import HFGenerator
 
     device = resolve_device(args.device)
@@ -303,12 +316,17 @@ def run_latency(args: argparse.Namespace) -> int:
         llm = make_llm(args, model.path, max_num_seqs)
         runner = _Runner(_engine_generate(llm), ids, input_len, args.seed, device)
         results["engine"] = _sweep(runner, batch_sizes, output_len, args, "engine")
+        if device.type == "cuda" and args.gpu_busy_steps:
+            for row in results["engine"]:
+                prompts = runner.prompts(row["batch_size"])
+                row.update(measure_gpu_busy(llm.engine, prompts, args.gpu_busy_steps))
         del llm, runner  # the engine's memory goes back before the folder is removed
         release(device)
     for rows in results.values():
         _with_floors(rows, summary, input_len, output_len, dev)
     workload = {"input_len": input_len, "output_len": output_len, "batch_sizes": batch_sizes,
-                "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup}
+                "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
+                "gpu_busy_steps": args.gpu_busy_steps}
     report = {**report_header("latency", device, model, summary, workload, args, max_num_seqs),
               "device_measurements": dev,
               "results": {"engine": results["engine"],

@@ -1,0 +1,82 @@
+"""How much of a decode step the GPU spends working, for ``cacheflow bench latency``.
+
+``B`` requests are added to the engine and stepped until every prompt has been computed (every
+request has its first token); a few more steps warm up, then ``steps`` engine steps of pure
+decoding run under ``torch.profiler`` with only CUDA activity recorded (no host-side op
+records, which would slow the host and inflate the idle share). The GPU is busy while any
+kernel, copy or memset runs; busy time is the union of those intervals, and the window runs
+from the first one's start to the last one's end, so the idle share counts the gaps between
+and inside steps where the GPU waits for the host. The requests are aborted afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_WARMUP_STEPS = 3
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals (any unit in, same unit out)."""
+    total = 0.0
+    end = float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total
+
+
+def device_intervals(events: Any) -> list[tuple[float, float]]:
+    """The ``(start, end)`` microseconds of the device activities among profiler ``events``."""
+    from torch.autograd import DeviceType
+
+    return [(e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+
+
+def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """Profiles ``steps`` pure decode steps of ``prompts`` run as one batch on ``engine`` (an
+    ``LLMEngine`` on a CUDA device); returns the window, the busy time and the idle share.
+
+    Raises:
+        RuntimeError: no CUDA device, a request finished before the window ended (the caller's
+            ``steps`` must leave room), or the profiler recorded no device activity.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cacheflow_runtime import SamplingParams
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measuring the GPU's idle share needs a CUDA device")
+    # Long enough that no request finishes inside the window.
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 4 * _WARMUP_STEPS + 8,
+                            ignore_eos=True)
+    ids = [f"gpu-busy-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, None, params, prompt)
+    try:
+        started: set[str] = set()
+        while len(started) < len(ids):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError("the requests finished before every prompt was computed")
+            started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+        for _ in range(_WARMUP_STEPS):
+            engine.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                if any(o.finished for o in engine.step()):
+                    raise RuntimeError("a request finished inside the profiled decode steps")
+        intervals = device_intervals(prof.events())
+    finally:
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
+    if not intervals:
+        raise RuntimeError("the profiler recorded no device activity (is the engine on CUDA?)")
+    window_us = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
+    busy_us = union_seconds(intervals)
+    return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
+            "gpu_idle_fraction": 1.0 - busy_us / window_us}
