@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 10 on the device, before and after in one run on one card: `cacheflow bench latency`
+# (decode step at batches 1/64/256 next to the floors, the GPU's idle share) and `cacheflow
+# bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
+# checkpoint, once with the runtime/models wheels in .whl/base/ ("base") and once with those
+# in .whl/ ("new"); the serve, kernel and dependency wheels are the same in both.
+#
+# Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
+# carry [".whl"]:
+#   bash tools/gpu_host_bench.sh [latency|throughput|all] [base|new|both]
+set -uo pipefail
+what="${1:-all}"
+which="${2:-both}"
+out="${OUT:-/tmp/gpu_host}"
+mkdir -p "$out"
+shared=$(ls .whl/*.whl | grep -v -E 'cacheflow_(runtime|models)-')
+declare -A site
+for v in base new; do
+  site[$v]=$(mktemp -d /tmp/site-$v.XXXX)  # fresh: pip --target does not replace older copies
+  if [[ $v == base ]]; then mine=$(ls .whl/base/cacheflow_runtime-*.whl .whl/base/cacheflow_models-*.whl)
+  else mine=$(ls .whl/cacheflow_runtime-*.whl .whl/cacheflow_models-*.whl); fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "${site[$v]}" $shared $mine || exit 1
+done
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+date -u | tee -a "$out/card.txt"
+
+ckpt=/tmp/llama7b
+PYTHONPATH="${site[new]}" python3 - "$ckpt" <<'PY' 2>&1 | tail -1
+import sys, time
+from pathlib import Path
+import torch
+from cacheflow_serve.random_checkpoint import build_hf_config, hf_config_fields, write_random_checkpoint
+t = time.time()
+write_random_checkpoint(build_hf_config(hf_config_fields("llama-7b")), Path(sys.argv[1]),
+                        torch.float16, torch.device("cuda"), 0, progress=False)
+print(f"random 7B checkpoint written in {time.time() - t:.1f} s")
+PY
+
+variants=(base new)
+[[ "$which" != both ]] && variants=("$which")
+for v in "${variants[@]}"; do
+  export PYTHONPATH="${site[$v]}"
+  if [[ "$what" == latency || "$what" == all ]]; then
+    echo "== $v: latency"
+    timeout 200 python3 -m cacheflow_serve bench latency --model "$ckpt" --dtype float16 \
+      --batch-sizes 1,64,256 --input-len 128 --output-len 128 --num-iters 1 \
+      --num-iters-warmup 1 --disable-tqdm --output-json "$out/latency_$v.json" \
+      > "$out/latency_$v.log" 2>&1
+    tail -6 "$out/latency_$v.log"
+  fi
+  if [[ "$what" == throughput || "$what" == all ]]; then
+    echo "== $v: throughput"
+    timeout 200 python3 -m cacheflow_serve bench throughput --model "$ckpt" --dtype float16 \
+      --num-prompts 1000 --input-len 16:1024 --output-len 16:512 --seed 0 --disable-tqdm \
+      --output-json "$out/throughput_$v.json" > "$out/throughput_$v.log" 2>&1
+    tail -5 "$out/throughput_$v.log"
+  fi
+done
