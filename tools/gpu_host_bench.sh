@@ -2,23 +2,25 @@
 # Issue 10 on the device, before and after in one run on one card: `cacheflow bench latency`
 # (decode step at batches 1/64/256 next to the floors, the GPU's idle share) and `cacheflow
 # bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
-# checkpoint, once with the runtime/models wheels in .whl/base/ ("base") and once with those
-# in .whl/ ("new"); the serve, kernel and dependency wheels are the same in both.
+# checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
+# "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling; the kernel
+# and dependency wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
-#   bash tools/gpu_host_bench.sh [latency|throughput|all] [base|new|both]
+#   bash tools/gpu_host_bench.sh [latency|throughput|all] [VARIANTS, default "base off on"]
+# (throughput runs for base and on only unless TPUT_ALL=1: each takes about two minutes)
 set -uo pipefail
 what="${1:-all}"
-which="${2:-both}"
+read -r -a variants <<< "${2:-base off on}"
 out="${OUT:-/tmp/gpu_host}"
 mkdir -p "$out"
-shared=$(ls .whl/*.whl | grep -v -E 'cacheflow_(runtime|models)-')
+shared=$(ls .whl/*.whl | grep -v -E 'cacheflow_(runtime|models|serve)-')
 declare -A site
 for v in base new; do
   site[$v]=$(mktemp -d /tmp/site-$v.XXXX)  # fresh: pip --target does not replace older copies
-  if [[ $v == base ]]; then mine=$(ls .whl/base/cacheflow_runtime-*.whl .whl/base/cacheflow_models-*.whl)
-  else mine=$(ls .whl/cacheflow_runtime-*.whl .whl/cacheflow_models-*.whl); fi
+  if [[ $v == base ]]; then mine=$(ls .whl/base/cacheflow_*.whl)
+  else mine=$(ls .whl/cacheflow_runtime-*.whl .whl/cacheflow_models-*.whl .whl/cacheflow_serve-*.whl); fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "${site[$v]}" $shared $mine || exit 1
 done
@@ -38,23 +40,27 @@ write_random_checkpoint(build_hf_config(hf_config_fields("llama-7b")), Path(sys.
 print(f"random 7B checkpoint written in {time.time() - t:.1f} s")
 PY
 
-variants=(base new)
-[[ "$which" != both ]] && variants=("$which")
 for v in "${variants[@]}"; do
-  export PYTHONPATH="${site[$v]}"
+  flags=()
+  case $v in
+    base) export PYTHONPATH="${site[base]}" ;;
+    off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
+    on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
+    *) echo "unknown variant $v"; exit 2 ;;
+  esac
   if [[ "$what" == latency || "$what" == all ]]; then
     echo "== $v: latency"
     timeout 200 python3 -m cacheflow_serve bench latency --model "$ckpt" --dtype float16 \
       --batch-sizes 1,64,256 --input-len 128 --output-len 128 --num-iters 1 \
-      --num-iters-warmup 1 --disable-tqdm --output-json "$out/latency_$v.json" \
+      --num-iters-warmup 1 --disable-tqdm --output-json "$out/latency_$v.json" "${flags[@]}" \
       > "$out/latency_$v.log" 2>&1
     tail -6 "$out/latency_$v.log"
   fi
-  if [[ "$what" == throughput || "$what" == all ]]; then
+  if [[ "$what" == throughput || "$what" == all ]] && [[ $v != off || -n "${TPUT_ALL:-}" ]]; then
     echo "== $v: throughput"
     timeout 200 python3 -m cacheflow_serve bench throughput --model "$ckpt" --dtype float16 \
       --num-prompts 1000 --input-len 16:1024 --output-len 16:512 --seed 0 --disable-tqdm \
-      --output-json "$out/throughput_$v.json" > "$out/throughput_$v.log" 2>&1
+      --output-json "$out/throughput_$v.json" "${flags[@]}" > "$out/throughput_$v.log" 2>&1
     tail -5 "$out/throughput_$v.log"
   fi
 done

@@ -158,14 +158,15 @@ def make_engine(folder: Path, *, blocks: int = 256, block_size: int = 8,
                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                 max_num_batched_tokens: Optional[int] = None, max_num_seqs: int = 64,
                 preemption_mode: str = "recompute", cpu_blocks: int = 256,
-                tokenizer: Any = None) -> LLMEngine:
+                tokenizer: Any = None, async_scheduling: bool = True) -> LLMEngine:
     """An engine over the tiny decoder on the CPU (float32, reference attention)."""
     cache = CacheConfig(block_size=block_size, num_device_blocks=blocks, num_cpu_blocks=cpu_blocks,
                         enable_prefix_caching=enable_prefix_caching)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, max_model_len=512,
                             preemption_mode=preemption_mode,
-                            enable_chunked_prefill=enable_chunked_prefill)
+                            enable_chunked_prefill=enable_chunked_prefill,
+                            async_scheduling=async_scheduling)
     return LLMEngine(model_config(folder), cache, sched, tokenizer or CharTokenizer(), "cpu")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -107,19 +107,18 @@ def test_outputs_do_not_depend_on_caching_or_chunk_budget(
 
 class _Recorder:
     """Wraps an executor: records each step's plan (pickled both ways, as a remote worker
-    would see it) and result."""
+    would see it) when it starts and its result when it is read."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.inner = engine.executor
-        self.steps: list[tuple[bytes, ModelRunnerOutput]] = []
+        self.steps: list[tuple[bytes, _RecordedStep]] = []
         engine.executor = self  # type: ignore[assignment]
 
-    def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model_async(self, plan: SchedulerOutput) -> _RecordedStep:
         blob = pickle.dumps(plan)
-        result = self.inner.execute_model(pickle.loads(blob))
-        result = pickle.loads(pickle.dumps(result))
-        self.steps.append((blob, result))
-        return result
+        step = _RecordedStep(self.inner.execute_model_async(pickle.loads(blob)))
+        self.steps.append((blob, step))
+        return step
 
     def scheduled_tokens(self, req_id: str) -> list[int]:
         """Tokens scheduled for ``req_id`` in each step it appeared in."""
@@ -129,6 +128,18 @@ class _Recorder:
             counts += [sum(len(s.token_ids) for s in r.seqs) for r in plan.scheduled
                        if r.req_id == req_id]
         return counts
+
+
+class _RecordedStep:
+    """A step's handle that keeps the (pickled both ways) result once read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.output: Optional[ModelRunnerOutput] = None
+
+    def result(self) -> ModelRunnerOutput:
+        self.output = pickle.loads(pickle.dumps(self.inner.result()))
+        return self.output
 
 
 def test_shared_full_blocks_are_not_computed_again(tiny: Path) -> None:
@@ -154,11 +165,14 @@ def test_shared_full_blocks_are_not_computed_again(tiny: Path) -> None:
     assert engine.block_manager.num_cached_blocks() == 0
 
 
-def test_decodes_go_first_and_long_prompts_are_chunked(tiny: Path) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_decodes_go_first_and_long_prompts_are_chunked(tiny: Path,
+                                                       async_scheduling: bool) -> None:
     """With a budget of 16 tokens, a running request decodes every step while a 100-token
     prompt is computed in chunks, and a request that arrives behind the long prompt starts at
-    the next step."""
-    engine = make_engine(tiny, max_num_batched_tokens=16)
+    the next step (one later with asynchronous scheduling: the step after the current one was
+    scheduled before the request came)."""
+    engine = make_engine(tiny, max_num_batched_tokens=16, async_scheduling=async_scheduling)
     recorder = _Recorder(engine)
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     engine.add_request("short", None, greedy, [1, 2, 3])
@@ -178,7 +192,8 @@ def test_decodes_go_first_and_long_prompts_are_chunked(tiny: Path) -> None:
         assert short and len(short[0].seqs[0].token_ids) == 1, f"step {i} skipped the decode"
     late_first = next(i for i, p in enumerate(plans) if any(r.req_id == "late"
                                                            for r in p.scheduled))
-    assert late_first == 2  # added before step 2 ran, scheduled in it, beside the long chunks
+    # Added before step 2 ran, scheduled in it (async: in step 3), beside the long chunks.
+    assert late_first == 2 + async_scheduling
     assert sum(recorder.scheduled_tokens("long")) == 100 + 1  # prompt chunks, then one decode
 
 
@@ -192,9 +207,10 @@ def test_worker_runs_from_pickled_scheduler_outputs(tiny: Path) -> None:
     worker = Worker(engine.model_config, engine.cache_config, engine.scheduler_config, "cpu")
     worker.initialize_cache(engine.block_manager.num_total_gpu_blocks,
                             engine.block_manager.num_total_cpu_blocks)
-    for blob, expected in recorder.steps:
+    for blob, step in recorder.steps:
         got = worker.execute_model(pickle.loads(blob))
-        assert got.samples.keys() == expected.samples.keys()
+        expected = step.output
+        assert expected is not None and got.samples.keys() == expected.samples.keys()
         for req_id, result in expected.samples.items():
             assert [s.token_id for s in got.samples[req_id].samples] == \
                 [s.token_id for s in result.samples]

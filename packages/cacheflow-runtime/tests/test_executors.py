@@ -73,6 +73,8 @@ def test_mp_tp2_matches_tp1(tiny: Path, reference_tokens: list[list[int]]) -> No
         assert executor.backend == "gloo (torch.distributed)"
         assert engine.num_device_blocks == 64
         assert _tokens(engine) == reference_tokens
+        # Steps were sent to the ranks before the answer to the one before was read.
+        assert engine.num_pipelined_steps > 0
         pids = {p.pid for p in executor.processes}
         assert pids <= child_pids()
         with pytest.raises(ValueError, match="tensor_parallel_size=1"):

@@ -24,6 +24,9 @@ Only decode steps count (those after every prompt has been computed). Per batch 
 - with ``--profile``, the top functions of a cProfile run of the same decode steps by
   cumulative time.
 
+``--no-async-scheduling`` runs the steps in the synchronous order (on the CPU there is no device
+to overlap with, so both orders should cost the same host time).
+
 ``--json PATH`` writes the numbers and a digest of the outputs (token ids, text, cumulative
 logprob), which must not change with a change that only makes the host faster.
 """
@@ -108,10 +111,12 @@ def _save_checkpoint(path: Path, tokenizer: Any, vocab: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _engine(path: Path, tokenizer: Any, batch: int, max_model_len: int) -> LLMEngine:
+def _engine(path: Path, tokenizer: Any, batch: int, max_model_len: int,
+            async_scheduling: bool) -> LLMEngine:
     model_config = build_model_config(path, "float32", max_model_len, "cpu")
     return LLMEngine(model_config, CacheConfig(swap_space_gib=0.05),
-                     SchedulerConfig(max_num_seqs=batch, max_model_len=max_model_len),
+                     SchedulerConfig(max_num_seqs=batch, max_model_len=max_model_len,
+                                     async_scheduling=async_scheduling),
                      tokenizer, "cpu")
 
 
@@ -202,10 +207,10 @@ def _run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, model_tim
 
 def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
             new_tokens: int, repeats: int, profile: bool, top: int,
-            gc_freeze: bool) -> BatchResult:
+            gc_freeze: bool, async_scheduling: bool = True) -> BatchResult:
     """Runs one batch ``repeats`` times unprofiled (and once more under cProfile with
     ``profile``)."""
-    engine = _engine(path, tokenizer, batch, prompt_len + new_tokens + 16)
+    engine = _engine(path, tokenizer, batch, prompt_len + new_tokens + 16, async_scheduling)
     if gc_freeze:
         gc.collect()
         gc.freeze()
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="unprofiled runs per batch")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the model's time varies least on a busy machine)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule each step while the one before runs (default: on)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() once the engine is built")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the steps")
@@ -274,14 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             results.append(measure(Path(tmp), tokenizer, vocab, batch, args.prompt_len,
                                    args.new_tokens, args.repeats, args.profile, args.top,
-                                   args.gc_freeze))
+                                   args.gc_freeze, args.async_scheduling))
     for r in results:
         if r.profile_top:
             print(f"\n--- cProfile, batch {r.batch}, {r.decode_steps} decode steps ---")
             print("\n".join(r.profile_top))
     print(f"\nDecode steps on the CPU ({torch.get_num_threads()} threads), "
           f"{args.prompt_len}-token prompts, {args.new_tokens} greedy tokens, SmolLM2 tokenizer,"
-          f" vocabulary {vocab}{', gc frozen' if args.gc_freeze else ''}; ms per step (median;"
+          f" vocabulary {vocab}{', gc frozen' if args.gc_freeze else ''}, async scheduling "
+          f"{'on' if args.async_scheduling else 'off'}; ms per step (median;"
           " gc: mean per step, longest pause)")
     print(f"{'batch':>6} {'steps':>6} {'wall':>8} {'model':>8} {'sampler math':>13} "
           f"{'host':>8} {'host/seq (us)':>14} {'gc/step':>8} {'gc max':>8}")

@@ -55,11 +55,13 @@ def test_flags_become_llm_keywords_with_their_values() -> None:
         "--max-num-seqs", "7", "--max-model-len", "128", "--dtype", "bfloat16", "--seed", "3",
         "--enforce-eager", "--num-gpu-blocks-override", "99", "--device", "cpu",
         "--generation-config", "vllm", "--no-enable-prefix-caching",
-        "--no-enable-chunked-prefill", "--kv-cache-dtype", "fp8", "-tp", "2",
+        "--no-enable-chunked-prefill", "--no-async-scheduling", "--kv-cache-dtype", "fp8",
+        "-tp", "2",
         "--distributed-executor-backend", "ray", "--tokenizer", "other/tok",
         "--skip-tokenizer-init"])
     assert llm_kwargs(args) == {
         "enable_prefix_caching": False, "enable_chunked_prefill": False,
+        "async_scheduling": False,
         "kv_cache_dtype": "fp8", "tensor_parallel_size": 2, "distributed_executor_backend": "ray",
         "tokenizer": "other/tok", "skip_tokenizer_init": True,
         "gpu_memory_utilization": 0.5, "block_size": 32, "max_num_batched_tokens": 4096,

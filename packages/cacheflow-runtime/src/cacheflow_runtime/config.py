@@ -170,6 +170,11 @@ class SchedulerConfig:
     prompt longer than what is left of the budget is split over steps (default budget 2048);
     without it a step runs either whole prompts or decodes, and every prompt must fit one step
     (default budget max(max_model_len, 2048)).
+
+    ``async_scheduling`` (default on) schedules each step while the one before still runs on
+    the device, so the host's work overlaps the device's; outputs are the same as without it.
+    Steps that need the previous step's tokens first (beam search, forking first samples,
+    penalties, ``min_tokens``, preemption, swapped requests) are scheduled in order.
     """
 
     max_num_seqs: int = 256
@@ -177,6 +182,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     preemption_mode: str = "recompute"
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -194,6 +200,8 @@ class SchedulerConfig:
                  "a positive integer or None", self.max_num_batched_tokens)
         _require(isinstance(self.enable_chunked_prefill, bool), "enable_chunked_prefill",
                  "True or False", self.enable_chunked_prefill)
+        _require(isinstance(self.async_scheduling, bool), "async_scheduling", "True or False",
+                 self.async_scheduling)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidArgumentError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

@@ -14,6 +14,11 @@ One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each
    best (beam, token) pairs by cumulative log probability, ranked as ``torch.topk`` over the
    flattened ``[num_beams * vocab]`` scores, as HF transformers does;
 4. ``prompt_logprobs`` from the raw logits of the prompt rows.
+
+``sample`` queues all of it on the device and returns a ``DeviceSamples``; reading its results
+into Python (``DeviceSamples.assemble``, sampler_output.py) is the one device-to-host
+synchronisation, and the model runner defers it so that the host can prepare the next step
+meanwhile. Calling the sampler does both.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cacheflow_runtime.sampling_metadata import (
-    GroupSampleResult,
-    Logprobs,
-    SampleResult,
-    SamplingGroup,
+from cacheflow_runtime.sampler_output import (
+    BeamBucket,
+    DeviceSamples,
+    PromptLogprobsOnDevice,
+    SampleRow,
+    cumulative_logprob_of,
 )
+from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
 
 _PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
 
@@ -52,16 +59,6 @@ class _RowParams:
     num_top: list[int] = field(default_factory=list)  # top logprobs to report
 
 
-@dataclass
-class _Sample:
-    """One sample to report: which gathered row it came from and which sequence it extends."""
-
-    group: int
-    row: int  # index into the gathered rows
-    parent_seq_id: int
-    parent_cumulative: float
-
-
 class Sampler(torch.nn.Module):
     """Turns logits into ``GroupSampleResult``s, one per ``SamplingGroup``.
 
@@ -75,7 +72,14 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, groups: list[SamplingGroup],
                 default_generator: torch.Generator | None = None) -> list[GroupSampleResult]:
-        """Samples the next token of every sequence of every group.
+        """Samples the next token of every sequence of every group and returns the results
+        (``sample``, then ``assemble``)."""
+        return self.sample(logits, groups, default_generator).assemble()
+
+    def sample(self, logits: torch.Tensor, groups: list[SamplingGroup],
+               default_generator: torch.Generator | None = None) -> DeviceSamples:
+        """Queues the sampling of the next token of every sequence of every group on the
+        logits' device, without waiting for it.
 
         ``logits`` is ``[num_rows, vocab]`` in any float dtype (the work is done in float32);
         each group names its rows. ``default_generator`` draws for the samples whose generator is
@@ -92,19 +96,20 @@ class Sampler(torch.nn.Module):
         work.div_(temperature.unsqueeze(1))
         logprobs = torch.log_softmax(work, dim=-1)
 
-        samples, token_chunks = _choose_tokens(work, logprobs, groups, params, default_generator)
+        first_rows = _first_rows(groups)
+        samples, token_chunks, beams, beam_rows = _choose_tokens(
+            work, logprobs, groups, params, first_rows, default_generator)
         tokens = (torch.cat(token_chunks) if token_chunks
                   else torch.empty(0, dtype=torch.long, device=work.device))
-        sample_rows = _long([s.row for s in samples], work.device)
+        sample_rows = torch.cat([_long([s.row for s in samples], work.device), *beam_rows])
         chosen = logprobs[sample_rows, tokens]
         top_values, top_ids = _top_logprobs(logprobs, max(params.num_top, default=0))
-
-        results = _assemble(groups, samples, tokens.tolist(), chosen.tolist(), params.num_top,
-                            top_values, top_ids)
-        for g, group in enumerate(groups):
-            if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None:
-                results[g].prompt_logprobs = _prompt_logprobs(logits, group)
-        return results
+        prompt = [_prompt_logprobs(logits, g, group) for g, group in enumerate(groups)
+                  if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None]
+        return DeviceSamples(groups=groups, first_rows=first_rows, vocab=work.shape[1],
+                             samples=samples, beams=beams, tokens=tokens, chosen=chosen,
+                             num_top=params.num_top, top_values=top_values, top_ids=top_ids,
+                             prompt=prompt)
 
 
 def _num_logprobs(k: int | None) -> int:
@@ -225,15 +230,18 @@ def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:
 
 
 def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[SamplingGroup],
-                   params: _RowParams, default_generator: torch.Generator | None,
-                   ) -> tuple[list[_Sample], list[torch.Tensor]]:
+                   params: _RowParams, first_row: list[int],
+                   default_generator: torch.Generator | None,
+                   ) -> tuple[list[SampleRow], list[torch.Tensor], list[BeamBucket],
+                              list[torch.Tensor]]:
     """Picks the tokens of all groups: greedy, then random, then beam search samples.
 
-    Returns the samples and their token ids (concatenated, in the order of the samples).
+    Returns the greedy and random samples, the token ids of all samples (in chunks, greedy and
+    random first, then the beam candidates bucket by bucket), the beam buckets and the gathered
+    row of each beam candidate (one tensor per bucket).
     """
-    first_row = _first_rows(groups)
-    greedy: list[_Sample] = []
-    random: list[_Sample] = []
+    greedy: list[SampleRow] = []
+    random: list[SampleRow] = []
     random_generators: list[torch.Generator | None] = []
     beam_buckets: dict[tuple[int, int], list[int]] = {}
     for g, group in enumerate(groups):
@@ -256,12 +264,14 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
         chunks.append(work.index_select(0, rows).argmax(dim=-1))
     if random:
         chunks.append(_sample_random(work, params, random, random_generators, default_generator))
-    beam: list[_Sample] = []
+    beams: list[BeamBucket] = []
+    beam_rows: list[torch.Tensor] = []
     for bucket in beam_buckets.values():
-        candidates, tokens = _beam_candidates(logprobs, groups, bucket, first_row)
-        beam.extend(candidates)
+        found, tokens, rows = _beam_candidates(logprobs, groups, bucket, first_row)
+        beams.append(found)
         chunks.append(tokens)
-    return greedy + random + beam, chunks
+        beam_rows.append(rows)
+    return greedy + random, chunks, beams, beam_rows
 
 
 def _first_rows(groups: list[SamplingGroup]) -> list[int]:
@@ -273,29 +283,25 @@ def _first_rows(groups: list[SamplingGroup]) -> list[int]:
     return starts
 
 
-def _cumulative(group: SamplingGroup, j: int) -> float:
-    """The cumulative logprob of the group's j-th sequence (0 when not given)."""
-    return float(group.cumulative_logprobs[j]) if j < len(group.cumulative_logprobs) else 0.0
-
-
 def _generator_at(group: SamplingGroup, j: int) -> torch.Generator | None:
     """The generator of the group's j-th sample (None when not given)."""
     return group.generators[j] if j < len(group.generators) else None
 
 
-def _decode_samples(group: SamplingGroup, g: int, first: int) -> list[_Sample]:
+def _decode_samples(group: SamplingGroup, g: int, first: int) -> list[SampleRow]:
     """One sample per row, extending the row's own sequence."""
-    return [_Sample(g, first + j, seq_id, _cumulative(group, j))
+    return [SampleRow(g, first + j, seq_id, cumulative_logprob_of(group, j))
             for j, seq_id in enumerate(group.seq_ids)]
 
 
-def _prompt_samples(group: SamplingGroup, g: int, first: int) -> list[_Sample]:
+def _prompt_samples(group: SamplingGroup, g: int, first: int) -> list[SampleRow]:
     """``best_of`` samples from the prompt's single row, all extending the prompt sequence."""
     best_of = group.sampling_params.best_of or 1
-    return [_Sample(g, first, group.seq_ids[0], _cumulative(group, 0)) for _ in range(best_of)]
+    return [SampleRow(g, first, group.seq_ids[0], cumulative_logprob_of(group, 0))
+            for _ in range(best_of)]
 
 
-def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[_Sample],
+def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[SampleRow],
                    generators: list[torch.Generator | None],
                    default_generator: torch.Generator | None) -> torch.Tensor:
     """Truncates the rows of the random samples (top-k, top-p, min-p) and draws one token per
@@ -412,14 +418,15 @@ def _draw_exponential(shape: tuple[int, ...], generator: torch.Generator | None,
                       device: torch.device) -> torch.Tensor:
     """Exp(1) noise of ``shape`` drawn on the generator's device, returned on ``device``."""
     where = device if generator is None else generator.device
-    return torch.empty(shape, dtype=torch.float32, device=where).exponential_(
-        generator=generator).to(device)
+    return _to(torch.empty(shape, dtype=torch.float32, device=where).exponential_(
+        generator=generator), device)
 
 
 def _beam_candidates(logprobs: torch.Tensor, groups: list[SamplingGroup], bucket: list[int],
-                     first_row: list[int]) -> tuple[list[_Sample], torch.Tensor]:
+                     first_row: list[int]) -> tuple[BeamBucket, torch.Tensor, torch.Tensor]:
     """The ``2 * best_of`` best (beam, token) pairs of each beam search group in ``bucket`` (groups
-    with the same number of beams and width), best first, and their token ids.
+    with the same number of beams and width), best first, with their token ids and gathered
+    rows.
 
     The score of a pair is the beam's cumulative logprob plus the token's logprob; the ranking is
     ``torch.topk`` over the beam-major ``[groups, num_beams * vocab]`` scores, as in HF
@@ -429,68 +436,46 @@ def _beam_candidates(logprobs: torch.Tensor, groups: list[SamplingGroup], bucket
     width = 2 * (groups[bucket[0]].sampling_params.best_of or 1)
     vocab = logprobs.shape[1]
     rows = [first_row[g] + b for g in bucket for b in range(num_beams)]
-    cumulative = _float([_cumulative(groups[g], b) for g in bucket for b in range(num_beams)],
-                        logprobs.device)
+    cumulative = _float([cumulative_logprob_of(groups[g], b)
+                         for g in bucket for b in range(num_beams)], logprobs.device)
     scores = logprobs.index_select(0, _long(rows, logprobs.device)) + cumulative.unsqueeze(1)
     flat = torch.topk(scores.view(len(bucket), num_beams * vocab),
                       min(width, num_beams * vocab), dim=-1).indices
-    samples = [_Sample(g, first_row[g] + i // vocab, groups[g].seq_ids[i // vocab],
-                       _cumulative(groups[g], i // vocab))
-               for g, top in zip(bucket, flat.tolist()) for i in top]
-    return samples, (flat % vocab).reshape(-1)
+    starts = _long([first_row[g] for g in bucket], logprobs.device).unsqueeze(1)
+    return (BeamBucket(bucket, flat), (flat % vocab).reshape(-1),
+            (starts + flat // vocab).reshape(-1))
 
 
-def _top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
-    """The top ``k`` logprobs of every row and their token ids, as lists (empty when k is 0)."""
+def _top_logprobs(logprobs: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The top ``k`` logprobs of every row and their token ids (None when k is 0)."""
     if k <= 0:
-        return [], []
+        return None, None
     values, ids = torch.topk(logprobs, min(k, logprobs.shape[1]), dim=-1)
-    return values.tolist(), ids.tolist()
+    return values, ids
 
 
-def _logprobs_dict(token: int, logprob: float, k: int, top_values: list[float],
-                   top_ids: list[int]) -> Logprobs:
-    """The chosen token's logprob plus the top k."""
-    result = {token: logprob}
-    for t, v in zip(top_ids[:k], top_values[:k]):
-        result[t] = v
-    return result
-
-
-def _assemble(groups: list[SamplingGroup], samples: list[_Sample], tokens: list[int],
-              chosen: list[float], num_top: list[int], top_values: list[list[float]],
-              top_ids: list[list[int]]) -> list[GroupSampleResult]:
-    """Builds one ``GroupSampleResult`` per group from the samples (kept in sample order)."""
-    results = [GroupSampleResult(samples=[]) for _ in groups]
-    for sample, token, logprob in zip(samples, tokens, chosen):
-        k = num_top[sample.row]
-        values = top_values[sample.row] if k else []
-        ids = top_ids[sample.row] if k else []
-        results[sample.group].samples.append(SampleResult(
-            parent_seq_id=sample.parent_seq_id,
-            token_id=token,
-            logprobs=_logprobs_dict(token, logprob, k, values, ids),
-            cumulative_logprob=sample.parent_cumulative + logprob,
-        ))
-    return results
-
-
-def _prompt_logprobs(logits: torch.Tensor, group: SamplingGroup) -> list[Logprobs | None]:
+def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
+                     ) -> PromptLogprobsOnDevice:
     """For each prompt logit row (prompt position p = ``prompt_logprobs_start`` + i), the logprob
     of prompt token p + 1 and the top ``prompt_logprobs`` tokens, from ``log_softmax`` of the raw
-    logits (no penalties, no temperature)."""
+    logits (no penalties, no temperature), computed ``_PROMPT_LOGPROBS_CHUNK`` rows at a time."""
     k = group.sampling_params.prompt_logprobs or 0
-    result: list[Logprobs | None] = []
     rows = group.prompt_logit_rows
     first = group.prompt_logprobs_start + 1
     targets = group.prompt_token_ids[first: first + len(rows)]
+    chosen, values, ids = [], [], []
     for start in range(0, len(targets), _PROMPT_LOGPROBS_CHUNK):
         chunk_rows = _long(rows[start: start + _PROMPT_LOGPROBS_CHUNK], logits.device)
         chunk_targets = targets[start: start + _PROMPT_LOGPROBS_CHUNK]
         lp = torch.log_softmax(logits.index_select(0, chunk_rows).to(torch.float32), dim=-1)
-        chosen = lp.gather(1, _long(chunk_targets, logits.device).unsqueeze(1)).squeeze(1)
-        values, ids = _top_logprobs(lp, k)
-        for i, (token, logprob) in enumerate(zip(chunk_targets, chosen.tolist())):
-            result.append(_logprobs_dict(token, logprob, k, values[i] if k else [],
-                                         ids[i] if k else []))
-    return result
+        chosen.append(lp.gather(1, _long(chunk_targets, logits.device).unsqueeze(1)).squeeze(1))
+        top_values, top_ids = _top_logprobs(lp, k)
+        if top_values is not None and top_ids is not None:
+            values.append(top_values)
+            ids.append(top_ids)
+    return PromptLogprobsOnDevice(
+        group=g, targets=targets, k=k,
+        chosen=torch.cat(chosen) if chosen else torch.empty(0, device=logits.device),
+        top_values=torch.cat(values) if values else None,
+        top_ids=torch.cat(ids) if ids else None)

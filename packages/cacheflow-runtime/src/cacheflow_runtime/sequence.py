@@ -7,6 +7,7 @@ import enum
 import time
 from typing import Optional
 
+from cacheflow_runtime.core.step_data import PLACEHOLDER_TOKEN_ID
 from cacheflow_runtime.sampling_params import SamplingParams
 
 Logprobs = dict[int, float]
@@ -75,6 +76,28 @@ class Sequence:
         self.output_token_ids.append(token_id)
         self.output_logprobs.append(logprobs)
         self.cumulative_logprob += logprobs[token_id]
+
+    def append_placeholder(self) -> None:
+        """Appends :data:`PLACEHOLDER_TOKEN_ID` for a token sampled by a step still running
+        (asynchronous scheduling); ``resolve_placeholder`` replaces it once it is read."""
+        self.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
+
+    def resolve_placeholder(self, token_id: int, logprobs: Logprobs) -> None:
+        """Replaces the trailing placeholder with the sampled token; ``logprobs`` must contain
+        ``token_id``."""
+        self.output_token_ids[-1] = token_id
+        self.output_logprobs.append(logprobs)
+        self.cumulative_logprob += logprobs[token_id]
+
+    @property
+    def has_placeholder(self) -> bool:
+        """True while the newest output token is a placeholder (its logprobs are not known)."""
+        return len(self.output_token_ids) > len(self.output_logprobs)
+
+    @property
+    def num_known_outputs(self) -> int:
+        """Output tokens whose ids are known (all but a trailing placeholder)."""
+        return len(self.output_logprobs)
 
     def get_len(self) -> int:
         """Prompt plus output length in tokens."""

@@ -137,6 +137,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         default=True, help="share cached prompt prefixes (default: on)")
     engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                         default=True, help="chunked prefill in one token budget (default: on)")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=True, help="schedule each step while the one before runs "
+                                           "(default: on)")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the synthetic lengths and prompts and of the random weights")
@@ -222,7 +225,8 @@ def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager,
                enable_prefix_caching=args.enable_prefix_caching,
-               enable_chunked_prefill=args.enable_chunked_prefill)
+               enable_chunked_prefill=args.enable_chunked_prefill,
+               async_scheduling=args.async_scheduling)
 
 
 def release(device: torch.device) -> None:

@@ -56,6 +56,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "enable_chunked_prefill": dict(action=argparse.BooleanOptionalAction,
                                    help="mix decodes with chunks of prompts in one token budget "
                                         "per step (default: on)"),
+    "async_scheduling": dict(action=argparse.BooleanOptionalAction,
+                             help="schedule each step while the one before runs on the device, "
+                                  "hiding the host's work behind the device's; steps that need "
+                                  "the previous tokens first run in order (default: on)"),
     "kv_cache_dtype": dict(help="KV cache storage: auto (the model's dtype) or fp8 (FP8 E4M3, "
                                 "alias fp8_e4m3: twice the tokens in the same memory) "
                                 "(default: auto)"),

@@ -78,7 +78,9 @@ class LLM:
     generation_config.json). ``enable_prefix_caching`` shares the KV blocks of common prompt
     prefixes between requests (``RequestOutput.num_cached_tokens`` says how many prompt tokens
     came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt chunks in one token
-    budget of ``max_num_batched_tokens`` per step.
+    budget of ``max_num_batched_tokens`` per step; ``async_scheduling`` schedules each step
+    while the one before runs on the device (same outputs, the host's work hidden behind the
+    device's).
 
     ``tokenizer``: where the tokenizer is, when not with the model (a folder or a .gguf file).
     ``skip_tokenizer_init=True`` loads none: prompts must be token ids
@@ -105,6 +107,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True,
+                 async_scheduling: bool = True,
                  kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1,
                  distributed_executor_backend: Optional[str] = None,
@@ -112,7 +115,8 @@ class LLM:
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
         for name, flag in (("enable_prefix_caching", enable_prefix_caching),
-                           ("enable_chunked_prefill", enable_chunked_prefill)):
+                           ("enable_chunked_prefill", enable_chunked_prefill),
+                           ("async_scheduling", async_scheduling)):
             if not isinstance(flag, bool):
                 raise InvalidArgumentError(f"LLM({name}=...) must be True or False, got {flag!r}",
                                            field=name, value=flag)
@@ -126,7 +130,8 @@ class LLM:
         # Checked now with the asked length; built again below with the model's.
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=max_model_len or 1, preemption_mode=preemption_mode,
-                        enable_chunked_prefill=enable_chunked_prefill)
+                        enable_chunked_prefill=enable_chunked_prefill,
+                        async_scheduling=async_scheduling)
         path = Path(model) if model is not None else default_model_path()
         model_config = build_model_config(path, dtype, max_model_len, resolved.type)
         self.generation_defaults = load_generation_defaults(path, generation_config)
@@ -143,7 +148,8 @@ class LLM:
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len,
                                            preemption_mode=preemption_mode,
-                                           enable_chunked_prefill=enable_chunked_prefill)
+                                           enable_chunked_prefill=enable_chunked_prefill,
+                                           async_scheduling=async_scheduling)
         self.engine = LLMEngine(model_config, cache_config, scheduler_config,
                                 self.tokenizer or TokenIdsOnly(), resolved, seed,
                                 enforce_eager=enforce_eager, parallel_config=parallel_config)

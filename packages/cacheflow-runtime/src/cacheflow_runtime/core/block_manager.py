@@ -320,7 +320,8 @@ class BlockSpaceManager:
 
         The scheduler calls it for the tokens of the step it is building: a request admitted
         later in the same step may then share those blocks, since every layer writes the whole
-        batch's K/V before any of it attends.
+        batch's K/V before any of it attends. A block that holds a placeholder token (a step
+        scheduled ahead, core/step_data.py) is not hashed: its content is not known yet.
         """
         if not self.enable_prefix_caching:
             return
@@ -330,6 +331,8 @@ class BlockSpaceManager:
         done = self._num_registered.get(seq.seq_id, 0)
         if table is None or num_full <= done or table[0].device is not Device.GPU:
             return
+        if seq.has_placeholder:
+            num_full = min(num_full, (seq.get_len() - 1) // self.block_size)
         hashes = self._extend_hashes(seq, seq.get_token_ids(), namespace, num_full)
         for i in range(done, num_full):
             self._gpu_allocator.register(table[i], hashes[i])

@@ -22,6 +22,14 @@ sequences share blocks that recompute would duplicate.
 ``update_from_output`` applies a step's results: computed-token counts, prefix-cache blocks,
 sampled tokens (parallel sampling forks, beam search) and the token stop rules. Only this
 module changes request statuses and block tables.
+
+Asynchronous scheduling: ``schedule_ahead(plan)`` builds the next step while ``plan`` still
+runs. It first assumes ``plan``'s results: computed-token counts advance and every sequence
+``plan`` samples gets a placeholder token (core/step_data.py), so lengths, slots, budgets and
+copy-on-write work as usual; ``update_from_output(plan, ...)`` later puts the real tokens in
+the placeholders' place and applies the stop rules. A sequence that finished meanwhile has its
+token of the step ahead dropped, so every output is what the synchronous order gives. A step
+whose schedule needs the tokens first is not scheduled ahead (``_assumable``, ``_fits``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from cacheflow_runtime.core.step_data import (
     ScheduledSequence,
     SchedulerOutput,
 )
-from cacheflow_runtime.core.stop import token_stop
+from cacheflow_runtime.core.stop import length_capped, token_stop
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
 from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -108,6 +116,10 @@ class Scheduler:
         self._next_seq_id = 0
         self._finished_req_ids: list[str] = []
         self._freed_seq_ids: list[int] = []
+        # Asynchronous scheduling: the step whose results were assumed by schedule_ahead, and
+        # the requests whose token in it is known to be their last (not scheduled again).
+        self._assumed: Optional[SchedulerOutput] = None
+        self._finishing: set[str] = set()
 
     # ---------------------------------------------------------------------------- requests
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
@@ -196,13 +208,14 @@ class Scheduler:
         return self._emit(plan)
 
     def _num_running_seqs(self) -> int:
-        return sum(g.max_num_running_seqs() for g in self.running)
+        return sum(g.max_num_running_seqs() for g in self.running
+                   if g.request_id not in self._finishing)
 
     def _chunk(self, remaining: int, budget: _Budget, others_wait: bool) -> int:
         """Tokens of a prompt with ``remaining`` tokens to compute that this step takes."""
         if remaining <= budget.tokens:
             return remaining
-        if not self.config.enable_chunked_prefill:
+        if not self.config.enable_chunked_prefill or budget.tokens <= 0:
             return 0
         return max(1, budget.tokens // 2) if others_wait else budget.tokens
 
@@ -210,7 +223,8 @@ class Scheduler:
         decodes: list[SequenceGroup] = []
         prefills: list[SequenceGroup] = []
         for group in self.running:
-            (decodes if _is_decode(group) else prefills).append(group)
+            if group.request_id not in self._finishing:
+                (decodes if _is_decode(group) else prefills).append(group)
         num_decodes = len(decodes)
         ordered = decodes + prefills
         for i, group in enumerate(ordered):
@@ -363,13 +377,105 @@ class Scheduler:
             seq_id=seq.seq_id, token_ids=seq.token_slice(start, start + num_tokens),
             num_computed_tokens=start, new_block_ids=new_block_ids, block_ids=block_ids,
             sample_index=seq.sample_index, cumulative_logprob=seq.cumulative_logprob)
+        known = seq.num_known_outputs
         if not seq.known_to_worker:
-            scheduled.output_token_ids = list(seq.output_token_ids)
+            scheduled.output_token_ids = seq.output_token_ids[:known]
             seq.known_to_worker = True
         else:
-            scheduled.new_output_token_ids = seq.output_token_ids[seq.num_outputs_sent:]
-        seq.num_outputs_sent = len(seq.output_token_ids)
+            scheduled.new_output_token_ids = seq.output_token_ids[seq.num_outputs_sent:known]
+        seq.num_outputs_sent = known
         return scheduled
+
+    # ------------------------------------------------------------- scheduling ahead
+    def schedule_ahead(self, last: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """Schedules the step after ``last`` while ``last`` still runs, assuming its results
+        (see the module docstring); None when the next step must wait for them (nothing is
+        scheduled then, and ``update_from_output(last, ...)`` applies them as usual)."""
+        # Blocks freed while ``last`` runs (a request finished by its step-k token or aborted,
+        # whose token in ``last`` is dropped) may go to another request in the step after:
+        # every step's device work (swaps, copy-on-write, KV writes, attention) is queued on one
+        # stream in the order the steps start, so ``last`` is done with such a block before the
+        # next step copies into it, writes it or reads it. What ``last`` writes there lies past
+        # anything cached (blocks holding a placeholder are not hashed, and a dropped step's
+        # results are not applied), and past what the new holder reads before writing it.
+        # Copy-on-write sources are read after the step before wrote them. Swaps never meet a
+        # step in flight: a step scheduled ahead neither preempts nor runs beside swapped
+        # requests, and swaps are scheduled only when no step is in flight.
+        if not last.scheduled or self.swapped or not self._assumable(last):
+            return None
+        self._assume(last)
+        if not self._fits() or not (self.waiting or any(
+                g.request_id not in self._finishing for g in self.running)):
+            return None
+        preemptions = self.num_preemptions
+        plan = self.schedule()
+        assert self.num_preemptions == preemptions, "a step scheduled ahead preempted a request"
+        return plan
+
+    def _assumable(self, last: SchedulerOutput) -> bool:
+        """Whether the step after ``last`` can be built before ``last``'s tokens are known:
+        every request ``last`` samples for draws its next token without them. Not so for beam
+        search and a first sample that forks (their sequences depend on the tokens), for
+        penalties (they count the tokens) and for ``min_tokens`` masking not yet over (the
+        worker would count one token short)."""
+        running = {g.request_id: g for g in self.running}
+        for req in last.scheduled:
+            group = running.get(req.req_id)
+            if group is None or not req.do_sample:
+                continue
+            params = group.sampling_params
+            if (params.use_beam_search or (req.is_first_sample and params.best_of > 1)
+                    or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                    or params.presence_penalty != 0.0):
+                return False
+            if params.min_tokens and any(seq.get_output_len() < params.min_tokens
+                                         for seq in group.get_unfinished_seqs()):
+                return False
+        return True
+
+    def _assume(self, last: SchedulerOutput) -> None:
+        """Applies what is known of ``last``'s results before they arrive: computed tokens, and
+        a placeholder for each token it samples. A request whose placeholders all end their
+        sequences by length is not scheduled again."""
+        self._assumed = last
+        max_model_len = self.config.max_model_len
+        running = {g.request_id: g for g in self.running}
+        for req in last.scheduled:
+            group = running.get(req.req_id)
+            if group is None:
+                continue
+            seqs = self._advance(group, req)
+            if not req.do_sample:
+                continue
+            last_token = True
+            for seq in seqs:
+                if seq.is_finished():
+                    continue
+                seq.append_placeholder()
+                last_token = last_token and length_capped(
+                    group.sampling_params, seq.get_output_len(), seq.get_len(), max_model_len)
+            if last_token:
+                self._finishing.add(group.request_id)
+
+    def _fits(self) -> bool:
+        """Whether every running sequence can grow as far as the next step could take it
+        without a preemption (a preemption would have to wait for the running step's tokens:
+        a request preempted by recompute would be recomputed without them)."""
+        bm = self.block_manager
+        budget = self.config.max_num_batched_tokens
+        free = bm.get_num_free_gpu_blocks()
+        # A sequence growing by t tokens takes at most ceil(t / block_size) new blocks and one
+        # copy-on-write, and a step grows at most max_num_seqs sequences by budget tokens.
+        if free >= bm.blocks_for(budget) + 2 * self.config.max_num_seqs:
+            return True
+        need = 0
+        for group in self.running:
+            if group.request_id in self._finishing:
+                continue
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                end = min(seq.get_len(), seq.num_computed_tokens + budget)
+                need += bm.num_blocks_to_grow(seq, end)
+        return need <= free
 
     # ------------------------------------------------------------------ results of a step
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -378,19 +484,18 @@ class Scheduler:
         logprobs, in scheduling order. Token stop rules are applied here; stop strings are the
         output processor's (it calls :meth:`finish_seq`)."""
         now = time.monotonic()
+        assumed = scheduler_output is self._assumed
+        if assumed:
+            self._assumed = None
+            self._finishing.clear()
         touched: list[SequenceGroup] = []
         running = {g.request_id: g for g in self.running}
         for req in scheduler_output.scheduled:
             group = running.get(req.req_id)
             if group is None:
                 continue
-            is_prefill = group.is_prefill
-            for s in req.seqs:
-                seq = group.find(s.seq_id)
-                if len(s.token_ids) > 1 or is_prefill:
-                    self.num_prompt_tokens += len(s.token_ids)
-                seq.num_computed_tokens += len(s.token_ids)
-                self.block_manager.cache_full_blocks(seq, group.cache_namespace)
+            if not assumed:
+                self._advance(group, req)
             share = runner_output.prompt_logprobs.get(req.req_id)
             if share is not None:
                 group.prompt_logprobs = (group.prompt_logprobs or []) + share
@@ -402,24 +507,48 @@ class Scheduler:
                 touched.append(group)
         return touched
 
+    def _advance(self, group: SequenceGroup, req: ScheduledRequest) -> list[Sequence]:
+        """Counts the step's computed tokens of ``req`` and caches the blocks they fill;
+        returns its sequences."""
+        is_prefill = group.is_prefill
+        seqs = []
+        for s in req.seqs:
+            seq = group.find(s.seq_id)
+            if len(s.token_ids) > 1 or is_prefill:
+                self.num_prompt_tokens += len(s.token_ids)
+            seq.num_computed_tokens += len(s.token_ids)
+            self.block_manager.cache_full_blocks(seq, group.cache_namespace)
+            seqs.append(seq)
+        return seqs
+
     def _apply_samples(self, group: SequenceGroup, result: GroupSampleResult, first: bool,
                        now: float) -> None:
-        running = group.get_seqs(SequenceStatus.RUNNING)
-        self.num_generation_tokens += len(running)
         if first:
             group.first_token_time = now
         if group.sampling_params.use_beam_search:
+            self.num_generation_tokens += group.num_seqs(SequenceStatus.RUNNING)
             self._apply_beams(group, result.samples)
             return
         if first and len(result.samples) > 1:
-            parent = running[0]
+            self.num_generation_tokens += 1
+            parent = group.get_seqs(SequenceStatus.RUNNING)[0]
             for index in range(1, len(result.samples)):
                 child = parent.fork(self.new_seq_id(), sample_index=index)
                 self.block_manager.fork(parent, child)
                 group.add(child)
-            running = group.get_seqs(SequenceStatus.RUNNING)
-        for seq, sample in zip(running, result.samples):
-            seq.append_token(sample.token_id, sample.logprobs)
+            for seq, sample in zip(group.get_seqs(SequenceStatus.RUNNING), result.samples):
+                seq.append_token(sample.token_id, sample.logprobs)
+                self._check_token_stop(group, seq)
+            return
+        for sample in result.samples:
+            seq = group.find(sample.parent_seq_id)
+            if seq.is_finished():  # ended while a step scheduled ahead ran: drop its token
+                continue
+            self.num_generation_tokens += 1
+            if seq.has_placeholder:
+                seq.resolve_placeholder(sample.token_id, sample.logprobs)
+            else:
+                seq.append_token(sample.token_id, sample.logprobs)
             self._check_token_stop(group, seq)
 
     def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:

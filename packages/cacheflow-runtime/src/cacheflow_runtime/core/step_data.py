@@ -6,6 +6,11 @@ the model and returns a :class:`ModelRunnerOutput`. No live engine object crosse
 sampling parameters travel once, when a request is first scheduled, and afterwards only what
 changed (new tokens, new KV blocks) does. The worker forgets a request when it appears in
 ``finished_req_ids`` and a sequence when it appears in ``freed_seq_ids``.
+
+With asynchronous scheduling the engine sends step k+1 before it has read the tokens of step k:
+a sequence's newest token may then be :data:`PLACEHOLDER_TOKEN_ID`, which stands for the token
+the worker itself sampled for that sequence in the step it ran just before. Workers run steps
+in the order they are sent.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from typing import Optional
 
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, Logprobs
 from cacheflow_runtime.sampling_params import SamplingParams
+
+#: A token id that stands for the token sampled for the same sequence in the previous step,
+#: not yet known to the engine (asynchronous scheduling); never a real token id.
+PLACEHOLDER_TOKEN_ID = -1
 
 
 @dataclass
@@ -35,12 +44,15 @@ class ScheduledSequence:
     """One sequence's share of a step.
 
     ``token_ids`` are the tokens whose K/V this step computes; the first sits at position
-    ``num_computed_tokens``. The worker's copy of the sequence's block table is replaced by
-    ``block_ids`` when that is not None (first sight, a swap-in, a preemption, copy-on-write) and
-    then extended by ``new_block_ids``. Its copy of the generated tokens (for penalties) is
-    replaced by ``output_token_ids`` when that is not None and then extended by
-    ``new_output_token_ids``. ``sample_index`` picks which of the request's per-sample generators
-    draws this sequence's tokens.
+    ``num_computed_tokens``. The last may be :data:`PLACEHOLDER_TOKEN_ID` (a decode scheduled
+    before the previous step's token was read): the worker puts its own sample there.
+    The worker's copy of the sequence's block table is replaced by ``block_ids`` when that is
+    not None (first sight, a swap-in, a preemption, copy-on-write) and then extended by
+    ``new_block_ids``. Its copy of the generated tokens (for penalties) is replaced by
+    ``output_token_ids`` when that is not None and then extended by ``new_output_token_ids``;
+    it holds only tokens the engine has read (never a placeholder), so in a step scheduled ahead
+    it lacks the previous step's token. ``sample_index`` picks which of the request's
+    per-sample generators draws this sequence's tokens.
     """
 
     seq_id: int

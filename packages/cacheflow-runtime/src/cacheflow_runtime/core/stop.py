@@ -27,10 +27,17 @@ def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len
             return SequenceStatus.FINISHED_STOPPED, None
         if token_id in params.stop_token_ids:
             return SequenceStatus.FINISHED_STOPPED, token_id
-    if (params.max_tokens is not None and output_len >= params.max_tokens) \
-            or total_len >= max_model_len:
+    if length_capped(params, output_len, total_len, max_model_len):
         return SequenceStatus.FINISHED_LENGTH_CAPPED, None
     return None
+
+
+def length_capped(params: SamplingParams, output_len: int, total_len: int,
+                  max_model_len: int) -> bool:
+    """Whether a sequence with ``output_len`` generated and ``total_len`` tokens in all has
+    reached ``max_tokens`` or the model's length limit (it ends whatever its last token is)."""
+    return ((params.max_tokens is not None and output_len >= params.max_tokens)
+            or total_len >= max_model_len)
 
 
 def find_stop_string(text: str, new_len: int, params: SamplingParams,

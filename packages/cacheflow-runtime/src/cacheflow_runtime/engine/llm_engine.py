@@ -4,6 +4,12 @@ A step is: the scheduler emits a plain-data ``SchedulerOutput``; the executor ru
 worker(s) and returns a ``ModelRunnerOutput``; the scheduler applies it (tokens, forks, beams,
 token stop rules); the output processor adds text and stop strings; finished requests are
 released and every request that got something new yields a ``RequestOutput``.
+
+With ``async_scheduling`` the steps overlap: once step k is started on the device, step k+1 is
+scheduled ahead (placeholders for step k's tokens, core/scheduler.py) and started behind it
+before step k's tokens are read, so the host's work of one step runs while the device computes
+the other. ``step()`` still returns the outputs of one step, the same as without it; it leaves
+at most one step in flight.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from cacheflow_runtime.config import (
 )
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
-from cacheflow_runtime.core.step_data import ModelRunnerOutput
+from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.engine.output_processor import OutputProcessor
 from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
+from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
 from cacheflow_runtime.outputs import RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.sequence import Sequence, SequenceGroup
@@ -42,6 +49,9 @@ class LLMEngine:
     (model_executor/cuda_graphs.py); ``enforce_eager=True`` runs every step from Python.
     ``parallel_config`` splits the model over ``tensor_parallel_size`` ranks (worker processes
     or Ray actors, see executor/factory.py); ``shutdown()`` releases them.
+    ``scheduler_config.async_scheduling`` overlaps each step's host work with the device work
+    of the step before (see the module docstring); ``num_pipelined_steps`` counts the steps
+    scheduled ahead that way.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
@@ -76,12 +86,15 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, self.scheduler)
         self._groups: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
+        self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
+        self.num_pipelined_steps = 0
         logger.info("KV cache: %d device blocks, %d cpu blocks of %d tokens; prefix caching "
-                    "%s, chunked prefill %s (%d tokens per step)", num_device_blocks,
-                    num_cpu_blocks, cache_config.block_size,
+                    "%s, chunked prefill %s (%d tokens per step), async scheduling %s",
+                    num_device_blocks, num_cpu_blocks, cache_config.block_size,
                     "on" if cache_config.enable_prefix_caching else "off",
                     "on" if scheduler_config.enable_chunked_prefill else "off",
-                    scheduler_config.max_num_batched_tokens)
+                    scheduler_config.max_num_batched_tokens,
+                    "on" if scheduler_config.async_scheduling else "off")
 
     @property
     def num_device_blocks(self) -> int:
@@ -189,8 +202,10 @@ class LLMEngine:
             self._aborted.append(group)
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request is queued, running or swapped (or an abort is unreported)."""
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """True while any request is queued, running or swapped, an abort is unreported or a
+        step is in flight."""
+        return (self.scheduler.has_unfinished() or bool(self._aborted)
+                or self._in_flight is not None)
 
     def get_num_unfinished_requests(self) -> int:
         """Number of requests not finished yet."""
@@ -217,13 +232,22 @@ class LLMEngine:
     # ----------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
         """Runs one step and returns the outputs of every request that got new tokens, new
-        prompt logprobs, or was aborted."""
-        plan = self.scheduler.schedule()
-        result = ModelRunnerOutput()
-        if not plan.is_empty() or plan.new_requests or plan.finished_req_ids \
-                or plan.freed_seq_ids:
-            result = self.executor.execute_model(plan)
-        touched = self.scheduler.update_from_output(plan, result)
+        prompt logprobs, or was aborted.
+
+        With ``async_scheduling`` the step run is the one left in flight by the previous call
+        (if any), and the next one is started before its results are read.
+        """
+        if self._in_flight is None:
+            plan = self.scheduler.schedule()
+            self._in_flight = (plan, self._start(plan))
+        plan, handle = self._in_flight
+        self._in_flight = None
+        if self.scheduler_config.async_scheduling:
+            ahead = self.scheduler.schedule_ahead(plan)
+            if ahead is not None:
+                self._in_flight = (ahead, self._start(ahead))
+                self.num_pipelined_steps += 1
+        touched = self.scheduler.update_from_output(plan, handle.result())
         self.output_processor.process(touched)
         self.scheduler.free_finished()
         outputs = [RequestOutput.from_seq_group(g) for g in touched]
@@ -234,6 +258,14 @@ class LLMEngine:
         self._aborted = []
         return outputs
 
+    def _start(self, plan: SchedulerOutput) -> StepHandle:
+        """Starts ``plan`` on the executor, unless it asks nothing of the workers."""
+        if plan.is_empty() and not (plan.new_requests or plan.finished_req_ids
+                                    or plan.freed_seq_ids):
+            return CompletedStep(ModelRunnerOutput())
+        return self.executor.execute_model_async(plan)
+
     def shutdown(self) -> None:
-        """Releases the executor's workers."""
+        """Releases the executor's workers (a step still in flight is dropped)."""
+        self._in_flight = None
         self.executor.shutdown()

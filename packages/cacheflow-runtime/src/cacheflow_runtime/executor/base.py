@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
+from cacheflow_runtime.executor.handle import StepHandle
 from cacheflow_runtime.executor.rank_worker import WorkerFailedError
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,9 @@ class Executor(ABC):
     """Runs the model over one or more workers (one per tensor-parallel rank).
 
     Life cycle: ``determine_num_available_blocks`` (the minimum over ranks), then
-    ``initialize_cache`` once, then ``execute_model`` once per step, then ``shutdown``.
+    ``initialize_cache`` once, then ``execute_model_async`` (or ``execute_model``) once per step,
+    then ``shutdown``. Steps run in the order they are started, and their handles are read in
+    that order; the engine may start step k+1 before it reads step k's handle.
     """
 
     #: True when decode steps replay CUDA graphs (set by ``initialize_cache``).
@@ -32,8 +35,12 @@ class Executor(ABC):
         """Allocates the KV cache on every worker (and captures CUDA graphs where allowed)."""
 
     @abstractmethod
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Starts one step on every worker; the handle's ``result()`` gives its output."""
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Runs one step on every worker and returns the sampled tokens."""
+        return self.execute_model_async(scheduler_output).result()
 
     @abstractmethod
     def shutdown(self) -> None:

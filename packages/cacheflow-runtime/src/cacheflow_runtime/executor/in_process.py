@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
-from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
+from cacheflow_runtime.core.step_data import SchedulerOutput
 from cacheflow_runtime.executor.base import Executor
+from cacheflow_runtime.executor.handle import StepHandle
 from cacheflow_runtime.model_executor.worker import Worker
 
 
@@ -26,9 +27,9 @@ class InProcessExecutor(Executor):
         self.worker.initialize_cache(num_device_blocks, num_cpu_blocks)
         self.uses_cuda_graphs = self.worker.uses_cuda_graphs
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Runs the step on the worker."""
-        return self.worker.execute_model(scheduler_output)
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Queues the step on the worker's device; the handle waits for its samples."""
+        return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         """Nothing to release: the worker lives and dies with this process."""

@@ -2,7 +2,9 @@
 
 Each step's :class:`SchedulerOutput` is pickled once and the same bytes go down a pipe to every
 worker; only rank 0 answers with the :class:`ModelRunnerOutput` (the others write only when
-they fail). Failures end the engine instead of hanging it:
+they fail). A step is sent when it is started and its answer read when its handle is: the next
+step may be sent before, and each worker runs the steps in the order its pipe delivers them.
+Failures end the engine instead of hanging it:
 
 - a worker that dies (its process sentinel fires) or raises (it sends its traceback) fails the
   call at once, with an error naming its rank;
@@ -255,14 +257,30 @@ class MultiprocExecutor(RankExecutor):
                     f"{now - stamp:.0f} s during {what} (hung or stopped); the engine has "
                     f"stopped", rank))
 
-    # ---------------------------------------------------------------------- Executor API
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Sends the step to every rank once; returns rank 0's output."""
-        self._broadcast(("step", scheduler_output))
+    def _step_output(self) -> ModelRunnerOutput:
+        """Rank 0's answer to the oldest step not read yet."""
         output = self._collect([0], "a step")[0]
         assert isinstance(output, ModelRunnerOutput)
         return output
 
+    # ---------------------------------------------------------------------- Executor API
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> _RankZeroAnswer:
+        """Sends the step to every rank once; the handle reads rank 0's output."""
+        self._broadcast(("step", scheduler_output))
+        return _RankZeroAnswer(self)
+
     def shutdown(self) -> None:
         """Stops and reaps every worker process; idempotent."""
         self._finalizer()
+
+
+class _RankZeroAnswer:
+    """The handle of a step sent to every rank: reads rank 0's answer (answers come in the
+    order the steps were sent, so handles must be read in that order)."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+
+    def result(self) -> ModelRunnerOutput:
+        """Waits for rank 0's output of this step."""
+        return self._executor._step_output()

@@ -27,6 +27,7 @@ from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.distributed.environment import get_ip, get_open_port
 from cacheflow_runtime.executor.base import RankExecutor
+from cacheflow_runtime.executor.handle import CompletedStep
 from cacheflow_runtime.executor.multiproc import DEFAULT_HANG_TIMEOUT_S, ENV_WORKER_TIMEOUT
 from cacheflow_runtime.executor.rank_worker import RankWorker, WorkerFailedError, WorkerSpec
 
@@ -202,15 +203,19 @@ class RayExecutor(RankExecutor):
         return self._wait(refs, list(range(self.world_size)), method)
 
     # ---------------------------------------------------------------------- Executor API
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Puts the step in the object store once; every actor runs it; rank 0's output."""
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> CompletedStep:
+        """Puts the step in the object store once; every actor runs it; rank 0's output.
+
+        The step is waited for here: an actor runs two calls at once (pings beside steps), so
+        two steps in flight could run out of order on it.
+        """
         if self._failure is not None:
             raise self._failure
         step = self._ray.put(scheduler_output)
         refs = [actor.call.remote("execute_model", step) for actor in self.actors]
         output = self._wait(refs, list(range(self.world_size)), "a step")[0]
         assert isinstance(output, ModelRunnerOutput)
-        return output
+        return CompletedStep(output)
 
     def shutdown(self) -> None:
         """Kills the actors and frees their placement group; idempotent."""

@@ -62,17 +62,18 @@ class CacheEngine:
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to other device blocks in every layer ((source, destination)
-        pairs; copy-on-write)."""
+        pairs; copy-on-write). The indices go over without a blocking copy, which would wait for
+        the step still running on the device."""
         if not pairs or not self.device_cache:
             return
         ck = cache_kernels_for(self.device_cache[0][0])
         if ck is not None:
-            mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)
+            mapping = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
             ck.copy_blocks([k for k, _ in self.device_cache], [v for _, v in self.device_cache],
                            mapping)
             return
-        src_idx = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst_idx = torch.tensor([d for _, d in pairs], device=self.device)
+        src_idx = torch.tensor([s for s, _ in pairs]).to(self.device, non_blocking=True)
+        dst_idx = torch.tensor([d for _, d in pairs]).to(self.device, non_blocking=True)
         for key_cache, value_cache in self.device_cache:
             key_cache[dst_idx] = key_cache[src_idx]
             value_cache[dst_idx] = value_cache[src_idx]

@@ -1,4 +1,11 @@
-"""Turns one step's scheduler output into model inputs, runs the model and samples."""
+"""Turns one step's scheduler output into model inputs, runs the model and samples.
+
+``ModelRunner.launch`` queues a step's device work (inputs, forward, sampling, the copy of the
+samples to host memory) and returns a :class:`PendingStep` at once; ``PendingStep.result``
+waits for the samples and builds the ``ModelRunnerOutput``. A placeholder token in a step
+(asynchronous scheduling, core/step_data.py) is replaced on the device by the token the
+previous launch sampled for that sequence, so no host round trip separates the two steps.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,12 @@ from typing import Any, Optional
 import torch
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention, build_input_metadata
-from cacheflow_runtime.core.step_data import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from cacheflow_runtime.core.step_data import (
+    PLACEHOLDER_TOKEN_ID,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
 from cacheflow_runtime.model_executor.request_states import (
@@ -17,13 +29,16 @@ from cacheflow_runtime.model_executor.request_states import (
     SequenceState,
 )
 from cacheflow_runtime.sampler import Sampler
-from cacheflow_runtime.sampling_metadata import SamplingGroup
+from cacheflow_runtime.sampler_output import DeviceSamples
+from cacheflow_runtime.sampling_metadata import Logprobs, SamplingGroup
 
 
 @dataclass
 class PreparedBatch:
     """Model inputs of one step plus the sampler's view of it (``req_ids[i]`` owns
-    ``sampling_groups[i]``; ``sampled[i]`` says whether it samples tokens this step)."""
+    ``sampling_groups[i]``; ``sampled[i]`` says whether it samples tokens this step).
+    ``input_ids[placeholder_positions[i]]`` is a placeholder for the token last sampled for
+    sequence ``placeholder_seq_ids[i]``."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -31,6 +46,8 @@ class PreparedBatch:
     sampling_groups: list[SamplingGroup] = field(default_factory=list)
     req_ids: list[str] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
+    placeholder_positions: list[int] = field(default_factory=list)
+    placeholder_seq_ids: list[int] = field(default_factory=list)
 
 
 class _BatchBuilder:
@@ -45,6 +62,8 @@ class _BatchBuilder:
         self.context_lens: list[int] = []
         self.tables: list[list[int]] = []
         self.logit_indices: list[int] = []
+        self.placeholder_positions: list[int] = []
+        self.placeholder_seq_ids: list[int] = []
 
     def add_sequence(self, token_ids: list[int], start: int, table: list[int]) -> int:
         """Adds one sequence's tokens at positions ``start..``; returns its first flat index."""
@@ -114,7 +133,9 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
                                                                        non_blocking=True),
         positions=torch.tensor(builder.positions, dtype=torch.int64).to(device,
                                                                        non_blocking=True),
-        metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled)
+        metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled,
+        placeholder_positions=builder.placeholder_positions,
+        placeholder_seq_ids=builder.placeholder_seq_ids)
 
 
 def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestState,
@@ -131,6 +152,9 @@ def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestSt
         start = s.num_computed_tokens
         offset = builder.add_sequence(s.token_ids, start, seq.block_ids)
         end = start + len(s.token_ids)
+        if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+            builder.placeholder_positions.append(offset + len(s.token_ids) - 1)
+            builder.placeholder_seq_ids.append(s.seq_id)
         # Positions p < prompt_len - 1 predict prompt token p + 1; each is computed once.
         lo, hi = max(start, state.num_prompt_logprobs), min(end, prompt_len - 1)
         if want_prompt and hi > lo:
@@ -140,6 +164,40 @@ def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestSt
         if req.do_sample:
             rows.append(builder.add_logit_row(offset + len(s.token_ids) - 1))
     return rows, prompt_rows, prompt_start
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its device work is queued; ``result`` waits for the samples.
+
+    ``prompt_shares[i]``: None when request ``req_ids[i]`` gets no prompt logprobs this step,
+    True for its first share (which starts with None: the first prompt token has no logprob),
+    False for a later one. It holds only plain data and the device results, so it stays valid
+    while the worker goes on with later steps.
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    prompt_shares: list[Optional[bool]] = field(default_factory=list)
+    samples: Optional[DeviceSamples] = None
+
+    def result(self) -> ModelRunnerOutput:
+        """The sampled tokens and prompt logprobs of the step (blocks until they are on the
+        host)."""
+        output = ModelRunnerOutput()
+        if self.samples is None:
+            return output
+        results = self.samples.assemble()
+        for req_id, res, sampled, first in zip(self.req_ids, results, self.sampled,
+                                               self.prompt_shares):
+            if sampled:
+                output.samples[req_id] = res
+            if first is not None:
+                share: list[Optional[Logprobs]] = list(res.prompt_logprobs or [])
+                if first:
+                    share.insert(0, None)
+                output.prompt_logprobs[req_id] = share
+        return output
 
 
 class ModelRunner:
@@ -155,6 +213,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.default_generator = default_generator
         self.decode_graphs: Optional[DecodeGraphs] = None
+        # The last launch's sampled token ids (on the device) and the sequence of each of the
+        # first len(seq_ids) of them (greedy and random samples), for the placeholders of the
+        # next launch.
+        self._last_sampled: Optional[tuple[torch.Tensor, list[int]]] = None
         # A cascade step runs eagerly, so plan one only if some layer would use it.
         self.plan_cascade = any(m.takes_cascade for m in model.modules()
                                 if isinstance(m, PagedAttention))
@@ -166,34 +228,52 @@ class ModelRunner:
                                           max_num_seqs, max_model_len)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, states: RequestStates,
-                kv_caches: list[KVCache]) -> ModelRunnerOutput:
-        """Runs the model on the step's scheduled sequences; returns the sampled tokens and the
-        prompt logprobs computed in this step."""
-        result = ModelRunnerOutput()
+    def launch(self, out: SchedulerOutput, states: RequestStates,
+               kv_caches: list[KVCache]) -> PendingStep:
+        """Queues the step's device work (the model on its scheduled sequences, sampling, the
+        copy of the samples to the host) and returns without waiting for it."""
+        previous, self._last_sampled = self._last_sampled, None
         if not out.scheduled:
-            return result
+            return PendingStep()
         batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id,
                               self.plan_cascade)
+        if batch.placeholder_positions:
+            self._fill_placeholders(batch, previous)
         hidden = None
         if self.decode_graphs is not None:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata)
         if not batch.sampling_groups:
-            return result
+            return PendingStep()
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
-        sampled = self.sampler(logits, batch.sampling_groups, self.default_generator)
-        for i, req_id in enumerate(batch.req_ids):
-            group, res = batch.sampling_groups[i], sampled[i]
-            if batch.sampled[i]:
-                result.samples[req_id] = res
+        samples = self.sampler.sample(logits, batch.sampling_groups, self.default_generator)
+        self._last_sampled = (samples.tokens, [s.parent_seq_id for s in samples.samples])
+        samples.start_copy()
+        prompt_shares: list[Optional[bool]] = []
+        for req_id, group in zip(batch.req_ids, batch.sampling_groups):
             state = states.requests[req_id]
+            first: Optional[bool] = None
             if group.sampling_params.prompt_logprobs is not None and (
-                    res.prompt_logprobs or not state.prompt_logprobs_sent):
-                share = list(res.prompt_logprobs or [])
-                if not state.prompt_logprobs_sent:
-                    share.insert(0, None)  # the first prompt token has no logprob
-                    state.prompt_logprobs_sent = True
-                result.prompt_logprobs[req_id] = share
-        return result
+                    group.prompt_logit_rows or not state.prompt_logprobs_sent):
+                first = not state.prompt_logprobs_sent
+                state.prompt_logprobs_sent = True
+            prompt_shares.append(first)
+        return PendingStep(batch.req_ids, batch.sampled, prompt_shares, samples)
+
+    def _fill_placeholders(self, batch: PreparedBatch,
+                           previous: Optional[tuple[torch.Tensor, list[int]]]) -> None:
+        """Puts into the batch's placeholder positions the tokens the previous launch sampled
+        for their sequences (a device-side gather: the step queues behind that one)."""
+        tokens, seq_ids = previous if previous is not None else (None, [])
+        row_of = {seq_id: i for i, seq_id in enumerate(seq_ids)}
+        missing = [s for s in batch.placeholder_seq_ids if s not in row_of]
+        if tokens is None or missing:
+            raise RuntimeError(f"sequences {missing or batch.placeholder_seq_ids} were scheduled "
+                               "with a placeholder token but the previous step sampled none "
+                               "for them")
+        rows = torch.tensor([row_of[s] for s in batch.placeholder_seq_ids], dtype=torch.int64)
+        positions = torch.tensor(batch.placeholder_positions, dtype=torch.int64)
+        batch.input_ids.index_copy_(
+            0, positions.to(self.device, non_blocking=True),
+            tokens.index_select(0, rows.to(self.device, non_blocking=True)))

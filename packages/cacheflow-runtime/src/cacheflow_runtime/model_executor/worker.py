@@ -1,7 +1,8 @@
 """Worker: owns the model, its KV cache and the model runner on one device.
 
 It is driven through the plain-data step interface only (``execute_model(SchedulerOutput) ->
-ModelRunnerOutput``), so it can live in the engine's process or in another one.
+ModelRunnerOutput``, or ``execute_model_async`` whose handle gives it later), so it can live in
+the engine's process or in another one. Steps run in the order they are given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, 
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
 from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
-from cacheflow_runtime.model_executor.model_runner import ModelRunner
+from cacheflow_runtime.model_executor.model_runner import ModelRunner, PendingStep
 from cacheflow_runtime.model_executor.request_states import RequestStates
 from cacheflow_runtime.model_loader import load_model
 from cacheflow_runtime.parallel_state import get_tensor_parallel_world_size
@@ -113,12 +114,16 @@ class Worker:
             self.uses_cuda_graphs = True
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Applies the step to the worker's request state, moves KV blocks (swap-in, swap-out,
-        copy-on-write), runs the model and samples."""
+        """Runs the step to its end and returns the sampled tokens."""
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        """Applies the step to the worker's request state, queues the KV block moves (swap-in,
+        swap-out, copy-on-write), the model and the sampling, and returns without waiting for
+        the device."""
         assert self.cache_engine is not None, "initialize_cache() must run before a step"
         self.states.apply(scheduler_output)
         self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
         self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
         self.cache_engine.copy(scheduler_output.blocks_to_copy)
-        return self.runner.execute(scheduler_output, self.states,
-                                   self.cache_engine.device_cache)
+        return self.runner.launch(scheduler_output, self.states, self.cache_engine.device_cache)

@@ -1,0 +1,153 @@
+"""The sampler's results between the device and the host.
+
+``Sampler.sample`` only queues device work and returns a :class:`DeviceSamples`: the chosen
+tokens and logprobs as device tensors plus what the host already knows about each sample.
+``start_copy`` queues their copy to pinned host memory behind an event; ``assemble`` waits for
+it (the step's one device-to-host synchronisation) and builds the ``GroupSampleResult``s. In
+between, the host is free to prepare the next step while the device works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cacheflow_runtime.sampling_metadata import (
+    GroupSampleResult,
+    Logprobs,
+    SampleResult,
+    SamplingGroup,
+)
+
+
+@dataclass
+class SampleRow:
+    """One sample to report: which gathered row it came from and which sequence it extends."""
+
+    group: int
+    row: int  # index into the gathered rows
+    parent_seq_id: int
+    parent_cumulative: float
+
+
+@dataclass
+class BeamBucket:
+    """The beam search candidates of groups with the same number of beams and width:
+    ``flat[i]`` holds group ``groups[i]``'s best ``beam * vocab + token`` indices, best first."""
+
+    groups: list[int]
+    flat: torch.Tensor
+
+
+@dataclass
+class PromptLogprobsOnDevice:
+    """One group's prompt logprobs: for each of ``targets`` its logprob and the top ``k``."""
+
+    group: int
+    targets: list[int]
+    k: int
+    chosen: torch.Tensor
+    top_values: Optional[torch.Tensor]
+    top_ids: Optional[torch.Tensor]
+
+
+@dataclass
+class DeviceSamples:
+    """What one sampler call chose, still on the device.
+
+    ``tokens`` and ``chosen`` hold one entry per sample: first those of ``samples`` (greedy and
+    random, known on the host), then the beam candidates of each of ``beams`` in order (whose
+    rows are known only once ``flat`` is read). ``top_values`` / ``top_ids`` are the top
+    ``max(num_top)`` logprobs of every gathered row (None when no row asks for them).
+    """
+
+    groups: list[SamplingGroup]
+    first_rows: list[int]
+    vocab: int
+    samples: list[SampleRow]
+    beams: list[BeamBucket]
+    tokens: torch.Tensor
+    chosen: torch.Tensor
+    num_top: list[int]
+    top_values: Optional[torch.Tensor]
+    top_ids: Optional[torch.Tensor]
+    prompt: list[PromptLogprobsOnDevice] = field(default_factory=list)
+    _event: Optional[torch.cuda.Event] = None
+
+    def start_copy(self) -> None:
+        """Queues the copy of every result tensor to pinned host memory (nothing on the CPU)."""
+        if not self.tokens.is_cuda:
+            return
+        self.tokens, self.chosen = _to_host(self.tokens), _to_host(self.chosen)
+        self.top_values, self.top_ids = _to_host(self.top_values), _to_host(self.top_ids)
+        for bucket in self.beams:
+            bucket.flat = _to_host(bucket.flat)
+        for p in self.prompt:
+            p.chosen = _to_host(p.chosen)
+            p.top_values, p.top_ids = _to_host(p.top_values), _to_host(p.top_ids)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def assemble(self) -> list[GroupSampleResult]:
+        """Waits for the results and builds one ``GroupSampleResult`` per group (samples in the
+        order they were drawn: greedy, random, beam candidates)."""
+        if self._event is not None:
+            self._event.synchronize()
+        samples = self.samples + self._beam_samples()
+        top_values = self.top_values.tolist() if self.top_values is not None else []
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else []
+        results = [GroupSampleResult(samples=[]) for _ in self.groups]
+        for sample, token, logprob in zip(samples, self.tokens.tolist(), self.chosen.tolist()):
+            k = self.num_top[sample.row]
+            results[sample.group].samples.append(SampleResult(
+                parent_seq_id=sample.parent_seq_id,
+                token_id=token,
+                logprobs=logprobs_dict(token, logprob, k, top_values[sample.row] if k else [],
+                                       top_ids[sample.row] if k else []),
+                cumulative_logprob=sample.parent_cumulative + logprob,
+            ))
+        for p in self.prompt:
+            results[p.group].prompt_logprobs = _prompt_logprobs(p)
+        return results
+
+    def _beam_samples(self) -> list[SampleRow]:
+        samples = []
+        for bucket in self.beams:
+            for g, top in zip(bucket.groups, bucket.flat.tolist()):
+                group = self.groups[g]
+                for i in top:
+                    beam = i // self.vocab
+                    samples.append(SampleRow(g, self.first_rows[g] + beam, group.seq_ids[beam],
+                                             cumulative_logprob_of(group, beam)))
+        return samples
+
+
+def cumulative_logprob_of(group: SamplingGroup, j: int) -> float:
+    """The cumulative logprob of the group's j-th sequence (0 when not given)."""
+    return float(group.cumulative_logprobs[j]) if j < len(group.cumulative_logprobs) else 0.0
+
+
+def logprobs_dict(token: int, logprob: float, k: int, top_values: list[float],
+                  top_ids: list[int]) -> Logprobs:
+    """The chosen token's logprob plus the top k."""
+    result = {token: logprob}
+    for t, v in zip(top_ids[:k], top_values[:k]):
+        result[t] = v
+    return result
+
+
+def _prompt_logprobs(p: PromptLogprobsOnDevice) -> list[Logprobs | None]:
+    values = p.top_values.tolist() if p.top_values is not None else []
+    ids = p.top_ids.tolist() if p.top_ids is not None else []
+    return [logprobs_dict(token, logprob, p.k, values[i] if p.k else [], ids[i] if p.k else [])
+            for i, (token, logprob) in enumerate(zip(p.targets, p.chosen.tolist()))]
+
+
+def _to_host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A pinned host tensor that receives ``tensor`` once the device's queued work is done."""
+    if tensor is None:
+        return None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
