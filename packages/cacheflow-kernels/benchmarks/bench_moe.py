@@ -11,24 +11,28 @@ For each shape (tokens T, experts E, top-k, hidden H, expert intermediate I) the
   ``linear`` down, scale, ``index_add_``;
 - ``grouped``: the runtime's scheme: sort the (token, slot) pairs by expert, gather, one
   ``moe_grouped_gemm`` launch for every expert's gate/up, ``silu_and_mul``, one launch for
-  every expert's down projection, scale, ``index_add_`` (no host synchronisation).
+  every expert's down projection, scale, ``index_add_`` (no host synchronisation), once with
+  the default mma.sync kernel (``mma``: CACHEFLOW_MOE_GEMM unset) and once with the original
+  WMMA kernel (``wmma``: CACHEFLOW_MOE_GEMM=wmma; the library reads it at every call).
 
-Both are timed end to end from eager Python (CUDA events around ``--iters`` calls, median of
-``--repeats``), and checked against each other (max abs difference relative to the output's
-max). The GEMM rows compare the two grouped launches alone with cuBLAS ``torch.mm`` per expert
-on the same sorted rows (segment bounds known on the host), and report the grouped kernel's
-TFLOP/s. Prints a table and writes JSON to --out. Without torch or CUDA it prints why and
-exits with status 1.
+The layers are timed end to end from eager Python (CUDA events around ``--iters`` calls, median
+of ``--repeats``) and checked against the loop (max abs difference relative to the output's
+max). The GEMM columns time the two grouped launches alone (each kernel, plus any tiles forced
+with ``--tiles``, e.g. ``--tiles 128x256,128x128,64x128,32x128``) against cuBLAS ``torch.mm``
+per expert on the same sorted rows (segment bounds known on the host), with TFLOP/s of each,
+and check each kernel's GEMM output against cuBLAS's. Prints one table and writes JSON to
+--out. Without torch or CUDA it prints why and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # (name, tokens, experts, top_k, hidden, intermediate)
@@ -40,6 +44,9 @@ SHAPES = [
 ]
 
 
+ENV = "CACHEFLOW_MOE_GEMM"
+
+
 @dataclass
 class Result:
     shape: str
@@ -49,14 +56,43 @@ class Result:
     hidden: int
     intermediate: int
     loop_ms: float | None = None
-    grouped_ms: float | None = None
-    speedup: float | None = None
+    grouped_ms: float | None = None  # default (mma.sync) kernel
+    speedup: float | None = None     # loop / grouped
     rel_diff: float | None = None
+    grouped_wmma_ms: float | None = None  # original WMMA kernel
+    speedup_wmma: float | None = None
+    rel_diff_wmma: float | None = None
+    gemm_flop: float | None = None
     gemm_cublas_ms: float | None = None
-    gemm_grouped_ms: float | None = None
-    gemm_speedup: float | None = None
-    grouped_tflops: float | None = None
+    cublas_tflops: float | None = None
+    # GEMMs alone per kernel ("mma": default choice, "wmma", forced tiles): ms, TFLOP/s, and
+    # max |kernel - cuBLAS| / max |cuBLAS| over both GEMM outputs.
+    gemm_ms: dict[str, float] = field(default_factory=dict)
+    gemm_tflops: dict[str, float] = field(default_factory=dict)
+    gemm_rel_diff: dict[str, float] = field(default_factory=dict)
+    gemm_speedup: float | None = None  # cuBLAS per expert / default kernel
     error: str | None = None
+
+
+class _Env:
+    """Sets CACHEFLOW_MOE_GEMM for a block (None: unset), restoring it afterwards."""
+
+    def __init__(self, value: str | None) -> None:
+        self.value = value
+        self.old: str | None = None
+
+    def __enter__(self) -> None:
+        self.old = os.environ.get(ENV)
+        if self.value is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = self.old
 
 
 def _time_ms(torch: Any, fn: Any, iters: int, repeats: int) -> float:
@@ -110,8 +146,12 @@ def grouped(torch: Any, ck: Any, x: Any, w13: Any, w2: Any, weights: Any, ids: A
     return out.to(x.dtype)
 
 
+def _rel(torch: Any, a: Any, ref: Any) -> float:
+    return ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
 def run_shape(torch: Any, ck: Any, spec: tuple[str, int, int, int, int, int], iters: int,
-              repeats: int) -> Result:
+              repeats: int, tiles: list[str]) -> Result:
     name, tokens, experts, top_k, hidden, inter = spec
     res = Result(name, tokens, experts, top_k, hidden, inter)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -125,13 +165,18 @@ def run_shape(torch: Any, ck: Any, spec: tuple[str, int, int, int, int, int], it
     weights = weights / weights.sum(-1, keepdim=True)
 
     ref = per_expert_loop(torch, x, w13, w2, weights, ids)
-    ours = grouped(torch, ck, x, w13, w2, weights, ids)
-    res.rel_diff = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     res.loop_ms = _time_ms(torch, lambda: per_expert_loop(torch, x, w13, w2, weights, ids),
                            iters, repeats)
-    res.grouped_ms = _time_ms(torch, lambda: grouped(torch, ck, x, w13, w2, weights, ids),
-                              iters, repeats)
+    with _Env(None):
+        res.rel_diff = _rel(torch, grouped(torch, ck, x, w13, w2, weights, ids), ref)
+        res.grouped_ms = _time_ms(torch, lambda: grouped(torch, ck, x, w13, w2, weights, ids),
+                                  iters, repeats)
+    with _Env("wmma"):
+        res.rel_diff_wmma = _rel(torch, grouped(torch, ck, x, w13, w2, weights, ids), ref)
+        res.grouped_wmma_ms = _time_ms(
+            torch, lambda: grouped(torch, ck, x, w13, w2, weights, ids), iters, repeats)
     res.speedup = res.loop_ms / res.grouped_ms
+    res.speedup_wmma = res.loop_ms / res.grouped_wmma_ms
 
     # The GEMMs alone, on the same expert-sorted rows.
     flat = ids.reshape(-1)
@@ -156,11 +201,22 @@ def run_shape(torch: Any, ck: Any, spec: tuple[str, int, int, int, int, int], it
         ck.moe_grouped_gemm(h, rows, w13, offsets)
         ck.moe_grouped_gemm(y, a, w2, offsets)
 
-    res.gemm_cublas_ms = _time_ms(torch, cublas, iters, repeats)
-    res.gemm_grouped_ms = _time_ms(torch, kernel, iters, repeats)
-    res.gemm_speedup = res.gemm_cublas_ms / res.gemm_grouped_ms
     flops = 2.0 * rows.shape[0] * (2 * inter * hidden + hidden * inter)
-    res.grouped_tflops = flops / (res.gemm_grouped_ms * 1e-3) / 1e12
+    res.gemm_flop = flops
+    cublas()
+    h_ref, y_ref = h.clone(), y.clone()
+    res.gemm_cublas_ms = _time_ms(torch, cublas, iters, repeats)
+    res.cublas_tflops = flops / (res.gemm_cublas_ms * 1e-3) / 1e12
+    for label, env in [("mma", None), ("wmma", "wmma")] + [(t, t) for t in tiles]:
+        with _Env(env):
+            h.fill_(float("nan"))
+            y.fill_(float("nan"))
+            kernel()
+            res.gemm_rel_diff[label] = max(_rel(torch, h, h_ref), _rel(torch, y, y_ref))
+            ms = _time_ms(torch, kernel, iters, repeats)
+        res.gemm_ms[label] = ms
+        res.gemm_tflops[label] = flops / (ms * 1e-3) / 1e12
+    res.gemm_speedup = res.gemm_cublas_ms / res.gemm_ms["mma"]
     return res
 
 
@@ -174,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="", help="comma-separated shape indices (all)")
+    parser.add_argument("--tiles", default="",
+                        help="comma-separated CACHEFLOW_MOE_GEMM tiles to time as GEMMs too "
+                        "(128x256, 128x256s3, 128x128, 64x128, 32x128)")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -186,35 +245,46 @@ def main(argv: list[str] | None = None) -> int:
     import cacheflow_kernels as ck
 
     picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    tiles = [t for t in args.tiles.split(",") if t]
     results = []
     for spec in picked:
         try:
-            results.append(run_shape(torch, ck, spec, args.iters, args.repeats))
+            results.append(run_shape(torch, ck, spec, args.iters, args.repeats, tiles))
         except Exception as exc:  # noqa: BLE001 - report and go on with the next shape
             traceback.print_exc()
             results.append(Result(*spec, error=f"{type(exc).__name__}: {exc}"))
         torch.cuda.empty_cache()
 
     card = torch.cuda.get_device_name()
-    header = (f"{'shape':<28} {'T':>5} {'E':>3} {'k':>2} {'H':>5} {'I':>6} {'loop ms':>9} "
-              f"{'grouped ms':>10} {'speedup':>7} {'rel diff':>9} {'cuBLAS/exp ms':>13} "
-              f"{'kernel ms':>9} {'GEMM x':>6} {'TFLOP/s':>7}")
-    print(f"MoE layer, bfloat16, {card}, torch {torch.__version__}")
+    labels = ["mma", "wmma"] + tiles
+    header = (f"{'shape':<26} {'T':>5} {'E':>3} {'k':>2} {'H':>5} {'I':>6} {'loop ms':>8} "
+              f"{'mma ms':>8} {'x loop':>6} {'wmma ms':>8} {'x loop':>6} {'rel diff':>8} "
+              f"{'cuBLAS ms':>9} {'TF/s':>5} "
+              + " ".join(f"{lab + ' ms':>13} {'TF/s':>5}" for lab in labels))
+    print(f"MoE layer, bfloat16, {card}, torch {torch.__version__}; layer: loop vs grouped "
+          "(mma = default kernel, wmma = CACHEFLOW_MOE_GEMM=wmma); GEMMs alone: cuBLAS per "
+          "expert vs each kernel (TF/s = TFLOP/s)")
     print(header)
     print("-" * len(header))
     for r in results:
         if r.error:
-            print(f"{r.shape:<28} error: {r.error}")
+            print(f"{r.shape:<26} error: {r.error}")
             continue
-        print(f"{r.shape:<28} {r.tokens:>5} {r.experts:>3} {r.top_k:>2} {r.hidden:>5} "
-              f"{r.intermediate:>6} {_fmt(r.loop_ms):>9} {_fmt(r.grouped_ms):>10} "
-              f"{_fmt(r.speedup, '.2f'):>7} {_fmt(r.rel_diff, '.1e'):>9} "
-              f"{_fmt(r.gemm_cublas_ms):>13} {_fmt(r.gemm_grouped_ms):>9} "
-              f"{_fmt(r.gemm_speedup, '.2f'):>6} {_fmt(r.grouped_tflops, '.0f'):>7}")
+        gemm = " ".join(f"{_fmt(r.gemm_ms.get(lab)):>13} {_fmt(r.gemm_tflops.get(lab), '.0f'):>5}"
+                        for lab in labels)
+        print(f"{r.shape:<26} {r.tokens:>5} {r.experts:>3} {r.top_k:>2} {r.hidden:>5} "
+              f"{r.intermediate:>6} {_fmt(r.loop_ms):>8} {_fmt(r.grouped_ms):>8} "
+              f"{_fmt(r.speedup, '.2f'):>6} {_fmt(r.grouped_wmma_ms):>8} "
+              f"{_fmt(r.speedup_wmma, '.2f'):>6} {_fmt(r.rel_diff, '.1e'):>8} "
+              f"{_fmt(r.gemm_cublas_ms):>9} {_fmt(r.cublas_tflops, '.0f'):>5} {gemm}")
+    bad = {r.shape: r.gemm_rel_diff for r in results
+           if r.error is None and max(r.gemm_rel_diff.values(), default=0.0) > 2e-2}
+    for shape, diffs in bad.items():
+        print(f"WARNING {shape}: GEMM output differs from cuBLAS: {diffs}")
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"card": card, "torch": torch.__version__, "dtype": "bfloat16",
                    "results": [asdict(r) for r in results]}, f, indent=2)
-    return 0 if all(r.error is None for r in results) else 1
+    return 0 if all(r.error is None for r in results) and not bad else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python .../bench_paged_attention.py --out d.json --cases mha_b64_ctx2k,gqa8_b64_ctx2k
     python .../bench_paged_attention.py --out d.json --partitions 0,256,512,1024
     python .../bench_paged_attention.py --out d.json --l2-prefetch 0,2,4,8
+    python .../bench_paged_attention.py --out d.json --compare-register --stages 2,4,8 \
+        --partitions '' --l2-prefetch ''
 
 Decode attention is memory-bound: the floor is reading K and V of every context token once.
 For each case: the median GPU time per call (a CUDA graph of calls replayed between CUDA events,
@@ -15,7 +17,10 @@ read + 1 GiB written). Next to it: torch SDPA on the equivalent dense problem (K
 contiguous [batch, kv_heads, ctx, head_size] beforehand; only SDPA is timed), as a ratio. Each
 case first checks the kernel against a float64 reference on a few sequences. ``--partitions``
 also times fixed split-K partition sizes (0 = no split) next to the automatic plan, to tune it;
-``--l2-prefetch`` times L2 prefetch distances (the kernel's CACHEFLOW_PA_L2_PREFETCH_TILES).
+``--l2-prefetch`` times L2 prefetch distances (the kernel's CACHEFLOW_PA_L2_PREFETCH_TILES; they
+only affect the register kernel). ``--compare-register`` also times every case with the
+register kernel (CACHEFLOW_PA_PIPELINE=0) next to the default shared-memory pipeline, in the
+same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on every case.
 Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
 speed-up over the same case with a 16-bit cache; SDPA is not run for them).
 A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
@@ -38,6 +43,8 @@ from bench_timing import time_graph_us
 
 GIB = 1 << 30
 PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
+PIPELINE_ENV = "CACHEFLOW_PA_PIPELINE"
+STAGES_ENV = "CACHEFLOW_PA_STAGES"
 TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
 
 
@@ -98,6 +105,8 @@ class Result:
     cache_sets: int = 1
     partitions: dict[str, float] = field(default_factory=dict)  # partition size -> time (us)
     l2_prefetch: dict[str, float] = field(default_factory=dict)  # prefetch tiles -> time (us)
+    register_time_us: float | None = None  # the register kernel (CACHEFLOW_PA_PIPELINE=0)
+    stages: dict[str, float] = field(default_factory=dict)  # forced pipeline depth -> time (us)
     error: str | None = None
     sdpa_error: str | None = None
 
@@ -114,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--l2-prefetch", default="0,1,2,3,4,6,8,12",
                    help="L2 prefetch distances (tiles) timed for the first four cases")
     p.add_argument("--skip-sdpa", action="store_true")
+    p.add_argument("--compare-register", action="store_true",
+                   help=f"also time the register kernel ({PIPELINE_ENV}=0) on every case")
+    p.add_argument("--stages", default="",
+                   help=f"forced pipeline depths ({STAGES_ENV}) timed on every case ('' = none)")
     return p.parse_args(argv)
 
 
@@ -287,6 +300,18 @@ class Bench:
                     res.l2_prefetch[str(tiles)] = round(self.graph_us(auto), 2)
                 finally:
                     os.environ.pop(PREFETCH_ENV, None)
+            if self.args.compare_register:
+                os.environ[PIPELINE_ENV] = "0"
+                try:
+                    res.register_time_us = self.graph_us(auto)
+                finally:
+                    os.environ.pop(PIPELINE_ENV, None)
+            for depth in [int(x) for x in self.args.stages.split(",") if x.strip()]:
+                os.environ[STAGES_ENV] = str(depth)
+                try:
+                    res.stages[str(depth)] = round(self.graph_us(auto), 2)
+                finally:
+                    os.environ.pop(STAGES_ENV, None)
         except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the run
             res.error = _short_error(exc)
             traceback.print_exc()
@@ -361,6 +386,18 @@ def print_table(bench: Bench, results: list[Result]) -> None:
         print("\nfixed partition sizes (us per call; 0 = no split):")
         for r in sweeps:
             cells = "  ".join(f"{k}: {v}" for k, v in r.partitions.items())
+            print(f"  {r.case:<22} auto {r.time_us:.1f}  {cells}")
+    registers = [r for r in results if r.register_time_us]
+    if registers:
+        print(f"\nregister kernel ({PIPELINE_ENV}=0) against the pipelined default (us per call):")
+        for r in registers:
+            print(f"  {r.case:<22} register {r.register_time_us:.1f}  pipeline {r.time_us:.1f}: "
+                  f"{r.register_time_us / r.time_us:.2f}x")
+    depths = [r for r in results if r.stages]
+    if depths:
+        print(f"\nforced pipeline depth ({STAGES_ENV}; us per call, automatic split):")
+        for r in depths:
+            cells = "  ".join(f"{k}: {v}" for k, v in r.stages.items())
             print(f"  {r.case:<22} auto {r.time_us:.1f}  {cells}")
     prefetches = [r for r in results if r.l2_prefetch]
     if prefetches:

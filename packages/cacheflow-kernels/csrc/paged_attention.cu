@@ -8,6 +8,7 @@
 #include <tvm/ffi/optional.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -51,6 +52,48 @@ int L2PrefetchTiles() {
   if (env == nullptr || *env == '\0') return paged_attention::kDefaultL2PrefetchTiles;
   const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
   return static_cast<int>(std::clamp<long>(v, 0, paged_attention::kMaxL2PrefetchTiles));  // NOLINT
+}
+
+/*!
+ * \brief The 16-bit kernels' main loop: CACHEFLOW_PA_PIPELINE=0 forces the register kernel (the
+ * fallback; for A/B benchmarks in one process), CACHEFLOW_PA_STAGES=N (2 .. kMaxStages) forces
+ * the shared-memory pipeline's depth; both are read at every launch. Default: the pipeline, its
+ * depth chosen from the device's shared memory (paged_attention::ChooseStages).
+ */
+int PipelineStages() {
+  const char* pipe = std::getenv("CACHEFLOW_PA_PIPELINE");
+  if (pipe != nullptr && pipe[0] == '0' && pipe[1] == '\0') {
+    return paged_attention::kStagesRegister;
+  }
+  const char* env = std::getenv("CACHEFLOW_PA_STAGES");
+  if (env == nullptr || *env == '\0') return paged_attention::kStagesAuto;
+  const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
+  if (v <= 0) return paged_attention::kStagesAuto;
+  return static_cast<int>(std::clamp<long>(v, paged_attention::kMinStages,  // NOLINT
+                                           paged_attention::kMaxStages));
+}
+
+/*! \brief Shared memory per multiprocessor and per CTA (opt-in) of a device, queried once. */
+struct DeviceSmem {
+  int per_sm;
+  int per_block;
+};
+DeviceSmem GetDeviceSmem(int device_id) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> per_sm[kMaxDevices];
+  static std::atomic<int> per_block[kMaxDevices];
+  if (device_id < 0 || device_id >= kMaxDevices) return DeviceSmem{0, 0};
+  int sm = per_sm[device_id].load(std::memory_order_relaxed);
+  int block = per_block[device_id].load(std::memory_order_relaxed);
+  if (sm <= 0 || block <= 0) {
+    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(
+        &sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device_id));
+    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(
+        &block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_id));
+    per_sm[device_id].store(sm, std::memory_order_relaxed);
+    per_block[device_id].store(block, std::memory_order_relaxed);
+  }
+  return DeviceSmem{sm, block};
 }
 
 /*!
@@ -196,6 +239,10 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  p.stages = PipelineStages();
+  const DeviceSmem smem = GetDeviceSmem(dev.device_id);
+  p.smem_per_sm = smem.per_sm;
+  p.smem_per_block = smem.per_block;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   const DLDataType dt = query.dtype();
   if (dt.code == kDLFloat && dt.bits == 16) {

@@ -34,6 +34,12 @@
 // the permutation is undone when the output is written (see the index maps below).
 // float32 uses CUDA cores (a warp-wide dot product per token, butterfly-reduced).
 //
+// Two main loops for float16/bfloat16 (same fragments and softmax): the pipelined kernel
+// (default; each warp streams its tiles through a ring of cp.async stages in shared memory, see
+// "Pipelined tensor-core kernel") and the register kernel (K/V loaded straight into fragments
+// one tile ahead, plus L2 prefetches): the fallback where two stages do not fit, and the A/B
+// baseline (Params::stages = kStagesRegister).
+//
 // FP8 caches: each load brings half the bytes (8 fp8 elements where the 16-bit path loads 8
 // 16-bit ones), kept raw in registers and widened to T (exactly: every e4m3 value is a float16
 // and a bfloat16) just before the MMA that consumes it. The K scale is folded into the softmax
@@ -133,6 +139,36 @@ PA_DEVICE uint32_t LoadStream2(const void* ptr) {
 // the caches). Deepens the K/V pipeline beyond the one tile held in registers.
 PA_DEVICE void PrefetchL2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
+// The pipelined kernel's primitives: warp barrier and cp.async (sm_80+) of 16-byte chunks from
+// the caches into shared memory. `valid` false zero-fills the chunk without reading global
+// memory (src-size 0), so tokens outside the attended range read as zeros.
+PA_DEVICE void SyncWarp() { __syncwarp(); }
+PA_DEVICE void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+PA_DEVICE void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+PA_DEVICE void CpAsyncWaitN() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+/*! \brief Waits until at most `n` (0 .. 7, warp-uniform) of this thread's groups are pending. */
+PA_DEVICE void CpAsyncWait(int n) {
+  switch (n) {
+    case 0: CpAsyncWaitN<0>(); break;
+    case 1: CpAsyncWaitN<1>(); break;
+    case 2: CpAsyncWaitN<2>(); break;
+    case 3: CpAsyncWaitN<3>(); break;
+    case 4: CpAsyncWaitN<4>(); break;
+    case 5: CpAsyncWaitN<5>(); break;
+    case 6: CpAsyncWaitN<6>(); break;
+    default: CpAsyncWaitN<7>(); break;
+  }
 }
 
 template <typename T>
@@ -236,6 +272,13 @@ constexpr int kDefaultL2PrefetchTiles = 2;
 constexpr int kMaxL2PrefetchTiles = 16;  // < 32: the prefetched tile's block number is in the
                                          // current or the next chunk of 32 cached ones
 
+// Pipeline depth of the shared-memory kernel (stages of one 8-token K/V tile per warp).
+constexpr int kStagesAuto = -1;
+constexpr int kStagesRegister = 0;
+constexpr int kMinStages = 2;
+constexpr int kMaxStages = 8;            // cp.async.wait_group takes an immediate: 0 .. 6 used
+constexpr int kSmemReservedPerCta = 1024;  // shared memory the driver reserves per CTA (sm_80+)
+
 struct Params {
   void* out;
   const void* query;
@@ -268,6 +311,15 @@ struct Params {
   int num_partitions;
   int sliding_window;         // 0: attend to the whole context
   int l2_prefetch_tiles;      // tiles per warp prefetched into L2 ahead of the registers
+                              // (register kernel only)
+  // The 16-bit kernels' main loop (see "Pipelined tensor-core kernel"): kStagesAuto picks the
+  // shared-memory pipeline with a depth from the device's shared memory (smem_per_sm,
+  // smem_per_block: 0 = unknown, which selects the register kernel); kStagesRegister forces the
+  // register kernel (the fallback, and the A/B knob); 2 .. kMaxStages forces that depth (clamped
+  // to what one CTA may allocate). The dispatch resolves it to the depth used (0: register).
+  int stages;
+  int smem_per_sm;            // bytes of shared memory per multiprocessor
+  int smem_per_block;         // bytes of dynamic shared memory one CTA may opt in to
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
@@ -317,6 +369,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   // A window at least as long as any context is no window.
   p.sliding_window = static_cast<int>(sliding_window < max_tokens ? sliding_window : 0);
   p.l2_prefetch_tiles = kDefaultL2PrefetchTiles;
+  p.stages = kStagesAuto;
   return p;
 }
 
@@ -353,6 +406,12 @@ struct GridDims {
 PA_DEVICE int IMin(int a, int b) { return a < b ? a : b; }
 PA_DEVICE int IMax(int a, int b) { return a > b ? a : b; }
 
+/*! \brief A plain load of shared memory (the pipelined kernel's K/V fragments). */
+template <typename U>
+PA_DEVICE U LoadShared(const unsigned char* p) {
+  return *reinterpret_cast<const U*>(p);
+}
+
 PA_DEVICE uint32_t Word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant
 }
@@ -378,6 +437,9 @@ struct CacheIo {
   using HalfSpan = uint2;
   using Tail = uint32_t;
   static PA_DEVICE Span LoadSpan(const C* p) { return LoadStream16(p); }
+  static PA_DEVICE Span SharedSpan(const unsigned char* p) { return LoadShared<uint4>(p); }
+  static PA_DEVICE HalfSpan SharedHalf(const unsigned char* p) { return LoadShared<uint2>(p); }
+  static PA_DEVICE Tail SharedTail(const unsigned char* p) { return LoadShared<uint32_t>(p); }
   static PA_DEVICE HalfSpan LoadHalf(const C* p) { return LoadStream8(p); }
   static PA_DEVICE Tail LoadTail(const C* p) { return LoadStream4(p); }
   static PA_DEVICE Span ZeroSpan() { return make_uint4(0, 0, 0, 0); }
@@ -393,6 +455,9 @@ struct CacheIo<T, Fp8E4m3> {
   using HalfSpan = uint32_t;
   using Tail = uint32_t;  // 16 bits used
   static PA_DEVICE Span LoadSpan(const Fp8E4m3* p) { return LoadStream8(p); }
+  static PA_DEVICE Span SharedSpan(const unsigned char* p) { return LoadShared<uint2>(p); }
+  static PA_DEVICE HalfSpan SharedHalf(const unsigned char* p) { return LoadShared<uint32_t>(p); }
+  static PA_DEVICE Tail SharedTail(const unsigned char* p) { return LoadShared<uint16_t>(p); }
   static PA_DEVICE HalfSpan LoadHalf(const Fp8E4m3* p) { return LoadStream4(p); }
   static PA_DEVICE Tail LoadTail(const Fp8E4m3* p) { return LoadStream2(p); }
   static PA_DEVICE Span ZeroSpan() { return make_uint2(0, 0); }
@@ -573,6 +638,7 @@ struct MmaShape {
   static constexpr int kChunks = D / 64;                  // full 64-dim PV chunks
   static constexpr int kTailTiles = (D % 64) / 8;         // trailing d-tiles (0, 2, 4 or 6)
   static constexpr int kTailWords = kTailTiles / 2;       // 32-bit words per V row and thread
+  static constexpr int kTailWordsAlloc = kTailWords > 0 ? kTailWords : 1;
   static constexpr int kDTiles = D / 8;
   static constexpr int kQSmemBytes = kQSpans * 2 * 32 * 16;
 };
@@ -645,6 +711,119 @@ PA_DEVICE void PrefetchTileL2(const C* kc, const C* vc, const Params& p, const P
   }
 }
 
+/*!
+ * \brief Online softmax of one 8-token tile's scores `sc` (16 rows x 8 tokens, this thread's
+ * fragment) and O += P V with the tile's V fragments: the step both 16-bit kernels share.
+ */
+template <typename T, typename C, int D>
+PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int tig,
+                         const float (&sc)[4], const float (&alibi)[2], float query_pos,
+                         float (&m_run)[2], float (&l_run)[2],
+                         float (&acc)[MmaShape<D>::kDTiles][4],
+                         const typename CacheIo<T, C>::Span (&vr)[2][MmaShape<D>::kChunks],
+                         const uint32_t (&vt)[2][MmaShape<D>::kTailWordsAlloc]) {
+  using S = MmaShape<D>;
+  using Ops = Dtype<T>;
+  using Io = CacheIo<T, C>;
+  // ---- Scale, ALiBi, mask; online softmax per row (this thread: tokens 2t, 2t+1).
+  const int ta = tok0 + 2 * tig;
+  const bool va = ta >= r.begin && ta < r.end;
+  const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
+  const float da = static_cast<float>(ta) - query_pos;
+  uint32_t pa[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float x0 = va ? Logit(p, sc[2 * hh] * p.scale_log2, alibi[hh] * da) : kNegInf;
+    float x1 = vb ? Logit(p, sc[2 * hh + 1] * p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
+    float mx = fmaxf(x0, x1);
+    mx = fmaxf(mx, ShflXor(mx, 1));
+    mx = fmaxf(mx, ShflXor(mx, 2));
+    const float m_new = fmaxf(m_run[hh], mx);
+    const float m_use = m_new == kNegInf ? 0.f : m_new;
+    const float corr = FastExp2(m_run[hh] - m_use);
+    x0 = FastExp2(x0 - m_use);
+    x1 = FastExp2(x1 - m_use);
+    l_run[hh] = fmaf(l_run[hh], corr, x0 + x1);
+    m_run[hh] = m_new;
+#pragma unroll
+    for (int i = 0; i < S::kDTiles; ++i) {
+      acc[i][2 * hh] *= corr;
+      acc[i][2 * hh + 1] *= corr;
+    }
+    pa[hh] = Ops::Pack(x0, x1);
+  }
+
+  // ---- O += P V.
+#pragma unroll
+  for (int c = 0; c < S::kChunks; ++c) {
+    const uint4 v0 = Io::Widen(vr[0][c]);
+    const uint4 v1 = Io::Widen(vr[1][c]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
+      const uint32_t b = BytePerm(Word(v0, e >> 1), Word(v1, e >> 1), sel);
+      Ops::Mma1688(acc[8 * c + e], pa[0], pa[1], b);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < S::kTailTiles; ++e) {
+    const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
+    const uint32_t b = BytePerm(Io::WidenTail(vt[0][e >> 1]), Io::WidenTail(vt[1][e >> 1]), sel);
+    Ops::Mma1688(acc[8 * S::kChunks + e], pa[0], pa[1], b);
+  }
+}
+
+/*! \brief After the main loop of a 16-bit kernel: the warps' states merged, the result written. */
+template <typename T, int D>
+PA_DEVICE void MmaEpilogue(const Params& p, const Stats& st, unsigned char* smem_main, int warp,
+                           int gid, int tig, const float (&m_run)[2], float (&l_run)[2],
+                           const float (&acc)[MmaShape<D>::kDTiles][4], int rows_valid,
+                           int head0, int seq, int part) {
+  using S = MmaShape<D>;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l_run[hh] += ShflXor(l_run[hh], 1);
+    l_run[hh] += ShflXor(l_run[hh], 2);
+  }
+  SyncThreads();
+  float* so = reinterpret_cast<float*>(smem_main);
+  const int rows = p.rows;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = gid + 8 * hh;
+    if (tig == 0) {
+      st.m[warp][row] = m_run[hh];
+      st.l[warp][row] = l_run[hh];
+    }
+    if (row < rows) {
+      float* o_row = so + (warp * rows + row) * (D + kOutPad);
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+#pragma unroll
+        for (int h4 = 0; h4 < 2; ++h4) {
+          const int i = 8 * c + 4 * h4;
+          // column 2t of d-tile 8c + e is dim 64c + 16t + e; column 2t + 1 is dim + 8.
+          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 4 * h4) =
+              make_float4(acc[i][2 * hh], acc[i + 1][2 * hh], acc[i + 2][2 * hh],
+                          acc[i + 3][2 * hh]);
+          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 8 + 4 * h4) =
+              make_float4(acc[i][2 * hh + 1], acc[i + 1][2 * hh + 1], acc[i + 2][2 * hh + 1],
+                          acc[i + 3][2 * hh + 1]);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < S::kTailTiles; ++e) {
+        const int i = 8 * S::kChunks + e;
+        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig) + e] = acc[i][2 * hh];
+        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig + 1) + e] = acc[i][2 * hh + 1];
+      }
+    }
+  }
+  SyncThreads();
+  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
+}
+
+
 // Resident CTAs per SM the register allocation must allow (checked with -Xptxas -v: no spills):
 // 4 (<= 128 registers/thread) up to head_size 96, 3 (<= 168) up to 128, else 2.
 template <int D>
@@ -693,7 +872,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   typename Io::Span kr[S::kSpans];
   typename Io::HalfSpan krh = Io::ZeroHalf();
   typename Io::Span vr[2][S::kChunks];
-  uint32_t vt[2][S::kTailWords > 0 ? S::kTailWords : 1];
+  uint32_t vt[2][S::kTailWordsAlloc];
 
   // The first tile's K and V do not depend on Q: issue them first, so their latency overlaps the
   // Q fill below.
@@ -788,52 +967,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
       LoadKTile<T, C, D>(kc, p, r, tok0 + kTile * kWarps, blk_next, gid, tig, kr, krh);
     }
 
-    // ---- Scale, ALiBi, mask; online softmax per row (this thread: tokens 2t, 2t+1).
-    const int ta = tok0 + 2 * tig;
-    const bool va = ta >= r.begin && ta < r.end;
-    const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
-    const float da = static_cast<float>(ta) - query_pos;
-    uint32_t pa[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float x0 = va ? Logit(p, sc[2 * hh] * p.scale_log2, alibi[hh] * da) : kNegInf;
-      float x1 = vb ? Logit(p, sc[2 * hh + 1] * p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
-      float mx = fmaxf(x0, x1);
-      mx = fmaxf(mx, ShflXor(mx, 1));
-      mx = fmaxf(mx, ShflXor(mx, 2));
-      const float m_new = fmaxf(m_run[hh], mx);
-      const float m_use = m_new == kNegInf ? 0.f : m_new;
-      const float corr = FastExp2(m_run[hh] - m_use);
-      x0 = FastExp2(x0 - m_use);
-      x1 = FastExp2(x1 - m_use);
-      l_run[hh] = fmaf(l_run[hh], corr, x0 + x1);
-      m_run[hh] = m_new;
-#pragma unroll
-      for (int i = 0; i < S::kDTiles; ++i) {
-        acc[i][2 * hh] *= corr;
-        acc[i][2 * hh + 1] *= corr;
-      }
-      pa[hh] = Ops::Pack(x0, x1);
-    }
-
-    // ---- O += P V.
-#pragma unroll
-    for (int c = 0; c < S::kChunks; ++c) {
-      const uint4 v0 = Io::Widen(vr[0][c]);
-      const uint4 v1 = Io::Widen(vr[1][c]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
-        const uint32_t b = BytePerm(Word(v0, e >> 1), Word(v1, e >> 1), sel);
-        Ops::Mma1688(acc[8 * c + e], pa[0], pa[1], b);
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < S::kTailTiles; ++e) {
-      const uint32_t sel = (e & 1) ? 0x7632u : 0x5410u;
-      const uint32_t b = BytePerm(Io::WidenTail(vt[0][e >> 1]), Io::WidenTail(vt[1][e >> 1]), sel);
-      Ops::Mma1688(acc[8 * S::kChunks + e], pa[0], pa[1], b);
-    }
+    SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi, query_pos, m_run, l_run, acc, vr, vt);
 
     // ---- Prefetch the next tile's V.
     if (next < r.num_tiles) {
@@ -850,47 +984,394 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   }
 
   // ---- Per-warp state to shared memory (the Q fragments are dead: reuse their space).
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    l_run[hh] += ShflXor(l_run[hh], 1);
-    l_run[hh] += ShflXor(l_run[hh], 2);
-  }
-  SyncThreads();
-  float* so = reinterpret_cast<float*>(smem_main);
-  const int rows = p.rows;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = gid + 8 * hh;
-    if (tig == 0) {
-      st.m[warp][row] = m_run[hh];
-      st.l[warp][row] = l_run[hh];
+  MmaEpilogue<T, D>(p, st, smem_main, warp, gid, tig, m_run, l_run, acc, rows_valid, head0, seq,
+                    part);
+}
+
+// ------------------------------------------------------------------------------------------
+// Pipelined tensor-core kernel (float16 / bfloat16, caches of T or FP8; sm_80+).
+//
+// Same CTA shape, work split and fragment math as the register kernel above (4 warps, warp w
+// takes the partition's 8-token tiles w, w + 4, ...; the score and PV fragments, the index maps
+// and the online softmax are the same code), but K and V reach the fragments through a ring of
+// `stages` tiles per warp in shared memory, filled with cp.async: each warp keeps stages - 1
+// tiles of K/V in flight while it computes one (the register kernel: one tile, plus L2
+// prefetches), with no registers held for them. Each stage is one warp's: 8 K rows then 8 V
+// rows, every row copied whole by the warp's lanes in 16-byte chunks (tokens outside the range
+// zero-filled), one commit group per tile, so only cp.async.wait_group and a warp barrier order
+// the ring: at step i a warp waits for tile i (stages - 2 newer groups may stay pending),
+// __syncwarp (tile i visible to all lanes; every lane done reading tile i - 1), issues tile
+// i + stages - 1 into tile i - 1's stage, then computes tile i from shared memory.
+//
+// Rows are stored padded and/or with their 16-byte chunks XOR-swizzled by row, a layout chosen at
+// compile time (pipe_layout::Best) to minimize the shared-memory wavefronts of this kernel's own
+// fragment loads for the element size and head size. The depth comes from the device
+// (ChooseStages): as many stages (<= kMaxStages) as fit while the register-limited number of
+// CTAs per SM (MmaMinBlocks) still fits in the multiprocessor's shared memory.
+
+namespace pipe_layout {
+
+struct RowLayout {
+  int chunks;  // 16-byte chunks per stored row (the row's own plus padding)
+  int mask;    // chunk c of row r is stored at chunk c ^ ((r & mask) << shift)
+  int shift;
+  int cost;    // shared-memory wavefronts of one tile's fragment loads (the search's score)
+};
+
+constexpr int Offset(const RowLayout& l, int row, int byte) {
+  return row * l.chunks * 16 + ((((byte >> 4) ^ ((row & l.mask) << l.shift)) << 4) | (byte & 15));
+}
+
+/*! \brief Wavefronts of one warp-wide shared load: lane i reads `width` bytes at (row[i],
+ * byte[i]) of the layout. 16-byte loads go in 4 phases of 8 lanes, 8-byte ones in 2 of 16; a
+ * phase costs the largest number of distinct 4-byte words that fall in one bank. */
+constexpr int LoadCost(const RowLayout& l, int width, const int (&row)[32], const int (&byte)[32]) {
+  const int phases = width >= 16 ? 4 : width == 8 ? 2 : 1;
+  const int per = 32 / phases;
+  const int words_per = width >= 4 ? width / 4 : 1;
+  int cost = 0;
+  for (int ph = 0; ph < phases; ++ph) {
+    int words[32] = {};
+    int n = 0;
+    for (int lane = ph * per; lane < (ph + 1) * per; ++lane) {
+      const int a = Offset(l, row[lane], byte[lane]) / 4;
+      for (int k = 0; k < words_per; ++k) {
+        bool seen = false;
+        for (int i = 0; i < n; ++i) seen = seen || words[i] == a + k;
+        if (!seen) words[n++] = a + k;
+      }
     }
-    if (row < rows) {
-      float* o_row = so + (warp * rows + row) * (D + kOutPad);
+    int banks[32] = {};
+    int worst = 0;
+    for (int i = 0; i < n; ++i) {
+      const int c = ++banks[words[i] % 32];
+      worst = worst > c ? worst : c;
+    }
+    cost += worst;
+  }
+  return cost;
+}
+
+/*! \brief Wavefronts of the K (is_k) or V fragment loads of one tile: elements of `e` bytes, head
+ * size d; the lane -> (row, element) maps of LoadKTile / LoadVTile. */
+constexpr int TileCost(const RowLayout& l, bool is_k, int e, int d) {
+  int row[32] = {};
+  int byte[32] = {};
+  int cost = 0;
+  if (is_k) {
+    for (int j = 0; j <= d / 32; ++j) {
+      const bool half = j == d / 32;
+      if (half && d % 32 == 0) break;
+      for (int lane = 0; lane < 32; ++lane) {
+        row[lane] = lane >> 2;
+        byte[lane] = (32 * j + (half ? 4 : 8) * (lane & 3)) * e;
+      }
+      cost += LoadCost(l, (half ? 4 : 8) * e, row, byte);
+    }
+  } else {
+    const int tail_tiles = (d % 64) / 8;
+    for (int s = 0; s < 2; ++s) {
+      for (int c = 0; c < d / 64 + tail_tiles / 2; ++c) {
+        const bool tail = c >= d / 64;
+        for (int lane = 0; lane < 32; ++lane) {
+          row[lane] = 2 * (lane & 3) + s;
+          byte[lane] = (tail ? 64 * (d / 64) + tail_tiles * (lane >> 2) + 2 * (c - d / 64)
+                             : 64 * c + 8 * (lane >> 2)) * e;
+        }
+        cost += LoadCost(l, (tail ? 2 : 8) * e, row, byte);
+      }
+    }
+  }
+  return cost;
+}
+
+/*! \brief The cheapest layout (fewest wavefronts, then fewest bytes) of rows of d elements of
+ * `e` bytes: padding by 0-7 chunks, and an XOR swizzle where the stored row is a multiple of 8
+ * chunks (so that the swizzle stays inside it). */
+constexpr RowLayout Best(bool is_k, int e, int d) {
+  const int chunks = d * e / 16;
+  RowLayout best{chunks, 0, 0, 1 << 30};
+  for (int pad = 0; pad < 8; ++pad) {
+    for (int mask = 0; mask < 8; ++mask) {
+      for (int shift = 0; shift < 3; ++shift) {
+        if ((mask << shift) > 7 || (mask == 0 && shift > 0)) continue;
+        if (mask != 0 && (chunks + pad) % 8 != 0) continue;
+        RowLayout l{chunks + pad, mask, shift, 0};
+        l.cost = TileCost(l, is_k, e, d);
+        if (l.cost < best.cost || (l.cost == best.cost && l.chunks < best.chunks)) best = l;
+      }
+    }
+  }
+  return best;
+}
+
+}  // namespace pipe_layout
+
+/*! \brief Shared-memory layout of one warp's pipeline stage for cache elements C, head size D. */
+template <typename C, int D>
+struct PipeLayout {
+  static constexpr int kElem = static_cast<int>(sizeof(C));
+  static_assert(kElem == 1 || kElem == 2, "the pipelined kernel reads 16-bit or FP8 caches");
+  static constexpr int kRowChunks = D * kElem / 16;  // 16-byte chunks of one cache row
+  static constexpr pipe_layout::RowLayout kK = pipe_layout::Best(true, kElem, D);
+  static constexpr pipe_layout::RowLayout kV = pipe_layout::Best(false, kElem, D);
+  // Scalars for device code.
+  static constexpr int kKChunks = kK.chunks, kKMask = kK.mask, kKShift = kK.shift;
+  static constexpr int kVChunks = kV.chunks, kVMask = kV.mask, kVShift = kV.shift;
+  static constexpr int kKTileBytes = kTile * kKChunks * 16;
+  static constexpr int kStageBytes = kKTileBytes + kTile * kVChunks * 16;  // one warp's stage
+  static constexpr int kStageSetBytes = kWarps * kStageBytes;              // one stage, all warps
+};
+
+template <int kChunks, int kMask, int kShift>
+PA_DEVICE int SwizzledOffset(int row, int byte) {
+  return row * kChunks * 16 + ((((byte >> 4) ^ ((row & kMask) << kShift)) << 4) | (byte & 15));
+}
+
+/*! \brief Dynamic shared memory of the pipelined kernel with `stages` stages. */
+template <typename C, int D>
+inline size_t PipeSmemBytes(int stages, int rows) {
+  return kStatsSmemBytes +
+         std::max<size_t>(MmaShape<D>::kQSmemBytes +
+                              static_cast<size_t>(stages) * PipeLayout<C, D>::kStageSetBytes,
+                          MergeSmemBytes(D, rows));
+}
+
+/*!
+ * \brief Pipeline depth for the device (the dispatch's choice; 0: the register kernel): a forced
+ * depth (p.stages >= 2) clamped to what one CTA may allocate; else (auto) the most stages (<=
+ * kMaxStages) that keep `min_blocks` CTAs per SM (the register-limited occupancy) within the
+ * multiprocessor's shared memory, dropping to fewer CTAs per SM only when even 2 stages do not
+ * fit. 0 when the device's shared memory is unknown or nothing fits.
+ */
+template <typename C, int D>
+inline int ChooseStages(const Params& p, int rows, int min_blocks) {
+  if (p.stages == kStagesRegister || p.smem_per_block <= 0) return 0;
+  const auto fits = [&](int stages, long long cap) {
+    return static_cast<long long>(PipeSmemBytes<C, D>(stages, rows)) <= cap;
+  };
+  if (p.stages >= kMinStages) {
+    int s = std::min(p.stages, kMaxStages);
+    while (s > kMinStages && !fits(s, p.smem_per_block)) --s;
+    return fits(s, p.smem_per_block) ? s : 0;
+  }
+  if (p.smem_per_sm <= 0) return 0;
+  for (int ctas = min_blocks; ctas >= 1; --ctas) {
+    const long long cap = std::min<long long>(p.smem_per_sm / ctas - kSmemReservedPerCta,
+                                              p.smem_per_block);
+    for (int s = kMaxStages; s >= kMinStages; --s) {
+      if (fits(s, cap)) return s;
+    }
+  }
+  return 0;
+}
+
+/*!
+ * \brief Issues the cp.async copies of one tile (K and V rows of tokens tok0 .. tok0 + 7, all in
+ * cache block `blk`) into a warp's stage; rows outside [r.begin, r.end) are zero-filled.
+ */
+template <typename C, int D>
+PA_DEVICE void IssueTile(const C* kc, const C* vc, const Params& p, const PartitionRange& r,
+                         int tok0, int blk, unsigned char* stage, int lane) {
+  using L = PipeLayout<C, D>;
+  constexpr int kTasks = kTile * L::kRowChunks;  // chunks per tensor and tile
+  constexpr int kChunkElems = 16 / L::kElem;
+  // Rows of the tile are consecutive slots of one block (tok0 is a multiple of 8).
+  const int64_t tile_off = static_cast<int64_t>(blk) * p.block_stride +
+                           static_cast<int64_t>(tok0 & (p.block_size - 1)) * p.token_stride;
 #pragma unroll
-      for (int c = 0; c < S::kChunks; ++c) {
-#pragma unroll
-        for (int h4 = 0; h4 < 2; ++h4) {
-          const int i = 8 * c + 4 * h4;
-          // column 2t of d-tile 8c + e is dim 64c + 16t + e; column 2t + 1 is dim + 8.
-          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 4 * h4) =
-              make_float4(acc[i][2 * hh], acc[i + 1][2 * hh], acc[i + 2][2 * hh],
-                          acc[i + 3][2 * hh]);
-          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 8 + 4 * h4) =
-              make_float4(acc[i][2 * hh + 1], acc[i + 1][2 * hh + 1], acc[i + 2][2 * hh + 1],
-                          acc[i + 3][2 * hh + 1]);
+  for (int k = 0; k < (kTasks + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (kTasks % 32 == 0 || i < kTasks) {
+      // Where a row's chunk count divides 32 (all but d80/96/112), a lane keeps its chunk and
+      // steps by 32 / kRowChunks rows.
+      constexpr bool kDivides = 32 % L::kRowChunks == 0;
+      const int row = kDivides ? lane / L::kRowChunks + k * (32 / L::kRowChunks) : i / L::kRowChunks;
+      const int c = kDivides ? lane % L::kRowChunks : i - row * L::kRowChunks;
+      const int tok = tok0 + row;
+      const bool valid = tok >= r.begin && tok < r.end;
+      const int64_t off = tile_off + static_cast<int64_t>(row) * p.token_stride + c * kChunkElems;
+      CpAsync16(stage + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(row, 16 * c), kc + off,
+                valid);
+      CpAsync16(stage + L::kKTileBytes +
+                    SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, 16 * c),
+                vc + off, valid);
+    }
+  }
+}
+
+template <typename T, typename C, int D>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
+    PagedAttentionPipeKernel(const Params p) {
+  using S = MmaShape<D>;
+  using Ops = Dtype<T>;
+  using Io = CacheIo<T, C>;
+  using L = PipeLayout<C, D>;
+  constexpr int kE = L::kElem;
+  // Q fragments live in registers up to head_size 128 (<= 32 registers, the ones the register
+  // kernel spends on its K/V tile), else they are re-read from shared memory per tile.
+  constexpr bool kQInRegs = D <= 128;
+  unsigned char* smem = DynamicSmem();
+  const Stats st = GetStats(smem);
+  unsigned char* smem_main = smem + kStatsSmemBytes;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const int kvh = blockIdx.x / p.head_groups;
+  const int hg = blockIdx.x - kvh * p.head_groups;
+  const int seq = blockIdx.y;
+  const int part = blockIdx.z;
+  const int rows_valid = IMin(kMmaRows, p.group - hg * kMmaRows);
+  const int head0 = kvh * p.group + hg * kMmaRows;
+
+  const PartitionRange r = GetRange(p, seq, part);
+  if (r.num_tiles == 0) {
+    if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
+    return;
+  }
+
+  const C* kc = static_cast<const C*>(p.key_cache) + static_cast<int64_t>(kvh) * D;
+  const C* vc = static_cast<const C*>(p.value_cache) + static_cast<int64_t>(kvh) * D;
+  const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int stages = p.stages;
+  uint4* qs = reinterpret_cast<uint4*>(smem_main);
+  unsigned char* ring = smem_main + S::kQSmemBytes + warp * stages * L::kStageBytes;
+  // This warp's tiles: warp + kWarps * q for q < n_tiles.
+  const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kWarps - 1) / kWarps : 0;
+
+  // Block numbers of this warp's tiles, 32 per chunk, one per lane (the chunk of the next tile
+  // to issue and the one after it).
+  int blk_cache = 0;
+  int blk_cache_next = 0;
+  if (n_tiles > 0) {
+    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
+    blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, 1, lane);
+  }
+  // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
+  // so that the group count stays uniform). q increases by one per call.
+  auto issue = [&](int q, int stage) {
+    if (q < n_tiles) {  // warp-uniform
+      if ((q & 31) == 0 && q > 0) {
+        blk_cache = blk_cache_next;
+        blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (q >> 5) + 1, lane);
+      }
+      const int blk = ShflIdx(blk_cache, q & 31);
+      IssueTile<C, D>(kc, vc, p, r, r.tile_base + kTile * (warp + kWarps * q), blk,
+                      ring + stage * L::kStageBytes, lane);
+    }
+    CpAsyncCommit();
+  };
+  // Fill the pipeline before the Q fill, so the loads overlap it.
+  for (int q = 0; q < stages - 1; ++q) issue(q, q);
+
+  // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
+  {
+    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
+    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
+      const int j = i >> 6;
+      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
+      const int t4 = i & 3;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < rows_valid) {
+        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
+        if (j < S::kSpans) {
+          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
+        } else {
+          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
+          v.x = h.x;
+          v.y = h.y;
         }
       }
-#pragma unroll
-      for (int e = 0; e < S::kTailTiles; ++e) {
-        const int i = 8 * S::kChunks + e;
-        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig) + e] = acc[i][2 * hh];
-        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig + 1) + e] = acc[i][2 * hh + 1];
-      }
+      qs[i] = v;
     }
   }
+  float alibi[2] = {0.f, 0.f};
+  if (p.alibi_slopes != nullptr) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = gid + 8 * hh;
+      if (row < rows_valid) alibi[hh] = p.alibi_slopes[head0 + row] * kLog2e;
+    }
+  }
+  const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
-  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
+  uint4 qf[kQInRegs ? S::kQSpans : 1][2];
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int j = 0; j < S::kQSpans; ++j) {
+      qf[j][0] = qs[(2 * j) * 32 + lane];
+      qf[j][1] = qs[(2 * j + 1) * 32 + lane];
+    }
+  }
+
+  float acc[S::kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < S::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_run[2] = {kNegInf, kNegInf};
+  float l_run[2] = {0.f, 0.f};
+
+  int stage = 0;  // stage of tile q
+  for (int q = 0; q < n_tiles; ++q) {  // warp-uniform
+    CpAsyncWait(stages - 2);  // this thread's copies of tile q have landed
+    SyncWarp();               // ... and every lane's; every lane is done with tile q - 1
+    issue(q + stages - 1, stage == 0 ? stages - 1 : stage - 1);
+
+    const unsigned char* ks = ring + stage * L::kStageBytes;
+    const unsigned char* vs = ks + L::kKTileBytes;
+    const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+
+    // ---- V fragments (independent of the scores: loaded first, consumed after the softmax).
+    typename Io::Span vr[2][S::kChunks];
+    uint32_t vt[2][S::kTailWordsAlloc];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int row = 2 * tig + s;
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+        vr[s][c] = Io::SharedSpan(
+            vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, (64 * c + 8 * gid) * kE));
+      }
+#pragma unroll
+      for (int w = 0; w < S::kTailWords; ++w) {
+        vt[s][w] = Io::SharedTail(vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                                           row, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+      }
+    }
+
+    // ---- S = Q K^T for 16 rows x 8 tokens (two accumulators: half the dependent MMA chain).
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    float sc2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < S::kSpans; ++j) {
+      const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * j) * 32 + lane];
+      const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
+      const uint4 k = Io::Widen(Io::SharedSpan(
+          ks + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE)));
+      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+      Ops::Mma16816(sc2, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+    }
+    if constexpr (S::kHalfSpan) {
+      const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
+      const uint4 q1 =
+          kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
+      const uint2 k = Io::WidenHalf(Io::SharedHalf(ks + SwizzledOffset<L::kKChunks, L::kKMask,
+                                                                       L::kKShift>(
+                                                            gid, (32 * S::kSpans + 4 * tig) * kE)));
+      Ops::Mma16816(sc2, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
+
+    SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi, query_pos, m_run, l_run, acc, vr, vt);
+    stage = stage + 1 == stages ? 0 : stage + 1;
+  }
+  CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
+  // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
+  MmaEpilogue<T, D>(p, st, smem_main, warp, gid, tig, m_run, l_run, acc, rows_valid, head0, seq,
+                    part);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1189,12 +1670,21 @@ void RunHeadSize(Params p, Launcher& launch) {
   } else {
     p.rows = std::min(p.group, kMmaRows);
     p.head_groups = (p.group + kMmaRows - 1) / kMmaRows;
-    const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,
-                                                           MergeSmemBytes(D, p.rows));
     const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
-    launch(PagedAttentionMmaKernel<T, C, D>, grid, kThreads, smem, p);
+    // The pipelined kernel unless the launch forces the register kernel or the device's shared
+    // memory is unknown or too small for two stages (ChooseStages).
+    p.stages = ChooseStages<C, D>(p, p.rows, MmaMinBlocks<D>());
+    if (p.stages >= kMinStages) {
+      launch(PagedAttentionPipeKernel<T, C, D>, grid, kThreads,
+             PipeSmemBytes<C, D>(p.stages, p.rows), p);
+    } else {
+      p.stages = kStagesRegister;
+      const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,
+                                                             MergeSmemBytes(D, p.rows));
+      launch(PagedAttentionMmaKernel<T, C, D>, grid, kThreads, smem, p);
+    }
   }
   if (p.num_partitions > 1) {
     const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};

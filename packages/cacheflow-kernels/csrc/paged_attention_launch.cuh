@@ -22,9 +22,16 @@ struct CudaLauncher {
   void operator()(void (*kernel)(Args...), GridDims grid, int threads, size_t smem,
                   const Params& p) const {
     constexpr size_t kDefaultSmemLimit = 48 * 1024;
+    constexpr size_t kCarveoutFrom = 32 * 1024;
     if (smem > kDefaultSmemLimit) {
       TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    if (smem >= kCarveoutFrom) {
+      // Prefer the largest shared-memory carveout, so the pipelined kernel's depth (chosen to
+      // keep its register-limited CTAs per SM within the SM's shared memory) gets them all.
+      TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     }
     kernel<<<dim3(grid.x, grid.y, grid.z), threads, smem, stream>>>(p);
     TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());

@@ -6,6 +6,12 @@ without a 32/64 remainder), masking at context, partition and block boundaries, 
 online-softmax merge, split-K and its merge kernel, GQA/MQA head groups, ALiBi and the sliding
 window; the emulator also aborts on an out-of-bounds or misaligned global access and on a
 collective in divergent code. Needs a C++17 compiler with _Float16 (g++ >= 12).
+
+float16/bfloat16 run the shared-memory pipelined kernel by default (the emulated device has an
+H100's shared memory; its cp.async copies land as late as the PTX ISA allows, so a read before
+the wait or the warp barrier sees stale bytes); ``pipeline`` tests also run with copies landing
+at issue (a copy into a stage still to be read overwrites it), with forced depths, and the
+register kernel (the fallback, ``stages=0``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cacheflow_kernels._attention_ops import plan_partitions
 from paged_attention_testutil import (
     assert_close,
     dequantize_fp8,
+    errors,
     make_case,
     oracle,
     oracle_lse,
@@ -56,10 +63,33 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     if res.returncode != 0 and "_Float16" in res.stderr:
         pytest.skip("the C++ compiler lacks _Float16")
     assert res.returncode == 0, res.stderr[-4000:]
-    fn = ctypes.CDLL(str(lib)).cf_emu_paged_attention
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.cf_emu_paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = _ARGTYPES
+    fn.configure = dll.cf_emu_configure
+    fn.configure.restype = ctypes.c_int
+    fn.configure.argtypes = [ctypes.c_int] * 6
     return fn
+
+
+H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes
+LATE, EARLY = 1, 0  # when the emulated cp.async copies land
+
+
+def configure(emu: Any, *, mode: int = LATE, stages: int = -1, smem: tuple[int, int] = H100_SMEM,
+              dtype: int = 0, head_size: int = 128) -> int:
+    """Sets the emulator's cp.async mode, Params::stages (-1 auto, 0 register kernel, >= 2
+    forced) and device shared memory for the next runs; returns the depth the dispatch picks for
+    (dtype code, head_size) with 16 query heads per CTA (0: the register kernel)."""
+    return emu.configure(mode, stages, smem[0], smem[1], dtype, head_size)
+
+
+@pytest.fixture(autouse=True)
+def _default_pipeline(emu: Any) -> Any:
+    configure(emu)
+    yield
+    configure(emu)
 
 
 def _ptr(x: Any) -> int | None:
@@ -286,3 +316,168 @@ def test_log_sum_exp_output(emu: Any, partition: int, dtype: str, extras: dict[s
                      case["block_tables"], case["context_lens"], case["scale"],
                      case["alibi_slopes"], window or None, cap or None)
     assert_close(case["out"], out_ref, dtype, "with lse")
+
+
+# ---- The pipelined kernel: ring edge cases, both cp.async orders, forced depths, the fallback.
+
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "fp8-float16": 4, "fp8-bfloat16": 5}
+
+
+def _pipeline_case(kind: str, head_size: int, ctx_lens: list[int], *, block_size: int = 16,
+                   heads: tuple[int, int] = (8, 2), seed: int = 0, alibi: bool = False,
+                   ) -> tuple[dict[str, Any], dict[str, float], str]:
+    dtype = kind.removeprefix("fp8-")
+    case = make_case(ctx_lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), seed=seed, alibi=alibi,
+                     q_scale=2.0)
+    scales: dict[str, float] = {}
+    if kind.startswith("fp8-"):
+        scales = {"k_scale": 0.03, "v_scale": 0.4}
+        case["key_cache"] = quantize_fp8(case["key_cache"], scales["k_scale"])
+        case["value_cache"] = quantize_fp8(case["value_cache"], scales["v_scale"])
+    return case, scales, dtype
+
+
+def _check_pipeline(emu: Any, case: dict[str, Any], scales: dict[str, float], dtype: str,
+                    what: str, *, sliding_window: int = 0, **kwargs: Any) -> int:
+    lse = torch.full(case["query"].shape[:2], float("nan"))
+    parts = run_emulated(emu, case, sliding_window=sliding_window, lse=lse, **scales, **kwargs)
+    kc, vc = case["key_cache"], case["value_cache"]
+    if scales:
+        kc = dequantize_fp8(kc, scales["k_scale"])
+        vc = dequantize_fp8(vc, scales["v_scale"])
+    args = (case["query"], kc, vc, case["block_tables"], case["context_lens"], case["scale"],
+            case["alibi_slopes"], sliding_window or None)
+    assert_close(case["out"], oracle(*args), dtype, what)
+    ref_lse = oracle_lse(case["query"], kc, case["block_tables"], case["context_lens"],
+                         case["scale"], case["alibi_slopes"], sliding_window or None)
+    nonempty = torch.tensor([n > 0 for n in case["ctx_lens"]])
+    torch.testing.assert_close(lse[nonempty].double(), ref_lse[nonempty], rtol=1e-4, atol=2e-3)
+    assert torch.isneginf(lse[~nonempty]).all()
+    return parts
+
+
+# (kind, head_size, block_size, ctx_lens, partition, stages): contexts shorter than one tile, a
+# single partial block, shorter than stages x 8 tokens (warps with no tile or one), not multiples
+# of the tile or of 4 warps x stages tiles, longer than 32 tiles per warp (block-number chunks
+# reload while copies are in flight), many partitions, every head size and both element sizes.
+PIPELINE_CASES = [
+    ("float16", 128, 16, [1, 7, 9, 15], 0, -1),
+    ("float16", 128, 16, [3], 0, 8),
+    ("bfloat16", 64, 8, [5, 31, 33, 97], 0, 2),
+    ("float16", 80, 32, [17, 63, 70], 0, 3),
+    ("bfloat16", 96, 16, [130, 2, 47], 64, -1),
+    ("float16", 112, 8, [200, 41], 64, 5),
+    ("bfloat16", 256, 16, [90, 13], 0, -1),
+    ("float16", 256, 8, [47, 111], 64, 2),
+    ("float16", 64, 8, [1100, 250], 0, 7),
+    ("bfloat16", 128, 32, [700, 1, 65], 64, -1),
+    ("fp8-float16", 128, 16, [1, 9, 40, 300], 0, -1),
+    ("fp8-bfloat16", 64, 8, [77, 8, 16, 1], 64, 8),
+    ("fp8-float16", 80, 16, [55, 129], 0, 2),
+    ("fp8-bfloat16", 96, 32, [33, 160], 64, 4),
+    ("fp8-float16", 112, 16, [100, 31], 0, -1),
+    ("fp8-bfloat16", 256, 8, [24, 90], 64, 3),
+    ("fp8-float16", 128, 8, [1100], 0, 6),
+]
+
+
+@pytest.mark.parametrize("mode", [LATE, EARLY], ids=["late", "early"])
+@pytest.mark.parametrize(
+    ("kind", "head_size", "block_size", "ctx_lens", "partition", "stages"), PIPELINE_CASES,
+    ids=[f"{c[0]}-d{c[1]}-bs{c[2]}-p{c[4]}-s{c[5]}" for c in PIPELINE_CASES],
+)
+def test_pipeline_matches_oracle(emu: Any, mode: int, kind: str, head_size: int,
+                                 block_size: int, ctx_lens: list[int], partition: int,
+                                 stages: int) -> None:
+    used = configure(emu, mode=mode, stages=stages, dtype=DTYPE_CODES[kind], head_size=head_size)
+    assert used >= 2  # the pipelined kernel runs
+    if stages >= 2:
+        assert used == stages
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, block_size=block_size,
+                                         seed=head_size + len(ctx_lens),
+                                         alibi=partition > 0)
+    _check_pipeline(emu, case, scales, dtype, f"{kind} d{head_size} stages {used}",
+                    partition_size=partition)
+
+
+@pytest.mark.parametrize("mode", [LATE, EARLY], ids=["late", "early"])
+@pytest.mark.parametrize("stages", [2, 8])
+def test_pipeline_window_many_partitions(emu: Any, mode: int, stages: int) -> None:
+    """A sliding window (starts off the tile grid, partitions wholly before it) and 17
+    partitions of 64 tokens: every CTA is short, most warps get one or two tiles."""
+    configure(emu, mode=mode, stages=stages)
+    case, scales, dtype = _pipeline_case("bfloat16", 128, [1050, 300, 64, 5], heads=(4, 1),
+                                         seed=30, alibi=True)
+    for window in (0, 13, 200):
+        case["out"].fill_(float("nan"))
+        parts = _check_pipeline(emu, case, scales, dtype, f"window {window}",
+                                sliding_window=window, partition_size=64, max_context_len=1050)
+        assert parts == 17
+
+
+@pytest.mark.parametrize("kind", ["float16", "fp8-bfloat16"])
+def test_pipeline_soft_cap_and_empty_contexts(emu: Any, kind: str) -> None:
+    configure(emu, stages=3)
+    case, scales, dtype = _pipeline_case(kind, 128, [0, 70, 0, 129], seed=31)
+    lse = torch.full(case["query"].shape[:2], float("nan"))
+    run_emulated(emu, case, partition_size=64, logits_soft_cap=4.0, lse=lse, **scales)
+    kc, vc = case["key_cache"], case["value_cache"]
+    if scales:
+        kc = dequantize_fp8(kc, scales["k_scale"])
+        vc = dequantize_fp8(vc, scales["v_scale"])
+    ref = oracle(case["query"], kc, vc, case["block_tables"], case["context_lens"],
+                 case["scale"], logits_soft_cap=4.0)
+    assert_close(case["out"], ref, dtype, "soft cap")
+    assert (case["out"][0] == 0).all() and (case["out"][2] == 0).all()
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[2]).all()
+
+
+@pytest.mark.parametrize(("kind", "head_size", "partition"), [
+    ("float16", 64, 0), ("bfloat16", 80, 64), ("float16", 96, 0), ("bfloat16", 112, 0),
+    ("float16", 128, 64), ("bfloat16", 256, 0), ("fp8-float16", 128, 64),
+    ("fp8-bfloat16", 80, 0),
+])
+def test_register_kernel_fallback(emu: Any, kind: str, head_size: int, partition: int) -> None:
+    """stages=0 (CACHEFLOW_PA_PIPELINE=0 on the GPU) runs the register kernel; it agrees with
+    the oracle and with the pipelined kernel on the same inputs."""
+    case, scales, dtype = _pipeline_case(kind, head_size, [150, 9, 64], block_size=16, seed=32)
+    assert configure(emu, stages=0, dtype=DTYPE_CODES[kind], head_size=head_size) == 0
+    _check_pipeline(emu, case, scales, dtype, "register kernel", partition_size=partition)
+    register_out = case["out"].clone()
+    assert configure(emu, stages=-1, dtype=DTYPE_CODES[kind], head_size=head_size) >= 2
+    _check_pipeline(emu, case, scales, dtype, "pipelined kernel", partition_size=partition)
+    rel, _ = errors(case["out"], register_out.double())
+    assert rel < {"float16": 2e-3, "bfloat16": 1.2e-2}[dtype]
+
+
+def test_stage_choice(emu: Any) -> None:
+    """The depth comes from the device's shared memory: the register-limited CTAs per SM keep
+    fitting (3 at d128, 2 at d256, 4 up to d96), with fewer CTAs only when two stages do not
+    fit; unknown shared memory (0) or too little selects the register kernel."""
+    h100 = H100_SMEM
+    a100 = (167936, 166912)
+    small = (102400, 101376)  # sm_86 / sm_89
+    # H100 / H200: fp16 d128 4 stages (70 KB, 3 CTAs/SM), fp8 d128 the maximum 8.
+    assert configure(emu, smem=h100, dtype=0, head_size=128) == 4
+    assert configure(emu, smem=h100, dtype=4, head_size=128) == 8
+    assert configure(emu, smem=h100, dtype=0, head_size=256) == 3
+    assert configure(emu, smem=h100, dtype=1, head_size=64) == 6
+    for dtype, head_size in [(0, 64), (0, 96), (1, 128), (0, 256), (4, 128), (5, 256)]:
+        per_cta = {64: 4, 96: 4, 128: 3, 256: 2}[head_size]
+        for smem in (h100, a100):
+            s = configure(emu, smem=smem, dtype=dtype, head_size=head_size)
+            assert 2 <= s <= 8
+            # the chosen depth keeps per_cta CTAs in the SM's shared memory
+            assert configure(emu, smem=(smem[0] // per_cta, smem[1]), dtype=dtype,
+                             head_size=head_size) in range(2, s + 1)
+    assert configure(emu, smem=a100, dtype=0, head_size=128) == 3
+    assert configure(emu, smem=small, dtype=0, head_size=128) == 2
+    assert configure(emu, smem=(0, 0), dtype=0, head_size=128) == 0  # unknown device
+    assert configure(emu, smem=(16384, 16384), dtype=0, head_size=128) == 0  # too small
+    assert configure(emu, stages=0, dtype=0, head_size=128) == 0
+    assert configure(emu, stages=5, dtype=0, head_size=128) == 5
+    assert configure(emu, stages=20, dtype=0, head_size=128) == 8
+    assert configure(emu, stages=8, smem=(65536, 65536), dtype=0, head_size=256) == 0
+    assert configure(emu, stages=8, smem=(102400, 101376), dtype=0, head_size=256) == 2
+    assert configure(emu, dtype=2, head_size=128) == 0  # float32: its own CUDA-core kernel

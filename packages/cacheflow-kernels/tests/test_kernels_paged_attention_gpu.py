@@ -20,10 +20,12 @@ import cacheflow_kernels
 from paged_attention_testutil import (
     ARG_ORDER,
     assert_close,
+    dequantize_fp8,
     errors,
     make_case,
     oracle,
     oracle_lse,
+    quantize_fp8,
 )
 
 torch = pytest.importorskip("torch")
@@ -319,3 +321,126 @@ def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
     assert torch.isneginf(lse[0]).all()
     torch.testing.assert_close(lse[1:].double(), ref[1:], rtol=1e-4, atol=2e-3)
     assert_close(out, reference(case), dtype, f"with lse {dtype} d{head_size}")
+
+
+# ---- The two 16-bit main loops: the shared-memory pipeline (default) and the register kernel
+# (CACHEFLOW_PA_PIPELINE=0), forced pipeline depths (CACHEFLOW_PA_STAGES), FP8 caches.
+
+PIPELINE_ENVS = {
+    "pipeline": {},
+    "register": {"CACHEFLOW_PA_PIPELINE": "0"},
+    "stages2": {"CACHEFLOW_PA_STAGES": "2"},
+    "stages8": {"CACHEFLOW_PA_STAGES": "8"},
+}
+
+
+def _set_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.delenv("CACHEFLOW_PA_PIPELINE", raising=False)
+    monkeypatch.delenv("CACHEFLOW_PA_STAGES", raising=False)
+    for name, value in PIPELINE_ENVS[path].items():
+        monkeypatch.setenv(name, value)
+
+
+def _fp8_case(lens: list[int], dtype: str, head_size: int, heads: tuple[int, int],
+              block_size: int, seed: int) -> tuple[dict[str, Any], Any, float, float]:
+    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), device="cuda",
+                     seed=seed, q_scale=2.0)
+    k_scale, v_scale = 0.03, 0.4
+    case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+    case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
+    ref = oracle(case["query"], dequantize_fp8(case["key_cache"], k_scale),
+                 dequantize_fp8(case["value_cache"], v_scale), case["block_tables"],
+                 case["context_lens"], case["scale"])
+    return case, ref, k_scale, v_scale
+
+
+@pytest.mark.parametrize("path", list(PIPELINE_ENVS))
+@pytest.mark.parametrize(("dtype", "head_size", "heads", "block_size"), [
+    ("float16", 128, (32, 8), 16), ("bfloat16", 64, (16, 16), 8), ("float16", 80, (8, 1), 32),
+    ("bfloat16", 96, (12, 4), 16), ("float16", 112, (8, 2), 8), ("bfloat16", 256, (8, 1), 16),
+])
+@pytest.mark.parametrize("partition", [0, 64, None])
+def test_fp8_cache(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str, head_size: int,
+                   heads: tuple[int, int], block_size: int, partition: int | None) -> None:
+    """FP8 E4M3 caches with K and V scales, through each main loop and split mode."""
+    _set_path(monkeypatch, path)
+    lens = [1, 7, 700, 3000, 64, 129]
+    case, ref, k_scale, v_scale = _fp8_case(lens, dtype, head_size, heads, block_size, seed=41)
+    out = run(case, partition_size=partition, k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, ref, dtype, f"fp8 {path} d{head_size} p{partition}")
+
+
+@pytest.mark.parametrize("path", list(PIPELINE_ENVS))
+@pytest.mark.parametrize(("dtype", "head_size", "heads", "block_size"), [
+    ("float16", 128, (32, 32), 16), ("bfloat16", 128, (32, 4), 32), ("float16", 64, (32, 8), 8),
+    ("bfloat16", 80, (16, 2), 16), ("float16", 96, (16, 1), 16), ("bfloat16", 112, (8, 8), 8),
+    ("float16", 256, (16, 16), 16), ("bfloat16", 128, (32, 1), 16),
+])
+def test_main_loops_agree(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str,
+                          head_size: int, heads: tuple[int, int], block_size: int) -> None:
+    """Each main loop against the oracle, unsplit and split, with ALiBi, a sliding window, a
+    soft cap and the lse output; contexts shorter than a tile, than 4 warps x 8 stages, not
+    multiples of anything, and long enough for many tiles per warp."""
+    _set_path(monkeypatch, path)
+    lens = [1, 3, 9, 63, 257, 1000, 4097, 2048]
+    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     block_size=block_size, dtype=getattr(torch, dtype), device="cuda", seed=42,
+                     alibi=True, q_scale=2.0)
+    for partition in (0, 64, None):
+        check(case, f"{path} p{partition}", partition_size=partition)
+        check(case, f"{path} window p{partition}", sliding_window=300,
+              partition_size=partition)
+    lse = torch.full(case["query"].shape[:2], float("nan"), device="cuda")
+    out = run(case, partition_size=None, logits_soft_cap=6.0, lse=lse)
+    args = (case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+            case["context_lens"], case["scale"], case["alibi_slopes"])
+    assert_close(out, oracle(*args, logits_soft_cap=6.0), dtype, f"{path} soft cap")
+    ref_lse = oracle_lse(case["query"], case["key_cache"], case["block_tables"],
+                         case["context_lens"], case["scale"], case["alibi_slopes"],
+                         logits_soft_cap=6.0)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pipeline_cuda_graph_and_register_path_agree(monkeypatch: pytest.MonkeyPatch,
+                                                     fp8: bool) -> None:
+    """A CUDA graph captured with the pipelined kernel replays with new contexts, and the
+    register kernel gives the same result on the same inputs."""
+    lens = [4096, 1, 77, 3000, 2500, 8, 4095, 1024]
+    if fp8:
+        case, ref, ks, vs = _fp8_case(lens, "float16", 128, (32, 8), 16, seed=43)
+    else:
+        case = make_case(lens, num_heads=32, num_kv_heads=8, head_size=128, device="cuda",
+                         seed=43)
+        ref, ks, vs = reference(case), 1.0, 1.0
+    ws = torch.empty(cacheflow_kernels.paged_attention_workspace_size(
+        8, 32, 8, 128, 4096, device=case["query"].device) + 1, dtype=torch.float32,
+        device="cuda")
+
+    def call() -> None:
+        cacheflow_kernels.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"],
+                                          max_context_len=4096, workspace=ws,
+                                          k_scale=ks, v_scale=vs)
+
+    _set_path(monkeypatch, "pipeline")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    case["out"].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(case["out"], ref, "float16", "graph replay")
+    pipelined = case["out"].clone()
+    _set_path(monkeypatch, "register")
+    case["out"].fill_(float("nan"))
+    call()
+    torch.cuda.synchronize()
+    assert_close(case["out"], ref, "float16", "register kernel")
+    rel, _ = errors(case["out"], pipelined.double())
+    assert rel < 2e-3, rel

@@ -73,7 +73,8 @@ def moe_grouped_gemm(out: Any, x: Any, w: Any, expert_offsets: Any) -> None:
             out-of-range values are clamped to ``[0, num_rows]``.
 
     All tensors are C-contiguous CUDA tensors on one device; ``x`` and ``w`` start at 16-byte
-    aligned addresses. Products are computed on tensor cores (WMMA 16x16x16) with float32
+    aligned addresses. Products are computed on tensor cores (mma.sync m16n8k16, a tile
+    chosen per launch; ``CACHEFLOW_MOE_GEMM`` overrides it, see the package README) with float32
     accumulation and rounded once to the dtype. Runs on the caller's current stream; the grid
     depends only on the shapes, so a launch is CUDA-graph capturable.
 

@@ -7,6 +7,7 @@
 #include "paged_attention.cuh"  // includes paged_attention_emu.h (CACHEFLOW_PAGED_ATTENTION_EMULATE)
 
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -27,7 +28,49 @@ pa_emu::GlobalRange Range(const void* ptr, int64_t bytes, const char* name) {
   return pa_emu::GlobalRange{b, b + (ptr ? bytes : 0), name};
 }
 
+// Pipeline configuration of the next runs (cf_emu_configure).
+int g_stages = pa::kStagesAuto;
+int g_smem_per_sm = 233472;     // an H100's / H200's 228 KB
+int g_smem_per_block = 232448;  // and its 227 KB per CTA
+
 }  // namespace
+
+/*!
+ * \brief Configures the following cf_emu_paged_attention calls: `cp_async_mode` 0 copies at
+ * issue, 1 when the group is retired (see paged_attention_emu.h); `stages` is Params::stages
+ * (-1 auto, 0 the register kernel, >= 2 forced); the device's shared memory per SM and per CTA
+ * (the auto depth's inputs). Returns the depth the dispatch would pick for (dtype code as in
+ * cf_emu_paged_attention, head_size) with 16 query heads per CTA (0: the register kernel).
+ */
+extern "C" int cf_emu_configure(int cp_async_mode, int stages, int smem_per_sm,
+                                int smem_per_block, int dtype, int head_size) {
+  pa_emu::g_cp_async_mode = cp_async_mode;
+  g_stages = stages;
+  g_smem_per_sm = smem_per_sm;
+  g_smem_per_block = smem_per_block;
+  pa::Params p = pa::MakeParams(1, 16, 1, head_size, 16, 1, 1.0, 16, 0, 0);
+  p.stages = stages;
+  p.smem_per_sm = smem_per_sm;
+  p.smem_per_block = smem_per_block;
+  const bool fp8 = (dtype & 4) != 0;
+  if ((dtype & 3) == 2) return 0;
+  int s = 0;
+  auto pick = [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    s = fp8 ? pa::ChooseStages<pa::Fp8E4m3, D>(p, 16, pa::MmaMinBlocks<D>())
+            : pa::ChooseStages<pa_emu::Half, D>(p, 16, pa::MmaMinBlocks<D>());
+  };
+  switch (head_size) {
+    case 64: pick(std::integral_constant<int, 64>{}); break;
+    case 80: pick(std::integral_constant<int, 80>{}); break;
+    case 96: pick(std::integral_constant<int, 96>{}); break;
+    case 112: pick(std::integral_constant<int, 112>{}); break;
+    case 128: pick(std::integral_constant<int, 128>{}); break;
+    case 256: pick(std::integral_constant<int, 256>{}); break;
+    default: return -1;
+  }
+  return s;
+}
 
 /*!
  * \brief Runs paged_attention on host memory; arguments mean what they mean for the CUDA op
@@ -66,6 +109,9 @@ extern "C" int cf_emu_paged_attention(
   p.context_lens = context_lens;
   p.alibi_slopes = alibi_slopes;
   p.lse = lse;
+  p.stages = g_stages;
+  p.smem_per_sm = g_smem_per_sm;
+  p.smem_per_block = g_smem_per_block;
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;

@@ -13,6 +13,15 @@
 // buffer or misaligned, a barrier that not all threads of the warp / CTA reach (divergent
 // collective: deadlock), shared-memory writes past the requested size (canary). Shared memory
 // starts as 0xFF bytes (NaN), so a read of an unwritten element poisons the result.
+//
+// cp.async (the pipelined kernel): each thread's copies are queued in commit groups and land
+// when cp.async.wait_group retires their group ("late", the default: the latest moment the PTX
+// ISA allows, so a read of a stage before its wait, or before the warp barrier that publishes
+// the other lanes' copies, sees stale bytes), or at issue ("early": a copy into a stage that is
+// still to be read overwrites it). Tests run both (cf_emu_configure). Also checked: the source
+// lies in a registered buffer and is 16-byte aligned (zero-fill copies read nothing), the
+// destination lies inside the CTA's shared memory and is 16-byte aligned, and no copy is still
+// queued when a thread exits. __syncwarp is a barrier of the 32 lanes (divergence aborts).
 #pragma once
 
 #include <math.h>
@@ -61,8 +70,15 @@ namespace pa_emu {
 
 constexpr size_t kCanary = 256;
 
+struct PendingCopy {
+  unsigned char* dst;
+  const unsigned char* src;  // null: zero-fill
+};
+
 struct Fiber {
   ucontext_t ctx;
+  std::vector<PendingCopy> open_group;                // cp.async since the last commit
+  std::vector<std::vector<PendingCopy>> groups;       // committed, oldest first
   char* stack = nullptr;
   int tid = 0;
   unsigned collectives = 0;  // warp collectives this thread has entered (scratch parity)
@@ -158,9 +174,23 @@ inline WarpScratch& Scratch() {
   return g_cta->scratch[2 * Warp() + (g_fiber->collectives++ & 1)];
 }
 
+/*! \brief 0: cp.async copies at issue ("early"); 1: when their group is retired ("late"). */
+inline int g_cp_async_mode = 1;
+
 inline void FiberEntry() {
   g_kernel_body();
+  bool pending = !g_fiber->open_group.empty();
+  for (const auto& g : g_fiber->groups) pending = pending || !g.empty();
+  if (pending) Fail("a thread exited with cp.async copies never waited for");
   g_fiber->state = Fiber::kDone;  // returning resumes uc_link (the scheduler)
+}
+
+inline void PerformCopy(const PendingCopy& c) {
+  if (c.src != nullptr) {
+    std::memcpy(c.dst, c.src, 16);
+  } else {
+    std::memset(c.dst, 0, 16);
+  }
 }
 
 struct Grid {
@@ -279,6 +309,41 @@ namespace paged_attention {
 
 inline unsigned char* DynamicSmem() { return pa_emu::g_cta->smem.data(); }
 inline void SyncThreads() { pa_emu::Arrive(pa_emu::g_cta->cta_barrier); }
+inline void SyncWarp() { pa_emu::WarpBarrier(); }
+
+inline void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
+  auto* dst = static_cast<unsigned char*>(smem_dst);
+  unsigned char* base = pa_emu::g_cta->smem.data();
+  if (dst < base || dst + 16 > base + pa_emu::g_cta->smem_bytes || (dst - base) % 16 != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "cp.async: destination at shared offset %td outside its %zu "
+                  "bytes or misaligned", dst - base, pa_emu::g_cta->smem_bytes);
+    pa_emu::Fail(buf);
+  }
+  const unsigned char* src = nullptr;
+  if (valid) {
+    pa_emu::CheckGlobal(gmem_src, 16, "cp.async source");
+    src = static_cast<const unsigned char*>(gmem_src);
+  }
+  const pa_emu::PendingCopy c{dst, src};
+  if (pa_emu::g_cp_async_mode == 0) {
+    pa_emu::PerformCopy(c);
+  } else {
+    pa_emu::g_fiber->open_group.push_back(c);
+  }
+}
+inline void CpAsyncCommit() {
+  pa_emu::g_fiber->groups.push_back(std::move(pa_emu::g_fiber->open_group));
+  pa_emu::g_fiber->open_group.clear();
+}
+inline void CpAsyncWait(int n) {
+  if (n < 0 || n > 7) pa_emu::Fail("cp.async.wait_group: count outside 0..7");
+  auto& groups = pa_emu::g_fiber->groups;
+  while (static_cast<int>(groups.size()) > n) {
+    for (const pa_emu::PendingCopy& c : groups.front()) pa_emu::PerformCopy(c);
+    groups.erase(groups.begin());
+  }
+}
 
 inline float ShflXor(float v, int mask) {
   pa_emu::WarpScratch& s = pa_emu::Scratch();
