@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 date -u | tee -a "$out/card.txt"
 
 ckpt=/tmp/llama7b
-PYTHONPATH="${site[new]}" python3 - "$ckpt" <<'PY' 2>&1 | tail -1
+[[ -f "$ckpt/config.json" ]] || PYTHONPATH="${site[new]}" python3 - "$ckpt" <<'PY' 2>&1 | tail -1
 import sys, time
 from pathlib import Path
 import torch

@@ -51,9 +51,9 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
 
     if not torch.cuda.is_available():
         raise RuntimeError("measuring the GPU's idle share needs a CUDA device")
-    # Long enough that no request finishes inside the window.
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 4 * _WARMUP_STEPS + 8,
-                            ignore_eos=True)
+    # No max_tokens: with chunked prefill the first requests decode for many steps before the
+    # last prompt is in, and none may finish inside the window (only the model's length does).
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     ids = [f"gpu-busy-{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, None, params, prompt)
@@ -67,8 +67,13 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
             engine.step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                if any(o.finished for o in engine.step()):
-                    raise RuntimeError("a request finished inside the profiled decode steps")
+                finished = [o for o in engine.step() if o.finished]
+                if finished:
+                    raise RuntimeError(
+                        f"{len(finished)} requests finished inside the profiled decode steps "
+                        f"(first: {len(finished[0].outputs[0].token_ids)} tokens, "
+                        f"{finished[0].outputs[0].finish_reason}); the model's length is too "
+                        "short for the window")
         intervals = device_intervals(prof.events())
     finally:
         engine.abort_request(ids)

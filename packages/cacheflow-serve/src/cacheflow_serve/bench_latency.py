@@ -319,7 +319,11 @@ def run_latency(args: argparse.Namespace) -> int:
         if device.type == "cuda" and args.gpu_busy_steps:
             for row in results["engine"]:
                 prompts = runner.prompts(row["batch_size"])
-                row.update(measure_gpu_busy(llm.engine, prompts, args.gpu_busy_steps))
+                try:
+                    row.update(measure_gpu_busy(llm.engine, prompts, args.gpu_busy_steps))
+                except RuntimeError as exc:  # the step times stand without it
+                    row["gpu_busy_error"] = str(exc)
+                    print(f"GPU idle share at batch {row['batch_size']} not measured: {exc}")
         del llm, runner  # the engine's memory goes back before the folder is removed
         release(device)
     for rows in results.values():
