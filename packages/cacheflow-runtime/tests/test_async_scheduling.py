@@ -21,25 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from engine_testutil import ALPHABET, EOS, make_engine, write_checkpoint
+from engine_testutil import ALPHABET, EOS, make_engine
 
 from cacheflow_runtime import LLMEngine, RequestOutput, SamplingParams
 from cacheflow_runtime.core.scheduler import Scheduler
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Any:
-    """The tiny model's ops gain nothing from threads on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 Request = tuple[str, list[int], SamplingParams]

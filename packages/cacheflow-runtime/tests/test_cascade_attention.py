@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_testutil import make_engine, run_all, write_checkpoint
+from engine_testutil import make_engine, run_all
 
 from cacheflow_runtime import SamplingParams
 from cacheflow_runtime.attention import build_input_metadata, cascade, reference
@@ -134,11 +134,6 @@ def test_default_thresholds() -> None:
     short = torch.tensor([list(range(20)) + [100 + i] for i in range(64)], dtype=torch.int32)
     assert cascade.plan_cascade([1] * 64, [163] * 64, short, 8, cpu) is None
     assert cascade.plan_cascade([1] * 16, [515] * 16, tables[:16], 8, cpu) is None
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.mark.parametrize("params", [

@@ -9,27 +9,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-import torch
-from engine_testutil import EOS, make_engine, run_all, write_checkpoint
+from engine_testutil import EOS, make_engine, run_all
 
 from cacheflow_runtime import LLMEngine, RequestOutput, SamplingParams
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.model_executor.worker import Worker
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Any:
-    """The tiny model's ops gain nothing from threads; on a busy 2-core machine spinning
-    OpenMP workers slow them down many times."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompts() -> list[list[int]]:

@@ -9,27 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from engine_testutil import EOS, CharTokenizer, make_engine, run_all, write_checkpoint
+from engine_testutil import EOS, CharTokenizer, make_engine, run_all
 
 from cacheflow_runtime import SamplingParams
 from cacheflow_runtime.core.step_data import SchedulerOutput
 from cacheflow_runtime.engine.detokenizer import Detokenizer, decode_new_text, flush_text
 from cacheflow_runtime.sequence import Sequence
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Any:
-    """The tiny model's ops gain nothing from threads on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
