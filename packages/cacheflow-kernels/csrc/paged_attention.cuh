@@ -831,6 +831,46 @@ constexpr int MmaMinBlocks() {
   return D <= 96 ? 4 : D <= 128 ? 3 : 2;
 }
 
+// The CTA's query rows as mma A fragments in shared memory: qs[(span * 2 + half) * 32 + lane],
+// half 0 = rows 0-7; rows at or past rows_valid are zeros.
+template <typename T, int D>
+PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
+                                   int tid) {
+  using S = MmaShape<D>;
+    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
+    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
+      const int j = i >> 6;
+      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
+      const int t4 = i & 3;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < rows_valid) {
+        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
+        if (j < S::kSpans) {
+          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
+        } else {
+          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
+          v.x = h.x;
+          v.y = h.y;
+        }
+      }
+      qs[i] = v;
+    }
+}
+
+// ALiBi slopes, in log2 units, of a thread's two fragment rows (gid and gid + 8); 0 without
+// ALiBi or past rows_valid.
+PA_DEVICE void AlibiRowSlopes(const Params& p, int gid, int head0, int rows_valid,
+                              float alibi[2]) {
+  alibi[0] = alibi[1] = 0.f;
+  if (p.alibi_slopes != nullptr) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = gid + 8 * hh;
+      if (row < rows_valid) alibi[hh] = p.alibi_slopes[head0 + row] * kLog2e;
+    }
+  }
+}
+
 template <typename T, typename C, int D>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     PagedAttentionMmaKernel(const Params p) {
@@ -900,37 +940,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     }
   }
 
-  // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
   uint4* qs = reinterpret_cast<uint4*>(smem_main);
-  {
-    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
-    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
-      const int j = i >> 6;
-      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
-      const int t4 = i & 3;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < rows_valid) {
-        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
-        if (j < S::kSpans) {
-          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
-        } else {
-          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
-          v.x = h.x;
-          v.y = h.y;
-        }
-      }
-      qs[i] = v;
-    }
-  }
-  // ALiBi slopes of this thread's two rows (g and g + 8), in log2 units.
-  float alibi[2] = {0.f, 0.f};
-  if (p.alibi_slopes != nullptr) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = gid + 8 * hh;
-      if (row < rows_valid) alibi[hh] = p.alibi_slopes[head0 + row] * kLog2e;
-    }
-  }
+  StageQueryFragments<T, D>(p, qs, seq, head0, rows_valid, tid);
+  float alibi[2];
+  AlibiRowSlopes(p, gid, head0, rows_valid, alibi);
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
 
@@ -1267,35 +1280,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   // Fill the pipeline before the Q fill, so the loads overlap it.
   for (int q = 0; q < stages - 1; ++q) issue(q, q);
 
-  // ---- Q fragments to shared memory: qs[(span * 2 + half) * 32 + lane], half 0 = rows 0-7.
-  {
-    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
-    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
-      const int j = i >> 6;
-      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
-      const int t4 = i & 3;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < rows_valid) {
-        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
-        if (j < S::kSpans) {
-          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
-        } else {
-          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
-          v.x = h.x;
-          v.y = h.y;
-        }
-      }
-      qs[i] = v;
-    }
-  }
-  float alibi[2] = {0.f, 0.f};
-  if (p.alibi_slopes != nullptr) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = gid + 8 * hh;
-      if (row < rows_valid) alibi[hh] = p.alibi_slopes[head0 + row] * kLog2e;
-    }
-  }
+  StageQueryFragments<T, D>(p, qs, seq, head0, rows_valid, tid);
+  float alibi[2];
+  AlibiRowSlopes(p, gid, head0, rows_valid, alibi);
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
   uint4 qf[kQInRegs ? S::kQSpans : 1][2];
