@@ -4,6 +4,7 @@ imports happen only when it runs, so the other subcommands start fast)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -74,6 +75,12 @@ def run_serve(args: argparse.Namespace) -> int:
                          served_model_names=names,
                          shutdown_grace_period=args.shutdown_grace_period,
                          log_level=args.log_level, generation_defaults=defaults)
+    # What lives as long as the server (model, tokenizer, imports) leaves the cyclic garbage
+    # collector's scans: a full collection walks every tracked object and stalls the engine's
+    # step while it does (host_overhead.py --gc-freeze: collection pauses per step at batch 256
+    # from about 3.4 to 0.9 ms on a 2-core CPU).
+    gc.collect()
+    gc.freeze()
     try:
         server.run()
     finally:  # releases tensor-parallel workers at once (they also exit when we are gone)
