@@ -207,9 +207,10 @@ def _run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, model_tim
 
 def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
             new_tokens: int, repeats: int, profile: bool, top: int,
-            gc_freeze: bool, async_scheduling: bool = True) -> BatchResult:
+            gc_freeze: bool, async_scheduling: bool = True,
+            profile_out: Path | None = None) -> BatchResult:
     """Runs one batch ``repeats`` times unprofiled (and once more under cProfile with
-    ``profile``)."""
+    ``profile``; its raw statistics go to ``{profile_out}.b{batch}`` when given)."""
     engine = _engine(path, tokenizer, batch, prompt_len + new_tokens + 16, async_scheduling)
     if gc_freeze:
         gc.collect()
@@ -247,6 +248,8 @@ def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
         stats = pstats.Stats(profiler, stream=text)
         stats.sort_stats("cumulative").print_stats(top)
         result.profile_top = text.getvalue().splitlines()
+        if profile_out is not None:
+            stats.dump_stats(f"{profile_out}.b{batch}")
     del model.forward, model.compute_logits  # the timed wrappers
     engine.shutdown()
     if gc_freeze:
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() once the engine is built")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the steps")
+    p.add_argument("--profile-out", type=Path, default=None,
+                   help="with --profile, also write the raw pstats to PATH.b<batch>")
     p.add_argument("--top", type=int, default=25, help="functions in the cProfile listing")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             results.append(measure(Path(tmp), tokenizer, vocab, batch, args.prompt_len,
                                    args.new_tokens, args.repeats, args.profile, args.top,
-                                   args.gc_freeze, args.async_scheduling))
+                                   args.gc_freeze, args.async_scheduling, args.profile_out))
     for r in results:
         if r.profile_top:
             print(f"\n--- cProfile, batch {r.batch}, {r.decode_steps} decode steps ---")

@@ -30,4 +30,9 @@ def test_gpu_idle_share_of_decode_steps(tiny_path: Path) -> None:
         1.0 - result["busy_s"] / result["window_s"])
     # A tiny model's step is mostly host work: the GPU waits most of the window.
     assert result["gpu_idle_fraction"] > 0.2
+    ops = result["gpu_top_ops"]
+    assert 0 < len(ops) <= 8
+    per_step = [op["ms_per_step"] for op in ops]
+    assert per_step == sorted(per_step, reverse=True)
+    assert per_step[0] > 0 and all(op["name"] and op["calls_per_step"] > 0 for op in ops)
     assert_idle(llm)

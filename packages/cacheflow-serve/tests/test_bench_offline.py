@@ -15,7 +15,7 @@ import torch
 
 from cacheflow_serve import LLM, __version__
 from cacheflow_serve.bench_common import LengthSpec, synthetic_requests
-from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, union_seconds
+from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, top_device_ops, union_seconds
 from cacheflow_serve.bench_latency import floors
 from cacheflow_serve.cli import main
 
@@ -132,6 +132,25 @@ def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
 def test_gpu_busy_time_is_the_union_of_device_intervals(intervals: list[tuple[float, float]],
                                                          union: float) -> None:
     assert union_seconds(intervals) == union
+
+
+def test_top_device_ops_ranks_kernels_by_time_per_step() -> None:
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name: str, start: float, end: float, device=DeviceType.CUDA) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("gemm", 0, 300), event("attn", 300, 350), event("gemm", 400, 700),
+              event("memcpy", 700, 710), event("aten::mm", 0, 900, DeviceType.CPU),
+              event("empty", 5, 5)]
+    ops = top_device_ops(events, steps=2, k=2)
+    assert [op["name"] for op in ops] == ["gemm", "attn"]
+    assert ops[0]["ms_per_step"] == pytest.approx(0.3)
+    assert ops[0]["calls_per_step"] == 1.0
+    assert ops[1]["ms_per_step"] == pytest.approx(0.025)
 
 
 def test_floors_of_the_7b_shape_match_the_issue_figures() -> None:

@@ -36,9 +36,27 @@ def device_intervals(events: Any) -> list[tuple[float, float]]:
             if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
 
 
-def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[str, float]:
+def top_device_ops(events: Any, steps: int, k: int = 8) -> list[dict[str, Any]]:
+    """The ``k`` device activities (kernels, copies, memsets, by name) with the most device time
+    among profiler ``events``, each as ``{"name", "ms_per_step", "calls_per_step"}``."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            entry = totals.setdefault(e.name, [0.0, 0.0])
+            entry[0] += e.time_range.end - e.time_range.start
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:k]
+    return [{"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+            for name, (us, n) in ranked]
+
+
+def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[str, Any]:
     """Profiles ``steps`` pure decode steps of ``prompts`` run as one batch on ``engine`` (an
     ``LLMEngine`` on a CUDA device); returns the window, the busy time and the idle share.
+
+    ``gpu_top_ops`` lists where the busy time goes (:func:`top_device_ops`).
 
     Raises:
         RuntimeError: no CUDA device, a request finished before the window ended (the caller's
@@ -74,7 +92,8 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
                         f"(first: {len(finished[0].outputs[0].token_ids)} tokens, "
                         f"{finished[0].outputs[0].finish_reason}); the model's length is too "
                         "short for the window")
-        intervals = device_intervals(prof.events())
+        events = prof.events()
+        intervals = device_intervals(events)
     finally:
         engine.abort_request(ids)
         while engine.has_unfinished_requests():
@@ -84,4 +103,5 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     window_us = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
     busy_us = union_seconds(intervals)
     return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
-            "gpu_idle_fraction": 1.0 - busy_us / window_us}
+            "gpu_idle_fraction": 1.0 - busy_us / window_us,
+            "gpu_top_ops": top_device_ops(events, steps)}

@@ -266,6 +266,21 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_top_ops(report: dict[str, Any]) -> str:
+    """Where each batch's device time goes in the profiled decode steps (empty when not
+    profiled)."""
+    lines = []
+    for r in report["results"]["engine"]:
+        ops = r.get("gpu_top_ops")
+        if not ops:
+            continue
+        lines.append(f"batch {r['batch_size']}: device ms per decode step by kernel")
+        for op in ops:
+            lines.append(f"  {op['ms_per_step']:8.3f}  x{op['calls_per_step']:<6.1f} "
+                         f"{op['name'][:100]}")
+    return "\n".join(lines)
+
+
 def _with_floors(rows: list[dict[str, Any]], summary: dict[str, Any], input_len: int,
                  output_len: int, dev: dict[str, Any]) -> list[dict[str, Any]]:
     for row in rows:
@@ -336,5 +351,8 @@ def run_latency(args: argparse.Namespace) -> int:
               "results": {"engine": results["engine"],
                           **({"hf": results["hf"]} if "hf" in results else {})}}
     print(format_table(report))
+    top_ops = format_top_ops(report)
+    if top_ops:
+        print(top_ops)
     write_report(report, args.output_json)
     return 0

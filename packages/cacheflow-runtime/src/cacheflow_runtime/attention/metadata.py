@@ -72,11 +72,11 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
                          query_start_loc: torch.Tensor | None = None,
                          context_lens_tensor: torch.Tensor | None = None,
                          cascade_block_size: int | None = None) -> InputMetadata:
-    """The one way to build an ``InputMetadata``: host lists (or tensors already on ``device``,
-    e.g. the static buffers of a CUDA graph) in, tensors on ``device`` out. Block tables given
-    as lists are padded with 0 to the longest. With ``cascade_block_size`` (the cache's block
-    size) and block tables given as lists, a decode step is checked for a shared prefix
-    (``plan_cascade``)."""
+    """The one way to build an ``InputMetadata``: host lists or tensors (or tensors already on
+    ``device``, e.g. the static buffers of a CUDA graph) in, tensors on ``device`` out. Block
+    tables given as lists are padded with 0 to the longest. With ``cascade_block_size`` (the
+    cache's block size) and block tables on the host, a decode step is checked for a shared
+    prefix (``plan_cascade``)."""
     if query_start_loc is None:
         cu = [0]
         for q in query_lens:
@@ -89,9 +89,9 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         width = max((len(t) for t in block_tables), default=0)
         padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
         block_tables = torch.tensor(padded, dtype=torch.int32).view(len(padded), width)
-        if cascade_block_size is not None:
-            cascade = plan_cascade(list(query_lens), list(context_lens), block_tables,
-                                   cascade_block_size, device)
+    if cascade_block_size is not None and block_tables.device.type == "cpu":
+        cascade = plan_cascade(list(query_lens), list(context_lens), block_tables,
+                               cascade_block_size, device)
     return InputMetadata(
         query_lens=list(query_lens), context_lens_host=list(context_lens),
         query_start_loc=_as_tensor(query_start_loc, torch.int32, device),
@@ -99,7 +99,7 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         block_tables=_as_tensor(block_tables, torch.int32, device),
         slot_mapping=_as_tensor(slot_mapping, torch.int64, device),
         logit_indices=_as_tensor(logit_indices, torch.int64, device),
-        is_prompt=any(q > 1 for q in query_lens), cascade=cascade)
+        is_prompt=len(slot_mapping) > len(query_lens), cascade=cascade)
 
 
 def _as_tensor(values: Sequence[int] | torch.Tensor, dtype: torch.dtype,

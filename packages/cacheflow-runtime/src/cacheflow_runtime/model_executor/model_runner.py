@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention, build_input_metadata
@@ -23,11 +24,7 @@ from cacheflow_runtime.core.step_data import (
 )
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
-from cacheflow_runtime.model_executor.request_states import (
-    RequestState,
-    RequestStates,
-    SequenceState,
-)
+from cacheflow_runtime.model_executor.request_states import RequestState, RequestStates
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampler_output import DeviceSamples
 from cacheflow_runtime.sampling_metadata import Logprobs, SamplingGroup
@@ -50,50 +47,19 @@ class PreparedBatch:
     placeholder_seq_ids: list[int] = field(default_factory=list)
 
 
-class _BatchBuilder:
-    """Accumulates the flattened tokens, slots and logit rows of a step, request by request."""
+class _StepTokens:
+    """The flattened tokens of a step, gathered sequence by sequence: per sequence its block
+    table row, first position and token count, plus the hidden-state rows the sampler needs
+    (``logit_indices``) and the placeholder tokens to fill on the device."""
 
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.starts: list[int] = []
+        self.counts: list[int] = []
         self.input_ids: list[int] = []
-        self.positions: list[int] = []
-        self.slots: list[int] = []
-        self.query_lens: list[int] = []
-        self.context_lens: list[int] = []
-        self.tables: list[list[int]] = []
         self.logit_indices: list[int] = []
         self.placeholder_positions: list[int] = []
         self.placeholder_seq_ids: list[int] = []
-
-    def add_sequence(self, token_ids: list[int], start: int, table: list[int]) -> int:
-        """Adds one sequence's tokens at positions ``start..``; returns its first flat index."""
-        offset = len(self.input_ids)
-        num_tokens = len(token_ids)
-        end = start + num_tokens
-        bs = self.block_size
-        if num_tokens == 1:  # a decode token: most sequences of most steps
-            self.input_ids.append(token_ids[0])
-            self.positions.append(start)
-            self.slots.append(table[start // bs] * bs + start % bs)
-        else:
-            self.input_ids.extend(token_ids)
-            self.positions.extend(range(start, end))
-            self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-        self.query_lens.append(num_tokens)
-        self.context_lens.append(end)
-        self.tables.append(table)
-        return offset
-
-    def add_logit_rows(self, flat_indices: range | list[int]) -> list[int]:
-        """Asks for the hidden states at ``flat_indices``; returns their logit row numbers."""
-        first = len(self.logit_indices)
-        self.logit_indices.extend(flat_indices)
-        return list(range(first, len(self.logit_indices)))
-
-    def add_logit_row(self, flat_index: int) -> int:
-        """Asks for the hidden state at ``flat_index``; returns its logit row number."""
-        self.logit_indices.append(flat_index)
-        return len(self.logit_indices) - 1
 
 
 def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
@@ -102,67 +68,120 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
     """Flattens the scheduled sequences of ``out`` into one batch (``states`` already updated
     with ``out``): each contributes ``token_ids`` from ``num_computed_tokens`` on, its K/V going
     to the slots its block table gives. ``plan_cascade``: look for a prefix shared by a whole
-    decode step (cascade attention)."""
-    builder = _BatchBuilder(block_size)
+    decode step (cascade attention).
+
+    The Python work is one short loop over the sequences; positions, slots and the step's
+    block tables are computed from the worker's :class:`BlockTables` with array operations.
+    """
+    step = _StepTokens()
+    row_of = states.tables.row_of
     groups: list[SamplingGroup] = []
     req_ids: list[str] = []
     sampled: list[bool] = []
     for req in out.scheduled:
         state = states.requests[req.req_id]
-        seqs = [states.seqs[s.seq_id] for s in req.seqs]
-        rows, prompt_rows, prompt_start = _add_request(builder, req, state, seqs)
+        rows, prompt_rows, prompt_start = _add_request(step, req, state, row_of)
         if not rows and not prompt_rows:
             continue
-        generators = (list(state.generators) if req.is_first_sample
-                      else [state.generators[seq.sample_index] for seq in seqs])
+        if len(req.seqs) == 1:  # most requests: skip the per-sequence comprehensions
+            s = req.seqs[0]
+            seq = states.seqs[s.seq_id]
+            seq_ids, outputs, cumulative = [s.seq_id], [seq.output_token_ids], [
+                s.cumulative_logprob]
+            generators = (list(state.generators) if req.is_first_sample
+                          else [state.generators[seq.sample_index]])
+        else:
+            seqs = [states.seqs[s.seq_id] for s in req.seqs]
+            seq_ids = [s.seq_id for s in req.seqs]
+            outputs = [seq.output_token_ids for seq in seqs]
+            cumulative = [s.cumulative_logprob for s in req.seqs]
+            generators = (list(state.generators) if req.is_first_sample
+                          else [state.generators[seq.sample_index] for seq in seqs])
         groups.append(SamplingGroup(
-            seq_ids=[s.seq_id for s in req.seqs], sampling_params=state.sampling_params,
+            seq_ids=seq_ids, sampling_params=state.sampling_params,
             is_prompt=req.is_first_sample, logit_rows=rows,
-            prompt_token_ids=state.prompt_token_ids,
-            output_token_ids=[seq.output_token_ids for seq in seqs],
-            cumulative_logprobs=[s.cumulative_logprob for s in req.seqs],
-            generators=generators, prompt_logit_rows=prompt_rows,
-            prompt_logprobs_start=prompt_start, eos_token_id=eos_token_id))
+            prompt_token_ids=state.prompt_token_ids, output_token_ids=outputs,
+            cumulative_logprobs=cumulative, generators=generators,
+            prompt_logit_rows=prompt_rows, prompt_logprobs_start=prompt_start,
+            eos_token_id=eos_token_id))
         req_ids.append(req.req_id)
         sampled.append(req.do_sample)
-    metadata = build_input_metadata(builder.query_lens, builder.context_lens, builder.tables,
-                                    builder.slots, builder.logit_indices, device,
-                                    cascade_block_size=block_size if plan_cascade else None)
+    metadata, positions = _step_metadata(step, states, block_size, device, plan_cascade)
     return PreparedBatch(
-        input_ids=torch.tensor(builder.input_ids, dtype=torch.int64).to(device,
-                                                                       non_blocking=True),
-        positions=torch.tensor(builder.positions, dtype=torch.int64).to(device,
-                                                                       non_blocking=True),
+        input_ids=torch.tensor(step.input_ids, dtype=torch.int64).to(device, non_blocking=True),
+        positions=torch.from_numpy(positions).to(device, non_blocking=True),
         metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled,
-        placeholder_positions=builder.placeholder_positions,
-        placeholder_seq_ids=builder.placeholder_seq_ids)
+        placeholder_positions=step.placeholder_positions,
+        placeholder_seq_ids=step.placeholder_seq_ids)
 
 
-def _add_request(builder: _BatchBuilder, req: ScheduledRequest, state: RequestState,
-                 seqs: list[SequenceState]) -> tuple[list[int], list[int], int]:
-    """Adds a request's sequences (``seqs[i]`` is the worker's copy of ``req.seqs[i]``);
-    returns its sampling rows, prompt-logprob rows and the prompt position of the first
-    prompt-logprob row."""
+def _step_metadata(step: _StepTokens, states: RequestStates, block_size: int,
+                   device: torch.device, plan_cascade: bool
+                   ) -> tuple[InputMetadata, np.ndarray]:
+    """The attention metadata of the step's tokens and their positions (int64)."""
+    tables = states.tables
+    rows = np.array(step.rows, dtype=np.int64)
+    starts = np.array(step.starts, dtype=np.int64)
+    counts = np.array(step.counts, dtype=np.int64)
+    num_seqs, num_tokens = len(step.rows), len(step.input_ids)
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    if num_tokens == num_seqs:  # a decode step: one token per sequence
+        positions, token_rows = starts, rows
+    else:
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = (np.arange(num_tokens, dtype=np.int64)
+                     - query_start_loc[:-1].astype(np.int64)[seq_of_token]
+                     + starts[seq_of_token])
+        token_rows = rows[seq_of_token]
+    context_lens = (starts + counts).astype(np.int32)
+    metadata = build_input_metadata(
+        step.counts, context_lens.tolist(), torch.from_numpy(tables.gather(rows)),
+        torch.from_numpy(tables.slots(token_rows, positions, block_size)),
+        step.logit_indices, device, query_start_loc=torch.from_numpy(query_start_loc),
+        context_lens_tensor=torch.from_numpy(context_lens),
+        cascade_block_size=block_size if plan_cascade else None)
+    return metadata, positions
+
+
+def _add_request(step: _StepTokens, req: ScheduledRequest, state: RequestState,
+                 row_of: dict[int, int]) -> tuple[list[int], list[int], int]:
+    """Adds a request's sequences; returns its sampling rows, prompt-logprob rows and the
+    prompt position of the first prompt-logprob row."""
     rows: list[int] = []
     prompt_rows: list[int] = []
     prompt_start = state.num_prompt_logprobs
     want_prompt = state.sampling_params.prompt_logprobs is not None
     prompt_len = len(state.prompt_token_ids)
-    for s, seq in zip(req.seqs, seqs):
+    logit_indices = step.logit_indices
+    for s in req.seqs:
+        token_ids = s.token_ids
+        num_tokens = len(token_ids)
+        offset = len(step.input_ids)
         start = s.num_computed_tokens
-        offset = builder.add_sequence(s.token_ids, start, seq.block_ids)
-        end = start + len(s.token_ids)
-        if s.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-            builder.placeholder_positions.append(offset + len(s.token_ids) - 1)
-            builder.placeholder_seq_ids.append(s.seq_id)
-        # Positions p < prompt_len - 1 predict prompt token p + 1; each is computed once.
-        lo, hi = max(start, state.num_prompt_logprobs), min(end, prompt_len - 1)
-        if want_prompt and hi > lo:
-            prompt_start = lo
-            prompt_rows = builder.add_logit_rows(range(offset + lo - start, offset + hi - start))
-            state.num_prompt_logprobs = hi
+        step.rows.append(row_of[s.seq_id])
+        step.starts.append(start)
+        step.counts.append(num_tokens)
+        if num_tokens == 1:  # a decode token: most sequences of most steps
+            step.input_ids.append(token_ids[0])
+        else:
+            step.input_ids.extend(token_ids)
+        if token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+            step.placeholder_positions.append(offset + num_tokens - 1)
+            step.placeholder_seq_ids.append(s.seq_id)
+        if want_prompt:
+            # Positions p < prompt_len - 1 predict prompt token p + 1; each is computed once.
+            lo, hi = max(start, state.num_prompt_logprobs), min(start + num_tokens,
+                                                                 prompt_len - 1)
+            if hi > lo:
+                prompt_start = lo
+                first = len(logit_indices)
+                logit_indices.extend(range(offset + lo - start, offset + hi - start))
+                prompt_rows = list(range(first, len(logit_indices)))
+                state.num_prompt_logprobs = hi
         if req.do_sample:
-            rows.append(builder.add_logit_row(offset + len(s.token_ids) - 1))
+            rows.append(len(logit_indices))
+            logit_indices.append(offset + num_tokens - 1)
     return rows, prompt_rows, prompt_start
 
 

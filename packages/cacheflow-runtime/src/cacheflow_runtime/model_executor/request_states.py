@@ -1,6 +1,6 @@
 """What a worker remembers between steps: per request its prompt, sampling parameters and
-generators, per sequence its block table and generated tokens, all kept up to date from each
-step's :class:`~cacheflow_runtime.core.step_data.SchedulerOutput`."""
+generators, per sequence its generated tokens and (in :class:`BlockTables`) its block table, all
+kept up to date from each step's :class:`~cacheflow_runtime.core.step_data.SchedulerOutput`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from cacheflow_runtime.core.step_data import NewRequestData, SchedulerOutput
+from cacheflow_runtime.model_executor.block_tables import BlockTables
 from cacheflow_runtime.sampling_params import SamplingParams
 
 
@@ -20,9 +21,9 @@ def sample_seed(seed: int, index: int) -> int:
 
 @dataclass
 class SequenceState:
-    """A worker's copy of one sequence."""
+    """A worker's copy of one sequence (its block table is a row of the worker's
+    :class:`BlockTables`)."""
 
-    block_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     sample_index: int = 0
 
@@ -47,6 +48,7 @@ class RequestStates:
     def __init__(self) -> None:
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, SequenceState] = {}
+        self.tables = BlockTables()
 
     def apply(self, out: SchedulerOutput) -> None:
         """Forgets what the step finished, learns its new requests and applies its deltas."""
@@ -54,6 +56,7 @@ class RequestStates:
             self.requests.pop(req_id, None)
         for seq_id in out.freed_seq_ids:
             self.seqs.pop(seq_id, None)
+            self.tables.remove(seq_id)
         for new in out.new_requests:
             self.requests[new.req_id] = _new_request(new)
         for req in out.scheduled:
@@ -68,11 +71,13 @@ class RequestStates:
                                        "table or outputs were not sent")
                     state = self.seqs[s.seq_id] = SequenceState(sample_index=s.sample_index)
                 if s.block_ids is not None:
-                    state.block_ids = list(s.block_ids)
-                state.block_ids.extend(s.new_block_ids)
+                    self.tables.set(s.seq_id, s.block_ids)
+                if s.new_block_ids:
+                    self.tables.extend(s.seq_id, s.new_block_ids)
                 if s.output_token_ids is not None:
                     state.output_token_ids = list(s.output_token_ids)
-                state.output_token_ids.extend(s.new_output_token_ids)
+                if s.new_output_token_ids:
+                    state.output_token_ids.extend(s.new_output_token_ids)
 
 
 def _new_request(new: NewRequestData) -> RequestState:
