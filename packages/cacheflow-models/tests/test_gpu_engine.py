@@ -147,6 +147,12 @@ def test_cuda_graph_replays_are_used(tiny: Path, prompt_batch: list[list[int]],
     assert len(replays) == 9
     assert cuda_graphs.graph_batch_size(len(prompt_batch), engines[0].executor.worker.runner
                                         .decode_graphs.sizes) == 8
+    usage = engines[0].executor.cuda_graph_usage()
+    n = len(prompt_batch)
+    assert usage["graph_steps"] == 9 and usage["graph_rows"] == 9 * n
+    assert usage["padding_rows"] == 9 * (8 - n)
+    assert usage["padding_fraction"] == pytest.approx((8 - n) / 8)
+    assert usage["eager_decode_steps"] == 0
 
 
 def test_dynamic_rope_models_run_eagerly(tmp_path: Path, prompt_batch: list[list[int]]) -> None:

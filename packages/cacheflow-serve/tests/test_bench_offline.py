@@ -153,6 +153,20 @@ def test_top_device_ops_ranks_kernels_by_time_per_step() -> None:
     assert ops[1]["ms_per_step"] == pytest.approx(0.025)
 
 
+def test_graph_usage_between_two_snapshots() -> None:
+    from cacheflow_runtime.model_executor.cuda_graphs import CudaGraphUsage
+    from cacheflow_serve.bench_throughput import graph_usage_between
+
+    before = CudaGraphUsage(graph_steps=2, graph_rows=6, padding_rows=2).as_dict()
+    after = CudaGraphUsage(graph_steps=12, graph_rows=66, padding_rows=14,
+                           eager_decode_steps=1).as_dict()
+    assert before["padding_fraction"] == 0.25
+    assert graph_usage_between(before, after) == {
+        "graph_steps": 10, "graph_rows": 60, "padding_rows": 12, "eager_decode_steps": 1,
+        "padding_fraction": 12 / 72}
+    assert graph_usage_between(before, before)["padding_fraction"] == 0.0
+
+
 def test_floors_of_the_7b_shape_match_the_issue_figures() -> None:
     """LLaMA-2-7B in fp16 at 4150 GB/s, 128 + 128 tokens: the floors quoted in issue 10."""
     summary = {"parameters": 6_738_415_616, "parameter_bytes": 2 * 6_738_415_616,

@@ -68,6 +68,7 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
                  params(WARMUP_TOKENS), use_tqdm=False)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     sampling = [params(r.output_len) for r in requests]
+    graphs_before = llm.engine.executor.cuda_graph_usage()
     synchronize(device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=progress)
@@ -77,7 +78,20 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     result = _rates(len(outputs), sum(len(o.prompt_token_ids) for o in outputs), sum(got),
                     seconds)
     result["outputs_short_or_long"] = sum(g != r.output_len for g, r in zip(got, requests))
+    graphs_after = llm.engine.executor.cuda_graph_usage()
+    if graphs_before is not None and graphs_after is not None:
+        result["cuda_graphs"] = graph_usage_between(graphs_before, graphs_after)
     return result
+
+
+def graph_usage_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The CUDA graph counters (``Executor.cuda_graph_usage``) of the steps between two
+    snapshots, with their padding fraction."""
+    keys = ("graph_steps", "graph_rows", "padding_rows", "eager_decode_steps")
+    usage: dict[str, Any] = {k: after[k] - before[k] for k in keys}
+    total = usage["graph_rows"] + usage["padding_rows"]
+    usage["padding_fraction"] = usage["padding_rows"] / total if total else 0.0
+    return usage
 
 
 def run_hf(model: ModelUnderTest, requests: list[SyntheticRequest],
@@ -123,6 +137,12 @@ def format_table(report: dict[str, Any]) -> str:
     if "hf" in report["results"]:
         ratio = report["results"]["hf"]["elapsed_s"] / report["results"]["engine"]["elapsed_s"]
         lines.append(f"engine: {ratio:.2f}x the speed of HF generate")
+    graphs = report["results"]["engine"].get("cuda_graphs")
+    if graphs is not None:
+        lines.append(f"CUDA graphs: {graphs['graph_steps']} decode steps replayed "
+                     f"({graphs['graph_rows']} sequence rows, {graphs['padding_rows']} padding "
+                     f"rows: {graphs['padding_fraction']:.1%}), {graphs['eager_decode_steps']} "
+                     "decode steps eager")
     return "\n".join(lines)
 
 

@@ -38,6 +38,11 @@ class Executor(ABC):
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Starts one step on every worker; the handle's ``result()`` gives its output."""
 
+    @abstractmethod
+    def cuda_graph_usage(self) -> Optional[dict[str, Any]]:
+        """How decode steps used the CUDA graphs so far (rank 0's counters; see
+        ``CudaGraphUsage``), or None when the workers run without graphs."""
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Runs one step on every worker and returns the sampled tokens."""
         return self.execute_model_async(scheduler_output).result()
@@ -77,3 +82,7 @@ class RankExecutor(Executor):
         """Allocates the KV cache on every rank (and captures decode graphs where allowed)."""
         graphs = self._call_all("initialize_cache", num_device_blocks, num_cpu_blocks)
         self.uses_cuda_graphs = all(graphs)
+
+    def cuda_graph_usage(self) -> Optional[dict[str, Any]]:
+        """Rank 0's graph counters (every rank replays the same graphs)."""
+        return self._call_all("cuda_graph_usage")[0] if self.uses_cuda_graphs else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig
 from cacheflow_runtime.core.step_data import SchedulerOutput
 from cacheflow_runtime.executor.base import Executor
@@ -26,6 +28,10 @@ class InProcessExecutor(Executor):
         """Allocates the worker's KV cache and captures its decode graphs."""
         self.worker.initialize_cache(num_device_blocks, num_cpu_blocks)
         self.uses_cuda_graphs = self.worker.uses_cuda_graphs
+
+    def cuda_graph_usage(self) -> Optional[dict[str, Any]]:
+        """The worker's CUDA graph counters (None without graphs)."""
+        return self.worker.cuda_graph_usage()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Queues the step on the worker's device; the handle waits for its samples."""

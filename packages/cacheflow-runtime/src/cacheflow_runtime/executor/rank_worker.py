@@ -7,7 +7,7 @@ joins the group, loads this rank's shard of the model and serves the executor's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -69,6 +69,10 @@ class RankWorker:
         """Allocates this rank's KV cache; True when it captured CUDA graphs."""
         self.worker.initialize_cache(num_device_blocks, num_cpu_blocks)
         return self.worker.uses_cuda_graphs
+
+    def cuda_graph_usage(self) -> Optional[dict[str, Any]]:
+        """This rank's CUDA graph counters (None without graphs)."""
+        return self.worker.cuda_graph_usage()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         """Runs the step; rank 0 returns the sampled tokens, the others None."""

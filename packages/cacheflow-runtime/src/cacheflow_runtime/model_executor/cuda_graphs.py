@@ -17,6 +17,7 @@ host values (dynamic NTK rotary scaling) run eagerly.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
@@ -28,16 +29,21 @@ from cacheflow_runtime.attention.paged_attention import PagedAttention
 
 logger = logging.getLogger(__name__)
 
-#: Batch sizes captured (those up to max_num_seqs, plus max_num_seqs itself when it is smaller
-#: than the largest); a decode step of n sequences replays the smallest one >= n.
+#: Batch sizes captured up to 256 (those up to max_num_seqs); past 256 every
+#: LARGE_BATCH_STEP-th size, and max_num_seqs itself, so that every decode batch the scheduler
+#: can form has a graph. A decode step of n sequences replays the smallest one >= n.
 DECODE_GRAPH_BATCH_SIZES: tuple[int, ...] = (
     1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+LARGE_BATCH_STEP = 64
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """The batch sizes to capture for a scheduler of ``max_num_seqs`` sequences."""
+    """The batch sizes to capture for a scheduler of ``max_num_seqs`` sequences (ascending,
+    the last one ``max_num_seqs``)."""
     sizes = [s for s in DECODE_GRAPH_BATCH_SIZES if s <= max_num_seqs]
-    if max_num_seqs < DECODE_GRAPH_BATCH_SIZES[-1] and max_num_seqs not in sizes:
+    sizes += range(DECODE_GRAPH_BATCH_SIZES[-1] + LARGE_BATCH_STEP, max_num_seqs,
+                   LARGE_BATCH_STEP)
+    if max_num_seqs not in sizes:
         sizes.append(max_num_seqs)
     return sizes
 
@@ -71,6 +77,29 @@ def is_decode_step(metadata: InputMetadata) -> bool:
             and metadata.logit_indices.shape[0] == metadata.num_seqs)
 
 
+@dataclass
+class CudaGraphUsage:
+    """How decode steps used the captured graphs since the engine started: steps replayed
+    from a graph, their sequences, and the padding rows added to reach a captured size
+    (computed for nothing); ``eager_decode_steps`` are pure decode steps that ran without a
+    graph (larger than the largest size, or a cascade step)."""
+
+    graph_steps: int = 0
+    graph_rows: int = 0
+    padding_rows: int = 0
+    eager_decode_steps: int = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padding rows over all rows computed by graph replays (0 when none ran)."""
+        total = self.graph_rows + self.padding_rows
+        return self.padding_rows / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters and the padding fraction, for reports."""
+        return {**asdict(self), "padding_fraction": self.padding_fraction}
+
+
 class DecodeGraphs:
     """The captured decode graphs of one model and KV cache, and their static inputs."""
 
@@ -91,6 +120,7 @@ class DecodeGraphs:
         self.logit_indices = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.usage = CudaGraphUsage()
         self._capture_all()
 
     def _metadata(self, size: int) -> InputMetadata:
@@ -125,12 +155,18 @@ class DecodeGraphs:
         """Hidden states [num_seqs, hidden] of a decode step from a graph, or None when no
         captured graph applies (the caller then runs the model eagerly)."""
         if not is_decode_step(metadata):
+            if not metadata.is_prompt and metadata.cascade is not None:
+                self.usage.eager_decode_steps += 1
             return None
         n = metadata.num_seqs
         size = graph_batch_size(n, self.sizes)
         cols = metadata.block_tables.shape[1]
         if size is None or cols > self.block_tables.shape[1]:
+            self.usage.eager_decode_steps += 1
             return None
+        self.usage.graph_steps += 1
+        self.usage.graph_rows += n
+        self.usage.padding_rows += size - n
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(metadata.slot_mapping)

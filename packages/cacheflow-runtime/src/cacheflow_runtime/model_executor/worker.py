@@ -8,7 +8,7 @@ the engine's process or in another one. Steps run in the order they are given.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -16,7 +16,7 @@ from cacheflow_runtime.attention import build_input_metadata
 from cacheflow_runtime.config import CacheConfig, ModelConfig, SchedulerConfig, resolve_device
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
-from cacheflow_runtime.model_executor.cuda_graphs import supports_graphs
+from cacheflow_runtime.model_executor.cuda_graphs import capture_sizes, supports_graphs
 from cacheflow_runtime.model_executor.model_runner import ModelRunner, PendingStep
 from cacheflow_runtime.model_executor.request_states import RequestStates
 from cacheflow_runtime.model_loader import load_model
@@ -79,10 +79,33 @@ class Worker:
         return device_blocks, cpu_blocks
 
     def _profile_free_memory(self, max_num_batched_tokens: int) -> int:
-        """Bytes left for the KV cache under gpu_memory_utilization after a peak-sized forward."""
+        """Bytes left for the KV cache under gpu_memory_utilization after a peak-sized forward,
+        less the memory the decode graphs' pool will hold (see ``_graph_pool_estimate``)."""
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         lens = profile_sequence_lengths(max_num_batched_tokens, self.model_config.max_model_len)
+        peak = self._forward_peak(lens)
+        graph_pool = self._graph_pool_estimate(before)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Memory torch's allocator does not hold: the CUDA context, libraries, other processes.
+        outside_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))
+        return (int(total * self.cache_config.gpu_memory_utilization) - peak - graph_pool
+                - outside_torch)
+
+    def _graph_pool_estimate(self, baseline: int) -> int:
+        """The memory the CUDA graphs of decode steps will keep (0 when none will be captured):
+        their private pool holds the activations of the largest captured batch, measured
+        here as the peak of an eager forward of that many one-token sequences above
+        ``baseline`` (the bytes allocated before any forward)."""
+        if self.enforce_eager or not supports_graphs(self.model, self.cache_config.block_size):
+            return 0
+        largest = max(capture_sizes(self.scheduler_config.max_num_seqs))
+        return max(0, self._forward_peak([1] * largest) - baseline)
+
+    def _forward_peak(self, lens: list[int]) -> int:
+        """Peak bytes allocated during one forward (and the logits) of prompts of ``lens``
+        tokens, without a KV cache."""
+        torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = sum(lens)
         dev = self.device
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
@@ -94,11 +117,8 @@ class Worker:
             hidden = self.model(ids, positions, [None] * self.model_config.num_layers, metadata)
             self.model.compute_logits(hidden[metadata.logit_indices])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        # Memory torch's allocator does not hold: the CUDA context, libraries, other processes.
-        outside_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))
-        return int(total * self.cache_config.gpu_memory_utilization) - peak - outside_torch
+        del ids, positions, metadata, hidden
+        return torch.cuda.max_memory_allocated(self.device)
 
     def initialize_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
         """Allocates the KV cache, then captures CUDA graphs of decode steps when the device and
@@ -112,6 +132,12 @@ class Worker:
                                               self.scheduler_config.max_num_seqs,
                                               self.scheduler_config.max_model_len)
             self.uses_cuda_graphs = True
+
+    def cuda_graph_usage(self) -> Optional[dict[str, Any]]:
+        """How decode steps used the CUDA graphs so far (``CudaGraphUsage.as_dict``), or None
+        without graphs."""
+        graphs = self.runner.decode_graphs
+        return None if graphs is None else graphs.usage.as_dict()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Runs the step to its end and returns the sampled tokens."""
