@@ -3,8 +3,8 @@
 # (decode step at batches 1/64/256 next to the floors, the GPU's idle share) and `cacheflow
 # bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
-# "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling; the kernel
-# and dependency wheels are the same for all.
+# "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
+# a step budget of 8,192 tokens); the kernel and dependency wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
@@ -46,6 +46,7 @@ for v in "${variants[@]}"; do
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
     on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
+    on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then
@@ -54,7 +55,7 @@ for v in "${variants[@]}"; do
       --batch-sizes 1,64,256 --input-len 128 --output-len 128 --num-iters 1 \
       --num-iters-warmup 1 --disable-tqdm --output-json "$out/latency_$v.json" "${flags[@]}" \
       > "$out/latency_$v.log" 2>&1
-    tail -6 "$out/latency_$v.log"
+    grep -B2 -A6 "^ *batch " "$out/latency_$v.log" | head -9
   fi
   if [[ "$what" == throughput || "$what" == all ]] && [[ $v != off || -n "${TPUT_ALL:-}" ]]; then
     echo "== $v: throughput"

@@ -126,6 +126,7 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
         num_top = _num_logprobs(sp.logprobs)
         for j, row in enumerate(group.logit_rows):
             outputs = group.output_token_ids[j] if j < len(group.output_token_ids) else []
+            banned = _banned_ids(group, len(outputs)) if sp.min_tokens else []
             params.rows.append(row)
             params.group.append(g)
             params.temperature.append(sp.temperature if random else 1.0)
@@ -137,7 +138,7 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
             params.presence.append(sp.presence_penalty)
             params.prompt_ids.append(group.prompt_token_ids)
             params.output_ids.append(outputs)
-            params.banned_ids.append(_banned_ids(group, len(outputs)))
+            params.banned_ids.append(banned)
             params.num_top.append(num_top)
     return params
 
