@@ -6,6 +6,8 @@
     python .../bench_paged_attention.py --out d.json --l2-prefetch 0,2,4,8
     python .../bench_paged_attention.py --out d.json --compare-register --stages 2,4,8 \
         --partitions '' --l2-prefetch ''
+    python .../bench_paged_attention.py --out d.json --compare-previous --compare-register \
+        --partitions '' --l2-prefetch ''
 
 Decode attention is memory-bound: the floor is reading K and V of every context token once.
 For each case: the median GPU time per call (a CUDA graph of calls replayed between CUDA events,
@@ -21,6 +23,10 @@ also times fixed split-K partition sizes (0 = no split) next to the automatic pl
 only affect the register kernel). ``--compare-register`` also times every case with the
 register kernel (CACHEFLOW_PA_PIPELINE=0) next to the default shared-memory pipeline, in the
 same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on every case.
+``--compare-previous`` also times every case with the behaviour of 2026-12-03 (one-tile steps,
+CACHEFLOW_PA_STEP=8; the one-wave split plan, CACHEFLOW_PA_SPLIT=fill) and with each of the new
+choices alone switched back (``previous_*`` fields: step, split, eager rescaling via
+CACHEFLOW_PA_RESCALE_THRESHOLD=-1), in the same process.
 Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
 speed-up over the same case with a 16-bit cache; SDPA is not run for them).
 A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
@@ -45,6 +51,16 @@ GIB = 1 << 30
 PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
 PIPELINE_ENV = "CACHEFLOW_PA_PIPELINE"
 STAGES_ENV = "CACHEFLOW_PA_STAGES"
+STEP_ENV = "CACHEFLOW_PA_STEP"
+SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
+RESCALE_ENV = "CACHEFLOW_PA_RESCALE_THRESHOLD"
+# --compare-previous: the behaviour of 2026-12-03, and each new choice alone switched back.
+PREVIOUS = {
+    "previous": {STEP_ENV: "8", SPLIT_ENV: "fill"},
+    "old_step": {STEP_ENV: "8"},
+    "old_split": {SPLIT_ENV: "fill"},
+    "eager_rescale": {RESCALE_ENV: "-1"},
+}
 TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
 
 
@@ -107,6 +123,9 @@ class Result:
     l2_prefetch: dict[str, float] = field(default_factory=dict)  # prefetch tiles -> time (us)
     register_time_us: float | None = None  # the register kernel (CACHEFLOW_PA_PIPELINE=0)
     stages: dict[str, float] = field(default_factory=dict)  # forced pipeline depth -> time (us)
+    # --compare-previous: variant (PREVIOUS) -> time (us), and the split each one planned
+    previous: dict[str, float] = field(default_factory=dict)
+    previous_split: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     sdpa_error: str | None = None
 
@@ -127,6 +146,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"also time the register kernel ({PIPELINE_ENV}=0) on every case")
     p.add_argument("--stages", default="",
                    help=f"forced pipeline depths ({STAGES_ENV}) timed on every case ('' = none)")
+    p.add_argument("--compare-previous", action="store_true",
+                   help="also time the behaviour of 2026-12-03 and each new choice switched "
+                        f"back ({', '.join(PREVIOUS)}) on every case")
+    p.add_argument("--previous-variants", default=",".join(PREVIOUS),
+                   help="which --compare-previous variants to time (comma-separated)")
     return p.parse_args(argv)
 
 
@@ -280,6 +304,18 @@ class Bench:
                     s["context_lens"], scale, max_context_len=case.ctx, workspace=ws,
                     partition_size=partition)
 
+            def with_env(env: dict[str, str], fn: Any) -> Any:
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    return fn()
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+
             auto = [caller(s, None) for s in sets]
             res.eager_us = self.time_calls(auto)
             res.time_us = self.graph_us(auto)
@@ -306,6 +342,27 @@ class Bench:
                     res.register_time_us = self.graph_us(auto)
                 finally:
                     os.environ.pop(PIPELINE_ENV, None)
+            if self.args.compare_previous:
+                wanted = [v for v in self.args.previous_variants.split(",") if v]
+                for name in wanted:
+                    env = PREVIOUS[name]
+
+                    def run_variant(sets: list[dict[str, Any]] = sets) -> tuple[float, str]:
+                        # Callers built under the variant's environment: its own split plan and
+                        # workspace; the kernel reads its switches at every launch.
+                        fns = [caller(s, None) for s in sets]
+                        vs, vp = plan_partitions(case.batch, case.num_heads,
+                                                 case.num_kv_heads, case.ctx, self.num_sms,
+                                                 head_size=case.head_size)
+                        return self.graph_us(fns), f"{vp}x{vs}" if vp > 1 else "none"
+
+                    try:
+                        us, split = with_env(env, run_variant)
+                        res.previous[name] = round(us, 2)
+                        res.previous_split[name] = split
+                    except Exception as exc:  # noqa: BLE001
+                        res.previous[name] = float("nan")
+                        print(f"  {case.name} {name}: {_short_error(exc)}", file=sys.stderr)
             for depth in [int(x) for x in self.args.stages.split(",") if x.strip()]:
                 os.environ[STAGES_ENV] = str(depth)
                 try:
@@ -393,6 +450,14 @@ def print_table(bench: Bench, results: list[Result]) -> None:
         for r in registers:
             print(f"  {r.case:<22} register {r.register_time_us:.1f}  pipeline {r.time_us:.1f}: "
                   f"{r.register_time_us / r.time_us:.2f}x")
+    prev = [r for r in results if r.previous]
+    if prev:
+        print("\nagainst 2026-12-03 (us per call; x = that time / the default's; "
+              f"previous = {STEP_ENV}=8 {SPLIT_ENV}=fill):")
+        for r in prev:
+            cells = "  ".join(f"{k} {v} ({v / r.time_us:.2f}x, {r.previous_split.get(k, '')})"
+                              for k, v in r.previous.items())
+            print(f"  {r.case:<22} default {r.time_us:.1f}  {cells}")
     depths = [r for r in results if r.stages]
     if depths:
         print(f"\nforced pipeline depth ({STAGES_ENV}; us per call, automatic split):")

@@ -73,6 +73,30 @@ int PipelineStages() {
                                            paged_attention::kMaxStages));
 }
 
+/*!
+ * \brief The pipelined kernel's step: CACHEFLOW_PA_STEP=8 computes one 8-token tile per warp step
+ * (the kernel of 2026-12-03), 16 two tiles (the default; needs >= 4 stages, else 8 is used). Read
+ * at every launch so one process can A/B them.
+ */
+int StepTiles() {
+  const char* env = std::getenv("CACHEFLOW_PA_STEP");
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultStepTiles;
+  return std::strtol(env, nullptr, 10) == 8 ? 1 : 2;  // NOLINT(runtime/int)
+}
+
+/*!
+ * \brief The two-tile step's lazy-rescale threshold in log2 units: CACHEFLOW_PA_RESCALE_THRESHOLD
+ * (a float; negative: rescale at every step, as the one-tile step does), read at every launch.
+ */
+float RescaleThreshold() {
+  const char* env = std::getenv("CACHEFLOW_PA_RESCALE_THRESHOLD");
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultRescaleThreshold;
+  const float v = std::strtof(env, nullptr);
+  // Beyond 2^16 the probabilities could overflow float16 (65504); NaN means the default.
+  if (!(v == v)) return paged_attention::kDefaultRescaleThreshold;
+  return std::min(v, 15.f);
+}
+
 /*! \brief Shared memory per multiprocessor and per CTA (opt-in) of a device, queried once. */
 struct DeviceSmem {
   int per_sm;
@@ -240,6 +264,8 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
   p.stages = PipelineStages();
+  p.step_tiles = StepTiles();
+  p.rescale_threshold = RescaleThreshold();
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

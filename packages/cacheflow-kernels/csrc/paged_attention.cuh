@@ -38,7 +38,9 @@
 // (default; each warp streams its tiles through a ring of cp.async stages in shared memory, see
 // "Pipelined tensor-core kernel") and the register kernel (K/V loaded straight into fragments
 // one tile ahead, plus L2 prefetches): the fallback where two stages do not fit, and the A/B
-// baseline (Params::stages = kStagesRegister).
+// baseline (Params::stages = kStagesRegister). The pipelined kernel computes two 8-token tiles
+// per warp step where its ring has >= 4 stages (PipePairLoop: one softmax update per 16 tokens,
+// PV with m16n8k16, lazy rescaling), else one (Params::step_tiles).
 //
 // FP8 caches: each load brings half the bytes (8 fp8 elements where the 16-bit path loads 8
 // 16-bit ones), kept raw in registers and widened to T (exactly: every e4m3 value is a float16
@@ -145,6 +147,8 @@ PA_DEVICE void PrefetchL2(const void* ptr) {
 // the caches into shared memory. `valid` false zero-fills the chunk without reading global
 // memory (src-size 0), so tokens outside the attended range read as zeros.
 PA_DEVICE void SyncWarp() { __syncwarp(); }
+/*! \brief True on every lane when `pred` holds on any lane of the (converged) warp. */
+PA_DEVICE bool AnyInWarp(bool pred) { return __any_sync(kFullMask, pred) != 0; }
 PA_DEVICE void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;
@@ -278,6 +282,18 @@ constexpr int kStagesRegister = 0;
 constexpr int kMinStages = 2;
 constexpr int kMaxStages = 8;            // cp.async.wait_group takes an immediate: 0 .. 6 used
 constexpr int kSmemReservedPerCta = 1024;  // shared memory the driver reserves per CTA (sm_80+)
+// The pipelined kernel's step (Params::step_tiles): 1 computes one 8-token tile per warp step
+// (softmax update and PV with m16n8k8), 2 computes two tiles per step: one softmax update per 16
+// tokens and PV with m16n8k16 (half the PV MMAs, half the rescales and shuffles per token); the
+// ring still holds 8-token stages, and needs >= kMinPairStages of them.
+constexpr int kDefaultStepTiles = 2;
+constexpr int kMinPairStages = 4;
+// Lazy rescaling of the two-tile step (Params::rescale_threshold, log2 units): a row's running
+// max (the reference of its exponentials) moves only when a score exceeds it by more than the
+// threshold, so the output accumulators are rescaled only then (warp-uniform skip otherwise);
+// probabilities stay <= 2^threshold, exact after the final normalization by the sum taken with
+// the same reference. < 0: every step moves the max to the exact running max and rescales.
+constexpr float kDefaultRescaleThreshold = 8.f;
 
 struct Params {
   void* out;
@@ -320,6 +336,9 @@ struct Params {
   int stages;
   int smem_per_sm;            // bytes of shared memory per multiprocessor
   int smem_per_block;         // bytes of dynamic shared memory one CTA may opt in to
+  int step_tiles;             // pipelined kernel: 8-token tiles per warp step (1 or 2; see
+                              // kDefaultStepTiles); 2 needs >= kMinPairStages stages, else 1
+  float rescale_threshold;    // two-tile step: lazy-rescale threshold (log2), < 0 eager
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
@@ -370,6 +389,8 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.sliding_window = static_cast<int>(sliding_window < max_tokens ? sliding_window : 0);
   p.l2_prefetch_tiles = kDefaultL2PrefetchTiles;
   p.stages = kStagesAuto;
+  p.step_tiles = kDefaultStepTiles;
+  p.rescale_threshold = kDefaultRescaleThreshold;
   return p;
 }
 
@@ -447,6 +468,15 @@ struct CacheIo {
   static PA_DEVICE uint4 Widen(const Span& v) { return v; }
   static PA_DEVICE uint2 WidenHalf(const HalfSpan& v) { return v; }
   static PA_DEVICE uint32_t WidenTail(Tail v) { return v; }
+  // Element e (0..7) of two V rows' spans as one packed T pair (row v0 in the low half): a PV
+  // B-fragment word (e is a compile-time constant once the caller's loop is unrolled).
+  static PA_DEVICE uint32_t VPair(const Span& v0, const Span& v1, int e) {
+    return BytePerm(Word(v0, e >> 1), Word(v1, e >> 1), (e & 1) ? 0x7632u : 0x5410u);
+  }
+  // Element e (0..kTailTiles-1) of two rows' V tails (kTailWords words each) as a packed pair.
+  static PA_DEVICE uint32_t TailPair(const Tail* t0, const Tail* t1, int e) {
+    return BytePerm(t0[e >> 1], t1[e >> 1], (e & 1) ? 0x7632u : 0x5410u);
+  }
 };
 
 template <typename T>
@@ -470,6 +500,16 @@ struct CacheIo<T, Fp8E4m3> {
     return make_uint2(Dtype<T>::FromFp8x2(v), Dtype<T>::FromFp8x2(v >> 16));
   }
   static PA_DEVICE uint32_t WidenTail(Tail v) { return Dtype<T>::FromFp8x2(v); }
+  // The byte pair is formed before the widening: one permute and one e4m3x2 conversion per
+  // B-fragment word (widening each row first needs two conversions, a shift and a permute).
+  static PA_DEVICE uint32_t VPair(const Span& v0, const Span& v1, int e) {
+    const uint32_t sel = static_cast<uint32_t>((e & 3) | ((4 + (e & 3)) << 4));
+    return Dtype<T>::FromFp8x2(BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x, sel));
+  }
+  static PA_DEVICE uint32_t TailPair(const Tail* t0, const Tail* t1, int e) {
+    const uint32_t sel = static_cast<uint32_t>((e & 1) | ((4 + (e & 1)) << 4));
+    return Dtype<T>::FromFp8x2(BytePerm(t0[e >> 1], t1[e >> 1], sel));
+  }
 };
 
 /*! \brief Four consecutive cache elements as floats (the float32 kernel's load). */
@@ -1213,7 +1253,225 @@ PA_DEVICE void IssueTile(const C* kc, const C* vc, const Params& p, const Partit
   }
 }
 
-template <typename T, typename C, int D>
+/*!
+ * \brief The pipelined kernel's main loop with two-tile steps: each step computes the warp's
+ * tiles q and q + 1 (stages q % stages and the next) as one 16-token step: S for both tiles (four
+ * independent MMA chains), one online-softmax update for the 16 tokens (lazy rescaling, see
+ * kDefaultRescaleThreshold), and O += P V with m16n8k16, whose k = 16 are tile q's 8 tokens then
+ * tile q + 1's (A: a0/a1 from tile q's scores, a2/a3 from tile q + 1's; B: b0 from tile q's V
+ * rows 2t, 2t + 1, b1 from tile q + 1's). Ring: stages - 2 tiles were issued before the loop; at
+ * each step the warp waits for tiles q and q + 1 (stages - 4 newer groups may stay pending),
+ * __syncwarp, then refills the two stages of the previous step with tiles q + stages - 2 and
+ * q + stages - 1.
+ */
+/*!
+ * \brief IssueTile with less address arithmetic (the two-tile step's copies, where a cache row's
+ * 16-byte chunk count divides 32): each lane keeps one chunk column and steps down the tile's rows,
+ * so the 64-bit source address is formed once per tile and advanced by a 32-bit row step.
+ * Same copies, destinations and zero-fill as IssueTile.
+ */
+template <typename C, int D>
+PA_DEVICE void IssueTileLean(const C* kc, const C* vc, const Params& p, const PartitionRange& r,
+                             int tok0, int blk, unsigned char* stage, int lane) {
+  using L = PipeLayout<C, D>;
+  static_assert(32 % L::kRowChunks == 0, "IssueTileLean: chunks per row must divide 32");
+  constexpr int kRows = 32 / L::kRowChunks;  // rows one pass of the warp covers
+  constexpr int kChunkElems = 16 / L::kElem;
+  const int row0 = lane / L::kRowChunks;
+  const int c = lane % L::kRowChunks;
+  // 32-bit strides (the dispatch uses this path only where a cache block's elements fit in int):
+  // one 32x32->64 multiply-add per tile.
+  const int token_stride = static_cast<int>(p.token_stride);
+  const int in_block = ((tok0 & (p.block_size - 1)) + row0) * token_stride + c * kChunkElems;
+  const int64_t off = static_cast<int64_t>(blk) * static_cast<int>(p.block_stride) + in_block;
+  const C* ksrc = kc + off;
+  const C* vsrc = vc + off;
+  const int row_step = kRows * token_stride;  // elements
+  const int tok = tok0 + row0;
+#pragma unroll
+  for (int k = 0; k < kTile / kRows; ++k) {
+    const int row = row0 + k * kRows;
+    const bool valid = tok + k * kRows >= r.begin && tok + k * kRows < r.end;
+    CpAsync16(stage + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(row, 16 * c),
+              ksrc + k * row_step, valid);
+    CpAsync16(stage + L::kKTileBytes +
+                  SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, 16 * c),
+              vsrc + k * row_step, valid);
+  }
+}
+
+// Q fragments live in registers up to head_size 128 (<= 32 registers, the ones the register
+// kernel spends on its K/V tile), else they are re-read from shared memory per step; with
+// two-tile steps and a 16-bit cache at head size 128 too (in registers they leave too few for the
+// step's two tiles under the 3-CTA cap of 168; from shared memory: 8 loads per 16 tokens).
+template <typename C, int D, bool kPair>
+struct PipeQInRegs {
+  static constexpr bool value = kPair && sizeof(C) == 2 ? D < 128 : D <= 128;
+};
+
+template <typename T, typename C, int D, typename QFrags, typename Issue>
+PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint4* qs,
+                            const QFrags& qf,
+                            const unsigned char* ring, int stages, int warp, int lane,
+                            const float (&alibi)[2], float query_pos, int n_tiles, Issue& issue,
+                            float (&m_run)[2], float (&l_run)[2],
+                            float (&acc)[MmaShape<D>::kDTiles][4]) {
+  using S = MmaShape<D>;
+  using Ops = Dtype<T>;
+  using Io = CacheIo<T, C>;
+  using L = PipeLayout<C, D>;
+  constexpr int kE = L::kElem;
+  constexpr bool kQInRegs = PipeQInRegs<C, D, true>::value;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const bool eager = p.rescale_threshold < 0.f;
+  const float threshold = eager ? 0.f : p.rescale_threshold;
+  int stage = 0;  // stage of tile q; tile q + 1 is in the next one
+  for (int q = 0; q < n_tiles; q += 2) {  // warp-uniform
+    CpAsyncWait(stages - 4);  // this thread's copies of tiles q and q + 1 have landed
+    SyncWarp();               // ... and every lane's; every lane is done with tiles q - 2, q - 1
+    const int free0 = stage >= 2 ? stage - 2 : stage + stages - 2;
+    issue(q + stages - 2, free0);
+    issue(q + stages - 1, free0 + 1 == stages ? 0 : free0 + 1);
+    const int stage_b = stage + 1 == stages ? 0 : stage + 1;
+    const unsigned char* ks[2] = {ring + stage * L::kStageBytes, ring + stage_b * L::kStageBytes};
+    const int tok0 = r.tile_base + kTile * (warp + kWarps * q);  // tile q + 1: + kTile * kWarps
+
+    // ---- S = Q K^T for both tiles.
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float sc2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int j = 0; j < S::kSpans; ++j) {
+      const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * j) * 32 + lane];
+      const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
+      const int off =
+          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4 k = Io::Widen(Io::SharedSpan(ks[h] + off));
+        Ops::Mma16816(sc[h], q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+        Ops::Mma16816(sc2[h], q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+      }
+    }
+    if constexpr (S::kHalfSpan) {
+      const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
+      const uint4 q1 =
+          kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
+      const int off =
+          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * S::kSpans + 4 * tig) * kE);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint2 k = Io::WidenHalf(Io::SharedHalf(ks[h] + off));
+        Ops::Mma16816(sc2[h], q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+      }
+    }
+
+    // ---- Logits: scale, soft cap (one warp-uniform branch for the step), ALiBi and the mask.
+    // x[h][e]: tile q + h, row gid + 8 * (e >> 1), token 2 * tig + (e & 1) of the tile.
+    float x[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[h][e] = (sc[h][e] + sc2[h][e]) * p.scale_log2;
+    }
+    if (p.soft_cap_log2 > 0.f) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          x[h][e] = p.soft_cap_log2 * FastTanh(x[h][e] * p.inv_soft_cap_log2);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ta = tok0 + kTile * kWarps * h + 2 * tig;
+      const bool va = ta >= r.begin && ta < r.end;
+      const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
+      const float da = static_cast<float>(ta) - query_pos;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        x[h][2 * hh] = va ? fmaf(alibi[hh], da, x[h][2 * hh]) : kNegInf;
+        x[h][2 * hh + 1] = vb ? fmaf(alibi[hh], da + 1.f, x[h][2 * hh + 1]) : kNegInf;
+      }
+    }
+
+    // ---- Online softmax over the 16 tokens; P as the m16n8k16 A fragment.
+    float corr[2];
+    uint32_t pa[4];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = fmaxf(fmaxf(x[0][2 * hh], x[0][2 * hh + 1]),
+                       fmaxf(x[1][2 * hh], x[1][2 * hh + 1]));
+      mx = fmaxf(mx, ShflXor(mx, 1));
+      mx = fmaxf(mx, ShflXor(mx, 2));
+      const bool grow = mx > m_run[hh] + threshold;  // -inf + threshold stays -inf
+      const float m_new = grow ? mx : m_run[hh];
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      corr[hh] = grow ? FastExp2(m_run[hh] - m_use) : 1.f;
+      m_run[hh] = m_new;
+      const float p00 = FastExp2(x[0][2 * hh] - m_use);
+      const float p01 = FastExp2(x[0][2 * hh + 1] - m_use);
+      const float p10 = FastExp2(x[1][2 * hh] - m_use);
+      const float p11 = FastExp2(x[1][2 * hh + 1] - m_use);
+      l_run[hh] = fmaf(l_run[hh], corr[hh], (p00 + p01) + (p10 + p11));
+      pa[hh] = Ops::Pack(p00, p01);
+      pa[2 + hh] = Ops::Pack(p10, p11);
+    }
+    if (eager || AnyInWarp(corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < S::kDTiles; ++i) {
+        acc[i][0] *= corr[0];
+        acc[i][1] *= corr[0];
+        acc[i][2] *= corr[1];
+        acc[i][3] *= corr[1];
+      }
+    }
+
+    // ---- O += P V (m16n8k16, k = the 16 tokens).
+    const unsigned char* vs[2] = {ks[0] + L::kKTileBytes, ks[1] + L::kKTileBytes};
+#pragma unroll
+    for (int c = 0; c < S::kChunks; ++c) {
+      typename Io::Span v[2][2];  // [tile][row 2 * tig + s]
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int sr = 0; sr < 2; ++sr) {
+          v[h][sr] = Io::SharedSpan(vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                                                2 * tig + sr, (64 * c + 8 * gid) * kE));
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        Ops::Mma16816(acc[8 * c + e], pa[0], pa[1], pa[2], pa[3], Io::VPair(v[0][0], v[0][1], e),
+                      Io::VPair(v[1][0], v[1][1], e));
+      }
+    }
+    if constexpr (S::kTailTiles > 0) {
+      typename Io::Tail t[2][2][S::kTailWordsAlloc];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int sr = 0; sr < 2; ++sr) {
+#pragma unroll
+          for (int w = 0; w < S::kTailWords; ++w) {
+            t[h][sr][w] = Io::SharedTail(
+                vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                            2 * tig + sr, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < S::kTailTiles; ++e) {
+        Ops::Mma16816(acc[8 * S::kChunks + e], pa[0], pa[1], pa[2], pa[3],
+                      Io::TailPair(t[0][0], t[0][1], e), Io::TailPair(t[1][0], t[1][1], e));
+      }
+    }
+    stage = stage_b + 1 == stages ? 0 : stage_b + 1;
+  }
+}
+
+template <typename T, typename C, int D, bool kPair>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     PagedAttentionPipeKernel(const Params p) {
   using S = MmaShape<D>;
@@ -1221,9 +1479,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   using Io = CacheIo<T, C>;
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
-  // Q fragments live in registers up to head_size 128 (<= 32 registers, the ones the register
-  // kernel spends on its K/V tile), else they are re-read from shared memory per tile.
-  constexpr bool kQInRegs = D <= 128;
+  constexpr bool kQInRegs = PipeQInRegs<C, D, kPair>::value;
   unsigned char* smem = DynamicSmem();
   const Stats st = GetStats(smem);
   unsigned char* smem_main = smem + kStatsSmemBytes;
@@ -1254,6 +1510,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   unsigned char* ring = smem_main + S::kQSmemBytes + warp * stages * L::kStageBytes;
   // This warp's tiles: warp + kWarps * q for q < n_tiles.
   const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kWarps - 1) / kWarps : 0;
+  // Two-tile steps: an odd count is padded with one tile past the end, copied as zeros (every
+  // row outside the range: nothing is read), so the step's second V stage is finite.
+  const int n_issue = kPair ? (n_tiles + 1) & ~1 : n_tiles;
 
   // Block numbers of this warp's tiles, 32 per chunk, one per lane (the chunk of the next tile
   // to issue and the one after it).
@@ -1266,19 +1525,24 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
   // so that the group count stays uniform). q increases by one per call.
   auto issue = [&](int q, int stage) {
-    if (q < n_tiles) {  // warp-uniform
+    if (q < n_issue) {  // warp-uniform
       if ((q & 31) == 0 && q > 0) {
         blk_cache = blk_cache_next;
         blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (q >> 5) + 1, lane);
       }
       const int blk = ShflIdx(blk_cache, q & 31);
-      IssueTile<C, D>(kc, vc, p, r, r.tile_base + kTile * (warp + kWarps * q), blk,
-                      ring + stage * L::kStageBytes, lane);
+      const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+      if constexpr (kPair && 32 % L::kRowChunks == 0) {
+        IssueTileLean<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
+      } else {
+        IssueTile<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
+      }
     }
     CpAsyncCommit();
   };
-  // Fill the pipeline before the Q fill, so the loads overlap it.
-  for (int q = 0; q < stages - 1; ++q) issue(q, q);
+  // Fill the pipeline before the Q fill, so the loads overlap it (two-tile steps: up to the two
+  // stages the first step refills).
+  for (int q = 0; q < stages - (kPair ? 2 : 1); ++q) issue(q, q);
 
   StageQueryFragments<T, D>(p, qs, seq, head0, rows_valid, tid);
   float alibi[2];
@@ -1300,60 +1564,65 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   float m_run[2] = {kNegInf, kNegInf};
   float l_run[2] = {0.f, 0.f};
 
-  int stage = 0;  // stage of tile q
-  for (int q = 0; q < n_tiles; ++q) {  // warp-uniform
-    CpAsyncWait(stages - 2);  // this thread's copies of tile q have landed
-    SyncWarp();               // ... and every lane's; every lane is done with tile q - 1
-    issue(q + stages - 1, stage == 0 ? stages - 1 : stage - 1);
+  if constexpr (kPair) {
+    PipePairLoop<T, C, D>(p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles,
+                          issue, m_run, l_run, acc);
+  } else {
+    int stage = 0;  // stage of tile q
+    for (int q = 0; q < n_tiles; ++q) {  // warp-uniform
+      CpAsyncWait(stages - 2);  // this thread's copies of tile q have landed
+      SyncWarp();               // ... and every lane's; every lane is done with tile q - 1
+      issue(q + stages - 1, stage == 0 ? stages - 1 : stage - 1);
 
-    const unsigned char* ks = ring + stage * L::kStageBytes;
-    const unsigned char* vs = ks + L::kKTileBytes;
-    const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+      const unsigned char* ks = ring + stage * L::kStageBytes;
+      const unsigned char* vs = ks + L::kKTileBytes;
+      const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
 
-    // ---- V fragments (independent of the scores: loaded first, consumed after the softmax).
-    typename Io::Span vr[2][S::kChunks];
-    uint32_t vt[2][S::kTailWordsAlloc];
+      // ---- V fragments (independent of the scores: loaded first, consumed after the softmax).
+      typename Io::Span vr[2][S::kChunks];
+      uint32_t vt[2][S::kTailWordsAlloc];
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int row = 2 * tig + s;
+      for (int s = 0; s < 2; ++s) {
+        const int row = 2 * tig + s;
 #pragma unroll
-      for (int c = 0; c < S::kChunks; ++c) {
-        vr[s][c] = Io::SharedSpan(
-            vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, (64 * c + 8 * gid) * kE));
+        for (int c = 0; c < S::kChunks; ++c) {
+          vr[s][c] = Io::SharedSpan(
+              vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, (64 * c + 8 * gid) * kE));
+        }
+#pragma unroll
+        for (int w = 0; w < S::kTailWords; ++w) {
+          vt[s][w] = Io::SharedTail(vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                                             row, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+        }
+      }
+
+      // ---- S = Q K^T for 16 rows x 8 tokens (two accumulators: half the dependent MMA chain).
+      float sc[4] = {0.f, 0.f, 0.f, 0.f};
+      float sc2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < S::kSpans; ++j) {
+        const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * j) * 32 + lane];
+        const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
+        const uint4 k = Io::Widen(Io::SharedSpan(
+            ks + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE)));
+        Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+        Ops::Mma16816(sc2, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+      }
+      if constexpr (S::kHalfSpan) {
+        const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
+        const uint4 q1 =
+            kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
+        const uint2 k = Io::WidenHalf(Io::SharedHalf(ks + SwizzledOffset<L::kKChunks, L::kKMask,
+                                                                         L::kKShift>(
+                                                              gid, (32 * S::kSpans + 4 * tig) * kE)));
+        Ops::Mma16816(sc2, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
       }
 #pragma unroll
-      for (int w = 0; w < S::kTailWords; ++w) {
-        vt[s][w] = Io::SharedTail(vs + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
-                                           row, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
-      }
-    }
+      for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
 
-    // ---- S = Q K^T for 16 rows x 8 tokens (two accumulators: half the dependent MMA chain).
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
-    float sc2[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < S::kSpans; ++j) {
-      const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * j) * 32 + lane];
-      const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
-      const uint4 k = Io::Widen(Io::SharedSpan(
-          ks + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE)));
-      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
-      Ops::Mma16816(sc2, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+      SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi, query_pos, m_run, l_run, acc, vr, vt);
+      stage = stage + 1 == stages ? 0 : stage + 1;
     }
-    if constexpr (S::kHalfSpan) {
-      const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
-      const uint4 q1 =
-          kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
-      const uint2 k = Io::WidenHalf(Io::SharedHalf(ks + SwizzledOffset<L::kKChunks, L::kKMask,
-                                                                       L::kKShift>(
-                                                            gid, (32 * S::kSpans + 4 * tig) * kE)));
-      Ops::Mma16816(sc2, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
-
-    SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi, query_pos, m_run, l_run, acc, vr, vt);
-    stage = stage + 1 == stages ? 0 : stage + 1;
   }
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
   // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
@@ -1664,8 +1933,19 @@ void RunHeadSize(Params p, Launcher& launch) {
     // memory is unknown or too small for two stages (ChooseStages).
     p.stages = ChooseStages<C, D>(p, p.rows, MmaMinBlocks<D>());
     if (p.stages >= kMinStages) {
-      launch(PagedAttentionPipeKernel<T, C, D>, grid, kThreads,
-             PipeSmemBytes<C, D>(p.stages, p.rows), p);
+      // Two-tile steps where the ring has room for them (>= kMinPairStages stages).
+      // (and 32-bit cache-block strides: IssueTileLean).
+      p.step_tiles = p.step_tiles == 2 && p.stages >= kMinPairStages &&
+                             p.block_stride <= int64_t{0x7fffffff}
+                         ? 2
+                         : 1;
+      if (p.step_tiles == 2) {
+        launch(PagedAttentionPipeKernel<T, C, D, true>, grid, kThreads,
+               PipeSmemBytes<C, D>(p.stages, p.rows), p);
+      } else {
+        launch(PagedAttentionPipeKernel<T, C, D, false>, grid, kThreads,
+               PipeSmemBytes<C, D>(p.stages, p.rows), p);
+      }
     } else {
       p.stages = kStagesRegister;
       const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,

@@ -15,8 +15,11 @@ from cacheflow_kernels import _attention_ops
 from cacheflow_kernels._attention_ops import (
     MAX_PARTITIONS,
     MIN_AUTO_PARTITION,
+    MIN_WAVE_PARTITION,
     PARTITION_ALIGN,
+    SPLIT_ENV,
     plan_partitions,
+    plan_time,
 )
 from cacheflow_kernels._lib import library_path
 
@@ -415,16 +418,17 @@ def test_validated_signature_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(rec.calls) == 2
 
 
-# ---- the split-K plan -----------------------------------------------------------------------
+# ---- the split-K plan ----------------------------------------------------------------------
+# "fill": the plan of 2026-12-03 (CACHEFLOW_PA_SPLIT=fill); "wave" the default.
 
 
 def test_plan_no_split_when_two_partitions_do_not_fit_one_wave() -> None:
     # batch 64, 32 KV heads: 2048 CTAs; GQA-8 with 4 KV heads: 256 CTAs, more than half of the
     # 3 x 132 resident CTAs at head size 128
-    assert plan_partitions(64, 32, 32, 2048, 132) == (0, 1)
-    assert plan_partitions(64, 32, 4, 2048, 132) == (0, 1)
+    assert plan_partitions(64, 32, 32, 2048, 132, split="fill") == (0, 1)
+    assert plan_partitions(64, 32, 4, 2048, 132, split="fill") == (0, 1)
     # head size 256: 2 resident CTAs per SM, so 16 x 16 = 256 CTAs fill one wave
-    assert plan_partitions(16, 16, 16, 4096, 132, head_size=256) == (0, 1)
+    assert plan_partitions(16, 16, 16, 4096, 132, head_size=256, split="fill") == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -439,33 +443,108 @@ def test_plan_no_split_when_two_partitions_do_not_fit_one_wave() -> None:
 )
 def test_plan_fills_one_wave(args: tuple[int, int, int, int], head_size: int,
                              expected: tuple[int, int]) -> None:
-    assert plan_partitions(*args, 132, head_size=head_size) == expected
+    assert plan_partitions(*args, 132, head_size=head_size, split="fill") == expected
 
 
+@pytest.mark.parametrize("split", ["wave", "fill"])
 @pytest.mark.parametrize(
     ("num_seqs", "num_heads", "num_kv_heads", "max_ctx"),
     [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 2048), (4, 8, 1, 5000),
      (2, 64, 8, 1400), (1, 1, 1, 1 << 30)],
 )
-def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int) -> None:
-    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx, 132)
+def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int,
+                    split: str) -> None:
+    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx, 132, split=split)
     assert parts > 1
-    assert size % PARTITION_ALIGN == 0 and size >= MIN_AUTO_PARTITION
+    shortest = MIN_AUTO_PARTITION if split == "fill" else MIN_WAVE_PARTITION
+    assert size % PARTITION_ALIGN == 0 and size >= shortest
     assert (parts - 1) * size < max_ctx <= parts * size
     assert parts <= MAX_PARTITIONS
     ctas = num_seqs * num_kv_heads * -(-(num_heads // num_kv_heads) // 16) * parts
-    assert ctas <= 3 * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+    if split == "fill":
+        assert ctas <= 3 * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
 
 
 def test_plan_short_contexts_do_not_split() -> None:
-    assert plan_partitions(1, 8, 8, MIN_AUTO_PARTITION * 2 - 1, 132) == (0, 1)
-    assert plan_partitions(1, 8, 8, 0, 132) == (0, 1)
+    assert plan_partitions(1, 8, 8, MIN_AUTO_PARTITION * 2 - 1, 132, split="fill") == (0, 1)
+    assert plan_partitions(1, 8, 8, MIN_WAVE_PARTITION * 2 - 1, 132, split="wave") == (0, 1)
+    for split in ("wave", "fill"):
+        assert plan_partitions(1, 8, 8, 0, 132, split=split) == (0, 1)
 
 
 def test_plan_explicit_partition_size() -> None:
-    assert plan_partitions(64, 32, 32, 2048, 132, partition_size=512) == (512, 4)
-    assert plan_partitions(64, 32, 32, 512, 132, partition_size=512) == (0, 1)
-    assert plan_partitions(1, 32, 32, 32768, 132, partition_size=0) == (0, 1)
+    for split in ("wave", "fill"):
+        assert plan_partitions(64, 32, 32, 2048, 132, partition_size=512, split=split) == (512, 4)
+        assert plan_partitions(64, 32, 32, 512, 132, partition_size=512, split=split) == (0, 1)
+        assert plan_partitions(1, 32, 32, 32768, 132, partition_size=0, split=split) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "head_size", "expected"),
+    [
+        # 512 CTAs on 132 SMs x 3: 1.3 waves, a tail of one CTA per SM -> two partitions
+        ((16, 32, 32, 8192), 128, (4096, 2)),
+        # whole waves already, or many of them: no split
+        ((64, 32, 32, 2048), 128, (0, 1)),
+        ((64, 32, 4, 2048), 128, (0, 1)),
+        ((16, 16, 16, 4096), 256, (0, 1)),
+        ((256, 32, 32, 512), 128, (0, 1)),
+        # few CTAs: about two per SM (the saturating count of 3 resident), long partitions
+        ((1, 32, 32, 32768), 128, (4096, 8)),
+        ((32, 32, 1, 4096), 128, (1024, 4)),
+        ((8, 32, 4, 8192), 128, (1024, 8)),
+        ((1, 32, 4, 32768), 128, (512, 64)),
+        # head size 64: 4 resident, 3 saturating
+        ((16, 32, 8, 4096), 64, (1408, 3)),
+    ],
+)
+def test_plan_wave_model(args: tuple[int, int, int, int], head_size: int,
+                         expected: tuple[int, int]) -> None:
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == expected
+
+
+def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:
+    """The chosen count is the cheapest of every count the model allows (not just the tried
+    wave boundaries), and the plan scales with the multiprocessor count."""
+    for ctas, ctx, sms, resident in [(512, 8192, 132, 3), (64, 4096, 132, 3), (4, 32768, 132, 3),
+                                     (128, 4096, 108, 4), (30, 20000, 80, 2), (7, 3000, 46, 3)]:
+        best = _attention_ops._wave_partitions(ctas, ctx, sms, resident, 16)
+        times = {p: plan_time(ctas, p, ctx, sms, resident, 16)
+                 for p in range(1, min(ctx // MIN_WAVE_PARTITION, 512) + 1)}
+        assert times[best] <= min(times.values()) * (1 + 1e-9), (ctas, ctx, sms, best)
+    # the same problem on a device with half the SMs needs fewer partitions
+    assert plan_partitions(1, 32, 32, 32768, 66, split="wave")[1] < \
+        plan_partitions(1, 32, 32, 32768, 132, split="wave")[1]
+
+
+def test_plan_wave_tail_model() -> None:
+    """plan_time: a grid of whole waves costs its waves; a partial last wave of fewer CTAs per
+    SM than saturate it costs as much as a saturating one."""
+    # 396 CTAs on 132 SMs x 3 (2 saturate): one wave, 3 CTAs per SM -> 3 / 2 CTA times
+    assert plan_time(396, 1, 1000, 132, 3, 1) == pytest.approx(3 * 1064 / 2)
+    # 132 CTAs: one per SM, runs as long as two
+    assert plan_time(132, 1, 1000, 132, 3, 1) == plan_time(264, 1, 1000, 132, 3, 1)
+
+
+def test_plan_split_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SPLIT_ENV, raising=False)
+    assert plan_partitions(16, 32, 32, 8192, 132) == (4096, 2)
+    monkeypatch.setenv(SPLIT_ENV, "fill")
+    assert plan_partitions(16, 32, 32, 8192, 132) == (0, 1)
+    assert cacheflow_kernels.paged_attention_workspace_size(16, 32, 32, 128, 8192,
+                                                            num_sms=132) == 0
+    monkeypatch.setenv(SPLIT_ENV, "wave")
+    assert plan_partitions(16, 32, 32, 8192, 132) == (4096, 2)
+    assert cacheflow_kernels.paged_attention_workspace_size(
+        16, 32, 32, 128, 8192, num_sms=132) == 16 * 32 * 2 * 130
+
+
+def test_plan_wave_memo_per_context_bucket() -> None:
+    """One model evaluation per 64-token bucket: contexts in a bucket share the partition
+    count; the size still covers each context."""
+    for ctx in range(8192, 8256):
+        size, parts = plan_partitions(16, 32, 32, ctx, 132, split="wave")
+        assert parts == 2 and (parts - 1) * size < ctx <= parts * size
 
 
 def test_workspace_size_formula() -> None:

@@ -70,6 +70,12 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.configure = dll.cf_emu_configure
     fn.configure.restype = ctypes.c_int
     fn.configure.argtypes = [ctypes.c_int] * 6
+    fn.set_step = dll.cf_emu_set_step
+    fn.set_step.restype = None
+    fn.set_step.argtypes = [ctypes.c_int, ctypes.c_double]
+    fn.last_launch = dll.cf_emu_last_launch
+    fn.last_launch.restype = None
+    fn.last_launch.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
     return fn
 
 
@@ -85,11 +91,30 @@ def configure(emu: Any, *, mode: int = LATE, stages: int = -1, smem: tuple[int, 
     return emu.configure(mode, stages, smem[0], smem[1], dtype, head_size)
 
 
+DEFAULT_STEP, DEFAULT_THRESHOLD = 2, 8.0  # kDefaultStepTiles, kDefaultRescaleThreshold
+
+
+def set_step(emu: Any, step_tiles: int = DEFAULT_STEP,
+             threshold: float = DEFAULT_THRESHOLD) -> None:
+    """Params::step_tiles (1: one 8-token tile per warp step, 2: two) and the two-tile step's
+    lazy-rescale threshold (< 0: eager) of the next runs."""
+    emu.set_step(step_tiles, threshold)
+
+
+def last_launch(emu: Any) -> tuple[int, int]:
+    """(stages, step_tiles) the dispatch used at the last launch (stages 0: register kernel)."""
+    stages, step = ctypes.c_int(), ctypes.c_int()
+    emu.last_launch(ctypes.byref(stages), ctypes.byref(step))
+    return stages.value, step.value
+
+
 @pytest.fixture(autouse=True)
 def _default_pipeline(emu: Any) -> Any:
     configure(emu)
+    set_step(emu)
     yield
     configure(emu)
+    set_step(emu)
 
 
 def _ptr(x: Any) -> int | None:
@@ -399,6 +424,82 @@ def test_pipeline_matches_oracle(emu: Any, mode: int, kind: str, head_size: int,
                                          alibi=partition > 0)
     _check_pipeline(emu, case, scales, dtype, f"{kind} d{head_size} stages {used}",
                     partition_size=partition)
+    # Two-tile steps (the default) wherever the ring has >= 4 stages, one-tile steps below.
+    assert last_launch(emu) == (used, 2 if used >= 4 else 1)
+
+
+# A subset of PIPELINE_CASES with one-tile steps forced (CACHEFLOW_PA_STEP=8: the kernel of
+# 2026-12-03) at depths that would take two-tile steps.
+ONE_TILE_CASES = [c for c in PIPELINE_CASES if c[5] not in (2, 3)][::2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "head_size", "block_size", "ctx_lens", "partition", "stages"), ONE_TILE_CASES,
+    ids=[f"{c[0]}-d{c[1]}-bs{c[2]}-p{c[4]}-s{c[5]}" for c in ONE_TILE_CASES],
+)
+def test_one_tile_steps_match_oracle(emu: Any, kind: str, head_size: int, block_size: int,
+                                     ctx_lens: list[int], partition: int, stages: int) -> None:
+    used = configure(emu, stages=stages, dtype=DTYPE_CODES[kind], head_size=head_size)
+    set_step(emu, 1)
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, block_size=block_size,
+                                         seed=head_size + 7, alibi=True)
+    _check_pipeline(emu, case, scales, dtype, f"{kind} d{head_size} one-tile steps",
+                    partition_size=partition)
+    assert last_launch(emu) == (used, 1)
+
+
+def _jumping_scores_case(kind: str, head_size: int, ctx: int, *, seed: int,
+                         ) -> tuple[dict[str, Any], dict[str, float], str]:
+    """A case whose running max jumps late in the context: a few keys are multiples of the
+    first query head of their group (scores ~10-40 log2 units above the rest), at positions
+    spread over the context in increasing strength, so rows rescale after many tokens were
+    accumulated (and, with a threshold, some increases stay below it)."""
+    dtype = kind.removeprefix("fp8-")
+    case = make_case([ctx, ctx // 2 + 3], num_heads=8, num_kv_heads=2, head_size=head_size,
+                     dtype=getattr(torch, dtype), seed=seed, q_scale=1.0)
+    bs = case["key_cache"].shape[1]
+    group = 4
+    for s, n in enumerate(case["ctx_lens"]):
+        for i, pos in enumerate(range(n // 7, n, max(1, n // 5))):
+            blk = int(case["block_tables"][s, pos // bs])
+            for kvh in range(2):
+                q = case["query"][s, kvh * group].float()
+                k = q * (0.25 * (i + 1)) + 0.1 * case["key_cache"][blk, pos % bs, kvh].float()
+                case["key_cache"][blk, pos % bs, kvh] = k.to(case["key_cache"].dtype)
+    scales: dict[str, float] = {}
+    if kind.startswith("fp8-"):
+        scales = {"k_scale": 0.05, "v_scale": 0.4}
+        case["key_cache"] = quantize_fp8(case["key_cache"], scales["k_scale"])
+        case["value_cache"] = quantize_fp8(case["value_cache"], scales["v_scale"])
+    return case, scales, dtype
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 3.0, 8.0, 15.0])
+@pytest.mark.parametrize(("kind", "head_size", "partition"), [
+    ("float16", 128, 0), ("bfloat16", 64, 64), ("fp8-float16", 128, 0),
+])
+def test_lazy_rescale_thresholds(emu: Any, threshold: float, kind: str, head_size: int,
+                                 partition: int) -> None:
+    """Two-tile steps with eager (< 0) and lazy rescaling: the running max moves only when a
+    score exceeds it by more than the threshold; output and log-sum-exp match the oracle for
+    scores that jump late in the context (rescaling after many accumulated tokens, increases
+    below and above the threshold)."""
+    set_step(emu, 2, threshold)
+    case, scales, dtype = _jumping_scores_case(kind, head_size, 300, seed=40 + head_size)
+    _check_pipeline(emu, case, scales, dtype, f"threshold {threshold}",
+                    partition_size=partition)
+    assert last_launch(emu)[1] == 2
+
+
+def test_two_tile_steps_need_four_stages(emu: Any) -> None:
+    """Depths 2 and 3 keep one-tile steps (the two-tile ring needs 4 stages); the default
+    depth of fp16 at head size 256 (3 stages on an H100) too."""
+    case, scales, dtype = _pipeline_case("float16", 256, [90, 41], seed=50)
+    for stages, step in ((2, 1), (3, 1), (4, 2), (-1, 1)):
+        configure(emu, stages=stages, dtype=0, head_size=256)
+        case["out"].fill_(float("nan"))
+        _check_pipeline(emu, case, scales, dtype, f"stages {stages}", partition_size=0)
+        assert last_launch(emu)[1] == step
 
 
 @pytest.mark.parametrize("mode", [LATE, EARLY], ids=["late", "early"])

@@ -326,17 +326,23 @@ def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
 # ---- The two 16-bit main loops: the shared-memory pipeline (default) and the register kernel
 # (CACHEFLOW_PA_PIPELINE=0), forced pipeline depths (CACHEFLOW_PA_STAGES), FP8 caches.
 
+# "pipeline" is the default (two-tile steps where the depth allows, lazy rescaling, the wave
+# split plan); "step8" / "eager" / "split_fill" switch one of those back to 2026-12-03's.
 PIPELINE_ENVS = {
     "pipeline": {},
     "register": {"CACHEFLOW_PA_PIPELINE": "0"},
     "stages2": {"CACHEFLOW_PA_STAGES": "2"},
     "stages8": {"CACHEFLOW_PA_STAGES": "8"},
+    "step8": {"CACHEFLOW_PA_STEP": "8"},
+    "eager": {"CACHEFLOW_PA_RESCALE_THRESHOLD": "-1"},
+    "split_fill": {"CACHEFLOW_PA_SPLIT": "fill"},
 }
+_ENV_NAMES = sorted({name for env in PIPELINE_ENVS.values() for name in env})
 
 
 def _set_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    monkeypatch.delenv("CACHEFLOW_PA_PIPELINE", raising=False)
-    monkeypatch.delenv("CACHEFLOW_PA_STAGES", raising=False)
+    for name in _ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
     for name, value in PIPELINE_ENVS[path].items():
         monkeypatch.setenv(name, value)
 
@@ -444,3 +450,38 @@ def test_pipeline_cuda_graph_and_register_path_agree(monkeypatch: pytest.MonkeyP
     assert_close(case["out"], ref, "float16", "register kernel")
     rel, _ = errors(case["out"], pipelined.double())
     assert rel < 2e-3, rel
+
+
+@pytest.mark.parametrize("threshold", ["-1", "0", "8", "15"])
+@pytest.mark.parametrize(("dtype", "fp8"), [("float16", False), ("bfloat16", True)])
+def test_lazy_rescale_with_jumping_scores(monkeypatch: pytest.MonkeyPatch, threshold: str,
+                                          dtype: str, fp8: bool) -> None:
+    """Two-tile steps with eager (-1) and lazy rescaling (CACHEFLOW_PA_RESCALE_THRESHOLD) on
+    scores whose running max jumps late in long contexts (keys that are multiples of a query
+    head), split and unsplit."""
+    _set_path(monkeypatch, "pipeline")
+    monkeypatch.setenv("CACHEFLOW_PA_RESCALE_THRESHOLD", threshold)
+    lens = [5000, 700, 33, 2048]
+    case = make_case(lens, num_heads=32, num_kv_heads=8, head_size=128, device="cuda",
+                     dtype=getattr(torch, dtype), seed=44)
+    kc, bs = case["key_cache"], case["key_cache"].shape[1]
+    for s, n in enumerate(lens):
+        for i, pos in enumerate(range(n // 7, n, max(1, n // 5))):
+            blk = int(case["block_tables"][s, pos // bs])
+            for kvh in range(8):
+                q = case["query"][s, kvh * 4].float()
+                kc[blk, pos % bs, kvh] = (q * (0.25 * (i + 1))
+                                          + 0.1 * kc[blk, pos % bs, kvh].float()).to(kc.dtype)
+    ks, vs = 1.0, 1.0
+    if fp8:
+        ks, vs = 0.05, 0.4
+        case["key_cache"] = quantize_fp8(case["key_cache"], ks)
+        case["value_cache"] = quantize_fp8(case["value_cache"], vs)
+        ref = oracle(case["query"], dequantize_fp8(case["key_cache"], ks),
+                     dequantize_fp8(case["value_cache"], vs), case["block_tables"],
+                     case["context_lens"], case["scale"])
+    else:
+        ref = reference(case)
+    for partition in (0, None):
+        out = run(case, partition_size=partition, k_scale=ks, v_scale=vs)
+        assert_close(out, ref, dtype, f"threshold {threshold} p{partition}")

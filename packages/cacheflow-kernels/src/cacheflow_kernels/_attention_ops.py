@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 from . import _checks as C
@@ -23,6 +24,22 @@ MIN_AUTO_PARTITION = 512
 MAX_PARTITIONS = 8192
 #: Query heads per CTA (the tensor-core kernel's rows; the float32 kernel uses 8).
 _HEADS_PER_CTA = 16
+#: Environment variable choosing the automatic split plan: "wave" (default, see
+#: :func:`plan_partitions`) or "fill" (the plan of 2026-12-03: as many partitions as fit one wave,
+#: none shorter than MIN_AUTO_PARTITION). Read at every call, so one process can A/B them.
+SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
+#: The wave planner's shortest partition.
+MIN_WAVE_PARTITION = 256
+# The wave planner's cost model, in units of one context token of one CTA (its K and V rows):
+# fixed work of a CTA (query load, pipeline fill and drain, merge of its warps, output), and the
+# merge kernel of a split (its launch and run, once per call). Design estimates of this kernel,
+# not measurements of one card.
+_CTA_OVERHEAD_TOKENS = 64
+_MERGE_FIXED_TOKENS = 128
+# The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows) ->
+# partitions, so a decode loop (max_context_len + 1 per step) evaluates the model once per bucket.
+_WAVE_PLANS: dict[tuple[int, int, int, int, int], int] = {}
+_WAVE_PLANS_MAX = 4096
 
 _QUERY = ("num_seqs", "num_heads", "head_size")
 _CACHE = ("num_blocks", "block_size", "num_kv_heads", "head_size")
@@ -137,26 +154,87 @@ def resident_ctas_per_sm(head_size: int) -> int:
     return 4 if head_size <= 96 else 3 if head_size <= 128 else 2
 
 
+def saturating_ctas_per_sm(resident: int) -> int:
+    """CTAs per multiprocessor that the wave planner assumes saturate its share of the memory
+    bandwidth, for ``resident`` resident CTAs: two thirds of them, rounded up (3 -> 2, 4 -> 3,
+    2 -> 2). Fewer run latency-bound (each CTA at its own streaming rate). A design assumption:
+    the kernel keeps enough bytes in flight per CTA that a third of the resident CTAs is
+    headroom (H200, 2026-12-03: one CTA alone streams at about half an SM's share)."""
+    return max(1, -(-2 * resident // 3))
+
+
+def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, resident: int,
+              rows: int) -> float:
+    """The wave planner's cost of cutting ``max_context_len`` into ``parts`` partitions, for a
+    grid of ``ctas`` CTAs per partition on ``num_sms`` multiprocessors holding ``resident`` CTAs
+    each, in units of one CTA token at the latency-bound rate (relative: only comparisons).
+
+    Equal CTAs spread evenly: the busiest SM runs ``n = ceil(ctas * parts / num_sms)`` of them,
+    ``resident`` at a time; while at least ``s = saturating_ctas_per_sm(resident)`` run, the SM
+    moves ``s`` CTAs' worth of tokens per unit, and a last group of fewer than ``s`` runs at
+    ``s`` CTAs' time anyway (the wave tail). A CTA's work is its partition plus a fixed
+    overhead, plus its share of the merge traffic when split (``rows`` partial rows of
+    ``head_size + 2`` floats written and read again: about 2 * rows tokens of 16-bit K/V); a
+    split adds the merge kernel once.
+    """
+    sat = saturating_ctas_per_sm(resident)
+    size = -(-max_context_len // parts)
+    work = size + _CTA_OVERHEAD_TOKENS + (2 * rows if parts > 1 else 0)
+    n = -(-ctas * parts // num_sms)
+    full, rem = divmod(n, resident)
+    units = full * resident + (max(rem, sat) if rem else 0)
+    return units * work / sat + (_MERGE_FIXED_TOKENS if parts > 1 else 0)
+
+
+def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: int,
+                     rows: int) -> int:
+    """The partition count minimizing :func:`plan_time` (fewest partitions among ties). For a
+    given count n of CTAs on the busiest SM the most partitions that keep it are best (shorter
+    CTAs), so only those counts (n = 1 .. 8 * resident) and the largest allowed are tried."""
+    most = min(max_context_len // MIN_WAVE_PARTITION, MAX_PARTITIONS)
+    if most <= 1:
+        return 1
+    candidates = {1, most}
+    for n in range(1, 8 * resident + 1):
+        parts = n * num_sms // ctas
+        if parts >= most:
+            break
+        if parts > 1:
+            candidates.add(parts)
+    best, best_time = 1, plan_time(ctas, 1, max_context_len, num_sms, resident, rows)
+    for parts in sorted(candidates - {1}):
+        t = plan_time(ctas, parts, max_context_len, num_sms, resident, rows)
+        if t < best_time * (1 - 1e-9):
+            best, best_time = parts, t
+    return best
+
+
 def plan_partitions(
     num_seqs: int, num_heads: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-    partition_size: int | None = None, *, head_size: int = 128,
+    partition_size: int | None = None, *, head_size: int = 128, split: str | None = None,
 ) -> tuple[int, int]:
     """The split-K plan of :func:`paged_attention`: ``(partition_size, num_partitions)``.
 
     ``(0, 1)`` means no split: one CTA per (sequence, KV head, group of up to 16 query heads)
     covers the whole context and writes ``out`` directly. Otherwise the context is cut into
     ``num_partitions = ceil(max_context_len / partition_size)`` partitions computed by separate
-    CTAs, merged by a second kernel through the workspace.
+    CTAs, merged by a second kernel through the workspace. A given ``partition_size`` (a
+    multiple of 64; 0 = no split) is used as is.
 
-    Automatic choice (``partition_size=None``): as many partitions as still fit the whole grid
-    in one wave of resident CTAs (``resident_ctas_per_sm(head_size) * num_sms``), none shorter
-    than MIN_AUTO_PARTITION tokens, sizes rounded up to a multiple of 64; no split when even two
-    partitions would not fit. From the H100 partition sweeps (docs/benchmarks.md): a grid of
-    1.3-1.9 waves loses 15-30% to its tail and one under half a wave leaves bandwidth unused,
-    while 0.65-1 wave of longer partitions was the fastest or within 4% of it in every case
-    (e.g. batch 32 / 4k context / MQA: 6 partitions of 704 tokens, 51 us against 62 us for 8 of
-    512; batch 64 / 2k / GQA-8: no split, 103 us against 118 us for 4 of 512). A given
-    ``partition_size`` (a multiple of 64; 0 = no split) is used as is.
+    Automatic choice (``partition_size=None``), by ``split`` (default: the environment variable
+    ``CACHEFLOW_PA_SPLIT``, else ``"wave"``):
+
+    - ``"wave"``: the partition count that minimizes :func:`plan_time`, a model of how the
+      grid's CTAs fill the device's ``num_sms`` multiprocessors at
+      ``resident_ctas_per_sm(head_size)`` CTAs each, waves and their tail included (e.g. 512
+      CTAs on 132 SMs x 3 leave a tail of one CTA per SM that runs at a latency-bound rate for
+      a third of the call: two partitions are cheaper), with a per-CTA overhead and the merge's
+      cost; partitions of at least MIN_WAVE_PARTITION tokens.
+    - ``"fill"`` (the plan of 2026-12-03): as many partitions as still fit the whole grid in one
+      wave of resident CTAs, none shorter than MIN_AUTO_PARTITION tokens; no split when even two
+      partitions would not fit.
+
+    Sizes are rounded up to a multiple of 64.
     """
     if partition_size is not None:
         if partition_size == 0:
@@ -165,10 +243,26 @@ def plan_partitions(
         return (partition_size, parts) if parts > 1 else (0, 1)
     group = num_heads // max(num_kv_heads, 1)
     ctas = num_seqs * num_kv_heads * -(-group // _HEADS_PER_CTA)
-    wave = resident_ctas_per_sm(head_size) * max(num_sms, 1)
-    if ctas <= 0:
+    if ctas <= 0 or max_context_len <= 0:
         return 0, 1
-    parts = min(wave // ctas, max_context_len // MIN_AUTO_PARTITION, MAX_PARTITIONS)
+    num_sms = max(num_sms, 1)
+    resident = resident_ctas_per_sm(head_size)
+    mode = split if split is not None else os.environ.get(SPLIT_ENV) or "wave"
+    if mode == "fill":
+        parts = min(resident * num_sms // ctas, max_context_len // MIN_AUTO_PARTITION,
+                    MAX_PARTITIONS)
+    else:
+        # One plan per 64-token bucket of the context, taken at the bucket's start (so no
+        # partition is shorter than MIN_WAVE_PARTITION).
+        bucket = max_context_len // PARTITION_ALIGN
+        rows = min(group, _HEADS_PER_CTA)
+        key = (ctas, bucket, num_sms, resident, rows)
+        parts = _WAVE_PLANS.get(key, 0)
+        if parts == 0:
+            parts = _wave_partitions(ctas, bucket * PARTITION_ALIGN, num_sms, resident, rows)
+            if len(_WAVE_PLANS) >= _WAVE_PLANS_MAX:
+                _WAVE_PLANS.clear()
+            _WAVE_PLANS[key] = parts
     if parts <= 1:
         return 0, 1
     size = -(-max_context_len // parts)

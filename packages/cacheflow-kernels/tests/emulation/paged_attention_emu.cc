@@ -13,10 +13,16 @@ namespace {
 
 namespace pa = cacheflow::paged_attention;
 
+// What the dispatch chose at the last launch (cf_emu_last_launch).
+int g_last_stages = -1;
+int g_last_step_tiles = -1;
+
 struct EmuLauncher {
   template <typename... Args>
   void operator()(void (*kernel)(Args...), pa::GridDims grid, int threads, size_t smem,
                   const pa::Params& p) const {
+    g_last_stages = p.stages;
+    g_last_step_tiles = p.step_tiles;
     pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
       kernel(p);
     });
@@ -32,8 +38,25 @@ pa_emu::GlobalRange Range(const void* ptr, int64_t bytes, const char* name) {
 int g_stages = pa::kStagesAuto;
 int g_smem_per_sm = 233472;     // an H100's / H200's 228 KB
 int g_smem_per_block = 232448;  // and its 227 KB per CTA
+int g_step_tiles = pa::kDefaultStepTiles;
+float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 
 }  // namespace
+
+/*!
+ * \brief Sets Params::step_tiles (1 or 2; CACHEFLOW_PA_STEP on the GPU) and
+ * Params::rescale_threshold (CACHEFLOW_PA_RESCALE_THRESHOLD) of the following runs.
+ */
+extern "C" void cf_emu_set_step(int step_tiles, double rescale_threshold) {
+  g_step_tiles = step_tiles;
+  g_rescale_threshold = static_cast<float>(rescale_threshold);
+}
+
+/*! \brief The depth (0: register kernel) and step tiles the dispatch used at the last launch. */
+extern "C" void cf_emu_last_launch(int* stages, int* step_tiles) {
+  *stages = g_last_stages;
+  *step_tiles = g_last_step_tiles;
+}
 
 /*!
  * \brief Configures the following cf_emu_paged_attention calls: `cp_async_mode` 0 copies at
@@ -112,6 +135,8 @@ extern "C" int cf_emu_paged_attention(
   p.stages = g_stages;
   p.smem_per_sm = g_smem_per_sm;
   p.smem_per_block = g_smem_per_block;
+  p.step_tiles = g_step_tiles;
+  p.rescale_threshold = g_rescale_threshold;
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;

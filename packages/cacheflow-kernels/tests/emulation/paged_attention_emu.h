@@ -360,6 +360,17 @@ inline int ShflIdx(int v, int src_lane) {
   return s.i[src_lane & 31];
 }
 
+inline bool AnyInWarp(bool pred) {
+  pa_emu::WarpScratch& s = pa_emu::Scratch();
+  const int lane = pa_emu::Lane();
+  s.i[lane] = pred ? 1 : 0;
+  pa_emu::WarpBarrier();
+  for (int i = 0; i < 32; ++i) {
+    if (s.i[i] != 0) return true;
+  }
+  return false;
+}
+
 inline int LoadIndex(const int32_t* ptr) {
   pa_emu::CheckGlobal(ptr, 4, "block table load");
   return *ptr;
