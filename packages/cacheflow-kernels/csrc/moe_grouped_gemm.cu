@@ -1,38 +1,40 @@
-// Grouped GEMM of a mixture-of-experts layer: one launch multiplies every expert's segment of
-// expert-sorted rows by that expert's weight matrix.
+// Mixture-of-experts ops: the grouped GEMM (every expert's segment of expert-sorted rows times
+// that expert's weight, one launch), its fused variants, the device-side sort of the routed
+// (token, slot) pairs by expert and the top-k sum. The device code of everything but the WMMA
+// kernel is in moe_kernels.cuh (shared with the CPU emulation of the tests).
 //
-// Layouts (all C-contiguous, one dtype: float16 or bfloat16; offsets int64):
-//   x               [M, K]      rows sorted by expert: rows offsets[e] .. offsets[e+1]-1 go to e
-//   w               [E, N, K]   per-expert weights in nn.Linear layout (out features, in features)
-//   expert_offsets  [E + 1]     offsets[0] = 0 <= offsets[1] <= ... <= offsets[E] <= M
-//   out             [M, N]      out[r, :] = x[r, :] @ w[e, :, :]^T for the expert e of row r
-// Rows at or past offsets[E] are not written. Products accumulate in float32 on tensor cores and
-// are rounded once to the dtype. K must be a multiple of 8 (whole 16-byte chunks); M, N and the
-// segment sizes are arbitrary (partial tiles are zero-filled on load and masked on store).
+// Exported functions (all tensors C-contiguous on one CUDA device; data float16 or bfloat16;
+// every argument checked before any launch, ValueError naming it):
+//   moe_grouped_gemm(out, x, w, expert_offsets)
+//       out [M, N] = x [M, K] @ w[e] [N, K]^T per segment (the kStore epilogue, or the WMMA
+//       kernel). Rows at or past offsets[E] are not written.
+//   moe_grouped_gemm_indexed(out, x, w, expert_offsets, row_index?, out_index?, out_scale?)
+//       the same GEMM reading row r from x[row_index[r]] (a gather: no gathered copy of the
+//       tokens) and writing it, times out_scale[out_index[r]] in float32, to out[out_index[r]]
+//       (a scatter; int32 indices, float32 scales; the kIndexed epilogue).
+//   moe_grouped_gemm_gated(out, x, w, expert_offsets, row_index?, activation)
+//       out [M, I] = act(h[:, :I]) * h[:, I:] with h = x[row_index] @ w[e]^T, w [E, 2 I, K] gate
+//       rows then up rows (the gated epilogues: no [M, 2 I] intermediate).
+//   moe_sort_by_expert(expert_offsets, sorted_pairs, token_index, topk_ids)
+//       the counting sort that produces the segments (no host sync).
+//   moe_sum_topk(out, x, topk_ids, num_experts)
+//       out [T, H] = sum over the valid slots of x [T, k, H], float32, rounded once.
+// Every launch runs on the caller's stream with a grid that depends only on the shapes (no host
+// sync): CUDA-graph capturable.
 //
-// Scheduling (both kernels): a block computes a BM x BN tile of one expert's segment. Grid: x =
-// M tiles (an upper bound, ceil(M / BM) + E: every segment may end in a partial tile), y = N
-// tiles. A block finds its expert from the offsets; blocks past the last segment tile exit. The
-// grid depends only on M, N and E, so a launch is CUDA-graph capturable (no host sync).
-//
-// Default kernel (mma_path): mma.sync m16n8k16 (sm_80+) fed by ldmatrix.x4 from an XOR-swizzled
-// shared layout (rows of BK = 64 elements = 128 bytes, 16-byte chunk c of row r stored at chunk
-// c ^ (r & 7): conflict-free cp.async writes and ldmatrix reads without padding), a 3-4 stage
-// cp.async pipeline in dynamic shared memory (one __syncthreads per K step), fragments
-// double-buffered in registers across the four k16 steps of a stage, and an epilogue that
-// rounds through a shared staging tile for 16-byte row stores. Tiles (BM x BN, warps, warp
-// tile, stages, shared memory):
+// GEMM tiles (BM x BN, warps, warp tile, stages, shared memory), chosen per launch from M / E
+// (the average segment), N and the device's SM count:
 //   128x256  8 warps 2x4  64x64  4 stages  192 KiB   (3 stages, 144 KiB, where 192 KiB is not
 //                                                     available, e.g. A100)
 //   128x128  4 warps 2x2  64x64  3 stages   96 KiB   (when 128x256 would not fill the SMs once)
 //    64x128  4 warps 2x2  32x64  4 stages   96 KiB   (average segment <= 64 rows)
 //    32x128  4 warps 1x4  32x32  4 stages   80 KiB   (average segment <= 32 rows: decode)
-// chosen per launch from M / E (the average segment), N and the device's SM count.
 //
 // CACHEFLOW_MOE_GEMM (read at every call, so one process can A/B by setting os.environ):
 //   unset / "auto" / "mma"   the automatic choice above
-//   "wmma"                   the original kernel: WMMA 16x16x16, 128x128x32 tiles, 8 warps of
-//                            64x32, two-stage cp.async in static shared memory
+//   "wmma"                   moe_grouped_gemm only: the original kernel (WMMA 16x16x16,
+//                            128x128x32 tiles, 8 warps of 64x32, two-stage cp.async in static
+//                            shared memory); the fused variants make the automatic choice
 //   "128x256", "128x256s3", "128x128", "64x128", "32x128"   force an mma.sync tile (the
 //                            automatic choice where the device lacks its shared memory)
 #include <cuda_bf16.h>
@@ -41,17 +43,25 @@
 #include <mma.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
+#include <tvm/ffi/optional.h>
+#include <tvm/ffi/string.h>
 
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "common.h"
 #include "elementwise_common.cuh"
+#include "moe_kernels.cuh"
 
 namespace cacheflow {
 namespace {
@@ -239,348 +249,14 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace wmma_path
 
-// ---------------------------------------------------------------------------------------------
-// The mma.sync kernel (default).
-// ---------------------------------------------------------------------------------------------
-namespace mma_path {
-
-constexpr int kBK = 64;            // reduction step: one 128-byte shared-memory row per tile row
-constexpr int kChunksPerRow = 8;   // 16-byte chunks of a row (8 elements each)
-constexpr int kRowElems = kBK;     // shared row stride in elements (no padding: swizzled)
-
-/*!
- * \brief A tile configuration: a BM x BN block tile split among WM x WN warps (each a
- * (BM/WM) x (BN/WN) warp tile of m16n8k16 products), STAGES cp.async stages of BK = 64.
- */
-template <int BM_, int BN_, int WM_, int WN_, int STAGES_, int MIN_BLOCKS_>
-struct Tile {
-  static constexpr int BM = BM_;
-  static constexpr int BN = BN_;
-  static constexpr int kWarpsM = WM_;
-  static constexpr int kWarpsN = WN_;
-  static constexpr int kStages = STAGES_;
-  static constexpr int kMinBlocks = MIN_BLOCKS_;
-  static constexpr int kThreads = 32 * WM_ * WN_;
-  static constexpr int kWarpTileM = BM / WM_;
-  static constexpr int kWarpTileN = BN / WN_;
-  static constexpr int kMI = kWarpTileM / 16;  // m16 fragments of a warp tile
-  static constexpr int kNI = kWarpTileN / 8;   // n8 fragments of a warp tile
-  static constexpr int kRowStep = kThreads / kChunksPerRow;  // tile rows one load pass covers
-  static constexpr int kALoads = BM / kRowStep;              // 16-byte copies per thread (A)
-  static constexpr int kBLoads = BN / kRowStep;              // 16-byte copies per thread (B)
-  static constexpr int kStageBytes = (BM + BN) * kRowElems * 2;
-  static constexpr int kOutLd = BN + 8;  // epilogue staging row stride (elements)
-  static constexpr int kOutBytes = BM * kOutLd * 2;
-  static constexpr int kSmemBytes =
-      kStages * kStageBytes > kOutBytes ? kStages * kStageBytes : kOutBytes;
-
-  static_assert(kWarpsM * kWarpTileM == BM && kWarpsN * kWarpTileN == BN, "whole warp tiles");
-  static_assert(kWarpTileM % 16 == 0 && kWarpTileN % 16 == 0, "warp tile of m16 x n16 steps");
-  static_assert(kRowStep % 8 == 0, "a load pass covers whole swizzle periods of 8 rows");
-  static_assert(BM % kRowStep == 0 && BN % kRowStep == 0, "whole load passes");
-  static_assert(kStages >= 2, "at least double buffering");
-};
-
-//                    BM   BN  WM WN stages min blocks/SM   smem     warp tile
-using Tile128x256s4 = Tile<128, 256, 2, 4, 4, 1>;   // 192 KiB  64 x 64
-using Tile128x256s3 = Tile<128, 256, 2, 4, 3, 1>;   // 144 KiB  64 x 64
-using Tile128x128 = Tile<128, 128, 2, 2, 3, 2>;     //  96 KiB  64 x 64
-using Tile64x128 = Tile<64, 128, 2, 2, 4, 2>;       //  96 KiB  32 x 64
-using Tile32x128 = Tile<32, 128, 1, 4, 4, 2>;       //  80 KiB  32 x 32
-
-__device__ __forceinline__ uint32_t SmemU32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-/*! \brief cp.async of 16 bytes to a 32-bit shared address; `valid` false writes 16 zeros. */
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-
-/*! \brief Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i. */
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-/*! \brief d += a (16x16, row) * b (16x8, col), float32 accumulation. */
-template <typename T>
-__device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1);
-template <>
-__device__ __forceinline__ void Mma16816<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                 uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void Mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/*! \brief Two floats rounded (to nearest even) to T, packed low = `lo`, high = `hi`. */
-template <typename T>
-__device__ __forceinline__ uint32_t PackPair(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t PackPair<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t PackPair<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-/*!
- * \brief Element offset of 16-byte chunk `chunk` (0..7) of row `row` in a swizzled stage tile:
- * rows of 64 elements (128 bytes), chunk c of row r stored at chunk c ^ (r & 7). The 8 rows an
- * ldmatrix reads at one logical chunk then hit 8 distinct bank groups.
- */
-__device__ __forceinline__ int Swizzle(int row, int chunk) {
-  return row * kRowElems + ((chunk ^ (row & 7)) << 3);
-}
-
-/*!
- * \brief The tile of this block: its expert (-1: past the last segment tile), first row and
- * segment end. Warp 0 scans the clamped segment sizes 32 experts at a time (a warp prefix sum
- * of their tile counts); the result is broadcast through shared memory.
- */
-template <int BM>
-__device__ __forceinline__ void FindTile(const int64_t* __restrict__ offsets, int64_t M,
-                                         int64_t E, int64_t (&info)[3]) {
-  const int lane = threadIdx.x & 31;
-  if (threadIdx.x < 32) {
-    int64_t t = blockIdx.x;
-    int64_t found = -1, row0 = 0, seg_end = 0;
-    for (int64_t base = 0; base < E; base += 32) {
-      const int64_t e = base + lane;
-      int64_t begin = 0, end = 0, tiles = 0;
-      if (e < E) {
-        begin = offsets[e];
-        end = offsets[e + 1];
-        begin = begin < 0 ? 0 : (begin > M ? M : begin);
-        end = end < begin ? begin : (end > M ? M : end);
-        tiles = (end - begin + BM - 1) / BM;
-      }
-      int64_t incl = tiles;  // inclusive prefix sum of the tile counts over the lanes
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int64_t v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
-      const unsigned hit = __ballot_sync(0xffffffffu, incl > t);
-      if (hit != 0) {  // warp-uniform
-        const int src = __ffs(hit) - 1;
-        const int64_t my_row0 = begin + (t - (incl - tiles)) * BM;
-        found = base + src;
-        row0 = __shfl_sync(0xffffffffu, my_row0, src);
-        seg_end = __shfl_sync(0xffffffffu, end, src);
-        break;
-      }
-      t -= __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) {
-      info[0] = found;
-      info[1] = row0;
-      info[2] = seg_end;
-    }
-  }
-  __syncthreads();
-}
-
-template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
-    MoeGroupedGemmMmaKernel(T* __restrict__ out, const T* __restrict__ x,
-                            const T* __restrict__ w, const int64_t* __restrict__ offsets,
-                            int64_t M, int64_t N, int64_t K, int64_t E, bool out_vec) {
-  constexpr int BM = Cfg::BM;
-  constexpr int BN = Cfg::BN;
-  constexpr int kMI = Cfg::kMI;
-  constexpr int kNI = Cfg::kNI;
-  constexpr int kStages = Cfg::kStages;
-  extern __shared__ __align__(128) unsigned char moe_smem[];
-  __shared__ int64_t tile_info[3];  // expert, first row of the tile, end of the segment
-
-  FindTile<BM>(offsets, M, E, tile_info);
-  const int64_t expert = tile_info[0];
-  if (expert < 0) return;  // the whole block: past the last segment tile
-  const int64_t row0 = tile_info[1];
-  const int64_t seg_end = tile_info[2];
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int warp_m = warp / Cfg::kWarpsN;
-  const int warp_n = warp % Cfg::kWarpsN;
-  const uint32_t smem = SmemU32(moe_smem);
-
-  // ---- Global -> shared: thread `tid` copies chunk tid % 8 of rows tid / 8 + i * kRowStep. ----
-  const int ld_row = tid >> 3;
-  const int ld_chunk = tid & 7;
-  // Rows step by a multiple of 8, so every row of this thread has the same swizzled chunk.
-  const uint32_t ld_dst = static_cast<uint32_t>(Swizzle(ld_row, ld_chunk)) * 2u;
-  const T* a_src = x + (row0 + ld_row) * K + ld_chunk * kChunksPerRow;
-  const T* b_src = w + (expert * N + n0 + ld_row) * K + ld_chunk * kChunksPerRow;
-  // Rows of this thread still inside the segment / inside N: copies i with i * kRowStep < these.
-  const int64_t a_rows = seg_end - row0 - ld_row;
-  const int64_t b_rows = N - n0 - ld_row;
-  const int64_t row_step_k = static_cast<int64_t>(Cfg::kRowStep) * K;
-
-  auto load_stage = [&](int slot, int64_t k0) {
-    const uint32_t as = smem + static_cast<uint32_t>(slot * Cfg::kStageBytes) + ld_dst;
-    const uint32_t bs = as + BM * kRowElems * 2;
-    const bool k_ok = k0 + ld_chunk * kChunksPerRow < K;  // K % 8 == 0: whole chunks
-#pragma unroll
-    for (int i = 0; i < Cfg::kALoads; ++i) {
-      const bool ok = k_ok && i * Cfg::kRowStep < a_rows;
-      CpAsync16(as + i * Cfg::kRowStep * kRowElems * 2, ok ? a_src + i * row_step_k + k0 : x,
-                ok);
-    }
-#pragma unroll
-    for (int i = 0; i < Cfg::kBLoads; ++i) {
-      const bool ok = k_ok && i * Cfg::kRowStep < b_rows;
-      CpAsync16(bs + i * Cfg::kRowStep * kRowElems * 2, ok ? b_src + i * row_step_k + k0 : w,
-                ok);
-    }
-  };
-
-  // ---- Shared -> registers (ldmatrix.x4), per lane. ----
-  // A fragment (16 rows x 16 k) of m-step mi: lane l reads row (l & 15), chunk 2 * kk + (l >> 4)
-  // (matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 = mma's a0..a3).
-  // B fragments of n-steps 2j, 2j + 1 (w rows = B columns): lane l reads w row
-  // (l & 7) + 8 * (l >> 4), chunk 2 * kk + ((l >> 3) & 1) (matrices: b0, b1 of n-step 2j, then
-  // b0, b1 of 2j + 1).
-  const int a_frag_row = warp_m * Cfg::kWarpTileM + (lane & 15);
-  const int a_frag_hi = lane >> 4;
-  const int b_frag_row = warp_n * Cfg::kWarpTileN + (lane & 7) + ((lane >> 4) << 3);
-  const int b_frag_hi = (lane >> 3) & 1;
-
-  auto load_frags = [&](uint32_t (&af)[kMI][4], uint32_t (&bf)[kNI][2], uint32_t as, int kk) {
-    const uint32_t bs = as + BM * kRowElems * 2;
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi) {
-      LdMatrixX4(af[mi], as + static_cast<uint32_t>(
-                                  Swizzle(a_frag_row + mi * 16, 2 * kk + a_frag_hi)) * 2u);
-    }
-#pragma unroll
-    for (int nj = 0; nj < kNI / 2; ++nj) {
-      uint32_t r[4];
-      LdMatrixX4(r, bs + static_cast<uint32_t>(
-                             Swizzle(b_frag_row + nj * 16, 2 * kk + b_frag_hi)) * 2u);
-      bf[2 * nj][0] = r[0];
-      bf[2 * nj][1] = r[1];
-      bf[2 * nj + 1][0] = r[2];
-      bf[2 * nj + 1][1] = r[3];
-    }
-  };
-
-  float acc[kMI][kNI][4];
-#pragma unroll
-  for (int mi = 0; mi < kMI; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < kNI; ++ni) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
-    }
-  }
-
-  // ---- Main loop: kStages - 1 tiles in flight ahead of the one being multiplied. ----
-  const int64_t k_tiles = (K + kBK - 1) / kBK;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, static_cast<int64_t>(s) * kBK);
-    CpAsyncCommit();
-  }
-  int read_slot = 0;
-  int write_slot = kStages - 1;
-  uint32_t af[2][kMI][4];
-  uint32_t bf[2][kNI][2];
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    // Groups committed so far: kt + kStages - 1; at most kStages - 2 pending => tile kt landed.
-    CpAsyncWait<kStages - 2>();
-    // Tile kt is visible to every thread, and every thread is done with tile kt - 1, whose slot
-    // (write_slot) the next load overwrites.
-    __syncthreads();
-    const int64_t next = kt + kStages - 1;
-    if (next < k_tiles) load_stage(write_slot, next * kBK);
-    CpAsyncCommit();  // possibly empty: keeps the group count uniform
-
-    const uint32_t as = smem + static_cast<uint32_t>(read_slot * Cfg::kStageBytes);
-    load_frags(af[0], bf[0], as, 0);
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      if (kk + 1 < kBK / 16) load_frags(af[(kk + 1) & 1], bf[(kk + 1) & 1], as, kk + 1);
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) {
-#pragma unroll
-        for (int ni = 0; ni < kNI; ++ni) {
-          Mma16816<T>(acc[mi][ni], af[kk & 1][mi], bf[kk & 1][ni][0], bf[kk & 1][ni][1]);
-        }
-      }
-    }
-    read_slot = read_slot + 1 == kStages ? 0 : read_slot + 1;
-    write_slot = write_slot + 1 == kStages ? 0 : write_slot + 1;
-  }
-  CpAsyncWait<0>();
-  __syncthreads();  // every warp is done reading the stages: the epilogue reuses them
-
-  // ---- Epilogue: round to T into a [BM][BN + 8] staging tile, then 16-byte row stores. ----
-  // Accumulator (mi, ni): lane l holds rows l / 4 and l / 4 + 8, columns 2 (l % 4) + {0, 1}.
-  uint32_t* stage = reinterpret_cast<uint32_t*>(moe_smem);
-  {
-    const int r_base = warp_m * Cfg::kWarpTileM + (lane >> 2);
-    const int c_base = warp_n * Cfg::kWarpTileN + (lane & 3) * 2;
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi) {
-#pragma unroll
-      for (int ni = 0; ni < kNI; ++ni) {
-        const int r = r_base + mi * 16;
-        const int c = c_base + ni * 8;
-        stage[(r * Cfg::kOutLd + c) >> 1] = PackPair<T>(acc[mi][ni][0], acc[mi][ni][1]);
-        stage[((r + 8) * Cfg::kOutLd + c) >> 1] = PackPair<T>(acc[mi][ni][2], acc[mi][ni][3]);
-      }
-    }
-  }
-  __syncthreads();
-  const T* stage_t = reinterpret_cast<const T*>(moe_smem);
-  constexpr int kOutChunks = BN / 8;  // 8-element chunks of a tile row
-#pragma unroll 4
-  for (int c = tid; c < BM * kOutChunks; c += Cfg::kThreads) {
-    const int r = c / kOutChunks;
-    const int cc = (c % kOutChunks) * 8;
-    const int64_t gr = row0 + r;
-    const int64_t gc = n0 + cc;
-    if (gr >= seg_end || gc >= N) continue;
-    const T* src = stage_t + r * Cfg::kOutLd + cc;
-    T* dst = out + gr * N + gc;
-    if (out_vec && gc + 8 <= N) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int q = 0; q < 8 && gc + q < N; ++q) dst[q] = src[q];
-    }
-  }
-}
-
-}  // namespace mma_path
-
-constexpr const char* kOp = "moe_grouped_gemm";
+using tvm::ffi::Optional;
 
 inline bool IsHalfDtype(DLDataType dt) {
   return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
+}
+inline bool IsInt32(DLDataType dt) { return dt.code == kDLInt && dt.bits == 32 && dt.lanes == 1; }
+inline bool IsFloat32(DLDataType dt) {
+  return dt.code == kDLFloat && dt.bits == 32 && dt.lanes == 1;
 }
 
 /*! \brief The kernels a launch can run (CACHEFLOW_MOE_GEMM picks one; kAuto chooses). */
@@ -639,39 +315,36 @@ void EnsureSmemLimit(const void* kernel, int device, int bytes) {
   done.insert(key);
 }
 
+/*! \brief Whether the device has the shared memory of tile `Cfg` (any epilogue: the largest). */
 template <typename Cfg>
 bool Fits(const DeviceInfo& dev) {
-  return Cfg::kSmemBytes <= dev.smem_optin;
+  return moe::GemmSmem<Cfg, moe::Epilogue::kIndexed>::kBytes <= dev.smem_optin;
+}
+
+bool FitsVariant(Variant v, const DeviceInfo& dev) {
+  using namespace moe;  // NOLINT(build/namespaces)
+  switch (v) {
+    case Variant::kMma128x256s4: return Fits<Tile128x256s4>(dev);
+    case Variant::kMma128x256s3: return Fits<Tile128x256s3>(dev);
+    case Variant::kMma128x128: return Fits<Tile128x128>(dev);
+    case Variant::kMma64x128: return Fits<Tile64x128>(dev);
+    case Variant::kMma32x128: return Fits<Tile32x128>(dev);
+    default: return true;
+  }
 }
 
 /*!
- * \brief The tile for a launch, from the shapes alone (no look at the routing): the average
+ * \brief The kernel of a launch, from the shapes alone (no look at the routing): the average
  * segment (M / E rows) picks the tile height: decode-sized segments a 32- or 64-row tile, whose
  * blocks stream the weights with little wasted work; larger ones 128 x 256 tiles (the fewest
  * shared-memory bytes per product), or 128 x 128 when 128 x 256 would not fill every SM once.
+ * A requested tile the device cannot hold falls back to this choice. kWmma where no mma tile
+ * fits (devices with < 80 KiB of shared memory per block; the fused variants raise instead).
  */
 Variant ChooseVariant(Variant requested, const DeviceInfo& dev, int64_t M, int64_t N,
                       int64_t E) {
-  using namespace mma_path;  // NOLINT(build/namespaces)
-  switch (requested) {
-    case Variant::kWmma: return Variant::kWmma;
-    case Variant::kMma128x256s4:
-      if (Fits<Tile128x256s4>(dev)) return requested;
-      break;
-    case Variant::kMma128x256s3:
-      if (Fits<Tile128x256s3>(dev)) return requested;
-      break;
-    case Variant::kMma128x128:
-      if (Fits<Tile128x128>(dev)) return requested;
-      break;
-    case Variant::kMma64x128:
-      if (Fits<Tile64x128>(dev)) return requested;
-      break;
-    case Variant::kMma32x128:
-      if (Fits<Tile32x128>(dev)) return requested;
-      break;
-    case Variant::kAuto: break;
-  }
+  if (requested == Variant::kWmma) return Variant::kWmma;
+  if (requested != Variant::kAuto && FitsVariant(requested, dev)) return requested;
   const int64_t rows_per_expert = (M + E - 1) / E;
   Variant v;
   if (rows_per_expert <= 32) {
@@ -680,137 +353,439 @@ Variant ChooseVariant(Variant requested, const DeviceInfo& dev, int64_t M, int64
     v = Variant::kMma64x128;
   } else {
     const int64_t big_blocks = ((M + 127) / 128) * ((N + 255) / 256);
-    if (big_blocks >= dev.sms && Fits<Tile128x256s4>(dev)) {
+    if (big_blocks >= dev.sms && FitsVariant(Variant::kMma128x256s4, dev)) {
       v = Variant::kMma128x256s4;
-    } else if (big_blocks >= dev.sms && Fits<Tile128x256s3>(dev)) {
+    } else if (big_blocks >= dev.sms && FitsVariant(Variant::kMma128x256s3, dev)) {
       v = Variant::kMma128x256s3;
     } else {
       v = Variant::kMma128x128;
     }
   }
-  // Every mma tile needs >= 80 KiB of shared memory (sm_80 and newer have it); else WMMA.
-  const bool fits = (v == Variant::kMma32x128 && Fits<Tile32x128>(dev)) ||
-                    (v == Variant::kMma64x128 && Fits<Tile64x128>(dev)) ||
-                    (v == Variant::kMma128x128 && Fits<Tile128x128>(dev)) ||
-                    v == Variant::kMma128x256s4 || v == Variant::kMma128x256s3;
-  return fits ? v : Variant::kWmma;
+  return FitsVariant(v, dev) ? v : Variant::kWmma;
 }
 
-struct LaunchArgs {
-  void* out;
-  const void* x;
-  const void* w;
-  const int64_t* offsets;
-  int64_t M, N, K, E;
-  bool out_vec;
-  int device;
-  cudaStream_t stream;
-};
-
-template <typename T, typename Cfg>
-void LaunchMma(const LaunchArgs& a) {
-  auto kernel = mma_path::MoeGroupedGemmMmaKernel<T, Cfg>;
-  EnsureSmemLimit(reinterpret_cast<const void*>(kernel), a.device, Cfg::kSmemBytes);
-  const int64_t m_tiles = (a.M + Cfg::BM - 1) / Cfg::BM + a.E;
-  const int64_t n_tiles = (a.N + Cfg::BN - 1) / Cfg::BN;
+template <typename T, typename Cfg, moe::Epilogue kEpi>
+void LaunchMma(const moe::GemmParams& p, int device, cudaStream_t stream) {
+  auto kernel = moe::GroupedGemmKernel<T, Cfg, kEpi>;
+  constexpr int kSmem = moe::GemmSmem<Cfg, kEpi>::kBytes;
+  EnsureSmemLimit(reinterpret_cast<const void*>(kernel), device, kSmem);
+  constexpr bool kGated = moe::kIsGated<kEpi>;
+  constexpr int64_t kTileCols = kGated ? Cfg::BN / 2 : Cfg::BN;
+  const int64_t out_cols = kGated ? p.N / 2 : p.N;
+  const int64_t m_tiles = (p.M + Cfg::BM - 1) / Cfg::BM + p.E;
+  const int64_t n_tiles = (out_cols + kTileCols - 1) / kTileCols;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, a.stream>>>(
-      static_cast<T*>(a.out), static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.offsets,
-      a.M, a.N, a.K, a.E, a.out_vec);
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
 }
 
 template <typename T>
-void LaunchWmma(const LaunchArgs& a) {
+void LaunchWmma(const moe::GemmParams& p, cudaStream_t stream) {
   using namespace wmma_path;  // NOLINT(build/namespaces)
-  const int64_t m_tiles = (a.M + kBM - 1) / kBM + a.E;
-  const int64_t n_tiles = (a.N + kBN - 1) / kBN;
+  using Storage = std::conditional_t<std::is_same_v<T, moe::Bf16>, __nv_bfloat16, __half>;
+  const int64_t m_tiles = (p.M + kBM - 1) / kBM + p.E;
+  const int64_t n_tiles = (p.N + kBN - 1) / kBN;
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
-  MoeGroupedGemmWmmaKernel<T><<<grid, kThreads, 0, a.stream>>>(
-      static_cast<T*>(a.out), static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.offsets,
-      a.M, a.N, a.K, a.E, a.out_vec);
+  MoeGroupedGemmWmmaKernel<Storage><<<grid, kThreads, 0, stream>>>(
+      static_cast<Storage*>(p.out), static_cast<const Storage*>(p.x),
+      static_cast<const Storage*>(p.w), p.offsets, p.M, p.N, p.K, p.E, p.out_vec);
 }
 
-template <typename T>
-void Launch(Variant v, const LaunchArgs& a) {
-  using namespace mma_path;  // NOLINT(build/namespaces)
+template <typename T, moe::Epilogue kEpi>
+void Launch(Variant v, const moe::GemmParams& p, int device, cudaStream_t stream) {
+  using namespace moe;  // NOLINT(build/namespaces)
   switch (v) {
-    case Variant::kMma128x256s4: LaunchMma<T, Tile128x256s4>(a); break;
-    case Variant::kMma128x256s3: LaunchMma<T, Tile128x256s3>(a); break;
-    case Variant::kMma128x128: LaunchMma<T, Tile128x128>(a); break;
-    case Variant::kMma64x128: LaunchMma<T, Tile64x128>(a); break;
-    case Variant::kMma32x128: LaunchMma<T, Tile32x128>(a); break;
-    default: LaunchWmma<T>(a); break;
+    case Variant::kMma128x256s4: LaunchMma<T, Tile128x256s4, kEpi>(p, device, stream); break;
+    case Variant::kMma128x256s3: LaunchMma<T, Tile128x256s3, kEpi>(p, device, stream); break;
+    case Variant::kMma128x128: LaunchMma<T, Tile128x128, kEpi>(p, device, stream); break;
+    case Variant::kMma64x128: LaunchMma<T, Tile64x128, kEpi>(p, device, stream); break;
+    case Variant::kMma32x128: LaunchMma<T, Tile32x128, kEpi>(p, device, stream); break;
+    default:
+      if constexpr (kEpi == Epilogue::kStore) {
+        LaunchWmma<T>(p, stream);
+      } else {
+        TVM_FFI_THROW(RuntimeError)
+            << "the fused grouped-GEMM variants need a device with at least "
+            << GemmSmem<Tile32x128, Epilogue::kIndexed>::kBytes
+            << " bytes of shared memory per block (compute capability 8.0 or newer)";
+      }
   }
 }
 
-void MoeGroupedGemm(TensorView out, TensorView x, TensorView w, TensorView expert_offsets) {
-  CheckNdim(kOp, "x", x, 2, "[num_rows, in_features]");
+/*! \brief Checks shared by the GEMM ops: x [rows, K], w [E, N, K], offsets [E + 1]. */
+void CheckGemmOperands(const char* op, const TensorView& x, const TensorView& w,
+                       const TensorView& expert_offsets, const char* w_layout) {
+  CheckNdim(op, "x", x, 2, "[num_rows, in_features]");
   TVM_FFI_CHECK(IsHalfDtype(x.dtype()), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "x") << "float16 or bfloat16, got " << x.dtype();
-  CheckNdim(kOp, "w", w, 3, "[num_experts, out_features, in_features]");
-  CheckDtypeLike(kOp, "w", w, "x", x);
-  const int64_t M = x.shape()[0], K = x.shape()[1];
-  const int64_t E = w.shape()[0], N = w.shape()[1];
+      << CACHEFLOW_ARG_ERROR(op, "x") << "float16 or bfloat16, got " << x.dtype();
+  CheckNdim(op, "w", w, 3, w_layout);
+  elementwise::CheckDtypeLike(op, "w", w, "x", x);
+  const int64_t K = x.shape()[1];
+  const int64_t E = w.shape()[0];
   TVM_FFI_CHECK(w.shape()[2] == K, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "w") << "of shape [num_experts, out_features, " << K
+      << CACHEFLOW_ARG_ERROR(op, "w") << "of shape [num_experts, out_features, " << K
       << "] (in_features of 'x'), got " << ShapeStr(w);
   TVM_FFI_CHECK(K > 0 && K % 8 == 0, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "x") << "of shape [num_rows, in_features] with in_features a "
+      << CACHEFLOW_ARG_ERROR(op, "x") << "of shape [num_rows, in_features] with in_features a "
       << "positive multiple of 8, got " << ShapeStr(x);
-  TVM_FFI_CHECK(E > 0, ValueError) << CACHEFLOW_ARG_ERROR(kOp, "w")
+  TVM_FFI_CHECK(E > 0, ValueError) << CACHEFLOW_ARG_ERROR(op, "w")
                                    << "a tensor with at least one expert, got " << ShapeStr(w);
-  CheckNdim(kOp, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
+  CheckNdim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
   TVM_FFI_CHECK(IsInt64(expert_offsets.dtype()) && expert_offsets.shape()[0] == E + 1, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "expert_offsets") << "an int64 tensor of shape [" << E + 1
+      << CACHEFLOW_ARG_ERROR(op, "expert_offsets") << "an int64 tensor of shape [" << E + 1
       << "], got " << expert_offsets.dtype() << " of shape " << ShapeStr(expert_offsets);
+}
+
+/*! \brief Checks of an optional int32 row index `[rows]` (rows: the GEMM's M). */
+void CheckRowIndex(const char* op, const char* name, const TensorView& t, int64_t rows) {
+  CheckNdim(op, name, t, 1, "[num_rows]");
+  TVM_FFI_CHECK(IsInt32(t.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "of dtype int32, got " << t.dtype();
+  TVM_FFI_CHECK(t.shape()[0] == rows, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "of shape [" << rows << "], got " << ShapeStr(t);
+}
+
+/*! \brief Contiguity and device checks of the GEMM operands and the output. */
+void CheckGemmLayout(const char* op, const TensorView& out, const TensorView& x,
+                     const TensorView& w, const TensorView& expert_offsets) {
+  CheckContiguous(op, "out", out);
+  CheckContiguous(op, "x", x);
+  CheckContiguous(op, "w", w);
+  CheckContiguous(op, "expert_offsets", expert_offsets);
+  CheckCuda(op, "x", x);
+  CheckSameDevice(op, "w", w, "x", x);
+  CheckSameDevice(op, "out", out, "x", x);
+  CheckSameDevice(op, "expert_offsets", expert_offsets, "x", x);
+  TVM_FFI_CHECK(elementwise::IsAligned(DataPtr(x), 16) && elementwise::IsAligned(DataPtr(w), 16),
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "x") << "and 'w' 16-byte aligned (fresh or contiguous "
+      << "allocations are), got a view at an unaligned offset";
+}
+
+/*! \brief Column tiles of the grid (the narrowest output tile: 128, or 64 gated columns). */
+void CheckColumnTiles(const char* op, int64_t out_cols, int64_t narrowest_tile) {
+  const int64_t n_tiles = (out_cols + narrowest_tile - 1) / narrowest_tile;
+  TVM_FFI_CHECK(n_tiles <= 65535, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "w") << "at most " << 65535 * narrowest_tile
+      << " output features, got " << out_cols;
+}
+
+moe::GemmParams BaseParams(const TensorView& out, const TensorView& x, const TensorView& w,
+                           const TensorView& expert_offsets) {
+  moe::GemmParams p{};
+  p.out = DataPtr(out);
+  p.x = DataPtr(x);
+  p.w = DataPtr(w);
+  p.offsets = reinterpret_cast<const int64_t*>(DataPtr(expert_offsets));
+  p.K = x.shape()[1];
+  p.E = w.shape()[0];
+  p.N = w.shape()[1];
+  p.x_rows = x.shape()[0];
+  p.M = p.x_rows;
+  p.out_rows = out.shape()[0];
+  return p;
+}
+
+template <moe::Epilogue kEpi>
+void Dispatch(Variant requested, const TensorView& x, const moe::GemmParams& p) {
+  const DLDevice dev = x.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  const Variant v = ChooseVariant(requested, GetDeviceInfo(dev.device_id), p.M, p.N, p.E);
+  const cudaStream_t stream = elementwise::EnvStream(dev);
+  if (x.dtype().code == kDLBfloat) {
+    Launch<moe::Bf16, kEpi>(v, p, dev.device_id, stream);
+  } else {
+    Launch<moe::Fp16, kEpi>(v, p, dev.device_id, stream);
+  }
+  elementwise::CheckLaunch();
+}
+
+/*! \brief CACHEFLOW_MOE_GEMM for the fused variants: "wmma" means the automatic choice. */
+Variant FusedVariantFromEnv() {
+  const Variant v = VariantFromEnv();
+  return v == Variant::kWmma ? Variant::kAuto : v;
+}
+
+void MoeGroupedGemm(TensorView out, TensorView x, TensorView w, TensorView expert_offsets) {
+  constexpr const char* kOp = "moe_grouped_gemm";
+  CheckGemmOperands(kOp, x, w, expert_offsets, "[num_experts, out_features, in_features]");
+  const int64_t M = x.shape()[0];
+  const int64_t N = w.shape()[1];
   CheckNdim(kOp, "out", out, 2, "[num_rows, out_features]");
   TVM_FFI_CHECK(out.shape()[0] == M && out.shape()[1] == N, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [" << M << ", " << N << "], got "
       << ShapeStr(out);
-  CheckDtypeLike(kOp, "out", out, "x", x);
+  elementwise::CheckDtypeLike(kOp, "out", out, "x", x);
+  CheckGemmLayout(kOp, out, x, w, expert_offsets);
+  if (M == 0 || N == 0) return;
+  CheckColumnTiles(kOp, N, 128);
+  moe::GemmParams p = BaseParams(out, x, w, expert_offsets);
+  // 16-byte stores of 8 outputs when every row starts aligned.
+  p.out_vec = N % 8 == 0 && elementwise::IsAligned(DataPtr(out), 16);
+  Dispatch<moe::Epilogue::kStore>(VariantFromEnv(), x, p);
+}
+
+void MoeGroupedGemmIndexed(TensorView out, TensorView x, TensorView w, TensorView expert_offsets,
+                           Optional<TensorView> row_index, Optional<TensorView> out_index,
+                           Optional<TensorView> out_scale) {
+  constexpr const char* kOp = "moe_grouped_gemm";
+  CheckGemmOperands(kOp, x, w, expert_offsets, "[num_experts, out_features, in_features]");
+  const int64_t x_rows = x.shape()[0];
+  const int64_t N = w.shape()[1];
+  // The GEMM's rows: those of the index arrays, else those of x.
+  int64_t M = x_rows;
+  if (row_index.has_value()) {
+    CheckNdim(kOp, "row_index", *row_index, 1, "[num_rows]");
+    M = (*row_index).shape()[0];
+  } else if (out_index.has_value()) {
+    CheckNdim(kOp, "out_index", *out_index, 1, "[num_rows]");
+    M = (*out_index).shape()[0];
+  }
+  if (row_index.has_value()) CheckRowIndex(kOp, "row_index", *row_index, M);
+  if (out_index.has_value()) CheckRowIndex(kOp, "out_index", *out_index, M);
+  CheckNdim(kOp, "out", out, 2, "[out_rows, out_features]");
+  const int64_t out_rows = out.shape()[0];
+  if (out_index.has_value()) {
+    TVM_FFI_CHECK(out.shape()[1] == N, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [out_rows, " << N << "], got "
+        << ShapeStr(out);
+  } else {
+    TVM_FFI_CHECK(out_rows == M && out.shape()[1] == N, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [" << M << ", " << N << "], got "
+        << ShapeStr(out);
+  }
+  elementwise::CheckDtypeLike(kOp, "out", out, "x", x);
+  if (out_scale.has_value()) {
+    CheckNdim(kOp, "out_scale", *out_scale, 1, "[out_rows]");
+    TVM_FFI_CHECK(IsFloat32((*out_scale).dtype()) && (*out_scale).shape()[0] == out_rows,
+                  ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "out_scale") << "a float32 tensor of shape [" << out_rows
+        << "], got " << (*out_scale).dtype() << " of shape " << ShapeStr(*out_scale);
+  }
+  TVM_FFI_CHECK(M <= INT32_MAX && x_rows <= INT32_MAX && out_rows <= INT32_MAX, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "and 'out' of fewer than 2^31 rows with indices, got "
+      << ShapeStr(x) << " and " << ShapeStr(out);
+  CheckGemmLayout(kOp, out, x, w, expert_offsets);
+  for (const auto& [name, t] : {std::make_pair("row_index", row_index),
+                                std::make_pair("out_index", out_index),
+                                std::make_pair("out_scale", out_scale)}) {
+    if (!t.has_value()) continue;
+    CheckContiguous(kOp, name, *t);
+    CheckSameDevice(kOp, name, *t, "x", x);
+  }
+  if (M == 0 || N == 0) return;
+  CheckColumnTiles(kOp, N, 128);
+  moe::GemmParams p = BaseParams(out, x, w, expert_offsets);
+  p.M = M;
+  p.row_index = row_index.has_value()
+                    ? reinterpret_cast<const int32_t*>(DataPtr(*row_index)) : nullptr;
+  p.out_index = out_index.has_value()
+                    ? reinterpret_cast<const int32_t*>(DataPtr(*out_index)) : nullptr;
+  p.out_scale = out_scale.has_value()
+                    ? reinterpret_cast<const float*>(DataPtr(*out_scale)) : nullptr;
+  p.out_vec = N % 8 == 0 && elementwise::IsAligned(DataPtr(out), 16);
+  Dispatch<moe::Epilogue::kIndexed>(FusedVariantFromEnv(), x, p);
+}
+
+void MoeGroupedGemmGated(TensorView out, TensorView x, TensorView w, TensorView expert_offsets,
+                         Optional<TensorView> row_index, tvm::ffi::String activation) {
+  constexpr const char* kOp = "moe_grouped_gemm_gated";
+  CheckGemmOperands(kOp, x, w, expert_offsets,
+                    "[num_experts, 2 * intermediate, in_features]");
+  const int64_t x_rows = x.shape()[0];
+  const int64_t N = w.shape()[1];
+  TVM_FFI_CHECK(N % 2 == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "w") << "of shape [num_experts, 2 * intermediate, "
+      << "in_features] (gate rows, then up rows: an even count), got " << ShapeStr(w);
+  const int64_t inter = N / 2;
+  const std::string act(activation);
+  moe::Activation a;
+  if (act == "silu") {
+    a = moe::Activation::kSilu;
+  } else if (act == "gelu") {
+    a = moe::Activation::kGelu;
+  } else if (act == "gelu_tanh") {
+    a = moe::Activation::kGeluTanh;
+  } else {
+    TVM_FFI_THROW(ValueError) << CACHEFLOW_ARG_ERROR(kOp, "activation")
+                              << "'silu', 'gelu' or 'gelu_tanh', got '" << act << "'";
+  }
+  int64_t M = x_rows;
+  if (row_index.has_value()) {
+    CheckNdim(kOp, "row_index", *row_index, 1, "[num_rows]");
+    M = (*row_index).shape()[0];
+    CheckRowIndex(kOp, "row_index", *row_index, M);
+  }
+  CheckNdim(kOp, "out", out, 2, "[num_rows, intermediate]");
+  TVM_FFI_CHECK(out.shape()[0] == M && out.shape()[1] == inter, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [" << M << ", " << inter << "], got "
+      << ShapeStr(out);
+  elementwise::CheckDtypeLike(kOp, "out", out, "x", x);
+  TVM_FFI_CHECK(M <= INT32_MAX && x_rows <= INT32_MAX, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "of fewer than 2^31 rows, got " << ShapeStr(x);
+  CheckGemmLayout(kOp, out, x, w, expert_offsets);
+  if (row_index.has_value()) {
+    CheckContiguous(kOp, "row_index", *row_index);
+    CheckSameDevice(kOp, "row_index", *row_index, "x", x);
+  }
+  if (M == 0 || inter == 0) return;
+  CheckColumnTiles(kOp, inter, 64);
+  moe::GemmParams p = BaseParams(out, x, w, expert_offsets);
+  p.M = M;
+  p.row_index = row_index.has_value()
+                    ? reinterpret_cast<const int32_t*>(DataPtr(*row_index)) : nullptr;
+  p.act = static_cast<int>(a);
+  p.out_vec = inter % 8 == 0 && elementwise::IsAligned(DataPtr(out), 16);
+  if (a == moe::Activation::kSilu) {
+    Dispatch<moe::Epilogue::kGatedSilu>(FusedVariantFromEnv(), x, p);
+  } else {
+    Dispatch<moe::Epilogue::kGatedGelu>(FusedVariantFromEnv(), x, p);
+  }
+}
+
+/*! \brief int32 or int64 (the expert ids torch.topk returns, or their int32 copy). */
+inline bool IsIdDtype(DLDataType dt) {
+  return dt.lanes == 1 && dt.code == kDLInt && (dt.bits == 32 || dt.bits == 64);
+}
+
+void MoeSortByExpert(TensorView expert_offsets, TensorView sorted_pairs, TensorView token_index,
+                     TensorView topk_ids) {
+  constexpr const char* kOp = "moe_sort_by_expert";
+  CheckNdim(kOp, "topk_ids", topk_ids, 2, "[num_tokens, top_k]");
+  TVM_FFI_CHECK(IsIdDtype(topk_ids.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "topk_ids") << "of dtype int32 or int64, got "
+      << topk_ids.dtype();
+  const int64_t top_k = topk_ids.shape()[1];
+  const int64_t pairs = topk_ids.shape()[0] * top_k;
+  TVM_FFI_CHECK(top_k > 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "topk_ids") << "of shape [num_tokens, top_k] with top_k >= 1, "
+      << "got " << ShapeStr(topk_ids);
+  TVM_FFI_CHECK(pairs <= INT32_MAX, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "topk_ids") << "of fewer than 2^31 elements, got "
+      << ShapeStr(topk_ids);
+  CheckNdim(kOp, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
+  TVM_FFI_CHECK(IsInt64(expert_offsets.dtype()) && expert_offsets.shape()[0] >= 2, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "expert_offsets") << "an int64 tensor of shape "
+      << "[num_experts + 1] with num_experts >= 1, got " << expert_offsets.dtype()
+      << " of shape " << ShapeStr(expert_offsets);
+  const int64_t E = expert_offsets.shape()[0] - 1;
+  TVM_FFI_CHECK(E < INT32_MAX, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "expert_offsets") << "of fewer than 2^31 elements, got "
+      << ShapeStr(expert_offsets);
+  for (const auto& [name, t] : {std::make_pair("sorted_pairs", sorted_pairs),
+                                std::make_pair("token_index", token_index)}) {
+    CheckNdim(kOp, name, t, 1, "[num_tokens * top_k]");
+    TVM_FFI_CHECK(IsInt32(t.dtype()) && t.shape()[0] == pairs, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, name) << "an int32 tensor of shape [" << pairs << "], got "
+        << t.dtype() << " of shape " << ShapeStr(t);
+  }
+  for (const auto& [name, t] : {std::make_pair("expert_offsets", expert_offsets),
+                                std::make_pair("sorted_pairs", sorted_pairs),
+                                std::make_pair("token_index", token_index),
+                                std::make_pair("topk_ids", topk_ids)}) {
+    CheckContiguous(kOp, name, t);
+  }
+  CheckCuda(kOp, "topk_ids", topk_ids);
+  CheckSameDevice(kOp, "expert_offsets", expert_offsets, "topk_ids", topk_ids);
+  CheckSameDevice(kOp, "sorted_pairs", sorted_pairs, "topk_ids", topk_ids);
+  CheckSameDevice(kOp, "token_index", token_index, "topk_ids", topk_ids);
+  const DLDevice dev = topk_ids.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  const cudaStream_t stream = elementwise::EnvStream(dev);
+  auto* offsets = reinterpret_cast<int64_t*>(DataPtr(expert_offsets));
+  auto* sorted = reinterpret_cast<int32_t*>(DataPtr(sorted_pairs));
+  auto* tokens = reinterpret_cast<int32_t*>(DataPtr(token_index));
+  // Launched even without pairs: the offsets are written (all zero).
+  const dim3 grid(static_cast<unsigned>(E + 1));
+  if (topk_ids.dtype().bits == 64) {
+    moe::SortByExpertKernel<int64_t><<<grid, moe::kSortThreads, moe::kSortSmemBytes, stream>>>(
+        reinterpret_cast<const int64_t*>(DataPtr(topk_ids)), pairs, top_k, E, offsets, sorted,
+        tokens);
+  } else {
+    moe::SortByExpertKernel<int32_t><<<grid, moe::kSortThreads, moe::kSortSmemBytes, stream>>>(
+        reinterpret_cast<const int32_t*>(DataPtr(topk_ids)), pairs, top_k, E, offsets, sorted,
+        tokens);
+  }
+  elementwise::CheckLaunch();
+}
+
+template <typename T, typename IdT, bool kVec>
+void LaunchSum(uint16_t* out, const uint16_t* x, const void* ids, int64_t tokens, int64_t top_k,
+               int64_t H, int64_t E, cudaStream_t stream) {
+  const int64_t threads = tokens * (kVec ? H / 8 : H);
+  const dim3 grid(static_cast<unsigned>((threads + moe::kSumThreads - 1) / moe::kSumThreads));
+  moe::SumTopkKernel<T, IdT, kVec><<<grid, moe::kSumThreads, 0, stream>>>(
+      out, x, static_cast<const IdT*>(ids), tokens, top_k, H, E);
+}
+
+template <typename T>
+void LaunchSumFor(bool ids64, bool vec, uint16_t* out, const uint16_t* x, const void* ids,
+                  int64_t tokens, int64_t top_k, int64_t H, int64_t E, cudaStream_t stream) {
+  if (ids64) {
+    if (vec) {
+      LaunchSum<T, int64_t, true>(out, x, ids, tokens, top_k, H, E, stream);
+    } else {
+      LaunchSum<T, int64_t, false>(out, x, ids, tokens, top_k, H, E, stream);
+    }
+  } else if (vec) {
+    LaunchSum<T, int32_t, true>(out, x, ids, tokens, top_k, H, E, stream);
+  } else {
+    LaunchSum<T, int32_t, false>(out, x, ids, tokens, top_k, H, E, stream);
+  }
+}
+
+void MoeSumTopk(TensorView out, TensorView x, TensorView topk_ids, int64_t num_experts) {
+  constexpr const char* kOp = "moe_sum_topk";
+  CheckNdim(kOp, "x", x, 3, "[num_tokens, top_k, hidden]");
+  TVM_FFI_CHECK(IsHalfDtype(x.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "float16 or bfloat16, got " << x.dtype();
+  const int64_t tokens = x.shape()[0];
+  const int64_t top_k = x.shape()[1];
+  const int64_t H = x.shape()[2];
+  CheckNdim(kOp, "out", out, 2, "[num_tokens, hidden]");
+  TVM_FFI_CHECK(out.shape()[0] == tokens && out.shape()[1] == H, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [" << tokens << ", " << H << "], got "
+      << ShapeStr(out);
+  elementwise::CheckDtypeLike(kOp, "out", out, "x", x);
+  CheckNdim(kOp, "topk_ids", topk_ids, 2, "[num_tokens, top_k]");
+  TVM_FFI_CHECK(IsIdDtype(topk_ids.dtype()) && topk_ids.shape()[0] == tokens &&
+                    topk_ids.shape()[1] == top_k,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "topk_ids") << "an int32 or int64 tensor of shape [" << tokens
+      << ", " << top_k << "], got " << topk_ids.dtype() << " of shape " << ShapeStr(topk_ids);
+  TVM_FFI_CHECK(num_experts > 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "num_experts") << "positive, got " << num_experts;
   CheckContiguous(kOp, "out", out);
   CheckContiguous(kOp, "x", x);
-  CheckContiguous(kOp, "w", w);
-  CheckContiguous(kOp, "expert_offsets", expert_offsets);
+  CheckContiguous(kOp, "topk_ids", topk_ids);
   CheckCuda(kOp, "x", x);
-  CheckSameDevice(kOp, "w", w, "x", x);
   CheckSameDevice(kOp, "out", out, "x", x);
-  CheckSameDevice(kOp, "expert_offsets", expert_offsets, "x", x);
-  TVM_FFI_CHECK(IsAligned(DataPtr(x), 16) && IsAligned(DataPtr(w), 16), ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "x") << "and 'w' 16-byte aligned (fresh or contiguous "
-      << "allocations are), got a view at an unaligned offset";
-  if (M == 0 || N == 0) return;
-  // The narrowest tile of any kernel is 128 columns: every choice's grid y fits.
-  constexpr int64_t kMinBN = 128;
-  const int64_t n_tiles = (N + kMinBN - 1) / kMinBN;
-  TVM_FFI_CHECK(n_tiles <= 65535, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "w") << "at most " << 65535 * kMinBN << " out_features, got "
-      << N;
+  CheckSameDevice(kOp, "topk_ids", topk_ids, "x", x);
+  if (tokens == 0 || H == 0) return;
+  const bool vec = H % 8 == 0 && elementwise::IsAligned(DataPtr(x), 16) &&
+                   elementwise::IsAligned(DataPtr(out), 16);
+  const int64_t threads = tokens * (vec ? H / 8 : H);
+  TVM_FFI_CHECK((threads + moe::kSumThreads - 1) / moe::kSumThreads <= INT32_MAX, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "smaller, got " << ShapeStr(x);
   const DLDevice dev = x.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
-  LaunchArgs args;
-  args.out = DataPtr(out);
-  args.x = DataPtr(x);
-  args.w = DataPtr(w);
-  args.offsets = reinterpret_cast<const int64_t*>(DataPtr(expert_offsets));
-  args.M = M;
-  args.N = N;
-  args.K = K;
-  args.E = E;
-  // 16-byte stores of 8 outputs when every row starts aligned.
-  args.out_vec = N % 8 == 0 && IsAligned(DataPtr(out), 16);
-  args.device = dev.device_id;
-  args.stream = EnvStream(dev);
-  const Variant v = ChooseVariant(VariantFromEnv(), GetDeviceInfo(dev.device_id), M, N, E);
+  const cudaStream_t stream = elementwise::EnvStream(dev);
+  auto* o = reinterpret_cast<uint16_t*>(DataPtr(out));
+  const auto* xs = reinterpret_cast<const uint16_t*>(DataPtr(x));
+  const void* ids = DataPtr(topk_ids);
+  const bool ids64 = topk_ids.dtype().bits == 64;
   if (x.dtype().code == kDLBfloat) {
-    Launch<__nv_bfloat16>(v, args);
+    LaunchSumFor<moe::Bf16>(ids64, vec, o, xs, ids, tokens, top_k, H, num_experts, stream);
   } else {
-    Launch<__half>(v, args);
+    LaunchSumFor<moe::Fp16>(ids64, vec, o, xs, ids, tokens, top_k, H, num_experts, stream);
   }
-  CheckLaunch();
+  elementwise::CheckLaunch();
 }
 
 }  // namespace
 }  // namespace cacheflow
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_grouped_gemm, cacheflow::MoeGroupedGemm);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_grouped_gemm_indexed, cacheflow::MoeGroupedGemmIndexed);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_grouped_gemm_gated, cacheflow::MoeGroupedGemmGated);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_sort_by_expert, cacheflow::MoeSortByExpert);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_sum_topk, cacheflow::MoeSumTopk);

@@ -4,9 +4,12 @@ tensor-parallel partial sums that add up to the full layer."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from cacheflow_runtime import parallel_state as ps
 from cacheflow_runtime.layers.activation import SiluAndMul
@@ -173,3 +176,123 @@ def test_cuda_fallback_masking_matches_segments_on_cpu(monkeypatch: pytest.Monke
     masked = fused_moe.grouped_linear(x, w, offsets)
     torch.testing.assert_close(masked, segments, rtol=1e-5, atol=1e-5)
     assert torch.allclose(masked[2:6], x[2:6] @ w[2].t(), atol=1e-5)
+
+
+# ---- the fused CUDA path's wiring, on CPU tensors with torch stand-ins for the kernels ----------
+
+
+class _TorchKernels:
+    """The four MoE kernels of cacheflow-kernels as torch code (their documented semantics),
+    so that the fused path's calls run on the CPU."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def moe_sort_by_expert(self, offsets: Tensor, pairs: Tensor, token_index: Tensor,
+                           ids: Tensor) -> None:
+        self.calls.append("sort")
+        num_experts, top_k = offsets.shape[0] - 1, ids.shape[1]
+        flat = ids.reshape(-1).long()
+        bucket = torch.where((flat >= 0) & (flat < num_experts), flat,
+                             torch.full_like(flat, num_experts))
+        order = torch.argsort(bucket, stable=True)
+        pairs.copy_(order)
+        token_index.copy_(order // top_k)
+        counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+        offsets.copy_(torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+
+    def _products(self, x: Tensor, w: Tensor, offsets: Tensor,
+                  row_index: Optional[Tensor]) -> tuple[Tensor, int]:
+        rows = row_index.shape[0] if row_index is not None else x.shape[0]
+        a = x[row_index.long()] if row_index is not None else x
+        out = torch.zeros(rows, w.shape[1], dtype=torch.float32)
+        bounds = offsets.tolist()
+        for e in range(w.shape[0]):
+            out[bounds[e]:bounds[e + 1]] = a[bounds[e]:bounds[e + 1]].float() @ w[e].float().t()
+        return out, bounds[-1]
+
+    def moe_grouped_gemm(self, out: Tensor, x: Tensor, w: Tensor, offsets: Tensor,
+                         row_index: Optional[Tensor] = None,
+                         out_index: Optional[Tensor] = None,
+                         out_scale: Optional[Tensor] = None) -> None:
+        self.calls.append("gemm" + ("+gather" if row_index is not None else "")
+                          + ("+scatter" if out_index is not None else ""))
+        prod, end = self._products(x, w, offsets, row_index)
+        dst = out_index.long()[:end] if out_index is not None else torch.arange(end)
+        scale = out_scale[dst].unsqueeze(1) if out_scale is not None else 1.0
+        out[dst] = (prod[:end] * scale).to(out.dtype)
+
+    def moe_grouped_gemm_gated(self, out: Tensor, x: Tensor, w: Tensor, offsets: Tensor,
+                               row_index: Optional[Tensor] = None,
+                               activation: str = "silu") -> None:
+        self.calls.append("gated" + ("+gather" if row_index is not None else ""))
+        prod, end = self._products(x, w, offsets, row_index)
+        gate, up = prod[:end].chunk(2, dim=-1)
+        act = F.silu(gate) if activation == "silu" else F.gelu(
+            gate, approximate="tanh" if activation == "gelu_tanh" else "none")
+        out[:end] = (act * up).to(out.dtype)
+
+    def moe_sum_topk(self, out: Tensor, x: Tensor, ids: Tensor, num_experts: int) -> None:
+        self.calls.append("sum")
+        valid = ((ids >= 0) & (ids < num_experts)).unsqueeze(-1)
+        out.copy_(torch.where(valid, x.float(), torch.zeros(())).sum(1).to(out.dtype))
+
+
+@pytest.mark.parametrize("fuse", ["all", "none", "-sort", "-gather", "-act", "-combine",
+                                  "sort,combine", "gather,act"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_fused_path_pieces_match_the_reference(fuse: str, top_k: int) -> None:
+    from cacheflow_runtime.layers import fused_moe
+
+    g = _gen(11)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * INTER, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, INTER, generator=g) / INTER ** 0.5
+    weights, ids = select_experts(torch.randn(T, E, generator=g), top_k, True)
+    ref = per_expert_reference(x, w13, w2, weights, ids)
+    pieces = fused_moe.fuse_pieces(fuse)
+    kernels = _TorchKernels()
+    if not pieces:  # "none": the layer would take the previous path; check it instead
+        ours = fused_experts(x, w13, w2, weights, ids, SiluAndMul(), fuse="none")
+    else:
+        ours = fused_moe._fused_cuda(kernels, pieces, x, w13, w2, weights, ids, SiluAndMul())
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    if pieces:
+        assert ("sort" in kernels.calls) == ("sort" in pieces)
+        gemm1 = kernels.calls[1 if "sort" in pieces else 0]
+        assert gemm1.startswith("gated" if "act" in pieces else "gemm")
+        assert gemm1.endswith("+gather") == ("gather" in pieces)
+        combined = "combine" in pieces
+        assert kernels.calls[-1] == ("sum" if combined and top_k > 1 else
+                                     "gemm+scatter" if combined else "gemm")
+
+
+def test_fuse_pieces_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cacheflow_runtime.layers import fused_moe
+
+    every = frozenset(fused_moe.FUSE_PIECES)
+    monkeypatch.delenv(fused_moe.FUSE_ENV, raising=False)
+    assert fused_moe.fuse_pieces() == every
+    for value, want in (("all", every), ("1", every), ("none", set()), ("0", set()), ("", set()),
+                        ("sort, act", {"sort", "act"}), ("-gather,-combine", {"sort", "act"})):
+        assert fused_moe.fuse_pieces(value) == frozenset(want), value
+    monkeypatch.setenv(fused_moe.FUSE_ENV, "-sort")
+    assert fused_moe.fuse_pieces() == every - {"sort"}
+    with pytest.raises(ValueError, match="unknown piece"):
+        fused_moe.fuse_pieces("sort,gahter")
+    with pytest.raises(ValueError, match="not both"):
+        fused_moe.fuse_pieces("sort,-act")
+
+
+def test_gated_activation_of_the_layers() -> None:
+    from cacheflow_runtime.layers import fused_moe
+    from cacheflow_runtime.layers.activation import GeluAndMul
+
+    assert fused_moe._gated_activation(SiluAndMul()) == "silu"
+    assert fused_moe._gated_activation(GeluAndMul("none")) == "gelu"
+    assert fused_moe._gated_activation(GeluAndMul("tanh")) == "gelu_tanh"
+
+    class Other(SiluAndMul):
+        pass
+
+    assert fused_moe._gated_activation(Other()) is None  # unknown forward: not fused

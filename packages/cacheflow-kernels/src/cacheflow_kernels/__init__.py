@@ -9,7 +9,9 @@ Public API: :data:`__version__`, :data:`ABI_VERSION`, :func:`cuda_available`,
 :func:`paged_attention_workspace_size`), :func:`paged_prefill_attention`;
 :func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding`, :func:`silu_and_mul`,
 :func:`gelu_and_mul`, :func:`gelu_new`, :func:`gelu_fast`, :func:`copy_blocks`,
-:func:`swap_blocks`, :func:`moe_grouped_gemm` (mixture-of-experts grouped GEMM).
+:func:`swap_blocks`, :func:`moe_grouped_gemm` (mixture-of-experts grouped GEMM, with an
+optional row gather and weighted scatter), :func:`moe_grouped_gemm_gated` (gate/up projection with
+the gated activation fused), :func:`moe_sort_by_expert`, :func:`moe_sum_topk`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from ._block_ops import copy_blocks, swap_blocks
 from ._cache_ops import reshape_and_cache
 from ._cuda import cuda_device_count
 from ._lib import library_path, load_library
-from ._moe_ops import MOE_GROUPED_GEMM_DTYPES, moe_grouped_gemm
+from ._moe_ops import (
+    MOE_ACTIVATIONS,
+    MOE_GROUPED_GEMM_DTYPES,
+    moe_grouped_gemm,
+    moe_grouped_gemm_gated,
+    moe_sort_by_expert,
+    moe_sum_topk,
+)
 from ._norm_ops import fused_add_rms_norm, rms_norm
 from ._prefill_ops import (
     PAGED_PREFILL_MAX_HEAD_SIZE,
@@ -54,6 +63,7 @@ def cuda_available() -> bool:
 
 __all__ = [
     "ABI_VERSION",
+    "MOE_ACTIVATIONS",
     "MOE_GROUPED_GEMM_DTYPES",
     "PAGED_ATTENTION_BLOCK_SIZES",
     "PAGED_ATTENTION_HEAD_SIZES",
@@ -76,4 +86,7 @@ __all__ = [
     "copy_blocks",
     "swap_blocks",
     "moe_grouped_gemm",
+    "moe_grouped_gemm_gated",
+    "moe_sort_by_expert",
+    "moe_sum_topk",
 ]

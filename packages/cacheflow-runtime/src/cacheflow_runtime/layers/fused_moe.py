@@ -6,13 +6,22 @@ weight) and the partial outputs are summed over the ranks like ``RowParallelLine
 
 The computation groups tokens by expert: every (token, chosen expert) pair becomes one row, the
 rows are sorted by expert, and each expert multiplies its contiguous segment. On CUDA in
-float16/bfloat16 both projections run as one grouped-GEMM launch each
-(``cacheflow_kernels.moe_grouped_gemm``); elsewhere a torch loop runs over the segments.
+float16/bfloat16 the layer runs four kernels of cacheflow-kernels (the fused path):
+``moe_sort_by_expert`` (the segments, on the device), ``moe_grouped_gemm_gated`` (the gate/up
+projection reading each row's token through an index, with the gated activation in its
+epilogue), ``moe_grouped_gemm`` with ``out_index``/``out_scale`` (the down projection, each row
+times its routing weight, written to its (token, slot) row) and ``moe_sum_topk`` (each token's
+slots summed in float32 in slot order, rounded once: deterministic). ``CACHEFLOW_MOE_FUSE`` (or
+the ``fuse`` argument of :func:`fused_experts`) swaps any of those pieces for the previous step,
+for A/B runs: see :func:`fuse_pieces`. Elsewhere (CPU, float32) a torch loop runs over the
+segments.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import os
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +40,53 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda: GeluAndMul("tanh"),
 }
 _PARTS = ("gate", "up", "down")
+
+#: Pieces of the fused CUDA path (see :func:`fuse_pieces`).
+FUSE_PIECES = ("sort", "gather", "act", "combine")
+FUSE_ENV = "CACHEFLOW_MOE_FUSE"
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_fuse(value: str) -> frozenset[str]:
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if not entries or entries == ["none"] or entries == ["0"]:
+        return frozenset()
+    if entries in (["all"], ["1"]):
+        return frozenset(FUSE_PIECES)
+    removed = [e[1:] for e in entries if e.startswith("-")]
+    if removed and len(removed) != len(entries):
+        raise ValueError(f"{FUSE_ENV}={value!r}: either pieces to use or '-piece' entries to "
+                         "leave out, not both")
+    names = removed or entries
+    unknown = sorted(set(names) - set(FUSE_PIECES))
+    if unknown:
+        raise ValueError(f"{FUSE_ENV}={value!r}: unknown piece(s) {unknown}; known: "
+                         f"{', '.join(FUSE_PIECES)}, or 'all' / 'none'")
+    return frozenset(FUSE_PIECES) - frozenset(removed) if removed else frozenset(names)
+
+
+def fuse_pieces(value: Optional[str] = None) -> frozenset[str]:
+    """The pieces of the fused CUDA path that :func:`fused_experts` uses.
+
+    ``value`` (default: the environment variable ``CACHEFLOW_MOE_FUSE``, read at every call so
+    that one process can A/B the paths): unset, ``"all"`` or ``"1"``: every piece; ``"none"``,
+    ``"0"`` or ``""``: none (the previous path: torch argsort + scatter_add + cumsum, an
+    ``index_select`` copy of the tokens, the activation kernel on a ``[rows, 2 I]``
+    intermediate, a float32 ``index_add_`` combine); a comma-separated list of pieces to use
+    (``"sort,act"``) or to leave out (``"-gather,-combine"``). The pieces:
+
+    - ``sort``: ``moe_sort_by_expert`` (else torch's stable argsort and a cumsum of counts);
+    - ``gather``: the gate/up GEMM reads the tokens through ``row_index`` (else a gathered copy);
+    - ``act``: the gated activation in the gate/up GEMM's epilogue (SiLU, GELU or GELU-tanh
+      layers; else the activation layer on the GEMM's output);
+    - ``combine``: the down GEMM scales by the routing weight and scatters each row to its
+      (token, slot) row, ``moe_sum_topk`` adds the slots (else float32 scale + ``index_add_``).
+
+    Raises ValueError for an unknown piece.
+    """
+    if value is None:
+        value = os.environ.get(FUSE_ENV, "all")
+    return _parse_fuse(value)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int,
@@ -220,14 +276,25 @@ class FusedMoE(nn.Module):
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  act_fn: nn.Module) -> torch.Tensor:
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, act_fn: nn.Module,
+                  fuse: Optional[Union[str, frozenset[str]]] = None) -> torch.Tensor:
     """The weighted sum of every token's chosen experts (this rank's partial sum under TP).
 
     hidden_states [T, H]; w13 [E, 2 * I, H] (gate rows, then up rows); w2 [E, H, I];
     topk_weights / topk_ids [T, k]; ``act_fn`` maps [rows, 2 * I] to [rows, I].
     Each token's contributions are summed in float32 and rounded once.
+
+    On CUDA in float16/bfloat16 (H and I multiples of 8) the fused kernels run; ``fuse`` (a
+    :func:`fuse_pieces` string or set of pieces; default ``CACHEFLOW_MOE_FUSE``) picks which
+    pieces of that path replace the previous steps. Neither synchronises with the host, so both
+    are CUDA-graph capturable.
     """
+    ck = kernels_for(hidden_states, w13, w2)
+    if ck is not None and _fusable(ck, hidden_states, w2):
+        pieces = fuse if isinstance(fuse, frozenset) else fuse_pieces(fuse)
+        if pieces:
+            return _fused_cuda(ck, pieces, hidden_states, w13, w2, topk_weights, topk_ids,
+                               act_fn)
     num_tokens, top_k = topk_ids.shape
     order, offsets = sort_by_expert(topk_ids, w13.shape[0])
     token_of_row = order // top_k
@@ -238,6 +305,74 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, token_of_row, scaled)
     return out.to(hidden_states.dtype)
+
+
+def _fusable(ck: object, hidden_states: torch.Tensor, w2: torch.Tensor) -> bool:
+    """The fused kernels take these shapes and dtypes, and the installed kernels have them."""
+    return (hidden_states.dtype in (torch.float16, torch.bfloat16) and hidden_states.dim() == 2
+            and hidden_states.shape[1] % 8 == 0 and w2.shape[2] % 8 == 0
+            and hasattr(ck, "moe_sort_by_expert") and hasattr(ck, "moe_sum_topk"))
+
+
+def _gated_activation(act_fn: nn.Module) -> Optional[str]:
+    """The ``moe_grouped_gemm_gated`` activation computing ``act_fn``, None for another."""
+    if type(act_fn) is SiluAndMul:
+        return "silu"
+    if type(act_fn) is GeluAndMul:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act_fn.approximate)
+    return None
+
+
+def _fused_cuda(ck: object, pieces: frozenset[str], hidden_states: torch.Tensor,
+                w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """fused_experts on the kernels; each piece not in ``pieces`` runs the previous step."""
+    x = hidden_states.contiguous()
+    num_tokens, top_k = topk_ids.shape
+    num_experts, hidden, inter = w2.shape[0], w2.shape[1], w2.shape[2]
+    rows, dev, dtype = num_tokens * top_k, x.device, x.dtype
+    ids = topk_ids.contiguous()
+    if "sort" in pieces:
+        offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
+        pairs = torch.empty(rows, dtype=torch.int32, device=dev)
+        token_of_row = torch.empty(rows, dtype=torch.int32, device=dev)
+        ck.moe_sort_by_expert(offsets, pairs, token_of_row, ids)
+    else:
+        order, offsets = sort_by_expert(ids, num_experts)
+        pairs = order.to(torch.int32)
+        token_of_row = (order // top_k).to(torch.int32)
+
+    gather = "gather" in pieces
+    a = x if gather else x.index_select(0, token_of_row)
+    row_index = token_of_row if gather else None
+    activation = _gated_activation(act_fn) if "act" in pieces else None
+    if activation is not None:
+        h = torch.empty(rows, inter, dtype=dtype, device=dev)
+        ck.moe_grouped_gemm_gated(h, a, w13, offsets, row_index=row_index, activation=activation)
+    else:
+        h13 = torch.empty(rows, 2 * inter, dtype=dtype, device=dev)
+        ck.moe_grouped_gemm(h13, a, w13, offsets, row_index=row_index)
+        h = act_fn(h13)
+
+    if "combine" in pieces:
+        weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
+        if top_k == 1:  # the token's row is its pair's row: no sum
+            out = torch.zeros(num_tokens, hidden, dtype=dtype, device=dev)
+            ck.moe_grouped_gemm(out, h, w2, offsets, out_index=pairs, out_scale=weights)
+            return out
+        per_slot = torch.empty(num_tokens, top_k, hidden, dtype=dtype, device=dev)
+        ck.moe_grouped_gemm(per_slot.view(rows, hidden), h, w2, offsets, out_index=pairs,
+                            out_scale=weights)
+        out = torch.empty(num_tokens, hidden, dtype=dtype, device=dev)
+        ck.moe_sum_topk(out, per_slot, ids, num_experts)
+        return out
+    y = torch.empty(rows, hidden, dtype=dtype, device=dev)
+    ck.moe_grouped_gemm(y, h, w2, offsets)
+    order = pairs.long()
+    scaled = y.float() * topk_weights.reshape(-1)[order].unsqueeze(1)
+    out32 = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=dev)
+    out32.index_add_(0, order // top_k, scaled)
+    return out32.to(dtype)
 
 
 def per_expert_reference(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
