@@ -104,4 +104,4 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     busy_us = union_seconds(intervals)
     return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
             "gpu_idle_fraction": 1.0 - busy_us / window_us,
-            "gpu_top_ops": top_device_ops(events, steps)}
+            "gpu_top_ops": top_device_ops(events, steps, k=40)}

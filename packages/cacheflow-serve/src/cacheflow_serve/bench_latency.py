@@ -266,6 +266,9 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_TOP_OPS_SHOWN = 12
+
+
 def format_top_ops(report: dict[str, Any]) -> str:
     """Where each batch's device time goes in the profiled decode steps (empty when not
     profiled)."""
@@ -274,8 +277,9 @@ def format_top_ops(report: dict[str, Any]) -> str:
         ops = r.get("gpu_top_ops")
         if not ops:
             continue
-        lines.append(f"batch {r['batch_size']}: device ms per decode step by kernel")
-        for op in ops:
+        lines.append(f"batch {r['batch_size']}: device ms per decode step by kernel "
+                     f"(top {min(len(ops), _TOP_OPS_SHOWN)}; all {len(ops)} in the JSON)")
+        for op in ops[:_TOP_OPS_SHOWN]:
             lines.append(f"  {op['ms_per_step']:8.3f}  x{op['calls_per_step']:<6.1f} "
                          f"{op['name'][:100]}")
     return "\n".join(lines)

@@ -158,13 +158,28 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
         """One block over the flattened batch."""
-        residual = hidden_states
-        hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache,
-                                       input_metadata)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        out, residual = self.forward_with_residual(positions, hidden_states, None, kv_cache,
+                                                   input_metadata)
+        return residual + out
+
+    def forward_with_residual(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                              residual: Optional[torch.Tensor], kv_cache: KVCache,
+                              input_metadata: InputMetadata
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block whose input is ``residual + hidden_states`` (``hidden_states`` alone when
+        ``residual`` is None); returns ``(out, new_residual)`` whose sum is the block's
+        output. Leaving that last sum to the next block lets its input norm add it in the fused
+        add-and-norm kernel, as this block's post-attention norm does; the sums are rounded
+        to the dtype before each norm, as HF computes them. Both arguments may be
+        overwritten."""
+        if residual is None:
+            residual = hidden_states
+            normed = self.input_layernorm(hidden_states)
+        else:
+            normed, residual = self.input_layernorm(hidden_states, residual)
+        attn = self.self_attn(positions, normed, kv_cache, input_metadata)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -187,6 +202,13 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layer_cls(config, i, qkv_bias, o_bias)
                                     for i in range(config.num_hidden_layers))
         self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
+        # Residual sums handed from block to block (fused into the norms) when every block is
+        # the plain pre-norm block with RMSNorm norms; else each block returns its output.
+        self.carries_residual = isinstance(self.norm, RMSNorm) and all(
+            type(layer).forward is LlamaDecoderLayer.forward
+            and type(layer).forward_with_residual is LlamaDecoderLayer.forward_with_residual
+            and isinstance(layer.input_layernorm, RMSNorm)
+            and isinstance(layer.post_attention_layernorm, RMSNorm) for layer in self.layers)
         self.embed_scale: Optional[torch.Tensor]
         self.register_buffer("embed_scale", None if embed_scale is None
                              else torch.tensor(embed_scale), persistent=False)
@@ -197,9 +219,15 @@ class LlamaModel(nn.Module):
         hidden_states = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             hidden_states = hidden_states * self.embed_scale.to(hidden_states.dtype)
+        if not self.carries_residual:
+            for i, layer in enumerate(self.layers):
+                hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
+            return self.norm(hidden_states)
+        residual: Optional[torch.Tensor] = None
         for i, layer in enumerate(self.layers):
-            hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer.forward_with_residual(
+                positions, hidden_states, residual, kv_caches[i], input_metadata)
+        return self.norm(hidden_states, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
