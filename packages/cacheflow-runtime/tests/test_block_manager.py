@@ -616,8 +616,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for seq in group.seqs:
                 add_token(seq, next(self.ids) % 5)
                 old_table = list(self.table(seq))
+                # What grow takes is exactly what num_blocks_to_grow says (the scheduler skips
+                # grow when that is 0).
+                need = self.bm.num_blocks_to_grow(seq, seq.get_len())
+                free_before_seq = self.bm.get_num_free_gpu_blocks()
                 pair = self.bm.grow(seq, seq.get_len())
                 table = self.table(seq)
+                assert free_before_seq - self.bm.get_num_free_gpu_blocks() == need
+                if need == 0:
+                    assert pair is None and table == old_table
                 assert len(table) == seq.num_blocks_needed
                 if pair is not None:
                     src, dst = pair

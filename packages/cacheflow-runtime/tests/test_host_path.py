@@ -4,6 +4,7 @@ on the runtime's tiny decoder."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,20 @@ from typing import Any
 import pytest
 from engine_testutil import EOS, CharTokenizer, make_engine, run_all
 
-from cacheflow_runtime import SamplingParams
-from cacheflow_runtime.core.step_data import SchedulerOutput
-from cacheflow_runtime.engine.detokenizer import Detokenizer, decode_new_text, flush_text
-from cacheflow_runtime.sequence import Sequence
+from cacheflow_runtime import SamplingParams, SchedulerConfig
+from cacheflow_runtime.core.block_manager import BlockSpaceManager
+from cacheflow_runtime.core.scheduler import Scheduler
+from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
+from cacheflow_runtime.core.stop import StopRule, length_capped, token_stop
+from cacheflow_runtime.engine.detokenizer import (
+    Detokenizer,
+    decode_new_text,
+    flush_text,
+    token_of_id_function,
+    tokens_to_string_function,
+)
+from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
+from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -178,3 +189,192 @@ def test_preempted_requests_are_not_scheduled_in_the_same_step(tiny: Path, mode:
         assert {req.req_id for req in out.scheduled} <= running
     assert [out.outputs[0].token_ids for out in small] == \
         [out.outputs[0].token_ids for out in large]
+
+
+# ------------------------------------------------------------------ per-token stop rules
+@pytest.mark.parametrize("seed", range(4))
+def test_stop_rule_fires_exactly_where_token_stop_can(seed: int) -> None:
+    """StopRule.may_stop is False only where token_stop returns None, and its length test is
+    length_capped, over random stop ids, EOS handling, min/max tokens and lengths."""
+    rng = random.Random(seed)
+    for _ in range(40):
+        max_tokens = rng.choice([None, rng.randrange(1, 30)])
+        params = SamplingParams(
+            max_tokens=max_tokens, ignore_eos=rng.random() < 0.5,
+            min_tokens=rng.randrange(0, (max_tokens or 30) + 1) if rng.random() < 0.5 else 0,
+            stop_token_ids=rng.sample(range(12), rng.randrange(0, 3)))
+        eos = rng.choice([None, 3, 5])
+        prompt_len, max_model_len = rng.randrange(1, 20), rng.randrange(21, 60)
+        rule = StopRule(params, prompt_len, eos, max_model_len)
+        fired = 0
+        for output_len in range(1, max_model_len - prompt_len + 2):
+            total_len = prompt_len + output_len
+            assert rule.length_capped(output_len) == length_capped(
+                params, output_len, total_len, max_model_len)
+            for token_id in range(12):
+                stop = token_stop(params, token_id, output_len, total_len, eos, max_model_len)
+                if not rule.may_stop(token_id, output_len):
+                    assert stop is None, (params, eos, token_id, output_len)
+                fired += stop is not None
+        assert fired > 0
+
+
+# ---------------------------------------------------------------------- detokenization
+def _reference_deltas(tokenizer: Any, prompt: list[int], outputs: list[int],
+                      skip: bool) -> list[str]:
+    """The incremental algorithm with no caching at all: the tokenizer's own
+    convert_ids_to_tokens and convert_tokens_to_string for every token."""
+    tokens = tokenizer.convert_ids_to_tokens(prompt, skip_special_tokens=skip)
+    read = len(tokens)
+    start = max(read - 5, 0)
+    deltas = []
+    for token_id in outputs:
+        tokens.extend(tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=skip))
+        prefix = tokenizer.convert_tokens_to_string(tokens[start:read])
+        full = tokenizer.convert_tokens_to_string(tokens[start:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            deltas.append("")
+            continue
+        deltas.append(full[len(prefix):])
+        start, read = read, len(tokens)
+    return deltas
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+def test_detokenizer_deltas_match_the_uncached_algorithm(hf_tokenizer: Any, skip: bool) -> None:
+    """With the token-text cache and the tokenizer's decoder called directly, every delta is
+    the one the plain algorithm gives (multi-byte characters held back included)."""
+    rng = random.Random(5)
+    detokenizer = Detokenizer(hf_tokenizer)
+    held = 0
+    for _ in range(20):
+        prompt = _random_ids(rng, hf_tokenizer, rng.randrange(1, 9))
+        outputs = _random_ids(rng, hf_tokenizer, rng.randrange(1, 40))
+        seq = Sequence(0, None, prompt, block_size=16)
+        deltas = []
+        for token in outputs:
+            seq.append_token(token, {token: 0.0})
+            deltas.append(detokenizer.decode_new_text(seq, skip))
+        expected = _reference_deltas(hf_tokenizer, prompt, outputs, skip)
+        assert deltas == expected
+        held += expected.count("")
+    assert held > 0  # some steps held back a partial character
+
+
+def test_tokenizer_shortcuts_apply_only_to_hf_own_methods(hf_tokenizer: Any) -> None:
+    """The HF fast tokenizer's own convert_tokens_to_string and convert_ids_to_tokens are
+    replaced by what they call (same results, for every id of the vocabulary); a subclass that
+    overrides them, and any other tokenizer, keep theirs."""
+    tokens = hf_tokenizer.convert_ids_to_tokens(
+        hf_tokenizer.encode(" the café 日本語", add_special_tokens=False))
+    fast = tokens_to_string_function(hf_tokenizer)
+    assert fast.__self__ is not hf_tokenizer
+    assert fast(tokens) == hf_tokenizer.convert_tokens_to_string(tokens) == " the café 日本語"
+    convert = token_of_id_function(hf_tokenizer)
+    for skip in (True, False):
+        assert [convert(i, skip) for i in range(len(hf_tokenizer))] == [
+            tuple(hf_tokenizer.convert_ids_to_tokens([i], skip_special_tokens=skip))
+            for i in range(len(hf_tokenizer))]
+    assert convert(2, True) == () and convert(2, False) == ("</s>",)
+
+    class Shouting(type(hf_tokenizer)):  # type: ignore[misc]
+        def convert_tokens_to_string(self, tokens: list[str]) -> str:
+            return super().convert_tokens_to_string(tokens).upper()
+
+        def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> Any:
+            return [t.upper() for t in super().convert_ids_to_tokens(ids, skip_special_tokens)]
+
+    shouting = object.__new__(Shouting)
+    shouting.__dict__.update(hf_tokenizer.__dict__)
+    assert tokens_to_string_function(shouting)(tokens) == " THE CAFÉ 日本語"
+    assert token_of_id_function(shouting)(hf_tokenizer.convert_tokens_to_ids("Ġthe"), True) \
+        == ("ĠTHE",)
+    chars = CharTokenizer()
+    assert tokens_to_string_function(chars) == chars.convert_tokens_to_string
+    assert token_of_id_function(chars)(EOS, False) == ("</s>",)
+    assert token_of_id_function(chars)(EOS, True) == ("",)
+
+
+# ------------------------------------------------------------------- the step's plain data
+def test_scheduled_sequences_carry_each_field() -> None:
+    """What the scheduler sends for a sequence, field by field: the prompt with its whole
+    block table at first, then one token with the appended blocks and the outputs since."""
+    bm = BlockSpaceManager(8, num_gpu_blocks=16, num_cpu_blocks=0)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=64,
+                                          async_scheduling=False), bm, eos_token_id=EOS)
+    seq = Sequence(scheduler.new_seq_id(), None, list(range(1, 9)), block_size=8)
+    scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=5)))
+
+    out = scheduler.schedule()
+    assert [n.req_id for n in out.new_requests] == ["a"]
+    (req,) = out.scheduled
+    assert (req.req_id, req.do_sample, req.is_first_sample) == ("a", True, True)
+    (s,) = req.seqs
+    assert (s.seq_id, s.token_ids, s.num_computed_tokens) == (seq.seq_id, list(range(1, 9)), 0)
+    assert (s.block_ids, s.new_block_ids) == ([0], [])
+    assert (s.output_token_ids, s.new_output_token_ids) == ([], [])
+    assert (s.sample_index, s.cumulative_logprob) == (0, 0.0)
+
+    def sample(token: int) -> ModelRunnerOutput:
+        result = GroupSampleResult([SampleResult(seq.seq_id, token, {token: -0.25}, 0.0)])
+        return ModelRunnerOutput(samples={"a": result})
+
+    (touched,) = scheduler.update_from_output(out, sample(11))
+    assert touched.request_id == "a" and seq.output_token_ids == [11]
+    out = scheduler.schedule()
+    (req,) = out.scheduled
+    assert (req.do_sample, req.is_first_sample, out.new_requests) == (True, False, [])
+    (s,) = req.seqs
+    assert (s.token_ids, s.num_computed_tokens) == ([11], 8)
+    assert (s.block_ids, s.new_block_ids) == (None, [1])  # token 9 starts block 1
+    assert (s.output_token_ids, s.new_output_token_ids) == (None, [11])
+    assert s.cumulative_logprob == -0.25
+
+    scheduler.update_from_output(out, sample(12))
+    (s,) = scheduler.schedule().scheduled[0].seqs
+    assert (s.token_ids, s.num_computed_tokens, s.block_ids, s.new_block_ids) == \
+        ([12], 9, None, [])
+    assert (s.new_output_token_ids, s.cumulative_logprob) == ([12], -0.5)
+
+
+# ------------------------------------------------------------------------ final-only steps
+def test_final_only_steps_return_the_finished_outputs_of_plain_steps(tiny: Path) -> None:
+    """step(final_only=True) returns exactly the finished outputs step() returns (tokens,
+    text, logprobs, finish reasons), nothing else, for greedy, parallel, beam search and an
+    abort."""
+    prompts = _prompts(6, seed=4)
+    kinds = [dict(temperature=0.0), dict(n=2, best_of=3, temperature=0.8, seed=3),
+             dict(n=2, best_of=2, use_beam_search=True, temperature=0.0)]
+    params = [SamplingParams(max_tokens=4 + i, logprobs=1, **kinds[i % 3])
+              for i in range(len(prompts))]
+
+    def run(final_only: bool) -> tuple[list[Any], int]:
+        engine = make_engine(tiny)
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            engine.add_request(f"r{i}", None, p, ids)
+        unfinished = 0
+        finished = []
+        for step in itertools.count():
+            if not engine.has_unfinished_requests():
+                break
+            if step == 2:
+                engine.abort_request("r4")
+            for out in engine.step(final_only=final_only):
+                if not out.finished:
+                    unfinished += 1
+                    continue
+                finished.append((out.request_id, [(c.token_ids, c.text, c.logprobs,
+                                                   c.finish_reason) for c in out.outputs]))
+        return finished, unfinished
+
+    plain, plain_unfinished = run(final_only=False)
+    final, final_unfinished = run(final_only=True)
+    assert plain_unfinished > 0 and final_unfinished == 0
+    assert final == plain
+    assert {rid for rid, _ in final} == {f"r{i}" for i in range(len(prompts))}
+    assert dict(final)["r4"][0][3] == "abort"
+
+
+def test_finish_reasons_of_statuses() -> None:
+    assert [s.finish_reason for s in SequenceStatus] == \
+        [None, None, None, "stop", "length", "abort"]

@@ -50,24 +50,34 @@ class RequestOutput:
     def from_seq_group(cls, group: SequenceGroup) -> RequestOutput:
         """Builds the output of ``group``: its best ``n`` sequences, best first when finished."""
         params = group.sampling_params
+        with_logprobs = params.logprobs is not None
+        seqs = group.seqs
         if params.use_beam_search and group.beam_hypotheses:
             seqs = [seq for _, seq in group.beam_hypotheses]
+        elif params.best_of > params.n or params.use_beam_search:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
+        if len(seqs) == 1:  # the common case (n == 1): no slice, no enumerate
+            outputs = [_completion(0, seqs[0], with_logprobs)]
         else:
-            seqs = group.get_seqs()
-            if params.best_of > params.n or params.use_beam_search:
-                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
-        outputs = [_completion(i, seq, params.logprobs is not None)
-                   for i, seq in enumerate(seqs[:params.n])]
-        finished = group.is_finished() and (not params.use_beam_search or group.beam_search_done)
-        return cls(request_id=group.request_id, prompt=group.prompt,
-                   prompt_token_ids=group.prompt_token_ids,
-                   prompt_logprobs=group.prompt_logprobs, outputs=outputs, finished=finished,
-                   num_cached_tokens=group.num_cached_tokens)
+            outputs = [_completion(i, seq, with_logprobs)
+                       for i, seq in enumerate(seqs[:params.n])]
+        finished = request_finished(group)
+        first = group.seqs[0]
+        # Positional, in field order: a dataclass __init__ called with keywords costs twice as
+        # much, and this runs per request and step.
+        return cls(group.request_id, first.prompt, first.prompt_token_ids, group.prompt_logprobs,
+                   outputs, finished, group.num_cached_tokens)
+
+
+def request_finished(group: SequenceGroup) -> bool:
+    """``RequestOutput.from_seq_group(group).finished``, without building the output."""
+    return group.is_finished() and (not group.sampling_params.use_beam_search
+                                    or group.beam_search_done)
 
 
 def _completion(index: int, seq: Sequence, with_logprobs: bool) -> CompletionOutput:
-    return CompletionOutput(index=index, text=seq.output_text,
-                            token_ids=list(seq.output_token_ids),
-                            cumulative_logprob=seq.cumulative_logprob,
-                            logprobs=list(seq.output_logprobs) if with_logprobs else None,
-                            finish_reason=seq.status.finish_reason, stop_reason=seq.stop_reason)
+    # Positional, in field order (see RequestOutput.from_seq_group).
+    return CompletionOutput(index, seq.output_text, list(seq.output_token_ids),
+                            seq.cumulative_logprob,
+                            list(seq.output_logprobs) if with_logprobs else None,
+                            seq.status.finish_reason, seq.stop_reason)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import enum
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cacheflow_runtime.core.step_data import PLACEHOLDER_TOKEN_ID
 from cacheflow_runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from cacheflow_runtime.core.stop import StopRule
 
 Logprobs = dict[int, float]
 
@@ -26,21 +29,23 @@ class SequenceStatus(enum.Enum):
     @property
     def is_finished(self) -> bool:
         """True for the three finished statuses."""
-        return self in _FINISHED
+        return self in FINISHED_STATUSES
 
     @property
     def finish_reason(self) -> Optional[str]:
         """The OpenAI finish_reason of a finished status ("stop", "length", "abort"), else None."""
-        return _FINISH_REASON.get(self)
+        return _FINISH_REASON.get(self._value_)
 
 
-# A tuple, not a set: membership then compares identities in C, where a set would call the
-# enum's Python-level __hash__ (this test runs several times per sequence and step).
-_FINISHED = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
-             SequenceStatus.FINISHED_ABORTED)
-_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop",
-                  SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
-                  SequenceStatus.FINISHED_ABORTED: "abort"}
+#: The finished statuses. A tuple, not a set: membership then compares identities in C, where
+#: a set would call the enum's Python-level __hash__ (this test runs several times per sequence
+#: and step).
+FINISHED_STATUSES = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH_CAPPED,
+                     SequenceStatus.FINISHED_ABORTED)
+# Keyed by value: an enum member's own hash is a Python-level call (one per output per step).
+_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED.value: "stop",
+                  SequenceStatus.FINISHED_LENGTH_CAPPED.value: "length",
+                  SequenceStatus.FINISHED_ABORTED.value: "abort"}
 
 
 class Sequence:
@@ -131,7 +136,7 @@ class Sequence:
 
     def is_finished(self) -> bool:
         """True once the sequence has a finished status."""
-        return self.status in _FINISHED
+        return self.status in FINISHED_STATUSES
 
     def fork(self, new_seq_id: int, sample_index: int = 0) -> Sequence:
         """A copy of this sequence under a new id (the block manager must fork its blocks too)."""
@@ -171,6 +176,8 @@ class SequenceGroup:
         self.num_cached_tokens: Optional[int] = None
         # Whether the worker was sent the request (prompt and sampling parameters) yet.
         self.sent_to_worker = False
+        # Its token stop rules in the scheduler's per-token form (set by the scheduler).
+        self.stop_rule: Optional[StopRule] = None
 
     @property
     def prompt(self) -> Optional[str]:
@@ -198,7 +205,7 @@ class SequenceGroup:
 
     def get_unfinished_seqs(self) -> list[Sequence]:
         """The sequences that are not finished."""
-        return [seq for seq in self.seqs if seq.status not in _FINISHED]
+        return [seq for seq in self.seqs if seq.status not in FINISHED_STATUSES]
 
     def find(self, seq_id: int) -> Sequence:
         """The sequence with ``seq_id``."""
@@ -228,7 +235,7 @@ class SequenceGroup:
     def is_finished(self) -> bool:
         """True when every sequence has finished."""
         for seq in self.seqs:
-            if seq.status not in _FINISHED:
+            if seq.status not in FINISHED_STATUSES:
                 return False
         return True
 

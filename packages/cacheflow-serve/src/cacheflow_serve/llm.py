@@ -262,7 +262,7 @@ class LLM:
         with tqdm(total=len(request_ids), desc="Generating", unit="req",
                   disable=not use_tqdm) as bar, torch.inference_mode():
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)

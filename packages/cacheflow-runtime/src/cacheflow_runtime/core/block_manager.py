@@ -325,11 +325,13 @@ class BlockSpaceManager:
         """
         if not self.enable_prefix_caching:
             return
-        table = self._block_tables.get(seq.seq_id)
         computed = seq.num_computed_tokens if num_tokens is None else num_tokens
         num_full = computed // self.block_size
         done = self._num_registered.get(seq.seq_id, 0)
-        if table is None or num_full <= done or table[0].device is not Device.GPU:
+        if num_full <= done:  # the common case: no block filled since the last call
+            return
+        table = self._block_tables.get(seq.seq_id)
+        if table is None or table[0].device is not Device.GPU:
             return
         if seq.has_placeholder:
             num_full = min(num_full, (seq.get_len() - 1) // self.block_size)
@@ -390,10 +392,17 @@ class BlockSpaceManager:
     def num_blocks_to_grow(self, seq: Sequence, num_tokens: int) -> int:
         """GPU blocks :meth:`grow` takes to cover ``num_tokens`` tokens (new blocks, plus one
         when the first block written is shared and must be copied)."""
-        table = self._table(seq)
-        first = seq.num_computed_tokens // self.block_size
-        cow = 1 if first < len(table) and table[first].ref_count > 1 else 0
-        return max(0, self.blocks_for(num_tokens) - len(table)) + cow
+        table = self._block_tables.get(seq.seq_id)
+        if table is None:
+            raise KeyError(f"sequence {seq.seq_id} has no block table")
+        block_size = self.block_size
+        num_blocks = len(table)
+        first = seq.num_computed_tokens // block_size
+        new = -(-num_tokens // block_size) - num_blocks
+        need = new if new > 0 else 0
+        if first < num_blocks and table[first].ref_count > 1:
+            need += 1
+        return need
 
     def grow(self, seq: Sequence, num_tokens: int) -> Optional[tuple[int, int]]:
         """Makes ``seq``'s table cover ``num_tokens`` tokens before a step that writes the K/V of
@@ -446,9 +455,14 @@ class BlockSpaceManager:
         """What the worker's copy of ``seq``'s table needs since the last call: ``(whole table,
         [])`` when an entry was replaced (or the worker has none), else ``(None, appended
         block numbers)``."""
-        table = self._table(seq)
+        table = self._block_tables.get(seq.seq_id)
+        if table is None:
+            raise KeyError(f"sequence {seq.seq_id} has no block table")
+        num_blocks = len(table)
         synced = self._synced.get(seq.seq_id)
-        self._synced[seq.seq_id] = len(table)
+        if synced == num_blocks:  # most sequences in most steps
+            return None, []
+        self._synced[seq.seq_id] = num_blocks
         if synced is None:
             return [b.block_number for b in table], []
         return None, [b.block_number for b in table[synced:]]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,9 +51,9 @@ from cacheflow_runtime.core.step_data import (
     ScheduledSequence,
     SchedulerOutput,
 )
-from cacheflow_runtime.core.stop import length_capped, token_stop
+from cacheflow_runtime.core.stop import StopRule, token_stop
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
-from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+from cacheflow_runtime.sequence import FINISHED_STATUSES, Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
@@ -63,13 +64,18 @@ class _Budget:
     seqs: int
 
 
+_RUNNING = SequenceStatus.RUNNING
+# The token counts of a one-sequence decode (shared: never mutated).
+_ONE_TOKEN = (1,)
+
+
 @dataclass
 class _Plan:
     """The batch being built, in scheduling order: per group its scheduled sequences and the
-    tokens of each (by sequence id). ``preempted_ids``: the requests preempted in this step."""
+    tokens of each (in the same order). ``preempted_ids``: the requests preempted in this
+    step."""
 
-    groups: list[tuple[SequenceGroup, list[Sequence], dict[int, int]]] = field(
-        default_factory=list)
+    groups: list[tuple[SequenceGroup, list[Sequence], Seq[int]]] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     preempted_ids: set[str] = field(default_factory=set)
     copies: list[tuple[int, int]] = field(default_factory=list)
@@ -81,9 +87,9 @@ class _Plan:
         """True once a request was preempted in this step."""
         return bool(self.preempted_ids)
 
-    def add(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int]) -> None:
-        """Adds ``group``'s ``seqs`` (the keys of ``tokens``, in that order) to the batch."""
-        self.groups.append((group, seqs, tokens))
+    def add(self, group: SequenceGroup, seqs: list[Sequence], counts: Seq[int]) -> None:
+        """Adds ``group``'s ``seqs`` with ``counts[i]`` tokens of ``seqs[i]`` to the batch."""
+        self.groups.append((group, seqs, counts))
         self.ids.add(group.request_id)
 
 
@@ -124,7 +130,16 @@ class Scheduler:
     # ---------------------------------------------------------------------------- requests
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
         """Queues a new request (one WAITING sequence)."""
+        self._stop_rule(seq_group)
         self.waiting.append(seq_group)
+
+    def _stop_rule(self, group: SequenceGroup) -> StopRule:
+        """``group``'s token stop rules in their per-token form (made once per request)."""
+        rule = group.stop_rule
+        if rule is None:
+            rule = group.stop_rule = StopRule(group.sampling_params, len(group.prompt_token_ids),
+                                              self.eos_token_id, self.config.max_model_len)
+        return rule
 
     def new_seq_id(self) -> int:
         """A sequence id not used before."""
@@ -220,38 +235,71 @@ class Scheduler:
         return max(1, budget.tokens // 2) if others_wait else budget.tokens
 
     def _schedule_running(self, plan: _Plan, budget: _Budget) -> None:
-        decodes: list[SequenceGroup] = []
+        # Decodes first, then prompt chunks, each in queue order. A group is classified when
+        # its turn comes: what the groups before it do changes no other group but the victims
+        # they preempt, which are skipped.
+        finishing = self._finishing
+        preempted_ids = plan.preempted_ids
         prefills: list[SequenceGroup] = []
-        for group in self.running:
-            if group.request_id not in self._finishing:
-                (decodes if _is_decode(group) else prefills).append(group)
-        num_decodes = len(decodes)
-        ordered = decodes + prefills
-        for i, group in enumerate(ordered):
-            if group.request_id in plan.preempted_ids:  # a victim earlier in this step
+        for group in list(self.running):  # a copy: preemption removes from the queue
+            request_id = group.request_id
+            if request_id in finishing or request_id in preempted_ids:
+                continue
+            group_seqs = group.seqs
+            if len(group_seqs) == 1:  # the common case, without the generic bookkeeping
+                seq = group_seqs[0]
+                if (seq.status is _RUNNING and len(seq.prompt_token_ids)
+                        + len(seq.output_token_ids) - seq.num_computed_tokens == 1):
+                    if budget.tokens >= 1:
+                        self._take_decode(group, seq, plan, budget)
+                    continue
+            if not _is_decode(group):
+                prefills.append(group)
                 continue
             seqs = group.get_seqs(SequenceStatus.RUNNING)
-            if i < num_decodes:
-                if budget.tokens < len(seqs):
-                    continue
-                tokens = {seq.seq_id: 1 for seq in seqs}
-            else:
-                others = i + 1 < len(ordered) or bool(self.waiting)
-                n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget, others)
-                if n == 0:
-                    continue
-                tokens = {seqs[0].seq_id: n}
-            if self._make_room(group, seqs, tokens, plan):
-                self._take(group, seqs, tokens, plan, budget)
+            if budget.tokens < len(seqs):
+                continue
+            counts = [1] * len(seqs)
+            if self._make_room(group, seqs, counts, plan):
+                self._take(group, seqs, counts, plan, budget)
+        for i, group in enumerate(prefills):
+            if group.request_id in preempted_ids:  # a victim earlier in this step
+                continue
+            seqs = group.get_seqs(SequenceStatus.RUNNING)
+            others = i + 1 < len(prefills) or bool(self.waiting)
+            n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget, others)
+            if n == 0:
+                continue
+            if self._make_room(group, seqs, [n], plan):
+                self._take(group, seqs, [n], plan, budget)
 
-    def _make_room(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int],
+    def _take_decode(self, group: SequenceGroup, seq: Sequence, plan: _Plan,
+                     budget: _Budget) -> None:
+        """``_make_room`` and ``_take`` for a group whose one sequence decodes one token; the
+        block manager is asked only how many blocks it needs, nothing when that is none."""
+        bm = self.block_manager
+        end = seq.num_computed_tokens + 1
+        need = bm.num_blocks_to_grow(seq, end)
+        if need:
+            if (need > bm.get_num_free_gpu_blocks()
+                    and not self._make_room(group, [seq], _ONE_TOKEN, plan)):
+                return
+            cow = bm.grow(seq, end)
+            if cow is not None:
+                plan.copies.append(cow)
+        bm.cache_full_blocks(seq, group.cache_namespace, end)
+        budget.tokens -= 1
+        plan.groups.append((group, [seq], _ONE_TOKEN))  # plan.add
+        plan.ids.add(group.request_id)
+
+    def _make_room(self, group: SequenceGroup, seqs: list[Sequence], counts: Seq[int],
                    plan: _Plan) -> bool:
         """Preempts the latest-arrived requests outside the batch until ``group``'s sequences
-        can grow by ``tokens``; returns False if ``group`` itself had to give way (preempted,
-        or a prompt chunk deferred while the batch already holds other work)."""
+        can grow by ``counts`` tokens; returns False if ``group`` itself had to give way
+        (preempted, or a prompt chunk deferred while the batch already holds other work)."""
         bm = self.block_manager
-        while sum(bm.num_blocks_to_grow(s, s.num_computed_tokens + tokens[s.seq_id])
-                  for s in seqs) > bm.get_num_free_gpu_blocks():
+        while sum(bm.num_blocks_to_grow(s, s.num_computed_tokens + n)
+                  for s, n in zip(seqs, counts)) > bm.get_num_free_gpu_blocks():
             victims = [g for g in self.running if g is not group and g.request_id not in plan.ids]
             if victims:
                 self._preempt(victims[-1], plan)
@@ -262,16 +310,16 @@ class Scheduler:
                 return False
         return True
 
-    def _take(self, group: SequenceGroup, seqs: list[Sequence], tokens: dict[int, int],
+    def _take(self, group: SequenceGroup, seqs: list[Sequence], counts: Seq[int],
               plan: _Plan, budget: _Budget) -> None:
-        for seq in seqs:
-            end = seq.num_computed_tokens + tokens[seq.seq_id]
+        for seq, n in zip(seqs, counts):
+            end = seq.num_computed_tokens + n
             cow = self.block_manager.grow(seq, end)
             if cow is not None:
                 plan.copies.append(cow)
             self.block_manager.cache_full_blocks(seq, group.cache_namespace, end)
-        budget.tokens -= sum(tokens.values())
-        plan.add(group, seqs, tokens)
+        budget.tokens -= sum(counts)
+        plan.add(group, seqs, counts)
 
     def _swap_in(self, plan: _Plan, budget: _Budget) -> None:
         while self.swapped:
@@ -288,13 +336,13 @@ class Scheduler:
             self.running.append(group)
             budget.seqs -= group.max_num_running_seqs()
             if _is_decode(group):
-                tokens = {seq.seq_id: 1 for seq in seqs}
+                counts = [1] * len(seqs)
             else:
                 n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget,
                                 len(self.swapped) > 0 or bool(self.waiting))
-                tokens = {seqs[0].seq_id: n} if n else {}
-            if tokens and sum(tokens.values()) <= budget.tokens:
-                self._take(group, seqs, tokens, plan, budget)
+                counts = [n] if n else []
+            if counts and sum(counts) <= budget.tokens:
+                self._take(group, seqs, counts, plan, budget)
 
     def _admit_waiting(self, plan: _Plan, budget: _Budget) -> None:
         bm = self.block_manager
@@ -327,7 +375,7 @@ class Scheduler:
             self.running.append(group)
             budget.seqs -= group.max_num_running_seqs()
             budget.tokens -= n
-            plan.add(group, [seq], {seq.seq_id: n})
+            plan.add(group, [seq], [n])
 
     def _preempt(self, group: SequenceGroup, plan: _Plan) -> None:
         plan.preempted_ids.add(group.request_id)
@@ -355,36 +403,49 @@ class Scheduler:
                               freed_seq_ids=self._freed_seq_ids, blocks_to_swap_in=plan.swap_in,
                               blocks_to_swap_out=plan.swap_out, blocks_to_copy=plan.copies)
         self._finished_req_ids, self._freed_seq_ids = [], []
-        for group, seqs, tokens in plan.groups:
-            if group.request_id in plan.preempted_ids:  # after it was taken (cannot happen today)
+        preempted_ids = plan.preempted_ids
+        scheduled = out.scheduled
+        for group, seqs, counts in plan.groups:
+            if group.request_id in preempted_ids:  # after it was taken (cannot happen today)
                 continue
             if not group.sent_to_worker:
                 out.new_requests.append(NewRequestData(group.request_id, group.prompt_token_ids,
                                                        group.sampling_params))
                 group.sent_to_worker = True
-            out.scheduled.append(ScheduledRequest(
-                req_id=group.request_id, seqs=[self._scheduled_seq(s, tokens[s.seq_id])
-                                               for s in seqs],
-                do_sample=all(s.num_computed_tokens + tokens[s.seq_id] == s.get_len()
-                              for s in seqs),
-                is_first_sample=group.is_prefill))
+            if len(seqs) == 1:
+                seq, n = seqs[0], counts[0]
+                parts = [self._scheduled_seq(seq, n)]
+                do_sample = seq.num_computed_tokens + n == seq.get_len()
+                # group.is_prefill, without the call when the group is this one sequence
+                first = not seq.output_token_ids if len(group.seqs) == 1 else group.is_prefill
+            else:
+                parts = [self._scheduled_seq(s, n) for s, n in zip(seqs, counts)]
+                do_sample = all(s.num_computed_tokens + n == s.get_len()
+                                for s, n in zip(seqs, counts))
+                first = group.is_prefill
+            # Positional: a dataclass __init__ called with keywords costs twice as much, and
+            # this runs per request and step (fields: req_id, seqs, do_sample, is_first_sample).
+            scheduled.append(ScheduledRequest(group.request_id, parts, do_sample, first))
         return out
 
     def _scheduled_seq(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
         block_ids, new_block_ids = self.block_manager.take_table_update(seq)
-        scheduled = ScheduledSequence(
-            seq_id=seq.seq_id, token_ids=seq.token_slice(start, start + num_tokens),
-            num_computed_tokens=start, new_block_ids=new_block_ids, block_ids=block_ids,
-            sample_index=seq.sample_index, cumulative_logprob=seq.cumulative_logprob)
-        known = seq.num_known_outputs
-        if not seq.known_to_worker:
-            scheduled.output_token_ids = seq.output_token_ids[:known]
-            seq.known_to_worker = True
+        known = len(seq.output_logprobs)  # seq.num_known_outputs
+        if seq.known_to_worker:
+            output_token_ids = None
+            new_output_token_ids = seq.output_token_ids[seq.num_outputs_sent:known]
         else:
-            scheduled.new_output_token_ids = seq.output_token_ids[seq.num_outputs_sent:known]
+            output_token_ids = seq.output_token_ids[:known]
+            new_output_token_ids = []
+            seq.known_to_worker = True
         seq.num_outputs_sent = known
-        return scheduled
+        # Positional, in field order (see _emit): seq_id, token_ids, num_computed_tokens,
+        # new_block_ids, block_ids, new_output_token_ids, output_token_ids, sample_index,
+        # cumulative_logprob.
+        return ScheduledSequence(seq.seq_id, seq.token_slice(start, start + num_tokens), start,
+                                 new_block_ids, block_ids, new_output_token_ids,
+                                 output_token_ids, seq.sample_index, seq.cumulative_logprob)
 
     # ------------------------------------------------------------- scheduling ahead
     def schedule_ahead(self, last: SchedulerOutput) -> Optional[SchedulerOutput]:
@@ -401,9 +462,12 @@ class Scheduler:
         # Copy-on-write sources are read after the step before wrote them. Swaps never meet a
         # step in flight: a step scheduled ahead neither preempts nor runs beside swapped
         # requests, and swaps are scheduled only when no step is in flight.
-        if not last.scheduled or self.swapped or not self._assumable(last):
+        if not last.scheduled or self.swapped:
             return None
-        self._assume(last)
+        running = {g.request_id: g for g in self.running}
+        if not self._assumable(last, running):
+            return None
+        self._assume(last, running)
         if not self._fits() or not (self.waiting or any(
                 g.request_id not in self._finishing for g in self.running)):
             return None
@@ -412,13 +476,12 @@ class Scheduler:
         assert self.num_preemptions == preemptions, "a step scheduled ahead preempted a request"
         return plan
 
-    def _assumable(self, last: SchedulerOutput) -> bool:
+    def _assumable(self, last: SchedulerOutput, running: dict[str, SequenceGroup]) -> bool:
         """Whether the step after ``last`` can be built before ``last``'s tokens are known:
         every request ``last`` samples for draws its next token without them. Not so for beam
         search and a first sample that forks (their sequences depend on the tokens), for
         penalties (they count the tokens) and for ``min_tokens`` masking not yet over (the
-        worker would count one token short)."""
-        running = {g.request_id: g for g in self.running}
+        worker would count one token short). ``running``: the running requests by id."""
         for req in last.scheduled:
             group = running.get(req.req_id)
             if group is None or not req.do_sample:
@@ -433,13 +496,12 @@ class Scheduler:
                 return False
         return True
 
-    def _assume(self, last: SchedulerOutput) -> None:
+    def _assume(self, last: SchedulerOutput, running: dict[str, SequenceGroup]) -> None:
         """Applies what is known of ``last``'s results before they arrive: computed tokens, and
         a placeholder for each token it samples. A request whose placeholders all end their
         sequences by length is not scheduled again."""
         self._assumed = last
-        max_model_len = self.config.max_model_len
-        running = {g.request_id: g for g in self.running}
+        finishing = self._finishing
         for req in last.scheduled:
             group = running.get(req.req_id)
             if group is None:
@@ -447,15 +509,16 @@ class Scheduler:
             seqs = self._advance(group, req)
             if not req.do_sample:
                 continue
+            max_output_len = (group.stop_rule or self._stop_rule(group)).max_output_len
             last_token = True
             for seq in seqs:
-                if seq.is_finished():
+                if seq.status in FINISHED_STATUSES:
                     continue
                 seq.append_placeholder()
-                last_token = last_token and length_capped(
-                    group.sampling_params, seq.get_output_len(), seq.get_len(), max_model_len)
+                # StopRule.length_capped
+                last_token = last_token and len(seq.output_token_ids) >= max_output_len
             if last_token:
-                self._finishing.add(group.request_id)
+                finishing.add(group.request_id)
 
     def _fits(self) -> bool:
         """Whether every running sequence can grow as far as the next step could take it
@@ -490,16 +553,18 @@ class Scheduler:
             self._finishing.clear()
         touched: list[SequenceGroup] = []
         running = {g.request_id: g for g in self.running}
+        prompt_logprobs = runner_output.prompt_logprobs
+        samples = runner_output.samples
         for req in scheduler_output.scheduled:
             group = running.get(req.req_id)
             if group is None:
                 continue
             if not assumed:
                 self._advance(group, req)
-            share = runner_output.prompt_logprobs.get(req.req_id)
+            share = prompt_logprobs.get(req.req_id) if prompt_logprobs else None
             if share is not None:
                 group.prompt_logprobs = (group.prompt_logprobs or []) + share
-            result = runner_output.samples.get(req.req_id)
+            result = samples.get(req.req_id)
             if req.do_sample and result is not None:
                 self._apply_samples(group, result, req.is_first_sample, now)
                 touched.append(group)
@@ -510,14 +575,22 @@ class Scheduler:
     def _advance(self, group: SequenceGroup, req: ScheduledRequest) -> list[Sequence]:
         """Counts the step's computed tokens of ``req`` and caches the blocks they fill;
         returns its sequences."""
-        is_prefill = group.is_prefill
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        group_seqs = group.seqs
         seqs = []
         for s in req.seqs:
-            seq = group.find(s.seq_id)
-            if len(s.token_ids) > 1 or is_prefill:
-                self.num_prompt_tokens += len(s.token_ids)
-            seq.num_computed_tokens += len(s.token_ids)
-            self.block_manager.cache_full_blocks(seq, group.cache_namespace)
+            seq_id = s.seq_id
+            n = len(s.token_ids)
+            if len(group_seqs) == 1 and group_seqs[0].seq_id == seq_id:
+                seq = group_seqs[0]
+                is_prefill = not seq.output_token_ids  # group.is_prefill, without the call
+            else:
+                seq = group.find(seq_id)
+                is_prefill = n == 1 and group.is_prefill
+            if n > 1 or is_prefill:
+                self.num_prompt_tokens += n
+            seq.num_computed_tokens += n
+            cache_full_blocks(seq, group.cache_namespace)
             seqs.append(seq)
         return seqs
 
@@ -540,16 +613,24 @@ class Scheduler:
                 seq.append_token(sample.token_id, sample.logprobs)
                 self._check_token_stop(group, seq)
             return
+        rule = group.stop_rule or self._stop_rule(group)
+        group_seqs = group.seqs
         for sample in result.samples:
-            seq = group.find(sample.parent_seq_id)
-            if seq.is_finished():  # ended while a step scheduled ahead ran: drop its token
+            seq_id = sample.parent_seq_id
+            if len(group_seqs) == 1 and group_seqs[0].seq_id == seq_id:
+                seq = group_seqs[0]
+            else:
+                seq = group.find(seq_id)
+            if seq.status in FINISHED_STATUSES:  # ended while a step ahead ran: drop its token
                 continue
             self.num_generation_tokens += 1
+            token_id = sample.token_id
             if seq.has_placeholder:
-                seq.resolve_placeholder(sample.token_id, sample.logprobs)
+                seq.resolve_placeholder(token_id, sample.logprobs)
             else:
-                seq.append_token(sample.token_id, sample.logprobs)
-            self._check_token_stop(group, seq)
+                seq.append_token(token_id, sample.logprobs)
+            if rule.may_stop(token_id, len(seq.output_token_ids)):
+                self._check_token_stop(group, seq)
 
     def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:
         stop = token_stop(group.sampling_params, seq.get_last_token_id(), seq.get_output_len(),

@@ -32,6 +32,39 @@ def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len
     return None
 
 
+class StopRule:
+    """The token stop rules of one request reduced to two cheap tests, for the per-token path.
+
+    ``token_stop`` can end a sequence of the request only when the new token is one of
+    ``token_ids`` (the stop token ids, and the EOS token unless ``ignore_eos``) or the output has
+    reached ``max_output_len`` tokens (``max_tokens``, or the model's length limit less the
+    prompt): when :meth:`may_stop` is False it returns None, and :meth:`length_capped` is
+    :func:`length_capped` for the request's sequences.
+    """
+
+    __slots__ = ("max_output_len", "token_ids")
+
+    def __init__(self, params: SamplingParams, prompt_len: int, eos_token_id: Optional[int],
+                 max_model_len: int) -> None:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos and eos_token_id is not None:
+            ids.add(eos_token_id)
+        self.token_ids: frozenset[int] = frozenset(ids)
+        limit = max_model_len - prompt_len
+        self.max_output_len = limit if params.max_tokens is None else min(params.max_tokens,
+                                                                          limit)
+
+    def may_stop(self, token_id: int, output_len: int) -> bool:
+        """False when a new token ``token_id`` making ``output_len`` generated tokens certainly
+        does not end its sequence (``token_stop`` would return None)."""
+        return output_len >= self.max_output_len or token_id in self.token_ids
+
+    def length_capped(self, output_len: int) -> bool:
+        """Whether a sequence of the request with ``output_len`` generated tokens has reached
+        ``max_tokens`` or the model's length limit."""
+        return output_len >= self.max_output_len
+
+
 def length_capped(params: SamplingParams, output_len: int, total_len: int,
                   max_model_len: int) -> bool:
     """Whether a sequence with ``output_len`` generated and ``total_len`` tokens in all has

@@ -6,12 +6,71 @@ and tokenizers that merge spaces produce the same text as decoding everything at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cacheflow_runtime.sequence import Sequence
 
 # Tokens of context decoded before the new ones.
 _CONTEXT_TOKENS = 5
+
+# Where transformers defines the fast tokenizers (TokenizersBackend in 5.x,
+# PreTrainedTokenizerFast in 4.x), whose methods below are known to do this, across versions:
+# ``convert_tokens_to_string(tokens)`` is ``backend_tokenizer.decoder.decode(tokens)`` when
+# there is a decoder (else a join); ``convert_ids_to_tokens(ids, skip_special_tokens)`` is
+# ``backend_tokenizer.id_to_token(id)`` for each id, less those in ``all_special_ids`` when
+# skipping (a property computed again in every call).
+_HF_FAST = {("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),
+            ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")}
+
+
+def _is_hf_fast_method(tokenizer: Any, name: str) -> bool:
+    """Whether ``tokenizer``'s method ``name`` is the HF fast tokenizers' own (not overridden)."""
+    method = getattr(type(tokenizer), name, None)
+    qualname = getattr(method, "__qualname__", "")
+    return (getattr(method, "__module__", None), qualname.rpartition(".")[0]) in _HF_FAST \
+        and qualname.endswith("." + name)
+
+
+def tokens_to_string_function(tokenizer: Any) -> Callable[[list[str]], str]:
+    """``tokenizer.convert_tokens_to_string``, or what it calls when that is the HF fast
+    tokenizers' own (their decoder's ``decode``: the same text without two property lookups in
+    Python per call). The tokenizer's decoder must not change afterwards."""
+    if _is_hf_fast_method(tokenizer, "convert_tokens_to_string"):
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        if decoder is not None:
+            return decoder.decode
+    return tokenizer.convert_tokens_to_string
+
+
+def converts_ids_one_by_one(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.convert_ids_to_tokens(ids, ...)`` is known to be the concatenation
+    of its conversions of each id alone (the HF fast tokenizers' own method)."""
+    return (_is_hf_fast_method(tokenizer, "convert_ids_to_tokens")
+            and getattr(tokenizer, "backend_tokenizer", None) is not None)
+
+
+def token_of_id_function(tokenizer: Any,
+                         ) -> Callable[[int, bool], tuple[str, ...]]:
+    """A function ``(token_id, skip_special_tokens) -> tuple(tokenizer.convert_ids_to_tokens(
+    [token_id], skip_special_tokens=skip_special_tokens))``; for the HF fast tokenizers' own
+    method, the same without computing the special token ids again in each call. The
+    tokenizer's vocabulary and special tokens must not change afterwards."""
+    if converts_ids_one_by_one(tokenizer):
+        backend = tokenizer.backend_tokenizer
+        special = frozenset(tokenizer.all_special_ids)
+        id_to_token = backend.id_to_token
+
+        def hf_tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
+            if skip_special_tokens and token_id in special:
+                return ()
+            return (id_to_token(token_id),)
+        return hf_tokens_of
+
+    def tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
+        return tuple(tokenizer.convert_ids_to_tokens([token_id],
+                                                     skip_special_tokens=skip_special_tokens))
+    return tokens_of
 
 
 class Detokenizer:
@@ -20,7 +79,9 @@ class Detokenizer:
     What ``convert_ids_to_tokens([token_id], skip_special_tokens=...)`` gives for a generated
     token is remembered per token id (at most one entry per id of the vocabulary), so that a
     step costs one dict lookup per new token instead of a tokenizer call (an HF tokenizer
-    recomputes its special token ids in every call that skips them). The tokenizer must not
+    recomputes its special token ids in every call that skips them). So is the text of a single
+    token (the context of the next token in most steps), so that a step costs one
+    ``convert_tokens_to_string`` call per new token instead of two. The tokenizer must not
     change while the detokenizer is in use.
     """
 
@@ -28,26 +89,47 @@ class Detokenizer:
         self.tokenizer = tokenizer
         # skip_special_tokens -> token id -> the tokens it converts to (none or one).
         self._token_strings: dict[bool, dict[int, tuple[str, ...]]] = {False: {}, True: {}}
+        self._to_string = tokens_to_string_function(tokenizer)
+        self._convert_id = token_of_id_function(tokenizer)
+        # Whether a prompt's tokens can be looked up id by id in _token_strings.
+        self._ids_one_by_one = converts_ids_one_by_one(tokenizer)
+        # token -> convert_tokens_to_string([token])
+        self._token_texts: dict[str, str] = {}
 
     def decode_new_text(self, seq: Sequence, skip_special_tokens: bool) -> str:
         """Appends the text of ``seq``'s newest token to ``seq.output_text`` and returns it.
 
         Returns "" while the new bytes do not yet form a whole character.
         """
-        if seq.tokens is None:
+        tokens = seq.tokens
+        if tokens is None:
+            tokens = self._start(seq, skip_special_tokens)
+        token_id = seq.output_token_ids[-1]
+        new = self._token_strings[skip_special_tokens].get(token_id)
+        if new is None:
+            new = self._tokens_of(token_id, skip_special_tokens)
+        tokens += new
+        return self._emit(seq, True)
+
+    def _start(self, seq: Sequence, skip_special_tokens: bool) -> list[str]:
+        """Sets up ``seq``'s tokens, text and offsets for its tokens but the newest one."""
+        if self._ids_one_by_one:
+            seq.tokens = []
+            for token_id in seq.prompt_token_ids:
+                seq.tokens.extend(self._tokens_of(token_id, skip_special_tokens))
+        else:
             seq.tokens = list(self.tokenizer.convert_ids_to_tokens(
                 seq.prompt_token_ids, skip_special_tokens=skip_special_tokens))
-            seq.read_offset = len(seq.tokens)
-            seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)
-            # Tokens already generated before this sequence existed (a fork or a recompute).
-            for token_id in seq.output_token_ids[:-1]:
-                seq.tokens.extend(self._tokens_of(token_id, skip_special_tokens))
-            seq.output_text = self.tokenizer.decode(seq.output_token_ids[:-1],
-                                                    skip_special_tokens=skip_special_tokens)
-            seq.prefix_offset = max(len(seq.tokens) - _CONTEXT_TOKENS, 0)
-            seq.read_offset = len(seq.tokens)
-        seq.tokens.extend(self._tokens_of(seq.output_token_ids[-1], skip_special_tokens))
-        return self._emit(seq, hold_partial=True)
+        seq.read_offset = len(seq.tokens)
+        seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)
+        # Tokens already generated before this sequence existed (a fork or a recompute).
+        for token_id in seq.output_token_ids[:-1]:
+            seq.tokens.extend(self._tokens_of(token_id, skip_special_tokens))
+        seq.output_text = self.tokenizer.decode(seq.output_token_ids[:-1],
+                                                skip_special_tokens=skip_special_tokens)
+        seq.prefix_offset = max(len(seq.tokens) - _CONTEXT_TOKENS, 0)
+        seq.read_offset = len(seq.tokens)
+        return seq.tokens
 
     def flush_text(self, seq: Sequence) -> str:
         """Appends the text that ``decode_new_text`` still holds back (the bytes of a character
@@ -62,23 +144,30 @@ class Detokenizer:
         known = self._token_strings[skip_special_tokens]
         tokens = known.get(token_id)
         if tokens is None:
-            tokens = known[token_id] = tuple(self.tokenizer.convert_ids_to_tokens(
-                [token_id], skip_special_tokens=skip_special_tokens))
+            tokens = known[token_id] = self._convert_id(token_id, skip_special_tokens)
         return tokens
 
     def _emit(self, seq: Sequence, hold_partial: bool) -> str:
         """Decodes the tokens from ``read_offset`` on (with the context before them), appends
         their text to ``seq.output_text`` and moves the offsets past them. ``hold_partial``:
         emit nothing while the text ends in an unfinished character (or adds none)."""
-        assert seq.tokens is not None
-        to_string = self.tokenizer.convert_tokens_to_string
-        prefix = to_string(seq.tokens[seq.prefix_offset:seq.read_offset])
-        full = to_string(seq.tokens[seq.prefix_offset:])
+        tokens = seq.tokens
+        assert tokens is not None
+        to_string = self._to_string
+        start, read = seq.prefix_offset, seq.read_offset
+        if read - start == 1:
+            token = tokens[start]
+            prefix = self._token_texts.get(token)
+            if prefix is None:
+                prefix = self._token_texts[token] = to_string([token])
+        else:
+            prefix = to_string(tokens[start:read])
+        full = to_string(tokens[start:])
         if hold_partial and (len(full) <= len(prefix) or full.endswith("\ufffd")):
             return ""
         delta = full[len(prefix):]
-        seq.prefix_offset = seq.read_offset
-        seq.read_offset = len(seq.tokens)
+        seq.prefix_offset = read
+        seq.read_offset = len(tokens)
         seq.output_text += delta
         return delta
 

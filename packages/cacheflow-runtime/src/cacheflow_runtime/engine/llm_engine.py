@@ -32,7 +32,7 @@ from cacheflow_runtime.engine.output_processor import OutputProcessor
 from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
-from cacheflow_runtime.outputs import RequestOutput
+from cacheflow_runtime.outputs import RequestOutput, request_finished
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.sequence import Sequence, SequenceGroup
 
@@ -230,9 +230,13 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     # ----------------------------------------------------------------------------- stepping
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Runs one step and returns the outputs of every request that got new tokens, new
         prompt logprobs, or was aborted.
+
+        ``final_only``: only the outputs whose ``finished`` is True (those of the default, in
+        the same order, without building the others): for a caller that reads nothing else,
+        such as offline generation; a streaming caller needs the default.
 
         With ``async_scheduling`` the step run is the one left in flight by the previous call
         (if any), and the next one is started before its results are read.
@@ -250,11 +254,15 @@ class LLMEngine:
         touched = self.scheduler.update_from_output(plan, handle.result())
         self.output_processor.process(touched)
         self.scheduler.free_finished()
-        outputs = [RequestOutput.from_seq_group(g) for g in touched]
-        outputs += [RequestOutput.from_seq_group(g) for g in self._aborted]
-        for group in touched + self._aborted:
+        reported = touched + self._aborted if self._aborted else touched
+        if final_only:
+            outputs = [RequestOutput.from_seq_group(g) for g in reported if request_finished(g)]
+        else:
+            outputs = [RequestOutput.from_seq_group(g) for g in reported]
+        groups = self._groups
+        for group in reported:
             if group.is_finished():
-                self._groups.pop(group.request_id, None)
+                groups.pop(group.request_id, None)
         self._aborted = []
         return outputs
 

@@ -8,7 +8,8 @@ from typing import Any, Optional
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.stop import find_stop_string
 from cacheflow_runtime.engine.detokenizer import Detokenizer
-from cacheflow_runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sequence import FINISHED_STATUSES, Sequence, SequenceGroup, SequenceStatus
 
 
 class OutputProcessor:
@@ -28,6 +29,7 @@ class OutputProcessor:
     def process(self, groups: list[SequenceGroup]) -> None:
         """Updates the texts of the sequences of ``groups`` that got a token since the last
         call."""
+        detokenizer = self.detokenizer
         for group in groups:
             params = group.sampling_params
             if params.use_beam_search:
@@ -35,17 +37,20 @@ class OutputProcessor:
                     self._beam_texts(group)
                 continue
             for seq in group.seqs:
-                if seq.num_detokenized < len(seq.output_token_ids):
-                    seq.num_detokenized = len(seq.output_token_ids)
-                    self._append_text(group, seq)
+                num_tokens = len(seq.output_token_ids)
+                if seq.num_detokenized < num_tokens:
+                    seq.num_detokenized = num_tokens
+                    if detokenizer is None:
+                        continue
+                    new_text = detokenizer.decode_new_text(seq, params.skip_special_tokens)
+                    if (new_text and params.stop_strings) or seq.status in FINISHED_STATUSES:
+                        self._end_text(params, seq, new_text)
 
-    def _append_text(self, group: SequenceGroup, seq: Sequence) -> None:
-        if self.detokenizer is None:
-            return
-        params = group.sampling_params
-        new_text = self.detokenizer.decode_new_text(seq, params.skip_special_tokens)
-        stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
-        if (new_text and not stopped_by_token and params.stop_strings
+    def _end_text(self, params: SamplingParams, seq: Sequence, new_text: str) -> None:
+        """Stop strings in ``new_text`` (the newest text of ``seq``), and the text held back
+        of a finished sequence."""
+        assert self.detokenizer is not None
+        if (new_text and params.stop_strings and seq.status is not SequenceStatus.FINISHED_STOPPED
                 and seq.get_output_len() >= params.min_tokens):
             found = find_stop_string(seq.output_text, len(new_text), params)
             if found is not None:
