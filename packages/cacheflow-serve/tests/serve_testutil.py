@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cacheflow_runtime import RequestOutput
 from cacheflow_serve import LLM
+
+#: For a ``cacheflow serve`` subprocess: torch on one thread in the server and its engine core
+#: process (the tiny model gains nothing from more; see ONE_TORCH_THREAD in conftest.py).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
 
 # A chat template for the byte tokenizer (which ships none), so that ``--chat`` can be tested.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -23,3 +29,33 @@ def assert_idle(llm: LLM) -> None:
 def completions(outputs: list[RequestOutput]) -> list[list[tuple[list[int], str, str | None]]]:
     """(token ids, text, finish reason) of every returned sequence of every request."""
     return [[(c.token_ids, c.text, c.finish_reason) for c in out.outputs] for out in outputs]
+
+
+def _stat_fields(pid_dir: Path) -> list[str]:
+    return pid_dir.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie does not)."""
+    try:
+        return _stat_fields(Path(f"/proc/{pid}"))[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = _stat_fields(pid_dir)
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(pid_dir.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found

@@ -1,4 +1,5 @@
-"""The server through the official openai client: the same texts as the offline LLM."""
+"""The server through the official openai client: the same texts as the offline LLM (with the
+engine in a process of its own, as ``cacheflow serve`` runs it)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from cacheflow_runtime import AsyncLLMEngine, SamplingParams
+from cacheflow_runtime import SamplingParams
 from cacheflow_serve import LLM
+from cacheflow_serve.engine_process import start_engine_process
 from cacheflow_serve.server import ServerThread, make_server
+
+# One torch thread here and in the engine core process (it takes this process's count).
+ONE_TORCH_THREAD = True  # see conftest.py
 
 MODEL = "tiny"
 PROMPTS = ["Hello, my name is", "The capital of France", "a"]
@@ -21,12 +26,14 @@ PROMPTS = ["Hello, my name is", "The capital of France", "a"]
 
 @pytest.fixture(scope="module")
 def server(chat_tiny_path: Path) -> Iterator[ServerThread]:
-    llm = LLM(chat_tiny_path, device="cpu", dtype="float32", kv_cache_blocks=2048)
-    engine = AsyncLLMEngine(llm.engine)
+    """The server as ``cacheflow serve`` runs it: the engine in a process of its own."""
+    engine, _ = start_engine_process(chat_tiny_path, device="cpu", dtype="float32",
+                                     kv_cache_blocks=2048)
     thread = ServerThread(make_server(engine, port=0, served_model_names=[MODEL, "alias"],
                                       log_level="warning")).start()
     yield thread
     thread.stop()
+    engine.close()
 
 
 @pytest.fixture(scope="module")

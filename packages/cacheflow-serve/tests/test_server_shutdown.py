@@ -1,5 +1,6 @@
 """SIGTERM: `cacheflow serve` exits with status 0, every stream ends properly, new connections
-are refused during the grace period, and with nothing in flight it exits at once.
+are refused during the grace period, with nothing in flight it exits at once, and no process
+(the engine core) is left behind.
 
 "Properly": no client stream hangs; every stream ends with a chunk carrying a finish_reason and
 then ``data: [DONE]``. Requests that finish within the grace period end normally ("length"); the
@@ -23,6 +24,8 @@ import httpx
 import pytest
 
 from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+
+from serve_testutil import ONE_THREAD_ENV, alive, descendants
 
 GRACE = 1.0
 LONG_TOKENS = 3000
@@ -96,7 +99,7 @@ def _start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
            "--port", str(port), "--served-model-name", "tiny", "--device", "cpu",
            "--dtype", "float32", "--num-gpu-blocks-override", "2048",
            "--shutdown-grace-period", str(GRACE), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD_ENV}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -111,10 +114,19 @@ def _start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.2)
 
 
+def _assert_no_process_left(family: set[int]) -> None:
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in family if alive(p)]
+
+
 def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) -> None:
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     proc = _start_server(long_context_path, port)
+    family = descendants(proc.pid)
+    assert family  # the engine core process
     try:
         results, sent, fresh = asyncio.run(_run_and_terminate(proc, base_url))
         proc.wait(timeout=max(0.1, 10 - (time.monotonic() - sent)))
@@ -139,12 +151,14 @@ def test_sigterm_while_streaming_closes_every_stream(long_context_path: Path) ->
     assert reasons[:6] == ["abort"] * 6  # long ones were aborted after it
     assert elapsed >= GRACE * 0.9
     assert "Traceback" not in output, output
+    _assert_no_process_left(family)
 
 
 def test_sigterm_with_nothing_in_flight_exits_within_a_second(long_context_path: Path) -> None:
     """The issue asks for 1 s; the bound is 3 s to leave room for a busy CI machine."""
     port = _free_port()
     proc = _start_server(long_context_path, port)
+    family = descendants(proc.pid)
     try:
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30, json={
             "model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0})
@@ -160,3 +174,4 @@ def test_sigterm_with_nothing_in_flight_exits_within_a_second(long_context_path:
     output = proc.stdout.read().decode()  # type: ignore[union-attr]
     assert proc.returncode == 0, output
     assert elapsed < 3.0, f"{elapsed:.2f} s\n{output}"
+    _assert_no_process_left(family)

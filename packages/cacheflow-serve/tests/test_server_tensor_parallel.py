@@ -1,5 +1,6 @@
 """`cacheflow serve --tensor-parallel-size 2` on CPU answers the official OpenAI client with the
-tokens of a single process, and SIGTERM leaves no worker behind; bad sizes are refused up front."""
+tokens of a single process (the ranks spawned by the engine core process), and SIGTERM leaves no
+process behind; bad sizes are refused up front."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from cacheflow_serve import LLM
 from cacheflow_serve.cli import build_parser
 from cacheflow_serve.engine_args import llm_kwargs
 
+from serve_testutil import alive, descendants
+
 PROMPT = "Tensor parallel"
 # Startup spawns two workers that import torch and load the model: generous on a busy machine.
 STARTUP_S = 180
@@ -30,25 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_tp2_server_answers_the_openai_client(chat_tiny_path: Path, llm: LLM) -> None:
@@ -74,8 +58,9 @@ def test_tp2_server_answers_the_openai_client(chat_tiny_path: Path, llm: LLM) ->
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.5)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2  # two ranks (and multiprocessing's resource tracker)
+        workers = descendants(proc.pid)
+        # the engine core, its two ranks (and multiprocessing's resource tracker)
+        assert len(workers) >= 3
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0,
                                timeout=60)
         completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8,
@@ -89,9 +74,9 @@ def test_tp2_server_answers_the_openai_client(chat_tiny_path: Path, llm: LLM) ->
         proc.send_signal(signal.SIGTERM)
         proc.wait(EXIT_S)
         deadline = time.monotonic() + EXIT_S
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [p for p in workers if _alive(p)]
+        assert not [p for p in workers if alive(p)]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,11 +11,13 @@ from cacheflow_runtime.config import (
 )
 from cacheflow_runtime.engine.async_llm_engine import (
     AsyncLLMEngine,
+    BaseAsyncEngine,
     EngineClosedError,
     EngineOverloadedError,
     EngineStats,
     RequestStream,
 )
+from cacheflow_runtime.engine.core_client import EngineCoreClient
 from cacheflow_runtime.engine.detokenizer import stop_string_holdback
 from cacheflow_runtime.engine.llm_engine import LLMEngine
 from cacheflow_runtime.errors import (
@@ -30,8 +32,9 @@ from cacheflow_runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncLLMEngine", "CacheConfig", "CacheflowUserError", "CheckpointError",
-           "CompletionOutput", "EngineClosedError", "EngineOverloadedError", "EngineStats",
+__all__ = ["AsyncLLMEngine", "BaseAsyncEngine", "CacheConfig", "CacheflowUserError",
+           "CheckpointError", "CompletionOutput", "EngineClosedError", "EngineCoreClient",
+           "EngineOverloadedError", "EngineStats",
            "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "ModelConfig",
            "ParallelConfig", "RequestOutput", "RequestStream", "SamplingParams",
            "SchedulerConfig", "WorkerFailedError", "__version__", "parse_dtype",

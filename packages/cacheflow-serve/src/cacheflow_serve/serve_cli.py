@@ -8,9 +8,12 @@ import gc
 import logging
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
+
+if TYPE_CHECKING:
+    from cacheflow_runtime import BaseAsyncEngine
 
 API_KEY_ENV = "CACHEFLOW_API_KEY"
 logger = logging.getLogger("cacheflow_serve.serve")
@@ -35,6 +38,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 5)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                        help="run the engine in a thread of the server's process instead of "
+                             "an engine core process of its own (by default the HTTP front "
+                             "end and the engine's step loop run in separate processes, so "
+                             "they do not compete for one interpreter lock)")
     add_engine_arguments(parser)
 
 
@@ -56,35 +64,50 @@ def resolve_api_key(given: Optional[str]) -> Optional[str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Runs ``cacheflow serve`` until a signal stops it."""
-    from cacheflow_runtime import AsyncLLMEngine
-    from cacheflow_serve.llm import LLM
-    from cacheflow_serve.server.launcher import make_server
+    # Only torch and the runtime come before the engine core starts: the server's other imports
+    # (transformers, fastapi, uvicorn) overlap the core's start.
+    from cacheflow_serve.engine_process import LOG_FORMAT
 
     api_key = resolve_api_key(args.api_key)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(args.model, **llm_kwargs(args))
-    defaults = llm.generation_defaults
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.disable_frontend_multiprocessing:
+        from cacheflow_runtime import AsyncLLMEngine
+        from cacheflow_serve.llm import LLM
+
+        llm = LLM(args.model, **llm_kwargs(args))
+        defaults = llm.generation_defaults
+        engine: BaseAsyncEngine = AsyncLLMEngine(llm.engine,
+                                                 max_queued_requests=args.max_queued_requests)
+        close = llm.engine.shutdown
+    else:
+        from cacheflow_serve.engine_process import start_engine_process
+
+        client, defaults = start_engine_process(
+            args.model, max_queued_requests=args.max_queued_requests, log_level=args.log_level,
+            **llm_kwargs(args))
+        engine, close = client, client.close
+    from cacheflow_serve.server.launcher import make_server
+
     logger.info("model %s; sampling defaults from the generation config (%s) for fields a "
-                "request leaves unset: %s", llm.engine.model_config.model_path,
+                "request leaves unset: %s", engine.model_config.model_path,
                 getattr(args, "generation_config", "auto"),
                 ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none")
-    engine = AsyncLLMEngine(llm.engine, max_queued_requests=args.max_queued_requests)
     names = args.served_model_name or [str(args.model) if args.model else "SmolLM2-135M-Instruct"]
-    server = make_server(engine, host=args.host, port=args.port, api_key=api_key,
-                         served_model_names=names,
-                         shutdown_grace_period=args.shutdown_grace_period,
-                         log_level=args.log_level, generation_defaults=defaults)
-    # What lives as long as the server (model, tokenizer, imports) leaves the cyclic garbage
-    # collector's scans: a full collection walks every tracked object and stalls the engine's
-    # step while it does (host_overhead.py --gc-freeze: collection pauses per step at batch 256
-    # from about 3.4 to 0.9 ms on a 2-core CPU).
-    gc.collect()
-    gc.freeze()
     try:
+        server = make_server(engine, host=args.host, port=args.port, api_key=api_key,
+                             served_model_names=names,
+                             shutdown_grace_period=args.shutdown_grace_period,
+                             log_level=args.log_level, generation_defaults=defaults)
+        # What lives as long as the server (model or tokenizer, imports) leaves the cyclic
+        # garbage collector's scans: a full collection walks every tracked object and stalls
+        # the engine's step while it does (host_overhead.py --gc-freeze: collection pauses per
+        # step at batch 256 from about 3.4 to 0.9 ms on a 2-core CPU). The engine core process
+        # does the same for its own heap.
+        gc.collect()
+        gc.freeze()
         server.run()
-    finally:  # releases tensor-parallel workers at once (they also exit when we are gone)
-        llm.engine.shutdown()
+    finally:  # stops the engine core process or the tensor-parallel workers at once
+        close()
     if not server.started:
         return 1
     # The graceful shutdown is complete: exit now rather than spend seconds tearing down torch,
@@ -93,5 +116,3 @@ def run_serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-

@@ -15,6 +15,10 @@ connection) aborts the request, which frees its KV blocks at the next step.
 ``shutdown(grace_period)`` stops accepting, lets in-flight requests run for up to
 ``grace_period`` seconds, aborts the rest (their streams still get a final output whose
 finish_reason is "abort") and stops the thread.
+
+What happens on the event loop (streams, admission, aborts, latencies, shutdown) is
+:class:`BaseAsyncEngine`, shared with ``EngineCoreClient`` (engine/core_client.py), which runs
+the engine in a process of its own instead of a thread.
 """
 
 from __future__ import annotations
@@ -167,30 +171,29 @@ class RequestStream:
             self._on_abandon(self.request_id)
 
 
-class AsyncLLMEngine:
-    """Runs ``engine`` in a background thread and streams each request's outputs.
+class BaseAsyncEngine:
+    """What every async engine does on the event loop: request streams, admission
+    (``max_queued_requests``), aborts, latency observation and the graceful shutdown.
 
-    ``max_queued_requests`` bounds how many requests may wait for their first token at once
-    (None: no bound); past it ``add_request`` raises :class:`EngineOverloadedError`.
-    ``observer`` receives time-to-first-token and inter-token latencies. Only the engine
-    thread steps ``engine``; anything else that touches it must hold ``engine_lock``.
+    Subclasses say where the ``LLMEngine`` runs: :class:`AsyncLLMEngine` steps it in a thread
+    of this process, ``EngineCoreClient`` (engine/core_client.py) in a process of its own. They
+    implement ``_bind`` (start on the loop), ``_add`` (hand a request to the engine and wait
+    until it is accepted or refused), ``_send_abort`` and ``_stop`` (stop the engine once
+    nothing is left to run), and hand every step's outputs to ``_dispatch`` on the loop.
     """
 
-    def __init__(self, engine: Any, *, max_queued_requests: Optional[int] = None,
+    # What a server reads about the engine (each subclass provides them).
+    model_config: Any  # the engine's ModelConfig
+    scheduler_config: Any  # the engine's SchedulerConfig (max_model_len, ...)
+    tokenizer: Any  # the tokenizer for the server's own use (None or TokenIdsOnly: none)
+
+    def __init__(self, *, max_queued_requests: Optional[int] = None,
                  observer: Optional[RequestObserver] = None) -> None:
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1 or None, "
                              f"got {max_queued_requests!r}")
-        self.engine = engine
         self.max_queued_requests = max_queued_requests
         self.observer = observer
-        # Held by the engine thread around every LLMEngine access; hold it to touch the
-        # LLMEngine from any other thread.
-        self.engine_lock = threading.Lock()
-        self._wakeup = threading.Condition()
-        self._commands: list[Callable[[], None]] = []
-        self._stop = False
-        self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._streams: dict[str, RequestStream] = {}
         self._unstarted: set[str] = set()
@@ -198,16 +201,17 @@ class AsyncLLMEngine:
         self._accepting = True
         self._error: Optional[BaseException] = None
         self._shutdown_task: Optional[asyncio.Task[None]] = None
-        self._timing: dict[str, list[float]] = {}  # engine thread only
+        # request id -> [arrival, time of the last new token, tokens seen]; touched only by
+        # the thread that makes outputs (``_observe``).
+        self._timing: dict[str, list[float]] = {}
         self.num_abandoned = 0  # requests aborted before they finished (consumer went away)
-        self._pending_adds: set[concurrent.futures.Future[None]] = set()
-        self._stats = collect_stats(engine)
+        self._stats = EngineStats()
 
     # ----------------------------------------------------------------------------- state
     @property
     def is_running(self) -> bool:
-        """True while the engine thread runs."""
-        return self._thread is not None and self._thread.is_alive()
+        """True while the engine runs (its thread or process)."""
+        raise NotImplementedError
 
     @property
     def is_accepting(self) -> bool:
@@ -216,7 +220,7 @@ class AsyncLLMEngine:
 
     @property
     def error(self) -> Optional[BaseException]:
-        """The exception that killed the engine thread, if any."""
+        """The exception that stopped the engine, if any."""
         return self._error
 
     @property
@@ -225,22 +229,25 @@ class AsyncLLMEngine:
         return len(self._streams)
 
     def stats(self) -> EngineStats:
-        """The latest snapshot of the engine's state (taken by the engine thread)."""
+        """The latest snapshot of the engine's state (taken after each step)."""
         return self._stats
 
     # ----------------------------------------------------------------------------- start
     def start(self) -> None:
-        """Starts the engine thread, bound to the running event loop (idempotent)."""
+        """Binds the engine to the running event loop and starts it (idempotent)."""
         loop = asyncio.get_running_loop()
-        if self._thread is not None:
+        if self._loop is not None:
             if self._loop is not loop:
-                raise RuntimeError("the AsyncLLMEngine is already bound to another event loop")
+                raise RuntimeError(f"the {type(self).__name__} is already bound to another "
+                                   "event loop")
             return
         self._loop = loop
         self._drained = asyncio.Event()
         self._drained.set()
-        self._thread = threading.Thread(target=self._run, name="cacheflow-engine", daemon=True)
-        self._thread.start()
+        self._bind(loop)
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------- requests
     async def add_request(self, request_id: str, prompt: Optional[str],
@@ -265,7 +272,183 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         self._unstarted.add(request_id)
         self._drained.clear()
-        arrival = time.monotonic()
+        try:
+            await self._add(request_id, prompt, sampling_params, prompt_token_ids,
+                            time.monotonic())
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._forget(request_id)
+            raise
+        return stream
+
+    async def _add(self, request_id: str, prompt: Optional[str],
+                   sampling_params: SamplingParams, prompt_token_ids: Optional[list[int]],
+                   arrival: float) -> None:
+        """Hands the request to the engine; returns once it is queued there, raises what the
+        engine raised if it refused it (EngineClosedError if the engine died first)."""
+        raise NotImplementedError
+
+    async def generate(self, request_id: str, prompt: Optional[str],
+                       sampling_params: SamplingParams,
+                       prompt_token_ids: Optional[list[int]] = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Adds a request and yields its outputs; closing the generator early aborts it."""
+        stream = await self.add_request(request_id, prompt, sampling_params, prompt_token_ids)
+        async for output in stream:
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request from the loop thread; its stream gets nothing more."""
+        if request_id in self._streams:
+            self.num_abandoned += 1
+        self._forget(request_id)
+        self._send_abort([request_id])
+
+    def _send_abort(self, request_ids: list[str]) -> None:
+        """Asks the engine to abort ``request_ids`` (their final outputs still come)."""
+        raise NotImplementedError
+
+    def _forget(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.close()
+        self._unstarted.discard(request_id)
+        if not self._streams:
+            self._drained.set()
+
+    # ----------------------------------------------------------------------------- shutdown
+    async def shutdown(self, grace_period: float = 0.0, abort_timeout: float = 5.0) -> None:
+        """Stops accepting requests, gives in-flight ones ``grace_period`` seconds to finish,
+        aborts the rest (their streams end with a finish_reason "abort" output) and stops the
+        engine. Safe to call more than once; later calls wait for the first."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(
+                self._shutdown(grace_period, abort_timeout))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self, grace_period: float, abort_timeout: float) -> None:
+        self._accepting = False
+        if self._loop is not None:
+            if self._streams and grace_period > 0:
+                await _wait_event(self._drained, grace_period)
+            if self._streams:
+                ids = list(self._streams)
+                logger.info("shutdown: aborting %d in-flight requests", len(ids))
+                self._send_abort(ids)
+                await _wait_event(self._drained, abort_timeout)
+        await self._stop(abort_timeout)
+        for request_id in list(self._streams):  # only if the engine hung
+            self._streams[request_id].put(EngineClosedError("the engine was shut down"))
+            self._forget(request_id)
+
+    async def _stop(self, timeout: float) -> None:
+        """Stops the engine (waiting up to ``timeout`` seconds for it)."""
+        raise NotImplementedError
+
+    def _closed_reason(self) -> str:
+        if self._error is not None:
+            return f"the engine stopped after an error: {self._error!r}"
+        return "the engine is shutting down"
+
+    # ----------------------------------------------------------------------------- outputs
+    def _observe(self, outputs: list[RequestOutput], now: float) -> None:
+        """Feeds the observer the time to first token and inter-token latencies of
+        ``outputs`` (made at ``now``); requests without a ``_timing`` entry are skipped."""
+        for out in outputs:
+            timing = self._timing.get(out.request_id)
+            if timing is None:
+                continue
+            num_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
+            arrival, last, seen = timing
+            if num_tokens > seen and self.observer is not None:
+                if seen == 0:
+                    self.observer.observe_time_to_first_token(now - arrival)
+                else:
+                    gap = (now - last) / (num_tokens - seen)
+                    for _ in range(int(num_tokens - seen)):
+                        self.observer.observe_inter_token_latency(gap)
+            if num_tokens > seen:
+                timing[1], timing[2] = now, num_tokens
+            if out.finished:
+                del self._timing[out.request_id]
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hands one step's outputs to their streams (loop thread)."""
+        for out in outputs:
+            self._unstarted.discard(out.request_id)
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+        if not self._streams:
+            self._drained.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Ends every open stream with an EngineClosedError naming ``exc`` (loop thread)."""
+        error = EngineClosedError(f"the engine stopped after an error: {exc!r}")
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+        self._unstarted.clear()
+        self._drained.set()
+
+
+class AsyncLLMEngine(BaseAsyncEngine):
+    """Runs ``engine`` in a background thread and streams each request's outputs.
+
+    ``max_queued_requests`` bounds how many requests may wait for their first token at once
+    (None: no bound); past it ``add_request`` raises :class:`EngineOverloadedError`.
+    ``observer`` receives time-to-first-token and inter-token latencies. Only the engine
+    thread steps ``engine``; anything else that touches it must hold ``engine_lock``.
+    """
+
+    def __init__(self, engine: Any, *, max_queued_requests: Optional[int] = None,
+                 observer: Optional[RequestObserver] = None) -> None:
+        super().__init__(max_queued_requests=max_queued_requests, observer=observer)
+        self.engine = engine
+        # Held by the engine thread around every LLMEngine access; hold it to touch the
+        # LLMEngine from any other thread.
+        self.engine_lock = threading.Lock()
+        self._wakeup = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._stop_thread = False
+        self._thread: Optional[threading.Thread] = None
+        self._pending_adds: set[concurrent.futures.Future[None]] = set()
+        self._stats = collect_stats(engine)
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def model_config(self) -> Any:
+        """The engine's ``ModelConfig``."""
+        return self.engine.model_config
+
+    @property
+    def scheduler_config(self) -> Any:
+        """The engine's ``SchedulerConfig``."""
+        return self.engine.scheduler_config
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (``TokenIdsOnly`` or None when it has none)."""
+        return self.engine.tokenizer
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._thread = threading.Thread(target=self._run, name="cacheflow-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- requests
+    async def _add(self, request_id: str, prompt: Optional[str],
+                   sampling_params: SamplingParams, prompt_token_ids: Optional[list[int]],
+                   arrival: float) -> None:
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def apply() -> None:
@@ -284,79 +467,24 @@ class AsyncLLMEngine:
         self._submit(apply)
         if self._error is not None:  # the engine thread died before it could take the add
             _fail_future(added, EngineClosedError(self._closed_reason()))
-        try:
-            await asyncio.wrap_future(added)
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
-        except BaseException:
-            self._forget(request_id)
-            raise
-        return stream
+        await asyncio.wrap_future(added)
 
-    async def generate(self, request_id: str, prompt: Optional[str],
-                       sampling_params: SamplingParams,
-                       prompt_token_ids: Optional[list[int]] = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Adds a request and yields its outputs; closing the generator early aborts it."""
-        stream = await self.add_request(request_id, prompt, sampling_params, prompt_token_ids)
-        async for output in stream:
-            yield output
-
-    def abort(self, request_id: str) -> None:
-        """Aborts a request from the loop thread; its stream gets nothing more."""
-        if request_id in self._streams:
-            self.num_abandoned += 1
-        self._forget(request_id)
-        self._submit(lambda: self.engine.abort_request(request_id))
-
-    def _forget(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.close()
-        self._unstarted.discard(request_id)
-        if not self._streams:
-            self._drained.set()
+    def _send_abort(self, request_ids: list[str]) -> None:
+        self._submit(lambda: self.engine.abort_request(request_ids))
 
     def _submit(self, command: Callable[[], None]) -> None:
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
 
-    # ----------------------------------------------------------------------------- shutdown
-    async def shutdown(self, grace_period: float = 0.0, abort_timeout: float = 5.0) -> None:
-        """Stops accepting requests, gives in-flight ones ``grace_period`` seconds to finish,
-        aborts the rest (their streams end with a finish_reason "abort" output) and stops the
-        engine thread. Safe to call more than once; later calls wait for the first."""
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(
-                self._shutdown(grace_period, abort_timeout))
-        await asyncio.shield(self._shutdown_task)
-
-    async def _shutdown(self, grace_period: float, abort_timeout: float) -> None:
-        self._accepting = False
-        if self._thread is None:
-            return
-        if self._streams and grace_period > 0:
-            await _wait_event(self._drained, grace_period)
-        if self._streams:
-            ids = list(self._streams)
-            logger.info("shutdown: aborting %d in-flight requests", len(ids))
-            self._submit(lambda: self.engine.abort_request(ids))
-            await _wait_event(self._drained, abort_timeout)
-        with self._wakeup:
-            self._stop = True
-            self._wakeup.notify()
+    async def _stop(self, timeout: float) -> None:
         thread = self._thread
-        await asyncio.get_running_loop().run_in_executor(None, thread.join, abort_timeout)
-        for request_id in list(self._streams):  # only if the engine thread hung
-            self._streams[request_id].put(EngineClosedError("the engine was shut down"))
-            self._forget(request_id)
-
-    def _closed_reason(self) -> str:
-        if self._error is not None:
-            return f"the engine stopped after an error: {self._error!r}"
-        return "the engine is shutting down"
+        if thread is None:
+            return
+        with self._wakeup:
+            self._stop_thread = True
+            self._wakeup.notify()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
 
     # ----------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -378,9 +506,9 @@ class AsyncLLMEngine:
         busy = False
         while True:
             with self._wakeup:
-                while not self._commands and not busy and not self._stop:
+                while not self._commands and not busy and not self._stop_thread:
                     self._wakeup.wait()
-                if self._stop and not self._commands:
+                if self._stop_thread and not self._commands:
                     return
                 commands, self._commands = self._commands, []
             with self.engine_lock:
@@ -390,50 +518,9 @@ class AsyncLLMEngine:
                 busy = self.engine.has_unfinished_requests()
                 self._stats = collect_stats(self.engine)
             if outputs:
-                self._observe(outputs)
+                self._observe(outputs, time.monotonic())
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
-
-    def _observe(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        for out in outputs:
-            timing = self._timing.get(out.request_id)
-            if timing is None:
-                continue
-            num_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
-            arrival, last, seen = timing
-            if num_tokens > seen and self.observer is not None:
-                if seen == 0:
-                    self.observer.observe_time_to_first_token(now - arrival)
-                else:
-                    gap = (now - last) / (num_tokens - seen)
-                    for _ in range(int(num_tokens - seen)):
-                        self.observer.observe_inter_token_latency(gap)
-            if num_tokens > seen:
-                timing[1], timing[2] = now, num_tokens
-            if out.finished:
-                del self._timing[out.request_id]
-
-    # ----------------------------------------------------------------------------- loop thread
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self._unstarted.discard(out.request_id)
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.put(out)
-            if out.finished:
-                del self._streams[out.request_id]
-        if not self._streams:
-            self._drained.set()
-
-    def _fail_all(self, exc: BaseException) -> None:
-        error = EngineClosedError(f"the engine stopped after an error: {exc!r}")
-        for stream in self._streams.values():
-            stream.put(error)
-        self._streams.clear()
-        self._unstarted.clear()
-        self._drained.set()
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over the runtime's AsyncLLMEngine."""
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over the runtime's async engines
+(``EngineCoreClient``: the engine in a process of its own; ``AsyncLLMEngine``: in a thread)."""
 
 from cacheflow_serve.server.app import build_app
 from cacheflow_serve.server.launcher import ServerThread, make_server

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible routes over an AsyncLLMEngine, plus the extras.
+"""The FastAPI app: OpenAI-compatible routes over an async engine, plus the extras.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``POST /tokenize``, ``POST /detokenize`` (all of these need
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cacheflow_models import has_tokenizer
-from cacheflow_runtime import AsyncLLMEngine, InvalidArgumentError
+from cacheflow_runtime import BaseAsyncEngine, InvalidArgumentError
 from cacheflow_serve.server.chat import create_chat_completion, render_chat
 from cacheflow_serve.server.completions import create_completion
 from cacheflow_serve.server.errors import APIError, error_response, install_error_handlers
@@ -104,28 +104,28 @@ def _auth_dependency(api_key: Optional[str]) -> Any:
     return check
 
 
-def build_app(engine: AsyncLLMEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
+def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
               api_key: Optional[str] = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               generation_defaults: Optional[Mapping[str, Any]] = None) -> FastAPI:
-    """The server app over ``engine`` (an AsyncLLMEngine, not started yet or started on the
-    loop that will run the app). ``served_model_names``: the names clients may ask for (the
-    first is reported; default: the model path). ``api_key``: the key every /v1 route and the
-    tokenizer routes require as ``Authorization: Bearer KEY`` (None: no authentication; an
-    empty or blank key is refused with InvalidArgumentError). ``generation_defaults``: sampling
-    values for fields a request leaves unset (``LLM.generation_defaults``). The app's metrics
-    are attached to the engine as its observer, in a registry of the app's own."""
+    """The server app over ``engine`` (an AsyncLLMEngine or an EngineCoreClient, not started
+    yet or started on the loop that will run the app). ``served_model_names``: the names
+    clients may ask for (the first is reported; default: the model path). ``api_key``: the key
+    every /v1 route and the tokenizer routes require as ``Authorization: Bearer KEY`` (None: no
+    authentication; an empty or blank key is refused with InvalidArgumentError).
+    ``generation_defaults``: sampling values for fields a request leaves unset
+    (``LLM.generation_defaults``). The app's metrics are attached to the engine as its observer,
+    in a registry of the app's own."""
     auth = _auth_dependency(api_key)
-    core = engine.engine
     if isinstance(served_model_names, str):
         served_model_names = [served_model_names]
-    names = list(served_model_names or [str(core.model_config.model_path)])
+    names = list(served_model_names or [str(engine.model_config.model_path)])
     metrics = ServerMetrics(names[0])
     metrics.watch_engine(engine)
     engine.observer = metrics
-    ctx = ServingContext(engine=engine,
-                         tokenizer=core.tokenizer if has_tokenizer(core.tokenizer) else None,
-                         model_names=names, max_model_len=core.scheduler_config.max_model_len,
+    tokenizer = engine.tokenizer
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer if has_tokenizer(tokenizer) else None,
+                         model_names=names, max_model_len=engine.scheduler_config.max_model_len,
                          metrics=metrics, sampling_defaults=dict(generation_defaults or {}))
 
     @asynccontextmanager

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import uvicorn
 
-from cacheflow_runtime import AsyncLLMEngine
+from cacheflow_runtime import BaseAsyncEngine
 from cacheflow_serve.server.app import DEFAULT_MAX_REQUEST_BYTES, build_app
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class _Server(uvicorn.Server):
     """uvicorn's server, starting the engine's graceful shutdown as soon as a signal comes."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine,
+    def __init__(self, config: uvicorn.Config, engine: BaseAsyncEngine,
                  grace_period: float) -> None:
         super().__init__(config)
         self.engine = engine
@@ -67,7 +67,7 @@ class _Server(uvicorn.Server):
             self._drain = asyncio.ensure_future(self.engine.shutdown(self.grace_period))
 
 
-def make_server(engine: AsyncLLMEngine, *, host: str = "127.0.0.1", port: int = 8000,
+def make_server(engine: BaseAsyncEngine, *, host: str = "127.0.0.1", port: int = 8000,
                 api_key: Optional[str] = None,
                 served_model_names: Optional[Sequence[str]] = None,
                 shutdown_grace_period: float = 5.0, log_level: str = "info",

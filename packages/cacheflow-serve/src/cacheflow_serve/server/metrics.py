@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cacheflow_runtime import AsyncLLMEngine
+from cacheflow_runtime import BaseAsyncEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,7 +24,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncLLMEngine, model: str) -> None:
+    def __init__(self, engine: BaseAsyncEngine, model: str) -> None:
         self._engine = engine
         self._model = model
 
@@ -91,7 +91,7 @@ class ServerMetrics:
                                 "Finished choices by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
 
-    def watch_engine(self, engine: AsyncLLMEngine) -> None:
+    def watch_engine(self, engine: BaseAsyncEngine) -> None:
         """Exports the engine's state, read from its latest snapshot at each scrape."""
         self.registry.register(_EngineCollector(engine, self.model))
 

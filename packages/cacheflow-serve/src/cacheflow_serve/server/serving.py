@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from cacheflow_runtime import (
-    AsyncLLMEngine,
+    BaseAsyncEngine,
     InvalidRequestError,
     RequestOutput,
     RequestStream,
@@ -38,7 +38,7 @@ class ServingContext:
     must then be token ids, and text comes back empty.
     """
 
-    engine: AsyncLLMEngine
+    engine: BaseAsyncEngine
     tokenizer: Optional[Any]
     model_names: list[str]
     max_model_len: int
