@@ -184,3 +184,20 @@ def run_all(engine: LLMEngine, prompts: list[list[int]],
             if out.finished:
                 done[out.request_id] = out
     return [done[rid] for rid in ids]
+
+
+class RecordingObserver:
+    """A request observer (``RequestObserver``) that records every time to first token and
+    inter-token latency it is given."""
+
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        """Records one time to first token."""
+        self.ttft.append(seconds)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        """Records one inter-token latency."""
+        self.itl.append(seconds)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
+from engine_testutil import RecordingObserver
 
 from cacheflow_runtime import (
     AsyncLLMEngine,
@@ -246,20 +247,8 @@ def test_an_engine_failure_ends_every_stream_and_refuses_new_requests() -> None:
     run(main())
 
 
-class _Observer:
-    def __init__(self) -> None:
-        self.ttft: list[float] = []
-        self.itl: list[float] = []
-
-    def observe_time_to_first_token(self, seconds: float) -> None:
-        self.ttft.append(seconds)
-
-    def observe_inter_token_latency(self, seconds: float) -> None:
-        self.itl.append(seconds)
-
-
 def test_observer_gets_ttft_once_per_request_and_itl_per_later_token() -> None:
-    observer = _Observer()
+    observer = RecordingObserver()
 
     async def main() -> None:
         engine = AsyncLLMEngine(FakeEngine(step_delay=0.002), observer=observer)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from engine_testutil import CharTokenizer, make_engine
+from engine_testutil import CharTokenizer, RecordingObserver, make_engine
 
 from cacheflow_runtime import (
     AsyncLLMEngine,
@@ -159,18 +159,6 @@ def test_frames_split_anywhere_are_reassembled() -> None:
 # ------------------------------------------------------------------ a core process
 
 
-class _Observer:
-    def __init__(self) -> None:
-        self.ttft: list[float] = []
-        self.itl: list[float] = []
-
-    def observe_time_to_first_token(self, seconds: float) -> None:
-        self.ttft.append(seconds)
-
-    def observe_inter_token_latency(self, seconds: float) -> None:
-        self.itl.append(seconds)
-
-
 CASES = [
     ("greedy", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)),
     ("stop", SamplingParams(temperature=0, max_tokens=40, stop=["e", "a "], ignore_eos=True)),
@@ -230,7 +218,7 @@ def test_core_process_serves_like_the_thread_engine_and_shuts_down_cleanly(
     expected, thread_error = run(in_thread())
     client = _client(tiny)
     assert client.info == {"answer": 42} and client.scheduler_config.max_model_len == 512
-    observer = client.observer = _Observer()
+    observer = client.observer = RecordingObserver()
     pid = client.pid
     assert pid is not None and pid != os.getpid() and _alive(pid)
 
