@@ -118,8 +118,12 @@ def engine_layer_states(engine: LLMEngine, prompt: list[int],
     """Our hidden states for ``prompt`` [tokens, hidden]: after each decoder layer but the
     last, then the model's output (the last layer followed by the final norm), as HF's
     ``hidden_states[1:]`` has them. Forward hooks, removed afterwards: the hot path is untouched.
+    A model that hands residual sums from layer to layer (``carries_residual``, LLaMA-family
+    blocks with fused add-and-norm) runs its layers as plain modules meanwhile, so that each
+    layer's output exists to be captured (the same values on the CPU).
     """
     model = engine.get_model()
+    carrying = [m for m in model.modules() if getattr(m, "carries_residual", False)]
     captured: list[torch.Tensor] = []
     final: list[torch.Tensor] = []
 
@@ -134,6 +138,8 @@ def engine_layer_states(engine: LLMEngine, prompt: list[int],
     hooks = [layer.register_forward_hook(keep_layer)
              for layer in decoder_layers(model, num_layers)]
     hooks.append(model.register_forward_hook(keep_final))
+    for module in carrying:
+        module.carries_residual = False
     try:
         params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         engine.add_request("check-layers", None, params, prompt)
@@ -142,6 +148,8 @@ def engine_layer_states(engine: LLMEngine, prompt: list[int],
     finally:
         for hook in hooks:
             hook.remove()
+        for module in carrying:
+            module.carries_residual = True
     return captured[:num_layers - 1] + final
 
 
