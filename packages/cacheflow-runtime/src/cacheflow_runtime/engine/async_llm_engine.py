@@ -28,6 +28,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ class RequestStream:
             self._on_abandon(self.request_id)
 
 
-class BaseAsyncEngine:
+class BaseAsyncEngine(ABC):
     """What every async engine does on the event loop: request streams, admission
     (``max_queued_requests``), aborts, latency observation and the graceful shutdown.
 
@@ -209,9 +210,9 @@ class BaseAsyncEngine:
 
     # ----------------------------------------------------------------------------- state
     @property
+    @abstractmethod
     def is_running(self) -> bool:
         """True while the engine runs (its thread or process)."""
-        raise NotImplementedError
 
     @property
     def is_accepting(self) -> bool:
@@ -246,8 +247,9 @@ class BaseAsyncEngine:
         self._drained.set()
         self._bind(loop)
 
+    @abstractmethod
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        raise NotImplementedError
+        """Attaches the engine to the event loop it serves (once, at the first use)."""
 
     # ----------------------------------------------------------------------------- requests
     async def add_request(self, request_id: str, prompt: Optional[str],
@@ -283,12 +285,12 @@ class BaseAsyncEngine:
             raise
         return stream
 
+    @abstractmethod
     async def _add(self, request_id: str, prompt: Optional[str],
                    sampling_params: SamplingParams, prompt_token_ids: Optional[list[int]],
                    arrival: float) -> None:
         """Hands the request to the engine; returns once it is queued there, raises what the
         engine raised if it refused it (EngineClosedError if the engine died first)."""
-        raise NotImplementedError
 
     async def generate(self, request_id: str, prompt: Optional[str],
                        sampling_params: SamplingParams,
@@ -306,9 +308,9 @@ class BaseAsyncEngine:
         self._forget(request_id)
         self._send_abort([request_id])
 
+    @abstractmethod
     def _send_abort(self, request_ids: list[str]) -> None:
         """Asks the engine to abort ``request_ids`` (their final outputs still come)."""
-        raise NotImplementedError
 
     def _forget(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
@@ -343,9 +345,9 @@ class BaseAsyncEngine:
             self._streams[request_id].put(EngineClosedError("the engine was shut down"))
             self._forget(request_id)
 
+    @abstractmethod
     async def _stop(self, timeout: float) -> None:
         """Stops the engine (waiting up to ``timeout`` seconds for it)."""
-        raise NotImplementedError
 
     def _closed_reason(self) -> str:
         if self._error is not None:
