@@ -17,16 +17,22 @@
 // each product and the sum rounded to it (float32 math, no fused multiply-add), so results match
 // torch's eager ops. A position outside [0, max_position) leaves its token untouched.
 //
-// One CUDA block per token: each thread first loads its N elements of x1 and their N partners of
-// x2 (neox) or N interleaved elements (gpt-j) -- 16-byte accesses when the rotary width, head
-// size, row strides and pointers allow -- while the block stages the token's cos/sin row in
-// shared memory, then rotates and stores them.
+// Two kernels. Where 16-byte accesses are possible (rotary width, head size, row strides and
+// pointers allow) and a head's 16-byte columns divide a warp (rot_dim 128 in 16-bit types, for
+// instance): one warp per (token, part of its heads), each lane with up to 10 q/k loads in flight
+// and its cos/sin columns read straight from global memory once for all its heads, no shared
+// memory and no barrier (RotaryWarpKernel). Otherwise, or with CACHEFLOW_ROTARY=block: one CUDA
+// block per token; each thread first loads its N elements of x1 and their N partners of x2 (neox)
+// or N interleaved elements (gpt-j) while the block stages the token's cos/sin row in shared
+// memory, then rotates and stores them (RotaryKernel).
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.h"
 #include "elementwise_common.cuh"
@@ -128,6 +134,101 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Warp-per-token kernel (the default where it applies): no shared memory and no barrier.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kLoadsPerLane = 10;  // 16-byte q/k loads each lane has in flight
+constexpr int kMinBlocks = 2;      // per SM: <= 128 registers (bf16 needs ~130 unbounded)
+
+/*!
+ * \brief One warp per (token, part of the heads). A lane owns one unit column c of the rotated
+ * features (neox: N elements of x1 and their N partners of x2; gpt-j: N interleaved elements) and
+ * the heads slot, slot + slots, ... (slots = 32 / units), `heads_per_part` of them per part. It
+ * issues all of its q/k loads first, then reads the position and the cos/sin values of its
+ * column straight from global memory (the same addresses for every head slot of the warp: one
+ * transaction), so the dependent latency is paid once per token and nothing waits for a barrier.
+ * \tparam T element type; accesses are 16 bytes (N = 16 / sizeof(T) elements).
+ */
+template <typename T, bool kNeox>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks)
+    RotaryWarpKernel(const int64_t* __restrict__ positions, T* query, T* key,
+                     const float* __restrict__ cos_sin_cache, int64_t query_stride,
+                     int64_t key_stride, int num_tokens, int num_heads, int num_kv_heads,
+                     int head_size, int rot_dim, int64_t max_position, int unit_shift,
+                     int heads_per_part) {
+  constexpr int N = kVec16<T>;
+  constexpr int kHeads = kNeox ? kLoadsPerLane / 2 : kLoadsPerLane;  // per lane and part
+  constexpr int kCs = kNeox ? N : N / 2;  // cos (and sin) values per lane
+  constexpr int kCsW = kCs < 4 ? kCs : 4;
+  const int64_t token =
+      static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (token >= num_tokens) return;  // (uniform over the warp)
+  const int lane = threadIdx.x & 31;
+  const int slots = 32 >> unit_shift;
+  const int slot = lane >> unit_shift;
+  const int i0 = (lane & ((1 << unit_shift) - 1)) * N;
+  const int half = rot_dim / 2;
+  const int total = num_heads + num_kv_heads;
+  const int first = static_cast<int>(blockIdx.y) * heads_per_part;
+  T* q_row = query + token * query_stride + i0;
+  T* k_row = key + token * key_stride + i0;
+
+  T* ptr[kHeads];
+  Vec<T, N> x1[kHeads], x2[kHeads];
+#pragma unroll
+  for (int b = 0; b < kHeads; ++b) {
+    const int h = slot + (first + b) * slots;
+    ptr[b] = nullptr;
+    if (b < heads_per_part && h < total) {
+      ptr[b] = h < num_heads ? q_row + static_cast<int64_t>(h) * head_size
+                             : k_row + static_cast<int64_t>(h - num_heads) * head_size;
+      x1[b] = LoadVec<T, N, N>(ptr[b]);
+      if constexpr (kNeox) x2[b] = LoadVec<T, N, N>(ptr[b] + half);
+    }
+  }
+  // No early return between the loads and their use: the loads stay ahead of the position.
+  const int64_t pos = positions[token];
+  const bool valid = pos >= 0 && pos < max_position;
+  const float* row = cos_sin_cache + (valid ? pos : 0) * rot_dim + (kNeox ? i0 : i0 / 2);
+  const Vec<float, kCs> cs = LoadVec<float, kCs, kCsW>(row);
+  const Vec<float, kCs> sn = LoadVec<float, kCs, kCsW>(row + half);
+  if (!valid) return;
+  float c[kCs], s[kCs];
+#pragma unroll
+  for (int m = 0; m < kCs; ++m) {
+    c[m] = RoundTo<T>(cs.v[m]);
+    s[m] = RoundTo<T>(sn.v[m]);
+  }
+#pragma unroll
+  for (int b = 0; b < kHeads; ++b) {
+    if (ptr[b] == nullptr) continue;
+    if constexpr (kNeox) {
+      Vec<T, N> y1, y2;
+#pragma unroll
+      for (int m = 0; m < N; ++m) {
+        const float a = ToFloat(x1[b].v[m]);
+        const float d = ToFloat(x2[b].v[m]);
+        y1.v[m] = FromFloat<T>(Rotate<T, true>(a, c[m], d, s[m]));   // x1*cos - x2*sin
+        y2.v[m] = FromFloat<T>(Rotate<T, false>(d, c[m], a, s[m]));  // x2*cos + x1*sin
+      }
+      StoreVec<T, N, N>(ptr[b], y1);
+      StoreVec<T, N, N>(ptr[b] + half, y2);
+    } else {
+      Vec<T, N> y;
+#pragma unroll
+      for (int m = 0; m < N / 2; ++m) {
+        const float a = ToFloat(x1[b].v[2 * m]);
+        const float d = ToFloat(x1[b].v[2 * m + 1]);
+        y.v[2 * m] = FromFloat<T>(Rotate<T, true>(a, c[m], d, s[m]));
+        y.v[2 * m + 1] = FromFloat<T>(Rotate<T, false>(d, c[m], a, s[m]));
+      }
+      StoreVec<T, N, N>(ptr[b], y);
+    }
+  }
+}
+
 struct RotaryArgs {
   const int64_t* positions;
   char* query;
@@ -152,12 +253,49 @@ void LaunchKernel(const RotaryArgs& a, cudaStream_t stream) {
           a.head_size, a.rot_dim, a.max_position);
 }
 
+/*!
+ * \brief Launches RotaryWarpKernel when a head's units (16-byte columns) divide a warp; returns
+ * false (nothing launched) otherwise.
+ */
+template <typename T, bool kNeox>
+bool LaunchWarpKernel(const RotaryArgs& a, cudaStream_t stream) {
+  constexpr int kN = kVec16<T>;
+  constexpr int kHeads = kNeox ? kLoadsPerLane / 2 : kLoadsPerLane;
+  const int units = (kNeox ? a.rot_dim / 2 : a.rot_dim) / kN;
+  if (units > 32 || 32 % units != 0 || !IsAligned(a.cos_sin_cache, 16)) return false;
+  int unit_shift = 0;
+  while ((1 << unit_shift) < units) ++unit_shift;
+  const int slots = 32 / units;
+  const int64_t lane_heads = (a.num_heads + a.num_kv_heads + slots - 1) / slots;
+  const int64_t parts = (lane_heads + kHeads - 1) / kHeads;
+  if (parts > 65535) return false;
+  const int heads_per_part = static_cast<int>((lane_heads + parts - 1) / parts);
+  const dim3 grid(static_cast<unsigned>((a.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock),
+                  static_cast<unsigned>(parts));
+  RotaryWarpKernel<T, kNeox><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+      a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache,
+      a.query_stride, a.key_stride, static_cast<int>(a.num_tokens), a.num_heads, a.num_kv_heads,
+      a.head_size, a.rot_dim, a.max_position, unit_shift, heads_per_part);
+  return true;
+}
+
+/*!
+ * \brief CACHEFLOW_ROTARY=block runs the block-per-token kernel of 2026-11-27 everywhere (A/B
+ * benchmarks in one process); unset or anything else: the warp kernel where it applies. Read at
+ * every call (a getenv, no allocation).
+ */
+bool BlockKernelForced() {
+  const char* v = std::getenv("CACHEFLOW_ROTARY");
+  return v != nullptr && std::strcmp(v, "block") == 0;
+}
+
 template <typename T, bool kNeox>
 void LaunchStyle(const RotaryArgs& a, cudaStream_t stream) {
   constexpr int kN = kVec16<T>;
   const int unit_span = kNeox ? a.rot_dim / 2 : a.rot_dim;
   const bool wide = unit_span % kN == 0 && a.head_size % kN == 0 && a.query_stride % kN == 0 &&
                     a.key_stride % kN == 0 && AllAligned({a.query, a.key}, 16);
+  if (wide && !BlockKernelForced() && LaunchWarpKernel<T, kNeox>(a, stream)) return;
   if (wide) {
     LaunchKernel<T, kN, kN, kNeox>(a, stream);
   } else {

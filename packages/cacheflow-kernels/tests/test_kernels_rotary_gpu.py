@@ -16,6 +16,15 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 MAX_POSITION = 4096
+# CACHEFLOW_ROTARY: "warp" (the default: the warp-per-token kernel where it applies) or "block"
+# (the block-per-token kernel everywhere).
+KERNELS = ["warp", "block"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request: Any, monkeypatch: Any) -> str:
+    monkeypatch.setenv("CACHEFLOW_ROTARY", request.param)
+    return request.param
 
 
 def cos_sin_cache(rot_dim: int, max_position: int = MAX_POSITION, base: float = 10000.0) -> Any:
@@ -98,15 +107,16 @@ SHAPES = [
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize(("num_tokens", "num_heads", "num_kv_heads", "head_size", "rot_dim"),
                          SHAPES)
-def test_matches_reference(dtype: Any, is_neox: bool, num_tokens: int, num_heads: int,
-                           num_kv_heads: int, head_size: int, rot_dim: int) -> None:
+def test_matches_reference(kernel: str, dtype: Any, is_neox: bool, num_tokens: int,
+                           num_heads: int, num_kv_heads: int, head_size: int,
+                           rot_dim: int) -> None:
     case = random_case(dtype, num_tokens, num_heads, num_kv_heads, head_size)
     run_and_compare(case, cos_sin_cache(rot_dim), head_size, is_neox)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_neox", [True, False])
-def test_matches_torch_bit_for_bit(dtype: Any, is_neox: bool) -> None:
+def test_matches_torch_bit_for_bit(kernel: str, dtype: Any, is_neox: bool) -> None:
     """Each product and sum is rounded like torch's eager ops: no difference at all."""
     case = random_case(dtype, 64, 8, 2, 128)
     cache = cos_sin_cache(128)
@@ -120,7 +130,7 @@ def test_matches_torch_bit_for_bit(dtype: Any, is_neox: bool) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("pad", [0, 1])
-def test_slices_of_a_fused_qkv_tensor(dtype: Any, is_neox: bool, pad: int) -> None:
+def test_slices_of_a_fused_qkv_tensor(kernel: str, dtype: Any, is_neox: bool, pad: int) -> None:
     """query and key as column slices of [num_tokens, q + k + v (+ pad)]: rotated through the
     row stride; v (and the padding) untouched. pad=1 makes the row stride odd (element-wise
     path)."""
@@ -143,12 +153,22 @@ def test_slices_of_a_fused_qkv_tensor(dtype: Any, is_neox: bool, pad: int) -> No
 
 
 @pytest.mark.parametrize("is_neox", [True, False])
-def test_out_of_range_positions_leave_tokens_untouched(is_neox: bool) -> None:
+def test_out_of_range_positions_leave_tokens_untouched(kernel: str, is_neox: bool) -> None:
     case = random_case(torch.float16, 16, 4, 2, 64)
     case["positions"][::3] = -1
     case["positions"][1] = MAX_POSITION
     case["positions"][4] = MAX_POSITION + 1000
     run_and_compare(case, cos_sin_cache(64), 64, is_neox)
+
+
+@pytest.mark.parametrize("num_heads", [1, 7, 40, 96])
+def test_warp_kernel_splits_heads_over_parts(num_heads: int) -> None:
+    """The warp kernel's parts: heads that do not fill the lanes' slots (1, 7) and several parts
+    per token (40 + 40 heads: 20 per lane; 96 + 96: 48), neox and gpt-j, 16-bit and float32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for is_neox in (True, False):
+            case = random_case(dtype, 19, num_heads, num_heads, 128, seed=num_heads)
+            run_and_compare(case, cos_sin_cache(128), 128, is_neox)
 
 
 def test_repeated_positions() -> None:
