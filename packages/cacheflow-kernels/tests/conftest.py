@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kernels_testutil import make_args
+from moe_testutil import VARIANTS
 
 
 def _gpu_ready() -> tuple[bool, str]:
@@ -41,3 +42,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def cpu_args() -> dict[str, Any]:
     """A valid float16 argument set on the CPU (valid except for the device)."""
     return make_args()
+
+
+@pytest.fixture(params=VARIANTS)
+def moe_gemm_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each grouped-GEMM kernel choice in turn, through ``CACHEFLOW_MOE_GEMM``."""
+    monkeypatch.setenv("CACHEFLOW_MOE_GEMM", request.param)
+    return str(request.param)

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import pytest
 
+from moe_testutil import segment_offsets
+
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
@@ -75,9 +77,6 @@ def run_gemm(emu: Any, epilogue: int, tile: str, out: Any, x: Any, w: Any, offse
     assert rc == 0
 
 
-def _offsets(counts: list[int]) -> Any:
-    return torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
-
 
 def _ints(gen: Any, *shape: int, dtype: Any = torch.bfloat16) -> Any:
     return torch.randint(-3, 4, shape, generator=gen).to(dtype)
@@ -102,7 +101,7 @@ def test_store_epilogue_is_exact(emu: Any, tile: str) -> None:
     n, k = bn + 10, 136
     m = sum(counts) + 5
     x, w = _ints(gen, m, k), _ints(gen, len(counts), n, k)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts, "cpu")
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     run_gemm(emu, STORE, tile, out, x, w, offsets, m)
     expert = _expert_of_rows(offsets, m)
@@ -122,7 +121,7 @@ def test_indexed_epilogue_gathers_scatters_and_scales(emu: Any, tile: str, dtype
     counts = [40, 0, 3, 9]
     m, x_rows, n, k = sum(counts), 23, 136, 72
     x, w = _ints(gen, x_rows, k, dtype=dtype), _ints(gen, len(counts), n, k, dtype=dtype)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts, "cpu")
     row_index = torch.randint(0, x_rows, (m,), generator=gen, dtype=torch.int32)
     row_index[[3, 44]] = torch.tensor([-1, x_rows], dtype=torch.int32)  # read as zeros
     out_rows = m + 4
@@ -148,7 +147,7 @@ def test_indexed_epilogue_without_indices_is_the_plain_gemm(emu: Any) -> None:
     counts = [20, 1, 0, 12]
     m, n, k = sum(counts), 40, 64
     x, w = _ints(gen, m, k), _ints(gen, len(counts), n, k)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts, "cpu")
     plain = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
     run_gemm(emu, STORE, "32x128", plain, x, w, offsets, m)
     indexed = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
@@ -179,7 +178,7 @@ def test_gated_epilogue_pairs_gate_and_up(emu: Any, tile: str, act: str, inter: 
     m, x_rows, k = sum(counts) + 3, 50, 72
     x = (torch.randn(x_rows, k, generator=gen) / 4).to(dtype)
     w = (torch.randn(len(counts), 2 * inter, k, generator=gen) / 4).to(dtype)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts, "cpu")
     row_index = torch.randint(0, x_rows, (m,), generator=gen, dtype=torch.int32)
     out = torch.full((m, inter), float("nan"), dtype=dtype)
     run_gemm(emu, GATED, tile, out, x, w, offsets, m, row_index=row_index, act=act)

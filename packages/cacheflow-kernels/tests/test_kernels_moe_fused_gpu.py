@@ -14,27 +14,14 @@ import pytest
 
 import cacheflow_kernels as ck
 
+from moe_testutil import TILES, segment_offsets
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16]
-VARIANTS = ["auto", "wmma", "128x256", "128x256s3", "128x128", "64x128", "32x128"]
-TILES = ["128x256", "128x256s3", "128x128", "64x128", "32x128"]
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("CACHEFLOW_MOE_GEMM", request.param)
-    return str(request.param)
-
-
-def _offsets(counts: list[int]) -> Any:
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return torch.tensor(out, dtype=torch.int64, device="cuda")
 
 
 def _expert_of_rows(counts: list[int], rows: int) -> Any:
@@ -81,13 +68,14 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_indexed_gemm_gathers_scatters_and_scales(case: int, dtype: Any, variant: str) -> None:
+def test_indexed_gemm_gathers_scatters_and_scales(case: int, dtype: Any,
+                                                  moe_gemm_variant: str) -> None:
     counts, x_rows, n, k = CASES[case]
     gen = torch.Generator(device="cuda").manual_seed(case)
     m = sum(counts)
     x = torch.randn(x_rows, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(len(counts), n, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts)
     row_index = torch.randint(0, x_rows, (m,), generator=gen, device="cuda").to(torch.int32)
     out_rows = m + 3
     out_index = torch.randperm(out_rows, generator=gen, device="cuda")[:m].to(torch.int32)
@@ -104,7 +92,7 @@ def test_indexed_gemm_gathers_scatters_and_scales(case: int, dtype: Any, variant
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_indexed_gemm_edges(dtype: Any, variant: str) -> None:
+def test_indexed_gemm_edges(dtype: Any, moe_gemm_variant: str) -> None:
     """Indices outside x read zeros, outside out are not written; a gather alone and a scatter
     alone; rows past offsets[E] are not touched."""
     counts = [7, 0, 40]
@@ -112,7 +100,7 @@ def test_indexed_gemm_edges(dtype: Any, variant: str) -> None:
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(x_rows, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(3, n, k, generator=gen, device="cuda") / 8).to(dtype)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts)
     row_index = torch.randint(0, x_rows, (m,), generator=gen, device="cuda").to(torch.int32)
     row_index[[0, 9]] = torch.tensor([-1, x_rows], dtype=torch.int32, device="cuda")
     gathered = torch.full((m, n), 7.0, dtype=dtype, device="cuda")
@@ -140,15 +128,16 @@ def test_indexed_gemm_edges(dtype: Any, variant: str) -> None:
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gated_gemm_matches_torch(case: int, dtype: Any, activation: str, variant: str) -> None:
-    if activation != "silu" and variant not in ("auto", "32x128"):
+def test_gated_gemm_matches_torch(case: int, dtype: Any, activation: str,
+                                  moe_gemm_variant: str) -> None:
+    if activation != "silu" and moe_gemm_variant not in ("auto", "32x128"):
         pytest.skip("the activation switch is tile-independent: two variants suffice")
     counts, x_rows, inter, k = CASES[case]
     gen = torch.Generator(device="cuda").manual_seed(100 + case)
     m = sum(counts)
     x = torch.randn(x_rows, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(len(counts), 2 * inter, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts)
     row_index = torch.randint(0, x_rows, (m,), generator=gen, device="cuda").to(torch.int32)
     out = torch.full((m, inter), float("nan"), dtype=dtype, device="cuda")
     ck.moe_grouped_gemm_gated(out, x, w, offsets, row_index=row_index, activation=activation)
@@ -161,14 +150,14 @@ def test_gated_gemm_matches_torch(case: int, dtype: Any, activation: str, varian
     torch.testing.assert_close(out.float(), act * up, atol=tol, rtol=tol)
 
 
-def test_gated_gemm_without_index_and_untouched_rows(variant: str) -> None:
+def test_gated_gemm_without_index_and_untouched_rows(moe_gemm_variant: str) -> None:
     counts = [63, 129, 1, 0, 17]
     m, inter, k = sum(counts) + 9, 136, 136
     gen = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(5, 2 * inter, k, generator=gen, device="cuda") / 12).to(torch.bfloat16)
     out = torch.full((m, inter), 7.0, dtype=torch.bfloat16, device="cuda")
-    ck.moe_grouped_gemm_gated(out, x, w, _offsets(counts))
+    ck.moe_grouped_gemm_gated(out, x, w, segment_offsets(counts))
     torch.cuda.synchronize()
     t = sum(counts)
     assert (out[t:] == 7).all()
@@ -185,7 +174,7 @@ def test_tiles_agree_bitwise_on_exact_inputs() -> None:
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randint(-3, 4, (x_rows, k), generator=gen, device="cuda").to(torch.bfloat16)
     w = torch.randint(-3, 4, (8, n, k), generator=gen, device="cuda").to(torch.bfloat16)
-    offsets = _offsets(counts)
+    offsets = segment_offsets(counts)
     row_index = torch.randint(0, x_rows, (m,), generator=gen, device="cuda").to(torch.int32)
     out_index = torch.randperm(m, generator=gen, device="cuda").to(torch.int32)
     scale = 2.0 ** torch.randint(-2, 3, (m,), generator=gen, device="cuda").float()

@@ -14,27 +14,13 @@ import pytest
 
 import cacheflow_kernels as ck
 
+from moe_testutil import VARIANTS, segment_offsets
+
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16]
-
-# Values of CACHEFLOW_MOE_GEMM: the automatic choice, the original WMMA kernel, each mma tile.
-VARIANTS = ["auto", "wmma", "128x256", "128x256s3", "128x128", "64x128", "32x128"]
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("CACHEFLOW_MOE_GEMM", request.param)
-    return str(request.param)
-
-
-def _segments(counts: list[int]) -> Any:
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    return torch.tensor(offsets, dtype=torch.int64, device="cuda")
 
 
 def _reference(x: Any, w: Any, offsets: list[int]) -> Any:
@@ -71,13 +57,13 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_moe_grouped_gemm_matches_torch(case: int, dtype: Any, variant: str) -> None:
+def test_moe_grouped_gemm_matches_torch(case: int, dtype: Any, moe_gemm_variant: str) -> None:
     counts, n, k = CASES[case]
     gen = torch.Generator(device="cuda").manual_seed(case)
     m = sum(counts)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(len(counts), n, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
-    offsets = _segments(counts)
+    offsets = segment_offsets(counts)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # poisoned
     ck.moe_grouped_gemm(out, x, w, offsets)
     torch.cuda.synchronize()
@@ -88,11 +74,11 @@ def test_moe_grouped_gemm_matches_torch(case: int, dtype: Any, variant: str) -> 
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_rows_past_the_last_segment_are_untouched(variant: str) -> None:
+def test_rows_past_the_last_segment_are_untouched(moe_gemm_variant: str) -> None:
     x = torch.randn(40, 16, device="cuda", dtype=torch.float16)
     w = torch.randn(2, 24, 16, device="cuda", dtype=torch.float16)
     out = torch.full((40, 24), 7.0, dtype=torch.float16, device="cuda")
-    ck.moe_grouped_gemm(out, x, w, _segments([10, 20]))
+    ck.moe_grouped_gemm(out, x, w, segment_offsets([10, 20]))
     torch.cuda.synchronize()
     assert torch.equal(out[30:], torch.full((10, 24), 7.0, dtype=torch.float16, device="cuda"))
     ref = _reference(x, w, [0, 10, 30])
@@ -100,7 +86,7 @@ def test_rows_past_the_last_segment_are_untouched(variant: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rows_past_the_last_segment_are_untouched_large(variant: str, dtype: Any) -> None:
+def test_rows_past_the_last_segment_are_untouched_large(moe_gemm_variant: str, dtype: Any) -> None:
     """Tiles of every height end inside x: rows past offsets[E] (also inside a tile) stay."""
     counts = [63, 129, 1, 0, 17]
     m, n, k = sum(counts) + 70, 264, 136
@@ -108,17 +94,17 @@ def test_rows_past_the_last_segment_are_untouched_large(variant: str, dtype: Any
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     w = (torch.randn(len(counts), n, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
     out = torch.full((m, n), 7.0, dtype=dtype, device="cuda")
-    ck.moe_grouped_gemm(out, x, w, _segments(counts))
+    ck.moe_grouped_gemm(out, x, w, segment_offsets(counts))
     torch.cuda.synchronize()
     t = sum(counts)
     assert torch.equal(out[t:], torch.full((m - t, n), 7.0, dtype=dtype, device="cuda"))
-    offsets = _segments(counts).tolist()
+    offsets = segment_offsets(counts).tolist()
     ref = _reference(x[:t], w, offsets)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     torch.testing.assert_close(out[:t].float(), ref, atol=tol, rtol=tol)
 
 
-def test_out_of_range_offsets_are_clamped(variant: str) -> None:
+def test_out_of_range_offsets_are_clamped(moe_gemm_variant: str) -> None:
     """Offsets are clamped to [0, num_rows] (a negative first one, a last one past the end)."""
     x = torch.randn(50, 32, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(3, 40, 32, device="cuda", dtype=torch.bfloat16) / 6
@@ -138,7 +124,7 @@ def test_variants_agree_bitwise_on_exact_inputs() -> None:
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randint(-3, 4, (m, k), generator=gen, device="cuda").to(torch.bfloat16)
     w = torch.randint(-3, 4, (len(counts), n, k), generator=gen, device="cuda").to(torch.bfloat16)
-    offsets = _segments(counts)
+    offsets = segment_offsets(counts)
     ref = _reference(x, w, offsets.tolist()).to(torch.bfloat16)
     old = os.environ.get("CACHEFLOW_MOE_GEMM")
     try:
@@ -155,17 +141,17 @@ def test_variants_agree_bitwise_on_exact_inputs() -> None:
             os.environ["CACHEFLOW_MOE_GEMM"] = old
 
 
-def test_capturable_in_a_cuda_graph(variant: str) -> None:
+def test_capturable_in_a_cuda_graph(moe_gemm_variant: str) -> None:
     x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(3, 48, 32, device="cuda", dtype=torch.bfloat16)
-    offsets = _segments([20, 0, 44])
+    offsets = segment_offsets([20, 0, 44])
     out = torch.empty(64, 48, device="cuda", dtype=torch.bfloat16)
     ck.moe_grouped_gemm(out, x, w, offsets)  # loads the library and warms up
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ck.moe_grouped_gemm(out, x, w, offsets)
-    offsets.copy_(_segments([0, 64, 0]))  # new routing, same shapes: replay reads it
+    offsets.copy_(segment_offsets([0, 64, 0]))  # new routing, same shapes: replay reads it
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
@@ -178,4 +164,4 @@ def test_library_checks_reach_python_as_value_error() -> None:
     w = torch.randn(2, 16, 12, device="cuda", dtype=torch.float16)
     out = torch.empty(8, 16, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="multiple of 8"):
-        ck.moe_grouped_gemm(out, x, w, _segments([4, 4]))
+        ck.moe_grouped_gemm(out, x, w, segment_offsets([4, 4]))

@@ -1,5 +1,5 @@
 """Helpers of the tensor-parallel tests: run a function on every rank of a CPU (gloo) group of
-spawned processes, and list a process's living children."""
+spawned processes, list a process's living children, and tell whether a process lives."""
 
 from __future__ import annotations
 
@@ -76,3 +76,12 @@ def child_pids(pid: int | None = None) -> set[int]:
         if ppid == pid and state != "Z":
             children.add(int(stat.parent.name))
     return children
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

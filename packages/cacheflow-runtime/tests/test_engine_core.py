@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from distributed_testutil import process_alive
 from engine_testutil import CharTokenizer, RecordingObserver, make_engine
 
 from cacheflow_runtime import (
@@ -43,42 +44,39 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
 
 
 class _FailingEngine:
-    """The tiny engine, but its ``fail_at``-th step raises."""
+    """The tiny engine, but its ``fail_at``-th step taken while it holds ``fail_with``
+    unfinished requests raises (counting only such steps keeps the failure after the test's
+    requests are in, however slowly a loaded machine delivers them)."""
 
-    def __init__(self, engine: Any, fail_at: int) -> None:
+    def __init__(self, engine: Any, fail_at: int, fail_with: int) -> None:
         self._engine = engine
         self._fail_at = fail_at
+        self._fail_with = fail_with
         self._steps = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def step(self) -> list[RequestOutput]:
-        self._steps += 1
-        if self._steps == self._fail_at:
-            raise RuntimeError("device lost")
+        if self._engine.get_num_unfinished_requests() >= self._fail_with:
+            self._steps += 1
+            if self._steps == self._fail_at:
+                raise RuntimeError("device lost")
         return self._engine.step()
 
 
-def build_tiny(folder: str, fail_at: Optional[int] = None) -> tuple[Any, dict[str, Any]]:
+def build_tiny(folder: str, fail_at: Optional[int] = None,
+               fail_with: int = 1) -> tuple[Any, dict[str, Any]]:
     """Runs in the core process: the tiny engine (the core takes the test's torch threads)."""
     engine = make_engine(Path(folder))
     if fail_at is not None:
-        return _FailingEngine(engine, fail_at), {"failing": True}
+        return _FailingEngine(engine, fail_at, fail_with), {"failing": True}
     return engine, {"answer": 42}
 
 
 def _client(tiny: Path, **kwargs: Any) -> EngineCoreClient:
     return EngineCoreClient(functools.partial(build_tiny, str(tiny), **kwargs),
                             tokenizer=TOKENIZER)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # ------------------------------------------------------------------ deltas (no process)
@@ -220,7 +218,7 @@ def test_core_process_serves_like_the_thread_engine_and_shuts_down_cleanly(
     assert client.info == {"answer": 42} and client.scheduler_config.max_model_len == 512
     observer = client.observer = RecordingObserver()
     pid = client.pid
-    assert pid is not None and pid != os.getpid() and _alive(pid)
+    assert pid is not None and pid != os.getpid() and process_alive(pid)
 
     async def scenario() -> None:
         finals = await _all_finals(client)
@@ -267,13 +265,14 @@ def test_core_process_serves_like_the_thread_engine_and_shuts_down_cleanly(
         run(scenario())
     finally:
         client.close()
-    assert client._process.exitcode == 0 and not _alive(pid)
+    assert client._process.exitcode == 0 and not process_alive(pid)
     assert not client.is_running
 
 
 def test_an_error_in_the_core_ends_every_stream(tiny: Path) -> None:
-    client = _client(tiny, fail_at=3)
-    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    client = _client(tiny, fail_at=3, fail_with=3)
+    # Long enough that no request ends before the last one is in.
+    params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 
     async def scenario() -> None:
         streams = [await client.add_request(f"r{i}", None, params, [1, 2, 3]) for i in range(3)]
@@ -287,7 +286,7 @@ def test_an_error_in_the_core_ends_every_stream(tiny: Path) -> None:
         await client.shutdown()
 
     run(scenario())
-    assert client._process.exitcode == 1 and not _alive(client.pid or 0)
+    assert client._process.exitcode == 1 and not process_alive(client.pid or 0)
 
 
 DRIVER = """
@@ -311,13 +310,13 @@ def test_the_core_exits_when_its_front_end_is_killed(tiny: Path) -> None:
     try:
         assert driver.stdout is not None
         core = int(driver.stdout.readline())
-        assert _alive(core)
+        assert process_alive(core)
         driver.kill()
         driver.wait()
         deadline = time.monotonic() + 20
-        while _alive(core) and time.monotonic() < deadline:
+        while process_alive(core) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(core)
+        assert not process_alive(core)
     finally:
         if driver.poll() is None:
             driver.kill()

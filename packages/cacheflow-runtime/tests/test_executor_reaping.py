@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed_testutil import child_pids
+from distributed_testutil import child_pids, process_alive
 from engine_testutil import write_checkpoint
 
 DRIVER = """
@@ -32,14 +32,6 @@ if __name__ == "__main__":
 REAP_DEADLINE_S = 30.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
     path = write_checkpoint(tmp_path / "ckpt")
@@ -50,7 +42,7 @@ def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
     try:
         assert driver.stdout is not None
         workers = [int(p) for p in driver.stdout.readline().split()]
-        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert len(workers) == 2 and all(process_alive(p) for p in workers)
         # the workers, and multiprocessing's resource tracker
         children = child_pids(driver.pid)
         assert set(workers) <= children
@@ -60,9 +52,9 @@ def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
             driver.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         driver.wait(REAP_DEADLINE_S)
         deadline = time.monotonic() + REAP_DEADLINE_S
-        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        while any(process_alive(p) for p in children) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [p for p in children if _alive(p)]
+        assert not [p for p in children if process_alive(p)]
     finally:
         if driver.poll() is None:
             driver.kill()
