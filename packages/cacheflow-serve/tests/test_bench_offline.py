@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from cacheflow_serve import LLM, __version__
+from cacheflow_serve import LLM, __version__, bench_latency
 from cacheflow_serve.bench_common import LengthSpec, synthetic_requests
 from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, top_device_ops, union_seconds
-from cacheflow_serve.bench_latency import floors
+from cacheflow_serve.bench_latency import StepClock, floors
 from cacheflow_serve.cli import main
 
 from serve_testutil import assert_idle
@@ -119,8 +119,41 @@ def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
         assert "gpu_idle_fraction" not in r  # measured on CUDA only
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].split()[:3] == ["batch", "step", "ms"]
-    assert "GPU idle" in lines[3] and lines[4].split()[7] == "-"
+    # Four tokens make too few steps for a steady window; no GPU, no idle share.
+    assert "GPU idle" in lines[3] and lines[4].split()[7:10] == ["-", "-", "-"]
     assert [line.split()[0] for line in lines[4:]] == ["1", "3"]
+    assert all("decode_step_steady_s" not in r for r in rows)
+
+
+def test_latency_steady_step_from_the_middle_of_longer_runs(tmp_path: Path) -> None:
+    report = _run(tmp_path, "bench", "latency", "--batch-sizes", "2", "--input-len", "8",
+                  "--output-len", "24", "--num-iters", "1", "--num-iters-warmup", "0")
+    (row,) = report["results"]["engine"]
+    # 23 decode steps: the steady step is one of them, so it lies below the whole decode.
+    assert 0 < row["decode_step_steady_s"] < row["generate_s"] - row["prefill_s"]
+    assert row["steady_over_max_floor"] == pytest.approx(
+        row["decode_step_steady_s"] / max(row["memory_floor_s"], row["matmul_floor_s"]))
+
+
+class _FakeEngine:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def step(self, final_only: bool = False) -> list[int]:
+        self.calls += 1
+        return [self.calls] if final_only else []
+
+
+def test_step_clock_takes_the_median_of_the_middle_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _FakeEngine()
+    clock = StepClock(engine)
+    ticks = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    monkeypatch.setattr(bench_latency.time, "perf_counter", lambda: next(ticks))
+    assert [engine.step(final_only=True) for _ in range(7)] == [[i] for i in range(1, 8)]
+    assert clock.steady_step_s() is None  # six gaps: too few
+    # Ramp gaps of 5 s and a tail of 9 s around eight 2 s gaps and one 3 s gap.
+    clock.times[:] = [0, 5, 10, 12, 14, 16, 19, 21, 23, 25, 27, 36, 45]
+    assert clock.steady_step_s() == 2.0
 
 
 @pytest.mark.parametrize(("intervals", "union"), [

@@ -7,7 +7,12 @@ with ``max_tokens=1`` and with ``max_tokens=N`` (``--output-len``), ``--num-iter
 runs. The medians give:
 
 - prefill: ``t(1)``, the time to the first token of all B requests;
-- decode step: ``(t(N) - t(1)) / (N - 1)``.
+- decode step: ``(t(N) - t(1)) / (N - 1)``; this carries the ramp (prompts prefilled in chunks
+  while the first sequences already decode, in steps run without CUDA graphs) and the end of
+  the run, so the engine's row also gives
+- steady decode step: the median wall time between consecutive engine steps in the middle
+  half of the steps of the N-token runs (every sequence decoding, context ``input_len + N/4``
+  to ``input_len + 3N/4``; the median of the per-run medians).
 
 Floors, from two measurements taken first in the same process:
 
@@ -31,7 +36,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from cacheflow_serve.bench_common import (
     LengthSpec,
@@ -162,12 +167,36 @@ def floors(summary: dict[str, Any], batch: int, input_len: int, output_len: int,
             "prefill_matmul_floor_s": 2 * summary["parameters"] * batch * input_len / flops}
 
 
+class StepClock:
+    """The wall-clock time at which each engine step returns (wraps ``engine.step``)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.times: list[float] = []
+        inner = engine.step
+
+        def timed_step(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            self.times.append(time.perf_counter())
+            return out
+        engine.step = timed_step
+
+    def steady_step_s(self) -> Optional[float]:
+        """The median interval between the steps of the middle half of the steps recorded
+        since the last ``times.clear()`` (None with fewer than 8 steps)."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        if len(gaps) < 8:
+            return None
+        return statistics.median(gaps[len(gaps) // 4: 3 * len(gaps) // 4])
+
+
 class _Runner:
     """Timed ``generate`` calls of one engine (or HF) on fresh prompts."""
 
     def __init__(self, generate: Callable[[list[list[int]], int], list[int]],
-                 token_ids: list[int], input_len: int, seed: int, device: torch.device) -> None:
+                 token_ids: list[int], input_len: int, seed: int, device: torch.device,
+                 clock: Optional[StepClock] = None) -> None:
         self.generate = generate
+        self.clock = clock
         self.token_ids = token_ids
         self.input_len = input_len
         self.device = device
@@ -185,6 +214,8 @@ class _Runner:
 
         prompts = self.prompts(batch)
         synchronize(self.device)
+        if self.clock is not None:
+            self.clock.times.clear()
         start = time.perf_counter()
         lengths = self.generate(prompts, max_tokens)
         synchronize(self.device)
@@ -197,14 +228,20 @@ class _Runner:
         """Median prefill and decode-step seconds at ``batch``."""
         for _ in range(warmup):
             self.run(batch, output_len)
-        first, full = [], []
+        first, full, steady = [], [], []
         for _ in range(iters):
             first.append(self.run(batch, 1))
             full.append(self.run(batch, output_len))
+            step = self.clock.steady_step_s() if self.clock is not None else None
+            if step is not None:
+                steady.append(step)
         t1, tn = statistics.median(first), statistics.median(full)
-        return {"batch_size": batch, "prefill_s": t1, "generate_s": tn,
-                "decode_step_s": (tn - t1) / (output_len - 1),
-                "output_tokens_per_run": batch * output_len}
+        row = {"batch_size": batch, "prefill_s": t1, "generate_s": tn,
+               "decode_step_s": (tn - t1) / (output_len - 1),
+               "output_tokens_per_run": batch * output_len}
+        if steady:
+            row["decode_step_steady_s"] = statistics.median(steady)
+        return row
 
 
 def _engine_generate(llm: Any) -> Callable[[list[list[int]], int], list[int]]:
@@ -240,7 +277,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"{dev['flops_per_s'] / 1e12:.3g} TFLOP/s (this run)",
              "ms per decode step and prefill; floors measured in this run"]
     header = ["batch", "step ms", "mem floor", "step/mem", "mm floor", "step/mm", "step/max",
-              "GPU idle", "prefill ms", "prefill/mm"]
+              "steady ms", "steady/max", "GPU idle", "prefill ms", "prefill/mm"]
     hf = {r["batch_size"]: r for r in report["results"].get("hf", [])}
     if hf:
         header += ["HF step ms", "HF/engine"]
@@ -250,6 +287,8 @@ def format_table(report: dict[str, Any]) -> str:
                f"{r['memory_floor_s'] * 1e3:.3f}", f"{r['step_over_memory_floor']:.2f}",
                f"{r['matmul_floor_s'] * 1e3:.3f}", f"{r['step_over_matmul_floor']:.2f}",
                f"{r['step_over_max_floor']:.2f}",
+               f"{r['decode_step_steady_s'] * 1e3:.3f}" if "decode_step_steady_s" in r else "-",
+               f"{r['steady_over_max_floor']:.2f}" if "steady_over_max_floor" in r else "-",
                f"{r['gpu_idle_fraction']:.1%}" if "gpu_idle_fraction" in r else "-",
                f"{r['prefill_s'] * 1e3:.2f}",
                f"{r['prefill_over_matmul_floor']:.2f}"]
@@ -296,6 +335,9 @@ def _with_floors(rows: list[dict[str, Any]], summary: dict[str, Any], input_len:
         row["step_over_matmul_floor"] = step / f["matmul_floor_s"]
         row["step_over_max_floor"] = step / max(f["memory_floor_s"], f["matmul_floor_s"])
         row["prefill_over_matmul_floor"] = row["prefill_s"] / f["prefill_matmul_floor_s"]
+        if "decode_step_steady_s" in row:
+            row["steady_over_max_floor"] = row["decode_step_steady_s"] / max(
+                f["memory_floor_s"], f["matmul_floor_s"])
     return rows
 
 
@@ -333,7 +375,8 @@ def run_latency(args: argparse.Namespace) -> int:
             hf.close()
             release(device)
         llm = make_llm(args, model.path, max_num_seqs)
-        runner = _Runner(_engine_generate(llm), ids, input_len, args.seed, device)
+        runner = _Runner(_engine_generate(llm), ids, input_len, args.seed, device,
+                         StepClock(llm.engine))
         results["engine"] = _sweep(runner, batch_sizes, output_len, args, "engine")
         if device.type == "cuda" and args.gpu_busy_steps:
             for row in results["engine"]:
