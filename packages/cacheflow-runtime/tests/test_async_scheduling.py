@@ -267,7 +267,7 @@ def test_a_last_token_is_not_scheduled_again(tiny: Path,
 
     def recording(self: Scheduler) -> Any:
         plan = schedule(self)
-        scheduled.append([r.req_id for r in plan.scheduled])
+        scheduled.append(list(plan.tokens_per_request()))
         return plan
 
     monkeypatch.setattr(Scheduler, "schedule", recording)

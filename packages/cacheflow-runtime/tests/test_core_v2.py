@@ -111,8 +111,9 @@ class _Recorder:
         counts = []
         for blob, _ in self.steps:
             plan = pickle.loads(blob)
-            counts += [sum(len(s.token_ids) for s in r.seqs) for r in plan.scheduled
-                       if r.req_id == req_id]
+            tokens = plan.tokens_per_request()
+            if req_id in tokens:
+                counts.append(tokens[req_id])
         return counts
 
 
@@ -170,14 +171,12 @@ def test_decodes_go_first_and_long_prompts_are_chunked(tiny: Path,
     while engine.has_unfinished_requests():
         engine.step()
     plans = [pickle.loads(blob) for blob, _ in recorder.steps]
-    long_steps = [i for i, p in enumerate(plans) if any(r.req_id == "long" for r in p.scheduled)]
+    long_steps = [i for i, p in enumerate(plans) if "long" in p.tokens_per_request()]
     assert len(long_steps) >= 100 // 16
     for i in long_steps:
         assert plans[i].num_scheduled_tokens <= 16
-        short = [r for r in plans[i].scheduled if r.req_id == "short"]
-        assert short and len(short[0].seqs[0].token_ids) == 1, f"step {i} skipped the decode"
-    late_first = next(i for i, p in enumerate(plans) if any(r.req_id == "late"
-                                                           for r in p.scheduled))
+        assert plans[i].tokens_per_request().get("short") == 1, f"step {i} skipped the decode"
+    late_first = next(i for i, p in enumerate(plans) if "late" in p.tokens_per_request())
     # Added before step 2 ran, scheduled in it (async: in step 3), beside the long chunks.
     assert late_first == 2 + async_scheduling
     assert sum(recorder.scheduled_tokens("long")) == 100 + 1  # prompt chunks, then one decode

@@ -297,13 +297,15 @@ def test_tokenizer_shortcuts_apply_only_to_hf_own_methods(hf_tokenizer: Any) -> 
 
 # ------------------------------------------------------------------- the step's plain data
 def test_scheduled_sequences_carry_each_field() -> None:
-    """What the scheduler sends for a sequence, field by field: the prompt with its whole
-    block table at first, then one token with the appended blocks and the outputs since."""
+    """What the scheduler sends for a sequence outside the columnar decodes (a penalty needs
+    the worker to keep its outputs), field by field: the prompt with its whole block table at
+    first, then one token with the appended blocks and the outputs since."""
     bm = BlockSpaceManager(8, num_gpu_blocks=16, num_cpu_blocks=0)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=64,
                                           async_scheduling=False), bm, eos_token_id=EOS)
     seq = Sequence(scheduler.new_seq_id(), None, list(range(1, 9)), block_size=8)
-    scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=5)))
+    scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=5,
+                                                                     presence_penalty=0.5)))
 
     out = scheduler.schedule()
     assert [n.req_id for n in out.new_requests] == ["a"]

@@ -35,7 +35,7 @@ from cacheflow_runtime.sampler_output import (
     SampleRow,
     cumulative_logprob_of,
 )
-from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
+from cacheflow_runtime.sampling_metadata import DecodeRows, GroupSampleResult, SamplingGroup
 
 _PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
 
@@ -77,17 +77,26 @@ class Sampler(torch.nn.Module):
         return self.sample(logits, groups, default_generator).assemble()
 
     def sample(self, logits: torch.Tensor, groups: list[SamplingGroup],
-               default_generator: torch.Generator | None = None) -> DeviceSamples:
+               default_generator: torch.Generator | None = None,
+               decode_rows: DecodeRows | None = None) -> DeviceSamples:
         """Queues the sampling of the next token of every sequence of every group on the
         logits' device, without waiting for it.
 
         ``logits`` is ``[num_rows, vocab]`` in any float dtype (the work is done in float32);
-        each group names its rows. ``default_generator`` draws for the samples whose generator is
-        None (None: torch's global generator of the logits' device). Per-sample generators must
-        live on the logits' device or on the CPU (their noise is then copied over).
+        each group names its rows. ``decode_rows``, when given, are the first
+        ``decode_rows.num_rows`` rows (a step's columnar decodes, sampled without a group each).
+        ``default_generator`` draws for the samples whose generator is None (None: torch's
+        global generator of the logits' device). Per-sample generators must live on the
+        logits' device or on the CPU (their noise is then copied over).
         """
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
+        decode_tokens = decode_chosen = None
+        if decode_rows is not None:
+            decode_tokens, decode_chosen = _sample_decode_rows(
+                logits[:decode_rows.num_rows], decode_rows, default_generator)
+            if not groups:
+                return DeviceSamples.of_decodes(decode_tokens, decode_chosen, logits.shape[1])
         params = _collect_row_params(groups)
         work = _gather_rows(logits, params.rows)
         _apply_penalties(work, params)
@@ -109,7 +118,34 @@ class Sampler(torch.nn.Module):
         return DeviceSamples(groups=groups, first_rows=first_rows, vocab=work.shape[1],
                              samples=samples, beams=beams, tokens=tokens, chosen=chosen,
                              num_top=params.num_top, top_values=top_values, top_ids=top_ids,
-                             prompt=prompt)
+                             prompt=prompt, decode_tokens=decode_tokens,
+                             decode_chosen=decode_chosen)
+
+
+def _sample_decode_rows(logits: torch.Tensor, rows: DecodeRows,
+                        default_generator: torch.Generator | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token and its logprob for each of the columnar decode rows ``logits``: argmax for
+    greedy rows, the exponential race after top-k, top-p and min-p for the others (as for a
+    group's rows, with the same noise from the same generator)."""
+    if rows.temperature is None:  # every row greedy: temperature 1, nothing to copy or divide
+        work = logits.to(torch.float32)
+        logprobs = torch.log_softmax(work, dim=-1)
+        tokens = work.argmax(dim=-1)
+    else:
+        work = logits.to(torch.float32, copy=True)
+        work.div_(rows.temperature)
+        logprobs = torch.log_softmax(work, dim=-1)
+        tokens = work.argmax(dim=-1)
+        assert rows.random_rows is not None
+        num = len(rows.generators)
+        params = _RowParams(top_k=rows.top_k, top_p=rows.top_p, min_p=rows.min_p)
+        truncated = _truncate(work.index_select(0, rows.random_rows), params, list(range(num)))
+        noise = _exponential_noise(num, work.shape[1], rows.generators, default_generator,
+                                   work.device)
+        noise.clamp_(min=torch.finfo(torch.float32).tiny)
+        tokens.index_copy_(0, rows.random_rows, (truncated - noise.log()).argmax(dim=-1))
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def _num_logprobs(k: int | None) -> int:

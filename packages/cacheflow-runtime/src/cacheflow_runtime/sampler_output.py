@@ -61,6 +61,8 @@ class DeviceSamples:
     random, known on the host), then the beam candidates of each of ``beams`` in order (whose
     rows are known only once ``flat`` is read). ``top_values`` / ``top_ids`` are the top
     ``max(num_top)`` logprobs of every gathered row (None when no row asks for them).
+    ``decode_tokens`` / ``decode_chosen``: the token and its logprob of each columnar decode row
+    (``sampling_metadata.DecodeRows``), None without such rows.
     """
 
     groups: list[SamplingGroup]
@@ -74,12 +76,33 @@ class DeviceSamples:
     top_values: Optional[torch.Tensor]
     top_ids: Optional[torch.Tensor]
     prompt: list[PromptLogprobsOnDevice] = field(default_factory=list)
+    decode_tokens: Optional[torch.Tensor] = None
+    decode_chosen: Optional[torch.Tensor] = None
     _event: Optional[torch.cuda.Event] = None
+
+    @classmethod
+    def of_decodes(cls, tokens: torch.Tensor, chosen: torch.Tensor, vocab: int) -> DeviceSamples:
+        """The samples of a step that has only columnar decode rows."""
+        none = tokens[:0]
+        return cls(groups=[], first_rows=[], vocab=vocab, samples=[], beams=[], tokens=none,
+                   chosen=chosen[:0], num_top=[], top_values=None, top_ids=None,
+                   decode_tokens=tokens, decode_chosen=chosen)
+
+    @property
+    def all_tokens(self) -> torch.Tensor:
+        """The sampled token ids on the device: the decode rows' first, then ``tokens``."""
+        if self.decode_tokens is None:
+            return self.tokens
+        if not self.samples and not self.beams:
+            return self.decode_tokens
+        return torch.cat([self.decode_tokens, self.tokens])
 
     def start_copy(self) -> None:
         """Queues the copy of every result tensor to pinned host memory (nothing on the CPU)."""
         if not self.tokens.is_cuda:
             return
+        self.decode_tokens = _to_host(self.decode_tokens)
+        self.decode_chosen = _to_host(self.decode_chosen)
         self.tokens, self.chosen = _to_host(self.tokens), _to_host(self.chosen)
         self.top_values, self.top_ids = _to_host(self.top_values), _to_host(self.top_ids)
         for bucket in self.beams:
@@ -90,11 +113,22 @@ class DeviceSamples:
         self._event = torch.cuda.Event()
         self._event.record()
 
+    def assemble_decodes(self) -> tuple[list[int], list[float]]:
+        """Waits for the results and returns the token and its logprob of each columnar decode
+        row (empty lists without such rows)."""
+        if self._event is not None:
+            self._event.synchronize()
+        if self.decode_tokens is None or self.decode_chosen is None:
+            return [], []
+        return self.decode_tokens.tolist(), self.decode_chosen.tolist()
+
     def assemble(self) -> list[GroupSampleResult]:
         """Waits for the results and builds one ``GroupSampleResult`` per group (samples in the
         order they were drawn: greedy, random, beam candidates)."""
         if self._event is not None:
             self._event.synchronize()
+        if not self.groups:
+            return []
         samples = self.samples + self._beam_samples()
         top_values = self.top_values.tolist() if self.top_values is not None else []
         top_ids = self.top_ids.tolist() if self.top_ids is not None else []

@@ -39,6 +39,50 @@ class SamplingGroup:
 
 
 @dataclass
+class DecodeRows:
+    """The sampler's view of a step's columnar decodes (core/step_data.CachedDecodes): the
+    first ``num_rows`` rows of the logits, one sequence each, none with penalties, top-k
+    logprobs or beam search. Built once per batch composition: a step with the same requests as
+    the one before reuses it, tensors included.
+
+    ``temperature`` (``[num_rows, 1]`` float32 on the device, 1 for greedy rows) is None when
+    every row is greedy. ``random_rows`` (long, on the device) are the rows drawn at random;
+    ``top_k``, ``top_p``, ``min_p`` and ``generators`` (None: the sampler's default generator)
+    hold one entry per such row, in order.
+    """
+
+    num_rows: int
+    temperature: Optional[torch.Tensor] = None
+    random_rows: Optional[torch.Tensor] = None
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
+    generators: list[Optional[torch.Generator]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list[Optional[torch.Generator]],
+              device: torch.device) -> DecodeRows:
+        """The rows of requests with sampling parameters ``params[i]`` and generator
+        ``generators[i]``, with tensors on ``device``."""
+        rows = cls(num_rows=len(params))
+        random = [i for i, sp in enumerate(params) if not sp.is_greedy]
+        if not random:
+            return rows
+        temperature = [1.0] * len(params)
+        for i in random:
+            sp = params[i]
+            temperature[i] = sp.temperature
+            rows.top_k.append(sp.top_k)
+            rows.top_p.append(sp.top_p)
+            rows.min_p.append(sp.min_p)
+            rows.generators.append(generators[i])
+        rows.temperature = torch.tensor(temperature, dtype=torch.float32).unsqueeze(1).to(
+            device, non_blocking=True)
+        rows.random_rows = torch.tensor(random, dtype=torch.long).to(device, non_blocking=True)
+        return rows
+
+
+@dataclass
 class SampleResult:
     """One new token for one sequence: ``parent_seq_id`` is the sequence it extends.
 

@@ -178,6 +178,9 @@ class SequenceGroup:
         self.sent_to_worker = False
         # Its token stop rules in the scheduler's per-token form (set by the scheduler).
         self.stop_rule: Optional[StopRule] = None
+        # Whether its decodes go to the worker as columns (core/step_data.CachedDecodes; set
+        # by the scheduler).
+        self.decodes_by_columns = False
 
     @property
     def prompt(self) -> Optional[str]:

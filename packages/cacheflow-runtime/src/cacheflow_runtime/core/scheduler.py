@@ -45,11 +45,13 @@ from cacheflow_runtime.config import SchedulerConfig
 from cacheflow_runtime.core.beam_search import beam_step
 from cacheflow_runtime.core.block_manager import AllocStatus, BlockSpaceManager
 from cacheflow_runtime.core.step_data import (
+    CachedDecodes,
     ModelRunnerOutput,
     NewRequestData,
     ScheduledRequest,
     ScheduledSequence,
     SchedulerOutput,
+    decodes_by_columns,
 )
 from cacheflow_runtime.core.stop import StopRule, token_stop
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
@@ -131,6 +133,7 @@ class Scheduler:
     def add_seq_group(self, seq_group: SequenceGroup) -> None:
         """Queues a new request (one WAITING sequence)."""
         self._stop_rule(seq_group)
+        seq_group.decodes_by_columns = decodes_by_columns(seq_group.sampling_params)
         self.waiting.append(seq_group)
 
     def _stop_rule(self, group: SequenceGroup) -> StopRule:
@@ -405,16 +408,35 @@ class Scheduler:
         self._finished_req_ids, self._freed_seq_ids = [], []
         preempted_ids = plan.preempted_ids
         scheduled = out.scheduled
+        decodes = out.decodes
+        take_table_update = self.block_manager.take_table_update
         for group, seqs, counts in plan.groups:
             if group.request_id in preempted_ids:  # after it was taken (cannot happen today)
                 continue
+            update = None
+            if group.decodes_by_columns and counts[0] == 1 and len(group.seqs) == 1:
+                seq = seqs[0]
+                start = seq.num_computed_tokens
+                outputs = seq.output_token_ids
+                # A decode of a sequence the worker holds, its table only extended: one row.
+                if (seq.known_to_worker and outputs
+                        and start + 1 == len(seq.prompt_token_ids) + len(outputs)):
+                    update = take_table_update(seq)
+                    if update[0] is None:
+                        if update[1]:
+                            decodes.new_blocks.append((len(decodes.seq_ids), update[1]))
+                        decodes.req_ids.append(group.request_id)
+                        decodes.seq_ids.append(seq.seq_id)
+                        decodes.token_ids.append(outputs[-1])
+                        decodes.num_computed_tokens.append(start)
+                        continue
             if not group.sent_to_worker:
                 out.new_requests.append(NewRequestData(group.request_id, group.prompt_token_ids,
                                                        group.sampling_params))
                 group.sent_to_worker = True
             if len(seqs) == 1:
                 seq, n = seqs[0], counts[0]
-                parts = [self._scheduled_seq(seq, n)]
+                parts = [self._scheduled_seq(seq, n, update)]
                 do_sample = seq.num_computed_tokens + n == seq.get_len()
                 # group.is_prefill, without the call when the group is this one sequence
                 first = not seq.output_token_ids if len(group.seqs) == 1 else group.is_prefill
@@ -428,9 +450,13 @@ class Scheduler:
             scheduled.append(ScheduledRequest(group.request_id, parts, do_sample, first))
         return out
 
-    def _scheduled_seq(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
+    def _scheduled_seq(self, seq: Sequence, num_tokens: int,
+                       update: Optional[tuple[Optional[list[int]], list[int]]] = None,
+                       ) -> ScheduledSequence:
+        """``seq``'s share of the step; ``update``: its table update if already taken."""
         start = seq.num_computed_tokens
-        block_ids, new_block_ids = self.block_manager.take_table_update(seq)
+        block_ids, new_block_ids = (self.block_manager.take_table_update(seq) if update is None
+                                    else update)
         known = len(seq.output_logprobs)  # seq.num_known_outputs
         if seq.known_to_worker:
             output_token_ids = None
@@ -462,7 +488,7 @@ class Scheduler:
         # Copy-on-write sources are read after the step before wrote them. Swaps never meet a
         # step in flight: a step scheduled ahead neither preempts nor runs beside swapped
         # requests, and swaps are scheduled only when no step is in flight.
-        if not last.scheduled or self.swapped:
+        if not (last.scheduled or last.decodes.req_ids) or self.swapped:
             return None
         running = {g.request_id: g for g in self.running}
         if not self._assumable(last, running):
@@ -502,6 +528,15 @@ class Scheduler:
         sequences by length is not scheduled again."""
         self._assumed = last
         finishing = self._finishing
+        for group, seq in self._decode_rows(last.decodes, running):
+            self._advance_decode(group, seq)
+            if seq.status in FINISHED_STATUSES:
+                continue
+            seq.append_placeholder()
+            # StopRule.length_capped
+            rule = group.stop_rule or self._stop_rule(group)
+            if len(seq.output_token_ids) >= rule.max_output_len:
+                finishing.add(group.request_id)
         for req in last.scheduled:
             group = running.get(req.req_id)
             if group is None:
@@ -555,6 +590,9 @@ class Scheduler:
         running = {g.request_id: g for g in self.running}
         prompt_logprobs = runner_output.prompt_logprobs
         samples = runner_output.samples
+        decodes = scheduler_output.decodes
+        if decodes.req_ids:
+            self._apply_decodes(decodes, runner_output, running, assumed, touched)
         for req in scheduler_output.scheduled:
             group = running.get(req.req_id)
             if group is None:
@@ -571,6 +609,52 @@ class Scheduler:
             elif share is not None:
                 touched.append(group)
         return touched
+
+    @staticmethod
+    def _decode_rows(decodes: CachedDecodes, running: dict[str, SequenceGroup]
+                     ) -> list[tuple[SequenceGroup, Sequence]]:
+        """The (request, sequence) of each row of ``decodes`` still running."""
+        rows = []
+        for req_id in decodes.req_ids:
+            group = running.get(req_id)
+            if group is not None:
+                rows.append((group, group.seqs[0]))
+        return rows
+
+    def _advance_decode(self, group: SequenceGroup, seq: Sequence) -> None:
+        """``_advance`` for a row of the step's columnar decodes: one computed token."""
+        seq.num_computed_tokens += 1
+        self.block_manager.cache_full_blocks(seq, group.cache_namespace)
+
+    def _apply_decodes(self, decodes: CachedDecodes, runner_output: ModelRunnerOutput,
+                       running: dict[str, SequenceGroup], assumed: bool,
+                       touched: list[SequenceGroup]) -> None:
+        """``update_from_output`` for the step's columnar decodes: each row's computed token
+        and sampled token (appended to ``touched`` in row order)."""
+        token_ids, logprobs = runner_output.decode_token_ids, runner_output.decode_logprobs
+        if len(token_ids) != len(decodes.req_ids) or len(logprobs) != len(token_ids):
+            raise RuntimeError(f"the step had {len(decodes.req_ids)} columnar decodes but the "
+                               f"worker returned {len(token_ids)} tokens and {len(logprobs)} "
+                               "logprobs for them")
+        advance = self._advance_decode
+        for req_id, token_id, logprob in zip(decodes.req_ids, token_ids, logprobs):
+            group = running.get(req_id)
+            if group is None:
+                continue
+            seq = group.seqs[0]
+            if not assumed:
+                advance(group, seq)
+            touched.append(group)
+            if seq.status in FINISHED_STATUSES:  # ended while a step ahead ran: drop its token
+                continue
+            self.num_generation_tokens += 1
+            if seq.has_placeholder:
+                seq.resolve_placeholder(token_id, {token_id: logprob})
+            else:
+                seq.append_token(token_id, {token_id: logprob})
+            rule = group.stop_rule or self._stop_rule(group)
+            if rule.may_stop(token_id, len(seq.output_token_ids)):
+                self._check_token_stop(group, seq)
 
     def _advance(self, group: SequenceGroup, req: ScheduledRequest) -> list[Sequence]:
         """Counts the step's computed tokens of ``req`` and caches the blocks they fill;

@@ -82,9 +82,39 @@ class ScheduledRequest:
     is_first_sample: bool = False
 
 
+def decodes_by_columns(params: SamplingParams) -> bool:
+    """Whether a request's decodes can travel in :class:`CachedDecodes`: its next token needs
+    nothing the worker would have to track per token (one sequence, no beam search, no
+    penalties, no ``min_tokens`` masking, no top-k logprobs, no prompt logprobs)."""
+    return (params.best_of == 1 and not params.use_beam_search and not params.logprobs
+            and params.prompt_logprobs is None and params.min_tokens == 0
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)
+
+
+@dataclass
+class CachedDecodes:
+    """The decodes of requests the worker already runs, as columns: the bulk of a large decode
+    step, without an object per sequence. Only requests for which :func:`decodes_by_columns`
+    holds go here, so the worker keeps no output tokens for them while they do.
+
+    Row i: sequence ``seq_ids[i]``, the only one of request ``req_ids[i]``, computes the token
+    ``token_ids[i]`` (possibly :data:`PLACEHOLDER_TOKEN_ID`) at position
+    ``num_computed_tokens[i]`` and samples its next token. ``new_blocks`` holds
+    ``(i, block ids)`` for the rows whose block table grew (appended to the worker's copy).
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    new_blocks: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
 @dataclass
 class SchedulerOutput:
-    """Everything a worker needs for one step.
+    """Everything a worker needs for one step: the columnar ``decodes`` first, then the
+    requests of ``scheduled`` (the batch's rows come in that order).
 
     Block moves happen before the model runs, in this order: swap-in, swap-out, copy (each a list
     of (source block, destination block) pairs; swap pairs are (cpu, device) for swap-in and
@@ -98,26 +128,39 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    decodes: CachedDecodes = field(default_factory=CachedDecodes)
 
     @property
     def num_scheduled_tokens(self) -> int:
         """Tokens computed in this step (the step's share of the token budget)."""
-        return sum(len(seq.token_ids) for req in self.scheduled for seq in req.seqs)
+        return len(self.decodes.seq_ids) + sum(len(seq.token_ids) for req in self.scheduled
+                                               for seq in req.seqs)
+
+    def tokens_per_request(self) -> dict[str, int]:
+        """The tokens each scheduled request computes in this step, in the batch's order."""
+        counts = dict.fromkeys(self.decodes.req_ids, 1)
+        for req in self.scheduled:
+            counts[req.req_id] = sum(len(seq.token_ids) for seq in req.seqs)
+        return counts
 
     def is_empty(self) -> bool:
         """True when no model work and no block move is asked for."""
-        return not (self.scheduled or self.blocks_to_swap_in or self.blocks_to_swap_out
-                    or self.blocks_to_copy)
+        return not (self.scheduled or self.decodes.seq_ids or self.blocks_to_swap_in
+                    or self.blocks_to_swap_out or self.blocks_to_copy)
 
 
 @dataclass
 class ModelRunnerOutput:
     """What a worker returns for one step.
 
-    ``samples`` maps each sampled request (``do_sample``) to its new tokens.
+    ``samples`` maps each sampled request of ``scheduled`` (``do_sample``) to its new tokens;
+    ``decode_token_ids[i]`` is the token sampled for row i of the step's ``decodes`` and
+    ``decode_logprobs[i]`` its logprob.
     ``prompt_logprobs`` maps each request that asked for them to this step's share, in prompt
     order: the request's first share starts with None (the first prompt token has no logprob).
     """
 
     samples: dict[str, GroupSampleResult] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[Optional[Logprobs]]] = field(default_factory=dict)
+    decode_token_ids: list[int] = field(default_factory=list)
+    decode_logprobs: list[float] = field(default_factory=list)

@@ -27,13 +27,14 @@ from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
 from cacheflow_runtime.model_executor.request_states import RequestState, RequestStates
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampler_output import DeviceSamples
-from cacheflow_runtime.sampling_metadata import Logprobs, SamplingGroup
+from cacheflow_runtime.sampling_metadata import DecodeRows, Logprobs, SamplingGroup
 
 
 @dataclass
 class PreparedBatch:
     """Model inputs of one step plus the sampler's view of it (``req_ids[i]`` owns
-    ``sampling_groups[i]``; ``sampled[i]`` says whether it samples tokens this step).
+    ``sampling_groups[i]``; ``sampled[i]`` says whether it samples tokens this step; the
+    step's columnar decodes own the first ``num_decodes`` logit rows).
     ``input_ids[placeholder_positions[i]]`` is a placeholder for the token last sampled for
     sequence ``placeholder_seq_ids[i]``."""
 
@@ -45,6 +46,7 @@ class PreparedBatch:
     sampled: list[bool] = field(default_factory=list)
     placeholder_positions: list[int] = field(default_factory=list)
     placeholder_seq_ids: list[int] = field(default_factory=list)
+    num_decodes: int = 0
 
 
 class _StepTokens:
@@ -70,11 +72,24 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
     to the slots its block table gives. ``plan_cascade``: look for a prefix shared by a whole
     decode step (cascade attention).
 
-    The Python work is one short loop over the sequences; positions, slots and the step's
-    block tables are computed from the worker's :class:`BlockTables` with array operations.
+    The columnar decodes come first, taken a column at a time; then one short loop over the
+    other sequences. Positions, slots and the step's block tables are computed from the
+    worker's :class:`BlockTables` with array operations.
     """
     step = _StepTokens()
     row_of = states.tables.row_of
+    decodes = out.decodes
+    num_decodes = len(decodes.seq_ids)
+    if num_decodes:
+        step.rows = [row_of[seq_id] for seq_id in decodes.seq_ids]
+        step.starts = list(decodes.num_computed_tokens)
+        step.counts = [1] * num_decodes
+        step.input_ids = list(decodes.token_ids)
+        step.logit_indices = list(range(num_decodes))
+        if PLACEHOLDER_TOKEN_ID in decodes.token_ids:
+            step.placeholder_positions = [i for i, t in enumerate(decodes.token_ids)
+                                          if t == PLACEHOLDER_TOKEN_ID]
+            step.placeholder_seq_ids = [decodes.seq_ids[i] for i in step.placeholder_positions]
     groups: list[SamplingGroup] = []
     req_ids: list[str] = []
     sampled: list[bool] = []
@@ -112,7 +127,7 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
         positions=torch.from_numpy(positions).to(device, non_blocking=True),
         metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled,
         placeholder_positions=step.placeholder_positions,
-        placeholder_seq_ids=step.placeholder_seq_ids)
+        placeholder_seq_ids=step.placeholder_seq_ids, num_decodes=num_decodes)
 
 
 def _step_metadata(step: _StepTokens, states: RequestStates, block_size: int,
@@ -206,6 +221,7 @@ class PendingStep:
         output = ModelRunnerOutput()
         if self.samples is None:
             return output
+        output.decode_token_ids, output.decode_logprobs = self.samples.assemble_decodes()
         results = self.samples.assemble()
         for req_id, res, sampled, first in zip(self.req_ids, results, self.sampled,
                                                self.prompt_shares):
@@ -236,6 +252,9 @@ class ModelRunner:
         # first len(seq_ids) of them (greedy and random samples), for the placeholders of the
         # next launch.
         self._last_sampled: Optional[tuple[torch.Tensor, list[int]]] = None
+        # The sampler's rows of the last step's columnar decodes, with the request changes
+        # count and the request ids they were built for (reused while both are the same).
+        self._decode_rows: Optional[tuple[int, list[str], DecodeRows]] = None
         # A cascade step runs eagerly, so plan one only if some layer would use it.
         self.plan_cascade = any(m.takes_cascade for m in model.modules()
                                 if isinstance(m, PagedAttention))
@@ -252,7 +271,7 @@ class ModelRunner:
         """Queues the step's device work (the model on its scheduled sequences, sampling, the
         copy of the samples to the host) and returns without waiting for it."""
         previous, self._last_sampled = self._last_sampled, None
-        if not out.scheduled:
+        if not (out.scheduled or out.decodes.seq_ids):
             return PendingStep()
         batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id,
                               self.plan_cascade)
@@ -263,11 +282,15 @@ class ModelRunner:
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, kv_caches, batch.metadata)
-        if not batch.sampling_groups:
+        if not batch.sampling_groups and not batch.num_decodes:
             return PendingStep()
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
-        samples = self.sampler.sample(logits, batch.sampling_groups, self.default_generator)
-        self._last_sampled = (samples.tokens, [s.parent_seq_id for s in samples.samples])
+        decode_rows = self._rows_of_decodes(out, states) if batch.num_decodes else None
+        samples = self.sampler.sample(logits, batch.sampling_groups, self.default_generator,
+                                      decode_rows)
+        seq_ids = [s.parent_seq_id for s in samples.samples]
+        self._last_sampled = (samples.all_tokens,
+                              out.decodes.seq_ids + seq_ids if batch.num_decodes else seq_ids)
         samples.start_copy()
         prompt_shares: list[Optional[bool]] = []
         for req_id, group in zip(batch.req_ids, batch.sampling_groups):
@@ -279,6 +302,20 @@ class ModelRunner:
                 state.prompt_logprobs_sent = True
             prompt_shares.append(first)
         return PendingStep(batch.req_ids, batch.sampled, prompt_shares, samples)
+
+    def _rows_of_decodes(self, out: SchedulerOutput, states: RequestStates) -> DecodeRows:
+        """The sampler's rows of the step's columnar decodes: those of the step before when it
+        decoded the same requests, else built from the requests' parameters and generators."""
+        req_ids = out.decodes.req_ids
+        cached = self._decode_rows
+        if (cached is not None and cached[0] == states.num_request_changes
+                and cached[1] == req_ids):
+            return cached[2]
+        requests = [states.requests[req_id] for req_id in req_ids]
+        rows = DecodeRows.build([r.sampling_params for r in requests],
+                                [r.generators[0] for r in requests], self.device)
+        self._decode_rows = (states.num_request_changes, list(req_ids), rows)
+        return rows
 
     def _fill_placeholders(self, batch: PreparedBatch,
                            previous: Optional[tuple[torch.Tensor, list[int]]]) -> None:

@@ -49,9 +49,14 @@ class RequestStates:
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, SequenceState] = {}
         self.tables = BlockTables()
+        # Counts the steps that added or forgot a request: the same request ids under the same
+        # count are the same requests (an id can be used again once its request is forgotten).
+        self.num_request_changes = 0
 
     def apply(self, out: SchedulerOutput) -> None:
         """Forgets what the step finished, learns its new requests and applies its deltas."""
+        if out.finished_req_ids or out.new_requests:
+            self.num_request_changes += 1
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
         for seq_id in out.freed_seq_ids:
@@ -59,6 +64,9 @@ class RequestStates:
             self.tables.remove(seq_id)
         for new in out.new_requests:
             self.requests[new.req_id] = _new_request(new)
+        decodes = out.decodes
+        for row, block_ids in decodes.new_blocks:
+            self.tables.extend(decodes.seq_ids[row], block_ids)
         for req in out.scheduled:
             if req.req_id not in self.requests:
                 raise KeyError(f"request {req.req_id!r} was scheduled before the worker was "
