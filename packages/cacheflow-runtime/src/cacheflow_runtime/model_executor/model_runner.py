@@ -322,6 +322,14 @@ class ModelRunner:
         """Puts into the batch's placeholder positions the tokens the previous launch sampled
         for their sequences (a device-side gather: the step queues behind that one)."""
         tokens, seq_ids = previous if previous is not None else (None, [])
+        wanted = batch.placeholder_seq_ids
+        n = len(wanted)
+        # The steady decode step: the first n inputs (positions ascending) are placeholders for
+        # the first n samples of the step before, in the same order.
+        if (tokens is not None and batch.placeholder_positions[-1] == n - 1
+                and wanted == seq_ids[:n]):
+            batch.input_ids[:n].copy_(tokens[:n])
+            return
         row_of = {seq_id: i for i, seq_id in enumerate(seq_ids)}
         missing = [s for s in batch.placeholder_seq_ids if s not in row_of]
         if tokens is None or missing:
