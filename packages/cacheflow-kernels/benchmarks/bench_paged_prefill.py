@@ -11,11 +11,16 @@ case also reports the largest difference between our output and SDPA's.
     python benchmarks/bench_paged_prefill.py --out prefill.json
     python benchmarks/bench_paged_prefill.py --cases mha_fp16_d128,gqa_fp16_d128 --iters 50
     python benchmarks/bench_paged_prefill.py --variants default,m64,w8   # tilings, fp16 d128
+    python benchmarks/bench_paged_prefill.py --variants default,prev,eager,bn32,group  # new/prev
 
-A failing case is recorded with its error and the run goes on. ``--variants`` also times the
-alternative tilings of the fp16 head-size-128 kernel (environment variable
-CACHEFLOW_PREFILL_VARIANT, read at each call): m64 = 64 query rows per CTA (4 warps x 16),
-w8 = 128 rows with 8 warps x 16; default = 128 rows with 4 warps x 32.
+A failing case is recorded with its error and the run goes on. ``--variants`` also times other
+kernel choices, set through environment variables read at each call (see VARIANTS): the
+alternative tilings of the fp16 head-size-128 kernel (CACHEFLOW_PREFILL_VARIANT): m64 = 64 query
+rows per CTA (4 warps x 16), w8 = 128 rows with 8 warps x 16; default = 128 rows with 4 warps x
+32; ``prev`` = the kernel before 2026-12-03 (CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1: rescale at
+every key tile; CACHEFLOW_PREFILL_VARIANT=bn32: head size 256 with 32-key tiles;
+CACHEFLOW_PREFILL_GRID=group: group-major CTA order), ``eager``, ``bn32`` and ``group`` each of
+those alone.
 """
 
 from __future__ import annotations
@@ -74,6 +79,26 @@ CASES = [
 
 
 VARIANT_ENV = "CACHEFLOW_PREFILL_VARIANT"
+RESCALE_ENV = "CACHEFLOW_PREFILL_RESCALE_THRESHOLD"
+GRID_ENV = "CACHEFLOW_PREFILL_GRID"
+
+
+def _fp16_d128(c: Case) -> bool:
+    return c.dtype == "float16" and c.head_size == 128
+
+
+# name -> (environment of the call, cases it applies to). "prev" is the kernel before 2026-12-03
+# (eager rescaling; head size 256 with BN 32 and two K buffers; group-major CTA order); "eager",
+# "bn32" and "group" switch one of those choices back alone.
+VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
+    "default": ({}, lambda c: True),
+    "m64": ({VARIANT_ENV: "m64"}, _fp16_d128),
+    "w8": ({VARIANT_ENV: "w8"}, _fp16_d128),
+    "prev": ({VARIANT_ENV: "bn32", RESCALE_ENV: "-1", GRID_ENV: "group"}, lambda c: True),
+    "eager": ({RESCALE_ENV: "-1"}, lambda c: True),
+    "bn32": ({VARIANT_ENV: "bn32"}, lambda c: c.head_size == 256),
+    "group": ({GRID_ENV: "group"}, lambda c: True),
+}
 
 
 @dataclass
@@ -226,10 +251,7 @@ def sdpa_runner(case: Case, inputs: dict[str, Any], scale: float) -> tuple[Any, 
 
 def bench_case(case: Case, args: argparse.Namespace, seed: int, variant: str) -> Result:
     result = Result(case=asdict(case), variant=variant, flops=causal_flops(case))
-    if variant == "default":
-        os.environ.pop(VARIANT_ENV, None)
-    else:
-        os.environ[VARIANT_ENV] = variant
+    _set_env(VARIANTS[variant][0])
     inputs = None
     try:
         inputs = build(case, seed)
@@ -274,6 +296,12 @@ def bench_case(case: Case, args: argparse.Namespace, seed: int, variant: str) ->
     return result
 
 
+def _set_env(env: dict[str, str]) -> None:
+    for name in (VARIANT_ENV, RESCALE_ENV, GRID_ENV):
+        os.environ.pop(name, None)
+    os.environ.update(env)
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -289,7 +317,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--no-sdpa", action="store_true", help="skip the SDPA comparison")
     parser.add_argument("--variants", default="default",
-                        help="tilings to time for fp16 head size 128: default,m64,w8")
+                        help=f"kernel variants to time where they apply: {','.join(VARIANTS)}; "
+                             "SDPA runs with the first one, the others' ratios use its time")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     args = parser.parse_args()
@@ -319,19 +348,26 @@ def main() -> int:
     mm = header["matmul_bf16_tflops"]
 
     variants = [v for v in args.variants.split(",") if v] or ["default"]
-    bad = set(variants) - {"default", "m64", "w8"}
+    bad = set(variants) - set(VARIANTS)
     if bad:
         parser.error(f"unknown variants {sorted(bad)}")
     results = []
+    no_sdpa = args.no_sdpa
     for i, case in enumerate(cases):
-        tiled = case.dtype == "float16" and case.head_size == 128
-        for variant in variants if tiled else ["default"]:
+        first: Result | None = None
+        for variant in [v for v in variants if VARIANTS[v][1](case)]:
+            args.no_sdpa = no_sdpa or first is not None
             r = bench_case(case, args, seed=i, variant=variant)
+            if first is None:
+                first = r
+            elif first.sdpa_ms is not None and r.ours_ms is not None:
+                r.sdpa_ms, r.ratio_vs_sdpa = first.sdpa_ms, first.sdpa_ms / r.ours_ms
             results.append(r)
             print(f"[{i + 1}/{len(cases)}] {case.name} ({variant}): ours {_fmt(r.ours_ms, '.3f')}"
                   f" ms, sdpa {_fmt(r.sdpa_ms, '.3f')} ms {'; '.join(r.errors)}",
                   file=sys.stderr, flush=True)
-    os.environ.pop(VARIANT_ENV, None)
+    args.no_sdpa = no_sdpa
+    _set_env({})
 
     print(f"\npaged_prefill_attention on {device} (torch {torch.__version__}); "
           f"bf16 matmul 8192^3: {_fmt(mm, '.0f')} TFLOP/s")

@@ -21,6 +21,7 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -43,15 +44,36 @@ inline bool IsHalfOrBf16(DLDataType dt) {
 
 /*!
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
- * head-size-128 tensor-core kernel (see prefill::TcVariant); unset or anything else: default.
+ * head-size-128 tensor-core kernel, bn32 the head-size-256 tiling before 2026-12-03 (see
+ * prefill::TcVariant); unset or anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {
   const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
   if (v == nullptr) return prefill::kTcDefault;
   if (std::strcmp(v, "m64") == 0) return prefill::kTcM64;
   if (std::strcmp(v, "w8") == 0) return prefill::kTcW8;
+  if (std::strcmp(v, "bn32") == 0) return prefill::kTcBn32;
   return prefill::kTcDefault;
 }
+
+/*! \brief A device attribute, queried once per (attribute slot, device). */
+template <int kSlot>
+int CachedAttribute(cudaDeviceAttr attr, int device) {
+  static std::atomic<int> cached[64];  // 0: not queried yet
+  const bool cacheable = device >= 0 && device < 64;
+  int v = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&v, attr, device));
+    if (cacheable) cached[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+int MaxSmemOptin(int device) {
+  return CachedAttribute<0>(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+}
+
+int NumSms(int device) { return CachedAttribute<1>(cudaDevAttrMultiProcessorCount, device); }
 
 bool Aligned16(std::initializer_list<const char*> ptrs) {
   for (const char* p : ptrs) {
@@ -123,7 +145,7 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       (max_query_len < 0 || max_query_len > num_tokens) ? num_tokens : max_query_len;
   if (num_seqs == 0 || max_q == 0 || num_heads == 0) return;
 
-  const prefill::PrefillParams p = prefill::MakePrefillParams(
+  prefill::PrefillParams p = prefill::MakePrefillParams(
       DataPtr(out), DataPtr(query), DataPtr(key_cache), DataPtr(value_cache),
       reinterpret_cast<const int32_t*>(DataPtr(block_tables)),
       reinterpret_cast<const int32_t*>(DataPtr(query_start_loc)),
@@ -137,6 +159,7 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  p.order_sms = prefill::OrderSms(NumSms(dev.device_id));
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   const int heads = static_cast<int>(num_heads);
   const int seqs = static_cast<int>(num_seqs);
@@ -145,7 +168,10 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
 
   bool launched = false;
   if (tensor_cores) {
-    const int variant = TcVariantFromEnv();
+    int variant = TcVariantFromEnv();
+    if (head_size == 256 && MaxSmemOptin(dev.device_id) < prefill::kD256SmemBytes) {
+      variant = prefill::kTcBn32;  // sm_86/89: 99 KB per CTA
+    }
     const bool fp8 = s.fp8_cache;
     launched =
         bf16 ? prefill::LaunchTcBf16(head_size, variant, fp8, p, heads, seqs, max_q, stream)

@@ -14,12 +14,17 @@
 //   * key tiles of BN tokens, gathered through the block table with 16-byte cp.async into shared
 //     memory (a 16-byte pad per row keeps ldmatrix conflict-free for every head size); slot
 //     numbers of upcoming tiles are looked up two tiles ahead into a small ring in shared memory.
-//     K is double-buffered (K of the next tile loads during the whole current step), V
-//     single-buffered (it loads during S = QK^T and the softmax).
+//     With KB = 2 K buffers (head sizes up to 128), K of the next tile loads during the whole
+//     current step; with KB = 1 (head size 256, to fit BN = 64 keys in 2 CTAs per SM) it loads
+//     once every warp is past S = QK^T, during the softmax's wait and P V. V is single-buffered
+//     (it loads during S = QK^T and the softmax).
 //   * S = Q K^T and O += P V with mma.sync.m16n8k16 (fp32 accumulation); Q and K fragments come
 //     from ldmatrix, V fragments from ldmatrix.trans, P stays in registers (the accumulator
 //     layout of S is the A-operand layout of P V).
-//   * online softmax in the log2 domain (ex2.approx); key tiles run from the diagonal down to 0,
+//   * online softmax in the log2 domain (ex2.approx) with lazy rescaling: a warp rescales O and
+//     the sums only when some row's maximum grew by more than `rescale_threshold` (log2 units)
+//     since the last rescale; otherwise it keeps the old maximum, and P stays <= 2^threshold.
+//     Key tiles run from the diagonal down to 0,
 //     so only the first ceil(BM / BN) + 1 of them need the causal mask; key tiles wholly above
 //     the diagonal are never visited. With a sliding window W (a row at position p sees keys
 //     p - W + 1 .. p) tiles wholly below the window are never visited either, and those that
@@ -39,6 +44,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "paged_prefill_ptx.cuh"
@@ -73,6 +80,8 @@ struct PrefillParams {
   float v_scale;                     // multiplies the output (FP8 V dequantization; else 1)
   float soft_cap;                    // logits soft cap (0: none), in score units
   float inv_soft_cap;                // 1 / soft_cap (0: none)
+  float rescale_threshold;           // lazy-rescale threshold (log2 units); < 0: every tile
+  int32_t order_sms;                 // CTA order (TileOf): the device's SMs; 0: group-major
 };
 
 /*! \brief One byte of an FP8 E4M3 cache (the CUDA-core kernel's cache element type). */
@@ -126,12 +135,44 @@ CF_DEVICE int SlotOf(const PrefillParams& p, const int32_t* table, int t, int ct
   return blk * p.block_size + off;
 }
 
+/*!
+ * \brief The (query tile, head, sequence) of this CTA. The grid is (m-blocks, heads, seqs); CTAs
+ * start roughly in linear block order. order_sms = 0: (head, seq) groups one after the other,
+ * each group's tiles longest (diagonal-most) first. order_sms = S > 0: the groups (heads of a
+ * sequence adjacent) in chunks of C = ceil(2 S / m-blocks) (about two CTAs per SM), and within a
+ * chunk all its groups' longest tiles first, then the next longest, ...: the last CTAs to start
+ * are short ones, so the grid's tail does not wait for a long tile started last, while the K/V
+ * of the few groups in flight stays in L2.
+ */
+CF_DEVICE void TileOf(const PrefillParams& p, int& m_block, int& head, int& seq) {
+  const int m_blocks = static_cast<int>(gridDim.x);
+  if (p.order_sms <= 0) {
+    m_block = m_blocks - 1 - static_cast<int>(blockIdx.x);
+    head = static_cast<int>(blockIdx.y);
+    seq = static_cast<int>(blockIdx.z);
+    return;
+  }
+  const int64_t heads = gridDim.y;
+  const int64_t groups = heads * gridDim.z;
+  const int64_t linear = blockIdx.x + m_blocks * (blockIdx.y + heads * blockIdx.z);
+  const int64_t chunk_groups = (2 * static_cast<int64_t>(p.order_sms) + m_blocks - 1) / m_blocks;
+  const int64_t per_chunk = chunk_groups * m_blocks;
+  const int64_t chunk = linear / per_chunk;
+  const int64_t r = linear - chunk * per_chunk;
+  const int64_t first = chunk * chunk_groups;
+  const int64_t size = groups - first < chunk_groups ? groups - first : chunk_groups;
+  const int64_t g = first + r % size;
+  m_block = m_blocks - 1 - static_cast<int>(r / size);
+  head = static_cast<int>(g % heads);
+  seq = static_cast<int>(g / heads);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Tensor-core path.
 // ------------------------------------------------------------------------------------------------
 
 /*! \brief Tile shapes and the shared-memory plan of one tensor-core configuration. */
-template <int D, int MT, int NW, int BN>
+template <int D, int MT, int NW, int BN, int KB>
 struct TcTraits {
   static constexpr int kThreads = NW * 32;
   static constexpr int kBM = 16 * MT * NW;     // query rows per CTA
@@ -141,18 +182,19 @@ struct TcTraits {
   static constexpr int kQBytes = kBM * kRowBytes;
   static constexpr int kKvBytes = kBN * kRowBytes;
   static constexpr int kSlotRing = 4;          // slot lists of 4 tiles (indexed tile & 3)
-  // Q, K (2 buffers), V (1 buffer), slot ring.
-  static constexpr int kSmemBytes = kQBytes + 3 * kKvBytes + kSlotRing * kBN * 4;
+  // Q, K (KB buffers), V (1 buffer), slot ring.
+  static constexpr int kSmemBytes = kQBytes + (KB + 1) * kKvBytes + kSlotRing * kBN * 4;
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
+  static_assert(KB == 1 || KB == 2, "one or two K buffers");
   static_assert((kBM * kChunks) % kThreads == 0, "Q tile must split evenly over the threads");
   static_assert((kBN * kChunks) % kThreads == 0, "KV tile must split evenly over the threads");
   static_assert((16 * MT * kChunks) % 32 == 0, "output rows must split evenly over a warp");
   static_assert(kBN <= kThreads, "one thread per key looks up the slots");
 };
 
-template <class T, int D, int MT, int NW, int BN, bool kFp8>
+template <class T, int D, int MT, int NW, int BN, int KB, bool kFp8>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParams p) {
-  using Tr = TcTraits<D, MT, NW, BN>;
+  using Tr = TcTraits<D, MT, NW, BN, KB>;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kBM = Tr::kBM;
   constexpr int kBN = Tr::kBN;
@@ -164,9 +206,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // longest tiles first
-  const int head = static_cast<int>(blockIdx.y);
-  const int seq = static_cast<int>(blockIdx.z);
+  int m_block, head, seq;
+  TileOf(p, m_block, head, seq);
 
   const int q_begin = p.query_start_loc[seq];
   const int q_len = p.query_start_loc[seq + 1] - q_begin;
@@ -197,10 +238,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
 
   unsigned char* smem = DynamicSmem();
-  int32_t* s_slot = reinterpret_cast<int32_t*>(smem + kQBytes + 3 * kKvBytes);
+  int32_t* s_slot = reinterpret_cast<int32_t*>(smem + kQBytes + (KB + 1) * kKvBytes);
   const uint32_t s_q = SmemU32(smem);
-  const uint32_t s_k = s_q + kQBytes;        // two buffers: tile n in buffer n & 1
-  const uint32_t s_v = s_k + 2 * kKvBytes;
+  const uint32_t s_k = s_q + kQBytes;        // KB buffers: tile n in buffer n % KB
+  const uint32_t s_v = s_k + KB * kKvBytes;
+  auto k_buffer = [&](int tile) { return s_k + (KB == 2 ? (tile & 1) : 0) * kKvBytes; };
 
   if (n_tiles == 0) {
     // No key visible at all (only when context_lens[seq] < q_len): the rows are zeros.
@@ -244,7 +286,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
               valid);
   }
   SyncCta();  // slots visible
-  load_kv(s_k + ((n_tiles - 1) & 1) * kKvBytes, k_base, s_slot + ((n_tiles - 1) & 3) * kBN);
+  load_kv(k_buffer(n_tiles - 1), k_base, s_slot + ((n_tiles - 1) & 3) * kBN);
   CpAsyncCommit();
 
   // ---- Per-thread fragment addresses. ----
@@ -278,6 +320,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   }
   const float scale_log2 = p.scale_log2;
   const float inv_scale = 1.f / p.scale;  // soft-capped scores go back to q.k units
+  const bool lazy_rescale = p.rescale_threshold >= 0.f;
 
   // One key tile: kMask applies the causal mask (only tiles that reach past row 0's position).
   auto step = [&](const int tile, auto mask_tag) {
@@ -286,10 +329,10 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     SyncCta();  // K[tile] (and Q) landed; everyone is past P V of the previous step (V is free)
     load_kv(s_v, v_base, s_slot + (tile & 3) * kBN);
     CpAsyncCommit();
-    if (tile - 1 >= n_lo) {
-      load_kv(s_k + ((tile - 1) & 1) * kKvBytes, k_base, s_slot + ((tile - 1) & 3) * kBN);
+    if constexpr (KB == 2) {
+      if (tile - 1 >= n_lo) load_kv(k_buffer(tile - 1), k_base, s_slot + ((tile - 1) & 3) * kBN);
+      CpAsyncCommit();  // (possibly empty: keeps the group count uniform)
     }
-    CpAsyncCommit();  // (possibly empty: keeps the group count uniform)
     int next_slot = -1;
     if (tile - 2 >= n_lo && tid < kBN) next_slot = SlotOf(p, table, (tile - 2) * kBN + tid, ctx);
 
@@ -303,7 +346,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
         for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
       }
     }
-    const uint32_t k_tile = s_k + (tile & 1) * kKvBytes + k_frag;
+    const uint32_t k_tile = k_buffer(tile) + k_frag;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[MT][4];
@@ -351,7 +394,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
       }
     }
 
-    // Online softmax: new running max, rescale O and the sums, P = 2^(S * scale_log2 - max).
+    // Online softmax: each row's new maximum; the warp rescales O and the sums (alpha =
+    // 2^(old max - new max)) when lazy rescaling is off or some row's maximum grew past the
+    // threshold, else every row keeps its old maximum; P = 2^(S * scale_log2 - max).
+    float m_new[MT][2];
+    bool grow = false;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -363,11 +410,19 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
         }
         mx = fmaxf(mx, ShflXor(mx, 1));  // the 4 threads of a quad share a row
         mx = fmaxf(mx, ShflXor(mx, 2));
-        const float m_new = fmaxf(row_max[mt][h], mx * scale_log2);
+        m_new[mt][h] = fmaxf(row_max[mt][h], mx * scale_log2);
+        // (-inf > -inf + t is false: a row still without keys asks for nothing.)
+        grow |= m_new[mt][h] > row_max[mt][h] + p.rescale_threshold;
+      }
+    }
+    const bool rescale = !lazy_rescale || AnySync(grow);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m = rescale ? m_new[mt][h] : row_max[mt][h];
         // A row with no visible key so far keeps max -inf: use 0 so that -inf - max stays -inf.
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = Exp2(row_max[mt][h] - m_use);
-        row_max[mt][h] = m_new;
+        const float m_use = m == -INFINITY ? 0.f : m;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -378,17 +433,30 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
             sum += pr;
           }
         }
-        row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
+        if (rescale) {
+          const float alpha = Exp2(row_max[mt][h] - m_use);
+          row_max[mt][h] = m;
+          row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc_o[mt][dt][2 * h] *= alpha;
-          acc_o[mt][dt][2 * h + 1] *= alpha;
+          for (int dt = 0; dt < D / 8; ++dt) {
+            acc_o[mt][dt][2 * h] *= alpha;
+            acc_o[mt][dt][2 * h + 1] *= alpha;
+          }
+        } else {
+          row_sum[mt][h] += sum;
         }
       }
     }
 
-    CpAsyncWait<1>();
-    SyncCta();  // V[tile] landed (K[tile-1] may still be in flight)
+    if constexpr (KB == 2) {
+      CpAsyncWait<1>();
+      SyncCta();  // V[tile] landed (K[tile-1] may still be in flight)
+    } else {
+      CpAsyncWait<0>();
+      SyncCta();  // V[tile] landed; every warp is past S = Q K^T: the K buffer is free
+      if (tile - 1 >= n_lo) load_kv(k_buffer(tile - 1), k_base, s_slot + ((tile - 1) & 3) * kBN);
+      CpAsyncCommit();
+    }
 
     // O += P V: the S accumulators of two adjacent tile-tiles form one 16x16 A fragment.
 #pragma unroll
@@ -564,10 +632,42 @@ inline bool UseTensorCores(bool half_or_bf16, int64_t head_size, bool pointers_a
  * (environment variable CACHEFLOW_PREFILL_VARIANT=m64 or w8; see paged_prefill.cu).
  */
 enum TcVariant : int {
-  kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64
-  kTcM64 = 1,      // BM 64 = 4 warps x 16 rows, BN 64
-  kTcW8 = 2,       // BM 128 = 8 warps x 16 rows, BN 64
+  kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64 (head size 256: BM 64, BN 64, 1 K buffer)
+  kTcM64 = 1,      // fp16 head size 128: BM 64 = 4 warps x 16 rows, BN 64
+  kTcW8 = 2,       // fp16 head size 128: BM 128 = 8 warps x 16 rows, BN 64
+  kTcBn32 = 3,     // head size 256: BN 32 with 2 K buffers (the tiling before 2026-12-03)
 };
+
+/*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */
+constexpr int kD256SmemBytes = TcTraits<256, 1, 4, 64, 1>::kSmemBytes;
+
+/*! \brief Lazy-rescale threshold of the tensor-core kernels, in log2 units (P <= 2^8). */
+constexpr float kDefaultRescaleThreshold = 8.f;
+
+/*!
+ * \brief CACHEFLOW_PREFILL_RESCALE_THRESHOLD (a float; negative: rescale at every key tile, the
+ * kernel before 2026-12-03), read at every call so one process can A/B it; default
+ * kDefaultRescaleThreshold. Capped at 15: P must stay far below float16's 65504.
+ */
+inline float RescaleThresholdFromEnv() {
+  const char* env = std::getenv("CACHEFLOW_PREFILL_RESCALE_THRESHOLD");
+  if (env == nullptr || *env == '\0') return kDefaultRescaleThreshold;
+  const float v = std::strtof(env, nullptr);
+  if (!(v == v)) return kDefaultRescaleThreshold;  // NaN
+  return v < 15.f ? v : 15.f;
+}
+
+/*!
+ * \brief Host side: PrefillParams::order_sms on a device of `num_sms` multiprocessors: num_sms
+ * (chunked longest-first CTA order), or 0 (group-major, the order before 2026-12-03) with
+ * CACHEFLOW_PREFILL_GRID=group, read at every call.
+ */
+inline int32_t OrderSms(int num_sms) {
+  const char* env = std::getenv("CACHEFLOW_PREFILL_GRID");
+  if (num_sms <= 0 || (env != nullptr && std::strcmp(env, "group") == 0)) return 0;
+  return num_sms;
+}
+
 /*! \brief Host side: the kernel parameters of a call whose arguments were checked. */
 inline PrefillParams MakePrefillParams(void* out, const void* query, const void* key_cache,
                                        const void* value_cache, const int32_t* block_tables,
@@ -608,21 +708,23 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
   p.v_scale = static_cast<float>(v_scale);
   p.soft_cap = logits_soft_cap > 0.0 ? static_cast<float>(logits_soft_cap) : 0.f;
   p.inv_soft_cap = logits_soft_cap > 0.0 ? static_cast<float>(1.0 / logits_soft_cap) : 0.f;
+  p.rescale_threshold = RescaleThresholdFromEnv();
   return p;
 }
 
-template <class T, int D, int MT, int NW, int BN, bool kFp8, class Launch>
+template <class T, int D, int MT, int NW, int BN, bool kFp8, int KB = 2, class Launch>
 void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
-  using Tr = TcTraits<D, MT, NW, BN>;
-  launch(&PagedPrefillTcKernel<T, D, MT, NW, BN, kFp8>, num_heads, num_seqs, max_query_len,
+  using Tr = TcTraits<D, MT, NW, BN, KB>;
+  launch(&PagedPrefillTcKernel<T, D, MT, NW, BN, KB, kFp8>, num_heads, num_seqs, max_query_len,
          Tr::kBM, Tr::kThreads, Tr::kSmemBytes);
 }
 
 /*!
  * \brief Launches the tensor-core kernel of element type T (Fp16 or Bf16) for head size `d`.
  * Tiles: BM = 128 query rows (4 warps x 32 rows), BN = 64 keys; head size 256: BM = 64 (4 warps
- * x 16 rows), BN = 32 (keeps shared memory under 99 KB for sm_86/89). `variant` (TcVariant)
- * picks another tiling for fp16 with head size 128 only.
+ * x 16 rows), BN = 64 with one K buffer (100 KB of shared memory: 2 CTAs per SM on sm_80/90;
+ * the host passes kTcBn32 where a CTA cannot have that much, sm_86/89). `variant` (TcVariant)
+ * picks another tiling: m64 / w8 for fp16 with head size 128, bn32 for head size 256.
  * \return false when `d` has no tensor-core kernel.
  */
 template <class T, bool kFp8 = false, class Launch>
@@ -655,7 +757,11 @@ bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max
       LaunchTc<T, 128, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
       return true;
     case 256:
-      LaunchTc<T, 256, 1, 4, 32, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      if (variant == kTcBn32) {
+        LaunchTc<T, 256, 1, 4, 32, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      } else {
+        LaunchTc<T, 256, 1, 4, 64, kFp8, 1>(num_heads, num_seqs, max_query_len, launch);
+      }
       return true;
     default: return false;
   }

@@ -47,6 +47,9 @@ CF_DEVICE void SyncWarp() { __syncwarp(); }
 
 CF_DEVICE float ShflXor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 
+/*! \brief Whether `pred` holds in any lane of the (full) warp. */
+CF_DEVICE bool AnySync(bool pred) { return __any_sync(0xffffffffu, pred) != 0; }
+
 /*! \brief Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i. */
 CF_DEVICE void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

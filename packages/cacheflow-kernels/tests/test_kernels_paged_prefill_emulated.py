@@ -71,7 +71,8 @@ def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
 
 
 # (q_lens, ctx_lens, heads, kv_heads, head_size, block_size, dtype): the tensor-core configs
-# (BM 128 / BN 64, head size 256: BM 64 / BN 32), ragged tiles, prefixes, GQA/MQA, block sizes.
+# (BM 128 / BN 64, head size 256: BM 64 / BN 64 with one K buffer), ragged tiles, prefixes,
+# GQA/MQA, block sizes.
 TC_CASES = [
     ([130, 1, 77], [130, 9, 200], 2, 1, 64, 16, torch.float16),     # ragged, prefix, q_len 1
     ([200], [333], 2, 2, 128, 8, torch.bfloat16),                    # prefix > tile, block 8
@@ -101,7 +102,7 @@ def test_tensor_core_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], he
     [
         ([200, 70], [200, 400], 37, 64, torch.float16),     # window < tile: both edges masked
         ([300], [300], 100, 128, torch.bfloat16),           # tiles wholly outside skipped
-        ([150, 1], [700, 90], 260, 256, torch.float16),     # BN 32, prefix, a decode row
+        ([150, 1], [700, 90], 260, 256, torch.float16),     # one K buffer, prefix, a decode row
         ([90], [130], 1, 80, torch.float16),                # W = 1: each row sees itself
         ([20, 9], [50, 9], 6, 40, torch.float16),           # CUDA-core kernel
     ],
@@ -122,6 +123,38 @@ def test_benchmark_variants_of_head_128(emu: Any, variant: int) -> None:
                      block_size=16, dtype=torch.float16, seed=variant)
     assert run_emulated(emu, case, max_query_len=150, variant=variant) == 1
     check_close(case["out"], reference(case), torch.float16, f"variant {variant}")
+
+
+def test_head_256_previous_tiling(emu: Any) -> None:
+    """CACHEFLOW_PREFILL_VARIANT=bn32 (variant 3): head size 256 with BN 32 and two K buffers,
+    the tiling of sm_86/89 (99 KB per CTA)."""
+    case = make_case([70, 3], [130, 40], num_heads=2, num_kv_heads=1, head_size=256,
+                     block_size=16, dtype=torch.bfloat16, seed=11)
+    assert run_emulated(emu, case, max_query_len=70, variant=3) == 1
+    check_close(case["out"], reference(case), torch.bfloat16, "head 256 bn32")
+
+
+def test_group_major_grid_order(emu: Any, monkeypatch: Any) -> None:
+    """CACHEFLOW_PREFILL_GRID=group: the CTA order before 2026-12-03 (each (head, seq) group's
+    tiles together); by default the emulated 3-SM device orders chunks of groups longest first."""
+    monkeypatch.setenv("CACHEFLOW_PREFILL_GRID", "group")
+    case = make_case([150, 20, 130], [160, 90, 130], num_heads=2, num_kv_heads=1, head_size=64,
+                     block_size=16, dtype=torch.float16, seed=12)
+    assert run_emulated(emu, case, max_query_len=150) == 1
+    check_close(case["out"], reference(case), torch.float16, "group-major order")
+
+
+@pytest.mark.parametrize(("threshold", "head_size"), [("8", 128), ("-1", 64), ("0", 256)])
+def test_rescale_threshold(emu: Any, monkeypatch: Any, threshold: str, head_size: int) -> None:
+    """Scores spread over ~10 log2 units (query x8): with the lazy default (8) some key tiles
+    rescale O and others keep the old maximum (P up to 2^8); -1 rescales at every tile (the
+    previous kernel), 0 at every growth. Same result as the reference each way."""
+    monkeypatch.setenv("CACHEFLOW_PREFILL_RESCALE_THRESHOLD", threshold)
+    case = make_case([130, 5], [260, 90], num_heads=1, num_kv_heads=1, head_size=head_size,
+                     block_size=16, dtype=torch.float16, seed=head_size + 1)
+    case["query"] = (case["query"].float() * 8).to(torch.float16)
+    assert run_emulated(emu, case, max_query_len=150) == 1
+    check_close(case["out"], reference(case), torch.float16, f"threshold {threshold}")
 
 
 @pytest.mark.parametrize(
@@ -178,7 +211,7 @@ def _to_fp8(case: dict[str, Any], k_scale: float, v_scale: float) -> None:
     ("q_lens", "ctx_lens", "head_size", "dtype", "force_simple"),
     [
         ([130, 1, 77], [130, 9, 200], 64, torch.float16, False),   # tensor cores
-        ([70, 3], [100, 40], 256, torch.bfloat16, False),          # tensor cores, BN 32
+        ([70, 3], [100, 40], 256, torch.bfloat16, False),          # tensor cores, 1 K buffer
         ([100], [150], 112, torch.float16, False),
         ([9, 4], [20, 4], 40, torch.float16, False),               # CUDA cores
         ([6], [11], 64, torch.float32, False),

@@ -121,6 +121,42 @@ def test_sliding_window(window: int, head_size: int, dtype: Any) -> None:
     run_and_check(case, dtype, f"window {window}")
 
 
+# The choices of 2026-12-03 switched back: CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1 rescales at every
+# key tile, CACHEFLOW_PREFILL_VARIANT=bn32 runs head size 256 with BN 32 and two K buffers.
+PREVIOUS_ENVS = [
+    {"CACHEFLOW_PREFILL_RESCALE_THRESHOLD": "-1"},
+    {"CACHEFLOW_PREFILL_VARIANT": "bn32"},
+    {"CACHEFLOW_PREFILL_RESCALE_THRESHOLD": "0"},
+]
+
+
+@pytest.mark.parametrize("env", PREVIOUS_ENVS, ids=lambda e: ",".join(f"{k}={v}"
+                                                                       for k, v in e.items()))
+@pytest.mark.parametrize(("head_size", "dtype"), [(64, torch.float16), (128, torch.bfloat16),
+                                                  (256, torch.float16), (256, torch.bfloat16)])
+def test_previous_kernel_choices(monkeypatch: Any, env: dict[str, str], head_size: int,
+                                 dtype: Any) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    case = gpu_case(RAGGED_Q + [1500], RAGGED_CTX + [2500], num_heads=4, num_kv_heads=2,
+                    head_size=head_size, block_size=16, dtype=dtype, seed=head_size + 3)
+    run_and_check(case, dtype, f"{env} head {head_size}")
+
+
+@pytest.mark.parametrize("threshold", ["8", "15", "-1"])
+@pytest.mark.parametrize("head_size", [128, 256])
+def test_lazy_rescale_with_spread_scores(monkeypatch: Any, threshold: str,
+                                         head_size: int) -> None:
+    """Scores spread over tens of log2 units (query x8), sharp rows: key tiles that move a row's
+    maximum past the threshold rescale, the others keep the old maximum (P up to 2^threshold,
+    still exact enough in fp16)."""
+    monkeypatch.setenv("CACHEFLOW_PREFILL_RESCALE_THRESHOLD", threshold)
+    case = gpu_case([1500, 200], [1500, 900], num_heads=4, num_kv_heads=2, head_size=head_size,
+                    block_size=16, dtype=torch.float16, seed=31)
+    case["query"] = (case["query"].float() * 8).to(torch.float16)
+    run_and_check(case, torch.float16, f"threshold {threshold}")
+
+
 @pytest.mark.parametrize("head_size", [32, 48, 200])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_head_sizes_without_tensor_cores(dtype: Any, head_size: int) -> None:

@@ -13,6 +13,7 @@
 namespace {
 
 using cacheflow::prefill::PrefillParams;
+constexpr int kEmulatedSms = 3;
 
 struct EmuLauncher {
   const PrefillParams& params;
@@ -68,10 +69,12 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   const int64_t max_q =
       (max_query_len < 0 || max_query_len > num_tokens) ? num_tokens : max_query_len;
   if (num_seqs == 0 || max_q == 0 || num_heads == 0) return -1;
-  const PrefillParams p = pf::MakePrefillParams(
+  PrefillParams p = pf::MakePrefillParams(
       out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, num_heads,
       head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale, sliding_window,
       k_scale, v_scale, logits_soft_cap);
+  // A small device: chunks of a few (head, seq) groups, so the tests' grids span several.
+  p.order_sms = pf::OrderSms(kEmulatedSms);
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool tc = !force_simple &&
                   pf::UseTensorCores(dtype != 2, head_size,

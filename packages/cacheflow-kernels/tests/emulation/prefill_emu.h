@@ -342,6 +342,16 @@ inline float ShflXor(float v, int mask) {
   return r;
 }
 
+inline bool AnySync(bool pred) {
+  cfemu::WarpScratch& s = cfemu::Scratch();
+  s.f[cfemu::Lane()] = pred ? 1.f : 0.f;
+  cfemu::WarpBarrier();
+  bool any = false;
+  for (int i = 0; i < 32; ++i) any = any || s.f[i] != 0.f;
+  cfemu::WarpBarrier();
+  return any;
+}
+
 inline void LdMatrixImpl(uint32_t (&r)[4], uint32_t addr, bool trans) {
   cfemu::WarpScratch& s = cfemu::Scratch();
   const int lane = cfemu::Lane();

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One device run for issue 13 (prefill attention and rotary): the GPU tests of
+# paged_prefill_attention and rotary_embedding (new defaults and every previous choice switched
+# back), then bench_paged_prefill.py over the issue's head sizes and bench_elementwise.py's rotary
+# ops, each timing the new defaults and the previous kernels in the same process, and one short
+# table. Logs and JSON under $OUT. Budget: under 5 minutes.
+#
+# Previous (before 2026-12-03), switched at call time:
+#   prefill: CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1 (rescale O at every key tile),
+#            CACHEFLOW_PREFILL_VARIANT=bn32 (head size 256: 32-key tiles, two K buffers),
+#            CACHEFLOW_PREFILL_GRID=group (group-major CTA order)
+#   rotary:  CACHEFLOW_ROTARY=block (a CUDA block per token, cos/sin staged in shared memory)
+#
+# Prepare here: tools/build_wheels.sh (wheels in .whl/); run there with carry [".whl"]:
+#   bash tools/gpu_prefill_check.sh [tests|bench|all]
+set -uo pipefail
+what="${1:-all}"
+out="${OUT:-/tmp/gpu_prefill}"
+mkdir -p "$out"
+site=$(mktemp -d /tmp/site.XXXX)  # fresh: pip --target does not replace older copies
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target "$site" .whl/*.whl || exit 1
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+unset CACHEFLOW_PREFILL_RESCALE_THRESHOLD CACHEFLOW_PREFILL_VARIANT CACHEFLOW_PREFILL_GRID \
+  CACHEFLOW_ROTARY
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+python3 -c "import torch, cacheflow_kernels as k; print('torch', torch.__version__, 'kernels', k.__version__, k.cuda_available())" | tee -a "$out/card.txt"
+date -u | tee -a "$out/card.txt"
+kdir=packages/cacheflow-kernels
+
+if [[ "$what" == tests || "$what" == all ]]; then
+  echo "== pytest -m gpu test_kernels_paged_prefill_gpu.py test_kernels_rotary_gpu.py"
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE \
+    "$kdir/tests/test_kernels_paged_prefill_gpu.py" "$kdir/tests/test_kernels_rotary_gpu.py" \
+    -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|Error" | tail -12
+fi
+
+if [[ "$what" == bench || "$what" == all ]]; then
+  echo "== bench_paged_prefill.py (new defaults vs previous vs SDPA flash)"
+  cases="mha_fp16_d128,gqa_fp16_d128,mha_bf16_d128,mha_fp16_d64,mha_fp16_d96,mha_fp16_d256"
+  cases+=",prefix_fp16_d128"
+  timeout 150 python3 "$kdir/benchmarks/bench_paged_prefill.py" --cases "$cases" \
+    --variants default,prev,eager,group,bn32 --iters 30 --out "$out/prefill.json" \
+    > "$out/bench_prefill.log" 2>&1
+  echo "prefill bench rc=$? (log: bench_prefill.log)"
+  echo "== bench_elementwise.py rotary (new vs CACHEFLOW_ROTARY=block)"
+  timeout 60 python3 "$kdir/benchmarks/bench_elementwise.py" --only rotary_neox,rotary_gptj \
+    --compare-previous --out "$out/rotary.json" > "$out/bench_rotary.log" 2>&1
+  echo "rotary bench rc=$? (log: bench_rotary.log)"
+  python3 - "$out/prefill.json" "$out/rotary.json" <<'PY' 2>&1 | tee "$out/summary.txt"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except OSError as e:
+    print("prefill: no JSON:", e)
+else:
+    h = r["header"]
+    print(f"prefill on {h['device']}, kernels {h['cacheflow_kernels']}; speed = SDPA time / ours")
+    print("new = defaults; prev = all three previous choices; eager/group/bn32 = that choice "
+          "alone switched back (time / new time)")
+    by = {}
+    for x in r["results"]:
+        by.setdefault(x["case"]["name"], {})[x["variant"]] = x
+    targets = {64: 0.95, 128: 0.95, 96: 0.85, 256: 0.85}
+    print(f"{'case':<18} {'new ms':>7} {'prev ms':>7} {'SDPA ms':>7} {'new spd':>7} "
+          f"{'prev spd':>8} {'target':>6} {'eager':>6} {'group':>6} {'bn32':>6} {'err':>8}")
+    for name, v in by.items():
+        new, prev = v.get("default", {}), v.get("prev", {})
+        n, p, s = new.get("ours_ms"), prev.get("ours_ms"), new.get("sdpa_ms")
+        f = lambda x, w=7: f"{x:{w}.3f}" if x else f"{'-':>{w}}"
+        spd = lambda t: f"{s / t:.2f}x" if s and t else "-"
+        alone = [f"{v[k]['ours_ms'] / n:6.3f}" if v.get(k, {}).get("ours_ms") and n
+                 else f"{'-':>6}" for k in ("eager", "group", "bn32")]
+        t = targets.get(new.get("case", {}).get("head_size"))
+        err = new.get("max_abs_diff_vs_sdpa")
+        errs = "; ".join(e for x in v.values() for e in x.get("errors", []))
+        print(f"{name:<18} {f(n)} {f(p)} {f(s)} {spd(n):>7} {spd(p):>8} "
+              f"{(f'{t:.2f}x' if t else '-'):>6} {' '.join(alone)} "
+              f"{(f'{err:.1e}' if err is not None else '-'):>8} {errs}")
+try:
+    e = json.load(open(sys.argv[2]))
+except OSError as exc:
+    print("rotary: no JSON:", exc)
+else:
+    print(f"\nrotary on {e['device']}, copy {e['copy']['gbps']:.0f} GB/s (target 80% of copy)")
+    for x in e["results"]:
+        prev = x.get("extra", {}).get("previous", {})
+        if x.get("error"):
+            print(f"{x['op']:<26} ERROR {x['error']}")
+            continue
+        pt = prev.get("time_us")
+        print(f"{x['op']:<26} new {x['time_us']:6.1f} us {x['pct_of_copy']:5.1f}% | prev "
+              + (f"{pt:6.1f} us {prev.get('pct_of_copy', 0):5.1f}%" if pt else "-")
+              + f" | max|diff| {x.get('max_abs_diff')}")
+PY
+fi
