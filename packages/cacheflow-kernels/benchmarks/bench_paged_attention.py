@@ -23,10 +23,14 @@ also times fixed split-K partition sizes (0 = no split) next to the automatic pl
 only affect the register kernel). ``--compare-register`` also times every case with the
 register kernel (CACHEFLOW_PA_PIPELINE=0) next to the default shared-memory pipeline, in the
 same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on every case.
-``--compare-previous`` also times every case with the behaviour of 2026-12-03 (one-tile steps,
-CACHEFLOW_PA_STEP=8; the one-wave split plan, CACHEFLOW_PA_SPLIT=fill) and with each of the new
-choices alone switched back (``previous_*`` fields: step, split, eager rescaling via
-CACHEFLOW_PA_RESCALE_THRESHOLD=-1), in the same process.
+``--compare-previous`` also times every case with earlier defaults, in the same process
+(``previous`` fields; ``--previous-variants`` picks them): ``previous``, the kernel of commit
+ae5ccc7 (CTAs of 16 query heads, CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
+2026-12-03 (also one-tile steps, CACHEFLOW_PA_STEP=8, and the one-wave split plan,
+CACHEFLOW_PA_SPLIT=fill); and earlier choices alone switched back (``old_step``,
+``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1).
+``--strided-query`` also times every case with the query read in place from a fused QKV
+projection output (strided sequence rows, as the runtime passes it) instead of a contiguous one.
 Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
 speed-up over the same case with a 16-bit cache; SDPA is not run for them).
 A failing case is recorded with its error and the run goes on. Prints a table and writes JSON.
@@ -54,9 +58,11 @@ STAGES_ENV = "CACHEFLOW_PA_STAGES"
 STEP_ENV = "CACHEFLOW_PA_STEP"
 SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
 RESCALE_ENV = "CACHEFLOW_PA_RESCALE_THRESHOLD"
-# --compare-previous: the behaviour of 2026-12-03, and each new choice alone switched back.
+ROWS_ENV = "CACHEFLOW_PA_ROWS"
+# --compare-previous: earlier defaults, and earlier choices alone switched back.
 PREVIOUS = {
-    "previous": {STEP_ENV: "8", SPLIT_ENV: "fill"},
+    "previous": {ROWS_ENV: "16"},
+    "dec03": {STEP_ENV: "8", SPLIT_ENV: "fill", ROWS_ENV: "16"},
     "old_step": {STEP_ENV: "8"},
     "old_split": {SPLIT_ENV: "fill"},
     "eager_rescale": {RESCALE_ENV: "-1"},
@@ -126,6 +132,7 @@ class Result:
     # --compare-previous: variant (PREVIOUS) -> time (us), and the split each one planned
     previous: dict[str, float] = field(default_factory=dict)
     previous_split: dict[str, str] = field(default_factory=dict)
+    strided_query_us: float | None = None  # --strided-query: query rows inside a fused QKV row
     error: str | None = None
     sdpa_error: str | None = None
 
@@ -147,10 +154,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default="",
                    help=f"forced pipeline depths ({STAGES_ENV}) timed on every case ('' = none)")
     p.add_argument("--compare-previous", action="store_true",
-                   help="also time the behaviour of 2026-12-03 and each new choice switched "
-                        f"back ({', '.join(PREVIOUS)}) on every case")
+                   help="also time earlier defaults and choices switched back "
+                        f"({', '.join(PREVIOUS)}) on every case")
     p.add_argument("--previous-variants", default=",".join(PREVIOUS),
                    help="which --compare-previous variants to time (comma-separated)")
+    p.add_argument("--strided-query", action="store_true",
+                   help="also time every case with the query as a view into a fused QKV output")
     return p.parse_args(argv)
 
 
@@ -233,6 +242,15 @@ class Bench:
             "value_cache": value_cache, "block_tables": tables.cuda(),
             "context_lens": torch.tensor(lens, dtype=torch.int32, device="cuda"),
         }
+
+    def fused_qkv_view(self, case: Case, query: Any) -> Any:
+        """``query``'s values in the first columns of a fused [batch, (heads + 2 * kv_heads) *
+        head_size] QKV output: the strided view the runtime hands the kernel."""
+        width = (case.num_heads + 2 * case.num_kv_heads) * case.head_size
+        fused = self.torch.empty((case.batch, width), dtype=query.dtype, device="cuda")
+        view = fused[:, : case.num_heads * case.head_size].view(query.shape)
+        view.copy_(query)
+        return view
 
     def check(self, case: Case, s: dict[str, Any], lens: list[int]) -> float:
         """Max relative error (norm) vs float64 over up to 3 sequences."""
@@ -363,6 +381,9 @@ class Bench:
                     except Exception as exc:  # noqa: BLE001
                         res.previous[name] = float("nan")
                         print(f"  {case.name} {name}: {_short_error(exc)}", file=sys.stderr)
+            if self.args.strided_query:
+                strided = [dict(s, query=self.fused_qkv_view(case, s["query"])) for s in sets]
+                res.strided_query_us = round(self.graph_us([caller(s, None) for s in strided]), 2)
             for depth in [int(x) for x in self.args.stages.split(",") if x.strip()]:
                 os.environ[STAGES_ENV] = str(depth)
                 try:
@@ -452,12 +473,18 @@ def print_table(bench: Bench, results: list[Result]) -> None:
                   f"{r.register_time_us / r.time_us:.2f}x")
     prev = [r for r in results if r.previous]
     if prev:
-        print("\nagainst 2026-12-03 (us per call; x = that time / the default's; "
-              f"previous = {STEP_ENV}=8 {SPLIT_ENV}=fill):")
+        print("\nagainst earlier defaults (us per call; x = that time / the default's; "
+              f"previous = {ROWS_ENV}=16, dec03 = also {STEP_ENV}=8 {SPLIT_ENV}=fill):")
         for r in prev:
             cells = "  ".join(f"{k} {v} ({v / r.time_us:.2f}x, {r.previous_split.get(k, '')})"
                               for k, v in r.previous.items())
             print(f"  {r.case:<22} default {r.time_us:.1f}  {cells}")
+    strided = [r for r in results if r.strided_query_us]
+    if strided:
+        print("\nquery rows inside a fused QKV output (us per call; x = that / contiguous):")
+        for r in strided:
+            print(f"  {r.case:<22} contiguous {r.time_us:.1f}  strided {r.strided_query_us:.1f} "
+                  f"({r.strided_query_us / r.time_us:.2f}x)")
     depths = [r for r in results if r.stages]
     if depths:
         print(f"\nforced pipeline depth ({STAGES_ENV}; us per call, automatic split):")

@@ -115,14 +115,18 @@ inline PagedAttentionShapes CheckPagedAttentionArgs(
 /*!
  * \brief The memory layout and device checks of the same tensors (after the op's own shape and
  * scalar checks, so that a structural mistake reads the same on any device): C-contiguous, on
- * one CUDA device.
+ * one CUDA device. `strided_query`: the query's rows may be strided (CheckRowStrided).
  */
 inline void CheckPagedAttentionLayoutAndDevice(
     const char* op, const TensorView& out, const TensorView& query, const TensorView& key_cache,
     const TensorView& value_cache, const TensorView& block_tables,
-    const TensorView& context_lens) {
+    const TensorView& context_lens, bool strided_query = false) {
   CheckContiguous(op, "out", out);
-  CheckContiguous(op, "query", query);
+  if (strided_query) {
+    CheckRowStrided(op, "query", query);
+  } else {
+    CheckContiguous(op, "query", query);
+  }
   CheckContiguous(op, "key_cache", key_cache);
   CheckContiguous(op, "value_cache", value_cache);
   CheckContiguous(op, "block_tables", block_tables);

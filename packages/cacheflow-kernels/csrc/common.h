@@ -86,6 +86,26 @@ inline void CheckContiguous(const char* op, const char* name, const TensorView& 
       << ShapeStr(t);
 }
 
+/*!
+ * \brief Elements between consecutive rows (dim 0) of a 3-D tensor whose rows are dense
+ * [dim1, dim2] blocks (e.g. views of a fused QKV projection output); requires that layout:
+ * the last two dims C-contiguous, rows not overlapping. A C-contiguous tensor gives
+ * dim1 * dim2. Dims of size 1 may have any stride.
+ */
+inline int64_t CheckRowStrided(const char* op, const char* name, const TensorView& t) {
+  const int64_t inner = t.shape()[1] * t.shape()[2];
+  if (t.IsContiguous()) return inner;
+  const bool dense = (t.shape()[2] <= 1 || t.strides()[2] == 1) &&
+                     (t.shape()[1] <= 1 || t.strides()[1] == t.shape()[2]);
+  const int64_t row = t.shape()[0] <= 1 ? inner : t.strides()[0];
+  TVM_FFI_CHECK(dense && row >= inner, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "contiguous, or rows of contiguous [" << t.shape()[1]
+      << ", " << t.shape()[2] << "] blocks (strides [>= " << inner << ", " << t.shape()[2]
+      << ", 1]), got shape " << ShapeStr(t) << " with strides [" << t.strides()[0] << ", "
+      << t.strides()[1] << ", " << t.strides()[2] << "]";
+  return row;
+}
+
 /*! \brief Require a tensor in CUDA device memory (kDLCUDA). */
 inline void CheckCuda(const char* op, const char* name, const TensorView& t) {
   TVM_FFI_CHECK(t.device().device_type == kDLCUDA, ValueError)

@@ -97,6 +97,18 @@ float RescaleThreshold() {
   return std::min(v, 15.f);
 }
 
+/*!
+ * \brief Query heads per CTA for KV heads with more than 16: CACHEFLOW_PA_ROWS=16 keeps CTAs of
+ * 16 (two CTAs read each K/V tile for 32 heads), 32 (the default) gives every warp two m16 row
+ * tiles so that 17-32 heads read it once. Read at every launch so one process can A/B them.
+ */
+int CtaRows() {
+  const char* env = std::getenv("CACHEFLOW_PA_ROWS");
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultCtaRows;
+  return std::strtol(env, nullptr, 10) == 16 ? paged_attention::kMmaRows  // NOLINT(runtime/int)
+                                             : paged_attention::kMaxCtaRows;
+}
+
 /*! \brief Shared memory per multiprocessor and per CTA (opt-in) of a device, queried once. */
 struct DeviceSmem {
   int per_sm;
@@ -200,7 +212,8 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
 
   // -- Memory layout and device.
   CheckPagedAttentionLayoutAndDevice(kOp, out, query, key_cache, value_cache, block_tables,
-                                     context_lens);
+                                     context_lens, /*strided_query=*/true);
+  const int64_t q_stride = CheckRowStrided(kOp, "query", query);
   if (alibi_slopes.has_value()) CheckContiguous(kOp, "alibi_slopes", *alibi_slopes);
   if (workspace.has_value()) CheckContiguous(kOp, "workspace", *workspace);
   if (lse.has_value()) CheckContiguous(kOp, "lse", *lse);
@@ -213,6 +226,10 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
 
   // -- Alignment (16-byte vector loads) and sizes the kernels index with 32-bit ints.
   CheckAligned("query", query, 16);
+  TVM_FFI_CHECK(q_stride * ElementBytes(query.dtype()) % 16 == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "query")
+      << "a tensor whose row stride is a multiple of 16 bytes, got a stride of " << q_stride
+      << " elements";
   CheckAligned("out", out, 16);
   CheckAligned("key_cache", key_cache, 16);
   CheckAligned("value_cache", value_cache, 16);
@@ -250,6 +267,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
         << head_size + 2 << "), got " << (*workspace).shape()[0];
     paged_attention::SetWorkspace(p, reinterpret_cast<float*>(DataPtr(*workspace)));
   }
+  p.q_stride = q_stride;
   p.out = DataPtr(out);
   p.query = DataPtr(query);
   p.key_cache = DataPtr(key_cache);
@@ -266,6 +284,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.stages = PipelineStages();
   p.step_tiles = StepTiles();
   p.rescale_threshold = RescaleThreshold();
+  p.cta_rows = CtaRows();
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

@@ -3,6 +3,7 @@
 // Layouts (C-contiguous; T = float16, bfloat16 or float32, the same for query and out; the
 // caches hold T too, or FP8 E4M3 bytes (C = Fp8E4m3) dequantized on read with k_scale / v_scale):
 //   query, out:               [num_seqs, num_heads, head_size]                       T
+//                             (query's sequence rows may be strided: Params::q_stride)
 //   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]      C
 //   block_tables:             [num_seqs, max_blocks_per_seq]                         int32
 //   context_lens:             [num_seqs]                                             int32
@@ -14,7 +15,8 @@
 //
 // Work decomposition. One CTA (4 warps) handles one (sequence, KV head, group of query heads,
 // partition of the context): all query heads that share the KV head are processed together
-// (up to 16 with tensor cores, 8 on the float32 path), so each K/V row is read from memory once.
+// (up to 16 with tensor cores, 32 in the pipelined kernel with two m16 row tiles per warp, 8 on
+// the float32 path), so each K/V row is read from memory once.
 // The warps split the partition's tokens in tiles of 8 (warp w takes tiles w, w+4, w+8, ...),
 // each keeping its own online-softmax state (running max, running sum, fp32 output); the four
 // states are merged through shared memory at the end. With one partition per sequence the CTA
@@ -257,6 +259,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 8;               // tokens per warp tile (one MMA n-tile); divides block_size
 constexpr int kPartitionAlign = 64;    // partition sizes are multiples of this
 constexpr int kMmaRows = 16;           // query heads per CTA on the tensor-core path
+constexpr int kMaxCtaRows = 32;        // ... of the pipelined kernel with two m16 row tiles
 constexpr int kSimtRows = 8;           // query heads per CTA on the float32 path (when group > 1)
 constexpr int kMaxPartitions = 8192;   // bound of num_partitions (combine kernel's shared memory)
 constexpr int kCombineThreads = 128;
@@ -294,6 +297,11 @@ constexpr int kMinPairStages = 4;
 // probabilities stay <= 2^threshold, exact after the final normalization by the sum taken with
 // the same reference. < 0: every step moves the max to the exact running max and rescales.
 constexpr float kDefaultRescaleThreshold = 8.f;
+// Query heads per CTA of the pipelined two-tile-step kernel where a KV head has more than 16
+// (Params::cta_rows): 32 gives every warp two m16 row tiles, so groups of 17-32 query heads (MQA
+// with 32 heads) read each K/V tile once per CTA instead of once per 16 heads; 16 keeps one row
+// tile (and ceil(group / 16) CTAs per KV head). Head sizes <= 128 (the accumulators double).
+constexpr int kDefaultCtaRows = 32;
 
 struct Params {
   void* out;
@@ -339,6 +347,9 @@ struct Params {
   int step_tiles;             // pipelined kernel: 8-token tiles per warp step (1 or 2; see
                               // kDefaultStepTiles); 2 needs >= kMinPairStages stages, else 1
   float rescale_threshold;    // two-tile step: lazy-rescale threshold (log2), < 0 eager
+  int cta_rows;               // query heads per CTA asked for groups > 16 (kDefaultCtaRows)
+  int64_t q_stride;           // elements between the query rows of consecutive sequences
+                              // (num_heads * head_size when contiguous; heads and dims always are)
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
@@ -391,6 +402,8 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.stages = kStagesAuto;
   p.step_tiles = kDefaultStepTiles;
   p.rescale_threshold = kDefaultRescaleThreshold;
+  p.cta_rows = kDefaultCtaRows;
+  p.q_stride = num_heads * head_size;
   return p;
 }
 
@@ -411,6 +424,9 @@ inline void SetWorkspace(Params& p, float* ws) {
 
 /*! \brief Bytes of the per-warp softmax statistics at the start of dynamic shared memory. */
 constexpr size_t kStatsSmemBytes = 3 * kWarps * kMmaRows * sizeof(float);
+/*! \brief ... for a CTA of kRT m16 row tiles. */
+template <int kRT>
+constexpr size_t kStatsSmemBytesFor = kRT * kStatsSmemBytes;
 
 /*! \brief Bytes of the merge buffer: every warp's unnormalized output rows. */
 inline size_t MergeSmemBytes(int head_size, int rows) {
@@ -524,16 +540,17 @@ PA_DEVICE float4 Load4f(const Fp8E4m3* p) {
 
 /*! \brief The per-warp statistics in dynamic shared memory: m, l, f, each [kWarps][kMmaRows]. */
 struct Stats {
-  float (*m)[kMmaRows];
-  float (*l)[kMmaRows];
-  float (*f)[kMmaRows];
+  float* m;
+  float* l;
+  float* f;
+  int stride;  // rows per warp: element [w][r] is at w * stride + r
 };
 
-PA_DEVICE Stats GetStats(unsigned char* smem) {
+/*! \brief The statistics of a CTA of up to `rows` (kMmaRows, or kMaxCtaRows: see StatsSmemBytes)
+ * query rows at the start of `smem`. */
+PA_DEVICE Stats GetStats(unsigned char* smem, int rows = kMmaRows) {
   float* base = reinterpret_cast<float*>(smem);
-  return Stats{reinterpret_cast<float(*)[kMmaRows]>(base),
-               reinterpret_cast<float(*)[kMmaRows]>(base + kWarps * kMmaRows),
-               reinterpret_cast<float(*)[kMmaRows]>(base + 2 * kWarps * kMmaRows)};
+  return Stats{base, base + kWarps * rows, base + 2 * kWarps * rows, rows};
 }
 
 /*! \brief The token range of one (sequence, partition). */
@@ -600,17 +617,18 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
   if (tid < rows_valid) {
     float m = kNegInf;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, st.m[w][tid]);
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, st.m[w * st.stride + tid]);
     float f[kWarps];
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      f[w] = st.m[w][tid] == kNegInf ? 0.f : FastExp2(st.m[w][tid] - m);
-      total += f[w] * st.l[w][tid];
+      const float mw = st.m[w * st.stride + tid];
+      f[w] = mw == kNegInf ? 0.f : FastExp2(mw - m);
+      total += f[w] * st.l[w * st.stride + tid];
     }
     const float inv = total > 0.f ? p.v_scale / total : 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) st.f[w][tid] = f[w] * inv;
+    for (int w = 0; w < kWarps; ++w) st.f[w * st.stride + tid] = f[w] * inv;
     if (split) {
       const int64_t idx =
           (static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * p.num_partitions + part;
@@ -628,7 +646,9 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
     const int d = i - row * D;
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += st.f[w][row] * so[(w * rows + row) * (D + kOutPad) + d];
+    for (int w = 0; w < kWarps; ++w) {
+      o += st.f[w * st.stride + row] * so[(w * rows + row) * (D + kOutPad) + d];
+    }
     const int64_t head_row = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
     if (split) {
       StoreGlobal(p.ws_o + (head_row * p.num_partitions + part) * D + d, o);
@@ -813,27 +833,28 @@ PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int
   }
 }
 
-/*! \brief After the main loop of a 16-bit kernel: the warps' states merged, the result written. */
-template <typename T, int D>
-PA_DEVICE void MmaEpilogue(const Params& p, const Stats& st, unsigned char* smem_main, int warp,
-                           int gid, int tig, const float (&m_run)[2], float (&l_run)[2],
-                           const float (&acc)[MmaShape<D>::kDTiles][4], int rows_valid,
-                           int head0, int seq, int part) {
+/*!
+ * \brief One warp's state of the 16 fragment rows row_base .. row_base + 15 into the merge buffer
+ * `so` and the statistics (the row sums are reduced over the quad first). Rows at or past p.rows
+ * keep only their statistics.
+ */
+template <int D>
+PA_DEVICE void StoreWarpRows(const Params& p, const Stats& st, float* so, int warp, int gid,
+                             int tig, int row_base, const float (&m_run)[2], float (&l_run)[2],
+                             const float (&acc)[MmaShape<D>::kDTiles][4]) {
   using S = MmaShape<D>;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     l_run[hh] += ShflXor(l_run[hh], 1);
     l_run[hh] += ShflXor(l_run[hh], 2);
   }
-  SyncThreads();
-  float* so = reinterpret_cast<float*>(smem_main);
   const int rows = p.rows;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    const int row = gid + 8 * hh;
+    const int row = row_base + gid + 8 * hh;
     if (tig == 0) {
-      st.m[warp][row] = m_run[hh];
-      st.l[warp][row] = l_run[hh];
+      st.m[warp * st.stride + row] = m_run[hh];
+      st.l[warp * st.stride + row] = l_run[hh];
     }
     if (row < rows) {
       float* o_row = so + (warp * rows + row) * (D + kOutPad);
@@ -859,28 +880,42 @@ PA_DEVICE void MmaEpilogue(const Params& p, const Stats& st, unsigned char* smem
       }
     }
   }
+}
+
+/*! \brief After the main loop of a 16-bit kernel: the warps' states merged, the result written. */
+template <typename T, int D>
+PA_DEVICE void MmaEpilogue(const Params& p, const Stats& st, unsigned char* smem_main, int warp,
+                           int gid, int tig, const float (&m_run)[2], float (&l_run)[2],
+                           const float (&acc)[MmaShape<D>::kDTiles][4], int rows_valid,
+                           int head0, int seq, int part) {
+  SyncThreads();
+  float* so = reinterpret_cast<float*>(smem_main);
+  StoreWarpRows<D>(p, st, so, warp, gid, tig, 0, m_run, l_run, acc);
   SyncThreads();
   FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
 }
 
 
 // Resident CTAs per SM the register allocation must allow (checked with -Xptxas -v: no spills):
-// 4 (<= 128 registers/thread) up to head_size 96, 3 (<= 168) up to 128, else 2.
-template <int D>
+// 4 (<= 128 registers/thread) up to head_size 96, 3 (<= 168) up to 128, else 2. Two row tiles
+// (kRT = 2, twice the accumulators): 3 up to head size 64, else 2 (<= 255).
+template <int D, int kRT = 1>
 constexpr int MmaMinBlocks() {
-  return D <= 96 ? 4 : D <= 128 ? 3 : 2;
+  return kRT == 2 ? (D <= 64 ? 3 : 2) : D <= 96 ? 4 : D <= 128 ? 3 : 2;
 }
 
-// The CTA's query rows as mma A fragments in shared memory: qs[(span * 2 + half) * 32 + lane],
-// half 0 = rows 0-7; rows at or past rows_valid are zeros.
-template <typename T, int D>
+// The CTA's query rows as mma A fragments in shared memory: qs[((rt * kQSpans + span) * 2 +
+// half) * 32 + lane] for row tile rt (rows 16 rt ..), half 0 = its rows 0-7; rows at or past
+// rows_valid are zeros.
+template <typename T, int D, int kRT = 1>
 PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
                                    int tid) {
   using S = MmaShape<D>;
-    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
-    for (int i = tid; i < S::kQSpans * 64; i += kThreads) {
-      const int j = i >> 6;
-      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1);
+    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.q_stride;
+    for (int i = tid; i < kRT * S::kQSpans * 64; i += kThreads) {
+      const int rt = kRT == 1 ? 0 : i / (S::kQSpans * 64);
+      const int j = (i >> 6) - rt * S::kQSpans;
+      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1) + kMmaRows * rt;
       const int t4 = i & 3;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (row < rows_valid) {
@@ -1182,10 +1217,10 @@ PA_DEVICE int SwizzledOffset(int row, int byte) {
 }
 
 /*! \brief Dynamic shared memory of the pipelined kernel with `stages` stages. */
-template <typename C, int D>
+template <typename C, int D, int kRT = 1>
 inline size_t PipeSmemBytes(int stages, int rows) {
-  return kStatsSmemBytes +
-         std::max<size_t>(MmaShape<D>::kQSmemBytes +
+  return kStatsSmemBytesFor<kRT> +
+         std::max<size_t>(kRT * MmaShape<D>::kQSmemBytes +
                               static_cast<size_t>(stages) * PipeLayout<C, D>::kStageSetBytes,
                           MergeSmemBytes(D, rows));
 }
@@ -1197,11 +1232,11 @@ inline size_t PipeSmemBytes(int stages, int rows) {
  * multiprocessor's shared memory, dropping to fewer CTAs per SM only when even 2 stages do not
  * fit. 0 when the device's shared memory is unknown or nothing fits.
  */
-template <typename C, int D>
+template <typename C, int D, int kRT = 1>
 inline int ChooseStages(const Params& p, int rows, int min_blocks) {
   if (p.stages == kStagesRegister || p.smem_per_block <= 0) return 0;
   const auto fits = [&](int stages, long long cap) {
-    return static_cast<long long>(PipeSmemBytes<C, D>(stages, rows)) <= cap;
+    return static_cast<long long>(PipeSmemBytes<C, D, kRT>(stages, rows)) <= cap;
   };
   if (p.stages >= kMinStages) {
     int s = std::min(p.stages, kMaxStages);
@@ -1309,19 +1344,22 @@ struct PipeQInRegs {
   static constexpr bool value = kPair && sizeof(C) == 2 ? D < 128 : D <= 128;
 };
 
-template <typename T, typename C, int D, typename QFrags, typename Issue>
+// Two row tiles (kRT = 2; CTAs of 32 query heads): every K and V fragment read from the ring
+// feeds the MMAs of both row tiles (their S, P, statistics and accumulators are separate), so a
+// KV head's 17-32 query heads read each K/V byte once. Q is then re-read from shared memory.
+template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue>
 PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint4* qs,
                             const QFrags& qf,
                             const unsigned char* ring, int stages, int warp, int lane,
-                            const float (&alibi)[2], float query_pos, int n_tiles, Issue& issue,
-                            float (&m_run)[2], float (&l_run)[2],
-                            float (&acc)[MmaShape<D>::kDTiles][4]) {
+                            const float (&alibi)[kRT][2], float query_pos, int n_tiles,
+                            Issue& issue, float (&m_run)[kRT][2], float (&l_run)[kRT][2],
+                            float (&acc)[kRT][MmaShape<D>::kDTiles][4]) {
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
-  constexpr bool kQInRegs = PipeQInRegs<C, D, true>::value;
+  constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, true>::value;
   const int gid = lane >> 2;
   const int tig = lane & 3;
   const bool eager = p.rescale_threshold < 0.f;
@@ -1337,49 +1375,75 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
     const unsigned char* ks[2] = {ring + stage * L::kStageBytes, ring + stage_b * L::kStageBytes};
     const int tok0 = r.tile_base + kTile * (warp + kWarps * q);  // tile q + 1: + kTile * kWarps
 
-    // ---- S = Q K^T for both tiles.
-    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    float sc2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // ---- S = Q K^T for both tiles (and every row tile).
+    float sc[kRT][2][4];
+    float sc2[kRT][2][4];
 #pragma unroll
-    for (int j = 0; j < S::kSpans; ++j) {
-      const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * j) * 32 + lane];
-      const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
-      const int off =
-          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE);
+    for (int rt = 0; rt < kRT; ++rt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint4 k = Io::Widen(Io::SharedSpan(ks[h] + off));
-        Ops::Mma16816(sc[h], q0.x, q1.x, q0.y, q1.y, k.x, k.y);
-        Ops::Mma16816(sc2[h], q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[rt][h][e] = sc2[rt][h][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < S::kSpans; ++j) {
+      const int off =
+          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE);
+      uint4 k[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) k[h] = Io::Widen(Io::SharedSpan(ks[h] + off));
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        const int qi = rt * S::kQSpans + j;
+        const uint4 q0 = kQInRegs ? qf[kQInRegs ? j : 0][0] : qs[(2 * qi) * 32 + lane];
+        const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * qi + 1) * 32 + lane];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Ops::Mma16816(sc[rt][h], q0.x, q1.x, q0.y, q1.y, k[h].x, k[h].y);
+          Ops::Mma16816(sc2[rt][h], q0.z, q1.z, q0.w, q1.w, k[h].z, k[h].w);
+        }
       }
     }
     if constexpr (S::kHalfSpan) {
-      const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
-      const uint4 q1 =
-          kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
       const int off =
           SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * S::kSpans + 4 * tig) * kE);
+      uint2 k[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint2 k = Io::WidenHalf(Io::SharedHalf(ks[h] + off));
-        Ops::Mma16816(sc2[h], q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+      for (int h = 0; h < 2; ++h) k[h] = Io::WidenHalf(Io::SharedHalf(ks[h] + off));
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+        const int qi = rt * S::kQSpans + S::kSpans;
+        const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * qi) * 32 + lane];
+        const uint4 q1 =
+            kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * qi + 1) * 32 + lane];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Ops::Mma16816(sc2[rt][h], q0.x, q1.x, q0.y, q1.y, k[h].x, k[h].y);
+        }
       }
     }
 
     // ---- Logits: scale, soft cap (one warp-uniform branch for the step), ALiBi and the mask.
-    // x[h][e]: tile q + h, row gid + 8 * (e >> 1), token 2 * tig + (e & 1) of the tile.
-    float x[2][4];
+    // x[rt][h][e]: tile q + h, row 16 rt + gid + 8 * (e >> 1), token 2 * tig + (e & 1).
+    float x[kRT][2][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[h][e] = (sc[h][e] + sc2[h][e]) * p.scale_log2;
-    }
-    if (p.soft_cap_log2 > 0.f) {
+    for (int rt = 0; rt < kRT; ++rt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          x[h][e] = p.soft_cap_log2 * FastTanh(x[h][e] * p.inv_soft_cap_log2);
+        for (int e = 0; e < 4; ++e) x[rt][h][e] = (sc[rt][h][e] + sc2[rt][h][e]) * p.scale_log2;
+      }
+    }
+    if (p.soft_cap_log2 > 0.f) {
+#pragma unroll
+      for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            x[rt][h][e] = p.soft_cap_log2 * FastTanh(x[rt][h][e] * p.inv_soft_cap_log2);
+          }
         }
       }
     }
@@ -1390,45 +1454,57 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
       const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
       const float da = static_cast<float>(ta) - query_pos;
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        x[h][2 * hh] = va ? fmaf(alibi[hh], da, x[h][2 * hh]) : kNegInf;
-        x[h][2 * hh + 1] = vb ? fmaf(alibi[hh], da + 1.f, x[h][2 * hh + 1]) : kNegInf;
+      for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          x[rt][h][2 * hh] = va ? fmaf(alibi[rt][hh], da, x[rt][h][2 * hh]) : kNegInf;
+          x[rt][h][2 * hh + 1] =
+              vb ? fmaf(alibi[rt][hh], da + 1.f, x[rt][h][2 * hh + 1]) : kNegInf;
+        }
       }
     }
 
     // ---- Online softmax over the 16 tokens; P as the m16n8k16 A fragment.
-    float corr[2];
-    uint32_t pa[4];
+    float corr[kRT][2];
+    uint32_t pa[kRT][4];
+    bool moved = false;
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = fmaxf(fmaxf(x[0][2 * hh], x[0][2 * hh + 1]),
-                       fmaxf(x[1][2 * hh], x[1][2 * hh + 1]));
-      mx = fmaxf(mx, ShflXor(mx, 1));
-      mx = fmaxf(mx, ShflXor(mx, 2));
-      const bool grow = mx > m_run[hh] + threshold;  // -inf + threshold stays -inf
-      const float m_new = grow ? mx : m_run[hh];
-      const float m_use = m_new == kNegInf ? 0.f : m_new;
-      corr[hh] = grow ? FastExp2(m_run[hh] - m_use) : 1.f;
-      m_run[hh] = m_new;
-      const float p00 = FastExp2(x[0][2 * hh] - m_use);
-      const float p01 = FastExp2(x[0][2 * hh + 1] - m_use);
-      const float p10 = FastExp2(x[1][2 * hh] - m_use);
-      const float p11 = FastExp2(x[1][2 * hh + 1] - m_use);
-      l_run[hh] = fmaf(l_run[hh], corr[hh], (p00 + p01) + (p10 + p11));
-      pa[hh] = Ops::Pack(p00, p01);
-      pa[2 + hh] = Ops::Pack(p10, p11);
+    for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = fmaxf(fmaxf(x[rt][0][2 * hh], x[rt][0][2 * hh + 1]),
+                         fmaxf(x[rt][1][2 * hh], x[rt][1][2 * hh + 1]));
+        mx = fmaxf(mx, ShflXor(mx, 1));
+        mx = fmaxf(mx, ShflXor(mx, 2));
+        const bool grow = mx > m_run[rt][hh] + threshold;  // -inf + threshold stays -inf
+        const float m_new = grow ? mx : m_run[rt][hh];
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        corr[rt][hh] = grow ? FastExp2(m_run[rt][hh] - m_use) : 1.f;
+        m_run[rt][hh] = m_new;
+        const float p00 = FastExp2(x[rt][0][2 * hh] - m_use);
+        const float p01 = FastExp2(x[rt][0][2 * hh + 1] - m_use);
+        const float p10 = FastExp2(x[rt][1][2 * hh] - m_use);
+        const float p11 = FastExp2(x[rt][1][2 * hh + 1] - m_use);
+        l_run[rt][hh] = fmaf(l_run[rt][hh], corr[rt][hh], (p00 + p01) + (p10 + p11));
+        pa[rt][hh] = Ops::Pack(p00, p01);
+        pa[rt][2 + hh] = Ops::Pack(p10, p11);
+        moved = moved || corr[rt][hh] != 1.f;
+      }
     }
-    if (eager || AnyInWarp(corr[0] != 1.f || corr[1] != 1.f)) {
+    if (eager || AnyInWarp(moved)) {
 #pragma unroll
-      for (int i = 0; i < S::kDTiles; ++i) {
-        acc[i][0] *= corr[0];
-        acc[i][1] *= corr[0];
-        acc[i][2] *= corr[1];
-        acc[i][3] *= corr[1];
+      for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+        for (int i = 0; i < S::kDTiles; ++i) {
+          acc[rt][i][0] *= corr[rt][0];
+          acc[rt][i][1] *= corr[rt][0];
+          acc[rt][i][2] *= corr[rt][1];
+          acc[rt][i][3] *= corr[rt][1];
+        }
       }
     }
 
-    // ---- O += P V (m16n8k16, k = the 16 tokens).
+    // ---- O += P V (m16n8k16, k = the 16 tokens); each B fragment feeds every row tile.
     const unsigned char* vs[2] = {ks[0] + L::kKTileBytes, ks[1] + L::kKTileBytes};
 #pragma unroll
     for (int c = 0; c < S::kChunks; ++c) {
@@ -1443,8 +1519,12 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
       }
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        Ops::Mma16816(acc[8 * c + e], pa[0], pa[1], pa[2], pa[3], Io::VPair(v[0][0], v[0][1], e),
-                      Io::VPair(v[1][0], v[1][1], e));
+        const uint32_t b0 = Io::VPair(v[0][0], v[0][1], e);
+        const uint32_t b1 = Io::VPair(v[1][0], v[1][1], e);
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) {
+          Ops::Mma16816(acc[rt][8 * c + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b0, b1);
+        }
       }
     }
     if constexpr (S::kTailTiles > 0) {
@@ -1463,26 +1543,33 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
       }
 #pragma unroll
       for (int e = 0; e < S::kTailTiles; ++e) {
-        Ops::Mma16816(acc[8 * S::kChunks + e], pa[0], pa[1], pa[2], pa[3],
-                      Io::TailPair(t[0][0], t[0][1], e), Io::TailPair(t[1][0], t[1][1], e));
+        const uint32_t b0 = Io::TailPair(t[0][0], t[0][1], e);
+        const uint32_t b1 = Io::TailPair(t[1][0], t[1][1], e);
+#pragma unroll
+        for (int rt = 0; rt < kRT; ++rt) {
+          Ops::Mma16816(acc[rt][8 * S::kChunks + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3],
+                        b0, b1);
+        }
       }
     }
     stage = stage_b + 1 == stages ? 0 : stage_b + 1;
   }
 }
 
-template <typename T, typename C, int D, bool kPair>
-PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
+template <typename T, typename C, int D, bool kPair, int kRT = 1>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     PagedAttentionPipeKernel(const Params p) {
+  static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
-  constexpr bool kQInRegs = PipeQInRegs<C, D, kPair>::value;
+  constexpr int kRows = kRT * kMmaRows;  // query heads per CTA
+  constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, kPair>::value;
   unsigned char* smem = DynamicSmem();
-  const Stats st = GetStats(smem);
-  unsigned char* smem_main = smem + kStatsSmemBytes;
+  const Stats st = GetStats(smem, kRows);
+  unsigned char* smem_main = smem + kStatsSmemBytesFor<kRT>;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -1493,8 +1580,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   const int hg = blockIdx.x - kvh * p.head_groups;
   const int seq = blockIdx.y;
   const int part = blockIdx.z;
-  const int rows_valid = IMin(kMmaRows, p.group - hg * kMmaRows);
-  const int head0 = kvh * p.group + hg * kMmaRows;
+  const int rows_valid = IMin(kRows, p.group - hg * kRows);
+  const int head0 = kvh * p.group + hg * kRows;
 
   const PartitionRange r = GetRange(p, seq, part);
   if (r.num_tiles == 0) {
@@ -1507,7 +1594,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
   const int stages = p.stages;
   uint4* qs = reinterpret_cast<uint4*>(smem_main);
-  unsigned char* ring = smem_main + S::kQSmemBytes + warp * stages * L::kStageBytes;
+  unsigned char* ring = smem_main + kRT * S::kQSmemBytes + warp * stages * L::kStageBytes;
   // This warp's tiles: warp + kWarps * q for q < n_tiles.
   const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kWarps - 1) / kWarps : 0;
   // Two-tile steps: an odd count is padded with one tile past the end, copied as zeros (every
@@ -1544,9 +1631,12 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
   // stages the first step refills).
   for (int q = 0; q < stages - (kPair ? 2 : 1); ++q) issue(q, q);
 
-  StageQueryFragments<T, D>(p, qs, seq, head0, rows_valid, tid);
-  float alibi[2];
-  AlibiRowSlopes(p, gid, head0, rows_valid, alibi);
+  StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
+  float alibi[kRT][2];
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt) {
+    AlibiRowSlopes(p, gid, head0 + kMmaRows * rt, rows_valid - kMmaRows * rt, alibi[rt]);
+  }
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
   uint4 qf[kQInRegs ? S::kQSpans : 1][2];
@@ -1558,15 +1648,22 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     }
   }
 
-  float acc[S::kDTiles][4];
+  float acc[kRT][S::kDTiles][4];
+  float m_run[kRT][2];
+  float l_run[kRT][2];
 #pragma unroll
-  for (int i = 0; i < S::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m_run[2] = {kNegInf, kNegInf};
-  float l_run[2] = {0.f, 0.f};
+  for (int rt = 0; rt < kRT; ++rt) {
+#pragma unroll
+    for (int i = 0; i < S::kDTiles; ++i) {
+      acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
+    }
+    m_run[rt][0] = m_run[rt][1] = kNegInf;
+    l_run[rt][0] = l_run[rt][1] = 0.f;
+  }
 
   if constexpr (kPair) {
-    PipePairLoop<T, C, D>(p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles,
-                          issue, m_run, l_run, acc);
+    PipePairLoop<T, C, D, kRT>(p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles,
+                               issue, m_run, l_run, acc);
   } else {
     int stage = 0;  // stage of tile q
     for (int q = 0; q < n_tiles; ++q) {  // warp-uniform
@@ -1620,14 +1717,21 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
 
-      SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi, query_pos, m_run, l_run, acc, vr, vt);
+      SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi[0], query_pos, m_run[0], l_run[0], acc[0],
+                         vr, vt);
       stage = stage + 1 == stages ? 0 : stage + 1;
     }
   }
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
   // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
-  MmaEpilogue<T, D>(p, st, smem_main, warp, gid, tig, m_run, l_run, acc, rows_valid, head0, seq,
-                    part);
+  SyncThreads();
+  float* so = reinterpret_cast<float*>(smem_main);
+#pragma unroll
+  for (int rt = 0; rt < kRT; ++rt) {
+    StoreWarpRows<D>(p, st, so, warp, gid, tig, kMmaRows * rt, m_run[rt], l_run[rt], acc[rt]);
+  }
+  SyncThreads();
+  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1665,7 +1769,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
   float* qs = reinterpret_cast<float*>(smem_main);
   {
     const float* q_seq =
-        static_cast<const float*>(p.query) + static_cast<int64_t>(seq) * p.num_heads * D;
+        static_cast<const float*>(p.query) + static_cast<int64_t>(seq) * p.q_stride;
     for (int i = tid; i < kRows * D; i += kThreads) {
       const int row = i / D;
       qs[i] = row < rows_valid ? q_seq[static_cast<int64_t>(head0) * D + i] * p.scale_log2 : 0.f;
@@ -1796,8 +1900,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
 #pragma unroll
   for (int row = 0; row < kRows; ++row) {
     if (lane == 0) {
-      st.m[warp][row] = m_run[row];
-      st.l[warp][row] = l_run[row];
+      st.m[warp * st.stride + row] = m_run[row];
+      st.l[warp * st.stride + row] = l_run[row];
     }
     if (row < rows) {
       float* o_row = so + (warp * rows + row) * (D + kOutPad);
@@ -1907,6 +2011,41 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
 // launcher (`launch(kernel, grid, threads, smem_bytes, params)`): the CUDA one in
 // paged_attention_launch.cuh, or the emulator's.
 
+/*! \brief Whether a launch with `p` takes the pipelined kernel with two m16 row tiles (CTAs of
+ * 32 query heads): asked for (p.cta_rows), a group of more than 16 query heads, head size <= 128,
+ * and a ring of at least kMinPairStages stages for its two-tile steps at its own occupancy. */
+template <typename C, int D>
+inline int TwoRowTileStages(const Params& p) {
+  if (p.cta_rows < kMaxCtaRows || p.group <= kMmaRows || D > 128 || p.step_tiles != 2 ||
+      p.block_stride > int64_t{0x7fffffff}) {
+    return 0;
+  }
+  const int rows = std::min(p.group, kMaxCtaRows);
+  const int stages = ChooseStages<C, D, 2>(p, rows, MmaMinBlocks<D, 2>());
+  return stages >= kMinPairStages ? stages : 0;
+}
+
+/*! \brief Launches the two-row-tile kernel when TwoRowTileStages allows it; false otherwise. */
+template <typename T, typename C, int D, typename Launcher>
+bool RunTwoRowTiles(Params& p, Launcher& launch) {
+  if constexpr (D > 128) {
+    return false;
+  } else {
+    const int stages = TwoRowTileStages<C, D>(p);
+    if (stages == 0) return false;
+    p.stages = stages;
+    p.step_tiles = 2;
+    p.rows = std::min(p.group, kMaxCtaRows);
+    p.head_groups = (p.group + kMaxCtaRows - 1) / kMaxCtaRows;
+    const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
+                        static_cast<unsigned>(p.num_seqs),
+                        static_cast<unsigned>(p.num_partitions)};
+    launch(PagedAttentionPipeKernel<T, C, D, true, 2>, grid, kThreads,
+           PipeSmemBytes<C, D, 2>(stages, p.rows), p);
+    return true;
+  }
+}
+
 template <typename T, typename C, int D, typename Launcher>
 void RunHeadSize(Params p, Launcher& launch) {
   if constexpr (std::is_same<T, float>::value) {
@@ -1923,6 +2062,8 @@ void RunHeadSize(Params p, Launcher& launch) {
     } else {
       launch(PagedAttentionSimtKernel<C, D, kSimtRows>, grid, kThreads, smem, p);
     }
+  } else if (RunTwoRowTiles<T, C, D>(p, launch)) {
+    // CTAs of 32 query heads (the combine, if split, follows below).
   } else {
     p.rows = std::min(p.group, kMmaRows);
     p.head_groups = (p.group + kMmaRows - 1) / kMmaRows;

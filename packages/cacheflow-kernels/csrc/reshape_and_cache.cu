@@ -1,8 +1,9 @@
 // reshape_and_cache: write the keys and values of new tokens into the paged KV cache.
 //
-// Layouts (all C-contiguous; key and value float16, bfloat16 or float32, the caches the same
+// Layouts (C-contiguous, except that key and value may have strided token rows, e.g. views of a
+// fused QKV projection output; key and value float16, bfloat16 or float32, the caches the same
 // dtype or FP8 E4M3 (float8_e4m3fn, or uint8 holding its bytes)):
-//   key, value:               [num_tokens, num_kv_heads, head_size]
+//   key, value:               [num_tokens, num_kv_heads, head_size] (each token's row dense)
 //   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]
 //   slot_mapping (int64):     [num_tokens]; slot = block_number * block_size + block_offset;
 //                             a negative slot skips the token (padding). Slots at or beyond
@@ -10,7 +11,8 @@
 //
 // With these layouts the [num_kv_heads, head_size] row of token t is one contiguous run of bytes
 // both in `key` and at `slot` in `key_cache`, so the kernel is a row copy. It copies in the widest
-// of 16/8/4/2-byte words that divides the row and the alignment of all four pointers.
+// of 16/8/4/2-byte words that divides the row, the token strides and the alignment of all four
+// pointers.
 // FP8 caches: each element is divided by its scale (k_scale for keys, v_scale for values) and
 // rounded to the nearest E4M3 value, saturating at +-448 (the checkpoint's scales are chosen so
 // that the values fit); four elements per thread step, one 4-byte store.
@@ -44,12 +46,12 @@ template <typename Word>
 __global__ void ReshapeAndCacheKernel(const Word* __restrict__ key, const Word* __restrict__ value,
                                       Word* __restrict__ key_cache, Word* __restrict__ value_cache,
                                       const int64_t* __restrict__ slot_mapping, int64_t row_words,
-                                      int64_t num_slots) {
+                                      int64_t k_stride, int64_t v_stride, int64_t num_slots) {
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0 || slot >= num_slots) return;  // padding (or out of range): skip
-  const Word* k_src = key + token * row_words;
-  const Word* v_src = value + token * row_words;
+  const Word* k_src = key + token * k_stride;
+  const Word* v_src = value + token * v_stride;
   Word* k_dst = key_cache + slot * row_words;
   Word* v_dst = value_cache + slot * row_words;
   for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) {
@@ -58,18 +60,26 @@ __global__ void ReshapeAndCacheKernel(const Word* __restrict__ key, const Word* 
   }
 }
 
+/*! \brief Bytes of one token's row and between consecutive tokens of key and value. */
+struct RowBytes {
+  int64_t row;
+  int64_t key_stride;
+  int64_t value_stride;
+};
+
 template <typename Word>
 void Launch(char* key, char* value, char* key_cache, char* value_cache,
-            const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes, int64_t num_slots,
+            const int64_t* slot_mapping, int64_t num_tokens, RowBytes rb, int64_t num_slots,
             cudaStream_t stream) {
-  const int64_t row_words = row_bytes / static_cast<int64_t>(sizeof(Word));
+  constexpr int64_t kWord = static_cast<int64_t>(sizeof(Word));
+  const int64_t row_words = rb.row / kWord;
   // Round the thread count up to a warp, at most kMaxThreads.
   const int64_t warps = (std::min<int64_t>(row_words, kMaxThreads) + 31) / 32;
   const unsigned threads = static_cast<unsigned>(warps * 32);
   ReshapeAndCacheKernel<Word><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
       reinterpret_cast<const Word*>(key), reinterpret_cast<const Word*>(value),
       reinterpret_cast<Word*>(key_cache), reinterpret_cast<Word*>(value_cache), slot_mapping,
-      row_words, num_slots);
+      row_words, rb.key_stride / kWord, rb.value_stride / kWord, num_slots);
 }
 
 __device__ __forceinline__ float ToFloat(float x) { return x; }
@@ -90,12 +100,13 @@ __global__ void ReshapeAndCacheFp8Kernel(const T* __restrict__ key, const T* __r
                                          uint8_t* __restrict__ key_cache,
                                          uint8_t* __restrict__ value_cache,
                                          const int64_t* __restrict__ slot_mapping, int64_t row,
-                                         int64_t num_slots, float k_scale, float v_scale) {
+                                         int64_t k_stride, int64_t v_stride, int64_t num_slots,
+                                         float k_scale, float v_scale) {
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0 || slot >= num_slots) return;  // padding (or out of range): skip
-  const T* k_src = key + token * row;
-  const T* v_src = value + token * row;
+  const T* k_src = key + token * k_stride;
+  const T* v_src = value + token * v_stride;
   uint8_t* k_dst = key_cache + slot * row;
   uint8_t* v_dst = value_cache + slot * row;
   if constexpr (kVec4) {
@@ -120,8 +131,9 @@ __global__ void ReshapeAndCacheFp8Kernel(const T* __restrict__ key, const T* __r
 
 template <typename T>
 void LaunchFp8(const char* key, const char* value, char* key_cache, char* value_cache,
-               const int64_t* slot_mapping, int64_t num_tokens, int64_t row, int64_t num_slots,
-               float k_scale, float v_scale, bool vec4, cudaStream_t stream) {
+               const int64_t* slot_mapping, int64_t num_tokens, int64_t row, int64_t k_stride,
+               int64_t v_stride, int64_t num_slots, float k_scale, float v_scale, bool vec4,
+               cudaStream_t stream) {
   const int64_t per_thread = vec4 ? 4 : 1;
   const int64_t steps = (row + per_thread - 1) / per_thread;
   const int64_t warps = (std::min<int64_t>(steps, kMaxThreads) + 31) / 32;
@@ -132,17 +144,19 @@ void LaunchFp8(const char* key, const char* value, char* key_cache, char* value_
   uint8_t* vc = reinterpret_cast<uint8_t*>(value_cache);
   if (vec4) {
     ReshapeAndCacheFp8Kernel<T, true><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        k, v, kc, vc, slot_mapping, row, num_slots, k_scale, v_scale);
+        k, v, kc, vc, slot_mapping, row, k_stride, v_stride, num_slots, k_scale, v_scale);
   } else {
     ReshapeAndCacheFp8Kernel<T, false><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        k, v, kc, vc, slot_mapping, row, num_slots, k_scale, v_scale);
+        k, v, kc, vc, slot_mapping, row, k_stride, v_stride, num_slots, k_scale, v_scale);
   }
 }
 
-/*! \brief Largest of 16, 8, 4, 2 dividing `row_bytes` and every pointer's address. */
-int64_t CopyWidth(int64_t row_bytes, std::initializer_list<const char*> ptrs) {
+/*! \brief Largest of 16, 8, 4, 2 dividing every byte count in `sizes` and every pointer's
+ * address. */
+int64_t CopyWidth(std::initializer_list<int64_t> sizes, std::initializer_list<const char*> ptrs) {
   for (int64_t width : {16, 8, 4, 2}) {
-    bool ok = row_bytes % width == 0;
+    bool ok = true;
+    for (int64_t n : sizes) ok = ok && n % width == 0;
     for (const char* p : ptrs) ok = ok && reinterpret_cast<std::uintptr_t>(p) % width == 0;
     if (ok) return width;
   }
@@ -212,8 +226,8 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
         << "1.0 unless the caches are FP8 (the scale quantizes them), got " << scales[i];
   }
 
-  CheckContiguous(kOp, "key", key);
-  CheckContiguous(kOp, "value", value);
+  const int64_t key_stride = CheckRowStrided(kOp, "key", key);  // elements between tokens
+  const int64_t value_stride = CheckRowStrided(kOp, "value", value);
   CheckContiguous(kOp, "key_cache", key_cache);
   CheckContiguous(kOp, "value_cache", value_cache);
   CheckContiguous(kOp, "slot_mapping", slot_mapping);
@@ -227,7 +241,9 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
   TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "key") << "at most 2^31-1 tokens, got " << num_tokens;
 
-  const int64_t row_bytes = num_heads * head_size * ElementBytes(key.dtype());
+  const int64_t elem = ElementBytes(key.dtype());
+  const int64_t row_bytes = num_heads * head_size * elem;
+  const RowBytes rb{row_bytes, key_stride * elem, value_stride * elem};
   if (num_tokens == 0 || row_bytes == 0) return;
   const int64_t num_slots = num_blocks * block_size;
 
@@ -243,27 +259,29 @@ void ReshapeAndCache(TensorView key, TensorView value, TensorView key_cache,
 
   if (fp8) {
     const int64_t row = num_heads * head_size;
-    const bool vec4 = row % 4 == 0 && CopyWidth(4, {kc, vc}) >= 4;
+    const bool vec4 = row % 4 == 0 && CopyWidth({4}, {kc, vc}) >= 4;
     const DLDataType dt = key.dtype();
     const float ks = static_cast<float>(k_scale);
     const float vs = static_cast<float>(v_scale);
     if (dt.code == kDLFloat && dt.bits == 16) {
-      LaunchFp8<__half>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4, stream);
+      LaunchFp8<__half>(k, v, kc, vc, slots, num_tokens, row, key_stride, value_stride,
+                        num_slots, ks, vs, vec4, stream);
     } else if (dt.code == kDLBfloat) {
-      LaunchFp8<__nv_bfloat16>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4,
-                               stream);
+      LaunchFp8<__nv_bfloat16>(k, v, kc, vc, slots, num_tokens, row, key_stride, value_stride,
+                               num_slots, ks, vs, vec4, stream);
     } else {
-      LaunchFp8<float>(k, v, kc, vc, slots, num_tokens, row, num_slots, ks, vs, vec4, stream);
+      LaunchFp8<float>(k, v, kc, vc, slots, num_tokens, row, key_stride, value_stride,
+                       num_slots, ks, vs, vec4, stream);
     }
     TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
     return;
   }
-  switch (CopyWidth(row_bytes, {k, v, kc, vc})) {
-    case 16: Launch<uint4>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;
-    case 8: Launch<uint2>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;
-    case 4: Launch<uint32_t>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;
-    case 2: Launch<uint16_t>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream); break;
-    default: Launch<uint8_t>(k, v, kc, vc, slots, num_tokens, row_bytes, num_slots, stream);
+  switch (CopyWidth({rb.row, rb.key_stride, rb.value_stride}, {k, v, kc, vc})) {
+    case 16: Launch<uint4>(k, v, kc, vc, slots, num_tokens, rb, num_slots, stream); break;
+    case 8: Launch<uint2>(k, v, kc, vc, slots, num_tokens, rb, num_slots, stream); break;
+    case 4: Launch<uint32_t>(k, v, kc, vc, slots, num_tokens, rb, num_slots, stream); break;
+    case 2: Launch<uint16_t>(k, v, kc, vc, slots, num_tokens, rb, num_slots, stream); break;
+    default: Launch<uint8_t>(k, v, kc, vc, slots, num_tokens, rb, num_slots, stream);
   }
   TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
 }

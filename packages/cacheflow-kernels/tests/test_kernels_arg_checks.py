@@ -193,6 +193,26 @@ def test_non_contiguous(arg: str) -> None:
     _expect(args, arg, "contiguous", "strided tensor")
 
 
+def test_strided_token_rows_reach_the_device_check() -> None:
+    """key and value as views into one fused QKV output (strided token rows, each token's
+    [num_kv_heads, head_size] dense) pass the layout checks."""
+    args = make_args()
+    n, h, d = args["key"].shape
+    fused = torch.zeros(n, 5 * h * d, dtype=args["key"].dtype)
+    args["key"] = fused[:, 3 * h * d: 4 * h * d].view(n, h, d)
+    args["value"] = fused[:, 4 * h * d:].view(n, h, d)
+    assert not args["key"].is_contiguous()
+    _expect(args, "key", "a CUDA tensor")
+
+
+@pytest.mark.parametrize("arg", ["key", "value"])
+def test_token_rows_must_be_dense(arg: str) -> None:
+    args = make_args()
+    n, h, d = args[arg].shape
+    args[arg] = torch.zeros(h, n, d, dtype=args[arg].dtype).transpose(0, 1)
+    _expect(args, arg, f"contiguous, or rows of contiguous [{h}, {d}] blocks", "with strides")
+
+
 def test_transposed_cache_is_non_contiguous() -> None:
     args = make_args(num_heads=3, head_size=3)
     args["key_cache"] = args["key_cache"].transpose(2, 3)

@@ -281,6 +281,43 @@ def test_non_contiguous(arg: str) -> None:
     _expect(args, arg, "contiguous", "strided tensor")
 
 
+def _fused_query(query: Any, extra_heads: int = 4) -> Any:
+    """The query as the first heads of wider rows (a view into a fused QKV output)."""
+    n, h, d = query.shape
+    fused = torch.zeros(n, (h + extra_heads) * d, dtype=query.dtype)
+    view = fused[:, : h * d].view(n, h, d)
+    view.copy_(query)
+    return view
+
+
+def test_strided_query_rows_reach_the_device_check() -> None:
+    """A query whose sequence rows are strided (dense [num_heads, head_size] per row) passes the
+    layout checks; so does a one-sequence query with an arbitrary row stride."""
+    args = make_args()
+    args["query"] = _fused_query(args["query"])
+    assert not args["query"].is_contiguous()
+    _expect(args, "query", "a CUDA tensor")
+    one = make_args(num_seqs=1)
+    one["query"] = one["query"].as_strided(one["query"].shape, (7, 64, 1))
+    _expect(one, "query", "a CUDA tensor")
+
+
+@pytest.mark.parametrize("layout", ["heads", "dims", "overlap"])
+def test_query_rows_must_be_dense(layout: str) -> None:
+    args = make_args()
+    q = args["query"]
+    n, h, d = q.shape
+    if layout == "heads":  # heads not adjacent within a row
+        args["query"] = torch.zeros(h, n, d, dtype=q.dtype).transpose(0, 1)
+    elif layout == "dims":  # every other element
+        args["query"] = torch.stack([q, q], dim=-1)[..., 0]
+    else:  # rows overlapping
+        args["query"] = torch.zeros(n * d + h * d, dtype=q.dtype).as_strided((n, h, d), (d, d, 1))
+    msg = _expect(args, "query", "contiguous, or rows of contiguous [4, 64] blocks",
+                  "strided tensor", "with strides")
+    assert str(list(args["query"].stride())) in msg
+
+
 def test_non_contiguous_optional_tensors() -> None:
     strided = torch.ones(8)[::2]
     _expect(make_args(), "alibi_slopes", "contiguous", alibi_slopes=strided)
@@ -434,7 +471,8 @@ def test_plan_no_split_when_two_partitions_do_not_fit_one_wave() -> None:
 @pytest.mark.parametrize(
     ("args", "head_size", "expected"),
     [
-        ((32, 32, 1, 4096), 128, (704, 6)),    # MQA: 64 CTAs x 6 = 384 <= 396
+        # MQA with 32 heads: CTAs of 32 heads (2 resident per SM at d128): 32 CTAs x 8 <= 264
+        ((32, 32, 1, 4096), 128, (512, 8)),
         ((8, 32, 4, 8192), 128, (704, 12)),    # 32 CTAs x 12
         ((16, 32, 8, 4096), 64, (1024, 4)),    # 128 CTAs x 4 = 512 <= 4 x 132
         ((1, 32, 4, 32768), 128, (512, 64)),   # the 512-token minimum binds
@@ -460,9 +498,26 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
     assert size % PARTITION_ALIGN == 0 and size >= shortest
     assert (parts - 1) * size < max_ctx <= parts * size
     assert parts <= MAX_PARTITIONS
-    ctas = num_seqs * num_kv_heads * -(-(num_heads // num_kv_heads) // 16) * parts
+    group = num_heads // num_kv_heads
+    heads = _attention_ops.cta_heads(group, 128)
+    ctas = num_seqs * num_kv_heads * -(-group // heads) * parts
     if split == "fill":
-        assert ctas <= 3 * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+        resident = _attention_ops.resident_ctas_per_sm(128, heads)
+        assert ctas <= resident * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+
+
+def test_plan_follows_the_cta_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups above 16 heads plan CTAs of 32 (2 resident per SM at d128, 3 at d64) unless
+    CACHEFLOW_PA_ROWS=16, which gives the plans of 16-head CTAs back."""
+    assert _attention_ops.cta_heads(32, 128) == 32
+    assert _attention_ops.cta_heads(16, 128) == 16
+    assert _attention_ops.cta_heads(32, 256) == 16
+    assert _attention_ops.resident_ctas_per_sm(128, 32) == 2
+    assert _attention_ops.resident_ctas_per_sm(64, 32) == 3
+    monkeypatch.setenv(_attention_ops.ROWS_ENV, "16")
+    assert _attention_ops.cta_heads(32, 128) == 16
+    assert plan_partitions(32, 32, 1, 4096, 132, split="fill") == (704, 6)
+    assert plan_partitions(32, 32, 1, 4096, 132, split="wave") == (1024, 4)
 
 
 def test_plan_short_contexts_do_not_split() -> None:
@@ -491,7 +546,7 @@ def test_plan_explicit_partition_size() -> None:
         ((256, 32, 32, 512), 128, (0, 1)),
         # few CTAs: about two per SM (the saturating count of 3 resident), long partitions
         ((1, 32, 32, 32768), 128, (4096, 8)),
-        ((32, 32, 1, 4096), 128, (1024, 4)),
+        ((32, 32, 1, 4096), 128, (512, 8)),    # 32 CTAs of 32 heads, 2 resident per SM
         ((8, 32, 4, 8192), 128, (1024, 8)),
         ((1, 32, 4, 32768), 128, (512, 64)),
         # head size 64: 4 resident, 3 saturating
@@ -613,7 +668,9 @@ def test_cpp_rejects_cpu_tensors() -> None:
         (lambda a: a.update(context_lens=a["context_lens"][:2]),
          "argument 'context_lens' must be of shape [3]"),
         (lambda a: a.update(query=torch.stack([a["query"]] * 2, -1)[..., 0]),
-         "argument 'query' must be contiguous"),
+         "argument 'query' must be contiguous, or rows of contiguous [4, 64] blocks"),
+        (lambda a: a.update(query=_fused_query(a["query"])),
+         "argument 'query' must be a CUDA tensor"),
     ],
 )
 def test_cpp_checks(mutate: Any, fragment: str) -> None:

@@ -76,6 +76,12 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.last_launch = dll.cf_emu_last_launch
     fn.last_launch.restype = None
     fn.last_launch.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
+    fn.set_layout = dll.cf_emu_set_layout
+    fn.set_layout.restype = None
+    fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64]
+    fn.last_rows = dll.cf_emu_last_rows
+    fn.last_rows.restype = ctypes.c_int
+    fn.last_rows.argtypes = []
     return fn
 
 
@@ -108,13 +114,18 @@ def last_launch(emu: Any) -> tuple[int, int]:
     return stages.value, step.value
 
 
+DEFAULT_CTA_ROWS = 32  # kDefaultCtaRows
+
+
 @pytest.fixture(autouse=True)
 def _default_pipeline(emu: Any) -> Any:
     configure(emu)
     set_step(emu)
+    emu.set_layout(DEFAULT_CTA_ROWS, 0)
     yield
     configure(emu)
     set_step(emu)
+    emu.set_layout(DEFAULT_CTA_ROWS, 0)
 
 
 def _ptr(x: Any) -> int | None:
@@ -582,3 +593,76 @@ def test_stage_choice(emu: Any) -> None:
     assert configure(emu, stages=8, smem=(65536, 65536), dtype=0, head_size=256) == 0
     assert configure(emu, stages=8, smem=(102400, 101376), dtype=0, head_size=256) == 2
     assert configure(emu, dtype=2, head_size=128) == 0  # float32: its own CUDA-core kernel
+
+
+# ---- CTAs of 32 query heads (two m16 row tiles per warp) and strided queries.
+
+
+@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "partition"), [
+    ("float16", 128, (32, 1), [300, 5], 0),        # MQA with 32 heads: one CTA per sequence
+    ("fp8-bfloat16", 80, (48, 2), [150, 77], 64),  # 24 per KV head; half span and tail tiles
+    ("bfloat16", 64, (40, 1), [129], 0),           # 40 = a CTA of 32 and one of 8 heads
+])
+def test_two_row_tiles_match_oracle_and_sixteen_rows(emu: Any, kind: str, head_size: int,
+                                                      heads: tuple[int, int],
+                                                      ctx_lens: list[int], partition: int) -> None:
+    """Groups of more than 16 query heads run CTAs of 32 (CACHEFLOW_PA_ROWS=32, the default):
+    each warp carries two m16 row tiles over the same K/V fragments. They match the oracle
+    (output and log-sum-exp, ALiBi included) and CTAs of 16 heads bit for bit."""
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
+                                         seed=60 + head_size, alibi=True)
+    _check_pipeline(emu, case, scales, dtype, f"{kind} 32-row CTAs", partition_size=partition)
+    group = heads[0] // heads[1]
+    assert emu.last_rows() == min(group, 32)
+    assert last_launch(emu)[1] == 2
+    rows32 = case["out"].clone()
+    emu.set_layout(16, 0)
+    case["out"].fill_(float("nan"))
+    _check_pipeline(emu, case, scales, dtype, f"{kind} 16-row CTAs", partition_size=partition)
+    assert emu.last_rows() == min(group, 16)
+    # Same partitions, same per-row arithmetic: bit for bit the same output.
+    assert torch.equal(case["out"], rows32)
+
+
+def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
+    """One-tile steps, forced shallow rings and head size 256 keep CTAs of 16 heads."""
+    case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(32, 1), seed=61)
+    set_step(emu, 1)
+    _check_pipeline(emu, case, scales, dtype, "one-tile steps")
+    assert emu.last_rows() == 16
+    set_step(emu)
+    configure(emu, stages=3)
+    _check_pipeline(emu, case, scales, dtype, "3 stages")
+    assert emu.last_rows() == 16
+
+
+def _strided_query(case: dict[str, Any], extra_heads: int) -> int:
+    """Replaces case['query'] by a view of the first heads of wider rows (a fused QKV output:
+    ``extra_heads`` more heads of NaN per token) and returns its row stride in elements."""
+    q = case["query"]
+    num_seqs, num_heads, head_size = q.shape
+    fused = torch.full((num_seqs, (num_heads + extra_heads) * head_size), float("nan"),
+                       dtype=q.dtype)
+    view = fused[:, : num_heads * head_size].view(num_seqs, num_heads, head_size)
+    view.copy_(q)
+    case["query"] = view
+    assert not view.is_contiguous()
+    return fused.stride(0)
+
+
+@pytest.mark.parametrize(("kind", "head_size", "heads", "stages"), [
+    ("float16", 128, (8, 2), -1),    # pipelined kernel
+    ("bfloat16", 96, (32, 1), -1),   # 32-row CTAs
+    ("float16", 64, (4, 4), 0),      # register kernel
+    ("float32", 80, (6, 2), -1),     # CUDA-core kernel
+])
+def test_strided_query_rows(emu: Any, kind: str, head_size: int, heads: tuple[int, int],
+                            stages: int) -> None:
+    """A query whose sequences are rows of a wider fused QKV output (row stride > num_heads *
+    head_size; the NaN in between must never be read) gives the oracle's result."""
+    configure(emu, stages=stages, dtype=DTYPES[kind], head_size=head_size)
+    case = make_case([90, 17, 1], num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     dtype=getattr(torch, kind), seed=70 + head_size)
+    stride = _strided_query(case, 2 * heads[1])
+    emu.set_layout(DEFAULT_CTA_ROWS, stride)
+    check(emu, case, partition_size=64)

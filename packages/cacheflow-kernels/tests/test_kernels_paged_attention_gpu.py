@@ -35,8 +35,9 @@ pytestmark = pytest.mark.gpu
 DTYPES = ["float16", "bfloat16", "float32"]
 HEAD_SIZES = [64, 80, 96, 112, 128, 256]
 BLOCK_SIZES = [8, 16, 32]
-# (num_heads, num_kv_heads): MHA, GQA-4, GQA-8, MQA (16 and 32 query heads: 1 and 2 CTAs per
-# KV head on the tensor-core path), GQA-3 (group not a power of 2).
+# (num_heads, num_kv_heads): MHA, GQA-4, GQA-8, MQA (16 and 32 query heads: one CTA per KV head
+# on the tensor-core path up to head size 128, 2 CTAs of 16 at 256), GQA-3 (group not a power
+# of 2).
 HEADS = [(8, 8), (16, 4), (32, 4), (16, 1), (32, 1), (12, 4)]
 BATCHES = [1, 2, 7, 33, 64, 256]
 MAX_CTX = [1, 9, 100, 513, 2049, 5000]
@@ -327,7 +328,8 @@ def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
 # (CACHEFLOW_PA_PIPELINE=0), forced pipeline depths (CACHEFLOW_PA_STAGES), FP8 caches.
 
 # "pipeline" is the default (two-tile steps where the depth allows, lazy rescaling, the wave
-# split plan); "step8" / "eager" / "split_fill" switch one of those back to 2026-12-03's.
+# split plan, CTAs of 32 query heads for groups above 16); "step8" / "eager" / "split_fill" /
+# "rows16" switch one of those back to the previous kernel's.
 PIPELINE_ENVS = {
     "pipeline": {},
     "register": {"CACHEFLOW_PA_PIPELINE": "0"},
@@ -336,6 +338,7 @@ PIPELINE_ENVS = {
     "step8": {"CACHEFLOW_PA_STEP": "8"},
     "eager": {"CACHEFLOW_PA_RESCALE_THRESHOLD": "-1"},
     "split_fill": {"CACHEFLOW_PA_SPLIT": "fill"},
+    "rows16": {"CACHEFLOW_PA_ROWS": "16"},
 }
 _ENV_NAMES = sorted({name for env in PIPELINE_ENVS.values() for name in env})
 
@@ -365,6 +368,7 @@ def _fp8_case(lens: list[int], dtype: str, head_size: int, heads: tuple[int, int
 @pytest.mark.parametrize(("dtype", "head_size", "heads", "block_size"), [
     ("float16", 128, (32, 8), 16), ("bfloat16", 64, (16, 16), 8), ("float16", 80, (8, 1), 32),
     ("bfloat16", 96, (12, 4), 16), ("float16", 112, (8, 2), 8), ("bfloat16", 256, (8, 1), 16),
+    ("float16", 128, (32, 1), 16), ("bfloat16", 64, (48, 2), 32),
 ])
 @pytest.mark.parametrize("partition", [0, 64, None])
 def test_fp8_cache(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str, head_size: int,
@@ -485,3 +489,95 @@ def test_lazy_rescale_with_jumping_scores(monkeypatch: pytest.MonkeyPatch, thres
     for partition in (0, None):
         out = run(case, partition_size=partition, k_scale=ks, v_scale=vs)
         assert_close(out, ref, dtype, f"threshold {threshold} p{partition}")
+
+
+# ---- CTAs of 32 query heads (CACHEFLOW_PA_ROWS) and strided queries.
+
+
+@pytest.mark.parametrize(("dtype", "head_size", "heads", "fp8"), [
+    ("float16", 128, (32, 1), False), ("bfloat16", 128, (64, 2), True),
+    ("float16", 64, (40, 1), False), ("bfloat16", 80, (24, 1), False),
+    ("float16", 96, (32, 1), True), ("float16", 112, (96, 4), False),
+    ("float16", 256, (32, 1), False),  # head size 256 keeps CTAs of 16
+])
+def test_two_row_tiles_agree_with_sixteen_rows(monkeypatch: pytest.MonkeyPatch, dtype: str,
+                                               head_size: int, heads: tuple[int, int],
+                                               fp8: bool) -> None:
+    """Groups above 16 query heads: CTAs of 32 (the default) and of 16 (CACHEFLOW_PA_ROWS=16)
+    both match the oracle, unsplit and split, with ALiBi; unsplit they agree bit for bit, split
+    (different plans) within the dtype's rounding."""
+    _set_path(monkeypatch, "pipeline")
+    lens = [1, 15, 300, 4097, 2048]
+    if fp8:
+        case, ref, ks, vs = _fp8_case(lens, dtype, head_size, heads, 16, seed=45)
+    else:
+        case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                         dtype=getattr(torch, dtype), device="cuda", seed=45, alibi=True,
+                         q_scale=2.0)
+        ref, ks, vs = reference(case), 1.0, 1.0
+    for partition in (0, None):
+        outs = []
+        for rows in ("32", "16"):
+            monkeypatch.setenv("CACHEFLOW_PA_ROWS", rows)
+            outs.append(run(case, partition_size=partition, k_scale=ks, v_scale=vs).clone())
+            assert_close(outs[-1], ref, dtype, f"rows {rows} p{partition}")
+        if partition == 0:  # the same partitions: the same per-row arithmetic
+            assert torch.equal(outs[0], outs[1])
+        else:  # the split plans differ (CTAs of 32 plan other partitions)
+            rel, _ = errors(outs[0], outs[1].double())
+            assert rel < {"float16": 1e-3, "bfloat16": 8e-3}[dtype], rel
+
+
+def _fused_qkv_query(query: Any, extra_heads: int) -> Any:
+    """query as the first heads of a fused QKV output's rows (strided sequence rows), the rest
+    of each row NaN."""
+    n, h, d = query.shape
+    fused = torch.full((n, (h + extra_heads) * d), float("nan"), dtype=query.dtype,
+                       device=query.device)
+    view = fused[:, : h * d].view(n, h, d)
+    view.copy_(query)
+    return view
+
+
+@pytest.mark.parametrize("path", ["pipeline", "register", "rows16"])
+@pytest.mark.parametrize(("dtype", "head_size", "heads"), [
+    ("float16", 128, (32, 8)), ("bfloat16", 64, (32, 1)), ("float32", 96, (8, 2)),
+])
+def test_strided_query_rows(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str,
+                            head_size: int, heads: tuple[int, int]) -> None:
+    """A query viewed in a fused QKV output gives bit for bit the result of its contiguous
+    copy (the NaN between the rows is never read), unsplit and split, also in a CUDA graph."""
+    _set_path(monkeypatch, path)
+    case = make_case([5, 700, 3000, 64], num_heads=heads[0], num_kv_heads=heads[1],
+                     head_size=head_size, dtype=getattr(torch, dtype), device="cuda", seed=46)
+    for partition in (0, None):
+        dense = run(case, partition_size=partition).clone()
+        assert_close(dense, reference(case), dtype, f"{path} contiguous")
+        strided = dict(case, query=_fused_qkv_query(case["query"], 2 * heads[1]))
+        assert torch.equal(run(strided, partition_size=partition), dense)
+    ws = torch.empty(cacheflow_kernels.paged_attention_workspace_size(
+        4, heads[0], heads[1], head_size, 3000, device=case["query"].device) + 1,
+        dtype=torch.float32, device="cuda")
+    strided["out"].fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+
+    def call() -> None:
+        cacheflow_kernels.paged_attention(*(strided[n] for n in ARG_ORDER), strided["scale"],
+                                          max_context_len=3000, workspace=ws)
+
+    call()  # warm-up (checks remembered) outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        call()
+    strided["out"].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(strided["out"], dense)
+
+
+def test_query_row_stride_must_keep_16_byte_rows() -> None:
+    case = make_case([10, 20], num_heads=4, head_size=64, device="cuda")
+    fused = torch.zeros(2, 4 * 64 + 4, dtype=torch.float16, device="cuda")  # 520-byte rows
+    case["query"] = fused[:, : 4 * 64].view(2, 4, 64)
+    with pytest.raises(ValueError, match="row stride is a multiple of 16 bytes"):
+        run(case)

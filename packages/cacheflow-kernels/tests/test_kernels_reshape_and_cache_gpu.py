@@ -109,6 +109,43 @@ def test_misaligned_views_fall_back_to_narrow_copies() -> None:
     run_and_compare(case)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_heads", "head_size", "extra"), [(8, 128, 48), (2, 80, 3), (3, 5, 1)])
+def test_strided_token_rows(dtype: Any, num_heads: int, head_size: int, extra: int) -> None:
+    """key and value as views into one fused QKV output (row stride = query + key + value
+    widths, and odd widths that force narrower copy words) are written as their contiguous
+    copies would be; the FP8 cache quantizes the same values."""
+    case = random_case(dtype, 37, num_heads, head_size, num_blocks=8, block_size=16, seed=5)
+    row = num_heads * head_size
+    fused = torch.full((37, extra * head_size + 2 * row), float("nan"), dtype=dtype,
+                       device="cuda")
+    base = extra * head_size
+    fused[:, base: base + row] = case["key"].reshape(37, row)
+    fused[:, base + row:] = case["value"].reshape(37, row)
+    key = fused[:, base: base + row].view(37, num_heads, head_size)
+    value = fused[:, base + row:].view(37, num_heads, head_size)
+    assert not key.is_contiguous() and not value.is_contiguous()
+    run_and_compare(dict(case, key=key, value=value))
+    if dtype == torch.float32:
+        return
+    caches = [torch.zeros(8, 16, num_heads, head_size, dtype=torch.float8_e4m3fn, device="cuda")
+              for _ in range(4)]
+    cacheflow_kernels.reshape_and_cache(key, value, caches[0], caches[1], case["slot_mapping"],
+                                        0.5, 0.25)
+    cacheflow_kernels.reshape_and_cache(key.contiguous(), value.contiguous(), caches[2],
+                                        caches[3], case["slot_mapping"], 0.5, 0.25)
+    torch.cuda.synchronize()
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+
+
+def test_strided_heads_are_rejected() -> None:
+    case = random_case(torch.float16, 4, 2, 64, num_blocks=2, block_size=16)
+    case["key"] = case["key"].transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(ValueError, match="argument 'key' must be contiguous, or rows of"):
+        cacheflow_kernels.reshape_and_cache(**case)
+
+
 def test_runs_on_torch_current_stream() -> None:
     """Inputs are rewritten on a busy side stream just before the call: a kernel launched on
     any other stream would read the old inputs."""

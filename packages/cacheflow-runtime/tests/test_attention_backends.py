@@ -219,6 +219,37 @@ def test_cuda_backend_decode_goes_to_the_kernel(fake_kernels: FakeKernels,
     assert args["contiguous"] and fake_kernels.calls[0][1]["contiguous"]
 
 
+def test_cuda_backend_reads_fused_qkv_views_in_place(fake_kernels: FakeKernels,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v as column slices of one fused QKV output (strided token rows) reach
+    reshape_and_cache and paged_attention without a copy; the result is the reference's."""
+    layer = PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="cuda")
+    monkeypatch.setattr(layer, "backend_for", lambda q: cuda)
+    step = _step([1, 1, 1], [5, 40, 16])
+    ref = _run(PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="reference"), step)
+    fused = torch.cat([step["query"], step["key"], step["value"]], dim=1)
+    q, k, v = fused.split([8 * 64, 2 * 64, 2 * 64], dim=1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = _run(layer, dict(step, query=q, key=k, value=v))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    names = [c[0] for c in fake_kernels.calls]
+    assert names == ["reshape_and_cache", "paged_attention"]
+    assert not fake_kernels.calls[0][1]["contiguous"]
+    assert not fake_kernels.calls[1][1]["contiguous"]
+
+
+def test_token_rows_copies_only_layouts_the_kernels_reject() -> None:
+    fused = torch.zeros(4, 12 * 64, dtype=torch.float16)
+    view = fused[:, 64:8 * 64 + 64].view(4, 8, 64)  # dense rows at a 128-byte offset
+    assert cuda._token_rows(view, 16) is view
+    odd = torch.zeros(4, 12 * 64 + 4, dtype=torch.float16)[:, : 8 * 64].view(4, 8, 64)
+    assert cuda._token_rows(odd) is odd  # any row stride for reshape_and_cache
+    copied = cuda._token_rows(odd, 16)  # 1032-byte rows: not 16-byte multiples
+    assert copied.is_contiguous() and torch.equal(copied, odd)
+    transposed = torch.zeros(4, 64, 8, dtype=torch.float16).transpose(1, 2)
+    assert cuda._token_rows(transposed).is_contiguous()
+
+
 def test_cuda_backend_passes_the_sliding_window(fake_kernels: FakeKernels,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     layer = PagedAttention(4, 64, 0.125, num_kv_heads=4, backend="cuda", sliding_window=7)
@@ -327,3 +358,25 @@ def test_cuda_backend_matches_reference_on_gpu(dtype: torch.dtype, window: int |
     assert torch.isfinite(out).all()
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("query_lens", [[1] * 5, [1, 9, 1, 1, 1]])
+def test_cuda_backend_fused_qkv_views_on_gpu(dtype: torch.dtype, query_lens: list[int]) -> None:
+    """q/k/v as column slices of one fused QKV output give bit for bit the caches and output of
+    their contiguous copies (decode: no copy made; mixed: the prefill path)."""
+    assert cuda.available()
+    step = _step(query_lens, [0, 5, 40, 300, 1000], num_heads=32, num_kv_heads=1,
+                 head_size=128, dtype=dtype, device="cuda", seed=4)
+    layer = PagedAttention(32, 128, 128 ** -0.5, num_kv_heads=1)
+    fused = torch.cat([step["query"], step["key"], step["value"]], dim=1)
+    q, k, v = fused.split([32 * 128, 128, 128], dim=1)
+    kv_views = tuple(c.clone() for c in step["kv_cache"])
+    kv_dense = tuple(c.clone() for c in step["kv_cache"])
+    out = layer(q, k, v, kv_views, step["metadata"])
+    ref = layer(q.contiguous(), k.contiguous(), v.contiguous(), kv_dense, step["metadata"])
+    torch.testing.assert_close(kv_views[0], kv_dense[0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(kv_views[1], kv_dense[1], equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(out, ref)

@@ -24,6 +24,11 @@ MIN_AUTO_PARTITION = 512
 MAX_PARTITIONS = 8192
 #: Query heads per CTA (the tensor-core kernel's rows; the float32 kernel uses 8).
 _HEADS_PER_CTA = 16
+#: ... of the pipelined kernel with two m16 row tiles per warp, for KV heads with more than 16
+#: query heads and head sizes up to 128 (``CACHEFLOW_PA_ROWS``, read at every call like the
+#: kernel reads it at every launch: "32", the default, or "16").
+_HEADS_PER_CTA_WIDE = 32
+ROWS_ENV = "CACHEFLOW_PA_ROWS"
 #: Environment variable choosing the automatic split plan: "wave" (default, see
 #: :func:`plan_partitions`) or "fill" (the plan of 2026-12-03: as many partitions as fit one wave,
 #: none shorter than MIN_AUTO_PARTITION). Read at every call, so one process can A/B them.
@@ -134,7 +139,10 @@ def _validate_paged_attention(
     }
     tensors = {name: x for name, x in tensors.items() if x is not None}
     for name, x in tensors.items():
-        C.check_contiguous(op, name, x)
+        if name == "query":
+            C.check_row_strided(op, name, x)  # its rows may be strided (a fused QKV output)
+        else:
+            C.check_contiguous(op, name, x)
     # Device last.
     C.check_cuda(op, "query", query)
     for name, x in tensors.items():
@@ -148,10 +156,23 @@ def _validate_paged_attention(
 _CHECKS = C.CheckMemo()
 
 
-def resident_ctas_per_sm(head_size: int) -> int:
+def resident_ctas_per_sm(head_size: int, rows: int = _HEADS_PER_CTA) -> int:
     """CTAs of the fp16/bf16 decode kernel one multiprocessor holds at once (its register budget,
-    ``MmaMinBlocks`` in paged_attention.cuh): 4 up to head size 96, 3 up to 128, else 2."""
+    ``MmaMinBlocks`` in paged_attention.cuh): 4 up to head size 96, 3 up to 128, else 2; with
+    CTAs of 32 query heads (``rows=32``): 3 up to head size 64, else 2."""
+    if rows > _HEADS_PER_CTA:
+        return 3 if head_size <= 64 else 2
     return 4 if head_size <= 96 else 3 if head_size <= 128 else 2
+
+
+def cta_heads(group: int, head_size: int) -> int:
+    """Query heads per CTA the decode kernel takes for ``group`` query heads per KV head (the
+    dispatch of paged_attention.cuh): 32 for groups above 16 at head sizes up to 128 unless
+    ``CACHEFLOW_PA_ROWS=16``, else 16. (Where the kernel falls back to 16 anyway, e.g. a forced
+    shallow ring, the plan is only less tuned, never wrong.)"""
+    if group > _HEADS_PER_CTA and head_size <= 128 and os.environ.get(ROWS_ENV) != "16":
+        return _HEADS_PER_CTA_WIDE
+    return _HEADS_PER_CTA
 
 
 def saturating_ctas_per_sm(resident: int) -> int:
@@ -215,7 +236,8 @@ def plan_partitions(
 ) -> tuple[int, int]:
     """The split-K plan of :func:`paged_attention`: ``(partition_size, num_partitions)``.
 
-    ``(0, 1)`` means no split: one CTA per (sequence, KV head, group of up to 16 query heads)
+    ``(0, 1)`` means no split: one CTA per (sequence, KV head, group of up to 16 or 32 query
+    heads: :func:`cta_heads`)
     covers the whole context and writes ``out`` directly. Otherwise the context is cut into
     ``num_partitions = ceil(max_context_len / partition_size)`` partitions computed by separate
     CTAs, merged by a second kernel through the workspace. A given ``partition_size`` (a
@@ -242,11 +264,12 @@ def plan_partitions(
         parts = -(-max_context_len // partition_size)
         return (partition_size, parts) if parts > 1 else (0, 1)
     group = num_heads // max(num_kv_heads, 1)
-    ctas = num_seqs * num_kv_heads * -(-group // _HEADS_PER_CTA)
+    heads_per_cta = cta_heads(group, head_size)
+    ctas = num_seqs * num_kv_heads * -(-group // heads_per_cta)
     if ctas <= 0 or max_context_len <= 0:
         return 0, 1
     num_sms = max(num_sms, 1)
-    resident = resident_ctas_per_sm(head_size)
+    resident = resident_ctas_per_sm(head_size, heads_per_cta)
     mode = split if split is not None else os.environ.get(SPLIT_ENV) or "wave"
     if mode == "fill":
         parts = min(resident * num_sms // ctas, max_context_len // MIN_AUTO_PARTITION,
@@ -255,7 +278,7 @@ def plan_partitions(
         # One plan per 64-token bucket of the context, taken at the bucket's start (so no
         # partition is shorter than MIN_WAVE_PARTITION).
         bucket = max_context_len // PARTITION_ALIGN
-        rows = min(group, _HEADS_PER_CTA)
+        rows = min(group, heads_per_cta)
         key = (ctas, bucket, num_sms, resident, rows)
         parts = _WAVE_PLANS.get(key, 0)
         if parts == 0:
@@ -343,7 +366,9 @@ def paged_attention(
     Args:
         out: ``[num_seqs, num_heads, head_size]``, dtype of ``query``; written.
         query: ``[num_seqs, num_heads, head_size]``, float16, bfloat16 or float32; head_size
-            64, 80, 96, 112, 128 or 256.
+            64, 80, 96, 112, 128 or 256. Its sequence rows may be strided (each row's
+            ``[num_heads, head_size]`` contiguous, the row stride a multiple of 16 bytes), e.g.
+            a view of a fused QKV projection output: no copy is needed.
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``
             or an FP8 E4M3 cache (``torch.float8_e4m3fn``, or ``uint8`` holding its bytes);
             block_size 8, 16 or 32 (the layout of :func:`reshape_and_cache`).
@@ -378,11 +403,11 @@ def paged_attention(
             prefix shared by many sequences computed once, then each sequence's own tokens:
             cascade attention).
 
-    All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
-    array); ``query``, ``out`` and the caches 16-byte aligned. The kernels run on the caller's
-    current stream, without host synchronization, and can be captured in CUDA graphs: the grid
-    depends only on the shapes, ``max_context_len`` and ``partition_size``; ``context_lens``,
-    ``block_tables`` and ``query`` may change between replays.
+    All tensors are C-contiguous (``query``: see above) CUDA tensors on one device (torch, CuPy,
+    JAX: any DLPack array); ``query``, ``out`` and the caches 16-byte aligned. The kernels run
+    on the caller's current stream, without host synchronization, and can be captured in CUDA
+    graphs: the grid depends only on the shapes, ``max_context_len`` and ``partition_size``;
+    ``context_lens``, ``block_tables`` and ``query`` may change between replays.
 
     Raises:
         ValueError: wrong device, dtype, shape, memory layout or value of an argument (checked

@@ -39,7 +39,10 @@ def _validate_reshape_and_cache(
     C.check_dtype(op, "slot_mapping", slot_mapping, ("int64",))
     # Memory layout.
     for name, x in args.items():
-        C.check_contiguous(op, name, x)
+        if name in ("key", "value"):
+            C.check_row_strided(op, name, x)  # token rows may be strided (a fused QKV output)
+        else:
+            C.check_contiguous(op, name, x)
     # Device last.
     C.check_cuda(op, "key", key)
     for name, x in args.items():
@@ -63,8 +66,10 @@ def reshape_and_cache(
     ``paged_prefill_attention`` multiply back with the same scales).
 
     Args:
-        key: ``[num_tokens, num_kv_heads, head_size]``, float16, bfloat16 or float32.
-        value: ``[num_tokens, num_kv_heads, head_size]``, dtype of ``key``.
+        key: ``[num_tokens, num_kv_heads, head_size]``, float16, bfloat16 or float32; token
+            rows may be strided.
+        value: ``[num_tokens, num_kv_heads, head_size]``, dtype of ``key``; token rows may be
+            strided.
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``key``, or
             an FP8 E4M3 cache (``torch.float8_e4m3fn``, or ``uint8`` holding its bytes);
             written in place.
@@ -77,7 +82,9 @@ def reshape_and_cache(
             1.0 for caches of ``key``'s dtype.
 
     All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
-    array). The kernel runs on the caller's current stream (torch's current stream for torch
+    array), except that ``key`` and ``value`` may have strided token rows (each token's
+    ``[num_kv_heads, head_size]`` contiguous, e.g. views of a fused QKV projection output; no
+    copy is made). The kernel runs on the caller's current stream (torch's current stream for torch
     tensors) and is CUDA-graph capturable. Slots should be distinct; for duplicates, which
     token's row lands is unspecified.
 

@@ -167,6 +167,40 @@ def check_contiguous(op: str, name: str, x: Any) -> None:
         )
 
 
+def row_stride(x: Any) -> int | None:
+    """Elements between the rows (dim 0) of a 3-D tensor whose rows are dense ``[dim1, dim2]``
+    blocks (e.g. a view of a fused QKV projection output), ``dim1 * dim2`` for a C-contiguous
+    one; None for any other layout. Dims of size 1 may have any stride; arrays without
+    ``.stride()`` count as dense only when C-contiguous."""
+    shape = shape_of(x)
+    inner = shape[1] * shape[2]
+    if is_contiguous(x):
+        return inner
+    stride = getattr(x, "stride", None)
+    if not callable(stride):
+        return None
+    s = tuple(stride())
+    dense = (shape[2] <= 1 or s[2] == 1) and (shape[1] <= 1 or s[1] == shape[2])
+    row = inner if shape[0] <= 1 else s[0]
+    return row if dense and row >= inner else None
+
+
+def check_row_strided(op: str, name: str, x: Any) -> None:
+    """Require a 3-D tensor that is C-contiguous or whose rows are dense blocks of its last
+    two dims (see :func:`row_stride`)."""
+    _require_tensor(op, name, x)
+    if row_stride(x) is None:
+        shape = shape_of(x)
+        strides = getattr(x, "stride", None)
+        got = f"a strided tensor of shape {_shape_str(shape)}"
+        if callable(strides):
+            got += f" with strides {_shape_str(strides())}"
+        raise arg_error(
+            op, name, f"contiguous, or rows of contiguous [{shape[1]}, {shape[2]}] blocks",
+            got,
+        )
+
+
 def check_cuda(op: str, name: str, x: Any) -> None:
     """Require a tensor in CUDA device memory."""
     _require_tensor(op, name, x)

@@ -16,6 +16,7 @@ namespace pa = cacheflow::paged_attention;
 // What the dispatch chose at the last launch (cf_emu_last_launch).
 int g_last_stages = -1;
 int g_last_step_tiles = -1;
+int g_last_rows = -1;
 
 struct EmuLauncher {
   template <typename... Args>
@@ -23,6 +24,7 @@ struct EmuLauncher {
                   const pa::Params& p) const {
     g_last_stages = p.stages;
     g_last_step_tiles = p.step_tiles;
+    g_last_rows = p.rows;
     pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
       kernel(p);
     });
@@ -40,8 +42,23 @@ int g_smem_per_sm = 233472;     // an H100's / H200's 228 KB
 int g_smem_per_block = 232448;  // and its 227 KB per CTA
 int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
+int g_cta_rows = pa::kDefaultCtaRows;
+int64_t g_query_stride = 0;  // 0: contiguous query
 
 }  // namespace
+
+/*!
+ * \brief Sets Params::cta_rows (16 or 32; CACHEFLOW_PA_ROWS on the GPU) and the query's
+ * elements between sequences (0: num_heads * head_size, a contiguous query) of the following
+ * runs.
+ */
+extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride) {
+  g_cta_rows = cta_rows;
+  g_query_stride = query_stride;
+}
+
+/*! \brief Query heads per CTA (Params::rows) the dispatch used at the last launch. */
+extern "C" int cf_emu_last_rows() { return g_last_rows; }
 
 /*!
  * \brief Sets Params::step_tiles (1 or 2; CACHEFLOW_PA_STEP on the GPU) and
@@ -137,13 +154,17 @@ extern "C" int cf_emu_paged_attention(
   p.smem_per_block = g_smem_per_block;
   p.step_tiles = g_step_tiles;
   p.rescale_threshold = g_rescale_threshold;
+  p.cta_rows = g_cta_rows;
+  if (g_query_stride > 0) p.q_stride = g_query_stride;
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;
+  const int64_t q_span =
+      num_seqs > 0 ? ((num_seqs - 1) * p.q_stride + num_heads * head_size) * elem : 0;
   const int64_t c_bytes = num_blocks * block_size * num_kv_heads * head_size * (fp8 ? 1 : elem);
   pa_emu::g_ranges = {
       Range(out, q_bytes, "out"),
-      Range(query, q_bytes, "query"),
+      Range(query, q_span, "query"),
       Range(key_cache, c_bytes, "key_cache"),
       Range(value_cache, c_bytes, "value_cache"),
       Range(block_tables, num_seqs * max_blocks_per_seq * 4, "block_tables"),

@@ -30,6 +30,9 @@ from cacheflow_runtime.attention.metadata import InputMetadata
 from cacheflow_runtime.kernels import cuda_ready
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: paged_attention reads the query with 16-byte loads: its address and row stride must be
+#: multiples of 16 bytes.
+_QUERY_ALIGN = 16
 
 
 def _cache_dtype_ok(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -64,13 +67,32 @@ def is_decode(metadata: InputMetadata) -> bool:
     return metadata.num_seqs > 0 and all(q == 1 for q in metadata.query_lens)
 
 
+def _dense_rows(x: torch.Tensor) -> bool:
+    """Whether each row (dim 0) of a 3-D tensor is one dense run of its last two dims: the
+    layout of q/k/v views into a fused QKV projection output, which the kernels take as is."""
+    n, h, d = x.shape
+    return (d <= 1 or x.stride(2) == 1) and (h <= 1 or x.stride(1) == d) \
+        and (n <= 1 or x.stride(0) >= h * d)
+
+
+def _token_rows(x: torch.Tensor, align: int = 1) -> torch.Tensor:
+    """``x`` itself where the kernels read its strided token rows (dense rows; with ``align``,
+    row stride and address multiples of that many bytes), else a contiguous copy."""
+    if x.is_contiguous():
+        return x
+    if _dense_rows(x) and x.data_ptr() % align == 0 \
+            and (x.shape[0] <= 1 or x.stride(0) * x.element_size() % align == 0):
+        return x
+    return x.contiguous()
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor,
                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Writes key/value [num_tokens, num_kv_heads, head_size] into their cache slots (negative
     slots skipped), through the kernel; FP8 caches get ``key / k_scale`` and
-    ``value / v_scale``."""
-    cacheflow_kernels.reshape_and_cache(key.contiguous(), value.contiguous(), key_cache,
+    ``value / v_scale``. Views into a fused QKV output (strided token rows) are read in place."""
+    cacheflow_kernels.reshape_and_cache(_token_rows(key), _token_rows(value), key_cache,
                                         value_cache, slot_mapping.contiguous(), k_scale, v_scale)
 
 
@@ -84,11 +106,13 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
     query: [num_seqs, num_heads, head_size] (one token per sequence); returns the same shape.
     ``metadata.max_context_len`` (a host int) sizes the kernel's split-K grid; ``workspace``
     (float32, see ``cacheflow_kernels.paged_attention_workspace_size``) avoids an allocation,
-    e.g. under CUDA-graph capture.
+    e.g. under CUDA-graph capture. A query view into a fused QKV output (strided sequence rows)
+    is read in place; ``out`` is contiguous.
     """
-    out = torch.empty_like(query)
+    query = _token_rows(query, _QUERY_ALIGN)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     cacheflow_kernels.paged_attention(
-        out, query.contiguous(), key_cache, value_cache, metadata.block_tables.contiguous(),
+        out, query, key_cache, value_cache, metadata.block_tables.contiguous(),
         metadata.context_lens.contiguous(), scale,
         None if alibi_slopes is None else alibi_slopes.float().contiguous(),
         max_context_len=metadata.max_context_len, workspace=workspace,
@@ -107,10 +131,11 @@ def decode_with_lse(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if not supports_decode(query, key_cache):
         return reference.decode_with_lse(query, key_cache, value_cache, block_tables,
                                          context_lens, max_context_len, scale, k_scale, v_scale)
-    out = torch.empty_like(query)
+    query = _token_rows(query, _QUERY_ALIGN)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
     cacheflow_kernels.paged_attention(
-        out, query.contiguous(), key_cache, value_cache, block_tables.contiguous(),
+        out, query, key_cache, value_cache, block_tables.contiguous(),
         context_lens.contiguous(), scale, None, max_context_len=max_context_len,
         k_scale=k_scale, v_scale=v_scale, lse=lse)
     return out, lse
