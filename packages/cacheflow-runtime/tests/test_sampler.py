@@ -11,6 +11,7 @@ import torch
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
 from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.seeded_noise import hashed_exponential, seed_key
 
 NEG_INF = float("-inf")
 # Upper 0.1% points of the chi-square distribution by degrees of freedom.
@@ -27,7 +28,7 @@ def seeded(seed: int) -> torch.Generator:
 def decode_group(params: SamplingParams, rows: list[int], *, prompt: list[int] | None = None,
                  outputs: list[list[int]] | None = None,
                  cumulative: list[float] | None = None,
-                 generators: list[torch.Generator | None] | None = None,
+                 seed_keys: list[int | None] | None = None,
                  eos: int | None = None, first_seq_id: int = 100) -> SamplingGroup:
     """A decode-step group with one sequence per row."""
     n = len(rows)
@@ -39,13 +40,13 @@ def decode_group(params: SamplingParams, rows: list[int], *, prompt: list[int] |
         prompt_token_ids=prompt if prompt is not None else [0],
         output_token_ids=outputs if outputs is not None else [[] for _ in rows],
         cumulative_logprobs=cumulative if cumulative is not None else [0.0] * n,
-        generators=generators if generators is not None else [None] * n,
+        seed_keys=seed_keys if seed_keys is not None else [None] * n,
         eos_token_id=eos,
     )
 
 
 def prompt_group(params: SamplingParams, row: int, prompt: list[int], *,
-                 generators: list[torch.Generator | None] | None = None,
+                 seed_keys: list[int | None] | None = None,
                  prompt_rows: list[int] | None = None, seq_id: int = 7,
                  eos: int | None = None) -> SamplingGroup:
     """A prompt-step group: one row for the last prompt position."""
@@ -57,7 +58,7 @@ def prompt_group(params: SamplingParams, row: int, prompt: list[int], *,
         prompt_token_ids=prompt,
         output_token_ids=[[]],
         cumulative_logprobs=[0.0],
-        generators=generators if generators is not None else [None] * (params.best_of or 1),
+        seed_keys=seed_keys if seed_keys is not None else [None] * (params.best_of or 1),
         prompt_logit_rows=prompt_rows or [],
         eos_token_id=eos,
     )
@@ -225,7 +226,8 @@ def test_logprobs_none_reports_only_the_chosen_token_and_zero_likewise() -> None
 def test_random_logprobs_use_temperature_and_ignore_truncation() -> None:
     logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 1.5]])
     params = SamplingParams(temperature=0.5, top_k=2, logprobs=4)
-    out = Sampler()(logits, [decode_group(params, [0], generators=[seeded(1)])])[0]
+    out = Sampler()(logits, [decode_group(params, [0], seed_keys=[1])],
+                    positions=torch.tensor([3]))[0]
     sample = out.samples[0]
     lsm = torch.log_softmax(logits[0] / 0.5, dim=-1)
     assert sample.token_id in (1, 4)
@@ -300,63 +302,92 @@ def test_top_k_top_p_min_p_together() -> None:
     assert_matches(counts, kept / kept.sum())
 
 
-def test_draws_from_per_row_generators_match_the_distribution() -> None:
-    # Many rows, each with its own generator: the per-row path is unbiased too.
+def test_seeded_draws_match_the_distribution() -> None:
+    # Many rows, each with its own seed key (or the same key at other positions): the hashed
+    # noise is unbiased too.
     num = 4000
     logits = DIST.unsqueeze(0).expand(num, -1)
-    group = decode_group(SamplingParams(temperature=1.0), list(range(num)),
-                         generators=[seeded(1000 + i) for i in range(num)])
-    out = Sampler()(logits, [group])[0]
-    counts = torch.bincount(torch.tensor([s.token_id for s in out.samples]), minlength=8)
-    stat, dof = chi_square(counts.to(torch.float64), torch.softmax(DIST, dim=-1))
-    assert stat < CHI2_999[dof]
+    for keys, positions in [([seed_key(1000 + i, 0) for i in range(num)], [7] * num),
+                            ([seed_key(5, 0)] * num, list(range(num)))]:
+        group = decode_group(SamplingParams(temperature=1.0), list(range(num)), seed_keys=keys)
+        out = Sampler()(logits, [group], positions=torch.tensor(positions))[0]
+        counts = torch.bincount(torch.tensor([s.token_id for s in out.samples]), minlength=8)
+        stat, dof = chi_square(counts.to(torch.float64), torch.softmax(DIST, dim=-1))
+        assert stat < CHI2_999[dof]
 
 
 # --------------------------------------------------------------------------- seeding
 
-def manual_draw(logits_row: torch.Tensor, temperature: float, seed: int) -> int:
-    """The token the exponential race picks with noise from a fresh generator of ``seed``."""
-    noise = torch.empty(logits_row.numel()).exponential_(generator=seeded(seed))
+def manual_draw(logits_row: torch.Tensor, temperature: float, key: int, position: int) -> int:
+    """The token the exponential race picks with the hashed noise of ``key`` at
+    ``position``."""
+    noise = hashed_exponential(torch.tensor([key]), torch.tensor([position]),
+                               logits_row.numel())[0]
     return int((torch.log_softmax(logits_row / temperature, dim=-1) - noise.log()).argmax())
 
 
-def test_seeded_draw_is_the_exponential_race_with_the_row_generator() -> None:
+def test_hashed_noise_is_a_function_of_key_position_and_index() -> None:
+    """The same (key, position) gives the same row on any batch; another key or position a
+    different one; every value is finite and positive, with the mean and variance of Exp(1)."""
+    keys = torch.tensor([seed_key(1, 0), seed_key(2, 0), seed_key(1, 1), seed_key(1, 0)])
+    positions = torch.tensor([9, 9, 9, 10])
+    noise = hashed_exponential(keys, positions, 50_000)
+    again = hashed_exponential(keys[:1], positions[:1], 50_000)
+    assert torch.equal(noise[0], again[0])
+    for other in (1, 2, 3):
+        assert (noise[0] != noise[other]).float().mean() > 0.99
+    assert torch.isfinite(noise).all() and (noise > 0).all()
+    assert noise.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert noise.var().item() == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="2 keys but 1 positions"):
+        hashed_exponential(keys[:2], positions[:1], 10)
+
+
+def test_seeded_draw_is_the_exponential_race_with_the_hashed_noise() -> None:
     logits = torch.randn(1, 1000, generator=seeded(5))
     for seed in range(5):
-        group = decode_group(SamplingParams(temperature=0.9), [0], generators=[seeded(seed)])
-        token = Sampler()(logits, [group])[0].samples[0].token_id
-        assert token == manual_draw(logits[0], 0.9, seed)
+        group = decode_group(SamplingParams(temperature=0.9), [0], seed_keys=[seed_key(seed, 0)])
+        token = Sampler()(logits, [group], positions=torch.tensor([12]))[0].samples[0].token_id
+        assert token == manual_draw(logits[0], 0.9, seed_key(seed, 0), 12)
 
 
 def test_seeded_tokens_do_not_depend_on_the_rest_of_the_batch() -> None:
     vocab = 1000
     logits = torch.randn(6, vocab, generator=seeded(6))
+    positions = torch.arange(20, 26)
     params = SamplingParams(temperature=1.0, seed=42)
 
-    def run_alone(row: int, seed: int) -> int:
-        group = decode_group(params, [0], generators=[seeded(seed)])
-        return Sampler()(logits[row: row + 1], [group])[0].samples[0].token_id
+    def run_alone(row: int, key: int) -> int:
+        group = decode_group(params, [0], seed_keys=[key])
+        return Sampler()(logits[row: row + 1], [group],
+                         positions=positions[row: row + 1])[0].samples[0].token_id
 
     alone = [run_alone(r, 100 + r) for r in range(4)]
     # The same rows in a shuffled batch with other seeded and unseeded requests around them.
     others = decode_group(SamplingParams(temperature=0.8, top_p=0.9), [4, 5],
-                          generators=[seeded(1), None], first_seq_id=200)
-    mine = decode_group(params, [3, 1, 0, 2],
-                        generators=[seeded(103), seeded(101), seeded(100), seeded(102)])
+                          seed_keys=[1, None], first_seq_id=200)
+    mine = decode_group(params, [3, 1, 0, 2], seed_keys=[103, 101, 100, 102])
     greedy = decode_group(SamplingParams(temperature=0.0), [5], first_seq_id=300)
-    out = Sampler()(logits, [others, greedy, mine], default_generator=seeded(9))
+    out = Sampler()(logits, [others, greedy, mine], default_generator=seeded(9),
+                    positions=positions)
     assert [s.token_id for s in out[2].samples] == [alone[3], alone[1], alone[0], alone[2]]
     # Different seeds do give different tokens here (the check above could fail).
     assert len(set(alone)) > 1
 
 
-def test_prompt_best_of_uses_one_generator_per_child() -> None:
+def test_seeded_samples_need_their_positions() -> None:
+    group = decode_group(SamplingParams(temperature=1.0), [0], seed_keys=[3])
+    with pytest.raises(ValueError, match="positions"):
+        Sampler()(torch.randn(1, 10), [group])
+
+
+def test_prompt_best_of_uses_one_seed_key_per_child() -> None:
     logits = torch.randn(1, 500, generator=seeded(8))
-    seeds = [21, 22, 23]
+    keys = [seed_key(4, i) for i in range(3)]
     params = SamplingParams(n=2, best_of=3, temperature=1.0)
-    group = prompt_group(params, 0, [4, 5, 6], generators=[seeded(s) for s in seeds])
-    out = Sampler()(logits, [group])[0]
-    assert [s.token_id for s in out.samples] == [manual_draw(logits[0], 1.0, s) for s in seeds]
+    group = prompt_group(params, 0, [4, 5, 6], seed_keys=list(keys))
+    out = Sampler()(logits, [group], positions=torch.tensor([3]))[0]
+    assert [s.token_id for s in out.samples] == [manual_draw(logits[0], 1.0, k, 3) for k in keys]
     assert [s.parent_seq_id for s in out.samples] == [7, 7, 7]
     lsm = torch.log_softmax(logits[0], dim=-1)
     for s in out.samples:
@@ -478,19 +509,20 @@ def test_mixed_batch_gives_each_group_what_it_gets_alone() -> None:
             decode_group(SamplingParams(temperature=0.0, logprobs=1), [6, 1]),
             prompt_group(SamplingParams(n=2, best_of=2, temperature=0.7, top_k=10, logprobs=3,
                                         prompt_logprobs=1),
-                         3, [5, 6], generators=[seeded(1), seeded(2)], prompt_rows=[2],
+                         3, [5, 6], seed_keys=[1, 2], prompt_rows=[2],
                          seq_id=9),
             decode_group(beam_params(2, logprobs=2), [0, 5], cumulative=[-0.5, -0.7],
                          first_seq_id=400),
             prompt_group(beam_params(2), 0, [1, 2], seq_id=600),
             decode_group(beam_params(2), [5, 3], cumulative=[-1.5, -0.2], first_seq_id=700),
             decode_group(SamplingParams(temperature=1.1, min_p=0.05, presence_penalty=1.0),
-                         [4], outputs=[[3, 3]], generators=[seeded(3)], first_seq_id=500),
+                         [4], outputs=[[3, 3]], seed_keys=[3], first_seq_id=500),
         ]
 
-    batched = Sampler()(logits, groups())
+    positions = torch.arange(30, 37)
+    batched = Sampler()(logits, groups(), positions=positions)
     for i, group in enumerate(groups()):
-        alone = Sampler()(logits, [group])[0]
+        alone = Sampler()(logits, [group], positions=positions)[0]
         assert batched[i] == alone
     assert len(batched[2].samples) == 4
     assert batched[1].prompt_logprobs is not None and len(batched[1].prompt_logprobs) == 1

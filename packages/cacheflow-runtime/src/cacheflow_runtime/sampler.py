@@ -9,8 +9,10 @@ One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each
 2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
    the log probabilities that are reported, before any truncation;
 3. greedy rows: argmax; random rows: top-k, top-p, min-p, then one draw per sample by the
-   exponential race (Gumbel-max) with noise from that sample's own generator, so a seeded request
-   draws the same tokens whatever else is in the batch; beam search groups: the ``2 * best_of``
+   exponential race (Gumbel-max); a seeded sample's noise is a hash of its seed key, the
+   position of the token drawn and the vocabulary index (seeded_noise.py), so a seeded request
+   draws the same tokens whatever else is in the batch, the others share one draw of the
+   default generator; beam search groups: the ``2 * best_of``
    best (beam, token) pairs by cumulative log probability, ranked as ``torch.topk`` over the
    flattened ``[num_beams * vocab]`` scores, as HF transformers does;
 4. ``prompt_logprobs`` from the raw logits of the prompt rows.
@@ -36,6 +38,7 @@ from cacheflow_runtime.sampler_output import (
     cumulative_logprob_of,
 )
 from cacheflow_runtime.sampling_metadata import DecodeRows, GroupSampleResult, SamplingGroup
+from cacheflow_runtime.seeded_noise import hashed_exponential
 
 _PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
 
@@ -71,30 +74,32 @@ class Sampler(torch.nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, logits: torch.Tensor, groups: list[SamplingGroup],
-                default_generator: torch.Generator | None = None) -> list[GroupSampleResult]:
+                default_generator: torch.Generator | None = None,
+                positions: torch.Tensor | None = None) -> list[GroupSampleResult]:
         """Samples the next token of every sequence of every group and returns the results
         (``sample``, then ``assemble``)."""
-        return self.sample(logits, groups, default_generator).assemble()
+        return self.sample(logits, groups, default_generator, positions=positions).assemble()
 
     def sample(self, logits: torch.Tensor, groups: list[SamplingGroup],
                default_generator: torch.Generator | None = None,
-               decode_rows: DecodeRows | None = None) -> DeviceSamples:
+               decode_rows: DecodeRows | None = None,
+               positions: torch.Tensor | None = None) -> DeviceSamples:
         """Queues the sampling of the next token of every sequence of every group on the
         logits' device, without waiting for it.
 
         ``logits`` is ``[num_rows, vocab]`` in any float dtype (the work is done in float32);
         each group names its rows. ``decode_rows``, when given, are the first
         ``decode_rows.num_rows`` rows (a step's columnar decodes, sampled without a group each).
-        ``default_generator`` draws for the samples whose generator is None (None: torch's
-        global generator of the logits' device). Per-sample generators must live on the
-        logits' device or on the CPU (their noise is then copied over).
+        ``positions`` (long, on the logits' device; needed when a sample has a seed key) holds
+        the sequence position of the token each row draws. ``default_generator`` draws for the
+        samples without a seed key (None: torch's global generator of the logits' device).
         """
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
         decode_tokens = decode_chosen = None
         if decode_rows is not None:
             decode_tokens, decode_chosen = _sample_decode_rows(
-                logits[:decode_rows.num_rows], decode_rows, default_generator)
+                logits[:decode_rows.num_rows], decode_rows, default_generator, positions)
             if not groups:
                 return DeviceSamples.of_decodes(decode_tokens, decode_chosen, logits.shape[1])
         params = _collect_row_params(groups)
@@ -107,7 +112,7 @@ class Sampler(torch.nn.Module):
 
         first_rows = _first_rows(groups)
         samples, token_chunks, beams, beam_rows = _choose_tokens(
-            work, logprobs, groups, params, first_rows, default_generator)
+            work, logprobs, groups, params, first_rows, default_generator, positions)
         tokens = (torch.cat(token_chunks) if token_chunks
                   else torch.empty(0, dtype=torch.long, device=work.device))
         sample_rows = torch.cat([_long([s.row for s in samples], work.device), *beam_rows])
@@ -123,11 +128,11 @@ class Sampler(torch.nn.Module):
 
 
 def _sample_decode_rows(logits: torch.Tensor, rows: DecodeRows,
-                        default_generator: torch.Generator | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        default_generator: torch.Generator | None,
+                        positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The token and its logprob for each of the columnar decode rows ``logits``: argmax for
     greedy rows, the exponential race after top-k, top-p and min-p for the others (as for a
-    group's rows, with the same noise from the same generator)."""
+    group's rows, with the same noise). ``positions``: see ``Sampler.sample``."""
     if rows.temperature is None:  # every row greedy: temperature 1, nothing to copy or divide
         work = logits.to(torch.float32)
         logprobs = torch.log_softmax(work, dim=-1)
@@ -138,11 +143,16 @@ def _sample_decode_rows(logits: torch.Tensor, rows: DecodeRows,
         logprobs = torch.log_softmax(work, dim=-1)
         tokens = work.argmax(dim=-1)
         assert rows.random_rows is not None
-        num = len(rows.generators)
+        num = len(rows.top_k)
         params = _RowParams(top_k=rows.top_k, top_p=rows.top_p, min_p=rows.min_p)
         truncated = _truncate(work.index_select(0, rows.random_rows), params, list(range(num)))
-        noise = _exponential_noise(num, work.shape[1], rows.generators, default_generator,
-                                   work.device)
+        seeded_positions = None
+        if rows.seed_keys is not None:
+            assert positions is not None and rows.seeded_rows is not None, \
+                "seeded decode rows need the positions of their tokens"
+            seeded_positions = positions.index_select(0, rows.seeded_rows)
+        noise = _exponential_noise(num, work.shape[1], rows.seeded, rows.seed_keys,
+                                   seeded_positions, default_generator, work.device)
         noise.clamp_(min=torch.finfo(torch.float32).tiny)
         tokens.index_copy_(0, rows.random_rows, (truncated - noise.log()).argmax(dim=-1))
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
@@ -269,6 +279,7 @@ def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:
 def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[SamplingGroup],
                    params: _RowParams, first_row: list[int],
                    default_generator: torch.Generator | None,
+                   positions: torch.Tensor | None,
                    ) -> tuple[list[SampleRow], list[torch.Tensor], list[BeamBucket],
                               list[torch.Tensor]]:
     """Picks the tokens of all groups: greedy, then random, then beam search samples.
@@ -279,7 +290,7 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
     """
     greedy: list[SampleRow] = []
     random: list[SampleRow] = []
-    random_generators: list[torch.Generator | None] = []
+    random_keys: list[int | None] = []
     beam_buckets: dict[tuple[int, int], list[int]] = {}
     for g, group in enumerate(groups):
         sp = group.sampling_params
@@ -294,13 +305,14 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
             new = (_prompt_samples(group, g, first_row[g]) if group.is_prompt
                    else _decode_samples(group, g, first_row[g]))
             random.extend(new)
-            random_generators.extend(_generator_at(group, j) for j in range(len(new)))
+            random_keys.extend(_key_at(group, j) for j in range(len(new)))
     chunks: list[torch.Tensor] = []
     if greedy:
         rows = _long([s.row for s in greedy], work.device)
         chunks.append(work.index_select(0, rows).argmax(dim=-1))
     if random:
-        chunks.append(_sample_random(work, params, random, random_generators, default_generator))
+        chunks.append(_sample_random(work, params, random, random_keys, default_generator,
+                                     positions))
     beams: list[BeamBucket] = []
     beam_rows: list[torch.Tensor] = []
     for bucket in beam_buckets.values():
@@ -320,9 +332,9 @@ def _first_rows(groups: list[SamplingGroup]) -> list[int]:
     return starts
 
 
-def _generator_at(group: SamplingGroup, j: int) -> torch.Generator | None:
-    """The generator of the group's j-th sample (None when not given)."""
-    return group.generators[j] if j < len(group.generators) else None
+def _key_at(group: SamplingGroup, j: int) -> int | None:
+    """The seed key of the group's j-th sample (None when not given)."""
+    return group.seed_keys[j] if j < len(group.seed_keys) else None
 
 
 def _decode_samples(group: SamplingGroup, g: int, first: int) -> list[SampleRow]:
@@ -339,16 +351,25 @@ def _prompt_samples(group: SamplingGroup, g: int, first: int) -> list[SampleRow]
 
 
 def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[SampleRow],
-                   generators: list[torch.Generator | None],
-                   default_generator: torch.Generator | None) -> torch.Tensor:
+                   keys: list[int | None], default_generator: torch.Generator | None,
+                   positions: torch.Tensor | None) -> torch.Tensor:
     """Truncates the rows of the random samples (top-k, top-p, min-p) and draws one token per
-    sample by the exponential race ``argmax(logit - log(E))``, ``E ~ Exp(1)`` drawn per sample."""
+    sample by the exponential race ``argmax(logit - log(E))``, ``E ~ Exp(1)`` drawn per sample
+    (hashed from ``keys[i]`` and the token's position when that is not None)."""
     rows = sorted({s.row for s in samples})
     position = {r: i for i, r in enumerate(rows)}
     truncated = _truncate(work.index_select(0, _long(rows, work.device)), params, rows)
     source = _long([position[s.row] for s in samples], work.device)
-    noise = _exponential_noise(len(samples), work.shape[1], generators, default_generator,
-                               work.device)
+    seeded = [i for i, key in enumerate(keys) if key is not None]
+    seed_keys = seed_positions = None
+    if seeded:
+        if positions is None:
+            raise ValueError("seeded samples need the positions of their tokens")
+        seed_keys = _long([keys[i] for i in seeded], work.device)
+        logit_rows = _long([params.rows[samples[i].row] for i in seeded], positions.device)
+        seed_positions = positions.index_select(0, logit_rows)
+    noise = _exponential_noise(len(samples), work.shape[1], seeded, seed_keys, seed_positions,
+                               default_generator, work.device)
     noise.clamp_(min=torch.finfo(torch.float32).tiny)
     return (truncated.index_select(0, source) - noise.log()).argmax(dim=-1)
 
@@ -416,27 +437,28 @@ def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _exponential_noise(num: int, vocab: int, generators: list[torch.Generator | None],
+def _exponential_noise(num: int, vocab: int, seeded: list[int],
+                       seed_keys: torch.Tensor | None, seed_positions: torch.Tensor | None,
                        default_generator: torch.Generator | None,
                        device: torch.device) -> torch.Tensor:
-    """``[num, vocab]`` Exp(1) noise: row i from ``generators[i]`` alone (``torch.empty(vocab)
-    .exponential_(generator=g)``), the rows without a generator from ``default_generator`` in one
-    draw."""
+    """``[num, vocab]`` Exp(1) noise: the rows ``seeded`` from ``hashed_exponential(seed_keys,
+    seed_positions)`` (one key and position each, on ``device``), the others from
+    ``default_generator`` in one draw."""
+    if seeded:
+        assert seed_keys is not None and seed_positions is not None
+        hashed = hashed_exponential(seed_keys, seed_positions, vocab)
+        if len(seeded) == num:
+            return hashed
     noise = torch.empty(num, vocab, dtype=torch.float32, device=device)
-    device = noise.device  # with its index, to compare with the generators' devices
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if len(shared) == num and (default_generator is None or _on(default_generator, device)):
-        noise.exponential_(generator=default_generator)
-    elif shared:
-        noise[_long(shared, device)] = _draw_exponential((len(shared), vocab), default_generator,
-                                                         device)
-    for i, generator in enumerate(generators):
-        if generator is None:
-            continue
-        if _on(generator, device):
-            noise[i].exponential_(generator=generator)  # the stream of a fresh [vocab] tensor
-        else:
-            noise[i] = _draw_exponential((vocab,), generator, device)
+    device = noise.device  # with its index, to compare with the generator's device
+    if not seeded and (default_generator is None or _on(default_generator, device)):
+        return noise.exponential_(generator=default_generator)
+    taken = set(seeded)
+    shared = [i for i in range(num) if i not in taken]
+    noise[_long(shared, device)] = _draw_exponential((len(shared), vocab), default_generator,
+                                                     device)
+    if seeded:
+        noise[_long(seeded, device)] = hashed
     return noise
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,8 +21,9 @@ class SamplingGroup:
     single prompt sequence). ``prompt_logit_rows`` (steps that compute prompt positions of a request
     with ``prompt_logprobs``) are the rows for prompt positions ``prompt_logprobs_start``,
     ``prompt_logprobs_start + 1``, ...; position p predicts prompt token p + 1.
-    ``generators[i]`` draws the i-th sample: at a prompt step there are ``best_of`` of them (the
-    children-to-be), at a decode step one per sequence; None means the sampler's default generator.
+    ``seed_keys[i]`` seeds the i-th sample's noise (seeded_noise.py): at a prompt step there are
+    ``best_of`` of them (the children-to-be), at a decode step one per sequence; None means the
+    sampler's default generator draws it.
     """
 
     seq_ids: list[int]
@@ -32,7 +33,7 @@ class SamplingGroup:
     prompt_token_ids: list[int]
     output_token_ids: list[list[int]]
     cumulative_logprobs: list[float]
-    generators: list[Optional[torch.Generator]]
+    seed_keys: list[Optional[int]]
     prompt_logit_rows: list[int] = field(default_factory=list)
     prompt_logprobs_start: int = 0
     eos_token_id: Optional[int] = None
@@ -47,8 +48,10 @@ class DecodeRows:
 
     ``temperature`` (``[num_rows, 1]`` float32 on the device, 1 for greedy rows) is None when
     every row is greedy. ``random_rows`` (long, on the device) are the rows drawn at random;
-    ``top_k``, ``top_p``, ``min_p`` and ``generators`` (None: the sampler's default generator)
-    hold one entry per such row, in order.
+    ``top_k``, ``top_p`` and ``min_p`` hold one entry per such row, in order. ``seeded`` are the
+    random rows (indices among them) with a seed key, ``seed_keys`` their keys and
+    ``seeded_rows`` their rows (long tensors on the device; None without seeded rows); the
+    others draw from the sampler's default generator.
     """
 
     num_rows: int
@@ -57,29 +60,42 @@ class DecodeRows:
     top_k: list[int] = field(default_factory=list)
     top_p: list[float] = field(default_factory=list)
     min_p: list[float] = field(default_factory=list)
-    generators: list[Optional[torch.Generator]] = field(default_factory=list)
+    seeded: list[int] = field(default_factory=list)
+    seed_keys: Optional[torch.Tensor] = None
+    seeded_rows: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[Optional[torch.Generator]],
+    def build(cls, params: list[SamplingParams], seed_keys: list[Optional[int]],
               device: torch.device) -> DecodeRows:
-        """The rows of requests with sampling parameters ``params[i]`` and generator
-        ``generators[i]``, with tensors on ``device``."""
+        """The rows of requests with sampling parameters ``params[i]`` and seed key
+        ``seed_keys[i]``, with tensors on ``device``."""
         rows = cls(num_rows=len(params))
         random = [i for i, sp in enumerate(params) if not sp.is_greedy]
         if not random:
             return rows
         temperature = [1.0] * len(params)
-        for i in random:
+        seeded_rows = []
+        for j, i in enumerate(random):
             sp = params[i]
             temperature[i] = sp.temperature
             rows.top_k.append(sp.top_k)
             rows.top_p.append(sp.top_p)
             rows.min_p.append(sp.min_p)
-            rows.generators.append(generators[i])
+            if seed_keys[i] is not None:
+                rows.seeded.append(j)
+                seeded_rows.append(i)
+        if seeded_rows:
+            rows.seed_keys = _long_on([seed_keys[i] for i in seeded_rows], device)
+            rows.seeded_rows = _long_on(seeded_rows, device)
         rows.temperature = torch.tensor(temperature, dtype=torch.float32).unsqueeze(1).to(
             device, non_blocking=True)
-        rows.random_rows = torch.tensor(random, dtype=torch.long).to(device, non_blocking=True)
+        rows.random_rows = _long_on(random, device)
         return rows
+
+
+def _long_on(values: list[Any], device: torch.device) -> torch.Tensor:
+    """A long tensor of ``values`` on ``device``."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 @dataclass

@@ -31,7 +31,7 @@ class NewRequestData:
     """What a worker keeps for the whole life of a request, sent the first time it is scheduled.
 
     ``seed`` is the request's sampling seed (None: the worker's default generator draws); the
-    worker derives one generator per sample (``best_of`` of them) from it.
+    worker derives one seed key per sample (``best_of`` of them) from it (seeded_noise.py).
     """
 
     req_id: str
@@ -52,7 +52,7 @@ class ScheduledSequence:
     ``output_token_ids`` when that is not None and then extended by ``new_output_token_ids``;
     it holds only tokens the engine has read (never a placeholder), so in a step scheduled ahead
     it lacks the previous step's token. ``sample_index`` picks which of the request's
-    per-sample generators draws this sequence's tokens.
+    per-sample seed keys seeds this sequence's tokens.
     """
 
     seq_id: int

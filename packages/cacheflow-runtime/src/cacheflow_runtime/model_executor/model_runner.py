@@ -103,20 +103,20 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
             seq = states.seqs[s.seq_id]
             seq_ids, outputs, cumulative = [s.seq_id], [seq.output_token_ids], [
                 s.cumulative_logprob]
-            generators = (list(state.generators) if req.is_first_sample
-                          else [state.generators[seq.sample_index]])
+            keys = (list(state.seed_keys) if req.is_first_sample
+                    else [state.seed_keys[seq.sample_index]])
         else:
             seqs = [states.seqs[s.seq_id] for s in req.seqs]
             seq_ids = [s.seq_id for s in req.seqs]
             outputs = [seq.output_token_ids for seq in seqs]
             cumulative = [s.cumulative_logprob for s in req.seqs]
-            generators = (list(state.generators) if req.is_first_sample
-                          else [state.generators[seq.sample_index] for seq in seqs])
+            keys = (list(state.seed_keys) if req.is_first_sample
+                    else [state.seed_keys[seq.sample_index] for seq in seqs])
         groups.append(SamplingGroup(
             seq_ids=seq_ids, sampling_params=state.sampling_params,
             is_prompt=req.is_first_sample, logit_rows=rows,
             prompt_token_ids=state.prompt_token_ids, output_token_ids=outputs,
-            cumulative_logprobs=cumulative, generators=generators,
+            cumulative_logprobs=cumulative, seed_keys=keys,
             prompt_logit_rows=prompt_rows, prompt_logprobs_start=prompt_start,
             eos_token_id=eos_token_id))
         req_ids.append(req.req_id)
@@ -286,8 +286,13 @@ class ModelRunner:
             return PendingStep()
         logits = self.model.compute_logits(hidden[batch.metadata.logit_indices])
         decode_rows = self._rows_of_decodes(out, states) if batch.num_decodes else None
+        positions = None
+        if ((decode_rows is not None and decode_rows.seed_keys is not None)
+                or any(g.sampling_params.seed is not None for g in batch.sampling_groups)):
+            # Where each logits row's token goes: one past the row's input position.
+            positions = batch.positions.index_select(0, batch.metadata.logit_indices) + 1
         samples = self.sampler.sample(logits, batch.sampling_groups, self.default_generator,
-                                      decode_rows)
+                                      decode_rows, positions)
         seq_ids = [s.parent_seq_id for s in samples.samples]
         self._last_sampled = (samples.all_tokens,
                               out.decodes.seq_ids + seq_ids if batch.num_decodes else seq_ids)
@@ -305,7 +310,7 @@ class ModelRunner:
 
     def _rows_of_decodes(self, out: SchedulerOutput, states: RequestStates) -> DecodeRows:
         """The sampler's rows of the step's columnar decodes: those of the step before when it
-        decoded the same requests, else built from the requests' parameters and generators."""
+        decoded the same requests, else built from the requests' parameters and seed keys."""
         req_ids = out.decodes.req_ids
         cached = self._decode_rows
         if (cached is not None and cached[0] == states.num_request_changes
@@ -313,7 +318,7 @@ class ModelRunner:
             return cached[2]
         requests = [states.requests[req_id] for req_id in req_ids]
         rows = DecodeRows.build([r.sampling_params for r in requests],
-                                [r.generators[0] for r in requests], self.device)
+                                [r.seed_keys[0] for r in requests], self.device)
         self._decode_rows = (states.num_request_changes, list(req_ids), rows)
         return rows
 

@@ -1,22 +1,17 @@
 """What a worker remembers between steps: per request its prompt, sampling parameters and
-generators, per sequence its generated tokens and (in :class:`BlockTables`) its block table, all
-kept up to date from each step's :class:`~cacheflow_runtime.core.step_data.SchedulerOutput`."""
+per-sample seed keys, per sequence its generated tokens and (in :class:`BlockTables`) its block
+table, all kept up to date from each step's
+:class:`~cacheflow_runtime.core.step_data.SchedulerOutput`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from cacheflow_runtime.core.step_data import NewRequestData, SchedulerOutput
 from cacheflow_runtime.model_executor.block_tables import BlockTables
 from cacheflow_runtime.sampling_params import SamplingParams
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """A distinct, reproducible seed for the index-th sample of a seeded request."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
+from cacheflow_runtime.seeded_noise import seed_key
 
 
 @dataclass
@@ -30,14 +25,14 @@ class SequenceState:
 
 @dataclass
 class RequestState:
-    """A worker's copy of one request; ``generators[i]`` draws the i-th sample (None: the
-    worker's default generator). ``num_prompt_logprobs`` counts the prompt positions whose
+    """A worker's copy of one request; ``seed_keys[i]`` seeds the i-th sample's noise (None: the
+    worker's default generator draws it). ``num_prompt_logprobs`` counts the prompt positions whose
     logprobs were computed (each once, even when the prompt is computed again after a
     preemption); ``prompt_logprobs_sent`` whether the first share went out."""
 
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    generators: list[Optional[torch.Generator]]
+    seed_keys: list[Optional[int]]
     num_prompt_logprobs: int = 0
     prompt_logprobs_sent: bool = False
 
@@ -91,7 +86,6 @@ class RequestStates:
 def _new_request(new: NewRequestData) -> RequestState:
     params = new.sampling_params
     seed = params.seed
-    generators: list[Optional[torch.Generator]] = [
-        None if seed is None else torch.Generator(device="cpu").manual_seed(sample_seed(seed, i))
-        for i in range(params.best_of or 1)]
-    return RequestState(list(new.prompt_token_ids), params, generators)
+    keys: list[Optional[int]] = [None if seed is None else seed_key(seed, i)
+                                 for i in range(params.best_of or 1)]
+    return RequestState(list(new.prompt_token_ids), params, keys)

@@ -50,7 +50,8 @@ class Worker:
         self.rank = rank
         self.enforce_eager = enforce_eager
         torch.manual_seed(seed)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # On the device: unseeded noise is drawn where the logits are, not on the host.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model = load_model(model_config, self.device)
         self.cache_engine: Optional[CacheEngine] = None
         self.states = RequestStates()
