@@ -40,7 +40,7 @@ if [[ "$what" == bench || "$what" == all ]]; then
   cases="mha_fp16_d128,gqa_fp16_d128,mha_bf16_d128,mha_fp16_d64,mha_fp16_d96,mha_fp16_d256"
   cases+=",prefix_fp16_d128"
   timeout 150 python3 "$kdir/benchmarks/bench_paged_prefill.py" --cases "$cases" \
-    --variants default,prev,eager,group,bn32 --iters 30 --out "$out/prefill.json" \
+    --variants default,prev,eager,group,bn32,m64,w8 --iters 30 --out "$out/prefill.json" \
     > "$out/bench_prefill.log" 2>&1
   echo "prefill bench rc=$? (log: bench_prefill.log)"
   echo "== bench_elementwise.py rotary (new vs CACHEFLOW_ROTARY=block)"

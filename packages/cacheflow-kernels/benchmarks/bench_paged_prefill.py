@@ -15,7 +15,7 @@ case also reports the largest difference between our output and SDPA's.
 
 A failing case is recorded with its error and the run goes on. ``--variants`` also times other
 kernel choices, set through environment variables read at each call (see VARIANTS): the
-alternative tilings of the fp16 head-size-128 kernel (CACHEFLOW_PREFILL_VARIANT): m64 = 64 query
+alternative tilings of the fp16 head-size-96/128 kernels (CACHEFLOW_PREFILL_VARIANT): m64 = 64 query
 rows per CTA (4 warps x 16), w8 = 128 rows with 8 warps x 16; default = 128 rows with 4 warps x
 32; ``prev`` = the kernel before 2026-12-03 (CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1: rescale at
 every key tile; CACHEFLOW_PREFILL_VARIANT=bn32: head size 256 with 32-key tiles;
@@ -83,8 +83,8 @@ RESCALE_ENV = "CACHEFLOW_PREFILL_RESCALE_THRESHOLD"
 GRID_ENV = "CACHEFLOW_PREFILL_GRID"
 
 
-def _fp16_d128(c: Case) -> bool:
-    return c.dtype == "float16" and c.head_size == 128
+def _fp16_d96_d128(c: Case) -> bool:
+    return c.dtype == "float16" and c.head_size in (96, 128)
 
 
 # name -> (environment of the call, cases it applies to). "prev" is the kernel before 2026-12-03
@@ -92,8 +92,8 @@ def _fp16_d128(c: Case) -> bool:
 # "bn32" and "group" switch one of those choices back alone.
 VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     "default": ({}, lambda c: True),
-    "m64": ({VARIANT_ENV: "m64"}, _fp16_d128),
-    "w8": ({VARIANT_ENV: "w8"}, _fp16_d128),
+    "m64": ({VARIANT_ENV: "m64"}, _fp16_d96_d128),
+    "w8": ({VARIANT_ENV: "w8"}, _fp16_d96_d128),
     "prev": ({VARIANT_ENV: "bn32", RESCALE_ENV: "-1", GRID_ENV: "group"}, lambda c: True),
     "eager": ({RESCALE_ENV: "-1"}, lambda c: True),
     "bn32": ({VARIANT_ENV: "bn32"}, lambda c: c.head_size == 256),

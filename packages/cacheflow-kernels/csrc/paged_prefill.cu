@@ -44,7 +44,7 @@ inline bool IsHalfOrBf16(DLDataType dt) {
 
 /*!
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
- * head-size-128 tensor-core kernel, bn32 the head-size-256 tiling before 2026-12-03 (see
+ * head-size-96 and -128 tensor-core kernels, bn32 the head-size-256 tiling before 2026-12-03 (see
  * prefill::TcVariant); unset or anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {

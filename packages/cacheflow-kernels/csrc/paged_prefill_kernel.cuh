@@ -633,8 +633,8 @@ inline bool UseTensorCores(bool half_or_bf16, int64_t head_size, bool pointers_a
  */
 enum TcVariant : int {
   kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64 (head size 256: BM 64, BN 64, 1 K buffer)
-  kTcM64 = 1,      // fp16 head size 128: BM 64 = 4 warps x 16 rows, BN 64
-  kTcW8 = 2,       // fp16 head size 128: BM 128 = 8 warps x 16 rows, BN 64
+  kTcM64 = 1,      // fp16 head size 96 or 128: BM 64 = 4 warps x 16 rows, BN 64
+  kTcW8 = 2,       // fp16 head size 96 or 128: BM 128 = 8 warps x 16 rows, BN 64
   kTcBn32 = 3,     // head size 256: BN 32 with 2 K buffers (the tiling before 2026-12-03)
 };
 
@@ -724,7 +724,7 @@ void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launc
  * Tiles: BM = 128 query rows (4 warps x 32 rows), BN = 64 keys; head size 256: BM = 64 (4 warps
  * x 16 rows), BN = 64 with one K buffer (100 KB of shared memory: 2 CTAs per SM on sm_80/90;
  * the host passes kTcBn32 where a CTA cannot have that much, sm_86/89). `variant` (TcVariant)
- * picks another tiling: m64 / w8 for fp16 with head size 128, bn32 for head size 256.
+ * picks another tiling: m64 / w8 for fp16 with head size 96 or 128, bn32 for head size 256.
  * \return false when `d` has no tensor-core kernel.
  */
 template <class T, bool kFp8 = false, class Launch>
@@ -738,6 +738,16 @@ bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max
       LaunchTc<T, 80, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
       return true;
     case 96:
+      if constexpr (std::is_same<T, Fp16>::value) {
+        if (variant == kTcM64) {  // (the default spills at 255 registers; these do not)
+          LaunchTc<T, 96, 1, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+          return true;
+        }
+        if (variant == kTcW8) {
+          LaunchTc<T, 96, 1, 8, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+          return true;
+        }
+      }
       LaunchTc<T, 96, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
       return true;
     case 112:

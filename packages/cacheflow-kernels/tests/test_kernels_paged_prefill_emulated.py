@@ -116,10 +116,11 @@ def test_sliding_window(emu: Any, q_lens: list[int], ctx_lens: list[int], window
     check_close(case["out"], reference(case), dtype, f"window {window}")
 
 
-@pytest.mark.parametrize("variant", [1, 2])
-def test_benchmark_variants_of_head_128(emu: Any, variant: int) -> None:
-    """The alternative tilings of fp16 / head size 128 (CACHEFLOW_PREFILL_VARIANT m64, w8)."""
-    case = make_case([150, 20], [200, 90], num_heads=2, num_kv_heads=1, head_size=128,
+@pytest.mark.parametrize(("variant", "head_size"), [(1, 128), (2, 128), (1, 96)])
+def test_benchmark_tilings_of_heads_96_128(emu: Any, variant: int, head_size: int) -> None:
+    """The alternative tilings of fp16 / head size 96 and 128 (CACHEFLOW_PREFILL_VARIANT m64,
+    w8)."""
+    case = make_case([150, 20], [200, 90], num_heads=2, num_kv_heads=1, head_size=head_size,
                      block_size=16, dtype=torch.float16, seed=variant)
     assert run_emulated(emu, case, max_query_len=150, variant=variant) == 1
     check_close(case["out"], reference(case), torch.float16, f"variant {variant}")
