@@ -159,7 +159,10 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
-  p.order_sms = prefill::OrderSms(NumSms(dev.device_id));
+  // The chunked CTA order indexes the grid with 32 bits (m-blocks <= max_q).
+  if (max_q * num_heads * num_seqs < (int64_t{1} << 31)) {
+    p.order_sms = prefill::OrderSms(NumSms(dev.device_id));
+  }
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   const int heads = static_cast<int>(num_heads);
   const int seqs = static_cast<int>(num_seqs);

@@ -152,16 +152,19 @@ CF_DEVICE void TileOf(const PrefillParams& p, int& m_block, int& head, int& seq)
     seq = static_cast<int>(blockIdx.z);
     return;
   }
-  const int64_t heads = gridDim.y;
-  const int64_t groups = heads * gridDim.z;
-  const int64_t linear = blockIdx.x + m_blocks * (blockIdx.y + heads * blockIdx.z);
-  const int64_t chunk_groups = (2 * static_cast<int64_t>(p.order_sms) + m_blocks - 1) / m_blocks;
-  const int64_t per_chunk = chunk_groups * m_blocks;
-  const int64_t chunk = linear / per_chunk;
-  const int64_t r = linear - chunk * per_chunk;
-  const int64_t first = chunk * chunk_groups;
-  const int64_t size = groups - first < chunk_groups ? groups - first : chunk_groups;
-  const int64_t g = first + r % size;
+  // 32-bit: the host sets order_sms only for grids of fewer than 2^31 CTAs (a 64-bit division
+  // is a subroutine call, which costs registers around it).
+  const uint32_t mbs = gridDim.x;
+  const uint32_t heads = gridDim.y;
+  const uint32_t groups = heads * gridDim.z;
+  const uint32_t linear = blockIdx.x + mbs * (blockIdx.y + heads * blockIdx.z);
+  const uint32_t chunk_groups = (2 * static_cast<uint32_t>(p.order_sms) + mbs - 1) / mbs;
+  const uint32_t per_chunk = chunk_groups * mbs;
+  const uint32_t chunk = linear / per_chunk;
+  const uint32_t r = linear - chunk * per_chunk;
+  const uint32_t first = chunk * chunk_groups;
+  const uint32_t size = groups - first < chunk_groups ? groups - first : chunk_groups;
+  const uint32_t g = first + r % size;
   m_block = m_blocks - 1 - static_cast<int>(r / size);
   head = static_cast<int>(g % heads);
   seq = static_cast<int>(g / heads);
