@@ -77,7 +77,7 @@ def sweep_paged_prefill() -> int:
         ([16, 3], [50, 3], 8, 2, 128, 16),      # a cached prefix of 34 tokens
         ([70], [70], 4, 1, 96, 8),
         ([9, 33], [20, 100], 4, 2, 80, 32),
-        ([24], [24], 2, 2, 256, 16),
+        ([24, 90], [24, 200], 2, 2, 256, 16),  # several 64-key tiles: one K buffer reloaded
         ([5, 6], [5, 6], 2, 1, 48, 16),         # a head size without tensor cores
     ]
     for dtype in DTYPES:
