@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_testutil import EOS, CharTokenizer, make_engine, run_all
+from engine_testutil import EOS, VOCAB, CharTokenizer, make_engine, run_all
 
 from cacheflow_runtime import SamplingParams, SchedulerConfig
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
@@ -240,6 +240,102 @@ def _reference_deltas(tokenizer: Any, prompt: list[int], outputs: list[int],
     return deltas
 
 
+@pytest.fixture(scope="module")
+def sp_tokenizer() -> Any:
+    """A SentencePiece-style tokenizer as LLaMA checkpoints have: "▁" for spaces, one token per
+    byte for what the pieces lack (byte fallback), a decoder that strips the first space."""
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>"])}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for piece in _SP_PIECES:
+        vocab[piece] = len(vocab)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>",
+                                                     byte_fallback=True))
+    decoders = tokenizers.decoders
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+_SP_PIECES = ["▁", "▁the", "▁café", "x", "!", "▁▁", "ab"]
+
+
+def _sp_random_ids(rng: random.Random, tokenizer: Any, n: int) -> list[int]:
+    """Pieces, multi-byte characters as byte tokens (split between steps), stray continuation
+    bytes that never form a character, and special tokens."""
+    ids: list[int] = []
+    while len(ids) < n:
+        kind = rng.random()
+        if kind < 0.1:
+            ids.append(rng.randrange(3))
+        elif kind < 0.35:
+            char = rng.choice(["日", "é", "\U0001F600"])
+            ids.extend(tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>")
+                       for b in char.encode("utf-8"))
+        elif kind < 0.4:
+            ids.append(tokenizer.convert_tokens_to_ids("<0x80>"))
+        else:
+            ids.append(tokenizer.convert_tokens_to_ids(rng.choice(_SP_PIECES)))
+    return ids[:n]
+
+
+def _tricky_cases(name: str, tokenizer: Any, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, outputs) pairs for ``tokenizer`` (by fixture name): random ones, and outputs
+    that end inside a character or start with a space."""
+    rng = random.Random(seed)
+    if name == "chars":
+        return [([rng.randrange(VOCAB) for _ in range(rng.randrange(1, 9))],
+                 [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 30))])
+                for _ in range(20)]
+    draw = _sp_random_ids if name == "sp_tokenizer" else _random_ids
+    cases = [(draw(rng, tokenizer, rng.randrange(1, 9)), draw(rng, tokenizer, rng.randrange(1, 40)))
+             for _ in range(40)]
+    emoji = list(tokenizer.encode("\U0001F600", add_special_tokens=False))
+    nichi = list(tokenizer.encode("日", add_special_tokens=False))
+    space = list(tokenizer.encode(" the", add_special_tokens=False))
+    cases += [(space, space + emoji[:-1]), (emoji[:2], emoji[2:] + space), (space, [2] + space),
+              (space, nichi[1:2] + space + nichi + emoji[1:] + space)]
+    return cases
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+@pytest.mark.parametrize("name", ["hf_tokenizer", "sp_tokenizer", "chars"])
+def test_decoding_a_finished_output_at_once_gives_the_streamed_text(
+        request: pytest.FixtureRequest, name: str, skip: bool) -> None:
+    """decode_output (a sequence decoded only once it finished) gives the text of
+    decode_new_text token by token and flush_text, for byte-level and SentencePiece-style
+    tokenizers (characters split over tokens, bytes that never form one, special tokens,
+    leading spaces) and a character tokenizer; a sequence left undecoded for a while and then
+    decoded as a stream catches up with the stream's text."""
+    tokenizer = CharTokenizer() if name == "chars" else request.getfixturevalue(name)
+    detokenizer = Detokenizer(tokenizer)
+    split = invalid = 0
+    for prompt, outputs in _tricky_cases(name, tokenizer, seed=11):
+        streamed, at_once, resumed = (Sequence(0, None, prompt, block_size=16) for _ in range(3))
+        for i, token in enumerate(outputs):
+            for seq in (streamed, at_once, resumed):
+                seq.append_token(token, {token: 0.0})
+            detokenizer.decode_new_text(streamed, skip)
+            if i >= len(outputs) // 2:
+                detokenizer.decode_new_text(resumed, skip)
+                assert resumed.output_text == streamed.output_text
+        split += streamed.read_offset < len(streamed.tokens or [])
+        detokenizer.flush_text(streamed)
+        detokenizer.flush_text(resumed)
+        detokenizer.decode_output(at_once, skip)
+        assert at_once.output_text == streamed.output_text == resumed.output_text
+        assert at_once.num_detokenized == streamed.num_detokenized == len(outputs)
+        invalid += "\ufffd" in streamed.output_text
+    if name != "chars":
+        assert split > 0 and invalid > 0  # outputs that end inside a character or hold bytes
+        # that never form one
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
 def test_detokenizer_deltas_match_the_uncached_algorithm(hf_tokenizer: Any, skip: bool) -> None:
     """With the token-text cache and the tokenizer's decoder called directly, every delta is
@@ -375,6 +471,57 @@ def test_final_only_steps_return_the_finished_outputs_of_plain_steps(tiny: Path)
     assert final == plain
     assert {rid for rid, _ in final} == {f"r{i}" for i in range(len(prompts))}
     assert dict(final)["r4"][0][3] == "abort"
+
+
+class _CountingDecoder(CharTokenizer):
+    """Counts its ``convert_tokens_to_string`` calls (one per decoding of the detokenizer)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        self.calls += 1
+        return super().convert_tokens_to_string(tokens)
+
+
+def _texts(tiny: Path, prompts: list[list[int]], params: list[SamplingParams],
+           final_only: bool) -> tuple[dict[str, tuple[str, list[int], Any]], int]:
+    """The finished (text, token ids, finish reason) per request, and the decoder calls."""
+    tokenizer = _CountingDecoder()
+    engine = make_engine(tiny, tokenizer=tokenizer)
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", None, p, ids)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step(final_only=final_only):
+            if out.finished:
+                done[out.request_id] = (out.outputs[0].text, out.outputs[0].token_ids,
+                                        out.outputs[0].finish_reason)
+    return done, tokenizer.calls
+
+
+def test_final_only_steps_decode_each_output_once_unless_it_has_stop_strings(
+        tiny: Path) -> None:
+    """Under step(final_only=True) a request without stop strings is decoded once, when it
+    finishes, to the text step() streams; one with a stop string is still decoded token by token
+    and stops where step() stops it, with the same text."""
+    prompts = _prompts(5, seed=6)
+    params = [SamplingParams(temperature=0.0, max_tokens=10 + i, ignore_eos=i % 2 == 0,
+                             skip_special_tokens=i % 3 != 0) for i in range(len(prompts))]
+    streamed, streamed_calls = _texts(tiny, prompts, params, final_only=False)
+    final, final_calls = _texts(tiny, prompts, params, final_only=True)
+    assert final == streamed
+    num_tokens = sum(len(ids) for _, ids, _ in streamed.values())
+    assert streamed_calls >= num_tokens > 5 * 2
+    assert final_calls <= 2 * len(prompts)  # the prompt's context, then everything after it
+
+    text = streamed["r0"][0]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    params[0] = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop])
+    streamed, _ = _texts(tiny, prompts, params, final_only=False)
+    final, _ = _texts(tiny, prompts, params, final_only=True)
+    assert final == streamed
+    assert final["r0"][2] == "stop" and final["r0"][0] == text[:text.index(stop)]
 
 
 def test_finish_reasons_of_statuses() -> None:

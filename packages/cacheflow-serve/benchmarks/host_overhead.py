@@ -25,7 +25,9 @@ Only decode steps count (those after every prompt has been computed). Per batch 
   cumulative time.
 
 ``--no-async-scheduling`` runs the steps in the synchronous order (on the CPU there is no device
-to overlap with, so both orders should cost the same host time).
+to overlap with, so both orders should cost the same host time). ``--final-only`` steps the
+engine as offline ``LLM.generate`` does (``step(final_only=True)``: only finished outputs);
+the default steps it as a streaming server does.
 
 ``--json PATH`` writes the numbers and a digest of the outputs (token ids, text, cumulative
 logprob), which must not change with a change that only makes the host faster.
@@ -167,24 +169,30 @@ class _Run:
     digest: str = ""
 
 
+def _prompts_done(engine: LLMEngine) -> bool:
+    """Whether every request has an output token (the steps from then on are decode steps)."""
+    scheduler = engine.scheduler
+    return not scheduler.waiting and all(seq.output_logprobs for group in scheduler.running
+                                         for seq in group.seqs)
+
+
 def _run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, model_timer: _Timer,
-         profiler: cProfile.Profile | None) -> _Run:
+         profiler: cProfile.Profile | None, final_only: bool = False) -> _Run:
     """Generates for ``prompts``; returns the timings of the decode steps and a digest of the
     outputs (token ids, text and cumulative logprob of every request)."""
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), None, params, ids)
-    started: set[str] = set()
     run = _Run()
     done: dict[str, tuple[list[int], str, float]] = {}
     while engine.has_unfinished_requests():
-        decode = len(started) == len(prompts)
+        decode = _prompts_done(engine)
         model_timer.reset()
         if decode and profiler is not None:
             profiler.enable()
         with _GcPauses() as collections:
             start = time.perf_counter()
-            outputs = engine.step()
+            outputs = engine.step(final_only=final_only)
             wall = time.perf_counter() - start
         if decode and profiler is not None:
             profiler.disable()
@@ -193,8 +201,6 @@ def _run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, model_tim
             run.models.append(model_timer.reset())
             run.gc_pauses.append(collections.pauses)
         for out in outputs:
-            if out.outputs and out.outputs[0].token_ids:
-                started.add(out.request_id)
             if out.finished:
                 seq = out.outputs[0]
                 done[out.request_id] = (list(seq.token_ids), seq.text, seq.cumulative_logprob)
@@ -206,7 +212,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, model_tim
 def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
             new_tokens: int, repeats: int, profile: bool, top: int,
             gc_freeze: bool, async_scheduling: bool = True,
-            profile_out: Path | None = None) -> BatchResult:
+            profile_out: Path | None = None, final_only: bool = False) -> BatchResult:
     """Runs one batch ``repeats`` times unprofiled (and once more under cProfile with
     ``profile``; its raw statistics go to ``{profile_out}.b{batch}`` when given)."""
     engine = _engine(path, tokenizer, batch, prompt_len + new_tokens + 16, async_scheduling)
@@ -224,7 +230,7 @@ def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
     runs = []
     for _ in range(repeats):
         engine.reset_prefix_cache()  # every run computes its prompts
-        runs.append(_run(engine, prompts, new_tokens, timer, None))
+        runs.append(_run(engine, prompts, new_tokens, timer, None, final_only))
     if len({run.digest for run in runs}) != 1:
         raise RuntimeError("the runs of one batch gave different outputs")
     walls = [w for run in runs for w in run.walls]
@@ -241,7 +247,7 @@ def measure(path: Path, tokenizer: Any, vocab: int, batch: int, prompt_len: int,
     if profile:
         profiler = cProfile.Profile()
         engine.reset_prefix_cache()
-        _run(engine, prompts, new_tokens, timer, profiler)
+        _run(engine, prompts, new_tokens, timer, profiler, final_only)
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text)
         stats.sort_stats("cumulative").print_stats(top)
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (1: the model's time varies least on a busy machine)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule each step while the one before runs (default: on)")
+    p.add_argument("--final-only", action="store_true",
+                   help="step(final_only=True), as offline LLM.generate does")
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() once the engine is built")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the steps")
@@ -284,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             results.append(measure(Path(tmp), tokenizer, vocab, batch, args.prompt_len,
                                    args.new_tokens, args.repeats, args.profile, args.top,
-                                   args.gc_freeze, args.async_scheduling, args.profile_out))
+                                   args.gc_freeze, args.async_scheduling, args.profile_out,
+                                   args.final_only))
     for r in results:
         if r.profile_top:
             print(f"\n--- cProfile, batch {r.batch}, {r.decode_steps} decode steps ---")
@@ -292,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDecode steps on the CPU ({torch.get_num_threads()} threads), "
           f"{args.prompt_len}-token prompts, {args.new_tokens} greedy tokens, SmolLM2 tokenizer,"
           f" vocabulary {vocab}{', gc frozen' if args.gc_freeze else ''}, async scheduling "
-          f"{'on' if args.async_scheduling else 'off'}; ms per step (median;"
+          f"{'on' if args.async_scheduling else 'off'}"
+          f"{', final outputs only' if args.final_only else ''}; ms per step (median;"
           " gc: mean per step, longest pause)")
     print(f"{'batch':>6} {'steps':>6} {'wall':>8} {'model':>8} {'sampler math':>13} "
           f"{'host':>8} {'host/seq (us)':>14} {'gc/step':>8} {'gc max':>8}")

@@ -68,7 +68,8 @@ class Sequence:
         # What the worker's copy of this sequence holds (see core/step_data.py).
         self.known_to_worker = False
         self.num_outputs_sent = 0
-        # Incremental detokenization state (see engine.detokenizer).
+        # Incremental detokenization state (see engine.detokenizer): ``num_detokenized``
+        # output tokens are in ``tokens`` and (all but held-back bytes) in ``output_text``.
         self.output_text = ""
         self.tokens: Optional[list[str]] = None
         self.prefix_offset = 0

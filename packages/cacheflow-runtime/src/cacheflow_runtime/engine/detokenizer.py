@@ -97,22 +97,66 @@ class Detokenizer:
         self._token_texts: dict[str, str] = {}
 
     def decode_new_text(self, seq: Sequence, skip_special_tokens: bool) -> str:
-        """Appends the text of ``seq``'s newest token to ``seq.output_text`` and returns it.
+        """Appends the text of ``seq``'s known output tokens not decoded yet (usually the
+        newest one) to ``seq.output_text`` and returns it, one token after the other as a
+        stream shows them.
 
         Returns "" while the new bytes do not yet form a whole character.
         """
+        if seq.tokens is None:
+            self._start(seq, skip_special_tokens)
         tokens = seq.tokens
-        if tokens is None:
-            tokens = self._start(seq, skip_special_tokens)
-        token_id = seq.output_token_ids[-1]
-        new = self._token_strings[skip_special_tokens].get(token_id)
-        if new is None:
-            new = self._tokens_of(token_id, skip_special_tokens)
-        tokens += new
-        return self._emit(seq, True)
+        assert tokens is not None
+        output_ids = seq.output_token_ids
+        done, known = seq.num_detokenized, len(seq.output_logprobs)  # seq.num_known_outputs
+        if known - done == 1:  # the common case
+            token_id = output_ids[done]
+            seq.num_detokenized = known
+            new = self._token_strings[skip_special_tokens].get(token_id)
+            if new is None:
+                new = self._tokens_of(token_id, skip_special_tokens)
+            tokens += new
+            return self._emit(seq, True)
+        text = ""
+        for i in range(done, known):
+            seq.num_detokenized = i + 1
+            tokens += self._tokens_of(output_ids[i], skip_special_tokens)
+            text += self._emit(seq, True)
+        return text
 
-    def _start(self, seq: Sequence, skip_special_tokens: bool) -> list[str]:
-        """Sets up ``seq``'s tokens, text and offsets for its tokens but the newest one."""
+    def decode_output(self, seq: Sequence, skip_special_tokens: bool) -> str:
+        """Appends the text of ``seq``'s known output tokens not decoded yet to
+        ``seq.output_text``, nothing held back, and returns it: for a finished sequence whose
+        text nobody read while it ran, the text that :meth:`decode_new_text` token by token and
+        then :meth:`flush_text` give, in one decoding when that text is valid UTF-8.
+
+        Decoding in one piece gives the text of the stream because a decoder's text of tokens
+        ``a + b``, ``a`` ending a character, is its text of ``a`` then its text of ``b`` (and
+        ``b``'s first token has ``a``'s last ones as context either way). Invalid UTF-8 is where
+        decoders are not so (a byte-fallback decoder replaces a whole run of bytes, a
+        byte-level one each invalid stretch; a prompt may end inside a character), so a text
+        with a replacement character, or whose context's text is not where it starts, is decoded
+        again token by token.
+        """
+        if seq.tokens is None:
+            self._start(seq, skip_special_tokens)
+        tokens = seq.tokens
+        assert tokens is not None
+        num_tokens = len(tokens)
+        known = len(seq.output_logprobs)
+        for token_id in seq.output_token_ids[seq.num_detokenized:known]:
+            tokens += self._tokens_of(token_id, skip_special_tokens)
+        full, prefix = self._window_text(seq)
+        if "\ufffd" in full or "\ufffd" in prefix or not full.startswith(prefix):
+            del tokens[num_tokens:]
+            return self.decode_new_text(seq, skip_special_tokens) + self.flush_text(seq)
+        seq.num_detokenized = known
+        text = full[len(prefix):]
+        self._take(seq, text)
+        return text
+
+    def _start(self, seq: Sequence, skip_special_tokens: bool) -> None:
+        """Sets up ``seq``'s tokens and offsets for its prompt (no output token decoded)."""
         if self._ids_one_by_one:
             seq.tokens = []
             for token_id in seq.prompt_token_ids:
@@ -122,14 +166,8 @@ class Detokenizer:
                 seq.prompt_token_ids, skip_special_tokens=skip_special_tokens))
         seq.read_offset = len(seq.tokens)
         seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)
-        # Tokens already generated before this sequence existed (a fork or a recompute).
-        for token_id in seq.output_token_ids[:-1]:
-            seq.tokens.extend(self._tokens_of(token_id, skip_special_tokens))
-        seq.output_text = self.tokenizer.decode(seq.output_token_ids[:-1],
-                                                skip_special_tokens=skip_special_tokens)
-        seq.prefix_offset = max(len(seq.tokens) - _CONTEXT_TOKENS, 0)
-        seq.read_offset = len(seq.tokens)
-        return seq.tokens
+        seq.output_text = ""
+        seq.num_detokenized = 0
 
     def flush_text(self, seq: Sequence) -> str:
         """Appends the text that ``decode_new_text`` still holds back (the bytes of a character
@@ -151,6 +189,17 @@ class Detokenizer:
         """Decodes the tokens from ``read_offset`` on (with the context before them), appends
         their text to ``seq.output_text`` and moves the offsets past them. ``hold_partial``:
         emit nothing while the text ends in an unfinished character (or adds none)."""
+        full, prefix = self._window_text(seq)
+        if hold_partial and (len(full) <= len(prefix) or full[-1] == "\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self._take(seq, delta)
+        return delta
+
+    def _window_text(self, seq: Sequence) -> tuple[str, str]:
+        """The text of ``seq``'s tokens from ``prefix_offset`` on, and that of those before
+        ``read_offset`` (the context): the text of the tokens from ``read_offset`` on is what
+        the first has past the length of the second."""
         tokens = seq.tokens
         assert tokens is not None
         to_string = self._to_string
@@ -162,14 +211,15 @@ class Detokenizer:
                 prefix = self._token_texts[token] = to_string([token])
         else:
             prefix = to_string(tokens[start:read])
-        full = to_string(tokens[start:])
-        if hold_partial and (len(full) <= len(prefix) or full.endswith("\ufffd")):
-            return ""
-        delta = full[len(prefix):]
-        seq.prefix_offset = read
-        seq.read_offset = len(tokens)
-        seq.output_text += delta
-        return delta
+        return to_string(tokens[start:]), prefix
+
+    @staticmethod
+    def _take(seq: Sequence, text: str) -> None:
+        """Appends ``text``, the text of ``seq``'s tokens from ``read_offset`` on, to its
+        output text and moves the offsets past those tokens."""
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = len(seq.tokens or ())
+        seq.output_text += text
 
 
 def decode_new_text(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) -> str:

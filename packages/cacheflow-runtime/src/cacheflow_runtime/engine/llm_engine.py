@@ -252,10 +252,12 @@ class LLMEngine:
                 self._in_flight = (ahead, self._start(ahead))
                 self.num_pipelined_steps += 1
         touched = self.scheduler.update_from_output(plan, handle.result())
-        self.output_processor.process(touched)
+        self.output_processor.process(touched, final_only)
         self.scheduler.free_finished()
         reported = touched + self._aborted if self._aborted else touched
         if final_only:
+            if self._aborted:
+                self.output_processor.process_aborted(self._aborted)
             outputs = [RequestOutput.from_seq_group(g) for g in reported if request_finished(g)]
         else:
             outputs = [RequestOutput.from_seq_group(g) for g in reported]

@@ -26,25 +26,48 @@ class OutputProcessor:
         self.detokenizer: Optional[Detokenizer] = (None if tokenizer is None
                                                    else Detokenizer(tokenizer))
 
-    def process(self, groups: list[SequenceGroup]) -> None:
+    def process(self, groups: list[SequenceGroup], final_only: bool = False) -> None:
         """Updates the texts of the sequences of ``groups`` that got a token since the last
-        call."""
+        call.
+
+        ``final_only``: the caller reads the texts of finished requests only (``LLMEngine.step
+        (final_only=True)``), so a running sequence without stop strings is left undecoded and
+        decoded whole when it finishes (the same text, one decoder call instead of one per
+        token).
+        """
         detokenizer = self.detokenizer
+        if detokenizer is None:
+            return
         for group in groups:
             params = group.sampling_params
             if params.use_beam_search:
                 if group.beam_search_done:
                     self._beam_texts(group)
                 continue
+            deferred = final_only and not params.stop_strings
             for seq in group.seqs:
-                num_tokens = len(seq.output_token_ids)
-                if seq.num_detokenized < num_tokens:
-                    seq.num_detokenized = num_tokens
-                    if detokenizer is None:
-                        continue
-                    new_text = detokenizer.decode_new_text(seq, params.skip_special_tokens)
-                    if (new_text and params.stop_strings) or seq.status in FINISHED_STATUSES:
-                        self._end_text(params, seq, new_text)
+                if seq.num_detokenized == len(seq.output_logprobs):  # seq.num_known_outputs
+                    continue
+                if deferred:
+                    if seq.status in FINISHED_STATUSES:
+                        detokenizer.decode_output(seq, params.skip_special_tokens)
+                    continue
+                new_text = detokenizer.decode_new_text(seq, params.skip_special_tokens)
+                if (new_text and params.stop_strings) or seq.status in FINISHED_STATUSES:
+                    self._end_text(params, seq, new_text)
+
+    def process_aborted(self, groups: list[SequenceGroup]) -> None:
+        """Brings the texts of aborted ``groups`` up to their tokens as a stream of them shows
+        them (after ``final_only`` steps left them undecoded); no stop string is looked for."""
+        detokenizer = self.detokenizer
+        if detokenizer is None:
+            return
+        for group in groups:
+            if group.sampling_params.use_beam_search:
+                continue
+            for seq in group.seqs:
+                if seq.num_detokenized < seq.num_known_outputs:
+                    detokenizer.decode_new_text(seq, group.sampling_params.skip_special_tokens)
 
     def _end_text(self, params: SamplingParams, seq: Sequence, new_text: str) -> None:
         """Stop strings in ``new_text`` (the newest text of ``seq``), and the text held back
