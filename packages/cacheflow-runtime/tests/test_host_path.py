@@ -524,6 +524,20 @@ def test_final_only_steps_decode_each_output_once_unless_it_has_stop_strings(
     assert final["r0"][2] == "stop" and final["r0"][0] == text[:text.index(stop)]
 
 
+def test_a_sample_replaces_the_placeholder_or_follows_the_outputs() -> None:
+    """Sequence.add_sample: a sampled token takes the trailing placeholder's place (a step
+    scheduled ahead), or is appended when there is none; logprobs and lengths follow."""
+    seq = Sequence(0, None, [5, 6], block_size=8)
+    assert seq.add_sample(7, -0.5, {7: -0.5}) == 1
+    seq.append_placeholder()
+    assert seq.has_placeholder and seq.output_token_ids == [7, -1]
+    assert seq.add_sample(9, -0.25, {9: -0.25, 3: -2.0}) == 2
+    assert not seq.has_placeholder
+    assert (seq.output_token_ids, seq.output_logprobs) == ([7, 9], [{7: -0.5},
+                                                                  {9: -0.25, 3: -2.0}])
+    assert seq.cumulative_logprob == -0.75 and seq.get_len() == 4
+
+
 def test_finish_reasons_of_statuses() -> None:
     assert [s.finish_reason for s in SequenceStatus] == \
         [None, None, None, "stop", "length", "abort"]

@@ -85,15 +85,22 @@ class Sequence:
 
     def append_placeholder(self) -> None:
         """Appends :data:`PLACEHOLDER_TOKEN_ID` for a token sampled by a step still running
-        (asynchronous scheduling); ``resolve_placeholder`` replaces it once it is read."""
+        (asynchronous scheduling); ``add_sample`` replaces it once it is read."""
         self.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
 
-    def resolve_placeholder(self, token_id: int, logprobs: Logprobs) -> None:
-        """Replaces the trailing placeholder with the sampled token; ``logprobs`` must contain
-        ``token_id``."""
-        self.output_token_ids[-1] = token_id
-        self.output_logprobs.append(logprobs)
-        self.cumulative_logprob += logprobs[token_id]
+    def add_sample(self, token_id: int, logprob: float, logprobs: Logprobs) -> int:
+        """Puts a sampled token in place of the trailing placeholder, or after the outputs
+        when there is none; ``logprobs`` must contain ``token_id``, whose logprob ``logprob``
+        is. Returns the number of output tokens."""
+        outputs = self.output_token_ids
+        output_logprobs = self.output_logprobs
+        if len(outputs) > len(output_logprobs):  # self.has_placeholder
+            outputs[-1] = token_id
+        else:
+            outputs.append(token_id)
+        output_logprobs.append(logprobs)
+        self.cumulative_logprob += logprob
+        return len(outputs)
 
     @property
     def has_placeholder(self) -> bool:

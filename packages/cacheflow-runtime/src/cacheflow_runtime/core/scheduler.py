@@ -528,15 +528,20 @@ class Scheduler:
         sequences by length is not scheduled again."""
         self._assumed = last
         finishing = self._finishing
-        for group, seq in self._decode_rows(last.decodes, running):
-            self._advance_decode(group, seq)
+        advance = self._advance_decode
+        for req_id in last.decodes.req_ids:
+            group = running.get(req_id)
+            if group is None:
+                continue
+            seq = group.seqs[0]
+            advance(group, seq)
             if seq.status in FINISHED_STATUSES:
                 continue
             seq.append_placeholder()
             # StopRule.length_capped
             rule = group.stop_rule or self._stop_rule(group)
             if len(seq.output_token_ids) >= rule.max_output_len:
-                finishing.add(group.request_id)
+                finishing.add(req_id)
         for req in last.scheduled:
             group = running.get(req.req_id)
             if group is None:
@@ -610,17 +615,6 @@ class Scheduler:
                 touched.append(group)
         return touched
 
-    @staticmethod
-    def _decode_rows(decodes: CachedDecodes, running: dict[str, SequenceGroup]
-                     ) -> list[tuple[SequenceGroup, Sequence]]:
-        """The (request, sequence) of each row of ``decodes`` still running."""
-        rows = []
-        for req_id in decodes.req_ids:
-            group = running.get(req_id)
-            if group is not None:
-                rows.append((group, group.seqs[0]))
-        return rows
-
     def _advance_decode(self, group: SequenceGroup, seq: Sequence) -> None:
         """``_advance`` for a row of the step's columnar decodes: one computed token."""
         seq.num_computed_tokens += 1
@@ -637,6 +631,7 @@ class Scheduler:
                                f"worker returned {len(token_ids)} tokens and {len(logprobs)} "
                                "logprobs for them")
         advance = self._advance_decode
+        num_generated = 0
         for req_id, token_id, logprob in zip(decodes.req_ids, token_ids, logprobs):
             group = running.get(req_id)
             if group is None:
@@ -647,14 +642,13 @@ class Scheduler:
             touched.append(group)
             if seq.status in FINISHED_STATUSES:  # ended while a step ahead ran: drop its token
                 continue
-            self.num_generation_tokens += 1
-            if seq.has_placeholder:
-                seq.resolve_placeholder(token_id, {token_id: logprob})
-            else:
-                seq.append_token(token_id, {token_id: logprob})
+            num_generated += 1
+            output_len = seq.add_sample(token_id, logprob, {token_id: logprob})
             rule = group.stop_rule or self._stop_rule(group)
-            if rule.may_stop(token_id, len(seq.output_token_ids)):
+            # rule.may_stop(token_id, output_len)
+            if output_len >= rule.max_output_len or token_id in rule.token_ids:
                 self._check_token_stop(group, seq)
+        self.num_generation_tokens += num_generated
 
     def _advance(self, group: SequenceGroup, req: ScheduledRequest) -> list[Sequence]:
         """Counts the step's computed tokens of ``req`` and caches the blocks they fill;
@@ -709,11 +703,8 @@ class Scheduler:
                 continue
             self.num_generation_tokens += 1
             token_id = sample.token_id
-            if seq.has_placeholder:
-                seq.resolve_placeholder(token_id, sample.logprobs)
-            else:
-                seq.append_token(token_id, sample.logprobs)
-            if rule.may_stop(token_id, len(seq.output_token_ids)):
+            logprobs = sample.logprobs
+            if rule.may_stop(token_id, seq.add_sample(token_id, logprobs[token_id], logprobs)):
                 self._check_token_stop(group, seq)
 
     def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:

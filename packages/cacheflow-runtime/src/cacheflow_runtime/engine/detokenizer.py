@@ -103,14 +103,13 @@ class Detokenizer:
 
         Returns "" while the new bytes do not yet form a whole character.
         """
-        if seq.tokens is None:
-            self._start(seq, skip_special_tokens)
         tokens = seq.tokens
-        assert tokens is not None
-        output_ids = seq.output_token_ids
-        done, known = seq.num_detokenized, len(seq.output_logprobs)  # seq.num_known_outputs
-        if known - done == 1:  # the common case
-            token_id = output_ids[done]
+        if tokens is None:
+            tokens = self._start(seq, skip_special_tokens)
+        done = seq.num_detokenized
+        known = len(seq.output_logprobs)  # seq.num_known_outputs
+        if known == done + 1:  # the common case
+            token_id = seq.output_token_ids[done]
             seq.num_detokenized = known
             new = self._token_strings[skip_special_tokens].get(token_id)
             if new is None:
@@ -120,7 +119,7 @@ class Detokenizer:
         text = ""
         for i in range(done, known):
             seq.num_detokenized = i + 1
-            tokens += self._tokens_of(output_ids[i], skip_special_tokens)
+            tokens += self._tokens_of(seq.output_token_ids[i], skip_special_tokens)
             text += self._emit(seq, True)
         return text
 
@@ -138,36 +137,42 @@ class Detokenizer:
         with a replacement character, or whose context's text is not where it starts, is decoded
         again token by token.
         """
-        if seq.tokens is None:
-            self._start(seq, skip_special_tokens)
         tokens = seq.tokens
-        assert tokens is not None
+        if tokens is None:
+            tokens = self._start(seq, skip_special_tokens)
         num_tokens = len(tokens)
         known = len(seq.output_logprobs)
         for token_id in seq.output_token_ids[seq.num_detokenized:known]:
             tokens += self._tokens_of(token_id, skip_special_tokens)
-        full, prefix = self._window_text(seq)
+        start, read = seq.prefix_offset, seq.read_offset
+        prefix = self._to_string(tokens[start:read])
+        full = self._to_string(tokens[start:])
         if "\ufffd" in full or "\ufffd" in prefix or not full.startswith(prefix):
             del tokens[num_tokens:]
             return self.decode_new_text(seq, skip_special_tokens) + self.flush_text(seq)
         seq.num_detokenized = known
         text = full[len(prefix):]
-        self._take(seq, text)
+        seq.prefix_offset = read
+        seq.read_offset = len(tokens)
+        seq.output_text += text
         return text
 
-    def _start(self, seq: Sequence, skip_special_tokens: bool) -> None:
-        """Sets up ``seq``'s tokens and offsets for its prompt (no output token decoded)."""
+    def _start(self, seq: Sequence, skip_special_tokens: bool) -> list[str]:
+        """Sets up ``seq``'s tokens and offsets for its prompt (no output token decoded);
+        returns its tokens."""
         if self._ids_one_by_one:
-            seq.tokens = []
+            tokens = []
             for token_id in seq.prompt_token_ids:
-                seq.tokens.extend(self._tokens_of(token_id, skip_special_tokens))
+                tokens.extend(self._tokens_of(token_id, skip_special_tokens))
         else:
-            seq.tokens = list(self.tokenizer.convert_ids_to_tokens(
+            tokens = list(self.tokenizer.convert_ids_to_tokens(
                 seq.prompt_token_ids, skip_special_tokens=skip_special_tokens))
-        seq.read_offset = len(seq.tokens)
+        seq.tokens = tokens
+        seq.read_offset = len(tokens)
         seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)
         seq.output_text = ""
         seq.num_detokenized = 0
+        return tokens
 
     def flush_text(self, seq: Sequence) -> str:
         """Appends the text that ``decode_new_text`` still holds back (the bytes of a character
@@ -189,17 +194,6 @@ class Detokenizer:
         """Decodes the tokens from ``read_offset`` on (with the context before them), appends
         their text to ``seq.output_text`` and moves the offsets past them. ``hold_partial``:
         emit nothing while the text ends in an unfinished character (or adds none)."""
-        full, prefix = self._window_text(seq)
-        if hold_partial and (len(full) <= len(prefix) or full[-1] == "\ufffd"):
-            return ""
-        delta = full[len(prefix):]
-        self._take(seq, delta)
-        return delta
-
-    def _window_text(self, seq: Sequence) -> tuple[str, str]:
-        """The text of ``seq``'s tokens from ``prefix_offset`` on, and that of those before
-        ``read_offset`` (the context): the text of the tokens from ``read_offset`` on is what
-        the first has past the length of the second."""
         tokens = seq.tokens
         assert tokens is not None
         to_string = self._to_string
@@ -211,15 +205,14 @@ class Detokenizer:
                 prefix = self._token_texts[token] = to_string([token])
         else:
             prefix = to_string(tokens[start:read])
-        return to_string(tokens[start:]), prefix
-
-    @staticmethod
-    def _take(seq: Sequence, text: str) -> None:
-        """Appends ``text``, the text of ``seq``'s tokens from ``read_offset`` on, to its
-        output text and moves the offsets past those tokens."""
-        seq.prefix_offset = seq.read_offset
-        seq.read_offset = len(seq.tokens or ())
-        seq.output_text += text
+        full = to_string(tokens[start:])
+        if hold_partial and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return ""
+        delta = full[len(prefix):]
+        seq.prefix_offset = read
+        seq.read_offset = len(tokens)
+        seq.output_text += delta
+        return delta
 
 
 def decode_new_text(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) -> str:

@@ -38,22 +38,24 @@ class OutputProcessor:
         detokenizer = self.detokenizer
         if detokenizer is None:
             return
+        decode_new_text = detokenizer.decode_new_text
         for group in groups:
             params = group.sampling_params
             if params.use_beam_search:
                 if group.beam_search_done:
                     self._beam_texts(group)
                 continue
-            deferred = final_only and not params.stop_strings
+            stop_strings = params.stop_strings
+            skip = params.skip_special_tokens
             for seq in group.seqs:
                 if seq.num_detokenized == len(seq.output_logprobs):  # seq.num_known_outputs
                     continue
-                if deferred:
+                if final_only and not stop_strings:
                     if seq.status in FINISHED_STATUSES:
-                        detokenizer.decode_output(seq, params.skip_special_tokens)
+                        detokenizer.decode_output(seq, skip)
                     continue
-                new_text = detokenizer.decode_new_text(seq, params.skip_special_tokens)
-                if (new_text and params.stop_strings) or seq.status in FINISHED_STATUSES:
+                new_text = decode_new_text(seq, skip)
+                if (new_text and stop_strings) or seq.status in FINISHED_STATUSES:
                     self._end_text(params, seq, new_text)
 
     def process_aborted(self, groups: list[SequenceGroup]) -> None:
