@@ -9,7 +9,8 @@
 #   prefill: CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1 (rescale O at every key tile),
 #            CACHEFLOW_PREFILL_VARIANT=bn32 (head size 256: 32-key tiles, two K buffers),
 #            CACHEFLOW_PREFILL_GRID=group (group-major CTA order)
-#   rotary:  CACHEFLOW_ROTARY=block (a CUDA block per token, cos/sin staged in shared memory)
+#   rotary:  the default is the block-per-token kernel again; CACHEFLOW_ROTARY=warp times the
+#            warp-per-token kernel (slower on the H200, 2026-12-03)
 #
 # Prepare here: tools/build_wheels.sh (wheels in .whl/); run there with carry [".whl"]:
 #   bash tools/gpu_prefill_check.sh [tests|bench|all]
@@ -43,9 +44,9 @@ if [[ "$what" == bench || "$what" == all ]]; then
     --variants default,prev,eager,group,bn32,m64,w8 --iters 30 --out "$out/prefill.json" \
     > "$out/bench_prefill.log" 2>&1
   echo "prefill bench rc=$? (log: bench_prefill.log)"
-  echo "== bench_elementwise.py rotary (new vs CACHEFLOW_ROTARY=block)"
+  echo "== bench_elementwise.py rotary (default vs CACHEFLOW_ROTARY=warp)"
   timeout 60 python3 "$kdir/benchmarks/bench_elementwise.py" --only rotary_neox,rotary_gptj \
-    --compare-previous --out "$out/rotary.json" > "$out/bench_rotary.log" 2>&1
+    --compare-alternative --out "$out/rotary.json" > "$out/bench_rotary.log" 2>&1
   echo "rotary bench rc=$? (log: bench_rotary.log)"
   python3 - "$out/prefill.json" "$out/rotary.json" <<'PY' 2>&1 | tee "$out/summary.txt"
 import json, sys
@@ -84,12 +85,12 @@ except OSError as exc:
 else:
     print(f"\nrotary on {e['device']}, copy {e['copy']['gbps']:.0f} GB/s (target 80% of copy)")
     for x in e["results"]:
-        prev = x.get("extra", {}).get("previous", {})
+        prev = x.get("extra", {}).get("alternative", {})
         if x.get("error"):
             print(f"{x['op']:<26} ERROR {x['error']}")
             continue
         pt = prev.get("time_us")
-        print(f"{x['op']:<26} new {x['time_us']:6.1f} us {x['pct_of_copy']:5.1f}% | prev "
+        print(f"{x['op']:<26} default {x['time_us']:6.1f} us {x['pct_of_copy']:5.1f}% | warp "
               + (f"{pt:6.1f} us {prev.get('pct_of_copy', 0):5.1f}%" if pt else "-")
               + f" | max|diff| {x.get('max_abs_diff')}")
 PY

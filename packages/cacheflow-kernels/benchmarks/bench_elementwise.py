@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=10, help="calls per timed batch")
     p.add_argument("--only", default="", help="comma-separated op names to run (default: all)")
     p.add_argument("--skip-torch", action="store_true", help="do not time the torch equivalents")
-    p.add_argument("--compare-previous", action="store_true",
-                   help="also time the previous kernel of ops that have one (rotary: "
-                        "CACHEFLOW_ROTARY=block) in the same process")
+    p.add_argument("--compare-alternative", action="store_true",
+                   help="also time the alternative kernel of ops that have one (rotary: "
+                        "CACHEFLOW_ROTARY=warp) in the same process")
     return p.parse_args(argv)
 
 
@@ -171,10 +171,10 @@ class Bench:
         return result
 
 
-    def previous(self, result: Result, make: Callable[[int], tuple[list[Callable[[], Any]],
+    def alternative(self, result: Result, make: Callable[[int], tuple[list[Callable[[], Any]],
                                                               list[Callable[[], Any]] | None]],
                  bytes_per_set: int, env: dict[str, str]) -> None:
-        """Times the op again with `env` set (the previous kernel) into result.extra."""
+        """Times the op again with `env` set (the alternative kernel) into result.extra."""
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -183,9 +183,9 @@ class Bench:
             prev = {"env": env, "time_us": t, "gbps": result.bytes_moved / (t * 1e-6) / 1e9}
             if self.copy_gbps:
                 prev["pct_of_copy"] = 100.0 * prev["gbps"] / self.copy_gbps
-            result.extra["previous"] = prev
+            result.extra["alternative"] = prev
         except Exception as exc:  # noqa: BLE001 - report and go on
-            result.extra["previous"] = {"env": env, "error": _short_error(exc)}
+            result.extra["alternative"] = {"env": env, "error": _short_error(exc)}
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -297,8 +297,8 @@ def bench_rotary(b: Bench, ck: Any, is_neox: bool) -> Result:
         return ours, theirs
 
     b.run(res, make, check, 2 * qk)
-    if b.args.compare_previous and res.error is None:
-        b.previous(res, make, 2 * qk, {"CACHEFLOW_ROTARY": "block"})
+    if b.args.compare_alternative and res.error is None:
+        b.alternative(res, make, 2 * qk, {"CACHEFLOW_ROTARY": "warp"})
     return res
 
 
@@ -482,15 +482,15 @@ def print_table(results: list[Result], copy: dict[str, Any], device: str) -> Non
               f"{_fmt(r.speedup_vs_torch, 8, '.2f', 'x')} {_fmt(r.max_abs_diff, 10, '.3g')}  "
               f"{r.shape}{flag}{torch_note}")
     for r in results:
-        prev = r.extra.get("previous")
+        prev = r.extra.get("alternative")
         if not prev:
             continue
         env = " ".join(f"{k}={v}" for k, v in prev["env"].items())
         if prev.get("error"):
-            print(f"{r.op:<26} previous ({env}) FAILED: {prev['error']}")
+            print(f"{r.op:<26} alternative ({env}) FAILED: {prev['error']}")
         else:
-            print(f"{r.op:<26} previous ({env}): {prev['time_us']:.1f} us, "
-                  f"{prev.get('pct_of_copy', 0):.1f}% copy; new/previous time "
+            print(f"{r.op:<26} alternative ({env}): {prev['time_us']:.1f} us, "
+                  f"{prev.get('pct_of_copy', 0):.1f}% copy; default/alternative time "
                   f"{r.time_us / prev['time_us']:.3f}")
     print(f"\ntarget: >= {target:.0f}% of the copy bandwidth at 8k tokens (ops marked <80% miss "
           "it; swap_blocks crosses the host link and has no % of copy). GPU us: CUDA-graph "

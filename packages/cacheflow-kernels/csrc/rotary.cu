@@ -17,14 +17,16 @@
 // each product and the sum rounded to it (float32 math, no fused multiply-add), so results match
 // torch's eager ops. A position outside [0, max_position) leaves its token untouched.
 //
-// Two kernels. Where 16-byte accesses are possible (rotary width, head size, row strides and
-// pointers allow) and a head's 16-byte columns divide a warp (rot_dim 128 in 16-bit types, for
-// instance): one warp per (token, part of its heads), each lane with up to 10 q/k loads in flight
-// and its cos/sin columns read straight from global memory once for all its heads, no shared
-// memory and no barrier (RotaryWarpKernel). Otherwise, or with CACHEFLOW_ROTARY=block: one CUDA
-// block per token; each thread first loads its N elements of x1 and their N partners of x2 (neox)
-// or N interleaved elements (gpt-j) while the block stages the token's cos/sin row in shared
-// memory, then rotates and stores them (RotaryKernel).
+// Two kernels. By default one CUDA block per token; each thread first loads its N elements of x1
+// and their N partners of x2 (neox) or N interleaved elements (gpt-j) while the block stages the
+// token's cos/sin row in shared memory, then rotates and stores them (RotaryKernel). With
+// CACHEFLOW_ROTARY=warp, where 16-byte accesses are possible (rotary width, head size, row
+// strides and pointers allow) and a head's 16-byte columns divide a warp (rot_dim 128 in 16-bit
+// types, for instance): one warp per (token, part of its heads), each lane with up to 10 q/k
+// loads in flight and its cos/sin columns read straight from global memory once for all its
+// heads, no shared memory and no barrier (RotaryWarpKernel). On the H200 (2026-12-03) the warp
+// kernel was slower (neox 61.4 vs 59.6 us, gpt-j 74.9 vs 60.0 us at q[8192, 32x128]), so it is
+// not the default.
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
@@ -280,13 +282,13 @@ bool LaunchWarpKernel(const RotaryArgs& a, cudaStream_t stream) {
 }
 
 /*!
- * \brief CACHEFLOW_ROTARY=block runs the block-per-token kernel of 2026-11-27 everywhere (A/B
- * benchmarks in one process); unset or anything else: the warp kernel where it applies. Read at
- * every call (a getenv, no allocation).
+ * \brief CACHEFLOW_ROTARY=warp runs the warp-per-token kernel where it applies (A/B benchmarks in
+ * one process); unset or anything else: the block-per-token kernel. Read at every call (a getenv,
+ * no allocation).
  */
-bool BlockKernelForced() {
+bool WarpKernelChosen() {
   const char* v = std::getenv("CACHEFLOW_ROTARY");
-  return v != nullptr && std::strcmp(v, "block") == 0;
+  return v != nullptr && std::strcmp(v, "warp") == 0;
 }
 
 template <typename T, bool kNeox>
@@ -295,7 +297,7 @@ void LaunchStyle(const RotaryArgs& a, cudaStream_t stream) {
   const int unit_span = kNeox ? a.rot_dim / 2 : a.rot_dim;
   const bool wide = unit_span % kN == 0 && a.head_size % kN == 0 && a.query_stride % kN == 0 &&
                     a.key_stride % kN == 0 && AllAligned({a.query, a.key}, 16);
-  if (wide && !BlockKernelForced() && LaunchWarpKernel<T, kNeox>(a, stream)) return;
+  if (wide && WarpKernelChosen() && LaunchWarpKernel<T, kNeox>(a, stream)) return;
   if (wide) {
     LaunchKernel<T, kN, kN, kNeox>(a, stream);
   } else {

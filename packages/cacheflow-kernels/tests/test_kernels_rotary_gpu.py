@@ -16,8 +16,8 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 MAX_POSITION = 4096
-# CACHEFLOW_ROTARY: "warp" (the default: the warp-per-token kernel where it applies) or "block"
-# (the block-per-token kernel everywhere).
+# CACHEFLOW_ROTARY: "warp" (the warp-per-token kernel where it applies) or "block" (the default:
+# the block-per-token kernel everywhere).
 KERNELS = ["warp", "block"]
 
 
