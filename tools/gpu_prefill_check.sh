@@ -8,7 +8,8 @@
 # Previous (before 2026-12-03), switched at call time:
 #   prefill: CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1 (rescale O at every key tile),
 #            CACHEFLOW_PREFILL_VARIANT=bn32 (head size 256: 32-key tiles, two K buffers),
-#            CACHEFLOW_PREFILL_GRID=group (group-major CTA order)
+#            (CTA order: group-major is the default again; CACHEFLOW_PREFILL_GRID=chunked times the
+#            chunked longest-first order, slower on the H200 on 2026-12-03)
 #   rotary:  the default is the block-per-token kernel again; CACHEFLOW_ROTARY=warp times the
 #            warp-per-token kernel (slower on the H200, 2026-12-03)
 #
@@ -41,7 +42,7 @@ if [[ "$what" == bench || "$what" == all ]]; then
   cases="mha_fp16_d128,gqa_fp16_d128,mha_bf16_d128,mha_fp16_d64,mha_fp16_d96,mha_fp16_d256"
   cases+=",prefix_fp16_d128"
   timeout 150 python3 "$kdir/benchmarks/bench_paged_prefill.py" --cases "$cases" \
-    --variants default,prev,eager,group,bn32,m64,w8 --iters 30 --out "$out/prefill.json" \
+    --variants default,prev,eager,chunked,bn32,m64,w8 --iters 30 --out "$out/prefill.json" \
     > "$out/bench_prefill.log" 2>&1
   echo "prefill bench rc=$? (log: bench_prefill.log)"
   echo "== bench_elementwise.py rotary (default vs CACHEFLOW_ROTARY=warp)"
@@ -57,21 +58,21 @@ except OSError as e:
 else:
     h = r["header"]
     print(f"prefill on {h['device']}, kernels {h['cacheflow_kernels']}; speed = SDPA time / ours")
-    print("new = defaults; prev = all three previous choices; eager/group/bn32 = that choice "
-          "alone switched back (time / new time)")
+    print("new = defaults; prev = all previous choices; eager/bn32 = that choice alone switched "
+          "back, chunked = the chunked CTA order (time / new time)")
     by = {}
     for x in r["results"]:
         by.setdefault(x["case"]["name"], {})[x["variant"]] = x
     targets = {64: 0.95, 128: 0.95, 96: 0.85, 256: 0.85}
     print(f"{'case':<18} {'new ms':>7} {'prev ms':>7} {'SDPA ms':>7} {'new spd':>7} "
-          f"{'prev spd':>8} {'target':>6} {'eager':>6} {'group':>6} {'bn32':>6} {'err':>8}")
+          f"{'prev spd':>8} {'target':>6} {'eager':>6} {'chunk':>6} {'bn32':>6} {'err':>8}")
     for name, v in by.items():
         new, prev = v.get("default", {}), v.get("prev", {})
         n, p, s = new.get("ours_ms"), prev.get("ours_ms"), new.get("sdpa_ms")
         f = lambda x, w=7: f"{x:{w}.3f}" if x else f"{'-':>{w}}"
         spd = lambda t: f"{s / t:.2f}x" if s and t else "-"
         alone = [f"{v[k]['ours_ms'] / n:6.3f}" if v.get(k, {}).get("ours_ms") and n
-                 else f"{'-':>6}" for k in ("eager", "group", "bn32")]
+                 else f"{'-':>6}" for k in ("eager", "chunked", "bn32")]
         t = targets.get(new.get("case", {}).get("head_size"))
         err = new.get("max_abs_diff_vs_sdpa")
         errs = "; ".join(e for x in v.values() for e in x.get("errors", []))

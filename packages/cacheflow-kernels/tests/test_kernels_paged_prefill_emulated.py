@@ -135,14 +135,14 @@ def test_head_256_previous_tiling(emu: Any) -> None:
     check_close(case["out"], reference(case), torch.bfloat16, "head 256 bn32")
 
 
-def test_group_major_grid_order(emu: Any, monkeypatch: Any) -> None:
-    """CACHEFLOW_PREFILL_GRID=group: the CTA order before 2026-12-03 (each (head, seq) group's
-    tiles together); by default the emulated 3-SM device orders chunks of groups longest first."""
-    monkeypatch.setenv("CACHEFLOW_PREFILL_GRID", "group")
+def test_chunked_grid_order(emu: Any, monkeypatch: Any) -> None:
+    """CACHEFLOW_PREFILL_GRID=chunked: the emulated 3-SM device orders chunks of (head, seq)
+    groups longest first (the default keeps each group's tiles together)."""
+    monkeypatch.setenv("CACHEFLOW_PREFILL_GRID", "chunked")
     case = make_case([150, 20, 130], [160, 90, 130], num_heads=2, num_kv_heads=1, head_size=64,
                      block_size=16, dtype=torch.float16, seed=12)
     assert run_emulated(emu, case, max_query_len=150) == 1
-    check_close(case["out"], reference(case), torch.float16, "group-major order")
+    check_close(case["out"], reference(case), torch.float16, "chunked order")
 
 
 @pytest.mark.parametrize(("threshold", "head_size"), [("8", 128), ("-1", 64), ("0", 256)])
