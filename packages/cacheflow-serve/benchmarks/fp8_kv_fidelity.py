@@ -6,10 +6,17 @@ with the model-dtype cache, through the public ``LLM`` API.
     # a random LLaMA with 7B-shaped layers (hidden 4096, 32 heads of 128, MLP 11008), on a GPU
     python packages/cacheflow-serve/benchmarks/fp8_kv_fidelity.py --layers 8 --device cuda
 
-Reports the share of generated positions before each prompt's first divergence (positions after
-a divergence continue from different prefixes, so they are not compared), the first divergence
-of each prompt that diverges, and the KV-cache blocks each engine sized from the same memory.
-On the CPU the reference backend emulates the FP8 cache (quantize on write, dequantize on read).
+Reports two agreements over the generated positions:
+
+- same context (teacher-forced): both engines score the prompt followed by the model-dtype
+  engine's greedy tokens (``prompt_logprobs=1``, the K/V of every position read back from each
+  engine's own cache), and their top-1 tokens are compared at every generated position;
+- free-running: the share of positions before each prompt's first divergence of the two greedy
+  runs (positions after a divergence continue from different prefixes, so they are not
+  compared), with the first divergences.
+
+It also reports the KV-cache blocks each engine sized from the same memory. On the CPU the
+reference backend emulates the FP8 cache (quantize on write, dequantize on read).
 """
 
 from __future__ import annotations
@@ -52,19 +59,39 @@ class _BlockLog(logging.Handler):
             self.blocks.append(int(found.group(1)))
 
 
-def _generate(model: Optional[str], prompts: list, cache_dtype: str, tokens: int,
-              device: str, dtype: str) -> list[list[int]]:
-    """Greedy token ids per prompt from one engine with ``kv_cache_dtype=cache_dtype``."""
+def _top1_in_context(llm: LLM, prompt_ids: list[list[int]],
+                     generated: list[list[int]]) -> list[list[int]]:
+    """The engine's top-1 token at each generated position, given the prompt and the
+    ``generated`` tokens before it (one prefill per prompt with ``prompt_logprobs=1``)."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p + g} for p, g in zip(prompt_ids, generated)],
+                        params)
+    top1 = []
+    for p, g, out in zip(prompt_ids, generated, outs):
+        rows = out.prompt_logprobs[len(p):len(p) + len(g)]
+        top1.append([max(row, key=row.get) for row in rows])
+    return top1
+
+
+def _run_engine(model: Optional[str], prompts: list, cache_dtype: str, tokens: int,
+                device: str, dtype: str,
+                reference: Optional[tuple[list[list[int]], list[list[int]]]]
+                ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """One engine with ``kv_cache_dtype=cache_dtype``: (prompt ids, greedy tokens, top-1 tokens
+    in the context of ``reference`` (prompt ids, tokens), or of its own tokens when None)."""
     llm = LLM(model, kv_cache_dtype=cache_dtype, device=device, dtype=dtype,
               gpu_memory_utilization=0.45, max_num_seqs=64)
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     outs = llm.generate(prompts, params)
+    prompt_ids = [list(o.prompt_token_ids) for o in outs]
     ids = [list(o.outputs[0].token_ids) for o in outs]
+    context = reference if reference is not None else (prompt_ids, ids)
+    top1 = _top1_in_context(llm, *context)
     del llm, outs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ids
+    return prompt_ids, ids, top1
 
 
 def _english_prompts(count: int) -> list[str]:
@@ -93,7 +120,11 @@ def _random_llama(path: Path, layers: int, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _report(title: str, auto: list[list[int]], fp8: list[list[int]], blocks: list[int]) -> None:
+def _report(title: str, auto: list[list[int]], fp8: list[list[int]], auto_top1: list[list[int]],
+            fp8_top1: list[list[int]], blocks: list[int]) -> None:
+    positions = sum(len(a) for a in auto)
+    same = sum(x == y for a, b in zip(auto_top1, fp8_top1) for x, y in zip(a, b))
+    own = sum(x == y for a, b in zip(auto, auto_top1) for x, y in zip(a, b))
     agreed = 0
     divergences = []
     for i, (a, b) in enumerate(zip(auto, fp8)):
@@ -104,6 +135,9 @@ def _report(title: str, auto: list[list[int]], fp8: list[list[int]], blocks: lis
     total = sum(len(a) for a in auto)
     print(title)
     print(f"KV cache blocks (auto, fp8) from the same memory: {blocks}")
+    print(f"same context (the auto engine's tokens): top-1 agreement fp8 vs auto {same}/"
+          f"{positions} = {same / positions:.2%} (auto's scoring pass vs its own greedy tokens: "
+          f"{own}/{positions} = {own / positions:.2%})")
     print(f"positions before the first divergence: {agreed}/{total} = {agreed / total:.2%}")
     print(f"prompts that diverge: {len(divergences)}; first divergences (prompt, position): "
           f"{divergences[:16]}")
@@ -138,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             model = None if args.model == "default" else args.model
             prompts = _english_prompts(args.prompts)
             title = f"model {args.model}"
-        results = [_generate(model, prompts, kind, args.tokens, args.device, args.dtype)
-                   for kind in tqdm(["auto", "fp8"], desc="engines")]
+        with tqdm(total=2, desc="engines") as bar:
+            auto_prompts, auto, auto_top1 = _run_engine(model, prompts, "auto", args.tokens,
+                                                        args.device, args.dtype, None)
+            bar.update(1)
+            _, fp8, fp8_top1 = _run_engine(model, prompts, "fp8", args.tokens, args.device,
+                                           args.dtype, (auto_prompts, auto))
+            bar.update(1)
     _report(f"{title}, {args.dtype} on {args.device}, {args.prompts} prompts x {args.tokens} "
-            f"greedy tokens", results[0], results[1], log.blocks)
+            f"greedy tokens", auto, fp8, auto_top1, fp8_top1, log.blocks)
     return 0
 
 
