@@ -1936,9 +1936,16 @@ PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
   return v;
 }
 
-/*! \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part. */
+/*!
+ * \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part,
+ * rounded up to whole 16-byte chunks. ptxas merges the tail loop's conditional loads of
+ * weights[i], weights[i + 1], weights[i + 2] (i a multiple of 8: a 16-byte-aligned address) into
+ * one LDS.128, issued even when only weights[i] is left; a request ending inside that chunk (e.g.
+ * 24 bytes for 2 partitions) made it an out-of-bounds shared read under compute-sanitizer.
+ */
 inline size_t CombineSmemBytes(int num_partitions) {
-  return (kCombineThreads / 32 + static_cast<size_t>(num_partitions)) * sizeof(float);
+  const size_t floats = kCombineThreads / 32 + static_cast<size_t>(num_partitions);
+  return (floats + 3) / 4 * 4 * sizeof(float);
 }
 
 template <typename T>

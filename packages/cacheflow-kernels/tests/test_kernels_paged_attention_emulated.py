@@ -666,3 +666,45 @@ def test_strided_query_rows(emu: Any, kind: str, head_size: int, heads: tuple[in
     stride = _strided_query(case, 2 * heads[1])
     emu.set_layout(DEFAULT_CTA_ROWS, stride)
     check(emu, case, partition_size=64)
+
+
+# ---- The decode calls of sanitizer_sweep.py (sweep_paged_attention) and the combine kernel's
+# shared memory.
+
+
+def test_combine_shared_memory_is_whole_chunks(emu: Any) -> None:
+    """Two partitions: the combine kernel's 4 reduction floats + 2 weights were requested as 24
+    bytes, and ptxas reads weights[0..2] of its tail loop with one LDS.128 (12 bytes used), so
+    compute-sanitizer memcheck saw an out-of-bounds shared read (sanitizer_sweep.py's head-256
+    call, 2026-12-03). The emulator requires requests of whole 16-byte chunks."""
+    case = make_case([65, 3], num_heads=2, num_kv_heads=1, head_size=64, seed=80)
+    assert check(emu, case, partition_size=64, max_context_len=65) == 2
+
+
+H200_SMS = 132
+# sweep_paged_attention's shapes: (ctx_lens, heads, kv_heads, head_size, block_size, partition);
+# None is the automatic plan (of an H200), as the sweep's partition_size=None.
+SANITIZER_SHAPES = [
+    ([1, 17, 64], 4, 4, 64, 16, None),
+    ([5, 300], 8, 2, 80, 8, None),
+    ([33, 1100], 8, 1, 96, 32, 256),
+    ([700, 1, 129], 16, 2, 128, 16, 64),
+    ([250], 4, 4, 256, 16, 128),
+    ([40, 90], 2, 1, 112, 8, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("index", range(len(SANITIZER_SHAPES)),
+                         ids=[f"d{s[3]}-p{s[5]}" for s in SANITIZER_SHAPES])
+def test_sanitizer_sweep_shapes(emu: Any, dtype: str, index: int) -> None:
+    """The calls of sanitizer_sweep.py's sweep_paged_attention (its ALiBi and window pattern
+    too), with the partition plan the op takes."""
+    ctx, heads, kv, d, bs, part = SANITIZER_SHAPES[index]
+    calls = list(DTYPES).index(dtype) * len(SANITIZER_SHAPES) + index
+    case = make_case(ctx, num_heads=heads, num_kv_heads=kv, head_size=d, block_size=bs,
+                     dtype=getattr(torch, dtype), seed=calls, alibi=calls % 3 == 0)
+    window = 37 if calls % 4 == 1 else 0
+    size, parts = plan_partitions(len(ctx), heads, kv, max(ctx), H200_SMS, part, head_size=d)
+    assert check(emu, case, partition_size=size, max_context_len=max(ctx),
+                 sliding_window=window) == parts

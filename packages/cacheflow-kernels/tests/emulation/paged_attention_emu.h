@@ -11,8 +11,13 @@
 //   n g), same C/D; the lower k of a packed pair is in the low 16 bits; g = lane/4, t = lane%4.
 // Checks that abort the run with a message: global loads and stores outside every registered
 // buffer or misaligned, a barrier that not all threads of the warp / CTA reach (divergent
-// collective: deadlock), shared-memory writes past the requested size (canary). Shared memory
-// starts as 0xFF bytes (NaN), so a read of an unwritten element poisons the result.
+// collective: deadlock), shared-memory writes past the requested size (canary), and a dynamic
+// shared-memory request that is not a whole number of 16-byte chunks. Reads past the request are
+// not seen (plain C++ loads), and the kernels' own loads stay inside it; but ptxas merges
+// conditional scalar loads of one 16-byte-aligned chunk into one wide load (the combine kernel's
+// tail loop: LDS.128 of weights[i..i+2] when only weights[i] remains), which memcheck reports as
+// out of bounds when the request ends inside that chunk. Shared memory starts as 0xFF bytes
+// (NaN), so a read of an unwritten element poisons the result.
 //
 // cp.async (the pipelined kernel): each thread's copies are queued in commit groups and land
 // when cp.async.wait_group retires their group ("late", the default: the latest moment the PTX
@@ -69,6 +74,8 @@ namespace pa_emu {
 }
 
 constexpr size_t kCanary = 256;
+/*! \brief Dynamic shared memory is requested in whole chunks of this many bytes (see above). */
+constexpr size_t kSmemChunk = 16;
 
 struct PendingCopy {
   unsigned char* dst;
@@ -200,6 +207,14 @@ struct Grid {
 /*! \brief Runs `body` as every thread of every CTA of the grid, one CTA at a time. */
 inline void RunGrid(Grid grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
   if (threads % 32 != 0 || threads <= 0) Fail("threads must be a positive multiple of 32");
+  if (smem_bytes % kSmemChunk != 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof(buf),
+                  "dynamic shared memory of %zu bytes is not a multiple of %zu: a wide load the "
+                  "compiler forms from an aligned chunk reads past the request", smem_bytes,
+                  kSmemChunk);
+    Fail(buf);
+  }
   g_kernel_body = body;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
