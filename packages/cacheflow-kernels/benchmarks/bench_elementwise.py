@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import traceback
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench_timing import time_graph_us
+from bench_timing import environment, time_graph_us
 
 TARGET_SHARE_OF_COPY = 0.80
 GIB = 1 << 30
@@ -175,11 +174,10 @@ class Bench:
                                                               list[Callable[[], Any]] | None]],
                  bytes_per_set: int, env: dict[str, str]) -> None:
         """Times the op again with `env` set (the alternative kernel) into result.extra."""
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            ours, _ = make(self.buffer_sets(bytes_per_set))
-            t = self.graph_us(ours)
+            with environment(env):
+                ours, _ = make(self.buffer_sets(bytes_per_set))
+                t = self.graph_us(ours)
             prev = {"env": env, "time_us": t, "gbps": result.bytes_moved / (t * 1e-6) / 1e9}
             if self.copy_gbps:
                 prev["pct_of_copy"] = 100.0 * prev["gbps"] / self.copy_gbps
@@ -187,11 +185,6 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - report and go on
             result.extra["alternative"] = {"env": env, "error": _short_error(exc)}
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             self.torch.cuda.synchronize()
             self.torch.cuda.empty_cache()
 

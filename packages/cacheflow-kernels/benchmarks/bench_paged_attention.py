@@ -49,7 +49,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench_timing import time_graph_us
+from bench_timing import environment, time_graph_us
 
 GIB = 1 << 30
 PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
@@ -323,16 +323,8 @@ class Bench:
                     partition_size=partition)
 
             def with_env(env: dict[str, str], fn: Any) -> Any:
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
+                with environment(env):
                     return fn()
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
 
             auto = [caller(s, None) for s in sets]
             res.eager_us = self.time_calls(auto)

@@ -8,8 +8,10 @@ is the kernel's own and what the bandwidth targets are judged on, and the eager 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -46,3 +48,20 @@ def time_graph_us(torch: Any, calls: list[Callable[[], Any]], *, calls_per_graph
     per_call = [s.elapsed_time(e) * 1000.0 / calls_per_graph for s, e in zip(starts, ends)]
     del graph
     return statistics.median(per_call)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Sets the environment variables ``env`` for the duration of the block (the kernels read
+    their CACHEFLOW_* switches at every call), then restores each to its previous value or
+    absence."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
