@@ -275,12 +275,50 @@ def test_cuda_backend_prefill_goes_to_the_seam(fake_kernels: FakeKernels,
     monkeypatch.setattr(cuda, "prefill", prefill)
     layer = PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="cuda")
     monkeypatch.setattr(layer, "backend_for", lambda q: cuda)
-    step = _step([1, 7, 1], [5, 0, 16])  # mixed: a prompt among decodes
+    step = _step([7, 1, 1], [0, 5, 16])  # mixed, a prompt first: no leading decodes
     out = _run(layer, step)
     ref = _run(PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="reference"), step)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    assert seen == [[1, 7, 1]]
+    assert seen == [[7, 1, 1]]
     assert [c[0] for c in fake_kernels.calls] == ["reshape_and_cache"]
+
+
+def test_split_leading_decodes() -> None:
+    """A mixed step's leading decodes and the rest, as two metadata over the same rows."""
+    tables = [[3], [4, 5], [6], [7, 8, 9], [10]]
+    meta = _metadata([1, 1, 4, 1, 2], [6, 20, 4, 40, 9], tables,
+                     [50, 91, 96, 97, 98, 99, 140, 168, 169])
+    split = meta.split_leading_decodes()
+    assert split is not None and split.num_decodes == 2
+    dec, rest = split.decodes, split.rest
+    assert dec.query_lens == [1, 1] and dec.context_lens_host == [6, 20]
+    assert dec.query_start_loc.tolist() == [0, 1, 2] and dec.max_context_len == 20
+    assert dec.block_tables.tolist() == [[3, 0, 0], [4, 5, 0]] and not dec.is_prompt
+    assert dec.slot_mapping.tolist() == [50, 91]
+    assert rest.query_lens == [4, 1, 2] and rest.context_lens.tolist() == [4, 40, 9]
+    assert rest.query_start_loc.tolist() == [0, 4, 5, 7] and rest.max_query_len == 4
+    assert rest.num_tokens == 7 and rest.block_tables.tolist() == [[6, 0, 0], [7, 8, 9],
+                                                                  [10, 0, 0]]
+    assert rest.slot_mapping.tolist() == [96, 97, 98, 99, 140, 168, 169]
+    assert meta.split_leading_decodes() is split  # once per step
+    assert _metadata([1, 1], [3, 9], [[0], [1]], [2, 24]).split_leading_decodes() is None
+    assert _metadata([2, 1], [3, 9], [[0], [1]], [1, 2, 24]).split_leading_decodes() is None
+
+
+def test_mixed_step_without_the_split_is_one_prefill(fake_kernels: FakeKernels,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """CACHEFLOW_MIXED_DECODE_KERNEL=0 (read at import) sends the whole mixed step to the
+    prefill kernel."""
+    monkeypatch.setattr(cuda, "_MIXED_DECODE_KERNEL", False)
+    monkeypatch.setattr(cuda, "supports_prefill", lambda q, kc, a=None, w=None: a is None)
+    layer = PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="cuda")
+    monkeypatch.setattr(layer, "backend_for", lambda q: cuda)
+    step = _step([1, 1, 7], [5, 16, 0])
+    out = _run(layer, step)
+    ref = _run(PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="reference"), step)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert [c[0] for c in fake_kernels.calls] == ["reshape_and_cache", "paged_prefill_attention"]
+    assert fake_kernels.calls[1][1]["query_start_loc"] == [0, 1, 2, 9]
 
 
 def test_cuda_backend_prefill_runs_the_prefill_kernel(fake_kernels: FakeKernels,
@@ -289,13 +327,17 @@ def test_cuda_backend_prefill_runs_the_prefill_kernel(fake_kernels: FakeKernels,
                         lambda q, kc, a=None, w=None: a is None)
     layer = PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="cuda")
     monkeypatch.setattr(layer, "backend_for", lambda q: cuda)
-    step = _step([1, 7, 1, 3], [5, 0, 16, 30])  # a prompt, decodes and a prefix-cached chunk
+    # two leading decodes, a prompt, a decode and a prefix-cached chunk
+    step = _step([1, 1, 7, 1, 3], [5, 40, 0, 16, 30])
     out = _run(layer, step)
     ref = _run(PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="reference"), step)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    assert [c[0] for c in fake_kernels.calls] == ["reshape_and_cache", "paged_prefill_attention"]
-    args = fake_kernels.calls[1][1]
-    assert args["max_query_len"] == 7 and args["query_start_loc"] == [0, 1, 8, 9, 12]
+    assert [c[0] for c in fake_kernels.calls] == ["reshape_and_cache", "paged_attention",
+                                                  "paged_prefill_attention"]
+    dec = fake_kernels.calls[1][1]
+    assert dec["context_lens"] == [6, 41] and dec["max_context_len"] == 41
+    args = fake_kernels.calls[2][1]
+    assert args["max_query_len"] == 7 and args["query_start_loc"] == [0, 7, 8, 11]
     assert args["dtypes"] == (torch.int32,) * 3 and args["scale"] == 0.125 and args["contiguous"]
 
 
@@ -336,7 +378,9 @@ def test_unsupported_block_size_falls_back_to_reference() -> None:
 @pytest.mark.parametrize(
     ("query_lens", "cached"),
     [([1] * 6, [0, 5, 40, 16, 300, 1000]),  # decode: the kernel
-     ([1, 9, 1], [17, 0, 64]),              # mixed: the prefill kernel
+     ([1, 9, 1], [17, 0, 64]),              # mixed: a decode, then the prefill kernel
+     ([1, 1, 1, 200, 1, 37], [40, 1000, 5, 0, 17, 300]),  # leading decodes, prompts, decode
+     ([9, 1, 1], [0, 17, 64]),              # mixed, a prompt first: all the prefill kernel
      ([300, 1, 64], [700, 17, 0])],         # prefix-cached prompt, decode, prompt
 )
 def test_cuda_backend_matches_reference_on_gpu(dtype: torch.dtype, window: int | None,

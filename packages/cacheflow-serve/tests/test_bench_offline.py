@@ -65,6 +65,39 @@ def test_throughput_counts_are_exact(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert table[2].split()[0] == "engine" and table[2].split()[-2:] == ["32", "16"]
 
 
+def test_throughput_step_trace_accounts_for_every_token(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--step-trace: the traced steps compute every token once (a request computes its prompt
+    and every output token but the last); a small budget makes mixed steps; floors follow from
+    the rates of the same run."""
+    trace = tmp_path / "steps.jsonl"
+    report = _run(tmp_path, "bench", "throughput", "--num-prompts", "6", "--input-len", "8:40",
+                  "--output-len", "3:6", "--max-num-batched-tokens", "16",
+                  "--step-trace", str(trace))
+    engine = report["results"]["engine"]
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    computed = sum(s["prompt_tokens"] + s["decode_rows"] for s in steps)
+    assert computed == engine["prompt_tokens"] + engine["output_tokens"] - 6
+    # a one-token prompt chunk counts as a decode row (attention treats it as one)
+    assert sum(s["decode_rows"] for s in steps) >= engine["output_tokens"] - 6
+    assert all(s["decode_rows"] + s["prompt_tokens"] <= 16 for s in steps)
+    kinds = {s["kind"] for s in steps}
+    assert {"mixed", "decode"} <= kinds
+    info = engine["step_trace"]
+    bandwidth, flops = info["copy_bytes_per_s"], info["matmul_flops_per_s"]
+    decode = next(s for s in steps if s["kind"] == "decode")
+    memory = (4 * TINY_PARAMETERS + decode["decode_context_tokens"] * TINY_KV_BYTES_PER_TOKEN) \
+        / bandwidth
+    compute = 2 * TINY_PARAMETERS * decode["decode_rows"] / flops
+    assert decode["floor_s"] == pytest.approx(max(memory, compute))
+    by_kind = info["by_kind"]
+    assert sum(row["steps"] for row in by_kind.values()) == len(steps)
+    assert sum(row["seconds"] for row in by_kind.values()) <= engine["elapsed_s"] * 1.001
+    assert by_kind["mixed"]["mean_prompt_tokens"] > 0 and by_kind["mixed"]["mean_decode_rows"] > 0
+    out = capsys.readouterr().out
+    assert f"per-step trace: {trace}" in out and "\nmixed " in out
+
+
 def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:
     report = _run(tmp_path, "bench", "throughput", "--num-prompts", "5", "--input-len", "3:12",
                   "--output-len", "2:6", "--seed", "7", "--baseline", "hf",

@@ -1,5 +1,5 @@
 """Offline generation keeps the heap that existed before the run out of the collector's full
-passes while it runs, and hands it back afterwards (llm.py, ``_frozen_heap``)."""
+passes while it runs, and hands it back afterwards (llm.py, ``frozen_heap``)."""
 
 from __future__ import annotations
 

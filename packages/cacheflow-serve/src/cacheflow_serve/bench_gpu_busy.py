@@ -66,6 +66,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     from torch.profiler import ProfilerActivity, profile
 
     from cacheflow_runtime import SamplingParams
+    from cacheflow_serve.llm import frozen_heap
 
     if not torch.cuda.is_available():
         raise RuntimeError("measuring the GPU's idle share needs a CUDA device")
@@ -83,7 +84,9 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
             started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
         for _ in range(_WARMUP_STEPS):
             engine.step()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # As in LLM.generate: a full collector pass inside the window would stall the GPU for
+        # hundreds of milliseconds and count as the engine's idle time.
+        with frozen_heap(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 finished = [o for o in engine.step() if o.finished]
                 if finished:

@@ -5,6 +5,9 @@
 go to one ``LLM.generate`` call after a short warm-up; every request generates exactly its
 output length (``ignore_eos``, greedy). Reported: requests/s, total (prompt + output) tokens/s
 and output tokens/s, and with ``--baseline hf`` the same for HF ``generate`` on the same prompts.
+``--step-trace PATH`` also records every step of the timed run (one JSON line each, see
+bench_step_trace.py) and prints where the time went by step kind (decode-only, mixed, prompt)
+next to each kind's floor (copy bandwidth and matmul rate measured in the same run).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 from cacheflow_serve.bench_common import (
     LengthSpec,
@@ -22,6 +26,7 @@ from cacheflow_serve.bench_common import (
     describe_model,
     positive_int,
 )
+from cacheflow_serve.bench_step_trace import format_trace
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +47,9 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--hf-max-batch-size", type=int, default=64,
                         help="prompts per HF generate call with --baseline hf")
+    parser.add_argument("--step-trace", type=Path, default=None, metavar="PATH",
+                        help="write one JSON line per step of the timed run here and print "
+                             "the time by step kind next to its floor")
     add_model_arguments(parser)
 
 
@@ -55,11 +63,14 @@ def _rates(requests: int, prompt_tokens: int, output_tokens: int,
 
 
 def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[SyntheticRequest],
-               device: torch.device, progress: bool) -> dict[str, Any]:
+               device: torch.device, progress: bool,
+               trace: Optional[tuple[Path, dict[str, Any]]] = None) -> dict[str, Any]:
     """Times one ``LLM.generate`` over all requests after an untimed one over ``warmup``;
-    counts what came back."""
+    counts what came back. ``trace``: (path, model summary) to trace the timed run's steps
+    (``--step-trace``)."""
     from cacheflow_runtime import SamplingParams
     from cacheflow_serve.bench_common import synchronize
+    from cacheflow_serve.bench_step_trace import StepTrace
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -70,10 +81,14 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     sampling = [params(r.output_len) for r in requests]
     graphs_before = llm.engine.executor.cuda_graph_usage()
     synchronize(device)
+    tracer = StepTrace(llm, device.type == "cuda") if trace is not None else None
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=progress)
     synchronize(device)
     seconds = time.perf_counter() - start
+    if tracer is not None:
+        tracer.detach()
+        result_trace = _finish_trace(tracer, start + seconds, device, *trace)
     got = [len(o.outputs[0].token_ids) for o in outputs]
     result = _rates(len(outputs), sum(len(o.prompt_token_ids) for o in outputs), sum(got),
                     seconds)
@@ -81,7 +96,22 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     graphs_after = llm.engine.executor.cuda_graph_usage()
     if graphs_before is not None and graphs_after is not None:
         result["cuda_graphs"] = graph_usage_between(graphs_before, graphs_after)
+    if tracer is not None:
+        result["step_trace"] = result_trace
     return result
+
+
+def _finish_trace(tracer: Any, end_time: float, device: torch.device, path: Path,
+                  summary: dict[str, Any]) -> dict[str, Any]:
+    """Times and floors of the traced steps (rates measured now), written to ``path``."""
+    from cacheflow_serve.bench_latency import measure_copy_bandwidth, measure_matmul_rate
+
+    bandwidth = measure_copy_bandwidth(device)["bytes_per_s"]
+    flops = measure_matmul_rate(device)["flops_per_s"]
+    tracer.finish(end_time, summary, bandwidth, flops)
+    tracer.write(path)
+    return {"path": str(path), "copy_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
+            "by_kind": tracer.by_kind()}
 
 
 def graph_usage_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +173,9 @@ def format_table(report: dict[str, Any]) -> str:
                      f"({graphs['graph_rows']} sequence rows, {graphs['padding_rows']} padding "
                      f"rows: {graphs['padding_fraction']:.1%}), {graphs['eager_decode_steps']} "
                      "decode steps eager")
+    trace = report["results"]["engine"].get("step_trace")
+    if trace is not None:
+        lines.append(format_trace(trace["by_kind"], Path(trace["path"])))
     return "\n".join(lines)
 
 
@@ -189,7 +222,8 @@ def run_throughput(args: argparse.Namespace) -> int:
             results["hf"] = run_hf(model, requests, warmup, config.dtype, device,
                                    args.hf_max_batch_size, progress)
         llm = make_llm(args, model.path, max_num_seqs)
-        results["engine"] = run_engine(llm, requests, warmup, device, progress)
+        trace = None if args.step_trace is None else (args.step_trace, summary)
+        results["engine"] = run_engine(llm, requests, warmup, device, progress, trace)
         del llm  # the engine's memory goes back before the folder is removed
         release(device)
     results = {"engine": results["engine"], **{k: v for k, v in results.items()

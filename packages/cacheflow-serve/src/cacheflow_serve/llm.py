@@ -262,7 +262,7 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", unit="req",
-                  disable=not use_tqdm) as bar, torch.inference_mode(), _frozen_heap():
+                  disable=not use_tqdm) as bar, torch.inference_mode(), frozen_heap():
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step(final_only=True):
                     if out.finished:
@@ -287,7 +287,7 @@ def _split_prompt(item: PromptInput) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
+def frozen_heap() -> Iterator[None]:
     """Keeps the objects alive before a generation run out of the collector's full passes while
     it runs (``gc.freeze``), then gives them back (``gc.unfreeze``). A step leaves a few
     objects per sequence that reach the oldest generation, and each full pass would otherwise

@@ -6,7 +6,11 @@ either:
 - ``reshape_and_cache``: ``cacheflow_kernels.reshape_and_cache``.
 - ``paged_attention``: decode steps (every sequence has one new token) go to
   ``cacheflow_kernels.paged_attention`` (:func:`decode`); every other step (prompts, chunked or
-  prefix-cached prefills, mixed batches) goes to :func:`prefill`.
+  prefix-cached prefills, mixed batches) goes to :func:`prefill`, except that the leading
+  decodes of a mixed step (the scheduler puts its running decodes first) go to :func:`decode`:
+  the prefill kernel would give each of them a whole tile of query rows with one row used.
+  ``CACHEFLOW_MIXED_DECODE_KERNEL=0`` sends whole mixed steps to :func:`prefill` (for
+  comparisons).
 - :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
   block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
   reference backend.
@@ -20,6 +24,7 @@ Caches in the query's dtype or FP8 E4M3 (``torch.float8_e4m3fn``, with per-layer
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -33,6 +38,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: paged_attention reads the query with 16-byte loads: its address and row stride must be
 #: multiples of 16 bytes.
 _QUERY_ALIGN = 16
+#: Whether a mixed step's leading decodes run the decode kernel (see the module docstring).
+_MIXED_DECODE_KERNEL = os.environ.get("CACHEFLOW_MIXED_DECODE_KERNEL", "1") != "0"
 
 
 def _cache_dtype_ok(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
@@ -100,17 +107,20 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
            metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
            sliding_window: Optional[int] = None,
            workspace: Optional[torch.Tensor] = None, k_scale: float = 1.0,
-           v_scale: float = 1.0, logits_soft_cap: Optional[float] = None) -> torch.Tensor:
+           v_scale: float = 1.0, logits_soft_cap: Optional[float] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A decode step through ``cacheflow_kernels.paged_attention``.
 
     query: [num_seqs, num_heads, head_size] (one token per sequence); returns the same shape.
     ``metadata.max_context_len`` (a host int) sizes the kernel's split-K grid; ``workspace``
     (float32, see ``cacheflow_kernels.paged_attention_workspace_size``) avoids an allocation,
     e.g. under CUDA-graph capture. A query view into a fused QKV output (strided sequence rows)
-    is read in place; ``out`` is contiguous.
+    is read in place. The result goes to ``out`` (contiguous, the query's shape) when given,
+    else to a new tensor.
     """
     query = _token_rows(query, _QUERY_ALIGN)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     cacheflow_kernels.paged_attention(
         out, query, key_cache, value_cache, metadata.block_tables.contiguous(),
         metadata.context_lens.contiguous(), scale,
@@ -155,18 +165,21 @@ def supports_prefill(query: torch.Tensor, key_cache: torch.Tensor,
 def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             metadata: InputMetadata, scale: float, alibi_slopes: Optional[torch.Tensor] = None,
             sliding_window: Optional[int] = None, k_scale: float = 1.0, v_scale: float = 1.0,
-            logits_soft_cap: Optional[float] = None) -> torch.Tensor:
+            logits_soft_cap: Optional[float] = None,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Any step that is not a pure decode (some sequence has more than one new token).
 
     query: [num_tokens, num_heads, head_size]; returns the same shape. Runs
     ``cacheflow_kernels.paged_prefill_attention`` (prompts, prefix-cached prompts, prefill
     chunks and decode rows of a mixed batch in one launch; ``metadata.max_query_len``, a host
     int, sizes its grid) where :func:`supports_prefill`, else the reference backend. Rows past
-    ``metadata.num_tokens`` (padding) come back as zeros.
+    ``metadata.num_tokens`` (padding) come back as zeros. The result goes to ``out``
+    (contiguous, the query's shape) when given, else to a new tensor.
     """
     if supports_prefill(query, key_cache, alibi_slopes, sliding_window):
         query = query.contiguous()
-        out = torch.empty_like(query)
+        if out is None:
+            out = torch.empty_like(query)
         if query.shape[0] > metadata.num_tokens:
             out[metadata.num_tokens:].zero_()
         cacheflow_kernels.paged_prefill_attention(
@@ -180,8 +193,12 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
         kwargs["sliding_window"] = sliding_window
     if logits_soft_cap is not None:
         kwargs["logits_soft_cap"] = logits_soft_cap
-    return reference.paged_attention(query, key_cache, value_cache, metadata, scale,
-                                     alibi_slopes, **kwargs)
+    result = reference.paged_attention(query, key_cache, value_cache, metadata, scale,
+                                       alibi_slopes, **kwargs)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -191,10 +208,24 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     v_scale: float = 1.0,
                     logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached context (the reference
-    backend's contract): decode steps on the kernel, the others through :func:`prefill`."""
-    if is_decode(metadata) and supports_decode(query, key_cache):
+    backend's contract): decode steps on the decode kernel; a mixed step's leading decodes on
+    the decode kernel and the rest through :func:`prefill`; the others through
+    :func:`prefill`."""
+    decodes_fit = supports_decode(query, key_cache)
+    if is_decode(metadata) and decodes_fit:
         return decode(query, key_cache, value_cache, metadata, scale, alibi_slopes,
                       sliding_window, k_scale=k_scale, v_scale=v_scale,
                       logits_soft_cap=logits_soft_cap)
-    return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes, sliding_window,
-                   k_scale=k_scale, v_scale=v_scale, logits_soft_cap=logits_soft_cap)
+    split = metadata.split_leading_decodes() if decodes_fit and _MIXED_DECODE_KERNEL else None
+    if split is None:
+        return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes,
+                       sliding_window, k_scale=k_scale, v_scale=v_scale,
+                       logits_soft_cap=logits_soft_cap)
+    n = split.num_decodes
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    decode(query[:n], key_cache, value_cache, split.decodes, scale, alibi_slopes,
+           sliding_window, k_scale=k_scale, v_scale=v_scale, logits_soft_cap=logits_soft_cap,
+           out=out[:n])
+    prefill(query[n:], key_cache, value_cache, split.rest, scale, alibi_slopes, sliding_window,
+            k_scale=k_scale, v_scale=v_scale, logits_soft_cap=logits_soft_cap, out=out[n:])
+    return out

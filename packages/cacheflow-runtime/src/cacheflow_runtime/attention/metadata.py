@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,10 @@ class InputMetadata:
     logit_indices: torch.Tensor
     is_prompt: bool
     cascade: CascadePrefix | None = None
+    # split_leading_decodes()'s answer, worked out on the first call of the step.
+    _leading_decodes: Optional[LeadingDecodes] = field(default=None, init=False, repr=False,
+                                                       compare=False)
+    _leading_decodes_known: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -62,6 +67,54 @@ class InputMetadata:
     def max_context_len(self) -> int:
         """The longest context of one sequence."""
         return max(self.context_lens_host, default=0)
+
+    def split_leading_decodes(self) -> Optional[LeadingDecodes]:
+        """A mixed step cut in two for attention: the leading run of sequences with one new
+        token each (the step's decodes come first), and every sequence after it.
+
+        Returns None unless the step starts with at least one such sequence and has at least
+        one sequence with more new tokens. The parts describe the same tensors' rows (the
+        decodes' tokens are the first ``num_decodes`` rows); their ``query_start_loc`` counts
+        from their own first row, and their ``slot_mapping`` / ``logit_indices`` are the
+        slices of the step's own (attention reads neither). Worked out once per step: every
+        layer asks.
+        """
+        if not self._leading_decodes_known:
+            self._leading_decodes = _split_leading_decodes(self)
+            self._leading_decodes_known = True
+        return self._leading_decodes
+
+
+@dataclass(frozen=True)
+class LeadingDecodes:
+    """See :meth:`InputMetadata.split_leading_decodes`."""
+
+    num_decodes: int
+    decodes: InputMetadata
+    rest: InputMetadata
+
+
+def _split_leading_decodes(metadata: InputMetadata) -> Optional[LeadingDecodes]:
+    n = 0
+    for q in metadata.query_lens:
+        if q != 1:
+            break
+        n += 1
+    if n == 0 or n == len(metadata.query_lens):
+        return None
+    decodes = InputMetadata(
+        query_lens=metadata.query_lens[:n], context_lens_host=metadata.context_lens_host[:n],
+        query_start_loc=metadata.query_start_loc[:n + 1],
+        context_lens=metadata.context_lens[:n], block_tables=metadata.block_tables[:n],
+        slot_mapping=metadata.slot_mapping[:n], logit_indices=metadata.logit_indices[:0],
+        is_prompt=False)
+    rest = InputMetadata(
+        query_lens=metadata.query_lens[n:], context_lens_host=metadata.context_lens_host[n:],
+        query_start_loc=metadata.query_start_loc[n:] - n,
+        context_lens=metadata.context_lens[n:], block_tables=metadata.block_tables[n:],
+        slot_mapping=metadata.slot_mapping[n:], logit_indices=metadata.logit_indices[:0],
+        is_prompt=True)
+    return LeadingDecodes(n, decodes, rest)
 
 
 def build_input_metadata(query_lens: list[int], context_lens: list[int],

@@ -1,0 +1,162 @@
+"""Per-step trace of an offline run (``cacheflow bench throughput --step-trace PATH``): where a
+workload's time goes, step by step, next to each step's floor.
+
+Every step the engine starts is recorded as it is launched: its decode rows (sequences with one
+new token; a prompt's one-token chunk counts as one, as it does for attention) and their
+context tokens, its prompt tokens (every other scheduled token) and the attention work of
+those, and, on a GPU, a CUDA event recorded on the launching stream. The event of step i+1
+completes when the device has finished everything enqueued before it, so the time between
+consecutive events is step i's share of the device timeline (its kernels plus any wait for the
+host to enqueue the next step). The floor of a step is the larger of
+
+- memory: the weights plus the decode rows' K/V read once at the copy bandwidth, and
+- compute: 2 x parameters FLOPs per scheduled token plus the prompt tokens' attention FLOPs
+  (4 x layers x heads x head size per (query, key) pair) at the matmul rate,
+
+both measured in the same process. On the CPU the host clock between launches stands in for
+the events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+#: Step kinds of the summary.
+DECODE, MIXED, PROMPT = "decode", "mixed", "prompt"
+
+
+@dataclass
+class StepRecord:
+    """One launched step; ``seconds`` and ``floor_s`` are filled in by :meth:`StepTrace.finish`."""
+
+    decode_rows: int
+    decode_context_tokens: int
+    prompt_tokens: int
+    prompt_attention_pairs: int
+    host_time: float
+    seconds: float = 0.0
+    floor_s: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        """decode (decode rows only), prompt (prompt tokens only) or mixed."""
+        if not self.prompt_tokens:
+            return DECODE
+        return MIXED if self.decode_rows else PROMPT
+
+
+def plan_counts(plan: Any) -> tuple[int, int, int, int]:
+    """(decode rows, their context tokens, prompt tokens, prompt (query, key) pairs) of a
+    ``SchedulerOutput``: a sequence with one scheduled token is a decode row."""
+    decodes = plan.decodes
+    rows = len(decodes.seq_ids)
+    context = sum(decodes.num_computed_tokens) + rows
+    prompt_tokens = pairs = 0
+    for request in plan.scheduled:
+        for seq in request.seqs:
+            new = len(seq.token_ids)  # the tokens this step computes
+            if new == 1:
+                rows += 1
+                context += seq.num_computed_tokens + 1
+            else:
+                prompt_tokens += new
+                # query j (0-based) of the chunk sees num_computed + j + 1 keys
+                pairs += new * seq.num_computed_tokens + new * (new + 1) // 2
+    return rows, context, prompt_tokens, pairs
+
+
+class StepTrace:
+    """Records every step an ``LLM``'s executor starts (see the module docstring)."""
+
+    def __init__(self, llm: Any, cuda: bool) -> None:
+        self._executor = llm.engine.executor
+        self._launch = self._executor.execute_model_async
+        self._cuda = cuda
+        self.records: list[StepRecord] = []
+        self._events: list[Any] = []
+        self._executor.execute_model_async = self._traced
+
+    def _traced(self, plan: Any) -> Any:
+        if self._cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append(event)
+        rows, context, prompt_tokens, pairs = plan_counts(plan)
+        self.records.append(StepRecord(rows, context, prompt_tokens, pairs,
+                                       time.perf_counter()))
+        return self._launch(plan)
+
+    def detach(self) -> None:
+        """Stops recording (the executor's own method again)."""
+        self._executor.execute_model_async = self._launch
+
+    def finish(self, end_time: float, summary: dict[str, Any], bandwidth: float,
+               flops: float) -> None:
+        """Fills in each step's time and floor; ``end_time`` is the host clock after the run's
+        last synchronization (it closes the last step on the CPU; on a GPU an event recorded
+        now closes it)."""
+        if self._cuda:
+            import torch
+
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            marks = self._events + [end]
+            times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        else:
+            stamps = [r.host_time for r in self.records] + [end_time]
+            times = [b - a for a, b in zip(stamps, stamps[1:])]
+        attention_flops = 4 * summary["num_layers"] * summary["num_attention_heads"] \
+            * summary["head_size"]
+        for record, seconds in zip(self.records, times):
+            record.seconds = seconds
+            memory = (summary["parameter_bytes"]
+                      + record.decode_context_tokens * summary["kv_bytes_per_token"]) / bandwidth
+            compute = (2 * summary["parameters"] * (record.decode_rows + record.prompt_tokens)
+                       + attention_flops * record.prompt_attention_pairs) / flops
+            record.floor_s = max(memory, compute)
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per step kind: steps, seconds, floor seconds, mean decode rows and prompt tokens."""
+        table: dict[str, dict[str, float]] = {}
+        for record in self.records:
+            row = table.setdefault(record.kind, {"steps": 0, "seconds": 0.0, "floor_s": 0.0,
+                                                 "decode_rows": 0, "prompt_tokens": 0})
+            row["steps"] += 1
+            row["seconds"] += record.seconds
+            row["floor_s"] += record.floor_s
+            row["decode_rows"] += record.decode_rows
+            row["prompt_tokens"] += record.prompt_tokens
+        for row in table.values():
+            row["mean_decode_rows"] = row.pop("decode_rows") / row["steps"]
+            row["mean_prompt_tokens"] = row.pop("prompt_tokens") / row["steps"]
+        return table
+
+    def write(self, path: Path) -> None:
+        """One JSON line per step (in launch order)."""
+        with open(path, "w") as f:
+            for record in self.records:
+                f.write(json.dumps({**asdict(record), "kind": record.kind}) + "\n")
+
+
+def format_trace(table: dict[str, dict[str, float]], path: Optional[Path]) -> str:
+    """The per-kind summary as a plain-text table."""
+    lines = [f"{'steps':<8}{'count':>7}{'seconds':>10}{'floor s':>10}{'ratio':>7}"
+             f"{'ms/step':>9}{'decode rows':>13}{'prompt tok':>12}"]
+    for kind in (DECODE, MIXED, PROMPT):
+        row = table.get(kind)
+        if row is None:
+            continue
+        ratio = row["seconds"] / row["floor_s"] if row["floor_s"] else float("nan")
+        lines.append(f"{kind:<8}{row['steps']:>7}{row['seconds']:>10.2f}{row['floor_s']:>10.2f}"
+                     f"{ratio:>7.2f}{1e3 * row['seconds'] / row['steps']:>9.2f}"
+                     f"{row['mean_decode_rows']:>13.1f}{row['mean_prompt_tokens']:>12.1f}")
+    if path is not None:
+        lines.append(f"per-step trace: {path}")
+    return "\n".join(lines)
