@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated op names to run (default: all)")
     p.add_argument("--skip-torch", action="store_true", help="do not time the torch equivalents")
     p.add_argument("--compare-alternative", action="store_true",
-                   help="also time the alternative kernel of ops that have one (rotary: "
-                        "CACHEFLOW_ROTARY=warp) in the same process")
+                   help="also time every alternative kernel of ops that have some (rotary: "
+                        "CACHEFLOW_ROTARY=block, warp, pipelined) in the same process, next to "
+                        "the default")
     return p.parse_args(argv)
 
 
@@ -172,21 +173,28 @@ class Bench:
 
     def alternative(self, result: Result, make: Callable[[int], tuple[list[Callable[[], Any]],
                                                               list[Callable[[], Any]] | None]],
-                 bytes_per_set: int, env: dict[str, str]) -> None:
-        """Times the op again with `env` set (the alternative kernel) into result.extra."""
+                    bytes_per_set: int, env: dict[str, str],
+                    check: Callable[[], float] | None = None) -> dict[str, Any]:
+        """Times the op again with `env` set (an alternative kernel); appends
+        ``{"env", "time_us", "gbps", "pct_of_copy", "max_abs_diff"}`` (or ``{"env", "error"}``)
+        to ``result.extra["alternatives"]`` and returns it."""
+        entry: dict[str, Any] = {"env": env}
         try:
             with environment(env):
+                if check is not None:
+                    entry["max_abs_diff"] = float(check())
                 ours, _ = make(self.buffer_sets(bytes_per_set))
                 t = self.graph_us(ours)
-            prev = {"env": env, "time_us": t, "gbps": result.bytes_moved / (t * 1e-6) / 1e9}
+            entry.update(time_us=t, gbps=result.bytes_moved / (t * 1e-6) / 1e9)
             if self.copy_gbps:
-                prev["pct_of_copy"] = 100.0 * prev["gbps"] / self.copy_gbps
-            result.extra["alternative"] = prev
+                entry["pct_of_copy"] = 100.0 * entry["gbps"] / self.copy_gbps
         except Exception as exc:  # noqa: BLE001 - report and go on
-            result.extra["alternative"] = {"env": env, "error": _short_error(exc)}
+            entry["error"] = _short_error(exc)
         finally:
             self.torch.cuda.synchronize()
             self.torch.cuda.empty_cache()
+        result.extra.setdefault("alternatives", []).append(entry)
+        return entry
 
 
 # ---- the ops ----------------------------------------------------------------------------------
@@ -235,6 +243,10 @@ def bench_rms_norm(b: Bench, ck: Any, fused: bool) -> Result:
         return ours, theirs
 
     return b.run(res, make, check, moved)
+
+
+# Every value of CACHEFLOW_ROTARY (csrc/rotary.cu); unset is the default (today "block").
+ROTARY_VARIANTS = ("block", "warp", "pipelined")
 
 
 def bench_rotary(b: Bench, ck: Any, is_neox: bool) -> Result:
@@ -291,7 +303,8 @@ def bench_rotary(b: Bench, ck: Any, is_neox: bool) -> Result:
 
     b.run(res, make, check, 2 * qk)
     if b.args.compare_alternative and res.error is None:
-        b.alternative(res, make, 2 * qk, {"CACHEFLOW_ROTARY": "warp"})
+        for variant in ROTARY_VARIANTS:
+            b.alternative(res, make, 2 * qk, {"CACHEFLOW_ROTARY": variant}, check)
     return res
 
 
@@ -475,16 +488,20 @@ def print_table(results: list[Result], copy: dict[str, Any], device: str) -> Non
               f"{_fmt(r.speedup_vs_torch, 8, '.2f', 'x')} {_fmt(r.max_abs_diff, 10, '.3g')}  "
               f"{r.shape}{flag}{torch_note}")
     for r in results:
-        prev = r.extra.get("alternative")
-        if not prev:
+        alternatives = r.extra.get("alternatives") or []
+        if not alternatives or r.time_us is None:
             continue
-        env = " ".join(f"{k}={v}" for k, v in prev["env"].items())
-        if prev.get("error"):
-            print(f"{r.op:<26} alternative ({env}) FAILED: {prev['error']}")
-        else:
-            print(f"{r.op:<26} alternative ({env}): {prev['time_us']:.1f} us, "
-                  f"{prev.get('pct_of_copy', 0):.1f}% copy; default/alternative time "
-                  f"{r.time_us / prev['time_us']:.3f}")
+        print(f"{r.op:<26} default: {r.time_us:.1f} us, {_fmt(r.pct_of_copy, 0, '.1f', '%')} "
+              "copy")
+        for alt in alternatives:
+            env = " ".join(f"{k}={v}" for k, v in alt["env"].items())
+            if alt.get("error"):
+                print(f"{'':<26}   {env:<28} FAILED: {alt['error']}")
+                continue
+            print(f"{'':<26}   {env:<28} {alt['time_us']:7.1f} us "
+                  f"{_fmt(alt.get('pct_of_copy'), 7, '.1f', '%')} copy; "
+                  f"default/this time {r.time_us / alt['time_us']:.3f}; "
+                  f"max|diff| {_fmt(alt.get('max_abs_diff'), 0, '.3g')}")
     print(f"\ntarget: >= {target:.0f}% of the copy bandwidth at 8k tokens (ops marked <80% miss "
           "it; swap_blocks crosses the host link and has no % of copy). GPU us: CUDA-graph "
           "replay (swap_blocks: eager); eager us: back-to-back Python calls, host included; "

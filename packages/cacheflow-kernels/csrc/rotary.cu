@@ -27,6 +27,12 @@
 // heads, no shared memory and no barrier (RotaryWarpKernel). On the H200 (2026-12-03) the warp
 // kernel was slower (neox 61.4 vs 59.6 us, gpt-j 74.9 vs 60.0 us at q[8192, 32x128]), so it is
 // not the default.
+// With CACHEFLOW_ROTARY=pipelined, where 16-byte accesses are possible (same rule) and the cos/sin
+// cache is 16-byte aligned: persistent CTAs (SM count x occupancy), each over a stream of tokens
+// with a cp.async shared-memory ring of kPipeStages tokens, so 3 tokens' q/k loads and cos/sin
+// rows stay in flight per CTA without holding registers, and a token's cos/sin load never waits
+// for its position (read one step earlier) (RotaryPipelinedKernel). Not the default until measured.
+// Every variant falls back to the block kernel where it does not apply; results are identical.
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
@@ -35,6 +41,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "elementwise_common.cuh"
@@ -231,6 +240,262 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pipelined persistent kernel (CACHEFLOW_ROTARY=pipelined): each CTA walks a stream of tokens
+// and keeps the next kPipeStages - 1 tokens' loads in flight (cp.async into a shared-memory
+// ring, so they hold no registers) while it rotates the current one.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kPipeLoads = 4;          // 16-byte q/k chunks per thread and token
+constexpr int kPipeStages = 4;         // ring depth: tokens in flight per CTA = kPipeStages - 1
+constexpr int kPipeMaxThreads = 512;   // per CTA (one token's part)
+
+/*! \brief Rounds x and y to T in one paired conversion (same values as RoundTo on each). */
+template <typename T>
+__device__ __forceinline__ void RoundPair(float& x, float& y) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    x = __low2float(h);
+    y = __high2float(h);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(x, y);
+    x = __low2float(h);
+    y = __high2float(h);
+  }
+}
+
+/*! \brief Rotate with both products rounded by one paired conversion: bit-identical to Rotate. */
+template <typename T, bool kMinus>
+__device__ __forceinline__ float RotatePaired(float a, float c, float b, float s) {
+  float ac = __fmul_rn(a, c);
+  float bs = __fmul_rn(b, s);
+  RoundPair<T>(ac, bs);
+  return kMinus ? __fsub_rn(ac, bs) : __fadd_rn(ac, bs);
+}
+
+/*! \brief 16-byte asynchronous global -> shared copy (cp.async, L2 only). */
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+/*! \brief Waits until at most kPending of this thread's committed groups are still pending. */
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+/*!
+ * \brief positions[i] through a volatile load: issued where it is written, never sunk by the
+ * compiler into the (later) block that uses it.
+ */
+__device__ __forceinline__ int64_t LoadPositionNow(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.nc.s64 %0, [%1];\n" : "=l"(v) : "l"(p));
+  return v;
+}
+
+/*! \brief 16-byte streaming store (evict-first: q/k are touched once; cos/sin stay in L2). */
+template <typename T>
+__device__ __forceinline__ void StoreStream16(T* p, const Vec<T, kVec16<T>>& x) {
+  __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&x));
+}
+
+/*! \brief Units (neox: an x1 chunk and its x2 chunk; gpt-j: one chunk) per thread and token. */
+template <bool kNeox>
+constexpr int kPipeUnits = kNeox ? kPipeLoads / 2 : kPipeLoads;
+
+/*! \brief Dynamic shared memory of RotaryPipelinedKernel for `threads` threads and rot_dim. */
+template <typename T>
+constexpr size_t PipeSmemBytes(int threads, int rot_dim) {
+  return static_cast<size_t>(kPipeStages) * threads * kPipeLoads * 16 +  // q/k ring
+         static_cast<size_t>(kPipeStages) * rot_dim * sizeof(float) +   // raw cos/sin ring
+         2 * static_cast<size_t>(rot_dim) * sizeof(T);                  // rounded cos/sin x2
+}
+
+/*!
+ * \brief Persistent CTAs, each over the tokens blockIdx.x, blockIdx.x + gridDim.x, ... and the
+ * units (16-byte columns of the rotated features: neox N elements of x1 with their N partners
+ * of x2, gpt-j N interleaved elements) of part blockIdx.y of each token. Thread i owns the units
+ * i, i + blockDim.x, ... (kPipeLoads 16-byte chunks per token), the same for every token.
+ *
+ * Software pipeline over the CTA's tokens t_0, t_1, ...: at step k the thread issues, with
+ * cp.async into ring slot (k + kPipeStages - 1) % kPipeStages, its q/k chunks of token
+ * t_{k+kPipeStages-1} and (the first rot_dim/4 threads) one float4 each of that token's cos/sin
+ * row, whose position was read at step k-1; then it reads positions[t_{k+kPipeStages}], waits for
+ * its own copies of token t_k (cp.async.wait_group: kPipeStages - 1 tokens stay in flight), and
+ * rotates t_k: the cos/sin loaders round their float4 to T into one of two shared buffers, one
+ * barrier, then every thread rotates its chunks (read back from its own ring slots: no barrier
+ * needed for them) and stores them to global memory. Loads in flight hold no registers, the
+ * cos/sin load never waits for its position, and the first tokens' q/k loads wait for nothing.
+ * Arithmetic identical to RotaryKernel (the two product roundings of each output share one
+ * paired conversion instruction; the values are the same).
+ */
+template <typename T, bool kNeox>
+__global__ void __launch_bounds__(kPipeMaxThreads)
+    RotaryPipelinedKernel(const int64_t* __restrict__ positions, T* query, T* key,
+                          const float* __restrict__ cos_sin_cache, int64_t query_stride,
+                          int64_t key_stride, int num_tokens, int num_heads, int head_size,
+                          int rot_dim, int64_t max_position, int units_per_head, int part_units,
+                          int total_units) {
+  constexpr int N = kVec16<T>;
+  constexpr int kU = kPipeUnits<kNeox>;
+  constexpr int kCs = kNeox ? N : N / 2;  // cos (and sin) values per unit
+  constexpr int S = kPipeStages;
+  using Chunk = Vec<T, N>;
+  extern __shared__ __align__(16) unsigned char pipe_smem[];
+  const int threads = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  // [S][kPipeLoads][threads] chunks | [S][rot_dim] float (raw rows) | [2][rot_dim] T (rounded)
+  Chunk* const ring = reinterpret_cast<Chunk*>(pipe_smem);
+  float* const ring_cs = reinterpret_cast<float*>(ring + S * kPipeLoads * threads);
+  T* const cs_buf = reinterpret_cast<T*>(ring_cs + S * rot_dim);
+  const int half = rot_dim / 2;
+
+  // The thread's units (identical for every token of the CTA).
+  const int first = static_cast<int>(blockIdx.y) * part_units;
+  const int last = min(total_units, first + part_units);
+  int off[kU];  // element offset of x1 (neox) / the chunk (gpt-j) in the q or k row
+  int col[kU];  // first cos/sin index
+  unsigned has = 0, in_key = 0;
+#pragma unroll
+  for (int r = 0; r < kU; ++r) {
+    const int u = first + tid + r * threads;
+    off[r] = 0;
+    col[r] = 0;
+    if (u < last) {
+      const int head = u / units_per_head;
+      const int i0 = (u - head * units_per_head) * N;
+      col[r] = kNeox ? i0 : i0 / 2;
+      has |= 1u << r;
+      if (head < num_heads) {
+        off[r] = head * head_size + i0;
+      } else {
+        off[r] = (head - num_heads) * head_size + i0;
+        in_key |= 1u << r;
+      }
+    }
+  }
+  const bool cs_loader = 4 * tid < rot_dim;
+  // Ring slot of chunk j (x1 of unit r: j = 2r, its x2: 2r + 1 for neox; j = r for gpt-j).
+  auto slot = [&](int stage, int j) -> Chunk* { return ring + (stage * kPipeLoads + j) * threads + tid; };
+  unsigned valid = 0;  // bit s: the token in ring slot s has a position in range
+
+  // (Tokens past the end read the last position, unused.)
+  auto load_position = [&](int64_t t) -> int64_t {
+    return LoadPositionNow(positions + (t < num_tokens ? t : num_tokens - 1));
+  };
+
+  // Token t's q/k copies into ring slot `stage` (nothing past the end).
+  auto issue_qk = [&](int64_t t, int stage) {
+    if (t >= num_tokens) return;
+    const T* q_row = query + t * query_stride;
+    const T* k_row = key + t * key_stride;
+#pragma unroll
+    for (int r = 0; r < kU; ++r) {
+      if ((has >> r) & 1u) {
+        const T* p = ((in_key >> r) & 1u ? k_row : q_row) + off[r];
+        CpAsync16(slot(stage, kNeox ? 2 * r : r), p);
+        if constexpr (kNeox) CpAsync16(slot(stage, 2 * r + 1), p + half);
+      }
+    }
+  };
+  // Token t's cos/sin copy (position pos) into ring slot `stage`.
+  auto issue_cs = [&](int64_t t, int64_t pos, int stage) {
+    if (t >= num_tokens) return;
+    const bool ok = pos >= 0 && pos < max_position;
+    valid = ok ? valid | (1u << stage) : valid & ~(1u << stage);
+    if (cs_loader) {
+      CpAsync16(ring_cs + stage * rot_dim + 4 * tid,
+                cos_sin_cache + (ok ? pos : 0) * rot_dim + 4 * tid);
+    }
+  };
+
+  // Rotate token t from ring slot `stage` (its copies complete), cos/sin staged in `buf`.
+  auto finish = [&](int64_t t, int stage, T* buf) {
+    if (t >= num_tokens) return;  // uniform over the CTA
+    if (cs_loader) {
+      const float4 raw = *reinterpret_cast<const float4*>(ring_cs + stage * rot_dim + 4 * tid);
+      Vec<T, 4> v;
+      v.v[0] = FromFloat<T>(raw.x);
+      v.v[1] = FromFloat<T>(raw.y);
+      v.v[2] = FromFloat<T>(raw.z);
+      v.v[3] = FromFloat<T>(raw.w);
+      *reinterpret_cast<Vec<T, 4>*>(buf + 4 * tid) = v;
+    }
+    __syncthreads();
+    if (!((valid >> stage) & 1u)) return;  // out-of-range position: untouched (uniform)
+    T* q_row = query + t * query_stride;
+    T* k_row = key + t * key_stride;
+#pragma unroll
+    for (int r = 0; r < kU; ++r) {
+      if (!((has >> r) & 1u)) continue;
+      T* p = ((in_key >> r) & 1u ? k_row : q_row) + off[r];
+      const Vec<T, kCs> c = LoadVec<T, kCs, kCs>(buf + col[r]);
+      const Vec<T, kCs> s = LoadVec<T, kCs, kCs>(buf + half + col[r]);
+      if constexpr (kNeox) {
+        const Chunk x1 = *slot(stage, 2 * r);
+        const Chunk x2 = *slot(stage, 2 * r + 1);
+        Chunk y1, y2;
+#pragma unroll
+        for (int m = 0; m < N; ++m) {
+          const float a = ToFloat(x1.v[m]);
+          const float b = ToFloat(x2.v[m]);
+          const float cm = ToFloat(c.v[m]);
+          const float sm = ToFloat(s.v[m]);
+          y1.v[m] = FromFloat<T>(RotatePaired<T, true>(a, cm, b, sm));   // x1*cos - x2*sin
+          y2.v[m] = FromFloat<T>(RotatePaired<T, false>(b, cm, a, sm));  // x2*cos + x1*sin
+        }
+        StoreStream16<T>(p, y1);
+        StoreStream16<T>(p + half, y2);
+      } else {
+        const Chunk x = *slot(stage, r);
+        Chunk y;
+#pragma unroll
+        for (int m = 0; m < N / 2; ++m) {
+          const float a = ToFloat(x.v[2 * m]);
+          const float b = ToFloat(x.v[2 * m + 1]);
+          const float cm = ToFloat(c.v[m]);
+          const float sm = ToFloat(s.v[m]);
+          y.v[2 * m] = FromFloat<T>(RotatePaired<T, true>(a, cm, b, sm));
+          y.v[2 * m + 1] = FromFloat<T>(RotatePaired<T, false>(b, cm, a, sm));
+        }
+        StoreStream16<T>(p, y);
+      }
+    }
+  };
+
+  const int64_t stride = gridDim.x;
+  int64_t t = blockIdx.x;
+  // Prologue: positions of the first S tokens, the q/k copies of the first S - 1 tokens (none of
+  // them waits for a position), then their cos/sin copies. Commit group i holds everything token
+  // i still needs (group 0 all the q/k copies), so waiting for the groups up to k below means
+  // token k's copies have landed.
+  int64_t pos[S - 1];
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) pos[i] = load_position(t + i * stride);
+  int64_t pos_next = load_position(t + (S - 1) * stride);
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue_qk(t + i * stride, i);
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    issue_cs(t + i * stride, pos[i], i);
+    CpAsyncCommit();
+  }
+  for (int k = 0; t < num_tokens; ++k, t += stride) {
+    const int stage = (k + S - 1) % S;
+    issue_qk(t + (S - 1) * stride, stage);
+    issue_cs(t + (S - 1) * stride, pos_next, stage);
+    CpAsyncCommit();  // one group per step, empty past the end
+    pos_next = load_position(t + S * stride);
+    CpAsyncWait<S - 1>();  // this thread's copies of token t (slot k % S) have landed
+    finish(t, k % S, cs_buf + (k & 1) * rot_dim);
+  }
+  CpAsyncWait<0>();  // nothing left in flight at exit (the remaining groups are empty)
+}
+
 struct RotaryArgs {
   const int64_t* positions;
   char* query;
@@ -282,22 +547,113 @@ bool LaunchWarpKernel(const RotaryArgs& a, cudaStream_t stream) {
 }
 
 /*!
- * \brief CACHEFLOW_ROTARY=warp runs the warp-per-token kernel where it applies (A/B benchmarks in
- * one process); unset or anything else: the block-per-token kernel. Read at every call (a getenv,
- * no allocation).
+ * \brief CTAs of `kernel` (threads, smem bytes of dynamic shared memory) resident at once on
+ * device `device`: SMs x CTAs per SM (occupancy API; 0 when it does not fit), remembered per
+ * (kernel, device, threads, smem) so a call costs one lookup. Raises the kernel's dynamic shared
+ * memory limit first when smem is above the default 48 KB (and within the device's opt-in limit),
+ * and prefers the largest shared memory carveout.
  */
-bool WarpKernelChosen() {
+int64_t ResidentCtas(const void* kernel, int device, int threads, size_t smem) {
+  struct Entry {
+    const void* kernel;
+    int device, threads;
+    size_t smem;
+    int64_t ctas;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : cache) {
+    if (e.kernel == kernel && e.device == device && e.threads == threads && e.smem == smem) {
+      return e.ctas;
+    }
+  }
+  int sms = 0, optin = 0, per_sm = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TVM_FFI_CHECK_CUDA_ERROR(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem <= static_cast<size_t>(optin)) {
+    // All of the unified L1/shared storage as shared memory: the kernel's loads bypass L1.
+    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+    if (smem > 48 * 1024) {
+      TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    TVM_FFI_CHECK_CUDA_ERROR(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  }
+  const int64_t ctas = static_cast<int64_t>(sms) * per_sm;
+  if (cache.size() < 256) cache.push_back({kernel, device, threads, smem, ctas});
+  return ctas;
+}
+
+/*!
+ * \brief Launches RotaryPipelinedKernel (16-byte q/k accesses already checked by the caller);
+ * returns false (nothing launched) when the cos/sin cache is not 16-byte aligned, rot_dim is not
+ * a multiple of 4, a token's part would need more than kPipeMaxThreads threads, or the shared
+ * memory ring does not fit. Grid: (token streams, parts of a token's units): as many CTAs as are
+ * resident on the device at once (SM count x occupancy), balanced so that every stream has the
+ * same number of tokens (the last one fewer).
+ */
+template <typename T, bool kNeox>
+bool LaunchPipelinedKernel(const RotaryArgs& a, int device, cudaStream_t stream) {
+  constexpr int kN = kVec16<T>;
+  constexpr int64_t kU = kPipeUnits<kNeox>;
+  if (a.rot_dim % 4 != 0 || !IsAligned(a.cos_sin_cache, 16)) return false;
+  const int units_per_head = (kNeox ? a.rot_dim / 2 : a.rot_dim) / kN;
+  const int64_t total = static_cast<int64_t>(a.num_heads + a.num_kv_heads) * units_per_head;
+  const int64_t parts = (total + kU * kPipeMaxThreads - 1) / (kU * kPipeMaxThreads);
+  const int64_t part_units = (total + parts - 1) / parts;
+  const int64_t cs_threads = (a.rot_dim / 4 + 31) / 32 * 32;
+  const int64_t threads = std::max<int64_t>(((part_units + kU - 1) / kU + 31) / 32 * 32,
+                                            cs_threads);
+  if (parts > 65535 || threads > kPipeMaxThreads) return false;
+  const size_t smem = PipeSmemBytes<T>(static_cast<int>(threads), a.rot_dim);
+  const auto kernel = RotaryPipelinedKernel<T, kNeox>;
+  const int64_t resident = ResidentCtas(reinterpret_cast<const void*>(kernel), device,
+                                        static_cast<int>(threads), smem);
+  if (resident <= 0) return false;
+  const int64_t streams = std::max<int64_t>(1, resident / parts);
+  const int64_t per_stream = (a.num_tokens + streams - 1) / streams;
+  const int64_t grid_x = (a.num_tokens + per_stream - 1) / per_stream;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts));
+  kernel<<<grid, static_cast<unsigned>(threads), smem, stream>>>(
+      a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache,
+      a.query_stride, a.key_stride, static_cast<int>(a.num_tokens), a.num_heads, a.head_size,
+      a.rot_dim, a.max_position, units_per_head, static_cast<int>(part_units),
+      static_cast<int>(total));
+  return true;
+}
+
+enum class RotaryVariant { kBlock, kWarp, kPipelined };
+
+/*!
+ * \brief The kernel chosen by CACHEFLOW_ROTARY (A/B benchmarks in one process): "warp" the
+ * warp-per-token kernel, "pipelined" the pipelined persistent kernel, each where it applies;
+ * unset, "block" or anything else: the block-per-token kernel. Read at every call (a getenv, no
+ * allocation).
+ */
+RotaryVariant ChosenVariant() {
   const char* v = std::getenv("CACHEFLOW_ROTARY");
-  return v != nullptr && std::strcmp(v, "warp") == 0;
+  if (v == nullptr) return RotaryVariant::kBlock;
+  if (std::strcmp(v, "warp") == 0) return RotaryVariant::kWarp;
+  if (std::strcmp(v, "pipelined") == 0) return RotaryVariant::kPipelined;
+  return RotaryVariant::kBlock;
 }
 
 template <typename T, bool kNeox>
-void LaunchStyle(const RotaryArgs& a, cudaStream_t stream) {
+void LaunchStyle(const RotaryArgs& a, int device, cudaStream_t stream) {
   constexpr int kN = kVec16<T>;
   const int unit_span = kNeox ? a.rot_dim / 2 : a.rot_dim;
   const bool wide = unit_span % kN == 0 && a.head_size % kN == 0 && a.query_stride % kN == 0 &&
                     a.key_stride % kN == 0 && AllAligned({a.query, a.key}, 16);
-  if (wide && WarpKernelChosen() && LaunchWarpKernel<T, kNeox>(a, stream)) return;
+  const RotaryVariant variant = ChosenVariant();
+  if (wide && variant == RotaryVariant::kWarp && LaunchWarpKernel<T, kNeox>(a, stream)) return;
+  if (wide && variant == RotaryVariant::kPipelined &&
+      LaunchPipelinedKernel<T, kNeox>(a, device, stream)) {
+    return;
+  }
   if (wide) {
     LaunchKernel<T, kN, kN, kNeox>(a, stream);
   } else {
@@ -392,9 +748,9 @@ void RotaryEmbedding(TensorView positions, TensorView query, TensorView key,
   DispatchFloat(query.dtype(), [&](auto tag) {
     using T = decltype(tag);
     if (is_neox) {
-      LaunchStyle<T, true>(a, stream);
+      LaunchStyle<T, true>(a, dev.device_id, stream);
     } else {
-      LaunchStyle<T, false>(a, stream);
+      LaunchStyle<T, false>(a, dev.device_id, stream);
     }
   });
   CheckLaunch();

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 MAX_POSITION = 4096
-# CACHEFLOW_ROTARY: "warp" (the warp-per-token kernel where it applies) or "block" (the default:
-# the block-per-token kernel everywhere).
-KERNELS = ["warp", "block"]
+# CACHEFLOW_ROTARY: "warp" (the warp-per-token kernel where it applies), "pipelined" (the
+# pipelined persistent kernel where it applies) or "block" (the default: the block-per-token
+# kernel everywhere).
+KERNELS = ["warp", "pipelined", "block"]
 
 
 @pytest.fixture(params=KERNELS)
@@ -169,6 +170,45 @@ def test_warp_kernel_splits_heads_over_parts(num_heads: int) -> None:
         for is_neox in (True, False):
             case = random_case(dtype, 19, num_heads, num_heads, 128, seed=num_heads)
             run_and_compare(case, cos_sin_cache(128), 128, is_neox)
+
+
+# (num_tokens, num_heads, num_kv_heads, head_size, rot_dim): several parts per token (more units
+# than one CTA takes), partial rotary, few heads (the cos/sin loaders set the CTA size), more
+# tokens than resident CTAs, a single token.
+PIPELINED_SHAPES = [
+    (19, 300, 300, 128, 128),
+    (23, 40, 8, 128, 64),
+    (5, 1, 1, 256, 256),
+    (3000, 32, 8, 128, 128),
+    (1, 4, 2, 64, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize(("num_tokens", "num_heads", "num_kv_heads", "head_size", "rot_dim"),
+                         PIPELINED_SHAPES)
+def test_pipelined_kernel_matches_block_kernel_bit_for_bit(
+        monkeypatch: Any, dtype: Any, is_neox: bool, num_tokens: int, num_heads: int,
+        num_kv_heads: int, head_size: int, rot_dim: int) -> None:
+    """CACHEFLOW_ROTARY=pipelined against the block kernel (and torch): identical bits, with
+    out-of-range positions (tokens untouched) mixed in."""
+    case = random_case(dtype, num_tokens, num_heads, num_kv_heads, head_size, seed=num_tokens)
+    case["positions"][::7] = -1
+    cache = cos_sin_cache(rot_dim)
+    results = {}
+    for variant in ("block", "pipelined"):
+        monkeypatch.setenv("CACHEFLOW_ROTARY", variant)
+        q, k = case["query"].clone(), case["key"].clone()
+        ck.rotary_embedding(case["positions"], q, k, cache, head_size, is_neox)
+        results[variant] = (q, k)
+    torch.cuda.synchronize()
+    for got, want in zip(results["pipelined"], results["block"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_q, want_k = reference(case["positions"], case["query"], case["key"], cache, head_size,
+                               is_neox)
+    torch.testing.assert_close(results["pipelined"][0], want_q, **tolerance(dtype))
+    torch.testing.assert_close(results["pipelined"][1], want_k, **tolerance(dtype))
 
 
 def test_repeated_positions() -> None:

@@ -117,7 +117,10 @@ def rotary_embedding(
         is_neox: True for neox style (LLaMA, GPT-NeoX), False for gpt-j style (interleaved).
 
     All tensors are on one CUDA device. ``query`` and ``key`` must not overlap. Runs on the
-    caller's current stream; CUDA-graph capturable.
+    caller's current stream; CUDA-graph capturable. The environment variable
+    ``CACHEFLOW_ROTARY`` (read at every call) picks the kernel for A/B measurements: unset or
+    ``block`` (default), ``warp`` or ``pipelined``; each falls back to ``block`` where it does not
+    apply, and all give identical results.
 
     Raises:
         ValueError: an argument has the wrong device, dtype, shape, strides or value; raised
