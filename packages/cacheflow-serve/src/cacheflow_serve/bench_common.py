@@ -249,6 +249,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: torch.cuda.memory_stats counters that cost the step loop a device-wide wait: an allocation
+#: that found no cached block and no room (every cached block freed, then retried), and the
+#: driver allocations and frees behind the caching allocator.
+ALLOCATOR_COUNTERS = {"alloc_retries": "num_alloc_retries", "device_mallocs": "num_device_alloc",
+                      "device_frees": "num_device_free"}
+
+
+def allocator_counters(device: torch.device) -> Optional[dict[str, int]]:
+    """The caching allocator's counters (ALLOCATOR_COUNTERS) on a CUDA device, else None."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(key, 0)) for name, key in ALLOCATOR_COUNTERS.items()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Card, software versions and the date (UTC) of this run."""
     import datetime

@@ -66,6 +66,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     from torch.profiler import ProfilerActivity, profile
 
     from cacheflow_runtime import SamplingParams
+    from cacheflow_serve.bench_common import allocator_counters
     from cacheflow_serve.llm import frozen_heap
 
     if not torch.cuda.is_available():
@@ -86,6 +87,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
             engine.step()
         # As in LLM.generate: a full collector pass inside the window would stall the GPU for
         # hundreds of milliseconds and count as the engine's idle time.
+        allocator_before = allocator_counters(torch.device("cuda"))
         with frozen_heap(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 finished = [o for o in engine.step() if o.finished]
@@ -95,6 +97,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
                         f"(first: {len(finished[0].outputs[0].token_ids)} tokens, "
                         f"{finished[0].outputs[0].finish_reason}); the model's length is too "
                         "short for the window")
+        allocator_after = allocator_counters(torch.device("cuda"))
         events = prof.events()
         intervals = device_intervals(events)
     finally:
@@ -107,4 +110,6 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     busy_us = union_seconds(intervals)
     return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
             "gpu_idle_fraction": 1.0 - busy_us / window_us,
+            "cuda_allocator_in_window": {k: allocator_after[k] - allocator_before[k]
+                                         for k in allocator_before},
             "gpu_top_ops": top_device_ops(events, steps, k=40)}

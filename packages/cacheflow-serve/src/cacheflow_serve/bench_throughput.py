@@ -69,7 +69,7 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     counts what came back. ``trace``: (path, model summary) to trace the timed run's steps
     (``--step-trace``)."""
     from cacheflow_runtime import SamplingParams
-    from cacheflow_serve.bench_common import synchronize
+    from cacheflow_serve.bench_common import allocator_counters, synchronize
     from cacheflow_serve.bench_step_trace import StepTrace
 
     def params(n: int) -> SamplingParams:
@@ -81,11 +81,13 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     sampling = [params(r.output_len) for r in requests]
     graphs_before = llm.engine.executor.cuda_graph_usage()
     synchronize(device)
+    allocator_before = allocator_counters(device)
     tracer = StepTrace(llm, device.type == "cuda") if trace is not None else None
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=progress)
     synchronize(device)
     seconds = time.perf_counter() - start
+    allocator_after = allocator_counters(device)
     if tracer is not None:
         tracer.detach()
         result_trace = _finish_trace(tracer, start + seconds, device, *trace)
@@ -96,6 +98,9 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     graphs_after = llm.engine.executor.cuda_graph_usage()
     if graphs_before is not None and graphs_after is not None:
         result["cuda_graphs"] = graph_usage_between(graphs_before, graphs_after)
+    if allocator_before is not None and allocator_after is not None:
+        result["cuda_allocator"] = {k: allocator_after[k] - allocator_before[k]
+                                    for k in allocator_before}
     if tracer is not None:
         result["step_trace"] = result_trace
     return result
@@ -173,6 +178,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"({graphs['graph_rows']} sequence rows, {graphs['padding_rows']} padding "
                      f"rows: {graphs['padding_fraction']:.1%}), {graphs['eager_decode_steps']} "
                      "decode steps eager")
+    allocator = report["results"]["engine"].get("cuda_allocator")
+    if allocator is not None:
+        lines.append(f"CUDA caching allocator during the run: {allocator['alloc_retries']} "
+                     f"allocation retries (all cached blocks freed), "
+                     f"{allocator['device_mallocs']} cudaMalloc, {allocator['device_frees']} "
+                     "cudaFree")
     trace = report["results"]["engine"].get("step_trace")
     if trace is not None:
         lines.append(format_trace(trace["by_kind"], Path(trace["path"])))
