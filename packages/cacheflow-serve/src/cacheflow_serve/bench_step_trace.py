@@ -78,6 +78,8 @@ class StepTrace:
         self._cuda = cuda
         self.records: list[StepRecord] = []
         self._events: list[Any] = []
+        self._end_event: Any = None
+        self._end_time = 0.0
         self._executor.execute_model_async = self._traced
 
     def _traced(self, plan: Any) -> Any:
@@ -92,25 +94,26 @@ class StepTrace:
                                        time.perf_counter()))
         return self._launch(plan)
 
-    def detach(self) -> None:
-        """Stops recording (the executor's own method again)."""
+    def stop(self) -> None:
+        """Ends the trace at the end of the run (call right after the run's last
+        synchronization): stops recording (the executor's own method again) and marks the end
+        of the last step."""
         self._executor.execute_model_async = self._launch
-
-    def finish(self, end_time: float, summary: dict[str, Any], bandwidth: float,
-               flops: float) -> None:
-        """Fills in each step's time and floor; ``end_time`` is the host clock after the run's
-        last synchronization (it closes the last step on the CPU; on a GPU an event recorded
-        now closes it)."""
+        self._end_time = time.perf_counter()
         if self._cuda:
             import torch
 
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            marks = self._events + [end]
+            self._end_event = torch.cuda.Event(enable_timing=True)
+            self._end_event.record()
+
+    def finish(self, summary: dict[str, Any], bandwidth: float, flops: float) -> None:
+        """Fills in each step's time and floor (after :meth:`stop`)."""
+        if self._cuda:
+            self._end_event.synchronize()
+            marks = self._events + [self._end_event]
             times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
         else:
-            stamps = [r.host_time for r in self.records] + [end_time]
+            stamps = [r.host_time for r in self.records] + [self._end_time]
             times = [b - a for a, b in zip(stamps, stamps[1:])]
         attention_flops = 4 * summary["num_layers"] * summary["num_attention_heads"] \
             * summary["head_size"]

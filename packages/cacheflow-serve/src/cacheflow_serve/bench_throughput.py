@@ -87,10 +87,11 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     outputs = llm.generate(prompts, sampling, use_tqdm=progress)
     synchronize(device)
     seconds = time.perf_counter() - start
+    if tracer is not None:
+        tracer.stop()
     allocator_after = allocator_counters(device)
     if tracer is not None:
-        tracer.detach()
-        result_trace = _finish_trace(tracer, start + seconds, device, *trace)
+        result_trace = _finish_trace(tracer, device, *trace)
     got = [len(o.outputs[0].token_ids) for o in outputs]
     result = _rates(len(outputs), sum(len(o.prompt_token_ids) for o in outputs), sum(got),
                     seconds)
@@ -106,14 +107,14 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     return result
 
 
-def _finish_trace(tracer: Any, end_time: float, device: torch.device, path: Path,
+def _finish_trace(tracer: Any, device: torch.device, path: Path,
                   summary: dict[str, Any]) -> dict[str, Any]:
     """Times and floors of the traced steps (rates measured now), written to ``path``."""
     from cacheflow_serve.bench_latency import measure_copy_bandwidth, measure_matmul_rate
 
     bandwidth = measure_copy_bandwidth(device)["bytes_per_s"]
     flops = measure_matmul_rate(device)["flops_per_s"]
-    tracer.finish(end_time, summary, bandwidth, flops)
+    tracer.finish(summary, bandwidth, flops)
     tracer.write(path)
     return {"path": str(path), "copy_bytes_per_s": bandwidth, "matmul_flops_per_s": flops,
             "by_kind": tracer.by_kind()}
