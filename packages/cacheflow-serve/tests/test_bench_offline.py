@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cacheflow_serve import LLM, __version__, bench_latency
-from cacheflow_serve.bench_common import LengthSpec, synthetic_requests
+from cacheflow_serve.bench_common import LengthSpec, SyntheticRequest, synthetic_requests
 from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, top_device_ops, union_seconds
 from cacheflow_serve.bench_latency import StepClock, floors
 from cacheflow_serve.cli import main
@@ -94,8 +94,31 @@ def test_throughput_step_trace_accounts_for_every_token(
     assert sum(row["steps"] for row in by_kind.values()) == len(steps)
     assert sum(row["seconds"] for row in by_kind.values()) <= engine["elapsed_s"] * 1.001
     assert by_kind["mixed"]["mean_prompt_tokens"] > 0 and by_kind["mixed"]["mean_decode_rows"] > 0
+    assert sum(s["preemptions"] for s in steps) == engine["preemptions"]
     out = capsys.readouterr().out
     assert f"per-step trace: {trace}" in out and "\nmixed " in out
+
+
+def test_step_trace_counts_the_preemptions_of_each_step(tiny_path: Path, tmp_path: Path) -> None:
+    """A cache too small for the batch: the steps that preempted say so, and they add up to the
+    scheduler's count over the run."""
+    from cacheflow_serve.bench_common import model_summary
+    from cacheflow_serve.bench_throughput import run_engine
+
+    device = torch.device("cpu")
+    _, summary = model_summary(tiny_path, "float32", device, None)
+    llm = LLM(str(tiny_path), device="cpu", kv_cache_blocks=12, block_size=16,
+              max_num_seqs=8)
+    rng = random.Random(0)
+    requests = [SyntheticRequest([rng.randrange(3, 250) for _ in range(30)], 40)
+                for _ in range(8)]
+    warmup = [SyntheticRequest([5, 6, 7], 2)]
+    result = run_engine(llm, requests, warmup, device, False, (tmp_path / "s.jsonl", summary))
+    steps = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert result["outputs_short_or_long"] == 0
+    assert result["preemptions"] > 0
+    assert sum(s["preemptions"] for s in steps) == result["preemptions"]
+    assert result["preemptions"] == llm.engine.scheduler.num_preemptions
 
 
 def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Per-step trace of an offline run (``cacheflow bench throughput --step-trace PATH``): where a
 workload's time goes, step by step, next to each step's floor.
 
-Every step the engine starts is recorded as it is launched: its decode rows (sequences with one
+Every step the engine starts is recorded as it is launched (with the preemptions made while it
+was planned): its decode rows (sequences with one
 new token; a prompt's one-token chunk counts as one, as it does for attention) and their
 context tokens, its prompt tokens (every other scheduled token) and the attention work of
 those, and, on a GPU, a CUDA event recorded on the launching stream. The event of step i+1
@@ -38,6 +39,7 @@ class StepRecord:
     prompt_tokens: int
     prompt_attention_pairs: int
     host_time: float
+    preemptions: int = 0  # requests the scheduler preempted while planning this step
     seconds: float = 0.0
     floor_s: float = 0.0
 
@@ -74,6 +76,8 @@ class StepTrace:
 
     def __init__(self, llm: Any, cuda: bool) -> None:
         self._executor = llm.engine.executor
+        self._scheduler = llm.engine.scheduler
+        self._preemptions = self._scheduler.num_preemptions
         self._launch = self._executor.execute_model_async
         self._cuda = cuda
         self.records: list[StepRecord] = []
@@ -90,8 +94,10 @@ class StepTrace:
             event.record()
             self._events.append(event)
         rows, context, prompt_tokens, pairs = plan_counts(plan)
-        self.records.append(StepRecord(rows, context, prompt_tokens, pairs,
-                                       time.perf_counter()))
+        preemptions = self._scheduler.num_preemptions
+        self.records.append(StepRecord(rows, context, prompt_tokens, pairs, time.perf_counter(),
+                                       preemptions - self._preemptions))
+        self._preemptions = preemptions
         return self._launch(plan)
 
     def stop(self) -> None:

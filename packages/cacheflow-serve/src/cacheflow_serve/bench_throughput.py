@@ -82,6 +82,7 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     graphs_before = llm.engine.executor.cuda_graph_usage()
     synchronize(device)
     allocator_before = allocator_counters(device)
+    preemptions_before = llm.engine.scheduler.num_preemptions
     tracer = StepTrace(llm, device.type == "cuda") if trace is not None else None
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=progress)
@@ -96,6 +97,7 @@ def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[Syntheti
     result = _rates(len(outputs), sum(len(o.prompt_token_ids) for o in outputs), sum(got),
                     seconds)
     result["outputs_short_or_long"] = sum(g != r.output_len for g, r in zip(got, requests))
+    result["preemptions"] = llm.engine.scheduler.num_preemptions - preemptions_before
     graphs_after = llm.engine.executor.cuda_graph_usage()
     if graphs_before is not None and graphs_after is not None:
         result["cuda_graphs"] = graph_usage_between(graphs_before, graphs_after)
