@@ -283,12 +283,12 @@ def test_cuda_backend_prefill_goes_to_the_seam(fake_kernels: FakeKernels,
     assert [c[0] for c in fake_kernels.calls] == ["reshape_and_cache"]
 
 
-def test_split_leading_decodes() -> None:
+def test_leading_decodes() -> None:
     """A mixed step's leading decodes and the rest, as two metadata over the same rows."""
     tables = [[3], [4, 5], [6], [7, 8, 9], [10]]
     meta = _metadata([1, 1, 4, 1, 2], [6, 20, 4, 40, 9], tables,
                      [50, 91, 96, 97, 98, 99, 140, 168, 169])
-    split = meta.split_leading_decodes()
+    split = meta.leading_decodes
     assert split is not None and split.num_decodes == 2
     dec, rest = split.decodes, split.rest
     assert dec.query_lens == [1, 1] and dec.context_lens_host == [6, 20]
@@ -300,9 +300,9 @@ def test_split_leading_decodes() -> None:
     assert rest.num_tokens == 7 and rest.block_tables.tolist() == [[6, 0, 0], [7, 8, 9],
                                                                   [10, 0, 0]]
     assert rest.slot_mapping.tolist() == [96, 97, 98, 99, 140, 168, 169]
-    assert meta.split_leading_decodes() is split  # once per step
-    assert _metadata([1, 1], [3, 9], [[0], [1]], [2, 24]).split_leading_decodes() is None
-    assert _metadata([2, 1], [3, 9], [[0], [1]], [1, 2, 24]).split_leading_decodes() is None
+    assert meta.leading_decodes is split  # once per step
+    assert _metadata([1, 1], [3, 9], [[0], [1]], [2, 24]).leading_decodes is None
+    assert _metadata([2, 1], [3, 9], [[0], [1]], [1, 2, 24]).leading_decodes is None
 
 
 def test_mixed_step_without_the_split_is_one_prefill(fake_kernels: FakeKernels,

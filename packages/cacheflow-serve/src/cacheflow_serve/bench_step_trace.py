@@ -1,14 +1,14 @@
 """Per-step trace of an offline run (``cacheflow bench throughput --step-trace PATH``): where a
 workload's time goes, step by step, next to each step's floor.
 
-Every step the engine starts is recorded as it is launched (with the preemptions made while it
-was planned): its decode rows (sequences with one
-new token; a prompt's one-token chunk counts as one, as it does for attention) and their
-context tokens, its prompt tokens (every other scheduled token) and the attention work of
-those, and, on a GPU, a CUDA event recorded on the launching stream. The event of step i+1
-completes when the device has finished everything enqueued before it, so the time between
-consecutive events is step i's share of the device timeline (its kernels plus any wait for the
-host to enqueue the next step). The floor of a step is the larger of
+Every step the engine starts is recorded as it is launched: the preemptions made while it was
+planned, its decode rows (sequences with one new token; a prompt's one-token chunk counts as
+one, as it does for attention) and their context tokens, its prompt tokens (every other
+scheduled token) and their attention work, and, on a GPU, a CUDA event recorded on the
+launching stream. The event of step i+1 completes when the device has finished everything
+enqueued before it, so the time between consecutive events is step i's share of the device
+timeline (its kernels plus any wait for the host to enqueue the next step). The floor of a
+step is the larger of
 
 - memory: the weights plus the decode rows' K/V read once at the copy bandwidth, and
 - compute: 2 x parameters FLOPs per scheduled token plus the prompt tokens' attention FLOPs

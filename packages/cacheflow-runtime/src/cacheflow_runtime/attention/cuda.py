@@ -216,7 +216,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         return decode(query, key_cache, value_cache, metadata, scale, alibi_slopes,
                       sliding_window, k_scale=k_scale, v_scale=v_scale,
                       logits_soft_cap=logits_soft_cap)
-    split = metadata.split_leading_decodes() if decodes_fit and _MIXED_DECODE_KERNEL else None
+    split = metadata.leading_decodes if decodes_fit and _MIXED_DECODE_KERNEL else None
     if split is None:
         return prefill(query, key_cache, value_cache, metadata, scale, alibi_slopes,
                        sliding_window, k_scale=k_scale, v_scale=v_scale,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -43,10 +44,6 @@ class InputMetadata:
     logit_indices: torch.Tensor
     is_prompt: bool
     cascade: CascadePrefix | None = None
-    # split_leading_decodes()'s answer, worked out on the first call of the step.
-    _leading_decodes: Optional[LeadingDecodes] = field(default=None, init=False, repr=False,
-                                                       compare=False)
-    _leading_decodes_known: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +65,8 @@ class InputMetadata:
         """The longest context of one sequence."""
         return max(self.context_lens_host, default=0)
 
-    def split_leading_decodes(self) -> Optional[LeadingDecodes]:
+    @functools.cached_property
+    def leading_decodes(self) -> Optional[LeadingDecodes]:
         """A mixed step cut in two for attention: the leading run of sequences with one new
         token each (the step's decodes come first), and every sequence after it.
 
@@ -76,18 +74,15 @@ class InputMetadata:
         one sequence with more new tokens. The parts describe the same tensors' rows (the
         decodes' tokens are the first ``num_decodes`` rows); their ``query_start_loc`` counts
         from their own first row, and their ``slot_mapping`` / ``logit_indices`` are the
-        slices of the step's own (attention reads neither). Worked out once per step: every
-        layer asks.
+        slices of the step's own (attention reads neither). Worked out once per step (every
+        layer asks).
         """
-        if not self._leading_decodes_known:
-            self._leading_decodes = _split_leading_decodes(self)
-            self._leading_decodes_known = True
-        return self._leading_decodes
+        return _split_leading_decodes(self)
 
 
 @dataclass(frozen=True)
 class LeadingDecodes:
-    """See :meth:`InputMetadata.split_leading_decodes`."""
+    """See :attr:`InputMetadata.leading_decodes`."""
 
     num_decodes: int
     decodes: InputMetadata
