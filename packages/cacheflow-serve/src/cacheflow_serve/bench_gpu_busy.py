@@ -67,7 +67,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
 
     from cacheflow_runtime import SamplingParams
     from cacheflow_serve.bench_common import allocator_counters
-    from cacheflow_serve.llm import frozen_heap
+    from cacheflow_serve.llm import full_gc_paused
 
     if not torch.cuda.is_available():
         raise RuntimeError("measuring the GPU's idle share needs a CUDA device")
@@ -88,7 +88,7 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
         # As in LLM.generate: a full collector pass inside the window would stall the GPU for
         # hundreds of milliseconds and count as the engine's idle time.
         allocator_before = allocator_counters(torch.device("cuda"))
-        with frozen_heap(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with full_gc_paused(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 finished = [o for o in engine.step() if o.finished]
                 if finished:

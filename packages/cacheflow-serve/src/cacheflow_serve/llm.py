@@ -262,7 +262,7 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Generating", unit="req",
-                  disable=not use_tqdm) as bar, torch.inference_mode(), frozen_heap():
+                  disable=not use_tqdm) as bar, torch.inference_mode(), full_gc_paused():
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step(final_only=True):
                     if out.finished:
@@ -286,28 +286,22 @@ def _split_prompt(item: PromptInput) -> tuple[Any, Any]:
                               f"'prompt_token_ids', got {type(item).__name__}", param="prompt")
 
 
-#: Generation-2 threshold while a generation run holds the heap frozen: no automatic full pass.
+#: Generation-2 threshold while a generation run goes on: no automatic full pass.
 _NO_FULL_PASS = 1 << 30
 
 
 @contextlib.contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Keeps the collector's full passes off the step loop while a generation run goes on: the
-    objects alive before it leave the passes (``gc.freeze``) and no automatic full pass starts
-    (generation 2's threshold raised; the young generations are still collected), then both are
-    given back. A full pass walks every object it tracks: with torch, the model and the
-    tokenizer loaded that takes hundreds of milliseconds (measured on the H200 host: 240-290
-    ms), during which the GPU waits; objects created inside the run (lazily imported modules
-    included) would otherwise bring such passes back. Nothing is done when the application
-    already froze objects itself."""
-    if gc.get_freeze_count():
-        yield
-        return
+def full_gc_paused() -> Iterator[None]:
+    """Keeps the cyclic collector's full passes off the step loop while a generation run goes
+    on: generation 2's threshold is raised (the young generations are still collected), then
+    given back. A full pass walks every object the collector tracks; with torch, the model and
+    the tokenizer loaded that takes hundreds of milliseconds (measured on the H200 host: 200-290
+    ms inside one step), during which the GPU waits. ``gc.freeze`` is no substitute: objects
+    created inside the run would still bring such passes back, and whether anything was frozen
+    says nothing about the application (Python 3.12 starts with objects frozen)."""
     thresholds = gc.get_threshold()
-    gc.freeze()
     gc.set_threshold(thresholds[0], thresholds[1], _NO_FULL_PASS)
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
