@@ -245,7 +245,8 @@ def bench_rms_norm(b: Bench, ck: Any, fused: bool) -> Result:
     return b.run(res, make, check, moved)
 
 
-# Every value of CACHEFLOW_ROTARY (csrc/rotary.cu); unset is the default (today "block").
+# Every value of CACHEFLOW_ROTARY (csrc/rotary.cu); unset is the default (pipelined where every
+# CTA gets two tokens or more, else block).
 ROTARY_VARIANTS = ("block", "warp", "pipelined")
 
 

@@ -53,15 +53,14 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
-#include <set>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 
 #include "common.h"
 #include "elementwise_common.cuh"
 #include "moe_kernels.cuh"
+#include "smem_limit.cuh"
 
 namespace cacheflow {
 namespace {
@@ -302,19 +301,6 @@ DeviceInfo GetDeviceInfo(int device) {
   return info;
 }
 
-/*! \brief Raises `kernel`'s dynamic shared-memory limit to `bytes` on `device`, once each. */
-void EnsureSmemLimit(const void* kernel, int device, int bytes) {
-  if (bytes <= 48 * 1024) return;
-  static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, device, bytes);
-  if (done.count(key) != 0) return;
-  TVM_FFI_CHECK_CUDA_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert(key);
-}
-
 /*! \brief Whether the device has the shared memory of tile `Cfg` (any epilogue: the largest). */
 template <typename Cfg>
 bool Fits(const DeviceInfo& dev) {
@@ -364,7 +350,7 @@ template <typename T, typename Cfg, moe::Epilogue kEpi>
 void LaunchMma(const moe::GemmParams& p, int device, cudaStream_t stream) {
   auto kernel = moe::GroupedGemmKernel<T, Cfg, kEpi>;
   constexpr int kSmem = moe::GemmSmem<Cfg, kEpi>::kBytes;
-  EnsureSmemLimit(reinterpret_cast<const void*>(kernel), device, kSmem);
+  RaiseSmemLimit(reinterpret_cast<const void*>(kernel), kSmem, device);
   constexpr bool kGated = moe::kIsGated<kEpi>;
   constexpr int64_t kTileCols = kGated ? Cfg::BN / 2 : Cfg::BN;
   const int64_t out_cols = kGated ? p.N / 2 : p.N;

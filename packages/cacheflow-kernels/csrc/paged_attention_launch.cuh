@@ -10,6 +10,7 @@
 #include <cstddef>
 
 #include "paged_attention.cuh"
+#include "smem_limit.cuh"
 
 namespace cacheflow {
 namespace paged_attention {
@@ -21,12 +22,8 @@ struct CudaLauncher {
   template <typename... Args>
   void operator()(void (*kernel)(Args...), GridDims grid, int threads, size_t smem,
                   const Params& p) const {
-    constexpr size_t kDefaultSmemLimit = 48 * 1024;
     constexpr size_t kCarveoutFrom = 32 * 1024;
-    if (smem > kDefaultSmemLimit) {
-      TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    }
+    RaiseSmemLimit(reinterpret_cast<const void*>(kernel), smem);
     if (smem >= kCarveoutFrom) {
       // Prefer the largest shared-memory carveout, so the pipelined kernel's depth (chosen to
       // keep its register-limited CTAs per SM within the SM's shared memory) gets them all.

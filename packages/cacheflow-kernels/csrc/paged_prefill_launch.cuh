@@ -6,33 +6,14 @@
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/cuda/base.h>
 
+#include <cstddef>
 #include <cstdint>
-#include <mutex>
-#include <set>
-#include <tuple>
 
 #include "paged_prefill_kernel.cuh"
+#include "smem_limit.cuh"
 
 namespace cacheflow {
 namespace prefill {
-
-/*!
- * \brief Raises the dynamic shared-memory limit of `kernel` on the current device to
- * `smem_bytes`, once per (kernel, device, size) in the process.
- */
-inline void EnsureSmemLimit(const void* kernel, int smem_bytes) {
-  if (smem_bytes <= 48 * 1024) return;
-  static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int>> done;
-  int device = 0;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, device, smem_bytes);
-  if (done.count(key) != 0) return;
-  TVM_FFI_CHECK_CUDA_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  done.insert(key);
-}
 
 /*! \brief Largest grid y / z of a launch. */
 constexpr int64_t kMaxGridYZ = 65535;
@@ -50,7 +31,7 @@ struct CudaLauncher {
   void operator()(Kernel kernel, int64_t num_heads, int64_t num_seqs, int64_t max_query_len,
                   int64_t rows_per_cta, int threads, int smem_bytes) const {
     const int64_t m_blocks = (max_query_len + rows_per_cta - 1) / rows_per_cta;
-    EnsureSmemLimit(reinterpret_cast<const void*>(kernel), smem_bytes);
+    RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem_bytes));
     const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(num_heads),
                     static_cast<unsigned>(num_seqs));
     kernel<<<grid, static_cast<unsigned>(threads), static_cast<size_t>(smem_bytes), stream>>>(

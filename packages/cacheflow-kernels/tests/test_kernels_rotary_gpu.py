@@ -17,14 +17,17 @@ pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 MAX_POSITION = 4096
 # CACHEFLOW_ROTARY: "warp" (the warp-per-token kernel where it applies), "pipelined" (the
-# pipelined persistent kernel where it applies) or "block" (the default: the block-per-token
-# kernel everywhere).
-KERNELS = ["warp", "pipelined", "block"]
+# pipelined persistent kernel where it applies), "block" (the block-per-token kernel everywhere)
+# or unset ("default": pipelined where every CTA gets two tokens or more, else block).
+KERNELS = ["warp", "pipelined", "block", "default"]
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request: Any, monkeypatch: Any) -> str:
-    monkeypatch.setenv("CACHEFLOW_ROTARY", request.param)
+    if request.param == "default":
+        monkeypatch.delenv("CACHEFLOW_ROTARY", raising=False)
+    else:
+        monkeypatch.setenv("CACHEFLOW_ROTARY", request.param)
     return request.param
 
 
@@ -209,6 +212,30 @@ def test_pipelined_kernel_matches_block_kernel_bit_for_bit(
                                is_neox)
     torch.testing.assert_close(results["pipelined"][0], want_q, **tolerance(dtype))
     torch.testing.assert_close(results["pipelined"][1], want_k, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pipelined_kernel_larger_smem_after_smaller(monkeypatch: Any, dtype: Any,
+                                                    is_neox: bool) -> None:
+    """A kernel's shared-memory limit only goes up: a shape that needs more shared memory, then
+    one that needs less (both over 48 KB), then the first again all launch. (Setting the limit to
+    each new size shrank it under the first one's, whose next launch failed with an invalid
+    argument.) The pipelined kernel's shared memory grows with its threads, i.e. with the
+    16-byte units of a token's part: 96 heads of 128 in 16-bit types take 384 threads, 64 heads
+    256; in float32 96 heads split into two parts of 384 threads and 64 heads take 512."""
+    large, small = (96, 64) if dtype != torch.float32 else (64, 96)
+    for heads in (large, small, large):
+        case = random_case(dtype, 300, heads - 8, 8, 128, seed=heads)
+        cache = cos_sin_cache(128)
+        results = {}
+        for variant in ("pipelined", "block"):
+            monkeypatch.setenv("CACHEFLOW_ROTARY", variant)
+            q, k = case["query"].clone(), case["key"].clone()
+            ck.rotary_embedding(case["positions"], q, k, cache, 128, is_neox)
+            results[variant] = (q, k)
+        for got, want in zip(results["pipelined"], results["block"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_repeated_positions() -> None:

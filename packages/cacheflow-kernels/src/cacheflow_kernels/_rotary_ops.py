@@ -118,9 +118,10 @@ def rotary_embedding(
 
     All tensors are on one CUDA device. ``query`` and ``key`` must not overlap. Runs on the
     caller's current stream; CUDA-graph capturable. The environment variable
-    ``CACHEFLOW_ROTARY`` (read at every call) picks the kernel for A/B measurements: unset or
-    ``block`` (default), ``warp`` or ``pipelined``; each falls back to ``block`` where it does not
-    apply, and all give identical results.
+    ``CACHEFLOW_ROTARY`` (read at every call) picks the kernel for A/B measurements: unset, the
+    pipelined persistent kernel where it applies and gives every CTA at least two tokens, else
+    the block-per-token kernel; ``block``, ``warp`` or ``pipelined`` force one, each falling back
+    to ``block`` where it does not apply. All give identical results.
 
     Raises:
         ValueError: an argument has the wrong device, dtype, shape, strides or value; raised
