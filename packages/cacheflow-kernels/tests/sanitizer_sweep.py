@@ -2,13 +2,14 @@
 
     compute-sanitizer --tool memcheck --error-exitcode 99 \
         python3 packages/cacheflow-kernels/tests/sanitizer_sweep.py
-    compute-sanitizer --tool racecheck ... --only paged_attention,paged_prefill,norm
+    compute-sanitizer --tool racecheck ... --only paged_attention,paged_prefill,norm,rotary
 
 Each call's shapes are small but cover the kernels' edge paths: every dtype, head sizes with and
 without a partial span (80, 96), block sizes 8/16/32, MHA/GQA/MQA, contexts of 1 token, of
 lengths that are not multiples of the block size, and split-K partitions (forced partition
 sizes); padded and out-of-range slots; ragged prefill with cached prefixes; unaligned rows
-(element-wise paths) and strided rotary rows; FP8 E4M3 caches with K/V scales through
+(element-wise paths), strided rotary rows and both rotary kernels (the pipelined one over
+enough tokens to wrap its ring); FP8 E4M3 caches with K/V scales through
 reshape_and_cache, both attention ops (soft-capped too), copy_blocks and swap_blocks (the "fp8"
 sweep). Every output is checked against a torch reference
 (a wrong value exits non-zero on its own), so the sweep is also a correctness run; the
@@ -19,6 +20,7 @@ test_kernels_sanitizer_gpu.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -258,14 +260,37 @@ def _rotate(x: Any, cos: Any, sin: Any, head_size: int, rot_dim: int, neox: bool
     return x.flatten(1)
 
 
+# (tokens, heads, kv heads, head size, rotary dims, row padding). The small cases cover partial
+# rotary and strided rows; 3,000 tokens give every CTA of the pipelined kernel several tokens,
+# so its shared-memory ring wraps around (racecheck's case).
+ROTARY_CASES = ((9, 4, 2, 64, 64, 0), (9, 3, 1, 80, 32, 16), (9, 2, 2, 128, 128, 8),
+                (9, 1, 1, 96, 96, 0), (3000, 32, 8, 128, 128, 0))
+
+
 def sweep_rotary() -> int:
+    """Every case under the default kernel choice (the 3,000-token case takes the pipelined
+    kernel) and with CACHEFLOW_ROTARY=pipelined forced (one token per CTA on the small cases)."""
+    calls = 0
+    previous = os.environ.pop("CACHEFLOW_ROTARY", None)
+    try:
+        for variant in (None, "pipelined"):
+            if variant is not None:
+                os.environ["CACHEFLOW_ROTARY"] = variant
+            calls += _sweep_rotary_cases()
+    finally:
+        os.environ.pop("CACHEFLOW_ROTARY", None)
+        if previous is not None:
+            os.environ["CACHEFLOW_ROTARY"] = previous
+    return calls
+
+
+def _sweep_rotary_cases() -> int:
     calls = 0
     gen = torch.Generator(device="cuda").manual_seed(2)
+    max_pos = 64
     for dtype in DTYPES:
         for neox in (True, False):
-            for heads, kv, d, rot, stride_pad in ((4, 2, 64, 64, 0), (3, 1, 80, 32, 16),
-                                                  (2, 2, 128, 128, 8), (1, 1, 96, 96, 0)):
-                max_pos, n = 64, 9
+            for n, heads, kv, d, rot, stride_pad in ROTARY_CASES:
                 inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
                 freqs = torch.arange(max_pos, device="cuda").float()[:, None] * inv[None]
                 cache = torch.cat((freqs.cos(), freqs.sin()), -1).contiguous()
@@ -280,8 +305,8 @@ def sweep_rotary() -> int:
                 want_q[valid] = _rotate(q[valid], c, s, d, rot, neox)
                 want_k[valid] = _rotate(k[valid], c, s, d, rot, neox)
                 ck.rotary_embedding(pos, q, k, cache, d, neox)
-                _close(q, want_q, dtype, f"rotary q neox={neox} d{d} rot{rot}")
-                _close(k, want_k, dtype, f"rotary k neox={neox} d{d} rot{rot}")
+                _close(q, want_q, dtype, f"rotary q neox={neox} n{n} d{d} rot{rot}")
+                _close(k, want_k, dtype, f"rotary k neox={neox} n{n} d{d} rot{rot}")
                 calls += 1
     return calls
 

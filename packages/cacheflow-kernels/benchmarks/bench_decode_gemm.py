@@ -1,0 +1,103 @@
+"""The decode GEMMs of one transformer layer at small batch, through every torch route to cuBLAS.
+
+    python bench_decode_gemm.py --out decode_gemm.json
+
+At batch 1-16 a decode step's projections are matrix-vector products bound by reading the
+weights, so each is judged against the copy bandwidth measured in the same process. For each
+weight of a LLaMA-shaped layer (qkv, o, gate_up, down) and the LM head, and each M in ``--m``,
+it times ``F.linear`` (the runtime's route), ``W @ x.T`` and, at M=1, ``torch.mv``, each with
+cuBLAS and cuBLASLt as torch's preferred BLAS library. Calls are CUDA-graph replays
+(``bench_timing.time_graph_us``) rotating over copies of the weight that together exceed L2,
+so every call reads its weight from HBM. This is the baseline an own small-M GEMV kernel has
+to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bench_timing import time_graph_us
+
+LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "vocab": 32000, "qkv": 12288}
+
+
+def measure_copy_bandwidth(torch: Any) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read plus write)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_graph_us(torch, [lambda: dst.copy_(src)], calls_per_graph=4, replays=10)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def routes(torch: Any, weights: list[Any], x: Any) -> dict[str, list[Any]]:
+    """Callables per route, each list rotating over the weight copies."""
+    import torch.nn.functional as F
+
+    out = {"linear": [lambda w=w: F.linear(x, w) for w in weights],
+           "W@xT": [lambda w=w: torch.matmul(w, x.t()) for w in weights]}
+    if x.shape[0] == 1:
+        out["mv"] = [lambda w=w: torch.mv(w, x[0]) for w in weights]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints one line per weight and M (F.linear and the fastest other route); writes JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--m", default="1,2,4,8,16", help="comma-separated row counts (batch)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--rotate-bytes", type=float, default=400e6,
+                   help="bytes of weight copies each weight rotates over (well above L2)")
+    p.add_argument("--out", default="", help="JSON output path")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 1
+    dtype = getattr(torch, args.dtype)
+    copy_bw = measure_copy_bandwidth(torch)
+    card = torch.cuda.get_device_name()
+    print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, {args.dtype}")
+    h, i, v, qkv = (LLAMA_7B[k] for k in ("hidden", "intermediate", "vocab", "qkv"))
+    shapes = {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i),
+              "lm_head": (v, h)}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, (n, k) in shapes.items():
+        copies = max(2, int(args.rotate_bytes // (n * k * dtype.itemsize)))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.02
+                   for _ in range(copies)]
+        for m in (int(s) for s in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+            want = torch.nn.functional.linear(x, weights[0]).float()
+            results = {}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                for route, calls in routes(torch, weights, x).items():
+                    got = calls[0]().float().reshape(want.shape[::-1] if route == "W@xT"
+                                                      else want.shape)
+                    got = got.t() if route == "W@xT" else got
+                    err = (got - want).abs().max().item()
+                    us = time_graph_us(torch, calls)
+                    results[f"{route}/{lib}"] = {"us": us, "of_copy": n * k * dtype.itemsize
+                                                 / (us * 1e-6) / copy_bw, "max_abs_diff": err}
+            torch.backends.cuda.preferred_blas_library("cublas")
+            base = results["linear/cublas"]
+            best_name, best = min(results.items(), key=lambda kv: kv[1]["us"])
+            print(f"{name:8s} [{n}x{k}] M={m:2d}  F.linear {base['us']:7.1f} us "
+                  f"{base['of_copy']:6.1%} of copy | fastest {best_name:16s} "
+                  f"{best['us']:7.1f} us {best['of_copy']:6.1%}", flush=True)
+            rows.append({"weight": name, "n": n, "k": k, "m": m, "results": results})
+        del weights
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "dtype": args.dtype, "copy_bytes_per_s": copy_bw,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
