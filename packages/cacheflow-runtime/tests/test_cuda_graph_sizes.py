@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 
 from cacheflow_runtime.model_executor.cuda_graphs import (
+    CONTEXT_STEP,
     CudaGraphUsage,
+    DecodeGraphs,
     capture_sizes,
     graph_batch_size,
+    unsplit_context_limit,
 )
 
 
@@ -35,3 +38,50 @@ def test_usage_padding_fraction() -> None:
     assert usage.padding_fraction == 0.125
     assert usage.as_dict() == {"graph_steps": 3, "graph_rows": 21, "padding_rows": 3,
                                "eager_decode_steps": 2, "padding_fraction": 0.125}
+
+
+# ---- the unsplit graphs of short contexts ------------------------------------------------------
+
+def _planner(num_sms: int):  # noqa: ANN202 - the workspace_size callable of the kernels' planner
+    import cacheflow_kernels
+
+    def workspace(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
+        return cacheflow_kernels.paged_attention_workspace_size(
+            num_seqs, heads, kv_heads, head_size, context, num_sms=num_sms)
+    return workspace
+
+
+def test_unsplit_limit_follows_the_planner() -> None:
+    """At batch 1 a 7B layer (32 heads of 128) is split from some context on; up to the limit
+    the planner splits nothing, one step past it it splits."""
+    workspace = _planner(132)
+    shape = [(32, 32, 128)]
+    limit = unsplit_context_limit(1, shape, 4096, workspace)
+    assert 0 < limit < 4096 and limit % CONTEXT_STEP == 0
+    assert all(workspace(1, 32, 32, 128, c) == 0 for c in range(CONTEXT_STEP, limit + 1, 16))
+    assert workspace(1, 32, 32, 128, limit + CONTEXT_STEP) > 0
+    # a batch that fills the GPU is never split: its main graph is already unsplit
+    assert unsplit_context_limit(256, shape, 4096, workspace) == 4096
+
+
+def test_unsplit_limit_is_the_strictest_layer() -> None:
+    splits_from = {(32, 32, 128): 512, (32, 8, 128): 1024}
+
+    def workspace(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
+        return 0 if context < splits_from[(heads, kv_heads, head_size)] else 1
+
+    assert unsplit_context_limit(1, [(32, 8, 128)], 2048, workspace) == 960
+    assert unsplit_context_limit(1, [(32, 8, 128), (32, 32, 128)], 2048, workspace) == 448
+    assert unsplit_context_limit(1, [(32, 32, 128)], 448, workspace) == 448  # nothing splits
+    assert unsplit_context_limit(1, [(32, 32, 128)], 2048, lambda *a: 1) == 0
+
+
+def test_steps_pick_the_unsplit_graph_within_its_limit() -> None:
+    graphs = object.__new__(DecodeGraphs)  # the selection rule only: no capture on the CPU
+    graphs.max_model_len = 4096
+    graphs.unsplit_limits = {1: 448, 8: 4096, 16: 0}
+    assert graphs.graph_key(1, 1) == (1, 448)
+    assert graphs.graph_key(1, 448) == (1, 448)
+    assert graphs.graph_key(1, 449) == (1, 4096)
+    assert graphs.graph_key(8, 100) == (8, 4096)  # its main graph is unsplit already
+    assert graphs.graph_key(16, 100) == (16, 4096)  # splits even the shortest context

@@ -8,15 +8,21 @@ copies its inputs into those buffers and replays the graph of the smallest captu
 holds it. Padding rows have slot -1 (nothing written to the KV cache) and a context of 0 tokens
 (attention reads nothing and returns zeros); their outputs are dropped.
 
-The attention kernels see ``max_context_len = max_model_len`` in every graph, so the split-K
-plan is fixed at capture and the same graph serves every context length. Steps that are not
-pure decodes (prompts, chunks), larger batches, and models whose forward depends on per-step
-host values (dynamic NTK rotary scaling) run eagerly.
+The attention kernels see ``max_context_len = max_model_len`` in a batch size's main graph, so
+its split-K plan is fixed at capture and it serves every context length. Where that plan
+splits the context (small batches: too few CTAs to fill the GPU otherwise), the same batch
+size gets a second graph without the split, captured at the longest context the kernels'
+planner would not split at that batch size (:func:`unsplit_context_limit`); a step whose
+longest context is within it replays that graph, so short contexts skip the split-K merge
+kernel and the empty partitions. Steps that are not pure decodes (prompts, chunks), larger
+batches, and models whose forward depends on per-step host values (dynamic NTK rotary scaling)
+run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -52,6 +58,41 @@ def graph_batch_size(num_seqs: int, sizes: list[int]) -> Optional[int]:
     """The smallest captured size that holds ``num_seqs`` sequences, or None."""
     fitting = [s for s in sizes if s >= num_seqs]
     return min(fitting) if fitting and num_seqs > 0 else None
+
+
+#: Contexts are tried in steps of this many tokens (the kernels' partition alignment).
+CONTEXT_STEP = 64
+#: An attention layer's shape as the split planner sees it: (num_heads, num_kv_heads, head_size).
+AttentionShape = tuple[int, int, int]
+
+
+def unsplit_context_limit(batch_size: int, shapes: Iterable[AttentionShape],
+                          max_model_len: int,
+                          workspace_size: Callable[[int, int, int, int, int], int]) -> int:
+    """The longest context (a multiple of CONTEXT_STEP, at most ``max_model_len``) up to which
+    the decode kernel's planner splits no layer's context at ``batch_size`` sequences: the
+    contexts a graph captured without a split should serve. ``workspace_size(num_seqs,
+    num_heads, num_kv_heads, head_size, max_context_len)`` is the planner's workspace (0: no
+    split). Returns ``max_model_len`` when nothing splits there, 0 when even CONTEXT_STEP does."""
+    shapes = sorted(set(shapes))
+
+    def unsplit(context: int) -> bool:
+        return all(workspace_size(batch_size, h, kv, d, context) == 0 for h, kv, d in shapes)
+
+    if unsplit(max_model_len):
+        return max_model_len
+    limit = 0
+    for context in range(CONTEXT_STEP, max_model_len, CONTEXT_STEP):
+        if not unsplit(context):
+            break
+        limit = context
+    return limit
+
+
+def attention_shapes(model: torch.nn.Module) -> list[AttentionShape]:
+    """The distinct (num_heads, num_kv_heads, head_size) of the model's attention layers."""
+    return sorted({(m.num_heads, m.num_kv_heads, m.head_size) for m in model.modules()
+                   if isinstance(m, PagedAttention)})
 
 
 def supports_graphs(model: torch.nn.Module, block_size: int) -> bool:
@@ -118,37 +159,66 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logit_indices = torch.arange(n, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Per batch size: the contexts its unsplit graph serves (0: no such graph).
+        shapes = attention_shapes(model)
+        self.unsplit_limits = {
+            size: unsplit_context_limit(size, shapes, max_model_len, self._workspace_size)
+            for size in self.sizes}
+        # Keyed by (batch size, captured max_context_len).
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.usage = CudaGraphUsage()
         self._capture_all()
 
-    def _metadata(self, size: int) -> InputMetadata:
+    def _workspace_size(self, num_seqs: int, num_heads: int, num_kv_heads: int,
+                        head_size: int, max_context_len: int) -> int:
+        return cacheflow_kernels.paged_attention_workspace_size(
+            num_seqs, num_heads, num_kv_heads, head_size, max_context_len,
+            device=self.input_ids.device)
+
+    def _keys(self) -> list[tuple[int, int]]:
+        """(batch size, max_context_len) of every graph to capture."""
+        keys = [(size, self.max_model_len) for size in self.sizes]
+        keys += [(size, limit) for size, limit in self.unsplit_limits.items()
+                 if 0 < limit < self.max_model_len]
+        return keys
+
+    def _metadata(self, size: int, max_context_len: int) -> InputMetadata:
         return build_input_metadata(
-            [1] * size, [self.max_model_len] * size, self.block_tables[:size],
+            [1] * size, [max_context_len] * size, self.block_tables[:size],
             self.slot_mapping[:size], self.logit_indices[:size], self.input_ids.device,
             query_start_loc=self.query_start_loc[:size + 1],
             context_lens_tensor=self.context_lens[:size])
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, max_context_len: int) -> torch.Tensor:
         return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                          self._metadata(size))
+                          self._metadata(size, max_context_len))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
         # Largest first: its memory pool then serves the smaller graphs.
-        for size in sorted(self.sizes, reverse=True):
-            self._forward(size)  # warm-up: lazy initialisation must not happen under capture
+        for key in sorted(self._keys(), reverse=True):
+            self._forward(*key)  # warm-up: lazy initialisation must not happen under capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(size)
+                out = self._forward(*key)
             pool = graph.pool()
-            self.graphs[size] = graph
-            self.outputs[size] = out
+            self.graphs[key] = graph
+            self.outputs[key] = out
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs of decode steps for batch sizes %s", self.sizes)
+        unsplit = {s: c for s, c in self.unsplit_limits.items() if 0 < c < self.max_model_len}
+        logger.info("captured CUDA graphs of decode steps for batch sizes %s (and without the "
+                    "split-K merge for contexts up to %s)", self.sizes, unsplit)
+
+    def graph_key(self, size: int, max_context_len: int) -> tuple[int, int]:
+        """The graph a decode step of ``size`` rows (a captured size) with contexts up to
+        ``max_context_len`` replays: the unsplit one where it covers them, else the main one."""
+        limit = self.unsplit_limits.get(size, 0)
+        if 0 < limit < self.max_model_len and max_context_len <= limit:
+            return size, limit
+        return size, self.max_model_len
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             metadata: InputMetadata) -> Optional[torch.Tensor]:
@@ -175,5 +245,6 @@ class DecodeGraphs:
         if size > n:
             self.slot_mapping[n:size].fill_(-1)
             self.context_lens[n:size].zero_()
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+        key = self.graph_key(size, metadata.max_context_len)
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
