@@ -79,9 +79,10 @@ def test_unsplit_limit_is_the_strictest_layer() -> None:
 def test_steps_pick_the_unsplit_graph_within_its_limit() -> None:
     graphs = object.__new__(DecodeGraphs)  # the selection rule only: no capture on the CPU
     graphs.max_model_len = 4096
-    graphs.unsplit_limits = {1: 448, 8: 4096, 16: 0}
+    graphs.unsplit_limits = {1: 448, 40: 832}  # the sizes whose main graph splits
     assert graphs.graph_key(1, 1) == (1, 448)
     assert graphs.graph_key(1, 448) == (1, 448)
     assert graphs.graph_key(1, 449) == (1, 4096)
-    assert graphs.graph_key(8, 100) == (8, 4096)  # its main graph is unsplit already
-    assert graphs.graph_key(16, 100) == (16, 4096)  # splits even the shortest context
+    assert graphs.graph_key(40, 832) == (40, 832)
+    assert graphs.graph_key(40, 833) == (40, 4096)
+    assert graphs.graph_key(8, 100) == (8, 4096)  # no second graph: its main one is unsplit

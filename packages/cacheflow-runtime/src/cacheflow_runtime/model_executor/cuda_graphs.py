@@ -159,11 +159,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logit_indices = torch.arange(n, dtype=torch.int64, device=device)
-        # Per batch size: the contexts its unsplit graph serves (0: no such graph).
+        # The batch sizes whose main graph splits the context, and the contexts their second,
+        # unsplit graph serves.
         shapes = attention_shapes(model)
-        self.unsplit_limits = {
-            size: unsplit_context_limit(size, shapes, max_model_len, self._workspace_size)
-            for size in self.sizes}
+        limits = {size: unsplit_context_limit(size, shapes, max_model_len, self._workspace_size)
+                  for size in self.sizes}
+        self.unsplit_limits = {s: c for s, c in limits.items() if 0 < c < max_model_len}
         # Keyed by (batch size, captured max_context_len).
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -178,10 +179,8 @@ class DecodeGraphs:
 
     def _keys(self) -> list[tuple[int, int]]:
         """(batch size, max_context_len) of every graph to capture."""
-        keys = [(size, self.max_model_len) for size in self.sizes]
-        keys += [(size, limit) for size, limit in self.unsplit_limits.items()
-                 if 0 < limit < self.max_model_len]
-        return keys
+        return ([(size, self.max_model_len) for size in self.sizes]
+                + list(self.unsplit_limits.items()))
 
     def _metadata(self, size: int, max_context_len: int) -> InputMetadata:
         return build_input_metadata(
@@ -208,17 +207,14 @@ class DecodeGraphs:
             self.graphs[key] = graph
             self.outputs[key] = out
         torch.cuda.synchronize()
-        unsplit = {s: c for s, c in self.unsplit_limits.items() if 0 < c < self.max_model_len}
         logger.info("captured CUDA graphs of decode steps for batch sizes %s (and without the "
-                    "split-K merge for contexts up to %s)", self.sizes, unsplit)
+                    "split-K merge for contexts up to %s)", self.sizes, self.unsplit_limits)
 
     def graph_key(self, size: int, max_context_len: int) -> tuple[int, int]:
         """The graph a decode step of ``size`` rows (a captured size) with contexts up to
         ``max_context_len`` replays: the unsplit one where it covers them, else the main one."""
         limit = self.unsplit_limits.get(size, 0)
-        if 0 < limit < self.max_model_len and max_context_len <= limit:
-            return size, limit
-        return size, self.max_model_len
+        return (size, limit) if max_context_len <= limit else (size, self.max_model_len)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             metadata: InputMetadata) -> Optional[torch.Tensor]:
