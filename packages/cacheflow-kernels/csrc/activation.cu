@@ -61,6 +61,7 @@ __device__ __forceinline__ float Activate(float x) {
 template <typename T, int W, Act A>
 __global__ void __launch_bounds__(kThreads)
     ActAndMulKernel(T* __restrict__ out, const T* __restrict__ x, int64_t rows, int64_t d_vecs) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   using V = Vec<T, W>;
   const V* xv = reinterpret_cast<const V*>(x);
   V* ov = reinterpret_cast<V*>(out);
@@ -90,6 +91,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int W, Act A>
 __global__ void __launch_bounds__(kThreads, kFlatMinBlocks)
     ActKernel(T* out, const T* x, int64_t n) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   using V = Vec<T, W>;
   constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kFlatUnroll;
   const int64_t n_vecs = n / W;
@@ -151,15 +153,18 @@ void LaunchAndMul(char* out, const char* x, DLDataType dtype, int64_t rows, int6
     const int w = AccessWidth<T>(d, {out, x});
     const int64_t d_vecs = d / w;
     const unsigned grid = GridFor(rows * d_vecs);
+    const auto launch = [&](auto kernel) {
+      LaunchChained(kernel, dim3(grid), dim3(kThreads), 0, stream, o, xi, rows, d_vecs);
+    };
     switch (w) {
       case 8:
         if constexpr (kVec16<T> >= 8) {
-          ActAndMulKernel<T, 8, A><<<grid, kThreads, 0, stream>>>(o, xi, rows, d_vecs);
+          launch(ActAndMulKernel<T, 8, A>);
         }
         break;
-      case 4: ActAndMulKernel<T, 4, A><<<grid, kThreads, 0, stream>>>(o, xi, rows, d_vecs); break;
-      case 2: ActAndMulKernel<T, 2, A><<<grid, kThreads, 0, stream>>>(o, xi, rows, d_vecs); break;
-      default: ActAndMulKernel<T, 1, A><<<grid, kThreads, 0, stream>>>(o, xi, rows, d_vecs);
+      case 4: launch(ActAndMulKernel<T, 4, A>); break;
+      case 2: launch(ActAndMulKernel<T, 2, A>); break;
+      default: launch(ActAndMulKernel<T, 1, A>);
     }
   });
   CheckLaunch();
@@ -175,13 +180,16 @@ void LaunchFlat(char* out, const char* x, DLDataType dtype, int64_t n, cudaStrea
     const int w = AccessWidth<T>(kVec16<T>, {out, x});
     // One block per chunk of kThreads * kFlatUnroll accesses (the n % w tail: grid-stride).
     const unsigned grid = GridFor((n / w + kFlatUnroll - 1) / kFlatUnroll);
+    const auto launch = [&](auto kernel) {
+      LaunchChained(kernel, dim3(grid), dim3(kThreads), 0, stream, o, xi, n);
+    };
     switch (w) {
       case 8:
-        if constexpr (kVec16<T> >= 8) ActKernel<T, 8, A><<<grid, kThreads, 0, stream>>>(o, xi, n);
+        if constexpr (kVec16<T> >= 8) launch(ActKernel<T, 8, A>);
         break;
-      case 4: ActKernel<T, 4, A><<<grid, kThreads, 0, stream>>>(o, xi, n); break;
-      case 2: ActKernel<T, 2, A><<<grid, kThreads, 0, stream>>>(o, xi, n); break;
-      default: ActKernel<T, 1, A><<<grid, kThreads, 0, stream>>>(o, xi, n);
+      case 4: launch(ActKernel<T, 4, A>); break;
+      case 2: launch(ActKernel<T, 2, A>); break;
+      default: launch(ActKernel<T, 1, A>);
     }
   });
   CheckLaunch();

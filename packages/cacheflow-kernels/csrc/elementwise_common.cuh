@@ -20,6 +20,8 @@
 #include <utility>
 
 #include "common.h"
+#include "pdl.cuh"
+#include "pdl_launch.cuh"
 
 namespace cacheflow {
 namespace elementwise {

@@ -68,6 +68,7 @@ __global__ void __launch_bounds__(kWarp ? kWarpBlockThreads
                                          : (VPT > 0 ? kCachedThreads : kUncachedThreads))
     RmsNormKernel(T* out, const T* x, T* residual, const T* __restrict__ weight,
                   int64_t num_tokens, int64_t hidden, float eps) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   using V = Vec<T, N>;
   int64_t token;
   int lane, stride;
@@ -173,19 +174,20 @@ template <typename T, int N, bool kAdd>
 void LaunchWithWidth(T* out, const T* x, T* residual, const T* weight, int64_t num_tokens,
                      int64_t hidden, float eps, cudaStream_t stream) {
   const int64_t vecs = hidden / N;
+  const auto launch = [&](auto kernel, unsigned grid, unsigned block) {
+    LaunchChained(kernel, dim3(grid), dim3(block), 0, stream, out, x, residual, weight,
+                  num_tokens, hidden, eps);
+  };
   if (vecs <= kMaxWarpVecs) {
     constexpr int kTokensPerBlock = kWarpBlockThreads / 32;
     const auto grid = static_cast<unsigned>((num_tokens + kTokensPerBlock - 1) / kTokensPerBlock);
     const unsigned threads = kWarpBlockThreads;
     if (vecs <= 32) {
-      RmsNormKernel<T, N, 1, true, kAdd><<<grid, threads, 0, stream>>>(out, x, residual, weight,
-                                                                       num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 1, true, kAdd>, grid, threads);
     } else if (vecs <= 64) {
-      RmsNormKernel<T, N, 2, true, kAdd><<<grid, threads, 0, stream>>>(out, x, residual, weight,
-                                                                       num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 2, true, kAdd>, grid, threads);
     } else {
-      RmsNormKernel<T, N, 4, true, kAdd><<<grid, threads, 0, stream>>>(out, x, residual, weight,
-                                                                       num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 4, true, kAdd>, grid, threads);
     }
     return;
   }
@@ -217,30 +219,24 @@ void LaunchWithWidth(T* out, const T* x, T* residual, const T* weight, int64_t n
   const auto block = static_cast<unsigned>(threads);
   switch (vpt) {
     case 1:
-      RmsNormKernel<T, N, 1, false, kAdd><<<grid, block, 0, stream>>>(out, x, residual, weight,
-                                                                      num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 1, false, kAdd>, grid, block);
       break;
     case 2:
-      RmsNormKernel<T, N, 2, false, kAdd><<<grid, block, 0, stream>>>(out, x, residual, weight,
-                                                                      num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 2, false, kAdd>, grid, block);
       break;
     case 4:
-      RmsNormKernel<T, N, 4, false, kAdd><<<grid, block, 0, stream>>>(out, x, residual, weight,
-                                                                      num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 4, false, kAdd>, grid, block);
       break;
     case 8:
-      RmsNormKernel<T, N, 8, false, kAdd><<<grid, block, 0, stream>>>(out, x, residual, weight,
-                                                                      num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 8, false, kAdd>, grid, block);
       break;
     case 16:
       if constexpr (kVptLimit >= 16) {
-        RmsNormKernel<T, N, 16, false, kAdd><<<grid, block, 0, stream>>>(
-            out, x, residual, weight, num_tokens, hidden, eps);
+        launch(RmsNormKernel<T, N, 16, false, kAdd>, grid, block);
       }
       break;
     default:
-      RmsNormKernel<T, N, 0, false, kAdd><<<grid, block, 0, stream>>>(out, x, residual, weight,
-                                                                      num_tokens, hidden, eps);
+      launch(RmsNormKernel<T, N, 0, false, kAdd>, grid, block);
   }
 }
 

@@ -10,6 +10,7 @@
 #include <cstddef>
 
 #include "paged_attention.cuh"
+#include "pdl_launch.cuh"
 #include "smem_limit.cuh"
 
 namespace cacheflow {
@@ -30,8 +31,7 @@ struct CudaLauncher {
       TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
           kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     }
-    kernel<<<dim3(grid.x, grid.y, grid.z), threads, smem, stream>>>(p);
-    TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+    LaunchChained(kernel, dim3(grid.x, grid.y, grid.z), dim3(threads), smem, stream, p);
   }
 };
 

@@ -1,8 +1,9 @@
 // paged_prefill_attention: causal attention of a ragged batch of new tokens over each sequence's
 // paged KV cache (prefill, prefix-cached prefill and chunked prefill alike).
 //
-// Layouts (all C-contiguous, on one CUDA device):
+// Layouts (C-contiguous but for query's token rows, on one CUDA device):
 //   out, query:               [num_tokens, num_heads, head_size]      float16, bfloat16 or float32
+//                             (query's token rows may be strided: PrefillParams::q_token_stride)
 //   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_size]   dtype of query
 //   block_tables (int32):     [num_seqs, max_blocks_per_seq]
 //   query_start_loc (int32):  [num_seqs + 1]  cumulative query lengths (cu_seqlens)
@@ -137,7 +138,8 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
 
   CheckContiguous(kOp, "query_start_loc", query_start_loc);
   CheckPagedAttentionLayoutAndDevice(kOp, out, query, key_cache, value_cache, block_tables,
-                                     context_lens);
+                                     context_lens, /*strided_query=*/true);
+  const int64_t q_stride = CheckRowStrided(kOp, "query", query);
   CheckSameDevice(kOp, "query_start_loc", query_start_loc, "query", query);
 
   // A query is never longer than the batch: -1 (unknown) and larger bounds become num_tokens.
@@ -152,10 +154,14 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       reinterpret_cast<const int32_t*>(DataPtr(context_lens)), num_heads, head_size, num_kv_heads,
       num_blocks, block_size, max_blocks_per_seq, scale, sliding_window, k_scale, v_scale,
       logits_soft_cap);
+  p.q_token_stride = q_stride;
 
+  // cp.async reads 16-byte chunks of query rows: the row stride must keep them aligned too.
+  const bool q_rows_aligned = q_stride * ElementBytes(query.dtype()) % 16 == 0;
   const bool tensor_cores = prefill::UseTensorCores(
       IsHalfOrBf16(query.dtype()), head_size,
-      Aligned16({DataPtr(query), DataPtr(out), DataPtr(key_cache), DataPtr(value_cache)}));
+      q_rows_aligned &&
+          Aligned16({DataPtr(query), DataPtr(out), DataPtr(key_cache), DataPtr(value_cache)}));
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);

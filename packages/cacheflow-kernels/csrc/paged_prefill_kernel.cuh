@@ -49,6 +49,7 @@
 #include <type_traits>
 
 #include "paged_prefill_ptx.cuh"
+#include "pdl.cuh"
 
 #ifndef CF_LAUNCH_BOUNDS
 #define CF_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
@@ -66,7 +67,9 @@ struct PrefillParams {
   const int32_t* block_tables;       // [num_seqs, max_blocks_per_seq]
   const int32_t* query_start_loc;    // [num_seqs + 1]
   const int32_t* context_lens;       // [num_seqs]
-  int64_t token_stride;              // elements between tokens of query/out: num_heads * head_size
+  int64_t token_stride;              // elements between tokens of out: num_heads * head_size
+  int64_t q_token_stride;            // elements between tokens of query (>= token_stride: its
+                                     // rows may be views into a fused QKV output)
   int64_t slot_stride;               // elements between cache slots: num_kv_heads * head_size
   int32_t head_size;
   int32_t group;                     // num_heads / num_kv_heads
@@ -197,6 +200,7 @@ struct TcTraits {
 
 template <class T, int D, int MT, int NW, int BN, int KB, bool kFp8>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParams p) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   using Tr = TcTraits<D, MT, NW, BN, KB>;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kBM = Tr::kBM;
@@ -231,12 +235,13 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
   const int64_t token_bytes = p.token_stride * 2;
+  const int64_t q_token_bytes = p.q_token_stride * 2;
   constexpr int kCacheBytes = kFp8 ? 1 : 2;  // bytes of one cache element
   const int64_t slot_bytes = p.slot_stride * kCacheBytes;
-  const int64_t tile_offset =
-      static_cast<int64_t>(q_begin + m0) * token_bytes + static_cast<int64_t>(head) * D * 2;
-  const unsigned char* q_ptr = p.query + tile_offset;
-  unsigned char* o_ptr = p.out + tile_offset;
+  const int64_t head_offset = static_cast<int64_t>(head) * D * 2;
+  const unsigned char* q_ptr = p.query + static_cast<int64_t>(q_begin + m0) * q_token_bytes +
+                               head_offset;
+  unsigned char* o_ptr = p.out + static_cast<int64_t>(q_begin + m0) * token_bytes + head_offset;
   const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
   const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
 
@@ -285,7 +290,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     int r, c;
     ChunkCoords<kChunks, kThreads>(tid, j, r, c);
     const bool valid = r < rows;  // rows past the sequence are zero-filled
-    CpAsync16(s_q + r * kRowBytes + c * 16, valid ? q_ptr + r * token_bytes + c * 16 : p.query,
+    CpAsync16(s_q + r * kRowBytes + c * 16, valid ? q_ptr + r * q_token_bytes + c * 16 : p.query,
               valid);
   }
   SyncCta();  // slots visible
@@ -542,6 +547,7 @@ constexpr int kSimpleMaxHeadSize = 256;  // 8 elements per lane
 
 template <class Tag, class CacheT>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(const PrefillParams p) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   using S = typename StorageOf<Tag>::type;
   constexpr int kPerLane = kSimpleMaxHeadSize / 32;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
@@ -558,9 +564,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
   const int d_size = p.head_size;
   const int kv_head = head / p.group;
   const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-  const int64_t q_offset = static_cast<int64_t>(q_begin + row) * p.token_stride +
-                           static_cast<int64_t>(head) * d_size;
-  const S* q = reinterpret_cast<const S*>(p.query) + q_offset;
+  const int64_t head_offset = static_cast<int64_t>(head) * d_size;
+  const S* q = reinterpret_cast<const S*>(p.query) +
+               static_cast<int64_t>(q_begin + row) * p.q_token_stride + head_offset;
   const int64_t kv_offset = static_cast<int64_t>(kv_head) * d_size;
   const CacheT* k_cache = reinterpret_cast<const CacheT*>(p.key_cache) + kv_offset;
   const CacheT* v_cache = reinterpret_cast<const CacheT*>(p.value_cache) + kv_offset;
@@ -602,7 +608,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(cons
     m = m_new;
   }
   const float inv = l > 0.f ? p.v_scale / l : 0.f;
-  S* o = reinterpret_cast<S*>(p.out) + q_offset;
+  S* o = reinterpret_cast<S*>(p.out) + static_cast<int64_t>(q_begin + row) * p.token_stride +
+         head_offset;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
@@ -691,6 +698,7 @@ inline PrefillParams MakePrefillParams(void* out, const void* query, const void*
   p.query_start_loc = query_start_loc;
   p.context_lens = context_lens;
   p.token_stride = num_heads * head_size;
+  p.q_token_stride = p.token_stride;  // the caller sets a strided query's own row stride
   p.slot_stride = num_kv_heads * head_size;
   p.head_size = static_cast<int32_t>(head_size);
   p.group = static_cast<int32_t>(num_heads / num_kv_heads);

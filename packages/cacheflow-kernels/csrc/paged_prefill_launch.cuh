@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "paged_prefill_kernel.cuh"
+#include "pdl_launch.cuh"
 #include "smem_limit.cuh"
 
 namespace cacheflow {
@@ -34,9 +35,8 @@ struct CudaLauncher {
     RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem_bytes));
     const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(num_heads),
                     static_cast<unsigned>(num_seqs));
-    kernel<<<grid, static_cast<unsigned>(threads), static_cast<size_t>(smem_bytes), stream>>>(
-        params);
-    TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+    LaunchChained(kernel, grid, dim3(static_cast<unsigned>(threads)),
+                  static_cast<size_t>(smem_bytes), stream, params);
   }
 };
 

@@ -31,6 +31,8 @@
 #include <initializer_list>
 
 #include "common.h"
+#include "pdl.cuh"
+#include "pdl_launch.cuh"
 
 namespace cacheflow {
 namespace {
@@ -47,6 +49,7 @@ __global__ void ReshapeAndCacheKernel(const Word* __restrict__ key, const Word* 
                                       Word* __restrict__ key_cache, Word* __restrict__ value_cache,
                                       const int64_t* __restrict__ slot_mapping, int64_t row_words,
                                       int64_t k_stride, int64_t v_stride, int64_t num_slots) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0 || slot >= num_slots) return;  // padding (or out of range): skip
@@ -76,8 +79,9 @@ void Launch(char* key, char* value, char* key_cache, char* value_cache,
   // Round the thread count up to a warp, at most kMaxThreads.
   const int64_t warps = (std::min<int64_t>(row_words, kMaxThreads) + 31) / 32;
   const unsigned threads = static_cast<unsigned>(warps * 32);
-  ReshapeAndCacheKernel<Word><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-      reinterpret_cast<const Word*>(key), reinterpret_cast<const Word*>(value),
+  LaunchChained(
+      ReshapeAndCacheKernel<Word>, dim3(static_cast<unsigned>(num_tokens)), dim3(threads), 0,
+      stream, reinterpret_cast<const Word*>(key), reinterpret_cast<const Word*>(value),
       reinterpret_cast<Word*>(key_cache), reinterpret_cast<Word*>(value_cache), slot_mapping,
       row_words, rb.key_stride / kWord, rb.value_stride / kWord, num_slots);
 }
@@ -102,6 +106,7 @@ __global__ void ReshapeAndCacheFp8Kernel(const T* __restrict__ key, const T* __r
                                          const int64_t* __restrict__ slot_mapping, int64_t row,
                                          int64_t k_stride, int64_t v_stride, int64_t num_slots,
                                          float k_scale, float v_scale) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0 || slot >= num_slots) return;  // padding (or out of range): skip
@@ -143,11 +148,13 @@ void LaunchFp8(const char* key, const char* value, char* key_cache, char* value_
   uint8_t* kc = reinterpret_cast<uint8_t*>(key_cache);
   uint8_t* vc = reinterpret_cast<uint8_t*>(value_cache);
   if (vec4) {
-    ReshapeAndCacheFp8Kernel<T, true><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        k, v, kc, vc, slot_mapping, row, k_stride, v_stride, num_slots, k_scale, v_scale);
+    LaunchChained(ReshapeAndCacheFp8Kernel<T, true>, dim3(static_cast<unsigned>(num_tokens)),
+                  dim3(threads), 0, stream, k, v, kc, vc, slot_mapping, row, k_stride, v_stride,
+                  num_slots, k_scale, v_scale);
   } else {
-    ReshapeAndCacheFp8Kernel<T, false><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        k, v, kc, vc, slot_mapping, row, k_stride, v_stride, num_slots, k_scale, v_scale);
+    LaunchChained(ReshapeAndCacheFp8Kernel<T, false>, dim3(static_cast<unsigned>(num_tokens)),
+                  dim3(threads), 0, stream, k, v, kc, vc, slot_mapping, row, k_stride, v_stride,
+                  num_slots, k_scale, v_scale);
   }
 }
 

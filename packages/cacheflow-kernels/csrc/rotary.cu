@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                  const float* __restrict__ cos_sin_cache, int64_t query_stride,
                  int64_t key_stride, int num_heads, int num_kv_heads, int head_size, int rot_dim,
                  int64_t max_position) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   extern __shared__ float cos_sin[];  // [rot_dim]: cos | sin, rounded to T
   const int64_t token = blockIdx.x;
   const int64_t pos = positions[token];
@@ -173,6 +174,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocks)
                      int64_t key_stride, int num_tokens, int num_heads, int num_kv_heads,
                      int head_size, int rot_dim, int64_t max_position, int unit_shift,
                      int heads_per_part) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   constexpr int N = kVec16<T>;
   constexpr int kHeads = kNeox ? kLoadsPerLane / 2 : kLoadsPerLane;  // per lane and part
   constexpr int kCs = kNeox ? N : N / 2;  // cos (and sin) values per lane
@@ -344,6 +346,7 @@ __global__ void __launch_bounds__(kPipeMaxThreads)
                           int64_t key_stride, int num_tokens, int num_heads, int head_size,
                           int rot_dim, int64_t max_position, int units_per_head, int part_units,
                           int total_units) {
+  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   constexpr int N = kVec16<T>;
   constexpr int kU = kPipeUnits<kNeox>;
   constexpr int kCs = kNeox ? N : N / 2;  // cos (and sin) values per unit
@@ -517,11 +520,11 @@ void LaunchKernel(const RotaryArgs& a, cudaStream_t stream) {
   const int64_t threads =
       std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (total + 31) / 32 * 32));
   const size_t smem = static_cast<size_t>(a.rot_dim) * sizeof(float);
-  RotaryKernel<T, N, W, kNeox>
-      <<<static_cast<unsigned>(a.num_tokens), static_cast<unsigned>(threads), smem, stream>>>(
-          a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key),
-          a.cos_sin_cache, a.query_stride, a.key_stride, a.num_heads, a.num_kv_heads,
-          a.head_size, a.rot_dim, a.max_position);
+  LaunchChained(RotaryKernel<T, N, W, kNeox>, dim3(static_cast<unsigned>(a.num_tokens)),
+                dim3(static_cast<unsigned>(threads)), smem, stream, a.positions,
+                reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache,
+                a.query_stride, a.key_stride, a.num_heads, a.num_kv_heads, a.head_size,
+                a.rot_dim, a.max_position);
 }
 
 /*!
@@ -543,7 +546,7 @@ bool LaunchWarpKernel(const RotaryArgs& a, cudaStream_t stream) {
   const int heads_per_part = static_cast<int>((lane_heads + parts - 1) / parts);
   const dim3 grid(static_cast<unsigned>((a.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(parts));
-  RotaryWarpKernel<T, kNeox><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+  LaunchChained(RotaryWarpKernel<T, kNeox>, grid, dim3(kWarpsPerBlock * 32), 0, stream,
       a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache,
       a.query_stride, a.key_stride, static_cast<int>(a.num_tokens), a.num_heads, a.num_kv_heads,
       a.head_size, a.rot_dim, a.max_position, unit_shift, heads_per_part);
@@ -621,11 +624,11 @@ bool LaunchPipelinedKernel(const RotaryArgs& a, int device, cudaStream_t stream,
   if (per_stream < min_tokens_per_cta) return false;
   const int64_t grid_x = (a.num_tokens + per_stream - 1) / per_stream;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(parts));
-  kernel<<<grid, static_cast<unsigned>(threads), smem, stream>>>(
-      a.positions, reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache,
-      a.query_stride, a.key_stride, static_cast<int>(a.num_tokens), a.num_heads, a.head_size,
-      a.rot_dim, a.max_position, units_per_head, static_cast<int>(part_units),
-      static_cast<int>(total));
+  LaunchChained(
+      kernel, grid, dim3(static_cast<unsigned>(threads)), smem, stream, a.positions,
+      reinterpret_cast<T*>(a.query), reinterpret_cast<T*>(a.key), a.cos_sin_cache, a.query_stride,
+      a.key_stride, static_cast<int>(a.num_tokens), a.num_heads, a.head_size, a.rot_dim,
+      a.max_position, units_per_head, static_cast<int>(part_units), static_cast<int>(total));
   return true;
 }
 

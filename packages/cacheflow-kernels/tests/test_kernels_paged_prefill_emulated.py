@@ -48,7 +48,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.argtypes = (
         [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
         + [ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
-        + [ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double]
+        + [ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_int64]
     )
     return fn
 
@@ -65,7 +65,7 @@ def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
         key_cache.shape[0], key_cache.shape[1], tables.shape[0], tables.shape[1], case["scale"],
         max_query_len, case.get("sliding_window") or 0, ctypes.byref(collectives),
         int(key_cache.dtype == torch.float8_e4m3fn), case.get("k_scale", 1.0),
-        case.get("v_scale", 1.0), case.get("logits_soft_cap") or 0.0,
+        case.get("v_scale", 1.0), case.get("logits_soft_cap") or 0.0, query.stride(0),
     )
     return path
 
@@ -189,6 +189,47 @@ def test_misaligned_pointers_take_cuda_cores(emu: Any) -> None:
     case["query"] = view
     assert run_emulated(emu, case) == 0
     check_close(case["out"], reference(case), torch.float16, "misaligned")
+
+
+def _strided_query(query: Any, extra_cols: int) -> Any:
+    """``query``'s values in a view whose token rows are ``extra_cols`` elements wider (the
+    query columns of a fused QKV output); the padding holds NaN, which must never be read."""
+    tokens, heads, d = query.shape
+    buf = torch.full((tokens, heads * d + extra_cols), float("nan"), dtype=query.dtype)
+    view = buf[:, : heads * d].view(tokens, heads, d)
+    view.copy_(query)
+    return view
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "dtype", "extra_cols", "path"),
+    [
+        ([130, 1, 77], [130, 9, 200], 4, 2, 64, torch.float16, 2 * 2 * 64, 1),   # fused QKV
+        ([200, 65], [333, 65], 2, 1, 128, torch.bfloat16, 2 * 128, 1),           # GQA, prefix
+        ([70, 3], [100, 40], 2, 1, 256, torch.float16, 2 * 256, 1),              # head 256
+        ([40, 9], [50, 9], 2, 2, 64, torch.float16, 4, 0),       # stride 264 elements: 528 bytes
+        ([20, 9], [50, 9], 2, 1, 40, torch.float32, 2 * 40, 0),  # CUDA-core kernel
+    ],
+)
+def test_strided_query_rows(emu: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
+                            kv_heads: int, head_size: int, dtype: Any, extra_cols: int,
+                            path: int) -> None:
+    """A query whose token rows are strided gives the same bits as its contiguous copy (row
+    strides off 16 bytes take the CUDA-core kernel)."""
+    case = make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
+                     head_size=head_size, block_size=16, dtype=dtype, seed=sum(ctx_lens))
+    assert run_emulated(emu, case, max_query_len=max(q_lens)) == (1 if dtype != torch.float32
+                                                                     else 0)
+    contiguous_out = case["out"].clone()
+    if path == 0 and dtype != torch.float32:
+        assert run_emulated(emu, case, force_simple=True, max_query_len=max(q_lens)) == 0
+        contiguous_out = case["out"].clone()
+    case["query"] = _strided_query(case["query"], extra_cols)
+    assert not case["query"].is_contiguous()
+    case["out"].fill_(float("nan"))
+    assert run_emulated(emu, case, max_query_len=max(q_lens)) == path
+    assert torch.equal(case["out"], contiguous_out)
+    check_close(case["out"], reference(case), dtype, "strided query rows")
 
 
 def test_rows_without_keys_are_zero(emu: Any) -> None:

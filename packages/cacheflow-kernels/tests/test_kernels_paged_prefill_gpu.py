@@ -188,6 +188,31 @@ def test_misaligned_pointers_fall_back() -> None:
     run_and_check(case, torch.float16, "misaligned query")
 
 
+@pytest.mark.parametrize(("dtype", "head_size", "extra_cols"),
+                         [(torch.float16, 128, 2 * 128), (torch.bfloat16, 64, 4 * 64),
+                          (torch.float16, 256, 2 * 256), (torch.float16, 128, 4),
+                          (torch.float32, 128, 2 * 128)])
+def test_strided_query_rows(dtype: Any, head_size: int, extra_cols: int) -> None:
+    """A query whose token rows are strided (the query columns of a fused QKV output, NaN in
+    the other columns) gives the same bits as its contiguous copy; a row stride off 16 bytes
+    (extra_cols=4 at fp16: 264 bytes past each row) takes the CUDA-core kernel and stays right."""
+    case = gpu_case(RAGGED_Q, RAGGED_CTX, num_heads=4, num_kv_heads=2, head_size=head_size,
+                    dtype=dtype, seed=23 + extra_cols)
+    ref = reference(case)
+    dense_out = run(case).clone()
+    tokens = case["query"].shape[0]
+    wide = torch.full((tokens, 4 * head_size + extra_cols), float("nan"), dtype=dtype,
+                      device="cuda")
+    view = wide[:, : 4 * head_size].view(tokens, 4, head_size)
+    view.copy_(case["query"])
+    case["query"] = view
+    case["out"].fill_(float("nan"))
+    out = run(case)
+    if (4 * head_size + extra_cols) * view.element_size() % 16 == 0:
+        assert torch.equal(out, dense_out)
+    check_close(out, ref, dtype, f"strided query rows (+{extra_cols} columns)")
+
+
 @pytest.mark.parametrize("bound", [None, "exact", 4096])
 def test_max_query_len_bound(bound: Any) -> None:
     """None (num_tokens), the exact maximum, and a loose bound all give the same result."""

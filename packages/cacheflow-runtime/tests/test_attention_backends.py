@@ -181,6 +181,7 @@ class FakeKernels:
             "max_query_len": max_query_len, "query_start_loc": starts, "window": sliding_window,
             "dtypes": (block_tables.dtype, query_start_loc.dtype, context_lens.dtype),
             "scale": scale, "contiguous": query.is_contiguous() and out.is_contiguous(),
+            "query_row_stride": query.stride(0), "out_contiguous": out.is_contiguous(),
             "scales": (k_scale, v_scale), "soft_cap": logits_soft_cap}))
         q_lens = [b - a for a, b in zip(starts, starts[1:])]
         meta = InputMetadata(
@@ -339,6 +340,31 @@ def test_cuda_backend_prefill_runs_the_prefill_kernel(fake_kernels: FakeKernels,
     args = fake_kernels.calls[2][1]
     assert args["max_query_len"] == 7 and args["query_start_loc"] == [0, 7, 8, 11]
     assert args["dtypes"] == (torch.int32,) * 3 and args["scale"] == 0.125 and args["contiguous"]
+
+
+@pytest.mark.parametrize(("extra_cols", "copied"), [(4 * 64, False), (3, True)])
+def test_cuda_backend_prefill_reads_fused_query_rows_in_place(
+        fake_kernels: FakeKernels, monkeypatch: pytest.MonkeyPatch, extra_cols: int,
+        copied: bool) -> None:
+    """A mixed step's query as a column slice of a fused QKV output reaches the prefill kernel
+    without a copy when its row stride is a multiple of 16 bytes (else it is copied); the
+    output is contiguous and equals the reference's either way."""
+    monkeypatch.setattr(cuda, "supports_prefill",  # CPU tensors here
+                        lambda q, kc, a=None, w=None: a is None)
+    layer = PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="cuda")
+    monkeypatch.setattr(layer, "backend_for", lambda q: cuda)
+    step = _step([1, 7, 3], [5, 0, 30], dtype=torch.float16)
+    ref = _run(PagedAttention(8, 64, 0.125, num_kv_heads=2, backend="reference"), step)
+    wide = torch.cat([step["query"], torch.zeros(step["query"].shape[0], extra_cols,
+                                                 dtype=step["query"].dtype)], dim=1)
+    query = wide[:, : 8 * 64]
+    assert not query.is_contiguous()
+    out = _run(layer, dict(step, query=query))
+    assert torch.equal(out, ref)
+    args = fake_kernels.calls[-1][1]
+    assert fake_kernels.calls[-1][0] == "paged_prefill_attention"
+    assert args["query_row_stride"] == (8 * 64 if copied else 8 * 64 + extra_cols)
+    assert args["out_contiguous"]
 
 
 @pytest.mark.parametrize("window", [None, 7])

@@ -99,7 +99,10 @@ def _validate_paged_prefill_attention(
     )
     # Memory layout.
     for name, x in args.items():
-        C.check_contiguous(op, name, x)
+        if name == "query":
+            C.check_row_strided(op, name, x)  # its rows may be strided (a fused QKV output)
+        else:
+            C.check_contiguous(op, name, x)
     # Device last.
     C.check_cuda(op, "query", query)
     for name, x in args.items():
@@ -149,7 +152,10 @@ def paged_prefill_attention(
         out: ``[num_tokens, num_heads, head_size]``, dtype of ``query``; written in place (rows
             of tokens of no sequence, past ``query_start_loc[-1]``, are left untouched).
         query: ``[num_tokens, num_heads, head_size]``, float16, bfloat16 or float32;
-            ``head_size <= 256``.
+            ``head_size <= 256``. Its token rows may be strided (each row's
+            ``[num_heads, head_size]`` block contiguous, e.g. the query columns of a fused QKV
+            projection's output), so no copy is needed; the tensor-core kernels need the row
+            stride to be a multiple of 16 bytes (else the CUDA-core kernel runs).
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_size]``, dtype of ``query``
             or an FP8 E4M3 cache (``torch.float8_e4m3fn``, or ``uint8`` holding its bytes);
             ``num_kv_heads`` divides ``num_heads``. Any ``block_size``.
@@ -177,8 +183,9 @@ def paged_prefill_attention(
     other head sizes, and data pointers that are not 16-byte aligned take a CUDA-core kernel.
     A row that sees no key at all (only possible when ``context_lens[i] < q_len_i``) is zeros.
 
-    All tensors are C-contiguous CUDA tensors on one device (torch, CuPy, JAX: any DLPack
-    array). The kernel runs on the caller's current stream and is CUDA-graph capturable.
+    All tensors but ``query`` are C-contiguous; all are CUDA tensors on one device (torch,
+    CuPy, JAX: any DLPack array). The kernel runs on the caller's current stream and is
+    CUDA-graph capturable.
 
     Raises:
         ValueError: an argument has the wrong device, dtype, shape, memory layout or value;

@@ -39,6 +39,7 @@ struct EmuLauncher {
  * \param collectives if not null, receives the number of warp barriers the run took.
  * \param fp8_cache 1: the caches hold FP8 E4M3 bytes, dequantized with k_scale / v_scale.
  * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
+ * \param q_token_stride elements between the query's token rows (0: contiguous rows).
  * \return 1 when the tensor-core kernel ran, 0 for the CUDA-core kernel, -1 for nothing to do.
  */
 extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, void* out,
@@ -51,17 +52,21 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
                                     int64_t max_blocks_per_seq, double scale,
                                     int64_t max_query_len, int64_t sliding_window,
                                     int64_t* collectives, int fp8_cache, double k_scale,
-                                    double v_scale, double logits_soft_cap) {
+                                    double v_scale, double logits_soft_cap,
+                                    int64_t q_token_stride) {
   namespace pf = cacheflow::prefill;
   const int64_t elem = dtype == 2 ? 4 : 2;
-  const int64_t q_bytes = num_tokens * num_heads * head_size * elem;
+  const int64_t row = num_heads * head_size;
+  const int64_t q_stride = q_token_stride > 0 ? q_token_stride : row;
+  const int64_t out_bytes = num_tokens * row * elem;
+  const int64_t q_bytes = num_tokens > 0 ? ((num_tokens - 1) * q_stride + row) * elem : 0;
   const int64_t c_bytes =
       num_blocks * block_size * num_kv_heads * head_size * (fp8_cache ? 1 : elem);
   auto range = [](const void* p, int64_t bytes, const char* name) {
     const auto* b = static_cast<const unsigned char*>(p);
     return cfemu::GlobalRange{b, b + bytes, name};
   };
-  cfemu::g_ranges = {range(out, q_bytes, "out"), range(query, q_bytes, "query"),
+  cfemu::g_ranges = {range(out, out_bytes, "out"), range(query, q_bytes, "query"),
                      range(key_cache, c_bytes, "key_cache"),
                      range(value_cache, c_bytes, "value_cache")};
   cfemu::g_collectives = 0;
@@ -73,12 +78,14 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
       out, query, key_cache, value_cache, block_tables, query_start_loc, context_lens, num_heads,
       head_size, num_kv_heads, num_blocks, block_size, max_blocks_per_seq, scale, sliding_window,
       k_scale, v_scale, logits_soft_cap);
+  p.q_token_stride = q_stride;
   // A small device: chunks of a few (head, seq) groups, so the tests' grids span several.
   p.order_sms = pf::OrderSms(kEmulatedSms);
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool tc = !force_simple &&
                   pf::UseTensorCores(dtype != 2, head_size,
-                                     aligned(out) && aligned(query) && aligned(key_cache) &&
+                                     q_stride * elem % 16 == 0 && aligned(out) &&
+                                         aligned(query) && aligned(key_cache) &&
                                          aligned(value_cache));
   const EmuLauncher launch{p};
   const int heads = static_cast<int>(num_heads);

@@ -177,9 +177,11 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     (contiguous, the query's shape) when given, else to a new tensor.
     """
     if supports_prefill(query, key_cache, alibi_slopes, sliding_window):
-        query = query.contiguous()
+        # Strided token rows (the query columns of a fused QKV output) are read in place; a
+        # row stride off 16 bytes would cost the tensor cores, so such a query is copied.
+        query = _token_rows(query, align=16)
         if out is None:
-            out = torch.empty_like(query)
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if query.shape[0] > metadata.num_tokens:
             out[metadata.num_tokens:].zero_()
         cacheflow_kernels.paged_prefill_attention(

@@ -1,0 +1,34 @@
+// Programmatic dependent launch (PDL, sm_90+), device side.
+//
+// The ops on a decode step's path (norms, activations, rotary, cache writes, decode and prefill
+// attention) are launched with PDL (pdl_launch.cuh): their CTAs may be scheduled while the
+// previous kernel on the stream is still finishing, so the launch and the CTAs' start-up overlap
+// that kernel's tail, in CUDA graphs too, instead of following its end. Ordering is kept by the
+// first statement of each such kernel, PdlWaitForPrevious(): griddepcontrol.wait blocks until
+// the previous grid has completed and its writes are visible. The kernel then lets its own
+// successor be scheduled (griddepcontrol.launch_dependents); only after its wait, so that a
+// successor never runs while anything older than this kernel is still in flight.
+// Compiled for the host (the CPU emulations of the attention kernels) or for older GPUs it is a
+// no-op, like the launch attribute there.
+#pragma once
+
+#if defined(__CUDACC__)
+#define CF_PDL_FUNC __device__ __forceinline__
+#else
+#define CF_PDL_FUNC inline
+#endif
+
+namespace cacheflow {
+
+/*! \brief Waits for the previous kernel on the stream, then releases the next one (see above).
+ * Must come before the kernel's first memory access. */
+CF_PDL_FUNC void PdlWaitForPrevious() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+}  // namespace cacheflow
+
+#undef CF_PDL_FUNC
