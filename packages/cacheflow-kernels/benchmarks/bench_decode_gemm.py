@@ -19,31 +19,9 @@ import json
 import sys
 from typing import Any
 
-from bench_timing import time_graph_us
+from bench_timing import copy_bandwidth, time_graph_us
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "vocab": 32000, "qkv": 12288}
-
-
-def measure_copy_bandwidth(torch: Any) -> float:
-    """Bytes per second of a device-to-device copy of 1 GiB (read plus write), timed eagerly.
-
-    Not a graph replay: inside a CUDA graph the copy becomes a memcpy node, which the H200 ran at
-    2.7 TB/s against 4.2 TB/s for the same copy launched eagerly (2026-12-03), which made every
-    GEMM look faster than the copy. A 1 GiB copy is long enough that launching it costs nothing.
-    """
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return 2 * src.numel() / sorted(times)[len(times) // 2]
 
 
 def routes(torch: Any, weights: list[Any], x: Any) -> dict[str, list[Any]]:
@@ -72,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 1
     dtype = getattr(torch, args.dtype)
-    copy_bw = measure_copy_bandwidth(torch)
+    copy_bw = copy_bandwidth(torch)
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, {args.dtype}")
     h, i, v, qkv = (LLAMA_7B[k] for k in ("hidden", "intermediate", "vocab", "qkv"))

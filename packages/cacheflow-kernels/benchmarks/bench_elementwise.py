@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench_timing import environment, time_graph_us
+from bench_timing import copy_bandwidth, environment, time_graph_us
 
 TARGET_SHARE_OF_COPY = 0.80
 GIB = 1 << 30
@@ -123,19 +123,10 @@ class Bench:
                              replays=self.args.batches)
 
     def measure_copy(self) -> dict[str, Any]:
-        torch = self.torch
-        held = [torch.empty(GIB, dtype=torch.uint8, device=self.device)]
-        held[0].random_(0, 255)
-        saved = (self.args.batch_size, self.args.batches)
-        self.args.batch_size, self.args.batches = 2, max(10, self.args.batches // 4)
-        try:
-            t = self.time_us([lambda: held[0].clone()])
-        finally:
-            self.args.batch_size, self.args.batches = saved
-            held.clear()
-            torch.cuda.empty_cache()
         bytes_moved = 2 * GIB
-        self.copy_gbps = bytes_moved / (t * 1e-6) / 1e9
+        rate = copy_bandwidth(self.torch)
+        t = bytes_moved / rate * 1e6
+        self.copy_gbps = rate / 1e9
         return {"bytes": bytes_moved, "time_us": t, "gbps": self.copy_gbps}
 
     def run(self, result: Result, make: Callable[[int], tuple[list[Callable[[], Any]],

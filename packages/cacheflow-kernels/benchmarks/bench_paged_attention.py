@@ -49,7 +49,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench_timing import environment, time_graph_us
+from bench_timing import copy_bandwidth, environment, time_graph_us
 
 GIB = 1 << 30
 PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
@@ -203,15 +203,8 @@ class Bench:
         return time_graph_us(self.torch, fns, calls_per_graph=4 * self.args.batch_size,
                              replays=self.args.batches)
 
-    def _copy_us(self) -> float:
-        src = self.torch.empty(GIB // 2, dtype=self.torch.float16, device="cuda").normal_()
-        dst = self.torch.empty_like(src)
-        return self.time_calls([lambda: dst.copy_(src)])
-
     def measure_copy(self) -> float:
-        us = self._copy_us()
-        self.torch.cuda.empty_cache()
-        self.copy_gbps = 2 * GIB / (us * 1e-6) / 1e9
+        self.copy_gbps = copy_bandwidth(self.torch) / 1e9
         return self.copy_gbps
 
     def build(self, case: Case, seed: int, lens: list[int]) -> dict[str, Any]:
