@@ -23,7 +23,8 @@ rows per CTA (4 warps x 16), w8 = 128 rows with 8 warps x 16; default = 128 rows
 every key tile; CACHEFLOW_PREFILL_VARIANT=bn32: head size 256 with 32-key tiles;
 CACHEFLOW_PREFILL_GRID=group: group-major CTA order, the default again), ``eager`` and ``bn32``
 each of those alone, and ``chunked`` (CACHEFLOW_PREFILL_GRID=chunked: the chunked longest-first
-CTA order, measured slower on the H200).
+CTA order, measured slower on the H200). ``bn64`` and ``w4``: the tilings before 2026-12-04 of
+head size 64 (64-key tiles; now 128) and 256 (64 rows over 4 warps; now 128 over 8).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _fp16_d96_d128(c: Case) -> bool:
 
 
 # name -> (environment of the call, cases it applies to). "prev" is the kernel before 2026-12-03
-# (eager rescaling; head size 256 with BN 32 and two K buffers; group-major CTA order); "eager"
+# (eager rescaling; head size 256 with BN 32 and two K buffers; group-major CTA order; head size
+# 64 keeps its current tiling, see "bn64"); "eager"
 # and "bn32" switch one of those choices back alone; "chunked" takes the other CTA order.
 VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     "default": ({}, lambda c: True),
@@ -110,6 +112,8 @@ VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     "eager": ({RESCALE_ENV: "-1"}, lambda c: True),
     "bn32": ({VARIANT_ENV: "bn32"}, lambda c: c.head_size == 256),
     "chunked": ({GRID_ENV: "chunked"}, lambda c: True),
+    "bn64": ({VARIANT_ENV: "bn64"}, lambda c: c.head_size == 64),
+    "w4": ({VARIANT_ENV: "w4"}, lambda c: c.head_size == 256),
 }
 
 

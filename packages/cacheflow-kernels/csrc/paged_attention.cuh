@@ -951,7 +951,7 @@ PA_DEVICE void AlibiRowSlopes(const Params& p, int gid, int head0, int rows_vali
 template <typename T, typename C, int D>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
     PagedAttentionMmaKernel(const Params p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
@@ -1562,7 +1562,7 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
 template <typename T, typename C, int D, bool kPair, int kRT = 1>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     PagedAttentionPipeKernel(const Params p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
@@ -1746,7 +1746,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
 
 template <typename C, int D, int kRows>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Params p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   constexpr int kVecs = D / 4;
   constexpr int kPerLane = (kVecs + 31) / 32;
   constexpr int kSub = 4;  // tokens per step
@@ -1956,7 +1956,7 @@ inline size_t CombineSmemBytes(int num_partitions) {
 template <typename T>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
     PagedAttentionCombineKernel(const Params p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   float* red = reinterpret_cast<float*>(DynamicSmem());
   float* weights = red + kCombineThreads / 32;  // [num_partitions]
   const int head_size = p.head_size;

@@ -45,8 +45,9 @@ inline bool IsHalfOrBf16(DLDataType dt) {
 
 /*!
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
- * head-size-96 and -128 tensor-core kernels, bn32 the head-size-256 tiling before 2026-12-03 (see
- * prefill::TcVariant); unset or anything else: default. Read at every call.
+ * head-size-96 and -128 tensor-core kernels, bn64 the head-size-64 tiling before 2026-12-04, w4
+ * and bn32 the head-size-256 tilings before 2026-12-04 and 2026-12-03 (see prefill::TcVariant);
+ * unset or anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {
   const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
@@ -54,6 +55,8 @@ int TcVariantFromEnv() {
   if (std::strcmp(v, "m64") == 0) return prefill::kTcM64;
   if (std::strcmp(v, "w8") == 0) return prefill::kTcW8;
   if (std::strcmp(v, "bn32") == 0) return prefill::kTcBn32;
+  if (std::strcmp(v, "bn64") == 0) return prefill::kTcBn64;
+  if (std::strcmp(v, "w4") == 0) return prefill::kTcW4;
   return prefill::kTcDefault;
 }
 
@@ -178,8 +181,11 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
   bool launched = false;
   if (tensor_cores) {
     int variant = TcVariantFromEnv();
-    if (head_size == 256 && MaxSmemOptin(dev.device_id) < prefill::kD256SmemBytes) {
-      variant = prefill::kTcBn32;  // sm_86/89: 99 KB per CTA
+    if (head_size == 256 && variant != prefill::kTcBn32 &&
+        MaxSmemOptin(dev.device_id) < prefill::kD256SmemBytes) {
+      // sm_86/89 (99 KB per CTA): the 83 KB tiling; elsewhere below 133 KB the 100 KB one.
+      variant = MaxSmemOptin(dev.device_id) < prefill::kD256W4SmemBytes ? prefill::kTcBn32
+                                                                         : prefill::kTcW4;
     }
     const bool fp8 = s.fp8_cache;
     launched =

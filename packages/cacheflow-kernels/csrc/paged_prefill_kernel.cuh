@@ -15,9 +15,10 @@
 //     memory (a 16-byte pad per row keeps ldmatrix conflict-free for every head size); slot
 //     numbers of upcoming tiles are looked up two tiles ahead into a small ring in shared memory.
 //     With KB = 2 K buffers (head sizes up to 128), K of the next tile loads during the whole
-//     current step; with KB = 1 (head size 256, to fit BN = 64 keys in 2 CTAs per SM) it loads
-//     once every warp is past S = QK^T, during the softmax's wait and P V. V is single-buffered
-//     (it loads during S = QK^T and the softmax).
+//     current step; with KB = 1 (head size 256: BM = 128 over 8 warps and BN = 64 in 133 KB) it
+//     loads once every warp is past S = QK^T, during the softmax's wait and P V. V is
+//     single-buffered (it loads during S = QK^T and the softmax). Head size 64 takes BN = 128:
+//     half the key steps, barriers and row reductions of BN = 64.
 //   * S = Q K^T and O += P V with mma.sync.m16n8k16 (fp32 accumulation); Q and K fragments come
 //     from ldmatrix, V fragments from ldmatrix.trans, P stays in registers (the accumulator
 //     layout of S is the A-operand layout of P V).
@@ -200,7 +201,7 @@ struct TcTraits {
 
 template <class T, int D, int MT, int NW, int BN, int KB, bool kFp8>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParams p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   using Tr = TcTraits<D, MT, NW, BN, KB>;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kBM = Tr::kBM;
@@ -547,7 +548,7 @@ constexpr int kSimpleMaxHeadSize = 256;  // 8 elements per lane
 
 template <class Tag, class CacheT>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(kSimpleWarps * 32) PagedPrefillSimpleKernel(const PrefillParams p) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   using S = typename StorageOf<Tag>::type;
   constexpr int kPerLane = kSimpleMaxHeadSize / 32;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
@@ -642,14 +643,20 @@ inline bool UseTensorCores(bool half_or_bf16, int64_t head_size, bool pointers_a
  * (environment variable CACHEFLOW_PREFILL_VARIANT=m64 or w8; see paged_prefill.cu).
  */
 enum TcVariant : int {
-  kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64 (head size 256: BM 64, BN 64, 1 K buffer)
+  kTcDefault = 0,  // BM 128 = 4 warps x 32 rows, BN 64; head size 64: BN 128; head size 256:
+                   // BM 128 = 8 warps x 16 rows, BN 64, 1 K buffer (133 KB: 1 CTA per SM)
   kTcM64 = 1,      // fp16 head size 96 or 128: BM 64 = 4 warps x 16 rows, BN 64
   kTcW8 = 2,       // fp16 head size 96 or 128: BM 128 = 8 warps x 16 rows, BN 64
-  kTcBn32 = 3,     // head size 256: BN 32 with 2 K buffers (the tiling before 2026-12-03)
+  kTcBn32 = 3,     // head size 256: BM 64, BN 32 with 2 K buffers (the tiling before 2026-12-03)
+  kTcBn64 = 4,     // head size 64: BN 64 (the tiling before 2026-12-04)
+  kTcW4 = 5,       // head size 256: BM 64 = 4 warps x 16 rows, BN 64, 1 K buffer (100 KB: 2 CTAs
+                   // per SM; the tiling before 2026-12-04)
 };
 
 /*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */
-constexpr int kD256SmemBytes = TcTraits<256, 1, 4, 64, 1>::kSmemBytes;
+constexpr int kD256SmemBytes = TcTraits<256, 1, 8, 64, 1>::kSmemBytes;
+/*! \brief Shared memory of the head-size-256 kernel of kTcW4. */
+constexpr int kD256W4SmemBytes = TcTraits<256, 1, 4, 64, 1>::kSmemBytes;
 
 /*! \brief Lazy-rescale threshold of the tensor-core kernels, in log2 units (P <= 2^8). */
 constexpr float kDefaultRescaleThreshold = 8.f;
@@ -733,10 +740,13 @@ void LaunchTc(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launc
 
 /*!
  * \brief Launches the tensor-core kernel of element type T (Fp16 or Bf16) for head size `d`.
- * Tiles: BM = 128 query rows (4 warps x 32 rows), BN = 64 keys; head size 256: BM = 64 (4 warps
- * x 16 rows), BN = 64 with one K buffer (100 KB of shared memory: 2 CTAs per SM on sm_80/90;
- * the host passes kTcBn32 where a CTA cannot have that much, sm_86/89). `variant` (TcVariant)
- * picks another tiling: m64 / w8 for fp16 with head size 96 or 128, bn32 for head size 256.
+ * Tiles: BM = 128 query rows (4 warps x 32 rows), BN = 64 keys; head size 64: BN = 128 keys
+ * (FlashAttention-2's tile there: half the key steps, barriers and row reductions); head size
+ * 256: BM = 128 (8 warps x 16 rows), BN = 64 with one K buffer (133 KB of shared memory: one CTA
+ * per SM, each K/V tile read from shared memory by twice the rows of the 4-warp tile). The host
+ * passes kTcW4 (100 KB) or kTcBn32 (83 KB) where a CTA cannot have that much (sm_86/89).
+ * `variant` (TcVariant) picks another tiling: m64 / w8 for fp16 with head size 96 or 128, bn64
+ * for head size 64, w4 and bn32 for head size 256.
  * \return false when `d` has no tensor-core kernel.
  */
 template <class T, bool kFp8 = false, class Launch>
@@ -744,7 +754,11 @@ bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max
                 Launch&& launch) {
   switch (d) {
     case 64:
-      LaunchTc<T, 64, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      if (variant == kTcBn64) {
+        LaunchTc<T, 64, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      } else {
+        LaunchTc<T, 64, 2, 4, 128, kFp8>(num_heads, num_seqs, max_query_len, launch);
+      }
       return true;
     case 80:
       LaunchTc<T, 80, 2, 4, 64, kFp8>(num_heads, num_seqs, max_query_len, launch);
@@ -781,8 +795,10 @@ bool DispatchTc(int64_t d, int variant, int num_heads, int num_seqs, int64_t max
     case 256:
       if (variant == kTcBn32) {
         LaunchTc<T, 256, 1, 4, 32, kFp8>(num_heads, num_seqs, max_query_len, launch);
-      } else {
+      } else if (variant == kTcW4) {
         LaunchTc<T, 256, 1, 4, 64, kFp8, 1>(num_heads, num_seqs, max_query_len, launch);
+      } else {
+        LaunchTc<T, 256, 1, 8, 64, kFp8, 1>(num_heads, num_seqs, max_query_len, launch);
       }
       return true;
     default: return false;

@@ -1,7 +1,7 @@
 // Programmatic dependent launch (PDL), host side: launching a kernel that starts with
-// PdlWaitForPrevious() (pdl.cuh) so that it may be scheduled while the previous kernel on the
-// stream finishes. Only kernels that call PdlWaitForPrevious() before touching memory may be
-// launched this way.
+// PdlWaitForPrevious() or PdlWait() (pdl.cuh) so that it may be scheduled while the previous
+// kernel on the stream finishes. Only kernels that call one of them before touching memory may
+// be launched this way.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,8 +37,8 @@ inline bool PdlEnabled() {
 }
 
 /*!
- * \brief Launches `kernel` (which must begin with PdlWaitForPrevious()) on `stream`, with PDL
- * where PdlEnabled(); a launch error throws (RuntimeError in Python).
+ * \brief Launches `kernel` (which must begin with PdlWaitForPrevious() or PdlWait()) on
+ * `stream`, with PDL where PdlEnabled(); a launch error throws (RuntimeError in Python).
  */
 template <typename... Params, typename... Args>
 void LaunchChained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,

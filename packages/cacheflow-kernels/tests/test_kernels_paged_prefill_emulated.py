@@ -71,7 +71,8 @@ def run_emulated(emu: Any, case: dict[str, Any], force_simple: bool = False,
 
 
 # (q_lens, ctx_lens, heads, kv_heads, head_size, block_size, dtype): the tensor-core configs
-# (BM 128 / BN 64, head size 256: BM 64 / BN 64 with one K buffer), ragged tiles, prefixes,
+# (BM 128 / BN 64; head size 64: BN 128; head size 256: BM 128 over 8 warps / BN 64 with one K
+# buffer), ragged tiles, prefixes,
 # GQA/MQA, block sizes.
 TC_CASES = [
     ([130, 1, 77], [130, 9, 200], 2, 1, 64, 16, torch.float16),     # ragged, prefix, q_len 1
@@ -123,6 +124,19 @@ def test_benchmark_tilings_of_heads_96_128(emu: Any, variant: int, head_size: in
     case = make_case([150, 20], [200, 90], num_heads=2, num_kv_heads=1, head_size=head_size,
                      block_size=16, dtype=torch.float16, seed=variant)
     assert run_emulated(emu, case, max_query_len=150, variant=variant) == 1
+    check_close(case["out"], reference(case), torch.float16, f"variant {variant}")
+
+
+@pytest.mark.parametrize(("variant", "head_size", "q_lens", "ctx_lens"),
+                         [(4, 64, [300, 20], [420, 90]), (5, 256, [150, 3], [260, 40])])
+def test_previous_tilings_of_heads_64_256(emu: Any, variant: int, head_size: int,
+                                          q_lens: list[int], ctx_lens: list[int]) -> None:
+    """CACHEFLOW_PREFILL_VARIANT=bn64 (variant 4: head size 64 with 64-key tiles) and w4
+    (variant 5: head size 256 with 64 rows over 4 warps), the tilings before 2026-12-04:
+    several key tiles, a prefix past the query and a partial last tile."""
+    case = make_case(q_lens, ctx_lens, num_heads=2, num_kv_heads=1, head_size=head_size,
+                     block_size=16, dtype=torch.float16, seed=variant)
+    assert run_emulated(emu, case, max_query_len=max(q_lens), variant=variant) == 1
     check_close(case["out"], reference(case), torch.float16, f"variant {variant}")
 
 

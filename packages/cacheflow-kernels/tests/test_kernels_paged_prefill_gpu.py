@@ -124,8 +124,8 @@ def test_sliding_window(window: int, head_size: int, dtype: Any) -> None:
 # The choices of 2026-12-03 switched back: CACHEFLOW_PREFILL_RESCALE_THRESHOLD=-1 rescales at every
 # key tile, CACHEFLOW_PREFILL_VARIANT=bn32 runs head size 256 with BN 32 and two K buffers,
 # CACHEFLOW_PREFILL_GRID=chunked the chunked longest-first CTA order (the default is group-major
-# again); m64 / w8 are the benchmark tilings of
-# fp16 head sizes 96 and 128 (elsewhere they change nothing).
+# again); m64 / w8 are the benchmark tilings of fp16 head sizes 96 and 128, bn64 the head-size-64
+# tiling and w4 the head-size-256 tiling before 2026-12-04 (elsewhere they change nothing).
 PREVIOUS_ENVS = [
     {"CACHEFLOW_PREFILL_RESCALE_THRESHOLD": "-1"},
     {"CACHEFLOW_PREFILL_VARIANT": "bn32"},
@@ -133,6 +133,8 @@ PREVIOUS_ENVS = [
     {"CACHEFLOW_PREFILL_RESCALE_THRESHOLD": "0"},
     {"CACHEFLOW_PREFILL_VARIANT": "m64"},
     {"CACHEFLOW_PREFILL_VARIANT": "w8"},
+    {"CACHEFLOW_PREFILL_VARIANT": "bn64"},
+    {"CACHEFLOW_PREFILL_VARIANT": "w4"},
 ]
 
 
