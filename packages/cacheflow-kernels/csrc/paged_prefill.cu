@@ -181,11 +181,12 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
   bool launched = false;
   if (tensor_cores) {
     int variant = TcVariantFromEnv();
-    if (head_size == 256 && variant != prefill::kTcBn32 &&
-        MaxSmemOptin(dev.device_id) < prefill::kD256SmemBytes) {
-      // sm_86/89 (99 KB per CTA): the 83 KB tiling; elsewhere below 133 KB the 100 KB one.
-      variant = MaxSmemOptin(dev.device_id) < prefill::kD256W4SmemBytes ? prefill::kTcBn32
-                                                                         : prefill::kTcW4;
+    if (head_size == 256 && variant != prefill::kTcBn32) {
+      // Below 133 KB per CTA the 100 KB tiling; sm_86/89 (99 KB) the 83 KB one.
+      const int smem = MaxSmemOptin(dev.device_id);
+      if (smem < prefill::kD256SmemBytes) {
+        variant = smem < prefill::kD256W4SmemBytes ? prefill::kTcBn32 : prefill::kTcW4;
+      }
     }
     const bool fp8 = s.fp8_cache;
     launched =
