@@ -196,13 +196,15 @@ async def choice_events(streams: list[RequestStream], n: int, stop_strings: list
     once when it finishes; ``finals[i]`` is set to prompt ``i``'s finished output."""
     deltas: dict[int, TextDelta] = {}
     done: set[int] = set()
+    # Choices with a chunk sent: a choice's first output may carry no text yet (the bytes of
+    # an unfinished character are held back), and its first chunk is the one that echoes.
+    started: set[int] = set()
     async for prompt_index, out in merge_streams(streams):
         for comp in out.outputs:
             index = prompt_index * n + comp.index
             if index in done:
                 continue
             delta = deltas.get(index)
-            first = delta is None
             if delta is None:
                 delta = deltas[index] = TextDelta(stop_strings)
             finished = comp.finish_reason is not None
@@ -215,6 +217,8 @@ async def choice_events(streams: list[RequestStream], n: int, stop_strings: list
                 logprobs = [comp.logprobs[i] for i in new]
             if finished:
                 done.add(index)
+            first = index not in started
+            started.add(index)
             yield ChoiceEvent(index, text, [comp.token_ids[i] for i in new], logprobs,
                               comp.finish_reason, comp.stop_reason, first)
         if out.finished:
