@@ -119,12 +119,14 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
                          device: torch.device, *,
                          query_start_loc: torch.Tensor | None = None,
                          context_lens_tensor: torch.Tensor | None = None,
-                         cascade_block_size: int | None = None) -> InputMetadata:
+                         cascade_block_size: int | None = None,
+                         host_block_tables: torch.Tensor | None = None) -> InputMetadata:
     """The one way to build an ``InputMetadata``: host lists or tensors (or tensors already on
-    ``device``, e.g. the static buffers of a CUDA graph) in, tensors on ``device`` out. Block
-    tables given as lists are padded with 0 to the longest. With ``cascade_block_size`` (the
-    cache's block size) and block tables on the host, a decode step is checked for a shared
-    prefix (``plan_cascade``)."""
+    ``device``, e.g. the static buffers of a CUDA graph or a step's staged inputs) in, tensors
+    on ``device`` out. Block tables given as lists are padded with 0 to the longest. With
+    ``cascade_block_size`` (the cache's block size) and the block tables on the host (given
+    as ``block_tables``, or as ``host_block_tables`` beside a device copy), a decode step is
+    checked for a shared prefix (``plan_cascade``)."""
     if query_start_loc is None:
         cu = [0]
         for q in query_lens:
@@ -137,8 +139,9 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         width = max((len(t) for t in block_tables), default=0)
         padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
         block_tables = torch.tensor(padded, dtype=torch.int32).view(len(padded), width)
-    if cascade_block_size is not None and block_tables.device.type == "cpu":
-        cascade = plan_cascade(list(query_lens), list(context_lens), block_tables,
+    planned = host_block_tables if host_block_tables is not None else block_tables
+    if cascade_block_size is not None and planned.device.type == "cpu":
+        cascade = plan_cascade(list(query_lens), list(context_lens), planned,
                                cascade_block_size, device)
     return InputMetadata(
         query_lens=list(query_lens), context_lens_host=list(context_lens),

@@ -24,6 +24,7 @@ from cacheflow_runtime.core.step_data import (
 )
 from cacheflow_runtime.model_executor.cache_engine import KVCache
 from cacheflow_runtime.model_executor.cuda_graphs import DecodeGraphs
+from cacheflow_runtime.model_executor.input_staging import InputStaging
 from cacheflow_runtime.model_executor.request_states import RequestState, RequestStates
 from cacheflow_runtime.sampler import Sampler
 from cacheflow_runtime.sampler_output import DeviceSamples
@@ -65,7 +66,7 @@ class _StepTokens:
 
 
 def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
-                  device: torch.device, eos_token_id: Optional[int],
+                  staging: InputStaging, eos_token_id: Optional[int],
                   plan_cascade: bool = True) -> PreparedBatch:
     """Flattens the scheduled sequences of ``out`` into one batch (``states`` already updated
     with ``out``): each contributes ``token_ids`` from ``num_computed_tokens`` on, its K/V going
@@ -74,7 +75,8 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
 
     The columnar decodes come first, taken a column at a time; then one short loop over the
     other sequences. Positions, slots and the step's block tables are computed from the
-    worker's :class:`BlockTables` with array operations.
+    worker's :class:`BlockTables` with array operations, and go to ``staging.device`` in one
+    copy (:class:`InputStaging`).
     """
     step = _StepTokens()
     row_of = states.tables.row_of
@@ -121,19 +123,20 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
             eos_token_id=eos_token_id))
         req_ids.append(req.req_id)
         sampled.append(req.do_sample)
-    metadata, positions = _step_metadata(step, states, block_size, device, plan_cascade)
+    input_ids, positions, metadata = _step_inputs(step, states, block_size, staging,
+                                                  plan_cascade)
     return PreparedBatch(
-        input_ids=torch.tensor(step.input_ids, dtype=torch.int64).to(device, non_blocking=True),
-        positions=torch.from_numpy(positions).to(device, non_blocking=True),
+        input_ids=input_ids, positions=positions,
         metadata=metadata, sampling_groups=groups, req_ids=req_ids, sampled=sampled,
         placeholder_positions=step.placeholder_positions,
         placeholder_seq_ids=step.placeholder_seq_ids, num_decodes=num_decodes)
 
 
-def _step_metadata(step: _StepTokens, states: RequestStates, block_size: int,
-                   device: torch.device, plan_cascade: bool
-                   ) -> tuple[InputMetadata, np.ndarray]:
-    """The attention metadata of the step's tokens and their positions (int64)."""
+def _step_inputs(step: _StepTokens, states: RequestStates, block_size: int,
+                 staging: InputStaging, plan_cascade: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, InputMetadata]:
+    """The step's token ids and positions (int64) and the attention metadata of its tokens,
+    on the device."""
     tables = states.tables
     rows = np.array(step.rows, dtype=np.int64)
     starts = np.array(step.starts, dtype=np.int64)
@@ -150,13 +153,19 @@ def _step_metadata(step: _StepTokens, states: RequestStates, block_size: int,
                      + starts[seq_of_token])
         token_rows = rows[seq_of_token]
     context_lens = (starts + counts).astype(np.int32)
+    block_tables = tables.gather(rows)
+    (input_ids, positions_dev, query_start_loc_dev, context_lens_dev, block_tables_dev,
+     slot_mapping, logit_indices) = staging.upload([
+        np.array(step.input_ids, dtype=np.int64), positions, query_start_loc, context_lens,
+        block_tables, tables.slots(token_rows, positions, block_size),
+        np.array(step.logit_indices, dtype=np.int64)])
     metadata = build_input_metadata(
-        step.counts, context_lens.tolist(), torch.from_numpy(tables.gather(rows)),
-        torch.from_numpy(tables.slots(token_rows, positions, block_size)),
-        step.logit_indices, device, query_start_loc=torch.from_numpy(query_start_loc),
-        context_lens_tensor=torch.from_numpy(context_lens),
-        cascade_block_size=block_size if plan_cascade else None)
-    return metadata, positions
+        step.counts, context_lens.tolist(), block_tables_dev, slot_mapping, logit_indices,
+        staging.device, query_start_loc=query_start_loc_dev,
+        context_lens_tensor=context_lens_dev,
+        cascade_block_size=block_size if plan_cascade else None,
+        host_block_tables=torch.from_numpy(block_tables) if plan_cascade else None)
+    return input_ids, positions_dev, metadata
 
 
 def _add_request(step: _StepTokens, req: ScheduledRequest, state: RequestState,
@@ -248,6 +257,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.default_generator = default_generator
         self.decode_graphs: Optional[DecodeGraphs] = None
+        self.staging = InputStaging(device)
         # The last launch's sampled token ids (on the device) and the sequence of each of the
         # first len(seq_ids) of them (greedy and random samples), for the placeholders of the
         # next launch.
@@ -273,7 +283,7 @@ class ModelRunner:
         previous, self._last_sampled = self._last_sampled, None
         if not (out.scheduled or out.decodes.seq_ids):
             return PendingStep()
-        batch = prepare_batch(out, states, self.block_size, self.device, self.eos_token_id,
+        batch = prepare_batch(out, states, self.block_size, self.staging, self.eos_token_id,
                               self.plan_cascade)
         if batch.placeholder_positions:
             self._fill_placeholders(batch, previous)
