@@ -136,6 +136,7 @@ class _Config:
 
 class _CacheConfig:
     block_size = 16
+    cache_dtype = "auto"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

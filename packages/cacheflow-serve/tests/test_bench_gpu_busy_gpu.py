@@ -31,7 +31,7 @@ def test_gpu_idle_share_of_decode_steps(tiny_path: Path) -> None:
     # A tiny model's step is mostly host work: the GPU waits most of the window.
     assert result["gpu_idle_fraction"] > 0.2
     ops = result["gpu_top_ops"]
-    assert 0 < len(ops) <= 8
+    assert 0 < len(ops) <= 40  # the 40 busiest kernels (bench_gpu_busy.top_device_ops)
     per_step = [op["ms_per_step"] for op in ops]
     assert per_step == sorted(per_step, reverse=True)
     assert per_step[0] > 0 and all(op["name"] and op["calls_per_step"] > 0 for op in ops)
