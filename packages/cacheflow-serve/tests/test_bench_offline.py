@@ -139,6 +139,34 @@ def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:
     assert report["results"]["engine"]["outputs_short_or_long"] == 0
 
 
+@pytest.mark.parametrize("bench", ["throughput", "latency"])
+def test_disable_detokenize_skips_the_detokenizer(bench: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--disable-detokenize``: the same run with SamplingParams.detokenize=False (the
+    detokenizer is never called), said in the report."""
+    from cacheflow_runtime.engine.detokenizer import Detokenizer
+
+    calls: list[str] = []
+    for name in ("decode_output", "decode_new_text"):
+        original = getattr(Detokenizer, name)
+
+        def counted(self: Any, *args: Any, _name: str = name, _f: Any = original) -> Any:
+            calls.append(_name)
+            return _f(self, *args)
+        monkeypatch.setattr(Detokenizer, name, counted)
+    args = (["--num-prompts", "3"] if bench == "throughput"
+            else ["--batch-sizes", "2", "--num-iters", "1", "--num-iters-warmup", "0"])
+    report = _run(tmp_path, "bench", bench, *args, "--input-len", "6", "--output-len", "5",
+                  "--disable-detokenize")
+    assert calls == []
+    assert report["workload"]["sampling"] == "greedy, ignore_eos, detokenize=False"
+    if bench == "throughput":
+        engine = report["results"]["engine"]
+        assert (engine["output_tokens"], engine["outputs_short_or_long"]) == (15, 0)
+    _run(tmp_path, "bench", bench, *args, "--input-len", "6", "--output-len", "5")
+    assert calls  # without the flag the outputs are decoded
+
+
 def test_throughput_on_a_model_path(tiny_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     assert main(["bench", "throughput", "--model", str(tiny_path), "--device", "cpu",

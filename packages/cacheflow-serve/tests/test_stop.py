@@ -176,3 +176,33 @@ def test_final_text_is_the_decode_of_all_tokens(llm: LLM, seed: int) -> None:
     bytes still belong in the final text, as in decoding all tokens at once."""
     out = _generate(llm, temperature=1.0, seed=seed, max_tokens=24)
     assert out.text == llm.get_tokenizer().decode(out.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_detokenize_false_gives_the_same_tokens_and_no_text(llm: LLM, n: int) -> None:
+    """``detokenize=False``: the token ids and logprobs of the detokenized run, empty texts
+    (also for beams and seeded samples)."""
+    kwargs: dict[str, Any] = ({"temperature": 0, "logprobs": 3} if n == 1 else
+                              {"n": n, "temperature": 0.8, "seed": 7, "logprobs": 3})
+    want = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True, **kwargs),
+                        use_tqdm=False)[0]
+    got = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True, detokenize=False,
+                                              **kwargs), use_tqdm=False)[0]
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+    assert [c.logprobs for c in got.outputs] == [c.logprobs for c in want.outputs]
+    assert all(c.text for c in want.outputs)
+    assert [c.text for c in got.outputs] == [""] * n
+    beams = SamplingParams(n=2, best_of=2, use_beam_search=True, temperature=0, max_tokens=6,
+                           ignore_eos=True, detokenize=False)
+    out = llm.generate(PROMPT, beams, use_tqdm=False)[0]
+    assert len(out.outputs) == 2 and all(c.text == "" and c.token_ids for c in out.outputs)
+    assert_idle(llm)
+
+
+def test_detokenize_false_refuses_stop_strings() -> None:
+    with pytest.raises(ValueError, match=r"SamplingParams.stop must be None with "
+                                         r"detokenize=False .*got \['x'\]"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="SamplingParams.detokenize must be True or False"):
+        SamplingParams(detokenize=0)  # type: ignore[arg-type]
+    assert SamplingParams(stop_token_ids=[5], detokenize=False).stop_token_ids == [5]

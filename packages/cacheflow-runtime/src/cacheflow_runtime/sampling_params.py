@@ -18,7 +18,7 @@ _OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_log
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "length_penalty")
 _BOOL_FIELDS = ("ignore_eos", "use_beam_search", "early_stopping", "include_stop_str_in_output",
-                "skip_special_tokens")
+                "skip_special_tokens", "detokenize")
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -59,7 +59,8 @@ class SamplingParams:
     cumulative log probability are returned; with ``use_beam_search`` the ``best_of`` beams are
     ranked by ``length_penalty`` like HF transformers' beam search. ``logprobs=k`` returns the
     chosen token's log probability and the top k; ``prompt_logprobs=k`` does the same for every
-    prompt token after the first.
+    prompt token after the first. ``detokenize=False`` returns token ids with empty texts (no
+    decoding time; stop strings, which are matched in the text, are then refused).
     """
 
     n: int = 1
@@ -84,6 +85,7 @@ class SamplingParams:
     early_stopping: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True
     _stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +160,8 @@ class SamplingParams:
                "prompt_logprobs", "None or an integer in [0, 20]", self.prompt_logprobs)
         _check(math.isfinite(self.length_penalty), "length_penalty", "a finite number",
                self.length_penalty)
+        _check(self.detokenize or not self._stop_list, "stop",
+               "None with detokenize=False (stop strings are matched in the text)", self.stop)
         if self.use_beam_search:
             _check(self.best_of > 1, "best_of", "> 1 with use_beam_search", self.best_of)
             _check(self.temperature < _GREEDY_EPS, "temperature", "0 with use_beam_search",

@@ -145,6 +145,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seed of the synthetic lengths and prompts and of the random weights")
     run.add_argument("--baseline", choices=["hf"], default=None,
                      help="also run HF transformers generate on the same prompts, same dtype")
+    run.add_argument("--disable-detokenize", action="store_true",
+                     help="return token ids only (SamplingParams.detokenize=False): the engine's "
+                          "time without turning outputs into text")
     run.add_argument("--output-json", type=Path, default=None, help="write the report here")
     run.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
 
@@ -329,7 +332,9 @@ def report_header(benchmark: str, device: torch.device, model: ModelUnderTest,
     and engine options."""
     return {"benchmark": benchmark, "environment": environment(device),
             "model": {**model.description, **summary},
-            "workload": {**workload, "seed": args.seed, "sampling": "greedy, ignore_eos"},
+            "workload": {**workload, "seed": args.seed,
+                         "sampling": "greedy, ignore_eos" + (", detokenize=False"
+                                                            if args.disable_detokenize else "")},
             "engine_args": {"max_num_seqs": max_num_seqs,
                             "max_num_batched_tokens": args.max_num_batched_tokens,
                             "max_model_len": args.max_model_len,

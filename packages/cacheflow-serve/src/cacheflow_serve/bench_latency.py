@@ -244,11 +244,12 @@ class _Runner:
         return row
 
 
-def _engine_generate(llm: Any) -> Callable[[list[list[int]], int], list[int]]:
+def _engine_generate(llm: Any, detokenize: bool) -> Callable[[list[list[int]], int], list[int]]:
     from cacheflow_runtime import SamplingParams
 
     def generate(prompts: list[list[int]], max_tokens: int) -> list[int]:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=detokenize)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [len(o.outputs[0].token_ids) for o in outs]
     return generate
@@ -375,8 +376,8 @@ def run_latency(args: argparse.Namespace) -> int:
             hf.close()
             release(device)
         llm = make_llm(args, model.path, max_num_seqs)
-        runner = _Runner(_engine_generate(llm), ids, input_len, args.seed, device,
-                         StepClock(llm.engine))
+        runner = _Runner(_engine_generate(llm, not args.disable_detokenize), ids, input_len,
+                         args.seed, device, StepClock(llm.engine))
         results["engine"] = _sweep(runner, batch_sizes, output_len, args, "engine")
         if device.type == "cuda" and args.gpu_busy_steps:
             for row in results["engine"]:

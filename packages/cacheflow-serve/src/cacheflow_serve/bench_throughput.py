@@ -64,16 +64,18 @@ def _rates(requests: int, prompt_tokens: int, output_tokens: int,
 
 def run_engine(llm: Any, requests: list[SyntheticRequest], warmup: list[SyntheticRequest],
                device: torch.device, progress: bool,
-               trace: Optional[tuple[Path, dict[str, Any]]] = None) -> dict[str, Any]:
+               trace: Optional[tuple[Path, dict[str, Any]]] = None,
+               detokenize: bool = True) -> dict[str, Any]:
     """Times one ``LLM.generate`` over all requests after an untimed one over ``warmup``;
     counts what came back. ``trace``: (path, model summary) to trace the timed run's steps
-    (``--step-trace``)."""
+    (``--step-trace``); ``detokenize``: ``SamplingParams.detokenize``."""
     from cacheflow_runtime import SamplingParams
     from cacheflow_serve.bench_common import allocator_counters, synchronize
     from cacheflow_serve.bench_step_trace import StepTrace
 
     def params(n: int) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                              detokenize=detokenize)
 
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warmup],
                  params(WARMUP_TOKENS), use_tqdm=False)
@@ -237,7 +239,8 @@ def run_throughput(args: argparse.Namespace) -> int:
                                    args.hf_max_batch_size, progress)
         llm = make_llm(args, model.path, max_num_seqs)
         trace = None if args.step_trace is None else (args.step_trace, summary)
-        results["engine"] = run_engine(llm, requests, warmup, device, progress, trace)
+        results["engine"] = run_engine(llm, requests, warmup, device, progress, trace,
+                                       not args.disable_detokenize)
         del llm  # the engine's memory goes back before the folder is removed
         release(device)
     results = {"engine": results["engine"], **{k: v for k, v in results.items()

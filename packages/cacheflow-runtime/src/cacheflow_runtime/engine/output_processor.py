@@ -17,7 +17,7 @@ class OutputProcessor:
     whose text reached a stop string (through the scheduler, which owns statuses).
 
     ``tokenizer`` None (token ids in, token ids out) leaves every text empty and stop strings
-    unchecked.
+    unchecked; so does a request's ``SamplingParams.detokenize=False`` for that request.
     """
 
     def __init__(self, tokenizer: Any, scheduler: Scheduler) -> None:
@@ -41,6 +41,8 @@ class OutputProcessor:
         decode_new_text = detokenizer.decode_new_text
         for group in groups:
             params = group.sampling_params
+            if not params.detokenize:
+                continue
             if params.use_beam_search:
                 if group.beam_search_done:
                     self._beam_texts(group)
@@ -65,7 +67,7 @@ class OutputProcessor:
         if detokenizer is None:
             return
         for group in groups:
-            if group.sampling_params.use_beam_search:
+            if group.sampling_params.use_beam_search or not group.sampling_params.detokenize:
                 continue
             for seq in group.seqs:
                 if seq.num_detokenized < seq.num_known_outputs:
