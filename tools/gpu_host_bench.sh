@@ -4,7 +4,8 @@
 # bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
-# a step budget of 8,192 tokens); the kernel and dependency wheels are the same for all.
+# a step budget of 8,192 tokens; "nodetok": with --disable-detokenize); the kernel and dependency
+# wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
@@ -47,6 +48,7 @@ for v in "${variants[@]}"; do
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
     on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
     on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
+    nodetok) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --disable-detokenize) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then
