@@ -286,6 +286,11 @@ constexpr int kStagesAuto = -1;
 constexpr int kStagesRegister = 0;
 constexpr int kMinStages = 2;
 constexpr int kMaxStages = 8;            // cp.async.wait_group takes an immediate: 0 .. 6 used
+// The deepest pipeline the automatic choice takes. Measured on an H200 (2026-12-04,
+// docs/benchmarks.md), 7 and 8 stages were 1-5% slower than 6 on every FP8 decode case (whose
+// half-size stages fit 8) and never faster on 16-bit ones. The H100 has less bandwidth for the
+// same latency, so it needs fewer bytes in flight and 6 suffices there too.
+constexpr int kMaxAutoStages = 6;
 constexpr int kSmemReservedPerCta = 1024;  // shared memory the driver reserves per CTA (sm_80+)
 // The pipelined kernel's step (Params::step_tiles): 1 computes one 8-token tile per warp step
 // (softmax update and PV with m16n8k8), 2 computes two tiles per step: one softmax update per 16
@@ -1097,7 +1102,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 // Rows are stored padded and/or with their 16-byte chunks XOR-swizzled by row, a layout chosen at
 // compile time (pipe_layout::Best) to minimize the shared-memory wavefronts of this kernel's own
 // fragment loads for the element size and head size. The depth comes from the device
-// (ChooseStages): as many stages (<= kMaxStages) as fit while the register-limited number of
+// (ChooseStages): as many stages (<= kMaxAutoStages) as fit while the register-limited number of
 // CTAs per SM (MmaMinBlocks) still fits in the multiprocessor's shared memory.
 
 namespace pipe_layout {
@@ -1231,7 +1236,7 @@ inline size_t PipeSmemBytes(int stages, int rows) {
 /*!
  * \brief Pipeline depth for the device (the dispatch's choice; 0: the register kernel): a forced
  * depth (p.stages >= 2) clamped to what one CTA may allocate; else (auto) the most stages (<=
- * kMaxStages) that keep `min_blocks` CTAs per SM (the register-limited occupancy) within the
+ * kMaxAutoStages) that keep `min_blocks` CTAs per SM (the register-limited occupancy) within the
  * multiprocessor's shared memory, dropping to fewer CTAs per SM only when even 2 stages do not
  * fit. 0 when the device's shared memory is unknown or nothing fits.
  */
@@ -1250,7 +1255,7 @@ inline int ChooseStages(const Params& p, int rows, int min_blocks) {
   for (int ctas = min_blocks; ctas >= 1; --ctas) {
     const long long cap = std::min<long long>(p.smem_per_sm / ctas - kSmemReservedPerCta,
                                               p.smem_per_block);
-    for (int s = kMaxStages; s >= kMinStages; --s) {
+    for (int s = kMaxAutoStages; s >= kMinStages; --s) {
       if (fits(s, cap)) return s;
     }
   }

@@ -566,20 +566,23 @@ def test_register_kernel_fallback(emu: Any, kind: str, head_size: int, partition
 def test_stage_choice(emu: Any) -> None:
     """The depth comes from the device's shared memory: the register-limited CTAs per SM keep
     fitting (3 at d128, 2 at d256, 4 up to d96), with fewer CTAs only when two stages do not
-    fit; unknown shared memory (0) or too little selects the register kernel."""
+    fit, and never more than 6 stages unless forced; unknown shared memory (0) or too little
+    selects the register kernel."""
     h100 = H100_SMEM
     a100 = (167936, 166912)
     small = (102400, 101376)  # sm_86 / sm_89
-    # H100 / H200: fp16 d128 4 stages (70 KB, 3 CTAs/SM), fp8 d128 the maximum 8.
+    # H100 / H200: fp16 d128 4 stages (70 KB, 3 CTAs/SM), fp8 d128 the automatic maximum 6
+    # (8 would fit).
     assert configure(emu, smem=h100, dtype=0, head_size=128) == 4
-    assert configure(emu, smem=h100, dtype=4, head_size=128) == 8
+    assert configure(emu, smem=h100, dtype=4, head_size=128) == 6
+    assert configure(emu, smem=(1 << 20, 1 << 20), dtype=0, head_size=128) == 6
     assert configure(emu, smem=h100, dtype=0, head_size=256) == 3
     assert configure(emu, smem=h100, dtype=1, head_size=64) == 6
     for dtype, head_size in [(0, 64), (0, 96), (1, 128), (0, 256), (4, 128), (5, 256)]:
         per_cta = {64: 4, 96: 4, 128: 3, 256: 2}[head_size]
         for smem in (h100, a100):
             s = configure(emu, smem=smem, dtype=dtype, head_size=head_size)
-            assert 2 <= s <= 8
+            assert 2 <= s <= 6
             # the chosen depth keeps per_cta CTAs in the SM's shared memory
             assert configure(emu, smem=(smem[0] // per_cta, smem[1]), dtype=dtype,
                              head_size=head_size) in range(2, s + 1)
