@@ -75,7 +75,7 @@ class InputStaging:
         dev[:total].copy_(host[:total], non_blocking=self._pin)
         if self._pin:
             event = self._copied[slot] or torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self._copied[slot] = event
         out = []
         for a, off in zip(arrays, offsets):
