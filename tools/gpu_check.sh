@@ -15,11 +15,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/card.txt"
 
 if [[ "$what" == tests || "$what" == all ]]; then
-  timeout 270 python3 -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rfE --maxfail=30 \
-    packages/cacheflow-kernels/tests packages/cacheflow-models/tests/test_gpu_engine.py \
-    packages/cacheflow-runtime/tests/test_attention_backends.py \
-    packages/cacheflow-runtime/tests/test_fused_layers_gpu.py \
-    packages/cacheflow-serve/tests/test_preemption_gpu.py \
+  # Every gpu-marked test of the four packages. The device image lacks a few CPU-only test
+  # dependencies (schemathesis, openai): the modules that import them are reported as collection
+  # errors and the run goes on.
+  timeout 420 python3 -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rfE --maxfail=30 \
+    --continue-on-collection-errors packages/cacheflow-kernels/tests \
+    packages/cacheflow-runtime/tests packages/cacheflow-models/tests packages/cacheflow-serve/tests \
     -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | tail -25
 fi
 if [[ "$what" == sanitize || "$what" == all ]]; then
