@@ -41,8 +41,9 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 class InputStaging:
     """Uploads a step's host arrays to ``device`` in one copy (see the module docstring).
 
-    On a CPU device the arrays are only converted, unless ``pack_on_cpu`` asks for the same
-    packing as on CUDA (which tests use to check it without a GPU).
+    On a CPU device the arrays are only wrapped (the tensors share their memory), unless
+    ``pack_on_cpu`` asks for the same packing as on CUDA (which tests use to check it without a
+    GPU).
     """
 
     def __init__(self, device: torch.device, num_slots: int = 2,
@@ -59,9 +60,10 @@ class InputStaging:
 
     def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Tensors on the device with the values, dtypes and shapes of ``arrays`` (numeric
-        NumPy arrays; the call copies them, so the caller may reuse them afterwards)."""
+        NumPy arrays). A packed upload copies them; on an unpacked CPU device the tensors are
+        the arrays themselves, so the caller must not modify them afterwards."""
         if not self._packed:
-            return [torch.from_numpy(np.array(a, copy=True, order="C")) for a in arrays]
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         offsets, total = [], 0
         for a in arrays:
             offsets.append(total)
