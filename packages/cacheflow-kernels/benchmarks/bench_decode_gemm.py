@@ -1,6 +1,7 @@
-"""The decode GEMMs of one transformer layer at small batch, through every torch route to cuBLAS.
+"""The GEMMs of one transformer layer at decode batch sizes, through every torch route to cuBLAS.
 
     python bench_decode_gemm.py --out decode_gemm.json
+    python bench_decode_gemm.py --m 256,1153,2048 --transposed   # compute-bound sizes
 
 At batch 1-16 a decode step's projections are matrix-vector products bound by reading the
 weights, so each is judged against the copy bandwidth measured in the same process. For each
@@ -9,7 +10,9 @@ it times ``F.linear`` (the runtime's route), ``W @ x.T`` and, at M=1, ``torch.mv
 cuBLAS and cuBLASLt as torch's preferred BLAS library. Calls are CUDA-graph replays
 (``bench_timing.time_graph_us``) rotating over copies of the weight that together exceed L2,
 so every call reads its weight from HBM. This is the baseline an own small-M GEMV kernel has
-to beat.
+to beat. At larger M the same calls are judged against the bf16 matmul rate measured in the
+same process (``of_mm``); ``--transposed`` adds ``x @ Wt`` with the weight stored transposed
+([in, out] contiguous), which cuBLAS serves with other kernels than ``F.linear``'s layout.
 """
 
 from __future__ import annotations
@@ -24,15 +27,25 @@ from bench_timing import copy_bandwidth, time_graph_us
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "vocab": 32000, "qkv": 12288}
 
 
-def routes(torch: Any, weights: list[Any], x: Any) -> dict[str, list[Any]]:
+def routes(torch: Any, weights: list[Any], x: Any,
+           transposed: list[Any] | None) -> dict[str, list[Any]]:
     """Callables per route, each list rotating over the weight copies."""
     import torch.nn.functional as F
 
     out = {"linear": [lambda w=w: F.linear(x, w) for w in weights],
            "W@xT": [lambda w=w: torch.matmul(w, x.t()) for w in weights]}
+    if transposed is not None:
+        out["x@Wt"] = [lambda wt=wt: torch.matmul(x, wt) for wt in transposed]
     if x.shape[0] == 1:
         out["mv"] = [lambda w=w: torch.mv(w, x[0]) for w in weights]
     return out
+
+
+def matmul_rate(torch: Any, dim: int = 8192) -> float:
+    """FLOP/s of a square bf16 matmul (the engine benchmarks' matmul floor)."""
+    a = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16)
+    return 2 * dim ** 3 / (time_graph_us(torch, [lambda: a @ b], calls_per_graph=5) * 1e-6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--rotate-bytes", type=float, default=400e6,
                    help="bytes of weight copies each weight rotates over (well above L2)")
+    p.add_argument("--transposed", action="store_true",
+                   help="also time x @ Wt with the weight stored transposed")
     p.add_argument("--out", default="", help="JSON output path")
     args = p.parse_args(argv)
     import torch
@@ -51,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     copy_bw = copy_bandwidth(torch)
+    mm_rate = matmul_rate(torch)
     card = torch.cuda.get_device_name()
-    print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, {args.dtype}")
+    print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s, "
+          f"{args.dtype}")
     h, i, v, qkv = (LLAMA_7B[k] for k in ("hidden", "intermediate", "vocab", "qkv"))
     shapes = {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i),
               "lm_head": (v, h)}
@@ -62,31 +79,35 @@ def main(argv: list[str] | None = None) -> int:
         copies = max(2, int(args.rotate_bytes // (n * k * dtype.itemsize)))
         weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * 0.02
                    for _ in range(copies)]
+        transposed = [w.t().contiguous() for w in weights] if args.transposed else None
         for m in (int(s) for s in args.m.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
             want = torch.nn.functional.linear(x, weights[0]).float()
             results = {}
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
-                for route, calls in routes(torch, weights, x).items():
+                for route, calls in routes(torch, weights, x, transposed).items():
                     got = calls[0]().float().reshape(want.shape[::-1] if route == "W@xT"
                                                       else want.shape)
                     got = got.t() if route == "W@xT" else got
                     err = (got - want).abs().max().item()
                     us = time_graph_us(torch, calls)
-                    results[f"{route}/{lib}"] = {"us": us, "of_copy": n * k * dtype.itemsize
-                                                 / (us * 1e-6) / copy_bw, "max_abs_diff": err}
+                    results[f"{route}/{lib}"] = {
+                        "us": us, "of_copy": n * k * dtype.itemsize / (us * 1e-6) / copy_bw,
+                        "of_mm": 2 * m * n * k / (us * 1e-6) / mm_rate, "max_abs_diff": err}
             torch.backends.cuda.preferred_blas_library("cublas")
             base = results["linear/cublas"]
             best_name, best = min(results.items(), key=lambda kv: kv[1]["us"])
-            print(f"{name:8s} [{n}x{k}] M={m:2d}  F.linear {base['us']:7.1f} us "
-                  f"{base['of_copy']:6.1%} of copy | fastest {best_name:16s} "
-                  f"{best['us']:7.1f} us {best['of_copy']:6.1%}", flush=True)
+            print(f"{name:8s} [{n}x{k}] M={m:4d}  F.linear {base['us']:7.1f} us "
+                  f"{base['of_copy']:6.1%} of copy {base['of_mm']:6.1%} of mm | fastest "
+                  f"{best_name:16s} {best['us']:7.1f} us {best['of_copy']:6.1%} "
+                  f"{best['of_mm']:6.1%}", flush=True)
             rows.append({"weight": name, "n": n, "k": k, "m": m, "results": results})
         del weights
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "dtype": args.dtype, "copy_bytes_per_s": copy_bw,
+                       "matmul_flops_per_s": mm_rate,
                        "rows": rows}, f, indent=1)
     return 0
 

@@ -81,6 +81,7 @@ class Case:
     dtype: str = "float16"
     block_size: int = 16
     ragged: bool = False  # context lengths uniform in [1, ctx] instead of all ctx
+    order: str = "random"  # ragged lengths in drawn order, or sorted "desc" / "asc"
     fp8: bool = False  # an FP8 E4M3 cache (k_scale = v_scale = 1)
 
 
@@ -99,6 +100,10 @@ CASES = [
     Case("mha_b64_ctx2k_bs8", 64, 2048, block_size=8),
     Case("mha_b64_ctx2k_bs32", 64, 2048, block_size=32),
     Case("gqa8_b64_ragged2k", 64, 2048, num_kv_heads=4, ragged=True),
+    # Issue 10's mixed workload: 256 decode rows, contexts spread over 1..1536 tokens, in drawn
+    # order or longest first (the order of the grid's sequences).
+    Case("mha_b256_ragged1536", 256, 1536, ragged=True),
+    Case("mha_b256_ragged1536_desc", 256, 1536, ragged=True, order="desc"),
     Case("mha_b64_ctx2k_fp32", 64, 2048, dtype="float32"),
     Case("mha_b16_ctx8k", 16, 8192),
     Case("mha_b16_ctx8k_fp8", 16, 8192, fp8=True),
@@ -289,6 +294,8 @@ class Bench:
             lens = ([int(x) for x in torch.randint(1, case.ctx + 1, (case.batch,),
                                                    generator=gen)]
                     if case.ragged else [case.ctx] * case.batch)
+            if case.order != "random":
+                lens.sort(reverse=case.order == "desc")
             elem = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
             kv_elem = 1 if case.fp8 else elem
             kv_bytes = 2 * sum(lens) * case.num_kv_heads * case.head_size * kv_elem
