@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def main() -> int:
     rng = random.Random(0)
     vocab = llm.engine.model_config.vocab_size
 
-    def run(max_tokens: int) -> tuple[float, list[float], float]:
+    def run(max_tokens: int) -> tuple[float, list[float], float, float]:
         prompts = [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(args.input_len)]}
                    for _ in range(args.batch)]
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
@@ -48,14 +47,13 @@ def main() -> int:
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         end = time.perf_counter()
-        return start, list(clock.times), end
+        return start, list(clock.times), end, clock.steady_step_s()  # the benchmark's steady step
 
     run(args.output_len)  # warm-up
-    s1, _, e1 = run(1)
-    start, times, end = run(args.output_len)
+    s1, _, e1, _ = run(1)
+    start, times, end, steady = run(args.output_len)
     t1, tn = e1 - s1, end - start
     gaps = [b - a for a, b in zip(times, times[1:])]
-    steady = statistics.median(gaps[len(gaps) // 4: 3 * len(gaps) // 4])
     n = args.output_len
     print(f"{torch.cuda.get_device_name()} batch {args.batch}: t(1) {t1 * 1e3:.1f} ms, "
           f"t(N) {tn * 1e3:.1f} ms, {len(times)} steps")

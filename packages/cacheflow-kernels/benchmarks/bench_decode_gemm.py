@@ -27,6 +27,15 @@ from bench_timing import copy_bandwidth, time_graph_us
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "vocab": 32000, "qkv": 12288}
 
 
+def llama_7b_weights(lm_head: bool = True) -> dict[str, tuple[int, int]]:
+    """[out, in] of a LLaMA-7B layer's projections (fused qkv and gate_up) and the LM head."""
+    h, i, v, qkv = (LLAMA_7B[k] for k in ("hidden", "intermediate", "vocab", "qkv"))
+    shapes = {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+    if lm_head:
+        shapes["lm_head"] = (v, h)
+    return shapes
+
+
 def routes(torch: Any, weights: list[Any], x: Any,
            transposed: list[Any] | None) -> dict[str, list[Any]]:
     """Callables per route, each list rotating over the weight copies."""
@@ -70,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s, "
           f"{args.dtype}")
-    h, i, v, qkv = (LLAMA_7B[k] for k in ("hidden", "intermediate", "vocab", "qkv"))
-    shapes = {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i),
-              "lm_head": (v, h)}
+    shapes = llama_7b_weights()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, (n, k) in shapes.items():

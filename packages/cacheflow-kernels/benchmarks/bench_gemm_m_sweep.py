@@ -14,10 +14,8 @@ import argparse
 import json
 import sys
 
+from bench_decode_gemm import llama_7b_weights
 from bench_timing import time_graph_us
-
-LLAMA_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096),
-            "down": (4096, 11008)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     start, stop, step = (int(x) for x in args.m.split(":"))
     ms = list(range(start, stop, step))
     padded = sorted({-(-m // args.align) * args.align for m in ms})
+    shapes = llama_7b_weights(lm_head=False)
     weights = {k: torch.randn(n, kk, device="cuda", dtype=dtype) * 0.02
-               for k, (n, kk) in LLAMA_7B.items()}
+               for k, (n, kk) in shapes.items()}
     xs = {k: torch.randn(max(ms + padded), kk, device="cuda", dtype=dtype)
-          for k, (_, kk) in LLAMA_7B.items()}
+          for k, (_, kk) in shapes.items()}
     times: dict[int, float] = {}
     for m in sorted(set(ms) | set(padded)):
         calls = [lambda w=w, x=xs[k][:m]: torch.nn.functional.linear(x, w)
