@@ -201,3 +201,40 @@ class RecordingObserver:
     def observe_inter_token_latency(self, seconds: float) -> None:
         """Records one inter-token latency."""
         self.itl.append(seconds)
+
+
+def make_high_byte_tokenizer() -> Any:
+    """A byte-level HF fast tokenizer whose ids below VOCAB are mostly the bytes of multi-byte
+    characters (lead and continuation bytes, in no order), so that the tiny model's outputs
+    often hold invalid UTF-8 and characters split over tokens, as a random 7B model's do; ids
+    0-2 are the special tokens <unk>, <s>, </s>. Needs transformers and tokenizers."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_char = _byte_level_chars()
+    chosen = [0x20, 0x61, 0x62, 0x63, 0x64, 0xC3, 0xA9, 0xA8, 0xE6, 0x97, 0xA5, 0xE8, 0xAA,
+              0x9E, 0xF0, 0x9F, 0x98, 0x80, 0xFF, 0xC0]
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>"])}
+    for b in chosen:
+        vocab[byte_char[b]] = len(vocab)
+    for b in range(255, -1, -1):  # every byte once, so that any text encodes
+        vocab.setdefault(byte_char[b], len(vocab))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<unk>")
+
+
+def _byte_level_chars() -> list[str]:
+    """The byte-level pre-tokenizer's character of each byte 0..255 (GPT-2's mapping)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
+        | set(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars

@@ -128,6 +128,9 @@ class _RecordedStep:
         self.output = pickle.loads(pickle.dumps(self.inner.result()))
         return self.output
 
+    def ready(self) -> bool:
+        return bool(self.inner.ready())
+
 
 def test_shared_full_blocks_are_not_computed_again(tiny: Path) -> None:
     """A prompt that shares 3 full blocks with a finished request computes only its rest."""

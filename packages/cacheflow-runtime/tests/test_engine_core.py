@@ -146,6 +146,62 @@ def test_a_step_of_a_long_request_sends_only_what_is_new() -> None:
     assert len(pickle.dumps(enc.encode(step))) < 300
 
 
+def test_the_front_end_builds_the_text_the_core_would_have(tiny: Path,
+                                                            one_torch_thread: None) -> None:
+    """A request without stop strings whose sequences only grow goes to the core with
+    detokenize=False (the core builds no text), and the decoder's text of every streamed output
+    is the one the engine would have made itself: invalid UTF-8, characters split over tokens,
+    special tokens kept or skipped, n=2, a text prompt and an abort. The others (stop strings,
+    best_of > n, detokenize=False) keep the core's text."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from engine_testutil import VOCAB, make_high_byte_tokenizer
+
+    tokenizer = make_high_byte_tokenizer()
+    rng = __import__("random").Random(2)
+    long = dict(max_tokens=40, ignore_eos=True)
+    cases: list[tuple[str, SamplingParams, bool]] = [
+        ("greedy", SamplingParams(temperature=0.0, **long), True),
+        ("keep", SamplingParams(temperature=1.0, seed=1, skip_special_tokens=False, **long), True),
+        ("n2", SamplingParams(n=2, temperature=1.0, seed=2, max_tokens=25), True),
+        ("text", SamplingParams(temperature=1.0, seed=3, **long), True),
+        ("aborted", SamplingParams(temperature=1.0, seed=4, **long), True),
+        ("stop", SamplingParams(temperature=1.0, seed=5, stop=["\u00e9"], **long), False),
+        ("best", SamplingParams(n=1, best_of=2, temperature=1.0, seed=6, max_tokens=12), False),
+        ("ids", SamplingParams(temperature=1.0, seed=7, detokenize=False, **long), False),
+    ]
+    prompts = {rid: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 12))]
+               for rid, _, _ in cases}
+    text_prompt = "abc d\u00e9 \u00e8 \u65e5"  # bytes of ids below VOCAB only
+    core, front = make_engine(tiny, tokenizer=tokenizer), make_engine(tiny, tokenizer=tokenizer)
+    encoder, decoder = OutputEncoder(), OutputDecoder(tokenizer)
+    for rid, params, here in cases:
+        prompt, ids = (text_prompt, None) if rid == "text" else (None, prompts[rid])
+        core.add_request(rid, prompt, params, ids)
+        sent = decoder.add(rid, prompt, ids, params)
+        assert sent is not None and sent.detokenize is (params.detokenize and not here)
+        encoder.add(rid, sent, has_token_ids=ids is not None)
+        front.add_request(rid, prompt, sent, ids)
+    steps = invalid = 0
+    while core.has_unfinished_requests():
+        steps += 1
+        if steps == 6:
+            core.abort_request("aborted")
+            front.abort_request("aborted")
+        want = core.step()
+        raw = front.step()
+        for out in raw:
+            if dict((c[0], c[2]) for c in cases)[out.request_id]:
+                assert all(c.text == "" for c in out.outputs)  # no text work in the core
+        got = [decoder.decode(d) for d in pickle.loads(pickle.dumps(encoder.encode(raw)))]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_same(g, w)
+            invalid += any("\ufffd" in c.text for c in g.outputs)
+    assert not front.has_unfinished_requests() and len(decoder) == 0
+    assert invalid > 0 and steps > 20
+
+
 def test_frames_split_anywhere_are_reassembled() -> None:
     payloads = [b"", b"a", bytes(range(256)) * 50]
     stream = b"".join(frame(p) for p in payloads)

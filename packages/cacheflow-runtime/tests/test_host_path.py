@@ -7,10 +7,17 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
-from engine_testutil import EOS, VOCAB, CharTokenizer, make_engine, run_all
+from engine_testutil import (
+    EOS,
+    VOCAB,
+    CharTokenizer,
+    make_engine,
+    make_high_byte_tokenizer,
+    run_all,
+)
 
 from cacheflow_runtime import SamplingParams, SchedulerConfig
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
@@ -438,8 +445,8 @@ def test_scheduled_sequences_carry_each_field() -> None:
 # ------------------------------------------------------------------------ final-only steps
 def test_final_only_steps_return_the_finished_outputs_of_plain_steps(tiny: Path) -> None:
     """step(final_only=True) returns exactly the finished outputs step() returns (tokens,
-    text, logprobs, finish reasons), nothing else, for greedy, parallel, beam search and an
-    abort."""
+    text, logprobs, finish reasons), each once and nothing else, for greedy, parallel, beam
+    search and an abort."""
     prompts = _prompts(6, seed=4)
     kinds = [dict(temperature=0.0), dict(n=2, best_of=3, temperature=0.8, seed=3),
              dict(n=2, best_of=2, use_beam_search=True, temperature=0.0)]
@@ -468,8 +475,10 @@ def test_final_only_steps_return_the_finished_outputs_of_plain_steps(tiny: Path)
     plain, plain_unfinished = run(final_only=False)
     final, final_unfinished = run(final_only=True)
     assert plain_unfinished > 0 and final_unfinished == 0
-    assert final == plain
-    assert {rid for rid, _ in final} == {f"r{i}" for i in range(len(prompts))}
+    # A final-only text may complete a step later, so the order may differ; each request's
+    # final output comes once.
+    assert sorted(final) == sorted(plain)
+    assert sorted(rid for rid, _ in final) == sorted(f"r{i}" for i in range(len(prompts)))
     assert dict(final)["r4"][0][3] == "abort"
 
 
@@ -522,6 +531,102 @@ def test_final_only_steps_decode_each_output_once_unless_it_has_stop_strings(
     final, _ = _texts(tiny, prompts, params, final_only=True)
     assert final == streamed
     assert final["r0"][2] == "stop" and final["r0"][0] == text[:text.index(stop)]
+
+
+@pytest.fixture(scope="module")
+def high_byte_tokenizer() -> Any:
+    """See engine_testutil.make_high_byte_tokenizer."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    return make_high_byte_tokenizer()
+
+
+class _Device:
+    """A pretend device for the engine's step handles: ``ready()`` is False for the first
+    ``busy_polls`` asks of each step (the device still computing), and the tokenizer below
+    records whether each of its decodings ran in such a window."""
+
+    def __init__(self, engine: Any, busy_polls: int) -> None:
+        self.inner = engine.executor
+        self.busy_polls = busy_polls
+        self.busy = False
+        engine.executor = self
+
+    def execute_model_async(self, plan: SchedulerOutput) -> Any:
+        return _BusyStep(self, self.inner.execute_model_async(plan))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+class _BusyStep:
+    def __init__(self, device: _Device, inner: Any) -> None:
+        self.device, self.inner, self.polls = device, inner, 0
+
+    def ready(self) -> bool:
+        self.polls += 1
+        self.device.busy = self.polls <= self.device.busy_polls
+        return not self.device.busy
+
+    def result(self) -> ModelRunnerOutput:
+        self.device.busy = False
+        return self.inner.result()
+
+
+@pytest.mark.parametrize("busy_polls", [0, 2, 10_000], ids=["host_bound", "short", "device_bound"])
+def test_final_only_texts_are_built_while_the_device_computes(
+        tiny: Path, high_byte_tokenizer: Any, busy_polls: int) -> None:
+    """Under step(final_only=True) the texts of requests without stop strings are built while
+    the step's handle says the device is still busy: with a device slower than the host, no
+    decoding happens outside those windows except what is left when the last step ends; texts
+    (invalid UTF-8 and split characters included), token ids and finish reasons are those of
+    step(), a request's final output comes at most one step after step() gives it, and each
+    comes once, also when the host never waits (no windows) or the windows are short."""
+    rng = random.Random(8)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 20))] for _ in range(12)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, max_tokens=3 + 5 * i,
+                             ignore_eos=True, skip_special_tokens=i % 3 != 0)
+              for i in range(len(prompts))]
+
+    def run(final_only: bool) -> tuple[dict[str, tuple[Any, ...]], dict[str, int], Any]:
+        calls = {True: 0, False: 0}  # device busy -> decodings
+        device: Optional[_Device] = None
+        decode = high_byte_tokenizer.backend_tokenizer.decoder.decode
+
+        class Counting(type(high_byte_tokenizer)):  # type: ignore[misc]
+            def convert_tokens_to_string(self, tokens: list[str]) -> str:
+                calls[device is not None and device.busy] += 1
+                return decode(tokens)
+
+        tokenizer = object.__new__(Counting)
+        tokenizer.__dict__.update(high_byte_tokenizer.__dict__)
+        engine = make_engine(tiny, tokenizer=tokenizer)
+        device = _Device(engine, busy_polls)
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            engine.add_request(f"r{i}", None, p, ids)
+        done: dict[str, tuple[Any, ...]] = {}
+        when: dict[str, int] = {}
+        for step in itertools.count():
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step(final_only=final_only):
+                if out.finished:
+                    assert out.request_id not in done
+                    (c,) = out.outputs
+                    done[out.request_id] = (c.text, c.token_ids, c.finish_reason)
+                    when[out.request_id] = step
+        return done, when, calls
+
+    plain, plain_when, _ = run(final_only=False)
+    final, final_when, calls = run(final_only=True)
+    assert final == plain and len(final) == len(prompts)
+    assert sum("\ufffd" in text for text, _, _ in final.values()) >= 3
+    assert all(final_when[r] <= plain_when[r] + 1 for r in plain)
+    if busy_polls == 10_000:
+        last = max(plain_when.values())
+        left = sum(len(plain[r][1]) for r in plain if plain_when[r] >= last - 1)
+        assert calls[True] > 2 * calls[False]
+        assert calls[False] <= 4 * len(prompts) + left
 
 
 def test_a_sample_replaces_the_placeholder_or_follows_the_outputs() -> None:

@@ -113,6 +113,10 @@ class DeviceSamples:
         self._event = torch.cuda.Event()
         self._event.record()
 
+    def ready(self) -> bool:
+        """Whether the copies queued by :meth:`start_copy` are done (never blocks)."""
+        return self._event is None or self._event.query()
+
     def assemble_decodes(self) -> tuple[list[int], list[float]]:
         """Waits for the results and returns the token and its logprob of each columnar decode
         row (empty lists without such rows)."""

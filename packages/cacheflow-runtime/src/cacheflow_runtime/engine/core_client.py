@@ -43,6 +43,7 @@ from cacheflow_runtime.engine.async_llm_engine import (
     EngineStats,
     RequestObserver,
 )
+from cacheflow_runtime.engine.detokenizer import Detokenizer
 from cacheflow_runtime.engine.engine_core import (
     EngineFactory,
     FrameReader,
@@ -136,8 +137,9 @@ class EngineCoreClient(BaseAsyncEngine):
     ``factory``: a picklable zero-argument callable that the core process calls to build the
     engine; it returns ``(engine, info)``, ``info`` being any picklable value handed back as
     ``self.info`` (the serve package passes the model's generation defaults this way).
-    ``tokenizer``: the front end's own tokenizer (the same files as the engine's), or None;
-    the core detokenizes outputs itself, this one serves the server's tokenization.
+    ``tokenizer``: the front end's own tokenizer (the same files as the engine's), or None; it
+    serves the server's tokenization and builds the text of the requests that need no text in
+    the core (engine_core.front_end_text), so that the core's step loop spends no time on it.
     ``max_queued_requests`` and ``observer`` as for AsyncLLMEngine. ``torch_threads``: the
     core's torch intra-op threads (default: this process's ``torch.get_num_threads()``, which is
     what AsyncLLMEngine's engine thread would use).
@@ -153,7 +155,7 @@ class EngineCoreClient(BaseAsyncEngine):
                  torch_threads: Optional[int] = None,
                  name: str = "cacheflow-engine-core") -> None:
         super().__init__(max_queued_requests=max_queued_requests, observer=observer)
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.model_config: Any = None
         self.scheduler_config: Any = None
         self.cache_config: Any = None
@@ -166,7 +168,7 @@ class EngineCoreClient(BaseAsyncEngine):
         self._outbox: list[tuple[Any, ...]] = []
         self._unsent = bytearray()
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._decoder = OutputDecoder()
+        self._decoder = OutputDecoder(tokenizer)
         ctx = multiprocessing.get_context("spawn")
         commands_in, commands_out = ctx.Pipe(duplex=False)
         outputs_in, outputs_out = ctx.Pipe(duplex=False)
@@ -186,6 +188,18 @@ class EngineCoreClient(BaseAsyncEngine):
         self._finalizer = weakref.finalize(self, _reap, self._process, self._pipes)
         if wait:
             self.wait_ready()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The front end's tokenizer (the engine's files), or None."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        """Sets the tokenizer; requests added from now on have their text built here (see
+        engine_core.front_end_text) when it is not None."""
+        self._tokenizer = tokenizer
+        self._decoder.detokenizer = None if tokenizer is None else Detokenizer(tokenizer)
 
     # ----------------------------------------------------------------------------- startup
     def wait_ready(self, timeout: Optional[float] = None) -> Any:
@@ -271,9 +285,9 @@ class EngineCoreClient(BaseAsyncEngine):
         assert self._loop is not None
         added: asyncio.Future[None] = self._loop.create_future()
         self._pending[request_id] = added
-        self._decoder.add(request_id, prompt, prompt_token_ids)
+        core_params = self._decoder.add(request_id, prompt, prompt_token_ids, sampling_params)
         self._timing[request_id] = [arrival, arrival, 0]
-        self._queue(("add", request_id, prompt, sampling_params, prompt_token_ids))
+        self._queue(("add", request_id, prompt, core_params, prompt_token_ids))
         await added
 
     def _send_abort(self, request_ids: list[str]) -> None:
@@ -396,7 +410,7 @@ class EngineCoreClient(BaseAsyncEngine):
                 added.set_exception(closed)
         self._pending.clear()
         self._timing.clear()
-        self._decoder = OutputDecoder()
+        self._decoder = OutputDecoder(self._tokenizer)
         self._fail_all(self._error)
 
     # ----------------------------------------------------------------------------- shutdown

@@ -7,7 +7,7 @@ and tokenizers that merge spaces produce the same text as decoding everything at
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 from cacheflow_runtime.sequence import Sequence
 
@@ -96,10 +96,12 @@ class Detokenizer:
         # token -> convert_tokens_to_string([token])
         self._token_texts: dict[str, str] = {}
 
-    def decode_new_text(self, seq: Sequence, skip_special_tokens: bool) -> str:
+    def decode_new_text(self, seq: Sequence, skip_special_tokens: bool,
+                        max_tokens: Optional[int] = None) -> str:
         """Appends the text of ``seq``'s known output tokens not decoded yet (usually the
         newest one) to ``seq.output_text`` and returns it, one token after the other as a
-        stream shows them.
+        stream shows them; with ``max_tokens``, of at most that many of them (the rest stay for
+        a later call).
 
         Returns "" while the new bytes do not yet form a whole character.
         """
@@ -116,6 +118,8 @@ class Detokenizer:
                 new = self._tokens_of(token_id, skip_special_tokens)
             tokens += new
             return self._emit(seq, True)
+        if max_tokens is not None:
+            known = min(known, done + max_tokens)
         text = ""
         for i in range(done, known):
             seq.num_detokenized = i + 1
@@ -127,15 +131,23 @@ class Detokenizer:
         """Appends the text of ``seq``'s known output tokens not decoded yet to
         ``seq.output_text``, nothing held back, and returns it: for a finished sequence whose
         text nobody read while it ran, the text that :meth:`decode_new_text` token by token and
-        then :meth:`flush_text` give, in one decoding when that text is valid UTF-8.
+        then :meth:`flush_text` give (in one decoding when :meth:`decode_rest_at_once` can)."""
+        text = self.decode_rest_at_once(seq, skip_special_tokens)
+        if text is None:
+            text = self.decode_new_text(seq, skip_special_tokens) + self.flush_text(seq)
+        return text
+
+    def decode_rest_at_once(self, seq: Sequence, skip_special_tokens: bool) -> Optional[str]:
+        """:meth:`decode_output` in one decoding, or None (``seq`` unchanged) when that might
+        not give the stream's text.
 
         Decoding in one piece gives the text of the stream because a decoder's text of tokens
         ``a + b``, ``a`` ending a character, is its text of ``a`` then its text of ``b`` (and
         ``b``'s first token has ``a``'s last ones as context either way). Invalid UTF-8 is where
         decoders are not so (a byte-fallback decoder replaces a whole run of bytes, a
         byte-level one each invalid stretch; a prompt may end inside a character), so a text
-        with a replacement character, or whose context's text is not where it starts, is decoded
-        again token by token.
+        with a replacement character, or whose context's text is not where it starts, must be
+        decoded token by token.
         """
         tokens = seq.tokens
         if tokens is None:
@@ -149,7 +161,7 @@ class Detokenizer:
         full = self._to_string(tokens[start:])
         if "\ufffd" in full or "\ufffd" in prefix or not full.startswith(prefix):
             del tokens[num_tokens:]
-            return self.decode_new_text(seq, skip_special_tokens) + self.flush_text(seq)
+            return None
         seq.num_detokenized = known
         text = full[len(prefix):]
         seq.prefix_offset = read

@@ -22,10 +22,17 @@ pickling on the core's critical path. A delta carries only the new text, token i
 logprobs of each sequence; the front end appends them to what it has and rebuilds the same
 ``RequestOutput``. Requests whose sequences may be reordered or replaced (``best_of > n``,
 beam search) send their sequences whole.
+
+Detokenization happens in the front end where it can (:func:`front_end_text`): a request
+without stop strings whose sequences only grow goes to the core with ``detokenize=False``, and
+the front end's :class:`OutputDecoder` turns its token ids into the text the core would have
+made, so the core's step loop spends no time on it. The core detokenizes the others (it stops
+a sequence on a stop string in its text, and ranks or replaces whole sequences).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -45,8 +52,10 @@ from typing import Any, Optional
 import torch
 
 from cacheflow_runtime.engine.async_llm_engine import EngineStats, collect_stats
+from cacheflow_runtime.engine.detokenizer import Detokenizer
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
 from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +202,21 @@ class OutputEncoder:
                 prompt_logprobs, sequences)
 
 
+def front_end_text(params: SamplingParams) -> bool:
+    """Whether a front end with the engine's tokenizer builds the text of a request with
+    ``params`` itself (sending it to the core with ``detokenize=False``): it wants text, has no
+    stop strings (the core stops a sequence on its text) and its sequences only grow (no beam
+    search, ``best_of == n``: the core sends the others whole)."""
+    return (params.detokenize and not params.stop_strings and not params.use_beam_search
+            and params.best_of == params.n)
+
+
 class _Sequence:
-    """One sequence as the front end rebuilds it."""
+    """One sequence as the front end rebuilds it; ``text_state`` holds the detokenizer's state
+    when the front end builds its text."""
 
     __slots__ = ("text", "token_ids", "logprobs", "cumulative_logprob", "finish_reason",
-                 "stop_reason")
+                 "stop_reason", "text_state")
 
     def __init__(self) -> None:
         self.text = ""
@@ -206,29 +225,44 @@ class _Sequence:
         self.cumulative_logprob = 0.0
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int | str] = None
+        self.text_state: Optional[Sequence] = None
 
 
 class _Request:
-    __slots__ = ("prompt", "prompt_token_ids", "prompt_logprobs", "sequences")
+    __slots__ = ("prompt", "prompt_token_ids", "prompt_logprobs", "sequences",
+                 "skip_special_tokens")
 
-    def __init__(self, prompt: Optional[str], prompt_token_ids: Optional[list[int]]) -> None:
+    def __init__(self, prompt: Optional[str], prompt_token_ids: Optional[list[int]],
+                 skip_special_tokens: Optional[bool] = None) -> None:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.prompt_logprobs: Optional[list[Any]] = None
         self.sequences: list[_Sequence] = []
+        # Not None when the front end builds the text (with this skip_special_tokens).
+        self.skip_special_tokens = skip_special_tokens
 
 
 class OutputDecoder:
-    """Rebuilds cumulative ``RequestOutput``s from the deltas of :class:`OutputEncoder`."""
+    """Rebuilds cumulative ``RequestOutput``s from the deltas of :class:`OutputEncoder`, and the
+    text of the requests the front end detokenizes (with ``tokenizer``, the engine's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: Any = None) -> None:
         self._requests: dict[str, _Request] = {}
+        self.detokenizer = None if tokenizer is None else Detokenizer(tokenizer)
 
     def add(self, request_id: str, prompt: Optional[str],
-            prompt_token_ids: Optional[list[int]]) -> None:
-        """Starts a request (its token ids come with its first delta when None here)."""
+            prompt_token_ids: Optional[list[int]], params: Optional[SamplingParams] = None
+            ) -> SamplingParams | None:
+        """Starts a request (its token ids come with its first delta when None here). Returns
+        the sampling parameters to send to the core: ``params``, or a copy with
+        ``detokenize=False`` when this decoder builds the text (see :func:`front_end_text`)."""
+        skip = None
+        if params is not None and self.detokenizer is not None and front_end_text(params):
+            skip = params.skip_special_tokens
+            params = dataclasses.replace(params, detokenize=False)
         self._requests[request_id] = _Request(
-            prompt, None if prompt_token_ids is None else list(prompt_token_ids))
+            prompt, None if prompt_token_ids is None else list(prompt_token_ids), skip)
+        return params
 
     def forget(self, request_id: str) -> None:
         """Drops a request that will send nothing (the engine refused it)."""
@@ -260,6 +294,7 @@ class OutputDecoder:
              finish_reason, stop_reason) in sequences:
             seq = seqs[i]
             seq.text = (seq.text if text_keep == len(seq.text) else seq.text[:text_keep]) + text
+            replaced = tokens_keep != len(seq.token_ids)
             del seq.token_ids[tokens_keep:]
             seq.token_ids.extend(tokens)
             if logprobs is None:
@@ -272,6 +307,8 @@ class OutputDecoder:
             seq.cumulative_logprob = cumulative
             seq.finish_reason = finish_reason
             seq.stop_reason = stop_reason
+            if req.skip_special_tokens is not None:
+                self._build_text(req, seq, seq.token_ids if replaced else tokens, replaced)
         if finished:
             del self._requests[request_id]
         return RequestOutput(
@@ -283,6 +320,25 @@ class OutputDecoder:
                                       finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                      for i, s in enumerate(seqs)],
             finished=finished, num_cached_tokens=num_cached_tokens)
+
+    def _build_text(self, req: _Request, seq: _Sequence, new_tokens: list[int],
+                    restart: bool) -> None:
+        """Brings ``seq.text`` up to its token ids as the core's detokenizer would (streamed
+        token by token, the bytes of an unfinished character held back until the sequence
+        finishes, for good when it is aborted); ``restart``: its earlier tokens changed, decode
+        them all again."""
+        detokenizer = self.detokenizer
+        assert detokenizer is not None and req.skip_special_tokens is not None
+        state = seq.text_state
+        if state is None or restart:
+            state = seq.text_state = Sequence(0, None, req.prompt_token_ids or [], block_size=1)
+        for token_id in new_tokens:
+            state.append_token(token_id, {token_id: 0.0})
+        if new_tokens:
+            detokenizer.decode_new_text(state, req.skip_special_tokens)
+        if seq.finish_reason is not None and seq.finish_reason != "abort":
+            detokenizer.flush_text(state)  # an aborted stream's text is what it showed
+        seq.text = state.output_text
 
 
 # --------------------------------------------------------------------------------- the core

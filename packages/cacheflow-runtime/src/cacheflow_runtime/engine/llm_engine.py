@@ -202,10 +202,10 @@ class LLMEngine:
             self._aborted.append(group)
 
     def has_unfinished_requests(self) -> bool:
-        """True while any request is queued, running or swapped, an abort is unreported or a
-        step is in flight."""
+        """True while any request is queued, running or swapped, an abort is unreported, a
+        step is in flight or a finished request waits for its text."""
         return (self.scheduler.has_unfinished() or bool(self._aborted)
-                or self._in_flight is not None)
+                or self._in_flight is not None or self.output_processor.has_finished_backlog)
 
     def get_num_unfinished_requests(self) -> int:
         """Number of requests not finished yet."""
@@ -234,9 +234,12 @@ class LLMEngine:
         """Runs one step and returns the outputs of every request that got new tokens, new
         prompt logprobs, or was aborted.
 
-        ``final_only``: only the outputs whose ``finished`` is True (those of the default, in
-        the same order, without building the others): for a caller that reads nothing else,
-        such as offline generation; a streaming caller needs the default.
+        ``final_only``: only outputs whose ``finished`` is True, for a caller that reads nothing
+        else, such as offline generation (a streaming caller needs the default). The text of a
+        request without stop strings is then built while the device computes (see
+        engine/output_processor.py), so a finished output may come a step or more after the
+        step that finished it; every request's final output still comes exactly once, the same
+        as the default's.
 
         With ``async_scheduling`` the step run is the one left in flight by the previous call
         (if any), and the next one is started before its results are read.
@@ -251,19 +254,25 @@ class LLMEngine:
             if ahead is not None:
                 self._in_flight = (ahead, self._start(ahead))
                 self.num_pipelined_steps += 1
+        processor = self.output_processor
+        texts_done = processor.build_texts(handle.ready) if processor.has_backlog else []
         touched = self.scheduler.update_from_output(plan, handle.result())
-        self.output_processor.process(touched, final_only)
+        processor.process(touched, final_only)
         self.scheduler.free_finished()
         reported = touched + self._aborted if self._aborted else touched
         if final_only:
             if self._aborted:
-                self.output_processor.process_aborted(self._aborted)
-            outputs = [RequestOutput.from_seq_group(g) for g in reported if request_finished(g)]
-        else:
-            outputs = [RequestOutput.from_seq_group(g) for g in reported]
+                processor.process_aborted(self._aborted)
+            reported = [g for g in reported
+                        if request_finished(g) and not processor.text_pending(g)]
+        if (processor.has_finished_backlog and self._in_flight is None
+                and not self.scheduler.has_unfinished()):
+            reported = reported + processor.finish_texts()  # nothing to hide it behind
+        reported = texts_done + reported if texts_done else reported
+        outputs = [RequestOutput.from_seq_group(g) for g in reported]
         groups = self._groups
         for group in reported:
-            if group.is_finished():
+            if group.is_finished() and not processor.text_pending(group):
                 groups.pop(group.request_id, None)
         self._aborted = []
         return outputs

@@ -1,8 +1,17 @@
 """What the engine does with a step's new tokens before it hands outputs over: incremental
-detokenization, stop strings (the text half of core/stop.py's rules) and beam texts."""
+detokenization, stop strings (the text half of core/stop.py's rules) and beam texts.
+
+For a caller that reads finished outputs only (``LLMEngine.step(final_only=True)``, offline
+generation), the text of a request without stop strings decides nothing, so it is built off the
+step's critical path: such requests go to a text backlog, worked on while the device computes
+a step (:meth:`OutputProcessor.build_texts`, called while the host would otherwise wait for the
+step's sampled ids), and a finished one is reported once its text is complete.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Optional
 
 from cacheflow_runtime.core.scheduler import Scheduler
@@ -10,6 +19,16 @@ from cacheflow_runtime.core.stop import find_stop_string
 from cacheflow_runtime.engine.detokenizer import Detokenizer
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.sequence import FINISHED_STATUSES, Sequence, SequenceGroup, SequenceStatus
+
+# Tokens decoded one by one in one piece of backlog work (about 2 us each on a server CPU).
+_PIECE_TOKENS = 32
+
+
+def _text_complete(seq: Sequence) -> bool:
+    """Whether the finished ``seq``'s text holds all its tokens, nothing held back."""
+    tokens = seq.tokens
+    return (tokens is not None and seq.num_detokenized == len(seq.output_logprobs)
+            and seq.read_offset >= len(tokens))
 
 
 class OutputProcessor:
@@ -25,15 +44,22 @@ class OutputProcessor:
         self.scheduler = scheduler
         self.detokenizer: Optional[Detokenizer] = (None if tokenizer is None
                                                    else Detokenizer(tokenizer))
+        # The text backlog of final-only steps, by request id, oldest first: finished requests
+        # whose text is not complete (reported once it is), and running ones whose text lags
+        # their tokens.
+        self._finished_backlog: OrderedDict[str, SequenceGroup] = OrderedDict()
+        self._running_backlog: OrderedDict[str, SequenceGroup] = OrderedDict()
+        # Finished sequences whose text cannot be decoded at once (goes token by token).
+        self._by_token: set[int] = set()
 
     def process(self, groups: list[SequenceGroup], final_only: bool = False) -> None:
         """Updates the texts of the sequences of ``groups`` that got a token since the last
         call.
 
-        ``final_only``: the caller reads the texts of finished requests only (``LLMEngine.step
-        (final_only=True)``), so a running sequence without stop strings is left undecoded and
-        decoded whole when it finishes (the same text, one decoder call instead of one per
-        token).
+        ``final_only``: the caller reads the outputs of finished requests only
+        (``LLMEngine.step(final_only=True)``), so a request without stop strings is put in the
+        text backlog instead (see :meth:`build_texts`): its text is the same, built while the
+        device computes instead of on the step's critical path.
         """
         detokenizer = self.detokenizer
         if detokenizer is None:
@@ -48,17 +74,103 @@ class OutputProcessor:
                     self._beam_texts(group)
                 continue
             stop_strings = params.stop_strings
+            if final_only and not stop_strings:
+                request_id = group.request_id
+                if group.is_finished():
+                    self._running_backlog.pop(request_id, None)
+                    self._finished_backlog[request_id] = group
+                elif request_id not in self._running_backlog:
+                    self._running_backlog[request_id] = group
+                continue
             skip = params.skip_special_tokens
             for seq in group.seqs:
                 if seq.num_detokenized == len(seq.output_logprobs):  # seq.num_known_outputs
                     continue
-                if final_only and not stop_strings:
-                    if seq.status in FINISHED_STATUSES:
-                        detokenizer.decode_output(seq, skip)
-                    continue
                 new_text = decode_new_text(seq, skip)
                 if (new_text and stop_strings) or seq.status in FINISHED_STATUSES:
                     self._end_text(params, seq, new_text)
+
+    # ------------------------------------------------------------------ the text backlog
+    @property
+    def has_finished_backlog(self) -> bool:
+        """Whether a finished request waits for its text."""
+        return bool(self._finished_backlog)
+
+    @property
+    def has_backlog(self) -> bool:
+        """Whether any request's text lags its tokens."""
+        return bool(self._finished_backlog or self._running_backlog)
+
+    def text_pending(self, group: SequenceGroup) -> bool:
+        """Whether ``group`` is finished but its text is not complete yet."""
+        return group.request_id in self._finished_backlog
+
+    def build_texts(self, step_ready: Callable[[], bool]) -> list[SequenceGroup]:
+        """Works on the text backlog until ``step_ready()`` (while the device still computes
+        the step the caller will wait for), then completes the finished requests' texts that
+        are not complete yet; returns their groups, in the order they finished.
+
+        The finished requests' texts come first, oldest first, then, while the device is still
+        busy, the running ones' (brought up to their tokens, so that little is left when they
+        finish). So a finished request is reported at most one step after the one that
+        finished it, and its text costs the step loop only what the device's time did not
+        cover. A piece of work is small (one decoding of a whole output, up to
+        ``_PIECE_TOKENS`` tokens decoded one by one, or one running request), so the host is
+        back well under a millisecond after the device is done.
+        """
+        finished = self._finished_backlog
+        done: list[SequenceGroup] = []
+        while finished and not step_ready():
+            request_id = next(iter(finished))
+            group = finished[request_id]
+            if self._advance_finished(group):
+                del finished[request_id]
+                done.append(group)
+        if finished:
+            return done + self.finish_texts()
+        running = self._running_backlog
+        if not running:
+            return done
+        assert self.detokenizer is not None
+        decode_new_text = self.detokenizer.decode_new_text
+        while running and not step_ready():
+            _, group = running.popitem(last=False)
+            if group.is_finished():  # aborted, or moved to the finished backlog
+                continue
+            skip = group.sampling_params.skip_special_tokens
+            for seq in group.seqs:
+                if seq.num_detokenized < len(seq.output_logprobs):
+                    decode_new_text(seq, skip)
+        return done
+
+    def finish_texts(self) -> list[SequenceGroup]:
+        """Completes the text of every finished request of the backlog (for when the device has
+        nothing left to compute); returns their groups in the order they finished."""
+        done = list(self._finished_backlog.values())
+        for group in done:
+            while not self._advance_finished(group):
+                pass
+        self._finished_backlog.clear()
+        return done
+
+    def _advance_finished(self, group: SequenceGroup) -> bool:
+        """One piece of work on the text of the finished ``group``; whether it is complete."""
+        detokenizer = self.detokenizer
+        assert detokenizer is not None
+        skip = group.sampling_params.skip_special_tokens
+        for seq in group.seqs:
+            if _text_complete(seq):
+                continue
+            if seq.seq_id not in self._by_token:
+                if detokenizer.decode_rest_at_once(seq, skip) is None:
+                    self._by_token.add(seq.seq_id)
+                break
+            detokenizer.decode_new_text(seq, skip, _PIECE_TOKENS)
+            if seq.num_detokenized == len(seq.output_logprobs):
+                detokenizer.flush_text(seq)
+                self._by_token.discard(seq.seq_id)
+            break
+        return all(_text_complete(seq) for seq in group.seqs)
 
     def process_aborted(self, groups: list[SequenceGroup]) -> None:
         """Brings the texts of aborted ``groups`` up to their tokens as a stream of them shows
@@ -67,6 +179,7 @@ class OutputProcessor:
         if detokenizer is None:
             return
         for group in groups:
+            self._running_backlog.pop(group.request_id, None)
             if group.sampling_params.use_beam_search or not group.sampling_params.detokenize:
                 continue
             for seq in group.seqs:

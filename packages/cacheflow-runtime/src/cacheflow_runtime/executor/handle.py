@@ -14,6 +14,10 @@ class StepHandle(Protocol):
     def result(self) -> ModelRunnerOutput:
         """The step's sampled tokens and prompt logprobs."""
 
+    def ready(self) -> bool:
+        """Whether ``result()`` would return without waiting for the device or the workers
+        (asked without blocking, so the host can do other work while it is False)."""
+
 
 class CompletedStep:
     """The handle of a step whose output is already known."""
@@ -24,3 +28,7 @@ class CompletedStep:
     def result(self) -> ModelRunnerOutput:
         """The output given at construction."""
         return self._output
+
+    def ready(self) -> bool:
+        """Always True: the output is known."""
+        return True

@@ -257,6 +257,13 @@ class MultiprocExecutor(RankExecutor):
                     f"{now - stamp:.0f} s during {what} (hung or stopped); the engine has "
                     f"stopped", rank))
 
+    def _answer_waiting(self, rank: int) -> bool:
+        """Whether ``rank``'s pipe holds an answer (or its end closed); never blocks."""
+        try:
+            return self._failure is not None or self._conns[rank].poll()
+        except (EOFError, OSError):
+            return True
+
     def _step_output(self) -> ModelRunnerOutput:
         """Rank 0's answer to the oldest step not read yet."""
         output = self._collect([0], "a step")[0]
@@ -284,3 +291,7 @@ class _RankZeroAnswer:
     def result(self) -> ModelRunnerOutput:
         """Waits for rank 0's output of this step."""
         return self._executor._step_output()
+
+    def ready(self) -> bool:
+        """Whether rank 0's answer has arrived (or its pipe broke: ``result`` raises then)."""
+        return self._executor._answer_waiting(0)

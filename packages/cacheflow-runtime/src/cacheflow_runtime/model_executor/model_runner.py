@@ -224,6 +224,10 @@ class PendingStep:
     prompt_shares: list[Optional[bool]] = field(default_factory=list)
     samples: Optional[DeviceSamples] = None
 
+    def ready(self) -> bool:
+        """Whether the step's samples are on the host (``result`` would not wait)."""
+        return self.samples is None or self.samples.ready()
+
     def result(self) -> ModelRunnerOutput:
         """The sampled tokens and prompt logprobs of the step (blocks until they are on the
         host)."""
