@@ -26,6 +26,7 @@ from cacheflow_runtime import (
     WorkerFailedError,
 )
 from cacheflow_runtime import parallel_state as ps
+from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.executor.factory import check_tensor_parallel
 from cacheflow_runtime.executor.in_process import InProcessExecutor
 from cacheflow_runtime.executor.multiproc import MultiprocExecutor
@@ -75,6 +76,24 @@ def test_mp_tp2_matches_tp1(tiny: Path, reference_tokens: list[list[int]]) -> No
         assert _tokens(engine) == reference_tokens
         # Steps were sent to the ranks before the answer to the one before was read.
         assert engine.num_pipelined_steps > 0
+        # Final-only steps (offline generation) ask the step handle whether rank 0 answered
+        # (ready(), without blocking) while they build texts: the same outputs, each once.
+        for i, ids in enumerate(PROMPTS):
+            engine.add_request(f"f{i}", None, GREEDY, ids)
+        final: dict[str, tuple[list[int], str]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step(final_only=True):
+                assert out.finished and out.request_id not in final
+                final[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].text)
+        assert [final[f"f{i}"][0] for i in range(len(PROMPTS))] == reference_tokens
+        assert [final[f"f{i}"][1] for i in range(len(PROMPTS))] == \
+            [CharTokenizer().decode(ids) for ids in reference_tokens]
+        handle = executor.execute_model_async(SchedulerOutput())
+        deadline = time.monotonic() + FAILURE_DEADLINE_S
+        while not handle.ready():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert handle.result() == ModelRunnerOutput()
         pids = {p.pid for p in executor.processes}
         assert pids <= child_pids()
         with pytest.raises(ValueError, match="tensor_parallel_size=1"):
