@@ -147,7 +147,7 @@ def test_disable_detokenize_skips_the_detokenizer(bench: str, tmp_path: Path,
     from cacheflow_runtime.engine.detokenizer import Detokenizer
 
     calls: list[str] = []
-    for name in ("decode_output", "decode_new_text"):
+    for name in ("decode_output", "decode_rest_at_once", "decode_new_text"):
         original = getattr(Detokenizer, name)
 
         def counted(self: Any, *args: Any, _name: str = name, _f: Any = original) -> Any:
