@@ -271,8 +271,8 @@ class LLMEngine:
         reported = texts_done + reported if texts_done else reported
         outputs = [RequestOutput.from_seq_group(g) for g in reported]
         groups = self._groups
-        for group in reported:
-            if group.is_finished() and not processor.text_pending(group):
+        for group in reported:  # (a group whose text is pending was filtered out above)
+            if group.is_finished():
                 groups.pop(group.request_id, None)
         self._aborted = []
         return outputs
