@@ -911,32 +911,34 @@ constexpr int MmaMinBlocks() {
   return kRT == 2 ? (D <= 64 ? 3 : 2) : D <= 96 ? 4 : D <= 128 ? 3 : 2;
 }
 
-// The CTA's query rows as mma A fragments in shared memory: qs[((rt * kQSpans + span) * 2 +
-// half) * 32 + lane] for row tile rt (rows 16 rt ..), half 0 = its rows 0-7; rows at or past
-// rows_valid are zeros.
+// The CTA's query rows as mma A fragments in shared memory, each uint4 one MMA's four A registers:
+// qs[((rt * kQSpans + span) * 2 + k) * 32 + lane] for row tile rt (rows 16 rt ..) holds the A
+// fragment of the span's k-step k (0: its dims 32 span + 8t + {0..3}, 1: + {4..7}; a trailing
+// half span: dims 32 span + 4t + {0..3} in k-step 0, zeros in 1), i.e. {row g, row g + 8, row g,
+// row g + 8} words, so a step loads it with one 16-byte read and no register moves; rows at or
+// past rows_valid are zeros.
 template <typename T, int D, int kRT = 1>
 PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
                                    int tid) {
   using S = MmaShape<D>;
-    const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.q_stride;
-    for (int i = tid; i < kRT * S::kQSpans * 64; i += kThreads) {
-      const int rt = kRT == 1 ? 0 : i / (S::kQSpans * 64);
-      const int j = (i >> 6) - rt * S::kQSpans;
-      const int row = ((i & 31) >> 2) + 8 * ((i >> 5) & 1) + kMmaRows * rt;
-      const int t4 = i & 3;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < rows_valid) {
-        const T* q_row = q_seq + static_cast<int64_t>(head0 + row) * D;
-        if (j < S::kSpans) {
-          v = LoadGlobal16(q_row + 32 * j + 8 * t4);
-        } else {
-          const uint2 h = LoadGlobal8(q_row + 32 * j + 4 * t4);
-          v.x = h.x;
-          v.y = h.y;
-        }
+  const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.q_stride;
+  for (int i = tid; i < kRT * S::kQSpans * 64; i += kThreads) {
+    const int rt = kRT == 1 ? 0 : i / (S::kQSpans * 64);
+    const int j = (i >> 6) - rt * S::kQSpans;
+    const int k = (i >> 5) & 1;
+    const int row = ((i & 31) >> 2) + kMmaRows * rt;  // and row + 8
+    const int t4 = i & 3;
+    uint2 lo = make_uint2(0, 0);
+    uint2 hi = make_uint2(0, 0);
+    if (j < S::kSpans || k == 0) {
+      const int dim = j < S::kSpans ? 32 * j + 8 * t4 + 4 * k : 32 * j + 4 * t4;
+      if (row < rows_valid) lo = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row) * D + dim);
+      if (row + 8 < rows_valid) {
+        hi = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row + 8) * D + dim);
       }
-      qs[i] = v;
     }
+    qs[i] = make_uint4(lo.x, hi.x, lo.y, hi.y);
+  }
 }
 
 // ALiBi slopes, in log2 units, of a thread's two fragment rows (gid and gid + 8); 0 without
@@ -1040,14 +1042,13 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
       const uint4 q0 = qs[(2 * j) * 32 + lane];
       const uint4 q1 = qs[(2 * j + 1) * 32 + lane];
       const uint4 k = Io::Widen(kr[j]);
-      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
-      Ops::Mma16816(sc, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+      Ops::Mma16816(sc, q0.x, q0.y, q0.z, q0.w, k.x, k.y);
+      Ops::Mma16816(sc, q1.x, q1.y, q1.z, q1.w, k.z, k.w);
     }
     if constexpr (S::kHalfSpan) {
       const uint4 q0 = qs[(2 * S::kSpans) * 32 + lane];
-      const uint4 q1 = qs[(2 * S::kSpans + 1) * 32 + lane];
       const uint2 k = Io::WidenHalf(krh);
-      Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+      Ops::Mma16816(sc, q0.x, q0.y, q0.z, q0.w, k.x, k.y);
     }
 
     // ---- Prefetch the next tile's K (the registers are free now).
@@ -1297,49 +1298,72 @@ PA_DEVICE void IssueTile(const C* kc, const C* vc, const Params& p, const Partit
 }
 
 /*!
- * \brief The pipelined kernel's main loop with two-tile steps: each step computes the warp's
- * tiles q and q + 1 (stages q % stages and the next) as one 16-token step: S for both tiles (four
- * independent MMA chains), one online-softmax update for the 16 tokens (lazy rescaling, see
- * kDefaultRescaleThreshold), and O += P V with m16n8k16, whose k = 16 are tile q's 8 tokens then
- * tile q + 1's (A: a0/a1 from tile q's scores, a2/a3 from tile q + 1's; B: b0 from tile q's V
- * rows 2t, 2t + 1, b1 from tile q + 1's). Ring: stages - 2 tiles were issued before the loop; at
- * each step the warp waits for tiles q and q + 1 (stages - 4 newer groups may stay pending),
- * __syncwarp, then refills the two stages of the previous step with tiles q + stages - 2 and
- * q + stages - 1.
- */
-/*!
- * \brief IssueTile with less address arithmetic (the two-tile step's copies, where a cache row's
- * 16-byte chunk count divides 32): each lane keeps one chunk column and steps down the tile's rows,
- * so the 64-bit source address is formed once per tile and advanced by a 32-bit row step.
- * Same copies, destinations and zero-fill as IssueTile.
+ * \brief The lane map of IssueTileRows for cache element C, head size D: kLanesPerRow lanes copy
+ * one cache row, 16 bytes each per instruction, so that every copy instruction reads whole
+ * 128-byte lines of kRowsPerPass rows (8 lanes per row where a row has a multiple of 8 chunks;
+ * rows of 4 chunks, 64 bytes, take 4); kPasses passes cover the tile's 8 rows, and a lane copies
+ * kChunksPerLane chunks of its row per pass (chunk lane % kLanesPerRow + kLanesPerRow * j).
+ * value: whether the two-tile step uses it (else IssueTile).
  */
 template <typename C, int D>
-PA_DEVICE void IssueTileLean(const C* kc, const C* vc, const Params& p, const PartitionRange& r,
+struct RowIssue {
+  using L = PipeLayout<C, D>;
+  static constexpr int kLanesPerRow = L::kRowChunks % 8 == 0 ? 8 : L::kRowChunks == 4 ? 4 : 0;
+  static constexpr bool value = kLanesPerRow > 0;
+  static constexpr int kRowsPerPass = value ? 32 / kLanesPerRow : 1;
+  static constexpr int kPasses = kTile / kRowsPerPass;
+  static constexpr int kChunksPerLane = value ? L::kRowChunks / kLanesPerRow : 0;
+  // A swizzle XOR (< 8 chunks) stays inside a lane's low chunk bits with 8 lanes per row; with 4
+  // (one chunk per lane) it applies to the lane's single chunk. Either way chunk j of a lane is
+  // a constant 16 * kLanesPerRow * j bytes past its chunk 0.
+  static_assert(!value || kLanesPerRow == 8 || kChunksPerLane == 1, "RowIssue: swizzle leaks");
+};
+
+/*! \brief Stage byte offset of a lane's chunk 0 of tile row `row` in a row layout. */
+template <int kChunks, int kMask, int kShift>
+PA_DEVICE int RowIssueDst(int row, int lane_chunk) {
+  return row * kChunks * 16 + ((lane_chunk ^ ((row & kMask) << kShift)) << 4);
+}
+
+/*!
+ * \brief IssueTile with little address arithmetic (the two-tile step's copies; 32-bit cache-block
+ * strides): the K and V sources of the tile are formed once, and each pass and chunk adds a
+ * constant to them, chunks as immediate offsets (the RowIssue lane map). Same copies,
+ * destinations and zero-fill as IssueTile.
+ */
+template <typename C, int D>
+PA_DEVICE void IssueTileRows(const C* kc, const C* vc, const Params& p, const PartitionRange& r,
                              int tok0, int blk, unsigned char* stage, int lane) {
   using L = PipeLayout<C, D>;
-  static_assert(32 % L::kRowChunks == 0, "IssueTileLean: chunks per row must divide 32");
-  constexpr int kRows = 32 / L::kRowChunks;  // rows one pass of the warp covers
+  using M = RowIssue<C, D>;
+  static_assert(M::value, "IssueTileRows: no lane map for this row size");
   constexpr int kChunkElems = 16 / L::kElem;
-  const int row0 = lane / L::kRowChunks;
-  const int c = lane % L::kRowChunks;
-  // 32-bit strides (the dispatch uses this path only where a cache block's elements fit in int):
-  // one 32x32->64 multiply-add per tile.
+  const int row0 = lane / M::kLanesPerRow;
+  const int lane_chunk = lane % M::kLanesPerRow;
   const int token_stride = static_cast<int>(p.token_stride);
-  const int in_block = ((tok0 & (p.block_size - 1)) + row0) * token_stride + c * kChunkElems;
-  const int64_t off = static_cast<int64_t>(blk) * static_cast<int>(p.block_stride) + in_block;
+  const int in_block =
+      ((tok0 & (p.block_size - 1)) + row0) * token_stride + lane_chunk * kChunkElems;
+  // Block numbers and strides are non-negative: one 32 x 32 -> 64-bit multiply-add.
+  const int64_t off = static_cast<int64_t>(
+      static_cast<uint64_t>(static_cast<uint32_t>(blk)) * static_cast<uint32_t>(p.block_stride) +
+      static_cast<uint32_t>(in_block));
   const C* ksrc = kc + off;
   const C* vsrc = vc + off;
-  const int row_step = kRows * token_stride;  // elements
-  const int tok = tok0 + row0;
 #pragma unroll
-  for (int k = 0; k < kTile / kRows; ++k) {
-    const int row = row0 + k * kRows;
-    const bool valid = tok + k * kRows >= r.begin && tok + k * kRows < r.end;
-    CpAsync16(stage + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(row, 16 * c),
-              ksrc + k * row_step, valid);
-    CpAsync16(stage + L::kKTileBytes +
-                  SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, 16 * c),
-              vsrc + k * row_step, valid);
+  for (int pass = 0; pass < M::kPasses; ++pass) {
+    const int row = row0 + pass * M::kRowsPerPass;
+    const bool valid = tok0 + row >= r.begin && tok0 + row < r.end;
+    unsigned char* kdst =
+        stage + RowIssueDst<L::kKChunks, L::kKMask, L::kKShift>(row, lane_chunk);
+    unsigned char* vdst = stage + L::kKTileBytes +
+                          RowIssueDst<L::kVChunks, L::kVMask, L::kVShift>(row, lane_chunk);
+    const int64_t row_off = static_cast<int64_t>(pass) * M::kRowsPerPass * token_stride;
+#pragma unroll
+    for (int j = 0; j < M::kChunksPerLane; ++j) {
+      const int chunk_off = M::kLanesPerRow * j * kChunkElems;  // elements
+      CpAsync16(kdst + 16 * M::kLanesPerRow * j, ksrc + row_off + chunk_off, valid);
+      CpAsync16(vdst + 16 * M::kLanesPerRow * j, vsrc + row_off + chunk_off, valid);
+    }
   }
 }
 
@@ -1352,6 +1376,17 @@ struct PipeQInRegs {
   static constexpr bool value = kPair && sizeof(C) == 2 ? D < 128 : D <= 128;
 };
 
+/*!
+ * \brief The pipelined kernel's main loop with two-tile steps: each step computes the warp's
+ * tiles q and q + 1 (stages q % stages and the next) as one 16-token step: S for both tiles (four
+ * independent MMA chains), one online-softmax update for the 16 tokens (lazy rescaling, see
+ * kDefaultRescaleThreshold), and O += P V with m16n8k16, whose k = 16 are tile q's 8 tokens then
+ * tile q + 1's (A: a0/a1 from tile q's scores, a2/a3 from tile q + 1's; B: b0 from tile q's V
+ * rows 2t, 2t + 1, b1 from tile q + 1's). Ring: stages - 2 tiles were issued before the loop; at
+ * each step the warp waits for tiles q and q + 1 (stages - 4 newer groups may stay pending),
+ * __syncwarp, then refills the two stages of the previous step with tiles q + stages - 2 and
+ * q + stages - 1.
+ */
 // Two row tiles (kRT = 2; CTAs of 32 query heads): every K and V fragment read from the ring
 // feeds the MMAs of both row tiles (their S, P, statistics and accumulators are separate), so a
 // KV head's 17-32 query heads read each K/V byte once. Q is then re-read from shared memory.
@@ -1372,6 +1407,7 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   const int tig = lane & 3;
   const bool eager = p.rescale_threshold < 0.f;
   const float threshold = eager ? 0.f : p.rescale_threshold;
+  const bool has_alibi = p.alibi_slopes != nullptr;
   int stage = 0;  // stage of tile q; tile q + 1 is in the next one
   for (int q = 0; q < n_tiles; q += 2) {  // warp-uniform
     CpAsyncWait(stages - 4);  // this thread's copies of tiles q and q + 1 have landed
@@ -1408,8 +1444,8 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
         const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * qi + 1) * 32 + lane];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          Ops::Mma16816(sc[rt][h], q0.x, q1.x, q0.y, q1.y, k[h].x, k[h].y);
-          Ops::Mma16816(sc2[rt][h], q0.z, q1.z, q0.w, q1.w, k[h].z, k[h].w);
+          Ops::Mma16816(sc[rt][h], q0.x, q0.y, q0.z, q0.w, k[h].x, k[h].y);
+          Ops::Mma16816(sc2[rt][h], q1.x, q1.y, q1.z, q1.w, k[h].z, k[h].w);
         }
       }
     }
@@ -1423,11 +1459,9 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
       for (int rt = 0; rt < kRT; ++rt) {
         const int qi = rt * S::kQSpans + S::kSpans;
         const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * qi) * 32 + lane];
-        const uint4 q1 =
-            kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * qi + 1) * 32 + lane];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          Ops::Mma16816(sc2[rt][h], q0.x, q1.x, q0.y, q1.y, k[h].x, k[h].y);
+          Ops::Mma16816(sc2[rt][h], q0.x, q0.y, q0.z, q0.w, k[h].x, k[h].y);
         }
       }
     }
@@ -1455,19 +1489,24 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
         }
       }
     }
+    // Most steps lie wholly inside [begin, end) (warp-uniform test); without ALiBi they have
+    // nothing to add or mask.
+    const bool interior = tok0 >= r.begin && tok0 + kTile * (kWarps + 1) <= r.end;
+    if (has_alibi || !interior) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int ta = tok0 + kTile * kWarps * h + 2 * tig;
-      const bool va = ta >= r.begin && ta < r.end;
-      const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
-      const float da = static_cast<float>(ta) - query_pos;
+      for (int h = 0; h < 2; ++h) {
+        const int ta = tok0 + kTile * kWarps * h + 2 * tig;
+        const bool va = ta >= r.begin && ta < r.end;
+        const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
+        const float da = static_cast<float>(ta) - query_pos;
 #pragma unroll
-      for (int rt = 0; rt < kRT; ++rt) {
+        for (int rt = 0; rt < kRT; ++rt) {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          x[rt][h][2 * hh] = va ? fmaf(alibi[rt][hh], da, x[rt][h][2 * hh]) : kNegInf;
-          x[rt][h][2 * hh + 1] =
-              vb ? fmaf(alibi[rt][hh], da + 1.f, x[rt][h][2 * hh + 1]) : kNegInf;
+          for (int hh = 0; hh < 2; ++hh) {
+            x[rt][h][2 * hh] = va ? fmaf(alibi[rt][hh], da, x[rt][h][2 * hh]) : kNegInf;
+            x[rt][h][2 * hh + 1] =
+                vb ? fmaf(alibi[rt][hh], da + 1.f, x[rt][h][2 * hh + 1]) : kNegInf;
+          }
         }
       }
     }
@@ -1628,8 +1667,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
       }
       const int blk = ShflIdx(blk_cache, q & 31);
       const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
-      if constexpr (kPair && 32 % L::kRowChunks == 0) {
-        IssueTileLean<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
+      if constexpr (kPair && RowIssue<C, D>::value) {
+        IssueTileRows<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
       } else {
         IssueTile<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
       }
@@ -1711,17 +1750,15 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
         const uint4 q1 = kQInRegs ? qf[kQInRegs ? j : 0][1] : qs[(2 * j + 1) * 32 + lane];
         const uint4 k = Io::Widen(Io::SharedSpan(
             ks + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE)));
-        Ops::Mma16816(sc, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
-        Ops::Mma16816(sc2, q0.z, q1.z, q0.w, q1.w, k.z, k.w);
+        Ops::Mma16816(sc, q0.x, q0.y, q0.z, q0.w, k.x, k.y);
+        Ops::Mma16816(sc2, q1.x, q1.y, q1.z, q1.w, k.z, k.w);
       }
       if constexpr (S::kHalfSpan) {
         const uint4 q0 = kQInRegs ? qf[kQInRegs ? S::kSpans : 0][0] : qs[(2 * S::kSpans) * 32 + lane];
-        const uint4 q1 =
-            kQInRegs ? qf[kQInRegs ? S::kSpans : 0][1] : qs[(2 * S::kSpans + 1) * 32 + lane];
         const uint2 k = Io::WidenHalf(Io::SharedHalf(ks + SwizzledOffset<L::kKChunks, L::kKMask,
                                                                          L::kKShift>(
                                                               gid, (32 * S::kSpans + 4 * tig) * kE)));
-        Ops::Mma16816(sc2, q0.x, q1.x, q0.y, q1.y, k.x, k.y);
+        Ops::Mma16816(sc2, q0.x, q0.y, q0.z, q0.w, k.x, k.y);
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
@@ -2093,7 +2130,7 @@ void RunHeadSize(Params p, Launcher& launch) {
     p.stages = ChooseStages<C, D>(p, p.rows, MmaMinBlocks<D>());
     if (p.stages >= kMinStages) {
       // Two-tile steps where the ring has room for them (>= kMinPairStages stages).
-      // (and 32-bit cache-block strides: IssueTileLean).
+      // (and 32-bit cache-block strides: IssueTileRows).
       p.step_tiles = p.step_tiles == 2 && p.stages >= kMinPairStages &&
                              p.block_stride <= int64_t{0x7fffffff}
                          ? 2

@@ -225,6 +225,24 @@ def test_split_matches_unsplit_and_uses_many_partitions(emu: Any) -> None:
     torch.testing.assert_close(base["out"], unsplit["out"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("head_size", "ctx", "parts"), [(256, 1100, 18), (64, 4200, 66)])
+def test_merge_of_many_partitions_matches_unsplit(
+    emu: Any, head_size: int, ctx: int, parts: int,
+) -> None:
+    """The combine kernel walks a head's partitions 8 at a time (8 loads in flight per thread);
+    18 and 66 partitions take several rounds and a remainder. Outputs and log-sum-exps match the
+    unsplit launch."""
+    base = make_case([ctx, 70], num_heads=2, num_kv_heads=1, head_size=head_size,
+                     dtype=torch.float16, seed=head_size)
+    unsplit = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+    lse_unsplit = torch.full((2, 2), float("nan"))
+    lse_split = torch.full((2, 2), float("nan"))
+    assert run_emulated(emu, unsplit, partition_size=0, lse=lse_unsplit) == 1
+    assert check(emu, base, partition_size=64, max_context_len=ctx, lse=lse_split) == parts
+    torch.testing.assert_close(base["out"], unsplit["out"], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse_split, lse_unsplit, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_contexts_give_zeros(emu: Any) -> None:
     for partition in (0, 64):
         case = make_case([0, 5, 0, 300], num_heads=4, num_kv_heads=2, head_size=64, seed=4)
