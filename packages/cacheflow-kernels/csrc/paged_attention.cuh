@@ -1319,12 +1319,6 @@ struct RowIssue {
   static_assert(!value || kLanesPerRow == 8 || kChunksPerLane == 1, "RowIssue: swizzle leaks");
 };
 
-/*! \brief Stage byte offset of a lane's chunk 0 of tile row `row` in a row layout. */
-template <int kChunks, int kMask, int kShift>
-PA_DEVICE int RowIssueDst(int row, int lane_chunk) {
-  return row * kChunks * 16 + ((lane_chunk ^ ((row & kMask) << kShift)) << 4);
-}
-
 /*!
  * \brief IssueTile with little address arithmetic (the two-tile step's copies; 32-bit cache-block
  * strides): the K and V sources of the tile are formed once, and each pass and chunk adds a
@@ -1354,9 +1348,9 @@ PA_DEVICE void IssueTileRows(const C* kc, const C* vc, const Params& p, const Pa
     const int row = row0 + pass * M::kRowsPerPass;
     const bool valid = tok0 + row >= r.begin && tok0 + row < r.end;
     unsigned char* kdst =
-        stage + RowIssueDst<L::kKChunks, L::kKMask, L::kKShift>(row, lane_chunk);
+        stage + SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(row, 16 * lane_chunk);
     unsigned char* vdst = stage + L::kKTileBytes +
-                          RowIssueDst<L::kVChunks, L::kVMask, L::kVShift>(row, lane_chunk);
+                          SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(row, 16 * lane_chunk);
     const int64_t row_off = static_cast<int64_t>(pass) * M::kRowsPerPass * token_stride;
 #pragma unroll
     for (int j = 0; j < M::kChunksPerLane; ++j) {
