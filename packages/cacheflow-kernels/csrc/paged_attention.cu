@@ -109,6 +109,19 @@ int CtaRows() {
                                              : paged_attention::kMaxCtaRows;
 }
 
+/*!
+ * \brief The decode kernel's PDL overlap: CACHEFLOW_PA_EARLY_PREFETCH=0 issues the pipelined
+ * kernel's first K/V tiles after the wait for the previous kernel instead of before it (the
+ * default); CACHEFLOW_PA_MAIN_RELEASE=0 makes a split launch's pipelined kernel release the merge
+ * kernel as its CTAs exit instead of once their main loop is done (the default). Both read at
+ * every launch so one process can A/B them.
+ */
+bool EnvFlag(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  return !(env[0] == '0' && env[1] == '\0');
+}
+
 /*! \brief Shared memory per multiprocessor and per CTA (opt-in) of a device, queried once. */
 struct DeviceSmem {
   int per_sm;
@@ -285,6 +298,8 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.step_tiles = StepTiles();
   p.rescale_threshold = RescaleThreshold();
   p.cta_rows = CtaRows();
+  p.prefetch_before_wait = EnvFlag("CACHEFLOW_PA_EARLY_PREFETCH", true) ? 1 : 0;
+  p.main_release = EnvFlag("CACHEFLOW_PA_MAIN_RELEASE", true) ? 1 : 0;
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

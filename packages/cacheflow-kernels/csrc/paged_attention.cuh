@@ -355,6 +355,10 @@ struct Params {
                               // kDefaultStepTiles); 2 needs >= kMinPairStages stages, else 1
   float rescale_threshold;    // two-tile step: lazy-rescale threshold (log2), < 0 eager
   int cta_rows;               // query heads per CTA asked for groups > 16 (kDefaultCtaRows)
+  int prefetch_before_wait;   // pipelined kernel: first tiles issued before the PDL wait (1,
+                              // the default) or after it (0; the A/B knob)
+  int main_release;           // pipelined kernel, split launches: release the merge kernel once
+                              // the main loop is done (1, the default) or as its CTAs exit (0)
   int64_t q_stride;           // elements between the query rows of consecutive sequences
                               // (num_heads * head_size when contiguous; heads and dims always are)
   // Set by the dispatch for the chosen kernel:
@@ -410,6 +414,8 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.step_tiles = kDefaultStepTiles;
   p.rescale_threshold = kDefaultRescaleThreshold;
   p.cta_rows = kDefaultCtaRows;
+  p.prefetch_before_wait = 1;
+  p.main_release = 1;
   p.q_stride = num_heads * head_size;
   return p;
 }
@@ -1600,7 +1606,10 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
 template <typename T, typename C, int D, bool kPair, int kRT = 1>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     PagedAttentionPipeKernel(const Params p) {
-  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
+  // By default no PdlWait() here: the prologue below reads what the previous kernel cannot be
+  // writing before it waits (see "Before the wait" there); the successor starts as this grid
+  // ends. (A second wait returns at once.)
+  if (!p.prefetch_before_wait) PdlWait();
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
@@ -1627,6 +1636,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
 
   const PartitionRange r = GetRange(p, seq, part);
   if (r.num_tiles == 0) {
+    PdlWait();
     if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
     return;
   }
@@ -1671,7 +1681,25 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   };
   // Fill the pipeline before the Q fill, so the loads overlap it (two-tile steps: up to the two
   // stages the first step refills).
-  for (int q = 0; q < stages - (kPair ? 2 : 1); ++q) issue(q, q);
+  //
+  // Before the wait. Under PDL the previous kernel on the stream may still be running until
+  // PdlWait() returns, and everything older has finished (pdl.cuh). Of what this prologue reads,
+  // that kernel may only be writing the K/V of each sequence's last position: the decode token's
+  // own, which reshape_and_cache stores just before attention. Block tables and context lengths
+  // are step inputs, older positions were written by earlier steps. So this warp's first tiles
+  // are issued before the wait, up to the one holding position ctx - 1; the rest of the prologue
+  // and the query (written by the kernels before) follow it. This hides the CTA's chain of
+  // block-table load and first K/V copies behind the previous kernel's tail.
+  const int prologue_tiles = stages - (kPair ? 2 : 1);
+  const int fresh = r.ctx - 1;
+  int q0 = 0;
+  for (; p.prefetch_before_wait && q0 < prologue_tiles; ++q0) {  // warp-uniform
+    const int tok0 = r.tile_base + kTile * (warp + kWarps * q0);
+    if (tok0 <= fresh && fresh < tok0 + kTile) break;
+    issue(q0, q0);
+  }
+  PdlWait();
+  for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
   StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
   float alibi[kRT][2];
@@ -1762,6 +1790,11 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
       stage = stage + 1 == stages ? 0 : stage + 1;
     }
   }
+  // A split launch's successor is its merge kernel: releasing it here lets its CTAs be placed
+  // while this grid's CTAs merge their warps and write their partials (each CTA is past its last
+  // K/V copy, so the merge CTAs cannot displace any of them). An unsplit launch keeps the
+  // release at exit: its successor may be another attention grid (pdl.cuh).
+  if (p.main_release && p.ws_o != nullptr) PdlLaunchDependents();
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
   // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
   SyncThreads();

@@ -12,7 +12,12 @@
 // (PdlWait()): they run grids of about one wave, and a successor released at their start parks
 // its CTAs on whichever SMs free up first. The next attention call then starts from a lopsided
 // placement (on the H200, GQA-8 decode at batch 64 took 87 instead of 67 us back to back). Their
-// successor is released as their CTAs exit.
+// successor is released as their CTAs exit, with one exception: a split decode launch releases
+// its own merge kernel (PdlLaunchDependents()) once every CTA is past its main loop.
+// The decode kernel also uses the time before its wait: it reads the block tables and issues its
+// first K/V copies there, all but the copy of each sequence's last position, the only cache
+// slot the kernel before it (reshape_and_cache of the step's token) may still be writing
+// (paged_attention.cuh, "Before the wait").
 // Compiled for the host (the CPU emulations of the attention kernels) or for older GPUs it is a
 // no-op, like the launch attribute there.
 #pragma once
@@ -39,6 +44,14 @@ CF_PDL_FUNC void PdlWaitForPrevious() {
 CF_PDL_FUNC void PdlWait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/*! \brief Lets the next kernel on the stream be scheduled now (its CTAs still wait in their
+ * own PdlWait / PdlWaitForPrevious). Only after this kernel's own wait (see above). */
+CF_PDL_FUNC void PdlLaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

@@ -72,9 +72,16 @@ def _fresh_copy(s: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
 
 
-@pytest.mark.parametrize(("batch", "context"), [(1, 200), (64, 1000)])
-def test_chain_in_a_graph_matches_plain_launches(monkeypatch: Any, batch: int,
-                                                 context: int) -> None:
+@pytest.mark.parametrize("release", ["early", "exit"])
+@pytest.mark.parametrize(("batch", "context"), [(1, 200), (64, 1000), (2, 9000)])
+def test_chain_in_a_graph_matches_plain_launches(monkeypatch: Any, batch: int, context: int,
+                                                 release: str) -> None:
+    """The decode kernel issues its first K/V copies before its PDL wait (all but the position
+    the cache write before it stores); (2, 9000) takes the split-K path and its merge kernel.
+    "early" (the default): a split launch's main kernel releases the merge kernel before it
+    finishes; "exit": as its CTAs exit."""
+    if release == "exit":
+        monkeypatch.setenv("CACHEFLOW_PA_MAIN_RELEASE", "0")
     base = _setup(3, batch, context)
     monkeypatch.setenv("CACHEFLOW_PDL", "0")
     plain = _fresh_copy(base)

@@ -409,6 +409,15 @@ def paged_attention(
     graphs: the grid depends only on the shapes, ``max_context_len`` and ``partition_size``;
     ``context_lens``, ``block_tables`` and ``query`` may change between replays.
 
+    On sm_90 and newer the call is launched with programmatic dependent launch and starts
+    before the previous kernel on the stream has finished: it reads ``block_tables``,
+    ``context_lens`` and the cache at each sequence's positions ``0 .. n - 2`` already then,
+    and everything else (the query, position ``n - 1``) after that kernel completes. So if the
+    previous kernel is this package's :func:`reshape_and_cache`, it may write only each
+    sequence's last position (the decode token's own K/V, as a decode step does). A kernel of
+    another library never lets it start early, and this package's other early-releasing ops
+    (norms, activations, rotary) write neither the cache nor the tables.
+
     Raises:
         ValueError: wrong device, dtype, shape, memory layout or value of an argument (checked
             before the kernel library is loaded), or a workspace that is too small.
