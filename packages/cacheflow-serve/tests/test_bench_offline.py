@@ -179,6 +179,30 @@ def test_throughput_on_a_model_path(tiny_path: Path, tmp_path: Path) -> None:
     assert (engine["prompt_tokens"], engine["output_tokens"]) == (15, 9)
 
 
+def test_engine_options_reach_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks take every LLM keyword under its `cacheflow generate` flag
+    (engine_args.py), pass it to LLM and name it in the report."""
+    import cacheflow_serve.llm as llm_module
+
+    seen: dict[str, Any] = {}
+
+    class RecordingLLM(llm_module.LLM):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llm_module, "LLM", RecordingLLM)
+    report = _run(tmp_path, "bench", "throughput", "--num-prompts", "3", "--input-len", "6",
+                  "--output-len", "4", "--kv-cache-dtype", "fp8", "--block-size", "8",
+                  "--preemption-mode", "swap", "--max-num-batched-tokens", "64")
+    assert (seen["kv_cache_dtype"], seen["block_size"], seen["preemption_mode"],
+            seen["max_num_batched_tokens"], seen["kv_cache_blocks"]) == ("fp8", 8, "swap", 64, 64)
+    assert report["engine_args"]["kv_cache_dtype"] == "fp8"
+    assert report["engine_args"]["block_size"] == 8
+    engine = report["results"]["engine"]
+    assert (engine["output_tokens"], engine["outputs_short_or_long"]) == (12, 0)
+
+
 def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     report = _run(tmp_path, "bench", "latency", "--batch-sizes", "3,1", "--input-len", "8",

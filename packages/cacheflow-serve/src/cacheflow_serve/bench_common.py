@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
+from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
+
 if TYPE_CHECKING:
     import torch
 
@@ -104,8 +106,22 @@ def positive_int(flag: str, value: Optional[int]) -> None:
         raise ValueError(f"{flag} must be a positive integer, got {value}")
 
 
+#: LLM keywords the benchmarks define themselves (their own help or meaning: --seed also seeds
+#: the synthetic workload) or do not take (the benchmarks draw prompts from the tokenizer and
+#: sample greedily).
+BENCH_OWN_OPTIONS = ("dtype", "device", "seed", "max_num_seqs", "skip_tokenizer_init",
+                     "generation_config")
+#: Engine options the benchmarks read even when left out (LLM's defaults; the report names them).
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "max_num_batched_tokens": None, "max_model_len": None, "kv_cache_blocks": None,
+    "gpu_memory_utilization": 0.9, "enforce_eager": False, "enable_prefix_caching": True,
+    "enable_chunked_prefill": True, "async_scheduling": True}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that say which model runs and how the engine is configured."""
+    """The options that say which model runs and how the engine is configured: every
+    ``LLM`` keyword under its ``cacheflow generate`` flag (``--kv-cache-dtype``,
+    ``--tensor-parallel-size``, ``--block-size``, ...) plus the benchmark's model choice."""
     from cacheflow_serve.random_checkpoint import PRESETS
 
     model = parser.add_argument_group("model")
@@ -122,24 +138,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="float16, bfloat16 or float32 (auto: float32 on CPU; on a GPU the "
                             "checkpoint's half type; random checkpoints are written in float16)")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=int, default=None,
-                        help="sequences per step (default: 256; latency: the largest batch)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="tokens per step (default: the engine's)")
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--kv-cache-blocks", type=int, default=None,
-                        help="KV cache blocks on the device (default: sized from memory)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--enforce-eager", action="store_true",
-                        help="run every step from Python (no CUDA graphs of decode steps)")
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=True, help="share cached prompt prefixes (default: on)")
-    engine.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                        default=True, help="chunked prefill in one token budget (default: on)")
-    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
-                        default=True, help="schedule each step while the one before runs "
-                                           "(default: on)")
+    model.add_argument("--max-num-seqs", type=int, default=None,
+                       help="sequences per step (default: 256; latency: the largest batch)")
+    # Every other LLM keyword, as `cacheflow generate` / `serve` take it (engine_args.py).
+    add_engine_arguments(parser, skip=BENCH_OWN_OPTIONS)
+    parser.set_defaults(**ENGINE_DEFAULTS)
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the synthetic lengths and prompts and of the random weights")
@@ -223,13 +226,12 @@ def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
     from cacheflow_serve.llm import LLM
 
     return LLM(path, dtype=args.dtype, device=args.device, seed=args.seed,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_model_len=args.max_model_len, kv_cache_blocks=args.kv_cache_blocks,
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager,
-               enable_prefix_caching=args.enable_prefix_caching,
-               enable_chunked_prefill=args.enable_chunked_prefill,
-               async_scheduling=args.async_scheduling)
+               max_num_seqs=max_num_seqs, **engine_options(args))
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``LLM`` keywords of the engine options (those left out: ENGINE_DEFAULTS)."""
+    return llm_kwargs(args, skip=BENCH_OWN_OPTIONS)
 
 
 def release(device: torch.device) -> None:
@@ -335,11 +337,7 @@ def report_header(benchmark: str, device: torch.device, model: ModelUnderTest,
             "workload": {**workload, "seed": args.seed,
                          "sampling": "greedy, ignore_eos" + (", detokenize=False"
                                                             if args.disable_detokenize else "")},
-            "engine_args": {"max_num_seqs": max_num_seqs,
-                            "max_num_batched_tokens": args.max_num_batched_tokens,
-                            "max_model_len": args.max_model_len,
-                            "kv_cache_blocks": args.kv_cache_blocks,
-                            "enforce_eager": args.enforce_eager}}
+            "engine_args": {"max_num_seqs": max_num_seqs, **engine_options(args)}}
 
 
 def describe_model(report: dict[str, Any]) -> str:
