@@ -88,9 +88,11 @@ class LLMEngine:
         self._aborted: list[SequenceGroup] = []
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self.num_pipelined_steps = 0
-        logger.info("KV cache: %d device blocks, %d cpu blocks of %d tokens; prefix caching "
-                    "%s, chunked prefill %s (%d tokens per step), async scheduling %s",
-                    num_device_blocks, num_cpu_blocks, cache_config.block_size,
+        logger.info("KV cache (%s): %d device blocks = %d tokens, %d cpu blocks of %d tokens; "
+                    "prefix caching %s, chunked prefill %s (%d tokens per step), async "
+                    "scheduling %s", cache_config.cache_dtype, num_device_blocks,
+                    num_device_blocks * cache_config.block_size, num_cpu_blocks,
+                    cache_config.block_size,
                     "on" if cache_config.enable_prefix_caching else "off",
                     "on" if scheduler_config.enable_chunked_prefill else "off",
                     scheduler_config.max_num_batched_tokens,
