@@ -63,9 +63,12 @@ def _snapshot(out: RequestOutput) -> tuple[Any, ...]:
 
 
 def _same_floats(a: Any, b: Any) -> bool:
-    """Equal structure and ids, values within float32 rounding of the tiny model."""
+    """Equal structure and ids, values within float32 rounding of the tiny model: the two
+    engines may batch a prompt chunk with different neighbours, so the matmuls round
+    differently (a prompt logprob of -4.66 moved by 1.1e-5 with transformers 5.25's tiny
+    checkpoint)."""
     if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, abs=1e-5)
+        return a == pytest.approx(b, rel=1e-5, abs=1e-5)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_floats(x, y) for x, y in zip(a, b))
     return bool(a == b)
