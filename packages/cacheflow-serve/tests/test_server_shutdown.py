@@ -66,14 +66,16 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Eve
 
 async def _new_connection_during_grace(base_url: str) -> list[str]:
     """What new clients see once the signal is in: at most a moment of 503s (the engine stops
-    accepting at once), then refused connections (the listener closes on the next tick)."""
+    accepting at once), then refused connections (the listener closes on the next tick). A
+    connection accepted just before the listener closed is dropped without a response, which
+    the client sees as a disconnect instead of a refusal: the same outcome."""
     seen: list[str] = []
     deadline = time.monotonic() + 0.8 * GRACE
     while time.monotonic() < deadline:
         try:
             async with httpx.AsyncClient(base_url=base_url, timeout=2) as fresh:
                 seen.append(f"status {(await fresh.get('/health')).status_code}")
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
             seen.append("refused")
             break
         await asyncio.sleep(0.02)
