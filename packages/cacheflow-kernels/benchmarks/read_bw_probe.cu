@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -287,26 +288,18 @@ int main() {
     std::snprintf(name, sizeof name, "ld.nc x4, 256 threads, %d CTAs/SM", per_sm);
     Report(name, bytes, MedianMs([&] { StreamLd<4><<<sms * per_sm, 256>>>(src, n16); }));
   }
-  {
-    const int smem = 8 * 8192;
-    CHECK_CUDA(cudaFuncSetAttribute(StreamCpAsync<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    for (int per_sm : {2, 3}) {
+  // A ring kernel of `smem` bytes per CTA at each CTAs-per-SM count, over `items` ring items.
+  auto sweep_ring = [&](auto kernel, int smem, std::initializer_list<int> per_sms, const char* what,
+                        size_t items) {
+    CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    for (int per_sm : per_sms) {
       char name[96];
-      std::snprintf(name, sizeof name, "cp.async, 8 x 8 KiB stages, %d CTAs/SM", per_sm);
-      Report(name, bytes,
-             MedianMs([&] { StreamCpAsync<8><<<sms * per_sm, 128, smem>>>(src, n16 / 512); }));
+      std::snprintf(name, sizeof name, "%s, %d CTAs/SM", what, per_sm);
+      Report(name, bytes, MedianMs([&] { kernel<<<sms * per_sm, 128, smem>>>(src, items); }));
     }
-  }
-  {
-    const int smem = 6 * 16384 + 64;
-    CHECK_CUDA(cudaFuncSetAttribute(StreamBulk<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    for (int per_sm : {1, 2}) {
-      char name[96];
-      std::snprintf(name, sizeof name, "bulk (TMA), 6 x 16 KiB stages, %d CTAs/SM", per_sm);
-      Report(name, bytes,
-             MedianMs([&] { StreamBulk<6><<<sms * per_sm, 128, smem>>>(src, n16 / 1024); }));
-    }
-  }
+  };
+  sweep_ring(StreamCpAsync<8>, 8 * 8192, {2, 3}, "cp.async, 8 x 8 KiB stages", n16 / 512);
+  sweep_ring(StreamBulk<6>, 6 * 16384 + 64, {1, 2}, "bulk (TMA), 6 x 16 KiB stages", n16 / 1024);
 
   // Paged K/V of one decode step: K in src, V in dst (each 1 GiB).
   PagedShape s;

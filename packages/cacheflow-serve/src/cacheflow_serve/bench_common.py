@@ -111,11 +111,6 @@ def positive_int(flag: str, value: Optional[int]) -> None:
 #: sample greedily).
 BENCH_OWN_OPTIONS = ("dtype", "device", "seed", "max_num_seqs", "skip_tokenizer_init",
                      "generation_config")
-#: Engine options the benchmarks read even when left out (LLM's defaults; the report names them).
-ENGINE_DEFAULTS: dict[str, Any] = {
-    "max_num_batched_tokens": None, "max_model_len": None, "kv_cache_blocks": None,
-    "gpu_memory_utilization": 0.9, "enforce_eager": False, "enable_prefix_caching": True,
-    "enable_chunked_prefill": True, "async_scheduling": True}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,8 +136,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-num-seqs", type=int, default=None,
                        help="sequences per step (default: 256; latency: the largest batch)")
     # Every other LLM keyword, as `cacheflow generate` / `serve` take it (engine_args.py).
+    # Left out, they are not passed and LLM's own defaults apply; max_model_len is also read by
+    # the benchmarks (the model summary), so it is always there.
     add_engine_arguments(parser, skip=BENCH_OWN_OPTIONS)
-    parser.set_defaults(**ENGINE_DEFAULTS)
+    parser.set_defaults(max_model_len=None)
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the synthetic lengths and prompts and of the random weights")
@@ -165,12 +162,12 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     elif args.hf_config is not None:
         raise ValueError("--hf-config is only used with --random-weights")
     for flag in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_blocks"):
-        positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+        positive_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
     if args.output_json is not None and not args.output_json.parent.is_dir():
         raise ValueError(f"--output-json: folder {str(args.output_json.parent)!r} does not exist")
-    if not 0 < args.gpu_memory_utilization <= 1:
-        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], "
-                         f"got {args.gpu_memory_utilization}")
+    utilization = getattr(args, "gpu_memory_utilization", None)
+    if utilization is not None and not 0 < utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
 
 
 def checkpoint_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -230,7 +227,8 @@ def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``LLM`` keywords of the engine options (those left out: ENGINE_DEFAULTS)."""
+    """The ``LLM`` keywords of the engine options given on the command line (and
+    ``max_model_len``, None when left out)."""
     return llm_kwargs(args, skip=BENCH_OWN_OPTIONS)
 
 
