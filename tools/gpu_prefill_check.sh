@@ -13,8 +13,12 @@
 #   rotary:  the default is the block-per-token kernel again; CACHEFLOW_ROTARY=warp times the
 #            warp-per-token kernel (slower on the H200, 2026-12-03)
 #
+# Mode "wgmma" checks the Hopper (sm_90a, wgmma) kernel instead: the prefill GPU tests (its own
+# cases included), the prefill sanitizer sweep under memcheck and racecheck (both kernels), and
+# the benchmark of default vs CACHEFLOW_PREFILL_VARIANT=wgmma vs SDPA flash, with a short table.
+#
 # Prepare here: tools/build_wheels.sh (wheels in .whl/); run there with carry [".whl"]:
-#   bash tools/gpu_prefill_check.sh [tests|bench|all]
+#   bash tools/gpu_prefill_check.sh [tests|bench|all|wgmma]
 set -uo pipefail
 what="${1:-all}"
 out="${OUT:-/tmp/gpu_prefill}"
@@ -35,6 +39,50 @@ if [[ "$what" == tests || "$what" == all ]]; then
   timeout 200 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE \
     "$kdir/tests/test_kernels_paged_prefill_gpu.py" "$kdir/tests/test_kernels_rotary_gpu.py" \
     -o addopts="" 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|Error" | tail -12
+fi
+
+if [[ "$what" == wgmma ]]; then
+  echo "== pytest -m gpu test_kernels_paged_prefill_gpu.py (Hopper cases first)"
+  timeout 120 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE -x -k hopper \
+    "$kdir/tests/test_kernels_paged_prefill_gpu.py" -o addopts="" 2>&1 \
+    | tee "$out/gpu_tests_hopper.log" | grep -E "passed|failed|Error|assert" | tail -12
+  timeout 200 python3 -m pytest -p no:cacheprovider -m gpu -q -rfE \
+    "$kdir/tests/test_kernels_paged_prefill_gpu.py" -o addopts="" 2>&1 \
+    | tee "$out/gpu_tests.log" | grep -E "passed|failed|Error" | tail -6
+  echo "== bench_paged_prefill.py default vs wgmma vs SDPA flash"
+  cases="mha_fp16_d128,gqa_fp16_d128,mha_bf16_d128,mha_fp16_d64,mha_fp16_d96,mha_fp16_d256"
+  cases+=",prefix_fp16_d128,mixed_a_bf16_d128"
+  timeout 150 python3 "$kdir/benchmarks/bench_paged_prefill.py" --cases "$cases" \
+    --variants default,wgmma --iters 30 --out "$out/prefill.json" > "$out/bench_prefill.log" 2>&1
+  echo "prefill bench rc=$? (log: bench_prefill.log)"
+  python3 - "$out/prefill.json" <<'PY' 2>&1 | tee "$out/summary.txt"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"prefill on {r['header']['device']}; graph ms; speed = SDPA time / ours")
+by = {}
+for x in r["results"]:
+    by.setdefault(x["case"]["name"], {})[x["variant"]] = x
+t_of = lambda x, k: x.get(f"{k}_graph_ms") or x.get(f"{k}_ms")
+targets = {64: 0.95, 128: 0.95, 96: 0.85, 256: 0.85}
+print(f"{'case':<20} {'mma ms':>7} {'wgmma ms':>8} {'SDPA ms':>7} {'mma spd':>7} {'wg spd':>7} "
+      f"{'target':>6}  errors")
+for name, v in by.items():
+    d, w = v.get("default", {}), v.get("wgmma", {})
+    a, b, s = t_of(d, "ours"), t_of(w, "ours"), t_of(d, "sdpa")
+    f = lambda x, n=7: f"{x:{n}.3f}" if x else f"{'-':>{n}}"
+    spd = lambda t: f"{s / t:.2f}x" if s and t else "-"
+    t = targets.get(d.get("case", {}).get("head_size"))
+    errs = "; ".join(e for x in v.values() for e in x.get("errors", []))
+    print(f"{name:<20} {f(a)} {f(b, 8)} {f(s)} {spd(a):>7} {spd(b):>7} "
+          f"{(f'{t:.2f}x' if t else '-'):>6}  {errs}")
+PY
+  san=/usr/local/cuda/bin/compute-sanitizer
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool sanitizer_sweep.py --only paged_prefill"
+    timeout 240 "$san" --tool "$tool" --error-exitcode 9 python3 "$kdir/tests/sanitizer_sweep.py" \
+      --only paged_prefill > "$out/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|match" "$out/sanitizer_$tool.log" | tail -3
+  done
 fi
 
 if [[ "$what" == bench || "$what" == all ]]; then

@@ -13,6 +13,7 @@ and SDPA's.
     python benchmarks/bench_paged_prefill.py --out prefill.json
     python benchmarks/bench_paged_prefill.py --cases mha_fp16_d128,gqa_fp16_d128 --iters 50
     python benchmarks/bench_paged_prefill.py --variants default,m64,w8   # tilings, fp16 d128
+    python benchmarks/bench_paged_prefill.py --variants default,wgmma    # Hopper kernel (sm_90a)
     python benchmarks/bench_paged_prefill.py --variants default,prev,eager,bn32,chunked  # new/prev
 
 A failing case is recorded with its error and the run goes on. ``--variants`` also times other
@@ -114,6 +115,9 @@ VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     "chunked": ({GRID_ENV: "chunked"}, lambda c: True),
     "bn64": ({VARIANT_ENV: "bn64"}, lambda c: c.head_size == 64),
     "w4": ({VARIANT_ENV: "w4"}, lambda c: c.head_size == 256),
+    # The Hopper (wgmma) kernel: compute capability 9.0, head sizes 64 / 96 / 128 / 256.
+    "wgmma": ({VARIANT_ENV: "wgmma"},
+              lambda c: c.dtype in ("float16", "bfloat16") and c.head_size in (64, 96, 128, 256)),
 }
 
 

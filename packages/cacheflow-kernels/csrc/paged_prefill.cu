@@ -15,7 +15,9 @@
 // at positions 0..its own, all read from the cache (the new tokens' K/V already written there).
 //
 // The kernels are in paged_prefill_kernel.cuh: tensor cores for fp16/bf16 with head sizes 64, 80,
-// 96, 112, 128 and 256 (pointers 16-byte aligned); a CUDA-core kernel otherwise.
+// 96, 112, 128 and 256 (pointers 16-byte aligned); a CUDA-core kernel otherwise. On compute
+// capability 9.0, CACHEFLOW_PREFILL_VARIANT=wgmma runs the Hopper kernels of
+// paged_prefill_wg_kernel.cuh (head sizes 64, 96, 128, 256) instead of the mma.sync ones.
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/extra/cuda/base.h>
@@ -46,8 +48,8 @@ inline bool IsHalfOrBf16(DLDataType dt) {
 /*!
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
  * head-size-96 and -128 tensor-core kernels, bn64 the head-size-64 tiling before 2026-12-04, w4
- * and bn32 the head-size-256 tilings before 2026-12-04 and 2026-12-03 (see prefill::TcVariant);
- * unset or anything else: default. Read at every call.
+ * and bn32 the head-size-256 tilings before 2026-12-04 and 2026-12-03, wgmma the Hopper kernel
+ * where it applies (see prefill::TcVariant); unset or anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {
   const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
@@ -57,6 +59,7 @@ int TcVariantFromEnv() {
   if (std::strcmp(v, "bn32") == 0) return prefill::kTcBn32;
   if (std::strcmp(v, "bn64") == 0) return prefill::kTcBn64;
   if (std::strcmp(v, "w4") == 0) return prefill::kTcW4;
+  if (std::strcmp(v, "wgmma") == 0) return prefill::kTcWgmma;
   return prefill::kTcDefault;
 }
 
@@ -78,6 +81,33 @@ int MaxSmemOptin(int device) {
 }
 
 int NumSms(int device) { return CachedAttribute<1>(cudaDevAttrMultiProcessorCount, device); }
+
+/*!
+ * \brief Whether the Hopper kernels can run here: the library holds them (built for a 90
+ * architecture) and the device is compute capability 9.0 (sm_90a code runs nowhere else).
+ */
+bool HasWgKernels(int device) {
+#if defined(CACHEFLOW_HAS_SM90A_PREFILL)
+  return CachedAttribute<2>(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
+         CachedAttribute<3>(cudaDevAttrComputeCapabilityMinor, device) == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+/*! \brief Launches the Hopper kernel; false when it does not apply (or is not built). */
+bool LaunchWg(bool bf16, int64_t head_size, bool fp8_cache, const prefill::PrefillParams& p,
+              int heads, int seqs, int64_t max_q, cudaStream_t stream) {
+#if defined(CACHEFLOW_HAS_SM90A_PREFILL)
+  return bf16 ? prefill::LaunchWgBf16(head_size, fp8_cache, p, heads, seqs, max_q, stream)
+              : prefill::LaunchWgFp16(head_size, fp8_cache, p, heads, seqs, max_q, stream);
+#else
+  (void)bf16, (void)head_size, (void)fp8_cache, (void)p, (void)heads, (void)seqs, (void)max_q,
+      (void)stream;
+  return false;
+#endif
+}
 
 bool Aligned16(std::initializer_list<const char*> ptrs) {
   for (const char* p : ptrs) {
@@ -189,9 +219,15 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       }
     }
     const bool fp8 = s.fp8_cache;
-    launched =
-        bf16 ? prefill::LaunchTcBf16(head_size, variant, fp8, p, heads, seqs, max_q, stream)
-             : prefill::LaunchTcFp16(head_size, variant, fp8, p, heads, seqs, max_q, stream);
+    if (variant == prefill::kTcWgmma && prefill::IsWgHeadSize(head_size) &&
+        HasWgKernels(dev.device_id)) {
+      launched = LaunchWg(bf16, head_size, fp8, p, heads, seqs, max_q, stream);
+    }
+    if (!launched) {
+      launched =
+          bf16 ? prefill::LaunchTcBf16(head_size, variant, fp8, p, heads, seqs, max_q, stream)
+               : prefill::LaunchTcFp16(head_size, variant, fp8, p, heads, seqs, max_q, stream);
+    }
   }
   if (!launched) {
     const prefill::CudaLauncher launch{p, stream};

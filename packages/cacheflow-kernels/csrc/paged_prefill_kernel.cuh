@@ -630,6 +630,9 @@ constexpr bool IsTcHeadSize(int64_t d) {
   return d == 64 || d == 80 || d == 96 || d == 112 || d == 128 || d == 256;
 }
 
+/*! \brief Head sizes with a Hopper kernel (paged_prefill_wg_kernel.cuh; fp16/bf16). */
+constexpr bool IsWgHeadSize(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
+
 /*!
  * \brief Whether a call takes the tensor-core path: fp16/bf16, a head size of IsTcHeadSize, and
  * the four data pointers 16-byte aligned (cp.async and the 16-byte output stores need it).
@@ -651,6 +654,8 @@ enum TcVariant : int {
   kTcBn64 = 4,     // head size 64: BN 64 (the tiling before 2026-12-04)
   kTcW4 = 5,       // head size 256: BM 64 = 4 warps x 16 rows, BN 64, 1 K buffer (100 KB: 2 CTAs
                    // per SM; the tiling before 2026-12-04)
+  kTcWgmma = 6,    // the Hopper kernel (paged_prefill_wg_kernel.cuh): head sizes 64, 96, 128, 256
+                   // on compute capability 9.0 with a library built for sm_90a
 };
 
 /*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */

@@ -50,5 +50,15 @@ bool LaunchTcFp16(int64_t head_size, int variant, bool fp8_cache, const PrefillP
 bool LaunchTcBf16(int64_t head_size, int variant, bool fp8_cache, const PrefillParams& p,
                   int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream);
 
+/*!
+ * \brief The Hopper (sm_90a, wgmma) kernels, in the library when it was built for a 90
+ * architecture (CACHEFLOW_HAS_SM90A_PREFILL); launch them on compute capability 9.0 only.
+ * \return false when `head_size` has no Hopper kernel (IsWgHeadSize).
+ */
+bool LaunchWgFp16(int64_t head_size, bool fp8_cache, const PrefillParams& p, int num_heads,
+                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchWgBf16(int64_t head_size, bool fp8_cache, const PrefillParams& p, int num_heads,
+                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+
 }  // namespace prefill
 }  // namespace cacheflow

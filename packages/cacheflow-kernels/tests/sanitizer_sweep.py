@@ -82,15 +82,24 @@ def sweep_paged_prefill() -> int:
         ([24, 90], [24, 200], 2, 2, 256, 16),  # several 64-key tiles: one K buffer reloaded
         ([5, 6], [5, 6], 2, 1, 48, 16),         # a head size without tensor cores
     ]
-    for dtype in DTYPES:
-        for q_lens, ctx_lens, heads, kv, d, bs in shapes:
-            case = pf.make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv,
-                                head_size=d, block_size=bs, dtype=dtype, device="cuda",
-                                seed=calls)
-            ck.paged_prefill_attention(*pf.call_args(case), case["scale"])
-            _close(case["out"], pf.reference(case), dtype,
-                   f"paged_prefill_attention {dtype} q{q_lens} ctx{ctx_lens} d{d}")
-            calls += 1
+    # The Hopper kernel too (CACHEFLOW_PREFILL_VARIANT=wgmma; on compute capability 9.0 only,
+    # elsewhere the same calls run the default kernels again).
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for variant in ["default", "wgmma"] if hopper else ["default"]:
+        if variant == "wgmma":
+            os.environ["CACHEFLOW_PREFILL_VARIANT"] = "wgmma"
+        try:
+            for dtype in DTYPES:
+                for q_lens, ctx_lens, heads, kv, d, bs in shapes:
+                    case = pf.make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv,
+                                        head_size=d, block_size=bs, dtype=dtype, device="cuda",
+                                        seed=calls)
+                    ck.paged_prefill_attention(*pf.call_args(case), case["scale"])
+                    _close(case["out"], pf.reference(case), dtype,
+                           f"paged_prefill_attention {variant} {dtype} q{q_lens} d{d}")
+                    calls += 1
+        finally:
+            os.environ.pop("CACHEFLOW_PREFILL_VARIANT", None)
     return calls
 
 

@@ -300,3 +300,87 @@ def test_logits_soft_cap(emu: Any, head_size: int, dtype: Any, force_simple: boo
     check_close(case["out"], ref, dtype, f"soft cap head {head_size}")
     uncapped = reference({**case, "logits_soft_cap": None})
     assert float((ref - uncapped).abs().max()) > 0.1
+
+
+# The Hopper kernel (wgmma, variant 6 = CACHEFLOW_PREFILL_VARIANT=wgmma): 128-row CTAs of two
+# warpgroups, 128-key tiles (64 at head size 256), swizzled shared-memory tiles read through
+# wgmma descriptors.
+WG_VARIANT = 6
+WG_CASES = [
+    ([130, 1, 77], [130, 9, 200], 2, 1, 64, 16, torch.float16),     # ragged, prefix, q_len 1
+    ([200], [333], 2, 2, 128, 8, torch.bfloat16),                    # prefix > tile, block 8
+    ([129, 64], [300, 64], 4, 2, 128, 16, torch.float16),            # GQA, a row past a tile
+    ([65], [65], 1, 1, 96, 16, torch.bfloat16),                      # head 96: half a column block
+    ([100], [150], 4, 1, 96, 32, torch.float16),                     # MQA
+    ([70, 3], [100, 40], 2, 1, 256, 16, torch.float16),              # head 256: 64-key tiles
+    ([64, 33], [64, 96], 2, 1, 256, 8, torch.bfloat16),
+    ([129], [129], 1, 1, 128, 5, torch.float16),                     # block size not a power of 2
+    ([40, 40], [40, 1000], 1, 1, 64, 32, torch.bfloat16),            # long prefix, many key tiles
+]
+
+
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
+                          "dtype"), WG_CASES)
+def test_hopper_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
+                       kv_heads: int, head_size: int, block_size: int, dtype: Any) -> None:
+    case = make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
+                     head_size=head_size, block_size=block_size, dtype=dtype,
+                     seed=sum(q_lens) + head_size + 1)
+    assert run_emulated(emu, case, max_query_len=max(q_lens), variant=WG_VARIANT) == 2
+    check_close(case["out"], reference(case), dtype, f"emulated Hopper kernel {head_size}")
+
+
+def test_hopper_kernel_matches_mma_sync_kernel(emu: Any) -> None:
+    """Both tensor-core kernels on one case agree closely (they round P to 16 bits alike)."""
+    case = make_case([150, 20], [400, 90], num_heads=2, num_kv_heads=1, head_size=128,
+                     block_size=16, dtype=torch.float16, seed=11)
+    assert run_emulated(emu, case, max_query_len=150, variant=WG_VARIANT) == 2
+    hopper = case["out"].clone()
+    case["out"].fill_(float("nan"))
+    assert run_emulated(emu, case, max_query_len=150) == 1
+    assert float((hopper.float() - case["out"].float()).abs().max()) < 2e-3
+
+
+@pytest.mark.parametrize(
+    ("q_lens", "ctx_lens", "window", "head_size", "dtype"),
+    [
+        ([200, 70], [200, 400], 37, 64, torch.float16),     # window < tile: both edges masked
+        ([300], [300], 130, 128, torch.bfloat16),           # tiles wholly outside skipped
+        ([150, 1], [700, 90], 260, 256, torch.float16),     # prefix, a decode row
+    ],
+)
+def test_hopper_kernel_sliding_window(emu: Any, q_lens: list[int], ctx_lens: list[int],
+                                      window: int, head_size: int, dtype: Any) -> None:
+    case = make_case(q_lens, ctx_lens, num_heads=2, num_kv_heads=1, head_size=head_size,
+                     block_size=16, dtype=dtype, seed=window + 1)
+    case["sliding_window"] = window
+    assert run_emulated(emu, case, max_query_len=max(q_lens), variant=WG_VARIANT) == 2
+    check_close(case["out"], reference(case), dtype, f"Hopper kernel, window {window}")
+
+
+@pytest.mark.parametrize(("head_size", "dtype"), [(64, torch.float16), (256, torch.bfloat16),
+                                                  (96, torch.float16)])
+def test_hopper_kernel_fp8_cache(emu: Any, head_size: int, dtype: Any) -> None:
+    case = make_case([130, 1, 77], [130, 9, 200], num_heads=4, num_kv_heads=2,
+                     head_size=head_size, block_size=16, dtype=dtype, seed=head_size + 8)
+    _to_fp8(case, 0.03, 0.2)
+    assert run_emulated(emu, case, max_query_len=130, variant=WG_VARIANT) == 2
+    check_close(case["out"], reference(case), dtype, f"Hopper kernel, fp8 head {head_size}")
+
+
+def test_hopper_kernel_soft_cap_and_strided_query(emu: Any) -> None:
+    case = make_case([70, 9], [100, 9], num_heads=2, num_kv_heads=1, head_size=128,
+                     block_size=16, dtype=torch.bfloat16, seed=3)
+    case["query"] = _strided_query((case["query"].float() * 8).to(torch.bfloat16), 24)
+    case["logits_soft_cap"] = 5.0
+    assert run_emulated(emu, case, max_query_len=70, variant=WG_VARIANT) == 2
+    check_close(case["out"], reference(case), torch.bfloat16, "Hopper kernel, soft cap")
+
+
+def test_hopper_kernel_rows_without_keys_are_zero(emu: Any) -> None:
+    case = make_case([70], [70], num_heads=1, head_size=64, dtype=torch.float16, seed=5)
+    case["context_lens"][0] = 60  # positions of rows 0..9 are negative
+    assert run_emulated(emu, case, variant=WG_VARIANT) == 2
+    out = case["out"].float()
+    assert torch.equal(out[:10], torch.zeros_like(out[:10]))
+    assert not torch.isnan(out[10:]).any()

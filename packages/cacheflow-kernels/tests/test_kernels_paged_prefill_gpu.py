@@ -306,3 +306,84 @@ def test_second_device_while_first_is_current() -> None:
     cacheflow_kernels.paged_prefill_attention(*call_args(case), case["scale"], 90)
     torch.cuda.synchronize(1)
     check_close(case["out"], ref, torch.float16, "second device")
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _kernels_launched(case: dict[str, Any]) -> list[str]:
+    """Names of the CUDA kernels one call of the op launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(case)
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# The Hopper kernel (CACHEFLOW_PREFILL_VARIANT=wgmma, compute capability 9.0 only): ragged
+# batches with prefixes and decode rows, GQA / MQA, blocks of 8, 16 and 5 slots, every head size
+# it has, both 16-bit types.
+HOPPER_CASES = [
+    (RAGGED_Q + [1500], RAGGED_CTX + [2500], 4, 2, 64, 16, torch.float16),
+    (RAGGED_Q + [1500], RAGGED_CTX + [2500], 4, 2, 128, 16, torch.bfloat16),
+    ([2048, 2048], [2048, 4096], 8, 1, 128, 16, torch.float16),
+    ([300, 77, 1], [700, 1100, 9], 4, 4, 96, 8, torch.float16),
+    (RAGGED_Q, RAGGED_CTX, 2, 1, 256, 16, torch.bfloat16),
+    ([150, 9], [300, 9], 2, 1, 128, 5, torch.float16),
+]
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
+                          "dtype"), HOPPER_CASES)
+def test_hopper_kernel(monkeypatch: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
+                       kv_heads: int, head_size: int, block_size: int, dtype: Any) -> None:
+    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", "wgmma")
+    case = gpu_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
+                    head_size=head_size, block_size=block_size, dtype=dtype,
+                    seed=head_size + block_size)
+    names = _kernels_launched(case)
+    assert any("PagedPrefillWgKernel" in n for n in names), names
+    case["out"].fill_(float("nan"))
+    run_and_check(case, dtype, f"Hopper kernel head {head_size}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize(("window", "soft_cap", "head_size", "dtype"),
+                         [(37, None, 64, torch.bfloat16), (1000, None, 256, torch.float16),
+                          (None, 5.0, 128, torch.float16), (300, 30.0, 96, torch.bfloat16)])
+def test_hopper_kernel_window_and_soft_cap(monkeypatch: Any, window: Any, soft_cap: Any,
+                                           head_size: int, dtype: Any) -> None:
+    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", "wgmma")
+    case = gpu_case(RAGGED_Q + [1500], RAGGED_CTX + [2500], num_heads=4, num_kv_heads=2,
+                    head_size=head_size, block_size=16, dtype=dtype, seed=head_size + 5)
+    case["query"] = (case["query"].float() * 4).to(dtype)
+    case["sliding_window"] = window
+    case["logits_soft_cap"] = soft_cap
+    ref = reference(case)
+    cacheflow_kernels.paged_prefill_attention(*call_args(case), case["scale"],
+                                              max(case["q_lens"]), sliding_window=window,
+                                              logits_soft_cap=soft_cap)
+    torch.cuda.synchronize()
+    check_close(case["out"], ref, dtype, f"Hopper kernel window {window} cap {soft_cap}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize(("head_size", "dtype"), [(128, torch.float16), (256, torch.bfloat16),
+                                                  (64, torch.bfloat16)])
+def test_hopper_kernel_fp8_cache(monkeypatch: Any, head_size: int, dtype: Any) -> None:
+    """FP8 E4M3 caches with K/V scales, widened on the way into shared memory."""
+    from paged_attention_testutil import quantize_fp8
+
+    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", "wgmma")
+    case = gpu_case(RAGGED_Q + [1500], RAGGED_CTX + [2500], num_heads=4, num_kv_heads=2,
+                    head_size=head_size, block_size=16, dtype=dtype, seed=head_size + 9)
+    case["key_cache"] = quantize_fp8(case["key_cache"], 0.03)
+    case["value_cache"] = quantize_fp8(case["value_cache"], 0.2)
+    case["k_scale"], case["v_scale"] = 0.03, 0.2
+    ref = reference(case)
+    cacheflow_kernels.paged_prefill_attention(*call_args(case), case["scale"],
+                                              max(case["q_lens"]), k_scale=0.03, v_scale=0.2)
+    torch.cuda.synchronize()
+    check_close(case["out"], ref, dtype, f"Hopper kernel fp8 head {head_size}")

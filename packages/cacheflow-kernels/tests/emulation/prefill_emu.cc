@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "paged_prefill_kernel.cuh"
+#include "paged_prefill_wg_kernel.cuh"
 
 namespace {
 
@@ -35,12 +35,14 @@ struct EmuLauncher {
  * \brief Runs the op on host memory (same argument meaning as the CUDA op).
  * \param dtype 0 float16, 1 bfloat16, 2 float32.
  * \param force_simple 1 runs the CUDA-core kernel even where tensor cores apply.
- * \param variant tiling of the fp16 head-size-128 kernel (prefill::TcVariant).
+ * \param variant tiling of the tensor-core kernel (prefill::TcVariant; kTcWgmma: the Hopper
+ *        kernel where it has the head size).
  * \param collectives if not null, receives the number of warp barriers the run took.
  * \param fp8_cache 1: the caches hold FP8 E4M3 bytes, dequantized with k_scale / v_scale.
  * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
  * \param q_token_stride elements between the query's token rows (0: contiguous rows).
- * \return 1 when the tensor-core kernel ran, 0 for the CUDA-core kernel, -1 for nothing to do.
+ * \return 2 when the Hopper kernel ran, 1 for the mma.sync tensor-core kernel, 0 for the
+ *         CUDA-core kernel, -1 for nothing to do.
  */
 extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, void* out,
                                     const void* query, const void* key_cache,
@@ -90,7 +92,17 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   const EmuLauncher launch{p};
   const int heads = static_cast<int>(num_heads);
   const int seqs = static_cast<int>(num_seqs);
-  if (tc && fp8_cache) {
+  const bool wg = tc && variant == pf::kTcWgmma && pf::IsWgHeadSize(head_size);
+  if (wg) {
+    const bool bf16 = dtype == 1;
+    if (fp8_cache) {
+      bf16 ? pf::DispatchWg<pf::Bf16, true>(head_size, heads, seqs, max_q, launch)
+           : pf::DispatchWg<pf::Fp16, true>(head_size, heads, seqs, max_q, launch);
+    } else {
+      bf16 ? pf::DispatchWg<pf::Bf16>(head_size, heads, seqs, max_q, launch)
+           : pf::DispatchWg<pf::Fp16>(head_size, heads, seqs, max_q, launch);
+    }
+  } else if (tc && fp8_cache) {
     if (dtype == 0) {
       pf::DispatchTc<pf::Fp16, true>(head_size, variant, heads, seqs, max_q, launch);
     } else {
@@ -118,5 +130,5 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
     pf::LaunchSimple<pf::Fp32>(heads, seqs, max_q, launch);
   }
   if (collectives != nullptr) *collectives = static_cast<int64_t>(cfemu::g_collectives);
-  return tc ? 1 : 0;
+  return wg ? 2 : (tc ? 1 : 0);
 }

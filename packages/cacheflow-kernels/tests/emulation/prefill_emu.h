@@ -10,6 +10,14 @@
 //   * mma.m16n8k16 row.col: A (16x16) a0:(g, 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8,
 //     2t+8..); B (16x8) b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); C/D c0,c1:(g, 2t..) c2,c3:(g+8,
 //     2t..), with g = lane/4 and t = lane%4;
+//   * wgmma.mma_async (the Hopper kernel, paged_prefill_wg_kernel.cuh): all 128 threads of a
+//     warpgroup meet at a warpgroup barrier; each computes its own accumulators (register j of
+//     lane l in warp w: row 16w + l/4 + 8((j/2)%2), column 8(j/4) + 2(l%4) + j%2) from shared
+//     memory read through the matrix descriptors as the PTX ISA defines them (128-byte swizzle:
+//     16-byte chunk bits 4-6 of each address XOR its bits 7-9; K-major: rows 128 bytes apart
+//     within 8-row groups SBO apart; MN-major: 8-row groups of K SBO apart, 64-element column
+//     blocks LBO apart) and, for A in registers, from the fragments of the lanes that hold them.
+//     The result is written at issue; wgmma.wait and the proxy fence are no-ops;
 //   * cp.async: copies are queued per thread and carried out only when a cp.async.wait_group
 //     lets their group complete (or the thread exits), so a missing wait reads stale shared memory
 //     (shared memory starts as 0xFF bytes: NaN in fp16, bf16 and fp32).
@@ -25,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -94,6 +103,8 @@ struct Cta {
   Barrier cta_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<WarpScratch> scratch;
+  std::vector<Barrier> warpgroup_barriers;       // 128 threads each (whole warpgroups only)
+  std::vector<std::array<uint32_t, 4>> wg_frags;  // per thread: its A fragment of a wgmma
   ucontext_t scheduler;
 };
 
@@ -144,6 +155,14 @@ inline void WarpBarrier() {
   Arrive(g_cta->warp_barriers[Warp()]);
 }
 inline WarpScratch& Scratch() { return g_cta->scratch[Warp()]; }
+inline void WarpgroupBarrier() {
+  const int wg = g_fiber->tid / 128;
+  if (wg >= static_cast<int>(g_cta->warpgroup_barriers.size())) {
+    Fail("warpgroup instruction in a CTA whose size is not a multiple of 128 threads");
+  }
+  ++g_collectives;
+  Arrive(g_cta->warpgroup_barriers[wg]);
+}
 
 inline void CompleteCopies(int upto_group) {  // copies of groups < upto_group complete
   std::vector<PendingCopy> keep;
@@ -185,6 +204,9 @@ inline void RunGrid(Dim3 grid, int threads, size_t smem_bytes, const std::functi
         cta.warp_barriers.resize(threads / 32);
         for (Barrier& b : cta.warp_barriers) b.count = 32;
         cta.scratch.resize(threads / 32);
+        cta.warpgroup_barriers.resize(threads / 128);
+        for (Barrier& b : cta.warpgroup_barriers) b.count = 128;
+        cta.wg_frags.resize(threads);
         g_cta = &cta;
         blockIdx = Dim3{x, y, z};
         for (int t = 0; t < threads; ++t) {
@@ -470,6 +492,98 @@ inline void Store16(void* p, uint4 v) {
     cfemu::CheckGlobal(static_cast<unsigned char*>(p), 16, "Store16");
   }
   std::memcpy(p, &v, 16);
+}
+
+// ---- sm_90a warpgroup MMA (paged_prefill_wg_kernel.cuh). ----
+
+inline void WgmmaFence() {}
+inline void WgmmaCommit() {}
+template <int N>
+inline void WgmmaWait() {}
+inline void FenceProxyAsync() {}
+template <int N>
+inline void WgmmaFenceOperand(float (&)[N]) {}
+
+/*! \brief The shared-memory byte address of element (mn, k) of a 128-byte-swizzled operand. */
+inline uint32_t WgmmaOperandAddr(uint64_t desc, int mn, int k, bool mn_major) {
+  if ((desc >> 62) != 1) cfemu::Fail("wgmma descriptor: only the 128-byte swizzle is emulated");
+  if (((desc >> 49) & 7) != 0) cfemu::Fail("wgmma descriptor: base offset must be 0");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  uint32_t linear;
+  if (!mn_major) {  // rows of 64 elements (128 bytes); the 16 k of one step within one row
+    if ((start & 127) + 32 > 128) cfemu::Fail("wgmma K-major step crosses a 128-byte row");
+    linear = start + (mn / 8) * sbo + (mn % 8) * 128 + k * 2;
+  } else {  // rows of K, 64 mn-elements each; column blocks of 64 LBO apart
+    if ((start & 1023) != 0) cfemu::Fail("wgmma MN-major operand not 1024-byte aligned");
+    linear = start + (k / 8) * sbo + (mn / 64) * lbo + (k % 8) * 128 + (mn % 64) * 2;
+  }
+  return linear ^ (((linear >> 7) & 7) << 4);
+}
+
+template <class T>
+inline float WgmmaSmemElem(uint64_t desc, int mn, int k, bool mn_major) {
+  uint16_t bits;
+  std::memcpy(&bits, cfemu::SmemAt(WgmmaOperandAddr(desc, mn, k, mn_major), 2, 2, "wgmma operand"),
+              2);
+  return Elem<T>(bits);
+}
+
+/*! \brief Row and column of accumulator register j of this thread (see the file comment). */
+inline void WgmmaAccCoord(int j, int& row, int& col) {
+  const int lane = cfemu::Lane();
+  const int warp = cfemu::Warp() % 4;
+  row = 16 * warp + lane / 4 + 8 * ((j / 2) % 2);
+  col = 8 * (j / 4) + 2 * (lane % 4) + j % 2;
+}
+
+template <class T, int N>
+struct WgmmaSS {
+  static void Run(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, int accumulate) {
+    cfemu::WarpgroupBarrier();  // every thread of the warpgroup issues it
+    for (int j = 0; j < N / 2; ++j) {
+      int row, col;
+      WgmmaAccCoord(j, row, col);
+      float acc = accumulate ? d[j] : 0.f;
+      for (int k = 0; k < 16; ++k) {
+        acc += WgmmaSmemElem<T>(a_desc, row, k, false) * WgmmaSmemElem<T>(b_desc, col, k, false);
+      }
+      d[j] = acc;
+    }
+    cfemu::WarpgroupBarrier();
+  }
+};
+
+template <class T, int N>
+struct WgmmaRS {
+  static void Run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b_desc) {
+    const int tid = cfemu::g_fiber->tid;
+    const int wg_base = tid / 128 * 128;
+    for (int i = 0; i < 4; ++i) cfemu::g_cta->wg_frags[tid][i] = a[i];
+    cfemu::WarpgroupBarrier();
+    // A (64 x 16): lane (r % 8) * 4 + (k % 8) / 2 of warp r / 16 holds (r, k) in register
+    // (r % 16 >= 8) + 2 (k >= 8), half k % 2 (the accumulator layout of a 64 x 16 slice).
+    auto A = [&](int r, int k) {
+      const int src = wg_base + (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
+      const int reg = ((r % 16) >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+      const uint32_t v = cfemu::g_cta->wg_frags[src][reg];
+      return Elem<T>(static_cast<uint16_t>((k & 1) ? (v >> 16) : (v & 0xFFFFu)));
+    };
+    for (int j = 0; j < N / 2; ++j) {
+      int row, col;
+      WgmmaAccCoord(j, row, col);
+      float acc = d[j];
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * WgmmaSmemElem<T>(b_desc, col, k, true);
+      d[j] = acc;
+    }
+    cfemu::WarpgroupBarrier();
+  }
+};
+
+/*! \brief A 4-byte shared-memory store (the Hopper kernel's output staging). */
+inline void StoreShared32(uint32_t addr, uint32_t v) {
+  std::memcpy(cfemu::SmemAt(addr, 4, 4, "st.shared.b32"), &v, 4);
 }
 
 }  // namespace prefill
