@@ -53,7 +53,8 @@ if [[ "$what" == wgmma ]]; then
   cases="mha_fp16_d128,gqa_fp16_d128,mha_bf16_d128,mha_fp16_d64,mha_fp16_d96,mha_fp16_d256"
   cases+=",prefix_fp16_d128,mixed_a_bf16_d128"
   timeout 150 python3 "$kdir/benchmarks/bench_paged_prefill.py" --cases "$cases" \
-    --variants default,wgmma --iters 30 --out "$out/prefill.json" > "$out/bench_prefill.log" 2>&1
+    --variants default,wgmma,wgmma_serial --iters 30 --out "$out/prefill.json" \
+    > "$out/bench_prefill.log" 2>&1
   echo "prefill bench rc=$? (log: bench_prefill.log)"
   python3 - "$out/prefill.json" <<'PY' 2>&1 | tee "$out/summary.txt"
 import json, sys
@@ -64,16 +65,16 @@ for x in r["results"]:
     by.setdefault(x["case"]["name"], {})[x["variant"]] = x
 t_of = lambda x, k: x.get(f"{k}_graph_ms") or x.get(f"{k}_ms")
 targets = {64: 0.95, 128: 0.95, 96: 0.85, 256: 0.85}
-print(f"{'case':<20} {'mma ms':>7} {'wgmma ms':>8} {'SDPA ms':>7} {'mma spd':>7} {'wg spd':>7} "
-      f"{'target':>6}  errors")
+print(f"{'case':<20} {'mma ms':>7} {'wgmma ms':>8} {'serial':>7} {'SDPA ms':>7} {'mma spd':>7} "
+      f"{'wg spd':>7} {'ser spd':>7} {'target':>6}  errors")
 for name, v in by.items():
-    d, w = v.get("default", {}), v.get("wgmma", {})
-    a, b, s = t_of(d, "ours"), t_of(w, "ours"), t_of(d, "sdpa")
+    d, w, z = v.get("default", {}), v.get("wgmma", {}), v.get("wgmma_serial", {})
+    a, b, c, s = t_of(d, "ours"), t_of(w, "ours"), t_of(z, "ours"), t_of(d, "sdpa")
     f = lambda x, n=7: f"{x:{n}.3f}" if x else f"{'-':>{n}}"
     spd = lambda t: f"{s / t:.2f}x" if s and t else "-"
     t = targets.get(d.get("case", {}).get("head_size"))
     errs = "; ".join(e for x in v.values() for e in x.get("errors", []))
-    print(f"{name:<20} {f(a)} {f(b, 8)} {f(s)} {spd(a):>7} {spd(b):>7} "
+    print(f"{name:<20} {f(a)} {f(b, 8)} {f(c)} {f(s)} {spd(a):>7} {spd(b):>7} {spd(c):>7} "
           f"{(f'{t:.2f}x' if t else '-'):>6}  {errs}")
 PY
   san=/usr/local/cuda/bin/compute-sanitizer

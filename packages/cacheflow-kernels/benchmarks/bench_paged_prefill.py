@@ -13,7 +13,7 @@ and SDPA's.
     python benchmarks/bench_paged_prefill.py --out prefill.json
     python benchmarks/bench_paged_prefill.py --cases mha_fp16_d128,gqa_fp16_d128 --iters 50
     python benchmarks/bench_paged_prefill.py --variants default,m64,w8   # tilings, fp16 d128
-    python benchmarks/bench_paged_prefill.py --variants default,wgmma    # Hopper kernel (sm_90a)
+    python benchmarks/bench_paged_prefill.py --variants default,wgmma,wgmma_serial  # sm_90a
     python benchmarks/bench_paged_prefill.py --variants default,prev,eager,bn32,chunked  # new/prev
 
 A failing case is recorded with its error and the run goes on. ``--variants`` also times other
@@ -26,6 +26,8 @@ CACHEFLOW_PREFILL_GRID=group: group-major CTA order, the default again), ``eager
 each of those alone, and ``chunked`` (CACHEFLOW_PREFILL_GRID=chunked: the chunked longest-first
 CTA order, measured slower on the H200). ``bn64`` and ``w4``: the tilings before 2026-12-04 of
 head size 64 (64-key tiles; now 128) and 256 (64 rows over 4 warps; now 128 over 8).
+``wgmma`` and ``wgmma_serial``: the Hopper kernel (compute capability 9.0), with and without its
+softmax / P V overlap.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def _fp16_d96_d128(c: Case) -> bool:
     return c.dtype == "float16" and c.head_size in (96, 128)
 
 
+def _hopper_head(c: Case) -> bool:
+    return c.dtype in ("float16", "bfloat16") and c.head_size in (64, 96, 128, 256)
+
+
 # name -> (environment of the call, cases it applies to). "prev" is the kernel before 2026-12-03
 # (eager rescaling; head size 256 with BN 32 and two K buffers; group-major CTA order; head size
 # 64 keeps its current tiling, see "bn64"); "eager"
@@ -115,9 +121,10 @@ VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     "chunked": ({GRID_ENV: "chunked"}, lambda c: True),
     "bn64": ({VARIANT_ENV: "bn64"}, lambda c: c.head_size == 64),
     "w4": ({VARIANT_ENV: "w4"}, lambda c: c.head_size == 256),
-    # The Hopper (wgmma) kernel: compute capability 9.0, head sizes 64 / 96 / 128 / 256.
-    "wgmma": ({VARIANT_ENV: "wgmma"},
-              lambda c: c.dtype in ("float16", "bfloat16") and c.head_size in (64, 96, 128, 256)),
+    # The Hopper (wgmma) kernel: compute capability 9.0, head sizes 64 / 96 / 128 / 256; serial:
+    # without the softmax / P V overlap.
+    "wgmma": ({VARIANT_ENV: "wgmma"}, _hopper_head),
+    "wgmma_serial": ({VARIANT_ENV: "wgmma_serial"}, _hopper_head),
 }
 
 

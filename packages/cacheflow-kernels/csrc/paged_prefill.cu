@@ -49,7 +49,8 @@ inline bool IsHalfOrBf16(DLDataType dt) {
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
  * head-size-96 and -128 tensor-core kernels, bn64 the head-size-64 tiling before 2026-12-04, w4
  * and bn32 the head-size-256 tilings before 2026-12-04 and 2026-12-03, wgmma the Hopper kernel
- * where it applies (see prefill::TcVariant); unset or anything else: default. Read at every call.
+ * where it applies (wgmma_serial: without its softmax / P V overlap; see prefill::TcVariant);
+ * unset or anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {
   const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
@@ -60,6 +61,7 @@ int TcVariantFromEnv() {
   if (std::strcmp(v, "bn64") == 0) return prefill::kTcBn64;
   if (std::strcmp(v, "w4") == 0) return prefill::kTcW4;
   if (std::strcmp(v, "wgmma") == 0) return prefill::kTcWgmma;
+  if (std::strcmp(v, "wgmma_serial") == 0) return prefill::kTcWgmmaSerial;
   return prefill::kTcDefault;
 }
 
@@ -97,14 +99,16 @@ bool HasWgKernels(int device) {
 }
 
 /*! \brief Launches the Hopper kernel; false when it does not apply (or is not built). */
-bool LaunchWg(bool bf16, int64_t head_size, bool fp8_cache, const prefill::PrefillParams& p,
-              int heads, int seqs, int64_t max_q, cudaStream_t stream) {
+bool LaunchWg(bool bf16, int64_t head_size, bool overlap, bool fp8_cache,
+              const prefill::PrefillParams& p, int heads, int seqs, int64_t max_q,
+              cudaStream_t stream) {
 #if defined(CACHEFLOW_HAS_SM90A_PREFILL)
-  return bf16 ? prefill::LaunchWgBf16(head_size, fp8_cache, p, heads, seqs, max_q, stream)
-              : prefill::LaunchWgFp16(head_size, fp8_cache, p, heads, seqs, max_q, stream);
+  return bf16
+             ? prefill::LaunchWgBf16(head_size, overlap, fp8_cache, p, heads, seqs, max_q, stream)
+             : prefill::LaunchWgFp16(head_size, overlap, fp8_cache, p, heads, seqs, max_q, stream);
 #else
-  (void)bf16, (void)head_size, (void)fp8_cache, (void)p, (void)heads, (void)seqs, (void)max_q,
-      (void)stream;
+  (void)bf16, (void)head_size, (void)overlap, (void)fp8_cache, (void)p, (void)heads, (void)seqs,
+      (void)max_q, (void)stream;
   return false;
 #endif
 }
@@ -219,9 +223,10 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       }
     }
     const bool fp8 = s.fp8_cache;
-    if (variant == prefill::kTcWgmma && prefill::IsWgHeadSize(head_size) &&
-        HasWgKernels(dev.device_id)) {
-      launched = LaunchWg(bf16, head_size, fp8, p, heads, seqs, max_q, stream);
+    const bool wgmma = variant == prefill::kTcWgmma || variant == prefill::kTcWgmmaSerial;
+    if (wgmma && prefill::IsWgHeadSize(head_size) && HasWgKernels(dev.device_id)) {
+      launched = LaunchWg(bf16, head_size, variant == prefill::kTcWgmma, fp8, p, heads, seqs,
+                          max_q, stream);
     }
     if (!launched) {
       launched =

@@ -656,6 +656,7 @@ enum TcVariant : int {
                    // per SM; the tiling before 2026-12-04)
   kTcWgmma = 6,    // the Hopper kernel (paged_prefill_wg_kernel.cuh): head sizes 64, 96, 128, 256
                    // on compute capability 9.0 with a library built for sm_90a
+  kTcWgmmaSerial = 7,  // the Hopper kernel without the softmax / P V overlap
 };
 
 /*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */

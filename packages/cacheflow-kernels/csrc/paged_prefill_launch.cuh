@@ -53,12 +53,14 @@ bool LaunchTcBf16(int64_t head_size, int variant, bool fp8_cache, const PrefillP
 /*!
  * \brief The Hopper (sm_90a, wgmma) kernels, in the library when it was built for a 90
  * architecture (CACHEFLOW_HAS_SM90A_PREFILL); launch them on compute capability 9.0 only.
+ * `overlap`: FlashAttention-3's schedule (softmax of a tile during P V of the one before), else
+ * the serial one.
  * \return false when `head_size` has no Hopper kernel (IsWgHeadSize).
  */
-bool LaunchWgFp16(int64_t head_size, bool fp8_cache, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
-bool LaunchWgBf16(int64_t head_size, bool fp8_cache, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchWgFp16(int64_t head_size, bool overlap, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream);
+bool LaunchWgBf16(int64_t head_size, bool overlap, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream);
 
 }  // namespace prefill
 }  // namespace cacheflow

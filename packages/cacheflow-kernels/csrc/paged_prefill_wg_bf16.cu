@@ -6,13 +6,14 @@
 namespace cacheflow {
 namespace prefill {
 
-bool LaunchWgBf16(int64_t head_size, bool fp8_cache, const PrefillParams& p, int num_heads,
-                  int num_seqs, int64_t max_query_len, cudaStream_t stream) {
+bool LaunchWgBf16(int64_t head_size, bool overlap, bool fp8_cache, const PrefillParams& p,
+                  int num_heads, int num_seqs, int64_t max_query_len, cudaStream_t stream) {
   if (fp8_cache) {
-    return DispatchWg<Bf16, true>(head_size, num_heads, num_seqs, max_query_len,
+    return DispatchWg<Bf16, true>(head_size, overlap, num_heads, num_seqs, max_query_len,
                                  CudaLauncher{p, stream});
   }
-  return DispatchWg<Bf16>(head_size, num_heads, num_seqs, max_query_len, CudaLauncher{p, stream});
+  return DispatchWg<Bf16>(head_size, overlap, num_heads, num_seqs, max_query_len,
+                         CudaLauncher{p, stream});
 }
 
 }  // namespace prefill

@@ -9,12 +9,15 @@
 //   * Q, K and V tiles live in shared memory in the 128-byte-swizzled layout wgmma reads: a tile
 //     of R rows x D columns is ceil(D / 64) column blocks of R rows x 128 bytes, the 16-byte
 //     chunk c of row r stored at chunk c ^ (r % 8). Every 16-byte copy of a row lands in its own
-//     bank group, so the cp.async gathers through the block table are conflict-free. K and V
-//     are double-buffered: tile n - 1 loads while tile n is computed, one CTA barrier per tile.
+//     bank group, so the cp.async gathers through the block table are conflict-free. The next
+//     tiles load while tile n is computed, one CTA barrier per tile.
 //   * S = Q K^T: D / 16 wgmmas m64nBNk16 per warpgroup, A = Q and B = K both K-major from shared
 //     memory. O += P V: BN / 16 wgmmas m64nDk16 with A = P from registers (the S accumulators
 //     packed to 16 bits: the accumulator layout is the A-fragment layout) and B = V read
 //     MN-major ("transposed"), so V needs no transposing copy.
+//   * two schedules (PagedPrefillWgKernel's kOverlap): the softmax of tile n - 1 while the tensor
+//     cores do P V of tile n (FlashAttention-3's intra-warpgroup pipelining; K then loads two
+//     tiles ahead into three buffers), or each step's GEMMs and softmax one after the other.
 //   * masking, the online softmax with lazy rescaling, soft capping, FP8 caches (widened to the
 //     query's type on the way into shared memory) and the sliding window are those of the
 //     mma.sync kernel, per warp of 16 rows.
@@ -22,7 +25,8 @@
 //     leaves in 16-byte stores.
 // Head sizes 64, 96, 128 (BN = 128 keys) and 256 (BN = 64: 128 accumulator registers of O per
 // thread). The host launches it on compute capability 9.0 when the library was built for
-// sm_90a (paged_prefill_wg.cu); tests/emulation runs this source on a CPU.
+// sm_90a (paged_prefill_wg_{fp16,bf16}.cu, chosen in paged_prefill.cu); tests/emulation runs
+// this source on a CPU.
 #pragma once
 
 #include "paged_prefill_kernel.cuh"
@@ -34,8 +38,11 @@
 namespace cacheflow {
 namespace prefill {
 
-/*! \brief Tile shapes and the shared-memory plan of the Hopper kernel for head size D. */
-template <int D, int BN>
+/*!
+ * \brief Tile shapes and the shared-memory plan of the Hopper kernel for head size D, with
+ * `kOverlap` (the FlashAttention-3 schedule: three K buffers, K loaded two tiles ahead).
+ */
+template <int D, int BN, bool kOverlap>
 struct WgTraits {
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = kWarpGroups * 128;
@@ -45,13 +52,17 @@ struct WgTraits {
   static constexpr int kColBlocks = (D + 63) / 64;  // 128-byte column blocks per tile
   static constexpr int kQBytes = kColBlocks * kBM * 128;
   static constexpr int kKvBytes = kColBlocks * BN * 128;
+  static constexpr int kKBuffers = kOverlap ? 3 : 2;
+  static constexpr int kVBuffers = 2;
   static constexpr int kSlotRing = 4;            // slot lists of 4 tiles (indexed tile & 3)
-  // 1 KiB of slack to align the swizzled tiles, Q, K and V (two buffers each), the slot ring.
-  static constexpr int kSmemBytes = 1024 + kQBytes + 4 * kKvBytes + kSlotRing * BN * 4;
+  // 1 KiB of slack to align the swizzled tiles, Q, the K and V buffers, the slot ring.
+  static constexpr int kSmemBytes =
+      1024 + kQBytes + (kKBuffers + kVBuffers) * kKvBytes + kSlotRing * BN * 4;
   static_assert(D % 32 == 0 && D <= 256, "head sizes 64, 96, 128, 256");
   static_assert(BN % 16 == 0 && BN <= kThreads, "one thread per key looks up the slots");
   static_assert((kBM * kChunks) % kThreads == 0 && (BN * kChunks) % kThreads == 0,
                 "tiles must split evenly over the threads");
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
 };
 
 /*! \brief Byte offset of 16-byte chunk `c` of row `r` in a swizzled tile of `rows` rows. */
@@ -69,15 +80,26 @@ CF_DEVICE uint64_t SwizzledDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
 }
 
-template <class T, int D, int BN, bool kFp8>
+/*!
+ * \brief The Hopper kernel. kOverlap = false: per key tile, S = Q K^T, softmax, O += P V, each
+ * waited for in turn. kOverlap = true (FlashAttention-3's intra-warpgroup pipelining): P V of
+ * tile n and S of tile n - 1 are issued together, and the softmax of tile n - 1 runs while the
+ * tensor cores still do P V of tile n (O is rescaled once that completes). K is then needed one
+ * tile earlier than V: three K buffers, K loaded two tiles ahead.
+ */
+template <class T, int D, int BN, bool kFp8, bool kOverlap>
 CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p) {
   PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
-  using Tr = WgTraits<D, BN>;
+  using Tr = WgTraits<D, BN, kOverlap>;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kBM = Tr::kBM;
   constexpr int kChunks = Tr::kChunks;
   constexpr int kQBytes = Tr::kQBytes;
   constexpr int kKvBytes = Tr::kKvBytes;
+  constexpr int kKB = Tr::kKBuffers;
+  // Tiles ahead whose slots are looked up: the loads of a step reach one tile further with
+  // kOverlap (K of tile n - 2 while computing tile n).
+  constexpr int kAhead = kOverlap ? 3 : 2;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid >> 7;
@@ -124,13 +146,16 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   unsigned char* smem_raw = DynamicSmem();
   const uint32_t raw = SmemU32(smem_raw);
   const uint32_t s_q = (raw + 1023u) & ~1023u;
-  const uint32_t s_k = s_q + kQBytes;          // K of tile n in buffer n & 1
-  const uint32_t s_v = s_k + 2 * kKvBytes;     // V likewise
+  const uint32_t s_k = s_q + kQBytes;          // K of tile n in buffer n % kKB
+  const uint32_t s_v = s_k + kKB * kKvBytes;   // V of tile n in buffer n & 1
   int32_t* s_slot = reinterpret_cast<int32_t*>(smem_raw + (s_v + 2 * kKvBytes - raw));
   unsigned char* smem_q = smem_raw + (s_q - raw);
+  auto k_buffer = [&](int tile) { return s_k + (tile % kKB) * kKvBytes; };
+  auto v_buffer = [&](int tile) { return s_v + (tile & 1) * kKvBytes; };
 
   // Issues the copies of one K or V tile whose slots are `slots[0..BN)`; slot < 0 zero-fills.
-  auto load_kv = [&](uint32_t dst, const unsigned char* base, const int32_t* slots) {
+  auto load_kv = [&](uint32_t dst, const unsigned char* base, int tile) {
+    const int32_t* slots = s_slot + (tile & 3) * BN;
 #pragma unroll
     for (int j = 0; j < BN * kChunks / kThreads; ++j) {
       int r, c;
@@ -145,17 +170,22 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
       }
     }
   };
-  auto load_tile = [&](int tile) {
-    const int32_t* slots = s_slot + (tile & 3) * BN;
-    load_kv(s_k + (tile & 1) * kKvBytes, k_base, slots);
-    load_kv(s_v + (tile & 1) * kKvBytes, v_base, slots);
+  auto load_k = [&](int tile) { load_kv(k_buffer(tile), k_base, tile); };
+  auto load_v = [&](int tile) { load_kv(v_buffer(tile), v_base, tile); };
+  // Every CTA barrier of the loop is preceded by this: this thread's copies landed and visible
+  // to the tensor cores (the async proxy), including the FP8 path's plain shared stores.
+  auto copies_visible = [&]() {
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    SyncCta();
   };
 
-  // ---- Prologue: slots of the first two tiles, Q, K and V of the first tile. ----
+  // ---- Prologue: slots of the first tiles, Q, the first K and V. ----
   if (tid < BN) {
-    const int n = n_tiles - 1;
-    s_slot[(n & 3) * BN + tid] = SlotOf(p, table, n * BN + tid, ctx);
-    if (n - 1 >= n_lo) s_slot[((n - 1) & 3) * BN + tid] = SlotOf(p, table, (n - 1) * BN + tid, ctx);
+    for (int i = 0; i < kAhead; ++i) {
+      const int n = n_tiles - 1 - i;
+      if (n >= n_lo) s_slot[(n & 3) * BN + tid] = SlotOf(p, table, n * BN + tid, ctx);
+    }
   }
 #pragma unroll
   for (int j = 0; j < kBM * kChunks / kThreads; ++j) {
@@ -166,7 +196,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
               valid);
   }
   SyncCta();  // slots visible
-  load_tile(n_tiles - 1);
+  load_k(n_tiles - 1);
+  load_v(n_tiles - 1);
+  if (kOverlap && n_tiles - 2 >= n_lo) load_k(n_tiles - 2);
   CpAsyncCommit();
 
   const int quad_row = lane >> 2;
@@ -177,6 +209,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   const uint32_t q_rows = s_q + wg * 64 * 128;
 
   float acc_o[D / 2];
+  float s[BN / 2];         // S of the tile being scored, then its P (unnormalized)
+  uint32_t pa[BN / 16][4];  // P packed to 16 bits: the A operand of O += P V
   float row_max[2];
   float row_sum[2];
 #pragma unroll
@@ -190,19 +224,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   const float inv_scale = 1.f / p.scale;
   const bool lazy_rescale = p.rescale_threshold >= 0.f;
 
-  auto step = [&](const int tile, auto mask_tag) {
-    constexpr bool kMask = decltype(mask_tag)::value;
-    CpAsyncWait<0>();
-    FenceProxyAsync();  // this thread's copies (and stores) visible to the tensor cores
-    SyncCta();          // K/V[tile] (and Q) landed; everyone is done with tile + 1's buffers
-    if (tile - 1 >= n_lo) load_tile(tile - 1);
-    CpAsyncCommit();
-    int next_slot = -1;
-    if (tile - 2 >= n_lo && tid < BN) next_slot = SlotOf(p, table, (tile - 2) * BN + tid, ctx);
-
-    // S = Q K^T for this warpgroup's 64 rows and the tile's BN keys.
-    float s[BN / 2];
-    const uint32_t k_tile = s_k + (tile & 1) * kKvBytes;
+  // S = Q K^T of `tile` into s (issued and committed, not waited for).
+  auto issue_s = [&](int tile) {
+    const uint32_t k_tile = k_buffer(tile);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -212,15 +236,28 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
       WgmmaSS<T, BN>::Run(s, a, b, kk > 0 ? 1 : 0);
     }
     WgmmaCommit();
-    WgmmaWait<0>();
-    WgmmaFenceOperand(s);
-    if (tile - 2 >= n_lo && tid < BN) s_slot[((tile - 2) & 3) * BN + tid] = next_slot;
-
+  };
+  // O += P V of `tile` from pa (issued and committed, not waited for).
+  auto issue_pv = [&](int tile) {
+    const uint32_t v_tile = v_buffer(tile);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      WgmmaRS<T, D>::Run(acc_o, pa[kk], SwizzledDesc(v_tile + kk * 2048, BN * 128, 1024));
+    }
+    WgmmaCommit();
+  };
+  // The online softmax of the scores in s (as the mma.sync kernel's, per warp of 16 rows):
+  // soft cap, mask, each row's new maximum, P = 2^(S * scale_log2 - max) in place, the sums.
+  // Returns in alpha the factors O must be scaled by (1 where it is not rescaled), applied by
+  // the caller once no P V is in flight.
+  auto softmax = [&](int tile, float (&alpha)[2]) {
     if (p.soft_cap > 0.f) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) s[i] = SoftCap(p, s[i] * p.scale) * inv_scale;
     }
-    if (kMask) {
+    // Tiles reaching past row 0's position (the diagonal) or below the last row's window.
+    if (tile * BN + BN - 1 > pos0 || tile * BN < lower_edge) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) {
         const int row = wr0 + quad_row + ((i >> 1) & 1) * 8;
@@ -229,15 +266,15 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
         if (key > pos || (has_window && key <= pos - p.window)) s[i] = -INFINITY;
       }
     }
-
-    // Online softmax (as the mma.sync kernel): register i of s is row half (i >> 1) & 1.
     float m_new[2];
     bool grow = false;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * h], s[nt * 4 + 2 * h + 1]));
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        mx = fmaxf(mx, fmaxf(s[nt * 4 + 2 * h], s[nt * 4 + 2 * h + 1]));
+      }
       mx = fmaxf(mx, ShflXor(mx, 1));
       mx = fmaxf(mx, ShflXor(mx, 2));
       m_new[h] = fmaxf(row_max[h], mx * scale_log2);
@@ -247,7 +284,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float m = rescale ? m_new[h] : row_max[h];
-      const float m_use = m == -INFINITY ? 0.f : m;
+      const float m_use = m == -INFINITY ? 0.f : m;  // a row without keys yet keeps -inf
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
@@ -258,44 +295,93 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
           sum += pr;
         }
       }
-      if (rescale) {
-        const float alpha = Exp2(row_max[h] - m_use);
-        row_max[h] = m;
-        row_sum[h] = row_sum[h] * alpha + sum;
+      alpha[h] = rescale ? Exp2(row_max[h] - m_use) : 1.f;
+      row_sum[h] = row_sum[h] * alpha[h] + sum;
+      row_max[h] = m;
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc_o[dt * 4 + 2 * h] *= alpha;
-          acc_o[dt * 4 + 2 * h + 1] *= alpha;
-        }
-      } else {
-        row_sum[h] += sum;
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        acc_o[dt * 4 + 2 * h] *= alpha[h];
+        acc_o[dt * 4 + 2 * h + 1] *= alpha[h];
       }
     }
-
-    // O += P V: P's 16-key slices from the S registers, all packed before the first wgmma (a
-    // register written between two wgmmas makes the compiler serialize them).
-    uint32_t pa[BN / 16][4];
+  };
+  // P's 16-key slices from the S registers, all packed before the first wgmma (a register
+  // written between two wgmmas makes the compiler serialize them).
+  auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) pa[kk][i] = Pack2<T>(s[kk * 8 + 2 * i], s[kk * 8 + 2 * i + 1]);
     }
-    const uint32_t v_tile = s_v + (tile & 1) * kKvBytes;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      WgmmaRS<T, D>::Run(acc_o, pa[kk], SwizzledDesc(v_tile + kk * 2048, BN * 128, 1024));
-    }
-    WgmmaCommit();
-    WgmmaWait<0>();
-    WgmmaFenceOperand(acc_o);
   };
 
-  for (int n = n_tiles - 1; n >= n_lo; --n) {
-    if (n * BN + BN - 1 > pos0 || n * BN < lower_edge) {
-      step(n, std::true_type{});
-    } else {
-      step(n, std::false_type{});
+  if constexpr (!kOverlap) {
+    for (int n = n_tiles - 1; n >= n_lo; --n) {
+      copies_visible();  // K/V[n] (and Q) landed; everyone is done with tile n + 1's buffers
+      if (n - 1 >= n_lo) {
+        load_k(n - 1);
+        load_v(n - 1);
+      }
+      CpAsyncCommit();
+      int next_slot = -1;
+      const bool look_up = n - kAhead >= n_lo && tid < BN;
+      if (look_up) next_slot = SlotOf(p, table, (n - kAhead) * BN + tid, ctx);
+      issue_s(n);
+      WgmmaWait<0>();
+      WgmmaFenceOperand(s);
+      if (look_up) s_slot[((n - kAhead) & 3) * BN + tid] = next_slot;
+      float alpha[2];
+      softmax(n, alpha);
+      rescale_o(alpha);
+      pack_p();
+      issue_pv(n);
+      WgmmaWait<0>();
+      WgmmaFenceOperand(acc_o);
+    }
+  } else {
+    // Tile n_tiles - 1 scored before the loop; each step then issues P V of tile n with S of
+    // tile n - 1, and scores n - 1 while P V runs.
+    copies_visible();
+    issue_s(n_tiles - 1);
+    WgmmaWait<0>();
+    WgmmaFenceOperand(s);
+    {
+      float alpha[2];
+      softmax(n_tiles - 1, alpha);  // (O is still zero: nothing to rescale)
+    }
+    pack_p();
+    for (int n = n_tiles - 1; n >= n_lo; --n) {
+      // K[n - 1] and V[n] landed; everyone is done with S of tile n and P V of tile n + 1, so
+      // K buffer (n - 2) % 3 (S of n + 1) and V buffer (n - 1) & 1 (P V of n + 1) are free.
+      copies_visible();
+      if (n - 2 >= n_lo) load_k(n - 2);
+      if (n - 1 >= n_lo) load_v(n - 1);
+      CpAsyncCommit();
+      int next_slot = -1;
+      const bool look_up = n - kAhead >= n_lo && tid < BN;
+      if (look_up) next_slot = SlotOf(p, table, (n - kAhead) * BN + tid, ctx);
+      if (n - 1 >= n_lo) {
+        issue_s(n - 1);
+        issue_pv(n);
+        if (look_up) s_slot[((n - kAhead) & 3) * BN + tid] = next_slot;
+        WgmmaWait<1>();  // S of tile n - 1 (P V of tile n may still run)
+        WgmmaFenceOperand(s);
+        float alpha[2];
+        softmax(n - 1, alpha);
+        WgmmaWait<0>();
+        WgmmaFenceOperand(acc_o);
+        rescale_o(alpha);
+        pack_p();
+      } else {
+        issue_pv(n);
+        WgmmaWait<0>();
+        WgmmaFenceOperand(acc_o);
+      }
     }
   }
   CpAsyncWait<0>();
@@ -335,25 +421,36 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
 /*! \brief Keys per tile of the Hopper kernel: 128, or 64 at head size 256 (register budget). */
 constexpr int WgKeysPerTile(int d) { return d == 256 ? 64 : 128; }
 
-template <class T, int D, bool kFp8, class Launch>
+template <class T, int D, bool kFp8, bool kOverlap, class Launch>
 void LaunchWgD(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
   constexpr int kBN = WgKeysPerTile(D);
-  using Tr = WgTraits<D, kBN>;
-  launch(&PagedPrefillWgKernel<T, D, kBN, kFp8>, num_heads, num_seqs, max_query_len, Tr::kBM,
-         Tr::kThreads, Tr::kSmemBytes);
+  using Tr = WgTraits<D, kBN, kOverlap>;
+  launch(&PagedPrefillWgKernel<T, D, kBN, kFp8, kOverlap>, num_heads, num_seqs, max_query_len,
+         Tr::kBM, Tr::kThreads, Tr::kSmemBytes);
 }
 
 /*!
- * \brief Launches the Hopper kernel of element type T (Fp16 or Bf16) for head size `d`.
+ * \brief Launches the Hopper kernel of element type T (Fp16 or Bf16) for head size `d`, with
+ * the overlapped schedule or (overlap = false) the serial one.
  * \return false when `d` has no Hopper kernel (IsWgHeadSize).
  */
 template <class T, bool kFp8 = false, class Launch>
-bool DispatchWg(int64_t d, int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
+bool DispatchWg(int64_t d, bool overlap, int num_heads, int num_seqs, int64_t max_query_len,
+                Launch&& launch) {
+  auto go = [&](auto d_tag) {
+    constexpr int kD = decltype(d_tag)::value;
+    if (overlap) {
+      LaunchWgD<T, kD, kFp8, true>(num_heads, num_seqs, max_query_len, launch);
+    } else {
+      LaunchWgD<T, kD, kFp8, false>(num_heads, num_seqs, max_query_len, launch);
+    }
+    return true;
+  };
   switch (d) {
-    case 64: LaunchWgD<T, 64, kFp8>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 96: LaunchWgD<T, 96, kFp8>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 128: LaunchWgD<T, 128, kFp8>(num_heads, num_seqs, max_query_len, launch); return true;
-    case 256: LaunchWgD<T, 256, kFp8>(num_heads, num_seqs, max_query_len, launch); return true;
+    case 64: return go(std::integral_constant<int, 64>{});
+    case 96: return go(std::integral_constant<int, 96>{});
+    case 128: return go(std::integral_constant<int, 128>{});
+    case 256: return go(std::integral_constant<int, 256>{});
     default: return false;
   }
 }

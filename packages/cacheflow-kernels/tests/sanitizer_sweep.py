@@ -82,12 +82,12 @@ def sweep_paged_prefill() -> int:
         ([24, 90], [24, 200], 2, 2, 256, 16),  # several 64-key tiles: one K buffer reloaded
         ([5, 6], [5, 6], 2, 1, 48, 16),         # a head size without tensor cores
     ]
-    # The Hopper kernel too (CACHEFLOW_PREFILL_VARIANT=wgmma; on compute capability 9.0 only,
-    # elsewhere the same calls run the default kernels again).
+    # The Hopper kernel's two schedules too (CACHEFLOW_PREFILL_VARIANT; compute capability 9.0
+    # only, elsewhere the same calls would run the default kernels again).
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for variant in ["default", "wgmma"] if hopper else ["default"]:
-        if variant == "wgmma":
-            os.environ["CACHEFLOW_PREFILL_VARIANT"] = "wgmma"
+    for variant in ["default", "wgmma", "wgmma_serial"] if hopper else ["default"]:
+        if variant != "default":
+            os.environ["CACHEFLOW_PREFILL_VARIANT"] = variant
         try:
             for dtype in DTYPES:
                 for q_lens, ctx_lens, heads, kv, d, bs in shapes:

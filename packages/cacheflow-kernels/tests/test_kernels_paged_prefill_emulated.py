@@ -302,10 +302,11 @@ def test_logits_soft_cap(emu: Any, head_size: int, dtype: Any, force_simple: boo
     assert float((ref - uncapped).abs().max()) > 0.1
 
 
-# The Hopper kernel (wgmma, variant 6 = CACHEFLOW_PREFILL_VARIANT=wgmma): 128-row CTAs of two
-# warpgroups, 128-key tiles (64 at head size 256), swizzled shared-memory tiles read through
-# wgmma descriptors.
+# The Hopper kernel (wgmma, variant 6 = CACHEFLOW_PREFILL_VARIANT=wgmma: the softmax of a tile
+# overlapping P V of the one before; 7 = wgmma_serial): 128-row CTAs of two warpgroups, 128-key
+# tiles (64 at head size 256), swizzled shared-memory tiles read through wgmma descriptors.
 WG_VARIANT = 6
+WG_SERIAL_VARIANT = 7
 WG_CASES = [
     ([130, 1, 77], [130, 9, 200], 2, 1, 64, 16, torch.float16),     # ragged, prefix, q_len 1
     ([200], [333], 2, 2, 128, 8, torch.bfloat16),                    # prefix > tile, block 8
@@ -319,26 +320,32 @@ WG_CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", [WG_VARIANT, WG_SERIAL_VARIANT])
 @pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
                           "dtype"), WG_CASES)
 def test_hopper_kernel(emu: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
-                       kv_heads: int, head_size: int, block_size: int, dtype: Any) -> None:
+                       kv_heads: int, head_size: int, block_size: int, dtype: Any,
+                       variant: int) -> None:
     case = make_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
                      head_size=head_size, block_size=block_size, dtype=dtype,
                      seed=sum(q_lens) + head_size + 1)
-    assert run_emulated(emu, case, max_query_len=max(q_lens), variant=WG_VARIANT) == 2
-    check_close(case["out"], reference(case), dtype, f"emulated Hopper kernel {head_size}")
+    assert run_emulated(emu, case, max_query_len=max(q_lens), variant=variant) == 2
+    check_close(case["out"], reference(case), dtype,
+                f"emulated Hopper kernel {head_size} variant {variant}")
 
 
 def test_hopper_kernel_matches_mma_sync_kernel(emu: Any) -> None:
-    """Both tensor-core kernels on one case agree closely (they round P to 16 bits alike)."""
+    """The tensor-core kernels on one case agree closely (they round P to 16 bits alike), and
+    the two Hopper schedules exactly (the same operations in the same order per row)."""
     case = make_case([150, 20], [400, 90], num_heads=2, num_kv_heads=1, head_size=128,
                      block_size=16, dtype=torch.float16, seed=11)
-    assert run_emulated(emu, case, max_query_len=150, variant=WG_VARIANT) == 2
-    hopper = case["out"].clone()
-    case["out"].fill_(float("nan"))
-    assert run_emulated(emu, case, max_query_len=150) == 1
-    assert float((hopper.float() - case["out"].float()).abs().max()) < 2e-3
+    outs = {}
+    for variant, path in ((WG_VARIANT, 2), (WG_SERIAL_VARIANT, 2), (0, 1)):
+        case["out"].fill_(float("nan"))
+        assert run_emulated(emu, case, max_query_len=150, variant=variant) == path
+        outs[variant] = case["out"].clone()
+    assert torch.equal(outs[WG_VARIANT], outs[WG_SERIAL_VARIANT])
+    assert float((outs[WG_VARIANT].float() - outs[0].float()).abs().max()) < 2e-3
 
 
 @pytest.mark.parametrize(

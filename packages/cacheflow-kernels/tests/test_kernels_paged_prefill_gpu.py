@@ -321,7 +321,8 @@ def _kernels_launched(case: dict[str, Any]) -> list[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-# The Hopper kernel (CACHEFLOW_PREFILL_VARIANT=wgmma, compute capability 9.0 only): ragged
+# The Hopper kernel (CACHEFLOW_PREFILL_VARIANT=wgmma, or wgmma_serial without the softmax / P V
+# overlap; compute capability 9.0 only): ragged
 # batches with prefixes and decode rows, GQA / MQA, blocks of 8, 16 and 5 slots, every head size
 # it has, both 16-bit types.
 HOPPER_CASES = [
@@ -335,11 +336,13 @@ HOPPER_CASES = [
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize("variant", ["wgmma", "wgmma_serial"])
 @pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
                           "dtype"), HOPPER_CASES)
 def test_hopper_kernel(monkeypatch: Any, q_lens: list[int], ctx_lens: list[int], heads: int,
-                       kv_heads: int, head_size: int, block_size: int, dtype: Any) -> None:
-    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", "wgmma")
+                       kv_heads: int, head_size: int, block_size: int, dtype: Any,
+                       variant: str) -> None:
+    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", variant)
     case = gpu_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
                     head_size=head_size, block_size=block_size, dtype=dtype,
                     seed=head_size + block_size)

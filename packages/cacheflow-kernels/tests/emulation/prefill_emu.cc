@@ -92,15 +92,17 @@ extern "C" int cf_emu_paged_prefill(int dtype, int force_simple, int variant, vo
   const EmuLauncher launch{p};
   const int heads = static_cast<int>(num_heads);
   const int seqs = static_cast<int>(num_seqs);
-  const bool wg = tc && variant == pf::kTcWgmma && pf::IsWgHeadSize(head_size);
+  const bool wg = tc && (variant == pf::kTcWgmma || variant == pf::kTcWgmmaSerial) &&
+                  pf::IsWgHeadSize(head_size);
   if (wg) {
     const bool bf16 = dtype == 1;
+    const bool overlap = variant == pf::kTcWgmma;
     if (fp8_cache) {
-      bf16 ? pf::DispatchWg<pf::Bf16, true>(head_size, heads, seqs, max_q, launch)
-           : pf::DispatchWg<pf::Fp16, true>(head_size, heads, seqs, max_q, launch);
+      bf16 ? pf::DispatchWg<pf::Bf16, true>(head_size, overlap, heads, seqs, max_q, launch)
+           : pf::DispatchWg<pf::Fp16, true>(head_size, overlap, heads, seqs, max_q, launch);
     } else {
-      bf16 ? pf::DispatchWg<pf::Bf16>(head_size, heads, seqs, max_q, launch)
-           : pf::DispatchWg<pf::Fp16>(head_size, heads, seqs, max_q, launch);
+      bf16 ? pf::DispatchWg<pf::Bf16>(head_size, overlap, heads, seqs, max_q, launch)
+           : pf::DispatchWg<pf::Fp16>(head_size, overlap, heads, seqs, max_q, launch);
     }
   } else if (tc && fp8_cache) {
     if (dtype == 0) {
