@@ -174,6 +174,74 @@ CF_DEVICE void TileOf(const PrefillParams& p, int& m_block, int& head, int& seq)
   seq = static_cast<int>(g / heads);
 }
 
+/*!
+ * \brief What a tensor-core CTA needs to know of its query tile: its rows and positions, the key
+ * tiles it visits, its sequence's block table and the byte addresses of its Q / O rows and of
+ * its KV head in the caches.
+ */
+struct QueryTile {
+  int ctx;                    // context length of the sequence
+  int rows;                   // valid query rows of this tile
+  int pos0;                   // position of the tile's row 0
+  int n_tiles;                // key tiles up to the diagonal (0: no key visible)
+  int n_lo;                   // lowest key tile visited (sliding window)
+  int lower_edge;             // tiles starting below it reach below the last row's window
+  bool has_window;
+  const int32_t* table;       // the sequence's block table
+  int64_t token_bytes;        // between tokens of out
+  int64_t q_token_bytes;      // between tokens of query
+  int64_t slot_bytes;         // between cache slots
+  const unsigned char* q_ptr;  // row 0 of the tile, this head
+  unsigned char* o_ptr;
+  const unsigned char* k_base;  // this KV head in slot 0
+  const unsigned char* v_base;
+};
+
+/*!
+ * \brief The query tile of this CTA (TileOf) for tiles of BM query rows and BN keys and head
+ * size D over caches of kCacheBytes per element; false when the tile starts past its
+ * sequence's query (the CTA has nothing to do; uniform over the CTA).
+ */
+template <int BM, int BN, int D, int kCacheBytes>
+CF_DEVICE bool LocateQueryTile(const PrefillParams& p, QueryTile& t) {
+  int m_block, head, seq;
+  TileOf(p, m_block, head, seq);
+  const int q_begin = p.query_start_loc[seq];
+  const int q_len = p.query_start_loc[seq + 1] - q_begin;
+  const int m0 = m_block * BM;
+  if (m0 >= q_len) return false;
+  t.ctx = p.context_lens[seq];
+  t.rows = IMin(BM, q_len - m0);
+  t.pos0 = t.ctx - q_len + m0;
+  const int last_pos = t.pos0 + t.rows - 1;
+  t.n_tiles = last_pos >= 0 ? last_pos / BN + 1 : 0;
+  // Sliding window W: row r sees keys > pos0 + r - W; tiles below the first row's window are
+  // never visited, tiles reaching below the last row's window need the mask.
+  t.has_window = p.window > 0;
+  const int first_key = t.has_window ? t.pos0 - p.window + 1 : 0;
+  t.n_lo = first_key > 0 ? first_key / BN : 0;
+  t.lower_edge = t.has_window ? last_pos - p.window + 1 : INT_MIN;
+  const int kv_head = head / p.group;
+  t.table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  t.token_bytes = p.token_stride * 2;
+  t.q_token_bytes = p.q_token_stride * 2;
+  t.slot_bytes = p.slot_stride * kCacheBytes;
+  const int64_t head_offset = static_cast<int64_t>(head) * D * 2;
+  t.q_ptr = p.query + static_cast<int64_t>(q_begin + m0) * t.q_token_bytes + head_offset;
+  t.o_ptr = p.out + static_cast<int64_t>(q_begin + m0) * t.token_bytes + head_offset;
+  t.k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
+  t.v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
+  return true;
+}
+
+/*! \brief Zeros the tile's output rows (no key visible at all: context_lens[seq] < q_len). */
+template <int kChunks, int kThreads>
+CF_DEVICE void ZeroTileRows(const QueryTile& t, int tid) {
+  for (int i = tid; i < t.rows * kChunks; i += kThreads) {
+    Store16(t.o_ptr + (i / kChunks) * t.token_bytes + (i % kChunks) * 16, uint4{0, 0, 0, 0});
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Tensor-core path.
 // ------------------------------------------------------------------------------------------------
@@ -214,38 +282,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  int m_block, head, seq;
-  TileOf(p, m_block, head, seq);
-
-  const int q_begin = p.query_start_loc[seq];
-  const int q_len = p.query_start_loc[seq + 1] - q_begin;
-  const int m0 = m_block * kBM;
-  if (m0 >= q_len) return;  // (uniform over the CTA, before any barrier)
-  const int ctx = p.context_lens[seq];
-  const int rows = IMin(kBM, q_len - m0);   // valid query rows of this tile
-  const int pos0 = ctx - q_len + m0;        // position of the tile's row 0
-  const int last_pos = pos0 + rows - 1;
-  const int n_tiles = last_pos >= 0 ? last_pos / kBN + 1 : 0;  // key tiles up to the diagonal
-  // Sliding window W: row r sees keys > pos0 + r - W; tiles below the first row's window are
-  // never visited, tiles reaching below the last row's window need the mask.
-  const bool has_window = p.window > 0;
-  const int first_key = has_window ? pos0 - p.window + 1 : 0;
-  const int n_lo = first_key > 0 ? first_key / kBN : 0;  // lowest key tile visited
-  const int lower_edge = has_window ? last_pos - p.window + 1 : INT_MIN;
-  const int kv_head = head / p.group;
-  const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-
-  const int64_t token_bytes = p.token_stride * 2;
-  const int64_t q_token_bytes = p.q_token_stride * 2;
   constexpr int kCacheBytes = kFp8 ? 1 : 2;  // bytes of one cache element
-  const int64_t slot_bytes = p.slot_stride * kCacheBytes;
-  const int64_t head_offset = static_cast<int64_t>(head) * D * 2;
-  const unsigned char* q_ptr = p.query + static_cast<int64_t>(q_begin + m0) * q_token_bytes +
-                               head_offset;
-  unsigned char* o_ptr = p.out + static_cast<int64_t>(q_begin + m0) * token_bytes + head_offset;
-  const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
-  const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
-
+  QueryTile t;
+  if (!LocateQueryTile<kBM, kBN, D, kCacheBytes>(p, t)) return;  // (before any barrier)
   unsigned char* smem = DynamicSmem();
   int32_t* s_slot = reinterpret_cast<int32_t*>(smem + kQBytes + (KB + 1) * kKvBytes);
   const uint32_t s_q = SmemU32(smem);
@@ -253,11 +292,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
   const uint32_t s_v = s_k + KB * kKvBytes;
   auto k_buffer = [&](int tile) { return s_k + (KB == 2 ? (tile & 1) : 0) * kKvBytes; };
 
-  if (n_tiles == 0) {
-    // No key visible at all (only when context_lens[seq] < q_len): the rows are zeros.
-    for (int i = tid; i < rows * kChunks; i += kThreads) {
-      Store16(o_ptr + (i / kChunks) * token_bytes + (i % kChunks) * 16, uint4{0, 0, 0, 0});
-    }
+  if (t.n_tiles == 0) {
+    ZeroTileRows<kChunks, kThreads>(t, tid);
     return;
   }
 
@@ -270,9 +306,9 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
       const int slot = slots[r];
       const bool valid = slot >= 0;
       if constexpr (kFp8) {
-        Fp8Io<T>::Fill16(dst + r * kRowBytes + c * 16, base + slot * slot_bytes + c * 8, valid);
+        Fp8Io<T>::Fill16(dst + r * kRowBytes + c * 16, base + slot * t.slot_bytes + c * 8, valid);
       } else {
-        CpAsync16(dst + r * kRowBytes + c * 16, valid ? base + slot * slot_bytes + c * 16 : base,
+        CpAsync16(dst + r * kRowBytes + c * 16, valid ? base + slot * t.slot_bytes + c * 16 : base,
                   valid);
       }
     }
@@ -280,22 +316,22 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
 
   // ---- Prologue: slots of the first two tiles, Q, K of the first tile. ----
   if (tid < kBN) {
-    const int n = n_tiles - 1;
-    s_slot[(n & 3) * kBN + tid] = SlotOf(p, table, n * kBN + tid, ctx);
-    if (n - 1 >= n_lo) {
-      s_slot[((n - 1) & 3) * kBN + tid] = SlotOf(p, table, (n - 1) * kBN + tid, ctx);
+    const int n = t.n_tiles - 1;
+    s_slot[(n & 3) * kBN + tid] = SlotOf(p, t.table, n * kBN + tid, t.ctx);
+    if (n - 1 >= t.n_lo) {
+      s_slot[((n - 1) & 3) * kBN + tid] = SlotOf(p, t.table, (n - 1) * kBN + tid, t.ctx);
     }
   }
 #pragma unroll
   for (int j = 0; j < kBM * kChunks / kThreads; ++j) {
     int r, c;
     ChunkCoords<kChunks, kThreads>(tid, j, r, c);
-    const bool valid = r < rows;  // rows past the sequence are zero-filled
-    CpAsync16(s_q + r * kRowBytes + c * 16, valid ? q_ptr + r * q_token_bytes + c * 16 : p.query,
+    const bool valid = r < t.rows;  // rows past the sequence are zero-filled
+    CpAsync16(s_q + r * kRowBytes + c * 16, valid ? t.q_ptr + r * t.q_token_bytes + c * 16 : p.query,
               valid);
   }
   SyncCta();  // slots visible
-  load_kv(k_buffer(n_tiles - 1), k_base, s_slot + ((n_tiles - 1) & 3) * kBN);
+  load_kv(k_buffer(t.n_tiles - 1), t.k_base, s_slot + ((t.n_tiles - 1) & 3) * kBN);
   CpAsyncCommit();
 
   // ---- Per-thread fragment addresses. ----
@@ -336,14 +372,14 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     constexpr bool kMask = decltype(mask_tag)::value;
     CpAsyncWait<0>();
     SyncCta();  // K[tile] (and Q) landed; everyone is past P V of the previous step (V is free)
-    load_kv(s_v, v_base, s_slot + (tile & 3) * kBN);
+    load_kv(s_v, t.v_base, s_slot + (tile & 3) * kBN);
     CpAsyncCommit();
     if constexpr (KB == 2) {
-      if (tile - 1 >= n_lo) load_kv(k_buffer(tile - 1), k_base, s_slot + ((tile - 1) & 3) * kBN);
+      if (tile - 1 >= t.n_lo) load_kv(k_buffer(tile - 1), t.k_base, s_slot + ((tile - 1) & 3) * kBN);
       CpAsyncCommit();  // (possibly empty: keeps the group count uniform)
     }
     int next_slot = -1;
-    if (tile - 2 >= n_lo && tid < kBN) next_slot = SlotOf(p, table, (tile - 2) * kBN + tid, ctx);
+    if (tile - 2 >= t.n_lo && tid < kBN) next_slot = SlotOf(p, t.table, (tile - 2) * kBN + tid, t.ctx);
 
     // S = Q K^T for this warp's rows and the tile's kBN keys.
     float s[MT][kBN / 8][4];
@@ -372,7 +408,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
         }
       }
     }
-    if (tile - 2 >= n_lo && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
+    if (tile - 2 >= t.n_lo && tid < kBN) s_slot[((tile - 2) & 3) * kBN + tid] = next_slot;
 
     if (p.soft_cap > 0.f) {  // cap the scores in units of q.k: cap / scale * tanh(...)
 #pragma unroll
@@ -396,8 +432,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
           for (int e = 0; e < 4; ++e) {
             const int row = wr0 + mt * 16 + quad_row + (e >> 1) * 8;
             const int key = tile * kBN + nt * 8 + quad_col + (e & 1);
-            const int pos = pos0 + row;
-            if (key > pos || (has_window && key <= pos - p.window)) s[mt][nt][e] = -INFINITY;
+            const int pos = t.pos0 + row;
+            if (key > pos || (t.has_window && key <= pos - p.window)) s[mt][nt][e] = -INFINITY;
           }
         }
       }
@@ -463,7 +499,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     } else {
       CpAsyncWait<0>();
       SyncCta();  // V[tile] landed; every warp is past S = Q K^T: the K buffer is free
-      if (tile - 1 >= n_lo) load_kv(k_buffer(tile - 1), k_base, s_slot + ((tile - 1) & 3) * kBN);
+      if (tile - 1 >= t.n_lo) load_kv(k_buffer(tile - 1), t.k_base, s_slot + ((tile - 1) & 3) * kBN);
       CpAsyncCommit();
     }
 
@@ -493,8 +529,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
 
   // Tiles reaching past row 0's position (the diagonal) or below the last row's window need
   // the mask; the others (all of them, without a window, once the diagonal is passed) do not.
-  for (int n = n_tiles - 1; n >= n_lo; --n) {
-    if (n * kBN + kBN - 1 > pos0 || n * kBN < lower_edge) {
+  for (int n = t.n_tiles - 1; n >= t.n_lo; --n) {
+    if (n * kBN + kBN - 1 > t.pos0 || n * kBN < t.lower_edge) {
       step(n, std::true_type{});
     } else {
       step(n, std::false_type{});
@@ -533,8 +569,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(NW * 32) PagedPrefillTcKernel(const PrefillParam
     int r, c;
     ChunkCoords<kChunks, 32>(lane, j, r, c);
     const int row = wr0 + r;
-    if (row < rows) {
-      Store16(o_ptr + row * token_bytes + c * 16, Load16(smem + row * kRowBytes + c * 16));
+    if (row < t.rows) {
+      Store16(t.o_ptr + row * t.token_bytes + c * 16, Load16(smem + row * kRowBytes + c * 16));
     }
   }
 }

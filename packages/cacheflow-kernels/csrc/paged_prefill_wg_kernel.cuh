@@ -105,40 +105,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   const int wg = tid >> 7;
   const int warp = (tid >> 5) & 3;  // within the warpgroup
   const int lane = tid & 31;
-  int m_block, head, seq;
-  TileOf(p, m_block, head, seq);
-
-  const int q_begin = p.query_start_loc[seq];
-  const int q_len = p.query_start_loc[seq + 1] - q_begin;
-  const int m0 = m_block * kBM;
-  if (m0 >= q_len) return;  // (uniform over the CTA, before any barrier)
-  const int ctx = p.context_lens[seq];
-  const int rows = IMin(kBM, q_len - m0);
-  const int pos0 = ctx - q_len + m0;
-  const int last_pos = pos0 + rows - 1;
-  const int n_tiles = last_pos >= 0 ? last_pos / BN + 1 : 0;
-  const bool has_window = p.window > 0;
-  const int first_key = has_window ? pos0 - p.window + 1 : 0;
-  const int n_lo = first_key > 0 ? first_key / BN : 0;
-  const int lower_edge = has_window ? last_pos - p.window + 1 : INT_MIN;
-  const int kv_head = head / p.group;
-  const int32_t* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
-
-  const int64_t token_bytes = p.token_stride * 2;
-  const int64_t q_token_bytes = p.q_token_stride * 2;
   constexpr int kCacheBytes = kFp8 ? 1 : 2;
-  const int64_t slot_bytes = p.slot_stride * kCacheBytes;
-  const int64_t head_offset = static_cast<int64_t>(head) * D * 2;
-  const unsigned char* q_ptr = p.query + static_cast<int64_t>(q_begin + m0) * q_token_bytes +
-                               head_offset;
-  unsigned char* o_ptr = p.out + static_cast<int64_t>(q_begin + m0) * token_bytes + head_offset;
-  const unsigned char* k_base = p.key_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
-  const unsigned char* v_base = p.value_cache + static_cast<int64_t>(kv_head) * D * kCacheBytes;
-
-  if (n_tiles == 0) {  // no key visible at all (context_lens[seq] < q_len): zeros
-    for (int i = tid; i < rows * kChunks; i += kThreads) {
-      Store16(o_ptr + (i / kChunks) * token_bytes + (i % kChunks) * 16, uint4{0, 0, 0, 0});
-    }
+  QueryTile t;
+  if (!LocateQueryTile<kBM, BN, D, kCacheBytes>(p, t)) return;  // (before any barrier)
+  if (t.n_tiles == 0) {
+    ZeroTileRows<kChunks, kThreads>(t, tid);
     return;
   }
 
@@ -164,14 +135,14 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
       const bool valid = slot >= 0;
       const uint32_t at = dst + SwizzledChunk(BN, r, c);
       if constexpr (kFp8) {
-        Fp8Io<T>::Fill16(at, base + slot * slot_bytes + c * 8, valid);
+        Fp8Io<T>::Fill16(at, base + slot * t.slot_bytes + c * 8, valid);
       } else {
-        CpAsync16(at, valid ? base + slot * slot_bytes + c * 16 : base, valid);
+        CpAsync16(at, valid ? base + slot * t.slot_bytes + c * 16 : base, valid);
       }
     }
   };
-  auto load_k = [&](int tile) { load_kv(k_buffer(tile), k_base, tile); };
-  auto load_v = [&](int tile) { load_kv(v_buffer(tile), v_base, tile); };
+  auto load_k = [&](int tile) { load_kv(k_buffer(tile), t.k_base, tile); };
+  auto load_v = [&](int tile) { load_kv(v_buffer(tile), t.v_base, tile); };
   // Every CTA barrier of the loop is preceded by this: this thread's copies landed and visible
   // to the tensor cores (the async proxy), including the FP8 path's plain shared stores.
   auto copies_visible = [&]() {
@@ -183,22 +154,22 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   // ---- Prologue: slots of the first tiles, Q, the first K and V. ----
   if (tid < BN) {
     for (int i = 0; i < kAhead; ++i) {
-      const int n = n_tiles - 1 - i;
-      if (n >= n_lo) s_slot[(n & 3) * BN + tid] = SlotOf(p, table, n * BN + tid, ctx);
+      const int n = t.n_tiles - 1 - i;
+      if (n >= t.n_lo) s_slot[(n & 3) * BN + tid] = SlotOf(p, t.table, n * BN + tid, t.ctx);
     }
   }
 #pragma unroll
   for (int j = 0; j < kBM * kChunks / kThreads; ++j) {
     int r, c;
     ChunkCoords<kChunks, kThreads>(tid, j, r, c);
-    const bool valid = r < rows;  // rows past the sequence are zero-filled
-    CpAsync16(s_q + SwizzledChunk(kBM, r, c), valid ? q_ptr + r * q_token_bytes + c * 16 : p.query,
+    const bool valid = r < t.rows;  // rows past the sequence are zero-filled
+    CpAsync16(s_q + SwizzledChunk(kBM, r, c), valid ? t.q_ptr + r * t.q_token_bytes + c * 16 : p.query,
               valid);
   }
   SyncCta();  // slots visible
-  load_k(n_tiles - 1);
-  load_v(n_tiles - 1);
-  if (kOverlap && n_tiles - 2 >= n_lo) load_k(n_tiles - 2);
+  load_k(t.n_tiles - 1);
+  load_v(t.n_tiles - 1);
+  if (kOverlap && t.n_tiles - 2 >= t.n_lo) load_k(t.n_tiles - 2);
   CpAsyncCommit();
 
   const int quad_row = lane >> 2;
@@ -257,13 +228,13 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
       for (int i = 0; i < BN / 2; ++i) s[i] = SoftCap(p, s[i] * p.scale) * inv_scale;
     }
     // Tiles reaching past row 0's position (the diagonal) or below the last row's window.
-    if (tile * BN + BN - 1 > pos0 || tile * BN < lower_edge) {
+    if (tile * BN + BN - 1 > t.pos0 || tile * BN < t.lower_edge) {
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) {
         const int row = wr0 + quad_row + ((i >> 1) & 1) * 8;
         const int key = tile * BN + (i >> 2) * 8 + quad_col + (i & 1);
-        const int pos = pos0 + row;
-        if (key > pos || (has_window && key <= pos - p.window)) s[i] = -INFINITY;
+        const int pos = t.pos0 + row;
+        if (key > pos || (t.has_window && key <= pos - p.window)) s[i] = -INFINITY;
       }
     }
     float m_new[2];
@@ -321,16 +292,16 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   };
 
   if constexpr (!kOverlap) {
-    for (int n = n_tiles - 1; n >= n_lo; --n) {
+    for (int n = t.n_tiles - 1; n >= t.n_lo; --n) {
       copies_visible();  // K/V[n] (and Q) landed; everyone is done with tile n + 1's buffers
-      if (n - 1 >= n_lo) {
+      if (n - 1 >= t.n_lo) {
         load_k(n - 1);
         load_v(n - 1);
       }
       CpAsyncCommit();
       int next_slot = -1;
-      const bool look_up = n - kAhead >= n_lo && tid < BN;
-      if (look_up) next_slot = SlotOf(p, table, (n - kAhead) * BN + tid, ctx);
+      const bool look_up = n - kAhead >= t.n_lo && tid < BN;
+      if (look_up) next_slot = SlotOf(p, t.table, (n - kAhead) * BN + tid, t.ctx);
       issue_s(n);
       WgmmaWait<0>();
       WgmmaFenceOperand(s);
@@ -347,25 +318,25 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
     // Tile n_tiles - 1 scored before the loop; each step then issues P V of tile n with S of
     // tile n - 1, and scores n - 1 while P V runs.
     copies_visible();
-    issue_s(n_tiles - 1);
+    issue_s(t.n_tiles - 1);
     WgmmaWait<0>();
     WgmmaFenceOperand(s);
     {
       float alpha[2];
-      softmax(n_tiles - 1, alpha);  // (O is still zero: nothing to rescale)
+      softmax(t.n_tiles - 1, alpha);  // (O is still zero: nothing to rescale)
     }
     pack_p();
-    for (int n = n_tiles - 1; n >= n_lo; --n) {
+    for (int n = t.n_tiles - 1; n >= t.n_lo; --n) {
       // K[n - 1] and V[n] landed; everyone is done with S of tile n and P V of tile n + 1, so
       // K buffer (n - 2) % 3 (S of n + 1) and V buffer (n - 1) & 1 (P V of n + 1) are free.
       copies_visible();
-      if (n - 2 >= n_lo) load_k(n - 2);
-      if (n - 1 >= n_lo) load_v(n - 1);
+      if (n - 2 >= t.n_lo) load_k(n - 2);
+      if (n - 1 >= t.n_lo) load_v(n - 1);
       CpAsyncCommit();
       int next_slot = -1;
-      const bool look_up = n - kAhead >= n_lo && tid < BN;
-      if (look_up) next_slot = SlotOf(p, table, (n - kAhead) * BN + tid, ctx);
-      if (n - 1 >= n_lo) {
+      const bool look_up = n - kAhead >= t.n_lo && tid < BN;
+      if (look_up) next_slot = SlotOf(p, t.table, (n - kAhead) * BN + tid, t.ctx);
+      if (n - 1 >= t.n_lo) {
         issue_s(n - 1);
         issue_pv(n);
         if (look_up) s_slot[((n - kAhead) & 3) * BN + tid] = next_slot;
@@ -411,8 +382,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
     int r, c;
     ChunkCoords<kChunks, 32>(lane, j, r, c);
     const int row = wr0 + r;
-    if (row < rows) {
-      Store16(o_ptr + row * token_bytes + c * 16,
+    if (row < t.rows) {
+      Store16(t.o_ptr + row * t.token_bytes + c * 16,
               Load16(smem_q + SwizzledChunk(kBM, row, c)));
     }
   }
