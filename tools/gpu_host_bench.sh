@@ -4,7 +4,8 @@
 # bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
-# a step budget of 8,192 tokens; "nodetok": with --disable-detokenize); the kernel and dependency
+# a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
+# CACHEFLOW_SKINNY_GEMM=1, the GEMMs of 1-2 rows on skinny_gemm); the kernel and dependency
 # wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -43,12 +44,14 @@ PY
 
 for v in "${variants[@]}"; do
   flags=()
+  unset CACHEFLOW_SKINNY_GEMM
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
     on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
     on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
     nodetok) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --disable-detokenize) ;;
+    skinny) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=1; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

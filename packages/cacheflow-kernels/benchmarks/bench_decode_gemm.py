@@ -10,9 +10,12 @@ it times ``F.linear`` (the runtime's route), ``W @ x.T`` and, at M=1, ``torch.mv
 cuBLAS and cuBLASLt as torch's preferred BLAS library. Calls are CUDA-graph replays
 (``bench_timing.time_graph_us``) rotating over copies of the weight that together exceed L2,
 so every call reads its weight from HBM. This is the baseline an own small-M GEMV kernel has
-to beat. At larger M the same calls are judged against the bf16 matmul rate measured in the
-same process (``of_mm``); ``--transposed`` adds ``x @ Wt`` with the weight stored transposed
-([in, out] contiguous), which cuBLAS serves with other kernels than ``F.linear``'s layout.
+to beat; at M <= 2 on compute capability 9.0+ the line also times cacheflow's ``skinny_gemm``
+(TMA bulk reads; back-to-back graph replays, so each call's weight read starts under the tail
+of the call before, as in the engine's chain of kernels). At larger M the same calls are judged
+against the bf16 matmul rate measured in the same process (``of_mm``); ``--transposed`` adds
+``x @ Wt`` with the weight stored transposed ([in, out] contiguous), which cuBLAS serves with
+other kernels than ``F.linear``'s layout.
 """
 
 from __future__ import annotations
@@ -47,7 +50,22 @@ def routes(torch: Any, weights: list[Any], x: Any,
         out["x@Wt"] = [lambda wt=wt: torch.matmul(x, wt) for wt in transposed]
     if x.shape[0] == 1:
         out["mv"] = [lambda w=w: torch.mv(w, x[0]) for w in weights]
+    if _skinny_applies(torch, x):
+        import cacheflow_kernels as ck
+
+        y = torch.empty(x.shape[0], weights[0].shape[0], dtype=x.dtype, device=x.device)
+        out["skinny"] = [lambda w=w: (ck.skinny_gemm(y, x, w), y)[1] for w in weights]
     return out
+
+
+def _skinny_applies(torch: Any, x: Any) -> bool:
+    """Whether cacheflow's skinny_gemm can take these rows here (compute capability 9.0+)."""
+    try:
+        import cacheflow_kernels as ck
+    except ImportError:
+        return False
+    return (torch.cuda.get_device_capability() >= (9, 0) and ck.cuda_available()
+            and x.shape[0] <= ck.SKINNY_GEMM_MAX_ROWS and x.shape[1] % 64 == 0)
 
 
 def matmul_rate(torch: Any, dim: int = 8192) -> float:
@@ -94,21 +112,27 @@ def main(argv: list[str] | None = None) -> int:
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
                 for route, calls in routes(torch, weights, x, transposed).items():
+                    if route == "skinny" and lib != "cublas":
+                        continue  # (no BLAS library under it)
                     got = calls[0]().float().reshape(want.shape[::-1] if route == "W@xT"
                                                       else want.shape)
                     got = got.t() if route == "W@xT" else got
                     err = (got - want).abs().max().item()
                     us = time_graph_us(torch, calls)
-                    results[f"{route}/{lib}"] = {
+                    key = route if route == "skinny" else f"{route}/{lib}"
+                    results[key] = {
                         "us": us, "of_copy": n * k * dtype.itemsize / (us * 1e-6) / copy_bw,
                         "of_mm": 2 * m * n * k / (us * 1e-6) / mm_rate, "max_abs_diff": err}
             torch.backends.cuda.preferred_blas_library("cublas")
             base = results["linear/cublas"]
             best_name, best = min(results.items(), key=lambda kv: kv[1]["us"])
+            ours = results.get("skinny")
+            ours_s = (f" | skinny_gemm {ours['us']:7.1f} us {ours['of_copy']:6.1%} of copy "
+                      f"(diff {ours['max_abs_diff']:.1e})" if ours else "")
             print(f"{name:8s} [{n}x{k}] M={m:4d}  F.linear {base['us']:7.1f} us "
                   f"{base['of_copy']:6.1%} of copy {base['of_mm']:6.1%} of mm | fastest "
                   f"{best_name:16s} {best['us']:7.1f} us {best['of_copy']:6.1%} "
-                  f"{best['of_mm']:6.1%}", flush=True)
+                  f"{best['of_mm']:6.1%}{ours_s}", flush=True)
             rows.append({"weight": name, "n": n, "k": k, "m": m, "results": results})
         del weights
     if args.out:

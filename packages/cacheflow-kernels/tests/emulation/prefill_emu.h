@@ -43,6 +43,7 @@
 #define CF_DEVICE inline
 #define CF_GLOBAL
 #define CF_LAUNCH_BOUNDS(threads)
+#define CF_LAUNCH_BOUNDS_MIN(threads, blocks)
 
 struct uint4 {
   unsigned x, y, z, w;

@@ -4,6 +4,7 @@ import), and when layers may call its kernels instead of their torch code."""
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -46,6 +47,29 @@ def kernels_for(*tensors: torch.Tensor) -> Optional[ModuleType]:
     if any(not t.is_cuda or t.dtype != first.dtype for t in tensors[1:]):
         return None
     return cacheflow_kernels if cuda_ready() else None
+
+
+@functools.cache
+def _compute_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes to cacheflow_kernels.skinny_gemm instead of cuBLAS: with
+    CACHEFLOW_SKINNY_GEMM=1 (opt-in until it has been measured against cuBLAS in the engine),
+    for 1-2 contiguous float16/bfloat16 CUDA rows on compute capability 9.0+, a contiguous
+    16-byte-aligned weight of the same dtype and a row length the kernel takes."""
+    ck = cacheflow_kernels
+    if x.dim() != 2 or not 1 <= x.shape[0] <= getattr(ck, "SKINNY_GEMM_MAX_ROWS", 0):
+        return False
+    if os.environ.get("CACHEFLOW_SKINNY_GEMM") != "1":
+        return False
+    k = x.shape[1]
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.is_contiguous()
+            and weight.dtype == x.dtype and weight.is_cuda and weight.is_contiguous()
+            and k % 64 == 0 and k <= ck.SKINNY_GEMM_MAX_K and x.data_ptr() % 16 == 0
+            and weight.data_ptr() % 16 == 0
+            and _compute_capability(x.device.index or 0) >= (9, 0) and cuda_ready())
 
 
 def cache_kernels_for(cache: torch.Tensor) -> Optional[ModuleType]:

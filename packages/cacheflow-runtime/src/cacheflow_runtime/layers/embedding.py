@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cacheflow_runtime import parallel_state as ps
-from cacheflow_runtime.layers.linear import copy_checked
+from cacheflow_runtime.layers.linear import copy_checked, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -72,7 +72,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_rows, dim] -> float logits [num_rows, vocab] gathered from every rank."""
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        logits = linear(hidden_states, self.weight, self.bias)
         logits = ps.all_gather(logits, dim=-1)
         return logits[:, :self.num_embeddings]
 

@@ -14,7 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cacheflow_kernels
 from cacheflow_runtime import parallel_state as ps
+from cacheflow_runtime.kernels import skinny_gemm_applies
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; one or two rows on Hopper may go to cacheflow_kernels'
+    ``skinny_gemm`` (see ``kernels.skinny_gemm_applies``), which reads the weight faster than
+    cuBLAS at that size and starts before the kernel that writes ``x`` ends."""
+    if x.dim() == 2 and x.shape[0] <= 2 and skinny_gemm_applies(x, weight):
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        cacheflow_kernels.skinny_gemm(out, x, weight, bias)
+        return out
+    return F.linear(x, weight, bias)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -75,7 +89,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns this rank's output features (all of them with ``gather_output``)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return ps.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -216,7 +230,7 @@ class RowParallelLinear(nn.Module):
         """Returns the full output features."""
         if not self.input_is_parallel:
             x = shard(x, -1, self.input_size_per_partition, ps.get_tensor_parallel_rank())
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = ps.all_reduce(y)
         return y + self.bias if self.bias is not None else y
@@ -245,7 +259,7 @@ class ReplicatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,

@@ -1,0 +1,149 @@
+// skinny_gemm: out = x W^T (+ bias) for one or two rows of x, reading W with TMA bulk copies
+// (skinny_gemm_kernel.cuh). Meant for the GEMMs of a decode step at batch 1 or 2, where cuBLAS
+// reads the weights at 60-98% of the copy bandwidth and cannot start before its input is ready.
+//
+// Layouts (on one CUDA device of compute capability 9.0 or newer):
+//   out:    [m, n]  float16 or bfloat16, rows contiguous (row stride any)
+//   x:      [m, k]  dtype of out, rows contiguous, row stride a multiple of 8 elements
+//   weight: [n, k]  dtype of out, C-contiguous, 16-byte aligned
+//   bias:   [n] or None, dtype of out, contiguous
+// with 1 <= m <= 2, k a multiple of 64 and at most 16384.
+#include <cuda_runtime.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+#include <tvm/ffi/extra/cuda/device_guard.h>
+#include <tvm/ffi/function.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "common.h"
+#include "pdl_launch.cuh"
+#include "skinny_gemm_kernel.cuh"
+#include "smem_limit.cuh"
+
+namespace cacheflow {
+namespace {
+
+constexpr const char* kOp = "skinny_gemm";
+using tvm::ffi::Optional;
+
+bool IsHalfOrBf16(DLDataType dt) {
+  return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
+}
+
+/*! \brief A device attribute, queried once per (attribute slot, device). */
+template <int kSlot>
+int CachedAttribute(cudaDeviceAttr attr, int device) {
+  static std::atomic<int> cached[64];  // 0: not queried yet
+  const bool cacheable = device >= 0 && device < 64;
+  int v = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&v, attr, device));
+    if (cacheable) cached[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+/*! \brief Elements between the rows of a 2-D tensor whose rows are contiguous. */
+int64_t RowStride(const char* name, const TensorView& t) {
+  if (t.IsContiguous() || t.shape()[0] <= 1) return t.shape()[1];
+  TVM_FFI_CHECK(t.shape()[1] <= 1 || t.strides()[1] == 1, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, name) << "a tensor with contiguous rows, got shape "
+      << ShapeStr(t) << " with strides [" << t.strides()[0] << ", " << t.strides()[1] << "]";
+  return t.strides()[0];
+}
+
+void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<TensorView> bias) {
+  CheckNdim(kOp, "x", x, 2, "[m, k]");
+  CheckNdim(kOp, "weight", weight, 2, "[n, k]");
+  CheckNdim(kOp, "out", out, 2, "[m, n]");
+  TVM_FFI_CHECK(IsHalfOrBf16(x.dtype()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "float16 or bfloat16, got " << x.dtype();
+  for (const auto& [name, t] : {std::pair<const char*, const TensorView*>{"weight", &weight},
+                                {"out", &out}}) {
+    TVM_FFI_CHECK(t->dtype() == x.dtype(), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, name) << x.dtype() << " (the dtype of 'x'), got "
+        << t->dtype();
+  }
+  const int64_t m = x.shape()[0];
+  const int64_t k = x.shape()[1];
+  const int64_t n = weight.shape()[0];
+  TVM_FFI_CHECK(m >= 1 && m <= skinny::kMaxRows, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "1 to " << skinny::kMaxRows << " rows, got "
+      << ShapeStr(x);
+  TVM_FFI_CHECK(k % 64 == 0 && k >= 64 && k <= skinny::kMaxK, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "a row length k that is a multiple of 64 and at most "
+      << skinny::kMaxK << ", got " << ShapeStr(x);
+  TVM_FFI_CHECK(weight.shape()[1] == k && n >= 1 && n <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "weight") << "of shape [n, " << k << "] (k from 'x'), got "
+      << ShapeStr(weight);
+  TVM_FFI_CHECK(out.shape()[0] == m && out.shape()[1] == n, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "out") << "of shape [" << m << ", " << n << "], got "
+      << ShapeStr(out);
+  if (bias.has_value()) {
+    const TensorView& b = *bias;
+    CheckNdim(kOp, "bias", b, 1, "[n]");
+    TVM_FFI_CHECK(b.shape()[0] == n && b.dtype() == x.dtype(), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "bias") << "of shape [" << n << "] and dtype " << x.dtype()
+        << ", got shape " << ShapeStr(b) << " and dtype " << b.dtype();
+    CheckContiguous(kOp, "bias", b);
+  }
+  CheckContiguous(kOp, "weight", weight);
+  const int64_t x_stride = RowStride("x", x);
+  const int64_t out_stride = RowStride("out", out);
+  TVM_FFI_CHECK(reinterpret_cast<uintptr_t>(DataPtr(x)) % 16 == 0 && x_stride % 8 == 0,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "16-byte aligned rows (read 16 bytes at a time)";
+  TVM_FFI_CHECK(reinterpret_cast<uintptr_t>(DataPtr(weight)) % 16 == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "weight") << "16-byte aligned (read by bulk copies)";
+  CheckCuda(kOp, "x", x);
+  CheckSameDevice(kOp, "weight", weight, "x", x);
+  CheckSameDevice(kOp, "out", out, "x", x);
+  if (bias.has_value()) CheckSameDevice(kOp, "bias", *bias, "x", x);
+
+  const DLDevice dev = x.device();
+  tvm::ffi::CUDADeviceGuard guard(dev.device_id);
+  const int major = CachedAttribute<0>(cudaDevAttrComputeCapabilityMajor, dev.device_id);
+  TVM_FFI_CHECK(major >= 9, RuntimeError)
+      << kOp << ": needs a GPU of compute capability 9.0 or newer (TMA bulk copies); device "
+      << dev.device_id << " is " << major << ".x";
+  const int sms = CachedAttribute<1>(cudaDevAttrMultiProcessorCount, dev.device_id);
+  const int smem_sm = CachedAttribute<2>(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                         dev.device_id);
+  const int smem_cta = CachedAttribute<3>(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          dev.device_id);
+  const skinny::SkinnyPlan plan = skinny::PlanSkinny<skinny::kDefaultStages>(
+      static_cast<int>(n), static_cast<int>(k), sms, smem_sm, smem_cta);
+  TVM_FFI_CHECK(plan.grid > 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "a row length whose stages fit the device's shared "
+      << "memory, got k = " << k;
+
+  skinny::SkinnyParams p{};
+  p.x = reinterpret_cast<const unsigned char*>(DataPtr(x));
+  p.w = reinterpret_cast<const unsigned char*>(DataPtr(weight));
+  p.bias = bias.has_value() ? reinterpret_cast<const unsigned char*>(DataPtr(*bias)) : nullptr;
+  p.out = reinterpret_cast<unsigned char*>(DataPtr(out));
+  p.x_stride = x_stride;
+  p.out_stride = out_stride;
+  p.m = static_cast<int32_t>(m);
+  p.n = static_cast<int32_t>(n);
+  p.k = static_cast<int32_t>(k);
+  p.rows_per_cta = plan.rows_per_cta;
+  p.rows_per_stage = plan.rows_per_stage;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
+  auto launch = [&](auto kernel, int grid, int threads, int smem) {
+    RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem));
+    LaunchChained(kernel, dim3(grid), dim3(threads), static_cast<size_t>(smem), stream, p);
+  };
+  if (x.dtype().code == kDLBfloat) {
+    skinny::LaunchSkinny<skinny::Bf16>(p.m, plan, launch);
+  } else {
+    skinny::LaunchSkinny<skinny::Fp16>(p.m, plan, launch);
+  }
+}
+
+}  // namespace
+}  // namespace cacheflow
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(skinny_gemm, cacheflow::SkinnyGemm);

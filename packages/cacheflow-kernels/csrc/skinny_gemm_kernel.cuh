@@ -1,0 +1,230 @@
+// skinny_gemm: out = x W^T (+ bias) for one or two rows of x (a decode step at batch 1 or 2),
+// device code and the launch plan (no TVM-FFI here).
+//
+// At batch 1 a decode step's GEMMs are weight reads: 13.5 GB per step of a 7B model. The kernel
+// reads W the way the card reads fastest (TMA bulk copies into a shared-memory ring, completed
+// through mbarriers; benchmarks/read_bw_probe.cu) and, launched with programmatic dependent
+// launch, issues its first copies before it waits for the kernel that writes x: W does not
+// depend on it, so the read of W overlaps the tail of that kernel.
+//   * CTA = 8 warps over a contiguous range of W's rows, which is a contiguous byte range; it
+//     streams in stages of whole rows (about 16 KB), kStages stages in flight.
+//   * the 8 warps split K: warp w owns columns [w K / 8, (w + 1) K / 8), lane l the 16-byte pieces
+//     l, l + 32, ... of that slice; its pieces of x live in registers (loaded once, after the
+//     wait). Per row: float32 multiply-adds, a warp reduction, one partial per warp in shared
+//     memory; the CTA sums the 8 partials of each row (+ bias) at the end.
+// Requirements (the host checks them): K a multiple of 64 and at most kMaxK, W and x rows
+// 16-byte aligned, rows of x <= kMaxRows.
+#pragma once
+
+#include <cstdint>
+
+#include "pdl.cuh"
+#include "skinny_gemm_ptx.cuh"
+
+#ifndef CF_LAUNCH_BOUNDS_MIN
+#define CF_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads, blocks)
+#endif
+
+namespace cacheflow {
+namespace skinny {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxRows = 2;                   // rows of x (the batch)
+constexpr int kMaxPieces = 8;                 // 16-byte pieces of x per lane
+constexpr int kMaxK = kWarps * 32 * kMaxPieces * 8;  // 16384
+constexpr int kStageTarget = 16384;           // bytes of W per stage (whole rows, at least one)
+constexpr int kMaxStageBytes = 2 * kMaxK;     // one row at K = kMaxK
+constexpr int kMaxRowsPerCta = kThreads;      // the epilogue gives each row a thread
+constexpr int kCtasPerSm = 2;                 // registers are capped for two CTAs per SM
+
+/*! \brief Everything the kernel reads; element strides are in elements. */
+struct SkinnyParams {
+  const unsigned char* x;     // [m, k]
+  const unsigned char* w;     // [n, k], contiguous
+  const unsigned char* bias;  // [n] or null
+  unsigned char* out;         // [m, n]
+  int64_t x_stride;           // between rows of x
+  int64_t out_stride;         // between rows of out
+  int32_t m, n, k;
+  int32_t rows_per_cta;       // rows of W per CTA (<= kMaxRowsPerCta)
+  int32_t rows_per_stage;     // rows of W per bulk copy
+};
+
+/*! \brief The kernel's launch plan for a call (host side). */
+struct SkinnyPlan {
+  int grid = 0;
+  int rows_per_cta = 0;
+  int rows_per_stage = 0;
+  int smem_bytes = 0;
+};
+
+/*! \brief Shared memory of a CTA: the ring, its mbarriers, the per-warp row partials. */
+template <int kStages>
+constexpr int SmemBytes(int stage_bytes, int rows_per_cta) {
+  return kStages * stage_bytes + kStages * 8 + rows_per_cta * kWarps * kMaxRows * 4;
+}
+
+/*!
+ * \brief Host side: rows per stage and per CTA and the grid for W of shape [n, k] on a device with
+ * `sms` multiprocessors of `smem_per_sm` bytes of shared memory (`smem_per_cta` at most per CTA):
+ * as many CTAs as fit at once on every SM (one wave), each with rows of W split evenly.
+ */
+template <int kStages>
+SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_per_cta) {
+  SkinnyPlan plan;
+  const int row_bytes = 2 * k;
+  plan.rows_per_stage = row_bytes >= kStageTarget ? 1 : kStageTarget / row_bytes;
+  const int stage_bytes = plan.rows_per_stage * row_bytes;
+  const int per_cta_max = SmemBytes<kStages>(stage_bytes, kMaxRowsPerCta);
+  // CTAs per SM from the ring (the partials are small); 1 KB per CTA is reserved by the driver.
+  int per_sm = smem_per_sm / (SmemBytes<kStages>(stage_bytes, 64) + 1024);
+  per_sm = per_sm < 1 ? 1 : (per_sm > kCtasPerSm ? kCtasPerSm : per_sm);
+  int grid = sms * per_sm;
+  int rows = (n + grid - 1) / grid;
+  if (rows > kMaxRowsPerCta) rows = kMaxRowsPerCta;
+  grid = (n + rows - 1) / rows;
+  plan.grid = grid;
+  plan.rows_per_cta = rows;
+  plan.smem_bytes = SmemBytes<kStages>(stage_bytes, rows);
+  if (plan.smem_bytes > smem_per_cta || per_cta_max <= 0) plan.grid = 0;  // does not fit
+  return plan;
+}
+
+template <class T, int kRows, int kStages>
+CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const SkinnyParams p) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int r0 = static_cast<int>(blockIdx.x) * p.rows_per_cta;
+  const int r1 = r0 + p.rows_per_cta < p.n ? r0 + p.rows_per_cta : p.n;
+  const int rows = r1 - r0;  // >= 1: the host sizes the grid so
+  const int64_t row_bytes = int64_t{2} * p.k;
+  const int stage_rows = p.rows_per_stage;
+  const int n_stages = (rows + stage_rows - 1) / stage_rows;
+  const int stage_bytes = static_cast<int>(stage_rows * row_bytes);
+
+  unsigned char* smem = DynamicSmem();
+  const uint32_t s_ring = SmemU32(smem);
+  const uint32_t s_bar = s_ring + kStages * stage_bytes;
+  float* s_part = reinterpret_cast<float*>(smem + kStages * stage_bytes + kStages * 8);
+  const unsigned char* w_cta = p.w + r0 * row_bytes;
+
+  auto issue = [&](int stage) {  // thread 0 only
+    const int slot = stage % kStages;
+    const int first = stage * stage_rows;
+    const int n_rows = rows - first < stage_rows ? rows - first : stage_rows;
+    const unsigned bytes = static_cast<unsigned>(n_rows * row_bytes);
+    MbarArriveExpectTx(s_bar + slot * 8, bytes);
+    BulkCopyG2S(s_ring + slot * stage_bytes, w_cta + first * row_bytes, bytes, s_bar + slot * 8);
+  };
+
+  // ---- Before the wait: W does not depend on the previous kernel. ----
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) MbarInit(s_bar + s * 8, 1);
+    FenceMbarInit();
+    for (int s = 0; s < kStages && s < n_stages; ++s) issue(s);
+  }
+  PdlWait();  // x (and out) belong to the kernels around this one from here on
+
+  // This lane's pieces of x: columns w K / 8 + 8 (lane + 32 j), j < pieces.
+  const int slice = p.k / kWarps;        // a multiple of 8
+  const int slice_pieces = slice / 8;
+  const int col0 = warp * slice;
+  uint4 xr[kRows][kMaxPieces];
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+    for (int j = 0; j < kMaxPieces; ++j) {
+      const int piece = lane + 32 * j;
+      xr[m][j] = piece < slice_pieces
+                     ? LoadGlobal16(p.x + (m * p.x_stride + col0 + piece * 8) * 2)
+                     : uint4{0, 0, 0, 0};
+    }
+  }
+  SyncCta();  // the mbarrier initializations are visible to every thread
+
+  for (int stage = 0; stage < n_stages; ++stage) {
+    const int slot = stage % kStages;
+    MbarWait(s_bar + slot * 8, static_cast<unsigned>((stage / kStages) & 1));
+    const unsigned char* ring = smem + slot * stage_bytes;
+    const int first = stage * stage_rows;
+    const int n_rows = rows - first < stage_rows ? rows - first : stage_rows;
+    for (int r = 0; r < n_rows; ++r) {
+      const unsigned char* w_row = ring + r * row_bytes + col0 * 2;
+      float acc[kRows];
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) acc[m] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kMaxPieces; ++j) {
+        const int piece = lane + 32 * j;
+        if (piece < slice_pieces) {
+          const uint4 wv = LoadShared16(w_row + piece * 16);
+          const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const float2 wf = Unpack2<T>(wr[h]);
+#pragma unroll
+            for (int m = 0; m < kRows; ++m) {
+              const uint32_t xh = h == 0 ? xr[m][j].x : h == 1 ? xr[m][j].y
+                                  : h == 2 ? xr[m][j].z : xr[m][j].w;
+              const float2 xf = Unpack2<T>(xh);
+              acc[m] = fmaf(wf.x, xf.x, acc[m]);
+              acc[m] = fmaf(wf.y, xf.y, acc[m]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+        for (int off = 16; off >= 1; off >>= 1) acc[m] += ShflXor(acc[m], off);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) {
+          s_part[((first + r) * kWarps + warp) * kMaxRows + m] = acc[m];
+        }
+      }
+    }
+    SyncCta();  // every warp is done with the slot
+    if (tid == 0 && stage + kStages < n_stages) issue(stage + kStages);
+  }
+
+  // ---- Epilogue: each row's 8 partials (+ bias), one thread per row. ----
+  if (tid < rows) {
+    const int row = r0 + tid;
+    float bias = 0.f;
+    if (p.bias != nullptr) {
+      uint16_t b;
+      b = reinterpret_cast<const uint16_t*>(p.bias)[row];
+      bias = ToFloat16Bits<T>(b);
+    }
+    for (int m = 0; m < kRows; ++m) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += s_part[(tid * kWarps + w) * kMaxRows + m];
+      reinterpret_cast<uint16_t*>(p.out + m * p.out_stride * 2)[row] = FromFloat<T>(sum + bias);
+    }
+  }
+}
+
+/*! \brief Stages of W in flight per CTA. */
+constexpr int kDefaultStages = 4;
+
+/*!
+ * \brief Launches the kernel of element type T for `m` rows of x (1 or 2) through
+ * `launch(kernel, grid, threads, smem)`; the caller made `plan` with PlanSkinny<kDefaultStages>
+ * and checked that plan.grid > 0.
+ */
+template <class T, class Launch>
+void LaunchSkinny(int m, const SkinnyPlan& plan, Launch&& launch) {
+  if (m == 1) {
+    launch(&SkinnyGemmKernel<T, 1, kDefaultStages>, plan.grid, kThreads, plan.smem_bytes);
+  } else {
+    launch(&SkinnyGemmKernel<T, 2, kDefaultStages>, plan.grid, kThreads, plan.smem_bytes);
+  }
+}
+
+}  // namespace skinny
+}  // namespace cacheflow

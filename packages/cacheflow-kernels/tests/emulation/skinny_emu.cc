@@ -1,0 +1,56 @@
+// A C entry point that runs skinny_gemm's kernel (csrc/skinny_gemm_kernel.cuh) under the host
+// emulation of skinny_emu.h, for tests/test_kernels_skinny_gemm_emulated.py.
+//
+// Build (from packages/cacheflow-kernels):
+//   g++ -std=c++17 -O2 -shared -fPIC -DCACHEFLOW_PREFILL_EMULATE -DCACHEFLOW_SKINNY_EMULATE
+//       -Icsrc -Itests/emulation tests/emulation/skinny_emu.cc -o libskinny_emu.so
+#include "skinny_emu.h"  // first: it defines the macros the kernel header expects
+
+#include <cstdint>
+
+#include "skinny_gemm_kernel.cuh"
+
+/*!
+ * \brief Runs the op on host memory (same argument meaning as the CUDA op) as if on a device of
+ * `sms` multiprocessors with `smem_per_sm` bytes of shared memory each.
+ * \param dtype 0 float16, 1 bfloat16.
+ * \return the grid the plan chose (0: the shape does not fit the kernel).
+ */
+extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const void* w,
+                                  const void* bias, int m, int n, int k, int64_t x_stride,
+                                  int64_t out_stride, int sms, int smem_per_sm) {
+  namespace sk = cacheflow::skinny;
+  auto range = [](const void* p, int64_t bytes, const char* name) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    return cfemu::GlobalRange{b, b + bytes, name};
+  };
+  cfemu::g_ranges = {range(out, ((m - 1) * out_stride + n) * 2, "out"),
+                     range(x, ((m - 1) * x_stride + k) * 2, "x"),
+                     range(w, int64_t{n} * k * 2, "weight")};
+  if (bias != nullptr) cfemu::g_ranges.push_back(range(bias, int64_t{n} * 2, "bias"));
+  const sk::SkinnyPlan plan =
+      sk::PlanSkinny<sk::kDefaultStages>(n, k, sms, smem_per_sm, smem_per_sm);
+  if (plan.grid == 0) return 0;
+  sk::SkinnyParams p{};
+  p.x = static_cast<const unsigned char*>(x);
+  p.w = static_cast<const unsigned char*>(w);
+  p.bias = static_cast<const unsigned char*>(bias);
+  p.out = static_cast<unsigned char*>(out);
+  p.x_stride = x_stride;
+  p.out_stride = out_stride;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.rows_per_cta = plan.rows_per_cta;
+  p.rows_per_stage = plan.rows_per_stage;
+  auto launch = [&](auto kernel, int grid, int threads, int smem) {
+    cfemu::RunGrid(Dim3{static_cast<unsigned>(grid), 1, 1}, threads, static_cast<size_t>(smem),
+                   [kernel, p] { kernel(p); });
+  };
+  if (dtype == 0) {
+    sk::LaunchSkinny<sk::Fp16>(m, plan, launch);
+  } else {
+    sk::LaunchSkinny<sk::Bf16>(m, plan, launch);
+  }
+  return plan.grid;
+}

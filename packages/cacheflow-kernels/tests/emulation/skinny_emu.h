@@ -1,0 +1,130 @@
+// Host emulation of the primitives of csrc/skinny_gemm_ptx.cuh, so that the skinny GEMM kernel
+// (csrc/skinny_gemm_kernel.cuh, unchanged) runs on a CPU for tests. It reuses the fiber-per-thread
+// CTA runner of prefill_emu.h.
+//
+// Bulk copies land at issue and complete their bytes on the mbarrier named; an mbarrier phase
+// completes when its arrivals and its announced bytes are all in (PTX ISA semantics), and a wait
+// on a phase that can never complete aborts the run. Shared memory starts as 0xFF bytes, so a
+// row read before its copy landed is NaN.
+#pragma once
+
+#include <map>
+
+#include "prefill_emu.h"
+
+struct float2 {
+  float x, y;
+};
+
+namespace cacheflow {
+namespace skinny {
+
+struct Fp16 {};
+struct Bf16 {};
+
+struct MbarState {
+  int count = 0;    // arrivals per phase
+  int pending = 0;  // arrivals still missing in the current phase
+  int64_t tx = 0;   // announced bytes still missing
+  unsigned phase = 0;
+};
+
+inline std::map<uint32_t, MbarState>& Mbars() {
+  static std::map<uint32_t, MbarState> bars;
+  static const void* cta = nullptr;
+  if (cta != cfemu::g_cta) {  // a new CTA: its own barriers
+    bars.clear();
+    cta = cfemu::g_cta;
+  }
+  return bars;
+}
+
+inline MbarState& Mbar(uint32_t addr) {
+  cfemu::SmemAt(addr, 8, 8, "mbarrier");
+  auto it = Mbars().find(addr);
+  if (it == Mbars().end()) cfemu::Fail("mbarrier used before mbarrier.init");
+  return it->second;
+}
+
+inline void MaybeCompletePhase(MbarState& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    b.phase ^= 1u;
+    b.pending = b.count;
+  }
+}
+
+inline unsigned char* DynamicSmem() { return cfemu::g_cta->smem.data(); }
+inline uint32_t SmemU32(const void* p) { return prefill::SmemU32(p); }
+inline void SyncCta() { prefill::SyncCta(); }
+inline float ShflXor(float v, int mask) { return prefill::ShflXor(v, mask); }
+
+inline void MbarInit(uint32_t bar, unsigned count) {
+  cfemu::SmemAt(bar, 8, 8, "mbarrier.init");
+  MbarState s;
+  s.count = static_cast<int>(count);
+  s.pending = s.count;
+  Mbars()[bar] = s;
+}
+inline void FenceMbarInit() {}
+
+inline void MbarArriveExpectTx(uint32_t bar, unsigned bytes) {
+  MbarState& b = Mbar(bar);
+  b.tx += bytes;
+  if (--b.pending < 0) cfemu::Fail("mbarrier: more arrivals than its count");
+  MaybeCompletePhase(b);
+}
+
+inline void BulkCopyG2S(uint32_t dst, const void* src, unsigned bytes, uint32_t bar) {
+  const auto* s = static_cast<const unsigned char*>(src);
+  if (bytes % 16 != 0 || dst % 16 != 0 || reinterpret_cast<uintptr_t>(s) % 16 != 0) {
+    cfemu::Fail("cp.async.bulk: size and addresses must be multiples of 16");
+  }
+  cfemu::CheckGlobal(s, bytes, "cp.async.bulk src");
+  std::memcpy(cfemu::SmemAt(dst, bytes, 16, "cp.async.bulk dst"), s, bytes);
+  MbarState& b = Mbar(bar);
+  b.tx -= bytes;
+  if (b.tx < 0) cfemu::Fail("cp.async.bulk: more bytes than the mbarrier expects");
+  MaybeCompletePhase(b);
+}
+
+inline void MbarWait(uint32_t bar, unsigned parity) {
+  // The phase of parity `parity` has completed once the current phase's parity differs.
+  for (int tries = 0; (Mbar(bar).phase & 1u) == (parity & 1u); ++tries) {
+    if (tries > 1000) cfemu::Fail("mbarrier wait on a phase that never completes");
+    cfemu::Yield();
+  }
+}
+
+inline uint4 LoadShared16(const void* p) { return prefill::Load16(p); }
+inline uint4 LoadGlobal16(const void* p) { return prefill::Load16(p); }
+
+template <class T>
+inline float2 Unpack2(uint32_t v);
+template <>
+inline float2 Unpack2<Fp16>(uint32_t v) {
+  return float2{cfemu::HalfToFloat(static_cast<uint16_t>(v & 0xFFFFu)),
+                cfemu::HalfToFloat(static_cast<uint16_t>(v >> 16))};
+}
+template <>
+inline float2 Unpack2<Bf16>(uint32_t v) {
+  return float2{cfemu::Bf16ToFloat(static_cast<uint16_t>(v & 0xFFFFu)),
+                cfemu::Bf16ToFloat(static_cast<uint16_t>(v >> 16))};
+}
+
+template <class T>
+inline float ToFloat16Bits(uint16_t b);
+template <>
+inline float ToFloat16Bits<Fp16>(uint16_t b) { return cfemu::HalfToFloat(b); }
+template <>
+inline float ToFloat16Bits<Bf16>(uint16_t b) { return cfemu::Bf16ToFloat(b); }
+template <class T>
+inline uint16_t FromFloat(float x);
+template <>
+inline uint16_t FromFloat<Fp16>(float x) { return cfemu::FloatToHalf(x); }
+template <>
+inline uint16_t FromFloat<Bf16>(float x) { return cfemu::FloatToBf16(x); }
+
+inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
+
+}  // namespace skinny
+}  // namespace cacheflow

@@ -1,0 +1,114 @@
+"""skinny_gemm's kernel runs on the CPU under a host emulation of its primitives
+(tests/emulation/skinny_emu.h: TMA bulk copies completing on mbarriers, shuffles, barriers),
+against a float64 reference.
+
+The kernel source is compiled unchanged with g++; shared memory starts as NaN bytes and ``out``
+as NaN, so a row read before its copy completed, a stage reused too early or an output row never
+written shows up. The row split, the stage ring and the per-warp K slices are what this checks;
+the hardware and the speed are the GPU tests' and the benchmark's job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib_path = tmp_path_factory.mktemp("skinny_emu") / "libskinny_emu.so"
+    cmd = [
+        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+        "-DCACHEFLOW_PREFILL_EMULATE", "-DCACHEFLOW_SKINNY_EMULATE",
+        f"-I{PACKAGE_DIR / 'csrc'}", f"-I{PACKAGE_DIR / 'tests' / 'emulation'}",
+        str(PACKAGE_DIR / "tests" / "emulation" / "skinny_emu.cc"), "-o", str(lib_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    fn = ctypes.CDLL(str(lib_path)).cf_emu_skinny_gemm
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+                   + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2)
+    return fn
+
+
+def run(emu: Any, out: Any, x: Any, w: Any, bias: Any, sms: int = 3,
+        smem_per_sm: int = 228 * 1024) -> int:
+    return emu(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), w.data_ptr(),
+               None if bias is None else bias.data_ptr(), x.shape[0], w.shape[0], x.shape[1],
+               x.stride(0), out.stride(0), sms, smem_per_sm)
+
+
+def inputs(m: int, n: int, k: int, dtype: Any, bias: bool, seed: int) -> tuple[Any, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return x, w, b
+
+
+def check(out: Any, x: Any, w: Any, b: Any) -> None:
+    """Within the dtype's rounding of the result (plus float32 summation error)."""
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert not torch.isnan(out).any()
+    ulp = 2.0 ** -10 if out.dtype == torch.float16 else 2.0 ** -7
+    tol = ref.abs() * ulp + 1e-4 * x.shape[1] ** 0.5
+    err = (out.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max error {float(err.max())}"
+
+
+# (m, n, k, bias): one or two rows; rows per stage 16 (k 512) down to 1 (k 11008, 16384); n
+# smaller than the grid, n not a multiple of the rows per stage or per CTA.
+CASES = [
+    (1, 100, 512, False),
+    (2, 37, 1024, True),
+    (1, 300, 4096, False),
+    (2, 61, 4096, True),
+    (1, 20, 11008, True),
+    (2, 9, 16384, False),
+    (1, 5, 64, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k", "bias"), CASES)
+def test_matches_float64_reference(emu: Any, m: int, n: int, k: int, bias: bool,
+                                   dtype: Any) -> None:
+    x, w, b = inputs(m, n, k, dtype, bias, seed=n + k + m)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    assert run(emu, out, x, w, b) > 0
+    check(out, x, w, b)
+
+
+def test_strided_rows_of_x_and_out(emu: Any) -> None:
+    """Rows of x and out inside wider buffers (e.g. a slice of a fused projection)."""
+    x_full, w, b = inputs(2, 50, 1024, torch.float16, True, seed=7)
+    x_buf = torch.full((2, 1024 + 64), float("nan"), dtype=torch.float16)
+    x_buf[:, :1024] = x_full
+    out_buf = torch.full((2, 50 + 14), float("nan"), dtype=torch.float16)
+    x, out = x_buf[:, :1024], out_buf[:, :50]
+    assert run(emu, out, x, w, b) > 0
+    check(out, x_full, w, b)
+    assert torch.isnan(out_buf[:, 50:]).all()  # nothing written past the rows
+
+
+def test_one_wave_of_evenly_split_rows(emu: Any) -> None:
+    """The plan gives every SM the same number of CTAs and every CTA the same rows (+-1), so a
+    device of 5 SMs with room for two 64 KB rings each runs 10 CTAs."""
+    x, w, b = inputs(1, 1000, 4096, torch.bfloat16, False, seed=3)
+    out = torch.full((1, 1000), float("nan"), dtype=torch.bfloat16)
+    assert run(emu, out, x, w, b, sms=5) == 10
+    check(out, x, w, b)

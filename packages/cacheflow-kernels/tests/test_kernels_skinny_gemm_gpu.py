@@ -1,0 +1,91 @@
+"""skinny_gemm on a CUDA device (compute capability 9.0+; skipped elsewhere) against a float64
+reference: the 7B decode shapes, bias, strided rows, CUDA-graph replay, and the chain with the
+kernel that writes x (the weight read starts before that kernel has finished)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import cacheflow_kernels as ck
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available()
+                            and torch.cuda.get_device_capability() >= (9, 0)),
+                       reason="skinny_gemm needs compute capability 9.0+"),
+]
+
+
+def inputs(m: int, n: int, k: int, dtype: Any, bias: bool, seed: int) -> tuple[Any, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
+    return x, w, b
+
+
+def check(out: Any, x: Any, w: Any, b: Any) -> None:
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert not torch.isnan(out).any()
+    ulp = 2.0 ** -10 if out.dtype == torch.float16 else 2.0 ** -7
+    tol = ref.abs() * ulp + 1e-4 * x.shape[1] ** 0.5
+    err = (out.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max error {float(err.max())}"
+
+
+# LLaMA-2-7B's decode GEMMs (qkv, o, gate_up, down, lm_head) and a few odd shapes.
+SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096),
+          (5, 64), (1000, 16384), (777, 1536)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_matches_float64_reference(n: int, k: int, m: int, dtype: Any) -> None:
+    x, w, b = inputs(m, n, k, dtype, bias=n % 2 == 1, seed=n + k + m)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    ck.skinny_gemm(out, x, w, b)
+    torch.cuda.synchronize()
+    check(out, x, w, b)
+
+
+def test_strided_rows() -> None:
+    x_full, w, b = inputs(2, 4096, 4096, torch.float16, True, seed=1)
+    x_buf = torch.full((2, 4096 + 128), float("nan"), dtype=torch.float16, device="cuda")
+    x_buf[:, :4096] = x_full
+    out_buf = torch.full((2, 4096 + 8), float("nan"), dtype=torch.float16, device="cuda")
+    ck.skinny_gemm(out_buf[:, :4096], x_buf[:, :4096], w, b)
+    torch.cuda.synchronize()
+    check(out_buf[:, :4096], x_full, w, b)
+    assert torch.isnan(out_buf[:, 4096:]).all()
+
+
+def test_graph_replay_after_the_kernel_that_writes_x() -> None:
+    """rms_norm writes x, skinny_gemm reads it (launched with PDL: its weight copies start
+    before rms_norm ends); replays with new inputs give the new results."""
+    dtype = torch.bfloat16
+    h, w, _ = inputs(1, 11008, 4096, dtype, False, seed=2)
+    norm_w = torch.ones(4096, dtype=dtype, device="cuda")
+    x = torch.empty_like(h)
+    out = torch.empty(1, 11008, dtype=dtype, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ck.rms_norm(x, h, norm_w, 1e-6)
+        ck.skinny_gemm(out, x, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            ck.rms_norm(x, h, norm_w, 1e-6)
+            ck.skinny_gemm(out, x, w)
+    for seed in range(3):
+        h.copy_(torch.randn(h.shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_x = torch.empty_like(h)
+        ck.rms_norm(want_x, h, norm_w, 1e-6)
+        torch.cuda.synchronize()
+        check(out, want_x, w, None)

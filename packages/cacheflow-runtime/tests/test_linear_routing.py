@@ -1,0 +1,74 @@
+"""Which GEMMs the linear layers send to cacheflow_kernels.skinny_gemm (one or two rows on
+Hopper, CACHEFLOW_SKINNY_GEMM=1) and that the result is F.linear's. The CPU tests pin the
+fallback; the GPU ones (compute capability 9.0+) the kernel path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cacheflow_kernels
+from cacheflow_runtime.kernels import skinny_gemm_applies
+from cacheflow_runtime.layers.linear import ReplicatedLinear, linear
+
+
+def test_cpu_rows_stay_on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHEFLOW_SKINNY_GEMM", "1")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, generator=gen)
+    w = torch.randn(64, 128, generator=gen)
+    b = torch.randn(64, generator=gen)
+    assert not skinny_gemm_applies(x, w)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+    reason="skinny_gemm runs on compute capability 9.0+")
+
+
+@pytest.fixture
+def skinny_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of x of every skinny_gemm call."""
+    seen: list[int] = []
+    original = cacheflow_kernels.skinny_gemm
+
+    def counted(out: Any, x: Any, weight: Any, bias: Any = None) -> None:
+        seen.append(x.shape[0])
+        original(out, x, weight, bias)
+
+    monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", counted)
+    return seen
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_and_two_rows_take_the_kernel(monkeypatch: pytest.MonkeyPatch,
+                                          skinny_calls: list[int], dtype: Any) -> None:
+    monkeypatch.setenv("CACHEFLOW_SKINNY_GEMM", "1")
+    layer = ReplicatedLinear(4096, 1000, bias=True, params_dtype=dtype).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layer.weight.data.normal_(0, 0.02, generator=gen)
+    layer.bias.data.normal_(0, 1, generator=gen)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 4096, device="cuda", dtype=dtype, generator=gen)
+        got = layer(x)
+        want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    assert skinny_calls == [1, 2]  # three rows stay on cuBLAS
+
+
+@pytest.mark.gpu
+@hopper
+def test_off_without_the_switch(monkeypatch: pytest.MonkeyPatch,
+                                skinny_calls: list[int]) -> None:
+    monkeypatch.delenv("CACHEFLOW_SKINNY_GEMM", raising=False)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    w = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
+    assert not skinny_gemm_applies(x, w)
+    linear(x, w)
+    assert skinny_calls == []
