@@ -1,10 +1,12 @@
 // skinny_gemm: out = x W^T (+ bias) for one or two rows of x, reading W with TMA bulk copies
-// (skinny_gemm_kernel.cuh). Meant for the GEMMs of a decode step at batch 1 or 2, where cuBLAS
+// (skinny_gemm_kernel.cuh); with activation "silu", x = [gate | up] and the product is with
+// silu(gate) * up (the MLP's down projection with its activation fused). Meant for the GEMMs of a decode step at batch 1 or 2, where cuBLAS
 // reads the weights at 60-98% of the copy bandwidth and cannot start before its input is ready.
 //
 // Layouts (on one CUDA device of compute capability 9.0 or newer):
 //   out:    [m, n]  float16 or bfloat16, rows contiguous (row stride any)
 //   x:      [m, k]  dtype of out, rows contiguous, row stride a multiple of 8 elements
+//           ([m, 2 k] = [gate | up] with activation "silu")
 //   weight: [n, k]  dtype of out, C-contiguous, 16-byte aligned
 //   bias:   [n] or None, dtype of out, contiguous
 // with 1 <= m <= 2, k a multiple of 64 and at most 16384.
@@ -16,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 #include "pdl_launch.cuh"
@@ -54,8 +57,13 @@ int64_t RowStride(const char* name, const TensorView& t) {
   return t.strides()[0];
 }
 
-void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<TensorView> bias) {
-  CheckNdim(kOp, "x", x, 2, "[m, k]");
+void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<TensorView> bias,
+                tvm::ffi::String activation) {
+  const std::string act(activation);
+  TVM_FFI_CHECK(act.empty() || act == "silu", ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "activation") << "None or 'silu', got '" << act << "'";
+  const bool gated = act == "silu";
+  CheckNdim(kOp, "x", x, 2, gated ? "[m, 2 k]" : "[m, k]");
   CheckNdim(kOp, "weight", weight, 2, "[n, k]");
   CheckNdim(kOp, "out", out, 2, "[m, n]");
   TVM_FFI_CHECK(IsHalfOrBf16(x.dtype()), ValueError)
@@ -67,8 +75,10 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
         << t->dtype();
   }
   const int64_t m = x.shape()[0];
-  const int64_t k = x.shape()[1];
+  const int64_t k = gated ? x.shape()[1] / 2 : x.shape()[1];
   const int64_t n = weight.shape()[0];
+  TVM_FFI_CHECK(!gated || x.shape()[1] % 2 == 0, ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "x") << "[gate | up] of an even width, got " << ShapeStr(x);
   TVM_FFI_CHECK(m >= 1 && m <= skinny::kMaxRows, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "x") << "1 to " << skinny::kMaxRows << " rows, got "
       << ShapeStr(x);
@@ -137,9 +147,9 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
     LaunchChained(kernel, dim3(grid), dim3(threads), static_cast<size_t>(smem), stream, p);
   };
   if (x.dtype().code == kDLBfloat) {
-    skinny::LaunchSkinny<skinny::Bf16>(p.m, plan, launch);
+    skinny::LaunchSkinny<skinny::Bf16>(p.m, gated, plan, launch);
   } else {
-    skinny::LaunchSkinny<skinny::Fp16>(p.m, plan, launch);
+    skinny::LaunchSkinny<skinny::Fp16>(p.m, gated, plan, launch);
   }
 }
 

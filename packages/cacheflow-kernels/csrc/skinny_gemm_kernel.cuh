@@ -12,6 +12,9 @@
 //     l, l + 32, ... of that slice; its pieces of x live in registers (loaded once, after the
 //     wait). Per row: float32 multiply-adds, a warp reduction, one partial per warp in shared
 //     memory; the CTA sums the 8 partials of each row (+ bias) at the end.
+//   * kGated: x is [gate | up] (2 K columns) and the kernel multiplies by silu(gate) * up, rounded
+//     like silu_and_mul (the activation to T, then the product to T): the MLP's down projection
+//     without the activation kernel before it.
 // Requirements (the host checks them): K a multiple of 64 and at most kMaxK, W and x rows
 // 16-byte aligned, rows of x <= kMaxRows.
 #pragma once
@@ -50,6 +53,9 @@ struct SkinnyParams {
   int32_t rows_per_cta;       // rows of W per CTA (<= kMaxRowsPerCta)
   int32_t rows_per_stage;     // rows of W per bulk copy
 };
+
+/*! \brief Which x the kernel multiplies by: x itself, or silu(gate) * up of x = [gate | up]. */
+enum class XMode { kPlain, kSiluGated };
 
 /*! \brief The kernel's launch plan for a call (host side). */
 struct SkinnyPlan {
@@ -91,7 +97,7 @@ SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_per_cta) 
   return plan;
 }
 
-template <class T, int kRows, int kStages>
+template <class T, int kRows, int kStages, XMode kX>
 CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const SkinnyParams p) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
@@ -137,9 +143,14 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
 #pragma unroll
     for (int j = 0; j < kMaxPieces; ++j) {
       const int piece = lane + 32 * j;
-      xr[m][j] = piece < slice_pieces
-                     ? LoadGlobal16(p.x + (m * p.x_stride + col0 + piece * 8) * 2)
-                     : uint4{0, 0, 0, 0};
+      const unsigned char* at = p.x + (m * p.x_stride + col0 + piece * 8) * 2;
+      if (piece >= slice_pieces) {
+        xr[m][j] = uint4{0, 0, 0, 0};
+      } else if constexpr (kX == XMode::kSiluGated) {
+        xr[m][j] = SiluMul8<T>(LoadGlobal16(at), LoadGlobal16(at + int64_t{2} * p.k));
+      } else {
+        xr[m][j] = LoadGlobal16(at);
+      }
     }
   }
   SyncCta();  // the mbarrier initializations are visible to every thread
@@ -213,16 +224,25 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
 constexpr int kDefaultStages = 4;
 
 /*!
- * \brief Launches the kernel of element type T for `m` rows of x (1 or 2) through
- * `launch(kernel, grid, threads, smem)`; the caller made `plan` with PlanSkinny<kDefaultStages>
- * and checked that plan.grid > 0.
+ * \brief Launches the kernel of element type T for `m` rows of x (1 or 2), x plain or (silu_gated)
+ * [gate | up], through `launch(kernel, grid, threads, smem)`; the caller made `plan` with
+ * PlanSkinny<kDefaultStages> and checked that plan.grid > 0.
  */
-template <class T, class Launch>
-void LaunchSkinny(int m, const SkinnyPlan& plan, Launch&& launch) {
+template <class T, XMode kX, class Launch>
+void LaunchSkinnyX(int m, const SkinnyPlan& plan, Launch&& launch) {
   if (m == 1) {
-    launch(&SkinnyGemmKernel<T, 1, kDefaultStages>, plan.grid, kThreads, plan.smem_bytes);
+    launch(&SkinnyGemmKernel<T, 1, kDefaultStages, kX>, plan.grid, kThreads, plan.smem_bytes);
   } else {
-    launch(&SkinnyGemmKernel<T, 2, kDefaultStages>, plan.grid, kThreads, plan.smem_bytes);
+    launch(&SkinnyGemmKernel<T, 2, kDefaultStages, kX>, plan.grid, kThreads, plan.smem_bytes);
+  }
+}
+
+template <class T, class Launch>
+void LaunchSkinny(int m, bool silu_gated, const SkinnyPlan& plan, Launch&& launch) {
+  if (silu_gated) {
+    LaunchSkinnyX<T, XMode::kSiluGated>(m, plan, launch);
+  } else {
+    LaunchSkinnyX<T, XMode::kPlain>(m, plan, launch);
   }
 }
 

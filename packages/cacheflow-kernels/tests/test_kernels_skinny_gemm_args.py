@@ -36,7 +36,10 @@ def args(m: int = 1, n: int = 48, k: int = 256, dtype: Any = torch.float16,
 def test_valid_arguments_reach_the_library(called: list[tuple[Any, ...]]) -> None:
     a = args(m=2, bias=False)
     ck.skinny_gemm(**a)
-    assert called == [("skinny_gemm", a["out"], a["x"], a["weight"], None)]
+    gated = {**a, "x": FakeCuda(torch.empty(2, 512, dtype=torch.float16))}
+    ck.skinny_gemm(**gated, activation="silu")
+    assert called == [("skinny_gemm", a["out"], a["x"], a["weight"], None, ""),
+                      ("skinny_gemm", a["out"], gated["x"], a["weight"], None, "silu")]
 
 
 @pytest.mark.parametrize(("change", "name", "says"), [
@@ -72,3 +75,11 @@ def test_strided_x_rows_must_stay_16_byte_aligned(called: list[tuple[Any, ...]])
     wide = torch.empty(2, 256 + 64, dtype=torch.float16)  # 320: a multiple of 8
     ck.skinny_gemm(**{**a, "x": FakeCuda(wide[:, :256])})
     assert len(called) == 1
+
+
+def test_gated_x_is_twice_as_wide(called: list[tuple[Any, ...]]) -> None:
+    with pytest.raises(ValueError, match="'weight'.*k=128"):
+        ck.skinny_gemm(**args(k=256), activation="silu")  # x [1, 256] = [gate | up] of k = 128
+    with pytest.raises(ValueError, match="'activation'.*'silu'"):
+        ck.skinny_gemm(**args(), activation="gelu")
+    assert called == []

@@ -41,15 +41,15 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn = ctypes.CDLL(str(lib_path)).cf_emu_skinny_gemm
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-                   + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2)
+                   + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3)
     return fn
 
 
 def run(emu: Any, out: Any, x: Any, w: Any, bias: Any, sms: int = 3,
-        smem_per_sm: int = 228 * 1024) -> int:
+        smem_per_sm: int = 228 * 1024, silu_gated: bool = False) -> int:
     return emu(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), w.data_ptr(),
-               None if bias is None else bias.data_ptr(), x.shape[0], w.shape[0], x.shape[1],
-               x.stride(0), out.stride(0), sms, smem_per_sm)
+               None if bias is None else bias.data_ptr(), x.shape[0], w.shape[0], w.shape[1],
+               x.stride(0), out.stride(0), sms, smem_per_sm, int(silu_gated))
 
 
 def inputs(m: int, n: int, k: int, dtype: Any, bias: bool, seed: int) -> tuple[Any, ...]:
@@ -112,3 +112,28 @@ def test_one_wave_of_evenly_split_rows(emu: Any) -> None:
     out = torch.full((1, 1000), float("nan"), dtype=torch.bfloat16)
     assert run(emu, out, x, w, b, sms=5) == 10
     check(out, x, w, b)
+
+
+def silu_and_mul_like_the_kernel(x: Any) -> Any:
+    """silu(gate) * up rounded as the silu_and_mul kernel rounds it: the activation to the dtype,
+    then the float32 product to the dtype."""
+    k = x.shape[1] // 2
+    gate, up = x[:, :k].float(), x[:, k:].float()
+    act = (gate / (1 + torch.exp(-gate))).to(x.dtype).float()
+    return (act * up).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 70, 1024), (2, 33, 11008), (1, 9, 64)])
+def test_silu_gated_x(emu: Any, m: int, n: int, k: int, dtype: Any) -> None:
+    """x = [gate | up]: the product with silu(gate) * up, equal to the unfused pair's result."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    assert run(emu, out, x, w, None, silu_gated=True) > 0
+    act = silu_and_mul_like_the_kernel(x)
+    check(out, act, w, None)
+    plain = torch.full((m, n), float("nan"), dtype=dtype)
+    assert run(emu, plain, act, w, None) > 0
+    assert torch.equal(out, plain)  # the same x in registers, the same sums

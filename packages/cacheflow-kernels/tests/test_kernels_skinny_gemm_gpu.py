@@ -89,3 +89,22 @@ def test_graph_replay_after_the_kernel_that_writes_x() -> None:
         ck.rms_norm(want_x, h, norm_w, 1e-6)
         torch.cuda.synchronize()
         check(out, want_x, w, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2])
+def test_silu_gated_x_equals_silu_and_mul_then_gemm(m: int, dtype: Any) -> None:
+    """activation="silu": x = [gate | up] of LLaMA-7B's MLP; the result has the bits of
+    silu_and_mul followed by the plain kernel (the same rounding of the activation)."""
+    gen = torch.Generator().manual_seed(m)
+    gate_up = (torch.randn(m, 2 * 11008, generator=gen) * 2).to(dtype).cuda()
+    w = (torch.randn(4096, 11008, generator=gen) / 11008 ** 0.5).to(dtype).cuda()
+    fused = torch.full((m, 4096), float("nan"), dtype=dtype, device="cuda")
+    ck.skinny_gemm(fused, gate_up, w, activation="silu")
+    act = torch.empty(m, 11008, dtype=dtype, device="cuda")
+    ck.silu_and_mul(act, gate_up)
+    plain = torch.empty_like(fused)
+    ck.skinny_gemm(plain, act, w)
+    torch.cuda.synchronize()
+    assert torch.equal(fused, plain)
+    check(fused, act, w, None)

@@ -72,3 +72,44 @@ def test_off_without_the_switch(monkeypatch: pytest.MonkeyPatch,
     assert not skinny_gemm_applies(x, w)
     linear(x, w)
     assert skinny_calls == []
+
+
+def test_gated_down_projection_on_cpu_is_the_two_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cacheflow_runtime.layers.activation import SiluAndMul
+    from cacheflow_runtime.layers.linear import RowParallelLinear
+
+    monkeypatch.setenv("CACHEFLOW_SKINNY_GEMM", "1")
+    down = RowParallelLinear(128, 64, bias=True, params_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    down.weight.data.normal_(generator=gen)
+    down.bias.data.normal_(generator=gen)
+    gate_up = torch.randn(2, 256, generator=gen)
+    act = SiluAndMul()
+    assert torch.equal(down.forward_gated(gate_up, act), down(act(gate_up)))
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gated_down_projection_fuses_the_silu(monkeypatch: pytest.MonkeyPatch,
+                                              skinny_calls: list[int], dtype: Any) -> None:
+    """One or two rows: one skinny_gemm call with the SiLU inside, the same bits as the two ops
+    (silu_and_mul's rounding, then the GEMM of skinny_gemm); three rows: cuBLAS."""
+    from cacheflow_runtime.layers.activation import SiluAndMul
+    from cacheflow_runtime.layers.linear import RowParallelLinear
+
+    monkeypatch.setenv("CACHEFLOW_SKINNY_GEMM", "1")
+    down = RowParallelLinear(11008, 4096, bias=False, params_dtype=dtype).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    down.weight.data.normal_(0, 0.02, generator=gen)
+    act = SiluAndMul()
+    for rows in (1, 2, 3):
+        gate_up = torch.randn(rows, 2 * 11008, device="cuda", dtype=dtype, generator=gen) * 2
+        got = down.forward_gated(gate_up, act)
+        if rows <= 2:
+            want = torch.empty_like(got)
+            cacheflow_kernels.skinny_gemm(want, act(gate_up), down.weight)
+            assert torch.equal(got, want)
+        ref = F.linear(act(gate_up).float(), down.weight.float())
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+    assert skinny_calls == [1, 1, 2, 2]  # fused call, then the unfused comparison, per size

@@ -26,7 +26,12 @@ from ._attention_ops import (
 from ._block_ops import copy_blocks, swap_blocks
 from ._cache_ops import reshape_and_cache
 from ._cuda import cuda_device_count
-from ._gemm_ops import SKINNY_GEMM_MAX_K, SKINNY_GEMM_MAX_ROWS, skinny_gemm
+from ._gemm_ops import (
+    SKINNY_GEMM_ACTIVATIONS,
+    SKINNY_GEMM_MAX_K,
+    SKINNY_GEMM_MAX_ROWS,
+    skinny_gemm,
+)
 from ._lib import library_path, load_library
 from ._moe_ops import (
     MOE_ACTIVATIONS,
@@ -70,6 +75,7 @@ __all__ = [
     "PAGED_ATTENTION_HEAD_SIZES",
     "PAGED_PREFILL_MAX_HEAD_SIZE",
     "PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES",
+    "SKINNY_GEMM_ACTIVATIONS",
     "SKINNY_GEMM_MAX_K",
     "SKINNY_GEMM_MAX_ROWS",
     "__version__",

@@ -1,5 +1,6 @@
 """``skinny_gemm``: ``out = x @ weight.T (+ bias)`` for one or two rows of ``x`` (decode GEMMs at
-batch 1 or 2), reading the weight with TMA bulk copies on compute capability 9.0 and newer."""
+batch 1 or 2), reading the weight with TMA bulk copies on compute capability 9.0 and newer;
+optionally with the gated SiLU of an MLP applied to ``x`` on the way in."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from ._lib import get_function
 
 SKINNY_GEMM_MAX_ROWS = 2
 SKINNY_GEMM_MAX_K = 16384
+#: Activations ``skinny_gemm`` applies to ``x = [gate | up]`` (None: x as it is).
+SKINNY_GEMM_ACTIVATIONS = ("silu",)
 _DTYPES = ("float16", "bfloat16")
 _CHECKS = C.CheckMemo()
 
@@ -26,11 +29,17 @@ def _row_stride(x: Any) -> int | None:
     return s[0] if cols <= 1 or s[1] == 1 else None
 
 
-def _validate(out: Any, x: Any, weight: Any, bias: Any) -> None:
+def _validate(out: Any, x: Any, weight: Any, bias: Any, activation: Any) -> None:
     op = "skinny_gemm"
-    C.check_shape(op, "x", x, ("m", "k"), (None, None))
+    if activation is not None and activation not in SKINNY_GEMM_ACTIVATIONS:
+        raise C.arg_error(op, "activation", "None or 'silu'", repr(activation))
+    gated = activation is not None
+    C.check_shape(op, "x", x, ("m", "2 k" if gated else "k"), (None, None))
     C.check_dtype(op, "x", x, _DTYPES)
-    m, k = C.shape_of(x)
+    m, width = C.shape_of(x)
+    if gated and width % 2:
+        raise C.arg_error(op, "x", "[gate | up] of an even width", f"width {width}")
+    k = width // 2 if gated else width
     if not 1 <= m <= SKINNY_GEMM_MAX_ROWS:
         raise C.arg_error(op, "x", f"1 to {SKINNY_GEMM_MAX_ROWS} rows", f"{m} rows")
     if k < 64 or k % 64 or k > SKINNY_GEMM_MAX_K:
@@ -57,7 +66,8 @@ def _validate(out: Any, x: Any, weight: Any, bias: Any) -> None:
             C.check_same_device(op, name, t, "x", x)
 
 
-def skinny_gemm(out: Any, x: Any, weight: Any, bias: Any = None) -> None:
+def skinny_gemm(out: Any, x: Any, weight: Any, bias: Any = None,
+                activation: str | None = None) -> None:
     """``out = x @ weight.T + bias`` for ``x`` of one or two rows, like ``F.linear``.
 
     Made for the GEMMs of a decode step at batch 1 or 2, which are weight reads: the kernel
@@ -71,6 +81,10 @@ def skinny_gemm(out: Any, x: Any, weight: Any, bias: Any = None) -> None:
             rows contiguous and 16-byte aligned.
         weight: ``[n, k]``, dtype of ``x``, C-contiguous, 16-byte aligned.
         bias: None or ``[n]``, dtype of ``x``, contiguous.
+        activation: None, or ``"silu"``: then ``x`` is ``[m, 2 k]`` = ``[gate | up]`` and the
+            product is with ``silu(gate) * up``, rounded as ``silu_and_mul`` rounds it (the
+            activation to the dtype, then the product), so the result equals
+            ``skinny_gemm(out, silu_and_mul(x), weight, bias)`` without the extra kernel.
 
     CUDA tensors on one device of compute capability 9.0 or newer. Runs on the caller's current
     stream; CUDA-graph capturable.
@@ -83,5 +97,6 @@ def skinny_gemm(out: Any, x: Any, weight: Any, bias: Any = None) -> None:
             capability 9.0, or the launch failed.
     """
     tensors = (out, x, weight) if bias is None else (out, x, weight, bias)
-    _CHECKS.check(tensors, (bias is None,), lambda: _validate(out, x, weight, bias))
-    get_function("skinny_gemm")(out, x, weight, bias)
+    _CHECKS.check(tensors, (bias is None, activation),
+                  lambda: _validate(out, x, weight, bias, activation))
+    get_function("skinny_gemm")(out, x, weight, bias, activation or "")

@@ -14,18 +14,19 @@
  * \brief Runs the op on host memory (same argument meaning as the CUDA op) as if on a device of
  * `sms` multiprocessors with `smem_per_sm` bytes of shared memory each.
  * \param dtype 0 float16, 1 bfloat16.
+ * \param silu_gated 1: x is [gate | up] (2 k columns), multiplied as silu(gate) * up.
  * \return the grid the plan chose (0: the shape does not fit the kernel).
  */
 extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const void* w,
                                   const void* bias, int m, int n, int k, int64_t x_stride,
-                                  int64_t out_stride, int sms, int smem_per_sm) {
+                                  int64_t out_stride, int sms, int smem_per_sm, int silu_gated) {
   namespace sk = cacheflow::skinny;
   auto range = [](const void* p, int64_t bytes, const char* name) {
     const auto* b = static_cast<const unsigned char*>(p);
     return cfemu::GlobalRange{b, b + bytes, name};
   };
   cfemu::g_ranges = {range(out, ((m - 1) * out_stride + n) * 2, "out"),
-                     range(x, ((m - 1) * x_stride + k) * 2, "x"),
+                     range(x, ((m - 1) * x_stride + (silu_gated ? 2 : 1) * k) * 2, "x"),
                      range(w, int64_t{n} * k * 2, "weight")};
   if (bias != nullptr) cfemu::g_ranges.push_back(range(bias, int64_t{n} * 2, "bias"));
   const sk::SkinnyPlan plan =
@@ -48,9 +49,9 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
                    [kernel, p] { kernel(p); });
   };
   if (dtype == 0) {
-    sk::LaunchSkinny<sk::Fp16>(m, plan, launch);
+    sk::LaunchSkinny<sk::Fp16>(m, silu_gated != 0, plan, launch);
   } else {
-    sk::LaunchSkinny<sk::Bf16>(m, plan, launch);
+    sk::LaunchSkinny<sk::Bf16>(m, silu_gated != 0, plan, launch);
   }
   return plan.grid;
 }

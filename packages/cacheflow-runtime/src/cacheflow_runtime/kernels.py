@@ -54,18 +54,20 @@ def _compute_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool = False) -> bool:
     """Whether ``x @ weight.T`` goes to cacheflow_kernels.skinny_gemm instead of cuBLAS: with
     CACHEFLOW_SKINNY_GEMM=1 (opt-in until it has been measured against cuBLAS in the engine),
     for 1-2 contiguous float16/bfloat16 CUDA rows on compute capability 9.0+, a contiguous
-    16-byte-aligned weight of the same dtype and a row length the kernel takes."""
+    16-byte-aligned weight of the same dtype and a row length the kernel takes (``silu_gated``:
+    x is ``[gate | up]``, twice the weight's row length)."""
     ck = cacheflow_kernels
     if x.dim() != 2 or not 1 <= x.shape[0] <= getattr(ck, "SKINNY_GEMM_MAX_ROWS", 0):
         return False
     if os.environ.get("CACHEFLOW_SKINNY_GEMM") != "1":
         return False
-    k = x.shape[1]
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.is_contiguous()
+    k = weight.shape[-1]
+    return (x.shape[1] == (2 * k if silu_gated else k)
+            and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.is_contiguous()
             and weight.dtype == x.dtype and weight.is_cuda and weight.is_contiguous()
             and k % 64 == 0 and k <= ck.SKINNY_GEMM_MAX_K and x.data_ptr() % 16 == 0
             and weight.data_ptr() % 16 == 0

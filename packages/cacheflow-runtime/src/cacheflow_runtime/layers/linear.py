@@ -17,6 +17,7 @@ from torch import nn
 import cacheflow_kernels
 from cacheflow_runtime import parallel_state as ps
 from cacheflow_runtime.kernels import skinny_gemm_applies
+from cacheflow_runtime.layers.activation import SiluAndMul
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
@@ -230,7 +231,23 @@ class RowParallelLinear(nn.Module):
         """Returns the full output features."""
         if not self.input_is_parallel:
             x = shard(x, -1, self.input_size_per_partition, ps.get_tensor_parallel_rank())
-        y = linear(x, self.weight)
+        return self._reduce(linear(x, self.weight))
+
+    def forward_gated(self, gate_up: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+        """``forward(act_fn(gate_up))`` for an MLP's down projection, ``gate_up`` = this rank's
+        ``[gate | up]``. With SiLU, for one or two rows on Hopper (``skinny_gemm_applies``), the
+        activation is applied inside the GEMM: one kernel fewer per layer."""
+        if (isinstance(act_fn, SiluAndMul) and self.input_is_parallel and gate_up.dim() == 2
+                and gate_up.shape[0] <= 2
+                and skinny_gemm_applies(gate_up, self.weight, silu_gated=True)):
+            out = torch.empty(gate_up.shape[0], self.weight.shape[0], dtype=gate_up.dtype,
+                              device=gate_up.device)
+            cacheflow_kernels.skinny_gemm(out, gate_up, self.weight, activation="silu")
+            return self._reduce(out)
+        return self.forward(act_fn(gate_up))
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """The partial products of the ranks summed, then the bias."""
         if self.reduce_results:
             y = ps.all_reduce(y)
         return y + self.bias if self.bias is not None else y
