@@ -24,7 +24,6 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -33,6 +32,7 @@
 
 #include "attention_args.h"
 #include "common.h"
+#include "device_attribute.cuh"
 #include "paged_prefill_launch.cuh"
 
 namespace cacheflow {
@@ -65,24 +65,11 @@ int TcVariantFromEnv() {
   return prefill::kTcDefault;
 }
 
-/*! \brief A device attribute, queried once per (attribute slot, device). */
-template <int kSlot>
-int CachedAttribute(cudaDeviceAttr attr, int device) {
-  static std::atomic<int> cached[64];  // 0: not queried yet
-  const bool cacheable = device >= 0 && device < 64;
-  int v = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&v, attr, device));
-    if (cacheable) cached[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 int MaxSmemOptin(int device) {
-  return CachedAttribute<0>(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return CachedDeviceAttribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
 }
 
-int NumSms(int device) { return CachedAttribute<1>(cudaDevAttrMultiProcessorCount, device); }
+int NumSms(int device) { return CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(device); }
 
 /*!
  * \brief Whether the Hopper kernels can run here: the library holds them (built for a 90
@@ -90,8 +77,8 @@ int NumSms(int device) { return CachedAttribute<1>(cudaDevAttrMultiProcessorCoun
  */
 bool HasWgKernels(int device) {
 #if defined(CACHEFLOW_HAS_SM90A_PREFILL)
-  return CachedAttribute<2>(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
-         CachedAttribute<3>(cudaDevAttrComputeCapabilityMinor, device) == 0;
+  return CachedDeviceAttribute<cudaDevAttrComputeCapabilityMajor>(device) == 9 &&
+         CachedDeviceAttribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;
 #else
   (void)device;
   return false;

@@ -163,8 +163,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
     int r, c;
     ChunkCoords<kChunks, kThreads>(tid, j, r, c);
     const bool valid = r < t.rows;  // rows past the sequence are zero-filled
-    CpAsync16(s_q + SwizzledChunk(kBM, r, c), valid ? t.q_ptr + r * t.q_token_bytes + c * 16 : p.query,
-              valid);
+    CpAsync16(s_q + SwizzledChunk(kBM, r, c),
+              valid ? t.q_ptr + r * t.q_token_bytes + c * 16 : p.query, valid);
   }
   SyncCta();  // slots visible
   load_k(t.n_tiles - 1);

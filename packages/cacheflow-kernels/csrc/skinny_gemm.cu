@@ -1,7 +1,8 @@
 // skinny_gemm: out = x W^T (+ bias) for one or two rows of x, reading W with TMA bulk copies
 // (skinny_gemm_kernel.cuh); with activation "silu", x = [gate | up] and the product is with
-// silu(gate) * up (the MLP's down projection with its activation fused). Meant for the GEMMs of a decode step at batch 1 or 2, where cuBLAS
-// reads the weights at 60-98% of the copy bandwidth and cannot start before its input is ready.
+// silu(gate) * up (the MLP's down projection with its activation fused). Meant for the GEMMs of
+// a decode step at batch 1 or 2, where cuBLAS reads the weights at 60-98% of the copy bandwidth
+// and cannot start before its input is ready.
 //
 // Layouts (on one CUDA device of compute capability 9.0 or newer):
 //   out:    [m, n]  float16 or bfloat16, rows contiguous (row stride any)
@@ -16,11 +17,11 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 
-#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "common.h"
+#include "device_attribute.cuh"
 #include "pdl_launch.cuh"
 #include "skinny_gemm_kernel.cuh"
 #include "smem_limit.cuh"
@@ -33,19 +34,6 @@ using tvm::ffi::Optional;
 
 bool IsHalfOrBf16(DLDataType dt) {
   return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
-}
-
-/*! \brief A device attribute, queried once per (attribute slot, device). */
-template <int kSlot>
-int CachedAttribute(cudaDeviceAttr attr, int device) {
-  static std::atomic<int> cached[64];  // 0: not queried yet
-  const bool cacheable = device >= 0 && device < 64;
-  int v = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (v == 0) {
-    TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&v, attr, device));
-    if (cacheable) cached[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
 }
 
 /*! \brief Elements between the rows of a 2-D tensor whose rows are contiguous. */
@@ -114,15 +102,14 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
 
   const DLDevice dev = x.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
-  const int major = CachedAttribute<0>(cudaDevAttrComputeCapabilityMajor, dev.device_id);
+  const int major = CachedDeviceAttribute<cudaDevAttrComputeCapabilityMajor>(dev.device_id);
   TVM_FFI_CHECK(major >= 9, RuntimeError)
       << kOp << ": needs a GPU of compute capability 9.0 or newer (TMA bulk copies); device "
       << dev.device_id << " is " << major << ".x";
-  const int sms = CachedAttribute<1>(cudaDevAttrMultiProcessorCount, dev.device_id);
-  const int smem_sm = CachedAttribute<2>(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                         dev.device_id);
-  const int smem_cta = CachedAttribute<3>(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          dev.device_id);
+  const int id = dev.device_id;
+  const int sms = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(id);
+  const int smem_sm = CachedDeviceAttribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(id);
+  const int smem_cta = CachedDeviceAttribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(id);
   const skinny::SkinnyPlan plan = skinny::PlanSkinny<skinny::kDefaultStages>(
       static_cast<int>(n), static_cast<int>(k), sms, smem_sm, smem_cta);
   TVM_FFI_CHECK(plan.grid > 0, ValueError)

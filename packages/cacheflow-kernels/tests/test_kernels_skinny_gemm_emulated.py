@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skinny_testutil import check, inputs
 
 torch = pytest.importorskip("torch")
 
@@ -50,24 +51,6 @@ def run(emu: Any, out: Any, x: Any, w: Any, bias: Any, sms: int = 3,
     return emu(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), w.data_ptr(),
                None if bias is None else bias.data_ptr(), x.shape[0], w.shape[0], w.shape[1],
                x.stride(0), out.stride(0), sms, smem_per_sm, int(silu_gated))
-
-
-def inputs(m: int, n: int, k: int, dtype: Any, bias: bool, seed: int) -> tuple[Any, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    return x, w, b
-
-
-def check(out: Any, x: Any, w: Any, b: Any) -> None:
-    """Within the dtype's rounding of the result (plus float32 summation error)."""
-    ref = x.double() @ w.double().T + (0 if b is None else b.double())
-    assert not torch.isnan(out).any()
-    ulp = 2.0 ** -10 if out.dtype == torch.float16 else 2.0 ** -7
-    tol = ref.abs() * ulp + 1e-4 * x.shape[1] ** 0.5
-    err = (out.double() - ref).abs()
-    assert bool((err <= tol).all()), f"max error {float(err.max())}"
 
 
 # (m, n, k, bias): one or two rows; rows per stage 16 (k 512) down to 1 (k 11008, 16384); n

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from skinny_testutil import check
+from skinny_testutil import inputs as cpu_inputs
 
 import cacheflow_kernels as ck
 
@@ -21,20 +23,8 @@ pytestmark = [
 
 
 def inputs(m: int, n: int, k: int, dtype: Any, bias: bool, seed: int) -> tuple[Any, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
-    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
-    return x, w, b
-
-
-def check(out: Any, x: Any, w: Any, b: Any) -> None:
-    ref = x.double() @ w.double().T + (0 if b is None else b.double())
-    assert not torch.isnan(out).any()
-    ulp = 2.0 ** -10 if out.dtype == torch.float16 else 2.0 ** -7
-    tol = ref.abs() * ulp + 1e-4 * x.shape[1] ** 0.5
-    err = (out.double() - ref).abs()
-    assert bool((err <= tol).all()), f"max error {float(err.max())}"
+    """The shared test inputs, on the GPU."""
+    return cpu_inputs(m, n, k, dtype, bias, seed, device="cuda")
 
 
 # LLaMA-2-7B's decode GEMMs (qkv, o, gate_up, down, lm_head) and a few odd shapes.
