@@ -313,6 +313,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
       issue_pv(n);
       WgmmaWait<0>();
       WgmmaFenceOperand(acc_o);
+      WgmmaFenceOperand(pa);
     }
   } else {
     // Tile n_tiles - 1 scored before the loop; each step then issues P V of tile n with S of
@@ -346,12 +347,14 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
         softmax(n - 1, alpha);
         WgmmaWait<0>();
         WgmmaFenceOperand(acc_o);
+        WgmmaFenceOperand(pa);
         rescale_o(alpha);
         pack_p();
       } else {
         issue_pv(n);
         WgmmaWait<0>();
         WgmmaFenceOperand(acc_o);
+        WgmmaFenceOperand(pa);
       }
     }
   }

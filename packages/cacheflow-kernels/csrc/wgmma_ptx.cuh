@@ -37,6 +37,19 @@ __device__ __forceinline__ void WgmmaFenceOperand(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+/*!
+ * \brief Keeps the registers of an A operand (P of O += P V) alive until here: a wgmma reads them
+ * after it is issued, up to its wait, so nothing may be allocated into them before that.
+ */
+template <int N>
+__device__ __forceinline__ void WgmmaFenceOperand(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
+}
+
 /*! \brief Makes this thread's shared-memory writes (cp.async, st.shared) visible to wgmma. */
 __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -504,6 +504,8 @@ inline void WgmmaWait() {}
 inline void FenceProxyAsync() {}
 template <int N>
 inline void WgmmaFenceOperand(float (&)[N]) {}
+template <int N>
+inline void WgmmaFenceOperand(uint32_t (&)[N][4]) {}
 
 /*! \brief The shared-memory byte address of element (mn, k) of a 128-byte-swizzled operand. */
 inline uint32_t WgmmaOperandAddr(uint64_t desc, int mn, int k, bool mn_major) {
