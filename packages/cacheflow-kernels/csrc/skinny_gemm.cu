@@ -17,6 +17,7 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 #include <tvm/ffi/function.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -34,6 +35,24 @@ using tvm::ffi::Optional;
 
 bool IsHalfOrBf16(DLDataType dt) {
   return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
+}
+
+/*!
+ * \brief Requires that `kernel` runs on `device` from sm_90 code: a library built without a 90
+ * architecture would JIT its older PTX, where the bulk copies are traps (checked once per
+ * device; every skinny kernel comes from the same architecture list).
+ */
+void CheckSm90Code(const void* kernel, int device) {
+  static std::atomic<int> checked[64];  // 0: not yet, 1: fine
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable && checked[device].load(std::memory_order_relaxed) == 1) return;
+  cudaFuncAttributes attr{};
+  TVM_FFI_CHECK_CUDA_ERROR(cudaFuncGetAttributes(&attr, kernel));
+  TVM_FFI_CHECK(attr.ptxVersion >= 90, RuntimeError)
+      << kOp << ": the kernel library has no sm_90 code for this device (built for compute "
+      << attr.ptxVersion / 10 << "." << attr.ptxVersion % 10 << "); rebuild it with 90 in "
+      << "CACHEFLOW_CUDA_ARCHS";
+  if (cacheable) checked[device].store(1, std::memory_order_relaxed);
 }
 
 /*! \brief Elements between the rows of a 2-D tensor whose rows are contiguous. */
@@ -130,6 +149,7 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   p.rows_per_stage = plan.rows_per_stage;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
+    CheckSm90Code(reinterpret_cast<const void*>(kernel), id);
     RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem));
     LaunchChained(kernel, dim3(grid), dim3(threads), static_cast<size_t>(smem), stream, p);
   };
