@@ -170,7 +170,7 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
       for (int j = 0; j < kMaxPieces; ++j) {
         const int piece = lane + 32 * j;
         if (piece < slice_pieces) {
-          const uint4 wv = LoadShared16(w_row + piece * 16);
+          const uint4 wv = Load16(w_row + piece * 16);
           const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
           for (int h = 0; h < 4; ++h) {

@@ -1,20 +1,31 @@
 // Primitives of the skinny GEMM kernel (skinny_gemm_kernel.cuh): TMA bulk copies completed
-// through mbarriers (sm_90), shuffles, barriers, number conversions. The kernel touches the
-// hardware only through these, so tests/emulation/skinny_emu.h can run the same source on a CPU.
+// through mbarriers (sm_90) and number conversions; the element tags, shared-memory addresses,
+// barriers, shuffles and 16-byte loads are the prefill kernels' (paged_prefill_ptx.cuh). The
+// kernel touches the hardware only through these, so tests/emulation/skinny_emu.h can run the
+// same source on a CPU.
 #pragma once
 
 #include <cstdint>
 
+#include "paged_prefill_ptx.cuh"
+
+namespace cacheflow {
+namespace skinny {
+
+using prefill::Bf16;
+using prefill::DynamicSmem;
+using prefill::Fp16;
+using prefill::Load16;
+using prefill::ShflXor;
+using prefill::SmemU32;
+using prefill::SyncCta;
+
+}  // namespace skinny
+}  // namespace cacheflow
+
 #if defined(CACHEFLOW_SKINNY_EMULATE)
 #include "skinny_emu.h"
 #else
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#define CF_DEVICE __device__ __forceinline__
-#define CF_GLOBAL __global__
 
 // TMA bulk copies and mbarrier transaction counts need sm_90; the library's older targets compile
 // the kernel with traps in their place (the host launches it on 9.0+ only).
@@ -26,23 +37,6 @@
 
 namespace cacheflow {
 namespace skinny {
-
-struct Fp16 {};
-struct Bf16 {};
-
-/*! \brief The dynamic shared memory of the CTA (128-byte aligned: bulk copies need 16). */
-CF_DEVICE unsigned char* DynamicSmem() {
-  extern __shared__ __align__(128) unsigned char cf_skinny_smem[];
-  return cf_skinny_smem;
-}
-
-CF_DEVICE uint32_t SmemU32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-CF_DEVICE void SyncCta() { __syncthreads(); }
-
-CF_DEVICE float ShflXor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 
 /*! \brief An mbarrier expecting `count` arrivals per phase. */
 CF_DEVICE void MbarInit(uint32_t bar, unsigned count) {
@@ -98,9 +92,6 @@ CF_DEVICE void MbarWait(uint32_t bar, unsigned parity) {
   __trap();  // the host launches the kernel on compute capability 9.0+ only
 #endif
 }
-
-/*! \brief 16 bytes of shared memory (a generic pointer into it). */
-CF_DEVICE uint4 LoadShared16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
 /*! \brief 16 bytes of global memory that no kernel writes while this one runs (x, bias). */
 CF_DEVICE uint4 LoadGlobal16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }

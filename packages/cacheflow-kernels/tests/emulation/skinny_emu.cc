@@ -4,8 +4,6 @@
 // Build (from packages/cacheflow-kernels):
 //   g++ -std=c++17 -O2 -shared -fPIC -DCACHEFLOW_PREFILL_EMULATE -DCACHEFLOW_SKINNY_EMULATE
 //       -Icsrc -Itests/emulation tests/emulation/skinny_emu.cc -o libskinny_emu.so
-#include "skinny_emu.h"  // first: it defines the macros the kernel header expects
-
 #include <cstdint>
 
 #include "skinny_gemm_kernel.cuh"

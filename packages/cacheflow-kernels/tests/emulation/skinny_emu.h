@@ -1,6 +1,7 @@
-// Host emulation of the primitives of csrc/skinny_gemm_ptx.cuh, so that the skinny GEMM kernel
-// (csrc/skinny_gemm_kernel.cuh, unchanged) runs on a CPU for tests. It reuses the fiber-per-thread
-// CTA runner of prefill_emu.h.
+// Host emulation of the primitives of csrc/skinny_gemm_ptx.cuh of its own (bulk copies,
+// mbarriers, conversions), so that the skinny GEMM kernel (csrc/skinny_gemm_kernel.cuh,
+// unchanged) runs on a CPU for tests. The rest (fibers, barriers, shuffles, tags) is
+// prefill_emu.h's, which skinny_gemm_ptx.cuh brings in through paged_prefill_ptx.cuh.
 //
 // Bulk copies land at issue and complete their bytes on the mbarrier named; an mbarrier phase
 // completes when its arrivals and its announced bytes are all in (PTX ISA semantics), and a wait
@@ -18,9 +19,6 @@ struct float2 {
 
 namespace cacheflow {
 namespace skinny {
-
-struct Fp16 {};
-struct Bf16 {};
 
 struct MbarState {
   int count = 0;    // arrivals per phase
@@ -53,10 +51,6 @@ inline void MaybeCompletePhase(MbarState& b) {
   }
 }
 
-inline unsigned char* DynamicSmem() { return cfemu::g_cta->smem.data(); }
-inline uint32_t SmemU32(const void* p) { return prefill::SmemU32(p); }
-inline void SyncCta() { prefill::SyncCta(); }
-inline float ShflXor(float v, int mask) { return prefill::ShflXor(v, mask); }
 
 inline void MbarInit(uint32_t bar, unsigned count) {
   cfemu::SmemAt(bar, 8, 8, "mbarrier.init");
@@ -95,7 +89,6 @@ inline void MbarWait(uint32_t bar, unsigned parity) {
   }
 }
 
-inline uint4 LoadShared16(const void* p) { return prefill::Load16(p); }
 inline uint4 LoadGlobal16(const void* p) { return prefill::Load16(p); }
 
 template <class T>
