@@ -4,6 +4,7 @@ options are one-line errors before anything loads."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import random
@@ -392,3 +393,19 @@ def test_gpu_busy_without_cuda_is_a_clear_error(tiny_path: Path) -> None:
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         measure_gpu_busy(llm.engine, [[5, 6, 7]], steps=4)
     assert_idle(llm)
+
+
+def test_latency_sweep_warms_the_engine_before_timing_even_without_warmup_runs() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> list[int]:
+        calls.append((len(prompts), max_tokens))
+        return [max_tokens] * len(prompts)
+
+    runner = bench_latency._Runner(generate, [1, 2, 3], 4, 0, torch.device("cpu"))
+    args = argparse.Namespace(num_iters=1, num_iters_warmup=0, disable_tqdm=True)
+    rows = bench_latency._sweep(runner, [3, 5], 6, args, "engine")
+    # One untimed 2-token call on one prompt first; then per batch size the 1-token and the
+    # N-token timed calls, no per-size warmup.
+    assert calls == [(1, 2), (3, 1), (3, 6), (5, 1), (5, 6)]
+    assert [r["batch_size"] for r in rows] == [3, 5]

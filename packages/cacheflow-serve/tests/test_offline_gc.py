@@ -52,3 +52,12 @@ def test_full_passes_pause_with_objects_already_frozen(
         assert gc.get_freeze_count() > frozen // 2
     finally:
         gc.unfreeze()
+
+
+def test_construction_ends_with_a_collection(tiny_path: Path) -> None:
+    """What loading left behind is collected once at the end of ``LLM(...)``, so the survivors
+    sit in the oldest generation and the first young-generation pass of a run (inside a step)
+    does not walk them: no young-generation pass has happened since (counts of 0)."""
+    LLM(str(tiny_path), device="cpu", kv_cache_blocks=64)
+    young, middle, _ = gc.get_count()
+    assert (middle, gc.get_count()[2]) == (0, 0) and young < 700

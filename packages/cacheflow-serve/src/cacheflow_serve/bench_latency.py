@@ -4,7 +4,9 @@ batch sizes, next to the floors the card allows, all measured in the same proces
 For each batch size B (``--batch-sizes``), B prompts of ``--input-len`` tokens are generated
 with ``max_tokens=1`` and with ``max_tokens=N`` (``--output-len``), ``--num-iters`` times each
 (fresh prompts every time, so no cache can serve them) after ``--num-iters-warmup`` untimed
-runs. The medians give:
+runs. Before the first batch size, one untimed call (one prompt, two tokens) pays the engine's
+one-time costs (first forward, lazy initialization), whatever ``--num-iters-warmup`` says, so
+that they never land in a timed run. The medians give:
 
 - prefill: ``t(1)``, the time to the first token of all B requests;
 - decode step: ``(t(N) - t(1)) / (N - 1)``; this carries the ramp (prompts prefilled in chunks
@@ -224,6 +226,10 @@ class _Runner:
             raise RuntimeError(f"asked for {max_tokens} tokens per request, got {lengths}")
         return seconds
 
+    def warm_up(self) -> None:
+        """One untimed call (one prompt, two tokens): the one-time costs of the first call."""
+        self.run(1, 2)
+
     def measure(self, batch: int, output_len: int, iters: int, warmup: int) -> dict[str, Any]:
         """Median prefill and decode-step seconds at ``batch``."""
         for _ in range(warmup):
@@ -265,6 +271,7 @@ def _sweep(runner: _Runner, batch_sizes: list[int], output_len: int, args: argpa
            desc: str) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
+    runner.warm_up()
     return [runner.measure(b, output_len, args.num_iters, args.num_iters_warmup)
             for b in tqdm(batch_sizes, desc=desc, unit="batch size", disable=args.disable_tqdm)]
 

@@ -158,6 +158,10 @@ class LLM:
         self._max_prompt_chars = (max_prompt_chars(self.tokenizer, model_config.max_model_len)
                                   if self.tokenizer is not None else 0)
         self._counter = itertools.count()
+        # Loading leaves many young objects behind; one collection now moves the survivors to
+        # the oldest generation, so the first young-generation pass of a run does not walk
+        # them all inside a step (measured: a 17 ms pass in the second generate call).
+        gc.collect()
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prompt prefix (requests in flight keep their blocks)."""
