@@ -5,7 +5,8 @@
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
 # a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
-# CACHEFLOW_SKINNY_GEMM=1, the GEMMs of 1-2 rows on skinny_gemm); the kernel and dependency
+# CACHEFLOW_SKINNY_GEMM=1, the GEMMs of 1-2 rows on skinny_gemm; "cublas": "on" with
+# CACHEFLOW_SKINNY_GEMM=0, for when skinny_gemm is the default); the kernel and dependency
 # wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -52,6 +53,7 @@ for v in "${variants[@]}"; do
     on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
     nodetok) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --disable-detokenize) ;;
     skinny) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=1; flags=(--async-scheduling) ;;
+    cublas) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=0; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then
