@@ -5,7 +5,8 @@
 // reads W the way the card reads fastest (TMA bulk copies into a shared-memory ring, completed
 // through mbarriers; benchmarks/read_bw_probe.cu) and, launched with programmatic dependent
 // launch, issues its first copies before it waits for the kernel that writes x: W does not
-// depend on it, so the read of W overlaps the tail of that kernel.
+// depend on it, so the read of W overlaps the tail of that kernel. (So W must not be written by
+// the kernel just before on the stream: weights are written once, at load time.)
 //   * CTA = 8 warps over a contiguous range of W's rows, which is a contiguous byte range; it
 //     streams in stages of whole rows (about 16 KB), kStages stages in flight.
 //   * the 8 warps split K: warp w owns columns [w K / 8, (w + 1) K / 8), lane l the 16-byte pieces
@@ -198,7 +199,8 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
         }
       }
     }
-    SyncCta();  // every warp is done with the slot
+    FenceProxyAsync();  // this thread's reads of the slot before the copy that refills it
+    SyncCta();          // every warp is done with the slot
     if (tid == 0 && stage + kStages < n_stages) issue(stage + kStages);
   }
 

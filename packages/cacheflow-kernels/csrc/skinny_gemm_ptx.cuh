@@ -56,6 +56,17 @@ CF_DEVICE void FenceMbarInit() {
 #endif
 }
 
+/*! \brief Orders this thread's generic-proxy shared-memory reads before later async-proxy
+ * writes (the bulk copy that refills a slot just read): what the PTX memory model asks for
+ * between accesses to one location through the two proxies. */
+CF_DEVICE void FenceProxyAsync() {
+#if CF_SKINNY_SM90
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();  // the host launches the kernel on compute capability 9.0+ only
+#endif
+}
+
 /*! \brief This thread's arrival on `bar`, announcing `bytes` of bulk copies to complete on it. */
 CF_DEVICE void MbarArriveExpectTx(uint32_t bar, unsigned bytes) {
 #if CF_SKINNY_SM90

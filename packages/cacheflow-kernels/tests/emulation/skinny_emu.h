@@ -3,10 +3,11 @@
 // unchanged) runs on a CPU for tests. The rest (fibers, barriers, shuffles, tags) is
 // prefill_emu.h's, which skinny_gemm_ptx.cuh brings in through paged_prefill_ptx.cuh.
 //
-// Bulk copies land at issue and complete their bytes on the mbarrier named; an mbarrier phase
-// completes when its arrivals and its announced bytes are all in (PTX ISA semantics), and a wait
-// on a phase that can never complete aborts the run. Shared memory starts as 0xFF bytes, so a
-// row read before its copy landed is NaN.
+// A bulk copy poisons its destination with 0xFF bytes (NaN in 16-bit floats) at issue and lands,
+// completing its bytes on its mbarrier, only when a thread first waits on that mbarrier: a read of
+// a slot without the wait, or before it, sees NaN. An mbarrier phase completes when its arrivals
+// and its announced bytes are all in (PTX ISA semantics); a wait on a phase that can never
+// complete aborts the run, and so does a CTA that exits with copies in flight.
 #pragma once
 
 #include <map>
@@ -27,10 +28,16 @@ struct MbarState {
   unsigned phase = 0;
 };
 
+struct PendingBulk { uint32_t dst; const unsigned char* src; unsigned bytes; uint32_t bar; };
+inline std::vector<PendingBulk>& PendingBulks() { static std::vector<PendingBulk> v; return v; }
+inline void CheckNoBulkInFlight() {
+  if (!PendingBulks().empty()) cfemu::Fail("CTA exited with cp.async.bulk copies in flight");
+}
 inline std::map<uint32_t, MbarState>& Mbars() {
   static std::map<uint32_t, MbarState> bars;
   static const void* cta = nullptr;
   if (cta != cfemu::g_cta) {  // a new CTA: its own barriers
+    CheckNoBulkInFlight();
     bars.clear();
     cta = cfemu::g_cta;
   }
@@ -60,6 +67,7 @@ inline void MbarInit(uint32_t bar, unsigned count) {
   Mbars()[bar] = s;
 }
 inline void FenceMbarInit() {}
+inline void FenceProxyAsync() {}
 
 inline void MbarArriveExpectTx(uint32_t bar, unsigned bytes) {
   MbarState& b = Mbar(bar);
@@ -74,14 +82,26 @@ inline void BulkCopyG2S(uint32_t dst, const void* src, unsigned bytes, uint32_t 
     cfemu::Fail("cp.async.bulk: size and addresses must be multiples of 16");
   }
   cfemu::CheckGlobal(s, bytes, "cp.async.bulk src");
-  std::memcpy(cfemu::SmemAt(dst, bytes, 16, "cp.async.bulk dst"), s, bytes);
-  MbarState& b = Mbar(bar);
-  b.tx -= bytes;
-  if (b.tx < 0) cfemu::Fail("cp.async.bulk: more bytes than the mbarrier expects");
-  MaybeCompletePhase(b);
+  // Deferred: the destination is undefined (poisoned) until the copy lands at a wait on its bar.
+  std::memset(cfemu::SmemAt(dst, bytes, 16, "cp.async.bulk dst"), 0xFF, bytes);
+  Mbar(bar);
+  PendingBulks().push_back(PendingBulk{dst, s, bytes, bar});
+}
+inline void LandBulks(uint32_t bar) {
+  std::vector<PendingBulk> keep;
+  for (const PendingBulk& c : PendingBulks()) {
+    if (c.bar != bar) { keep.push_back(c); continue; }
+    std::memcpy(cfemu::SmemAt(c.dst, c.bytes, 16, "cp.async.bulk dst"), c.src, c.bytes);
+    MbarState& b = Mbar(bar);
+    b.tx -= c.bytes;
+    if (b.tx < 0) cfemu::Fail("cp.async.bulk: more bytes than the mbarrier expects");
+    MaybeCompletePhase(b);
+  }
+  PendingBulks().swap(keep);
 }
 
 inline void MbarWait(uint32_t bar, unsigned parity) {
+  LandBulks(bar);
   // The phase of parity `parity` has completed once the current phase's parity differs.
   for (int tries = 0; (Mbar(bar).phase & 1u) == (parity & 1u); ++tries) {
     if (tries > 1000) cfemu::Fail("mbarrier wait on a phase that never completes");
