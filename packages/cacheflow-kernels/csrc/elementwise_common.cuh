@@ -7,6 +7,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/tensor.h>
@@ -60,6 +61,21 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 template <typename T>
 __device__ __forceinline__ float RoundTo(float x) {
   return ToFloat(FromFloat<T>(x));
+}
+
+/*! \brief a*c - b*s (kMinus) or a*c + b*s, each step rounded to T like torch's eager ops (the
+ * rotary embedding's arithmetic). */
+template <typename T, bool kMinus>
+__device__ __forceinline__ float Rotate(float a, float c, float b, float s) {
+  const float ac = RoundTo<T>(__fmul_rn(a, c));
+  const float bs = RoundTo<T>(__fmul_rn(b, s));
+  return kMinus ? __fsub_rn(ac, bs) : __fadd_rn(ac, bs);
+}
+
+/*! \brief x / scale as an E4M3 byte (round to nearest even, saturating at +-448): what an FP8 KV
+ * cache stores. */
+__device__ __forceinline__ uint8_t QuantizeFp8(float x, float scale) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x / scale, __NV_SATFINITE, __NV_E4M3));
 }
 
 /*! \brief Load N elements at `p` with accesses of W elements (W divides N; p aligned to W). */

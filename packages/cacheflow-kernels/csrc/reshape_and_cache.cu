@@ -31,11 +31,15 @@
 #include <initializer_list>
 
 #include "common.h"
+#include "elementwise_common.cuh"
 #include "pdl.cuh"
 #include "pdl_launch.cuh"
 
 namespace cacheflow {
 namespace {
+
+using elementwise::QuantizeFp8;
+using elementwise::ToFloat;
 
 constexpr const char* kOp = "reshape_and_cache";
 constexpr int kMaxThreads = 256;
@@ -84,15 +88,6 @@ void Launch(char* key, char* value, char* key_cache, char* value_cache,
       stream, reinterpret_cast<const Word*>(key), reinterpret_cast<const Word*>(value),
       reinterpret_cast<Word*>(key_cache), reinterpret_cast<Word*>(value_cache), slot_mapping,
       row_words, rb.key_stride / kWord, rb.value_stride / kWord, num_slots);
-}
-
-__device__ __forceinline__ float ToFloat(float x) { return x; }
-__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-/*! \brief x / scale as an E4M3 byte (round to nearest even, saturating at +-448). */
-__device__ __forceinline__ uint8_t QuantizeFp8(float x, float scale) {
-  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x / scale, __NV_SATFINITE, __NV_E4M3));
 }
 
 /*!

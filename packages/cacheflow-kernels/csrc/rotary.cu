@@ -61,14 +61,6 @@ constexpr const char* kOp = "rotary_embedding";
 constexpr int kMaxThreads = 512;
 constexpr int64_t kMaxRotDim = 8192;  // cos/sin row staged in shared memory (32 KB)
 
-/*! \brief a*c - b*s (kMinus) or a*c + b*s, each step rounded to T like torch's eager ops. */
-template <typename T, bool kMinus>
-__device__ __forceinline__ float Rotate(float a, float c, float b, float s) {
-  const float ac = RoundTo<T>(__fmul_rn(a, c));
-  const float bs = RoundTo<T>(__fmul_rn(b, s));
-  return kMinus ? __fsub_rn(ac, bs) : __fadd_rn(ac, bs);
-}
-
 /*!
  * \tparam N elements rotated per thread and step: N of x1 and N of x2 (neox), or N/2 pairs
  *   (gpt-j, N even).

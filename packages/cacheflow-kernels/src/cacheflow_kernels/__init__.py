@@ -7,7 +7,8 @@ DLPack framework (torch, JAX, CuPy). Importing this package imports neither torc
 Public API: :data:`__version__`, :data:`ABI_VERSION`, :func:`cuda_available`,
 :func:`reshape_and_cache`, :func:`paged_attention` (decode; with
 :func:`paged_attention_workspace_size`), :func:`paged_prefill_attention`;
-:func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding`, :func:`silu_and_mul`,
+:func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding` (and
+:func:`rotary_embedding_with_cache`, fused with the KV-cache write), :func:`silu_and_mul`,
 :func:`gelu_and_mul`, :func:`gelu_new`, :func:`gelu_fast`, :func:`copy_blocks`,
 :func:`swap_blocks`, :func:`moe_grouped_gemm` (mixture-of-experts grouped GEMM, with an
 optional row gather and weighted scatter), :func:`moe_grouped_gemm_gated` (gate/up projection with
@@ -47,7 +48,7 @@ from ._prefill_ops import (
     PAGED_PREFILL_TENSOR_CORE_HEAD_SIZES,
     paged_prefill_attention,
 )
-from ._rotary_ops import rotary_embedding
+from ._rotary_ops import rotary_embedding, rotary_embedding_with_cache
 from ._version import ABI_VERSION, __version__
 
 
@@ -89,6 +90,7 @@ __all__ = [
     "skinny_gemm",
     "fused_add_rms_norm",
     "rotary_embedding",
+    "rotary_embedding_with_cache",
     "silu_and_mul",
     "gelu_and_mul",
     "gelu_new",

@@ -74,6 +74,34 @@ def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool 
             and _compute_capability(x.device.index or 0) >= (9, 0) and cuda_ready())
 
 
+def rotary_cache_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether cacheflow_kernels.rotary_embedding_with_cache takes these tensors (the rotary
+    settings are the caller's to check): with CACHEFLOW_ROTARY_CACHE=1 (opt-in until it has
+    been measured in the engine), float16/bfloat16 CUDA ``query`` / ``key`` / ``value``
+    ``[num_tokens, heads * head_size]`` with contiguous last dimensions, 16-byte aligned, rows a
+    multiple of 8 elements apart; caches of their dtype or FP8, contiguous, 16-byte aligned,
+    with a head size that is a multiple of 16."""
+    if os.environ.get("CACHEFLOW_ROTARY_CACHE") != "1":
+        return False
+    if getattr(cacheflow_kernels, "rotary_embedding_with_cache", None) is None:
+        return False
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if key_cache.dim() != 4 or key_cache.shape[-1] % 16:
+        return False
+    for t in (query, key, value):
+        if (t.dim() != 2 or t.dtype != query.dtype or t.device != query.device
+                or t.stride(-1) != 1 or t.data_ptr() % 16
+                or (t.shape[0] > 1 and t.stride(0) % 8)):
+            return False
+    for c in (key_cache, value_cache):
+        if (c.dtype not in (query.dtype, torch.float8_e4m3fn) or c.device != query.device
+                or not c.is_contiguous() or c.data_ptr() % 16):
+            return False
+    return cuda_ready()
+
+
 def cache_kernels_for(cache: torch.Tensor) -> Optional[ModuleType]:
     """cacheflow_kernels for a CUDA KV cache of any cache dtype (float or FP8: its block moves
     are bytewise) when the library has CUDA; else None."""

@@ -120,20 +120,35 @@ class PagedAttention(nn.Module):
         if kv_cache is None:
             out = _attend_without_cache(q, k, v, input_metadata, self.scale,
                                         self.sliding_window, self.logits_soft_cap)
+            return out.view(num_tokens, self.num_heads * self.head_size)
+        key_cache, value_cache = kv_cache
+        k_scale, v_scale = self.cache_scales(key_cache)
+        self.backend_for(q).reshape_and_cache(k, v, key_cache, value_cache,
+                                              input_metadata.slot_mapping, k_scale, v_scale)
+        return self.attend_cached(query, kv_cache, input_metadata)
+
+    def cache_scales(self, key_cache: torch.Tensor) -> tuple[float, float]:
+        """(k_scale, v_scale) for a write to or a read from ``key_cache``: this layer's scales
+        for an FP8 cache; 1.0 for others (the kernels insist on it: the scales mean nothing
+        there)."""
+        if key_cache.dtype == torch.float8_e4m3fn:
+            return self.k_scale, self.v_scale
+        return 1.0, 1.0
+
+    def attend_cached(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                      input_metadata: InputMetadata) -> torch.Tensor:
+        """Attention of ``query`` [num_tokens, num_heads * head_size] over the cache, whose
+        slots already hold this step's keys and values (written by :meth:`forward`, or by a
+        fused rotary-and-cache kernel); returns [num_tokens, num_heads * head_size]."""
+        num_tokens = query.shape[0]
+        q = query.view(num_tokens, self.num_heads, self.head_size)
+        key_cache, value_cache = kv_cache
+        backend = self.backend_for(q)
+        k_scale, v_scale = self.cache_scales(key_cache)
+        if input_metadata.cascade is not None and self.takes_cascade:
+            out = cascade.cascade_decode(backend, q, key_cache, value_cache,
+                                         input_metadata.cascade, self.scale, k_scale, v_scale)
         else:
-            key_cache, value_cache = kv_cache
-            backend = self.backend_for(q)
-            # The scales only mean something to an FP8 cache (the kernels insist on 1.0 else).
-            fp8 = key_cache.dtype == torch.float8_e4m3fn
-            k_scale = self.k_scale if fp8 else 1.0
-            v_scale = self.v_scale if fp8 else 1.0
-            backend.reshape_and_cache(k, v, key_cache, value_cache, input_metadata.slot_mapping,
-                                      k_scale, v_scale)
-            if input_metadata.cascade is not None and self.takes_cascade:
-                out = cascade.cascade_decode(backend, q, key_cache, value_cache,
-                                             input_metadata.cascade, self.scale, k_scale,
-                                             v_scale)
-                return out.view(num_tokens, self.num_heads * self.head_size)
             out = backend.paged_attention(q, key_cache, value_cache, input_metadata, self.scale,
                                           sliding_window=self.sliding_window, k_scale=k_scale,
                                           v_scale=v_scale, logits_soft_cap=self.logits_soft_cap)

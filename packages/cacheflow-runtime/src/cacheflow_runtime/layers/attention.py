@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention
+from cacheflow_runtime.attention import cuda as cuda_backend
 from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding
 
 KVCache = Optional[tuple[torch.Tensor, torch.Tensor]]
@@ -36,7 +37,15 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
     def forward(self, positions: torch.Tensor, query: torch.Tensor,  # type: ignore[override]
                 key: torch.Tensor, value: torch.Tensor, kv_cache: KVCache,
                 input_metadata: InputMetadata) -> torch.Tensor:
-        """Rotates query and key at ``positions`` [num_tokens], then attends."""
+        """Rotates query and key at ``positions`` [num_tokens], then attends. On the cuda
+        backend the rotation and the cache write may be one kernel
+        (``RotaryEmbedding.forward_with_cache``), with the same results."""
+        if kv_cache is not None and self.backend_for(query) is cuda_backend:
+            k_scale, v_scale = self.cache_scales(kv_cache[0])
+            if self.rotary_emb.forward_with_cache(positions, query, key, value, *kv_cache,
+                                                  input_metadata.slot_mapping, k_scale,
+                                                  v_scale):
+                return self.attend_cached(query, kv_cache, input_metadata)
         query, key = self.rotary_emb(positions, query, key, input_metadata.query_lens,
                                      input_metadata.context_lens_host)
         return super().forward(query, key, value, kv_cache, input_metadata)

@@ -37,7 +37,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from cacheflow_runtime.kernels import kernels_for
+import cacheflow_kernels
+from cacheflow_runtime.kernels import kernels_for, rotary_cache_applies
 
 ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "su")
 
@@ -237,6 +238,26 @@ class RotaryEmbedding(nn.Module):
             cos = self.cos_cache[positions]
             sin = self.sin_cache[positions]
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def forward_with_cache(self, positions: torch.Tensor, query: torch.Tensor,
+                           key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> bool:
+        """Rotates ``query`` and ``key`` in place and writes the rotated key and ``value``
+        ([T, Hkv*D]) into their cache slots in one kernel
+        (``cacheflow_kernels.rotary_embedding_with_cache``: the results of :meth:`forward`
+        followed by the attention backend's ``reshape_and_cache``). Returns False, having done
+        nothing, where that kernel does not apply (CPU, dynamic NTK or LongRoPE scaling,
+        partial rotary, layouts it does not take: see ``kernels.rotary_cache_applies``)."""
+        if (self.longrope_original is not None or self.rotary_dim != self.head_size
+                or self._kernels(positions, query, key) is None
+                or not rotary_cache_applies(query, key, value, key_cache, value_cache)):
+            return False
+        cacheflow_kernels.rotary_embedding_with_cache(
+            positions, query, key, value, self.cos_sin_cache, self.head_size,
+            self.is_neox_style, key_cache, value_cache, slot_mapping.contiguous(), k_scale,
+            v_scale)
+        return True
 
     def _kernels(self, positions: torch.Tensor, query: torch.Tensor,
                  key: torch.Tensor) -> Any:
