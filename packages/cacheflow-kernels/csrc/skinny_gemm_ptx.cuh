@@ -104,8 +104,23 @@ CF_DEVICE void MbarWait(uint32_t bar, unsigned parity) {
 #endif
 }
 
-/*! \brief 16 bytes of global memory that no kernel writes while this one runs (x, bias). */
-CF_DEVICE uint4 LoadGlobal16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+/*! \brief 16 bytes of global memory read through L2 (x, bias). Not the read-only path (__ldg,
+ * ld.global.nc): under PDL this kernel is already running while the kernel before it writes x,
+ * and .nc requires data that no one writes during the kernel's lifetime (on an H200 it returned
+ * the previous replay's x in a CUDA graph, 2026-12-05). */
+CF_DEVICE uint4 LoadGlobal16(const void* p) {
+#if CF_SKINNY_SM90
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+#else
+  __trap();  // the host launches the kernel on compute capability 9.0+ only
+  return uint4{};
+#endif
+}
 
 /*! \brief The two 16-bit elements of `v` as floats (low half first). */
 template <class T>
