@@ -6,7 +6,8 @@
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
 # a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
 # CACHEFLOW_SKINNY_GEMM=1, the GEMMs of 1-2 rows on skinny_gemm; "cublas": "on" with
-# CACHEFLOW_SKINNY_GEMM=0, for when skinny_gemm is the default); the kernel and dependency
+# CACHEFLOW_SKINNY_GEMM=0, for when skinny_gemm is the default; "tworot": "on" with
+# CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05); the kernel and dependency
 # wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -45,7 +46,7 @@ PY
 
 for v in "${variants[@]}"; do
   flags=()
-  unset CACHEFLOW_SKINNY_GEMM
+  unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
@@ -54,6 +55,7 @@ for v in "${variants[@]}"; do
     nodetok) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --disable-detokenize) ;;
     skinny) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=1; flags=(--async-scheduling) ;;
     cublas) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=0; flags=(--async-scheduling) ;;
+    tworot) export PYTHONPATH="${site[new]}" CACHEFLOW_ROTARY_CACHE=0; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

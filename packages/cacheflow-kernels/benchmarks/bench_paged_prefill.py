@@ -13,7 +13,7 @@ and SDPA's.
     python benchmarks/bench_paged_prefill.py --out prefill.json
     python benchmarks/bench_paged_prefill.py --cases mha_fp16_d128,gqa_fp16_d128 --iters 50
     python benchmarks/bench_paged_prefill.py --variants default,m64,w8   # tilings, fp16 d128
-    python benchmarks/bench_paged_prefill.py --variants default,wgmma,wgmma_serial  # sm_90a
+    python benchmarks/bench_paged_prefill.py --variants default,mma,wgmma  # sm_90a
     python benchmarks/bench_paged_prefill.py --variants default,prev,eager,bn32,chunked  # new/prev
 
 A failing case is recorded with its error and the run goes on. ``--variants`` also times other
@@ -27,7 +27,8 @@ each of those alone, and ``chunked`` (CACHEFLOW_PREFILL_GRID=chunked: the chunke
 CTA order, measured slower on the H200). ``bn64`` and ``w4``: the tilings before 2026-12-04 of
 head size 64 (64-key tiles; now 128) and 256 (64 rows over 4 warps; now 128 over 8).
 ``wgmma`` and ``wgmma_serial``: the Hopper kernel (compute capability 9.0), with and without its
-softmax / P V overlap.
+softmax / P V overlap (the serial one is the default there at head sizes 96, 128 and 256 with
+16-bit caches); ``mma``: the mma.sync kernels in those cases.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ VARIANTS: dict[str, tuple[dict[str, str], Any]] = {
     # without the softmax / P V overlap.
     "wgmma": ({VARIANT_ENV: "wgmma"}, _hopper_head),
     "wgmma_serial": ({VARIANT_ENV: "wgmma_serial"}, _hopper_head),
+    # The mma.sync kernels where the default is the Hopper kernel (head sizes 96 / 128 / 256).
+    "mma": ({VARIANT_ENV: "mma"}, lambda c: True),
 }
 
 

@@ -49,8 +49,9 @@ inline bool IsHalfOrBf16(DLDataType dt) {
  * \brief Benchmarking knob: CACHEFLOW_PREFILL_VARIANT=m64 or w8 runs another tiling of the fp16
  * head-size-96 and -128 tensor-core kernels, bn64 the head-size-64 tiling before 2026-12-04, w4
  * and bn32 the head-size-256 tilings before 2026-12-04 and 2026-12-03, wgmma the Hopper kernel
- * where it applies (wgmma_serial: without its softmax / P V overlap; see prefill::TcVariant);
- * unset or anything else: default. Read at every call.
+ * where it applies (wgmma_serial: without its softmax / P V overlap; see prefill::TcVariant), mma
+ * the mma.sync kernels where the default is the Hopper kernel (prefill::WgIsDefault); unset or
+ * anything else: default. Read at every call.
  */
 int TcVariantFromEnv() {
   const char* v = std::getenv("CACHEFLOW_PREFILL_VARIANT");
@@ -62,6 +63,7 @@ int TcVariantFromEnv() {
   if (std::strcmp(v, "w4") == 0) return prefill::kTcW4;
   if (std::strcmp(v, "wgmma") == 0) return prefill::kTcWgmma;
   if (std::strcmp(v, "wgmma_serial") == 0) return prefill::kTcWgmmaSerial;
+  if (std::strcmp(v, "mma") == 0) return prefill::kTcMma;
   return prefill::kTcDefault;
 }
 
@@ -210,6 +212,9 @@ void PagedPrefillAttention(TensorView out, TensorView query, TensorView key_cach
       }
     }
     const bool fp8 = s.fp8_cache;
+    if (variant == prefill::kTcDefault && prefill::WgIsDefault(head_size, fp8)) {
+      variant = prefill::kTcWgmmaSerial;  // where the Hopper kernel is not built or cannot run,
+    }                                     // the default mma.sync kernel below
     const bool wgmma = variant == prefill::kTcWgmma || variant == prefill::kTcWgmmaSerial;
     if (wgmma && prefill::IsWgHeadSize(head_size) && HasWgKernels(dev.device_id)) {
       launched = LaunchWg(bf16, head_size, variant == prefill::kTcWgmma, fp8, p, heads, seqs,

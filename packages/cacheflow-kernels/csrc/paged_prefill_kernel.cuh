@@ -693,7 +693,19 @@ enum TcVariant : int {
   kTcWgmma = 6,    // the Hopper kernel (paged_prefill_wg_kernel.cuh): head sizes 64, 96, 128, 256
                    // on compute capability 9.0 with a library built for sm_90a
   kTcWgmmaSerial = 7,  // the Hopper kernel without the softmax / P V overlap
+  kTcMma = 8,      // the mma.sync kernels even where the default is the Hopper kernel
 };
+
+/*!
+ * \brief Whether the default (kTcDefault) is the Hopper kernel's serial schedule on a device that
+ * has it: head sizes 96, 128 and 256 with a 16-bit cache. On an H200 (2026-12-05) it ran at
+ * 1.06-1.12x SDPA at 128, 0.95x at 96 and 1.26x at 256 (mma.sync: 0.89-0.90x, 0.84x, 0.86x) and
+ * faster than the overlapped schedule; at head size 64 the mma.sync kernel stayed faster (0.87x
+ * vs 0.81-0.83x); FP8 caches were not measured.
+ */
+constexpr bool WgIsDefault(int64_t d, bool fp8_cache) {
+  return !fp8_cache && (d == 96 || d == 128 || d == 256);
+}
 
 /*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */
 constexpr int kD256SmemBytes = TcTraits<256, 1, 8, 64, 1>::kSmemBytes;

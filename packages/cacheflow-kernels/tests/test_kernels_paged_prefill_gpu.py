@@ -353,6 +353,52 @@ def test_hopper_kernel(monkeypatch: Any, q_lens: list[int], ctx_lens: list[int],
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize(("head_size", "fp8", "variant", "hopper_kernel"),
+                         [(128, False, None, True), (96, False, None, True),
+                          (256, False, None, True), (64, False, None, False),
+                          (128, True, None, False), (128, False, "mma", False),
+                          (64, False, "wgmma_serial", True)])
+def test_default_kernel_on_hopper(monkeypatch: Any, head_size: int, fp8: bool, variant: Any,
+                                  hopper_kernel: bool) -> None:
+    """The default is the Hopper kernel at head sizes 96 / 128 / 256 with 16-bit caches (measured
+    faster there), the mma.sync kernel at 64 and with FP8 caches; "mma" forces the latter."""
+    from paged_attention_testutil import quantize_fp8
+
+    if variant is None:
+        monkeypatch.delenv("CACHEFLOW_PREFILL_VARIANT", raising=False)
+    else:
+        monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", variant)
+    case = gpu_case([150, 9], [300, 9], num_heads=4, num_kv_heads=2, head_size=head_size,
+                    block_size=16, dtype=torch.float16, seed=head_size)
+    if fp8:
+        case["key_cache"] = quantize_fp8(case["key_cache"], 0.03)
+        case["value_cache"] = quantize_fp8(case["value_cache"], 0.2)
+        case["k_scale"], case["v_scale"] = 0.03, 0.2
+    names = _kernels_launched(case)
+    assert any("PagedPrefillWgKernel" in n for n in names) == hopper_kernel, names
+    if not fp8:
+        case["out"].fill_(float("nan"))
+        run_and_check(case, torch.float16, f"default kernel head {head_size}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "heads", "kv_heads", "head_size", "block_size",
+                          "dtype"), HOPPER_CASES)
+def test_mma_kernels_where_the_hopper_kernel_is_default(
+        monkeypatch: Any, q_lens: list[int], ctx_lens: list[int], heads: int, kv_heads: int,
+        head_size: int, block_size: int, dtype: Any) -> None:
+    """The mma.sync kernels keep their coverage on Hopper cards (CACHEFLOW_PREFILL_VARIANT=mma)."""
+    monkeypatch.setenv("CACHEFLOW_PREFILL_VARIANT", "mma")
+    case = gpu_case(q_lens, ctx_lens, num_heads=heads, num_kv_heads=kv_heads,
+                    head_size=head_size, block_size=block_size, dtype=dtype,
+                    seed=head_size + block_size)
+    names = _kernels_launched(case)
+    assert not any("PagedPrefillWgKernel" in n for n in names), names
+    case["out"].fill_(float("nan"))
+    run_and_check(case, dtype, f"mma kernel head {head_size}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Hopper kernel runs on compute capability 9.0")
 @pytest.mark.parametrize(("window", "soft_cap", "head_size", "dtype"),
                          [(37, None, 64, torch.bfloat16), (1000, None, 256, torch.float16),
                           (None, 5.0, 128, torch.float16), (300, 30.0, 96, torch.bfloat16)])

@@ -1,6 +1,6 @@
 """The rotary attention layer's fused rotation and cache write (``RotaryEmbedding.
-forward_with_cache`` -> ``cacheflow_kernels.rotary_embedding_with_cache``, with
-CACHEFLOW_ROTARY_CACHE=1): where it applies, and that the layer's output and caches are those of
+forward_with_cache`` -> ``cacheflow_kernels.rotary_embedding_with_cache``, unless
+CACHEFLOW_ROTARY_CACHE=0): where it applies, and that the layer's output and caches are those of
 the two-kernel path. The CPU tests pin where it does not apply; the GPU ones (``gpu`` marker)
 compare the paths bit for bit."""
 
@@ -73,7 +73,7 @@ def test_cpu_tensors_keep_the_two_step_path(monkeypatch: pytest.MonkeyPatch,
         pos, step["query"].clone(), step["key"].clone(), step["value"], key_cache.clone(),
         value_cache.clone(), step["metadata"].slot_mapping)
     on = _forward(layer, step, pos)
-    monkeypatch.delenv("CACHEFLOW_ROTARY_CACHE")
+    monkeypatch.setenv("CACHEFLOW_ROTARY_CACHE", "0")
     off = _forward(layer, step, pos)
     assert fused_calls == []
     for a, b in zip(on, off):  # the caches' unused slots are NaN
@@ -104,10 +104,10 @@ def test_fused_path_matches_the_two_kernels(monkeypatch: pytest.MonkeyPatch,
                                             cached: list[int]) -> None:
     layer = _layer(is_neox=is_neox).cuda()
     step, pos = _gpu_step(query_lens, cached, dtype)
-    monkeypatch.delenv("CACHEFLOW_ROTARY_CACHE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_ROTARY_CACHE", "0")
     want = _forward(layer, step, pos)
     assert fused_calls == []
-    monkeypatch.setenv("CACHEFLOW_ROTARY_CACHE", "1")
+    monkeypatch.delenv("CACHEFLOW_ROTARY_CACHE")  # the default
     got = _forward(layer, step, pos)
     assert fused_calls == [sum(query_lens)]
     for a, b in zip(got, want):
@@ -124,9 +124,9 @@ def test_fp8_cache_fused_path_matches(monkeypatch: pytest.MonkeyPatch,
     step, pos = _gpu_step([1, 1, 1, 4], [12, 50, 3, 0], torch.float16, num_heads=16,
                           num_kv_heads=4, head_size=128)
     step["kv_cache"] = tuple(c.to(torch.float8_e4m3fn) for c in step["kv_cache"])
-    monkeypatch.delenv("CACHEFLOW_ROTARY_CACHE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_ROTARY_CACHE", "0")
     want = _forward(layer, step, pos)
-    monkeypatch.setenv("CACHEFLOW_ROTARY_CACHE", "1")
+    monkeypatch.delenv("CACHEFLOW_ROTARY_CACHE")
     got = _forward(layer, step, pos)
     assert fused_calls == [7]
     assert torch.equal(got[0], want[0])

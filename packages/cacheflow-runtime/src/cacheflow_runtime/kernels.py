@@ -79,12 +79,12 @@ def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool 
 def rotary_cache_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
     """Whether cacheflow_kernels.rotary_embedding_with_cache takes these tensors (the rotary
-    settings are the caller's to check): with CACHEFLOW_ROTARY_CACHE=1 (opt-in until it has
-    been measured in the engine), float16/bfloat16 CUDA ``query`` / ``key`` / ``value``
+    settings are the caller's to check): unless CACHEFLOW_ROTARY_CACHE=0 (the two kernels; the
+    A/B knob), float16/bfloat16 CUDA ``query`` / ``key`` / ``value``
     ``[num_tokens, heads * head_size]`` with contiguous last dimensions, 16-byte aligned, rows a
     multiple of 8 elements apart; caches of their dtype or FP8, contiguous, 16-byte aligned,
     with a head size that is a multiple of 16."""
-    if os.environ.get("CACHEFLOW_ROTARY_CACHE") != "1":
+    if os.environ.get("CACHEFLOW_ROTARY_CACHE") == "0":
         return False
     if getattr(cacheflow_kernels, "rotary_embedding_with_cache", None) is None:
         return False
