@@ -61,7 +61,7 @@ for v in "${variants[@]}"; do
   if [[ "$what" == latency || "$what" == all ]]; then
     echo "== $v: latency"
     timeout 300 python3 -m cacheflow_serve bench latency --model "$ckpt" --dtype float16 \
-      --batch-sizes 1,16,64,256 --input-len 128 --output-len 128 --num-iters 1 \
+      --batch-sizes "${BATCHES:-1,16,64,256}" --input-len 128 --output-len 128 --num-iters 1 \
       --num-iters-warmup 1 --disable-tqdm --output-json "$out/latency_$v.json" "${flags[@]}" \
       > "$out/latency_$v.log" 2>&1
     grep -B2 -A6 "^ *batch " "$out/latency_$v.log" | head -9
