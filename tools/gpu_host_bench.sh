@@ -5,8 +5,8 @@
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
 # a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
-# CACHEFLOW_SKINNY_GEMM=1, the GEMMs of 1-2 rows on skinny_gemm; "cublas": "on" with
-# CACHEFLOW_SKINNY_GEMM=0, for when skinny_gemm is the default; "tworot": "on" with
+# CACHEFLOW_SKINNY_GEMM=1 (the default since 2026-12-05); "cublas": "on" with
+# CACHEFLOW_SKINNY_GEMM=0, one-row GEMMs on cuBLAS as before; "tworot": "on" with
 # CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05); the kernel and dependency
 # wheels are the same for all.
 #

@@ -1,5 +1,5 @@
-"""Which GEMMs the linear layers send to cacheflow_kernels.skinny_gemm (one or two rows on
-Hopper, CACHEFLOW_SKINNY_GEMM=1) and that the result is F.linear's. The CPU tests pin the
+"""Which GEMMs the linear layers send to cacheflow_kernels.skinny_gemm (one row on
+Hopper unless CACHEFLOW_SKINNY_GEMM=0) and that the result is F.linear's. The CPU tests pin the
 fallback; the GPU ones (compute capability 9.0+) the kernel path."""
 
 from __future__ import annotations
@@ -65,9 +65,20 @@ def test_one_row_takes_the_kernel(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.gpu
 @hopper
-def test_off_without_the_switch(monkeypatch: pytest.MonkeyPatch,
-                                skinny_calls: list[int]) -> None:
+def test_on_by_default(monkeypatch: pytest.MonkeyPatch, skinny_calls: list[int]) -> None:
     monkeypatch.delenv("CACHEFLOW_SKINNY_GEMM", raising=False)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    w = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
+    assert skinny_gemm_applies(x, w)
+    linear(x, w)
+    assert skinny_calls == [1]
+
+
+@pytest.mark.gpu
+@hopper
+def test_off_with_the_switch_at_zero(monkeypatch: pytest.MonkeyPatch,
+                                     skinny_calls: list[int]) -> None:
+    monkeypatch.setenv("CACHEFLOW_SKINNY_GEMM", "0")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     w = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
     assert not skinny_gemm_applies(x, w)

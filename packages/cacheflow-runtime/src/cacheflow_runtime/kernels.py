@@ -55,17 +55,17 @@ def _compute_capability(index: int) -> tuple[int, int]:
 
 
 def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool = False) -> bool:
-    """Whether ``x @ weight.T`` goes to cacheflow_kernels.skinny_gemm instead of cuBLAS: with
-    CACHEFLOW_SKINNY_GEMM=1 (opt-in until it has been measured against cuBLAS in the engine),
-    for one contiguous float16/bfloat16 CUDA row on compute capability 9.0+, a contiguous
-    16-byte-aligned weight of the same dtype and a row length the kernel takes (``silu_gated``:
+    """Whether ``x @ weight.T`` goes to cacheflow_kernels.skinny_gemm instead of cuBLAS: unless
+    CACHEFLOW_SKINNY_GEMM=0 (cuBLAS for every projection; the A/B knob), for one contiguous
+    float16/bfloat16 CUDA row on compute capability 9.0+, a contiguous 16-byte-aligned weight
+    of the same dtype and a row length the kernel takes (``silu_gated``:
     x is ``[gate | up]``, twice the weight's row length)."""
     ck = cacheflow_kernels
     # One row only: the kernel takes two, but at two rows it ran at 34-56% of the copy rate on
     # an H200 (2026-12-05; cuBLAS 59-95%), at one row at 70-100% (cuBLAS 60-95%).
     if x.dim() != 2 or x.shape[0] != 1 or getattr(ck, "SKINNY_GEMM_MAX_ROWS", 0) < 1:
         return False
-    if os.environ.get("CACHEFLOW_SKINNY_GEMM") != "1":
+    if os.environ.get("CACHEFLOW_SKINNY_GEMM") == "0":
         return False
     k = weight.shape[-1]
     return (x.shape[1] == (2 * k if silu_gated else k)
