@@ -9,7 +9,8 @@ without a partial span (80, 96), block sizes 8/16/32, MHA/GQA/MQA, contexts of 1
 lengths that are not multiples of the block size, and split-K partitions (forced partition
 sizes); padded and out-of-range slots; ragged prefill with cached prefixes; unaligned rows
 (element-wise paths), strided rotary rows and both rotary kernels (the pipelined one over
-enough tokens to wrap its ring); FP8 E4M3 caches with K/V scales through
+enough tokens to wrap its ring), the fused rotary + cache write against the two ops, skinny_gemm
+(one and two rows, gated; compute capability 9.0+); FP8 E4M3 caches with K/V scales through
 reshape_and_cache, both attention ops (soft-capped too), copy_blocks and swap_blocks (the "fp8"
 sweep). Every output is checked against a torch reference
 (a wrong value exits non-zero on its own), so the sweep is also a correctness run; the
@@ -345,6 +346,78 @@ def sweep_activation() -> int:
     return calls
 
 
+# (tokens, heads, kv heads, head size, qkv row padding)
+ROTARY_CACHE_CASES = ((1, 4, 4, 64, 0), (9, 8, 2, 128, 8), (5, 4, 1, 96, 16))
+
+
+def sweep_rotary_cache() -> int:
+    """rotary_embedding_with_cache against rotary_embedding + reshape_and_cache, byte for byte:
+    both 16-bit dtypes and styles, 16-bit and FP8 caches, padded qkv rows, padding slots and an
+    out-of-range position."""
+    calls = 0
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    max_pos = 64
+    for dtype in (torch.float16, torch.bfloat16):
+        for neox in (True, False):
+            for cache_dtype in (dtype, torch.float8_e4m3fn):
+                for n, heads, kv, d, pad in ROTARY_CACHE_CASES:
+                    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+                    freqs = torch.arange(max_pos, device="cuda").float()[:, None] * inv[None]
+                    table = torch.cat((freqs.cos(), freqs.sin()), -1).contiguous()
+                    pos = torch.randint(0, max_pos, (n,), device="cuda", generator=gen)
+                    pos[-1] = max_pos + 1
+                    qkv = torch.randn(n, (heads + 2 * kv) * d + pad, device="cuda",
+                                      generator=gen).to(dtype)
+                    slots = torch.randperm(4 * 8, device="cuda", generator=gen)[:n]
+                    slots[0] = -1
+                    caches = [torch.zeros(4, 8, kv, d, device="cuda").to(cache_dtype)
+                              for _ in range(4)]
+                    scale = 1.0 if cache_dtype == dtype else 0.5
+                    runs = []
+                    for fused, (kc, vc) in ((False, caches[:2]), (True, caches[2:])):
+                        x = qkv.clone()
+                        q = x[:, :heads * d]
+                        k = x[:, heads * d:(heads + kv) * d]
+                        v = x[:, (heads + kv) * d:(heads + 2 * kv) * d]
+                        if fused:
+                            ck.rotary_embedding_with_cache(pos, q, k, v, table, d, neox, kc, vc,
+                                                           slots, scale, scale)
+                        else:
+                            ck.rotary_embedding(pos, q, k, table, d, neox)
+                            ck.reshape_and_cache(k.view(n, kv, d), v.view(n, kv, d), kc, vc,
+                                                 slots, scale, scale)
+                        runs.append((x, kc.view(torch.uint8), vc.view(torch.uint8)))
+                    what = f"rotary_cache {dtype} neox={neox} cache {cache_dtype} n{n} d{d}"
+                    for a, b in zip(runs[0], runs[1]):
+                        if not torch.equal(a, b):
+                            raise AssertionError(f"{what}: differs from the two ops")
+                    calls += 1
+    return calls
+
+
+def sweep_skinny() -> int:
+    """skinny_gemm at one and two rows, with a bias and gated, against float64 (compute
+    capability 9.0+; nothing to check elsewhere)."""
+    from skinny_testutil import check, inputs
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        return 0
+    calls = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for m, n, k in ((1, 300, 512), (2, 77, 1024), (1, 4096, 64)):
+            x, w, b = inputs(m, n, k, dtype, True, seed=n, device="cuda")
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            ck.skinny_gemm(out, x, w, b)
+            check(out, x, w, b)
+            gate_up = torch.randn(m, 2 * k, device="cuda").to(dtype)
+            ck.skinny_gemm(out, gate_up, w, activation="silu")
+            act = torch.empty(m, k, device="cuda", dtype=dtype)
+            ck.silu_and_mul(act, gate_up)
+            check(out, act, w, None)
+            calls += 2
+    return calls
+
+
 SWEEPS: dict[str, Callable[[], int]] = {
     "paged_attention": sweep_paged_attention,
     "paged_prefill": sweep_paged_prefill,
@@ -352,6 +425,8 @@ SWEEPS: dict[str, Callable[[], int]] = {
     "fp8": sweep_fp8,
     "norm": sweep_norm,
     "rotary": sweep_rotary,
+    "rotary_cache": sweep_rotary_cache,
+    "skinny": sweep_skinny,
     "activation": sweep_activation,
 }
 
