@@ -72,6 +72,43 @@ __device__ __forceinline__ float Rotate(float a, float c, float b, float s) {
   return kMinus ? __fsub_rn(ac, bs) : __fadd_rn(ac, bs);
 }
 
+/*!
+ * \brief Rotates one neox-style unit of a head: x1 = its N features from i0, x2 = their partners
+ * `half` further; `cos_sin` is the token's [cos | sin] row (half values each), rounded to T.
+ */
+template <typename T, int N>
+__device__ __forceinline__ void RotateNeoxUnit(const float* cos_sin, int half, int i0,
+                                               const Vec<T, N>& x1, const Vec<T, N>& x2,
+                                               Vec<T, N>& y1, Vec<T, N>& y2) {
+#pragma unroll
+  for (int m = 0; m < N; ++m) {
+    const float c = cos_sin[i0 + m];
+    const float s = cos_sin[half + i0 + m];
+    const float a = ToFloat(x1.v[m]);
+    const float b = ToFloat(x2.v[m]);
+    y1.v[m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));   // x1*cos - x2*sin
+    y2.v[m] = FromFloat<T>(Rotate<T, false>(b, c, a, s));  // x2*cos + x1*sin
+  }
+}
+
+/*! \brief Rotates one gpt-j-style unit: N interleaved features (N / 2 pairs) from i0. */
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> RotateGptjUnit(const float* cos_sin, int half, int i0,
+                                                    const Vec<T, N>& x) {
+  Vec<T, N> y;
+#pragma unroll
+  for (int m = 0; m < N / 2; ++m) {
+    const int p = i0 / 2 + m;
+    const float c = cos_sin[p];
+    const float s = cos_sin[half + p];
+    const float a = ToFloat(x.v[2 * m]);
+    const float b = ToFloat(x.v[2 * m + 1]);
+    y.v[2 * m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));
+    y.v[2 * m + 1] = FromFloat<T>(Rotate<T, false>(b, c, a, s));
+  }
+  return y;
+}
+
 /*! \brief x / scale as an E4M3 byte (round to nearest even, saturating at +-448): what an FP8 KV
  * cache stores. */
 __device__ __forceinline__ uint8_t QuantizeFp8(float x, float scale) {

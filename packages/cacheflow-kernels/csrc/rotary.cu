@@ -108,30 +108,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   while (u < total) {
     if constexpr (kNeox) {
       Vec<T, N> y1, y2;
-#pragma unroll
-      for (int m = 0; m < N; ++m) {
-        const float c = cos_sin[i0 + m];
-        const float s = cos_sin[half + i0 + m];
-        const float a = ToFloat(x1.v[m]);
-        const float b = ToFloat(x2.v[m]);
-        y1.v[m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));   // x1*cos - x2*sin
-        y2.v[m] = FromFloat<T>(Rotate<T, false>(b, c, a, s));  // x2*cos + x1*sin
-      }
+      RotateNeoxUnit<T, N>(cos_sin, half, i0, x1, x2, y1, y2);
       StoreVec<T, N, W>(base + i0, y1);
       StoreVec<T, N, W>(base + half + i0, y2);
     } else {
-      Vec<T, N> y;
-#pragma unroll
-      for (int m = 0; m < N / 2; ++m) {
-        const int p = i0 / 2 + m;
-        const float c = cos_sin[p];
-        const float s = cos_sin[half + p];
-        const float a = ToFloat(x1.v[2 * m]);
-        const float b = ToFloat(x1.v[2 * m + 1]);
-        y.v[2 * m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));
-        y.v[2 * m + 1] = FromFloat<T>(Rotate<T, false>(b, c, a, s));
-      }
-      StoreVec<T, N, W>(base + i0, y);
+      StoreVec<T, N, W>(base + i0, RotateGptjUnit<T, N>(cos_sin, half, i0, x1));
     }
     u += blockDim.x;
     if (u < total) {

@@ -124,15 +124,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if constexpr (kNeox) {
       Vec<T, kUnit> y1 = x1, y2 = x2;
       if (rotate) {
-#pragma unroll
-        for (int m = 0; m < kUnit; ++m) {
-          const float c = cos_sin[i0 + m];
-          const float s = cos_sin[half + i0 + m];
-          const float a = ToFloat(x1.v[m]);
-          const float b = ToFloat(x2.v[m]);
-          y1.v[m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));   // x1*cos - x2*sin
-          y2.v[m] = FromFloat<T>(Rotate<T, false>(b, c, a, s));  // x2*cos + x1*sin
-        }
+        RotateNeoxUnit<T, kUnit>(cos_sin, half, i0, x1, x2, y1, y2);
         StoreVec<T, kUnit, kUnit>(base + i0, y1);
         StoreVec<T, kUnit, kUnit>(base + half + i0, y2);
       }
@@ -143,16 +135,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     } else {
       Vec<T, kUnit> y = x1;
       if (rotate) {
-#pragma unroll
-        for (int m = 0; m < kUnit / 2; ++m) {
-          const int p = i0 / 2 + m;
-          const float c = cos_sin[p];
-          const float s = cos_sin[half + p];
-          const float a = ToFloat(x1.v[2 * m]);
-          const float b = ToFloat(x1.v[2 * m + 1]);
-          y.v[2 * m] = FromFloat<T>(Rotate<T, true>(a, c, b, s));
-          y.v[2 * m + 1] = FromFloat<T>(Rotate<T, false>(b, c, a, s));
-        }
+        y = RotateGptjUnit<T, kUnit>(cos_sin, half, i0, x1);
         StoreVec<T, kUnit, kUnit>(base + i0, y);
       }
       if (is_key && cached) StoreCacheUnit<T, kFp8>(kc_head + i0 * kCacheElem, y, k_scale);
