@@ -219,6 +219,16 @@ inline void CheckShapeLike(const char* op, const char* name, const TensorView& t
 }
 
 /*! \brief Launch check: surfaces launch errors (bad configuration, no device) as exceptions. */
+/*! \brief The rotary ops' int32 index ranges: tokens, and features of a token's heads. */
+inline void CheckRotaryExtent(const char* op, int64_t num_tokens, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_size) {
+  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "positions") << "at most 2^31-1 tokens, got " << num_tokens;
+  TVM_FFI_CHECK((num_heads + num_kv_heads) * head_size <= 0x7fffffff, ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "query") << "with (num_heads + num_kv_heads) * head_size "
+      << "< 2^31, got " << (num_heads + num_kv_heads) * head_size;
+}
+
 inline void CheckLaunch() { TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError()); }
 
 /*! \brief Stream of the current TVM-FFI environment (torch's current stream) for `dev`. */

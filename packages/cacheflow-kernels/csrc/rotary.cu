@@ -706,11 +706,7 @@ void RotaryEmbedding(TensorView positions, TensorView query, TensorView key,
 
   const int64_t num_heads = query.shape()[1] / head_size;
   const int64_t num_kv_heads = key.shape()[1] / head_size;
-  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "positions") << "at most 2^31-1 tokens, got " << num_tokens;
-  TVM_FFI_CHECK((num_heads + num_kv_heads) * head_size <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "query") << "with (num_heads + num_kv_heads) * head_size "
-      << "< 2^31, got " << (num_heads + num_kv_heads) * head_size;
+  CheckRotaryExtent(kOp, num_tokens, num_heads, num_kv_heads, head_size);
   if (num_tokens == 0 || num_heads + num_kv_heads == 0) return;
 
   RotaryArgs a;

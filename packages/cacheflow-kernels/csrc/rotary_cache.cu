@@ -263,11 +263,7 @@ void RotaryEmbeddingWithCache(TensorView positions, TensorView query, TensorView
                                 {"slot_mapping", &slot_mapping}}) {
     CheckSameDevice(kOp, name, *t, "positions", positions);
   }
-  TVM_FFI_CHECK(num_tokens <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "positions") << "at most 2^31-1 tokens, got " << num_tokens;
-  TVM_FFI_CHECK((num_heads + num_kv_heads) * head_size <= 0x7fffffff, ValueError)
-      << CACHEFLOW_ARG_ERROR(kOp, "query") << "with (num_heads + num_kv_heads) * head_size "
-      << "< 2^31, got " << (num_heads + num_kv_heads) * head_size;
+  CheckRotaryExtent(kOp, num_tokens, num_heads, num_kv_heads, head_size);
   if (num_tokens == 0 || num_heads + num_kv_heads == 0) return;
 
   const int units = static_cast<int>((is_neox ? head_size / 2 : head_size) / kUnit);
