@@ -111,25 +111,14 @@ inline void MbarWait(uint32_t bar, unsigned parity) {
 
 inline uint4 LoadGlobal16(const void* p) { return prefill::Load16(p); }
 
+// Element conversions: prefill_emu.h's (prefill::Elem), under the names the kernel uses.
 template <class T>
-inline float2 Unpack2(uint32_t v);
-template <>
-inline float2 Unpack2<Fp16>(uint32_t v) {
-  return float2{cfemu::HalfToFloat(static_cast<uint16_t>(v & 0xFFFFu)),
-                cfemu::HalfToFloat(static_cast<uint16_t>(v >> 16))};
+inline float2 Unpack2(uint32_t v) {
+  return float2{prefill::Elem<T>(static_cast<uint16_t>(v & 0xFFFFu)),
+                prefill::Elem<T>(static_cast<uint16_t>(v >> 16))};
 }
-template <>
-inline float2 Unpack2<Bf16>(uint32_t v) {
-  return float2{cfemu::Bf16ToFloat(static_cast<uint16_t>(v & 0xFFFFu)),
-                cfemu::Bf16ToFloat(static_cast<uint16_t>(v >> 16))};
-}
-
 template <class T>
-inline float ToFloat16Bits(uint16_t b);
-template <>
-inline float ToFloat16Bits<Fp16>(uint16_t b) { return cfemu::HalfToFloat(b); }
-template <>
-inline float ToFloat16Bits<Bf16>(uint16_t b) { return cfemu::Bf16ToFloat(b); }
+inline float ToFloat16Bits(uint16_t b) { return prefill::Elem<T>(b); }
 template <class T>
 inline uint16_t FromFloat(float x);
 template <>

@@ -22,10 +22,10 @@ from cacheflow_runtime.layers.activation import SiluAndMul
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; one or two rows on Hopper may go to cacheflow_kernels'
+    """``F.linear(x, weight, bias)``; one row on Hopper may go to cacheflow_kernels'
     ``skinny_gemm`` (see ``kernels.skinny_gemm_applies``), which reads the weight faster than
     cuBLAS at that size and starts before the kernel that writes ``x`` ends."""
-    if x.dim() == 2 and x.shape[0] == 1 and skinny_gemm_applies(x, weight):
+    if skinny_gemm_applies(x, weight):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         cacheflow_kernels.skinny_gemm(out, x, weight, bias)
         return out
@@ -235,10 +235,9 @@ class RowParallelLinear(nn.Module):
 
     def forward_gated(self, gate_up: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
         """``forward(act_fn(gate_up))`` for an MLP's down projection, ``gate_up`` = this rank's
-        ``[gate | up]``. With SiLU, for one or two rows on Hopper (``skinny_gemm_applies``), the
+        ``[gate | up]``. With SiLU, for one row on Hopper (``skinny_gemm_applies``), the
         activation is applied inside the GEMM: one kernel fewer per layer."""
-        if (isinstance(act_fn, SiluAndMul) and self.input_is_parallel and gate_up.dim() == 2
-                and gate_up.shape[0] == 1
+        if (isinstance(act_fn, SiluAndMul) and self.input_is_parallel
                 and skinny_gemm_applies(gate_up, self.weight, silu_gated=True)):
             out = torch.empty(gate_up.shape[0], self.weight.shape[0], dtype=gate_up.dtype,
                               device=gate_up.device)
