@@ -30,9 +30,9 @@ if [[ "$what" == sanitize || "$what" == all ]]; then
   cs="compute-sanitizer --error-exitcode 99"
   timeout 240 $cs --tool memcheck --leak-check no python3 "$sweep" \
     > "$out/memcheck.log" 2>&1; echo "memcheck exit $?" | tee -a "$out/memcheck.log"
-  timeout 150 $cs --tool racecheck python3 "$sweep" --only paged_attention,paged_prefill,norm,rotary \
+  timeout 150 $cs --tool racecheck python3 "$sweep" --only paged_attention,paged_prefill,norm,rotary,rotary_cache,skinny \
     > "$out/racecheck.log" 2>&1; echo "racecheck exit $?" | tee -a "$out/racecheck.log"
-  timeout 100 $cs --tool synccheck python3 "$sweep" --only paged_attention,paged_prefill,norm,rotary \
+  timeout 100 $cs --tool synccheck python3 "$sweep" --only paged_attention,paged_prefill,norm,rotary,rotary_cache,skinny \
     > "$out/synccheck.log" 2>&1; echo "synccheck exit $?" | tee -a "$out/synccheck.log"
   grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|checked in\|match their" "$out"/*check.log
 fi

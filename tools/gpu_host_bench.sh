@@ -7,7 +7,10 @@
 # a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
 # CACHEFLOW_SKINNY_GEMM=1 (the default since 2026-12-05); "cublas": "on" with
 # CACHEFLOW_SKINNY_GEMM=0, one-row GEMMs on cuBLAS as before; "tworot": "on" with
-# CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05); the kernel and dependency
+# CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05;
+# "pdloff": "on" with skinny_gemm's and small decode grids' early releases off and skinny_gemm's
+# ring at 4 stages, as before 2026-12-05 04:30; "st4": "on" with that ring only; "paoff": "on"
+# without the small decode grids' early release); the kernel and dependency
 # wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -46,7 +49,8 @@ PY
 
 for v in "${variants[@]}"; do
   flags=()
-  unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE
+  unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE CACHEFLOW_SKINNY_EARLY_RELEASE \
+    CACHEFLOW_PA_EARLY_RELEASE CACHEFLOW_SKINNY_STAGES
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
@@ -56,6 +60,10 @@ for v in "${variants[@]}"; do
     skinny) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=1; flags=(--async-scheduling) ;;
     cublas) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=0; flags=(--async-scheduling) ;;
     tworot) export PYTHONPATH="${site[new]}" CACHEFLOW_ROTARY_CACHE=0; flags=(--async-scheduling) ;;
+    pdloff) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_EARLY_RELEASE=0 \
+      CACHEFLOW_PA_EARLY_RELEASE=0 CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
+    st4) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
+    paoff) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_EARLY_RELEASE=0; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

@@ -15,6 +15,7 @@
 
 #include "attention_args.h"
 #include "common.h"
+#include "device_attribute.cuh"
 #include "paged_attention_launch.cuh"
 
 namespace cacheflow {
@@ -113,8 +114,10 @@ int CtaRows() {
  * \brief The decode kernel's PDL overlap: CACHEFLOW_PA_EARLY_PREFETCH=0 issues the pipelined
  * kernel's first K/V tiles after the wait for the previous kernel instead of before it (the
  * default); CACHEFLOW_PA_MAIN_RELEASE=0 makes a split launch's pipelined kernel release the merge
- * kernel as its CTAs exit instead of once their main loop is done (the default). Both read at
- * every launch so one process can A/B them.
+ * kernel as its CTAs exit instead of once their main loop is done (the default);
+ * CACHEFLOW_PA_EARLY_RELEASE=0 makes an unsplit launch of at most half as many CTAs as the device
+ * has SMs release its successor at exit instead of right after its wait (the default). All read
+ * at every launch so one process can A/B them.
  */
 bool EnvFlag(const char* name, bool fallback) {
   const char* env = std::getenv(name);
@@ -300,6 +303,10 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.cta_rows = CtaRows();
   p.prefetch_before_wait = EnvFlag("CACHEFLOW_PA_EARLY_PREFETCH", true) ? 1 : 0;
   p.main_release = EnvFlag("CACHEFLOW_PA_MAIN_RELEASE", true) ? 1 : 0;
+  p.release_max_ctas =
+      EnvFlag("CACHEFLOW_PA_EARLY_RELEASE", true)
+          ? CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id) / 2
+          : 0;
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

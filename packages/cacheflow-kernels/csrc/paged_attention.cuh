@@ -359,11 +359,15 @@ struct Params {
                               // the default) or after it (0; the A/B knob)
   int main_release;           // pipelined kernel, split launches: release the merge kernel once
                               // the main loop is done (1, the default) or as its CTAs exit (0)
+  int release_max_ctas;       // pipelined kernel, unsplit launches of at most this many CTAs:
+                              // release the successor right after the wait (0: never; see
+                              // "Small grids" at the kernel)
   int64_t q_stride;           // elements between the query rows of consecutive sequences
                               // (num_heads * head_size when contiguous; heads and dims always are)
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
+  int release_at_start;       // release the successor right after the wait (release_max_ctas)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -1714,6 +1718,13 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     issue(q0, q0);
   }
   PdlWait();
+  // Small grids: an unsplit launch of at most release_max_ctas CTAs (about half the SMs: a decode
+  // step at batch 1) releases its successor here. Every CTA of this grid is resident by the time
+  // the release takes effect (it needs all of them to have executed it), so the successor's CTAs
+  // take only SMs this grid leaves free, and there are many of those: the out projection's GEMM
+  // (skinny_gemm) starts reading its weights while this kernel runs, instead of after it.
+  // Larger grids keep the release at exit (pdl.cuh).
+  if (p.release_at_start) PdlLaunchDependents();
   for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
   StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
@@ -2108,6 +2119,13 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
 // launcher (`launch(kernel, grid, threads, smem_bytes, params)`): the CUDA one in
 // paged_attention_launch.cuh, or the emulator's.
 
+/*! \brief Sets p.release_at_start for a pipelined launch of `grid`: unsplit and at most
+ * p.release_max_ctas CTAs (see "Small grids" in PagedAttentionPipeKernel). */
+inline void SetReleaseAtStart(Params& p, const GridDims& grid) {
+  const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
+  p.release_at_start = p.num_partitions == 1 && ctas <= p.release_max_ctas ? 1 : 0;
+}
+
 /*! \brief Whether a launch with `p` takes the pipelined kernel with two m16 row tiles (CTAs of
  * 32 query heads): asked for (p.cta_rows), a group of more than 16 query heads, head size <= 128,
  * and a ring of at least kMinPairStages stages for its two-tile steps at its own occupancy. */
@@ -2137,6 +2155,7 @@ bool RunTwoRowTiles(Params& p, Launcher& launch) {
     const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
+    SetReleaseAtStart(p, grid);
     launch(PagedAttentionPipeKernel<T, C, D, true, 2>, grid, kThreads,
            PipeSmemBytes<C, D, 2>(stages, p.rows), p);
     return true;
@@ -2171,6 +2190,7 @@ void RunHeadSize(Params p, Launcher& launch) {
     // memory is unknown or too small for two stages (ChooseStages).
     p.stages = ChooseStages<C, D>(p, p.rows, MmaMinBlocks<D>());
     if (p.stages >= kMinStages) {
+      SetReleaseAtStart(p, grid);
       // Two-tile steps where the ring has room for them (>= kMinPairStages stages).
       // (and 32-bit cache-block strides: IssueTileRows).
       p.step_tiles = p.step_tiles == 2 && p.stages >= kMinPairStages &&

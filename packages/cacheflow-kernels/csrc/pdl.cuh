@@ -12,8 +12,11 @@
 // (PdlWait()): they run grids of about one wave, and a successor released at their start parks
 // its CTAs on whichever SMs free up first. The next attention call then starts from a lopsided
 // placement (on the H200, GQA-8 decode at batch 64 took 87 instead of 67 us back to back). Their
-// successor is released as their CTAs exit, with one exception: a split decode launch releases
-// its own merge kernel (PdlLaunchDependents()) once every CTA is past its main loop.
+// successor is released as their CTAs exit, with two exceptions: a split decode launch releases
+// its own merge kernel (PdlLaunchDependents()) once every CTA is past its main loop, and an
+// unsplit decode launch of at most half as many CTAs as SMs (batch 1) releases its successor
+// right after its wait, so the successor takes only the SMs it leaves free. skinny_gemm, too,
+// releases its successor right after its wait (skinny_gemm_kernel.cuh).
 // The decode kernel also uses the time before its wait: it reads the block tables and issues its
 // first K/V copies there, all but the copy of each sequence's last position, the only cache
 // slot the kernel before it (reshape_and_cache of the step's token) may still be writing

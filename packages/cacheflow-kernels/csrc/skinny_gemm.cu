@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "common.h"
@@ -53,6 +54,25 @@ void CheckSm90Code(const void* kernel, int device) {
       << attr.ptxVersion / 10 << "." << attr.ptxVersion % 10 << "); rebuild it with 90 in "
       << "CACHEFLOW_CUDA_ARCHS";
   if (cacheable) checked[device].store(1, std::memory_order_relaxed);
+}
+
+/*!
+ * \brief Tuning knobs read at every call (a getenv each, so that one process can A/B them):
+ * CACHEFLOW_SKINNY_STAGES=N caps the ring at N stages (kMinStages .. kMaxStages; default
+ * kDefaultMaxStages), CACHEFLOW_SKINNY_EARLY_RELEASE=0 keeps the successor's launch until
+ * this grid exits (default: released right after the wait).
+ */
+int MaxStages() {
+  const char* env = std::getenv("CACHEFLOW_SKINNY_STAGES");
+  if (env == nullptr || *env == '\0') return skinny::kDefaultMaxStages;
+  const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
+  if (v < skinny::kMinStages) return skinny::kMinStages;
+  return v > skinny::kMaxStages ? skinny::kMaxStages : static_cast<int>(v);
+}
+
+bool EarlyRelease() {
+  const char* env = std::getenv("CACHEFLOW_SKINNY_EARLY_RELEASE");
+  return env == nullptr || !(env[0] == '0' && env[1] == '\0');
 }
 
 /*! \brief Elements between the rows of a 2-D tensor whose rows are contiguous. */
@@ -129,8 +149,8 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   const int sms = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(id);
   const int smem_sm = CachedDeviceAttribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(id);
   const int smem_cta = CachedDeviceAttribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(id);
-  const skinny::SkinnyPlan plan = skinny::PlanSkinny<skinny::kDefaultStages>(
-      static_cast<int>(n), static_cast<int>(k), sms, smem_sm, smem_cta);
+  const skinny::SkinnyPlan plan = skinny::PlanSkinny(static_cast<int>(n), static_cast<int>(k),
+                                                     sms, smem_sm, smem_cta, MaxStages());
   TVM_FFI_CHECK(plan.grid > 0, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "x") << "a row length whose stages fit the device's shared "
       << "memory, got k = " << k;
@@ -147,6 +167,8 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   p.k = static_cast<int32_t>(k);
   p.rows_per_cta = plan.rows_per_cta;
   p.rows_per_stage = plan.rows_per_stage;
+  p.stages = plan.stages;
+  p.release_early = EarlyRelease() ? 1 : 0;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
     CheckSm90Code(reinterpret_cast<const void*>(kernel), id);

@@ -8,7 +8,8 @@
 // depend on it, so the read of W overlaps the tail of that kernel. (So W must not be written by
 // the kernel just before on the stream: weights are written once, at load time.)
 //   * CTA = 8 warps over a contiguous range of W's rows, which is a contiguous byte range; it
-//     streams in stages of whole rows (about 16 KB), kStages stages in flight.
+//     streams in stages of whole rows (about 16 KB), up to 4 stages in flight (as many as the
+//     SM's shared memory holds for its CTAs; PlanSkinny).
 //   * the 8 warps split K: warp w owns columns [w K / 8, (w + 1) K / 8), lane l the 16-byte pieces
 //     l, l + 32, ... of that slice; its pieces of x live in registers (loaded once, after the
 //     wait). Per row: float32 multiply-adds, a warp reduction, one partial per warp in shared
@@ -16,6 +17,10 @@
 //   * kGated: x is [gate | up] (2 K columns) and the kernel multiplies by silu(gate) * up, rounded
 //     like silu_and_mul (the activation to T, then the product to T): the MLP's down projection
 //     without the activation kernel before it.
+//   * the kernel releases its successor (griddepcontrol.launch_dependents) right after its own
+//     wait when asked (SkinnyParams::release_early): the successor's CTAs are then placed as this
+//     grid's CTAs exit, so a next skinny_gemm starts reading its W in this one's tail, and a small
+//     successor is already resident when this grid ends, instead of being launched then.
 // Requirements (the host checks them): K a multiple of 64 and at most kMaxK, W and x rows
 // 16-byte aligned, rows of x <= kMaxRows.
 #pragma once
@@ -41,6 +46,9 @@ constexpr int kStageTarget = 16384;           // bytes of W per stage (whole row
 constexpr int kMaxStageBytes = 2 * kMaxK;     // one row at K = kMaxK
 constexpr int kMaxRowsPerCta = kThreads;      // the epilogue gives each row a thread
 constexpr int kCtasPerSm = 2;                 // registers are capped for two CTAs per SM
+constexpr int kMinStages = 2;                 // stages of W in flight per CTA, at least
+constexpr int kMaxStages = 8;                 // ... and at most
+constexpr int kDefaultMaxStages = 4;          // ... and at most by default (see PlanSkinny)
 
 /*! \brief Everything the kernel reads; element strides are in elements. */
 struct SkinnyParams {
@@ -53,6 +61,8 @@ struct SkinnyParams {
   int32_t m, n, k;
   int32_t rows_per_cta;       // rows of W per CTA (<= kMaxRowsPerCta)
   int32_t rows_per_stage;     // rows of W per bulk copy
+  int32_t stages;             // stages in the ring (kMinStages .. kMaxStages)
+  int32_t release_early;      // 1: release the successor right after the wait (see above)
 };
 
 /*! \brief Which x the kernel multiplies by: x itself, or silu(gate) * up of x = [gate | up]. */
@@ -63,42 +73,54 @@ struct SkinnyPlan {
   int grid = 0;
   int rows_per_cta = 0;
   int rows_per_stage = 0;
+  int stages = 0;
   int smem_bytes = 0;
 };
 
 /*! \brief Shared memory of a CTA: the ring, its mbarriers, the per-warp row partials. */
-template <int kStages>
-constexpr int SmemBytes(int stage_bytes, int rows_per_cta) {
-  return kStages * stage_bytes + kStages * 8 + rows_per_cta * kWarps * kMaxRows * 4;
+constexpr int SmemBytes(int stages, int stage_bytes, int rows_per_cta) {
+  return stages * stage_bytes + stages * 8 + rows_per_cta * kWarps * kMaxRows * 4;
 }
 
 /*!
- * \brief Host side: rows per stage and per CTA and the grid for W of shape [n, k] on a device with
- * `sms` multiprocessors of `smem_per_sm` bytes of shared memory (`smem_per_cta` at most per CTA):
- * as many CTAs as fit at once on every SM (one wave), each with rows of W split evenly.
+ * \brief Host side: the launch plan for W of shape [n, k] on a device with `sms` multiprocessors
+ * of `smem_per_sm` bytes of shared memory (`smem_per_cta` at most per CTA): one wave of CTAs,
+ * kCtasPerSm per SM if two stages fit that way (else one), each with an even share of W's rows,
+ * and the deepest ring (at most `max_stages`) that the SM's shared memory holds for them.
+ * The ring's depth is also what the kernel reads of W before its wait. Deeper than 4 (6 stages at
+ * k = 4096) read no more of W behind the kernels before it in a 7B decode step at batch 1 and made
+ * the 4096 x 4096 GEMM alone 11% slower (H200, 2026-12-05), so 4 is the default cap.
  */
-template <int kStages>
-SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_per_cta) {
+inline SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_per_cta,
+                             int max_stages = kDefaultMaxStages) {
   SkinnyPlan plan;
   const int row_bytes = 2 * k;
-  plan.rows_per_stage = row_bytes >= kStageTarget ? 1 : kStageTarget / row_bytes;
-  const int stage_bytes = plan.rows_per_stage * row_bytes;
-  const int per_cta_max = SmemBytes<kStages>(stage_bytes, kMaxRowsPerCta);
-  // CTAs per SM from the ring (the partials are small); 1 KB per CTA is reserved by the driver.
-  int per_sm = smem_per_sm / (SmemBytes<kStages>(stage_bytes, 64) + 1024);
-  per_sm = per_sm < 1 ? 1 : (per_sm > kCtasPerSm ? kCtasPerSm : per_sm);
-  int grid = sms * per_sm;
-  int rows = (n + grid - 1) / grid;
-  if (rows > kMaxRowsPerCta) rows = kMaxRowsPerCta;
-  grid = (n + rows - 1) / rows;
-  plan.grid = grid;
-  plan.rows_per_cta = rows;
-  plan.smem_bytes = SmemBytes<kStages>(stage_bytes, rows);
-  if (plan.smem_bytes > smem_per_cta || per_cta_max <= 0) plan.grid = 0;  // does not fit
-  return plan;
+  const int rows_per_stage = row_bytes >= kStageTarget ? 1 : kStageTarget / row_bytes;
+  const int stage_bytes = rows_per_stage * row_bytes;
+  if (max_stages > kMaxStages) max_stages = kMaxStages;
+  for (int per_sm = kCtasPerSm; per_sm >= 1; --per_sm) {
+    int grid = sms * per_sm;
+    int rows = (n + grid - 1) / grid;
+    if (rows > kMaxRowsPerCta) rows = kMaxRowsPerCta;
+    grid = (n + rows - 1) / rows;
+    // 1 KB per CTA is reserved by the driver.
+    int budget = smem_per_sm / per_sm - 1024;
+    if (budget > smem_per_cta) budget = smem_per_cta;
+    const int fixed = SmemBytes(0, stage_bytes, rows);
+    int stages = (budget - fixed) / (stage_bytes + 8);
+    if (stages > max_stages) stages = max_stages;
+    if (stages < kMinStages) continue;
+    plan.grid = grid;
+    plan.rows_per_cta = rows;
+    plan.rows_per_stage = rows_per_stage;
+    plan.stages = stages;
+    plan.smem_bytes = SmemBytes(stages, stage_bytes, rows);
+    return plan;
+  }
+  return plan;  // grid 0: does not fit
 }
 
-template <class T, int kRows, int kStages, XMode kX>
+template <class T, int kRows, XMode kX>
 CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const SkinnyParams p) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
@@ -110,15 +132,15 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
   const int stage_rows = p.rows_per_stage;
   const int n_stages = (rows + stage_rows - 1) / stage_rows;
   const int stage_bytes = static_cast<int>(stage_rows * row_bytes);
+  const int n_slots = p.stages;
 
   unsigned char* smem = DynamicSmem();
   const uint32_t s_ring = SmemU32(smem);
-  const uint32_t s_bar = s_ring + kStages * stage_bytes;
-  float* s_part = reinterpret_cast<float*>(smem + kStages * stage_bytes + kStages * 8);
+  const uint32_t s_bar = s_ring + n_slots * stage_bytes;
+  float* s_part = reinterpret_cast<float*>(smem + n_slots * stage_bytes + n_slots * 8);
   const unsigned char* w_cta = p.w + r0 * row_bytes;
 
-  auto issue = [&](int stage) {  // thread 0 only
-    const int slot = stage % kStages;
+  auto issue = [&](int stage, int slot) {  // thread 0 only
     const int first = stage * stage_rows;
     const int n_rows = rows - first < stage_rows ? rows - first : stage_rows;
     const unsigned bytes = static_cast<unsigned>(n_rows * row_bytes);
@@ -128,11 +150,12 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
 
   // ---- Before the wait: W does not depend on the previous kernel. ----
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) MbarInit(s_bar + s * 8, 1);
+    for (int s = 0; s < n_slots; ++s) MbarInit(s_bar + s * 8, 1);
     FenceMbarInit();
-    for (int s = 0; s < kStages && s < n_stages; ++s) issue(s);
+    for (int s = 0; s < n_slots && s < n_stages; ++s) issue(s, s);
   }
   PdlWait();  // x (and out) belong to the kernels around this one from here on
+  if (p.release_early) PdlLaunchDependents();
 
   // This lane's pieces of x: columns w K / 8 + 8 (lane + 32 j), j < pieces.
   const int slice = p.k / kWarps;        // a multiple of 8
@@ -156,9 +179,10 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
   }
   SyncCta();  // the mbarrier initializations are visible to every thread
 
+  int slot = 0;
+  unsigned phase = 0;  // of the slot's mbarrier: flips each time the ring wraps
   for (int stage = 0; stage < n_stages; ++stage) {
-    const int slot = stage % kStages;
-    MbarWait(s_bar + slot * 8, static_cast<unsigned>((stage / kStages) & 1));
+    MbarWait(s_bar + slot * 8, phase);
     const unsigned char* ring = smem + slot * stage_bytes;
     const int first = stage * stage_rows;
     const int n_rows = rows - first < stage_rows ? rows - first : stage_rows;
@@ -201,7 +225,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
     }
     FenceProxyAsync();  // this thread's reads of the slot before the copy that refills it
     SyncCta();          // every warp is done with the slot
-    if (tid == 0 && stage + kStages < n_stages) issue(stage + kStages);
+    if (tid == 0 && stage + n_slots < n_stages) issue(stage + n_slots, slot);
+    if (++slot == n_slots) {
+      slot = 0;
+      phase ^= 1u;
+    }
   }
 
   // ---- Epilogue: each row's 8 partials (+ bias), one thread per row. ----
@@ -222,20 +250,17 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
   }
 }
 
-/*! \brief Stages of W in flight per CTA. */
-constexpr int kDefaultStages = 4;
-
 /*!
  * \brief Launches the kernel of element type T for `m` rows of x (1 or 2), x plain or (silu_gated)
  * [gate | up], through `launch(kernel, grid, threads, smem)`; the caller made `plan` with
- * PlanSkinny<kDefaultStages> and checked that plan.grid > 0.
+ * PlanSkinny and checked that plan.grid > 0.
  */
 template <class T, XMode kX, class Launch>
 void LaunchSkinnyX(int m, const SkinnyPlan& plan, Launch&& launch) {
   if (m == 1) {
-    launch(&SkinnyGemmKernel<T, 1, kDefaultStages, kX>, plan.grid, kThreads, plan.smem_bytes);
+    launch(&SkinnyGemmKernel<T, 1, kX>, plan.grid, kThreads, plan.smem_bytes);
   } else {
-    launch(&SkinnyGemmKernel<T, 2, kDefaultStages, kX>, plan.grid, kThreads, plan.smem_bytes);
+    launch(&SkinnyGemmKernel<T, 2, kX>, plan.grid, kThreads, plan.smem_bytes);
   }
 }
 

@@ -39,18 +39,35 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    fn = ctypes.CDLL(str(lib_path)).cf_emu_skinny_gemm
+    lib = ctypes.CDLL(str(lib_path))
+    fn = lib.cf_emu_skinny_gemm
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-                   + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3)
+                   + [ctypes.c_int64] * 2 + [ctypes.c_int] * 4)
+    plan = lib.cf_emu_skinny_plan
+    plan.restype = None
+    plan.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
+    fn.plan = plan
     return fn
 
 
+MAX_STAGES = 8  # skinny::kMaxStages (the op's default cap is 4: CACHEFLOW_SKINNY_STAGES)
+
+
 def run(emu: Any, out: Any, x: Any, w: Any, bias: Any, sms: int = 3,
-        smem_per_sm: int = 228 * 1024, silu_gated: bool = False) -> int:
+        smem_per_sm: int = 228 * 1024, silu_gated: bool = False,
+        max_stages: int = MAX_STAGES) -> int:
     return emu(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), w.data_ptr(),
                None if bias is None else bias.data_ptr(), x.shape[0], w.shape[0], w.shape[1],
-               x.stride(0), out.stride(0), sms, smem_per_sm, int(silu_gated))
+               x.stride(0), out.stride(0), sms, smem_per_sm, int(silu_gated), max_stages)
+
+
+def plan_of(emu: Any, n: int, k: int, sms: int, smem_per_sm: int,
+            max_stages: int = MAX_STAGES) -> dict[str, int]:
+    """PlanSkinny's choice for W of shape [n, k] on a device of `sms` SMs."""
+    got = (ctypes.c_int * 5)()
+    emu.plan(n, k, sms, smem_per_sm, max_stages, got)
+    return dict(zip(("grid", "rows_per_cta", "rows_per_stage", "stages", "smem_bytes"), got))
 
 
 # (m, n, k, bias): one or two rows; rows per stage 16 (k 512) down to 1 (k 11008, 16384); n
@@ -88,9 +105,44 @@ def test_strided_rows_of_x_and_out(emu: Any) -> None:
     assert torch.isnan(out_buf[:, 50:]).all()  # nothing written past the rows
 
 
+@pytest.mark.parametrize("max_stages", [2, 3, 5])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 300, 4096), (2, 23, 11008)])
+def test_every_ring_depth(emu: Any, m: int, n: int, k: int, max_stages: int) -> None:
+    """Rings of 2, 3 and 5 stages wrap several times over a CTA's rows (mbarrier phases and slot
+    reuse); the result is the same at every depth."""
+    x, w, b = inputs(m, n, k, torch.float16, True, seed=max_stages + n)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16)
+    assert run(emu, out, x, w, b, sms=2, max_stages=max_stages) > 0
+    check(out, x, w, b)
+    deepest = torch.full((m, n), float("nan"), dtype=torch.float16)
+    assert run(emu, deepest, x, w, b, sms=2) > 0
+    assert torch.equal(out, deepest)
+
+
+def test_plan_takes_the_deepest_ring_that_fits(emu: Any) -> None:
+    """132 SMs of 228 KB (H100/H200): two CTAs per SM, each with as many stages as half the SM's
+    shared memory holds after the driver's 1 KB and the row partials, capped at max_stages."""
+    sm = 228 * 1024
+    # qkv of a 7B model: rows of 8 KB, two per stage; 47 rows per CTA -> 262 CTAs, partials
+    # 47 * 8 warps * 2 rows * 4 B = 3,008 B; (116,736 - 1,024 - 3,008) // (16,384 + 8) = 6.
+    assert plan_of(emu, 12288, 4096, 132, sm) == {
+        "grid": 262, "rows_per_cta": 47, "rows_per_stage": 2, "stages": 6,
+        "smem_bytes": 6 * 16384 + 6 * 8 + 3008}
+    # down: one 22,016-byte row per stage; 16 rows per CTA -> (115,712 - 1,024) // 22,024 = 5.
+    assert plan_of(emu, 4096, 11008, 132, sm)["stages"] == 5
+    assert plan_of(emu, 4096, 11008, 132, sm, max_stages=4)["stages"] == 4
+    assert plan_of(emu, 12288, 4096, 132, sm, max_stages=3)["smem_bytes"] == 3 * 16392 + 3008
+    # 96 KB per SM: two CTAs do not get two stages of 32 KB rows each, one CTA does
+    # ((98,304 - 1,024 - 250 rows * 64) // 32,776 = 2).
+    one = plan_of(emu, 1000, 16384, 4, 96 * 1024)
+    assert (one["grid"], one["rows_per_cta"], one["stages"]) == (4, 250, 2)
+    # 64 KB per SM: not even one CTA gets two stages: grid 0 (the op then rejects the shape).
+    assert plan_of(emu, 1000, 16384, 4, 64 * 1024)["grid"] == 0
+
+
 def test_one_wave_of_evenly_split_rows(emu: Any) -> None:
     """The plan gives every SM the same number of CTAs and every CTA the same rows (+-1), so a
-    device of 5 SMs with room for two 64 KB rings each runs 10 CTAs."""
+    device of 5 SMs with room for two rings of at least two stages each runs 10 CTAs."""
     x, w, b = inputs(1, 1000, 4096, torch.bfloat16, False, seed=3)
     out = torch.full((1, 1000), float("nan"), dtype=torch.bfloat16)
     assert run(emu, out, x, w, b, sms=5) == 10

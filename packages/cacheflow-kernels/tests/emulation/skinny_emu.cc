@@ -13,11 +13,13 @@
  * `sms` multiprocessors with `smem_per_sm` bytes of shared memory each.
  * \param dtype 0 float16, 1 bfloat16.
  * \param silu_gated 1: x is [gate | up] (2 k columns), multiplied as silu(gate) * up.
+ * \param max_stages the most stages of W in the ring (PlanSkinny).
  * \return the grid the plan chose (0: the shape does not fit the kernel).
  */
 extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const void* w,
                                   const void* bias, int m, int n, int k, int64_t x_stride,
-                                  int64_t out_stride, int sms, int smem_per_sm, int silu_gated) {
+                                  int64_t out_stride, int sms, int smem_per_sm, int silu_gated,
+                                  int max_stages) {
   namespace sk = cacheflow::skinny;
   auto range = [](const void* p, int64_t bytes, const char* name) {
     const auto* b = static_cast<const unsigned char*>(p);
@@ -27,8 +29,7 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
                      range(x, ((m - 1) * x_stride + (silu_gated ? 2 : 1) * k) * 2, "x"),
                      range(w, int64_t{n} * k * 2, "weight")};
   if (bias != nullptr) cfemu::g_ranges.push_back(range(bias, int64_t{n} * 2, "bias"));
-  const sk::SkinnyPlan plan =
-      sk::PlanSkinny<sk::kDefaultStages>(n, k, sms, smem_per_sm, smem_per_sm);
+  const sk::SkinnyPlan plan = sk::PlanSkinny(n, k, sms, smem_per_sm, smem_per_sm, max_stages);
   if (plan.grid == 0) return 0;
   sk::SkinnyParams p{};
   p.x = static_cast<const unsigned char*>(x);
@@ -42,6 +43,8 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
   p.k = k;
   p.rows_per_cta = plan.rows_per_cta;
   p.rows_per_stage = plan.rows_per_stage;
+  p.stages = plan.stages;
+  p.release_early = 1;
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
     cfemu::RunGrid(Dim3{static_cast<unsigned>(grid), 1, 1}, threads, static_cast<size_t>(smem),
                    [kernel, p] { kernel(p); });
@@ -52,4 +55,20 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
     sk::LaunchSkinny<sk::Bf16>(m, silu_gated != 0, plan, launch);
   }
   return plan.grid;
+}
+
+/*!
+ * \brief PlanSkinny's choice for W of shape [n, k] on a device of `sms` multiprocessors with
+ * `smem_per_sm` bytes of shared memory each (also the per-CTA limit): writes grid, rows per CTA,
+ * rows per stage, stages and shared-memory bytes to `out[0..4]`.
+ */
+extern "C" void cf_emu_skinny_plan(int n, int k, int sms, int smem_per_sm, int max_stages,
+                                   int* out) {
+  const cacheflow::skinny::SkinnyPlan plan =
+      cacheflow::skinny::PlanSkinny(n, k, sms, smem_per_sm, smem_per_sm, max_stages);
+  out[0] = plan.grid;
+  out[1] = plan.rows_per_cta;
+  out[2] = plan.rows_per_stage;
+  out[3] = plan.stages;
+  out[4] = plan.smem_bytes;
 }

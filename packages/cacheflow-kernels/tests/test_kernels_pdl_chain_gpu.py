@@ -1,0 +1,136 @@
+"""Kernels that release their successor early (programmatic dependent launch), chained as in a
+decode step at batch 1 and captured in a CUDA graph: every kernel reads what the one before it
+wrote while that one may release it before finishing. Replays with new inputs must give the bits
+of the same kernels run one after the other with the early releases switched off.
+
+Chains: decode attention (an unsplit grid of 32 CTAs, released right after its wait) -> the out
+projection's skinny_gemm; skinny_gemm gate_up -> skinny_gemm down (SiLU-gated) -> rms_norm ->
+skinny_gemm; at several ring depths of skinny_gemm. Needs compute capability 9.0+.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from skinny_testutil import check
+
+import cacheflow_kernels as ck
+
+from paged_attention_testutil import ARG_ORDER, make_case
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available()
+                            and torch.cuda.get_device_capability() >= (9, 0)),
+                       reason="PDL and skinny_gemm need compute capability 9.0+"),
+]
+
+RELEASE_KNOBS = ("CACHEFLOW_PA_EARLY_RELEASE", "CACHEFLOW_SKINNY_EARLY_RELEASE")
+
+
+def _capture(step: Callable[[], None]) -> Any:
+    """A CUDA graph of `step` on a side stream (after one eager warm-up call)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
+def _eager_without_early_release(monkeypatch: pytest.MonkeyPatch,
+                                 step: Callable[[], None]) -> None:
+    """Runs `step` eagerly with every early release switched off, synchronizing after it."""
+    with monkeypatch.context() as m:
+        for knob in RELEASE_KNOBS:
+            m.setenv(knob, "0")
+        step()
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("ctx", [1, 37, 300])
+def test_decode_attention_then_out_projection(monkeypatch: pytest.MonkeyPatch, ctx: int) -> None:
+    """LLaMA-7B's attention at batch 1 (32 heads of 128, one sequence: 32 CTAs, released right
+    after their wait) followed by the out projection, which starts reading its weights while the
+    attention runs and must still read the attention's new output."""
+    for knob in RELEASE_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    shape = dict(num_heads=32, num_kv_heads=32, head_size=128, block_size=16, device="cuda",
+                 num_blocks=40, max_blocks_per_seq=32, dtype=torch.float16)
+    case = make_case([ctx], seed=0, **shape)
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(4096, 4096, generator=gen) / 64).half().cuda()
+    proj = torch.empty(1, 4096, dtype=torch.float16, device="cuda")
+
+    def step() -> None:
+        ck.paged_attention(*(case[n] for n in ARG_ORDER), case["scale"], None,
+                           max_context_len=512)
+        ck.skinny_gemm(proj, case["out"].view(1, 4096), w)
+
+    graph = _capture(step)
+    for seed in (1, 2, 3):
+        fresh = make_case([ctx], seed=seed, **shape)
+        for name in ("query", "key_cache", "value_cache", "block_tables", "context_lens"):
+            case[name].copy_(fresh[name])
+        case["out"].fill_(float("nan"))
+        proj.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        got_attn, got_proj = case["out"].clone(), proj.clone()
+        _eager_without_early_release(monkeypatch, step)
+        assert torch.equal(got_attn, case["out"]), f"replay {seed}: attention"
+        assert torch.equal(got_proj, proj), f"replay {seed}: out projection"
+        check(got_proj, got_attn.view(1, 4096), w, None)
+
+
+@pytest.mark.parametrize("max_stages", ["2", "3", "", "8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mlp_then_norm_then_projection(monkeypatch: pytest.MonkeyPatch, max_stages: str,
+                                       dtype: Any) -> None:
+    """gate_up -> down (SiLU-gated) -> rms_norm -> qkv, as between two layers at batch 1, each
+    skinny_gemm releasing its successor right after its wait, rings of 2, 3, 4 (the default) and
+    the deepest that fits (6 and 5 stages here); replays with a new input equal the kernels run
+    without early releases."""
+    for knob in RELEASE_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_STAGES", max_stages)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.empty(1, 4096, dtype=dtype, device="cuda")
+    w_gate_up = (torch.randn(22016, 4096, generator=gen) / 64).to(dtype).cuda()
+    w_down = (torch.randn(4096, 11008, generator=gen) / 105).to(dtype).cuda()
+    w_qkv = (torch.randn(12288, 4096, generator=gen) / 64).to(dtype).cuda()
+    norm_w = (1 + torch.randn(4096, generator=gen) / 10).to(dtype).cuda()
+    gate_up = torch.empty(1, 22016, dtype=dtype, device="cuda")
+    down = torch.empty(1, 4096, dtype=dtype, device="cuda")
+    normed = torch.empty_like(down)
+    qkv = torch.empty(1, 12288, dtype=dtype, device="cuda")
+
+    def step() -> None:
+        ck.skinny_gemm(gate_up, x, w_gate_up)
+        ck.skinny_gemm(down, gate_up, w_down, activation="silu")
+        ck.rms_norm(normed, down, norm_w, 1e-5)
+        ck.skinny_gemm(qkv, normed, w_qkv)
+
+    x.copy_(torch.randn(1, 4096, generator=gen).to(dtype))
+    graph = _capture(step)
+    outputs = (gate_up, down, normed, qkv)
+    for seed in (1, 2):
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        for t in outputs:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in outputs]
+        _eager_without_early_release(monkeypatch, step)
+        for name, g, want in zip(("gate_up", "down", "normed", "qkv"), got, outputs):
+            assert torch.equal(g, want), f"replay {seed}: {name}"
+        check(got[0], x, w_gate_up, None)
+        check(got[3], got[2], w_qkv, None)
