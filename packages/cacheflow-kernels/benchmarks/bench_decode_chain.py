@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Any
 
-from bench_timing import environment, time_graph_us
+from bench_timing import cuda_torch, environment, time_graph_us
 
 HEAD_SIZE, BLOCK = 128, 16
 # (batch, context, query heads, KV heads): batch-1 latency shapes, engine batches, split cases.
@@ -68,13 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=32, help="layers per captured step")
     p.add_argument("--passes", type=int, default=2, help="alternating passes per variant")
     args = p.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("torch is not installed: nothing measured", file=sys.stderr)
-        return 1
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing measured", file=sys.stderr)
+    torch = cuda_torch()
+    if torch is None:
         return 1
     import cacheflow_kernels as ck
 

@@ -24,7 +24,7 @@ import json
 import sys
 from typing import Any
 
-from bench_timing import copy_bandwidth, environment, time_graph_us
+from bench_timing import copy_bandwidth, cuda_torch, environment, time_graph_us
 
 HIDDEN, HEADS, HEAD_SIZE, MLP = 4096, 32, 128, 11008
 BLOCK, EPS = 16, 1e-5
@@ -110,14 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=192, help="context length of the sequence")
     p.add_argument("--passes", type=int, default=2, help="alternating passes per variant")
     args = p.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("torch is not installed: nothing measured", file=sys.stderr)
-        return 1
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        print("needs a CUDA device of compute capability 9.0+ (skinny_gemm): nothing measured",
-              file=sys.stderr)
+    torch = cuda_torch((9, 0))
+    if torch is None:
         return 1
     import cacheflow_kernels as ck
 

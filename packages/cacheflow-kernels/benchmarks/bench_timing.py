@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,3 +91,21 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cuda_torch(min_capability: tuple[int, int] = (0, 0)) -> Any | None:
+    """torch, when it is installed and sees a CUDA device of compute capability at least
+    ``min_capability``; otherwise None, after saying on stderr why nothing is measured."""
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: nothing measured", file=sys.stderr)
+        return None
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing measured", file=sys.stderr)
+        return None
+    if torch.cuda.get_device_capability() < min_capability:
+        major, minor = min_capability
+        print(f"needs compute capability {major}.{minor}+: nothing measured", file=sys.stderr)
+        return None
+    return torch
