@@ -49,7 +49,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench_timing import copy_bandwidth, environment, time_graph_us
+from bench_timing import copy_bandwidth, cuda_torch, environment, time_graph_us
 
 GIB = 1 << 30
 PREFETCH_ENV = "CACHEFLOW_PA_L2_PREFETCH_TILES"
@@ -493,13 +493,8 @@ def print_table(bench: Bench, results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("torch is not installed: nothing measured", file=sys.stderr)
-        return 1
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing measured", file=sys.stderr)
+    torch = cuda_torch()
+    if torch is None:
         return 1
     import cacheflow_kernels as ck
 
