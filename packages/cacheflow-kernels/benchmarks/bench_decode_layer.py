@@ -12,8 +12,10 @@ sets, more bytes than L2 holds) are captured in one CUDA graph and replayed.
 Parts are then taken out one kind at a time (the GEMMs read whatever buffer the removed kernel
 would have written), so the difference to the whole layer is what that part costs in the chain,
 overlaps included: ``-norms``, ``-rotary_cache``, ``-attention`` (rotary + cache write and
-attention), ``gemms`` (only the four GEMMs). Every variant also runs with the library's early
-releases and 4-stage cap switched off (``pdloff``). The floor is the layer's weight bytes at the
+attention), ``gemms`` (only the four GEMMs). ``fused`` is the whole layer in six kernels: the
+norms in the qkv / gate_up GEMMs' prologue (``norm_weight``) and the residual adds in the o / down
+GEMMs' epilogue (``residual``, in place on the residual stream). Every variant also runs with
+the library's early releases switched off (``pdloff``). The floor is the layer's weight bytes at the
 copy bandwidth measured in the same process. Prints a table and writes JSON.
 """
 
@@ -29,8 +31,10 @@ from bench_timing import copy_bandwidth, cuda_torch, environment, time_graph_us
 HIDDEN, HEADS, HEAD_SIZE, MLP = 4096, 32, 128, 11008
 BLOCK, EPS = 16, 1e-5
 PARTS = ("norms", "rotary_cache", "attention")
-VARIANTS = {"layer": set(), "-norms": {"norms"}, "-rotary_cache": {"rotary_cache"},
-            "-attention": {"rotary_cache", "attention"}, "gemms": set(PARTS)}
+FUSED = "fused"  # not a part: the norms and residual adds inside the GEMMs
+VARIANTS: dict[str, set[str]] = {
+    "layer": set(), FUSED: {FUSED}, "-norms": {"norms"}, "-rotary_cache": {"rotary_cache"},
+    "-attention": {"rotary_cache", "attention"}, "gemms": set(PARTS)}
 LIBRARY = {"default": {}, "pdloff": {"CACHEFLOW_SKINNY_EARLY_RELEASE": "0",
                                      "CACHEFLOW_PA_EARLY_RELEASE": "0"}}
 
@@ -74,14 +78,20 @@ class Layers:
         self.gate_up = torch.empty(1, 2 * MLP, device=dev, dtype=dt)
 
     def step(self, ck: Any, drop: set[str]) -> Any:
-        """A callable running every layer once without the parts in ``drop``."""
+        """A callable running every layer once without the parts in ``drop`` (or, with FUSED
+        in it, with the norms and residual adds inside the GEMMs)."""
+        fused = FUSED in drop
 
         def run() -> None:
             for i, (key_cache, value_cache) in enumerate(self.caches):
                 w = self.weights[i % len(self.weights)]
-                if "norms" not in drop:
-                    ck.fused_add_rms_norm(self.h, self.residual, w["ln1"], EPS)
-                ck.skinny_gemm(self.qkv, self.h, w["qkv"])
+                if fused:
+                    ck.skinny_gemm(self.qkv, self.residual, w["qkv"], norm_weight=w["ln1"],
+                                   eps=EPS)
+                else:
+                    if "norms" not in drop:
+                        ck.fused_add_rms_norm(self.h, self.residual, w["ln1"], EPS)
+                    ck.skinny_gemm(self.qkv, self.h, w["qkv"])
                 q = self.qkv[:, :HIDDEN]
                 if "rotary_cache" not in drop:
                     ck.rotary_embedding_with_cache(
@@ -94,6 +104,13 @@ class Layers:
                                        value_cache, self.table, self.context_lens,
                                        HEAD_SIZE ** -0.5, max_context_len=self.ctx)
                     attn = self.attn.view(1, HIDDEN)
+                if fused:
+                    ck.skinny_gemm(self.residual, attn, w["o"], residual=self.residual)
+                    ck.skinny_gemm(self.gate_up, self.residual, w["gate_up"],
+                                   norm_weight=w["ln2"], eps=EPS)
+                    ck.skinny_gemm(self.residual, self.gate_up, w["down"], activation="silu",
+                                   residual=self.residual)
+                    continue
                 ck.skinny_gemm(self.o, attn, w["o"])
                 if "norms" not in drop:
                     ck.fused_add_rms_norm(self.o, self.residual, w["ln2"], EPS)

@@ -1,6 +1,9 @@
 // skinny_gemm: out = x W^T (+ bias) for one or two rows of x, reading W with TMA bulk copies
 // (skinny_gemm_kernel.cuh); with activation "silu", x = [gate | up] and the product is with
-// silu(gate) * up (the MLP's down projection with its activation fused). Meant for the GEMMs of
+// silu(gate) * up (the MLP's down projection with its activation fused); with norm_weight, the
+// product is with rms_norm(x, norm_weight, eps) (a layer's qkv or gate_up projection with the norm
+// before it fused); with residual, out = residual + x W^T (+ bias) (a layer's o or down projection
+// with the residual add fused; out may be residual). Meant for the GEMMs of
 // a decode step at batch 1 or 2, where cuBLAS reads the weights at 60-98% of the copy bandwidth
 // and cannot start before its input is ready.
 //
@@ -10,6 +13,8 @@
 //           ([m, 2 k] = [gate | up] with activation "silu")
 //   weight: [n, k]  dtype of out, C-contiguous, 16-byte aligned
 //   bias:   [n] or None, dtype of out, contiguous
+//   norm_weight: [k] or None, dtype of out, contiguous, 16-byte aligned (not with "silu")
+//   residual:    [m, n] or None, dtype of out, rows contiguous (may be out itself)
 // with 1 <= m <= 2, k a multiple of 64 and at most 16384.
 #include <cuda_runtime.h>
 #include <tvm/ffi/extra/c_env_api.h>
@@ -18,6 +23,7 @@
 #include <tvm/ffi/function.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -77,19 +83,24 @@ bool EarlyRelease() {
 
 /*! \brief Elements between the rows of a 2-D tensor whose rows are contiguous. */
 int64_t RowStride(const char* name, const TensorView& t) {
-  if (t.IsContiguous() || t.shape()[0] <= 1) return t.shape()[1];
+  if (t.IsContiguous()) return t.shape()[1];
   TVM_FFI_CHECK(t.shape()[1] <= 1 || t.strides()[1] == 1, ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, name) << "a tensor with contiguous rows, got shape "
       << ShapeStr(t) << " with strides [" << t.strides()[0] << ", " << t.strides()[1] << "]";
-  return t.strides()[0];
+  return t.shape()[0] <= 1 ? t.shape()[1] : t.strides()[0];
 }
 
 void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<TensorView> bias,
-                tvm::ffi::String activation) {
+                tvm::ffi::String activation, Optional<TensorView> norm_weight, double eps,
+                Optional<TensorView> residual) {
   const std::string act(activation);
   TVM_FFI_CHECK(act.empty() || act == "silu", ValueError)
       << CACHEFLOW_ARG_ERROR(kOp, "activation") << "None or 'silu', got '" << act << "'";
   const bool gated = act == "silu";
+  TVM_FFI_CHECK(!(gated && norm_weight.has_value()), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "norm_weight") << "None with activation 'silu', got a tensor";
+  TVM_FFI_CHECK(!norm_weight.has_value() || (eps > 0.0 && std::isfinite(eps)), ValueError)
+      << CACHEFLOW_ARG_ERROR(kOp, "eps") << "a finite value above 0, got " << eps;
   CheckNdim(kOp, "x", x, 2, gated ? "[m, 2 k]" : "[m, k]");
   CheckNdim(kOp, "weight", weight, 2, "[n, k]");
   CheckNdim(kOp, "out", out, 2, "[m, n]");
@@ -126,6 +137,24 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
         << ", got shape " << ShapeStr(b) << " and dtype " << b.dtype();
     CheckContiguous(kOp, "bias", b);
   }
+  if (norm_weight.has_value()) {
+    const TensorView& nw = *norm_weight;
+    CheckNdim(kOp, "norm_weight", nw, 1, "[k]");
+    TVM_FFI_CHECK(nw.shape()[0] == k && nw.dtype() == x.dtype(), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "norm_weight") << "of shape [" << k << "] and dtype "
+        << x.dtype() << ", got shape " << ShapeStr(nw) << " and dtype " << nw.dtype();
+    CheckContiguous(kOp, "norm_weight", nw);
+    TVM_FFI_CHECK(reinterpret_cast<uintptr_t>(DataPtr(nw)) % 16 == 0, ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "norm_weight") << "16-byte aligned (read 16 bytes at a time)";
+  }
+  if (residual.has_value()) {
+    const TensorView& r = *residual;
+    CheckNdim(kOp, "residual", r, 2, "[m, n]");
+    TVM_FFI_CHECK(r.shape()[0] == m && r.shape()[1] == n && r.dtype() == x.dtype(), ValueError)
+        << CACHEFLOW_ARG_ERROR(kOp, "residual") << "of shape [" << m << ", " << n
+        << "] and dtype " << x.dtype() << ", got shape " << ShapeStr(r) << " and dtype "
+        << r.dtype();
+  }
   CheckContiguous(kOp, "weight", weight);
   const int64_t x_stride = RowStride("x", x);
   const int64_t out_stride = RowStride("out", out);
@@ -138,6 +167,8 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   CheckSameDevice(kOp, "weight", weight, "x", x);
   CheckSameDevice(kOp, "out", out, "x", x);
   if (bias.has_value()) CheckSameDevice(kOp, "bias", *bias, "x", x);
+  if (norm_weight.has_value()) CheckSameDevice(kOp, "norm_weight", *norm_weight, "x", x);
+  if (residual.has_value()) CheckSameDevice(kOp, "residual", *residual, "x", x);
 
   const DLDevice dev = x.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
@@ -159,6 +190,13 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   p.x = reinterpret_cast<const unsigned char*>(DataPtr(x));
   p.w = reinterpret_cast<const unsigned char*>(DataPtr(weight));
   p.bias = bias.has_value() ? reinterpret_cast<const unsigned char*>(DataPtr(*bias)) : nullptr;
+  p.norm_weight = norm_weight.has_value()
+                      ? reinterpret_cast<const unsigned char*>(DataPtr(*norm_weight))
+                      : nullptr;
+  p.eps = static_cast<float>(eps);
+  p.residual =
+      residual.has_value() ? reinterpret_cast<const unsigned char*>(DataPtr(*residual)) : nullptr;
+  p.residual_stride = residual.has_value() ? RowStride("residual", *residual) : 0;
   p.out = reinterpret_cast<unsigned char*>(DataPtr(out));
   p.x_stride = x_stride;
   p.out_stride = out_stride;
@@ -175,10 +213,13 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
     RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem));
     LaunchChained(kernel, dim3(grid), dim3(threads), static_cast<size_t>(smem), stream, p);
   };
+  const skinny::XMode mode = gated                      ? skinny::XMode::kSiluGated
+                             : norm_weight.has_value() ? skinny::XMode::kRmsNorm
+                                                       : skinny::XMode::kPlain;
   if (x.dtype().code == kDLBfloat) {
-    skinny::LaunchSkinny<skinny::Bf16>(p.m, gated, plan, launch);
+    skinny::LaunchSkinny<skinny::Bf16>(p.m, mode, plan, launch);
   } else {
-    skinny::LaunchSkinny<skinny::Fp16>(p.m, gated, plan, launch);
+    skinny::LaunchSkinny<skinny::Fp16>(p.m, mode, plan, launch);
   }
 }
 

@@ -14,9 +14,18 @@
 //     l, l + 32, ... of that slice; its pieces of x live in registers (loaded once, after the
 //     wait). Per row: float32 multiply-adds, a warp reduction, one partial per warp in shared
 //     memory; the CTA sums the 8 partials of each row (+ bias) at the end.
-//   * kGated: x is [gate | up] (2 K columns) and the kernel multiplies by silu(gate) * up, rounded
-//     like silu_and_mul (the activation to T, then the product to T): the MLP's down projection
-//     without the activation kernel before it.
+//   * kSiluGated: x is [gate | up] (2 K columns) and the kernel multiplies by silu(gate) * up,
+//     rounded like silu_and_mul (the activation to T, then the product to T): the MLP's down
+//     projection without the activation kernel before it.
+//   * kRmsNorm: the kernel multiplies by rms_norm(x, norm_weight, eps), rounded like rms_norm
+//     (x * rsqrt(mean(x^2) + eps) to T, then the product with the weight to T): a layer's qkv
+//     or gate_up projection without the norm kernel before it. Every CTA reduces the whole row
+//     (K elements, an L2 read) itself; the weight's pieces are loaded before the PDL wait. The
+//     sum of squares is added in another order than rms_norm's, so a normalized element can
+//     differ from rms_norm's by one rounding step (rarely).
+//   * residual (any mode): out = residual + (x W^T + bias), the sum rounded to T first, like
+//     fused_add_rms_norm's add: a layer's o or down projection with the residual add. out may be
+//     residual itself (each element is read and written by one thread).
 //   * the kernel releases its successor (griddepcontrol.launch_dependents) right after its own
 //     wait when asked (SkinnyParams::release_early): the successor's CTAs are then placed as this
 //     grid's CTAs exit, so a next skinny_gemm starts reading its W in this one's tail, and a small
@@ -52,12 +61,16 @@ constexpr int kDefaultMaxStages = 4;          // ... and at most by default (see
 
 /*! \brief Everything the kernel reads; element strides are in elements. */
 struct SkinnyParams {
-  const unsigned char* x;     // [m, k]
-  const unsigned char* w;     // [n, k], contiguous
-  const unsigned char* bias;  // [n] or null
-  unsigned char* out;         // [m, n]
-  int64_t x_stride;           // between rows of x
-  int64_t out_stride;         // between rows of out
+  const unsigned char* x;            // [m, k]
+  const unsigned char* w;            // [n, k], contiguous
+  const unsigned char* bias;         // [n] or null
+  const unsigned char* norm_weight;  // [k] (XMode::kRmsNorm) or null
+  const unsigned char* residual;     // [m, n] or null; may be out
+  unsigned char* out;                // [m, n]
+  int64_t x_stride;                  // between rows of x
+  int64_t out_stride;                // between rows of out
+  int64_t residual_stride;           // between rows of residual
+  float eps;                         // XMode::kRmsNorm
   int32_t m, n, k;
   int32_t rows_per_cta;       // rows of W per CTA (<= kMaxRowsPerCta)
   int32_t rows_per_stage;     // rows of W per bulk copy
@@ -65,8 +78,9 @@ struct SkinnyParams {
   int32_t release_early;      // 1: release the successor right after the wait (see above)
 };
 
-/*! \brief Which x the kernel multiplies by: x itself, or silu(gate) * up of x = [gate | up]. */
-enum class XMode { kPlain, kSiluGated };
+/*! \brief Which x the kernel multiplies by: x itself, silu(gate) * up of x = [gate | up], or
+ * rms_norm(x, norm_weight, eps). */
+enum class XMode { kPlain, kSiluGated, kRmsNorm };
 
 /*! \brief The kernel's launch plan for a call (host side). */
 struct SkinnyPlan {
@@ -77,9 +91,28 @@ struct SkinnyPlan {
   int smem_bytes = 0;
 };
 
-/*! \brief Shared memory of a CTA: the ring, its mbarriers, the per-warp row partials. */
+/*! \brief Shared memory of a CTA: the ring, its mbarriers, the per-warp row partials, the
+ * per-warp sums of squares of x (XMode::kRmsNorm). */
 constexpr int SmemBytes(int stages, int stage_bytes, int rows_per_cta) {
-  return stages * stage_bytes + stages * 8 + rows_per_cta * kWarps * kMaxRows * 4;
+  return stages * stage_bytes + stages * 8 + (rows_per_cta + 1) * kWarps * kMaxRows * 4;
+}
+
+/*! \brief 8 elements of x normalized like rms_norm: x * inv_rms rounded to T, times the
+ * weight's 8 elements, rounded to T. */
+template <class T>
+CF_DEVICE uint4 RmsNorm8(uint4 x, uint4 w, float inv_rms) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 xf = Unpack2<T>(xs[i]);
+    const float2 wf = Unpack2<T>(ws[i]);
+    const float n0 = ToFloat16Bits<T>(FromFloat<T>(xf.x * inv_rms));
+    const float n1 = ToFloat16Bits<T>(FromFloat<T>(xf.y * inv_rms));
+    o[i] = uint32_t{FromFloat<T>(n0 * wf.x)} | (uint32_t{FromFloat<T>(n1 * wf.y)} << 16);
+  }
+  return uint4{o[0], o[1], o[2], o[3]};
 }
 
 /*!
@@ -138,7 +171,12 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
   const uint32_t s_ring = SmemU32(smem);
   const uint32_t s_bar = s_ring + n_slots * stage_bytes;
   float* s_part = reinterpret_cast<float*>(smem + n_slots * stage_bytes + n_slots * 8);
+  float* s_sumsq = s_part + p.rows_per_cta * kWarps * kMaxRows;  // [kWarps][kMaxRows]
   const unsigned char* w_cta = p.w + r0 * row_bytes;
+  // This lane's pieces of x: columns w K / 8 + 8 (lane + 32 j), j < pieces.
+  const int slice = p.k / kWarps;  // a multiple of 8
+  const int slice_pieces = slice / 8;
+  const int col0 = warp * slice;
 
   auto issue = [&](int stage, int slot) {  // thread 0 only
     const int first = stage * stage_rows;
@@ -154,13 +192,20 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
     FenceMbarInit();
     for (int s = 0; s < n_slots && s < n_stages; ++s) issue(s, s);
   }
+  // The norm's weight, like W, is not written by the kernels around this one.
+  constexpr bool kNorm = kX == XMode::kRmsNorm;
+  uint4 wn[kNorm ? kMaxPieces : 1];
+  if constexpr (kNorm) {
+#pragma unroll
+    for (int j = 0; j < kMaxPieces; ++j) {
+      const int piece = lane + 32 * j;
+      wn[j] = piece < slice_pieces ? LoadGlobal16(p.norm_weight + (col0 + piece * 8) * 2)
+                                   : uint4{0, 0, 0, 0};
+    }
+  }
   PdlWait();  // x (and out) belong to the kernels around this one from here on
   if (p.release_early) PdlLaunchDependents();
 
-  // This lane's pieces of x: columns w K / 8 + 8 (lane + 32 j), j < pieces.
-  const int slice = p.k / kWarps;        // a multiple of 8
-  const int slice_pieces = slice / 8;
-  const int col0 = warp * slice;
   uint4 xr[kRows][kMaxPieces];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
@@ -177,7 +222,37 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
       }
     }
   }
-  SyncCta();  // the mbarrier initializations are visible to every thread
+  if constexpr (kNorm) {  // this warp's part of each row's sum of squares
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      float ss = 0.f;
+#pragma unroll
+      for (int j = 0; j < kMaxPieces; ++j) {
+        const uint32_t xs[4] = {xr[m][j].x, xr[m][j].y, xr[m][j].z, xr[m][j].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const float2 f = Unpack2<T>(xs[h]);
+          ss += f.x * f.x;
+          ss += f.y * f.y;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) ss += ShflXor(ss, off);
+      if (lane == 0) s_sumsq[warp * kMaxRows + m] = ss;
+    }
+  }
+  SyncCta();  // the mbarrier initializations (and the sums of squares) are visible to every thread
+  if constexpr (kNorm) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      float ss = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) ss += s_sumsq[w * kMaxRows + m];
+      const float inv_rms = rsqrtf(ss / static_cast<float>(p.k) + p.eps);
+#pragma unroll
+      for (int j = 0; j < kMaxPieces; ++j) xr[m][j] = RmsNorm8<T>(xr[m][j], wn[j], inv_rms);
+    }
+  }
 
   int slot = 0;
   unsigned phase = 0;  // of the slot's mbarrier: flips each time the ring wraps
@@ -245,14 +320,19 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += s_part[(tid * kWarps + w) * kMaxRows + m];
-      reinterpret_cast<uint16_t*>(p.out + m * p.out_stride * 2)[row] = FromFloat<T>(sum + bias);
+      float value = sum + bias;
+      if (p.residual != nullptr) {  // rounded to T, then added like fused_add_rms_norm
+        const uint16_t r =
+            reinterpret_cast<const uint16_t*>(p.residual + m * p.residual_stride * 2)[row];
+        value = ToFloat16Bits<T>(FromFloat<T>(value)) + ToFloat16Bits<T>(r);
+      }
+      reinterpret_cast<uint16_t*>(p.out + m * p.out_stride * 2)[row] = FromFloat<T>(value);
     }
   }
 }
 
 /*!
- * \brief Launches the kernel of element type T for `m` rows of x (1 or 2), x plain or (silu_gated)
- * [gate | up], through `launch(kernel, grid, threads, smem)`; the caller made `plan` with
+ * \brief Launches the kernel of element type T for `m` rows of x (1 or 2) in mode kX, through `launch(kernel, grid, threads, smem)`; the caller made `plan` with
  * PlanSkinny and checked that plan.grid > 0.
  */
 template <class T, XMode kX, class Launch>
@@ -265,11 +345,11 @@ void LaunchSkinnyX(int m, const SkinnyPlan& plan, Launch&& launch) {
 }
 
 template <class T, class Launch>
-void LaunchSkinny(int m, bool silu_gated, const SkinnyPlan& plan, Launch&& launch) {
-  if (silu_gated) {
-    LaunchSkinnyX<T, XMode::kSiluGated>(m, plan, launch);
-  } else {
-    LaunchSkinnyX<T, XMode::kPlain>(m, plan, launch);
+void LaunchSkinny(int m, XMode mode, const SkinnyPlan& plan, Launch&& launch) {
+  switch (mode) {
+    case XMode::kSiluGated: LaunchSkinnyX<T, XMode::kSiluGated>(m, plan, launch); break;
+    case XMode::kRmsNorm: LaunchSkinnyX<T, XMode::kRmsNorm>(m, plan, launch); break;
+    default: LaunchSkinnyX<T, XMode::kPlain>(m, plan, launch); break;
   }
 }
 

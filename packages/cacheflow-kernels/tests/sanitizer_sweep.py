@@ -396,8 +396,8 @@ def sweep_rotary_cache() -> int:
 
 
 def sweep_skinny() -> int:
-    """skinny_gemm at one and two rows, with a bias and gated, against float64 (compute
-    capability 9.0+; nothing to check elsewhere)."""
+    """skinny_gemm at one and two rows, with a bias, gated, and with the norm and the residual,
+    against float64 (compute capability 9.0+; nothing to check elsewhere)."""
     from skinny_testutil import check, inputs
 
     if torch.cuda.get_device_capability() < (9, 0):
@@ -414,7 +414,15 @@ def sweep_skinny() -> int:
             act = torch.empty(m, k, device="cuda", dtype=dtype)
             ck.silu_and_mul(act, gate_up)
             check(out, act, w, None)
-            calls += 2
+            # The norm in the prologue and the residual in the epilogue (in place).
+            norm_w = torch.ones(k, device="cuda", dtype=dtype)
+            normed = torch.empty_like(x)
+            ck.rms_norm(normed, x, norm_w, 1e-6)
+            residual = torch.randn(m, n, device="cuda").to(dtype)
+            want = residual.float() + (normed.double() @ w.double().T).float()
+            ck.skinny_gemm(residual, x, w, norm_weight=norm_w, eps=1e-6, residual=residual)
+            torch.testing.assert_close(residual.float(), want, rtol=2e-2, atol=2e-2)
+            calls += 3
     return calls
 
 

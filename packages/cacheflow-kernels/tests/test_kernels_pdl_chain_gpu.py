@@ -5,7 +5,8 @@ of the same kernels run one after the other with the early releases switched off
 
 Chains: decode attention (an unsplit grid of 32 CTAs, released right after its wait) -> the out
 projection's skinny_gemm; skinny_gemm gate_up -> skinny_gemm down (SiLU-gated) -> rms_norm ->
-skinny_gemm; at several ring depths of skinny_gemm. Needs compute capability 9.0+.
+skinny_gemm; at several ring depths of skinny_gemm; and a layer with the norms and residual adds
+inside skinny_gemm. Needs compute capability 9.0+.
 """
 
 from __future__ import annotations
@@ -134,3 +135,47 @@ def test_mlp_then_norm_then_projection(monkeypatch: pytest.MonkeyPatch, max_stag
             assert torch.equal(g, want), f"replay {seed}: {name}"
         check(got[0], x, w_gate_up, None)
         check(got[3], got[2], w_qkv, None)
+
+
+def test_layer_with_norms_and_residual_adds_in_the_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two batch-1 layers whose norms run in the qkv / gate_up GEMMs' prologue and whose residual
+    adds run in the o / down GEMMs' epilogue, in place on the residual stream: six kernels a
+    layer, each reading what the one before wrote. Replays with a new stream equal the same
+    kernels run eagerly without early releases."""
+    for knob in RELEASE_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(21)
+
+    def weight(n: int, k: int) -> Any:
+        return (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+
+    layers = [{"qkv": weight(12288, 4096), "o": weight(4096, 4096),
+               "gate_up": weight(22016, 4096), "down": weight(4096, 11008),
+               "ln1": (1 + torch.randn(4096, generator=gen) / 10).to(dtype).cuda(),
+               "ln2": (1 + torch.randn(4096, generator=gen) / 10).to(dtype).cuda()}
+              for _ in range(2)]
+    stream = torch.empty(1, 4096, dtype=dtype, device="cuda")
+    qkv = torch.empty(1, 12288, dtype=dtype, device="cuda")
+    gate_up = torch.empty(1, 22016, dtype=dtype, device="cuda")
+
+    def step() -> None:
+        for w in layers:
+            ck.skinny_gemm(qkv, stream, w["qkv"], norm_weight=w["ln1"], eps=1e-5)
+            ck.skinny_gemm(stream, qkv[:, :4096], w["o"], residual=stream)
+            ck.skinny_gemm(gate_up, stream, w["gate_up"], norm_weight=w["ln2"], eps=1e-5)
+            ck.skinny_gemm(stream, gate_up, w["down"], activation="silu", residual=stream)
+
+    start = torch.randn(1, 4096, generator=gen).to(dtype).cuda()
+    stream.copy_(start)
+    graph = _capture(step)
+    for seed in (1, 2):
+        start = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        stream.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        got = stream.clone()
+        stream.copy_(start)
+        _eager_without_early_release(monkeypatch, step)
+        assert torch.equal(got, stream), f"replay {seed}"
+        assert torch.isfinite(got).all() and not torch.equal(got, start.cuda())

@@ -38,8 +38,12 @@ def test_valid_arguments_reach_the_library(called: list[tuple[Any, ...]]) -> Non
     ck.skinny_gemm(**a)
     gated = {**a, "x": FakeCuda(torch.empty(2, 512, dtype=torch.float16))}
     ck.skinny_gemm(**gated, activation="silu")
-    assert called == [("skinny_gemm", a["out"], a["x"], a["weight"], None, ""),
-                      ("skinny_gemm", a["out"], gated["x"], a["weight"], None, "silu")]
+    norm = FakeCuda(torch.empty(256, dtype=torch.float16))
+    ck.skinny_gemm(**a, norm_weight=norm, eps=1e-5, residual=a["out"])
+    assert called == [
+        ("skinny_gemm", a["out"], a["x"], a["weight"], None, "", None, 1e-6, None),
+        ("skinny_gemm", a["out"], gated["x"], a["weight"], None, "silu", None, 1e-6, None),
+        ("skinny_gemm", a["out"], a["x"], a["weight"], None, "", norm, 1e-5, a["out"])]
 
 
 @pytest.mark.parametrize(("change", "name", "says"), [
@@ -55,6 +59,9 @@ def test_valid_arguments_reach_the_library(called: list[tuple[Any, ...]]) -> Non
     ({"out": FakeCuda(torch.empty(1, 47, dtype=torch.float16))}, "out", "n=48"),
     ({"bias": FakeCuda(torch.empty(47, dtype=torch.float16))}, "bias", "n=48"),
     ({"x": torch.empty(1, 256, dtype=torch.float16)}, "x", "a CUDA tensor"),
+    # one row whose elements are 2 apart: not "rows contiguous", even with a single row
+    ({"x": FakeCuda(torch.empty(256, 2, dtype=torch.float16).T[:1])}, "x", "rows contiguous"),
+    ({"out": FakeCuda(torch.empty(48, 2, dtype=torch.float16).T[:1])}, "out", "rows contiguous"),
     ({"weight": FakeCuda(torch.empty(48, 256, dtype=torch.float16), index=1)}, "weight",
      "same device"),
 ])
@@ -82,4 +89,37 @@ def test_gated_x_is_twice_as_wide(called: list[tuple[Any, ...]]) -> None:
         ck.skinny_gemm(**args(k=256), activation="silu")  # x [1, 256] = [gate | up] of k = 128
     with pytest.raises(ValueError, match="'activation'.*'silu'"):
         ck.skinny_gemm(**args(), activation="gelu")
+    assert called == []
+
+
+@pytest.mark.parametrize(("change", "name", "says"), [
+    ({"norm_weight": FakeCuda(torch.empty(255, dtype=torch.float16))}, "norm_weight", "k=256"),
+    ({"norm_weight": FakeCuda(torch.empty(256, dtype=torch.bfloat16))}, "norm_weight",
+     "float16"),
+    ({"norm_weight": FakeCuda(torch.empty(512, dtype=torch.float16)[::2])}, "norm_weight",
+     "contiguous"),
+    ({"norm_weight": FakeCuda(torch.empty(256, dtype=torch.float16)), "eps": 0.0}, "eps",
+     "above 0"),
+    ({"norm_weight": FakeCuda(torch.empty(256, dtype=torch.float16)), "eps": float("nan")},
+     "eps", "above 0"),
+    ({"residual": FakeCuda(torch.empty(1, 47, dtype=torch.float16))}, "residual", "n=48"),
+    ({"residual": FakeCuda(torch.empty(1, 48, dtype=torch.bfloat16))}, "residual", "float16"),
+    ({"residual": FakeCuda(torch.empty(48, 2, dtype=torch.float16).T[:1])}, "residual",
+     "rows contiguous"),
+    ({"residual": FakeCuda(torch.empty(1, 48, dtype=torch.float16), index=1)}, "residual",
+     "same device"),
+])
+def test_bad_norm_or_residual_is_named(called: list[tuple[Any, ...]], change: dict[str, Any],
+                                       name: str, says: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}'.*{says}"):
+        ck.skinny_gemm(**{**args(), **change})
+    assert called == []
+
+
+def test_norm_is_not_for_the_gated_x(called: list[tuple[Any, ...]]) -> None:
+    """The gated x is the MLP's intermediate: no norm comes before the down projection."""
+    a = {**args(k=128), "x": FakeCuda(torch.empty(1, 256, dtype=torch.float16))}
+    with pytest.raises(ValueError, match="'norm_weight'.*None with activation 'silu'"):
+        ck.skinny_gemm(**a, activation="silu",
+                       norm_weight=FakeCuda(torch.empty(128, dtype=torch.float16)))
     assert called == []

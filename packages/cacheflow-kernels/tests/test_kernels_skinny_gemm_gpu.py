@@ -98,3 +98,41 @@ def test_silu_gated_x_equals_silu_and_mul_then_gemm(m: int, dtype: Any) -> None:
     torch.cuda.synchronize()
     assert torch.equal(fused, plain)
     check(fused, act, w, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(12288, 4096), (22016, 4096), (777, 1536)])
+def test_rms_norm_of_x_equals_rms_norm_then_gemm(n: int, k: int, dtype: Any) -> None:
+    """norm_weight: the product with rms_norm(x). The normalized x may differ from rms_norm's in
+    a few elements by one rounding step (the squares are summed in another order), so the
+    result is within a few of the dtype's rounding steps of rms_norm followed by the plain
+    kernel, and within tolerance of float64."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(1, k, generator=gen) * 3).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    norm_w = (1 + torch.randn(k, generator=gen) / 4).to(dtype).cuda()
+    fused = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")
+    ck.skinny_gemm(fused, x, w, norm_weight=norm_w, eps=1e-5)
+    normed = torch.empty_like(x)
+    ck.rms_norm(normed, x, norm_w, 1e-5)
+    plain = torch.empty_like(fused)
+    ck.skinny_gemm(plain, normed, w)
+    torch.cuda.synchronize()
+    check(fused, normed, w, None)
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    assert float((fused.float() - plain.float()).abs().max()) <= 4 * ulp * float(
+        plain.float().abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_equals_fused_add(dtype: Any) -> None:
+    """residual (in place, as a layer's o and down projections use it): the bits of the plain
+    product rounded to the dtype, added to the residual in float32 and rounded again."""
+    x, w, b = inputs(1, 4096, 11008, dtype, True, seed=4)
+    residual = torch.randn(1, 4096, generator=torch.Generator().manual_seed(3)).to(dtype).cuda()
+    plain = torch.empty_like(residual)
+    ck.skinny_gemm(plain, x, w, b)
+    want = (plain.float() + residual.float()).to(dtype)
+    ck.skinny_gemm(residual, x, w, b, residual=residual)
+    torch.cuda.synchronize()
+    assert torch.equal(residual, want)

@@ -13,13 +13,16 @@
  * `sms` multiprocessors with `smem_per_sm` bytes of shared memory each.
  * \param dtype 0 float16, 1 bfloat16.
  * \param silu_gated 1: x is [gate | up] (2 k columns), multiplied as silu(gate) * up.
+ * \param norm_weight null, or [k]: x is multiplied as rms_norm(x, norm_weight, eps).
+ * \param residual null, or [m, n] (rows residual_stride apart; may be out): out = residual + ...
  * \param max_stages the most stages of W in the ring (PlanSkinny).
  * \return the grid the plan chose (0: the shape does not fit the kernel).
  */
 extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const void* w,
                                   const void* bias, int m, int n, int k, int64_t x_stride,
                                   int64_t out_stride, int sms, int smem_per_sm, int silu_gated,
-                                  int max_stages) {
+                                  int max_stages, const void* norm_weight, float eps,
+                                  const void* residual, int64_t residual_stride) {
   namespace sk = cacheflow::skinny;
   auto range = [](const void* p, int64_t bytes, const char* name) {
     const auto* b = static_cast<const unsigned char*>(p);
@@ -29,12 +32,22 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
                      range(x, ((m - 1) * x_stride + (silu_gated ? 2 : 1) * k) * 2, "x"),
                      range(w, int64_t{n} * k * 2, "weight")};
   if (bias != nullptr) cfemu::g_ranges.push_back(range(bias, int64_t{n} * 2, "bias"));
+  if (norm_weight != nullptr) {
+    cfemu::g_ranges.push_back(range(norm_weight, int64_t{k} * 2, "norm_weight"));
+  }
+  if (residual != nullptr) {
+    cfemu::g_ranges.push_back(range(residual, ((m - 1) * residual_stride + n) * 2, "residual"));
+  }
   const sk::SkinnyPlan plan = sk::PlanSkinny(n, k, sms, smem_per_sm, smem_per_sm, max_stages);
   if (plan.grid == 0) return 0;
   sk::SkinnyParams p{};
   p.x = static_cast<const unsigned char*>(x);
   p.w = static_cast<const unsigned char*>(w);
   p.bias = static_cast<const unsigned char*>(bias);
+  p.norm_weight = static_cast<const unsigned char*>(norm_weight);
+  p.eps = eps;
+  p.residual = static_cast<const unsigned char*>(residual);
+  p.residual_stride = residual_stride;
   p.out = static_cast<unsigned char*>(out);
   p.x_stride = x_stride;
   p.out_stride = out_stride;
@@ -49,10 +62,13 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
     cfemu::RunGrid(Dim3{static_cast<unsigned>(grid), 1, 1}, threads, static_cast<size_t>(smem),
                    [kernel, p] { kernel(p); });
   };
+  const sk::XMode mode = silu_gated != 0      ? sk::XMode::kSiluGated
+                        : norm_weight != nullptr ? sk::XMode::kRmsNorm
+                                                 : sk::XMode::kPlain;
   if (dtype == 0) {
-    sk::LaunchSkinny<sk::Fp16>(m, silu_gated != 0, plan, launch);
+    sk::LaunchSkinny<sk::Fp16>(m, mode, plan, launch);
   } else {
-    sk::LaunchSkinny<sk::Bf16>(m, silu_gated != 0, plan, launch);
+    sk::LaunchSkinny<sk::Bf16>(m, mode, plan, launch);
   }
   return plan.grid;
 }

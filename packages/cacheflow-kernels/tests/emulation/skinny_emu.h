@@ -127,6 +127,7 @@ template <>
 inline uint16_t FromFloat<Bf16>(float x) { return cfemu::FloatToBf16(x); }
 
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 template <class T>
 inline uint4 SiluMul8(uint4 g, uint4 u) {
