@@ -10,7 +10,8 @@
 # CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05;
 # "pdloff": "on" with skinny_gemm's and small decode grids' early releases off and skinny_gemm's
 # ring at 4 stages, as before 2026-12-05 04:30; "st4": "on" with that ring only; "paoff": "on"
-# without the small decode grids' early release); the kernel and dependency
+# without the small decode grids' early release; "fuse": "on" with CACHEFLOW_SKINNY_FUSE=1, the
+# norms and residual adds of one-row steps inside skinny_gemm); the kernel and dependency
 # wheels are the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -50,7 +51,7 @@ PY
 for v in "${variants[@]}"; do
   flags=()
   unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE CACHEFLOW_SKINNY_EARLY_RELEASE \
-    CACHEFLOW_PA_EARLY_RELEASE CACHEFLOW_SKINNY_STAGES
+    CACHEFLOW_PA_EARLY_RELEASE CACHEFLOW_SKINNY_STAGES CACHEFLOW_SKINNY_FUSE
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
@@ -64,6 +65,7 @@ for v in "${variants[@]}"; do
       CACHEFLOW_PA_EARLY_RELEASE=0 CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
     st4) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
     paoff) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_EARLY_RELEASE=0; flags=(--async-scheduling) ;;
+    fuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

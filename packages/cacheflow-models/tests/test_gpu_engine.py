@@ -164,3 +164,40 @@ def test_dynamic_rope_models_run_eagerly(tmp_path: Path, prompt_batch: list[list
                          device="cuda", engine_out=engines)
     assert not engines[0].uses_cuda_graphs
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch.cuda.get_device_capability() >= (9, 0)),
+                    reason="skinny_gemm runs on compute capability 9.0+")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stream_fusion_on_hopper(tiny: Path, prompt_batch: list[list[int]], dtype: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """CACHEFLOW_SKINNY_FUSE=1: one-row decode steps run the norms and residual adds inside
+    skinny_gemm (CUDA graphs included). The kernel sums the norm's squares in another order, so
+    a normalized element can move by one rounding step: the greedy tokens must agree with the
+    plain engine's up to a late divergence, with logprobs close until then."""
+    import cacheflow_kernels
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
+    prompts = [prompt_batch[2]]  # one sequence: one-row decode steps
+    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    plain = run_engine(tiny, prompts, params, dtype=dtype, device="cuda")[0].outputs[0]
+    fused_calls: list[bool] = []
+    original = cacheflow_kernels.skinny_gemm
+
+    def recorded(*args: object, **kwargs: object) -> None:
+        fused_calls.append(kwargs.get("norm_weight") is not None
+                           or kwargs.get("residual") is not None)
+        original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", recorded)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    fused = run_engine(tiny, prompts, params, dtype=dtype, device="cuda")[0].outputs[0]
+    assert any(fused_calls)
+    first = next((i for i, (a, b) in enumerate(zip(plain.token_ids, fused.token_ids))
+                  if a != b), None)
+    print(f"{dtype}: first divergence at {first}")
+    assert first is None or first >= 24
+    for i in range(len(plain.token_ids) if first is None else first):
+        t = plain.token_ids[i]
+        assert abs(plain.logprobs[i][t] - fused.logprobs[i][t]) < 0.05, i

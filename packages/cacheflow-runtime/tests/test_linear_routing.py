@@ -12,7 +12,16 @@ import torch.nn.functional as F
 
 import cacheflow_kernels
 from cacheflow_runtime.kernels import skinny_gemm_applies
-from cacheflow_runtime.layers.linear import ReplicatedLinear, linear
+from cacheflow_runtime.layers import linear as linear_layers
+from cacheflow_runtime.layers.activation import SiluAndMul
+from cacheflow_runtime.layers.layernorm import GemmaRMSNorm, RMSNorm
+from cacheflow_runtime.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    linear,
+    stream_fusion_applies,
+)
 
 
 def test_cpu_rows_stay_on_torch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,10 +45,10 @@ def skinny_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     original = cacheflow_kernels.skinny_gemm
 
-    def counted(out: Any, x: Any, weight: Any, bias: Any = None,
-                activation: Any = None) -> None:
+    def counted(out: Any, x: Any, weight: Any, bias: Any = None, activation: Any = None,
+                **fused: Any) -> None:
         seen.append(x.shape[0])
-        original(out, x, weight, bias, activation)
+        original(out, x, weight, bias, activation, **fused)
 
     monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", counted)
     return seen
@@ -125,3 +134,84 @@ def test_gated_down_projection_fuses_the_silu(monkeypatch: pytest.MonkeyPatch,
         ref = F.linear(act(gate_up).float(), down.weight.float())
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
     assert skinny_calls == [1, 1]  # the fused call, then the unfused comparison
+
+
+def _filled(layer: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return layer
+
+
+def test_cpu_fallbacks_are_the_unfused_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel does not apply (CPU), forward_normed is forward(norm(x)) and the residual
+    forms add forward's result to the residual, for any number of rows."""
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    col = _filled(ColumnParallelLinear(64, 96, bias=True), 1)
+    row = _filled(RowParallelLinear(64, 32, bias=False), 2)
+    norm = _filled(RMSNorm(64, 1e-5), 3)
+    gen = torch.Generator().manual_seed(4)
+    for rows in (1, 3):
+        x = torch.randn(rows, 64, generator=gen)
+        residual = torch.randn(rows, 32, generator=gen)
+        gate_up = torch.randn(rows, 128, generator=gen)
+        assert not stream_fusion_applies(x, col.weight)
+        assert torch.equal(col.forward_normed(x, norm), col(norm(x)))
+        assert torch.equal(row.forward_residual(x, residual.clone()), residual + row(x))
+        assert torch.equal(row.forward_gated_residual(gate_up, SiluAndMul(), residual.clone()),
+                           residual + row.forward_gated(gate_up, SiluAndMul()))
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """skinny_gemm taking every one-row call on CPU; records each call's options."""
+    calls: list[dict[str, Any]] = []
+
+    def fake(out: Any, x: Any, weight: Any, bias: Any = None, activation: Any = None,
+             norm_weight: Any = None, eps: float = 1e-6, residual: Any = None) -> None:
+        calls.append({"norm_weight": norm_weight, "eps": eps, "activation": activation,
+                      "residual": residual, "out": out})
+        out.copy_(torch.zeros_like(out))
+
+    monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", fake)
+    monkeypatch.setattr(linear_layers, "skinny_gemm_applies",
+                        lambda x, w, silu_gated=False: x.dim() == 2 and x.shape[0] == 1)
+    return calls
+
+
+def test_norm_and_add_go_into_the_kernel(fake_kernel: list[dict[str, Any]]) -> None:
+    """One row: forward_normed hands the RMSNorm's weight and eps to the kernel; the residual
+    forms have it add in place (the returned tensor is the residual itself)."""
+    col = _filled(ColumnParallelLinear(64, 96, bias=True), 1)
+    row = _filled(RowParallelLinear(64, 32, bias=False), 2)
+    norm = _filled(RMSNorm(64, 1e-5), 3)
+    x, residual = torch.randn(1, 64), torch.randn(1, 32)
+    col.forward_normed(x, norm)
+    assert fake_kernel[-1]["norm_weight"] is norm.weight and fake_kernel[-1]["eps"] == 1e-5
+    assert row.forward_residual(x, residual) is residual
+    assert fake_kernel[-1]["residual"] is residual and fake_kernel[-1]["out"] is residual
+    assert row.forward_gated_residual(torch.randn(1, 128), SiluAndMul(), residual) is residual
+    assert fake_kernel[-1]["activation"] == "silu" and fake_kernel[-1]["residual"] is residual
+
+
+def test_other_norms_and_layouts_stay_unfused(fake_kernel: list[dict[str, Any]]) -> None:
+    """Gemma's (1 + weight) norm is not the kernel's norm, and a residual of another dtype or
+    layout cannot be added in place: those calls get no norm weight and no residual."""
+    col = _filled(ColumnParallelLinear(64, 96, bias=False), 1)
+    row = _filled(RowParallelLinear(64, 32, bias=False), 2)
+    x = torch.randn(1, 64)
+    col.forward_normed(x, _filled(GemmaRMSNorm(64, 1e-6), 3))
+    row.forward_residual(x, torch.randn(1, 32, dtype=torch.float64))
+    row.forward_residual(x, torch.randn(32, 2)[:, :1].T)  # strided
+    assert fake_kernel and all(c["norm_weight"] is None and c["residual"] is None
+                               for c in fake_kernel)
+
+
+def test_stream_fusion_needs_the_switch(monkeypatch: pytest.MonkeyPatch,
+                                        fake_kernel: list[dict[str, Any]]) -> None:
+    w = torch.randn(96, 64)
+    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    assert not stream_fusion_applies(torch.randn(1, 64), w)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    assert stream_fusion_applies(torch.randn(1, 64), w)
+    assert not stream_fusion_applies(torch.randn(2, 64), w)

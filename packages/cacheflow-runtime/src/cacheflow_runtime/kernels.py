@@ -76,6 +76,14 @@ def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool 
             and _compute_capability(x.device.index or 0) >= (9, 0) and cuda_ready())
 
 
+def skinny_fusion_enabled() -> bool:
+    """Whether CACHEFLOW_SKINNY_FUSE=1 asks one-row steps to run the RMS norms and residual adds
+    of LLaMA-family layers inside skinny_gemm (norm in the qkv / gate_up GEMMs' prologue, residual
+    add in the o / down GEMMs' epilogue: six kernels a layer instead of eight). Off by default
+    until it is measured on a GPU (``benchmarks/bench_decode_layer.py``)."""
+    return os.environ.get("CACHEFLOW_SKINNY_FUSE") == "1"
+
+
 def rotary_cache_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
     """Whether cacheflow_kernels.rotary_embedding_with_cache takes these tensors (the rotary

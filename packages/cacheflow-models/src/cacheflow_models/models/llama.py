@@ -28,6 +28,7 @@ from cacheflow_runtime.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    stream_fusion_applies,
 )
 
 # HF activation names of gated MLPs -> the fused gate * up layer.
@@ -121,11 +122,16 @@ class LlamaAttention(nn.Module):
                 input_metadata: InputMetadata) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.qkv_proj(hidden_states)
+        return self.o_proj(self.attend(positions, qkv, kv_cache, input_metadata))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: KVCache,
+               input_metadata: InputMetadata) -> torch.Tensor:
+        """The attention between the two projections: [num_tokens, q + 2 kv] (this rank's
+        heads) -> [num_tokens, q] (the input of ``o_proj``)."""
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = self.norm_qk(q, k)
-        out = self.attn(positions, q, k, v, kv_cache, input_metadata)
-        return self.o_proj(out)
+        return self.attn(positions, q, k, v, kv_cache, input_metadata)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -181,6 +187,21 @@ class LlamaDecoderLayer(nn.Module):
         normed, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(normed), residual
 
+    def forward_stream(self, positions: torch.Tensor, stream: torch.Tensor, kv_cache: KVCache,
+                       input_metadata: InputMetadata) -> torch.Tensor:
+        """One block on the residual stream itself: returns the block's output (the input plus
+        the attention's and the MLP's contributions, each rounded to the dtype before its add,
+        as :meth:`forward_with_residual` adds them). The norms go into the qkv and gate_up
+        projections and the adds into the o and down projections, which for one row on Hopper
+        are one kernel each (``CACHEFLOW_SKINNY_FUSE=1``; see LlamaModel). ``stream`` may be
+        overwritten."""
+        attn = self.self_attn
+        qkv = attn.qkv_proj.forward_normed(stream, self.input_layernorm)
+        stream = attn.o_proj.forward_residual(
+            attn.attend(positions, qkv, kv_cache, input_metadata), stream)
+        gate_up = self.mlp.gate_up_proj.forward_normed(stream, self.post_attention_layernorm)
+        return self.mlp.down_proj.forward_gated_residual(gate_up, self.mlp.act_fn, stream)
+
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm.
@@ -209,6 +230,13 @@ class LlamaModel(nn.Module):
             and type(layer).forward_with_residual is LlamaDecoderLayer.forward_with_residual
             and isinstance(layer.input_layernorm, RMSNorm)
             and isinstance(layer.post_attention_layernorm, RMSNorm) for layer in self.layers)
+        # Blocks that can run on the residual stream (forward_stream): the plain block with the
+        # plain attention forward, the gated MLP and plain RMSNorms.
+        self.streams = self.carries_residual and all(
+            type(layer.self_attn).forward is LlamaAttention.forward
+            and type(layer.mlp) is LlamaMLP
+            and type(layer.input_layernorm) is RMSNorm
+            and type(layer.post_attention_layernorm) is RMSNorm for layer in self.layers)
         self.embed_scale: Optional[torch.Tensor]
         self.register_buffer("embed_scale", None if embed_scale is None
                              else torch.tensor(embed_scale), persistent=False)
@@ -223,11 +251,22 @@ class LlamaModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 hidden_states = layer(positions, hidden_states, kv_caches[i], input_metadata)
             return self.norm(hidden_states)
+        if self._runs_on_the_stream(hidden_states):
+            for i, layer in enumerate(self.layers):
+                hidden_states = layer.forward_stream(positions, hidden_states, kv_caches[i],
+                                                     input_metadata)
+            return self.norm(hidden_states)
         residual: Optional[torch.Tensor] = None
         for i, layer in enumerate(self.layers):
             hidden_states, residual = layer.forward_with_residual(
                 positions, hidden_states, residual, kv_caches[i], input_metadata)
         return self.norm(hidden_states, residual)[0]
+
+    def _runs_on_the_stream(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this step's blocks run on the residual stream with their norms and adds inside
+        the GEMMs (blocks that allow it, and ``stream_fusion_applies``)."""
+        return self.streams and stream_fusion_applies(
+            hidden_states, self.layers[0].self_attn.qkv_proj.weight)
 
 
 class LlamaForCausalLM(nn.Module):

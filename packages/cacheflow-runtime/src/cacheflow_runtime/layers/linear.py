@@ -16,8 +16,9 @@ from torch import nn
 
 import cacheflow_kernels
 from cacheflow_runtime import parallel_state as ps
-from cacheflow_runtime.kernels import skinny_gemm_applies
+from cacheflow_runtime.kernels import skinny_fusion_enabled, skinny_gemm_applies
 from cacheflow_runtime.layers.activation import SiluAndMul
+from cacheflow_runtime.layers.layernorm import RMSNorm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
@@ -30,6 +31,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
         cacheflow_kernels.skinny_gemm(out, x, weight, bias)
         return out
     return F.linear(x, weight, bias)
+
+
+def stream_fusion_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a pre-norm block should run on its residual stream, with the norms and residual
+    adds inside its GEMMs (``forward_normed`` / ``forward_residual`` /
+    ``forward_gated_residual``), for input ``x`` and a first projection ``weight``: asked for
+    (CACHEFLOW_SKINNY_FUSE=1), one rank, and one row that skinny_gemm takes."""
+    return (skinny_fusion_enabled() and x.dim() == 2 and x.shape[0] == 1
+            and ps.get_tensor_parallel_world_size() == 1 and skinny_gemm_applies(x, weight))
+
+
+def _takes_norm(x: torch.Tensor, weight: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether skinny_gemm computes ``F.linear(norm(x), weight)`` with the norm inside: a plain
+    RMSNorm whose weight the kernel can read, on a row the kernel takes."""
+    nw = getattr(norm, "weight", None)
+    return (type(norm) is RMSNorm and nw is not None and skinny_gemm_applies(x, weight)
+            and nw.dtype == x.dtype and nw.device == x.device and nw.is_contiguous()
+            and nw.shape == (x.shape[1],) and nw.data_ptr() % 16 == 0)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -92,6 +111,17 @@ class ColumnParallelLinear(nn.Module):
         """Returns this rank's output features (all of them with ``gather_output``)."""
         y = linear(x, self.weight, self.bias)
         return ps.all_gather(y, dim=-1) if self.gather_output else y
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``forward(norm(x))``. For one row on Hopper with a plain RMSNorm, the norm runs inside
+        skinny_gemm (each CTA normalizes the row itself; an element of the normalized row can
+        differ from the norm kernel's by one rounding step): one kernel fewer."""
+        if not self.gather_output and _takes_norm(x, self.weight, norm):
+            out = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype, device=x.device)
+            cacheflow_kernels.skinny_gemm(out, x, self.weight, self.bias,
+                                          norm_weight=norm.weight, eps=norm.eps)
+            return out
+        return self.forward(norm(x))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -244,6 +274,36 @@ class RowParallelLinear(nn.Module):
             cacheflow_kernels.skinny_gemm(out, gate_up, self.weight, activation="silu")
             return self._reduce(out)
         return self.forward(act_fn(gate_up))
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + forward(x)``, the product rounded to the dtype before the add (as the
+        fused add-and-norm kernel adds). ``residual`` may be overwritten with the sum: for one
+        row on Hopper in a single-rank group, skinny_gemm adds it in place in its epilogue."""
+        if self._adds_in_gemm(x, residual, silu_gated=False):
+            cacheflow_kernels.skinny_gemm(residual, x, self.weight, self.bias, residual=residual)
+            return residual
+        return residual + self.forward(x)
+
+    def forward_gated_residual(self, gate_up: torch.Tensor, act_fn: nn.Module,
+                               residual: torch.Tensor) -> torch.Tensor:
+        """``residual + forward_gated(gate_up, act_fn)``, as :meth:`forward_residual` adds: an
+        MLP's down projection with its activation and the residual add inside one kernel for
+        one row on Hopper (SiLU, single rank)."""
+        if isinstance(act_fn, SiluAndMul) and self._adds_in_gemm(gate_up, residual,
+                                                                 silu_gated=True):
+            cacheflow_kernels.skinny_gemm(residual, gate_up, self.weight, self.bias,
+                                          activation="silu", residual=residual)
+            return residual
+        return residual + self.forward_gated(gate_up, act_fn)
+
+    def _adds_in_gemm(self, x: torch.Tensor, residual: torch.Tensor, silu_gated: bool) -> bool:
+        """Whether skinny_gemm computes ``residual + x W^T + b`` in place: one rank (no partial
+        sums to all-reduce first), x this rank's slice, a row the kernel takes."""
+        return (ps.get_tensor_parallel_world_size() == 1 and self.input_is_parallel
+                and skinny_gemm_applies(x, self.weight, silu_gated=silu_gated)
+                and residual.shape == (x.shape[0], self.weight.shape[0])
+                and residual.dtype == x.dtype and residual.device == x.device
+                and residual.is_contiguous())
 
     def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         """The partial products of the ranks summed, then the bias."""
