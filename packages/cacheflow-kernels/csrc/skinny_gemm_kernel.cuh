@@ -23,7 +23,7 @@
 //     (K elements, an L2 read) itself; the weight's pieces are loaded before the PDL wait. The
 //     sum of squares is added in another order than rms_norm's, so a normalized element can
 //     differ from rms_norm's by one rounding step (rarely).
-//   * residual (any mode): out = residual + (x W^T + bias), the sum rounded to T first, like
+//   * residual (any mode): out = residual + (x W^T + bias), x W^T + bias rounded to T first, like
 //     fused_add_rms_norm's add: a layer's o or down projection with the residual add. out may be
 //     residual itself (each element is read and written by one thread).
 //   * the kernel releases its successor (griddepcontrol.launch_dependents) right after its own
