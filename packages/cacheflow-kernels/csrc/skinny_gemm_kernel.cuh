@@ -97,22 +97,38 @@ constexpr int SmemBytes(int stages, int stage_bytes, int rows_per_cta) {
   return stages * stage_bytes + stages * 8 + (rows_per_cta + 1) * kWarps * kMaxRows * 4;
 }
 
+/*! \brief `f(a_e, b_e)` for the 8 element pairs of two 16-byte vectors of T, each result
+ * rounded to T. */
+template <class T, class F>
+CF_DEVICE uint4 Map8(uint4 a, uint4 b, F f) {
+  const uint32_t as[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t bs[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 af = Unpack2<T>(as[i]);
+    const float2 bf = Unpack2<T>(bs[i]);
+    o[i] = uint32_t{FromFloat<T>(f(af.x, bf.x))} | (uint32_t{FromFloat<T>(f(af.y, bf.y))} << 16);
+  }
+  return uint4{o[0], o[1], o[2], o[3]};
+}
+
+/*! \brief silu(g) * u of 8 elements, rounded like silu_and_mul: the activation (float32,
+ * accurate expf) to T, then the float32 product to T. */
+template <class T>
+CF_DEVICE uint4 SiluMul8(uint4 g, uint4 u) {
+  return Map8<T>(g, u, [](float gv, float uv) {
+    return __fmul_rn(ToFloat16Bits<T>(FromFloat<T>(gv / (1.0f + expf(-gv)))), uv);
+  });
+}
+
 /*! \brief 8 elements of x normalized like rms_norm: x * inv_rms rounded to T, times the
  * weight's 8 elements, rounded to T. */
 template <class T>
 CF_DEVICE uint4 RmsNorm8(uint4 x, uint4 w, float inv_rms) {
-  const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
-  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 xf = Unpack2<T>(xs[i]);
-    const float2 wf = Unpack2<T>(ws[i]);
-    const float n0 = ToFloat16Bits<T>(FromFloat<T>(xf.x * inv_rms));
-    const float n1 = ToFloat16Bits<T>(FromFloat<T>(xf.y * inv_rms));
-    o[i] = uint32_t{FromFloat<T>(n0 * wf.x)} | (uint32_t{FromFloat<T>(n1 * wf.y)} << 16);
-  }
-  return uint4{o[0], o[1], o[2], o[3]};
+  return Map8<T>(x, w, [inv_rms](float xv, float wv) {
+    return ToFloat16Bits<T>(FromFloat<T>(xv * inv_rms)) * wv;
+  });
 }
 
 /*!

@@ -150,27 +150,6 @@ CF_DEVICE uint16_t FromFloat<Bf16>(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
-/*!
- * \brief silu(g) * u of 8 elements of T, rounded like silu_and_mul: the activation (float32,
- * accurate expf) to T, then the float32 product to T.
- */
-template <class T>
-CF_DEVICE uint4 SiluMul8(uint4 g, uint4 u) {
-  const uint32_t gs[4] = {g.x, g.y, g.z, g.w};
-  const uint32_t us[4] = {u.x, u.y, u.z, u.w};
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 gf = Unpack2<T>(gs[i]);
-    const float2 uf = Unpack2<T>(us[i]);
-    const float a0 = ToFloat16Bits<T>(FromFloat<T>(gf.x / (1.0f + expf(-gf.x))));
-    const float a1 = ToFloat16Bits<T>(FromFloat<T>(gf.y / (1.0f + expf(-gf.y))));
-    o[i] = uint32_t{FromFloat<T>(__fmul_rn(a0, uf.x))} |
-           (uint32_t{FromFloat<T>(__fmul_rn(a1, uf.y))} << 16);
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
-}
-
 }  // namespace skinny
 }  // namespace cacheflow
 

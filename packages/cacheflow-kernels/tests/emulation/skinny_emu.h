@@ -129,20 +129,8 @@ inline uint16_t FromFloat<Bf16>(float x) { return cfemu::FloatToBf16(x); }
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-template <class T>
-inline uint4 SiluMul8(uint4 g, uint4 u) {
-  const uint32_t gs[4] = {g.x, g.y, g.z, g.w};
-  const uint32_t us[4] = {u.x, u.y, u.z, u.w};
-  uint32_t o[4];
-  for (int i = 0; i < 4; ++i) {
-    const float2 gf = Unpack2<T>(gs[i]);
-    const float2 uf = Unpack2<T>(us[i]);
-    const float a0 = ToFloat16Bits<T>(FromFloat<T>(gf.x / (1.0f + std::exp(-gf.x))));
-    const float a1 = ToFloat16Bits<T>(FromFloat<T>(gf.y / (1.0f + std::exp(-gf.y))));
-    o[i] = uint32_t{FromFloat<T>(a0 * uf.x)} | (uint32_t{FromFloat<T>(a1 * uf.y)} << 16);
-  }
-  return uint4{o[0], o[1], o[2], o[3]};
-}
+inline float expf(float x) { return std::exp(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 }  // namespace skinny
 }  // namespace cacheflow
