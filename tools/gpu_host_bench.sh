@@ -11,8 +11,9 @@
 # "pdloff": "on" with skinny_gemm's and small decode grids' early releases off and skinny_gemm's
 # ring at 4 stages, as before 2026-12-05 04:30; "st4": "on" with that ring only; "paoff": "on"
 # without the small decode grids' early release; "fuse": "on" with CACHEFLOW_SKINNY_FUSE=1, the
-# norms and residual adds of one-row steps inside skinny_gemm); the kernel and dependency
-# wheels are the same for all.
+# norms and residual adds of one-row steps inside skinny_gemm); "kbase": "on" with the kernel
+# wheel in .whl/kbase/ (an earlier commit's kernels, for A/Bs of kernel changes that have no
+# switch); the kernel and dependency wheels are otherwise the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
@@ -25,12 +26,19 @@ out="${OUT:-/tmp/gpu_host}"
 mkdir -p "$out"
 shared=$(ls .whl/*.whl | grep -v -E 'cacheflow_(runtime|models|serve)-')
 declare -A site
-for v in base new; do
+sites=(new)
+[[ " ${variants[*]} " == *" base "* ]] && sites+=(base)
+[[ " ${variants[*]} " == *" kbase "* ]] && sites+=(kbase)
+for v in "${sites[@]}"; do
   site[$v]=$(mktemp -d /tmp/site-$v.XXXX)  # fresh: pip --target does not replace older copies
+  deps=$shared
   if [[ $v == base ]]; then mine=$(ls .whl/base/cacheflow_*.whl)
   else mine=$(ls .whl/cacheflow_runtime-*.whl .whl/cacheflow_models-*.whl .whl/cacheflow_serve-*.whl); fi
+  if [[ $v == kbase ]]; then
+    deps="$(ls .whl/*.whl | grep -v -E 'cacheflow_') $(ls .whl/kbase/cacheflow_kernels-*.whl)"
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target "${site[$v]}" $shared $mine || exit 1
+    --target "${site[$v]}" $deps $mine || exit 1
 done
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
@@ -66,6 +74,7 @@ for v in "${variants[@]}"; do
     st4) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
     paoff) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_EARLY_RELEASE=0; flags=(--async-scheduling) ;;
     fuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1; flags=(--async-scheduling) ;;
+    kbase) export PYTHONPATH="${site[kbase]}"; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

@@ -31,6 +31,18 @@ namespace elementwise {
 // Device side
 // ---------------------------------------------------------------------------------------------
 
+/*! \brief Fetches the 128-byte lines of [p, p + bytes) into L2 (no registers, no result): thread
+ * `lane` of `stride` threads takes lines lane, lane + stride, ... A kernel launched with PDL
+ * issues this before its wait for data the kernel before it does not write (weights), so the
+ * DRAM round trip overlaps that kernel's tail. */
+__device__ __forceinline__ void PrefetchL2(const void* p, int64_t bytes, int lane, int stride) {
+  const char* base = static_cast<const char*>(p);
+  for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes;
+       off += static_cast<int64_t>(stride) * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+  }
+}
+
 /*! \brief N elements of T, aligned to their total size: one 16/8/4/2-byte access. */
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

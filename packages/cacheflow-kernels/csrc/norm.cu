@@ -68,7 +68,11 @@ __global__ void __launch_bounds__(kWarp ? kWarpBlockThreads
                                          : (VPT > 0 ? kCachedThreads : kUncachedThreads))
     RmsNormKernel(T* out, const T* x, T* residual, const T* __restrict__ weight,
                   int64_t num_tokens, int64_t hidden, float eps) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
+  // The weight is read only after the reduction; it is fetched into L2 before the wait (the
+  // kernel before this one does not write it), so that read is not a DRAM round trip: in a
+  // decode step each layer's norm weight has left L2 since the step before.
+  PrefetchL2(weight, hidden * static_cast<int64_t>(sizeof(T)), threadIdx.x, blockDim.x);
+  PdlWaitForPrevious();  // before reading the activations (pdl.cuh)
   using V = Vec<T, N>;
   int64_t token;
   int lane, stride;
@@ -126,8 +130,9 @@ __global__ void __launch_bounds__(kWarp ? kWarpBlockThreads
     for (int k = 0; k < VPT; ++k) {
       const int64_t i = lane + static_cast<int64_t>(k) * stride;
       if (i < vecs) {
-        // The weight is read after the reduction (an L2 hit, shared by all tokens): loading it
-        // up front costs registers, and occupancy matters more here.
+        // The weight is read after the reduction (an L2 hit: fetched before the wait, and
+        // shared by all tokens): loading it up front costs registers, and occupancy matters
+        // more here.
         const V w = wv[i];
         V o;
 #pragma unroll

@@ -17,10 +17,15 @@
 // unsplit decode launch of at most half as many CTAs as SMs (batch 1) releases its successor
 // right after its wait, so the successor takes only the SMs it leaves free. skinny_gemm, too,
 // releases its successor right after its wait (skinny_gemm_kernel.cuh).
-// The decode kernel also uses the time before its wait: it reads the block tables and issues its
-// first K/V copies there, all but the copy of each sequence's last position, the only cache
-// slot the kernel before it (reshape_and_cache of the step's token) may still be writing
-// (paged_attention.cuh, "Before the wait").
+// Before its wait a kernel may read only what the kernel before it cannot be writing: since every
+// early release comes after the releasing kernel's own wait, everything older than that kernel
+// has finished, so the step's inputs uploaded before its first kernel, the weights and the
+// tables built at load are safe. Several kernels use that time: the decode kernel reads the
+// block tables and issues its first K/V copies there, all but the copy of each sequence's last
+// position, the only cache slot the kernel before it (reshape_and_cache of the step's token) may
+// still be writing (paged_attention.cuh, "Before the wait"); skinny_gemm fills its ring with
+// weight rows; rms_norm fetches its weight into L2; rotary_embedding_with_cache reads the
+// positions and slots and stages its cos/sin row.
 // Compiled for the host (the CPU emulations of the attention kernels) or for older GPUs it is a
 // no-op, like the launch attribute there.
 #pragma once
@@ -34,7 +39,7 @@
 namespace cacheflow {
 
 /*! \brief Waits for the previous kernel on the stream, then releases the next one (see above).
- * Must come before the kernel's first memory access. */
+ * Must come before the kernel's first access to memory that kernel may write. */
 CF_PDL_FUNC void PdlWaitForPrevious() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -43,7 +48,8 @@ CF_PDL_FUNC void PdlWaitForPrevious() {
 }
 
 /*! \brief Waits for the previous kernel on the stream without releasing the next one before
- * this kernel's CTAs exit (see above). Must come before the kernel's first memory access. */
+ * this kernel's CTAs exit (see above). Must come before the kernel's first access to memory that
+ * kernel may write. */
 CF_PDL_FUNC void PdlWait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

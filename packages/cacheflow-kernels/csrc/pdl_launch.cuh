@@ -1,7 +1,8 @@
 // Programmatic dependent launch (PDL), host side: launching a kernel that starts with
 // PdlWaitForPrevious() or PdlWait() (pdl.cuh) so that it may be scheduled while the previous
-// kernel on the stream finishes. Only kernels that call one of them before touching memory may
-// be launched this way.
+// kernel on the stream finishes. Only kernels that call one of them before touching memory that
+// a kernel still in flight may write may be launched this way (see pdl.cuh for what they may
+// read before it).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,7 +38,8 @@ inline bool PdlEnabled() {
 }
 
 /*!
- * \brief Launches `kernel` (which must begin with PdlWaitForPrevious() or PdlWait()) on
+ * \brief Launches `kernel` (which must call PdlWaitForPrevious() or PdlWait() before it
+ * touches what the kernels before it write, see pdl.cuh) on
  * `stream`, with PDL where PdlEnabled(); a launch error throws (RuntimeError in Python).
  */
 template <typename... Params, typename... Args>

@@ -18,10 +18,13 @@
 // position or slot read, then the rows); one kernel pays that once and reads each key once.
 //
 // One CTA per token. A "unit" is 8 elements: neox style, 8 features of x1 and their 8 partners of
-// x2 (half a head apart); gpt-j style, 8 interleaved features (4 pairs). Each thread issues its
-// first query/key unit and its first value unit, the position and the slot before it waits for
-// anything, stages the token's cos/sin row in shared memory, then rotates its units (storing keys
-// both in place and into the cache) and copies its value units. A position outside
+// x2 (half a head apart); gpt-j style, 8 interleaved features (4 pairs). Launched with PDL
+// (pdl.cuh), the CTA reads the token's position and slot and stages its cos/sin row in shared
+// memory before it waits for the kernel before it: none of these is written by that kernel (in a
+// step it is the qkv projection; positions and slots come from the step's input upload, and the
+// cos/sin table from model load), so their dependent loads overlap its tail. After the wait each
+// thread issues its first query/key unit and its first value unit, then rotates its units
+// (storing keys both in place and into the cache) and copies its value units. A position outside
 // [0, max_position) leaves query and key unrotated (the cache still gets them, as the two ops
 // would); a negative slot, or one past the cache, skips the cache writes.
 #include <cuda_bf16.h>
@@ -71,10 +74,19 @@ __global__ void __launch_bounds__(kMaxThreads)
                       int64_t query_stride, int64_t key_stride, int64_t value_stride,
                       int num_heads, int num_kv_heads, int head_size, int64_t max_position,
                       int64_t num_slots, float k_scale, float v_scale) {
-  PdlWaitForPrevious();  // before any memory access (pdl.cuh)
   extern __shared__ float cos_sin[];  // [head_size]: cos | sin, rounded to T
   constexpr int64_t kCacheElem = kFp8 ? 1 : sizeof(T);
   const int64_t token = blockIdx.x;
+  // Before the wait: only what the kernel before this one does not write (see above).
+  const int64_t pos = positions[token];
+  const int64_t slot = slot_mapping[token];
+  const bool rotate = pos >= 0 && pos < max_position;  // uniform over the block
+  const bool cached = slot >= 0 && slot < num_slots;
+  if (rotate) {
+    const float* row = cos_sin_cache + pos * head_size;
+    for (int i = threadIdx.x; i < head_size; i += blockDim.x) cos_sin[i] = RoundTo<T>(row[i]);
+  }
+  PdlWaitForPrevious();  // before reading the step's activations (pdl.cuh)
   const int half = head_size / 2;
   const int units = kNeox ? half / kUnit : head_size / kUnit;  // query/key units per head
   const int qk_total = (num_heads + num_kv_heads) * units;
@@ -103,18 +115,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   int vu = threadIdx.x;
   Vec<T, kUnit> xv{};
   if (vu < v_total) xv = LoadVec<T, kUnit, kUnit>(v_row + static_cast<int64_t>(vu) * kUnit);
-  const int64_t pos = positions[token];
-  const int64_t slot = slot_mapping[token];
-  const bool rotate = pos >= 0 && pos < max_position;  // uniform over the block
-  const bool cached = slot >= 0 && slot < num_slots;
   const int64_t row_elems = static_cast<int64_t>(num_kv_heads) * head_size;
   char* kc_row = static_cast<char*>(key_cache) + (cached ? slot : 0) * row_elems * kCacheElem;
   char* vc_row = static_cast<char*>(value_cache) + (cached ? slot : 0) * row_elems * kCacheElem;
-  if (rotate) {
-    const float* row = cos_sin_cache + pos * head_size;
-    for (int i = threadIdx.x; i < head_size; i += blockDim.x) cos_sin[i] = RoundTo<T>(row[i]);
-    __syncthreads();
-  }
+  if (rotate) __syncthreads();  // the cos/sin row staged above
 
   while (u < qk_total) {
     // The key head's row in the cache (used only for key units).

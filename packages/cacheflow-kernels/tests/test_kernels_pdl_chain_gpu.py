@@ -5,8 +5,10 @@ of the same kernels run one after the other with the early releases switched off
 
 Chains: decode attention (an unsplit grid of 32 CTAs, released right after its wait) -> the out
 projection's skinny_gemm; skinny_gemm gate_up -> skinny_gemm down (SiLU-gated) -> rms_norm ->
-skinny_gemm; at several ring depths of skinny_gemm; and a layer with the norms and residual adds
-inside skinny_gemm. Needs compute capability 9.0+.
+skinny_gemm; at several ring depths of skinny_gemm; a layer with the norms and residual adds
+inside skinny_gemm; and rms_norm -> qkv -> rotary + cache write -> attention -> out projection
+with new positions and slots between replays (reads before the PDL wait). Needs compute
+capability 9.0+.
 """
 
 from __future__ import annotations
@@ -179,3 +181,79 @@ def test_layer_with_norms_and_residual_adds_in_the_gemms(monkeypatch: pytest.Mon
         _eager_without_early_release(monkeypatch, step)
         assert torch.equal(got, stream), f"replay {seed}"
         assert torch.isfinite(got).all() and not torch.equal(got, start.cuda())
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
+def test_attention_half_layer_with_new_positions(monkeypatch: pytest.MonkeyPatch,
+                                                 cache_dtype: str) -> None:
+    """rms_norm -> qkv -> rotary + cache write -> decode attention -> out projection at batch 1,
+    with a new position, slot, context and block table before every replay (uploaded before the
+    graph, as the engine does). rms_norm fetches its weight and the rotary kernel reads the
+    position and slot and stages its cos/sin row before their PDL wait, while the kernel before
+    them may still run; replays must equal the kernels run eagerly without early releases."""
+    for knob in RELEASE_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    dtype, heads, d, bs = torch.float16, 32, 128, 16
+    hidden = heads * d
+    shape = dict(num_heads=heads, num_kv_heads=heads, head_size=d, block_size=bs, device="cuda",
+                 num_blocks=40, max_blocks_per_seq=32, dtype=dtype)
+    case = make_case([300], seed=0, **shape)
+    fp8 = cache_dtype == "fp8"
+    if fp8:
+        for name in ("key_cache", "value_cache"):
+            case[name] = case[name].nan_to_num(0.0).clamp(-448, 448).to(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(31)
+    w_qkv = (torch.randn(3 * hidden, hidden, generator=gen) / 64).to(dtype).cuda()
+    w_o = (torch.randn(hidden, hidden, generator=gen) / 64).to(dtype).cuda()
+    ln = (1 + torch.randn(hidden, generator=gen) / 10).to(dtype).cuda()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float64), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=1).float().cuda()
+    x = torch.empty(1, hidden, dtype=dtype, device="cuda")
+    normed = torch.empty_like(x)
+    qkv = torch.empty(1, 3 * hidden, dtype=dtype, device="cuda")
+    proj = torch.empty_like(x)
+    positions = torch.zeros(1, dtype=torch.int64, device="cuda")
+    slots = torch.zeros(1, dtype=torch.int64, device="cuda")
+    q, k, v = qkv[:, :hidden], qkv[:, hidden:2 * hidden], qkv[:, 2 * hidden:]
+
+    def step() -> None:
+        ck.rms_norm(normed, x, ln, 1e-5)
+        ck.skinny_gemm(qkv, normed, w_qkv)
+        ck.rotary_embedding_with_cache(positions, q, k, v, cos_sin, d, True, case["key_cache"],
+                                       case["value_cache"], slots)
+        ck.paged_attention(case["out"], q.view(1, heads, d), case["key_cache"],
+                           case["value_cache"], case["block_tables"], case["context_lens"],
+                           case["scale"], None, max_context_len=512)
+        ck.skinny_gemm(proj, case["out"].view(1, hidden), w_o)
+
+    x.copy_(torch.randn(1, hidden, generator=gen).to(dtype))
+    graph = _capture(step)
+    for seed, ctx in ((1, 1), (2, 37), (3, 300), (4, 512)):
+        fresh = make_case([ctx], seed=seed, **shape)
+        for name in ("block_tables", "context_lens"):
+            case[name].copy_(fresh[name])
+        pos = ctx - 1
+        positions.fill_(pos)
+        slots.fill_(int(fresh["block_tables"][0, pos // bs]) * bs + pos % bs)
+        x.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        start = {n: case[n].clone() for n in ("key_cache", "value_cache")}
+        graph.replay()
+        torch.cuda.synchronize()
+        got = {"normed": normed.clone(), "qkv": qkv.clone(), "attention": case["out"].clone(),
+               "proj": proj.clone(), "key_cache": case["key_cache"].clone(),
+               "value_cache": case["value_cache"].clone()}
+        for n, t in start.items():
+            case[n].copy_(t)
+        _eager_without_early_release(monkeypatch, step)
+        want = {"normed": normed, "qkv": qkv, "attention": case["out"], "proj": proj,
+                "key_cache": case["key_cache"], "value_cache": case["value_cache"]}
+        for name, g in got.items():
+            same = (torch.equal(g.view(torch.uint8), want[name].view(torch.uint8)) if fp8
+                    and name.endswith("cache") else torch.equal(g, want[name]))
+            assert same, f"replay {seed} (context {ctx}): {name}"
+        assert torch.isfinite(got["proj"]).all(), f"replay {seed}: NaN in the projection"
+        # The replay wrote this step's key where the slot says, rotated at the position.
+        row = got["key_cache"].view(-1, heads, d)[int(slots)]
+        if not fp8:
+            assert torch.equal(row.view(1, hidden), got["qkv"][:, hidden:2 * hidden])
