@@ -232,7 +232,11 @@ def rotary_embedding_with_cache(
             query's dtype).
 
     All tensors are on one CUDA device. Runs on the caller's current stream; CUDA-graph
-    capturable.
+    capturable. On compute capability 9.0+ the kernel may start while the kernel before it on
+    the stream finishes and reads ``positions``, ``slot_mapping`` and ``cos_sin_cache`` before
+    it waits for that kernel (the activations and caches only after): those three must not be
+    outputs of a cacheflow kernel launched just before this call (torch ops, copies and
+    anything earlier are fine).
 
     Raises:
         ValueError: an argument has the wrong device, dtype, shape, layout or value (layouts
