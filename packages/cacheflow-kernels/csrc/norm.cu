@@ -68,10 +68,13 @@ __global__ void __launch_bounds__(kWarp ? kWarpBlockThreads
                                          : (VPT > 0 ? kCachedThreads : kUncachedThreads))
     RmsNormKernel(T* out, const T* x, T* residual, const T* __restrict__ weight,
                   int64_t num_tokens, int64_t hidden, float eps) {
-  // The weight is read only after the reduction; it is fetched into L2 before the wait (the
-  // kernel before this one does not write it), so that read is not a DRAM round trip: in a
-  // decode step each layer's norm weight has left L2 since the step before.
-  PrefetchL2(weight, hidden * static_cast<int64_t>(sizeof(T)), threadIdx.x, blockDim.x);
+  // The weight is read only after the reduction; the first block fetches it into L2 before the
+  // wait (the kernel before this one does not write it), so that read is not a DRAM round trip:
+  // in a decode step each layer's norm weight has left L2 since the step before. One block
+  // suffices: every block reads the same weight.
+  if (blockIdx.x == 0) {
+    PrefetchL2(weight, hidden * static_cast<int64_t>(sizeof(T)), threadIdx.x, blockDim.x);
+  }
   PdlWaitForPrevious();  // before reading the activations (pdl.cuh)
   using V = Vec<T, N>;
   int64_t token;
