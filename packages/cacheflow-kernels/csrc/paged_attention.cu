@@ -148,6 +148,27 @@ DeviceSmem GetDeviceSmem(int device_id) {
   return DeviceSmem{sm, block};
 }
 
+/*! \brief The new token of a fused launch (validated by PagedAttentionWithRotaryCache). */
+struct FusedToken {
+  const void* key;
+  const void* value;
+  int64_t key_stride;  // elements between sequences' rows
+  int64_t value_stride;
+  const int64_t* positions;
+  const int64_t* slot_mapping;
+  const float* cos_sin;  // null: no rotary
+  int64_t max_position;
+  bool neox;
+};
+
+bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
+                       TensorView value_cache, TensorView block_tables, TensorView context_lens,
+                       double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                       int64_t partition_size, Optional<TensorView> workspace,
+                       int64_t sliding_window, double k_scale, double v_scale,
+                       double logits_soft_cap, Optional<TensorView> lse,
+                       const FusedToken* fused);
+
 /*!
  * \brief Decode attention over the paged KV cache; see paged_attention.cuh for the layouts.
  *
@@ -170,6 +191,26 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
                     int64_t partition_size, Optional<TensorView> workspace,
                     int64_t sliding_window, double k_scale, double v_scale,
                     double logits_soft_cap, Optional<TensorView> lse) {
+  RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
+                    alibi_slopes, max_context_len, partition_size, workspace, sliding_window,
+                    k_scale, v_scale, logits_soft_cap, lse, nullptr);
+}
+
+/*!
+ * \brief paged_attention's checks and launch; with `fused`, a fused launch (the new token rotated
+ * and stored by the kernel: paged_attention.cuh, "New token"). Returns false when the dispatch
+ * declines a fused launch (nothing launched); true otherwise.
+ */
+bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
+                       TensorView value_cache, TensorView block_tables, TensorView context_lens,
+                       double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                       int64_t partition_size, Optional<TensorView> workspace,
+                       int64_t sliding_window, double k_scale, double v_scale,
+                       double logits_soft_cap, Optional<TensorView> lse,
+                       const FusedToken* fused) {
+  // Errors name the op the caller called.
+  const char* const kOp =
+      fused != nullptr ? "paged_attention_with_rotary_cache" : cacheflow::kOp;
   // -- Shapes and dtypes of the tensors both attention ops take.
   const PagedAttentionShapes s = CheckPagedAttentionArgs(
       kOp, "num_seqs", true, out, query, key_cache, value_cache, block_tables, context_lens);
@@ -257,7 +298,7 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
       << "at most 2^30 tokens per sequence (max_blocks_per_seq * block_size), got "
       << max_tokens;
 
-  if (num_seqs == 0 || num_heads == 0) return;
+  if (num_seqs == 0 || num_heads == 0) return true;
 
   // -- Partitions and workspace.
   if (partition_size > 0) {
@@ -294,6 +335,19 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
       alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
   p.lse = lse.has_value() ? reinterpret_cast<float*>(DataPtr(*lse)) : nullptr;
   p.l2_prefetch_tiles = L2PrefetchTiles();
+  if (fused != nullptr) {
+    p.new_key = fused->key;
+    p.new_value = fused->value;
+    p.new_key_stride = fused->key_stride;
+    p.new_value_stride = fused->value_stride;
+    p.positions = fused->positions;
+    p.slot_mapping = fused->slot_mapping;
+    p.cos_sin = fused->cos_sin;
+    p.max_position = fused->max_position;
+    p.num_slots = key_cache.shape()[0] * key_cache.shape()[1];
+    p.rotary_neox = fused->neox ? 1 : 0;
+    p.k_store_scale = static_cast<float>(k_scale);
+  }
 
   const DLDevice dev = query.device();
   tvm::ffi::CUDADeviceGuard guard(dev.device_id);
@@ -313,12 +367,100 @@ void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   const DLDataType dt = query.dtype();
   if (dt.code == kDLFloat && dt.bits == 16) {
-    paged_attention::Launch<__half>(p, s.fp8_cache, stream);
+    return paged_attention::Launch<__half>(p, s.fp8_cache, stream);
   } else if (dt.code == kDLBfloat) {
-    paged_attention::Launch<__nv_bfloat16>(p, s.fp8_cache, stream);
-  } else {
-    paged_attention::Launch<float>(p, s.fp8_cache, stream);
+    return paged_attention::Launch<__nv_bfloat16>(p, s.fp8_cache, stream);
   }
+  return paged_attention::Launch<float>(p, s.fp8_cache, stream);
+}
+
+/*! \brief Checks one of the new token's [num_seqs, num_kv_heads, head_size] rows (key, value);
+ * returns the elements between sequences. */
+int64_t CheckNewTokenRows(const char* op, const char* name, const TensorView& t,
+                          const TensorView& query, const TensorView& key_cache) {
+  CheckNdim(op, name, t, 3, "[num_seqs, num_kv_heads, head_size]");
+  TVM_FFI_CHECK(t.shape()[0] == query.shape()[0] && t.shape()[1] == key_cache.shape()[2] &&
+                    t.shape()[2] == query.shape()[2],
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "of shape [" << query.shape()[0] << ", "
+      << key_cache.shape()[2] << ", " << query.shape()[2] << "], got " << ShapeStr(t);
+  TVM_FFI_CHECK(t.dtype() == query.dtype(), ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "of the dtype of 'query' (" << query.dtype() << "), got "
+      << t.dtype();
+  const int64_t stride = CheckRowStrided(op, name, t);
+  TVM_FFI_CHECK(reinterpret_cast<std::uintptr_t>(DataPtr(t)) % 16 == 0 && stride % 8 == 0,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "16-byte aligned with a row stride that is a multiple "
+      << "of 8 elements, got row stride " << stride;
+  CheckSameDevice(op, name, t, "query", query);
+  return stride;
+}
+
+/*! \brief Checks a [num_seqs] int64 tensor of the new token (positions, slot_mapping). */
+void CheckNewTokenIndex(const char* op, const char* name, const TensorView& t,
+                        const TensorView& query) {
+  CheckNdim(op, name, t, 1, "[num_seqs]");
+  TVM_FFI_CHECK(IsInt64(t.dtype()) && t.shape()[0] == query.shape()[0], ValueError)
+      << CACHEFLOW_ARG_ERROR(op, name) << "int64 of shape [" << query.shape()[0] << "], got "
+      << t.dtype() << " " << ShapeStr(t);
+  CheckContiguous(op, name, t);
+  CheckSameDevice(op, name, t, "query", query);
+}
+
+/*!
+ * \brief Decode attention that also does rotary_embedding_with_cache's work for the step's new
+ * token (paged_attention.cuh, "New token"): `query` is taken before the rotary embedding,
+ * `key` / `value` ([num_seqs, num_kv_heads, head_size], rows may be strided like the query's)
+ * are the token's key and value; the kernel rotates query and key at `positions` (with
+ * `cos_sin_cache` [max_position, head_size] float32, cos | sin; None: no rotary), stores key and
+ * value at `slot_mapping` (negative or past the cache: not stored; FP8 caches: key / k_scale,
+ * value / v_scale) and attends over the cache with that slot included. Query, key and value are
+ * not modified. The context is never split (no workspace).
+ * \return false, having launched nothing, where the launch would not have exactly one
+ * pipelined CTA per (sequence, KV head): a split plan is the caller's to avoid; several query
+ * head groups per KV head, a float32 query, or a device where the pipelined kernel does not fit.
+ */
+bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView key,
+                                   TensorView value, TensorView key_cache, TensorView value_cache,
+                                   TensorView block_tables, TensorView context_lens,
+                                   TensorView positions, TensorView slot_mapping,
+                                   Optional<TensorView> cos_sin_cache, bool is_neox, double scale,
+                                   Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                                   int64_t sliding_window, double k_scale, double v_scale,
+                                   double logits_soft_cap) {
+  constexpr const char* op = "paged_attention_with_rotary_cache";
+  const DLDataType dt = query.dtype();
+  TVM_FFI_CHECK((dt.code == kDLFloat || dt.code == kDLBfloat) && dt.bits == 16 && dt.lanes == 1,
+                ValueError)
+      << CACHEFLOW_ARG_ERROR(op, "query") << "float16 or bfloat16, got " << dt;
+  CheckNdim(op, "query", query, 3, "[num_seqs, num_heads, head_size]");
+  CheckNdim(op, "key_cache", key_cache, 4, "[num_blocks, block_size, num_kv_heads, head_size]");
+  FusedToken fused{};
+  fused.key_stride = CheckNewTokenRows(op, "key", key, query, key_cache);
+  fused.value_stride = CheckNewTokenRows(op, "value", value, query, key_cache);
+  CheckNewTokenIndex(op, "positions", positions, query);
+  CheckNewTokenIndex(op, "slot_mapping", slot_mapping, query);
+  const int64_t head_size = query.shape()[2];
+  if (cos_sin_cache.has_value()) {
+    const TensorView& cs = *cos_sin_cache;
+    CheckNdim(op, "cos_sin_cache", cs, 2, "[max_position, head_size]");
+    TVM_FFI_CHECK(IsFloat32Dtype(cs.dtype()) && cs.shape()[1] == head_size, ValueError)
+        << CACHEFLOW_ARG_ERROR(op, "cos_sin_cache") << "float32 of shape [max_position, "
+        << head_size << "] (every feature rotates), got " << cs.dtype() << " " << ShapeStr(cs);
+    CheckContiguous(op, "cos_sin_cache", cs);
+    CheckSameDevice(op, "cos_sin_cache", cs, "query", query);
+    fused.cos_sin = reinterpret_cast<const float*>(DataPtr(cs));
+    fused.max_position = cs.shape()[0];
+  }
+  fused.key = DataPtr(key);
+  fused.value = DataPtr(value);
+  fused.positions = reinterpret_cast<const int64_t*>(DataPtr(positions));
+  fused.slot_mapping = reinterpret_cast<const int64_t*>(DataPtr(slot_mapping));
+  fused.neox = is_neox;
+  return RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
+                           alibi_slopes, max_context_len, 0, Optional<TensorView>(),
+                           sliding_window, k_scale, v_scale, logits_soft_cap,
+                           Optional<TensorView>(), &fused);
 }
 
 /*! \brief Number of multiprocessors of CUDA device `device_id` (the split-K heuristic's input). */
@@ -333,4 +475,6 @@ int64_t SmCount(int64_t device_id) {
 }  // namespace cacheflow
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention, cacheflow::PagedAttention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_with_rotary_cache,
+                              cacheflow::PagedAttentionWithRotaryCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_sm_count, cacheflow::SmCount);

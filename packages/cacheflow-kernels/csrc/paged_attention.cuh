@@ -95,9 +95,23 @@ template <typename U>
 PA_DEVICE void StoreGlobal(U* ptr, U value) {
   *ptr = value;
 }
-// Plain (cached) loads of the query.
+// Plain (cached) loads of the query (and, in fused launches, of the new token's key/value rows,
+// its position and slot and its cos/sin row).
 PA_DEVICE uint4 LoadGlobal16(const void* ptr) { return *static_cast<const uint4*>(ptr); }
 PA_DEVICE uint2 LoadGlobal8(const void* ptr) { return *static_cast<const uint2*>(ptr); }
+PA_DEVICE int64_t LoadGlobalI64(const int64_t* ptr) { return *ptr; }
+PA_DEVICE float LoadGlobalF32(const float* ptr) { return *ptr; }
+/*! \brief a * b rounded to float, never contracted into a fused multiply-add. */
+PA_DEVICE float MulRn(float a, float b) { return __fmul_rn(a, b); }
+/*! \brief This thread's global stores performed at device scope before its later accesses
+ * (fused launches: the new token's K/V stores before the barrier after which the CTA's own
+ * cp.async copies read them back). */
+PA_DEVICE void FenceDevice() { __threadfence(); }
+/*! \brief x as an FP8 E4M3 byte: round to nearest even, saturating at +-448 (what an FP8 KV cache
+ * stores; rotary_embedding_with_cache's and reshape_and_cache's conversion). */
+PA_DEVICE uint32_t FloatToFp8(float x) {
+  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
 
 PA_DEVICE float FastExp2(float x) {
   float y;
@@ -189,6 +203,11 @@ struct Dtype<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static PA_DEVICE __half FromFloat(float x) { return __float2half_rn(x); }
+  // One element as its 16 bits (rounded to nearest even) and back.
+  static PA_DEVICE uint32_t ElemBits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  static PA_DEVICE float ElemToFloat(uint32_t b) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  }
   // Two FP8 E4M3 bytes (low 16 bits; the lower byte is the lower element) as packed halves.
   static PA_DEVICE uint32_t FromFp8x2(uint32_t b) {
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
@@ -219,6 +238,12 @@ struct Dtype<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static PA_DEVICE __nv_bfloat16 FromFloat(float x) { return __float2bfloat16_rn(x); }
+  static PA_DEVICE uint32_t ElemBits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static PA_DEVICE float ElemToFloat(uint32_t b) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
+  }
   static PA_DEVICE uint32_t FromFp8x2(uint32_t b) {
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
         static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
@@ -364,6 +389,19 @@ struct Params {
                               // "Small grids" at the kernel)
   int64_t q_stride;           // elements between the query rows of consecutive sequences
                               // (num_heads * head_size when contiguous; heads and dims always are)
+  // Fused launches (see "New token"; new_key null: a plain launch). The query is then the one
+  // before the rotary embedding.
+  const void* new_key;        // [num_seqs, num_kv_heads * head_size] T, rows new_key_stride apart
+  const void* new_value;      // the same layout, rows new_value_stride apart
+  int64_t new_key_stride;     // elements
+  int64_t new_value_stride;
+  const int64_t* positions;   // [num_seqs] the new token's position
+  const int64_t* slot_mapping;  // [num_seqs] its cache slot; < 0 or >= num_slots: not stored
+  const float* cos_sin;       // [max_position, head_size] float32 cos | sin; null: no rotary
+  int64_t max_position;       // positions outside [0, max_position) are not rotated
+  int64_t num_slots;          // num_blocks * block_size
+  int rotary_neox;            // 1: neox style (halves), 0: gpt-j style (interleaved pairs)
+  float k_store_scale;        // FP8 caches: keys are stored as key / k_store_scale (the k_scale)
   // Set by the dispatch for the chosen kernel:
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
@@ -688,6 +726,202 @@ PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
 }
 
 // ------------------------------------------------------------------------------------------
+// New token (fused launches: paged_attention_with_rotary_cache).
+//
+// In a decode step the token's key and value come from the projection, not from the cache. A
+// fused launch takes them as they are (with the query, before the rotary embedding) and does in
+// the attention kernel what rotary_embedding_with_cache would do before it, bit for bit: the
+// CTA of each (sequence, KV head) rotates the key at the token's position and stores key and
+// value at the token's slot (FP8: as x / scale), rotates its query rows while staging them, and
+// then attends over the cache, the new slot included. Only launches with exactly one CTA per
+// (sequence, KV head) fuse: unsplit, one head group, the pipelined kernel (the dispatch declines
+// the others and the caller runs the two ops). Ordering: the position, slot and cos/sin row are
+// step inputs, read before the PDL wait (the cos/sin row is staged, rounded to T, in the
+// statistics area, which the epilogue reuses only after the main loop); the key, value and query
+// rows come from the kernel before and are read after it. The stores are fenced and followed by
+// a CTA barrier before any copy of the tile that holds the new slot is issued (the prologue
+// issues only the tiles before it), so the CTA's own copies read back what it stored.
+
+/*! \brief x rounded to T, as a float. */
+template <typename T>
+PA_DEVICE float RoundToT(float x) {
+  return Dtype<T>::ElemToFloat(Dtype<T>::ElemBits(x));
+}
+
+/*! \brief a*c - b*s (kMinus) or a*c + b*s with each product rounded to T first, as T bits: the
+ * rotary embedding's arithmetic (elementwise_common.cuh's Rotate). */
+template <typename T, bool kMinus>
+PA_DEVICE uint32_t RotateBits(float a, float c, float b, float s) {
+  const float ac = RoundToT<T>(MulRn(a, c));
+  const float bs = RoundToT<T>(MulRn(b, s));
+  return Dtype<T>::ElemBits(kMinus ? ac - bs : ac + bs);
+}
+
+/*! \brief Element m (0..7) of eight packed 16-bit values. */
+PA_DEVICE uint32_t Elem16(const uint4& v, int m) {
+  return (Word(v, m >> 1) >> (16 * (m & 1))) & 0xffffu;
+}
+
+PA_DEVICE uint4 Pack8(const uint32_t (&e)[8]) {
+  return make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16),
+                    e[6] | (e[7] << 16));
+}
+
+/*! \brief Rotates a neox-style unit in place: x1 = features i0 .. i0 + 7 of a head, x2 their
+ * partners kHalf further; `cs` is the position's [cos | sin] row as T bits. */
+template <typename T, int kHalf>
+PA_DEVICE void RotateNeox8(const uint16_t* cs, int i0, uint4& x1, uint4& x2) {
+  uint32_t y1[8];
+  uint32_t y2[8];
+#pragma unroll
+  for (int m = 0; m < 8; ++m) {
+    const float c = Dtype<T>::ElemToFloat(cs[i0 + m]);
+    const float s = Dtype<T>::ElemToFloat(cs[kHalf + i0 + m]);
+    const float a = Dtype<T>::ElemToFloat(Elem16(x1, m));
+    const float b = Dtype<T>::ElemToFloat(Elem16(x2, m));
+    y1[m] = RotateBits<T, true>(a, c, b, s);   // x1 cos - x2 sin
+    y2[m] = RotateBits<T, false>(b, c, a, s);  // x2 cos + x1 sin
+  }
+  x1 = Pack8(y1);
+  x2 = Pack8(y2);
+}
+
+/*! \brief Rotates a gpt-j-style unit: features i0 .. i0 + 7, four interleaved pairs. */
+template <typename T, int kHalf>
+PA_DEVICE uint4 RotateGptj8(const uint16_t* cs, int i0, const uint4& x) {
+  uint32_t y[8];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int pair = i0 / 2 + m;
+    const float c = Dtype<T>::ElemToFloat(cs[pair]);
+    const float s = Dtype<T>::ElemToFloat(cs[kHalf + pair]);
+    const float a = Dtype<T>::ElemToFloat(Elem16(x, 2 * m));
+    const float b = Dtype<T>::ElemToFloat(Elem16(x, 2 * m + 1));
+    y[2 * m] = RotateBits<T, true>(a, c, b, s);
+    y[2 * m + 1] = RotateBits<T, false>(b, c, a, s);
+  }
+  return Pack8(y);
+}
+
+/*! \brief Stores eight elements of T (packed) into a cache row: as they are, or as E4M3 bytes
+ * of x / scale. */
+template <typename T, typename C>
+PA_DEVICE void StoreCache8(C* dst, const uint4& x, float scale) {
+  if constexpr (std::is_same<C, Fp8E4m3>::value) {
+    uint32_t w[2] = {0u, 0u};
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      w[m >> 2] |= FloatToFp8(Dtype<T>::ElemToFloat(Elem16(x, m)) / scale) << (8 * (m & 3));
+    }
+    StoreGlobal(reinterpret_cast<uint2*>(dst), make_uint2(w[0], w[1]));
+  } else {
+    StoreGlobal(reinterpret_cast<uint4*>(dst), x);
+  }
+}
+
+/*! \brief The new token's position (its cos/sin row, rounded to T, staged in `cs` when it has
+ * one) and slot: everything a fused CTA reads before the PDL wait. */
+struct NewTokenAt {
+  int64_t slot;  // < 0 or >= num_slots: nothing is stored
+  bool rotate;   // a rotary table and a position inside it (else the rows stay as they are)
+};
+
+template <typename T, int D>
+PA_DEVICE NewTokenAt StageNewToken(const Params& p, int seq, uint16_t* cs, int tid) {
+  NewTokenAt at;
+  const int64_t pos = LoadGlobalI64(p.positions + seq);
+  at.slot = LoadGlobalI64(p.slot_mapping + seq);
+  at.rotate = p.cos_sin != nullptr && pos >= 0 && pos < p.max_position;
+  if (at.rotate) {
+    for (int i = tid; i < D; i += kThreads) {
+      cs[i] = static_cast<uint16_t>(Dtype<T>::ElemBits(LoadGlobalF32(p.cos_sin + pos * D + i)));
+    }
+  }
+  return at;
+}
+
+/*! \brief Rotates the new token's key of KV head `kvh` and stores it and its value at the slot
+ * (after the PDL wait and a barrier publishing `cs`); fenced for the CTA's own copies. */
+template <typename T, typename C, int D>
+PA_DEVICE void StoreNewToken(const Params& p, int seq, int kvh, const NewTokenAt& at,
+                             const uint16_t* cs, int tid) {
+  if (at.slot < 0 || at.slot >= p.num_slots) return;
+  constexpr int kHalf = D / 2;
+  const bool neox = p.rotary_neox != 0;
+  const int k_units = neox ? D / 16 : D / 8;
+  const auto* krow = static_cast<const unsigned char*>(p.new_key) +
+                     (static_cast<int64_t>(seq) * p.new_key_stride + kvh * D) * 2;
+  const auto* vrow = static_cast<const unsigned char*>(p.new_value) +
+                     (static_cast<int64_t>(seq) * p.new_value_stride + kvh * D) * 2;
+  C* kdst = static_cast<C*>(const_cast<void*>(p.key_cache)) + at.slot * p.token_stride + kvh * D;
+  C* vdst = static_cast<C*>(const_cast<void*>(p.value_cache)) + at.slot * p.token_stride + kvh * D;
+  for (int u = tid; u < k_units + D / 8; u += kThreads) {
+    if (u < k_units) {
+      const int i0 = 8 * u;
+      uint4 x1 = LoadGlobal16(krow + i0 * 2);
+      if (neox) {
+        uint4 x2 = LoadGlobal16(krow + (kHalf + i0) * 2);
+        if (at.rotate) RotateNeox8<T, kHalf>(cs, i0, x1, x2);
+        StoreCache8<T, C>(kdst + i0, x1, p.k_store_scale);
+        StoreCache8<T, C>(kdst + kHalf + i0, x2, p.k_store_scale);
+      } else {
+        if (at.rotate) x1 = RotateGptj8<T, kHalf>(cs, i0, x1);
+        StoreCache8<T, C>(kdst + i0, x1, p.k_store_scale);
+      }
+    } else {
+      const int i0 = 8 * (u - k_units);
+      StoreCache8<T, C>(vdst + i0, LoadGlobal16(vrow + i0 * 2), p.v_scale);
+    }
+  }
+  FenceDevice();
+}
+
+/*! \brief The CTA's query rows (heads head0 ..), rotated at the new token's position (or as they
+ * are), into `plain`: [kRows][D] elements of T, row r = head head0 + r, rows past rows_valid not
+ * written. All of a thread's loads are issued before its first store. */
+template <typename T, int D, int kRows>
+PA_DEVICE void RotateQueryRows(const Params& p, unsigned char* plain, int seq, int head0,
+                               int rows_valid, const NewTokenAt& at, const uint16_t* cs,
+                               int tid) {
+  constexpr int kHalf = D / 2;
+  constexpr int kMaxUnits = (kRows * (D / 8) + kThreads - 1) / kThreads;
+  const bool neox = p.rotary_neox != 0;
+  const int per_row = neox ? D / 16 : D / 8;
+  const int total = rows_valid * per_row;
+  const auto* q_seq = static_cast<const unsigned char*>(p.query) +
+                      (static_cast<int64_t>(seq) * p.q_stride + static_cast<int64_t>(head0) * D) * 2;
+  uint4 x1[kMaxUnits];
+  uint4 x2[kMaxUnits];
+#pragma unroll
+  for (int j = 0; j < kMaxUnits; ++j) {
+    const int u = tid + j * kThreads;
+    x1[j] = x2[j] = make_uint4(0, 0, 0, 0);
+    if (u < total) {
+      const int row = u / per_row;
+      const int i0 = 8 * (u - row * per_row);
+      x1[j] = LoadGlobal16(q_seq + (row * D + i0) * 2);
+      if (neox) x2[j] = LoadGlobal16(q_seq + (row * D + kHalf + i0) * 2);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxUnits; ++j) {
+    const int u = tid + j * kThreads;
+    if (u < total) {
+      const int row = u / per_row;
+      const int i0 = 8 * (u - row * per_row);
+      unsigned char* dst = plain + (row * D + i0) * 2;
+      if (neox) {
+        if (at.rotate) RotateNeox8<T, kHalf>(cs, i0, x1[j], x2[j]);
+        *reinterpret_cast<uint4*>(dst) = x1[j];
+        *reinterpret_cast<uint4*>(dst + kHalf * 2) = x2[j];
+      } else {
+        *reinterpret_cast<uint4*>(dst) = at.rotate ? RotateGptj8<T, kHalf>(cs, i0, x1[j]) : x1[j];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // Tensor-core kernel (float16 / bfloat16).
 //
 // Fragment maps (m16n8k16 / m16n8k8, row.col; g = lane / 4, t = lane % 4):
@@ -927,9 +1161,12 @@ constexpr int MmaMinBlocks() {
 // half span: dims 32 span + 4t + {0..3} in k-step 0, zeros in 1), i.e. {row g, row g + 8, row g,
 // row g + 8} words, so a step loads it with one 16-byte read and no register moves; rows at or
 // past rows_valid are zeros.
-template <typename T, int D, int kRT = 1>
+// kFromShared (fused launches): the rows are read from `plain` (RotateQueryRows' [rows][D] layout,
+// in the same shared memory as qs), so every thread's reads are done, at a barrier, before any
+// store.
+template <typename T, int D, int kRT = 1, bool kFromShared = false>
 PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
-                                   int tid) {
+                                   int tid, const unsigned char* plain = nullptr) {
   using S = MmaShape<D>;
   // All of a thread's loads are issued before any store: one global round trip for the whole
   // query instead of one per loop iteration (a loop of load-then-store waited for each load in
@@ -951,14 +1188,20 @@ PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head
     hi[u] = make_uint2(0, 0);
     if (i < kItems && (j < S::kSpans || k == 0)) {
       const int dim = j < S::kSpans ? 32 * j + 8 * t4 + 4 * k : 32 * j + 4 * t4;
-      if (row < rows_valid) {
-        lo[u] = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row) * D + dim);
-      }
-      if (row + 8 < rows_valid) {
-        hi[u] = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row + 8) * D + dim);
+      if constexpr (kFromShared) {
+        if (row < rows_valid) lo[u] = LoadShared<uint2>(plain + (row * D + dim) * 2);
+        if (row + 8 < rows_valid) hi[u] = LoadShared<uint2>(plain + ((row + 8) * D + dim) * 2);
+      } else {
+        if (row < rows_valid) {
+          lo[u] = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row) * D + dim);
+        }
+        if (row + 8 < rows_valid) {
+          hi[u] = LoadGlobal8(q_seq + static_cast<int64_t>(head0 + row + 8) * D + dim);
+        }
       }
     }
   }
+  if constexpr (kFromShared) SyncThreads();
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
     const int i = tid + u * kThreads;
@@ -1653,9 +1896,19 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   const int rows_valid = IMin(kRows, p.group - hg * kRows);
   const int head0 = kvh * p.group + hg * kRows;
 
+  // Fused launches: the new token's slot and position, its cos/sin row staged (New token).
+  const bool fused = p.new_key != nullptr;
+  uint16_t* cs = reinterpret_cast<uint16_t*>(smem);  // the statistics area, free until the end
+  NewTokenAt at{-1, false};
+  if (fused) at = StageNewToken<T, D>(p, seq, cs, tid);
+
   const PartitionRange r = GetRange(p, seq, part);
   if (r.num_tiles == 0) {
     PdlWait();
+    if (fused) {
+      SyncThreads();
+      StoreNewToken<T, C, D>(p, seq, kvh, at, cs, tid);
+    }
     if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
     return;
   }
@@ -1725,9 +1978,19 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   // (skinny_gemm) starts reading its weights while this kernel runs, instead of after it.
   // Larger grids keep the release at exit (pdl.cuh).
   if (p.release_at_start) PdlLaunchDependents();
+  if (fused) {
+    SyncThreads();  // the cos/sin row
+    StoreNewToken<T, C, D>(p, seq, kvh, at, cs, tid);
+    RotateQueryRows<T, D, kRows>(p, smem_main, seq, head0, rows_valid, at, cs, tid);
+    SyncThreads();  // the new slot stored and fenced; the rotated query rows staged
+  }
   for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
-  StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
+  if (fused) {
+    StageQueryFragments<T, D, kRT, true>(p, qs, seq, head0, rows_valid, tid, smem_main);
+  } else {
+    StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
+  }
   float alibi[kRT][2];
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt) {
@@ -2140,30 +2403,43 @@ inline int TwoRowTileStages(const Params& p) {
   return stages >= kMinPairStages ? stages : 0;
 }
 
-/*! \brief Launches the two-row-tile kernel when TwoRowTileStages allows it; false otherwise. */
+/*! \brief What a dispatch did: launched, or declined a fused launch (nothing launched). */
+enum class Dispatched { kLaunched, kDeclined, kNotTaken };
+
+/*! \brief Launches the two-row-tile kernel when TwoRowTileStages allows it (kNotTaken
+ * otherwise); a fused launch (see "New token") with more than one head group is declined. */
 template <typename T, typename C, int D, typename Launcher>
-bool RunTwoRowTiles(Params& p, Launcher& launch) {
+Dispatched RunTwoRowTiles(Params& p, Launcher& launch) {
   if constexpr (D > 128) {
-    return false;
+    return Dispatched::kNotTaken;
   } else {
     const int stages = TwoRowTileStages<C, D>(p);
-    if (stages == 0) return false;
+    if (stages == 0) return Dispatched::kNotTaken;
+    const int head_groups = (p.group + kMaxCtaRows - 1) / kMaxCtaRows;
+    if (p.new_key != nullptr && head_groups > 1) return Dispatched::kDeclined;
     p.stages = stages;
     p.step_tiles = 2;
     p.rows = std::min(p.group, kMaxCtaRows);
-    p.head_groups = (p.group + kMaxCtaRows - 1) / kMaxCtaRows;
+    p.head_groups = head_groups;
     const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
     SetReleaseAtStart(p, grid);
     launch(PagedAttentionPipeKernel<T, C, D, true, 2>, grid, kThreads,
            PipeSmemBytes<C, D, 2>(stages, p.rows), p);
-    return true;
+    return Dispatched::kLaunched;
   }
 }
 
+/*!
+ * \brief Launches the kernels for `p`; false when a fused launch (p.new_key set) is declined
+ * because it would not have exactly one CTA per (sequence, KV head) on the pipelined kernel
+ * (split, several head groups, the register or float32 kernel): nothing is launched then.
+ */
 template <typename T, typename C, int D, typename Launcher>
-void RunHeadSize(Params p, Launcher& launch) {
+bool RunHeadSize(Params p, Launcher& launch) {
+  const bool fused = p.new_key != nullptr;
+  if (fused && (p.num_partitions > 1 || std::is_same<T, float>::value)) return false;
   if constexpr (std::is_same<T, float>::value) {
     const int rows = p.group == 1 ? 1 : kSimtRows;
     p.rows = std::min(p.group, rows);
@@ -2178,11 +2454,14 @@ void RunHeadSize(Params p, Launcher& launch) {
     } else {
       launch(PagedAttentionSimtKernel<C, D, kSimtRows>, grid, kThreads, smem, p);
     }
-  } else if (RunTwoRowTiles<T, C, D>(p, launch)) {
+  } else if (const Dispatched two_rows = RunTwoRowTiles<T, C, D>(p, launch);
+             two_rows != Dispatched::kNotTaken) {
     // CTAs of 32 query heads (the combine, if split, follows below).
+    if (two_rows == Dispatched::kDeclined) return false;
   } else {
     p.rows = std::min(p.group, kMmaRows);
     p.head_groups = (p.group + kMmaRows - 1) / kMmaRows;
+    if (fused && p.head_groups > 1) return false;
     const GridDims grid{static_cast<unsigned>(p.num_kv_heads * p.head_groups),
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
@@ -2205,6 +2484,7 @@ void RunHeadSize(Params p, Launcher& launch) {
                PipeSmemBytes<C, D>(p.stages, p.rows), p);
       }
     } else {
+      if (fused) return false;
       p.stages = kStagesRegister;
       const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,
                                                              MergeSmemBytes(D, p.rows));
@@ -2216,22 +2496,24 @@ void RunHeadSize(Params p, Launcher& launch) {
     launch(PagedAttentionCombineKernel<T>, grid, kCombineThreads,
            CombineSmemBytes(p.num_partitions), p);
   }
+  return true;
 }
 
 /*!
  * \brief Runs paged attention for `p` (head_size 64, 80, 96, 112, 128 or 256): query/out of
- * type T, caches of type C (T, or Fp8E4m3).
+ * type T, caches of type C (T, or Fp8E4m3). False: a fused launch declined (RunHeadSize),
+ * nothing launched.
  */
 template <typename T, typename C = T, typename Launcher>
-void Run(const Params& p, Launcher& launch) {
+bool Run(const Params& p, Launcher& launch) {
   switch (p.head_size) {
-    case 64: RunHeadSize<T, C, 64>(p, launch); break;
-    case 80: RunHeadSize<T, C, 80>(p, launch); break;
-    case 96: RunHeadSize<T, C, 96>(p, launch); break;
-    case 112: RunHeadSize<T, C, 112>(p, launch); break;
-    case 128: RunHeadSize<T, C, 128>(p, launch); break;
-    case 256: RunHeadSize<T, C, 256>(p, launch); break;
-    default: break;  // rejected by the argument checks
+    case 64: return RunHeadSize<T, C, 64>(p, launch);
+    case 80: return RunHeadSize<T, C, 80>(p, launch);
+    case 96: return RunHeadSize<T, C, 96>(p, launch);
+    case 112: return RunHeadSize<T, C, 112>(p, launch);
+    case 128: return RunHeadSize<T, C, 128>(p, launch);
+    case 256: return RunHeadSize<T, C, 256>(p, launch);
+    default: return false;  // rejected by the argument checks
   }
 }
 

@@ -5,12 +5,12 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream) {
+bool Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
   if (fp8_cache) {
-    Run<__nv_bfloat16, Fp8E4m3>(p, launch);
+    return Run<__nv_bfloat16, Fp8E4m3>(p, launch);
   } else {
-    Run<__nv_bfloat16>(p, launch);
+    return Run<__nv_bfloat16>(p, launch);
   }
 }
 

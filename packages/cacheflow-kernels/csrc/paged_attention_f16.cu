@@ -5,12 +5,12 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream) {
+bool Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
   if (fp8_cache) {
-    Run<__half, Fp8E4m3>(p, launch);
+    return Run<__half, Fp8E4m3>(p, launch);
   } else {
-    Run<__half>(p, launch);
+    return Run<__half>(p, launch);
   }
 }
 

@@ -5,12 +5,12 @@ namespace cacheflow {
 namespace paged_attention {
 
 template <>
-void Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream) {
+bool Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream) {
   CudaLauncher launch{stream};
   if (fp8_cache) {
-    Run<float, Fp8E4m3>(p, launch);
+    return Run<float, Fp8E4m3>(p, launch);
   } else {
-    Run<float>(p, launch);
+    return Run<float>(p, launch);
   }
 }
 

@@ -37,17 +37,17 @@ struct CudaLauncher {
 
 /*!
  * \brief Runs paged attention for query dtype T on `stream` (defined per dtype), over caches of
- * T or (fp8_cache) of FP8 E4M3.
+ * T or (fp8_cache) of FP8 E4M3. False: a fused launch declined, nothing launched (Run).
  */
 template <typename T>
-void Launch(const Params& p, bool fp8_cache, cudaStream_t stream);
+bool Launch(const Params& p, bool fp8_cache, cudaStream_t stream);
 
 template <>
-void Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream);
+bool Launch<__half>(const Params& p, bool fp8_cache, cudaStream_t stream);
 template <>
-void Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream);
+bool Launch<__nv_bfloat16>(const Params& p, bool fp8_cache, cudaStream_t stream);
 template <>
-void Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream);
+bool Launch<float>(const Params& p, bool fp8_cache, cudaStream_t stream);
 
 }  // namespace paged_attention
 }  // namespace cacheflow

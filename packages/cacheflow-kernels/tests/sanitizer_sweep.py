@@ -9,7 +9,8 @@ without a partial span (80, 96), block sizes 8/16/32, MHA/GQA/MQA, contexts of 1
 lengths that are not multiples of the block size, and split-K partitions (forced partition
 sizes); padded and out-of-range slots; ragged prefill with cached prefixes; unaligned rows
 (element-wise paths), strided rotary rows and both rotary kernels (the pipelined one over
-enough tokens to wrap its ring), the fused rotary + cache write against the two ops, skinny_gemm
+enough tokens to wrap its ring), the fused rotary + cache write against the two ops, decode
+attention with the rotary + cache write inside it against the separate ops, skinny_gemm
 (one and two rows, gated; compute capability 9.0+); FP8 E4M3 caches with K/V scales through
 reshape_and_cache, both attention ops (soft-capped too), copy_blocks and swap_blocks (the "fp8"
 sweep). Every output is checked against a torch reference
@@ -395,6 +396,63 @@ def sweep_rotary_cache() -> int:
     return calls
 
 
+def sweep_attention_rotary_cache() -> int:
+    """paged_attention_with_rotary_cache against rotary_embedding_with_cache + paged_attention,
+    byte for byte (outputs and caches): both 16-bit dtypes and styles, 16-bit and FP8 caches,
+    MHA / GQA / MQA at head sizes 64, 80 and 128, a one-token context, a padding slot."""
+    calls = 0
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    for dtype in (torch.float16, torch.bfloat16):
+        for neox in (True, False):
+            for fp8 in (False, True):
+                for heads, kv, d in ((4, 4, 64), (8, 2, 80), (32, 1, 128)):
+                    lens = [1, 37, 130]
+                    case = pa.make_case(lens, num_heads=heads, num_kv_heads=kv, head_size=d,
+                                        block_size=16, dtype=dtype, device="cuda", seed=d)
+                    for name in ("key_cache", "value_cache"):
+                        case[name] = torch.nan_to_num(case[name].float(), nan=0.5).to(dtype)
+                        if fp8:
+                            case[name] = pa.quantize_fp8(case[name], 0.5)
+                    scale = 0.5 if fp8 else 1.0
+                    n = len(lens)
+                    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+                    freqs = torch.arange(256, device="cuda").float()[:, None] * inv[None]
+                    table = torch.cat((freqs.cos(), freqs.sin()), -1).contiguous()
+                    pos = torch.tensor([c + 2 for c in lens], device="cuda")
+                    tables = case["block_tables"].cpu()
+                    slots = torch.tensor([int(tables[s, (c - 1) // 16]) * 16 + (c - 1) % 16
+                                          for s, c in enumerate(lens)], device="cuda")
+                    slots[1] = -1
+                    qkv = torch.randn(n, (heads + 2 * kv) * d, device="cuda",
+                                      generator=gen).to(dtype)
+                    runs = []
+                    for fused in (False, True):
+                        x = qkv.clone()
+                        q = x[:, :heads * d]
+                        k = x[:, heads * d:(heads + kv) * d]
+                        v = x[:, (heads + kv) * d:]
+                        kc, vc = case["key_cache"].clone(), case["value_cache"].clone()
+                        out = torch.full((n, heads, d), float("nan"), device="cuda", dtype=dtype)
+                        if fused:
+                            assert ck.paged_attention_with_rotary_cache(
+                                out, q.view(n, heads, d), k.view(n, kv, d), v.view(n, kv, d), kc,
+                                vc, case["block_tables"], case["context_lens"], pos, slots,
+                                table, neox, case["scale"], k_scale=scale, v_scale=scale)
+                        else:
+                            ck.rotary_embedding_with_cache(pos, q, k, v, table, d, neox, kc, vc,
+                                                           slots, scale, scale)
+                            ck.paged_attention(out, q.view(n, heads, d), kc, vc,
+                                               case["block_tables"], case["context_lens"],
+                                               case["scale"], k_scale=scale, v_scale=scale)
+                        runs.append((out, kc.view(torch.uint8), vc.view(torch.uint8)))
+                    what = f"attention_rotary_cache {dtype} neox={neox} fp8={fp8} d{d} {heads}/{kv}"
+                    for a, b in zip(runs[0], runs[1]):
+                        if not torch.equal(a, b):
+                            raise AssertionError(f"{what}: differs from the two ops")
+                    calls += 1
+    return calls
+
+
 def sweep_skinny() -> int:
     """skinny_gemm at one and two rows, with a bias, gated, and with the norm and the residual,
     against float64 (compute capability 9.0+; nothing to check elsewhere)."""
@@ -434,6 +492,7 @@ SWEEPS: dict[str, Callable[[], int]] = {
     "norm": sweep_norm,
     "rotary": sweep_rotary,
     "rotary_cache": sweep_rotary_cache,
+    "attention_rotary_cache": sweep_attention_rotary_cache,
     "skinny": sweep_skinny,
     "activation": sweep_activation,
 }

@@ -79,6 +79,12 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.set_layout = dll.cf_emu_set_layout
     fn.set_layout.restype = None
     fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64]
+    fn.set_new_token = dll.cf_emu_set_new_token
+    fn.set_new_token.restype = None
+    fn.set_new_token.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+        + [ctypes.c_int]
+    )
     fn.last_rows = dll.cf_emu_last_rows
     fn.last_rows.restype = ctypes.c_int
     fn.last_rows.argtypes = []
@@ -729,3 +735,210 @@ def test_sanitizer_sweep_shapes(emu: Any, dtype: str, index: int) -> None:
     size, parts = plan_partitions(len(ctx), heads, kv, max(ctx), H200_SMS, part, head_size=d)
     assert check(emu, case, partition_size=size, max_context_len=max(ctx),
                  sliding_window=window) == parts
+
+
+# ---- Fused launches: the new token rotated and stored by the attention kernel ("New token").
+
+
+def rotary_table(max_position: int, head_size: int, base: float = 10000.0) -> Any:
+    """float32 [max_position, head_size]: cos | sin of position * base^(-2i / head_size)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def rotate_like_kernel(x: Any, table: Any, positions: Any, neox: bool) -> Any:
+    """x [n, heads, D] (16-bit) rotated at positions [n] with rotary_embedding's arithmetic: cos
+    and sin rounded to x's dtype, each product rounded to it, then the sum; positions outside the
+    table leave a row as it is."""
+    dt = x.dtype
+    n, _, d = x.shape
+    inside = (positions >= 0) & (positions < table.shape[0])
+    rows = table[positions.clamp(0, table.shape[0] - 1)].to(dt).float()
+    c, s = rows[:, None, : d // 2], rows[:, None, d // 2:]
+    xf = x.float()
+    a, b = (xf[..., : d // 2], xf[..., d // 2:]) if neox else (xf[..., 0::2], xf[..., 1::2])
+
+    def rnd(t: Any) -> Any:
+        return t.to(dt).float()
+
+    y1 = (rnd(a * c) - rnd(b * s)).to(dt)
+    y2 = (rnd(b * c) + rnd(a * s)).to(dt)
+    y = torch.cat([y1, y2], -1) if neox else torch.stack([y1, y2], -1).reshape(n, -1, d)
+    return torch.where(inside[:, None, None], y, x)
+
+
+def new_token_slots(case: dict[str, Any]) -> Any:
+    """int64 [num_seqs]: the slot of each sequence's last context position (-1 if empty)."""
+    bs = case["key_cache"].shape[1]
+    slots = []
+    for s, ctx in enumerate(case["ctx_lens"]):
+        blk = int(case["block_tables"][s, (ctx - 1) // bs]) if ctx else 0
+        slots.append(blk * bs + (ctx - 1) % bs if ctx else -1)
+    return torch.tensor(slots, dtype=torch.int64)
+
+
+def run_fused(emu: Any, case: dict[str, Any], key: Any, value: Any, positions: Any,
+              slots: Any, table: Any, neox: bool, *, k_scale: float = 1.0,
+              v_scale: float = 1.0, partition_size: int = 0) -> int:
+    """A fused launch on the case (its query taken as unrotated): the emulator's return code
+    (partitions, or -2 when the dispatch declined and nothing ran)."""
+    q, kc = case["query"], case["key_cache"]
+    num_seqs, num_heads, head_size = q.shape
+    num_blocks, block_size, num_kv_heads, _ = kc.shape
+    max_blocks = case["block_tables"].shape[1]
+    dtype = DTYPES[str(q.dtype).removeprefix("torch.")] + (4 if kc.dtype == torch.float8_e4m3fn
+                                                           else 0)
+    emu.set_new_token(_ptr(key), _ptr(value), key.stride(0), value.stride(0), _ptr(positions),
+                      _ptr(slots), _ptr(table), 0 if table is None else table.shape[0],
+                      1 if neox else 0)
+    try:
+        plan = (num_seqs, num_heads, head_size, num_kv_heads, num_blocks, block_size, max_blocks,
+                case["scale"], max_blocks * block_size, partition_size, 0)
+        need = ctypes.c_int64(0)
+        emu(dtype, None, None, None, None, None, None, None, None, 0, *plan, ctypes.byref(need),
+            k_scale, v_scale, 0.0, None)
+        ws = torch.full((max(need.value, 1),), float("nan"))
+        return emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
+                   _ptr(case["block_tables"]), _ptr(case["context_lens"]),
+                   _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, k_scale,
+                   v_scale, 0.0, None)
+    finally:
+        emu.set_new_token(None, None, 0, 0, None, None, None, 0, 1)
+
+
+def _clone(case: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+# (dtype, fp8 cache, head_size, block_size, (num_heads, num_kv_heads), ctx_lens, neox, alibi)
+FUSED_SWEEP = [
+    ("float16", False, 128, 16, (4, 4), [1, 17, 40], True, False),
+    ("bfloat16", False, 64, 8, (8, 2), [33, 9, 70], False, True),
+    ("float16", False, 80, 32, (6, 1), [65, 3], True, False),
+    ("bfloat16", False, 112, 16, (8, 1), [100, 31], False, False),
+    ("float16", False, 96, 16, (32, 1), [129, 8], True, False),
+    ("float16", False, 256, 16, (4, 2), [45, 90], True, False),
+    ("float16", True, 128, 16, (8, 2), [1, 64, 77], True, False),
+    ("bfloat16", True, 64, 32, (16, 2), [200, 2], False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fp8", "head_size", "block_size", "heads", "ctx_lens", "neox", "alibi"),
+    FUSED_SWEEP,
+    ids=[f"{c[0]}{'-fp8' if c[1] else ''}-d{c[2]}-bs{c[3]}-h{c[4][0]}kv{c[4][1]}-"
+         f"{'neox' if c[6] else 'gptj'}" for c in FUSED_SWEEP],
+)
+def test_fused_new_token_matches_rotary_cache_then_attention(
+    emu: Any, dtype: str, fp8: bool, head_size: int, block_size: int, heads: tuple[int, int],
+    ctx_lens: list[int], neox: bool, alibi: bool,
+) -> None:
+    """A fused launch equals rotary_embedding_with_cache followed by a plain launch, bit for bit:
+    the same output, and the same cache bytes (the new token's rotated key and its value at its
+    slot, every other slot untouched)."""
+    torch_dtype = getattr(torch, dtype)
+    num_heads, num_kv_heads = heads
+    case = make_case(ctx_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     head_size=head_size, block_size=block_size, dtype=torch_dtype,
+                     alibi=alibi, seed=head_size + block_size + num_heads, q_scale=2.0)
+    k_scale, v_scale = (0.5, 1.5) if fp8 else (1.0, 1.0)
+    if fp8:
+        case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+        case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
+    gen = torch.Generator().manual_seed(7)
+    num_seqs = len(ctx_lens)
+    row = num_kv_heads * head_size
+    # The step's key and value as views of a wider projection output (strided rows).
+    kv = (torch.randn(num_seqs, 2 * row + 16, generator=gen) * 3).to(torch_dtype)
+    key, value = kv[:, :row], kv[:, row + 16:]
+    positions = torch.tensor([c - 1 + 5 * s for s, c in enumerate(ctx_lens)], dtype=torch.int64)
+    table = rotary_table(int(positions.max()) + 3, head_size)
+    slots = new_token_slots(case)
+
+    ref = _clone(case)
+    ref["query"] = rotate_like_kernel(case["query"], table, positions, neox)
+    k_rot = rotate_like_kernel(key.reshape(num_seqs, num_kv_heads, head_size), table, positions,
+                               neox)
+    v_rows = value.reshape(num_seqs, num_kv_heads, head_size)
+    if fp8:
+        k_rot, v_rows = quantize_fp8(k_rot, k_scale), quantize_fp8(v_rows, v_scale)
+    ref["key_cache"].view(-1, num_kv_heads, head_size)[slots] = k_rot
+    ref["value_cache"].view(-1, num_kv_heads, head_size)[slots] = v_rows
+    assert run_emulated(emu, ref, k_scale=k_scale, v_scale=v_scale) == 1
+
+    fused = _clone(case)
+    assert run_fused(emu, fused, key, value, positions, slots, table, neox, k_scale=k_scale,
+                     v_scale=v_scale) == 1
+    assert torch.equal(fused["out"], ref["out"])
+    for name in ("key_cache", "value_cache"):
+        assert torch.equal(fused[name].view(torch.uint8), ref[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_new_token_with_copies_landing_at_issue(emu: Any, fp8: bool) -> None:
+    """With cp.async copies landing at issue, a copy of the new slot issued before the kernel
+    stored it would read the old bytes: the fused launch still equals the two-step path (every
+    context ends in the last tile of some warp, at every offset within a tile)."""
+    configure(emu, mode=EARLY)
+    test_fused_new_token_matches_rotary_cache_then_attention(
+        emu, "float16", fp8, 128, 16, (8, 2), list(range(57, 73)), True, False)
+
+
+def test_fused_new_token_edge_rows(emu: Any) -> None:
+    """A negative slot stores nothing (its sequence still attends over the cache as it is); a
+    position past the table leaves that token's query and key unrotated; without a table
+    nothing rotates; an empty context stores its token and gives zeros."""
+    case = make_case([40, 0, 23, 9], num_heads=8, num_kv_heads=2, head_size=64, block_size=8,
+                     seed=11, q_scale=2.0, spare_blocks=3)
+    num_seqs, row = 4, 2 * 64
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(num_seqs, row, generator=gen).half()
+    value = torch.randn(num_seqs, row, generator=gen).half()
+    table = rotary_table(64, 64)
+    positions = torch.tensor([39, 5, 500, 8], dtype=torch.int64)  # 500: past the table
+    slots = new_token_slots(case)
+    slots[1] = int(case["block_tables"][1, 0]) * 8  # an empty context with a slot
+    slots[3] = -1  # a padded row: nothing stored
+    for tab in (table, None):
+        ref = _clone(case)
+        rot_q = case["query"] if tab is None else rotate_like_kernel(case["query"], tab,
+                                                                   positions, True)
+        ref["query"] = rot_q
+        k_rot = key.view(num_seqs, 2, 64)
+        if tab is not None:
+            k_rot = rotate_like_kernel(k_rot, tab, positions, True)
+        stored = slots >= 0
+        ref["key_cache"].view(-1, 2, 64)[slots[stored]] = k_rot[stored]
+        ref["value_cache"].view(-1, 2, 64)[slots[stored]] = value.view(num_seqs, 2, 64)[stored]
+        run_emulated(emu, ref)
+        fused = _clone(case)
+        assert run_fused(emu, fused, key, value, positions, slots, tab, True) == 1
+        assert torch.equal(fused["out"], ref["out"])
+        assert (fused["out"][1] == 0).all()
+        for name in ("key_cache", "value_cache"):
+            assert torch.equal(fused[name].view(torch.uint8), ref[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("why", ["split", "head_groups", "register_kernel", "float32"])
+def test_fused_new_token_declined(emu: Any, why: str) -> None:
+    """Launches without exactly one pipelined CTA per (sequence, KV head) decline (-2) and
+    touch nothing: the caller then runs the rotary + cache kernel and a plain launch."""
+    heads, d, dtype = (8, 2), 64, torch.float16
+    if why == "head_groups":
+        heads, d = (64, 1), 128  # 64 query heads per KV head: two CTAs of 32
+    if why == "float32":
+        dtype = torch.float32
+    if why == "register_kernel":
+        configure(emu, stages=0)
+    case = make_case([300, 20], num_heads=heads[0], num_kv_heads=heads[1], head_size=d,
+                     dtype=dtype, seed=1)
+    before = _clone(case)
+    key = torch.randn(2, heads[1] * d).to(dtype)
+    value = torch.randn(2, heads[1] * d).to(dtype)
+    positions = torch.tensor([299, 19], dtype=torch.int64)
+    code = run_fused(emu, case, key, value, positions, new_token_slots(case),
+                     rotary_table(512, d), True, partition_size=64 if why == "split" else 0)
+    assert code == -2
+    for name in ("out", "key_cache", "value_cache"):
+        assert torch.equal(case[name].view(torch.uint8), before[name].view(torch.uint8))

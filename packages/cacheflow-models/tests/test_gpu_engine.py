@@ -201,3 +201,30 @@ def test_stream_fusion_on_hopper(tiny: Path, prompt_batch: list[list[int]], dtyp
     for i in range(len(plain.token_ids) if first is None else first):
         t = plain.token_ids[i]
         assert abs(plain.logprobs[i][t] - fused.logprobs[i][t]) < 0.05, i
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rotary_fused_into_decode_attention(tiny: Path, prompt_batch: list[list[int]],
+                                            dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CACHEFLOW_ATTN_ROTARY_FUSE=1: decode steps (CUDA graphs included) rotate and store the new
+    token inside the decode attention kernel. The kernel does the rotary kernel's arithmetic, so
+    greedy tokens and their logprobs are those of the default engine exactly."""
+    import cacheflow_kernels
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    monkeypatch.delenv("CACHEFLOW_ATTN_ROTARY_FUSE", raising=False)
+    plain = run_engine(tiny, prompt_batch, params, dtype=dtype, device="cuda")
+    ran: list[bool] = []
+    original = cacheflow_kernels.paged_attention_with_rotary_cache
+
+    def recorded(*args: object, **kwargs: object) -> bool:
+        ran.append(original(*args, **kwargs))  # type: ignore[arg-type]
+        return ran[-1]
+
+    monkeypatch.setattr(cacheflow_kernels, "paged_attention_with_rotary_cache", recorded)
+    monkeypatch.setenv("CACHEFLOW_ATTN_ROTARY_FUSE", "1")
+    fused = run_engine(tiny, prompt_batch, params, dtype=dtype, device="cuda")
+    assert ran and all(ran)
+    for a, b in zip(plain, fused):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs

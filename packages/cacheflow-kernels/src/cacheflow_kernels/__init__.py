@@ -6,7 +6,8 @@ DLPack framework (torch, JAX, CuPy). Importing this package imports neither torc
 
 Public API: :data:`__version__`, :data:`ABI_VERSION`, :func:`cuda_available`,
 :func:`reshape_and_cache`, :func:`paged_attention` (decode; with
-:func:`paged_attention_workspace_size`), :func:`paged_prefill_attention`;
+:func:`paged_attention_workspace_size`, and :func:`paged_attention_with_rotary_cache`, fused with
+the step's rotary embedding and KV-cache write), :func:`paged_prefill_attention`;
 :func:`rms_norm`, :func:`fused_add_rms_norm`, :func:`rotary_embedding` (and
 :func:`rotary_embedding_with_cache`, fused with the KV-cache write), :func:`silu_and_mul`,
 :func:`gelu_and_mul`, :func:`gelu_new`, :func:`gelu_fast`, :func:`copy_blocks`,
@@ -22,6 +23,7 @@ from ._attention_ops import (
     PAGED_ATTENTION_BLOCK_SIZES,
     PAGED_ATTENTION_HEAD_SIZES,
     paged_attention,
+    paged_attention_with_rotary_cache,
     paged_attention_workspace_size,
 )
 from ._block_ops import copy_blocks, swap_blocks
@@ -83,6 +85,7 @@ __all__ = [
     "cuda_available",
     "library_path",
     "paged_attention",
+    "paged_attention_with_rotary_cache",
     "paged_attention_workspace_size",
     "paged_prefill_attention",
     "reshape_and_cache",

@@ -83,9 +83,8 @@ def _check_scalars(
 def _validate_paged_attention(
     out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
     context_lens: Any, scale: Any, alibi_slopes: Any, max_context_len: Any, workspace: Any,
-    partition_size: Any, sliding_window: Any, lse: Any = None,
+    partition_size: Any, sliding_window: Any, lse: Any = None, op: str = "paged_attention",
 ) -> None:
-    op = "paged_attention"
     # Shapes and dtypes.
     C.check_shape(op, "query", query, _QUERY, (None, None, None))
     C.check_dtype(op, "query", query, C.FLOAT_KV_DTYPES)
@@ -482,3 +481,122 @@ def paged_attention(
         context_lens, float(scale), alibi_slopes, max_ctx, size, workspace,
         int(sliding_window or 0), ks, vs, cap, lse,
     )
+
+
+_FUSED_CHECKS = C.CheckMemo()
+_FUSED_OP = "paged_attention_with_rotary_cache"
+
+
+def _validate_new_token(query: Any, key: Any, value: Any, key_cache: Any, positions: Any,
+                        slot_mapping: Any, cos_sin_cache: Any) -> None:
+    """The fused op's own arguments (the others: :func:`_validate_paged_attention`)."""
+    op = _FUSED_OP
+    C.check_dtype(op, "query", query, ("float16", "bfloat16"))
+    num_seqs, _, head_size = C.shape_of(query)
+    num_kv_heads = C.shape_of(key_cache)[2]
+    for name, x in (("key", key), ("value", value)):
+        C.check_shape(op, name, x, ("num_seqs", "num_kv_heads", "head_size"),
+                      (num_seqs, num_kv_heads, head_size))
+        C.check_same_dtype(op, name, x, "query", query)
+        C.check_row_strided(op, name, x)
+        C.check_same_device(op, name, x, "query", query)
+    for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
+        C.check_shape(op, name, x, ("num_seqs",), (num_seqs,))
+        C.check_dtype(op, name, x, ("int64",))
+        C.check_contiguous(op, name, x)
+        C.check_same_device(op, name, x, "query", query)
+    if cos_sin_cache is not None:
+        C.check_shape(op, "cos_sin_cache", cos_sin_cache, ("max_position", "head_size"),
+                      (None, head_size))
+        C.check_dtype(op, "cos_sin_cache", cos_sin_cache, ("float32",))
+        C.check_contiguous(op, "cos_sin_cache", cos_sin_cache)
+        C.check_same_device(op, "cos_sin_cache", cos_sin_cache, "query", query)
+
+
+def paged_attention_with_rotary_cache(
+    out: Any, query: Any, key: Any, value: Any, key_cache: Any, value_cache: Any,
+    block_tables: Any, context_lens: Any, positions: Any, slot_mapping: Any,
+    cos_sin_cache: Any, is_neox: bool, scale: float, alibi_slopes: Any = None,
+    max_context_len: int | None = None, *, sliding_window: int | None = None,
+    k_scale: Any = 1.0, v_scale: Any = 1.0, logits_soft_cap: float | None = None,
+) -> bool:
+    """A decode step's rotary embedding, KV-cache write and attention in one kernel.
+
+    The result is that of :func:`rotary_embedding_with_cache` (``query`` and ``key`` rotated at
+    ``positions``, the rotated key and ``value`` stored at ``slot_mapping``) followed by
+    :func:`paged_attention` of the rotated query, bit for bit, except that ``query`` and ``key``
+    are not rotated in place: they are only read. The kernel of each (sequence, KV head) stores
+    the new key and value before it reads that slot back, so the step saves the rotary kernel's
+    launch and latency; with programmatic dependent launch the cache reads of the older positions
+    start before the kernel that writes ``query`` / ``key`` / ``value`` has finished.
+
+    Args:
+        out: ``[num_seqs, num_heads, head_size]``, dtype of ``query``; written.
+        query: ``[num_seqs, num_heads, head_size]`` float16 or bfloat16, before the rotary
+            embedding; rows may be strided as :func:`paged_attention`'s.
+        key, value: ``[num_seqs, num_kv_heads, head_size]``, dtype of ``query``: the step's new
+            key (before the rotary embedding) and value, rows strided like ``query``'s (16-byte
+            aligned, row stride a multiple of 8 elements), e.g. views of a fused QKV output.
+        key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
+        max_context_len, sliding_window, k_scale, v_scale, logits_soft_cap: as
+            :func:`paged_attention`; ``context_lens`` counts the new token, whose cache slot is
+            ``slot_mapping[s]`` at context position ``context_lens[s] - 1``.
+        positions: int64 ``[num_seqs]``: the new token's rotary position; outside
+            ``[0, max_position)`` query and key stay unrotated.
+        slot_mapping: int64 ``[num_seqs]``: the new token's cache slot (``block * block_size +
+            offset``); negative or past the cache: nothing is stored (padding rows).
+        cos_sin_cache: float32 ``[max_position, head_size]`` (cos | sin of every feature pair:
+            full rotary, as :func:`rotary_embedding_with_cache`), or None: no rotation, only the
+            cache write.
+        is_neox: neox style (rotate halves) or gpt-j style (interleaved pairs).
+
+    Returns:
+        True when it ran. False, having done nothing, where one fused kernel does not apply:
+        the automatic split plan would cut the contexts into partitions (long contexts with few
+        sequences), a KV head has more query heads than one CTA takes (over 32, or over 16 at
+        head size 256), or the device's shared memory does not fit the pipelined kernel. The
+        caller then runs :func:`rotary_embedding_with_cache` and :func:`paged_attention`.
+
+    Raises:
+        ValueError, TypeError, RuntimeError: as :func:`paged_attention`.
+    """
+    def validate() -> tuple[int, ...]:
+        _validate_paged_attention(
+            out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
+            max_context_len, None, None, sliding_window, None, op=_FUSED_OP,
+        )
+        _validate_new_token(query, key, value, key_cache, positions, slot_mapping,
+                            cos_sin_cache)
+        num_seqs, num_heads, head_size = C.shape_of(query)
+        _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+        max_blocks = C.shape_of(block_tables)[1]
+        device_index = C.device_of(query)[1] or 0
+        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks,
+                device_index)
+
+    info = _FUSED_CHECKS.check(
+        (out, query, key, value, key_cache, value_cache, block_tables, context_lens, positions,
+         slot_mapping, cos_sin_cache, alibi_slopes),
+        (), validate,
+    )
+    _check_scalars(_FUSED_OP, scale, max_context_len, None, sliding_window)
+    if not isinstance(is_neox, bool):
+        raise C.arg_error(_FUSED_OP, "is_neox", "a bool", repr(is_neox))
+    fp8 = C.is_fp8_cache(key_cache)
+    ks = C.scale_value(_FUSED_OP, "k_scale", k_scale, fp8)
+    vs = C.scale_value(_FUSED_OP, "v_scale", v_scale, fp8)
+    cap = C.soft_cap_value(_FUSED_OP, logits_soft_cap)
+    num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, device_index = info
+    max_tokens = max_blocks * block_size
+    max_ctx = max_tokens if max_context_len is None else min(int(max_context_len), max_tokens)
+    if num_seqs == 0 or num_heads == 0:
+        return True
+    _, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
+                               _sm_count(device_index), head_size=head_size)
+    if parts > 1:
+        return False
+    return bool(get_function(_FUSED_OP)(
+        out, query, key, value, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache),
+        block_tables, context_lens, positions, slot_mapping, cos_sin_cache, is_neox,
+        float(scale), alibi_slopes, max_ctx, int(sliding_window or 0), ks, vs, cap,
+    ))

@@ -44,8 +44,35 @@ int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
 int64_t g_query_stride = 0;  // 0: contiguous query
+// The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
+struct NewToken {
+  const void* key = nullptr;
+  const void* value = nullptr;
+  int64_t key_stride = 0;
+  int64_t value_stride = 0;
+  const int64_t* positions = nullptr;
+  const int64_t* slot_mapping = nullptr;
+  const float* cos_sin = nullptr;
+  int64_t max_position = 0;
+  int neox = 1;
+} g_new_token;
 
 }  // namespace
+
+/*!
+ * \brief Makes the following cf_emu_paged_attention calls fused launches (see "New token" in
+ * paged_attention.cuh): the query is taken before the rotary embedding, and `key` / `value`
+ * ([num_seqs, num_kv_heads * head_size] rows, strides in elements) are rotated at `positions`
+ * (with `cos_sin` [max_position, head_size] float32; null: no rotary) and stored at
+ * `slot_mapping` first. `key` null makes them plain launches again.
+ */
+extern "C" void cf_emu_set_new_token(const void* key, const void* value, int64_t key_stride,
+                                     int64_t value_stride, const int64_t* positions,
+                                     const int64_t* slot_mapping, const float* cos_sin,
+                                     int64_t max_position, int neox) {
+  g_new_token = NewToken{key, value, key_stride, value_stride, positions, slot_mapping,
+                         cos_sin, max_position, neox};
+}
 
 /*!
  * \brief Sets Params::cta_rows (16 or 32; CACHEFLOW_PA_ROWS on the GPU) and the query's
@@ -120,8 +147,9 @@ extern "C" int cf_emu_configure(int cp_async_mode, int stages, int smem_per_sm,
  * \param logits_soft_cap > 0: soft-cap the scores; 0: none.
  * \param lse null, or float32 [num_seqs, num_heads] written with each row's log-sum-exp.
  * \return the number of partitions used, or -1 when `workspace` has fewer than the
- * workspace_elements needed (reported through `workspace_needed` when not null). With `out`
- * null nothing runs: the call only reports the partitions and the workspace size.
+ * workspace_elements needed (reported through `workspace_needed` when not null), or -2 when a
+ * fused launch (cf_emu_set_new_token) was declined (nothing ran). With `out` null nothing runs:
+ * the call only reports the partitions and the workspace size.
  */
 extern "C" int cf_emu_paged_attention(
     int dtype, void* out, const void* query, const void* key_cache, const void* value_cache,
@@ -156,6 +184,20 @@ extern "C" int cf_emu_paged_attention(
   p.rescale_threshold = g_rescale_threshold;
   p.cta_rows = g_cta_rows;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
+  const NewToken& nt = g_new_token;
+  if (nt.key != nullptr) {
+    p.new_key = nt.key;
+    p.new_value = nt.value;
+    p.new_key_stride = nt.key_stride;
+    p.new_value_stride = nt.value_stride;
+    p.positions = nt.positions;
+    p.slot_mapping = nt.slot_mapping;
+    p.cos_sin = nt.cos_sin;
+    p.max_position = nt.max_position;
+    p.num_slots = num_blocks * block_size;
+    p.rotary_neox = nt.neox;
+    p.k_store_scale = static_cast<float>(k_scale);
+  }
 
   const int64_t elem = dtype == 2 ? 4 : 2;
   const int64_t q_bytes = num_seqs * num_heads * head_size * elem;
@@ -173,15 +215,27 @@ extern "C" int cf_emu_paged_attention(
       Range(workspace, need * 4, "workspace"),
       Range(lse, num_seqs * num_heads * 4, "lse"),
   };
+  if (nt.key != nullptr) {
+    const int64_t row = num_kv_heads * head_size;
+    const int64_t last = num_seqs > 0 ? num_seqs - 1 : 0;
+    pa_emu::g_ranges.push_back(Range(nt.key, (last * nt.key_stride + row) * elem, "new key"));
+    pa_emu::g_ranges.push_back(
+        Range(nt.value, (last * nt.value_stride + row) * elem, "new value"));
+    pa_emu::g_ranges.push_back(Range(nt.positions, num_seqs * 8, "positions"));
+    pa_emu::g_ranges.push_back(Range(nt.slot_mapping, num_seqs * 8, "slot_mapping"));
+    pa_emu::g_ranges.push_back(
+        Range(nt.cos_sin, nt.max_position * head_size * 4, "cos_sin_cache"));
+  }
   if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
   EmuLauncher launch;
+  bool ran = false;
   switch (dtype + (fp8 ? 4 : 0)) {
-    case 0: pa::Run<pa_emu::Half>(p, launch); break;
-    case 1: pa::Run<pa_emu::Bf16>(p, launch); break;
-    case 4: pa::Run<pa_emu::Half, pa::Fp8E4m3>(p, launch); break;
-    case 5: pa::Run<pa_emu::Bf16, pa::Fp8E4m3>(p, launch); break;
-    case 6: pa::Run<float, pa::Fp8E4m3>(p, launch); break;
-    default: pa::Run<float>(p, launch); break;
+    case 0: ran = pa::Run<pa_emu::Half>(p, launch); break;
+    case 1: ran = pa::Run<pa_emu::Bf16>(p, launch); break;
+    case 4: ran = pa::Run<pa_emu::Half, pa::Fp8E4m3>(p, launch); break;
+    case 5: ran = pa::Run<pa_emu::Bf16, pa::Fp8E4m3>(p, launch); break;
+    case 6: ran = pa::Run<float, pa::Fp8E4m3>(p, launch); break;
+    default: ran = pa::Run<float>(p, launch); break;
   }
-  return p.num_partitions;
+  return ran ? p.num_partitions : -2;
 }

@@ -439,6 +439,41 @@ inline uint32_t LoadStream4(const void* ptr) {
   std::memcpy(&v, ptr, 4);
   return v;
 }
+inline int64_t LoadGlobalI64(const int64_t* ptr) {
+  pa_emu::CheckGlobal(ptr, 8, "int64 load");
+  return *ptr;
+}
+inline float LoadGlobalF32(const float* ptr) {
+  pa_emu::CheckGlobal(ptr, 4, "float load");
+  return *ptr;
+}
+inline float MulRn(float a, float b) {
+  volatile float r = a * b;  // rounded to float (no contraction with a later add)
+  return r;
+}
+inline void FenceDevice() {}
+/*! \brief x as an FP8 E4M3 (fn) byte: round to nearest even, saturating at +-448, NaN 0x7f. */
+inline uint32_t FloatToFp8(float x) {
+  if (std::isnan(x)) return 0x7fu;
+  const uint32_t sign = std::signbit(x) ? 0x80u : 0u;
+  const float a = std::fabs(x);
+  if (a >= 448.f) return sign | 0x7eu;
+  int e = 0;
+  std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1): the leading bit is 2^(e - 1)
+  const int lead = a == 0.f ? -7 : e - 1;
+  // Subnormals (below 2^-6) have the quantum of 2^-9, normals 2^(lead - 3).
+  const int quantum_exp = lead < -6 ? -9 : lead - 3;
+  const float q = std::nearbyint(std::ldexp(a, -quantum_exp));  // round half to even
+  uint32_t code;
+  if (lead < -6) {
+    code = static_cast<uint32_t>(q);  // 8 becomes the smallest normal (0x08)
+  } else if (q >= 16.f) {
+    code = static_cast<uint32_t>((lead + 1 + 7) << 3);  // rounded up to the next binade
+  } else {
+    code = static_cast<uint32_t>(((lead + 7) << 3) | (static_cast<int>(q) - 8));
+  }
+  return sign | (code > 0x7eu ? 0x7eu : code);
+}
 inline float FastExp2(float x) { return std::exp2(x); }
 inline float FastTanh(float x) { return std::tanh(x); }
 inline uint32_t LoadStream2(const void* ptr) {
@@ -474,6 +509,8 @@ struct Emu16 {
   static uint32_t Pack(float lo, float hi) {
     return static_cast<uint32_t>(kFromFloat(lo)) | (static_cast<uint32_t>(kFromFloat(hi)) << 16);
   }
+  static uint32_t ElemBits(float x) { return kFromFloat(x); }
+  static float ElemToFloat(uint32_t b) { return kToFloat(static_cast<uint16_t>(b & 0xFFFFu)); }
   static float Elem(uint32_t reg, int k) {
     return kToFloat(static_cast<uint16_t>((k & 1) ? (reg >> 16) : (reg & 0xFFFFu)));
   }

@@ -84,6 +84,16 @@ def skinny_fusion_enabled() -> bool:
     return os.environ.get("CACHEFLOW_SKINNY_FUSE") == "1"
 
 
+def attention_rotary_fusion_enabled() -> bool:
+    """Whether CACHEFLOW_ATTN_ROTARY_FUSE=1 asks decode steps of rotary models to rotate and
+    store the new token inside the decode attention kernel
+    (cacheflow_kernels.paged_attention_with_rotary_cache: one kernel a layer instead of the
+    rotary + cache kernel and the attention kernel; the same results bit for bit). Off by
+    default until it is measured on a GPU."""
+    return (os.environ.get("CACHEFLOW_ATTN_ROTARY_FUSE") == "1"
+            and getattr(cacheflow_kernels, "paged_attention_with_rotary_cache", None) is not None)
+
+
 def rotary_cache_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
     """Whether cacheflow_kernels.rotary_embedding_with_cache takes these tensors (the rotary

@@ -11,6 +11,9 @@ either:
   the prefill kernel would give each of them a whole tile of query rows with one row used.
   ``CACHEFLOW_MIXED_DECODE_KERNEL=0`` sends whole mixed steps to :func:`prefill` (for
   comparisons).
+- :func:`decode_with_rotary_cache`: a decode step's rotary embedding and cache write inside the
+  decode kernel (``cacheflow_kernels.paged_attention_with_rotary_cache``), with
+  ``CACHEFLOW_ATTN_ROTARY_FUSE=1``.
 - :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
   block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
   reference backend.
@@ -30,6 +33,7 @@ from typing import Any, Optional
 import torch
 
 import cacheflow_kernels
+from cacheflow_runtime import kernels
 from cacheflow_runtime.attention import reference
 from cacheflow_runtime.attention.metadata import InputMetadata
 from cacheflow_runtime.kernels import cuda_ready
@@ -129,6 +133,44 @@ def decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tens
         sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
         logits_soft_cap=logits_soft_cap)
     return out
+
+
+def decode_with_rotary_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             key_cache: torch.Tensor, value_cache: torch.Tensor,
+                             metadata: InputMetadata, scale: float, positions: torch.Tensor,
+                             cos_sin_cache: Optional[torch.Tensor], is_neox: bool, *,
+                             sliding_window: Optional[int] = None, k_scale: float = 1.0,
+                             v_scale: float = 1.0,
+                             logits_soft_cap: Optional[float] = None) -> Optional[torch.Tensor]:
+    """A decode step's rotary embedding, cache write and attention in one kernel
+    (``cacheflow_kernels.paged_attention_with_rotary_cache``), where
+    :func:`kernels.attention_rotary_fusion_enabled` and the kernel take the step: query ``[n,
+    num_heads * head_size]``, key and value ``[n, num_kv_heads * head_size]`` before the rotary
+    embedding (views of a fused QKV output are read in place; nothing is modified). Returns the
+    attention output ``[n, num_heads, head_size]``, or None having done nothing (not a decode
+    step, layouts or a split plan the kernel does not take): the caller then rotates, stores and
+    attends as before."""
+    if not kernels.attention_rotary_fusion_enabled() or not is_decode(metadata):
+        return None
+    n = query.shape[0]
+    head_size = key_cache.shape[-1]
+    q = query.view(n, -1, head_size)
+    k = key.view(n, -1, head_size)
+    v = value.view(n, -1, head_size)
+    if not supports_decode(q, key_cache) or q.dtype == torch.float32:
+        return None
+    for t in (q, k, v):
+        if (not _dense_rows(t) or t.data_ptr() % 16 or t.dtype != q.dtype
+                or (n > 1 and t.stride(0) % 8)):
+            return None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ran = cacheflow_kernels.paged_attention_with_rotary_cache(
+        out, q, k, v, key_cache, value_cache, metadata.block_tables.contiguous(),
+        metadata.context_lens.contiguous(), positions, metadata.slot_mapping.contiguous(),
+        cos_sin_cache, is_neox, scale, max_context_len=metadata.max_context_len,
+        sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+        logits_soft_cap=logits_soft_cap)
+    return out if ran else None
 
 
 def decode_with_lse(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

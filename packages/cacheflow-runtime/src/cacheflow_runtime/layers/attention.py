@@ -42,6 +42,10 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
         (``RotaryEmbedding.forward_with_cache``), with the same results."""
         if kv_cache is not None and self.backend_for(query) is cuda_backend:
             k_scale, v_scale = self.cache_scales(kv_cache[0])
+            out = self._decode_with_rotary_cache(positions, query, key, value, kv_cache,
+                                                 input_metadata, k_scale, v_scale)
+            if out is not None:
+                return out
             if self.rotary_emb.forward_with_cache(positions, query, key, value, *kv_cache,
                                                   input_metadata.slot_mapping, k_scale,
                                                   v_scale):
@@ -49,3 +53,21 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
         query, key = self.rotary_emb(positions, query, key, input_metadata.query_lens,
                                      input_metadata.context_lens_host)
         return super().forward(query, key, value, kv_cache, input_metadata)
+
+    def _decode_with_rotary_cache(self, positions: torch.Tensor, query: torch.Tensor,
+                                  key: torch.Tensor, value: torch.Tensor,
+                                  kv_cache: tuple[torch.Tensor, torch.Tensor],
+                                  input_metadata: InputMetadata, k_scale: float,
+                                  v_scale: float) -> Optional[torch.Tensor]:
+        """The decode step in one kernel (rotary, cache write and attention:
+        ``cuda_backend.decode_with_rotary_cache``), or None where it does not apply."""
+        if input_metadata.cascade is not None and self.takes_cascade:
+            return None
+        table = self.rotary_emb.kernel_table(positions, query, key)
+        if table is None:
+            return None
+        out = cuda_backend.decode_with_rotary_cache(
+            query, key, value, *kv_cache, input_metadata, self.scale, positions, table,
+            self.rotary_emb.is_neox_style, sliding_window=self.sliding_window, k_scale=k_scale,
+            v_scale=v_scale, logits_soft_cap=self.logits_soft_cap)
+        return None if out is None else out.view(query.shape[0], self.num_heads * self.head_size)

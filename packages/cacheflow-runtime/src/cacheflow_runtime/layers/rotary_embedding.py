@@ -249,8 +249,7 @@ class RotaryEmbedding(nn.Module):
         followed by the attention backend's ``reshape_and_cache``). Returns False, having done
         nothing, where that kernel does not apply (CPU, dynamic NTK or LongRoPE scaling,
         partial rotary, layouts it does not take: see ``kernels.rotary_cache_applies``)."""
-        if (self.longrope_original is not None or self.rotary_dim != self.head_size
-                or self._kernels(positions, query, key) is None
+        if (self.kernel_table(positions, query, key) is None
                 or not rotary_cache_applies(query, key, value, key_cache, value_cache)):
             return False
         cacheflow_kernels.rotary_embedding_with_cache(
@@ -258,6 +257,16 @@ class RotaryEmbedding(nn.Module):
             self.is_neox_style, key_cache, value_cache, slot_mapping.contiguous(), k_scale,
             v_scale)
         return True
+
+    def kernel_table(self, positions: torch.Tensor, query: torch.Tensor,
+                     key: torch.Tensor) -> Optional[torch.Tensor]:
+        """``cos_sin_cache`` when a kernel may rotate ``query`` and ``key`` itself with this
+        table's rows at ``positions`` (full rotary without dynamic NTK or LongRoPE scaling, int64
+        CUDA positions: the conditions of :meth:`forward_with_cache`), else None."""
+        if (self.longrope_original is not None or self.rotary_dim != self.head_size
+                or self._kernels(positions, query, key) is None):
+            return None
+        return self.cos_sin_cache
 
     def _kernels(self, positions: torch.Tensor, query: torch.Tensor,
                  key: torch.Tensor) -> Any:

@@ -1,0 +1,120 @@
+"""Decode steps with the rotary embedding and the cache write inside the decode attention kernel
+(``CACHEFLOW_ATTN_ROTARY_FUSE=1`` -> ``cuda_backend.decode_with_rotary_cache`` ->
+``cacheflow_kernels.paged_attention_with_rotary_cache``): where it applies, and that the layer's
+output and caches are those of the rotary + cache kernel followed by the attention kernel, bit
+for bit. The CPU tests pin the switch and where it does not apply; the GPU ones (``gpu``
+marker) compare the paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_attention_backends import _step
+from test_rotary_cache import _forward, _gpu_step, _layer, _positions, hopper_or_any_gpu
+
+import cacheflow_kernels
+from cacheflow_runtime import kernels
+
+ENV = "CACHEFLOW_ATTN_ROTARY_FUSE"
+
+
+@pytest.fixture
+def fused_attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What every paged_attention_with_rotary_cache call returned (True: it ran)."""
+    seen: list[bool] = []
+    original = cacheflow_kernels.paged_attention_with_rotary_cache
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        ran = original(*args, **kwargs)
+        seen.append(ran)
+        return ran
+
+    monkeypatch.setattr(cacheflow_kernels, "paged_attention_with_rotary_cache", counted)
+    return seen
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False),
+                                           ("true", False)])
+def test_switch(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setenv(ENV, value)
+    assert kernels.attention_rotary_fusion_enabled() is on
+    monkeypatch.delenv(ENV)
+    assert kernels.attention_rotary_fusion_enabled() is False  # off by default
+
+
+def test_cpu_steps_keep_the_separate_kernels(monkeypatch: pytest.MonkeyPatch,
+                                             fused_attention_calls: list[bool]) -> None:
+    layer = _layer()
+    step = _step([1, 1, 1], [5, 17, 0], dtype=torch.float16)
+    pos = _positions(step["metadata"])
+    monkeypatch.setenv(ENV, "1")
+    on = _forward(layer, step, pos)
+    monkeypatch.setenv(ENV, "0")
+    off = _forward(layer, step, pos)
+    assert fused_attention_calls == []
+    for a, b in zip(on, off):  # the caches' unused slots are NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _compare(monkeypatch: pytest.MonkeyPatch, layer: Any, step: dict[str, Any],
+             pos: torch.Tensor) -> None:
+    monkeypatch.setenv(ENV, "0")
+    want = _forward(layer, step, pos)
+    monkeypatch.setenv(ENV, "1")
+    got = _forward(layer, step, pos)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@hopper_or_any_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize(("heads", "head_size"), [((8, 2), 64), ((32, 1), 128), ((4, 4), 256),
+                                                  ((16, 16), 128)])
+def test_fused_decode_matches_the_separate_kernels(
+        monkeypatch: pytest.MonkeyPatch, fused_attention_calls: list[bool], dtype: torch.dtype,
+        is_neox: bool, heads: tuple[int, int], head_size: int) -> None:
+    num_heads, num_kv_heads = heads
+    layer = _layer(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                   is_neox=is_neox).cuda()
+    cached = [3, 17, 64, 1, 0, 40, 200]
+    step, pos = _gpu_step([1] * len(cached), cached, dtype, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_size=head_size)
+    _compare(monkeypatch, layer, step, pos)
+    assert fused_attention_calls == [True]
+
+
+@pytest.mark.gpu
+@hopper_or_any_gpu
+def test_fp8_cache_fused_decode_matches(monkeypatch: pytest.MonkeyPatch,
+                                        fused_attention_calls: list[bool]) -> None:
+    layer = _layer(num_heads=16, num_kv_heads=4, head_size=128).cuda()
+    layer.set_kv_scale("k", 0.5)
+    layer.set_kv_scale("v", 1.75)
+    step, pos = _gpu_step([1, 1, 1, 1], [12, 50, 3, 0], torch.float16, num_heads=16,
+                          num_kv_heads=4, head_size=128)
+    step["kv_cache"] = tuple(c.to(torch.float8_e4m3fn) for c in step["kv_cache"])
+    _compare(monkeypatch, layer, step, pos)
+    assert fused_attention_calls == [True]
+
+
+@pytest.mark.gpu
+@hopper_or_any_gpu
+@pytest.mark.parametrize(("query_lens", "cached", "heads", "calls"), [
+    ([5, 1, 12], [0, 9, 30], (8, 2), []),       # a prefill step: not a decode
+    ([1], [30000], (8, 2), [False]),            # one long context: the plan splits it
+    ([1, 1], [4, 9], (64, 1), [False]),         # 64 query heads per KV head: two CTAs
+])
+def test_steps_the_fused_kernel_declines_stay_correct(
+        monkeypatch: pytest.MonkeyPatch, fused_attention_calls: list[bool],
+        query_lens: list[int], cached: list[int], heads: tuple[int, int],
+        calls: list[bool]) -> None:
+    layer = _layer(num_heads=heads[0], num_kv_heads=heads[1], head_size=128).cuda()
+    step, pos = _gpu_step(query_lens, cached, torch.float16, num_heads=heads[0],
+                          num_kv_heads=heads[1], head_size=128)
+    _compare(monkeypatch, layer, step, pos)
+    assert fused_attention_calls == calls
