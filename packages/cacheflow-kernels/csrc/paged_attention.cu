@@ -161,41 +161,6 @@ struct FusedToken {
   bool neox;
 };
 
-bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
-                       TensorView value_cache, TensorView block_tables, TensorView context_lens,
-                       double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
-                       int64_t partition_size, Optional<TensorView> workspace,
-                       int64_t sliding_window, double k_scale, double v_scale,
-                       double logits_soft_cap, Optional<TensorView> lse,
-                       const FusedToken* fused);
-
-/*!
- * \brief Decode attention over the paged KV cache; see paged_attention.cuh for the layouts.
- *
- * \param max_context_len an upper bound of context_lens (clamped to max_blocks_per_seq *
- *        block_size); it sizes the split-K grid.
- * \param partition_size tokens per split-K partition, a multiple of 64; 0 (or a size giving a
- *        single partition) means no split. The Python wrapper chooses it.
- * \param workspace float32, at least num_seqs * num_heads * num_partitions * (head_size + 2)
- *        elements when split; ignored otherwise.
- * \param sliding_window W > 0: the query sees only the last W context tokens (its own
- *        included); 0: the whole context.
- * \param k_scale, v_scale dequantization scales of FP8 caches (1.0 otherwise).
- * \param logits_soft_cap > 0: scores become cap * tanh(score / cap); 0: none.
- * \param lse optional float32 [num_seqs, num_heads]: the natural log-sum-exp of each row's
- *        final scores (-inf for an empty context), for merging with attention over other keys.
- */
-void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
-                    TensorView value_cache, TensorView block_tables, TensorView context_lens,
-                    double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
-                    int64_t partition_size, Optional<TensorView> workspace,
-                    int64_t sliding_window, double k_scale, double v_scale,
-                    double logits_soft_cap, Optional<TensorView> lse) {
-  RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
-                    alibi_slopes, max_context_len, partition_size, workspace, sliding_window,
-                    k_scale, v_scale, logits_soft_cap, lse, nullptr);
-}
-
 /*!
  * \brief paged_attention's checks and launch; with `fused`, a fused launch (the new token rotated
  * and stored by the kernel: paged_attention.cuh, "New token"). Returns false when the dispatch
@@ -372,6 +337,33 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
     return paged_attention::Launch<__nv_bfloat16>(p, s.fp8_cache, stream);
   }
   return paged_attention::Launch<float>(p, s.fp8_cache, stream);
+}
+
+/*!
+ * \brief Decode attention over the paged KV cache; see paged_attention.cuh for the layouts.
+ *
+ * \param max_context_len an upper bound of context_lens (clamped to max_blocks_per_seq *
+ *        block_size); it sizes the split-K grid.
+ * \param partition_size tokens per split-K partition, a multiple of 64; 0 (or a size giving a
+ *        single partition) means no split. The Python wrapper chooses it.
+ * \param workspace float32, at least num_seqs * num_heads * num_partitions * (head_size + 2)
+ *        elements when split; ignored otherwise.
+ * \param sliding_window W > 0: the query sees only the last W context tokens (its own
+ *        included); 0: the whole context.
+ * \param k_scale, v_scale dequantization scales of FP8 caches (1.0 otherwise).
+ * \param logits_soft_cap > 0: scores become cap * tanh(score / cap); 0: none.
+ * \param lse optional float32 [num_seqs, num_heads]: the natural log-sum-exp of each row's
+ *        final scores (-inf for an empty context), for merging with attention over other keys.
+ */
+void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
+                    TensorView value_cache, TensorView block_tables, TensorView context_lens,
+                    double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                    int64_t partition_size, Optional<TensorView> workspace,
+                    int64_t sliding_window, double k_scale, double v_scale,
+                    double logits_soft_cap, Optional<TensorView> lse) {
+  RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
+                    alibi_slopes, max_context_len, partition_size, workspace, sliding_window,
+                    k_scale, v_scale, logits_soft_cap, lse, nullptr);
 }
 
 /*! \brief Checks one of the new token's [num_seqs, num_kv_heads, head_size] rows (key, value);

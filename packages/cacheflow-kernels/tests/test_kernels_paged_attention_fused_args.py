@@ -7,7 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_kernels_paged_attention_args import FakeCuda, make_args
+from test_kernels_paged_attention_args import (  # noqa: F401 (an autouse fixture)
+    FakeCuda,
+    _library_tripwire,
+    make_args,
+)
 
 import cacheflow_kernels
 from cacheflow_kernels import _attention_ops
@@ -49,15 +53,6 @@ class Recorder:
             self.calls.append(a)
             return self.ran
         return kernel
-
-
-@pytest.fixture(autouse=True)
-def _library_tripwire(monkeypatch: pytest.MonkeyPatch) -> None:
-    def tripwire(name: str) -> Any:
-        raise AssertionError(f"library touched ({name}) before arguments were validated")
-
-    monkeypatch.setattr(_attention_ops, "get_function", tripwire)
-    monkeypatch.setattr(_attention_ops, "_sm_counts", {})
 
 
 def _call(args: dict[str, Any], is_neox: Any = True, **kwargs: Any) -> bool:
