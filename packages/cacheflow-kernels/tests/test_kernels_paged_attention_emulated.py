@@ -780,7 +780,8 @@ def new_token_slots(case: dict[str, Any]) -> Any:
 
 def run_fused(emu: Any, case: dict[str, Any], key: Any, value: Any, positions: Any,
               slots: Any, table: Any, neox: bool, *, k_scale: float = 1.0,
-              v_scale: float = 1.0, partition_size: int = 0) -> int:
+              v_scale: float = 1.0, partition_size: int = 0, sliding_window: int = 0,
+              logits_soft_cap: float = 0.0) -> int:
     """A fused launch on the case (its query taken as unrotated): the emulator's return code
     (partitions, or -2 when the dispatch declined and nothing ran)."""
     q, kc = case["query"], case["key_cache"]
@@ -794,15 +795,15 @@ def run_fused(emu: Any, case: dict[str, Any], key: Any, value: Any, positions: A
                       1 if neox else 0)
     try:
         plan = (num_seqs, num_heads, head_size, num_kv_heads, num_blocks, block_size, max_blocks,
-                case["scale"], max_blocks * block_size, partition_size, 0)
+                case["scale"], max_blocks * block_size, partition_size, sliding_window)
         need = ctypes.c_int64(0)
         emu(dtype, None, None, None, None, None, None, None, None, 0, *plan, ctypes.byref(need),
-            k_scale, v_scale, 0.0, None)
+            k_scale, v_scale, logits_soft_cap, None)
         ws = torch.full((max(need.value, 1),), float("nan"))
         return emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
                    _ptr(case["block_tables"]), _ptr(case["context_lens"]),
                    _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, k_scale,
-                   v_scale, 0.0, None)
+                   v_scale, logits_soft_cap, None)
     finally:
         emu.set_new_token(None, None, 0, 0, None, None, None, 0, 1)
 
@@ -883,6 +884,29 @@ def test_fused_new_token_with_copies_landing_at_issue(emu: Any, fp8: bool) -> No
     configure(emu, mode=EARLY)
     test_fused_new_token_matches_rotary_cache_then_attention(
         emu, "float16", fp8, 128, 16, (8, 2), list(range(57, 73)), True, False)
+
+
+@pytest.mark.parametrize(("window", "cap"), [(24, 0.0), (0, 30.0), (50, 20.0)])
+def test_fused_new_token_with_window_and_soft_cap(emu: Any, window: int, cap: float) -> None:
+    """Sliding window and logits soft cap (Mistral, Gemma 2) pass through the fused launch."""
+    case = make_case([70, 9, 130], num_heads=8, num_kv_heads=4, head_size=128, block_size=16,
+                     dtype=torch.bfloat16, seed=21, q_scale=3.0)
+    gen = torch.Generator().manual_seed(9)
+    key = torch.randn(3, 512, generator=gen).to(torch.bfloat16)
+    value = torch.randn(3, 512, generator=gen).to(torch.bfloat16)
+    positions = torch.tensor([69, 8, 129], dtype=torch.int64)
+    table = rotary_table(160, 128)
+    slots = new_token_slots(case)
+    ref = _clone(case)
+    ref["query"] = rotate_like_kernel(case["query"], table, positions, True)
+    ref["key_cache"].view(-1, 4, 128)[slots] = rotate_like_kernel(key.view(3, 4, 128), table,
+                                                                   positions, True)
+    ref["value_cache"].view(-1, 4, 128)[slots] = value.view(3, 4, 128)
+    run_emulated(emu, ref, sliding_window=window, logits_soft_cap=cap)
+    fused = _clone(case)
+    assert run_fused(emu, fused, key, value, positions, slots, table, True,
+                     sliding_window=window, logits_soft_cap=cap) == 1
+    assert torch.equal(fused["out"], ref["out"])
 
 
 def test_fused_new_token_edge_rows(emu: Any) -> None:
