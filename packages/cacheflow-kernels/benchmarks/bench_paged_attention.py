@@ -28,7 +28,8 @@ same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on
 ae5ccc7 (CTAs of 16 query heads, CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
 2026-12-03 (also one-tile steps, CACHEFLOW_PA_STEP=8, and the one-wave split plan,
 CACHEFLOW_PA_SPLIT=fill); and earlier choices alone switched back (``old_step``,
-``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1).
+``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1); ``pairs``, CTAs of 32 query
+heads whose warps share K/V tiles in pairs (CACHEFLOW_PA_ROWS=pairs; a candidate, not earlier).
 ``--strided-query`` also times every case with the query read in place from a fused QKV
 projection output (strided sequence rows, as the runtime passes it) instead of a contiguous one.
 Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
@@ -66,6 +67,7 @@ PREVIOUS = {
     "old_step": {STEP_ENV: "8"},
     "old_split": {SPLIT_ENV: "fill"},
     "eager_rescale": {RESCALE_ENV: "-1"},
+    "pairs": {ROWS_ENV: "pairs"},
 }
 TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
 
@@ -95,6 +97,8 @@ CASES = [
     Case("mha_b256_ctx512", 256, 512),
     Case("gqa8_b8_ctx8k", 8, 8192, num_kv_heads=4),
     Case("mqa_b32_ctx4k", 32, 4096, num_kv_heads=1),
+    Case("mqa_b1_ctx32k", 1, 32768, num_kv_heads=1),
+    Case("mqa_b128_ctx1k", 128, 1024, num_kv_heads=1),
     Case("gqa4_b16_ctx4k_d64", 16, 4096, num_heads=32, num_kv_heads=8, head_size=64),
     Case("mha_b16_ctx4k_d256", 16, 4096, num_heads=16, num_kv_heads=16, head_size=256),
     Case("mha_b64_ctx2k_bs8", 64, 2048, block_size=8),

@@ -71,6 +71,24 @@ def sweep_paged_attention() -> int:
                              case["alibi_slopes"], sliding_window=window)
             _close(case["out"], want, dtype, f"paged_attention {dtype} ctx{ctx} d{d} bs{bs}")
             calls += 1
+    # CTAs of 32 query heads, each warp both row tiles (default) or warps sharing them in pairs.
+    for rows in ("32", "pairs"):
+        os.environ["CACHEFLOW_PA_ROWS"] = rows
+        try:
+            for ctx, heads, kv, d, part in (([1, 45, 300], 32, 1, 128, None),
+                                            ([700, 9], 48, 2, 64, 128)):
+                case = pa.make_case(ctx, num_heads=heads, num_kv_heads=kv, head_size=d,
+                                    dtype=torch.float16, device="cuda", seed=calls)
+                ck.paged_attention(case["out"], case["query"], case["key_cache"],
+                                   case["value_cache"], case["block_tables"],
+                                   case["context_lens"], case["scale"], None, max(ctx),
+                                   partition_size=part)
+                want = pa.oracle(case["query"], case["key_cache"], case["value_cache"],
+                                 case["block_tables"], case["context_lens"], case["scale"], None)
+                _close(case["out"], want, torch.float16, f"paged_attention rows={rows} d{d}")
+                calls += 1
+        finally:
+            del os.environ["CACHEFLOW_PA_ROWS"]
     return calls
 
 

@@ -44,6 +44,7 @@ int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
 int64_t g_query_stride = 0;  // 0: contiguous query
+int g_shared_rows = 0;       // Params::shared_rows
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
 struct NewToken {
   const void* key = nullptr;
@@ -83,6 +84,9 @@ extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride) {
   g_cta_rows = cta_rows;
   g_query_stride = query_stride;
 }
+
+/*! \brief Sets Params::shared_rows (CACHEFLOW_PA_ROWS=pairs on the GPU) of the following runs. */
+extern "C" void cf_emu_set_shared_rows(int shared_rows) { g_shared_rows = shared_rows; }
 
 /*! \brief Query heads per CTA (Params::rows) the dispatch used at the last launch. */
 extern "C" int cf_emu_last_rows() { return g_last_rows; }
@@ -183,6 +187,7 @@ extern "C" int cf_emu_paged_attention(
   p.step_tiles = g_step_tiles;
   p.rescale_threshold = g_rescale_threshold;
   p.cta_rows = g_cta_rows;
+  p.shared_rows = g_shared_rows;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
   const NewToken& nt = g_new_token;
   if (nt.key != nullptr) {

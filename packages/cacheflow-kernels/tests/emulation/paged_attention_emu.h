@@ -116,6 +116,7 @@ struct Cta {
   std::vector<std::unique_ptr<Fiber>> fibers;
   Barrier cta_barrier;
   std::vector<Barrier> warp_barriers;
+  std::vector<Barrier> pair_barriers;  // named barriers 1.. of 64 threads (warps 2i, 2i + 1)
   std::vector<WarpScratch> scratch;  // two per warp: collectives alternate between them
   ucontext_t scheduler;
 };
@@ -226,6 +227,8 @@ inline void RunGrid(Grid grid, int threads, size_t smem_bytes, const std::functi
         cta.cta_barrier.count = threads;
         cta.warp_barriers.resize(threads / 32);
         for (Barrier& b : cta.warp_barriers) b.count = 32;
+        cta.pair_barriers.resize(threads / 64);
+        for (Barrier& b : cta.pair_barriers) b.count = 64;
         cta.scratch.resize(2 * (threads / 32));
         g_cta = &cta;
         blockIdx = PaDim3{x, y, z};
@@ -325,6 +328,14 @@ namespace paged_attention {
 inline unsigned char* DynamicSmem() { return pa_emu::g_cta->smem.data(); }
 inline void SyncThreads() { pa_emu::Arrive(pa_emu::g_cta->cta_barrier); }
 inline void SyncWarp() { pa_emu::WarpBarrier(); }
+/*! \brief bar.sync 1 + pair, 64: only the warps 2 * pair and 2 * pair + 1 may arrive. */
+inline void PairBarrier(int pair) {
+  if (pa_emu::Warp() >> 1 != pair ||
+      pair >= static_cast<int>(pa_emu::g_cta->pair_barriers.size())) {
+    pa_emu::Fail("pair barrier: a warp outside the pair arrived");
+  }
+  pa_emu::Arrive(pa_emu::g_cta->pair_barriers[pair]);
+}
 
 inline void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
   auto* dst = static_cast<unsigned char*>(smem_dst);
