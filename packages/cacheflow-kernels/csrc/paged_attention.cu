@@ -419,10 +419,11 @@ void CheckNewTokenIndex(const char* op, const char* name, const TensorView& t,
  * `cos_sin_cache` [max_position, head_size] float32, cos | sin; None: no rotary), stores key and
  * value at `slot_mapping` (negative or past the cache: not stored; FP8 caches: key / k_scale,
  * value / v_scale) and attends over the cache with that slot included. Query, key and value are
- * not modified. The context is never split (no workspace).
- * \return false, having launched nothing, where the launch would not have exactly one
- * pipelined CTA per (sequence, KV head): a split plan is the caller's to avoid; several query
- * head groups per KV head, a float32 query, or a device where the pipelined kernel does not fit.
+ * not modified. partition_size and workspace as for paged_attention (a split launch: the
+ * partition holding the new position stores it).
+ * \return false, having launched nothing, where the launch would not have one pipelined CTA per
+ * (sequence, KV head, partition): several query head groups per KV head, a float32 query, or a
+ * device where the pipelined kernel does not fit.
  */
 bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView key,
                                    TensorView value, TensorView key_cache, TensorView value_cache,
@@ -430,6 +431,7 @@ bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView 
                                    TensorView positions, TensorView slot_mapping,
                                    Optional<TensorView> cos_sin_cache, bool is_neox, double scale,
                                    Optional<TensorView> alibi_slopes, int64_t max_context_len,
+                                   int64_t partition_size, Optional<TensorView> workspace,
                                    int64_t sliding_window, double k_scale, double v_scale,
                                    double logits_soft_cap) {
   constexpr const char* op = "paged_attention_with_rotary_cache";
@@ -462,7 +464,7 @@ bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView 
   fused.slot_mapping = reinterpret_cast<const int64_t*>(DataPtr(slot_mapping));
   fused.neox = is_neox;
   return RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
-                           alibi_slopes, max_context_len, 0, Optional<TensorView>(),
+                           alibi_slopes, max_context_len, partition_size, workspace,
                            sliding_window, k_scale, v_scale, logits_soft_cap,
                            Optional<TensorView>(), &fused);
 }

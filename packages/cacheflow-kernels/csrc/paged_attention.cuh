@@ -747,9 +747,10 @@ PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
 // the attention kernel what rotary_embedding_with_cache would do before it, bit for bit: the
 // CTA of each (sequence, KV head) rotates the key at the token's position and stores key and
 // value at the token's slot (FP8: as x / scale), rotates its query rows while staging them, and
-// then attends over the cache, the new slot included. Only launches with exactly one CTA per
-// (sequence, KV head) fuse: unsplit, one head group, the pipelined kernel (the dispatch declines
-// the others and the caller runs the two ops). Ordering: the position, slot and cos/sin row are
+// then attends over the cache, the new slot included. Launches fuse where one CTA per
+// (sequence, KV head, partition) reads each K/V row: one head group, the pipelined kernel (the
+// dispatch declines the others and the caller runs the two ops). Split launches too: every CTA
+// rotates its query rows, and the one whose partition holds the new position stores the token. Ordering: the position, slot and cos/sin row are
 // step inputs, read before the PDL wait (the cos/sin row is staged, rounded to T, in the
 // statistics area, which the epilogue reuses only after the main loop); the key, value and query
 // rows come from the kernel before and are read after it. The stores are fenced and followed by
@@ -1940,6 +1941,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   if (fused) at = StageNewToken<T, D>(p, seq, cs, tid);
 
   const PartitionRange r = GetRange(p, seq, part);
+  // Split launches: the partition holding the new position stores the new token (the others
+  // never read its slot); an empty context stores it from partition 0.
+  if (part != IMax(r.ctx - 1, 0) / p.partition_size) at.slot = -1;
   if (r.num_tiles == 0) {
     PdlWait();
     if (fused) {
@@ -2487,13 +2491,14 @@ Dispatched RunTwoRowTiles(Params& p, Launcher& launch) {
 
 /*!
  * \brief Launches the kernels for `p`; false when a fused launch (p.new_key set) is declined
- * because it would not have exactly one CTA per (sequence, KV head) on the pipelined kernel
- * (split, several head groups, the register or float32 kernel): nothing is launched then.
+ * because one CTA per (sequence, KV head, partition) would not read each K/V row (several head
+ * groups), or the kernel is not the pipelined one (register or float32 kernel): nothing is
+ * launched then.
  */
 template <typename T, typename C, int D, typename Launcher>
 bool RunHeadSize(Params p, Launcher& launch) {
   const bool fused = p.new_key != nullptr;
-  if (fused && (p.num_partitions > 1 || std::is_same<T, float>::value)) return false;
+  if (fused && std::is_same<T, float>::value) return false;
   if constexpr (std::is_same<T, float>::value) {
     const int rows = p.group == 1 ? 1 : kSimtRows;
     p.rows = std::min(p.group, rows);

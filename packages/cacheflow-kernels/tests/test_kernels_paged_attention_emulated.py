@@ -79,6 +79,9 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.set_layout = dll.cf_emu_set_layout
     fn.set_layout.restype = None
     fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64]
+    fn.set_cta_order = dll.cf_emu_set_cta_order
+    fn.set_cta_order.restype = None
+    fn.set_cta_order.argtypes = [ctypes.c_int]
     fn.set_shared_rows = dll.cf_emu_set_shared_rows
     fn.set_shared_rows.restype = None
     fn.set_shared_rows.argtypes = [ctypes.c_int]
@@ -132,11 +135,13 @@ def _default_pipeline(emu: Any) -> Any:
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0)
     emu.set_shared_rows(0)
+    emu.set_cta_order(0)
     yield
     configure(emu)
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0)
     emu.set_shared_rows(0)
+    emu.set_cta_order(0)
 
 
 def _ptr(x: Any) -> int | None:
@@ -914,6 +919,50 @@ def test_fused_new_token_with_window_and_soft_cap(emu: Any, window: int, cap: fl
     assert torch.equal(fused["out"], ref["out"])
 
 
+@pytest.mark.parametrize("reverse", [0, 1])
+@pytest.mark.parametrize("mode", [LATE, EARLY])
+@pytest.mark.parametrize(("heads", "fp8"), [((8, 2), False), ((32, 1), True)])
+def test_fused_new_token_split_launch(emu: Any, mode: int, reverse: int,
+                                      heads: tuple[int, int], fp8: bool) -> None:
+    """Split launches (64-token partitions, the new position first, inside and last in one):
+    the partition holding the new position stores it (with the CTAs run in either order, a
+    store by another partition's CTA would be missed by one of them); equal to the two-step
+    path with the same split, bit for bit, output and caches."""
+    configure(emu, mode=mode)
+    emu.set_cta_order(reverse)
+    num_heads, num_kv_heads = heads
+    lens = [65, 128, 100, 1, 300]
+    case = make_case(lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=64,
+                     block_size=16, seed=31, q_scale=2.0)
+    k_scale, v_scale = (0.5, 1.5) if fp8 else (1.0, 1.0)
+    if fp8:
+        case["key_cache"] = quantize_fp8(case["key_cache"], k_scale)
+        case["value_cache"] = quantize_fp8(case["value_cache"], v_scale)
+    n, row = len(lens), num_kv_heads * 64
+    gen = torch.Generator().manual_seed(4)
+    key = torch.randn(n, row, generator=gen).half()
+    value = torch.randn(n, row, generator=gen).half()
+    positions = torch.tensor([c - 1 for c in lens], dtype=torch.int64)
+    table = rotary_table(320, 64)
+    slots = new_token_slots(case)
+    ref = _clone(case)
+    ref["query"] = rotate_like_kernel(case["query"], table, positions, True)
+    k_rot = rotate_like_kernel(key.view(n, num_kv_heads, 64), table, positions, True)
+    v_rows = value.view(n, num_kv_heads, 64)
+    if fp8:
+        k_rot, v_rows = quantize_fp8(k_rot, k_scale), quantize_fp8(v_rows, v_scale)
+    ref["key_cache"].view(-1, num_kv_heads, 64)[slots] = k_rot
+    ref["value_cache"].view(-1, num_kv_heads, 64)[slots] = v_rows
+    parts = run_emulated(emu, ref, partition_size=64, k_scale=k_scale, v_scale=v_scale)
+    assert parts > 1
+    fused = _clone(case)
+    assert run_fused(emu, fused, key, value, positions, slots, table, True, k_scale=k_scale,
+                     v_scale=v_scale, partition_size=64) == parts
+    assert torch.equal(fused["out"], ref["out"])
+    for name in ("key_cache", "value_cache"):
+        assert torch.equal(fused[name].view(torch.uint8), ref[name].view(torch.uint8)), name
+
+
 def test_fused_new_token_edge_rows(emu: Any) -> None:
     """A negative slot stores nothing (its sequence still attends over the cache as it is); a
     position past the table leaves that token's query and key unrotated; without a table
@@ -949,9 +998,9 @@ def test_fused_new_token_edge_rows(emu: Any) -> None:
             assert torch.equal(fused[name].view(torch.uint8), ref[name].view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("why", ["split", "head_groups", "register_kernel", "float32"])
+@pytest.mark.parametrize("why", ["head_groups", "register_kernel", "float32"])
 def test_fused_new_token_declined(emu: Any, why: str) -> None:
-    """Launches without exactly one pipelined CTA per (sequence, KV head) decline (-2) and
+    """Launches without one pipelined CTA per (sequence, KV head, partition) decline (-2) and
     touch nothing: the caller then runs the rotary + cache kernel and a plain launch."""
     heads, d, dtype = (8, 2), 64, torch.float16
     if why == "head_groups":
@@ -967,7 +1016,7 @@ def test_fused_new_token_declined(emu: Any, why: str) -> None:
     value = torch.randn(2, heads[1] * d).to(dtype)
     positions = torch.tensor([299, 19], dtype=torch.int64)
     code = run_fused(emu, case, key, value, positions, new_token_slots(case),
-                     rotary_table(512, d), True, partition_size=64 if why == "split" else 0)
+                     rotary_table(512, d), True)
     assert code == -2
     for name in ("out", "key_cache", "value_cache"):
         assert torch.equal(case[name].view(torch.uint8), before[name].view(torch.uint8))

@@ -67,8 +67,9 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     assert _call(args, is_neox=False, max_context_len=40, sliding_window=16) is True
     (call,) = rec.calls
     assert list(call[:11]) == [args[n] for n in ORDER]
-    # is_neox, scale, alibi, max_context_len, sliding window, k_scale, v_scale, soft cap
-    assert call[11:] == (False, 0.125, None, 40, 16, 1.0, 1.0, 0.0)
+    # is_neox, scale, alibi, max_context_len, partition (no split), workspace, sliding window,
+    # k_scale, v_scale, soft cap
+    assert call[11:] == (False, 0.125, None, 40, 0, None, 16, 1.0, 1.0, 0.0)
 
 
 def test_declined_by_the_kernel_library(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,16 +79,24 @@ def test_declined_by_the_kernel_library(monkeypatch: pytest.MonkeyPatch) -> None
     assert len(rec.calls) == 1
 
 
-def test_a_split_plan_declines_without_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One sequence with a 32k context would be split (the wave plan): nothing is launched."""
+def test_split_plans_pass_partitions_and_a_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One sequence with a 32k context is split (the wave plan) as paged_attention would split
+    it; a given workspace is checked for size, else one is allocated."""
     rec = Recorder()
     monkeypatch.setattr(_attention_ops, "get_function", rec)
     args = fused_args(num_seqs=1, max_blocks=2048, num_blocks=2048)
-    assert _attention_ops.plan_partitions(1, 4, 2, 32768, 132, head_size=64)[1] > 1
-    assert _call(args, max_context_len=32768) is False
-    assert rec.calls == []
+    size, parts = _attention_ops.plan_partitions(1, 4, 2, 32768, 132, head_size=64)
+    assert parts > 1
+    need = 1 * 4 * parts * (64 + 2)
+    with pytest.raises(ValueError, match=f"argument 'workspace' must be at least {need}"):
+        _call(args, max_context_len=32768, workspace=FakeCuda(torch.empty(need - 1)))
+    ws = FakeCuda(torch.empty(need))
+    assert _call(args, max_context_len=32768, workspace=ws) is True
+    assert rec.calls[-1][15:17] == (size, ws)
     assert _call(args, max_context_len=200) is True  # a short context is not split
-    assert len(rec.calls) == 1
+    assert rec.calls[-1][15:17] == (0, None)
+    assert _call(args, max_context_len=32768, partition_size=0) is True  # forced unsplit
+    assert rec.calls[-1][15:17] == (0, None)
 
 
 def test_rotary_table_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,8 @@
 """paged_attention_with_rotary_cache on a CUDA device (skipped without CUDA): the fused launch
 against rotary_embedding_with_cache followed by paged_attention, bit for bit (outputs and cache
-bytes), over head sizes, GQA/MQA, FP8 caches, both rotary styles and batch sizes; replayed in a
-CUDA graph behind a kernel that writes the query, key and value under programmatic dependent
-launch; and the launches it declines."""
+bytes), over head sizes, GQA/MQA, FP8 caches, both rotary styles, batch sizes and split plans;
+replayed in a CUDA graph behind a kernel that writes the query, key and value under programmatic
+dependent launch; and the launches it declines."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_fused_matches_the_two_kernels(dtype: str, fp8: bool, head_size: int,
                                        heads: tuple[int, int], batch: int, block: int,
                                        neox: bool) -> None:
     rng = random.Random(head_size * 7 + batch)
-    lens = [rng.randint(1, 600) for _ in range(batch)]
+    lens = [rng.randint(1, 1500) for _ in range(batch)]  # small batches split the long ones
     lens[0] = 1
     case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
                      block_size=block, dtype=getattr(torch, dtype), device="cuda", seed=batch)
@@ -118,7 +118,7 @@ def test_fused_matches_the_two_kernels(dtype: str, fp8: bool, head_size: int,
         case["key_cache"] = quantize_fp8(case["key_cache"], scales[0])
         case["value_cache"] = quantize_fp8(case["value_cache"], scales[1])
     inputs = step_inputs(case, seed=head_size)
-    table = rotary_table(700, head_size)
+    table = rotary_table(1510, head_size)
     want, got = _copy(case), _copy(case)
     two_kernels(want, inputs, table, neox, scales)
     qkv_before = inputs["qkv"].clone()
@@ -135,7 +135,7 @@ def test_graph_replay_behind_the_kernel_that_writes_qkv(heads: tuple[int, int]) 
     """rms_norm (which releases its successor early under PDL) writes the qkv rows, the fused
     launch reads them: captured once, replayed with new inputs, equal to the eager two-kernel
     path each time."""
-    h, kvh, d, block, max_ctx, n = heads[0], heads[1], 128, 16, 512, 4
+    h, kvh, d, block, max_ctx, n = heads[0], heads[1], 128, 16, 448, 4  # never split
     shape_kw = dict(num_heads=h, num_kv_heads=kvh, head_size=d, block_size=block,
                     device="cuda", num_blocks=n * max_ctx // block + 1,
                     max_blocks_per_seq=max_ctx // block)
@@ -185,13 +185,31 @@ def test_graph_replay_behind_the_kernel_that_writes_qkv(heads: tuple[int, int]) 
             assert torch.equal(static[name], want[name]), (seed, name)
 
 
-@pytest.mark.parametrize(("lens", "heads"), [([30000], (8, 2)), ([5, 9], (64, 1))])
-def test_declined_launches_do_nothing(lens: list[int], heads: tuple[int, int]) -> None:
-    """A context the plan splits, and 64 query heads per KV head (two CTAs), are declined."""
-    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=128,
-                     device="cuda", seed=2)
+def test_long_context_split_launch() -> None:
+    """One sequence of 30,000 tokens: the plan splits it; the partition holding the new position
+    stores it; equal to the two kernels (split the same way) bit for bit."""
+    case = make_case([30000], num_heads=8, num_kv_heads=2, head_size=128, device="cuda",
+                     seed=3)
+    for name in ("key_cache", "value_cache"):
+        case[name] = torch.nan_to_num(case[name], nan=0.5)
+    assert cacheflow_kernels.paged_attention_workspace_size(1, 8, 2, 128, 30000,
+                                                            device="cuda") > 0
+    inputs = step_inputs(case, 5)
+    table = rotary_table(30010, 128)
+    want, got = _copy(case), _copy(case)
+    two_kernels(want, inputs, table, False, (1.0, 1.0))
+    assert fused(got, inputs, table, False, (1.0, 1.0))
+    torch.cuda.synchronize()
+    assert torch.equal(got["out"], want["out"])
+    for name in ("key_cache", "value_cache"):
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_declined_launches_do_nothing() -> None:
+    """64 query heads per KV head (two CTAs read each K/V row) are declined."""
+    case = make_case([5, 9], num_heads=64, num_kv_heads=1, head_size=128, device="cuda", seed=2)
     before = _copy(case)
-    assert not fused(case, step_inputs(case, 1), rotary_table(30010, 128), True, (1.0, 1.0))
+    assert not fused(case, step_inputs(case, 1), rotary_table(64, 128), True, (1.0, 1.0))
     torch.cuda.synchronize()
     for name in ("out", "key_cache", "value_cache"):
         assert torch.equal(case[name].view(torch.uint8), before[name].view(torch.uint8))

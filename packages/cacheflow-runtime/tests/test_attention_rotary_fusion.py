@@ -106,10 +106,10 @@ def test_fp8_cache_fused_decode_matches(monkeypatch: pytest.MonkeyPatch,
 @hopper_or_any_gpu
 @pytest.mark.parametrize(("query_lens", "cached", "heads", "calls"), [
     ([5, 1, 12], [0, 9, 30], (8, 2), []),       # a prefill step: not a decode
-    ([1], [30000], (8, 2), [False]),            # one long context: the plan splits it
+    ([1], [30000], (8, 2), [True]),             # one long context: a split launch
     ([1, 1], [4, 9], (64, 1), [False]),         # 64 query heads per KV head: two CTAs
 ])
-def test_steps_the_fused_kernel_declines_stay_correct(
+def test_steps_outside_the_common_case_stay_correct(
         monkeypatch: pytest.MonkeyPatch, fused_attention_calls: list[bool],
         query_lens: list[int], cached: list[int], heads: tuple[int, int],
         calls: list[bool]) -> None:

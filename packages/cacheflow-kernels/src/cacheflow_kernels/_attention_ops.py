@@ -340,6 +340,38 @@ def _device_index(device: Any) -> int:
     return 0
 
 
+def _split_plan(op: str, query: Any, num_seqs: int, num_heads: int, num_kv_heads: int,
+                head_size: int, max_ctx: int, device_index: int, partition_size: int | None,
+                workspace: Any, ws_len: int) -> tuple[int, Any]:
+    """The decode kernel's split plan for a call: ``(partition_size, workspace)``, the
+    workspace allocated with torch when the plan splits and none was given (None when it does
+    not split); a given one too small, or too many partitions, is a ValueError."""
+    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
+                                  _sm_count(device_index), partition_size, head_size=head_size)
+    if parts > MAX_PARTITIONS:
+        raise C.arg_error(
+            op, "partition_size",
+            f"large enough for at most {MAX_PARTITIONS} partitions of "
+            f"max_context_len={max_ctx}", repr(partition_size),
+        )
+    if parts <= 1:
+        return size, None
+    need = num_seqs * num_heads * parts * (head_size + 2)
+    if workspace is None:
+        import torch  # deferred: only this path allocates
+
+        device = query.device if type(query) is torch.Tensor else f"cuda:{device_index}"
+        return size, torch.empty(need, dtype=torch.float32, device=device)
+    if ws_len < need:
+        raise C.arg_error(
+            op, "workspace",
+            f"at least {need} float32 elements (num_seqs * num_heads * num_partitions * "
+            f"(head_size + 2) = {num_seqs} * {num_heads} * {parts} * {head_size + 2})",
+            f"{ws_len} elements",
+        )
+    return size, workspace
+
+
 def paged_attention(
     out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
     context_lens: Any, scale: float, alibi_slopes: Any = None,
@@ -457,30 +489,9 @@ def paged_attention(
     max_ctx = max_tokens if max_context_len is None else min(int(max_context_len), max_tokens)
     if num_seqs == 0 or num_heads == 0:
         return
-    size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
-                                  _sm_count(device_index), partition_size, head_size=head_size)
-    if parts > MAX_PARTITIONS:
-        raise C.arg_error(
-            "paged_attention", "partition_size",
-            f"large enough for at most {MAX_PARTITIONS} partitions of "
-            f"max_context_len={max_ctx}", repr(partition_size),
-        )
-    if parts > 1:
-        need = num_seqs * num_heads * parts * (head_size + 2)
-        if workspace is None:
-            import torch  # deferred: only this path allocates
-
-            device = query.device if type(query) is torch.Tensor else f"cuda:{device_index}"
-            workspace = torch.empty(need, dtype=torch.float32, device=device)
-        elif ws_len < need:
-            raise C.arg_error(
-                "paged_attention", "workspace",
-                f"at least {need} float32 elements (num_seqs * num_heads * num_partitions * "
-                f"(head_size + 2) = {num_seqs} * {num_heads} * {parts} * {head_size + 2})",
-                f"{ws_len} elements",
-            )
-    else:
-        workspace = None
+    size, workspace = _split_plan(
+        "paged_attention", query, num_seqs, num_heads, num_kv_heads, head_size, max_ctx,
+        device_index, partition_size, workspace, ws_len)
     get_function("paged_attention")(
         out, query, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache), block_tables,
         context_lens, float(scale), alibi_slopes, max_ctx, size, workspace,
@@ -522,7 +533,8 @@ def paged_attention_with_rotary_cache(
     out: Any, query: Any, key: Any, value: Any, key_cache: Any, value_cache: Any,
     block_tables: Any, context_lens: Any, positions: Any, slot_mapping: Any,
     cos_sin_cache: Any, is_neox: bool, scale: float, alibi_slopes: Any = None,
-    max_context_len: int | None = None, *, sliding_window: int | None = None,
+    max_context_len: int | None = None, workspace: Any = None, *,
+    partition_size: int | None = None, sliding_window: int | None = None,
     k_scale: Any = 1.0, v_scale: Any = 1.0, logits_soft_cap: float | None = None,
 ) -> bool:
     """A decode step's rotary embedding, KV-cache write and attention in one kernel.
@@ -543,9 +555,10 @@ def paged_attention_with_rotary_cache(
             key (before the rotary embedding) and value, rows strided like ``query``'s (16-byte
             aligned, row stride a multiple of 8 elements), e.g. views of a fused QKV output.
         key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
-        max_context_len, sliding_window, k_scale, v_scale, logits_soft_cap: as
-            :func:`paged_attention`; ``context_lens`` counts the new token, whose cache slot is
-            ``slot_mapping[s]`` at context position ``context_lens[s] - 1``.
+        max_context_len, workspace, partition_size, sliding_window, k_scale, v_scale,
+        logits_soft_cap: as :func:`paged_attention` (a split launch too: the partition that
+            holds the new position stores it); ``context_lens`` counts the new token, whose
+            cache slot is ``slot_mapping[s]`` at context position ``context_lens[s] - 1``.
         positions: int64 ``[num_seqs]``: the new token's rotary position; outside
             ``[0, max_position)`` query and key stay unrotated.
         slot_mapping: int64 ``[num_seqs]``: the new token's cache slot (``block * block_size +
@@ -556,11 +569,10 @@ def paged_attention_with_rotary_cache(
         is_neox: neox style (rotate halves) or gpt-j style (interleaved pairs).
 
     Returns:
-        True when it ran. False, having done nothing, where one fused kernel does not apply:
-        the automatic split plan would cut the contexts into partitions (long contexts with few
-        sequences), a KV head has more query heads than one CTA takes (over 32, or over 16 at
-        head size 256), or the device's shared memory does not fit the pipelined kernel. The
-        caller then runs :func:`rotary_embedding_with_cache` and :func:`paged_attention`.
+        True when it ran. False, having done nothing, where the fused kernel does not apply: a
+        KV head has more query heads than one CTA takes (over 32, or over 16 at head size 256),
+        or the device's shared memory does not fit the pipelined kernel. The caller then runs
+        :func:`rotary_embedding_with_cache` and :func:`paged_attention`.
 
     Raises:
         ValueError, TypeError, RuntimeError: as :func:`paged_attention`.
@@ -568,40 +580,42 @@ def paged_attention_with_rotary_cache(
     def validate() -> tuple[int, ...]:
         _validate_paged_attention(
             out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
-            max_context_len, None, None, sliding_window, None, op=_FUSED_OP,
+            max_context_len, workspace, partition_size, sliding_window, None, op=_FUSED_OP,
         )
         _validate_new_token(query, key, value, key_cache, positions, slot_mapping,
                             cos_sin_cache)
         num_seqs, num_heads, head_size = C.shape_of(query)
         _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
         max_blocks = C.shape_of(block_tables)[1]
+        ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
         device_index = C.device_of(query)[1] or 0
-        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks,
+        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
                 device_index)
 
     info = _FUSED_CHECKS.check(
         (out, query, key, value, key_cache, value_cache, block_tables, context_lens, positions,
-         slot_mapping, cos_sin_cache, alibi_slopes),
+         slot_mapping, cos_sin_cache, alibi_slopes, workspace),
         (), validate,
     )
-    _check_scalars(_FUSED_OP, scale, max_context_len, None, sliding_window)
+    _check_scalars(_FUSED_OP, scale, max_context_len, partition_size, sliding_window)
     if not isinstance(is_neox, bool):
         raise C.arg_error(_FUSED_OP, "is_neox", "a bool", repr(is_neox))
     fp8 = C.is_fp8_cache(key_cache)
     ks = C.scale_value(_FUSED_OP, "k_scale", k_scale, fp8)
     vs = C.scale_value(_FUSED_OP, "v_scale", v_scale, fp8)
     cap = C.soft_cap_value(_FUSED_OP, logits_soft_cap)
-    num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, device_index = info
+    (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
+     device_index) = info
     max_tokens = max_blocks * block_size
     max_ctx = max_tokens if max_context_len is None else min(int(max_context_len), max_tokens)
     if num_seqs == 0 or num_heads == 0:
         return True
-    _, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
-                               _sm_count(device_index), head_size=head_size)
-    if parts > 1:
-        return False
+    size, workspace = _split_plan(
+        _FUSED_OP, query, num_seqs, num_heads, num_kv_heads, head_size, max_ctx, device_index,
+        partition_size, workspace, ws_len)
     return bool(get_function(_FUSED_OP)(
         out, query, key, value, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache),
         block_tables, context_lens, positions, slot_mapping, cos_sin_cache, is_neox,
-        float(scale), alibi_slopes, max_ctx, int(sliding_window or 0), ks, vs, cap,
+        float(scale), alibi_slopes, max_ctx, size, workspace, int(sliding_window or 0), ks, vs,
+        cap,
     ))

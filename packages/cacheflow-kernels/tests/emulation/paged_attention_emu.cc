@@ -85,6 +85,9 @@ extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride) {
   g_query_stride = query_stride;
 }
 
+/*! \brief Runs the following launches' CTAs in blockIdx order (0) or in reverse (1). */
+extern "C" void cf_emu_set_cta_order(int reverse) { pa_emu::g_reverse_ctas = reverse; }
+
 /*! \brief Sets Params::shared_rows (CACHEFLOW_PA_ROWS=pairs on the GPU) of the following runs. */
 extern "C" void cf_emu_set_shared_rows(int shared_rows) { g_shared_rows = shared_rows; }
 

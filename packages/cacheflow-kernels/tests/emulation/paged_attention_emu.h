@@ -184,6 +184,9 @@ inline WarpScratch& Scratch() {
 
 /*! \brief 0: cp.async copies at issue ("early"); 1: when their group is retired ("late"). */
 inline int g_cp_async_mode = 1;
+/*! \brief CTAs run one after another: 0 in blockIdx order (x fastest), 1 in reverse order (a
+ * CTA that reads what another CTA of the grid writes sees it only in one of the two orders). */
+inline int g_reverse_ctas = 0;
 
 inline void FiberEntry() {
   g_kernel_body();
@@ -231,7 +234,8 @@ inline void RunGrid(Grid grid, int threads, size_t smem_bytes, const std::functi
         for (Barrier& b : cta.pair_barriers) b.count = 64;
         cta.scratch.resize(2 * (threads / 32));
         g_cta = &cta;
-        blockIdx = PaDim3{x, y, z};
+        blockIdx = g_reverse_ctas ? PaDim3{grid.x - 1 - x, grid.y - 1 - y, grid.z - 1 - z}
+                                  : PaDim3{x, y, z};
         for (int t = 0; t < threads; ++t) {
           auto f = std::make_unique<Fiber>();
           f->tid = t;

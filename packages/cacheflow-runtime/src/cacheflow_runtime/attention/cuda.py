@@ -148,7 +148,7 @@ def decode_with_rotary_cache(query: torch.Tensor, key: torch.Tensor, value: torc
     num_heads * head_size]``, key and value ``[n, num_kv_heads * head_size]`` before the rotary
     embedding (views of a fused QKV output are read in place; nothing is modified). Returns the
     attention output ``[n, num_heads, head_size]``, or None having done nothing (not a decode
-    step, layouts or a split plan the kernel does not take): the caller then rotates, stores and
+    step, layouts or a head grouping the kernel does not take): the caller then rotates, stores and
     attends as before."""
     if not kernels.attention_rotary_fusion_enabled() or not is_decode(metadata):
         return None
