@@ -340,6 +340,20 @@ def _device_index(device: Any) -> int:
     return 0
 
 
+def _call_shapes(query: Any, key_cache: Any, block_tables: Any,
+                 workspace: Any) -> tuple[int, ...]:
+    """What a decode call's checks remember (validated arguments): num_seqs, num_heads,
+    head_size, block_size, num_kv_heads, max_blocks_per_seq, the workspace's length (-1: none)
+    and the CUDA device index."""
+    num_seqs, num_heads, head_size = C.shape_of(query)
+    _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
+    max_blocks = C.shape_of(block_tables)[1]
+    ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
+    device_index = C.device_of(query)[1] or 0
+    return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
+            device_index)
+
+
 def _split_plan(op: str, query: Any, num_seqs: int, num_heads: int, num_kv_heads: int,
                 head_size: int, max_ctx: int, device_index: int, partition_size: int | None,
                 workspace: Any, ws_len: int) -> tuple[int, Any]:
@@ -465,13 +479,7 @@ def paged_attention(
             out, query, key_cache, value_cache, block_tables, context_lens, scale, alibi_slopes,
             max_context_len, workspace, partition_size, sliding_window, lse,
         )
-        num_seqs, num_heads, head_size = C.shape_of(query)
-        _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
-        max_blocks = C.shape_of(block_tables)[1]
-        ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
-        device_index = C.device_of(query)[1] or 0
-        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
-                device_index)
+        return _call_shapes(query, key_cache, block_tables, workspace)
 
     info = _CHECKS.check(
         (out, query, key_cache, value_cache, block_tables, context_lens, alibi_slopes, workspace,
@@ -584,13 +592,7 @@ def paged_attention_with_rotary_cache(
         )
         _validate_new_token(query, key, value, key_cache, positions, slot_mapping,
                             cos_sin_cache)
-        num_seqs, num_heads, head_size = C.shape_of(query)
-        _, block_size, num_kv_heads, _ = C.shape_of(key_cache)
-        max_blocks = C.shape_of(block_tables)[1]
-        ws_len = -1 if workspace is None else C.shape_of(workspace)[0]
-        device_index = C.device_of(query)[1] or 0
-        return (num_seqs, num_heads, head_size, block_size, num_kv_heads, max_blocks, ws_len,
-                device_index)
+        return _call_shapes(query, key_cache, block_tables, workspace)
 
     info = _FUSED_CHECKS.check(
         (out, query, key, value, key_cache, value_cache, block_tables, context_lens, positions,
