@@ -12,8 +12,8 @@ either:
   ``CACHEFLOW_MIXED_DECODE_KERNEL=0`` sends whole mixed steps to :func:`prefill` (for
   comparisons).
 - :func:`decode_with_rotary_cache`: a decode step's rotary embedding and cache write inside the
-  decode kernel (``cacheflow_kernels.paged_attention_with_rotary_cache``), with
-  ``CACHEFLOW_ATTN_ROTARY_FUSE=1``.
+  decode kernel (``cacheflow_kernels.paged_attention_with_rotary_cache``; the rotary layers try
+  it with ``CACHEFLOW_ATTN_ROTARY_FUSE=1``).
 - :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
   block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
   reference backend.
@@ -33,7 +33,6 @@ from typing import Any, Optional
 import torch
 
 import cacheflow_kernels
-from cacheflow_runtime import kernels
 from cacheflow_runtime.attention import reference
 from cacheflow_runtime.attention.metadata import InputMetadata
 from cacheflow_runtime.kernels import cuda_ready
@@ -143,14 +142,13 @@ def decode_with_rotary_cache(query: torch.Tensor, key: torch.Tensor, value: torc
                              v_scale: float = 1.0,
                              logits_soft_cap: Optional[float] = None) -> Optional[torch.Tensor]:
     """A decode step's rotary embedding, cache write and attention in one kernel
-    (``cacheflow_kernels.paged_attention_with_rotary_cache``), where
-    :func:`kernels.attention_rotary_fusion_enabled` and the kernel take the step: query ``[n,
-    num_heads * head_size]``, key and value ``[n, num_kv_heads * head_size]`` before the rotary
-    embedding (views of a fused QKV output are read in place; nothing is modified). Returns the
-    attention output ``[n, num_heads, head_size]``, or None having done nothing (not a decode
-    step, layouts or a head grouping the kernel does not take): the caller then rotates, stores and
-    attends as before."""
-    if not kernels.attention_rotary_fusion_enabled() or not is_decode(metadata):
+    (``cacheflow_kernels.paged_attention_with_rotary_cache``; the caller decides whether to try,
+    see :func:`kernels.attention_rotary_fusion_enabled`): query ``[n, num_heads * head_size]``,
+    key and value ``[n, num_kv_heads * head_size]`` before the rotary embedding (views of a fused
+    QKV output are read in place; nothing is modified). Returns the attention output ``[n,
+    num_heads, head_size]``, or None having done nothing (not a decode step, layouts or a head
+    grouping the kernel does not take): the caller then rotates, stores and attends as before."""
+    if not is_decode(metadata):
         return None
     n = query.shape[0]
     head_size = key_cache.shape[-1]
