@@ -55,6 +55,9 @@
 #ifndef CF_LAUNCH_BOUNDS
 #define CF_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
 #endif
+#ifndef CF_LAUNCH_BOUNDS_MIN
+#define CF_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads, blocks)
+#endif
 
 namespace cacheflow {
 namespace prefill {

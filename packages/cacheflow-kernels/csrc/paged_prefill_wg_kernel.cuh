@@ -23,8 +23,10 @@
 //     mma.sync kernel, per warp of 16 rows.
 //   * the output is staged through each warpgroup's own Q rows (same swizzled layout) and
 //     leaves in 16-byte stores.
-// Head sizes 64, 96, 128 (BN = 128 keys) and 256 (BN = 64: 128 accumulator registers of O per
-// thread). The host launches it on compute capability 9.0 when the library was built for
+// Head sizes 96 and 128 take BN = 128 keys; 256 takes BN = 64 (128 accumulator registers of O
+// per thread); 64 takes BN = 64 with two CTAs per SM (122 registers), so that one CTA's softmax
+// runs while the other's wgmmas keep the tensor cores busy (at d64 a key costs half the MMA work
+// of d128 and the same softmax work). The host launches it on compute capability 9.0 when the library was built for
 // sm_90a (paged_prefill_wg_{fp16,bf16}.cu, chosen in paged_prefill.cu); tests/emulation runs
 // this source on a CPU.
 #pragma once
@@ -65,6 +67,9 @@ struct WgTraits {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
 };
 
+/*! \brief CTAs per SM the Hopper kernel is compiled for: two at head size 64, else one. */
+constexpr int WgCtasPerSm(int d) { return d == 64 ? 2 : 1; }
+
 /*! \brief Byte offset of 16-byte chunk `c` of row `r` in a swizzled tile of `rows` rows. */
 CF_DEVICE uint32_t SwizzledChunk(int rows, int r, int c) {
   return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
@@ -88,7 +93,7 @@ CF_DEVICE uint64_t SwizzledDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
  * tile earlier than V: three K buffers, K loaded two tiles ahead.
  */
 template <class T, int D, int BN, bool kFp8, bool kOverlap>
-CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p) {
+CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(256, WgCtasPerSm(D)) PagedPrefillWgKernel(const PrefillParams p) {
   PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   using Tr = WgTraits<D, BN, kOverlap>;
   constexpr int kThreads = Tr::kThreads;
@@ -392,8 +397,11 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS(256) PagedPrefillWgKernel(const PrefillParams p)
   }
 }
 
-/*! \brief Keys per tile of the Hopper kernel: 128, or 64 at head size 256 (register budget). */
-constexpr int WgKeysPerTile(int d) { return d == 256 ? 64 : 128; }
+/*!
+ * \brief Keys per tile of the Hopper kernel: 128, or 64 at head size 256 (register budget) and
+ * at 64 (two resident CTAs, WgCtasPerSm).
+ */
+constexpr int WgKeysPerTile(int d) { return (d == 256 || d == 64) ? 64 : 128; }
 
 template <class T, int D, bool kFp8, bool kOverlap, class Launch>
 void LaunchWgD(int num_heads, int num_seqs, int64_t max_query_len, Launch&& launch) {
