@@ -750,10 +750,11 @@ PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
 // then attends over the cache, the new slot included. Launches fuse where one CTA per
 // (sequence, KV head, partition) reads each K/V row: one head group, the pipelined kernel (the
 // dispatch declines the others and the caller runs the two ops). Split launches too: every CTA
-// rotates its query rows, and the one whose partition holds the new position stores the token. Ordering: the position, slot and cos/sin row are
-// step inputs, read before the PDL wait (the cos/sin row is staged, rounded to T, in the
-// statistics area, which the epilogue reuses only after the main loop); the key, value and query
-// rows come from the kernel before and are read after it. The stores are fenced and followed by
+// rotates its query rows, and the one whose partition holds the new position stores the token.
+// Ordering: the position, slot and cos/sin row are step inputs, read before the PDL wait (the
+// cos/sin row is staged, rounded to T, in the statistics area, which the epilogue reuses only
+// after the main loop); the key, value and query rows come from the kernel before and are read
+// after it. The stores are fenced and followed by
 // a CTA barrier before any copy of the tile that holds the new slot is issued (the prologue
 // issues only the tiles before it), so the CTA's own copies read back what it stored.
 

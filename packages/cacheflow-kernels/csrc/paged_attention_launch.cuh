@@ -25,12 +25,9 @@ struct CudaLauncher {
                   const Params& p) const {
     constexpr size_t kCarveoutFrom = 32 * 1024;
     RaiseSmemLimit(reinterpret_cast<const void*>(kernel), smem);
-    if (smem >= kCarveoutFrom) {
-      // Prefer the largest shared-memory carveout, so the pipelined kernel's depth (chosen to
-      // keep its register-limited CTAs per SM within the SM's shared memory) gets them all.
-      TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
-          kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-    }
+    // The largest shared-memory carveout, so the pipelined kernel's depth (chosen to keep its
+    // register-limited CTAs per SM within the SM's shared memory) gets them all.
+    if (smem >= kCarveoutFrom) PreferSharedCarveout(reinterpret_cast<const void*>(kernel));
     LaunchChained(kernel, dim3(grid.x, grid.y, grid.z), dim3(threads), smem, stream, p);
   }
 };

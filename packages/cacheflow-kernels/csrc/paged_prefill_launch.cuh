@@ -33,6 +33,9 @@ struct CudaLauncher {
                   int64_t rows_per_cta, int threads, int smem_bytes) const {
     const int64_t m_blocks = (max_query_len + rows_per_cta - 1) / rows_per_cta;
     RaiseSmemLimit(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem_bytes));
+    // The largest carveout, so kernels built for several CTAs per SM (the Hopper kernel at head
+    // size 64, WgCtasPerSm) get them: their K/V gathers bypass L1 anyway.
+    PreferSharedCarveout(reinterpret_cast<const void*>(kernel));
     const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(num_heads),
                     static_cast<unsigned>(num_seqs));
     LaunchChained(kernel, grid, dim3(static_cast<unsigned>(threads)),

@@ -25,10 +25,10 @@
 //     leaves in 16-byte stores.
 // Head sizes 96 and 128 take BN = 128 keys; 256 takes BN = 64 (128 accumulator registers of O
 // per thread); 64 takes BN = 64 with two CTAs per SM (122 registers), so that one CTA's softmax
-// runs while the other's wgmmas keep the tensor cores busy (at d64 a key costs half the MMA work
-// of d128 and the same softmax work). The host launches it on compute capability 9.0 when the library was built for
-// sm_90a (paged_prefill_wg_{fp16,bf16}.cu, chosen in paged_prefill.cu); tests/emulation runs
-// this source on a CPU.
+// runs while the other's wgmmas keep the tensor cores busy (at d64 a key costs half the MMA
+// work of d128 and the same softmax work). The host launches it on compute capability 9.0 when
+// the library was built for sm_90a (paged_prefill_wg_{fp16,bf16}.cu, chosen in
+// paged_prefill.cu); tests/emulation runs this source on a CPU.
 #pragma once
 
 #include "paged_prefill_kernel.cuh"
@@ -93,7 +93,8 @@ CF_DEVICE uint64_t SwizzledDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
  * tile earlier than V: three K buffers, K loaded two tiles ahead.
  */
 template <class T, int D, int BN, bool kFp8, bool kOverlap>
-CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(256, WgCtasPerSm(D)) PagedPrefillWgKernel(const PrefillParams p) {
+CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(256, WgCtasPerSm(D))
+    PagedPrefillWgKernel(const PrefillParams p) {
   PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   using Tr = WgTraits<D, BN, kOverlap>;
   constexpr int kThreads = Tr::kThreads;

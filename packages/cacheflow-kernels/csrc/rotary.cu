@@ -554,8 +554,7 @@ int64_t ResidentCtas(const void* kernel, int device, int threads, size_t smem) {
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   if (smem <= static_cast<size_t>(optin)) {
     // All of the unified L1/shared storage as shared memory: the kernel's loads bypass L1.
-    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+    PreferSharedCarveout(kernel, device);
     RaiseSmemLimit(kernel, smem, device);
     TVM_FFI_CHECK_CUDA_ERROR(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));

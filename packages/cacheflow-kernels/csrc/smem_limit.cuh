@@ -1,4 +1,5 @@
-// The dynamic shared-memory limit of a kernel, raised once per (kernel, device) and only upward.
+// The dynamic shared-memory limit of a kernel, raised once per (kernel, device) and only upward;
+// its shared-memory carveout preference, set once per (kernel, device).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,6 +8,7 @@
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <set>
 #include <utility>
 
 namespace cacheflow {
@@ -30,6 +32,23 @@ inline void RaiseSmemLimit(const void* kernel, size_t bytes, int device = -1) {
   TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   limit = bytes;
+}
+
+/*!
+ * \brief Asks the driver to give `kernel` all of the unified L1 / shared storage it can as shared
+ * memory (cudaSharedmemCarveoutMaxShared) on `device` (the current one when negative), so every
+ * CTA that its registers allow fits in shared memory too. For kernels whose global loads bypass
+ * L1 (cp.async.cg). Set once per (kernel, device): later calls cost one set lookup and no driver
+ * call. Thread-safe.
+ */
+inline void PreferSharedCarveout(const void* kernel, int device = -1) {
+  if (device < 0) TVM_FFI_CHECK_CUDA_ERROR(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert({kernel, device}).second) return;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
 }
 
 }  // namespace cacheflow
