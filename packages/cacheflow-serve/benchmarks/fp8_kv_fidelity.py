@@ -47,14 +47,14 @@ _FRAMES = ["Write a short story about {}.", "Explain {} to a ten-year-old.",
 
 
 class _BlockLog(logging.Handler):
-    """Catches the engine's "KV cache: N device blocks" line."""
+    """Catches the engine's "KV cache (dtype): N device blocks" line."""
 
     def __init__(self) -> None:
         super().__init__()
         self.blocks: list[int] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = re.search(r"KV cache: (\d+) device blocks", record.getMessage())
+        found = re.search(r"KV cache \([^)]*\): (\d+) device blocks", record.getMessage())
         if found:
             self.blocks.append(int(found.group(1)))
 
