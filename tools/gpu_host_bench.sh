@@ -11,7 +11,8 @@
 # "pdloff": "on" with skinny_gemm's and small decode grids' early releases off and skinny_gemm's
 # ring at 4 stages, as before 2026-12-05 04:30; "st4": "on" with that ring only; "paoff": "on"
 # without the small decode grids' early release; "fuse": "on" with CACHEFLOW_SKINNY_FUSE=1, the
-# norms and residual adds of one-row steps inside skinny_gemm; "rotfuse": "on" with
+# norms and residual adds of one-row steps inside skinny_gemm (the default since 2026-12-05
+# 14:00; "nofuse": without it); "rotfuse": "on" with
 # CACHEFLOW_ATTN_ROTARY_FUSE=1, decode steps' rotary and cache write inside the decode attention
 # kernel; "allfuse": both); "kbase": "on" with the kernel
 # wheel in .whl/kbase/ (an earlier commit's kernels, for A/Bs of kernel changes that have no
@@ -77,6 +78,7 @@ for v in "${variants[@]}"; do
     st4) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_STAGES=4; flags=(--async-scheduling) ;;
     paoff) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_EARLY_RELEASE=0; flags=(--async-scheduling) ;;
     fuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1; flags=(--async-scheduling) ;;
+    nofuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=0; flags=(--async-scheduling) ;;
     rotfuse) export PYTHONPATH="${site[new]}" CACHEFLOW_ATTN_ROTARY_FUSE=1
       flags=(--async-scheduling) ;;
     allfuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1 CACHEFLOW_ATTN_ROTARY_FUSE=1

@@ -76,6 +76,11 @@ CASES = [
     Case("prefix_fp16_d128", *_uniform(8, 1024, 2048)),  # 1024 cached + 1024 new
     Case("mha_bf16_d128", *_uniform(8, 2048), dtype="bfloat16"),
     Case("mha_fp16_d64", *_uniform(8, 2048), head_size=64),
+    Case("gqa_fp16_d64", *_uniform(8, 2048), head_size=64, num_kv_heads=8),
+    Case("prefix_bf16_d64", *_uniform(8, 1024, 2048), head_size=64, dtype="bfloat16"),
+    Case("ragged_fp16_d64", [1800, 37, 1024, 513, 2048, 77, 1500, 900],
+         [1800, 37, 1024, 513, 2048, 77, 1500, 900], head_size=64),
+    Case("mixed_a_fp16_d64", [1024, 520], [1024, 520], head_size=64),
     Case("long_fp16_d128", *_uniform(2, 8192)),
     Case("block32_fp16_d128", *_uniform(8, 2048), block_size=32),
     Case("block8_fp16_d128", *_uniform(8, 2048), block_size=8),

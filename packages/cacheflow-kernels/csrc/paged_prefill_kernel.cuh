@@ -701,13 +701,13 @@ enum TcVariant : int {
 
 /*!
  * \brief Whether the default (kTcDefault) is the Hopper kernel's serial schedule on a device that
- * has it: head sizes 96, 128 and 256 with a 16-bit cache. On an H200 (2026-12-05) it ran at
+ * has it: head sizes 64, 96, 128 and 256 with a 16-bit cache. On an H200 (2026-12-05) it ran at
  * 1.06-1.12x SDPA at 128, 0.95x at 96 and 1.26x at 256 (mma.sync: 0.89-0.90x, 0.84x, 0.86x) and
- * faster than the overlapped schedule; at head size 64 the mma.sync kernel stayed faster (0.87x
- * vs 0.81-0.83x); FP8 caches were not measured.
+ * faster than the overlapped schedule; at 64, with 64-key tiles and two CTAs per SM, 1.01x
+ * (mma.sync 0.88x, overlapped 0.98x). FP8 caches were not measured.
  */
 constexpr bool WgIsDefault(int64_t d, bool fp8_cache) {
-  return !fp8_cache && (d == 96 || d == 128 || d == 256);
+  return !fp8_cache && (d == 64 || d == 96 || d == 128 || d == 256);
 }
 
 /*! \brief Shared memory of the default head-size-256 kernel (the host checks the device's). */

@@ -620,6 +620,30 @@ def test_workspace_size_formula() -> None:
         256, 32, 32, 128, 9000, num_sms=132) == 0
 
 
+def test_workspace_size_device_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device`` as None, an index, "cuda", "cuda:N" or a torch.device asks the library for
+    that device's multiprocessor count; anything else is refused by name."""
+    asked: list[int] = []
+
+    def fake_get_function(name: str) -> Any:
+        assert name == "paged_attention_sm_count"
+        return lambda index: asked.append(index) or 132
+
+    monkeypatch.setattr(_attention_ops, "get_function", fake_get_function)
+    monkeypatch.setattr(_attention_ops, "_sm_counts", {})
+    expected = 2 * 16 * plan_partitions(2, 16, 2, 9000, 132)[1] * 130
+    for device, index in ((None, 0), (0, 0), (3, 3), ("cuda", 0), ("cuda:2", 2),
+                          (torch.device("cuda"), 0), (torch.device("cuda", 1), 1)):
+        monkeypatch.setattr(_attention_ops, "_sm_counts", {})
+        asked.clear()
+        assert cacheflow_kernels.paged_attention_workspace_size(
+            2, 16, 2, 128, 9000, device=device) == expected
+        assert asked == [index], device
+    for bad in ("cpu", "cuda:x", "cuda:", torch.device("cpu"), -1, 1.5):
+        with pytest.raises(ValueError, match="device must be a CUDA device"):
+            cacheflow_kernels.paged_attention_workspace_size(2, 16, 2, 128, 9000, device=bad)
+
+
 def test_exports() -> None:
     assert cacheflow_kernels.PAGED_ATTENTION_HEAD_SIZES == (64, 80, 96, 112, 128, 256)
     assert cacheflow_kernels.PAGED_ATTENTION_BLOCK_SIZES == (8, 16, 32)

@@ -172,15 +172,15 @@ def test_dynamic_rope_models_run_eagerly(tmp_path: Path, prompt_batch: list[list
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_stream_fusion_on_hopper(tiny: Path, prompt_batch: list[list[int]], dtype: str,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """CACHEFLOW_SKINNY_FUSE=1: one-row decode steps run the norms and residual adds inside
-    skinny_gemm (CUDA graphs included). The kernel sums the norm's squares in another order, so
+    """One-row decode steps run the norms and residual adds inside skinny_gemm (the default;
+    CACHEFLOW_SKINNY_FUSE=0 for the plain engine; CUDA graphs included). The kernel sums the norm's squares in another order, so
     a normalized element can move by one rounding step: the greedy tokens must agree with the
     plain engine's up to a late divergence, with logprobs close until then."""
     import cacheflow_kernels
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
     prompts = [prompt_batch[2]]  # one sequence: one-row decode steps
-    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "0")
     plain = run_engine(tiny, prompts, params, dtype=dtype, device="cuda")[0].outputs[0]
     fused_calls: list[bool] = []
     original = cacheflow_kernels.skinny_gemm
@@ -191,7 +191,7 @@ def test_stream_fusion_on_hopper(tiny: Path, prompt_batch: list[list[int]], dtyp
         original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", recorded)
-    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
     fused = run_engine(tiny, prompts, params, dtype=dtype, device="cuda")[0].outputs[0]
     assert any(fused_calls)
     first = next((i for i, (a, b) in enumerate(zip(plain.token_ids, fused.token_ids))

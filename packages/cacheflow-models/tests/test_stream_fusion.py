@@ -64,13 +64,13 @@ def test_stream_blocks_give_the_plain_blocks_results(monkeypatch: pytest.MonkeyP
                                                      overrides: dict[str, Any]) -> None:
     path = save_tiny_checkpoint(tmp_path / "llama", tiny_llama_config(**overrides))
     prompts = [[5, 9, 2, 7, 7, 1, 30]]  # one sequence: its decode steps are one row
-    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "0")
     plain = generate(path, prompts)
 
     fake = FakeSkinny()
     monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", fake)
     monkeypatch.setattr(linear_layers, "skinny_gemm_applies", one_row)
-    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)  # on by default
     fused = generate(path, prompts)
 
     for a, b in zip(plain, fused):
@@ -85,13 +85,13 @@ def test_stream_blocks_give_the_plain_blocks_results(monkeypatch: pytest.MonkeyP
     assert fake.calls.count((False, True, True)) == layers * decode_steps
 
 
-def test_off_without_the_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Without CACHEFLOW_SKINNY_FUSE=1 one-row steps keep the norm and add kernels: no call
+def test_off_with_the_switch_at_zero(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With CACHEFLOW_SKINNY_FUSE=0 one-row steps keep the norm and add kernels: no call
     carries a norm weight or a residual."""
     path = save_tiny_checkpoint(tmp_path / "llama", tiny_llama_config())
     fake = FakeSkinny()
     monkeypatch.setattr(cacheflow_kernels, "skinny_gemm", fake)
     monkeypatch.setattr(linear_layers, "skinny_gemm_applies", one_row)
-    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "0")
     generate(path, [[3, 4, 5]])
     assert fake.calls and not any(norm or add for norm, _, add in fake.calls)

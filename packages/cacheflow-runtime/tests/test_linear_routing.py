@@ -207,11 +207,12 @@ def test_other_norms_and_layouts_stay_unfused(fake_kernel: list[dict[str, Any]])
                                for c in fake_kernel)
 
 
-def test_stream_fusion_needs_the_switch(monkeypatch: pytest.MonkeyPatch,
-                                        fake_kernel: list[dict[str, Any]]) -> None:
+def test_stream_fusion_default_and_switch(monkeypatch: pytest.MonkeyPatch,
+                                          fake_kernel: list[dict[str, Any]]) -> None:
+    """On by default for one-row inputs; CACHEFLOW_SKINNY_FUSE=0 turns it off."""
     w = torch.randn(96, 64)
-    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "0")
     assert not stream_fusion_applies(torch.randn(1, 64), w)
-    monkeypatch.setenv("CACHEFLOW_SKINNY_FUSE", "1")
+    monkeypatch.delenv("CACHEFLOW_SKINNY_FUSE", raising=False)
     assert stream_fusion_applies(torch.randn(1, 64), w)
     assert not stream_fusion_applies(torch.randn(2, 64), w)

@@ -327,17 +327,22 @@ def paged_attention_workspace_size(
 
 
 def _device_index(device: Any) -> int:
+    """The CUDA device index of ``device``: None (0), an index, ``"cuda"`` (0) or ``"cuda:N"``,
+    or a ``torch.device`` of type cuda (its index, 0 when it has none)."""
     if device is None:
         return 0
-    if _is_int(device):
+    if _is_int(device) and device >= 0:
         return int(device)
-    index = getattr(device, "index", None)
-    if index is not None:
-        return int(index)
-    text = str(device)
-    if text.startswith("cuda:"):
-        return int(text.split(":", 1)[1])
-    return 0
+    # A string is tested before attributes: str has an ``index`` method.
+    text = device if isinstance(device, str) else None
+    if text is None and getattr(device, "type", None) == "cuda":
+        index = getattr(device, "index", None)
+        return 0 if index is None else int(index)
+    kind, colon, number = (text or "").partition(":")
+    if kind == "cuda" and (not colon or number.isdigit()):
+        return int(number) if colon else 0
+    raise ValueError(f"device must be a CUDA device (an index >= 0, 'cuda', 'cuda:N' or a "
+                     f"torch.device of type cuda), got {device!r}")
 
 
 def _call_shapes(query: Any, key_cache: Any, block_tables: Any,

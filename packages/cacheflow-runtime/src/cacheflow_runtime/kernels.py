@@ -77,11 +77,11 @@ def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, silu_gated: bool 
 
 
 def skinny_fusion_enabled() -> bool:
-    """Whether CACHEFLOW_SKINNY_FUSE=1 asks one-row steps to run the RMS norms and residual adds
-    of LLaMA-family layers inside skinny_gemm (norm in the qkv / gate_up GEMMs' prologue, residual
-    add in the o / down GEMMs' epilogue: six kernels a layer instead of eight). Off by default
-    until it is measured on a GPU (``benchmarks/bench_decode_layer.py``)."""
-    return os.environ.get("CACHEFLOW_SKINNY_FUSE") == "1"
+    """Whether one-row steps run the RMS norms and residual adds of LLaMA-family layers inside
+    skinny_gemm (norm in the qkv / gate_up GEMMs' prologue, residual add in the o / down GEMMs'
+    epilogue: six kernels a layer instead of eight). On unless CACHEFLOW_SKINNY_FUSE=0: on an
+    H200 (2026-12-05) the 7B decode step at batch 1 went from 3.934 to 3.836 ms."""
+    return os.environ.get("CACHEFLOW_SKINNY_FUSE") != "0"
 
 
 def attention_rotary_fusion_enabled() -> bool:
@@ -89,7 +89,8 @@ def attention_rotary_fusion_enabled() -> bool:
     store the new token inside the decode attention kernel
     (cacheflow_kernels.paged_attention_with_rotary_cache: one kernel a layer instead of the
     rotary + cache kernel and the attention kernel; the same results bit for bit). Off by
-    default until it is measured on a GPU."""
+    default: on an H200 (2026-12-05) the 7B decode step gained at most 1% at batch 1 and lost
+    3.5% at batch 64."""
     return (os.environ.get("CACHEFLOW_ATTN_ROTARY_FUSE") == "1"
             and getattr(cacheflow_kernels, "paged_attention_with_rotary_cache", None) is not None)
 
