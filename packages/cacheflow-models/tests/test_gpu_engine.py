@@ -173,9 +173,10 @@ def test_dynamic_rope_models_run_eagerly(tmp_path: Path, prompt_batch: list[list
 def test_stream_fusion_on_hopper(tiny: Path, prompt_batch: list[list[int]], dtype: str,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """One-row decode steps run the norms and residual adds inside skinny_gemm (the default;
-    CACHEFLOW_SKINNY_FUSE=0 for the plain engine; CUDA graphs included). The kernel sums the norm's squares in another order, so
-    a normalized element can move by one rounding step: the greedy tokens must agree with the
-    plain engine's up to a late divergence, with logprobs close until then."""
+    CACHEFLOW_SKINNY_FUSE=0 for the plain engine; CUDA graphs included). The kernel sums the
+    norm's squares in another order, so a normalized element can move by one rounding step: the
+    greedy tokens must agree with the plain engine's up to a late divergence, with logprobs close
+    until then."""
     import cacheflow_kernels
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
