@@ -555,7 +555,9 @@ def test_plan_explicit_partition_size() -> None:
         ((256, 32, 32, 512), 128, (0, 1)),
         # few CTAs: about two per SM (the saturating count of 3 resident), long partitions
         ((1, 32, 32, 32768), 128, (4096, 8)),
-        ((32, 32, 1, 4096), 128, (512, 8)),    # 32 CTAs of 32 heads, 2 resident per SM
+        # 32 CTAs of 32 heads (2 resident per SM, one saturates): one CTA per SM, no second
+        ((32, 32, 1, 4096), 128, (1024, 4)),
+        ((128, 32, 1, 1024), 128, (0, 1)),
         ((8, 32, 4, 8192), 128, (1024, 8)),
         ((1, 32, 4, 32768), 128, (512, 64)),
         # head size 64: 4 resident, 3 saturating
@@ -579,6 +581,14 @@ def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:
     # the same problem on a device with half the SMs needs fewer partitions
     assert plan_partitions(1, 32, 32, 32768, 66, split="wave")[1] < \
         plan_partitions(1, 32, 32, 32768, 132, split="wave")[1]
+
+
+def test_saturating_ctas() -> None:
+    """Two thirds of the resident 16-row CTAs saturate an SM's share; one 32-row CTA does."""
+    assert [_attention_ops.saturating_ctas_per_sm(r) for r in (2, 3, 4)] == [2, 2, 3]
+    assert [_attention_ops.saturating_ctas_per_sm(r, 32) for r in (2, 3, 4)] == [1, 1, 1]
+    # 128 CTAs of 32 rows on 132 SMs: a split into two partitions costs more than none
+    assert plan_time(128, 2, 1024, 132, 2, 32) > plan_time(128, 1, 1024, 132, 2, 32)
 
 
 def test_plan_wave_tail_model() -> None:

@@ -178,12 +178,17 @@ def cta_heads(group: int, head_size: int) -> int:
     return _HEADS_PER_CTA
 
 
-def saturating_ctas_per_sm(resident: int) -> int:
+def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:
     """CTAs per multiprocessor that the wave planner assumes saturate its share of the memory
-    bandwidth, for ``resident`` resident CTAs: two thirds of them, rounded up (3 -> 2, 4 -> 3,
-    2 -> 2). Fewer run latency-bound (each CTA at its own streaming rate). A design assumption:
-    the kernel keeps enough bytes in flight per CTA that a third of the resident CTAs is
-    headroom (H200, 2026-12-03: one CTA alone streams at about half an SM's share)."""
+    bandwidth, for ``resident`` resident CTAs of ``rows`` query heads: two thirds of them,
+    rounded up (3 -> 2, 4 -> 3, 2 -> 2); one for CTAs of more than 16 heads. Fewer run
+    latency-bound (each CTA at its own streaming rate). A design assumption from measurements:
+    a 16-row CTA alone streams at about half an SM's share (H200, 2026-12-03), while a 32-row
+    CTA, with twice the work per byte, gains nothing from a second one beside it (H200,
+    2026-12-05, MQA d128: 128 vs 256 CTAs of one call 28.6 us both; 128 seqs x 1k tokens
+    unsplit 25.0 us, in two partitions 34.8 us)."""
+    if rows > _HEADS_PER_CTA:
+        return 1
     return max(1, -(-2 * resident // 3))
 
 
@@ -194,14 +199,14 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     each, in units of one CTA token at the latency-bound rate (relative: only comparisons).
 
     Equal CTAs spread evenly: the busiest SM runs ``n = ceil(ctas * parts / num_sms)`` of them,
-    ``resident`` at a time; while at least ``s = saturating_ctas_per_sm(resident)`` run, the SM
-    moves ``s`` CTAs' worth of tokens per unit, and a last group of fewer than ``s`` runs at
+    ``resident`` at a time; while at least ``s = saturating_ctas_per_sm(resident, rows)`` run,
+    the SM moves ``s`` CTAs' worth of tokens per unit, and a last group of fewer than ``s`` runs at
     ``s`` CTAs' time anyway (the wave tail). A CTA's work is its partition plus a fixed
     overhead, plus its share of the merge traffic when split (``rows`` partial rows of
     ``head_size + 2`` floats written and read again: about 2 * rows tokens of 16-bit K/V); a
     split adds the merge kernel once.
     """
-    sat = saturating_ctas_per_sm(resident)
+    sat = saturating_ctas_per_sm(resident, rows)
     size = -(-max_context_len // parts)
     work = size + _CTA_OVERHEAD_TOKENS + (2 * rows if parts > 1 else 0)
     n = -(-ctas * parts // num_sms)
