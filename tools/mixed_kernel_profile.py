@@ -1,6 +1,8 @@
 """Where the device time of issue 10's mixed workload goes, by kernel family.
 
     python3 tools/mixed_kernel_profile.py CKPT [--start 150 --steps 200]
+    # pure decode steps at one batch size instead (prompts of --input-len tokens)
+    python3 tools/mixed_kernel_profile.py CKPT --batch 1 --input-len 128 --start 8 --steps 64
 
 Adds the 1,000 synthetic requests of `cacheflow bench throughput` (16..1024 / 16..512, seed 0)
 to an engine on the checkpoint, steps it to ``--start``, then records ``--steps`` steps under
@@ -43,6 +45,10 @@ def main() -> int:
     p.add_argument("--start", type=int, default=150)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--batch", type=int, default=0,
+                   help="profile decode steps of this many requests instead of the mixed "
+                        "workload (0)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens with --batch")
     args = p.parse_args()
     import torch
     from torch.autograd import DeviceType
@@ -59,8 +65,14 @@ def main() -> int:
     llm = LLM(model=str(args.ckpt), dtype="float16")
     engine = llm.engine
     ids = prompt_token_ids(llm.get_tokenizer(), engine.model_config.vocab_size)
-    reqs = synthetic_requests(1000, LengthSpec.parse("16:1024", "--input-len"),
-                              LengthSpec.parse("16:512", "--output-len"), ids, 0)
+    if args.batch > 0:
+        # Outputs outlast the window, so every profiled step decodes the whole batch.
+        out_len = str(args.start + args.steps + 8)
+        reqs = synthetic_requests(args.batch, LengthSpec.parse(str(args.input_len), "--input-len"),
+                                  LengthSpec.parse(out_len, "--output-len"), ids, 0)
+    else:
+        reqs = synthetic_requests(1000, LengthSpec.parse("16:1024", "--input-len"),
+                                  LengthSpec.parse("16:512", "--output-len"), ids, 0)
     for i, r in enumerate(reqs):
         engine.add_request(f"r{i}", None, SamplingParams(temperature=0.0, max_tokens=r.output_len,
                                                          ignore_eos=True, detokenize=False),
