@@ -754,9 +754,9 @@ PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
 // Ordering: the position, slot and cos/sin row are step inputs, read before the PDL wait (the
 // cos/sin row is staged, rounded to T, in the statistics area, which the epilogue reuses only
 // after the main loop); the key, value and query rows come from the kernel before and are read
-// after it. The stores are fenced and followed by
-// a CTA barrier before any copy of the tile that holds the new slot is issued (the prologue
-// issues only the tiles before it), so the CTA's own copies read back what it stored.
+// after it. The stores are fenced and followed by a CTA barrier before any copy of the tile
+// that holds the new slot is issued (the prologue issues only the tiles before it), so the CTA's
+// own copies read back what it stored.
 
 /*! \brief x rounded to T, as a float. */
 template <typename T>
