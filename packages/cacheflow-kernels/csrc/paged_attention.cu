@@ -338,6 +338,8 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
       EnvFlag("CACHEFLOW_PA_EARLY_RELEASE", true)
           ? CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id) / 2
           : 0;
+  // A combine grid of at most one CTA per multiprocessor is latency-bound: rows in slots.
+  p.combine_slots_max_ctas = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id);
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

@@ -58,6 +58,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "pdl.cuh"
@@ -400,6 +401,9 @@ struct Params {
   int release_max_ctas;       // pipelined kernel, unsplit launches of at most this many CTAs:
                               // release the successor right after the wait (0: never; see
                               // "Small grids" at the kernel)
+  int combine_slots_max_ctas;  // split launches whose combine grid has at most this many CTAs
+                              // read partition rows in slots (CombineSlots; latency-bound
+                              // grids); larger grids a column per thread (CombineColumns)
   int64_t q_stride;           // elements between the query rows of consecutive sequences
                               // (num_heads * head_size when contiguous; heads and dims always are)
   // Fused launches (see "New token"; new_key null: a plain launch). The query is then the one
@@ -465,6 +469,8 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   // A window at least as long as any context is no window.
   p.sliding_window = static_cast<int>(sliding_window < max_tokens ? sliding_window : 0);
   p.l2_prefetch_tiles = kDefaultL2PrefetchTiles;
+  // Every combine grid: the launch sets the device's multiprocessor count.
+  p.combine_slots_max_ctas = std::numeric_limits<int>::max();
   p.stages = kStagesAuto;
   p.step_tiles = kDefaultStepTiles;
   p.rescale_threshold = kDefaultRescaleThreshold;
@@ -2351,19 +2357,111 @@ PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
   return v;
 }
 
+/*! \brief Floats of the combine kernel's per-slot sums: slots x head_size <= 4 x kCombineThreads
+ * (CombineSlots). */
+constexpr int kCombineSlotFloats = 4 * kCombineThreads;
+/*! \brief Partitions in flight per thread of the combine kernel's vector path. */
+constexpr int kCombineUnroll = 8;
+
 /*!
  * \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part,
- * rounded up to whole 16-byte chunks. ptxas merges the tail loop's conditional loads of
+ * rounded up to whole 16-byte chunks, then (`slots`) the per-slot sums of CombineSlots. ptxas merges the tail loop's conditional loads of
  * weights[i], weights[i + 1], weights[i + 2] (i a multiple of 8: a 16-byte-aligned address) into
  * one LDS.128, issued even when only weights[i] is left; a request ending inside that chunk (e.g.
  * 24 bytes for 2 partitions) made it an out-of-bounds shared read under compute-sanitizer.
  */
-inline size_t CombineSmemBytes(int num_partitions) {
+inline size_t CombineSmemBytes(int num_partitions, bool slots) {
   const size_t floats = kCombineThreads / 32 + static_cast<size_t>(num_partitions);
-  return (floats + 3) / 4 * 4 * sizeof(float);
+  return ((floats + 3) / 4 * 4 + (slots ? kCombineSlotFloats : 0)) * sizeof(float);
 }
 
+/*!
+ * \brief The combine's weighted sum, vector path (partials 16-byte aligned): a partition's row of
+ * head_size floats is read by head_size / 4 threads with one 16-byte load each, so the CTA reads
+ * kCombineThreads / (head_size / 4) rows ("slots") side by side and each thread keeps
+ * kCombineUnroll of its slot's rows in flight. The slots' sums meet in `slot_sums` (shared,
+ * kCombineSlotFloats). A column per thread with scalar loads (CombineColumns) waited one L2
+ * round trip per 8 partitions: 16 for 128 partitions, about 12 us on an H100 for a b1 MQA call
+ * whose main kernel takes 18 us; here that is 4.
+ */
 template <typename T>
+PA_DEVICE void CombineSlots(const float* o, const float* weights, int n, int head_size, float inv,
+                            float* slot_sums, T* out) {
+  const int cols = head_size / 4;
+  const int slots = kCombineThreads / cols;
+  const int slot = threadIdx.x / cols;
+  const int col = threadIdx.x - slot * cols;
+  if (slot < slots) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i0 = slot; i0 < n; i0 += slots * kCombineUnroll) {
+      uint4 v[kCombineUnroll];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int i = i0 + u * slots;
+        v[u] = i < n ? LoadGlobal16(o + static_cast<int64_t>(i) * head_size + 4 * col)
+                     : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int i = i0 + u * slots;
+        const float w = i < n ? weights[i] : 0.f;
+        acc.x = fmaf(w, AsFloat(v[u].x), acc.x);
+        acc.y = fmaf(w, AsFloat(v[u].y), acc.y);
+        acc.z = fmaf(w, AsFloat(v[u].z), acc.z);
+        acc.w = fmaf(w, AsFloat(v[u].w), acc.w);
+      }
+    }
+    float* dst = slot_sums + slot * head_size + 4 * col;
+    dst[0] = acc.x;
+    dst[1] = acc.y;
+    dst[2] = acc.z;
+    dst[3] = acc.w;
+  }
+  SyncThreads();
+  for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+    float sum = 0.f;
+    for (int r = 0; r < slots; ++r) sum += slot_sums[r * head_size + d];
+    StoreGlobal(out + d, Dtype<T>::FromFloat(sum * inv));
+  }
+}
+
+/*! \brief The combine's weighted sum, scalar path (partials not 16-byte aligned: a workspace
+ * view at an odd offset): a column per thread, kCombineUnroll partitions in flight. */
+template <typename T>
+PA_DEVICE void CombineColumns(const float* o, const float* weights, int n, int head_size,
+                              float inv, T* out) {
+  for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+    float a[kCombineUnroll];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) a[u] = 0.f;
+    int i = 0;
+    for (; i + kCombineUnroll <= n; i += kCombineUnroll) {
+      float v[kCombineUnroll];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        v[u] = o[static_cast<int64_t>(i + u) * head_size + d];
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) a[u] = fmaf(weights[i + u], v[u], a[u]);
+    }
+    for (; i < n; ++i) a[0] = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a[0]);
+#pragma unroll
+    for (int w = kCombineUnroll / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int u = 0; u < w; ++u) a[u] += a[u + w];
+    }
+    StoreGlobal(out + d, Dtype<T>::FromFloat(a[0] * inv));
+  }
+}
+
+/*!
+ * \brief Split-K merge of one (head, sequence) per CTA. kSlots: the weighted sum by CombineSlots
+ * (where the partials are 16-byte aligned), else by CombineColumns. Measured on an H100
+ * (2026-12-05): slots took the combine of 128 partitions x 32 CTAs from 12.3 to 8.0 us and of 64
+ * x 32 from 8.5 to 6.5 us, but made grids of 2-8 CTAs per SM with 4-8 partitions 2-4% slower
+ * end to end (there the columns' fewer instructions win), hence combine_slots_max_ctas.
+ */
+template <typename T, bool kSlots>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
     PagedAttentionCombineKernel(const Params p) {
   PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
@@ -2401,31 +2499,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
   if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, LogSumExp(m, total));
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const float* o = p.ws_o + base * head_size;
-  // kCombineUnroll independent loads in flight per thread: the partials come from L2, and a
-  // loop with one or two loads per iteration waits one L2 latency per 1-2 partitions (128
-  // partitions: ~64 round trips, ~10+ us for a call whose K/V take ~16 us).
-  constexpr int kCombineUnroll = 8;
-  for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
-    float a[kCombineUnroll];
-#pragma unroll
-    for (int u = 0; u < kCombineUnroll; ++u) a[u] = 0.f;
-    int i = 0;
-    for (; i + kCombineUnroll <= n; i += kCombineUnroll) {
-      float v[kCombineUnroll];
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
-        v[u] = o[static_cast<int64_t>(i + u) * head_size + d];
-      }
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) a[u] = fmaf(weights[i + u], v[u], a[u]);
-    }
-    for (; i < n; ++i) a[0] = fmaf(weights[i], o[static_cast<int64_t>(i) * head_size + d], a[0]);
-#pragma unroll
-    for (int w = kCombineUnroll / 2; w > 0; w /= 2) {
-#pragma unroll
-      for (int u = 0; u < w; ++u) a[u] += a[u + w];
-    }
-    StoreGlobal(out + d, Dtype<T>::FromFloat(a[0] * inv));
+  if (kSlots && (reinterpret_cast<uintptr_t>(o) & 15u) == 0) {
+    CombineSlots(o, weights, n, head_size, inv, weights + (n + 3) / 4 * 4, out);
+  } else {
+    CombineColumns(o, weights, n, head_size, inv, out);
   }
 }
 
@@ -2553,8 +2630,13 @@ bool RunHeadSize(Params p, Launcher& launch) {
   }
   if (p.num_partitions > 1) {
     const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};
-    launch(PagedAttentionCombineKernel<T>, grid, kCombineThreads,
-           CombineSmemBytes(p.num_partitions), p);
+    if (int64_t{p.num_heads} * p.num_seqs <= p.combine_slots_max_ctas) {
+      launch(PagedAttentionCombineKernel<T, true>, grid, kCombineThreads,
+             CombineSmemBytes(p.num_partitions, true), p);
+    } else {
+      launch(PagedAttentionCombineKernel<T, false>, grid, kCombineThreads,
+             CombineSmemBytes(p.num_partitions, false), p);
+    }
   }
   return true;
 }

@@ -152,11 +152,12 @@ def run_emulated(
     emu: Any, case: dict[str, Any], *, partition_size: int = 0,
     max_context_len: int | None = None, sliding_window: int = 0,
     k_scale: float = 1.0, v_scale: float = 1.0, logits_soft_cap: float = 0.0,
-    lse: Any = None,
+    lse: Any = None, workspace_offset: int = 0,
 ) -> int:
     """Runs the op on the case's CPU tensors (writes case['out'], and ``lse`` when given: float32
     [num_seqs, num_heads]); returns num_partitions. float8_e4m3fn caches are dequantized with
-    ``k_scale`` / ``v_scale``."""
+    ``k_scale`` / ``v_scale``. The workspace starts ``workspace_offset`` floats into its
+    allocation (1: not 16-byte aligned)."""
     q, kc = case["query"], case["key_cache"]
     num_seqs, num_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, _ = kc.shape
@@ -172,7 +173,7 @@ def run_emulated(
     scales = (k_scale, v_scale, logits_soft_cap)
     parts = emu(dtype, None, None, None, None, None, None, None, None, 0, *plan,
                 ctypes.byref(need), *scales, None)
-    ws = torch.full((max(need.value, 1),), float("nan"))
+    ws = torch.full((max(need.value, 1) + workspace_offset,), float("nan"))[workspace_offset:]
     ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
               _ptr(case["block_tables"]), _ptr(case["context_lens"]),
               _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales, _ptr(lse))
@@ -241,20 +242,26 @@ def test_split_matches_unsplit_and_uses_many_partitions(emu: Any) -> None:
     torch.testing.assert_close(base["out"], unsplit["out"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("head_size", "ctx", "parts"), [(256, 1100, 18), (64, 4200, 66)])
+@pytest.mark.parametrize(("head_size", "ctx", "parts", "workspace_offset"), [
+    (256, 1100, 18, 0), (64, 4200, 66, 0), (80, 3300, 52, 0), (128, 4160, 65, 0),
+    (128, 4160, 65, 1), (96, 1100, 18, 1),
+])
 def test_merge_of_many_partitions_matches_unsplit(
-    emu: Any, head_size: int, ctx: int, parts: int,
+    emu: Any, head_size: int, ctx: int, parts: int, workspace_offset: int,
 ) -> None:
-    """The combine kernel walks a head's partitions 8 at a time (8 loads in flight per thread);
-    18 and 66 partitions take several rounds and a remainder. Outputs and log-sum-exps match the
-    unsplit launch."""
+    """The combine kernel reads a partition row with head_size / 4 threads (16-byte loads), as
+    many rows side by side as the CTA holds, 8 per thread in flight: the counts here take one or
+    more rounds and a remainder (slots of 2, 4, 6 and 8 rows at head sizes 256, 128, 80, 64). A
+    workspace that is not 16-byte aligned takes the column-per-thread path. Outputs and
+    log-sum-exps match the unsplit launch."""
     base = make_case([ctx, 70], num_heads=2, num_kv_heads=1, head_size=head_size,
                      dtype=torch.float16, seed=head_size)
     unsplit = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
     lse_unsplit = torch.full((2, 2), float("nan"))
     lse_split = torch.full((2, 2), float("nan"))
     assert run_emulated(emu, unsplit, partition_size=0, lse=lse_unsplit) == 1
-    assert check(emu, base, partition_size=64, max_context_len=ctx, lse=lse_split) == parts
+    assert check(emu, base, partition_size=64, max_context_len=ctx, lse=lse_split,
+                 workspace_offset=workspace_offset) == parts
     torch.testing.assert_close(base["out"], unsplit["out"], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(lse_split, lse_unsplit, rtol=1e-5, atol=1e-5)
 

@@ -156,6 +156,29 @@ def test_split_modes_agree() -> None:
         assert rel < 2e-3, (partition, rel)
 
 
+@pytest.mark.parametrize("num_seqs", [1, 12])
+def test_combine_paths_match_the_reference(num_seqs: int) -> None:
+    """MQA with 32 query heads, ~125 partitions of 64 tokens: one sequence gives a combine grid
+    of 32 CTAs (at most one per multiprocessor: rows read in slots), twelve give 384 (a column
+    per thread). A workspace one float into its allocation (not 16-byte aligned) takes the
+    column path at any grid size. Outputs and log-sum-exps match the float64 reference."""
+    lens = [8000, 7937, 64, 65, 1, 5000, 6000, 7999, 4097, 3000, 128, 8000][:num_seqs]
+    case = make_case(lens, num_heads=32, num_kv_heads=1, head_size=128, block_size=16,
+                     dtype=torch.float16, device="cuda", seed=41)
+    ref = reference(case)
+    ref_lse = oracle_lse(case["query"], case["key_cache"], case["block_tables"],
+                         case["context_lens"], case["scale"], case["alibi_slopes"])
+    need = cacheflow_kernels.paged_attention_workspace_size(
+        num_seqs, 32, 1, 128, 8000, partition_size=64, device="cuda")
+    assert need > 0
+    for offset in (0, 1):
+        ws = torch.full((need + offset,), float("nan"), device="cuda")[offset:]
+        lse = torch.full((num_seqs, 32), float("nan"), device="cuda")
+        out = run(case, partition_size=64, max_context_len=8000, workspace=ws, lse=lse)
+        assert_close(out, ref, "float16", f"b{num_seqs} workspace offset {offset}")
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=2e-3)
+
+
 @pytest.mark.parametrize("partition", [0, 64, None])
 def test_sliding_window(partition: int | None) -> None:
     lens = [5000, 17, 4096, 1, 300]

@@ -30,6 +30,12 @@ def test_gpu_idle_share_of_decode_steps(tiny_path: Path) -> None:
         1.0 - result["busy_s"] / result["window_s"])
     # A tiny model's step is mostly host work: the GPU waits most of the window.
     assert result["gpu_idle_fraction"] > 0.2
+    gaps = result["idle_gaps"]
+    longest = gaps["longest_us"]
+    assert 0 < len(longest) <= min(5, gaps["count"]) and longest == sorted(longest, reverse=True)
+    idle_us = (result["window_s"] - result["busy_s"]) * 1e6
+    assert sum(longest) <= idle_us * (1 + 1e-6)
+    assert gaps["at_least_1ms_s"] * 1e6 <= idle_us * (1 + 1e-6)
     ops = result["gpu_top_ops"]
     assert 0 < len(ops) <= 40  # the 40 busiest kernels (bench_gpu_busy.top_device_ops)
     per_step = [op["ms_per_step"] for op in ops]

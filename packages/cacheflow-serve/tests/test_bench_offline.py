@@ -16,7 +16,8 @@ import torch
 
 from cacheflow_serve import LLM, __version__, bench_latency
 from cacheflow_serve.bench_common import LengthSpec, SyntheticRequest, synthetic_requests
-from cacheflow_serve.bench_gpu_busy import measure_gpu_busy, top_device_ops, union_seconds
+from cacheflow_serve.bench_gpu_busy import (idle_gaps, measure_gpu_busy, top_device_ops,
+                                            union_seconds)
 from cacheflow_serve.bench_latency import StepClock, floors
 from cacheflow_serve.cli import main
 
@@ -274,6 +275,20 @@ def test_step_clock_takes_the_median_of_the_middle_half(monkeypatch: pytest.Monk
 def test_gpu_busy_time_is_the_union_of_device_intervals(intervals: list[tuple[float, float]],
                                                          union: float) -> None:
     assert union_seconds(intervals) == union
+
+
+@pytest.mark.parametrize(("intervals", "gaps"), [
+    ([(0.0, 1.0)], []),
+    ([(0.0, 2.0), (5.0, 6.0), (6.5, 7.0)], [3.0, 0.5]),
+    ([(9.0, 12.0), (0.0, 10.0), (2.0, 3.0), (14.0, 15.0)], [2.0]),  # nested and out of order
+    ([(0.0, 1.0), (1.0, 2.0), (3.0, 4.0)], [1.0]),  # touching intervals leave no gap
+])
+def test_idle_gaps_are_the_holes_in_the_union_longest_first(
+        intervals: list[tuple[float, float]], gaps: list[float]) -> None:
+    assert idle_gaps(intervals) == gaps
+    if intervals:
+        window = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
+        assert union_seconds(intervals) + sum(gaps) == pytest.approx(window)
 
 
 def test_top_device_ops_ranks_kernels_by_time_per_step() -> None:

@@ -6,7 +6,8 @@ decoding run under ``torch.profiler`` with only CUDA activity recorded (no host-
 records, which would slow the host and inflate the idle share). The GPU is busy while any
 kernel, copy or memset runs; busy time is the union of those intervals, and the window runs
 from the first one's start to the last one's end, so the idle share counts the gaps between
-and inside steps where the GPU waits for the host. The requests are aborted afterwards.
+and inside steps where the GPU waits for the host. The requests are aborted afterwards. ``idle_gaps`` says whether the idle time is one stall or
+many short waits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
         total += hi - max(lo, end)
         end = hi
     return total
+
+
+def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
+    """The lengths of the gaps between the union of ``(start, end)`` intervals, longest first
+    (same unit as the intervals): where the device waited, inside the window they span."""
+    gaps: list[float] = []
+    end = float("inf")
+    for lo, hi in sorted(intervals):
+        if lo > end:
+            gaps.append(lo - end)
+        end = hi if end == float("inf") else max(end, hi)
+    return sorted(gaps, reverse=True)
 
 
 def device_intervals(events: Any) -> list[tuple[float, float]]:
@@ -108,8 +121,12 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
         raise RuntimeError("the profiler recorded no device activity (is the engine on CUDA?)")
     window_us = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
     busy_us = union_seconds(intervals)
+    gaps_us = idle_gaps(intervals)
     return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
             "gpu_idle_fraction": 1.0 - busy_us / window_us,
+            # One long stall and many short waits call for different fixes.
+            "idle_gaps": {"count": len(gaps_us), "longest_us": [round(g, 1) for g in gaps_us[:5]],
+                          "at_least_1ms_s": sum(g for g in gaps_us if g >= 1000.0) / 1e6},
             "cuda_allocator_in_window": {k: allocator_after[k] - allocator_before[k]
                                          for k in allocator_before},
             "gpu_top_ops": top_device_ops(events, steps, k=40)}
