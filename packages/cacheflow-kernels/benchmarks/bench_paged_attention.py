@@ -28,8 +28,7 @@ same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on
 ae5ccc7 (CTAs of 16 query heads, CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
 2026-12-03 (also one-tile steps, CACHEFLOW_PA_STEP=8, and the one-wave split plan,
 CACHEFLOW_PA_SPLIT=fill); and earlier choices alone switched back (``old_step``,
-``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1); ``pairs``, CTAs of 32 query
-heads whose warps share K/V tiles in pairs (CACHEFLOW_PA_ROWS=pairs; a candidate, not earlier).
+``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1).
 ``--strided-query`` also times every case with the query read in place from a fused QKV
 projection output (strided sequence rows, as the runtime passes it) instead of a contiguous one.
 Cases ending in ``_fp8`` read an FP8 E4M3 cache (one byte per element; the table gives their
@@ -67,7 +66,6 @@ PREVIOUS = {
     "old_step": {STEP_ENV: "8"},
     "old_split": {SPLIT_ENV: "fill"},
     "eager_rescale": {RESCALE_ENV: "-1"},
-    "pairs": {ROWS_ENV: "pairs"},
 }
 TARGETS = {"mha_b64_ctx2k": 0.80, "gqa8_b64_ctx2k": 0.80, "mha_b1_ctx32k": 0.70}
 

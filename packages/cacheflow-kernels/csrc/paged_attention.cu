@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <string_view>
 
 #include "attention_args.h"
 #include "common.h"
@@ -109,16 +108,6 @@ int CtaRows() {
   if (env == nullptr || *env == '\0') return paged_attention::kDefaultCtaRows;
   return std::strtol(env, nullptr, 10) == 16 ? paged_attention::kMmaRows  // NOLINT(runtime/int)
                                              : paged_attention::kMaxCtaRows;
-}
-
-/*!
- * \brief CACHEFLOW_PA_ROWS=pairs: CTAs of 32 query heads with warps in pairs that share one ring
- * of K/V tiles and compute one row tile each (paged_attention.cuh, "Shared rows"), for an A/B
- * against the default, where each warp computes both. Read at every launch.
- */
-int SharedRows() {
-  const char* env = std::getenv("CACHEFLOW_PA_ROWS");
-  return env != nullptr && std::string_view(env) == "pairs" ? 1 : 0;
 }
 
 /*!
@@ -331,7 +320,6 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.step_tiles = StepTiles();
   p.rescale_threshold = RescaleThreshold();
   p.cta_rows = CtaRows();
-  p.shared_rows = SharedRows();
   p.prefetch_before_wait = EnvFlag("CACHEFLOW_PA_EARLY_PREFETCH", true) ? 1 : 0;
   p.main_release = EnvFlag("CACHEFLOW_PA_MAIN_RELEASE", true) ? 1 : 0;
   p.release_max_ctas =

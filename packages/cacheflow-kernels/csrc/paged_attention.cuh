@@ -166,16 +166,6 @@ PA_DEVICE void PrefetchL2(const void* ptr) {
 // the caches into shared memory. `valid` false zero-fills the chunk without reading global
 // memory (src-size 0), so tokens outside the attended range read as zeros.
 PA_DEVICE void SyncWarp() { __syncwarp(); }
-/*! \brief Barrier of the two warps 2 * pair and 2 * pair + 1 (named barrier 1 + pair; 0 is the
- * CTA's): the shared-rows kernel's pair of warps reading one K/V ring. */
-PA_DEVICE void PairBarrier(int pair) {
-  // Immediate ids (pair is 0 or 1, warp-uniform): a register id makes ptxas reserve all 16.
-  if (pair == 0) {
-    asm volatile("bar.sync 1, 64;" ::: "memory");
-  } else {
-    asm volatile("bar.sync 2, 64;" ::: "memory");
-  }
-}
 /*! \brief True on every lane when `pred` holds on any lane of the (converged) warp. */
 PA_DEVICE bool AnyInWarp(bool pred) { return __any_sync(kFullMask, pred) != 0; }
 PA_DEVICE void CpAsync16(void* smem_dst, const void* gmem_src, bool valid) {
@@ -391,9 +381,6 @@ struct Params {
                               // kDefaultStepTiles); 2 needs >= kMinPairStages stages, else 1
   float rescale_threshold;    // two-tile step: lazy-rescale threshold (log2), < 0 eager
   int cta_rows;               // query heads per CTA asked for groups > 16 (kDefaultCtaRows)
-  int shared_rows;            // CTAs of 32 query heads: 1 has warps in pairs read one K/V ring
-                              // and compute one row tile each (see "Shared rows"), 0 has every
-                              // warp compute both (CACHEFLOW_PA_ROWS=pairs / 32)
   int prefetch_before_wait;   // pipelined kernel: first tiles issued before the PDL wait (1,
                               // the default) or after it (0; the A/B knob)
   int main_release;           // pipelined kernel, split launches: release the merge kernel once
@@ -502,10 +489,10 @@ constexpr size_t kStatsSmemBytes = 3 * kWarps * kMmaRows * sizeof(float);
 template <int kRT>
 constexpr size_t kStatsSmemBytesFor = kRT * kStatsSmemBytes;
 
-/*! \brief Bytes of the merge buffer: the unnormalized output rows of `states` per-warp (or,
- * with shared rows, per-pair) softmax states. */
-inline size_t MergeSmemBytes(int head_size, int rows, int states = kWarps) {
-  return static_cast<size_t>(states) * rows * (head_size + kOutPad) * sizeof(float);
+/*! \brief Bytes of the merge buffer: the unnormalized output rows of the warps' softmax
+ * states. */
+inline size_t MergeSmemBytes(int head_size, int rows) {
+  return static_cast<size_t>(kWarps) * rows * (head_size + kOutPad) * sizeof(float);
 }
 
 struct GridDims {
@@ -664,8 +651,8 @@ PA_DEVICE PartitionRange GetRange(const Params& p, int seq, int part) {
  * A tile never straddles blocks (tile starts are multiples of 8, block sizes multiples of 8).
  */
 PA_DEVICE int LoadTileBlocks(const Params& p, const int32_t* bt_row, const PartitionRange& r,
-                             int warp, int chunk, int lane, int streams = kWarps) {
-  const int tile = warp + streams * (32 * chunk + lane);
+                             int warp, int chunk, int lane) {
+  const int tile = warp + kWarps * (32 * chunk + lane);
   if (tile >= r.num_tiles) return 0;
   const int tok0 = r.tile_base + kTile * tile;
   return LoadIndex(bt_row + (tok0 >> p.log2_block_size));
@@ -684,7 +671,7 @@ PA_DEVICE float LogSumExp(float m, float total) {
   return total > 0.f ? (m + log2f(total)) * kLn2 : kNegInf;
 }
 
-template <typename T, int D, int kStates = kWarps>
+template <typename T, int D>
 PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
                                int head0, int seq, int part) {
   const int tid = threadIdx.x;
@@ -692,18 +679,18 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
   if (tid < rows_valid) {
     float m = kNegInf;
 #pragma unroll
-    for (int w = 0; w < kStates; ++w) m = fmaxf(m, st.m[w * st.stride + tid]);
-    float f[kStates];
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, st.m[w * st.stride + tid]);
+    float f[kWarps];
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kStates; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       const float mw = st.m[w * st.stride + tid];
       f[w] = mw == kNegInf ? 0.f : FastExp2(mw - m);
       total += f[w] * st.l[w * st.stride + tid];
     }
     const float inv = total > 0.f ? p.v_scale / total : 0.f;
 #pragma unroll
-    for (int w = 0; w < kStates; ++w) st.f[w * st.stride + tid] = f[w] * inv;
+    for (int w = 0; w < kWarps; ++w) st.f[w * st.stride + tid] = f[w] * inv;
     if (split) {
       const int64_t idx =
           (static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * p.num_partitions + part;
@@ -721,7 +708,7 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
     const int d = i - row * D;
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kStates; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       o += st.f[w * st.stride + row] * so[(w * rows + row) * (D + kOutPad) + d];
     }
     const int64_t head_row = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
@@ -1514,15 +1501,13 @@ PA_DEVICE int SwizzledOffset(int row, int byte) {
   return row * kChunks * 16 + ((((byte >> 4) ^ ((row & kMask) << kShift)) << 4) | (byte & 15));
 }
 
-/*! \brief Dynamic shared memory of the pipelined kernel with `stages` stages (kShare: the
- * shared-rows kernel, one ring per pair of warps and one softmax state per pair and row). */
-template <typename C, int D, int kRT = 1, bool kShare = false>
+/*! \brief Dynamic shared memory of the pipelined kernel with `stages` stages. */
+template <typename C, int D, int kRT = 1>
 inline size_t PipeSmemBytes(int stages, int rows) {
-  constexpr int kRings = kShare ? kWarps / 2 : kWarps;
   return kStatsSmemBytesFor<kRT> +
          std::max<size_t>(kRT * MmaShape<D>::kQSmemBytes +
-                              static_cast<size_t>(stages) * kRings * PipeLayout<C, D>::kStageBytes,
-                          MergeSmemBytes(D, rows, kRings));
+                              static_cast<size_t>(stages) * kWarps * PipeLayout<C, D>::kStageBytes,
+                          MergeSmemBytes(D, rows));
 }
 
 /*!
@@ -1532,11 +1517,11 @@ inline size_t PipeSmemBytes(int stages, int rows) {
  * multiprocessor's shared memory, dropping to fewer CTAs per SM only when even 2 stages do not
  * fit. 0 when the device's shared memory is unknown or nothing fits.
  */
-template <typename C, int D, int kRT = 1, bool kShare = false>
+template <typename C, int D, int kRT = 1>
 inline int ChooseStages(const Params& p, int rows, int min_blocks) {
   if (p.stages == kStagesRegister || p.smem_per_block <= 0) return 0;
   const auto fits = [&](int stages, long long cap) {
-    return static_cast<long long>(PipeSmemBytes<C, D, kRT, kShare>(stages, rows)) <= cap;
+    return static_cast<long long>(PipeSmemBytes<C, D, kRT>(stages, rows)) <= cap;
   };
   if (p.stages >= kMinStages) {
     int s = std::min(p.stages, kMaxStages);
@@ -1675,13 +1660,10 @@ struct PipeQInRegs {
 // Two row tiles (kRT = 2; CTAs of 32 query heads): every K and V fragment read from the ring
 // feeds the MMAs of both row tiles (their S, P, statistics and accumulators are separate), so a
 // KV head's 17-32 query heads read each K/V byte once. Q is then re-read from shared memory.
-// Shared rows (kShare): the ring is a pair of warps' (`stream` is the pair), whose tiles are
-// stream, stream + kStreams, ...; the two warps wait at the pair's barrier instead of __syncwarp.
-template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue,
-          int kStreams = kWarps, bool kShare = false>
+template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue>
 PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint4* qs,
                             const QFrags& qf,
-                            const unsigned char* ring, int stages, int stream, int lane,
+                            const unsigned char* ring, int stages, int warp, int lane,
                             const float (&alibi)[kRT][2], float query_pos, int n_tiles,
                             Issue& issue, float (&m_run)[kRT][2], float (&l_run)[kRT][2],
                             float (&acc)[kRT][MmaShape<D>::kDTiles][4]) {
@@ -1699,19 +1681,14 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   int stage = 0;  // stage of tile q; tile q + 1 is in the next one
   for (int q = 0; q < n_tiles; q += 2) {  // warp-uniform
     CpAsyncWait(stages - 4);  // this thread's copies of tiles q and q + 1 have landed
-    // ... and every lane's (of both warps of a pair); all are done with tiles q - 2, q - 1.
-    if constexpr (kShare) {
-      PairBarrier(stream);
-    } else {
-      SyncWarp();
-    }
+    SyncWarp();  // ... and every lane's; every lane is done with tiles q - 2 and q - 1
     const int free0 = stage >= 2 ? stage - 2 : stage + stages - 2;
     issue(q + stages - 2, free0);
     issue(q + stages - 1, free0 + 1 == stages ? 0 : free0 + 1);
     const int stage_b = stage + 1 == stages ? 0 : stage + 1;
     const unsigned char* ks[2] = {ring + stage * L::kStageBytes, ring + stage_b * L::kStageBytes};
-    // tile q + 1: + kTile * kStreams
-    const int tok0 = r.tile_base + kTile * (stream + kStreams * q);
+    // tile q + 1: + kTile * kWarps
+    const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
 
     // ---- S = Q K^T for both tiles (and every row tile).
     float sc[kRT][2][4];
@@ -1785,11 +1762,11 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
     }
     // Most steps lie wholly inside [begin, end) (warp-uniform test); without ALiBi they have
     // nothing to add or mask.
-    const bool interior = tok0 >= r.begin && tok0 + kTile * (kStreams + 1) <= r.end;
+    const bool interior = tok0 >= r.begin && tok0 + kTile * (kWarps + 1) <= r.end;
     if (has_alibi || !interior) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int ta = tok0 + kTile * kStreams * h + 2 * tig;
+        const int ta = tok0 + kTile * kWarps * h + 2 * tig;
         const bool va = ta >= r.begin && ta < r.end;
         const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
         const float da = static_cast<float>(ta) - query_pos;
@@ -1897,32 +1874,21 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   }
 }
 
-// Shared rows (kShare, with kRT = 2: CTAs of 32 query heads). Warps 2i and 2i + 1 form pair i:
-// they read one ring of K/V tiles (tiles i, i + 2, ... of the partition; the even ones copied by
-// the pair's first warp, the odd ones by its second, both committing a group per tile so that
-// their group counts agree), wait at the pair's named barrier instead of __syncwarp, and each
-// computes one row tile of the two (warp 2i + t: query heads 16 t ..). A warp then holds one row
-// tile's accumulators, so the kernel has the register budget and occupancy of the 16-row kernel
-// (3 CTAs of 4 warps per SM at head size 128 instead of 2), and each K/V byte is still read once
-// per CTA. The softmax states are per pair and row (two per row), merged as the warps' are.
-template <typename T, typename C, int D, bool kPair, int kRT = 1, bool kShare = false>
-PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
+template <typename T, typename C, int D, bool kPair, int kRT = 1>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     PagedAttentionPipeKernel(const Params p) {
   // By default no PdlWait() here: the prologue below reads what the previous kernel cannot be
   // writing before it waits (see "Before the wait" there); the successor starts as this grid
   // ends. (A second wait returns at once.)
   if (!p.prefetch_before_wait) PdlWait();
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
-  static_assert(!kShare || (kRT == 2 && kPair), "shared rows: two row tiles, two-tile steps");
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
   constexpr int kRows = kRT * kMmaRows;  // query heads per CTA
-  constexpr int kWarpRT = kShare ? 1 : kRT;  // row tiles one warp computes
-  constexpr int kStreams = kShare ? kWarps / 2 : kWarps;  // rings (tile streams) per CTA
-  constexpr bool kQInRegs = kWarpRT == 1 && PipeQInRegs<C, D, kPair>::value;
+  constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, kPair>::value;
   unsigned char* smem = DynamicSmem();
   const Stats st = GetStats(smem, kRows);
   unsigned char* smem_main = smem + kStatsSmemBytesFor<kRT>;
@@ -1932,8 +1898,6 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   const int warp = tid >> 5;
   const int gid = lane >> 2;
   const int tig = lane & 3;
-  const int stream = kShare ? warp >> 1 : warp;  // this warp's ring and tiles
-  const int own_rt = kShare ? warp & 1 : 0;      // its first row tile
   const int kvh = blockIdx.x / p.head_groups;
   const int hg = blockIdx.x - kvh * p.head_groups;
   const int seq = blockIdx.y;
@@ -1966,10 +1930,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   const int32_t* bt_row = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
   const int stages = p.stages;
   uint4* qs = reinterpret_cast<uint4*>(smem_main);
-  unsigned char* ring = smem_main + kRT * S::kQSmemBytes + stream * stages * L::kStageBytes;
-  // This warp's tiles: stream + kStreams * q for q < n_tiles.
-  const int n_tiles =
-      stream < r.num_tiles ? (r.num_tiles - stream + kStreams - 1) / kStreams : 0;
+  unsigned char* ring = smem_main + kRT * S::kQSmemBytes + warp * stages * L::kStageBytes;
+  // This warp's tiles: warp + kWarps * q for q < n_tiles.
+  const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kWarps - 1) / kWarps : 0;
   // Two-tile steps: an odd count is padded with one tile past the end, copied as zeros (every
   // row outside the range: nothing is read), so the step's second V stage is finite.
   const int n_issue = kPair ? (n_tiles + 1) & ~1 : n_tiles;
@@ -1979,26 +1942,23 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   int blk_cache = 0;
   int blk_cache_next = 0;
   if (n_tiles > 0) {
-    blk_cache = LoadTileBlocks(p, bt_row, r, stream, 0, lane, kStreams);
-    blk_cache_next = LoadTileBlocks(p, bt_row, r, stream, 1, lane, kStreams);
+    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
+    blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, 1, lane);
   }
   // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
-  // so that the group count stays uniform; shared rows: empty for the pair's other warp's
-  // tiles). q increases by one per call.
+  // so that the group count stays uniform). q increases by one per call.
   auto issue = [&](int q, int stage) {
     if (q < n_issue) {  // warp-uniform
       if ((q & 31) == 0 && q > 0) {
         blk_cache = blk_cache_next;
-        blk_cache_next = LoadTileBlocks(p, bt_row, r, stream, (q >> 5) + 1, lane, kStreams);
+        blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (q >> 5) + 1, lane);
       }
       const int blk = ShflIdx(blk_cache, q & 31);
-      const int tok0 = r.tile_base + kTile * (stream + kStreams * q);
-      if (!kShare || (q & 1) == own_rt) {
-        if constexpr (kPair && RowIssue<C, D>::value) {
-          IssueTileRows<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
-        } else {
-          IssueTile<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
-        }
+      const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+      if constexpr (kPair && RowIssue<C, D>::value) {
+        IssueTileRows<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
+      } else {
+        IssueTile<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
       }
     }
     CpAsyncCommit();
@@ -2018,7 +1978,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   const int fresh = r.ctx - 1;
   int q0 = 0;
   for (; p.prefetch_before_wait && q0 < prologue_tiles; ++q0) {  // warp-uniform
-    const int tok0 = r.tile_base + kTile * (stream + kStreams * q0);
+    const int tok0 = r.tile_base + kTile * (warp + kWarps * q0);
     if (tok0 <= fresh && fresh < tok0 + kTile) break;
     issue(q0, q0);
   }
@@ -2043,12 +2003,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   } else {
     StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
   }
-  // The row tiles this warp computes: own_rt .. own_rt + kWarpRT - 1 (their Q fragments at qw).
-  const uint4* qw = qs + own_rt * S::kQSpans * 64;
-  float alibi[kWarpRT][2];
+  float alibi[kRT][2];
 #pragma unroll
-  for (int rt = 0; rt < kWarpRT; ++rt) {
-    const int row0 = kMmaRows * (own_rt + rt);
+  for (int rt = 0; rt < kRT; ++rt) {
+    const int row0 = kMmaRows * rt;
     AlibiRowSlopes(p, gid, head0 + row0, rows_valid - row0, alibi[rt]);
   }
   const float query_pos = static_cast<float>(r.ctx - 1);
@@ -2057,16 +2015,16 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   if constexpr (kQInRegs) {
 #pragma unroll
     for (int j = 0; j < S::kQSpans; ++j) {
-      qf[j][0] = qw[(2 * j) * 32 + lane];
-      qf[j][1] = qw[(2 * j + 1) * 32 + lane];
+      qf[j][0] = qs[(2 * j) * 32 + lane];
+      qf[j][1] = qs[(2 * j + 1) * 32 + lane];
     }
   }
 
-  float acc[kWarpRT][S::kDTiles][4];
-  float m_run[kWarpRT][2];
-  float l_run[kWarpRT][2];
+  float acc[kRT][S::kDTiles][4];
+  float m_run[kRT][2];
+  float l_run[kRT][2];
 #pragma unroll
-  for (int rt = 0; rt < kWarpRT; ++rt) {
+  for (int rt = 0; rt < kRT; ++rt) {
 #pragma unroll
     for (int i = 0; i < S::kDTiles; ++i) {
       acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
@@ -2076,8 +2034,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   }
 
   if constexpr (kPair) {
-    PipePairLoop<T, C, D, kWarpRT, decltype(qf), decltype(issue), kStreams, kShare>(
-        p, r, qw, qf, ring, stages, stream, lane, alibi, query_pos, n_tiles, issue, m_run, l_run,
+    PipePairLoop<T, C, D, kRT, decltype(qf), decltype(issue)>(
+        p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles, issue, m_run, l_run,
         acc);
   } else {
     int stage = 0;  // stage of tile q
@@ -2141,17 +2099,15 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kShare ? 1 : kRT>()))
   // release at exit: its successor may be another attention grid (pdl.cuh).
   if (p.main_release && p.ws_o != nullptr) PdlLaunchDependents();
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
-  // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space). With
-  // shared rows a row's states are its two warps' (one per pair: state = stream).
+  // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
   SyncThreads();
   float* so = reinterpret_cast<float*>(smem_main);
 #pragma unroll
-  for (int rt = 0; rt < kWarpRT; ++rt) {
-    StoreWarpRows<D>(p, st, so, stream, gid, tig, kMmaRows * (own_rt + rt), m_run[rt], l_run[rt],
-                     acc[rt]);
+  for (int rt = 0; rt < kRT; ++rt) {
+    StoreWarpRows<D>(p, st, so, warp, gid, tig, kMmaRows * rt, m_run[rt], l_run[rt], acc[rt]);
   }
   SyncThreads();
-  FinishPartition<T, D, kStreams>(p, so, st, rows_valid, head0, seq, part);
+  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -2521,7 +2477,7 @@ inline void SetReleaseAtStart(Params& p, const GridDims& grid) {
 /*! \brief Whether a launch with `p` takes the pipelined kernel with two m16 row tiles (CTAs of
  * 32 query heads): asked for (p.cta_rows), a group of more than 16 query heads, head size <= 128,
  * and a ring of at least kMinPairStages stages for its two-tile steps at its own occupancy. */
-template <typename C, int D, bool kShare = false>
+template <typename C, int D>
 inline int TwoRowTileStages(const Params& p) {
   if (p.cta_rows < kMaxCtaRows || p.group <= kMmaRows || D > 128 || p.step_tiles != 2 ||
       p.block_stride > int64_t{0x7fffffff}) {
@@ -2529,7 +2485,7 @@ inline int TwoRowTileStages(const Params& p) {
   }
   const int rows = std::min(p.group, kMaxCtaRows);
   const int stages =
-      ChooseStages<C, D, 2, kShare>(p, rows, MmaMinBlocks<D, kShare ? 1 : 2>());
+      ChooseStages<C, D, 2>(p, rows, MmaMinBlocks<D, 2>());
   return stages >= kMinPairStages ? stages : 0;
 }
 
@@ -2543,8 +2499,7 @@ Dispatched RunTwoRowTiles(Params& p, Launcher& launch) {
   if constexpr (D > 128) {
     return Dispatched::kNotTaken;
   } else {
-    const bool share = p.shared_rows != 0;
-    const int stages = share ? TwoRowTileStages<C, D, true>(p) : TwoRowTileStages<C, D>(p);
+    const int stages = TwoRowTileStages<C, D>(p);
     if (stages == 0) return Dispatched::kNotTaken;
     const int head_groups = (p.group + kMaxCtaRows - 1) / kMaxCtaRows;
     if (p.new_key != nullptr && head_groups > 1) return Dispatched::kDeclined;
@@ -2556,13 +2511,8 @@ Dispatched RunTwoRowTiles(Params& p, Launcher& launch) {
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
     SetReleaseAtStart(p, grid);
-    if (share) {
-      launch(PagedAttentionPipeKernel<T, C, D, true, 2, true>, grid, kThreads,
-             PipeSmemBytes<C, D, 2, true>(stages, p.rows), p);
-    } else {
-      launch(PagedAttentionPipeKernel<T, C, D, true, 2>, grid, kThreads,
-             PipeSmemBytes<C, D, 2>(stages, p.rows), p);
-    }
+    launch(PagedAttentionPipeKernel<T, C, D, true, 2>, grid, kThreads,
+           PipeSmemBytes<C, D, 2>(stages, p.rows), p);
     return Dispatched::kLaunched;
   }
 }

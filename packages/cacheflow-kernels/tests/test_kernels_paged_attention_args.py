@@ -518,13 +518,6 @@ def test_plan_follows_the_cta_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _attention_ops.cta_heads(32, 128) == 16
     assert plan_partitions(32, 32, 1, 4096, 132, split="fill") == (704, 6)
     assert plan_partitions(32, 32, 1, 4096, 132, split="wave") == (1024, 4)
-    # CTAs of 32 whose warps share rows in pairs: the 16-row kernel's register budget.
-    monkeypatch.setenv(_attention_ops.ROWS_ENV, "pairs")
-    assert _attention_ops.cta_heads(32, 128) == 32
-    assert _attention_ops.resident_ctas_per_sm(128, 32, shared_rows=True) == 3
-    assert _attention_ops.resident_ctas_per_sm(64, 32, shared_rows=True) == 4
-    # fill: as many partitions as 3 (not 2) CTAs per SM hold: 12 of 8192 tokens (not 8).
-    assert plan_partitions(32, 32, 1, 8192, 132, split="fill") == (704, 12)
     monkeypatch.setenv(_attention_ops.ROWS_ENV, "32")
     assert plan_partitions(32, 32, 1, 8192, 132, split="fill") == (1024, 8)
 

@@ -82,9 +82,6 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.set_cta_order = dll.cf_emu_set_cta_order
     fn.set_cta_order.restype = None
     fn.set_cta_order.argtypes = [ctypes.c_int]
-    fn.set_shared_rows = dll.cf_emu_set_shared_rows
-    fn.set_shared_rows.restype = None
-    fn.set_shared_rows.argtypes = [ctypes.c_int]
     fn.set_new_token = dll.cf_emu_set_new_token
     fn.set_new_token.restype = None
     fn.set_new_token.argtypes = (
@@ -134,13 +131,11 @@ def _default_pipeline(emu: Any) -> Any:
     configure(emu)
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0)
-    emu.set_shared_rows(0)
     emu.set_cta_order(0)
     yield
     configure(emu)
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0)
-    emu.set_shared_rows(0)
     emu.set_cta_order(0)
 
 
@@ -1027,67 +1022,3 @@ def test_fused_new_token_declined(emu: Any, why: str) -> None:
     assert code == -2
     for name in ("out", "key_cache", "value_cache"):
         assert torch.equal(case[name].view(torch.uint8), before[name].view(torch.uint8))
-
-
-
-# ---- Shared rows: CTAs of 32 query heads whose warps share K/V tiles in pairs ("Shared rows").
-
-# (dtype, fp8 cache, head_size, block_size, (num_heads, num_kv_heads), ctx_lens, partition,
-#  alibi, window)
-SHARED_SWEEP = [
-    ("float16", False, 128, 16, (32, 1), [1, 17, 40, 300], 0, False, 0),
-    ("bfloat16", False, 64, 8, (48, 2), [33, 9, 170], 64, True, 0),
-    ("float16", False, 80, 32, (17, 1), [65, 3, 129], 0, False, 0),
-    ("bfloat16", False, 96, 16, (20, 1), [100, 31], 64, False, 30),
-    ("float16", False, 112, 16, (32, 1), [257, 8], 128, False, 0),
-    ("float16", True, 128, 16, (64, 2), [1, 64, 77, 500], 64, False, 0),
-    ("bfloat16", True, 64, 32, (24, 1), [200, 2], 0, True, 0),
-]
-
-
-@pytest.mark.parametrize("mode", [LATE, EARLY])
-@pytest.mark.parametrize(
-    ("dtype", "fp8", "head_size", "block_size", "heads", "ctx_lens", "partition", "alibi",
-     "window"),
-    SHARED_SWEEP,
-    ids=[f"{c[0]}{'-fp8' if c[1] else ''}-d{c[2]}-bs{c[3]}-h{c[4][0]}kv{c[4][1]}-p{c[6]}"
-         for c in SHARED_SWEEP],
-)
-def test_shared_rows_match_oracle_and_the_default(
-    emu: Any, mode: int, dtype: str, fp8: bool, head_size: int, block_size: int,
-    heads: tuple[int, int], ctx_lens: list[int], partition: int, alibi: bool, window: int,
-) -> None:
-    """The shared-rows kernel against the float64 oracle and against the default 32-row kernel
-    (the same partials merged in another order: equal within rounding), with copies landing
-    late and at issue; the dispatch took 32-row CTAs with the two-tile step."""
-    configure(emu, mode=mode)
-    case = make_case(ctx_lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
-                     block_size=block_size, dtype=getattr(torch, dtype), alibi=alibi,
-                     seed=head_size + heads[0], q_scale=2.0)
-    scales = {"k_scale": 1.0, "v_scale": 1.0}
-    if fp8:
-        scales = {"k_scale": 0.5, "v_scale": 2.0}
-        case["key_cache"] = quantize_fp8(case["key_cache"], scales["k_scale"])
-        case["value_cache"] = quantize_fp8(case["value_cache"], scales["v_scale"])
-    default = _clone(case)
-    run_emulated(emu, default, partition_size=partition, sliding_window=window, **scales)
-    emu.set_shared_rows(1)
-    run_emulated(emu, case, partition_size=partition, sliding_window=window, **scales)
-    assert emu.last_rows() == min(heads[0] // heads[1], 32)
-    assert last_launch(emu)[1] == 2
-    kc, vc = case["key_cache"], case["value_cache"]
-    if fp8:
-        kc, vc = dequantize_fp8(kc, scales["k_scale"]), dequantize_fp8(vc, scales["v_scale"])
-    ref = oracle(case["query"], kc, vc, case["block_tables"], case["context_lens"],
-                 case["scale"], case["alibi_slopes"], window or None)
-    assert_close(case["out"], ref, dtype, "shared rows")
-    tol = 2e-2 if dtype == "bfloat16" else 2e-3
-    torch.testing.assert_close(case["out"].float(), default["out"].float(), rtol=tol, atol=tol)
-
-
-def test_shared_rows_fused_new_token(emu: Any) -> None:
-    """A fused launch on the shared-rows kernel equals the two-step path bit for bit."""
-    emu.set_shared_rows(1)
-    test_fused_new_token_matches_rotary_cache_then_attention(
-        emu, "float16", False, 128, 16, (32, 1), [129, 8, 1], True, False)
-    assert emu.last_rows() == 32

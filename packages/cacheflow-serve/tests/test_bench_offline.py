@@ -16,8 +16,12 @@ import torch
 
 from cacheflow_serve import LLM, __version__, bench_latency
 from cacheflow_serve.bench_common import LengthSpec, SyntheticRequest, synthetic_requests
-from cacheflow_serve.bench_gpu_busy import (idle_gaps, measure_gpu_busy, top_device_ops,
-                                            union_seconds)
+from cacheflow_serve.bench_gpu_busy import (
+    idle_gaps,
+    measure_gpu_busy,
+    top_device_ops,
+    union_seconds,
+)
 from cacheflow_serve.bench_latency import StepClock, floors
 from cacheflow_serve.cli import main
 

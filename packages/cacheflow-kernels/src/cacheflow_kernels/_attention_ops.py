@@ -26,8 +26,7 @@ MAX_PARTITIONS = 8192
 _HEADS_PER_CTA = 16
 #: ... of the pipelined kernel with two m16 row tiles per warp, for KV heads with more than 16
 #: query heads and head sizes up to 128 (``CACHEFLOW_PA_ROWS``, read at every call like the
-#: kernel reads it at every launch: "32", the default, "16", or "pairs": 32 with the warps in
-#: pairs sharing K/V tiles, one row tile each).
+#: kernel reads it at every launch: "32", the default, or "16").
 _HEADS_PER_CTA_WIDE = 32
 ROWS_ENV = "CACHEFLOW_PA_ROWS"
 #: Environment variable choosing the automatic split plan: "wave" (default, see
@@ -156,14 +155,11 @@ def _validate_paged_attention(
 _CHECKS = C.CheckMemo()
 
 
-def resident_ctas_per_sm(head_size: int, rows: int = _HEADS_PER_CTA,
-                         shared_rows: bool = False) -> int:
+def resident_ctas_per_sm(head_size: int, rows: int = _HEADS_PER_CTA) -> int:
     """CTAs of the fp16/bf16 decode kernel one multiprocessor holds at once (its register budget,
     ``MmaMinBlocks`` in paged_attention.cuh): 4 up to head size 96, 3 up to 128, else 2; with
-    CTAs of 32 query heads (``rows=32``): 3 up to head size 64, else 2, unless their warps share
-    rows in pairs (``shared_rows``, ``CACHEFLOW_PA_ROWS=pairs``: one row tile per warp, the
-    16-row budget)."""
-    if rows > _HEADS_PER_CTA and not shared_rows:
+    CTAs of 32 query heads (``rows=32``): 3 up to head size 64, else 2."""
+    if rows > _HEADS_PER_CTA:
         return 3 if head_size <= 64 else 2
     return 4 if head_size <= 96 else 3 if head_size <= 128 else 2
 
@@ -277,8 +273,7 @@ def plan_partitions(
     if ctas <= 0 or max_context_len <= 0:
         return 0, 1
     num_sms = max(num_sms, 1)
-    resident = resident_ctas_per_sm(head_size, heads_per_cta,
-                                    shared_rows=os.environ.get(ROWS_ENV) == "pairs")
+    resident = resident_ctas_per_sm(head_size, heads_per_cta)
     mode = split if split is not None else os.environ.get(SPLIT_ENV) or "wave"
     if mode == "fill":
         parts = min(resident * num_sms // ctas, max_context_len // MIN_AUTO_PARTITION,

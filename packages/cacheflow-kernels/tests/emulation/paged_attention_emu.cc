@@ -44,7 +44,6 @@ int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
 int64_t g_query_stride = 0;  // 0: contiguous query
-int g_shared_rows = 0;       // Params::shared_rows
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
 struct NewToken {
   const void* key = nullptr;
@@ -88,8 +87,6 @@ extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride) {
 /*! \brief Runs the following launches' CTAs in blockIdx order (0) or in reverse (1). */
 extern "C" void cf_emu_set_cta_order(int reverse) { pa_emu::g_reverse_ctas = reverse; }
 
-/*! \brief Sets Params::shared_rows (CACHEFLOW_PA_ROWS=pairs on the GPU) of the following runs. */
-extern "C" void cf_emu_set_shared_rows(int shared_rows) { g_shared_rows = shared_rows; }
 
 /*! \brief Query heads per CTA (Params::rows) the dispatch used at the last launch. */
 extern "C" int cf_emu_last_rows() { return g_last_rows; }
@@ -190,7 +187,6 @@ extern "C" int cf_emu_paged_attention(
   p.step_tiles = g_step_tiles;
   p.rescale_threshold = g_rescale_threshold;
   p.cta_rows = g_cta_rows;
-  p.shared_rows = g_shared_rows;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
   const NewToken& nt = g_new_token;
   if (nt.key != nullptr) {

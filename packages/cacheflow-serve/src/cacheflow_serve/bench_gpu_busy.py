@@ -6,8 +6,8 @@ decoding run under ``torch.profiler`` with only CUDA activity recorded (no host-
 records, which would slow the host and inflate the idle share). The GPU is busy while any
 kernel, copy or memset runs; busy time is the union of those intervals, and the window runs
 from the first one's start to the last one's end, so the idle share counts the gaps between
-and inside steps where the GPU waits for the host. The requests are aborted afterwards. ``idle_gaps`` says whether the idle time is one stall or
-many short waits.
+and inside steps where the GPU waits for the host. The requests are aborted afterwards.
+``idle_gaps`` says whether the idle time is one stall or many short waits.
 """
 
 from __future__ import annotations
