@@ -2316,15 +2316,16 @@ PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
 /*! \brief Floats of the combine kernel's per-slot sums: slots x head_size <= 4 x kCombineThreads
  * (CombineSlots). */
 constexpr int kCombineSlotFloats = 4 * kCombineThreads;
-/*! \brief Partitions in flight per thread of the combine kernel's vector path. */
+/*! \brief Partitions whose loads a combine thread keeps in flight at once (both paths). */
 constexpr int kCombineUnroll = 8;
 
 /*!
  * \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part,
- * rounded up to whole 16-byte chunks, then (`slots`) the per-slot sums of CombineSlots. ptxas merges the tail loop's conditional loads of
- * weights[i], weights[i + 1], weights[i + 2] (i a multiple of 8: a 16-byte-aligned address) into
- * one LDS.128, issued even when only weights[i] is left; a request ending inside that chunk (e.g.
- * 24 bytes for 2 partitions) made it an out-of-bounds shared read under compute-sanitizer.
+ * rounded up to whole 16-byte chunks, then (`slots`) the per-slot sums of CombineSlots. The
+ * rounding: ptxas merges CombineColumns' tail loads of weights[i], weights[i + 1], weights[i + 2]
+ * (i a multiple of 8: a 16-byte-aligned address) into one LDS.128, issued even when only
+ * weights[i] is left; a request ending inside that chunk (e.g. 24 bytes for 2 partitions) made
+ * it an out-of-bounds shared read under compute-sanitizer.
  */
 inline size_t CombineSmemBytes(int num_partitions, bool slots) {
   const size_t floats = kCombineThreads / 32 + static_cast<size_t>(num_partitions);
