@@ -322,12 +322,10 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.cta_rows = CtaRows();
   p.prefetch_before_wait = EnvFlag("CACHEFLOW_PA_EARLY_PREFETCH", true) ? 1 : 0;
   p.main_release = EnvFlag("CACHEFLOW_PA_MAIN_RELEASE", true) ? 1 : 0;
-  p.release_max_ctas =
-      EnvFlag("CACHEFLOW_PA_EARLY_RELEASE", true)
-          ? CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id) / 2
-          : 0;
+  const int sms = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id);
+  p.release_max_ctas = EnvFlag("CACHEFLOW_PA_EARLY_RELEASE", true) ? sms / 2 : 0;
   // A combine grid of at most one CTA per multiprocessor is latency-bound: rows in slots.
-  p.combine_slots_max_ctas = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id);
+  p.combine_slots_max_ctas = sms;
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

@@ -2382,8 +2382,9 @@ PA_DEVICE void CombineSlots(const float* o, const float* weights, int n, int hea
   }
 }
 
-/*! \brief The combine's weighted sum, scalar path (partials not 16-byte aligned: a workspace
- * view at an odd offset): a column per thread, kCombineUnroll partitions in flight. */
+/*! \brief The combine's weighted sum, a column per thread with kCombineUnroll partitions in
+ * flight: grids of many CTAs (fewer instructions than CombineSlots) and partials that are not
+ * 16-byte aligned (a workspace view at an odd offset). */
 template <typename T>
 PA_DEVICE void CombineColumns(const float* o, const float* weights, int n, int head_size,
                               float inv, T* out) {
@@ -2413,7 +2414,7 @@ PA_DEVICE void CombineColumns(const float* o, const float* weights, int n, int h
 
 /*!
  * \brief Split-K merge of one (head, sequence) per CTA. kSlots: the weighted sum by CombineSlots
- * (where the partials are 16-byte aligned), else by CombineColumns. Measured on an H100
+ * (the dispatch asks for it only with 16-byte aligned partials), else by CombineColumns. Measured on an H100
  * (2026-12-05): slots took the combine of 128 partitions x 32 CTAs from 12.3 to 8.0 us and of 64
  * x 32 from 8.5 to 6.5 us, but made grids of 2-8 CTAs per SM with 4-8 partitions 2-4% slower
  * end to end (there the columns' fewer instructions win), hence combine_slots_max_ctas.
@@ -2456,7 +2457,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
   if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, LogSumExp(m, total));
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const float* o = p.ws_o + base * head_size;
-  if (kSlots && (reinterpret_cast<uintptr_t>(o) & 15u) == 0) {
+  if constexpr (kSlots) {
     CombineSlots(o, weights, n, head_size, inv, weights + (n + 3) / 4 * 4, out);
   } else {
     CombineColumns(o, weights, n, head_size, inv, out);
@@ -2581,7 +2582,10 @@ bool RunHeadSize(Params p, Launcher& launch) {
   }
   if (p.num_partitions > 1) {
     const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};
-    if (int64_t{p.num_heads} * p.num_seqs <= p.combine_slots_max_ctas) {
+    // Rows in slots need 16-byte aligned partials: a workspace view at an odd offset reads
+    // columns (each partition's row starts a multiple of 64 bytes after p.ws_o).
+    if (int64_t{p.num_heads} * p.num_seqs <= p.combine_slots_max_ctas &&
+        (reinterpret_cast<uintptr_t>(p.ws_o) & 15u) == 0) {
       launch(PagedAttentionCombineKernel<T, true>, grid, kCombineThreads,
              CombineSmemBytes(p.num_partitions, true), p);
     } else {

@@ -32,12 +32,13 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
     """The lengths of the gaps between the union of ``(start, end)`` intervals, longest first
     (same unit as the intervals): where the device waited, inside the window they span."""
+    ordered = sorted(intervals)
     gaps: list[float] = []
-    end = float("inf")
-    for lo, hi in sorted(intervals):
+    end = ordered[0][1] if ordered else 0.0
+    for lo, hi in ordered[1:]:
         if lo > end:
             gaps.append(lo - end)
-        end = hi if end == float("inf") else max(end, hi)
+        end = max(end, hi)
     return sorted(gaps, reverse=True)
 
 
