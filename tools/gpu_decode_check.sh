@@ -4,9 +4,9 @@
 # caches, CTAs of 32 vs 16 query heads, strided queries), reshape_and_cache's GPU tests (strided
 # key/value rows) and the runtime's cuda-backend GPU tests (fused QKV views), then
 # bench_paged_attention.py over the cases with the fp16 and fp8 caches, each timed in
-# the same process with the new defaults, "prev" (the defaults of commit ae5ccc7: CTAs of 16
-# query heads, CACHEFLOW_PA_ROWS=16), "dec03" (the first kernel of 2026-12-03: also
-# CACHEFLOW_PA_STEP=8 CACHEFLOW_PA_SPLIT=fill), the register kernel, the query read in place
+# the same process with the new defaults, "prev" (CTAs of 32 query heads for every group above
+# 16, CACHEFLOW_PA_ROWS=32: the default until 2026-12-05), "dec03" (the first kernel of
+# 2026-12-03: CTAs of 16, CACHEFLOW_PA_STEP=8 CACHEFLOW_PA_SPLIT=fill), the register kernel, the query read in place
 # from a fused QKV output, and SDPA; one short table. Logs and JSON under $OUT.
 # Budget: under 6 minutes (tests ~2, bench ~3).
 #
@@ -57,7 +57,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['device']} ({r['num_sms']} SMs), copy {r['copy_gbps']:.0f} GB/s, kernels "
       f"{r['cacheflow_kernels']}")
-print("new = defaults; prev = CACHEFLOW_PA_ROWS=16 (ae5ccc7); dec03 = also CACHEFLOW_PA_STEP=8 "
+print("new = defaults; prev = CACHEFLOW_PA_ROWS=32; dec03 = CACHEFLOW_PA_ROWS=16 CACHEFLOW_PA_STEP=8 "
       "CACHEFLOW_PA_SPLIT=fill; reg = CACHEFLOW_PA_PIPELINE=0.\nratio: SDPA/time (16-bit cases) "
       "or fp16 time/fp8 time (_fp8, same variant); prev/new: speed-up of new over prev; "
       "strQ: time with the query inside a fused QKV row / new")

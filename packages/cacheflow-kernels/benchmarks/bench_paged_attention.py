@@ -24,8 +24,9 @@ only affect the register kernel). ``--compare-register`` also times every case w
 register kernel (CACHEFLOW_PA_PIPELINE=0) next to the default shared-memory pipeline, in the
 same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on every case.
 ``--compare-previous`` also times every case with earlier defaults, in the same process
-(``previous`` fields; ``--previous-variants`` picks them): ``previous``, the kernel of commit
-ae5ccc7 (CTAs of 16 query heads, CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
+(``previous`` fields; ``--previous-variants`` picks them): ``previous``, CTAs of 32 query heads
+for every group above 16 (CACHEFLOW_PA_ROWS=32, the default from ae5ccc7 to 2026-12-05);
+``rows16``, CTAs of 16 for every group (CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
 2026-12-03 (also one-tile steps, CACHEFLOW_PA_STEP=8, and the one-wave split plan,
 CACHEFLOW_PA_SPLIT=fill); and earlier choices alone switched back (``old_step``,
 ``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1).
@@ -61,7 +62,8 @@ RESCALE_ENV = "CACHEFLOW_PA_RESCALE_THRESHOLD"
 ROWS_ENV = "CACHEFLOW_PA_ROWS"
 # --compare-previous: earlier defaults, and earlier choices alone switched back.
 PREVIOUS = {
-    "previous": {ROWS_ENV: "16"},
+    "previous": {ROWS_ENV: "32"},
+    "rows16": {ROWS_ENV: "16"},
     "dec03": {STEP_ENV: "8", SPLIT_ENV: "fill", ROWS_ENV: "16"},
     "old_step": {STEP_ENV: "8"},
     "old_split": {SPLIT_ENV: "fill"},
@@ -97,6 +99,11 @@ CASES = [
     Case("mqa_b32_ctx4k", 32, 4096, num_kv_heads=1),
     Case("mqa_b1_ctx32k", 1, 32768, num_kv_heads=1),
     Case("mqa_b128_ctx1k", 128, 1024, num_kv_heads=1),
+    Case("mqa_b8_ctx8k", 8, 8192, num_kv_heads=1),
+    Case("mqa_b256_ctx2k", 256, 2048, num_kv_heads=1),
+    # MQA groups that are not a multiple of 32: StarCoder's 48 heads, Falcon-7B's 71 at d64.
+    Case("mqa_h48_b32_ctx2k", 32, 2048, num_heads=48, num_kv_heads=1),
+    Case("mqa_h71_b16_ctx4k_d64", 16, 4096, num_heads=71, num_kv_heads=1, head_size=64),
     Case("gqa4_b16_ctx4k_d64", 16, 4096, num_heads=32, num_kv_heads=8, head_size=64),
     Case("mha_b16_ctx4k_d256", 16, 4096, num_heads=16, num_kv_heads=16, head_size=256),
     Case("mha_b64_ctx2k_bs8", 64, 2048, block_size=8),
@@ -468,7 +475,8 @@ def print_table(bench: Bench, results: list[Result]) -> None:
     prev = [r for r in results if r.previous]
     if prev:
         print("\nagainst earlier defaults (us per call; x = that time / the default's; "
-              f"previous = {ROWS_ENV}=16, dec03 = also {STEP_ENV}=8 {SPLIT_ENV}=fill):")
+              f"previous = {ROWS_ENV}=32, rows16 = {ROWS_ENV}=16, dec03 = {ROWS_ENV}=16 "
+              f"{STEP_ENV}=8 {SPLIT_ENV}=fill):")
         for r in prev:
             cells = "  ".join(f"{k} {v} ({v / r.time_us:.2f}x, {r.previous_split.get(k, '')})"
                               for k, v in r.previous.items())

@@ -100,14 +100,17 @@ float RescaleThreshold() {
 
 /*!
  * \brief Query heads per CTA for KV heads with more than 16: CACHEFLOW_PA_ROWS=16 keeps CTAs of
- * 16 (two CTAs read each K/V tile for 32 heads), 32 (the default) gives every warp two m16 row
- * tiles so that 17-32 heads read it once. Read at every launch so one process can A/B them.
+ * 16 (two CTAs read each K/V tile for 32 heads), 32 gives every warp two m16 row tiles so that
+ * 17-32 heads read it once; unset (or anything else), the automatic choice (kCtaRowsAuto). Read
+ * at every launch so one process can A/B them.
  */
 int CtaRows() {
   const char* env = std::getenv("CACHEFLOW_PA_ROWS");
   if (env == nullptr || *env == '\0') return paged_attention::kDefaultCtaRows;
-  return std::strtol(env, nullptr, 10) == 16 ? paged_attention::kMmaRows  // NOLINT(runtime/int)
-                                             : paged_attention::kMaxCtaRows;
+  const long rows = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
+  if (rows == 16) return paged_attention::kMmaRows;
+  if (rows == 32) return paged_attention::kMaxCtaRows;
+  return paged_attention::kCtaRowsAuto;
 }
 
 /*!
@@ -324,8 +327,10 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.main_release = EnvFlag("CACHEFLOW_PA_MAIN_RELEASE", true) ? 1 : 0;
   const int sms = CachedDeviceAttribute<cudaDevAttrMultiProcessorCount>(dev.device_id);
   p.release_max_ctas = EnvFlag("CACHEFLOW_PA_EARLY_RELEASE", true) ? sms / 2 : 0;
-  // A combine grid of at most one CTA per multiprocessor is latency-bound: rows in slots.
+  // A combine grid of at most one CTA per multiprocessor is latency-bound: rows in slots. So is
+  // a grid of 32-row CTAs with fewer CTAs than multiprocessors (kCtaRowsAuto).
   p.combine_slots_max_ctas = sms;
+  p.wide_rows_min_ctas = sms;
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

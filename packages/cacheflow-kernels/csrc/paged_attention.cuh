@@ -334,7 +334,14 @@ constexpr float kDefaultRescaleThreshold = 8.f;
 // (Params::cta_rows): 32 gives every warp two m16 row tiles, so groups of 17-32 query heads (MQA
 // with 32 heads) read each K/V tile once per CTA instead of once per 16 heads; 16 keeps one row
 // tile (and ceil(group / 16) CTAs per KV head). Head sizes <= 128 (the accumulators double).
-constexpr int kDefaultCtaRows = 32;
+// kCtaRowsAuto takes 32 only where the unsplit grid of 32-row CTAs has at least
+// Params::wide_rows_min_ctas CTAs (the device's multiprocessor count): a 32-row CTA is the only
+// one its SM holds at d128, so a smaller grid runs one 4-warp CTA per SM, latency-bound, where
+// twice as many 16-row CTAs put 8 warps on each SM. Their second read of each K/V tile hits L2
+// (H100, 2026-12-05: the same DRAM bytes; MQA b1 ctx32k 0.91x the time of 32-row CTAs, 48 heads
+// 0.84x; but b256 ctx2k, 256 CTAs of 32, 1.34x slower with 16).
+constexpr int kCtaRowsAuto = 0;
+constexpr int kDefaultCtaRows = kCtaRowsAuto;
 
 struct Params {
   void* out;
@@ -380,7 +387,9 @@ struct Params {
   int step_tiles;             // pipelined kernel: 8-token tiles per warp step (1 or 2; see
                               // kDefaultStepTiles); 2 needs >= kMinPairStages stages, else 1
   float rescale_threshold;    // two-tile step: lazy-rescale threshold (log2), < 0 eager
-  int cta_rows;               // query heads per CTA asked for groups > 16 (kDefaultCtaRows)
+  int cta_rows;               // query heads per CTA asked for groups > 16: 16, 32 or
+                              // kCtaRowsAuto (kDefaultCtaRows)
+  int wide_rows_min_ctas;     // kCtaRowsAuto: the fewest unsplit 32-row CTAs that take 32
   int prefetch_before_wait;   // pipelined kernel: first tiles issued before the PDL wait (1,
                               // the default) or after it (0; the A/B knob)
   int main_release;           // pipelined kernel, split launches: release the merge kernel once
@@ -462,6 +471,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.step_tiles = kDefaultStepTiles;
   p.rescale_threshold = kDefaultRescaleThreshold;
   p.cta_rows = kDefaultCtaRows;
+  p.wide_rows_min_ctas = 0;  // the launch sets the device's multiprocessor count
   p.prefetch_before_wait = 1;
   p.main_release = 1;
   p.q_stride = num_heads * head_size;
@@ -2476,12 +2486,25 @@ inline void SetReleaseAtStart(Params& p, const GridDims& grid) {
   p.release_at_start = p.num_partitions == 1 && ctas <= p.release_max_ctas ? 1 : 0;
 }
 
+/*! \brief Whether p.cta_rows asks for CTAs of 32 query heads: 32, or kCtaRowsAuto with an
+ * unsplit grid of at least p.wide_rows_min_ctas such CTAs (see kCtaRowsAuto), or a fused launch
+ * (whose CTAs store the new token: one CTA per KV head, see "New token"). */
+inline bool WantsWideRows(const Params& p) {
+  if (p.cta_rows == kMaxCtaRows) return true;
+  if (p.cta_rows != kCtaRowsAuto) return false;
+  if (p.new_key != nullptr) return true;
+  const int64_t wide_ctas = int64_t{p.num_seqs} * p.num_kv_heads *
+                            ((p.group + kMaxCtaRows - 1) / kMaxCtaRows);
+  return wide_ctas >= p.wide_rows_min_ctas;
+}
+
 /*! \brief Whether a launch with `p` takes the pipelined kernel with two m16 row tiles (CTAs of
- * 32 query heads): asked for (p.cta_rows), a group of more than 16 query heads, head size <= 128,
- * and a ring of at least kMinPairStages stages for its two-tile steps at its own occupancy. */
+ * 32 query heads): asked for (WantsWideRows), a group of more than 16 query heads, head size
+ * <= 128, and a ring of at least kMinPairStages stages for its two-tile steps at its own
+ * occupancy. */
 template <typename C, int D>
 inline int TwoRowTileStages(const Params& p) {
-  if (p.cta_rows < kMaxCtaRows || p.group <= kMmaRows || D > 128 || p.step_tiles != 2 ||
+  if (!WantsWideRows(p) || p.group <= kMmaRows || D > 128 || p.step_tiles != 2 ||
       p.block_stride > int64_t{0x7fffffff}) {
     return 0;
   }

@@ -71,7 +71,8 @@ def sweep_paged_attention() -> int:
                              case["alibi_slopes"], sliding_window=window)
             _close(case["out"], want, dtype, f"paged_attention {dtype} ctx{ctx} d{d} bs{bs}")
             calls += 1
-    # CTAs of 32 query heads (each warp both row tiles; the default) and of 16.
+    # CTAs of 32 query heads (each warp both row tiles) and of 16, each forced (the default picks
+    # one by the grid's size).
     for rows in ("32", "16"):
         os.environ["CACHEFLOW_PA_ROWS"] = rows
         try:

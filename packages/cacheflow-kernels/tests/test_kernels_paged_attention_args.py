@@ -471,8 +471,11 @@ def test_plan_no_split_when_two_partitions_do_not_fit_one_wave() -> None:
 @pytest.mark.parametrize(
     ("args", "head_size", "expected"),
     [
-        # MQA with 32 heads: CTAs of 32 heads (2 resident per SM at d128): 32 CTAs x 8 <= 264
-        ((32, 32, 1, 4096), 128, (512, 8)),
+        # MQA with 32 heads over 32 sequences: 32 CTAs of 32 heads are fewer than the SMs, so
+        # CTAs of 16 (3 resident per SM at d128): 64 CTAs x 6 <= 396
+        ((32, 32, 1, 4096), 128, (704, 6)),
+        # ... over 160 sequences: 160 CTAs of 32 heads, 2 resident per SM: one wave unsplit
+        ((160, 32, 1, 4096), 128, (0, 1)),
         ((8, 32, 4, 8192), 128, (704, 12)),    # 32 CTAs x 12
         ((16, 32, 8, 4096), 64, (1024, 4)),    # 128 CTAs x 4 = 512 <= 4 x 132
         ((1, 32, 4, 32768), 128, (512, 64)),   # the 512-token minimum binds
@@ -499,7 +502,7 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
     assert (parts - 1) * size < max_ctx <= parts * size
     assert parts <= MAX_PARTITIONS
     group = num_heads // num_kv_heads
-    heads = _attention_ops.cta_heads(group, 128)
+    heads = _attention_ops.cta_heads(group, 128, num_seqs * num_kv_heads, 132)
     ctas = num_seqs * num_kv_heads * -(-group // heads) * parts
     if split == "fill":
         resident = _attention_ops.resident_ctas_per_sm(128, heads)
@@ -507,19 +510,30 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
 
 
 def test_plan_follows_the_cta_heads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups above 16 heads plan CTAs of 32 (2 resident per SM at d128, 3 at d64) unless
-    CACHEFLOW_PA_ROWS=16, which gives the plans of 16-head CTAs back."""
-    assert _attention_ops.cta_heads(32, 128) == 32
-    assert _attention_ops.cta_heads(16, 128) == 16
-    assert _attention_ops.cta_heads(32, 256) == 16
+    """Groups above 16 heads plan CTAs of 32 (2 resident per SM at d128, 3 at d64) where the
+    unsplit grid of such CTAs has one per SM or more, else CTAs of 16; CACHEFLOW_PA_ROWS=16 or
+    32 forces one."""
+    monkeypatch.delenv(_attention_ops.ROWS_ENV, raising=False)
+    cta_heads = _attention_ops.cta_heads
+    assert cta_heads(32, 128, 132, 132) == 32   # 132 CTAs of 32 heads on 132 SMs
+    assert cta_heads(32, 128, 131, 132) == 16
+    assert cta_heads(48, 128, 66, 132) == 32    # two head groups each: 132 CTAs
+    assert cta_heads(48, 128, 65, 132) == 16
+    assert cta_heads(16, 128, 1000, 132) == 16  # one row tile covers the group
+    assert cta_heads(32, 256, 1000, 132) == 16  # d256: no two-row-tile kernel
     assert _attention_ops.resident_ctas_per_sm(128, 32) == 2
     assert _attention_ops.resident_ctas_per_sm(64, 32) == 3
-    monkeypatch.setenv(_attention_ops.ROWS_ENV, "16")
-    assert _attention_ops.cta_heads(32, 128) == 16
-    assert plan_partitions(32, 32, 1, 4096, 132, split="fill") == (704, 6)
+    # MQA, 32 heads, 32 sequences x 4k tokens (32 CTAs of 32: too few): the plan of CTAs of 16.
     assert plan_partitions(32, 32, 1, 4096, 132, split="wave") == (1024, 4)
+    assert plan_partitions(32, 32, 1, 4096, 132, split="fill") == (704, 6)
+    # 256 sequences x 2k: 256 CTAs of 32 fill the SMs unsplit (CTAs of 16 would split in two).
+    assert plan_partitions(256, 32, 1, 2048, 132, split="wave") == (0, 1)
     monkeypatch.setenv(_attention_ops.ROWS_ENV, "32")
+    assert cta_heads(32, 128, 1, 132) == 32
     assert plan_partitions(32, 32, 1, 8192, 132, split="fill") == (1024, 8)
+    monkeypatch.setenv(_attention_ops.ROWS_ENV, "16")
+    assert cta_heads(32, 128, 1000, 132) == 16
+    assert plan_partitions(256, 32, 1, 2048, 132, split="wave") == (1024, 2)
 
 
 def test_plan_short_contexts_do_not_split() -> None:

@@ -78,7 +78,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.last_launch.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
     fn.set_layout = dll.cf_emu_set_layout
     fn.set_layout.restype = None
-    fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64]
+    fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     fn.set_cta_order = dll.cf_emu_set_cta_order
     fn.set_cta_order.restype = None
     fn.set_cta_order.argtypes = [ctypes.c_int]
@@ -123,19 +123,19 @@ def last_launch(emu: Any) -> tuple[int, int]:
     return stages.value, step.value
 
 
-DEFAULT_CTA_ROWS = 32  # kDefaultCtaRows
+DEFAULT_CTA_ROWS = 0  # kDefaultCtaRows = kCtaRowsAuto (32 rows with no minimum grid)
 
 
 @pytest.fixture(autouse=True)
 def _default_pipeline(emu: Any) -> Any:
     configure(emu)
     set_step(emu)
-    emu.set_layout(DEFAULT_CTA_ROWS, 0)
+    emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
     yield
     configure(emu)
     set_step(emu)
-    emu.set_layout(DEFAULT_CTA_ROWS, 0)
+    emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
 
 
@@ -655,12 +655,53 @@ def test_two_row_tiles_match_oracle_and_sixteen_rows(emu: Any, kind: str, head_s
     assert emu.last_rows() == min(group, 32)
     assert last_launch(emu)[1] == 2
     rows32 = case["out"].clone()
-    emu.set_layout(16, 0)
+    emu.set_layout(16, 0, 0)
     case["out"].fill_(float("nan"))
     _check_pipeline(emu, case, scales, dtype, f"{kind} 16-row CTAs", partition_size=partition)
     assert emu.last_rows() == min(group, 16)
     # Same partitions, same per-row arithmetic: bit for bit the same output.
     assert torch.equal(case["out"], rows32)
+
+
+@pytest.mark.parametrize(("heads", "ctx_lens", "partition"), [
+    ((32, 1), [300, 70, 5], 0),     # 3 sequences x 1 KV head: 3 CTAs of 32
+    ((48, 1), [150, 9, 77], 64),    # 3 x 1 x 2 head groups (32 + 16): 6 CTAs of 32, split
+])
+def test_automatic_rows_follow_the_grid(emu: Any, heads: tuple[int, int], ctx_lens: list[int],
+                                        partition: int) -> None:
+    """The default (kCtaRowsAuto) takes CTAs of 32 query heads only where the unsplit grid of
+    such CTAs has at least wide_rows_min_ctas of them (the device's SM count on the GPU), and
+    CTAs of 16 below that; both match the oracle and each other bit for bit."""
+    case, scales, dtype = _pipeline_case("bfloat16", 128, ctx_lens, heads=heads, seed=62)
+    group = heads[0] // heads[1]
+    wide_ctas = len(ctx_lens) * heads[1] * -(-group // 32)
+    outs = []
+    for min_ctas, rows in ((wide_ctas, 32), (wide_ctas + 1, 16)):
+        emu.set_layout(0, 0, min_ctas)
+        case["out"].fill_(float("nan"))
+        _check_pipeline(emu, case, scales, dtype, f"auto rows, minimum {min_ctas}",
+                        partition_size=partition)
+        assert emu.last_rows() == rows
+        outs.append(case["out"].clone())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_automatic_rows_keep_fused_launches_whole(emu: Any) -> None:
+    """A fused launch (the new token stored by the CTA of its KV head) keeps CTAs of 32 heads
+    under the automatic choice whatever the grid, where CTAs of 16 would decline it."""
+    case = make_case([129, 8], num_heads=32, num_kv_heads=1, head_size=96, dtype=torch.float16,
+                     seed=63, q_scale=2.0)
+    key = torch.randn(2, 96).to(torch.float16)
+    value = torch.randn(2, 96).to(torch.float16)
+    positions = torch.tensor([128, 7], dtype=torch.int64)
+    table = rotary_table(200, 96)
+    emu.set_layout(0, 0, 1 << 20)
+    assert run_fused(emu, _clone(case), key, value, positions, new_token_slots(case), table,
+                     True) == 1
+    assert emu.last_rows() == 32
+    emu.set_layout(16, 0, 0)
+    assert run_fused(emu, _clone(case), key, value, positions, new_token_slots(case), table,
+                     True) == -2
 
 
 def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
@@ -703,7 +744,7 @@ def test_strided_query_rows(emu: Any, kind: str, head_size: int, heads: tuple[in
     case = make_case([90, 17, 1], num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
                      dtype=getattr(torch, kind), seed=70 + head_size)
     stride = _strided_query(case, 2 * heads[1])
-    emu.set_layout(DEFAULT_CTA_ROWS, stride)
+    emu.set_layout(DEFAULT_CTA_ROWS, stride, 0)
     check(emu, case, partition_size=64)
 
 

@@ -351,8 +351,9 @@ def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
 # (CACHEFLOW_PA_PIPELINE=0), forced pipeline depths (CACHEFLOW_PA_STAGES), FP8 caches.
 
 # "pipeline" is the default (two-tile steps where the depth allows, lazy rescaling, the wave
-# split plan, CTAs of 32 query heads for groups above 16); "step8" / "eager" / "split_fill" /
-# "rows16" switch one of those back to the previous kernel's.
+# split plan, CTAs of 32 query heads for groups above 16 where the grid has one per SM, else 16);
+# "step8" / "eager" / "split_fill" switch one of those back to the previous kernel's, "rows32"
+# forces CTAs of 32 heads (the small grids of these tests otherwise take CTAs of 16).
 PIPELINE_ENVS = {
     "pipeline": {},
     "register": {"CACHEFLOW_PA_PIPELINE": "0"},
@@ -361,7 +362,7 @@ PIPELINE_ENVS = {
     "step8": {"CACHEFLOW_PA_STEP": "8"},
     "eager": {"CACHEFLOW_PA_RESCALE_THRESHOLD": "-1"},
     "split_fill": {"CACHEFLOW_PA_SPLIT": "fill"},
-    "rows16": {"CACHEFLOW_PA_ROWS": "16"},
+    "rows32": {"CACHEFLOW_PA_ROWS": "32"},
 }
 _ENV_NAMES = sorted({name for env in PIPELINE_ENVS.values() for name in env})
 
@@ -562,7 +563,7 @@ def _fused_qkv_query(query: Any, extra_heads: int) -> Any:
     return view
 
 
-@pytest.mark.parametrize("path", ["pipeline", "register", "rows16"])
+@pytest.mark.parametrize("path", ["pipeline", "register", "rows32"])
 @pytest.mark.parametrize(("dtype", "head_size", "heads"), [
     ("float16", 128, (32, 8)), ("bfloat16", 64, (32, 1)), ("float32", 96, (8, 2)),
 ])

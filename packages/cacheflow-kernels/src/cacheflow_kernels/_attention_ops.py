@@ -25,8 +25,9 @@ MAX_PARTITIONS = 8192
 #: Query heads per CTA (the tensor-core kernel's rows; the float32 kernel uses 8).
 _HEADS_PER_CTA = 16
 #: ... of the pipelined kernel with two m16 row tiles per warp, for KV heads with more than 16
-#: query heads and head sizes up to 128 (``CACHEFLOW_PA_ROWS``, read at every call like the
-#: kernel reads it at every launch: "32", the default, or "16").
+#: query heads and head sizes up to 128 where the grid is large enough (:func:`cta_heads`;
+#: ``CACHEFLOW_PA_ROWS``, read at every call like the kernel reads it at every launch: "32" or
+#: "16" forces one, anything else is the automatic choice).
 _HEADS_PER_CTA_WIDE = 32
 ROWS_ENV = "CACHEFLOW_PA_ROWS"
 #: Environment variable choosing the automatic split plan: "wave" (default, see
@@ -164,14 +165,22 @@ def resident_ctas_per_sm(head_size: int, rows: int = _HEADS_PER_CTA) -> int:
     return 4 if head_size <= 96 else 3 if head_size <= 128 else 2
 
 
-def cta_heads(group: int, head_size: int) -> int:
-    """Query heads per CTA the decode kernel takes for ``group`` query heads per KV head (the
-    dispatch of paged_attention.cuh): 32 for groups above 16 at head sizes up to 128 unless
-    ``CACHEFLOW_PA_ROWS=16``, else 16. (Where the kernel falls back to 16 anyway, e.g. a forced
-    shallow ring, the plan is only less tuned, never wrong.)"""
-    if group > _HEADS_PER_CTA and head_size <= 128 and os.environ.get(ROWS_ENV) != "16":
-        return _HEADS_PER_CTA_WIDE
-    return _HEADS_PER_CTA
+def cta_heads(group: int, head_size: int, kv_rows: int, num_sms: int) -> int:
+    """Query heads per CTA the decode kernel takes for ``group`` query heads per KV head and
+    ``kv_rows`` (sequences x KV heads) on ``num_sms`` multiprocessors (the dispatch of
+    paged_attention.cuh, ``WantsWideRows``): for groups above 16 at head sizes up to 128, 32
+    where the unsplit grid of 32-head CTAs, ``kv_rows * ceil(group / 32)``, has at least one CTA
+    per multiprocessor, else 16 (twice as many CTAs, so that each SM runs two); the environment
+    variable ``CACHEFLOW_PA_ROWS`` set to "16" or "32" forces one. Other groups and head sizes
+    take 16. (Where the kernel falls back to 16 anyway, e.g. a forced shallow ring, the plan is
+    only less tuned, never wrong.)"""
+    if group <= _HEADS_PER_CTA or head_size > 128:
+        return _HEADS_PER_CTA
+    forced = os.environ.get(ROWS_ENV)
+    if forced in ("16", "32"):
+        return int(forced)
+    wide_ctas = kv_rows * -(-group // _HEADS_PER_CTA_WIDE)
+    return _HEADS_PER_CTA_WIDE if wide_ctas >= num_sms else _HEADS_PER_CTA
 
 
 def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:
@@ -268,11 +277,11 @@ def plan_partitions(
         parts = -(-max_context_len // partition_size)
         return (partition_size, parts) if parts > 1 else (0, 1)
     group = num_heads // max(num_kv_heads, 1)
-    heads_per_cta = cta_heads(group, head_size)
+    num_sms = max(num_sms, 1)
+    heads_per_cta = cta_heads(group, head_size, num_seqs * num_kv_heads, num_sms)
     ctas = num_seqs * num_kv_heads * -(-group // heads_per_cta)
     if ctas <= 0 or max_context_len <= 0:
         return 0, 1
-    num_sms = max(num_sms, 1)
     resident = resident_ctas_per_sm(head_size, heads_per_cta)
     mode = split if split is not None else os.environ.get(SPLIT_ENV) or "wave"
     if mode == "fill":

@@ -43,6 +43,7 @@ int g_smem_per_block = 232448;  // and its 227 KB per CTA
 int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
+int g_wide_rows_min_ctas = 0;  // kCtaRowsAuto takes 32 rows for every grid (the launch: SMs)
 int64_t g_query_stride = 0;  // 0: contiguous query
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
 struct NewToken {
@@ -75,13 +76,14 @@ extern "C" void cf_emu_set_new_token(const void* key, const void* value, int64_t
 }
 
 /*!
- * \brief Sets Params::cta_rows (16 or 32; CACHEFLOW_PA_ROWS on the GPU) and the query's
- * elements between sequences (0: num_heads * head_size, a contiguous query) of the following
- * runs.
+ * \brief Sets Params::cta_rows (16, 32 or kCtaRowsAuto; CACHEFLOW_PA_ROWS on the GPU), the
+ * query's elements between sequences (0: num_heads * head_size, a contiguous query) and
+ * Params::wide_rows_min_ctas (the device's SM count on the GPU) of the following runs.
  */
-extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride) {
+extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride, int wide_rows_min_ctas) {
   g_cta_rows = cta_rows;
   g_query_stride = query_stride;
+  g_wide_rows_min_ctas = wide_rows_min_ctas;
 }
 
 /*! \brief Runs the following launches' CTAs in blockIdx order (0) or in reverse (1). */
@@ -187,6 +189,7 @@ extern "C" int cf_emu_paged_attention(
   p.step_tiles = g_step_tiles;
   p.rescale_threshold = g_rescale_threshold;
   p.cta_rows = g_cta_rows;
+  p.wide_rows_min_ctas = g_wide_rows_min_ctas;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
   const NewToken& nt = g_new_token;
   if (nt.key != nullptr) {
