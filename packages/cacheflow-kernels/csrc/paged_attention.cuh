@@ -2306,6 +2306,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
 // ------------------------------------------------------------------------------------------
 // Split-K merge: one CTA per (head, sequence) combines the partitions that saw tokens.
 
+/*! \brief Reduces `v` (max or sum) over the kThreadsC threads of a combine CTA; `red` holds a
+ * float per warp. */
+template <int kThreadsC>
 PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -2318,59 +2321,94 @@ PA_DEVICE float BlockReduce(float v, float* red, bool is_max) {
   SyncThreads();
   v = red[0];
 #pragma unroll
-  for (int w = 1; w < kCombineThreads / 32; ++w) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+  for (int w = 1; w < kThreadsC / 32; ++w) v = is_max ? fmaxf(v, red[w]) : v + red[w];
   SyncThreads();  // red may be reused
   return v;
 }
 
-/*! \brief Floats of the combine kernel's per-slot sums: slots x head_size <= 4 x kCombineThreads
- * (CombineSlots). */
-constexpr int kCombineSlotFloats = 4 * kCombineThreads;
 /*! \brief Partitions whose loads a combine thread keeps in flight at once (both paths). */
 constexpr int kCombineUnroll = 8;
+/*! \brief Threads of a combine CTA that reads rows in slots (CombineSlots) where kCombineThreads
+ * would take more than one round of rows: with kCombineUnroll rows in flight per thread,
+ * 512 / (head_size / 4) x 8 rows per CTA (128 at d128), so the 64-128 partitions of a long
+ * context at batch 1 come in one round trip instead of 2-4. Fewer partitions keep
+ * kCombineThreads (shorter reductions: on an H100, 2026-12-05, 512 threads made the merge of 8
+ * partitions 0.3-0.7% slower end to end, and that of 64 0.6-2.9% faster). */
+constexpr int kCombineSlotThreads = 512;
 
 /*!
- * \brief Dynamic shared memory of the combine kernel: reduction scratch + one weight per part,
- * rounded up to whole 16-byte chunks, then (`slots`) the per-slot sums of CombineSlots. The
- * rounding: ptxas merges CombineColumns' tail loads of weights[i], weights[i + 1], weights[i + 2]
- * (i a multiple of 8: a 16-byte-aligned address) into one LDS.128, issued even when only
- * weights[i] is left; a request ending inside that chunk (e.g. 24 bytes for 2 partitions) made
- * it an out-of-bounds shared read under compute-sanitizer.
+ * \brief Dynamic shared memory of the combine kernel: reduction scratch (a float per warp) + one
+ * weight per part, rounded up to whole 16-byte chunks, then (`slots`) the per-slot sums of
+ * CombineSlots (slots x head_size <= 4 x threads floats). The rounding: ptxas
+ * merges CombineColumns' tail loads of weights[i], weights[i + 1], weights[i + 2] (i a multiple
+ * of 8: a 16-byte-aligned address) into one LDS.128, issued even when only weights[i] is left; a
+ * request ending inside that chunk (e.g. 24 bytes for 2 partitions) made it an out-of-bounds
+ * shared read under compute-sanitizer.
  */
-inline size_t CombineSmemBytes(int num_partitions, bool slots) {
-  const size_t floats = kCombineThreads / 32 + static_cast<size_t>(num_partitions);
-  return ((floats + 3) / 4 * 4 + (slots ? kCombineSlotFloats : 0)) * sizeof(float);
+inline size_t CombineSmemBytes(int num_partitions, bool slots, int threads) {
+  const size_t floats = threads / 32 + static_cast<size_t>(num_partitions);
+  return ((floats + 3) / 4 * 4 + (slots ? 4 * threads : 0)) * sizeof(float);
+}
+
+/*! \brief Threads of a combine CTA reading `num_partitions` rows of `head_size` in slots:
+ * kCombineSlotThreads where kCombineThreads would take more than one round, else kCombineThreads. */
+inline int CombineSlotThreads(int num_partitions, int head_size) {
+  const int rows_per_round = kCombineThreads / (head_size / 4) * kCombineUnroll;
+  return num_partitions > rows_per_round ? kCombineSlotThreads : kCombineThreads;
+}
+
+/*! \brief A combine CTA's place in the rows of CombineSlots: head_size / 4 threads ("cols") read
+ * one partition's row with a 16-byte load each, so kThreadsC / cols rows ("slots") are read side
+ * by side; threads past the last whole slot idle. */
+struct SlotLane {
+  int slots;
+  int slot;
+  int col;
+};
+
+template <int kThreadsC>
+PA_DEVICE SlotLane GetSlotLane(int head_size) {
+  const int cols = head_size / 4;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int slot = tid / cols;
+  return SlotLane{kThreadsC / cols, slot, tid - slot * cols};
+}
+
+/*! \brief Issues this thread's loads of the kCombineUnroll rows i0, i0 + slots, ... (< n) of the
+ * partials `o`; zeros past n. */
+PA_DEVICE void LoadSlotRows(const float* o, int n, int head_size, int i0, const SlotLane& sl,
+                            uint4 (&v)[kCombineUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kCombineUnroll; ++u) {
+    const int i = i0 + u * sl.slots;
+    v[u] = i < n ? LoadGlobal16(o + static_cast<int64_t>(i) * head_size + 4 * sl.col)
+                 : make_uint4(0, 0, 0, 0);
+  }
 }
 
 /*!
- * \brief The combine's weighted sum, vector path (partials 16-byte aligned): a partition's row of
- * head_size floats is read by head_size / 4 threads with one 16-byte load each, so the CTA reads
- * kCombineThreads / (head_size / 4) rows ("slots") side by side and each thread keeps
- * kCombineUnroll of its slot's rows in flight. The slots' sums meet in `slot_sums` (shared,
- * kCombineSlotFloats). A column per thread with scalar loads (CombineColumns) waited one L2
- * round trip per 8 partitions: 16 for 128 partitions, about 12 us on an H100 for a b1 MQA call
- * whose main kernel takes 18 us; here that is 4.
+ * \brief The combine's weighted sum, vector path (partials 16-byte aligned; CTAs of kThreadsC,
+ * see CombineSlotThreads): each slot (see SlotLane) sums every slots-th row, kCombineUnroll rows in
+ * flight per thread; `first` holds the thread's first kCombineUnroll rows, loaded by the kernel
+ * before the weights (the rows do not depend on them, so their round trip overlaps the weights'
+ * loads and reductions). The slots' sums meet in `slot_sums` (shared, 4 x kThreadsC floats). A column per thread with scalar loads (CombineColumns) waited one L2 round trip per 8
+ * partitions: 16 for 128 partitions, about 12 us on an H100 for a b1 MQA call whose main kernel
+ * takes 18 us; 128-thread slots 4 (8.0 us); here that is 1.
  */
-template <typename T>
+template <typename T, int kThreadsC>
 PA_DEVICE void CombineSlots(const float* o, const float* weights, int n, int head_size, float inv,
+                            const SlotLane& sl, const uint4 (&first)[kCombineUnroll],
                             float* slot_sums, T* out) {
-  const int cols = head_size / 4;
-  const int slots = kCombineThreads / cols;
-  const int slot = threadIdx.x / cols;
-  const int col = threadIdx.x - slot * cols;
-  if (slot < slots) {
+  if (sl.slot < sl.slots) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int i0 = slot; i0 < n; i0 += slots * kCombineUnroll) {
-      uint4 v[kCombineUnroll];
+    uint4 v[kCombineUnroll];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) v[u] = first[u];
+    for (int i0 = sl.slot; i0 < n; i0 += sl.slots * kCombineUnroll) {
+      if (i0 != sl.slot) LoadSlotRows(o, n, head_size, i0, sl, v);
 #pragma unroll
       for (int u = 0; u < kCombineUnroll; ++u) {
-        const int i = i0 + u * slots;
-        v[u] = i < n ? LoadGlobal16(o + static_cast<int64_t>(i) * head_size + 4 * col)
-                     : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kCombineUnroll; ++u) {
-        const int i = i0 + u * slots;
+        const int i = i0 + u * sl.slots;
         const float w = i < n ? weights[i] : 0.f;
         acc.x = fmaf(w, AsFloat(v[u].x), acc.x);
         acc.y = fmaf(w, AsFloat(v[u].y), acc.y);
@@ -2378,16 +2416,16 @@ PA_DEVICE void CombineSlots(const float* o, const float* weights, int n, int hea
         acc.w = fmaf(w, AsFloat(v[u].w), acc.w);
       }
     }
-    float* dst = slot_sums + slot * head_size + 4 * col;
+    float* dst = slot_sums + sl.slot * head_size + 4 * sl.col;
     dst[0] = acc.x;
     dst[1] = acc.y;
     dst[2] = acc.z;
     dst[3] = acc.w;
   }
   SyncThreads();
-  for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+  for (int d = threadIdx.x; d < head_size; d += kThreadsC) {
     float sum = 0.f;
-    for (int r = 0; r < slots; ++r) sum += slot_sums[r * head_size + d];
+    for (int r = 0; r < sl.slots; ++r) sum += slot_sums[r * head_size + d];
     StoreGlobal(out + d, Dtype<T>::FromFloat(sum * inv));
   }
 }
@@ -2424,17 +2462,20 @@ PA_DEVICE void CombineColumns(const float* o, const float* weights, int n, int h
 
 /*!
  * \brief Split-K merge of one (head, sequence) per CTA. kSlots: the weighted sum by CombineSlots
- * (the dispatch asks for it only with 16-byte aligned partials), else by CombineColumns. Measured on an H100
- * (2026-12-05): slots took the combine of 128 partitions x 32 CTAs from 12.3 to 8.0 us and of 64
- * x 32 from 8.5 to 6.5 us, but made grids of 2-8 CTAs per SM with 4-8 partitions 2-4% slower
- * end to end (there the columns' fewer instructions win), hence combine_slots_max_ctas.
+ * in CTAs of kThreadsC (CombineSlotThreads; the dispatch asks for slots only with 16-byte
+ * aligned partials), else by CombineColumns in CTAs of kCombineThreads. Measured on an H100
+ * (2026-12-05): slots (then 128 threads) took the combine of 128 partitions x 32 CTAs from 12.3
+ * to 8.0 us and of 64 x 32 from 8.5 to 6.5 us, but made grids of 2-8 CTAs per SM with 4-8
+ * partitions 2-4% slower end to end (there the columns' fewer instructions win), hence
+ * combine_slots_max_ctas; 512-thread slots with the first rows loaded before the weights took
+ * the 128-partition merge to 6.8 us.
  */
-template <typename T, bool kSlots>
-PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
+template <typename T, bool kSlots, int kThreadsC>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreadsC, 1)
     PagedAttentionCombineKernel(const Params p) {
   PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
   float* red = reinterpret_cast<float*>(DynamicSmem());
-  float* weights = red + kCombineThreads / 32;  // [num_partitions]
+  float* weights = red + kThreadsC / 32;  // [num_partitions]
   const int head_size = p.head_size;
   const int head = blockIdx.x;
   const int seq = blockIdx.y;
@@ -2445,7 +2486,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
   const int first = WindowStart(p, ctx) / p.partition_size;
   const int last = ctx > 0 ? IMin((ctx - 1) / p.partition_size, p.num_partitions - 1) : -1;
   if (last < first) {
-    for (int d = threadIdx.x; d < head_size; d += kCombineThreads) {
+    for (int d = threadIdx.x; d < head_size; d += kThreadsC) {
       StoreGlobal(out + d, Dtype<T>::FromFloat(0.f));
     }
     if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, kNegInf);
@@ -2453,22 +2494,30 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kCombineThreads, 1)
   }
   const int n = last - first + 1;
   const int64_t base = head_row * p.num_partitions + first;
+  const float* o = p.ws_o + base * head_size;
+  // Slots: the first rows are in flight while the weights are formed.
+  SlotLane sl{};
+  uint4 rows[kCombineUnroll];
+  if constexpr (kSlots) {
+    sl = GetSlotLane<kThreadsC>(head_size);
+    if (sl.slot < sl.slots) LoadSlotRows(o, n, head_size, sl.slot, sl, rows);
+  }
 
   float m = kNegInf;
-  for (int i = threadIdx.x; i < n; i += kCombineThreads) m = fmaxf(m, p.ws_m[base + i]);
-  m = BlockReduce(m, red, true);
+  for (int i = threadIdx.x; i < n; i += kThreadsC) m = fmaxf(m, p.ws_m[base + i]);
+  m = BlockReduce<kThreadsC>(m, red, true);
   float total = 0.f;
-  for (int i = threadIdx.x; i < n; i += kCombineThreads) {
+  for (int i = threadIdx.x; i < n; i += kThreadsC) {
     const float w = p.ws_l[base + i] * FastExp2(p.ws_m[base + i] - m);
     weights[i] = w;
     total += w;
   }
-  total = BlockReduce(total, red, false);  // its barriers also publish `weights`
+  total = BlockReduce<kThreadsC>(total, red, false);  // its barriers also publish `weights`
   if (p.lse != nullptr && threadIdx.x == 0) StoreGlobal(p.lse + head_row, LogSumExp(m, total));
   const float inv = total > 0.f ? 1.f / total : 0.f;
-  const float* o = p.ws_o + base * head_size;
   if constexpr (kSlots) {
-    CombineSlots(o, weights, n, head_size, inv, weights + (n + 3) / 4 * 4, out);
+    CombineSlots<T, kThreadsC>(o, weights, n, head_size, inv, sl, rows,
+                               weights + (n + 3) / 4 * 4, out);
   } else {
     CombineColumns(o, weights, n, head_size, inv, out);
   }
@@ -2609,11 +2658,17 @@ bool RunHeadSize(Params p, Launcher& launch) {
     // columns (each partition's row starts a multiple of 64 bytes after p.ws_o).
     if (int64_t{p.num_heads} * p.num_seqs <= p.combine_slots_max_ctas &&
         (reinterpret_cast<uintptr_t>(p.ws_o) & 15u) == 0) {
-      launch(PagedAttentionCombineKernel<T, true>, grid, kCombineThreads,
-             CombineSmemBytes(p.num_partitions, true), p);
+      if (CombineSlotThreads(p.num_partitions, p.head_size) == kCombineSlotThreads) {
+        launch(PagedAttentionCombineKernel<T, true, kCombineSlotThreads>, grid,
+               kCombineSlotThreads, CombineSmemBytes(p.num_partitions, true, kCombineSlotThreads),
+               p);
+      } else {
+        launch(PagedAttentionCombineKernel<T, true, kCombineThreads>, grid, kCombineThreads,
+               CombineSmemBytes(p.num_partitions, true, kCombineThreads), p);
+      }
     } else {
-      launch(PagedAttentionCombineKernel<T, false>, grid, kCombineThreads,
-             CombineSmemBytes(p.num_partitions, false), p);
+      launch(PagedAttentionCombineKernel<T, false, kCombineThreads>, grid, kCombineThreads,
+             CombineSmemBytes(p.num_partitions, false, kCombineThreads), p);
     }
   }
   return true;

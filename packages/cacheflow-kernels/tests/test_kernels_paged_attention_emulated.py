@@ -238,15 +238,18 @@ def test_split_matches_unsplit_and_uses_many_partitions(emu: Any) -> None:
 
 
 @pytest.mark.parametrize(("head_size", "ctx", "parts", "workspace_offset"), [
-    (256, 1100, 18, 0), (64, 4200, 66, 0), (80, 3300, 52, 0), (128, 4160, 65, 0),
-    (128, 4160, 65, 1), (96, 1100, 18, 1),
+    (128, 1100, 18, 0), (64, 4000, 63, 0), (256, 1100, 18, 0), (256, 4500, 71, 0),
+    (64, 4200, 66, 0), (80, 3300, 52, 0), (128, 4160, 65, 0), (128, 8500, 133, 0),
+    (96, 11000, 172, 0), (128, 4160, 65, 1), (96, 1100, 18, 1),
 ])
 def test_merge_of_many_partitions_matches_unsplit(
     emu: Any, head_size: int, ctx: int, parts: int, workspace_offset: int,
 ) -> None:
     """The combine kernel reads a partition row with head_size / 4 threads (16-byte loads), as
-    many rows side by side as the CTA holds, 8 per thread in flight: the counts here take one or
-    more rounds and a remainder (slots of 2, 4, 6 and 8 rows at head sizes 256, 128, 80, 64). A
+    many rows side by side as its threads hold, 8 per thread in flight, the first 8 before the
+    weights: 128 threads where that is one round (18 <= 32 rows at d128, 63 <= 64 at d64), else
+    512 (slots of 8, 16, 21, 25 and 32 rows at head sizes 256, 128, 96, 80 and 64), in one round
+    with a remainder or in two (71 > 64 at d256, 133 > 128 at d128, 172 > 168 at d96). A
     workspace that is not 16-byte aligned takes the column-per-thread path. Outputs and
     log-sum-exps match the unsplit launch."""
     base = make_case([ctx, 70], num_heads=2, num_kv_heads=1, head_size=head_size,
