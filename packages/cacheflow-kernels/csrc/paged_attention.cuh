@@ -339,7 +339,7 @@ constexpr float kDefaultRescaleThreshold = 8.f;
 // one its SM holds at d128, so a smaller grid runs one 4-warp CTA per SM, latency-bound, where
 // twice as many 16-row CTAs put 8 warps on each SM. Their second read of each K/V tile hits L2
 // (H100, 2026-12-05: the same DRAM bytes; MQA b1 ctx32k 0.91x the time of 32-row CTAs, 48 heads
-// 0.84x; but b256 ctx2k, 256 CTAs of 32, 1.34x slower with 16).
+// 0.84x; but b256 ctx2k, 256 CTAs of 32, 1.34x slower with 16; the H200 the same way round).
 constexpr int kCtaRowsAuto = 0;
 constexpr int kDefaultCtaRows = kCtaRowsAuto;
 
@@ -2351,7 +2351,8 @@ inline size_t CombineSmemBytes(int num_partitions, bool slots, int threads) {
 }
 
 /*! \brief Threads of a combine CTA reading `num_partitions` rows of `head_size` in slots:
- * kCombineSlotThreads where kCombineThreads would take more than one round, else kCombineThreads. */
+ * kCombineSlotThreads where kCombineThreads would take more than one round, else
+ * kCombineThreads. */
 inline int CombineSlotThreads(int num_partitions, int head_size) {
   const int rows_per_round = kCombineThreads / (head_size / 4) * kCombineUnroll;
   return num_partitions > rows_per_round ? kCombineSlotThreads : kCombineThreads;
@@ -2388,12 +2389,13 @@ PA_DEVICE void LoadSlotRows(const float* o, int n, int head_size, int i0, const 
 
 /*!
  * \brief The combine's weighted sum, vector path (partials 16-byte aligned; CTAs of kThreadsC,
- * see CombineSlotThreads): each slot (see SlotLane) sums every slots-th row, kCombineUnroll rows in
- * flight per thread; `first` holds the thread's first kCombineUnroll rows, loaded by the kernel
- * before the weights (the rows do not depend on them, so their round trip overlaps the weights'
- * loads and reductions). The slots' sums meet in `slot_sums` (shared, 4 x kThreadsC floats). A column per thread with scalar loads (CombineColumns) waited one L2 round trip per 8
+ * see CombineSlotThreads): each slot (see SlotLane) sums every slots-th row, kCombineUnroll rows
+ * in flight per thread; `first` holds the thread's first kCombineUnroll rows, loaded by the
+ * kernel before the weights (the rows do not depend on them, so their round trip overlaps the
+ * weights' loads and reductions). The slots' sums meet in `slot_sums` (shared, 4 x kThreadsC
+ * floats). A column per thread with scalar loads (CombineColumns) waited one L2 round trip per 8
  * partitions: 16 for 128 partitions, about 12 us on an H100 for a b1 MQA call whose main kernel
- * takes 18 us; 128-thread slots 4 (8.0 us); here that is 1.
+ * takes 18 us; 128-thread slots 4 (8.0 us); here that is 1 (6.8 us).
  */
 template <typename T, int kThreadsC>
 PA_DEVICE void CombineSlots(const float* o, const float* weights, int n, int head_size, float inv,
