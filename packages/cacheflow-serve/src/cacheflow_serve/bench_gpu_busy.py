@@ -17,18 +17,6 @@ from typing import Any
 _WARMUP_STEPS = 3
 
 
-def union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Total length of the union of ``(start, end)`` intervals (any unit in, same unit out)."""
-    total = 0.0
-    end = float("-inf")
-    for lo, hi in sorted(intervals):
-        if hi <= end:
-            continue
-        total += hi - max(lo, end)
-        end = hi
-    return total
-
-
 def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
     """The lengths of the gaps between the union of ``(start, end)`` intervals, longest first
     (same unit as the intervals): where the device waited, inside the window they span."""
@@ -40,6 +28,15 @@ def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
             gaps.append(lo - end)
         end = max(end, hi)
     return sorted(gaps, reverse=True)
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals (any unit in, same unit out): the
+    window they span less its :func:`idle_gaps`."""
+    if not intervals:
+        return 0.0
+    window = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
+    return window - sum(idle_gaps(intervals))
 
 
 def device_intervals(events: Any) -> list[tuple[float, float]]:
@@ -121,8 +118,8 @@ def measure_gpu_busy(engine: Any, prompts: list[list[int]], steps: int) -> dict[
     if not intervals:
         raise RuntimeError("the profiler recorded no device activity (is the engine on CUDA?)")
     window_us = max(hi for _, hi in intervals) - min(lo for lo, _ in intervals)
-    busy_us = union_seconds(intervals)
     gaps_us = idle_gaps(intervals)
+    busy_us = window_us - sum(gaps_us)  # the union of the intervals (union_seconds)
     return {"profiled_steps": steps, "window_s": window_us / 1e6, "busy_s": busy_us / 1e6,
             "gpu_idle_fraction": 1.0 - busy_us / window_us,
             # One long stall and many short waits call for different fixes.
