@@ -681,6 +681,17 @@ PA_DEVICE float LogSumExp(float m, float total) {
   return total > 0.f ? (m + log2f(total)) * kLn2 : kNegInf;
 }
 
+/*! \brief Four consecutive outputs at `dst` (aligned to four elements) in one store. */
+template <typename T>
+PA_DEVICE void StoreOut4(T* dst, const float4& v) {
+  if constexpr (std::is_same<T, float>::value) {
+    StoreGlobal(reinterpret_cast<float4*>(dst), v);
+  } else {
+    StoreGlobal(reinterpret_cast<uint2*>(dst),
+                make_uint2(Dtype<T>::Pack(v.x, v.y), Dtype<T>::Pack(v.z, v.w)));
+  }
+}
+
 template <typename T, int D>
 PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
                                int head0, int seq, int part) {
@@ -712,20 +723,50 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
     }
   }
   SyncThreads();
+  // Four consecutive dims per thread: 16-byte reads of the merge buffer (its rows are 16-byte
+  // aligned: D and kOutPad are multiples of 4) and one vector store, where the destination's
+  // rows are aligned for it (a workspace view or an output may start anywhere; element stores
+  // otherwise). Each sum is formed in the same order as element by element.
+  constexpr int kQuads = D / 4;
   const int rows = p.rows;
-  for (int i = tid; i < rows_valid * D; i += kThreads) {
-    const int row = i / D;
-    const int d = i - row * D;
-    float o = 0.f;
+  const int64_t head_row0 = static_cast<int64_t>(seq) * p.num_heads + head0;
+  const bool aligned = split ? (reinterpret_cast<uintptr_t>(p.ws_o) & 15u) == 0
+                             : (reinterpret_cast<uintptr_t>(p.out) & (4 * sizeof(T) - 1)) == 0;
+  for (int i = tid; i < rows_valid * kQuads; i += kThreads) {
+    const int row = i / kQuads;
+    const int d = 4 * (i - row * kQuads);
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      o += st.f[w * st.stride + row] * so[(w * rows + row) * (D + kOutPad) + d];
+      const float f = st.f[w * st.stride + row];
+      const float4 x =
+          *reinterpret_cast<const float4*>(so + (w * rows + row) * (D + kOutPad) + d);
+      o.x += f * x.x;
+      o.y += f * x.y;
+      o.z += f * x.z;
+      o.w += f * x.w;
     }
-    const int64_t head_row = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
+    const int64_t head_row = head_row0 + row;
     if (split) {
-      StoreGlobal(p.ws_o + (head_row * p.num_partitions + part) * D + d, o);
+      float* dst = p.ws_o + (head_row * p.num_partitions + part) * D + d;
+      if (aligned) {
+        StoreGlobal(reinterpret_cast<float4*>(dst), o);
+      } else {
+        StoreGlobal(dst, o.x);
+        StoreGlobal(dst + 1, o.y);
+        StoreGlobal(dst + 2, o.z);
+        StoreGlobal(dst + 3, o.w);
+      }
     } else {
-      StoreGlobal(static_cast<T*>(p.out) + head_row * D + d, Dtype<T>::FromFloat(o));
+      T* dst = static_cast<T*>(p.out) + head_row * D + d;
+      if (aligned) {
+        StoreOut4(dst, o);
+      } else {
+        StoreGlobal(dst, Dtype<T>::FromFloat(o.x));
+        StoreGlobal(dst + 1, Dtype<T>::FromFloat(o.y));
+        StoreGlobal(dst + 2, Dtype<T>::FromFloat(o.z));
+        StoreGlobal(dst + 3, Dtype<T>::FromFloat(o.w));
+      }
     }
   }
 }

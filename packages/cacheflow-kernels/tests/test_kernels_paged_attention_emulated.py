@@ -264,6 +264,27 @@ def test_merge_of_many_partitions_matches_unsplit(
     torch.testing.assert_close(lse_split, lse_unsplit, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("partition", [0, 64])
+def test_output_rows_not_aligned_for_vector_stores(emu: Any, dtype: str, partition: int) -> None:
+    """The epilogue stores four outputs at once where the output (or a split launch's workspace)
+    is aligned for it; an output view starting one element into its allocation takes element
+    stores (the emulator aborts on a misaligned store), with the same values as an aligned
+    one."""
+    base = make_case([150, 37], num_heads=8, num_kv_heads=2, head_size=80,
+                     dtype=getattr(torch, dtype), seed=11)
+    aligned = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+    out = base["out"]
+    shifted = torch.full((out.numel() + 1,), float("nan"), dtype=out.dtype)[1:].view(out.shape)
+    base["out"] = shifted
+    parts = check(emu, base, partition_size=partition)
+    assert parts == (1 if partition == 0 else 3)
+    assert check(emu, aligned, partition_size=partition) == parts
+    torch.testing.assert_close(base["out"], aligned["out"], rtol=0, atol=0)
+    if partition:  # partials stored element by element into a workspace view off 16 bytes
+        assert check(emu, aligned, partition_size=partition, workspace_offset=1) == parts
+
+
 def test_empty_contexts_give_zeros(emu: Any) -> None:
     for partition in (0, 64):
         case = make_case([0, 5, 0, 300], num_heads=4, num_kv_heads=2, head_size=64, seed=4)
