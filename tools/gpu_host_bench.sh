@@ -16,7 +16,9 @@
 # CACHEFLOW_ATTN_ROTARY_FUSE=1, decode steps' rotary and cache write inside the decode attention
 # kernel; "allfuse": both); "kbase": "on" with the kernel
 # wheel in .whl/kbase/ (an earlier commit's kernels, for A/Bs of kernel changes that have no
-# switch); the kernel and dependency wheels are otherwise the same for all.
+# switch); "warps4": "on" with CACHEFLOW_PA_WARPS=4, the decode kernel's CTAs at 4 warps on
+# small unsplit grids (batch 1-4 at 32 heads) as before 2026-12-05 19:00; the kernel and
+# dependency wheels are otherwise the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
@@ -63,7 +65,7 @@ for v in "${variants[@]}"; do
   flags=()
   unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE CACHEFLOW_SKINNY_EARLY_RELEASE \
     CACHEFLOW_PA_EARLY_RELEASE CACHEFLOW_SKINNY_STAGES CACHEFLOW_SKINNY_FUSE \
-    CACHEFLOW_ATTN_ROTARY_FUSE
+    CACHEFLOW_ATTN_ROTARY_FUSE CACHEFLOW_PA_WARPS
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
@@ -84,6 +86,7 @@ for v in "${variants[@]}"; do
     allfuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1 CACHEFLOW_ATTN_ROTARY_FUSE=1
       flags=(--async-scheduling) ;;
     kbase) export PYTHONPATH="${site[kbase]}"; flags=(--async-scheduling) ;;
+    warps4) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_WARPS=4; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

@@ -60,10 +60,12 @@ STEP_ENV = "CACHEFLOW_PA_STEP"
 SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
 RESCALE_ENV = "CACHEFLOW_PA_RESCALE_THRESHOLD"
 ROWS_ENV = "CACHEFLOW_PA_ROWS"
+WARPS_ENV = "CACHEFLOW_PA_WARPS"
 # --compare-previous: earlier defaults, and earlier choices alone switched back.
 PREVIOUS = {
     "previous": {ROWS_ENV: "32"},
     "rows16": {ROWS_ENV: "16"},
+    "warps4": {WARPS_ENV: "4"},
     "dec03": {STEP_ENV: "8", SPLIT_ENV: "fill", ROWS_ENV: "16"},
     "old_step": {STEP_ENV: "8"},
     "old_split": {SPLIT_ENV: "fill"},

@@ -9,6 +9,7 @@ is the kernel's own and what the bandwidth targets are judged on, and the eager 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -17,10 +18,13 @@ from typing import Any
 
 
 def time_graph_us(torch: Any, calls: list[Callable[[], Any]], *, calls_per_graph: int = 20,
-                  replays: int = 15, warmup: int = 3) -> float:
+                  replays: int = 15, warmup: int = 3, warm_ms: float = 25.0) -> float:
     """Median microseconds per call: ``calls_per_graph`` calls (call k runs
     ``calls[k % len(calls)]``, so calls can rotate over buffer sets larger than L2) are captured
-    in one CUDA graph, which is replayed ``replays`` times back to back between CUDA events.
+    in one CUDA graph, which is replayed ``replays`` times back to back between CUDA events,
+    after replays for at least ``warm_ms`` (a GPU that idled while the host built the inputs
+    runs its first milliseconds slower: without them the first of two timings of the same
+    15-us kernel in one process came out 5% slower on an H100, 2026-12-05).
 
     The calls must be capturable: no host synchronization, no allocation outside torch's
     caching allocator.
@@ -37,8 +41,13 @@ def time_graph_us(torch: Any, calls: list[Callable[[], Any]], *, calls_per_graph
     with torch.cuda.graph(graph):
         for k in range(calls_per_graph):
             calls[k % n]()
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first.record()
     graph.replay()
+    last.record()
     torch.cuda.synchronize()
+    for _ in range(math.ceil(warm_ms / max(first.elapsed_time(last), 1e-3))):
+        graph.replay()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
     for start, end in zip(starts, ends):

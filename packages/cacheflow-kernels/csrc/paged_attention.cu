@@ -114,6 +114,17 @@ int CtaRows() {
 }
 
 /*!
+ * \brief The most CTAs a grid may have to run CTAs of kWideWarps<D> warps (RunWideCtas): the
+ * device's `sms`; CACHEFLOW_PA_WARPS=4 keeps CTAs of 4 warps everywhere (0). Read at every launch
+ * so one process can A/B them.
+ */
+int WideWarpsMaxCtas(int sms) {
+  const char* env = std::getenv("CACHEFLOW_PA_WARPS");
+  if (env != nullptr && env[0] == '4' && env[1] == '\0') return 0;
+  return sms;
+}
+
+/*!
  * \brief The decode kernel's PDL overlap: CACHEFLOW_PA_EARLY_PREFETCH=0 issues the pipelined
  * kernel's first K/V tiles after the wait for the previous kernel instead of before it (the
  * default); CACHEFLOW_PA_MAIN_RELEASE=0 makes a split launch's pipelined kernel release the merge
@@ -331,6 +342,8 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   // a grid of 32-row CTAs with fewer CTAs than multiprocessors (kCtaRowsAuto).
   p.combine_slots_max_ctas = sms;
   p.wide_rows_min_ctas = sms;
+  // So does a grid of at most one CTA per multiprocessor: CTAs of kWideWarps<D> warps.
+  p.wide_warps_max_ctas = WideWarpsMaxCtas(sms);
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;

@@ -282,7 +282,7 @@ struct Fp8E4m3 {
   uint8_t bits;
 };
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 4;               // warps per CTA (the pipelined kernel's wide CTAs: more)
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 8;               // tokens per warp tile (one MMA n-tile); divides block_size
 constexpr int kPartitionAlign = 64;    // partition sizes are multiples of this
@@ -397,6 +397,9 @@ struct Params {
   int release_max_ctas;       // pipelined kernel, unsplit launches of at most this many CTAs:
                               // release the successor right after the wait (0: never; see
                               // "Small grids" at the kernel)
+  int wide_warps_max_ctas;    // unsplit pipelined launches with two-tile steps and groups of at
+                              // most 16 query heads whose grid has at most this many CTAs run
+                              // CTAs of kWideWarps<D> warps, one per SM (0: never; RunWideCtas)
   int combine_slots_max_ctas;  // split launches whose combine grid has at most this many CTAs
                               // read partition rows in slots (CombineSlots; latency-bound
                               // grids); larger grids a column per thread (CombineColumns)
@@ -472,6 +475,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.rescale_threshold = kDefaultRescaleThreshold;
   p.cta_rows = kDefaultCtaRows;
   p.wide_rows_min_ctas = 0;  // the launch sets the device's multiprocessor count
+  p.wide_warps_max_ctas = 0;  // (likewise; 0: CTAs of kWarps warps only)
   p.prefetch_before_wait = 1;
   p.main_release = 1;
   p.q_stride = num_heads * head_size;
@@ -495,14 +499,14 @@ inline void SetWorkspace(Params& p, float* ws) {
 
 /*! \brief Bytes of the per-warp softmax statistics at the start of dynamic shared memory. */
 constexpr size_t kStatsSmemBytes = 3 * kWarps * kMmaRows * sizeof(float);
-/*! \brief ... for a CTA of kRT m16 row tiles. */
-template <int kRT>
-constexpr size_t kStatsSmemBytesFor = kRT * kStatsSmemBytes;
+/*! \brief ... for a CTA of kW warps and kRT m16 row tiles. */
+template <int kRT, int kW = kWarps>
+constexpr size_t kStatsSmemBytesFor = kRT * 3 * kW * kMmaRows * sizeof(float);
 
-/*! \brief Bytes of the merge buffer: the unnormalized output rows of the warps' softmax
+/*! \brief Bytes of the merge buffer: the unnormalized output rows of the `warps` warps' softmax
  * states. */
-inline size_t MergeSmemBytes(int head_size, int rows) {
-  return static_cast<size_t>(kWarps) * rows * (head_size + kOutPad) * sizeof(float);
+inline size_t MergeSmemBytes(int head_size, int rows, int warps = kWarps) {
+  return static_cast<size_t>(warps) * rows * (head_size + kOutPad) * sizeof(float);
 }
 
 struct GridDims {
@@ -620,9 +624,10 @@ struct Stats {
 
 /*! \brief The statistics of a CTA of up to `rows` (kMmaRows, or kMaxCtaRows: see StatsSmemBytes)
  * query rows at the start of `smem`. */
+template <int kW = kWarps>
 PA_DEVICE Stats GetStats(unsigned char* smem, int rows = kMmaRows) {
   float* base = reinterpret_cast<float*>(smem);
-  return Stats{base, base + kWarps * rows, base + 2 * kWarps * rows, rows};
+  return Stats{base, base + kW * rows, base + 2 * kW * rows, rows};
 }
 
 /*! \brief The token range of one (sequence, partition). */
@@ -660,9 +665,10 @@ PA_DEVICE PartitionRange GetRange(const Params& p, int seq, int part) {
  * tile number (32 * chunk + l), i.e. CTA tile (warp + kWarps * (32 * chunk + l)); 0 past the end.
  * A tile never straddles blocks (tile starts are multiples of 8, block sizes multiples of 8).
  */
+template <int kW = kWarps>
 PA_DEVICE int LoadTileBlocks(const Params& p, const int32_t* bt_row, const PartitionRange& r,
                              int warp, int chunk, int lane) {
-  const int tile = warp + kWarps * (32 * chunk + lane);
+  const int tile = warp + kW * (32 * chunk + lane);
   if (tile >= r.num_tiles) return 0;
   const int tok0 = r.tile_base + kTile * tile;
   return LoadIndex(bt_row + (tok0 >> p.log2_block_size));
@@ -692,7 +698,7 @@ PA_DEVICE void StoreOut4(T* dst, const float4& v) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kW = kWarps>
 PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
                                int head0, int seq, int part) {
   const int tid = threadIdx.x;
@@ -700,18 +706,18 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
   if (tid < rows_valid) {
     float m = kNegInf;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, st.m[w * st.stride + tid]);
-    float f[kWarps];
+    for (int w = 0; w < kW; ++w) m = fmaxf(m, st.m[w * st.stride + tid]);
+    float f[kW];
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kW; ++w) {
       const float mw = st.m[w * st.stride + tid];
       f[w] = mw == kNegInf ? 0.f : FastExp2(mw - m);
       total += f[w] * st.l[w * st.stride + tid];
     }
     const float inv = total > 0.f ? p.v_scale / total : 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) st.f[w * st.stride + tid] = f[w] * inv;
+    for (int w = 0; w < kW; ++w) st.f[w * st.stride + tid] = f[w] * inv;
     if (split) {
       const int64_t idx =
           (static_cast<int64_t>(seq) * p.num_heads + head0 + tid) * p.num_partitions + part;
@@ -732,12 +738,12 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
   const int64_t head_row0 = static_cast<int64_t>(seq) * p.num_heads + head0;
   const bool aligned = split ? (reinterpret_cast<uintptr_t>(p.ws_o) & 15u) == 0
                              : (reinterpret_cast<uintptr_t>(p.out) & (4 * sizeof(T) - 1)) == 0;
-  for (int i = tid; i < rows_valid * kQuads; i += kThreads) {
+  for (int i = tid; i < rows_valid * kQuads; i += 32 * kW) {
     const int row = i / kQuads;
     const int d = 4 * (i - row * kQuads);
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kW; ++w) {
       const float f = st.f[w * st.stride + row];
       const float4 x =
           *reinterpret_cast<const float4*>(so + (w * rows + row) * (D + kOutPad) + d);
@@ -772,10 +778,10 @@ PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st
 }
 
 /*! \brief Zeros for the CTA's heads (a sequence with an empty context, unsplit launch). */
-template <typename T, int D>
+template <typename T, int D, int kW = kWarps>
 PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * D;
-  for (int i = threadIdx.x; i < rows_valid * D; i += kThreads) {
+  for (int i = threadIdx.x; i < rows_valid * D; i += 32 * kW) {
     StoreGlobal(out + i, Dtype<T>::FromFloat(0.f));
   }
   if (p.lse != nullptr && static_cast<int>(threadIdx.x) < rows_valid) {
@@ -886,14 +892,14 @@ struct NewTokenAt {
   bool rotate;   // a rotary table and a position inside it (else the rows stay as they are)
 };
 
-template <typename T, int D>
+template <typename T, int D, int kW = kWarps>
 PA_DEVICE NewTokenAt StageNewToken(const Params& p, int seq, uint16_t* cs, int tid) {
   NewTokenAt at;
   const int64_t pos = LoadGlobalI64(p.positions + seq);
   at.slot = LoadGlobalI64(p.slot_mapping + seq);
   at.rotate = p.cos_sin != nullptr && pos >= 0 && pos < p.max_position;
   if (at.rotate) {
-    for (int i = tid; i < D; i += kThreads) {
+    for (int i = tid; i < D; i += 32 * kW) {
       cs[i] = static_cast<uint16_t>(Dtype<T>::ElemBits(LoadGlobalF32(p.cos_sin + pos * D + i)));
     }
   }
@@ -902,7 +908,7 @@ PA_DEVICE NewTokenAt StageNewToken(const Params& p, int seq, uint16_t* cs, int t
 
 /*! \brief Rotates the new token's key of KV head `kvh` and stores it and its value at the slot
  * (after the PDL wait and a barrier publishing `cs`); fenced for the CTA's own copies. */
-template <typename T, typename C, int D>
+template <typename T, typename C, int D, int kW = kWarps>
 PA_DEVICE void StoreNewToken(const Params& p, int seq, int kvh, const NewTokenAt& at,
                              const uint16_t* cs, int tid) {
   if (at.slot < 0 || at.slot >= p.num_slots) return;
@@ -915,7 +921,7 @@ PA_DEVICE void StoreNewToken(const Params& p, int seq, int kvh, const NewTokenAt
                      (static_cast<int64_t>(seq) * p.new_value_stride + kvh * D) * 2;
   C* kdst = static_cast<C*>(const_cast<void*>(p.key_cache)) + at.slot * p.token_stride + kvh * D;
   C* vdst = static_cast<C*>(const_cast<void*>(p.value_cache)) + at.slot * p.token_stride + kvh * D;
-  for (int u = tid; u < k_units + D / 8; u += kThreads) {
+  for (int u = tid; u < k_units + D / 8; u += 32 * kW) {
     if (u < k_units) {
       const int i0 = 8 * u;
       uint4 x1 = LoadGlobal16(krow + i0 * 2);
@@ -939,12 +945,12 @@ PA_DEVICE void StoreNewToken(const Params& p, int seq, int kvh, const NewTokenAt
 /*! \brief The CTA's query rows (heads head0 ..), rotated at the new token's position (or as they
  * are), into `plain`: [kRows][D] elements of T, row r = head head0 + r, rows past rows_valid not
  * written. All of a thread's loads are issued before its first store. */
-template <typename T, int D, int kRows>
+template <typename T, int D, int kRows, int kW = kWarps>
 PA_DEVICE void RotateQueryRows(const Params& p, unsigned char* plain, int seq, int head0,
                                int rows_valid, const NewTokenAt& at, const uint16_t* cs,
                                int tid) {
   constexpr int kHalf = D / 2;
-  constexpr int kMaxUnits = (kRows * (D / 8) + kThreads - 1) / kThreads;
+  constexpr int kMaxUnits = (kRows * (D / 8) + 32 * kW - 1) / (32 * kW);
   const bool neox = p.rotary_neox != 0;
   const int per_row = neox ? D / 16 : D / 8;
   const int total = rows_valid * per_row;
@@ -954,7 +960,7 @@ PA_DEVICE void RotateQueryRows(const Params& p, unsigned char* plain, int seq, i
   uint4 x2[kMaxUnits];
 #pragma unroll
   for (int j = 0; j < kMaxUnits; ++j) {
-    const int u = tid + j * kThreads;
+    const int u = tid + j * 32 * kW;
     x1[j] = x2[j] = make_uint4(0, 0, 0, 0);
     if (u < total) {
       const int row = u / per_row;
@@ -965,7 +971,7 @@ PA_DEVICE void RotateQueryRows(const Params& p, unsigned char* plain, int seq, i
   }
 #pragma unroll
   for (int j = 0; j < kMaxUnits; ++j) {
-    const int u = tid + j * kThreads;
+    const int u = tid + j * 32 * kW;
     if (u < total) {
       const int row = u / per_row;
       const int i0 = 8 * (u - row * per_row);
@@ -1215,6 +1221,12 @@ constexpr int MmaMinBlocks() {
   return kRT == 2 ? (D <= 64 ? 3 : 2) : D <= 96 ? 4 : D <= 128 ? 3 : 2;
 }
 
+// Warps of a wide CTA (Params::wide_warps_max_ctas, RunWideCtas): the register budget of
+// MmaMinBlocks<D>() 4-warp CTAs of 16 query heads in one CTA, which has its SM to itself: 16
+// warps up to head size 96, 12 up to 128, 8 beyond.
+template <int D>
+constexpr int kWideWarps = kWarps * MmaMinBlocks<D>();
+
 // The CTA's query rows as mma A fragments in shared memory, each uint4 one MMA's four A registers:
 // qs[((rt * kQSpans + span) * 2 + k) * 32 + lane] for row tile rt (rows 16 rt ..) holds the A
 // fragment of the span's k-step k (0: its dims 32 span + 8t + {0..3}, 1: + {4..7}; a trailing
@@ -1224,7 +1236,7 @@ constexpr int MmaMinBlocks() {
 // kFromShared (fused launches): the rows are read from `plain` (RotateQueryRows' [rows][D] layout,
 // in the same shared memory as qs), so every thread's reads are done, at a barrier, before any
 // store.
-template <typename T, int D, int kRT = 1, bool kFromShared = false>
+template <typename T, int D, int kRT = 1, bool kFromShared = false, int kW = kWarps>
 PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
                                    int tid, const unsigned char* plain = nullptr) {
   using S = MmaShape<D>;
@@ -1232,13 +1244,13 @@ PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head
   // query instead of one per loop iteration (a loop of load-then-store waited for each load in
   // turn: 4 round trips per CTA of 32 rows, ~17% of the MQA kernel's warp stalls under ncu).
   constexpr int kItems = kRT * S::kQSpans * 64;
-  constexpr int kPerThread = (kItems + kThreads - 1) / kThreads;
+  constexpr int kPerThread = (kItems + 32 * kW - 1) / (32 * kW);
   const T* q_seq = static_cast<const T*>(p.query) + static_cast<int64_t>(seq) * p.q_stride;
   uint2 lo[kPerThread];
   uint2 hi[kPerThread];
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
-    const int i = tid + u * kThreads;
+    const int i = tid + u * 32 * kW;
     const int rt = kRT == 1 ? 0 : i / (S::kQSpans * 64);
     const int j = (i >> 6) - rt * S::kQSpans;
     const int k = (i >> 5) & 1;
@@ -1264,7 +1276,7 @@ PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head
   if constexpr (kFromShared) SyncThreads();
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
-    const int i = tid + u * kThreads;
+    const int i = tid + u * 32 * kW;
     if (i < kItems) qs[i] = make_uint4(lo[u].x, hi[u].x, lo[u].y, hi[u].y);
   }
 }
@@ -1552,13 +1564,14 @@ PA_DEVICE int SwizzledOffset(int row, int byte) {
   return row * kChunks * 16 + ((((byte >> 4) ^ ((row & kMask) << kShift)) << 4) | (byte & 15));
 }
 
-/*! \brief Dynamic shared memory of the pipelined kernel with `stages` stages. */
-template <typename C, int D, int kRT = 1>
+/*! \brief Dynamic shared memory of the pipelined kernel (CTAs of kW warps) with `stages`
+ * stages. */
+template <typename C, int D, int kRT = 1, int kW = kWarps>
 inline size_t PipeSmemBytes(int stages, int rows) {
-  return kStatsSmemBytesFor<kRT> +
+  return kStatsSmemBytesFor<kRT, kW> +
          std::max<size_t>(kRT * MmaShape<D>::kQSmemBytes +
-                              static_cast<size_t>(stages) * kWarps * PipeLayout<C, D>::kStageBytes,
-                          MergeSmemBytes(D, rows));
+                              static_cast<size_t>(stages) * kW * PipeLayout<C, D>::kStageBytes,
+                          MergeSmemBytes(D, rows, kW));
 }
 
 /*!
@@ -1568,11 +1581,11 @@ inline size_t PipeSmemBytes(int stages, int rows) {
  * multiprocessor's shared memory, dropping to fewer CTAs per SM only when even 2 stages do not
  * fit. 0 when the device's shared memory is unknown or nothing fits.
  */
-template <typename C, int D, int kRT = 1>
+template <typename C, int D, int kRT = 1, int kW = kWarps>
 inline int ChooseStages(const Params& p, int rows, int min_blocks) {
   if (p.stages == kStagesRegister || p.smem_per_block <= 0) return 0;
   const auto fits = [&](int stages, long long cap) {
-    return static_cast<long long>(PipeSmemBytes<C, D, kRT>(stages, rows)) <= cap;
+    return static_cast<long long>(PipeSmemBytes<C, D, kRT, kW>(stages, rows)) <= cap;
   };
   if (p.stages >= kMinStages) {
     int s = std::min(p.stages, kMaxStages);
@@ -1711,7 +1724,7 @@ struct PipeQInRegs {
 // Two row tiles (kRT = 2; CTAs of 32 query heads): every K and V fragment read from the ring
 // feeds the MMAs of both row tiles (their S, P, statistics and accumulators are separate), so a
 // KV head's 17-32 query heads read each K/V byte once. Q is then re-read from shared memory.
-template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue>
+template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue, int kW = kWarps>
 PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint4* qs,
                             const QFrags& qf,
                             const unsigned char* ring, int stages, int warp, int lane,
@@ -1738,8 +1751,8 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
     issue(q + stages - 1, free0 + 1 == stages ? 0 : free0 + 1);
     const int stage_b = stage + 1 == stages ? 0 : stage + 1;
     const unsigned char* ks[2] = {ring + stage * L::kStageBytes, ring + stage_b * L::kStageBytes};
-    // tile q + 1: + kTile * kWarps
-    const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+    // tile q + 1: + kTile * kW
+    const int tok0 = r.tile_base + kTile * (warp + kW * q);
 
     // ---- S = Q K^T for both tiles (and every row tile).
     float sc[kRT][2][4];
@@ -1813,11 +1826,11 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
     }
     // Most steps lie wholly inside [begin, end) (warp-uniform test); without ALiBi they have
     // nothing to add or mask.
-    const bool interior = tok0 >= r.begin && tok0 + kTile * (kWarps + 1) <= r.end;
+    const bool interior = tok0 >= r.begin && tok0 + kTile * (kW + 1) <= r.end;
     if (has_alibi || !interior) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int ta = tok0 + kTile * kWarps * h + 2 * tig;
+        const int ta = tok0 + kTile * kW * h + 2 * tig;
         const bool va = ta >= r.begin && ta < r.end;
         const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
         const float da = static_cast<float>(ta) - query_pos;
@@ -1925,14 +1938,15 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   }
 }
 
-template <typename T, typename C, int D, bool kPair, int kRT = 1>
-PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
+template <typename T, typename C, int D, bool kPair, int kRT = 1, int kW = kWarps>
+PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
     PagedAttentionPipeKernel(const Params p) {
   // By default no PdlWait() here: the prologue below reads what the previous kernel cannot be
   // writing before it waits (see "Before the wait" there); the successor starts as this grid
   // ends. (A second wait returns at once.)
   if (!p.prefetch_before_wait) PdlWait();
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
+  static_assert(kW == kWarps || (kRT == 1 && kPair), "wide CTAs: one row tile, two-tile steps");
   using S = MmaShape<D>;
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
@@ -1941,8 +1955,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   constexpr int kRows = kRT * kMmaRows;  // query heads per CTA
   constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, kPair>::value;
   unsigned char* smem = DynamicSmem();
-  const Stats st = GetStats(smem, kRows);
-  unsigned char* smem_main = smem + kStatsSmemBytesFor<kRT>;
+  const Stats st = GetStats<kW>(smem, kRows);
+  unsigned char* smem_main = smem + kStatsSmemBytesFor<kRT, kW>;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -1960,7 +1974,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   const bool fused = p.new_key != nullptr;
   uint16_t* cs = reinterpret_cast<uint16_t*>(smem);  // the statistics area, free until the end
   NewTokenAt at{-1, false};
-  if (fused) at = StageNewToken<T, D>(p, seq, cs, tid);
+  if (fused) at = StageNewToken<T, D, kW>(p, seq, cs, tid);
 
   const PartitionRange r = GetRange(p, seq, part);
   // Split launches: the partition holding the new position stores the new token (the others
@@ -1970,9 +1984,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     PdlWait();
     if (fused) {
       SyncThreads();
-      StoreNewToken<T, C, D>(p, seq, kvh, at, cs, tid);
+      StoreNewToken<T, C, D, kW>(p, seq, kvh, at, cs, tid);
     }
-    if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
+    if (p.ws_o == nullptr) WriteZeros<T, D, kW>(p, rows_valid, head0, seq);
     return;
   }
 
@@ -1982,8 +1996,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   const int stages = p.stages;
   uint4* qs = reinterpret_cast<uint4*>(smem_main);
   unsigned char* ring = smem_main + kRT * S::kQSmemBytes + warp * stages * L::kStageBytes;
-  // This warp's tiles: warp + kWarps * q for q < n_tiles.
-  const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kWarps - 1) / kWarps : 0;
+  // This warp's tiles: warp + kW * q for q < n_tiles.
+  const int n_tiles = warp < r.num_tiles ? (r.num_tiles - warp + kW - 1) / kW : 0;
   // Two-tile steps: an odd count is padded with one tile past the end, copied as zeros (every
   // row outside the range: nothing is read), so the step's second V stage is finite.
   const int n_issue = kPair ? (n_tiles + 1) & ~1 : n_tiles;
@@ -1993,8 +2007,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   int blk_cache = 0;
   int blk_cache_next = 0;
   if (n_tiles > 0) {
-    blk_cache = LoadTileBlocks(p, bt_row, r, warp, 0, lane);
-    blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, 1, lane);
+    blk_cache = LoadTileBlocks<kW>(p, bt_row, r, warp, 0, lane);
+    blk_cache_next = LoadTileBlocks<kW>(p, bt_row, r, warp, 1, lane);
   }
   // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
   // so that the group count stays uniform). q increases by one per call.
@@ -2002,10 +2016,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     if (q < n_issue) {  // warp-uniform
       if ((q & 31) == 0 && q > 0) {
         blk_cache = blk_cache_next;
-        blk_cache_next = LoadTileBlocks(p, bt_row, r, warp, (q >> 5) + 1, lane);
+        blk_cache_next = LoadTileBlocks<kW>(p, bt_row, r, warp, (q >> 5) + 1, lane);
       }
       const int blk = ShflIdx(blk_cache, q & 31);
-      const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+      const int tok0 = r.tile_base + kTile * (warp + kW * q);
       if constexpr (kPair && RowIssue<C, D>::value) {
         IssueTileRows<C, D>(kc, vc, p, r, tok0, blk, ring + stage * L::kStageBytes, lane);
       } else {
@@ -2029,7 +2043,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   const int fresh = r.ctx - 1;
   int q0 = 0;
   for (; p.prefetch_before_wait && q0 < prologue_tiles; ++q0) {  // warp-uniform
-    const int tok0 = r.tile_base + kTile * (warp + kWarps * q0);
+    const int tok0 = r.tile_base + kTile * (warp + kW * q0);
     if (tok0 <= fresh && fresh < tok0 + kTile) break;
     issue(q0, q0);
   }
@@ -2043,16 +2057,16 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   if (p.release_at_start) PdlLaunchDependents();
   if (fused) {
     SyncThreads();  // the cos/sin row
-    StoreNewToken<T, C, D>(p, seq, kvh, at, cs, tid);
-    RotateQueryRows<T, D, kRows>(p, smem_main, seq, head0, rows_valid, at, cs, tid);
+    StoreNewToken<T, C, D, kW>(p, seq, kvh, at, cs, tid);
+    RotateQueryRows<T, D, kRows, kW>(p, smem_main, seq, head0, rows_valid, at, cs, tid);
     SyncThreads();  // the new slot stored and fenced; the rotated query rows staged
   }
   for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
   if (fused) {
-    StageQueryFragments<T, D, kRT, true>(p, qs, seq, head0, rows_valid, tid, smem_main);
+    StageQueryFragments<T, D, kRT, true, kW>(p, qs, seq, head0, rows_valid, tid, smem_main);
   } else {
-    StageQueryFragments<T, D, kRT>(p, qs, seq, head0, rows_valid, tid);
+    StageQueryFragments<T, D, kRT, false, kW>(p, qs, seq, head0, rows_valid, tid);
   }
   float alibi[kRT][2];
 #pragma unroll
@@ -2085,7 +2099,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
   }
 
   if constexpr (kPair) {
-    PipePairLoop<T, C, D, kRT, decltype(qf), decltype(issue)>(
+    PipePairLoop<T, C, D, kRT, decltype(qf), decltype(issue), kW>(
         p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles, issue, m_run, l_run,
         acc);
   } else {
@@ -2097,7 +2111,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
 
       const unsigned char* ks = ring + stage * L::kStageBytes;
       const unsigned char* vs = ks + L::kKTileBytes;
-      const int tok0 = r.tile_base + kTile * (warp + kWarps * q);
+      const int tok0 = r.tile_base + kTile * (warp + kW * q);
 
       // ---- V fragments (independent of the scores: loaded first, consumed after the softmax).
       typename Io::Span vr[2][S::kChunks];
@@ -2158,7 +2172,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, (MmaMinBlocks<D, kRT>()))
     StoreWarpRows<D>(p, st, so, warp, gid, tig, kMmaRows * rt, m_run[rt], l_run[rt], acc[rt]);
   }
   SyncThreads();
-  FinishPartition<T, D>(p, so, st, rows_valid, head0, seq, part);
+  FinishPartition<T, D, kW>(p, so, st, rows_valid, head0, seq, part);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -2606,6 +2620,37 @@ inline int TwoRowTileStages(const Params& p) {
   return stages >= kMinPairStages ? stages : 0;
 }
 
+/*!
+ * \brief Launches CTAs of kWideWarps<D> warps (16 query heads, two-tile steps; `asked_stages`:
+ * Params::stages as the caller set it) for an unsplit launch of KV heads with at most 16 query
+ * heads whose grid has at most p.wide_warps_max_ctas CTAs (the device's SM count), where their
+ * ring has at least
+ * kMinPairStages stages at one CTA per SM; false otherwise (nothing launched). Such a grid leaves
+ * each SM at most one CTA: CTAs of 4 warps would leave most of its warp slots empty, and a split
+ * into more CTAs pays the merge kernel. A wide CTA's warps take the CTA's tiles in turn (warp w:
+ * tiles w, w + kW, ...) and merge their softmax states in shared memory, as 4 warps do. Split
+ * launches keep 4 warps: on an H100 (2026-12-05) wide CTAs with half the partitions were 1-7%
+ * slower than 4-warp CTAs with the wave plan's on every split decode case but one, while the
+ * unsplit GQA-4 d64 case (128 CTAs, against 3 partitions of 4-warp CTAs) was 5% faster.
+ * Fused launches take them too, so that they stay bit for bit the two kernels they replace.
+ * Larger groups keep CTAs of 4 warps: their 16- and 32-row CTAs give the same bits (fused launches
+ * take 32), which a wide CTA's merge order would not.
+ */
+template <typename T, typename C, int D, typename Launcher>
+bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& launch) {
+  constexpr int kW = kWideWarps<D>;
+  const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
+  if (p.num_partitions > 1 || p.group > kMmaRows || ctas > p.wide_warps_max_ctas) return false;
+  Params asked = p;
+  asked.stages = asked_stages;  // automatic (or forced) depth, for the wide CTA's own budget
+  const int stages = ChooseStages<C, D, 1, kW>(asked, p.rows, 1);
+  if (stages < kMinPairStages) return false;
+  p.stages = stages;
+  launch(PagedAttentionPipeKernel<T, C, D, true, 1, kW>, grid, 32 * kW,
+         PipeSmemBytes<C, D, 1, kW>(stages, p.rows), p);
+  return true;
+}
+
 /*! \brief What a dispatch did: launched, or declined a fused launch (nothing launched). */
 enum class Dispatched { kLaunched, kDeclined, kNotTaken };
 
@@ -2671,6 +2716,7 @@ bool RunHeadSize(Params p, Launcher& launch) {
                         static_cast<unsigned>(p.num_partitions)};
     // The pipelined kernel unless the launch forces the register kernel or the device's shared
     // memory is unknown or too small for two stages (ChooseStages).
+    const int asked_stages = p.stages;
     p.stages = ChooseStages<C, D>(p, p.rows, MmaMinBlocks<D>());
     if (p.stages >= kMinStages) {
       SetReleaseAtStart(p, grid);
@@ -2681,8 +2727,10 @@ bool RunHeadSize(Params p, Launcher& launch) {
                          ? 2
                          : 1;
       if (p.step_tiles == 2) {
-        launch(PagedAttentionPipeKernel<T, C, D, true>, grid, kThreads,
-               PipeSmemBytes<C, D>(p.stages, p.rows), p);
+        if (!RunWideCtas<T, C, D>(p, asked_stages, grid, launch)) {
+          launch(PagedAttentionPipeKernel<T, C, D, true>, grid, kThreads,
+                 PipeSmemBytes<C, D>(p.stages, p.rows), p);
+        }
       } else {
         launch(PagedAttentionPipeKernel<T, C, D, false>, grid, kThreads,
                PipeSmemBytes<C, D>(p.stages, p.rows), p);

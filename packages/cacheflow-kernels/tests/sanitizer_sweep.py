@@ -72,9 +72,10 @@ def sweep_paged_attention() -> int:
             _close(case["out"], want, dtype, f"paged_attention {dtype} ctx{ctx} d{d} bs{bs}")
             calls += 1
     # CTAs of 32 query heads (each warp both row tiles) and of 16, each forced (the default picks
-    # one by the grid's size).
-    for rows in ("32", "16"):
-        os.environ["CACHEFLOW_PA_ROWS"] = rows
+    # one by the grid's size), and CTAs of 4 warps forced (the small grids above take wide CTAs).
+    for env, rows in (("CACHEFLOW_PA_ROWS", "32"), ("CACHEFLOW_PA_ROWS", "16"),
+                      ("CACHEFLOW_PA_WARPS", "4")):
+        os.environ[env] = rows
         try:
             for ctx, heads, kv, d, part in (([1, 45, 300], 32, 1, 128, None),
                                             ([700, 9], 48, 2, 64, 128)):
@@ -86,10 +87,10 @@ def sweep_paged_attention() -> int:
                                    partition_size=part)
                 want = pa.oracle(case["query"], case["key_cache"], case["value_cache"],
                                  case["block_tables"], case["context_lens"], case["scale"], None)
-                _close(case["out"], want, torch.float16, f"paged_attention rows={rows} d{d}")
+                _close(case["out"], want, torch.float16, f"paged_attention {env}={rows} d{d}")
                 calls += 1
         finally:
-            del os.environ["CACHEFLOW_PA_ROWS"]
+            del os.environ[env]
     return calls
 
 

@@ -551,29 +551,59 @@ def test_plan_explicit_partition_size() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "head_size", "expected"),
+    ("args", "head_size", "four_warps", "wide"),
     [
         # 512 CTAs on 132 SMs x 3: 1.3 waves, a tail of one CTA per SM -> two partitions
-        ((16, 32, 32, 8192), 128, (4096, 2)),
+        ((16, 32, 32, 8192), 128, (4096, 2), (4096, 2)),
         # whole waves already, or many of them: no split
-        ((64, 32, 32, 2048), 128, (0, 1)),
-        ((64, 32, 4, 2048), 128, (0, 1)),
-        ((16, 16, 16, 4096), 256, (0, 1)),
-        ((256, 32, 32, 512), 128, (0, 1)),
-        # few CTAs: about two per SM (the saturating count of 3 resident), long partitions
-        ((1, 32, 32, 32768), 128, (4096, 8)),
-        # 32 CTAs of 32 heads (2 resident per SM, one saturates): one CTA per SM, no second
-        ((32, 32, 1, 4096), 128, (1024, 4)),
-        ((128, 32, 1, 1024), 128, (0, 1)),
-        ((8, 32, 4, 8192), 128, (1024, 8)),
-        ((1, 32, 4, 32768), 128, (512, 64)),
-        # head size 64: 4 resident, 3 saturating
-        ((16, 32, 8, 4096), 64, (1408, 3)),
+        ((64, 32, 32, 2048), 128, (0, 1), (0, 1)),
+        ((64, 32, 4, 2048), 128, (0, 1), (0, 1)),
+        ((16, 16, 16, 4096), 256, (0, 1), (0, 1)),
+        ((256, 32, 32, 512), 128, (0, 1), (0, 1)),
+        # few CTAs: about two per SM (the saturating count of 3 resident), long partitions (wide
+        # CTAs run unsplit grids only: these stay split)
+        ((1, 32, 32, 32768), 128, (4096, 8), (4096, 8)),
+        ((32, 32, 1, 4096), 128, (1024, 4), (1024, 4)),
+        ((128, 32, 1, 1024), 128, (0, 1), (0, 1)),
+        ((8, 32, 4, 8192), 128, (1024, 8), (1024, 8)),
+        ((1, 32, 4, 32768), 128, (512, 64), (512, 64)),
+        # head size 64: 4 resident, 3 saturating; 128 unsplit wide CTAs, one per SM, beat 3
+        # partitions of 4-warp CTAs and the merge
+        ((16, 32, 8, 4096), 64, (1408, 3), (0, 1)),
+        ((4, 32, 32, 2048), 128, (1024, 2), (0, 1)),
     ],
 )
-def test_plan_wave_model(args: tuple[int, int, int, int], head_size: int,
-                         expected: tuple[int, int]) -> None:
-    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == expected
+def test_plan_wave_model(monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, int, int],
+                         head_size: int, four_warps: tuple[int, int],
+                         wide: tuple[int, int]) -> None:
+    """The plan for CTAs of 4 warps (CACHEFLOW_PA_WARPS=4) and with wide CTAs (the default)
+    for grids of at most one CTA per SM."""
+    monkeypatch.setenv(_attention_ops.WARPS_ENV, "4")
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == four_warps
+    monkeypatch.delenv(_attention_ops.WARPS_ENV)
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == wide
+
+
+def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide CTAs (the warps of ``resident`` 4-warp CTAs in one) at head sizes up to 128 and
+    groups of at most 16 query heads: an unsplit plan whose grid has at most one CTA per SM is
+    costed at the saturated rate; split plans keep the 4-warp model."""
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    allowed = _attention_ops.wide_ctas_allowed
+    assert [allowed(d, 16) for d in (64, 80, 96, 112, 128, 256)] == [
+        True, True, True, True, True, False]
+    assert allowed(128, 1) and not allowed(128, 17)  # larger groups keep CTAs of 4 warps
+    work = 4096 + _attention_ops._CTA_OVERHEAD_TOKENS
+    assert plan_time(128, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 3)
+    assert plan_time(128, 1, 4096, 132, 4, 16) == pytest.approx(work)
+    # a split plan, or a grid of more than one CTA per SM, is costed as before
+    for ctas, parts in ((128, 3), (133, 1)):
+        assert plan_time(ctas, parts, 4096, 132, 4, 16, wide=True) == \
+            plan_time(ctas, parts, 4096, 132, 4, 16)
+    assert plan_partitions(16, 32, 8, 4096, 132, head_size=64, split="wave") == (0, 1)
+    monkeypatch.setenv(_attention_ops.WARPS_ENV, "4")
+    assert not allowed(128, 16)
+    assert plan_partitions(16, 32, 8, 4096, 132, head_size=64, split="wave") == (1408, 3)
 
 
 def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:

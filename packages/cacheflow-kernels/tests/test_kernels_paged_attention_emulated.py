@@ -91,6 +91,12 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.last_rows = dll.cf_emu_last_rows
     fn.last_rows.restype = ctypes.c_int
     fn.last_rows.argtypes = []
+    fn.main_warps = dll.cf_emu_main_warps
+    fn.main_warps.restype = ctypes.c_int
+    fn.main_warps.argtypes = []
+    fn.set_wide_warps = dll.cf_emu_set_wide_warps
+    fn.set_wide_warps.restype = None
+    fn.set_wide_warps.argtypes = [ctypes.c_int]
     return fn
 
 
@@ -132,11 +138,13 @@ def _default_pipeline(emu: Any) -> Any:
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
+    emu.set_wide_warps(0)
     yield
     configure(emu)
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
+    emu.set_wide_warps(0)
 
 
 def _ptr(x: Any) -> int | None:
@@ -738,6 +746,108 @@ def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
     configure(emu, stages=3)
     _check_pipeline(emu, case, scales, dtype, "3 stages")
     assert emu.last_rows() == 16
+
+
+# ---- Wide CTAs: one CTA per SM with the warps of several (grids of at most one CTA per SM).
+
+ANY_GRID = 1 << 20  # wide_warps_max_ctas that every test grid is under
+
+
+@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "window", "warps"), [
+    ("float16", 64, (8, 2), [300, 5, 129], 0, 16),       # most warps of the 5-token CTA see no
+                                                         # tile
+    ("bfloat16", 128, (16, 1), [400, 70], 0, 12),
+    ("fp8-float16", 96, (8, 1), [257, 64], 100, 16),     # FP8, sliding window
+    ("fp8-bfloat16", 128, (4, 4), [1000, 0], 0, 12),     # MHA, an empty context
+    ("float16", 80, (6, 2), [77, 33], 0, 16),            # half span and V tail tiles
+    ("fp8-float16", 112, (8, 2), [140], 0, 12),
+])
+def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: int,
+                                               heads: tuple[int, int], ctx_lens: list[int],
+                                               window: int, warps: int) -> None:
+    """An unsplit grid of at most wide_warps_max_ctas CTAs (the SM count on the GPU) runs CTAs
+    of kWideWarps warps (4 x MmaMinBlocks: 16 up to head size 96, 12 up to 128) whose warps
+    take the CTA's tiles in turn and merge in shared memory: output and log-sum-exp match the
+    oracle (ALiBi included) and 4-warp CTAs, up to the merge order."""
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
+                                         seed=70 + head_size, alibi=True)
+    emu.set_wide_warps(ANY_GRID)
+    _check_pipeline(emu, case, scales, dtype, f"{kind} wide CTAs", sliding_window=window)
+    assert emu.main_warps() == warps
+    assert last_launch(emu)[1] == 2
+    wide = case["out"].clone()
+    emu.set_wide_warps(0)
+    case["out"].fill_(float("nan"))
+    _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs", sliding_window=window)
+    assert emu.main_warps() == 4
+    assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
+
+
+def test_wide_ctas_only_for_small_unsplit_grids(emu: Any) -> None:
+    """The grid's CTAs (KV heads x head groups x sequences) decide: at the limit wide CTAs, one
+    CTA more than the limit CTAs of 4 warps; a split launch keeps CTAs of 4 warps."""
+    case, scales, dtype = _pipeline_case("float16", 128, [200, 90, 31], heads=(8, 2), seed=71)
+    ctas = 2 * 3  # 2 KV heads x 3 sequences
+    for limit, partition, warps in ((ctas, 0, 12), (ctas - 1, 0, 4), (ANY_GRID, 64, 4)):
+        emu.set_wide_warps(limit)
+        case["out"].fill_(float("nan"))
+        _check_pipeline(emu, case, scales, dtype, f"limit {limit}", partition_size=partition)
+        assert emu.main_warps() == warps
+
+
+def test_wide_ctas_need_pair_steps_and_deep_rings(emu: Any) -> None:
+    """CTAs of 4 warps stay: with one-tile steps, a ring forced below four stages, 16-bit head
+    size 256 (four stages of 8 warps do not fit an SM's shared memory; at 112, four of 12 do),
+    and groups of more than 16 query heads (in CTAs of 32 or 16)."""
+    emu.set_wide_warps(ANY_GRID)
+    case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(8, 2), seed=72)
+    set_step(emu, 1)
+    _check_pipeline(emu, case, scales, dtype, "one-tile steps")
+    assert emu.main_warps() == 4
+    set_step(emu)
+    configure(emu, stages=3)
+    _check_pipeline(emu, case, scales, dtype, "3 stages")
+    assert emu.main_warps() == 4
+    configure(emu)
+    for head_size, warps in ((256, 4), (112, 12)):
+        case, scales, dtype = _pipeline_case("bfloat16", head_size, [90], heads=(4, 2), seed=73)
+        _check_pipeline(emu, case, scales, dtype, f"head size {head_size}")
+        assert emu.main_warps() == warps
+    case, scales, dtype = _pipeline_case("float16", 128, [90], heads=(32, 1), seed=74)
+    _check_pipeline(emu, case, scales, dtype, "32-row CTAs")
+    assert emu.last_rows() == 32 and emu.main_warps() == 4
+    # groups above 16 keep 4 warps in CTAs of 16 too (bit for bit the 32-row CTAs)
+    emu.set_layout(16, 0, 0)
+    _check_pipeline(emu, case, scales, dtype, "16-row CTAs of a 32-head group")
+    assert emu.last_rows() == 16 and emu.main_warps() == 4
+
+
+def test_wide_ctas_fused_launch_matches_the_two_kernels(emu: Any) -> None:
+    """A fused launch (rotary and the new token's store in the attention kernel) on a grid small
+    enough for wide CTAs takes them too, so its output is bit for bit that of
+    rotary_embedding_with_cache followed by a wide unfused launch, and its cache the same."""
+    case = make_case([129, 8], num_heads=8, num_kv_heads=2, head_size=128, dtype=torch.float16,
+                     seed=75, q_scale=2.0)
+    gen = torch.Generator().manual_seed(8)
+    key = (torch.randn(2, 2 * 128, generator=gen) * 3).to(torch.float16)
+    value = (torch.randn(2, 2 * 128, generator=gen) * 3).to(torch.float16)
+    positions = torch.tensor([128, 7], dtype=torch.int64)
+    slots = new_token_slots(case)
+    table = rotary_table(200, 128)
+    emu.set_wide_warps(ANY_GRID)
+    ref = _clone(case)
+    ref["query"] = rotate_like_kernel(case["query"], table, positions, True)
+    ref["key_cache"].view(-1, 2, 128)[slots] = rotate_like_kernel(key.reshape(2, 2, 128), table,
+                                                                  positions, True)
+    ref["value_cache"].view(-1, 2, 128)[slots] = value.reshape(2, 2, 128)
+    assert run_emulated(emu, ref) == 1
+    assert emu.main_warps() == 12
+    fused = _clone(case)
+    assert run_fused(emu, fused, key, value, positions, slots, table, True) == 1
+    assert emu.main_warps() == 12
+    assert torch.equal(fused["out"], ref["out"])
+    for name in ("key_cache", "value_cache"):  # byte views: spare slots hold NaN
+        assert torch.equal(fused[name].view(torch.uint8), ref[name].view(torch.uint8)), name
 
 
 def _strided_query(case: dict[str, Any], extra_heads: int) -> int:

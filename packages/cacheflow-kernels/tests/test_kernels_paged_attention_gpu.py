@@ -353,7 +353,8 @@ def test_log_sum_exp_output(partition: int | None, dtype: str, head_size: int,
 # "pipeline" is the default (two-tile steps where the depth allows, lazy rescaling, the wave
 # split plan, CTAs of 32 query heads for groups above 16 where the grid has one per SM, else 16);
 # "step8" / "eager" / "split_fill" switch one of those back to the previous kernel's, "rows32"
-# forces CTAs of 32 heads (the small grids of these tests otherwise take CTAs of 16).
+# forces CTAs of 32 heads (the small grids of these tests otherwise take CTAs of 16), "warps4"
+# CTAs of 4 warps (grids of at most one CTA per SM otherwise take wide CTAs).
 PIPELINE_ENVS = {
     "pipeline": {},
     "register": {"CACHEFLOW_PA_PIPELINE": "0"},
@@ -363,6 +364,7 @@ PIPELINE_ENVS = {
     "eager": {"CACHEFLOW_PA_RESCALE_THRESHOLD": "-1"},
     "split_fill": {"CACHEFLOW_PA_SPLIT": "fill"},
     "rows32": {"CACHEFLOW_PA_ROWS": "32"},
+    "warps4": {"CACHEFLOW_PA_WARPS": "4"},
 }
 _ENV_NAMES = sorted({name for env in PIPELINE_ENVS.values() for name in env})
 

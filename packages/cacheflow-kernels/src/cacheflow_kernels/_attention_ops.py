@@ -36,15 +36,22 @@ ROWS_ENV = "CACHEFLOW_PA_ROWS"
 SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
 #: The wave planner's shortest partition.
 MIN_WAVE_PARTITION = 256
+#: Environment variable: "4" keeps the decode kernel's CTAs at 4 warps where an unsplit grid of at
+#: most one CTA per SM would otherwise run wide CTAs (:func:`wide_ctas_allowed`; the kernel reads
+#: it at every launch, the planner at every call).
+WARPS_ENV = "CACHEFLOW_PA_WARPS"
+#: Head sizes at which a wide CTA's ring of four two-tile stages fits an SM's shared memory with
+#: a 16-bit cache (16 warps up to 96, 12 at 112 and 128; not 256).
+_WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # The wave planner's cost model, in units of one context token of one CTA (its K and V rows):
 # fixed work of a CTA (query load, pipeline fill and drain, merge of its warps, output), and the
 # merge kernel of a split (its launch and run, once per call). Design estimates of this kernel,
 # not measurements of one card.
 _CTA_OVERHEAD_TOKENS = 64
 _MERGE_FIXED_TOKENS = 128
-# The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows) ->
+# The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows, wide) ->
 # partitions, so a decode loop (max_context_len + 1 per step) evaluates the model once per bucket.
-_WAVE_PLANS: dict[tuple[int, int, int, int, int], int] = {}
+_WAVE_PLANS: dict[tuple[int, int, int, int, int, bool], int] = {}
 _WAVE_PLANS_MAX = 4096
 
 _QUERY = ("num_seqs", "num_heads", "head_size")
@@ -183,6 +190,17 @@ def cta_heads(group: int, head_size: int, kv_rows: int, num_sms: int) -> int:
     return _HEADS_PER_CTA_WIDE if wide_ctas >= num_sms else _HEADS_PER_CTA
 
 
+def wide_ctas_allowed(head_size: int, group: int) -> bool:
+    """Whether the decode kernel runs wide CTAs (``RunWideCtas`` in paged_attention.cuh: the warps
+    of ``resident_ctas_per_sm`` CTAs of 4 warps in one CTA, one per SM) for unsplit grids of at
+    most one CTA per SM: ``group`` (query heads per KV head) at most 16, head sizes up to 128,
+    unless ``CACHEFLOW_PA_WARPS`` is "4". (The kernel also takes them for FP8 caches at head
+    size 256; where the two differ the plan is only less tuned, never wrong.)"""
+    if os.environ.get(WARPS_ENV) == "4":
+        return False
+    return group <= _HEADS_PER_CTA and head_size in _WIDE_HEAD_SIZES
+
+
 def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:
     """CTAs per multiprocessor that the wave planner assumes saturate its share of the memory
     bandwidth, for ``resident`` resident CTAs of ``rows`` query heads: two thirds of them,
@@ -198,7 +216,7 @@ def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:
 
 
 def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, resident: int,
-              rows: int) -> float:
+              rows: int, wide: bool = False) -> float:
     """The wave planner's cost of cutting ``max_context_len`` into ``parts`` partitions, for a
     grid of ``ctas`` CTAs per partition on ``num_sms`` multiprocessors holding ``resident`` CTAs
     each, in units of one CTA token at the latency-bound rate (relative: only comparisons).
@@ -210,10 +228,16 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     overhead, plus its share of the merge traffic when split (``rows`` partial rows of
     ``head_size + 2`` floats written and read again: about 2 * rows tokens of 16-bit K/V); a
     split adds the merge kernel once.
+
+    ``wide`` (:func:`wide_ctas_allowed`): an unsplit grid of at most one CTA per SM runs wide
+    CTAs, each with the warps of ``resident`` CTAs, which moves its tokens at the saturated rate:
+    ``s`` times a lone CTA's.
     """
     sat = saturating_ctas_per_sm(resident, rows)
     size = -(-max_context_len // parts)
     work = size + _CTA_OVERHEAD_TOKENS + (2 * rows if parts > 1 else 0)
+    if wide and parts == 1 and ctas <= num_sms:
+        return work / sat
     n = -(-ctas * parts // num_sms)
     full, rem = divmod(n, resident)
     units = full * resident + (max(rem, sat) if rem else 0)
@@ -221,7 +245,7 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
 
 
 def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: int,
-                     rows: int) -> int:
+                     rows: int, wide: bool = False) -> int:
     """The partition count minimizing :func:`plan_time` (fewest partitions among ties). For a
     given count n of CTAs on the busiest SM the most partitions that keep it are best (shorter
     CTAs), so only those counts (n = 1 .. 8 * resident) and the largest allowed are tried."""
@@ -235,9 +259,9 @@ def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: in
             break
         if parts > 1:
             candidates.add(parts)
-    best, best_time = 1, plan_time(ctas, 1, max_context_len, num_sms, resident, rows)
+    best, best_time = 1, plan_time(ctas, 1, max_context_len, num_sms, resident, rows, wide)
     for parts in sorted(candidates - {1}):
-        t = plan_time(ctas, parts, max_context_len, num_sms, resident, rows)
+        t = plan_time(ctas, parts, max_context_len, num_sms, resident, rows, wide)
         if t < best_time * (1 - 1e-9):
             best, best_time = parts, t
     return best
@@ -264,7 +288,9 @@ def plan_partitions(
       ``resident_ctas_per_sm(head_size)`` CTAs each, waves and their tail included (e.g. 512
       CTAs on 132 SMs x 3 leave a tail of one CTA per SM that runs at a latency-bound rate for
       a third of the call: two partitions are cheaper), with a per-CTA overhead and the merge's
-      cost; partitions of at least MIN_WAVE_PARTITION tokens.
+      cost; partitions of at least MIN_WAVE_PARTITION tokens. Where the kernel runs wide CTAs
+      (:func:`wide_ctas_allowed`) for unsplit grids of at most one CTA per SM, that plan is
+      costed as those (``wide`` in :func:`plan_time`).
     - ``"fill"`` (the plan of 2026-12-03): as many partitions as still fit the whole grid in one
       wave of resident CTAs, none shorter than MIN_AUTO_PARTITION tokens; no split when even two
       partitions would not fit.
@@ -292,10 +318,12 @@ def plan_partitions(
         # partition is shorter than MIN_WAVE_PARTITION).
         bucket = max_context_len // PARTITION_ALIGN
         rows = min(group, heads_per_cta)
-        key = (ctas, bucket, num_sms, resident, rows)
+        wide = wide_ctas_allowed(head_size, group)
+        key = (ctas, bucket, num_sms, resident, rows, wide)
         parts = _WAVE_PLANS.get(key, 0)
         if parts == 0:
-            parts = _wave_partitions(ctas, bucket * PARTITION_ALIGN, num_sms, resident, rows)
+            parts = _wave_partitions(ctas, bucket * PARTITION_ALIGN, num_sms, resident, rows,
+                                     wide)
             if len(_WAVE_PLANS) >= _WAVE_PLANS_MAX:
                 _WAVE_PLANS.clear()
             _WAVE_PLANS[key] = parts

@@ -17,6 +17,7 @@ namespace pa = cacheflow::paged_attention;
 int g_last_stages = -1;
 int g_last_step_tiles = -1;
 int g_last_rows = -1;
+int g_main_warps = -1;  // warps per CTA of the last call's first (main) kernel
 
 struct EmuLauncher {
   template <typename... Args>
@@ -25,6 +26,7 @@ struct EmuLauncher {
     g_last_stages = p.stages;
     g_last_step_tiles = p.step_tiles;
     g_last_rows = p.rows;
+    if (g_main_warps < 0) g_main_warps = threads / 32;
     pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
       kernel(p);
     });
@@ -44,6 +46,7 @@ int g_step_tiles = pa::kDefaultStepTiles;
 float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
 int g_wide_rows_min_ctas = 0;  // kCtaRowsAuto takes 32 rows for every grid (the launch: SMs)
+int g_wide_warps_max_ctas = 0;  // CTAs of 4 warps only (the launch: the SM count)
 int64_t g_query_stride = 0;  // 0: contiguous query
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
 struct NewToken {
@@ -92,6 +95,15 @@ extern "C" void cf_emu_set_cta_order(int reverse) { pa_emu::g_reverse_ctas = rev
 
 /*! \brief Query heads per CTA (Params::rows) the dispatch used at the last launch. */
 extern "C" int cf_emu_last_rows() { return g_last_rows; }
+
+/*! \brief Warps per CTA of the last call's main kernel. */
+extern "C" int cf_emu_main_warps() { return g_main_warps; }
+
+/*!
+ * \brief Sets Params::wide_warps_max_ctas (the device's SM count on the GPU; 0: CTAs of 4 warps
+ * only) of the following runs.
+ */
+extern "C" void cf_emu_set_wide_warps(int max_ctas) { g_wide_warps_max_ctas = max_ctas; }
 
 /*!
  * \brief Sets Params::step_tiles (1 or 2; CACHEFLOW_PA_STEP on the GPU) and
@@ -190,6 +202,7 @@ extern "C" int cf_emu_paged_attention(
   p.rescale_threshold = g_rescale_threshold;
   p.cta_rows = g_cta_rows;
   p.wide_rows_min_ctas = g_wide_rows_min_ctas;
+  p.wide_warps_max_ctas = g_wide_warps_max_ctas;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
   const NewToken& nt = g_new_token;
   if (nt.key != nullptr) {
@@ -235,6 +248,7 @@ extern "C" int cf_emu_paged_attention(
   }
   if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
   EmuLauncher launch;
+  g_main_warps = -1;
   bool ran = false;
   switch (dtype + (fp8 ? 4 : 0)) {
     case 0: ran = pa::Run<pa_emu::Half>(p, launch); break;
