@@ -26,7 +26,9 @@ same process; ``--stages`` times forced pipeline depths (CACHEFLOW_PA_STAGES) on
 ``--compare-previous`` also times every case with earlier defaults, in the same process
 (``previous`` fields; ``--previous-variants`` picks them): ``previous``, CTAs of 32 query heads
 for every group above 16 (CACHEFLOW_PA_ROWS=32, the default from ae5ccc7 to 2026-12-05);
-``rows16``, CTAs of 16 for every group (CACHEFLOW_PA_ROWS=16); ``dec03``, the first kernel of
+``rows16``, CTAs of 16 for every group (CACHEFLOW_PA_ROWS=16); ``warps4``, CTAs of 4 warps
+where small unsplit grids take wide CTAs (CACHEFLOW_PA_WARPS=4, the default before
+2026-12-05 19:00); ``dec03``, the first kernel of
 2026-12-03 (also one-tile steps, CACHEFLOW_PA_STEP=8, and the one-wave split plan,
 CACHEFLOW_PA_SPLIT=fill); and earlier choices alone switched back (``old_step``,
 ``old_split``, ``eager_rescale``: CACHEFLOW_PA_RESCALE_THRESHOLD=-1).
@@ -477,8 +479,8 @@ def print_table(bench: Bench, results: list[Result]) -> None:
     prev = [r for r in results if r.previous]
     if prev:
         print("\nagainst earlier defaults (us per call; x = that time / the default's; "
-              f"previous = {ROWS_ENV}=32, rows16 = {ROWS_ENV}=16, dec03 = {ROWS_ENV}=16 "
-              f"{STEP_ENV}=8 {SPLIT_ENV}=fill):")
+              f"previous = {ROWS_ENV}=32, rows16 = {ROWS_ENV}=16, warps4 = {WARPS_ENV}=4, "
+              f"dec03 = {ROWS_ENV}=16 {STEP_ENV}=8 {SPLIT_ENV}=fill):")
         for r in prev:
             cells = "  ".join(f"{k} {v} ({v / r.time_us:.2f}x, {r.previous_split.get(k, '')})"
                               for k, v in r.previous.items())

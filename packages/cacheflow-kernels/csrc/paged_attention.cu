@@ -342,7 +342,8 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   // a grid of 32-row CTAs with fewer CTAs than multiprocessors (kCtaRowsAuto).
   p.combine_slots_max_ctas = sms;
   p.wide_rows_min_ctas = sms;
-  // So does a grid of at most one CTA per multiprocessor: CTAs of kWideWarps<D> warps.
+  // An unsplit grid of at most one CTA per multiprocessor (groups up to 16 heads) runs CTAs of
+  // kWideWarps<D> warps (RunWideCtas).
   p.wide_warps_max_ctas = WideWarpsMaxCtas(sms);
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
