@@ -57,6 +57,8 @@ KERNEL_WHEEL_INPUTS = ("csrc", "src", "CMakeLists.txt", "pyproject.toml", "READM
 # The one architecture a machine without a GPU compiles for (the library is only loaded there,
 # for its argument checks; no kernel runs). CACHEFLOW_CUDA_ARCHS overrides it.
 NO_GPU_ARCH = "90"
+# Environment variables that change what the kernel wheel's build compiles (CMakeLists.txt).
+KERNEL_BUILD_OPTIONS = ("CACHEFLOW_PA_LDSM_V",)
 KEEP_WHEELS = 4  # wheelhouse entries kept (newest first); older ones are deleted
 
 
@@ -124,15 +126,17 @@ def _nvcc_identity(nvcc: str) -> str:
 def kernel_wheel(session: nox.Session) -> str:
     """The kernel wheel for this source tree, built on first use and kept in the wheelhouse.
 
-    The key hashes the wheel's inputs (``KERNEL_WHEEL_INPUTS``), the nvcc (path and version)
-    and the architectures, so sessions and later runs reuse one build until one of them changes.
+    The key hashes the wheel's inputs (``KERNEL_WHEEL_INPUTS``), the nvcc (path and version),
+    the architectures and the kernels' build options (``KERNEL_BUILD_OPTIONS``), so sessions and
+    later runs reuse one build until one of them changes.
     """
     env = kernel_build_env(session)
     nvcc = env.get("CUDACXX")
     package = ROOT / PACKAGES["kernels"]
     key = _tree_hash([package / p for p in KERNEL_WHEEL_INPUTS],
                      env.get("CACHEFLOW_CUDA_ARCHS", "cpu-only"),
-                     _nvcc_identity(nvcc) if nvcc else "no-nvcc")[:16]
+                     _nvcc_identity(nvcc) if nvcc else "no-nvcc",
+                     *(f"{k}={os.environ.get(k, '')}" for k in KERNEL_BUILD_OPTIONS))[:16]
     folder = WHEELHOUSE / key
     found = sorted(folder.glob("cacheflow_kernels-*.whl"))
     what = (f"CUDA archs {env['CACHEFLOW_CUDA_ARCHS']}, {nvcc}" if nvcc

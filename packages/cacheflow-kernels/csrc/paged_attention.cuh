@@ -194,6 +194,19 @@ PA_DEVICE void CpAsyncWait(int n) {
   }
 }
 
+/*!
+ * \brief ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8x8 matrices of 16-bit elements,
+ * matrix j's row i at the 16-byte-aligned shared address `row` of lane 8j + i; r[j] of lane l
+ * gets elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) of matrix j (low half first), i.e.
+ * an MMA B-fragment word of a matrix stored with its k index along the rows.
+ */
+PA_DEVICE void LdMatrixX4Trans(const unsigned char* row, uint32_t (&r)[4]) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 template <typename T>
 struct Dtype;
 
@@ -1153,9 +1166,10 @@ PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int
 /*!
  * \brief One warp's state of the 16 fragment rows row_base .. row_base + 15 into the merge buffer
  * `so` and the statistics (the row sums are reduced over the quad first). Rows at or past p.rows
- * keep only their statistics.
+ * keep only their statistics. kNatural: the accumulators' d-tiles are in natural order (column n
+ * of d-tile i is dim 8 i + n; the two-tile step with ldmatrix), else in the permuted order above.
  */
-template <int D>
+template <int D, bool kNatural = false>
 PA_DEVICE void StoreWarpRows(const Params& p, const Stats& st, float* so, int warp, int gid,
                              int tig, int row_base, const float (&m_run)[2], float (&l_run)[2],
                              const float (&acc)[MmaShape<D>::kDTiles][4]) {
@@ -1175,25 +1189,33 @@ PA_DEVICE void StoreWarpRows(const Params& p, const Stats& st, float* so, int wa
     }
     if (row < rows) {
       float* o_row = so + (warp * rows + row) * (D + kOutPad);
+      if constexpr (kNatural) {
 #pragma unroll
-      for (int c = 0; c < S::kChunks; ++c) {
-#pragma unroll
-        for (int h4 = 0; h4 < 2; ++h4) {
-          const int i = 8 * c + 4 * h4;
-          // column 2t of d-tile 8c + e is dim 64c + 16t + e; column 2t + 1 is dim + 8.
-          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 4 * h4) =
-              make_float4(acc[i][2 * hh], acc[i + 1][2 * hh], acc[i + 2][2 * hh],
-                          acc[i + 3][2 * hh]);
-          *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 8 + 4 * h4) =
-              make_float4(acc[i][2 * hh + 1], acc[i + 1][2 * hh + 1], acc[i + 2][2 * hh + 1],
-                          acc[i + 3][2 * hh + 1]);
+        for (int i = 0; i < S::kDTiles; ++i) {
+          *reinterpret_cast<float2*>(o_row + 8 * i + 2 * tig) =
+              make_float2(acc[i][2 * hh], acc[i][2 * hh + 1]);
         }
-      }
+      } else {
 #pragma unroll
-      for (int e = 0; e < S::kTailTiles; ++e) {
-        const int i = 8 * S::kChunks + e;
-        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig) + e] = acc[i][2 * hh];
-        o_row[64 * S::kChunks + S::kTailTiles * (2 * tig + 1) + e] = acc[i][2 * hh + 1];
+        for (int c = 0; c < S::kChunks; ++c) {
+#pragma unroll
+          for (int h4 = 0; h4 < 2; ++h4) {
+            const int i = 8 * c + 4 * h4;
+            // column 2t of d-tile 8c + e is dim 64c + 16t + e; column 2t + 1 is dim + 8.
+            *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 4 * h4) =
+                make_float4(acc[i][2 * hh], acc[i + 1][2 * hh], acc[i + 2][2 * hh],
+                            acc[i + 3][2 * hh]);
+            *reinterpret_cast<float4*>(o_row + 64 * c + 16 * tig + 8 + 4 * h4) =
+                make_float4(acc[i][2 * hh + 1], acc[i + 1][2 * hh + 1], acc[i + 2][2 * hh + 1],
+                            acc[i + 3][2 * hh + 1]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < S::kTailTiles; ++e) {
+          const int i = 8 * S::kChunks + e;
+          o_row[64 * S::kChunks + S::kTailTiles * (2 * tig) + e] = acc[i][2 * hh];
+          o_row[64 * S::kChunks + S::kTailTiles * (2 * tig + 1) + e] = acc[i][2 * hh + 1];
+        }
       }
     }
   }
@@ -1446,6 +1468,16 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 // (ChooseStages): as many stages (<= kMaxAutoStages) as fit while the register-limited number of
 // CTAs per SM (MmaMinBlocks) still fits in the multiprocessor's shared memory.
 
+// The two-tile step's 16-bit V fragments through ldmatrix.x4.trans instead of 16-byte shared
+// loads and byte permutes (PipeLdsmV; the V layout is then also costed for it, see TileCost):
+// 32 fewer permutes per 16-token step at head size 128. A build option (CMake
+// CACHEFLOW_PA_LDSM_V, or the environment variable of that name at build time) until it has
+// been measured on a GPU; the emulated tests run the kernels both ways.
+#ifndef CACHEFLOW_PA_LDSM_V
+#define CACHEFLOW_PA_LDSM_V 0
+#endif
+constexpr bool kPipeLdsmV = CACHEFLOW_PA_LDSM_V != 0;
+
 namespace pipe_layout {
 
 struct RowLayout {
@@ -1489,8 +1521,29 @@ constexpr int LoadCost(const RowLayout& l, int width, const int (&row)[32], cons
   return cost;
 }
 
+/*! \brief Wavefronts of the two-tile step's ldmatrix.x4.trans of 16-bit V rows of d elements
+ * (PipeLdsmV): per instruction, 4 matrices of 8 rows x 16 bytes (chunk i + j / 2 of rows 0-7 for
+ * matrix j), each as many wavefronts as the most of its rows in one 16-byte bank group. (The
+ * second tile's matrices are costed like the first's.) */
+constexpr int LdsmCost(const RowLayout& l, int d) {
+  int cost = 0;
+  for (int i = 0; i < d / 8; i += 2) {
+    for (int j = 0; j < 4; ++j) {
+      int groups[8] = {};
+      int worst = 0;
+      for (int r = 0; r < 8; ++r) {
+        const int c = ++groups[(Offset(l, r, 16 * (i + (j >> 1))) >> 4) & 7];
+        worst = worst > c ? worst : c;
+      }
+      cost += worst;
+    }
+  }
+  return cost;
+}
+
 /*! \brief Wavefronts of the K (is_k) or V fragment loads of one tile: elements of `e` bytes, head
- * size d; the lane -> (row, element) maps of LoadKTile / LoadVTile. */
+ * size d; the lane -> (row, element) maps of LoadKTile / LoadVTile, plus, for 16-bit V with
+ * kPipeLdsmV, those of the two-tile step's ldmatrix (LdsmCost). */
 constexpr int TileCost(const RowLayout& l, bool is_k, int e, int d) {
   int row[32] = {};
   int byte[32] = {};
@@ -1518,6 +1571,7 @@ constexpr int TileCost(const RowLayout& l, bool is_k, int e, int d) {
         cost += LoadCost(l, (tail ? 2 : 8) * e, row, byte);
       }
     }
+    if (e == 2 && kPipeLdsmV) cost += LdsmCost(l, d);
   }
   return cost;
 }
@@ -1701,6 +1755,15 @@ PA_DEVICE void IssueTileRows(const C* kc, const C* vc, const Params& p, const Pa
   }
 }
 
+/*! \brief Whether the two-tile step reads V fragments with ldmatrix.trans (16-bit caches; FP8
+ * bytes are paired by permutes before their widening). Its accumulators are then in natural
+ * d-tile order, else in the permuted order of the index maps above (StoreWarpRows). Built in
+ * where CACHEFLOW_PA_LDSM_V is 1 (see kPipeLdsmV). */
+template <typename C>
+struct PipeLdsmV {
+  static constexpr bool value = kPipeLdsmV && sizeof(C) == 2;
+};
+
 // Q fragments live in registers up to head_size 128 (<= 32 registers, the ones the register
 // kernel spends on its K/V tile), else they are re-read from shared memory per step; with
 // two-tile steps and a 16-bit cache at head size 128 too (in registers they leave too few for the
@@ -1737,6 +1800,7 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
   constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, true>::value;
+  constexpr bool kLdsmV = PipeLdsmV<C>::value;
   const int gid = lane >> 2;
   const int tig = lane & 3;
   const bool eager = p.rescale_threshold < 0.f;
@@ -1888,49 +1952,69 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
 
     // ---- O += P V (m16n8k16, k = the 16 tokens); each B fragment feeds every row tile.
     const unsigned char* vs[2] = {ks[0] + L::kKTileBytes, ks[1] + L::kKTileBytes};
+    if constexpr (kLdsmV) {
+      // d-tiles in natural order (column n of d-tile i is dim 8 i + n): one ldmatrix.x4.trans
+      // gives the B fragments of d-tiles i and i + 1. Lane l addresses row l % 8 (a token) of
+      // matrix l / 8: tile (l / 8) % 2's V rows at d-tile i + l / 16. With i even, chunk i + l / 16
+      // is i ^ (l / 16), and the row's swizzle (< 8) only touches chunk bits 0-2.
+      const int v_row = lane & 7;
+      const int v_xor = (lane >> 4) ^ ((v_row & L::kVMask) << L::kVShift);
+      const unsigned char* v_lane = vs[(lane >> 3) & 1] + v_row * L::kVChunks * 16;
 #pragma unroll
-    for (int c = 0; c < S::kChunks; ++c) {
-      typename Io::Span v[2][2];  // [tile][row 2 * tig + s]
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int sr = 0; sr < 2; ++sr) {
-          v[h][sr] = Io::SharedSpan(vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
-                                                2 * tig + sr, (64 * c + 8 * gid) * kE));
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const uint32_t b0 = Io::VPair(v[0][0], v[0][1], e);
-        const uint32_t b1 = Io::VPair(v[1][0], v[1][1], e);
+      for (int i = 0; i < S::kDTiles; i += 2) {
+        uint32_t b[4];
+        LdMatrixX4Trans(v_lane + (i & ~7) * 16 + (((i & 7) ^ v_xor) << 4), b);
 #pragma unroll
         for (int rt = 0; rt < kRT; ++rt) {
-          Ops::Mma16816(acc[rt][8 * c + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b0, b1);
+          Ops::Mma16816(acc[rt][i], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b[0], b[1]);
+          Ops::Mma16816(acc[rt][i + 1], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b[2], b[3]);
         }
       }
-    }
-    if constexpr (S::kTailTiles > 0) {
-      typename Io::Tail t[2][2][S::kTailWordsAlloc];
+    } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int c = 0; c < S::kChunks; ++c) {
+        typename Io::Span v[2][2];  // [tile][row 2 * tig + s]
 #pragma unroll
-        for (int sr = 0; sr < 2; ++sr) {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int w = 0; w < S::kTailWords; ++w) {
-            t[h][sr][w] = Io::SharedTail(
-                vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
-                            2 * tig + sr, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+          for (int sr = 0; sr < 2; ++sr) {
+            v[h][sr] = Io::SharedSpan(vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                                                  2 * tig + sr, (64 * c + 8 * gid) * kE));
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const uint32_t b0 = Io::VPair(v[0][0], v[0][1], e);
+          const uint32_t b1 = Io::VPair(v[1][0], v[1][1], e);
+#pragma unroll
+          for (int rt = 0; rt < kRT; ++rt) {
+            Ops::Mma16816(acc[rt][8 * c + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b0, b1);
           }
         }
       }
+      if constexpr (S::kTailTiles > 0) {
+        typename Io::Tail t[2][2][S::kTailWordsAlloc];
 #pragma unroll
-      for (int e = 0; e < S::kTailTiles; ++e) {
-        const uint32_t b0 = Io::TailPair(t[0][0], t[0][1], e);
-        const uint32_t b1 = Io::TailPair(t[1][0], t[1][1], e);
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int rt = 0; rt < kRT; ++rt) {
-          Ops::Mma16816(acc[rt][8 * S::kChunks + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3],
-                        b0, b1);
+          for (int sr = 0; sr < 2; ++sr) {
+#pragma unroll
+            for (int w = 0; w < S::kTailWords; ++w) {
+              t[h][sr][w] = Io::SharedTail(
+                  vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                              2 * tig + sr, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+            }
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < S::kTailTiles; ++e) {
+          const uint32_t b0 = Io::TailPair(t[0][0], t[0][1], e);
+          const uint32_t b1 = Io::TailPair(t[1][0], t[1][1], e);
+#pragma unroll
+          for (int rt = 0; rt < kRT; ++rt) {
+            Ops::Mma16816(acc[rt][8 * S::kChunks + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3],
+                          b0, b1);
+          }
         }
       }
     }
@@ -2169,7 +2253,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   float* so = reinterpret_cast<float*>(smem_main);
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt) {
-    StoreWarpRows<D>(p, st, so, warp, gid, tig, kMmaRows * rt, m_run[rt], l_run[rt], acc[rt]);
+    StoreWarpRows<D, kPair && PipeLdsmV<C>::value>(p, st, so, warp, gid, tig, kMmaRows * rt,
+                                                    m_run[rt], l_run[rt], acc[rt]);
   }
   SyncThreads();
   FinishPartition<T, D, kW>(p, so, st, rows_valid, head0, seq, part);

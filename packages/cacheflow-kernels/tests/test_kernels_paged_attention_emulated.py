@@ -48,16 +48,19 @@ _ARGTYPES = (
 )
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> Any:
+    """Compiles the kernels under the emulation (with the extra ``-D`` options ``defines``, as
+    the CMake build options set them) and returns the launch function with the emulator's
+    controls as attributes."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     lib = tmp_path_factory.mktemp("pa_emu") / "libpa_emu.so"
     cmd = [
         cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-        "-DCACHEFLOW_PAGED_ATTENTION_EMULATE", f"-I{PACKAGE / 'csrc'}", f"-I{HERE / 'emulation'}",
-        str(HERE / "emulation" / "paged_attention_emu.cc"), "-o", str(lib),
+        "-DCACHEFLOW_PAGED_ATTENTION_EMULATE", *defines, f"-I{PACKAGE / 'csrc'}",
+        f"-I{HERE / 'emulation'}", str(HERE / "emulation" / "paged_attention_emu.cc"), "-o",
+        str(lib),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and "_Float16" in res.stderr:
@@ -97,7 +100,21 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     fn.set_wide_warps = dll.cf_emu_set_wide_warps
     fn.set_wide_warps.restype = None
     fn.set_wide_warps.argtypes = [ctypes.c_int]
+    fn.ldsm_v = dll.cf_emu_ldsm_v
+    fn.ldsm_v.restype = ctypes.c_int
+    fn.ldsm_v.argtypes = []
     return fn
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The kernels as the default build compiles them."""
+    return build_emulator(tmp_path_factory)
+
+
+def test_default_build_reads_v_without_ldmatrix(emu: Any) -> None:
+    """CACHEFLOW_PA_LDSM_V is off unless the build asks for it (the GPU-measured default)."""
+    assert emu.ldsm_v() == 0
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes

@@ -99,6 +99,10 @@ extern "C" int cf_emu_last_rows() { return g_last_rows; }
 /*! \brief Warps per CTA of the last call's main kernel. */
 extern "C" int cf_emu_main_warps() { return g_main_warps; }
 
+/*! \brief 1 where the two-tile step reads 16-bit V with ldmatrix (built with
+ * CACHEFLOW_PA_LDSM_V=1), else 0. */
+extern "C" int cf_emu_ldsm_v() { return pa::kPipeLdsmV ? 1 : 0; }
+
 /*!
  * \brief Sets Params::wide_warps_max_ctas (the device's SM count on the GPU; 0: CTAs of 4 warps
  * only) of the following runs.

@@ -55,9 +55,13 @@ struct alignas(8) uint2 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 struct PaDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -372,6 +376,31 @@ inline void CpAsyncWait(int n) {
   while (static_cast<int>(groups.size()) > n) {
     for (const pa_emu::PendingCopy& c : groups.front()) pa_emu::PerformCopy(c);
     groups.erase(groups.begin());
+  }
+}
+
+/*! \brief ldmatrix .x4 .trans of 16-bit elements (see the device version): every lane gives
+ * one 16-byte-aligned row address in the CTA's shared memory; lane l receives, in r[j], elements
+ * (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) of matrix j (rows from lanes 8j .. 8j + 7). */
+inline void LdMatrixX4Trans(const unsigned char* row, uint32_t (&r)[4]) {
+  const unsigned char* base = pa_emu::g_cta->smem.data();
+  if (row < base || row + 16 > base + pa_emu::g_cta->smem_bytes || (row - base) % 16 != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "ldmatrix: row at shared offset %td outside its %zu bytes or "
+                  "misaligned", row - base, pa_emu::g_cta->smem_bytes);
+    pa_emu::Fail(buf);
+  }
+  pa_emu::WarpScratch& s = pa_emu::Scratch();
+  const int lane = pa_emu::Lane();
+  s.u[lane][0] = static_cast<uint32_t>(row - base);
+  pa_emu::WarpBarrier();
+  const int col = lane / 4;
+  const int k = 2 * (lane % 4);
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    std::memcpy(&lo, base + s.u[8 * j + k][0] + 2 * col, 2);
+    std::memcpy(&hi, base + s.u[8 * j + k + 1][0] + 2 * col, 2);
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
 }
 
