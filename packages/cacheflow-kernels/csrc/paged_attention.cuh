@@ -1959,7 +1959,8 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
       // is i ^ (l / 16), and the row's swizzle (< 8) only touches chunk bits 0-2.
       const int v_row = lane & 7;
       const int v_xor = (lane >> 4) ^ ((v_row & L::kVMask) << L::kVShift);
-      const unsigned char* v_lane = vs[(lane >> 3) & 1] + v_row * L::kVChunks * 16;
+      // A select, not vs[(lane >> 3) & 1]: a runtime index puts vs in local memory.
+      const unsigned char* v_lane = ((lane & 8) ? vs[1] : vs[0]) + v_row * L::kVChunks * 16;
 #pragma unroll
       for (int i = 0; i < S::kDTiles; i += 2) {
         uint32_t b[4];
