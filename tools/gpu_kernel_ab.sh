@@ -6,7 +6,8 @@
 # With "tests" (and "all", the default), first the decode GPU tests against the new wheel; with
 # "sanitize" (and "all"), memcheck and racecheck over the decode sweep with the new wheel.
 #
-# Prepare here, e.g. for the ldmatrix V option (packages/cacheflow-kernels README, "Knobs"):
+# Prepare here, e.g. for a kernel build option (packages/cacheflow-kernels README, "Knobs":
+# CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA):
 #   PYTHON=.venv/bin/python bash tools/build_wheels.sh && mkdir -p .whl/kbase \
 #     && cp .whl/cacheflow_kernels-*.whl .whl/kbase/ \
 #     && rm .whl/cacheflow_kernels-*.whl && CACHEFLOW_PA_LDSM_V=1 .venv/bin/python -m pip wheel \

@@ -123,6 +123,12 @@ CASES = [
     Case("gqa8_b8_ctx8k_fp8", 8, 8192, num_kv_heads=4, fp8=True),
     Case("mha_b1_ctx32k_fp8", 1, 32768, fp8=True),
     Case("gqa8_b1_ctx32k_fp8", 1, 32768, num_kv_heads=4, fp8=True),
+    # bfloat16 queries over FP8 caches (bf16 models with kv_cache_dtype="fp8"), next to their
+    # 16-bit caches.
+    Case("mha_b16_ctx8k_bf16", 16, 8192, dtype="bfloat16"),
+    Case("mha_b16_ctx8k_bf16_fp8", 16, 8192, dtype="bfloat16", fp8=True),
+    Case("gqa8_b8_ctx8k_bf16", 8, 8192, num_kv_heads=4, dtype="bfloat16"),
+    Case("gqa8_b8_ctx8k_bf16_fp8", 8, 8192, num_kv_heads=4, dtype="bfloat16", fp8=True),
 ]
 
 

@@ -194,6 +194,16 @@ PA_DEVICE void CpAsyncWait(int n) {
   }
 }
 
+/*! \brief The two FP8 E4M3 bytes in the upper half of `b` (byte 2 the lower element) as packed
+ * halves; the PTX names the upper half, so no shift precedes the conversion. */
+PA_DEVICE uint32_t Fp8x2HiToHalf2(uint32_t b) {
+  uint32_t d;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, hi;\n}"
+      : "=r"(d)
+      : "r"(b));
+  return d;
+}
+
 /*!
  * \brief ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8x8 matrices of 16-bit elements,
  * matrix j's row i at the 16-byte-aligned shared address `row` of lane 8j + i; r[j] of lane l
@@ -228,6 +238,9 @@ struct Dtype<__half> {
         static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
     return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
   }
+  // The same of the high 16 bits: FromFp8x2(b >> 16) without the shift (the conversion reads
+  // the register's upper half in place, F2FP ... R.H1).
+  static PA_DEVICE uint32_t FromFp8x2Hi(uint32_t b) { return Fp8x2HiToHalf2(b); }
   // d += a * b, m16n8k16, row.col, fp32 accumulate.
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -263,6 +276,11 @@ struct Dtype<__nv_bfloat16> {
         static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
     return Pack(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
   }
+  static PA_DEVICE uint32_t FromFp8x2Hi(uint32_t b) {
+    const uint32_t h = Fp8x2HiToHalf2(b);
+    return Pack(__half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xffffu))),
+                __half2float(__ushort_as_half(static_cast<unsigned short>(h >> 16))));
+  }
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
@@ -282,6 +300,11 @@ template <>
 struct Dtype<float> {
   static PA_DEVICE float FromFloat(float x) { return x; }
 };
+
+// The float16 element type and the bfloat16 test (MmaElem).
+using MmaHalf = __half;
+template <typename T>
+constexpr bool kIsBf16 = std::is_same<T, __nv_bfloat16>::value;
 
 }  // namespace paged_attention
 }  // namespace cacheflow
@@ -578,6 +601,11 @@ struct CacheIo {
   static PA_DEVICE uint32_t VPair(const Span& v0, const Span& v1, int e) {
     return BytePerm(Word(v0, e >> 1), Word(v1, e >> 1), (e & 1) ? 0x7632u : 0x5410u);
   }
+  // VPair of elements e and e + 1 (e even).
+  static PA_DEVICE void VPairs(const Span& v0, const Span& v1, int e, uint32_t& lo, uint32_t& hi) {
+    lo = VPair(v0, v1, e);
+    hi = VPair(v0, v1, e + 1);
+  }
   // Element e (0..kTailTiles-1) of two rows' V tails (kTailWords words each) as a packed pair.
   static PA_DEVICE uint32_t TailPair(const Tail* t0, const Tail* t1, int e) {
     return BytePerm(t0[e >> 1], t1[e >> 1], (e & 1) ? 0x7632u : 0x5410u);
@@ -598,11 +626,11 @@ struct CacheIo<T, Fp8E4m3> {
   static PA_DEVICE Span ZeroSpan() { return make_uint2(0, 0); }
   static PA_DEVICE HalfSpan ZeroHalf() { return 0u; }
   static PA_DEVICE uint4 Widen(const Span& v) {
-    return make_uint4(Dtype<T>::FromFp8x2(v.x), Dtype<T>::FromFp8x2(v.x >> 16),
-                      Dtype<T>::FromFp8x2(v.y), Dtype<T>::FromFp8x2(v.y >> 16));
+    return make_uint4(Dtype<T>::FromFp8x2(v.x), Dtype<T>::FromFp8x2Hi(v.x),
+                      Dtype<T>::FromFp8x2(v.y), Dtype<T>::FromFp8x2Hi(v.y));
   }
   static PA_DEVICE uint2 WidenHalf(HalfSpan v) {
-    return make_uint2(Dtype<T>::FromFp8x2(v), Dtype<T>::FromFp8x2(v >> 16));
+    return make_uint2(Dtype<T>::FromFp8x2(v), Dtype<T>::FromFp8x2Hi(v));
   }
   static PA_DEVICE uint32_t WidenTail(Tail v) { return Dtype<T>::FromFp8x2(v); }
   // The byte pair is formed before the widening: one permute and one e4m3x2 conversion per
@@ -610,6 +638,15 @@ struct CacheIo<T, Fp8E4m3> {
   static PA_DEVICE uint32_t VPair(const Span& v0, const Span& v1, int e) {
     const uint32_t sel = static_cast<uint32_t>((e & 3) | ((4 + (e & 3)) << 4));
     return Dtype<T>::FromFp8x2(BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x, sel));
+  }
+  // VPair of elements e and e + 1 (e even): one permute gathers both byte pairs, the low pair
+  // converted from the lower half of the word, the high pair from the upper half in place.
+  static PA_DEVICE void VPairs(const Span& v0, const Span& v1, int e, uint32_t& lo, uint32_t& hi) {
+    const uint32_t b = static_cast<uint32_t>(e & 3);
+    const uint32_t x = BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x,
+                                b | ((4 + b) << 4) | ((b + 1) << 8) | ((5 + b) << 12));
+    lo = Dtype<T>::FromFp8x2(x);
+    hi = Dtype<T>::FromFp8x2Hi(x);
   }
   static PA_DEVICE uint32_t TailPair(const Tail* t0, const Tail* t1, int e) {
     const uint32_t sel = static_cast<uint32_t>((e & 1) | ((4 + (e & 1)) << 4));
@@ -1105,7 +1142,7 @@ PA_DEVICE void PrefetchTileL2(const C* kc, const C* vc, const Params& p, const P
  * \brief Online softmax of one 8-token tile's scores `sc` (16 rows x 8 tokens, this thread's
  * fragment) and O += P V with the tile's V fragments: the step both 16-bit kernels share.
  */
-template <typename T, typename C, int D>
+template <typename T, typename C, int D, int kQShift = 0>
 PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int tig,
                          const float (&sc)[4], const float (&alibi)[2], float query_pos,
                          float (&m_run)[2], float (&l_run)[2],
@@ -1116,6 +1153,7 @@ PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int
   using Ops = Dtype<T>;
   using Io = CacheIo<T, C>;
   // ---- Scale, ALiBi, mask; online softmax per row (this thread: tokens 2t, 2t+1).
+  const float scale_log2 = p.scale_log2 * static_cast<float>(1 << kQShift);  // MmaElem's Q
   const int ta = tok0 + 2 * tig;
   const bool va = ta >= r.begin && ta < r.end;
   const bool vb = ta + 1 >= r.begin && ta + 1 < r.end;
@@ -1123,8 +1161,8 @@ PA_DEVICE void SoftmaxPv(const Params& p, const PartitionRange& r, int tok0, int
   uint32_t pa[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
-    float x0 = va ? Logit(p, sc[2 * hh] * p.scale_log2, alibi[hh] * da) : kNegInf;
-    float x1 = vb ? Logit(p, sc[2 * hh + 1] * p.scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
+    float x0 = va ? Logit(p, sc[2 * hh] * scale_log2, alibi[hh] * da) : kNegInf;
+    float x1 = vb ? Logit(p, sc[2 * hh + 1] * scale_log2, alibi[hh] * (da + 1.f)) : kNegInf;
     float mx = fmaxf(x0, x1);
     mx = fmaxf(mx, ShflXor(mx, 1));
     mx = fmaxf(mx, ShflXor(mx, 2));
@@ -1257,8 +1295,10 @@ constexpr int kWideWarps = kWarps * MmaMinBlocks<D>();
 // past rows_valid are zeros.
 // kFromShared (fused launches): the rows are read from `plain` (RotateQueryRows' [rows][D] layout,
 // in the same shared memory as qs), so every thread's reads are done, at a barrier, before any
-// store.
-template <typename T, int D, int kRT = 1, bool kFromShared = false, int kW = kWarps>
+// store. kHalfShift > 0 (MmaElem: float16 MMAs for a bfloat16 query): the fragments hold the
+// query times 2^-kHalfShift in float16.
+template <typename T, int D, int kRT = 1, bool kFromShared = false, int kW = kWarps,
+          int kHalfShift = 0>
 PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head0, int rows_valid,
                                    int tid, const unsigned char* plain = nullptr) {
   using S = MmaShape<D>;
@@ -1299,6 +1339,15 @@ PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
     const int i = tid + u * 32 * kW;
+    if constexpr (kHalfShift > 0) {  // two T elements -> two scaled float16 (exact: 2^-k)
+      constexpr float kScale = 1.f / static_cast<float>(1 << kHalfShift);
+      const auto half2 = [](uint32_t w) {
+        return Dtype<MmaHalf>::Pack(Dtype<T>::ElemToFloat(w & 0xffffu) * kScale,
+                                    Dtype<T>::ElemToFloat(w >> 16) * kScale);
+      };
+      lo[u] = make_uint2(half2(lo[u].x), half2(lo[u].y));
+      hi[u] = make_uint2(half2(hi[u].x), half2(hi[u].y));
+    }
     if (i < kItems) qs[i] = make_uint4(lo[u].x, hi[u].x, lo[u].y, hi[u].y);
   }
 }
@@ -1477,6 +1526,27 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 #define CACHEFLOW_PA_LDSM_V 0
 #endif
 constexpr bool kPipeLdsmV = CACHEFLOW_PA_LDSM_V != 0;
+
+// A bfloat16 launch over an FP8 cache runs the pipelined kernel's MMAs in float16: every E4M3
+// value is exact in float16, whose conversion is one instruction per two elements (to bfloat16:
+// through half and float, four), P is finer in float16, and the accumulators stay float32. The
+// query is staged in float16 scaled by 2^-kFp8HalfQShift (exact for |q| < 2^24 down to float16's
+// normal range), the scores scaled back by the same power of two. A build option (CMake
+// CACHEFLOW_PA_FP8_F16_MMA, or the environment variable at build time) until measured on a GPU.
+#ifndef CACHEFLOW_PA_FP8_F16_MMA
+#define CACHEFLOW_PA_FP8_F16_MMA 0
+#endif
+constexpr bool kFp8HalfMma = CACHEFLOW_PA_FP8_F16_MMA != 0;
+constexpr int kFp8HalfQShift = 8;
+
+/*! \brief The MMA element type of the pipelined kernel for output T over a cache of C: T, or
+ * float16 for bfloat16 over FP8 with kFp8HalfMma (kQShift: the query's scaling, log2). */
+template <typename T, typename C>
+struct MmaElem {
+  static constexpr bool kHalf = kFp8HalfMma && kIsBf16<T> && sizeof(C) == 1;
+  using type = typename std::conditional<kHalf, MmaHalf, T>::type;
+  static constexpr int kQShift = kHalf ? kFp8HalfQShift : 0;
+};
 
 namespace pipe_layout {
 
@@ -1787,7 +1857,8 @@ struct PipeQInRegs {
 // Two row tiles (kRT = 2; CTAs of 32 query heads): every K and V fragment read from the ring
 // feeds the MMAs of both row tiles (their S, P, statistics and accumulators are separate), so a
 // KV head's 17-32 query heads read each K/V byte once. Q is then re-read from shared memory.
-template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue, int kW = kWarps>
+template <typename T, typename C, int D, int kRT, typename QFrags, typename Issue, int kW = kWarps,
+          int kQShift = 0>
 PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint4* qs,
                             const QFrags& qf,
                             const unsigned char* ring, int stages, int warp, int lane,
@@ -1806,6 +1877,7 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   const bool eager = p.rescale_threshold < 0.f;
   const float threshold = eager ? 0.f : p.rescale_threshold;
   const bool has_alibi = p.alibi_slopes != nullptr;
+  const float scale_log2 = p.scale_log2 * static_cast<float>(1 << kQShift);  // MmaElem's Q
   int stage = 0;  // stage of tile q; tile q + 1 is in the next one
   for (int q = 0; q < n_tiles; q += 2) {  // warp-uniform
     CpAsyncWait(stages - 4);  // this thread's copies of tiles q and q + 1 have landed
@@ -1873,7 +1945,7 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) x[rt][h][e] = (sc[rt][h][e] + sc2[rt][h][e]) * p.scale_log2;
+        for (int e = 0; e < 4; ++e) x[rt][h][e] = (sc[rt][h][e] + sc2[rt][h][e]) * scale_log2;
       }
     }
     if (p.soft_cap_log2 > 0.f) {
@@ -1984,12 +2056,17 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
           }
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t b0 = Io::VPair(v[0][0], v[0][1], e);
-          const uint32_t b1 = Io::VPair(v[1][0], v[1][1], e);
+        for (int e = 0; e < 8; e += 2) {
+          uint32_t b0[2], b1[2];  // [element e, e + 1]
+          Io::VPairs(v[0][0], v[0][1], e, b0[0], b0[1]);
+          Io::VPairs(v[1][0], v[1][1], e, b1[0], b1[1]);
 #pragma unroll
-          for (int rt = 0; rt < kRT; ++rt) {
-            Ops::Mma16816(acc[rt][8 * c + e], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3], b0, b1);
+          for (int ee = 0; ee < 2; ++ee) {
+#pragma unroll
+            for (int rt = 0; rt < kRT; ++rt) {
+              Ops::Mma16816(acc[rt][8 * c + e + ee], pa[rt][0], pa[rt][1], pa[rt][2], pa[rt][3],
+                            b0[ee], b1[ee]);
+            }
           }
         }
       }
@@ -2033,8 +2110,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
   static_assert(kW == kWarps || (kRT == 1 && kPair), "wide CTAs: one row tile, two-tile steps");
   using S = MmaShape<D>;
-  using Ops = Dtype<T>;
-  using Io = CacheIo<T, C>;
+  using MT = typename MmaElem<T, C>::type;  // the MMAs' element type (T or float16)
+  constexpr int kQShift = MmaElem<T, C>::kQShift;
+  using Ops = Dtype<MT>;
+  using Io = CacheIo<MT, C>;
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
   constexpr int kRows = kRT * kMmaRows;  // query heads per CTA
@@ -2149,9 +2228,10 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
   if (fused) {
-    StageQueryFragments<T, D, kRT, true, kW>(p, qs, seq, head0, rows_valid, tid, smem_main);
+    StageQueryFragments<T, D, kRT, true, kW, kQShift>(p, qs, seq, head0, rows_valid, tid,
+                                                      smem_main);
   } else {
-    StageQueryFragments<T, D, kRT, false, kW>(p, qs, seq, head0, rows_valid, tid);
+    StageQueryFragments<T, D, kRT, false, kW, kQShift>(p, qs, seq, head0, rows_valid, tid);
   }
   float alibi[kRT][2];
 #pragma unroll
@@ -2184,7 +2264,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   }
 
   if constexpr (kPair) {
-    PipePairLoop<T, C, D, kRT, decltype(qf), decltype(issue), kW>(
+    PipePairLoop<MT, C, D, kRT, decltype(qf), decltype(issue), kW, kQShift>(
         p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles, issue, m_run, l_run,
         acc);
   } else {
@@ -2238,8 +2318,8 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[e] += sc2[e];
 
-      SoftmaxPv<T, C, D>(p, r, tok0, tig, sc, alibi[0], query_pos, m_run[0], l_run[0], acc[0],
-                         vr, vt);
+      SoftmaxPv<MT, C, D, kQShift>(p, r, tok0, tig, sc, alibi[0], query_pos, m_run[0], l_run[0],
+                                   acc[0], vr, vt);
       stage = stage + 1 == stages ? 0 : stage + 1;
     }
   }

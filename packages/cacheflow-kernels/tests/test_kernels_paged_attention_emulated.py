@@ -103,6 +103,9 @@ def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> A
     fn.ldsm_v = dll.cf_emu_ldsm_v
     fn.ldsm_v.restype = ctypes.c_int
     fn.ldsm_v.argtypes = []
+    fn.fp8_f16_mma = dll.cf_emu_fp8_f16_mma
+    fn.fp8_f16_mma.restype = ctypes.c_int
+    fn.fp8_f16_mma.argtypes = []
     return fn
 
 
@@ -112,9 +115,10 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_emulator(tmp_path_factory)
 
 
-def test_default_build_reads_v_without_ldmatrix(emu: Any) -> None:
-    """CACHEFLOW_PA_LDSM_V is off unless the build asks for it (the GPU-measured default)."""
-    assert emu.ldsm_v() == 0
+def test_default_build_has_no_build_options(emu: Any) -> None:
+    """CACHEFLOW_PA_LDSM_V and CACHEFLOW_PA_FP8_F16_MMA are off unless the build asks for them
+    (the GPU-measured defaults)."""
+    assert (emu.ldsm_v(), emu.fp8_f16_mma()) == (0, 0)
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes

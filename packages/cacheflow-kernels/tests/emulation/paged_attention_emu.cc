@@ -103,6 +103,10 @@ extern "C" int cf_emu_main_warps() { return g_main_warps; }
  * CACHEFLOW_PA_LDSM_V=1), else 0. */
 extern "C" int cf_emu_ldsm_v() { return pa::kPipeLdsmV ? 1 : 0; }
 
+/*! \brief 1 where bfloat16 launches over FP8 caches run float16 MMAs (built with
+ * CACHEFLOW_PA_FP8_F16_MMA=1), else 0. */
+extern "C" int cf_emu_fp8_f16_mma() { return pa::kFp8HalfMma ? 1 : 0; }
+
 /*!
  * \brief Sets Params::wide_warps_max_ctas (the device's SM count on the GPU; 0: CTAs of 4 warps
  * only) of the following runs.

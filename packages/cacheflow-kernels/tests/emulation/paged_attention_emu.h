@@ -617,16 +617,22 @@ template <>
 struct Dtype<pa_emu::Half> : Emu16<pa_emu::FloatToHalf, pa_emu::HalfToFloat> {
   static pa_emu::Half FromFloat(float x) { return pa_emu::Half{pa_emu::FloatToHalf(x)}; }
   static uint32_t FromFp8x2(uint32_t b) { return Pack(Fp8ToFloat(b), Fp8ToFloat(b >> 8)); }
+  static uint32_t FromFp8x2Hi(uint32_t b) { return Pack(Fp8ToFloat(b >> 16), Fp8ToFloat(b >> 24)); }
 };
 template <>
 struct Dtype<pa_emu::Bf16> : Emu16<pa_emu::FloatToBf16, pa_emu::Bf16ToFloat> {
   static pa_emu::Bf16 FromFloat(float x) { return pa_emu::Bf16{pa_emu::FloatToBf16(x)}; }
   static uint32_t FromFp8x2(uint32_t b) { return Pack(Fp8ToFloat(b), Fp8ToFloat(b >> 8)); }
+  static uint32_t FromFp8x2Hi(uint32_t b) { return Pack(Fp8ToFloat(b >> 16), Fp8ToFloat(b >> 24)); }
 };
 template <>
 struct Dtype<float> {
   static float FromFloat(float x) { return x; }
 };
+
+using MmaHalf = pa_emu::Half;
+template <typename T>
+constexpr bool kIsBf16 = std::is_same<T, pa_emu::Bf16>::value;
 
 }  // namespace paged_attention
 }  // namespace cacheflow
