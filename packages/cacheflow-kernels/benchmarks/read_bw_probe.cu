@@ -15,6 +15,8 @@
 //                ([block][token][head][dim], "NHD": 16 rows of 256 B at a stride of 8 KiB) and in
 //                the head-major one ([block][head][token][dim], "HND": 4 KiB contiguous per
 //                block and head); CTAs in head-fastest or sequence-fastest launch order.
+//   * paged bulk the same reads with TMA bulk copies: one per 256-byte row (NHD) or one per
+//                4 KiB block and head (HND), completed through an mbarrier per stage.
 // Every figure is bytes read (or copied) over the median time of 20 timed runs.
 //
 // Build: nvcc -O3 -std=c++17 -arch=sm_90a read_bw_probe.cu -o read_bw_probe
@@ -230,6 +232,67 @@ __global__ void PagedRead(const uint4* __restrict__ k_cache, const uint4* __rest
   Sink(acc);
 }
 
+// PagedRead's work with TMA bulk copies instead of cp.async, completed through one mbarrier per
+// stage: kRows (16) copies of one 256-byte row per cache and block, issued by the lanes of
+// warp 0 (one row each: lanes 0-15 K, 16-31 V), or, where a head's rows of a block are
+// contiguous (HND), one 4 KiB copy per cache and block. Tells whether bulk copies of single
+// cache rows stream as fast as cp.async (the decode kernel issues ~45 instructions of
+// addressing per 8 LDGSTS of a tile; a bulk copy per row would take a few).
+template <bool kHnd, bool kHeadFastest, int kStages>
+__global__ void PagedReadBulk(const uint4* __restrict__ k_cache, const uint4* __restrict__ v_cache,
+                              const int* __restrict__ block_table, PagedShape s) {
+  extern __shared__ __align__(128) unsigned char smem_bulk[];
+  uint4* ring = reinterpret_cast<uint4*>(smem_bulk);  // [kStages][2][256] uint4
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem_bulk + kStages * 2 * 4096);
+  const int head = kHeadFastest ? blockIdx.x % s.heads : blockIdx.x / s.seqs;
+  const int seq = kHeadFastest ? blockIdx.x / s.heads : blockIdx.x % s.seqs;
+  const int t = threadIdx.x;
+  const int nb = s.blocks_per_seq();
+  const int* table = block_table + size_t(seq) * nb;
+  if (t == 0) {
+    for (int st = 0; st < kStages; ++st) MbarInit(&bars[st], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;");
+  }
+  __syncthreads();
+  auto row_base = [&](int blk, int row) -> size_t {  // uint4 index of (block, row, head)
+    return kHnd ? ((size_t(blk) * s.heads + head) * s.block + row) * 16
+                : ((size_t(blk) * s.block + row) * s.heads + head) * 16;
+  };
+  auto issue = [&](int i, int slot) {  // warp 0 only
+    if (i >= nb) return;
+    const int blk = table[i];
+    if (t == 0) MbarExpectTx(&bars[slot], 2 * 4096);
+    __syncwarp();
+    if constexpr (kHnd) {
+      if (t < 2) {
+        BulkCopy(&ring[(slot * 2 + t) * 256], (t ? v_cache : k_cache) + row_base(blk, 0), 4096,
+                 &bars[slot]);
+      }
+    } else {
+      const int row = t & 15;
+      BulkCopy(&ring[(slot * 2 + (t >> 4)) * 256 + row * 16],
+               (t >> 4 ? v_cache : k_cache) + row_base(blk, row), 256, &bars[slot]);
+    }
+  };
+  unsigned acc = 0;
+  if (t < 32) {
+    for (int st = 0; st < kStages - 1; ++st) issue(st, st);
+  }
+  for (int i = 0; i < nb; ++i) {
+    const int slot = i % kStages;
+    MbarWait(&bars[slot], (i / kStages) & 1);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const uint4 a = ring[(slot * 2) * 256 + c * 128 + t];
+      const uint4 b = ring[(slot * 2 + 1) * 256 + c * 128 + t];
+      acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+    }
+    __syncthreads();  // every thread is done with the stage refilled next
+    if (t < 32) issue(i + kStages - 1, (i + kStages - 1) % kStages);
+  }
+  Sink(acc);
+}
+
 __global__ void Fill(uint4* p, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = make_uint4(unsigned(i), unsigned(i >> 32) + 1u, 0x1234567u, unsigned(i) * 3u);
@@ -321,6 +384,14 @@ int main() {
   run(PagedRead<false, false, 6>, "paged NHD (engine layout), sequence-fastest CTAs");
   run(PagedRead<true, true, 6>, "paged HND (head-major), head-fastest CTAs");
   run(PagedRead<true, false, 6>, "paged HND (head-major), sequence-fastest CTAs");
+  const int smem_bulk = 6 * 2 * 4096 + 6 * 8;
+  auto run_bulk = [&](auto kernel, const char* name) {
+    CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bulk));
+    Report(name, kv_bytes,
+           MedianMs([&] { kernel<<<grid, 128, smem_bulk>>>(src, dst, d_table, s); }));
+  };
+  run_bulk(PagedReadBulk<false, true, 6>, "paged NHD, TMA bulk copy per 256-B row");
+  run_bulk(PagedReadBulk<true, true, 6>, "paged HND, TMA bulk copy per 4-KiB block");
   Report("copy again (read + write bytes)", 2.0 * bytes,
          MedianMs([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }));
   return 0;
