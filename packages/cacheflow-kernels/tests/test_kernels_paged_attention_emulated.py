@@ -757,16 +757,26 @@ def test_automatic_rows_keep_fused_launches_whole(emu: Any) -> None:
                      True) == -2
 
 
-def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
-    """One-tile steps, forced shallow rings and head size 256 keep CTAs of 16 heads."""
-    case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(32, 1), seed=61)
+def _without_pair_steps(emu: Any, case: dict[str, Any], scales: dict[str, float], dtype: str,
+                        observe: Any) -> list[Any]:
+    """Runs the case (checked against the oracle) with one-tile steps, then with the two-tile
+    step on a ring forced to 3 stages; returns ``observe()`` after each run."""
+    seen = []
     set_step(emu, 1)
     _check_pipeline(emu, case, scales, dtype, "one-tile steps")
-    assert emu.last_rows() == 16
+    seen.append(observe())
     set_step(emu)
     configure(emu, stages=3)
     _check_pipeline(emu, case, scales, dtype, "3 stages")
-    assert emu.last_rows() == 16
+    seen.append(observe())
+    configure(emu)
+    return seen
+
+
+def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
+    """One-tile steps, forced shallow rings and head size 256 keep CTAs of 16 heads."""
+    case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(32, 1), seed=61)
+    assert _without_pair_steps(emu, case, scales, dtype, emu.last_rows) == [16, 16]
 
 
 # ---- Wide CTAs: one CTA per SM with the warps of several (grids of at most one CTA per SM).
@@ -822,14 +832,7 @@ def test_wide_ctas_need_pair_steps_and_deep_rings(emu: Any) -> None:
     and groups of more than 16 query heads (in CTAs of 32 or 16)."""
     emu.set_wide_warps(ANY_GRID)
     case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(8, 2), seed=72)
-    set_step(emu, 1)
-    _check_pipeline(emu, case, scales, dtype, "one-tile steps")
-    assert emu.main_warps() == 4
-    set_step(emu)
-    configure(emu, stages=3)
-    _check_pipeline(emu, case, scales, dtype, "3 stages")
-    assert emu.main_warps() == 4
-    configure(emu)
+    assert _without_pair_steps(emu, case, scales, dtype, emu.main_warps) == [4, 4]
     for head_size, warps in ((256, 4), (112, 12)):
         case, scales, dtype = _pipeline_case("bfloat16", head_size, [90], heads=(4, 2), seed=73)
         _check_pipeline(emu, case, scales, dtype, f"head size {head_size}")
