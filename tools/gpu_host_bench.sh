@@ -23,7 +23,8 @@
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
 # carry [".whl"]:
 #   bash tools/gpu_host_bench.sh [latency|throughput|all] [VARIANTS, default "base off on"]
-# (throughput runs for base and on only unless TPUT_ALL=1: each takes about two minutes)
+# (throughput runs for base and on only unless TPUT_ALL=1: each takes about two minutes; with
+# STEP_TRACE=1 it also writes trace_<variant>.jsonl and prints the per-step-kind excess table)
 set -uo pipefail
 what="${1:-all}"
 read -r -a variants <<< "${2:-base off on}"
@@ -99,9 +100,11 @@ for v in "${variants[@]}"; do
   fi
   if [[ "$what" == throughput || "$what" == all ]] && [[ $v != off || -n "${TPUT_ALL:-}" ]]; then
     echo "== $v: throughput"
+    trace=(); [[ -n "${STEP_TRACE:-}" ]] && trace=(--step-trace "$out/trace_$v.jsonl")
     timeout 200 python3 -m cacheflow_serve bench throughput --model "$ckpt" --dtype float16 \
       --num-prompts 1000 --input-len 16:1024 --output-len 16:512 --seed 0 --disable-tqdm \
-      --output-json "$out/throughput_$v.json" "${flags[@]}" > "$out/throughput_$v.log" 2>&1
-    tail -5 "$out/throughput_$v.log"
+      --output-json "$out/throughput_$v.json" "${flags[@]}" "${trace[@]}" \
+      > "$out/throughput_$v.log" 2>&1
+    tail -"$([[ -n "${STEP_TRACE:-}" ]] && echo 30 || echo 5)" "$out/throughput_$v.log"
   fi
 done

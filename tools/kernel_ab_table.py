@@ -1,5 +1,5 @@
-"""New / base per decode case from the bench_{base,new}_<pass>.json reports of
-tools/gpu_kernel_ab.sh (bench_paged_attention.py): the fastest pass of each, and the new wheel's
+"""Each variant / base per decode case from the bench_<variant>_<pass>.json reports of
+tools/gpu_kernel_ab.sh (bench_paged_attention.py): the fastest pass of each, and each variant's
 speed against SDPA on the gathered K/V (first pass).
 
     python tools/kernel_ab_table.py OUT_DIR
@@ -8,6 +8,7 @@ speed against SDPA on the gathered K/V (first pass).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,20 +26,41 @@ def load(out: Path, variant: str) -> dict[str, dict]:
     return cases
 
 
+def variants_in(out: Path) -> list[str]:
+    """The variants with reports in OUT_DIR: base first, then new, then the rest by name."""
+    names = {m.group(1) for p in out.glob("bench_*_*.json")
+             if (m := re.fullmatch(r"bench_(.+)_\d+\.json", p.name))}
+    order = [v for v in ("base", "new") if v in names]
+    return order + sorted(names - set(order))
+
+
 def main(out: Path) -> None:
-    """Prints the table."""
-    base, new = load(out, "base"), load(out, "new")
-    print(f"{'case':34s} {'base us':>9s} {'new us':>9s} {'new/base':>9s} {'SDPA us':>9s} "
-          f"{'new x SDPA':>10s}")
-    for name, n in new.items():
-        b = base.get(name)
-        if not n["us"] or not b or not b["us"]:
-            print(f"{name:34s} (no time: see the logs)")
+    """Prints one row per case: base time, each variant's time and ratio to base, SDPA speedup."""
+    names = variants_in(out)
+    if "base" not in names or len(names) < 2:
+        sys.exit(f"{out}: needs bench_base_*.json and at least one other variant's reports")
+    data = {v: load(out, v) for v in names}
+    others = names[1:]
+    head = f"{'case':34s} {'base us':>9s} {'SDPA us':>9s}"
+    for v in others:
+        head += f" {v + ' us':>12s} {'/base':>6s} {'xSDPA':>6s}"
+    print(head)
+    for case, b in data["base"].items():
+        if not b["us"]:
+            print(f"{case:34s} (no base time: see the logs)")
             continue
-        nu, bu = min(n["us"]), min(b["us"])
-        sdpa = n["sdpa"] or b["sdpa"]
-        vs = f"{sdpa / nu:10.3f}" if sdpa else f"{'-':>10s}"
-        print(f"{name:34s} {bu:9.2f} {nu:9.2f} {nu / bu:9.3f} {sdpa or 0:9.2f} {vs}")
+        bu = min(b["us"])
+        sdpa = b["sdpa"] or next((data[v].get(case, {}).get("sdpa") for v in others
+                                  if data[v].get(case, {}).get("sdpa")), None)
+        row = f"{case:34s} {bu:9.2f} {sdpa or 0:9.2f}"
+        for v in others:
+            n = data[v].get(case)
+            if not n or not n["us"]:
+                row += f" {'-':>12s} {'-':>6s} {'-':>6s}"
+                continue
+            nu = min(n["us"])
+            row += f" {nu:12.2f} {nu / bu:6.3f} {(sdpa / nu if sdpa else 0):6.3f}"
+        print(row)
 
 
 if __name__ == "__main__":
