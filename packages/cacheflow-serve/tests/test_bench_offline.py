@@ -23,6 +23,7 @@ from cacheflow_serve.bench_gpu_busy import (
     union_seconds,
 )
 from cacheflow_serve.bench_latency import StepClock, floors
+from cacheflow_serve.bench_step_trace import floors_from_trace
 from cacheflow_serve.cli import main
 
 from serve_testutil import assert_idle
@@ -96,13 +97,35 @@ def test_throughput_step_trace_accounts_for_every_token(
         / bandwidth
     compute = 2 * TINY_PARAMETERS * decode["decode_rows"] / flops
     assert decode["floor_s"] == pytest.approx(max(memory, compute))
+    # serial: the K/V read, then the projections at the larger of their weights and FLOPs
+    kv_read = decode["decode_context_tokens"] * TINY_KV_BYTES_PER_TOKEN / bandwidth
+    assert decode["serial_floor_s"] == pytest.approx(
+        kv_read + max(4 * TINY_PARAMETERS / bandwidth, compute))
+    mixed = next(s for s in steps if s["kind"] == "mixed")
+    model = report["model"]
+    assert (model["num_layers"], model["num_attention_heads"], model["head_size"]) == (2, 4, 16)
+    pairs_flops = 4 * 2 * 4 * 16 * mixed["prompt_attention_pairs"]
+    projections = 2 * TINY_PARAMETERS * (mixed["decode_rows"] + mixed["prompt_tokens"]) / flops
+    kv_read = mixed["decode_context_tokens"] * TINY_KV_BYTES_PER_TOKEN / bandwidth
+    assert mixed["serial_floor_s"] == pytest.approx(
+        kv_read + max(4 * TINY_PARAMETERS / bandwidth, projections) + pairs_flops / flops)
+    assert all(s["serial_floor_s"] >= s["floor_s"] * (1 - 1e-9) for s in steps)
     by_kind = info["by_kind"]
     assert sum(row["steps"] for row in by_kind.values()) == len(steps)
     assert sum(row["seconds"] for row in by_kind.values()) <= engine["elapsed_s"] * 1.001
     assert by_kind["mixed"]["mean_prompt_tokens"] > 0 and by_kind["mixed"]["mean_decode_rows"] > 0
     assert sum(s["preemptions"] for s in steps) == engine["preemptions"]
     out = capsys.readouterr().out
-    assert f"per-step trace: {trace}" in out and "\nmixed " in out
+    assert f"per-step trace: {trace}" in out and "\nmixed " in out and "\nall " in out
+    # The trace file alone gives the same floors again (and others for another card's rates).
+    again = floors_from_trace(trace, model, bandwidth, flops)
+    for kind, row in by_kind.items():
+        assert again[kind]["steps"] == row["steps"]
+        assert again[kind]["floor_s"] == pytest.approx(row["floor_s"])
+        assert again[kind]["serial_floor_s"] == pytest.approx(row["serial_floor_s"])
+    slower = floors_from_trace(trace, model, bandwidth / 2, flops / 2)
+    assert slower["decode"]["serial_floor_s"] == pytest.approx(
+        2 * by_kind["decode"]["serial_floor_s"])
 
 
 def test_step_trace_counts_the_preemptions_of_each_step(tiny_path: Path, tmp_path: Path) -> None:

@@ -7,15 +7,21 @@ one, as it does for attention) and their context tokens, its prompt tokens (ever
 scheduled token) and their attention work, and, on a GPU, a CUDA event recorded on the
 launching stream. The event of step i+1 completes when the device has finished everything
 enqueued before it, so the time between consecutive events is step i's share of the device
-timeline (its kernels plus any wait for the host to enqueue the next step). The floor of a
-step is the larger of
+timeline (its kernels plus any wait for the host to enqueue the next step). Each step gets two
+floors, from the copy bandwidth and the matmul rate measured in the same process:
 
-- memory: the weights plus the decode rows' K/V read once at the copy bandwidth, and
-- compute: 2 x parameters FLOPs per scheduled token plus the prompt tokens' attention FLOPs
-  (4 x layers x heads x head size per (query, key) pair) at the matmul rate,
+- ``floor_s``, the larger of memory (the weights plus the decode rows' K/V read once) and
+  compute (2 x parameters FLOPs per scheduled token plus the prompt tokens' attention FLOPs,
+  4 x layers x heads x head size per (query, key) pair): the floor if the step's memory-bound
+  and compute-bound work overlapped perfectly;
+- ``serial_floor_s``, the same work with the decode rows' K/V read (attention) and the
+  projections (the larger of reading the weights and their FLOPs) one after another, each at
+  its own floor, plus the prompt attention FLOPs: the floor of kernels that run in sequence,
+  as the engine's do. A mixed step's K/V read cannot hide under its GEMMs this way.
 
-both measured in the same process. On the CPU the host clock between launches stands in for
-the events.
+On the CPU the host clock between launches stands in for the events; the step composition of
+a CPU run with the same scheduler settings is the GPU run's, so floors for another card follow
+from the trace file alone (:func:`floors_from_trace`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class StepRecord:
     preemptions: int = 0  # requests the scheduler preempted while planning this step
     seconds: float = 0.0
     floor_s: float = 0.0
+    serial_floor_s: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -121,31 +128,13 @@ class StepTrace:
         else:
             stamps = [r.host_time for r in self.records] + [self._end_time]
             times = [b - a for a, b in zip(stamps, stamps[1:])]
-        attention_flops = 4 * summary["num_layers"] * summary["num_attention_heads"] \
-            * summary["head_size"]
         for record, seconds in zip(self.records, times):
             record.seconds = seconds
-            memory = (summary["parameter_bytes"]
-                      + record.decode_context_tokens * summary["kv_bytes_per_token"]) / bandwidth
-            compute = (2 * summary["parameters"] * (record.decode_rows + record.prompt_tokens)
-                       + attention_flops * record.prompt_attention_pairs) / flops
-            record.floor_s = max(memory, compute)
+            record.floor_s, record.serial_floor_s = step_floors(record, summary, bandwidth, flops)
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Per step kind: steps, seconds, floor seconds, mean decode rows and prompt tokens."""
-        table: dict[str, dict[str, float]] = {}
-        for record in self.records:
-            row = table.setdefault(record.kind, {"steps": 0, "seconds": 0.0, "floor_s": 0.0,
-                                                 "decode_rows": 0, "prompt_tokens": 0})
-            row["steps"] += 1
-            row["seconds"] += record.seconds
-            row["floor_s"] += record.floor_s
-            row["decode_rows"] += record.decode_rows
-            row["prompt_tokens"] += record.prompt_tokens
-        for row in table.values():
-            row["mean_decode_rows"] = row.pop("decode_rows") / row["steps"]
-            row["mean_prompt_tokens"] = row.pop("prompt_tokens") / row["steps"]
-        return table
+        return summarize_by_kind(self.records)
 
     def write(self, path: Path) -> None:
         """One JSON line per step (in launch order)."""
@@ -154,17 +143,74 @@ class StepTrace:
                 f.write(json.dumps({**asdict(record), "kind": record.kind}) + "\n")
 
 
+def step_floors(record: StepRecord, summary: dict[str, Any], bandwidth: float,
+                flops: float) -> tuple[float, float]:
+    """(overlapped floor, serial floor) of one step in seconds (module docstring), for a model
+    ``summary`` (``bench_common.model_summary``) at ``bandwidth`` bytes/s and ``flops`` FLOP/s."""
+    kv_read = record.decode_context_tokens * summary["kv_bytes_per_token"] / bandwidth
+    weights_read = summary["parameter_bytes"] / bandwidth
+    projections = 2 * summary["parameters"] * (record.decode_rows + record.prompt_tokens) / flops
+    prompt_attention = (4 * summary["num_layers"] * summary["num_attention_heads"]
+                        * summary["head_size"] * record.prompt_attention_pairs / flops)
+    overlapped = max(weights_read + kv_read, projections + prompt_attention)
+    serial = kv_read + max(weights_read, projections) + prompt_attention
+    return overlapped, serial
+
+
+def summarize_by_kind(records: list[StepRecord]) -> dict[str, dict[str, float]]:
+    """Per step kind: steps, seconds, both floors' seconds, mean decode rows and prompt
+    tokens."""
+    table: dict[str, dict[str, float]] = {}
+    for record in records:
+        row = table.setdefault(record.kind, {"steps": 0, "seconds": 0.0, "floor_s": 0.0,
+                                             "serial_floor_s": 0.0, "decode_rows": 0,
+                                             "prompt_tokens": 0})
+        row["steps"] += 1
+        row["seconds"] += record.seconds
+        row["floor_s"] += record.floor_s
+        row["serial_floor_s"] += record.serial_floor_s
+        row["decode_rows"] += record.decode_rows
+        row["prompt_tokens"] += record.prompt_tokens
+    for row in table.values():
+        row["mean_decode_rows"] = row.pop("decode_rows") / row["steps"]
+        row["mean_prompt_tokens"] = row.pop("prompt_tokens") / row["steps"]
+    return table
+
+
+def floors_from_trace(path: Path, summary: dict[str, Any], bandwidth: float,
+                      flops: float) -> dict[str, dict[str, float]]:
+    """The per-kind summary of a trace file with its floors recomputed for another model shape
+    or card (``summary`` as :func:`step_floors` takes it); each step keeps its recorded
+    seconds."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        fields = json.loads(line)
+        fields.pop("kind", None)
+        record = StepRecord(**fields)
+        record.floor_s, record.serial_floor_s = step_floors(record, summary, bandwidth, flops)
+        records.append(record)
+    return summarize_by_kind(records)
+
+
 def format_trace(table: dict[str, dict[str, float]], path: Optional[Path]) -> str:
-    """The per-kind summary as a plain-text table."""
+    """The per-kind summary as a plain-text table, with a total row."""
     lines = [f"{'steps':<8}{'count':>7}{'seconds':>10}{'floor s':>10}{'ratio':>7}"
-             f"{'ms/step':>9}{'decode rows':>13}{'prompt tok':>12}"]
-    for kind in (DECODE, MIXED, PROMPT):
-        row = table.get(kind)
-        if row is None:
-            continue
+             f"{'serial s':>10}{'ratio':>7}{'ms/step':>9}{'decode rows':>13}{'prompt tok':>12}"]
+    rows = [(kind, table[kind]) for kind in (DECODE, MIXED, PROMPT) if kind in table]
+    if len(rows) > 1:
+        total = {key: sum(row[key] for _, row in rows)
+                 for key in ("steps", "seconds", "floor_s", "serial_floor_s")}
+        total["mean_decode_rows"] = sum(r["mean_decode_rows"] * r["steps"]
+                                        for _, r in rows) / total["steps"]
+        total["mean_prompt_tokens"] = sum(r["mean_prompt_tokens"] * r["steps"]
+                                          for _, r in rows) / total["steps"]
+        rows.append(("all", total))
+    for kind, row in rows:
         ratio = row["seconds"] / row["floor_s"] if row["floor_s"] else float("nan")
+        serial = row["seconds"] / row["serial_floor_s"] if row["serial_floor_s"] else float("nan")
         lines.append(f"{kind:<8}{row['steps']:>7}{row['seconds']:>10.2f}{row['floor_s']:>10.2f}"
-                     f"{ratio:>7.2f}{1e3 * row['seconds'] / row['steps']:>9.2f}"
+                     f"{ratio:>7.2f}{row['serial_floor_s']:>10.2f}{serial:>7.2f}"
+                     f"{1e3 * row['seconds'] / row['steps']:>9.2f}"
                      f"{row['mean_decode_rows']:>13.1f}{row['mean_prompt_tokens']:>12.1f}")
     if path is not None:
         lines.append(f"per-step trace: {path}")
