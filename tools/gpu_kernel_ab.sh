@@ -9,7 +9,7 @@
 # tests and the sweep also run against each extra variant when EXTRA_CHECKS=1.
 #
 # Prepare here, e.g. for a kernel build option (packages/cacheflow-kernels README, "Knobs":
-# CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA, CACHEFLOW_PA_FP8_HI_CVT):
+# CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA):
 #   PYTHON=.venv/bin/python bash tools/build_wheels.sh && mkdir -p .whl/kbase \
 #     && cp .whl/cacheflow_kernels-*.whl .whl/kbase/ \
 #     && rm .whl/cacheflow_kernels-*.whl && CACHEFLOW_PA_LDSM_V=1 .venv/bin/python -m pip wheel \

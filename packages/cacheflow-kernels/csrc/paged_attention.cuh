@@ -63,15 +63,6 @@
 
 #include "pdl.cuh"
 
-// FP8 widening of a word's upper byte pair in place (Fp8x2HiToHalf2: the conversion reads the
-// register's upper half, no shift first) and a V B-fragment's FP8 words formed two per permute
-// (CacheIo<T, Fp8E4m3>::VPairs): bit for bit the shift-and-convert path, with fewer
-// instructions per step. A build option (CMake CACHEFLOW_PA_FP8_HI_CVT, or the environment
-// variable at build time) until measured on a GPU; the emulated tests run both builds.
-#ifndef CACHEFLOW_PA_FP8_HI_CVT
-#define CACHEFLOW_PA_FP8_HI_CVT 0
-#endif
-
 #ifdef CACHEFLOW_PAGED_ATTENTION_EMULATE
 #include "paged_attention_emu.h"  // PA_* macros, Dtype<>, the primitives, for the host
 #else
@@ -247,15 +238,9 @@ struct Dtype<__half> {
         static_cast<__nv_fp8x2_storage_t>(b & 0xffffu), __NV_E4M3);
     return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
   }
-  // The same of the high 16 bits: with CACHEFLOW_PA_FP8_HI_CVT, FromFp8x2(b >> 16) without the
-  // shift (the conversion reads the register's upper half in place, F2FP ... R.H1).
-  static PA_DEVICE uint32_t FromFp8x2Hi(uint32_t b) {
-#if CACHEFLOW_PA_FP8_HI_CVT
-    return Fp8x2HiToHalf2(b);
-#else
-    return FromFp8x2(b >> 16);
-#endif
-  }
+  // The same of the high 16 bits: FromFp8x2(b >> 16) without the shift (the conversion reads
+  // the register's upper half in place, F2FP ... R.H1).
+  static PA_DEVICE uint32_t FromFp8x2Hi(uint32_t b) { return Fp8x2HiToHalf2(b); }
   // d += a * b, m16n8k16, row.col, fp32 accumulate.
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -292,13 +277,9 @@ struct Dtype<__nv_bfloat16> {
     return Pack(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
   }
   static PA_DEVICE uint32_t FromFp8x2Hi(uint32_t b) {
-#if CACHEFLOW_PA_FP8_HI_CVT
     const uint32_t h = Fp8x2HiToHalf2(b);
     return Pack(__half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xffffu))),
                 __half2float(__ushort_as_half(static_cast<unsigned short>(h >> 16))));
-#else
-    return FromFp8x2(b >> 16);
-#endif
   }
   static PA_DEVICE void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                  uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -331,8 +312,6 @@ constexpr bool kIsBf16 = std::is_same<T, __nv_bfloat16>::value;
 
 namespace cacheflow {
 namespace paged_attention {
-
-constexpr bool kFp8HiCvt = CACHEFLOW_PA_FP8_HI_CVT != 0;  // see CACHEFLOW_PA_FP8_HI_CVT above
 
 /*! \brief Element type of an FP8 E4M3 cache (one byte; the kernels widen it to T on read). */
 struct Fp8E4m3 {
@@ -660,20 +639,14 @@ struct CacheIo<T, Fp8E4m3> {
     const uint32_t sel = static_cast<uint32_t>((e & 3) | ((4 + (e & 3)) << 4));
     return Dtype<T>::FromFp8x2(BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x, sel));
   }
-  // VPair of elements e and e + 1 (e even). With kFp8HiCvt one permute gathers both byte
-  // pairs, the low pair converted from the lower half of the word, the high pair from the upper
-  // half in place.
+  // VPair of elements e and e + 1 (e even): one permute gathers both byte pairs, the low pair
+  // converted from the lower half of the word, the high pair from the upper half in place.
   static PA_DEVICE void VPairs(const Span& v0, const Span& v1, int e, uint32_t& lo, uint32_t& hi) {
-    if constexpr (kFp8HiCvt) {
-      const uint32_t b = static_cast<uint32_t>(e & 3);
-      const uint32_t x = BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x,
-                                  b | ((4 + b) << 4) | ((b + 1) << 8) | ((5 + b) << 12));
-      lo = Dtype<T>::FromFp8x2(x);
-      hi = Dtype<T>::FromFp8x2Hi(x);
-    } else {
-      lo = VPair(v0, v1, e);
-      hi = VPair(v0, v1, e + 1);
-    }
+    const uint32_t b = static_cast<uint32_t>(e & 3);
+    const uint32_t x = BytePerm((e >> 2) ? v0.y : v0.x, (e >> 2) ? v1.y : v1.x,
+                                b | ((4 + b) << 4) | ((b + 1) << 8) | ((5 + b) << 12));
+    lo = Dtype<T>::FromFp8x2(x);
+    hi = Dtype<T>::FromFp8x2Hi(x);
   }
   static PA_DEVICE uint32_t TailPair(const Tail* t0, const Tail* t1, int e) {
     const uint32_t sel = static_cast<uint32_t>((e & 1) | ((4 + (e & 1)) << 4));

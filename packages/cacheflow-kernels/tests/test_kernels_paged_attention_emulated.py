@@ -106,9 +106,6 @@ def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> A
     fn.fp8_f16_mma = dll.cf_emu_fp8_f16_mma
     fn.fp8_f16_mma.restype = ctypes.c_int
     fn.fp8_f16_mma.argtypes = []
-    fn.fp8_hi_cvt = dll.cf_emu_fp8_hi_cvt
-    fn.fp8_hi_cvt.restype = ctypes.c_int
-    fn.fp8_hi_cvt.argtypes = []
     return fn
 
 
@@ -119,9 +116,9 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_default_build_has_no_build_options(emu: Any) -> None:
-    """CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA and CACHEFLOW_PA_FP8_HI_CVT are off unless
-    the build asks for them (the GPU-measured defaults)."""
-    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.fp8_hi_cvt()) == (0, 0, 0)
+    """CACHEFLOW_PA_LDSM_V and CACHEFLOW_PA_FP8_F16_MMA are off unless the build asks for them
+    (the GPU-measured defaults)."""
+    assert (emu.ldsm_v(), emu.fp8_f16_mma()) == (0, 0)
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes

@@ -4,9 +4,7 @@ options that are off by default until measured on a GPU (paged_attention.cuh):
 - CACHEFLOW_PA_LDSM_V=1: the two-tile step's 16-bit V fragments through ldmatrix.x4.trans, the
   accumulators in natural d-tile order and the V layout costed for ldmatrix (kPipeLdsmV);
 - CACHEFLOW_PA_FP8_F16_MMA=1: bfloat16 launches over FP8 caches run float16 MMAs, with the query
-  staged in float16 scaled by a power of two (MmaElem);
-- CACHEFLOW_PA_FP8_HI_CVT=1: FP8 V fragments formed two words per permute (CacheIo::VPairs; the
-  in-place upper-half conversion itself is device code, emulated by the same function).
+  staged in float16 scaled by a power of two (MmaElem).
 
 The tests are those of test_kernels_paged_attention_emulated.py that run the pipelined kernel on
 16-bit and FP8 caches (head sizes 64 to 256, CTAs of 16 and 32 rows, wide CTAs, split launches
@@ -43,11 +41,11 @@ from test_kernels_paged_attention_emulated import (  # noqa: F401 (collected wit
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The kernels as a build with every option compiles them."""
+    """The kernels as a build with both options compiles them."""
     return emulated.build_emulator(tmp_path_factory, "-DCACHEFLOW_PA_LDSM_V=1",
-                                   "-DCACHEFLOW_PA_FP8_F16_MMA=1", "-DCACHEFLOW_PA_FP8_HI_CVT=1")
+                                   "-DCACHEFLOW_PA_FP8_F16_MMA=1")
 
 
 def test_build_has_the_options(emu: Any) -> None:
     """The options reached the kernels (else this module would test the defaults twice)."""
-    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.fp8_hi_cvt()) == (1, 1, 1)
+    assert (emu.ldsm_v(), emu.fp8_f16_mma()) == (1, 1)

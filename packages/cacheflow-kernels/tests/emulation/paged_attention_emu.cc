@@ -107,10 +107,6 @@ extern "C" int cf_emu_ldsm_v() { return pa::kPipeLdsmV ? 1 : 0; }
  * CACHEFLOW_PA_FP8_F16_MMA=1), else 0. */
 extern "C" int cf_emu_fp8_f16_mma() { return pa::kFp8HalfMma ? 1 : 0; }
 
-/*! \brief 1 where FP8 V fragments are formed two words per permute (built with
- * CACHEFLOW_PA_FP8_HI_CVT=1), else 0. */
-extern "C" int cf_emu_fp8_hi_cvt() { return pa::kFp8HiCvt ? 1 : 0; }
-
 /*!
  * \brief Sets Params::wide_warps_max_ctas (the device's SM count on the GPU; 0: CTAs of 4 warps
  * only) of the following runs.
