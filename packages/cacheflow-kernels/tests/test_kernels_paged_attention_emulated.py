@@ -48,6 +48,24 @@ _ARGTYPES = (
 )
 
 
+# The emulator's helper entry points (cf_emu_<name>): name -> (restype, argtypes); build_emulator
+# binds each as an attribute of the returned kernel function.
+_HELPERS: dict[str, tuple[Any, list[Any]]] = {
+    "configure": (ctypes.c_int, [ctypes.c_int] * 6),
+    "set_step": (None, [ctypes.c_int, ctypes.c_double]),
+    "last_launch": (None, [ctypes.POINTER(ctypes.c_int)] * 2),
+    "set_layout": (None, [ctypes.c_int, ctypes.c_int64, ctypes.c_int]),
+    "set_cta_order": (None, [ctypes.c_int]),
+    "set_new_token": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+                      + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_int]),
+    "last_rows": (ctypes.c_int, []),
+    "main_warps": (ctypes.c_int, []),
+    "set_wide_warps": (None, [ctypes.c_int]),
+    "ldsm_v": (ctypes.c_int, []),
+    "fp8_f16_mma": (ctypes.c_int, []),
+}
+
+
 def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> Any:
     """Compiles the kernels under the emulation (with the extra ``-D`` options ``defines``, as
     the CMake build options set them) and returns the launch function with the emulator's
@@ -70,42 +88,10 @@ def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> A
     fn = dll.cf_emu_paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = _ARGTYPES
-    fn.configure = dll.cf_emu_configure
-    fn.configure.restype = ctypes.c_int
-    fn.configure.argtypes = [ctypes.c_int] * 6
-    fn.set_step = dll.cf_emu_set_step
-    fn.set_step.restype = None
-    fn.set_step.argtypes = [ctypes.c_int, ctypes.c_double]
-    fn.last_launch = dll.cf_emu_last_launch
-    fn.last_launch.restype = None
-    fn.last_launch.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
-    fn.set_layout = dll.cf_emu_set_layout
-    fn.set_layout.restype = None
-    fn.set_layout.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-    fn.set_cta_order = dll.cf_emu_set_cta_order
-    fn.set_cta_order.restype = None
-    fn.set_cta_order.argtypes = [ctypes.c_int]
-    fn.set_new_token = dll.cf_emu_set_new_token
-    fn.set_new_token.restype = None
-    fn.set_new_token.argtypes = (
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
-        + [ctypes.c_int]
-    )
-    fn.last_rows = dll.cf_emu_last_rows
-    fn.last_rows.restype = ctypes.c_int
-    fn.last_rows.argtypes = []
-    fn.main_warps = dll.cf_emu_main_warps
-    fn.main_warps.restype = ctypes.c_int
-    fn.main_warps.argtypes = []
-    fn.set_wide_warps = dll.cf_emu_set_wide_warps
-    fn.set_wide_warps.restype = None
-    fn.set_wide_warps.argtypes = [ctypes.c_int]
-    fn.ldsm_v = dll.cf_emu_ldsm_v
-    fn.ldsm_v.restype = ctypes.c_int
-    fn.ldsm_v.argtypes = []
-    fn.fp8_f16_mma = dll.cf_emu_fp8_f16_mma
-    fn.fp8_f16_mma.restype = ctypes.c_int
-    fn.fp8_f16_mma.argtypes = []
+    for name, (restype, argtypes) in _HELPERS.items():
+        helper = getattr(dll, f"cf_emu_{name}")
+        helper.restype, helper.argtypes = restype, argtypes
+        setattr(fn, name, helper)
     return fn
 
 
