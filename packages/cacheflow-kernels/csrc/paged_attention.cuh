@@ -217,6 +217,18 @@ PA_DEVICE void LdMatrixX4Trans(const unsigned char* row, uint32_t (&r)[4]) {
                : "r"(a));
 }
 
+/*!
+ * \brief movmatrix.sync.aligned.m8n8.trans.b16: the transpose of an 8x8 matrix of 16-bit
+ * elements held in the MMA fragment layout (lane l: row l / 4, columns 2 (l % 4) and + 1, the
+ * lower column in the low half), returned in the same layout: lane l gets elements (2 (l % 4),
+ * l / 4) and (2 (l % 4) + 1, l / 4) of the input.
+ */
+PA_DEVICE uint32_t MovMatrixTrans(uint32_t a) {
+  uint32_t d;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+  return d;
+}
+
 template <typename T>
 struct Dtype;
 
@@ -458,6 +470,8 @@ struct Params {
   int rows;                   // query heads per CTA that are allocated: min(group, kernel rows)
   int head_groups;            // CTAs per KV head along the query heads: ceil(group / rows)
   int release_at_start;       // release the successor right after the wait (release_max_ctas)
+  int tokens_m;               // 1: the two-tile step with tokens on the MMA's M dimension
+                              // (kPipeTokensM, PipePairLoopTokensM)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -1539,6 +1553,18 @@ constexpr bool kPipeLdsmV = CACHEFLOW_PA_LDSM_V != 0;
 constexpr bool kFp8HalfMma = CACHEFLOW_PA_FP8_F16_MMA != 0;
 constexpr int kFp8HalfQShift = 8;
 
+// The two-tile step of KV heads with at most kTokensMHeads query heads computes the transposed
+// products S^T = K Q^T and O^T = V^T P^T (PipePairLoopTokensM): the step's 16 tokens on the
+// m16n8k16 MMA's M dimension and the query heads on N, where the default layout puts the heads on
+// M (16 rows, at least half of them empty for such groups) and so issues twice the MMAs per K/V
+// byte. A build option (CMake CACHEFLOW_PA_TOKENS_M, or the environment variable at build time)
+// until measured on a GPU; it composes with the two options above.
+#ifndef CACHEFLOW_PA_TOKENS_M
+#define CACHEFLOW_PA_TOKENS_M 0
+#endif
+constexpr bool kPipeTokensM = CACHEFLOW_PA_TOKENS_M != 0;
+constexpr int kTokensMHeads = 8;  // the MMA's N
+
 /*! \brief The MMA element type of the pipelined kernel for output T over a cache of C: T, or
  * float16 for bfloat16 over FP8 with kFp8HalfMma (kQShift: the query's scaling, log2). */
 template <typename T, typename C>
@@ -2100,7 +2126,311 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
   }
 }
 
-template <typename T, typename C, int D, bool kPair, int kRT = 1, int kW = kWarps>
+// ------------------------------------------------------------------------------------------
+// Tokens on the MMA's M dimension (kPipeTokensM; KV heads of at most kTokensMHeads query heads).
+//
+// The two-tile step computes the transposed products, with the step's 16 tokens as the M rows
+// (rows g: tile q's token g, rows g + 8: tile q + 1's token g) and the query heads as the N
+// columns:
+//   S^T [16 tokens x 8 heads]  = K [16 tokens x D] * Q^T                one m16n8k16 per 16 dims
+//   O^T [D x 8 heads]         += V^T [D x 16 tokens] * P^T [16 x 8]     one m16n8k16 per 16 dims
+// half the MMAs of the default layout (whose 16 rows are the heads). K's A fragment is the K span
+// as the default layout loads it (k = 2t, 2t + 1 of the 16-dim k-step are dims 32j + 8t + {0, 1};
+// 2t + 8, 2t + 9 are + {2, 3}; the second k-step + {4..7}), so Q^T's B fragment is query row g's
+// 8 dims 32j + 8t .. + 7 (QueryCols). The softmax statistics are per head, i.e. per column: a
+// lane's 2 tokens, then the 8 lanes sharing t (lane bits 2-4). C of S^T holds a lane's token g at
+// heads 2t, 2t + 1, where P^T's B fragment wants tokens 2t, 2t + 1 at head g: one movmatrix.trans
+// per tile. V^T's A fragment pairs the default layout's B words: rows g / g + 8 of m-tile
+// 4c + e / 2 are dims 64c + 8g + e / + e + 1 (e even; the D % 64 tail likewise with its own index
+// map), or, with ldmatrix (PipeLdsmV), rows g / g + 8 of m-tile i are dims 16i + g / + 8.
+// StoreWarpCols writes the merge buffer and statistics as StoreWarpRows does, so the warps' merge,
+// the partition's epilogue and the split-K combine are the default layout's.
+
+/*! \brief Two T elements as float16 times 2^-kShift (MmaElem's query; kShift 0: as they are). */
+template <typename T, int kShift>
+PA_DEVICE uint32_t QueryPair(uint32_t w) {
+  if constexpr (kShift == 0) {
+    return w;
+  } else {
+    constexpr float kScale = 1.f / static_cast<float>(1 << kShift);
+    return Dtype<MmaHalf>::Pack(Dtype<T>::ElemToFloat(w & 0xffffu) * kScale,
+                                Dtype<T>::ElemToFloat(w >> 16) * kScale);
+  }
+}
+
+/*!
+ * \brief Q^T's B fragments of this lane (column gid = query row gid of `plain`, RotateQueryRows'
+ * [rows][D] layout): qt[j] = dims 32j + 8 tig .. + 7 of the row (b0, b1 = .x, .y for the span's
+ * first k-step, .z, .w for its second), a trailing half span's dims 32j + 4 tig .. + 3 in .x, .y;
+ * zeros for rows at or past rows_valid (never written).
+ */
+template <typename T, int D, int kQShift>
+PA_DEVICE void QueryCols(const unsigned char* plain, int gid, int tig, int rows_valid,
+                         uint4 (&qt)[MmaShape<D>::kQSpans]) {
+  using S = MmaShape<D>;
+  const bool valid = gid < rows_valid;
+  const unsigned char* row = plain + gid * D * 2;
+#pragma unroll
+  for (int j = 0; j < S::kSpans; ++j) {
+    const uint4 w =
+        valid ? LoadShared<uint4>(row + (32 * j + 8 * tig) * 2) : make_uint4(0, 0, 0, 0);
+    qt[j] = make_uint4(QueryPair<T, kQShift>(w.x), QueryPair<T, kQShift>(w.y),
+                       QueryPair<T, kQShift>(w.z), QueryPair<T, kQShift>(w.w));
+  }
+  if constexpr (S::kHalfSpan) {
+    const uint2 w = valid ? LoadShared<uint2>(row + (32 * S::kSpans + 4 * tig) * 2)
+                          : make_uint2(0, 0);
+    qt[S::kSpans] = make_uint4(QueryPair<T, kQShift>(w.x), QueryPair<T, kQShift>(w.y), 0, 0);
+  }
+}
+
+/*! \brief ALiBi slopes, in log2 units, of a thread's two columns (heads 2 tig and 2 tig + 1);
+ * 0 without ALiBi or past rows_valid. */
+PA_DEVICE void AlibiColSlopes(const Params& p, int tig, int head0, int rows_valid,
+                              float alibi[2]) {
+  alibi[0] = alibi[1] = 0.f;
+  if (p.alibi_slopes != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int head = 2 * tig + i;
+      if (head < rows_valid) alibi[i] = p.alibi_slopes[head0 + head] * kLog2e;
+    }
+  }
+}
+
+/*!
+ * \brief The two-tile step's main loop (PipePairLoop's ring, issue order and lazy rescaling)
+ * with tokens on the MMA's M dimension (see above). State per thread: m_run / l_run of heads
+ * 2 tig + i (l_run: this lane's tokens only, summed over the column by StoreWarpCols) and O^T's
+ * D / 16 m-tiles (c0 / c1: row gid at heads 2 tig, 2 tig + 1; c2 / c3: row gid + 8).
+ */
+template <typename T, typename C, int D, typename Issue, int kW = kWarps, int kQShift = 0>
+PA_DEVICE void PipePairLoopTokensM(const Params& p, const PartitionRange& r,
+                                   const uint4 (&qt)[MmaShape<D>::kQSpans],
+                                   const unsigned char* ring, int stages, int warp, int lane,
+                                   const float (&alibi)[2], float query_pos, int n_tiles,
+                                   Issue& issue, float (&m_run)[2], float (&l_run)[2],
+                                   float (&acc)[MmaShape<D>::kDTiles / 2][4]) {
+  using S = MmaShape<D>;
+  using Ops = Dtype<T>;
+  using Io = CacheIo<T, C>;
+  using L = PipeLayout<C, D>;
+  constexpr int kE = L::kElem;
+  constexpr int kMTiles = S::kDTiles / 2;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  const bool eager = p.rescale_threshold < 0.f;
+  const float threshold = eager ? 0.f : p.rescale_threshold;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const float scale_log2 = p.scale_log2 * static_cast<float>(1 << kQShift);  // MmaElem's Q
+  int stage = 0;  // stage of tile q; tile q + 1 is in the next one
+  for (int q = 0; q < n_tiles; q += 2) {  // warp-uniform
+    CpAsyncWait(stages - 4);  // this thread's copies of tiles q and q + 1 have landed
+    SyncWarp();  // ... and every lane's; every lane is done with tiles q - 2 and q - 1
+    const int free0 = stage >= 2 ? stage - 2 : stage + stages - 2;
+    issue(q + stages - 2, free0);
+    issue(q + stages - 1, free0 + 1 == stages ? 0 : free0 + 1);
+    const int stage_b = stage + 1 == stages ? 0 : stage + 1;
+    const unsigned char* ks[2] = {ring + stage * L::kStageBytes, ring + stage_b * L::kStageBytes};
+    // tile q + 1: + kTile * kW
+    const int tok0 = r.tile_base + kTile * (warp + kW * q);
+
+    // ---- S^T = K Q^T: A = both tiles' K rows gid (rows gid, gid + 8), two accumulators.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    float sc2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < S::kSpans; ++j) {
+      const int off =
+          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * j + 8 * tig) * kE);
+      uint4 k[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) k[h] = Io::Widen(Io::SharedSpan(ks[h] + off));
+      Ops::Mma16816(sc, k[0].x, k[1].x, k[0].y, k[1].y, qt[j].x, qt[j].y);
+      Ops::Mma16816(sc2, k[0].z, k[1].z, k[0].w, k[1].w, qt[j].z, qt[j].w);
+    }
+    if constexpr (S::kHalfSpan) {
+      const int off =
+          SwizzledOffset<L::kKChunks, L::kKMask, L::kKShift>(gid, (32 * S::kSpans + 4 * tig) * kE);
+      uint2 k[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) k[h] = Io::WidenHalf(Io::SharedHalf(ks[h] + off));
+      Ops::Mma16816(sc2, k[0].x, k[1].x, k[0].y, k[1].y, qt[S::kSpans].x, qt[S::kSpans].y);
+    }
+
+    // ---- Logits: x[e] is tile q + (e >> 1)'s token gid at head 2 tig + (e & 1).
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[e] = (sc[e] + sc2[e]) * scale_log2;
+    if (p.soft_cap_log2 > 0.f) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[e] = p.soft_cap_log2 * FastTanh(x[e] * p.inv_soft_cap_log2);
+    }
+    const bool interior = tok0 >= r.begin && tok0 + kTile * (kW + 1) <= r.end;
+    if (has_alibi || !interior) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int tok = tok0 + kTile * kW * h + gid;
+        const bool valid = tok >= r.begin && tok < r.end;
+        const float dist = static_cast<float>(tok) - query_pos;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          x[2 * h + i] = valid ? fmaf(alibi[i], dist, x[2 * h + i]) : kNegInf;
+        }
+      }
+    }
+
+    // ---- Online softmax per head: this lane's two tokens, then the column's 8 lanes.
+    float corr[2];
+    float pr[4];
+    bool moved = false;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = fmaxf(x[i], x[2 + i]);
+      mx = fmaxf(mx, ShflXor(mx, 4));
+      mx = fmaxf(mx, ShflXor(mx, 8));
+      mx = fmaxf(mx, ShflXor(mx, 16));
+      const bool grow = mx > m_run[i] + threshold;  // -inf + threshold stays -inf
+      const float m_new = grow ? mx : m_run[i];
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      corr[i] = grow ? FastExp2(m_run[i] - m_use) : 1.f;
+      m_run[i] = m_new;
+      pr[i] = FastExp2(x[i] - m_use);
+      pr[2 + i] = FastExp2(x[2 + i] - m_use);
+      l_run[i] = fmaf(l_run[i], corr[i], pr[i] + pr[2 + i]);
+      moved = moved || corr[i] != 1.f;
+    }
+    if (eager || AnyInWarp(moved)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        acc[mt][0] *= corr[0];
+        acc[mt][1] *= corr[1];
+        acc[mt][2] *= corr[0];
+        acc[mt][3] *= corr[1];
+      }
+    }
+    // P^T's B fragment: b0 (k = tile q's tokens 2 tig, 2 tig + 1; n = head gid), b1 tile q + 1's.
+    const uint32_t b0 = MovMatrixTrans(Ops::Pack(pr[0], pr[1]));
+    const uint32_t b1 = MovMatrixTrans(Ops::Pack(pr[2], pr[3]));
+
+    // ---- O^T += V^T P^T: A = V^T (a0 / a1: tile q's tokens 2 tig, 2 tig + 1 at the m-tile's
+    // rows gid / gid + 8; a2 / a3: tile q + 1's).
+    const unsigned char* vs[2] = {ks[0] + L::kKTileBytes, ks[1] + L::kKTileBytes};
+    if constexpr (PipeLdsmV<C>::value) {
+      // Lane l addresses row l % 8 (a token) of matrix l / 8: tile l / 16's V rows at d-tile
+      // i + (l / 8) % 2, so the four matrices are a0 .. a3 of m-tile i / 2 (i even: chunk
+      // i + (l / 8) % 2 is i ^ ((l / 8) % 2); the row's swizzle only touches chunk bits 0-2).
+      const int v_row = lane & 7;
+      const int v_xor = ((lane >> 3) & 1) ^ ((v_row & L::kVMask) << L::kVShift);
+      const unsigned char* v_lane = ((lane & 16) ? vs[1] : vs[0]) + v_row * L::kVChunks * 16;
+#pragma unroll
+      for (int i = 0; i < S::kDTiles; i += 2) {
+        uint32_t a[4];
+        LdMatrixX4Trans(v_lane + (i & ~7) * 16 + (((i & 7) ^ v_xor) << 4), a);
+        Ops::Mma16816(acc[i / 2], a[0], a[1], a[2], a[3], b0, b1);
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < S::kChunks; ++c) {
+        typename Io::Span v[2][2];  // [tile][row 2 * tig + s]
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int sr = 0; sr < 2; ++sr) {
+            v[h][sr] = Io::SharedSpan(vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                                                  2 * tig + sr, (64 * c + 8 * gid) * kE));
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          uint32_t a[4];
+          Io::VPairs(v[0][0], v[0][1], e, a[0], a[1]);
+          Io::VPairs(v[1][0], v[1][1], e, a[2], a[3]);
+          Ops::Mma16816(acc[4 * c + e / 2], a[0], a[1], a[2], a[3], b0, b1);
+        }
+      }
+      if constexpr (S::kTailTiles > 0) {
+        typename Io::Tail t[2][2][S::kTailWordsAlloc];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int sr = 0; sr < 2; ++sr) {
+#pragma unroll
+            for (int w = 0; w < S::kTailWords; ++w) {
+              t[h][sr][w] = Io::SharedTail(
+                  vs[h] + SwizzledOffset<L::kVChunks, L::kVMask, L::kVShift>(
+                              2 * tig + sr, (64 * S::kChunks + S::kTailTiles * gid + 2 * w) * kE));
+            }
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < S::kTailTiles; e += 2) {
+          Ops::Mma16816(acc[4 * S::kChunks + e / 2], Io::TailPair(t[0][0], t[0][1], e),
+                        Io::TailPair(t[0][0], t[0][1], e + 1), Io::TailPair(t[1][0], t[1][1], e),
+                        Io::TailPair(t[1][0], t[1][1], e + 1), b0, b1);
+        }
+      }
+    }
+    stage = stage_b + 1 == stages ? 0 : stage_b + 1;
+  }
+}
+
+/*!
+ * \brief StoreWarpRows for PipePairLoopTokensM's state: each column's sum reduced over its 8
+ * lanes, then head 2 tig + i's statistics and output row (heads at or past p.rows keep only their
+ * statistics), in the merge buffer and statistics layout FinishPartition reads.
+ */
+template <int D, bool kNatural>
+PA_DEVICE void StoreWarpCols(const Params& p, const Stats& st, float* so, int warp, int gid,
+                             int tig, const float (&m_run)[2], float (&l_run)[2],
+                             const float (&acc)[MmaShape<D>::kDTiles / 2][4]) {
+  using S = MmaShape<D>;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += ShflXor(l_run[i], 4);
+    l_run[i] += ShflXor(l_run[i], 8);
+    l_run[i] += ShflXor(l_run[i], 16);
+  }
+  const int rows = p.rows;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int head = 2 * tig + i;
+    if (gid == 0) {
+      st.m[warp * st.stride + head] = m_run[i];
+      st.l[warp * st.stride + head] = l_run[i];
+    }
+    if (head < rows) {
+      float* o_row = so + (warp * rows + head) * (D + kOutPad);
+      if constexpr (kNatural) {  // rows gid / gid + 8 of m-tile mt: dims 16 mt + gid / + 8
+#pragma unroll
+        for (int mt = 0; mt < S::kDTiles / 2; ++mt) {
+          o_row[16 * mt + gid] = acc[mt][i];
+          o_row[16 * mt + 8 + gid] = acc[mt][2 + i];
+        }
+      } else {  // rows gid / gid + 8: dims d / d + 1, d even (one float2)
+#pragma unroll
+        for (int c = 0; c < S::kChunks; ++c) {
+#pragma unroll
+          for (int e = 0; e < 8; e += 2) {
+            const int mt = 4 * c + e / 2;
+            *reinterpret_cast<float2*>(o_row + 64 * c + 8 * gid + e) =
+                make_float2(acc[mt][i], acc[mt][2 + i]);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < S::kTailTiles; e += 2) {
+          const int mt = 4 * S::kChunks + e / 2;
+          *reinterpret_cast<float2*>(o_row + 64 * S::kChunks + S::kTailTiles * gid + e) =
+              make_float2(acc[mt][i], acc[mt][2 + i]);
+        }
+      }
+    }
+  }
+}
+
+// kTokensM: the two-tile step with tokens on the MMA's M dimension (PipePairLoopTokensM; one row
+// tile of at most kTokensMHeads query heads).
+template <typename T, typename C, int D, bool kPair, int kRT = 1, int kW = kWarps,
+          bool kTokensM = false>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
     PagedAttentionPipeKernel(const Params p) {
   // By default no PdlWait() here: the prologue below reads what the previous kernel cannot be
@@ -2109,6 +2439,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   if (!p.prefetch_before_wait) PdlWait();
   static_assert(kRT == 1 || kPair, "two row tiles need the two-tile step");
   static_assert(kW == kWarps || (kRT == 1 && kPair), "wide CTAs: one row tile, two-tile steps");
+  static_assert(!kTokensM || (kPair && kRT == 1), "tokens on M: one row tile, two-tile steps");
   using S = MmaShape<D>;
   using MT = typename MmaElem<T, C>::type;  // the MMAs' element type (T or float16)
   constexpr int kQShift = MmaElem<T, C>::kQShift;
@@ -2117,7 +2448,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   using L = PipeLayout<C, D>;
   constexpr int kE = L::kElem;
   constexpr int kRows = kRT * kMmaRows;  // query heads per CTA
-  constexpr bool kQInRegs = kRT == 1 && PipeQInRegs<C, D, kPair>::value;
+  constexpr bool kQInRegs = !kTokensM && kRT == 1 && PipeQInRegs<C, D, kPair>::value;
   unsigned char* smem = DynamicSmem();
   const Stats st = GetStats<kW>(smem, kRows);
   unsigned char* smem_main = smem + kStatsSmemBytesFor<kRT, kW>;
@@ -2227,7 +2558,14 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   }
   for (; q0 < prologue_tiles; ++q0) issue(q0, q0);
 
-  if (fused) {
+  if constexpr (kTokensM) {
+    // The query rows as they are into smem_main (RotateQueryRows' layout, where fused launches
+    // have them rotated), read by QueryCols after the barrier below.
+    if (!fused) {
+      RotateQueryRows<T, D, kTokensMHeads, kW>(p, smem_main, seq, head0, rows_valid,
+                                               NewTokenAt{-1, false}, cs, tid);
+    }
+  } else if (fused) {
     StageQueryFragments<T, D, kRT, true, kW, kQShift>(p, qs, seq, head0, rows_valid, tid,
                                                       smem_main);
   } else {
@@ -2237,7 +2575,11 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt) {
     const int row0 = kMmaRows * rt;
-    AlibiRowSlopes(p, gid, head0 + row0, rows_valid - row0, alibi[rt]);
+    if constexpr (kTokensM) {
+      AlibiColSlopes(p, tig, head0, rows_valid, alibi[rt]);
+    } else {
+      AlibiRowSlopes(p, gid, head0 + row0, rows_valid - row0, alibi[rt]);
+    }
   }
   const float query_pos = static_cast<float>(r.ctx - 1);
   SyncThreads();
@@ -2250,20 +2592,28 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
     }
   }
 
-  float acc[kRT][S::kDTiles][4];
+  // Tokens on M: D / 16 m-tiles of O^T; m_run / l_run per head column (PipePairLoopTokensM).
+  constexpr int kAccTiles = kTokensM ? S::kDTiles / 2 : S::kDTiles;
+  float acc[kRT][kAccTiles][4];
   float m_run[kRT][2];
   float l_run[kRT][2];
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt) {
 #pragma unroll
-    for (int i = 0; i < S::kDTiles; ++i) {
+    for (int i = 0; i < kAccTiles; ++i) {
       acc[rt][i][0] = acc[rt][i][1] = acc[rt][i][2] = acc[rt][i][3] = 0.f;
     }
     m_run[rt][0] = m_run[rt][1] = kNegInf;
     l_run[rt][0] = l_run[rt][1] = 0.f;
   }
 
-  if constexpr (kPair) {
+  if constexpr (kTokensM) {
+    uint4 qt[S::kQSpans];
+    QueryCols<T, D, kQShift>(smem_main, gid, tig, rows_valid, qt);
+    PipePairLoopTokensM<MT, C, D, decltype(issue), kW, kQShift>(
+        p, r, qt, ring, stages, warp, lane, alibi[0], query_pos, n_tiles, issue, m_run[0],
+        l_run[0], acc[0]);
+  } else if constexpr (kPair) {
     PipePairLoop<MT, C, D, kRT, decltype(qf), decltype(issue), kW, kQShift>(
         p, r, qs, qf, ring, stages, warp, lane, alibi, query_pos, n_tiles, issue, m_run, l_run,
         acc);
@@ -2334,8 +2684,13 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   float* so = reinterpret_cast<float*>(smem_main);
 #pragma unroll
   for (int rt = 0; rt < kRT; ++rt) {
-    StoreWarpRows<D, kPair && PipeLdsmV<C>::value>(p, st, so, warp, gid, tig, kMmaRows * rt,
-                                                    m_run[rt], l_run[rt], acc[rt]);
+    if constexpr (kTokensM) {
+      StoreWarpCols<D, PipeLdsmV<C>::value>(p, st, so, warp, gid, tig, m_run[rt], l_run[rt],
+                                            acc[rt]);
+    } else {
+      StoreWarpRows<D, kPair && PipeLdsmV<C>::value>(p, st, so, warp, gid, tig, kMmaRows * rt,
+                                                      m_run[rt], l_run[rt], acc[rt]);
+    }
   }
   SyncThreads();
   FinishPartition<T, D, kW>(p, so, st, rows_valid, head0, seq, part);
@@ -2786,6 +3141,27 @@ inline int TwoRowTileStages(const Params& p) {
   return stages >= kMinPairStages ? stages : 0;
 }
 
+/*! \brief Whether a two-tile-step launch with one row tile takes tokens on the MMA's M dimension
+ * (PipePairLoopTokensM): built with kPipeTokensM, and KV heads of at most kTokensMHeads query
+ * heads (so a single head group: fused launches take it too). */
+inline bool UsesTokensM(const Params& p) { return kPipeTokensM && p.group <= kTokensMHeads; }
+
+/*! \brief Launches the pipelined kernel with two-tile steps and one row tile in CTAs of kW warps
+ * (p.stages and p.rows set): tokens on the MMA's M dimension where UsesTokensM (those instances
+ * exist only in builds with kPipeTokensM), else the default layout. */
+template <typename T, typename C, int D, int kW, typename Launcher>
+void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
+  const size_t smem = PipeSmemBytes<C, D, 1, kW>(p.stages, p.rows);
+  if constexpr (kPipeTokensM) {
+    if (UsesTokensM(p)) {
+      p.tokens_m = 1;
+      launch(PagedAttentionPipeKernel<T, C, D, true, 1, kW, true>, grid, 32 * kW, smem, p);
+      return;
+    }
+  }
+  launch(PagedAttentionPipeKernel<T, C, D, true, 1, kW>, grid, 32 * kW, smem, p);
+}
+
 /*!
  * \brief Launches CTAs of kWideWarps<D> warps (16 query heads, two-tile steps; `asked_stages`:
  * Params::stages as the caller set it) for an unsplit launch of KV heads with at most 16 query
@@ -2812,8 +3188,7 @@ bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& la
   const int stages = ChooseStages<C, D, 1, kW>(asked, p.rows, 1);
   if (stages < kMinPairStages) return false;
   p.stages = stages;
-  launch(PagedAttentionPipeKernel<T, C, D, true, 1, kW>, grid, 32 * kW,
-         PipeSmemBytes<C, D, 1, kW>(stages, p.rows), p);
+  LaunchPairSteps<T, C, D, kW>(p, grid, launch);
   return true;
 }
 
@@ -2894,8 +3269,7 @@ bool RunHeadSize(Params p, Launcher& launch) {
                          : 1;
       if (p.step_tiles == 2) {
         if (!RunWideCtas<T, C, D>(p, asked_stages, grid, launch)) {
-          launch(PagedAttentionPipeKernel<T, C, D, true>, grid, kThreads,
-                 PipeSmemBytes<C, D>(p.stages, p.rows), p);
+          LaunchPairSteps<T, C, D, kWarps>(p, grid, launch);
         }
       } else {
         launch(PagedAttentionPipeKernel<T, C, D, false>, grid, kThreads,

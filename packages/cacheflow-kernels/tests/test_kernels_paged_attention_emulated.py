@@ -63,6 +63,9 @@ _HELPERS: dict[str, tuple[Any, list[Any]]] = {
     "set_wide_warps": (None, [ctypes.c_int]),
     "ldsm_v": (ctypes.c_int, []),
     "fp8_f16_mma": (ctypes.c_int, []),
+    "tokens_m": (ctypes.c_int, []),
+    "main_tokens_m": (ctypes.c_int, []),
+    "movmatrix": (None, [ctypes.c_void_p] * 2),
 }
 
 
@@ -102,9 +105,9 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_default_build_has_no_build_options(emu: Any) -> None:
-    """CACHEFLOW_PA_LDSM_V and CACHEFLOW_PA_FP8_F16_MMA are off unless the build asks for them
-    (the GPU-measured defaults)."""
-    assert (emu.ldsm_v(), emu.fp8_f16_mma()) == (0, 0)
+    """CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA and CACHEFLOW_PA_TOKENS_M are off unless the
+    build asks for them (the GPU-measured defaults)."""
+    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m()) == (0, 0, 0)
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes

@@ -18,6 +18,7 @@ int g_last_stages = -1;
 int g_last_step_tiles = -1;
 int g_last_rows = -1;
 int g_main_warps = -1;  // warps per CTA of the last call's first (main) kernel
+int g_main_tokens_m = -1;  // its Params::tokens_m
 
 struct EmuLauncher {
   template <typename... Args>
@@ -26,7 +27,10 @@ struct EmuLauncher {
     g_last_stages = p.stages;
     g_last_step_tiles = p.step_tiles;
     g_last_rows = p.rows;
-    if (g_main_warps < 0) g_main_warps = threads / 32;
+    if (g_main_warps < 0) {
+      g_main_warps = threads / 32;
+      g_main_tokens_m = p.tokens_m;
+    }
     pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
       kernel(p);
     });
@@ -102,6 +106,23 @@ extern "C" int cf_emu_main_warps() { return g_main_warps; }
 /*! \brief 1 where the two-tile step reads 16-bit V with ldmatrix (built with
  * CACHEFLOW_PA_LDSM_V=1), else 0. */
 extern "C" int cf_emu_ldsm_v() { return pa::kPipeLdsmV ? 1 : 0; }
+
+/*! \brief 1 where the last call's main kernel ran the two-tile step with tokens on the MMA's M
+ * dimension (Params::tokens_m), else 0. */
+extern "C" int cf_emu_main_tokens_m() { return g_main_tokens_m; }
+
+/*! \brief 1 where KV heads of at most 8 query heads take that step (built with
+ * CACHEFLOW_PA_TOKENS_M=1), else 0. */
+extern "C" int cf_emu_tokens_m() { return pa::kPipeTokensM ? 1 : 0; }
+
+/*! \brief Runs movmatrix.m8n8.trans.b16 on one warp: in[l] is lane l's source register, out[l]
+ * its result (a check of the emulated instruction against the PTX ISA's definition). */
+extern "C" void cf_emu_movmatrix(const uint32_t* in, uint32_t* out) {
+  pa_emu::RunGrid(pa_emu::Grid{1, 1, 1}, 32, 0, [in, out] {
+    const int lane = static_cast<int>(threadIdx.x);
+    out[lane] = pa::MovMatrixTrans(in[lane]);
+  });
+}
 
 /*! \brief 1 where bfloat16 launches over FP8 caches run float16 MMAs (built with
  * CACHEFLOW_PA_FP8_F16_MMA=1), else 0. */
@@ -257,6 +278,7 @@ extern "C" int cf_emu_paged_attention(
   if (num_seqs == 0 || num_heads == 0) return p.num_partitions;
   EmuLauncher launch;
   g_main_warps = -1;
+  g_main_tokens_m = -1;
   bool ran = false;
   switch (dtype + (fp8 ? 4 : 0)) {
     case 0: ran = pa::Run<pa_emu::Half>(p, launch); break;

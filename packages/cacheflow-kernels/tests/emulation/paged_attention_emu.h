@@ -8,7 +8,9 @@
 //   mma.m16n8k16 row.col: A (16x16) a0:(g, 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8,
 //   2t+8..); B (16x8) b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); C/D c0,c1:(g, 2t..2t+1),
 //   c2,c3:(g+8, 2t..2t+1); mma.m16n8k8: A a0:(g, 2t..2t+1) a1:(g+8, 2t..), B b0:(k 2t..2t+1,
-//   n g), same C/D; the lower k of a packed pair is in the low 16 bits; g = lane/4, t = lane%4.
+//   n g), same C/D; the lower k of a packed pair is in the low 16 bits; g = lane/4, t = lane%4;
+//   movmatrix.m8n8.trans.b16: lane l gets (row l/4, columns 2t, 2t+1) of the transpose of the
+//   8x8 matrix whose (row g, columns 2t, 2t+1) lane l gave.
 // Checks that abort the run with a message: global loads and stores outside every registered
 // buffer or misaligned, a barrier that not all threads of the warp / CTA reach (divergent
 // collective: deadlock), shared-memory writes past the requested size (canary), and a dynamic
@@ -402,6 +404,23 @@ inline void LdMatrixX4Trans(const unsigned char* row, uint32_t (&r)[4]) {
     std::memcpy(&hi, base + s.u[8 * j + k + 1][0] + 2 * col, 2);
     r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
+}
+
+/*! \brief movmatrix.sync.aligned.m8n8.trans.b16 (see the device version): lane l holds row
+ * l / 4, columns 2 (l % 4) and + 1 of an 8x8 matrix of 16-bit elements (the lower column in the
+ * low half) and receives the same positions of its transpose: elements (2 (l % 4), l / 4) and
+ * (2 (l % 4) + 1, l / 4) of the input. */
+inline uint32_t MovMatrixTrans(uint32_t a) {
+  pa_emu::WarpScratch& s = pa_emu::Scratch();
+  const int lane = pa_emu::Lane();
+  s.u[lane][0] = a;
+  pa_emu::WarpBarrier();
+  const auto elem = [&](int row, int col) {  // input element (row, col)
+    return (s.u[4 * row + col / 2][0] >> (16 * (col % 2))) & 0xffffu;
+  };
+  const int row = lane / 4;
+  const int col = 2 * (lane % 4);
+  return elem(col, row) | (elem(col + 1, row) << 16);
 }
 
 inline float ShflXor(float v, int mask) {
