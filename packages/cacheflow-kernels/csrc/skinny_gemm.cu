@@ -223,7 +223,6 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   p.rows_per_stage = plan.rows_per_stage;
   p.stages = plan.stages;
   p.release_early = EarlyRelease() ? 1 : 0;
-  p.l2_prefetch_rows = skinny::L2PrefetchRows(plan, static_cast<int>(k), L2PrefetchBudget(id));
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
     CheckSm90Code(reinterpret_cast<const void*>(kernel), id);
@@ -233,6 +232,8 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   const skinny::XMode mode = gated                      ? skinny::XMode::kSiluGated
                              : norm_weight.has_value() ? skinny::XMode::kRmsNorm
                                                        : skinny::XMode::kPlain;
+  p.l2_prefetch_rows =
+      skinny::L2PrefetchRows(plan, static_cast<int>(k), mode, L2PrefetchBudget(id));
   if (x.dtype().code == kDLBfloat) {
     skinny::LaunchSkinny<skinny::Bf16>(p.m, mode, plan, launch);
   } else {

@@ -178,10 +178,14 @@ inline SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_pe
 
 /*!
  * \brief Host side: rows of W after the ring's that each CTA of `plan` asks L2 for before its
- * wait, so that the grid's prefetches come to at most `budget_bytes` (0: none).
+ * wait, so that the grid's prefetches come to at most `budget_bytes` (0: none). Plain products
+ * only: in a decode layer those are the o projection, whose CTAs wait behind the attention while
+ * the memory is idle. The SiLU-gated down projection follows the gate_up GEMM, which keeps the
+ * memory busy; there the prefetches queued ahead of its ring's refills and made it 17% slower
+ * (H100, 2026-12-06), and the normed qkv / gate_up projections gained nothing.
  */
-inline int L2PrefetchRows(const SkinnyPlan& plan, int k, int64_t budget_bytes) {
-  if (plan.grid <= 0 || budget_bytes <= 0) return 0;
+inline int L2PrefetchRows(const SkinnyPlan& plan, int k, XMode mode, int64_t budget_bytes) {
+  if (mode != XMode::kPlain || plan.grid <= 0 || budget_bytes <= 0) return 0;
   const int64_t rows = budget_bytes / (int64_t{plan.grid} * 2 * k);
   const int64_t after_ring = plan.rows_per_cta - int64_t{plan.stages} * plan.rows_per_stage;
   if (after_ring <= 0) return 0;

@@ -104,10 +104,10 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_emulator(tmp_path_factory)
 
 
-def test_default_build_has_no_build_options(emu: Any) -> None:
-    """CACHEFLOW_PA_LDSM_V, CACHEFLOW_PA_FP8_F16_MMA and CACHEFLOW_PA_TOKENS_M are off unless the
-    build asks for them (the GPU-measured defaults)."""
-    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m()) == (0, 0, 0)
+def test_default_build_options(emu: Any) -> None:
+    """The GPU-measured defaults: CACHEFLOW_PA_FP8_F16_MMA and CACHEFLOW_PA_TOKENS_M on,
+    CACHEFLOW_PA_LDSM_V off, unless the build asks otherwise."""
+    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m()) == (0, 1, 1)
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes

@@ -1,21 +1,22 @@
-"""The emulated decode tests of the pipelined kernel again, with the kernels built with the build
-options that are off by default until measured on a GPU (paged_attention.cuh):
+"""The emulated decode tests of the pipelined kernel again, with the kernels built with other
+values of the build options than the defaults (paged_attention.cuh):
 
-- CACHEFLOW_PA_LDSM_V=1: the two-tile step's 16-bit V fragments through ldmatrix.x4.trans, the
-  accumulators in natural d-tile order and the V layout costed for ldmatrix (kPipeLdsmV);
-- CACHEFLOW_PA_FP8_F16_MMA=1: bfloat16 launches over FP8 caches run float16 MMAs, with the query
-  staged in float16 scaled by a power of two (MmaElem);
-- CACHEFLOW_PA_TOKENS_M=1: the two-tile step of KV heads with at most 8 query heads computes
-  S^T = K Q^T and O^T = V^T P^T, the step's 16 tokens on the MMA's M dimension
-  (PipePairLoopTokensM).
+- CACHEFLOW_PA_LDSM_V=1 (off by default): the two-tile step's 16-bit V fragments through
+  ldmatrix.x4.trans, the accumulators in natural d-tile order and the V layout costed for
+  ldmatrix (kPipeLdsmV);
+- CACHEFLOW_PA_FP8_F16_MMA (on by default; =0: bfloat16 MMAs): bfloat16 launches over FP8 caches
+  run float16 MMAs, with the query staged in float16 scaled by a power of two (MmaElem);
+- CACHEFLOW_PA_TOKENS_M (on by default; =0: heads on M for every group): the two-tile step of KV
+  heads with at most 8 query heads computes S^T = K Q^T and O^T = V^T P^T, the step's 16 tokens
+  on the MMA's M dimension (PipePairLoopTokensM).
 
-Each test runs against three builds (``BUILDS``): the first two options, the third alone, and all
-three. The tests are those of test_kernels_paged_attention_emulated.py that run the pipelined
-kernel on 16-bit and FP8 caches (head sizes 64 to 256, CTAs of 16 and 32 rows, wide CTAs, split
-launches and their merge, fused launches, soft cap, sliding window, lazy rescaling); imported
-here, they take this module's ``emu``. The tests below them cover the transposed step: its
-dispatch (groups of at most 8 query heads with two-tile steps, nothing else) and a sweep of its
-launches against the float64 oracle.
+Each test runs against three builds (``BUILDS``): the last two options off (the layout every
+group had before them), that with LDSM_V on, and all three on. The tests are those of
+test_kernels_paged_attention_emulated.py that run the pipelined kernel on 16-bit and FP8 caches
+(head sizes 64 to 256, CTAs of 16 and 32 rows, wide CTAs, split launches and their merge, fused
+launches, soft cap, sliding window, lazy rescaling); imported here, they take this module's
+``emu``. The tests below them cover the transposed step: its dispatch (groups of at most 8 query
+heads with two-tile steps, nothing else) and a sweep of its launches against the float64 oracle.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ torch = pytest.importorskip("torch")
 
 # Build name -> the -D options (as the CMake build options set them).
 BUILDS = {
-    "ldsm_f16mma": ("-DCACHEFLOW_PA_LDSM_V=1", "-DCACHEFLOW_PA_FP8_F16_MMA=1"),
-    "tokens_m": ("-DCACHEFLOW_PA_TOKENS_M=1",),
+    "heads_on_m": ("-DCACHEFLOW_PA_FP8_F16_MMA=0", "-DCACHEFLOW_PA_TOKENS_M=0"),
+    "ldsm_heads_on_m": ("-DCACHEFLOW_PA_LDSM_V=1", "-DCACHEFLOW_PA_TOKENS_M=0"),
     "all": ("-DCACHEFLOW_PA_LDSM_V=1", "-DCACHEFLOW_PA_FP8_F16_MMA=1",
             "-DCACHEFLOW_PA_TOKENS_M=1"),
 }
-TOKENS_M_BUILDS = ["tokens_m", "all"]
+DEFAULTS = {"CACHEFLOW_PA_LDSM_V": 0, "CACHEFLOW_PA_FP8_F16_MMA": 1, "CACHEFLOW_PA_TOKENS_M": 1}
+TOKENS_M_BUILDS = ["all"]  # the default build runs the transposed step in every test of
+# test_kernels_paged_attention_emulated.py; the sweep below also checks it is the path taken
 _built: dict[str, Any] = {}
 
 
@@ -86,8 +89,8 @@ def emu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def test_build_has_the_options(emu: Any) -> None:
     """The options reached the kernels (else this module would test the defaults again)."""
     flags = BUILDS[emu.build_name]
-    expected = tuple(int(f"-D{name}=1" in flags) for name in
-                     ("CACHEFLOW_PA_LDSM_V", "CACHEFLOW_PA_FP8_F16_MMA", "CACHEFLOW_PA_TOKENS_M"))
+    expected = tuple(1 if f"-D{name}=1" in flags else 0 if f"-D{name}=0" in flags else default
+                     for name, default in DEFAULTS.items())
     assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m()) == expected
 
 

@@ -75,7 +75,6 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
   p.rows_per_stage = plan.rows_per_stage;
   p.stages = plan.stages;
   p.release_early = 1;
-  p.l2_prefetch_rows = sk::L2PrefetchRows(plan, k, L2PrefetchBudget());
   sk::PrefetchedL2Bytes() = 0;
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
     cfemu::RunGrid(Dim3{static_cast<unsigned>(grid), 1, 1}, threads, static_cast<size_t>(smem),
@@ -84,6 +83,7 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
   const sk::XMode mode = silu_gated != 0      ? sk::XMode::kSiluGated
                         : norm_weight != nullptr ? sk::XMode::kRmsNorm
                                                  : sk::XMode::kPlain;
+  p.l2_prefetch_rows = sk::L2PrefetchRows(plan, k, mode, L2PrefetchBudget());
   if (dtype == 0) {
     sk::LaunchSkinny<sk::Fp16>(m, mode, plan, launch);
   } else {
