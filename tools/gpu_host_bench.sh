@@ -17,9 +17,7 @@
 # kernel; "allfuse": both); "kbase": "on" with the kernel
 # wheel in .whl/kbase/ (an earlier commit's kernels, for A/Bs of kernel changes that have no
 # switch); "warps4": "on" with CACHEFLOW_PA_WARPS=4, the decode kernel's CTAs at 4 warps on
-# small unsplit grids (batch 1-4 at 32 heads) as before 2026-12-05 19:00; "l2pf", "l2pf25",
-# "l2pf100": "on" with CACHEFLOW_SKINNY_L2_PREFETCH=50 / 25 / 100 (skinny_gemm asks L2 for
-# that share of L2 of its weights before its PDL wait; "l2pf0": with it at 0); the kernel and
+# small unsplit grids (batch 1-4 at 32 heads) as before 2026-12-05 19:00; the kernel and
 # dependency wheels are otherwise the same for all.
 #
 # Prepare here: tools/build_wheels.sh, then the base wheels into .whl/base/; run there with
@@ -68,7 +66,7 @@ for v in "${variants[@]}"; do
   flags=()
   unset CACHEFLOW_SKINNY_GEMM CACHEFLOW_ROTARY_CACHE CACHEFLOW_SKINNY_EARLY_RELEASE \
     CACHEFLOW_PA_EARLY_RELEASE CACHEFLOW_SKINNY_STAGES CACHEFLOW_SKINNY_FUSE \
-    CACHEFLOW_ATTN_ROTARY_FUSE CACHEFLOW_PA_WARPS CACHEFLOW_SKINNY_L2_PREFETCH
+    CACHEFLOW_ATTN_ROTARY_FUSE CACHEFLOW_PA_WARPS
   case $v in
     base) export PYTHONPATH="${site[base]}" ;;
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
@@ -90,8 +88,6 @@ for v in "${variants[@]}"; do
       flags=(--async-scheduling) ;;
     kbase) export PYTHONPATH="${site[kbase]}"; flags=(--async-scheduling) ;;
     warps4) export PYTHONPATH="${site[new]}" CACHEFLOW_PA_WARPS=4; flags=(--async-scheduling) ;;
-    l2pf|l2pf0|l2pf25|l2pf100) pct=${v#l2pf}; export PYTHONPATH="${site[new]}" \
-      CACHEFLOW_SKINNY_L2_PREFETCH=${pct:-50}; flags=(--async-scheduling) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   if [[ "$what" == latency || "$what" == all ]]; then

@@ -1301,6 +1301,18 @@ constexpr int MmaMinBlocks() {
 template <int D>
 constexpr int kWideWarps = kWarps * MmaMinBlocks<D>();
 
+/*! \brief Two T elements as float16 times 2^-kShift (MmaElem's query; kShift 0: as they are). */
+template <typename T, int kShift>
+PA_DEVICE uint32_t QueryPair(uint32_t w) {
+  if constexpr (kShift == 0) {
+    return w;
+  } else {
+    constexpr float kScale = 1.f / static_cast<float>(1 << kShift);
+    return Dtype<MmaHalf>::Pack(Dtype<T>::ElemToFloat(w & 0xffffu) * kScale,
+                                Dtype<T>::ElemToFloat(w >> 16) * kScale);
+  }
+}
+
 // The CTA's query rows as mma A fragments in shared memory, each uint4 one MMA's four A registers:
 // qs[((rt * kQSpans + span) * 2 + k) * 32 + lane] for row tile rt (rows 16 rt ..) holds the A
 // fragment of the span's k-step k (0: its dims 32 span + 8t + {0..3}, 1: + {4..7}; a trailing
@@ -1354,13 +1366,8 @@ PA_DEVICE void StageQueryFragments(const Params& p, uint4* qs, int seq, int head
   for (int u = 0; u < kPerThread; ++u) {
     const int i = tid + u * 32 * kW;
     if constexpr (kHalfShift > 0) {  // two T elements -> two scaled float16 (exact: 2^-k)
-      constexpr float kScale = 1.f / static_cast<float>(1 << kHalfShift);
-      const auto half2 = [](uint32_t w) {
-        return Dtype<MmaHalf>::Pack(Dtype<T>::ElemToFloat(w & 0xffffu) * kScale,
-                                    Dtype<T>::ElemToFloat(w >> 16) * kScale);
-      };
-      lo[u] = make_uint2(half2(lo[u].x), half2(lo[u].y));
-      hi[u] = make_uint2(half2(hi[u].x), half2(hi[u].y));
+      lo[u] = make_uint2(QueryPair<T, kHalfShift>(lo[u].x), QueryPair<T, kHalfShift>(lo[u].y));
+      hi[u] = make_uint2(QueryPair<T, kHalfShift>(hi[u].x), QueryPair<T, kHalfShift>(hi[u].y));
     }
     if (i < kItems) qs[i] = make_uint4(lo[u].x, hi[u].x, lo[u].y, hi[u].y);
   }
@@ -2149,18 +2156,6 @@ PA_DEVICE void PipePairLoop(const Params& p, const PartitionRange& r, const uint
 // map), or, with ldmatrix (PipeLdsmV), rows g / g + 8 of m-tile i are dims 16i + g / + 8.
 // StoreWarpCols writes the merge buffer and statistics as StoreWarpRows does, so the warps' merge,
 // the partition's epilogue and the split-K combine are the default layout's.
-
-/*! \brief Two T elements as float16 times 2^-kShift (MmaElem's query; kShift 0: as they are). */
-template <typename T, int kShift>
-PA_DEVICE uint32_t QueryPair(uint32_t w) {
-  if constexpr (kShift == 0) {
-    return w;
-  } else {
-    constexpr float kScale = 1.f / static_cast<float>(1 << kShift);
-    return Dtype<MmaHalf>::Pack(Dtype<T>::ElemToFloat(w & 0xffffu) * kScale,
-                                Dtype<T>::ElemToFloat(w >> 16) * kScale);
-  }
-}
 
 /*!
  * \brief Q^T's B fragments of this lane (column gid = query row gid of `plain`, RotateQueryRows'

@@ -38,7 +38,6 @@ namespace cacheflow {
 namespace {
 
 constexpr const char* kOp = "skinny_gemm";
-constexpr long kDefaultL2PrefetchPercent = 0;  // NOLINT(runtime/int); see L2PrefetchBudget
 using tvm::ffi::Optional;
 
 bool IsHalfOrBf16(DLDataType dt) {
@@ -67,8 +66,7 @@ void CheckSm90Code(const void* kernel, int device) {
  * \brief Tuning knobs read at every call (a getenv each, so that one process can A/B them):
  * CACHEFLOW_SKINNY_STAGES=N caps the ring at N stages (kMinStages .. kMaxStages; default
  * kDefaultMaxStages), CACHEFLOW_SKINNY_EARLY_RELEASE=0 keeps the successor's launch until
- * this grid exits (default: released right after the wait), CACHEFLOW_SKINNY_L2_PREFETCH=P
- * lets a launch ask L2 for up to P% of its size of W before its wait (L2PrefetchBudget).
+ * this grid exits (default: released right after the wait).
  */
 int MaxStages() {
   const char* env = std::getenv("CACHEFLOW_SKINNY_STAGES");
@@ -76,20 +74,6 @@ int MaxStages() {
   const long v = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
   if (v < skinny::kMinStages) return skinny::kMinStages;
   return v > skinny::kMaxStages ? skinny::kMaxStages : static_cast<int>(v);
-}
-
-/*!
- * \brief Bytes of W a launch may ask L2 for before its wait (l2_prefetch_rows): the share of the
- * device's L2 given by CACHEFLOW_SKINNY_L2_PREFETCH (percent, 0 to 100; default
- * kDefaultL2PrefetchPercent).
- */
-int64_t L2PrefetchBudget(int device) {
-  long percent = kDefaultL2PrefetchPercent;  // NOLINT(runtime/int)
-  const char* env = std::getenv("CACHEFLOW_SKINNY_L2_PREFETCH");
-  if (env != nullptr && *env != '\0') percent = std::strtol(env, nullptr, 10);
-  if (percent <= 0) return 0;
-  if (percent > 100) percent = 100;
-  return int64_t{CachedDeviceAttribute<cudaDevAttrL2CacheSize>(device)} * percent / 100;
 }
 
 bool EarlyRelease() {
@@ -232,8 +216,6 @@ void SkinnyGemm(TensorView out, TensorView x, TensorView weight, Optional<Tensor
   const skinny::XMode mode = gated                      ? skinny::XMode::kSiluGated
                              : norm_weight.has_value() ? skinny::XMode::kRmsNorm
                                                        : skinny::XMode::kPlain;
-  p.l2_prefetch_rows =
-      skinny::L2PrefetchRows(plan, static_cast<int>(k), mode, L2PrefetchBudget(id));
   if (x.dtype().code == kDLBfloat) {
     skinny::LaunchSkinny<skinny::Bf16>(p.m, mode, plan, launch);
   } else {

@@ -26,11 +26,6 @@
 //   * residual (any mode): out = residual + (x W^T + bias), x W^T + bias rounded to T first, like
 //     fused_add_rms_norm's add: a layer's o or down projection with the residual add. out may be
 //     residual itself (each element is read and written by one thread).
-//   * l2_prefetch_rows: before its wait, a CTA also asks L2 for the rows of W that follow the
-//     ring's first stages (TMA bulk prefetches; L2PrefetchRows sizes them so that the grid's
-//     prefetches fit a share of L2). Where the kernel before this one leaves the memory idle
-//     (the decode attention of a small batch, before the o projection), the rest of W then
-//     arrives behind it instead of after it.
 //   * the kernel releases its successor (griddepcontrol.launch_dependents) right after its own
 //     wait when asked (SkinnyParams::release_early): the successor's CTAs are then placed as this
 //     grid's CTAs exit, so a next skinny_gemm starts reading its W in this one's tail, and a small
@@ -63,7 +58,6 @@ constexpr int kCtasPerSm = 2;                 // registers are capped for two CT
 constexpr int kMinStages = 2;                 // stages of W in flight per CTA, at least
 constexpr int kMaxStages = 8;                 // ... and at most
 constexpr int kDefaultMaxStages = 4;          // ... and at most by default (see PlanSkinny)
-constexpr int64_t kPrefetchChunk = 65536;     // bytes per L2 prefetch instruction, at most
 
 /*! \brief Everything the kernel reads; element strides are in elements. */
 struct SkinnyParams {
@@ -82,7 +76,6 @@ struct SkinnyParams {
   int32_t rows_per_stage;     // rows of W per bulk copy
   int32_t stages;             // stages in the ring (kMinStages .. kMaxStages)
   int32_t release_early;      // 1: release the successor right after the wait (see above)
-  int32_t l2_prefetch_rows;   // rows of W after the ring's that a CTA asks L2 for before its wait
 };
 
 /*! \brief Which x the kernel multiplies by: x itself, silu(gate) * up of x = [gate | up], or
@@ -176,22 +169,6 @@ inline SkinnyPlan PlanSkinny(int n, int k, int sms, int smem_per_sm, int smem_pe
   return plan;  // grid 0: does not fit
 }
 
-/*!
- * \brief Host side: rows of W after the ring's that each CTA of `plan` asks L2 for before its
- * wait, so that the grid's prefetches come to at most `budget_bytes` (0: none). Plain products
- * only: in a decode layer those are the o projection, whose CTAs wait behind the attention while
- * the memory is idle. The SiLU-gated down projection follows the gate_up GEMM, which keeps the
- * memory busy; there the prefetches queued ahead of its ring's refills and made it 17% slower
- * (H100, 2026-12-06), and the normed qkv / gate_up projections gained nothing.
- */
-inline int L2PrefetchRows(const SkinnyPlan& plan, int k, XMode mode, int64_t budget_bytes) {
-  if (mode != XMode::kPlain || plan.grid <= 0 || budget_bytes <= 0) return 0;
-  const int64_t rows = budget_bytes / (int64_t{plan.grid} * 2 * k);
-  const int64_t after_ring = plan.rows_per_cta - int64_t{plan.stages} * plan.rows_per_stage;
-  if (after_ring <= 0) return 0;
-  return static_cast<int>(rows < after_ring ? rows : after_ring);
-}
-
 template <class T, int kRows, XMode kX>
 CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const SkinnyParams p) {
   const int tid = static_cast<int>(threadIdx.x);
@@ -230,15 +207,6 @@ CF_GLOBAL void CF_LAUNCH_BOUNDS_MIN(kThreads, kCtasPerSm) SkinnyGemmKernel(const
     for (int s = 0; s < n_slots; ++s) MbarInit(s_bar + s * 8, 1);
     FenceMbarInit();
     for (int s = 0; s < n_slots && s < n_stages; ++s) issue(s, s);
-    const int ring_rows = n_slots * stage_rows < rows ? n_slots * stage_rows : rows;
-    const int after_ring = rows - ring_rows;
-    const int ahead = after_ring < p.l2_prefetch_rows ? after_ring : p.l2_prefetch_rows;
-    const int64_t end = (ring_rows + ahead) * row_bytes;
-    for (int64_t at = ring_rows * row_bytes; at < end; at += kPrefetchChunk) {
-      const int64_t left = end - at;
-      BulkPrefetchL2(w_cta + at, static_cast<unsigned>(left < kPrefetchChunk ? left
-                                                                            : kPrefetchChunk));
-    }
   }
   // The norm's weight, like W, is not written by the kernels around this one.
   constexpr bool kNorm = kX == XMode::kRmsNorm;

@@ -90,17 +90,6 @@ CF_DEVICE void BulkCopyG2S(uint32_t dst, const void* src, unsigned bytes, uint32
 #endif
 }
 
-/*! \brief Asks the TMA engine to bring `bytes` (a multiple of 16; `src` 16-byte aligned) of
- * global memory into L2, without waiting and without a destination: a hint the memory system may
- * drop. */
-CF_DEVICE void BulkPrefetchL2(const void* src, unsigned bytes) {
-#if CF_SKINNY_SM90
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-#else
-  __trap();  // the host launches the kernel on compute capability 9.0+ only
-#endif
-}
-
 /*! \brief Waits until the phase of `bar` with parity `parity` has completed. */
 CF_DEVICE void MbarWait(uint32_t bar, unsigned parity) {
 #if CF_SKINNY_SM90

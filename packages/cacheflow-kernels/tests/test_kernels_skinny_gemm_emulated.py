@@ -49,12 +49,6 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
     plan.restype = None
     plan.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
     fn.plan = plan
-    fn.set_l2_prefetch = lib.cf_emu_skinny_set_l2_prefetch
-    fn.set_l2_prefetch.restype = None
-    fn.set_l2_prefetch.argtypes = [ctypes.c_int64]
-    fn.prefetched = lib.cf_emu_skinny_prefetched
-    fn.prefetched.restype = ctypes.c_int64
-    fn.prefetched.argtypes = []
     return fn
 
 
@@ -150,50 +144,6 @@ def test_plan_takes_the_deepest_ring_that_fits(emu: Any) -> None:
     assert (one["grid"], one["rows_per_cta"], one["stages"]) == (4, 250, 2)
     # 64 KB per SM: not even one CTA gets two stages: grid 0 (the op then rejects the shape).
     assert plan_of(emu, 1000, 16384, 4, 64 * 1024)["grid"] == 0
-
-
-def expected_prefetch(n: int, k: int, plan: dict[str, int], budget: int) -> int:
-    """Bytes the grid asks L2 for: per CTA, min(budget / (grid * row bytes), its rows after
-    the ring) rows (L2PrefetchRows, clamped to each CTA's own rows)."""
-    row_bytes = 2 * k
-    ring = plan["stages"] * plan["rows_per_stage"]
-    per_cta = min(budget // (plan["grid"] * row_bytes), max(plan["rows_per_cta"] - ring, 0))
-    total = 0
-    for cta in range(plan["grid"]):
-        rows = min(plan["rows_per_cta"], n - cta * plan["rows_per_cta"])
-        total += min(per_cta, max(rows - min(ring, rows), 0)) * row_bytes
-    return total
-
-
-@pytest.mark.parametrize(("m", "n", "k", "sms", "max_stages"),
-                         [(1, 300, 4096, 2, 2), (2, 1000, 1024, 3, 3), (1, 203, 11008, 2, 2)])
-@pytest.mark.parametrize("budget_share", [0.1, 1.0])
-def test_l2_prefetch_stays_in_each_ctas_rows(emu: Any, m: int, n: int, k: int, sms: int,
-                                             max_stages: int, budget_share: float) -> None:
-    """With an L2 budget, each CTA asks L2 for the rows after its ring (no further than its own
-    rows: the emulator aborts on a prefetch outside W), as many as the budget allows, and the
-    result is bit for bit the one without prefetches."""
-    x, w, b = inputs(m, n, k, torch.float16, True, seed=n + k)
-    plan = plan_of(emu, n, k, sms, 228 * 1024, max_stages)
-    budget = int(budget_share * n * 2 * k)
-    plain = torch.full((m, n), float("nan"), dtype=torch.float16)
-    assert run(emu, plain, x, w, b, sms=sms, max_stages=max_stages) > 0
-    assert emu.prefetched() == 0
-    emu.set_l2_prefetch(budget)
-    try:
-        out = torch.full((m, n), float("nan"), dtype=torch.float16)
-        assert run(emu, out, x, w, b, sms=sms, max_stages=max_stages) == plan["grid"]
-        prefetched = emu.prefetched()
-    finally:
-        emu.set_l2_prefetch(0)
-    assert torch.equal(out, plain)
-    want = expected_prefetch(n, k, plan, budget)
-    assert prefetched == want
-    assert 0 < want <= budget
-    if budget_share == 1.0:  # everything after the rings
-        ring = plan["stages"] * plan["rows_per_stage"]
-        assert want == sum(max(min(plan["rows_per_cta"], n - c * plan["rows_per_cta"]) - ring, 0)
-                           for c in range(plan["grid"])) * 2 * k
 
 
 def test_one_wave_of_evenly_split_rows(emu: Any) -> None:

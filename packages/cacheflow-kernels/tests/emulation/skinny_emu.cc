@@ -8,23 +8,6 @@
 
 #include "skinny_gemm_kernel.cuh"
 
-namespace {
-int64_t& L2PrefetchBudget() {
-  static int64_t bytes = 0;
-  return bytes;
-}
-}  // namespace
-
-/*! \brief The L2 prefetch budget of the next runs (bytes; 0: none), as the device's share. */
-extern "C" void cf_emu_skinny_set_l2_prefetch(int64_t budget_bytes) {
-  L2PrefetchBudget() = budget_bytes;
-}
-
-/*! \brief Bytes the last run asked L2 for before the CTAs' waits. */
-extern "C" int64_t cf_emu_skinny_prefetched() {
-  return static_cast<int64_t>(cacheflow::skinny::PrefetchedL2Bytes());
-}
-
 /*!
  * \brief Runs the op on host memory (same argument meaning as the CUDA op) as if on a device of
  * `sms` multiprocessors with `smem_per_sm` bytes of shared memory each.
@@ -75,7 +58,6 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
   p.rows_per_stage = plan.rows_per_stage;
   p.stages = plan.stages;
   p.release_early = 1;
-  sk::PrefetchedL2Bytes() = 0;
   auto launch = [&](auto kernel, int grid, int threads, int smem) {
     cfemu::RunGrid(Dim3{static_cast<unsigned>(grid), 1, 1}, threads, static_cast<size_t>(smem),
                    [kernel, p] { kernel(p); });
@@ -83,7 +65,6 @@ extern "C" int cf_emu_skinny_gemm(int dtype, void* out, const void* x, const voi
   const sk::XMode mode = silu_gated != 0      ? sk::XMode::kSiluGated
                         : norm_weight != nullptr ? sk::XMode::kRmsNorm
                                                  : sk::XMode::kPlain;
-  p.l2_prefetch_rows = sk::L2PrefetchRows(plan, k, mode, L2PrefetchBudget());
   if (dtype == 0) {
     sk::LaunchSkinny<sk::Fp16>(m, mode, plan, launch);
   } else {

@@ -30,8 +30,6 @@ struct MbarState {
 
 struct PendingBulk { uint32_t dst; const unsigned char* src; unsigned bytes; uint32_t bar; };
 inline std::vector<PendingBulk>& PendingBulks() { static std::vector<PendingBulk> v; return v; }
-// Bytes asked of cp.async.bulk.prefetch.L2 since the last reset (cf_emu_skinny_prefetched).
-inline uint64_t& PrefetchedL2Bytes() { static uint64_t n = 0; return n; }
 inline void CheckNoBulkInFlight() {
   if (!PendingBulks().empty()) cfemu::Fail("CTA exited with cp.async.bulk copies in flight");
 }
@@ -88,14 +86,6 @@ inline void BulkCopyG2S(uint32_t dst, const void* src, unsigned bytes, uint32_t 
   std::memset(cfemu::SmemAt(dst, bytes, 16, "cp.async.bulk dst"), 0xFF, bytes);
   Mbar(bar);
   PendingBulks().push_back(PendingBulk{dst, s, bytes, bar});
-}
-inline void BulkPrefetchL2(const void* src, unsigned bytes) {  // a hint: only its range is checked
-  const auto* s = static_cast<const unsigned char*>(src);
-  if (bytes % 16 != 0 || reinterpret_cast<uintptr_t>(s) % 16 != 0) {
-    cfemu::Fail("cp.async.bulk.prefetch: size and address must be multiples of 16");
-  }
-  cfemu::CheckGlobal(s, bytes, "cp.async.bulk.prefetch src");
-  PrefetchedL2Bytes() += bytes;
 }
 inline void LandBulks(uint32_t bar) {
   std::vector<PendingBulk> keep;
