@@ -14,7 +14,8 @@
 # norms and residual adds of one-row steps inside skinny_gemm (the default since 2026-12-05
 # 14:00; "nofuse": without it); "rotfuse": "on" with
 # CACHEFLOW_ATTN_ROTARY_FUSE=1, decode steps' rotary and cache write inside the decode attention
-# kernel; "allfuse": both); "kbase": "on" with the kernel
+# kernel at every batch size ("rotoff": =0, never; by default only for decode grids of at most
+# one CTA per SM since 2026-12-06); "allfuse": both); "kbase": "on" with the kernel
 # wheel in .whl/kbase/ (an earlier commit's kernels, for A/Bs of kernel changes that have no
 # switch); "warps4": "on" with CACHEFLOW_PA_WARPS=4, the decode kernel's CTAs at 4 warps on
 # small unsplit grids (batch 1-4 at 32 heads) as before 2026-12-05 19:00; the kernel and
@@ -83,6 +84,8 @@ for v in "${variants[@]}"; do
     fuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1; flags=(--async-scheduling) ;;
     nofuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=0; flags=(--async-scheduling) ;;
     rotfuse) export PYTHONPATH="${site[new]}" CACHEFLOW_ATTN_ROTARY_FUSE=1
+      flags=(--async-scheduling) ;;
+    rotoff) export PYTHONPATH="${site[new]}" CACHEFLOW_ATTN_ROTARY_FUSE=0
       flags=(--async-scheduling) ;;
     allfuse) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_FUSE=1 CACHEFLOW_ATTN_ROTARY_FUSE=1
       flags=(--async-scheduling) ;;

@@ -209,11 +209,11 @@ def test_rotary_fused_into_decode_attention(tiny: Path, prompt_batch: list[list[
                                             dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """CACHEFLOW_ATTN_ROTARY_FUSE=1: decode steps (CUDA graphs included) rotate and store the new
     token inside the decode attention kernel. The kernel does the rotary kernel's arithmetic, so
-    greedy tokens and their logprobs are those of the default engine exactly."""
+    greedy tokens and their logprobs are those of the engine with the two kernels (=0) exactly."""
     import cacheflow_kernels
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-    monkeypatch.delenv("CACHEFLOW_ATTN_ROTARY_FUSE", raising=False)
+    monkeypatch.setenv("CACHEFLOW_ATTN_ROTARY_FUSE", "0")
     plain = run_engine(tiny, prompt_batch, params, dtype=dtype, device="cuda")
     ran: list[bool] = []
     original = cacheflow_kernels.paged_attention_with_rotary_cache

@@ -35,13 +35,29 @@ def fused_attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False),
-                                           ("true", False)])
-def test_switch(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
-    monkeypatch.setenv(ENV, value)
-    assert kernels.attention_rotary_fusion_enabled() is on
-    monkeypatch.delenv(ENV)
-    assert kernels.attention_rotary_fusion_enabled() is False  # off by default
+@pytest.mark.parametrize(("value", "sms", "seqs", "kv_heads", "on"), [
+    ("1", 132, 64, 32, True),     # forced: any grid
+    ("0", 132, 1, 32, False),     # never
+    (None, 132, 1, 32, True),     # automatic: 32 CTAs on 132 SMs
+    (None, 132, 4, 32, True),     # 128 CTAs
+    (None, 132, 5, 32, False),    # 160 CTAs: more than one per SM
+    (None, 78, 16, 8, False),     # 128 CTAs on 78 SMs
+    ("true", 132, 16, 8, True),   # other values: automatic
+])
+def test_switch(monkeypatch: pytest.MonkeyPatch, value: str | None, sms: int, seqs: int,
+                kv_heads: int, on: bool) -> None:
+    if value is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, value)
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: sms)
+    cuda = torch.device("cuda", 0)  # only named: the SM count above is what is read
+    assert kernels.attention_rotary_fusion_wanted(seqs, kv_heads, cuda) is on
+
+
+def test_switch_keeps_cpu_steps_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert kernels.attention_rotary_fusion_wanted(1, 1, torch.device("cpu")) is False
 
 
 def test_cpu_steps_keep_the_separate_kernels(monkeypatch: pytest.MonkeyPatch,

@@ -430,6 +430,7 @@ inline float ShflXor(float v, int mask) {
   pa_emu::WarpBarrier();
   return s.f[lane ^ mask];
 }
+inline uint32_t Pinned(uint32_t x) { return x; }
 inline int ShflIdx(int v, int src_lane) {
   pa_emu::WarpScratch& s = pa_emu::Scratch();
   const int lane = pa_emu::Lane();

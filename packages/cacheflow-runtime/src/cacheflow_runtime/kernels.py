@@ -84,15 +84,35 @@ def skinny_fusion_enabled() -> bool:
     return os.environ.get("CACHEFLOW_SKINNY_FUSE") != "0"
 
 
-def attention_rotary_fusion_enabled() -> bool:
-    """Whether CACHEFLOW_ATTN_ROTARY_FUSE=1 asks decode steps of rotary models to rotate and
-    store the new token inside the decode attention kernel
+ATTN_ROTARY_FUSE_ENV = "CACHEFLOW_ATTN_ROTARY_FUSE"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def attention_rotary_fusion_wanted(num_seqs: int, num_kv_heads: int,
+                                   device: torch.device) -> bool:
+    """Whether a decode step of ``num_seqs`` rows on ``device`` rotates and stores the new token
+    inside the decode attention kernel
     (cacheflow_kernels.paged_attention_with_rotary_cache: one kernel a layer instead of the
-    rotary + cache kernel and the attention kernel; the same results bit for bit). Off by
-    default: on an H200 (2026-12-05) the 7B decode step gained at most 1% at batch 1 and lost
-    3.5% at batch 64."""
-    return (os.environ.get("CACHEFLOW_ATTN_ROTARY_FUSE") == "1"
-            and getattr(cacheflow_kernels, "paged_attention_with_rotary_cache", None) is not None)
+    rotary + cache kernel and the attention kernel; the same results bit for bit).
+
+    ``CACHEFLOW_ATTN_ROTARY_FUSE=1``: wherever it applies; ``=0``: never; unset (or any other
+    value): on CUDA where the step's attention grid, num_seqs x num_kv_heads CTAs, has at most
+    one CTA per multiprocessor. Such a step waits on each kernel's latency, and the fused kernel
+    saves one launch and handoff a layer: the 7B decode step at batch 1 (32 CTAs) was 1.3-1.7%
+    shorter on an H100 (2026-12-06). At batch 64 (2,048 CTAs) it was 2.3% longer: each of the
+    many CTAs then stores and rotates before its first score, which the separate rotary kernel
+    did for all of them at once."""
+    value = os.environ.get(ATTN_ROTARY_FUSE_ENV)
+    if value == "0" or getattr(cacheflow_kernels, "paged_attention_with_rotary_cache",
+                               None) is None:
+        return False
+    if value == "1":
+        return True
+    return device.type == "cuda" and num_seqs * num_kv_heads <= _sm_count(device.index or 0)
 
 
 def rotary_cache_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -13,7 +13,7 @@ either:
   comparisons).
 - :func:`decode_with_rotary_cache`: a decode step's rotary embedding and cache write inside the
   decode kernel (``cacheflow_kernels.paged_attention_with_rotary_cache``; the rotary layers try
-  it with ``CACHEFLOW_ATTN_ROTARY_FUSE=1``).
+  it on small decode grids, see ``kernels.attention_rotary_fusion_wanted``).
 - :func:`prefill`: ``cacheflow_kernels.paged_prefill_attention`` (any head size up to 256, any
   block size, sliding window included); steps with ALiBi, which that kernel lacks, run the
   reference backend.
@@ -143,7 +143,7 @@ def decode_with_rotary_cache(query: torch.Tensor, key: torch.Tensor, value: torc
                              logits_soft_cap: Optional[float] = None) -> Optional[torch.Tensor]:
     """A decode step's rotary embedding, cache write and attention in one kernel
     (``cacheflow_kernels.paged_attention_with_rotary_cache``; the caller decides whether to try,
-    see :func:`kernels.attention_rotary_fusion_enabled`): query ``[n, num_heads * head_size]``,
+    see :func:`kernels.attention_rotary_fusion_wanted`): query ``[n, num_heads * head_size]``,
     key and value ``[n, num_kv_heads * head_size]`` before the rotary embedding (views of a fused
     QKV output are read in place; nothing is modified). Returns the attention output ``[n,
     num_heads, head_size]``, or None having done nothing (not a decode step, layouts or a head

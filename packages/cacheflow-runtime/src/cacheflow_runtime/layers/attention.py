@@ -8,7 +8,7 @@ import torch
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention
 from cacheflow_runtime.attention import cuda as cuda_backend
-from cacheflow_runtime.kernels import attention_rotary_fusion_enabled
+from cacheflow_runtime.kernels import attention_rotary_fusion_wanted
 from cacheflow_runtime.layers.rotary_embedding import RotaryEmbedding
 
 KVCache = Optional[tuple[torch.Tensor, torch.Tensor]]
@@ -62,8 +62,9 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
                                   v_scale: float) -> Optional[torch.Tensor]:
         """The decode step in one kernel (rotary, cache write and attention:
         ``cuda_backend.decode_with_rotary_cache``), or None where it does not apply."""
-        if not attention_rotary_fusion_enabled() or (input_metadata.cascade is not None
-                                                     and self.takes_cascade):
+        if not attention_rotary_fusion_wanted(query.shape[0], self.num_kv_heads,
+                                              query.device) or (
+                input_metadata.cascade is not None and self.takes_cascade):
             return None
         table = self.rotary_emb.kernel_table(positions, query, key)
         if table is None:
