@@ -2545,18 +2545,18 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
     blk_cache = LoadTileBlocks<kW>(p, bt_row, r, warp, 0, lane);
     blk_cache_next = LoadTileBlocks<kW>(p, bt_row, r, warp, 1, lane);
   }
-  // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
-  // so that the group count stays uniform). q increases by one per call.
   // Per-lane and per-warp values of the copies, formed once (the compiler re-derived them from
   // the thread index at every tile otherwise; pinning the ring's address as well gave a longer
   // FP8 loop in static SASS, so it is not).
   constexpr bool kRowIssue = kPair && RowIssue<C, D>::value;
   RowIssueLane<C, D> row_lane;
-  if constexpr (kRowIssue) row_lane = RowIssueLane<C, D>::Of(p, lane);
   int warp_tok0 = 0;
   if constexpr (kRowIssue) {
+    row_lane = RowIssueLane<C, D>::Of(p, lane);
     warp_tok0 = static_cast<int>(Pinned(static_cast<uint32_t>(r.tile_base + kTile * warp)));
   }
+  // Issues this warp's tile q into stage `stage` and commits a group (empty past the last tile,
+  // so that the group count stays uniform). q increases by one per call.
   auto issue = [&](int q, int stage) {
     if (q < n_issue) {  // warp-uniform
       if ((q & 31) == 0 && q > 0) {
