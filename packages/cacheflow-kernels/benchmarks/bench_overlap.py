@@ -20,6 +20,14 @@ Every figure is the median of CUDA-graph replays (the streams forked and joined 
 graph). If ``two streams`` beats ``serial`` clearly, splitting a decode step into two
 micro-batches is worth building; if not, the two kinds of kernels do not share SMs well.
 Prints a table and writes JSON.
+
+``--prompt-rows P`` measures a mixed step instead (the mixed workload's steps carry about 240
+decode rows and 900 prompt tokens): today's order (the GEMMs of all ``--rows`` + P rows, then
+the decode rows' attention, per layer) against the decode rows' layer chain and the prompt rows'
+GEMMs on two streams, first sharing the whole GPU, then on disjoint SM partitions
+(``--green-sms``: SMs of the decode stream's green context, the rest for the prompt stream;
+``green_streams.py``). Timed between CUDA events over eager launches (green-context streams
+are not captured into graphs here), median of ``--reps``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 from bench_decode_gemm import llama_7b_weights, matmul_rate
 from bench_timing import copy_bandwidth, environment, time_graph_us
+from green_streams import split_streams
 
 HEADS, HEAD_SIZE, BLOCK = 32, 128, 16
 
@@ -99,12 +108,125 @@ def two_streams(torch: Any, halves: list[Layer], streams: list[Any], layers: int
         main.wait_stream(stream)
 
 
+def on_streams(torch: Any, work: list[tuple[Any, Any]]) -> None:
+    """Runs each (stream, fn) pair's fn on its stream, forked from and joined back into the
+    current stream."""
+    main = torch.cuda.current_stream()
+    for stream, _ in work:
+        stream.wait_stream(main)
+    for stream, fn in work:
+        with torch.cuda.stream(stream):
+            fn()
+    for stream, _ in work:
+        main.wait_stream(stream)
+
+
+def event_time_us(torch: Any, fn: Any, reps: int, warmup: int = 3) -> float:
+    """Median microseconds of ``fn()`` (eager launches) between events on the current stream."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def mixed_step(torch: Any, args: Any, weights: dict[str, Any], caches: tuple[Any, Any]
+               ) -> dict[str, float]:
+    """us per layer of a mixed step's work in today's order, on two streams, and on SM
+    partitions (see the module docstring)."""
+    n = args.layers
+    decode = Layer(torch, weights, args.rows, args.ctx, 0, caches)
+    prompt = Layer(torch, weights, args.prompt_rows, args.ctx, 0, caches)
+    merged = Layer(torch, weights, args.rows + args.prompt_rows, args.ctx, 0, caches)
+
+    def today() -> None:
+        for _ in range(n):
+            merged.gemms()
+            decode.attention()
+
+    def decode_chain() -> None:
+        for _ in range(n):
+            decode.whole()
+
+    def prompt_gemms() -> None:
+        for _ in range(n):
+            prompt.gemms()
+
+    def timed(fn: Any) -> float:
+        return event_time_us(torch, fn, args.reps) / n
+
+    plain = [torch.cuda.Stream(), torch.cuda.Stream()]
+    figures = {
+        "today: GEMMs of all rows, then decode attention": timed(today),
+        "GEMMs of all rows alone": timed(lambda: [merged.gemms() for _ in range(n)]),
+        "decode attention alone": timed(lambda: [decode.attention() for _ in range(n)]),
+        "decode rows' layer chain alone": timed(decode_chain),
+        "prompt rows' GEMMs alone": timed(prompt_gemms),
+        "two streams, whole GPU": timed(lambda: on_streams(
+            torch, [(plain[0], decode_chain), (plain[1], prompt_gemms)])),
+    }
+    for sms in [int(v) for v in args.green_sms.split(",") if v]:
+        try:
+            first, rest, got, left = split_streams(torch, sms, torch.cuda.current_device())
+        except (OSError, RuntimeError) as error:
+            print(f"green contexts of {sms} SMs: {error}", file=sys.stderr)
+            continue
+        figures[f"decode chain alone on {got} SMs"] = timed(
+            lambda s=first: on_streams(torch, [(s, decode_chain)]))
+        figures[f"prompt GEMMs alone on {left} SMs"] = timed(
+            lambda s=rest: on_streams(torch, [(s, prompt_gemms)]))
+        figures[f"both, {got} | {left} SMs"] = timed(lambda a=first, b=rest: on_streams(
+            torch, [(a, decode_chain), (b, prompt_gemms)]))
+    return figures
+
+
+def report_mixed(torch: Any, args: Any, weights: dict[str, Any], caches: tuple[Any, Any],
+                 env: dict[str, str], copy_bw: float, mm: float) -> int:
+    """Prints (and writes as JSON) the mixed step's figures against today's order."""
+    with environment(env):
+        figures = mixed_step(torch, args, weights, caches)
+    rows = args.rows + args.prompt_rows
+    kv_bytes = 2 * args.rows * args.ctx * HEADS * HEAD_SIZE * 2
+    flops = 2 * rows * sum(a * b for a, b in llama_7b_weights(lm_head=False).values())
+    floors = {"decode attention at the copy rate": kv_bytes / copy_bw * 1e6,
+              "GEMMs of all rows at the matmul rate": flops / mm * 1e6}
+    floors["the larger of the two (overlapped floor)"] = max(floors.values())
+    card = torch.cuda.get_device_name()
+    print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
+          f"{args.rows} decode rows x {args.ctx} tokens + {args.prompt_rows} prompt rows, "
+          "us per layer")
+    today = figures["today: GEMMs of all rows, then decode attention"]
+    for name, us in list(figures.items()) + list(floors.items()):
+        print(f"  {name:50s} {us:9.1f}  {us / today:6.3f} of today")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "copy_gbps": copy_bw / 1e9, "matmul_tflops": mm / 1e12,
+                       "rows": args.rows, "prompt_rows": args.prompt_rows, "ctx": args.ctx,
+                       "layers": args.layers, "pdl": args.pdl, "us_per_layer": figures,
+                       "floors_us": floors}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=256, help="decode sequences (split in two)")
     p.add_argument("--ctx", type=int, default=673, help="cached tokens per sequence")
     p.add_argument("--layers", type=int, default=8, help="layers per timed call")
     p.add_argument("--pdl", default="", help="CACHEFLOW_PDL for the run (default: unset)")
+    p.add_argument("--prompt-rows", type=int, default=0,
+                   help="time a mixed step with this many prompt rows (see the docstring)")
+    p.add_argument("--green-sms", default="48,64,80,96",
+                   help="mixed step: SMs of the decode stream's partition, comma-separated")
+    p.add_argument("--reps", type=int, default=10, help="mixed step: timed repetitions")
     p.add_argument("--out", default="", help="JSON output path")
     args = p.parse_args(argv)
     import torch
@@ -121,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.rows * per_seq, BLOCK, HEADS, HEAD_SIZE)
     caches = tuple(torch.randn(shape, device="cuda", dtype=torch.float16, generator=gen)
                    for _ in range(2))
+    if args.prompt_rows > 0:
+        return report_mixed(torch, args, weights, caches, env, copy_bw, mm)
     half_rows = args.rows // 2
     full = Layer(torch, weights, args.rows, args.ctx, 0, caches)
     halves = [Layer(torch, weights, half_rows, args.ctx, i * half_rows * per_seq, caches)
