@@ -39,7 +39,7 @@ import sys
 from typing import Any
 
 from bench_decode_gemm import llama_7b_weights, matmul_rate
-from bench_timing import copy_bandwidth, environment, time_graph_us
+from bench_timing import copy_bandwidth, environment, time_eager_us, time_graph_us
 from green_streams import split_streams
 
 HEADS, HEAD_SIZE, BLOCK = 32, 128, 16
@@ -121,24 +121,6 @@ def on_streams(torch: Any, work: list[tuple[Any, Any]]) -> None:
         main.wait_stream(stream)
 
 
-def event_time_us(torch: Any, fn: Any, reps: int, warmup: int = 3) -> float:
-    """Median microseconds of ``fn()`` (eager launches) between events on the current stream."""
-    import statistics
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
-
-
 def mixed_step(torch: Any, args: Any, weights: dict[str, Any], caches: tuple[Any, Any]
                ) -> dict[str, float]:
     """us per layer of a mixed step's work in today's order, on two streams, and on SM
@@ -162,7 +144,7 @@ def mixed_step(torch: Any, args: Any, weights: dict[str, Any], caches: tuple[Any
             prompt.gemms()
 
     def timed(fn: Any) -> float:
-        return event_time_us(torch, fn, args.reps) / n
+        return time_eager_us(torch, fn, args.reps) / n
 
     plain = [torch.cuda.Stream(), torch.cuda.Stream()]
     figures = {
@@ -200,20 +182,27 @@ def report_mixed(torch: Any, args: Any, weights: dict[str, Any], caches: tuple[A
     floors = {"decode attention at the copy rate": kv_bytes / copy_bw * 1e6,
               "GEMMs of all rows at the matmul rate": flops / mm * 1e6}
     floors["the larger of the two (overlapped floor)"] = max(floors.values())
+    report(torch, figures, floors, "today: GEMMs of all rows, then decode attention", "today",
+           f"{args.rows} decode rows x {args.ctx} tokens + {args.prompt_rows} prompt rows",
+           args.out, {"rows": args.rows, "prompt_rows": args.prompt_rows, "ctx": args.ctx,
+                      "layers": args.layers, "pdl": args.pdl}, copy_bw, mm)
+    return 0
+
+
+def report(torch: Any, figures: dict[str, float], floors: dict[str, float], reference: str,
+           reference_word: str, shape: str, out: str, meta: dict[str, Any], copy_bw: float,
+           mm: float) -> None:
+    """Prints each figure next to its ratio to ``figures[reference]``; writes JSON to ``out``."""
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
-          f"{args.rows} decode rows x {args.ctx} tokens + {args.prompt_rows} prompt rows, "
-          "us per layer")
-    today = figures["today: GEMMs of all rows, then decode attention"]
+          f"{shape}, us per layer")
+    base = figures[reference]
     for name, us in list(figures.items()) + list(floors.items()):
-        print(f"  {name:50s} {us:9.1f}  {us / today:6.3f} of today")
-    if args.out:
-        with open(args.out, "w") as f:
+        print(f"  {name:50s} {us:9.1f}  {us / base:6.3f} of {reference_word}")
+    if out:
+        with open(out, "w") as f:
             json.dump({"card": card, "copy_gbps": copy_bw / 1e9, "matmul_tflops": mm / 1e12,
-                       "rows": args.rows, "prompt_rows": args.prompt_rows, "ctx": args.ctx,
-                       "layers": args.layers, "pdl": args.pdl, "us_per_layer": figures,
-                       "floors_us": floors}, f, indent=1)
-    return 0
+                       **meta, "us_per_layer": figures, "floors_us": floors}, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,17 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     flops = 2 * args.rows * sum(a * b for a, b in llama_7b_weights(lm_head=False).values())
     floors = {"attention at the copy rate": kv_bytes / copy_bw * 1e6,
               "gemms at the matmul rate": flops / mm * 1e6}
-    card = torch.cuda.get_device_name()
-    print(f"{card}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
-          f"{args.rows} rows x {args.ctx} tokens, us per layer")
-    serial = figures["serial, all rows"]
-    for name, us in list(figures.items()) + list(floors.items()):
-        print(f"  {name:42s} {us:9.1f}  {us / serial:6.3f} of serial")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": card, "copy_gbps": copy_bw / 1e9, "matmul_tflops": mm / 1e12,
-                       "rows": args.rows, "ctx": args.ctx, "layers": n, "pdl": args.pdl,
-                       "us_per_layer": figures, "floors_us": floors}, f, indent=1)
+    report(torch, figures, floors, "serial, all rows", "serial",
+           f"{args.rows} rows x {args.ctx} tokens", args.out,
+           {"rows": args.rows, "ctx": args.ctx, "layers": n, "pdl": args.pdl}, copy_bw, mm)
     return 0
 
 

@@ -60,6 +60,24 @@ def time_graph_us(torch: Any, calls: list[Callable[[], Any]], *, calls_per_graph
     return statistics.median(per_call)
 
 
+def time_eager_us(torch: Any, fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
+    """Median microseconds of ``fn()`` launched eagerly, between CUDA events on the current
+    stream, over ``reps`` calls after ``warmup``. For work that cannot be captured into a graph
+    (e.g. on streams of green contexts); ``fn`` may fork and join other streams."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
 def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, iters: int = 10) -> float:
     """Bytes per second (read plus written) of a device-to-device copy of ``nbytes``, the
     benchmarks' memory floor: the median of ``iters`` eager copies, each between CUDA events.
