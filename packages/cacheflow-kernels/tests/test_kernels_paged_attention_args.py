@@ -490,8 +490,8 @@ def test_plan_fills_one_wave(args: tuple[int, int, int, int], head_size: int,
 @pytest.mark.parametrize("split", ["wave", "fill"])
 @pytest.mark.parametrize(
     ("num_seqs", "num_heads", "num_kv_heads", "max_ctx"),
-    [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 2048), (4, 8, 1, 5000),
-     (2, 64, 8, 1400), (1, 1, 1, 1 << 30)],
+    [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 4096), (4, 8, 1, 5000),
+     (2, 64, 8, 2800), (1, 1, 1, 1 << 30)],
 )
 def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int,
                     split: str) -> None:
@@ -507,6 +507,27 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
     if split == "fill":
         resident = _attention_ops.resident_ctas_per_sm(128, heads)
         assert ctas <= resident * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # (num_seqs, num_heads, num_kv_heads, max_context_len): the fastest plan of an H100
+        # sweep (2026-12-06, docs/benchmarks.md), where the merge cost of 128 tokens split
+        # these into 256-token partitions, 6-32% slower
+        ((32, 32, 1, 512), (0, 1)),     # MQA: 9.22 us unsplit, 11.69 in 2 x 256
+        ((64, 32, 1, 1024), (0, 1)),    # 19.72 unsplit, 22.63 in 2 x 512
+        ((8, 32, 4, 1024), (0, 1)),     # GQA-8: 10.85 unsplit, 12.73 in 4 x 256
+        ((1, 32, 32, 1024), (0, 1)),    # MHA batch 1: 10.26 unsplit, 12.24 in 4 x 256
+        ((2, 32, 32, 2048), (0, 1)),    # 25.05 unsplit, 27.60 in 4 x 512
+        # ... and where splitting was the faster plan, it still splits
+        ((8, 32, 1, 1024), (256, 4)),   # MQA: 9.81 in 4 x 256, 14.82 unsplit
+        ((32, 32, 1, 1024), (256, 4)),  # 14.45 in 4 x 256, 15.63 unsplit
+    ],
+)
+def test_plan_keeps_short_contexts_whole(args: tuple[int, int, int, int],
+                                         expected: tuple[int, int]) -> None:
+    assert plan_partitions(*args, 132, head_size=128, split="wave") == expected
 
 
 def test_plan_follows_the_cta_heads(monkeypatch: pytest.MonkeyPatch) -> None:

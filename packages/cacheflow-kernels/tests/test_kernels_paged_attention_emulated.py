@@ -350,10 +350,10 @@ def test_max_context_len_below_table_capacity(emu: Any) -> None:
 
 def test_automatic_plan(emu: Any) -> None:
     """The wrapper's automatic split for a small batch on a 132-SM device."""
-    case = make_case([1500, 700], num_heads=4, num_kv_heads=4, head_size=64, seed=10)
-    size, parts = plan_partitions(2, 4, 4, 1500, 132)
+    case = make_case([3000, 700], num_heads=4, num_kv_heads=4, head_size=64, seed=10)
+    size, parts = plan_partitions(2, 4, 4, 3000, 132, head_size=64)
     assert parts > 1 and size % 64 == 0
-    assert check(emu, case, partition_size=size, max_context_len=1500) == parts
+    assert check(emu, case, partition_size=size, max_context_len=3000) == parts
 
 
 # (dtype, head_size, block_size, (num_heads, num_kv_heads), ctx_lens, partition)

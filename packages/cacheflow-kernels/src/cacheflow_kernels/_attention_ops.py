@@ -45,10 +45,14 @@ WARPS_ENV = "CACHEFLOW_PA_WARPS"
 _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # The wave planner's cost model, in units of one context token of one CTA (its K and V rows):
 # fixed work of a CTA (query load, pipeline fill and drain, merge of its warps, output), and the
-# merge kernel of a split (its launch and run, once per call). Design estimates of this kernel,
-# not measurements of one card.
+# merge kernel of a split (its launch and run, once per call). The CTA's is a design estimate;
+# the merge's was 128 until a sweep of 25 short-context cases (contexts 512-2048, batches
+# 1-64, MHA / GQA-4/8 / MQA; H100, 2026-12-06) found splits into 256-token partitions up to 32%
+# slower than the unsplit launch: at 576 the model picks the fastest measured plan on each of
+# them, and the same plans as before on every case of bench_paged_attention.py and on the
+# partition sweeps of the H100 and H200 (docs/benchmarks.md).
 _CTA_OVERHEAD_TOKENS = 64
-_MERGE_FIXED_TOKENS = 128
+_MERGE_FIXED_TOKENS = 576
 # The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows, wide) ->
 # partitions, so a decode loop (max_context_len + 1 per step) evaluates the model once per bucket.
 _WAVE_PLANS: dict[tuple[int, int, int, int, int, bool], int] = {}

@@ -1,0 +1,86 @@
+"""How close the automatic split plan of paged_attention comes to the best fixed partition size.
+
+    python packages/cacheflow-kernels/benchmarks/bench_split_plan.py --out plan.json
+
+Times a grid of decode shapes (short contexts by default, where a split's merge weighs most:
+batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA at 128) with
+``bench_paged_attention.py`` at its automatic plan and at fixed partition sizes (0 = no split),
+then prints, per shape, the plan the planner picks, its time, the fastest fixed size and the
+ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes; the planner's pick
+is timed as the automatic plan, so a pick outside them still has a time. The planner's cost model
+(``_attention_ops.plan_time``) was fitted on this grid on an H100 (2026-12-06,
+docs/benchmarks.md); rerun it on another card before trusting the model there. Writes
+``bench_paged_attention.py``'s JSON plus a ``regret`` list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import bench_paged_attention as bench
+
+# (tag, num_heads, num_kv_heads, head_size, batches, contexts)
+GRID = [
+    ("mqa", 32, 1, 128, (8, 16, 32, 64), (512, 1024)),
+    ("gqa8", 32, 4, 128, (4, 8, 16), (512, 1024)),
+    ("mha", 32, 32, 128, (1, 2, 4), (512, 1024, 2048)),
+    ("gqa4d64", 32, 8, 64, (8,), (512, 1024)),
+]
+
+
+def add_cases() -> list[str]:
+    """Registers the grid's shapes as bench_paged_attention cases; returns their names."""
+    names = []
+    for tag, heads, kv, head_size, batches, contexts in GRID:
+        for batch in batches:
+            for ctx in contexts:
+                name = f"plan_{tag}_b{batch}_ctx{ctx}"
+                bench.CASES.append(bench.Case(name, batch, ctx, num_heads=heads,
+                                              num_kv_heads=kv, head_size=head_size))
+                names.append(name)
+    return names
+
+
+def regrets(results: list[dict]) -> list[dict]:
+    """Per case: the automatic plan's partitions and time, the fastest fixed size and its time."""
+    rows = []
+    for r in results:
+        if r.get("error"):
+            continue
+        timed = {int(size): us for size, us in r["partitions"].items() if not math.isnan(us)}
+        best_size = min(timed, key=timed.get)
+        rows.append({"case": r["case"], "plan": [r["num_partitions"], r["partition_size"]],
+                     "plan_us": r["time_us"], "best_size": best_size,
+                     "best_us": timed[best_size], "regret": r["time_us"] / timed[best_size]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="path of the JSON report")
+    p.add_argument("--partitions", default="0,256,512,1024",
+                   help="fixed partition sizes to time (0 = no split)")
+    args = p.parse_args(argv)
+    names = add_cases()
+    rc = bench.main(["--out", args.out, "--cases", ",".join(names), "--partitions",
+                     args.partitions, "--l2-prefetch", "", "--skip-sdpa"])
+    if rc:
+        return rc
+    with open(args.out) as f:
+        report = json.load(f)
+    report["regret"] = regrets(report["results"])
+    print("\nautomatic plan against the fastest fixed partition size (us):")
+    for row in report["regret"]:
+        parts, size = row["plan"]
+        print(f"  {row['case']:24s} plan {parts:3d} x {size:5d} {row['plan_us']:8.2f}   "
+              f"best {row['best_size']:5d} {row['best_us']:8.2f}   x{row['regret']:.3f}")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
