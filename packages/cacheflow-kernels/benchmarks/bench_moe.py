@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from bench_timing import time_eager_us
 
 # (name, tokens, experts, top_k, hidden, intermediate)
 SHAPES = [
@@ -116,18 +117,9 @@ class _Env:
 
 
 def _time_ms(torch: Any, fn: Any, iters: int, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+    """Median ms per call of ``fn``: ``repeats`` timings of ``iters`` back-to-back calls."""
+    return time_eager_us(torch, lambda: [fn() for _ in range(iters)], repeats,
+                         warmup=1) / iters / 1000.0
 
 
 def per_expert_loop(torch: Any, x: Any, w13: Any, w2: Any, weights: Any, ids: Any) -> Any:

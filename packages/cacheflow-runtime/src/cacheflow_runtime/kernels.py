@@ -102,10 +102,10 @@ def attention_rotary_fusion_wanted(num_seqs: int, num_kv_heads: int,
     ``CACHEFLOW_ATTN_ROTARY_FUSE=1``: wherever it applies; ``=0``: never; unset (or any other
     value): on CUDA where the step's attention grid, num_seqs x num_kv_heads CTAs, has at most
     one CTA per multiprocessor. Such a step waits on each kernel's latency, and the fused kernel
-    saves one launch and handoff a layer: the 7B decode step at batch 1 (32 CTAs) was 1.3-1.7%
-    shorter on an H100 (2026-12-06). At batch 64 (2,048 CTAs) it was 2.3% longer: each of the
-    many CTAs then stores and rotates before its first score, which the separate rotary kernel
-    did for all of them at once."""
+    saves one launch and handoff a layer: the 7B decode step at batch 1 (32 CTAs) was 0.6-1.7%
+    shorter on an H100 (2026-12-06, three runs). At batch 64 (2,048 CTAs) it was 2.3% longer:
+    each of the many CTAs then stores and rotates before its first score, which the separate
+    rotary kernel did for all of them at once."""
     value = os.environ.get(ATTN_ROTARY_FUSE_ENV)
     if value == "0" or getattr(cacheflow_kernels, "paged_attention_with_rotary_cache",
                                None) is None:
