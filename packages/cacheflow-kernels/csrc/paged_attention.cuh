@@ -3102,7 +3102,11 @@ PA_DEVICE void CombineColumns(const float* o, const float* weights, int n, int h
 template <typename T, bool kSlots, int kThreadsC>
 PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreadsC, 1)
     PagedAttentionCombineKernel(const Params p) {
-  PdlWait();  // before any memory access; the successor starts as this grid ends (pdl.cuh)
+  // Before any memory access; the successor starts as this grid ends (pdl.cuh). Releasing it
+  // right after the wait (2026-12-06, H100) made back-to-back batch-1 GQA / MQA calls 3-12%
+  // faster and MHA ones 2% slower, and the 7B decode step at batch 1 and 4k context (whose
+  // successor is the out projection) did not move.
+  PdlWait();
   float* red = reinterpret_cast<float*>(DynamicSmem());
   float* weights = red + kThreadsC / 32;  // [num_partitions]
   const int head_size = p.head_size;
@@ -3132,11 +3136,22 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreadsC, 1)
     if (sl.slot < sl.slots) LoadSlotRows(o, n, head_size, sl.slot, sl, rows);
   }
 
-  float m = kNegInf;
-  for (int i = threadIdx.x; i < n; i += kThreadsC) m = fmaxf(m, p.ws_m[base + i]);
+  // The statistics of the thread's first partition are loaded together, with the first rows in
+  // flight: the sum no longer waits for a second round trip after the max (the same values in
+  // the same order as loading each where it is used, so the same bits).
+  const bool owns_first = static_cast<int>(threadIdx.x) < n;
+  const float m_first = owns_first ? p.ws_m[base + threadIdx.x] : kNegInf;
+  const float l_first = owns_first ? p.ws_l[base + threadIdx.x] : 0.f;
+  float m = m_first;
+  for (int i = threadIdx.x + kThreadsC; i < n; i += kThreadsC) m = fmaxf(m, p.ws_m[base + i]);
   m = BlockReduce<kThreadsC>(m, red, true);
   float total = 0.f;
-  for (int i = threadIdx.x; i < n; i += kThreadsC) {
+  if (owns_first) {
+    const float w = l_first * FastExp2(m_first - m);
+    weights[threadIdx.x] = w;
+    total += w;
+  }
+  for (int i = threadIdx.x + kThreadsC; i < n; i += kThreadsC) {
     const float w = p.ws_l[base + i] * FastExp2(p.ws_m[base + i] - m);
     weights[i] = w;
     total += w;
