@@ -490,7 +490,7 @@ def test_plan_fills_one_wave(args: tuple[int, int, int, int], head_size: int,
 @pytest.mark.parametrize("split", ["wave", "fill"])
 @pytest.mark.parametrize(
     ("num_seqs", "num_heads", "num_kv_heads", "max_ctx"),
-    [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 4096), (4, 8, 1, 5000),
+    [(1, 32, 32, 32768), (1, 32, 4, 32768), (16, 32, 4, 8192), (4, 8, 1, 5000),
      (2, 64, 8, 2800), (1, 1, 1, 1 << 30)],
 )
 def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: int,
@@ -608,14 +608,17 @@ def test_plan_wave_model(monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, 
 def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wide CTAs (the warps of ``resident`` 4-warp CTAs in one) at head sizes up to 128 and
     groups of at most 16 query heads: an unsplit plan whose grid has at most one CTA per SM is
-    costed at the saturated rate; split plans keep the 4-warp model."""
+    costed at ``resident`` times a lone CTA's rate where the grid covers at least a fifth of the
+    SMs, else at the saturated rate; split plans keep the 4-warp model."""
     monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
     allowed = _attention_ops.wide_ctas_allowed
     assert [allowed(d, 16) for d in (64, 80, 96, 112, 128, 256)] == [
         True, True, True, True, True, False]
     assert allowed(128, 1) and not allowed(128, 17)  # larger groups keep CTAs of 4 warps
     work = 4096 + _attention_ops._CTA_OVERHEAD_TOKENS
-    assert plan_time(128, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 3)
+    assert plan_time(128, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 4)
+    assert plan_time(27, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 4)
+    assert plan_time(26, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 3)
     assert plan_time(128, 1, 4096, 132, 4, 16) == pytest.approx(work)
     # a split plan, or a grid of more than one CTA per SM, is costed as before
     for ctas, parts in ((128, 3), (133, 1)):
@@ -625,6 +628,32 @@ def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_attention_ops.WARPS_ENV, "4")
     assert not allowed(128, 16)
     assert plan_partitions(16, 32, 8, 4096, 132, head_size=64, split="wave") == (1408, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "head_size", "expected"),
+    [
+        # (num_seqs, num_heads, num_kv_heads, max_context_len): an H100 sweep (2026-12-06,
+        # docs/benchmarks.md) of the shapes where the two wide-CTA rates disagree. 32-64 wide
+        # CTAs: unsplit fastest (us unsplit / in the split the saturated rate chose)
+        ((1, 32, 32, 2048), 128, (0, 1)),   # 16.2 / 16.55 in 8 x 256
+        ((2, 32, 32, 3072), 128, (0, 1)),   # 35.6 / 38.2
+        ((2, 32, 32, 6144), 128, (0, 1)),   # 67.4 / 69.4
+        ((8, 32, 4, 2048), 128, (0, 1)),    # 16.9 / 17.9
+        ((16, 32, 4, 4096), 128, (0, 1)),   # 47.8 / 50.0
+        ((4, 32, 8, 3072), 64, (0, 1)),     # 13.9 / 14.6
+        ((8, 32, 8, 4096), 64, (0, 1)),     # 25.8 / 28.8
+        # 4-16 wide CTAs: the split fastest (us in the split / unsplit)
+        ((1, 32, 4, 2048), 128, (256, 8)),  # 7.9 / 14.0
+        ((4, 32, 4, 2048), 128, (256, 8)),  # 12.7 / 14.6
+        ((2, 32, 8, 3072), 64, (256, 12)),  # 10.0 / 12.95
+    ],
+)
+def test_plan_wide_grids_by_their_share_of_the_sms(
+        monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, int, int], head_size: int,
+        expected: tuple[int, int]) -> None:
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == expected
 
 
 def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:

@@ -53,6 +53,9 @@ _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # partition sweeps of the H100 and H200 (docs/benchmarks.md).
 _CTA_OVERHEAD_TOKENS = 64
 _MERGE_FIXED_TOKENS = 576
+# Wide unsplit grids covering at least 1 / this share of the SMs are costed at the full rate of
+# their warps (see :func:`plan_time`): 32 CTAs on 132 SMs are, 16 are not.
+_WIDE_FULL_RATE_SHARE = 5
 # The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows, wide) ->
 # partitions, so a decode loop (max_context_len + 1 per step) evaluates the model once per bucket.
 _WAVE_PLANS: dict[tuple[int, int, int, int, int, bool], int] = {}
@@ -234,14 +237,19 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     split adds the merge kernel once.
 
     ``wide`` (:func:`wide_ctas_allowed`): an unsplit grid of at most one CTA per SM runs wide
-    CTAs, each with the warps of ``resident`` CTAs, which moves its tokens at the saturated rate:
-    ``s`` times a lone CTA's.
+    CTAs, each with the warps of ``resident`` CTAs, which moves its tokens at ``resident`` times a
+    lone CTA's rate where the grid covers at least 1 / _WIDE_FULL_RATE_SHARE of the SMs, else at
+    the saturated rate (``s`` times). The model has no term for the device's total bandwidth, so
+    it cannot see that a split of a grid of a few CTAs gains by spreading it over many more SMs;
+    the two rates stand in for that, fitted on an H100 sweep (2026-12-06): unsplit grids of 32-64
+    wide CTAs at contexts of 2k-6k were 2-10% faster than the splits the saturated rate chose,
+    grids of 4-16 CTAs 15-77% slower than their splits.
     """
     sat = saturating_ctas_per_sm(resident, rows)
     size = -(-max_context_len // parts)
     work = size + _CTA_OVERHEAD_TOKENS + (2 * rows if parts > 1 else 0)
     if wide and parts == 1 and ctas <= num_sms:
-        return work / sat
+        return work / (resident if ctas * _WIDE_FULL_RATE_SHARE >= num_sms else sat)
     n = -(-ctas * parts // num_sms)
     full, rem = divmod(n, resident)
     units = full * resident + (max(rem, sat) if rem else 0)
