@@ -1,9 +1,12 @@
 """How close the automatic split plan of paged_attention comes to the best fixed partition size.
 
     python packages/cacheflow-kernels/benchmarks/bench_split_plan.py --out plan.json
+    python .../bench_split_plan.py --grid wide --partitions 0,256,512,704,768,1024,1536 --out w.json
 
-Times a grid of decode shapes (short contexts by default, where a split's merge weighs most:
-batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA at 128) with
+Times a grid of decode shapes (``--grid short``, the default: short contexts, where a split's
+merge weighs most: batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA
+at 128; ``--grid wide``: the 16 shapes, contexts 2k-6k, where unsplit grids of 4-64 wide CTAs
+compete with splits, whose sweep set ``_WIDE_FULL_RATE_SHARE``) with
 ``bench_paged_attention.py`` at its automatic plan and at fixed partition sizes (0 = no split),
 then prints, per shape, the plan the planner picks, its time, the fastest fixed size and the
 ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes; the planner's pick
@@ -31,16 +34,35 @@ GRID = [
 ]
 
 
-def add_cases() -> list[str]:
+# (tag, num_heads, num_kv_heads, head_size, batch, context): 4-64 wide CTAs unsplit.
+WIDE_GRID = [
+    ("mha", 32, 32, 128, 1, 2048), ("mha", 32, 32, 128, 2, 3072), ("mha", 32, 32, 128, 2, 4096),
+    ("mha", 32, 32, 128, 2, 6144), ("gqa8", 32, 4, 128, 1, 2048), ("gqa8", 32, 4, 128, 2, 2048),
+    ("gqa8", 32, 4, 128, 4, 2048), ("gqa8", 32, 4, 128, 8, 2048), ("gqa8", 32, 4, 128, 16, 3072),
+    ("gqa8", 32, 4, 128, 16, 4096), ("gqa8", 32, 4, 128, 16, 6144),
+    ("gqa4d64", 32, 8, 64, 1, 3072), ("gqa4d64", 32, 8, 64, 2, 3072),
+    ("gqa4d64", 32, 8, 64, 4, 3072), ("gqa4d64", 32, 8, 64, 8, 4096),
+    ("gqa4d64", 32, 8, 64, 8, 6144),
+]
+
+
+def grid_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
+    """The (tag, heads, KV heads, head size, batch, context) shapes of ``grid``."""
+    if grid == "wide":
+        return list(WIDE_GRID)
+    return [(tag, heads, kv, head_size, batch, ctx)
+            for tag, heads, kv, head_size, batches, contexts in GRID
+            for batch in batches for ctx in contexts]
+
+
+def add_cases(grid: str = "short") -> list[str]:
     """Registers the grid's shapes as bench_paged_attention cases; returns their names."""
     names = []
-    for tag, heads, kv, head_size, batches, contexts in GRID:
-        for batch in batches:
-            for ctx in contexts:
-                name = f"plan_{tag}_b{batch}_ctx{ctx}"
-                bench.CASES.append(bench.Case(name, batch, ctx, num_heads=heads,
-                                              num_kv_heads=kv, head_size=head_size))
-                names.append(name)
+    for tag, heads, kv, head_size, batch, ctx in grid_shapes(grid):
+        name = f"plan_{tag}_b{batch}_ctx{ctx}"
+        bench.CASES.append(bench.Case(name, batch, ctx, num_heads=heads, num_kv_heads=kv,
+                                      head_size=head_size))
+        names.append(name)
     return names
 
 
@@ -63,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path of the JSON report")
     p.add_argument("--partitions", default="0,256,512,1024",
                    help="fixed partition sizes to time (0 = no split)")
+    p.add_argument("--grid", choices=("short", "wide"), default="short",
+                   help="which shapes: short contexts, or the wide-CTA shapes at 2k-6k")
     args = p.parse_args(argv)
-    names = add_cases()
+    names = add_cases(args.grid)
     rc = bench.main(["--out", args.out, "--cases", ",".join(names), "--partitions",
                      args.partitions, "--l2-prefetch", "", "--skip-sdpa"])
     if rc:
