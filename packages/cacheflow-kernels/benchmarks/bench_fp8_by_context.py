@@ -15,7 +15,6 @@ shape and the speed-up at each context; writes ``bench_paged_attention.py``'s JS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import bench_paged_attention as bench
@@ -72,12 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-from", type=int, default=8192,
                    help="fit the line through contexts of at least this many tokens")
     args = p.parse_args(argv)
-    rc = bench.main(["--out", args.out, "--cases", ",".join(add_cases()), "--partitions", "",
-                     "--l2-prefetch", "", "--skip-sdpa"])
-    if rc:
-        return rc
-    with open(args.out) as f:
-        report = json.load(f)
+    report = bench.run_sweep(args.out, add_cases())
+    if report is None:
+        return 1
     times = {r["case"]: r["time_us"] for r in report["results"] if not r.get("error")}
     report["fits"] = fits(times, args.fit_from)
     print(f"\nfixed cost and cost per 1,024 tokens (line through contexts >= {args.fit_from}):")
@@ -92,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = " ".join(f"{a / b:.2f}" for a, b in zip(half["times_us"], fp8["times_us"]))
         print(f"  {shape:9s} FP8 speed-up by context: {ratios}; slope ratio "
               f"{half['slope_us_per_1k'] / fp8['slope_us_per_1k']:.2f}")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    bench.save_report(args.out, report)
     return 0
 
 

@@ -549,5 +549,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_sweep(out: str, names: list[str], partitions: str = "") -> dict[str, Any] | None:
+    """Runs :func:`main` on the cases ``names`` (automatic plan, the fixed ``partitions``, no
+    SDPA) writing ``out``, and returns that report; None when the run failed. For the scripts
+    that add their own cases and append an analysis to the report (:func:`save_report`)."""
+    if main(["--out", out, "--cases", ",".join(names), "--partitions", partitions,
+             "--l2-prefetch", "", "--skip-sdpa"]):
+        return None
+    with open(out) as f:
+        return json.load(f)
+
+
+def save_report(out: str, report: dict[str, Any]) -> None:
+    """Writes a report of :func:`run_sweep`, with what the caller appended, back to ``out``."""
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 if __name__ == "__main__":
     sys.exit(main())

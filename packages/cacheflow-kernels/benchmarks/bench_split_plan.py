@@ -19,7 +19,6 @@ docs/benchmarks.md); rerun it on another card before trusting the model there. W
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -88,21 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", choices=("short", "wide"), default="short",
                    help="which shapes: short contexts, or the wide-CTA shapes at 2k-6k")
     args = p.parse_args(argv)
-    names = add_cases(args.grid)
-    rc = bench.main(["--out", args.out, "--cases", ",".join(names), "--partitions",
-                     args.partitions, "--l2-prefetch", "", "--skip-sdpa"])
-    if rc:
-        return rc
-    with open(args.out) as f:
-        report = json.load(f)
+    report = bench.run_sweep(args.out, add_cases(args.grid), args.partitions)
+    if report is None:
+        return 1
     report["regret"] = regrets(report["results"])
     print("\nautomatic plan against the fastest fixed partition size (us):")
     for row in report["regret"]:
         parts, size = row["plan"]
         print(f"  {row['case']:24s} plan {parts:3d} x {size:5d} {row['plan_us']:8.2f}   "
               f"best {row['best_size']:5d} {row['best_us']:8.2f}   x{row['regret']:.3f}")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    bench.save_report(args.out, report)
     return 0
 
 
