@@ -454,6 +454,9 @@ struct Params {
   int wide_warps_max_ctas;    // unsplit pipelined launches with two-tile steps and groups of at
                               // most 16 query heads whose grid has at most this many CTAs run
                               // CTAs of kWideWarps<D> warps, one per SM (0: never; RunWideCtas)
+  int half_wide_max_ctas;     // larger such grids of at most this many CTAs whose groups have 9
+                              // to 32 query heads (heads on M, CTAs of 16) run CTAs of
+                              // kHalfWideWarps<D> warps, two per SM (0: never; RunWideCtas)
   int combine_slots_max_ctas;  // split launches whose combine grid has at most this many CTAs
                               // read partition rows in slots (CombineSlots; latency-bound
                               // grids); larger grids a column per thread (CombineColumns)
@@ -532,6 +535,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.cta_rows = kDefaultCtaRows;
   p.wide_rows_min_ctas = 0;  // the launch sets the device's multiprocessor count
   p.wide_warps_max_ctas = 0;  // (likewise; 0: CTAs of kWarps warps only)
+  p.half_wide_max_ctas = 0;   // (likewise)
   p.prefetch_before_wait = 1;
   p.main_release = 1;
   p.q_stride = num_heads * head_size;
@@ -1306,6 +1310,10 @@ constexpr int MmaMinBlocks() {
 // warps up to head size 96, 12 up to 128, 8 beyond.
 template <int D>
 constexpr int kWideWarps = kWarps * MmaMinBlocks<D>();
+// Warps of a half-wide CTA (Params::half_wide_max_ctas): half that budget, two such CTAs per SM
+// (6 warps up to head size 128 and 8 up to 96; none at 256, whose half is 4 warps).
+template <int D>
+constexpr int kHalfWideWarps = kWideWarps<D> / 2;
 
 /*! \brief Two T elements as float16 times 2^-kShift (MmaElem's query; kShift 0: as they are). */
 template <typename T, int kShift>
@@ -3243,12 +3251,35 @@ void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
  * Fused launches take them too, so that they stay bit for bit the two kernels they replace.
  * Larger groups keep CTAs of 4 warps: their 16- and 32-row CTAs give the same bits (fused launches
  * take 32), which a wide CTA's merge order would not.
+ *
+ * Half-wide CTAs (kHalfWideWarps<D>, two per SM) take a larger unsplit grid, of more than
+ * p.wide_warps_max_ctas and at most p.half_wide_max_ctas CTAs (one to two per SM), whose KV heads
+ * have 9 to 32 query heads (heads on the MMA's M dimension; CTAs of 16): four warps leave such an
+ * SM with 8 warps where its registers hold 12 (MQA at batch 128 / 1k on an H100, 2026-12-06: 2-5%
+ * faster at contexts of 1k-2k, 1.8% slower at 512). Groups of at most 8 (tokens on M) gained
+ * nothing and keep 4 warps. A fused launch never takes them for groups above 16 (it declines two
+ * head groups), so it stays bit for bit its two kernels.
  */
 template <typename T, typename C, int D, typename Launcher>
 bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& launch) {
   constexpr int kW = kWideWarps<D>;
   const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
-  if (p.num_partitions > 1 || p.group > kMmaRows || ctas > p.wide_warps_max_ctas) return false;
+  if (p.num_partitions > 1) return false;
+  if constexpr (kHalfWideWarps<D> > kWarps) {
+    if (ctas > p.wide_warps_max_ctas && ctas <= p.half_wide_max_ctas &&
+        p.group <= 2 * kMmaRows && !UsesTokensM(p)) {
+      constexpr int kHalfW = kHalfWideWarps<D>;
+      Params asked = p;
+      asked.stages = asked_stages;
+      const int stages = ChooseStages<C, D, 1, kHalfW>(asked, p.rows, 2);
+      if (stages < kMinPairStages) return false;
+      p.stages = stages;
+      launch(PagedAttentionPipeKernel<T, C, D, true, 1, kHalfW>, grid, 32 * kHalfW,
+             PipeSmemBytes<C, D, 1, kHalfW>(p.stages, p.rows), p);
+      return true;
+    }
+  }
+  if (p.group > kMmaRows || ctas > p.wide_warps_max_ctas) return false;
   Params asked = p;
   asked.stages = asked_stages;  // automatic (or forced) depth, for the wide CTA's own budget
   const int stages = ChooseStages<C, D, 1, kW>(asked, p.rows, 1);

@@ -91,6 +91,25 @@ def sweep_paged_attention() -> int:
                 calls += 1
         finally:
             del os.environ[env]
+    # Half-wide CTAs: an unsplit MQA grid of 16-row CTAs at about 1.5 per SM (sized from the
+    # device's SM count; short contexts keep the sanitizers' run short).
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    os.environ["CACHEFLOW_PA_ROWS"] = "16"
+    try:
+        batch = -(-3 * sms // 4)
+        ctx = [1 + (37 * i) % 90 for i in range(batch)]
+        for dtype in (torch.float16, torch.bfloat16):
+            case = pa.make_case(ctx, num_heads=32, num_kv_heads=1, head_size=128, dtype=dtype,
+                                device="cuda", seed=calls)
+            ck.paged_attention(case["out"], case["query"], case["key_cache"],
+                               case["value_cache"], case["block_tables"], case["context_lens"],
+                               case["scale"], None, max(ctx), partition_size=0)
+            want = pa.oracle(case["query"], case["key_cache"], case["value_cache"],
+                             case["block_tables"], case["context_lens"], case["scale"], None)
+            _close(case["out"], want, dtype, f"paged_attention half-wide {dtype}")
+            calls += 1
+    finally:
+        del os.environ["CACHEFLOW_PA_ROWS"]
     return calls
 
 

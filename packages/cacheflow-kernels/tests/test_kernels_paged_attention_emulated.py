@@ -61,6 +61,7 @@ _HELPERS: dict[str, tuple[Any, list[Any]]] = {
     "last_rows": (ctypes.c_int, []),
     "main_warps": (ctypes.c_int, []),
     "set_wide_warps": (None, [ctypes.c_int]),
+    "set_half_wide": (None, [ctypes.c_int]),
     "ldsm_v": (ctypes.c_int, []),
     "fp8_f16_mma": (ctypes.c_int, []),
     "tokens_m": (ctypes.c_int, []),
@@ -149,12 +150,14 @@ def _default_pipeline(emu: Any) -> Any:
     emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
     emu.set_wide_warps(0)
+    emu.set_half_wide(0)
     yield
     configure(emu)
     set_step(emu)
     emu.set_layout(DEFAULT_CTA_ROWS, 0, 0)
     emu.set_cta_order(0)
     emu.set_wide_warps(0)
+    emu.set_half_wide(0)
 
 
 def _ptr(x: Any) -> int | None:
@@ -801,6 +804,53 @@ def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: i
     _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs", sliding_window=window)
     assert emu.main_warps() == 4
     assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
+
+
+@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "rows", "warps"), [
+    ("float16", 128, (32, 1), [300, 5, 129], 16, 6),     # MQA in two CTAs of 16 heads each
+    ("bfloat16", 64, (32, 2), [400, 70], 0, 8),
+    ("fp8-float16", 96, (12, 1), [257, 64], 0, 8),
+    ("fp8-bfloat16", 128, (32, 1), [1000, 0], 16, 6),     # an empty context
+    ("float16", 112, (24, 1), [140, 33], 16, 6),         # a group of 24: 16 + 8 rows
+    ("float16", 128, (8, 1), [300, 64], 0, 4),           # tokens on M: 4 warps stay
+    ("fp8-float16", 128, (4, 4), [200, 31], 0, 4),       # MHA (tokens on M) likewise
+])
+def test_half_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: int,
+                                                    heads: tuple[int, int], ctx_lens: list[int],
+                                                    rows: int, warps: int) -> None:
+    """An unsplit grid of more than wide_warps_max_ctas and at most half_wide_max_ctas CTAs (one
+    to two per SM on the GPU) runs CTAs of half kWideWarps warps (6 up to head size 128, 8 up to
+    96), groups of 9 to 32 query heads in CTAs of 16: output and log-sum-exp match the oracle
+    and 4-warp CTAs, up to the merge order. Groups of at most 8 (tokens on the MMA's M
+    dimension) keep 4 warps: half-wide CTAs were no faster there (H100, 2026-12-06)."""
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
+                                         seed=90 + head_size, alibi=True)
+    emu.set_layout(rows, 0, 0)
+    emu.set_half_wide(ANY_GRID)
+    _check_pipeline(emu, case, scales, dtype, f"{kind} half-wide CTAs")
+    assert emu.main_warps() == warps
+    assert last_launch(emu)[1] == 2
+    half = case["out"].clone()
+    emu.set_half_wide(0)
+    case["out"].fill_(float("nan"))
+    _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs")
+    assert emu.main_warps() == 4
+    assert_close(half, case["out"], dtype, "half-wide vs 4-warp CTAs")
+
+
+def test_wide_before_half_wide_and_split_grids_at_four_warps(emu: Any) -> None:
+    """Grids within wide_warps_max_ctas take wide CTAs, larger ones within half_wide_max_ctas
+    half-wide ones, larger still and split grids CTAs of 4 warps."""
+    case, scales, dtype = _pipeline_case("float16", 128, [200, 90, 31], heads=(24, 2), seed=76)
+    ctas = 2 * 3  # 2 KV heads x 3 sequences
+    for wide, half, partition, warps in ((ctas, ANY_GRID, 0, 12), (ctas - 1, ctas, 0, 6),
+                                         (1, ctas - 1, 0, 4), (0, ANY_GRID, 64, 4)):
+        emu.set_wide_warps(wide)
+        emu.set_half_wide(half)
+        case["out"].fill_(float("nan"))
+        _check_pipeline(emu, case, scales, dtype, f"limits {wide} / {half}",
+                        partition_size=partition)
+        assert emu.main_warps() == warps
 
 
 def test_wide_ctas_only_for_small_unsplit_grids(emu: Any) -> None:

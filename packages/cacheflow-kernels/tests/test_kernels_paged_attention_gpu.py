@@ -438,6 +438,37 @@ def test_main_loops_agree(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.parametrize(("kind", "heads", "head_size"), [
+    ("float16", (32, 1), 128), ("bfloat16", (32, 1), 128), ("fp8-float16", (32, 1), 128),
+    ("float16", (24, 2), 64), ("fp8-bfloat16", (12, 1), 96),
+])
+def test_half_wide_ctas_match_oracle_and_four_warps(monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                    heads: tuple[int, int],
+                                                    head_size: int) -> None:
+    """An unsplit grid of one to two CTAs per SM whose KV heads have 9 to 32 query heads runs
+    half-wide CTAs (RunWideCtas): the batch is sized from the device's SM count so that the
+    grid of 16-row CTAs falls in that range; output against the oracle and against 4-warp CTAs
+    (CACHEFLOW_PA_HALF_WIDE=0)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    groups_per_seq = heads[1] * -(-heads[0] // heads[1] // 16)  # 16-row CTAs per sequence
+    batch = -(-3 * sms // (2 * groups_per_seq))  # about 1.5 CTAs per SM
+    lens = ctx_lens_for(batch, 700, 16, random.Random(5))
+    dtype = kind.removeprefix("fp8-")
+    if kind.startswith("fp8"):
+        case, ref, ks, vs = _fp8_case(lens, dtype, head_size, heads, 16, seed=47)
+    else:
+        case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                         dtype=getattr(torch, dtype), device="cuda", seed=47, q_scale=2.0)
+        ref, ks, vs = reference(case), 1.0, 1.0
+    _set_path(monkeypatch, "pipeline")
+    monkeypatch.setenv("CACHEFLOW_PA_ROWS", "16")
+    half = run(case, partition_size=0, k_scale=ks, v_scale=vs).clone()
+    assert_close(half, ref, dtype, f"half-wide {kind}")
+    monkeypatch.setenv("CACHEFLOW_PA_HALF_WIDE", "0")
+    four = run(case, partition_size=0, k_scale=ks, v_scale=vs)
+    assert_close(half, four.double(), dtype, f"half-wide vs 4 warps {kind}")
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_pipeline_cuda_graph_and_register_path_agree(monkeypatch: pytest.MonkeyPatch,
                                                      fp8: bool) -> None:
