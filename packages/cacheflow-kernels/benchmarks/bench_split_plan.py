@@ -6,7 +6,8 @@
 Times a grid of decode shapes (``--grid short``, the default: short contexts, where a split's
 merge weighs most: batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA
 at 128; ``--grid wide``: the 16 shapes, contexts 2k-6k, where unsplit grids of 4-64 wide CTAs
-compete with splits, whose sweep set ``_WIDE_FULL_RATE_SHARE``) with
+compete with splits, whose sweep set ``_WIDE_FULL_RATE_SHARE``; ``--grid pair``: grids of one to
+two CTAs per SM at head sizes 64-96, whose sweep set ``_PAIR_GRID_SATURATION``) with
 ``bench_paged_attention.py`` at its automatic plan and at fixed partition sizes (0 = no split),
 then prints, per shape, the plan the planner picks, its time, the fastest fixed size and the
 ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes; the planner's pick
@@ -45,10 +46,23 @@ WIDE_GRID = [
 ]
 
 
+# Grids of one to two 16-row CTAs per SM (on 132 SMs) at head sizes up to 96, which the planner
+# now runs unsplit (_PAIR_GRID_SATURATION; H100 2026-12-06: 2-21% faster than the two-way splits
+# planned before), and one it still splits.
+PAIR_GRID = [
+    ("gqa4d64", 32, 8, 64, 32, 2048), ("gqa8d64", 32, 4, 64, 64, 2048),
+    ("mhad64", 32, 32, 64, 8, 4096), ("mqad64", 32, 1, 64, 96, 2048),
+    ("gqa4d80", 32, 8, 80, 32, 4096), ("mhad96", 16, 16, 96, 16, 8192),
+    ("mhad64", 32, 32, 64, 8, 16384), ("gqa4d64", 32, 8, 64, 24, 3072),
+]
+
+
 def grid_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
     """The (tag, heads, KV heads, head size, batch, context) shapes of ``grid``."""
     if grid == "wide":
         return list(WIDE_GRID)
+    if grid == "pair":
+        return list(PAIR_GRID)
     return [(tag, heads, kv, head_size, batch, ctx)
             for tag, heads, kv, head_size, batches, contexts in GRID
             for batch in batches for ctx in contexts]
@@ -84,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path of the JSON report")
     p.add_argument("--partitions", default="0,256,512,1024",
                    help="fixed partition sizes to time (0 = no split)")
-    p.add_argument("--grid", choices=("short", "wide"), default="short",
-                   help="which shapes: short contexts, or the wide-CTA shapes at 2k-6k")
+    p.add_argument("--grid", choices=("short", "wide", "pair"), default="short",
+                   help="which shapes: short contexts, the wide-CTA shapes at 2k-6k, or grids "
+                        "of one to two CTAs per SM at head sizes 64-96")
     args = p.parse_args(argv)
     report = bench.run_sweep(args.out, add_cases(args.grid), args.partitions)
     if report is None:

@@ -656,6 +656,36 @@ def test_plan_wide_grids_by_their_share_of_the_sms(
     assert plan_partitions(*args, 132, head_size=head_size, split="wave") == expected
 
 
+@pytest.mark.parametrize(
+    ("args", "head_size", "measured"),
+    # (seqs, heads, kv heads, context), head size; H100 us, 2026-12-06: unsplit / the two-way
+    # split planned before
+    [
+        ((32, 32, 8, 2048), 64, (47.3, 50.0)),
+        ((64, 32, 4, 2048), 64, (48.25, 52.87)),
+        ((96, 32, 1, 2048), 64, (23.78, 28.8)),
+        ((32, 32, 8, 4096), 80, (126.76, 134.66)),
+        ((8, 32, 32, 16384), 64, (340.68, 346.63)),
+    ],
+)
+def test_plan_grids_of_one_to_two_ctas_per_sm_unsplit(
+        monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, int, int], head_size: int,
+        measured: tuple[float, float]) -> None:
+    """Grids of one to two 16-row CTAs per SM at head sizes up to 96 (four resident) run unsplit:
+    two CTAs per SM saturate it there (_PAIR_GRID_SATURATION), so a two-way split only adds its
+    merge. Each shape was measured faster unsplit than split in two."""
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    monkeypatch.delenv(_attention_ops.ROWS_ENV, raising=False)
+    seqs, heads, kv, ctx = args
+    assert measured[0] < measured[1]
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == (0, 1)
+    # the same model without the pair-grid saturation split them in two
+    monkeypatch.setattr(_attention_ops, "_PAIR_GRID_SATURATION", 3)
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave")[1] == 2
+    _attention_ops._WAVE_PLANS.clear()
+
+
 def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:
     """The chosen count is the cheapest of every count the model allows (not just the tried
     wave boundaries), and the plan scales with the multiprocessor count."""

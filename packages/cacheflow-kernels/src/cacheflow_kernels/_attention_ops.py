@@ -53,6 +53,8 @@ _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # partition sweeps of the H100 and H200 (docs/benchmarks.md).
 _CTA_OVERHEAD_TOKENS = 64
 _MERGE_FIXED_TOKENS = 576
+# CTAs per SM that saturate it in grids of one to two CTAs per SM (see :func:`plan_time`).
+_PAIR_GRID_SATURATION = 2
 # Wide unsplit grids covering at least 1 / this share of the SMs are costed at the full rate of
 # their warps (see :func:`plan_time`): 32 CTAs on 132 SMs are, 16 are not.
 _WIDE_FULL_RATE_SHARE = 5
@@ -236,6 +238,12 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     ``head_size + 2`` floats written and read again: about 2 * rows tokens of 16-bit K/V); a
     split adds the merge kernel once.
 
+    A grid of one to two CTAs per SM (``num_sms < ctas <= 2 * num_sms``) saturates each SM at
+    two CTAs (``_PAIR_GRID_SATURATION``) whatever ``resident``: at head sizes up to 96 (4
+    resident, 3 assumed to saturate elsewhere) its unsplit launch was 3-16% faster than the
+    two-way splits the model chose otherwise (H100, 2026-12-06: GQA-4 / GQA-8 / MHA at d64, 256
+    CTAs, 16-bit and FP8). Larger grids keep ``s``; no other regime has been measured.
+
     ``wide`` (:func:`wide_ctas_allowed`): an unsplit grid of at most one CTA per SM runs wide
     CTAs, each with the warps of ``resident`` CTAs, which moves its tokens at ``resident`` times a
     lone CTA's rate where the grid covers at least 1 / _WIDE_FULL_RATE_SHARE of the SMs, else at
@@ -250,6 +258,8 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     work = size + _CTA_OVERHEAD_TOKENS + (2 * rows if parts > 1 else 0)
     if wide and parts == 1 and ctas <= num_sms:
         return work / (resident if ctas * _WIDE_FULL_RATE_SHARE >= num_sms else sat)
+    if num_sms < ctas <= 2 * num_sms:
+        sat = min(sat, _PAIR_GRID_SATURATION)
     n = -(-ctas * parts // num_sms)
     full, rem = divmod(n, resident)
     units = full * resident + (max(rem, sat) if rem else 0)
