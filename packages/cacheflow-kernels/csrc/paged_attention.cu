@@ -125,15 +125,14 @@ int WideWarpsMaxCtas(int sms) {
 }
 
 /*!
- * \brief Params::half_wide_max_ctas for a device of `sms` multiprocessors: grids of up to two
- * CTAs per SM run half-wide CTAs (2 * sms); CACHEFLOW_PA_WARPS=4, or CACHEFLOW_PA_HALF_WIDE=0,
- * keeps them at 4 warps (0). Read at every launch so one process can A/B them.
+ * \brief Params::half_wide_max_ctas from Params::wide_warps_max_ctas (the SM count, or 0 with
+ * CACHEFLOW_PA_WARPS=4): grids of up to two CTAs per SM run half-wide CTAs;
+ * CACHEFLOW_PA_HALF_WIDE=0 keeps them at 4 warps (0). Read at every launch so one process can A/B them.
  */
-int HalfWideMaxCtas(int sms) {
-  if (WideWarpsMaxCtas(sms) == 0) return 0;
+int HalfWideMaxCtas(int wide_warps_max_ctas) {
   const char* env = std::getenv("CACHEFLOW_PA_HALF_WIDE");
   if (env != nullptr && env[0] == '0' && env[1] == '\0') return 0;
-  return 2 * sms;
+  return 2 * wide_warps_max_ctas;
 }
 
 /*!
@@ -357,7 +356,7 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   // An unsplit grid of at most one CTA per multiprocessor (groups up to 16 heads) runs CTAs of
   // kWideWarps<D> warps (RunWideCtas).
   p.wide_warps_max_ctas = WideWarpsMaxCtas(sms);
-  p.half_wide_max_ctas = HalfWideMaxCtas(sms);
+  p.half_wide_max_ctas = HalfWideMaxCtas(p.wide_warps_max_ctas);
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;
   p.smem_per_block = smem.per_block;
