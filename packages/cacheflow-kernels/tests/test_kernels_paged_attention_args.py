@@ -368,8 +368,9 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     (call,) = rec.calls
     assert list(call[:6]) == [args[n] for n in ORDER]
     # scale, alibi, max_context_len (default: 3 blocks * 16), partition (no split), workspace,
-    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none), lse (None)
-    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0, None)
+    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none), lse (None), merge
+    # counters (None: not split)
+    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0, None, None)
 
 
 def test_fp8_caches_scales_and_soft_cap_reach_the_library(
@@ -381,7 +382,7 @@ def test_fp8_caches_scales_and_soft_cap_reach_the_library(
         args[name] = FakeCuda(torch.zeros(args[name].shape, dtype=torch.float8_e4m3fn))
     _call(args, k_scale=0.5, v_scale=0.125, logits_soft_cap=30.0)
     (call,) = rec.calls
-    assert call[-4:] == (0.5, 0.125, 30.0, None)
+    assert call[-5:] == (0.5, 0.125, 30.0, None, None)
     with pytest.raises(ValueError, match="argument 'logits_soft_cap' must be None or a finite"):
         _call(args, logits_soft_cap=-1.0)
     with pytest.raises(ValueError, match="argument 'v_scale' must be a finite number > 0"):
@@ -389,8 +390,13 @@ def test_fp8_caches_scales_and_soft_cap_reach_the_library(
 
 
 def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split call gets the workspace it was given and the stream's merge counters."""
     rec = Recorder()
     monkeypatch.setattr(_attention_ops, "get_function", rec)
+    counters = object()
+    asked = []
+    monkeypatch.setattr(_attention_ops, "_merge_counter_buffer",
+                        lambda device, need: asked.append((device, need)) or counters)
     args = _cuda(make_args(num_seqs=1, max_blocks=64, num_blocks=70))  # 1024 tokens
     need = 1 * 4 * 4 * (64 + 2)  # 4 partitions of 256
     assert cacheflow_kernels.paged_attention_workspace_size(
@@ -400,7 +406,15 @@ def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -
     ws = FakeCuda(torch.empty(need))
     _call(args, partition_size=256, workspace=ws, sliding_window=100)
     (call,) = rec.calls
-    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0, None)
+    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0, None, counters)
+    assert asked == [(0, 1 * 4)]  # num_seqs * num_heads counters on device 0
+
+
+def test_merge_counters_off_with_combine_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CACHEFLOW_PA_MERGE=combine: split calls get no merge counters (the combine kernel),
+    without touching torch.cuda."""
+    monkeypatch.setenv(_attention_ops.MERGE_ENV, "combine")
+    assert _attention_ops._merge_counter_buffer(0, 64) is None
 
 
 def test_unsplit_call_passes_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -638,3 +638,155 @@ def test_query_row_stride_must_keep_16_byte_rows() -> None:
     case["query"] = fused[:, : 4 * 64].view(2, 4, 64)
     with pytest.raises(ValueError, match="row stride is a multiple of 16 bytes"):
         run(case)
+
+
+# ---- The in-kernel split merge (paged_attention.cuh, MergeIfLast; CACHEFLOW_PA_KERNEL_MERGE).
+
+
+def _kernel_merge_built() -> bool:
+    if not cacheflow_kernels.cuda_available():
+        return False
+    from cacheflow_kernels._lib import get_function
+
+    return bool(get_function("paged_attention_kernel_merge")())
+
+
+kernel_merge = pytest.mark.skipif(not _kernel_merge_built(),
+                                  reason="kernel library built without CACHEFLOW_PA_KERNEL_MERGE")
+
+
+def _kernel_names(fn: Any) -> list[str]:
+    """Names of the CUDA kernels `fn()` launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+def _stream_counters() -> Any:
+    """The merge counters of the current stream on device 0 (None: none allocated yet)."""
+    from cacheflow_kernels import _attention_ops
+
+    key = (0, torch.cuda.current_stream(0).cuda_stream)
+    return _attention_ops._MERGE_COUNTERS.get(key)
+
+
+# (heads, head_size, dtype, fp8, lens, partition): MQA in 16-row CTAs (4 partitions), GQA-8 with
+# tokens on M (8 partitions), MHA (8 partitions of 4k), GQA-4 at head size 64 in bfloat16, FP8;
+# ragged contexts with an empty one.
+MERGE_SHAPES = [
+    ((32, 1), 128, "float16", False, [2000, 1, 1999, 0, 700, 1500, 2000, 33], 512),
+    ((32, 4), 128, "float16", False, [8000, 7000, 64, 4097], 1024),
+    ((32, 32), 128, "bfloat16", False, [32000, 17], 4096),
+    ((16, 4), 64, "bfloat16", False, [3000, 2999, 0, 1], 384),
+    ((32, 4), 128, "float16", True, [8000, 5000, 1, 8000], 1024),
+]
+
+
+@kernel_merge
+@pytest.mark.parametrize(("heads", "head_size", "dtype", "fp8", "lens", "partition"),
+                         MERGE_SHAPES, ids=[f"h{s[0][0]}kv{s[0][1]}-d{s[1]}-{s[2]}"
+                                            + ("-fp8" if s[3] else "") for s in MERGE_SHAPES])
+def test_in_kernel_merge_matches_reference_and_combine(
+    monkeypatch: pytest.MonkeyPatch, heads: tuple[int, int], head_size: int, dtype: str,
+    fp8: bool, lens: list[int], partition: int,
+) -> None:
+    """Split calls whose partials fit one round of loads merge in the main kernel (no combine
+    kernel launched): output and log-sum-exp match the float64 reference and the combine path
+    (CACHEFLOW_PA_MERGE=combine), and the stream's counters are all back at zero."""
+    case = make_case(lens, num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                     dtype=getattr(torch, dtype), device="cuda", seed=77, q_scale=2.0)
+    scales: dict[str, float] = {}
+    kc, vc = case["key_cache"], case["value_cache"]
+    if fp8:
+        scales = {"k_scale": 0.03, "v_scale": 0.4}
+        case["key_cache"] = quantize_fp8(kc, scales["k_scale"])
+        case["value_cache"] = quantize_fp8(vc, scales["v_scale"])
+        kc = dequantize_fp8(case["key_cache"], scales["k_scale"])
+        vc = dequantize_fp8(case["value_cache"], scales["v_scale"])
+    ref = oracle(case["query"], kc, vc, case["block_tables"], case["context_lens"], case["scale"])
+    ref_lse = oracle_lse(case["query"], kc, case["block_tables"], case["context_lens"],
+                         case["scale"])
+    nonempty = torch.tensor([n > 0 for n in lens], device="cuda")
+    max_ctx = max(lens)
+    assert -(-max_ctx // partition) > 1
+    results = {}
+    for mode in ("kernel", "combine"):
+        monkeypatch.setenv("CACHEFLOW_PA_MERGE", mode)
+        lse = torch.full((len(lens), heads[0]), float("nan"), device="cuda")
+        names = _kernel_names(lambda lse=lse: run(case, partition_size=partition,
+                                                  max_context_len=max_ctx, lse=lse, **scales))
+        combined = any("Combine" in n for n in names)
+        assert combined == (mode == "combine"), names
+        assert_close(case["out"], ref, dtype, f"merge in {mode}")
+        torch.testing.assert_close(lse[nonempty].double(), ref_lse[nonempty], rtol=1e-4,
+                                   atol=2e-3)
+        assert torch.isneginf(lse[~nonempty]).all()
+        results[mode] = case["out"].clone()
+    counters = _stream_counters()
+    assert counters is not None and torch.count_nonzero(counters).item() == 0
+    tol = {"float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
+    torch.testing.assert_close(results["kernel"].float(), results["combine"].float(), rtol=tol,
+                               atol=tol)
+
+
+@kernel_merge
+def test_in_kernel_merge_in_cuda_graph_replays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split call captured on the stream that warmed it up (its counters exist) merges in the
+    kernel inside the graph; replays with new contexts, tables and queries stay right, so the
+    counters are back at zero after every replay."""
+    monkeypatch.setenv("CACHEFLOW_PA_MERGE", "kernel")
+    num_seqs, heads, head_size, block_size, max_ctx = 8, (32, 1), 128, 16, 2048
+    max_blocks = max_ctx // block_size
+    shape_kw = dict(num_heads=heads[0], num_kv_heads=heads[1], head_size=head_size,
+                    block_size=block_size, device="cuda", num_blocks=num_seqs * max_blocks + 1,
+                    max_blocks_per_seq=max_blocks)
+    rng = random.Random(5)
+    static = make_case([rng.randint(1, max_ctx) for _ in range(num_seqs)], seed=0, **shape_kw)
+
+    def call() -> None:
+        cacheflow_kernels.paged_attention(
+            *(static[n] for n in ARG_ORDER), static["scale"], static["alibi_slopes"],
+            max_context_len=max_ctx, partition_size=512)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # allocates this stream's counters
+        assert not any("Combine" in n for n in _kernel_names(call))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        call()
+    for seed in (1, 2, 3, 4):
+        lens = [rng.randint(0, max_ctx) for _ in range(num_seqs)]
+        lens[0] = max_ctx
+        fresh = make_case(lens, seed=seed, **shape_kw)
+        for name in ("query", "key_cache", "value_cache", "block_tables", "context_lens"):
+            static[name].copy_(fresh[name])
+        static["out"].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static["out"], reference(fresh), "float16", f"replay {seed}")
+
+
+@kernel_merge
+def test_in_kernel_merge_counters_per_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stream gets its own counters (calls on two streams may overlap), sized for the
+    call and zero after it."""
+    monkeypatch.setenv("CACHEFLOW_PA_MERGE", "kernel")
+    case = make_case([3000, 2000], num_heads=32, num_kv_heads=1, head_size=128,
+                     dtype=torch.float16, device="cuda", seed=3)
+    ref = reference(case)
+    seen = []
+    for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            out = run(case, partition_size=1024, max_context_len=3000)
+            assert_close(out, ref, "float16", "stream")
+            counters = _stream_counters()
+            assert counters is not None and counters.numel() >= 2 * 32
+            assert torch.count_nonzero(counters).item() == 0
+            seen.append(counters.data_ptr())
+    assert seen[0] != seen[1]
