@@ -1004,7 +1004,8 @@ PA_DEVICE void FinishPartition(const Params& p, float* so, const Stats& st, int 
  * an unsplit launch, and in a split launch that merges in the kernel for an empty context (the
  * partition-0 CTA; otherwise the combine kernel writes them). */
 PA_DEVICE bool WritesEmptyRows(const Params& p, const PartitionRange& r, int part) {
-  return p.ws_o == nullptr || (p.merge_counters != nullptr && r.ctx == 0 && part == 0);
+  return p.ws_o == nullptr ||
+         (kKernelMerge && p.merge_counters != nullptr && r.ctx == 0 && part == 0);
 }
 
 /*! \brief Zeros for the CTA's heads (a sequence with an empty context). */
@@ -2893,7 +2894,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   // K/V copy, so the merge CTAs cannot displace any of them). An unsplit launch, or one that
   // merges in the kernel, keeps the release at exit: its successor may be another attention
   // grid (pdl.cuh).
-  if (p.main_release && p.ws_o != nullptr && p.merge_counters == nullptr) PdlLaunchDependents();
+  if (p.main_release && p.ws_o != nullptr && (!kKernelMerge || p.merge_counters == nullptr)) {
+    PdlLaunchDependents();
+  }
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
   // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
   SyncThreads();
