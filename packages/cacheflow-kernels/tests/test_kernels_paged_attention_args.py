@@ -801,12 +801,13 @@ needs_library = pytest.mark.skipif(
 
 def _raw(args: dict[str, Any], scale: Any = 0.125, alibi: Any = None, max_ctx: int = 48,
          partition: int = 0, workspace: Any = None, window: int = 0, k_scale: float = 1.0,
-         v_scale: float = 1.0, soft_cap: float = 0.0, lse: Any = None) -> str:
+         v_scale: float = 1.0, soft_cap: float = 0.0, lse: Any = None,
+         merge_counters: Any = None) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
         get_function(OP)(*(args[n] for n in ORDER), scale, alibi, max_ctx, partition, workspace,
-                         window, k_scale, v_scale, soft_cap, lse)
+                         window, k_scale, v_scale, soft_cap, lse, merge_counters)
     return str(info.value)
 
 
@@ -868,6 +869,10 @@ def test_cpp_checks_scalars_and_optionals() -> None:
     assert "argument 'lse' must be float32" in \
         _raw(make_args(), lse=torch.ones(3, 4, dtype=torch.float16))
     assert "argument 'lse' must be of shape [3, 4]" in _raw(make_args(), lse=torch.ones(4, 3))
+    assert "argument 'merge_counters' must be int32, got float32" in \
+        _raw(make_args(), merge_counters=torch.zeros(12))
+    assert "argument 'merge_counters' must be at least num_seqs * num_heads = 12 elements, got 5" \
+        in _raw(make_args(), merge_counters=torch.zeros(5, dtype=torch.int32))
     # valid optionals pass the structural checks and stop at the device check
     assert "must be a CUDA tensor" in _raw(make_args(), alibi=torch.ones(4),
                                            workspace=torch.ones(3))
