@@ -58,8 +58,7 @@ KERNEL_WHEEL_INPUTS = ("csrc", "src", "CMakeLists.txt", "pyproject.toml", "READM
 # for its argument checks; no kernel runs). CACHEFLOW_CUDA_ARCHS overrides it.
 NO_GPU_ARCH = "90"
 # Environment variables that change what the kernel wheel's build compiles (CMakeLists.txt).
-KERNEL_BUILD_OPTIONS = ("CACHEFLOW_PA_LDSM_V", "CACHEFLOW_PA_FP8_F16_MMA", "CACHEFLOW_PA_TOKENS_M",
-                        "CACHEFLOW_PA_KERNEL_MERGE")
+KERNEL_BUILD_OPTIONS = ("CACHEFLOW_PA_LDSM_V", "CACHEFLOW_PA_FP8_F16_MMA", "CACHEFLOW_PA_TOKENS_M")
 KEEP_WHEELS = 4  # wheelhouse entries kept (newest first); older ones are deleted
 
 

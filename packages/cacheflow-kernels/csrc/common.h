@@ -17,7 +17,7 @@ namespace cacheflow {
  * \brief ABI version of the library; must equal cacheflow_kernels.ABI_VERSION. Bump it on any
  * breaking change of an exported function's signature or of a tensor layout.
  */
-constexpr int64_t kAbiVersion = 4;
+constexpr int64_t kAbiVersion = 5;
 
 using tvm::ffi::TensorView;
 

@@ -197,7 +197,7 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
                        int64_t partition_size, Optional<TensorView> workspace,
                        int64_t sliding_window, double k_scale, double v_scale,
                        double logits_soft_cap, Optional<TensorView> lse,
-                       Optional<TensorView> merge_counters, const FusedToken* fused) {
+                       const FusedToken* fused) {
   // Errors name the op the caller called.
   const char* const kOp =
       fused != nullptr ? "paged_attention_with_rotary_cache" : cacheflow::kOp;
@@ -241,17 +241,6 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
     CheckNdim(kOp, "workspace", *workspace, 1, "[num_elements]");
     TVM_FFI_CHECK(IsFloat32Dtype((*workspace).dtype()), ValueError)
         << CACHEFLOW_ARG_ERROR(kOp, "workspace") << "float32, got " << (*workspace).dtype();
-  }
-  if (merge_counters.has_value()) {
-    const TensorView& c = *merge_counters;
-    CheckNdim(kOp, "merge_counters", c, 1, "[num_counters]");
-    TVM_FFI_CHECK(IsInt32Dtype(c.dtype()), ValueError)
-        << CACHEFLOW_ARG_ERROR(kOp, "merge_counters") << "int32, got " << c.dtype();
-    TVM_FFI_CHECK(c.shape()[0] >= num_seqs * num_heads, ValueError)
-        << CACHEFLOW_ARG_ERROR(kOp, "merge_counters") << "at least num_seqs * num_heads = "
-        << num_seqs * num_heads << " elements, got " << c.shape()[0];
-    CheckContiguous(kOp, "merge_counters", c);
-    CheckSameDevice(kOp, "merge_counters", c, "query", query);
   }
 
   // -- Scalars.
@@ -335,10 +324,6 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   p.alibi_slopes =
       alibi_slopes.has_value() ? reinterpret_cast<const float*>(DataPtr(*alibi_slopes)) : nullptr;
   p.lse = lse.has_value() ? reinterpret_cast<float*>(DataPtr(*lse)) : nullptr;
-  // Split launches merge in their main kernel where that fits (InKernelMergeFits).
-  p.merge_counters = merge_counters.has_value() && p.num_partitions > 1
-                         ? reinterpret_cast<unsigned*>(DataPtr(*merge_counters))
-                         : nullptr;
   p.l2_prefetch_tiles = L2PrefetchTiles();
   if (fused != nullptr) {
     p.new_key = fused->key;
@@ -400,22 +385,16 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
  * \param logits_soft_cap > 0: scores become cap * tanh(score / cap); 0: none.
  * \param lse optional float32 [num_seqs, num_heads]: the natural log-sum-exp of each row's
  *        final scores (-inf for an empty context), for merging with attention over other keys.
- * \param merge_counters optional int32, at least num_seqs * num_heads elements, all zero (and
- *        left zero by the call): with it, in a build with CACHEFLOW_PA_KERNEL_MERGE, a split
- *        launch whose partials fit one round of loads per thread merges them in its main kernel
- *        (the last CTA of each sequence and head group to finish), without the combine kernel.
- *        Calls that may run concurrently need their own.
  */
 void PagedAttention(TensorView out, TensorView query, TensorView key_cache,
                     TensorView value_cache, TensorView block_tables, TensorView context_lens,
                     double scale, Optional<TensorView> alibi_slopes, int64_t max_context_len,
                     int64_t partition_size, Optional<TensorView> workspace,
                     int64_t sliding_window, double k_scale, double v_scale,
-                    double logits_soft_cap, Optional<TensorView> lse,
-                    Optional<TensorView> merge_counters) {
+                    double logits_soft_cap, Optional<TensorView> lse) {
   RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
                     alibi_slopes, max_context_len, partition_size, workspace, sliding_window,
-                    k_scale, v_scale, logits_soft_cap, lse, merge_counters, nullptr);
+                    k_scale, v_scale, logits_soft_cap, lse, nullptr);
 }
 
 /*! \brief Checks one of the new token's [num_seqs, num_kv_heads, head_size] rows (key, value);
@@ -459,8 +438,8 @@ void CheckNewTokenIndex(const char* op, const char* name, const TensorView& t,
  * `cos_sin_cache` [max_position, head_size] float32, cos | sin; None: no rotary), stores key and
  * value at `slot_mapping` (negative or past the cache: not stored; FP8 caches: key / k_scale,
  * value / v_scale) and attends over the cache with that slot included. Query, key and value are
- * not modified. partition_size, workspace and merge_counters as for paged_attention (a split
- * launch: the partition holding the new position stores it).
+ * not modified. partition_size and workspace as for paged_attention (a split launch: the
+ * partition holding the new position stores it).
  * \return false, having launched nothing, where the launch would not have one pipelined CTA per
  * (sequence, KV head, partition): several query head groups per KV head, a float32 query, or a
  * device where the pipelined kernel does not fit.
@@ -473,7 +452,7 @@ bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView 
                                    Optional<TensorView> alibi_slopes, int64_t max_context_len,
                                    int64_t partition_size, Optional<TensorView> workspace,
                                    int64_t sliding_window, double k_scale, double v_scale,
-                                   double logits_soft_cap, Optional<TensorView> merge_counters) {
+                                   double logits_soft_cap) {
   constexpr const char* op = "paged_attention_with_rotary_cache";
   const DLDataType dt = query.dtype();
   TVM_FFI_CHECK((dt.code == kDLFloat || dt.code == kDLBfloat) && dt.bits == 16 && dt.lanes == 1,
@@ -506,7 +485,7 @@ bool PagedAttentionWithRotaryCache(TensorView out, TensorView query, TensorView 
   return RunPagedAttention(out, query, key_cache, value_cache, block_tables, context_lens, scale,
                            alibi_slopes, max_context_len, partition_size, workspace,
                            sliding_window, k_scale, v_scale, logits_soft_cap,
-                           Optional<TensorView>(), merge_counters, &fused);
+                           Optional<TensorView>(), &fused);
 }
 
 /*! \brief Number of multiprocessors of CUDA device `device_id` (the split-K heuristic's input). */
@@ -517,10 +496,6 @@ int64_t SmCount(int64_t device_id) {
   return count;
 }
 
-/*! \brief Whether split launches may merge in their main kernel (built with
- * CACHEFLOW_PA_KERNEL_MERGE=1): the merge_counters argument is used, else ignored. */
-bool KernelMergeBuilt() { return paged_attention::kKernelMerge; }
-
 }  // namespace
 }  // namespace cacheflow
 
@@ -528,4 +503,3 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention, cacheflow::PagedAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_with_rotary_cache,
                               cacheflow::PagedAttentionWithRotaryCache);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_sm_count, cacheflow::SmCount);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_kernel_merge, cacheflow::KernelMergeBuilt);

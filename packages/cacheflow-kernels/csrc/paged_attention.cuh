@@ -21,10 +21,9 @@
 // each keeping its own online-softmax state (running max, running sum, fp32 output); the four
 // states are merged through shared memory at the end. With one partition per sequence the CTA
 // writes `out` directly; with several (split-K, for long contexts and few sequences) each CTA
-// writes its normalized partial output, max and sum to the workspace, and the partitions are
-// merged by a second kernel (or, in builds with CACHEFLOW_PA_KERNEL_MERGE, by the last of their
-// CTAs to finish where the partials fit one round of loads: MergeIfLast). Grid: x = KV head *
-// head groups (fastest, so CTAs sharing K/V run together), y = sequence, z = partition.
+// writes its normalized partial output, max and sum to the workspace and a second kernel merges
+// the partitions. Grid: x = KV head * head groups (fastest, so CTAs sharing K/V run together),
+// y = sequence, z = partition.
 //
 // float16/bfloat16 use mma.sync (sm_80+) with the query heads as the 16 rows of the MMA (rows
 // past the group size are zero):
@@ -115,11 +114,6 @@ PA_DEVICE float MulRn(float a, float b) { return __fmul_rn(a, b); }
  * (fused launches: the new token's K/V stores before the barrier after which the CTA's own
  * cp.async copies read them back). */
 PA_DEVICE void FenceDevice() { __threadfence(); }
-/*! \brief atomicInc: the old value; the counter wraps to 0 after `limit`. */
-PA_DEVICE unsigned AtomicInc(unsigned* ptr, unsigned limit) { return atomicInc(ptr, limit); }
-// Loads cached in L2 only (what other CTAs of this grid wrote: never from a stale L1 line).
-PA_DEVICE uint4 LoadL2x16(const float* ptr) { return __ldcg(reinterpret_cast<const uint4*>(ptr)); }
-PA_DEVICE float LoadL2F32(const float* ptr) { return __ldcg(ptr); }
 /*! \brief x as an FP8 E4M3 byte: round to nearest even, saturating at +-448 (what an FP8 KV cache
  * stores; rotary_embedding_with_cache's and reshape_and_cache's conversion). */
 PA_DEVICE uint32_t FloatToFp8(float x) {
@@ -416,10 +410,6 @@ struct Params {
   float* ws_l;                // [num_seqs, num_heads, num_partitions] sum of exp2(s - max)
   float* lse;                 // [num_seqs, num_heads] natural log-sum-exp of the final scores
                               // (-inf for an empty context); nullptr: not written
-  unsigned* merge_counters;   // split launches: arrival counters, one per (sequence, CTA column),
-                              // zero before the launch and left zero; non-null: the last CTA of
-                              // each merges the partitions itself (MergeIfLast), no combine
-                              // kernel; set by the dispatch only where InKernelMergeFits
   float scale_log2;           // softmax scale * k_scale * log2(e)
   float v_scale;              // multiplies the output (the V dequantization scale; 1 unless fp8)
   float soft_cap_log2;        // logits soft cap * log2(e); 0: no soft-capping
@@ -782,142 +772,8 @@ PA_DEVICE void StoreOut4(T* dst, const float4& v) {
   }
 }
 
-// ------------------------------------------------------------------------------------------
-// In-kernel split merge. Where a split launch's partials are few enough for one CTA to read them
-// in a single round of loads (InKernelMergeFits), the combine kernel is not launched: each CTA
-// counts its arrival on its (sequence, CTA column) counter after writing its partial, and the
-// last to arrive (atomicInc wraps the counter back to 0 for the next launch) merges the
-// partitions of its query heads into `out` and `lse`. That saves the second kernel's launch and
-// its wait for the whole main grid, the fixed cost that bounds short split calls.
-
-// Built only with CACHEFLOW_PA_KERNEL_MERGE=1 (CMake, or the environment variable at build time):
-// on an H100 (2026-12-06) it took 0.996-1.002x the combine kernel's time, so it is off; without
-// it every split launch uses the combine kernel and the merge counters are ignored.
-#ifndef CACHEFLOW_PA_KERNEL_MERGE
-#define CACHEFLOW_PA_KERNEL_MERGE 0
-#endif
-constexpr bool kKernelMerge = CACHEFLOW_PA_KERNEL_MERGE != 0;
-
-/*! \brief Loads of partial rows one thread of the merging CTA keeps in flight (the bound of
- * InKernelMergeFits). */
-constexpr int kMergeLoads = 16;
-
-/*! \brief Whether a split launch with `p` (p.rows query heads per CTA, `threads` per CTA, head
- * size `d`) merges in the kernel: counters given, 16-byte aligned partials, and every thread's
- * share of the rows x partitions at most kMergeLoads 16-byte loads. */
-inline bool InKernelMergeFits(const Params& p, int d, int threads) {
-  if (!kKernelMerge || p.merge_counters == nullptr || p.num_partitions <= 1) return false;
-  if (((reinterpret_cast<uintptr_t>(p.ws_o) | reinterpret_cast<uintptr_t>(p.out)) & 15u) != 0) {
-    return false;
-  }
-  const int items = p.rows * (d / 4);
-  const int per_thread = (items + threads - 1) / threads;
-  return int64_t{per_thread} * p.num_partitions <= kMergeLoads;
-}
-
-/*! \brief A merging thread's walk over its loads: load k is partition `first + i` of item
- * `item` (items t, t + kThreadsCta, ...; an item is four dims of one query head). */
-template <int D, int kThreadsCta>
-struct MergeWalk {
-  int item;
-  int i;
-  int n;
-  PA_DEVICE int Row() const { return item / (D / 4); }
-  PA_DEVICE int Dim() const { return 4 * (item - Row() * (D / 4)); }
-  /*! \brief To the next load; true where it finished an item (its last partition). */
-  PA_DEVICE bool Next() {
-    if (++i < n) return false;
-    i = 0;
-    item += kThreadsCta;
-    return true;
-  }
-};
-
-/*!
- * \brief The in-kernel merge (see above), called by every thread of a split CTA that saw tokens
- * once its partial is written. `scratch`: the CTA's merge buffer (shared, free by now).
- */
-template <typename T, int D, int kThreadsCta>
-PA_DEVICE void MergeIfLast(const Params& p, float* scratch, int rows_valid, int head0, int seq) {
-  const int ctx = ClampedContext(p, seq);  // > 0: this CTA saw tokens
-  const int first = WindowStart(p, ctx) / p.partition_size;
-  const int n = IMin((ctx - 1) / p.partition_size, p.num_partitions - 1) - first + 1;
-  int* last = reinterpret_cast<int*>(scratch);
-  FenceDevice();  // this thread's partial stores before the arrival
-  SyncThreads();  // every thread's, and the merge buffer's last reads
-  if (threadIdx.x == 0) {
-    const int slot = seq * p.num_kv_heads * p.head_groups + static_cast<int>(blockIdx.x);
-    const unsigned old = AtomicInc(p.merge_counters + slot, static_cast<unsigned>(n - 1));
-    FenceDevice();  // the other CTAs' partials, seen through the counter, before the loads
-    *last = old == static_cast<unsigned>(n - 1) ? 1 : 0;
-  }
-  SyncThreads();
-  if (*last == 0) return;
-
-  // Every load of partial rows (MergeWalk) is issued before the weights are formed.
-  const int items = rows_valid * (D / 4);
-  const int per_thread = (items - static_cast<int>(threadIdx.x) + kThreadsCta - 1) / kThreadsCta;
-  const int loads = IMax(per_thread, 0) * n;  // <= kMergeLoads (InKernelMergeFits)
-  const int64_t row0 = static_cast<int64_t>(seq) * p.num_heads + head0;
-  uint4 v[kMergeLoads];
-  MergeWalk<D, kThreadsCta> walk{static_cast<int>(threadIdx.x), 0, n};
-#pragma unroll
-  for (int k = 0; k < kMergeLoads; ++k) {
-    if (k < loads) {
-      v[k] = LoadL2x16(p.ws_o + ((row0 + walk.Row()) * p.num_partitions + first + walk.i) * D +
-                       walk.Dim());
-      walk.Next();
-    }
-  }
-  // Statistics: m and l of (row j / n, partition j % n) at scratch[4 + j], then weights there.
-  float* wm = scratch + 4;
-  float* wl = wm + rows_valid * n;
-  float* inv = wl + rows_valid * n;
-  for (int j = threadIdx.x; j < rows_valid * n; j += kThreadsCta) {
-    const int row = j / n;
-    const int64_t idx = (row0 + row) * p.num_partitions + first + (j - row * n);
-    wm[j] = LoadL2F32(p.ws_m + idx);
-    wl[j] = LoadL2F32(p.ws_l + idx);
-  }
-  SyncThreads();
-  if (static_cast<int>(threadIdx.x) < rows_valid) {
-    const int r = threadIdx.x;
-    float m = kNegInf;
-    for (int i = 0; i < n; ++i) m = fmaxf(m, wm[r * n + i]);
-    float total = 0.f;
-    for (int i = 0; i < n; ++i) {
-      const float w = wl[r * n + i] * FastExp2(wm[r * n + i] - m);
-      wl[r * n + i] = w;
-      total += w;
-    }
-    inv[r] = total > 0.f ? 1.f / total : 0.f;
-    if (p.lse != nullptr) StoreGlobal(p.lse + row0 + r, LogSumExp(m, total));
-  }
-  SyncThreads();
-  T* out = static_cast<T*>(p.out) + row0 * D;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  walk = MergeWalk<D, kThreadsCta>{static_cast<int>(threadIdx.x), 0, n};
-#pragma unroll
-  for (int k = 0; k < kMergeLoads; ++k) {
-    if (k < loads) {
-      const int row = walk.Row();
-      const float w = wl[row * n + walk.i];
-      acc.x = fmaf(w, AsFloat(v[k].x), acc.x);
-      acc.y = fmaf(w, AsFloat(v[k].y), acc.y);
-      acc.z = fmaf(w, AsFloat(v[k].z), acc.z);
-      acc.w = fmaf(w, AsFloat(v[k].w), acc.w);
-      const int dim = walk.Dim();
-      if (walk.Next()) {
-        const float s = inv[row];
-        StoreOut4(out + row * D + dim, make_float4(acc.x * s, acc.y * s, acc.z * s, acc.w * s));
-        acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-  }
-}
-
 template <typename T, int D, int kW = kWarps>
-PA_DEVICE void FinishPartition(const Params& p, float* so, const Stats& st, int rows_valid,
+PA_DEVICE void FinishPartition(const Params& p, const float* so, const Stats& st, int rows_valid,
                                int head0, int seq, int part) {
   const int tid = threadIdx.x;
   const bool split = p.ws_o != nullptr;
@@ -993,22 +849,9 @@ PA_DEVICE void FinishPartition(const Params& p, float* so, const Stats& st, int 
       }
     }
   }
-  if constexpr (kKernelMerge) {
-    if (split && p.merge_counters != nullptr) {
-      MergeIfLast<T, D, 32 * kW>(p, so, rows_valid, head0, seq);
-    }
-  }
 }
 
-/*! \brief Whether a CTA whose partition has no tokens writes its heads' zeros (WriteZeros): in
- * an unsplit launch, and in a split launch that merges in the kernel for an empty context (the
- * partition-0 CTA; otherwise the combine kernel writes them). */
-PA_DEVICE bool WritesEmptyRows(const Params& p, const PartitionRange& r, int part) {
-  return p.ws_o == nullptr ||
-         (kKernelMerge && p.merge_counters != nullptr && r.ctx == 0 && part == 0);
-}
-
-/*! \brief Zeros for the CTA's heads (a sequence with an empty context). */
+/*! \brief Zeros for the CTA's heads (a sequence with an empty context, unsplit launch). */
 template <typename T, int D, int kW = kWarps>
 PA_DEVICE void WriteZeros(const Params& p, int rows_valid, int head0, int seq) {
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(seq) * p.num_heads + head0) * D;
@@ -1583,7 +1426,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, MmaMinBlocks<D>())
 
   const PartitionRange r = GetRange(p, seq, part);
   if (r.num_tiles == 0) {
-    if (WritesEmptyRows(p, r, part)) WriteZeros<T, D>(p, rows_valid, head0, seq);
+    if (p.ws_o == nullptr) WriteZeros<T, D>(p, rows_valid, head0, seq);
     return;
   }
 
@@ -2686,7 +2529,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
       SyncThreads();
       StoreNewToken<T, C, D, kW>(p, seq, kvh, at, cs, tid);
     }
-    if (WritesEmptyRows(p, r, part)) WriteZeros<T, D, kW>(p, rows_valid, head0, seq);
+    if (p.ws_o == nullptr) WriteZeros<T, D, kW>(p, rows_valid, head0, seq);
     return;
   }
 
@@ -2891,12 +2734,9 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(32 * kW, (MmaMinBlocks<D, kRT>() * kWarps / kW))
   }
   // A split launch's successor is its merge kernel: releasing it here lets its CTAs be placed
   // while this grid's CTAs merge their warps and write their partials (each CTA is past its last
-  // K/V copy, so the merge CTAs cannot displace any of them). An unsplit launch, or one that
-  // merges in the kernel, keeps the release at exit: its successor may be another attention
-  // grid (pdl.cuh).
-  if (p.main_release && p.ws_o != nullptr && (!kKernelMerge || p.merge_counters == nullptr)) {
-    PdlLaunchDependents();
-  }
+  // K/V copy, so the merge CTAs cannot displace any of them). An unsplit launch keeps the
+  // release at exit: its successor may be another attention grid (pdl.cuh).
+  if (p.main_release && p.ws_o != nullptr) PdlLaunchDependents();
   CpAsyncWait(0);  // only empty groups can be pending; the ring becomes the merge buffer
   // ---- Per-warp state to shared memory (Q and the ring are dead: reuse their space).
   SyncThreads();
@@ -2943,7 +2783,7 @@ PA_GLOBAL void PA_LAUNCH_BOUNDS(kThreads, 1) PagedAttentionSimtKernel(const Para
 
   const PartitionRange r = GetRange(p, seq, part);
   if (r.num_tiles == 0) {
-    if (WritesEmptyRows(p, r, part)) WriteZeros<float, D>(p, rows_valid, head0, seq);
+    if (p.ws_o == nullptr) WriteZeros<float, D>(p, rows_valid, head0, seq);
     return;
   }
 
@@ -3485,16 +3325,6 @@ Dispatched RunTwoRowTiles(Params& p, Launcher& launch) {
  */
 template <typename T, typename C, int D, typename Launcher>
 bool RunHeadSize(Params p, Launcher& launch) {
-  // The main kernel keeps the merge counters only where its CTAs can merge the partitions
-  // themselves (InKernelMergeFits); otherwise the combine kernel follows it.
-  bool merged = false;
-  auto launch_main = [&launch, &merged](auto kernel, const GridDims& grid, int threads,
-                                        size_t smem, const Params& q) {
-    Params m = q;
-    if (!InKernelMergeFits(m, D, threads)) m.merge_counters = nullptr;
-    merged = m.merge_counters != nullptr;
-    launch(kernel, grid, threads, smem, m);
-  };
   const bool fused = p.new_key != nullptr;
   if (fused && std::is_same<T, float>::value) return false;
   if constexpr (std::is_same<T, float>::value) {
@@ -3507,11 +3337,11 @@ bool RunHeadSize(Params p, Launcher& launch) {
                         static_cast<unsigned>(p.num_seqs),
                         static_cast<unsigned>(p.num_partitions)};
     if (rows == 1) {
-      launch_main(PagedAttentionSimtKernel<C, D, 1>, grid, kThreads, smem, p);
+      launch(PagedAttentionSimtKernel<C, D, 1>, grid, kThreads, smem, p);
     } else {
-      launch_main(PagedAttentionSimtKernel<C, D, kSimtRows>, grid, kThreads, smem, p);
+      launch(PagedAttentionSimtKernel<C, D, kSimtRows>, grid, kThreads, smem, p);
     }
-  } else if (const Dispatched two_rows = RunTwoRowTiles<T, C, D>(p, launch_main);
+  } else if (const Dispatched two_rows = RunTwoRowTiles<T, C, D>(p, launch);
              two_rows != Dispatched::kNotTaken) {
     // CTAs of 32 query heads (the combine, if split, follows below).
     if (two_rows == Dispatched::kDeclined) return false;
@@ -3535,11 +3365,11 @@ bool RunHeadSize(Params p, Launcher& launch) {
                          ? 2
                          : 1;
       if (p.step_tiles == 2) {
-        if (!RunWideCtas<T, C, D>(p, asked_stages, grid, launch_main)) {
-          LaunchPairSteps<T, C, D, kWarps>(p, grid, launch_main);
+        if (!RunWideCtas<T, C, D>(p, asked_stages, grid, launch)) {
+          LaunchPairSteps<T, C, D, kWarps>(p, grid, launch);
         }
       } else {
-        launch_main(PagedAttentionPipeKernel<T, C, D, false>, grid, kThreads,
+        launch(PagedAttentionPipeKernel<T, C, D, false>, grid, kThreads,
                PipeSmemBytes<C, D>(p.stages, p.rows), p);
       }
     } else {
@@ -3547,10 +3377,10 @@ bool RunHeadSize(Params p, Launcher& launch) {
       p.stages = kStagesRegister;
       const size_t smem = kStatsSmemBytes + std::max<size_t>(MmaShape<D>::kQSmemBytes,
                                                              MergeSmemBytes(D, p.rows));
-      launch_main(PagedAttentionMmaKernel<T, C, D>, grid, kThreads, smem, p);
+      launch(PagedAttentionMmaKernel<T, C, D>, grid, kThreads, smem, p);
     }
   }
-  if (p.num_partitions > 1 && !merged) {
+  if (p.num_partitions > 1) {
     const GridDims grid{static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.num_seqs), 1};
     // Rows in slots need 16-byte aligned partials: a workspace view at an odd offset reads
     // columns (each partition's row starts a multiple of 64 bytes after p.ws_o).

@@ -368,9 +368,8 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     (call,) = rec.calls
     assert list(call[:6]) == [args[n] for n in ORDER]
     # scale, alibi, max_context_len (default: 3 blocks * 16), partition (no split), workspace,
-    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none), lse (None), merge
-    # counters (None: not split)
-    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0, None, None)
+    # sliding window (0: none), k_scale, v_scale, logits soft cap (0: none), lse (None)
+    assert call[6:] == (0.25, alibi, 48, 0, None, 0, 1.0, 1.0, 0.0, None)
 
 
 def test_fp8_caches_scales_and_soft_cap_reach_the_library(
@@ -382,7 +381,7 @@ def test_fp8_caches_scales_and_soft_cap_reach_the_library(
         args[name] = FakeCuda(torch.zeros(args[name].shape, dtype=torch.float8_e4m3fn))
     _call(args, k_scale=0.5, v_scale=0.125, logits_soft_cap=30.0)
     (call,) = rec.calls
-    assert call[-5:] == (0.5, 0.125, 30.0, None, None)
+    assert call[-4:] == (0.5, 0.125, 30.0, None)
     with pytest.raises(ValueError, match="argument 'logits_soft_cap' must be None or a finite"):
         _call(args, logits_soft_cap=-1.0)
     with pytest.raises(ValueError, match="argument 'v_scale' must be a finite number > 0"):
@@ -390,13 +389,8 @@ def test_fp8_caches_scales_and_soft_cap_reach_the_library(
 
 
 def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A split call gets the workspace it was given and the stream's merge counters."""
     rec = Recorder()
     monkeypatch.setattr(_attention_ops, "get_function", rec)
-    counters = object()
-    asked = []
-    monkeypatch.setattr(_attention_ops, "_merge_counter_buffer",
-                        lambda device, need: asked.append((device, need)) or counters)
     args = _cuda(make_args(num_seqs=1, max_blocks=64, num_blocks=70))  # 1024 tokens
     need = 1 * 4 * 4 * (64 + 2)  # 4 partitions of 256
     assert cacheflow_kernels.paged_attention_workspace_size(
@@ -406,15 +400,7 @@ def test_split_needs_a_large_enough_workspace(monkeypatch: pytest.MonkeyPatch) -
     ws = FakeCuda(torch.empty(need))
     _call(args, partition_size=256, workspace=ws, sliding_window=100)
     (call,) = rec.calls
-    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0, None, counters)
-    assert asked == [(0, 1 * 4)]  # num_seqs * num_heads counters on device 0
-
-
-def test_merge_counters_off_with_combine_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CACHEFLOW_PA_MERGE=combine: split calls get no merge counters (the combine kernel),
-    without touching torch.cuda."""
-    monkeypatch.setenv(_attention_ops.MERGE_ENV, "combine")
-    assert _attention_ops._merge_counter_buffer(0, 64) is None
+    assert call[6:] == (0.125, None, 1024, 256, ws, 100, 1.0, 1.0, 0.0, None)
 
 
 def test_unsplit_call_passes_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -801,13 +787,12 @@ needs_library = pytest.mark.skipif(
 
 def _raw(args: dict[str, Any], scale: Any = 0.125, alibi: Any = None, max_ctx: int = 48,
          partition: int = 0, workspace: Any = None, window: int = 0, k_scale: float = 1.0,
-         v_scale: float = 1.0, soft_cap: float = 0.0, lse: Any = None,
-         merge_counters: Any = None) -> str:
+         v_scale: float = 1.0, soft_cap: float = 0.0, lse: Any = None) -> str:
     from cacheflow_kernels._lib import get_function
 
     with pytest.raises(ValueError) as info:
         get_function(OP)(*(args[n] for n in ORDER), scale, alibi, max_ctx, partition, workspace,
-                         window, k_scale, v_scale, soft_cap, lse, merge_counters)
+                         window, k_scale, v_scale, soft_cap, lse)
     return str(info.value)
 
 
@@ -869,10 +854,6 @@ def test_cpp_checks_scalars_and_optionals() -> None:
     assert "argument 'lse' must be float32" in \
         _raw(make_args(), lse=torch.ones(3, 4, dtype=torch.float16))
     assert "argument 'lse' must be of shape [3, 4]" in _raw(make_args(), lse=torch.ones(4, 3))
-    assert "argument 'merge_counters' must be int32, got float32" in \
-        _raw(make_args(), merge_counters=torch.zeros(12))
-    assert "argument 'merge_counters' must be at least num_seqs * num_heads = 12 elements, got 5" \
-        in _raw(make_args(), merge_counters=torch.zeros(5, dtype=torch.int32))
     # valid optionals pass the structural checks and stop at the device check
     assert "must be a CUDA tensor" in _raw(make_args(), alibi=torch.ones(4),
                                            workspace=torch.ones(3))

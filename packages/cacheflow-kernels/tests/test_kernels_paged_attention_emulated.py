@@ -67,9 +67,6 @@ _HELPERS: dict[str, tuple[Any, list[Any]]] = {
     "tokens_m": (ctypes.c_int, []),
     "main_tokens_m": (ctypes.c_int, []),
     "movmatrix": (None, [ctypes.c_void_p] * 2),
-    "set_merge_counters": (None, [ctypes.c_void_p, ctypes.c_int64]),
-    "last_merged": (ctypes.c_int, []),
-    "kernel_merge": (ctypes.c_int, []),
 }
 
 
@@ -110,8 +107,8 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_default_build_options(emu: Any) -> None:
     """The GPU-measured defaults: CACHEFLOW_PA_FP8_F16_MMA and CACHEFLOW_PA_TOKENS_M on,
-    CACHEFLOW_PA_LDSM_V and CACHEFLOW_PA_KERNEL_MERGE off, unless the build asks otherwise."""
-    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m(), emu.kernel_merge()) == (0, 1, 1, 0)
+    CACHEFLOW_PA_LDSM_V off, unless the build asks otherwise."""
+    assert (emu.ldsm_v(), emu.fp8_f16_mma(), emu.tokens_m()) == (0, 1, 1)
 
 
 H100_SMEM = (233472, 232448)  # shared memory per SM and per CTA (opt-in), bytes
@@ -171,13 +168,12 @@ def run_emulated(
     emu: Any, case: dict[str, Any], *, partition_size: int = 0,
     max_context_len: int | None = None, sliding_window: int = 0,
     k_scale: float = 1.0, v_scale: float = 1.0, logits_soft_cap: float = 0.0,
-    lse: Any = None, workspace_offset: int = 0, counters: Any = None,
+    lse: Any = None, workspace_offset: int = 0,
 ) -> int:
     """Runs the op on the case's CPU tensors (writes case['out'], and ``lse`` when given: float32
     [num_seqs, num_heads]); returns num_partitions. float8_e4m3fn caches are dequantized with
     ``k_scale`` / ``v_scale``. The workspace starts ``workspace_offset`` floats into its
-    allocation (1: not 16-byte aligned). ``counters``: int32 merge counters (zero) given to the
-    launch (Params::merge_counters), else none."""
+    allocation (1: not 16-byte aligned)."""
     q, kc = case["query"], case["key_cache"]
     num_seqs, num_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, _ = kc.shape
@@ -194,14 +190,9 @@ def run_emulated(
     parts = emu(dtype, None, None, None, None, None, None, None, None, 0, *plan,
                 ctypes.byref(need), *scales, None)
     ws = torch.full((max(need.value, 1) + workspace_offset,), float("nan"))[workspace_offset:]
-    emu.set_merge_counters(_ptr(counters), 0 if counters is None else counters.numel())
-    try:
-        ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
-                  _ptr(case["block_tables"]), _ptr(case["context_lens"]),
-                  _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales,
-                  _ptr(lse))
-    finally:
-        emu.set_merge_counters(None, 0)
+    ran = emu(dtype, _ptr(case["out"]), _ptr(q), _ptr(kc), _ptr(case["value_cache"]),
+              _ptr(case["block_tables"]), _ptr(case["context_lens"]),
+              _ptr(case["alibi_slopes"]), _ptr(ws), need.value, *plan, None, *scales, _ptr(lse))
     assert ran == parts
     assert parts >= 1
     return parts
@@ -952,132 +943,6 @@ def test_strided_query_rows(emu: Any, kind: str, head_size: int, heads: tuple[in
     stride = _strided_query(case, 2 * heads[1])
     emu.set_layout(DEFAULT_CTA_ROWS, stride, 0)
     check(emu, case, partition_size=64)
-
-
-# ---- The in-kernel split merge (Params::merge_counters, MergeIfLast).
-
-MERGE_LOADS = 16  # kMergeLoads
-
-
-@pytest.fixture(scope="module")
-def _merge_build(emu: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return emu if emu.kernel_merge() else build_emulator(
-        tmp_path_factory, "-DCACHEFLOW_PA_KERNEL_MERGE=1")
-
-
-@pytest.fixture
-def emu_merge(_merge_build: Any) -> Any:
-    """The kernels built with the in-kernel split merge (CACHEFLOW_PA_KERNEL_MERGE=1), in the
-    default configuration for each test."""
-    def reset() -> None:
-        configure(_merge_build)
-        set_step(_merge_build)
-        _merge_build.set_layout(DEFAULT_CTA_ROWS, 0, 0)
-        _merge_build.set_cta_order(0)
-        _merge_build.set_wide_warps(0)
-        _merge_build.set_half_wide(0)
-
-    reset()
-    yield _merge_build
-    reset()
-
-
-def merge_fits(rows: int, head_size: int, warps: int, parts: int) -> bool:
-    """InKernelMergeFits for aligned buffers: each thread's share of rows x head_size / 4 items
-    times the partitions, at most MERGE_LOADS loads."""
-    items = rows * head_size // 4
-    return -(-items // (32 * warps)) * parts <= MERGE_LOADS
-
-
-# (kind, head_size, heads, ctx_lens, partition, window, cta_rows): MQA in 16-row CTAs, GQA-4 with
-# tokens on M, MHA over FP8, the float32 kernel (3 rows) with a window, 32-row CTAs (24 heads:
-# two row tiles), GQA-8 at head size 112 with ALiBi and a window, head size 256; empty contexts.
-MERGE_CASES = [
-    ("float16", 128, (16, 1), [300, 0, 190, 5], 128, 0, 16),
-    ("bfloat16", 64, (8, 2), [700, 64, 0, 129, 1], 64, 0, 0),
-    ("fp8-float16", 128, (4, 4), [1000, 33, 0], 128, 0, 0),
-    ("float32", 80, (9, 3), [260, 31, 0], 64, 33, 0),
-    ("fp8-bfloat16", 96, (48, 2), [150, 77], 64, 0, 0),
-    ("bfloat16", 112, (8, 1), [300, 31, 8, 129], 64, 100, 0),
-    ("float16", 256, (4, 2), [90, 13, 0], 64, 0, 0),
-]
-
-
-@pytest.mark.parametrize("reverse", [0, 1], ids=["forward", "reverse"])
-@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "partition", "window",
-                          "cta_rows"), MERGE_CASES,
-                         ids=[f"{c[0]}-d{c[1]}-h{c[2][0]}kv{c[2][1]}" for c in MERGE_CASES])
-def test_in_kernel_merge_matches_oracle_and_combine(
-    emu_merge: Any, reverse: int, kind: str, head_size: int, heads: tuple[int, int],
-    ctx_lens: list[int], partition: int, window: int, cta_rows: int,
-) -> None:
-    """Split launches given merge counters merge in their main kernel where the partials fit one
-    round of loads (no combine launch): the output and log-sum-exp match the oracle (zeros and
-    -inf for empty contexts) and the combine kernel's, whichever partition's CTA runs last
-    (CTAs in both orders), and every counter is back at zero for the next launch."""
-    emu_merge.set_layout(cta_rows, 0, 0)
-    emu_merge.set_cta_order(reverse)
-    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
-                                         seed=90 + head_size, alibi=window > 0)
-    max_ctx = max(ctx_lens)
-    counters = torch.zeros(case["query"].shape[0] * heads[0], dtype=torch.int32)
-    parts = _check_pipeline(emu_merge, case, scales, dtype, f"{kind} merged in the kernel",
-                            sliding_window=window, partition_size=partition,
-                            max_context_len=max_ctx, counters=counters)
-    assert parts == -(-max_ctx // partition) > 1
-    assert merge_fits(emu_merge.last_rows(), head_size, emu_merge.main_warps(), parts)
-    assert emu_merge.last_merged() == 1
-    assert torch.count_nonzero(counters) == 0
-    merged = case["out"].clone()
-    case["out"].fill_(float("nan"))
-    _check_pipeline(emu_merge, case, scales, dtype, f"{kind} combine kernel", sliding_window=window,
-                    partition_size=partition, max_context_len=max_ctx)
-    assert emu_merge.last_merged() == 0
-    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
-    torch.testing.assert_close(merged.float(), case["out"].float(), rtol=tol, atol=tol)
-
-
-def test_in_kernel_merge_only_where_it_fits(emu_merge: Any) -> None:
-    """Too many partitions for one round of loads (MQA, 16 heads x head size 128 x 18
-    partitions): the combine kernel merges, the counters stay untouched; two partitions of the
-    same shape merge in the kernel."""
-    emu_merge.set_layout(16, 0, 0)
-    case = make_case([1100, 40], num_heads=16, num_kv_heads=1, head_size=128, seed=95)
-    counters = torch.zeros(32, dtype=torch.int32)
-    assert check(emu_merge, case, partition_size=64, max_context_len=1100,
-                 counters=counters) == 18
-    assert not merge_fits(16, 128, 4, 18)
-    assert emu_merge.last_merged() == 0
-    assert torch.count_nonzero(counters) == 0
-    assert check(emu_merge, case, partition_size=576, max_context_len=1100,
-                 counters=counters) == 2
-    assert emu_merge.last_merged() == 1
-    assert torch.count_nonzero(counters) == 0
-
-
-def test_default_build_ignores_merge_counters(emu: Any) -> None:
-    """Without CACHEFLOW_PA_KERNEL_MERGE the counters are ignored: the combine kernel merges a
-    split that would fit, and no counter moves."""
-    emu.set_layout(16, 0, 0)
-    case = make_case([1100, 40], num_heads=16, num_kv_heads=1, head_size=128, seed=95)
-    counters = torch.zeros(32, dtype=torch.int32)
-    assert check(emu, case, partition_size=576, max_context_len=1100, counters=counters) == 2
-    assert emu.last_merged() == 0
-    assert torch.count_nonzero(counters) == 0
-
-
-def test_in_kernel_merge_all_contexts_empty(emu_merge: Any) -> None:
-    """No partition sees a token: the partition-0 CTAs write zeros and -inf; no CTA arrives."""
-    case = make_case([0, 0, 0], num_heads=8, num_kv_heads=2, head_size=64, seed=96,
-                     max_blocks_per_seq=16)
-    case["out"].fill_(float("nan"))
-    lse = torch.full((3, 8), float("nan"))
-    counters = torch.zeros(24, dtype=torch.int32)
-    parts = run_emulated(emu_merge, case, partition_size=64, max_context_len=256, lse=lse,
-                         counters=counters)
-    assert parts == 4 and emu_merge.last_merged() == 1
-    assert (case["out"] == 0).all() and torch.isneginf(lse).all()
-    assert torch.count_nonzero(counters) == 0
 
 
 # ---- The decode calls of sanitizer_sweep.py (sweep_paged_attention) and the combine kernel's

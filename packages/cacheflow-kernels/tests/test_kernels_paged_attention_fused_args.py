@@ -69,7 +69,7 @@ def test_valid_arguments_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> N
     assert list(call[:11]) == [args[n] for n in ORDER]
     # is_neox, scale, alibi, max_context_len, partition (no split), workspace, sliding window,
     # k_scale, v_scale, soft cap
-    assert call[11:] == (False, 0.125, None, 40, 0, None, 16, 1.0, 1.0, 0.0, None)
+    assert call[11:] == (False, 0.125, None, 40, 0, None, 16, 1.0, 1.0, 0.0)
 
 
 def test_declined_by_the_kernel_library(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,12 +81,9 @@ def test_declined_by_the_kernel_library(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_split_plans_pass_partitions_and_a_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
     """One sequence with a 32k context is split (the wave plan) as paged_attention would split
-    it; a given workspace is checked for size, else one is allocated; split calls get the
-    stream's merge counters."""
+    it; a given workspace is checked for size, else one is allocated."""
     rec = Recorder()
     monkeypatch.setattr(_attention_ops, "get_function", rec)
-    counters = object()
-    monkeypatch.setattr(_attention_ops, "_merge_counter_buffer", lambda device, need: counters)
     args = fused_args(num_seqs=1, max_blocks=2048, num_blocks=2048)
     size, parts = _attention_ops.plan_partitions(1, 4, 2, 32768, 132, head_size=64)
     assert parts > 1
@@ -96,13 +93,10 @@ def test_split_plans_pass_partitions_and_a_workspace(monkeypatch: pytest.MonkeyP
     ws = FakeCuda(torch.empty(need))
     assert _call(args, max_context_len=32768, workspace=ws) is True
     assert rec.calls[-1][15:17] == (size, ws)
-    assert rec.calls[-1][-1] is counters
     assert _call(args, max_context_len=200) is True  # a short context is not split
     assert rec.calls[-1][15:17] == (0, None)
-    assert rec.calls[-1][-1] is None
     assert _call(args, max_context_len=32768, partition_size=0) is True  # forced unsplit
     assert rec.calls[-1][15:17] == (0, None)
-    assert rec.calls[-1][-1] is None
 
 
 def test_rotary_table_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:

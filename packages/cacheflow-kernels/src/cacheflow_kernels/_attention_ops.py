@@ -58,19 +58,6 @@ _PAIR_GRID_SATURATION = 2
 # Wide unsplit grids covering at least 1 / this share of the SMs are costed at the full rate of
 # their warps (see :func:`plan_time`): 32 CTAs on 132 SMs are, 16 are not.
 _WIDE_FULL_RATE_SHARE = 5
-#: Environment variable: "kernel" lets split decode calls merge their partitions in their main
-#: kernel where they fit (:func:`_merge_counter_buffer`), "combine" merges them in the combine
-#: kernel always; unset or anything else, _DEFAULT_MERGE. Read at every call, so one process can
-#: A/B them.
-MERGE_ENV = "CACHEFLOW_PA_MERGE"
-_DEFAULT_MERGE = "kernel"
-# Whether the kernel library was built with the in-kernel merge (CACHEFLOW_PA_KERNEL_MERGE);
-# asked once.
-_kernel_merge_built: list[bool] = []
-# The in-kernel merge's arrival counters: one zeroed int32 buffer per (device, stream), grown on
-# demand; the kernel leaves every counter at zero.
-_MERGE_COUNTERS: dict[tuple[int, int], Any] = {}
-_MERGE_COUNTERS_MIN = 4096
 # The plan memo: (grid CTAs, context in 64-token buckets, SMs, resident CTAs, CTA rows, wide) ->
 # partitions, so a decode loop (max_context_len + 1 per step) evaluates the model once per bucket.
 _WAVE_PLANS: dict[tuple[int, int, int, int, int, bool], int] = {}
@@ -463,38 +450,6 @@ def _split_plan(op: str, query: Any, num_seqs: int, num_heads: int, num_kv_heads
     return size, workspace
 
 
-def _merge_counter_buffer(device_index: int, need: int) -> Any:
-    """The arrival counters of a split decode call on ``device_index`` (``need`` = num_seqs x
-    num_heads of them), or None for the combine kernel: ``CACHEFLOW_PA_MERGE`` (see MERGE_ENV),
-    or a kernel library built without ``CACHEFLOW_PA_KERNEL_MERGE``.
-
-    With counters, a split launch whose partials one CTA can read in one round of loads merges
-    them in its main kernel: the last CTA of each (sequence, head group) to finish does it, and
-    the combine kernel is not launched. The counters are zero before a launch and the kernel
-    leaves them at zero, so one buffer serves every call on a stream; calls on different streams
-    (which may overlap) get different buffers. During CUDA-graph capture a missing or too small
-    buffer is not allocated (its memory would belong to the graph's pool): the captured call
-    uses the combine kernel. Allocated with torch."""
-    mode = os.environ.get(MERGE_ENV)
-    if (mode if mode in ("kernel", "combine") else _DEFAULT_MERGE) != "kernel":
-        return None
-    if not _kernel_merge_built:
-        _kernel_merge_built.append(bool(get_function("paged_attention_kernel_merge")()))
-    if not _kernel_merge_built[0]:
-        return None
-    import torch  # deferred: only split calls get here
-
-    key = (device_index, torch.cuda.current_stream(device_index).cuda_stream)
-    buf = _MERGE_COUNTERS.get(key)
-    if buf is None or buf.numel() < need:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(need, _MERGE_COUNTERS_MIN), dtype=torch.int32,
-                          device=f"cuda:{device_index}")
-        _MERGE_COUNTERS[key] = buf
-    return buf
-
-
 def paged_attention(
     out: Any, query: Any, key_cache: Any, value_cache: Any, block_tables: Any,
     context_lens: Any, scale: float, alibi_slopes: Any = None,
@@ -609,11 +564,10 @@ def paged_attention(
     size, workspace = _split_plan(
         "paged_attention", query, num_seqs, num_heads, num_kv_heads, head_size, max_ctx,
         device_index, partition_size, workspace, ws_len)
-    counters = _merge_counter_buffer(device_index, num_seqs * num_heads) if size else None
     get_function("paged_attention")(
         out, query, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache), block_tables,
         context_lens, float(scale), alibi_slopes, max_ctx, size, workspace,
-        int(sliding_window or 0), ks, vs, cap, lse, counters,
+        int(sliding_window or 0), ks, vs, cap, lse,
     )
 
 
@@ -725,10 +679,9 @@ def paged_attention_with_rotary_cache(
     size, workspace = _split_plan(
         _FUSED_OP, query, num_seqs, num_heads, num_kv_heads, head_size, max_ctx, device_index,
         partition_size, workspace, ws_len)
-    counters = _merge_counter_buffer(device_index, num_seqs * num_heads) if size else None
     return bool(get_function(_FUSED_OP)(
         out, query, key, value, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache),
         block_tables, context_lens, positions, slot_mapping, cos_sin_cache, is_neox,
         float(scale), alibi_slopes, max_ctx, size, workspace, int(sliding_window or 0), ks, vs,
-        cap, counters,
+        cap,
     ))

@@ -19,7 +19,6 @@ int g_last_step_tiles = -1;
 int g_last_rows = -1;
 int g_main_warps = -1;  // warps per CTA of the last call's first (main) kernel
 int g_main_tokens_m = -1;  // its Params::tokens_m
-bool g_last_merged = false;  // the last split call merged in its main kernel (no combine)
 
 struct EmuLauncher {
   template <typename... Args>
@@ -30,7 +29,6 @@ struct EmuLauncher {
     g_last_rows = p.rows;
     if (g_main_warps < 0) {
       g_main_warps = threads / 32;
-      g_last_merged = p.merge_counters != nullptr && p.num_partitions > 1;
       g_main_tokens_m = p.tokens_m;
     }
     pa_emu::RunGrid(pa_emu::Grid{grid.x, grid.y, grid.z}, threads, smem, [kernel, p] {
@@ -55,9 +53,6 @@ int g_wide_rows_min_ctas = 0;  // kCtaRowsAuto takes 32 rows for every grid (the
 int g_wide_warps_max_ctas = 0;  // CTAs of 4 warps only (the launch: the SM count)
 int g_half_wide_max_ctas = 0;  // no half-wide CTAs (the launch: twice the SM count)
 int64_t g_query_stride = 0;  // 0: contiguous query
-// Merge counters of the next runs (cf_emu_set_merge_counters; null: the combine kernel).
-unsigned* g_merge_counters = nullptr;
-int64_t g_merge_counter_count = 0;
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
 struct NewToken {
   const void* key = nullptr;
@@ -99,18 +94,6 @@ extern "C" void cf_emu_set_layout(int cta_rows, int64_t query_stride, int wide_r
   g_wide_rows_min_ctas = wide_rows_min_ctas;
 }
 
-/*!
- * \brief Gives the following runs `count` merge counters (Params::merge_counters: zero, and left
- * zero by every launch; null: split launches always use the combine kernel).
- */
-extern "C" void cf_emu_set_merge_counters(unsigned* counters, int64_t count) {
-  g_merge_counters = counters;
-  g_merge_counter_count = count;
-}
-
-/*! \brief 1 where the last split call merged in its main kernel (no combine launch), else 0. */
-extern "C" int cf_emu_last_merged() { return g_last_merged ? 1 : 0; }
-
 /*! \brief Runs the following launches' CTAs in blockIdx order (0) or in reverse (1). */
 extern "C" void cf_emu_set_cta_order(int reverse) { pa_emu::g_reverse_ctas = reverse; }
 
@@ -132,10 +115,6 @@ extern "C" int cf_emu_main_tokens_m() { return g_main_tokens_m; }
 /*! \brief 1 where KV heads of at most 8 query heads take that step (built with
  * CACHEFLOW_PA_TOKENS_M=1), else 0. */
 extern "C" int cf_emu_tokens_m() { return pa::kPipeTokensM ? 1 : 0; }
-
-/*! \brief 1 where split launches may merge in their main kernel (built with
- * CACHEFLOW_PA_KERNEL_MERGE=1), else 0. */
-extern "C" int cf_emu_kernel_merge() { return pa::kKernelMerge ? 1 : 0; }
 
 /*! \brief Runs movmatrix.m8n8.trans.b16 on one warp: in[l] is lane l's source register, out[l]
  * its result (a check of the emulated instruction against the PTX ISA's definition). */
@@ -260,7 +239,6 @@ extern "C" int cf_emu_paged_attention(
   p.wide_warps_max_ctas = g_wide_warps_max_ctas;
   p.half_wide_max_ctas = g_half_wide_max_ctas;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
-  p.merge_counters = g_merge_counters;
   const NewToken& nt = g_new_token;
   if (nt.key != nullptr) {
     p.new_key = nt.key;
@@ -291,7 +269,6 @@ extern "C" int cf_emu_paged_attention(
       Range(alibi_slopes, num_heads * 4, "alibi_slopes"),
       Range(workspace, need * 4, "workspace"),
       Range(lse, num_seqs * num_heads * 4, "lse"),
-      Range(g_merge_counters, g_merge_counter_count * 4, "merge_counters"),
   };
   if (nt.key != nullptr) {
     const int64_t row = num_kv_heads * head_size;

@@ -516,22 +516,6 @@ inline float MulRn(float a, float b) {
   return r;
 }
 inline void FenceDevice() {}
-inline unsigned AtomicInc(unsigned* ptr, unsigned limit) {
-  pa_emu::CheckGlobal(ptr, 4, "merge counter");
-  const unsigned old = *ptr;
-  *ptr = old >= limit ? 0u : old + 1u;
-  return old;
-}
-inline uint4 LoadL2x16(const float* ptr) {
-  pa_emu::CheckGlobal(ptr, 16, "partial load");
-  uint4 v;
-  std::memcpy(&v, ptr, 16);
-  return v;
-}
-inline float LoadL2F32(const float* ptr) {
-  pa_emu::CheckGlobal(ptr, 4, "partial statistics load");
-  return *ptr;
-}
 /*! \brief x as an FP8 E4M3 (fn) byte: round to nearest even, saturating at +-448, NaN 0x7f. */
 inline uint32_t FloatToFp8(float x) {
   if (std::isnan(x)) return 0x7fu;

@@ -13,7 +13,7 @@ import torch
 import cacheflow_kernels
 
 # The ABI_VERSION of cacheflow_kernels this runtime calls (and the package range in pyproject).
-SUPPORTED_KERNELS_ABI = 4
+SUPPORTED_KERNELS_ABI = 5
 SUPPORTED_KERNELS_RANGE = ">=0.3.0,<0.4"
 
 
