@@ -30,6 +30,7 @@ from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.executor.factory import check_tensor_parallel
 from cacheflow_runtime.executor.in_process import InProcessExecutor
 from cacheflow_runtime.executor.multiproc import MultiprocExecutor
+from cacheflow_runtime.executor.ray_executor import PingWatch
 from cacheflow_runtime.layers.linear import QKVParallelLinear
 
 TP_CONFIG = TinyConfig(num_kv_heads=1, vocab_size=43)
@@ -235,3 +236,52 @@ def test_more_ranks_than_visible_gpus_is_refused(tiny: Path,
         check_tensor_parallel(config, ParallelConfig(2, "mp"), torch.device("cuda"))
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         check_tensor_parallel(config, ParallelConfig(2, "mp"), torch.device("cuda:1"))
+
+
+# ---- The Ray executor's hang detection (PingWatch): the clock starts at an actor's first answer.
+def _watch(timeout_s: float = 30.0) -> PingWatch:
+    return PingWatch(timeout_s)
+
+
+def test_ping_watch_does_not_count_an_actor_that_is_still_starting() -> None:
+    # A ping queued behind a slow constructor (on a loaded 2-core machine the actor's process
+    # took over 30 s to import torch) is not a hang: the old loop failed it at 30 s.
+    watch = _watch(30.0)
+    watch.sent(1, "ping-1", now=0.0)
+    assert watch.check(100.0, is_done=lambda ref: False, resolve=None) is None
+    assert not watch.needs_ping(1)  # one ping outstanding per rank, not one per period
+
+
+def test_ping_watch_times_out_a_running_actor_naming_its_rank() -> None:
+    watch = _watch(30.0)
+    watch.mark_answered(1)  # e.g. a call came back: the actor runs
+    watch.sent(0, "ping-0", now=0.0)
+    watch.sent(1, "ping-1", now=5.0)
+    assert watch.check(34.0, is_done=lambda ref: False, resolve=None) is None  # 29 s
+    assert watch.check(36.0, is_done=lambda ref: False, resolve=None) == (1, 31.0)
+    # rank 0 never answered anything: still starting, whatever its ping's age
+    assert 0 not in watch.answered
+
+
+def test_ping_watch_settles_answered_pings_and_marks_their_ranks_running() -> None:
+    watch = _watch(1.0)
+    resolved = []
+    watch.sent(0, "ping-0", now=0.0)
+    watch.sent(1, "ping-1", now=0.0)
+    hung = watch.check(50.0, is_done=lambda ref: ref == "ping-0",
+                       resolve=lambda rank, ref: resolved.append((rank, ref)))
+    assert hung is None and resolved == [(0, "ping-0")]
+    assert watch.answered == {0} and watch.needs_ping(0) and not watch.needs_ping(1)
+    watch.sent(0, "ping-0b", now=50.0)  # now rank 0 runs: its next ping can time out
+    assert watch.check(51.5, is_done=lambda ref: False, resolve=None) == (0, 1.5)
+
+
+def test_ping_watch_reports_an_actor_that_dies_while_starting() -> None:
+    watch = _watch(30.0)
+    watch.sent(1, "ping-1", now=0.0)
+
+    def resolve(rank: int, ref: str) -> None:
+        raise WorkerFailedError(f"tensor-parallel worker rank {rank} (Ray actor) died", rank)
+
+    with pytest.raises(WorkerFailedError, match="rank 1"):
+        watch.check(2.0, is_done=lambda ref: True, resolve=resolve)

@@ -9,8 +9,11 @@ Ray's object store once and every actor reads it from there; only rank 0's resul
 Failures end the engine: an actor that dies fails the call naming its rank; an actor that stops
 answering is noticed by pings (each actor runs a second thread for them), and one left
 unanswered for ``hang_timeout_s`` (default 30 s, ``CACHEFLOW_WORKER_TIMEOUT_S``) fails the call
-naming that rank. ``shutdown`` (and a finalizer at exit) kills the actors, removes the
-placement group, and stops the local Ray it started.
+naming that rank. The clock starts at an actor's first answer: until then it may still be
+starting (a new worker process importing torch, a runtime environment being set up), which the
+multiprocess executor does not count either; an actor that dies while starting still fails the
+call at once. ``shutdown`` (and a finalizer at exit) kills the actors, removes the placement
+group, and stops the local Ray it started.
 """
 
 from __future__ import annotations
@@ -37,6 +40,43 @@ logger = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0
 _POLL_S = 0.5
 _PING_PERIOD_S = 1.0
+
+
+class PingWatch:
+    """The executor's outstanding pings: at most one per rank, and which ranks have answered
+    one. A rank whose ping goes unanswered for ``timeout_s`` is hung, but only once it has
+    answered before: an actor still in its constructor answers nothing, and that is not a hang.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.answered: set[int] = set()
+        self.pending: dict[int, tuple[Any, float]] = {}
+
+    def sent(self, rank: int, ref: Any, now: float) -> None:
+        """Records a ping sent to ``rank`` at ``now``."""
+        self.pending[rank] = (ref, now)
+
+    def needs_ping(self, rank: int) -> bool:
+        """Whether ``rank`` has no ping outstanding."""
+        return rank not in self.pending
+
+    def mark_answered(self, rank: int) -> None:
+        """``rank`` answered something (a ping or a call): it is running."""
+        self.answered.add(rank)
+
+    def check(self, now: float, is_done: Any, resolve: Any) -> Optional[tuple[int, float]]:
+        """Settles the pings that were answered (``is_done(ref)``; ``resolve(rank, ref)``
+        raises if the actor died) and returns (rank, seconds) of a running rank whose ping has
+        waited longer than the timeout, else None."""
+        for rank, (ref, sent) in list(self.pending.items()):
+            if is_done(ref):
+                resolve(rank, ref)
+                del self.pending[rank]
+                self.mark_answered(rank)
+            elif rank in self.answered and now - sent > self.timeout_s:
+                return rank, now - sent
+        return None
 
 
 def _import_ray() -> Any:
@@ -110,6 +150,7 @@ class RayExecutor(RankExecutor):
         self.hang_timeout_s = (float(os.environ.get(ENV_WORKER_TIMEOUT, DEFAULT_HANG_TIMEOUT_S))
                                if hang_timeout_s is None else hang_timeout_s)
         self._failure: Optional[WorkerFailedError] = None
+        self._pings = PingWatch(self.hang_timeout_s)
         own_ray = False
         if not ray.is_initialized():
             try:
@@ -160,8 +201,17 @@ class RayExecutor(RankExecutor):
         rank_of = {ref: rank for ref, rank in zip(refs, ranks)}
         results: dict[int, Any] = {}
         pending = list(refs)
-        pings: dict[int, tuple[Any, float]] = {}
+        pings = self._pings
         last_ping = 0.0
+
+        def resolve_ping(rank: int, ref: Any) -> None:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self._fail(WorkerFailedError(
+                    f"tensor-parallel worker rank {rank} (Ray actor) died during {what}: "
+                    f"{exc}; the engine has stopped", rank))
+
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
             for ref in done:
@@ -175,27 +225,21 @@ class RayExecutor(RankExecutor):
                 except ray.exceptions.RayTaskError as exc:
                     self._fail(WorkerFailedError(
                         f"tensor-parallel worker rank {rank} failed during {what}:\n{exc}", rank))
+                pings.mark_answered(rank)
             now = time.monotonic()
-            for rank, (ref, sent) in list(pings.items()):
-                answered, _ = ray.wait([ref], timeout=0)
-                if answered:
-                    try:
-                        ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        self._fail(WorkerFailedError(
-                            f"tensor-parallel worker rank {rank} (Ray actor) died during "
-                            f"{what}: {exc}; the engine has stopped", rank))
-                    del pings[rank]
-                elif now - sent > self.hang_timeout_s:
-                    self._fail(WorkerFailedError(
-                        f"tensor-parallel worker rank {rank} (Ray actor) has not responded for "
-                        f"{now - sent:.0f} s during {what} (hung or stopped); the engine has "
-                        "stopped", rank))
+            hung = pings.check(now, lambda ref: bool(ray.wait([ref], timeout=0)[0]),
+                               resolve_ping)
+            if hung is not None:
+                rank, waited = hung
+                self._fail(WorkerFailedError(
+                    f"tensor-parallel worker rank {rank} (Ray actor) has not responded for "
+                    f"{waited:.0f} s during {what} (hung or stopped); the engine has "
+                    "stopped", rank))
             if pending and now - last_ping >= _PING_PERIOD_S:
                 last_ping = now
                 for rank, actor in enumerate(self.actors):
-                    if rank not in pings:
-                        pings[rank] = (actor.ping.remote(), now)
+                    if pings.needs_ping(rank):
+                        pings.sent(rank, actor.ping.remote(), now)
         return [results[r] for r in ranks]
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
