@@ -28,19 +28,12 @@ import sys
 from typing import Any
 
 import bench_paged_attention as bench
+from bench_fp8_by_context import fit_line
 from bench_timing import copy_bandwidth, cuda_torch, time_graph_us
 
 READ_MB = (16, 33.5, 67, 134, 268)
 # (tag, num_kv_heads, context of the split call); 32 query heads, head size 128, batch 1.
 SPLIT_SHAPES = (("gqa8", 4, 32768), ("gqa8", 4, 8192), ("mha", 32, 32768), ("mqa", 1, 32768))
-
-
-def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (slope, intercept) of ys against xs (at least two distinct xs)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, my - slope * mx
 
 
 def read_floor(torch: Any, copy_gbps: float, l2_bytes: int) -> dict[str, Any]:
@@ -62,13 +55,13 @@ def read_floor(torch: Any, copy_gbps: float, l2_bytes: int) -> dict[str, Any]:
     return {"rows": rows, "intercept_us": intercept, "read_gbps": 1e-3 / slope}
 
 
-def split_pairs(harness: bench.Bench, num_sms: int) -> list[dict[str, Any]]:
+def split_pairs(harness: bench.Bench) -> list[dict[str, Any]]:
     """Each split shape and its unsplit twin, 16-bit and FP8: times, plans, bytes at copy."""
     from cacheflow_kernels._attention_ops import plan_partitions
 
     pairs = []
     for tag, kv, ctx in SPLIT_SHAPES:
-        size, parts = plan_partitions(1, 32, kv, ctx, num_sms, head_size=128)
+        size, parts = plan_partitions(1, 32, kv, ctx, harness.num_sms, head_size=128)
         if parts < 2:
             print(f"{tag} ctx{ctx}: not split on this card; skipped", file=sys.stderr)
             continue
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['bytes'] / 1e6:7.1f} MB  {r['row_sum_us']:8.2f}   bytes at copy "
               f"{r['bytes_at_copy_us']:8.2f}")
     print(f"  line: {floor['intercept_us']:.2f} us + bytes at {floor['read_gbps']:.0f} GB/s")
-    pairs = split_pairs(harness, harness.num_sms)
+    pairs = split_pairs(harness)
     print("\nsplit call against its unsplit twin (same bytes, CTAs, tokens per CTA), us:")
     print(f"  {'shape':22s} {'plan':>10s} {'split':>8s} {'unsplit':>8s} {'diff':>6s} "
           f"{'at copy':>8s}")
