@@ -7,10 +7,15 @@ Times a grid of decode shapes (``--grid short``, the default: short contexts, wh
 merge weighs most: batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA
 at 128; ``--grid wide``: the 16 shapes, contexts 2k-6k, where unsplit grids of 4-64 wide CTAs
 compete with splits, whose sweep set ``_WIDE_FULL_RATE_SHARE``; ``--grid pair``: grids of one to
-two CTAs per SM at head sizes 64-96, whose sweep set ``_PAIR_GRID_SATURATION``) with
+two CTAs per SM at head sizes 64-96, whose sweep set ``_PAIR_GRID_SATURATION``; ``--grid
+survey``: about a hundred shapes spread over grids of a few CTAs to several waves, head sizes
+64 / 128 / 256, MHA to MQA, contexts 1k-32k and a few FP8 caches, the data for fitting a cost
+model) with
 ``bench_paged_attention.py`` at its automatic plan and at fixed partition sizes (0 = no split),
 then prints, per shape, the plan the planner picks, its time, the fastest fixed size and the
-ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes; the planner's pick
+ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes, or ``--counts``
+partition counts turned into each shape's sizes (``--grid survey`` takes 2, 3, 4, 6, 8, 12, 16
+and 32 partitions by default, SDPA on the gathered K/V included); the planner's pick
 is timed as the automatic plan, so a pick outside them still has a time. The planner's cost model
 (``_attention_ops.plan_time``) was fitted on this grid on an H100 (2026-12-06,
 docs/benchmarks.md); rerun it on another card before trusting the model there. Writes
@@ -57,8 +62,32 @@ PAIR_GRID = [
 ]
 
 
+# (tag, num_heads, num_kv_heads, head_size, batches, contexts, fp8): unsplit grids of 4 to about
+# 1,000 CTAs (16-row CTAs; MQA's 32-head groups take one or two), four head-group shapes and three
+# head sizes, contexts 1k-32k (the largest case reads about 4.3 GB of K/V).
+SURVEY_GRID = [
+    ("mha", 32, 32, 128, (1, 2, 4, 6, 8, 16), (1024, 4096, 16384), False),
+    ("mha", 32, 32, 128, (1, 2, 4), (32768,), False),
+    ("gqa8", 32, 4, 128, (1, 4, 8, 16, 33, 48, 64, 128), (1024, 4096, 16384), False),
+    ("gqa8", 32, 4, 128, (1, 2, 8), (32768,), False),
+    ("gqa4d64", 32, 8, 64, (1, 4, 8, 17, 24, 32, 64), (1024, 4096, 16384), False),
+    ("mqa", 32, 1, 128, (8, 32, 72, 128, 256), (1024, 4096), False),
+    ("mqa", 32, 1, 128, (1, 8, 32), (16384,), False),
+    ("mhad256", 16, 16, 256, (1, 4, 8, 16), (1024, 4096, 16384), False),
+    ("mhad64", 32, 32, 64, (1, 4, 8), (4096, 16384), False),
+    ("mha", 32, 32, 128, (1, 4, 16), (8192, 32768), True),
+    ("gqa8", 32, 4, 128, (1, 8, 32), (8192, 32768), True),
+]
+SURVEY_COUNTS = "2,3,4,6,8,12,16,32"
+
+
 def grid_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
-    """The (tag, heads, KV heads, head size, batch, context) shapes of ``grid``."""
+    """The (tag, heads, KV heads, head size, batch, context) shapes of ``grid`` (for
+    ``survey``: 16-bit shapes only; :func:`add_cases` adds its FP8 ones)."""
+    if grid == "survey":
+        return [(tag, heads, kv, d, batch, ctx)
+                for tag, heads, kv, d, batches, contexts, fp8 in SURVEY_GRID if not fp8
+                for batch in batches for ctx in contexts]
     if grid == "wide":
         return list(WIDE_GRID)
     if grid == "pair":
@@ -71,12 +100,61 @@ def grid_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
 def add_cases(grid: str = "short") -> list[str]:
     """Registers the grid's shapes as bench_paged_attention cases; returns their names."""
     names = []
-    for tag, heads, kv, head_size, batch, ctx in grid_shapes(grid):
-        name = f"plan_{tag}_b{batch}_ctx{ctx}"
+    shapes = [(*shape, False) for shape in grid_shapes(grid)]
+    if grid == "survey":
+        shapes += [(tag, heads, kv, d, batch, ctx, True)
+                   for tag, heads, kv, d, batches, contexts, fp8 in SURVEY_GRID if fp8
+                   for batch in batches for ctx in contexts]
+    for tag, heads, kv, head_size, batch, ctx, fp8 in shapes:
+        name = f"plan_{tag}_b{batch}_ctx{ctx}{'_fp8' if fp8 else ''}"
         bench.CASES.append(bench.Case(name, batch, ctx, num_heads=heads, num_kv_heads=kv,
-                                      head_size=head_size))
+                                      head_size=head_size, fp8=fp8))
         names.append(name)
     return names
+
+
+def count_sizes(ctx: int, counts: list[int]) -> list[int]:
+    """Partition sizes (multiples of bench_paged_attention's 64-token alignment) that cut ``ctx``
+    into each of ``counts`` partitions, distinct, with 0 (no split) first; counts that would need
+    partitions shorter than 64 tokens or give the same size twice are dropped."""
+    sizes = [0]
+    for k in counts:
+        size = -(-ctx // k)
+        size = -(-size // 64) * 64
+        if k > 1 and -(-ctx // size) > 1 and size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def run_counts(out: str, names: list[str], counts: list[int], sdpa: bool) -> dict | None:
+    """Like ``bench.run_sweep``, but each case gets the partition sizes of ``counts`` for its own
+    context (:func:`count_sizes`), and SDPA on the gathered K/V when ``sdpa``."""
+    torch = bench.cuda_torch()
+    if torch is None:
+        return None
+    import cacheflow_kernels as ck
+
+    args = bench.parse_args(["--out", out, "--partitions", "", "--l2-prefetch", ""]
+                            + ([] if sdpa else ["--skip-sdpa"]))
+    runner = bench.Bench(torch, args)
+    runner.measure_copy()
+    by_name = {c.name: c for c in bench.CASES}
+    try:
+        from tqdm import tqdm
+        progress = tqdm(names, desc="shapes", unit="shape")
+    except ImportError:
+        progress = names
+    report: dict = {
+        "device": runner.device_name, "num_sms": runner.num_sms, "l2_bytes": runner.l2_bytes,
+        "copy_gbps": runner.copy_gbps, "torch": torch.__version__,
+        "cacheflow_kernels": ck.__version__, "results": [],
+    }
+    for name in progress:
+        case = by_name[name]
+        result = runner.run_case(case, count_sizes(case.ctx, counts), [])
+        report["results"].append(bench.asdict(result))
+        bench.save_report(out, report)  # a run cut short keeps the shapes it timed
+    return report
 
 
 def regrets(results: list[dict]) -> list[dict]:
@@ -98,11 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path of the JSON report")
     p.add_argument("--partitions", default="0,256,512,1024",
                    help="fixed partition sizes to time (0 = no split)")
-    p.add_argument("--grid", choices=("short", "wide", "pair"), default="short",
-                   help="which shapes: short contexts, the wide-CTA shapes at 2k-6k, or grids "
-                        "of one to two CTAs per SM at head sizes 64-96")
+    p.add_argument("--counts", default="",
+                   help="partition counts, turned into each shape's sizes (replaces "
+                        f"--partitions; survey default {SURVEY_COUNTS})")
+    p.add_argument("--grid", choices=("short", "wide", "pair", "survey"), default="short",
+                   help="which shapes: short contexts, the wide-CTA shapes at 2k-6k, grids "
+                        "of one to two CTAs per SM at head sizes 64-96, or the model-fitting "
+                        "survey")
+    p.add_argument("--limit", type=int, default=0, help="only the first N shapes (0 = all)")
     args = p.parse_args(argv)
-    report = bench.run_sweep(args.out, add_cases(args.grid), args.partitions)
+    names = add_cases(args.grid)
+    if args.limit:
+        names = names[:args.limit]
+    counts = args.counts or (SURVEY_COUNTS if args.grid == "survey" else "")
+    if counts:
+        report = run_counts(args.out, names, [int(k) for k in counts.split(",") if k.strip()],
+                            sdpa=args.grid == "survey")
+    else:
+        report = bench.run_sweep(args.out, names, args.partitions)
     if report is None:
         return 1
     report["regret"] = regrets(report["results"])

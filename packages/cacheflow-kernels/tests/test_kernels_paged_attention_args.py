@@ -15,6 +15,7 @@ from cacheflow_kernels import _attention_ops
 from cacheflow_kernels._attention_ops import (
     MAX_PARTITIONS,
     MIN_AUTO_PARTITION,
+    MIN_ONE_WAVE_PARTITION,
     MIN_WAVE_PARTITION,
     PARTITION_ALIGN,
     SPLIT_ENV,
@@ -497,13 +498,16 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
                     split: str) -> None:
     size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx, 132, split=split)
     assert parts > 1
-    shortest = MIN_AUTO_PARTITION if split == "fill" else MIN_WAVE_PARTITION
-    assert size % PARTITION_ALIGN == 0 and size >= shortest
-    assert (parts - 1) * size < max_ctx <= parts * size
-    assert parts <= MAX_PARTITIONS
     group = num_heads // num_kv_heads
     heads = _attention_ops.cta_heads(group, 128, num_seqs * num_kv_heads, 132)
     ctas = num_seqs * num_kv_heads * -(-group // heads) * parts
+    if split == "fill":
+        shortest = MIN_AUTO_PARTITION
+    else:  # shorter partitions only where the split grid keeps at most one CTA per SM
+        shortest = MIN_ONE_WAVE_PARTITION if ctas <= 132 else MIN_WAVE_PARTITION
+    assert size % PARTITION_ALIGN == 0 and size >= shortest
+    assert (parts - 1) * size < max_ctx <= parts * size
+    assert parts <= MAX_PARTITIONS
     if split == "fill":
         resident = _attention_ops.resident_ctas_per_sm(128, heads)
         assert ctas <= resident * 132 or size == MIN_AUTO_PARTITION or parts == MAX_PARTITIONS
@@ -520,8 +524,10 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
         ((8, 32, 4, 1024), (0, 1)),     # GQA-8: 10.85 unsplit, 12.73 in 4 x 256
         ((1, 32, 32, 1024), (0, 1)),    # MHA batch 1: 10.26 unsplit, 12.24 in 4 x 256
         ((2, 32, 32, 2048), (0, 1)),    # 25.05 unsplit, 27.60 in 4 x 512
-        # ... and where splitting was the faster plan, it still splits
-        ((8, 32, 1, 1024), (256, 4)),   # MQA: 9.81 in 4 x 256, 14.82 unsplit
+        # ... and where splitting was the faster plan, it still splits (16 CTAs: partitions of
+        # 128 tokens keep one CTA per SM; survey of 2026-12-06 19:00: 8.51 in 8 x 128, 9.52 in
+        # 4 x 256, 14.84 unsplit)
+        ((8, 32, 1, 1024), (128, 8)),
         ((32, 32, 1, 1024), (256, 4)),  # 14.45 in 4 x 256, 15.63 unsplit
     ],
 )
@@ -644,7 +650,7 @@ def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
         ((4, 32, 8, 3072), 64, (0, 1)),     # 13.9 / 14.6
         ((8, 32, 8, 4096), 64, (0, 1)),     # 25.8 / 28.8
         # 4-16 wide CTAs: the split fastest (us in the split / unsplit)
-        ((1, 32, 4, 2048), 128, (256, 8)),  # 7.9 / 14.0
+        ((1, 32, 4, 2048), 128, (128, 16)),  # 6.84 in 16 x 128, 8.47 in 8 x 256 / 14.15
         ((4, 32, 4, 2048), 128, (256, 8)),  # 12.7 / 14.6
         ((2, 32, 8, 3072), 64, (256, 12)),  # 10.0 / 12.95
     ],
@@ -686,14 +692,87 @@ def test_plan_grids_of_one_to_two_ctas_per_sm_unsplit(
     _attention_ops._WAVE_PLANS.clear()
 
 
+def test_plan_limits_partitions_by_the_grid() -> None:
+    """max_wave_partitions: 256-token partitions at least; 128 where the split grid keeps at most
+    one CTA per SM; at most two partitions for grids of one CTA per SM or more unsplit."""
+    most = _attention_ops.max_wave_partitions
+    assert MIN_ONE_WAVE_PARTITION == 128 and _attention_ops.FULL_GRID_MAX_PARTITIONS == 2
+    assert most(4, 1024, 132) == 8        # 32 CTAs of 128 tokens
+    assert most(4, 65536, 132) == 256     # long contexts: the 256-token limit is the larger
+    assert most(16, 4096, 132) == 16      # 16 x 256 = 4096 beats 8 (one wave of 128-token CTAs)
+    assert most(64, 1024, 132) == 4       # 2 per wave of 128 tokens < 4 of 256
+    assert most(131, 32768, 132) == 128
+    assert most(132, 32768, 132) == 2
+    assert most(1000, 32768, 132) == 2
+    assert most(1, 100, 132) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "head_size", "measured"),
+    # (seqs, heads, kv heads, context), head size; H100 us (2026-12-06 survey and sweeps,
+    # docs/benchmarks.md): the plan's partitions, its time, and the earlier plan's partitions
+    # and time (a split of 3-11)
+    [
+        ((72, 32, 1, 4096), 128, (2, 64.29, 7, 77.66)),     # MQA, 144 CTAs of 16 heads
+        ((72, 32, 1, 8192), 128, (2, 116.11, 10, 131.11)),
+        ((17, 32, 8, 4096), 64, (2, 55.09, 7, 57.91)),      # GQA-4 d64, 136 CTAs
+        ((17, 32, 8, 8192), 64, (2, 103.74, 11, 107.04)),
+        ((7, 32, 32, 16384), 64, (1, 311.29, 7, 321.53)),   # MHA d64, 224 CTAs
+    ],
+)
+def test_plan_full_grids_split_at_most_in_two(
+        monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, int, int], head_size: int,
+        measured: tuple[int, float, int, float]) -> None:
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    monkeypatch.delenv(_attention_ops.ROWS_ENV, raising=False)
+    parts, us, old_parts, old_us = measured
+    assert us < old_us
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave")[1] == parts
+    # without the limit the model splits them as before
+    monkeypatch.setattr(_attention_ops, "FULL_GRID_MAX_PARTITIONS", 1 << 20)
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave")[1] == old_parts
+    _attention_ops._WAVE_PLANS.clear()
+
+
+@pytest.mark.parametrize(
+    ("args", "head_size", "measured"),
+    # (seqs, heads, kv heads, context), head size; H100 us (2026-12-06 19:00 and 19:14,
+    # docs/benchmarks.md): the split plan's time, and the unsplit time the full merge cost chose
+    [
+        ((1, 32, 4, 1024), 128, ((128, 8), 6.06, 8.65)),   # GQA-8, 4 wide CTAs unsplit
+        ((8, 32, 1, 512), 128, ((128, 4), 7.00, 8.32)),    # MQA, 16 CTAs of 16 heads (8.32-8.57)
+    ],
+)
+def test_plan_small_grids_merge_cheaply(
+        monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, int, int], head_size: int,
+        measured: tuple[tuple[int, int], float, float]) -> None:
+    """A split grid of fewer CTAs than SMs pays the merge's cost in proportion (merge_cost): small
+    grids at short contexts split into 128-token partitions, which measured faster."""
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    monkeypatch.delenv(_attention_ops.ROWS_ENV, raising=False)
+    plan, split_us, whole_us = measured
+    assert split_us < whole_us
+    assert _attention_ops.merge_cost(66, 132) == pytest.approx(288)
+    assert _attention_ops.merge_cost(132, 132) == _attention_ops.merge_cost(1000, 132) == 576
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == plan
+    # at the full cost for every grid these stayed whole
+    monkeypatch.setattr(_attention_ops, "merge_cost", lambda split_ctas, num_sms: 576)
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(*args, 132, head_size=head_size, split="wave") == (0, 1)
+    _attention_ops._WAVE_PLANS.clear()
+
+
 def test_plan_wave_is_the_model_minimum_and_follows_the_sm_count() -> None:
     """The chosen count is the cheapest of every count the model allows (not just the tried
     wave boundaries), and the plan scales with the multiprocessor count."""
     for ctas, ctx, sms, resident in [(512, 8192, 132, 3), (64, 4096, 132, 3), (4, 32768, 132, 3),
                                      (128, 4096, 108, 4), (30, 20000, 80, 2), (7, 3000, 46, 3)]:
         best = _attention_ops._wave_partitions(ctas, ctx, sms, resident, 16)
-        times = {p: plan_time(ctas, p, ctx, sms, resident, 16)
-                 for p in range(1, min(ctx // MIN_WAVE_PARTITION, 512) + 1)}
+        most = _attention_ops.max_wave_partitions(ctas, ctx, sms)
+        times = {p: plan_time(ctas, p, ctx, sms, resident, 16) for p in range(1, most + 1)}
         assert times[best] <= min(times.values()) * (1 + 1e-9), (ctas, ctx, sms, best)
     # the same problem on a device with half the SMs needs fewer partitions
     assert plan_partitions(1, 32, 32, 32768, 66, split="wave")[1] < \

@@ -7,11 +7,12 @@ import pytest
 
 from cacheflow_runtime.model_executor.cuda_graphs import (
     CONTEXT_STEP,
+    SHORT_PARTITION,
     CudaGraphUsage,
     DecodeGraphs,
     capture_sizes,
     graph_batch_size,
-    unsplit_context_limit,
+    short_context_limit,
 )
 
 
@@ -40,7 +41,7 @@ def test_usage_padding_fraction() -> None:
                                "eager_decode_steps": 2, "padding_fraction": 0.125}
 
 
-# ---- the unsplit graphs of short contexts ------------------------------------------------------
+# ---- the second graphs of short contexts ----------------------------------------------------
 
 def _planner(num_sms: int):  # noqa: ANN202 - the workspace_size callable of the kernels' planner
     import cacheflow_kernels
@@ -51,35 +52,64 @@ def _planner(num_sms: int):  # noqa: ANN202 - the workspace_size callable of the
     return workspace
 
 
-def test_unsplit_limit_follows_the_planner() -> None:
-    """At batch 1 a 7B layer (32 heads of 128) is split from some context on; up to the limit
-    the planner splits nothing, one step past it it splits."""
+def _partitions(workspace, num_seqs: int, shape: tuple[int, int, int], context: int) -> int:  # noqa: ANN001
+    heads, kv_heads, head_size = shape
+    return workspace(num_seqs, heads, kv_heads, head_size, context) // (
+        num_seqs * heads * (head_size + 2))
+
+
+def test_short_limit_follows_the_planner() -> None:
+    """At batch 1 a 7B layer (32 heads of 128, 32 CTAs: never cut below 256 tokens) is split from
+    some context on; up to the limit the planner splits nothing, one step past it it splits."""
     workspace = _planner(132)
     shape = [(32, 32, 128)]
-    limit = unsplit_context_limit(1, shape, 4096, workspace)
+    limit = short_context_limit(1, shape, 4096, workspace)
     assert 0 < limit < 4096 and limit % CONTEXT_STEP == 0
     assert all(workspace(1, 32, 32, 128, c) == 0 for c in range(CONTEXT_STEP, limit + 1, 16))
     assert workspace(1, 32, 32, 128, limit + CONTEXT_STEP) > 0
     # a batch that fills the GPU is never split: its main graph is already unsplit
-    assert unsplit_context_limit(256, shape, 4096, workspace) == 4096
+    assert short_context_limit(256, shape, 4096, workspace) == 4096
 
 
-def test_unsplit_limit_is_the_strictest_layer() -> None:
+def test_short_limit_covers_the_fine_splits_of_small_grids() -> None:
+    """GQA-8 at batch 1 (4 CTAs unsplit): the planner cuts short contexts into 128-token
+    partitions; the second graph covers those contexts too, up to the first plan of partitions
+    of SHORT_PARTITION tokens or more."""
+    workspace = _planner(132)
+    shape = (32, 4, 128)
+    limit = short_context_limit(1, [shape], 32768, workspace)
+    first_split = next(c for c in range(CONTEXT_STEP, limit, CONTEXT_STEP)
+                       if workspace(1, *shape, c) > 0)
+    assert first_split < limit < 32768
+    for c in range(first_split, limit + 1, CONTEXT_STEP):
+        parts = _partitions(workspace, 1, shape, c)
+        assert parts == 0 or -(-c // parts) <= SHORT_PARTITION - CONTEXT_STEP
+    parts = _partitions(workspace, 1, shape, limit + CONTEXT_STEP)
+    assert parts >= 2 and -(-(limit + CONTEXT_STEP) // parts) > SHORT_PARTITION - CONTEXT_STEP
+
+
+def test_short_limit_is_the_strictest_layer() -> None:
     splits_from = {(32, 32, 128): 512, (32, 8, 128): 1024}
 
     def workspace(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
         return 0 if context < splits_from[(heads, kv_heads, head_size)] else 1
 
-    assert unsplit_context_limit(1, [(32, 8, 128)], 2048, workspace) == 960
-    assert unsplit_context_limit(1, [(32, 8, 128), (32, 32, 128)], 2048, workspace) == 448
-    assert unsplit_context_limit(1, [(32, 32, 128)], 448, workspace) == 448  # nothing splits
-    assert unsplit_context_limit(1, [(32, 32, 128)], 2048, lambda *a: 1) == 0
+    assert short_context_limit(1, [(32, 8, 128)], 2048, workspace) == 960
+    assert short_context_limit(1, [(32, 8, 128), (32, 32, 128)], 2048, workspace) == 448
+    assert short_context_limit(1, [(32, 32, 128)], 448, workspace) == 448  # nothing splits
+    assert short_context_limit(1, [(32, 32, 128)], 2048, lambda *a: 1) == 0
+    # always two partitions: short up to 384 tokens (192 each); at 448 a partition rounds up
+    # to 256 tokens
+    def two(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
+        return num_seqs * heads * 2 * (head_size + 2)
+
+    assert short_context_limit(1, [(32, 32, 128)], 2048, two) == 384
 
 
-def test_steps_pick_the_unsplit_graph_within_its_limit() -> None:
+def test_steps_pick_the_short_context_graph_within_its_limit() -> None:
     graphs = object.__new__(DecodeGraphs)  # the selection rule only: no capture on the CPU
     graphs.max_model_len = 4096
-    graphs.unsplit_limits = {1: 448, 40: 832}  # the sizes whose main graph splits
+    graphs.short_limits = {1: 448, 40: 832}  # the sizes whose main graph splits
     assert graphs.graph_key(1, 1) == (1, 448)
     assert graphs.graph_key(1, 448) == (1, 448)
     assert graphs.graph_key(1, 449) == (1, 4096)

@@ -36,6 +36,19 @@ ROWS_ENV = "CACHEFLOW_PA_ROWS"
 SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
 #: The wave planner's shortest partition.
 MIN_WAVE_PARTITION = 256
+#: ... where the split grid still has at most one CTA per SM (small grids: few sequences and KV
+#: heads). An H100 survey (2026-12-06, docs/benchmarks.md) found 128-token partitions 7-14%
+#: faster than 256 there: GQA-8 batch 1 at 4k 9.56 against 10.22 us (32 against 16
+#: partitions), MQA batch 8 at 1k 8.51 against 9.52, head size 256 batch 1 at 1k 12.57 against
+#: 14.67.
+MIN_ONE_WAVE_PARTITION = 128
+#: Most partitions of a grid that has at least one CTA per SM unsplit. Such a grid is bound by
+#: the device's total bandwidth, not by its busiest SM: a split only evens out the SMs that hold
+#: one CTA more, for the merge and more CTA overheads. The same survey and the sweeps before it
+#: measured splits of 3-11 partitions 2-23% slower than the better of none and two there (MQA
+#: batch 72 at 4k 77.7 against 63.1 us unsplit; GQA-4 head size 64 batch 17 at 8k 107.0 in 11
+#: against 103.7 in 2).
+FULL_GRID_MAX_PARTITIONS = 2
 #: Environment variable: "4" keeps the decode kernel's CTAs at 4 warps where an unsplit grid of at
 #: most one CTA per SM would otherwise run wide CTAs (:func:`wide_ctas_allowed`; the kernel reads
 #: it at every launch, the planner at every call).
@@ -50,7 +63,8 @@ _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # 1-64, MHA / GQA-4/8 / MQA; H100, 2026-12-06) found splits into 256-token partitions up to 32%
 # slower than the unsplit launch: at 576 the model picks the fastest measured plan on each of
 # them, and the same plans as before on every case of bench_paged_attention.py and on the
-# partition sweeps of the H100 and H200 (docs/benchmarks.md).
+# partition sweeps of the H100 and H200 (docs/benchmarks.md). Split grids of fewer CTAs than
+# SMs pay a share of it (:func:`merge_cost`).
 _CTA_OVERHEAD_TOKENS = 64
 _MERGE_FIXED_TOKENS = 576
 # CTAs per SM that saturate it in grids of one to two CTAs per SM (see :func:`plan_time`).
@@ -236,7 +250,7 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     ``s`` CTAs' time anyway (the wave tail). A CTA's work is its partition plus a fixed
     overhead, plus its share of the merge traffic when split (``rows`` partial rows of
     ``head_size + 2`` floats written and read again: about 2 * rows tokens of 16-bit K/V); a
-    split adds the merge kernel once.
+    split adds the merge kernel once (:func:`merge_cost`).
 
     A grid of one to two CTAs per SM (``num_sms < ctas <= 2 * num_sms``) saturates each SM at
     two CTAs (``_PAIR_GRID_SATURATION``) whatever ``resident``: at head sizes up to 96 (4
@@ -263,15 +277,43 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
     n = -(-ctas * parts // num_sms)
     full, rem = divmod(n, resident)
     units = full * resident + (max(rem, sat) if rem else 0)
-    return units * work / sat + (_MERGE_FIXED_TOKENS if parts > 1 else 0)
+    return units * work / sat + (merge_cost(ctas * parts, num_sms) if parts > 1 else 0)
+
+
+def merge_cost(split_ctas: int, num_sms: int) -> float:
+    """The wave planner's cost of a split's merge for a split grid of ``split_ctas`` CTAs:
+    ``_MERGE_FIXED_TOKENS`` from one CTA per SM up, a share of it below, where the merge has few
+    partial rows to combine. Fitted on an H100 survey (2026-12-06, docs/benchmarks.md): at the
+    full cost the planner kept small grids at short contexts whole where a split into 128-token
+    partitions was 16-30% faster (GQA-8 batch 1 at 1k 8.65 us whole, 6.06 in 8 x 128; MQA batch 8
+    at 512 8.32 and 7.00 in 4 x 128), and every other measured plan stays the same."""
+    return _MERGE_FIXED_TOKENS * min(1.0, split_ctas / num_sms)
+
+
+def max_wave_partitions(ctas: int, max_context_len: int, num_sms: int) -> int:
+    """The most partitions the wave planner considers for a grid of ``ctas`` CTAs per partition:
+    partitions of at least MIN_WAVE_PARTITION tokens, or of MIN_ONE_WAVE_PARTITION where the
+    split grid keeps at most one CTA per SM, and at most FULL_GRID_MAX_PARTITIONS where the
+    unsplit grid already has one CTA per SM or more."""
+    most = _longest_split(ctas, max_context_len, num_sms)
+    return min(most, FULL_GRID_MAX_PARTITIONS) if ctas >= num_sms else most
+
+
+def _longest_split(ctas: int, max_context_len: int, num_sms: int) -> int:
+    """The most partitions their minimum lengths allow (see :func:`max_wave_partitions`)."""
+    most = min(max_context_len // MIN_WAVE_PARTITION, MAX_PARTITIONS)
+    return max(most, min(num_sms // ctas, max_context_len // MIN_ONE_WAVE_PARTITION))
 
 
 def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: int,
                      rows: int, wide: bool = False) -> int:
-    """The partition count minimizing :func:`plan_time` (fewest partitions among ties). For a
-    given count n of CTAs on the busiest SM the most partitions that keep it are best (shorter
-    CTAs), so only those counts (n = 1 .. 8 * resident) and the largest allowed are tried."""
-    most = min(max_context_len // MIN_WAVE_PARTITION, MAX_PARTITIONS)
+    """The partition count minimizing :func:`plan_time` (fewest partitions among ties) up to
+    :func:`max_wave_partitions`. For a given count n of CTAs on the busiest SM the most partitions
+    that keep it are best (shorter CTAs), so only those counts (n = 1 .. 8 * resident) and the
+    longest split the partitions' minimum lengths allow are tried, then those above
+    :func:`max_wave_partitions` dropped (so a grid of more than 8 waves keeps its one
+    partition, as before that limit)."""
+    most = _longest_split(ctas, max_context_len, num_sms)
     if most <= 1:
         return 1
     candidates = {1, most}
@@ -281,6 +323,8 @@ def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: in
             break
         if parts > 1:
             candidates.add(parts)
+    limit = max_wave_partitions(ctas, max_context_len, num_sms)
+    candidates = {parts for parts in candidates if parts <= limit}
     best, best_time = 1, plan_time(ctas, 1, max_context_len, num_sms, resident, rows, wide)
     for parts in sorted(candidates - {1}):
         t = plan_time(ctas, parts, max_context_len, num_sms, resident, rows, wide)
@@ -310,7 +354,9 @@ def plan_partitions(
       ``resident_ctas_per_sm(head_size)`` CTAs each, waves and their tail included (e.g. 512
       CTAs on 132 SMs x 3 leave a tail of one CTA per SM that runs at a latency-bound rate for
       a third of the call: two partitions are cheaper), with a per-CTA overhead and the merge's
-      cost; partitions of at least MIN_WAVE_PARTITION tokens. Where the kernel runs wide CTAs
+      cost; partitions of at least MIN_WAVE_PARTITION tokens (MIN_ONE_WAVE_PARTITION where the
+      split grid keeps at most one CTA per SM), and at most FULL_GRID_MAX_PARTITIONS for grids
+      of at least one CTA per SM (:func:`max_wave_partitions`). Where the kernel runs wide CTAs
       (:func:`wide_ctas_allowed`) for unsplit grids of at most one CTA per SM, that plan is
       costed as those (``wide`` in :func:`plan_time`).
     - ``"fill"`` (the plan of 2026-12-03): as many partitions as still fit the whole grid in one
@@ -337,7 +383,7 @@ def plan_partitions(
                     MAX_PARTITIONS)
     else:
         # One plan per 64-token bucket of the context, taken at the bucket's start (so no
-        # partition is shorter than MIN_WAVE_PARTITION).
+        # partition is shorter than the planner's minimum).
         bucket = max_context_len // PARTITION_ALIGN
         rows = min(group, heads_per_cta)
         wide = wide_ctas_allowed(head_size, group)
@@ -375,7 +421,7 @@ def paged_attention_workspace_size(
     :func:`plan_partitions`, which depends on the device's multiprocessor count: give
     ``num_sms``, or ``device`` (a CUDA device index, ``torch.device`` or ``"cuda:N"``; default
     0). Pass the same ``num_seqs``, ``max_context_len`` and ``partition_size`` as to
-    :func:`paged_attention`. Without a device query, ``ceil(max_context_len / 256)`` bounds
+    :func:`paged_attention`. Without a device query, ``ceil(max_context_len / 128)`` bounds
     ``num_partitions`` for the automatic plan.
     """
     if num_sms is None:

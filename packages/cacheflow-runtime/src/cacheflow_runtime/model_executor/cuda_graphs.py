@@ -11,10 +11,12 @@ holds it. Padding rows have slot -1 (nothing written to the KV cache) and a cont
 The attention kernels see ``max_context_len = max_model_len`` in a batch size's main graph, so
 its split-K plan is fixed at capture and it serves every context length. Where that plan
 splits the context (small batches: too few CTAs to fill the GPU otherwise), the same batch
-size gets a second graph without the split, captured at the longest context the kernels'
-planner would not split at that batch size (:func:`unsplit_context_limit`); a step whose
-longest context is within it replays that graph, so short contexts skip the split-K merge
-kernel and the empty partitions. Steps that are not pure decodes (prompts, chunks), larger
+size gets a second graph for short contexts, captured at the longest context up to which the
+kernels' planner either does not split at that batch size or cuts the context into partitions
+shorter than SHORT_PARTITION tokens (small grids, which it splits finely even at short
+contexts; :func:`short_context_limit`); a step whose longest context is within it replays
+that graph, so short contexts skip the main plan's long partitions, most of them empty, and
+its merge. Steps that are not pure decodes (prompts, chunks), larger
 batches, and models whose forward depends on per-step host values (dynamic NTK rotary scaling)
 run eagerly.
 """
@@ -66,24 +68,48 @@ CONTEXT_STEP = 64
 AttentionShape = tuple[int, int, int]
 
 
-def unsplit_context_limit(batch_size: int, shapes: Iterable[AttentionShape],
-                          max_model_len: int,
-                          workspace_size: Callable[[int, int, int, int, int], int]) -> int:
+#: Partitions shorter than this many tokens are short: the kernels' planner cuts a context this
+#: finely only for grids of at most one CTA per SM (``MIN_WAVE_PARTITION`` in
+#: cacheflow_kernels._attention_ops), where a graph captured at a longer context still serves
+#: the shorter ones well (each partition a short CTA).
+SHORT_PARTITION = 256
+
+
+def _short_plan(workspace: int, batch_size: int, shape: AttentionShape, context: int) -> bool:
+    """Whether the planner's plan with ``workspace`` floats (the kernels' ``num_seqs * num_heads
+    * partitions * (head_size + 2)``; 0 without a split) leaves ``context`` whole or cuts it into
+    partitions shorter than SHORT_PARTITION tokens. A workspace not of that form counts as a
+    split into long partitions."""
+    if workspace == 0:
+        return True
+    heads, _, head_size = shape
+    parts = workspace // (batch_size * heads * (head_size + 2))
+    if parts < 2:
+        return False
+    length = -(-context // parts)
+    return -(-length // CONTEXT_STEP) * CONTEXT_STEP < SHORT_PARTITION
+
+
+def short_context_limit(batch_size: int, shapes: Iterable[AttentionShape],
+                        max_model_len: int,
+                        workspace_size: Callable[[int, int, int, int, int], int]) -> int:
     """The longest context (a multiple of CONTEXT_STEP, at most ``max_model_len``) up to which
-    the decode kernel's planner splits no layer's context at ``batch_size`` sequences: the
-    contexts a graph captured without a split should serve. ``workspace_size(num_seqs,
-    num_heads, num_kv_heads, head_size, max_context_len)`` is the planner's workspace (0: no
-    split). Returns ``max_model_len`` when nothing splits there, 0 when even CONTEXT_STEP does."""
+    the decode kernel's planner, at ``batch_size`` sequences, splits no layer's context or only
+    into partitions shorter than SHORT_PARTITION tokens: the contexts the second graph of that
+    batch size, captured there, serves. ``workspace_size(num_seqs, num_heads, num_kv_heads,
+    head_size, max_context_len)`` is the planner's workspace (0: no split). Returns
+    ``max_model_len`` when that holds there, 0 when not even at CONTEXT_STEP."""
     shapes = sorted(set(shapes))
 
-    def unsplit(context: int) -> bool:
-        return all(workspace_size(batch_size, h, kv, d, context) == 0 for h, kv, d in shapes)
+    def short(context: int) -> bool:
+        return all(_short_plan(workspace_size(batch_size, *shape, context), batch_size, shape,
+                               context) for shape in shapes)
 
-    if unsplit(max_model_len):
+    if short(max_model_len):
         return max_model_len
     limit = 0
     for context in range(CONTEXT_STEP, max_model_len, CONTEXT_STEP):
-        if not unsplit(context):
+        if not short(context):
             break
         limit = context
     return limit
@@ -159,12 +185,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logit_indices = torch.arange(n, dtype=torch.int64, device=device)
-        # The batch sizes whose main graph splits the context, and the contexts their second,
-        # unsplit graph serves.
+        # The batch sizes whose main graph splits the context into long partitions, and the
+        # contexts their second graph serves.
         shapes = attention_shapes(model)
-        limits = {size: unsplit_context_limit(size, shapes, max_model_len, self._workspace_size)
+        limits = {size: short_context_limit(size, shapes, max_model_len, self._workspace_size)
                   for size in self.sizes}
-        self.unsplit_limits = {s: c for s, c in limits.items() if 0 < c < max_model_len}
+        self.short_limits = {s: c for s, c in limits.items() if 0 < c < max_model_len}
         # Keyed by (batch size, captured max_context_len).
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -180,7 +206,7 @@ class DecodeGraphs:
     def _keys(self) -> list[tuple[int, int]]:
         """(batch size, max_context_len) of every graph to capture."""
         return ([(size, self.max_model_len) for size in self.sizes]
-                + list(self.unsplit_limits.items()))
+                + list(self.short_limits.items()))
 
     def _metadata(self, size: int, max_context_len: int) -> InputMetadata:
         return build_input_metadata(
@@ -207,13 +233,14 @@ class DecodeGraphs:
             self.graphs[key] = graph
             self.outputs[key] = out
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs of decode steps for batch sizes %s (and without the "
-                    "split-K merge for contexts up to %s)", self.sizes, self.unsplit_limits)
+        logger.info("captured CUDA graphs of decode steps for batch sizes %s (and for short "
+                    "contexts, up to: %s)", self.sizes, self.short_limits)
 
     def graph_key(self, size: int, max_context_len: int) -> tuple[int, int]:
         """The graph a decode step of ``size`` rows (a captured size) with contexts up to
-        ``max_context_len`` replays: the unsplit one where it covers them, else the main one."""
-        limit = self.unsplit_limits.get(size, 0)
+        ``max_context_len`` replays: the short-context one where it covers them, else the main
+        one."""
+        limit = self.short_limits.get(size, 0)
         return (size, limit) if max_context_len <= limit else (size, self.max_model_len)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
