@@ -37,10 +37,10 @@ SPLIT_ENV = "CACHEFLOW_PA_SPLIT"
 #: The wave planner's shortest partition.
 MIN_WAVE_PARTITION = 256
 #: ... where the split grid still has at most one CTA per SM (small grids: few sequences and KV
-#: heads). An H100 survey (2026-12-06, docs/benchmarks.md) found 128-token partitions 7-14%
-#: faster than 256 there: GQA-8 batch 1 at 4k 9.56 against 10.22 us (32 against 16
-#: partitions), MQA batch 8 at 1k 8.51 against 9.52, head size 256 batch 1 at 1k 12.57 against
-#: 14.67.
+#: heads). An H100 survey (2026-12-06, docs/benchmarks.md) found 128-token partitions taking
+#: 6-19% less time than 256 there: GQA-8 batch 1 at 4k 9.56 against 10.22 us (32 against 16
+#: partitions) and at 2k 6.84 against 8.47, MQA batch 8 at 1k 8.51 against 9.52, head size 256
+#: batch 1 at 1k 12.57 against 14.67.
 MIN_ONE_WAVE_PARTITION = 128
 #: Most partitions of a grid that has at least one CTA per SM unsplit. Such a grid is bound by
 #: the device's total bandwidth, not by its busiest SM: a split only evens out the SMs that hold
