@@ -754,7 +754,8 @@ def test_plan_small_grids_merge_cheaply(
     monkeypatch.delenv(_attention_ops.ROWS_ENV, raising=False)
     plan, split_us, whole_us = measured
     assert split_us < whole_us
-    assert _attention_ops.merge_cost(66, 132) == pytest.approx(288)
+    assert _attention_ops.merge_cost(99, 132) == pytest.approx(432)
+    assert _attention_ops.merge_cost(16, 132) == _attention_ops.merge_cost(66, 132) == 288
     assert _attention_ops.merge_cost(132, 132) == _attention_ops.merge_cost(1000, 132) == 576
     _attention_ops._WAVE_PLANS.clear()
     assert plan_partitions(*args, 132, head_size=head_size, split="wave") == plan
@@ -762,6 +763,20 @@ def test_plan_small_grids_merge_cheaply(
     monkeypatch.setattr(_attention_ops, "merge_cost", lambda split_ctas, num_sms: 576)
     _attention_ops._WAVE_PLANS.clear()
     assert plan_partitions(*args, 132, head_size=head_size, split="wave") == (0, 1)
+    _attention_ops._WAVE_PLANS.clear()
+
+
+def test_plan_keeps_tiny_wide_grids_at_head_size_64_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two to eight wide CTAs at head size 64 and 1k tokens stay whole (8 measured: 5.46 us whole,
+    6.14 in 8 x 128, H100 2026-12-06): the merge's share has a floor, without which the fewer
+    CTAs would split (SmolLM2's 3 KV heads, Qwen2-0.5B's 2, at batch 1)."""
+    monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    for args in ((1, 32, 8, 1024), (1, 9, 3, 1024), (1, 14, 2, 1024), (1, 32, 4, 1024)):
+        _attention_ops._WAVE_PLANS.clear()
+        assert plan_partitions(*args, 132, head_size=64, split="wave") == (0, 1), args
+    monkeypatch.setattr(_attention_ops, "_MERGE_MIN_SHARE", 0.0)
+    _attention_ops._WAVE_PLANS.clear()
+    assert plan_partitions(1, 9, 3, 1024, 132, head_size=64, split="wave") == (128, 8)
     _attention_ops._WAVE_PLANS.clear()
 
 

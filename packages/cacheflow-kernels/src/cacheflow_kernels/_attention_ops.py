@@ -67,6 +67,7 @@ _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # SMs pay a share of it (:func:`merge_cost`).
 _CTA_OVERHEAD_TOKENS = 64
 _MERGE_FIXED_TOKENS = 576
+_MERGE_MIN_SHARE = 0.5  # the least share of it a split of few CTAs pays (:func:`merge_cost`)
 # CTAs per SM that saturate it in grids of one to two CTAs per SM (see :func:`plan_time`).
 _PAIR_GRID_SATURATION = 2
 # Wide unsplit grids covering at least 1 / this share of the SMs are costed at the full rate of
@@ -283,11 +284,14 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
 def merge_cost(split_ctas: int, num_sms: int) -> float:
     """The wave planner's cost of a split's merge for a split grid of ``split_ctas`` CTAs:
     ``_MERGE_FIXED_TOKENS`` from one CTA per SM up, a share of it below, where the merge has few
-    partial rows to combine. Fitted on an H100 survey (2026-12-06, docs/benchmarks.md): at the
-    full cost the planner kept small grids at short contexts whole where a split into 128-token
-    partitions was 16-30% faster (GQA-8 batch 1 at 1k 8.65 us whole, 6.06 in 8 x 128; MQA batch 8
-    at 512 8.32 and 7.00 in 4 x 128), and every other measured plan stays the same."""
-    return _MERGE_FIXED_TOKENS * min(1.0, split_ctas / num_sms)
+    partial rows to combine, but never less than ``_MERGE_MIN_SHARE`` of it (its launch and round
+    trips remain). Fitted on an H100 survey (2026-12-06, docs/benchmarks.md): at the full cost the
+    planner kept small grids at short contexts whole where a split into 128-token partitions was
+    16-30% faster (GQA-8 batch 1 at 1k 8.65 us whole, 6.06 in 8 x 128; MQA batch 8 at 512 8.32
+    and 7.00 in 4 x 128), and every other measured plan stays the same. The floor keeps grids of
+    two to four wide CTAs at head size 64 whole at 1k, as the measured grid of eight (5.46 us
+    whole, 6.14 in 8 x 128), whose CTAs each read as many bytes."""
+    return _MERGE_FIXED_TOKENS * max(_MERGE_MIN_SHARE, min(1.0, split_ctas / num_sms))
 
 
 def max_wave_partitions(ctas: int, max_context_len: int, num_sms: int) -> int:
