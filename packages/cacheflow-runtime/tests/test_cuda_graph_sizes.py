@@ -12,6 +12,7 @@ from cacheflow_runtime.model_executor.cuda_graphs import (
     DecodeGraphs,
     capture_sizes,
     graph_batch_size,
+    second_graph_context,
     short_context_limit,
 )
 
@@ -104,6 +105,26 @@ def test_short_limit_is_the_strictest_layer() -> None:
         return num_seqs * heads * 2 * (head_size + 2)
 
     assert short_context_limit(1, [(32, 32, 128)], 2048, two) == 384
+
+
+def test_second_graph_context() -> None:
+    """The short-context limit where the main plan at max_model_len has long partitions; where
+    even that plan cuts the context into short partitions, the longest unsplit context."""
+    def fine(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
+        # whole below 512 tokens, then 128-token partitions at every context
+        return 0 if context < 512 else num_seqs * heads * (context // 128) * (head_size + 2)
+
+    def coarse(num_seqs: int, heads: int, kv_heads: int, head_size: int, context: int) -> int:
+        # also 512-token partitions from 2048 tokens on
+        parts = context // 128 if context < 2048 else context // 512
+        return 0 if context < 512 else num_seqs * heads * parts * (head_size + 2)
+
+    shape = [(32, 8, 128)]
+    assert short_context_limit(1, shape, 4096, fine) == 4096
+    assert second_graph_context(1, shape, 4096, fine) == 448
+    assert short_context_limit(1, shape, 4096, coarse) == 1984
+    assert second_graph_context(1, shape, 4096, coarse) == 1984
+    assert second_graph_context(1, shape, 448, fine) == 448  # nothing splits: no second graph
 
 
 def test_steps_pick_the_short_context_graph_within_its_limit() -> None:

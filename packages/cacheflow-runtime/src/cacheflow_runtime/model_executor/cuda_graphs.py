@@ -14,9 +14,10 @@ splits the context (small batches: too few CTAs to fill the GPU otherwise), the 
 size gets a second graph for short contexts, captured at the longest context up to which the
 kernels' planner either does not split at that batch size or cuts the context into partitions
 shorter than SHORT_PARTITION tokens (small grids, which it splits finely even at short
-contexts; :func:`short_context_limit`); a step whose longest context is within it replays
-that graph, so short contexts skip the main plan's long partitions, most of them empty, and
-its merge. Steps that are not pure decodes (prompts, chunks), larger
+contexts; :func:`short_context_limit`), or, where the main plan's partitions are that short
+already, at the longest context it leaves whole (:func:`second_graph_context`); a step whose
+longest context is within it replays that graph, so short contexts skip the main plan's long
+or mostly empty partitions and its merge. Steps that are not pure decodes (prompts, chunks), larger
 batches, and models whose forward depends on per-step host values (dynamic NTK rotary scaling)
 run eagerly.
 """
@@ -75,10 +76,11 @@ AttentionShape = tuple[int, int, int]
 SHORT_PARTITION = 256
 
 
-def _short_plan(workspace: int, batch_size: int, shape: AttentionShape, context: int) -> bool:
+def _short_plan(workspace: int, batch_size: int, shape: AttentionShape, context: int,
+                partition_below: int = SHORT_PARTITION) -> bool:
     """Whether the planner's plan with ``workspace`` floats (the kernels' ``num_seqs * num_heads
     * partitions * (head_size + 2)``; 0 without a split) leaves ``context`` whole or cuts it into
-    partitions shorter than SHORT_PARTITION tokens. A workspace not of that form counts as a
+    partitions shorter than ``partition_below`` tokens. A workspace not of that form counts as a
     split into long partitions."""
     if workspace == 0:
         return True
@@ -87,23 +89,24 @@ def _short_plan(workspace: int, batch_size: int, shape: AttentionShape, context:
     if parts < 2:
         return False
     length = -(-context // parts)
-    return -(-length // CONTEXT_STEP) * CONTEXT_STEP < SHORT_PARTITION
+    return -(-length // CONTEXT_STEP) * CONTEXT_STEP < partition_below
 
 
 def short_context_limit(batch_size: int, shapes: Iterable[AttentionShape],
                         max_model_len: int,
-                        workspace_size: Callable[[int, int, int, int, int], int]) -> int:
+                        workspace_size: Callable[[int, int, int, int, int], int],
+                        partition_below: int = SHORT_PARTITION) -> int:
     """The longest context (a multiple of CONTEXT_STEP, at most ``max_model_len``) up to which
     the decode kernel's planner, at ``batch_size`` sequences, splits no layer's context or only
-    into partitions shorter than SHORT_PARTITION tokens: the contexts the second graph of that
-    batch size, captured there, serves. ``workspace_size(num_seqs, num_heads, num_kv_heads,
-    head_size, max_context_len)`` is the planner's workspace (0: no split). Returns
-    ``max_model_len`` when that holds there, 0 when not even at CONTEXT_STEP."""
+    into partitions shorter than ``partition_below`` tokens (CONTEXT_STEP: no split at all).
+    ``workspace_size(num_seqs, num_heads, num_kv_heads, head_size, max_context_len)`` is the
+    planner's workspace (0: no split). Returns ``max_model_len`` when that holds there, 0 when
+    not even at CONTEXT_STEP."""
     shapes = sorted(set(shapes))
 
     def short(context: int) -> bool:
         return all(_short_plan(workspace_size(batch_size, *shape, context), batch_size, shape,
-                               context) for shape in shapes)
+                               context, partition_below) for shape in shapes)
 
     if short(max_model_len):
         return max_model_len
@@ -113,6 +116,20 @@ def short_context_limit(batch_size: int, shapes: Iterable[AttentionShape],
             break
         limit = context
     return limit
+
+
+def second_graph_context(batch_size: int, shapes: Iterable[AttentionShape], max_model_len: int,
+                         workspace_size: Callable[[int, int, int, int, int], int]) -> int:
+    """The context a batch size's second decode graph is captured at (0 < it < ``max_model_len``;
+    otherwise the batch size gets no second graph): :func:`short_context_limit`, or, where the
+    main graph's own plan already cuts ``max_model_len`` into short partitions (a small grid),
+    the longest context the planner leaves whole, whose steps then skip the merge and the
+    mostly empty partitions of that plan."""
+    shapes = sorted(set(shapes))
+    limit = short_context_limit(batch_size, shapes, max_model_len, workspace_size)
+    if limit < max_model_len:
+        return limit
+    return short_context_limit(batch_size, shapes, max_model_len, workspace_size, CONTEXT_STEP)
 
 
 def attention_shapes(model: torch.nn.Module) -> list[AttentionShape]:
@@ -188,7 +205,7 @@ class DecodeGraphs:
         # The batch sizes whose main graph splits the context into long partitions, and the
         # contexts their second graph serves.
         shapes = attention_shapes(model)
-        limits = {size: short_context_limit(size, shapes, max_model_len, self._workspace_size)
+        limits = {size: second_graph_context(size, shapes, max_model_len, self._workspace_size)
                   for size in self.sizes}
         self.short_limits = {s: c for s, c in limits.items() if 0 < c < max_model_len}
         # Keyed by (batch size, captured max_context_len).
