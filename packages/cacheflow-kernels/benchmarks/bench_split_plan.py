@@ -114,14 +114,15 @@ def add_cases(grid: str = "short") -> list[str]:
 
 
 def count_sizes(ctx: int, counts: list[int]) -> list[int]:
-    """Partition sizes (multiples of bench_paged_attention's 64-token alignment) that cut ``ctx``
-    into each of ``counts`` partitions, distinct, with 0 (no split) first; counts that would need
-    partitions shorter than 64 tokens or give the same size twice are dropped."""
+    """Partition sizes that cut ``ctx`` into each of ``counts`` partitions as the planner rounds
+    them (``split_of``), distinct, with 0 (no split) first; counts that round to no split or to a
+    size already listed are dropped."""
+    from cacheflow_kernels._attention_ops import split_of
+
     sizes = [0]
     for k in counts:
-        size = -(-ctx // k)
-        size = -(-size // 64) * 64
-        if k > 1 and -(-ctx // size) > 1 and size not in sizes:
+        size, _ = split_of(ctx, k)
+        if size and size not in sizes:
             sizes.append(size)
     return sizes
 

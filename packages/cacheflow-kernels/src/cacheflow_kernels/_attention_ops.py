@@ -399,6 +399,13 @@ def plan_partitions(
             if len(_WAVE_PLANS) >= _WAVE_PLANS_MAX:
                 _WAVE_PLANS.clear()
             _WAVE_PLANS[key] = parts
+    return split_of(max_context_len, parts)
+
+
+def split_of(max_context_len: int, parts: int) -> tuple[int, int]:
+    """``(partition_size, num_partitions)`` of cutting ``max_context_len`` into ``parts``
+    partitions of a multiple of PARTITION_ALIGN tokens (the rounding can leave fewer); ``(0, 1)``
+    when that is no split."""
     if parts <= 1:
         return 0, 1
     size = -(-max_context_len // parts)
