@@ -2,6 +2,7 @@
 
     python packages/cacheflow-kernels/benchmarks/bench_split_plan.py --out plan.json
     python .../bench_split_plan.py --grid wide --partitions 0,256,512,704,768,1024,1536 --out w.json
+    python .../bench_split_plan.py --grid survey --match plan_mqa_b1_ --counts 16,32,64 --out m.json
 
 Times a grid of decode shapes (``--grid short``, the default: short contexts, where a split's
 merge weighs most: batches 1-64, contexts 512-2048, MHA / GQA-4 at head size 64 / GQA-8 / MQA
@@ -75,6 +76,10 @@ SURVEY_GRID = [
     ("mqa", 32, 1, 128, (1, 8, 32), (16384,), False),
     ("mhad256", 16, 16, 256, (1, 4, 8, 16), (1024, 4096, 16384), False),
     ("mhad64", 32, 32, 64, (1, 4, 8), (4096, 16384), False),
+    # plans of the 2026-12-06 planner that no fixed count of the first survey timed
+    ("gqa8d64", 32, 4, 64, (1, 2), (2048,), False),
+    ("gqa4d64", 32, 8, 64, (24,), (3072,), False),
+    ("mqa", 32, 1, 128, (1,), (4096, 32768), False),
     ("mha", 32, 32, 128, (1, 4, 16), (8192, 32768), True),
     ("gqa8", 32, 4, 128, (1, 8, 32), (8192, 32768), True),
 ]
@@ -185,8 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                         "of one to two CTAs per SM at head sizes 64-96, or the model-fitting "
                         "survey")
     p.add_argument("--limit", type=int, default=0, help="only the first N shapes (0 = all)")
+    p.add_argument("--match", default="",
+                   help="comma-separated substrings: only the shapes whose case name (e.g. "
+                        "plan_mqa_b1_ctx16384) contains one of them")
     args = p.parse_args(argv)
     names = add_cases(args.grid)
+    patterns = [m.strip() for m in args.match.split(",") if m.strip()]
+    if patterns:
+        names = [n for n in names if any(m in n for m in patterns)]
+        if not names:
+            p.error(f"--match {args.match!r} selects none of the {args.grid} grid's shapes")
     if args.limit:
         names = names[:args.limit]
     counts = args.counts or (SURVEY_COUNTS if args.grid == "survey" else "")
