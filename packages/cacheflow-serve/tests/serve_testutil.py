@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from cacheflow_runtime import RequestOutput
+from cacheflow_runtime import AsyncLLMEngine, RequestOutput
 from cacheflow_serve import LLM
+from cacheflow_serve.server import ServerThread, make_server
 
 #: For a ``cacheflow serve`` subprocess: torch on one thread in the server and its engine core
 #: process (the tiny model gains nothing from more; see ONE_TORCH_THREAD in conftest.py).
@@ -59,3 +63,18 @@ def descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+@contextlib.contextmanager
+def server_in_thread(path: Path, llm_kwargs: dict[str, Any] | None = None,
+                     **server_kwargs: Any) -> Iterator[ServerThread]:
+    """The server over an ``LLM(path, device="cpu", dtype="float32", **llm_kwargs)``'s engine in
+    this process, serving the model as "tiny" (``server_kwargs`` go to ``make_server``)."""
+    llm = LLM(path, device="cpu", dtype="float32", **(llm_kwargs or {}))
+    server_kwargs = {"port": 0, "served_model_names": ["tiny"], "log_level": "warning",
+                     **server_kwargs}
+    thread = ServerThread(make_server(AsyncLLMEngine(llm.engine), **server_kwargs)).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()

@@ -67,7 +67,7 @@ def test_chat_without_a_chat_template_is_a_clear_error(tiny_path: Path,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("cacheflow: error: ")
-    assert "chat_template is not set" in captured.err
+    assert "this model's tokenizer has no chat template" in captured.err
 
 
 def test_missing_model_path_exits_2_naming_it(tmp_path: Path,

@@ -9,20 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from cacheflow_runtime import AsyncLLMEngine
-from cacheflow_serve import LLM
 from cacheflow_serve.bench import arrival_offsets, percentile
 from cacheflow_serve.cli import main
-from cacheflow_serve.server import ServerThread, make_server
+from cacheflow_serve.server import ServerThread
+
+from serve_testutil import server_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(chat_tiny_path: Path) -> Iterator[ServerThread]:
-    llm = LLM(chat_tiny_path, device="cpu", dtype="float32", kv_cache_blocks=512)
-    thread = ServerThread(make_server(AsyncLLMEngine(llm.engine), port=0, api_key="k",
-                                      served_model_names=["tiny"], log_level="warning")).start()
-    yield thread
-    thread.stop()
+    with server_in_thread(chat_tiny_path, {"kv_cache_blocks": 512}, api_key="k") as thread:
+        yield thread
 
 
 @pytest.mark.parametrize("endpoint, rate", [("completions", "inf"), ("chat", "200")])

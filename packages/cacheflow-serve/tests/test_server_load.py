@@ -15,9 +15,11 @@ import aiohttp
 import httpx
 import pytest
 
-from cacheflow_runtime import AsyncLLMEngine, SamplingParams
+from cacheflow_runtime import SamplingParams
 from cacheflow_serve import LLM
-from cacheflow_serve.server import ServerThread, make_server
+from cacheflow_serve.server import ServerThread
+
+from serve_testutil import server_in_thread
 
 NUM_REQUESTS = 200
 NUM_CUT = NUM_REQUESTS // 5
@@ -27,11 +29,8 @@ PROMPTS = [f"Request number {i}: tell me about block {i * 7}" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def server(tiny_path: Path) -> Iterator[ServerThread]:
-    llm = LLM(tiny_path, device="cpu", dtype="float32", kv_cache_blocks=1024)
-    thread = ServerThread(make_server(AsyncLLMEngine(llm.engine), port=0,
-                                      served_model_names=["tiny"], log_level="warning")).start()
-    yield thread
-    thread.stop()
+    with server_in_thread(tiny_path, {"kv_cache_blocks": 1024}) as thread:
+        yield thread
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, prompt: str,

@@ -65,8 +65,10 @@ def run_generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **llm_kwargs(args, skip=_GENERATE_SKIPS))
     prompts = args.prompts
     if args.chat:
-        prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           use_tqdm=len(prompts) > 1)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for original, out in zip(args.prompts, outputs):
         if len(outputs) > 1:
             print(f"### {original}")

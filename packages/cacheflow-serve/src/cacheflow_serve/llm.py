@@ -34,7 +34,7 @@ from cacheflow_runtime import (
     resolve_device,
 )
 from cacheflow_runtime.config import is_int
-from cacheflow_runtime.errors import check_text
+from cacheflow_serve.chat_template import encode_chat, render_chat
 from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
 PromptInput = Union[str, dict[str, Any]]
@@ -177,17 +177,44 @@ class LLM:
         """The model's tokenizer (None with ``skip_tokenizer_init``)."""
         return self.tokenizer
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a chat ``[{"role": ..., "content": ...}]`` by the model's template."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
+                            chat_template: Optional[str] = None) -> str:
+        """The prompt text of a chat ``[{"role": ..., "content": ...}]`` by the model's template
+        (or ``chat_template``); see ``chat`` for the options. Its token ids are
+        ``encode_chat(llm.get_tokenizer(), text)``: the template wrote the special tokens."""
         if self.tokenizer is None:
             raise InvalidRequestError("the tokenizer was skipped (skip_tokenizer_init): there is "
                                       "no chat template", param="messages")
-        for i, message in enumerate(messages):
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                check_text(content, f"messages[{i}].content")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message,
+                           chat_template=chat_template)
+
+    def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+             sampling_params: Optional[SamplingParams | Sequence[SamplingParams]] = None,
+             use_tqdm: bool = True, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template: Optional[str] = None) -> list[RequestOutput]:
+        """Generates the assistant's reply to one conversation or to each of a list of them.
+
+        ``messages``: ``[{"role": "system" | "developer" | "user" | "assistant", "content": str
+        or [{"type": "text", "text": str}, ...]}, ...]``, or a list of such conversations.
+        Each is rendered by the model's chat template (``chat_template`` overrides it) and
+        encoded without the tokenizer's special tokens, which the template writes itself.
+        ``add_generation_prompt`` opens the assistant's turn; ``continue_final_message`` instead
+        continues the last (assistant) message. ``sampling_params`` as in ``generate``; outputs
+        come back in conversation order. Every conversation is checked before any runs.
+        """
+        conversations = _conversations(messages)
+        prompts: list[PromptInput] = []
+        for conversation in conversations:
+            text = self.apply_chat_template(conversation,
+                                            add_generation_prompt=add_generation_prompt,
+                                            continue_final_message=continue_final_message,
+                                            chat_template=chat_template)
+            prompts.append({"prompt": text, "prompt_token_ids": encode_chat(self.tokenizer, text)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: Optional[SamplingParams | Sequence[SamplingParams]] = None,
@@ -273,6 +300,22 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[rid] for rid in request_ids]
+
+
+def _conversations(messages: Any) -> list[Any]:
+    """``LLM.chat``'s ``messages`` as a list of conversations: one conversation (a list of
+    message dicts) or a list of them, not a mix."""
+    if isinstance(messages, (list, tuple)):
+        if all(isinstance(m, dict) for m in messages):
+            return [messages] if messages else []
+        if all(isinstance(c, (list, tuple)) for c in messages):
+            return list(messages)
+        kinds = sorted({type(m).__name__ for m in messages})
+        raise InvalidRequestError(f"messages must be one conversation (a list of message "
+                                  f"dicts) or a list of conversations, got a list of "
+                                  f"{' and '.join(kinds)}", param="messages")
+    raise InvalidRequestError(f"messages must be a list of message dicts or a list of such "
+                              f"lists, got {type(messages).__name__}", param="messages")
 
 
 def _split_prompt(item: PromptInput) -> tuple[Any, Any]:

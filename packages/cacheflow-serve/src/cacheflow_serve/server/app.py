@@ -202,10 +202,15 @@ def _api_routes(ctx: ServingContext) -> APIRouter:
         # Not bounded by max_model_len: counting the tokens of a text that is too long is one
         # use of this route (the request body limit bounds it).
         if body.messages is not None:
-            text = await render_chat(ctx, body.messages, body.add_generation_prompt is not False)
-            count, tokens = await ctx.encode_json(text, param="messages")
+            text = await render_chat(ctx, body.messages, body.add_generation_prompt is not False,
+                                     body.continue_final_message is True)
+            count, tokens = await ctx.encode_json(text, param="messages",
+                                                  add_special_tokens=body.add_special_tokens
+                                                  is True)
         else:
-            count, tokens = await ctx.encode_json(body.prompt or "")
+            count, tokens = await ctx.encode_json(body.prompt or "",
+                                                  add_special_tokens=body.add_special_tokens
+                                                  is not False)
         # The ids come as JSON text, so that millions of them are not serialized on the loop.
         content = f'{{"count":{count},"max_model_len":{ctx.max_model_len},"tokens":{tokens}}}'
         return Response(content, media_type="application/json")

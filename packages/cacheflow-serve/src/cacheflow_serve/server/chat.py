@@ -8,8 +8,9 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
-from cacheflow_runtime import RequestOutput, RequestStream
-from cacheflow_serve.server.errors import APIError, error_body, stream_error
+from cacheflow_runtime import InvalidRequestError, RequestOutput, RequestStream
+from cacheflow_serve.chat_template import render_chat as render_chat_text
+from cacheflow_serve.server.errors import APIError, bad_request, error_body, stream_error
 from cacheflow_serve.server.protocol import ChatCompletionRequest, ChatMessage
 from cacheflow_serve.server.serving import (
     ServingContext,
@@ -31,26 +32,18 @@ from cacheflow_serve.server.streaming import (
 
 
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
-                      add_generation_prompt: bool = True) -> str:
+                      add_generation_prompt: bool = True,
+                      continue_final_message: bool = False) -> str:
     """The prompt text of ``messages`` by the tokenizer's chat template, rendered in the
-    tokenizer threads (400 if it fails)."""
+    tokenizer threads (400 if it fails or the model has no template)."""
     tokenizer = ctx.require_tokenizer("messages")
-    dicts = []
-    for message in messages:
-        entry = {"role": "system" if message.role == "developer" else message.role,
-                 "content": message.text()}
-        if message.name:
-            entry["name"] = message.name
-        dicts.append(entry)
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use "
-                       "/v1/completions", param="messages")
+    dicts = [message.model_dump(exclude_none=True) for message in messages]
     try:
-        return await ctx.off_loop(tokenizer.apply_chat_template, dicts, tokenize=False,
-                                  add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # the template rejected these messages (e.g. role order)
-        raise APIError(400, f"the chat template failed on these messages: {exc}",
-                       param="messages") from None
+        return await ctx.off_loop(render_chat_text, tokenizer, dicts,
+                                  add_generation_prompt=add_generation_prompt,
+                                  continue_final_message=continue_final_message)
+    except InvalidRequestError as exc:
+        raise bad_request(exc) from None
 
 
 def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
@@ -71,8 +64,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     """Serves one chat completions call."""
     ctx.check_model(req.model)
     _check_chat_features(ctx, req)
-    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt is not False)
-    ids = await ctx.encode(prompt, param="messages")
+    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt is not False,
+                               req.continue_final_message is True)
+    ids = await ctx.encode(prompt, param="messages",
+                           add_special_tokens=req.add_special_tokens is True)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param)

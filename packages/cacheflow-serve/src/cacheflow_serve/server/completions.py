@@ -32,12 +32,13 @@ from cacheflow_serve.server.streaming import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-async def _prompts(ctx: ServingContext, prompt: Any) -> list[tuple[str, list[int]]]:
+async def _prompts(ctx: ServingContext, prompt: Any,
+                   add_special_tokens: bool) -> list[tuple[str, list[int]]]:
     """(text, token ids) of each prompt of the request."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, await ctx.encode(p)) for p in prompt]
+        return [(p, await ctx.encode(p, add_special_tokens=add_special_tokens)) for p in prompt]
     if all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
     return [(await ctx.decode(list(ids)), list(ids)) for ids in prompt]
@@ -53,7 +54,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     n = req.n or 1
     if req.stream and req.best_of not in (None, n):
         raise APIError(400, "best_of must equal n when streaming", param="best_of")
-    prompts = await _prompts(ctx, req.prompt)
+    prompts = await _prompts(ctx, req.prompt, req.add_special_tokens is not False)
     params = []
     for _, ids in prompts:
         if req.max_tokens is None:

@@ -102,6 +102,8 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     suffix: Optional[str] = None
+    #: The tokenizer's special tokens (e.g. BOS) around a text prompt, as vLLM's field.
+    add_special_tokens: Optional[bool] = True
 
 
 class TextPart(_Body):
@@ -138,6 +140,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     response_format: Optional[dict[str, Any]] = None
     add_generation_prompt: Optional[bool] = True
+    #: Leave the last (assistant) message open and continue it; excludes the generation prompt.
+    continue_final_message: Optional[bool] = False
+    #: The tokenizer's special tokens on top of those the chat template writes (vLLM's field;
+    #: off, since templates write BOS themselves).
+    add_special_tokens: Optional[bool] = False
 
 
 class TokenizeRequest(_Body):
@@ -147,6 +154,9 @@ class TokenizeRequest(_Body):
     prompt: Optional[str] = None
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
     add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
+    #: Default (null): on for a prompt, off for messages, as the generation routes encode them.
+    add_special_tokens: Optional[bool] = None
 
 
 class DetokenizeRequest(_Body):

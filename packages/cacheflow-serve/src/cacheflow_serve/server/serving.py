@@ -80,16 +80,19 @@ class ServingContext:
         except InvalidRequestError as exc:
             raise bad_request(exc) from None
 
-    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+    async def encode(self, text: str, param: str = "prompt",
+                     add_special_tokens: bool = True) -> list[int]:
         """The token ids of ``text``, as the engine would encode it (400 for text that is not
-        valid Unicode or longer than any prompt that fits the context)."""
+        valid Unicode or longer than any prompt that fits the context);
+        ``add_special_tokens=False`` for text a chat template rendered."""
         self._check_text(text, param, bounded=True)
-        return await self.tokenization.encode(text)
+        return await self.tokenization.encode(text, add_special_tokens)
 
-    async def encode_json(self, text: str, param: str = "prompt") -> tuple[int, str]:
+    async def encode_json(self, text: str, param: str = "prompt",
+                          add_special_tokens: bool = True) -> tuple[int, str]:
         """(number of tokens, JSON list of the token ids) of ``text`` of any length."""
         self._check_text(text, param, bounded=False)
-        return await self.tokenization.encode_json(text)
+        return await self.tokenization.encode_json(text, add_special_tokens)
 
     async def decode(self, token_ids: list[int]) -> str:
         """The text of ``token_ids`` ("" without a tokenizer)."""

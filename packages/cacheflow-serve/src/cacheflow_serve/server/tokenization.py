@@ -37,14 +37,15 @@ def _init_worker(tokenizer_pickle: bytes) -> None:
     _worker_tokenizer = pickle.loads(tokenizer_pickle)
 
 
-def _encode_packed(text: str) -> bytes:
+def _encode_packed(text: str, add_special_tokens: bool) -> bytes:
     """(In the worker) the token ids of ``text`` as packed signed 64-bit integers."""
-    return array.array(_IDS_TYPECODE, _worker_tokenizer.encode(text)).tobytes()
+    ids = _worker_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return array.array(_IDS_TYPECODE, ids).tobytes()
 
 
-def _encode_json(text: str) -> tuple[int, str]:
+def _encode_json(text: str, add_special_tokens: bool) -> tuple[int, str]:
     """(In the worker) the number of tokens of ``text`` and their JSON list."""
-    ids = _worker_tokenizer.encode(text)
+    ids = _worker_tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return len(ids), json.dumps(ids, separators=(",", ":"))
 
 
@@ -72,24 +73,29 @@ class Tokenization:
                     initializer=_init_worker, initargs=(pickle.dumps(self.tokenizer),))
             return self._process
 
-    async def _in_worker(self, fn: Callable[[str], T], text: str) -> T:
+    async def _in_worker(self, fn: Callable[[str, bool], T], text: str,
+                         add_special_tokens: bool) -> T:
         loop = asyncio.get_running_loop()
         worker = await self.in_thread(self._worker)  # pickling the tokenizer takes a while
-        return await loop.run_in_executor(worker, fn, text)
+        return await loop.run_in_executor(worker, fn, text, add_special_tokens)
 
-    async def encode(self, text: str) -> list[int]:
-        """The token ids of ``text`` (``tokenizer.encode``)."""
+    def _encode_here(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of ``text`` (``tokenizer.encode``; ``add_special_tokens=False`` for a
+        rendered chat template, which holds them already)."""
         if len(text) < self.process_min_chars:
-            return await self.in_thread(lambda: list(self.tokenizer.encode(text)))
-        packed = await self._in_worker(_encode_packed, text)
+            return await self.in_thread(self._encode_here, text, add_special_tokens)
+        packed = await self._in_worker(_encode_packed, text, add_special_tokens)
         return array.array(_IDS_TYPECODE, packed).tolist()
 
-    async def encode_json(self, text: str) -> tuple[int, str]:
+    async def encode_json(self, text: str, add_special_tokens: bool = True) -> tuple[int, str]:
         """(number of tokens, their JSON list) of ``text``, for a response body."""
         if len(text) < self.process_min_chars:
-            ids = await self.in_thread(lambda: list(self.tokenizer.encode(text)))
+            ids = await self.in_thread(self._encode_here, text, add_special_tokens)
             return len(ids), json.dumps(ids, separators=(",", ":"))
-        return await self._in_worker(_encode_json, text)
+        return await self._in_worker(_encode_json, text, add_special_tokens)
 
     def shutdown(self) -> None:
         """Stops the threads and the worker process (pending work is cancelled)."""

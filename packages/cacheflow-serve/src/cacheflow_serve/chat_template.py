@@ -1,0 +1,117 @@
+"""Chat messages to a prompt by the tokenizer's chat template: one path for ``LLM.chat``,
+``cacheflow generate --chat`` and the server's chat and ``/tokenize`` routes.
+
+A template writes the model's special tokens itself (LLaMA 3's ``<|begin_of_text|>``, Gemma's
+``<bos>``), so its text is encoded without the tokenizer's own (``add_special_tokens=False``), as
+HF ``apply_chat_template(tokenize=True)`` does; encoding it like a plain prompt would put a second
+BOS in front of every chat prompt of those models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from cacheflow_runtime import InvalidRequestError
+from cacheflow_runtime.errors import check_text
+
+#: Roles a message may have; ``developer`` (OpenAI's newer name) is passed on as ``system``.
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _content_text(content: Any, where: str) -> str:
+    """The text of a message's ``content``: a string, None, or a list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        check_text(content, where)
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for j, part in enumerate(content):
+            ok = (isinstance(part, Mapping) and part.get("type") == "text"
+                  and isinstance(part.get("text"), str))
+            if not ok:
+                raise InvalidRequestError(f"{where}[{j}] must be a text part "
+                                          f"{{'type': 'text', 'text': str}}, got {part!r}",
+                                          param="messages")
+            check_text(part["text"], f"{where}[{j}].text")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequestError(f"{where} must be a string, a list of text parts or None, "
+                              f"got {type(content).__name__}", param="messages")
+
+
+def template_messages(messages: Any) -> list[dict[str, str]]:
+    """``messages`` checked and put in the form chat templates take: a list of
+    ``{"role", "content"[, "name"]}`` with string content (text parts joined, ``developer`` as
+    ``system``).
+
+    Raises:
+        InvalidRequestError: not a non-empty list of messages, or a message whose role, content
+            or name is not one a chat template can take (the message's index is named).
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError(f"messages must be a non-empty list of "
+                                  f"{{'role': ..., 'content': ...}} dicts, got {messages!r:.80}",
+                                  param="messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                                      f"got {type(message).__name__}", param="messages")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role must be one of "
+                                      f"{', '.join(CHAT_ROLES)}, got {role!r}", param="messages")
+        entry = {"role": "system" if role == "developer" else role,
+                 "content": _content_text(message.get("content"), f"messages[{i}].content")}
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise InvalidRequestError(f"messages[{i}].name must be a string, got "
+                                          f"{type(name).__name__}", param="messages")
+            check_text(name, f"messages[{i}].name")
+            entry["name"] = name
+        rendered.append(entry)
+    return rendered
+
+
+def render_chat(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False,
+                chat_template: Optional[str] = None) -> str:
+    """The prompt text of ``messages`` by ``chat_template`` (default: the tokenizer's).
+
+    ``add_generation_prompt`` ends the text with the assistant's turn header;
+    ``continue_final_message`` leaves the last message open, so that generation continues it.
+
+    Raises:
+        InvalidRequestError: bad messages (``template_messages``), both options on, no template,
+            or the template failed on these messages (e.g. an order of roles it refuses).
+    """
+    dicts = template_messages(messages)
+    if add_generation_prompt and continue_final_message:
+        raise InvalidRequestError("add_generation_prompt and continue_final_message cannot both "
+                                  "be true: the first starts a new assistant turn, the second "
+                                  "continues the last message", param="continue_final_message")
+    if continue_final_message and dicts[-1]["role"] != "assistant":
+        raise InvalidRequestError(f"continue_final_message needs the last message to be the "
+                                  f"assistant's, got {dicts[-1]['role']!r}",
+                                  param="continue_final_message")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model's tokenizer has no chat template: give the prompt "
+                                  "as text (generate / completions) or pass chat_template",
+                                  param="messages")
+    try:
+        return tokenizer.apply_chat_template(dicts, tokenize=False, chat_template=chat_template,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
+    except Exception as exc:  # jinja2 errors and the template's own raise_exception
+        raise InvalidRequestError(f"the chat template failed on these messages: {exc}",
+                                  param="messages") from None
+
+
+def encode_chat(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The token ids of a rendered chat prompt: by default without the tokenizer's special
+    tokens, which the template wrote already (see the module docstring)."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -1,0 +1,199 @@
+"""Chat through ``LLM.chat``, ``cacheflow generate --chat`` and the server, on a tokenizer that
+adds BOS to plain text and a template that writes BOS itself (as LLaMA 3's and Gemma's do): the
+prompt's token ids are HF ``apply_chat_template(tokenize=True)``'s, one BOS, not two."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tokenizers import processors
+from transformers import AutoTokenizer
+
+from cacheflow_runtime import InvalidRequestError, SamplingParams
+from cacheflow_serve import LLM
+from cacheflow_serve.chat_template import encode_chat
+from cacheflow_serve.cli import main
+from cacheflow_serve.server import ServerThread
+
+from serve_testutil import assert_idle, server_in_thread
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                "{% if not loop.last or not continue_final_message %}\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def bos_chat_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with a tokenizer that puts BOS before any text it encodes and a chat
+    template that writes BOS too."""
+    path = tmp_path_factory.mktemp("bos_chat") / "llama"
+    shutil.copytree(tiny_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = BOS_TEMPLATE
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(bos_chat_path: Path) -> Any:
+    return AutoTokenizer.from_pretrained(str(bos_chat_path), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def chat_llm(bos_chat_path: Path) -> LLM:
+    return LLM(bos_chat_path, device="cpu", dtype="float32")
+
+
+def hf_ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    kwargs.setdefault("add_generation_prompt", True)
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                              **kwargs))
+
+
+def test_the_fixture_tokenizer_adds_bos_to_plain_text(hf_tokenizer: Any) -> None:
+    bos = hf_tokenizer.bos_token_id
+    assert hf_tokenizer.encode("ab") == [bos, *hf_tokenizer.encode("ab",
+                                                                   add_special_tokens=False)]
+    ids = hf_ids(hf_tokenizer, MESSAGES)
+    assert ids[0] == bos and ids[1] != bos
+
+
+def test_chat_prompt_ids_are_hf_apply_chat_templates(chat_llm: LLM, hf_tokenizer: Any) -> None:
+    out = chat_llm.chat(MESSAGES, GREEDY, use_tqdm=False)
+    assert len(out) == 1
+    expected_ids = hf_ids(hf_tokenizer, MESSAGES)
+    assert list(out[0].prompt_token_ids) == expected_ids
+    assert list(out[0].prompt_token_ids).count(hf_tokenizer.bos_token_id) == 1
+    # The same ids given directly generate the same tokens.
+    direct = chat_llm.generate({"prompt_token_ids": expected_ids}, GREEDY, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == direct[0].outputs[0].token_ids
+    assert out[0].prompt == chat_llm.apply_chat_template(MESSAGES)
+    assert encode_chat(chat_llm.get_tokenizer(), out[0].prompt) == expected_ids
+    assert_idle(chat_llm)
+
+
+def test_a_list_of_conversations_comes_back_in_order(chat_llm: LLM) -> None:
+    conversations = [MESSAGES, [{"role": "user", "content": "Hi"}],
+                     [{"role": "user", "content": [{"type": "text", "text": "Name a "},
+                                                   {"type": "text", "text": "colour."}]}]]
+    outs = chat_llm.chat(conversations, GREEDY, use_tqdm=False)
+    singles = [chat_llm.chat(c, GREEDY, use_tqdm=False)[0] for c in conversations]
+    assert [o.outputs[0].token_ids for o in outs] == [s.outputs[0].token_ids for s in singles]
+    # Text parts are joined: the third conversation's prompt is that of the plain string.
+    plain = chat_llm.chat([{"role": "user", "content": "Name a colour."}], GREEDY,
+                          use_tqdm=False)[0]
+    assert outs[2].prompt_token_ids == plain.prompt_token_ids
+    assert outs[0].prompt_token_ids != outs[1].prompt_token_ids
+
+
+def test_continue_final_message_and_template_override(chat_llm: LLM, hf_tokenizer: Any) -> None:
+    partial = [*MESSAGES, {"role": "assistant", "content": "Blu"}]
+    out = chat_llm.chat(partial, GREEDY, use_tqdm=False, add_generation_prompt=False,
+                        continue_final_message=True)[0]
+    expected = hf_ids(hf_tokenizer, partial, add_generation_prompt=False,
+                      continue_final_message=True)
+    assert list(out.prompt_token_ids) == expected
+    assert out.prompt.endswith("<|assistant|>Blu")
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    text = chat_llm.apply_chat_template(MESSAGES, chat_template=template)
+    assert text == "[Be brief.][Name a colour.]"
+    ids = chat_llm.chat(MESSAGES, GREEDY, use_tqdm=False, chat_template=template)[0]
+    assert list(ids.prompt_token_ids) == hf_tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("messages, kwargs, match", [
+    ([{"role": "tool", "content": "x"}], {}, r"messages\[0\]\.role must be one of"),
+    ([{"role": "user", "content": 5}], {}, r"messages\[0\]\.content must be a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}], {},
+     r"messages\[0\]\.content\[0\] must be a text part"),
+    (["hello"], {}, "one conversation .* or a list of conversations, got a list of str"),
+    ([MESSAGES[0], []], {}, "got a list of dict and list"),
+    ([MESSAGES, []], {}, "messages must be a non-empty list"),
+    (MESSAGES, {"continue_final_message": True},
+     "add_generation_prompt and continue_final_message cannot both be true"),
+    (MESSAGES, {"continue_final_message": True, "add_generation_prompt": False},
+     "needs the last message to be the assistant's, got 'user'"),
+    (MESSAGES, {"chat_template": "{{ raise_exception('no system role') }}"},
+     "the chat template failed on these messages: no system role"),
+    ("hello", {}, "messages must be a list"),
+])
+def test_bad_chat_input_is_refused_before_anything_runs(chat_llm: LLM, messages: Any,
+                                                        kwargs: dict[str, Any],
+                                                        match: str) -> None:
+    with pytest.raises(InvalidRequestError, match=match):
+        chat_llm.chat(messages, GREEDY, use_tqdm=False, **kwargs)
+    assert_idle(chat_llm)
+
+
+def test_cli_chat_encodes_one_bos(chat_llm: LLM, bos_chat_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "--model", str(bos_chat_path), "--device", "cpu", "--dtype",
+                 "float32", "--max-tokens", "12", "--temperature", "0", "--chat", "Hello"])
+    assert code == 0
+    expected = chat_llm.chat([{"role": "user", "content": "Hello"}],
+                             SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert capsys.readouterr().out == expected[0].outputs[0].text + "\n"
+
+
+@pytest.fixture(scope="module")
+def server(bos_chat_path: Path) -> Iterator[ServerThread]:
+    with server_in_thread(bos_chat_path, {"kv_cache_blocks": 256}) as thread:
+        yield thread
+
+
+def test_server_chat_and_tokenize_count_one_bos(server: ServerThread, chat_llm: LLM,
+                                                hf_tokenizer: Any) -> None:
+    base = server.base_url
+    expected_ids = hf_ids(hf_tokenizer, MESSAGES)
+    body = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 12,
+            "ignore_eos": True, "return_token_ids": True}
+    resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+    choice = resp["choices"][0]
+    assert choice["prompt_token_ids"] == expected_ids
+    assert resp["usage"]["prompt_tokens"] == len(expected_ids)
+    offline = chat_llm.chat(MESSAGES, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert choice["token_ids"] == list(offline.token_ids)
+    # vLLM's add_special_tokens: the tokenizer's BOS on top of the template's.
+    doubled = httpx.post(base + "/v1/chat/completions", timeout=60,
+                         json={**body, "add_special_tokens": True}).json()
+    assert doubled["choices"][0]["prompt_token_ids"] == [hf_tokenizer.bos_token_id,
+                                                         *expected_ids]
+
+    tokenized = httpx.post(base + "/tokenize", json={"messages": MESSAGES}).json()
+    assert tokenized["tokens"] == expected_ids and tokenized["count"] == len(expected_ids)
+    plain = httpx.post(base + "/tokenize", json={"prompt": "ab"}).json()["tokens"]
+    assert plain == hf_tokenizer.encode("ab")
+    bare = httpx.post(base + "/tokenize", json={"prompt": "ab", "add_special_tokens": False})
+    assert bare.json()["tokens"] == hf_tokenizer.encode("ab", add_special_tokens=False)
+    completion = httpx.post(base + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "ab", "max_tokens": 1, "add_special_tokens": False,
+        "return_token_ids": True}).json()
+    assert completion["usage"]["prompt_tokens"] == 2
+
+
+def test_server_continue_final_message_and_its_errors(server: ServerThread,
+                                                      hf_tokenizer: Any) -> None:
+    base = server.base_url
+    partial = [*MESSAGES, {"role": "assistant", "content": "Blu"}]
+    resp = httpx.post(base + "/tokenize", json={"messages": partial,
+                                                "add_generation_prompt": False,
+                                                "continue_final_message": True}).json()
+    assert resp["tokens"] == hf_ids(hf_tokenizer, partial, add_generation_prompt=False,
+                                    continue_final_message=True)
+    both = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": partial, "continue_final_message": True})
+    assert both.status_code == 400
+    error = both.json()["error"]
+    assert error["param"] == "continue_final_message"
+    assert "cannot both be true" in error["message"]
