@@ -157,6 +157,7 @@ def test_bad_api_key_is_401(server: ServerThread, headers: dict[str, str]) -> No
             assert _error(resp, 401)["code"] == "invalid_api_key"
         assert client.get("/health").status_code == 200  # open, for load balancers
         assert client.get("/metrics").status_code == 200
+        assert client.get("/version").status_code == 200
 
 
 def test_body_over_the_limit_is_413(http: httpx.Client) -> None:

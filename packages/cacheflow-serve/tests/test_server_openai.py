@@ -12,6 +12,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+import cacheflow_serve
 from cacheflow_runtime import SamplingParams
 from cacheflow_serve import LLM
 from cacheflow_serve.engine_process import start_engine_process
@@ -203,6 +204,7 @@ def test_stop_string_is_never_streamed_and_matches_offline(client: openai.OpenAI
 def test_tokenize_detokenize_and_health(server: ServerThread) -> None:
     base = server.base_url
     assert httpx.get(base + "/health").status_code == 200
+    assert httpx.get(base + "/version").json() == {"version": cacheflow_serve.__version__}
     tokens = httpx.post(base + "/tokenize", json={"prompt": "héllo"}).json()
     assert tokens["count"] == len(tokens["tokens"]) == 6  # one token per byte
     text = httpx.post(base + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]

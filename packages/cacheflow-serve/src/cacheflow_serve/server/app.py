@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cacheflow_models import has_tokenizer
 from cacheflow_runtime import BaseAsyncEngine, InvalidArgumentError
+from cacheflow_serve import __version__
 from cacheflow_serve.server.chat import create_chat_completion, render_chat
 from cacheflow_serve.server.completions import create_completion
 from cacheflow_serve.server.errors import APIError, error_response, install_error_handlers
@@ -137,7 +138,7 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
             await engine.shutdown(grace_period=0.0)
             ctx.tokenization.shutdown()
 
-    app = FastAPI(title="cacheflow", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="cacheflow", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
@@ -155,6 +156,11 @@ def _open_routes(ctx: ServingContext) -> APIRouter:
         if not ctx.engine.is_accepting:
             return error_response(503, "the engine is not serving", code="service_unavailable")
         return JSONResponse({})
+
+    @router.get("/version")
+    async def version() -> dict[str, str]:
+        """The cacheflow-serve version (vLLM's route of the same name)."""
+        return {"version": __version__}
 
     @router.get("/metrics")
     async def metrics() -> Response:
