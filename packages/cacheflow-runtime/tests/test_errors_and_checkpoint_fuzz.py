@@ -95,7 +95,7 @@ def test_sampling_params_take_numpy_integers_and_int_floats() -> None:
 @pytest.mark.parametrize("make,message", [
     (lambda: CacheConfig(block_size=7), "block_size must be 8, 16 or 32, got 7"),
     (lambda: CacheConfig(block_size=True), "block_size must be 8, 16 or 32, got True"),
-    (lambda: CacheConfig(swap_space_gib="4"), "swap_space_gib must be a number >= 0, got '4'"),
+    (lambda: CacheConfig(swap_space="4"), "swap_space must be a number >= 0, got '4'"),
     (lambda: CacheConfig(gpu_memory_utilization=float("nan")),
      "gpu_memory_utilization must be a number in (0, 1], got nan"),
     (lambda: CacheConfig(num_device_blocks=True),

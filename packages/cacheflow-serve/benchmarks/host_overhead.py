@@ -116,7 +116,7 @@ def _save_checkpoint(path: Path, tokenizer: Any, vocab: int) -> None:
 def _engine(path: Path, tokenizer: Any, batch: int, max_model_len: int,
             async_scheduling: bool) -> LLMEngine:
     model_config = build_model_config(path, "float32", max_model_len, "cpu")
-    return LLMEngine(model_config, CacheConfig(swap_space_gib=0.05),
+    return LLMEngine(model_config, CacheConfig(swap_space=0.05),
                      SchedulerConfig(max_num_seqs=batch, max_model_len=max_model_len,
                                      async_scheduling=async_scheduling),
                      tokenizer, "cpu")

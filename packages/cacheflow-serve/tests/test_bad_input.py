@@ -109,7 +109,7 @@ def test_a_bad_sampling_params_list_fails_the_batch(llm64: LLM, good: list[Any])
 
 def test_a_request_too_big_for_the_kv_cache_is_rejected(tiny_path: Path) -> None:
     small = LLM(tiny_path, device="cpu", dtype="float32", block_size=8, kv_cache_blocks=4,
-                swap_space_gib=0.01)
+                swap_space=0.01)
     with pytest.raises(ValueError, match=r"needs up to 5 KV-cache blocks \(40 tokens\) but the "
                                          r"cache has only 4"):
         small.generate({"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=20),
@@ -274,9 +274,9 @@ def test_a_non_list_prompt_is_a_value_error(llm64: LLM, good: list[Any]) -> None
 def test_requests_that_may_swap_need_swap_space(tiny_path: Path, mode: str,
                                                 best_of: int) -> None:
     llm = LLM(tiny_path, device="cpu", dtype="float32", block_size=8, kv_cache_blocks=32,
-              swap_space_gib=0, preemption_mode=mode)
+              swap_space=0, preemption_mode=mode)
     params = SamplingParams(n=1, best_of=best_of, temperature=0.8, seed=1, max_tokens=8)
-    with pytest.raises(ValueError, match=r"swap space holds 0; raise swap_space_gib"):
+    with pytest.raises(ValueError, match=r"swap space holds 0; raise swap_space"):
         llm.generate("Hello", params, use_tqdm=False)
     assert_idle(llm)
     if mode == "recompute":  # a single sequence never needs swap space there

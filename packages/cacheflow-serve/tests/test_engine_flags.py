@@ -17,7 +17,7 @@ from cacheflow_serve.cli import build_parser
 from cacheflow_serve.engine_args import RENAMED_FLAGS, flag_for, llm_kwargs
 
 # vLLM's names for the keywords whose flag differs from the keyword.
-VLLM_NAMES = {"kv_cache_blocks": "--num-gpu-blocks-override", "swap_space_gib": "--swap-space"}
+VLLM_NAMES = {"kv_cache_blocks": "--num-gpu-blocks-override"}
 
 
 def _llm_keywords() -> list[str]:
@@ -65,7 +65,7 @@ def test_flags_become_llm_keywords_with_their_values() -> None:
         "kv_cache_dtype": "fp8", "tensor_parallel_size": 2, "distributed_executor_backend": "ray",
         "tokenizer": "other/tok", "skip_tokenizer_init": True,
         "gpu_memory_utilization": 0.5, "block_size": 32, "max_num_batched_tokens": 4096,
-        "swap_space_gib": 2.5, "preemption_mode": "swap", "max_num_seqs": 7,
+        "swap_space": 2.5, "preemption_mode": "swap", "max_num_seqs": 7,
         "max_model_len": 128, "dtype": "bfloat16", "seed": 3, "enforce_eager": True,
         "kv_cache_blocks": 99, "device": "cpu", "generation_config": "vllm"}
     assert set(llm_kwargs(args)) == set(_llm_keywords())

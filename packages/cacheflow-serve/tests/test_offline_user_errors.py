@@ -47,7 +47,7 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
     (dict(device="tpu"), "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'"),
     (dict(device=0), "device must be 'auto', 'cpu' or 'cuda[:N]', got 0"),
     (dict(kv_cache_blocks=0), "kv_cache_blocks must be a positive integer or None, got 0"),
-    (dict(swap_space_gib=-1), "swap_space_gib must be a number >= 0, got -1"),
+    (dict(swap_space=-1), "swap_space must be a number >= 0, got -1"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be a number in (0, 1], "
                                        "got 1.5"),
     (dict(max_num_seqs=True), "max_num_seqs must be a positive integer, got True"),

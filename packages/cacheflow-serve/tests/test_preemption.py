@@ -68,7 +68,7 @@ def make_poisoned_llm(tiny_path: Path, device: str = "cpu", **kwargs: Any) -> LL
     """An LLM whose KV cache (device and swap space) is poisoned with NaN: a read of a slot
     that no step wrote (a lost swap, a missed copy-on-write) turns the output into NaN."""
     llm = LLM(tiny_path, device=device, dtype="float32", block_size=BLOCK_SIZE,
-              swap_space_gib=SWAP_GIB, **kwargs)
+              swap_space=SWAP_GIB, **kwargs)
     cache = llm.engine.executor.worker.cache_engine
     for key_cache, value_cache in cache.device_cache + cache.cpu_cache:
         key_cache.fill_(float("nan"))

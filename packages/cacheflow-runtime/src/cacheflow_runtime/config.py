@@ -128,7 +128,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_device_blocks: Optional[int] = None
-    swap_space_gib: float = 4.0
+    swap_space: float = 4.0
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0
     num_cpu_blocks: Optional[int] = None
@@ -144,8 +144,8 @@ class CacheConfig:
         _require(self.num_device_blocks is None
                  or (is_int(self.num_device_blocks) and self.num_device_blocks >= 1),
                  "kv_cache_blocks", "a positive integer or None", self.num_device_blocks)
-        _require(is_number(self.swap_space_gib) and self.swap_space_gib >= 0,
-                 "swap_space_gib", "a number >= 0", self.swap_space_gib)
+        _require(is_number(self.swap_space) and self.swap_space >= 0,
+                 "swap_space", "a number >= 0", self.swap_space)
         _require(is_number(self.gpu_memory_utilization)
                  and 0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                  "a number in (0, 1]", self.gpu_memory_utilization)

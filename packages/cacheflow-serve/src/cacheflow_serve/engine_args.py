@@ -11,10 +11,7 @@ import argparse
 from typing import Any
 
 #: ``LLM`` keyword -> its flag where the flag is not the keyword with dashes (vLLM's names).
-RENAMED_FLAGS = {
-    "kv_cache_blocks": "--num-gpu-blocks-override",
-    "swap_space_gib": "--swap-space",
-}
+RENAMED_FLAGS = {"kv_cache_blocks": "--num-gpu-blocks-override"}
 #: Older spellings still accepted (they were accepted before; nothing accepted is lost).
 ALIASES = {"kv_cache_blocks": ["--kv-cache-blocks"], "tensor_parallel_size": ["-tp"]}
 
@@ -35,7 +32,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "kv_cache_blocks": dict(type=int, metavar="N",
                             help="number of device KV-cache blocks, instead of sizing the "
                                  "cache from free memory (default: sized from memory)"),
-    "swap_space_gib": dict(type=float, metavar="GIB",
+    "swap_space": dict(type=float, metavar="GIB",
                            help="CPU swap space for preempted sequences, GiB (default: 4)"),
     "preemption_mode": dict(help="how preempted sequences come back: recompute or swap "
                                  "(default: recompute)"),

@@ -102,7 +102,7 @@ class LLM:
     def __init__(self, model: Optional[str | Path] = None, *,
                  tokenizer: Optional[str | Path] = None, skip_tokenizer_init: bool = False,
                  dtype: str = "auto", device: str = "auto", seed: int = 0, block_size: int = 16,
-                 kv_cache_blocks: Optional[int] = None, swap_space_gib: float = 4,
+                 kv_cache_blocks: Optional[int] = None, swap_space: float = 4,
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
@@ -125,7 +125,7 @@ class LLM:
         parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         resolved = resolve_device(device)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
-                                   swap_space_gib=swap_space_gib,
+                                   swap_space=swap_space,
                                    gpu_memory_utilization=gpu_memory_utilization,
                                    enable_prefix_caching=enable_prefix_caching,
                                    cache_dtype=kv_cache_dtype)

@@ -394,7 +394,7 @@ class Scheduler:
             return
         if not self.block_manager.can_swap_out(group):
             raise RuntimeError(f"request {group.request_id} must be swapped out but the CPU swap "
-                               "space is full; raise swap_space_gib")
+                               "space is full; raise swap_space")
         plan.swap_out.extend(self.block_manager.swap_out(group))
         for seq in seqs:
             seq.status = SequenceStatus.SWAPPED

@@ -174,7 +174,7 @@ class LLMEngine:
         if swappable and needed > swap_blocks:
             raise ValueError(f"the request may be preempted by swapping up to {needed} KV-cache "
                              f"blocks to CPU memory, but the swap space holds {swap_blocks}; "
-                             "raise swap_space_gib")
+                             "raise swap_space")
 
     def _blocks_needed(self, prompt_len: int, longest: int, best_of: int) -> int:
         """The most GPU blocks a request needs at once to make progress when it runs alone.

@@ -66,7 +66,7 @@ class Worker:
                                 cache_dtype=self.cache_config.cache_dtype)
         cpu_blocks = self.cache_config.num_cpu_blocks
         if cpu_blocks is None:
-            cpu_blocks = int(self.cache_config.swap_space_gib * _GIB) // per_block
+            cpu_blocks = int(self.cache_config.swap_space * _GIB) // per_block
         if self.cache_config.num_device_blocks is not None:
             return self.cache_config.num_device_blocks, cpu_blocks
         if self.device.type == "cpu":
