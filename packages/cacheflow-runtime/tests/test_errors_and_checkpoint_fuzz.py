@@ -68,6 +68,16 @@ BAD_TYPES: list[tuple[dict[str, Any], str, str]] = [
     (dict(stop_token_ids=[1.7]), "stop_token_ids", "a list of integer token ids, got [1.7]"),
     (dict(stop_token_ids=[True]), "stop_token_ids", "a list of integer token ids, got [True]"),
     (dict(stop_token_ids=7), "stop_token_ids", "a list of integer token ids, got 7"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias",
+     "None or a dict of integer token id -> number, got {'5': 1.0}"),
+    (dict(logit_bias=[(5, 1.0)]), "logit_bias",
+     "None or a dict of integer token id -> number, got [(5, 1.0)]"),
+    (dict(logit_bias={5: 101}), "logit_bias",
+     "a dict of non-negative token ids to biases in [-100, 100], got {5: 101.0}"),
+    (dict(logit_bias={-1: 1}), "logit_bias",
+     "a dict of non-negative token ids to biases in [-100, 100], got {-1: 1.0}"),
+    (dict(logit_bias={3: float("nan")}), "logit_bias",
+     "a dict of non-negative token ids to biases in [-100, 100], got {3: nan}"),
     (dict(ignore_eos="yes"), "ignore_eos", "True or False, got 'yes'"),
     (dict(skip_special_tokens=1), "skip_special_tokens", "True or False, got 1"),
 ]
@@ -90,6 +100,9 @@ def test_sampling_params_take_numpy_integers_and_int_floats() -> None:
     assert type(params.n) is int and type(params.max_tokens) is int
     assert params.stop_token_ids == [7, 9] and all(type(t) is int for t in params.stop_token_ids)
     assert params.stop_strings == ["x"]
+    biased = SamplingParams(logit_bias={np.int64(3): np.float32(-2.5), 4: 7})
+    assert biased.logit_bias == {3: -2.5, 4: 7.0}
+    assert all(type(t) is int and type(v) is float for t, v in biased.logit_bias.items())
 
 
 @pytest.mark.parametrize("make,message", [

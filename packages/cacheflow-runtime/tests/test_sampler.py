@@ -188,6 +188,36 @@ def test_min_tokens_stops_masking_once_reached() -> None:
     torch.testing.assert_close(got, torch.log_softmax(BASE, dim=-1))
 
 
+def test_logit_bias_is_added_before_the_penalties() -> None:
+    params = SamplingParams(temperature=0.0, logit_bias={3: -100, 1: 4.0, 5: 0.5},
+                            repetition_penalty=2.0)
+    got = penalized(params)
+    # BASE + bias = [2, 3, 0.5, -97, -2, 0.5], then / or * 2 on the seen ids {0, 1, 3, 4}.
+    want = expected_logprobs([1.0, 1.5, 0.5, -194.0, -4.0, 0.5])
+    torch.testing.assert_close(got, want)
+
+
+def test_logit_bias_applies_to_its_own_rows_only() -> None:
+    logits = torch.stack([BASE, BASE, BASE])
+    banned = decode_group(SamplingParams(temperature=0.0, logit_bias={3: -100}), [0, 2])
+    plain = decode_group(SamplingParams(temperature=0.0), [1], first_seq_id=200)
+    forced = decode_group(SamplingParams(temperature=1.0, logit_bias={4: 100}), [1],
+                          first_seq_id=300)
+    out = Sampler()(logits, [banned, plain, forced], default_generator=seeded(0))
+    assert [s.token_id for s in out[0].samples] == [0, 0]
+    assert [s.token_id for s in out[1].samples] == [3]
+    assert [s.token_id for s in out[2].samples] == [4]
+
+
+def test_logit_bias_forces_a_random_row_every_time() -> None:
+    rows = 64
+    logits = torch.randn(rows, 50, generator=seeded(1))
+    group = decode_group(SamplingParams(temperature=1.5, top_p=0.9, logit_bias={17: 100}),
+                         list(range(rows)))
+    out = Sampler()(logits, [group], default_generator=seeded(2))[0]
+    assert [s.token_id for s in out.samples] == [17] * rows
+
+
 # --------------------------------------------------------------------------- greedy, logprobs
 
 def test_greedy_picks_argmax_with_lowest_id_on_ties() -> None:

@@ -173,6 +173,22 @@ def test_chat_logprobs_match_offline(client: openai.OpenAI, llm: LLM,
         assert entry.top_logprobs[0].logprob == pytest.approx(best, abs=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logit_bias_matches_offline(client: openai.OpenAI, llm: LLM, temperature: float) -> None:
+    bias = {70: 100.0, 3: -100.0}
+    expected = offline(llm, PROMPTS[0], temperature=temperature, seed=5, max_tokens=8,
+                       ignore_eos=True, logit_bias=bias)[0]
+    assert list(expected.token_ids) == [70] * 8
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, seed=5,
+                                     temperature=temperature, extra_body={"ignore_eos": True},
+                                     logit_bias={str(t): v for t, v in bias.items()})
+    assert resp.choices[0].text == expected.text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=4, temperature=0, logit_bias={"70": 100},
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == expected.text[:4]
+
+
 def _stop_for(text: str) -> str:
     """A 2-character ASCII stop string whose first occurrence is past the start of ``text``."""
     for i in range(2, len(text) - 2):

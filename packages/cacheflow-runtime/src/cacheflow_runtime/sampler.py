@@ -3,9 +3,9 @@
 One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each with its own
 ``SamplingParams``. The work per step, vectorized over the rows of the batch:
 
-1. penalties on each sequence's row: repetition (HF semantics, prompt and output tokens),
-   frequency and presence (OpenAI semantics, output tokens only), then ``min_tokens`` masking of
-   the EOS and stop token ids;
+1. ``logit_bias`` added to the logits of its token ids, then penalties on each sequence's row:
+   repetition (HF semantics, prompt and output tokens), frequency and presence (OpenAI
+   semantics, output tokens only), then ``min_tokens`` masking of the EOS and stop token ids;
 2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
    the log probabilities that are reported, before any truncation;
 3. greedy rows: argmax; random rows: top-k, top-p, min-p, then one draw per sample by the
@@ -59,6 +59,7 @@ class _RowParams:
     prompt_ids: list[list[int]] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)  # the groups' lists, not copies
     banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens masking
+    bias: list[dict[int, float] | None] = field(default_factory=list)  # logit_bias
     num_top: list[int] = field(default_factory=list)  # top logprobs to report
 
 
@@ -104,6 +105,7 @@ class Sampler(torch.nn.Module):
                 return DeviceSamples.of_decodes(decode_tokens, decode_chosen, logits.shape[1])
         params = _collect_row_params(groups)
         work = _gather_rows(logits, params.rows)
+        _apply_logit_bias(work, params.bias)
         _apply_penalties(work, params)
         _apply_banned_tokens(work, params.banned_ids)
         temperature = _float(params.temperature, work.device)
@@ -185,6 +187,7 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
             params.prompt_ids.append(group.prompt_token_ids)
             params.output_ids.append(outputs)
             params.banned_ids.append(banned)
+            params.bias.append(sp.logit_bias)
             params.num_top.append(num_top)
     return params
 
@@ -267,6 +270,23 @@ def _flat_token_index(tokens: list[list[int]], vocab: int,
     rows = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
     keep = (flat >= 0) & (flat < vocab)
     return _to(rows[keep], device), _to(flat[keep], device)
+
+
+def _apply_logit_bias(work: torch.Tensor, biases: list[dict[int, float] | None]) -> None:
+    """Adds ``biases[i][t]`` to ``work[i, t]`` (ids outside the vocabulary ignored)."""
+    if not any(biases):
+        return
+    rows, tokens, values = [], [], []
+    vocab = work.shape[1]
+    for i, bias in enumerate(biases):
+        for token, value in (bias or {}).items():
+            if token < vocab:
+                rows.append(i)
+                tokens.append(token)
+                values.append(value)
+    if rows:
+        work.index_put_((_long(rows, work.device), _long(tokens, work.device)),
+                        _float(values, work.device), accumulate=True)
 
 
 def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:

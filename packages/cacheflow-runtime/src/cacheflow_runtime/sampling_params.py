@@ -61,6 +61,9 @@ class SamplingParams:
     chosen token's log probability and the top k; ``prompt_logprobs=k`` does the same for every
     prompt token after the first. ``detokenize=False`` returns token ids with empty texts (no
     decoding time; stop strings, which are matched in the text, are then refused).
+    ``logit_bias`` adds a bias in [-100, 100] to the logits of the token ids it names before
+    anything else (OpenAI's field: -100 bans a token, +100 all but forces it); the reported log
+    probabilities include it.
     """
 
     n: int = 1
@@ -86,6 +89,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    logit_bias: Optional[dict[int, float]] = None
     _stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +119,11 @@ class SamplingParams:
         _check(ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)),
                "stop_token_ids", "a list of integer token ids", ids)
         self.stop_token_ids = [int(t) for t in ids or []]
+        bias = self.logit_bias
+        _check(bias is None or (isinstance(bias, dict)
+                                and all(_is_int(t) and _is_real(v) for t, v in bias.items())),
+               "logit_bias", "None or a dict of integer token id -> number", bias)
+        self.logit_bias = {int(t): float(v) for t, v in bias.items()} if bias else None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -146,6 +155,10 @@ class SamplingParams:
                self.seed)
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "non-negative token ids", self.stop_token_ids)
+        _check(not self.logit_bias or all(t >= 0 and math.isfinite(v) and -100 <= v <= 100
+                                          for t, v in self.logit_bias.items()),
+               "logit_bias", "a dict of non-negative token ids to biases in [-100, 100]",
+               self.logit_bias)
         _check(self.max_tokens is None
                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
                "an integer >= 1 or None", self.max_tokens)

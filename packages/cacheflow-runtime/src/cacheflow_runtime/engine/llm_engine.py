@@ -29,6 +29,7 @@ from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.engine.output_processor import OutputProcessor
+from cacheflow_runtime.errors import InvalidArgumentError
 from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
@@ -126,6 +127,7 @@ class LLMEngine:
                              f"got {type(sampling_params).__name__}")
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
         self._check_fits(token_ids, sampling_params)
+        self._check_logit_bias(sampling_params)
         seq = Sequence(self.scheduler.new_seq_id(), prompt, token_ids,
                        self.cache_config.block_size)
         group = SequenceGroup(request_id, [seq], sampling_params, arrival_time)
@@ -151,6 +153,15 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); "
                              f"got {bad[:5]}{' ...' if len(bad) > 5 else ''}")
         return list(prompt_token_ids)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = sorted(t for t in params.logit_bias or {} if t >= vocab)
+        if bad:
+            raise InvalidArgumentError(f"SamplingParams.logit_bias names token ids outside the "
+                                       f"vocabulary [0, {vocab}): {bad[:5]}"
+                                       f"{' ...' if len(bad) > 5 else ''}",
+                                       field="SamplingParams.logit_bias", value=bad)
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.scheduler_config.max_model_len

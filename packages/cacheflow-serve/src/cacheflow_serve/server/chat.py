@@ -17,7 +17,7 @@ from cacheflow_serve.server.serving import (
     add_requests,
     chat_logprobs,
     check_length,
-    check_unsupported,
+    check_stop_strings,
     new_id,
     now,
     sampling_params,
@@ -47,7 +47,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
 
 
 def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
-    check_unsupported(ctx, req)
+    check_stop_strings(ctx, req)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.tool_choice not in (None, "none"):

@@ -15,7 +15,7 @@ from cacheflow_serve.server.serving import (
     ServingContext,
     add_requests,
     check_length,
-    check_unsupported,
+    check_stop_strings,
     completion_logprobs,
     new_id,
     now,
@@ -48,7 +48,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             raw: Request) -> Response:
     """Serves one completions call."""
     ctx.check_model(req.model)
-    check_unsupported(ctx, req)
+    check_stop_strings(ctx, req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     n = req.n or 1

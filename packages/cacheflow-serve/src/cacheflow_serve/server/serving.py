@@ -115,11 +115,8 @@ def now() -> int:
     return int(time.time())
 
 
-def check_unsupported(ctx: ServingContext, req: SamplingFields) -> None:
-    """400 for OpenAI features cacheflow does not implement (rather than ignoring them), and
-    for stop strings on a server without a tokenizer."""
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+def check_stop_strings(ctx: ServingContext, req: SamplingFields) -> None:
+    """400 for stop strings on a server without a tokenizer."""
     if req.stop and ctx.tokenizer is None:
         ctx.require_tokenizer("stop")
 
@@ -167,9 +164,22 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
             ignore_eos=bool(req.ignore_eos), max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0, logprobs=logprobs,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens is not False)
+            skip_special_tokens=req.skip_special_tokens is not False,
+            logit_bias=_logit_bias(req.logit_bias))
     except ValueError as exc:
         raise bad_request(exc) from None
+
+
+def _logit_bias(bias: Optional[Mapping[str, float]]) -> Optional[dict[int, float]]:
+    """OpenAI's ``logit_bias`` (token ids as JSON keys) with integer keys (400 for a key that
+    is not a token id)."""
+    if not bias:
+        return None
+    bad = [key for key in bias if not key.strip().isdigit()]
+    if bad:
+        raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got "
+                       f"{bad[:5]}", param="logit_bias")
+    return {int(key): value for key, value in bias.items()}
 
 
 async def add_requests(ctx: ServingContext, request_id: str, prompts: list[list[int]],

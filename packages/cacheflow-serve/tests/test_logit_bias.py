@@ -1,0 +1,59 @@
+"""``SamplingParams.logit_bias`` through ``LLM.generate``: a bias moves the prompt step's and
+every decode step's choice (decodes with a bias leave the columnar path), a bias outside the
+vocabulary is refused before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from cacheflow_runtime import InvalidArgumentError, SamplingParams
+from cacheflow_serve import LLM
+
+from serve_testutil import assert_idle
+
+ONE_TORCH_THREAD = True  # see conftest.py
+PROMPTS = ["Hello, my name is", "abcabcab", "The capital"]
+
+
+def test_banning_the_greedy_token_picks_the_runner_up(llm: LLM) -> None:
+    base = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                logprobs=2), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                             logit_bias={out.outputs[0].token_ids[0]: -100}) for out in base]
+    biased = llm.generate(PROMPTS, params, use_tqdm=False)
+    for before, after in zip(base, biased):
+        first = before.outputs[0].logprobs[0]
+        chosen = before.outputs[0].token_ids[0]
+        runner_up = max((t for t in first if t != chosen), key=first.__getitem__)
+        assert after.outputs[0].token_ids[0] == runner_up
+    # Banning a token every later step never picks it, also in decode steps.
+    banned = base[1].outputs[0].token_ids[1]
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                  logit_bias={banned: -100}), use_tqdm=False)
+    assert banned not in out[0].outputs[0].token_ids
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_large_bias_forces_the_token_at_every_step(llm: LLM, temperature: float) -> None:
+    token = 70  # a byte token of the tiny vocabulary
+    params = SamplingParams(temperature=temperature, seed=3, max_tokens=10, ignore_eos=True,
+                            logit_bias={token: 100, token + 1: -5})
+    plain = SamplingParams(temperature=temperature, seed=3, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:2], [params, plain], use_tqdm=False)
+    assert list(outs[0].outputs[0].token_ids) == [token] * 10
+    alone = llm.generate(PROMPTS[1], plain, use_tqdm=False)[0]
+    assert outs[1].outputs[0].token_ids == alone.outputs[0].token_ids  # its neighbour's bias
+    # is not its own
+
+
+def test_a_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(InvalidArgumentError, match=rf"SamplingParams.logit_bias names token ids "
+                                                   rf"outside the vocabulary \[0, {vocab}\): "
+                                                   rf"\[{vocab}, {vocab + 7}\]") as info:
+        llm.generate(PROMPTS, [SamplingParams(), SamplingParams(),
+                               SamplingParams(logit_bias={vocab + 7: 1.0, vocab: -1.0, 5: 2.0})],
+                     use_tqdm=False)
+    assert info.value.field == "SamplingParams.logit_bias"
+    assert_idle(llm)
