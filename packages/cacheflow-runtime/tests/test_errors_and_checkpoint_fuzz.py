@@ -78,6 +78,11 @@ BAD_TYPES: list[tuple[dict[str, Any], str, str]] = [
      "a dict of non-negative token ids to biases in [-100, 100], got {-1: 1.0}"),
     (dict(logit_bias={3: float("nan")}), "logit_bias",
      "a dict of non-negative token ids to biases in [-100, 100], got {3: nan}"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids",
+     "None or a non-empty list of integer token ids, got []"),
+    (dict(allowed_token_ids=[1, "2"]), "allowed_token_ids",
+     "None or a non-empty list of integer token ids, got [1, '2']"),
+    (dict(allowed_token_ids=[3, -1]), "allowed_token_ids", "non-negative token ids, got [3, -1]"),
     (dict(ignore_eos="yes"), "ignore_eos", "True or False, got 'yes'"),
     (dict(skip_special_tokens=1), "skip_special_tokens", "True or False, got 1"),
 ]

@@ -209,6 +209,23 @@ def test_logit_bias_applies_to_its_own_rows_only() -> None:
     assert [s.token_id for s in out[2].samples] == [4]
 
 
+def test_allowed_token_ids_mask_the_rest_before_the_bias() -> None:
+    params = SamplingParams(temperature=0.0, allowed_token_ids=[1, 2, 5], logit_bias={2: 1.0})
+    got = penalized(params)
+    inf = float("-inf")
+    want = expected_logprobs([inf, -1.0, 1.5, inf, inf, 0.0])
+    torch.testing.assert_close(got, want)
+    logits = torch.randn(32, 40, generator=seeded(4))
+    allowed = [3, 9, 31]
+    group = decode_group(SamplingParams(temperature=2.0, allowed_token_ids=allowed),
+                         list(range(32)))
+    other = decode_group(SamplingParams(temperature=0.0), [0], first_seq_id=500)
+    out = Sampler()(logits, [group, other], default_generator=seeded(5))
+    picks = [s.token_id for s in out[0].samples]
+    assert set(picks) <= set(allowed) and len(set(picks)) > 1
+    assert out[1].samples[0].token_id == int(logits[0].argmax())
+
+
 def test_logit_bias_forces_a_random_row_every_time() -> None:
     rows = 64
     logits = torch.randn(rows, 50, generator=seeded(1))

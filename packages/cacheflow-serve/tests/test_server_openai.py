@@ -189,6 +189,17 @@ def test_logit_bias_matches_offline(client: openai.OpenAI, llm: LLM, temperature
     assert chat.choices[0].message.content == expected.text[:4]
 
 
+def test_allowed_token_ids_match_offline(client: openai.OpenAI, llm: LLM) -> None:
+    allowed = [70, 71, 72]
+    expected = offline(llm, PROMPTS[1], temperature=1.0, seed=11, max_tokens=10,
+                       ignore_eos=True, allowed_token_ids=allowed)[0]
+    assert set(expected.token_ids) <= set(allowed)
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=10, seed=11,
+                                     temperature=1.0, extra_body={"ignore_eos": True,
+                                                                  "allowed_token_ids": allowed})
+    assert resp.choices[0].text == expected.text
+
+
 def _stop_for(text: str) -> str:
     """A 2-character ASCII stop string whose first occurrence is past the start of ``text``."""
     for i in range(2, len(text) - 2):

@@ -3,7 +3,8 @@
 One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each with its own
 ``SamplingParams``. The work per step, vectorized over the rows of the batch:
 
-1. ``logit_bias`` added to the logits of its token ids, then penalties on each sequence's row:
+1. ``allowed_token_ids`` (every other id's logit set to -inf) and ``logit_bias`` added to the
+   logits of its token ids, then penalties on each sequence's row:
    repetition (HF semantics, prompt and output tokens), frequency and presence (OpenAI
    semantics, output tokens only), then ``min_tokens`` masking of the EOS and stop token ids;
 2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
@@ -60,6 +61,7 @@ class _RowParams:
     output_ids: list[list[int]] = field(default_factory=list)  # the groups' lists, not copies
     banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens masking
     bias: list[dict[int, float] | None] = field(default_factory=list)  # logit_bias
+    allowed: list[list[int] | None] = field(default_factory=list)  # allowed_token_ids
     num_top: list[int] = field(default_factory=list)  # top logprobs to report
 
 
@@ -105,6 +107,7 @@ class Sampler(torch.nn.Module):
                 return DeviceSamples.of_decodes(decode_tokens, decode_chosen, logits.shape[1])
         params = _collect_row_params(groups)
         work = _gather_rows(logits, params.rows)
+        _apply_allowed_tokens(work, params.allowed)
         _apply_logit_bias(work, params.bias)
         _apply_penalties(work, params)
         _apply_banned_tokens(work, params.banned_ids)
@@ -188,6 +191,7 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
             params.output_ids.append(outputs)
             params.banned_ids.append(banned)
             params.bias.append(sp.logit_bias)
+            params.allowed.append(sp.allowed_token_ids)
             params.num_top.append(num_top)
     return params
 
@@ -270,6 +274,19 @@ def _flat_token_index(tokens: list[list[int]], vocab: int,
     rows = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
     keep = (flat >= 0) & (flat < vocab)
     return _to(rows[keep], device), _to(flat[keep], device)
+
+
+def _apply_allowed_tokens(work: torch.Tensor, allowed: list[list[int] | None]) -> None:
+    """Sets ``work[i, t] = -inf`` for every ``t`` not in ``allowed[i]`` (rows with None keep
+    every token)."""
+    rows = [i for i, ids in enumerate(allowed) if ids is not None]
+    if not rows:
+        return
+    keep = torch.zeros(len(rows), work.shape[1], dtype=torch.bool, device=work.device)
+    r, t = _flat_token_index([allowed[i] or [] for i in rows], work.shape[1], work.device)
+    keep[r, t] = True
+    index = _long(rows, work.device)
+    work.index_copy_(0, index, work.index_select(0, index).masked_fill_(~keep, float("-inf")))
 
 
 def _apply_logit_bias(work: torch.Tensor, biases: list[dict[int, float] | None]) -> None:

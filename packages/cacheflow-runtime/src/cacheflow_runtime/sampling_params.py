@@ -61,9 +61,10 @@ class SamplingParams:
     chosen token's log probability and the top k; ``prompt_logprobs=k`` does the same for every
     prompt token after the first. ``detokenize=False`` returns token ids with empty texts (no
     decoding time; stop strings, which are matched in the text, are then refused).
-    ``logit_bias`` adds a bias in [-100, 100] to the logits of the token ids it names before
-    anything else (OpenAI's field: -100 bans a token, +100 all but forces it); the reported log
-    probabilities include it.
+    ``allowed_token_ids`` restricts every step's choice to those ids (vLLM's field: the other
+    logits become -inf first). ``logit_bias`` then adds a bias in [-100, 100] to the logits of
+    the ids it names, before the penalties (OpenAI's field: -100 bans a token, +100 all but
+    forces it). The reported log probabilities include both.
     """
 
     n: int = 1
@@ -90,6 +91,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[Sequence[int]] = None
     _stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +126,11 @@ class SamplingParams:
                                 and all(_is_int(t) and _is_real(v) for t, v in bias.items())),
                "logit_bias", "None or a dict of integer token id -> number", bias)
         self.logit_bias = {int(t): float(v) for t, v in bias.items()} if bias else None
+        allowed = self.allowed_token_ids
+        _check(allowed is None or (isinstance(allowed, (list, tuple)) and len(allowed) > 0
+                                   and all(_is_int(t) for t in allowed)),
+               "allowed_token_ids", "None or a non-empty list of integer token ids", allowed)
+        self.allowed_token_ids = [int(t) for t in allowed] if allowed is not None else None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -159,6 +166,8 @@ class SamplingParams:
                                           for t, v in self.logit_bias.items()),
                "logit_bias", "a dict of non-negative token ids to biases in [-100, 100]",
                self.logit_bias)
+        _check(self.allowed_token_ids is None or all(t >= 0 for t in self.allowed_token_ids),
+               "allowed_token_ids", "non-negative token ids", self.allowed_token_ids)
         _check(self.max_tokens is None
                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
                "an integer >= 1 or None", self.max_tokens)

@@ -127,7 +127,7 @@ class LLMEngine:
                              f"got {type(sampling_params).__name__}")
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
         self._check_fits(token_ids, sampling_params)
-        self._check_logit_bias(sampling_params)
+        self._check_token_ids(sampling_params)
         seq = Sequence(self.scheduler.new_seq_id(), prompt, token_ids,
                        self.cache_config.block_size)
         group = SequenceGroup(request_id, [seq], sampling_params, arrival_time)
@@ -154,14 +154,17 @@ class LLMEngine:
                              f"got {bad[:5]}{' ...' if len(bad) > 5 else ''}")
         return list(prompt_token_ids)
 
-    def _check_logit_bias(self, params: SamplingParams) -> None:
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """``logit_bias`` and ``allowed_token_ids`` name ids inside the vocabulary."""
         vocab = self.model_config.vocab_size
-        bad = sorted(t for t in params.logit_bias or {} if t >= vocab)
-        if bad:
-            raise InvalidArgumentError(f"SamplingParams.logit_bias names token ids outside the "
-                                       f"vocabulary [0, {vocab}): {bad[:5]}"
-                                       f"{' ...' if len(bad) > 5 else ''}",
-                                       field="SamplingParams.logit_bias", value=bad)
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = sorted({t for t in ids if t >= vocab})
+            if bad:
+                raise InvalidArgumentError(f"SamplingParams.{name} names token ids outside the "
+                                           f"vocabulary [0, {vocab}): {bad[:5]}"
+                                           f"{' ...' if len(bad) > 5 else ''}",
+                                           field=f"SamplingParams.{name}", value=bad)
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.scheduler_config.max_model_len

@@ -81,6 +81,7 @@ class SamplingFields(_Body):
     min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[TokenId]] = None
+    allowed_token_ids: Optional[Annotated[list[TokenId], Field(min_length=1)]] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).

@@ -165,7 +165,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
             min_tokens=req.min_tokens or 0, logprobs=logprobs,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
-            logit_bias=_logit_bias(req.logit_bias))
+            logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids)
     except ValueError as exc:
         raise bad_request(exc) from None
 

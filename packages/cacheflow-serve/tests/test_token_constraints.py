@@ -1,8 +1,10 @@
-"""``SamplingParams.logit_bias`` through ``LLM.generate``: a bias moves the prompt step's and
-every decode step's choice (decodes with a bias leave the columnar path), a bias outside the
-vocabulary is refused before anything runs."""
+"""``SamplingParams.logit_bias`` and ``allowed_token_ids`` through ``LLM.generate``: they move the
+prompt step's and every decode step's choice (such decodes leave the columnar path), and ids
+outside the vocabulary are refused before anything runs."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -56,4 +58,41 @@ def test_a_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
                                SamplingParams(logit_bias={vocab + 7: 1.0, vocab: -1.0, 5: 2.0})],
                      use_tqdm=False)
     assert info.value.field == "SamplingParams.logit_bias"
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_allowed_token_ids_hold_at_every_step(llm: LLM, temperature: float) -> None:
+    allowed = [70, 71, 72]
+    outs = llm.generate(PROMPTS, [SamplingParams(temperature=temperature, seed=9, max_tokens=12,
+                                                 ignore_eos=True, allowed_token_ids=allowed,
+                                                 logprobs=5)] * len(PROMPTS), use_tqdm=False)
+    for out in outs:
+        tokens = out.outputs[0].token_ids
+        assert set(tokens) <= set(allowed) and len(tokens) == 12
+        # The reported distribution is over the allowed ids only.
+        first = out.outputs[0].logprobs[0]
+        assert math.isclose(sum(math.exp(first[t]) for t in allowed if t in first), 1.0,
+                            rel_tol=1e-4)
+
+
+def test_greedy_under_allowed_ids_picks_the_best_allowed(llm: LLM) -> None:
+    base = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=3),
+                        use_tqdm=False)
+    for prompt, out in zip(PROMPTS, base):
+        first = out.outputs[0].logprobs[0]
+        ranked = sorted(first, key=first.__getitem__, reverse=True)
+        got = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1,
+                                                  allowed_token_ids=[ranked[2], ranked[1]]),
+                           use_tqdm=False)[0]
+        assert got.outputs[0].token_ids[0] == ranked[1]
+
+
+def test_allowed_ids_outside_the_vocabulary_are_refused(llm: LLM) -> None:
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(InvalidArgumentError, match=rf"SamplingParams.allowed_token_ids names "
+                                                   rf"token ids outside the vocabulary "
+                                                   rf"\[0, {vocab}\): \[{vocab}\]"):
+        llm.generate(PROMPTS[0], SamplingParams(allowed_token_ids=[5, vocab, vocab]),
+                     use_tqdm=False)
     assert_idle(llm)
