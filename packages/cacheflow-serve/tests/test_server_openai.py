@@ -189,6 +189,60 @@ def test_logit_bias_matches_offline(client: openai.OpenAI, llm: LLM, temperature
     assert chat.choices[0].message.content == expected.text[:4]
 
 
+def _prompt_and_output_logprobs(llm: LLM, prompt: str, max_tokens: int) -> tuple[Any, Any]:
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=2,
+                                                prompt_logprobs=2), use_tqdm=False)[0]
+    return out, out.outputs[0]
+
+
+def _echo_call(client: openai.OpenAI, stream: bool, **kwargs: Any) -> dict[str, Any]:
+    """An echo completion's text, logprobs fields, finish reason and usage, whole or streamed
+    (the chunks' parts joined)."""
+    if stream:
+        chunks = list(client.completions.create(model=MODEL, stream=True,
+                                                stream_options={"include_usage": True},
+                                                **kwargs))
+        choices = [c.choices[0] for c in chunks if c.choices]
+        parts = [c.logprobs for c in choices if c.logprobs]
+        usage = chunks[-1].usage
+    else:
+        resp = client.completions.create(model=MODEL, **kwargs)
+        choices, usage = resp.choices, resp.usage
+        parts = [choices[0].logprobs]
+    return {"text": "".join(c.text for c in choices), "finish": choices[-1].finish_reason,
+            "tokens": [t for p in parts for t in p.tokens],
+            "values": [v for p in parts for v in p.token_logprobs],
+            "offsets": [o for p in parts for o in p.text_offset], "usage": usage}
+
+
+@pytest.mark.parametrize("max_tokens", [3, 0])  # 0: the prompt alone, scored
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_tokens(client: openai.OpenAI, llm: LLM,
+                                                     stream: bool, max_tokens: int) -> None:
+    prompt = PROMPTS[0] if max_tokens else PROMPTS[1]
+    out, comp = _prompt_and_output_logprobs(llm, prompt, max(max_tokens, 1))
+    got = _echo_call(client, stream, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                     logprobs=2, echo=True)
+    generated = list(comp.token_ids)[:max_tokens]
+    ids = list(out.prompt_token_ids) + generated
+    assert got["text"] == prompt + (comp.text if max_tokens else "")
+    assert got["finish"] == (comp.finish_reason if max_tokens else "length")
+    assert len(got["tokens"]) == len(got["values"]) == len(ids)
+    assert got["values"][0] is None
+    positions = list(out.prompt_logprobs[1:]) + list(comp.logprobs)[:max_tokens]
+    for value, token_id, position in zip(got["values"][1:], ids[1:], positions):
+        assert value == pytest.approx(position[token_id], abs=1e-4)
+    lengths = [len(t) for t in got["tokens"]]
+    assert got["offsets"] == [sum(lengths[:i]) for i in range(len(lengths))]
+    assert got["usage"].completion_tokens == len(generated)
+    assert got["usage"].prompt_tokens == len(out.prompt_token_ids)
+
+
+def test_max_tokens_zero_needs_echo(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 needs echo"):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=0)
+
+
 def test_allowed_token_ids_match_offline(client: openai.OpenAI, llm: LLM) -> None:
     allowed = [70, 71, 72]
     expected = offline(llm, PROMPTS[1], temperature=1.0, seed=11, max_tokens=10,

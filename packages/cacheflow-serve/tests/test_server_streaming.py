@@ -19,7 +19,7 @@ def _outputs(texts: list[str]) -> AsyncIterator[Any]:
             comp = SimpleNamespace(index=0, text=text, token_ids=list(range(i + 1)),
                                    logprobs=None, finish_reason="length" if last else None,
                                    stop_reason=None)
-            yield SimpleNamespace(outputs=[comp], finished=last)
+            yield SimpleNamespace(outputs=[comp], finished=last, prompt_logprobs=None)
     return gen()
 
 

@@ -54,15 +54,22 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     n = req.n or 1
     if req.stream and req.best_of not in (None, n):
         raise APIError(400, "best_of must equal n when streaming", param="best_of")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens 0 needs echo: true (it returns the prompt only)",
+                       param="max_tokens")
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens is not False)
+    # With echo, the prompt's tokens get logprobs too, as the legacy API gives them.
+    prompt_logprobs = req.logprobs if req.echo else None
     params = []
     for _, ids in prompts:
         if req.max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, check_length(ctx, len(ids), None, "max_tokens"))
         else:
-            max_tokens = check_length(ctx, len(ids), req.max_tokens, "max_tokens")
+            # A prompt-only echo runs the prompt step, whose one sampled token is dropped.
+            max_tokens = check_length(ctx, len(ids), max(req.max_tokens, 1), "max_tokens")
         params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of,
-                                      defaults=ctx.sampling_defaults))
+                                      defaults=ctx.sampling_defaults,
+                                      prompt_logprobs=prompt_logprobs))
     request_id = new_id("cmpl")
     streams = await add_requests(ctx, request_id, [ids for _, ids in prompts], params)
     return await respond(_Call(ctx, req, request_id, prompts, streams), bool(req.stream), raw)
@@ -81,6 +88,26 @@ class _Call:
         self.streams = streams
         self.n = req.n or 1
         self.stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        self.prompt_only = req.max_tokens == 0
+
+    def _logprobs(self, p_index: int, token_ids: list[int],
+                  logprobs: Optional[list[dict[int, float]]],
+                  prompt_logprobs: Optional[list[Optional[dict[int, float]]]],
+                  offset: int) -> Optional[dict[str, Any]]:
+        """The ``logprobs`` object of a choice's tokens, led by the prompt's (with echo, on the
+        choice's first chunk) and without generated tokens for a prompt-only echo."""
+        k = self.req.logprobs
+        if k is None:
+            return None
+        ids: list[int] = []
+        positions: list[Optional[dict[int, float]]] = []
+        if prompt_logprobs is not None:
+            ids.extend(self.prompts[p_index][1])
+            positions.extend(prompt_logprobs)
+        if not self.prompt_only and logprobs is not None:
+            ids.extend(token_ids)
+            positions.extend(logprobs)
+        return completion_logprobs(self.ctx, ids, positions, k, offset)
 
     async def collect(self) -> list[Optional[RequestOutput]]:
         """The finished output of each prompt."""
@@ -99,23 +126,22 @@ class _Call:
             assert out is not None
             prompt_text = self.prompts[p_index][0]
             for comp in out.outputs:
-                text = prompt_text + comp.text if self.req.echo else comp.text
-                logprobs = None
-                if self.req.logprobs is not None and comp.logprobs is not None:
-                    offset = len(prompt_text) if self.req.echo else 0
-                    logprobs = completion_logprobs(self.ctx, comp.token_ids, comp.logprobs,
-                                                   self.req.logprobs, offset)
-                self.ctx.metrics.count_finished(comp.finish_reason)
+                generated = "" if self.prompt_only else comp.text
+                text = prompt_text + generated if self.req.echo else generated
+                logprobs = self._logprobs(p_index, list(comp.token_ids), comp.logprobs,
+                                          out.prompt_logprobs if self.req.echo else None, 0)
+                finish_reason = "length" if self.prompt_only else comp.finish_reason
+                self.ctx.metrics.count_finished(finish_reason)
                 choice = {"index": p_index * self.n + comp.index, "text": text,
-                          "logprobs": logprobs, "finish_reason": comp.finish_reason,
-                          "stop_reason": comp.stop_reason}
+                          "logprobs": logprobs, "finish_reason": finish_reason,
+                          "stop_reason": None if self.prompt_only else comp.stop_reason}
                 if self.req.return_token_ids:
                     choice["prompt_token_ids"] = self.prompts[p_index][1]
-                    choice["token_ids"] = list(comp.token_ids)
+                    choice["token_ids"] = [] if self.prompt_only else list(comp.token_ids)
                 choices.append(choice)
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
-                "usage": usage([o for o in finals if o is not None])}
+                "usage": usage([o for o in finals if o is not None], self.prompt_only)}
 
     def _chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
         chunk: dict[str, Any] = {"id": self.id, "object": "text_completion",
@@ -135,27 +161,37 @@ class _Call:
             # Every new token makes a chunk when logprobs or token ids are streamed.
             per_token = k is not None or bool(self.req.return_token_ids)
             async for ev in choice_events(self.streams, self.n, self.stops, finals, per_token):
-                text = ev.text
+                p_index = ev.index // self.n
+                text = "" if self.prompt_only else ev.text
                 if ev.first and self.req.echo:
-                    text = self.prompts[ev.index // self.n][0] + text
+                    text = self.prompts[p_index][0] + text
+                echoed = ev.prompt_logprobs if ev.first and self.req.echo else None
                 logprobs = None
-                if k is not None and ev.logprobs is not None:
+                if k is not None and (echoed is not None or
+                                      (ev.logprobs is not None and not self.prompt_only)):
                     offset = offsets.get(ev.index, 0)
-                    logprobs = completion_logprobs(self.ctx, ev.token_ids, ev.logprobs, k,
-                                                   offset)
+                    logprobs = self._logprobs(p_index, ev.token_ids, ev.logprobs, echoed,
+                                              offset)
+                    assert logprobs is not None
                     offsets[ev.index] = offset + sum(len(t) for t in logprobs["tokens"])
-                if ev.finish_reason is not None:
-                    self.ctx.metrics.count_finished(ev.finish_reason)
+                if self.prompt_only and not ev.first and ev.finish_reason is None:
+                    continue
+                finish_reason = ev.finish_reason
+                if self.prompt_only and finish_reason is not None:
+                    finish_reason = "length"
+                if finish_reason is not None:
+                    self.ctx.metrics.count_finished(finish_reason)
                 choice = {"index": ev.index, "text": text, "logprobs": logprobs,
-                          "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason}
+                          "finish_reason": finish_reason,
+                          "stop_reason": None if self.prompt_only else ev.stop_reason}
                 if self.req.return_token_ids:
-                    choice["token_ids"] = ev.token_ids
+                    choice["token_ids"] = [] if self.prompt_only else ev.token_ids
                     if ev.first:
-                        choice["prompt_token_ids"] = self.prompts[ev.index // self.n][1]
+                        choice["prompt_token_ids"] = self.prompts[p_index][1]
                 yield sse(self._chunk([choice], include_usage))
             if include_usage:
                 chunk = self._chunk([], include_usage)
-                chunk["usage"] = usage([o for o in finals if o is not None])
+                chunk["usage"] = usage([o for o in finals if o is not None], self.prompt_only)
                 yield sse(chunk)
         except Exception as exc:  # the engine died or was shut down under us
             err = stream_error(exc)

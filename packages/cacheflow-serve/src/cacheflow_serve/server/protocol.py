@@ -99,6 +99,8 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: PromptType
+    #: 0 only with ``echo``: the prompt back (with its logprobs, if asked), nothing generated.
+    max_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     echo: Optional[bool] = False
     logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None

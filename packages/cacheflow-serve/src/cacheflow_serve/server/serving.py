@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
@@ -142,7 +142,8 @@ def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int]
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int],
                     best_of: Optional[int] = None,
-                    defaults: Optional[Mapping[str, Any]] = None) -> SamplingParams:
+                    defaults: Optional[Mapping[str, Any]] = None,
+                    prompt_logprobs: Optional[int] = None) -> SamplingParams:
     """The engine's SamplingParams for a request (400 on a bad combination). A field the
     request leaves unset takes ``defaults`` (the model's generation config), else
     SamplingParams' own default."""
@@ -162,7 +163,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
             repetition_penalty=pick("repetition_penalty", 1.0),
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=bool(req.ignore_eos), max_tokens=max_tokens,
-            min_tokens=req.min_tokens or 0, logprobs=logprobs,
+            min_tokens=req.min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
             logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids)
@@ -200,11 +201,12 @@ async def add_requests(ctx: ServingContext, request_id: str, prompts: list[list[
     return streams
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+def usage(outputs: list[RequestOutput], prompt_only: bool = False) -> dict[str, Any]:
     """OpenAI ``usage`` of the final outputs of one API call (``prompt_tokens_details.
-    cached_tokens``: prompt tokens served from the prefix cache)."""
+    cached_tokens``: prompt tokens served from the prefix cache; ``prompt_only``: no completion
+    tokens, as for an echo with ``max_tokens`` 0)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = 0 if prompt_only else sum(len(c.token_ids) for o in outputs for c in o.outputs)
     cached = sum(o.num_cached_tokens or 0 for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
@@ -224,15 +226,23 @@ def finite(value: Optional[float]) -> Optional[float]:
 
 
 def completion_logprobs(ctx: ServingContext, token_ids: list[int],
-                        logprobs: list[dict[int, float]], k: int, offset: int
+                        logprobs: Sequence[Optional[dict[int, float]]], k: int, offset: int
                         ) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object for the given tokens."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
+    """The legacy completions ``logprobs`` object for the given tokens (a position without
+    logprobs, as a prompt's first token, gets null entries)."""
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top: list[Optional[dict[str, Optional[float]]]] = []
+    offsets: list[int] = []
     for token_id, position in zip(token_ids, logprobs):
         text = ctx.token_text(token_id)
         tokens.append(text)
-        token_logprobs.append(finite(position.get(token_id)))
-        top.append({ctx.token_text(t): finite(v) for t, v in top_entries(position, k)})
+        if position is None:
+            token_logprobs.append(None)
+            top.append(None)
+        else:
+            token_logprobs.append(finite(position.get(token_id)))
+            top.append({ctx.token_text(t): finite(v) for t, v in top_entries(position, k)})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,

@@ -174,11 +174,12 @@ class ChoiceEvent:
     """What one streamed chunk of one choice carries."""
 
     __slots__ = ("index", "text", "token_ids", "logprobs", "finish_reason", "stop_reason",
-                 "first")
+                 "first", "prompt_logprobs")
 
     def __init__(self, index: int, text: str, token_ids: list[int],
                  logprobs: Optional[list[dict[int, float]]], finish_reason: Optional[str],
-                 stop_reason: Any, first: bool) -> None:
+                 stop_reason: Any, first: bool,
+                 prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None) -> None:
         self.index = index
         self.text = text
         self.token_ids = token_ids
@@ -186,6 +187,7 @@ class ChoiceEvent:
         self.finish_reason = finish_reason
         self.stop_reason = stop_reason
         self.first = first
+        self.prompt_logprobs = prompt_logprobs  # on a choice's first event, when asked for
 
 
 async def choice_events(streams: list[RequestStream], n: int, stop_strings: list[str],
@@ -220,6 +222,7 @@ async def choice_events(streams: list[RequestStream], n: int, stop_strings: list
             first = index not in started
             started.add(index)
             yield ChoiceEvent(index, text, [comp.token_ids[i] for i in new], logprobs,
-                              comp.finish_reason, comp.stop_reason, first)
+                              comp.finish_reason, comp.stop_reason, first,
+                              out.prompt_logprobs if first else None)
         if out.finished:
             finals[prompt_index] = out
