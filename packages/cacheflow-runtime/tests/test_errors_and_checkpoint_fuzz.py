@@ -83,6 +83,8 @@ BAD_TYPES: list[tuple[dict[str, Any], str, str]] = [
     (dict(allowed_token_ids=[1, "2"]), "allowed_token_ids",
      "None or a non-empty list of integer token ids, got [1, '2']"),
     (dict(allowed_token_ids=[3, -1]), "allowed_token_ids", "non-negative token ids, got [3, -1]"),
+    (dict(bad_words="no"), "bad_words", "a list of non-empty strings, got 'no'"),
+    (dict(bad_words=["ok", ""]), "bad_words", "a list of non-empty strings, got ['ok', '']"),
     (dict(ignore_eos="yes"), "ignore_eos", "True or False, got 'yes'"),
     (dict(skip_special_tokens=1), "skip_special_tokens", "True or False, got 1"),
 ]

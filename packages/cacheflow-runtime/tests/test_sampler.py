@@ -226,6 +226,17 @@ def test_allowed_token_ids_mask_the_rest_before_the_bias() -> None:
     assert out[1].samples[0].token_id == int(logits[0].argmax())
 
 
+def test_bad_words_mask_a_words_last_token_after_its_other_tokens() -> None:
+    params = SamplingParams(temperature=0.0, bad_words=["x"])
+    params.bad_words_token_ids = [[3], [4, 0], [1, 4, 2]]  # as the engine sets them
+    logits = torch.stack([BASE, BASE, BASE, BASE])
+    # Row 0: no 4 before: 0 (2.0) stays, 3 is banned always -> 0. Row 1: ends with 4 -> 0 banned
+    # too -> 2 (0.5). Row 2: ends with 1, 4 -> 2 banned as well -> 5 (0.0). Row 3: 4 then 3.
+    group = decode_group(params, [0, 1, 2, 3], outputs=[[], [2, 4], [1, 4], [4, 3]])
+    got = [s.token_id for s in Sampler()(logits, [group])[0].samples]
+    assert got == [0, 2, 5, 0]
+
+
 def test_logit_bias_forces_a_random_row_every_time() -> None:
     rows = 64
     logits = torch.randn(rows, 50, generator=seeded(1))

@@ -115,6 +115,7 @@ def test_malformed_bodies_are_400(http: httpx.Client, body: bytes) -> None:
     ({"logit_bias": {"5": 101}}, None),  # beyond OpenAI's [-100, 100]
     ({"logit_bias": {"300": 1.0}}, None),  # outside the vocabulary
     ({"allowed_token_ids": []}, None),
+    ({"bad_words": ["ok", ""]}, None),
     ({"allowed_token_ids": [5, 300]}, None),  # outside the vocabulary
     ({"suffix": "tail"}, None),
     ({"min_tokens": 10, "max_tokens": 4}, None),

@@ -243,6 +243,22 @@ def test_max_tokens_zero_needs_echo(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=0)
 
 
+def test_bad_words_match_offline(client: openai.OpenAI, llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    base = list(offline(llm, PROMPTS[0], temperature=0, max_tokens=12,
+                        ignore_eos=True)[0].token_ids)
+    words = [tokenizer.decode(base[i:i + 2]) for i in range(len(base) - 1)
+             if tokenizer.encode(tokenizer.decode(base[i:i + 2]),
+                                 add_special_tokens=False) == base[i:i + 2]][:1] + ["zz"]
+    expected = offline(llm, PROMPTS[0], temperature=0, max_tokens=12, ignore_eos=True,
+                       bad_words=words)[0]
+    assert len(words) == 2 and list(expected.token_ids) != base
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
+                                     temperature=0, extra_body={"ignore_eos": True,
+                                                                "bad_words": words})
+    assert resp.choices[0].text == expected.text
+
+
 def test_allowed_token_ids_match_offline(client: openai.OpenAI, llm: LLM) -> None:
     allowed = [70, 71, 72]
     expected = offline(llm, PROMPTS[1], temperature=1.0, seed=11, max_tokens=10,

@@ -1,10 +1,11 @@
-"""``SamplingParams.logit_bias`` and ``allowed_token_ids`` through ``LLM.generate``: they move the
-prompt step's and every decode step's choice (such decodes leave the columnar path), and ids
-outside the vocabulary are refused before anything runs."""
+"""``SamplingParams.logit_bias``, ``allowed_token_ids`` and ``bad_words`` through
+``LLM.generate``: they move the prompt step's and every decode step's choice (such decodes leave
+the columnar path), and ids outside the vocabulary are refused before anything runs."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,38 @@ def test_allowed_ids_outside_the_vocabulary_are_refused(llm: LLM) -> None:
         llm.generate(PROMPTS[0], SamplingParams(allowed_token_ids=[5, vocab, vocab]),
                      use_tqdm=False)
     assert_idle(llm)
+
+
+def _contains(ids: list[int], seq: list[int]) -> bool:
+    return any(ids[i:i + len(seq)] == seq for i in range(len(ids) - len(seq) + 1))
+
+
+def test_bad_words_never_appear(llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    checked = 0
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy, use_tqdm=False)):
+        ids = list(out.outputs[0].token_ids)
+        # A two-token word of the greedy output whose text encodes back to the same tokens.
+        pairs = [i for i in range(1, len(ids) - 1) if tokenizer.encode(
+            tokenizer.decode(ids[i:i + 2]), add_special_tokens=False) == ids[i:i + 2]]
+        if not pairs:
+            continue
+        i = pairs[0]
+        word = tokenizer.decode(ids[i:i + 2])
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=[word])
+        got = list(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+        assert params.bad_words_token_ids[0] == ids[i:i + 2]
+        assert not _contains(got, ids[i:i + 2])
+        assert got[:i + 1] == ids[:i + 1]  # the same until the word's last token
+        checked += 1
+    assert checked >= 2
+    assert_idle(llm)
+
+
+def test_bad_words_without_a_tokenizer_are_refused(tiny_path: Path) -> None:
+    bare = LLM(tiny_path, device="cpu", dtype="float32", skip_tokenizer_init=True)
+    with pytest.raises(InvalidArgumentError, match="bad_words need a tokenizer"):
+        bare.generate({"prompt_token_ids": [5, 6]}, SamplingParams(bad_words=["x"]),
+                      use_tqdm=False)
+    assert_idle(bare)

@@ -6,7 +6,8 @@ One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each
 1. ``allowed_token_ids`` (every other id's logit set to -inf) and ``logit_bias`` added to the
    logits of its token ids, then penalties on each sequence's row:
    repetition (HF semantics, prompt and output tokens), frequency and presence (OpenAI
-   semantics, output tokens only), then ``min_tokens`` masking of the EOS and stop token ids;
+   semantics, output tokens only), then ``min_tokens`` masking of the EOS and stop token ids
+   and ``bad_words`` masking (a word's last token where the output ends with the rest);
 2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
    the log probabilities that are reported, before any truncation;
 3. greedy rows: argmax; random rows: top-k, top-p, min-p, then one draw per sample by the
@@ -59,7 +60,7 @@ class _RowParams:
     presence: list[float] = field(default_factory=list)
     prompt_ids: list[list[int]] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)  # the groups' lists, not copies
-    banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens masking
+    banned_ids: list[list[int]] = field(default_factory=list)  # min_tokens and bad_words masking
     bias: list[dict[int, float] | None] = field(default_factory=list)  # logit_bias
     allowed: list[list[int] | None] = field(default_factory=list)  # allowed_token_ids
     num_top: list[int] = field(default_factory=list)  # top logprobs to report
@@ -178,6 +179,8 @@ def _collect_row_params(groups: list[SamplingGroup]) -> _RowParams:
         for j, row in enumerate(group.logit_rows):
             outputs = group.output_token_ids[j] if j < len(group.output_token_ids) else []
             banned = _banned_ids(group, len(outputs)) if sp.min_tokens else []
+            if sp.bad_words_token_ids:
+                banned = banned + _bad_word_bans(list(outputs), sp.bad_words_token_ids)
             params.rows.append(row)
             params.group.append(g)
             params.temperature.append(sp.temperature if random else 1.0)
@@ -206,6 +209,16 @@ def _banned_ids(group: SamplingGroup, num_outputs: int) -> list[int]:
     if group.eos_token_id is not None:
         banned.append(group.eos_token_id)
     return banned
+
+
+def _bad_word_bans(output_ids: list[int], sequences: list[list[int]]) -> list[int]:
+    """The last token of each bad word sequence whose other tokens end ``output_ids``."""
+    bans = []
+    for seq in sequences:
+        head = seq[:-1]
+        if not head or (len(output_ids) >= len(head) and output_ids[-len(head):] == head):
+            bans.append(seq[-1])
+    return bans
 
 
 def _gather_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -307,7 +320,8 @@ def _apply_logit_bias(work: torch.Tensor, biases: list[dict[int, float] | None])
 
 
 def _apply_banned_tokens(work: torch.Tensor, banned: list[list[int]]) -> None:
-    """Sets ``work[i, t] = -inf`` for every ``t`` in ``banned[i]`` (``min_tokens``)."""
+    """Sets ``work[i, t] = -inf`` for every ``t`` in ``banned[i]`` (``min_tokens``,
+    ``bad_words``)."""
     if any(banned):
         r, t = _flat_token_index(banned, work.shape[1], work.device)
         work[r, t] = float("-inf")

@@ -35,19 +35,21 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _stop_list(stop: Any) -> list[str]:
-    """``stop`` as a list of non-empty, valid-Unicode strings (InvalidArgumentError if not)."""
-    allowed = "a non-empty string or a list of non-empty strings"
-    items = [stop] if isinstance(stop, str) else stop
-    if stop is None:
+def _string_list(value: Any, name: str, single_allowed: bool = True) -> list[str]:
+    """``value`` (a string where ``single_allowed``, or a list of strings) as a list of
+    non-empty, valid-Unicode strings (InvalidArgumentError naming ``name`` if not)."""
+    allowed = ("a non-empty string or a list of non-empty strings" if single_allowed
+               else "a list of non-empty strings")
+    items = [value] if isinstance(value, str) and single_allowed else value
+    if value is None:
         return []
     _check(isinstance(items, (list, tuple)) and all(isinstance(s, str) and s for s in items),
-           "stop", allowed, stop)
+           name, allowed, value)
     for s in items:
         try:
             s.encode("utf-8")
         except UnicodeEncodeError:
-            _check(False, "stop", f"{allowed} of valid Unicode (no lone surrogates)", stop)
+            _check(False, name, f"{allowed} of valid Unicode (no lone surrogates)", value)
     return list(items)
 
 
@@ -64,7 +66,9 @@ class SamplingParams:
     ``allowed_token_ids`` restricts every step's choice to those ids (vLLM's field: the other
     logits become -inf first). ``logit_bias`` then adds a bias in [-100, 100] to the logits of
     the ids it names, before the penalties (OpenAI's field: -100 bans a token, +100 all but
-    forces it). The reported log probabilities include both.
+    forces it). The reported log probabilities include both. ``bad_words`` are never generated:
+    the last token of a word's tokens (with and without a leading space) is masked whenever the
+    output ends with the tokens before it (vLLM's field).
     """
 
     n: int = 1
@@ -92,13 +96,17 @@ class SamplingParams:
     detokenize: bool = True
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[Sequence[int]] = None
+    bad_words: Optional[Sequence[str]] = None
     _stop_list: list[str] = field(init=False, repr=False)
+    #: The token id sequences of ``bad_words``, set by the engine from its tokenizer.
+    bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._check_types()
         if self.best_of is None:
             self.best_of = self.n
-        self._stop_list = _stop_list(self.stop)
+        self._stop_list = _string_list(self.stop, "stop")
+        self.bad_words = _string_list(self.bad_words, "bad_words", single_allowed=False) or None
         self._validate()
 
     def _check_types(self) -> None:
@@ -197,3 +205,16 @@ class SamplingParams:
             if self.temperature < _GREEDY_EPS:
                 _check(self.best_of == 1, "best_of", "1 with greedy sampling (temperature 0)",
                        self.best_of)
+
+
+def encode_bad_words(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """The token id sequences to keep out of the output for ``words``: each word as written
+    and with one leading space (how it reads after another word), without special tokens,
+    distinct sequences once."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for text in (word, " " + word.lstrip()):
+            ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences

@@ -272,6 +272,10 @@ class LLM:
             raise InvalidArgumentError("stop strings need a tokenizer, which was skipped "
                                        "(skip_tokenizer_init); use stop_token_ids",
                                        field="SamplingParams.stop")
+        if self.tokenizer is None and any(p.bad_words for p in params):
+            raise InvalidArgumentError("bad_words need a tokenizer, which was skipped "
+                                       "(skip_tokenizer_init); use logit_bias with -100",
+                                       field="SamplingParams.bad_words")
         return params
 
     def _prompt(self, item: PromptInput) -> tuple[Optional[str], list[int]]:

@@ -506,8 +506,9 @@ class Scheduler:
         """Whether the step after ``last`` can be built before ``last``'s tokens are known:
         every request ``last`` samples for draws its next token without them. Not so for beam
         search and a first sample that forks (their sequences depend on the tokens), for
-        penalties (they count the tokens) and for ``min_tokens`` masking not yet over (the
-        worker would count one token short). ``running``: the running requests by id."""
+        penalties (they count the tokens), for ``bad_words`` (they match the last tokens) and
+        for ``min_tokens`` masking not yet over (the worker would count one token short).
+        ``running``: the running requests by id."""
         for req in last.scheduled:
             group = running.get(req.req_id)
             if group is None or not req.do_sample:
@@ -515,7 +516,7 @@ class Scheduler:
             params = group.sampling_params
             if (params.use_beam_search or (req.is_first_sample and params.best_of > 1)
                     or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-                    or params.presence_penalty != 0.0):
+                    or params.presence_penalty != 0.0 or params.bad_words):
                 return False
             if params.min_tokens and any(seq.get_output_len() < params.min_tokens
                                          for seq in group.get_unfinished_seqs()):

@@ -34,7 +34,7 @@ from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
 from cacheflow_runtime.outputs import RequestOutput, request_finished
-from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sampling_params import SamplingParams, encode_bad_words
 from cacheflow_runtime.sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,12 @@ class LLMEngine:
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
         self._check_fits(token_ids, sampling_params)
         self._check_token_ids(sampling_params)
+        if sampling_params.bad_words:
+            if self.tokenizer is None:
+                raise InvalidArgumentError("SamplingParams.bad_words need a tokenizer, and this "
+                                           "engine has none", field="SamplingParams.bad_words")
+            sampling_params.bad_words_token_ids = encode_bad_words(self.tokenizer,
+                                                                   sampling_params.bad_words)
         seq = Sequence(self.scheduler.new_seq_id(), prompt, token_ids,
                        self.cache_config.block_size)
         group = SequenceGroup(request_id, [seq], sampling_params, arrival_time)

@@ -82,6 +82,7 @@ class SamplingFields(_Body):
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[TokenId]] = None
     allowed_token_ids: Optional[Annotated[list[TokenId], Field(min_length=1)]] = None
+    bad_words: Optional[list[str]] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).

@@ -116,9 +116,11 @@ def now() -> int:
 
 
 def check_stop_strings(ctx: ServingContext, req: SamplingFields) -> None:
-    """400 for stop strings on a server without a tokenizer."""
+    """400 for stop strings or bad words on a server without a tokenizer."""
     if req.stop and ctx.tokenizer is None:
         ctx.require_tokenizer("stop")
+    if req.bad_words and ctx.tokenizer is None:
+        ctx.require_tokenizer("bad_words")
 
 
 def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int],
@@ -166,7 +168,8 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
             min_tokens=req.min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
-            logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids)
+            logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words)
     except ValueError as exc:
         raise bad_request(exc) from None
 
