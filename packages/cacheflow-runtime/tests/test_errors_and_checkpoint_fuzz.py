@@ -85,6 +85,7 @@ BAD_TYPES: list[tuple[dict[str, Any], str, str]] = [
     (dict(allowed_token_ids=[3, -1]), "allowed_token_ids", "non-negative token ids, got [3, -1]"),
     (dict(bad_words="no"), "bad_words", "a list of non-empty strings, got 'no'"),
     (dict(bad_words=["ok", ""]), "bad_words", "a list of non-empty strings, got ['ok', '']"),
+    (dict(truncate_prompt_tokens=2.0), "truncate_prompt_tokens", "an integer or None, got 2.0"),
     (dict(ignore_eos="yes"), "ignore_eos", "True or False, got 'yes'"),
     (dict(skip_special_tokens=1), "skip_special_tokens", "True or False, got 1"),
 ]
@@ -107,6 +108,16 @@ def test_sampling_params_take_numpy_integers_and_int_floats() -> None:
     assert type(params.n) is int and type(params.max_tokens) is int
     assert params.stop_token_ids == [7, 9] and all(type(t) is int for t in params.stop_token_ids)
     assert params.stop_strings == ["x"]
+    for keep in (0, -2):
+        with pytest.raises(InvalidArgumentError, match=r"SamplingParams.truncate_prompt_tokens "
+                                                       r"must be None, -1 \(max_model_len\) or "
+                                                       rf"an integer >= 1, got {keep}"):
+            SamplingParams(truncate_prompt_tokens=keep)
+    ids = list(range(10))
+    assert SamplingParams(truncate_prompt_tokens=3).truncate_prompt(ids, 8) == [7, 8, 9]
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt(ids, 8) == ids[2:]
+    assert SamplingParams(truncate_prompt_tokens=50).truncate_prompt(ids, 8) == ids
+    assert SamplingParams().truncate_prompt(ids, 8) == ids
     biased = SamplingParams(logit_bias={np.int64(3): np.float32(-2.5), 4: 7})
     assert biased.logit_bias == {3: -2.5, 4: 7.0}
     assert all(type(t) is int and type(v) is float for t, v in biased.logit_bias.items())

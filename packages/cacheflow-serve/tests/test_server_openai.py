@@ -259,6 +259,25 @@ def test_bad_words_match_offline(client: openai.OpenAI, llm: LLM) -> None:
     assert resp.choices[0].text == expected.text
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(server: ServerThread, llm: LLM) -> None:
+    ids = llm.get_tokenizer().encode(PROMPTS[0])
+    expected = llm.generate({"prompt_token_ids": ids[-5:]}, SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "truncate_prompt_tokens": 5, "return_token_ids": True}
+    resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).json()
+    assert resp["choices"][0]["prompt_token_ids"] == ids[-5:]
+    assert resp["choices"][0]["token_ids"] == list(expected.token_ids)
+    assert resp["usage"]["prompt_tokens"] == 5
+    chat = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2,
+        "truncate_prompt_tokens": 4}).json()
+    assert chat["usage"]["prompt_tokens"] == 4
+    bad = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                     json={**body, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_allowed_token_ids_match_offline(client: openai.OpenAI, llm: LLM) -> None:
     allowed = [70, 71, 72]
     expected = offline(llm, PROMPTS[1], temperature=1.0, seed=11, max_tokens=10,

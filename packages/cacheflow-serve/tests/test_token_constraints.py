@@ -1,6 +1,7 @@
-"""``SamplingParams.logit_bias``, ``allowed_token_ids`` and ``bad_words`` through
-``LLM.generate``: they move the prompt step's and every decode step's choice (such decodes leave
-the columnar path), and ids outside the vocabulary are refused before anything runs."""
+"""``SamplingParams.logit_bias``, ``allowed_token_ids``, ``bad_words`` and
+``truncate_prompt_tokens`` through ``LLM.generate``: the first three move the prompt step's and
+every decode step's choice (such decodes leave the columnar path), ids outside the vocabulary
+are refused before anything runs, and truncation keeps the prompt's last tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cacheflow_runtime import InvalidArgumentError, SamplingParams
+from cacheflow_runtime import InvalidArgumentError, InvalidRequestError, SamplingParams
 from cacheflow_serve import LLM
 
 from serve_testutil import assert_idle
@@ -132,3 +133,21 @@ def test_bad_words_without_a_tokenizer_are_refused(tiny_path: Path) -> None:
         bare.generate({"prompt_token_ids": [5, 6]}, SamplingParams(bad_words=["x"]),
                       use_tqdm=False)
     assert_idle(bare)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm: LLM) -> None:
+    max_len = llm.engine.model_config.max_model_len
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 8  # over max_model_len
+    ids = llm.get_tokenizer().encode(long_prompt)
+    assert len(ids) > max_len
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    for keep, kept in ((17, ids[-17:]), (-1, ids[-max_len:])):
+        out = llm.generate(long_prompt, SamplingParams(truncate_prompt_tokens=keep, **greedy),
+                           use_tqdm=False)[0]
+        assert list(out.prompt_token_ids) == kept
+        direct = llm.generate({"prompt_token_ids": kept}, SamplingParams(**greedy),
+                              use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        llm.generate(long_prompt, SamplingParams(**greedy), use_tqdm=False)
+    assert_idle(llm)

@@ -14,7 +14,8 @@ _GREEDY_EPS = 1e-5
 
 # Fields by type, checked before any range (bool is not accepted as an int or a float).
 _INT_FIELDS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs",
+                        "truncate_prompt_tokens")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "length_penalty")
 _BOOL_FIELDS = ("ignore_eos", "use_beam_search", "early_stopping", "include_stop_str_in_output",
@@ -68,7 +69,8 @@ class SamplingParams:
     the ids it names, before the penalties (OpenAI's field: -100 bans a token, +100 all but
     forces it). The reported log probabilities include both. ``bad_words`` are never generated:
     the last token of a word's tokens (with and without a leading space) is masked whenever the
-    output ends with the tokens before it (vLLM's field).
+    output ends with the tokens before it (vLLM's field). ``truncate_prompt_tokens=k`` keeps the
+    last k prompt tokens (-1: the last ``max_model_len``), as vLLM's field does.
     """
 
     n: int = 1
@@ -97,6 +99,7 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[Sequence[int]] = None
     bad_words: Optional[Sequence[str]] = None
+    truncate_prompt_tokens: Optional[int] = None
     _stop_list: list[str] = field(init=False, repr=False)
     #: The token id sequences of ``bad_words``, set by the engine from its tokenizer.
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
@@ -145,6 +148,10 @@ class SamplingParams:
         """The stop strings as a list."""
         return self._stop_list
 
+    def truncate_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt tokens ``truncate_prompt_tokens`` keeps (``keep_prompt_tail``)."""
+        return keep_prompt_tail(token_ids, self.truncate_prompt_tokens, max_model_len)
+
     @property
     def is_greedy(self) -> bool:
         """True when tokens are chosen by argmax (temperature 0, no beam search)."""
@@ -190,6 +197,9 @@ class SamplingParams:
                "prompt_logprobs", "None or an integer in [0, 20]", self.prompt_logprobs)
         _check(math.isfinite(self.length_penalty), "length_penalty", "a finite number",
                self.length_penalty)
+        _check(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+               or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens",
+               "None, -1 (max_model_len) or an integer >= 1", self.truncate_prompt_tokens)
         _check(self.detokenize or not self._stop_list, "stop",
                "None with detokenize=False (stop strings are matched in the text)", self.stop)
         if self.use_beam_search:
@@ -205,6 +215,17 @@ class SamplingParams:
             if self.temperature < _GREEDY_EPS:
                 _check(self.best_of == 1, "best_of", "1 with greedy sampling (temperature 0)",
                        self.best_of)
+
+
+def keep_prompt_tail(token_ids: list[int], keep: Optional[int],
+                     max_model_len: int) -> list[int]:
+    """The last ``keep`` prompt tokens (the last ``max_model_len`` for -1, all for None), as
+    ``truncate_prompt_tokens`` asks."""
+    if keep is None:
+        return token_ids
+    _check(keep == -1 or (_is_int(keep) and keep >= 1), "truncate_prompt_tokens",
+           "None, -1 (max_model_len) or an integer >= 1", keep)
+    return token_ids[-(max_model_len if keep == -1 else keep):]
 
 
 def encode_bad_words(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:

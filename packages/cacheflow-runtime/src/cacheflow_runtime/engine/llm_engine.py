@@ -126,6 +126,8 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, "
                              f"got {type(sampling_params).__name__}")
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
+        token_ids = sampling_params.truncate_prompt(token_ids,
+                                                   self.scheduler_config.max_model_len)
         self._check_fits(token_ids, sampling_params)
         self._check_token_ids(sampling_params)
         if sampling_params.bad_words:

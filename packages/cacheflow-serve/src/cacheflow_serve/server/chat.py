@@ -21,6 +21,7 @@ from cacheflow_serve.server.serving import (
     new_id,
     now,
     sampling_params,
+    truncated_prompt,
     usage,
 )
 from cacheflow_serve.server.streaming import (
@@ -68,6 +69,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                req.continue_final_message is True)
     ids = await ctx.encode(prompt, param="messages",
                            add_special_tokens=req.add_special_tokens is True)
+    ids = truncated_prompt(ctx, req, ids)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param)

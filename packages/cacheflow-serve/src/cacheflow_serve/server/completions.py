@@ -20,6 +20,7 @@ from cacheflow_serve.server.serving import (
     new_id,
     now,
     sampling_params,
+    truncated_prompt,
     usage,
 )
 from cacheflow_serve.server.streaming import (
@@ -58,6 +59,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
         raise APIError(400, "max_tokens 0 needs echo: true (it returns the prompt only)",
                        param="max_tokens")
     prompts = await _prompts(ctx, req.prompt, req.add_special_tokens is not False)
+    if req.truncate_prompt_tokens is not None:  # an echo shows the prompt that was kept
+        kept = [truncated_prompt(ctx, req, ids) for _, ids in prompts]
+        prompts = [(text if len(k) == len(ids) else await ctx.decode(k), k)
+                   for (text, ids), k in zip(prompts, kept)]
     # With echo, the prompt's tokens get logprobs too, as the legacy API gives them.
     prompt_logprobs = req.logprobs if req.echo else None
     params = []

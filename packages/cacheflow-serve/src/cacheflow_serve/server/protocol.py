@@ -83,6 +83,8 @@ class SamplingFields(_Body):
     stop_token_ids: Optional[list[TokenId]] = None
     allowed_token_ids: Optional[Annotated[list[TokenId], Field(min_length=1)]] = None
     bad_words: Optional[list[str]] = None
+    #: Keep only the prompt's last k tokens (-1: the last max_model_len), as vLLM's field.
+    truncate_prompt_tokens: Optional[int] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).

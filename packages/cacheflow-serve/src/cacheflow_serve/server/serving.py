@@ -21,6 +21,7 @@ from cacheflow_runtime import (
     RequestStream,
     SamplingParams,
 )
+from cacheflow_runtime.sampling_params import keep_prompt_tail
 from cacheflow_serve.inputs import check_prompt_text, max_prompt_chars
 from cacheflow_serve.server.errors import APIError, bad_request, engine_error
 from cacheflow_serve.server.metrics import ServerMetrics
@@ -123,6 +124,15 @@ def check_stop_strings(ctx: ServingContext, req: SamplingFields) -> None:
         ctx.require_tokenizer("bad_words")
 
 
+def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[int]
+                     ) -> list[int]:
+    """``token_ids`` cut to the request's ``truncate_prompt_tokens`` (400 for a bad value)."""
+    try:
+        return keep_prompt_tail(token_ids, req.truncate_prompt_tokens, ctx.max_model_len)
+    except ValueError as exc:
+        raise bad_request(exc) from None
+
+
 def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int],
                  param: str) -> int:
     """The max_tokens to use: the asked number (400 if prompt + max_tokens exceed
@@ -169,7 +179,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
             logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
-            bad_words=req.bad_words)
+            bad_words=req.bad_words, truncate_prompt_tokens=req.truncate_prompt_tokens)
     except ValueError as exc:
         raise bad_request(exc) from None
 
