@@ -80,6 +80,19 @@ SURVEY_GRID = [
     ("gqa8d64", 32, 4, 64, (1, 2), (2048,), False),
     ("gqa4d64", 32, 8, 64, (24,), (3072,), False),
     ("mqa", 32, 1, 128, (1,), (4096, 32768), False),
+    # plans a merge share reaching its full cost at 1.5 split CTAs per SM instead of 1 would
+    # move (a candidate fix for GQA-8 d64 batch 2 at 2k, 2026-12-07; unmeasured)
+    ("gqa8", 32, 4, 128, (3,), (1024,), False),
+    ("gqa8", 32, 4, 128, (2,), (6144,), False),
+    ("gqa4", 32, 8, 128, (2,), (1536,), False),
+    ("gqa4", 32, 8, 128, (3,), (2048,), False),
+    ("gqa4", 32, 8, 128, (1,), (6144,), False),
+    ("mqa", 32, 1, 128, (12,), (512,), False),
+    ("mqa", 32, 1, 128, (24,), (1024,), False),
+    ("gqa4d64", 32, 8, 64, (1,), (2048,), False),
+    ("smollm", 9, 3, 64, (3,), (2048,), False),
+    ("mhad256h32", 32, 32, 256, (1,), (512,), False),
+    ("mqah48", 48, 1, 128, (16,), (1024,), False),
     ("mha", 32, 32, 128, (1, 4, 16), (8192, 32768), True),
     ("gqa8", 32, 4, 128, (1, 8, 32), (8192, 32768), True),
 ]
