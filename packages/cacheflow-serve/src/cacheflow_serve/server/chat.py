@@ -17,7 +17,7 @@ from cacheflow_serve.server.serving import (
     add_requests,
     chat_logprobs,
     check_length,
-    check_stop_strings,
+    check_tokenizer_needs,
     new_id,
     now,
     sampling_params,
@@ -48,7 +48,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
 
 
 def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
-    check_stop_strings(ctx, req)
+    check_tokenizer_needs(ctx, req)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.tool_choice not in (None, "none"):

@@ -15,7 +15,7 @@ from cacheflow_serve.server.serving import (
     ServingContext,
     add_requests,
     check_length,
-    check_stop_strings,
+    check_tokenizer_needs,
     completion_logprobs,
     new_id,
     now,
@@ -49,7 +49,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             raw: Request) -> Response:
     """Serves one completions call."""
     ctx.check_model(req.model)
-    check_stop_strings(ctx, req)
+    check_tokenizer_needs(ctx, req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     n = req.n or 1

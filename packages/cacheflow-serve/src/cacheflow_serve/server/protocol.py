@@ -126,14 +126,6 @@ class ChatMessage(_Body):
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
 
-    def text(self) -> str:
-        """The message's text (parts joined)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
 
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""

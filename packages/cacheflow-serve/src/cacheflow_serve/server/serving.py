@@ -116,8 +116,8 @@ def now() -> int:
     return int(time.time())
 
 
-def check_stop_strings(ctx: ServingContext, req: SamplingFields) -> None:
-    """400 for stop strings or bad words on a server without a tokenizer."""
+def check_tokenizer_needs(ctx: ServingContext, req: SamplingFields) -> None:
+    """400 for what needs a tokenizer (stop strings, bad words) on a server without one."""
     if req.stop and ctx.tokenizer is None:
         ctx.require_tokenizer("stop")
     if req.bad_words and ctx.tokenizer is None:
