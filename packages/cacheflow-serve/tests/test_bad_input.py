@@ -73,6 +73,20 @@ def test_bad_prompt_is_rejected_and_the_engine_keeps_serving(
     _assert_still_serving(llm64, good)
 
 
+def test_numpy_integer_token_ids_are_served_as_ints(llm64: LLM, good: list[Any]) -> None:
+    """Token ids from a NumPy array (np.int64, np.int32) are integers like Python's."""
+    import numpy as np
+
+    ids = GOOD_PROMPTS[1]["prompt_token_ids"]
+    for dtype in (np.int64, np.int32):
+        prompt = {"prompt_token_ids": list(np.array(ids, dtype=dtype))}
+        out = llm64.generate(prompt, GREEDY, use_tqdm=False)[0]
+        assert completions([out]) == [good[1]]
+        assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
+    with pytest.raises(ValueError, match=r"in \[0, 259\); got \[np.int64\(259\)\]"):
+        llm64.generate({"prompt_token_ids": list(np.array([5, VOCAB]))}, GREEDY, use_tqdm=False)
+
+
 def test_prompt_up_to_max_model_len_is_served_and_capped(llm64: LLM) -> None:
     prompt = {"prompt_token_ids": list(range(3, 3 + MAX_MODEL_LEN - 3))}
     out = llm64.generate(prompt, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),

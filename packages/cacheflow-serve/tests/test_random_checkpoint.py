@@ -72,6 +72,21 @@ def test_unknown_model_type_is_a_clear_error() -> None:
         rc.build_hf_config({"model_type": "no-such-model"})
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"hidden_size": 65}, "--hf-config: invalid llama config: "),
+    ({"num_attention_heads": 3}, "--hf-config: invalid llama config: "),
+    ({"hidden_size": "x"}, "--hf-config: invalid llama config: "),
+    ({"vocab_size": -5}, "--hf-config: no llama model has this config: "),
+])
+def test_config_no_model_can_have_is_a_clear_error(override: dict, message: str) -> None:
+    """Whatever transformers' validators or the model's construction raise becomes a ValueError
+    that names --hf-config (the CLI prints it as a usage error, not a traceback)."""
+    fields = {**rc.hf_config_fields("tiny"), **override}
+    with pytest.raises(ValueError) as info:
+        rc.build_hf_config(fields)
+    assert str(info.value).startswith(message)
+
+
 def test_vocab_tokenizer_covers_the_vocabulary() -> None:
     tok = rc.vocab_tokenizer(300)
     assert len(tok) == 300

@@ -131,10 +131,31 @@ def test_unservable_requests_are_400(http: httpx.Client, extra: dict[str, Any],
     _ok(http)
 
 
+@pytest.mark.parametrize("extra, param, code", [
+    ({"prompt": [300, 5]}, "prompt", None),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", None),
+    ({"prompt": "x" * (MAX_MODEL_LEN + 1)}, "prompt", "context_length_exceeded"),
+    ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", "context_length_exceeded"),
+])
+def test_errors_name_the_field_at_fault(http: httpx.Client, extra: dict[str, Any], param: str,
+                                        code: Any) -> None:
+    err = _error(http.post("/v1/completions", json={**COMPLETION, **extra}), 400)
+    assert (err["param"], err["code"]) == (param, code)
+
+
+def test_invalid_json_names_no_field(http: httpx.Client) -> None:
+    resp = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": }',
+                     headers={"Content-Type": "application/json"})
+    err = _error(resp, 400)
+    assert err["param"] is None
+    assert err["message"].startswith("the body is not valid JSON (at character 28)")
+
+
 def test_chat_prompt_over_max_model_len_is_400(http: httpx.Client) -> None:
     body = {**CHAT, "messages": [{"role": "user", "content": "y" * 100}]}
-    assert _error(http.post("/v1/chat/completions", json=body), 400)["code"] == \
-        "context_length_exceeded"
+    for limit in ({}, {"max_completion_tokens": 4}):
+        err = _error(http.post("/v1/chat/completions", json={**body, **limit}), 400)
+        assert (err["param"], err["code"]) == ("messages", "context_length_exceeded")
     body = {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}
     assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == "tools"
 

@@ -156,6 +156,23 @@ def test_completion_logprobs_match_offline(client: openai.OpenAI, llm: LLM) -> N
         assert all(1 <= len(d) <= 3 for d in top)
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_completion_top_logprobs_hold_the_sampled_token(client: openai.OpenAI, k: int) -> None:
+    """OpenAI: each position's top_logprobs has the k most likely tokens and the one sampled
+    (up to k + 1 entries), for sampled and echoed prompt tokens alike."""
+    resp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
+                                     temperature=1.5, seed=3, logprobs=k, echo=True)
+    lp = resp.choices[0].logprobs
+    rows = [(t, v, d) for t, v, d in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)
+            if d is not None]
+    assert len(rows) >= 12
+    for token, value, top in rows:
+        assert token in top and top[token] == pytest.approx(value, abs=1e-6)
+        assert max(1, k) <= len(top) <= k + 1
+    if k == 1:  # at temperature 1.5 some sampled tokens are not the most likely one
+        assert any(len(top) == 2 for _, _, top in rows)
+
+
 def test_chat_logprobs_match_offline(client: openai.OpenAI, llm: LLM,
                                      chat_tokenizer: Any) -> None:
     messages = [{"role": "user", "content": "Say something"}]

@@ -93,15 +93,18 @@ def test_earliest_of_several_stop_strings_wins(llm: LLM, reference: Any) -> None
     assert out.stop_reason == s
 
 
-def test_stop_token_id_ends_generation_on_it(llm: LLM, reference: Any) -> None:
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_id_ends_generation_on_it(llm: LLM, reference: Any, include: bool) -> None:
+    """The stop token stays in the token ids; its text only with include_stop_str_in_output
+    (vLLM's rule)."""
     k = _first_new_token(reference.token_ids, 5)
     token = reference.token_ids[k]
-    out = _generate(llm, stop_token_ids=[token])
+    out = _generate(llm, stop_token_ids=[token], include_stop_str_in_output=include)
     assert out.token_ids == reference.token_ids[:k + 1]
     assert out.finish_reason == "stop"
     assert out.stop_reason == token
-    assert out.text == llm.get_tokenizer().decode(reference.token_ids[:k + 1],
-                                                  skip_special_tokens=True)
+    shown = reference.token_ids[:k + 1] if include else reference.token_ids[:k]
+    assert out.text == llm.get_tokenizer().decode(shown, skip_special_tokens=True)
 
 
 def test_min_tokens_suppresses_an_early_stop_token(llm: LLM, reference: Any) -> None:
@@ -206,3 +209,44 @@ def test_detokenize_false_refuses_stop_strings() -> None:
     with pytest.raises(ValueError, match="SamplingParams.detokenize must be True or False"):
         SamplingParams(detokenize=0)  # type: ignore[arg-type]
     assert SamplingParams(stop_token_ids=[5], detokenize=False).stop_token_ids == [5]
+
+
+def _stream(llm: LLM, params: SamplingParams) -> Any:
+    """The last output of a request stepped through the engine's streaming path."""
+    engine = llm.engine
+    engine.add_request("stream", PROMPT, params)
+    last = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            last = out
+    assert last is not None and last.finished
+    return last.outputs[0]
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("path", ["offline", "stream"])
+def test_eos_text_is_left_out_unless_asked_for(llm: LLM, include: bool, path: str) -> None:
+    """A sequence ended by EOS keeps the EOS id but not its text, even with special tokens kept
+    (vLLM's rule), on the offline path (text built off the step loop) and the streaming one."""
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=3,
+                            logit_bias={EOS: 100.0}, skip_special_tokens=False,
+                            include_stop_str_in_output=include)
+    out = (_generate(llm, **{k: getattr(params, k) for k in (
+        "min_tokens", "logit_bias", "skip_special_tokens", "include_stop_str_in_output")},
+        ignore_eos=False) if path == "offline" else _stream(llm, params))
+    assert len(out.token_ids) == 4 and out.token_ids[-1] == EOS
+    assert out.finish_reason == "stop" and out.stop_reason is None
+    tokenizer = llm.get_tokenizer()
+    shown = out.token_ids if include else out.token_ids[:-1]
+    assert out.text == tokenizer.decode(shown, skip_special_tokens=False)
+    assert tokenizer.decode([EOS], skip_special_tokens=False) in out.text if include else \
+        tokenizer.decode([EOS], skip_special_tokens=False) not in out.text
+
+
+def test_stop_token_text_left_out_on_the_streaming_path(llm: LLM, reference: Any) -> None:
+    k = _first_new_token(reference.token_ids, 4)
+    out = _stream(llm, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                      stop_token_ids=[reference.token_ids[k]]))
+    assert out.token_ids == reference.token_ids[:k + 1]
+    assert out.text == llm.get_tokenizer().decode(reference.token_ids[:k],
+                                                  skip_special_tokens=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,13 +23,13 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
 
 
 def is_int(value: Any) -> bool:
-    """True for an integer that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """True for an integer that is not a bool (NumPy's integers included)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
-    """True for an int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """True for a real number that is not a bool (NumPy's included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

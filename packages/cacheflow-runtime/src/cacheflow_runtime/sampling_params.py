@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from cacheflow_runtime.config import is_int, is_number
 from cacheflow_runtime.errors import InvalidArgumentError
 
 _GREEDY_EPS = 1e-5
@@ -26,14 +26,6 @@ def _check(ok: bool, name: str, allowed: str, value: object) -> None:
     if not ok:
         raise InvalidArgumentError(f"SamplingParams.{name} must be {allowed}, got {value!r}",
                                    field=f"SamplingParams.{name}", value=value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _string_list(value: Any, name: str, single_allowed: bool = True) -> list[str]:
@@ -119,27 +111,27 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_INT_FIELDS:
                 continue
-            _check(_is_int(value), name, "an integer" + (" or None" if name in
+            _check(is_int(value), name, "an integer" + (" or None" if name in
                                                          _OPTIONAL_INT_FIELDS else ""), value)
             setattr(self, name, int(value))
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
-            _check(_is_real(value), name, "a number", value)
+            _check(is_number(value), name, "a number", value)
         for name in _BOOL_FIELDS:
             _check(isinstance(getattr(self, name), bool), name, "True or False",
                    getattr(self, name))
         ids = self.stop_token_ids
-        _check(ids is None or (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)),
+        _check(ids is None or (isinstance(ids, (list, tuple)) and all(is_int(t) for t in ids)),
                "stop_token_ids", "a list of integer token ids", ids)
         self.stop_token_ids = [int(t) for t in ids or []]
         bias = self.logit_bias
         _check(bias is None or (isinstance(bias, dict)
-                                and all(_is_int(t) and _is_real(v) for t, v in bias.items())),
+                                and all(is_int(t) and is_number(v) for t, v in bias.items())),
                "logit_bias", "None or a dict of integer token id -> number", bias)
         self.logit_bias = {int(t): float(v) for t, v in bias.items()} if bias else None
         allowed = self.allowed_token_ids
         _check(allowed is None or (isinstance(allowed, (list, tuple)) and len(allowed) > 0
-                                   and all(_is_int(t) for t in allowed)),
+                                   and all(is_int(t) for t in allowed)),
                "allowed_token_ids", "None or a non-empty list of integer token ids", allowed)
         self.allowed_token_ids = [int(t) for t in allowed] if allowed is not None else None
 
@@ -223,7 +215,7 @@ def keep_prompt_tail(token_ids: list[int], keep: Optional[int],
     ``truncate_prompt_tokens`` asks."""
     if keep is None:
         return token_ids
-    _check(keep == -1 or (_is_int(keep) and keep >= 1), "truncate_prompt_tokens",
+    _check(keep == -1 or (is_int(keep) and keep >= 1), "truncate_prompt_tokens",
            "None, -1 (max_model_len) or an integer >= 1", keep)
     return token_ids[-(max_model_len if keep == -1 else keep):]
 

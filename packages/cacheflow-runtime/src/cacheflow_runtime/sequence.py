@@ -76,6 +76,9 @@ class Sequence:
         self.read_offset = 0
         self.num_detokenized = 0
         self.stop_reason: Optional[int | str] = None
+        # Whether the text leaves out the last output token: the EOS or stop token id that
+        # ended the sequence (core.stop.hides_stop_token).
+        self.stop_token_hidden = False
 
     def append_token(self, token_id: int, logprobs: Logprobs) -> None:
         """Appends a generated token; ``logprobs`` must contain ``token_id``."""
@@ -111,6 +114,12 @@ class Sequence:
     def num_known_outputs(self) -> int:
         """Output tokens whose ids are known (all but a trailing placeholder)."""
         return len(self.output_logprobs)
+
+    @property
+    def num_text_outputs(self) -> int:
+        """Known output tokens that the text holds: all but a hidden stop token
+        (``stop_token_hidden``)."""
+        return len(self.output_logprobs) - self.stop_token_hidden
 
     def get_len(self) -> int:
         """Prompt plus output length in tokens."""

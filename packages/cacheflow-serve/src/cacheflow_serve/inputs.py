@@ -51,4 +51,4 @@ def check_token_ids(token_ids: Any, vocab_size: int, param: str = "prompt") -> l
         more = " ..." if len(bad) > 5 else ""
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size}); "
                                   f"got {bad[:5]!r}{more}", param=param)
-    return list(token_ids)
+    return [int(t) for t in token_ids]

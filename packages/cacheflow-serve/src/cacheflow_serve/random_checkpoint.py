@@ -113,9 +113,14 @@ def build_hf_config(fields: dict[str, Any]) -> PretrainedConfig:
                              "give \"architectures\"")
         fields["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
     try:
-        return CONFIG_MAPPING[model_type](**fields)
-    except (TypeError, ValueError) as exc:
+        config = CONFIG_MAPPING[model_type](**fields)
+    except Exception as exc:  # transformers' field validators raise types of their own too
         raise ValueError(f"--hf-config: invalid {model_type} config: {exc}") from exc
+    try:  # on the meta device: sizes no model can have (heads not dividing the width, ...)
+        meta_tensors(config)
+    except Exception as exc:
+        raise ValueError(f"--hf-config: no {model_type} model has this config: {exc}") from exc
+    return config
 
 
 def meta_tensors(config: PretrainedConfig) -> dict[str, tuple[tuple[int, ...], bool]]:

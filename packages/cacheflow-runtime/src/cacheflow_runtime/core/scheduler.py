@@ -53,7 +53,7 @@ from cacheflow_runtime.core.step_data import (
     SchedulerOutput,
     decodes_by_columns,
 )
-from cacheflow_runtime.core.stop import StopRule, token_stop
+from cacheflow_runtime.core.stop import StopRule, hides_stop_token, token_stop
 from cacheflow_runtime.sampling_metadata import GroupSampleResult, SampleResult
 from cacheflow_runtime.sequence import FINISHED_STATUSES, Sequence, SequenceGroup, SequenceStatus
 
@@ -713,6 +713,7 @@ class Scheduler:
                           seq.get_len(), self.eos_token_id, self.config.max_model_len)
         if stop is not None:
             status, reason = stop
+            seq.stop_token_hidden = hides_stop_token(group.sampling_params, status)
             self.finish_seq(seq, status, reason)
 
     def _apply_beams(self, group: SequenceGroup, candidates: list[SampleResult]) -> None:
@@ -733,6 +734,7 @@ class Scheduler:
             hyp.append_token(cand.token_id, cand.logprobs)
             status, reason = stop_of[id(cand)] or (SequenceStatus.FINISHED_LENGTH_CAPPED, None)
             hyp.status, hyp.stop_reason = status, reason
+            hyp.stop_token_hidden = hides_stop_token(params, status)
             group.beam_hypotheses.append((score, hyp))
         group.beam_hypotheses.sort(key=lambda item: item[0], reverse=True)
         del group.beam_hypotheses[params.best_of:]

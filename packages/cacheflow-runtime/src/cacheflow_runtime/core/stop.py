@@ -1,6 +1,9 @@
 """The stop rules, in one place: when a new token ends a sequence, and where a stop string cuts
 its text. Used by sampling, parallel sampling and beam search alike.
 
+A sequence ended by the EOS token or a stop token id keeps that token in its token ids but not
+in its text, unless ``include_stop_str_in_output`` (:func:`hides_stop_token`).
+
 Order of precedence for a new token (all but the length limits only once ``min_tokens`` tokens
 have been generated): the EOS token (unless ``ignore_eos``), a stop token id, a stop string in
 the new text, then ``max_tokens`` and the model's length limit.
@@ -30,6 +33,13 @@ def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len
     if length_capped(params, output_len, total_len, max_model_len):
         return SequenceStatus.FINISHED_LENGTH_CAPPED, None
     return None
+
+
+def hides_stop_token(params: SamplingParams, status: SequenceStatus) -> bool:
+    """Whether a sequence that ``token_stop`` ended with ``status`` leaves its last token out of
+    its text: the EOS or stop token id that stopped it, unless ``include_stop_str_in_output``
+    (as vLLM does; the token stays in the token ids and logprobs)."""
+    return status is SequenceStatus.FINISHED_STOPPED and not params.include_stop_str_in_output
 
 
 class StopRule:

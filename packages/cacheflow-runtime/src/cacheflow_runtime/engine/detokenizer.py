@@ -98,10 +98,10 @@ class Detokenizer:
 
     def decode_new_text(self, seq: Sequence, skip_special_tokens: bool,
                         max_tokens: Optional[int] = None) -> str:
-        """Appends the text of ``seq``'s known output tokens not decoded yet (usually the
-        newest one) to ``seq.output_text`` and returns it, one token after the other as a
-        stream shows them; with ``max_tokens``, of at most that many of them (the rest stay for
-        a later call).
+        """Appends the text of ``seq``'s output tokens not decoded yet (of its
+        ``num_text_outputs``; usually the newest one) to ``seq.output_text`` and returns it,
+        one token after the other as a stream shows them; with ``max_tokens``, of at most that
+        many of them (the rest stay for a later call).
 
         Returns "" while the new bytes do not yet form a whole character.
         """
@@ -109,7 +109,7 @@ class Detokenizer:
         if tokens is None:
             tokens = self._start(seq, skip_special_tokens)
         done = seq.num_detokenized
-        known = len(seq.output_logprobs)  # seq.num_known_outputs
+        known = seq.num_text_outputs
         if known == done + 1:  # the common case
             token_id = seq.output_token_ids[done]
             seq.num_detokenized = known
@@ -153,7 +153,7 @@ class Detokenizer:
         if tokens is None:
             tokens = self._start(seq, skip_special_tokens)
         num_tokens = len(tokens)
-        known = len(seq.output_logprobs)
+        known = seq.num_text_outputs
         for token_id in seq.output_token_ids[seq.num_detokenized:known]:
             tokens += self._tokens_of(token_id, skip_special_tokens)
         start, read = seq.prefix_offset, seq.read_offset

@@ -230,16 +230,19 @@ class _Sequence:
 
 class _Request:
     __slots__ = ("prompt", "prompt_token_ids", "prompt_logprobs", "sequences",
-                 "skip_special_tokens")
+                 "skip_special_tokens", "include_stop_token")
 
     def __init__(self, prompt: Optional[str], prompt_token_ids: Optional[list[int]],
-                 skip_special_tokens: Optional[bool] = None) -> None:
+                 skip_special_tokens: Optional[bool] = None,
+                 include_stop_token: bool = False) -> None:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.prompt_logprobs: Optional[list[Any]] = None
         self.sequences: list[_Sequence] = []
         # Not None when the front end builds the text (with this skip_special_tokens).
         self.skip_special_tokens = skip_special_tokens
+        # include_stop_str_in_output: whether that text keeps a stopping EOS or stop token id.
+        self.include_stop_token = include_stop_token
 
 
 class OutputDecoder:
@@ -256,12 +259,14 @@ class OutputDecoder:
         """Starts a request (its token ids come with its first delta when None here). Returns
         the sampling parameters to send to the core: ``params``, or a copy with
         ``detokenize=False`` when this decoder builds the text (see :func:`front_end_text`)."""
-        skip = None
+        skip, include_stop_token = None, False
         if params is not None and self.detokenizer is not None and front_end_text(params):
             skip = params.skip_special_tokens
+            include_stop_token = params.include_stop_str_in_output
             params = dataclasses.replace(params, detokenize=False)
         self._requests[request_id] = _Request(
-            prompt, None if prompt_token_ids is None else list(prompt_token_ids), skip)
+            prompt, None if prompt_token_ids is None else list(prompt_token_ids), skip,
+            include_stop_token)
         return params
 
     def forget(self, request_id: str) -> None:
@@ -334,6 +339,9 @@ class OutputDecoder:
             state = seq.text_state = Sequence(0, None, req.prompt_token_ids or [], block_size=1)
         for token_id in new_tokens:
             state.append_token(token_id, {token_id: 0.0})
+        # stopped by the EOS or a stop token id (no stop strings here): core.stop.hides_stop_token
+        state.stop_token_hidden = (seq.finish_reason == "stop" and not req.include_stop_token
+                                   and not isinstance(seq.stop_reason, str))
         if new_tokens:
             detokenizer.decode_new_text(state, req.skip_special_tokens)
         if seq.finish_reason is not None and seq.finish_reason != "abort":

@@ -23,13 +23,14 @@ from cacheflow_runtime.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    is_int,
     resolve_device,
 )
 from cacheflow_runtime.core.block_manager import BlockSpaceManager
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.step_data import ModelRunnerOutput, SchedulerOutput
 from cacheflow_runtime.engine.output_processor import OutputProcessor
-from cacheflow_runtime.errors import InvalidArgumentError
+from cacheflow_runtime.errors import InvalidArgumentError, InvalidRequestError
 from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
@@ -156,11 +157,12 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); "
-                             f"got {bad[:5]}{' ...' if len(bad) > 5 else ''}")
-        return list(prompt_token_ids)
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); "
+                                      f"got {bad[:5]}{' ...' if len(bad) > 5 else ''}",
+                                      param="prompt")
+        return [int(t) for t in prompt_token_ids]
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """``logit_bias`` and ``allowed_token_ids`` name ids inside the vocabulary."""

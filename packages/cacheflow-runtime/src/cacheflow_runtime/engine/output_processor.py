@@ -27,7 +27,7 @@ _PIECE_TOKENS = 32
 def _text_complete(seq: Sequence) -> bool:
     """Whether the finished ``seq``'s text holds all its tokens, nothing held back."""
     tokens = seq.tokens
-    return (tokens is not None and seq.num_detokenized == len(seq.output_logprobs)
+    return (tokens is not None and seq.num_detokenized == seq.num_text_outputs
             and seq.read_offset >= len(tokens))
 
 
@@ -84,7 +84,9 @@ class OutputProcessor:
                 continue
             skip = params.skip_special_tokens
             for seq in group.seqs:
-                if seq.num_detokenized == len(seq.output_logprobs):  # seq.num_known_outputs
+                if seq.num_detokenized == seq.num_text_outputs:  # e.g. a hidden stop token
+                    if seq.status in FINISHED_STATUSES:
+                        self._end_text(params, seq, "")
                     continue
                 new_text = decode_new_text(seq, skip)
                 if (new_text and stop_strings) or seq.status in FINISHED_STATUSES:
@@ -139,7 +141,7 @@ class OutputProcessor:
                 continue
             skip = group.sampling_params.skip_special_tokens
             for seq in group.seqs:
-                if seq.num_detokenized < len(seq.output_logprobs):
+                if seq.num_detokenized < seq.num_text_outputs:
                     decode_new_text(seq, skip)
         return done
 
@@ -166,7 +168,7 @@ class OutputProcessor:
                     self._by_token.add(seq.seq_id)
                 break
             detokenizer.decode_new_text(seq, skip, _PIECE_TOKENS)
-            if seq.num_detokenized == len(seq.output_logprobs):
+            if seq.num_detokenized == seq.num_text_outputs:
                 detokenizer.flush_text(seq)
                 self._by_token.discard(seq.seq_id)
             break
@@ -209,5 +211,5 @@ class OutputProcessor:
             return
         skip = group.sampling_params.skip_special_tokens
         for _, hyp in group.beam_hypotheses:
-            hyp.output_text = self.tokenizer.decode(hyp.output_token_ids,
-                                                    skip_special_tokens=skip)
+            hyp.output_text = self.tokenizer.decode(
+                hyp.output_token_ids[:hyp.num_text_outputs], skip_special_tokens=skip)

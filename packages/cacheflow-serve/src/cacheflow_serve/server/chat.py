@@ -72,7 +72,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ids = truncated_prompt(ctx, req, ids)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = check_length(ctx, len(ids), asked, param)
+    max_tokens = check_length(ctx, len(ids), asked, param, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens, k, defaults=ctx.sampling_defaults)
     request_id = new_id("chatcmpl")

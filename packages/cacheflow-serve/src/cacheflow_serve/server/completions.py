@@ -68,10 +68,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     params = []
     for _, ids in prompts:
         if req.max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, check_length(ctx, len(ids), None, "max_tokens"))
+            max_tokens = min(DEFAULT_MAX_TOKENS, check_length(ctx, len(ids), None, "max_tokens",
+                                                            "prompt"))
         else:
             # A prompt-only echo runs the prompt step, whose one sampled token is dropped.
-            max_tokens = check_length(ctx, len(ids), max(req.max_tokens, 1), "max_tokens")
+            max_tokens = check_length(ctx, len(ids), max(req.max_tokens, 1), "max_tokens",
+                                      "prompt")
         params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of,
                                       defaults=ctx.sampling_defaults,
                                       prompt_logprobs=prompt_logprobs))

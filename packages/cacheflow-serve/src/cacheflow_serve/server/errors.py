@@ -66,7 +66,7 @@ def bad_request(exc: ValueError) -> APIError:
         param, code = exc.param, exc.code
     elif isinstance(exc, InvalidArgumentError) and exc.field:
         param = exc.field.rpartition(".")[2]  # "SamplingParams.top_p" -> "top_p"
-    if code is None and "max_model_len" in message:
+    if code is None and param is None and "max_model_len" in message:
         code = "context_length_exceeded"
     return APIError(400, message, param=param, code=code)
 
@@ -85,6 +85,11 @@ def engine_error(exc: Exception) -> APIError:
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
     parts, param = [], None
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
+            where = ":".join(str(p) for p in err.get("loc", ())[1:2])
+            reason = (err.get("ctx") or {}).get("error") or err.get("msg", "invalid")
+            parts.append(f"the body is not valid JSON (at character {where or '?'}): {reason}")
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)

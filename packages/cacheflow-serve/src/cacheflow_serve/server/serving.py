@@ -134,14 +134,15 @@ def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[i
 
 
 def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int],
-                 param: str) -> int:
+                 param: str, prompt_param: str) -> int:
     """The max_tokens to use: the asked number (400 if prompt + max_tokens exceed
-    max_model_len) or, when None, whatever room the context leaves."""
+    max_model_len) or, when None, whatever room the context leaves. ``param`` and
+    ``prompt_param`` name the request's fields for the two (``max_tokens``, ``prompt``)."""
     limit = ctx.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the "
-                       f"prompt has {prompt_len} tokens", param="prompt" if param == "max_tokens"
-                       else "messages", code="context_length_exceeded")
+                       f"prompt has {prompt_len} tokens", param=prompt_param,
+                       code="context_length_exceeded")
     if max_tokens is None:
         return limit - prompt_len
     if prompt_len + max_tokens > limit:
@@ -242,7 +243,8 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int],
                         logprobs: Sequence[Optional[dict[int, float]]], k: int, offset: int
                         ) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object for the given tokens (a position without
-    logprobs, as a prompt's first token, gets null entries)."""
+    logprobs, as a prompt's first token, gets null entries). Each position's ``top_logprobs``
+    holds its ``k`` most likely tokens and the token taken there, as OpenAI's do."""
     tokens: list[str] = []
     token_logprobs: list[Optional[float]] = []
     top: list[Optional[dict[str, Optional[float]]]] = []
@@ -255,7 +257,10 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int],
             top.append(None)
         else:
             token_logprobs.append(finite(position.get(token_id)))
-            top.append({ctx.token_text(t): finite(v) for t, v in top_entries(position, k)})
+            entries = top_entries(position, k)
+            if token_id in position and all(t != token_id for t, _ in entries):
+                entries.append((token_id, position[token_id]))  # OpenAI: up to k + 1 entries
+            top.append({ctx.token_text(t): finite(v) for t, v in entries})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,

@@ -98,7 +98,9 @@ class Tokenization:
         return await self._in_worker(_encode_json, text, add_special_tokens)
 
     def shutdown(self) -> None:
-        """Stops the threads and the worker process (pending work is cancelled)."""
+        """Stops the threads and the worker process (pending work is cancelled). The worker is
+        joined (at most one encoding in progress to wait for): a process left to exit on its
+        own makes the interpreter's resource tracker warn of leaked semaphores at exit."""
         self._threads.shutdown(wait=False, cancel_futures=True)
         if self._process is not None:
-            self._process.shutdown(wait=False, cancel_futures=True)
+            self._process.shutdown(wait=True, cancel_futures=True)
