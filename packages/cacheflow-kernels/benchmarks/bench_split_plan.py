@@ -81,7 +81,7 @@ SURVEY_GRID = [
     ("gqa4d64", 32, 8, 64, (24,), (3072,), False),
     ("mqa", 32, 1, 128, (1,), (4096, 32768), False),
     # plans a merge share reaching its full cost at 1.5 split CTAs per SM instead of 1 would
-    # move (a candidate fix for GQA-8 d64 batch 2 at 2k, 2026-12-07; unmeasured)
+    # move (a candidate fix for GQA-8 d64 batch 2 at 2k; timed 2026-12-07 02:10)
     ("gqa8", 32, 4, 128, (3,), (1024,), False),
     ("gqa8", 32, 4, 128, (2,), (6144,), False),
     ("gqa4", 32, 8, 128, (2,), (1536,), False),
@@ -93,6 +93,42 @@ SURVEY_GRID = [
     ("smollm", 9, 3, 64, (3,), (2048,), False),
     ("mhad256h32", 32, 32, 256, (1,), (512,), False),
     ("mqah48", 48, 1, 128, (16,), (1024,), False),
+    # plans a merge share reaching its full cost at 2.25 split CTAs per SM would move (timed
+    # 2026-12-07 02:35)
+    ("gqa4", 32, 8, 128, (6,), (4096, 6144), False),
+    ("mqa", 32, 1, 128, (24,), (4096,), False),
+    ("mqa", 32, 1, 128, (48,), (1024, 1536), False),
+    ("mqa", 32, 1, 128, (12,), (1536,), False),
+    ("mqa", 32, 1, 128, (16,), (768,), False),
+    ("mqah48", 48, 1, 128, (24,), (2048,), False),
+    ("mqah48", 48, 1, 128, (12,), (1024,), False),
+    ("mhad256h32", 32, 32, 256, (3,), (2048,), False),
+    ("mhad256", 16, 16, 256, (6,), (1024,), False),
+    ("gqa4d256", 32, 8, 256, (4,), (512,), False),
+    ("gqa4d256", 32, 8, 256, (12,), (2048,), False),
+    ("smollm", 9, 3, 64, (6,), (2048,), False),
+    ("smollm", 9, 3, 64, (8,), (3072,), False),
+    ("gqa3", 9, 3, 128, (12,), (8192,), False),
+    ("gqa4d64", 32, 8, 64, (3,), (3072,), False),
+    ("gqa8d64", 32, 4, 64, (4,), (2048,), False),
+    # plans the refit merge cost (512 token-units, full from 2 split CTAs per SM) moves that
+    # no sweep has timed yet
+    ("mhad64", 32, 32, 64, (24,), (2048,), False),
+    ("gqa4d64", 32, 8, 64, (96,), (2048,), False),
+    ("smollm", 9, 3, 64, (256,), (2048,), False),
+    ("mhad64h16", 16, 16, 64, (48,), (2048,), False),
+    ("gqa3", 9, 3, 128, (24,), (12288,), False),
+    ("gqa3", 9, 3, 128, (16,), (4096,), False),
+    ("gqa4", 32, 8, 128, (3,), (1024,), False),
+    ("gqa8", 32, 4, 128, (6,), (1536,), False),
+    ("qwen", 14, 2, 128, (24,), (4096,), False),
+    ("mhad256h32", 32, 32, 256, (3,), (768,), False),
+    ("gqa4d256", 32, 8, 256, (12,), (1024,), False),
+    ("gqa8d256", 32, 4, 256, (24,), (1024,), False),
+    ("mqah48", 48, 1, 128, (32,), (1024,), False),
+    ("mqah48", 48, 1, 128, (6,), (16384,), False),
+    ("mqad256", 32, 1, 256, (48,), (1536,), False),
+    ("gqa3d256", 9, 3, 256, (6,), (32768,), False),
     ("mha", 32, 32, 128, (1, 4, 16), (8192, 32768), True),
     ("gqa8", 32, 4, 128, (1, 8, 32), (8192, 32768), True),
 ]

@@ -61,13 +61,13 @@ _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
 # merge kernel of a split (its launch and run, once per call). The CTA's is a design estimate;
 # the merge's was 128 until a sweep of 25 short-context cases (contexts 512-2048, batches
 # 1-64, MHA / GQA-4/8 / MQA; H100, 2026-12-06) found splits into 256-token partitions up to 32%
-# slower than the unsplit launch: at 576 the model picks the fastest measured plan on each of
-# them, and the same plans as before on every case of bench_paged_attention.py and on the
-# partition sweeps of the H100 and H200 (docs/benchmarks.md). Split grids of fewer CTAs than
-# SMs pay a share of it (:func:`merge_cost`).
+# slower than the unsplit launch (576 then). Split grids of fewer CTAs than
+# _MERGE_FULL_CTAS_PER_SM per SM pay a share of it (:func:`merge_cost`); the three constants
+# were fitted together on the H100 survey of 144 shapes (2026-12-07, docs/benchmarks.md).
 _CTA_OVERHEAD_TOKENS = 64
-_MERGE_FIXED_TOKENS = 576
-_MERGE_MIN_SHARE = 0.5  # the least share of it a split of few CTAs pays (:func:`merge_cost`)
+_MERGE_FIXED_TOKENS = 512
+_MERGE_FULL_CTAS_PER_SM = 2.0  # split CTAs per SM from which a merge costs all of it
+_MERGE_MIN_SHARE = 0.5  # the least share of it a split of few CTAs pays
 # CTAs per SM that saturate it in grids of one to two CTAs per SM (see :func:`plan_time`).
 _PAIR_GRID_SATURATION = 2
 # Wide unsplit grids covering at least 1 / this share of the SMs are costed at the full rate of
@@ -283,15 +283,20 @@ def plan_time(ctas: int, parts: int, max_context_len: int, num_sms: int, residen
 
 def merge_cost(split_ctas: int, num_sms: int) -> float:
     """The wave planner's cost of a split's merge for a split grid of ``split_ctas`` CTAs:
-    ``_MERGE_FIXED_TOKENS`` from one CTA per SM up, a share of it below, where the merge has few
-    partial rows to combine, but never less than ``_MERGE_MIN_SHARE`` of it (its launch and round
-    trips remain). Fitted on an H100 survey (2026-12-06, docs/benchmarks.md): at the full cost the
-    planner kept small grids at short contexts whole where a split into 128-token partitions was
-    16-30% faster (GQA-8 batch 1 at 1k 8.65 us whole, 6.06 in 8 x 128; MQA batch 8 at 512 8.32
-    and 7.00 in 4 x 128), and every other measured plan stays the same. The floor keeps grids of
-    two to four wide CTAs at head size 64 whole at 1k, as the measured grid of eight (5.46 us
-    whole, 6.14 in 8 x 128), whose CTAs each read as many bytes."""
-    return _MERGE_FIXED_TOKENS * max(_MERGE_MIN_SHARE, min(1.0, split_ctas / num_sms))
+    ``_MERGE_FIXED_TOKENS`` from ``_MERGE_FULL_CTAS_PER_SM`` CTAs per SM up, a share in
+    proportion below, where the merge has few partial rows to combine and mostly hides under
+    the main kernel's tail, but never less than ``_MERGE_MIN_SHARE`` of it (its launch and round
+    trips remain).
+
+    Fitted on an H100 survey (bench_split_plan.py, 144 shapes at 7-11 partition counts each,
+    2026-12-06 and 07; docs/benchmarks.md): the planner's plan took 1.0078x the fastest
+    measured one on average, worst 1.09x, against 1.0232x and 1.47x with the full cost from one
+    CTA per SM (576 token-units). That cost kept small grids at short contexts whole where
+    128-token partitions were 1.2-1.5x faster (GQA-8 at head size 64, batch 2 at 2k: 9.54 us
+    whole, 6.82 in 16 x 128). The floor keeps grids of two to four wide CTAs at head size 64
+    whole at 1k, as the measured grid of eight (5.46 us whole, 6.14 in 8 x 128)."""
+    share = split_ctas / (_MERGE_FULL_CTAS_PER_SM * num_sms)
+    return _MERGE_FIXED_TOKENS * max(_MERGE_MIN_SHARE, min(1.0, share))
 
 
 def max_wave_partitions(ctas: int, max_context_len: int, num_sms: int) -> int:
