@@ -167,9 +167,9 @@ def test_the_front_end_builds_the_text_the_core_would_have(tiny: Path,
         ("text", SamplingParams(temperature=1.0, seed=3, **long), True),
         ("aborted", SamplingParams(temperature=1.0, seed=4, **long), True),
         # ended by a stop token id: its text left out, or kept with include_stop_str_in_output
-        ("stopid", SamplingParams(temperature=1.0, seed=8, stop_token_ids=list(range(3, 60)),
+        ("stopid", SamplingParams(temperature=1.0, seed=8, stop_token_ids=[28],
                                   **long), True),
-        ("stopid_in", SamplingParams(temperature=1.0, seed=8, stop_token_ids=list(range(3, 60)),
+        ("stopid_in", SamplingParams(temperature=1.0, seed=8, stop_token_ids=[28],
                                      include_stop_str_in_output=True, **long), True),
         ("stop", SamplingParams(temperature=1.0, seed=5, stop=["\u00e9"], **long), False),
         ("best", SamplingParams(n=1, best_of=2, temperature=1.0, seed=6, max_tokens=12), False),
@@ -177,6 +177,7 @@ def test_the_front_end_builds_the_text_the_core_would_have(tiny: Path,
     ]
     prompts = {rid: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 12))]
                for rid, _, _ in cases}
+    prompts["stopid_in"] = prompts["stopid"]
     text_prompt = "abc d\u00e9 \u00e8 \u65e5"  # bytes of ids below VOCAB only
     core, front = make_engine(tiny, tokenizer=tokenizer), make_engine(tiny, tokenizer=tokenizer)
     encoder, decoder = OutputEncoder(), OutputDecoder(tokenizer)
@@ -188,6 +189,7 @@ def test_the_front_end_builds_the_text_the_core_would_have(tiny: Path,
         encoder.add(rid, sent, has_token_ids=ids is not None)
         front.add_request(rid, prompt, sent, ids)
     steps = invalid = 0
+    last: dict[str, CompletionOutput] = {}
     while core.has_unfinished_requests():
         steps += 1
         if steps == 6:
@@ -203,8 +205,15 @@ def test_the_front_end_builds_the_text_the_core_would_have(tiny: Path,
         for g, w in zip(got, want):
             _assert_same(g, w)
             invalid += any("\ufffd" in c.text for c in g.outputs)
+            last[g.request_id] = g.outputs[0]
     assert not front.has_unfinished_requests() and len(decoder) == 0
     assert invalid > 0 and steps > 20
+    # the same tokens; the stop token's text only with include_stop_str_in_output
+    hidden, shown = last["stopid"], last["stopid_in"]
+    assert hidden.token_ids == shown.token_ids and isinstance(hidden.stop_reason, int)
+    assert len(hidden.token_ids) < 40 and shown.text.startswith(hidden.text)
+    stop_text = tokenizer.decode(hidden.token_ids[-1:])
+    assert stop_text and shown.text == hidden.text + stop_text
 
 
 def test_frames_split_anywhere_are_reassembled() -> None:
