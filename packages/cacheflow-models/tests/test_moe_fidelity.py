@@ -1,8 +1,9 @@
 """Mixture-of-experts models on CPU in float32: Mixtral (top-1/2/3, GQA/MQA, tied, sliding
-window) and Qwen2-MoE (shared expert, norm_topk_prob, dense layers, sparse step, windows) give HF
-transformers' greedy tokens with logprobs within 1e-4 on a batch of prompts; their experts shard
-over 2 and 4 tensor-parallel ranks; strict loading names missing, extra and misshapen expert
-tensors."""
+window) and Qwen2-MoE (shared expert or none, norm_topk_prob, dense layers, sparse step, windows,
+gelu in every MLP) give HF transformers' greedy tokens with logprobs within 1e-4 on a batch of
+prompts; their experts shard over 2 and 4 tensor-parallel ranks; strict loading names missing,
+extra and misshapen expert tensors, and takes or refuses a Qwen2-MoE checkpoint's shared-expert
+tensors when the config has no shared expert."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cacheflow_models.loading import WeightLoadError
 from cacheflow_models.testing import (
     MIXTRAL_VARIANTS,
     QWEN2_MOE_VARIANTS,
+    assert_same_parameters,
     assert_tp_shards_roundtrip,
     check_greedy_fidelity,
     checkpoint_tensors,
@@ -122,3 +124,30 @@ def test_fused_transformers5_names_load_like_per_expert_ones(mixtral: tuple[Path
     a, b = load_with_weights(path, tensors), load_with_weights(path, fused)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe_no_shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("no_shared"),
+                                tiny_qwen2_moe_config(shared_expert_intermediate_size=0))
+    return path, checkpoint_tensors(path)
+
+
+def test_no_shared_expert_loads_without_the_zero_width_tensors(
+        qwen2_moe_no_shared: tuple[Path, list]) -> None:
+    path, tensors = qwen2_moe_no_shared
+    shared = [n for n, _ in tensors if ".shared_expert" in n]
+    # HF's checkpoint holds the zero-width shared expert and its gate in both layers.
+    assert len(shared) == 8
+    kept = [(n, t) for n, t in tensors if n not in shared]
+    assert_same_parameters(load_with_weights(path, tensors), load_with_weights(path, kept))
+
+
+def test_no_shared_expert_refuses_a_shared_expert_with_weights(
+        qwen2_moe_no_shared: tuple[Path, list]) -> None:
+    path, tensors = qwen2_moe_no_shared
+    bad = "model.layers.1.mlp.shared_expert.up_proj.weight"
+    widened = [(n, torch.zeros(80, 64) if n == bad else t) for n, t in tensors]
+    with pytest.raises(WeightLoadError, match=r"tensors in the checkpoint that no parameter "
+                                              rf"takes: \['{bad}'\]"):
+        load_with_weights(path, widened)

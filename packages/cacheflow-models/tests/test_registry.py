@@ -1,5 +1,7 @@
 """GGUF model types through the cacheflow.gguf_model_types entry points: built-in ones, a
-plugin's override, two plugins in conflict, and an import path never taken from config.json."""
+plugin's override, two plugins in conflict, and an import path never taken from config.json;
+architectures a config names that none is registered for are refused by name, never served by
+their model type's class."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from transformers import PretrainedConfig
 
 from cacheflow_models import registry
+from cacheflow_runtime.registry import supported_architectures
 
 
 def _ep(name: str, value: str, group: str, dist: str) -> Any:
@@ -57,6 +60,42 @@ def test_import_path_in_config_json_is_not_an_architecture(
     config = PretrainedConfig(architectures=["os:system"], model_type="unknown_type")
     with pytest.raises(ValueError, match="model architecture 'os:system' is not supported"):
         registry.resolve_architecture(config)
+
+
+# Every registered architecture, as the error lists them.
+SUPPORTED = f"supported architectures: {', '.join(supported_architectures())}"
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForSequenceClassification",
+                                          "LlavaLlamaForCausalLM"])
+def test_unsupported_architecture_is_not_served_by_its_model_type(architecture: str) -> None:
+    config = PretrainedConfig(architectures=[architecture], model_type="llama")
+    with pytest.raises(ValueError) as exc:
+        registry.resolve_architecture(config)
+    assert str(exc.value) == f"model architecture {architecture!r} is not supported; {SUPPORTED}"
+    assert "LlamaForCausalLM, MistralForCausalLM" in SUPPORTED
+
+
+def test_several_unsupported_architectures_are_all_named() -> None:
+    config = PretrainedConfig(
+        architectures=["LlavaLlamaForCausalLM", "LlamaForTokenClassification"],
+        model_type="llama")
+    with pytest.raises(ValueError) as exc:
+        registry.resolve_architecture(config)
+    assert str(exc.value) == ("model architectures ['LlavaLlamaForCausalLM', "
+                              f"'LlamaForTokenClassification'] are not supported; {SUPPORTED}")
+
+
+def test_first_supported_architecture_is_taken() -> None:
+    config = PretrainedConfig(architectures=["LlavaLlamaForCausalLM", "MistralForCausalLM"],
+                              model_type="llama")
+    assert registry.resolve_architecture(config) == "MistralForCausalLM"
+
+
+def test_unknown_model_type_without_architectures_is_refused() -> None:
+    with pytest.raises(ValueError) as exc:
+        registry.resolve_architecture(PretrainedConfig(model_type="foo"))
+    assert str(exc.value) == f"model architecture 'foo' is not supported; {SUPPORTED}"
 
 
 def test_two_plugins_claiming_a_model_type_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize(("params", "expected"), [
     (dict(temperature=0.0), True),
     (dict(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=3), True),
-    (dict(temperature=0.0, stop_token_ids=[4], stop=["x"], logprobs=0), True),
+    (dict(temperature=0.0, stop_token_ids=[4], stop=["x"]), True),
+    (dict(temperature=0.0, logprobs=0), False),  # the sampled token's rank is reported
     (dict(temperature=0.0, logprobs=2), False),
     (dict(temperature=0.0, prompt_logprobs=0), False),
     (dict(temperature=0.0, min_tokens=2), False),
@@ -43,7 +44,7 @@ def test_running_decodes_travel_as_columns() -> None:
     columns, with the blocks its table gained, and the worker's tokens come back by row."""
     bm = BlockSpaceManager(8, num_gpu_blocks=16, num_cpu_blocks=0)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=64,
-                                          async_scheduling=False), bm, eos_token_id=EOS)
+                                          async_scheduling=False), bm, eos_token_ids={EOS})
     seq = Sequence(scheduler.new_seq_id(), None, list(range(1, 9)), block_size=8)
     scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=5)))
 
@@ -76,7 +77,7 @@ def test_a_length_capped_row_finishes() -> None:
     """A row's token that reaches max_tokens ends its sequence, as in the per-sequence form."""
     bm = BlockSpaceManager(8, num_gpu_blocks=16, num_cpu_blocks=0)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=64,
-                                          async_scheduling=False), bm, eos_token_id=EOS)
+                                          async_scheduling=False), bm, eos_token_ids={EOS})
     seq = Sequence(scheduler.new_seq_id(), None, [1, 2, 3], block_size=8)
     scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=2)))
     out = scheduler.schedule()

@@ -317,8 +317,10 @@ def test_core_process_serves_like_the_thread_engine_and_shuts_down_cleanly(
             assert time.monotonic() < deadline, stats
             await asyncio.sleep(0.05)
         assert client.num_abandoned == 1 and client.num_in_flight == 0
-        # A terminal's Ctrl-C reaches the core too; the front end decides what to do.
+        # A terminal's Ctrl-C reaches the core too; the front end decides what to do. So does
+        # a SIGTERM to the process group (systemd, kill -- -PGID) while the front end lives.
         os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
         again = await _final(client, "again", CASES[0][1], "hello 0 there")
         assert again.outputs[0].token_ids == expected[0].outputs[0].token_ids
         # Shutdown aborts what still runs: its stream ends with an "abort" output.
@@ -383,6 +385,29 @@ def test_the_core_exits_when_its_front_end_is_killed(tiny: Path) -> None:
         assert process_alive(core)
         driver.kill()
         driver.wait()
+        deadline = time.monotonic() + 20
+        while process_alive(core) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(core)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
+def test_the_core_exits_when_its_process_group_gets_sigterm(tiny: Path) -> None:
+    """SIGTERM to the whole group: the core ignores it while its front end lives, and exits
+    once the front end (which dies of it here) is gone: no orphan is left."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny)], env=env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert driver.stdout is not None
+        core = int(driver.stdout.readline())
+        assert process_alive(core)
+        os.killpg(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=20) == -signal.SIGTERM
         deadline = time.monotonic() + 20
         while process_alive(core) and time.monotonic() < deadline:
             time.sleep(0.05)

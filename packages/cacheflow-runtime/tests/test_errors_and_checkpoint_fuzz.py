@@ -258,3 +258,30 @@ def test_a_zip_that_is_not_a_checkpoint(tmp_path: Path) -> None:
         archive.writestr("hello.txt", "not a state dict")
     with pytest.raises(CheckpointError, match=re.escape(str(file))):
         _read_all(file)
+
+
+def test_top_k_0_is_off_like_minus_1() -> None:
+    """vLLM: "Set to 0 (or -1) to consider all tokens"; stored as -1 for everything
+    downstream."""
+    assert SamplingParams(top_k=0).top_k == -1
+    assert SamplingParams(top_k=np.int64(0)).top_k == -1
+    assert SamplingParams(top_k=-1).top_k == -1 and SamplingParams(top_k=3).top_k == 3
+    assert SamplingParams(top_k=0, use_beam_search=True, best_of=2, temperature=0).top_k == -1
+    with pytest.raises(InvalidArgumentError) as info:
+        SamplingParams(top_k=-2)
+    assert str(info.value) == "SamplingParams.top_k must be -1 or 0 (off) or an integer >= 1, " \
+                              "got -2"
+
+
+@pytest.mark.parametrize("kwargs, field, value", [
+    (dict(n=2), "n", 2),  # best_of defaults to n: the error names what was set
+    (dict(n=2, best_of=2), "n", 2),
+    (dict(n=1, best_of=3), "best_of", 3),
+])
+def test_greedy_sampling_errors_name_the_field_set(kwargs: dict[str, Any], field: str,
+                                                   value: int) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        SamplingParams(temperature=0, **kwargs)
+    assert str(info.value) == (f"SamplingParams.{field} must be 1 with greedy sampling "
+                               f"(temperature 0), got {value}")
+    assert info.value.field == f"SamplingParams.{field}"

@@ -285,3 +285,21 @@ def test_ping_watch_reports_an_actor_that_dies_while_starting() -> None:
 
     with pytest.raises(WorkerFailedError, match="rank 1"):
         watch.check(2.0, is_done=lambda ref: True, resolve=resolve)
+
+
+def test_a_worker_outlives_sigterm_while_its_driver_lives(
+        tiny: Path, reference_tokens: list[list[int]]) -> None:
+    """A SIGTERM to the process group (systemd, kill -- -PGID) reaches the ranks too; the driver
+    decides when they stop (a server drains its requests first)."""
+    engine = _engine(tiny, 2, "mp")
+    executor = engine.executor
+    assert isinstance(executor, MultiprocExecutor)
+    pids = {p.pid for p in executor.processes}
+    try:
+        for pid in pids:
+            os.kill(pid or 0, signal.SIGTERM)
+        assert _tokens(engine) == reference_tokens
+        assert all(p.is_alive() for p in executor.processes)
+    finally:
+        engine.shutdown()
+    assert not pids & child_pids()

@@ -7,10 +7,12 @@ from __future__ import annotations
 import itertools
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
 from engine_testutil import (
+    ALPHABET,
     EOS,
     VOCAB,
     CharTokenizer,
@@ -27,6 +29,7 @@ from cacheflow_runtime.core.stop import StopRule, length_capped, token_stop
 from cacheflow_runtime.engine.detokenizer import (
     Detokenizer,
     decode_new_text,
+    flagged_special_ids,
     flush_text,
     token_of_id_function,
     tokens_to_string_function,
@@ -210,7 +213,7 @@ def test_stop_rule_fires_exactly_where_token_stop_can(seed: int) -> None:
             max_tokens=max_tokens, ignore_eos=rng.random() < 0.5,
             min_tokens=rng.randrange(0, (max_tokens or 30) + 1) if rng.random() < 0.5 else 0,
             stop_token_ids=rng.sample(range(12), rng.randrange(0, 3)))
-        eos = rng.choice([None, 3, 5])
+        eos = rng.choice([frozenset(), frozenset({3}), frozenset({5}), frozenset({3, 7})])
         prompt_len, max_model_len = rng.randrange(1, 20), rng.randrange(21, 60)
         rule = StopRule(params, prompt_len, eos, max_model_len)
         fired = 0
@@ -398,6 +401,110 @@ def test_tokenizer_shortcuts_apply_only_to_hf_own_methods(hf_tokenizer: Any) -> 
     assert token_of_id_function(chars)(EOS, True) == ("",)
 
 
+# Ids of the added special tokens of the tokenizer below that ``all_special_ids`` lacks.
+_FILE_SEP, _GH_STARS = EOS - 2, EOS - 1
+
+
+@pytest.fixture(scope="module")
+def added_special_tokenizer() -> Any:
+    """A tokenizer of the tiny decoder's vocabulary (one token per character, then
+    ``<file_sep>``, ``<gh_stars>`` and ``</s>``) whose added tokens are all flagged special but
+    only ``</s>`` is in ``all_special_ids``, as in SmolLM2's and Llama-3's tokenizers."""
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(ALPHABET[:_FILE_SEP])}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = tokenizers.decoders.Fuse()
+    tok.add_special_tokens(["<file_sep>", "<gh_stars>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    assert tokenizer.convert_tokens_to_ids(["<file_sep>", "<gh_stars>", "</s>"]) == \
+        [_FILE_SEP, _GH_STARS, EOS]
+    assert tokenizer.all_special_ids == [EOS]
+    return tokenizer
+
+
+class _OwnConversion(CharTokenizer):
+    """A tokenizer with its own ``convert_ids_to_tokens`` (not the HF fast one) that skips
+    only EOS, and an added token flagged special (id 0)."""
+
+    added_tokens_decoder = {0: SimpleNamespace(content="a", special=True),
+                            1: SimpleNamespace(content="b", special=False)}
+
+
+def test_flagged_special_ids_are_the_added_tokens_flagged_special(
+        added_special_tokenizer: Any) -> None:
+    assert flagged_special_ids(added_special_tokenizer) == {_FILE_SEP, _GH_STARS, EOS}
+    assert flagged_special_ids(_OwnConversion()) == {0}
+    assert flagged_special_ids(CharTokenizer()) == frozenset()
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+def test_detokenizer_skips_every_added_token_flagged_special(added_special_tokenizer: Any,
+                                                             skip: bool) -> None:
+    """Added tokens flagged special but missing from ``all_special_ids`` are dropped when
+    skipping special tokens, in prompts and outputs, streamed or decoded at once: the text is
+    ``tokenizer.decode(outputs, skip_special_tokens=skip)``."""
+    tokenizer = added_special_tokenizer
+    detokenizer = Detokenizer(tokenizer)
+    rng = random.Random(7)
+    for _ in range(20):
+        prompt, outputs = ([rng.randrange(VOCAB) for _ in range(rng.randrange(1, 9))]
+                           for _ in range(2))
+        outputs += [_FILE_SEP, 3, _GH_STARS]
+        streamed, at_once = (Sequence(0, None, prompt, block_size=16) for _ in range(2))
+        for token in outputs:
+            for seq in (streamed, at_once):
+                seq.append_token(token, {token: 0.0})
+            detokenizer.decode_new_text(streamed, skip)
+        detokenizer.flush_text(streamed)
+        detokenizer.decode_output(at_once, skip)
+        expected = tokenizer.decode(outputs, skip_special_tokens=skip)
+        assert streamed.output_text == at_once.output_text == expected
+        assert ("<file_sep>" in expected) is not skip
+
+
+def test_own_conversions_also_skip_added_tokens_flagged_special() -> None:
+    """A tokenizer whose ``convert_ids_to_tokens`` the detokenizer calls (prompt and outputs)
+    still loses its added tokens flagged special when skipping, and keeps the others."""
+    tokenizer = _OwnConversion()
+    detokenizer = Detokenizer(tokenizer)
+    convert = token_of_id_function(tokenizer)
+    assert (convert(0, True), convert(0, False), convert(1, True)) == ((), ("a",), ("b",))
+    for skip, prompt_tokens, expected in ((True, ["b"], "bcb"),
+                                          (False, ["a", "b", "a"], "abcab</s>")):
+        seq = Sequence(0, None, [0, 1, 0], block_size=16)
+        for token in (0, 1, 2, 0, 1, EOS):
+            seq.append_token(token, {token: 0.0})
+            detokenizer.decode_new_text(seq, skip)
+        detokenizer.flush_text(seq)
+        assert seq.tokens is not None and seq.tokens[:len(prompt_tokens)] == prompt_tokens
+        assert seq.output_text == expected
+
+
+@pytest.mark.parametrize("final_only", [False, True], ids=["streamed", "final_only"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_special", "keep_special"])
+def test_engine_output_text_skips_added_tokens_flagged_special(
+        tiny: Path, added_special_tokenizer: Any, skip: bool, final_only: bool) -> None:
+    """The engine's output text (streamed step by step, or built once the request finished) is
+    the tokenizer's own decoding of the generated tokens, added special tokens included."""
+    tokenizer = added_special_tokenizer
+    engine = make_engine(tiny, tokenizer=tokenizer)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True,
+                            logit_bias={_FILE_SEP: 4.0, _GH_STARS: 4.0},
+                            skip_special_tokens=skip)
+    engine.add_request("r", None, params, [3, 4, _FILE_SEP, 5])
+    streamed = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step(final_only=final_only):
+            streamed = out.outputs[0].text
+            ids = out.outputs[0].token_ids
+    assert {_FILE_SEP, _GH_STARS} & set(ids) and set(ids) - {_FILE_SEP, _GH_STARS, EOS}
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("<" in streamed) is not skip
+
+
 # ------------------------------------------------------------------- the step's plain data
 def test_scheduled_sequences_carry_each_field() -> None:
     """What the scheduler sends for a sequence outside the columnar decodes (a penalty needs
@@ -405,7 +512,7 @@ def test_scheduled_sequences_carry_each_field() -> None:
     first, then one token with the appended blocks and the outputs since."""
     bm = BlockSpaceManager(8, num_gpu_blocks=16, num_cpu_blocks=0)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_model_len=64,
-                                          async_scheduling=False), bm, eos_token_id=EOS)
+                                          async_scheduling=False), bm, eos_token_ids={EOS})
     seq = Sequence(scheduler.new_seq_id(), None, list(range(1, 9)), block_size=8)
     scheduler.add_seq_group(SequenceGroup("a", [seq], SamplingParams(max_tokens=5,
                                                                      presence_penalty=0.5)))

@@ -16,6 +16,8 @@ from cacheflow_runtime.attention.reference import paged_attention, reshape_and_c
 from cacheflow_runtime.layers.linear import ColumnParallelLinear
 from cacheflow_runtime.layers.rotary_embedding import (
     RotaryEmbedding,
+    length_dependent_rope,
+    prompt_rotation_key,
     rope_inv_freq,
     rope_max_positions,
 )
@@ -78,6 +80,65 @@ def test_dynamic_ntk_rotates_each_sequence_with_its_own_length() -> None:
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not describe"):
         dynamic(positions, q, q, [1], [1])
+
+
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": ORIG,
+            "short_factor": [1.0 + 0.25 * i for i in range(DIM // 2)],
+            "long_factor": [3.0 + 0.5 * i for i in range(DIM // 2)]}
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": FACTOR}, LONGROPE],
+                         ids=["dynamic", "longrope"])
+def test_length_scaled_rope_rotates_a_prompt_alike_in_any_chunks(scaling: dict) -> None:
+    """A 40-token prompt (past ORIG) cut into chunked-prefill steps of 16, 16 and 8 tokens, each
+    beside another sequence, is rotated exactly as in one step (HF rotates every prompt token
+    for the prompt's length), and its first chunk differs from a 16-token prompt's rotation."""
+    rope = RotaryEmbedding(HEAD, DIM, 96, BASE, True, scaling) if scaling is LONGROPE \
+        else _rope(scaling)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(40, HEAD, generator=gen)
+    whole, _ = rope(torch.arange(40), q.clone(), q.clone(), [40], [40], [40])
+    other = torch.randn(1, HEAD, generator=gen)
+    for lo, hi in ((0, 16), (16, 32), (32, 40)):
+        # a decode at position 50 first (prompt length 0: past its prompt), then the chunk
+        positions = torch.cat((torch.tensor([50]), torch.arange(lo, hi)))
+        x = torch.cat((other, q[lo:hi]))
+        out, _ = rope(positions, x.clone(), x.clone(), [1, hi - lo], [51, hi], [0, 40])
+        assert torch.equal(out[1:], whole[lo:hi])
+        decode, _ = rope(torch.tensor([50]), other.clone(), other.clone(), [1], [51])
+        assert torch.equal(out[:1], decode)
+    short, _ = rope(torch.arange(16), q[:16].clone(), q[:16].clone(), [16], [16], [16])
+    assert not torch.allclose(short, whole[:16])
+    # Without prompt lengths a chunk counts as a prompt ending at its context: the old rule.
+    chunk, _ = rope(torch.arange(16), q[:16].clone(), q[:16].clone(), [16], [16])
+    assert torch.equal(chunk, short)
+
+
+def test_length_scaled_rope_after_the_prompt_goes_by_position() -> None:
+    """Recomputing a preempted sequence (a 20-token prompt and 10 generated tokens in one
+    step) rotates each generated token at p for the length p + 1, as when it was decoded."""
+    dynamic = _rope({"rope_type": "dynamic", "factor": FACTOR})
+    q = torch.randn(30, HEAD, generator=torch.Generator().manual_seed(2))
+    out, _ = dynamic(torch.arange(30), q.clone(), q.clone(), [30], [30], [20])
+    prompt, _ = dynamic(torch.arange(20), q[:20].clone(), q[:20].clone(), [20], [20], [20])
+    assert torch.equal(out[:20], prompt)
+    for p in range(20, 30):
+        torch.testing.assert_close(out[p:p + 1].double(),
+                                   _expected_dynamic(torch.tensor([p]), q[p:p + 1], p + 1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_rotation_key_separates_differently_rotated_prompts() -> None:
+    dynamic = length_dependent_rope(24, {"rope_type": "dynamic", "factor": 4.0})
+    longrope = length_dependent_rope(96, LONGROPE)
+    assert dynamic == ("dynamic", 24) and longrope == ("longrope", ORIG)
+    assert length_dependent_rope(24, {"rope_type": "linear", "factor": 2.0}) is None
+    assert length_dependent_rope(24, None) is None
+    assert [prompt_rotation_key(dynamic, n) for n in (10, 24, 25, 40)] == [
+        "", "", "rope:dynamic:25", "rope:dynamic:40"]
+    assert [prompt_rotation_key(longrope, n) for n in (24, 25, 90)] == [
+        "", "rope:long", "rope:long"]
+    assert prompt_rotation_key(None, 10_000) == ""
 
 
 def test_reference_attention_sliding_window() -> None:

@@ -41,7 +41,7 @@ def decode_group(params: SamplingParams, rows: list[int], *, prompt: list[int] |
         output_token_ids=outputs if outputs is not None else [[] for _ in rows],
         cumulative_logprobs=cumulative if cumulative is not None else [0.0] * n,
         seed_keys=seed_keys if seed_keys is not None else [None] * n,
-        eos_token_id=eos,
+        eos_token_ids=frozenset() if eos is None else frozenset({eos}),
     )
 
 
@@ -60,7 +60,7 @@ def prompt_group(params: SamplingParams, row: int, prompt: list[int], *,
         cumulative_logprobs=[0.0],
         seed_keys=seed_keys if seed_keys is not None else [None] * (params.best_of or 1),
         prompt_logit_rows=prompt_rows or [],
-        eos_token_id=eos,
+        eos_token_ids=frozenset() if eos is None else frozenset({eos}),
     )
 
 
@@ -123,6 +123,14 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
     # seen: prompt {0, 1}, output {3, 4}; 2 and 5 untouched.
     want = expected_logprobs([1.0, -2.0, 0.5, 1.5, -4.0, 0.0])
     torch.testing.assert_close(got, want)
+
+
+def test_repetition_penalty_above_two_is_taken() -> None:
+    """Any finite penalty above 0 (vLLM's bound): 5 divides and multiplies by 5."""
+    got = penalized(SamplingParams(temperature=0.0, repetition_penalty=5.0))
+    torch.testing.assert_close(got, expected_logprobs([0.4, -5.0, 0.5, 0.6, -10.0, 0.0]))
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
+        SamplingParams(repetition_penalty=math.inf)
 
 
 def test_repetition_penalty_matches_hf_processor() -> None:

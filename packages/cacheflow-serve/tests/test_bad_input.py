@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cacheflow_runtime import SamplingParams
+from cacheflow_runtime import InvalidRequestError, SamplingParams
 from cacheflow_serve import LLM
 
 from serve_testutil import assert_idle, completions
@@ -102,6 +102,20 @@ def test_prompt_up_to_max_model_len_is_served_and_capped(llm64: LLM) -> None:
     assert_idle(llm64)
 
 
+def test_truncate_prompt_tokens_takes_a_text_prompt_of_any_length(llm64: LLM) -> None:
+    """Past the character bound a text prompt is refused untokenized, unless
+    truncate_prompt_tokens keeps only its tail (as in vLLM)."""
+    long = "a" * (llm64._max_prompt_chars + 100)
+    with pytest.raises(InvalidRequestError) as info:
+        llm64.generate(long, GREEDY, use_tqdm=False)
+    assert info.value.code == "context_length_exceeded"
+    keep = SamplingParams(temperature=0, max_tokens=2, truncate_prompt_tokens=10)
+    out = llm64.generate([long, "short"], keep, use_tqdm=False)[0]
+    assert out.prompt_token_ids == llm64.tokenizer.encode(long)[-10:]
+    assert len(out.outputs[0].token_ids) == 2
+    assert_idle(llm64)
+
+
 @pytest.mark.parametrize("bad_index", [0, 2, 3])
 def test_bad_prompt_in_a_batch_fails_the_batch_and_later_batches_are_correct(
         llm64: LLM, good: list[Any], bad_index: int) -> None:
@@ -124,8 +138,8 @@ def test_a_bad_sampling_params_list_fails_the_batch(llm64: LLM, good: list[Any])
 def test_a_request_too_big_for_the_kv_cache_is_rejected(tiny_path: Path) -> None:
     small = LLM(tiny_path, device="cpu", dtype="float32", block_size=8, kv_cache_blocks=4,
                 swap_space=0.01)
-    with pytest.raises(ValueError, match=r"needs up to 5 KV-cache blocks \(40 tokens\) but the "
-                                         r"cache has only 4"):
+    with pytest.raises(ValueError, match=r"needs up to 5 KV-cache blocks \(the keys and values "
+                                         r"of 39 tokens\) but the cache has only 4"):
         small.generate({"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=20),
                        use_tqdm=False)
     with pytest.raises(ValueError, match=r"best_of \(300\) is larger than max_num_seqs \(256\)"):
@@ -140,11 +154,12 @@ BAD_PARAMS: list[tuple[dict[str, Any], str, Any]] = [
     (dict(temperature=float("nan")), "temperature", float("nan")),
     (dict(top_p=0), "top_p", 0),
     (dict(top_p=1.5), "top_p", 1.5),
-    (dict(top_k=0), "top_k", 0),
     (dict(top_k=-2), "top_k", -2),
     (dict(n=0), "n", 0),
     (dict(n=3, best_of=2), "best_of", 2),
-    (dict(temperature=0, n=2), "best_of", 2),
+    (dict(temperature=0, n=2), "n", 2),
+    (dict(temperature=0, n=2, best_of=3), "n", 2),
+    (dict(temperature=0, best_of=2), "best_of", 2),
     (dict(max_tokens=0), "max_tokens", 0),
     (dict(min_tokens=5, max_tokens=4), "min_tokens", 5),
     (dict(logprobs=100), "logprobs", 100),
@@ -154,6 +169,7 @@ BAD_PARAMS: list[tuple[dict[str, Any], str, Any]] = [
     (dict(stop_token_ids=[-3]), "stop_token_ids", [-3]),
     (dict(presence_penalty=3), "presence_penalty", 3),
     (dict(repetition_penalty=0), "repetition_penalty", 0),
+    (dict(repetition_penalty=-1.5), "repetition_penalty", -1.5),
 ]
 
 

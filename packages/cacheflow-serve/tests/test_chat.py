@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from cacheflow_runtime import InvalidRequestError, SamplingParams
 from cacheflow_serve import LLM
-from cacheflow_serve.chat_template import encode_chat
+from cacheflow_serve.chat_template import encode_chat, template_messages
 from cacheflow_serve.cli import main
 from cacheflow_serve.server import ServerThread
 
@@ -85,16 +85,37 @@ def test_chat_prompt_ids_are_hf_apply_chat_templates(chat_llm: LLM, hf_tokenizer
 
 def test_a_list_of_conversations_comes_back_in_order(chat_llm: LLM) -> None:
     conversations = [MESSAGES, [{"role": "user", "content": "Hi"}],
-                     [{"role": "user", "content": [{"type": "text", "text": "Name a "},
+                     [{"role": "user", "content": [{"type": "text", "text": "Name a"},
                                                    {"type": "text", "text": "colour."}]}]]
     outs = chat_llm.chat(conversations, GREEDY, use_tqdm=False)
     singles = [chat_llm.chat(c, GREEDY, use_tqdm=False)[0] for c in conversations]
     assert [o.outputs[0].token_ids for o in outs] == [s.outputs[0].token_ids for s in singles]
-    # Text parts are joined: the third conversation's prompt is that of the plain string.
-    plain = chat_llm.chat([{"role": "user", "content": "Name a colour."}], GREEDY,
+    # Text parts are joined by newlines (as vLLM): the third conversation's prompt is that of
+    # the plain string.
+    plain = chat_llm.chat([{"role": "user", "content": "Name a\ncolour."}], GREEDY,
                           use_tqdm=False)[0]
     assert outs[2].prompt_token_ids == plain.prompt_token_ids
     assert outs[0].prompt_token_ids != outs[1].prompt_token_ids
+
+
+def test_text_parts_are_joined_by_newlines() -> None:
+    """As vLLM joins a message's text parts."""
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert template_messages([{"role": "user", "content": parts}]) == \
+        [{"role": "user", "content": "a\nb"}]
+
+
+def test_tool_messages_reach_the_template_with_their_call_id(chat_llm: LLM) -> None:
+    """A tool's result given back (role ``tool``, as vLLM takes it) goes to the chat template
+    with the call it answers."""
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    assert template_messages(messages)[1] == {"role": "tool", "content": "sunny",
+                                              "tool_call_id": "call_1"}
+    template = "{% for m in messages %}[{{ m['role'] }}:{{ m.get('tool_call_id', '') }}]" \
+        "{% endfor %}"
+    assert chat_llm.apply_chat_template(messages, chat_template=template) == \
+        "[user:][tool:call_1]"
 
 
 def test_continue_final_message_and_template_override(chat_llm: LLM, hf_tokenizer: Any) -> None:
@@ -113,7 +134,9 @@ def test_continue_final_message_and_template_override(chat_llm: LLM, hf_tokenize
 
 
 @pytest.mark.parametrize("messages, kwargs, match", [
-    ([{"role": "tool", "content": "x"}], {}, r"messages\[0\]\.role must be one of"),
+    ([{"role": "function", "content": "x"}], {}, r"messages\[0\]\.role must be one of"),
+    ([{"role": "tool", "content": "x", "tool_call_id": 3}], {},
+     r"messages\[0\]\.tool_call_id must be a string"),
     ([{"role": "user", "content": 5}], {}, r"messages\[0\]\.content must be a string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}], {},
      r"messages\[0\]\.content\[0\] must be a text part"),

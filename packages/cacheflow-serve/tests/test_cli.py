@@ -115,3 +115,28 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_path: Path,
     assert main(_args(tiny_path, "--kv-cache-dtype", "int4", "Hello")) == 2
     assert "kv_cache_dtype must be one of ('auto', 'fp8', 'fp8_e4m3'), got 'int4'" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "99999", "argument --port: must be a port in [0, 65535], got 99999"),
+    ("--port", "-1", "argument --port: must be a port in [0, 65535], got -1"),
+    ("--shutdown-grace-period", "-1",
+     "argument --shutdown-grace-period: must be a finite number of seconds >= 0, got -1"),
+    ("--shutdown-grace-period", "inf",
+     "argument --shutdown-grace-period: must be a finite number of seconds >= 0, got inf"),
+    ("--max-queued-requests", "0", "argument --max-queued-requests: must be an integer >= 1, "
+                                   "got 0"),
+    ("--max-queued-requests", "-3", "argument --max-queued-requests: must be an integer >= 1, "
+                                    "got -3"),
+])
+def test_serve_refuses_out_of_range_flags_before_loading(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+        message: str) -> None:
+    """A usage error (status 2) from the parser: the model path, which does not exist, is never
+    looked at."""
+    with pytest.raises(SystemExit) as info:
+        main(["serve", str(tmp_path / "no-such-model"), f"{flag}={value}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cacheflow serve: error: {message}\n" in err
+    assert "no-such-model" not in err

@@ -32,7 +32,8 @@ def sampled_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_auto_reads_the_sampling_fields_only(sampled_path: Path, tmp_path: Path) -> None:
-    want = {"temperature": 0.7, "top_p": 0.8, "top_k": 5}
+    # max_new_tokens is taken as max_tokens, as vLLM does
+    want = {"temperature": 0.7, "top_p": 0.8, "top_k": 5, "max_tokens": 3}
     assert load_generation_defaults(sampled_path) == want
     assert load_generation_defaults(sampled_path, "vllm") == {}
     assert load_generation_defaults(sampled_path, "none") == {}
@@ -100,3 +101,34 @@ def test_server_fills_unset_fields_from_the_generation_config(
     # The request's own values win, field by field.
     assert _tokens(sampled_server, temperature=0) == offline_tokens(temperature=0)
     assert _tokens(sampled_server, top_k=-1) == offline_tokens(temperature=0.7, top_p=0.8)
+
+
+def test_max_new_tokens_is_the_default_length(sampled_server: ServerThread,
+                                               sampled_path: Path) -> None:
+    """generation_config.json's max_new_tokens (3) is max_tokens where a request leaves it
+    unset, offline and in the server (``check_length``, which chat shares); a request's own
+    value wins."""
+    llm = LLM(sampled_path, device="cpu", dtype="float32")
+    assert llm.get_default_sampling_params().max_tokens == 3
+    assert len(llm.generate("Hello", use_tqdm=False)[0].outputs[0].token_ids) == 3
+    url = sampled_server.base_url
+    body = {"model": "tiny", "temperature": 0, "ignore_eos": True}
+    done = httpx.post(url + "/v1/completions", json={**body, "prompt": "Hello"}, timeout=60)
+    assert done.json()["usage"]["completion_tokens"] == 3, done.text
+    longer = httpx.post(url + "/v1/completions",
+                        json={**body, "prompt": "Hello", "max_tokens": 7}, timeout=60)
+    assert longer.json()["usage"]["completion_tokens"] == 7
+
+
+def test_top_k_0_in_the_generation_config_means_off(tiny_path: Path, tmp_path: Path) -> None:
+    """HF's generation configs write top_k 0 for "off"; the model loads and samples from the
+    whole vocabulary (-1, as SamplingParams stores it)."""
+    (tmp_path / "generation_config.json").write_text('{"top_k": 0, "temperature": 0.7}')
+    llm = LLM(tiny_path, device="cpu", dtype="float32", generation_config=str(tmp_path))
+    assert llm.generation_defaults == {"top_k": 0, "temperature": 0.7}
+    params = llm.get_default_sampling_params()
+    assert (params.top_k, params.temperature) == (-1, 0.7)
+    seeded = [dict(seed=3, max_tokens=6, temperature=0.7, top_k=k) for k in (0, -1)]
+    outs = [llm.generate("Hello", SamplingParams(**p), use_tqdm=False)[0].outputs[0].token_ids
+            for p in seeded]
+    assert outs[0] == outs[1]

@@ -136,11 +136,66 @@ def test_unservable_requests_are_400(http: httpx.Client, extra: dict[str, Any],
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", None),
     ({"prompt": "x" * (MAX_MODEL_LEN + 1)}, "prompt", "context_length_exceeded"),
     ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", "context_length_exceeded"),
+    ({"prompt": ""}, "prompt", None),
+    ({"prompt": ["a", ""]}, "prompt", None),
+    ({"n": 2, "temperature": 0}, "n", None),
+    ({"n": 1, "best_of": 2, "temperature": 0}, "best_of", None),
+    ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    ({"stream": False, "stream_options": {}}, "stream_options", None),
 ])
 def test_errors_name_the_field_at_fault(http: httpx.Client, extra: dict[str, Any], param: str,
                                         code: Any) -> None:
     err = _error(http.post("/v1/completions", json={**COMPLETION, **extra}), 400)
     assert (err["param"], err["code"]) == (param, code)
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"n": 2, "temperature": 0}, "n",
+     "SamplingParams.n must be 1 with greedy sampling (temperature 0), got 2"),
+    ({"stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options can only be set when stream is true"),
+])
+@pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION),
+                                        ("/v1/chat/completions", CHAT)])
+def test_chat_and_completions_name_the_same_field(http: httpx.Client, path: str,
+                                                  body: dict[str, Any], extra: dict[str, Any],
+                                                  param: str, message: str) -> None:
+    """Chat has no best_of: a greedy n > 1 names n on both."""
+    err = _error(http.post(path, json={**body, **extra}), 400)
+    assert (err["param"], err["message"]) == (param, message)
+
+
+def test_empty_prompt_message(http: httpx.Client) -> None:
+    err = _error(http.post("/v1/completions", json={**COMPLETION, "prompt": ""}), 400)
+    assert err["message"] == "the prompt is empty: it must have at least one token"
+
+
+def test_top_k_0_means_off(http: httpx.Client) -> None:
+    """As in vLLM ("0 (or -1) to consider all tokens"): the same draws as top_k -1."""
+    body = {**COMPLETION, "max_tokens": 6, "temperature": 1.0, "seed": 7, "logprobs": 0}
+    tokens = []
+    for top_k in (0, -1):
+        resp = http.post("/v1/completions", json={**body, "top_k": top_k})
+        assert resp.status_code == 200, resp.text
+        tokens.append(resp.json()["choices"][0]["logprobs"]["tokens"])
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6
+
+
+def test_truncate_prompt_tokens_keeps_the_tail_of_a_prompt_of_any_length(
+        server: ServerThread, http: httpx.Client) -> None:
+    """A prompt longer than any that fits the context (refused before tokenizing) is served
+    when truncate_prompt_tokens asks for its tail, as in vLLM; the bound holds without it."""
+    bound = server.server.config.app.state.ctx.max_prompt_chars
+    long = "a" * (bound + 100)
+    assert len(long) < MAX_BODY - 1000
+    cases = [("/v1/completions", {**COMPLETION, "prompt": long}),
+             ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": long}]})]
+    for path, body in cases:
+        err = _error(http.post(path, json=body), 400)
+        assert err["code"] == "context_length_exceeded"
+        resp = http.post(path, json={**body, "truncate_prompt_tokens": 10})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["prompt_tokens"] == 10
 
 
 def test_invalid_json_names_no_field(http: httpx.Client) -> None:

@@ -1,6 +1,6 @@
 """SIGTERM: `cacheflow serve` exits with status 0, every stream ends properly, new connections
 are refused during the grace period, with nothing in flight it exits at once, and no process
-(the engine core) is left behind.
+(the engine core) is left behind; a SIGTERM to the whole process group drains the same way.
 
 "Properly": no client stream hangs; every stream ends with a chunk carrying a finish_reason and
 then ``data: [DONE]``. Requests that finish within the grace period end normally ("length"); the
@@ -96,13 +96,15 @@ async def _run_and_terminate(proc: subprocess.Popen[bytes], base_url: str
         return list(results), sent, fresh
 
 
-def _start_server(path: Path, port: int) -> subprocess.Popen[bytes]:
+def _start_server(path: Path, port: int, new_session: bool = False
+                  ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "cacheflow_serve", "serve", str(path),
            "--port", str(port), "--served-model-name", "tiny", "--device", "cpu",
            "--dtype", "float32", "--num-gpu-blocks-override", "2048",
            "--shutdown-grace-period", str(GRACE), "--log-level", "warning"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD_ENV}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=new_session)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -176,4 +178,41 @@ def test_sigterm_with_nothing_in_flight_exits_within_a_second(long_context_path:
     output = proc.stdout.read().decode()  # type: ignore[union-attr]
     assert proc.returncode == 0, output
     assert elapsed < 3.0, f"{elapsed:.2f} s\n{output}"
+    _assert_no_process_left(family)
+
+
+async def _stream_then_signal_group(proc: subprocess.Popen[bytes], base_url: str
+                                    ) -> tuple[list[dict[str, Any]], float]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        firsts = [asyncio.Event() for _ in range(2)]
+        tasks = [asyncio.ensure_future(_stream(client, tokens, ev))
+                 for tokens, ev in zip((LONG_TOKENS, 8), firsts)]
+        await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # systemd KillMode=control-group, kill -- -PGID
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return list(results), sent
+
+
+def test_sigterm_to_the_process_group_still_drains(long_context_path: Path) -> None:
+    """The engine core gets the signal too; it must leave the shutdown to the front end."""
+    port = _free_port()
+    proc = _start_server(long_context_path, port, new_session=True)
+    family = descendants(proc.pid)
+    try:
+        results, sent = asyncio.run(_stream_then_signal_group(proc, f"http://127.0.0.1:{port}"))
+        proc.wait(timeout=max(0.1, 10 - (time.monotonic() - sent)))
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read().decode()  # type: ignore[union-attr]
+    assert proc.returncode == 0, output
+    for result in results:
+        assert result["done"], output
+    reasons = [result["chunks"][-1]["choices"][0]["finish_reason"] for result in results]
+    assert reasons == ["abort", "length"], output  # the long one aborted after the grace
+    assert elapsed >= GRACE * 0.9
+    assert "died" not in output and "Traceback" not in output, output
     _assert_no_process_left(family)

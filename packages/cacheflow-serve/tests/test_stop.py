@@ -3,6 +3,9 @@ they should; the incremental detokenizer gives the same text as decoding everyth
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,3 +253,28 @@ def test_stop_token_text_left_out_on_the_streaming_path(llm: LLM, reference: Any
     assert out.token_ids == reference.token_ids[:k + 1]
     assert out.text == llm.get_tokenizer().decode(reference.token_ids[:k],
                                                   skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("where", ["config", "generation_config"])
+def test_every_eos_id_of_the_model_ends_a_sequence(where: str, tiny_path: Path,
+                                                   tmp_path: Path, reference: Any) -> None:
+    """A model naming several EOS ids (config.json's list, or generation_config.json's, as
+    LLaMA-3 / Qwen2.5 instruct models do for their end-of-turn tokens) stops at any of them,
+    as HF ``generate`` does; ``ignore_eos`` and ``min_tokens`` treat all of them as EOS."""
+    extra = reference.token_ids[5]
+    first = reference.token_ids.index(extra)
+    path = tmp_path / "llama"
+    shutil.copytree(tiny_path, path)
+    file = path / ("config.json" if where == "config" else "generation_config.json")
+    data = json.loads(file.read_text()) if file.is_file() else {}
+    data["eos_token_id"] = [EOS, extra]
+    file.write_text(json.dumps(data))
+    llm = LLM(path, device="cpu", dtype="float32")
+    out = _generate(llm, ignore_eos=False)
+    assert out.token_ids == reference.token_ids[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", None)
+    tokenizer = llm.get_tokenizer()
+    assert out.text == tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+    assert _generate(llm).token_ids == reference.token_ids  # ignore_eos
+    late = _generate(llm, ignore_eos=False, min_tokens=first + 1)
+    assert extra not in late.token_ids[:first + 1]

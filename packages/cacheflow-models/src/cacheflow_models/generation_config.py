@@ -9,8 +9,9 @@ Sources, first found wins (``source="auto"``):
 
 ``source="vllm"`` or ``"none"``: no defaults (SamplingParams' own apply). Any other ``source`` is
 a folder holding a ``generation_config.json``. Only sampling fields are taken: ``temperature``,
-``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` (HF names; llama.cpp's
-``temp`` and ``penalty_repeat`` are mapped to them).
+``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` and ``max_new_tokens`` (HF names, the
+last taken as ``max_tokens``, as vLLM does; llama.cpp's ``temp`` and ``penalty_repeat`` are
+mapped to them). Its EOS ids are the model config's business (``hf_config.eos_token_ids``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from cacheflow_runtime.weights import checkpoint_files, detect_format, read_gguf
 Number = Union[int, float]
 
 #: The sampling fields a generation config may set, as SamplingParams names them.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+#: generation_config.json names that differ from SamplingParams'.
+_JSON_NAMES = {"max_tokens": "max_new_tokens"}
 GENERATION_CONFIG_SOURCES = ("auto", "vllm", "none")
 _GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
               "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
@@ -39,10 +42,12 @@ def _from_json(file: Path) -> dict[str, Number]:
         raise ValueError(f"cannot read generation config {file}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"generation config {file} must hold a JSON object")
-    picked = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
+    picked = {k: data[_JSON_NAMES.get(k, k)] for k in SAMPLING_FIELDS
+              if data.get(_JSON_NAMES.get(k, k)) is not None}
     for key, value in picked.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"generation config {file}: {key} must be a number, got {value!r}")
+            raise ValueError(f"generation config {file}: {_JSON_NAMES.get(key, key)} must be a "
+                             f"number, got {value!r}")
     return picked
 
 

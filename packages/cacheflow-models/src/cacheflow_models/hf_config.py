@@ -12,7 +12,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from cacheflow_models.registry import resolve_architecture
 from cacheflow_runtime.config import ModelConfig, is_int, parse_dtype
 from cacheflow_runtime.errors import CheckpointError, InvalidArgumentError
-from cacheflow_runtime.layers.rotary_embedding import rope_max_positions
+from cacheflow_runtime.layers.rotary_embedding import length_dependent_rope, rope_max_positions
 from cacheflow_runtime.weights import GGUFFile, detect_format, gguf_file
 
 
@@ -198,6 +198,46 @@ def rope_settings(config: PretrainedConfig, layer_type: Optional[str] = None
     return theta, scaling
 
 
+def _length_dependent_rope(config: PretrainedConfig,
+                           max_position: int) -> Optional[tuple[str, int]]:
+    """The rotary scaling rule that rotates a prompt by its length (dynamic NTK, LongRoPE) of
+    the config's top level or of either kind of layer where it has one per kind; None if
+    none does."""
+    for layer_type in (None, "full_attention", "sliding_attention"):
+        rule = length_dependent_rope(max_position, rope_settings(config, layer_type)[1])
+        if rule is not None:
+            return rule
+    return None
+
+
+def eos_token_ids(path: str | Path, config: PretrainedConfig) -> list[int]:
+    """The model's EOS ids, the config's first: the config's ``eos_token_id`` (one id or a
+    list) and those of a ``generation_config.json`` beside the checkpoint (chat models list
+    their end-of-turn tokens there, e.g. LLaMA-3.1 instruct's ``<|eot_id|>``), as HF
+    ``generate`` stops at any of them."""
+    found = _id_list(getattr(config, "eos_token_id", None), path)
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
+    file = folder / "generation_config.json"
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {file}: {exc}", file=str(file)) from exc
+        if isinstance(data, dict):
+            found += [i for i in _id_list(data.get("eos_token_id"), file) if i not in found]
+    return found
+
+
+def _id_list(value: Any, source: str | Path) -> list[int]:
+    """A token id or a list of them as a list without repeats (CheckpointError otherwise)."""
+    values = [] if value is None else list(value) if isinstance(value, (list, tuple)) \
+        else [value]
+    if not all(is_int(v) and v >= 0 for v in values):
+        raise CheckpointError(f"eos_token_id must be a token id or a list of token ids, got "
+                              f"{value!r}", file=str(source))
+    return list(dict.fromkeys(int(v) for v in values))
+
+
 def partial_rotary_factor(config: PretrainedConfig) -> float:
     """The fraction of each head that the rotary embedding turns (1.0: all of it), from
     ``partial_rotary_factor`` in the config or in its ``rope_parameters`` (transformers 5)."""
@@ -278,21 +318,21 @@ def build_model_config(path: str | Path, dtype: str | torch.dtype = "auto",
     _check_heads(path, hidden, num_heads, num_kv, head_dim)
     head_size = int(head_dim or hidden // num_heads)
     # linear / dynamic rope_scaling stretch the trained length by their factor.
-    model_max = rope_max_positions(_first(config, "max_position_embeddings", "n_positions"),
-                                   rope_settings(config)[1])
+    trained_max = _first(config, "max_position_embeddings", "n_positions")
+    model_max = rope_max_positions(trained_max, rope_settings(config)[1])
     if max_model_len is None:
         max_model_len = model_max
     elif max_model_len > model_max:
         raise InvalidArgumentError(f"max_model_len must be an integer in [1, {model_max}] for "
                                    f"this model, got {max_model_len!r}", field="max_model_len",
                                    value=max_model_len)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
+    eos_ids = eos_token_ids(path, config)
     return ModelConfig(
         model_path=str(path), architecture=architecture, hf_config=config,
         num_layers=_first(config, "num_hidden_layers", "n_layer"),
         num_attention_heads=num_heads, num_kv_heads=num_kv, head_size=head_size,
         hidden_size=hidden, vocab_size=_first(config, "vocab_size"), max_model_len=max_model_len,
-        dtype=resolve_dtype(dtype, config, device_type), eos_token_id=eos,
-        weights_format=detect_format(path))
+        dtype=resolve_dtype(dtype, config, device_type),
+        eos_token_id=eos_ids[0] if eos_ids else None, extra_eos_token_ids=tuple(eos_ids[1:]),
+        weights_format=detect_format(path),
+        length_dependent_rope=_length_dependent_rope(config, trained_max))

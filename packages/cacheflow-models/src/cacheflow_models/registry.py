@@ -58,16 +58,32 @@ def gguf_model_types() -> dict[str, str]:
 
 
 def resolve_architecture(config: PretrainedConfig) -> str:
-    """The registered architecture that serves ``config`` (ValueError listing supported ones)."""
-    names = list(getattr(config, "architectures", None) or [])
-    default = gguf_model_types().get(getattr(config, "model_type", ""))
-    if default:
-        names.append(default)
+    """The registered architecture that serves ``config`` (ValueError listing supported ones).
+
+    A config that names ``architectures`` is served by the first registered one among them,
+    never by its ``model_type``'s class: ``LlamaForSequenceClassification`` or
+    ``LlavaLlamaForCausalLM`` (model type llama) are refused, not run as LlamaForCausalLM.
+    Only configs without ``architectures`` (GGUF files) fall back to the ``model_type`` table.
+    """
     known = set(supported_architectures())
-    for name in names:
-        # An import path comes only from the GGUF table, never from a checkpoint's config.
-        if name in known or (name == default and ":" in name):
-            return name
-    shown = names or [getattr(config, "model_type", "unknown")]
-    raise ValueError(f"model architecture {shown[0]!r} is not supported; supported "
+    names = list(getattr(config, "architectures", None) or [])
+    if names:
+        for name in names:
+            if name in known:
+                return name
+        raise ValueError(f"{_named(names)} not supported; supported architectures: "
+                         f"{', '.join(sorted(known))}")
+    model_type = getattr(config, "model_type", "") or "unknown"
+    default = gguf_model_types().get(model_type)
+    # An import path comes only from the GGUF table, never from a checkpoint's config.
+    if default and (default in known or ":" in default):
+        return default
+    raise ValueError(f"model architecture {default or model_type!r} is not supported; supported "
                      f"architectures: {', '.join(sorted(known))}")
+
+
+def _named(names: list[str]) -> str:
+    """'model architecture 'X' is' for one name, 'model architectures ['X', 'Y'] are' else."""
+    if len(names) == 1:
+        return f"model architecture {names[0]!r} is"
+    return f"model architectures {names} are"

@@ -28,6 +28,7 @@ from cacheflow_runtime.errors import (
 )
 from cacheflow_runtime.executor.rank_worker import WorkerFailedError
 from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
+from cacheflow_runtime.sampling_metadata import Logprob
 from cacheflow_runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = ["AsyncLLMEngine", "BaseAsyncEngine", "CacheConfig", "CacheflowUserError",
            "CheckpointError", "CompletionOutput", "EngineClosedError", "EngineCoreClient",
            "EngineOverloadedError", "EngineStats",
-           "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "ModelConfig",
+           "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "Logprob", "ModelConfig",
            "ParallelConfig", "RequestOutput", "RequestStream", "SamplingParams",
            "SchedulerConfig", "WorkerFailedError", "__version__", "parse_dtype",
            "resolve_device", "stop_string_holdback"]

@@ -86,6 +86,12 @@ class ModelConfig:
 
     ``hf_config`` is the model's own config object, handed unchanged to the model class.
     ``architecture`` is the name looked up in the ``cacheflow.models`` entry-point group.
+    ``extra_eos_token_ids``: ids that also end a sequence as EOS does (a config or generation
+    config naming several, e.g. LLaMA-3 instruct models' end of turn besides end of text).
+    ``length_dependent_rope``: ("dynamic" or "longrope", the length past which it changes the
+    rotation) where the model's rotary scaling rotates a prompt by its length, so that prefix
+    caching keeps prompts rotated differently apart
+    (``rotary_embedding.length_dependent_rope``); None where rotation is by position alone.
     """
 
     model_path: str
@@ -101,6 +107,16 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_id: Optional[int] = None
     weights_format: Optional[str] = None
+    extra_eos_token_ids: tuple[int, ...] = ()
+    length_dependent_rope: Optional[tuple[str, int]] = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token id that ends a sequence as EOS (unless ``ignore_eos``)."""
+        ids = set(self.extra_eos_token_ids)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return frozenset(ids)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_attention_heads", "num_kv_heads", "head_size",

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from cacheflow_runtime.sequence import Logprobs, Sequence, SequenceGroup
+from cacheflow_runtime.sampling_metadata import Logprobs
+from cacheflow_runtime.sequence import Sequence, SequenceGroup
 
 
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request.
 
-    ``logprobs`` (when asked for) holds, per generated token, a dict token id -> log probability
-    with the chosen token and the top-k. ``finish_reason`` is "stop", "length", "abort" or None
+    ``logprobs`` (when asked for) holds, per generated token, a dict token id -> ``Logprob`` (a
+    float with vLLM's ``logprob``, ``rank`` and ``decoded_token``) with the chosen token and the
+    top-k. ``finish_reason`` is "stop", "length", "abort" or None
     while still running; ``stop_reason`` is the stop string or stop token id that ended it.
     """
 

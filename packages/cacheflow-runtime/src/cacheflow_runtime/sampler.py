@@ -123,6 +123,8 @@ class Sampler(torch.nn.Module):
                   else torch.empty(0, dtype=torch.long, device=work.device))
         sample_rows = torch.cat([_long([s.row for s in samples], work.device), *beam_rows])
         chosen = logprobs[sample_rows, tokens]
+        chosen_rank = (_ranks(logprobs.index_select(0, sample_rows), chosen)
+                       if any(g.sampling_params.logprobs is not None for g in groups) else None)
         top_values, top_ids = _top_logprobs(logprobs, max(params.num_top, default=0))
         prompt = [_prompt_logprobs(logits, g, group) for g, group in enumerate(groups)
                   if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None]
@@ -130,7 +132,7 @@ class Sampler(torch.nn.Module):
                              samples=samples, beams=beams, tokens=tokens, chosen=chosen,
                              num_top=params.num_top, top_values=top_values, top_ids=top_ids,
                              prompt=prompt, decode_tokens=decode_tokens,
-                             decode_chosen=decode_chosen)
+                             decode_chosen=decode_chosen, chosen_rank=chosen_rank)
 
 
 def _sample_decode_rows(logits: torch.Tensor, rows: DecodeRows,
@@ -206,8 +208,7 @@ def _banned_ids(group: SamplingGroup, num_outputs: int) -> list[int]:
     if num_outputs >= sp.min_tokens:
         return []
     banned = list(sp.stop_token_ids or [])
-    if group.eos_token_id is not None:
-        banned.append(group.eos_token_id)
+    banned.extend(group.eos_token_ids)
     return banned
 
 
@@ -448,10 +449,10 @@ def _truncate(logits: torch.Tensor, params: _RowParams, rows: list[int]) -> torc
     top_p = [params.top_p[r] for r in rows]
     min_p = [params.min_p[r] for r in rows]
     vocab = logits.shape[1]
-    sort_rows = [i for i in range(len(rows)) if top_k[i] != -1 or top_p[i] < 1.0]
+    sort_rows = [i for i in range(len(rows)) if top_k[i] > 0 or top_p[i] < 1.0]
     if sort_rows:
         index = _long(sort_rows, logits.device)
-        k = [min(top_k[i], vocab) if top_k[i] != -1 else vocab for i in sort_rows]
+        k = [min(top_k[i], vocab) if top_k[i] > 0 else vocab for i in sort_rows]
         p = [top_p[i] for i in sort_rows]
         logits.index_copy_(0, index, _top_k_top_p(logits.index_select(0, index), k, p))
     min_p_rows = [i for i in range(len(rows)) if min_p[i] > 0.0]
@@ -565,6 +566,11 @@ def _top_logprobs(logprobs: torch.Tensor, k: int
     return values, ids
 
 
+def _ranks(logprobs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Each row's rank of ``values[i]`` in ``logprobs[i]``: 1 + the number of larger ones."""
+    return (logprobs > values.unsqueeze(1)).sum(dim=1) + 1
+
+
 def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
                      ) -> PromptLogprobsOnDevice:
     """For each prompt logit row (prompt position p = ``prompt_logprobs_start`` + i), the logprob
@@ -574,12 +580,13 @@ def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
     rows = group.prompt_logit_rows
     first = group.prompt_logprobs_start + 1
     targets = group.prompt_token_ids[first: first + len(rows)]
-    chosen, values, ids = [], [], []
+    chosen, ranks, values, ids = [], [], [], []
     for start in range(0, len(targets), _PROMPT_LOGPROBS_CHUNK):
         chunk_rows = _long(rows[start: start + _PROMPT_LOGPROBS_CHUNK], logits.device)
         chunk_targets = targets[start: start + _PROMPT_LOGPROBS_CHUNK]
         lp = torch.log_softmax(logits.index_select(0, chunk_rows).to(torch.float32), dim=-1)
         chosen.append(lp.gather(1, _long(chunk_targets, logits.device).unsqueeze(1)).squeeze(1))
+        ranks.append(_ranks(lp, chosen[-1]))
         top_values, top_ids = _top_logprobs(lp, k)
         if top_values is not None and top_ids is not None:
             values.append(top_values)
@@ -587,5 +594,7 @@ def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
     return PromptLogprobsOnDevice(
         group=g, targets=targets, k=k,
         chosen=torch.cat(chosen) if chosen else torch.empty(0, device=logits.device),
+        rank=(torch.cat(ranks) if ranks
+              else torch.empty(0, dtype=torch.long, device=logits.device)),
         top_values=torch.cat(values) if values else None,
         top_ids=torch.cat(ids) if ids else None)

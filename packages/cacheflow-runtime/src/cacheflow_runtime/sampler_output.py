@@ -16,6 +16,7 @@ import torch
 
 from cacheflow_runtime.sampling_metadata import (
     GroupSampleResult,
+    Logprob,
     Logprobs,
     SampleResult,
     SamplingGroup,
@@ -51,6 +52,7 @@ class PromptLogprobsOnDevice:
     chosen: torch.Tensor
     top_values: Optional[torch.Tensor]
     top_ids: Optional[torch.Tensor]
+    rank: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -62,7 +64,8 @@ class DeviceSamples:
     rows are known only once ``flat`` is read). ``top_values`` / ``top_ids`` are the top
     ``max(num_top)`` logprobs of every gathered row (None when no row asks for them).
     ``decode_tokens`` / ``decode_chosen``: the token and its logprob of each columnar decode row
-    (``sampling_metadata.DecodeRows``), None without such rows.
+    (``sampling_metadata.DecodeRows``), None without such rows. ``chosen_rank``: the rank of
+    each of ``chosen`` in its row, where a group asks for logprobs (else None).
     """
 
     groups: list[SamplingGroup]
@@ -78,6 +81,7 @@ class DeviceSamples:
     prompt: list[PromptLogprobsOnDevice] = field(default_factory=list)
     decode_tokens: Optional[torch.Tensor] = None
     decode_chosen: Optional[torch.Tensor] = None
+    chosen_rank: Optional[torch.Tensor] = None
     _event: Optional[torch.cuda.Event] = None
 
     @classmethod
@@ -104,11 +108,12 @@ class DeviceSamples:
         self.decode_tokens = _to_host(self.decode_tokens)
         self.decode_chosen = _to_host(self.decode_chosen)
         self.tokens, self.chosen = _to_host(self.tokens), _to_host(self.chosen)
+        self.chosen_rank = _to_host(self.chosen_rank)
         self.top_values, self.top_ids = _to_host(self.top_values), _to_host(self.top_ids)
         for bucket in self.beams:
             bucket.flat = _to_host(bucket.flat)
         for p in self.prompt:
-            p.chosen = _to_host(p.chosen)
+            p.chosen, p.rank = _to_host(p.chosen), _to_host(p.rank)
             p.top_values, p.top_ids = _to_host(p.top_values), _to_host(p.top_ids)
         self._event = torch.cuda.Event()
         self._event.record()
@@ -137,13 +142,16 @@ class DeviceSamples:
         top_values = self.top_values.tolist() if self.top_values is not None else []
         top_ids = self.top_ids.tolist() if self.top_ids is not None else []
         results = [GroupSampleResult(samples=[]) for _ in self.groups]
-        for sample, token, logprob in zip(samples, self.tokens.tolist(), self.chosen.tolist()):
+        chosen = self.chosen.tolist()
+        ranks = (self.chosen_rank.tolist() if self.chosen_rank is not None
+                 else [None] * len(chosen))
+        for sample, token, logprob, rank in zip(samples, self.tokens.tolist(), chosen, ranks):
             k = self.num_top[sample.row]
             results[sample.group].samples.append(SampleResult(
                 parent_seq_id=sample.parent_seq_id,
                 token_id=token,
                 logprobs=logprobs_dict(token, logprob, k, top_values[sample.row] if k else [],
-                                       top_ids[sample.row] if k else []),
+                                       top_ids[sample.row] if k else [], rank),
                 cumulative_logprob=sample.parent_cumulative + logprob,
             ))
         for p in self.prompt:
@@ -168,19 +176,28 @@ def cumulative_logprob_of(group: SamplingGroup, j: int) -> float:
 
 
 def logprobs_dict(token: int, logprob: float, k: int, top_values: list[float],
-                  top_ids: list[int]) -> Logprobs:
-    """The chosen token's logprob plus the top k."""
-    result = {token: logprob}
-    for t, v in zip(top_ids[:k], top_values[:k]):
-        result[t] = v
+                  top_ids: list[int], rank: Optional[int] = None) -> Logprobs:
+    """The chosen token's logprob plus the top k (ranked 1 to k). With the chosen token's
+    ``rank`` (the request asked for logprobs) the values are ``Logprob`` objects, else plain
+    floats (only the chosen one is read: cumulative logprobs)."""
+    if rank is None:
+        result: Logprobs = {token: logprob}
+        for t, v in zip(top_ids[:k], top_values[:k]):
+            result[t] = v
+        return result
+    result = {token: Logprob(logprob, rank)}
+    for i, (t, v) in enumerate(zip(top_ids[:k], top_values[:k])):
+        result[t] = Logprob(v, i + 1)
     return result
 
 
 def _prompt_logprobs(p: PromptLogprobsOnDevice) -> list[Logprobs | None]:
     values = p.top_values.tolist() if p.top_values is not None else []
     ids = p.top_ids.tolist() if p.top_ids is not None else []
-    return [logprobs_dict(token, logprob, p.k, values[i] if p.k else [], ids[i] if p.k else [])
-            for i, (token, logprob) in enumerate(zip(p.targets, p.chosen.tolist()))]
+    ranks = p.rank.tolist() if p.rank is not None else [None] * len(p.targets)
+    return [logprobs_dict(token, logprob, p.k, values[i] if p.k else [], ids[i] if p.k else [],
+                          rank)
+            for i, (token, logprob, rank) in enumerate(zip(p.targets, p.chosen.tolist(), ranks))]
 
 
 def _to_host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

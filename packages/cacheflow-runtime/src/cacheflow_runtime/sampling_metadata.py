@@ -9,6 +9,38 @@ import torch
 
 from cacheflow_runtime.sampling_params import SamplingParams
 
+
+class Logprob(float):
+    """A reported token's log probability: a float, with vLLM's fields besides.
+
+    ``logprob`` is the value; ``rank`` the token's place in the vocabulary by probability (1:
+    the most likely); ``decoded_token`` its text alone (None until the engine's output
+    processing names it, and without a tokenizer or with ``detokenize=False``).
+    """
+
+    __slots__ = ("decoded_token", "rank")
+
+    def __new__(cls, logprob: float, rank: Optional[int] = None,
+                decoded_token: Optional[str] = None) -> Logprob:
+        obj = super().__new__(cls, logprob)
+        obj.rank = rank
+        obj.decoded_token = decoded_token
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        """The log probability, as a plain float."""
+        return float(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+    def __repr__(self) -> str:
+        return (f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, "
+                f"decoded_token={self.decoded_token!r})")
+
+
+#: token id -> log probability (a :class:`Logprob` where the engine reports it).
 Logprobs = dict[int, float]
 
 
@@ -36,7 +68,7 @@ class SamplingGroup:
     seed_keys: list[Optional[int]]
     prompt_logit_rows: list[int] = field(default_factory=list)
     prompt_logprobs_start: int = 0
-    eos_token_id: Optional[int] = None
+    eos_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass

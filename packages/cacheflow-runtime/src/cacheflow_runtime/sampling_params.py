@@ -69,7 +69,7 @@ class SamplingParams:
     best_of: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = -1  # -1 or 0: off (0 becomes -1)
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -156,15 +156,17 @@ class SamplingParams:
         _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
                "a finite number >= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1), "top_k",
-               "-1 (off) or an integer >= 1", self.top_k)
+        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
+               "-1 or 0 (off) or an integer >= 1", self.top_k)
+        if self.top_k == 0:  # vLLM and HF generation configs: 0 is off too; -1 downstream
+            self.top_k = -1
         _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]",
                self.presence_penalty)
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]",
                self.frequency_penalty)
-        _check(0 < self.repetition_penalty <= 2, "repetition_penalty", "in (0, 2]",
-               self.repetition_penalty)
+        _check(0 < self.repetition_penalty < math.inf, "repetition_penalty",
+               "a finite number > 0", self.repetition_penalty)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
                self.seed)
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
@@ -205,8 +207,14 @@ class SamplingParams:
             _check(self.length_penalty == 1.0, "length_penalty", "1.0 unless use_beam_search",
                    self.length_penalty)
             if self.temperature < _GREEDY_EPS:
-                _check(self.best_of == 1, "best_of", "1 with greedy sampling (temperature 0)",
-                       self.best_of)
+                self._check_greedy()
+
+    def _check_greedy(self) -> None:
+        """Greedy sampling makes one sequence: ``n`` (then ``best_of``, which defaults to n)
+        must be 1, so that the error names the field the caller set."""
+        _check(self.n == 1, "n", "1 with greedy sampling (temperature 0)", self.n)
+        _check(self.best_of == 1, "best_of", "1 with greedy sampling (temperature 0)",
+               self.best_of)
 
 
 def keep_prompt_tail(token_ids: list[int], keep: Optional[int],

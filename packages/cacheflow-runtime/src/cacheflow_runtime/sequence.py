@@ -8,12 +8,11 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from cacheflow_runtime.core.step_data import PLACEHOLDER_TOKEN_ID
+from cacheflow_runtime.sampling_metadata import Logprobs
 from cacheflow_runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from cacheflow_runtime.core.stop import StopRule
-
-Logprobs = dict[int, float]
 
 
 class SequenceStatus(enum.Enum):

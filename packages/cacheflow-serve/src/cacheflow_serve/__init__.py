@@ -12,9 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {"LLM": "cacheflow_serve.llm", "CompletionOutput": "cacheflow_runtime",
-         "RequestOutput": "cacheflow_runtime", "SamplingParams": "cacheflow_runtime"}
+         "RequestOutput": "cacheflow_runtime", "SamplingParams": "cacheflow_runtime",
+         "Logprob": "cacheflow_runtime"}
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:

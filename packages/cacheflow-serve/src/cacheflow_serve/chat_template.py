@@ -16,11 +16,12 @@ from cacheflow_runtime import InvalidRequestError
 from cacheflow_runtime.errors import check_text
 
 #: Roles a message may have; ``developer`` (OpenAI's newer name) is passed on as ``system``.
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _content_text(content: Any, where: str) -> str:
-    """The text of a message's ``content``: a string, None, or a list of text parts."""
+    """The text of a message's ``content``: a string, None, or a list of text parts (joined
+    with newlines, as vLLM joins them)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -37,15 +38,15 @@ def _content_text(content: Any, where: str) -> str:
                                           param="messages")
             check_text(part["text"], f"{where}[{j}].text")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise InvalidRequestError(f"{where} must be a string, a list of text parts or None, "
                               f"got {type(content).__name__}", param="messages")
 
 
 def template_messages(messages: Any) -> list[dict[str, str]]:
     """``messages`` checked and put in the form chat templates take: a list of
-    ``{"role", "content"[, "name"]}`` with string content (text parts joined, ``developer`` as
-    ``system``).
+    ``{"role", "content"[, "name"][, "tool_call_id"]}`` with string content (text parts joined
+    by newlines, ``developer`` as ``system``).
 
     Raises:
         InvalidRequestError: not a non-empty list of messages, or a message whose role, content
@@ -66,13 +67,15 @@ def template_messages(messages: Any) -> list[dict[str, str]]:
                                       f"{', '.join(CHAT_ROLES)}, got {role!r}", param="messages")
         entry = {"role": "system" if role == "developer" else role,
                  "content": _content_text(message.get("content"), f"messages[{i}].content")}
-        name = message.get("name")
-        if name is not None:
-            if not isinstance(name, str):
-                raise InvalidRequestError(f"messages[{i}].name must be a string, got "
-                                          f"{type(name).__name__}", param="messages")
-            check_text(name, f"messages[{i}].name")
-            entry["name"] = name
+        for key in ("name", "tool_call_id"):
+            value = message.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InvalidRequestError(f"messages[{i}].{key} must be a string, got "
+                                          f"{type(value).__name__}", param="messages")
+            check_text(value, f"messages[{i}].{key}")
+            entry[key] = value
         rendered.append(entry)
     return rendered
 

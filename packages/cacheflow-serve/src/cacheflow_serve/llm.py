@@ -6,6 +6,7 @@ import contextlib
 import gc
 import itertools
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -236,7 +237,7 @@ class LLM:
         if not items:
             return []
         params = self._params_per_prompt(sampling_params, len(items))
-        inputs = [self._prompt(item) for item in items]
+        inputs = [self._prompt(item, p) for item, p in zip(items, params)]
         request_ids = []
         try:
             for (prompt, token_ids), p in zip(inputs, params):
@@ -278,8 +279,10 @@ class LLM:
                                        field="SamplingParams.bad_words")
         return params
 
-    def _prompt(self, item: PromptInput) -> tuple[Optional[str], list[int]]:
-        """(text or None, token ids) of one prompt, checked (and tokenized) here."""
+    def _prompt(self, item: PromptInput, params: SamplingParams
+                ) -> tuple[Optional[str], list[int]]:
+        """(text or None, token ids) of one prompt, checked (and tokenized) here; a text
+        prompt whose ``truncate_prompt_tokens`` keeps only its tail may be of any length."""
         prompt, token_ids = _split_prompt(item)
         vocab = self.engine.model_config.vocab_size
         if token_ids is not None:
@@ -287,7 +290,8 @@ class LLM:
         if self.tokenizer is None:
             raise InvalidRequestError("the tokenizer was skipped (skip_tokenizer_init): give "
                                       "prompts as {'prompt_token_ids': [...]}", param="prompt")
-        text = check_prompt_text(prompt, self._max_prompt_chars)
+        limit = self._max_prompt_chars if params.truncate_prompt_tokens is None else sys.maxsize
+        text = check_prompt_text(prompt, limit)
         return text, list(self.tokenizer.encode(text))
 
     def _drain_aborted(self) -> None:

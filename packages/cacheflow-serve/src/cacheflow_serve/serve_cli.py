@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import sys
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
 
@@ -19,21 +21,49 @@ API_KEY_ENV = "CACHEFLOW_API_KEY"
 logger = logging.getLogger("cacheflow_serve.serve")
 
 
+MAX_PORT = 65535
+
+
+def _ranged(convert: Callable[[str], Any], ok: Callable[[Any], bool],
+            wanted: str) -> Callable[[str], Any]:
+    """An argparse type: the text converted by ``convert`` if ``ok`` accepts it, else a usage
+    error saying it must be ``wanted``."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
+
+
+#: ``--port``: a TCP port, 0 (any free port) to 65535.
+port_number = _ranged(int, lambda port: 0 <= port <= MAX_PORT, f"a port in [0, {MAX_PORT}]")
+#: An integer >= 1.
+positive_int = _ranged(int, lambda value: value >= 1, "an integer >= 1")
+#: A finite number of seconds >= 0.
+seconds = _ranged(float, lambda value: math.isfinite(value) and value >= 0,
+                  "a finite number of seconds >= 0")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cacheflow serve``."""
     parser.add_argument("model", nargs="?", default=None,
                         help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="port to listen on, 0 to 65535 (0: any free port; default: 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every /v1 route "
                              f"(default: ${API_KEY_ENV} if set)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="model name(s) clients use (default: the model path)")
-    parser.add_argument("--max-queued-requests", type=int, default=None,
+    parser.add_argument("--max-queued-requests", type=positive_int, default=None,
                         help="answer 429 when this many requests wait for their first token")
-    parser.add_argument("--shutdown-grace-period", type=float, default=5.0,
+    parser.add_argument("--shutdown-grace-period", type=seconds, default=5.0,
                         help="seconds in-flight requests get to finish on SIGTERM or SIGINT "
                              "(default: 5)")
     parser.add_argument("--log-level", default="info",

@@ -327,10 +327,14 @@ class LlamaForCausalLM(nn.Module):
         loader = StrictLoader(self, self.weight_name_map(), self.ignored_weights, optional,
                               source=source)
         for name, tensor in weights:
-            if self.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            loader.load_one(name, tensor)
+            if not self.skips_weight(name, tensor):
+                loader.load_one(name, tensor)
         loader.finish()
+
+    def skips_weight(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether checkpoint tensor ``name`` (HF name) is left unloaded on purpose: the LM
+        head when it is tied to the embedding."""
+        return self.tie_word_embeddings and name == "lm_head.weight"
 
     def weight_name_map(self) -> dict[str, tuple[str, object]]:
         """The StrictLoader ``stacked`` entries: checkpoint fragment -> (parameter fragment,

@@ -4,9 +4,9 @@ shared expert.
 From the config: ``num_experts`` routed experts of ``moe_intermediate_size``,
 ``num_experts_per_tok`` chosen per token (softmax over all experts, top-k, divided by their sum
 only with ``norm_topk_prob``), a shared expert of ``shared_expert_intermediate_size`` whose output
-is scaled by ``sigmoid(shared_expert_gate(x))``, dense layers where ``mlp_only_layers`` or
-``decoder_sparse_step`` say so, q/k/v biases (``qkv_bias``), per-layer sliding windows
-(``layer_types``), GQA and tied embeddings.
+is scaled by ``sigmoid(shared_expert_gate(x))`` (none when that size is 0), ``hidden_act`` in
+every MLP, dense layers where ``mlp_only_layers`` or ``decoder_sparse_step`` say so, q/k/v
+biases (``qkv_bias``), per-layer sliding windows (``layer_types``), GQA and tied embeddings.
 
 HF's modeling_qwen2_moe.py is the reference for the math and the weight names.
 """
@@ -29,8 +29,13 @@ def is_sparse_layer(config: PretrainedConfig, layer_idx: int) -> bool:
             and int(config.num_experts) > 0 and (layer_idx + 1) % step == 0)
 
 
+def shared_expert_size(config: PretrainedConfig) -> int:
+    """Width of the shared expert (0: none, the sparse block is the routed experts alone)."""
+    return int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+
+
 class Qwen2MoeSparseMoeBlock(nn.Module):
-    """Router, routed experts and the gated shared expert."""
+    """Router, routed experts and the gated shared expert (if the config has one)."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -40,8 +45,9 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
                                 config.hidden_size, int(config.moe_intermediate_size),
                                 renormalize=bool(config.norm_topk_prob),
                                 activation=config.hidden_act)
-        shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
-        self.shared_expert = LlamaMLP(config.hidden_size, shared, False) if shared else None
+        shared = shared_expert_size(config)
+        self.shared_expert = (LlamaMLP(config.hidden_size, shared, False, config.hidden_act)
+                              if shared else None)
         self.shared_expert_gate = (ReplicatedLinear(config.hidden_size, 1, bias=False)
                                    if shared else None)
 
@@ -61,7 +67,7 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
         """The sparse block on MoE layers, a dense MLP of ``intermediate_size`` elsewhere."""
         if is_sparse_layer(config, layer_idx):
             return Qwen2MoeSparseMoeBlock(config)
-        return LlamaMLP(config.hidden_size, config.intermediate_size, False)
+        return LlamaMLP(config.hidden_size, config.intermediate_size, False, config.hidden_act)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
@@ -82,3 +88,15 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
         experts = FusedMoE.checkpoint_names("experts", int(self.config.num_experts))
         return {**{f".mlp{k}": (f".mlp{v}", sid) for k, (v, sid) in experts.items()},
                 **super().weight_name_map()}
+
+    def skips_weight(self, name: str, tensor: torch.Tensor) -> bool:
+        """LLaMA's skips, and without a shared expert (``shared_expert_intermediate_size`` 0)
+        the zero-width shared-expert tensors and the gate HF saves anyway: it scales a
+        0-width MLP's output, which adds nothing. A shared-expert tensor with elements is left
+        to the strict loader to refuse."""
+        if super().skips_weight(name, tensor):
+            return True
+        if shared_expert_size(self.config) or ".mlp." not in name:
+            return False
+        return (".shared_expert_gate." in name
+                or (".shared_expert." in name and tensor.numel() == 0))

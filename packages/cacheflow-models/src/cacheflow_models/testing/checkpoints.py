@@ -124,6 +124,11 @@ QWEN2_MOE_VARIANTS: dict[str, dict[str, Any]] = {
                              decoder_sparse_step=1),
     "sparse_step2_window": dict(decoder_sparse_step=2, use_sliding_window=True,
                                 sliding_window=8, max_window_layers=2, num_hidden_layers=3),
+    "gelu_shared_expert": dict(hidden_act="gelu"),
+    # The routed experts alone: HF saves a zero-width shared expert and its gate anyway.
+    "no_shared_expert": dict(shared_expert_intermediate_size=0),
+    "gelu_dense_layer_no_shared": dict(hidden_act="gelu", mlp_only_layers=[0],
+                                       shared_expert_intermediate_size=0),
 }
 
 

@@ -33,6 +33,10 @@ class InputMetadata:
 
     ``cascade``: for a decode step whose sequences share enough leading cache blocks, the shared
     blocks and each sequence's remaining ones (see cascade.py); None otherwise.
+
+    ``prompt_lens``: each sequence's prompt length (0 for a sequence past its prompt), for
+    rotary scaling that rotates a prompt by its length (dynamic NTK, LongRoPE); None where
+    every sequence is taken as a prompt that ends at its context length.
     """
 
     query_lens: list[int]
@@ -44,6 +48,7 @@ class InputMetadata:
     logit_indices: torch.Tensor
     is_prompt: bool
     cascade: CascadePrefix | None = None
+    prompt_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -102,14 +107,18 @@ def _split_leading_decodes(metadata: InputMetadata) -> Optional[LeadingDecodes]:
         query_start_loc=metadata.query_start_loc[:n + 1],
         context_lens=metadata.context_lens[:n], block_tables=metadata.block_tables[:n],
         slot_mapping=metadata.slot_mapping[:n], logit_indices=metadata.logit_indices[:0],
-        is_prompt=False)
+        is_prompt=False, prompt_lens=_slice(metadata.prompt_lens, 0, n))
     rest = InputMetadata(
         query_lens=metadata.query_lens[n:], context_lens_host=metadata.context_lens_host[n:],
         query_start_loc=metadata.query_start_loc[n:] - n,
         context_lens=metadata.context_lens[n:], block_tables=metadata.block_tables[n:],
         slot_mapping=metadata.slot_mapping[n:], logit_indices=metadata.logit_indices[:0],
-        is_prompt=True)
+        is_prompt=True, prompt_lens=_slice(metadata.prompt_lens, n, None))
     return LeadingDecodes(n, decodes, rest)
+
+
+def _slice(values: list[int] | None, start: int, stop: int | None) -> list[int] | None:
+    return None if values is None else values[start:stop]
 
 
 def build_input_metadata(query_lens: list[int], context_lens: list[int],
@@ -120,7 +129,8 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
                          query_start_loc: torch.Tensor | None = None,
                          context_lens_tensor: torch.Tensor | None = None,
                          cascade_block_size: int | None = None,
-                         host_block_tables: torch.Tensor | None = None) -> InputMetadata:
+                         host_block_tables: torch.Tensor | None = None,
+                         prompt_lens: Sequence[int] | None = None) -> InputMetadata:
     """The one way to build an ``InputMetadata``: host lists or tensors (or tensors already on
     ``device``, e.g. the static buffers of a CUDA graph or a step's staged inputs) in, tensors
     on ``device`` out. Block tables given as lists are padded with 0 to the longest. With
@@ -150,7 +160,8 @@ def build_input_metadata(query_lens: list[int], context_lens: list[int],
         block_tables=_as_tensor(block_tables, torch.int32, device),
         slot_mapping=_as_tensor(slot_mapping, torch.int64, device),
         logit_indices=_as_tensor(logit_indices, torch.int64, device),
-        is_prompt=len(slot_mapping) > len(query_lens), cascade=cascade)
+        is_prompt=len(slot_mapping) > len(query_lens), cascade=cascade,
+        prompt_lens=None if prompt_lens is None else list(prompt_lens))
 
 
 def _as_tensor(values: Sequence[int] | torch.Tensor, dtype: torch.dtype,

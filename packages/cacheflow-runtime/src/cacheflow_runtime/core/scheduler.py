@@ -111,10 +111,10 @@ class Scheduler:
     """Decides, each step, which requests run and how many of their tokens."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager,
-                 eos_token_id: Optional[int] = None) -> None:
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
@@ -141,7 +141,7 @@ class Scheduler:
         rule = group.stop_rule
         if rule is None:
             rule = group.stop_rule = StopRule(group.sampling_params, len(group.prompt_token_ids),
-                                              self.eos_token_id, self.config.max_model_len)
+                                              self.eos_token_ids, self.config.max_model_len)
         return rule
 
     def new_seq_id(self) -> int:
@@ -710,7 +710,7 @@ class Scheduler:
 
     def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:
         stop = token_stop(group.sampling_params, seq.get_last_token_id(), seq.get_output_len(),
-                          seq.get_len(), self.eos_token_id, self.config.max_model_len)
+                          seq.get_len(), self.eos_token_ids, self.config.max_model_len)
         if stop is not None:
             status, reason = stop
             seq.stop_token_hidden = hides_stop_token(group.sampling_params, status)
@@ -723,7 +723,8 @@ class Scheduler:
         def ends(cand: SampleResult) -> Optional[tuple[SequenceStatus, Optional[int]]]:
             parent = parents[cand.parent_seq_id]
             return token_stop(params, cand.token_id, parent.get_output_len() + 1,
-                              parent.get_len() + 1, self.eos_token_id, self.config.max_model_len)
+                              parent.get_len() + 1, self.eos_token_ids,
+                              self.config.max_model_len)
 
         stops = [ends(c) for c in candidates]
         step = beam_step(group, candidates, [s is not None for s in stops],

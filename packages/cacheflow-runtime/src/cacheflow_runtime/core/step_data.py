@@ -86,8 +86,8 @@ def decodes_by_columns(params: SamplingParams) -> bool:
     """Whether a request's decodes can travel in :class:`CachedDecodes`: its next token needs
     nothing the worker would have to track per token (one sequence, no beam search, no
     penalties, no ``min_tokens`` or ``bad_words`` masking, no logit bias or allowed token ids,
-    no top-k logprobs, no prompt logprobs)."""
-    return (params.best_of == 1 and not params.use_beam_search and not params.logprobs
+    no logprobs, whose ranks the columns do not carry, no prompt logprobs)."""
+    return (params.best_of == 1 and not params.use_beam_search and params.logprobs is None
             and params.prompt_logprobs is None and params.min_tokens == 0
             and not params.logit_bias and params.allowed_token_ids is None
             and not params.bad_words

@@ -18,15 +18,16 @@ from cacheflow_runtime.sequence import SequenceStatus
 
 
 def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len: int,
-               eos_token_id: Optional[int], max_model_len: int,
+               eos_token_ids: frozenset[int], max_model_len: int,
                ) -> Optional[tuple[SequenceStatus, Optional[int]]]:
     """Whether the token just generated ends its sequence, by its id or by a length limit.
 
-    ``output_len`` and ``total_len`` count the token. Returns the finished status and the stop
+    ``output_len`` and ``total_len`` count the token; ``eos_token_ids`` are the model's EOS
+    ids. Returns the finished status and the stop
     reason (the stop token id; None for EOS and length limits), or None if it goes on.
     """
     if output_len >= params.min_tokens:
-        if not params.ignore_eos and token_id == eos_token_id:
+        if not params.ignore_eos and token_id in eos_token_ids:
             return SequenceStatus.FINISHED_STOPPED, None
         if token_id in params.stop_token_ids:
             return SequenceStatus.FINISHED_STOPPED, token_id
@@ -46,7 +47,7 @@ class StopRule:
     """The token stop rules of one request reduced to two cheap tests, for the per-token path.
 
     ``token_stop`` can end a sequence of the request only when the new token is one of
-    ``token_ids`` (the stop token ids, and the EOS token unless ``ignore_eos``) or the output has
+    ``token_ids`` (the stop token ids, and the EOS tokens unless ``ignore_eos``) or the output has
     reached ``max_output_len`` tokens (``max_tokens``, or the model's length limit less the
     prompt): when :meth:`may_stop` is False it returns None, and :meth:`length_capped` is
     :func:`length_capped` for the request's sequences.
@@ -54,11 +55,11 @@ class StopRule:
 
     __slots__ = ("max_output_len", "token_ids")
 
-    def __init__(self, params: SamplingParams, prompt_len: int, eos_token_id: Optional[int],
+    def __init__(self, params: SamplingParams, prompt_len: int, eos_token_ids: frozenset[int],
                  max_model_len: int) -> None:
         ids = set(params.stop_token_ids)
-        if not params.ignore_eos and eos_token_id is not None:
-            ids.add(eos_token_id)
+        if not params.ignore_eos:
+            ids.update(eos_token_ids)
         self.token_ids: frozenset[int] = frozenset(ids)
         limit = max_model_len - prompt_len
         self.max_output_len = limit if params.max_tokens is None else min(params.max_tokens,

@@ -110,8 +110,8 @@ def _exit_description(code: Optional[int]) -> str:
 
 def _reap(process: multiprocessing.process.BaseProcess, pipes: _Pipes,
           timeout: float = 5.0) -> None:
-    """Asks the core to shut down (waiting up to ``timeout`` seconds), then terminates and
-    kills it; closes the pipes."""
+    """Asks the core to shut down (waiting up to ``timeout`` seconds), then closes the pipes
+    and terminates and kills it."""
     asked = False
     if process.is_alive() and not pipes.closed and pipes.framing_intact:
         try:
@@ -123,6 +123,9 @@ def _reap(process: multiprocessing.process.BaseProcess, pipes: _Pipes,
             pass
     process.join(timeout if asked else 0.0)
     if process.is_alive():
+        # A serving core ignores SIGTERM while this process lives; the end of its command
+        # pipe stops it (as if this process had gone). SIGTERM stops a core still starting.
+        pipes.close()
         process.terminate()
         process.join(2.0)
     if process.is_alive():

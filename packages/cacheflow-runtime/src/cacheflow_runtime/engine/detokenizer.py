@@ -6,7 +6,7 @@ and tokenizers that merge spaces produce the same text as decoding everything at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from cacheflow_runtime.sequence import Sequence
@@ -19,7 +19,8 @@ _CONTEXT_TOKENS = 5
 # ``convert_tokens_to_string(tokens)`` is ``backend_tokenizer.decoder.decode(tokens)`` when
 # there is a decoder (else a join); ``convert_ids_to_tokens(ids, skip_special_tokens)`` is
 # ``backend_tokenizer.id_to_token(id)`` for each id, less those in ``all_special_ids`` when
-# skipping (a property computed again in every call).
+# skipping (a property computed again in every call). Their ``decode(ids, skip_special_tokens=
+# True)`` drops more: every added token flagged special (see ``flagged_special_ids``).
 _HF_FAST = {("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),
             ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")}
 
@@ -50,16 +51,33 @@ def converts_ids_one_by_one(tokenizer: Any) -> bool:
             and getattr(tokenizer, "backend_tokenizer", None) is not None)
 
 
+def flagged_special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the added tokens that ``tokenizer`` flags special (``added_tokens_decoder``
+    entries with ``special=True``); empty for a tokenizer without added tokens.
+
+    HF ``decode(ids, skip_special_tokens=True)`` drops them all, while ``all_special_ids``
+    (what ``convert_ids_to_tokens`` skips) may lack some: Llama-3's ``<|start_header_id|>`` and
+    reserved tokens, SmolLM2's ``<file_sep>`` or ``<gh_stars>``."""
+    try:
+        added = getattr(tokenizer, "added_tokens_decoder", None)
+    except NotImplementedError:  # transformers' base class for tokenizers without any
+        return frozenset()
+    if not isinstance(added, Mapping):
+        return frozenset()
+    return frozenset(int(i) for i, token in added.items() if getattr(token, "special", False))
+
+
 def token_of_id_function(tokenizer: Any,
                          ) -> Callable[[int, bool], tuple[str, ...]]:
     """A function ``(token_id, skip_special_tokens) -> tuple(tokenizer.convert_ids_to_tokens(
-    [token_id], skip_special_tokens=skip_special_tokens))``; for the HF fast tokenizers' own
-    method, the same without computing the special token ids again in each call. The
+    [token_id], skip_special_tokens=skip_special_tokens))``, except that skipping also drops
+    the tokens of :func:`flagged_special_ids` (as ``tokenizer.decode`` does); for the HF fast
+    tokenizers' own method, without computing the special token ids again in each call. The
     tokenizer's vocabulary and special tokens must not change afterwards."""
+    flagged = flagged_special_ids(tokenizer)
     if converts_ids_one_by_one(tokenizer):
-        backend = tokenizer.backend_tokenizer
-        special = frozenset(tokenizer.all_special_ids)
-        id_to_token = backend.id_to_token
+        id_to_token = tokenizer.backend_tokenizer.id_to_token
+        special = flagged | frozenset(tokenizer.all_special_ids)
 
         def hf_tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
             if skip_special_tokens and token_id in special:
@@ -68,6 +86,8 @@ def token_of_id_function(tokenizer: Any,
         return hf_tokens_of
 
     def tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
+        if skip_special_tokens and token_id in flagged:
+            return ()
         return tuple(tokenizer.convert_ids_to_tokens([token_id],
                                                      skip_special_tokens=skip_special_tokens))
     return tokens_of
@@ -93,6 +113,7 @@ class Detokenizer:
         self._convert_id = token_of_id_function(tokenizer)
         # Whether a prompt's tokens can be looked up id by id in _token_strings.
         self._ids_one_by_one = converts_ids_one_by_one(tokenizer)
+        self._flagged_special = flagged_special_ids(tokenizer)
         # token -> convert_tokens_to_string([token])
         self._token_texts: dict[str, str] = {}
 
@@ -177,8 +198,11 @@ class Detokenizer:
             for token_id in seq.prompt_token_ids:
                 tokens.extend(self._tokens_of(token_id, skip_special_tokens))
         else:
+            ids = seq.prompt_token_ids
+            if skip_special_tokens and self._flagged_special:
+                ids = [i for i in ids if i not in self._flagged_special]
             tokens = list(self.tokenizer.convert_ids_to_tokens(
-                seq.prompt_token_ids, skip_special_tokens=skip_special_tokens))
+                ids, skip_special_tokens=skip_special_tokens))
         seq.tokens = tokens
         seq.read_offset = len(tokens)
         seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)
@@ -195,7 +219,7 @@ class Detokenizer:
         return self._emit(seq, hold_partial=False)
 
     def _tokens_of(self, token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
-        """``convert_ids_to_tokens([token_id], skip_special_tokens=...)``, remembered."""
+        """The tokens of ``token_id`` (see :func:`token_of_id_function`), remembered."""
         known = self._token_strings[skip_special_tokens]
         tokens = known.get(token_id)
         if tokens is None:

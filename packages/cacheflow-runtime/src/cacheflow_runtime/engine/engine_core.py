@@ -6,7 +6,9 @@ never in the front end), reports ``("ready", info)`` or ``("failed", error, trac
 loops: apply the commands that came in (``add``, ``abort``, ``shutdown``), run one step, hand
 the step's outputs to a sender thread, which encodes and writes them as one message while the
 loop goes on. It blocks on the command pipe only while it has nothing to run, and exits when
-the front end goes away (its end of the command pipe closes).
+the front end goes away (its end of the command pipe closes). Once ready, it ignores SIGTERM
+while the front end lives (a SIGTERM to the process group must not cut the front end's drain
+short): it stops on ``shutdown``, on the end of the command pipe, or when orphaned.
 
 Messages are pickled lists or tuples, framed by an 8-byte length (:func:`write_frame`,
 :class:`FrameReader`). From the front end: one list of commands per message,
@@ -358,6 +360,28 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise SystemExit(128 + signum)
 
 
+def _parent_alive(parent_pid: int) -> bool:
+    """Whether the front end that spawned this process still runs (an orphan is reparented)."""
+    return os.getppid() == parent_pid
+
+
+def _ignore_sigterm_while_parent_lives(parent_pid: int) -> None:
+    """Installs the SIGTERM handler of a serving core: SIGTERM stops it only once its front end
+    is gone. A SIGTERM sent to the whole process group (systemd's KillMode=control-group,
+    ``kill -- -PGID``) also reaches the front end, which drains the in-flight requests for its
+    grace period and then says ``shutdown``; dying here would cut that drain short."""
+
+    def on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+        if _parent_alive(parent_pid):
+            logger.info("SIGTERM: the front end (pid %d) drives the shutdown", parent_pid)
+            return
+        _terminate(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if not _parent_alive(parent_pid):  # it went away before the handler was in place
+        raise _ParentGone()
+
+
 def run_engine_core(factory: EngineFactory, commands_fd: Any, outputs_fd: Any,
                     parent_pid: int, torch_threads: int) -> None:
     """The core process's main: builds the engine, then serves the front end until it says
@@ -367,7 +391,9 @@ def run_engine_core(factory: EngineFactory, commands_fd: Any, outputs_fd: Any,
     (``os._exit``) once the engine is shut down."""
     torch.set_num_threads(torch_threads)
     # A Ctrl-C in a terminal reaches the whole process group; the front end drives the
-    # shutdown (and aborts the in-flight requests first). SIGTERM stops the core at once.
+    # shutdown (and aborts the in-flight requests first). While the engine is being built,
+    # SIGTERM stops the core at once (there is nothing to drain); once it serves, SIGTERM is
+    # left to the front end (see _ignore_sigterm_while_parent_lives).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     out_fd = outputs_fd.fileno()
@@ -383,6 +409,7 @@ def run_engine_core(factory: EngineFactory, commands_fd: Any, outputs_fd: Any,
         # What lives as long as the engine leaves the cyclic collector's scans (see serve_cli).
         gc.collect()
         gc.freeze()
+        _ignore_sigterm_while_parent_lives(parent_pid)
         ready = {"pid": os.getpid(), "model_config": getattr(engine, "model_config", None),
                  "scheduler_config": getattr(engine, "scheduler_config", None),
                  "cache_config": getattr(engine, "cache_config", None),
@@ -395,7 +422,7 @@ def run_engine_core(factory: EngineFactory, commands_fd: Any, outputs_fd: Any,
         logger.info("the front end went away; the engine core stops")
     except BaseException as exc:
         code = 1
-        if isinstance(exc, SystemExit):  # SIGTERM (see _terminate)
+        if isinstance(exc, SystemExit):  # SIGTERM while starting or orphaned (_terminate)
             code = exc.code if isinstance(exc.code, int) else 1
             error: BaseException = RuntimeError(f"the engine core process (pid {os.getpid()}) "
                                                 "was terminated")

@@ -34,6 +34,7 @@ from cacheflow_runtime.errors import InvalidArgumentError, InvalidRequestError
 from cacheflow_runtime.executor import Executor
 from cacheflow_runtime.executor.factory import create_executor
 from cacheflow_runtime.executor.handle import CompletedStep, StepHandle
+from cacheflow_runtime.layers.rotary_embedding import prompt_rotation_key
 from cacheflow_runtime.outputs import RequestOutput, request_finished
 from cacheflow_runtime.sampling_params import SamplingParams, encode_bad_words
 from cacheflow_runtime.sequence import Sequence, SequenceGroup
@@ -84,7 +85,7 @@ class LLMEngine:
             cache_config.block_size, num_device_blocks, num_cpu_blocks,
             enable_prefix_caching=cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager,
-                                   model_config.eos_token_id)
+                                   model_config.eos_token_ids)
         self.output_processor = OutputProcessor(tokenizer, self.scheduler)
         self._groups: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []
@@ -139,7 +140,9 @@ class LLMEngine:
                                                                    sampling_params.bad_words)
         seq = Sequence(self.scheduler.new_seq_id(), prompt, token_ids,
                        self.cache_config.block_size)
-        group = SequenceGroup(request_id, [seq], sampling_params, arrival_time)
+        group = SequenceGroup(request_id, [seq], sampling_params, arrival_time,
+                              cache_namespace=prompt_rotation_key(
+                                  self.model_config.length_dependent_rope, len(token_ids)))
         self._groups[request_id] = group
         self.scheduler.add_seq_group(group)
 
@@ -155,7 +158,8 @@ class LLMEngine:
                                  "of a text prompt")
             prompt_token_ids = list(self.tokenizer.encode(prompt))
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty: it must have at least one token")
+            raise InvalidRequestError("the prompt is empty: it must have at least one token",
+                                      param="prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
@@ -177,49 +181,67 @@ class LLMEngine:
                                            field=f"SamplingParams.{name}", value=bad)
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Refuses a request that could not finish alone in the KV cache (or in the swap space
+        once swapped out), so that an accepted request never waits or is preempted forever."""
         max_len = self.scheduler_config.max_model_len
-        if len(token_ids) > max_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len "
+        prompt_len = len(token_ids)
+        if prompt_len > max_len:
+            raise ValueError(f"the prompt has {prompt_len} tokens, more than max_model_len "
                              f"({max_len})")
-        longest = min(len(token_ids) + (params.max_tokens or max_len), max_len)
-        needed = self._blocks_needed(len(token_ids), longest, params.best_of)
+        # The last sampled token is never fed back, so its K/V is never written; a prompt of
+        # max_model_len tokens still gets one sampled token.
+        longest = min(prompt_len + (params.max_tokens or max_len), max_len)
+        kv_tokens = max(prompt_len, longest - 1)
+        swapped, num_seqs = self._largest_swap_out(prompt_len, kv_tokens, params.best_of)
+        needed = max(self.block_manager.blocks_for(kv_tokens), swapped + num_seqs)
         usable = (self.block_manager.num_total_gpu_blocks
                   - self.block_manager.watermark_blocks)
         if needed > usable:
             seqs = f" in each of {params.best_of} sequences" if params.best_of > 1 else ""
-            raise ValueError(f"the request needs up to {needed} KV-cache blocks "
-                             f"({longest} tokens{seqs}) but the cache has only {usable}; lower "
-                             "max_tokens or best_of, or give the cache more blocks")
+            spare = (", and a free block per sequence to swap back in"
+                     if swapped + num_seqs == needed else "")
+            raise ValueError(f"the request needs up to {needed} KV-cache blocks (the keys and "
+                             f"values of {kv_tokens} tokens{seqs}{spare}) but the cache has "
+                             f"only {usable}; lower max_tokens or best_of, or give the cache "
+                             "more blocks")
         if params.best_of > self.scheduler_config.max_num_seqs:
             raise ValueError(f"best_of ({params.best_of}) is larger than max_num_seqs "
                              f"({self.scheduler_config.max_num_seqs})")
-        swappable = params.best_of > 1 or self.scheduler_config.preemption_mode == "swap"
         swap_blocks = self.block_manager.num_total_cpu_blocks
-        if swappable and needed > swap_blocks:
-            raise ValueError(f"the request may be preempted by swapping up to {needed} KV-cache "
+        if swapped > swap_blocks:
+            raise ValueError(f"the request may be preempted by swapping up to {swapped} KV-cache "
                              f"blocks to CPU memory, but the swap space holds {swap_blocks}; "
                              "raise swap_space")
 
-    def _blocks_needed(self, prompt_len: int, longest: int, best_of: int) -> int:
-        """The most GPU blocks a request needs at once to make progress when it runs alone.
+    def _largest_swap_out(self, prompt_len: int, kv_tokens: int,
+                          best_of: int) -> tuple[int, int]:
+        """The most GPU blocks a request may hold when it is swapped out, and its running
+        sequences then (a swap-in wants one free block per sequence on top); (0, 0) when it is
+        never swapped. ``kv_tokens``: the most tokens whose K/V one of its sequences writes.
 
-        A single sequence preempted by recompute comes back as a prompt of its tokens. Anything
-        else may be swapped out, and a swap-in (like every decode step) wants one free block per
-        sequence on top of the group's blocks: at the last decode step each of the ``best_of``
-        sequences holds ``longest - 2`` tokens, sharing only the prompt's full blocks.
+        The scheduler swaps a group out (instead of recomputing it) in swap mode or while
+        several of its sequences run. It holds the most just before its last decode step, each
+        sequence then holding ``kv_tokens - 1`` tokens; with no decode step (one output token)
+        only a prompt cut into chunks can be swapped out, holding at most as many. Forked
+        sequences share the prompt's blocks until their first decode step, and its full blocks
+        afterwards (the first write copies the partial one).
         """
-        block_size = self.cache_config.block_size
-        needed = -(-longest // block_size)
-        recomputed = best_of == 1 and self.scheduler_config.preemption_mode == "recompute"
-        cached = longest - 2  # tokens in the cache before the last decode step
-        if recomputed or cached < prompt_len:
-            return needed
-        if cached == prompt_len:  # the first decode step: the prompt's blocks are all shared
-            held = -(-prompt_len // block_size)
+        config = self.scheduler_config
+        swap_mode = config.preemption_mode == "swap"
+        if best_of == 1 and not swap_mode:
+            return 0, 0
+        blocks_for = self.block_manager.blocks_for
+        cached = kv_tokens - 1
+        if cached < prompt_len:  # no decode step: one sequence, swapped only inside a prefill
+            if not (swap_mode and config.enable_chunked_prefill):
+                return 0, 0
+            held, num_seqs = blocks_for(cached), 1
+        elif cached == prompt_len:  # the first decode step: every block is still shared
+            held, num_seqs = blocks_for(prompt_len), best_of
         else:
-            shared = prompt_len // block_size
-            held = shared + best_of * (-(-cached // block_size) - shared)
-        return max(needed, held + best_of)
+            shared = prompt_len // self.cache_config.block_size
+            held, num_seqs = shared + best_of * (blocks_for(cached) - shared), best_of
+        return held, num_seqs
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stops the given requests; their final outputs come with the next ``step``."""

@@ -17,11 +17,20 @@ from typing import Any, Optional
 from cacheflow_runtime.core.scheduler import Scheduler
 from cacheflow_runtime.core.stop import find_stop_string
 from cacheflow_runtime.engine.detokenizer import Detokenizer
+from cacheflow_runtime.sampling_metadata import Logprob, Logprobs
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.sequence import FINISHED_STATUSES, Sequence, SequenceGroup, SequenceStatus
 
 # Tokens decoded one by one in one piece of backlog work (about 2 us each on a server CPU).
 _PIECE_TOKENS = 32
+
+
+def _unnamed(entry: Optional[Logprobs]) -> bool:
+    """Whether a reported logprobs entry still lacks its tokens' texts."""
+    if not entry:
+        return False
+    value = next(iter(entry.values()))
+    return isinstance(value, Logprob) and value.decoded_token is None
 
 
 def _text_complete(seq: Sequence) -> bool:
@@ -51,6 +60,7 @@ class OutputProcessor:
         self._running_backlog: OrderedDict[str, SequenceGroup] = OrderedDict()
         # Finished sequences whose text cannot be decoded at once (goes token by token).
         self._by_token: set[int] = set()
+        self._token_texts: dict[int, str] = {}  # decoded_token of reported logprobs, by id
 
     def process(self, groups: list[SequenceGroup], final_only: bool = False) -> None:
         """Updates the texts of the sequences of ``groups`` that got a token since the last
@@ -69,6 +79,8 @@ class OutputProcessor:
             params = group.sampling_params
             if not params.detokenize:
                 continue
+            if params.logprobs is not None or params.prompt_logprobs is not None:
+                self._name_logprobs(group)
             if params.use_beam_search:
                 if group.beam_search_done:
                     self._beam_texts(group)
@@ -91,6 +103,27 @@ class OutputProcessor:
                 new_text = decode_new_text(seq, skip)
                 if (new_text and stop_strings) or seq.status in FINISHED_STATUSES:
                     self._end_text(params, seq, new_text)
+
+    def _name_logprobs(self, group: SequenceGroup) -> None:
+        """Sets ``decoded_token`` (the token's text alone) on the logprobs the request's
+        sequences and prompt got since the last call."""
+        for seq in group.seqs:
+            self._name_new(seq.output_logprobs)
+        if group.prompt_logprobs:
+            self._name_new(group.prompt_logprobs)
+
+    def _name_new(self, entries: list[Optional[Logprobs]]) -> None:
+        start = len(entries)
+        while start and _unnamed(entries[start - 1]):
+            start -= 1
+        texts, decode = self._token_texts, self.tokenizer.decode
+        for entry in entries[start:]:
+            for token_id, value in entry.items():  # type: ignore[union-attr]
+                if isinstance(value, Logprob):
+                    text = texts.get(token_id)
+                    if text is None:
+                        text = texts[token_id] = decode([token_id])
+                    value.decoded_token = text
 
     # ------------------------------------------------------------------ the text backlog
     @property

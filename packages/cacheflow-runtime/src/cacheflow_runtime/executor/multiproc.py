@@ -14,7 +14,10 @@ Failures end the engine instead of hanging it:
 - every exit path reaps the children: ``shutdown`` (asks, then terminates, then kills), a
   finalizer at interpreter exit (also after Ctrl-C), and in each worker a watchdog that exits
   when the driver process is gone (SIGTERM / SIGKILL of the driver). Workers ignore SIGINT: a
-  Ctrl-C in the terminal reaches the whole process group, and the driver shuts them down.
+  Ctrl-C in the terminal reaches the whole process group, and the driver shuts them down. Once
+  started they ignore SIGTERM too while the driver lives (a SIGTERM to the process group, as
+  systemd sends, must not cut a server's graceful drain short); ``shutdown`` closes their pipes
+  before it terminates them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ def _heartbeat(slot: Any, rank: int, parent_pid: int) -> None:
         time.sleep(_HEARTBEAT_PERIOD_S)
 
 
+def _ignore_sigterm_while_driver_lives(parent_pid: int) -> None:
+    """SIGTERM stops this worker only once the driver is gone: the driver stops it (pipe
+    closed or ``shutdown``) after its own graceful shutdown."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getppid() != parent_pid:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _send_error(conn: multiprocessing.connection.Connection, rank: int, what: str) -> None:
     try:
         conn.send(("error", f"{what} on rank {rank}:\n{traceback.format_exc()}"))
@@ -75,6 +89,7 @@ def _worker_main(spec: WorkerSpec, rank: int, device: str,
                      name="cacheflow-heartbeat", daemon=True).start()
     try:
         worker = RankWorker(spec, rank, torch.device(device))
+        _ignore_sigterm_while_driver_lives(parent_pid)
         conn.send(("ok", worker.backend()))
     except BaseException:
         _send_error(conn, rank, "starting the worker failed")
@@ -102,7 +117,8 @@ def _worker_main(spec: WorkerSpec, rank: int, device: str,
 
 
 def _reap(processes: list[BaseProcess], conns: list[Any], timeout: float = 5.0) -> None:
-    """Asks every worker to stop, then terminates and kills what is left; closes the pipes."""
+    """Asks every worker to stop, then closes the pipes and terminates and kills what is
+    left."""
     message = pickle.dumps(("shutdown", None))
     for proc, conn in zip(processes, conns):
         if proc.is_alive():
@@ -113,6 +129,11 @@ def _reap(processes: list[BaseProcess], conns: list[Any], timeout: float = 5.0) 
     deadline = time.monotonic() + timeout
     for proc in processes:
         proc.join(max(0.0, deadline - time.monotonic()))
+    if any(proc.is_alive() for proc in processes):
+        # A started worker ignores SIGTERM while this process lives; the end of its pipe stops
+        # it. SIGTERM stops a worker still starting.
+        for conn in conns:
+            conn.close()
     for proc in processes:
         if proc.is_alive():
             proc.terminate()

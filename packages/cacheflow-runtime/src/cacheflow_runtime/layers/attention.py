@@ -52,7 +52,8 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
                                                   v_scale):
                 return self.attend_cached(query, kv_cache, input_metadata)
         query, key = self.rotary_emb(positions, query, key, input_metadata.query_lens,
-                                     input_metadata.context_lens_host)
+                                     input_metadata.context_lens_host,
+                                     input_metadata.prompt_lens)
         return super().forward(query, key, value, kv_cache, input_metadata)
 
     def _decode_with_rotary_cache(self, positions: torch.Tensor, query: torch.Tensor,

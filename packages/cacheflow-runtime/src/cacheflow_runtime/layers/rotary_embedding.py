@@ -7,24 +7,29 @@ transformers' math and config keys.
 Partial rotary (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``): only the first
 ``rotary_dim`` features of each head are rotated, the rest pass through unchanged.
 
-Dynamic NTK, per sequence: HF transformers recomputes the inverse frequencies in every forward
-pass from the longest position of the batch, ``seq_len = max(position_ids) + 1``; with one
-sequence that is the sequence's length at that step (the whole prompt at prefill, prompt plus
-generated tokens at each decode step), and keys already in the cache keep the rotation they got
-when they were written. Our batches are flattened over many sequences, so each token is rotated
-with the frequencies of *its own sequence's* length at this step (``context_lens``): every
-sequence gets exactly what HF gives it when it runs alone, independently of what else is in the
-batch. A sequence recomputed from scratch after preemption gets the frequencies of its whole
-length for every token, as HF would for that text given as one prompt.
+Dynamic NTK and LongRoPE rotate by the sequence's length as well as the position. HF
+transformers picks the frequencies in every forward pass from ``seq_len = max(position_ids) + 1``
+and keys already in the cache keep the rotation they got when they were written. Run alone
+through ``generate``, a sequence therefore has its whole prompt rotated for the prompt's length
+``L`` (one forward pass), and each generated token at position ``p`` for ``p + 1``. We rotate
+every token of a sequence at position ``p`` for the length ``max(L, p + 1)``
+(``prompt_lens``): the same rotation whatever the batch holds, however the prompt is cut into
+chunked-prefill steps, and after a preemption's recomputation. Without ``prompt_lens`` a
+sequence is taken as a prompt that ends at its context length. Prefix caching must not share a
+block rotated for one prompt length with a prompt of another: :func:`prompt_rotation_key` is
+the part of a request's cache namespace that keeps them apart.
 
-LongRoPE, per sequence likewise: HF rotates a step's tokens with the ``short_factor``
-frequencies while the sequence (``max(position_ids) + 1``) is at most
-``original_max_position_embeddings`` long and with the ``long_factor`` ones after that, keys in
-the cache keeping theirs; cos and sin are multiplied by the attention factor
-``sqrt(1 + log(factor) / log(original))`` (or the config's ``attention_factor``), where
-``factor`` defaults to ``max_position_embeddings / original_max_position_embeddings``. Both
-tables are precomputed, so the kernel and CUDA graphs serve it too: a decode token (its sequence
-is its position + 1 long) picks its table from its position alone, on the device.
+Dynamic NTK: lengths past ``max_position_embeddings`` get the base
+``base * (factor * n / original - (factor - 1)) ** (d / (d - 2))``; shorter ones the plain
+frequencies.
+
+LongRoPE: the ``short_factor`` frequencies while the length is at most
+``original_max_position_embeddings``, the ``long_factor`` ones after that; cos and sin are
+multiplied by the attention factor ``sqrt(1 + log(factor) / log(original))`` (or the config's
+``attention_factor``), where ``factor`` defaults to ``max_position_embeddings /
+original_max_position_embeddings``. Both tables are precomputed, so the kernel and CUDA graphs
+serve it too: a decode token (length ``p + 1``) picks its table from its position alone, on the
+device.
 """
 
 from __future__ import annotations
@@ -82,6 +87,33 @@ def dynamic_ntk_inv_freq(rotary_dim: int, base: float, factor: float, original_m
         ** (rotary_dim / (rotary_dim - 2))
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
     return 1.0 / (scaled ** (exponents / rotary_dim))
+
+
+def length_dependent_rope(max_position: int, rope_scaling: Optional[dict[str, Any]]
+                          ) -> Optional[tuple[str, int]]:
+    """("dynamic" or "longrope", the length past which it changes the rotation) for rotary
+    scaling whose rotation depends on the sequence's length; None where it depends on the
+    position alone. ``max_position`` is the config's ``max_position_embeddings``."""
+    kind = _scaling_type(rope_scaling)
+    if kind == "dynamic":
+        return kind, max_position
+    if kind == "longrope":
+        original = rope_scaling.get("original_max_position_embeddings")
+        if original is None:
+            raise ValueError("longrope rope_scaling needs original_max_position_embeddings")
+        return kind, int(original)
+    return None
+
+
+def prompt_rotation_key(rule: Optional[tuple[str, int]], prompt_len: int) -> str:
+    """What a prompt's cached keys depend on besides its tokens, under ``rule`` (from
+    :func:`length_dependent_rope`): "" where the rotation is the positions' alone (no rule, or
+    a prompt within the rule's length), else a key naming the rotation used for this prompt
+    (LongRoPE: the long factors; dynamic NTK: the prompt's own length)."""
+    if rule is None or prompt_len <= rule[1]:
+        return ""
+    kind, _ = rule
+    return "rope:long" if kind == "longrope" else f"rope:dynamic:{prompt_len}"
 
 
 def _scaling_type(rope_scaling: Optional[dict[str, Any]]) -> str:
@@ -155,8 +187,9 @@ class RotaryEmbedding(nn.Module):
 
     ``max_position`` is the model's ``max_position_embeddings``; with linear or dynamic scaling
     positions up to ``rope_max_positions(max_position, rope_scaling)`` are accepted. Dynamic NTK
-    scaling needs to know which tokens belong to which sequence: pass ``query_lens`` and
-    ``context_lens`` (see the module docstring).
+    and LongRoPE scaling need to know which tokens belong to which sequence and how long its
+    prompt is: pass ``query_lens``, ``context_lens`` and ``prompt_lens`` (see the module
+    docstring).
     """
 
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
@@ -205,13 +238,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                 query_lens: Optional[Sequence[int]] = None,
-                context_lens: Optional[Sequence[int]] = None
+                context_lens: Optional[Sequence[int]] = None,
+                prompt_lens: Optional[Sequence[int]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, H*D] and key [T, Hkv*D] with rotary applied at ``positions`` [T].
 
-        ``query_lens`` / ``context_lens`` (host lists, one entry per sequence, as in
-        InputMetadata) are used by dynamic NTK scaling only; without them the whole batch is
-        taken as one sequence of length ``max(positions) + 1`` (HF's rule for a batch).
+        ``query_lens`` / ``context_lens`` / ``prompt_lens`` (host lists, one entry per
+        sequence, as in InputMetadata; ``prompt_lens`` 0 for a sequence past its prompt) are
+        used by dynamic NTK and LongRoPE scaling only (see the module docstring); without
+        ``query_lens`` the whole batch is taken as one sequence of length
+        ``max(positions) + 1`` (HF's rule for a batch).
 
         On CUDA (without dynamic scaling) the kernel of cacheflow-kernels rotates ``query`` and
         ``key`` in place and returns them; the result equals the torch code's bit for bit.
@@ -226,14 +262,14 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"position {int(positions.max())} is past the rotary table "
                              f"({self.max_position} positions)")
         if self.longrope_original is not None:
-            positions = self._longrope_rows(positions, query_lens, context_lens)
+            positions = self._longrope_rows(positions, query_lens, context_lens, prompt_lens)
         ck = self._kernels(positions, query, key)
         if ck is not None:
             ck.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
                                 self.is_neox_style)
             return query, key
         if self.dynamic_factor is not None:
-            cos, sin = self._dynamic_cos_sin(positions, query_lens, context_lens)
+            cos, sin = self._dynamic_cos_sin(positions, query_lens, context_lens, prompt_lens)
         else:
             cos = self.cos_cache[positions]
             sin = self.sin_cache[positions]
@@ -281,9 +317,10 @@ class RotaryEmbedding(nn.Module):
         return kernels_for(query, key)
 
     def _longrope_rows(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
-                       context_lens: Optional[Sequence[int]]) -> torch.Tensor:
+                       context_lens: Optional[Sequence[int]],
+                       prompt_lens: Optional[Sequence[int]]) -> torch.Tensor:
         """Rows of cos_sin_cache for ``positions``: shifted past the short table for the tokens
-        of sequences longer than the original length."""
+        rotated for a length past the original one (``max(L, p + 1) > original``)."""
         original = self.longrope_original
         assert original is not None
         if query_lens is None or context_lens is None:
@@ -291,44 +328,53 @@ class RotaryEmbedding(nn.Module):
             long = (positions.max() >= original).expand(positions.shape) if positions.numel() \
                 else positions.bool()
         elif all(q == 1 for q in query_lens):
-            # Decode: each sequence is its token's position + 1 long (device-only, so a CUDA
-            # graph can capture it).
+            # Decode: each token's length is its position + 1 (device-only, so a CUDA graph can
+            # capture it).
             long = positions >= original
         else:
-            if sum(query_lens) != positions.numel() or len(query_lens) != len(context_lens):
-                raise ValueError(f"query_lens {list(query_lens)} and context_lens "
-                                 f"{list(context_lens)} do not describe {positions.numel()} "
-                                 "tokens")
-            per_seq = torch.tensor([c > original for c in context_lens], device=positions.device)
+            lengths = _prompt_lengths(positions, query_lens, context_lens, prompt_lens)
+            per_seq = torch.tensor([n > original for n in lengths], device=positions.device)
             long = per_seq.repeat_interleave(torch.tensor(list(query_lens),
                                                           device=positions.device))
+            long = long | (positions >= original)
         return positions + long.to(positions.dtype) * original
 
     def _dynamic_cos_sin(self, positions: torch.Tensor, query_lens: Optional[Sequence[int]],
-                         context_lens: Optional[Sequence[int]]
+                         context_lens: Optional[Sequence[int]],
+                         prompt_lens: Optional[Sequence[int]]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, rotary_dim / 2] with each sequence's dynamic NTK frequencies."""
+        """cos, sin [T, rotary_dim / 2]: each token at position ``p`` of a sequence with prompt
+        length ``L`` rotated with the dynamic NTK frequencies of the length ``max(L, p + 1)``."""
         if query_lens is None or context_lens is None:
             total = positions.numel()
             query_lens = [total]
             context_lens = [int(positions.max()) + 1 if total else 0]
-        elif sum(query_lens) != positions.numel() or len(query_lens) != len(context_lens):
-            raise ValueError(f"query_lens {list(query_lens)} and context_lens "
-                             f"{list(context_lens)} do not describe {positions.numel()} tokens")
+            prompt_lens = None
+        lengths = _prompt_lengths(positions, query_lens, context_lens, prompt_lens)
         last = self.original_max_position - 1
         cos = self.cos_cache[positions.clamp(max=last)]
         sin = self.sin_cache[positions.clamp(max=last)]
         start = 0
-        for q_len, ctx_len in zip(query_lens, context_lens):
-            if ctx_len > self.original_max_position:
-                inv_freq = dynamic_ntk_inv_freq(self.rotary_dim, self.base, self.dynamic_factor,
-                                                self.original_max_position, int(ctx_len),
-                                                str(positions.device))
-                freqs = positions[start:start + q_len].float()[:, None] * inv_freq[None, :]
-                cos[start:start + q_len] = freqs.cos()
-                sin[start:start + q_len] = freqs.sin()
+        for q_len, ctx_len, prompt_len in zip(query_lens, context_lens, lengths):
+            first = ctx_len - q_len  # the position of the sequence's first new token
+            # Tokens up to the prompt's end share its length; each later one has its own.
+            runs = [(start, min(q_len, max(0, prompt_len - first)), prompt_len)]
+            runs += [(start + j, 1, first + j + 1) for j in range(runs[0][1], q_len)]
+            for row, count, length in runs:
+                if count and length > self.original_max_position:
+                    self._fill_dynamic(positions, cos, sin, row, count, length)
             start += q_len
         return cos, sin
+
+    def _fill_dynamic(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      row: int, count: int, length: int) -> None:
+        """Rows ``row .. row + count - 1`` of cos and sin with the frequencies of ``length``."""
+        inv_freq = dynamic_ntk_inv_freq(self.rotary_dim, self.base, self.dynamic_factor,
+                                        self.original_max_position, int(length),
+                                        str(positions.device))
+        freqs = positions[row:row + count].float()[:, None] * inv_freq[None, :]
+        cos[row:row + count] = freqs.cos()
+        sin[row:row + count] = freqs.sin()
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -343,3 +389,16 @@ class RotaryEmbedding(nn.Module):
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         return torch.cat((rotated, rest), dim=-1).view(num_tokens, -1)
+
+
+def _prompt_lengths(positions: torch.Tensor, query_lens: Sequence[int],
+                    context_lens: Sequence[int],
+                    prompt_lens: Optional[Sequence[int]]) -> list[int]:
+    """Each sequence's prompt length (its context length where ``prompt_lens`` is None),
+    after checking that the lists describe ``positions``."""
+    if (sum(query_lens) != positions.numel() or len(query_lens) != len(context_lens)
+            or (prompt_lens is not None and len(prompt_lens) != len(query_lens))):
+        raise ValueError(f"query_lens {list(query_lens)}, context_lens {list(context_lens)} "
+                         f"and prompt_lens {prompt_lens} do not describe {positions.numel()} "
+                         "tokens")
+    return list(context_lens) if prompt_lens is None else [int(n) for n in prompt_lens]

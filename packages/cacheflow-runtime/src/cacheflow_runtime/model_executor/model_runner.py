@@ -53,7 +53,8 @@ class PreparedBatch:
 class _StepTokens:
     """The flattened tokens of a step, gathered sequence by sequence: per sequence its block
     table row, first position and token count, plus the hidden-state rows the sampler needs
-    (``logit_indices``) and the placeholder tokens to fill on the device."""
+    (``logit_indices``) and the placeholder tokens to fill on the device. ``prompt_lens`` is
+    kept once a sequence that is not a columnar decode joins (0 for those decodes)."""
 
     def __init__(self) -> None:
         self.rows: list[int] = []
@@ -63,10 +64,11 @@ class _StepTokens:
         self.logit_indices: list[int] = []
         self.placeholder_positions: list[int] = []
         self.placeholder_seq_ids: list[int] = []
+        self.prompt_lens: list[int] = []
 
 
 def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
-                  staging: InputStaging, eos_token_id: Optional[int],
+                  staging: InputStaging, eos_token_ids: frozenset[int],
                   plan_cascade: bool = True) -> PreparedBatch:
     """Flattens the scheduled sequences of ``out`` into one batch (``states`` already updated
     with ``out``): each contributes ``token_ids`` from ``num_computed_tokens`` on, its K/V going
@@ -120,7 +122,7 @@ def prepare_batch(out: SchedulerOutput, states: RequestStates, block_size: int,
             prompt_token_ids=state.prompt_token_ids, output_token_ids=outputs,
             cumulative_logprobs=cumulative, seed_keys=keys,
             prompt_logit_rows=prompt_rows, prompt_logprobs_start=prompt_start,
-            eos_token_id=eos_token_id))
+            eos_token_ids=eos_token_ids))
         req_ids.append(req.req_id)
         sampled.append(req.do_sample)
     input_ids, positions, metadata = _step_inputs(step, states, block_size, staging,
@@ -164,7 +166,8 @@ def _step_inputs(step: _StepTokens, states: RequestStates, block_size: int,
         staging.device, query_start_loc=query_start_loc_dev,
         context_lens_tensor=context_lens_dev,
         cascade_block_size=block_size if plan_cascade else None,
-        host_block_tables=torch.from_numpy(block_tables) if plan_cascade else None)
+        host_block_tables=torch.from_numpy(block_tables) if plan_cascade else None,
+        prompt_lens=step.prompt_lens or None)
     return input_ids, positions_dev, metadata
 
 
@@ -178,6 +181,9 @@ def _add_request(step: _StepTokens, req: ScheduledRequest, state: RequestState,
     want_prompt = state.sampling_params.prompt_logprobs is not None
     prompt_len = len(state.prompt_token_ids)
     logit_indices = step.logit_indices
+    if len(step.prompt_lens) < len(step.rows):
+        step.prompt_lens.extend([0] * (len(step.rows) - len(step.prompt_lens)))
+    step.prompt_lens.extend([prompt_len] * len(req.seqs))
     for s in req.seqs:
         token_ids = s.token_ids
         num_tokens = len(token_ids)
@@ -252,12 +258,12 @@ class ModelRunner:
     """Runs one step of the model over a prepared batch and samples from its logits."""
 
     def __init__(self, model: Any, device: torch.device, block_size: int,
-                 eos_token_id: Optional[int], default_generator: Optional[torch.Generator]
+                 eos_token_ids: frozenset[int], default_generator: Optional[torch.Generator]
                  ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.default_generator = default_generator
         self.decode_graphs: Optional[DecodeGraphs] = None
@@ -287,7 +293,7 @@ class ModelRunner:
         previous, self._last_sampled = self._last_sampled, None
         if not (out.scheduled or out.decodes.seq_ids):
             return PendingStep()
-        batch = prepare_batch(out, states, self.block_size, self.staging, self.eos_token_id,
+        batch = prepare_batch(out, states, self.block_size, self.staging, self.eos_token_ids,
                               self.plan_cascade)
         if batch.placeholder_positions:
             self._fill_placeholders(batch, previous)

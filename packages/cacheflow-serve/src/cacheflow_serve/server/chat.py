@@ -17,6 +17,7 @@ from cacheflow_serve.server.serving import (
     add_requests,
     chat_logprobs,
     check_length,
+    check_stream_options,
     check_tokenizer_needs,
     new_id,
     now,
@@ -49,6 +50,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
 
 def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
     check_tokenizer_needs(ctx, req)
+    check_stream_options(req)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.tool_choice not in (None, "none"):
@@ -68,7 +70,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     prompt = await render_chat(ctx, req.messages, req.add_generation_prompt is not False,
                                req.continue_final_message is True)
     ids = await ctx.encode(prompt, param="messages",
-                           add_special_tokens=req.add_special_tokens is True)
+                           add_special_tokens=req.add_special_tokens is True,
+                           bounded=req.truncate_prompt_tokens is None)
     ids = truncated_prompt(ctx, req, ids)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -15,6 +15,7 @@ from cacheflow_serve.server.serving import (
     ServingContext,
     add_requests,
     check_length,
+    check_stream_options,
     check_tokenizer_needs,
     completion_logprobs,
     new_id,
@@ -33,13 +34,14 @@ from cacheflow_serve.server.streaming import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-async def _prompts(ctx: ServingContext, prompt: Any,
-                   add_special_tokens: bool) -> list[tuple[str, list[int]]]:
-    """(text, token ids) of each prompt of the request."""
+async def _prompts(ctx: ServingContext, prompt: Any, add_special_tokens: bool,
+                   bounded: bool = True) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of each prompt of the request (``bounded`` as for ``ctx.encode``)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, await ctx.encode(p, add_special_tokens=add_special_tokens)) for p in prompt]
+        return [(p, await ctx.encode(p, add_special_tokens=add_special_tokens, bounded=bounded))
+                for p in prompt]
     if all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
     return [(await ctx.decode(list(ids)), list(ids)) for ids in prompt]
@@ -50,6 +52,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     """Serves one completions call."""
     ctx.check_model(req.model)
     check_tokenizer_needs(ctx, req)
+    check_stream_options(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     n = req.n or 1
@@ -58,7 +61,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens 0 needs echo: true (it returns the prompt only)",
                        param="max_tokens")
-    prompts = await _prompts(ctx, req.prompt, req.add_special_tokens is not False)
+    # A prompt that truncate_prompt_tokens cuts may be longer than any that fits the context.
+    prompts = await _prompts(ctx, req.prompt, req.add_special_tokens is not False,
+                             bounded=req.truncate_prompt_tokens is None)
     if req.truncate_prompt_tokens is not None:  # an echo shows the prompt that was kept
         kept = [truncated_prompt(ctx, req, ids) for _, ids in prompts]
         prompts = [(text if len(k) == len(ids) else await ctx.decode(k), k)

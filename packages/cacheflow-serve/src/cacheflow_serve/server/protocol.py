@@ -76,8 +76,7 @@ class SamplingFields(_Body):
     # cacheflow extensions (as in vLLM)
     top_k: Optional[Annotated[int, Field(ge=-1)]] = None
     min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]] = None
-    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=2.0,
-                                                        allow_inf_nan=False)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] = None
     min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[TokenId]] = None
@@ -120,11 +119,13 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    """One message; ``developer`` is taken as ``system``."""
+    """One message; ``developer`` is taken as ``system``; a ``tool`` message (a tool's result
+    given back) may name the call it answers."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_call_id: Optional[str] = None
 
 
 class ChatCompletionRequest(SamplingFields):

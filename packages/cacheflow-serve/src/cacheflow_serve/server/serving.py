@@ -82,11 +82,13 @@ class ServingContext:
             raise bad_request(exc) from None
 
     async def encode(self, text: str, param: str = "prompt",
-                     add_special_tokens: bool = True) -> list[int]:
+                     add_special_tokens: bool = True, bounded: bool = True) -> list[int]:
         """The token ids of ``text``, as the engine would encode it (400 for text that is not
-        valid Unicode or longer than any prompt that fits the context);
-        ``add_special_tokens=False`` for text a chat template rendered."""
-        self._check_text(text, param, bounded=True)
+        valid Unicode or, when ``bounded``, longer than any prompt that fits the context);
+        ``add_special_tokens=False`` for text a chat template rendered. ``bounded=False`` for a
+        request whose ``truncate_prompt_tokens`` keeps only the prompt's tail (the body limit
+        still bounds the text)."""
+        self._check_text(text, param, bounded=bounded)
         return await self.tokenization.encode(text, add_special_tokens)
 
     async def encode_json(self, text: str, param: str = "prompt",
@@ -124,6 +126,13 @@ def check_tokenizer_needs(ctx: ServingContext, req: SamplingFields) -> None:
         ctx.require_tokenizer("bad_words")
 
 
+def check_stream_options(req: SamplingFields) -> None:
+    """400 for ``stream_options`` on a request that does not stream (as vLLM and OpenAI)."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true",
+                       param="stream_options")
+
+
 def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[int]
                      ) -> list[int]:
     """``token_ids`` cut to the request's ``truncate_prompt_tokens`` (400 for a bad value)."""
@@ -136,15 +145,18 @@ def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[i
 def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int],
                  param: str, prompt_param: str) -> int:
     """The max_tokens to use: the asked number (400 if prompt + max_tokens exceed
-    max_model_len) or, when None, whatever room the context leaves. ``param`` and
-    ``prompt_param`` name the request's fields for the two (``max_tokens``, ``prompt``)."""
+    max_model_len) or, when None, whatever room the context leaves, at most the model's
+    generation config's ``max_new_tokens`` (as vLLM). ``param`` and ``prompt_param`` name the
+    request's fields for the two (``max_tokens``, ``prompt``)."""
     limit = ctx.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the "
                        f"prompt has {prompt_len} tokens", param=prompt_param,
                        code="context_length_exceeded")
     if max_tokens is None:
-        return limit - prompt_len
+        default = ctx.sampling_defaults.get("max_tokens")
+        room = limit - prompt_len
+        return room if default is None else min(room, int(default))
     if prompt_len + max_tokens > limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens; you asked "
                        f"for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
