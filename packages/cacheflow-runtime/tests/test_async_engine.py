@@ -188,6 +188,32 @@ def test_leaving_the_stream_early_aborts_the_request() -> None:
     run(main())
 
 
+def test_an_aborted_requests_id_is_free_at_once_and_its_last_output_stays_away() -> None:
+    """Re-adding an id right after its stream was aborted runs a new request: the engine gets
+    it under an id of its own while the aborted one's final output is on its way, and the new
+    stream sees neither that output nor the engine's id."""
+    fake = FakeEngine(step_delay=0.005)
+
+    async def main() -> list[RequestOutput]:
+        engine = AsyncLLMEngine(fake)
+        stream = await engine.add_request("same", "p", _params(1000))
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 2:
+                break
+        stream.abort()
+        outs = await _collect(engine, "same", 5)  # before the abort's output came
+        again = await _collect(engine, "same", 3)  # and once it has
+        await engine.shutdown()
+        return outs + again
+
+    outs = run(main())
+    assert [o.request_id for o in outs] == ["same"] * len(outs)
+    finals = [o for o in outs if o.finished]
+    assert [(o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in finals] == [
+        ("length", 5), ("length", 3)]
+    assert fake.aborted_ids == ["same"]
+
+
 def test_max_queued_requests_refuses_with_overloaded() -> None:
     fake = FakeEngine(step_delay=0.02)
 

@@ -135,6 +135,19 @@ def test_a_bad_sampling_params_list_fails_the_batch(llm64: LLM, good: list[Any])
     _assert_still_serving(llm64, good)
 
 
+def test_a_request_wider_than_the_token_budget_is_rejected(tiny_path: Path) -> None:
+    """n sequences decode n tokens a step: more than the step's token budget never fit (the
+    request used to wait forever)."""
+    llm = LLM(tiny_path, device="cpu", dtype="float32", max_num_batched_tokens=3)
+    with pytest.raises(ValueError, match=r"best_of \(4\) is larger than max_num_batched_tokens "
+                                         r"\(3\)"):
+        llm.generate("hi", SamplingParams(n=4, temperature=0.8, max_tokens=4), use_tqdm=False)
+    out = llm.generate("hi", SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=4),
+                       use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
+    assert_idle(llm)
+
+
 def test_a_request_too_big_for_the_kv_cache_is_rejected(tiny_path: Path) -> None:
     small = LLM(tiny_path, device="cpu", dtype="float32", block_size=8, kv_cache_blocks=4,
                 swap_space=0.01)

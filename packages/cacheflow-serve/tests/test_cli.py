@@ -79,6 +79,15 @@ def test_missing_model_path_exits_2_naming_it(tmp_path: Path,
     assert captured.err == f"cacheflow: error: model path {str(missing)!r} does not exist\n"
 
 
+def test_missing_tokenizer_path_is_named_as_the_tokenizer(
+        tiny_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-tokenizer"
+    assert main(["generate", "--model", str(tiny_path), "--device", "cpu", "--tokenizer",
+                 str(missing), "Hello"]) == 2
+    assert capsys.readouterr().err == \
+        f"cacheflow: error: tokenizer path {str(missing)!r} does not exist\n"
+
+
 def test_invalid_option_value_exits_2_naming_it(tiny_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     args = ["generate", "--model", str(tiny_path), "--max-tokens", "0", "Hello"]

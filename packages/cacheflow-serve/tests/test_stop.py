@@ -278,3 +278,25 @@ def test_every_eos_id_of_the_model_ends_a_sequence(where: str, tiny_path: Path,
     assert _generate(llm).token_ids == reference.token_ids  # ignore_eos
     late = _generate(llm, ignore_eos=False, min_tokens=first + 1)
     assert extra not in late.token_ids[:first + 1]
+
+
+def test_the_tokenizers_eos_ends_a_sequence(tiny_path: Path, tmp_path: Path,
+                                            reference: Any) -> None:
+    """A tokenizer naming another EOS than the config (a chat fine-tune's end of turn) stops
+    generation too, as vLLM stops at the tokenizer's EOS."""
+    extra = reference.token_ids[5]
+    first = reference.token_ids.index(extra)
+    path = tmp_path / "llama"
+    shutil.copytree(tiny_path, path)
+    llm_plain = LLM(path, device="cpu", dtype="float32")
+    token = llm_plain.get_tokenizer().convert_ids_to_tokens(extra)
+    settings_file = path / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["eos_token"] = token
+    settings_file.write_text(json.dumps(settings))
+    llm = LLM(path, device="cpu", dtype="float32")
+    assert llm.get_tokenizer().eos_token_id == extra
+    assert extra in llm.engine.model_config.eos_token_ids
+    out = _generate(llm, ignore_eos=False)
+    assert out.token_ids == reference.token_ids[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", None)

@@ -16,14 +16,16 @@ from cacheflow_runtime.layers.rotary_embedding import length_dependent_rope, rop
 from cacheflow_runtime.weights import GGUFFile, detect_format, gguf_file
 
 
-def split_gguf_path(path: str | Path) -> tuple[Path, Optional[str]]:
-    """(folder, gguf file name or None) for a checkpoint folder, a .gguf file or a GGUF folder."""
+def split_gguf_path(path: str | Path, what: str = "model path"
+                    ) -> tuple[Path, Optional[str]]:
+    """(folder, gguf file name or None) for a checkpoint folder, a .gguf file or a GGUF folder;
+    ``what`` names the path in errors."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"model path {str(path)!r} is a file but not a .gguf file; give a "
+            raise ValueError(f"{what} {str(path)!r} is a file but not a .gguf file; give a "
                              "checkpoint folder or a .gguf file")
         return path.parent, path.name
     ggufs = sorted(path.glob("*.gguf"))

@@ -36,7 +36,7 @@ def load_tokenizer(path: str | Path) -> Any:
         CheckpointError: no tokenizer is there (the message lists the files looked for and how
             to proceed), or its files cannot be read.
     """
-    folder, gguf_file = split_gguf_path(path)
+    folder, gguf_file = split_gguf_path(path, "tokenizer path")
     if gguf_file is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"no tokenizer in {folder}: looked for "
                               f"{', '.join(TOKENIZER_FILES)}; {_HOW_TO_PROCEED}", file=folder)

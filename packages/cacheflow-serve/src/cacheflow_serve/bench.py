@@ -54,7 +54,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--dataset", type=Path, default=None,
                         help="JSONL of {\"prompt\": ..., \"max_tokens\": ...} (default: synthetic)")
-    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--num-prompts", type=int, default=100,
+                        help="requests to send (default: %(default)s)")
     parser.add_argument("--input-len", default="32",
                         help="synthetic prompt length: N, or MIN:MAX drawn uniformly per request "
                              "(words; tokens with --random-prompt-tokens)")

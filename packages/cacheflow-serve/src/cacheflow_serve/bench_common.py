@@ -131,7 +131,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "{\"preset\": NAME, ...})")
     model.add_argument("--dtype", default="auto",
                        help="float16, bfloat16 or float32 (auto: float32 on CPU; on a GPU the "
-                            "checkpoint's half type; random checkpoints are written in float16)")
+                            "checkpoint's half type, and random checkpoints written in float16)")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     model.add_argument("--max-num-seqs", type=int, default=None,
                        help="sequences per step (default: 256; latency: the largest batch)")

@@ -37,7 +37,8 @@ def add_prefix_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=64,
                         help="unique prompt tokens per request after the shared prefix")
     parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
-    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=256,
+                        help="requests sharing the prefix (default: %(default)s)")
     add_model_arguments(parser)
 
 

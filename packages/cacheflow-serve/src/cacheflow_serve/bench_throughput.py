@@ -44,7 +44,8 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens: N, or MIN:MAX drawn uniformly per request")
     parser.add_argument("--output-len", default="128",
                         help="generated tokens: N, or MIN:MAX drawn uniformly per request")
-    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--num-prompts", type=int, default=1000,
+                        help="synthetic requests (default: %(default)s)")
     parser.add_argument("--hf-max-batch-size", type=int, default=64,
                         help="prompts per HF generate call with --baseline hf")
     parser.add_argument("--step-trace", type=Path, default=None, metavar="PATH",

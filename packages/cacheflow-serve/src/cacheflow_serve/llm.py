@@ -299,14 +299,23 @@ class LLM:
             self.engine.step()
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Steps the engine until ``request_ids`` are finished. If a step raises (or Ctrl-C
+        stops the run), the run's requests are aborted before the error goes on, so that the
+        next call starts from an idle engine."""
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(request_ids), desc="Generating", unit="req",
-                  disable=not use_tqdm) as bar, torch.inference_mode(), full_gc_paused():
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step(final_only=True):
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(request_ids), desc="Generating", unit="req",
+                      disable=not use_tqdm) as bar, torch.inference_mode(), full_gc_paused():
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step(final_only=True):
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            self.engine.abort_request([rid for rid in request_ids if rid not in finished])
+            with contextlib.suppress(Exception):  # the error that stopped the run goes on
+                self._drain_aborted()
+            raise
         return [finished[rid] for rid in request_ids]
 
 

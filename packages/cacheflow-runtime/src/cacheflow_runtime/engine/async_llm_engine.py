@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Protocol
 
 import torch
@@ -181,6 +182,10 @@ class BaseAsyncEngine(ABC):
     implement ``_bind`` (start on the loop), ``_add`` (hand a request to the engine and wait
     until it is accepted or refused), ``_send_abort`` and ``_stop`` (stop the engine once
     nothing is left to run), and hand every step's outputs to ``_dispatch`` on the loop.
+
+    A request's id may be used again as soon as its stream is done, aborted ones included: the
+    engine then gets the new request under an id of its own while the aborted one's last
+    output is on its way (``_engine_ids``), and the stream sees the caller's id.
     """
 
     # What a server reads about the engine (each subclass provides them).
@@ -197,6 +202,12 @@ class BaseAsyncEngine(ABC):
         self.observer = observer
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._streams: dict[str, RequestStream] = {}
+        # the caller's request id <-> the engine's, for the requests with a stream; ids the
+        # engine still runs as aborted (their final output not seen yet)
+        self._engine_ids: dict[str, str] = {}
+        self._caller_ids: dict[str, str] = {}
+        self._aborting: set[str] = set()
+        self._renames = itertools.count(1)
         self._unstarted: set[str] = set()
         self._drained = asyncio.Event()
         self._accepting = True
@@ -272,10 +283,15 @@ class BaseAsyncEngine(ABC):
                                         f"(max_queued_requests={limit}); retry later")
         stream = RequestStream(request_id, self.abort)
         self._streams[request_id] = stream
+        engine_id = request_id
+        while engine_id in self._aborting or engine_id in self._caller_ids:
+            engine_id = f"{request_id}#{next(self._renames)}"
+        self._engine_ids[request_id] = engine_id
+        self._caller_ids[engine_id] = request_id
         self._unstarted.add(request_id)
         self._drained.clear()
         try:
-            await self._add(request_id, prompt, sampling_params, prompt_token_ids,
+            await self._add(engine_id, prompt, sampling_params, prompt_token_ids,
                             time.monotonic())
         except asyncio.CancelledError:
             self.abort(request_id)
@@ -303,16 +319,21 @@ class BaseAsyncEngine(ABC):
 
     def abort(self, request_id: str) -> None:
         """Aborts a request from the loop thread; its stream gets nothing more."""
+        engine_id = self._engine_ids.get(request_id, request_id)
         if request_id in self._streams:
             self.num_abandoned += 1
+            self._aborting.add(engine_id)
         self._forget(request_id)
-        self._send_abort([request_id])
+        self._send_abort([engine_id])
 
     @abstractmethod
     def _send_abort(self, request_ids: list[str]) -> None:
         """Asks the engine to abort ``request_ids`` (their final outputs still come)."""
 
     def _forget(self, request_id: str) -> None:
+        engine_id = self._engine_ids.pop(request_id, None)
+        if engine_id is not None:
+            self._caller_ids.pop(engine_id, None)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.close()
@@ -336,7 +357,7 @@ class BaseAsyncEngine(ABC):
             if self._streams and grace_period > 0:
                 await _wait_event(self._drained, grace_period)
             if self._streams:
-                ids = list(self._streams)
+                ids = [self._engine_ids.get(rid, rid) for rid in self._streams]
                 logger.info("shutdown: aborting %d in-flight requests", len(ids))
                 self._send_abort(ids)
                 await _wait_event(self._drained, abort_timeout)
@@ -379,15 +400,26 @@ class BaseAsyncEngine(ABC):
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hands one step's outputs to their streams (loop thread)."""
         for out in outputs:
-            self._unstarted.discard(out.request_id)
-            stream = self._streams.get(out.request_id)
+            engine_id = out.request_id
+            request_id = self._caller_ids.get(engine_id)
+            if request_id is None:  # abandoned: its final output frees the id for the engine
+                if out.finished:
+                    self._aborting.discard(engine_id)
+                continue
+            self._unstarted.discard(request_id)
+            stream = self._streams.get(request_id)
             if stream is None:
                 continue
-            stream.put(out)
+            stream.put(out if engine_id == request_id else replace(out, request_id=request_id))
             if out.finished:
-                del self._streams[out.request_id]
+                self._forget_finished(request_id, engine_id)
         if not self._streams:
             self._drained.set()
+
+    def _forget_finished(self, request_id: str, engine_id: str) -> None:
+        del self._streams[request_id]
+        del self._engine_ids[request_id]
+        del self._caller_ids[engine_id]
 
     def _fail_all(self, exc: BaseException) -> None:
         """Ends every open stream with an EngineClosedError naming ``exc`` (loop thread)."""
@@ -395,6 +427,8 @@ class BaseAsyncEngine(ABC):
         for stream in self._streams.values():
             stream.put(error)
         self._streams.clear()
+        self._engine_ids.clear()
+        self._caller_ids.clear()
         self._unstarted.clear()
         self._drained.set()
 

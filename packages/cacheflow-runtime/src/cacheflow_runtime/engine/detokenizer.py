@@ -71,9 +71,11 @@ def token_of_id_function(tokenizer: Any,
                          ) -> Callable[[int, bool], tuple[str, ...]]:
     """A function ``(token_id, skip_special_tokens) -> tuple(tokenizer.convert_ids_to_tokens(
     [token_id], skip_special_tokens=skip_special_tokens))``, except that skipping also drops
-    the tokens of :func:`flagged_special_ids` (as ``tokenizer.decode`` does); for the HF fast
-    tokenizers' own method, without computing the special token ids again in each call. The
-    tokenizer's vocabulary and special tokens must not change afterwards."""
+    the tokens of :func:`flagged_special_ids` (as ``tokenizer.decode`` does), and an id the
+    tokenizer does not know (a model's vocabulary padded past the tokenizer's, as Qwen2.5's and
+    Phi-3's) has no token, so no text (vLLM decodes it to ""); for the HF fast tokenizers' own
+    method, without computing the special token ids again in each call. The tokenizer's
+    vocabulary and special tokens must not change afterwards."""
     flagged = flagged_special_ids(tokenizer)
     if converts_ids_one_by_one(tokenizer):
         id_to_token = tokenizer.backend_tokenizer.id_to_token
@@ -82,15 +84,21 @@ def token_of_id_function(tokenizer: Any,
         def hf_tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
             if skip_special_tokens and token_id in special:
                 return ()
-            return (id_to_token(token_id),)
+            token = id_to_token(token_id)
+            return () if token is None else (token,)
         return hf_tokens_of
 
     def tokens_of(token_id: int, skip_special_tokens: bool) -> tuple[str, ...]:
         if skip_special_tokens and token_id in flagged:
             return ()
-        return tuple(tokenizer.convert_ids_to_tokens([token_id],
-                                                     skip_special_tokens=skip_special_tokens))
+        return _known(tokenizer.convert_ids_to_tokens([token_id],
+                                                      skip_special_tokens=skip_special_tokens))
     return tokens_of
+
+
+def _known(tokens: Any) -> tuple[str, ...]:
+    """The tokens a tokenizer gave for ids, without the None of ids it does not know."""
+    return tuple(t for t in tokens if t is not None)
 
 
 class Detokenizer:
@@ -201,8 +209,8 @@ class Detokenizer:
             ids = seq.prompt_token_ids
             if skip_special_tokens and self._flagged_special:
                 ids = [i for i in ids if i not in self._flagged_special]
-            tokens = list(self.tokenizer.convert_ids_to_tokens(
-                ids, skip_special_tokens=skip_special_tokens))
+            tokens = list(_known(self.tokenizer.convert_ids_to_tokens(
+                ids, skip_special_tokens=skip_special_tokens)))
         seq.tokens = tokens
         seq.read_offset = len(tokens)
         seq.prefix_offset = max(seq.read_offset - _CONTEXT_TOKENS, 0)

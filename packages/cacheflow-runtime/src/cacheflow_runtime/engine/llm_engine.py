@@ -14,6 +14,7 @@ at most one step in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -42,6 +43,19 @@ from cacheflow_runtime.sequence import Sequence, SequenceGroup
 logger = logging.getLogger(__name__)
 
 
+def with_tokenizer_eos(model_config: ModelConfig, tokenizer: Any) -> ModelConfig:
+    """``model_config`` with the tokenizer's EOS id among the model's EOS ids, as vLLM stops at
+    it (a chat fine-tune often names its end of turn there and nowhere else)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if (not is_int(eos) or eos in model_config.eos_token_ids
+            or not 0 <= eos < model_config.vocab_size):
+        return model_config
+    if model_config.eos_token_id is None:
+        return dataclasses.replace(model_config, eos_token_id=eos)
+    return dataclasses.replace(model_config,
+                               extra_eos_token_ids=(*model_config.extra_eos_token_ids, eos))
+
+
 class LLMEngine:
     """The synchronous engine: ``add_request``, ``abort_request``, ``step``.
 
@@ -65,6 +79,7 @@ class LLMEngine:
         if scheduler_config.max_model_len > model_config.max_model_len:
             raise ValueError(f"max_model_len ({scheduler_config.max_model_len}) is larger than "
                              f"the model's limit ({model_config.max_model_len})")
+        model_config = with_tokenizer_eos(model_config, tokenizer)
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -207,6 +222,11 @@ class LLMEngine:
         if params.best_of > self.scheduler_config.max_num_seqs:
             raise ValueError(f"best_of ({params.best_of}) is larger than max_num_seqs "
                              f"({self.scheduler_config.max_num_seqs})")
+        budget = self.scheduler_config.max_num_batched_tokens
+        if params.best_of > budget:  # its decode steps need a token per sequence
+            raise ValueError(f"best_of ({params.best_of}) is larger than max_num_batched_tokens "
+                             f"({budget}): a decode step of its {params.best_of} sequences "
+                             "would never fit a step")
         swap_blocks = self.block_manager.num_total_cpu_blocks
         if swapped > swap_blocks:
             raise ValueError(f"the request may be preempted by swapping up to {swapped} KV-cache "
@@ -244,8 +264,11 @@ class LLMEngine:
         return held, num_seqs
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stops the given requests; their final outputs come with the next ``step``."""
+        """Stops the given requests; their final outputs come with the next ``step`` (but for
+        those that had finished and waited for their text, which are dropped)."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for dropped in self.output_processor.forget(ids):
+            self._groups.pop(dropped, None)
         for group in self.scheduler.abort(ids):
             self._aborted.append(group)
 
