@@ -142,6 +142,8 @@ def test_unservable_requests_are_400(http: httpx.Client, extra: dict[str, Any],
     ({"n": 1, "best_of": 2, "temperature": 0}, "best_of", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
     ({"stream": False, "stream_options": {}}, "stream_options", None),
+    ({"logit_bias": {"\u00b2": 5}}, "logit_bias", None),  # a digit, but not an ASCII one
+    ({"logit_bias": {"\u0663": 5}}, "logit_bias", None),  # Arabic-Indic three
 ])
 def test_errors_name_the_field_at_fault(http: httpx.Client, extra: dict[str, Any], param: str,
                                         code: Any) -> None:

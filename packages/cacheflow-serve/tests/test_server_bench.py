@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cacheflow_serve.bench import arrival_offsets, percentile
@@ -49,3 +50,53 @@ def test_bench_helpers() -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
     assert percentile([], 50) is None
+
+
+def test_bench_serve_dataset_sends_token_ids_as_ids(server: ServerThread, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A JSONL line's token-id prompt goes as ids (its 4 tokens, not the text "[5, 6, ...]"),
+    and ``--num-prompts`` takes the first lines."""
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"prompt": [5, 6, 7, 8], "max_tokens": 3}\n\n'
+                    '{"prompt": "Hello", "max_tokens": 2}\n{"prompt": "unused"}\n')
+    out = tmp_path / "bench.json"
+    assert main(["bench", "serve", "--base-url", server.base_url, "--dataset", str(data),
+                 "--num-prompts", "2", "--ignore-eos", "--api-key", "k",
+                 "--output-json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert (summary["completed"], summary["output_tokens"]) == (2, 5)
+    assert summary["prompt_tokens"] == 4 + len(server_tokens("Hello", server))
+
+
+def server_tokens(text: str, server: ServerThread) -> list[int]:
+    reply = httpx.post(server.base_url + "/tokenize", json={"model": "tiny", "prompt": text},
+                       headers={"Authorization": "Bearer k"}, timeout=30)
+    return reply.json()["tokens"]
+
+
+@pytest.mark.parametrize("line, flags, message", [
+    ('{"prompt": "x", "max_tokens": null}', [], None),  # max_tokens drawn from --output-len
+    ('{"prompt": "x", "max_tokens": 0}', [], ':1: "max_tokens" must be a positive integer'),
+    ('{"max_tokens": 4}', [], ':1: each line must be a JSON object with "prompt"'),
+    ('not json', [], ":1: not a JSON object"),
+    ('{"prompt": [5, -1]}', [], ':1: "prompt" must be a non-empty string or list of token ids'),
+    ('{"prompt": [5, 6]}', ["--endpoint", "chat"], "token-id prompts need --endpoint completions"),
+    ('{"prompt": "x"}', ["--num-prompts", "0"], "--num-prompts must be a positive integer"),
+    ('{"prompt": "x"}', ["--request-rate", "0"], "--request-rate must be a number > 0"),
+    ('{"prompt": "x"}', ["--timeout", "0"], "--timeout must be a positive number of seconds"),
+    ('{"prompt": "x"}', ["--max-concurrency", "0"], "--max-concurrency must be a positive"),
+])
+def test_bench_serve_bad_dataset_and_flags_are_usage_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, flags: list[str],
+        message: str | None) -> None:
+    data = tmp_path / "requests.jsonl"
+    data.write_text(line + "\n")
+    # an unreachable server: the checks come before any request is sent
+    code = main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--dataset", str(data),
+                 "--timeout", "2", *flags])
+    err = capsys.readouterr().err
+    if message is None:
+        assert "max_tokens" not in err
+        return
+    assert code == 2, err
+    assert message in err

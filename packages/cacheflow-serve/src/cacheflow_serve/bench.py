@@ -87,13 +87,12 @@ def load_requests(dataset: Optional[Path], num_prompts: int, input_len: str, out
     if dataset is not None:
         requests = []
         with open(dataset, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    item = json.loads(line)
-                    requests.append(BenchRequest(str(item["prompt"]), int(item.get(
-                        "max_tokens", n_out.sample(rng)))))
+            for number, line in enumerate(f, 1):
                 if len(requests) == num_prompts:
                     break
+                if line.strip():
+                    requests.append(_dataset_request(line, f"{dataset}:{number}",
+                                                     lambda: n_out.sample(rng)))
         return requests
     if token_range is not None:
         lo, _, hi = token_range.partition(":")
@@ -107,6 +106,30 @@ def load_requests(dataset: Optional[Path], num_prompts: int, input_len: str, out
                              n_out.sample(rng)) for _ in range(num_prompts)]
     return [BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(n_in.sample(rng))),
                          n_out.sample(rng)) for _ in range(num_prompts)]
+
+
+def _dataset_request(line: str, where: str, default_max_tokens: Any) -> BenchRequest:
+    """One JSONL line as a request: ``{"prompt": text or token ids, "max_tokens": N}``
+    (``max_tokens`` optional: ``default_max_tokens()``); ValueError naming ``where``."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a JSON object: {exc}") from None
+    if not isinstance(item, dict) or "prompt" not in item:
+        raise ValueError(f"{where}: each line must be a JSON object with \"prompt\"")
+    prompt = item["prompt"]
+    is_ids = isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    if not (isinstance(prompt, str) or is_ids) or not prompt:
+        raise ValueError(f"{where}: \"prompt\" must be a non-empty string or list of token "
+                         f"ids, got {prompt!r:.60}")
+    max_tokens = item.get("max_tokens")
+    if max_tokens is None:
+        return BenchRequest(prompt, default_max_tokens())
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"{where}: \"max_tokens\" must be a positive integer, got "
+                         f"{max_tokens!r}")
+    return BenchRequest(prompt, max_tokens)
 
 
 def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
@@ -175,6 +198,9 @@ def format_table(summary: dict[str, Any]) -> str:
         row = summary[key]
         lines.append(f"{label:<16}{num(row['mean'], 1e3):>10}"
                      + "".join(f"{num(row[f'p{q}'], 1e3):>10}" for q in PERCENTILES))
+    errors = summary.get("errors") or []
+    if errors:
+        lines.append(f"failures ({len(errors)} kinds): {errors[0][:200]}")
     return "\n".join(lines)
 
 
@@ -277,12 +303,23 @@ async def run_benchmark(base_url: str, model: Optional[str], requests: list[Benc
 
 def run_bench(args: argparse.Namespace) -> int:
     """Runs ``cacheflow bench serve``; prints the table, writes JSON if asked."""
+    from cacheflow_serve.bench_common import positive_int
+
     if args.random_prompt_tokens is not None and args.endpoint != "completions":
         raise ValueError("--random-prompt-tokens needs --endpoint completions")
+    positive_int("--num-prompts", args.num_prompts)
+    positive_int("--max-concurrency", args.max_concurrency)
+    if not args.request_rate > 0:
+        raise ValueError(f"--request-rate must be a number > 0 (inf: all at once), got "
+                         f"{args.request_rate}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     requests = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len,
                              args.seed, args.random_prompt_tokens)
     if not requests:
         raise ValueError("the request set is empty")
+    if args.endpoint == "chat" and any(isinstance(r.prompt, list) for r in requests):
+        raise ValueError("token-id prompts need --endpoint completions")
     summary = asyncio.run(run_benchmark(
         args.base_url.rstrip("/"), args.model, requests, endpoint=args.endpoint,
         request_rate=args.request_rate, max_concurrency=args.max_concurrency,

@@ -659,16 +659,11 @@ class Scheduler:
         seqs = []
         for s in req.seqs:
             seq_id = s.seq_id
-            n = len(s.token_ids)
             if len(group_seqs) == 1 and group_seqs[0].seq_id == seq_id:
                 seq = group_seqs[0]
-                is_prefill = not seq.output_token_ids  # group.is_prefill, without the call
             else:
                 seq = group.find(seq_id)
-                is_prefill = n == 1 and group.is_prefill
-            if n > 1 or is_prefill:
-                self.num_prompt_tokens += n
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += len(s.token_ids)
             cache_full_blocks(seq, group.cache_namespace)
             seqs.append(seq)
         return seqs
@@ -677,12 +672,13 @@ class Scheduler:
                        now: float) -> None:
         if first:
             group.first_token_time = now
+            self.num_prompt_tokens += len(group.prompt_token_ids)
         if group.sampling_params.use_beam_search:
             self.num_generation_tokens += group.num_seqs(SequenceStatus.RUNNING)
             self._apply_beams(group, result.samples)
             return
         if first and len(result.samples) > 1:
-            self.num_generation_tokens += 1
+            self.num_generation_tokens += len(result.samples)
             parent = group.get_seqs(SequenceStatus.RUNNING)[0]
             for index in range(1, len(result.samples)):
                 child = parent.fork(self.new_seq_id(), sample_index=index)

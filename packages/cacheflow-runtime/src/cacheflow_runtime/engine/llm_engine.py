@@ -123,7 +123,9 @@ class LLMEngine:
 
     @property
     def num_prompt_tokens(self) -> int:
-        """Prompt tokens computed so far (recomputed ones included; cached ones not)."""
+        """Prompt tokens of the requests that have produced a token: each request's whole prompt
+        once, at its first token (cached tokens included, recomputed ones not), as vLLM counts
+        them."""
         return self.scheduler.num_prompt_tokens
 
     @property

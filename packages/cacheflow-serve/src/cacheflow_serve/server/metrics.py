@@ -59,7 +59,8 @@ class _EngineCollector(Collector):
                                     ("cpu", s.num_free_cpu_blocks, s.num_total_cpu_blocks)):
             yield gauge(f"cacheflow_{device}_kv_blocks_free", f"Free {device} KV blocks.", free)
             yield gauge(f"cacheflow_{device}_kv_blocks_total", f"All {device} KV blocks.", total)
-        yield counter("cacheflow_prompt_tokens", "Prompt tokens processed.",
+        yield counter("cacheflow_prompt_tokens",
+                      "Prompt tokens of requests that produced a token (each prompt once).",
                       s.num_prompt_tokens)
         yield counter("cacheflow_generation_tokens", "Tokens generated.",
                       s.num_generation_tokens)

@@ -202,7 +202,7 @@ def _logit_bias(bias: Optional[Mapping[str, float]]) -> Optional[dict[int, float
     is not a token id)."""
     if not bias:
         return None
-    bad = [key for key in bias if not key.strip().isdigit()]
+    bad = [key for key in bias if not (key.strip().isascii() and key.strip().isdigit())]
     if bad:
         raise APIError(400, f"logit_bias keys must be token ids (non-negative integers), got "
                        f"{bad[:5]}", param="logit_bias")
