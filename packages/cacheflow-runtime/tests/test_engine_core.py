@@ -90,7 +90,8 @@ def _out(rid: str, texts: list[str], tokens: list[list[int]], finished: bool = F
                                 reason if finished else None, "x" if finished else None)
                for i, (text, ids) in enumerate(zip(texts, tokens))]
     return RequestOutput(rid, prompt, [1, 2, 3], prompt_logprobs, outputs, finished,
-                         num_cached_tokens=0)
+                         num_cached_tokens=0, arrival_time=10.5,
+                         first_token_time=11.25 if tokens[0] else None)
 
 
 def _roundtrip(encoder: OutputEncoder, decoder: OutputDecoder,
@@ -130,7 +131,7 @@ def test_deltas_carry_every_field_of_the_outputs() -> None:
     (engine/engine_core.py); this test then needs its new name."""
     assert [f.name for f in dataclasses.fields(RequestOutput)] == [
         "request_id", "prompt", "prompt_token_ids", "prompt_logprobs", "outputs", "finished",
-        "num_cached_tokens"]
+        "num_cached_tokens", "arrival_time", "first_token_time"]
     assert [f.name for f in dataclasses.fields(CompletionOutput)] == [
         "index", "text", "token_ids", "cumulative_logprob", "logprobs", "finish_reason",
         "stop_reason"]

@@ -359,3 +359,14 @@ def test_shutting_down_engine_answers_503(server: ServerThread, http: httpx.Clie
     assert _error(http.post("/v1/completions", json=COMPLETION), 503)["code"] == \
         "service_unavailable"
     _error(http.get("/health"), 503)
+
+
+def test_chat_template_kwargs_reach_the_template(http: httpx.Client) -> None:
+    """vLLM's ``chat_template_kwargs``: passed to the template (one of the template call's own
+    options is refused by name, which shows they got there)."""
+    ok = http.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": {"unused": 1}})
+    assert ok.status_code == 200, ok.text
+    err = _error(http.post("/v1/chat/completions",
+                           json={**CHAT, "chat_template_kwargs": {"tokenize": True}}), 400)
+    assert err["param"] == "chat_template_kwargs"
+    assert "chat_template_kwargs cannot set tokenize" in err["message"]

@@ -27,13 +27,19 @@ from cacheflow_runtime.errors import (
     InvalidRequestError,
 )
 from cacheflow_runtime.executor.rank_worker import WorkerFailedError
-from cacheflow_runtime.outputs import CompletionOutput, RequestOutput
+from cacheflow_runtime.outputs import (
+    BeamSearchOutput,
+    BeamSearchSequence,
+    CompletionOutput,
+    RequestOutput,
+)
 from cacheflow_runtime.sampling_metadata import Logprob
-from cacheflow_runtime.sampling_params import SamplingParams
+from cacheflow_runtime.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncLLMEngine", "BaseAsyncEngine", "CacheConfig", "CacheflowUserError",
+__all__ = ["AsyncLLMEngine", "BaseAsyncEngine", "BeamSearchOutput", "BeamSearchParams",
+           "BeamSearchSequence", "CacheConfig", "CacheflowUserError",
            "CheckpointError", "CompletionOutput", "EngineClosedError", "EngineCoreClient",
            "EngineOverloadedError", "EngineStats",
            "InvalidArgumentError", "InvalidRequestError", "LLMEngine", "Logprob", "ModelConfig",

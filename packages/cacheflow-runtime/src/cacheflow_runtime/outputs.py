@@ -27,6 +27,8 @@ class CompletionOutput:
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
 
+    lora_request = None
+
     def finished(self) -> bool:
         """True once a finish reason is set."""
         return self.finish_reason is not None
@@ -37,7 +39,9 @@ class RequestOutput:
     """The state of one request after an engine step (final when ``finished``).
 
     ``num_cached_tokens``: prompt tokens served from the prefix cache (None before the request
-    was first scheduled).
+    was first scheduled). ``metrics``: when the request arrived (in the engine) and got its first
+    token (``time.monotonic()`` seconds; vLLM's field). ``lora_request`` is None (no
+    adapters).
     """
 
     request_id: str
@@ -47,6 +51,15 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: Optional[int] = None
+    arrival_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+
+    lora_request = None
+
+    @property
+    def metrics(self) -> RequestMetrics:
+        """The request's timings so far."""
+        return RequestMetrics(self.arrival_time, self.first_token_time)
 
     @classmethod
     def from_seq_group(cls, group: SequenceGroup) -> RequestOutput:
@@ -68,7 +81,23 @@ class RequestOutput:
         # Positional, in field order: a dataclass __init__ called with keywords costs twice as
         # much, and this runs per request and step.
         return cls(group.request_id, first.prompt, first.prompt_token_ids, group.prompt_logprobs,
-                   outputs, finished, group.num_cached_tokens)
+                   outputs, finished, group.num_cached_tokens, group.arrival_time,
+                   group.first_token_time)
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """A request's timings (``time.monotonic()`` seconds; None until they happen)."""
+
+    arrival_time: Optional[float]
+    first_token_time: Optional[float]
+
+    @property
+    def time_to_first_token(self) -> Optional[float]:
+        """Seconds from arrival to the first token."""
+        if self.arrival_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
 
 
 def request_finished(group: SequenceGroup) -> bool:
@@ -83,3 +112,24 @@ def _completion(index: int, seq: Sequence, with_logprobs: bool) -> CompletionOut
                             seq.cumulative_logprob,
                             list(seq.output_logprobs) if with_logprobs else None,
                             seq.status.finish_reason, seq.stop_reason)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam of ``LLM.beam_search`` (vLLM's fields): ``tokens`` the prompt's and the
+    generated ids, ``logprobs`` one entry per generated token, ``text`` all of ``tokens``
+    decoded (None without a tokenizer)."""
+
+    tokens: list[int]
+    logprobs: list[Logprobs]
+    cum_logprob: float
+    text: Optional[str]
+    finish_reason: Optional[str]
+    stop_reason: Optional[int | str]
+
+
+@dataclass
+class BeamSearchOutput:
+    """The beams of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ _OPTIONAL_INT_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_log
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "length_penalty")
 _BOOL_FIELDS = ("ignore_eos", "use_beam_search", "early_stopping", "include_stop_str_in_output",
-                "skip_special_tokens", "detokenize")
+                "skip_special_tokens", "spaces_between_special_tokens", "detokenize")
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -56,6 +57,9 @@ class SamplingParams:
     chosen token's log probability and the top k; ``prompt_logprobs=k`` does the same for every
     prompt token after the first. ``detokenize=False`` returns token ids with empty texts (no
     decoding time; stop strings, which are matched in the text, are then refused).
+    ``spaces_between_special_tokens`` is vLLM's field: the fast (Rust) tokenizers cacheflow loads
+    join special tokens as they decode them either way, as vLLM's fast-tokenizer path does.
+    ``seed=-1`` means no seed, as in vLLM; ``clone()`` is a deep copy.
     ``allowed_token_ids`` restricts every step's choice to those ids (vLLM's field: the other
     logits become -inf first). ``logit_bias`` then adds a bias in [-100, 100] to the logits of
     the ids it names, before the penalties (OpenAI's field: -100 bans a token, +100 all but
@@ -87,6 +91,7 @@ class SamplingParams:
     early_stopping: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[Sequence[int]] = None
@@ -98,11 +103,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.seed == -1:  # vLLM's "no seed"
+            self.seed = None
         if self.best_of is None:
             self.best_of = self.n
         self._stop_list = _string_list(self.stop, "stop")
         self.bad_words = _string_list(self.bad_words, "bad_words", single_allowed=False) or None
         self._validate()
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's method), to vary per-prompt parameters."""
+        return copy.deepcopy(self)
 
     def _check_types(self) -> None:
         """InvalidArgumentError naming the first field of the wrong type (numpy integers are
@@ -239,3 +250,28 @@ def encode_bad_words(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
             if ids and ids not in sequences:
                 sequences.append(ids)
     return sequences
+
+
+@dataclass
+class BeamSearchParams:
+    """``LLM.beam_search``'s parameters (vLLM's names): ``beam_width`` beams ranked by
+    ``length_penalty`` as HF transformers' beam search, each at most ``max_tokens`` long.
+    ``temperature`` must be 0 (the search is deterministic)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        """The same search as SamplingParams (``use_beam_search``; one beam: greedy)."""
+        _check(is_int(self.beam_width) and self.beam_width >= 1, "beam_width",
+               "a positive integer", self.beam_width)
+        beams = int(self.beam_width)
+        return SamplingParams(
+            n=beams, best_of=beams, use_beam_search=beams > 1, temperature=self.temperature,
+            max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=0)

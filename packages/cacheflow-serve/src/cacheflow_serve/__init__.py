@@ -13,10 +13,12 @@ __version__ = "0.1.0"
 
 _LAZY = {"LLM": "cacheflow_serve.llm", "CompletionOutput": "cacheflow_runtime",
          "RequestOutput": "cacheflow_runtime", "SamplingParams": "cacheflow_runtime",
-         "Logprob": "cacheflow_runtime"}
+         "Logprob": "cacheflow_runtime", "TextPrompt": "cacheflow_serve.inputs",
+         "TokensPrompt": "cacheflow_serve.inputs", "BeamSearchParams": "cacheflow_runtime"}
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
-           "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "RequestOutput",
+           "SamplingParams",
+           "TextPrompt", "TokensPrompt", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

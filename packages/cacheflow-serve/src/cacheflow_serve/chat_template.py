@@ -82,11 +82,14 @@ def template_messages(messages: Any) -> list[dict[str, str]]:
 
 def render_chat(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False,
-                chat_template: Optional[str] = None) -> str:
+                chat_template: Optional[str] = None,
+                chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> str:
     """The prompt text of ``messages`` by ``chat_template`` (default: the tokenizer's).
 
     ``add_generation_prompt`` ends the text with the assistant's turn header;
     ``continue_final_message`` leaves the last message open, so that generation continues it.
+    ``chat_template_kwargs``: more variables for the template (e.g. Qwen3's
+    ``enable_thinking``), as vLLM passes them.
 
     Raises:
         InvalidRequestError: bad messages (``template_messages``), both options on, no template,
@@ -105,10 +108,18 @@ def render_chat(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = 
         raise InvalidRequestError("this model's tokenizer has no chat template: give the prompt "
                                   "as text (generate / completions) or pass chat_template",
                                   param="messages")
+    extra = dict(chat_template_kwargs or {})
+    reserved = sorted(set(extra) & {"conversation", "tokenize", "chat_template",
+                                    "add_generation_prompt", "continue_final_message"})
+    if reserved:
+        raise InvalidRequestError(f"chat_template_kwargs cannot set {', '.join(reserved)}: "
+                                  "pass them as options of their own",
+                                  param="chat_template_kwargs")
     try:
         return tokenizer.apply_chat_template(dicts, tokenize=False, chat_template=chat_template,
                                              add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message)
+                                             continue_final_message=continue_final_message,
+                                             **extra)
     except Exception as exc:  # jinja2 errors and the template's own raise_exception
         raise InvalidRequestError(f"the chat template failed on these messages: {exc}",
                                   param="messages") from None

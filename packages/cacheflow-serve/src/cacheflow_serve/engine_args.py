@@ -78,6 +78,12 @@ _OPTIONS: dict[str, dict[str, Any]] = {
                                    "(generation_config.json, GGUF sampling metadata); vllm or "
                                    "none = SamplingParams' defaults; or a folder holding a "
                                    "generation_config.json (default: auto)"),
+    "trust_remote_code": dict(action="store_true",
+                              help="taken for vLLM's command lines: cacheflow runs its own model "
+                                   "code only, never a checkpoint's"),
+    "disable_log_stats": dict(action=argparse.BooleanOptionalAction,
+                              help="taken for vLLM's command lines: no periodic statistics are "
+                                   "logged either way (the server's are at /metrics)"),
 }
 
 
@@ -95,7 +101,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ..
 def llm_kwargs(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The ``LLM`` keywords given on the command line (left-out options are not passed)."""
     kwargs = {k: getattr(args, k) for k in _OPTIONS if k not in skip and hasattr(args, k)}
-    for flag in ("enforce_eager", "skip_tokenizer_init"):
+    for flag in ("enforce_eager", "skip_tokenizer_init", "trust_remote_code"):
         if not kwargs.get(flag, True):
             del kwargs[flag]
     return kwargs

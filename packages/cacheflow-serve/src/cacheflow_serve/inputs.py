@@ -1,12 +1,30 @@
 """Prompt checks shared by the offline ``LLM`` and the server, done before any tokenization:
-valid Unicode, a length that can fit the context, token ids that are integers."""
+valid Unicode, a length that can fit the context, token ids that are integers; and the prompt
+dicts ``LLM.generate`` takes (vLLM's ``TextPrompt`` and ``TokensPrompt``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from cacheflow_runtime.config import is_int
 from cacheflow_runtime.errors import InvalidRequestError, check_text
+
+
+class TextPrompt(TypedDict):
+    """A prompt as text: ``{"prompt": "..."}``."""
+
+    prompt: str
+
+
+class _TokenIds(TypedDict):
+    prompt_token_ids: list[int]
+
+
+class TokensPrompt(_TokenIds, total=False):
+    """A prompt as token ids (``prompt`` optional: its text, for the output)."""
+
+    prompt: str
+
 
 # Margin on the longest token's length, for normalizers that drop characters (accents,
 # control characters) so that a token stands for more characters than its vocabulary entry.

@@ -22,8 +22,12 @@ from cacheflow_models import (
     load_tokenizer,
 )
 from cacheflow_runtime import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
     CacheConfig,
     CacheflowUserError,
+    CompletionOutput,
     InvalidArgumentError,
     InvalidRequestError,
     LLMEngine,
@@ -95,6 +99,10 @@ class LLM:
     (both ``ValueError``s, from ``cacheflow_runtime.errors``).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" (alias "fp8_e4m3": an FP8 E4M3
     cache, twice the tokens in the same memory).
+    ``trust_remote_code`` and ``disable_log_stats`` are taken for vLLM's scripts: cacheflow runs
+    its own model code only, never a checkpoint's (an architecture it lacks is refused by name
+    either way), and its offline ``LLM`` logs no periodic statistics. ``seed=None`` is the
+    default seed (0). ``llm_engine`` is ``engine``.
     ``tensor_parallel_size`` N > 1 splits the model over N GPUs (or N CPU processes), run by
     one worker process per rank on this host (``distributed_executor_backend="mp"``, the
     default) or by Ray actors across hosts (``"ray"``).
@@ -102,7 +110,8 @@ class LLM:
 
     def __init__(self, model: Optional[str | Path] = None, *,
                  tokenizer: Optional[str | Path] = None, skip_tokenizer_init: bool = False,
-                 dtype: str = "auto", device: str = "auto", seed: int = 0, block_size: int = 16,
+                 dtype: str = "auto", device: str = "auto", seed: Optional[int] = 0,
+                 block_size: int = 16,
                  kv_cache_blocks: Optional[int] = None, swap_space: float = 4,
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: Optional[int] = None,
@@ -114,12 +123,16 @@ class LLM:
                  kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1,
                  distributed_executor_backend: Optional[str] = None,
-                 generation_config: str = "auto") -> None:
+                 generation_config: str = "auto", trust_remote_code: bool = False,
+                 disable_log_stats: bool = True) -> None:
+        seed = 0 if seed is None else seed  # vLLM's None: the engine's default seed
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
         for name, flag in (("enable_prefix_caching", enable_prefix_caching),
                            ("enable_chunked_prefill", enable_chunked_prefill),
-                           ("async_scheduling", async_scheduling)):
+                           ("async_scheduling", async_scheduling),
+                           ("trust_remote_code", trust_remote_code),
+                           ("disable_log_stats", disable_log_stats)):
             if not isinstance(flag, bool):
                 raise InvalidArgumentError(f"LLM({name}=...) must be True or False, got {flag!r}",
                                            field=name, value=flag)
@@ -164,6 +177,11 @@ class LLM:
         # them all inside a step (measured: a 17 ms pass in the second generate call).
         gc.collect()
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine (vLLM's name for ``engine``)."""
+        return self.engine
+
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prompt prefix (requests in flight keep their blocks)."""
         self.engine.reset_prefix_cache()
@@ -181,7 +199,8 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, Any]], *,
                             add_generation_prompt: bool = True,
                             continue_final_message: bool = False,
-                            chat_template: Optional[str] = None) -> str:
+                            chat_template: Optional[str] = None,
+                            chat_template_kwargs: Optional[dict[str, Any]] = None) -> str:
         """The prompt text of a chat ``[{"role": ..., "content": ...}]`` by the model's template
         (or ``chat_template``); see ``chat`` for the options. Its token ids are
         ``encode_chat(llm.get_tokenizer(), text)``: the template wrote the special tokens."""
@@ -190,13 +209,15 @@ class LLM:
                                       "no chat template", param="messages")
         return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message,
-                           chat_template=chat_template)
+                           chat_template=chat_template,
+                           chat_template_kwargs=chat_template_kwargs)
 
     def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
              sampling_params: Optional[SamplingParams | Sequence[SamplingParams]] = None,
              use_tqdm: bool = True, *, add_generation_prompt: bool = True,
              continue_final_message: bool = False,
-             chat_template: Optional[str] = None) -> list[RequestOutput]:
+             chat_template: Optional[str] = None,
+             chat_template_kwargs: Optional[dict[str, Any]] = None) -> list[RequestOutput]:
         """Generates the assistant's reply to one conversation or to each of a list of them.
 
         ``messages``: ``[{"role": "system" | "developer" | "user" | "assistant", "content": str
@@ -204,8 +225,10 @@ class LLM:
         Each is rendered by the model's chat template (``chat_template`` overrides it) and
         encoded without the tokenizer's special tokens, which the template writes itself.
         ``add_generation_prompt`` opens the assistant's turn; ``continue_final_message`` instead
-        continues the last (assistant) message. ``sampling_params`` as in ``generate``; outputs
-        come back in conversation order. Every conversation is checked before any runs.
+        continues the last (assistant) message; ``chat_template_kwargs`` are more variables
+        for the template (e.g. ``{"enable_thinking": False}``). ``sampling_params`` as in
+        ``generate``; outputs come back in conversation order. Every conversation is checked
+        before any runs.
         """
         conversations = _conversations(messages)
         prompts: list[PromptInput] = []
@@ -213,7 +236,8 @@ class LLM:
             text = self.apply_chat_template(conversation,
                                             add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message,
-                                            chat_template=chat_template)
+                                            chat_template=chat_template,
+                                            chat_template_kwargs=chat_template_kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": encode_chat(self.tokenizer, text)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -254,6 +278,24 @@ class LLM:
             code = "context_length_exceeded" if "max_model_len" in str(exc) else None
             raise InvalidRequestError(str(exc), param="prompt", code=code) from exc
         return self._run(request_ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptInput | Sequence[PromptInput],
+                    params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search call: the ``params.beam_width`` beams of each prompt, best first
+        (the search of ``SamplingParams(use_beam_search=True)``; see ``BeamSearchParams``)."""
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidArgumentError(f"params must be a BeamSearchParams, got "
+                                       f"{type(params).__name__}", field="params")
+        outputs = self.generate(prompts, params.sampling_params(), use_tqdm=use_tqdm)
+        return [BeamSearchOutput([self._beam(out, c) for c in out.outputs]) for out in outputs]
+
+    def _beam(self, out: RequestOutput, completion: CompletionOutput) -> BeamSearchSequence:
+        tokens = list(out.prompt_token_ids) + list(completion.token_ids)
+        text = (None if self.tokenizer is None
+                else self.tokenizer.decode(tokens, skip_special_tokens=True))
+        return BeamSearchSequence(tokens, list(completion.logprobs or []),
+                                  completion.cumulative_logprob, text,
+                                  completion.finish_reason, completion.stop_reason)
 
     def _params_per_prompt(
             self, sampling_params: Optional[SamplingParams | Sequence[SamplingParams]],

@@ -139,8 +139,9 @@ class OutputEncoder:
     """Turns each step's ``RequestOutput``s into deltas against what was sent before.
 
     A delta is ``(request_id, finished, num_cached_tokens, num_sequences, prompt,
-    prompt_logprobs, sequences)``: ``prompt`` is ``(text, token ids)`` the first time for a
-    request added without token ids, else None; ``prompt_logprobs`` is ``(keep, new)`` or None;
+    prompt_logprobs, sequences, arrival_time, first_token_time)``: ``prompt`` is ``(text, token
+    ids)`` the first time for a request added without token ids, else None; ``prompt_logprobs``
+    is ``(keep, new)`` or None;
     each sequence is ``(index, text_keep, new_text, tokens_keep, new_token_ids, logprobs_keep,
     new_logprobs or None, cumulative_logprob, finish_reason, stop_reason)``, where ``*_keep`` is
     how much of what the front end has stays before the new part is appended.
@@ -201,7 +202,7 @@ class OutputEncoder:
         if out.finished:
             self._sent.pop(out.request_id, None)
         return (out.request_id, out.finished, out.num_cached_tokens, len(out.outputs), prompt,
-                prompt_logprobs, sequences)
+                prompt_logprobs, sequences, out.arrival_time, out.first_token_time)
 
 
 def front_end_text(params: SamplingParams) -> bool:
@@ -281,7 +282,7 @@ class OutputDecoder:
     def decode(self, delta: tuple[Any, ...]) -> RequestOutput:
         """Applies one delta and returns the request's cumulative output."""
         (request_id, finished, num_cached_tokens, num_sequences, prompt, prompt_logprobs,
-         sequences) = delta
+         sequences, arrival_time, first_token_time) = delta
         req = self._requests.get(request_id)
         if req is None:
             req = self._requests[request_id] = _Request(None, None)
@@ -326,7 +327,8 @@ class OutputDecoder:
                                       logprobs=None if s.logprobs is None else list(s.logprobs),
                                       finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                      for i, s in enumerate(seqs)],
-            finished=finished, num_cached_tokens=num_cached_tokens)
+            finished=finished, num_cached_tokens=num_cached_tokens, arrival_time=arrival_time,
+            first_token_time=first_token_time)
 
     def _build_text(self, req: _Request, seq: _Sequence, new_tokens: list[int],
                     restart: bool) -> None:

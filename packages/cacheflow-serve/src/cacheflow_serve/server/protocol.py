@@ -138,6 +138,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     response_format: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: Optional[bool] = True
     #: Leave the last (assistant) message open and continue it; excludes the generation prompt.
     continue_final_message: Optional[bool] = False
