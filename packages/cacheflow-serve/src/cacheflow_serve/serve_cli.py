@@ -39,13 +39,11 @@ def _ranged(convert: Callable[[str], Any], ok: Callable[[Any], bool],
     return parse
 
 
-#: ``--port``: a TCP port, 0 (any free port) to 65535.
-port_number = _ranged(int, lambda port: 0 <= port <= MAX_PORT, f"a port in [0, {MAX_PORT}]")
-#: An integer >= 1.
-positive_int = _ranged(int, lambda value: value >= 1, "an integer >= 1")
-#: A finite number of seconds >= 0.
-seconds = _ranged(float, lambda value: math.isfinite(value) and value >= 0,
-                  "a finite number of seconds >= 0")
+# The argparse types of the serve flags that take numbers in a range.
+_PORT = _ranged(int, lambda port: 0 <= port <= MAX_PORT, f"a port in [0, {MAX_PORT}]")
+_COUNT = _ranged(int, lambda value: value >= 1, "an integer >= 1")
+_SECONDS = _ranged(float, lambda value: math.isfinite(value) and value >= 0,
+                   "a finite number of seconds >= 0")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,16 +52,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=port_number, default=8000,
+    parser.add_argument("--port", type=_PORT, default=8000,
                         help="port to listen on, 0 to 65535 (0: any free port; default: 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every /v1 route "
                              f"(default: ${API_KEY_ENV} if set)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="model name(s) clients use (default: the model path)")
-    parser.add_argument("--max-queued-requests", type=positive_int, default=None,
+    parser.add_argument("--max-queued-requests", type=_COUNT, default=None,
                         help="answer 429 when this many requests wait for their first token")
-    parser.add_argument("--shutdown-grace-period", type=seconds, default=5.0,
+    parser.add_argument("--shutdown-grace-period", type=_SECONDS, default=5.0,
                         help="seconds in-flight requests get to finish on SIGTERM or SIGINT "
                              "(default: 5)")
     parser.add_argument("--log-level", default="info",

@@ -23,8 +23,8 @@ def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len
     """Whether the token just generated ends its sequence, by its id or by a length limit.
 
     ``output_len`` and ``total_len`` count the token; ``eos_token_ids`` are the model's EOS
-    ids. Returns the finished status and the stop
-    reason (the stop token id; None for EOS and length limits), or None if it goes on.
+    ids. Returns the finished status and the stop reason (the stop token id; None for EOS and
+    length limits), or None if it goes on.
     """
     if output_len >= params.min_tokens:
         if not params.ignore_eos and token_id in eos_token_ids:
