@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from cacheflow_runtime.config import LOGPROBS_MODES
 from cacheflow_runtime.sampler import Sampler
-from cacheflow_runtime.sampling_metadata import GroupSampleResult, SamplingGroup
+from cacheflow_runtime.sampling_metadata import DecodeRows, GroupSampleResult, SamplingGroup
 from cacheflow_runtime.sampling_params import SamplingParams
 from cacheflow_runtime.seeded_noise import hashed_exponential, seed_key
 
@@ -101,16 +102,18 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- penalties
 
 BASE = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 0.0])
+PROCESSED = Sampler(logprobs_mode="processed_logprobs")
 PROMPT = [0, 1]
 OUTPUT = [3, 3, 4]
 
 
 def penalized(params: SamplingParams, prompt: list[int] = PROMPT, outputs: list[int] = OUTPUT,
               eos: int | None = None) -> torch.Tensor:
-    """The log_softmax vector reported by greedy sampling of BASE with these params."""
+    """The log_softmax vector greedy sampling of BASE with these params reports as processed
+    logprobs (what the penalties, bias and masks made of the logits)."""
     params = dataclasses.replace(params, logprobs=BASE.numel())
     group = decode_group(params, [0], prompt=prompt, outputs=[outputs], eos=eos)
-    return full_logprobs(Sampler()(BASE.unsqueeze(0), [group])[0], BASE.numel())
+    return full_logprobs(PROCESSED(BASE.unsqueeze(0), [group])[0], BASE.numel())
 
 
 def expected_logprobs(logits: list[float]) -> torch.Tensor:
@@ -142,7 +145,7 @@ def test_repetition_penalty_matches_hf_processor() -> None:
     want = processor(torch.tensor([prompt + output]), logits.clone())[0]
     params = SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs=20)
     group = decode_group(params, [0], prompt=prompt, outputs=[output])
-    lp = Sampler()(logits, [group])[0].samples[0].logprobs
+    lp = PROCESSED(logits, [group])[0].samples[0].logprobs
     want_lp = torch.log_softmax(want, dim=-1)
     for token, value in lp.items():
         assert value == pytest.approx(want_lp[token].item(), abs=1e-6)
@@ -289,17 +292,70 @@ def test_logprobs_none_reports_only_the_chosen_token_and_zero_likewise() -> None
         assert list(out[0].samples[0].logprobs) == [1]
 
 
-def test_random_logprobs_use_temperature_and_ignore_truncation() -> None:
+def test_logprobs_are_raw_by_default_as_vllm() -> None:
+    """The default ``raw_logprobs``: log_softmax of the model's logits, before temperature,
+    truncation, penalties and bias, for the chosen token, the top ones and the cumulative sum."""
     logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 1.5]])
-    params = SamplingParams(temperature=0.5, top_k=2, logprobs=4)
-    out = Sampler()(logits, [decode_group(params, [0], seed_keys=[1])],
-                    positions=torch.tensor([3]))[0]
-    sample = out.samples[0]
-    lsm = torch.log_softmax(logits[0] / 0.5, dim=-1)
+    params = SamplingParams(temperature=0.5, top_k=2, logprobs=4, presence_penalty=1.0,
+                            logit_bias={4: 2.0})
+    group = decode_group(params, [0], outputs=[[1]], seed_keys=[1])
+    sample = Sampler()(logits, [group], positions=torch.tensor([3]))[0].samples[0]
+    raw = torch.log_softmax(logits[0], dim=-1)
     assert sample.token_id in (1, 4)
     assert set(sample.logprobs) == {1, 4, 0, 2}
     for token, value in sample.logprobs.items():
-        assert value == pytest.approx(lsm[token].item(), abs=1e-6)
+        assert value == pytest.approx(raw[token].item(), abs=1e-6)
+    assert sample.cumulative_logprob == pytest.approx(raw[sample.token_id].item(), abs=1e-6)
+    # Truncation alone (temperature 1, nothing else) leaves the raw values too.
+    group = decode_group(SamplingParams(temperature=1.0, top_k=2, logprobs=4), [0],
+                         seed_keys=[2])
+    sample = Sampler()(logits, [group], positions=torch.tensor([3]))[0].samples[0]
+    assert sample.logprobs == pytest.approx({t: raw[t].item() for t in (1, 4, 0, 2)}, abs=1e-6)
+    with pytest.raises(ValueError, match="logprobs_mode must be one of raw_logprobs"):
+        Sampler(logprobs_mode="raw")
+
+
+def test_processed_logprobs_follow_temperature_and_truncation() -> None:
+    """``processed_logprobs``: after the temperature and top-k, so only the kept tokens are
+    finite and they sum to one; ``processed_logits``: the scaled logits of the kept tokens."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 1.5]])
+    params = SamplingParams(temperature=0.5, top_k=2, logprobs=4)
+    kept = torch.tensor([NEG_INF, 4.0, NEG_INF, NEG_INF, 3.0])
+    for mode, want in (("processed_logprobs", torch.log_softmax(kept, dim=-1)),
+                       ("processed_logits", kept)):
+        group = decode_group(params, [0], seed_keys=[1])
+        sample = Sampler(logprobs_mode=mode)(logits, [group],
+                                             positions=torch.tensor([3]))[0].samples[0]
+        assert sample.token_id in (1, 4)
+        for token, value in sample.logprobs.items():
+            assert value == want[token].item() or value == pytest.approx(want[token].item())
+        assert sample.logprobs[sample.token_id] > NEG_INF
+    group = decode_group(SamplingParams(temperature=0.0, logprobs=2), [0])
+    sample = Sampler(logprobs_mode="raw_logits")(logits, [group])[0].samples[0]
+    assert sample.token_id == 1 and sample.logprobs == {1: 2.0, 4: 1.5}
+
+
+def test_columnar_decode_rows_report_by_mode() -> None:
+    """The columnar decode path (no group per row) reports the chosen token's value by the same
+    modes: raw by default, after temperature and truncation when processed."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 1.5], [0.0, 0.3, 3.0, 0.1, -2.0]])
+    rows = DecodeRows.build([SamplingParams(temperature=0.5, top_k=2),
+                             SamplingParams(temperature=0.0)], [None, None], torch.device("cpu"))
+    raw = torch.log_softmax(logits, dim=-1)
+    for mode in LOGPROBS_MODES:
+        samples = Sampler(logprobs_mode=mode).sample(logits, [], seeded(0), decode_rows=rows,
+                                                     positions=torch.tensor([3, 3]))
+        tokens, values = samples.assemble_decodes()
+        assert tokens[0] in (1, 4) and tokens[1] == 2
+        scaled = logits[0] / 0.5
+        kept = torch.full_like(scaled, NEG_INF)
+        kept[[1, 4]] = scaled[[1, 4]]
+        want = {"raw_logprobs": raw[0, tokens[0]], "raw_logits": logits[0, tokens[0]],
+                "processed_logprobs": torch.log_softmax(kept, dim=-1)[tokens[0]],
+                "processed_logits": scaled[tokens[0]]}[mode]
+        assert values[0] == pytest.approx(want.item(), abs=1e-6), mode
+        greedy = raw[1, 2] if mode.endswith("logprobs") else logits[1, 2]
+        assert values[1] == pytest.approx(greedy.item(), abs=1e-6), mode
 
 
 def test_half_precision_logits_are_computed_in_float32() -> None:
@@ -366,6 +422,16 @@ def test_top_k_top_p_min_p_together() -> None:
     counts = draw_counts(probs.log(), params, seed=16)
     kept = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.0, 0.0])
     assert_matches(counts, kept / kept.sum())
+
+
+def test_min_p_applies_before_top_p_as_vllm() -> None:
+    """min-p first, then top-p on the renormalized rest (vLLM's order): of 0.4 / 0.3 / 0.2 / 0.1,
+    min-p 0.4 drops 0.1, and top-p 0.75 of the renormalized 0.44 / 0.33 / 0.22 keeps two tokens;
+    top-p first would keep three (0.4 + 0.3 < 0.75)."""
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    counts = draw_counts(probs.log(), SamplingParams(temperature=1.0, top_p=0.75, min_p=0.4),
+                         seed=21)
+    assert_matches(counts, torch.tensor([0.4, 0.3, 0.0, 0.0]) / 0.7)
 
 
 def test_seeded_draws_match_the_distribution() -> None:

@@ -58,7 +58,8 @@ def test_flags_become_llm_keywords_with_their_values() -> None:
         "--no-enable-chunked-prefill", "--no-async-scheduling", "--kv-cache-dtype", "fp8",
         "-tp", "2",
         "--distributed-executor-backend", "ray", "--tokenizer", "other/tok",
-        "--skip-tokenizer-init", "--trust-remote-code", "--no-disable-log-stats"])
+        "--skip-tokenizer-init", "--trust-remote-code", "--no-disable-log-stats",
+        "--logprobs-mode", "processed_logits"])
     assert llm_kwargs(args) == {
         "enable_prefix_caching": False, "enable_chunked_prefill": False,
         "async_scheduling": False,
@@ -68,7 +69,8 @@ def test_flags_become_llm_keywords_with_their_values() -> None:
         "swap_space": 2.5, "preemption_mode": "swap", "max_num_seqs": 7,
         "max_model_len": 128, "dtype": "bfloat16", "seed": 3, "enforce_eager": True,
         "kv_cache_blocks": 99, "device": "cpu", "generation_config": "vllm",
-        "trust_remote_code": True, "disable_log_stats": False}
+        "trust_remote_code": True, "disable_log_stats": False,
+        "logprobs_mode": "processed_logits"}
     assert set(llm_kwargs(args)) == set(_llm_keywords())
 
 

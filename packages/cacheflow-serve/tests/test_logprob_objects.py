@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -70,3 +71,56 @@ def test_greedy_tokens_rank_first(llm: LLM) -> None:
     assert [entry[t].rank for t, entry in zip(completion.token_ids, completion.logprobs)] == \
         [1] * 8
     assert all(len(entry) == 1 for entry in completion.logprobs)
+
+
+def test_logprobs_are_the_raw_distribution_by_default(llm: LLM, tiny_path: Path) -> None:
+    """vLLM's default ``logprobs_mode="raw_logprobs"``: the model's own log_softmax, whatever
+    temperature, penalties and bias did to the draw, so output logprobs and prompt logprobs of
+    the same token at the same position agree; ``cumulative_logprob`` sums them."""
+    params = SamplingParams(temperature=0.6, top_k=5, presence_penalty=1.5, seed=11,
+                            logit_bias={7: 3.0}, max_tokens=10, ignore_eos=True, logprobs=4)
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0]
+    completion = out.outputs[0]
+    prompt_ids, tokens = list(out.prompt_token_ids), list(completion.token_ids)
+    reference = _hf_logprobs(tiny_path, prompt_ids + tokens)
+    total = 0.0
+    for i, (token, entry) in enumerate(zip(tokens, completion.logprobs)):
+        row = reference[len(prompt_ids) - 1 + i]
+        for t, value in entry.items():
+            assert abs(value.logprob - float(row[t])) < 1e-4, (i, t)
+            assert value.rank == _rank(row, t)
+        total += entry[token].logprob
+    assert abs(completion.cumulative_logprob - total) < 1e-4
+    again = llm.generate({"prompt_token_ids": prompt_ids + tokens},
+                         SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    for i, token in enumerate(tokens):
+        assert abs(again.prompt_logprobs[len(prompt_ids) + i][token].logprob
+                   - completion.logprobs[i][token].logprob) < 1e-4
+
+
+def test_processed_logprobs_mode_reports_the_sampled_distribution(tiny_path: Path) -> None:
+    """``logprobs_mode="processed_logprobs"``: log_softmax of the logits divided by the
+    temperature with top-k applied: the five kept tokens carry the whole mass, the rest -inf."""
+    llm = LLM(tiny_path, max_model_len=64, kv_cache_blocks=16, swap_space=0.01,
+              logprobs_mode="processed_logprobs")
+    params = SamplingParams(temperature=0.6, top_k=5, seed=11, max_tokens=6, ignore_eos=True,
+                            logprobs=6)
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0]
+    completion = out.outputs[0]
+    prompt_ids, tokens = list(out.prompt_token_ids), list(completion.token_ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + tokens])).logits[0].double()
+    for i, (token, entry) in enumerate(zip(tokens, completion.logprobs)):
+        scaled = logits[len(prompt_ids) - 1 + i] / 0.6
+        kept = torch.full_like(scaled, float("-inf"))
+        top = scaled.topk(5).indices
+        kept[top] = scaled[top]
+        want = torch.log_softmax(kept, dim=-1)
+        assert token in top.tolist()
+        finite = {t: v.logprob for t, v in entry.items() if v.logprob > float("-inf")}
+        assert set(finite) == set(top.tolist())
+        for t, value in finite.items():
+            assert abs(value - float(want[t])) < 1e-4, (i, t)
+    with pytest.raises(ValueError, match="logprobs_mode must be one of raw_logprobs"):
+        LLM(tiny_path, logprobs_mode="processed")

@@ -63,7 +63,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"model": "tiny", "max_tokens": 4}, "prompt"),
-    ("/v1/completions", {"prompt": "x"}, "model"),
+    ("/v1/completions", {"prompt": "x", "model": 5}, "model"),
     ("/v1/chat/completions", {"model": "tiny"}, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
     ("/v1/completions", {**COMPLETION, "max_tokens": "many"}, "max_tokens"),
@@ -226,6 +226,16 @@ def test_chat_template_kwargs_reach_the_template(http: httpx.Client) -> None:
                            json={**CHAT, "chat_template_kwargs": {"tokenize": True}}), 400)
     assert err["param"] == "chat_template_kwargs"
     assert "chat_template_kwargs cannot set tokenize" in err["message"]
+
+
+def test_a_request_without_model_is_served_by_the_served_model(http: httpx.Client) -> None:
+    """vLLM's: ``model`` may be left out; the served model answers and names itself."""
+    for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+        body = {k: v for k, v in body.items() if k != "model"} | {"ignore_eos": True}
+        resp = http.post(path, json=body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == "tiny"
+        assert resp.json()["usage"]["completion_tokens"] == 4
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:

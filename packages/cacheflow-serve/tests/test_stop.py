@@ -260,7 +260,9 @@ def test_every_eos_id_of_the_model_ends_a_sequence(where: str, tiny_path: Path,
                                                    tmp_path: Path, reference: Any) -> None:
     """A model naming several EOS ids (config.json's list, or generation_config.json's, as
     LLaMA-3 / Qwen2.5 instruct models do for their end-of-turn tokens) stops at any of them,
-    as HF ``generate`` does; ``ignore_eos`` and ``min_tokens`` treat all of them as EOS."""
+    as HF ``generate`` does; ``ignore_eos`` and ``min_tokens`` treat all of them as EOS. An id
+    other than the tokenizer's EOS is reported as the stop reason, as vLLM reports the
+    generation config's other EOS ids (its stop token ids)."""
     extra = reference.token_ids[5]
     first = reference.token_ids.index(extra)
     path = tmp_path / "llama"
@@ -272,7 +274,7 @@ def test_every_eos_id_of_the_model_ends_a_sequence(where: str, tiny_path: Path,
     llm = LLM(path, device="cpu", dtype="float32")
     out = _generate(llm, ignore_eos=False)
     assert out.token_ids == reference.token_ids[:first + 1]
-    assert (out.finish_reason, out.stop_reason) == ("stop", None)
+    assert (out.finish_reason, out.stop_reason) == ("stop", extra)
     tokenizer = llm.get_tokenizer()
     assert out.text == tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
     assert _generate(llm).token_ids == reference.token_ids  # ignore_eos
@@ -296,7 +298,8 @@ def test_the_tokenizers_eos_ends_a_sequence(tiny_path: Path, tmp_path: Path,
     settings_file.write_text(json.dumps(settings))
     llm = LLM(path, device="cpu", dtype="float32")
     assert llm.get_tokenizer().eos_token_id == extra
-    assert extra in llm.engine.model_config.eos_token_ids
+    assert llm.engine.model_config.eos_token_id == extra  # the primary EOS: no stop reason
+    assert llm.engine.model_config.eos_token_ids == {extra, EOS}
     out = _generate(llm, ignore_eos=False)
     assert out.token_ids == reference.token_ids[:first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", None)

@@ -53,6 +53,19 @@ def parse_kv_cache_dtype(cache_dtype: str) -> str:
     return "fp8" if cache_dtype.startswith("fp8") else "auto"
 
 
+#: What reported logprobs are (vLLM's ``logprobs_mode`` values; the first is the default): see
+#: the sampler's module docstring.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+def parse_logprobs_mode(mode: str) -> str:
+    """``mode`` when it is one of ``LOGPROBS_MODES``; otherwise an InvalidArgumentError naming
+    it."""
+    _require(isinstance(mode, str) and mode in LOGPROBS_MODES, "logprobs_mode",
+             f"one of {', '.join(LOGPROBS_MODES)}", mode)
+    return mode
+
+
 def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The element dtype of the KV cache tensors: the model's for "auto",
     ``torch.float8_e4m3fn`` for "fp8"."""
@@ -92,6 +105,8 @@ class ModelConfig:
     rotation) where the model's rotary scaling rotates a prompt by its length, so that prefix
     caching keeps prompts rotated differently apart
     (``rotary_embedding.length_dependent_rope``); None where rotation is by position alone.
+    ``logprobs_mode``: what reported logprobs are (``LOGPROBS_MODES``; set by the engine's
+    caller, not by the model).
     """
 
     model_path: str
@@ -109,6 +124,7 @@ class ModelConfig:
     weights_format: Optional[str] = None
     extra_eos_token_ids: tuple[int, ...] = ()
     length_dependent_rope: Optional[tuple[str, int]] = None
+    logprobs_mode: str = LOGPROBS_MODES[0]
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -124,6 +140,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        parse_logprobs_mode(self.logprobs_mode)
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_kv_heads ({self.num_kv_heads})")

@@ -8,16 +8,23 @@ One ``forward`` call handles a whole batch of requests (``SamplingGroup``), each
    repetition (HF semantics, prompt and output tokens), frequency and presence (OpenAI
    semantics, output tokens only), then ``min_tokens`` masking of the EOS and stop token ids
    and ``bad_words`` masking (a word's last token where the output ends with the rest);
-2. division by the temperature (greedy and beam search rows use 1) and ``log_softmax``: these are
-   the log probabilities that are reported, before any truncation;
-3. greedy rows: argmax; random rows: top-k, top-p, min-p, then one draw per sample by the
-   exponential race (Gumbel-max); a seeded sample's noise is a hash of its seed key, the
-   position of the token drawn and the vocabulary index (seeded_noise.py), so a seeded request
-   draws the same tokens whatever else is in the batch, the others share one draw of the
-   default generator; beam search groups: the ``2 * best_of``
-   best (beam, token) pairs by cumulative log probability, ranked as ``torch.topk`` over the
-   flattened ``[num_beams * vocab]`` scores, as HF transformers does;
-4. ``prompt_logprobs`` from the raw logits of the prompt rows.
+2. division by the temperature (greedy and beam search rows use 1);
+3. greedy rows: argmax; random rows: min-p, then top-k and top-p on what is left (vLLM's
+   order), then one draw per sample by the exponential race (Gumbel-max); a seeded sample's
+   noise is a hash of its seed key, the position of the token drawn and the vocabulary index
+   (seeded_noise.py), so a seeded request draws the same tokens whatever else is in the batch,
+   the others share one draw of the default generator; beam search groups: the ``2 * best_of``
+   best (beam, token) pairs by cumulative log probability after steps 1-2, ranked as
+   ``torch.topk`` over the flattened ``[num_beams * vocab]`` scores, as HF transformers does;
+4. the values reported as logprobs (the chosen token's, the top ones, hence also
+   ``cumulative_logprob``), chosen by the engine's ``logprobs_mode`` as vLLM's:
+   ``raw_logprobs`` (the default: ``log_softmax`` of the model's logits before any of the
+   above), ``raw_logits``, ``processed_logprobs`` (``log_softmax`` after steps 1-3: penalties,
+   bias, masks, temperature, and min-p / top-k / top-p on random rows, whose dropped tokens
+   report -inf) or ``processed_logits``; beam search reports and ranks by its own scores
+   (``log_softmax`` after steps 1-2) whatever the mode;
+5. ``prompt_logprobs`` from the raw logits of the prompt rows (logits rather than logprobs in
+   the two ``*_logits`` modes).
 
 ``sample`` queues all of it on the device and returns a ``DeviceSamples``; reading its results
 into Python (``DeviceSamples.assemble``, sampler_output.py) is the one device-to-host
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cacheflow_runtime.config import LOGPROBS_MODES, parse_logprobs_mode
 from cacheflow_runtime.sampler_output import (
     BeamBucket,
     DeviceSamples,
@@ -43,7 +51,6 @@ from cacheflow_runtime.sampling_metadata import DecodeRows, GroupSampleResult, S
 from cacheflow_runtime.seeded_noise import hashed_exponential
 
 _PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
-
 
 @dataclass
 class _RowParams:
@@ -70,12 +77,15 @@ class Sampler(torch.nn.Module):
     """Turns logits into ``GroupSampleResult``s, one per ``SamplingGroup``.
 
     ``vocab_size``, when given, drops logit columns past it (a vocabulary padded for tensor
-    parallelism); otherwise every column is a token.
+    parallelism); otherwise every column is a token. ``logprobs_mode``: what the reported
+    logprobs are (module docstring, step 4).
     """
 
-    def __init__(self, vocab_size: int | None = None) -> None:
+    def __init__(self, vocab_size: int | None = None,
+                 logprobs_mode: str = LOGPROBS_MODES[0]) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.logprobs_mode = parse_logprobs_mode(logprobs_mode)
 
     def forward(self, logits: torch.Tensor, groups: list[SamplingGroup],
                 default_generator: torch.Generator | None = None,
@@ -100,14 +110,20 @@ class Sampler(torch.nn.Module):
         """
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
+        raw = self.logprobs_mode.startswith("raw")
+        as_logits = self.logprobs_mode.endswith("logits")
         decode_tokens = decode_chosen = None
         if decode_rows is not None:
             decode_tokens, decode_chosen = _sample_decode_rows(
-                logits[:decode_rows.num_rows], decode_rows, default_generator, positions)
+                logits[:decode_rows.num_rows], decode_rows, default_generator, positions,
+                self.logprobs_mode)
             if not groups:
                 return DeviceSamples.of_decodes(decode_tokens, decode_chosen, logits.shape[1])
         params = _collect_row_params(groups)
         work = _gather_rows(logits, params.rows)
+        reported: torch.Tensor | None = None
+        if raw and (as_logits or _changes_logits(params)):
+            reported = work.clone() if as_logits else torch.log_softmax(work, dim=-1)
         _apply_allowed_tokens(work, params.allowed)
         _apply_logit_bias(work, params.bias)
         _apply_penalties(work, params)
@@ -117,16 +133,25 @@ class Sampler(torch.nn.Module):
         logprobs = torch.log_softmax(work, dim=-1)
 
         first_rows = _first_rows(groups)
-        samples, token_chunks, beams, beam_rows = _choose_tokens(
+        samples, token_chunks, beams, beam_rows, truncated = _choose_tokens(
             work, logprobs, groups, params, first_rows, default_generator, positions)
+        if reported is None:
+            reported = logprobs if raw else _processed(work, logprobs, truncated, as_logits)
         tokens = (torch.cat(token_chunks) if token_chunks
                   else torch.empty(0, dtype=torch.long, device=work.device))
-        sample_rows = torch.cat([_long([s.row for s in samples], work.device), *beam_rows])
-        chosen = logprobs[sample_rows, tokens]
-        chosen_rank = (_ranks(logprobs.index_select(0, sample_rows), chosen)
-                       if any(g.sampling_params.logprobs is not None for g in groups) else None)
-        top_values, top_ids = _top_logprobs(logprobs, max(params.num_top, default=0))
-        prompt = [_prompt_logprobs(logits, g, group) for g, group in enumerate(groups)
+        plain_rows = _long([s.row for s in samples], work.device)
+        sample_rows = torch.cat([plain_rows, *beam_rows])
+        # Beam candidates keep the scores they are ranked by, whatever is reported.
+        chosen = torch.cat([reported[plain_rows, tokens[:len(samples)]],
+                            *([logprobs[torch.cat(beam_rows), tokens[len(samples):]]]
+                              if beam_rows else [])])
+        chosen_rank = None
+        if any(g.sampling_params.logprobs is not None for g in groups):
+            in_rows = reported.index_select(0, sample_rows)
+            chosen_rank = _ranks(in_rows, in_rows.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        top_values, top_ids = _top_logprobs(reported, max(params.num_top, default=0))
+        prompt = [_prompt_logprobs(logits, g, group, as_logits)
+                  for g, group in enumerate(groups)
                   if group.prompt_logit_rows and group.sampling_params.prompt_logprobs is not None]
         return DeviceSamples(groups=groups, first_rows=first_rows, vocab=work.shape[1],
                              samples=samples, beams=beams, tokens=tokens, chosen=chosen,
@@ -135,35 +160,74 @@ class Sampler(torch.nn.Module):
                              decode_chosen=decode_chosen, chosen_rank=chosen_rank)
 
 
+def _changes_logits(params: _RowParams) -> bool:
+    """Whether steps 1-2 (module docstring) change any row's logprobs: otherwise the raw
+    logprobs are the processed ones and need no second ``log_softmax``."""
+    return (any(t != 1.0 for t in params.temperature)
+            or any(r != 1.0 for r in params.repetition)
+            or any(params.frequency) or any(params.presence)
+            or any(params.bias) or any(a is not None for a in params.allowed)
+            or any(params.banned_ids))
+
+
+def _processed(work: torch.Tensor, logprobs: torch.Tensor,
+               truncated: tuple[torch.Tensor, torch.Tensor] | None,
+               as_logits: bool) -> torch.Tensor:
+    """The processed values to report: ``work`` (logits after steps 1-2) or its ``logprobs``,
+    with the random rows replaced by their truncated logits (``truncated``: their row index
+    and those rows) where there are any."""
+    if truncated is None:
+        return work if as_logits else logprobs
+    index, rows = truncated
+    values = work.index_copy(0, index, rows)
+    return values if as_logits else torch.log_softmax(values, dim=-1)
+
+
 def _sample_decode_rows(logits: torch.Tensor, rows: DecodeRows,
                         default_generator: torch.Generator | None,
-                        positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token and its logprob for each of the columnar decode rows ``logits``: argmax for
-    greedy rows, the exponential race after top-k, top-p and min-p for the others (as for a
-    group's rows, with the same noise). ``positions``: see ``Sampler.sample``."""
+                        positions: torch.Tensor | None,
+                        logprobs_mode: str = LOGPROBS_MODES[0],
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token and its reported value (``logprobs_mode``) for each of the columnar decode rows
+    ``logits``: argmax for greedy rows, the exponential race after min-p, top-k and top-p for
+    the others (as for a group's rows, with the same noise). ``positions``: see
+    ``Sampler.sample``."""
+    as_logits = logprobs_mode.endswith("logits")
     if rows.temperature is None:  # every row greedy: temperature 1, nothing to copy or divide
         work = logits.to(torch.float32)
-        logprobs = torch.log_softmax(work, dim=-1)
         tokens = work.argmax(dim=-1)
-    else:
-        work = logits.to(torch.float32, copy=True)
-        work.div_(rows.temperature)
-        logprobs = torch.log_softmax(work, dim=-1)
-        tokens = work.argmax(dim=-1)
-        assert rows.random_rows is not None
-        num = len(rows.top_k)
-        params = _RowParams(top_k=rows.top_k, top_p=rows.top_p, min_p=rows.min_p)
-        truncated = _truncate(work.index_select(0, rows.random_rows), params, list(range(num)))
-        seeded_positions = None
-        if rows.seed_keys is not None:
-            assert positions is not None and rows.seeded_rows is not None, \
-                "seeded decode rows need the positions of their tokens"
-            seeded_positions = positions.index_select(0, rows.seeded_rows)
-        noise = _exponential_noise(num, work.shape[1], rows.seeded, rows.seed_keys,
-                                   seeded_positions, default_generator, work.device)
-        noise.clamp_(min=torch.finfo(torch.float32).tiny)
-        tokens.index_copy_(0, rows.random_rows, (truncated - noise.log()).argmax(dim=-1))
-    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        return tokens, _value_at(work, tokens, as_logits)
+    work = logits.to(torch.float32, copy=True)
+    raw = None  # the reported raw values, taken before the temperature
+    if logprobs_mode.startswith("raw"):
+        raw = logits if as_logits else torch.log_softmax(work, dim=-1)
+    work.div_(rows.temperature)
+    tokens = work.argmax(dim=-1)
+    assert rows.random_rows is not None
+    num = len(rows.top_k)
+    params = _RowParams(top_k=rows.top_k, top_p=rows.top_p, min_p=rows.min_p)
+    truncated = _truncate(work.index_select(0, rows.random_rows), params, list(range(num)))
+    seeded_positions = None
+    if rows.seed_keys is not None:
+        assert positions is not None and rows.seeded_rows is not None, \
+            "seeded decode rows need the positions of their tokens"
+        seeded_positions = positions.index_select(0, rows.seeded_rows)
+    noise = _exponential_noise(num, work.shape[1], rows.seeded, rows.seed_keys,
+                               seeded_positions, default_generator, work.device)
+    noise.clamp_(min=torch.finfo(torch.float32).tiny)
+    tokens.index_copy_(0, rows.random_rows, (truncated - noise.log()).argmax(dim=-1))
+    if raw is not None:
+        return tokens, raw.gather(1, tokens.unsqueeze(1)).squeeze(1).float()
+    work.index_copy_(0, rows.random_rows, truncated)
+    return tokens, _value_at(work, tokens, as_logits)
+
+
+def _value_at(values: torch.Tensor, tokens: torch.Tensor, as_logits: bool) -> torch.Tensor:
+    """Each row's logit (``as_logits``) or logprob of its token in ``tokens`` (by
+    ``log_softmax``, as the groups' rows, so that both paths give the same bits)."""
+    if not as_logits:
+        values = torch.log_softmax(values, dim=-1)
+    return values.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def _num_logprobs(k: int | None) -> int:
@@ -333,12 +397,13 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
                    default_generator: torch.Generator | None,
                    positions: torch.Tensor | None,
                    ) -> tuple[list[SampleRow], list[torch.Tensor], list[BeamBucket],
-                              list[torch.Tensor]]:
+                              list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """Picks the tokens of all groups: greedy, then random, then beam search samples.
 
     Returns the greedy and random samples, the token ids of all samples (in chunks, greedy and
-    random first, then the beam candidates bucket by bucket), the beam buckets and the gathered
-    row of each beam candidate (one tensor per bucket).
+    random first, then the beam candidates bucket by bucket), the beam buckets, the gathered
+    row of each beam candidate (one tensor per bucket) and the random samples' truncated rows
+    (their index among the gathered rows and the rows; None without random samples).
     """
     greedy: list[SampleRow] = []
     random: list[SampleRow] = []
@@ -359,12 +424,14 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
             random.extend(new)
             random_keys.extend(_key_at(group, j) for j in range(len(new)))
     chunks: list[torch.Tensor] = []
+    truncated = None
     if greedy:
         rows = _long([s.row for s in greedy], work.device)
         chunks.append(work.index_select(0, rows).argmax(dim=-1))
     if random:
-        chunks.append(_sample_random(work, params, random, random_keys, default_generator,
-                                     positions))
+        drawn, truncated = _sample_random(work, params, random, random_keys, default_generator,
+                                          positions)
+        chunks.append(drawn)
     beams: list[BeamBucket] = []
     beam_rows: list[torch.Tensor] = []
     for bucket in beam_buckets.values():
@@ -372,7 +439,7 @@ def _choose_tokens(work: torch.Tensor, logprobs: torch.Tensor, groups: list[Samp
         beams.append(found)
         chunks.append(tokens)
         beam_rows.append(rows)
-    return greedy + random, chunks, beams, beam_rows
+    return greedy + random, chunks, beams, beam_rows, truncated
 
 
 def _first_rows(groups: list[SamplingGroup]) -> list[int]:
@@ -404,13 +471,16 @@ def _prompt_samples(group: SamplingGroup, g: int, first: int) -> list[SampleRow]
 
 def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[SampleRow],
                    keys: list[int | None], default_generator: torch.Generator | None,
-                   positions: torch.Tensor | None) -> torch.Tensor:
-    """Truncates the rows of the random samples (top-k, top-p, min-p) and draws one token per
+                   positions: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Truncates the rows of the random samples (min-p, top-k, top-p) and draws one token per
     sample by the exponential race ``argmax(logit - log(E))``, ``E ~ Exp(1)`` drawn per sample
-    (hashed from ``keys[i]`` and the token's position when that is not None)."""
+    (hashed from ``keys[i]`` and the token's position when that is not None). Returns the
+    tokens and the truncated rows (their index among the gathered rows, and the rows)."""
     rows = sorted({s.row for s in samples})
     position = {r: i for i, r in enumerate(rows)}
-    truncated = _truncate(work.index_select(0, _long(rows, work.device)), params, rows)
+    row_index = _long(rows, work.device)
+    truncated = _truncate(work.index_select(0, row_index), params, rows)
     source = _long([position[s.row] for s in samples], work.device)
     seeded = [i for i, key in enumerate(keys) if key is not None]
     seed_keys = seed_positions = None
@@ -423,7 +493,7 @@ def _sample_random(work: torch.Tensor, params: _RowParams, samples: list[SampleR
     noise = _exponential_noise(len(samples), work.shape[1], seeded, seed_keys, seed_positions,
                                default_generator, work.device)
     noise.clamp_(min=torch.finfo(torch.float32).tiny)
-    return (truncated.index_select(0, source) - noise.log()).argmax(dim=-1)
+    return (truncated.index_select(0, source) - noise.log()).argmax(dim=-1), (row_index, truncated)
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
@@ -443,23 +513,24 @@ def _to(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _truncate(logits: torch.Tensor, params: _RowParams, rows: list[int]) -> torch.Tensor:
-    """Applies top-k, top-p and min-p (each only on the rows that set it) to temperature-scaled
-    ``logits`` (row i is gathered row ``rows[i]``); dropped tokens get -inf."""
+    """Applies min-p, then top-k and top-p to what min-p left (vLLM's order; each only on the
+    rows that set it) to temperature-scaled ``logits`` (row i is gathered row ``rows[i]``);
+    dropped tokens get -inf."""
     top_k = [params.top_k[r] for r in rows]
     top_p = [params.top_p[r] for r in rows]
     min_p = [params.min_p[r] for r in rows]
     vocab = logits.shape[1]
+    min_p_rows = [i for i in range(len(rows)) if min_p[i] > 0.0]
+    if min_p_rows:
+        index = _long(min_p_rows, logits.device)
+        m = [min_p[i] for i in min_p_rows]
+        logits.index_copy_(0, index, _min_p(logits.index_select(0, index), m))
     sort_rows = [i for i in range(len(rows)) if top_k[i] > 0 or top_p[i] < 1.0]
     if sort_rows:
         index = _long(sort_rows, logits.device)
         k = [min(top_k[i], vocab) if top_k[i] > 0 else vocab for i in sort_rows]
         p = [top_p[i] for i in sort_rows]
         logits.index_copy_(0, index, _top_k_top_p(logits.index_select(0, index), k, p))
-    min_p_rows = [i for i in range(len(rows)) if min_p[i] > 0.0]
-    if min_p_rows:
-        index = _long(min_p_rows, logits.device)
-        m = [min_p[i] for i in min_p_rows]
-        logits.index_copy_(0, index, _min_p(logits.index_select(0, index), m))
     return logits
 
 
@@ -571,11 +642,12 @@ def _ranks(logprobs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (logprobs > values.unsqueeze(1)).sum(dim=1) + 1
 
 
-def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
+def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup, as_logits: bool = False
                      ) -> PromptLogprobsOnDevice:
     """For each prompt logit row (prompt position p = ``prompt_logprobs_start`` + i), the logprob
     of prompt token p + 1 and the top ``prompt_logprobs`` tokens, from ``log_softmax`` of the raw
-    logits (no penalties, no temperature), computed ``_PROMPT_LOGPROBS_CHUNK`` rows at a time."""
+    logits (no penalties, no temperature; the raw logits themselves with ``as_logits``),
+    computed ``_PROMPT_LOGPROBS_CHUNK`` rows at a time."""
     k = group.sampling_params.prompt_logprobs or 0
     rows = group.prompt_logit_rows
     first = group.prompt_logprobs_start + 1
@@ -584,7 +656,9 @@ def _prompt_logprobs(logits: torch.Tensor, g: int, group: SamplingGroup
     for start in range(0, len(targets), _PROMPT_LOGPROBS_CHUNK):
         chunk_rows = _long(rows[start: start + _PROMPT_LOGPROBS_CHUNK], logits.device)
         chunk_targets = targets[start: start + _PROMPT_LOGPROBS_CHUNK]
-        lp = torch.log_softmax(logits.index_select(0, chunk_rows).to(torch.float32), dim=-1)
+        lp = logits.index_select(0, chunk_rows).to(torch.float32)
+        if not as_logits:
+            lp = torch.log_softmax(lp, dim=-1)
         chosen.append(lp.gather(1, _long(chunk_targets, logits.device).unsqueeze(1)).squeeze(1))
         ranks.append(_ranks(lp, chosen[-1]))
         top_values, top_ids = _top_logprobs(lp, k)

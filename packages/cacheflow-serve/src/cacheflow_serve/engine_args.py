@@ -78,6 +78,11 @@ _OPTIONS: dict[str, dict[str, Any]] = {
                                    "(generation_config.json, GGUF sampling metadata); vllm or "
                                    "none = SamplingParams' defaults; or a folder holding a "
                                    "generation_config.json (default: auto)"),
+    "logprobs_mode": dict(choices=["raw_logprobs", "raw_logits", "processed_logprobs",
+                                   "processed_logits"],
+                          help="what reported logprobs are: the model's raw distribution (or "
+                               "logits), or the one sampled from after temperature, penalties "
+                               "and top-k / top-p / min-p (default: raw_logprobs)"),
     "trust_remote_code": dict(action="store_true",
                               help="taken for vLLM's command lines: cacheflow runs its own model "
                                    "code only, never a checkpoint's"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import os
@@ -38,7 +39,7 @@ from cacheflow_runtime import (
     parse_dtype,
     resolve_device,
 )
-from cacheflow_runtime.config import is_int
+from cacheflow_runtime.config import is_int, parse_logprobs_mode
 from cacheflow_serve.chat_template import encode_chat, render_chat
 from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
@@ -103,6 +104,10 @@ class LLM:
     its own model code only, never a checkpoint's (an architecture it lacks is refused by name
     either way), and its offline ``LLM`` logs no periodic statistics. ``seed=None`` is the
     default seed (0). ``llm_engine`` is ``engine``.
+    ``logprobs_mode`` (vLLM's): what reported logprobs are: "raw_logprobs" (the default: the
+    model's distribution before temperature, penalties, bias and truncation), "raw_logits",
+    "processed_logprobs" (after all of them; tokens top-k / top-p / min-p dropped report -inf)
+    or "processed_logits". Beam search reports the scores it ranks by in every mode.
     ``tensor_parallel_size`` N > 1 splits the model over N GPUs (or N CPU processes), run by
     one worker process per rank on this host (``distributed_executor_backend="mp"``, the
     default) or by Ray actors across hosts (``"ray"``).
@@ -124,7 +129,8 @@ class LLM:
                  tensor_parallel_size: int = 1,
                  distributed_executor_backend: Optional[str] = None,
                  generation_config: str = "auto", trust_remote_code: bool = False,
-                 disable_log_stats: bool = True) -> None:
+                 disable_log_stats: bool = True,
+                 logprobs_mode: str = "raw_logprobs") -> None:
         seed = 0 if seed is None else seed  # vLLM's None: the engine's default seed
         _check_arguments(model, tokenizer, dtype, seed, max_model_len, enforce_eager,
                          skip_tokenizer_init)
@@ -136,6 +142,7 @@ class LLM:
             if not isinstance(flag, bool):
                 raise InvalidArgumentError(f"LLM({name}=...) must be True or False, got {flag!r}",
                                            field=name, value=flag)
+        parse_logprobs_mode(logprobs_mode)
         parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         resolved = resolve_device(device)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
@@ -149,7 +156,9 @@ class LLM:
                         enable_chunked_prefill=enable_chunked_prefill,
                         async_scheduling=async_scheduling)
         path = Path(model) if model is not None else default_model_path()
-        model_config = build_model_config(path, dtype, max_model_len, resolved.type)
+        model_config = dataclasses.replace(
+            build_model_config(path, dtype, max_model_len, resolved.type),
+            logprobs_mode=logprobs_mode)
         self.generation_defaults = load_generation_defaults(path, generation_config)
         try:
             SamplingParams(**self.generation_defaults)

@@ -111,10 +111,13 @@ class Scheduler:
     """Decides, each step, which requests run and how many of their tokens."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(),
+                 primary_eos_token_id: Optional[int] = None) -> None:
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
+        # The EOS that stops with no stop reason (the others report their id, as vLLM's do).
+        self.primary_eos_token_id = primary_eos_token_id
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
@@ -706,7 +709,8 @@ class Scheduler:
 
     def _check_token_stop(self, group: SequenceGroup, seq: Sequence) -> None:
         stop = token_stop(group.sampling_params, seq.get_last_token_id(), seq.get_output_len(),
-                          seq.get_len(), self.eos_token_ids, self.config.max_model_len)
+                          seq.get_len(), self.eos_token_ids, self.config.max_model_len,
+                          self.primary_eos_token_id)
         if stop is not None:
             status, reason = stop
             seq.stop_token_hidden = hides_stop_token(group.sampling_params, status)
@@ -720,7 +724,7 @@ class Scheduler:
             parent = parents[cand.parent_seq_id]
             return token_stop(params, cand.token_id, parent.get_output_len() + 1,
                               parent.get_len() + 1, self.eos_token_ids,
-                              self.config.max_model_len)
+                              self.config.max_model_len, self.primary_eos_token_id)
 
         stops = [ends(c) for c in candidates]
         step = beam_step(group, candidates, [s is not None for s in stops],

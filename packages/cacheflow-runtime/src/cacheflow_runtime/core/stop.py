@@ -19,16 +19,21 @@ from cacheflow_runtime.sequence import SequenceStatus
 
 def token_stop(params: SamplingParams, token_id: int, output_len: int, total_len: int,
                eos_token_ids: frozenset[int], max_model_len: int,
+               primary_eos: Optional[int] = None,
                ) -> Optional[tuple[SequenceStatus, Optional[int]]]:
     """Whether the token just generated ends its sequence, by its id or by a length limit.
 
     ``output_len`` and ``total_len`` count the token; ``eos_token_ids`` are the model's EOS
-    ids. Returns the finished status and the stop reason (the stop token id; None for EOS and
-    length limits), or None if it goes on.
+    ids, ``primary_eos`` the tokenizer's (or the config's first; None: every one is primary).
+    Returns the finished status and the stop reason, or None if it goes on. The reason is the
+    token id for a stop token id and for an EOS id other than the primary one (vLLM counts a
+    generation config's other EOS ids as stop token ids), None for the primary EOS and for
+    length limits.
     """
     if output_len >= params.min_tokens:
         if not params.ignore_eos and token_id in eos_token_ids:
-            return SequenceStatus.FINISHED_STOPPED, None
+            primary = primary_eos is None or token_id == primary_eos
+            return SequenceStatus.FINISHED_STOPPED, None if primary else token_id
         if token_id in params.stop_token_ids:
             return SequenceStatus.FINISHED_STOPPED, token_id
     if length_capped(params, output_len, total_len, max_model_len):

@@ -44,16 +44,16 @@ logger = logging.getLogger(__name__)
 
 
 def with_tokenizer_eos(model_config: ModelConfig, tokenizer: Any) -> ModelConfig:
-    """``model_config`` with the tokenizer's EOS id among the model's EOS ids, as vLLM stops at
-    it (a chat fine-tune often names its end of turn there and nowhere else)."""
+    """``model_config`` with the tokenizer's EOS id as its primary EOS (``eos_token_id``) and
+    the config's others as extra ones, as vLLM stops at it (a chat fine-tune often names its end
+    of turn there and nowhere else) and reports the others' ids as stop reasons."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    if (not is_int(eos) or eos in model_config.eos_token_ids
+    if (not is_int(eos) or eos == model_config.eos_token_id
             or not 0 <= eos < model_config.vocab_size):
         return model_config
-    if model_config.eos_token_id is None:
-        return dataclasses.replace(model_config, eos_token_id=eos)
-    return dataclasses.replace(model_config,
-                               extra_eos_token_ids=(*model_config.extra_eos_token_ids, eos))
+    extra = tuple(i for i in (model_config.eos_token_id, *model_config.extra_eos_token_ids)
+                  if i is not None and i != eos)
+    return dataclasses.replace(model_config, eos_token_id=int(eos), extra_eos_token_ids=extra)
 
 
 class LLMEngine:
@@ -100,7 +100,7 @@ class LLMEngine:
             cache_config.block_size, num_device_blocks, num_cpu_blocks,
             enable_prefix_caching=cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager,
-                                   model_config.eos_token_ids)
+                                   model_config.eos_token_ids, model_config.eos_token_id)
         self.output_processor = OutputProcessor(tokenizer, self.scheduler)
         self._groups: dict[str, SequenceGroup] = {}
         self._aborted: list[SequenceGroup] = []

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cacheflow_runtime.attention import InputMetadata, PagedAttention, build_input_metadata
+from cacheflow_runtime.config import LOGPROBS_MODES
 from cacheflow_runtime.core.step_data import (
     PLACEHOLDER_TOKEN_ID,
     ModelRunnerOutput,
@@ -255,16 +256,17 @@ class PendingStep:
 
 
 class ModelRunner:
-    """Runs one step of the model over a prepared batch and samples from its logits."""
+    """Runs one step of the model over a prepared batch and samples from its logits
+    (``logprobs_mode``: what the sampler reports as logprobs, ``config.LOGPROBS_MODES``)."""
 
     def __init__(self, model: Any, device: torch.device, block_size: int,
-                 eos_token_ids: frozenset[int], default_generator: Optional[torch.Generator]
-                 ) -> None:
+                 eos_token_ids: frozenset[int], default_generator: Optional[torch.Generator],
+                 logprobs_mode: str = LOGPROBS_MODES[0]) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
-        self.sampler = Sampler()
+        self.sampler = Sampler(logprobs_mode=logprobs_mode)
         self.default_generator = default_generator
         self.decode_graphs: Optional[DecodeGraphs] = None
         self.staging = InputStaging(device)

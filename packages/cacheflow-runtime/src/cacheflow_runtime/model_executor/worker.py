@@ -57,7 +57,8 @@ class Worker:
         self.states = RequestStates()
         self.uses_cuda_graphs = False
         self.runner = ModelRunner(self.model, self.device, cache_config.block_size,
-                                  model_config.eos_token_ids, self.generator)
+                                  model_config.eos_token_ids, self.generator,
+                                  model_config.logprobs_mode)
 
     def determine_num_available_blocks(self) -> tuple[int, int]:
         """(device blocks, cpu blocks) the cache can have, from the config or from memory."""

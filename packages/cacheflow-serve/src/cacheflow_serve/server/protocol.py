@@ -60,7 +60,7 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """The fields that completions and chat share (OpenAI names, then cacheflow extensions)."""
 
-    model: str
+    model: Optional[str] = None  # vLLM's: left out, the served model answers
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = None
     temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]] = None
     top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]] = None
