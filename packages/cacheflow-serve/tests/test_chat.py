@@ -4,6 +4,7 @@ prompt's token ids are HF ``apply_chat_template(tokenize=True)``'s, one BOS, not
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +221,44 @@ def test_server_continue_final_message_and_its_errors(server: ServerThread,
     error = both.json()["error"]
     assert error["param"] == "continue_final_message"
     assert "cannot both be true" in error["message"]
+
+
+def test_server_chat_echo_and_best_of(server: ServerThread) -> None:
+    """vLLM's chat ``echo``: a last assistant message leads each choice's content (streamed as
+    the chunk after the role); a last user message is not echoed. ``best_of``: the n choices of
+    highest cumulative logprob among best_of samples, refused when streaming with n < best_of."""
+    url = server.base_url + "/v1/chat/completions"
+    partial = [*MESSAGES, {"role": "assistant", "content": [{"type": "text", "text": "Blu"},
+                                                            {"type": "text", "text": "e"}]}]
+    body = {"messages": partial, "add_generation_prompt": False,
+            "continue_final_message": True, "temperature": 0, "max_tokens": 5,
+            "ignore_eos": True}
+    plain = httpx.post(url, json=body, timeout=60).json()["choices"][0]["message"]["content"]
+    echoed = httpx.post(url, json={**body, "echo": True}, timeout=60).json()
+    assert echoed["choices"][0]["message"]["content"] == "Blu\ne" + plain
+    assert echoed["usage"]["completion_tokens"] == 5
+    with httpx.stream("POST", url, json={**body, "echo": True, "stream": True, "n": 2,
+                                         "temperature": 1.0, "seed": 3}, timeout=60) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    for index in (0, 1):
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == index]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert deltas[1] == {"content": "Blu\ne"}
+    user_last = {**body, "messages": MESSAGES, "continue_final_message": False, "echo": True}
+    user_plain = httpx.post(url, json={**user_last, "echo": False}, timeout=60).json()
+    assert (httpx.post(url, json=user_last, timeout=60).json()["choices"][0]["message"]
+            == user_plain["choices"][0]["message"])
+
+    sampled = {"messages": MESSAGES, "temperature": 1.0, "max_tokens": 4, "ignore_eos": True,
+               "seed": 5, "logprobs": True}
+    best = httpx.post(url, json={**sampled, "n": 2, "best_of": 4}, timeout=60).json()
+    assert len(best["choices"]) == 2
+    assert best["usage"]["completion_tokens"] == 8  # the answered choices' tokens, as vLLM
+    totals = [sum(t["logprob"] for t in c["logprobs"]["content"]) for c in best["choices"]]
+    every = httpx.post(url, json={**sampled, "n": 4}, timeout=60).json()  # the same 4 samples
+    all_totals = sorted((sum(t["logprob"] for t in c["logprobs"]["content"])
+                         for c in every["choices"]), reverse=True)
+    assert totals == pytest.approx(all_totals[:2], abs=1e-4)
+    refused = httpx.post(url, json={**sampled, "n": 1, "best_of": 2, "stream": True}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "best_of"

@@ -256,9 +256,13 @@ def test_bad_api_key_is_401(server: ServerThread, headers: dict[str, str]) -> No
         for method, path, body in (("POST", "/v1/completions", COMPLETION),
                                    ("POST", "/v1/chat/completions", CHAT),
                                    ("GET", "/v1/models", None),
-                                   ("POST", "/tokenize", {"prompt": "x"})):
+                                   ("POST", "/tokenize", {"prompt": "x"}),
+                                   # checked first, as vLLM's: no 404 or 400 before the key
+                                   ("GET", "/v1/no-such-route", None),
+                                   ("POST", "/v1/completions", {"prompt": 42})):
             resp = client.request(method, path, json=body, headers=headers)
             assert _error(resp, 401)["code"] == "invalid_api_key"
+            assert resp.headers["www-authenticate"] == "Bearer"
         assert client.get("/health").status_code == 200  # open, for load balancers
         assert client.get("/metrics").status_code == 200
         assert client.get("/version").status_code == 200

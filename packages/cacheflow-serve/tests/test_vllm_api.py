@@ -59,6 +59,9 @@ def test_sampling_params_vllm_methods() -> None:
     assert params.seed is None  # vLLM's "no seed"
     copy = params.clone()
     assert copy == params and copy is not params and copy.stop is not params.stop
+    # stop is always a list, as vLLM's
+    assert SamplingParams(stop="end").stop == ["end"] and SamplingParams().stop == []
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
     with pytest.raises(ValueError, match="spaces_between_special_tokens must be True or False"):
         SamplingParams(spaces_between_special_tokens="no")
 

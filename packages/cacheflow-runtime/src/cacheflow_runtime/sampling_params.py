@@ -108,6 +108,7 @@ class SamplingParams:
         if self.best_of is None:
             self.best_of = self.n
         self._stop_list = _string_list(self.stop, "stop")
+        self.stop = list(self._stop_list)  # vLLM's: always a list (None and one string too)
         self.bad_words = _string_list(self.bad_words, "bad_words", single_allowed=False) or None
         self._validate()
 

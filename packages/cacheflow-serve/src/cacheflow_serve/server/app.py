@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI-compatible routes over an async engine, plus the extras.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``POST /tokenize``, ``POST /detokenize`` (all of these need
-``Authorization: Bearer <api_key>`` when the app has an API key), and, always open,
+``GET /v1/models/{model}``, ``POST /tokenize``, ``POST /detokenize`` (all of these, and any
+other /v1 path, need ``Authorization: Bearer <api_key>`` when the app has an API key, checked
+before anything else), and, always open,
 ``GET /health`` (503 while shutting down or after an engine failure) and ``GET /metrics``.
 """
 
@@ -11,11 +12,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cacheflow_models import has_tokenizer
 from cacheflow_runtime import BaseAsyncEngine, InvalidArgumentError
@@ -83,26 +83,47 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
-_BEARER = HTTPBearer(auto_error=False, description="the server's API key")
+#: Paths that need the API key: every /v1 path (unknown ones included, as vLLM's) and the
+#: tokenizer routes.
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
-def _auth_dependency(api_key: Optional[str]) -> Any:
+class _ApiKeyCheck:
+    """ASGI middleware: 401 for a protected path (``_PROTECTED_PREFIXES``, or exactly "/v1")
+    without ``Authorization: Bearer <api_key>``, before the body is read or validated (as vLLM's
+    middleware does); CORS preflights (OPTIONS) pass."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode("utf-8")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and self._protected(
+                scope.get("path", "")) and not self._authorized(scope):
+            response = error_response(
+                401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _protected(path: str) -> bool:
+        return path == "/v1" or path.startswith(_PROTECTED_PREFIXES)
+
+    def _authorized(self, scope: Any) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)
+
+
+def _check_api_key(api_key: Optional[str]) -> None:
+    """InvalidArgumentError for a key that is not None and not a non-blank string."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise InvalidArgumentError(f"api_key must be a non-blank string or None (no "
                                    f"authentication), got {api_key!r}", field="api_key",
                                    value=api_key)
-    expected = api_key.encode("utf-8") if api_key else None
-
-    async def check(credentials: Annotated[Optional[HTTPAuthorizationCredentials],
-                                           Depends(_BEARER)]) -> None:
-        if expected is None:
-            return
-        given = credentials.credentials.encode("utf-8") if credentials else b""
-        if not hmac.compare_digest(given, expected):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
 
 
 def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
@@ -117,7 +138,7 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
     ``generation_defaults``: sampling values for fields a request leaves unset
     (``LLM.generation_defaults``). The app's metrics are attached to the engine as its observer,
     in a registry of the app's own."""
-    auth = _auth_dependency(api_key)
+    _check_api_key(api_key)
     if isinstance(served_model_names, str):
         served_model_names = [served_model_names]
     names = list(served_model_names or [str(engine.model_config.model_path)])
@@ -142,8 +163,10 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
+    if api_key is not None:
+        app.add_middleware(_ApiKeyCheck, api_key=api_key)  # outermost: before the body limit
     app.include_router(_open_routes(ctx))
-    app.include_router(_api_routes(ctx), dependencies=[Depends(auth)])
+    app.include_router(_api_routes(ctx))
     return app
 
 

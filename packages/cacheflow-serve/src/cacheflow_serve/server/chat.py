@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from cacheflow_runtime import InvalidRequestError, RequestOutput, RequestStream
 from cacheflow_serve.chat_template import render_chat as render_chat_text
+from cacheflow_serve.chat_template import template_messages
 from cacheflow_serve.server.errors import APIError, bad_request, error_body, stream_error
 from cacheflow_serve.server.protocol import ChatCompletionRequest, ChatMessage
 from cacheflow_serve.server.serving import (
@@ -63,6 +64,17 @@ def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> Non
                        param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.stream and req.best_of not in (None, req.n or 1):
+        raise APIError(400, "best_of must equal n when streaming", param="best_of")
+
+
+def _echoed(req: ChatCompletionRequest) -> str:
+    """What ``echo`` puts before each choice's content: the last message's text when it is the
+    answer's role (assistant), else nothing (vLLM's rule)."""
+    last = req.messages[-1]
+    if not req.echo or last.role != "assistant":
+        return ""
+    return template_messages([last.model_dump(exclude_none=True)])[0]["content"]
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
@@ -80,7 +92,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k, defaults=ctx.sampling_defaults)
+    params = sampling_params(req, max_tokens, k, req.best_of, defaults=ctx.sampling_defaults)
     request_id = new_id("chatcmpl")
     streams = await add_requests(ctx, request_id, [ids], params=[params])
     return await respond(_ChatCall(ctx, req, request_id, streams, k), bool(req.stream), raw)
@@ -99,6 +111,7 @@ class _ChatCall:
         self.k = k
         self.n = req.n or 1
         self.stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        self.echo = _echoed(req)
 
     async def collect(self) -> RequestOutput:
         """The finished output."""
@@ -120,7 +133,7 @@ class _ChatCall:
                 logprobs = chat_logprobs(self.ctx, comp.token_ids, comp.logprobs, self.k)
             self.ctx.metrics.count_finished(comp.finish_reason)
             choice = {"index": comp.index,
-                      "message": {"role": "assistant", "content": comp.text},
+                      "message": {"role": "assistant", "content": self.echo + comp.text},
                       "logprobs": logprobs, "finish_reason": comp.finish_reason,
                       "stop_reason": comp.stop_reason}
             if self.req.return_token_ids:
@@ -146,6 +159,9 @@ class _ChatCall:
         for index in range(self.n):
             yield self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                 "logprobs": None, "finish_reason": None}], include_usage)
+            if self.echo:
+                yield self._chunk([{"index": index, "delta": {"content": self.echo},
+                                    "logprobs": None, "finish_reason": None}], include_usage)
         try:
             async for ev in choice_events(self.streams, self.n, self.stops, finals,
                                           self.k is not None):

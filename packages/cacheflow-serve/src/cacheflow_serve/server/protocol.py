@@ -145,6 +145,12 @@ class ChatCompletionRequest(SamplingFields):
     #: The tokenizer's special tokens on top of those the chat template writes (vLLM's field;
     #: off, since templates write BOS themselves).
     add_special_tokens: Optional[bool] = False
+    #: vLLM's: with a last message of the answer's role (assistant), its content leads each
+    #: choice's content (what ``continue_final_message`` continued).
+    echo: Optional[bool] = False
+    #: vLLM's: sample this many per choice set and answer the ``n`` of highest cumulative
+    #: logprob (equal to ``n`` when streaming).
+    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
 
 
 class TokenizeRequest(_Body):
