@@ -31,6 +31,11 @@ def test_rope_scaling_matches_hf(kind: str, tmp_path: Path,
         assert build_model_config(path).max_model_len == 24 * 4
         assert all(len(p) + NEW_TOKENS > 24 for p in prompt_batch)
         assert max(len(p) for p in prompt_batch) > 24
+    if kind.startswith("yarn"):  # served to factor x the original length, as vLLM does
+        scaling = LLAMA_ROPE_SCALING[kind]["rope_scaling"]
+        original = scaling["original_max_position_embeddings"]
+        assert build_model_config(path).max_model_len == int(original * scaling["factor"])
+        assert max(len(p) for p in prompt_batch) > original
     check_greedy_fidelity(path, prompt_batch, NEW_TOKENS)
 
 

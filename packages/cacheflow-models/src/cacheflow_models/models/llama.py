@@ -1,7 +1,7 @@
 """LLaMA and the models that share its layout: SmolLM2, Mistral, Qwen2.
 
-From the config: GQA/MQA, tied embeddings, rope_theta, rope_scaling (linear, dynamic, llama3),
-attention_bias / mlp_bias, head_dim other than hidden / heads, and sliding-window attention
+From the config: GQA/MQA, tied embeddings, rope_theta, rope_scaling (linear, dynamic, llama3,
+yarn), attention_bias / mlp_bias, head_dim other than hidden / heads, and sliding-window attention
 (Mistral's ``sliding_window``; Qwen2's ``layer_types`` choose which layers use it).
 
 Written by the recipe in docs/adding_a_new_model.md; HF's modeling_llama.py is the reference for

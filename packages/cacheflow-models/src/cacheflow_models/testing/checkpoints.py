@@ -71,6 +71,17 @@ LLAMA_ROPE_SCALING: dict[str, dict[str, Any]] = {
                                  "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 32},
                    rope_theta=500000.0),
+    # YaRN as Qwen2.5 / Qwen3 long-context configs give it (a factor over the trained length,
+    # which max_position_embeddings states too), and DeepSeek's form (mscale / mscale_all_dim,
+    # its own betas, no truncation).
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                               "original_max_position_embeddings": 24},
+                 max_position_embeddings=24),
+    "yarn_mscale": dict(rope_scaling={"rope_type": "yarn", "factor": 8.0, "mscale": 1.0,
+                                      "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2,
+                                      "truncate": False,
+                                      "original_max_position_embeddings": 16},
+                        max_position_embeddings=128),
 }
 
 

@@ -1,8 +1,8 @@
 """Rotary position embeddings (neox and gpt-j styles, partial rotary, rope_scaling).
 
 ``rope_scaling`` types: ``linear`` (position interpolation), ``dynamic`` (dynamic NTK),
-``llama3`` and ``longrope`` (Phi-3's long-context variants; ``su`` is its older name), with HF
-transformers' math and config keys.
+``llama3``, ``yarn`` and ``longrope`` (Phi-3's long-context variants; ``su`` is its older name),
+with HF transformers' math and config keys.
 
 Partial rotary (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``): only the first
 ``rotary_dim`` features of each head are rotated, the rest pass through unchanged.
@@ -22,6 +22,14 @@ the part of a request's cache namespace that keeps them apart.
 Dynamic NTK: lengths past ``max_position_embeddings`` get the base
 ``base * (factor * n / original - (factor - 1)) ** (d / (d - 2))``; shorter ones the plain
 frequencies.
+
+YaRN (Qwen2.5 / Qwen3 long-context configs): each frequency is blended between the original
+(extrapolation) and the one divided by ``factor`` (interpolation) by a linear ramp over the
+dimensions between the corrections for ``beta_fast`` and ``beta_slow`` rotations within
+``original_max_position_embeddings`` (default: ``max_position_embeddings``); cos and sin are
+multiplied by the attention factor (the config's, else ``0.1 * ln(factor) + 1``, or the ratio of
+the ``mscale`` / ``mscale_all_dim`` forms of it when both are given). It depends on the position
+alone, and serves positions up to ``factor`` times the original length (as vLLM does).
 
 LongRoPE: the ``short_factor`` frequencies while the length is at most
 ``original_max_position_embeddings``, the ``long_factor`` ones after that; cos and sin are
@@ -45,17 +53,22 @@ from torch import nn
 import cacheflow_kernels
 from cacheflow_runtime.kernels import kernels_for, rotary_cache_applies
 
-ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "su")
+ROPE_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "su")
 
 
 def rope_max_positions(max_position: int, rope_scaling: Optional[dict[str, Any]] = None) -> int:
     """The longest sequence a model supports given its ``max_position_embeddings``.
 
-    ``linear`` and ``dynamic`` scaling stretch the trained length by ``factor``; ``llama3`` and
-    ``longrope`` configs already state the stretched length in ``max_position_embeddings``.
+    ``linear`` and ``dynamic`` scaling stretch the trained length by ``factor``, ``yarn`` its
+    ``original_max_position_embeddings`` (default: ``max_position``) by ``factor``; ``llama3``
+    and ``longrope`` configs already state the stretched length in ``max_position_embeddings``.
     """
-    if _scaling_type(rope_scaling) in ("linear", "dynamic"):
+    kind = _scaling_type(rope_scaling)
+    if kind in ("linear", "dynamic"):
         return int(max_position * float(rope_scaling["factor"]))
+    if kind == "yarn":
+        original, factor = _yarn_lengths(max_position, rope_scaling)
+        return max(max_position, int(original * factor))
     return max_position
 
 
@@ -158,6 +171,50 @@ def longrope_settings(rotary_dim: int, max_position: int,
             1.0 / (factors["long_factor"] * base ** exponents), float(attention))
 
 
+def _yarn_lengths(max_position: int, cfg: dict[str, Any]) -> tuple[int, float]:
+    """(original length, factor) of a ``yarn`` rope_scaling dict (a missing ``factor`` is the
+    ratio of ``max_position`` to the original length, as HF takes it)."""
+    original = int(cfg.get("original_max_position_embeddings") or max_position)
+    factor = cfg.get("factor")
+    return original, (max_position / original if factor is None else float(factor))
+
+
+def yarn_settings(rotary_dim: int, base: float, max_position: int,
+                  cfg: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rotary_dim / 2], attention factor) of a ``yarn`` rope_scaling
+    dict, as HF transformers computes them (see the module docstring)."""
+    original, factor = _yarn_lengths(max_position, cfg)
+    attention = cfg.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = cfg.get("mscale"), cfg.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor,
+                                                                         float(mscale_all_dim))
+                     if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast = float(cfg.get("beta_fast") or 32)
+    beta_slow = float(cfg.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (rotary_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if cfg.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    extrapolation = 1 - ramp
+    inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation)
+                + (1.0 / pos_freqs) * extrapolation)
+    return inv_freq, float(attention)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
     factor = float(cfg["factor"])
     low_freq_factor = float(cfg["low_freq_factor"])
@@ -216,6 +273,9 @@ class RotaryEmbedding(nn.Module):
                 rotary_dim, max_position, {**rope_scaling, "rope_theta": base})
             cache = torch.cat((_cos_sin(short, self.longrope_original),
                                _cos_sin(long, self.max_position))) * attention
+        elif self.scaling_type == "yarn":
+            inv_freq, attention = yarn_settings(rotary_dim, base, max_position, rope_scaling)
+            cache = _cos_sin(inv_freq, self.max_position) * attention
         else:
             inv_freq = rope_inv_freq(rotary_dim, base, rope_scaling)
             # Dynamic NTK: the table holds the unscaled frequencies, used while a sequence is no
