@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cacheflow_models.testing import (
+    LLAMA_ROPE_SCALING,
     hf_greedy,
     run_engine,
     save_tiny_checkpoint,
@@ -39,6 +40,20 @@ def test_float32_greedy_matches_hf_on_cuda(tiny: Path, prompt_batch: list[list[i
     outputs = run_engine(tiny, prompt_batch, params, dtype="float32", device="cuda")
     for prompt, out in zip(prompt_batch, outputs):
         ref, _ = hf_greedy(tiny, prompt, 32, torch.float32, "cuda")
+        assert out.outputs[0].token_ids == ref
+
+
+@pytest.mark.parametrize("kind", ["yarn", "yarn_mscale", "llama3"])
+def test_scaled_rope_matches_hf_on_cuda(kind: str, tmp_path: Path,
+                                        prompt_batch: list[list[int]]) -> None:
+    """Position-only rope scaling (its table scaled by YaRN's attention factor) through the
+    CUDA rotary kernels, fused or not, and decode graphs: HF's float32 greedy tokens."""
+    path = save_tiny_checkpoint(tmp_path / kind,
+                                tiny_llama_config(**{**LLAMA_ROPE_SCALING[kind], **WIDE}))
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = run_engine(path, prompt_batch, params, dtype="float32", device="cuda")
+    for prompt, out in zip(prompt_batch, outputs):
+        ref, _ = hf_greedy(path, prompt, 32, torch.float32, "cuda")
         assert out.outputs[0].token_ids == ref
 
 
