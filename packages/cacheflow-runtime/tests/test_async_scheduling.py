@@ -361,3 +361,34 @@ def test_abort_and_shutdown_with_a_step_in_flight(tiny: Path) -> None:
     assert engine.has_unfinished_requests() and engine._in_flight is not None
     engine.shutdown()
     assert engine._in_flight is None
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_aborted_beam_search_finishes_with_its_beams(tiny: Path,
+                                                        async_scheduling: bool) -> None:
+    """Aborting a beam search ends it: one final output (finished) with the beams it was
+    extending, each "abort", best cumulative logprob first, their tokens those of the beams of
+    the same search run on; the cache is whole again."""
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    free = engine.block_manager.get_num_free_gpu_blocks()
+    params = SamplingParams(use_beam_search=True, best_of=3, n=2, temperature=0, max_tokens=12,
+                            ignore_eos=True)
+    engine.add_request("beam", None, params, [5, 6, 7, 8])
+    steps = [engine.step() for _ in range(4)]
+    assert not any(out.finished for outs in steps for out in outs)
+    engine.abort_request("beam")
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [out for out in engine.step() if out.request_id == "beam"]
+    assert len(finals) == 1 and finals[0].finished
+    outputs = finals[0].outputs
+    assert [o.finish_reason for o in outputs] == ["abort", "abort"]
+    assert outputs[0].cumulative_logprob >= outputs[1].cumulative_logprob
+    assert all(0 < len(o.token_ids) < 12 for o in outputs)
+    assert all(o.text == "".join(ALPHABET[t] for t in o.token_ids if t < EOS) for o in outputs)
+    assert engine.block_manager.get_num_free_gpu_blocks() == free
+    engine.add_request("beam", None, params, [5, 6, 7, 8])  # the id is free again
+    full = []
+    while engine.has_unfinished_requests():
+        full += engine.step()
+    assert full[-1].finished and len(full[-1].outputs[0].token_ids) == 12

@@ -107,6 +107,15 @@ def _is_decode(group: SequenceGroup) -> bool:
     return found
 
 
+def _end_aborted_beam_search(group: SequenceGroup, live: list[Sequence]) -> None:
+    """Ends an aborted beam search: its output is the beams it was extending (all "abort"),
+    best cumulative logprob first, and it is finished (hypotheses found before are dropped)."""
+    ranked = sorted(live, key=lambda seq: seq.cumulative_logprob, reverse=True)
+    group.beam_hypotheses = [(seq.cumulative_logprob, seq) for seq in ranked]
+    group.seqs = ranked
+    group.beam_search_done = True
+
+
 class Scheduler:
     """Decides, each step, which requests run and how many of their tokens."""
 
@@ -159,10 +168,12 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.swapped):
             for group in [g for g in queue if g.request_id in wanted]:
                 queue.remove(group)
-                for seq in group.get_seqs():
-                    if not seq.is_finished():
-                        seq.status = SequenceStatus.FINISHED_ABORTED
+                live = [seq for seq in group.get_seqs() if not seq.is_finished()]
+                for seq in live:
+                    seq.status = SequenceStatus.FINISHED_ABORTED
                 self._release(group)
+                if group.sampling_params.use_beam_search:
+                    _end_aborted_beam_search(group, live)
                 aborted.append(group)
         return aborted
 

@@ -333,9 +333,9 @@ class LLMEngine:
         processor.process(touched, final_only)
         self.scheduler.free_finished()
         reported = touched + self._aborted if self._aborted else touched
+        if self._aborted:
+            processor.process_aborted(self._aborted)
         if final_only:
-            if self._aborted:
-                processor.process_aborted(self._aborted)
             reported = [g for g in reported
                         if request_finished(g) and not processor.text_pending(g)]
         if (processor.has_finished_backlog and self._in_flight is None

@@ -219,13 +219,17 @@ class OutputProcessor:
 
     def process_aborted(self, groups: list[SequenceGroup]) -> None:
         """Brings the texts of aborted ``groups`` up to their tokens as a stream of them shows
-        them (after ``final_only`` steps left them undecoded); no stop string is looked for."""
+        them (after ``final_only`` steps left them undecoded; an aborted beam search's beams,
+        whose texts are built only at its end); no stop string is looked for."""
         detokenizer = self.detokenizer
         if detokenizer is None:
             return
         for group in groups:
             self._running_backlog.pop(group.request_id, None)
-            if group.sampling_params.use_beam_search or not group.sampling_params.detokenize:
+            if not group.sampling_params.detokenize:
+                continue
+            if group.sampling_params.use_beam_search:  # its beams, as the abort left them
+                self._beam_texts(group)
                 continue
             for seq in group.seqs:
                 if seq.num_detokenized < seq.num_known_outputs:
