@@ -16,6 +16,7 @@ from cacheflow_serve.bench_common import OneLineErrorParser
 from cacheflow_serve.bench_latency import add_latency_arguments, run_latency
 from cacheflow_serve.bench_prefix import add_prefix_arguments, run_prefix
 from cacheflow_serve.bench_throughput import add_throughput_arguments, run_throughput
+from cacheflow_serve.client_cli import add_client_arguments, run_chat, run_complete
 from cacheflow_serve.engine_args import add_engine_arguments, llm_kwargs
 from cacheflow_serve.serve_cli import add_serve_arguments, run_serve
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     # --seed above is the request's; the engine seed keeps LLM's default here.
     add_engine_arguments(gen, skip=_GENERATE_SKIPS)
     add_serve_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    add_client_arguments(sub.add_parser("chat", help="chat with the model of a running server"),
+                         chat=True)
+    add_client_arguments(sub.add_parser("complete", help="complete prompts with the model of a "
+                                                         "running server"), chat=False)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True,
                                      parser_class=OneLineErrorParser)
@@ -88,6 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "chat":
+            return run_chat(args)
+        if args.command == "complete":
+            return run_complete(args)
         if args.command == "bench":
             if args.bench_command == "throughput":
                 return run_throughput(args)

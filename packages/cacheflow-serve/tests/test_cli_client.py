@@ -1,0 +1,83 @@
+"""``cacheflow chat`` and ``cacheflow complete`` against a server in this process: what they
+print is the server's reply to the same request (greedy by the server's defaults), a chat keeps
+its history, the API key is sent, and an unreachable or refusing server is a one-line error."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cacheflow_serve.cli import main
+from cacheflow_serve.server import ServerThread
+
+from serve_testutil import server_in_thread
+
+ONE_TORCH_THREAD = True  # see conftest.py
+KEY = "client-key"
+
+
+@pytest.fixture(scope="module")
+def server(chat_tiny_path: Path) -> Iterator[ServerThread]:
+    with server_in_thread(chat_tiny_path, {"kv_cache_blocks": 256}, api_key=KEY,
+                          generation_defaults={"temperature": 0.0}) as thread:
+        yield thread
+
+
+def _post(server: ServerThread, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = httpx.post(server.base_url + "/v1" + path, json={"model": "tiny", **body},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _chat(server: ServerThread, messages: list[dict[str, str]]) -> str:
+    return _post(server, "/chat/completions",
+                 {"messages": messages, "max_tokens": 6})["choices"][0]["message"]["content"]
+
+
+def test_quick_chat_and_completion_print_the_servers_reply(
+        server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    url = ["--url", server.base_url + "/v1", "--api-key", KEY, "--max-tokens", "6"]
+    assert main(["chat", *url, "-q", "hello there", "--system-prompt", "be brief"]) == 0
+    want = _chat(server, [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": "hello there"}])
+    assert want and capsys.readouterr().out == want + "\n"
+    assert main(["complete", *url, "--quick", "abc"]) == 0
+    text = _post(server, "/completions", {"prompt": "abc", "max_tokens": 6})["choices"][0]["text"]
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_chat_keeps_the_conversation(server: ServerThread, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n"))
+    monkeypatch.setenv("CACHEFLOW_API_KEY", KEY)  # the key from the environment
+    assert main(["chat", "--url", server.base_url + "/v1", "--model-name", "tiny",
+                 "--max-tokens", "6"]) == 0
+    first = _chat(server, [{"role": "user", "content": "first"}])
+    second = _chat(server, [{"role": "user", "content": "first"},
+                            {"role": "assistant", "content": first},
+                            {"role": "user", "content": "second"}])
+    assert capsys.readouterr().out == f"{first}\n{second}\n"  # piped: no prompts
+
+
+def test_errors_are_one_line_with_status_1(server: ServerThread,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHEFLOW_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["chat", "--url", server.base_url + "/v1", "-q", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cacheflow: error: ") and "answered 401: invalid or missing API key" \
+        in err and err.count("\n") == 1
+    assert main(["complete", "--url", server.base_url + "/v1", "--api-key", KEY,
+                 "--model-name", "gpt-17", "-q", "hi"]) == 1
+    assert "answered 404: the model 'gpt-17' does not exist" in capsys.readouterr().err
+    assert main(["complete", "--url", "http://127.0.0.1:9/v1", "-q", "hi"]) == 1
+    assert "cannot reach the server at http://127.0.0.1:9/v1" in capsys.readouterr().err
+    assert main(["chat", "--url", server.base_url + "/v1", "--max-tokens", "0", "-q", "x"]) == 2
+    assert "--max-tokens must be a positive integer, got 0" in capsys.readouterr().err
