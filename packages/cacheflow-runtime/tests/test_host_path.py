@@ -98,6 +98,52 @@ def test_detokenizer_matches_decoding_each_sequence_on_its_own(hf_tokenizer: Any
             assert a.output_text == hf_tokenizer.decode(outputs, skip_special_tokens=True)
 
 
+def _byte_fallback_tokenizer() -> Any:
+    """A SentencePiece-style tokenizer (Llama, Mistral, Gemma): characters outside its vocabulary
+    are ``<0xNN>`` byte tokens, which its decoder joins (a run that is not valid UTF-8 becomes
+    one replacement character per byte)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in ("\u2581", "H", "i", "\u2581Hi"):
+        vocab[piece] = len(vocab)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>",
+                                                     byte_fallback=True))
+    tok.normalizer = tokenizers.normalizers.Sequence([
+        tokenizers.normalizers.Prepend("\u2581"), tokenizers.normalizers.Replace(" ", "\u2581")])
+    tok.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+        tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("tail, expected", [
+    ([0xED], "\U0001F916\ufffd"),
+    ([0xED, 0x95], "\U0001F916\ufffd\ufffd"),
+    (["\u2581Hi", 0xED], "\U0001F916 Hi\ufffd"),
+])
+def test_a_byte_fallback_sequence_ending_inside_a_character(tail: list[Any],
+                                                            expected: str) -> None:
+    """A sequence that finishes inside a character (max_tokens, EOS) keeps the text it
+    streamed and adds one replacement character per byte it left unfinished: decoding its held bytes after the robot's bytes would turn the whole
+    run into replacement characters, which the flush used to slice at the wrong place."""
+    tokenizer = _byte_fallback_tokenizer()
+    vocab = tokenizer.get_vocab()
+    robot = [vocab[f"<0x{b:02X}>"] for b in "\U0001F916".encode()]
+    outputs = robot + [vocab[t] if isinstance(t, str) else vocab[f"<0x{t:02X}>"] for t in tail]
+    detokenizer = Detokenizer(tokenizer)
+    seq = Sequence(0, None, [1, vocab["\u2581Hi"]], block_size=16)
+    streamed = []
+    for token in outputs:
+        seq.append_token(token, {token: 0.0})
+        streamed.append(detokenizer.decode_new_text(seq, skip_special_tokens=True))
+    assert "".join(streamed) == expected.rstrip("\ufffd")  # the unfinished bytes held back
+    detokenizer.flush_text(seq)
+    assert seq.output_text == expected
+
+
 def test_detokenizer_resumes_a_sequence_with_earlier_outputs(hf_tokenizer: Any) -> None:
     """A sequence first seen with tokens already generated (recomputed after a preemption)
     continues from the text of those tokens."""

@@ -221,7 +221,9 @@ class Detokenizer:
     def flush_text(self, seq: Sequence) -> str:
         """Appends the text that ``decode_new_text`` still holds back (the bytes of a character
         the sequence never finished) to ``seq.output_text`` and returns it; for a finished
-        sequence, so that its text is what decoding all its tokens at once gives."""
+        sequence, so that its text is what decoding all its tokens at once gives (but where a
+        byte-fallback decoder would turn characters already streamed into replacement ones:
+        ``_held_text``)."""
         if seq.tokens is None or seq.read_offset >= len(seq.tokens):
             return ""
         return self._emit(seq, hold_partial=False)
@@ -253,10 +255,28 @@ class Detokenizer:
         if hold_partial and (len(full) <= len(prefix) or full.endswith("\ufffd")):
             return ""
         delta = full[len(prefix):]
+        if not hold_partial and not full.startswith(prefix):
+            delta = self._held_text(tokens, start, read)
         seq.prefix_offset = read
         seq.read_offset = len(tokens)
         seq.output_text += delta
         return delta
+
+
+    def _held_text(self, tokens: list[str], start: int, read: int) -> str:
+        """The text of the held tokens ``tokens[read:]`` (a finished sequence's unfinished
+        character) where decoding them after their context changes the context's own text: a
+        byte-fallback decoder replaces the whole run of byte tokens, the context's complete
+        characters included. The context is shortened from its end (its last byte tokens go)
+        until its text stays, so the held bytes alone become replacement characters and the
+        text already streamed stands; with no context left, they are decoded alone."""
+        held = tokens[read:]
+        for cut in range(read - 1, start, -1):
+            prefix = self._to_string(tokens[start:cut])
+            full = self._to_string(tokens[start:cut] + held)
+            if full.startswith(prefix):
+                return full[len(prefix):]
+        return self._to_string(held)
 
 
 def decode_new_text(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) -> str:
