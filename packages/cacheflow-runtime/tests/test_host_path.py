@@ -127,8 +127,9 @@ def _byte_fallback_tokenizer() -> Any:
 def test_a_byte_fallback_sequence_ending_inside_a_character(tail: list[Any],
                                                             expected: str) -> None:
     """A sequence that finishes inside a character (max_tokens, EOS) keeps the text it
-    streamed and adds one replacement character per byte it left unfinished: decoding its held bytes after the robot's bytes would turn the whole
-    run into replacement characters, which the flush used to slice at the wrong place."""
+    streamed and adds one replacement character per byte it left unfinished: decoding its held
+    bytes after the robot's bytes would turn the whole run into replacement characters, which
+    the flush used to slice at the wrong place."""
     tokenizer = _byte_fallback_tokenizer()
     vocab = tokenizer.get_vocab()
     robot = [vocab[f"<0x{b:02X}>"] for b in "\U0001F916".encode()]
