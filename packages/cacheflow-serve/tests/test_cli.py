@@ -126,6 +126,18 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_path: Path,
         capsys.readouterr().err
 
 
+def test_serve_cors_flags_take_json_lists() -> None:
+    """vLLM's CORS flags: JSON lists, any origin / method / header by default."""
+    from cacheflow_serve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--allowed-origins",
+                                      '["https://a.example", "http://localhost:3000"]',
+                                      "--allow-credentials"])
+    assert args.allowed_origins == ["https://a.example", "http://localhost:3000"]
+    assert (args.allowed_methods, args.allowed_headers, args.allow_credentials) == (
+        ["*"], ["*"], True)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--port", "99999", "argument --port: must be a port in [0, 65535], got 99999"),
     ("--port", "-1", "argument --port: must be a port in [0, 65535], got -1"),
@@ -137,6 +149,11 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_path: Path,
                                    "got 0"),
     ("--max-queued-requests", "-3", "argument --max-queued-requests: must be an integer >= 1, "
                                     "got -3"),
+    ("--allowed-origins", "https://a.example",
+     "argument --allowed-origins: must be a JSON list of strings, e.g. "
+     "'[\"https://example.com\"]', got 'https://a.example'"),
+    ("--allowed-methods", "[1]", "argument --allowed-methods: must be a JSON list of strings, "
+                                 "e.g. '[\"https://example.com\"]', got '[1]'"),
 ])
 def test_serve_refuses_out_of_range_flags_before_loading(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,

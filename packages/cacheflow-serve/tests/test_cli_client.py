@@ -5,6 +5,10 @@ its history, the API key is sent, and an unreachable or refusing server is a one
 from __future__ import annotations
 
 import io
+import json
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +85,60 @@ def test_errors_are_one_line_with_status_1(server: ServerThread,
     assert "cannot reach the server at http://127.0.0.1:9/v1" in capsys.readouterr().err
     assert main(["chat", "--url", server.base_url + "/v1", "--max-tokens", "0", "-q", "x"]) == 2
     assert "--max-tokens must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def _broken_server(how: str) -> tuple[str, threading.Thread]:
+    """A server that lists one model, then streams two events of a completion and breaks off
+    ``how``: "reset" (connection reset), "cut" (inside a chunk), "nodone" (a clean end without
+    [DONE]) or "badjson"."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            request = conn.recv(65536)
+            if b"/models" in request.split(b"\r\n")[0]:
+                body = json.dumps({"data": [{"id": "m"}]}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                conn.close()
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            for text in ("Hello", " wor"):
+                event = {"choices": [{"index": 0, "text": text}]}
+                conn.sendall(chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
+            if how == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif how == "cut":
+                conn.sendall(b"20\r\ndata: {\"cho")
+            elif how == "nodone":
+                conn.sendall(b"0\r\n\r\n")
+            else:
+                conn.sendall(chunk(b"data: {not json\n\n") + b"0\r\n\r\n")
+            conn.close()
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", thread
+
+
+@pytest.mark.parametrize("how, message", [
+    ("reset", "broke off"), ("cut", "broke off"), ("nodone", "closed the stream before its end"),
+    ("badjson", "sent a malformed event"),
+])
+def test_a_stream_that_breaks_off_is_a_one_line_error(
+        how: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """What streamed is printed, then one error line and status 1 (no traceback, never 0)."""
+    url, thread = _broken_server(how)
+    assert main(["complete", "--url", url, "-q", "hi"]) == 1
+    thread.join(timeout=10)
+    captured = capsys.readouterr()
+    if how != "reset":  # a reset may drop what the client had not read yet
+        assert captured.out.startswith("Hello wor")
+    assert captured.err.startswith("cacheflow: error: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err

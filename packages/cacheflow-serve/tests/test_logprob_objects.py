@@ -124,3 +124,23 @@ def test_processed_logprobs_mode_reports_the_sampled_distribution(tiny_path: Pat
             assert abs(value - float(want[t])) < 1e-4, (i, t)
     with pytest.raises(ValueError, match="logprobs_mode must be one of raw_logprobs"):
         LLM(tiny_path, logprobs_mode="processed")
+
+
+@pytest.mark.parametrize("mode", ["raw_logits", "raw_logprobs"])
+def test_beam_search_reports_the_scores_it_ranks_by_in_every_mode(tiny_path: Path,
+                                                                   mode: str) -> None:
+    """A beam's cumulative logprob is the sum of its tokens' log_softmax after the penalties
+    (what it is ranked by, as HF's beam scores), whether or not logprobs are asked for, and the
+    tokens' reported logprobs are those same values, in every logprobs_mode."""
+    llm = LLM(tiny_path, max_model_len=64, kv_cache_blocks=32, swap_space=0.01,
+              logprobs_mode=mode)
+    base = dict(use_beam_search=True, best_of=3, temperature=0, max_tokens=6, ignore_eos=True,
+                repetition_penalty=1.5)
+    plain = llm.generate(PROMPT, SamplingParams(**base), use_tqdm=False)[0].outputs
+    asked = llm.generate(PROMPT, SamplingParams(**base, logprobs=3), use_tqdm=False)[0].outputs
+    assert [o.token_ids for o in plain] == [o.token_ids for o in asked]
+    for a, b in zip(plain, asked):
+        assert abs(a.cumulative_logprob - b.cumulative_logprob) < 1e-5
+        chosen = [entry[t].logprob for t, entry in zip(b.token_ids, b.logprobs)]
+        assert all(value <= 0 for value in chosen)  # logprobs, never logits
+        assert abs(sum(chosen) - b.cumulative_logprob) < 1e-4

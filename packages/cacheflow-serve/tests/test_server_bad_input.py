@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from cacheflow_runtime import AsyncLLMEngine
 from cacheflow_serve import LLM
-from cacheflow_serve.server import ServerThread, make_server
+from cacheflow_serve.server import CorsPolicy, ServerThread, make_server
 
 KEY = "sekret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -245,6 +245,36 @@ def test_unknown_model_is_404(http: httpx.Client) -> None:
     _error(http.get("/v1/models/gpt-17"), 404)
     _error(http.get("/v1/no-such-route"), 404)
     _error(http.get("/v1/completions"), 405)
+
+
+def test_cors_preflights_and_headers(server: ServerThread, chat_tiny_path: Path) -> None:
+    """vLLM's CORS defaults (any origin, method, header): a browser's preflight is answered
+    before the API key is asked for, and answers carry Access-Control-Allow-Origin; a policy
+    naming origins refuses the others' preflights."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        resp = client.options("/v1/chat/completions", headers=preflight)
+        assert resp.status_code == 200
+        assert resp.headers["access-control-allow-origin"] == "*"
+        assert "POST" in resp.headers["access-control-allow-methods"]
+        resp = client.post("/v1/completions", json=COMPLETION,
+                           headers={**AUTH, "Origin": "https://app.example"})
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "*"
+        assert client.get("/v1/models", headers={"Origin": "https://app.example"}
+                          ).headers["access-control-allow-origin"] == "*"  # a 401, with CORS
+    llm = LLM(chat_tiny_path, device="cpu", dtype="float32", kv_cache_blocks=64)
+    policy = CorsPolicy(allowed_origins=("https://ok.example",))
+    strict = ServerThread(make_server(AsyncLLMEngine(llm.engine), port=0, log_level="warning",
+                                      cors=policy)).start()
+    try:
+        with httpx.Client(base_url=strict.base_url, timeout=30) as client:
+            assert client.options("/v1/completions", headers=preflight).status_code == 400
+            ok = client.options("/v1/completions",
+                                headers={**preflight, "Origin": "https://ok.example"})
+            assert ok.headers["access-control-allow-origin"] == "https://ok.example"
+    finally:
+        strict.stop()
 
 
 @pytest.mark.parametrize("headers", [

@@ -52,6 +52,7 @@ from cacheflow_runtime.seeded_noise import hashed_exponential
 
 _PROMPT_LOGPROBS_CHUNK = 256  # rows per log_softmax over the vocab for prompt logprobs
 
+
 @dataclass
 class _RowParams:
     """Per-row parameters of the batch, in the order of the gathered rows."""
@@ -137,18 +138,16 @@ class Sampler(torch.nn.Module):
             work, logprobs, groups, params, first_rows, default_generator, positions)
         if reported is None:
             reported = logprobs if raw else _processed(work, logprobs, truncated, as_logits)
+        if beams and reported is not logprobs:
+            # Beam searches report the scores they rank by, whatever the mode.
+            index = _long(_beam_group_rows(groups, first_rows), work.device)
+            reported = reported.index_copy(0, index, logprobs.index_select(0, index))
         tokens = (torch.cat(token_chunks) if token_chunks
                   else torch.empty(0, dtype=torch.long, device=work.device))
-        plain_rows = _long([s.row for s in samples], work.device)
-        sample_rows = torch.cat([plain_rows, *beam_rows])
-        # Beam candidates keep the scores they are ranked by, whatever is reported.
-        chosen = torch.cat([reported[plain_rows, tokens[:len(samples)]],
-                            *([logprobs[torch.cat(beam_rows), tokens[len(samples):]]]
-                              if beam_rows else [])])
-        chosen_rank = None
-        if any(g.sampling_params.logprobs is not None for g in groups):
-            in_rows = reported.index_select(0, sample_rows)
-            chosen_rank = _ranks(in_rows, in_rows.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        sample_rows = torch.cat([_long([s.row for s in samples], work.device), *beam_rows])
+        chosen = reported[sample_rows, tokens]
+        chosen_rank = (_ranks(reported.index_select(0, sample_rows), chosen)
+                       if any(g.sampling_params.logprobs is not None for g in groups) else None)
         top_values, top_ids = _top_logprobs(reported, max(params.num_top, default=0))
         prompt = [_prompt_logprobs(logits, g, group, as_logits)
                   for g, group in enumerate(groups)
@@ -158,6 +157,12 @@ class Sampler(torch.nn.Module):
                              num_top=params.num_top, top_values=top_values, top_ids=top_ids,
                              prompt=prompt, decode_tokens=decode_tokens,
                              decode_chosen=decode_chosen, chosen_rank=chosen_rank)
+
+
+def _beam_group_rows(groups: list[SamplingGroup], first_rows: list[int]) -> list[int]:
+    """The gathered rows of the beam search groups."""
+    return [first_rows[g] + j for g, group in enumerate(groups)
+            if group.sampling_params.use_beam_search for j in range(len(group.logit_rows))]
 
 
 def _changes_logits(params: _RowParams) -> bool:

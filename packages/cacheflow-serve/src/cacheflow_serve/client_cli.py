@@ -10,6 +10,7 @@ library talks to the server, so the clients start at once and need nothing the s
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -77,16 +78,32 @@ class _Client:
         return str(models[0]["id"])
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The JSON events of a streamed ``POST`` until ``[DONE]``."""
+        """The JSON events of a streamed ``POST`` until ``[DONE]``; ClientError for a stream
+        that breaks off or is not server-sent JSON events."""
         with self._open(path, {**body, "stream": True}) as response:
-            for raw in response:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[len("data:"):].strip()
-                if payload == "[DONE]":
-                    return
-                event = json.loads(payload)
+            lines = iter(response)
+            while True:
+                try:
+                    raw = next(lines, None)
+                    if raw is None:
+                        raise ClientError(f"the server at {self.url} closed the stream before "
+                                          "its end ([DONE])")
+                    line = raw.decode("utf-8").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[len("data:"):].strip()
+                    if payload == "[DONE]":
+                        return
+                    event = json.loads(payload)
+                except (http.client.HTTPException, OSError) as exc:
+                    raise ClientError(f"the stream from {self.url} broke off: "
+                                      f"{type(exc).__name__}: {exc}") from None
+                except ValueError as exc:  # bad UTF-8 or JSON
+                    raise ClientError(f"the server at {self.url} sent a malformed event: "
+                                      f"{exc}") from None
+                if not isinstance(event, dict):
+                    raise ClientError(f"the server at {self.url} sent a malformed event: "
+                                      f"{payload[:200]}")
                 if "error" in event:
                     raise ClientError(f"the server failed the request: "
                                       f"{_error_message(payload.encode('utf-8'))}")

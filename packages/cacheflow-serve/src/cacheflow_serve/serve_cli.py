@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -46,6 +47,18 @@ _SECONDS = _ranged(float, lambda value: math.isfinite(value) and value >= 0,
                    "a finite number of seconds >= 0")
 
 
+def _json_strings(text: str) -> list[str]:
+    """An argparse type: a JSON list of strings (vLLM's form of the CORS flags)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings, e.g. "
+                                         f"'[\"https://example.com\"]', got {text!r}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cacheflow serve``."""
     parser.add_argument("model", nargs="?", default=None,
@@ -57,6 +70,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every /v1 route "
                              f"(default: ${API_KEY_ENV} if set)")
+    parser.add_argument("--allowed-origins", type=_json_strings, default=["*"],
+                        help="browser origins allowed to call the server, a JSON list "
+                             "(default: [\"*\"])")
+    parser.add_argument("--allowed-methods", type=_json_strings, default=["*"],
+                        help="HTTP methods allowed to them, a JSON list (default: [\"*\"])")
+    parser.add_argument("--allowed-headers", type=_json_strings, default=["*"],
+                        help="request headers allowed to them, a JSON list (default: [\"*\"])")
+    parser.add_argument("--allow-credentials", action="store_true",
+                        help="let them send cookies and credentials (CORS)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="model name(s) clients use (default: the model path)")
     parser.add_argument("--max-queued-requests", type=_COUNT, default=None,
@@ -114,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
             args.model, max_queued_requests=args.max_queued_requests, log_level=args.log_level,
             **llm_kwargs(args))
         engine, close = client, client.close
+    from cacheflow_serve.server.app import CorsPolicy
     from cacheflow_serve.server.launcher import make_server
 
     logger.info("model %s; sampling defaults from the generation config (%s) for fields a "
@@ -125,7 +148,11 @@ def run_serve(args: argparse.Namespace) -> int:
         server = make_server(engine, host=args.host, port=args.port, api_key=api_key,
                              served_model_names=names,
                              shutdown_grace_period=args.shutdown_grace_period,
-                             log_level=args.log_level, generation_defaults=defaults)
+                             log_level=args.log_level, generation_defaults=defaults,
+                             cors=CorsPolicy(tuple(args.allowed_origins),
+                                             tuple(args.allowed_methods),
+                                             tuple(args.allowed_headers),
+                                             args.allow_credentials))
         # What lives as long as the server (model or tokenizer, imports) leaves the cyclic
         # garbage collector's scans: a full collection walks every tracked object and stalls
         # the engine's step while it does (host_overhead.py --gc-freeze: collection pauses per

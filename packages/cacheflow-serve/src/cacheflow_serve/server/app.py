@@ -12,9 +12,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from cacheflow_models import has_tokenizer
@@ -33,6 +35,18 @@ from cacheflow_serve.server.protocol import (
 from cacheflow_serve.server.serving import ServingContext
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which browser pages may call the server (the CORS headers and preflight answers of
+    Starlette's ``CORSMiddleware``); vLLM's defaults: any origin, method and header, without
+    credentials."""
+
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 class _BodyLimit:
@@ -129,15 +143,18 @@ def _check_api_key(api_key: Optional[str]) -> None:
 def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[str] | str] = None,
               api_key: Optional[str] = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              generation_defaults: Optional[Mapping[str, Any]] = None) -> FastAPI:
+              generation_defaults: Optional[Mapping[str, Any]] = None,
+              cors: Optional[CorsPolicy] = None) -> FastAPI:
     """The server app over ``engine`` (an AsyncLLMEngine or an EngineCoreClient, not started
     yet or started on the loop that will run the app). ``served_model_names``: the names
     clients may ask for (the first is reported; default: the model path). ``api_key``: the key
     every /v1 route and the tokenizer routes require as ``Authorization: Bearer KEY`` (None: no
     authentication; an empty or blank key is refused with InvalidArgumentError).
     ``generation_defaults``: sampling values for fields a request leaves unset
-    (``LLM.generation_defaults``). The app's metrics are attached to the engine as its observer,
-    in a registry of the app's own."""
+    (``LLM.generation_defaults``). ``cors``: the browser origins allowed (default
+    ``CorsPolicy()``: any; a preflight is answered before the API key is asked for). The app's
+    metrics are attached to the engine as its observer, in a registry of the app's own."""
+    cors = cors or CorsPolicy()
     _check_api_key(api_key)
     if isinstance(served_model_names, str):
         served_model_names = [served_model_names]
@@ -164,7 +181,11 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
     if api_key is not None:
-        app.add_middleware(_ApiKeyCheck, api_key=api_key)  # outermost: before the body limit
+        app.add_middleware(_ApiKeyCheck, api_key=api_key)  # before the body limit
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
+                       allow_methods=list(cors.allowed_methods),
+                       allow_headers=list(cors.allowed_headers),
+                       allow_credentials=cors.allow_credentials)  # outermost
     app.include_router(_open_routes(ctx))
     app.include_router(_api_routes(ctx))
     return app

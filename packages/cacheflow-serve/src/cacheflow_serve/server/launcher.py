@@ -25,7 +25,7 @@ from typing import Any, Optional
 import uvicorn
 
 from cacheflow_runtime import BaseAsyncEngine
-from cacheflow_serve.server.app import DEFAULT_MAX_REQUEST_BYTES, build_app
+from cacheflow_serve.server.app import DEFAULT_MAX_REQUEST_BYTES, CorsPolicy, build_app
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,13 @@ def make_server(engine: BaseAsyncEngine, *, host: str = "127.0.0.1", port: int =
                 served_model_names: Optional[Sequence[str]] = None,
                 shutdown_grace_period: float = 5.0, log_level: str = "info",
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                generation_defaults: Optional[Mapping[str, Any]] = None) -> uvicorn.Server:
+                generation_defaults: Optional[Mapping[str, Any]] = None,
+                cors: Optional[CorsPolicy] = None) -> uvicorn.Server:
     """A uvicorn server of the app over ``engine`` (run it with ``.run()``);
-    ``generation_defaults`` as for ``build_app``."""
+    ``generation_defaults`` and ``cors`` as for ``build_app``."""
     app = build_app(engine, served_model_names=served_model_names, api_key=api_key,
-                    max_request_bytes=max_request_bytes, generation_defaults=generation_defaults)
+                    max_request_bytes=max_request_bytes, generation_defaults=generation_defaults,
+                    cors=cors)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(shutdown_grace_period) + 5,
                             timeout_keep_alive=5)
