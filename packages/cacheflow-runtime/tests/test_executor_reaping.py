@@ -59,3 +59,19 @@ def test_workers_do_not_outlive_the_driver(tmp_path: Path, how: str) -> None:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def test_reaping_skips_workers_that_never_started() -> None:
+    """Starting the second worker failed (say, a script without a ``__main__`` guard): the
+    finalizer stops the first and drops the second, without an error of its own at exit."""
+    import multiprocessing
+
+    from cacheflow_runtime.executor.multiproc import _reap
+
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    never = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    pipes = [ctx.Pipe(), ctx.Pipe()]
+    started.start()
+    _reap([started, never], [parent for parent, _ in pipes], timeout=0.5)
+    assert not started.is_alive() and never.pid is None

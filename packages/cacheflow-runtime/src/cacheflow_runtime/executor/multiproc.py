@@ -118,14 +118,15 @@ def _worker_main(spec: WorkerSpec, rank: int, device: str,
 
 def _reap(processes: list[BaseProcess], conns: list[Any], timeout: float = 5.0) -> None:
     """Asks every worker to stop, then closes the pipes and terminates and kills what is
-    left."""
+    left (workers never started, when starting one failed, are only dropped)."""
     message = pickle.dumps(("shutdown", None))
     for proc, conn in zip(processes, conns):
-        if proc.is_alive():
+        if proc.pid is not None and proc.is_alive():
             try:
                 conn.send_bytes(message)
             except (OSError, ValueError):
                 pass
+    processes = [proc for proc in processes if proc.pid is not None]  # those started
     deadline = time.monotonic() + timeout
     for proc in processes:
         proc.join(max(0.0, deadline - time.monotonic()))
