@@ -154,3 +154,17 @@ def test_a_stream_that_breaks_off_is_a_one_line_error(
         assert captured.out.startswith("Hello wor")
     assert captured.err.startswith("cacheflow: error: ") and message in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_ctrl_c_during_a_reply_exits_130_without_a_traceback(
+        server: ServerThread, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import cacheflow_serve.client_cli as client_cli
+
+    def interrupted(*_: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client_cli, "_chat_reply", interrupted)
+    assert main(["chat", "--url", server.base_url + "/v1", "--api-key", KEY, "-q", "hi"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "\n" and captured.err == ""

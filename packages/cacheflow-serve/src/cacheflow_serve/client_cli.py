@@ -196,6 +196,9 @@ def run_chat(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     except ClientError as exc:
         print(f"cacheflow: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during a reply: end the line, exit as interrupted
+        out.write("\n")
+        return 130
     return 0
 
 
@@ -210,4 +213,7 @@ def run_complete(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     except ClientError as exc:
         print(f"cacheflow: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 130
     return 0
