@@ -72,10 +72,12 @@ class _Client:
     def first_model(self) -> str:
         """The first model id ``GET /models`` lists."""
         with self._open("/models") as response:
-            models = json.loads(response.read()).get("data") or []
-        if not models:
-            raise ClientError(f"{self.url}/models lists no model")
-        return str(models[0]["id"])
+            try:
+                models = json.loads(response.read()).get("data") or []
+                return str(models[0]["id"])
+            except (ValueError, AttributeError, LookupError, TypeError):
+                raise ClientError(f"{self.url}/models lists no model; name one with "
+                                  "--model-name") from None
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The JSON events of a streamed ``POST`` until ``[DONE]``; ClientError for a stream
