@@ -64,8 +64,6 @@ def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> Non
                        param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if req.stream and req.best_of not in (None, req.n or 1):
-        raise APIError(400, "best_of must equal n when streaming", param="best_of")
 
 
 def _echoed(req: ChatCompletionRequest) -> str:
@@ -92,7 +90,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_length(ctx, len(ids), asked, param, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k, req.best_of, defaults=ctx.sampling_defaults)
+    params = sampling_params(req, max_tokens, k, defaults=ctx.sampling_defaults)
     request_id = new_id("chatcmpl")
     streams = await add_requests(ctx, request_id, [ids], params=[params])
     return await respond(_ChatCall(ctx, req, request_id, streams, k), bool(req.stream), raw)

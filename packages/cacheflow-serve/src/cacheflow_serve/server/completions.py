@@ -55,9 +55,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     check_stream_options(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    n = req.n or 1
-    if req.stream and req.best_of not in (None, n):
-        raise APIError(400, "best_of must equal n when streaming", param="best_of")
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens 0 needs echo: true (it returns the prompt only)",
                        param="max_tokens")
@@ -79,7 +76,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
             # A prompt-only echo runs the prompt step, whose one sampled token is dropped.
             max_tokens = check_length(ctx, len(ids), max(req.max_tokens, 1), "max_tokens",
                                       "prompt")
-        params.append(sampling_params(req, max_tokens, req.logprobs, req.best_of,
+        params.append(sampling_params(req, max_tokens, req.logprobs,
                                       defaults=ctx.sampling_defaults,
                                       prompt_logprobs=prompt_logprobs))
     request_id = new_id("cmpl")

@@ -65,6 +65,9 @@ class SamplingFields(_Body):
     temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]] = None
     top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]] = None
     n: Optional[Annotated[int, Field(ge=1, le=128)]] = 1
+    #: Sample this many and answer the ``n`` of highest cumulative logprob (equal to ``n`` when
+    #: streaming).
+    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -103,7 +106,6 @@ class CompletionRequest(SamplingFields):
     prompt: PromptType
     #: 0 only with ``echo``: the prompt back (with its logprobs, if asked), nothing generated.
     max_tokens: Optional[Annotated[int, Field(ge=0)]] = None
-    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     echo: Optional[bool] = False
     logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     suffix: Optional[str] = None
@@ -148,9 +150,6 @@ class ChatCompletionRequest(SamplingFields):
     #: vLLM's: with a last message of the answer's role (assistant), its content leads each
     #: choice's content (what ``continue_final_message`` continued).
     echo: Optional[bool] = False
-    #: vLLM's: sample this many per choice set and answer the ``n`` of highest cumulative
-    #: logprob (equal to ``n`` when streaming).
-    best_of: Optional[Annotated[int, Field(ge=1, le=128)]] = None
 
 
 class TokenizeRequest(_Body):

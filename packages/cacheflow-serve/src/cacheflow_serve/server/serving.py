@@ -127,10 +127,14 @@ def check_tokenizer_needs(ctx: ServingContext, req: SamplingFields) -> None:
 
 
 def check_stream_options(req: SamplingFields) -> None:
-    """400 for ``stream_options`` on a request that does not stream (as vLLM and OpenAI)."""
+    """400 for ``stream_options`` on a request that does not stream (as vLLM and OpenAI), and
+    for a streamed request whose ``best_of`` is not its ``n`` (its choices would have to be
+    ranked before any of them is sent)."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true",
                        param="stream_options")
+    if req.stream and req.best_of not in (None, req.n or 1):
+        raise APIError(400, "best_of must equal n when streaming", param="best_of")
 
 
 def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[int]
@@ -166,7 +170,6 @@ def check_length(ctx: ServingContext, prompt_len: int, max_tokens: Optional[int]
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int],
-                    best_of: Optional[int] = None,
                     defaults: Optional[Mapping[str, Any]] = None,
                     prompt_logprobs: Optional[int] = None) -> SamplingParams:
     """The engine's SamplingParams for a request (400 on a bad combination). A field the
@@ -180,7 +183,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: Optional[int
 
     try:
         return SamplingParams(
-            n=req.n or 1, best_of=best_of,
+            n=req.n or 1, best_of=req.best_of,
             temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
             top_k=pick("top_k", -1), min_p=pick("min_p", 0.0),
             presence_penalty=req.presence_penalty or 0.0,
