@@ -144,6 +144,16 @@ def test_config_arguments_are_typed(make: Any, message: str) -> None:
     assert str(info.value) == message
 
 
+def test_default_token_budget_covers_every_running_request() -> None:
+    """The default step budget is never below max_num_seqs (a decode token each); a budget the
+    user gives is kept as given."""
+    assert SchedulerConfig().max_num_batched_tokens == 2048
+    assert SchedulerConfig(max_num_seqs=4096).max_num_batched_tokens == 4096
+    assert SchedulerConfig(max_num_seqs=3000, enable_chunked_prefill=False,
+                           max_model_len=1024).max_num_batched_tokens == 3000
+    assert SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=16).max_num_batched_tokens == 16
+
+
 # ------------------------------------------------------------------------ checkpoint fuzzing
 
 

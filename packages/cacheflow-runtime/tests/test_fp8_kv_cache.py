@@ -4,6 +4,7 @@ PagedAttention and their checkpoint hook; on a GPU, the kernels against that emu
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 from cacheflow_runtime.attention import PagedAttention, cuda, load_kv_scale, reference
 from cacheflow_runtime.config import CacheConfig, ModelConfig, kv_cache_torch_dtype
+from cacheflow_runtime.errors import InvalidArgumentError
 from cacheflow_runtime.model_executor.cache_engine import CacheEngine, block_bytes
 
 FP8 = torch.float8_e4m3fn
@@ -30,9 +32,13 @@ def test_cache_dtype_names(given: str, stored: str) -> None:
     assert CacheConfig(cache_dtype=given).cache_dtype == stored
 
 
-def test_unknown_cache_dtype_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of .*got 'int8'"):
-        CacheConfig(cache_dtype="int8")
+@pytest.mark.parametrize("given", ["int8", "fp8_e5m2", None, 8])
+def test_unknown_cache_dtype_is_a_clear_error(given: object) -> None:
+    with pytest.raises(InvalidArgumentError,
+                       match=r"kv_cache_dtype must be one of .*got " + re.escape(repr(given))
+                       ) as err:
+        CacheConfig(cache_dtype=given)  # type: ignore[arg-type]
+    assert err.value.field == "kv_cache_dtype" and err.value.value == given
 
 
 def test_kv_cache_torch_dtype() -> None:

@@ -24,6 +24,8 @@ from cacheflow_serve.server import ServerThread
 from serve_testutil import assert_idle, server_in_thread
 
 BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                "{% for c in m.get('tool_calls', []) %}[{{ c['function']['name'] }}:"
+                "{{ c['function']['arguments'] | tojson }}]{% endfor %}"
                 "{% if not loop.last or not continue_final_message %}\n{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -119,6 +121,36 @@ def test_tool_messages_reach_the_template_with_their_call_id(chat_llm: LLM) -> N
         "[user:][tool:call_1]"
 
 
+def test_assistant_tool_calls_reach_the_template_with_parsed_arguments(chat_llm: LLM) -> None:
+    """An assistant message's ``tool_calls`` go to the chat template with their JSON arguments
+    parsed to a dict (as vLLM and HF ``apply_chat_template`` pass them); bad calls are refused
+    with the message's index."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    assert template_messages(messages)[1] == {
+        "role": "assistant", "content": "",
+        "tool_calls": [{"id": "call_1", "type": "function",
+                        "function": {"name": "get_weather",
+                                     "arguments": {"city": "Paris", "days": 2}}}]}
+    template = ("{% for m in messages %}<{{ m['role'] }}>{% for c in m.get('tool_calls', []) %}"
+                "[{{ c['function']['name'] }}({{ c['function']['arguments']['city'] }})]"
+                "{% endfor %}{{ m['content'] }}{% endfor %}")
+    assert chat_llm.apply_chat_template(messages, chat_template=template) == \
+        "<user>Weather?<assistant>[get_weather(Paris)]<tool>sunny"
+    bad_json = {**call, "function": {"name": "f", "arguments": "{city: Paris"}}
+    for calls, match in (([bad_json], r"messages\[1\]\.tool_calls\[0\]\.function\.arguments "
+                                      r"must be a JSON object"),
+                         ([{"type": "function"}], r"messages\[1\]\.tool_calls\[0\] must be"),
+                         ("call", r"messages\[1\]\.tool_calls must be a list")):
+        with pytest.raises(InvalidRequestError, match=match):
+            template_messages([messages[0], {"role": "assistant", "tool_calls": calls}])
+    with pytest.raises(InvalidRequestError, match=r"only assistant messages carry tool calls"):
+        template_messages([{"role": "user", "content": "x", "tool_calls": [call]}])
+
+
 def test_continue_final_message_and_template_override(chat_llm: LLM, hf_tokenizer: Any) -> None:
     partial = [*MESSAGES, {"role": "assistant", "content": "Blu"}]
     out = chat_llm.chat(partial, GREEDY, use_tqdm=False, add_generation_prompt=False,
@@ -184,15 +216,14 @@ def test_server_chat_and_tokenize_count_one_bos(server: ServerThread, chat_llm: 
             "ignore_eos": True, "return_token_ids": True}
     resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
     choice = resp["choices"][0]
-    assert choice["prompt_token_ids"] == expected_ids
+    assert resp["prompt_token_ids"] == expected_ids and "prompt_token_ids" not in choice
     assert resp["usage"]["prompt_tokens"] == len(expected_ids)
     offline = chat_llm.chat(MESSAGES, GREEDY, use_tqdm=False)[0].outputs[0]
     assert choice["token_ids"] == list(offline.token_ids)
     # vLLM's add_special_tokens: the tokenizer's BOS on top of the template's.
     doubled = httpx.post(base + "/v1/chat/completions", timeout=60,
                          json={**body, "add_special_tokens": True}).json()
-    assert doubled["choices"][0]["prompt_token_ids"] == [hf_tokenizer.bos_token_id,
-                                                         *expected_ids]
+    assert doubled["prompt_token_ids"] == [hf_tokenizer.bos_token_id, *expected_ids]
 
     tokenized = httpx.post(base + "/tokenize", json={"messages": MESSAGES}).json()
     assert tokenized["tokens"] == expected_ids and tokenized["count"] == len(expected_ids)
@@ -245,10 +276,17 @@ def test_server_chat_echo_and_best_of(server: ServerThread) -> None:
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == index]
         assert deltas[0] == {"role": "assistant", "content": ""}
         assert deltas[1] == {"content": "Blu\ne"}
+    # Without a generation prompt the answer continues the last message in its role (vLLM's
+    # rule), so a last user message is the role, and with echo the start, of the answer.
     user_last = {**body, "messages": MESSAGES, "continue_final_message": False, "echo": True}
     user_plain = httpx.post(url, json={**user_last, "echo": False}, timeout=60).json()
-    assert (httpx.post(url, json=user_last, timeout=60).json()["choices"][0]["message"]
-            == user_plain["choices"][0]["message"])
+    assert user_plain["choices"][0]["message"]["role"] == "user"
+    user_echoed = httpx.post(url, json=user_last, timeout=60).json()["choices"][0]["message"]
+    assert user_echoed == {"role": "user", "content": "Name a colour."
+                           + user_plain["choices"][0]["message"]["content"]}
+    with_prompt = httpx.post(url, json={**user_last, "add_generation_prompt": True},
+                             timeout=60).json()["choices"][0]["message"]
+    assert with_prompt["role"] == "assistant" and not with_prompt["content"].startswith("Name")
 
     sampled = {"messages": MESSAGES, "temperature": 1.0, "max_tokens": 4, "ignore_eos": True,
                "seed": 5, "logprobs": True}
@@ -262,3 +300,66 @@ def test_server_chat_echo_and_best_of(server: ServerThread) -> None:
     assert totals == pytest.approx(all_totals[:2], abs=1e-4)
     refused = httpx.post(url, json={**sampled, "n": 1, "best_of": 2, "stream": True}, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "best_of"
+
+
+def _sse_chunks(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        return [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+
+
+def test_server_chat_streams_token_ids_and_running_usage(server: ServerThread,
+                                                         hf_tokenizer: Any) -> None:
+    """Streamed chat with ``return_token_ids``: each role chunk carries the prompt's ids, each
+    content chunk its new tokens, together the non-streamed answer's; with
+    ``continuous_usage_stats`` every chunk has its choice's running usage, and the last the
+    call's."""
+    url = server.base_url + "/v1/chat/completions"
+    body = {"messages": MESSAGES, "temperature": 0.8, "seed": 7, "max_tokens": 7,
+            "ignore_eos": True, "return_token_ids": True, "n": 2}
+    whole = httpx.post(url, json=body, timeout=60).json()
+    prompt_ids = hf_ids(hf_tokenizer, MESSAGES)
+    chunks = _sse_chunks(url, {**body, "stream_options": {"include_usage": True,
+                                                          "continuous_usage_stats": True}})
+    roles = [c for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+    assert [c["choices"][0]["index"] for c in roles] == [0, 1]
+    assert all(c["prompt_token_ids"] == prompt_ids for c in roles)
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        streamed[choice["index"]] += choice.get("token_ids", [])
+        done = len(streamed[choice["index"]])
+        assert chunk["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": done,
+                                  "total_tokens": len(prompt_ids) + done}
+    assert streamed == {c["index"]: c["token_ids"] for c in whole["choices"]}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 14
+    # stream_options given without include_usage: on, as vLLM defaults it; no running usage.
+    plain = _sse_chunks(url, {**body, "return_token_ids": False, "stream_options": {}})
+    assert all(c["usage"] is None for c in plain[:-1])
+    assert plain[-1]["usage"]["completion_tokens"] == 14
+    assert all("token_ids" not in c["choices"][0] and "prompt_token_ids" not in c
+               for c in plain[:-1])
+
+
+def test_server_chat_tool_calls_reach_the_template(server: ServerThread,
+                                                   hf_tokenizer: Any) -> None:
+    """An assistant message's tool calls sent over HTTP reach the template with their arguments
+    parsed (the fixture's template prints them), as HF renders the same calls; structured
+    outputs are refused, not ignored."""
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "lookup", "arguments": '{"q": "blue"}'}}
+    messages = [*MESSAGES, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "content": "found", "tool_call_id": "c1"}]
+    parsed = {**call, "function": {"name": "lookup", "arguments": {"q": "blue"}}}
+    expected = hf_ids(hf_tokenizer, [*MESSAGES, {"role": "assistant", "content": "",
+                                                 "tool_calls": [parsed]}, messages[-1]])
+    assert '[lookup:{"q": "blue"}]' in hf_tokenizer.decode(expected)
+    ids = httpx.post(server.base_url + "/tokenize", json={"messages": messages},
+                     timeout=60).json()
+    assert ids["tokens"] == expected
+    url = server.base_url + "/v1/chat/completions"
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"guided_choice": ["a", "b"]}, "guided_choice"),
+                         ({"structured_outputs": {"regex": "a+"}}, "structured_outputs")):
+        refused = httpx.post(url, json={"messages": MESSAGES, **extra}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param

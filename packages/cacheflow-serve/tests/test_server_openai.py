@@ -3,6 +3,7 @@ engine in a process of its own, as ``cacheflow serve`` runs it)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,66 @@ def _samples(text: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name.split("{")[0]] = float(value)
     return out
+
+
+def _sse(base_url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", base_url + path, json={"model": MODEL, "stream": True, **body},
+                      timeout=60) as reply:
+        assert reply.status_code == 200, reply.read()
+        return [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")]
+
+
+def test_completions_continuous_usage_stats(server: ServerThread) -> None:
+    """``continuous_usage_stats``: each chunk's usage is its choice's prompt and tokens so far
+    (two prompts of different lengths, n=2, each token its own chunk through
+    ``return_token_ids``); the last chunk has the call's; ``stream_options: {}`` gives only
+    that last one (include_usage defaults on, as in vLLM)."""
+    body = {"prompt": ["Hello, my name is", "a"], "n": 2, "temperature": 0.9, "seed": 4,
+            "max_tokens": 6, "ignore_eos": True, "return_token_ids": True}
+    chunks = _sse(server.base_url, "/v1/completions",
+                  {**body, "stream_options": {"include_usage": True,
+                                              "continuous_usage_stats": True}})
+    prompt_len: dict[int, int] = {}
+    done: dict[int, int] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        i = choice["index"]
+        if "prompt_token_ids" in choice:
+            prompt_len[i] = len(choice["prompt_token_ids"])
+        done[i] = done.get(i, 0) + len(choice["token_ids"])
+        assert chunk["usage"] == {"prompt_tokens": prompt_len[i], "completion_tokens": done[i],
+                                  "total_tokens": prompt_len[i] + done[i]}
+    assert done == {0: 6, 1: 6, 2: 6, 3: 6} and prompt_len[0] > prompt_len[2]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 24
+    assert last["usage"]["prompt_tokens"] == prompt_len[0] + prompt_len[2]
+    plain = _sse(server.base_url, "/v1/completions", {**body, "stream_options": {}})
+    assert all(c["usage"] is None for c in plain[:-1])
+    assert plain[-1]["usage"] == last["usage"]
+    no_usage = _sse(server.base_url, "/v1/completions",
+                    {**body, "stream_options": {"include_usage": False,
+                                                "continuous_usage_stats": True}})
+    assert all("usage" not in c for c in no_usage) and no_usage[-1]["choices"]
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, "structured_outputs"),
+])
+def test_completions_refuse_output_constraints(server: ServerThread, extra: dict[str, Any],
+                                               param: str) -> None:
+    """Structured outputs are not served: a completion asking for them gets a 400 naming the
+    field instead of unconstrained text; ``response_format`` text is fine."""
+    url = server.base_url + "/v1/completions"
+    refused = httpx.post(url, json={"model": MODEL, "prompt": "a", "max_tokens": 2, **extra},
+                         timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == param
+    ok = httpx.post(url, json={"model": MODEL, "prompt": "a", "max_tokens": 2,
+                               "response_format": {"type": "text"}}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1

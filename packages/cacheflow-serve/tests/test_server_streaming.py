@@ -19,7 +19,8 @@ def _outputs(texts: list[str]) -> AsyncIterator[Any]:
             comp = SimpleNamespace(index=0, text=text, token_ids=list(range(i + 1)),
                                    logprobs=None, finish_reason="length" if last else None,
                                    stop_reason=None)
-            yield SimpleNamespace(outputs=[comp], finished=last, prompt_logprobs=None)
+            yield SimpleNamespace(outputs=[comp], finished=last, prompt_logprobs=None,
+                                  prompt_token_ids=[7, 8, 9])
     return gen()
 
 
@@ -43,3 +44,13 @@ def test_first_chunk_after_a_held_back_stop_string_prefix() -> None:
 
 def test_a_choice_finishing_without_text_still_sends_one_first_chunk() -> None:
     assert _events(["", ""], []) == [("", True, "length")]
+
+
+def test_events_carry_the_prompt_length_and_the_tokens_so_far() -> None:
+    """What continuous usage stats report per chunk: the choice's prompt length and its tokens
+    up to this chunk (the fake outputs have i + 1 tokens at output i)."""
+    async def collect() -> list[tuple[int, int]]:
+        finals: list[Any] = [None]
+        return [(ev.prompt_tokens, ev.completion_tokens) async for ev in choice_events(
+            [_outputs(["a", "", "ab", "abc"])], 1, [], finals, False)]  # type: ignore[list-item]
+    assert asyncio.run(collect()) == [(3, 1), (3, 3), (3, 4)]

@@ -47,9 +47,10 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def parse_kv_cache_dtype(cache_dtype: str) -> str:
-    """"auto" or "fp8" (with "fp8_e4m3" read as "fp8"); ValueError for anything else."""
-    if cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {cache_dtype!r}")
+    """"auto" or "fp8" (with "fp8_e4m3" read as "fp8"); an InvalidArgumentError naming
+    ``kv_cache_dtype`` for anything else."""
+    _require(isinstance(cache_dtype, str) and cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+             f"one of {KV_CACHE_DTYPES}", cache_dtype)
     return "fp8" if cache_dtype.startswith("fp8") else "auto"
 
 
@@ -227,9 +228,11 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens is None or is_int(self.max_num_batched_tokens),
                  "max_num_batched_tokens", "an integer or None", self.max_num_batched_tokens)
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = (DEFAULT_CHUNKED_TOKEN_BUDGET
-                                           if self.enable_chunked_prefill
-                                           else max(self.max_model_len, 2048))
+            # Never below max_num_seqs, so that every running request can decode in one step.
+            self.max_num_batched_tokens = max(self.max_num_seqs,
+                                              DEFAULT_CHUNKED_TOKEN_BUDGET
+                                              if self.enable_chunked_prefill
+                                              else max(self.max_model_len, 2048))
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                  "a positive integer or None", self.max_num_batched_tokens)
         _require(isinstance(self.enable_chunked_prefill, bool), "enable_chunked_prefill",

@@ -9,6 +9,7 @@ BOS in front of every chat prompt of those models.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -43,10 +44,45 @@ def _content_text(content: Any, where: str) -> str:
                               f"got {type(content).__name__}", param="messages")
 
 
-def template_messages(messages: Any) -> list[dict[str, str]]:
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` (OpenAI's form: ``{"id", "type": "function",
+    "function": {"name", "arguments"}}`` with ``arguments`` a JSON object, as a string or
+    already parsed) in the form chat templates read: ``arguments`` parsed to a dict, as vLLM
+    and HF ``apply_chat_template`` pass it."""
+    if not isinstance(calls, (list, tuple)):
+        raise InvalidRequestError(f"{where} must be a list of tool calls, got "
+                                  f"{type(calls).__name__}", param="messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"{where}[{j}] must be {{'type': 'function', 'function': "
+                                      f"{{'name': str, 'arguments': str}}}}, got {call!r:.120}",
+                                      param="messages")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"{where}[{j}].function.arguments must be a JSON "
+                                          f"object, got {arguments!r:.80} ({exc.msg})",
+                                          param="messages") from None
+        if not isinstance(arguments, Mapping):
+            raise InvalidRequestError(f"{where}[{j}].function.arguments must be a JSON object, "
+                                      f"got {type(arguments).__name__}", param="messages")
+        entry = dict(call)
+        entry["type"] = call.get("type", "function")
+        entry["function"] = {**function, "name": name, "arguments": dict(arguments)}
+        out.append(entry)
+    return out
+
+
+def template_messages(messages: Any) -> list[dict[str, Any]]:
     """``messages`` checked and put in the form chat templates take: a list of
-    ``{"role", "content"[, "name"][, "tool_call_id"]}`` with string content (text parts joined
-    by newlines, ``developer`` as ``system``).
+    ``{"role", "content"[, "name"][, "tool_call_id"][, "tool_calls"]}`` with string content
+    (text parts joined by newlines, ``developer`` as ``system``) and an assistant message's tool
+    calls with their arguments parsed (:func:`_tool_calls`).
 
     Raises:
         InvalidRequestError: not a non-empty list of messages, or a message whose role, content
@@ -76,6 +112,12 @@ def template_messages(messages: Any) -> list[dict[str, str]]:
                                           f"{type(value).__name__}", param="messages")
             check_text(value, f"messages[{i}].{key}")
             entry[key] = value
+        if message.get("tool_calls") is not None:
+            if role != "assistant":
+                raise InvalidRequestError(f"messages[{i}].tool_calls: only assistant messages "
+                                          f"carry tool calls, got role {role!r}",
+                                          param="messages")
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         rendered.append(entry)
     return rendered
 

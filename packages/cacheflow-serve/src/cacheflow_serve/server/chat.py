@@ -18,11 +18,14 @@ from cacheflow_serve.server.serving import (
     add_requests,
     chat_logprobs,
     check_length,
+    check_output_constraints,
     check_stream_options,
     check_tokenizer_needs,
     new_id,
     now,
+    running_usage,
     sampling_params,
+    stream_usage_options,
     truncated_prompt,
     usage,
 )
@@ -55,22 +58,26 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
 def _check_chat_features(ctx: ServingContext, req: ChatCompletionRequest) -> None:
     check_tokenizer_needs(ctx, req)
     check_stream_options(req)
+    check_output_constraints(req)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.tool_choice not in (None, "none"):
         raise APIError(400, "tool_choice is not supported", param="tool_choice")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
-                       param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
 
+def _answer_role(req: ChatCompletionRequest) -> str:
+    """The role the answer is given: ``assistant`` after a generation prompt, else the last
+    message's (it is continued as is; vLLM's rule)."""
+    return "assistant" if req.add_generation_prompt is not False else req.messages[-1].role
+
+
 def _echoed(req: ChatCompletionRequest) -> str:
-    """What ``echo`` puts before each choice's content: the last message's text when it is the
-    answer's role (assistant), else nothing (vLLM's rule)."""
+    """What ``echo`` puts before each choice's content: the last message's text when it has the
+    answer's role, else nothing (vLLM's rule)."""
     last = req.messages[-1]
-    if not req.echo or last.role != "assistant":
+    if not req.echo or last.role != _answer_role(req):
         return ""
     return template_messages([last.model_dump(exclude_none=True)])[0]["content"]
 
@@ -93,22 +100,25 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = sampling_params(req, max_tokens, k, defaults=ctx.sampling_defaults)
     request_id = new_id("chatcmpl")
     streams = await add_requests(ctx, request_id, [ids], params=[params])
-    return await respond(_ChatCall(ctx, req, request_id, streams, k), bool(req.stream), raw)
+    return await respond(_ChatCall(ctx, req, request_id, streams, k, ids), bool(req.stream),
+                         raw)
 
 
 class _ChatCall:
     """One chat call after its request was added."""
 
     def __init__(self, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
-                 streams: list[RequestStream], k: Optional[int]) -> None:
+                 streams: list[RequestStream], k: Optional[int], prompt_ids: list[int]) -> None:
         self.ctx = ctx
         self.req = req
         self.id = request_id
         self.created = now()
         self.streams = streams
         self.k = k
+        self.prompt_ids = prompt_ids
         self.n = req.n or 1
         self.stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        self.role = _answer_role(req)
         self.echo = _echoed(req)
 
     async def collect(self) -> RequestOutput:
@@ -131,47 +141,62 @@ class _ChatCall:
                 logprobs = chat_logprobs(self.ctx, comp.token_ids, comp.logprobs, self.k)
             self.ctx.metrics.count_finished(comp.finish_reason)
             choice = {"index": comp.index,
-                      "message": {"role": "assistant", "content": self.echo + comp.text},
+                      "message": {"role": self.role, "content": self.echo + comp.text},
                       "logprobs": logprobs, "finish_reason": comp.finish_reason,
                       "stop_reason": comp.stop_reason}
             if self.req.return_token_ids:
-                choice["prompt_token_ids"] = list(final.prompt_token_ids)
                 choice["token_ids"] = list(comp.token_ids)
             choices.append(choice)
-        return {"id": self.id, "object": "chat.completion", "created": self.created,
-                "model": self.ctx.model_name, "choices": choices, "system_fingerprint": None,
-                "usage": usage([final])}
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion",
+                                "created": self.created, "model": self.ctx.model_name,
+                                "choices": choices, "system_fingerprint": None,
+                                "usage": usage([final])}
+        if self.req.return_token_ids:  # vLLM's place: the response's, not a choice's
+            body["prompt_token_ids"] = list(final.prompt_token_ids)
+        return body
 
-    def _chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> str:
+    def _chunk(self, choices: list[dict[str, Any]], with_usage: bool,
+               running: Optional[tuple[int, int]] = None, **extra: Any) -> str:
+        """One SSE chunk; ``running`` (prompt, completion tokens) fills its ``usage`` under
+        ``continuous_usage_stats``."""
         chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
                                  "created": self.created, "model": self.ctx.model_name,
-                                 "choices": choices, "system_fingerprint": None}
+                                 "choices": choices, "system_fingerprint": None, **extra}
         if with_usage:
-            chunk["usage"] = None
+            chunk["usage"] = None if running is None else running_usage(*running)
         return sse(chunk)
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE stream: a role chunk per choice, content chunks, usage if asked, [DONE]."""
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        include_usage, continuous = stream_usage_options(self.req)
+        start = (len(self.prompt_ids), 0) if continuous else None
+        token_ids = bool(self.req.return_token_ids)
         finals: list[Optional[RequestOutput]] = [None]
         for index in range(self.n):
-            yield self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}], include_usage)
+            extra = {"prompt_token_ids": self.prompt_ids} if token_ids else {}
+            yield self._chunk([{"index": index, "delta": {"role": self.role, "content": ""},
+                                "logprobs": None, "finish_reason": None}], include_usage,
+                              start, **extra)
             if self.echo:
                 yield self._chunk([{"index": index, "delta": {"content": self.echo},
-                                    "logprobs": None, "finish_reason": None}], include_usage)
+                                    "logprobs": None, "finish_reason": None}], include_usage,
+                                  start)
         try:
-            async for ev in choice_events(self.streams, self.n, self.stops, finals,
-                                          self.k is not None):
+            # Every new token makes a chunk when logprobs or token ids are streamed.
+            per_token = self.k is not None or token_ids
+            async for ev in choice_events(self.streams, self.n, self.stops, finals, per_token):
                 logprobs = None
                 if self.k is not None and ev.logprobs is not None:
                     logprobs = chat_logprobs(self.ctx, ev.token_ids, ev.logprobs, self.k)
                 if ev.finish_reason is not None:
                     self.ctx.metrics.count_finished(ev.finish_reason)
                 delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
-                yield self._chunk([{"index": ev.index, "delta": delta, "logprobs": logprobs,
-                                    "finish_reason": ev.finish_reason,
-                                    "stop_reason": ev.stop_reason}], include_usage)
+                choice = {"index": ev.index, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason}
+                if token_ids:
+                    choice["token_ids"] = ev.token_ids
+                running = (ev.prompt_tokens, ev.completion_tokens) if continuous else None
+                yield self._chunk([choice], include_usage, running)
             if include_usage and finals[0] is not None:
                 chunk = {"id": self.id, "object": "chat.completion.chunk",
                          "created": self.created, "model": self.ctx.model_name, "choices": [],

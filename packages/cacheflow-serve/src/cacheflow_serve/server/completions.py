@@ -15,12 +15,15 @@ from cacheflow_serve.server.serving import (
     ServingContext,
     add_requests,
     check_length,
+    check_output_constraints,
     check_stream_options,
     check_tokenizer_needs,
     completion_logprobs,
     new_id,
     now,
+    running_usage,
     sampling_params,
+    stream_usage_options,
     truncated_prompt,
     usage,
 )
@@ -53,6 +56,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     ctx.check_model(req.model)
     check_tokenizer_needs(ctx, req)
     check_stream_options(req)
+    check_output_constraints(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if req.max_tokens == 0 and not req.echo:
@@ -162,7 +166,7 @@ class _Call:
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE stream: one chunk per choice update, the usage chunk if asked, [DONE]."""
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        include_usage, continuous = stream_usage_options(self.req)
         finals: list[Optional[RequestOutput]] = [None] * len(self.streams)
         k = self.req.logprobs
         offsets: dict[int, int] = {}
@@ -197,7 +201,11 @@ class _Call:
                     choice["token_ids"] = [] if self.prompt_only else ev.token_ids
                     if ev.first:
                         choice["prompt_token_ids"] = self.prompts[p_index][1]
-                yield sse(self._chunk([choice], include_usage))
+                chunk = self._chunk([choice], include_usage)
+                if continuous:
+                    chunk["usage"] = running_usage(
+                        ev.prompt_tokens, 0 if self.prompt_only else ev.completion_tokens)
+                yield sse(chunk)
             if include_usage:
                 chunk = self._chunk([], include_usage)
                 chunk["usage"] = usage([o for o in finals if o is not None], self.prompt_only)

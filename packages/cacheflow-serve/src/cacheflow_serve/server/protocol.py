@@ -52,9 +52,12 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    """``stream_options``: with ``include_usage`` a last chunk carries the token usage."""
+    """``stream_options``: with ``include_usage`` (on unless set false, as in vLLM) a last chunk
+    carries the call's token usage; ``continuous_usage_stats`` adds each chunk's running usage
+    (its choice's prompt and tokens so far)."""
 
-    include_usage: Optional[bool] = False
+    include_usage: Optional[bool] = True
+    continuous_usage_stats: Optional[bool] = False
 
 
 class SamplingFields(_Body):
@@ -89,8 +92,20 @@ class SamplingFields(_Body):
     truncate_prompt_tokens: Optional[int] = None
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
-    # Each choice also carries its ``token_ids`` and the ``prompt_token_ids`` (as in vLLM).
+    # The generated ``token_ids`` of each choice and the ``prompt_token_ids`` (as in vLLM: on
+    # each choice for completions, on the response, or a stream's role chunks, for chat).
     return_token_ids: Optional[bool] = False
+    # Output constraints: only {"type": "text"} is served; the rest, and vLLM's structured-output
+    # fields below, are refused with a 400 (serving.check_output_constraints) instead of being
+    # dropped as unknown fields.
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[Any] = None
+    guided_json: Optional[Any] = None
+    guided_regex: Optional[Any] = None
+    guided_choice: Optional[Any] = None
+    guided_grammar: Optional[Any] = None
+    guided_decoding_backend: Optional[Any] = None
+    guided_whitespace_pattern: Optional[Any] = None
 
 
 PromptType = Union[Annotated[str, Field()],
@@ -121,13 +136,15 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    """One message; ``developer`` is taken as ``system``; a ``tool`` message (a tool's result
-    given back) may name the call it answers."""
+    """One message; ``developer`` is taken as ``system``; an ``assistant`` message may carry the
+    tool calls it made and a ``tool`` message (a tool's result given back) name the call it
+    answers, both passed to the chat template."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -139,7 +156,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
-    response_format: Optional[dict[str, Any]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: Optional[bool] = True
     #: Leave the last (assistant) message open and continue it; excludes the generation prompt.

@@ -137,6 +137,25 @@ def check_stream_options(req: SamplingFields) -> None:
         raise APIError(400, "best_of must equal n when streaming", param="best_of")
 
 
+#: Request fields of vLLM's structured outputs (guided decoding), which this server does not do.
+_CONSTRAINT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
+
+
+def check_output_constraints(req: SamplingFields) -> None:
+    """400 for an output constraint this server cannot honour (a ``response_format`` other than
+    text, or one of vLLM's structured-output fields), so that nobody takes unconstrained text
+    for constrained output."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise APIError(400, "only response_format {\"type\": \"text\"} is supported "
+                       "(structured outputs are not)", param="response_format")
+    for name in _CONSTRAINT_FIELDS:
+        if getattr(req, name) is not None:
+            raise APIError(400, f"{name} is not supported: this server has no structured "
+                           "outputs (guided decoding)", param=name)
+
+
 def truncated_prompt(ctx: ServingContext, req: SamplingFields, token_ids: list[int]
                      ) -> list[int]:
     """``token_ids`` cut to the request's ``truncate_prompt_tokens`` (400 for a bad value)."""
@@ -228,6 +247,22 @@ async def add_requests(ctx: ServingContext, request_id: str, prompts: list[list[
             raise engine_error(exc) from None
         raise
     return streams
+
+
+def running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The ``usage`` of one streamed chunk under ``stream_options.continuous_usage_stats``: its
+    choice's prompt and the tokens generated so far (vLLM's per-chunk figures)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def stream_usage_options(req: SamplingFields) -> tuple[bool, bool]:
+    """``(include_usage, continuous)`` of a streaming request: a last chunk with the call's
+    usage (on whenever ``stream_options`` is given, as vLLM defaults it), and usage in every
+    chunk as well (``continuous_usage_stats``, only with ``include_usage``)."""
+    opts = req.stream_options
+    include = bool(opts is not None and opts.include_usage)
+    return include, include and bool(opts is not None and opts.continuous_usage_stats)
 
 
 def usage(outputs: list[RequestOutput], prompt_only: bool = False) -> dict[str, Any]:

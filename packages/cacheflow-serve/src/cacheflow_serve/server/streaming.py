@@ -174,12 +174,13 @@ class ChoiceEvent:
     """What one streamed chunk of one choice carries."""
 
     __slots__ = ("index", "text", "token_ids", "logprobs", "finish_reason", "stop_reason",
-                 "first", "prompt_logprobs")
+                 "first", "prompt_logprobs", "prompt_tokens", "completion_tokens")
 
     def __init__(self, index: int, text: str, token_ids: list[int],
                  logprobs: Optional[list[dict[int, float]]], finish_reason: Optional[str],
                  stop_reason: Any, first: bool,
-                 prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None) -> None:
+                 prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None,
+                 prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.index = index
         self.text = text
         self.token_ids = token_ids
@@ -188,6 +189,8 @@ class ChoiceEvent:
         self.stop_reason = stop_reason
         self.first = first
         self.prompt_logprobs = prompt_logprobs  # on a choice's first event, when asked for
+        self.prompt_tokens = prompt_tokens  # the choice's prompt length
+        self.completion_tokens = completion_tokens  # the choice's tokens so far
 
 
 async def choice_events(streams: list[RequestStream], n: int, stop_strings: list[str],
@@ -223,6 +226,7 @@ async def choice_events(streams: list[RequestStream], n: int, stop_strings: list
             started.add(index)
             yield ChoiceEvent(index, text, [comp.token_ids[i] for i in new], logprobs,
                               comp.finish_reason, comp.stop_reason, first,
-                              out.prompt_logprobs if first else None)
+                              out.prompt_logprobs if first else None,
+                              len(out.prompt_token_ids), len(comp.token_ids))
         if out.finished:
             finals[prompt_index] = out
