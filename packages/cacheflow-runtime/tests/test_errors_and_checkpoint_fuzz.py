@@ -4,6 +4,7 @@ random truncations and flipped header bytes)."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import re
 import zipfile
@@ -25,6 +26,7 @@ from cacheflow_runtime import (
     SamplingParams,
     SchedulerConfig,
 )
+from cacheflow_runtime.config import ParallelConfig
 from cacheflow_runtime.errors import check_text
 from cacheflow_runtime.weights import iterate_weights, read_gguf_metadata
 
@@ -142,6 +144,18 @@ def test_config_arguments_are_typed(make: Any, message: str) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         make()
     assert str(info.value) == message
+
+
+def test_ray_backend_without_ray_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for the Ray executor where Ray is not installed is refused by the configuration,
+    before anything loads, with the install hint (it was an ImportError out of the executor)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(InvalidArgumentError, match=r"needs Ray.*pip install") as info:
+        ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert info.value.field == "distributed_executor_backend"
+    assert ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="mp")
 
 
 def test_default_token_budget_covers_every_running_request() -> None:

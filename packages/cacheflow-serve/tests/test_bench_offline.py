@@ -168,7 +168,7 @@ def test_throughput_with_length_ranges_and_hf_baseline(tmp_path: Path) -> None:
     assert report["results"]["engine"]["outputs_short_or_long"] == 0
 
 
-@pytest.mark.parametrize("bench", ["throughput", "latency"])
+@pytest.mark.parametrize("bench", ["throughput", "latency", "prefix-caching"])
 def test_disable_detokenize_skips_the_detokenizer(bench: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``--disable-detokenize``: the same run with SamplingParams.detokenize=False (the
@@ -183,8 +183,10 @@ def test_disable_detokenize_skips_the_detokenizer(bench: str, tmp_path: Path,
             calls.append(_name)
             return _f(self, *args)
         monkeypatch.setattr(Detokenizer, name, counted)
-    args = (["--num-prompts", "3"] if bench == "throughput"
-            else ["--batch-sizes", "2", "--num-iters", "1", "--num-iters-warmup", "0"])
+    args = {"throughput": ["--num-prompts", "3"], "prefix-caching": ["--num-prompts", "3",
+                                                                      "--prefix-len", "8"],
+            "latency": ["--batch-sizes", "2", "--num-iters", "1", "--num-iters-warmup", "0"]
+            }[bench]
     report = _run(tmp_path, "bench", bench, *args, "--input-len", "6", "--output-len", "5",
                   "--disable-detokenize")
     assert calls == []
@@ -230,6 +232,42 @@ def test_engine_options_reach_the_engine(tmp_path: Path, monkeypatch: pytest.Mon
     assert report["engine_args"]["block_size"] == 8
     engine = report["results"]["engine"]
     assert (engine["output_tokens"], engine["outputs_short_or_long"]) == (12, 0)
+
+
+def test_reports_state_the_engine_args_the_engine_ran_with(tmp_path: Path) -> None:
+    """``engine_args`` holds the values the engine ran with, defaults resolved (the README's
+    list), not only the flags given."""
+    report = _run(tmp_path, "bench", "throughput", "--num-prompts", "2", "--input-len", "4",
+                  "--output-len", "2", "--block-size", "8")
+    args = report["engine_args"]
+    assert {k: args[k] for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_blocks",
+                                 "block_size", "kv_cache_dtype", "enforce_eager",
+                                 "enable_prefix_caching", "enable_chunked_prefill",
+                                 "tensor_parallel_size")} == {
+        "max_num_seqs": 256, "max_num_batched_tokens": 2048, "kv_cache_blocks": 64,
+        "block_size": 8, "kv_cache_dtype": "auto", "enforce_eager": False,
+        "enable_prefix_caching": True, "enable_chunked_prefill": True,
+        "tensor_parallel_size": 1}
+    assert args["max_model_len"] == report["model"]["max_model_len"] == 512
+
+
+def test_benchmarks_draw_prompts_from_the_given_tokenizer(tiny_path: Path, tmp_path: Path
+                                                          ) -> None:
+    """``--tokenizer`` (a checkpoint whose tokenizer lives elsewhere) serves the benchmark's
+    prompts too, as it serves the engine."""
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_path, weights)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "vocab.json", "merges.txt"):
+        (weights / name).unlink(missing_ok=True)
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--model", str(weights), "--tokenizer", str(tiny_path),
+                 "--device", "cpu", "--kv-cache-blocks", "32", "--disable-tqdm",
+                 "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+                 "--output-json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["engine"]["output_tokens"] == 4
 
 
 def test_latency_reports_steps_next_to_the_floors(tmp_path: Path,
@@ -411,6 +449,16 @@ def test_length_spec_parsing_and_seeded_draws() -> None:
      "would not run as one"),
     (["latency", "--output-json", "/no/such/folder/l.json"],
      "cacheflow: error: --output-json: folder '/no/such/folder' does not exist"),
+    (["latency", "--output-json", "/"], "cacheflow: error: --output-json: '/' is a folder; "
+                                         "give a file path"),
+    (["throughput", *SMOKE, "--step-trace", "/no/such/folder/t.json"],
+     "cacheflow: error: --step-trace: folder '/no/such/folder' does not exist"),
+    (["prefix-caching", *SMOKE, "--baseline", "hf"],
+     "cacheflow: error: bench prefix-caching compares the engine with its prefix cache off and "
+     "on; --baseline hf is for bench throughput / latency"),
+    (["prefix-caching", *SMOKE, "--no-enable-prefix-caching"],
+     "cacheflow: error: bench prefix-caching runs with the prefix cache off, then on; leave out "
+     "--enable-prefix-caching / --no-enable-prefix-caching"),
     (["latency", "--gpu-busy-steps", "-1"],
      "cacheflow: error: --gpu-busy-steps must be >= 0, got -1"),
     (["latency", "--gpu-memory-utilization", "1.5"],

@@ -166,3 +166,23 @@ def test_serve_refuses_out_of_range_flags_before_loading(
     err = capsys.readouterr().err
     assert f"cacheflow serve: error: {message}\n" in err
     assert "no-such-model" not in err
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The listening socket is bound before the model loads (as vLLM does): a port in use is a
+    one-line error at once, even with a model path that does not exist."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", str(tmp_path / "no-such-model"), "--host", "127.0.0.1",
+                     "--port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "no-such-model" not in err
+    assert main(["serve", str(tmp_path / "m"), "--host", "no-such-host.invalid",
+                 "--port", "0"]) == 2
+    assert "cannot listen on no-such-host.invalid:0" in capsys.readouterr().err

@@ -21,7 +21,7 @@ class _RecordingServer:
     def __init__(self) -> None:
         self.frozen_at_start = -1
 
-    def run(self) -> None:
+    def run(self, sockets: Any = None) -> None:
         self.frozen_at_start = gc.get_freeze_count()
 
 
@@ -38,7 +38,7 @@ def test_serve_freezes_the_startup_heap_before_serving(tiny_path: Path,
     try:
         # In process (the engine core process freezes its own heap the same way).
         assert main(["serve", str(tiny_path), "--device", "cpu", "--kv-cache-blocks", "64",
-                     "--disable-frontend-multiprocessing"]) == 1
+                     "--port", "0", "--disable-frontend-multiprocessing"]) == 1
         assert len(servers) == 1
         # The model's modules and tensors, the tokenizer and the imports: many thousands.
         assert servers[0].frozen_at_start > 10_000

@@ -100,3 +100,36 @@ def test_bench_serve_bad_dataset_and_flags_are_usage_errors(
         return
     assert code == 2, err
     assert message in err
+
+
+def test_bench_serve_key_and_url_forms(server: ServerThread, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The key comes from --api-key, else $CACHEFLOW_API_KEY (what ``cacheflow serve`` reads),
+    else $OPENAI_API_KEY; --base-url may end in /v1 as OpenAI clients take it. A refused
+    /v1/models is a one-line usage error (exit 2), not a traceback."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("CACHEFLOW_API_KEY", raising=False)
+    small = ["--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--ignore-eos"]
+    assert main(["bench", "serve", "--base-url", server.base_url, *small]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cacheflow: error: {server.base_url}/v1/models answered 401")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("CACHEFLOW_API_KEY", "k")
+    out = tmp_path / "b.json"
+    assert main(["bench", "serve", "--base-url", server.base_url + "/v1/", *small,
+                 "--output-json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["completed"] == 2 and summary["base_url"] == server.base_url
+    monkeypatch.setenv("CACHEFLOW_API_KEY", "wrong")
+    assert main(["bench", "serve", "--base-url", server.base_url, "--api-key", "k", *small]) == 0
+
+
+def test_bench_serve_checks_its_output_path_first(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An --output-json that cannot be written is refused before any request is sent (the
+    server address here would refuse every connection)."""
+    for path, why in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.json", "does not exist")):
+        assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9",
+                     "--output-json", str(path)]) == 2
+        assert why in capsys.readouterr().err

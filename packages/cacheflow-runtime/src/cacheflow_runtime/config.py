@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -267,3 +268,8 @@ class ParallelConfig:
                  "distributed_executor_backend",
                  f"one of {DISTRIBUTED_EXECUTOR_BACKENDS} or None",
                  self.distributed_executor_backend)
+        if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise InvalidArgumentError(
+                "distributed_executor_backend='ray' needs Ray, which is not installed: "
+                "pip install 'cacheflow-runtime[ray]' (or use 'mp' on one host)",
+                field="distributed_executor_backend", value="ray")

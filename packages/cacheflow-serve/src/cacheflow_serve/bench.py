@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -70,7 +69,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate exactly max_tokens (cacheflow's ignore_eos)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    parser.add_argument("--api-key", default=None,
+                        help="the server's API key (default: $CACHEFLOW_API_KEY, else "
+                             "$OPENAI_API_KEY, else none)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--output-json", type=Path, default=None)
 
@@ -278,8 +279,14 @@ async def run_benchmark(base_url: str, model: Optional[str], requests: list[Benc
     async with aiohttp.ClientSession(timeout=client_timeout, connector=connector) as session:
         if model is None:
             async with session.get(base_url + "/v1/models", headers=headers) as resp:
-                resp.raise_for_status()
-                model = (await resp.json())["data"][0]["id"]
+                if resp.status != 200:
+                    body = (await resp.text())[:200].replace("\n", " ")
+                    raise ValueError(f"{base_url}/v1/models answered {resp.status}: {body} "
+                                     f"(wrong --base-url or --api-key?)")
+                listed = (await resp.json()).get("data") or []
+                if not listed:
+                    raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
+                model = listed[0]["id"]
         assert model is not None
         start = time.perf_counter()
 
@@ -301,9 +308,17 @@ async def run_benchmark(base_url: str, model: Optional[str], requests: list[Benc
     return summary
 
 
+def server_root(base_url: str) -> str:
+    """The server's root URL from ``--base-url``, given with or without the OpenAI ``/v1``
+    suffix (``cacheflow chat --url`` and OpenAI clients take it with)."""
+    root = base_url.rstrip("/")
+    return root.removesuffix("/v1").rstrip("/") if root.endswith("/v1") else root
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Runs ``cacheflow bench serve``; prints the table, writes JSON if asked."""
-    from cacheflow_serve.bench_common import positive_int
+    from cacheflow_serve.bench_common import check_output_path, positive_int
+    from cacheflow_serve.client_cli import api_key
 
     if args.random_prompt_tokens is not None and args.endpoint != "completions":
         raise ValueError("--random-prompt-tokens needs --endpoint completions")
@@ -320,10 +335,11 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("the request set is empty")
     if args.endpoint == "chat" and any(isinstance(r.prompt, list) for r in requests):
         raise ValueError("token-id prompts need --endpoint completions")
+    check_output_path("--output-json", args.output_json)
     summary = asyncio.run(run_benchmark(
-        args.base_url.rstrip("/"), args.model, requests, endpoint=args.endpoint,
+        server_root(args.base_url), args.model, requests, endpoint=args.endpoint,
         request_rate=args.request_rate, max_concurrency=args.max_concurrency,
-        api_key=args.api_key, ignore_eos=args.ignore_eos, seed=args.seed,
+        api_key=api_key(args.api_key), ignore_eos=args.ignore_eos, seed=args.seed,
         timeout=args.timeout))
     print(format_table(summary))
     if args.output_json is not None:

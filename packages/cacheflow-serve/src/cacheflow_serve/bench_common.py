@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -163,11 +164,27 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--hf-config is only used with --random-weights")
     for flag in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_blocks"):
         positive_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
-    if args.output_json is not None and not args.output_json.parent.is_dir():
-        raise ValueError(f"--output-json: folder {str(args.output_json.parent)!r} does not exist")
+    check_output_path("--output-json", args.output_json)
+    check_output_path("--step-trace", getattr(args, "step_trace", None))
     utilization = getattr(args, "gpu_memory_utilization", None)
     if utilization is not None and not 0 < utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
+
+
+def check_output_path(flag: str, path: Optional[Path]) -> None:
+    """ValueError unless ``path`` (None: not asked for) is a file this process can write: its
+    folder exists and is writable, and it is not a folder itself or a file it may not
+    overwrite. Checked before a benchmark runs, so that no result is lost at its end."""
+    if path is None:
+        return
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a folder; give a file path")
+    if not folder.is_dir():
+        raise ValueError(f"{flag}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                    and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written (permission denied)")
 
 
 def checkpoint_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -216,6 +233,13 @@ def model_under_test(args: argparse.Namespace, device: torch.device) -> Iterator
                                        progress=not args.disable_tqdm)
         yield ModelUnderTest(path, {"random_weights": True, "hf_config": args.hf_config,
                                     "checkpoint_dtype": str(dtype).removeprefix("torch.")})
+
+
+def bench_tokenizer_path(args: argparse.Namespace, model: ModelUnderTest) -> Path:
+    """Where the benchmark's prompt tokens come from: ``--tokenizer`` when given (as the engine
+    takes it), else the model's folder."""
+    given = getattr(args, "tokenizer", None)
+    return Path(given) if given is not None else model.path
 
 
 def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
@@ -325,17 +349,33 @@ def check_fits(longest: int, max_model_len: int) -> None:
                          f"max_model_len ({max_model_len}); lower --input-len / --output-len")
 
 
+def effective_engine_args(llm: LLM) -> dict[str, Any]:
+    """What the engine under test ran with (defaults resolved): its limits, KV cache and step
+    options, as the report's ``engine_args`` states them."""
+    engine = llm.llm_engine
+    sched, cache = engine.scheduler_config, engine.cache_config
+    return {"max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "max_model_len": sched.max_model_len, "kv_cache_blocks": engine.num_device_blocks,
+            "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype,
+            "enable_prefix_caching": cache.enable_prefix_caching,
+            "enable_chunked_prefill": sched.enable_chunked_prefill,
+            "async_scheduling": sched.async_scheduling,
+            "enforce_eager": engine.enforce_eager, "cuda_graphs": engine.uses_cuda_graphs,
+            "tensor_parallel_size": engine.parallel_config.tensor_parallel_size}
+
+
 def report_header(benchmark: str, device: torch.device, model: ModelUnderTest,
                   summary: dict[str, Any], workload: dict[str, Any], args: argparse.Namespace,
-                  max_num_seqs: int) -> dict[str, Any]:
+                  engine_args: dict[str, Any]) -> dict[str, Any]:
     """The part of a report that says what ran where: card, versions, date, model, workload
-    and engine options."""
+    and the engine options given (``engine_args``: :func:`effective_engine_args` over them)."""
     return {"benchmark": benchmark, "environment": environment(device),
             "model": {**model.description, **summary},
             "workload": {**workload, "seed": args.seed,
                          "sampling": "greedy, ignore_eos" + (", detokenize=False"
                                                             if args.disable_detokenize else "")},
-            "engine_args": {"max_num_seqs": max_num_seqs, **engine_options(args)}}
+            "engine_args": {**engine_options(args), **engine_args}}
 
 
 def describe_model(report: dict[str, Any]) -> str:

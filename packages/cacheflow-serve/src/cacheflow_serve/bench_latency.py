@@ -355,7 +355,9 @@ def run_latency(args: argparse.Namespace) -> int:
     from cacheflow_models import load_tokenizer
     from cacheflow_runtime import resolve_device
     from cacheflow_serve.bench_common import (
+        bench_tokenizer_path,
         check_fits,
+        effective_engine_args,
         make_llm,
         model_summary,
         model_under_test,
@@ -375,7 +377,8 @@ def run_latency(args: argparse.Namespace) -> int:
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
         check_fits(input_len + output_len, config.max_model_len)
-        ids = prompt_token_ids(load_tokenizer(model.path), config.vocab_size)
+        ids = prompt_token_ids(load_tokenizer(bench_tokenizer_path(args, model)),
+                               config.vocab_size)
         if args.baseline == "hf":
             hf = HFGenerator(model.path, config.dtype, device)
             runner = _Runner(_hf_generate(hf), ids, input_len, args.seed, device)
@@ -383,6 +386,7 @@ def run_latency(args: argparse.Namespace) -> int:
             hf.close()
             release(device)
         llm = make_llm(args, model.path, max_num_seqs)
+        engine_args = effective_engine_args(llm)
         runner = _Runner(_engine_generate(llm, not args.disable_detokenize), ids, input_len,
                          args.seed, device, StepClock(llm.engine))
         results["engine"] = _sweep(runner, batch_sizes, output_len, args, "engine")
@@ -401,7 +405,7 @@ def run_latency(args: argparse.Namespace) -> int:
     workload = {"input_len": input_len, "output_len": output_len, "batch_sizes": batch_sizes,
                 "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
                 "gpu_busy_steps": args.gpu_busy_steps}
-    report = {**report_header("latency", device, model, summary, workload, args, max_num_seqs),
+    report = {**report_header("latency", device, model, summary, workload, args, engine_args),
               "device_measurements": dev,
               "results": {"engine": results["engine"],
                           **({"hf": results["hf"]} if "hf" in results else {})}}

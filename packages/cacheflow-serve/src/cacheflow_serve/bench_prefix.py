@@ -48,16 +48,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_workload(llm: Any, prompts: list[list[int]], output_len: int,
-                 device: torch.device, progress: bool) -> dict[str, Any]:
+                 device: torch.device, progress: bool, detokenize: bool = True) -> dict[str, Any]:
     """Adds every prompt at once and steps the engine to the end; times each request's first
-    token and the whole run."""
+    token and the whole run (``detokenize=False``: token ids only)."""
     from tqdm.auto import tqdm
 
     from cacheflow_runtime import SamplingParams
     from cacheflow_serve.bench_common import synchronize
 
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                            detokenize=detokenize)
     synchronize(device)
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
@@ -113,10 +114,18 @@ def run_prefix(args: argparse.Namespace) -> int:
     for flag in ("prefix_len", "input_len", "output_len", "num_prompts"):
         positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
     check_model_arguments(args)
+    if args.baseline is not None:
+        raise ValueError("bench prefix-caching compares the engine with its prefix cache off and "
+                         "on; --baseline hf is for bench throughput / latency")
+    if hasattr(args, "enable_prefix_caching"):
+        raise ValueError("bench prefix-caching runs with the prefix cache off, then on; leave "
+                         "out --enable-prefix-caching / --no-enable-prefix-caching")
     from cacheflow_models import load_tokenizer
     from cacheflow_runtime import resolve_device
     from cacheflow_serve.bench_common import (
+        bench_tokenizer_path,
         check_fits,
+        effective_engine_args,
         make_llm,
         model_summary,
         model_under_test,
@@ -133,23 +142,28 @@ def run_prefix(args: argparse.Namespace) -> int:
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
         check_fits(args.prefix_len + args.input_len + args.output_len, config.max_model_len)
-        ids = prompt_token_ids(load_tokenizer(model.path), config.vocab_size)
+        ids = prompt_token_ids(load_tokenizer(bench_tokenizer_path(args, model)),
+                               config.vocab_size)
         rng = random.Random(args.seed)
         prefix = rng.choices(ids, k=args.prefix_len)
         prompts = [prefix + rng.choices(ids, k=args.input_len) for _ in range(args.num_prompts)]
         for name, caching in (("off", False), ("on", True)):
             args.enable_prefix_caching = caching
             llm = make_llm(args, model.path, max_num_seqs)
+            engine_args = effective_engine_args(llm)
+            del engine_args["enable_prefix_caching"]  # off, then on: the results say which
             # Warm-up on other tokens: CUDA graphs, allocator, kernels; no shared prefix.
-            run_workload(llm, [rng.choices(ids, k=32) for _ in range(4)], 4, device, False)
+            run_workload(llm, [rng.choices(ids, k=32) for _ in range(4)], 4, device, False,
+                         not args.disable_detokenize)
             llm.reset_prefix_cache()
-            results[name] = run_workload(llm, prompts, args.output_len, device, progress)
+            results[name] = run_workload(llm, prompts, args.output_len, device, progress,
+                                         not args.disable_detokenize)
             del llm
             release(device)
     workload = {"num_prompts": args.num_prompts, "prefix_len": args.prefix_len,
                 "input_len": args.input_len, "output_len": args.output_len}
     report = {**report_header("prefix-caching", device, model, summary, workload, args,
-                              max_num_seqs),
+                              engine_args),
               "results": results,
               "ratios": {"throughput": results["on"]["total_tokens_per_s"]
                          / results["off"]["total_tokens_per_s"],

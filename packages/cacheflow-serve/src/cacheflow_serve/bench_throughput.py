@@ -213,7 +213,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     from cacheflow_models import load_tokenizer
     from cacheflow_runtime import resolve_device
     from cacheflow_serve.bench_common import (
+        bench_tokenizer_path,
         check_fits,
+        effective_engine_args,
         make_llm,
         model_summary,
         model_under_test,
@@ -230,7 +232,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
         check_fits(input_len.high + output_len.high, config.max_model_len)
-        ids = prompt_token_ids(load_tokenizer(model.path), config.vocab_size)
+        ids = prompt_token_ids(load_tokenizer(bench_tokenizer_path(args, model)),
+                               config.vocab_size)
         requests = synthetic_requests(args.num_prompts, input_len, output_len, ids, args.seed)
         # Warm-up prompts of their own, so that no cache could serve the timed ones.
         warmup = synthetic_requests(WARMUP_REQUESTS, input_len, output_len, ids, args.seed + 1)
@@ -239,6 +242,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             results["hf"] = run_hf(model, requests, warmup, config.dtype, device,
                                    args.hf_max_batch_size, progress)
         llm = make_llm(args, model.path, max_num_seqs)
+        engine_args = effective_engine_args(llm)
         trace = None if args.step_trace is None else (args.step_trace, summary)
         results["engine"] = run_engine(llm, requests, warmup, device, progress, trace,
                                        not args.disable_detokenize)
@@ -249,7 +253,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     workload = {"num_prompts": args.num_prompts, "input_len": str(input_len),
                 "output_len": str(output_len)}
     report = {**report_header("throughput", device, model, summary, workload, args,
-                              max_num_seqs),
+                              engine_args),
               "results": results}
     print(format_table(report))
     write_report(report, args.output_json)

@@ -175,10 +175,15 @@ def _lines(quick: Optional[str], prompt: str) -> Iterator[str]:
         yield line
 
 
+def api_key(given: Optional[str]) -> Optional[str]:
+    """The API key a client sends: ``--api-key``, else $CACHEFLOW_API_KEY (the key ``cacheflow
+    serve`` reads), else $OPENAI_API_KEY, else none."""
+    return given or os.environ.get("CACHEFLOW_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
 def _session(args: argparse.Namespace) -> tuple[_Client, str]:
     positive_int("--max-tokens", args.max_tokens)
-    key = args.api_key or os.environ.get("CACHEFLOW_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    client = _Client(args.url, key)
+    client = _Client(args.url, api_key(args.api_key))
     return client, args.model_name or client.first_model()
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
@@ -112,6 +113,46 @@ def resolve_api_key(given: Optional[str]) -> Optional[str]:
     return key
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads (as vLLM binds it), so that
+    a port in use or a host this machine does not have is a one-line error at once, not after
+    the engine has started; ValueError naming the address."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: "
+                         f"{exc.strerror or exc} (--host / --port)") from None
+    return sock
+
+
+def _start_engine(args: argparse.Namespace
+                  ) -> tuple[BaseAsyncEngine, dict[str, Any], Callable[[], None]]:
+    """The engine the server runs on (in a process of its own unless
+    ``--disable-frontend-multiprocessing``), its generation defaults and how to stop it."""
+    if args.disable_frontend_multiprocessing:
+        from cacheflow_runtime import AsyncLLMEngine
+        from cacheflow_serve.llm import LLM
+
+        llm = LLM(args.model, **llm_kwargs(args))
+        engine: BaseAsyncEngine = AsyncLLMEngine(llm.engine,
+                                                 max_queued_requests=args.max_queued_requests)
+        return engine, llm.generation_defaults, llm.engine.shutdown
+    from cacheflow_serve.engine_process import start_engine_process
+
+    client, defaults = start_engine_process(
+        args.model, max_queued_requests=args.max_queued_requests, log_level=args.log_level,
+        **llm_kwargs(args))
+    return client, defaults, client.close
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Runs ``cacheflow serve`` until a signal stops it."""
     # Only torch and the runtime come before the engine core starts: the server's other imports
@@ -119,23 +160,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from cacheflow_serve.engine_process import LOG_FORMAT
 
     api_key = resolve_api_key(args.api_key)
+    sock = listen_socket(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    if args.disable_frontend_multiprocessing:
-        from cacheflow_runtime import AsyncLLMEngine
-        from cacheflow_serve.llm import LLM
-
-        llm = LLM(args.model, **llm_kwargs(args))
-        defaults = llm.generation_defaults
-        engine: BaseAsyncEngine = AsyncLLMEngine(llm.engine,
-                                                 max_queued_requests=args.max_queued_requests)
-        close = llm.engine.shutdown
-    else:
-        from cacheflow_serve.engine_process import start_engine_process
-
-        client, defaults = start_engine_process(
-            args.model, max_queued_requests=args.max_queued_requests, log_level=args.log_level,
-            **llm_kwargs(args))
-        engine, close = client, client.close
+    try:
+        engine, defaults, close = _start_engine(args)
+    except BaseException:
+        sock.close()
+        raise
     from cacheflow_serve.server.app import CorsPolicy
     from cacheflow_serve.server.launcher import make_server
 
@@ -160,9 +191,10 @@ def run_serve(args: argparse.Namespace) -> int:
         # does the same for its own heap.
         gc.collect()
         gc.freeze()
-        server.run()
+        server.run(sockets=[sock])
     finally:  # stops the engine core process or the tensor-parallel workers at once
         close()
+        sock.close()
     if not server.started:
         return 1
     # The graceful shutdown is complete: exit now rather than spend seconds tearing down torch,

@@ -86,6 +86,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
         self.parallel_config = parallel_config or ParallelConfig()
+        self.enforce_eager = enforce_eager
         self.executor: Executor = create_executor(model_config, cache_config, scheduler_config,
                                                   self.parallel_config, self.device, seed,
                                                   enforce_eager)
