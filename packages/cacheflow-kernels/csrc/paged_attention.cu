@@ -353,7 +353,7 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   // a grid of 32-row CTAs with fewer CTAs than multiprocessors (kCtaRowsAuto).
   p.combine_slots_max_ctas = sms;
   p.wide_rows_min_ctas = sms;
-  // An unsplit grid of at most one CTA per multiprocessor (groups up to 16 heads) runs CTAs of
+  // An unsplit grid of at most one CTA per multiprocessor (groups up to 32 heads) runs CTAs of
   // kWideWarps<D> warps (RunWideCtas).
   p.wide_warps_max_ctas = WideWarpsMaxCtas(sms);
   p.half_wide_max_ctas = HalfWideMaxCtas(p.wide_warps_max_ctas);

@@ -452,7 +452,7 @@ struct Params {
                               // release the successor right after the wait (0: never; see
                               // "Small grids" at the kernel)
   int wide_warps_max_ctas;    // unsplit pipelined launches with two-tile steps and groups of at
-                              // most 16 query heads whose grid has at most this many CTAs run
+                              // most 32 query heads whose grid has at most this many CTAs run
                               // CTAs of kWideWarps<D> warps, one per SM (0: never; RunWideCtas)
   int half_wide_max_ctas;     // larger such grids of at most this many CTAs whose groups have 9
                               // to 32 query heads (heads on M, CTAs of 16) run CTAs of
@@ -3238,9 +3238,9 @@ void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
 
 /*!
  * \brief Launches CTAs of kWideWarps<D> warps (16 query heads, two-tile steps; `asked_stages`:
- * Params::stages as the caller set it) for an unsplit launch of KV heads with at most 16 query
- * heads whose grid has at most p.wide_warps_max_ctas CTAs (the device's SM count), where their
- * ring has at least
+ * Params::stages as the caller set it) for an unsplit launch of KV heads with at most 32 query
+ * heads (CTAs of 16: groups above 16 take two) whose grid has at most p.wide_warps_max_ctas CTAs
+ * (the device's SM count), where their ring has at least
  * kMinPairStages stages at one CTA per SM; false otherwise (nothing launched). Such a grid leaves
  * each SM at most one CTA: CTAs of 4 warps would leave most of its warp slots empty, and a split
  * into more CTAs pays the merge kernel. A wide CTA's warps take the CTA's tiles in turn (warp w:
@@ -3249,16 +3249,19 @@ void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
  * slower than 4-warp CTAs with the wave plan's on every split decode case but one, while the
  * unsplit GQA-4 d64 case (128 CTAs, against 3 partitions of 4-warp CTAs) was 5% faster.
  * Fused launches take them too, so that they stay bit for bit the two kernels they replace.
- * Larger groups keep CTAs of 4 warps: their 16- and 32-row CTAs give the same bits (fused launches
- * take 32), which a wide CTA's merge order would not.
+ * Groups of 17 to 32 heads take them since 2026-12-07 (MQA of 32 heads at batches 12-48 and
+ * contexts of 512-4k, grids of 24-96 CTAs of 16 heads, had run split at 0.72-1.03x SDPA; wide
+ * and unsplit they take 0.81-0.99x that time, H100). A fused launch runs such a group in one 4-warp CTA of 32
+ * (CTAs of 16 would be two head groups, which it declines): bit for bit the two kernels with
+ * CTAs of 4 warps (CACHEFLOW_PA_WARPS=4), rounding apart from their wide CTAs; the runtime does
+ * not fuse these groups (attention_rotary_fusion_wanted). Groups above 32 keep 4 warps.
  *
  * Half-wide CTAs (kHalfWideWarps<D>, two per SM) take a larger unsplit grid, of more than
  * p.wide_warps_max_ctas and at most p.half_wide_max_ctas CTAs (one to two per SM), whose KV heads
  * have 9 to 32 query heads (heads on the MMA's M dimension; CTAs of 16): four warps leave such an
  * SM with 8 warps where its registers hold 12 (MQA at batch 128 / 1k on an H100, 2026-12-06: 2-5%
  * faster at contexts of 1k-2k, 1.8% slower at 512). Groups of at most 8 (tokens on M) gained
- * nothing and keep 4 warps. A fused launch never takes them for groups above 16 (it declines two
- * head groups), so it stays bit for bit its two kernels.
+ * nothing and keep 4 warps. A fused launch never takes them for groups above 16 (see above).
  */
 template <typename T, typename C, int D, typename Launcher>
 bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& launch) {
@@ -3279,7 +3282,7 @@ bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& la
       return true;
     }
   }
-  if (p.group > kMmaRows || ctas > p.wide_warps_max_ctas) return false;
+  if (p.group > 2 * kMmaRows || ctas > p.wide_warps_max_ctas) return false;
   Params asked = p;
   asked.stages = asked_stages;  // automatic (or forced) depth, for the wide CTA's own budget
   const int stages = ChooseStages<C, D, 1, kW>(asked, p.rows, 1);

@@ -528,7 +528,9 @@ def test_plan_split(num_seqs: int, num_heads: int, num_kv_heads: int, max_ctx: i
         # 128 tokens keep one CTA per SM; survey of 2026-12-06 19:00: 8.51 in 8 x 128, 9.52 in
         # 4 x 256, 14.84 unsplit)
         ((8, 32, 1, 1024), (128, 8)),
-        ((32, 32, 1, 1024), (256, 4)),  # 14.45 in 4 x 256, 15.63 unsplit
+        # 64 wide CTAs of 16 heads unsplit: 12.40 us against 14.48 in 4 x 256 (H100,
+        # 2026-12-07 11:45; 4-warp CTAs unsplit took 15.63)
+        ((32, 32, 1, 1024), (0, 1)),
     ],
 )
 def test_plan_keeps_short_contexts_whole(args: tuple[int, int, int, int],
@@ -550,8 +552,9 @@ def test_plan_follows_the_cta_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cta_heads(32, 256, 1000, 132) == 16  # d256: no two-row-tile kernel
     assert _attention_ops.resident_ctas_per_sm(128, 32) == 2
     assert _attention_ops.resident_ctas_per_sm(64, 32) == 3
-    # MQA, 32 heads, 32 sequences x 4k tokens (32 CTAs of 32: too few): the plan of CTAs of 16.
-    assert plan_partitions(32, 32, 1, 4096, 132, split="wave") == (1024, 4)
+    # MQA, 32 heads, 32 sequences x 4k tokens (32 CTAs of 32: too few): the plan of CTAs of 16,
+    # 64 wide ones unsplit (32.12 us against 33.24 in 4 x 1024, H100 2026-12-07 11:45).
+    assert plan_partitions(32, 32, 1, 4096, 132, split="wave") == (0, 1)
     assert plan_partitions(32, 32, 1, 4096, 132, split="fill") == (704, 6)
     # 256 sequences x 2k: 256 CTAs of 32 fill the SMs unsplit (CTAs of 16 would split in two).
     assert plan_partitions(256, 32, 1, 2048, 132, split="wave") == (0, 1)
@@ -590,7 +593,7 @@ def test_plan_explicit_partition_size() -> None:
         # few CTAs: about two per SM (the saturating count of 3 resident), long partitions (wide
         # CTAs run unsplit grids only: these stay split)
         ((1, 32, 32, 32768), 128, (4096, 8), (4096, 8)),
-        ((32, 32, 1, 4096), 128, (1024, 4), (1024, 4)),
+        ((32, 32, 1, 4096), 128, (1024, 4), (0, 1)),  # MQA: wide CTAs of 16 heads, 64 of them
         ((128, 32, 1, 1024), 128, (0, 1), (0, 1)),
         ((8, 32, 4, 8192), 128, (1024, 8), (1024, 8)),
         ((1, 32, 4, 32768), 128, (512, 64), (512, 64)),
@@ -613,14 +616,19 @@ def test_plan_wave_model(monkeypatch: pytest.MonkeyPatch, args: tuple[int, int, 
 
 def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wide CTAs (the warps of ``resident`` 4-warp CTAs in one) at head sizes up to 128 and
-    groups of at most 16 query heads: an unsplit plan whose grid has at most one CTA per SM is
+    groups of at most 32 query heads: an unsplit plan whose grid has at most one CTA per SM is
     costed at ``resident`` times a lone CTA's rate where the grid covers at least a fifth of the
     SMs, else at the saturated rate; split plans keep the 4-warp model."""
     monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
     allowed = _attention_ops.wide_ctas_allowed
     assert [allowed(d, 16) for d in (64, 80, 96, 112, 128, 256)] == [
         True, True, True, True, True, False]
-    assert allowed(128, 1) and not allowed(128, 17)  # larger groups keep CTAs of 4 warps
+    assert allowed(128, 1) and allowed(128, 17) and allowed(96, 32)
+    assert not allowed(128, 33)  # larger groups keep CTAs of 4 warps
+    # Groups of 17-32 are planned as wide CTAs from grids of a fifth of the SMs (the measured
+    # ones): MQA-32 at batch 16 (32 CTAs of 16 heads) unsplit, at batch 12 (24) split as before.
+    assert plan_partitions(16, 32, 1, 768, 132, split="wave") == (0, 1)
+    assert plan_partitions(12, 32, 1, 512, 132, split="wave") == (128, 4)
     work = 4096 + _attention_ops._CTA_OVERHEAD_TOKENS
     assert plan_time(128, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 4)
     assert plan_time(27, 1, 4096, 132, 4, 16, wide=True) == pytest.approx(work / 4)

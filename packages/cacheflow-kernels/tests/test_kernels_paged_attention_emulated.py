@@ -776,24 +776,30 @@ def test_two_row_tiles_need_pair_steps(emu: Any) -> None:
 ANY_GRID = 1 << 20  # wide_warps_max_ctas that every test grid is under
 
 
-@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "window", "warps"), [
-    ("float16", 64, (8, 2), [300, 5, 129], 0, 16),       # most warps of the 5-token CTA see no
+@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "window", "rows", "warps"), [
+    ("float16", 64, (8, 2), [300, 5, 129], 0, 0, 16),    # most warps of the 5-token CTA see no
                                                          # tile
-    ("bfloat16", 128, (16, 1), [400, 70], 0, 12),
-    ("fp8-float16", 96, (8, 1), [257, 64], 100, 16),     # FP8, sliding window
-    ("fp8-bfloat16", 128, (4, 4), [1000, 0], 0, 12),     # MHA, an empty context
-    ("float16", 80, (6, 2), [77, 33], 0, 16),            # half span and V tail tiles
-    ("fp8-float16", 112, (8, 2), [140], 0, 12),
+    ("bfloat16", 128, (16, 1), [400, 70], 0, 0, 12),
+    ("fp8-float16", 96, (8, 1), [257, 64], 100, 0, 16),  # FP8, sliding window
+    ("fp8-bfloat16", 128, (4, 4), [1000, 0], 0, 0, 12),  # MHA, an empty context
+    ("float16", 80, (6, 2), [77, 33], 0, 0, 16),         # half span and V tail tiles
+    ("fp8-float16", 112, (8, 2), [140], 0, 0, 12),
+    ("float16", 128, (32, 1), [300, 5, 129], 0, 16, 12),  # MQA: two CTAs of 16 heads each
+    ("fp8-bfloat16", 64, (48, 2), [520, 0], 40, 16, 16),  # groups of 24: 16 + 8 rows
+    ("bfloat16", 96, (17, 1), [260, 31], 0, 16, 16),     # a group of 17: 16 + 1 rows
+    ("float16", 128, (33, 1), [200, 64], 0, 16, 4),      # above 32 heads: 4 warps stay
 ])
 def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: int,
                                                heads: tuple[int, int], ctx_lens: list[int],
-                                               window: int, warps: int) -> None:
+                                               window: int, rows: int, warps: int) -> None:
     """An unsplit grid of at most wide_warps_max_ctas CTAs (the SM count on the GPU) runs CTAs
     of kWideWarps warps (4 x MmaMinBlocks: 16 up to head size 96, 12 up to 128) whose warps
-    take the CTA's tiles in turn and merge in shared memory: output and log-sum-exp match the
-    oracle (ALiBi included) and 4-warp CTAs, up to the merge order."""
+    take the CTA's tiles in turn and merge in shared memory, for groups of at most 32 query
+    heads (above 16 in CTAs of 16: ``rows``): output and log-sum-exp match the oracle (ALiBi
+    included) and 4-warp CTAs, up to the merge order. Larger groups keep 4 warps."""
     case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
                                          seed=70 + head_size, alibi=True)
+    emu.set_layout(rows, 0, 0)
     emu.set_wide_warps(ANY_GRID)
     _check_pipeline(emu, case, scales, dtype, f"{kind} wide CTAs", sliding_window=window)
     assert emu.main_warps() == warps
@@ -868,7 +874,9 @@ def test_wide_ctas_only_for_small_unsplit_grids(emu: Any) -> None:
 def test_wide_ctas_need_pair_steps_and_deep_rings(emu: Any) -> None:
     """CTAs of 4 warps stay: with one-tile steps, a ring forced below four stages, 16-bit head
     size 256 (four stages of 8 warps do not fit an SM's shared memory; at 112, four of 12 do),
-    and groups of more than 16 query heads (in CTAs of 32 or 16)."""
+    and groups of more than 16 query heads in CTAs of 32; in CTAs of 16 such a group takes wide
+    CTAs up to 32 heads, and 4-warp CTAs of 16 (wide_warps_max_ctas 0) are bit for bit the
+    CTAs of 32."""
     emu.set_wide_warps(ANY_GRID)
     case, scales, dtype = _pipeline_case("float16", 128, [70], heads=(8, 2), seed=72)
     assert _without_pair_steps(emu, case, scales, dtype, emu.main_warps) == [4, 4]
@@ -879,10 +887,15 @@ def test_wide_ctas_need_pair_steps_and_deep_rings(emu: Any) -> None:
     case, scales, dtype = _pipeline_case("float16", 128, [90], heads=(32, 1), seed=74)
     _check_pipeline(emu, case, scales, dtype, "32-row CTAs")
     assert emu.last_rows() == 32 and emu.main_warps() == 4
-    # groups above 16 keep 4 warps in CTAs of 16 too (bit for bit the 32-row CTAs)
+    rows32 = case["out"].clone()
     emu.set_layout(16, 0, 0)
-    _check_pipeline(emu, case, scales, dtype, "16-row CTAs of a 32-head group")
+    _check_pipeline(emu, case, scales, dtype, "wide 16-row CTAs of a 32-head group")
+    assert emu.last_rows() == 16 and emu.main_warps() == 12
+    emu.set_wide_warps(0)
+    case["out"].fill_(float("nan"))
+    _check_pipeline(emu, case, scales, dtype, "4-warp 16-row CTAs of a 32-head group")
     assert emu.last_rows() == 16 and emu.main_warps() == 4
+    assert torch.equal(case["out"], rows32)
 
 
 def test_wide_ctas_fused_launch_matches_the_two_kernels(emu: Any) -> None:

@@ -1,12 +1,17 @@
 """paged_attention_with_rotary_cache on a CUDA device (skipped without CUDA): the fused launch
 against rotary_embedding_with_cache followed by paged_attention, bit for bit (outputs and cache
-bytes), over head sizes, GQA/MQA, FP8 caches, both rotary styles, batch sizes and split plans;
+bytes; for groups of 17-32 query heads, whose unfused small grids run wide CTAs of 16 heads, the
+attention kernel with CTAs of 4 warps, CACHEFLOW_PA_WARPS=4), over head sizes, GQA/MQA, FP8
+caches, both rotary styles, batch sizes and split plans;
 replayed in a CUDA graph behind a kernel that writes the query, key and value under programmatic
 dependent launch; and the launches it declines."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -57,17 +62,37 @@ def views(inputs: dict[str, Any], h: int, kvh: int, d: int) -> tuple[Any, Any, A
 
 def two_kernels(case: dict[str, Any], inputs: dict[str, Any], table: Any, neox: bool,
                 scales: tuple[float, float]) -> None:
-    """rotary_embedding_with_cache (on a copy of the qkv rows) then paged_attention."""
+    """rotary_embedding_with_cache (on a copy of the qkv rows) then paged_attention; for groups
+    of 17-32 query heads with CTAs of 4 warps, whose CTAs of 16 heads give the bits of a fused
+    launch's CTAs of 32 (their wide CTAs differ from it by rounding only)."""
     n, h, d = case["query"].shape
     kvh = case["key_cache"].shape[2]
     q, k, v = views({"qkv": inputs["qkv"].clone()}, h, kvh, d)
     cacheflow_kernels.rotary_embedding_with_cache(
         inputs["positions"], q.reshape(n, h * d), k.reshape(n, kvh * d), v.reshape(n, kvh * d),
         table, d, neox, case["key_cache"], case["value_cache"], inputs["slots"], *scales)
-    cacheflow_kernels.paged_attention(
-        case["out"], q, case["key_cache"], case["value_cache"], case["block_tables"],
-        case["context_lens"], case["scale"], k_scale=scales[0], v_scale=scales[1],
-        max_context_len=max(case["ctx_lens"]))
+    with four_warps(16 < h // kvh <= 32):
+        cacheflow_kernels.paged_attention(
+            case["out"], q, case["key_cache"], case["value_cache"], case["block_tables"],
+            case["context_lens"], case["scale"], k_scale=scales[0], v_scale=scales[1],
+            max_context_len=max(case["ctx_lens"]))
+
+
+@contextlib.contextmanager
+def four_warps(on: bool) -> Iterator[None]:
+    """CACHEFLOW_PA_WARPS=4 for the calls inside (read at each launch), if ``on``."""
+    if not on:
+        yield
+        return
+    old = os.environ.get("CACHEFLOW_PA_WARPS")
+    os.environ["CACHEFLOW_PA_WARPS"] = "4"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CACHEFLOW_PA_WARPS"]
+        else:
+            os.environ["CACHEFLOW_PA_WARPS"] = old
 
 
 def fused(case: dict[str, Any], inputs: dict[str, Any], table: Any, neox: bool,

@@ -438,20 +438,22 @@ def test_main_loops_agree(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.parametrize("ctas_per_sm", [0.75, 1.5])
 @pytest.mark.parametrize(("kind", "heads", "head_size"), [
     ("float16", (32, 1), 128), ("bfloat16", (32, 1), 128), ("fp8-float16", (32, 1), 128),
     ("float16", (24, 2), 64), ("fp8-bfloat16", (12, 1), 96),
 ])
-def test_half_wide_ctas_match_oracle_and_four_warps(monkeypatch: pytest.MonkeyPatch, kind: str,
-                                                    heads: tuple[int, int],
-                                                    head_size: int) -> None:
-    """An unsplit grid of one to two CTAs per SM whose KV heads have 9 to 32 query heads runs
-    half-wide CTAs (RunWideCtas): the batch is sized from the device's SM count so that the
-    grid of 16-row CTAs falls in that range; output against the oracle and against 4-warp CTAs
-    (CACHEFLOW_PA_HALF_WIDE=0)."""
+def test_wide_and_half_wide_ctas_match_oracle_and_four_warps(monkeypatch: pytest.MonkeyPatch,
+                                                              kind: str, heads: tuple[int, int],
+                                                              head_size: int,
+                                                              ctas_per_sm: float) -> None:
+    """An unsplit grid of up to one CTA per SM (wide CTAs) or of one to two (half-wide CTAs)
+    whose KV heads have 9 to 32 query heads in CTAs of 16 (RunWideCtas): the batch is sized from
+    the device's SM count so that the grid falls in that range; output against the oracle and
+    against 4-warp CTAs (CACHEFLOW_PA_WARPS=4)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     groups_per_seq = heads[1] * -(-heads[0] // heads[1] // 16)  # 16-row CTAs per sequence
-    batch = -(-3 * sms // (2 * groups_per_seq))  # about 1.5 CTAs per SM
+    batch = max(1, int(ctas_per_sm * sms / groups_per_seq))
     lens = ctx_lens_for(batch, 700, 16, random.Random(5))
     dtype = kind.removeprefix("fp8-")
     if kind.startswith("fp8"):
@@ -462,11 +464,11 @@ def test_half_wide_ctas_match_oracle_and_four_warps(monkeypatch: pytest.MonkeyPa
         ref, ks, vs = reference(case), 1.0, 1.0
     _set_path(monkeypatch, "pipeline")
     monkeypatch.setenv("CACHEFLOW_PA_ROWS", "16")
-    half = run(case, partition_size=0, k_scale=ks, v_scale=vs).clone()
-    assert_close(half, ref, dtype, f"half-wide {kind}")
-    monkeypatch.setenv("CACHEFLOW_PA_HALF_WIDE", "0")
+    wide = run(case, partition_size=0, k_scale=ks, v_scale=vs).clone()
+    assert_close(wide, ref, dtype, f"wide at {ctas_per_sm} CTAs per SM {kind}")
+    monkeypatch.setenv("CACHEFLOW_PA_WARPS", "4")
     four = run(case, partition_size=0, k_scale=ks, v_scale=vs)
-    assert_close(half, four.double(), dtype, f"half-wide vs 4 warps {kind}")
+    assert_close(wide, four.double(), dtype, f"wide vs 4 warps {kind}")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -561,8 +563,9 @@ def test_two_row_tiles_agree_with_sixteen_rows(monkeypatch: pytest.MonkeyPatch, 
                                                head_size: int, heads: tuple[int, int],
                                                fp8: bool) -> None:
     """Groups above 16 query heads: CTAs of 32 (the default) and of 16 (CACHEFLOW_PA_ROWS=16)
-    both match the oracle, unsplit and split, with ALiBi; unsplit they agree bit for bit, split
-    within the dtype's rounding."""
+    both match the oracle, unsplit and split, with ALiBi; unsplit they agree bit for bit with
+    CTAs of 4 warps (CACHEFLOW_PA_WARPS=4; this small grid otherwise runs wide CTAs of 16 for
+    groups up to 32, also checked against the oracle), split within the dtype's rounding."""
     _set_path(monkeypatch, "pipeline")
     lens = [1, 15, 300, 4097, 2048]
     if fp8:
@@ -572,6 +575,10 @@ def test_two_row_tiles_agree_with_sixteen_rows(monkeypatch: pytest.MonkeyPatch, 
                          dtype=getattr(torch, dtype), device="cuda", seed=45, alibi=True,
                          q_scale=2.0)
         ref, ks, vs = reference(case), 1.0, 1.0
+    monkeypatch.setenv("CACHEFLOW_PA_ROWS", "16")
+    wide = run(case, partition_size=0, k_scale=ks, v_scale=vs)
+    assert_close(wide, ref, dtype, "rows 16, wide CTAs where the group allows")
+    monkeypatch.setenv("CACHEFLOW_PA_WARPS", "4")
     for partition in (0, None):
         outs = []
         for rows in ("32", "16"):

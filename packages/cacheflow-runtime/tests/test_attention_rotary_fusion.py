@@ -55,6 +55,26 @@ def test_switch(monkeypatch: pytest.MonkeyPatch, value: str | None, sms: int, se
     assert kernels.attention_rotary_fusion_wanted(seqs, kv_heads, cuda) is on
 
 
+@pytest.mark.parametrize(("heads", "head_size", "on"), [
+    ((32, 1), 128, False),   # MQA of 32: the unfused kernel's wide CTAs of 16 heads
+    ((24, 1), 96, False),
+    ((17, 1), 64, False),
+    ((16, 1), 128, True),    # one CTA of 16 heads either way
+    ((40, 1), 128, True),    # above 32: 4-warp CTAs either way (the fused launch declines)
+    ((32, 1), 256, True),    # head size 256: no wide CTAs
+    ((32, 4), 128, True),    # GQA-8
+])
+def test_switch_leaves_groups_of_17_to_32_heads_to_wide_ctas(
+        monkeypatch: pytest.MonkeyPatch, heads: tuple[int, int], head_size: int,
+        on: bool) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert kernels.attention_rotary_fusion_wanted(4, heads[1], cuda, heads[0], head_size) is on
+    monkeypatch.setenv(ENV, "1")
+    assert kernels.attention_rotary_fusion_wanted(4, heads[1], cuda, heads[0], head_size)
+
+
 def test_switch_keeps_cpu_steps_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
     assert kernels.attention_rotary_fusion_wanted(1, 1, torch.device("cpu")) is False
@@ -76,8 +96,14 @@ def test_cpu_steps_keep_the_separate_kernels(monkeypatch: pytest.MonkeyPatch,
 
 def _compare(monkeypatch: pytest.MonkeyPatch, layer: Any, step: dict[str, Any],
              pos: torch.Tensor) -> None:
+    """The fused launch against the separate kernels, bit for bit. For 17-32 query heads per KV
+    head the separate attention kernel runs with CTAs of 4 warps (CACHEFLOW_PA_WARPS=4): its
+    wide CTAs of 16 heads differ from the fused launch's CTAs of 32 by rounding."""
     monkeypatch.setenv(ENV, "0")
+    if 16 < layer.num_heads // layer.num_kv_heads <= 32:
+        monkeypatch.setenv("CACHEFLOW_PA_WARPS", "4")
     want = _forward(layer, step, pos)
+    monkeypatch.delenv("CACHEFLOW_PA_WARPS", raising=False)
     monkeypatch.setenv(ENV, "1")
     got = _forward(layer, step, pos)
     assert torch.equal(got[0], want[0])

@@ -217,12 +217,13 @@ def cta_heads(group: int, head_size: int, kv_rows: int, num_sms: int) -> int:
 def wide_ctas_allowed(head_size: int, group: int) -> bool:
     """Whether the decode kernel runs wide CTAs (``RunWideCtas`` in paged_attention.cuh: the warps
     of ``resident_ctas_per_sm`` CTAs of 4 warps in one CTA, one per SM) for unsplit grids of at
-    most one CTA per SM: ``group`` (query heads per KV head) at most 16, head sizes up to 128,
-    unless ``CACHEFLOW_PA_WARPS`` is "4". (The kernel also takes them for FP8 caches at head
-    size 256; where the two differ the plan is only less tuned, never wrong.)"""
+    most one CTA per SM: ``group`` (query heads per KV head) at most 32 (CTAs of 16 heads; a
+    group above 16 takes two), head sizes up to 128, unless ``CACHEFLOW_PA_WARPS`` is "4". (The
+    kernel also takes them for FP8 caches at head size 256; where the two differ the plan is
+    only less tuned, never wrong.)"""
     if os.environ.get(WARPS_ENV) == "4":
         return False
-    return group <= _HEADS_PER_CTA and head_size in _WIDE_HEAD_SIZES
+    return group <= 2 * _HEADS_PER_CTA and head_size in _WIDE_HEAD_SIZES
 
 
 def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:
@@ -395,7 +396,11 @@ def plan_partitions(
         # partition is shorter than the planner's minimum).
         bucket = max_context_len // PARTITION_ALIGN
         rows = min(group, heads_per_cta)
-        wide = wide_ctas_allowed(head_size, group)
+        # Groups of 17-32 heads: costed as wide CTAs only on grids of at least a fifth of the
+        # SMs, the ones measured (H100, 2026-12-07: MQA grids of 32-96 such CTAs unsplit took
+        # 0.81-0.98x the time of the splits planned before); smaller grids keep those plans.
+        wide = wide_ctas_allowed(head_size, group) and (
+            group <= _HEADS_PER_CTA or ctas * _WIDE_FULL_RATE_SHARE >= num_sms)
         key = (ctas, bucket, num_sms, resident, rows, wide)
         parts = _WAVE_PLANS.get(key, 0)
         if parts == 0:

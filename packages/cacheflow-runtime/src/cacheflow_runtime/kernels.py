@@ -92,12 +92,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def attention_rotary_fusion_wanted(num_seqs: int, num_kv_heads: int,
-                                   device: torch.device) -> bool:
+#: Query heads per KV head from which the decode kernel's small grids run CTAs of 16 heads
+#: with more warps than a fused launch can (see attention_rotary_fusion_wanted), up to twice it.
+_FUSED_GROUP_LIMIT = 16
+
+
+def attention_rotary_fusion_wanted(num_seqs: int, num_kv_heads: int, device: torch.device,
+                                   num_heads: int | None = None, head_size: int = 128) -> bool:
     """Whether a decode step of ``num_seqs`` rows on ``device`` rotates and stores the new token
     inside the decode attention kernel
     (cacheflow_kernels.paged_attention_with_rotary_cache: one kernel a layer instead of the
-    rotary + cache kernel and the attention kernel; the same results bit for bit).
+    rotary + cache kernel and the attention kernel).
 
     ``CACHEFLOW_ATTN_ROTARY_FUSE=1``: wherever it applies; ``=0``: never; unset (or any other
     value): on CUDA where the step's attention grid, num_seqs x num_kv_heads CTAs, has at most
@@ -105,13 +110,21 @@ def attention_rotary_fusion_wanted(num_seqs: int, num_kv_heads: int,
     saves one launch and handoff a layer: the 7B decode step at batch 1 (32 CTAs) was 0.6-1.7%
     shorter on an H100 (2026-12-06, three runs). At batch 64 (2,048 CTAs) it was 2.3% longer:
     each of the many CTAs then stores and rotates before its first score, which the separate
-    rotary kernel did for all of them at once."""
+    rotary kernel did for all of them at once. Not for 17-32 query heads per KV head
+    (``num_heads // num_kv_heads``) at head sizes up to 128 (MQA of 32 heads, say): a fused
+    launch runs one 4-warp CTA of 32 heads per KV head there, latency-bound, while the
+    attention kernel alone splits the group over two CTAs of 12-16 warps (wide CTAs), which
+    took 0.81-0.99x the time of the 4-warp plans before them on an H100 (2026-12-07): more than
+    the launch and handoff the fusion saves (about 1%)."""
     value = os.environ.get(ATTN_ROTARY_FUSE_ENV)
     if value == "0" or getattr(cacheflow_kernels, "paged_attention_with_rotary_cache",
                                None) is None:
         return False
     if value == "1":
         return True
+    group = (num_heads or num_kv_heads) // max(num_kv_heads, 1)
+    if _FUSED_GROUP_LIMIT < group <= 2 * _FUSED_GROUP_LIMIT and head_size <= 128:
+        return False
     return device.type == "cuda" and num_seqs * num_kv_heads <= _sm_count(device.index or 0)
 
 

@@ -64,7 +64,8 @@ class GPTNeoXCacheFlowAttention(PagedAttention):
         """The decode step in one kernel (rotary, cache write and attention:
         ``cuda_backend.decode_with_rotary_cache``), or None where it does not apply."""
         if not attention_rotary_fusion_wanted(query.shape[0], self.num_kv_heads,
-                                              query.device) or (
+                                              query.device, self.num_heads,
+                                              self.head_size) or (
                 input_metadata.cascade is not None and self.takes_cascade):
             return None
         table = self.rotary_emb.kernel_table(positions, query, key)
