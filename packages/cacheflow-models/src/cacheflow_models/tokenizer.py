@@ -17,8 +17,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "spiece.model")
 
 _HOW_TO_PROCEED = ("pass tokenizer=<folder or .gguf file with the tokenizer> (--tokenizer), or "
-                   "skip_tokenizer_init=True (--skip-tokenizer-init) to send and receive token "
-                   "ids only")
+                   "skip_tokenizer_init=True (cacheflow serve --skip-tokenizer-init) to send and "
+                   "receive token ids only")
 
 # GGUF files whose tokenizer AutoTokenizer builds as a plain TokenizersBackend (byte-level BPE
 # vocabularies of these architectures). For them the backend is built directly: AutoTokenizer
