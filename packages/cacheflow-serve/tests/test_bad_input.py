@@ -139,9 +139,14 @@ def test_a_request_wider_than_the_token_budget_is_rejected(tiny_path: Path) -> N
     """n sequences decode n tokens a step: more than the step's token budget never fit (the
     request used to wait forever)."""
     llm = LLM(tiny_path, device="cpu", dtype="float32", max_num_batched_tokens=3)
-    with pytest.raises(ValueError, match=r"best_of \(4\) is larger than max_num_batched_tokens "
-                                         r"\(3\)"):
+    with pytest.raises(InvalidRequestError, match=r"^n \(4\) is larger than "
+                                                  r"max_num_batched_tokens \(3\)") as info:
         llm.generate("hi", SamplingParams(n=4, temperature=0.8, max_tokens=4), use_tqdm=False)
+    assert info.value.param == "n"
+    with pytest.raises(InvalidRequestError, match=r"^best_of \(5\) is larger") as info:
+        llm.generate("hi", SamplingParams(n=2, best_of=5, temperature=0.8, max_tokens=4),
+                     use_tqdm=False)
+    assert info.value.param == "best_of"
     out = llm.generate("hi", SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=4),
                        use_tqdm=False)[0]
     assert [len(c.token_ids) for c in out.outputs] == [4, 4, 4]
@@ -155,7 +160,7 @@ def test_a_request_too_big_for_the_kv_cache_is_rejected(tiny_path: Path) -> None
                                          r"of 39 tokens\) but the cache has only 4"):
         small.generate({"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=20),
                        use_tqdm=False)
-    with pytest.raises(ValueError, match=r"best_of \(300\) is larger than max_num_seqs \(256\)"):
+    with pytest.raises(ValueError, match=r"^n \(300\) is larger than max_num_seqs \(256\)"):
         small.generate("hi", SamplingParams(n=300, max_tokens=1), use_tqdm=False)
     out = small.generate({"prompt_token_ids": [5] * 20}, GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 8

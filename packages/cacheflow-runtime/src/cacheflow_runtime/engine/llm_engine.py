@@ -222,14 +222,17 @@ class LLMEngine:
                              f"values of {kv_tokens} tokens{seqs}{spare}) but the cache has "
                              f"only {usable}; lower max_tokens or best_of, or give the cache "
                              "more blocks")
+        # The field the user set: best_of when it was raised above n, else n.
+        wide = "best_of" if params.best_of != params.n else "n"
         if params.best_of > self.scheduler_config.max_num_seqs:
-            raise ValueError(f"best_of ({params.best_of}) is larger than max_num_seqs "
-                             f"({self.scheduler_config.max_num_seqs})")
+            raise InvalidRequestError(f"{wide} ({params.best_of}) is larger than max_num_seqs "
+                                      f"({self.scheduler_config.max_num_seqs})", param=wide)
         budget = self.scheduler_config.max_num_batched_tokens
         if params.best_of > budget:  # its decode steps need a token per sequence
-            raise ValueError(f"best_of ({params.best_of}) is larger than max_num_batched_tokens "
-                             f"({budget}): a decode step of its {params.best_of} sequences "
-                             "would never fit a step")
+            raise InvalidRequestError(
+                f"{wide} ({params.best_of}) is larger than max_num_batched_tokens ({budget}): a "
+                f"decode step of its {params.best_of} sequences would never fit a step",
+                param=wide)
         swap_blocks = self.block_manager.num_total_cpu_blocks
         if swapped > swap_blocks:
             raise ValueError(f"the request may be preempted by swapping up to {swapped} KV-cache "
