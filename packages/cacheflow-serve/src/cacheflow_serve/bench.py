@@ -311,8 +311,7 @@ async def run_benchmark(base_url: str, model: Optional[str], requests: list[Benc
 def server_root(base_url: str) -> str:
     """The server's root URL from ``--base-url``, given with or without the OpenAI ``/v1``
     suffix (``cacheflow chat --url`` and OpenAI clients take it with)."""
-    root = base_url.rstrip("/")
-    return root.removesuffix("/v1").rstrip("/") if root.endswith("/v1") else root
+    return base_url.rstrip("/").removesuffix("/v1")
 
 
 def run_bench(args: argparse.Namespace) -> int:
