@@ -11,7 +11,8 @@ compete with splits, whose sweep set ``_WIDE_FULL_RATE_SHARE``; ``--grid pair``:
 two CTAs per SM at head sizes 64-96, whose sweep set ``_PAIR_GRID_SATURATION``; ``--grid
 survey``: about a hundred shapes spread over grids of a few CTAs to several waves, head sizes
 64 / 128 / 256, MHA to MQA, contexts 1k-32k and a few FP8 caches, the data for fitting a cost
-model) with
+model; ``--grid shapes --shapes mqa:32:1:128:64:2048,...``: the shapes named, timed like the
+survey) with
 ``bench_paged_attention.py`` at its automatic plan and at fixed partition sizes (0 = no split),
 then prints, per shape, the plan the planner picks, its time, the fastest fixed size and the
 ratio of the two (the plan's regret). ``--partitions`` names the fixed sizes, or ``--counts``
@@ -179,10 +180,35 @@ def grid_shapes(grid: str) -> list[tuple[str, int, int, int, int, int]]:
             for batch in batches for ctx in contexts]
 
 
-def add_cases(grid: str = "short") -> list[str]:
-    """Registers the grid's shapes as bench_paged_attention cases; returns their names."""
+def parse_shapes(text: str) -> list[tuple[str, int, int, int, int, int]]:
+    """``--shapes``: comma-separated ``TAG:HEADS:KV_HEADS:HEAD_SIZE:BATCH:CONTEXT`` entries, as
+    (tag, heads, KV heads, head size, batch, context) tuples; a malformed entry raises
+    ValueError naming it."""
+    shapes = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        parts = entry.split(":")
+        try:
+            if len(parts) != 6:
+                raise ValueError
+            tag, numbers = parts[0], [int(v) for v in parts[1:]]
+            if not tag or min(numbers) < 1 or numbers[0] % numbers[1]:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--shapes entry {entry!r}: expected TAG:HEADS:KV_HEADS:HEAD_SIZE:"
+                             "BATCH:CONTEXT with positive integers and HEADS a multiple of "
+                             "KV_HEADS") from None
+        shapes.append((tag, *numbers))
+    return shapes
+
+
+def add_cases(grid: str = "short", shapes_text: str = "") -> list[str]:
+    """Registers the grid's shapes (``grid == "shapes"``: those of ``shapes_text``) as
+    bench_paged_attention cases; returns their names."""
     names = []
-    shapes = [(*shape, False) for shape in grid_shapes(grid)]
+    listed = parse_shapes(shapes_text) if grid == "shapes" else grid_shapes(grid)
+    shapes = [(*shape, False) for shape in listed]
     if grid == "survey":
         shapes += [(tag, heads, kv, d, batch, ctx, True)
                    for tag, heads, kv, d, batches, contexts, fp8 in SURVEY_GRID if fp8
@@ -262,16 +288,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default="",
                    help="partition counts, turned into each shape's sizes (replaces "
                         f"--partitions; survey default {SURVEY_COUNTS})")
-    p.add_argument("--grid", choices=("short", "wide", "pair", "survey"), default="short",
+    p.add_argument("--grid", choices=("short", "wide", "pair", "survey", "shapes"),
+                   default="short",
                    help="which shapes: short contexts, the wide-CTA shapes at 2k-6k, grids "
-                        "of one to two CTAs per SM at head sizes 64-96, or the model-fitting "
+                        "of one to two CTAs per SM at head sizes 64-96, the model-fitting "
+                        "survey, or those of --shapes")
+    p.add_argument("--shapes", default="",
+                   help="with --grid shapes: comma-separated TAG:HEADS:KV_HEADS:HEAD_SIZE:"
+                        "BATCH:CONTEXT (e.g. mqa:32:1:128:64:2048), timed with SDPA like the "
                         "survey")
     p.add_argument("--limit", type=int, default=0, help="only the first N shapes (0 = all)")
     p.add_argument("--match", default="",
                    help="comma-separated substrings: only the shapes whose case name (e.g. "
                         "plan_mqa_b1_ctx16384) contains one of them")
     args = p.parse_args(argv)
-    names = add_cases(args.grid)
+    if (args.grid == "shapes") != bool(args.shapes):
+        p.error("--shapes goes with --grid shapes, and --grid shapes needs --shapes")
+    try:
+        names = add_cases(args.grid, args.shapes)
+    except ValueError as exc:
+        p.error(str(exc))
     patterns = [m.strip() for m in args.match.split(",") if m.strip()]
     if patterns:
         names = [n for n in names if any(m in n for m in patterns)]
@@ -279,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--match {args.match!r} selects none of the {args.grid} grid's shapes")
     if args.limit:
         names = names[:args.limit]
-    counts = args.counts or (SURVEY_COUNTS if args.grid == "survey" else "")
+    counts = args.counts or (SURVEY_COUNTS if args.grid in ("survey", "shapes") else "")
     if counts:
         report = run_counts(args.out, names, [int(k) for k in counts.split(",") if k.strip()],
-                            sdpa=args.grid == "survey")
+                            sdpa=args.grid in ("survey", "shapes"))
     else:
         report = bench.run_sweep(args.out, names, args.partitions)
     if report is None:

@@ -125,6 +125,18 @@ int WideWarpsMaxCtas(int sms) {
 }
 
 /*!
+ * \brief Params::wide_max_group: CACHEFLOW_PA_WIDE_GROUP, a positive number of query heads per KV
+ * head, else kDefaultWideMaxGroup. Read at every launch so one process can A/B them.
+ */
+int WideMaxGroup() {
+  const char* env = std::getenv("CACHEFLOW_PA_WIDE_GROUP");
+  if (env == nullptr || *env == '\0') return paged_attention::kDefaultWideMaxGroup;
+  const long group = std::strtol(env, nullptr, 10);  // NOLINT(runtime/int)
+  return group > 0 && group <= 1024 ? static_cast<int>(group)
+                                    : paged_attention::kDefaultWideMaxGroup;
+}
+
+/*!
  * \brief Params::half_wide_max_ctas from Params::wide_warps_max_ctas (the SM count, or 0 with
  * CACHEFLOW_PA_WARPS=4): grids of up to two CTAs per SM run half-wide CTAs;
  * CACHEFLOW_PA_HALF_WIDE=0 keeps them at 4 warps (0). Read at every launch so one process can A/B them.
@@ -356,6 +368,7 @@ bool RunPagedAttention(TensorView out, TensorView query, TensorView key_cache,
   // An unsplit grid of at most one CTA per multiprocessor (groups up to 32 heads) runs CTAs of
   // kWideWarps<D> warps (RunWideCtas).
   p.wide_warps_max_ctas = WideWarpsMaxCtas(sms);
+  p.wide_max_group = WideMaxGroup();
   p.half_wide_max_ctas = HalfWideMaxCtas(p.wide_warps_max_ctas);
   const DeviceSmem smem = GetDeviceSmem(dev.device_id);
   p.smem_per_sm = smem.per_sm;

@@ -396,6 +396,9 @@ constexpr float kDefaultRescaleThreshold = 8.f;
 // 0.84x; but b256 ctx2k, 256 CTAs of 32, 1.34x slower with 16; the H200 the same way round).
 constexpr int kCtaRowsAuto = 0;
 constexpr int kDefaultCtaRows = kCtaRowsAuto;
+// Query heads per KV head up to which an unsplit grid of at most one CTA per SM runs wide CTAs
+// (Params::wide_max_group, RunWideCtas): groups above 16 take ceil(group / 16) CTAs of 16.
+constexpr int kDefaultWideMaxGroup = 32;
 
 struct Params {
   void* out;
@@ -452,8 +455,10 @@ struct Params {
                               // release the successor right after the wait (0: never; see
                               // "Small grids" at the kernel)
   int wide_warps_max_ctas;    // unsplit pipelined launches with two-tile steps and groups of at
-                              // most 32 query heads whose grid has at most this many CTAs run
-                              // CTAs of kWideWarps<D> warps, one per SM (0: never; RunWideCtas)
+                              // most wide_max_group query heads whose grid has at most this many
+                              // CTAs run CTAs of kWideWarps<D> warps, one per SM (0: never;
+                              // RunWideCtas)
+  int wide_max_group;         // ... the largest such group (kDefaultWideMaxGroup)
   int half_wide_max_ctas;     // larger such grids of at most this many CTAs whose groups have 9
                               // to 32 query heads (heads on M, CTAs of 16) run CTAs of
                               // kHalfWideWarps<D> warps, two per SM (0: never; RunWideCtas)
@@ -535,6 +540,7 @@ inline Params MakeParams(int64_t num_seqs, int64_t num_heads, int64_t num_kv_hea
   p.cta_rows = kDefaultCtaRows;
   p.wide_rows_min_ctas = 0;  // the launch sets the device's multiprocessor count
   p.wide_warps_max_ctas = 0;  // (likewise; 0: CTAs of kWarps warps only)
+  p.wide_max_group = kDefaultWideMaxGroup;
   p.half_wide_max_ctas = 0;   // (likewise)
   p.prefetch_before_wait = 1;
   p.main_release = 1;
@@ -3254,7 +3260,8 @@ void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
  * and unsplit they take 0.81-0.99x that time, H100). A fused launch runs such a group in one 4-warp CTA of 32
  * (CTAs of 16 would be two head groups, which it declines): bit for bit the two kernels with
  * CTAs of 4 warps (CACHEFLOW_PA_WARPS=4), rounding apart from their wide CTAs; the runtime does
- * not fuse these groups (attention_rotary_fusion_wanted). Groups above 32 keep 4 warps.
+ * not fuse these groups (attention_rotary_fusion_wanted). Groups above p.wide_max_group (32
+ * by default; CACHEFLOW_PA_WIDE_GROUP) keep 4 warps.
  *
  * Half-wide CTAs (kHalfWideWarps<D>, two per SM) take a larger unsplit grid, of more than
  * p.wide_warps_max_ctas and at most p.half_wide_max_ctas CTAs (one to two per SM), whose KV heads
@@ -3282,7 +3289,7 @@ bool RunWideCtas(Params& p, int asked_stages, const GridDims& grid, Launcher& la
       return true;
     }
   }
-  if (p.group > 2 * kMmaRows || ctas > p.wide_warps_max_ctas) return false;
+  if (p.group > p.wide_max_group || ctas > p.wide_warps_max_ctas) return false;
   Params asked = p;
   asked.stages = asked_stages;  // automatic (or forced) depth, for the wide CTA's own budget
   const int stages = ChooseStages<C, D, 1, kW>(asked, p.rows, 1);

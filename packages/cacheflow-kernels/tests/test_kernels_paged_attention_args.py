@@ -620,11 +620,22 @@ def test_plan_wide_ctas(monkeypatch: pytest.MonkeyPatch) -> None:
     costed at ``resident`` times a lone CTA's rate where the grid covers at least a fifth of the
     SMs, else at the saturated rate; split plans keep the 4-warp model."""
     monkeypatch.delenv(_attention_ops.WARPS_ENV, raising=False)
+    monkeypatch.delenv(_attention_ops.WIDE_GROUP_ENV, raising=False)
     allowed = _attention_ops.wide_ctas_allowed
     assert [allowed(d, 16) for d in (64, 80, 96, 112, 128, 256)] == [
         True, True, True, True, True, False]
     assert allowed(128, 1) and allowed(128, 17) and allowed(96, 32)
     assert not allowed(128, 33)  # larger groups keep CTAs of 4 warps
+    for value, largest in (("48", 48), ("64", 64), ("0", 32), ("x", 32), ("2000", 32)):
+        monkeypatch.setenv(_attention_ops.WIDE_GROUP_ENV, value)
+        assert (allowed(128, largest), allowed(128, largest + 1)) == (True, False), value
+    # MQA of 48 heads at batch 32 (96 CTAs of 16 heads): split in 4-warp CTAs, unsplit once its
+    # group may run wide CTAs.
+    monkeypatch.delenv(_attention_ops.WIDE_GROUP_ENV)
+    assert plan_partitions(32, 48, 1, 1024, 132, split="wave")[1] > 1
+    monkeypatch.setenv(_attention_ops.WIDE_GROUP_ENV, "48")
+    assert plan_partitions(32, 48, 1, 1024, 132, split="wave") == (0, 1)
+    monkeypatch.delenv(_attention_ops.WIDE_GROUP_ENV)
     # Groups of 17-32 are planned as wide CTAs from grids of a fifth of the SMs (the measured
     # ones): MQA-32 at batch 16 (32 CTAs of 16 heads) unsplit, at batch 12 (24) split as before.
     assert plan_partitions(16, 32, 1, 768, 132, split="wave") == (0, 1)

@@ -62,6 +62,7 @@ _HELPERS: dict[str, tuple[Any, list[Any]]] = {
     "main_warps": (ctypes.c_int, []),
     "set_wide_warps": (None, [ctypes.c_int]),
     "set_half_wide": (None, [ctypes.c_int]),
+    "set_wide_max_group": (None, [ctypes.c_int]),
     "ldsm_v": (ctypes.c_int, []),
     "fp8_f16_mma": (ctypes.c_int, []),
     "tokens_m": (ctypes.c_int, []),
@@ -810,6 +811,41 @@ def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: i
     _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs", sliding_window=window)
     assert emu.main_warps() == 4
     assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
+
+
+DEFAULT_WIDE_MAX_GROUP = 32  # kDefaultWideMaxGroup
+
+
+@pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "max_group", "warps"), [
+    ("float16", 128, (48, 1), [300, 70], 48, 12),        # MQA-48: three CTAs of 16 heads
+    ("fp8-bfloat16", 64, (66, 2), [200, 9, 0], 64, 16),  # groups of 33: 16 + 16 + 1 rows
+    ("bfloat16", 96, (40, 1), [129], 40, 16),            # 16 + 16 + 8 rows
+    ("float16", 128, (48, 1), [300, 70], 47, 4),         # one head above the limit: 4 warps
+])
+def test_wide_max_group_sets_the_largest_wide_group(emu: Any, kind: str, head_size: int,
+                                                    heads: tuple[int, int],
+                                                    ctx_lens: list[int], max_group: int,
+                                                    warps: int) -> None:
+    """Params::wide_max_group (CACHEFLOW_PA_WIDE_GROUP on the GPU) is the largest group that
+    takes wide CTAs: groups above 32 run ceil(group / 16) wide CTAs of 16 heads per KV head when
+    it allows them, matching the oracle and 4-warp CTAs up to the merge order."""
+    case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
+                                         seed=110 + head_size, alibi=True)
+    emu.set_layout(16, 0, 0)
+    emu.set_wide_warps(ANY_GRID)
+    emu.set_wide_max_group(max_group)
+    try:
+        _check_pipeline(emu, case, scales, dtype, f"{kind} wide CTAs up to {max_group}")
+        assert emu.main_warps() == warps
+        assert last_launch(emu)[1] == 2
+        wide = case["out"].clone()
+        emu.set_wide_warps(0)
+        case["out"].fill_(float("nan"))
+        _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs")
+        assert emu.main_warps() == 4
+        assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
+    finally:
+        emu.set_wide_max_group(DEFAULT_WIDE_MAX_GROUP)
 
 
 @pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "rows", "warps"), [

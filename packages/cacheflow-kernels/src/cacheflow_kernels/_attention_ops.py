@@ -53,6 +53,11 @@ FULL_GRID_MAX_PARTITIONS = 2
 #: most one CTA per SM would otherwise run wide CTAs (:func:`wide_ctas_allowed`; the kernel reads
 #: it at every launch, the planner at every call).
 WARPS_ENV = "CACHEFLOW_PA_WARPS"
+#: Environment variable: the largest group (query heads per KV head) that runs wide CTAs, a
+#: positive integer (default _WIDE_MAX_GROUP; the kernel reads it at every launch, the planner at
+#: every call).
+WIDE_GROUP_ENV = "CACHEFLOW_PA_WIDE_GROUP"
+_WIDE_MAX_GROUP = 32  # kDefaultWideMaxGroup in paged_attention.cuh
 #: Head sizes at which a wide CTA's ring of four two-tile stages fits an SM's shared memory with
 #: a 16-bit cache (16 warps up to 96, 12 at 112 and 128; not 256).
 _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
@@ -218,12 +223,22 @@ def wide_ctas_allowed(head_size: int, group: int) -> bool:
     """Whether the decode kernel runs wide CTAs (``RunWideCtas`` in paged_attention.cuh: the warps
     of ``resident_ctas_per_sm`` CTAs of 4 warps in one CTA, one per SM) for unsplit grids of at
     most one CTA per SM: ``group`` (query heads per KV head) at most 32 (CTAs of 16 heads; a
-    group above 16 takes two), head sizes up to 128, unless ``CACHEFLOW_PA_WARPS`` is "4". (The
+    larger group takes ceil(group / 16)), head sizes up to 128, unless ``CACHEFLOW_PA_WARPS`` is
+    "4"; ``CACHEFLOW_PA_WIDE_GROUP`` sets another largest group (:func:`wide_max_group`). (The
     kernel also takes them for FP8 caches at head size 256; where the two differ the plan is
     only less tuned, never wrong.)"""
     if os.environ.get(WARPS_ENV) == "4":
         return False
-    return group <= 2 * _HEADS_PER_CTA and head_size in _WIDE_HEAD_SIZES
+    return group <= wide_max_group() and head_size in _WIDE_HEAD_SIZES
+
+
+def wide_max_group() -> int:
+    """The largest group that runs wide CTAs: ``CACHEFLOW_PA_WIDE_GROUP`` where it is an integer
+    from 1 to 1024 (``WideMaxGroup`` in paged_attention.cu), else 32."""
+    value = os.environ.get(WIDE_GROUP_ENV, "").strip()
+    if value.isdigit() and 0 < int(value) <= 1024:
+        return int(value)
+    return _WIDE_MAX_GROUP
 
 
 def saturating_ctas_per_sm(resident: int, rows: int = _HEADS_PER_CTA) -> int:

@@ -51,6 +51,7 @@ float g_rescale_threshold = pa::kDefaultRescaleThreshold;
 int g_cta_rows = pa::kDefaultCtaRows;
 int g_wide_rows_min_ctas = 0;  // kCtaRowsAuto takes 32 rows for every grid (the launch: SMs)
 int g_wide_warps_max_ctas = 0;  // CTAs of 4 warps only (the launch: the SM count)
+int g_wide_max_group = pa::kDefaultWideMaxGroup;
 int g_half_wide_max_ctas = 0;  // no half-wide CTAs (the launch: twice the SM count)
 int64_t g_query_stride = 0;  // 0: contiguous query
 // The fused new token of the next runs (cf_emu_set_new_token; key null: plain launches).
@@ -134,6 +135,10 @@ extern "C" int cf_emu_fp8_f16_mma() { return pa::kFp8HalfMma ? 1 : 0; }
  * only) of the following runs.
  */
 extern "C" void cf_emu_set_wide_warps(int max_ctas) { g_wide_warps_max_ctas = max_ctas; }
+
+/*! \brief Sets Params::wide_max_group (CACHEFLOW_PA_WIDE_GROUP on the GPU) of the following
+ * runs. */
+extern "C" void cf_emu_set_wide_max_group(int group) { g_wide_max_group = group; }
 
 /*! \brief Sets Params::half_wide_max_ctas (twice the device's SM count on the GPU; 0: no
  * half-wide CTAs, the default here). */
@@ -237,6 +242,7 @@ extern "C" int cf_emu_paged_attention(
   p.cta_rows = g_cta_rows;
   p.wide_rows_min_ctas = g_wide_rows_min_ctas;
   p.wide_warps_max_ctas = g_wide_warps_max_ctas;
+  p.wide_max_group = g_wide_max_group;
   p.half_wide_max_ctas = g_half_wide_max_ctas;
   if (g_query_stride > 0) p.q_stride = g_query_stride;
   const NewToken& nt = g_new_token;
