@@ -397,8 +397,12 @@ constexpr float kDefaultRescaleThreshold = 8.f;
 constexpr int kCtaRowsAuto = 0;
 constexpr int kDefaultCtaRows = kCtaRowsAuto;
 // Query heads per KV head up to which an unsplit grid of at most one CTA per SM runs wide CTAs
-// (Params::wide_max_group, RunWideCtas): groups above 16 take ceil(group / 16) CTAs of 16.
-constexpr int kDefaultWideMaxGroup = 32;
+// (Params::wide_max_group, RunWideCtas): groups above 16 take ceil(group / 16) CTAs of 16. 48:
+// MQA / GQA with groups of 40-48 at batches 16-44 and contexts of 1k-2k took 0.76-0.97x the
+// time of the 4-warp splits planned before (H100, 2026-12-07 14:56); groups of 64 and 71 lost
+// 2-11% where the 4-warp plan split (64 heads at batch 16 / 2k, 71 at 16 / 4k) and gained
+// 20% where it did not (64 at 32 / 1k), so they keep 4 warps.
+constexpr int kDefaultWideMaxGroup = 48;
 
 struct Params {
   void* out;
@@ -3260,8 +3264,9 @@ void LaunchPairSteps(Params& p, const GridDims& grid, Launcher& launch) {
  * and unsplit they take 0.81-0.99x that time, H100). A fused launch runs such a group in one 4-warp CTA of 32
  * (CTAs of 16 would be two head groups, which it declines): bit for bit the two kernels with
  * CTAs of 4 warps (CACHEFLOW_PA_WARPS=4), rounding apart from their wide CTAs; the runtime does
- * not fuse these groups (attention_rotary_fusion_wanted). Groups above p.wide_max_group (32
- * by default; CACHEFLOW_PA_WIDE_GROUP) keep 4 warps.
+ * not fuse these groups (attention_rotary_fusion_wanted). Groups of 33 to p.wide_max_group
+ * (48 by default; CACHEFLOW_PA_WIDE_GROUP) take three CTAs of 16 (H100, 2026-12-07: MQA of 40-48
+ * heads at batches 16-44, 0.76-0.97x the time of the 4-warp plans); larger groups keep 4 warps.
  *
  * Half-wide CTAs (kHalfWideWarps<D>, two per SM) take a larger unsplit grid, of more than
  * p.wide_warps_max_ctas and at most p.half_wide_max_ctas CTAs (one to two per SM), whose KV heads

@@ -788,16 +788,17 @@ ANY_GRID = 1 << 20  # wide_warps_max_ctas that every test grid is under
     ("float16", 128, (32, 1), [300, 5, 129], 0, 16, 12),  # MQA: two CTAs of 16 heads each
     ("fp8-bfloat16", 64, (48, 2), [520, 0], 40, 16, 16),  # groups of 24: 16 + 8 rows
     ("bfloat16", 96, (17, 1), [260, 31], 0, 16, 16),     # a group of 17: 16 + 1 rows
-    ("float16", 128, (33, 1), [200, 64], 0, 16, 4),      # above 32 heads: 4 warps stay
+    ("float16", 128, (33, 1), [200, 64], 0, 16, 12),     # 33 heads: 16 + 16 + 1 rows
+    ("float16", 128, (49, 1), [200, 64], 0, 16, 4),      # above 48 heads: 4 warps stay
 ])
 def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: int,
                                                heads: tuple[int, int], ctx_lens: list[int],
                                                window: int, rows: int, warps: int) -> None:
     """An unsplit grid of at most wide_warps_max_ctas CTAs (the SM count on the GPU) runs CTAs
     of kWideWarps warps (4 x MmaMinBlocks: 16 up to head size 96, 12 up to 128) whose warps
-    take the CTA's tiles in turn and merge in shared memory, for groups of at most 32 query
+    take the CTA's tiles in turn and merge in shared memory, for groups of at most 48 query
     heads (above 16 in CTAs of 16: ``rows``): output and log-sum-exp match the oracle (ALiBi
-    included) and 4-warp CTAs, up to the merge order. Larger groups keep 4 warps."""
+    included) and 4-warp CTAs, up to the merge order. Groups above 48 keep 4 warps."""
     case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
                                          seed=70 + head_size, alibi=True)
     emu.set_layout(rows, 0, 0)
@@ -813,13 +814,13 @@ def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: i
     assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
 
 
-DEFAULT_WIDE_MAX_GROUP = 32  # kDefaultWideMaxGroup
+DEFAULT_WIDE_MAX_GROUP = 48  # kDefaultWideMaxGroup
 
 
 @pytest.mark.parametrize(("kind", "head_size", "heads", "ctx_lens", "max_group", "warps"), [
-    ("float16", 128, (48, 1), [300, 70], 48, 12),        # MQA-48: three CTAs of 16 heads
-    ("fp8-bfloat16", 64, (66, 2), [200, 9, 0], 64, 16),  # groups of 33: 16 + 16 + 1 rows
-    ("bfloat16", 96, (40, 1), [129], 40, 16),            # 16 + 16 + 8 rows
+    ("float16", 128, (64, 1), [300, 70], 64, 12),        # MQA-64: four CTAs of 16 heads
+    ("fp8-bfloat16", 64, (66, 2), [200, 9, 0], 33, 16),  # groups of 33: 16 + 16 + 1 rows
+    ("bfloat16", 96, (80, 1), [129], 80, 16),            # 5 x 16 rows
     ("float16", 128, (48, 1), [300, 70], 47, 4),         # one head above the limit: 4 warps
 ])
 def test_wide_max_group_sets_the_largest_wide_group(emu: Any, kind: str, head_size: int,
@@ -828,7 +829,8 @@ def test_wide_max_group_sets_the_largest_wide_group(emu: Any, kind: str, head_si
                                                     warps: int) -> None:
     """Params::wide_max_group (CACHEFLOW_PA_WIDE_GROUP on the GPU) is the largest group that
     takes wide CTAs: groups above 32 run ceil(group / 16) wide CTAs of 16 heads per KV head when
-    it allows them, matching the oracle and 4-warp CTAs up to the merge order."""
+    it allows them, matching the oracle and 4-warp CTAs up to the merge order; a group above it
+    keeps 4 warps."""
     case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
                                          seed=110 + head_size, alibi=True)
     emu.set_layout(16, 0, 0)

@@ -441,16 +441,16 @@ def test_main_loops_agree(monkeypatch: pytest.MonkeyPatch, path: str, dtype: str
 @pytest.mark.parametrize("ctas_per_sm", [0.75, 1.5])
 @pytest.mark.parametrize(("kind", "heads", "head_size"), [
     ("float16", (32, 1), 128), ("bfloat16", (32, 1), 128), ("fp8-float16", (32, 1), 128),
-    ("float16", (24, 2), 64), ("fp8-bfloat16", (12, 1), 96),
+    ("float16", (24, 2), 64), ("fp8-bfloat16", (12, 1), 96), ("bfloat16", (48, 1), 128),
 ])
 def test_wide_and_half_wide_ctas_match_oracle_and_four_warps(monkeypatch: pytest.MonkeyPatch,
                                                               kind: str, heads: tuple[int, int],
                                                               head_size: int,
                                                               ctas_per_sm: float) -> None:
     """An unsplit grid of up to one CTA per SM (wide CTAs) or of one to two (half-wide CTAs)
-    whose KV heads have 9 to 32 query heads in CTAs of 16 (RunWideCtas): the batch is sized from
-    the device's SM count so that the grid falls in that range; output against the oracle and
-    against 4-warp CTAs (CACHEFLOW_PA_WARPS=4)."""
+    whose KV heads have 9 to 32 query heads in CTAs of 16 (RunWideCtas; wide CTAs also take
+    groups of 33-48): the batch is sized from the device's SM count so that the grid falls in
+    that range; output against the oracle and against 4-warp CTAs (CACHEFLOW_PA_WARPS=4)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     groups_per_seq = heads[1] * -(-heads[0] // heads[1] // 16)  # 16-row CTAs per sequence
     batch = max(1, int(ctas_per_sm * sms / groups_per_seq))

@@ -57,7 +57,7 @@ WARPS_ENV = "CACHEFLOW_PA_WARPS"
 #: positive integer (default _WIDE_MAX_GROUP; the kernel reads it at every launch, the planner at
 #: every call).
 WIDE_GROUP_ENV = "CACHEFLOW_PA_WIDE_GROUP"
-_WIDE_MAX_GROUP = 32  # kDefaultWideMaxGroup in paged_attention.cuh
+_WIDE_MAX_GROUP = 48  # kDefaultWideMaxGroup in paged_attention.cuh
 #: Head sizes at which a wide CTA's ring of four two-tile stages fits an SM's shared memory with
 #: a 16-bit cache (16 warps up to 96, 12 at 112 and 128; not 256).
 _WIDE_HEAD_SIZES = (64, 80, 96, 112, 128)
@@ -222,7 +222,7 @@ def cta_heads(group: int, head_size: int, kv_rows: int, num_sms: int) -> int:
 def wide_ctas_allowed(head_size: int, group: int) -> bool:
     """Whether the decode kernel runs wide CTAs (``RunWideCtas`` in paged_attention.cuh: the warps
     of ``resident_ctas_per_sm`` CTAs of 4 warps in one CTA, one per SM) for unsplit grids of at
-    most one CTA per SM: ``group`` (query heads per KV head) at most 32 (CTAs of 16 heads; a
+    most one CTA per SM: ``group`` (query heads per KV head) at most 48 (CTAs of 16 heads; a
     larger group takes ceil(group / 16)), head sizes up to 128, unless ``CACHEFLOW_PA_WARPS`` is
     "4"; ``CACHEFLOW_PA_WIDE_GROUP`` sets another largest group (:func:`wide_max_group`). (The
     kernel also takes them for FP8 caches at head size 256; where the two differ the plan is
@@ -234,7 +234,7 @@ def wide_ctas_allowed(head_size: int, group: int) -> bool:
 
 def wide_max_group() -> int:
     """The largest group that runs wide CTAs: ``CACHEFLOW_PA_WIDE_GROUP`` where it is an integer
-    from 1 to 1024 (``WideMaxGroup`` in paged_attention.cu), else 32."""
+    from 1 to 1024 (``WideMaxGroup`` in paged_attention.cu), else 48."""
     value = os.environ.get(WIDE_GROUP_ENV, "").strip()
     if value.isdigit() and 0 < int(value) <= 1024:
         return int(value)
@@ -361,6 +361,7 @@ def _wave_partitions(ctas: int, max_context_len: int, num_sms: int, resident: in
 def plan_partitions(
     num_seqs: int, num_heads: int, num_kv_heads: int, max_context_len: int, num_sms: int,
     partition_size: int | None = None, *, head_size: int = 128, split: str | None = None,
+    fused: bool = False,
 ) -> tuple[int, int]:
     """The split-K plan of :func:`paged_attention`: ``(partition_size, num_partitions)``.
 
@@ -387,6 +388,10 @@ def plan_partitions(
     - ``"fill"`` (the plan of 2026-12-03): as many partitions as still fit the whole grid in one
       wave of resident CTAs, none shorter than MIN_AUTO_PARTITION tokens; no split when even two
       partitions would not fit.
+
+    ``fused``: the plan of :func:`paged_attention_with_rotary_cache`, whose launches of groups
+    of 17-32 query heads run 4-warp CTAs, never wide ones: planned as
+    :func:`paged_attention` with ``CACHEFLOW_PA_WARPS=4``, so that the two give the same bits.
 
     Sizes are rounded up to a multiple of 64.
     """
@@ -415,7 +420,7 @@ def plan_partitions(
         # SMs, the ones measured (H100, 2026-12-07: MQA grids of 32-96 such CTAs unsplit took
         # 0.81-0.98x the time of the splits planned before); smaller grids keep those plans.
         wide = wide_ctas_allowed(head_size, group) and (
-            group <= _HEADS_PER_CTA or ctas * _WIDE_FULL_RATE_SHARE >= num_sms)
+            group <= _HEADS_PER_CTA or (not fused and ctas * _WIDE_FULL_RATE_SHARE >= num_sms))
         key = (ctas, bucket, num_sms, resident, rows, wide)
         parts = _WAVE_PLANS.get(key, 0)
         if parts == 0:
@@ -502,12 +507,14 @@ def _call_shapes(query: Any, key_cache: Any, block_tables: Any,
 
 def _split_plan(op: str, query: Any, num_seqs: int, num_heads: int, num_kv_heads: int,
                 head_size: int, max_ctx: int, device_index: int, partition_size: int | None,
-                workspace: Any, ws_len: int) -> tuple[int, Any]:
-    """The decode kernel's split plan for a call: ``(partition_size, workspace)``, the
-    workspace allocated with torch when the plan splits and none was given (None when it does
-    not split); a given one too small, or too many partitions, is a ValueError."""
+                workspace: Any, ws_len: int, fused: bool = False) -> tuple[int, Any]:
+    """The decode kernel's split plan for a call (``fused``: of the fused rotary launch, see
+    :func:`plan_partitions`): ``(partition_size, workspace)``, the workspace allocated with
+    torch when the plan splits and none was given (None when it does not split); a given one
+    too small, or too many partitions, is a ValueError."""
     size, parts = plan_partitions(num_seqs, num_heads, num_kv_heads, max_ctx,
-                                  _sm_count(device_index), partition_size, head_size=head_size)
+                                  _sm_count(device_index), partition_size, head_size=head_size,
+                                  fused=fused)
     if parts > MAX_PARTITIONS:
         raise C.arg_error(
             op, "partition_size",
@@ -760,7 +767,7 @@ def paged_attention_with_rotary_cache(
         return True
     size, workspace = _split_plan(
         _FUSED_OP, query, num_seqs, num_heads, num_kv_heads, head_size, max_ctx, device_index,
-        partition_size, workspace, ws_len)
+        partition_size, workspace, ws_len, fused=True)
     return bool(get_function(_FUSED_OP)(
         out, query, key, value, C.as_kernel_cache(key_cache), C.as_kernel_cache(value_cache),
         block_tables, context_lens, positions, slot_mapping, cos_sin_cache, is_neox,
