@@ -12,8 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from cacheflow_models import build_model_config, load_tokenizer
 from cacheflow_models.loading import WeightLoadError
+from cacheflow_models.models.gpt_neox import GPTNeoXForCausalLM
 from cacheflow_models.models.llama import LlamaForCausalLM
-from cacheflow_models.testing import save_tiny_checkpoint, tiny_llama_config
+from cacheflow_models.testing import (
+    save_tiny_checkpoint,
+    tiny_gpt_neox_config,
+    tiny_llama_config,
+)
 from cacheflow_runtime import CacheConfig, LLMEngine, SamplingParams, SchedulerConfig
 from cacheflow_runtime.weights import iterate_weights
 
@@ -78,6 +83,35 @@ def test_checkpoint_kv_scales_reach_the_attention_layers(tmp_path: Path) -> None
     attn = [layer.self_attn.attn for layer in model.model.layers]
     assert (attn[0].k_scale, attn[0].v_scale) == (0.5, 0.25)
     assert (attn[1].k_scale, attn[1].v_scale) == (0.125, 2.0)
+
+
+def test_compressed_tensors_output_scales_are_kv_scales(tmp_path: Path) -> None:
+    """llm-compressor's FP8 checkpoints store the KV-cache scales as the K and V projections'
+    output scales (``...k_proj.output_scale``), which vLLM reads as the layer's K and V
+    scales."""
+    config = tiny_llama_config()
+    path = save_tiny_checkpoint(tmp_path / "llama", config)
+    _add_scales(path, {f"model.layers.{i}.self_attn.{x}_proj.output_scale": torch.tensor(v)
+                       for i in range(2) for x, v in (("k", 0.05), ("v", 0.75))})
+    model = LlamaForCausalLM(config)
+    model.load_weights(iterate_weights(path))
+    for layer in model.model.layers:
+        assert (layer.self_attn.attn.k_scale, layer.self_attn.attn.v_scale) == (
+            pytest.approx(0.05), 0.75)
+
+
+def test_gpt_neox_scales_on_the_fused_projection(tmp_path: Path) -> None:
+    """GPT-NeoX's scalar KV-cache scales named after its fused ``query_key_value`` projection
+    reach its attention layers (a scalar there used to crash the QKV reordering)."""
+    config = tiny_gpt_neox_config()
+    path = save_tiny_checkpoint(tmp_path / "neox", config)
+    _add_scales(path, {f"gpt_neox.layers.{i}.attention.query_key_value.{x}_scale":
+                       torch.tensor(0.5 if x == "k" else 4.0)
+                       for i in range(config.num_hidden_layers) for x in "kv"})
+    model = GPTNeoXForCausalLM(config)
+    model.load_weights(iterate_weights(path))
+    for layer in model.gpt_neox.layers:
+        assert (layer.attention.attn.k_scale, layer.attention.attn.v_scale) == (0.5, 4.0)
 
 
 def test_bad_kv_scale_names_the_tensor(tmp_path: Path) -> None:

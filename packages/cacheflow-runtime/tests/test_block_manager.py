@@ -780,3 +780,24 @@ def test_memory_profile_never_passes_max_model_len(tokens: int, max_len: int,
     from cacheflow_runtime.model_executor.worker import profile_sequence_lengths
 
     assert profile_sequence_lengths(tokens, max_len) == want
+
+
+def test_num_tokens_growable_counts_the_last_block_and_the_free_ones():
+    bm = BlockSpaceManager(8, num_gpu_blocks=10, num_cpu_blocks=4, watermark=0.0)
+    group = make_group("r", prompt_len=20, num_seqs=2, block_size=8)
+    first, second = group.seqs
+    bm.allocate(first, [], 13)  # 2 blocks, 3 slots left in the second
+    first.num_computed_tokens = 13
+    assert bm.get_num_free_gpu_blocks() == 8
+    assert bm.num_tokens_growable(first) == 3 + 8 * 8
+    assert bm.num_blocks_to_grow(first, 13 + bm.num_tokens_growable(first)) == 8
+    bm.fork(first, second)  # the shared second block must be copied before a write
+    second.num_computed_tokens = 13
+    assert bm.num_tokens_growable(second) == 3 + 7 * 8
+    filler = make_group("f", prompt_len=64, num_seqs=1, block_size=8, first_seq_id=10)
+    allocate(bm, filler)
+    assert bm.get_num_free_gpu_blocks() == 0
+    # Both share the partly written block: neither can write into it without a free block.
+    assert bm.num_tokens_growable(first) == bm.num_tokens_growable(second) == 0
+    bm.free(second)  # ... and once the other one is gone, its 3 slots are the first's again
+    assert bm.num_tokens_growable(first) == 3

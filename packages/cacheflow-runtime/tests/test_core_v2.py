@@ -244,6 +244,27 @@ def test_preemption_with_chunks_and_cache_matches_a_large_cache(tiny: Path, mode
     small.block_manager.check_consistency()
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_prompt_swapped_out_between_chunks_resumes_within_the_free_blocks(
+        tiny: Path, async_scheduling: bool) -> None:
+    """A prompt swapped out between two of its chunks comes back with a next chunk no larger than
+    the free blocks hold (it used to take the whole token budget and run out of blocks), and the
+    batch gives the tokens of a cache that holds everything."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(EOS) for _ in range(rng.randint(20, 50))] for _ in range(8)]
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=30, ignore_eos=True)
+    big = run_all(make_engine(tiny, blocks=512, async_scheduling=async_scheduling), prompts,
+                  params)
+    small = make_engine(tiny, blocks=40, block_size=8, max_num_batched_tokens=32,
+                        preemption_mode="swap", async_scheduling=async_scheduling)
+    got = run_all(small, prompts, params)
+    assert small.scheduler.num_preemptions > 0
+    assert _summary(got) == _summary(big)
+    assert [len(out.outputs[0].token_ids) for out in got] == [30] * 8
+    assert small.block_manager.get_num_free_gpu_blocks() == 40
+    small.block_manager.check_consistency()
+
+
 def test_finished_requests_leave_every_block_free(tiny: Path) -> None:
     engine = make_engine(tiny, blocks=64)
     prompts = _prompts()

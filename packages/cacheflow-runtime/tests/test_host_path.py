@@ -636,6 +636,39 @@ def test_final_only_steps_return_the_finished_outputs_of_plain_steps(tiny: Path)
     assert dict(final)["r4"][0][3] == "abort"
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_abort_of_a_finished_request_waiting_for_its_text_keeps_its_output(
+        tiny: Path, async_scheduling: bool) -> None:
+    """Under step(final_only=True) a request that finished but still waits for its text is not
+    changed by an abort: its final output comes once, with its tokens and finish reason."""
+    params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)]
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    expected = [(list(out.outputs[0].token_ids), out.outputs[0].finish_reason)
+                for out in run_all(make_engine(tiny, async_scheduling=async_scheduling), prompts,
+                                   params)]
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    ids = ["short", "long"]
+    for rid, ids_, p in zip(ids, prompts, params):
+        engine.add_request(rid, None, p, ids_)
+    reported: list[tuple[str, list[int], Optional[str]]] = []
+    steps = 0
+    while not engine.output_processor.has_finished_backlog:
+        assert steps < 10, "the short request never waited for its text"
+        reported += [(o.request_id, list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+                     for o in engine.step(final_only=True)]
+        steps += 1
+    assert not reported
+    engine.abort_request("short")
+    while engine.has_unfinished_requests():
+        reported += [(o.request_id, list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+                     for o in engine.step(final_only=True)]
+    by_id = {rid: (tokens, reason) for rid, tokens, reason in reported}
+    assert len(reported) == 2
+    assert [by_id["short"], by_id["long"]] == expected
+    assert expected[0][1] == "length" and len(expected[0][0]) == 2
+
+
 class _CountingDecoder(CharTokenizer):
     """Counts its ``convert_tokens_to_string`` calls (one per decoding of the detokenizer)."""
 

@@ -208,7 +208,10 @@ class SchedulerConfig:
     (default budget max(max_model_len, 2048)).
 
     ``async_scheduling`` (default on) schedules each step while the one before still runs on
-    the device, so the host's work overlaps the device's; outputs are the same as without it.
+    the device, so the host's work overlaps the device's; outputs are the same as without it
+    (tokens, text, logprobs; a queued request may be admitted a step later, after a request
+    that ended on a stop condition the step scheduled ahead could not know, so its
+    ``num_cached_tokens`` may differ).
     Steps that need the previous step's tokens first (beam search, forking first samples,
     penalties, ``min_tokens``, preemption, swapped requests) are scheduled in order.
     """

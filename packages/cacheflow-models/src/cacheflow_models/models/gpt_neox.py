@@ -175,8 +175,10 @@ class GPTNeoXForCausalLM(nn.Module):
                 name = "embed_out." + name[len("lm_head."):]
             if name == "embed_out.weight" and self.tie_word_embeddings:
                 continue
-            if ".attention.query_key_value." in name and tensor.shape[0] % (3 * heads) == 0:
-                # (a misshapen tensor goes through as is; the loader's shape check names it)
+            if (".attention.query_key_value." in name and tensor.dim() > 0
+                    and tensor.shape[0] % (3 * heads) == 0):
+                # (a misshapen tensor, or a scalar such as a KV-cache scale, goes through as is;
+                # the loader names what it does not take)
                 tensor = neox_qkv_to_stacked(tensor, heads)
             loader.load_one(name, tensor)
         loader.finish()

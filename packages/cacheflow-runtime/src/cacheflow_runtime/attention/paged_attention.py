@@ -155,15 +155,17 @@ class PagedAttention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_size)
 
 
-#: Checkpoint name suffixes of KV-cache scales (vLLM / llm-compressor FP8 checkpoints) and which
+#: Checkpoint name suffixes of KV-cache scales (vLLM / llm-compressor FP8 checkpoints, whose
+#: compressed-tensors form stores them as the K and V projections' output scales) and which
 #: scale each sets; a module path ending in one of _PROJ_NAMES names the attention module above.
-_KV_SCALE_SUFFIXES = {".k_scale": "k", ".v_scale": "v", ".kv_scale": "kv"}
-_PROJ_NAMES = (".k_proj", ".v_proj", ".qkv_proj")
+_KV_SCALE_SUFFIXES = {".k_scale": "k", ".v_scale": "v", ".kv_scale": "kv",
+                      ".k_proj.output_scale": "k", ".v_proj.output_scale": "v"}
+_PROJ_NAMES = (".k_proj", ".v_proj", ".qkv_proj", ".query_key_value")
 
 
 def is_kv_scale_name(name: str) -> bool:
     """Whether a checkpoint tensor name is a KV-cache scale (``...k_scale``, ``...v_scale``,
-    ``...kv_scale``)."""
+    ``...kv_scale``, ``...k_proj.output_scale``, ``...v_proj.output_scale``)."""
     return name.endswith(tuple(_KV_SCALE_SUFFIXES))
 
 
@@ -171,7 +173,9 @@ def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     """Loads a checkpoint's KV-cache scale into the PagedAttention layer it belongs to.
 
     ``name`` is the checkpoint name, e.g. ``model.layers.3.self_attn.k_scale`` (also
-    ``...self_attn.k_proj.k_scale`` and the older single ``...kv_scale``); the layer is the one
+    ``...self_attn.k_proj.k_scale``, ``...self_attn.k_proj.output_scale``, the older single
+    ``...kv_scale``, and on a fused projection ``...qkv_proj.k_scale`` or GPT-NeoX's
+    ``...attention.query_key_value.k_scale``); the layer is the one
     PagedAttention module under that attention module (``self_attn.attn`` in the models here),
     so models need no name mapping of their own. ``tensor`` holds one number.
 

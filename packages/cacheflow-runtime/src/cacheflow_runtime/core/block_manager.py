@@ -404,6 +404,19 @@ class BlockSpaceManager:
             need += 1
         return need
 
+    def num_tokens_growable(self, seq: Sequence) -> int:
+        """Tokens past ``seq.num_computed_tokens`` that the free GPU blocks let :meth:`grow`
+        cover (the space left in its last block included; 0 when a shared first block needs a
+        copy and no block is free)."""
+        table = self._block_tables.get(seq.seq_id)
+        if table is None:
+            raise KeyError(f"sequence {seq.seq_id} has no block table")
+        blocks = len(table) + self.get_num_free_gpu_blocks()
+        first = seq.num_computed_tokens // self.block_size
+        if first < len(table) and table[first].ref_count > 1:
+            blocks -= 1  # the copy of the shared block
+        return max(0, blocks * self.block_size - seq.num_computed_tokens)
+
     def grow(self, seq: Sequence, num_tokens: int) -> Optional[tuple[int, int]]:
         """Makes ``seq``'s table cover ``num_tokens`` tokens before a step that writes the K/V of
         tokens ``num_computed_tokens .. num_tokens - 1``. The block holding the first of them,

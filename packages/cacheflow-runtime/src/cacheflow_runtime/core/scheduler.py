@@ -353,10 +353,13 @@ class Scheduler:
             self.running.append(group)
             budget.seqs -= group.max_num_running_seqs()
             if _is_decode(group):
-                counts = [1] * len(seqs)
+                counts = [1] * len(seqs)  # can_swap_in kept a block per sequence for this
             else:
+                # A prompt swapped out between chunks: its next chunk takes at most what the free
+                # blocks hold (the rest waits for the next step, where _make_room may preempt).
                 n = self._chunk(seqs[0].get_len() - seqs[0].num_computed_tokens, budget,
                                 len(self.swapped) > 0 or bool(self.waiting))
+                n = min(n, self.block_manager.num_tokens_growable(seqs[0]))
                 counts = [n] if n else []
             if counts and sum(counts) <= budget.tokens:
                 self._take(group, seqs, counts, plan, budget)

@@ -270,11 +270,11 @@ class LLMEngine:
         return held, num_seqs
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stops the given requests; their final outputs come with the next ``step`` (but for
-        those that had finished and waited for their text, which are dropped)."""
+        """Stops the given requests; their final outputs come with the next ``step``. A request
+        that had already finished (under ``step(final_only=True)``, waiting for its text) is not
+        changed: its final output still comes once, with its own finish reason."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for dropped in self.output_processor.forget(ids):
-            self._groups.pop(dropped, None)
+        self.output_processor.forget(ids)
         for group in self.scheduler.abort(ids):
             self._aborted.append(group)
 

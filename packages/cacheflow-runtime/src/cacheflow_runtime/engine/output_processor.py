@@ -207,15 +207,12 @@ class OutputProcessor:
             break
         return all(_text_complete(seq) for seq in group.seqs)
 
-    def forget(self, request_ids: list[str]) -> list[str]:
-        """Drops the given requests from the text backlog (aborted: a finished one that waited
-        for its text is not reported); returns the finished ones dropped."""
-        dropped = []
+    def forget(self, request_ids: list[str]) -> None:
+        """Drops the given running requests from the text backlog (aborted). A request that had
+        finished before the abort and waits for its text stays: its final output is reported as
+        it finished, as it would have been without the abort."""
         for request_id in request_ids:
-            if self._finished_backlog.pop(request_id, None) is not None:
-                dropped.append(request_id)
             self._running_backlog.pop(request_id, None)
-        return dropped
 
     def process_aborted(self, groups: list[SequenceGroup]) -> None:
         """Brings the texts of aborted ``groups`` up to their tokens as a stream of them shows
