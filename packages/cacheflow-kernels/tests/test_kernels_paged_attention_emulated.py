@@ -802,6 +802,13 @@ def test_wide_ctas_match_oracle_and_four_warps(emu: Any, kind: str, head_size: i
     case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
                                          seed=70 + head_size, alibi=True)
     emu.set_layout(rows, 0, 0)
+    _check_wide_against_four_warps(emu, case, scales, dtype, kind, warps, window)
+
+
+def _check_wide_against_four_warps(emu: Any, case: dict[str, Any], scales: Any, dtype: Any,
+                                   kind: str, warps: int, window: int = 0) -> None:
+    """Runs ``case`` with wide CTAs allowed on every grid (``warps`` warps per main-kernel CTA)
+    and with 4-warp CTAs: both match the oracle, and each other up to the merge order."""
     emu.set_wide_warps(ANY_GRID)
     _check_pipeline(emu, case, scales, dtype, f"{kind} wide CTAs", sliding_window=window)
     assert emu.main_warps() == warps
@@ -834,18 +841,10 @@ def test_wide_max_group_sets_the_largest_wide_group(emu: Any, kind: str, head_si
     case, scales, dtype = _pipeline_case(kind, head_size, ctx_lens, heads=heads,
                                          seed=110 + head_size, alibi=True)
     emu.set_layout(16, 0, 0)
-    emu.set_wide_warps(ANY_GRID)
     emu.set_wide_max_group(max_group)
     try:
-        _check_pipeline(emu, case, scales, dtype, f"{kind} wide CTAs up to {max_group}")
-        assert emu.main_warps() == warps
-        assert last_launch(emu)[1] == 2
-        wide = case["out"].clone()
-        emu.set_wide_warps(0)
-        case["out"].fill_(float("nan"))
-        _check_pipeline(emu, case, scales, dtype, f"{kind} 4-warp CTAs")
-        assert emu.main_warps() == 4
-        assert_close(wide, case["out"], dtype, "wide vs 4-warp CTAs")
+        _check_wide_against_four_warps(emu, case, scales, dtype, f"{kind} up to {max_group}",
+                                       warps)
     finally:
         emu.set_wide_max_group(DEFAULT_WIDE_MAX_GROUP)
 
