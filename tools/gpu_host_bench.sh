@@ -4,7 +4,8 @@
 # bench throughput` (the 1,000-request mixed workload) on a LLaMA-7B-shaped fp16 random
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
-# a step budget of 8,192 tokens; "nodetok": with --disable-detokenize; "skinny": "on" with
+# a step budget of 8,192 tokens; "b16k": 16,384; "mid": 512 sequences and 8,192 tokens; "big":
+# 1,024 sequences and 16,384 tokens, vLLM's offline defaults on 70+ GiB cards; "nodetok": with --disable-detokenize; "skinny": "on" with
 # CACHEFLOW_SKINNY_GEMM=1 (the default since 2026-12-05); "cublas": "on" with
 # CACHEFLOW_SKINNY_GEMM=0, one-row GEMMs on cuBLAS as before; "tworot": "on" with
 # CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05;
@@ -73,6 +74,11 @@ for v in "${variants[@]}"; do
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
     on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
     on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
+    mid) export PYTHONPATH="${site[new]}"
+      flags=(--async-scheduling --max-num-seqs 512 --max-num-batched-tokens 8192) ;;
+    big) export PYTHONPATH="${site[new]}"
+      flags=(--async-scheduling --max-num-seqs 1024 --max-num-batched-tokens 16384) ;;
+    b16k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 16384) ;;
     nodetok) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --disable-detokenize) ;;
     skinny) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=1; flags=(--async-scheduling) ;;
     cublas) export PYTHONPATH="${site[new]}" CACHEFLOW_SKINNY_GEMM=0; flags=(--async-scheduling) ;;

@@ -444,6 +444,8 @@ def test_length_spec_parsing_and_seeded_draws() -> None:
      "cacheflow: error: --output-len must be at least 2 to time decode steps, got 1"),
     (["latency", "--batch-sizes", "1,0"],
      "cacheflow: error: --batch-sizes must be comma-separated positive integers, got '1,0'"),
+    (["latency", "--batch-sizes", "1,,2"],
+     "cacheflow: error: --batch-sizes must be comma-separated positive integers, got '1,,2'"),
     (["latency", "--max-num-seqs", "8"],
      "cacheflow: error: --max-num-seqs (8) is below the largest batch size (256): that batch "
      "would not run as one"),

@@ -78,7 +78,7 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_batch_sizes(text: str) -> list[int]:
     """``"1,16,64"`` -> [1, 16, 64] (ValueError naming --batch-sizes otherwise)."""
     try:
-        sizes = [int(part) for part in str(text).split(",") if part.strip()]
+        sizes = [int(part) for part in str(text).split(",")]  # an empty entry is an error too
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated positive integers, "
                          f"got {text!r}") from None
