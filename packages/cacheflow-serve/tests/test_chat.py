@@ -363,3 +363,74 @@ def test_server_chat_tool_calls_reach_the_template(server: ServerThread,
                          ({"structured_outputs": {"regex": "a+"}}, "structured_outputs")):
         refused = httpx.post(url, json={"messages": MESSAGES, **extra}, timeout=60)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+
+
+SHOUT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                  "{% if shout %}!{% endif %}{% if add_generation_prompt %}>{% endif %}")
+
+
+def test_server_chat_template_of_its_own_and_from_requests(bos_chat_path: Path,
+                                                           hf_tokenizer: Any) -> None:
+    """``--chat-template`` replaces the tokenizer's template for chat and /tokenize; a request's
+    ``chat_template`` is refused with 400 unless the server trusts request templates, and then
+    used; ``chat_template_kwargs`` reach the template on /tokenize too (vLLM's fields)."""
+    own = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    expected_own = hf_tokenizer.encode("<Be brief.><Name a colour.>", add_special_tokens=False)
+    expected_shout = hf_tokenizer.encode("[system]Be brief.[user]Name a colour.!>",
+                                         add_special_tokens=False)
+    body = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 3,
+            "ignore_eos": True, "return_token_ids": True}
+    with server_in_thread(bos_chat_path, {"kv_cache_blocks": 64}, chat_template=own) as strict:
+        url = strict.base_url
+        chat = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert chat["prompt_token_ids"] == expected_own
+        tokens = httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+        assert tokens == expected_own
+        for route, extra in (("/v1/chat/completions", body), ("/tokenize", {})):
+            refused = httpx.post(url + route, timeout=60, json={
+                **extra, "messages": MESSAGES, "chat_template": SHOUT_TEMPLATE})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "chat_template"
+            assert "--trust-request-chat-template" in refused.json()["error"]["message"]
+    with server_in_thread(bos_chat_path, {"kv_cache_blocks": 64},
+                          trust_request_chat_template=True) as trusting:
+        url = trusting.base_url
+        fields = {"chat_template": SHOUT_TEMPLATE, "chat_template_kwargs": {"shout": True}}
+        chat = httpx.post(url + "/v1/chat/completions", json={**body, **fields},
+                          timeout=60).json()
+        assert chat["prompt_token_ids"] == expected_shout
+        tokens = httpx.post(url + "/tokenize", json={"messages": MESSAGES, **fields}).json()
+        assert tokens["tokens"] == expected_shout
+        # Without a template of its own the request gets the tokenizer's (BOS_TEMPLATE).
+        plain = httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+        assert plain == hf_ids(hf_tokenizer, MESSAGES)
+
+
+def test_chat_template_option_reads_a_file_or_an_inline_template(tmp_path: Path) -> None:
+    from cacheflow_serve.chat_template import load_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text(SHOUT_TEMPLATE, encoding="utf-8")
+    assert load_chat_template(str(path)) == SHOUT_TEMPLATE
+    assert load_chat_template(SHOUT_TEMPLATE) == SHOUT_TEMPLATE
+    assert load_chat_template(None) is None
+    with pytest.raises(ValueError, match=r"--chat-template: '/no/such.jinja' is neither a file "
+                                         r"nor a Jinja template"):
+        load_chat_template("/no/such.jinja")
+    with pytest.raises(ValueError, match=r"--chat-template: the template does not parse"):
+        load_chat_template("{% for m in messages %}{{ m }}")
+    bad = tmp_path / "bad.jinja"
+    bad.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(ValueError, match=r"--chat-template: cannot read"):
+        load_chat_template(str(bad))
+
+
+def test_serve_refuses_a_bad_chat_template_before_loading(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    code = main(["serve", "/no/such/model", "--chat-template", "/no/such.jinja",
+                 "--port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("cacheflow: error: --chat-template: '/no/such.jinja' is neither a "
+                           "file nor a Jinja template (inline templates hold {{ ... }} or "
+                           "{% ... %})")

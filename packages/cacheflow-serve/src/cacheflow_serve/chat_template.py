@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 from cacheflow_runtime import InvalidRequestError
@@ -165,6 +166,38 @@ def render_chat(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = 
     except Exception as exc:  # jinja2 errors and the template's own raise_exception
         raise InvalidRequestError(f"the chat template failed on these messages: {exc}",
                                   param="messages") from None
+
+
+def load_chat_template(value: Optional[str], option: str = "--chat-template") -> Optional[str]:
+    """The chat template an option names: the text of the file at ``value``, or ``value`` itself
+    when it is a Jinja template written inline (vLLM's two forms); None stays None.
+
+    Raises:
+        ValueError naming ``option``: no such file and no template syntax in the value, a file
+            that cannot be read as UTF-8, or a template Jinja cannot parse.
+    """
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{option}: cannot read {value!r}: {exc}") from None
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"{option}: {value!r} is neither a file nor a Jinja template "
+                         "(inline templates hold {{ ... }} or {% ... %})")
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"{option}: the template does not parse: {exc.message} "
+                         f"(line {exc.lineno})") from None
+    return template
 
 
 def encode_chat(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -89,6 +89,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 5)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                        help="chat template for chat requests and /tokenize messages: a file, "
+                             "or a Jinja template written inline (default: the tokenizer's)")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let a request's own chat_template replace the server's (refused "
+                             "with 400 otherwise)")
     parser.add_argument("--disable-frontend-multiprocessing", action="store_true",
                         help="run the engine in a thread of the server's process instead of "
                              "an engine core process of its own (by default the HTTP front "
@@ -157,9 +163,11 @@ def run_serve(args: argparse.Namespace) -> int:
     """Runs ``cacheflow serve`` until a signal stops it."""
     # Only torch and the runtime come before the engine core starts: the server's other imports
     # (transformers, fastapi, uvicorn) overlap the core's start.
+    from cacheflow_serve.chat_template import load_chat_template
     from cacheflow_serve.engine_process import LOG_FORMAT
 
     api_key = resolve_api_key(args.api_key)
+    chat_template = load_chat_template(args.chat_template)
     sock = listen_socket(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
@@ -183,7 +191,9 @@ def run_serve(args: argparse.Namespace) -> int:
                              cors=CorsPolicy(tuple(args.allowed_origins),
                                              tuple(args.allowed_methods),
                                              tuple(args.allowed_headers),
-                                             args.allow_credentials))
+                                             args.allow_credentials),
+                             chat_template=chat_template,
+                             trust_request_chat_template=args.trust_request_chat_template)
         # What lives as long as the server (model or tokenizer, imports) leaves the cyclic
         # garbage collector's scans: a full collection walks every tracked object and stalls
         # the engine's step while it does (host_overhead.py --gc-freeze: collection pauses per

@@ -144,7 +144,8 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
               api_key: Optional[str] = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               generation_defaults: Optional[Mapping[str, Any]] = None,
-              cors: Optional[CorsPolicy] = None) -> FastAPI:
+              cors: Optional[CorsPolicy] = None, chat_template: Optional[str] = None,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The server app over ``engine`` (an AsyncLLMEngine or an EngineCoreClient, not started
     yet or started on the loop that will run the app). ``served_model_names``: the names
     clients may ask for (the first is reported; default: the model path). ``api_key``: the key
@@ -152,8 +153,11 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
     authentication; an empty or blank key is refused with InvalidArgumentError).
     ``generation_defaults``: sampling values for fields a request leaves unset
     (``LLM.generation_defaults``). ``cors``: the browser origins allowed (default
-    ``CorsPolicy()``: any; a preflight is answered before the API key is asked for). The app's
-    metrics are attached to the engine as its observer, in a registry of the app's own."""
+    ``CorsPolicy()``: any; a preflight is answered before the API key is asked for).
+    ``chat_template``: the template chat messages are rendered with (default: the tokenizer's;
+    ``load_chat_template`` reads ``--chat-template``); ``trust_request_chat_template``: whether
+    a request's own ``chat_template`` is used (else it is refused with 400). The app's metrics
+    are attached to the engine as its observer, in a registry of the app's own."""
     cors = cors or CorsPolicy()
     _check_api_key(api_key)
     if isinstance(served_model_names, str):
@@ -165,7 +169,9 @@ def build_app(engine: BaseAsyncEngine, *, served_model_names: Optional[Sequence[
     tokenizer = engine.tokenizer
     ctx = ServingContext(engine=engine, tokenizer=tokenizer if has_tokenizer(tokenizer) else None,
                          model_names=names, max_model_len=engine.scheduler_config.max_model_len,
-                         metrics=metrics, sampling_defaults=dict(generation_defaults or {}))
+                         metrics=metrics, sampling_defaults=dict(generation_defaults or {}),
+                         chat_template=chat_template,
+                         trust_request_chat_template=trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -253,7 +259,8 @@ def _api_routes(ctx: ServingContext) -> APIRouter:
         # use of this route (the request body limit bounds it).
         if body.messages is not None:
             text = await render_chat(ctx, body.messages, body.add_generation_prompt is not False,
-                                     body.continue_final_message is True)
+                                     body.continue_final_message is True,
+                                     body.chat_template_kwargs, body.chat_template)
             count, tokens = await ctx.encode_json(text, param="messages",
                                                   add_special_tokens=body.add_special_tokens
                                                   is True)

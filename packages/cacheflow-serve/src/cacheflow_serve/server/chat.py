@@ -40,16 +40,20 @@ from cacheflow_serve.server.streaming import (
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                       add_generation_prompt: bool = True,
                       continue_final_message: bool = False,
-                      chat_template_kwargs: Optional[dict[str, Any]] = None) -> str:
-    """The prompt text of ``messages`` by the tokenizer's chat template, rendered in the
-    tokenizer threads (400 if it fails or the model has no template); ``chat_template_kwargs``
-    are more variables for the template (vLLM's field)."""
+                      chat_template_kwargs: Optional[dict[str, Any]] = None,
+                      chat_template: Optional[str] = None) -> str:
+    """The prompt text of ``messages`` by the chat template (the request's ``chat_template``
+    where the server trusts it, else the server's, else the tokenizer's), rendered in the
+    tokenizer threads (400 if it fails or there is no template); ``chat_template_kwargs`` are
+    more variables for the template (vLLM's fields)."""
     tokenizer = ctx.require_tokenizer("messages")
+    template = ctx.chat_template_for(chat_template)
     dicts = [message.model_dump(exclude_none=True) for message in messages]
     try:
         return await ctx.off_loop(render_chat_text, tokenizer, dicts,
                                   add_generation_prompt=add_generation_prompt,
                                   continue_final_message=continue_final_message,
+                                  chat_template=template,
                                   chat_template_kwargs=chat_template_kwargs)
     except InvalidRequestError as exc:
         raise bad_request(exc) from None
@@ -88,7 +92,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     ctx.check_model(req.model)
     _check_chat_features(ctx, req)
     prompt = await render_chat(ctx, req.messages, req.add_generation_prompt is not False,
-                               req.continue_final_message is True, req.chat_template_kwargs)
+                               req.continue_final_message is True, req.chat_template_kwargs,
+                               req.chat_template)
     ids = await ctx.encode(prompt, param="messages",
                            add_special_tokens=req.add_special_tokens is True,
                            bounded=req.truncate_prompt_tokens is None)

@@ -73,12 +73,14 @@ def make_server(engine: BaseAsyncEngine, *, host: str = "127.0.0.1", port: int =
                 shutdown_grace_period: float = 5.0, log_level: str = "info",
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                 generation_defaults: Optional[Mapping[str, Any]] = None,
-                cors: Optional[CorsPolicy] = None) -> uvicorn.Server:
+                cors: Optional[CorsPolicy] = None, chat_template: Optional[str] = None,
+                trust_request_chat_template: bool = False) -> uvicorn.Server:
     """A uvicorn server of the app over ``engine`` (run it with ``.run()``);
-    ``generation_defaults`` and ``cors`` as for ``build_app``."""
+    ``generation_defaults``, ``cors`` and the chat template options as for ``build_app``."""
     app = build_app(engine, served_model_names=served_model_names, api_key=api_key,
                     max_request_bytes=max_request_bytes, generation_defaults=generation_defaults,
-                    cors=cors)
+                    cors=cors, chat_template=chat_template,
+                    trust_request_chat_template=trust_request_chat_template)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(shutdown_grace_period) + 5,
                             timeout_keep_alive=5)

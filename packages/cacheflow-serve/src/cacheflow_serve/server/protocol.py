@@ -157,6 +157,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    #: A Jinja chat template of the request's own (vLLM's field; used only where the server runs
+    #: with --trust-request-chat-template, refused with 400 elsewhere).
+    chat_template: Optional[str] = None
     add_generation_prompt: Optional[bool] = True
     #: Leave the last (assistant) message open and continue it; excludes the generation prompt.
     continue_final_message: Optional[bool] = False
@@ -176,6 +179,9 @@ class TokenizeRequest(_Body):
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
     add_generation_prompt: Optional[bool] = True
     continue_final_message: Optional[bool] = False
+    #: As the chat route takes them, for messages.
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     #: Default (null): on for a prompt, off for messages, as the generation routes encode them.
     add_special_tokens: Optional[bool] = None
 

@@ -46,6 +46,10 @@ class ServingContext:
     metrics: ServerMetrics
     #: The model's sampling defaults (its generation config) for fields a request leaves unset.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    #: The server's chat template (``--chat-template``); None: the tokenizer's.
+    chat_template: Optional[str] = None
+    #: Whether a request may bring its own ``chat_template`` (``--trust-request-chat-template``).
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         self.tokenization = Tokenization(self.tokenizer)
@@ -69,6 +73,17 @@ class ServingContext:
             raise APIError(400, f"this server runs without a tokenizer (--skip-tokenizer-init): "
                            f"{param} needs one; send prompts as token ids", param=param)
         return self.tokenizer
+
+    def chat_template_for(self, requested: Optional[str]) -> Optional[str]:
+        """The template a chat request renders with: its own ``chat_template`` where the server
+        trusts request templates (400 where it does not), else the server's."""
+        if requested is None:
+            return self.chat_template
+        if not self.trust_request_chat_template:
+            raise APIError(400, "this server does not take chat templates from requests; start "
+                           "it with --trust-request-chat-template to allow them, or leave "
+                           "chat_template out", param="chat_template")
+        return requested
 
     async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` run in the tokenizer threads."""
