@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import emulator_builds
 import pytest
 
 from kernels_testutil import make_args
@@ -36,6 +37,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason=f"gpu test: {why}")
     for item in items:
         item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts the emulator builds (``EMULATOR_BUILDS`` of each module) the selected tests need,
+    so that they compile beside the tests that run first."""
+    modules = {id(item.module): item.module for item in session.items
+               if getattr(item, "module", None) is not None}
+    for module in modules.values():
+        for build in getattr(module, "EMULATOR_BUILDS", ()):
+            emulator_builds.start(build)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Kills the emulator builds still running (a session stopped early) and removes their
+    libraries."""
+    emulator_builds.stop()
 
 
 @pytest.fixture

@@ -15,11 +15,9 @@ reference bit for bit; the gated epilogue is compared with a tolerance (transcen
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any, Optional
 
+import emulator_builds
 import pytest
 
 from moe_testutil import segment_offsets
@@ -27,27 +25,19 @@ from moe_testutil import segment_offsets
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 TILES = {"128x256": 0, "128x256s3": 1, "128x128": 2, "64x128": 3, "32x128": 4}
 TILE_BN = {"128x256": 256, "128x256s3": 256, "128x128": 128, "64x128": 128, "32x128": 128}
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 STORE, INDEXED, GATED = 0, 1, 2
 
 
+# Started as collection ends (conftest.py).
+EMULATOR_BUILDS = [("moe_emu.cc", "-DCACHEFLOW_PREFILL_EMULATE", "-DCACHEFLOW_MOE_EMULATE")]
+
+
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    lib_path = tmp_path_factory.mktemp("moe_emu") / "libmoe_emu.so"
-    cmd = [
-        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-        "-DCACHEFLOW_PREFILL_EMULATE", "-DCACHEFLOW_MOE_EMULATE", f"-I{PACKAGE_DIR / 'csrc'}",
-        f"-I{PACKAGE_DIR / 'tests' / 'emulation'}",
-        str(PACKAGE_DIR / "tests" / "emulation" / "moe_emu.cc"), "-o", str(lib_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+def emu() -> Any:
+    lib_path = emulator_builds.library(EMULATOR_BUILDS[0])
     lib = ctypes.CDLL(str(lib_path))
     lib.cf_emu_moe_gemm.restype = ctypes.c_int
     lib.cf_emu_moe_gemm.argtypes = ([ctypes.c_int] * 4 + [ctypes.c_void_p] * 7

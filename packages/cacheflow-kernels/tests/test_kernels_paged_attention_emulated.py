@@ -17,11 +17,9 @@ register kernel (the fallback, ``stages=0``).
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
+import emulator_builds
 import pytest
 
 from cacheflow_kernels._attention_ops import plan_partitions
@@ -38,8 +36,6 @@ from paged_attention_testutil import (
 
 torch = pytest.importorskip("torch")
 
-HERE = Path(__file__).resolve().parent
-PACKAGE = HERE.parent
 DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
 _c = ctypes
 _ARGTYPES = (
@@ -71,24 +67,15 @@ _HELPERS: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> Any:
-    """Compiles the kernels under the emulation (with the extra ``-D`` options ``defines``, as
-    the CMake build options set them) and returns the launch function with the emulator's
-    controls as attributes."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    lib = tmp_path_factory.mktemp("pa_emu") / "libpa_emu.so"
-    cmd = [
-        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-        "-DCACHEFLOW_PAGED_ATTENTION_EMULATE", *defines, f"-I{PACKAGE / 'csrc'}",
-        f"-I{HERE / 'emulation'}", str(HERE / "emulation" / "paged_attention_emu.cc"), "-o",
-        str(lib),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 and "_Float16" in res.stderr:
-        pytest.skip("the C++ compiler lacks _Float16")
-    assert res.returncode == 0, res.stderr[-4000:]
+PA_SOURCE = ("paged_attention_emu.cc", "-DCACHEFLOW_PAGED_ATTENTION_EMULATE")
+EMULATOR_BUILDS = [PA_SOURCE]  # started as collection ends (conftest.py)
+
+
+def build_emulator(*defines: str) -> Any:
+    """The kernels compiled under the emulation (with the extra ``-D`` options ``defines``, as
+    the CMake build options set them; once per session, see emulator_builds.py): the launch
+    function with the emulator's controls as attributes."""
+    lib = emulator_builds.library((*PA_SOURCE, *defines))
     dll = ctypes.CDLL(str(lib))
     fn = dll.cf_emu_paged_attention
     fn.restype = ctypes.c_int
@@ -101,9 +88,9 @@ def build_emulator(tmp_path_factory: pytest.TempPathFactory, *defines: str) -> A
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def emu() -> Any:
     """The kernels as the default build compiles them."""
-    return build_emulator(tmp_path_factory)
+    return build_emulator()
 
 
 def test_default_build_options(emu: Any) -> None:

@@ -72,18 +72,16 @@ BUILDS = {
 DEFAULTS = {"CACHEFLOW_PA_LDSM_V": 0, "CACHEFLOW_PA_FP8_F16_MMA": 1, "CACHEFLOW_PA_TOKENS_M": 1}
 TOKENS_M_BUILDS = ["all"]  # the default build runs the transposed step in every test of
 # test_kernels_paged_attention_emulated.py; the sweep below also checks it is the path taken
-_built: dict[str, Any] = {}
+# Started as collection ends (conftest.py); each compiled once per session.
+EMULATOR_BUILDS = [(*emulated.PA_SOURCE, *defines) for defines in BUILDS.values()]
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
-def emu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The kernels as a build with the options of BUILDS[param] compiles them (each compiled
-    once per session)."""
-    name = request.param
-    if name not in _built:
-        _built[name] = emulated.build_emulator(tmp_path_factory, *BUILDS[name])
-        _built[name].build_name = name
-    return _built[name]
+def emu(request: pytest.FixtureRequest) -> Any:
+    """The kernels as a build with the options of BUILDS[param] compiles them."""
+    fn = emulated.build_emulator(*BUILDS[request.param])
+    fn.build_name = request.param
+    return fn
 
 
 def test_build_has_the_options(emu: Any) -> None:

@@ -11,11 +11,9 @@ and barriers on machines without a GPU (CI); timing and the real hardware are th
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
+import emulator_builds
 import pytest
 from prefill_testutil import call_args, check_close, make_case, reference
 
@@ -24,24 +22,16 @@ from paged_attention_testutil import quantize_fp8
 torch = pytest.importorskip("torch")
 pytest.importorskip("cacheflow_runtime")
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
+# Started as collection ends (conftest.py).
+EMULATOR_BUILDS = [("prefill_emu.cc", "-DCACHEFLOW_PREFILL_EMULATE")]
+
+
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    lib_path = tmp_path_factory.mktemp("prefill_emu") / "libprefill_emu.so"
-    cmd = [
-        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-        "-DCACHEFLOW_PREFILL_EMULATE", f"-I{PACKAGE_DIR / 'csrc'}",
-        f"-I{PACKAGE_DIR / 'tests' / 'emulation'}",
-        str(PACKAGE_DIR / "tests" / "emulation" / "prefill_emu.cc"), "-o", str(lib_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+def emu() -> Any:
+    lib_path = emulator_builds.library(EMULATOR_BUILDS[0])
     lib = ctypes.CDLL(str(lib_path))
     fn = lib.cf_emu_paged_prefill
     fn.restype = ctypes.c_int

@@ -11,34 +11,25 @@ the hardware and the speed are the GPU tests' and the benchmark's job.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
+import emulator_builds
 import pytest
 from skinny_testutil import check, inputs
 
 torch = pytest.importorskip("torch")
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
 
+# Started as collection ends (conftest.py).
+EMULATOR_BUILDS = [("skinny_emu.cc", "-DCACHEFLOW_PREFILL_EMULATE",
+                    "-DCACHEFLOW_SKINNY_EMULATE")]
+
+
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    lib_path = tmp_path_factory.mktemp("skinny_emu") / "libskinny_emu.so"
-    cmd = [
-        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-        "-DCACHEFLOW_PREFILL_EMULATE", "-DCACHEFLOW_SKINNY_EMULATE",
-        f"-I{PACKAGE_DIR / 'csrc'}", f"-I{PACKAGE_DIR / 'tests' / 'emulation'}",
-        str(PACKAGE_DIR / "tests" / "emulation" / "skinny_emu.cc"), "-o", str(lib_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+def emu() -> Any:
+    lib_path = emulator_builds.library(EMULATOR_BUILDS[0])
     lib = ctypes.CDLL(str(lib_path))
     fn = lib.cf_emu_skinny_gemm
     fn.restype = ctypes.c_int
