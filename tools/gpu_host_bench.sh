@@ -5,8 +5,9 @@
 # checkpoint: "base" with the runtime/models/serve wheels in .whl/base/ (an earlier commit),
 # "off" and "on" with those in .whl/ and --no-async-scheduling / --async-scheduling ("on8k": with
 # a step budget of 8,192 tokens; "b16k": 16,384; "mid": 512 sequences and 8,192 tokens; "big":
-# 1,024 sequences and 16,384 tokens, vLLM's offline defaults on 70+ GiB cards; "nodetok": with --disable-detokenize; "skinny": "on" with
-# CACHEFLOW_SKINNY_GEMM=1 (the default since 2026-12-05); "cublas": "on" with
+# 1,024 sequences and 16,384 tokens, vLLM's offline defaults on 70+ GiB cards (LLM's defaults
+# there since 2026-12-07); "old": 256 and 2,048, the defaults before; "nodetok": with
+# --disable-detokenize; "skinny": "on" with CACHEFLOW_SKINNY_GEMM=1 (the default since 2026-12-05); "cublas": "on" with
 # CACHEFLOW_SKINNY_GEMM=0, one-row GEMMs on cuBLAS as before; "tworot": "on" with
 # CACHEFLOW_ROTARY_CACHE=0, rotary and the cache write in two kernels as before 2026-12-05;
 # "pdloff": "on" with skinny_gemm's and small decode grids' early releases off and skinny_gemm's
@@ -74,6 +75,8 @@ for v in "${variants[@]}"; do
     off) export PYTHONPATH="${site[new]}"; flags=(--no-async-scheduling) ;;
     on) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling) ;;
     on8k) export PYTHONPATH="${site[new]}"; flags=(--async-scheduling --max-num-batched-tokens 8192) ;;
+    old) export PYTHONPATH="${site[new]}"
+      flags=(--async-scheduling --max-num-seqs 256 --max-num-batched-tokens 2048) ;;
     mid) export PYTHONPATH="${site[new]}"
       flags=(--async-scheduling --max-num-seqs 512 --max-num-batched-tokens 8192) ;;
     big) export PYTHONPATH="${site[new]}"

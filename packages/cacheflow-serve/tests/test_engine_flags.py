@@ -103,3 +103,42 @@ def test_generate_takes_the_engine_flags_too(tiny_path: object,
                  "hi"])
     assert code == 2
     assert "block_size must be 8, 16 or 32, got 9" in capsys.readouterr().err
+
+
+def test_batch_limits_left_out_take_the_devices_defaults(monkeypatch: pytest.MonkeyPatch,
+                                                         tiny_path: object) -> None:
+    """LLM's offline limits and the server's smaller budget, each only where not given."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cacheflow_runtime.config import BatchLimits
+    from cacheflow_serve import llm as llm_module
+    from cacheflow_serve.engine_process import with_serving_batch_limits
+
+    config = LLM(tiny_path, device="cpu", dtype="float32").engine.scheduler_config
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (256, 2048)
+    cpu = torch.device("cpu")
+    assert llm_module._batch_limits(cpu, None, None, True) == (256, 2048)
+    assert llm_module._batch_limits(cpu, 4096, None, True) == (4096, 4096)  # budget >= seqs
+    assert llm_module._batch_limits(cpu, 8, 100, True) == (8, 100)
+    assert llm_module._batch_limits(cpu, None, None, False) == (256, None)  # max_model_len rule
+    big = BatchLimits(1024, 16384)
+    monkeypatch.setattr(llm_module, "default_batch_limits", lambda device: big)
+    assert llm_module._batch_limits(cpu, None, None, True) == (1024, 16384)
+    assert llm_module._batch_limits(cpu, 64, None, True) == (64, 16384)
+
+    assert with_serving_batch_limits({"device": "cpu"}) == {"device": "cpu",
+                                                           "max_num_batched_tokens": 2048}
+    assert with_serving_batch_limits({"device": "cpu", "max_num_seqs": 3000}) == {
+        "device": "cpu", "max_num_seqs": 3000, "max_num_batched_tokens": 3000}
+    given = {"device": "cpu", "max_num_batched_tokens": 512}
+    assert with_serving_batch_limits(given) is given
+    unchunked = {"device": "cpu", "enable_chunked_prefill": False}
+    assert with_serving_batch_limits(unchunked) is unchunked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name="NVIDIA H200",
+                                                       total_memory=140 * 1024**3))
+    assert with_serving_batch_limits({"device": "cuda"})["max_num_batched_tokens"] == 8192
+

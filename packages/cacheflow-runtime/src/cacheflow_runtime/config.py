@@ -195,6 +195,33 @@ class CacheConfig:
 PREEMPTION_MODES = ("recompute", "swap")
 #: The step token budget when chunked prefill is on and none is given.
 DEFAULT_CHUNKED_TOKEN_BUDGET = 2048
+#: GPUs with at least this much memory (A100s aside) get the larger batch limits below.
+LARGE_GPU_MEMORY_BYTES = 70 * 1024**3
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """A scheduler's ``max_num_seqs`` and ``max_num_batched_tokens``."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+def default_batch_limits(device: torch.device, serving: bool = False) -> BatchLimits:
+    """The batch limits a front end uses when the user gives none, by device and use (vLLM's
+    defaults, so that a vLLM command line means the same batches here).
+
+    GPUs of 70 GiB or more other than A100s (H100, H200): 1,024 sequences, and 16,384 tokens
+    per step offline or 8,192 when ``serving`` (larger steps raise throughput; a server keeps
+    them smaller for its streams' inter-token latency). Other GPUs: 256 sequences, and 8,192
+    tokens offline or 2,048 serving. CPU: 256 sequences and 2,048 tokens.
+    """
+    if device.type != "cuda":
+        return BatchLimits(256, DEFAULT_CHUNKED_TOKEN_BUDGET)
+    props = torch.cuda.get_device_properties(device)
+    if props.total_memory >= LARGE_GPU_MEMORY_BYTES and "a100" not in props.name.lower():
+        return BatchLimits(1024, 8192 if serving else 16384)
+    return BatchLimits(256, 2048 if serving else 8192)
 
 
 @dataclass

@@ -135,7 +135,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "checkpoint's half type, and random checkpoints written in float16)")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     model.add_argument("--max-num-seqs", type=int, default=None,
-                       help="sequences per step (default: 256; latency: the largest batch)")
+                       help="sequences per step (default: LLM's for the device, 1024 on GPUs "
+                            "of 70 GiB or more but A100s, else 256; latency: the largest batch)")
     # Every other LLM keyword, as `cacheflow generate` / `serve` take it (engine_args.py).
     # Left out, they are not passed and LLM's own defaults apply; max_model_len is also read by
     # the benchmarks (the model summary), so it is always there.
@@ -242,7 +243,7 @@ def bench_tokenizer_path(args: argparse.Namespace, model: ModelUnderTest) -> Pat
     return Path(given) if given is not None else model.path
 
 
-def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: int) -> LLM:
+def make_llm(args: argparse.Namespace, path: Path, max_num_seqs: Optional[int]) -> LLM:
     """The engine under test, configured from the options."""
     from cacheflow_serve.llm import LLM
 

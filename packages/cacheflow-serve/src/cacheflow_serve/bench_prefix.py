@@ -27,7 +27,6 @@ from cacheflow_serve.bench_common import (
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_MAX_NUM_SEQS = 256
 
 
 def add_prefix_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +136,7 @@ def run_prefix(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     progress = not args.disable_tqdm
-    max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+    max_num_seqs = args.max_num_seqs  # None: LLM's default for the device
     results: dict[str, Any] = {}
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)

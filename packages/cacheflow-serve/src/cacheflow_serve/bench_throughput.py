@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from cacheflow_serve.bench_common import ModelUnderTest
 
-DEFAULT_MAX_NUM_SEQS = 256  # LLM's default
 WARMUP_REQUESTS = 4
 WARMUP_TOKENS = 4
 
@@ -228,7 +227,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     progress = not args.disable_tqdm
-    max_num_seqs = args.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+    max_num_seqs = args.max_num_seqs  # None: LLM's default for the device
     with model_under_test(args, device) as model:
         config, summary = model_summary(model.path, args.dtype, device, args.max_model_len)
         check_fits(input_len.high + output_len.high, config.max_model_len)

@@ -37,10 +37,13 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "preemption_mode": dict(help="how preempted sequences come back: recompute or swap "
                                  "(default: recompute)"),
     "max_num_seqs": dict(type=int,
-                         help="sequences in one batch at most (default: 256)"),
+                         help="sequences in one batch at most (default: by device, 1024 on "
+                              "GPUs of 70 GiB or more but A100s, else 256)"),
     "max_num_batched_tokens": dict(type=int,
-                                   help="token budget of one step (2048 by default with chunked "
-                                        "prefill, else max(max_model_len, 2048))"),
+                                   help="token budget of one step; with chunked prefill, by "
+                                        "default 16384 offline / 8192 serving on GPUs of 70 GiB "
+                                        "or more but A100s, 8192 / 2048 on other GPUs, 2048 on "
+                                        "the CPU; without it max(max_model_len, 2048)"),
     "max_model_len": dict(type=int,
                           help="context length (default: the model's)"),
     "gpu_memory_utilization": dict(type=float, metavar="FRACTION",

@@ -22,6 +22,22 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 logger = logging.getLogger(__name__)
 
 
+def with_serving_batch_limits(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (LLM keywords) with the server's step budget where they leave it out: vLLM's
+    serving default for the device (8,192 tokens on GPUs of 70 GiB or more, A100s aside; 2,048
+    elsewhere), smaller than LLM's offline one so that a long prompt's chunks do not stretch
+    the streams' inter-token latency. Without chunked prefill LLM's own rule applies."""
+    from cacheflow_runtime.config import default_batch_limits, is_int, resolve_device
+
+    if (options.get("max_num_batched_tokens") is not None
+            or options.get("enable_chunked_prefill", True) is not True):
+        return options
+    limits = default_batch_limits(resolve_device(options.get("device", "auto")), serving=True)
+    seqs = options.get("max_num_seqs")
+    budget = max(limits.max_num_batched_tokens, seqs if is_int(seqs) else limits.max_num_seqs)
+    return {**options, "max_num_batched_tokens": budget}
+
+
 def build_engine(model: Optional[str | Path], options: dict[str, Any],
                  log_level: Optional[str]) -> tuple[LLMEngine, dict[str, Any]]:
     """The engine core's factory (runs in the core process): the engine of
@@ -30,7 +46,7 @@ def build_engine(model: Optional[str | Path], options: dict[str, Any],
 
     if log_level is not None:
         logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    llm = LLM(model, **options)
+    llm = LLM(model, **with_serving_batch_limits(options))
     return llm.engine, {"generation_defaults": llm.generation_defaults}
 
 

@@ -39,7 +39,7 @@ from cacheflow_runtime import (
     parse_dtype,
     resolve_device,
 )
-from cacheflow_runtime.config import is_int, parse_logprobs_mode
+from cacheflow_runtime.config import default_batch_limits, is_int, parse_logprobs_mode
 from cacheflow_serve.chat_template import encode_chat, render_chat
 from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
@@ -75,6 +75,21 @@ def _check_arguments(model: Any, tokenizer: Any, dtype: Any, seed: Any, max_mode
              "None with skip_tokenizer_init=True", tokenizer)
 
 
+def _batch_limits(device: torch.device, max_num_seqs: Optional[int],
+                  max_num_batched_tokens: Optional[int], enable_chunked_prefill: Any
+                  ) -> tuple[Any, Optional[int]]:
+    """``max_num_seqs`` and ``max_num_batched_tokens`` with the device's offline defaults for
+    those left at None (the budget stays None without chunked prefill: SchedulerConfig then
+    sizes it by max_model_len). Values given are passed on as given, for SchedulerConfig to
+    check."""
+    limits = default_batch_limits(device)
+    if max_num_seqs is None:
+        max_num_seqs = limits.max_num_seqs
+    if max_num_batched_tokens is None and enable_chunked_prefill is True and is_int(max_num_seqs):
+        max_num_batched_tokens = max(limits.max_num_batched_tokens, max_num_seqs)
+    return max_num_seqs, max_num_batched_tokens
+
+
 class LLM:
     """A model with its engine, for offline batched generation.
 
@@ -88,7 +103,11 @@ class LLM:
     came from the cache); ``enable_chunked_prefill`` mixes decodes and prompt chunks in one token
     budget of ``max_num_batched_tokens`` per step; ``async_scheduling`` schedules each step
     while the one before runs on the device (same outputs, the host's work hidden behind the
-    device's).
+    device's). ``max_num_seqs`` / ``max_num_batched_tokens`` left at None take vLLM's offline
+    defaults for the device (``cacheflow_runtime.config.default_batch_limits``): 1,024
+    sequences and 16,384 tokens per step on GPUs of 70 GiB or more (A100s aside), 256 and
+    8,192 on other GPUs, 256 and 2,048 on the CPU; without chunked prefill the budget defaults
+    to max(max_model_len, 2048).
 
     ``tokenizer``: where the tokenizer is, when not with the model (a folder or a .gguf file).
     ``skip_tokenizer_init=True`` loads none: prompts must be token ids
@@ -118,7 +137,7 @@ class LLM:
                  dtype: str = "auto", device: str = "auto", seed: Optional[int] = 0,
                  block_size: int = 16,
                  kv_cache_blocks: Optional[int] = None, swap_space: float = 4,
-                 preemption_mode: str = "recompute", max_num_seqs: int = 256,
+                 preemption_mode: str = "recompute", max_num_seqs: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
@@ -145,6 +164,8 @@ class LLM:
         parse_logprobs_mode(logprobs_mode)
         parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         resolved = resolve_device(device)
+        max_num_seqs, max_num_batched_tokens = _batch_limits(
+            resolved, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space=swap_space,
                                    gpu_memory_utilization=gpu_memory_utilization,

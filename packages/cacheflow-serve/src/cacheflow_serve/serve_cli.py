@@ -145,9 +145,10 @@ def _start_engine(args: argparse.Namespace
     ``--disable-frontend-multiprocessing``), its generation defaults and how to stop it."""
     if args.disable_frontend_multiprocessing:
         from cacheflow_runtime import AsyncLLMEngine
+        from cacheflow_serve.engine_process import with_serving_batch_limits
         from cacheflow_serve.llm import LLM
 
-        llm = LLM(args.model, **llm_kwargs(args))
+        llm = LLM(args.model, **with_serving_batch_limits(llm_kwargs(args)))
         engine: BaseAsyncEngine = AsyncLLMEngine(llm.engine,
                                                  max_queued_requests=args.max_queued_requests)
         return engine, llm.generation_defaults, llm.engine.shutdown
