@@ -396,6 +396,39 @@ def test_the_core_exits_when_its_front_end_is_killed(tiny: Path) -> None:
             driver.wait()
 
 
+def test_ctrl_c_reaps_the_core_whatever_the_import_order(tiny: Path, tmp_path: Path) -> None:
+    """Ctrl-C of the whole group (the core ignores it): the front end's finalizer stops the core,
+    also when a weakref finalizer was made before multiprocessing was imported, so that
+    multiprocessing's exit hook (it joins the core without a timeout) runs before weakref's."""
+    script = ("import signal, tempfile\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
+              "scratch = tempfile.TemporaryDirectory()\n" + DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "driver.stderr"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-c", script, str(tiny)], env=env,
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  start_new_session=True)
+    try:
+        assert driver.stdout is not None
+        core = int(driver.stdout.readline())
+        assert process_alive(core)
+        os.killpg(driver.pid, signal.SIGINT)
+        try:
+            driver.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the front end did not exit within 30 s of Ctrl-C:\n{log.read_text()}")
+        deadline = time.monotonic() + 20
+        while process_alive(core) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(core)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
 def test_the_core_exits_when_its_process_group_gets_sigterm(tiny: Path) -> None:
     """SIGTERM to the whole group: the core ignores it while its front end lives, and exits
     once the front end (which dies of it here) is gone: no orphan is left."""

@@ -18,7 +18,8 @@ Failures: an add the engine refuses raises its ValueError from ``add_request``; 
 raises while stepping, exits or is killed ends every open stream with EngineClosedError, and
 ``is_accepting`` turns False (``/health`` answers 503). A core that fails to start raises its
 error from the constructor (or ``wait_ready``), with the core's traceback as the cause.
-``shutdown`` / ``close`` stop the core and reap it; so does a finalizer at interpreter exit, and
+``shutdown`` / ``close`` stop the core and reap it; so does a finalizer when the client is
+collected or the interpreter exits (before ``multiprocessing`` joins its children at exit), and
 the core exits on its own when this process goes away.
 """
 
@@ -28,11 +29,11 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import signal
 import time
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -188,7 +189,13 @@ class EngineCoreClient(BaseAsyncEngine):
             commands_in.close()
             outputs_out.close()
         self.pid = self._process.pid
-        self._finalizer = weakref.finalize(self, _reap, self._process, self._pipes)
+        # Not weakref.finalize: at exit multiprocessing joins its children without a timeout,
+        # and whether weakref's exit hook runs before that depends on the import order (atexit
+        # is LIFO). A serving core waits for this process's "shutdown" (or the end of its pipe),
+        # so that join would hang; multiprocessing runs its own finalizers (exitpriority >= 0)
+        # first.
+        self._finalizer = multiprocessing.util.Finalize(
+            self, _reap, args=(self._process, self._pipes), exitpriority=10)
         if wait:
             self.wait_ready()
 
@@ -441,5 +448,5 @@ class EngineCoreClient(BaseAsyncEngine):
             if self._unsent:
                 loop.remove_writer(self._pipes.commands.fileno())
         self._unsent.clear()
-        self._finalizer.detach()
+        self._finalizer.cancel()
         _reap(self._process, self._pipes, timeout)

@@ -12,7 +12,8 @@ Failures end the engine instead of hanging it:
   stamps a shared-memory slot twice a second, and a slot older than ``hang_timeout_s`` (default
   30 s, ``CACHEFLOW_WORKER_TIMEOUT_S``) fails the call naming that rank;
 - every exit path reaps the children: ``shutdown`` (asks, then terminates, then kills), a
-  finalizer at interpreter exit (also after Ctrl-C), and in each worker a watchdog that exits
+  finalizer when the executor is collected or the interpreter exits (also after Ctrl-C; it runs
+  before ``multiprocessing`` joins its children at exit), and in each worker a watchdog that exits
   when the driver process is gone (SIGTERM / SIGKILL of the driver). Workers ignore SIGINT: a
   Ctrl-C in the terminal reaches the whole process group, and the driver shuts them down. Once
   started they ignore SIGTERM too while the driver lives (a SIGTERM to the process group, as
@@ -25,13 +26,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import signal
 import threading
 import time
 import traceback
-import weakref
 from multiprocessing.process import BaseProcess
 from typing import Any, Optional
 
@@ -187,7 +188,13 @@ class MultiprocExecutor(RankExecutor):
             self.processes.append(proc)
             self._conns.append(parent_conn)
             child_conns.append(child_conn)
-        self._finalizer = weakref.finalize(self, _reap, self.processes, self._conns)
+        # Not weakref.finalize: at exit multiprocessing terminates its daemonic children and
+        # joins them without a timeout, and whether weakref's exit hook runs before that
+        # depends on the import order (atexit is LIFO). A started worker ignores SIGTERM while
+        # this process lives, so that join would hang; multiprocessing runs its own finalizers
+        # (exitpriority >= 0) first.
+        self._finalizer = multiprocessing.util.Finalize(
+            self, _reap, args=(self.processes, self._conns), exitpriority=10)
         for proc in self.processes:
             proc.start()
         for conn in child_conns:
