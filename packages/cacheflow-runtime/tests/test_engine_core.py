@@ -7,6 +7,7 @@ serve package's test_server_engine_process.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -375,25 +376,38 @@ if __name__ == "__main__":
 """
 
 
-def test_the_core_exits_when_its_front_end_is_killed(tiny: Path) -> None:
+@contextlib.contextmanager
+def _front_end(tiny: Path, script: str = DRIVER, **popen: Any) -> Iterator[tuple[Any, int]]:
+    """A front-end process running ``script`` (an EngineCoreClient that prints its core's pid):
+    yields the process and the core's pid, and kills the front end if it is still there."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
                                                        os.environ.get("PYTHONPATH", "")]))
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny)], env=env,
-                              stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen([sys.executable, "-c", script, str(tiny)], env=env,
+                              stdout=subprocess.PIPE, text=True, **popen)
     try:
         assert driver.stdout is not None
         core = int(driver.stdout.readline())
         assert process_alive(core)
-        driver.kill()
-        driver.wait()
-        deadline = time.monotonic() + 20
-        while process_alive(core) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(core)
+        yield driver, core
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not process_alive(pid)
+
+
+def test_the_core_exits_when_its_front_end_is_killed(tiny: Path) -> None:
+    with _front_end(tiny) as (driver, core):
+        driver.kill()
+        driver.wait()
+        assert _gone_within(core, 20)
 
 
 def test_ctrl_c_reaps_the_core_whatever_the_import_order(tiny: Path, tmp_path: Path) -> None:
@@ -403,50 +417,21 @@ def test_ctrl_c_reaps_the_core_whatever_the_import_order(tiny: Path, tmp_path: P
     script = ("import signal, tempfile\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
               "scratch = tempfile.TemporaryDirectory()\n" + DRIVER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
-                                                       os.environ.get("PYTHONPATH", "")]))
     log = tmp_path / "driver.stderr"
-    with open(log, "w") as stderr:
-        driver = subprocess.Popen([sys.executable, "-c", script, str(tiny)], env=env,
-                                  stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                  start_new_session=True)
-    try:
-        assert driver.stdout is not None
-        core = int(driver.stdout.readline())
-        assert process_alive(core)
+    with open(log, "w") as stderr, _front_end(tiny, script, stderr=stderr,
+                                              start_new_session=True) as (driver, core):
         os.killpg(driver.pid, signal.SIGINT)
         try:
             driver.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the front end did not exit within 30 s of Ctrl-C:\n{log.read_text()}")
-        deadline = time.monotonic() + 20
-        while process_alive(core) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(core)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        assert _gone_within(core, 20)
 
 
 def test_the_core_exits_when_its_process_group_gets_sigterm(tiny: Path) -> None:
     """SIGTERM to the whole group: the core ignores it while its front end lives, and exits
     once the front end (which dies of it here) is gone: no orphan is left."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny)], env=env,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert driver.stdout is not None
-        core = int(driver.stdout.readline())
-        assert process_alive(core)
+    with _front_end(tiny, start_new_session=True) as (driver, core):
         os.killpg(driver.pid, signal.SIGTERM)
         assert driver.wait(timeout=20) == -signal.SIGTERM
-        deadline = time.monotonic() + 20
-        while process_alive(core) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(core)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        assert _gone_within(core, 20)
