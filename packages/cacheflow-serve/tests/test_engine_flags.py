@@ -112,21 +112,23 @@ def test_batch_limits_left_out_take_the_devices_defaults(monkeypatch: pytest.Mon
 
     import torch
 
-    from cacheflow_runtime.config import BatchLimits
-    from cacheflow_serve import llm as llm_module
+    from cacheflow_runtime import config as runtime_config
+    from cacheflow_runtime.config import BatchLimits, resolve_batch_limits
     from cacheflow_serve.engine_process import with_serving_batch_limits
 
     config = LLM(tiny_path, device="cpu", dtype="float32").engine.scheduler_config
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (256, 2048)
     cpu = torch.device("cpu")
-    assert llm_module._batch_limits(cpu, None, None, True) == (256, 2048)
-    assert llm_module._batch_limits(cpu, 4096, None, True) == (4096, 4096)  # budget >= seqs
-    assert llm_module._batch_limits(cpu, 8, 100, True) == (8, 100)
-    assert llm_module._batch_limits(cpu, None, None, False) == (256, None)  # max_model_len rule
+    assert resolve_batch_limits(cpu, None, None, True) == (256, 2048)
+    assert resolve_batch_limits(cpu, 4096, None, True) == (4096, 4096)  # budget >= seqs
+    assert resolve_batch_limits(cpu, 8, 100, True) == (8, 100)
+    assert resolve_batch_limits(cpu, None, None, False) == (256, None)  # max_model_len rule
     big = BatchLimits(1024, 16384)
-    monkeypatch.setattr(llm_module, "default_batch_limits", lambda device: big)
-    assert llm_module._batch_limits(cpu, None, None, True) == (1024, 16384)
-    assert llm_module._batch_limits(cpu, 64, None, True) == (64, 16384)
+    monkeypatch.setattr(runtime_config, "default_batch_limits",
+                        lambda device, serving=False: big)
+    assert resolve_batch_limits(cpu, None, None, True) == (1024, 16384)
+    assert resolve_batch_limits(cpu, 64, None, True) == (64, 16384)
+    monkeypatch.undo()
 
     assert with_serving_batch_limits({"device": "cpu"}) == {"device": "cpu",
                                                            "max_num_batched_tokens": 2048}
@@ -141,4 +143,3 @@ def test_batch_limits_left_out_take_the_devices_defaults(monkeypatch: pytest.Mon
                         lambda device: SimpleNamespace(name="NVIDIA H200",
                                                        total_memory=140 * 1024**3))
     assert with_serving_batch_limits({"device": "cuda"})["max_num_batched_tokens"] == 8192
-

@@ -224,6 +224,20 @@ def default_batch_limits(device: torch.device, serving: bool = False) -> BatchLi
     return BatchLimits(256, 2048 if serving else 8192)
 
 
+def resolve_batch_limits(device: torch.device, max_num_seqs: Any, max_num_batched_tokens: Any,
+                         enable_chunked_prefill: Any, serving: bool = False) -> tuple[Any, Any]:
+    """``max_num_seqs`` and ``max_num_batched_tokens`` with :func:`default_batch_limits` for
+    those left at None. A defaulted budget is at least ``max_num_seqs`` (every sequence gets a
+    token in a step), and stays None without chunked prefill (SchedulerConfig then sizes it by
+    max_model_len). Values given are passed on as given, for SchedulerConfig to check."""
+    limits = default_batch_limits(device, serving=serving)
+    if max_num_seqs is None:
+        max_num_seqs = limits.max_num_seqs
+    if max_num_batched_tokens is None and enable_chunked_prefill is True and is_int(max_num_seqs):
+        max_num_batched_tokens = max(limits.max_num_batched_tokens, max_num_seqs)
+    return max_num_seqs, max_num_batched_tokens
+
+
 @dataclass
 class SchedulerConfig:
     """Batch limits of one step and how to preempt when the KV cache runs out.

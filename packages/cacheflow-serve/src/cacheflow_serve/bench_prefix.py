@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 def add_prefix_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cacheflow bench prefix-caching``."""
     parser.add_argument("--prefix-len", type=int, default=2048,

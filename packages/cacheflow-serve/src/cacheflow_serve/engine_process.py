@@ -27,15 +27,13 @@ def with_serving_batch_limits(options: dict[str, Any]) -> dict[str, Any]:
     serving default for the device (8,192 tokens on GPUs of 70 GiB or more, A100s aside; 2,048
     elsewhere), smaller than LLM's offline one so that a long prompt's chunks do not stretch
     the streams' inter-token latency. Without chunked prefill LLM's own rule applies."""
-    from cacheflow_runtime.config import default_batch_limits, is_int, resolve_device
+    from cacheflow_runtime.config import resolve_batch_limits, resolve_device
 
-    if (options.get("max_num_batched_tokens") is not None
-            or options.get("enable_chunked_prefill", True) is not True):
-        return options
-    limits = default_batch_limits(resolve_device(options.get("device", "auto")), serving=True)
-    seqs = options.get("max_num_seqs")
-    budget = max(limits.max_num_batched_tokens, seqs if is_int(seqs) else limits.max_num_seqs)
-    return {**options, "max_num_batched_tokens": budget}
+    given = options.get("max_num_batched_tokens")
+    _, budget = resolve_batch_limits(resolve_device(options.get("device", "auto")),
+                                     options.get("max_num_seqs"), given,
+                                     options.get("enable_chunked_prefill", True), serving=True)
+    return options if budget == given else {**options, "max_num_batched_tokens": budget}
 
 
 def build_engine(model: Optional[str | Path], options: dict[str, Any],

@@ -39,7 +39,7 @@ from cacheflow_runtime import (
     parse_dtype,
     resolve_device,
 )
-from cacheflow_runtime.config import default_batch_limits, is_int, parse_logprobs_mode
+from cacheflow_runtime.config import is_int, parse_logprobs_mode, resolve_batch_limits
 from cacheflow_serve.chat_template import encode_chat, render_chat
 from cacheflow_serve.inputs import check_prompt_text, check_token_ids, max_prompt_chars
 
@@ -73,21 +73,6 @@ def _check_arguments(model: Any, tokenizer: Any, dtype: Any, seed: Any, max_mode
              skip_tokenizer_init)
     _require(not (skip_tokenizer_init and tokenizer is not None), "tokenizer",
              "None with skip_tokenizer_init=True", tokenizer)
-
-
-def _batch_limits(device: torch.device, max_num_seqs: Optional[int],
-                  max_num_batched_tokens: Optional[int], enable_chunked_prefill: Any
-                  ) -> tuple[Any, Optional[int]]:
-    """``max_num_seqs`` and ``max_num_batched_tokens`` with the device's offline defaults for
-    those left at None (the budget stays None without chunked prefill: SchedulerConfig then
-    sizes it by max_model_len). Values given are passed on as given, for SchedulerConfig to
-    check."""
-    limits = default_batch_limits(device)
-    if max_num_seqs is None:
-        max_num_seqs = limits.max_num_seqs
-    if max_num_batched_tokens is None and enable_chunked_prefill is True and is_int(max_num_seqs):
-        max_num_batched_tokens = max(limits.max_num_batched_tokens, max_num_seqs)
-    return max_num_seqs, max_num_batched_tokens
 
 
 class LLM:
@@ -164,7 +149,7 @@ class LLM:
         parse_logprobs_mode(logprobs_mode)
         parallel_config = ParallelConfig(tensor_parallel_size, distributed_executor_backend)
         resolved = resolve_device(device)
-        max_num_seqs, max_num_batched_tokens = _batch_limits(
+        max_num_seqs, max_num_batched_tokens = resolve_batch_limits(
             resolved, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         cache_config = CacheConfig(block_size=block_size, num_device_blocks=kv_cache_blocks,
                                    swap_space=swap_space,
